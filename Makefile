@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh Debian machine: `make demo` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev
+
+.PHONY: demo test lint deps clean bench
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory deps
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+deps:  ## Debian packages libvirt-python builds against (installed only if missing)
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+demo: $(STAMP)  ## 12 agents on 4 sites, VEs created through different nodes
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/demo.sh
+
+test: $(STAMP) lint  ## the whole suite: unit, integration and fault tests
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)  ## 200 VE creations through random agents of a 12-node cluster
+	$(PY) benchmarks/ve_create.py --nodes 12 --ves 200
+
+clean:
+	rm -rf $(VENV) demo-cluster

@@ -1,0 +1,164 @@
+"""The actor runtime of an agent: supervised services with mailboxes, and a notification bus.
+
+Every service of an agent is an actor: one trio task that owns its state and handles the messages of
+its mailbox one at a time, so its state needs no locks. A `Supervisor` restarts a crashed service
+(one-for-one) up to `max_restarts` times within `window` seconds, then escalates by raising
+`EscalatedFailure`, which stops the agent: a service that keeps crashing is a bug, not weather.
+The `Notifier` fans overlay events (member joined/left/died, successor changed) out to subscribers,
+as the DISCOVERY paper's Peer and Notification actors do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+class EscalatedFailure(Exception):
+    """A service crashed more often than its restart budget allows."""
+
+
+class Actor:
+    """Base of a service: override `handle` (mailbox messages) and/or `tick` (periodic work).
+
+    `ask` posts a message and awaits the answer; the actor processes messages one at a time, so
+    `handle` may mutate state freely. An exception inside `handle` is sent back to the asker (its
+    request failed) and, unless it is an `Exception` the actor declares expected in
+    `expected_errors`, also crashes the actor so the supervisor restarts it from a clean state.
+    """
+
+    name = "actor"
+    tick_interval: float = math.inf
+    expected_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self, mailbox_size: int = 256) -> None:
+        self._send, self._receive = trio.open_memory_channel[tuple[Any, Any]](mailbox_size)
+
+    async def start(self) -> None:
+        """Called at each (re)start before messages flow: load state, open resources."""
+
+    async def handle(self, message: Any) -> Any:
+        raise NotImplementedError(f"{self.name} takes no messages")
+
+    async def tick(self) -> None:
+        """Periodic work, every `tick_interval` seconds, between messages."""
+
+    async def ask(self, message: Any) -> Any:
+        reply_send, reply_receive = trio.open_memory_channel[tuple[bool, Any]](1)
+        await self._send.send((message, reply_send))
+        ok, value = await reply_receive.receive()
+        if ok:
+            return value
+        raise value
+
+    async def tell(self, message: Any) -> None:
+        await self._send.send((message, None))
+
+    async def run(self) -> None:
+        await self.start()
+        next_tick = trio.current_time() + self.tick_interval
+        while True:
+            with trio.move_on_at(next_tick):
+                message, reply = await self._receive.receive()
+                await self._dispatch(message, reply)
+                continue
+            await self.tick()
+            next_tick = trio.current_time() + self.tick_interval
+
+    async def _dispatch(self, message: Any, reply: trio.MemorySendChannel | None) -> None:
+        try:
+            result = await self.handle(message)
+        except Exception as err:
+            if reply is not None:
+                reply.send_nowait((False, err))
+            if not isinstance(err, self.expected_errors):
+                raise
+            return
+        if reply is not None:
+            reply.send_nowait((True, result))
+
+
+@dataclass
+class _Budget:
+    max_restarts: int
+    window: float
+    crashes: deque[float] = field(default_factory=deque)
+
+    def spend(self, now: float) -> bool:
+        """Record a crash; False once the budget for the window is exhausted."""
+        self.crashes.append(now)
+        while self.crashes and self.crashes[0] < now - self.window:
+            self.crashes.popleft()
+        return len(self.crashes) <= self.max_restarts
+
+
+class Supervisor:
+    """Runs services one-for-one: a crash restarts that service only, within a restart budget."""
+
+    def __init__(self, max_restarts: int = 5, window: float = 60.0, backoff: float = 0.1) -> None:
+        self.max_restarts = max_restarts
+        self.window = window
+        self.backoff = backoff
+        self.restarts: dict[str, int] = {}
+
+    async def supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run `run()` until it returns; restart it when it raises, escalate past the budget."""
+        budget = _Budget(self.max_restarts, self.window)
+        while True:
+            try:
+                await run()
+                return
+            except Exception as err:
+                log.error("service %s crashed: %r", name, err, exc_info=err)
+                if not budget.spend(trio.current_time()):
+                    raise EscalatedFailure(f"service {name} crashed {len(budget.crashes)} times "
+                                           f"in {self.window:g}s; giving up") from err
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                await trio.sleep(self.backoff)
+
+    def start_actor(self, nursery: trio.Nursery, actor: Actor) -> None:
+        nursery.start_soon(self.supervise, actor.name, actor.run)
+
+
+@dataclass(frozen=True)
+class Event:
+    """An overlay event: `kind` is e.g. "member_joined", "member_dead", "successor_changed"."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+class Notifier:
+    """Fans events out to subscribers. A slow subscriber loses its oldest events, never blocks others."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[tuple[frozenset[str] | None, trio.MemorySendChannel[Event]]] = []
+
+    def subscribe(self, kinds: set[str] | None = None, buffer: int = 256) -> trio.MemoryReceiveChannel[Event]:
+        send, receive = trio.open_memory_channel[Event](buffer)
+        self._subscribers.append((frozenset(kinds) if kinds else None, send))
+        return receive
+
+    def publish(self, kind: str, **data: Any) -> None:
+        event = Event(kind, data)
+        alive = []
+        for kinds, channel in self._subscribers:
+            if kinds is not None and kind not in kinds:
+                alive.append((kinds, channel))
+                continue
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning("subscriber too slow: dropped %s event", kind)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue  # subscriber went away
+            alive.append((kinds, channel))
+        self._subscribers = alive

@@ -1,0 +1,233 @@
+"""`discovery`: the command line, shaped like `virsh`/`openstack`/`consul`.
+
+Every failure a user can cause or meet (bad file, bad argument, unreachable agent, refused request)
+ends in one `error: ...` line on stderr and exit status 1; usage errors exit 2 (typer's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from discovery import cluster as local_cluster
+from discovery.client import call
+from discovery.config import ConfigError, load_agent_config, load_client_config
+from discovery.spec import SpecError, load_spec
+from overlay import tls
+from overlay.rpc import RemoteError, RpcError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Discovery: a decentralized peer-to-peer manager of virtual environments.")
+agent_app = typer.Typer(no_args_is_help=True, help="Run an agent.")
+ca_app = typer.Typer(no_args_is_help=True, help="Cluster certificate authority.")
+ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
+cluster_app = typer.Typer(no_args_is_help=True, help="A local multi-site cluster of agent processes.")
+for sub, name in ((agent_app, "agent"), (ca_app, "ca"), (ve_app, "ve"), (cluster_app, "cluster")):
+    app.add_typer(sub, name=name)
+
+console = Console()
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class Options:
+    agent: str | None = None
+    config: str | None = None
+
+
+@app.callback()
+def main_options(
+    agent: Annotated[str | None, typer.Option(help="Agent to talk to: HOST:PORT or a node name.")] = None,
+    config: Annotated[str | None, typer.Option(help="Client config (default $DISCOVERY_CONFIG or "
+                                                    "~/.config/discovery/client.toml).")] = None,
+) -> None:
+    Options.agent, Options.config = agent, config
+
+
+def fail(message: str) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(1)
+
+
+def rpc(method: str, args: dict[str, Any] | None = None) -> Any:
+    try:
+        return call(load_client_config(Options.config), Options.agent, method, args)
+    except RemoteError as err:
+        raise fail(str(err)) from None
+    except (RpcError, ConfigError, tls.TLSError) as err:
+        raise fail(str(err)) from None
+
+
+def emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json or table is None:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        console.print(table)
+
+
+def make_table(columns: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(*columns, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row))
+    return table
+
+
+# -- agent ----------------------------------------------------------------------------------------
+
+@agent_app.command("run")
+def agent_run(config: Annotated[Path, typer.Option(help="agent.toml")],
+              log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
+    """Run this node's agent until SIGTERM."""
+    import trio
+
+    from agents.node import NodeAgent
+    from discovery.ve_service import install
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_agent_config(config)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    trio.run(NodeAgent(cfg, [install]).run)
+
+
+@app.command()
+def members(as_json: JsonOpt = False) -> None:
+    """Members of the cluster as this agent sees them (like `consul members`)."""
+    rows = rpc("agent.members")
+    emit(rows, as_json, make_table(["node", "site", "address", "status", "rtt ms"],
+                                   [[m["name"], m["site"], m["addr"], m["status"], m["rtt_ms"]] for m in rows]))
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """This agent's own view: ring neighbours, records held, restarts."""
+    info = rpc("agent.status")
+    emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
+
+
+# -- ca -------------------------------------------------------------------------------------------
+
+@ca_app.command("init")
+def ca_init(directory: Path) -> None:
+    """Create a cluster CA in DIRECTORY."""
+    try:
+        print(tls.init_ca(directory))
+    except tls.TLSError as err:
+        raise fail(str(err)) from None
+
+
+@ca_app.command("issue")
+def ca_issue(directory: Path, name: str,
+             role: Annotated[str, typer.Option(help="node, client or operator")] = "node",
+             out: Annotated[Path | None, typer.Option(help="where to write NAME.pem/NAME.key")] = None) -> None:
+    """Issue a certificate for NAME signed by the CA in DIRECTORY."""
+    try:
+        identity = tls.issue(directory, name, role, out_dir=out)
+    except tls.TLSError as err:
+        raise fail(str(err)) from None
+    print(f"{identity.cert}\n{identity.key}")
+
+
+# -- ve -------------------------------------------------------------------------------------------
+
+def ve_table(ves: list[dict[str, Any]]) -> Table:
+    rows = []
+    for ve in ves:
+        for vm, slot in sorted(ve["placement"].items()):
+            rows.append([ve["name"], ve["state"], vm, slot["node"], slot["site"], slot.get("domain_state", ""),
+                         slot["why"]])
+    return make_table(["ve", "state", "vm", "node", "site", "domain", "why there"], rows)
+
+
+@ve_app.command("create")
+def ve_create(spec_file: Path, as_json: JsonOpt = False) -> None:
+    """Create and start the VE described by SPEC_FILE (YAML)."""
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as err:
+        raise fail(str(err)) from None
+    ve = rpc("ve.create", {"spec": spec.to_dict()})
+    emit(ve, as_json, ve_table([ve]))
+
+
+@ve_app.command("list")
+def ve_list(as_json: JsonOpt = False) -> None:
+    """Every VE of the cluster."""
+    ves = rpc("ve.list")
+    emit(ves, as_json, ve_table(ves))
+
+
+@ve_app.command("show")
+def ve_show(name: str, as_json: JsonOpt = False) -> None:
+    """One VE with the live state of each VM's domain."""
+    ve = rpc("ve.show", {"name": name})
+    emit(ve, as_json, ve_table([ve]))
+
+
+def _lifecycle(verb: str) -> None:
+    def command(name: str, as_json: JsonOpt = False) -> None:
+        ve = rpc(f"ve.{verb}", {"name": name})
+        emit(ve, as_json, make_table(["ve", "state"], [[ve["name"], ve["state"]]]))
+
+    command.__doc__ = {"start": "Start every VM of the VE.", "stop": "Shut the VE's VMs down gracefully "
+                       "(forced after a timeout).", "destroy": "Remove the VE and its VMs."}[verb]
+    ve_app.command(verb)(command)
+
+
+for _verb in ("start", "stop", "destroy"):
+    _lifecycle(_verb)
+
+
+# -- cluster --------------------------------------------------------------------------------------
+
+@cluster_app.command("up")
+def cluster_up(
+    directory: Annotated[Path, typer.Option("--dir", help="Where the cluster keeps everything.")],
+    nodes: Annotated[int, typer.Option(help="How many agents.")] = 6,
+    sites: Annotated[int, typer.Option(help="How many sites (latency emulated between them).")] = 3,
+    vcpus: Annotated[int, typer.Option(help="vCPUs per node.")] = 16,
+    memory_mb: Annotated[int, typer.Option(help="Memory per node, MiB.")] = 32768,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start NODES agent processes on loopback, spread over SITES sites."""
+    try:
+        state = local_cluster.up(directory, nodes, sites, vcpus=vcpus, memory_mb=memory_mb)
+    except (local_cluster.ClusterError, tls.TLSError) as err:
+        raise fail(str(err)) from None
+    emit(state, as_json, make_table(["node", "site", "address", "pid"],
+                                    [[n["name"], n["site"], n["addr"], n["pid"]] for n in state["nodes"]]))
+    if not as_json:
+        print(f"client config: {state['client_config']} (also the default for this user)")
+
+
+@cluster_app.command("status")
+def cluster_status(directory: Annotated[Path, typer.Option("--dir")], as_json: JsonOpt = False) -> None:
+    """Process and ring state of each agent of the local cluster."""
+    try:
+        rows = local_cluster.status(directory)
+    except local_cluster.ClusterError as err:
+        raise fail(str(err)) from None
+    emit(rows, as_json, make_table(["node", "site", "address", "pid", "process", "answers", "successor", "records"],
+                                   [[r["name"], r["site"], r["addr"], r["pid"], r["process"], r["answers"],
+                                     r["successor"], r["records"]] for r in rows]))
+
+
+@cluster_app.command("down")
+def cluster_down(directory: Annotated[Path, typer.Option("--dir")]) -> None:
+    """Stop every agent of the local cluster."""
+    try:
+        stopped = local_cluster.down(directory)
+    except local_cluster.ClusterError as err:
+        raise fail(str(err)) from None
+    print(f"stopped {len(stopped)} agents")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,222 @@
+"""A local multi-site cluster: N real agent processes on loopback, a generated CA, emulated WAN latency.
+
+`up` writes everything under one directory (CA, per-node config, data, logs, `cluster.json` with the
+PIDs) and `down` stops exactly the processes listed there, after checking each PID still runs that
+cluster's agent, so a recycled PID is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from discovery.config import ClientConfig, home
+from overlay import tls
+from overlay.rpc import Transport
+
+SITES = ["rennes", "lyon", "nancy", "grenoble", "lille", "sophia"]
+SITE_RTT_MS = {  # plausible RTTs between French sites, in ms; symmetric
+    ("rennes", "lyon"): 14, ("rennes", "nancy"): 12, ("rennes", "grenoble"): 16, ("rennes", "lille"): 10,
+    ("rennes", "sophia"): 20, ("lyon", "nancy"): 10, ("lyon", "grenoble"): 4, ("lyon", "lille"): 12,
+    ("lyon", "sophia"): 8, ("nancy", "grenoble"): 12, ("nancy", "lille"): 8, ("nancy", "sophia"): 16,
+    ("grenoble", "lille"): 14, ("grenoble", "sophia"): 8, ("lille", "sophia"): 18,
+}
+STATE_FILE = "cluster.json"
+
+
+class ClusterError(Exception):
+    """A one-line reason the cluster command could not do what was asked."""
+
+
+def rtt_matrix(sites: list[str]) -> dict[str, dict[str, float]]:
+    matrix: dict[str, dict[str, float]] = {a: {} for a in sites}
+    for (a, b), ms in SITE_RTT_MS.items():
+        if a in matrix and b in matrix:
+            matrix[a][b] = matrix[b][a] = float(ms)
+    return matrix
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings and numbers: JSON and TOML agree
+
+
+def _write_toml(path: Path, top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> None:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _running(pid: int, config: str) -> bool:
+    """True if `pid` is alive and still the agent started with `config` (guards against PID reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return config.encode() in cmdline
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise ClusterError(f"no cluster in {directory} (no {STATE_FILE})") from None
+    except (OSError, ValueError) as err:
+        raise ClusterError(f"{directory / STATE_FILE}: unreadable: {err}") from None
+
+
+def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
+       wait: float = 60.0) -> dict[str, Any]:
+    if not 1 <= nodes <= 256:
+        raise ClusterError("--nodes must be between 1 and 256")
+    if not 1 <= sites <= min(nodes, len(SITES)):
+        raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
+    directory = directory.resolve()
+    if (directory / STATE_FILE).exists():
+        state = load_state(directory)
+        if any(_running(n["pid"], n["config"]) for n in state["nodes"]):
+            raise ClusterError(f"a cluster is already running in {directory}; 'discovery cluster down --dir "
+                               f"{directory}' first")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_dir = directory / "ca"
+    if not (ca_dir / "ca.key").exists():
+        tls.init_ca(ca_dir)
+    site_names = SITES[:sites]
+    ports = _free_ports(nodes)
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    matrix = rtt_matrix(site_names)
+    started: list[dict[str, Any]] = []
+    try:
+        for i in range(nodes):
+            name, site = f"node{i + 1}", site_names[i % sites]
+            node_dir = directory / name
+            node_dir.mkdir(exist_ok=True)
+            ident = tls.issue(ca_dir, name, "node", out_dir=node_dir)
+            config = node_dir / "agent.toml"
+            _write_toml(config, {
+                "name": name, "site": site, "listen": addrs[i], "data_dir": str(node_dir / "data"),
+                "join": [a for a in addrs[:3] if a != addrs[i]],
+            }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
+                "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
+                "latency.rtt_ms": matrix})
+            with open(node_dir / "agent.log", "ab") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config", str(config)],
+                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            started.append({"name": name, "site": site, "addr": addrs[i], "pid": proc.pid, "config": str(config)})
+    except BaseException:
+        _stop(started)
+        raise
+    operator = tls.issue(ca_dir, "operator", "operator", out_dir=directory)
+    state = {"dir": str(directory), "nodes": started, "sites": site_names, "rtt_ms": matrix,
+             "client_config": str(directory / "client.toml")}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+    client = {"agent": addrs[0]}
+    tables = {"nodes": {n["name"]: n["addr"] for n in started},
+              "tls": {"ca": str(operator.ca), "cert": str(operator.cert), "key": str(operator.key)}}
+    _write_toml(directory / "client.toml", client, tables)
+    home().mkdir(parents=True, exist_ok=True)
+    _write_toml(home() / "client.toml", client, tables)
+    ready = trio.run(_wait_converged, _client(directory), addrs, nodes, wait)
+    if not ready:
+        raise ClusterError(f"agents did not agree on {nodes} members within {wait:g}s; see {directory}/node*/agent.log")
+    return state
+
+
+def _client(directory: Path) -> ClientConfig:
+    ca = directory / "ca" / "ca.pem"
+    return ClientConfig(tls.Identity(cert=directory / "operator.pem", key=directory / "operator.key", ca=ca))
+
+
+async def _wait_converged(client: ClientConfig, addrs: list[str], nodes: int, wait: float) -> bool:
+    """Wait until every agent sees every other as alive."""
+    async with Transport(client.identity, node="cli") as transport:
+        with trio.move_on_after(wait):
+            while True:
+                answers = await transport.call_many(addrs, "agent.members", {}, 2.0)
+                if all(isinstance(a, list) and sum(m["status"] == "alive" for m in a) == nodes
+                       for a in answers.values()):
+                    return True
+                await trio.sleep(0.3)
+    return False
+
+
+def status(directory: Path) -> list[dict[str, Any]]:
+    state = load_state(directory.resolve())
+    client = _client(directory.resolve())
+
+    async def ask() -> dict[str, Any]:
+        async with Transport(client.identity, node="cli") as transport:
+            return await transport.call_many([n["addr"] for n in state["nodes"]], "agent.status", {}, 3.0)
+
+    answers = trio.run(ask)
+    rows = []
+    for node in state["nodes"]:
+        answer = answers.get(node["addr"])
+        ok = isinstance(answer, dict)
+        rows.append({**node, "process": "running" if _running(node["pid"], node["config"]) else "gone",
+                     "answers": ok, "successor": answer["successors"][0] if ok and answer["successors"] else None,
+                     "records": answer["records"] if ok else None,
+                     "error": None if ok else str(answer)})
+    return rows
+
+
+def down(directory: Path) -> list[str]:
+    """Stop every agent of the cluster in `directory`; returns the names that were stopped."""
+    state = load_state(directory.resolve())
+    stopped = _stop(state["nodes"])
+    client_default = home() / "client.toml"
+    with contextlib.suppress(OSError):
+        if str(directory.resolve()) in client_default.read_text():
+            client_default.unlink()
+    return stopped
+
+
+def _stop(nodes: list[dict[str, Any]], grace: float = 10.0) -> list[str]:
+    """SIGTERM each agent's process group, wait, then SIGKILL what is left."""
+    live = [n for n in nodes if _running(n["pid"], n["config"])]
+    for node in live:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(node["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_running(n["pid"], n["config"]) for n in live):
+        _reap(live)
+        time.sleep(0.1)
+    for node in live:
+        if _running(node["pid"], node["config"]):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node["pid"], signal.SIGKILL)
+    _reap(live)
+    return [n["name"] for n in live]
+
+
+def _reap(nodes: list[dict[str, Any]]) -> None:
+    """Collect the agents that are our own exited children (when `up` and `down` share a process)."""
+    for node in nodes:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(node["pid"], os.WNOHANG)

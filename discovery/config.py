@@ -1,0 +1,147 @@
+"""Configuration files: `agent.toml` for an agent, `client.toml` for the CLI.
+
+agent.toml:
+    name = "node1"
+    site = "rennes"
+    listen = "127.0.0.1:7001"
+    join = ["127.0.0.1:7002"]
+    data_dir = "/var/lib/discovery"
+    libvirt_uri = ""                    # empty: embedded test:/// host sized by [capacity]
+    [capacity]  vcpus = 16, memory_mb = 32768, disk_gb = 500
+    [tls]       ca = "...", cert = "...", key = "..."
+    [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
+    rennes = { lyon = 12.0 }
+
+client.toml (written by `discovery cluster up`, or by hand):
+    agent = "127.0.0.1:7001"            # default agent
+    [nodes]  node1 = "127.0.0.1:7001"   # lets `--agent node1` name an agent
+    [tls]    ca = "...", cert = "...", key = "..."
+
+The CLI finds its client config at --config, else $DISCOVERY_CONFIG, else
+$DISCOVERY_HOME/client.toml (default ~/.config/discovery/client.toml). An agent.toml works too.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.capacity import Resources
+from agents.node import AgentConfig
+from overlay import tls
+from overlay.rpc import split_addr
+
+
+class ConfigError(Exception):
+    """A configuration file is missing, unreadable or wrong; the message names file and field."""
+
+
+def home() -> Path:
+    return Path(os.environ.get("DISCOVERY_HOME", Path.home() / ".config" / "discovery"))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def _field(data: dict[str, Any], key: str, kind: type, path: Path, default: Any = ..., where: str = "") -> Any:
+    name = f"{where}{key}"
+    if key not in data:
+        if default is ...:
+            raise ConfigError(f"{path}: missing field {name!r}")
+        return default
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: field {name!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _address(value: str, path: Path, name: str) -> str:
+    try:
+        split_addr(value)
+    except ValueError as err:
+        raise ConfigError(f"{path}: field {name!r}: {err}") from None
+    return value
+
+
+def _identity(data: dict[str, Any], path: Path) -> tls.Identity:
+    section = _field(data, "tls", dict, path)
+    base = path.parent
+    files = {k: base / _field(section, k, str, path, where="tls.") for k in ("ca", "cert", "key")}
+    return tls.Identity(cert=files["cert"], key=files["key"], ca=files["ca"])
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    data = _read(path)
+    cap = _field(data, "capacity", dict, path)
+    capacity = Resources(*(_field(cap, k, int, path, where="capacity.") for k in ("vcpus", "memory_mb", "disk_gb")))
+    if capacity.vcpus < 1 or capacity.memory_mb < 64 or capacity.disk_gb < 0:
+        raise ConfigError(f"{path}: capacity must have at least 1 vCPU and 64 MiB")
+    joins = _field(data, "join", list, path, [])
+    rtt = _field(_field(data, "latency", dict, path, {}), "rtt_ms", dict, path, {}, where="latency.")
+    try:
+        site_rtt = {a: {b: float(ms) for b, ms in row.items()} for a, row in rtt.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"{path}: latency.rtt_ms must map site -> site -> milliseconds") from None
+    data_dir = Path(_field(data, "data_dir", str, path))
+    return AgentConfig(
+        name=_field(data, "name", str, path),
+        site=_field(data, "site", str, path, "default"),
+        listen=_address(_field(data, "listen", str, path), path, "listen"),
+        data_dir=data_dir if data_dir.is_absolute() else path.parent / data_dir,
+        identity=_identity(data, path),
+        capacity=capacity,
+        join=[_address(j, path, "join") if isinstance(j, str) else _address(repr(j), path, "join") for j in joins],
+        libvirt_uri=_field(data, "libvirt_uri", str, path, ""),
+        site_rtt_ms=site_rtt,
+        replicas=_field(data, "replicas", int, path, 3),
+    )
+
+
+@dataclass
+class ClientConfig:
+    identity: tls.Identity
+    agent: str = ""
+    nodes: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, agent: str | None) -> str:
+        """An agent given as host:port or as a node name known to this config."""
+        target = agent or self.agent
+        if not target:
+            raise ConfigError("no agent given: use --agent HOST:PORT (or NODE) or set 'agent' in the client config")
+        if target in self.nodes:
+            return self.nodes[target]
+        try:
+            split_addr(target)
+        except ValueError:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise ConfigError(f"unknown agent {target!r}: not host:port nor a known node ({known})") from None
+        return target
+
+
+def client_config_path(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("DISCOVERY_CONFIG"):
+        return Path(os.environ["DISCOVERY_CONFIG"])
+    return home() / "client.toml"
+
+
+def load_client_config(explicit: str | None) -> ClientConfig:
+    path = client_config_path(explicit)
+    if not path.exists():
+        raise ConfigError(f"{path}: no client config; start a cluster with 'discovery cluster up' "
+                          "or pass --config FILE")
+    data = _read(path)
+    nodes = _field(data, "nodes", dict, path, {})
+    agent = _field(data, "agent", str, path, "") or _field(data, "listen", str, path, "")
+    return ClientConfig(identity=_identity(data, path), agent=agent,
+                        nodes={k: v for k, v in nodes.items() if isinstance(v, str)})

@@ -1,0 +1,324 @@
+"""VE specs: the YAML a user writes to describe a virtual environment, and its validated model.
+
+Specs come from two untrusted places, a user's file and a peer on the wire, so both go through one
+validator. Errors are one line naming the source, the line and the field path, so that a user can fix
+the file without guessing; only the first error is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
+
+MAX_SPEC_BYTES = 256 * 1024
+MAX_VMS = 64
+# A valid spec nests three levels deep; the limit keeps PyYAML's recursive composer off Python's stack limit.
+MAX_DEPTH = 16
+DEFAULT_DISK_GB = 1
+DEFAULT_IMAGE = "none"
+WIRE_SOURCE = "<wire>"
+
+VCPUS_RANGE = (1, 256)
+MEMORY_MB_RANGE = (16, 1048576)
+DISK_GB_RANGE = (0, 65536)
+
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
+_NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending with a letter or digit"
+_IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+_IMAGE_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '/' or '-'"
+
+_TOP_KEYS = ("name", "site", "vms")
+_VM_KEYS = ("name", "vcpus", "memory_mb", "disk_gb", "image")
+
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+_STR_TAG = _YAML_TAG_PREFIX + "str"
+_INT_TAG = _YAML_TAG_PREFIX + "int"
+_NULL_TAG = _YAML_TAG_PREFIX + "null"
+_MAP_TAG = _YAML_TAG_PREFIX + "map"
+_SEQ_TAG = _YAML_TAG_PREFIX + "seq"
+_MERGE_TAG = _YAML_TAG_PREFIX + "merge"
+_YAML_TAG_RE = re.compile("^" + re.escape(_YAML_TAG_PREFIX))  # shown as the usual "!!" shorthand
+# The line breaks PyYAML counts in its marks, so that lines we compute ourselves agree with its own.
+_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+_MAX_SHOWN = 40
+
+# Used only for its YAML 1.1 integer syntax (0x1f, 1_000, 1:30, ...); it never constructs objects from tags.
+_CONSTRUCTOR = SafeConstructor()
+
+
+class SpecError(ValueError):
+    """An invalid spec; str() is one line, 'source[:line]: [path: ]reason', fit to show a user as is."""
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """One VM of a VE: what a host must reserve for it, and the image it boots."""
+
+    name: str
+    vcpus: int
+    memory_mb: int
+    disk_gb: int = DEFAULT_DISK_GB
+    image: str = DEFAULT_IMAGE
+
+
+@dataclass(frozen=True)
+class VESpec:
+    """A validated VE spec. Build it with parse_spec, load_spec or from_dict so that it is checked."""
+
+    name: str
+    vms: tuple[VMSpec, ...]
+    site: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, int, list, None) for msgpack; from_dict reads it back."""
+        return {"name": self.name, "site": self.site, "vms": [dataclasses.asdict(vm) for vm in self.vms]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VESpec:
+        """Validates a spec received from a peer, which is as untrusted as a user's file."""
+        return _Validator(WIRE_SOURCE).spec(d)
+
+    @property
+    def total_vcpus(self) -> int:
+        return sum(vm.vcpus for vm in self.vms)
+
+    @property
+    def total_memory_mb(self) -> int:
+        return sum(vm.memory_mb for vm in self.vms)
+
+    @property
+    def total_disk_gb(self) -> int:
+        return sum(vm.disk_gb for vm in self.vms)
+
+
+def parse_spec(text: str, source: str = "<spec>") -> VESpec:
+    """Parses and validates spec YAML; source names the text in error messages (usually its file)."""
+    if len(text) > MAX_SPEC_BYTES:  # each character takes at least one byte: skip encoding huge texts
+        raise _too_large(source)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise _error(source, f"not valid UTF-8: cannot encode {text[exc.start]!r}",
+                     line=_line_at(text[:exc.start])) from None
+    if size > MAX_SPEC_BYTES:
+        raise _too_large(source)
+    root = _compose(text, source)
+    if root is None:
+        raise _error(source, f"empty document; expected a mapping with keys {', '.join(_TOP_KEYS)}")
+    return _Validator(source).spec(root)
+
+
+def load_spec(path: str | Path) -> VESpec:
+    """Reads and validates a spec file, reading no more than the size limit allows."""
+    source = str(path)
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise _error(source, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise _too_large(source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _error(source, f"not valid UTF-8: {exc.reason} at byte {exc.start}",
+                     line=_line_at(data[:exc.start].decode("utf-8"))) from None
+    return parse_spec(text, source)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with a nesting limit: PyYAML composes recursively, so deep input hits RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: object) -> Node | None:
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nesting is deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _compose(text: str, source: str) -> Node | None:
+    """The YAML node tree, which keeps the line of every value; nothing is constructed from tags."""
+    try:
+        return yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        reason = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise _error(source, f"invalid YAML: {reason}", line=mark.line + 1 if mark else None) from None
+    except ReaderError as exc:
+        raise _error(source, f"invalid YAML: character {chr(exc.character)!r} is not allowed",
+                     line=_line_at(text[:exc.position])) from None
+
+
+class _Validator:
+    """Checks a spec given as a composed YAML node tree or as plain data, with the same rules.
+
+    YAML nodes carry their line for error messages; plain data has none. Only the shape a spec can
+    have is walked, so aliases, even cyclic ones, cannot make validation loop or blow up.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, obj: object, path: str, reason: str) -> SpecError:
+        return _error(self.source, reason, line=_line(obj), path=path)
+
+    def spec(self, root: object) -> VESpec:
+        top = self.mapping(root, "", _TOP_KEYS, required=("name", "vms"))
+        name = self.text(top["name"], "name", _NAME_RE, _NAME_RULE)
+        site = None if _is_null(top.get("site")) else self.text(top["site"], "site", _NAME_RE, _NAME_RULE)
+        vms_obj = top["vms"]
+        if isinstance(vms_obj, SequenceNode) and vms_obj.tag == _SEQ_TAG:
+            items = vms_obj.value
+        elif isinstance(vms_obj, list | tuple):
+            items = list(vms_obj)
+        else:
+            raise self.error(vms_obj, "vms", f"expected a list of VMs, got {_describe(vms_obj)}")
+        if not 1 <= len(items) <= MAX_VMS:
+            raise self.error(vms_obj, "vms", f"must list 1 to {MAX_VMS} VMs, got {len(items)}")
+        vms: list[VMSpec] = []
+        first_index: dict[str, int] = {}
+        for index, item in enumerate(items):
+            vm, name_obj = self.vm(item, f"vms[{index}]")
+            if vm.name in first_index:
+                first = first_index[vm.name]
+                raise self.error(name_obj, f"vms[{index}].name",
+                                 f"duplicate VM name {vm.name!r}, already used by vms[{first}]")
+            first_index[vm.name] = index
+            vms.append(vm)
+        return VESpec(name=name, vms=tuple(vms), site=site)
+
+    def vm(self, obj: object, path: str) -> tuple[VMSpec, object]:
+        """The VM and the value its name came from, to point at it if the name turns out to be taken."""
+        fields = self.mapping(obj, path, _VM_KEYS, required=("name", "vcpus", "memory_mb"))
+        vm = VMSpec(
+            name=self.text(fields["name"], f"{path}.name", _NAME_RE, _NAME_RULE),
+            vcpus=self.integer(fields["vcpus"], f"{path}.vcpus", VCPUS_RANGE),
+            memory_mb=self.integer(fields["memory_mb"], f"{path}.memory_mb", MEMORY_MB_RANGE),
+            disk_gb=(self.integer(fields["disk_gb"], f"{path}.disk_gb", DISK_GB_RANGE)
+                     if "disk_gb" in fields else DEFAULT_DISK_GB),
+            image=(self.text(fields["image"], f"{path}.image", _IMAGE_RE, _IMAGE_RULE)
+                   if "image" in fields else DEFAULT_IMAGE),
+        )
+        return vm, fields["name"]
+
+    def mapping(
+        self, obj: object, path: str, keys: tuple[str, ...], required: tuple[str, ...]
+    ) -> dict[str, object]:
+        """The values of a mapping by key; refuses non-string, unknown, duplicate and missing keys."""
+        if isinstance(obj, MappingNode) and obj.tag == _MAP_TAG:
+            pairs = [(key, _string(key), value) for key, value in obj.value]
+        elif isinstance(obj, Mapping):
+            pairs = [(key, _string(key), value) for key, value in obj.items()]
+        else:
+            raise self.error(obj, path, f"expected a mapping, got {_describe(obj)}")
+        values: dict[str, object] = {}
+        key_objs: dict[str, object] = {}
+        for key_obj, key, value in pairs:
+            if key is None:
+                raise self.error(key_obj, path, f"expected string keys, got {_describe(key_obj)}")
+            if key not in keys:
+                raise self.error(key_obj, path, f"unknown key {key!r}; allowed keys are {', '.join(keys)}")
+            if key in values:
+                first_line = _line(key_objs[key])
+                raise self.error(key_obj, path, f"duplicate key {key!r}, first given on line {first_line}")
+            values[key] = value
+            key_objs[key] = key_obj
+        for key in required:
+            if key not in values:
+                raise self.error(obj, path, f"missing required key {key!r}")
+        return values
+
+    def text(self, obj: object, path: str, pattern: re.Pattern[str], rule: str) -> str:
+        value = _string(obj)
+        if value is None or not pattern.fullmatch(value):
+            raise self.error(obj, path, f"must be {rule}, got {_describe(obj)}")
+        return value
+
+    def integer(self, obj: object, path: str, bounds: tuple[int, int]) -> int:
+        low, high = bounds
+        value = _integer(obj)
+        if value is None or not low <= value <= high:
+            raise self.error(obj, path, f"must be an integer between {low} and {high}, got {_describe(obj)}")
+        return value
+
+
+def _error(source: str, reason: str, *, line: int | None = None, path: str = "") -> SpecError:
+    """The one-line 'source:line: path: reason' error; unknown parts are left out."""
+    location = source if line is None else f"{source}:{line}"
+    return SpecError(": ".join(part for part in (location, path, reason) if part))
+
+
+def _too_large(source: str) -> SpecError:
+    return _error(source, f"larger than the limit of {MAX_SPEC_BYTES} bytes")
+
+
+def _line_at(prefix: str) -> int:
+    """The 1-based line on which the text following prefix starts."""
+    return len(_LINE_BREAK.findall(prefix)) + 1
+
+
+def _line(obj: object) -> int | None:
+    return obj.start_mark.line + 1 if isinstance(obj, Node) else None
+
+
+def _string(obj: object) -> str | None:
+    if isinstance(obj, Node):
+        return obj.value if isinstance(obj, ScalarNode) and obj.tag == _STR_TAG else None
+    return obj if isinstance(obj, str) else None
+
+
+def _integer(obj: object) -> int | None:
+    """Booleans are rejected although Python makes them ints: `vcpus: yes` is a mistake, not 1 vCPU."""
+    if isinstance(obj, Node):
+        if not (isinstance(obj, ScalarNode) and obj.tag == _INT_TAG):
+            return None
+        try:
+            return _CONSTRUCTOR.construct_yaml_int(obj)
+        except ValueError:  # an explicit `!!int lots`, or more digits than Python converts
+            return None
+    return int(obj) if isinstance(obj, int) and not isinstance(obj, bool) else None
+
+
+def _is_null(obj: object) -> bool:
+    return obj is None or (isinstance(obj, ScalarNode) and obj.tag == _NULL_TAG)
+
+
+def _describe(obj: object) -> str:
+    """A rejected value for an error message: strings quoted, other scalars as written, one short line."""
+    if isinstance(obj, Node):
+        if isinstance(obj, MappingNode) and obj.tag == _MAP_TAG:
+            return "a mapping"
+        if isinstance(obj, SequenceNode) and obj.tag == _SEQ_TAG:
+            return "a list"
+        if _is_null(obj):
+            return "null"
+        if isinstance(obj, ScalarNode) and obj.tag == _MERGE_TAG:
+            return "'<<' (merge keys are not supported)"
+        if isinstance(obj, ScalarNode) and obj.tag.startswith(_YAML_TAG_PREFIX):
+            shown = repr(obj.value) if obj.tag == _STR_TAG else repr(obj.value)[1:-1]
+        else:  # %-escapes in a tag can spell any character, hence repr
+            shown = "a value tagged " + repr(_YAML_TAG_RE.sub("!!", obj.tag))[1:-1]
+    elif isinstance(obj, Mapping):
+        return "a mapping"
+    elif isinstance(obj, list | tuple):
+        return "a list"
+    else:
+        shown = repr(obj)
+    return shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN - 3] + "..."

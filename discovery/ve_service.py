@@ -1,0 +1,206 @@
+"""VE management from any node: the `ve.*` RPCs that the CLI calls on whichever agent it reaches.
+
+The agent that receives a request coordinates it: it reads the VE record from the directory (the
+replicated DHT), talks to the hosts of the VMs, and writes the record back. Placement is the nearest
+live node by measured RTT that has room, reserved with a two-phase handshake (reserve on the target,
+then confirm), so a coordinator that dies half-way leaves only reservations that lapse by themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agents.node import NodeAgent
+from discovery.spec import SpecError, VESpec, VMSpec
+from overlay.dht import Record
+from overlay.membership import Member
+from overlay.rpc import Caller, Conflict, NotFound, RemoteError, RequestError, RpcError
+
+log = logging.getLogger(__name__)
+PREFIX = "ve/"
+HOST_TIMEOUT = 40.0  # a graceful stop may take the hypervisor's shutdown timeout
+STATES = ("creating", "running", "stopped", "failed")
+
+
+def domain_name(ve: str, vm: str) -> str:
+    """The libvirt domain of a VM; ':' cannot appear in VE or VM names, so names never collide."""
+    return f"{ve}:{vm}"
+
+
+@dataclass
+class Candidate:
+    member: Member
+    rtt_ms: float | None
+
+    def describe(self, coordinator: str) -> str:
+        if self.member.name == coordinator:
+            return "the coordinating node itself"
+        return "rtt not measured yet" if self.rtt_ms is None else f"rtt {self.rtt_ms:.1f} ms"
+
+
+class VEService:
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        for verb in ("create", "list", "show", "start", "stop", "destroy"):
+            agent.transport.route(f"ve.{verb}", getattr(self, f"_on_{verb}"))
+
+    # -- create ------------------------------------------------------------------------------------
+
+    async def _on_create(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            spec = VESpec.from_dict(args.get("spec"))
+        except SpecError as err:
+            raise RequestError(str(err)) from None
+        key = PREFIX + spec.name
+        if await self.agent.dht.get(key) is not None:
+            raise Conflict(f"a VE named {spec.name!r} already exists")
+        placement, tokens = await self._place(spec)
+        record = {"name": spec.name, "spec": spec.to_dict(), "owner": caller.cn, "state": "creating",
+                  "placement": placement, "coordinator": self.agent.config.name, "created": time.time()}
+        try:
+            stored = await self.agent.dht.put(key, record)
+            for vm_name, slot in placement.items():
+                await self.agent.transport.call(slot["addr"], "host.confirm", {"token": tokens.pop(vm_name)},
+                                                timeout=HOST_TIMEOUT)
+        except (RequestError, RpcError) as err:
+            await self._undo(spec, placement, tokens)
+            raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
+        record["state"] = "running"
+        await self.agent.dht.put(key, record, base=stored)
+        return record
+
+    async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Reserve a slot for each VM, nearest node first; all or nothing. Returns placement and tokens."""
+        candidates = self._candidates(spec.site)
+        placement: dict[str, dict[str, Any]] = {}
+        tokens: dict[str, str] = {}
+        try:
+            for vm in sorted(spec.vms, key=lambda v: (-v.vcpus, -v.memory_mb, v.name)):
+                placement[vm.name], tokens[vm.name] = await self._reserve(spec.name, vm, candidates)
+        except RequestError:
+            await self._release(placement, tokens)
+            raise
+        return placement, tokens
+
+    def _candidates(self, site: str | None) -> list[Candidate]:
+        me = self.agent.membership.me
+        members = [m for m in self.agent.membership.alive() if site is None or m.site == site]
+        if not members:
+            sites = sorted({m.site for m in self.agent.membership.alive()})
+            raise RequestError(f"no live node in site {site!r} (sites: {', '.join(sites)})")
+
+        def rtt_ms(m: Member) -> float | None:
+            if m is me:
+                return 0.0
+            return m.rtt * 1000 if m.rtt is not None else None
+
+        ranked = [Candidate(m, rtt_ms(m)) for m in members]
+        ranked.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
+        return ranked
+
+    async def _reserve(self, ve: str, vm: VMSpec, candidates: list[Candidate]) -> tuple[dict[str, Any], str]:
+        refusals: list[str] = []
+        for candidate in candidates:
+            member = candidate.member
+            try:
+                answer = await self.agent.transport.call(member.addr, "host.reserve", {
+                    "name": domain_name(ve, vm.name), "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
+                    "disk_gb": vm.disk_gb})
+            except RemoteError as err:
+                refusals.append(f"{member.name}: {err}")
+                continue
+            except RpcError as err:
+                refusals.append(f"{member.name}: unreachable ({err})")
+                continue
+            why = f"nearest with room: {candidate.describe(self.agent.config.name)}"
+            if refusals:
+                why += f"; {len(refusals)} nearer refused"
+            slot = {"node": member.name, "addr": member.addr, "site": member.site,
+                    "rtt_ms": candidate.rtt_ms, "why": why}
+            return slot, answer["token"]
+        detail = "; ".join(refusals[:4]) + (f"; and {len(refusals) - 4} more" if len(refusals) > 4 else "")
+        raise RequestError(f"no live node can host vm {vm.name} ({vm.vcpus} vCPUs, {vm.memory_mb} MiB, "
+                           f"{vm.disk_gb} GiB): {detail}")
+
+    async def _release(self, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
+        for vm_name, token in tokens.items():
+            await self.agent.transport.call_many([placement[vm_name]["addr"]], "host.release", {"token": token})
+
+    async def _undo(self, spec: VESpec, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
+        """Roll a failed create back: drop unconfirmed reservations, remove started VMs, delete the record."""
+        await self._release(placement, tokens)
+        for vm_name, slot in placement.items():
+            await self.agent.transport.call_many([slot["addr"]], "host.vm",
+                                                 {"name": domain_name(spec.name, vm_name), "action": "undefine"})
+        try:
+            await self.agent.dht.delete(PREFIX + spec.name)
+        except (RequestError, RpcError) as err:
+            log.warning("could not delete the record of failed VE %s: %s", spec.name, err)
+
+    # -- read --------------------------------------------------------------------------------------
+
+    async def _on_list(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [r.value for r in await self.agent.dht.scan(PREFIX)]
+
+    async def _on_show(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        record = await self._record(args)
+        ve = {**copy.deepcopy(record.value), "version": record.version}  # never mutate the shard's copy
+        for vm_name, slot in ve["placement"].items():
+            try:
+                info = await self.agent.transport.call(slot["addr"], "host.vm", {
+                    "name": domain_name(ve["name"], vm_name), "action": "info"}, timeout=5)
+                slot["domain_state"] = info["state"]
+            except RpcError as err:
+                slot["domain_state"] = f"unknown ({err})"
+        return ve
+
+    async def _record(self, args: dict[str, Any]) -> Record:
+        name = args.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError("a VE name is required")
+        record = await self.agent.dht.get(PREFIX + name)
+        if record is None:
+            raise NotFound(f"no VE named {name!r}")
+        return record
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def _on_start(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._apply(args, "start", "running")
+
+    async def _on_stop(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._apply(args, "stop", "stopped")
+
+    async def _on_destroy(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        record = await self._record(args)
+        await self._on_every_vm(record.value, "undefine")
+        await self.agent.dht.delete(record.key, base=record)
+        return {**record.value, "state": "destroyed"}
+
+    async def _apply(self, args: dict[str, Any], action: str, state: str) -> dict[str, Any]:
+        record = await self._record(args)
+        await self._on_every_vm(record.value, action)
+        value = {**record.value, "state": state}
+        await self.agent.dht.put(record.key, value, base=record)
+        return value
+
+    async def _on_every_vm(self, ve: dict[str, Any], action: str) -> None:
+        """Run `action` on each VM's host; all hosts are tried, and any failure is reported."""
+        failures = []
+        for vm_name, slot in ve["placement"].items():
+            try:
+                await self.agent.transport.call(slot["addr"], "host.vm", {
+                    "name": domain_name(ve["name"], vm_name), "action": action}, timeout=HOST_TIMEOUT)
+            except RpcError as err:
+                failures.append(f"{vm_name} on {slot['node']}: {err}")
+        if failures:
+            raise RequestError(f"{action} failed for " + "; ".join(failures))
+
+
+async def install(agent: NodeAgent) -> None:
+    """Agent extension hook: adds the VE service to a node agent."""
+    VEService(agent)

@@ -1,0 +1,244 @@
+"""The cluster certificate authority and the TLS contexts every connection uses.
+
+Trust model: one private CA per cluster. Every agent, CLI client and operator holds a certificate
+signed by it; every connection is mutual TLS 1.3, and a peer is admitted only if its certificate
+chains to that CA. Who the peer is comes from its certificate, not from the address we dialled:
+the subject's CN is the node (or user) name and its OU is the role (one of `ROLES`).
+
+Keys are EC P-256 and are written with mode 0600; the CA directory is 0700. Everything is done
+with the `cryptography` package, so no openssl binary is needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROLES = ("node", "client", "operator")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+CA_DAYS = 3650
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+"""Certificates start this long in the past, so a peer whose clock lags a little still accepts them."""
+
+
+class TLSError(Exception):
+    """A CA or certificate problem, with a one-line message meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The PEM files one party presents: its certificate, its private key, and the CA it trusts."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+# -- certificate authority -------------------------------------------------------------------------
+
+
+def init_ca(directory: Path, name: str = "discovery-ca") -> Path:
+    """Create a new CA in `directory` (ca.pem, ca.key) and return the path of ca.pem.
+
+    Refuses if a CA key is already there: overwriting it would silently invalidate every
+    certificate in the cluster.
+    """
+    directory = Path(directory)
+    key_path, cert_path = directory / "ca.key", directory / "ca.pem"
+    if key_path.exists():
+        raise TLSError(f"a CA already exists in {directory}: refusing to overwrite {key_path}")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)  # mkdir's mode is masked by the umask and ignored if the directory existed
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(key_path, key, exclusive=True)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def issue(
+    ca_dir: Path, name: str, role: str = "node", out_dir: Path | None = None, days: int = 825
+) -> Identity:
+    """Sign a leaf certificate for `name` with `role`; write <name>.pem and <name>.key; return its Identity.
+
+    The certificate is good for both ends of a connection (serverAuth and clientAuth) because an
+    agent both accepts and dials. The SAN lists the name, localhost and 127.0.0.1 so ordinary
+    tools can still verify it by hostname, even though our own clients check the CN instead.
+    An existing certificate of the same name is replaced (that is how one renews).
+    """
+    ca_dir = Path(ca_dir)
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise TLSError(f"invalid name {name!r}: use 1-63 of a-z 0-9 . _ -, starting and ending alphanumeric")
+    if role not in ROLES:
+        raise TLSError(f"invalid role {role!r}: expected one of {', '.join(ROLES)}")
+    if days < 1:
+        raise TLSError(f"invalid validity of {days} days: must be at least 1")
+    out = Path(out_dir) if out_dir is not None else ca_dir
+    if name == "ca" and out.resolve() == ca_dir.resolve():
+        raise TLSError(f"name 'ca' would overwrite the CA itself in {ca_dir}")
+    ca_cert, ca_key = _load_ca(ca_dir)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, name),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+    ])
+    san = x509.SubjectAlternativeName([
+        x509.DNSName(name),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(san, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity = Identity(cert=out / f"{name}.pem", key=out / f"{name}.key", ca=ca_dir / "ca.pem")
+    _write_key(identity.key, key, exclusive=False)
+    identity.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return identity
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = ca_dir / "ca.pem", ca_dir / "ca.key"
+    if not (cert_path.is_file() and key_path.is_file()):
+        raise TLSError(f"no CA in {ca_dir}: run 'discovery ca init {ca_dir}' first")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise TLSError(f"cannot read the CA in {ca_dir}: {err}") from err
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TLSError(f"the CA key in {ca_dir} is not an EC key")
+    return cert, key
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, *, exclusive: bool) -> None:
+    """Write a private key that is never readable by others, not even for an instant.
+
+    The file is created with mode 0600 (rather than written and chmod-ed afterwards), and fchmod
+    covers the umask and a pre-existing file with looser permissions.
+    """
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError as err:
+        raise TLSError(f"refusing to overwrite existing key {path}") from err
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(pem)
+
+
+# -- TLS contexts ----------------------------------------------------------------------------------
+
+
+def server_context(identity: Identity) -> ssl.SSLContext:
+    """Context for accepted connections: TLS 1.3 only, and the client must present a cert from our CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return _load(ctx, identity)
+
+
+def client_context(identity: Identity) -> ssl.SSLContext:
+    """Context for dialled connections: TLS 1.3 only, the server must present a cert from our CA.
+
+    Hostname checking is off because peers are dialled by address (often an IP learnt from gossip),
+    which no certificate could list in advance. What replaces it: the chain must verify against the
+    cluster CA, which signs only cluster members, and the caller reads who answered with
+    `peer_identity` and decides from the (CN, role) whether it is the peer it wanted.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # must be cleared before verify_mode may be changed; see docstring
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return _load(ctx, identity)
+
+
+def _load(ctx: ssl.SSLContext, identity: Identity) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        ctx.load_cert_chain(identity.cert, identity.key)
+        ctx.load_verify_locations(cafile=identity.ca)
+    except (OSError, ssl.SSLError) as err:
+        raise TLSError(f"cannot load TLS identity {identity.cert}: {err}") from err
+    return ctx
+
+
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str]:
+    """(common name, role) of the verified certificate the other side presented.
+
+    Call only after the handshake; with CERT_REQUIRED the certificate has already been verified
+    against the cluster CA, so its subject can be trusted.
+    """
+    cert = ssl_object.getpeercert()
+    if not cert:
+        raise TLSError("peer presented no certificate")
+    fields: dict[str, str] = {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            fields.setdefault(key, value)
+    cn, role = fields.get("commonName"), fields.get("organizationalUnitName")
+    if not cn:
+        raise TLSError("peer certificate has no common name")
+    if role not in ROLES:
+        raise TLSError(f"peer certificate for {cn!r} has no valid role (OU={role!r})")
+    return cn, role

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The newcomer's tour: 12 agents on 4 sites, VEs created through different nodes, where they landed and why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${DEMO_DIR:-demo-cluster}
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run()  { printf '$ %s\n' "$*"; "$@"; }
+
+if [ -f "$DIR/cluster.json" ]; then discovery cluster down --dir "$DIR" >/dev/null 2>&1 || true; rm -rf "$DIR"; fi
+
+step "Start 12 agents (separate processes, mutual TLS, emulated WAN latency between 4 sites)"
+run discovery cluster up --nodes 12 --sites 4 --dir "$DIR"
+
+step "Every agent knows every member (SWIM-style gossip); RTTs are measured, not configured"
+run discovery --agent node7 members
+
+step "Create VEs through different agents: each VM goes to the nearest node (by RTT) with room"
+run discovery --agent node1 ve create examples/web-shop.yaml
+run discovery --agent node6 ve create examples/analytics.yaml
+run discovery --agent node11 ve create examples/ci-runner.yaml
+
+step "A request that cannot be placed is refused, with the reason"
+run discovery --agent node3 ve create examples/too-big.yaml || true
+
+step "Any agent lists every VE: the directory is a DHT replicated on 3 ring successors"
+run discovery --agent node9 ve list
+
+step "Stop and start a VE through yet another agent"
+run discovery --agent node12 ve stop ci-runner
+run discovery --agent node4 ve show ci-runner
+run discovery --agent node2 ve start ci-runner
+
+cat <<EOT
+
+Explore:  discovery --agent node5 ve show web-shop     (any node, any VE; add --json)
+          discovery cluster status --dir $DIR          (ring successor of each agent)
+          discovery --agent node3 status                (one agent's own view)
+          tail $DIR/node1/agent.log
+Stop:     discovery cluster down --dir $DIR
+          (the discovery command lives in .venv/bin; 'source .venv/bin/activate' first)
+EOT

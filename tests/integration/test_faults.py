@@ -1,0 +1,195 @@
+"""Faults on real agent processes: kill -9, restarts, unauthenticated peers, and hostile frames."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import struct
+import time
+
+import pytest
+import trio
+
+from overlay import frames, tls
+from overlay.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
+
+from .conftest import pid_alive, restart
+from .test_ve_lifecycle import write_spec
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(predicate, timeout=30.0, interval=0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_ve_survives_kill_9_of_two_agents_that_do_not_host_it(cluster_factory, tmp_path):
+    cluster = cluster_factory(6, 3)
+    ve = cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "keep", [("a", 1, 256)]))
+    host = ve["placement"]["a"]["node"]
+    victims = [n for n in ("node2", "node3", "node4", "node5", "node6") if n != host][:2]
+    for victim in victims:
+        cluster.kill9(victim)
+
+    survivor = next(n for n in ("node6", "node5", "node4") if n not in victims)
+
+    def dead_marked():
+        members = cluster.json("--agent", survivor, "members")
+        return {m["name"] for m in members if m["status"] == "dead"} == set(victims)
+
+    assert wait_for(dead_marked), "the killed agents were not marked dead"
+    listed = cluster.json("--agent", survivor, "ve", "list")
+    assert [v["name"] for v in listed] == ["keep"]
+    shown = cluster.json("--agent", survivor, "ve", "show", "keep")
+    assert shown["placement"]["a"]["domain_state"] == "running"
+    # the record is re-replicated to live successors and can still be changed
+    assert cluster.json("--agent", survivor, "ve", "stop", "keep")["state"] == "stopped"
+
+
+def test_restarted_host_recovers_its_vms(cluster_factory, tmp_path):
+    cluster = cluster_factory(3, 1)
+    ve = cluster.json("--agent", "node2", "ve", "create", write_spec(tmp_path, "durable", [("a", 2, 512)]))
+    assert ve["placement"]["a"]["node"] == "node2"
+    cluster.kill9("node2")
+    wait_for(lambda: not pid_alive(cluster.node("node2")["pid"]), timeout=10)
+    restart(cluster, "node2")
+
+    def recovered():
+        proc = cluster.cli("--agent", "node1", "ve", "show", "durable", "--json", check=False)
+        return proc.returncode == 0 and '"domain_state": "running"' in proc.stdout
+
+    assert wait_for(recovered), "node2 did not bring its VM back after restart"
+    members = cluster.json("--agent", "node1", "members")
+    assert all(m["status"] == "alive" for m in members)
+
+
+def test_cluster_down_leaves_no_agent_process(cluster_factory):
+    cluster = cluster_factory(3, 2)
+    pids = cluster.pids()
+    assert all(pid_alive(p) for p in pids)
+    proc = cluster.cli("cluster", "down", "--dir", str(cluster.dir))
+    assert "stopped 3 agents" in proc.stdout
+    assert not any(pid_alive(p) for p in pids)
+    logs = [(cluster.dir / f"node{i}" / "agent.log").read_text() for i in (1, 2, 3)]
+    assert all("leaving" in log and "Traceback" not in log for log in logs)  # SIGTERM: clean exit
+
+
+# -- the wire under attack -------------------------------------------------------------------------
+
+
+async def status_via(identity, addr):
+    async with Transport(identity, node="probe") as transport:
+        return await transport.call(addr, "agent.status", timeout=10)
+
+
+def operator(cluster):
+    return tls.Identity(cert=cluster.dir / "operator.pem", key=cluster.dir / "operator.key",
+                        ca=cluster.dir / "ca" / "ca.pem")
+
+
+async def raw_tls(addr, context):
+    host, port = addr.split(":")
+    tcp = await trio.open_tcp_stream(host, int(port))
+    stream = trio.SSLStream(tcp, context, server_hostname=None)
+    await stream.do_handshake()
+    return stream
+
+
+async def read_all(stream, limit=5.0):
+    """What the agent sends before it closes the connection (it must close it)."""
+    data = b""
+    with trio.fail_after(limit):
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+def test_client_without_a_cluster_certificate_gets_nothing(cluster6, tmp_path):
+    addr = cluster6.node("node1")["addr"]
+    ca = cluster6.dir / "ca" / "ca.pem"
+
+    async def no_cert():
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(ca)
+        stream = await raw_tls(addr, ctx)
+        await stream.send_all(frames.encode({"proto": PROTOCOL_VERSION, "node": "x", "site": ""}))
+        await stream.send_all(frames.encode([REQUEST, 1, "ve.list", {}]))
+        return await read_all(stream)
+
+    with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+        trio.run(no_cert)  # TLS 1.3: the refusal arrives on the first read
+
+    tls.init_ca(tmp_path / "rogue")
+    rogue = tls.issue(tmp_path / "rogue", "operator", "operator")
+    with pytest.raises(Unreachable, match="handshake failed"):
+        trio.run(status_via, rogue, addr)
+    # and the agent still serves its own cluster
+    assert trio.run(status_via, operator(cluster6), addr)["name"] == "node1"
+
+
+@pytest.mark.parametrize("attack", ["random", "truncated", "oversized", "not_msgpack", "bad_handshake",
+                                    "old_protocol", "unknown_frame", "response_as_request", "ext_type"])
+def test_hostile_frames_close_only_that_connection(cluster6, attack):
+    addr = cluster6.node("node2")["addr"]
+    ident = operator(cluster6)
+    hello = frames.encode({"proto": PROTOCOL_VERSION, "node": "attacker", "site": ""})
+    payloads = {
+        "random": os.urandom(4096),
+        "truncated": hello + frames.encode([REQUEST, 1, "agent.status", {}])[:-3],
+        "oversized": hello + struct.pack(">I", frames.MAX_FRAME + 1) + b"x" * 100,
+        "not_msgpack": hello + struct.pack(">I", 3) + b"\xc1\xc1\xc1",
+        "bad_handshake": frames.encode(["hello?"]),
+        "old_protocol": frames.encode({"proto": 0, "node": "old", "site": ""}),
+        "unknown_frame": hello + frames.encode([7, 1, "x", {}]),
+        "response_as_request": hello + frames.encode([RESPONSE, 1, True, None]),
+        "ext_type": hello + struct.pack(">I", 4) + b"\xd4\x05zz"[:4],
+    }
+
+    async def attack_then_check():
+        before = await status_via(ident, addr)
+        stream = await raw_tls(addr, tls.client_context(ident))
+        await stream.send_all(payloads[attack])
+        if attack == "truncated":
+            await stream.aclose()
+        else:
+            await read_all(stream)  # returns only because the agent closed the connection
+        after = await status_via(ident, addr)
+        return before, after
+
+    before, after = trio.run(attack_then_check)
+    assert after["name"] == "node2"
+    if attack != "truncated":
+        assert after["rejected_connections"] > before["rejected_connections"]
+    assert pid_alive(cluster6.node("node2")["pid"])
+
+
+def test_plain_tcp_garbage_and_unknown_methods(cluster6):
+    addr = cluster6.node("node3")["addr"]
+    ident = operator(cluster6)
+
+    async def scenario():
+        host, port = addr.split(":")
+        tcp = await trio.open_tcp_stream(host, int(port))
+        await tcp.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(5):
+            while await tcp.receive_some(1024):
+                pass
+        async with Transport(ident, node="probe") as transport:
+            with pytest.raises(Exception, match="no method 'nope'"):
+                await transport.call(addr, "nope", {})
+            with pytest.raises(Exception, match="name must be"):
+                await transport.call(addr, "host.vm", {"name": 5, "action": "info"})
+            return await transport.call(addr, "agent.status")
+
+    assert trio.run(scenario)["name"] == "node3"

@@ -1,0 +1,138 @@
+"""VEs managed from any node of a real 6-agent, 3-site cluster (separate processes, TLS, libvirt test:///)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def write_spec(tmp_path, name, vms, site=None):
+    lines = [f"name: {name}"] + ([f"site: {site}"] if site else []) + ["vms:"]
+    for vm, vcpus, mem in vms:
+        lines += [f"  - name: {vm}", f"    vcpus: {vcpus}", f"    memory_mb: {mem}"]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_every_agent_sees_every_member_alive(cluster6):
+    for node in ("node1", "node4", "node6"):
+        members = cluster6.json("--agent", node, "members")
+        assert sorted(m["name"] for m in members if m["status"] == "alive") == [f"node{i}" for i in range(1, 7)]
+        assert {m["site"] for m in members} == {"rennes", "lyon", "nancy"}
+
+
+def test_ve_created_through_node1_is_listed_and_stopped_through_node5(cluster6, tmp_path):
+    spec = write_spec(tmp_path, "shop", [("front", 2, 1024), ("db", 4, 4096)])
+    created = cluster6.json("--agent", "node1", "ve", "create", spec)
+    assert created["state"] == "running"
+    hosts = {slot["node"] for slot in created["placement"].values()}
+    assert hosts == {"node1"}  # the coordinating node is nearest and has room
+
+    listed = {ve["name"]: ve for ve in cluster6.json("--agent", "node5", "ve", "list")}
+    assert listed["shop"]["state"] == "running"
+    assert set(listed["shop"]["placement"]) == {"front", "db"}
+
+    assert cluster6.json("--agent", "node5", "ve", "stop", "shop")["state"] == "stopped"
+    shown = cluster6.json("--agent", "node3", "ve", "show", "shop")
+    assert shown["state"] == "stopped"
+    assert {slot["domain_state"] for slot in shown["placement"].values()} == {"shutoff"}
+
+    assert cluster6.json("--agent", "node2", "ve", "start", "shop")["state"] == "running"
+    shown = cluster6.json("--agent", "node6", "ve", "show", "shop")
+    assert {slot["domain_state"] for slot in shown["placement"].values()} == {"running"}
+
+
+def test_full_node_spills_to_the_nearest_node_with_room(cluster6, tmp_path):
+    # each node has 16 vCPUs: a 12-vCPU VM and a 10-vCPU VM cannot share node2
+    spec = write_spec(tmp_path, "spill", [("big", 12, 1024), ("second", 10, 1024)])
+    ve = cluster6.json("--agent", "node2", "ve", "create", spec)
+    assert ve["placement"]["big"]["node"] == "node2"
+    second = ve["placement"]["second"]
+    assert second["node"] != "node2" and "1 nearer refused" in second["why"]
+    members = {m["name"]: m for m in cluster6.json("--agent", "node2", "members")}
+    others = [m["rtt_ms"] for n, m in members.items() if n not in ("node2", second["node"]) and m["rtt_ms"]]
+    assert second["rtt_ms"] <= min(others)  # nearest by measured RTT among the rest
+    cluster6.cli("--agent", "node4", "ve", "destroy", "spill")
+
+
+def test_site_pinning_and_refusals_explain_themselves(cluster6, tmp_path):
+    pinned = cluster6.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "pinned", [("a", 1, 256)], "nancy"))
+    assert pinned["placement"]["a"]["site"] == "nancy"
+
+    proc = cluster6.cli("--agent", "node1", "ve", "create", write_spec(tmp_path, "huge", [("x", 64, 256)]), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: no live node can host vm x (64 vCPUs") and proc.stderr.count("\n") == 1
+
+    proc = cluster6.cli("--agent", "node1", "ve", "create", write_spec(tmp_path, "mars", [("x", 1, 256)], "mars"),
+                        check=False)
+    assert proc.returncode == 1 and "no live node in site 'mars'" in proc.stderr
+
+    proc = cluster6.cli("--agent", "node3", "ve", "create", write_spec(tmp_path, "pinned", [("a", 1, 256)]),
+                        check=False)
+    assert proc.returncode == 1 and "already exists" in proc.stderr
+
+    names = {ve["name"] for ve in cluster6.json("--agent", "node6", "ve", "list")}
+    assert "huge" not in names and "mars" not in names  # refusals leave nothing behind
+
+
+def test_refused_placement_releases_its_reservations(cluster6, tmp_path):
+    # 5 VMs of 15 vCPUs fit (one per node of 6 with room), the 7th cannot: nothing may stay reserved
+    vms = [(f"v{i}", 15, 256) for i in range(7)]
+    proc = cluster6.cli("--agent", "node2", "ve", "create", write_spec(tmp_path, "greedy", vms), check=False)
+    assert proc.returncode == 1
+    ok = cluster6.json("--agent", "node2", "ve", "create", write_spec(tmp_path, "fits", [("v", 15, 256)]))
+    assert ok["state"] == "running"
+    cluster6.cli("--agent", "node5", "ve", "destroy", "fits")
+
+
+def test_destroy_frees_the_name_and_the_capacity(cluster6, tmp_path):
+    spec = write_spec(tmp_path, "temp", [("a", 16, 1024)])
+    first = cluster6.json("--agent", "node4", "ve", "create", spec)
+    host = first["placement"]["a"]["node"]
+    assert cluster6.json("--agent", "node1", "ve", "destroy", "temp")["state"] == "destroyed"
+    proc = cluster6.cli("--agent", "node2", "ve", "show", "temp", check=False)
+    assert proc.returncode == 1 and "no VE named 'temp'" in proc.stderr
+    again = cluster6.json("--agent", "node4", "ve", "create", spec)
+    assert again["placement"]["a"]["node"] == host  # the whole node was free again
+    cluster6.cli("--agent", "node4", "ve", "destroy", "temp")
+
+
+def test_bad_spec_exits_non_zero_naming_the_field(cluster6, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: oops\nvms:\n  - name: a\n    vcpus: lots\n    memory_mb: 256\n")
+    proc = cluster6.cli("--agent", "node1", "ve", "create", str(bad), check=False)
+    assert proc.returncode == 1
+    assert "vms[0].vcpus" in proc.stderr and ":4:" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bad_cli_arguments_give_one_line_errors(cluster6):
+    proc = cluster6.cli("--agent", "nosuchnode", "ve", "list", check=False)
+    assert proc.returncode == 1 and "unknown agent 'nosuchnode'" in proc.stderr
+    proc = cluster6.cli("--agent", "127.0.0.1:1", "ve", "list", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: 127.0.0.1:1")
+    proc = cluster6.cli("--agent", "node1", "ve", "show", "ghost", check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: no VE named 'ghost'\n"
+    proc = cluster6.cli("ve", "create", "/nonexistent.yaml", check=False)
+    assert proc.returncode == 1 and "cannot read" in proc.stderr
+
+
+def test_cluster_status_reports_one_ring(cluster6):
+    rows = json.loads(cluster6.cli("cluster", "status", "--dir", str(cluster6.dir), "--json").stdout)
+    assert all(r["process"] == "running" and r["answers"] for r in rows)
+    deadline = time.monotonic() + 20
+    while True:  # follow successors from node1: one cycle through all six
+        successor = {r["name"]: r["successor"] for r in rows}
+        seen, node = [], "node1"
+        while node not in seen:
+            seen.append(node)
+            node = successor[node]
+        if len(seen) == 6 and node == "node1" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+        rows = json.loads(cluster6.cli("cluster", "status", "--dir", str(cluster6.dir), "--json").stdout)
+    assert len(seen) == 6 and node == "node1"

@@ -1,0 +1,352 @@
+"""Tests for agents.hypervisor: the libvirt actor on the embedded test:/// driver, driven from trio."""
+
+from __future__ import annotations
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pykka
+import pytest
+import trio
+
+from agents.hypervisor import (
+    DomainInfo,
+    HostInfo,
+    Hypervisor,
+    HypervisorActor,
+    HypervisorError,
+    domain_xml,
+    write_node_xml,
+)
+
+UUID1 = "11111111-2222-3333-4444-555555555555"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_actors() -> object:
+    assert pykka.ActorRegistry.get_all() == []
+    yield
+    leftovers = pykka.ActorRegistry.get_all()
+    pykka.ActorRegistry.stop_all()
+    assert leftovers == [], "a test left a hypervisor actor running"
+
+
+@pytest.fixture
+async def hv(tmp_path: Path) -> AsyncIterator[Hypervisor]:
+    hypervisor = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=16384))
+    try:
+        yield hypervisor
+    finally:
+        await hypervisor.close()
+
+
+async def define_vm(hv: Hypervisor, name: str = "vm1", vcpus: int = 2, memory_mb: int = 512) -> DomainInfo:
+    return await hv.define(domain_xml(name, vcpus, memory_mb, uuid=UUID1 if name == "vm1" else None))
+
+
+# -- XML helpers -----------------------------------------------------------------------------------
+
+
+def test_write_node_xml(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "node.xml"
+    uri = write_node_xml(path, vcpus=4, memory_mb=2048)
+    assert uri == "test://" + str(path.absolute())
+    root = ET.parse(path).getroot()
+    assert root.findtext("cpu/total") == "4" and root.findtext("cpu/active") == "4"
+    assert root.findtext("memory") == str(2048 * 1024)
+    with pytest.raises(ValueError):
+        write_node_xml(path, vcpus=0, memory_mb=2048)
+
+
+def test_domain_xml_escapes_and_is_stable() -> None:
+    name = 'a&b <c> "d"'
+    xml = domain_xml(name, 2, 512)
+    root = ET.fromstring(xml)
+    assert root.get("type") == "test"
+    assert root.findtext("name") == name
+    assert root.find("memory").get("unit") == "MiB" and root.findtext("memory") == "512"
+    assert root.findtext("vcpu") == "2"
+    assert domain_xml(name, 2, 512) == xml, "without a uuid, the same name gives the same uuid"
+    assert root.findtext("uuid") != ET.fromstring(domain_xml("other", 2, 512)).findtext("uuid")
+    assert ET.fromstring(domain_xml("x", 1, 1, uuid=UUID1, domain_type="kvm")).get("type") == "kvm"
+    assert ET.fromstring(domain_xml("x", 1, 1, uuid=UUID1)).findtext("uuid") == UUID1
+    with pytest.raises(ValueError):
+        domain_xml("x", 1, 1, uuid="not-a-uuid")
+
+
+# -- host ------------------------------------------------------------------------------------------
+
+
+async def test_host_info_reflects_node_xml(hv: Hypervisor) -> None:
+    assert await hv.host_info() == HostInfo(model="i686", vcpus=8, memory_mb=16384)
+    assert await hv.list() == []
+
+
+async def test_path_with_odd_characters(tmp_path: Path) -> None:
+    uri = write_node_xml(tmp_path / "a dir:with+odd#chars é" / "node.xml", vcpus=3, memory_mb=1024)
+    hv = Hypervisor.open(uri)
+    try:
+        assert await hv.host_info() == HostInfo("i686", 3, 1024)
+    finally:
+        await hv.close()
+
+
+async def test_two_hypervisors_are_independent_hosts(tmp_path: Path) -> None:
+    a = Hypervisor.open(write_node_xml(tmp_path / "a" / "node.xml", vcpus=2, memory_mb=4096))
+    try:
+        b = Hypervisor.open(write_node_xml(tmp_path / "b" / "node.xml", vcpus=16, memory_mb=65536))
+        try:
+            assert (await a.host_info()).vcpus == 2 and (await a.host_info()).memory_mb == 4096
+            assert (await b.host_info()).vcpus == 16 and (await b.host_info()).memory_mb == 65536
+            await define_vm(a, "only-on-a")
+            await a.start("only-on-a")
+            assert [d.name for d in await a.list()] == ["only-on-a"]
+            assert await b.list() == []
+            with pytest.raises(HypervisorError):
+                await b.info("only-on-a")
+        finally:
+            await b.close()
+    finally:
+        await a.close()
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+async def test_full_lifecycle(hv: Hypervisor) -> None:
+    info = await define_vm(hv)
+    assert info == DomainInfo(name="vm1", uuid=UUID1, state="shutoff", vcpus=2, memory_mb=512)
+    assert (await hv.start("vm1")).state == "running"
+    assert (await hv.info("vm1")).state == "running"
+    assert (await hv.suspend("vm1")).state == "paused"
+    assert (await hv.resume("vm1")).state == "running"
+    assert (await hv.shutdown("vm1", timeout=5)).state == "shutoff"
+    assert (await hv.start("vm1")).state == "running"
+    assert (await hv.destroy("vm1")).state == "shutoff"
+    assert await hv.list() == [info]
+    assert await hv.undefine("vm1") is None
+    assert await hv.list() == []
+
+
+async def test_operations_are_idempotent(hv: Hypervisor) -> None:
+    first = await define_vm(hv)
+    assert await define_vm(hv) == first
+    assert (await hv.define(domain_xml("vm1", 4, 1024, uuid=UUID1))).vcpus == 4, "redefine updates"
+    assert (await hv.start("vm1")).state == "running"
+    assert (await hv.start("vm1")).state == "running"
+    assert (await hv.suspend("vm1")).state == "paused"
+    assert (await hv.suspend("vm1")).state == "paused"
+    assert (await hv.start("vm1")).state == "paused", "start leaves an active domain as it is"
+    assert (await hv.resume("vm1")).state == "running"
+    assert (await hv.resume("vm1")).state == "running"
+    assert (await hv.shutdown("vm1")).state == "shutoff"
+    assert (await hv.shutdown("vm1")).state == "shutoff"
+    assert (await hv.destroy("vm1")).state == "shutoff"
+    assert (await hv.destroy("vm1")).state == "shutoff"
+    await hv.undefine("vm1")
+    await hv.undefine("vm1")
+    assert await hv.list() == []
+
+
+async def test_define_without_uuid_twice_keeps_the_domain(hv: Hypervisor) -> None:
+    xml = '<domain type="test"><name>bare</name><memory unit="MiB">256</memory><vcpu>1</vcpu>' \
+          "<os><type>hvm</type></os></domain>"
+    first = await hv.define(xml)
+    again = await hv.define(xml)
+    assert again.uuid == first.uuid
+    assert [d.name for d in await hv.list()] == ["bare"]
+
+
+async def test_redefine_with_another_uuid_is_an_error(hv: Hypervisor) -> None:
+    await define_vm(hv)
+    with pytest.raises(HypervisorError, match="already exists"):
+        await hv.define(domain_xml("vm1", 2, 512, uuid="99999999-2222-3333-4444-555555555555"))
+
+
+async def test_shutdown_of_a_paused_domain(hv: Hypervisor) -> None:
+    await define_vm(hv)
+    await hv.start("vm1")
+    await hv.suspend("vm1")
+    assert (await hv.shutdown("vm1", timeout=5)).state == "shutoff"
+
+
+async def test_undefine_destroys_a_running_domain(hv: Hypervisor) -> None:
+    await define_vm(hv)
+    await hv.start("vm1")
+    await hv.undefine("vm1")
+    assert await hv.list() == []
+    with pytest.raises(HypervisorError, match="no domain named 'vm1'"):
+        await hv.info("vm1")
+
+
+class IgnoresAcpi(HypervisorActor):
+    """A guest that never reacts to the ACPI power button."""
+
+    def op_request_shutdown(self, name: str) -> tuple[DomainInfo, bool]:
+        return self.op_info(name), True
+
+
+class StubbornHypervisor(Hypervisor):
+    actor_class = IgnoresAcpi
+
+
+async def test_shutdown_forces_off_after_timeout(tmp_path: Path) -> None:
+    hv = StubbornHypervisor.open(write_node_xml(tmp_path / "node.xml", 4, 4096))
+    try:
+        await define_vm(hv)
+        await hv.start("vm1")
+        with trio.fail_after(5):
+            start = trio.current_time()
+            info = await hv.shutdown("vm1", timeout=0.3)
+            elapsed = trio.current_time() - start
+        assert info.state == "shutoff"
+        assert 0.3 <= elapsed < 2
+    finally:
+        await hv.close()
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["info", "start", "shutdown", "destroy", "suspend", "resume"])
+async def test_unknown_domain_is_a_clear_error(hv: Hypervisor, operation: str) -> None:
+    with pytest.raises(HypervisorError) as caught:
+        await getattr(hv, operation)("ghost")
+    assert str(caught.value) == "no domain named 'ghost'"
+    await hv.undefine("ghost")  # idempotent: nothing to do
+
+
+async def test_suspend_or_resume_a_stopped_domain_is_an_error(hv: Hypervisor) -> None:
+    await define_vm(hv)
+    with pytest.raises(HypervisorError, match="cannot suspend 'vm1': it is shutoff"):
+        await hv.suspend("vm1")
+    with pytest.raises(HypervisorError, match="cannot resume 'vm1': it is shutoff"):
+        await hv.resume("vm1")
+
+
+async def test_libvirt_errors_are_one_line_hypervisor_errors(hv: Hypervisor) -> None:
+    with pytest.raises(HypervisorError) as caught:
+        await hv.define("<domain type='test'><name>broken")
+    assert "\n" not in str(caught.value) and str(caught.value)
+    assert caught.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("uri", ["test:///nonexistent/dir/node.xml", "nosuchdriver:///x", "not a uri"])
+async def test_open_bad_uri_raises_and_leaves_no_actor(uri: str) -> None:
+    with pytest.raises(HypervisorError, match="cannot open") as caught:
+        Hypervisor.open(uri)
+    assert "\n" not in str(caught.value)
+    assert pykka.ActorRegistry.get_all() == []
+
+
+async def test_open_a_file_that_is_not_node_xml(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.xml"
+    junk.write_text("this is not xml\nat all\n")
+    with pytest.raises(HypervisorError, match="cannot open") as caught:
+        Hypervisor.open(f"test://{junk}")
+    assert "\n" not in str(caught.value)
+    assert pykka.ActorRegistry.get_all() == []
+
+
+async def test_close_twice_and_use_after_close(tmp_path: Path) -> None:
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", 2, 2048))
+    assert len(pykka.ActorRegistry.get_all()) == 1
+    await hv.close()
+    await hv.close()
+    assert pykka.ActorRegistry.get_all() == []
+    with pytest.raises(HypervisorError, match="closed"):
+        await hv.list()
+
+
+async def test_close_when_cancelled_still_stops_the_actor(tmp_path: Path) -> None:
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", 2, 2048))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await hv.close()
+    with trio.fail_after(5):
+        while pykka.ActorRegistry.get_all():
+            await trio.sleep(0.01)
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+
+
+class WatchedActor(HypervisorActor):
+    """Records which thread runs each request and whether two ever overlap; `list` is slow."""
+
+    instances: list[WatchedActor] = []
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        WatchedActor.instances.append(self)
+        self.threads: set[int] = set()
+        self.busy = 0
+        self.overlaps = 0
+
+    def on_receive(self, message: object) -> object:
+        self.threads.add(threading.get_ident())
+        self.busy += 1
+        self.overlaps += self.busy > 1
+        try:
+            return super().on_receive(message)
+        finally:
+            self.busy -= 1
+
+    def op_list(self) -> list[DomainInfo]:
+        time.sleep(0.5)
+        return super().op_list()
+
+
+class WatchedHypervisor(Hypervisor):
+    actor_class = WatchedActor
+
+
+async def test_concurrent_calls_are_serialized_and_loop_stays_responsive(tmp_path: Path) -> None:
+    hv = WatchedHypervisor.open(write_node_xml(tmp_path / "node.xml", 8, 16384))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+
+    async def lifecycle(i: int) -> None:
+        name = f"vm{i:02d}"
+        await hv.define(domain_xml(name, 1, 128))
+        assert (await hv.start(name)).state == "running"
+        assert (await hv.suspend(name)).state == "paused"
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                async with trio.open_nursery() as workers:
+                    workers.start_soon(hv.list)  # blocks the actor for 0.5 s
+                    for i in range(50):
+                        workers.start_soon(lifecycle, i)
+                nursery.cancel_scope.cancel()
+        assert ticks >= 20, f"the trio loop stalled: only {ticks} ticks in more than 0.5 s"
+        domains = await hv.list()
+        assert [d.name for d in domains] == [f"vm{i:02d}" for i in range(50)]
+        assert {d.state for d in domains} == {"paused"}
+    finally:
+        await hv.close()
+    actor = WatchedActor.instances[-1]  # stopped now: its fields are safe to read from here
+    assert actor.overlaps == 0
+    assert len(actor.threads) == 1 and threading.get_ident() not in actor.threads
+
+
+async def test_cancelled_caller_does_not_break_the_hypervisor(tmp_path: Path) -> None:
+    hv = WatchedHypervisor.open(write_node_xml(tmp_path / "node.xml", 2, 2048))
+    try:
+        with trio.move_on_after(0.05) as scope:
+            await hv.list()  # slow: abandoned by the timeout
+        assert scope.cancelled_caught
+        await define_vm(hv)
+        assert [d.name for d in await hv.list()] == ["vm1"]
+    finally:
+        await hv.close()

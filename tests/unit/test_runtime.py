@@ -1,0 +1,84 @@
+"""Supervisor restarts, escalation, actor mailboxes, and notification fan-out."""
+
+import pytest
+import trio
+
+from agents.runtime import Actor, EscalatedFailure, Notifier, Supervisor
+
+
+async def test_crashed_service_is_restarted_then_finishes():
+    runs = []
+
+    async def flaky():
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("boom")
+
+    sup = Supervisor(max_restarts=5, window=60, backoff=0)
+    await sup.supervise("flaky", flaky)
+    assert len(runs) == 3 and sup.restarts == {"flaky": 2}
+
+
+async def test_restart_budget_escalates():
+    async def always_fails():
+        raise RuntimeError("boom")
+
+    with pytest.raises(EscalatedFailure, match="crashed 3 times"):
+        await Supervisor(max_restarts=2, window=60, backoff=0).supervise("bad", always_fails)
+
+
+class Counter(Actor):
+    name = "counter"
+    expected_errors = (ValueError,)
+
+    def __init__(self):
+        super().__init__()
+        self.starts = 0
+        self.count = 0
+
+    async def start(self):
+        self.starts += 1
+
+    async def handle(self, message):
+        if message == "bad":
+            raise ValueError("bad message")
+        if message == "crash":
+            raise RuntimeError("bug")
+        self.count += message
+        await trio.sleep(0)  # messages are handled one at a time even across checkpoints
+        return self.count
+
+
+async def test_actor_serializes_messages_and_survives_expected_errors():
+    actor = Counter()
+    async with trio.open_nursery() as nursery:
+        Supervisor(backoff=0).start_actor(nursery, actor)
+        results = []
+
+        async def add_one():
+            results.append(await actor.ask(1))
+
+        async with trio.open_nursery() as askers:
+            for _ in range(20):
+                askers.start_soon(add_one)
+        assert sorted(results) == list(range(1, 21))  # no two handlers interleaved on the count
+        with pytest.raises(ValueError):
+            await actor.ask("bad")
+        assert actor.starts == 1  # expected errors do not restart
+        with pytest.raises(RuntimeError):
+            await actor.ask("crash")
+        await actor.ask(5)
+        assert actor.starts == 2  # an unexpected error restarted it
+        nursery.cancel_scope.cancel()
+
+
+async def test_notifier_filters_kinds_and_drops_for_slow_subscribers():
+    notifier = Notifier()
+    dead_only = notifier.subscribe({"member_dead"})
+    tiny = notifier.subscribe(buffer=1)
+    notifier.publish("member_joined", name="a")
+    notifier.publish("member_dead", name="b")
+    assert (await dead_only.receive()).data == {"name": "b"}
+    assert (await tiny.receive()).kind == "member_joined"
+    with pytest.raises(trio.WouldBlock):
+        tiny.receive_nowait()
