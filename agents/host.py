@@ -17,19 +17,31 @@ import trio
 
 from agents.capacity import Insufficient, Ledger, Resources, UnknownReservation
 from agents.hypervisor import DomainInfo, Hypervisor, HypervisorError, domain_xml
-from overlay.rpc import Caller, Conflict, NotFound, RequestError, Transport
+from agents.runtime import Actor
+from overlay.rpc import Caller, Conflict, Handler, NotFound, RequestError, Transport
 
 log = logging.getLogger(__name__)
 RESERVATION_TTL = 10.0
 ACTIONS = ("start", "stop", "destroy", "suspend", "resume", "undefine", "info")
 
 
-class HostService:
-    """Serves `host.*` RPCs for the VMs placed on this node."""
+class HostService(Actor):
+    """Serves `host.*` RPCs for the VMs placed on this node.
+
+    Requests go through the actor's mailbox, so operations on this node's VMs never interleave (a
+    confirm cannot race an undefine of the same VM). A crash restarts the actor, and `start`
+    rebuilds the ledger and the domains from SQLite.
+    """
+
+    name = "host"
+    tick_interval = 1.0
+    expected_errors = (RequestError,)
 
     def __init__(self, transport: Transport, hypervisor: Hypervisor, total: Resources, db_path: Path,
                  domain_type: str = "test") -> None:
+        super().__init__()
         self.hypervisor = hypervisor
+        self.total = total
         self.ledger = Ledger(total)
         self.domain_type = domain_type
         self._db = sqlite3.connect(db_path)
@@ -38,10 +50,20 @@ class HostService:
         for method, handler in (("host.reserve", self._on_reserve), ("host.confirm", self._on_confirm),
                                 ("host.release", self._on_release), ("host.vm", self._on_vm),
                                 ("host.info", self._on_info)):
-            transport.route(method, handler)
+            transport.route(method, self._through_mailbox(handler))
 
-    async def recover(self) -> int:
-        """Re-create persisted domains in their desired state; returns how many."""
+    def _through_mailbox(self, handler: Handler) -> Handler:
+        async def call(caller: Caller, args: dict[str, Any]) -> Any:
+            return await self.ask((handler, caller, args))
+        return call
+
+    async def handle(self, message: tuple[Handler, Caller, dict[str, Any]]) -> Any:
+        handler, caller, args = message
+        return await handler(caller, args)
+
+    async def start(self) -> None:
+        """Re-create persisted domains in their desired state (the test driver forgot them)."""
+        self.ledger = Ledger(self.total)
         rows = list(self._db.execute("SELECT name, xml, vcpus, memory_mb, disk_gb, desired FROM domains"))
         for name, xml, vcpus, memory_mb, disk_gb, desired in rows:
             self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
@@ -50,9 +72,9 @@ class HostService:
                 await self.hypervisor.start(name)
             if desired == "paused":
                 await self.hypervisor.suspend(name)
-        return len(rows)
+        log.info("host: %d VMs recovered", len(rows))
 
-    def expire(self) -> None:
+    async def tick(self) -> None:
         for lapsed in self.ledger.expire(trio.current_time()):
             log.info("reservation %s expired unconfirmed", lapsed.token)
 

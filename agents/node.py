@@ -1,15 +1,14 @@
 """The node agent: one per physical node, composing the transport, membership, ring, DHT and host.
 
-Services run under one supervisor. Higher layers (the VE service of `discovery/`) plug in through
-`extensions`: callables that receive the running agent and register their own RPC methods and
-services, so this module never imports the product layer above it.
+Each service (host, gossip, ring, repair) is an actor under one supervisor. Higher layers (the VE
+service of `discovery/`) plug in through `extensions`: callables that receive the running agent
+and register their own RPC methods and actors, so this module never imports the layer above it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import trio
 from agents.capacity import Resources
 from agents.host import HostService
 from agents.hypervisor import Hypervisor, write_node_xml
-from agents.runtime import Notifier, Supervisor
+from agents.runtime import Actor, Event, Notifier, Supervisor
 from overlay import tls
 from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
@@ -59,9 +58,8 @@ class NodeAgent:
         self.extensions = extensions or []
         self.notifier = Notifier()
         self.supervisor = Supervisor()
+        self.actors: list[Actor] = []
         self.started = trio.Event()
-
-    # -- composition -------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT or cancellation, then leave the cluster politely."""
@@ -81,26 +79,24 @@ class NodeAgent:
                 self.ring = Ring(transport, cfg.name, addr, cfg.site)
                 self.dht = DHT(transport, self.ring, self.shard, self.live_addrs, r=cfg.replicas)
                 self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite")
-                recovered = await self.host.recover()
-                transport.route("member.ping", self._on_ping)
+                self.gossip = GossipService(self)
+                self.actors += [self.host, self.gossip, RingService(self), RepairService(self)]
                 transport.route("agent.status", self._on_status)
                 transport.route("agent.members", self._on_members)
                 for extension in self.extensions:
                     await extension(self)
-                (cfg.data_dir / "agent.addr").write_text(addr)
-                log.info("agent %s (site %s) listening on %s; %d VMs recovered", cfg.name, cfg.site, addr,
-                         recovered)
                 async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
-                    await self._join()
-                    for name, loop in (("gossip", self._gossip_loop), ("ring", self._ring_loop),
-                                       ("repair", self._repair_loop), ("events", self._event_loop)):
-                        nursery.start_soon(self.supervisor.supervise, name, loop)
+                    for actor in self.actors:
+                        self.supervisor.start_actor(nursery, actor)
+                    await self.gossip.join()
+                    (cfg.data_dir / "agent.addr").write_text(addr)
+                    log.info("agent %s (site %s) serving on %s", cfg.name, cfg.site, addr)
                     self.started.set()
-                await self._leave()
+                await self.gossip.leave()
         finally:
-            self.host.close() if hasattr(self, "host") else None
+            if hasattr(self, "host"):
+                self.host.close()
             self.shard.close()
             await self.hypervisor.close()
 
@@ -127,14 +123,52 @@ class NodeAgent:
                 scope.cancel()
                 return
 
-    # -- membership --------------------------------------------------------------------------------
+    async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        state = self.ring.state
+        return {"name": self.config.name, "site": self.config.site, "addr": self.membership.me.addr,
+                "successors": [p.name for p in state.successor_list()],
+                "predecessor": state.predecessor.name if state.predecessor else None,
+                "records": len(self.shard.records), "restarts": dict(self.supervisor.restarts),
+                "rejected_connections": self.transport.rejected_connections}
 
-    async def _join(self) -> None:
+    async def _on_members(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**m.to_wire(), "rtt_ms": round(m.rtt * 1000, 3) if m.rtt is not None else None}
+                for m in sorted(self.membership.members.values(), key=lambda m: m.name)]
+
+
+class GossipService(Actor):
+    """SWIM rounds: probe one member per tick with push-pull tables, expire suspects, retry seeds."""
+
+    name = "gossip"
+
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__()
+        self.agent = agent
+        self.membership = agent.membership
+        self.tick_interval = agent.config.probe_interval
+        agent.transport.route("member.ping", self._on_ping)
+
+    async def join(self) -> None:
         await self._contact_seeds()
-        await self.ring.join([m.addr for m in self.membership.alive(include_me=False)] or self._seeds())
+        await self.agent.ring.join([m.addr for m in self.membership.alive(include_me=False)] or self._seeds())
+
+    async def tick(self) -> None:
+        target = self.membership.probe_target()
+        if target is not None:
+            await self._probe(target.addr, target.name)
+        await self._contact_seeds()
+        self._publish(self.membership.expire(trio.current_time()))
+        self._remember_members()
+
+    async def leave(self) -> None:
+        """Tell a few members we are leaving so they do not wait for a timeout to notice."""
+        self.membership.leave()
+        with trio.move_on_after(2):
+            others = [m.addr for m in self.membership.alive(include_me=False)][:3]
+            await self.agent.transport.call_many(others, "member.ping", {"members": self.membership.table()}, 1.0)
 
     def _seeds(self) -> list[str]:
-        seeds = [a for a in self.config.join if a != self.membership.me.addr]
+        seeds = [a for a in self.agent.config.join if a != self.membership.me.addr]
         return seeds + [m.addr for m in self._remembered_members() if m.addr not in seeds]
 
     async def _contact_seeds(self) -> None:
@@ -151,92 +185,80 @@ class NodeAgent:
     async def _probe(self, addr: str, name: str | None = None) -> bool:
         start = trio.current_time()
         try:
-            reply = await self.transport.call(addr, "member.ping", {"members": self.membership.table()},
-                                              timeout=max(0.5, self.config.probe_interval * 2))
+            reply = await self.agent.transport.call(addr, "member.ping", {"members": self.membership.table()},
+                                                    timeout=max(0.5, self.tick_interval * 2))
         except RpcError as err:
             log.debug("probe of %s failed: %s", name or addr, err)
             if name is not None:
                 self._publish(self.membership.on_probe_failed(name, trio.current_time()))
             return False
-        self._publish(self.membership.merge(reply.get("members") if isinstance(reply, dict) else None,
-                                            trio.current_time()))
-        if isinstance(reply, dict) and isinstance(reply.get("name"), str):
+        if not isinstance(reply, dict):
+            return False
+        self._publish(self.membership.merge(reply.get("members"), trio.current_time()))
+        if isinstance(reply.get("name"), str):
             self.membership.on_probe_ok(reply["name"], trio.current_time() - start)
         return True
 
     async def _on_ping(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         self._publish(self.membership.merge(args.get("members"), trio.current_time()))
-        return {"name": self.config.name, "members": self.membership.table()}
-
-    async def _gossip_loop(self) -> None:
-        while True:
-            target = self.membership.probe_target()
-            if target is not None:
-                await self._probe(target.addr, target.name)
-            await self._contact_seeds()
-            self._publish(self.membership.expire(trio.current_time()))
-            self._remember_members()
-            await trio.sleep(self.config.probe_interval * random.uniform(0.8, 1.2))
+        return {"name": self.membership.me.name, "members": self.membership.table()}
 
     def _publish(self, events: list[tuple[str, Member]]) -> None:
         for kind, member in events:
             log.info("%s: %s (%s)", kind, member.name, member.addr)
-            self.notifier.publish(kind, name=member.name, addr=member.addr, site=member.site)
-
-    async def _event_loop(self) -> None:
-        """React to membership news: a dead member leaves the ring at once instead of at the next timeout."""
-        events = self.notifier.subscribe({"member_dead", "member_left"})
-        async for event in events:
-            for peer in self.ring.state.known_peers():
-                if peer.name == event.data["name"]:
-                    self.ring.state.on_dead(peer)
-            await self.transport.forget(event.data["addr"])
+            self.agent.notifier.publish(kind, name=member.name, addr=member.addr, site=member.site)
 
     def _remember_members(self) -> None:
         table = [m.to_wire() for m in self.membership.alive(include_me=False)]
-        (self.config.data_dir / "members.json").write_text(json.dumps(table))
+        (self.agent.config.data_dir / "members.json").write_text(json.dumps(table))
 
     def _remembered_members(self) -> list[Member]:
-        path = self.config.data_dir / "members.json"
+        path = self.agent.config.data_dir / "members.json"
         try:
             return [Member(e["name"], e["addr"], e["site"]) for e in json.loads(path.read_text())]
         except (OSError, ValueError, KeyError, TypeError):
             return []
 
-    async def _leave(self) -> None:
-        """Tell a few members we are leaving so they do not wait for a timeout to notice."""
-        self.membership.leave()
-        with trio.move_on_after(2):
-            others = [m.addr for m in self.membership.alive(include_me=False)][:3]
-            await self.transport.call_many(others, "member.ping", {"members": self.membership.table()}, 1.0)
 
-    # -- ring and records --------------------------------------------------------------------------
+class RingService(Actor):
+    """Chord maintenance each tick; membership news arrives in the mailbox.
 
-    async def _ring_loop(self) -> None:
-        while True:
-            for member in self.membership.alive(include_me=False):
-                self.ring.state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
-            await self.ring.stabilize()
-            await self.ring.check_predecessor()
-            await self.ring.fix_finger()
-            self.host.expire()
-            await trio.sleep(self.config.ring_interval)
+    A dead or departed member leaves the ring at once instead of at its next timeout, and every live
+    member is offered to the ring as a successor hint, which merges rings that formed apart.
+    """
 
-    async def _repair_loop(self) -> None:
-        while True:
-            await trio.sleep(self.config.repair_interval)
-            await self.dht.maintain()
+    name = "ring"
 
-    # -- introspection -----------------------------------------------------------------------------
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__()
+        self.agent = agent
+        self.ring = agent.ring
+        self.tick_interval = agent.config.ring_interval
+        agent.notifier.subscribe(self.tell_nowait, {"member_dead", "member_left"})
 
-    async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        state = self.ring.state
-        return {"name": self.config.name, "site": self.config.site, "addr": self.membership.me.addr,
-                "successors": [p.name for p in state.successor_list()],
-                "predecessor": state.predecessor.name if state.predecessor else None,
-                "records": len(self.shard.records), "restarts": dict(self.supervisor.restarts),
-                "rejected_connections": self.transport.rejected_connections}
+    async def handle(self, event: Event) -> None:
+        for peer in self.ring.state.known_peers():
+            if peer.name == event.data["name"]:
+                self.ring.state.on_dead(peer)
+        await self.agent.transport.forget(event.data["addr"])
 
-    async def _on_members(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{**m.to_wire(), "rtt_ms": round(m.rtt * 1000, 3) if m.rtt is not None else None}
-                for m in sorted(self.membership.members.values(), key=lambda m: m.name)]
+    async def tick(self) -> None:
+        for member in self.agent.membership.alive(include_me=False):
+            self.ring.state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
+        await self.ring.stabilize()
+        await self.ring.check_predecessor()
+        await self.ring.fix_finger()
+
+
+class RepairService(Actor):
+    """Anti-entropy for the DHT shard: push records to their replicas, hand off what moved away."""
+
+    name = "repair"
+
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__()
+        self.dht = agent.dht
+        self.tick_interval = agent.config.repair_interval
+
+    async def tick(self) -> None:
+        await self.dht.maintain()

@@ -4,7 +4,7 @@ Every service of an agent is an actor: one trio task that owns its state and han
 its mailbox one at a time, so its state needs no locks. A `Supervisor` restarts a crashed service
 (one-for-one) up to `max_restarts` times within `window` seconds, then escalates by raising
 `EscalatedFailure`, which stops the agent: a service that keeps crashing is a bug, not weather.
-The `Notifier` fans overlay events (member joined/left/died, successor changed) out to subscribers,
+The `Notifier` fans overlay events (member joined/left/died) out to the actors that subscribed,
 as the DISCOVERY paper's Peer and Notification actors do.
 """
 
@@ -61,6 +61,13 @@ class Actor:
 
     async def tell(self, message: Any) -> None:
         await self._send.send((message, None))
+
+    def tell_nowait(self, message: Any) -> None:
+        """Post without waiting; a full mailbox drops the message (the sender must not block)."""
+        try:
+            self._send.send_nowait((message, None))
+        except trio.WouldBlock:
+            log.warning("%s: mailbox full, dropped %r", self.name, message)
 
     async def run(self) -> None:
         await self.start()
@@ -130,35 +137,23 @@ class Supervisor:
 
 @dataclass(frozen=True)
 class Event:
-    """An overlay event: `kind` is e.g. "member_joined", "member_dead", "successor_changed"."""
+    """An overlay event: `kind` is e.g. "member_joined", "member_dead", "member_left"."""
 
     kind: str
     data: dict[str, Any]
 
 
 class Notifier:
-    """Fans events out to subscribers. A slow subscriber loses its oldest events, never blocks others."""
+    """Fans events out to subscribers' non-blocking `deliver` callbacks (typically `Actor.tell_nowait`)."""
 
     def __init__(self) -> None:
-        self._subscribers: list[tuple[frozenset[str] | None, trio.MemorySendChannel[Event]]] = []
+        self._subscribers: list[tuple[frozenset[str] | None, Callable[[Event], None]]] = []
 
-    def subscribe(self, kinds: set[str] | None = None, buffer: int = 256) -> trio.MemoryReceiveChannel[Event]:
-        send, receive = trio.open_memory_channel[Event](buffer)
-        self._subscribers.append((frozenset(kinds) if kinds else None, send))
-        return receive
+    def subscribe(self, deliver: Callable[[Event], None], kinds: set[str] | None = None) -> None:
+        self._subscribers.append((frozenset(kinds) if kinds else None, deliver))
 
     def publish(self, kind: str, **data: Any) -> None:
         event = Event(kind, data)
-        alive = []
-        for kinds, channel in self._subscribers:
-            if kinds is not None and kind not in kinds:
-                alive.append((kinds, channel))
-                continue
-            try:
-                channel.send_nowait(event)
-            except trio.WouldBlock:
-                log.warning("subscriber too slow: dropped %s event", kind)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                continue  # subscriber went away
-            alive.append((kinds, channel))
-        self._subscribers = alive
+        for kinds, deliver in self._subscribers:
+            if kinds is None or kind in kinds:
+                deliver(event)
