@@ -76,6 +76,7 @@ class NodeAgent:
                 addr = f"{host}:{await transport.listen(host, int(port))}"
                 self.membership = Membership(cfg.name, addr, cfg.site, cfg.suspect_timeout)
                 self.membership.me.incarnation = self._bump_incarnation()
+                transport.on_rtt = self.membership.on_probe_ok  # every RPC we make is an RTT sample
                 self.ring = Ring(transport, cfg.name, addr, cfg.site)
                 self.dht = DHT(transport, self.ring, self.shard, self.live_addrs, r=cfg.replicas)
                 self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite")
@@ -183,7 +184,6 @@ class GossipService(Actor):
                 await self._probe(seed)
 
     async def _probe(self, addr: str, name: str | None = None) -> bool:
-        start = trio.current_time()
         try:
             reply = await self.agent.transport.call(addr, "member.ping", {"members": self.membership.table()},
                                                     timeout=max(0.5, self.tick_interval * 2))
@@ -195,8 +195,6 @@ class GossipService(Actor):
         if not isinstance(reply, dict):
             return False
         self._publish(self.membership.merge(reply.get("members"), trio.current_time()))
-        if isinstance(reply.get("name"), str):
-            self.membership.on_probe_ok(reply["name"], trio.current_time() - start)
         return True
 
     async def _on_ping(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:

@@ -73,12 +73,14 @@ class Actor:
         await self.start()
         next_tick = trio.current_time() + self.tick_interval
         while True:
-            with trio.move_on_at(next_tick):
-                message, reply = await self._receive.receive()
-                await self._dispatch(message, reply)
-                continue
-            await self.tick()
-            next_tick = trio.current_time() + self.tick_interval
+            item = None
+            with trio.move_on_at(next_tick):  # only the wait is bounded: a handler is never cut short
+                item = await self._receive.receive()
+            if item is not None:
+                await self._dispatch(*item)
+            if trio.current_time() >= next_tick:
+                await self.tick()
+                next_tick = trio.current_time() + self.tick_interval
 
     async def _dispatch(self, message: Any, reply: trio.MemorySendChannel | None) -> None:
         try:

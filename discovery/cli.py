@@ -32,7 +32,7 @@ cluster_app = typer.Typer(no_args_is_help=True, help="A local multi-site cluster
 for sub, name in ((agent_app, "agent"), (ca_app, "ca"), (ve_app, "ve"), (cluster_app, "cluster")):
     app.add_typer(sub, name=name)
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: do not wrap at 80
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -138,12 +138,15 @@ def ca_issue(directory: Path, name: str,
 # -- ve -------------------------------------------------------------------------------------------
 
 def ve_table(ves: list[dict[str, Any]]) -> Table:
+    """One row per VM; the live domain state appears when the agent looked it up (`ve show`)."""
+    live = any("domain_state" in slot for ve in ves for slot in ve["placement"].values())
     rows = []
     for ve in ves:
         for vm, slot in sorted(ve["placement"].items()):
-            rows.append([ve["name"], ve["state"], vm, slot["node"], slot["site"], slot.get("domain_state", ""),
-                         slot["why"]])
-    return make_table(["ve", "state", "vm", "node", "site", "domain", "why there"], rows)
+            row = [ve["name"], ve["state"], vm, slot["node"], slot["site"]]
+            rows.append(row + ([slot.get("domain_state")] if live else []) + [slot["why"]])
+    columns = ["ve", "state", "vm", "node", "site"] + (["domain"] if live else []) + ["why there"]
+    return make_table(columns, rows)
 
 
 @ve_app.command("create")

@@ -154,13 +154,17 @@ def _client(directory: Path) -> ClientConfig:
 
 
 async def _wait_converged(client: ClientConfig, addrs: list[str], nodes: int, wait: float) -> bool:
-    """Wait until every agent sees every other as alive."""
+    """Wait until every agent sees every other as alive and has measured its RTT to it."""
+
+    def converged(addr: str, members: object) -> bool:
+        return isinstance(members, list) and sum(
+            m["status"] == "alive" and (m["rtt_ms"] is not None or m["addr"] == addr) for m in members) == nodes
+
     async with Transport(client.identity, node="cli") as transport:
         with trio.move_on_after(wait):
             while True:
                 answers = await transport.call_many(addrs, "agent.members", {}, 2.0)
-                if all(isinstance(a, list) and sum(m["status"] == "alive" for m in a) == nodes
-                       for a in answers.values()):
+                if all(converged(addr, members) for addr, members in answers.items()):
                     return True
                 await trio.sleep(0.3)
     return False

@@ -38,8 +38,8 @@ class Candidate:
 
     def describe(self, coordinator: str) -> str:
         if self.member.name == coordinator:
-            return "the coordinating node itself"
-        return "rtt not measured yet" if self.rtt_ms is None else f"rtt {self.rtt_ms:.1f} ms"
+            return "this node"
+        return "rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms"
 
 
 class VEService:
@@ -56,13 +56,14 @@ class VEService:
         except SpecError as err:
             raise RequestError(str(err)) from None
         key = PREFIX + spec.name
-        if await self.agent.dht.get(key) is not None:
+        current = await self.agent.dht.get_record(key)
+        if current is not None and not current.deleted:
             raise Conflict(f"a VE named {spec.name!r} already exists")
         placement, tokens = await self._place(spec)
         record = {"name": spec.name, "spec": spec.to_dict(), "owner": caller.cn, "state": "creating",
                   "placement": placement, "coordinator": self.agent.config.name, "created": time.time()}
         try:
-            stored = await self.agent.dht.put(key, record)
+            stored = await self.agent.dht.put(key, record, after=current.version if current else 0)
             for vm_name, slot in placement.items():
                 await self.agent.transport.call(slot["addr"], "host.confirm", {"token": tokens.pop(vm_name)},
                                                 timeout=HOST_TIMEOUT)
@@ -70,7 +71,7 @@ class VEService:
             await self._undo(spec, placement, tokens)
             raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
         record["state"] = "running"
-        await self.agent.dht.put(key, record, base=stored)
+        await self.agent.dht.put(key, record, after=stored.version)
         return record
 
     async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -80,7 +81,7 @@ class VEService:
         tokens: dict[str, str] = {}
         try:
             for vm in sorted(spec.vms, key=lambda v: (-v.vcpus, -v.memory_mb, v.name)):
-                placement[vm.name], tokens[vm.name] = await self._reserve(spec.name, vm, candidates)
+                placement[vm.name], tokens[vm.name] = await self._reserve(spec.name, vm, candidates, spec.site)
         except RequestError:
             await self._release(placement, tokens)
             raise
@@ -102,7 +103,8 @@ class VEService:
         ranked.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
         return ranked
 
-    async def _reserve(self, ve: str, vm: VMSpec, candidates: list[Candidate]) -> tuple[dict[str, Any], str]:
+    async def _reserve(self, ve: str, vm: VMSpec, candidates: list[Candidate],
+                       site: str | None) -> tuple[dict[str, Any], str]:
         refusals: list[str] = []
         for candidate in candidates:
             member = candidate.member
@@ -116,9 +118,10 @@ class VEService:
             except RpcError as err:
                 refusals.append(f"{member.name}: unreachable ({err})")
                 continue
-            why = f"nearest with room: {candidate.describe(self.agent.config.name)}"
-            if refusals:
-                why += f"; {len(refusals)} nearer refused"
+            why = f"nearest with room ({candidate.describe(self.agent.config.name)}"
+            why += f"; {len(refusals)} nearer full)" if refusals else ")"
+            if site:
+                why = f"in site {site}, {why}"
             slot = {"node": member.name, "addr": member.addr, "site": member.site,
                     "rtt_ms": candidate.rtt_ms, "why": why}
             return slot, answer["token"]
@@ -178,14 +181,14 @@ class VEService:
     async def _on_destroy(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         record = await self._record(args)
         await self._on_every_vm(record.value, "undefine")
-        await self.agent.dht.delete(record.key, base=record)
+        await self.agent.dht.delete(record.key, after=record.version)
         return {**record.value, "state": "destroyed"}
 
     async def _apply(self, args: dict[str, Any], action: str, state: str) -> dict[str, Any]:
         record = await self._record(args)
         await self._on_every_vm(record.value, action)
         value = {**record.value, "state": state}
-        await self.agent.dht.put(record.key, value, base=record)
+        await self.agent.dht.put(record.key, value, after=record.version)
         return value
 
     async def _on_every_vm(self, ve: dict[str, Any], action: str) -> None:

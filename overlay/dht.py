@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import trio
 
 from overlay.chord import hash_id
 from overlay.ring import Ring
@@ -26,6 +27,7 @@ from overlay.rpc import Caller, RequestError, RpcError, Transport
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 3.0
+REPLICA_CACHE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class DHT:
         self.member_addrs = member_addrs  # () -> list of addresses of live members, for scans
         self.r = r
         self.w = w
+        self._replica_cache: dict[str, tuple[float, list[str]]] = {}
         transport.route("dht.store", self._on_store)
         transport.route("dht.fetch", self._on_fetch)
         transport.route("dht.scan", self._on_scan)
@@ -112,12 +115,28 @@ class DHT:
         return [r.to_wire() for k, r in self.shard.records.items() if k.startswith(prefix)]
 
     async def replicas(self, key: str) -> list[str]:
-        return [peer.addr for peer in await self.ring.lookup(hash_id(key), self.r)]
+        """The r nodes that should hold `key`. Cached briefly: one operation asks several times, and
+        a stale answer only sends a copy to a node that the repair pass then hands off."""
+        now = trio.current_time()
+        cached = self._replica_cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        addrs = [peer.addr for peer in await self.ring.lookup(hash_id(key), self.r)]
+        if len(self._replica_cache) > 4096:
+            self._replica_cache = {k: v for k, v in self._replica_cache.items() if v[0] > now}
+        self._replica_cache[key] = (now + REPLICA_CACHE_SECONDS, addrs)
+        return addrs
 
-    async def get(self, key: str) -> Record | None:
-        """The newest copy among the replicas (None if absent or deleted); stale replicas are repaired."""
+    async def _call_replicas(self, key: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
         addrs = await self.replicas(key)
-        answers = await self.transport.call_many(addrs, "dht.fetch", {"key": key}, CALL_TIMEOUT)
+        answers = await self.transport.call_many(addrs, method, args, CALL_TIMEOUT)
+        if any(isinstance(a, Exception) for a in answers.values()):
+            self._replica_cache.pop(key, None)  # someone did not answer: look the replicas up afresh next time
+        return answers
+
+    async def get_record(self, key: str) -> Record | None:
+        """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
+        answers = await self._call_replicas(key, "dht.fetch", {"key": key})
         copies = {addr: record_from_wire(v) if v is not None else None
                   for addr, v in answers.items() if not isinstance(v, Exception)}
         if not copies:
@@ -129,26 +148,28 @@ class DHT:
         if newest is not None:
             stale = [a for a, rec in copies.items() if rec is None or newest.newer_than(rec)]
             await self.transport.call_many(stale, "dht.store", {"record": newest.to_wire()}, CALL_TIMEOUT)
-        return None if newest is None or newest.deleted else newest
+        return newest
 
-    async def put(self, key: str, value: Any, base: Record | None = None) -> Record:
-        """Write a new version on top of `base` (or of whatever the replicas hold)."""
-        addrs = await self.replicas(key)
-        if base is None:
-            answers = await self.transport.call_many(addrs, "dht.fetch", {"key": key}, CALL_TIMEOUT)
-            versions = [v[2] for v in answers.values() if isinstance(v, list) and len(v) == 4]
-            version = max(versions, default=0) + 1
-        else:
-            version = base.version + 1
-        record = Record(key, value, version, self.ring.me.name)
-        answers = await self.transport.call_many(addrs, "dht.store", {"record": record.to_wire()}, CALL_TIMEOUT)
+    async def get(self, key: str) -> Record | None:
+        """The live record for `key`, or None if it is absent or deleted."""
+        record = await self.get_record(key)
+        return None if record is None or record.deleted else record
+
+    async def put(self, key: str, value: Any, after: int | None = None) -> Record:
+        """Write a new version of `key`: version `after + 1` when the caller knows the version it
+        follows (0 for a key never written), else one more than the replicas hold."""
+        if after is None:
+            answers = await self._call_replicas(key, "dht.fetch", {"key": key})
+            after = max((v[2] for v in answers.values() if isinstance(v, list) and len(v) == 4), default=0)
+        record = Record(key, value, after + 1, self.ring.me.name)
+        answers = await self._call_replicas(key, "dht.store", {"record": record.to_wire()})
         acks = sum(1 for v in answers.values() if v is True)
-        if acks < min(self.w, len(addrs)):
-            raise RequestError(f"write of {key!r} reached {acks} of {len(addrs)} replicas")
+        if acks < min(self.w, len(answers)):
+            raise RequestError(f"write of {key!r} reached {acks} of {len(answers)} replicas")
         return record
 
-    async def delete(self, key: str, base: Record | None = None) -> Record:
-        return await self.put(key, None, base)
+    async def delete(self, key: str, after: int | None = None) -> Record:
+        return await self.put(key, None, after)
 
     async def scan(self, prefix: str) -> list[Record]:
         """Every live record whose key starts with `prefix`, gathered from all live members."""

@@ -119,6 +119,7 @@ class Membership:
                 return member
 
     def on_probe_ok(self, name: str, rtt: float) -> None:
+        """An RTT sample to `name` (from a probe or any other answered call); absurd values are dropped."""
         member = self.members.get(name)
         if member is not None and 0 < rtt < 10:
             member.rtts.append(rtt)

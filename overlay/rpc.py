@@ -178,6 +178,8 @@ class Transport:
         self.default_timeout = default_timeout
         self.handlers: dict[str, Handler] = {}
         self.addr = ""  # set by listen(); calls to it are served locally
+        self.on_rtt: Callable[[str, float], None] | None = None
+        """Called with (peer node, seconds) after each answered call: free RTT samples for coordinates."""
         self._server_ctx = tls.server_context(identity)
         self._client_ctx = tls.client_context(identity)
         self._pool: dict[str, _Outbound] = {}
@@ -295,6 +297,7 @@ class Transport:
         request_id = 0
         with trio.move_on_after(deadline) as scope:
             out = await self._connection(addr)
+            sent = trio.current_time()
             request_id = next(out.ids)
             event, slot = trio.Event(), []
             out.waiting[request_id] = (event, slot)
@@ -313,6 +316,8 @@ class Transport:
         if not slot:
             raise Unreachable(f"{addr}: connection lost during {method}: {_describe(out.broken)}")
         ok, value = slot
+        if self.on_rtt is not None and out.conn.peer_node:
+            self.on_rtt(out.conn.peer_node, trio.current_time() - sent)
         if ok:
             return value
         if not isinstance(value, dict):

@@ -53,7 +53,7 @@ def test_full_node_spills_to_the_nearest_node_with_room(cluster6, tmp_path):
     ve = cluster6.json("--agent", "node2", "ve", "create", spec)
     assert ve["placement"]["big"]["node"] == "node2"
     second = ve["placement"]["second"]
-    assert second["node"] != "node2" and "1 nearer refused" in second["why"]
+    assert second["node"] != "node2" and "1 nearer full" in second["why"]
     members = {m["name"]: m for m in cluster6.json("--agent", "node2", "members")}
     others = [m["rtt_ms"] for n, m in members.items() if n not in ("node2", second["node"]) and m["rtt_ms"]]
     assert second["rtt_ms"] <= min(others)  # nearest by measured RTT among the rest

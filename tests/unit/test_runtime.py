@@ -85,3 +85,31 @@ async def test_notifier_filters_kinds_and_a_full_mailbox_drops_instead_of_blocki
     assert message.kind == "member_joined" and reply is None
     with pytest.raises(trio.WouldBlock):
         everything._receive.receive_nowait()
+
+
+class SlowTicker(Actor):
+    name = "slow"
+    tick_interval = 0.01
+
+    def __init__(self):
+        super().__init__()
+        self.ticks = 0
+
+    async def handle(self, message):
+        await trio.sleep(0.1)  # ten tick periods: the tick must wait, not cancel the handler
+        return message
+
+    async def tick(self):
+        self.ticks += 1
+
+
+async def test_ticks_never_cut_a_handler_short(autojump_clock):
+    actor = SlowTicker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(actor.run)
+        with trio.fail_after(5):  # a cancelled handler never replies: fail instead of hanging
+            assert await actor.ask("done") == "done"
+            assert await actor.ask("again") == "again"
+        await trio.sleep(0.05)
+        assert actor.ticks >= 2  # ticks still run between messages
+        nursery.cancel_scope.cancel()
