@@ -59,7 +59,6 @@ class NodeAgent:
         self.notifier = Notifier()
         self.supervisor = Supervisor()
         self.actors: list[Actor] = []
-        self.started = trio.Event()
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT or cancellation, then leave the cluster politely."""
@@ -93,7 +92,6 @@ class NodeAgent:
                     await self.gossip.join()
                     (cfg.data_dir / "agent.addr").write_text(addr)
                     log.info("agent %s (site %s) serving on %s", cfg.name, cfg.site, addr)
-                    self.started.set()
                 await self.gossip.leave()
         finally:
             if hasattr(self, "host"):

@@ -21,7 +21,7 @@ from discovery.client import call
 from discovery.config import ConfigError, load_agent_config, load_client_config
 from discovery.spec import SpecError, load_spec
 from overlay import tls
-from overlay.rpc import RemoteError, RpcError
+from overlay.rpc import RpcError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Discovery: a decentralized peer-to-peer manager of virtual environments.")
@@ -58,9 +58,7 @@ def fail(message: str) -> typer.Exit:
 def rpc(method: str, args: dict[str, Any] | None = None) -> Any:
     try:
         return call(load_client_config(Options.config), Options.agent, method, args)
-    except RemoteError as err:
-        raise fail(str(err)) from None
-    except (RpcError, ConfigError, tls.TLSError) as err:
+    except (RpcError, ConfigError, tls.TLSError) as err:  # RemoteError included: the agent's refusal
         raise fail(str(err)) from None
 
 
@@ -86,15 +84,17 @@ def agent_run(config: Annotated[Path, typer.Option(help="agent.toml")],
     """Run this node's agent until SIGTERM."""
     import trio
 
+    from agents.hypervisor import HypervisorError
     from agents.node import NodeAgent
     from discovery.ve_service import install
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_agent_config(config)
-    except ConfigError as err:
+        trio.run(NodeAgent(load_agent_config(config), [install]).run)
+    except (ConfigError, tls.TLSError, HypervisorError) as err:
         raise fail(str(err)) from None
-    trio.run(NodeAgent(cfg, [install]).run)
+    except OSError as err:  # e.g. the listen address is taken
+        raise fail(f"{config}: {err.strerror or err}") from None
 
 
 @app.command()

@@ -64,7 +64,9 @@ def _field(data: dict[str, Any], key: str, kind: type, path: Path, default: Any 
     return value
 
 
-def _address(value: str, path: Path, name: str) -> str:
+def _address(value: Any, path: Path, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: field {name!r}: expected a host:port string, got {value!r}")
     try:
         split_addr(value)
     except ValueError as err:
@@ -99,7 +101,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         data_dir=data_dir if data_dir.is_absolute() else path.parent / data_dir,
         identity=_identity(data, path),
         capacity=capacity,
-        join=[_address(j, path, "join") if isinstance(j, str) else _address(repr(j), path, "join") for j in joins],
+        join=[_address(j, path, "join") for j in joins],
         libvirt_uri=_field(data, "libvirt_uri", str, path, ""),
         site_rtt_ms=site_rtt,
         replicas=_field(data, "replicas", int, path, 3),

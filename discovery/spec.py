@@ -87,18 +87,6 @@ class VESpec:
         """Validates a spec received from a peer, which is as untrusted as a user's file."""
         return _Validator(WIRE_SOURCE).spec(d)
 
-    @property
-    def total_vcpus(self) -> int:
-        return sum(vm.vcpus for vm in self.vms)
-
-    @property
-    def total_memory_mb(self) -> int:
-        return sum(vm.memory_mb for vm in self.vms)
-
-    @property
-    def total_disk_gb(self) -> int:
-        return sum(vm.disk_gb for vm in self.vms)
-
 
 def parse_spec(text: str, source: str = "<spec>") -> VESpec:
     """Parses and validates spec YAML; source names the text in error messages (usually its file)."""

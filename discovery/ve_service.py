@@ -23,7 +23,6 @@ from overlay.rpc import Caller, Conflict, NotFound, RemoteError, RequestError, R
 log = logging.getLogger(__name__)
 PREFIX = "ve/"
 HOST_TIMEOUT = 40.0  # a graceful stop may take the hypervisor's shutdown timeout
-STATES = ("creating", "running", "stopped", "failed")
 
 
 def domain_name(ve: str, vm: str) -> str:

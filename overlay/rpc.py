@@ -73,10 +73,6 @@ class Conflict(RequestError):
     kind = "conflict"
 
 
-class Forbidden(RequestError):
-    kind = "forbidden"
-
-
 @dataclass(frozen=True)
 class Caller:
     """Who is calling: the certificate's identity and what the peer said in its handshake."""

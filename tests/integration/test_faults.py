@@ -32,23 +32,29 @@ def test_ve_survives_kill_9_of_two_agents_that_do_not_host_it(cluster_factory, t
     cluster = cluster_factory(6, 3)
     ve = cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "keep", [("a", 1, 256)]))
     host = ve["placement"]["a"]["node"]
-    victims = [n for n in ("node2", "node3", "node4", "node5", "node6") if n != host][:2]
+    names = [f"node{i}" for i in range(1, 7)]
+    # the record is the only one in this cluster: the agents holding a record are its replicas
+    replicas = [n for n in names if cluster.json("--agent", n, "status")["records"] == 1]
+    assert len(replicas) == 3
+    victims = ([n for n in replicas if n != host] + [n for n in names if n not in replicas and n != host])[:2]
     for victim in victims:
         cluster.kill9(victim)
 
-    survivor = next(n for n in ("node6", "node5", "node4") if n not in victims)
+    survivor = next(n for n in names if n not in victims and n != host)
 
     def dead_marked():
         members = cluster.json("--agent", survivor, "members")
         return {m["name"] for m in members if m["status"] == "dead"} == set(victims)
 
     assert wait_for(dead_marked), "the killed agents were not marked dead"
-    listed = cluster.json("--agent", survivor, "ve", "list")
-    assert [v["name"] for v in listed] == ["keep"]
+    for through in (n for n in names if n not in victims):
+        assert [v["name"] for v in cluster.json("--agent", through, "ve", "list")] == ["keep"]
     shown = cluster.json("--agent", survivor, "ve", "show", "keep")
     assert shown["placement"]["a"]["domain_state"] == "running"
-    # the record is re-replicated to live successors and can still be changed
+    # the record can still be changed, and repair brings it back to three live replicas
     assert cluster.json("--agent", survivor, "ve", "stop", "keep")["state"] == "stopped"
+    live = [n for n in names if n not in victims]
+    assert wait_for(lambda: sum(cluster.json("--agent", n, "status")["records"] for n in live) >= 3, timeout=30)
 
 
 def test_restarted_host_recovers_its_vms(cluster_factory, tmp_path):

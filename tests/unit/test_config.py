@@ -1,0 +1,74 @@
+"""agent.toml and client.toml: good files load, bad ones fail with the file and field named."""
+
+import pytest
+
+from discovery.config import ConfigError, load_agent_config, load_client_config
+
+GOOD = """
+name = "node1"
+site = "rennes"
+listen = "127.0.0.1:7001"
+join = ["127.0.0.1:7002"]
+data_dir = "data"
+[capacity]
+vcpus = 8
+memory_mb = 16384
+disk_gb = 100
+[tls]
+ca = "ca.pem"
+cert = "node1.pem"
+key = "node1.key"
+[latency.rtt_ms]
+rennes = { lyon = 12 }
+"""
+
+
+def write(tmp_path, text, name="agent.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_good_agent_config_resolves_relative_paths(tmp_path):
+    cfg = load_agent_config(write(tmp_path, GOOD))
+    assert (cfg.name, cfg.site, cfg.listen, cfg.join) == ("node1", "rennes", "127.0.0.1:7001", ["127.0.0.1:7002"])
+    assert cfg.data_dir == tmp_path / "data" and cfg.identity.cert == tmp_path / "node1.pem"
+    assert cfg.capacity.vcpus == 8 and cfg.site_rtt_ms == {"rennes": {"lyon": 12.0}}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda t: t.replace('name = "node1"\n', ""), "missing field 'name'"),
+    (lambda t: t.replace("vcpus = 8", 'vcpus = "eight"'), "field 'capacity.vcpus' must be int"),
+    (lambda t: t.replace("vcpus = 8", "vcpus = true"), "field 'capacity.vcpus' must be int"),
+    (lambda t: t.replace("vcpus = 8", "vcpus = 0"), "at least 1 vCPU"),
+    (lambda t: t.replace('listen = "127.0.0.1:7001"', 'listen = "nowhere"'), "field 'listen': bad address"),
+    (lambda t: t.replace('join = ["127.0.0.1:7002"]', "join = [7002]"), "field 'join': expected a host:port"),
+    (lambda t: t.replace('key = "node1.key"\n', ""), "missing field 'tls.key'"),
+    (lambda t: t.replace("rennes = { lyon = 12 }", 'rennes = { lyon = "far" }'), "latency.rtt_ms must map"),
+    (lambda t: t + "[[[", "not valid TOML"),
+])
+def test_bad_agent_config_names_the_field(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_agent_config(write(tmp_path, change(GOOD)))
+    assert str(err.value).startswith(str(tmp_path / "agent.toml")) and "\n" not in str(err.value)
+
+
+def test_missing_client_config_says_how_to_get_one(tmp_path):
+    with pytest.raises(ConfigError, match="discovery cluster up"):
+        load_client_config(str(tmp_path / "nope.toml"))
+
+
+def test_client_config_resolves_node_names_and_addresses(tmp_path):
+    path = write(tmp_path, 'agent = "127.0.0.1:1"\n[nodes]\nnode2 = "127.0.0.1:2"\n'
+                           '[tls]\nca = "ca.pem"\ncert = "op.pem"\nkey = "op.key"\n', "client.toml")
+    client = load_client_config(str(path))
+    assert client.resolve(None) == "127.0.0.1:1"
+    assert client.resolve("node2") == "127.0.0.1:2"
+    assert client.resolve("10.0.0.9:7000") == "10.0.0.9:7000"
+    with pytest.raises(ConfigError, match="unknown agent 'node9'.*node2"):
+        client.resolve("node9")
+
+
+def test_an_agent_config_works_as_a_client_config(tmp_path):
+    client = load_client_config(str(write(tmp_path, GOOD)))
+    assert client.resolve(None) == "127.0.0.1:7001"
