@@ -31,7 +31,6 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)  ## 200 VE creations through random agents of a 12-node cluster
-	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) benchmarks/ve_create.py --nodes 12 --sites 4 --ves 200 --plot docs/ve_create.png
 
 clean:

@@ -1,6 +1,6 @@
 """The node agent: one per physical node, composing the transport, membership, ring, DHT and host.
 
-Each service (host, gossip, ring, repair) is an actor under one supervisor. Higher layers (the VE
+Each service (host, gossip, coordinates, ring, repair) is an actor under one supervisor. Higher layers (the VE
 service of `discovery/`) plug in through `extensions`: callables that receive the running agent
 and register their own RPC methods and actors, so this module never imports the layer above it.
 """
@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from agents.capacity import Resources
+from agents.coordinates import CoordinateService
 from agents.host import HostService
 from agents.hypervisor import Hypervisor, write_node_xml
 from agents.runtime import Actor, Event, Notifier, Supervisor
@@ -75,12 +76,12 @@ class NodeAgent:
                 addr = f"{host}:{await transport.listen(host, int(port))}"
                 self.membership = Membership(cfg.name, addr, cfg.site, cfg.suspect_timeout)
                 self.membership.me.incarnation = self._bump_incarnation()
-                transport.on_rtt = self.membership.on_probe_ok  # every RPC we make is an RTT sample
                 self.ring = Ring(transport, cfg.name, addr, cfg.site)
                 self.dht = DHT(transport, self.ring, self.shard, self.live_addrs, r=cfg.replicas)
                 self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite")
                 self.gossip = GossipService(self)
-                self.actors += [self.host, self.gossip, RingService(self), RepairService(self)]
+                self.coordinates = CoordinateService(self)  # every RPC we make is now an RTT sample
+                self.actors += [self.host, self.gossip, self.coordinates, RingService(self), RepairService(self)]
                 transport.route("agent.status", self._on_status)
                 transport.route("agent.members", self._on_members)
                 for extension in self.extensions:

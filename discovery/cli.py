@@ -29,7 +29,8 @@ agent_app = typer.Typer(no_args_is_help=True, help="Run an agent.")
 ca_app = typer.Typer(no_args_is_help=True, help="Cluster certificate authority.")
 ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
 cluster_app = typer.Typer(no_args_is_help=True, help="A local multi-site cluster of agent processes.")
-for sub, name in ((agent_app, "agent"), (ca_app, "ca"), (ve_app, "ve"), (cluster_app, "cluster")):
+sim_app = typer.Typer(no_args_is_help=True, help="Simulation campaigns that run the production code.")
+for sub, name in ((agent_app, "agent"), (ca_app, "ca"), (ve_app, "ve"), (cluster_app, "cluster"), (sim_app, "sim")):
     app.add_typer(sub, name=name)
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: do not wrap at 80
@@ -110,6 +111,29 @@ def status(as_json: JsonOpt = False) -> None:
     """This agent's own view: ring neighbours, records held, restarts."""
     info = rpc("agent.status")
     emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
+
+
+@app.command()
+def coords(as_json: JsonOpt = False) -> None:
+    """This node's Vivaldi coordinate and those of the nodes it knows, with their error."""
+    info = rpc("coord.list")
+    rows = [[("* " if n["self"] else "") + n["name"], n["site"], n["status"], f"{n['error']:.3f}", n["height_ms"],
+             n["estimated_rtt_ms"], n["measured_rtt_ms"]] for n in info["nodes"]]
+    emit(info, as_json, make_table(["node", "site", "status", "error", "height ms", "est. rtt ms", "measured ms"],
+                                   rows))
+
+
+@app.command()
+def rtt(node: str, node2: Annotated[str | None, typer.Argument(help="Default: the agent itself.")] = None,
+        as_json: JsonOpt = False) -> None:
+    """Estimated (from coordinates) vs measured RTT between NODE and NODE2, like `consul rtt`."""
+    answer = rpc("coord.rtt", {"a": node, "b": node2})
+    if as_json:
+        emit(answer, True)
+    else:
+        measured = "-" if answer["measured_ms"] is None else f"{answer['measured_ms']:.3f} ms"
+        print(f"Estimated {answer['a']} <-> {answer['b']} rtt: {answer['estimated_ms']:.3f} ms "
+              f"(± {answer['bound_ms']:.3f} ms), measured: {measured}")
 
 
 # -- ca -------------------------------------------------------------------------------------------
@@ -230,6 +254,36 @@ def cluster_down(directory: Annotated[Path, typer.Option("--dir")]) -> None:
     except local_cluster.ClusterError as err:
         raise fail(str(err)) from None
     print(f"stopped {len(stopped)} agents")
+
+
+# -- sim ------------------------------------------------------------------------------------------
+
+@sim_app.command("vivaldi")
+def sim_vivaldi(
+    matrix: Annotated[Path, typer.Option(help="Measured RTT matrix (see shared/data/rtt).")],
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds; one sample per node per round.")] = 200,
+    neighbours: Annotated[int, typer.Option(min=1, help="Peers each node samples from.")] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+    ablations: Annotated[bool, typer.Option(help="Also run with each ingredient switched off.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the map and convergence curves to this PNG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the production Vivaldi code on every node of a measured RTT matrix, beside the 2-D baseline."""
+    from discovery import sim_vivaldi
+
+    try:
+        result = sim_vivaldi.campaign(str(matrix), rounds, neighbours, seed, ablations=ablations)
+    except (OSError, ValueError) as err:
+        raise fail(f"{matrix}: {err}") from None
+    if plot is not None:
+        sim_vivaldi.plot(result, str(plot))
+    summary = sim_vivaldi.summary(result)
+    if as_json:
+        emit(summary, True)
+        return
+    rows = [[name, f"{r['median_relative_error']:.4f}", f"{r['p90_relative_error']:.4f}",
+             f"{r['p99_relative_error']:.4f}"] for name, r in summary["runs"].items()]
+    console.print(make_table(["configuration", "median rel. error", "p90", "p99"], rows))
 
 
 def main() -> None:

@@ -94,9 +94,11 @@ class VEService:
             raise RequestError(f"no live node in site {site!r} (sites: {', '.join(sites)})")
 
         def rtt_ms(m: Member) -> float | None:
+            """Measured RTT if we have one, else the coordinates' estimate."""
             if m is me:
                 return 0.0
-            return m.rtt * 1000 if m.rtt is not None else None
+            rtt = m.rtt if m.rtt is not None else self.agent.coordinates.estimate_to(m)
+            return rtt * 1000 if rtt is not None else None
 
         ranked = [Candidate(m, rtt_ms(m)) for m in members]
         ranked.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))

@@ -7,6 +7,9 @@ A node refutes a rumour about itself by bumping its incarnation number, and the 
 wins everywhere (SWIM, Das et al. 2002; Serf/Consul work the same way). A voluntary leave is
 announced as `left` and is never refuted.
 
+Each entry also carries the member's latest network coordinate, opaque here, with a sequence number
+the member bumps on every change: the higher sequence wins, whatever the entry's status.
+
 Full tables travel on each probe, which is simple and fine for clusters of hundreds; the simulator
 issue replaces them with piggybacked deltas for thousands of nodes.
 """
@@ -32,6 +35,8 @@ class Member:
     status: str = ALIVE
     incarnation: int = 0
     since: float = 0.0
+    coord: Any = None
+    coord_seq: int = 0
     rtts: deque[float] = field(default_factory=lambda: deque(maxlen=RTT_WINDOW))
 
     @property
@@ -40,8 +45,8 @@ class Member:
         return min(self.rtts) if self.rtts else None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "addr": self.addr, "site": self.site,
-                "status": self.status, "incarnation": self.incarnation}
+        return {"name": self.name, "addr": self.addr, "site": self.site, "status": self.status,
+                "incarnation": self.incarnation, "coord": self.coord, "cseq": self.coord_seq}
 
 
 def member_from_wire(data: Any) -> Member | None:
@@ -49,11 +54,15 @@ def member_from_wire(data: Any) -> Member | None:
     if not isinstance(data, dict):
         return None
     name, addr, site = data.get("name"), data.get("addr"), data.get("site", "")
-    status, inc = data.get("status"), data.get("incarnation")
+    status, inc, cseq = data.get("status"), data.get("incarnation"), data.get("cseq", 0)
     if not (isinstance(name, str) and name and isinstance(addr, str) and isinstance(site, str)
-            and status in _RANK and isinstance(inc, int) and not isinstance(inc, bool) and inc >= 0):
+            and status in _RANK and _counter(inc) and _counter(cseq)):
         return None
-    return Member(name, addr, site, status, inc)
+    return Member(name, addr, site, status, inc, coord=data.get("coord"), coord_seq=cseq)
+
+
+def _counter(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Membership:
@@ -92,6 +101,8 @@ class Membership:
                 self.me.incarnation = incoming.incarnation + 1  # refute the rumour
             return []
         current = self.members.get(incoming.name)
+        if current is not None:
+            self.learn_coordinate(incoming.name, incoming.coord, incoming.coord_seq)
         if current is None:
             incoming.since = now
             self.members[incoming.name] = incoming
@@ -104,6 +115,15 @@ class Membership:
         if was != current.status:
             current.since = now
         return _transition(was, current)
+
+    def learn_coordinate(self, name: str, coord: Any, seq: int) -> None:
+        """Keep `coord` for member `name` if it is newer than what we have (ours we set ourselves)."""
+        member = self.members.get(name)
+        if member is not None and member is not self.me and seq > member.coord_seq:
+            member.coord, member.coord_seq = coord, seq
+
+    def set_own_coordinate(self, coord: Any, seq: int) -> None:
+        self.me.coord, self.me.coord_seq = coord, seq
 
     def probe_target(self) -> Member | None:
         """Next member to probe: a shuffled round-robin over the others, as SWIM prescribes."""

@@ -8,8 +8,13 @@ and logged, and nobody else notices. Every call has a deadline.
 Messages (msgpack):
     handshake   {"proto": PROTOCOL_VERSION, "node": str, "site": str}
     request     [REQUEST, id, method, args]           args is a dict
-    response    [RESPONSE, id, True, result]
-    error       [RESPONSE, id, False, {"kind": str, "message": str}]
+    response    [RESPONSE, id, True, result, stamp, held]
+    error       [RESPONSE, id, False, {"kind": str, "message": str}, stamp, held]
+
+`stamp` is whatever the responder's `stamp()` returns (its network coordinate in an agent, None
+otherwise) and `held` the seconds the responder spent on the request. The caller subtracts `held`
+from the time it waited, so every RPC, however slow its handler, yields a clean network RTT sample
+for membership and coordinates (Serf gets them from dedicated probes only).
 
 Emulated WAN latency: when a `delay` function is given, each frame sent to a peer of another site
 waits delay(my_site, peer_site) first, so request plus response cost one emulated RTT.
@@ -133,7 +138,7 @@ class _Outbound:
         try:
             while True:
                 msg = await self.conn.receive()
-                if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE):
+                if not (isinstance(msg, list) and len(msg) == 6 and msg[0] == RESPONSE):
                     raise frames.FrameError(f"expected a response, got {type(msg).__name__}")
                 slot = self.waiting.pop(msg[1], None)
                 if slot is not None:  # a response to a call that already timed out is dropped
@@ -174,8 +179,10 @@ class Transport:
         self.default_timeout = default_timeout
         self.handlers: dict[str, Handler] = {}
         self.addr = ""  # set by listen(); calls to it are served locally
-        self.on_rtt: Callable[[str, float], None] | None = None
-        """Called with (peer node, seconds) after each answered call: free RTT samples for coordinates."""
+        self.on_rtt: Callable[[str, float, Any], None] | None = None
+        """Called with (peer node, network RTT in seconds, peer's stamp) after each answered call."""
+        self.stamp: Callable[[], Any] | None = None
+        """Returns what to attach to every response we send (see the module docstring)."""
         self._server_ctx = tls.server_context(identity)
         self._client_ctx = tls.client_context(identity)
         self._pool: dict[str, _Outbound] = {}
@@ -257,6 +264,7 @@ class Transport:
 
     async def _answer(self, conn: _Connection, caller: Caller, msg: list[Any], limiter: trio.CapacityLimiter) -> None:
         _, request_id, method, args = msg
+        received = trio.current_time()
         try:
             handler = self.handlers.get(method)
             if handler is None:
@@ -271,11 +279,12 @@ class Transport:
                 except Exception as err:
                     log.exception("handler %s failed", method)
                     reply = [RESPONSE, request_id, False, {"kind": "internal", "message": _describe(err)}]
+            trailer = [self.stamp() if self.stamp is not None else None, trio.current_time() - received]
             await self._sleep_towards(conn.peer_site)
             try:
-                await conn.send(reply)
+                await conn.send([*reply, *trailer])
             except frames.FrameError as err:  # our own answer is too big: say so instead of going silent
-                await conn.send([RESPONSE, request_id, False, {"kind": "internal", "message": str(err)}])
+                await conn.send([RESPONSE, request_id, False, {"kind": "internal", "message": str(err)}, *trailer])
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the caller hung up; its call will time out or fail on its side
         except Exception:
@@ -311,9 +320,9 @@ class Transport:
         assert out is not None
         if not slot:
             raise Unreachable(f"{addr}: connection lost during {method}: {_describe(out.broken)}")
-        ok, value = slot
-        if self.on_rtt is not None and out.conn.peer_node:
-            self.on_rtt(out.conn.peer_node, trio.current_time() - sent)
+        ok, value, stamp, held = slot
+        if self.on_rtt is not None and out.conn.peer_node and isinstance(held, int | float):
+            self.on_rtt(out.conn.peer_node, trio.current_time() - sent - held, stamp)
         if ok:
             return value
         if not isinstance(value, dict):

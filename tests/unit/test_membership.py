@@ -72,3 +72,18 @@ def test_rtt_is_the_recent_minimum():
     for rtt in (0.010, 0.004, 0.020, -1, 50):
         m.on_probe_ok("b", rtt)
     assert m.members["b"].rtt == 0.004
+
+
+def test_coordinates_travel_with_the_table_and_the_newest_wins():
+    m = Membership("a", "127.0.0.1:1", "s")
+    entry = {"name": "b", "addr": "x:1", "site": "s", "status": ALIVE, "incarnation": 0, "coord": [1.0], "cseq": 5}
+    m.merge([entry], now=0)
+    m.merge([{**entry, "coord": [0.5], "cseq": 4}], now=1)  # older news
+    assert m.members["b"].coord == [1.0]
+    m.merge([{**entry, "status": DEAD, "incarnation": 3, "coord": [2.0], "cseq": 6}], now=2)
+    assert m.members["b"].coord == [2.0]  # even on an entry that also carries a status change
+    m.learn_coordinate("b", [3.0], 6)
+    assert m.members["b"].coord == [2.0]
+    m.merge([{**entry, "name": "a", "coord": [9.9], "cseq": 99}], now=3)
+    assert m.me.coord is None  # nobody else sets our coordinate
+    assert m.merge([{**entry, "name": "c", "cseq": -1}], now=4) == []

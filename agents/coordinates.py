@@ -1,0 +1,194 @@
+"""This node's Vivaldi coordinate, fed by the RPCs the agent already makes.
+
+Every answered call brings the peer's coordinate and a clean RTT (the transport subtracts the
+peer's handling time), which `vivaldi.coordinate.Client` turns into an update. Coordinates of other
+members travel in the membership gossip. Each tick the service also samples one node of its view,
+the closest known nodes by estimate plus a few random far ones, as the DISCOVERY paper asks: close
+nodes refine the local map, far ones keep the global one right. The coordinate survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agents.runtime import Actor
+from overlay.membership import Member
+from overlay.rpc import Caller, RequestError, RpcError
+from vivaldi.coordinate import Client, Config, Coordinate, estimate
+
+if TYPE_CHECKING:
+    from agents.node import NodeAgent
+
+log = logging.getLogger(__name__)
+VIEW_CLOSE = 8
+VIEW_FAR = 4
+PROBES = 3
+
+
+class CoordinateService(Actor):
+    name = "coordinates"
+    tick_interval = 1.0
+
+    def __init__(self, agent: NodeAgent, config: Config | None = None) -> None:
+        super().__init__()
+        self.agent = agent
+        self.membership = agent.membership
+        self.config = config or Config()
+        self.client = Client(self.config)
+        self.rng = random.Random()
+        self.path: Path = agent.config.data_dir / "coordinate.json"
+        self.seq = 0
+        self._saved_seq = -1
+        self._last_rtt: dict[str, float] = {}
+        self._restore()
+        agent.transport.stamp = self.stamp
+        agent.transport.on_rtt = self.on_rtt
+        for method, handler in (("coord.ping", self._on_ping), ("coord.list", self._on_list),
+                                ("coord.rtt", self._on_rtt), ("coord.probe", self._on_probe)):
+            agent.transport.route(method, handler)
+
+    # -- samples -----------------------------------------------------------------------------------
+
+    def stamp(self) -> dict[str, Any]:
+        return {"c": self.client.coordinate.to_wire(), "s": self.seq}
+
+    def on_rtt(self, peer: str, rtt: float, stamp: Any) -> None:
+        """Every answered call: a measured RTT for membership, and a Vivaldi sample if the peer sent its coordinate."""
+        self.membership.on_probe_ok(peer, rtt)
+        self._last_rtt[peer] = rtt
+        if not isinstance(stamp, dict) or not isinstance(stamp.get("s"), int):
+            return
+        other = Coordinate.from_wire(stamp.get("c"), self.config.dimensionality)
+        if other is None:
+            return
+        self.membership.learn_coordinate(peer, other.to_wire(), stamp["s"])
+        try:
+            self.client.update(peer, other, rtt)
+        except ValueError as err:
+            log.debug("sample from %s rejected: %s", peer, err)
+            return
+        self.seq += 1
+        self.membership.set_own_coordinate(self.client.coordinate.to_wire(), self.seq)
+
+    async def tick(self) -> None:
+        target = self.pick_from_view()
+        if target is not None:
+            try:
+                await self.agent.transport.call(target.addr, "coord.ping", timeout=2.0)
+            except RpcError as err:
+                log.debug("coordinate sample from %s failed: %s", target.name, err)
+        if self.seq != self._saved_seq:
+            self._save()
+
+    def pick_from_view(self) -> Member | None:
+        view = self.view()
+        return self.rng.choice(view) if view else None
+
+    def view(self) -> list[Member]:
+        """The closest known members by estimated RTT, plus a few random far ones."""
+        others = [m for m in self.membership.alive(include_me=False)]
+        known = [(self.estimate_to(m), m) for m in others]
+        ranked = sorted((d, m.name, m) for d, m in known if d is not None)
+        close = [m for _, _, m in ranked[:VIEW_CLOSE]]
+        rest = [m for m in others if m not in close]
+        return close + self.rng.sample(rest, min(VIEW_FAR, len(rest)))
+
+    def coordinate_of(self, member: Member) -> Coordinate | None:
+        if member is self.membership.me:
+            return self.client.coordinate
+        return Coordinate.from_wire(member.coord, self.config.dimensionality)
+
+    def estimate_to(self, member: Member) -> float | None:
+        other = self.coordinate_of(member)
+        return self.client.distance_to(other) if other is not None else None
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        try:
+            saved = json.loads(self.path.read_text())
+            coordinate = Coordinate.from_wire(saved["coordinate"], self.config.dimensionality)
+            if coordinate is None:
+                raise ValueError("invalid coordinate")
+            self.client.set_coordinate(coordinate)
+            self.seq = self._saved_seq = int(saved["seq"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring saved coordinate in %s: %s", self.path, err)
+            return
+        self.membership.set_own_coordinate(self.client.coordinate.to_wire(), self.seq)
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"coordinate": self.client.coordinate.to_wire(), "seq": self.seq}))
+        tmp.replace(self.path)  # atomic: a crash never leaves half a file
+        self._saved_seq = self.seq
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    async def _on_ping(self, caller: Caller, args: dict[str, Any]) -> bool:
+        return True  # the coordinate and the held time ride on the response itself
+
+    async def _on_list(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        me = self.membership.me
+        rows = []
+        for member in sorted(self.membership.members.values(), key=lambda m: m.name):
+            coordinate = self.coordinate_of(member)
+            if coordinate is None:
+                continue
+            est, bound = estimate(self.client.coordinate, coordinate) if member is not me else (None, None)
+            rows.append({"name": member.name, "site": member.site, "status": member.status,
+                         "vec": [round(x * 1000, 3) for x in coordinate.vec],
+                         "height_ms": round(coordinate.height * 1000, 3), "error": round(coordinate.error, 4),
+                         "estimated_rtt_ms": _ms(est), "bound_ms": _ms(bound),
+                         "measured_rtt_ms": _ms(member.rtt),
+                         "self": member is me})
+        return {"node": me.name, "dimensionality": self.config.dimensionality, "nodes": rows}
+
+    async def _on_rtt(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Estimated vs measured RTT between `a` and `b` (default: this node), like `consul rtt`."""
+        a = self._member(args.get("a"))
+        b = self._member(args.get("b")) if args.get("b") is not None else self.membership.me
+        ca, cb = self.coordinate_of(a), self.coordinate_of(b)
+        if ca is None or cb is None:
+            raise RequestError(f"no coordinate known yet for {a.name if ca is None else b.name}")
+        est, bound = estimate(ca, cb)
+        if a is self.membership.me or b is self.membership.me:
+            other = b if a is self.membership.me else a
+            measured = await self._measure(other)
+        else:  # ask one end to measure the other
+            measured = await self.agent.transport.call(a.addr, "coord.probe", {"target": b.name}, timeout=10)
+        return {"a": a.name, "b": b.name, "estimated_ms": round(est * 1000, 3), "bound_ms": round(bound * 1000, 3),
+                "measured_ms": round(measured * 1000, 3) if isinstance(measured, float | int) else None}
+
+    async def _on_probe(self, caller: Caller, args: dict[str, Any]) -> float:
+        return await self._measure(self._member(args.get("target")))
+
+    async def _measure(self, member: Member) -> float:
+        """The minimum of a few fresh RTT samples to `member` (seconds)."""
+        if member is self.membership.me:
+            return 0.0
+        samples = []
+        for _ in range(PROBES):
+            self._last_rtt.pop(member.name, None)
+            await self.agent.transport.call(member.addr, "coord.ping", timeout=5)
+            if member.name in self._last_rtt:  # set by on_rtt while the call returned
+                samples.append(self._last_rtt[member.name])
+        if not samples:
+            raise RequestError(f"no RTT sample from {member.name}")
+        return min(samples)
+
+    def _member(self, name: Any) -> Member:
+        member = self.membership.members.get(name) if isinstance(name, str) else None
+        if member is None:
+            raise RequestError(f"unknown node {name!r}")
+        return member
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 3) if seconds is not None else None

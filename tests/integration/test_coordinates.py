@@ -1,0 +1,62 @@
+"""Vivaldi coordinates in real agents: learned from ordinary RPCs, shown by the CLI, kept across restarts."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from .conftest import pid_alive, restart
+from .test_faults import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def relative_errors(cluster, node):
+    rows = cluster.json("--agent", node, "coords")["nodes"]
+    return [abs(r["estimated_rtt_ms"] - r["measured_rtt_ms"]) / r["measured_rtt_ms"]
+            for r in rows if not r["self"] and r["measured_rtt_ms"] and r["measured_rtt_ms"] > 2]
+
+
+def test_coordinates_learn_the_emulated_wan(cluster6):
+    # sites are 10-16 ms apart; nodes of one site are well under 1 ms apart
+    def accurate():
+        errors = [e for node in ("node1", "node2", "node3") for e in relative_errors(cluster6, node)]
+        return len(errors) >= 9 and statistics.median(errors) < 0.25
+
+    assert wait_for(accurate, timeout=60, interval=2), relative_errors(cluster6, "node1")
+    info = cluster6.json("--agent", "node1", "coords")
+    me = next(r for r in info["nodes"] if r["self"])
+    assert me["name"] == "node1" and me["error"] < 1.0 and len(me["vec"]) == info["dimensionality"]
+
+
+def test_rtt_between_two_other_nodes_is_estimated_and_measured(cluster6):
+    answer = json.loads(cluster6.cli("--agent", "node1", "rtt", "node2", "node3", "--json").stdout)
+    assert (answer["a"], answer["b"]) == ("node2", "node3")
+    assert 8 < answer["measured_ms"] < 40  # lyon <-> nancy: 10 ms emulated
+    assert answer["estimated_ms"] > 0 and answer["bound_ms"] >= 0
+    text = cluster6.cli("--agent", "node2", "rtt", "node5").stdout  # same site as node2
+    assert text.startswith("Estimated node5 <-> node2 rtt:") and "measured:" in text
+    proc = cluster6.cli("--agent", "node2", "rtt", "nobody", check=False)
+    assert proc.returncode == 1 and "unknown node 'nobody'" in proc.stderr
+
+
+def test_coordinate_survives_a_restart(cluster_factory):
+    cluster = cluster_factory(3, 3)
+    saved = cluster.dir / "node2" / "data" / "coordinate.json"
+    assert wait_for(lambda: saved.exists() and json.loads(saved.read_text())["seq"] > 20, timeout=30)
+    cluster.kill9("node2")
+    wait_for(lambda: not pid_alive(cluster.node("node2")["pid"]), timeout=10)
+    before = json.loads(saved.read_text())
+    restart(cluster, "node2")
+
+    def restored():
+        proc = cluster.cli("--agent", "node2", "coords", "--json", check=False)
+        if proc.returncode:
+            return None
+        return next(r for r in json.loads(proc.stdout)["nodes"] if r["self"])
+
+    me = wait_for(restored, timeout=20)
+    assert me and me["error"] < 1.5  # a fresh node starts at the maximum error
+    assert json.loads(saved.read_text())["seq"] >= before["seq"]
