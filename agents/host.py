@@ -18,7 +18,7 @@ import trio
 from agents.capacity import Insufficient, Ledger, Resources, UnknownReservation
 from agents.hypervisor import DomainInfo, Hypervisor, HypervisorError, domain_xml
 from agents.runtime import Actor
-from overlay.rpc import Caller, Conflict, Handler, NotFound, RequestError, Transport
+from overlay.rpc import Caller, Conflict, Endpoint, Handler, NotFound, RequestError
 
 log = logging.getLogger(__name__)
 RESERVATION_TTL = 10.0
@@ -37,7 +37,7 @@ class HostService(Actor):
     tick_interval = 1.0
     expected_errors = (RequestError,)
 
-    def __init__(self, transport: Transport, hypervisor: Hypervisor, total: Resources, db_path: Path,
+    def __init__(self, transport: Endpoint, hypervisor: Hypervisor, total: Resources, db_path: Path,
                  domain_type: str = "test") -> None:
         super().__init__()
         self.hypervisor = hypervisor

@@ -235,10 +235,11 @@ class ChordState:
         """Every peer this node knows of (successors, predecessor, fingers), without itself."""
         return self._fallbacks() | {s for s in self.successors if s.id != self.me.id}
 
-    def closest_preceding(self, key: int) -> Peer:
-        """The known peer strictly between me and `key` that is closest to `key`; me if there is none."""
+    def closest_preceding(self, key: int, avoid: frozenset[int] = frozenset()) -> Peer:
+        """The known peer strictly between me and `key` that is closest to `key`; me if there is none.
+        Peers whose id is in `avoid` (found dead by the asker) are skipped."""
         best, best_distance = self.me, 0
-        seen: set[int] = set()
+        seen: set[int] = set(avoid)
         for peer in (*self.successors, *self.fingers, self.predecessor):
             if peer is None or peer.id in seen:
                 continue
@@ -249,12 +250,18 @@ class ChordState:
                     best, best_distance = peer, distance
         return best
 
-    def lookup_step(self, key: int) -> tuple[bool, Peer]:
+    def lookup_step(self, key: int, avoid: frozenset[int] = frozenset()) -> tuple[bool, Peer]:
         """One step of an iterative lookup answered by this node: (True, successor) if `key` lies in
-        (me, successor]; otherwise (False, the closest preceding peer to ask next)."""
-        if between_right(key, self.me.id, self.successor.id):
-            return True, self.successor
-        return False, self.closest_preceding(key)
+        (me, successor]; otherwise (False, the closest preceding peer to ask next). Successors and
+        fingers in `avoid` are treated as gone, so an asker can route around a dead hop."""
+        successor = self.live_successors(avoid)[0]
+        if between_right(key, self.me.id, successor.id):
+            return True, successor
+        return False, self.closest_preceding(key, avoid)
+
+    def live_successors(self, avoid: frozenset[int] = frozenset()) -> list[Peer]:
+        """The successor list without the avoided peers ([me] if none is left)."""
+        return [p for p in self.successors if p.id not in avoid] or [self.me]
 
     # -- fingers ----------------------------------------------------------------------------------------
 

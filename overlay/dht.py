@@ -23,7 +23,7 @@ import trio
 
 from overlay.chord import hash_id
 from overlay.ring import Ring
-from overlay.rpc import Caller, RequestError, RpcError, Transport
+from overlay.rpc import Caller, Endpoint, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 3.0
@@ -89,7 +89,7 @@ class Shard:
 class DHT:
     """put/get/scan over the ring with r replicas per key."""
 
-    def __init__(self, transport: Transport, ring: Ring, shard: Shard, member_addrs: Any,
+    def __init__(self, transport: Endpoint, ring: Ring, shard: Shard, member_addrs: Any,
                  r: int = 3, w: int = 2) -> None:
         self.transport = transport
         self.ring = ring

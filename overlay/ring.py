@@ -12,10 +12,11 @@ from typing import Any
 import trio
 
 from overlay.chord import ChordState, Peer, hash_id
-from overlay.rpc import Caller, RequestError, RpcError, Transport
+from overlay.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 MAX_HOPS = 64
+MAX_AVOID = 32
 HOP_TIMEOUT = 2.0
 
 
@@ -39,7 +40,7 @@ def peers_from_wire(data: Any) -> list[Peer]:
 class Ring:
     """One node's place on the Chord ring."""
 
-    def __init__(self, transport: Transport, name: str, addr: str, site: str, r: int = 8) -> None:
+    def __init__(self, transport: Endpoint, name: str, addr: str, site: str, r: int = 8) -> None:
         self.transport = transport
         self.me = Peer(hash_id(name), name, addr, site)
         self.state = ChordState(self.me, r)
@@ -50,13 +51,15 @@ class Ring:
     # -- handlers ----------------------------------------------------------------------------------
 
     async def _on_step(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        key = args.get("key")
+        key, avoid = args.get("key"), args.get("avoid", [])
         if not isinstance(key, int) or not 0 <= key < 2**64:
             raise RequestError("chord.step needs an integer key")
-        done, peer = self.state.lookup_step(key)
+        if not (isinstance(avoid, list) and len(avoid) <= MAX_AVOID and all(isinstance(a, int) for a in avoid)):
+            raise RequestError(f"chord.step: avoid must be a list of at most {MAX_AVOID} ids")
+        done, peer = self.state.lookup_step(key, frozenset(avoid))
         reply: dict[str, Any] = {"done": done, "peer": peer_to_wire(peer)}
         if done:
-            reply["successors"] = [peer_to_wire(p) for p in self.state.successor_list()]
+            reply["successors"] = [peer_to_wire(p) for p in self.state.live_successors(frozenset(avoid))]
         return reply
 
     async def _on_state(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
@@ -75,9 +78,11 @@ class Ring:
             if seed == self.me.addr:
                 continue
             try:
-                owners = await self._lookup_from(seed, self.me.id)
+                owners = await self._walk([Peer(-1, seed, seed, "")], self.me.id, set(), [0])
             except (RpcError, RequestError) as err:
+                owners = None
                 log.info("join through %s failed: %s", seed, err)
+            if not owners:
                 continue
             successors = [p for p in owners if p.name != self.me.name]
             if successors:
@@ -88,30 +93,48 @@ class Ring:
 
     async def lookup(self, key: int, count: int = 1) -> list[Peer]:
         """The `count` live nodes that follow `key` on the ring (its owner first)."""
-        for _ in range(3):
-            start = self.state.closest_preceding(key)
-            if start == self.me:
-                done, peer = self.state.lookup_step(key)
-                if done:
-                    return self.state.successor_list()[:count]
-                start = peer
-            try:
-                return (await self._lookup_from(start.addr, key))[:count]
-            except (RpcError, RequestError) as err:
-                log.debug("lookup of %x via %s failed: %s", key, start.name, err)
-                self.state.on_dead(start)
-        raise RequestError(f"lookup of key {key:x} failed after 3 attempts")
+        return (await self.lookup_with_hops(key, count))[0]
 
-    async def _lookup_from(self, addr: str, key: int) -> list[Peer]:
-        for _ in range(MAX_HOPS):
-            reply = await self.transport.call(addr, "chord.step", {"key": key}, timeout=HOP_TIMEOUT)
+    async def lookup_with_hops(self, key: int, count: int = 1) -> tuple[list[Peer], int]:
+        """`lookup`, plus how many nodes were asked (hops of the iterative lookup, failed ones included).
+
+        A hop that does not answer is avoided from then on: the walk backs up to the previous node
+        and asks it for another route, and our own dead fingers and successors are dropped.
+        """
+        avoid: set[int] = set()
+        hops = [0]
+        while hops[0] < MAX_HOPS:
+            done, start = self.state.lookup_step(key, frozenset(avoid))
+            if done:
+                return self.state.live_successors(frozenset(avoid))[:count], hops[0]
+            found = await self._walk([start], key, avoid, hops)
+            if found is not None:
+                return found[:count], hops[0]
+            self.state.on_dead(start)  # it (or everything after it) failed: stop relying on it
+        raise RequestError(f"lookup of key {key:x} exceeded {MAX_HOPS} hops")
+
+    async def _walk(self, path: list[Peer], key: int, avoid: set[int], hops: list[int]) -> list[Peer] | None:
+        """Iterate from path[-1] toward `key`; None if every node of the path failed."""
+        while path and hops[0] < MAX_HOPS:
+            node = path[-1]
+            hops[0] += 1
+            args = {"key": key, "avoid": sorted(avoid)[:MAX_AVOID]}
+            try:
+                reply = await self.transport.call(node.addr, "chord.step", args, timeout=HOP_TIMEOUT)
+            except RemoteError:
+                raise
+            except RpcError as err:
+                log.debug("lookup hop %s failed: %s", node.name, err)
+                avoid.add(node.id)
+                path.pop()  # back up one hop and ask there for another route
+                continue
             peer = peer_from_wire(reply.get("peer"))
             if reply.get("done"):
                 return peers_from_wire(reply.get("successors"))
-            if peer.addr == addr:
-                raise RequestError(f"lookup stuck at {peer.name}")
-            addr = peer.addr
-        raise RequestError(f"lookup of key {key:x} exceeded {MAX_HOPS} hops")
+            if peer.id == node.id or peer.id in avoid:
+                raise RequestError(f"lookup of key {key:x} stuck at {node.name}")
+            path.append(peer)
+        return None
 
     async def stabilize(self) -> None:
         """One round of Zave's stabilize: learn from the successor, then notify it."""
@@ -129,16 +152,21 @@ class Ring:
                 self.state.on_dead(target)
                 continue
             notify = self.state.on_stabilize(target, pred, succs)
-            if notify is not None and notify != self.me:
-                try:
-                    await self.transport.call(notify.addr, "chord.notify",
-                                              {"peer": peer_to_wire(self.me)}, timeout=HOP_TIMEOUT)
-                except RpcError as err:
-                    # the adopted successor is unreachable: drop it, or it would be re-adopted every round
-                    log.info("notify of %s failed: %s", notify.name, err)
-                    self.state.on_dead(notify)
-                    continue
+            if notify is not None and notify != self.me and not await self._notify(notify):
+                # the adopted successor (our successor's stale predecessor) is dead: drop it and notify
+                # the successor we had; asking that successor again would only hand the dead node back
+                self.state.on_dead(notify)
+                if self.state.successor != self.me:
+                    await self._notify(self.state.successor)
             return
+
+    async def _notify(self, peer: Peer) -> bool:
+        try:
+            await self.transport.call(peer.addr, "chord.notify", {"peer": peer_to_wire(self.me)}, timeout=HOP_TIMEOUT)
+        except RpcError as err:
+            log.info("notify of %s failed: %s", peer.name, err)
+            return False
+        return True
 
     async def check_predecessor(self) -> None:
         pred = self.state.predecessor

@@ -156,7 +156,60 @@ class _Outbound:
             await self.conn.close()
 
 
-class Transport:
+class Endpoint:
+    """What services see of a transport: routes for incoming requests and calls to peers.
+
+    `Transport` is the real one (TCP + TLS); `overlay.memnet.MemTransport` runs the same services
+    in memory for simulations of thousands of nodes.
+    """
+
+    def __init__(self, node: str, site: str = "", default_timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.node = node
+        self.site = site
+        self.default_timeout = default_timeout
+        self.handlers: dict[str, Handler] = {}
+        self.addr = ""  # our own address once serving; calls to it are served locally
+        self.on_rtt: Callable[[str, float, Any], None] | None = None
+        """Called with (peer node, network RTT in seconds, peer's stamp) after each answered call."""
+        self.stamp: Callable[[], Any] | None = None
+        """Returns what to attach to every response we send (see the module docstring)."""
+
+    def route(self, method: str, handler: Handler) -> None:
+        self.handlers[method] = handler
+
+    async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    async def forget(self, addr: str) -> None:
+        """Drop any cached connection to `addr` (e.g. after the peer was declared dead)."""
+
+    async def call_many(self, addrs: list[str], method: str, args: dict[str, Any] | None = None,
+                        timeout: float | None = None) -> dict[str, Any]:
+        """Call each address in parallel; each answer is the result or the RpcError it raised.
+
+        A call to our own address runs the handler directly, without a network round trip.
+        """
+        answers: dict[str, Any] = {}
+
+        async def one(addr: str) -> None:
+            try:
+                if addr == self.addr:
+                    handler = self.handlers[method]
+                    answers[addr] = await handler(Caller(self.node, "node", self.node, self.site), args or {})
+                else:
+                    answers[addr] = await self.call(addr, method, args, timeout)
+            except (RpcError, RequestError) as err:
+                answers[addr] = err
+
+        async with trio.open_nursery() as nursery:
+            for addr in dict.fromkeys(addrs):
+                nursery.start_soon(one, addr)
+        return answers
+
+
+
+class Transport(Endpoint):
     """Listens for peers, dials peers, and routes requests to registered handlers.
 
     Use as `async with Transport(...) as t:`; it owns a nursery for connection tasks.
@@ -172,17 +225,9 @@ class Transport:
         max_frame: int = frames.MAX_FRAME,
         default_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self.node = node
-        self.site = site
+        super().__init__(node, site, default_timeout)
         self.delay = delay
         self.max_frame = max_frame
-        self.default_timeout = default_timeout
-        self.handlers: dict[str, Handler] = {}
-        self.addr = ""  # set by listen(); calls to it are served locally
-        self.on_rtt: Callable[[str, float, Any], None] | None = None
-        """Called with (peer node, network RTT in seconds, peer's stamp) after each answered call."""
-        self.stamp: Callable[[], Any] | None = None
-        """Returns what to attach to every response we send (see the module docstring)."""
         self._server_ctx = tls.server_context(identity)
         self._client_ctx = tls.client_context(identity)
         self._pool: dict[str, _Outbound] = {}
@@ -205,9 +250,6 @@ class Transport:
             if exc[1] is not None and group.exceptions == (exc[1],):
                 raise exc[1] from None
             raise
-
-    def route(self, method: str, handler: Handler) -> None:
-        self.handlers[method] = handler
 
     # -- serving -----------------------------------------------------------------------------------
 
@@ -329,29 +371,6 @@ class Transport:
             raise RemoteError("internal", str(value))
         raise RemoteError(str(value.get("kind", "internal")), str(value.get("message", "")))
 
-    async def call_many(self, addrs: list[str], method: str, args: dict[str, Any] | None = None,
-                        timeout: float | None = None) -> dict[str, Any]:
-        """Call each address in parallel; each answer is the result or the RpcError it raised.
-
-        A call to our own address runs the handler directly, without a network round trip.
-        """
-        answers: dict[str, Any] = {}
-
-        async def one(addr: str) -> None:
-            try:
-                if addr == self.addr:
-                    handler = self.handlers[method]
-                    answers[addr] = await handler(Caller(self.node, "node", self.node, self.site), args or {})
-                else:
-                    answers[addr] = await self.call(addr, method, args, timeout)
-            except (RpcError, RequestError) as err:
-                answers[addr] = err
-
-        async with trio.open_nursery() as nursery:
-            for addr in dict.fromkeys(addrs):
-                nursery.start_soon(one, addr)
-        return answers
-
     async def _connection(self, addr: str) -> _Outbound:
         lock = self._dialing.setdefault(addr, trio.Lock())
         async with lock:
@@ -382,7 +401,6 @@ class Transport:
         return conn
 
     async def forget(self, addr: str) -> None:
-        """Drop the pooled connection to `addr` (e.g. after the peer was declared dead)."""
         out = self._pool.pop(addr, None)
         if out is not None:
             await out.conn.close()

@@ -1,0 +1,71 @@
+"""The ring's I/O shell on the in-memory network: joins through the protocol, routing around dead hops,
+and a churn run of the overlay simulation."""
+
+import random
+
+import trio
+
+from discovery.sim_overlay import Simulation, simulate
+from overlay.chord import hash_id
+from overlay.memnet import MemNetwork
+from overlay.ring import Ring
+
+
+def ring_is_exact(rings):
+    ordered = sorted(rings, key=lambda r: r.me.id)
+    for k, ring in enumerate(ordered):
+        if ring.state.successor != ordered[(k + 1) % len(ordered)].me:
+            return False
+        if ring.state.predecessor != ordered[k - 1].me:
+            return False
+    return True
+
+
+async def test_nodes_joining_through_the_protocol_form_one_exact_ring(autojump_clock):
+    rng = random.Random(3)
+    net = MemNetwork(lambda a, b: 0.005)
+    rings = []
+    for i in range(30):
+        ring = Ring(net.endpoint(f"sim:{i}", f"n{i}", "s"), f"n{i}", f"sim:{i}", "s", r=4)
+        if rings:
+            assert await ring.join([rng.choice(rings).me.addr])
+        rings.append(ring)
+    async with trio.open_nursery() as nursery:
+        for ring in rings:
+            nursery.start_soon(ring.maintain, 0.5)
+        with trio.fail_after(120):
+            while not ring_is_exact(rings):
+                await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_lookups_route_around_crashed_hops_before_any_repair(autojump_clock):
+    sim = Simulation(80, seed=5)
+    rng = random.Random(5)
+    for _ in range(12):
+        sim.crash_one()
+    live = list(sim.rings.values())
+    for _ in range(100):
+        ring = rng.choice(live)
+        key = rng.getrandbits(64)
+        owners, hops = await ring.lookup_with_hops(key)
+        assert owners, "every lookup must produce an answer"
+    # after one maintenance round everywhere, answers are exact again
+    for ring in live:
+        await ring.stabilize()
+    for _ in range(100):
+        ring, key = rng.choice(live), rng.getrandbits(64)
+        owners, _ = await ring.lookup_with_hops(key)
+        assert owners[0].id == sim.true_owner(key)
+
+
+def test_churn_run_meets_the_chord_bounds():
+    result = simulate(120, duration=150, churn=0.10, seed=2, lookups_per_second=10)
+    assert result["success_rate"] >= 0.99
+    assert result["correct_rate"] >= 0.95
+    assert result["hops_mean"] <= result["half_log2_n_plus_1"]
+    assert result["crashes"] > 10 and result["joins"] == result["crashes"]
+
+
+def test_hash_ids_are_what_the_simulation_uses():
+    assert Simulation(3, seed=1).by_id.keys() == {hash_id(f"n{i}") for i in range(3)}
