@@ -286,6 +286,33 @@ def sim_vivaldi(
     console.print(make_table(["configuration", "median rel. error", "p90", "p99"], rows))
 
 
+@sim_app.command("spiral")
+def sim_spiral(
+    matrix: Annotated[Path, typer.Option(help="Measured RTT matrix (see shared/data/rtt).")],
+    count: Annotated[int, typer.Option(min=1, help="Nodes each spiral looks for.")] = 10,
+    view: Annotated[int, typer.Option(min=1, help="Near entries in each node's view.")] = 16,
+    far: Annotated[int, typer.Option(min=0, help="Random far entries in each view.")] = 4,
+    spirals: Annotated[int, typer.Option(min=1, help="Spirals measured per point of the learning curve.")] = 200,
+    learning_rounds: Annotated[int, typer.Option(min=0, help="Rounds of one spiral from every node.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+    plot: Annotated[Path | None, typer.Option(help="Write the learning curves to this PNG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recall of the true nearest nodes found by the spiral search, before and after learning."""
+    from discovery import sim_spiral as sim
+
+    try:
+        result = sim.run(str(matrix), count, view, far, spirals, learning_rounds, seed)
+    except (OSError, ValueError) as err:
+        raise fail(f"{matrix}: {err}") from None
+    if plot is not None:
+        sim.plot(result, str(plot))
+    rows = [[name, f"{r['without_learning']['recall']:.3f}", f"{r['after_learning']['recall']:.3f}",
+             f"{r['after_learning']['messages']:.1f}"] for name, r in result["oracles"].items()]
+    emit(result, as_json, make_table(["distance oracle", "recall, no learning", "recall, after learning",
+                                      "messages per spiral"], rows))
+
+
 @sim_app.command("overlay")
 def sim_overlay(
     nodes: Annotated[int, typer.Option(min=2, help="Simulated agents.")] = 1000,
