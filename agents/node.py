@@ -76,7 +76,7 @@ class NodeAgent:
                 addr = f"{host}:{await transport.listen(host, int(port))}"
                 self.membership = Membership(cfg.name, addr, cfg.site, cfg.suspect_timeout)
                 self.membership.me.incarnation = self._bump_incarnation()
-                self.ring = Ring(transport, cfg.name, addr, cfg.site)
+                self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)
                 self.dht = DHT(transport, self.ring, self.shard, self.live_addrs, r=cfg.replicas)
                 self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite")
                 self.gossip = GossipService(self)
@@ -99,6 +99,11 @@ class NodeAgent:
                 self.host.close()
             self.shard.close()
             await self.hypervisor.close()
+
+    def _estimated_rtt(self, peer: Peer) -> float | None:
+        """Vivaldi's estimate of the RTT to a ring peer, for proximity fingers."""
+        member = self.membership.members.get(peer.name)
+        return self.coordinates.estimate_to(member) if member is not None else None
 
     def live_addrs(self) -> list[str]:
         return [m.addr for m in self.membership.alive()]

@@ -321,6 +321,7 @@ def sim_overlay(
     duration: Annotated[float, typer.Option(min=1, help="Simulated seconds.")] = 600.0,
     lookups: Annotated[float, typer.Option(min=0.1, help="Lookups per simulated second.")] = 20.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+    pns: Annotated[bool, typer.Option(help="Fingers prefer the nearest acceptable node (by RTT).")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the hop distribution to this PNG.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -328,7 +329,7 @@ def sim_overlay(
     from discovery import sim_overlay as sim
 
     try:
-        result = sim.simulate(nodes, duration, str(matrix) if matrix else None, churn, seed, lookups)
+        result = sim.simulate(nodes, duration, str(matrix) if matrix else None, churn, seed, lookups, pns=pns)
     except (OSError, ValueError) as err:
         raise fail(f"{matrix}: {err}") from None
     if plot is not None:

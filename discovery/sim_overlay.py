@@ -44,13 +44,14 @@ class Stats:
 
 class Simulation:
     def __init__(self, nodes: int, seed: int, latency_matrix: Any = None, sites: int = 4,
-                 ring_interval: float = 5.0, r: int = 8) -> None:
+                 ring_interval: float = 5.0, r: int = 8, pns: bool = False) -> None:
         self.rng = random.Random(seed)
         self.matrix = latency_matrix
         self.sites = SITES[:sites]
         self.site_rtt = rtt_matrix(self.sites)
         self.ring_interval = ring_interval
         self.r = r
+        self.pns = pns
         self.net = MemNetwork(self.latency)
         self.rings: dict[str, Ring] = {}
         self.ids: list[int] = []  # sorted ids of the nodes in the ring, the ground truth
@@ -80,7 +81,8 @@ class Simulation:
         self._next += 1
         addr, name = f"sim:{index}", f"n{index}"
         site = self.sites[index % len(self.sites)]
-        ring = Ring(self.net.endpoint(addr, name, site), name, addr, site, r=self.r)
+        distance = (lambda peer: 2 * self.latency(addr, peer.addr)) if self.pns else None
+        ring = Ring(self.net.endpoint(addr, name, site), name, addr, site, r=self.r, distance=distance)
         self.rings[addr] = ring
         bisect.insort(self.ids, ring.me.id)
         self.by_id[ring.me.id] = ring
@@ -94,8 +96,11 @@ class Simulation:
             state = self.by_id[node_id].state
             state.successors = [peers[(k + j) % n] for j in range(1, min(self.r, n - 1) + 1)] or [state.me]
             state.predecessor = peers[(k - 1) % n] if n > 1 else None
+            ring = self.by_id[node_id]
             for index in range(ID_BITS):
-                state.fingers[index] = self.true_owner_peer((node_id + (1 << index)) % (1 << ID_BITS))
+                first = bisect.bisect_left(self.ids, (node_id + (1 << index)) % (1 << ID_BITS))
+                owners = [peers[(first + j) % n] for j in range(self.r if self.pns else 1)]
+                state.set_finger(index, owners[0], ring._nearest(owners))
 
     def true_owner(self, key: int) -> int:
         k = bisect.bisect_left(self.ids, key)
@@ -177,7 +182,7 @@ class Simulation:
 
 def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None, churn: float = 0.0,
              seed: int = 1, lookups_per_second: float = 20.0, ring_interval: float = 5.0,
-             warmup: float = 30.0) -> dict[str, Any]:
+             warmup: float = 30.0, pns: bool = False) -> dict[str, Any]:
     """Run one simulation; `churn` is the share of nodes replaced per minute (0.05 = 5 %/min)."""
     matrix = None
     if matrix_path:
@@ -185,7 +190,7 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
 
         matrix = symmetrise(load_matrix(matrix_path)).tolist()
     wall = time.perf_counter()
-    sim = Simulation(nodes, seed, matrix, ring_interval=ring_interval)
+    sim = Simulation(nodes, seed, matrix, ring_interval=ring_interval, pns=pns)
 
     async def main() -> None:
         sim.t0 = trio.current_time()
@@ -198,6 +203,7 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         "nodes": nodes, "duration_s": duration, "churn_per_minute": churn, "seed": seed,
         "latency_model": matrix_path or f"{len(sim.sites)} sites",
         "ring_interval_s": ring_interval, "successors": sim.r,
+        "proximity_fingers": "exact RTT (upper bound of what coordinates give)" if pns else "off",
         "lookups": done + s.failed,
         "success_rate": round(done / (done + s.failed), 5) if done + s.failed else None,
         "correct_rate": round((done - s.incorrect) / (done + s.failed), 5) if done + s.failed else None,

@@ -275,17 +275,21 @@ class ChordState:
         self._next_finger = (index + 1) % ID_BITS
         return index, self.finger_target(index)
 
-    def set_finger(self, index: int, peer: Peer) -> None:
+    def set_finger(self, index: int, peer: Peer, nearer: Peer | None = None) -> None:
         """Record that `peer` is successor(finger_target(index)). Since no node lies between that target
         and `peer`, the following fingers whose targets fall in that gap get `peer` too, and the
-        round-robin skips them."""
+        round-robin skips them.
+
+        Proximity neighbour selection: `nearer` is a peer closer to us by latency that the shell found
+        among peer's successors; each of those fingers whose interval [target, target + 2**i) holds
+        it points to it instead. Any node of the interval routes as well in hops, and it is cheaper."""
         if not 0 <= index < ID_BITS:
             raise IndexError(f"finger index {index} outside 0..{ID_BITS - 1}")
-        self.fingers[index] = peer
         gap = (peer.id - self.finger_target(index)) % RING
-        j = index + 1
-        while j < ID_BITS and (1 << j) - (1 << index) <= gap:
-            self.fingers[j] = peer
+        j = index
+        while j < ID_BITS and (j == index or (1 << j) - (1 << index) <= gap):
+            inside = nearer is not None and (nearer.id - self.finger_target(j)) % RING < (1 << j)
+            self.fingers[j] = nearer if inside else peer
             j += 1
         if j > index + 1 and self._next_finger == (index + 1) % ID_BITS:
             self._next_finger = j % ID_BITS

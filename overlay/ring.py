@@ -7,6 +7,7 @@ All decisions live in `overlay.chord`; this module only carries messages. Lookup
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -40,8 +41,12 @@ def peers_from_wire(data: Any) -> list[Peer]:
 class Ring:
     """One node's place on the Chord ring."""
 
-    def __init__(self, transport: Endpoint, name: str, addr: str, site: str, r: int = 8) -> None:
+    def __init__(self, transport: Endpoint, name: str, addr: str, site: str, r: int = 8,
+                 distance: Callable[[Peer], float | None] | None = None) -> None:
+        """`distance` estimates the latency to a peer (Vivaldi in agents): with it, fingers prefer the
+        nearest acceptable node (proximity neighbour selection)."""
         self.transport = transport
+        self.distance = distance
         self.me = Peer(hash_id(name), name, addr, site)
         self.state = ChordState(self.me, r)
         transport.route("chord.step", self._on_step)
@@ -180,11 +185,17 @@ class Ring:
     async def fix_finger(self) -> None:
         index, target = self.state.next_finger()
         try:
-            owners = await self.lookup(target)
+            owners = await self.lookup(target, self.state.r if self.distance else 1)
         except (RpcError, RequestError):
             return
         if owners:
-            self.state.set_finger(index, owners[0])
+            self.state.set_finger(index, owners[0], self._nearest(owners))
+
+    def _nearest(self, peers: list[Peer]) -> Peer | None:
+        if self.distance is None:
+            return None
+        known = [(d, p) for p in peers if p != self.me and (d := self.distance(p)) is not None]
+        return min(known, key=lambda pair: pair[0])[1] if known else None
 
     async def maintain(self, interval: float = 0.5) -> None:
         """Stabilize, check the predecessor and fix a finger, forever."""

@@ -696,3 +696,15 @@ def test_consider_adopts_a_closer_successor_only():
     assert state.consider(Peer(300, "closer", "a:4"))
     assert [p.name for p in state.successor_list()] == ["closer", "far"]
     assert not state.consider(me)
+
+
+def test_set_finger_prefers_a_nearer_peer_only_inside_each_fingers_interval():
+    me = Peer(0, "me", "a:0")
+    state = ChordState(me, r=4)
+    succ = Peer(1 << 10, "succ", "a:1")  # successor of target 2**10: fingers 0..10 share it
+    nearer = Peer((1 << 10) + 5, "near", "a:2")  # inside finger 10's interval [2**10, 2**11) only
+    state.set_finger(0, succ, nearer)
+    assert state.fingers[10] == nearer
+    assert all(state.fingers[i] == succ for i in range(10))
+    state.set_finger(20, Peer(1 << 20, "f20", "a:3"), Peer(1 << 40, "far-away-id", "a:4"))
+    assert state.fingers[20].name == "f20"  # a "nearer" peer outside the interval is not taken

@@ -69,3 +69,14 @@ def test_churn_run_meets_the_chord_bounds():
 
 def test_hash_ids_are_what_the_simulation_uses():
     assert Simulation(3, seed=1).by_id.keys() == {hash_id(f"n{i}") for i in range(3)}
+
+
+def test_proximity_fingers_cut_latency_not_correctness():
+    matrix = "../shared/data/rtt/planetlab_490_slice1.tsv.gz"
+    plain = simulate(150, duration=90, matrix_path=matrix, seed=4, lookups_per_second=10)
+    near = simulate(150, duration=90, matrix_path=matrix, seed=4, lookups_per_second=10, pns=True)
+    # a few PlanetLab pairs take up to 3 s, past the 2 s hop timeout: those hops count as failed
+    assert plain["success_rate"] == near["success_rate"] == 1.0
+    assert min(plain["correct_rate"], near["correct_rate"]) >= 0.97
+    assert near["lookup_latency_ms_p50"] < 0.8 * plain["lookup_latency_ms_p50"]
+    assert near["hops_mean"] <= near["half_log2_n_plus_1"]
