@@ -322,6 +322,8 @@ def sim_overlay(
     lookups: Annotated[float, typer.Option(min=0.1, help="Lookups per simulated second.")] = 20.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
     pns: Annotated[bool, typer.Option(help="Fingers prefer the nearest acceptable node (by RTT).")] = False,
+    fingers: Annotated[bool, typer.Option(help="Finger tables (off: successor lists only).")] = True,
+    learning: Annotated[bool, typer.Option(help="Lookups teach long links to the nodes involved.")] = True,
     plot: Annotated[Path | None, typer.Option(help="Write the hop distribution to this PNG.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -329,7 +331,8 @@ def sim_overlay(
     from discovery import sim_overlay as sim
 
     try:
-        result = sim.simulate(nodes, duration, str(matrix) if matrix else None, churn, seed, lookups, pns=pns)
+        result = sim.simulate(nodes, duration, str(matrix) if matrix else None, churn, seed, lookups, pns=pns,
+                              fingers=fingers, learning=learning)
     except (OSError, ValueError) as err:
         raise fail(f"{matrix}: {err}") from None
     if plot is not None:

@@ -44,7 +44,8 @@ class Stats:
 
 class Simulation:
     def __init__(self, nodes: int, seed: int, latency_matrix: Any = None, sites: int = 4,
-                 ring_interval: float = 5.0, r: int = 8, pns: bool = False) -> None:
+                 ring_interval: float = 5.0, r: int = 8, pns: bool = False, fingers: bool = True,
+                 learning: bool = True) -> None:
         self.rng = random.Random(seed)
         self.matrix = latency_matrix
         self.sites = SITES[:sites]
@@ -52,6 +53,8 @@ class Simulation:
         self.ring_interval = ring_interval
         self.r = r
         self.pns = pns
+        self.fingers = fingers
+        self.learning = learning
         self.net = MemNetwork(self.latency)
         self.rings: dict[str, Ring] = {}
         self.ids: list[int] = []  # sorted ids of the nodes in the ring, the ground truth
@@ -82,7 +85,8 @@ class Simulation:
         addr, name = f"sim:{index}", f"n{index}"
         site = self.sites[index % len(self.sites)]
         distance = (lambda peer: 2 * self.latency(addr, peer.addr)) if self.pns else None
-        ring = Ring(self.net.endpoint(addr, name, site), name, addr, site, r=self.r, distance=distance)
+        ring = Ring(self.net.endpoint(addr, name, site), name, addr, site, r=self.r, distance=distance,
+                    learn=self.learning)
         self.rings[addr] = ring
         bisect.insort(self.ids, ring.me.id)
         self.by_id[ring.me.id] = ring
@@ -97,7 +101,7 @@ class Simulation:
             state.successors = [peers[(k + j) % n] for j in range(1, min(self.r, n - 1) + 1)] or [state.me]
             state.predecessor = peers[(k - 1) % n] if n > 1 else None
             ring = self.by_id[node_id]
-            for index in range(ID_BITS):
+            for index in range(ID_BITS if self.fingers else 0):
                 first = bisect.bisect_left(self.ids, (node_id + (1 << index)) % (1 << ID_BITS))
                 owners = [peers[(first + j) % n] for j in range(self.r if self.pns else 1)]
                 state.set_finger(index, owners[0], ring._nearest(owners))
@@ -116,7 +120,8 @@ class Simulation:
         while ring.transport.addr in self.rings:
             await ring.stabilize()
             await ring.check_predecessor()
-            await ring.fix_finger()
+            if self.fingers:
+                await ring.fix_finger()
             await trio.sleep(self.ring_interval * self.rng.uniform(0.8, 1.2))
 
     async def lookup(self, ring: Ring, key: int, record: bool) -> None:
@@ -182,7 +187,7 @@ class Simulation:
 
 def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None, churn: float = 0.0,
              seed: int = 1, lookups_per_second: float = 20.0, ring_interval: float = 5.0,
-             warmup: float = 30.0, pns: bool = False) -> dict[str, Any]:
+             warmup: float = 30.0, pns: bool = False, fingers: bool = True, learning: bool = True) -> dict[str, Any]:
     """Run one simulation; `churn` is the share of nodes replaced per minute (0.05 = 5 %/min)."""
     matrix = None
     if matrix_path:
@@ -190,7 +195,7 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
 
         matrix = symmetrise(load_matrix(matrix_path)).tolist()
     wall = time.perf_counter()
-    sim = Simulation(nodes, seed, matrix, ring_interval=ring_interval, pns=pns)
+    sim = Simulation(nodes, seed, matrix, ring_interval=ring_interval, pns=pns, fingers=fingers, learning=learning)
 
     async def main() -> None:
         sim.t0 = trio.current_time()
@@ -204,6 +209,7 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         "latency_model": matrix_path or f"{len(sim.sites)} sites",
         "ring_interval_s": ring_interval, "successors": sim.r,
         "proximity_fingers": "exact RTT (upper bound of what coordinates give)" if pns else "off",
+        "fingers": fingers, "learned_links": learning,
         "lookups": done + s.failed,
         "success_rate": round(done / (done + s.failed), 5) if done + s.failed else None,
         "correct_rate": round((done - s.incorrect) / (done + s.failed), 5) if done + s.failed else None,
@@ -215,7 +221,14 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         "wall_s": round(time.perf_counter() - wall, 1),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "hop_histogram": {h: s.hops.count(h) for h in sorted(set(s.hops))},
+        "hops_over_time": _tenths(s.hops),
     }
+
+
+def _tenths(hops: list[int]) -> list[float]:
+    """Mean hops in each tenth of the lookups, in order: how routing improves as links are learned."""
+    size = max(1, len(hops) // 10)
+    return [round(statistics.fmean(hops[i:i + size]), 2) for i in range(0, size * 10, size) if hops[i:i + size]]
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -31,11 +31,13 @@ most ``r`` long; the single exception is a lone node, whose list is ``[me]``.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 ID_BITS = 64
 RING = 2**ID_BITS
+MAX_LEARNED = 64
 
 
 def hash_id(text: str) -> int:
@@ -79,6 +81,8 @@ class ChordState:
         self.predecessor: Peer | None = None
         self.successors: list[Peer] = [me]
         self.fingers: list[Peer | None] = [None] * ID_BITS
+        self.learned: OrderedDict[int, Peer] = OrderedDict()
+        """Long links memorised from routed requests (least recently seen first), used for routing only."""
         self._next_finger = 0
 
     def __repr__(self) -> str:
@@ -209,8 +213,20 @@ class ChordState:
         if self.predecessor is not None and self.predecessor.id == peer.id:
             self.predecessor = None
         self.fingers = [None if f is not None and f.id == peer.id else f for f in self.fingers]
+        self.learned.pop(peer.id, None)
         if any(s.id == peer.id for s in self.successors):
             self._set_successors(s for s in self.successors if s.id != peer.id)
+
+    def learn(self, peer: Peer) -> None:
+        """Memorise a peer met while routing (the DISCOVERY paper's learned long links): later lookups
+        may jump through it. Bounded; the least recently seen is forgotten first. Successors and
+        predecessor stay governed by stabilize alone, so learning can never break the ring."""
+        if peer.id == self.me.id:
+            return
+        self.learned[peer.id] = peer
+        self.learned.move_to_end(peer.id)
+        while len(self.learned) > MAX_LEARNED:
+            self.learned.popitem(last=False)
 
     def on_left(self, peer: Peer, its_predecessor: Peer | None, its_successors: list[Peer]) -> None:
         """`peer` leaves voluntarily and hands over its predecessor and successor list."""
@@ -232,15 +248,15 @@ class ChordState:
     # -- routing ----------------------------------------------------------------------------------------
 
     def known_peers(self) -> set[Peer]:
-        """Every peer this node knows of (successors, predecessor, fingers), without itself."""
-        return self._fallbacks() | {s for s in self.successors if s.id != self.me.id}
+        """Every peer this node knows of (successors, predecessor, fingers, learned links), without itself."""
+        return self._fallbacks() | {s for s in self.successors if s.id != self.me.id} | set(self.learned.values())
 
     def closest_preceding(self, key: int, avoid: frozenset[int] = frozenset()) -> Peer:
         """The known peer strictly between me and `key` that is closest to `key`; me if there is none.
         Peers whose id is in `avoid` (found dead by the asker) are skipped."""
         best, best_distance = self.me, 0
         seen: set[int] = set(avoid)
-        for peer in (*self.successors, *self.fingers, self.predecessor):
+        for peer in (*self.successors, *self.fingers, self.predecessor, *self.learned.values()):
             if peer is None or peer.id in seen:
                 continue
             seen.add(peer.id)

@@ -42,11 +42,13 @@ class Ring:
     """One node's place on the Chord ring."""
 
     def __init__(self, transport: Endpoint, name: str, addr: str, site: str, r: int = 8,
-                 distance: Callable[[Peer], float | None] | None = None) -> None:
+                 distance: Callable[[Peer], float | None] | None = None, learn: bool = True) -> None:
         """`distance` estimates the latency to a peer (Vivaldi in agents): with it, fingers prefer the
-        nearest acceptable node (proximity neighbour selection)."""
+        nearest acceptable node (proximity neighbour selection). With `learn`, every lookup teaches the
+        asker the nodes on its path and the owner, and teaches each node on the path the asker."""
         self.transport = transport
         self.distance = distance
+        self.learn = learn
         self.me = Peer(hash_id(name), name, addr, site)
         self.state = ChordState(self.me, r)
         transport.route("chord.step", self._on_step)
@@ -59,6 +61,8 @@ class Ring:
         key, avoid = args.get("key"), args.get("avoid", [])
         if not isinstance(key, int) or not 0 <= key < 2**64:
             raise RequestError("chord.step needs an integer key")
+        if self.learn and args.get("from") is not None:
+            self.state.learn(peer_from_wire(args["from"]))
         if not (isinstance(avoid, list) and len(avoid) <= MAX_AVOID and all(isinstance(a, int) for a in avoid)):
             raise RequestError(f"chord.step: avoid must be a list of at most {MAX_AVOID} ids")
         done, peer = self.state.lookup_step(key, frozenset(avoid))
@@ -123,7 +127,7 @@ class Ring:
         while path and hops[0] < MAX_HOPS:
             node = path[-1]
             hops[0] += 1
-            args = {"key": key, "avoid": sorted(avoid)[:MAX_AVOID]}
+            args = {"key": key, "avoid": sorted(avoid)[:MAX_AVOID], "from": peer_to_wire(self.me)}
             try:
                 reply = await self.transport.call(node.addr, "chord.step", args, timeout=HOP_TIMEOUT)
             except RemoteError:
@@ -135,7 +139,12 @@ class Ring:
                 continue
             peer = peer_from_wire(reply.get("peer"))
             if reply.get("done"):
-                return peers_from_wire(reply.get("successors"))
+                owners = peers_from_wire(reply.get("successors"))
+                if self.learn:
+                    for met in [*path, *owners[:1]]:
+                        if met.id >= 0:  # not the placeholder of a seed known by address only
+                            self.state.learn(met)
+                return owners
             if peer.id == node.id or peer.id in avoid:
                 raise RequestError(f"lookup of key {key:x} stuck at {node.name}")
             path.append(peer)

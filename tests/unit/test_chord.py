@@ -708,3 +708,23 @@ def test_set_finger_prefers_a_nearer_peer_only_inside_each_fingers_interval():
     assert all(state.fingers[i] == succ for i in range(10))
     state.set_finger(20, Peer(1 << 20, "f20", "a:3"), Peer(1 << 40, "far-away-id", "a:4"))
     assert state.fingers[20].name == "f20"  # a "nearer" peer outside the interval is not taken
+
+
+def test_learned_links_are_bounded_used_for_routing_and_dropped_when_dead():
+    from overlay.chord import MAX_LEARNED
+
+    me = Peer(0, "me", "a:0")
+    state = ChordState(me, r=2)
+    state.join(Peer(10, "s", "a:1"), [])
+    far = Peer(RING // 2, "far", "a:2")
+    state.learn(far)
+    assert state.closest_preceding(RING // 2 + 100) == far
+    assert far in state.known_peers()
+    state.on_dead(far)
+    assert state.closest_preceding(RING // 2 + 100).name == "s"
+    for i in range(MAX_LEARNED + 5):
+        state.learn(Peer(1000 + i, f"p{i}", f"a:{i}"))
+    assert len(state.learned) == MAX_LEARNED and 1000 not in state.learned  # least recently seen went first
+    state.learn(me)
+    assert me.id not in state.learned
+    assert [p.name for p in state.successor_list()] == ["s"]  # learning never touches the ring itself

@@ -73,10 +73,19 @@ def test_hash_ids_are_what_the_simulation_uses():
 
 def test_proximity_fingers_cut_latency_not_correctness():
     matrix = "../shared/data/rtt/planetlab_490_slice1.tsv.gz"
-    plain = simulate(150, duration=90, matrix_path=matrix, seed=4, lookups_per_second=10)
-    near = simulate(150, duration=90, matrix_path=matrix, seed=4, lookups_per_second=10, pns=True)
+    plain = simulate(150, duration=90, matrix_path=matrix, seed=4, lookups_per_second=10, learning=False)
+    near = simulate(150, duration=90, matrix_path=matrix, seed=4, lookups_per_second=10, pns=True, learning=False)
     # a few PlanetLab pairs take up to 3 s, past the 2 s hop timeout: those hops count as failed
     assert plain["success_rate"] == near["success_rate"] == 1.0
     assert min(plain["correct_rate"], near["correct_rate"]) >= 0.97
     assert near["lookup_latency_ms_p50"] < 0.8 * plain["lookup_latency_ms_p50"]
     assert near["hops_mean"] <= near["half_log2_n_plus_1"]
+
+
+def test_learned_links_take_successor_only_routing_from_linear_toward_logarithmic():
+    plain = simulate(200, duration=120, seed=6, fingers=False, learning=False, warmup=0, lookups_per_second=10)
+    learned = simulate(200, duration=120, seed=6, fingers=False, learning=True, warmup=0, lookups_per_second=10)
+    assert plain["hops_mean"] > 10  # ~N / (2r) without fingers
+    assert learned["correct_rate"] == plain["correct_rate"] == 1.0
+    assert learned["hops_over_time"][-1] < learned["hops_over_time"][0]
+    assert learned["hops_mean"] < learned["half_log2_n_plus_1"]
