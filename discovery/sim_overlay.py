@@ -60,6 +60,7 @@ class Simulation:
         self.ids: list[int] = []  # sorted ids of the nodes in the ring, the ground truth
         self.by_id: dict[int, Ring] = {}
         self.stats = Stats()
+        self.t0 = 0.0  # virtual time at which the run started
         self._next = 0
         for _ in range(nodes):
             self._add_node()
@@ -104,7 +105,7 @@ class Simulation:
             for index in range(ID_BITS if self.fingers else 0):
                 first = bisect.bisect_left(self.ids, (node_id + (1 << index)) % (1 << ID_BITS))
                 owners = [peers[(first + j) % n] for j in range(self.r if self.pns else 1)]
-                state.set_finger(index, owners[0], ring._nearest(owners))
+                state.set_finger(index, owners[0], ring.nearest(owners))
 
     def true_owner(self, key: int) -> int:
         k = bisect.bisect_left(self.ids, key)

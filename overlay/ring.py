@@ -198,9 +198,10 @@ class Ring:
         except (RpcError, RequestError):
             return
         if owners:
-            self.state.set_finger(index, owners[0], self._nearest(owners))
+            self.state.set_finger(index, owners[0], self.nearest(owners))
 
-    def _nearest(self, peers: list[Peer]) -> Peer | None:
+    def nearest(self, peers: list[Peer]) -> Peer | None:
+        """The peer estimated nearest to us (None without a distance function or estimates)."""
         if self.distance is None:
             return None
         known = [(d, p) for p in peers if p != self.me and (d := self.distance(p)) is not None]
