@@ -151,6 +151,7 @@ class GossipService(Actor):
         self.agent = agent
         self.membership = agent.membership
         self.tick_interval = agent.config.probe_interval
+        self._remembered: list[tuple[str, str, str]] = []
         agent.transport.route("member.ping", self._on_ping)
 
     async def join(self) -> None:
@@ -211,8 +212,12 @@ class GossipService(Actor):
             self.agent.notifier.publish(kind, name=member.name, addr=member.addr, site=member.site)
 
     def _remember_members(self) -> None:
-        table = [m.to_wire() for m in self.membership.alive(include_me=False)]
-        (self.agent.config.data_dir / "members.json").write_text(json.dumps(table))
+        """Persist the live members' addresses (seeds after a restart), only when they change."""
+        table = sorted((m.name, m.addr, m.site) for m in self.membership.alive(include_me=False))
+        if table != self._remembered:
+            entries = [{"name": n, "addr": a, "site": s} for n, a, s in table]
+            (self.agent.config.data_dir / "members.json").write_text(json.dumps(entries))
+            self._remembered = table
 
     def _remembered_members(self) -> list[Member]:
         path = self.agent.config.data_dir / "members.json"
