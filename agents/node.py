@@ -252,9 +252,7 @@ class RingService(Actor):
     async def tick(self) -> None:
         for member in self.agent.membership.alive(include_me=False):
             self.ring.state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
-        await self.ring.stabilize()
-        await self.ring.check_predecessor()
-        await self.ring.fix_finger()
+        await self.ring.maintain()
 
 
 class RepairService(Actor):

@@ -39,6 +39,8 @@ class Stats:
     failed: int = 0
     incorrect: int = 0
     joins: int = 0
+    joins_failed: int = 0
+    join_attempts: int = 0
     crashes: int = 0
 
 
@@ -119,10 +121,7 @@ class Simulation:
     async def maintain(self, ring: Ring) -> None:
         await trio.sleep(self.rng.uniform(0, self.ring_interval))
         while ring.transport.addr in self.rings:
-            await ring.stabilize()
-            await ring.check_predecessor()
-            if self.fingers:
-                await ring.fix_finger()
+            await ring.maintain(self.fingers)
             await trio.sleep(self.ring_interval * self.rng.uniform(0.8, 1.2))
 
     async def lookup(self, ring: Ring, key: int, record: bool) -> None:
@@ -151,11 +150,13 @@ class Simulation:
         seed = self.rng.choice(list(self.rings))
         ring = self._add_node()
         self.ids.remove(ring.me.id)  # not part of the truth until its join completes
+        self.stats.join_attempts += 1
         if await ring.join([seed]):
             bisect.insort(self.ids, ring.me.id)
             self.stats.joins += 1
             nursery.start_soon(self.maintain, ring)
         else:
+            self.stats.joins_failed += 1
             self.rings.pop(ring.transport.addr)
             self.net.crash(ring.transport.addr)
 
@@ -218,7 +219,9 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         "hops_p99": sorted(s.hops)[int(0.99 * (len(s.hops) - 1))] if s.hops else None,
         "half_log2_n_plus_1": round(0.5 * math.log2(nodes) + 1, 3),
         "lookup_latency_ms_p50": round(1000 * statistics.median(s.latencies), 2) if s.latencies else None,
-        "crashes": s.crashes, "joins": s.joins, "messages": sim.net.messages,
+        "crashes": s.crashes, "joins": s.joins, "joins_failed": s.joins_failed,
+        "joins_in_flight": s.join_attempts - s.joins - s.joins_failed,  # cut off by the end of the run
+        "messages": sim.net.messages,
         "wall_s": round(time.perf_counter() - wall, 1),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "hop_histogram": {h: s.hops.count(h) for h in sorted(set(s.hops))},

@@ -10,8 +10,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import trio
-
 from overlay.chord import ChordState, Peer, hash_id
 from overlay.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError
 
@@ -207,10 +205,9 @@ class Ring:
         known = [(d, p) for p in peers if p != self.me and (d := self.distance(p)) is not None]
         return min(known, key=lambda pair: pair[0])[1] if known else None
 
-    async def maintain(self, interval: float = 0.5) -> None:
-        """Stabilize, check the predecessor and fix a finger, forever."""
-        while True:
-            await self.stabilize()
-            await self.check_predecessor()
+    async def maintain(self, fingers: bool = True) -> None:
+        """One maintenance round: stabilize, check the predecessor, fix one finger (unless `fingers` is off)."""
+        await self.stabilize()
+        await self.check_predecessor()
+        if fingers:
             await self.fix_finger()
-            await trio.sleep(interval)
