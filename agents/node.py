@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio_asyncio
 
 from agents.capacity import Resources
 from agents.coordinates import CoordinateService
 from agents.host import HostService
 from agents.hypervisor import Hypervisor, write_node_xml
+from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
+from agents.spiral import SpiralService
 from overlay import tls
 from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
@@ -48,6 +51,8 @@ class AgentConfig:
     suspect_timeout: float = 3.0
     ring_interval: float = 0.5
     repair_interval: float = 5.0
+    kademlia: bool = True  # run a Kademlia overlay beside Chord, so records can be re-bound to it
+    kad_port: int = 0  # UDP; 0 picks a free one (peers learn it over the agent's RPC)
 
 
 Extension = Callable[["NodeAgent"], Awaitable[None]]
@@ -70,22 +75,38 @@ class NodeAgent:
         self.hypervisor = Hypervisor.open(uri)
         self.shard = Shard(cfg.data_dir / "dht.sqlite")
         try:
-            async with Transport(cfg.identity, cfg.name, cfg.site, delay=self._delay) as transport:
-                self.transport = transport
-                host, _, port = cfg.listen.rpartition(":")
-                addr = f"{host}:{await transport.listen(host, int(port))}"
-                self.membership = Membership(cfg.name, addr, cfg.site, cfg.suspect_timeout)
-                self.membership.me.incarnation = self._bump_incarnation()
-                self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)
-                self.dht = DHT(transport, self.ring, self.shard, self.live_addrs, r=cfg.replicas)
-                self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite")
-                self.gossip = GossipService(self)
-                self.coordinates = CoordinateService(self)  # every RPC we make is now an RTT sample
-                self.actors += [self.host, self.gossip, self.coordinates, RingService(self), RepairService(self)]
-                transport.route("agent.status", self._on_status)
-                transport.route("agent.members", self._on_members)
-                for extension in self.extensions:
-                    await extension(self)
+            async with trio_asyncio.open_loop():  # the Kademlia overlay is asyncio code (overlay/kad.py)
+                await self._serve()
+        finally:
+            if hasattr(self, "host"):
+                self.host.close()
+            self.shard.close()
+            await self.hypervisor.close()
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        async with Transport(cfg.identity, cfg.name, cfg.site, delay=self._delay) as transport:
+            self.transport = transport
+            host, _, port = cfg.listen.rpartition(":")
+            addr = f"{host}:{await transport.listen(host, int(port))}"
+            self.membership = Membership(cfg.name, addr, cfg.site, cfg.suspect_timeout)
+            self.membership.me.incarnation = self._bump_incarnation()
+            self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)
+            self.dht = DHT(transport, self.ring, self.shard, r=cfg.replicas)
+            self.overlays = OverlayService(self)
+            self.records = self.overlays.records  # what services read and write, on whichever overlay is bound
+            self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite")
+            self.gossip = GossipService(self)
+            self.coordinates = CoordinateService(self)  # every RPC we make is now an RTT sample
+            self.spiral = SpiralService(self)
+            self.actors += [self.host, self.gossip, self.coordinates, RingService(self), RepairService(self),
+                            self.overlays, self.spiral]
+            transport.route("agent.status", self._on_status)
+            transport.route("agent.members", self._on_members)
+            for extension in self.extensions:
+                await extension(self)
+            try:
+                await self.overlays.start_kademlia()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
                     for actor in self.actors:
@@ -94,24 +115,17 @@ class NodeAgent:
                     (cfg.data_dir / "agent.addr").write_text(addr)
                     log.info("agent %s (site %s) serving on %s", cfg.name, cfg.site, addr)
                 await self.gossip.leave()
-        finally:
-            if hasattr(self, "host"):
-                self.host.close()
-            self.shard.close()
-            await self.hypervisor.close()
+            finally:
+                await self.overlays.close()
 
     def _estimated_rtt(self, peer: Peer) -> float | None:
         """Vivaldi's estimate of the RTT to a ring peer, for proximity fingers."""
         member = self.membership.members.get(peer.name)
         return self.coordinates.estimate_to(member) if member is not None else None
 
-    def live_addrs(self) -> list[str]:
-        return [m.addr for m in self.membership.alive()]
-
     def _delay(self, site: str, peer_site: str) -> float:
-        """One-way emulated latency: half the configured RTT between the two sites."""
-        if site == peer_site:
-            return 0.0
+        """One-way emulated latency: half the configured RTT between the two sites (or inside one site,
+        when the matrix gives a site a latency to itself)."""
         return self.config.site_rtt_ms.get(site, {}).get(peer_site, 0.0) / 2000.0
 
     def _bump_incarnation(self) -> int:
@@ -133,7 +147,8 @@ class NodeAgent:
         return {"name": self.config.name, "site": self.config.site, "addr": self.membership.me.addr,
                 "successors": [p.name for p in state.successor_list()],
                 "predecessor": state.predecessor.name if state.predecessor else None,
-                "records": len(self.shard.records), "restarts": dict(self.supervisor.restarts),
+                "records": len(self.shard.records), "dht": dict(self.dht.stats), "overlay": self.records.name,
+                "restarts": dict(self.supervisor.restarts),
                 "rejected_connections": self.transport.rejected_connections}
 
     async def _on_members(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -142,15 +157,22 @@ class NodeAgent:
 
 
 class GossipService(Actor):
-    """SWIM rounds: probe one member per tick with push-pull tables, expire suspects, retry seeds."""
+    """SWIM rounds: probe one member per tick with piggybacked updates, expire suspects, retry seeds.
+
+    Joins, seeds and one round every `sync_period` seconds push-pull full tables instead
+    (`overlay.membership` explains why); a ping that carries a table, as older agents send, is
+    merged and answered with ours.
+    """
 
     name = "gossip"
+    sync_period = 30.0  # seconds between full-state push-pulls, as memberlist does
 
     def __init__(self, agent: NodeAgent) -> None:
         super().__init__()
         self.agent = agent
         self.membership = agent.membership
         self.tick_interval = agent.config.probe_interval
+        self.membership.sync_every = max(1, round(self.sync_period / self.tick_interval))
         self._remembered: list[tuple[str, str, str]] = []
         agent.transport.route("member.ping", self._on_ping)
 
@@ -159,9 +181,9 @@ class GossipService(Actor):
         await self.agent.ring.join([m.addr for m in self.membership.alive(include_me=False)] or self._seeds())
 
     async def tick(self) -> None:
-        target = self.membership.probe_target()
+        target, full = self.membership.next_round()
         if target is not None:
-            await self._probe(target.addr, target.name)
+            await self._probe(target.addr, target.name, full)
         await self._contact_seeds()
         self._publish(self.membership.expire(trio.current_time()))
         self._remember_members()
@@ -171,7 +193,7 @@ class GossipService(Actor):
         self.membership.leave()
         with trio.move_on_after(2):
             others = [m.addr for m in self.membership.alive(include_me=False)][:3]
-            await self.agent.transport.call_many(others, "member.ping", {"members": self.membership.table()}, 1.0)
+            await self.agent.transport.call_many(others, "member.ping", self.membership.message(), 1.0)
 
     def _seeds(self) -> list[str]:
         seeds = [a for a in self.agent.config.join if a != self.membership.me.addr]
@@ -181,16 +203,17 @@ class GossipService(Actor):
         """Probe every seed that is not a live member (Consul's retry-join).
 
         Stopping at the first seed that answers would let nodes started at the same moment form
-        separate islands; asking all of them merges the islands through the seeds' tables.
+        separate islands; asking all of them merges the islands through the seeds' tables, which
+        is why these probes push-pull full tables.
         """
         known = {m.addr for m in self.membership.alive()}
         for seed in self._seeds():
             if seed not in known:
-                await self._probe(seed)
+                await self._probe(seed, full=True)
 
-    async def _probe(self, addr: str, name: str | None = None) -> bool:
+    async def _probe(self, addr: str, name: str | None = None, full: bool = False) -> bool:
         try:
-            reply = await self.agent.transport.call(addr, "member.ping", {"members": self.membership.table()},
+            reply = await self.agent.transport.call(addr, "member.ping", self.membership.message(full),
                                                     timeout=max(0.5, self.tick_interval * 2))
         except RpcError as err:
             log.debug("probe of %s failed: %s", name or addr, err)
@@ -199,12 +222,13 @@ class GossipService(Actor):
             return False
         if not isinstance(reply, dict):
             return False
-        self._publish(self.membership.merge(reply.get("members"), trio.current_time()))
+        self._publish(self.membership.receive(reply, trio.current_time()))
         return True
 
     async def _on_ping(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        self._publish(self.membership.merge(args.get("members"), trio.current_time()))
-        return {"name": self.membership.me.name, "members": self.membership.table()}
+        reply, events = self.membership.answer(args, trio.current_time())
+        self._publish(events)
+        return reply
 
     def _publish(self, events: list[tuple[str, Member]]) -> None:
         for kind, member in events:
@@ -256,7 +280,8 @@ class RingService(Actor):
 
 
 class RepairService(Actor):
-    """Anti-entropy for the DHT shard: push records to their replicas, hand off what moved away."""
+    """Anti-entropy for the DHT shard: compare digests with the other replicas and exchange only what
+    differs; hand off records this node no longer replicates (`overlay.dht`)."""
 
     name = "repair"
 

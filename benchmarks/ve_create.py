@@ -19,30 +19,13 @@ import time
 from pathlib import Path
 
 import trio
+from stats import rss_mib, summary_ms  # benchmarks/stats.py, beside this script
 
 from agents.hypervisor import Hypervisor, domain_xml, write_node_xml
 from discovery import cluster
 from discovery.spec import VESpec, VMSpec
 from overlay import tls
 from overlay.rpc import Transport
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def summary_ms(seconds: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in seconds]
-    return {"p50": round(percentile(ms, 50), 2), "p99": round(percentile(ms, 99), 2),
-            "mean": round(statistics.fmean(ms), 2), "max": round(max(ms), 2)}
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def create_all(identity: tls.Identity, addrs: list[str], count: int, concurrency: int,

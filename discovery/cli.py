@@ -30,7 +30,10 @@ ca_app = typer.Typer(no_args_is_help=True, help="Cluster certificate authority."
 ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
 cluster_app = typer.Typer(no_args_is_help=True, help="A local multi-site cluster of agent processes.")
 sim_app = typer.Typer(no_args_is_help=True, help="Simulation campaigns that run the production code.")
-for sub, name in ((agent_app, "agent"), (ca_app, "ca"), (ve_app, "ve"), (cluster_app, "cluster"), (sim_app, "sim")):
+overlay_app = typer.Typer(no_args_is_help=True, help="The overlays (Chord, Kademlia) and which one holds the records.")
+kv_app = typer.Typer(no_args_is_help=True, help="Key/value records under kv/, on the bound overlay or a named one.")
+for sub, name in ((agent_app, "agent"), (ca_app, "ca"), (ve_app, "ve"), (cluster_app, "cluster"), (sim_app, "sim"),
+                  (overlay_app, "overlay"), (kv_app, "kv")):
     app.add_typer(sub, name=name)
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: do not wrap at 80
@@ -56,9 +59,9 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def rpc(method: str, args: dict[str, Any] | None = None) -> Any:
+def rpc(method: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
     try:
-        return call(load_client_config(Options.config), Options.agent, method, args)
+        return call(load_client_config(Options.config), Options.agent, method, args, timeout)
     except (RpcError, ConfigError, tls.TLSError) as err:  # RemoteError included: the agent's refusal
         raise fail(str(err)) from None
 
@@ -90,6 +93,8 @@ def agent_run(config: Annotated[Path, typer.Option(help="agent.toml")],
     from discovery.ve_service import install
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.lower() != "debug":
+        logging.getLogger("kademlia").setLevel(logging.WARNING)  # it logs every datagram at INFO
     try:
         trio.run(NodeAgent(load_agent_config(config), [install]).run)
     except (ConfigError, tls.TLSError, HypervisorError) as err:
@@ -134,6 +139,56 @@ def rtt(node: str, node2: Annotated[str | None, typer.Argument(help="Default: th
         measured = "-" if answer["measured_ms"] is None else f"{answer['measured_ms']:.3f} ms"
         print(f"Estimated {answer['a']} <-> {answer['b']} rtt: {answer['estimated_ms']:.3f} ms "
               f"(± {answer['bound_ms']:.3f} ms), measured: {measured}")
+
+
+@app.command()
+def spiral(count: Annotated[int, typer.Option(help="How many nodes to find.")] = 5,
+           site: Annotated[str | None, typer.Option(help="Only nodes of this site.")] = None,
+           as_json: JsonOpt = False) -> None:
+    """The nearest nodes to the agent, found by the spiral search (nearest first), and what it cost."""
+    info = rpc("spiral.search", {"count": count, "site": site})
+    rows = [[n["name"], n["site"], n["rtt_ms"], n["free"]["vcpus"], n["free"]["memory_mb"]] for n in info["nodes"]]
+    emit(info, as_json, make_table(["node", "site", "rtt ms", "free vcpus", "free MiB"], rows))
+    if not as_json:
+        print(f"from {info['origin']}: {info['hops']} hops, {info['messages']} messages, {info['failures']} failed")
+
+
+# -- overlay and kv --------------------------------------------------------------------------------
+
+OverlayOpt = Annotated[str | None, typer.Option("--overlay", help="chord or kademlia (default: the bound one).")]
+
+
+@overlay_app.command("status")
+def overlay_status(as_json: JsonOpt = False) -> None:
+    """Which overlay holds the records, at which epoch, and this agent's Kademlia contacts."""
+    info = rpc("overlay.status")
+    emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
+
+
+@overlay_app.command("bind")
+def overlay_bind(overlay: Annotated[str, typer.Argument(help="chord or kademlia")], as_json: JsonOpt = False) -> None:
+    """Move every agent's records (the VE directory included) to OVERLAY, at run time, losing none."""
+    info = rpc("overlay.bind", {"overlay": overlay}, timeout=300)
+    emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
+
+
+@kv_app.command("put")
+def kv_put(key: str, value: str, overlay: OverlayOpt = None, as_json: JsonOpt = False) -> None:
+    """Write VALUE under KEY (a new version)."""
+    info = rpc("overlay.put", {"key": key, "value": value, "overlay": overlay})
+    emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
+
+
+@kv_app.command("get")
+def kv_get(key: str, overlay: OverlayOpt = None, as_json: JsonOpt = False) -> None:
+    """Read KEY; exits 1 if it is absent."""
+    info = rpc("overlay.get", {"key": key, "overlay": overlay})
+    if not info["found"]:
+        raise fail(f"no record under {key!r} on {info['overlay']}")
+    if as_json:
+        emit(info, True)
+    else:
+        print(info["value"])
 
 
 # -- ca -------------------------------------------------------------------------------------------
@@ -221,11 +276,13 @@ def cluster_up(
     sites: Annotated[int, typer.Option(help="How many sites (latency emulated between them).")] = 3,
     vcpus: Annotated[int, typer.Option(help="vCPUs per node.")] = 16,
     memory_mb: Annotated[int, typer.Option(help="Memory per node, MiB.")] = 32768,
+    local_rtt_ms: Annotated[float, typer.Option(help="Emulated RTT between two nodes of one site, ms.")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Start NODES agent processes on loopback, spread over SITES sites."""
     try:
-        state = local_cluster.up(directory, nodes, sites, vcpus=vcpus, memory_mb=memory_mb)
+        state = local_cluster.up(directory, nodes, sites, vcpus=vcpus, memory_mb=memory_mb,
+                                 local_rtt_ms=local_rtt_ms)
     except (local_cluster.ClusterError, tls.TLSError) as err:
         raise fail(str(err)) from None
     emit(state, as_json, make_table(["node", "site", "address", "pid"],
@@ -295,6 +352,11 @@ def sim_spiral(
     spirals: Annotated[int, typer.Option(min=1, help="Spirals measured per point of the learning curve.")] = 200,
     learning_rounds: Annotated[int, typer.Option(min=0, help="Rounds of one spiral from every node.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+    initial_view: Annotated[str, typer.Option(
+        help="coordinates: every member known, the nearest by estimate probed (an agent); random: 32 random "
+             "members (the baseline).")] = "coordinates",
+    view_probes: Annotated[int, typer.Option(min=0, help="Nearest members by estimate each node probes "
+                                                           "(initial view 'coordinates').")] = 40,
     plot: Annotated[Path | None, typer.Option(help="Write the learning curves to this PNG.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -302,15 +364,18 @@ def sim_spiral(
     from discovery import sim_spiral as sim
 
     try:
-        result = sim.run(str(matrix), count, view, far, spirals, learning_rounds, seed)
+        result = sim.run(str(matrix), count, view, far, spirals, learning_rounds, seed,
+                         initial_view=initial_view, view_probes=view_probes)
     except (OSError, ValueError) as err:
         raise fail(f"{matrix}: {err}") from None
     if plot is not None:
         sim.plot(result, str(plot))
     rows = [[name, f"{r['without_learning']['recall']:.3f}", f"{r['after_learning']['recall']:.3f}",
-             f"{r['after_learning']['messages']:.1f}"] for name, r in result["oracles"].items()]
+             f"{r['messages']['search_without_learning']:.1f}", f"{r['messages']['view_probes_once_per_node']:.1f}",
+             f"{r['messages']['search_after_learning']:.1f}"] for name, r in result["oracles"].items()]
     emit(result, as_json, make_table(["distance oracle", "recall, no learning", "recall, after learning",
-                                      "messages per spiral"], rows))
+                                      "messages per spiral", "view probe messages per node (once)",
+                                      "messages per spiral, after learning"], rows))
 
 
 @sim_app.command("overlay")

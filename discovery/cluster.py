@@ -38,8 +38,9 @@ class ClusterError(Exception):
     """A one-line reason the cluster command could not do what was asked."""
 
 
-def rtt_matrix(sites: list[str]) -> dict[str, dict[str, float]]:
-    matrix: dict[str, dict[str, float]] = {a: {} for a in sites}
+def rtt_matrix(sites: list[str], local_rtt_ms: float = 0.0) -> dict[str, dict[str, float]]:
+    """Emulated RTT between the sites; `local_rtt_ms` between two nodes of one site (loopback otherwise)."""
+    matrix: dict[str, dict[str, float]] = {a: ({a: local_rtt_ms} if local_rtt_ms else {}) for a in sites}
     for (a, b), ms in SITE_RTT_MS.items():
         if a in matrix and b in matrix:
             matrix[a][b] = matrix[b][a] = float(ms)
@@ -91,7 +92,7 @@ def load_state(directory: Path) -> dict[str, Any]:
 
 
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
-       wait: float = 60.0) -> dict[str, Any]:
+       wait: float = 60.0, local_rtt_ms: float = 0.0) -> dict[str, Any]:
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
     if not 1 <= sites <= min(nodes, len(SITES)):
@@ -109,7 +110,9 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     site_names = SITES[:sites]
     ports = _free_ports(nodes)
     addrs = [f"127.0.0.1:{p}" for p in ports]
-    matrix = rtt_matrix(site_names)
+    if not 0 <= local_rtt_ms <= 1000:
+        raise ClusterError("--local-rtt-ms must be between 0 and 1000")
+    matrix = rtt_matrix(site_names, local_rtt_ms)
     started: list[dict[str, Any]] = []
     try:
         for i in range(nodes):

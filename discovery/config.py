@@ -7,6 +7,8 @@ agent.toml:
     join = ["127.0.0.1:7002"]
     data_dir = "/var/lib/discovery"
     libvirt_uri = ""                    # empty: embedded test:/// host sized by [capacity]
+    kademlia = true                     # run Kademlia beside Chord (`discovery overlay bind`)
+    kad_port = 0                        # its UDP port; 0 picks a free one
     [capacity]  vcpus = 16, memory_mb = 32768, disk_gb = 500
     [tls]       ca = "...", cert = "...", key = "..."
     [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
@@ -105,6 +107,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         libvirt_uri=_field(data, "libvirt_uri", str, path, ""),
         site_rtt_ms=site_rtt,
         replicas=_field(data, "replicas", int, path, 3),
+        kademlia=_field(data, "kademlia", bool, path, True),
+        kad_port=_field(data, "kad_port", int, path, 0),
     )
 
 

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-import trio.testing
 
 from discovery.cluster import SITES, rtt_matrix
 from overlay.chord import ID_BITS, Peer
-from overlay.memnet import MemNetwork
+from overlay.memnet import MemNetwork, SimClock, sleep
 from overlay.ring import Ring
 from overlay.rpc import RequestError, RpcError
 
@@ -59,6 +58,8 @@ class Simulation:
         self.learning = learning
         self.net = MemNetwork(self.latency)
         self.rings: dict[str, Ring] = {}
+        self.addrs: list[str] = []  # the addresses of `rings`, for O(1) random picks
+        self._slot: dict[str, int] = {}
         self.ids: list[int] = []  # sorted ids of the nodes in the ring, the ground truth
         self.by_id: dict[int, Ring] = {}
         self.stats = Stats()
@@ -90,9 +91,23 @@ class Simulation:
         distance = (lambda peer: 2 * self.latency(addr, peer.addr)) if self.pns else None
         ring = Ring(self.net.endpoint(addr, name, site), name, addr, site, r=self.r, distance=distance,
                     learn=self.learning)
-        self.rings[addr] = ring
+        self._enter(ring)
         bisect.insort(self.ids, ring.me.id)
         self.by_id[ring.me.id] = ring
+        return ring
+
+    def _enter(self, ring: Ring) -> None:
+        addr = ring.transport.addr
+        self.rings[addr] = ring
+        self._slot[addr] = len(self.addrs)
+        self.addrs.append(addr)
+
+    def _leave(self, addr: str) -> Ring:
+        ring = self.rings.pop(addr)
+        slot, last = self._slot.pop(addr), self.addrs.pop()
+        if last != addr:
+            self.addrs[slot] = last
+            self._slot[last] = slot
         return ring
 
     def _converge(self) -> None:
@@ -119,10 +134,10 @@ class Simulation:
     # -- activity ----------------------------------------------------------------------------------
 
     async def maintain(self, ring: Ring) -> None:
-        await trio.sleep(self.rng.uniform(0, self.ring_interval))
+        await sleep(self.rng.uniform(0, self.ring_interval))
         while ring.transport.addr in self.rings:
             await ring.maintain(self.fingers)
-            await trio.sleep(self.ring_interval * self.rng.uniform(0.8, 1.2))
+            await sleep(self.ring_interval * self.rng.uniform(0.8, 1.2))
 
     async def lookup(self, ring: Ring, key: int, record: bool) -> None:
         start = trio.current_time()
@@ -139,15 +154,15 @@ class Simulation:
                 self.stats.incorrect += 1
 
     def crash_one(self) -> None:
-        addr = self.rng.choice(list(self.rings))
-        ring = self.rings.pop(addr)
+        addr = self.rng.choice(self.addrs)
+        ring = self._leave(addr)
         self.net.crash(addr)
         self.ids.remove(ring.me.id)
         del self.by_id[ring.me.id]
         self.stats.crashes += 1
 
     async def join_one(self, nursery: trio.Nursery) -> None:
-        seed = self.rng.choice(list(self.rings))
+        seed = self.rng.choice(self.addrs)
         ring = self._add_node()
         self.ids.remove(ring.me.id)  # not part of the truth until its join completes
         self.stats.join_attempts += 1
@@ -157,7 +172,7 @@ class Simulation:
             nursery.start_soon(self.maintain, ring)
         else:
             self.stats.joins_failed += 1
-            self.rings.pop(ring.transport.addr)
+            self._leave(ring.transport.addr)
             self.net.crash(ring.transport.addr)
 
     async def run(self, duration: float, lookups_per_second: float, churn_per_minute: float,
@@ -168,13 +183,13 @@ class Simulation:
             nursery.start_soon(self._workload, nursery, duration, lookups_per_second, warmup)
             if churn_per_minute > 0:
                 nursery.start_soon(self._churn, nursery, churn_per_minute)
-            await trio.sleep(duration)
+            await sleep(duration)
             nursery.cancel_scope.cancel()
 
     async def _workload(self, nursery: trio.Nursery, duration: float, rate: float, warmup: float) -> None:
         while True:
-            await trio.sleep(self.rng.expovariate(rate))
-            ring = self.rings[self.rng.choice(list(self.rings))]
+            await sleep(self.rng.expovariate(rate))
+            ring = self.rings[self.rng.choice(self.addrs)]
             record = warmup <= trio.current_time() - self.t0 <= duration - ring.transport.default_timeout
             nursery.start_soon(self.lookup, ring, self.rng.getrandbits(ID_BITS), record)
 
@@ -182,7 +197,7 @@ class Simulation:
         """Replace `per_minute` of the nodes each minute: Poisson crash events, each followed by a join."""
         rate = per_minute * len(self.rings) / 60.0
         while True:
-            await trio.sleep(self.rng.expovariate(rate))
+            await sleep(self.rng.expovariate(rate))
             self.crash_one()
             nursery.start_soon(self.join_one, nursery)
 
@@ -203,7 +218,7 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         sim.t0 = trio.current_time()
         await sim.run(duration, lookups_per_second, churn, warmup)
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(main, clock=SimClock())
     s = sim.stats
     done = len(s.hops)
     return {

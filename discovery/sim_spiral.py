@@ -4,17 +4,25 @@ Every node is an `overlay.spiral.View` and every spiral runs the sans-IO `Spiral
 agents will run; only the network is simulated (an RPC is a function call that returns the matrix RTT).
 
 What the nodes know. Coordinates come from the production Vivaldi code (`sim_vivaldi.run`: 200 rounds,
-32 neighbours), or are given. A node starts knowing `BOOTSTRAP` random members with their coordinates
-(what a freshly joined node could know); its view keeps the closest of them by its oracle plus `far`
-random ones. Three oracles:
+32 neighbours), or are given. Every node has measured `BOOTSTRAP` random members (a Vivaldi node has
+measured 32 random neighbours; the campaign draws its own set). Its initial view, the closest known nodes
+by its oracle plus `far` random ones, comes from one of `INITIAL_VIEWS`:
+
+* ``coordinates`` (what a running agent has): membership gossip carries every member's coordinate, so a
+  node knows every member; under ``measured`` it also probes its `view_probes` nearest members by estimate
+  (those it has not measured yet: two messages per probe, once per node, reported apart as
+  ``view_probes_per_node``), so its view ranks its candidates by what it measured;
+* ``random`` (the baseline, a freshly joined node): a node knows only its `BOOTSTRAP` members, no probes.
+
+Three oracles:
 
 * ``vivaldi``: coordinate estimates only, nothing measured anywhere;
 * ``measured``: a node ranks by the RTTs it measured itself (its own direction of the matrix), by estimate
-  otherwise. It has measured its bootstrap members (a Vivaldi node has measured 32 random neighbours; the
-  campaign draws its own set); the asker times every reply (an RPC is an RTT sample: free); a contacted
-  node measures each node of the received spiral view it has not measured yet, then learns: two messages
-  per probe, reported as ``learning_probes`` per learning spiral;
-* ``rtt``: the true RTT as the oracle, information no node has: the upper bound of the algorithm itself.
+  otherwise; the asker times every reply (an RPC is an RTT sample: free); a contacted node measures each
+  node of the received spiral view it has not measured yet, then learns: two messages per probe, reported
+  as ``learning_probes`` per learning spiral;
+* ``rtt``: the true RTT as the oracle, information no node has: the upper bound of the algorithm itself
+  (with ``coordinates`` every view then holds the true nearest: the ceiling, not a test of the walk).
 
 What is measured. Recall = |result ∩ true `count` nearest by RTT| / count (the only use of the full matrix),
 messages (requests + replies), hops and backtracks per spiral, over `spirals` origins drawn at random once
@@ -40,7 +48,9 @@ from overlay.spiral import Distance, Entry, SpiralSearch, View, answer, vivaldi_
 from vivaldi.coordinate import Coordinate
 
 ORACLES = ("vivaldi", "measured", "rtt")
-BOOTSTRAP = 32  # members a new node knows, as many as the Vivaldi campaign's neighbours
+BOOTSTRAP = 32  # members a node has measured before anything else, as many as the Vivaldi campaign's neighbours
+INITIAL_VIEWS = ("coordinates", "random")
+VIEW_PROBES = 40  # nearest members by estimate a node probes to build its view ("coordinates")
 VIVALDI_ROUNDS, VIVALDI_NEIGHBOURS = 200, 32
 TARGETS = {"without_learning": 0.8, "after_learning": 0.95}
 
@@ -50,18 +60,29 @@ class _Nodes:
     (symmetrised), `probe[i][j]` what node i measures to j (its own direction of the matrix)."""
 
     def __init__(self, oracle: str, entries: list[Entry], rtt: list[list[float]], probe: list[list[float]],
-                 view_size: int, far: int, rng: random.Random) -> None:
+                 view_size: int, far: int, rng: random.Random, initial_view: str = "random",
+                 view_probes: int = 0) -> None:
         self.oracle, self.entries, self.rtt, self.probe = oracle, entries, rtt, probe
         n = len(entries)
         self.measured: list[dict[str, float]] = [{} for _ in range(n)]
         self.distance = [self._oracle(i) for i in range(n)]
         self.views = []
+        self.setup_probes: list[int] = []  # per node: members probed to build its initial view
         for i in range(n):
-            peers = rng.sample([j for j in range(n) if j != i], min(BOOTSTRAP, n - 1))
+            others = [j for j in range(n) if j != i]
+            peers = rng.sample(others, min(BOOTSTRAP, n - 1))
+            known = others if initial_view == "coordinates" else peers
+            probed: list[int] = []
             if oracle == "measured":
                 self.measured[i].update((str(j), probe[i][j]) for j in peers)
+                if initial_view == "coordinates":
+                    measured = self.measured[i]
+                    by_estimate = sorted(others, key=lambda j: (vivaldi_distance(entries[i], entries[j]), j))
+                    probed = [j for j in by_estimate[:view_probes] if str(j) not in measured]
+                    measured.update((str(j), probe[i][j]) for j in probed)
+            self.setup_probes.append(len(probed))
             view = View(entries[i], self.distance[i], view_size, far, random.Random(rng.random()))
-            view.learn(entries[j] for j in peers)
+            view.learn(entries[j] for j in known)
             self.views.append(view)
 
     def _oracle(self, i: int) -> Distance:
@@ -90,7 +111,9 @@ class _Nodes:
                 reply = answer(self.views[j], sent)
             else:
                 reply = self.views[j].reply_to(sent)
-            timed = {"vivaldi": None, "measured": self.probe[origin][j], "rtt": self.rtt[origin][j]}[self.oracle]
+            timed = None  # the asker times the reply: under `rtt` it reads the truth, under `vivaldi` nothing
+            if self.oracle != "vivaldi":
+                timed = (self.probe if self.oracle == "measured" else self.rtt)[origin][j]
             if learn and self.oracle == "measured":
                 self.measured[origin][node.name] = timed
             search.on_reply(node, reply, timed)
@@ -129,10 +152,10 @@ def _point(nodes: _Nodes, origins: list[int], truths: dict[str, list[set[int]]],
 
 def _simulate(oracle: str, entries: list[Entry], rtt: list[list[float]], probe: list[list[float]],
               truths: dict[str, list[set[int]]], count: int, view_size: int, far: int, origins: list[int],
-              learning_rounds: int, seed: int) -> dict:
+              learning_rounds: int, seed: int, initial_view: str = "random", view_probes: int = 0) -> dict:
     """One oracle: a point before learning, after 1/8, 1/4 and 1/2 of the first round, and after each round."""
     rng = random.Random(f"{seed}:{oracle}")
-    nodes = _Nodes(oracle, entries, rtt, probe, view_size, far, rng)
+    nodes = _Nodes(oracle, entries, rtt, probe, view_size, far, rng, initial_view, view_probes)
     curve = [{"spirals": 0, **_point(nodes, origins, truths, count, view_size, far, rng)}]
     size = len(entries)
     early = {size // 8, size // 4, size // 2} - {0}
@@ -147,7 +170,13 @@ def _simulate(oracle: str, entries: list[Entry], rtt: list[list[float]], probe: 
                               "learning_messages": float(np.mean([x["messages"] for x in runs])),
                               "learning_probes": float(np.mean([x["probes"] for x in runs]))})
                 runs = []
+    setup = float(np.mean(nodes.setup_probes))
     return {"curve": curve, "without_learning": curve[0], "after_learning": curve[-1],
+            "view_probes_per_node": setup,
+            "messages": {"search_without_learning": curve[0]["messages"],
+                         "view_probes_once_per_node": 2 * setup,
+                         "first_spiral_with_view_probes": curve[0]["messages"] + 2 * setup,
+                         "search_after_learning": curve[-1]["messages"]},
             "meets_targets": {"without_learning": curve[0]["recall"] >= TARGETS["without_learning"],
                               "after_learning": curve[-1]["recall"] >= TARGETS["after_learning"]}}
 
@@ -167,9 +196,15 @@ def _estimate_ceiling(est: np.ndarray, meas: np.ndarray, truth: list[set[int]], 
 
 
 def run(matrix_path: str, count: int = 10, view_size: int = 16, far: int = 4, spirals: int = 200,
-        learning_rounds: int = 4, seed: int = 1, coordinates: list | None = None) -> dict:
+        learning_rounds: int = 4, seed: int = 1, coordinates: list | None = None,
+        initial_view: str = "coordinates", view_probes: int = VIEW_PROBES) -> dict:
     """The campaign on one matrix. `coordinates` are wire-format Vivaldi coordinates (as `sim_vivaldi.run`
-    returns them); None runs Vivaldi first. The spiral keeps n = `view_size` near nodes."""
+    returns them); None runs Vivaldi first. The spiral keeps n = `view_size` near nodes. `initial_view`
+    is one of `INITIAL_VIEWS`; under ``coordinates`` a node probes its `view_probes` nearest by estimate."""
+    if initial_view not in INITIAL_VIEWS:
+        raise ValueError(f"initial view must be one of {', '.join(INITIAL_VIEWS)}")
+    if view_probes < 0:
+        raise ValueError("view probes must be >= 0")
     start = time.perf_counter()
     raw = sim_vivaldi.load_matrix(matrix_path)
     meas = sim_vivaldi.symmetrise(raw)
@@ -195,10 +230,11 @@ def run(matrix_path: str, count: int = 10, view_size: int = 16, far: int = 4, sp
         truths = {"recall": truth} | ({"recall_of_estimate_nearest": _nearest(est, count)} if oracle == "vivaldi"
                                       else {})
         oracles[oracle] = _simulate(oracle, entries, rtt.tolist(), probe, truths, count, view_size, far, origins,
-                                    learning_rounds, seed)
+                                    learning_rounds, seed, initial_view, view_probes)
     return {
         "matrix": str(matrix_path), "nodes": n, "count": count, "view_size": view_size, "far": far,
         "spirals": len(origins), "learning_rounds": learning_rounds, "seed": seed, "bootstrap": BOOTSTRAP,
+        "initial_view": initial_view, "view_probes": view_probes if initial_view == "coordinates" else 0,
         "vivaldi": None if vivaldi is None else {k: vivaldi[k] for k in ("rounds", "neighbours",
                                                                          "median_relative_error")},
         "targets": TARGETS,
@@ -208,9 +244,16 @@ def run(matrix_path: str, count: int = 10, view_size: int = 16, far: int = 4, sp
     }
 
 
+def _initial(result: dict) -> str:
+    """How the initial views were built, in a few words."""
+    if result.get("initial_view", "random") == "random":
+        return f"initial view: {result['bootstrap']} random"
+    return f"initial view: coordinates + {result['view_probes']} probes"
+
+
 def plot(result: dict, path: str) -> None:
     """Left: recall vs spirals run so far (the learning curve) per oracle, targets dashed. Right: messages per
-    spiral (search) and learning probes per spiral, per oracle."""
+    spiral (search), learning probes per spiral and, at 0, the view probes each node made once, per oracle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,6 +268,9 @@ def plot(result: dict, path: str) -> None:
         if any(p.get("learning_probes") for p in res["curve"]):
             right.plot(x[1:], [2 * p["learning_probes"] for p in res["curve"][1:]], ls=":", marker="x",
                        color=line.get_color(), label=f"{name}: learning probe messages (since previous point)")
+        if res.get("view_probes_per_node"):
+            right.plot([0], [2 * res["view_probes_per_node"]], ls="", marker="s", color=line.get_color(),
+                       label=f"{name}: view probe messages per node, once")
     for name, target in result["targets"].items():
         left.axhline(target, ls="--", color="grey", lw=0.8)
         left.annotate(f"target {name.replace('_', ' ')}", (0, target), fontsize=8, va="bottom")
@@ -232,8 +278,9 @@ def plot(result: dict, path: str) -> None:
     left.annotate("every coordinate known, top by estimate", (0, result["estimate_ceiling"]["recall"]),
                   fontsize=8, va="bottom")
     left.set(xlabel="learning spirals run so far", ylabel=f"recall of the true {result['count']} nearest",
-             ylim=(0, 1.02), title=f"{Path(result['matrix']).name}: spiral recall "
-                                   f"(view {result['view_size']}+{result['far']}, {result['spirals']} origins)")
+             ylim=(0, 1.02))
+    left.set_title(f"{Path(result['matrix']).name}: spiral recall\n(view {result['view_size']}+{result['far']}, "
+                   f"{_initial(result)}, {result['spirals']} origins)", fontsize=10)
     right.set(xlabel="learning spirals run so far", ylabel="messages per spiral", yscale="log",
               title="cost")
     for ax in (left, right):

@@ -1,9 +1,11 @@
 """VE management from any node: the `ve.*` RPCs that the CLI calls on whichever agent it reaches.
 
 The agent that receives a request coordinates it: it reads the VE record from the directory (the
-replicated DHT), talks to the hosts of the VMs, and writes the record back. Placement is the nearest
-live node by measured RTT that has room, reserved with a two-phase handshake (reserve on the target,
-then confirm), so a coordinator that dies half-way leaves only reservations that lapse by themselves.
+agent's records, on the overlay the cluster is bound to: Chord's DHT or Kademlia), talks to the
+hosts of the VMs, and writes the record back. Placement tries this node, then the nearest nodes with
+room found by the spiral search (`agents.spiral`), then every other member by RTT; each VM is
+reserved with a two-phase handshake (reserve on the target, then confirm), so a coordinator that
+dies half-way leaves only reservations that lapse by themselves.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ def domain_name(ve: str, vm: str) -> str:
 class Candidate:
     member: Member
     rtt_ms: float | None
+    found_by: str = ""
 
     def describe(self, coordinator: str) -> str:
         if self.member.name == coordinator:
             return "this node"
-        return "rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms"
+        by = f", found by {self.found_by}" if self.found_by else ""
+        return ("rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms") + by
 
 
 class VEService:
@@ -55,14 +59,14 @@ class VEService:
         except SpecError as err:
             raise RequestError(str(err)) from None
         key = PREFIX + spec.name
-        current = await self.agent.dht.get_record(key)
+        current = await self.agent.records.get_record(key)
         if current is not None and not current.deleted:
             raise Conflict(f"a VE named {spec.name!r} already exists")
         placement, tokens = await self._place(spec)
         record = {"name": spec.name, "spec": spec.to_dict(), "owner": caller.cn, "state": "creating",
                   "placement": placement, "coordinator": self.agent.config.name, "created": time.time()}
         try:
-            stored = await self.agent.dht.put(key, record, after=current.version if current else 0)
+            stored = await self.agent.records.put(key, record, after=current.version if current else 0)
             for vm_name, slot in placement.items():
                 await self.agent.transport.call(slot["addr"], "host.confirm", {"token": tokens.pop(vm_name)},
                                                 timeout=HOST_TIMEOUT)
@@ -70,12 +74,12 @@ class VEService:
             await self._undo(spec, placement, tokens)
             raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
         record["state"] = "running"
-        await self.agent.dht.put(key, record, after=stored.version)
+        await self.agent.records.put(key, record, after=stored.version)
         return record
 
     async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Reserve a slot for each VM, nearest node first; all or nothing. Returns placement and tokens."""
-        candidates = self._candidates(spec.site)
+        candidates = await self._candidates(spec)
         placement: dict[str, dict[str, Any]] = {}
         tokens: dict[str, str] = {}
         try:
@@ -86,23 +90,39 @@ class VEService:
             raise
         return placement, tokens
 
-    def _candidates(self, site: str | None) -> list[Candidate]:
+    async def _candidates(self, spec: VESpec) -> list[Candidate]:
+        """Where to try, in order: this node, then the nearest nodes with room for the smallest VM found by
+        the spiral search, then every other live member by measured (else estimated) RTT, so a spiral
+        that found too few never makes placement refuse what some node could host."""
         me = self.agent.membership.me
-        members = [m for m in self.agent.membership.alive() if site is None or m.site == site]
+        site = spec.site
+        members = {m.name: m for m in self.agent.membership.alive() if site is None or m.site == site}
         if not members:
             sites = sorted({m.site for m in self.agent.membership.alive()})
             raise RequestError(f"no live node in site {site!r} (sites: {', '.join(sites)})")
+        vcpus, memory = min(v.vcpus for v in spec.vms), min(v.memory_mb for v in spec.vms)
+
+        def has_room(entry: Any, reply: dict[str, Any]) -> bool:
+            free = reply.get("free") or {}
+            return ((site is None or reply.get("site") == site) and free.get("vcpus", 0) >= vcpus
+                    and free.get("memory_mb", 0) >= memory)
+
+        found = await self.agent.spiral.search(len(spec.vms) + 1, has_room)
+        keys = found.keys()
+        first = [Candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral")
+                 for e in found.nodes if e.name in members]
+        if me.name in members:
+            first.insert(0, Candidate(me, 0.0))
+        tried = {c.member.name for c in first}
 
         def rtt_ms(m: Member) -> float | None:
             """Measured RTT if we have one, else the coordinates' estimate."""
-            if m is me:
-                return 0.0
             rtt = m.rtt if m.rtt is not None else self.agent.coordinates.estimate_to(m)
             return rtt * 1000 if rtt is not None else None
 
-        ranked = [Candidate(m, rtt_ms(m)) for m in members]
-        ranked.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
-        return ranked
+        rest = [Candidate(m, rtt_ms(m)) for m in members.values() if m.name not in tried]
+        rest.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
+        return first + rest
 
     async def _reserve(self, ve: str, vm: VMSpec, candidates: list[Candidate],
                        site: str | None) -> tuple[dict[str, Any], str]:
@@ -141,14 +161,14 @@ class VEService:
             await self.agent.transport.call_many([slot["addr"]], "host.vm",
                                                  {"name": domain_name(spec.name, vm_name), "action": "undefine"})
         try:
-            await self.agent.dht.delete(PREFIX + spec.name)
+            await self.agent.records.delete(PREFIX + spec.name)
         except (RequestError, RpcError) as err:
             log.warning("could not delete the record of failed VE %s: %s", spec.name, err)
 
     # -- read --------------------------------------------------------------------------------------
 
     async def _on_list(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [r.value for r in await self.agent.dht.scan(PREFIX)]
+        return [r.value for r in await self.agent.records.scan(PREFIX)]
 
     async def _on_show(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         record = await self._record(args)
@@ -166,7 +186,7 @@ class VEService:
         name = args.get("name")
         if not isinstance(name, str) or not name:
             raise RequestError("a VE name is required")
-        record = await self.agent.dht.get(PREFIX + name)
+        record = await self.agent.records.get(PREFIX + name)
         if record is None:
             raise NotFound(f"no VE named {name!r}")
         return record
@@ -182,14 +202,14 @@ class VEService:
     async def _on_destroy(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         record = await self._record(args)
         await self._on_every_vm(record.value, "undefine")
-        await self.agent.dht.delete(record.key, after=record.version)
+        await self.agent.records.delete(record.key, after=record.version)
         return {**record.value, "state": "destroyed"}
 
     async def _apply(self, args: dict[str, Any], action: str, state: str) -> dict[str, Any]:
         record = await self._record(args)
         await self._on_every_vm(record.value, action)
         value = {**record.value, "state": state}
-        await self.agent.dht.put(record.key, value, after=record.version)
+        await self.agent.records.put(record.key, value, after=record.version)
         return value
 
     async def _on_every_vm(self, ve: dict[str, Any], action: str) -> None:

@@ -254,16 +254,19 @@ class ChordState:
     def closest_preceding(self, key: int, avoid: frozenset[int] = frozenset()) -> Peer:
         """The known peer strictly between me and `key` that is closest to `key`; me if there is none.
         Peers whose id is in `avoid` (found dead by the asker) are skipped."""
+        # Hot path of every lookup hop: `between(peer.id, me, key)` and `_distance` inlined. The first
+        # peer met at the best distance wins (a later copy of the same id, e.g. a stale finger, does not).
+        me = self.me.id
+        limit = (key - me) % RING or RING  # key == me: the whole circle but me
         best, best_distance = self.me, 0
-        seen: set[int] = set(avoid)
+        previous = None
         for peer in (*self.successors, *self.fingers, self.predecessor, *self.learned.values()):
-            if peer is None or peer.id in seen:
+            if peer is None or peer is previous:  # runs of equal fingers are one object
                 continue
-            seen.add(peer.id)
-            if between(peer.id, self.me.id, key):
-                distance = self._distance(peer)
-                if distance > best_distance:
-                    best, best_distance = peer, distance
+            previous = peer
+            distance = (peer.id - me) % RING
+            if best_distance < distance < limit and not (avoid and peer.id in avoid):
+                best, best_distance = peer, distance
         return best
 
     def lookup_step(self, key: int, avoid: frozenset[int] = frozenset()) -> tuple[bool, Peer]:

@@ -270,7 +270,11 @@ class VerifyingStorage(ForgetfulStorage):
 class KademliaOverlay:
     """Signed, versioned records on a Kademlia network, for trio code (see the module docstring)."""
 
-    def __init__(self, identity: tls.Identity, *, ksize: int = 20, alpha: int = 3, w: int = 2) -> None:
+    def __init__(self, identity: tls.Identity, *, ksize: int = 20, alpha: int = 3, w: int = 2,
+                 timeout: float = 2.0, delay: float = 0.0) -> None:
+        """`timeout`: how long a request waits for its answer (the package's 5 s made every dead contact
+        cost 5 s; 2 s is the Chord hop timeout). `delay`: seconds every datagram sent waits first, to
+        emulate latency on a local cluster."""
         self.keyring = Keyring(identity)
         try:
             self.name = self.keyring.check(self.keyring.cert)
@@ -279,6 +283,8 @@ class KademliaOverlay:
         self.w = w
         self._server = Server(ksize, alpha, storage=VerifyingStorage(self.keyring))
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.delay = delay
+        self.timeout = timeout
 
     @property
     def port(self) -> int:
@@ -293,10 +299,23 @@ class KademliaOverlay:
             raise RuntimeError("KademliaOverlay runs on trio-asyncio: start it inside "
                                "`async with trio_asyncio.open_loop():`")
         await self._aio(self._server.listen, port, listen_host)
+        self._server.protocol._wait_timeout = self.timeout  # rpcudp takes it only as a constructor argument
+        if self.delay > 0:
+            protocol = self._server.protocol
+            protocol.transport = _DelayedSends(protocol.transport, self.delay, self._loop)
         if bootstrap and not await self._aio(self._server.bootstrap, bootstrap):
             await self.close()
             raise KademliaError(f"no bootstrap contact answered among {bootstrap}")
         return self.port
+
+    async def join(self, bootstrap: list[tuple[str, int]]) -> bool:
+        """Join (or re-join) through `bootstrap` contacts (IP addresses); True if one answered."""
+        await self._aio(self._server.bootstrap, bootstrap)
+        return self.neighbours() > 0
+
+    def neighbours(self) -> int:
+        """How many contacts the routing table holds: 0 before joining or after losing every one."""
+        return sum(len(bucket.nodes) for bucket in self._server.protocol.router.buckets)
 
     async def close(self) -> None:
         """Stop listening and cancel the package's timers. Call before the trio-asyncio loop exits."""
@@ -316,10 +335,25 @@ class KademliaOverlay:
         """The newest verified record of `key`, tombstones included. Raises KademliaError if nodes
         are known but none answers, or a chunked value cannot be assembled."""
         newest = await self._newest(key)
-        if newest is None:
-            return None
-        value = newest.value if newest.chunks is None else await self._assemble(key, newest.chunks)
-        return Record(key, value, newest.version, newest.writer)
+        return None if newest is None else await self.record_of(newest)
+
+    async def record_of(self, envelope: Envelope) -> Record:
+        """The record an envelope carries, its chunks fetched and assembled if it has any."""
+        value = envelope.value if envelope.chunks is None else await self._assemble(envelope.key, envelope.chunks)
+        return Record(envelope.key, value, envelope.version, envelope.writer)
+
+    def local_envelopes(self, prefix: str) -> list[Envelope]:
+        """The verified records this node holds whose key starts with `prefix`: Kademlia cannot list a
+        key space, so a listing asks every node for this (`agents.overlays`)."""
+        found = []
+        for _, raw in self._server.storage:
+            try:
+                envelope = self.keyring.open(raw)
+            except Forged:
+                continue  # a chunk, or what no longer verifies
+            if envelope.key.startswith(prefix):
+                found.append(envelope)
+        return found
 
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
         """Write version `after + 1` of `key` (after=None: one more than the newest version found)."""
@@ -441,6 +475,23 @@ class KademliaOverlay:
             if value is not None:
                 log.warning("ignoring a corrupt chunk %s from %s", sha.hex()[:16], _where(node))
         raise KademliaError(f"chunk {sha.hex()[:16]} is unavailable")
+
+
+class _DelayedSends:
+    """The protocol's datagram transport, each send deferred by `delay` seconds (emulated latency)."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, delay: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._delay, self._loop = transport, delay, loop
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self._loop.call_later(self._delay, self._send, data, addr)
+
+    def _send(self, data: bytes, addr: Any) -> None:
+        if not self._transport.is_closing():
+            self._transport.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 async def _gather_bounded(coros: list[Coroutine[Any, Any, T]]) -> list[T]:

@@ -23,11 +23,22 @@ def peer_to_wire(peer: Peer) -> list[Any]:
     return [peer.id, peer.name, peer.addr, peer.site]
 
 
+_decoded: dict[tuple[Any, ...], Peer] = {}
+"""Peers already decoded (equal wire forms give one shared, immutable Peer); bounded."""
+MAX_DECODED = 1 << 16
+
+
 def peer_from_wire(data: Any) -> Peer:
-    if not (isinstance(data, list) and len(data) == 4 and isinstance(data[0], int)
-            and all(isinstance(x, str) for x in data[1:])):
-        raise RequestError(f"malformed peer {str(data)[:60]!r}")
-    return Peer(data[0], data[1], data[2], data[3])
+    if (isinstance(data, list) and len(data) == 4 and isinstance(data[0], int)
+            and isinstance(data[1], str) and isinstance(data[2], str) and isinstance(data[3], str)):
+        key = tuple(data)
+        peer = _decoded.get(key)
+        if peer is None:
+            if len(_decoded) >= MAX_DECODED:
+                _decoded.clear()
+            peer = _decoded[key] = Peer(*key)
+        return peer
+    raise RequestError(f"malformed peer {str(data)[:60]!r}")
 
 
 def peers_from_wire(data: Any) -> list[Peer]:
@@ -48,6 +59,7 @@ class Ring:
         self.distance = distance
         self.learn = learn
         self.me = Peer(hash_id(name), name, addr, site)
+        self._me_wire = peer_to_wire(self.me)  # sent with every hop (copied by the transport)
         self.state = ChordState(self.me, r)
         transport.route("chord.step", self._on_step)
         transport.route("chord.state", self._on_state)
@@ -63,10 +75,11 @@ class Ring:
             self.state.learn(peer_from_wire(args["from"]))
         if not (isinstance(avoid, list) and len(avoid) <= MAX_AVOID and all(isinstance(a, int) for a in avoid)):
             raise RequestError(f"chord.step: avoid must be a list of at most {MAX_AVOID} ids")
-        done, peer = self.state.lookup_step(key, frozenset(avoid))
+        avoided = frozenset(avoid)
+        done, peer = self.state.lookup_step(key, avoided)
         reply: dict[str, Any] = {"done": done, "peer": peer_to_wire(peer)}
         if done:
-            reply["successors"] = [peer_to_wire(p) for p in self.state.live_successors(frozenset(avoid))]
+            reply["successors"] = [peer_to_wire(p) for p in self.state.live_successors(avoided)]
         return reply
 
     async def _on_state(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
@@ -111,9 +124,10 @@ class Ring:
         avoid: set[int] = set()
         hops = [0]
         while hops[0] < MAX_HOPS:
-            done, start = self.state.lookup_step(key, frozenset(avoid))
+            avoided = frozenset(avoid)
+            done, start = self.state.lookup_step(key, avoided)
             if done:
-                return self.state.live_successors(frozenset(avoid))[:count], hops[0]
+                return self.state.live_successors(avoided)[:count], hops[0]
             found = await self._walk([start], key, avoid, hops)
             if found is not None:
                 return found[:count], hops[0]
@@ -125,7 +139,7 @@ class Ring:
         while path and hops[0] < MAX_HOPS:
             node = path[-1]
             hops[0] += 1
-            args = {"key": key, "avoid": sorted(avoid)[:MAX_AVOID], "from": peer_to_wire(self.me)}
+            args = {"key": key, "avoid": sorted(avoid)[:MAX_AVOID] if avoid else [], "from": self._me_wire}
             try:
                 reply = await self.transport.call(node.addr, "chord.step", args, timeout=HOP_TIMEOUT)
             except RemoteError:

@@ -60,3 +60,21 @@ def test_coordinate_survives_a_restart(cluster_factory):
     me = wait_for(restored, timeout=20)
     assert me and me["error"] < 1.5  # a fresh node starts at the maximum error
     assert json.loads(saved.read_text())["seq"] >= before["seq"]
+
+
+def test_spiral_finds_the_nearest_nodes_first(cluster6):
+    """6 nodes on 3 sites (2 each): node1's site mate is nearest, then the other sites by emulated RTT."""
+    sites = {m["name"]: m["site"] for m in cluster6.json("--agent", "node1", "members")}
+    found = cluster6.json("--agent", "node1", "spiral", "--count", "5")
+    names = [n["name"] for n in found["nodes"]]
+    assert sorted(names) == ["node2", "node3", "node4", "node5", "node6"]
+    assert sites[names[0]] == sites["node1"]
+    rtts = [n["rtt_ms"] for n in found["nodes"]]
+    assert rtts == sorted(rtts) and rtts[0] < 5 < rtts[1]  # inside a site: loopback; across: >= 8 ms emulated
+    assert found["hops"] == 5 and found["messages"] == 10 and found["failures"] == 0
+
+    other_site = sites[names[-1]]
+    pinned = cluster6.json("--agent", "node1", "spiral", "--count", "1", "--site", other_site)
+    assert [sites[n["name"]] for n in pinned["nodes"]] == [other_site]
+    proc = cluster6.cli("--agent", "node1", "spiral", "--count", "0", check=False)
+    assert proc.returncode != 0

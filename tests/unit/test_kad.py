@@ -120,9 +120,12 @@ class MemoryOverlay:
         self.records: dict[str, Record] = {}
 
     async def get(self, key: str) -> Record | None:
-        await trio.lowlevel.checkpoint()
-        record = self.records.get(key)
+        record = await self.get_record(key)
         return None if record is None or record.deleted else record
+
+    async def get_record(self, key: str) -> Record | None:
+        await trio.lowlevel.checkpoint()
+        return self.records.get(key)
 
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
         await trio.lowlevel.checkpoint()
@@ -143,7 +146,7 @@ class MemoryOverlay:
 
 @pytest.mark.parametrize("cls", [DHT, KademliaOverlay, MemoryOverlay, Binding])
 def test_overlays_offer_the_same_interface(cls: type) -> None:
-    for name in ("get", "put", "delete"):
+    for name in ("get", "get_record", "put", "delete"):
         method, expected = getattr(cls, name), getattr(Overlay, name)
         assert inspect.iscoroutinefunction(method)
         assert ([(p.name, p.default) for p in inspect.signature(method).parameters.values()]
@@ -174,6 +177,39 @@ async def test_writes_during_a_rebind_land_on_the_new_overlay() -> None:
         old.gate.set()
     assert binding.overlay is new
     assert await values(new, "k") == "during"
+
+
+async def test_freeze_waits_for_writes_in_flight_and_holds_new_ones_until_thawed() -> None:
+    class Gated(MemoryOverlay):
+        def __init__(self) -> None:
+            super().__init__("gated")
+            self.gate = trio.Event()
+
+        async def put(self, key: str, value: Any, after: int | None = None) -> Record:
+            await self.gate.wait()
+            return await super().put(key, value, after)
+
+    overlay = Gated()
+    binding = Binding(overlay, "gated")
+    frozen = trio.Event()
+
+    async def freeze() -> None:
+        await binding.freeze()
+        frozen.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(binding.put, "in-flight", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(freeze)
+        await trio.testing.wait_all_tasks_blocked()
+        assert binding.frozen and not frozen.is_set()  # the write in flight is not finished
+        overlay.gate.set()
+        await frozen.wait()
+        nursery.start_soon(binding.put, "held", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert "held" not in overlay.records and "in-flight" in overlay.records
+        binding.thaw()
+    assert await values(overlay, "held") == 2
 
 
 async def test_a_failed_rebind_stays_on_the_old_overlay() -> None:

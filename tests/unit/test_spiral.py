@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -308,5 +309,86 @@ def test_campaign_smoke(tmp_path: Path) -> None:
         assert [p["spirals"] for p in res["curve"]] == [0, 5, 10, 20, 40, 80]
         assert all(0 <= p["recall"] <= 1 and math.isclose(p["messages"], 2 * p["hops"]) for p in res["curve"])
     assert result["oracles"]["rtt"]["after_learning"]["recall"] >= 0.9
+    assert result["initial_view"] == "coordinates" and result["view_probes"] == sim_spiral.VIEW_PROBES
+    cost = result["oracles"]["measured"]["messages"]
+    assert 0 < cost["view_probes_once_per_node"] <= 2 * 39  # 40 nodes: at most every other one probed
+    assert cost["first_spiral_with_view_probes"] == cost["search_without_learning"] + cost["view_probes_once_per_node"]
+    with pytest.raises(ValueError):
+        sim_spiral.run(str(path), initial_view="all-knowing")
     sim_spiral.plot(result, str(tmp_path / "spiral.png"))
     assert (tmp_path / "spiral.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------------------------------------
+# Initial views: what a node may know before any spiral
+
+
+class Tape:
+    """A matrix that records each (row, column) it is read at."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        self.rows, self.reads = rows, []
+
+    def __getitem__(self, i: int) -> Tape.Row:
+        return Tape.Row(self, i)
+
+    class Row:
+        def __init__(self, tape: Tape, i: int) -> None:
+            self.tape, self.i = tape, i
+
+        def __getitem__(self, j: int) -> float:
+            self.tape.reads.append((self.i, j))
+            return self.tape.rows[self.i][j]
+
+
+class Sealed:
+    """The truth, which no node under the `measured` oracle may read."""
+
+    def __getitem__(self, i: int) -> list[float]:
+        raise AssertionError("a node read a true RTT it never measured")
+
+
+def noisy_plane(size: int, seed: int) -> tuple[list[Entry], list[list[float]]]:
+    """Nodes in a plane (RTT = distance + 1) whose Vivaldi coordinates are off by up to 20 units: estimates
+    rank near nodes wrongly, as on PlanetLab, so measuring is worth something."""
+    rng = random.Random(seed)
+    xy = [(rng.uniform(0, 100), rng.uniform(0, 100)) for _ in range(size)]
+    entries = [Entry(str(i), coord=Coordinate((x + rng.uniform(-20, 20), y + rng.uniform(-20, 20)), 0.5, 0.0, 0.0))
+               for i, (x, y) in enumerate(xy)]
+    return entries, [[math.dist(p, q) + 1.0 if p != q else 0.0 for q in xy] for p in xy]
+
+
+@pytest.mark.parametrize("initial_view", sim_spiral.INITIAL_VIEWS)
+def test_initial_views_use_only_what_nodes_measured_and_count_every_probe(
+        initial_view: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sim_spiral, "BOOTSTRAP", 5)
+    entries, rtt = noisy_plane(60, 4)
+    probe = Tape(rtt)
+    nodes = sim_spiral._Nodes("measured", entries, Sealed(), probe, 6, 2, random.Random(4), initial_view, 12)
+    for i, e in enumerate(entries):
+        reads = {j for r, j in probe.reads if r == i}
+        assert {int(name) for name in nodes.measured[i]} == reads  # measured: exactly what it read
+        assert len(reads) == 5 + nodes.setup_probes[i]  # every read beyond the bootstrap members is counted
+        by_estimate = sorted((o for o in entries if o is not e), key=lambda o: (vivaldi_distance(e, o), int(o.name)))
+        if initial_view == "random":
+            assert nodes.setup_probes[i] == 0 and {x.name for x in nodes.views[i].entries()} <= nodes.measured[i].keys()
+        else:
+            assert {o.name for o in by_estimate[:12]} <= nodes.measured[i].keys()
+    probe.reads.clear()
+    for origin in range(0, 60, 7):
+        run = nodes.spiral(origin, 3, 6, 2, False, random.Random(origin))
+        assert len(probe.reads) == run["hops"] and {r for r, _ in probe.reads} == {origin}  # the asker times replies
+        assert run["probes"] == 0 and run["messages"] == 2 * run["hops"]
+        probe.reads.clear()
+
+
+def test_coordinate_views_find_more_than_random_ones_without_learning() -> None:
+    entries, rtt = noisy_plane(150, 5)
+    truth = sim_spiral._nearest(np.where(np.eye(150) == 1, np.inf, np.array(rtt)), 5)
+    origins = list(range(0, 150, 3))
+    recall = {}
+    for initial_view, probes in (("random", 0), ("coordinates", 0), ("coordinates", 20)):
+        nodes = sim_spiral._Nodes("measured", entries, Sealed(), rtt, 8, 2, random.Random(5), initial_view, probes)
+        point = sim_spiral._point(nodes, origins, {"recall": truth}, 5, 8, 2, random.Random(5))
+        recall[initial_view, probes] = point["recall"]
+    assert recall["random", 0] < recall["coordinates", 0] < recall["coordinates", 20]  # measured 0.70, 0.79, 0.87

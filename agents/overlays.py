@@ -1,0 +1,324 @@
+"""The agent's two overlays, and the record store its services use, which can move between them at run time.
+
+Chord's DHT (`overlay.dht`, over the ring) is always there; a Kademlia overlay (`overlay.kad`, the
+`kademlia` package under trio-asyncio) runs beside it when the agent's config enables it. Services (the
+VE directory) never hold either: they hold `agent.records`, a `Records` binding, which answers from
+whichever overlay the cluster is bound to now. `discovery overlay bind kademlia` re-binds every agent:
+
+1. the agent that got the request freezes every live member's binding (`overlay.freeze`: new writes
+   wait, writes in flight finish; a lease ends the freeze if the coordinator dies);
+2. it copies every record of the old overlay to the new one (`interface.copy_records`): the newest
+   version of each key, deletions included, so nothing stale reappears;
+3. it tells every member to switch (`overlay.switch`), which thaws it.
+
+A member that missed step 3 (or was down) adopts the newest binding from its peers on its next tick:
+each binding carries an epoch, and the higher one wins. The binding survives a restart
+(`binding.json` in the data directory). If a member cannot be frozen, nothing switches.
+
+Kademlia cannot list a key space, and neither can Chord cheaply: `Records.scan` asks every live member
+for the records it holds locally of the bound overlay and keeps the newest copy of each key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from agents.runtime import Actor
+from overlay.dht import Record, record_from_wire
+from overlay.interface import Binding, Overlay, copy_records
+from overlay.kad import KademliaError, KademliaOverlay
+from overlay.rpc import Caller, RequestError, RpcError, split_addr
+
+if TYPE_CHECKING:
+    from agents.node import NodeAgent
+
+log = logging.getLogger(__name__)
+CHORD, KADEMLIA = "chord", "kademlia"
+FREEZE_LEASE = 30.0
+"""How long a member stays frozen without hearing the switch: longer than a copy of the directory takes."""
+OP_TIMEOUT = 15.0
+CALL_TIMEOUT = 5.0
+REJOIN_EVERY = 30.0
+
+
+class Records(Binding):
+    """The binding the agent's services use: records on the bound overlay, with a cluster-wide listing.
+
+    Kademlia's failures (nobody answered, a value too large) come out as `RequestError`, as the Chord
+    DHT's do, so a service handles one kind of error whichever overlay answers.
+    """
+
+    def __init__(self, service: OverlayService, overlay: Overlay, name: str) -> None:
+        super().__init__(overlay, name)
+        self.service = service
+
+    async def get(self, key: str) -> Record | None:
+        return await _guarded(super().get(key))
+
+    async def get_record(self, key: str) -> Record | None:
+        return await _guarded(super().get_record(key))
+
+    async def put(self, key: str, value: Any, after: int | None = None) -> Record:
+        return await _guarded(super().put(key, value, after))
+
+    async def scan(self, prefix: str) -> list[Record]:
+        """Every live record whose key starts with `prefix`, newest copy of each, from all live members."""
+        return [r for r in await self.service.scan(self.name, prefix) if not r.deleted]
+
+
+async def _guarded(operation: Any) -> Any:
+    try:
+        with trio.fail_after(OP_TIMEOUT):
+            return await operation
+    except (KademliaError, ValueError) as err:
+        raise RequestError(str(err)) from None
+    except trio.TooSlowError:
+        raise RequestError(f"the overlay did not answer within {OP_TIMEOUT:.0f} s") from None
+
+
+class OverlayService(Actor):
+    """Owns both overlays and the binding; bootstraps Kademlia from members; adopts newer bindings."""
+
+    name = "overlays"
+    tick_interval = 2.0
+
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__()
+        self.agent = agent
+        local_ms = agent.config.site_rtt_ms.get(agent.config.site, {}).get(agent.config.site, 0.0)
+        self.kad = None
+        if agent.config.kademlia:  # emulated latency: only the intra-site one (UDP peers' sites are unknown)
+            self.kad = KademliaOverlay(agent.config.identity, delay=local_ms / 2000.0)
+        self.overlays: dict[str, Overlay] = {CHORD: agent.dht}
+        if self.kad is not None:
+            self.overlays[KADEMLIA] = self.kad
+        self.path = agent.config.data_dir / "binding.json"
+        bound, self.epoch = self._load()
+        self.records = Records(self, self.overlays[bound], bound)
+        self._lease_end = 0.0
+        self._kad_started = False
+        self._next_rejoin = 0.0
+        for method in ("status", "contact", "scan", "freeze", "switch", "thaw", "bind", "get", "put"):
+            agent.transport.route(f"overlay.{method}", getattr(self, f"_on_{method}"))
+
+    async def start_kademlia(self) -> None:
+        """Listen on UDP beside the agent's TCP address; joining waits for the first tick with members."""
+        if self.kad is None or self._kad_started:
+            return
+        host, _ = split_addr(self.agent.config.listen)
+        await self.kad.start(host, self.agent.config.kad_port, [])
+        self._kad_started = True
+        log.info("kademlia listening on %s:%d/udp", host, self.kad.port)
+
+    async def close(self) -> None:
+        if self.kad is not None and self._kad_started:
+            await self.kad.close()
+
+    async def tick(self) -> None:
+        if self.records.frozen and trio.current_time() > self._lease_end:
+            log.warning("binding frozen for %.0f s without a switch: thawing", FREEZE_LEASE)
+            self.records.thaw()
+        await self._adopt_newer_binding()
+        if self.kad is not None and self._kad_started:
+            await self._keep_kademlia_joined()
+
+    # -- Kademlia bootstrap ------------------------------------------------------------------------
+
+    async def _keep_kademlia_joined(self) -> None:
+        """Join through a few random members when alone, and again every REJOIN_EVERY while the routing
+        table knows fewer contacts than there are members: nodes that bootstrapped through each other
+        at the same moment would otherwise stay islands, each finding only its own copies."""
+        others = self.agent.membership.alive(include_me=False)
+        known = self.kad.neighbours()
+        now = trio.current_time()
+        if not others or (known and (known >= len(others) or now < self._next_rejoin)):
+            return
+        self._next_rejoin = now + REJOIN_EVERY
+        contacts = []
+        for member in random.sample(others, min(3, len(others))):
+            try:
+                contact = await self.agent.transport.call(member.addr, "overlay.contact", timeout=CALL_TIMEOUT)
+                contacts.append((split_addr(member.addr)[0], int(contact["kad_port"])))
+            except (RpcError, KeyError, TypeError, ValueError) as err:
+                log.debug("no kademlia contact from %s: %s", member.name, err)
+        if contacts:
+            with trio.move_on_after(OP_TIMEOUT):
+                await self.kad.join(contacts)
+
+    async def _on_contact(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        if self.kad is None or not self._kad_started:
+            raise RequestError("this agent runs no Kademlia overlay")
+        return {"kad_port": self.kad.port}
+
+    # -- the binding -------------------------------------------------------------------------------
+
+    def _load(self) -> tuple[str, int]:
+        try:
+            saved = json.loads(self.path.read_text())
+            if saved["overlay"] in self.overlays and isinstance(saved["epoch"], int):
+                return saved["overlay"], saved["epoch"]
+            log.warning("%s names an overlay this agent does not run: bound to chord", self.path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring %s: %s", self.path, err)
+        return CHORD, 0
+
+    def _switch(self, name: str, epoch: int) -> None:
+        self.records.switch(self.overlays[name], name)
+        self.epoch = epoch
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"overlay": name, "epoch": epoch}))
+        tmp.replace(self.path)
+        self.records.thaw()
+        log.info("records bound to %s (epoch %d)", name, epoch)
+
+    async def _adopt_newer_binding(self) -> None:
+        others = self.agent.membership.alive(include_me=False)
+        if not others:
+            return
+        peer = random.choice(others)
+        try:
+            status = await self.agent.transport.call(peer.addr, "overlay.status", timeout=CALL_TIMEOUT)
+        except RpcError:
+            return
+        if (isinstance(status, dict) and isinstance(status.get("epoch"), int) and status["epoch"] > self.epoch
+                and status.get("overlay") in self.overlays and not status.get("frozen")):
+            log.info("adopting %s's binding", peer.name)
+            self._switch(status["overlay"], status["epoch"])
+
+    def _status(self) -> dict[str, Any]:
+        kad = None
+        if self.kad is not None and self._kad_started:
+            kad = {"port": self.kad.port, "neighbours": self.kad.neighbours()}
+        return {"node": self.agent.config.name, "overlay": self.records.name, "epoch": self.epoch,
+                "frozen": self.records.frozen, "overlays": sorted(self.overlays), "kademlia": kad}
+
+    async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return self._status()
+
+    async def _on_freeze(self, caller: Caller, args: dict[str, Any]) -> bool:
+        """Hold writes until the switch; refused by a member that does not run the overlay to come."""
+        self._overlay_arg(args)
+        self._lease_end = trio.current_time() + FREEZE_LEASE
+        await self.records.freeze()
+        return True
+
+    async def _on_thaw(self, caller: Caller, args: dict[str, Any]) -> bool:
+        self.records.thaw()
+        return True
+
+    async def _on_switch(self, caller: Caller, args: dict[str, Any]) -> bool:
+        name, epoch = self._overlay_arg(args), args.get("epoch")
+        if not isinstance(epoch, int):
+            raise RequestError("epoch must be an integer")
+        if epoch > self.epoch:
+            self._switch(name, epoch)
+        self.records.thaw()
+        return True
+
+    async def _on_bind(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Re-bind the whole cluster's records to another overlay (see the module docstring)."""
+        target = self._overlay_arg(args)
+        source = self.records.name
+        if target == source:
+            return {**self._status(), "copied": 0, "changed": False}
+        addrs = [m.addr for m in self.agent.membership.alive()]
+        answers = await self.agent.transport.call_many(addrs, "overlay.freeze", {"overlay": target}, OP_TIMEOUT)
+        unfrozen = [a for a, v in answers.items() if v is not True]
+        try:
+            if unfrozen:
+                raise RequestError(f"could not freeze {len(unfrozen)} of {len(addrs)} members "
+                                   f"({', '.join(unfrozen[:3])}): nothing changed")
+            keys = {r.key for r in await self.scan(source, "")} | {
+                r.key for r in await self.scan(target, "") if not r.deleted}
+            with trio.fail_after(OP_TIMEOUT * 4):
+                copied = await copy_records(self.overlays[source], self.overlays[target], sorted(keys))
+        except (RequestError, RpcError, KademliaError, trio.TooSlowError) as err:
+            await self.agent.transport.call_many(addrs, "overlay.thaw", {}, CALL_TIMEOUT)
+            raise RequestError(f"re-binding to {target} failed, still on {source}: {err}") from None
+        epoch = self.epoch + 1
+        answers = await self.agent.transport.call_many(addrs, "overlay.switch", {"overlay": target, "epoch": epoch},
+                                                       CALL_TIMEOUT)
+        missed = sorted(a for a, v in answers.items() if v is not True)
+        return {**self._status(), "copied": copied, "changed": True, "members": len(addrs), "missed": missed}
+
+    # -- listing and direct access -----------------------------------------------------------------
+
+    async def scan(self, overlay: str, prefix: str) -> list[Record]:
+        """The newest copy of each record under `prefix` that live members hold of `overlay`, deletions included."""
+        addrs = [m.addr for m in self.agent.membership.alive()]
+        answers = await self.agent.transport.call_many(addrs, "overlay.scan", {"overlay": overlay, "prefix": prefix},
+                                                       OP_TIMEOUT)
+        newest: dict[str, Record] = {}
+        for answer in answers.values():
+            if isinstance(answer, list):
+                for raw in answer:
+                    record = record_from_wire(raw)
+                    if record.newer_than(newest.get(record.key)):
+                        newest[record.key] = record
+        return sorted(newest.values(), key=lambda r: r.key)
+
+    async def _on_scan(self, caller: Caller, args: dict[str, Any]) -> list[list[Any]]:
+        name, prefix = self._overlay_arg(args), args.get("prefix")
+        if not isinstance(prefix, str) or len(prefix) > 1024:
+            raise RequestError("prefix must be a string of at most 1024 characters")
+        if name == CHORD:
+            return [r.to_wire() for k, r in self.agent.shard.records.items() if k.startswith(prefix)]
+        kad = self.kad
+        assert kad is not None  # _overlay_arg checked it
+        return [(await _guarded(kad.record_of(e))).to_wire() for e in kad.local_envelopes(prefix)]
+
+    async def _on_get(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """One read through a named overlay (default: the bound one), timed here: `discovery kv get`."""
+        overlay = self._overlay(args)
+        key = _key_arg(args)
+        start = trio.current_time()
+        try:
+            record = await _guarded(overlay.get(key))
+        except RpcError as err:
+            raise RequestError(str(err)) from None
+        return {"key": key, "found": record is not None, "value": record.value if record else None,
+                "version": record.version if record else None, "overlay": self._overlay_name(args),
+                "ms": round((trio.current_time() - start) * 1000, 3)}
+
+    async def _on_put(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        overlay = self._overlay(args)
+        key = _key_arg(args)
+        start = trio.current_time()
+        if overlay is self.records.overlay:
+            overlay = self.records  # through the binding, so a re-bind in progress holds it
+        try:
+            record = await _guarded(overlay.put(key, args.get("value")))
+        except RpcError as err:
+            raise RequestError(str(err)) from None
+        return {"key": key, "version": record.version, "overlay": self._overlay_name(args),
+                "ms": round((trio.current_time() - start) * 1000, 3)}
+
+    def _overlay_name(self, args: dict[str, Any]) -> str:
+        return self._overlay_arg(args) if args.get("overlay") is not None else self.records.name
+
+    def _overlay(self, args: dict[str, Any]) -> Overlay:
+        return self.overlays[self._overlay_name(args)]
+
+    def _overlay_arg(self, args: dict[str, Any]) -> str:
+        name = args.get("overlay")
+        if name not in self.overlays:
+            raise RequestError(f"overlay must be one of {', '.join(sorted(self.overlays))}, got {name!r}")
+        return name
+
+
+KV_PREFIX = "kv/"
+
+
+def _key_arg(args: dict[str, Any]) -> str:
+    """User keys live under kv/, so `discovery kv` can never overwrite the VE directory."""
+    key = args.get("key")
+    if not isinstance(key, str) or not 0 < len(key) <= 512:
+        raise RequestError("key must be a string of 1 to 512 characters")
+    return KV_PREFIX + key

@@ -1,0 +1,174 @@
+"""The spiral search between live agents: the sans-IO walk of `overlay.spiral` driven over the agents' RPC.
+
+Every agent keeps a spiral `View` and answers `spiral.step`: it replies with the entries of its view the
+asker lacks (each with its own distance to them) and what the asker's predicate may need (its site and
+free capacity), then learns from the spiral view it received. The asker contacts each hop itself, so
+every hop's RTT is measured on the way (the transport subtracts the peer's handling time) and becomes
+that node's key in the walk.
+
+The distance oracle is what an agent knows: its own measured RTT to a member when it has one (the
+minimum of recent samples), else the Vivaldi estimate between the two coordinates. Gossip tells an
+agent every member and its coordinate, so a view learns from all live members each tick, ranked by
+that oracle (SWIM probes and the coordinate service's pings keep measuring the nearest ones), and from
+every spiral that crosses it. `discovery sim spiral` measures this configuration on PlanetLab.
+
+`SpiralService.search(count, predicate)` is the `spiral(origin, count, predicate)` of the DISCOVERY
+paper with this agent as the origin; placement (`discovery.ve_service`) and DVMS use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from agents.runtime import Actor
+from overlay.membership import Member
+from overlay.rpc import Caller, RequestError, RpcError
+from overlay.spiral import Entry, Hinted, SpiralSearch, View, answer
+from vivaldi.coordinate import Coordinate
+
+if TYPE_CHECKING:
+    from agents.node import NodeAgent
+
+log = logging.getLogger(__name__)
+VIEW_SIZE = 16
+VIEW_FAR = 4
+STEP_TIMEOUT = 3.0
+MAX_ENTRIES = 256
+"""A spiral view or reply longer than this is refused: views are tens of entries."""
+
+Predicate = Callable[[Entry, dict[str, Any]], bool]
+"""Whether a contacted node suits the application, given the node and its reply (site, free capacity)."""
+
+
+@dataclass
+class SpiralResult:
+    nodes: list[Entry]
+    replies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hops: int = 0
+    messages: int = 0
+    failures: int = 0
+
+    def keys(self) -> dict[str, float]:
+        return {name: reply["rtt"] for name, reply in self.replies.items() if reply.get("rtt") is not None}
+
+
+class SpiralService(Actor):
+    name = "spiral"
+    tick_interval = 5.0
+
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__()
+        self.agent = agent
+        self.membership = agent.membership
+        self.view = View(self.entry(self.membership.me), self.distance, VIEW_SIZE, VIEW_FAR)
+        agent.transport.route("spiral.step", self._on_step)
+        agent.transport.route("spiral.search", self._on_search)
+
+    async def tick(self) -> None:
+        alive = {m.name for m in self.membership.alive(include_me=False)}
+        for entry in self.view.entries():
+            if entry.name not in alive:
+                self.view.forget(entry.name)
+        self.view.me = self.entry(self.membership.me)
+        self.view.learn(self.entry(m) for m in self.membership.alive(include_me=False))
+
+    # -- the oracle --------------------------------------------------------------------------------
+
+    def entry(self, member: Member) -> Entry:
+        return Entry(member.name, member.addr, self.agent.coordinates.coordinate_of(member), member.coord_seq)
+
+    def distance(self, a: Entry, b: Entry) -> float:
+        """Measured RTT when one end is this node and it has measured the other, else the estimate."""
+        me = self.membership.me.name
+        if me in (a.name, b.name):
+            other = self.membership.members.get(b.name if a.name == me else a.name)
+            if other is not None and other.rtt is not None:
+                return other.rtt
+        if isinstance(a.coord, Coordinate) and isinstance(b.coord, Coordinate):
+            return a.coord.distance_to(b.coord)
+        return math.inf  # no coordinate yet: last in every ranking
+
+    # -- asking ------------------------------------------------------------------------------------
+
+    async def search(self, count: int, predicate: Predicate | None = None, n: int | None = None) -> SpiralResult:
+        """The `count` nearest live nodes to this one that satisfy `predicate`, nearest first."""
+        replies: dict[str, dict[str, Any]] = {}
+        suits = predicate or (lambda entry, reply: True)
+        walk = SpiralSearch(self.distance, far=VIEW_FAR)
+        walk.start(self.entry(self.membership.me), count, lambda e: suits(e, replies[e.name]),
+                   n or max(count, VIEW_SIZE), self.view.entries())
+        while (hop := walk.next_hop()) is not None:
+            try:
+                reply = await self.agent.transport.call(hop.addr, "spiral.step", {
+                    "view": [_entry_to_wire(e) for e in walk.spiral_view()]}, timeout=STEP_TIMEOUT)
+                entries = _hinted_from_wire(reply["entries"])
+            except (RpcError, RequestError, KeyError, TypeError) as err:
+                log.debug("spiral hop %s failed: %s", hop.name, err)
+                walk.on_failure(hop)
+                self.view.forget(hop.name)
+                continue
+            member = self.membership.members.get(hop.name)
+            rtt = member.rtt if member is not None else None
+            replies[hop.name] = {**reply, "rtt": rtt}
+            walk.on_reply(hop, entries, rtt)
+        return SpiralResult(walk.result(), replies, walk.hops, walk.messages, walk.failures)
+
+    # -- answering ---------------------------------------------------------------------------------
+
+    async def _on_step(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        spiral_view = _entries_from_wire(args.get("view"))
+        self.view.me = self.entry(self.membership.me)
+        hinted = answer(self.view, spiral_view)
+        return {"entries": [[*_entry_to_wire(e), d] for e, d in hinted if math.isfinite(d)],
+                "site": self.agent.config.site,
+                "free": self.agent.host.ledger.free(trio.current_time()).to_wire()}
+
+    async def _on_search(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """`discovery spiral`: the nearest nodes to this agent, optionally in one site, with the walk's cost."""
+        count, site = args.get("count", 5), args.get("site")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1000:
+            raise RequestError("count must be an integer from 1 to 1000")
+        if site is not None and not isinstance(site, str):
+            raise RequestError("site must be a string")
+        result = await self.search(count, lambda e, reply: site is None or reply.get("site") == site)
+        keys = result.keys()
+        return {"origin": self.agent.config.name, "hops": result.hops, "messages": result.messages,
+                "failures": result.failures,
+                "nodes": [{"name": e.name, "site": result.replies[e.name].get("site"),
+                           "rtt_ms": round(keys[e.name] * 1000, 3) if e.name in keys else None,
+                           "free": result.replies[e.name].get("free")} for e in result.nodes]}
+
+
+def _entry_to_wire(e: Entry) -> list[Any]:
+    return [e.name, e.addr, e.coord.to_wire() if isinstance(e.coord, Coordinate) else None, e.seq]
+
+
+def _entry_from_wire(data: Any) -> Entry:
+    if not (isinstance(data, list) and len(data) >= 4 and isinstance(data[0], str) and data[0]
+            and isinstance(data[1], str) and isinstance(data[3], int)):
+        raise RequestError(f"malformed spiral entry {str(data)[:60]!r}")
+    return Entry(data[0], data[1], Coordinate.from_wire(data[2]), data[3])
+
+
+def _entries_from_wire(data: Any) -> list[Entry]:
+    if not isinstance(data, list) or len(data) > MAX_ENTRIES:
+        raise RequestError(f"a spiral view is a list of at most {MAX_ENTRIES} entries")
+    return [_entry_from_wire(item) for item in data]
+
+
+def _hinted_from_wire(data: Any) -> list[Hinted]:
+    if not isinstance(data, list) or len(data) > MAX_ENTRIES:
+        raise RequestError(f"a spiral reply is a list of at most {MAX_ENTRIES} entries")
+    hinted = []
+    for item in data:
+        if not (isinstance(item, list) and len(item) == 5 and isinstance(item[4], float | int)
+                and math.isfinite(item[4]) and item[4] >= 0):
+            raise RequestError(f"malformed spiral reply entry {str(item)[:60]!r}")
+        hinted.append((_entry_from_wire(item[:4]), float(item[4])))
+    return hinted
