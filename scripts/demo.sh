@@ -15,7 +15,10 @@ run discovery cluster up --nodes 12 --sites 4 --dir "$DIR"
 step "Every agent knows every member (SWIM-style gossip); RTTs are measured, not configured"
 run discovery --agent node7 members
 
-step "Create VEs through different agents: each VM goes to the nearest node (by RTT) with room"
+step "The spiral search finds the nodes nearest to an agent, asking a few nodes instead of everyone"
+run discovery --agent node7 spiral --count 4
+
+step "Create VEs through different agents: each VM goes to the nearest node with room (found by the spiral)"
 run discovery --agent node1 ve create examples/web-shop.yaml
 run discovery --agent node6 ve create examples/analytics.yaml
 run discovery --agent node11 ve create examples/ci-runner.yaml
@@ -30,6 +33,11 @@ step "Stop and start a VE through yet another agent"
 run discovery --agent node12 ve stop ci-runner
 run discovery --agent node4 ve show ci-runner
 run discovery --agent node2 ve start ci-runner
+
+step "Move every agent's records (the VE directory too) from Chord to Kademlia while they run; nothing is lost"
+run discovery --agent node5 overlay bind kademlia
+run discovery --agent node10 ve list
+run discovery --agent node8 overlay bind chord
 
 cat <<EOT
 
