@@ -306,13 +306,15 @@ class Membership:
         return [("member_suspect", member)]
 
     def expire(self, now: float) -> list[tuple[str, Member]]:
-        """Suspects that did not refute in time are declared dead."""
+        """Suspects that did not refute in time are declared dead. The time grows with log N (as in
+        memberlist): the suspicion and its refutation take O(log N) rounds to cross the cluster."""
         events = []
+        timeout = self.suspect_timeout * max(1.0, math.log10(len(self.members)))
         for name in list(self._suspects):
             member = self.members[name]
             if member.status != SUSPECT:
                 del self._suspects[name]
-            elif now - member.since >= self.suspect_timeout:
+            elif now - member.since >= timeout:
                 del self._suspects[name]
                 member.status, member.since = DEAD, now
                 self._enqueue(member.name, STATUS_NEWS)
