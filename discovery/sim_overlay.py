@@ -29,6 +29,9 @@ from overlay.chord import ID_BITS, Peer
 from overlay.memnet import MemNetwork, SimClock, sleep
 from overlay.ring import Ring
 from overlay.rpc import RequestError, RpcError
+from vivaldi.coordinate import Client, Coordinate
+
+PNS_MODES = ("off", "vivaldi", "oracle")
 
 
 @dataclass
@@ -41,12 +44,22 @@ class Stats:
     joins_failed: int = 0
     join_attempts: int = 0
     crashes: int = 0
+    vivaldi_errors: list[float | None] = field(default_factory=list)  # median error at the end of each minute
 
 
 class Simulation:
     def __init__(self, nodes: int, seed: int, latency_matrix: Any = None, sites: int = 4,
-                 ring_interval: float = 5.0, r: int = 8, pns: bool = False, fingers: bool = True,
-                 learning: bool = True) -> None:
+                 ring_interval: float = 5.0, r: int = 8, pns: bool | str = False, fingers: bool = True,
+                 learning: bool = True, coordinates: bool = True) -> None:
+        """`pns`: proximity neighbour selection by "vivaldi" (each node's own estimate, as agents do;
+        True means this), by "oracle" (the exact RTT, an upper bound) or "off" (False). `coordinates`:
+        every node runs a Vivaldi client fed by the RTT of each RPC it makes."""
+        pns = {True: "vivaldi", False: "off"}.get(pns, pns)  # type: ignore[call-overload]
+        if pns not in PNS_MODES:
+            raise ValueError(f"pns must be one of {', '.join(PNS_MODES)}, not {pns!r}")
+        if pns == "vivaldi" and not coordinates:
+            raise ValueError("proximity by Vivaldi estimates needs coordinates")
+        self.seed = seed
         self.rng = random.Random(seed)
         self.matrix = latency_matrix
         self.sites = SITES[:sites]
@@ -54,6 +67,8 @@ class Simulation:
         self.ring_interval = ring_interval
         self.r = r
         self.pns = pns
+        self.coordinates = coordinates
+        self.clients: dict[str, Client] = {}  # address -> that node's Vivaldi client
         self.fingers = fingers
         self.learning = learning
         self.net = MemNetwork(self.latency)
@@ -78,8 +93,10 @@ class Simulation:
             return 0.0
         if self.matrix is not None:
             m = len(self.matrix)
+            if i % m == j % m:  # two nodes on one host
+                return 0.00025
             rtt = self.matrix[i % m][j % m]
-            return (0.0005 if i % m == j % m else float(rtt)) / 2 if rtt == rtt else 0.05  # NaN: unmeasured
+            return rtt / 2 if rtt == rtt else 0.05  # NaN: unmeasured
         sa, sb = self.sites[i % len(self.sites)], self.sites[j % len(self.sites)]
         return (0.0005 if sa == sb else self.site_rtt[sa][sb] / 1000) / 2
 
@@ -88,13 +105,61 @@ class Simulation:
         self._next += 1
         addr, name = f"sim:{index}", f"n{index}"
         site = self.sites[index % len(self.sites)]
-        distance = (lambda peer: 2 * self.latency(addr, peer.addr)) if self.pns else None
-        ring = Ring(self.net.endpoint(addr, name, site), name, addr, site, r=self.r, distance=distance,
-                    learn=self.learning)
+        transport = self.net.endpoint(addr, name, site)
+        distance = None
+        if self.coordinates:
+            client = self.clients[addr] = Client(rng=random.Random(self.seed * 1_000_003 + index))
+            self._attach(transport, client)
+            if self.pns == "vivaldi":
+                distance = self._estimator(client)
+        if self.pns == "oracle":
+            distance = self._oracle(addr)
+        ring = Ring(transport, name, addr, site, r=self.r, distance=distance, learn=self.learning)
         self._enter(ring)
         bisect.insort(self.ids, ring.me.id)
         self.by_id[ring.me.id] = ring
         return ring
+
+    @staticmethod
+    def _attach(transport: Any, client: Client) -> None:
+        """What `agents.coordinates` does: answers carry our coordinate, every answered call is a sample."""
+        transport.stamp = lambda: client.coordinate
+
+        def on_rtt(peer: str, rtt: float, stamp: Any) -> None:
+            if isinstance(stamp, Coordinate):
+                try:  # noqa: SIM105 - once per RPC: contextlib.suppress costs more than the try
+                    client.update(peer, stamp, rtt)
+                except ValueError:
+                    pass  # a sample the client refuses (e.g. RTT 0 between two nodes of one host)
+
+        transport.on_rtt = on_rtt
+
+    def _oracle(self, addr: str) -> Any:
+        """The exact RTT to a peer: what no node knows, the upper bound of proximity selection (None
+        for a crashed peer, as membership would have it)."""
+        return lambda peer: 2 * self.latency(addr, peer.addr) if peer.addr in self.rings else None
+
+    def _estimator(self, client: Client) -> Any:
+        """A node's Vivaldi estimate of the RTT to a peer, from the peer's current coordinate (agents get
+        it from the membership gossip; here it is fresh, without the dissemination delay)."""
+        clients = self.clients
+
+        def estimate(peer: Peer) -> float | None:
+            other = clients.get(peer.addr)
+            return client.distance_to(other.coordinate) if other is not None else None
+
+        return estimate
+
+    def vivaldi_error(self, pairs: int, rng: random.Random) -> float | None:
+        """Median relative error |estimate - RTT| / RTT over random pairs of live nodes."""
+        if not self.coordinates or len(self.addrs) < 2:
+            return None
+        errors = []
+        for _ in range(pairs):
+            a, b = rng.sample(self.addrs, 2)
+            rtt = 2 * self.latency(a, b)
+            errors.append(abs(self.clients[a].distance_to(self.clients[b].coordinate) - rtt) / rtt)
+        return statistics.median(errors)
 
     def _enter(self, ring: Ring) -> None:
         addr = ring.transport.addr
@@ -121,7 +186,7 @@ class Simulation:
             ring = self.by_id[node_id]
             for index in range(ID_BITS if self.fingers else 0):
                 first = bisect.bisect_left(self.ids, (node_id + (1 << index)) % (1 << ID_BITS))
-                owners = [peers[(first + j) % n] for j in range(self.r if self.pns else 1)]
+                owners = [peers[(first + j) % n] for j in range(self.r if self.pns != "off" else 1)]
                 state.set_finger(index, owners[0], ring.nearest(owners))
 
     def true_owner(self, key: int) -> int:
@@ -157,6 +222,7 @@ class Simulation:
         addr = self.rng.choice(self.addrs)
         ring = self._leave(addr)
         self.net.crash(addr)
+        self.clients.pop(addr, None)
         self.ids.remove(ring.me.id)
         del self.by_id[ring.me.id]
         self.stats.crashes += 1
@@ -174,6 +240,7 @@ class Simulation:
             self.stats.joins_failed += 1
             self._leave(ring.transport.addr)
             self.net.crash(ring.transport.addr)
+            self.clients.pop(ring.transport.addr, None)
 
     async def run(self, duration: float, lookups_per_second: float, churn_per_minute: float,
                   warmup: float) -> None:
@@ -183,6 +250,8 @@ class Simulation:
             nursery.start_soon(self._workload, nursery, duration, lookups_per_second, warmup)
             if churn_per_minute > 0:
                 nursery.start_soon(self._churn, nursery, churn_per_minute)
+            if self.coordinates:
+                nursery.start_soon(self._watch_coordinates)
             await sleep(duration)
             nursery.cancel_scope.cancel()
 
@@ -192,6 +261,13 @@ class Simulation:
             ring = self.rings[self.rng.choice(self.addrs)]
             record = warmup <= trio.current_time() - self.t0 <= duration - ring.transport.default_timeout
             nursery.start_soon(self.lookup, ring, self.rng.getrandbits(ID_BITS), record)
+
+    async def _watch_coordinates(self, every: float = 60.0, pairs: int = 2000) -> None:
+        """Median Vivaldi error each minute (its own random stream: the run is the same with or without)."""
+        rng = random.Random(self.seed + 1)
+        while True:
+            await sleep(every)
+            self.stats.vivaldi_errors.append(self.vivaldi_error(pairs, rng))
 
     async def _churn(self, nursery: trio.Nursery, per_minute: float) -> None:
         """Replace `per_minute` of the nodes each minute: Poisson crash events, each followed by a join."""
@@ -204,15 +280,18 @@ class Simulation:
 
 def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None, churn: float = 0.0,
              seed: int = 1, lookups_per_second: float = 20.0, ring_interval: float = 5.0,
-             warmup: float = 30.0, pns: bool = False, fingers: bool = True, learning: bool = True) -> dict[str, Any]:
-    """Run one simulation; `churn` is the share of nodes replaced per minute (0.05 = 5 %/min)."""
+             warmup: float = 30.0, pns: bool | str = False, fingers: bool = True, learning: bool = True,
+             coordinates: bool = True) -> dict[str, Any]:
+    """Run one simulation; `churn` is the share of nodes replaced per minute (0.05 = 5 %/min); `pns` is
+    False, True or "vivaldi" (fingers by each node's estimates), or "oracle" (by the exact RTT)."""
     matrix = None
     if matrix_path:
         from discovery.sim_vivaldi import load_matrix, symmetrise
 
         matrix = symmetrise(load_matrix(matrix_path)).tolist()
     wall = time.perf_counter()
-    sim = Simulation(nodes, seed, matrix, ring_interval=ring_interval, pns=pns, fingers=fingers, learning=learning)
+    sim = Simulation(nodes, seed, matrix, ring_interval=ring_interval, pns=pns, fingers=fingers, learning=learning,
+                     coordinates=coordinates)
 
     async def main() -> None:
         sim.t0 = trio.current_time()
@@ -225,8 +304,12 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         "nodes": nodes, "duration_s": duration, "churn_per_minute": churn, "seed": seed,
         "latency_model": matrix_path or f"{len(sim.sites)} sites",
         "ring_interval_s": ring_interval, "successors": sim.r,
-        "proximity_fingers": "exact RTT (upper bound of what coordinates give)" if pns else "off",
+        "proximity_fingers": {"off": "off", "vivaldi": "Vivaldi estimates",
+                              "oracle": "exact RTT (upper bound of what coordinates give)"}[sim.pns],
         "fingers": fingers, "learned_links": learning,
+        "coordinates": "Vivaldi, fed by every RPC" if coordinates else "off",
+        "vivaldi_median_error": _round(sim.vivaldi_error(10_000, random.Random(seed + 2)), 3),
+        "vivaldi_error_by_minute": [_round(e, 3) for e in s.vivaldi_errors],
         "lookups": done + s.failed,
         "success_rate": round(done / (done + s.failed), 5) if done + s.failed else None,
         "correct_rate": round((done - s.incorrect) / (done + s.failed), 5) if done + s.failed else None,
@@ -234,20 +317,25 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         "hops_p99": sorted(s.hops)[int(0.99 * (len(s.hops) - 1))] if s.hops else None,
         "half_log2_n_plus_1": round(0.5 * math.log2(nodes) + 1, 3),
         "lookup_latency_ms_p50": round(1000 * statistics.median(s.latencies), 2) if s.latencies else None,
+        "lookup_latency_ms_p50_over_time": [round(1000 * x, 1) for x in _tenths(s.latencies, statistics.median)],
         "crashes": s.crashes, "joins": s.joins, "joins_failed": s.joins_failed,
         "joins_in_flight": s.join_attempts - s.joins - s.joins_failed,  # cut off by the end of the run
         "messages": sim.net.messages,
         "wall_s": round(time.perf_counter() - wall, 1),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "hop_histogram": {h: s.hops.count(h) for h in sorted(set(s.hops))},
-        "hops_over_time": _tenths(s.hops),
+        "hops_over_time": [round(x, 2) for x in _tenths(s.hops)],
     }
 
 
-def _tenths(hops: list[int]) -> list[float]:
-    """Mean hops in each tenth of the lookups, in order: how routing improves as links are learned."""
-    size = max(1, len(hops) // 10)
-    return [round(statistics.fmean(hops[i:i + size]), 2) for i in range(0, size * 10, size) if hops[i:i + size]]
+def _tenths(values: list[Any], summary: Any = statistics.fmean) -> list[float]:
+    """`summary` (the mean) of each tenth of the values, in order: how routing improves as links are learned."""
+    size = max(1, len(values) // 10)
+    return [summary(values[i:i + size]) for i in range(0, size * 10, size) if values[i:i + size]]
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -31,8 +31,9 @@ most ``r`` long; the single exception is a lone node, whose list is ``[me]``.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 ID_BITS = 64
@@ -71,7 +72,9 @@ class Peer:
 class ChordState:
     """One node's view of the Chord ring, updated from the replies the shell feeds in."""
 
-    def __init__(self, me: Peer, r: int = 8) -> None:
+    def __init__(self, me: Peer, r: int = 8, distance: Callable[[Peer], float | None] | None = None) -> None:
+        """`distance` estimates the latency to a peer (None: unknown); with it, the learned links keep
+        the nearer of the peers that cover the same stretch of the ring."""
         if r < 1:
             raise ValueError("the successor list length r must be at least 1")
         if not 0 <= me.id < RING:
@@ -83,6 +86,9 @@ class ChordState:
         self.fingers: list[Peer | None] = [None] * ID_BITS
         self.learned: OrderedDict[int, Peer] = OrderedDict()
         """Long links memorised from routed requests (least recently seen first), used for routing only."""
+        self._coverage: dict[int, OrderedDict[int, Peer]] = {}
+        """The learned links by octave of their distance from me (`_octave`), least recently seen first."""
+        self.distance = distance
         self._next_finger = 0
 
     def __repr__(self) -> str:
@@ -213,7 +219,7 @@ class ChordState:
         if self.predecessor is not None and self.predecessor.id == peer.id:
             self.predecessor = None
         self.fingers = [None if f is not None and f.id == peer.id else f for f in self.fingers]
-        self.learned.pop(peer.id, None)
+        self._unlearn(peer.id)
         if any(s.id == peer.id for s in self.successors):
             self._set_successors(s for s in self.successors if s.id != peer.id)
 
@@ -223,10 +229,42 @@ class ChordState:
         predecessor stay governed by stabilize alone, so learning can never break the ring."""
         if peer.id == self.me.id:
             return
-        self.learned[peer.id] = peer
+        octave = self._octave(peer.id)
+        links = self._coverage.get(octave)
+        if links is None:
+            links = self._coverage[octave] = OrderedDict()
+        self.learned[peer.id] = links[peer.id] = peer
         self.learned.move_to_end(peer.id)
-        while len(self.learned) > MAX_LEARNED:
-            self.learned.popitem(last=False)
+        links.move_to_end(peer.id)
+        if len(self.learned) > MAX_LEARNED:
+            self._unlearn(self._eviction_victim())
+
+    def _octave(self, peer_id: int) -> int:
+        """1..ID_BITS: the power of two of the clockwise distance from me (a finger's index + 1)."""
+        return ((peer_id - self.me.id) % RING).bit_length()
+
+    def _eviction_victim(self) -> int:
+        """The learned link to forget when the cache is full: one from the octave that holds the most
+        links (the highest on a tie: random peers crowd there), so that the links keep covering every
+        distance; within it the farthest by `distance` (unknown counts as farthest), else the least
+        recently seen. What a lookup gains from a link is the stretch of ring it jumps, which any link
+        of the same octave gives as well; the cheaper one makes that hop cheaper."""
+        import os  # EXPERIMENT, to remove
+        if os.environ.get("LEARN_POLICY") == "lru":
+            return next(iter(self.learned))
+        links = max(self._coverage.items(), key=lambda item: (len(item[1]), item[0]))[1]
+        if self.distance is None or os.environ.get("LEARN_POLICY") == "coverage":
+            return next(iter(links))
+        costs = [(self.distance(peer), k, peer.id) for k, peer in enumerate(links.values())]
+        return max(costs, key=lambda c: (math.inf if c[0] is None else c[0], -c[1]))[2]
+
+    def _unlearn(self, peer_id: int) -> None:
+        if self.learned.pop(peer_id, None) is not None:
+            octave = self._octave(peer_id)
+            links = self._coverage[octave]
+            del links[peer_id]
+            if not links:
+                del self._coverage[octave]
 
     def on_left(self, peer: Peer, its_predecessor: Peer | None, its_successors: list[Peer]) -> None:
         """`peer` leaves voluntarily and hands over its predecessor and successor list."""
@@ -238,6 +276,7 @@ class ChordState:
                 self.predecessor = its_predecessor
             else:
                 self.predecessor = None
+        self._unlearn(peer.id)
         # Keys that went to `peer` now go to its successor.
         heir = its_successors[0] if its_successors else None
         self.fingers = [heir if f is not None and f.id == peer.id else f for f in self.fingers]

@@ -60,7 +60,7 @@ class Ring:
         self.learn = learn
         self.me = Peer(hash_id(name), name, addr, site)
         self._me_wire = peer_to_wire(self.me)  # sent with every hop (copied by the transport)
-        self.state = ChordState(self.me, r)
+        self.state = ChordState(self.me, r, distance=distance)
         transport.route("chord.step", self._on_step)
         transport.route("chord.state", self._on_state)
         transport.route("chord.notify", self._on_notify)

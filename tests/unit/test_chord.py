@@ -723,8 +723,43 @@ def test_learned_links_are_bounded_used_for_routing_and_dropped_when_dead():
     state.on_dead(far)
     assert state.closest_preceding(RING // 2 + 100).name == "s"
     for i in range(MAX_LEARNED + 5):
-        state.learn(Peer(1000 + i, f"p{i}", f"a:{i}"))
-    assert len(state.learned) == MAX_LEARNED and 1000 not in state.learned  # least recently seen went first
+        state.learn(Peer(2048 + i, f"p{i}", f"a:{i}"))  # all in one octave: [2**11, 2**12)
+    assert len(state.learned) == MAX_LEARNED and 2048 not in state.learned  # least recently seen went first
     state.learn(me)
     assert me.id not in state.learned
     assert [p.name for p in state.successor_list()] == ["s"]  # learning never touches the ring itself
+
+
+def test_a_full_cache_of_learned_links_keeps_covering_every_distance():
+    from overlay.chord import MAX_LEARNED
+
+    state = ChordState(Peer(0, "me", "a:0"), r=2)
+    lone = Peer(1 << 20, "lone", "a:lone")  # the only link in its octave
+    state.learn(lone)
+    for i in range(MAX_LEARNED + 10):  # random peers crowd the far octaves
+        state.learn(Peer((RING >> 1) + i, f"far{i}", f"a:{i}"))
+    assert len(state.learned) == MAX_LEARNED
+    assert lone.id in state.learned  # evicting it would leave a stretch of the ring without a link
+    assert (RING >> 1) not in state.learned  # the crowded octave gave up its least recently seen
+    state.learn(Peer(RING >> 1, "far0", "a:0"))  # seen again: it comes back, at another's expense
+    assert (RING >> 1) in state.learned and len(state.learned) == MAX_LEARNED
+    state.on_dead(lone)
+    assert lone.id not in state.learned and state.closest_preceding((1 << 20) + 5).name == "me"
+
+
+def test_with_latency_estimates_the_cache_keeps_the_nearer_links_of_an_octave():
+    from overlay.chord import MAX_LEARNED
+
+    rtt = {}
+    state = ChordState(Peer(0, "me", "a:0"), r=2, distance=lambda peer: rtt.get(peer.name))
+    for i in range(MAX_LEARNED):
+        rtt[f"p{i}"] = 0.010 + i / 1000  # p0 nearest ... p63 farthest
+        state.learn(Peer((RING >> 1) + i, f"p{i}", f"a:{i}"))
+    rtt["near"], rtt["farther"] = 0.001, 1.0
+    state.learn(Peer((RING >> 1) + 100, "near", "a:near"))  # evicts the farthest, p63
+    assert (RING >> 1) + 63 not in state.learned and (RING >> 1) + 100 in state.learned
+    state.learn(Peer((RING >> 1) + 101, "farther", "a:farther"))  # farthest of all: not kept
+    assert (RING >> 1) + 101 not in state.learned
+    state.learn(Peer((RING >> 1) + 102, "unknown", "a:unknown"))  # no estimate: counts as farthest
+    assert (RING >> 1) + 102 not in state.learned
+    assert len(state.learned) == MAX_LEARNED

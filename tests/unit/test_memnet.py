@@ -2,8 +2,10 @@
 
 import pytest
 import trio
+from trio.testing import MockClock
 
-from overlay.memnet import MemNetwork
+from overlay.memnet import MemNetwork, SimClock, _never_suspends
+from overlay.memnet import sleep as memnet_sleep
 from overlay.rpc import NotFound, RemoteError, RpcTimeout
 
 
@@ -64,3 +66,94 @@ async def test_errors_and_crashes(autojump_clock):
     assert trio.current_time() - start == pytest.approx(3)
     answers = await a.call_many(["b"], "missing", timeout=1)
     assert isinstance(answers["b"], RpcTimeout)
+
+
+# -- the simulation clock: the same exchanges, to the tick, on cheaper timers -------------------------
+
+CLOCKS = {"mock": lambda: MockClock(autojump_threshold=0), "sim": SimClock}
+
+
+def run_on(clock_name, scenario):
+    """Run `scenario()` under the named virtual clock and return what it returns."""
+    return trio.run(scenario, clock=CLOCKS[clock_name]())
+
+
+@pytest.mark.parametrize("clock", CLOCKS)
+def test_both_clocks_time_calls_timeouts_and_slow_handlers_alike(clock):
+    async def scenario():
+        net, a, b = net_of_two(latency=0.010)
+        ran = []
+
+        async def quick(caller, args):
+            ran.append("quick")
+            return args
+
+        async def slow(caller, args):
+            ran.append("slow")
+            await trio.sleep(5)
+            ran.append("slow finished")
+            return 1
+
+        b.route("quick", quick)
+        b.route("slow", slow)
+        times = []
+        start = trio.current_time()
+        assert await a.call("b", "quick", {"x": [1]}) == {"x": [1]}
+        times.append(trio.current_time() - start)
+        for method, timeout in (("slow", 1.0), ("quick", 0.015), ("quick", 0.005)):
+            start = trio.current_time()
+            with pytest.raises(RpcTimeout):
+                await a.call("b", method, timeout=timeout)
+            times.append(trio.current_time() - start)
+        net.crash("b")
+        start = trio.current_time()
+        with pytest.raises(RpcTimeout):
+            await a.call("b", "quick", timeout=2)
+        times.append(trio.current_time() - start)
+        return [round(t, 9) for t in times], ran
+
+    times, ran = run_on(clock, scenario)
+    assert times == [0.02, 1.0, 0.015, 0.005, 2.0]
+    # the slow handler was cancelled with its caller; a late answer still means the handler ran;
+    # a request that cannot even arrive in time never runs
+    assert ran == ["quick", "slow", "quick"]
+
+
+def test_sim_clock_jumps_to_the_next_timer_and_sleeps_are_cancellable():
+    async def scenario():
+        woke = []
+
+        async def sleeper(seconds):
+            await memnet_sleep(seconds)
+            woke.append((seconds, trio.current_time()))
+
+        async with trio.open_nursery() as nursery:
+            for seconds in (3.0, 1.0, 2.0, 1.0):
+                nursery.start_soon(sleeper, seconds)
+            with trio.move_on_after(1.5):  # a trio deadline among the clock's own timers
+                await memnet_sleep(10)
+            woke.append(("cancelled", trio.current_time()))
+        await memnet_sleep(0)  # no wait: a checkpoint
+        return woke, trio.current_time()
+
+    woke, end = trio.run(scenario, clock=SimClock())
+    assert woke == [(1.0, 1.0), (1.0, 1.0), ("cancelled", 1.5), (2.0, 2.0), (3.0, 3.0)]
+    assert end == 3.0
+
+
+def test_only_handlers_that_cannot_await_skip_the_deadline():
+    async def plain(caller, args):
+        return args
+
+    async def awaiting(caller, args):
+        await trio.sleep(0)
+
+    async def with_nursery(caller, args):
+        async with trio.open_nursery():
+            pass
+
+    def returns_a_coroutine(caller, args):
+        return awaiting(caller, args)
+
+    assert _never_suspends(plain)
+    assert not any(map(_never_suspends, (awaiting, with_nursery, returns_a_coroutine, None)))
