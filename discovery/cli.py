@@ -253,17 +253,26 @@ def ve_show(name: str, as_json: JsonOpt = False) -> None:
     emit(ve, as_json, ve_table([ve]))
 
 
+@ve_app.command("locate")
+def ve_locate(name: str, as_json: JsonOpt = False) -> None:
+    """Which node hosts each VM of the VE, from the VE directory."""
+    info = rpc("ve.locate", {"name": name})
+    emit(info, as_json, make_table(["vm", "node", "site", "address"],
+                                   [[vm, s["node"], s["site"], s["addr"]] for vm, s in info["vms"].items()]))
+
+
 def _lifecycle(verb: str) -> None:
     def command(name: str, as_json: JsonOpt = False) -> None:
         ve = rpc(f"ve.{verb}", {"name": name})
         emit(ve, as_json, make_table(["ve", "state"], [[ve["name"], ve["state"]]]))
 
     command.__doc__ = {"start": "Start every VM of the VE.", "stop": "Shut the VE's VMs down gracefully "
-                       "(forced after a timeout).", "destroy": "Remove the VE and its VMs."}[verb]
+                       "(forced after a timeout).", "suspend": "Pause every VM of the VE (memory kept).",
+                       "resume": "Run the VE's paused VMs again.", "destroy": "Remove the VE and its VMs."}[verb]
     ve_app.command(verb)(command)
 
 
-for _verb in ("start", "stop", "destroy"):
+for _verb in ("start", "stop", "suspend", "resume", "destroy"):
     _lifecycle(_verb)
 
 

@@ -20,7 +20,7 @@ from agents.node import NodeAgent
 from discovery.spec import SpecError, VESpec, VMSpec
 from overlay.dht import Record
 from overlay.membership import Member
-from overlay.rpc import Caller, Conflict, NotFound, RemoteError, RequestError, RpcError
+from overlay.rpc import Caller, Conflict, Forbidden, NotFound, RemoteError, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 PREFIX = "ve/"
@@ -48,7 +48,7 @@ class Candidate:
 class VEService:
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
-        for verb in ("create", "list", "show", "start", "stop", "destroy"):
+        for verb in ("create", "list", "show", "locate", "start", "stop", "suspend", "resume", "destroy"):
             agent.transport.route(f"ve.{verb}", getattr(self, f"_on_{verb}"))
 
     # -- create ------------------------------------------------------------------------------------
@@ -168,10 +168,11 @@ class VEService:
     # -- read --------------------------------------------------------------------------------------
 
     async def _on_list(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [r.value for r in await self.agent.records.scan(PREFIX)]
+        """The caller's VEs; every VE for an operator (like `openstack server list --all-projects`)."""
+        return [r.value for r in await self.agent.records.scan(PREFIX) if _may_act(caller, r.value)]
 
     async def _on_show(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        record = await self._record(args)
+        record = await self._record(caller, args)
         ve = {**copy.deepcopy(record.value), "version": record.version}  # never mutate the shard's copy
         for vm_name, slot in ve["placement"].items():
             try:
@@ -182,31 +183,46 @@ class VEService:
                 slot["domain_state"] = f"unknown ({err})"
         return ve
 
-    async def _record(self, args: dict[str, Any]) -> Record:
+    async def _on_locate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Where each VM runs, from the directory alone (no host is asked): `ve show` asks the hosts."""
+        record = await self._record(caller, args)
+        return {"name": record.value["name"], "state": record.value["state"],
+                "vms": {vm: {k: slot[k] for k in ("node", "site", "addr")}
+                        for vm, slot in sorted(record.value["placement"].items())}}
+
+    async def _record(self, caller: Caller, args: dict[str, Any]) -> Record:
         name = args.get("name")
         if not isinstance(name, str) or not name:
             raise RequestError("a VE name is required")
         record = await self.agent.records.get(PREFIX + name)
         if record is None:
             raise NotFound(f"no VE named {name!r}")
+        if not _may_act(caller, record.value):
+            raise Forbidden(f"VE {name!r} belongs to {record.value.get('owner')!r}; {caller.cn!r} may not act on it")
         return record
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def _on_start(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(args, "start", "running")
+        return await self._apply(caller, args, "start", "running")
 
     async def _on_stop(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(args, "stop", "stopped")
+        return await self._apply(caller, args, "stop", "stopped")
+
+    async def _on_suspend(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._apply(caller, args, "suspend", "suspended")
+
+    async def _on_resume(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._apply(caller, args, "resume", "running")
 
     async def _on_destroy(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        record = await self._record(args)
+        record = await self._record(caller, args)
         await self._on_every_vm(record.value, "undefine")
         await self.agent.records.delete(record.key, after=record.version)
         return {**record.value, "state": "destroyed"}
 
-    async def _apply(self, args: dict[str, Any], action: str, state: str) -> dict[str, Any]:
-        record = await self._record(args)
+    async def _apply(self, caller: Caller, args: dict[str, Any], action: str, state: str) -> dict[str, Any]:
+        record = await self._record(caller, args)
         await self._on_every_vm(record.value, action)
         value = {**record.value, "state": state}
         await self.agent.records.put(record.key, value, after=record.version)
@@ -223,6 +239,11 @@ class VEService:
                 failures.append(f"{vm_name} on {slot['node']}: {err}")
         if failures:
             raise RequestError(f"{action} failed for " + "; ".join(failures))
+
+
+def _may_act(caller: Caller, ve: dict[str, Any]) -> bool:
+    """A VE's owner (the certificate that created it) and operators may act on it; nobody else."""
+    return caller.role == "operator" or ve.get("owner") == caller.cn
 
 
 async def install(agent: NodeAgent) -> None:

@@ -78,6 +78,12 @@ class Conflict(RequestError):
     kind = "conflict"
 
 
+class Forbidden(RequestError):
+    """The caller's certificate may not do this (a VE of another owner, say)."""
+
+    kind = "forbidden"
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is calling: the certificate's identity and what the peer said in its handshake."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -136,3 +138,54 @@ def test_cluster_status_reports_one_ring(cluster6):
         time.sleep(1)
         rows = json.loads(cluster6.cli("cluster", "status", "--dir", str(cluster6.dir), "--json").stdout)
     assert len(seen) == 6 and node == "node1"
+
+
+def test_suspend_resume_and_locate_through_other_nodes(cluster6, tmp_path):
+    spec = write_spec(tmp_path, "pausable", [("a", 1, 256), ("b", 1, 256)])
+    created = cluster6.json("--agent", "node2", "ve", "create", spec)
+    assert cluster6.json("--agent", "node4", "ve", "suspend", "pausable")["state"] == "suspended"
+    assert cluster6.json("--agent", "node6", "ve", "suspend", "pausable")["state"] == "suspended"  # a retry is fine
+    shown = cluster6.json("--agent", "node1", "ve", "show", "pausable")
+    assert {slot["domain_state"] for slot in shown["placement"].values()} == {"paused"}
+
+    located = cluster6.json("--agent", "node5", "ve", "locate", "pausable")
+    assert {vm: s["node"] for vm, s in located["vms"].items()} == {
+        vm: s["node"] for vm, s in created["placement"].items()}
+
+    assert cluster6.json("--agent", "node3", "ve", "resume", "pausable")["state"] == "running"
+    shown = cluster6.json("--agent", "node1", "ve", "show", "pausable")
+    assert {slot["domain_state"] for slot in shown["placement"].values()} == {"running"}
+    proc = cluster6.cli("--agent", "node3", "ve", "locate", "nothing-here", check=False)
+    assert proc.returncode == 1 and "no VE named 'nothing-here'" in proc.stderr
+    cluster6.cli("--agent", "node4", "ve", "destroy", "pausable")
+
+
+def client_config(cluster, tmp_path, name):
+    """A client config for a new user certificate `name` (role client) of the cluster's CA."""
+    subprocess.run([sys.executable, "-m", "discovery", "ca", "issue", str(cluster.dir / "ca"), name,
+                    "--role", "client", "--out", str(tmp_path)], check=True, capture_output=True, env=cluster.env)
+    text = (cluster.dir / "client.toml").read_text()
+    text = text.replace(str(cluster.dir / "operator.pem"), str(tmp_path / f"{name}.pem"))
+    text = text.replace(str(cluster.dir / "operator.key"), str(tmp_path / f"{name}.key"))
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_only_the_owner_or_an_operator_acts_on_a_ve(cluster6, tmp_path):
+    alice, bob = client_config(cluster6, tmp_path, "alice"), client_config(cluster6, tmp_path, "bob")
+    spec = write_spec(tmp_path, "alices", [("vm", 1, 256)])
+    created = json.loads(cluster6.cli("--config", alice, "--agent", "node1", "ve", "create", spec, "--json").stdout)
+    assert created["owner"] == "alice"
+
+    for verb in ("show", "stop", "destroy"):
+        proc = cluster6.cli("--config", bob, "--agent", "node3", "ve", verb, "alices", check=False)
+        assert proc.returncode == 1 and "belongs to 'alice'; 'bob' may not act on it" in proc.stderr, verb
+    bobs_list = json.loads(cluster6.cli("--config", bob, "--agent", "node2", "ve", "list", "--json").stdout)
+    assert "alices" not in [ve["name"] for ve in bobs_list]
+    alices_list = json.loads(cluster6.cli("--config", alice, "--agent", "node2", "ve", "list", "--json").stdout)
+    assert [ve["name"] for ve in alices_list] == ["alices"]
+
+    assert "alices" in [ve["name"] for ve in cluster6.json("--agent", "node4", "ve", "list")]  # the operator
+    assert cluster6.json("--agent", "node4", "ve", "stop", "alices")["state"] == "stopped"
+    cluster6.cli("--config", alice, "--agent", "node5", "ve", "destroy", "alices")
