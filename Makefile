@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev
+DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu
 
 .PHONY: demo test lint deps clean bench
 
@@ -14,12 +14,17 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-deps:  ## Debian packages libvirt-python builds against (installed only if missing)
+deps:  ## Debian packages: what libvirt-python builds against, and QEMU for real guests (only if missing)
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# libvirt's QEMU driver looks this account up even when QEMU runs as root; Debian creates it only
+	@# in libvirt-daemon-system, which would also pull in systemd.
+	@getent group libvirt-qemu >/dev/null || $(SUDO) groupadd --system libvirt-qemu
+	@getent passwd libvirt-qemu >/dev/null || $(SUDO) useradd --system --gid libvirt-qemu --no-create-home \
+	  --home-dir /var/lib/libvirt --shell /usr/sbin/nologin libvirt-qemu
 
 demo: $(STAMP)  ## 12 agents on 4 sites, VEs created through different nodes
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/demo.sh

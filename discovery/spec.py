@@ -3,6 +3,11 @@
 Specs come from two untrusted places, a user's file and a peer on the wire, so both go through one
 validator. Errors are one line naming the source, the line and the field path, so that a user can fix
 the file without guessing; only the first error is reported.
+
+A spec may carry placement `constraints` (affinity, anti-affinity, same site, spread over sites, VMs
+per node); `discovery.placement` honours them. Contradictions that need no knowledge of the nodes are
+refused here, where the error can point at the line. Affinity is transitive: groups that share a VM
+are merged (`Constraints.together`), since `[a, b]` and `[b, c]` can only mean a, b and c on one node.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ _NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending 
 _IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _IMAGE_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '/' or '-'"
 
-_TOP_KEYS = ("name", "site", "vms")
+_TOP_KEYS = ("name", "site", "vms", "constraints")
 _VM_KEYS = ("name", "vcpus", "memory_mb", "disk_gb", "image")
+_CONSTRAINT_KEYS = ("affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node")
 
 _YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 _STR_TAG = _YAML_TAG_PREFIX + "str"
 _INT_TAG = _YAML_TAG_PREFIX + "int"
+_BOOL_TAG = _YAML_TAG_PREFIX + "bool"
 _NULL_TAG = _YAML_TAG_PREFIX + "null"
 _MAP_TAG = _YAML_TAG_PREFIX + "map"
 _SEQ_TAG = _YAML_TAG_PREFIX + "seq"
@@ -71,16 +78,74 @@ class VMSpec:
 
 
 @dataclass(frozen=True)
+class Constraints:
+    """Where the VMs of a VE may go relative to each other; the defaults constrain nothing.
+
+    Groups keep the VM names as written. `spread_sites` and `max_per_node` are None when not given.
+    """
+
+    affinity: tuple[tuple[str, ...], ...] = ()  # each group's VMs share one node
+    anti_affinity: tuple[tuple[str, ...], ...] = ()  # each group's VMs are on pairwise different nodes
+    same_site: bool = False  # every VM in one site, whichever
+    spread_sites: int | None = None  # the VMs cover at least this many distinct sites
+    max_per_node: int | None = None  # at most this many VMs of the VE on one node
+
+    def together(self) -> tuple[tuple[str, ...], ...]:
+        """The affinity groups merged where they share a VM, names in order of first appearance."""
+        parent: dict[str, str] = {}  # union-find, linear in the groups' total size whatever they hold
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        for group in self.affinity:
+            for name in group:
+                parent.setdefault(name, name)
+                parent[root(name)] = root(group[0])
+        merged: dict[str, list[str]] = {}
+        for name in parent:  # dicts keep insertion order: groups and names in order of first appearance
+            merged.setdefault(root(name), []).append(name)
+        return tuple(tuple(g) for g in merged.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constraints that are set, as plain data (an empty dict when none is)."""
+        d: dict[str, Any] = {}
+        if self.affinity:
+            d["affinity"] = [list(g) for g in self.affinity]
+        if self.anti_affinity:
+            d["anti_affinity"] = [list(g) for g in self.anti_affinity]
+        if self.same_site:
+            d["same_site"] = True
+        if self.spread_sites is not None:
+            d["spread_sites"] = self.spread_sites
+        if self.max_per_node is not None:
+            d["max_per_node"] = self.max_per_node
+        return d
+
+
+NO_CONSTRAINTS = Constraints()
+
+
+@dataclass(frozen=True)
 class VESpec:
     """A validated VE spec. Build it with parse_spec, load_spec or from_dict so that it is checked."""
 
     name: str
     vms: tuple[VMSpec, ...]
     site: str | None = None
+    constraints: Constraints = NO_CONSTRAINTS
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (str, int, list, None) for msgpack; from_dict reads it back."""
-        return {"name": self.name, "site": self.site, "vms": [dataclasses.asdict(vm) for vm in self.vms]}
+        """Plain data (str, int, bool, list, None) for msgpack; from_dict reads it back.
+
+        `constraints` is left out when there is none, so that such a spec reads the same as before it existed.
+        """
+        d = {"name": self.name, "site": self.site, "vms": [dataclasses.asdict(vm) for vm in self.vms]}
+        if self.constraints != NO_CONSTRAINTS:
+            d["constraints"] = self.constraints.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VESpec:
@@ -172,12 +237,7 @@ class _Validator:
         name = self.text(top["name"], "name", _NAME_RE, _NAME_RULE)
         site = None if _is_null(top.get("site")) else self.text(top["site"], "site", _NAME_RE, _NAME_RULE)
         vms_obj = top["vms"]
-        if isinstance(vms_obj, SequenceNode) and vms_obj.tag == _SEQ_TAG:
-            items = vms_obj.value
-        elif isinstance(vms_obj, list | tuple):
-            items = list(vms_obj)
-        else:
-            raise self.error(vms_obj, "vms", f"expected a list of VMs, got {_describe(vms_obj)}")
+        items = self.items(vms_obj, "vms", "a list of VMs")
         if not 1 <= len(items) <= MAX_VMS:
             raise self.error(vms_obj, "vms", f"must list 1 to {MAX_VMS} VMs, got {len(items)}")
         vms: list[VMSpec] = []
@@ -190,7 +250,90 @@ class _Validator:
                                  f"duplicate VM name {vm.name!r}, already used by vms[{first}]")
             first_index[vm.name] = index
             vms.append(vm)
-        return VESpec(name=name, vms=tuple(vms), site=site)
+        constraints_obj = top.get("constraints")
+        if _is_null(constraints_obj):
+            return VESpec(name=name, vms=tuple(vms), site=site)
+        constraints = self.constraints(constraints_obj, first_index, site, top.get("site"))
+        return VESpec(name=name, vms=tuple(vms), site=site, constraints=constraints)
+
+    def constraints(self, obj: object, vms: Mapping[str, int], site: str | None, site_obj: object) -> Constraints:
+        """The constraints, refusing unknown VMs and contradictions that need no knowledge of the nodes."""
+        path = "constraints"
+        fields = self.mapping(obj, path, _CONSTRAINT_KEYS, required=())
+        values = {key: value for key, value in fields.items() if not _is_null(value)}
+        affinity = self.groups(values.get("affinity", ()), f"{path}.affinity", vms)
+        anti = self.groups(values.get("anti_affinity", ()), f"{path}.anti_affinity", vms)
+        same_site = self.boolean(values["same_site"], f"{path}.same_site") if "same_site" in values else False
+        spread = (self.integer(values["spread_sites"], f"{path}.spread_sites", (1, MAX_VMS))
+                  if "spread_sites" in values else None)
+        per_node = (self.integer(values["max_per_node"], f"{path}.max_per_node", (1, MAX_VMS))
+                    if "max_per_node" in values else None)
+        constraints = Constraints(tuple(g for g, _ in affinity), tuple(g for g, _ in anti), same_site, spread, per_node)
+        together = constraints.together()
+        unit = {name: index for index, group in enumerate(together) for name in group}
+        for index, (group, group_obj) in enumerate(anti):
+            seen: dict[int, str] = {}  # affinity group -> the first VM of this anti-affinity group in it
+            for name in group:
+                if name not in unit:
+                    continue
+                first = seen.setdefault(unit[name], name)
+                if first != name:
+                    raise self.error(group_obj, f"{path}.anti_affinity[{index}]",
+                                     f"vms {first!r} and {name!r} must be on different nodes, but affinity "
+                                     f"[{', '.join(together[unit[name]])}] puts them on one node")
+        largest = max(together, key=len, default=())
+        if per_node is not None and len(largest) > per_node:
+            raise self.error(values["max_per_node"], f"{path}.max_per_node",
+                             f"{per_node} is less than the {len(largest)} VMs that affinity puts on one node "
+                             f"({', '.join(largest)})")
+        if spread is not None and spread > 1:
+            spread_obj, spread_path = values["spread_sites"], f"{path}.spread_sites"
+            what = f"spread over {spread} sites"
+            if same_site:
+                raise self.error(spread_obj, spread_path, f"{what} contradicts same_site: true")
+            if site is not None:
+                where = f" (line {_line(site_obj)})" if _line(site_obj) else ""
+                raise self.error(spread_obj, spread_path, f"{what} contradicts the pinned site {site}{where}")
+            if spread > len(vms):
+                raise self.error(spread_obj, spread_path, f"{what} needs at least {spread} VMs, the VE has {len(vms)}")
+            apart = len(vms) - sum(len(group) - 1 for group in together)
+            if spread > apart:
+                raise self.error(spread_obj, spread_path, f"{what} needs {spread} VMs that can be apart; "
+                                 f"affinity binds the {len(vms)} VMs into {apart} groups")
+        return constraints
+
+    def groups(self, obj: object, path: str, vms: Mapping[str, int]) -> list[tuple[tuple[str, ...], object]]:
+        """A list of groups of at least two distinct VM names; each group with the value it came from."""
+        groups: list[tuple[tuple[str, ...], object]] = []
+        for index, group_obj in enumerate(self.items(obj, path, "a list of groups of VM names")):
+            group_path = f"{path}[{index}]"
+            names: list[str] = []
+            for position, name_obj in enumerate(self.items(group_obj, group_path, "a list of VM names")):
+                name_path = f"{group_path}[{position}]"
+                name = self.text(name_obj, name_path, _NAME_RE, _NAME_RULE)
+                if name not in vms:
+                    raise self.error(name_obj, name_path, f"no VM named {name!r} in vms")
+                if name in names:
+                    raise self.error(name_obj, name_path, f"VM {name!r} is already in this group")
+                names.append(name)
+            if len(names) < 2:
+                raise self.error(group_obj, group_path, f"a group needs at least 2 VMs, got {len(names)}")
+            groups.append((tuple(names), group_obj))
+        return groups
+
+    def items(self, obj: object, path: str, what: str) -> list[object]:
+        """The items of a list (a YAML sequence, or a list or tuple on the wire)."""
+        if isinstance(obj, SequenceNode) and obj.tag == _SEQ_TAG:
+            return list(obj.value)
+        if isinstance(obj, list | tuple):
+            return list(obj)
+        raise self.error(obj, path, f"expected {what}, got {_describe(obj)}")
+
+    def boolean(self, obj: object, path: str) -> bool:
+        value = _boolean(obj)
+        if value is None:
+            raise self.error(obj, path, f"must be true or false, got {_describe(obj)}")
+        return value
 
     def vm(self, obj: object, path: str) -> tuple[VMSpec, object]:
         """The VM and the value its name came from, to point at it if the name turns out to be taken."""
@@ -282,6 +425,15 @@ def _integer(obj: object) -> int | None:
         except ValueError:  # an explicit `!!int lots`, or more digits than Python converts
             return None
     return int(obj) if isinstance(obj, int) and not isinstance(obj, bool) else None
+
+
+def _boolean(obj: object) -> bool | None:
+    """YAML's booleans (true, false, and YAML 1.1's yes, no, on, off); on the wire, only a real bool."""
+    if isinstance(obj, Node):
+        if isinstance(obj, ScalarNode) and obj.tag == _BOOL_TAG:
+            return bool(_CONSTRUCTOR.construct_yaml_bool(obj))
+        return None
+    return obj if isinstance(obj, bool) else None
 
 
 def _is_null(obj: object) -> bool:

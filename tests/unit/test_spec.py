@@ -7,10 +7,19 @@ from pathlib import Path
 import msgpack
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from discovery.spec import MAX_SPEC_BYTES, MAX_VMS, SpecError, VESpec, VMSpec, load_spec, parse_spec
+from discovery.spec import (
+    MAX_SPEC_BYTES,
+    MAX_VMS,
+    Constraints,
+    SpecError,
+    VESpec,
+    VMSpec,
+    load_spec,
+    parse_spec,
+)
 
 VALID = """\
 name: web-shop
@@ -352,20 +361,36 @@ vm_specs = st.builds(
     disk_gb=st.integers(0, 65536),
     image=st.from_regex(r"[A-Za-z0-9._:/-]{1,128}", fullmatch=True),
 )
-ve_specs = st.builds(
-    VESpec,
-    name=names,
-    vms=st.lists(vm_specs, min_size=1, max_size=8, unique_by=lambda vm: vm.name).map(tuple),
-    site=st.none() | names,
-)
 
 
-@given(ve_specs)
+@st.composite
+def ve_specs(draw: st.DrawFn) -> VESpec:
+    """Valid specs, with constraints half of the time (drawn freely; contradictory ones are rejected)."""
+    vms = draw(st.lists(vm_specs, min_size=1, max_size=8, unique_by=lambda vm: vm.name).map(tuple))
+    site = draw(st.none() | names)
+    if len(vms) < 2 or draw(st.booleans()):
+        return VESpec(draw(names), vms, site)
+    vm_names = [vm.name for vm in vms]
+    groups = st.lists(st.lists(st.sampled_from(vm_names), min_size=2, max_size=4, unique=True).map(tuple),
+                      max_size=3).map(tuple)
+    constraints = Constraints(
+        affinity=draw(groups), anti_affinity=draw(groups), same_site=draw(st.booleans()),
+        spread_sites=draw(st.none() | st.integers(1, len(vms))), max_per_node=draw(st.none() | st.integers(1, MAX_VMS)))
+    spec = VESpec(draw(names), vms, site, constraints)
+    try:
+        VESpec.from_dict(spec.to_dict())
+    except SpecError:
+        assume(False)
+    return spec
+
+
+@given(ve_specs())
 def test_dict_round_trip(spec: VESpec) -> None:
     assert VESpec.from_dict(spec.to_dict()) == spec
+    assert VESpec.from_dict(msgpack.unpackb(msgpack.packb(spec.to_dict()))) == spec
 
 
-@given(ve_specs)
+@given(ve_specs())
 def test_yaml_round_trip(spec: VESpec) -> None:
     assert parse_spec(yaml.safe_dump(spec.to_dict())) == spec
 
@@ -394,7 +419,8 @@ def test_mangled_specs_raise_only_spec_error(data: st.DataObject) -> None:
     assert_only_spec_errors(VALID[:position] + insert + VALID[position:])
 
 
-wire_keys = st.sampled_from(["name", "site", "vms", "vcpus", "memory_mb", "disk_gb", "image", "x"])
+wire_keys = st.sampled_from(["name", "site", "vms", "vcpus", "memory_mb", "disk_gb", "image", "x", "constraints",
+                             "affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node"])
 wire_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 300) | st.floats() | st.text(max_size=3) | st.just(b"x"),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(wire_keys, inner),
@@ -408,3 +434,159 @@ def test_arbitrary_wire_data_raises_only_spec_error(data: object) -> None:
         VESpec.from_dict(data)  # type: ignore[arg-type]
     except SpecError as err:
         assert "\n" not in str(err)
+
+
+# -- constraints -----------------------------------------------------------------------------------
+
+# Lines: 8 constraints, 9 affinity, 10 anti_affinity, 11 same_site, 12 spread_sites, 13 max_per_node.
+CONSTRAINED = """\
+name: web-shop
+site: lyon
+vms:
+  - {name: front-1, vcpus: 2, memory_mb: 2048}
+  - {name: front-2, vcpus: 2, memory_mb: 2048}
+  - {name: app, vcpus: 4, memory_mb: 8192}
+  - {name: db, vcpus: 8, memory_mb: 16384}
+constraints:
+  affinity: [[app, db]]
+  anti_affinity: [[front-1, front-2]]
+  same_site: true
+  spread_sites: 1
+  max_per_node: 2
+"""
+
+
+def constrained(**lines: str) -> str:
+    """CONSTRAINED with some constraint lines replaced ('key: value') or removed (empty string)."""
+    text = CONSTRAINED
+    for key, line in lines.items():
+        old = next(row for row in text.splitlines() if row.startswith(f"  {key}:") or row.startswith(f"{key}:"))
+        text = text.replace(old + "\n", line + "\n" if line else "")
+    return text
+
+
+def test_constraints_parse() -> None:
+    spec = parse_spec(CONSTRAINED)
+    assert spec.constraints == Constraints(
+        affinity=(("app", "db"),), anti_affinity=(("front-1", "front-2"),), same_site=True, spread_sites=1,
+        max_per_node=2)
+    assert spec.site == "lyon"
+
+
+def test_constraints_default_to_none() -> None:
+    assert parse_spec(VALID).constraints == Constraints()
+    assert VESpec("x", (VMSpec("a", 1, 16),)).constraints == Constraints()
+    for empty in ("constraints:\n", "constraints: {}\n", "constraints: {affinity: [], spread_sites: ~}\n"):
+        spec = parse_spec(VALID + empty)
+        assert spec.constraints == Constraints()
+        assert "constraints" not in spec.to_dict()
+
+
+def test_yaml_booleans_are_accepted_for_same_site() -> None:
+    assert parse_spec(constrained(same_site="  same_site: yes")).constraints.same_site is True
+    assert parse_spec(constrained(same_site="  same_site: off")).constraints.same_site is False
+
+
+def test_constraints_to_dict_keeps_what_is_set_and_round_trips() -> None:
+    spec = parse_spec(constrained(same_site="", spread_sites=""))
+    assert spec.to_dict()["constraints"] == {
+        "affinity": [["app", "db"]], "anti_affinity": [["front-1", "front-2"]], "max_per_node": 2}
+    assert VESpec.from_dict(msgpack.unpackb(msgpack.packb(spec.to_dict()))) == spec
+    assert parse_spec(yaml.safe_dump(spec.to_dict())) == spec
+
+
+def test_affinity_groups_sharing_a_vm_are_merged() -> None:
+    constraints = Constraints(affinity=(("a", "b"), ("c", "d"), ("e", "f"), ("d", "b")))
+    assert constraints.together() == (("a", "b", "c", "d"), ("e", "f"))
+    text = constrained(affinity="  affinity: [[app, db], [front-1, db]]", anti_affinity="", max_per_node="")
+    assert parse_spec(text).constraints.together() == (("app", "db", "front-1"),)
+
+
+@pytest.mark.parametrize(
+    ("lines", "line", "message"),
+    [
+        ({"same_site": "  colour: red"}, 11, "constraints: unknown key 'colour'; allowed keys are affinity, "
+                                              "anti_affinity, same_site, spread_sites, max_per_node"),
+        ({"affinity": "  affinity: app"}, 9, "constraints.affinity: expected a list of groups of VM names, got 'app'"),
+        ({"affinity": "  affinity: [app, db]"}, 9, "constraints.affinity[0]: expected a list of VM names, got 'app'"),
+        ({"affinity": "  affinity: [[app, dbx]]"}, 9, "constraints.affinity[0][1]: no VM named 'dbx' in vms"),
+        ({"affinity": "  affinity: [[app, DB]]"}, 9, "constraints.affinity[0][1]: must be 1-63 characters"),
+        ({"affinity": "  affinity: [[app]]"}, 9, "constraints.affinity[0]: a group needs at least 2 VMs, got 1"),
+        ({"affinity": "  affinity: [[app, app]]"}, 9, "constraints.affinity[0][1]: VM 'app' is already in this group"),
+        ({"anti_affinity": "  anti_affinity: [[front-1, app, db]]"}, 10,
+         "constraints.anti_affinity[0]: vms 'app' and 'db' must be on different nodes, but affinity [app, db] "
+         "puts them on one node"),
+        ({"affinity": "  affinity: [[app, db], [db, front-1]]", "anti_affinity": "  anti_affinity: [[front-1, app]]",
+          "max_per_node": ""}, 10,
+         "constraints.anti_affinity[0]: vms 'front-1' and 'app' must be on different nodes, but affinity "
+         "[app, db, front-1] puts them on one node"),
+        ({"same_site": "  same_site: 1"}, 11, "constraints.same_site: must be true or false, got 1"),
+        ({"same_site": "  same_site: 'true'"}, 11, "constraints.same_site: must be true or false, got 'true'"),
+        ({"max_per_node": "  max_per_node: 1"}, 13,
+         "constraints.max_per_node: 1 is less than the 2 VMs that affinity puts on one node (app, db)"),
+        ({"max_per_node": "  max_per_node: 0"}, 13,
+         "constraints.max_per_node: must be an integer between 1 and 64, got 0"),
+        ({"spread_sites": "  spread_sites: 0"}, 12,
+         "constraints.spread_sites: must be an integer between 1 and 64, got 0"),
+        ({"spread_sites": "  spread_sites: 2"}, 12,
+         "constraints.spread_sites: spread over 2 sites contradicts same_site: true"),
+        ({"spread_sites": "  spread_sites: 2", "same_site": "  same_site: false"}, 12,
+         "constraints.spread_sites: spread over 2 sites contradicts the pinned site lyon (line 2)"),
+        ({"spread_sites": "  spread_sites: 5", "same_site": "", "site": ""}, 10,
+         "constraints.spread_sites: spread over 5 sites needs at least 5 VMs, the VE has 4"),
+        ({"spread_sites": "  spread_sites: 4", "same_site": "", "site": ""}, 10,
+         "constraints.spread_sites: spread over 4 sites needs 4 VMs that can be apart; affinity binds the 4 VMs "
+         "into 3 groups"),
+    ],
+)
+def test_constraint_errors(lines: dict[str, str], line: int, message: str) -> None:
+    assert spec_error(constrained(**lines)).startswith(f"spec.yaml:{line}: {message}")
+
+
+def test_constraints_must_be_a_mapping() -> None:
+    assert spec_error(VALID + "constraints: [a]\n") == "spec.yaml:12: constraints: expected a mapping, got a list"
+
+
+def test_constraint_errors_point_at_the_group_item() -> None:
+    text = constrained(affinity="  affinity:\n    - [app, db]\n    - - app\n      - nope")
+    assert spec_error(text) == "spec.yaml:12: constraints.affinity[1][1]: no VM named 'nope' in vms"
+
+
+@pytest.mark.parametrize(
+    ("constraints", "message"),
+    [
+        ([], "<wire>: constraints: expected a mapping, got a list"),
+        ({"same_site": 1}, "<wire>: constraints.same_site: must be true or false, got 1"),
+        ({"spread_sites": True}, "<wire>: constraints.spread_sites: must be an integer between 1 and 64, got True"),
+        ({"affinity": [["a", "a"]]}, "<wire>: constraints.affinity[0][1]: VM 'a' is already in this group"),
+        ({"anti_affinity": [("a", "z")]}, "<wire>: constraints.anti_affinity[0][1]: no VM named 'z' in vms"),
+    ],
+)
+def test_constraint_wire_errors(constraints: object, message: str) -> None:
+    assert wire_error({**one_vm(), "constraints": constraints}) == message
+
+
+def test_wire_pinned_site_contradiction_has_no_line() -> None:
+    data = {"name": "x", "site": "lyon", "vms": [{"name": n, "vcpus": 1, "memory_mb": 16} for n in "ab"],
+            "constraints": {"spread_sites": 2}}
+    assert wire_error(data) == "<wire>: constraints.spread_sites: spread over 2 sites contradicts the pinned site lyon"
+
+
+def test_wire_groups_may_be_tuples() -> None:
+    data = {"name": "x", "vms": [{"name": n, "vcpus": 1, "memory_mb": 16} for n in "ab"],
+            "constraints": {"anti_affinity": (("a", "b"),), "same_site": True}}
+    assert VESpec.from_dict(data).constraints == Constraints(anti_affinity=(("a", "b"),), same_site=True)
+
+
+@given(st.data())
+def test_mangled_constrained_specs_raise_only_spec_error(data: st.DataObject) -> None:
+    position = data.draw(st.integers(0, len(CONSTRAINED)))
+    insert = data.draw(st.text(alphabet=" \n-:[]{}&*!'\"#abc01", max_size=10))
+    assert_only_spec_errors(CONSTRAINED[:position] + insert + CONSTRAINED[position:])
+
+
+def test_examples_are_valid() -> None:
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_spec(path)
