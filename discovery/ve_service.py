@@ -16,15 +16,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from agents.node import NodeAgent
-from discovery.spec import SpecError, VESpec, VMSpec
+from discovery import placement as planner
+from discovery.spec import NO_CONSTRAINTS, SpecError, VESpec
 from overlay.dht import Record
 from overlay.membership import Member
-from overlay.rpc import Caller, Conflict, Forbidden, NotFound, RemoteError, RequestError, RpcError
+from overlay.rpc import Caller, Conflict, Forbidden, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 PREFIX = "ve/"
-HOST_TIMEOUT = 40.0  # a graceful stop may take the hypervisor's shutdown timeout
+HOST_TIMEOUT = 40.0
+MAX_REPLANS = 3  # a graceful stop may take the hypervisor's shutdown timeout
 
 
 def domain_name(ve: str, vm: str) -> str:
@@ -34,9 +38,17 @@ def domain_name(ve: str, vm: str) -> str:
 
 @dataclass
 class Candidate:
+    """A node placement may use: how near, how it was found, and its free room (None: unknown)."""
+
     member: Member
     rtt_ms: float | None
     found_by: str = ""
+    free: dict[str, int] | None = None
+
+    def offer(self, rank: int) -> planner.Candidate:
+        free = self.free or {}
+        return planner.Candidate(self.member.name, self.member.site, int(free.get("vcpus", 0)),
+                                   int(free.get("memory_mb", 0)), int(free.get("disk_gb", 0)), rank)
 
     def describe(self, coordinator: str) -> str:
         if self.member.name == coordinator:
@@ -78,22 +90,64 @@ class VEService:
         return record
 
     async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-        """Reserve a slot for each VM, nearest node first; all or nothing. Returns placement and tokens."""
-        candidates = await self._candidates(spec)
+        """Plan where each VM goes (`discovery.placement`: capacity and constraints, nearest first), then
+        reserve every VM on its node; all or nothing. The plan first uses this node and the nodes the
+        spiral found; if that cannot work, every live member (asked for its free room). A node that
+        refuses a reservation (someone else took the room meanwhile) is left out and the plan made again.
+        Returns placement and tokens."""
+        candidates = await self._candidates(spec, everyone=False)
+        widened = False
+        excluded: set[str] = set()
+        for _ in range(1 + MAX_REPLANS):
+            result = planner.plan(spec, [c.offer(rank) for rank, c in enumerate(candidates) if c.free],
+                                    exclude=excluded)
+            if isinstance(result, planner.Refusal):
+                if widened:
+                    raise RequestError(f"cannot place {spec.name}: {result}")
+                candidates, widened = await self._candidates(spec, everyone=True), True
+                continue
+            by_name = {c.member.name: c for c in candidates}
+            placement, tokens, refused = await self._reserve_plan(spec, result, by_name, candidates)
+            if refused is None:
+                return placement, tokens
+            excluded.add(refused)
+        raise RequestError(f"cannot place {spec.name}: nodes kept refusing reservations ({', '.join(excluded)})")
+
+    async def _reserve_plan(self, spec: VESpec, plan: planner.Plan, by_name: dict[str, Candidate],
+                            ranked: list[Candidate]) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
+        """Reserve each VM on its planned node; on a refusal release them all and name the node."""
+        vms = {vm.name: vm for vm in spec.vms}
+        order = [c.member.name for c in ranked]
         placement: dict[str, dict[str, Any]] = {}
         tokens: dict[str, str] = {}
-        try:
-            for vm in sorted(spec.vms, key=lambda v: (-v.vcpus, -v.memory_mb, v.name)):
-                placement[vm.name], tokens[vm.name] = await self._reserve(spec.name, vm, candidates, spec.site)
-        except RequestError:
-            await self._release(placement, tokens)
-            raise
-        return placement, tokens
+        for vm_name, node in plan.assignment.items():
+            candidate, vm = by_name[node], vms[vm_name]
+            try:
+                answer = await self.agent.transport.call(candidate.member.addr, "host.reserve", {
+                    "name": domain_name(spec.name, vm.name), "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
+                    "disk_gb": vm.disk_gb})
+            except RpcError as err:
+                log.info("reservation of %s on %s refused: %s; planning again without it", vm_name, node, err)
+                await self._release(placement, tokens)
+                return {}, {}, node
+            nearer = order.index(node)
+            why = f"nearest with room ({candidate.describe(self.agent.config.name)}"
+            if nearer:
+                constrained = spec.constraints != NO_CONSTRAINTS
+                why += f"; {nearer} nearer full" + (" or ruled out by constraints" if constrained else "")
+            why += ")"
+            if spec.site:
+                why = f"in site {spec.site}, {why}"
+            placement[vm_name] = {"node": node, "addr": candidate.member.addr, "site": candidate.member.site,
+                                   "rtt_ms": candidate.rtt_ms, "why": why}
+            tokens[vm_name] = answer["token"]
+        return placement, tokens, None
 
-    async def _candidates(self, spec: VESpec) -> list[Candidate]:
-        """Where to try, in order: this node, then the nearest nodes with room for the smallest VM found by
-        the spiral search, then every other live member by measured (else estimated) RTT, so a spiral
-        that found too few never makes placement refuse what some node could host."""
+    async def _candidates(self, spec: VESpec, everyone: bool) -> list[Candidate]:
+        """Where VMs may go, nearest first: this node, then the nodes with room for the smallest VM that
+        the spiral search found; with `everyone`, then every other live member by measured (else
+        estimated) RTT, each asked for its free room, so a short spiral never refuses what some node
+        could host."""
         me = self.agent.membership.me
         site = spec.site
         members = {m.name: m for m in self.agent.membership.alive() if site is None or m.site == site}
@@ -109,46 +163,26 @@ class VEService:
 
         found = await self.agent.spiral.search(len(spec.vms) + 1, has_room)
         keys = found.keys()
-        first = [Candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral")
-                 for e in found.nodes if e.name in members]
+        ranked = [Candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral",
+                            found.replies[e.name].get("free")) for e in found.nodes if e.name in members]
         if me.name in members:
-            first.insert(0, Candidate(me, 0.0))
-        tried = {c.member.name for c in first}
+            ranked.insert(0, Candidate(me, 0.0, free=self.agent.host.ledger.free(trio.current_time()).to_wire()))
+        if not everyone:
+            return ranked
 
         def rtt_ms(m: Member) -> float | None:
             """Measured RTT if we have one, else the coordinates' estimate."""
             rtt = m.rtt if m.rtt is not None else self.agent.coordinates.estimate_to(m)
             return rtt * 1000 if rtt is not None else None
 
+        tried = {c.member.name for c in ranked}
         rest = [Candidate(m, rtt_ms(m)) for m in members.values() if m.name not in tried]
         rest.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
-        return first + rest
-
-    async def _reserve(self, ve: str, vm: VMSpec, candidates: list[Candidate],
-                       site: str | None) -> tuple[dict[str, Any], str]:
-        refusals: list[str] = []
-        for candidate in candidates:
-            member = candidate.member
-            try:
-                answer = await self.agent.transport.call(member.addr, "host.reserve", {
-                    "name": domain_name(ve, vm.name), "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
-                    "disk_gb": vm.disk_gb})
-            except RemoteError as err:
-                refusals.append(f"{member.name}: {err}")
-                continue
-            except RpcError as err:
-                refusals.append(f"{member.name}: unreachable ({err})")
-                continue
-            why = f"nearest with room ({candidate.describe(self.agent.config.name)}"
-            why += f"; {len(refusals)} nearer full)" if refusals else ")"
-            if site:
-                why = f"in site {site}, {why}"
-            slot = {"node": member.name, "addr": member.addr, "site": member.site,
-                    "rtt_ms": candidate.rtt_ms, "why": why}
-            return slot, answer["token"]
-        detail = "; ".join(refusals[:4]) + (f"; and {len(refusals) - 4} more" if len(refusals) > 4 else "")
-        raise RequestError(f"no live node can host vm {vm.name} ({vm.vcpus} vCPUs, {vm.memory_mb} MiB, "
-                           f"{vm.disk_gb} GiB): {detail}")
+        infos = await self.agent.transport.call_many([c.member.addr for c in rest], "host.info", {}, 5.0)
+        for c in rest:
+            info = infos.get(c.member.addr)
+            c.free = info.get("free") if isinstance(info, dict) else None  # unreachable: left out
+        return ranked + rest
 
     async def _release(self, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
         for vm_name, token in tokens.items():
