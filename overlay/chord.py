@@ -249,11 +249,8 @@ class ChordState:
         distance; within it the farthest by `distance` (unknown counts as farthest), else the least
         recently seen. What a lookup gains from a link is the stretch of ring it jumps, which any link
         of the same octave gives as well; the cheaper one makes that hop cheaper."""
-        import os  # EXPERIMENT, to remove
-        if os.environ.get("LEARN_POLICY") == "lru":
-            return next(iter(self.learned))
         links = max(self._coverage.items(), key=lambda item: (len(item[1]), item[0]))[1]
-        if self.distance is None or os.environ.get("LEARN_POLICY") == "coverage":
+        if self.distance is None:
             return next(iter(links))
         costs = [(self.distance(peer), k, peer.id) for k, peer in enumerate(links.values())]
         return max(costs, key=lambda c: (math.inf if c[0] is None else c[0], -c[1]))[2]
@@ -299,13 +296,26 @@ class ChordState:
         limit = (key - me) % RING or RING  # key == me: the whole circle but me
         best, best_distance = self.me, 0
         previous = None
-        for peer in (*self.successors, *self.fingers, self.predecessor, *self.learned.values()):
+        for peer in (*self.successors, *self.fingers, self.predecessor):
             if peer is None or peer is previous:  # runs of equal fingers are one object
                 continue
             previous = peer
             distance = (peer.id - me) % RING
             if best_distance < distance < limit and not (avoid and peer.id in avoid):
                 best, best_distance = peer, distance
+        # Learned links, by octave from the key's down to the best so far: the first octave that holds a
+        # better peer holds the best one.
+        coverage = self._coverage
+        for octave in range((limit - 1).bit_length(), best_distance.bit_length() - 1, -1):
+            links = coverage.get(octave)
+            if links is None:
+                continue
+            for peer in links.values():
+                distance = (peer.id - me) % RING
+                if best_distance < distance < limit and not (avoid and peer.id in avoid):
+                    best, best_distance = peer, distance
+            if best_distance.bit_length() == octave:
+                break
         return best
 
     def lookup_step(self, key: int, avoid: frozenset[int] = frozenset()) -> tuple[bool, Peer]:

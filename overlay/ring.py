@@ -53,8 +53,9 @@ class Ring:
     def __init__(self, transport: Endpoint, name: str, addr: str, site: str, r: int = 8,
                  distance: Callable[[Peer], float | None] | None = None, learn: bool = True) -> None:
         """`distance` estimates the latency to a peer (Vivaldi in agents): with it, fingers prefer the
-        nearest acceptable node (proximity neighbour selection). With `learn`, every lookup teaches the
-        asker the nodes on its path and the owner, and teaches each node on the path the asker."""
+        nearest acceptable node (proximity neighbour selection), and so do learned links. With `learn`,
+        every lookup teaches the asker the nodes on its path, the owner and the owner's successors, and
+        teaches each node on the path the asker."""
         self.transport = transport
         self.distance = distance
         self.learn = learn
@@ -153,7 +154,7 @@ class Ring:
             if reply.get("done"):
                 owners = peers_from_wire(reply.get("successors"))
                 if self.learn:
-                    for met in [*path, *owners[:1]]:
+                    for met in [*path, *owners]:  # the owner's successors come along: more to choose from
                         if met.id >= 0:  # not the placeholder of a seed known by address only
                             self.state.learn(met)
                 return owners

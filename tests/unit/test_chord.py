@@ -763,3 +763,31 @@ def test_with_latency_estimates_the_cache_keeps_the_nearer_links_of_an_octave():
     state.learn(Peer((RING >> 1) + 102, "unknown", "a:unknown"))  # no estimate: counts as farthest
     assert (RING >> 1) + 102 not in state.learned
     assert len(state.learned) == MAX_LEARNED
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    me=ANY_ID,
+    successors=st.lists(ANY_ID, max_size=8),
+    fingers=st.dictionaries(st.integers(0, ID_BITS - 1), ANY_ID, max_size=20),
+    predecessor=st.one_of(st.none(), ANY_ID),
+    learned=st.lists(ANY_ID, max_size=100),
+    key=ANY_ID,
+    avoid=st.lists(ANY_ID, max_size=5),
+)
+def test_closest_preceding_is_the_known_peer_closest_before_the_key(
+    me: int, successors: list[int], fingers: dict[int, int], predecessor: int | None, learned: list[int],
+    key: int, avoid: list[int],
+) -> None:
+    """The indexed search (learned links by octave) agrees with the definition, whatever the state."""
+    state = ChordState(peer(me), r=8)
+    state.successors = [peer(i) for i in successors] or [state.me]
+    for index, i in fingers.items():
+        state.fingers[index] = peer(i)
+    state.predecessor = peer(predecessor) if predecessor is not None else None
+    for i in learned:
+        state.learn(peer(i))
+    avoided = frozenset(avoid) | frozenset(learned[:2])
+    known = [p for p in state.known_peers() if p.id not in avoided and between(p.id, me, key)]
+    expected = max(known, key=lambda p: (p.id - me) % RING, default=state.me)
+    assert state.closest_preceding(key, avoided).id == expected.id
