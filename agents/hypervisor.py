@@ -40,6 +40,8 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
 }
 _UNDEFINE_FLAGS = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+SETTLED = ("running", "paused", "shutoff")
+"""The states `Hypervisor.settle` brings a domain to (what the agent persists as a VM's desired state)."""
 WAITERS = 8
 """How many worker threads one `Hypervisor` may use to await replies; later callers queue in trio."""
 
@@ -299,6 +301,9 @@ class HypervisorActor(pykka.ThreadingActor):
     def op_info(self, name: str) -> DomainInfo:
         return _domain_info(self._lookup(name))
 
+    def op_xml(self, name: str) -> str:
+        return self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
     def op_list(self) -> list[DomainInfo]:
         infos = []
         for dom in self._connection.listAllDomains():
@@ -401,6 +406,20 @@ class Hypervisor:
 
     async def info(self, name: str) -> DomainInfo:
         return await self._call("info", name)
+
+    async def xml(self, name: str) -> str:
+        """The domain's persistent definition as libvirt holds it: what `define` takes on another host."""
+        return await self._call("xml", name)
+
+    async def settle(self, name: str, state: str) -> DomainInfo:
+        """Bring the domain to `state` (running, paused or shutoff) from whatever state it is in, forcing
+        it off for shutoff; a domain already there is left alone."""
+        if state == "shutoff":
+            return await self.destroy(name)
+        if state not in SETTLED:
+            raise HypervisorError(f"cannot bring {name!r} to state {state!r}: expected one of {', '.join(SETTLED)}")
+        await self.start(name)
+        return await (self.resume(name) if state == "running" else self.suspend(name))
 
     async def list(self) -> list[DomainInfo]:
         """Every domain of the host, by name."""

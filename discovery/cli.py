@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -223,7 +224,10 @@ def ve_table(ves: list[dict[str, Any]]) -> Table:
     for ve in ves:
         for vm, slot in sorted(ve["placement"].items()):
             row = [ve["name"], ve["state"], vm, slot["node"], slot["site"]]
-            rows.append(row + ([slot.get("domain_state")] if live else []) + [slot["why"]])
+            why = slot["why"]
+            if slot.get("moving_to"):  # an interrupted relocation, settled by the next command on the VE
+                why = f"moving to {slot['moving_to']['node']} ({slot['moving_to']['phase']}); {why}"
+            rows.append(row + ([slot.get("domain_state")] if live else []) + [why])
     columns = ["ve", "state", "vm", "node", "site"] + (["domain"] if live else []) + ["why there"]
     return make_table(columns, rows)
 
@@ -259,6 +263,51 @@ def ve_locate(name: str, as_json: JsonOpt = False) -> None:
     info = rpc("ve.locate", {"name": name})
     emit(info, as_json, make_table(["vm", "node", "site", "address"],
                                    [[vm, s["node"], s["site"], s["addr"]] for vm, s in info["vms"].items()]))
+
+
+@ve_app.command("relocate")
+def ve_relocate(
+    name: str,
+    vm: Annotated[str | None, typer.Option("--vm", help="Move only this VM (default: every VM of the VE).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="The node to move to.")] = None,
+    site: Annotated[str | None, typer.Option("--site", help="The site to move to; placement picks the node.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a VM (or the whole VE) to another node or site, keeping the VE's constraints; safe to retry."""
+    if (to is None) == (site is None):
+        print("error: give either --to NODE or --site SITE", file=sys.stderr)
+        raise typer.Exit(2)
+    ve = rpc("ve.relocate", {"name": name, "vm": vm, "to": to, "site": site}, timeout=600)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print(f"moved: {', '.join(ve['moved'])}" if ve["moved"] else "nothing to move: already there")
+
+
+@ve_app.command("snapshot")
+def ve_snapshot(name: str, tag: Annotated[str | None, typer.Option("--tag", help="Default: snap-<UTC time>.")] = None,
+                as_json: JsonOpt = False) -> None:
+    """Snapshot every VM of the VE at once (running VMs are paused meanwhile)."""
+    snap = rpc("ve.snapshot", {"name": name, "tag": tag}, timeout=300)
+    emit(snap, as_json, make_table(["ve", "tag", "vm", "node", "state"],
+                                   [[snap["name"], snap["tag"], vm, s["node"], s["state"]]
+                                    for vm, s in snap["vms"].items()]))
+
+
+@ve_app.command("snapshots")
+def ve_snapshots(name: str, as_json: JsonOpt = False) -> None:
+    """The snapshots of the VE, oldest first (each VM's node is where it was when the snapshot was taken)."""
+    info = rpc("ve.snapshots", {"name": name})
+    rows = [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["time"])), s["state"],
+             ", ".join(f"{vm}@{v['node']} ({v['state']})" for vm, v in sorted(s["vms"].items()))]
+            for s in info["snapshots"]]
+    emit(info, as_json, make_table(["tag", "time", "ve state", "vms"], rows))
+
+
+@ve_app.command("restore")
+def ve_restore(name: str, tag: str, as_json: JsonOpt = False) -> None:
+    """Bring every VM of the VE back to snapshot TAG."""
+    ve = rpc("ve.restore", {"name": name, "tag": tag}, timeout=300)
+    emit(ve, as_json, make_table(["ve", "state", "restored"], [[ve["name"], ve["state"], tag]]))
 
 
 def _lifecycle(verb: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import ssl
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -14,6 +16,7 @@ from overlay import frames, tls
 from overlay.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
 
 from .conftest import pid_alive, restart
+from .test_relocate import domains, host_info
 from .test_ve_lifecycle import write_spec
 
 pytestmark = pytest.mark.integration
@@ -72,6 +75,96 @@ def test_restarted_host_recovers_its_vms(cluster_factory, tmp_path):
     assert wait_for(recovered), "node2 did not bring its VM back after restart"
     members = cluster.json("--agent", "node1", "members")
     assert all(m["status"] == "alive" for m in members)
+
+
+# -- relocation interrupted by the death of its coordinator ------------------------------------------
+# The coordinator is made to pause at one point of the move (DISCOVERY_TEST_PAUSE, read by every agent of
+# the cluster, see discovery.ve_service._test_pause) and is killed there. Cluster of 4: node1 and node3 in
+# rennes, node2 and node4 in lyon; the VM starts on node1, goes to node4, node3 coordinates.
+
+
+def start_relocation(cluster, through, ve, target):
+    return subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(cluster.dir / "client.toml"),
+                             "--agent", through, "ve", "relocate", ve, "--to", target],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
+
+
+def moving_to(cluster, through, ve, vm):
+    """The VM's unfinished move as the directory records it ({} if none)."""
+    return cluster.json("--agent", through, "ve", "locate", ve)["vms"][vm].get("moving_to", {})
+
+
+def kill_coordinator(cluster, name, relocation):
+    cluster.kill9(name)
+    try:
+        relocation.wait(timeout=30)
+    finally:
+        if relocation.poll() is None:
+            relocation.kill()
+            relocation.wait()
+    assert relocation.returncode == 1  # its client lost the agent
+    assert wait_for(lambda: not pid_alive(cluster.node(name)["pid"]), timeout=10)
+
+
+def test_coordinator_killed_after_the_target_started_the_vm_finishes_the_move_on_restart(
+        cluster_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISCOVERY_TEST_PAUSE", "started:120")
+    cluster = cluster_factory(4, 2)
+    ve = cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "moving", [("a", 2, 512)]))
+    assert ve["placement"]["a"]["node"] == "node1"
+    relocation = start_relocation(cluster, "node3", "moving", "node4")
+    assert wait_for(lambda: moving_to(cluster, "node2", "moving", "a").get("phase") == "started"), \
+        relocation.stderr.read() if relocation.poll() is not None else "the move did not reach the target"
+    assert domains(cluster, "moving:a") == {"node1": "paused", "node4": "running"}  # source frozen meanwhile
+    kill_coordinator(cluster, "node3", relocation)
+    restart(cluster, "node3")
+
+    def settled():
+        slot = cluster.json("--agent", "node2", "ve", "locate", "moving")["vms"]["a"]
+        return slot["node"] == "node4" and "moving_to" not in slot
+
+    assert wait_for(settled, timeout=60), "the restarted coordinator did not finish the move"
+    assert domains(cluster, "moving:a") == {"node4": "running"}  # exactly one place, where the record says
+    shown = cluster.json("--agent", "node1", "ve", "show", "moving")
+    assert shown["state"] == "running" and shown["placement"]["a"]["domain_state"] == "running"
+    source = host_info(cluster, "node1")
+    assert source["free"] == source["total"]
+
+
+def test_coordinators_killed_mid_relocation_or_mid_snapshot_are_undone_by_the_next_command(
+        cluster_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISCOVERY_TEST_PAUSE", "prepared:45,snapshot:45")
+    cluster = cluster_factory(5, 2)  # two coordinators die: three replicas of the record stay
+    cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "moving", [("a", 2, 512)]))
+    relocation = start_relocation(cluster, "node3", "moving", "node4")
+    assert wait_for(lambda: domains(cluster, "moving:a") == {"node1": "paused"})  # exported and frozen
+    assert moving_to(cluster, "node2", "moving", "a") == {"node": "node4", "site": "lyon", "phase": "prepare"}
+    kill_coordinator(cluster, "node3", relocation)
+
+    # node3 stays dead: the next command on the VE, through another agent, undoes the move (refused, as
+    # "in progress", until node3 is known dead) and then does its own work
+    def started():
+        return cluster.cli("--agent", "node2", "ve", "start", "moving", check=False).returncode == 0
+
+    assert wait_for(started, timeout=60)
+    assert domains(cluster, "moving:a") == {"node1": "running"}
+    slot = cluster.json("--agent", "node4", "ve", "locate", "moving")["vms"]["a"]
+    assert slot["node"] == "node1" and "moving_to" not in slot
+    target = host_info(cluster, "node4")
+    assert wait_for(lambda: host_info(cluster, "node4")["free"] == target["total"], timeout=15)  # reservation lapsed
+
+    # a snapshot whose coordinator dies while the VMs are paused: the next command runs them again
+    snapshot = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(cluster.dir / "client.toml"),
+                                 "--agent", "node2", "ve", "snapshot", "moving", "--tag", "lost"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
+    assert wait_for(lambda: domains(cluster, "moving:a") == {"node1": "paused"})
+    assert cluster.json("--agent", "node5", "ve", "show", "moving")["snapshotting"]["paused"] == ["a"]
+    kill_coordinator(cluster, "node2", snapshot)
+    assert wait_for(lambda: cluster.cli("--agent", "node5", "ve", "stop", "moving", check=False).returncode == 0,
+                    timeout=60)
+    assert domains(cluster, "moving:a") == {"node1": "shutoff"}  # not left paused: settled, then stopped
+    assert cluster.json("--agent", "node4", "ve", "snapshots", "moving")["snapshots"] == []
+    assert "snapshotting" not in cluster.json("--agent", "node4", "ve", "show", "moving")
 
 
 def test_cluster_down_leaves_no_agent_process(cluster_factory):

@@ -151,6 +151,36 @@ async def test_operations_are_idempotent(hv: Hypervisor) -> None:
     assert await hv.list() == []
 
 
+async def test_settle_reaches_each_state_from_each_state(hv: Hypervisor) -> None:
+    await define_vm(hv)
+    for start in ("shutoff", "running", "paused"):
+        for want in ("running", "paused", "shutoff"):
+            await hv.settle("vm1", start)
+            assert (await hv.info("vm1")).state == start
+            assert (await hv.settle("vm1", want)).state == want, (start, want)
+            assert (await hv.settle("vm1", want)).state == want, "settling again changes nothing"
+    with pytest.raises(HypervisorError, match="cannot bring 'vm1' to state 'crashed'"):
+        await hv.settle("vm1", "crashed")
+    with pytest.raises(HypervisorError, match="no domain named 'ghost'"):
+        await hv.settle("ghost", "running")
+
+
+async def test_xml_of_a_domain_defines_it_on_another_host(hv: Hypervisor, tmp_path: Path) -> None:
+    """Relocation carries the domain's definition: same name, uuid and size on the other host."""
+    await define_vm(hv, vcpus=3, memory_mb=768)
+    await hv.start("vm1")
+    xml = await hv.xml("vm1")
+    assert ET.fromstring(xml).findtext("uuid") == UUID1
+    other = Hypervisor.open(write_node_xml(tmp_path / "other" / "node.xml", vcpus=4, memory_mb=4096))
+    try:
+        assert await other.define(xml) == DomainInfo("vm1", UUID1, "shutoff", 3, 768)
+        assert (await other.settle("vm1", "paused")).state == "paused"
+    finally:
+        await other.close()
+    with pytest.raises(HypervisorError, match="no domain named 'ghost'"):
+        await hv.xml("ghost")
+
+
 async def test_define_without_uuid_twice_keeps_the_domain(hv: Hypervisor) -> None:
     xml = '<domain type="test"><name>bare</name><memory unit="MiB">256</memory><vcpu>1</vcpu>' \
           "<os><type>hvm</type></os></domain>"
