@@ -42,8 +42,10 @@ class Stats:
     incorrect: int = 0
     joins: int = 0
     joins_failed: int = 0
+    joins_crashed: int = 0  # the joining node was itself picked to crash
     join_attempts: int = 0
     crashes: int = 0
+    outcomes: list[int | None] = field(default_factory=list)  # hops of each recorded lookup, None if it failed
     vivaldi_errors: list[float | None] = field(default_factory=list)  # median error at the end of each minute
 
 
@@ -76,6 +78,7 @@ class Simulation:
         self.addrs: list[str] = []  # the addresses of `rings`, for O(1) random picks
         self._slot: dict[str, int] = {}
         self.ids: list[int] = []  # sorted ids of the nodes in the ring, the ground truth
+        self.joining: set[str] = set()  # addresses of the nodes whose join has not completed
         self.by_id: dict[int, Ring] = {}
         self.stats = Stats()
         self.t0 = 0.0  # virtual time at which the run started
@@ -211,36 +214,58 @@ class Simulation:
         except (RpcError, RequestError):
             if record:
                 self.stats.failed += 1
+                self.stats.outcomes.append(None)
             return
         if record:
             self.stats.hops.append(hops)
+            self.stats.outcomes.append(hops)
             self.stats.latencies.append(trio.current_time() - start)
             if not owners or owners[0].id != self.true_owner(key):
                 self.stats.incorrect += 1
 
-    def crash_one(self) -> None:
-        addr = self.rng.choice(self.addrs)
+    def crash_one(self, addr: str | None = None) -> None:
+        """A random node crashes (or the one at `addr`): any node, one still joining too."""
+        addr = addr or self.rng.choice(self.addrs)
+        ring = self._remove(addr)
+        if addr in self.joining:
+            self.joining.discard(addr)
+            self.stats.joins_crashed += 1
+        else:
+            del self.ids[bisect.bisect_left(self.ids, ring.me.id)]
+        self.stats.crashes += 1
+
+    def _remove(self, addr: str) -> Ring:
         ring = self._leave(addr)
         self.net.crash(addr)
         self.clients.pop(addr, None)
-        self.ids.remove(ring.me.id)
-        del self.by_id[ring.me.id]
-        self.stats.crashes += 1
+        self.by_id.pop(ring.me.id, None)
+        return ring
 
     async def join_one(self, nursery: trio.Nursery) -> None:
-        seed = self.rng.choice(self.addrs)
+        seed = self.live_addr()
         ring = self._add_node()
+        addr = ring.transport.addr
         self.ids.remove(ring.me.id)  # not part of the truth until its join completes
+        self.joining.add(addr)
         self.stats.join_attempts += 1
-        if await ring.join([seed]):
+        joined = await ring.join([seed])
+        if addr not in self.joining:  # crashed while joining: already counted
+            return
+        self.joining.discard(addr)
+        if joined:
             bisect.insort(self.ids, ring.me.id)
             self.stats.joins += 1
             nursery.start_soon(self.maintain, ring)
         else:
             self.stats.joins_failed += 1
-            self._leave(ring.transport.addr)
-            self.net.crash(ring.transport.addr)
-            self.clients.pop(ring.transport.addr, None)
+            self._remove(addr)
+
+    def live_addr(self) -> str:
+        """A random node that is in the ring (not still joining)."""
+        while True:
+            addr = self.rng.choice(self.addrs)
+            if addr not in self.joining:
+                return addr
 
     async def run(self, duration: float, lookups_per_second: float, churn_per_minute: float,
                   warmup: float) -> None:
@@ -258,7 +283,7 @@ class Simulation:
     async def _workload(self, nursery: trio.Nursery, duration: float, rate: float, warmup: float) -> None:
         while True:
             await sleep(self.rng.expovariate(rate))
-            ring = self.rings[self.rng.choice(self.addrs)]
+            ring = self.rings[self.live_addr()]
             record = warmup <= trio.current_time() - self.t0 <= duration - ring.transport.default_timeout
             nursery.start_soon(self.lookup, ring, self.rng.getrandbits(ID_BITS), record)
 
@@ -319,13 +344,14 @@ def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None
         "half_log2_n_plus_1": round(0.5 * math.log2(nodes) + 1, 3),
         "lookup_latency_ms_p50": round(1000 * statistics.median(s.latencies), 2) if s.latencies else None,
         "lookup_latency_ms_p50_over_time": [round(1000 * x, 1) for x in _tenths(s.latencies, statistics.median)],
-        "crashes": s.crashes, "joins": s.joins, "joins_failed": s.joins_failed,
-        "joins_in_flight": s.join_attempts - s.joins - s.joins_failed,  # cut off by the end of the run
+        "crashes": s.crashes, "joins": s.joins, "joins_failed": s.joins_failed, "joins_crashed": s.joins_crashed,
+        "joins_in_flight": s.join_attempts - s.joins - s.joins_failed - s.joins_crashed,  # cut off by the end
         "messages": sim.net.messages,
         "wall_s": round(time.perf_counter() - wall, 1),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "hop_histogram": {h: s.hops.count(h) for h in sorted(set(s.hops))},
         "hops_over_time": [round(x, 2) for x in _tenths(s.hops)],
+        **_by_lookups(s.outcomes),
     }
 
 
@@ -345,6 +371,23 @@ def _tenths(values: list[Any], summary: Any = statistics.fmean) -> list[float]:
     """`summary` (the mean) of each tenth of the values, in order: how routing improves as links are learned."""
     size = max(1, len(values) // 10)
     return [summary(values[i:i + size]) for i in range(0, size * 10, size) if values[i:i + size]]
+
+
+def _by_lookups(outcomes: list[int | None]) -> dict[str, dict[str, Any]]:
+    """Mean hops (of those that succeeded) and failures among the 1st-100th recorded lookups, the
+    101st-200th, 201st-500th, ... (1-2-5 steps): how fast learning pays, against the number of requests
+    made so far."""
+    edges, step = [0], 0
+    while edges[-1] < len(outcomes):
+        edges.append(min(len(outcomes), (1, 2, 5)[step % 3] * 100 * 10 ** (step // 3)))
+        step += 1
+    hops: dict[str, Any] = {}
+    failed: dict[str, int] = {}
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        done = [h for h in outcomes[lo:hi] if h is not None]
+        hops[f"{lo + 1}-{hi}"] = round(statistics.fmean(done), 2) if done else None
+        failed[f"{lo + 1}-{hi}"] = hi - lo - len(done)
+    return {"hops_by_lookups": hops, "failed_by_lookups": failed}
 
 
 def _round(x: float | None, digits: int) -> float | None:

@@ -54,8 +54,8 @@ class Ring:
                  distance: Callable[[Peer], float | None] | None = None, learn: bool = True) -> None:
         """`distance` estimates the latency to a peer (Vivaldi in agents): with it, fingers prefer the
         nearest acceptable node (proximity neighbour selection), and so do learned links. With `learn`,
-        every lookup teaches the asker the nodes on its path, the owner and the owner's successors, and
-        teaches each node on the path the asker."""
+        every lookup teaches the asker the nodes on its path and the owner (with `distance`, the owner's
+        successors too), and teaches each node on the path the asker."""
         self.transport = transport
         self.distance = distance
         self.learn = learn
@@ -154,7 +154,9 @@ class Ring:
             if reply.get("done"):
                 owners = peers_from_wire(reply.get("successors"))
                 if self.learn:
-                    for met in [*path, *owners]:  # the owner's successors come along: more to choose from
+                    # with latency estimates, the owner's successors come along too: more links to choose
+                    # the nearer from (without, they would only push out the path's more useful nodes)
+                    for met in [*path, *(owners if self.distance is not None else owners[:1])]:
                         if met.id >= 0:  # not the placeholder of a seed known by address only
                             self.state.learn(met)
                 return owners

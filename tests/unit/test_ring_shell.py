@@ -72,8 +72,22 @@ def test_churn_run_meets_the_chord_bounds():
     assert result["correct_rate"] >= 0.95
     assert result["hops_mean"] <= result["half_log2_n_plus_1"]
     assert result["crashes"] > 10 and result["joins_failed"] == 0
-    assert result["joins"] + result["joins_in_flight"] == result["crashes"]  # every crashed node was replaced...
-    assert result["joins_in_flight"] <= 2  # ...or was still joining when the run ended
+    # every crashed node was replaced, or its replacement was still joining when the run ended, or crashed
+    assert result["joins"] + result["joins_in_flight"] + result["joins_crashed"] == result["crashes"]
+    assert result["joins_in_flight"] <= 2
+
+
+async def test_a_node_that_crashes_while_joining_is_counted_once(autojump_clock):
+    sim = Simulation(20, seed=7)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sim.join_one, nursery)
+        await trio.sleep(0.0001)  # the join's first call is on its way
+        (joiner,) = sim.joining
+        sim.crash_one(joiner)
+    s = sim.stats
+    assert (s.crashes, s.joins_crashed, s.joins, s.joins_failed) == (1, 1, 0, 0)
+    assert len(sim.ids) == 20 and joiner not in sim.rings and not sim.joining
+    assert all(sim.live_addr() in sim.rings for _ in range(50))
 
 
 def test_hash_ids_are_what_the_simulation_uses():
@@ -119,4 +133,7 @@ def test_learned_links_take_successor_only_routing_from_linear_toward_logarithmi
     assert plain["hops_mean"] > 10  # ~N / (2r) without fingers
     assert learned["correct_rate"] == plain["correct_rate"] == 1.0
     assert learned["hops_over_time"][-1] < learned["hops_over_time"][0]
+    by_count = list(learned["hops_by_lookups"].values())
+    assert list(learned["hops_by_lookups"])[:3] == ["1-100", "101-200", "201-500"]
+    assert by_count[-1] < by_count[0] and sum(learned["failed_by_lookups"].values()) == 0
     assert learned["hops_mean"] < learned["half_log2_n_plus_1"]
