@@ -2,10 +2,14 @@
 
 Every node runs `overlay.ring.Ring` (the agents' ring shell and its sans-IO core) over
 `overlay.memnet`, with per-pair latency from a measured RTT matrix (node i sits on host i mod M) or
-from the local cluster's site model, under trio's virtual clock. The ring starts converged (each
-node's successors, predecessor and fingers as stabilization would leave them), then runs its normal
-maintenance while lookups from random nodes for random keys are measured, and churn replaces a
-share of the nodes per minute (a crash plus a join through the protocol).
+from the local cluster's site model, under `memnet.SimClock` (virtual time). Every node also runs the
+production Vivaldi client (`vivaldi.coordinate.Client`), fed as in agents by the RTT of every RPC it
+makes, answers carrying its coordinate; proximity neighbour selection uses each node's own estimate
+(`pns="vivaldi"`) or, as an upper bound, the exact RTT (`pns="oracle"`). The ring starts converged
+(each node's successors, predecessor and fingers as stabilization would leave them; coordinates at
+the origin), then runs its normal maintenance while lookups from random nodes for random keys are
+measured, and churn replaces a share of the nodes per minute (a crash plus a join through the
+protocol). The same seed gives the same run.
 
 A lookup *succeeds* when it returns an owner before its deadline; it is *correct* when that owner is
 the true successor of the key among the nodes in the ring when the lookup ended.
@@ -411,6 +415,31 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_xlabel("hops per lookup")
     ax.set_ylabel("share of lookups")
     ax.set_title(f"Chord lookups, N = {result['nodes']}, churn {result['churn_per_minute']:.0%}/min")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_learning(results: dict[str, dict[str, Any]], path: str) -> None:
+    """Mean hops against the number of lookups made so far (`hops_by_lookups`), one line per labelled
+    result: how fast learned links pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, result in results.items():
+        bins = [(int(span.split("-")[1]), hops) for span, hops in result["hops_by_lookups"].items() if hops is not None]
+        ax.plot([b for b, _ in bins], [h for _, h in bins], marker="o", label=label)
+    nodes = {r["nodes"] for r in results.values()}
+    for n in sorted(nodes):
+        ax.axhline(0.5 * math.log2(n) + 1, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"½·log2 N + 1, N = {n}")
+    ax.set_xscale("log")
+    ax.set_xlabel("lookups made so far (end of each bin)")
+    ax.set_ylabel("mean hops per lookup")
+    ax.set_title("Learned long links")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -219,7 +219,7 @@ class ChordState:
         if self.predecessor is not None and self.predecessor.id == peer.id:
             self.predecessor = None
         self.fingers = [None if f is not None and f.id == peer.id else f for f in self.fingers]
-        self._unlearn(peer.id)
+        self.unlearn(peer.id)
         if any(s.id == peer.id for s in self.successors):
             self._set_successors(s for s in self.successors if s.id != peer.id)
 
@@ -237,7 +237,7 @@ class ChordState:
         self.learned.move_to_end(peer.id)
         links.move_to_end(peer.id)
         if len(self.learned) > MAX_LEARNED:
-            self._unlearn(self._eviction_victim())
+            self.unlearn(self._eviction_victim())
 
     def _octave(self, peer_id: int) -> int:
         """1..ID_BITS: the power of two of the clockwise distance from me (a finger's index + 1)."""
@@ -255,7 +255,8 @@ class ChordState:
         costs = [(self.distance(peer), k, peer.id) for k, peer in enumerate(links.values())]
         return max(costs, key=lambda c: (math.inf if c[0] is None else c[0], -c[1]))[2]
 
-    def _unlearn(self, peer_id: int) -> None:
+    def unlearn(self, peer_id: int) -> None:
+        """Forget a learned link (a peer that did not answer, or that an asker had to route around)."""
         if self.learned.pop(peer_id, None) is not None:
             octave = self._octave(peer_id)
             links = self._coverage[octave]
@@ -273,7 +274,7 @@ class ChordState:
                 self.predecessor = its_predecessor
             else:
                 self.predecessor = None
-        self._unlearn(peer.id)
+        self.unlearn(peer.id)
         # Keys that went to `peer` now go to its successor.
         heir = its_successors[0] if its_successors else None
         self.fingers = [heir if f is not None and f.id == peer.id else f for f in self.fingers]

@@ -184,8 +184,10 @@ class MemTransport(Endpoint):
         else:
             with trio.CancelScope() as scope:
                 timer = clock.call_at(expiry, scope.cancel)
-                ok, value = await target.serve(self, method, _copy(args or {}))
-                clock.cancel(timer)
+                try:
+                    ok, value = await target.serve(self, method, _copy(args or {}))
+                finally:
+                    clock.cancel(timer)
             if scope.cancelled_caught:
                 return False, None, None
         back = clock.current_time() + one_way

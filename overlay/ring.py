@@ -77,6 +77,8 @@ class Ring:
         if not (isinstance(avoid, list) and len(avoid) <= MAX_AVOID and all(isinstance(a, int) for a in avoid)):
             raise RequestError(f"chord.step: avoid must be a list of at most {MAX_AVOID} ids")
         avoided = frozenset(avoid)
+        for dead in avoided:  # the asker found them dead: no longer worth a learned link here either
+            self.state.unlearn(dead)
         done, peer = self.state.lookup_step(key, avoided)
         reply: dict[str, Any] = {"done": done, "peer": peer_to_wire(peer)}
         if done:
@@ -148,6 +150,7 @@ class Ring:
             except RpcError as err:
                 log.debug("lookup hop %s failed: %s", node.name, err)
                 avoid.add(node.id)
+                self.state.unlearn(node.id)
                 path.pop()  # back up one hop and ask there for another route
                 continue
             peer = peer_from_wire(reply.get("peer"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from discovery.sim_overlay import Simulation, simulate
+from discovery.sim_overlay import Simulation, plot, plot_learning, simulate
 from overlay.chord import hash_id
 from overlay.memnet import MemNetwork
 from overlay.ring import Ring
@@ -90,6 +90,19 @@ async def test_a_node_that_crashes_while_joining_is_counted_once(autojump_clock)
     assert all(sim.live_addr() in sim.rings for _ in range(50))
 
 
+async def test_a_hop_found_dead_is_unlearned_by_the_asker_and_by_who_named_it(autojump_clock):
+    sim = Simulation(30, seed=8, fingers=False)  # r = 8 successors, no fingers
+    asker, named_by, dead = (sim.by_id[sim.ids[k]] for k in (0, 10, 20))
+    key = dead.me.id + 1
+    asker.state.learn(named_by.me)  # asker -> named_by -> dead: both routes are learned links
+    named_by.state.learn(dead.me)
+    sim.crash_one(dead.transport.addr)
+    owners, _ = await asker.lookup_with_hops(key)
+    assert owners[0].id == sim.true_owner(key)
+    assert dead.me.id not in named_by.state.learned  # the asker's avoid list told it
+    assert named_by.me.id in asker.state.learned
+
+
 def test_hash_ids_are_what_the_simulation_uses():
     assert Simulation(3, seed=1).by_id.keys() == {hash_id(f"n{i}") for i in range(3)}
 
@@ -137,3 +150,11 @@ def test_learned_links_take_successor_only_routing_from_linear_toward_logarithmi
     assert list(learned["hops_by_lookups"])[:3] == ["1-100", "101-200", "201-500"]
     assert by_count[-1] < by_count[0] and sum(learned["failed_by_lookups"].values()) == 0
     assert learned["hops_mean"] < learned["half_log2_n_plus_1"]
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = simulate(30, duration=20, seed=1, lookups_per_second=5, warmup=0)
+    plot(result, str(tmp_path / "hops.png"))
+    plot_learning({"30 nodes": result}, str(tmp_path / "learning.png"))
+    assert (tmp_path / "hops.png").stat().st_size > 0 and (tmp_path / "learning.png").stat().st_size > 0
