@@ -9,7 +9,11 @@ libvirt and concurrent callers are serialized by the actor's mailbox.
 The default backend is libvirt's embedded `test:///<node.xml>` driver: a real libvirt with an
 in-memory host whose CPUs and memory come from `node.xml` (see `write_node_xml`), and no daemon. It
 forgets every domain when the connection closes, does no capacity accounting and cannot migrate; the
-agent handles those elsewhere. Every operation here is idempotent, so a caller may retry freely.
+agent handles those elsewhere. Real guests use the QEMU driver, either embedded in the agent
+(`qemu:///embed?root=DIR`, no daemon, no migration) or the node's own libvirtd (`agents.libvirtd`),
+which adds internal qcow2 snapshots, managed save and peer-to-peer live migration (the `op_snapshot*`,
+`op_managed_save`, `op_restore_file` and `op_migrate` requests). Every operation here is idempotent, so
+a caller may retry freely.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 import libvirt
 import pykka
 import trio
+
+from agents.qemu_domain import open_embed
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +154,10 @@ class HypervisorActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         try:
-            self._conn = libvirt.open(self._uri)
+            if self._uri.startswith("qemu:///embed?root="):
+                self._conn = open_embed(Path(self._uri.partition("=")[2]))
+            else:
+                self._conn = libvirt.open(self._uri)
         except libvirt.libvirtError as err:
             self._open_error = _translate(err, f"cannot open {self._uri}: ")
         except Exception as exc:  # keep the actor alive so that `check_open` can report it
@@ -315,6 +324,63 @@ class HypervisorActor(pykka.ThreadingActor):
         return sorted(infos, key=lambda info: info.name)
 
 
+    # -- real guests: internal snapshots, managed save, live migration --
+
+    def op_snapshot(self, name: str, tag: str) -> str:
+        """An internal snapshot `tag` (disk, and memory when the domain is active); its XML, for REDEFINE
+        on another host. A snapshot of that name already there is kept (idempotent)."""
+        dom = self._lookup(name)
+        try:
+            return dom.snapshotLookupByName(tag).getXMLDesc()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                raise
+        doc = ET.Element("domainsnapshot")
+        ET.SubElement(doc, "name").text = tag
+        return dom.snapshotCreateXML(ET.tostring(doc, encoding="unicode")).getXMLDesc()
+
+    def op_snapshot_redefine(self, name: str, xml: str) -> None:
+        """Make a snapshot carried from another host known here (its data is already in the qcow2 disk)."""
+        self._lookup(name).snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+
+    def op_snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
+        """Revert to internal snapshot `tag`, ending running, paused or shut off as `state` says."""
+        dom = self._lookup(name)
+        flags = {"running": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
+                 "paused": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED}.get(state, 0)
+        dom.revertToSnapshot(dom.snapshotLookupByName(tag), flags | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE)
+        if state == "shutoff":
+            self._force_off(dom)
+        return _domain_info(dom)
+
+    def op_snapshot_names(self, name: str) -> list[str]:
+        return sorted(self._lookup(name).snapshotListNames())
+
+    def op_managed_save(self, name: str) -> DomainInfo:
+        """Save the memory of an active domain into libvirt's managed save image and stop it; the next
+        start resumes from the image. A domain already off is left alone."""
+        dom = self._lookup(name)
+        if dom.isActive():
+            dom.managedSave()
+        return _domain_info(dom)
+
+    def op_restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
+        """Start a domain from a save image (written by a managed save elsewhere), with definition `xml`."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if state == "paused" else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        self._connection.restoreFlags(path, xml, flags)
+        return _domain_info(self._lookup(ET.fromstring(xml).findtext("name") or ""))
+
+    def op_migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
+        self._lookup(name).migrateToURI3(uri, params, flags)
+
+    def op_persistent(self, name: str) -> bool:
+        """Whether a persistent domain of that name is here (one that arrived by live migration counts)."""
+        try:
+            return bool(self._lookup(name).isPersistent())
+        except HypervisorError:
+            return False
+
+
 # -- the trio-facing handle ------------------------------------------------------------------------
 
 
@@ -424,6 +490,32 @@ class Hypervisor:
     async def list(self) -> list[DomainInfo]:
         """Every domain of the host, by name."""
         return await self._call("list")
+
+    async def snapshot(self, name: str, tag: str) -> str:
+        """An internal snapshot (QEMU driver, qcow2 disks); returns its XML."""
+        return await self._call("snapshot", name, tag)
+
+    async def snapshot_redefine(self, name: str, xml: str) -> None:
+        await self._call("snapshot_redefine", name, xml)
+
+    async def snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
+        return await self._call("snapshot_revert", name, tag, state)
+
+    async def snapshot_names(self, name: str) -> list[str]:
+        return await self._call("snapshot_names", name)
+
+    async def managed_save(self, name: str) -> DomainInfo:
+        return await self._call("managed_save", name)
+
+    async def restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
+        return await self._call("restore_file", path, xml, state)
+
+    async def migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
+        """Peer-to-peer migration driven by this host's daemon; the actor is busy until it ends."""
+        await self._call("migrate", name, uri, flags, params)
+
+    async def persistent(self, name: str) -> bool:
+        return await self._call("persistent", name)
 
     async def close(self) -> None:
         """Close the connection and stop the actor, after the requests already sent. Safe to call twice.

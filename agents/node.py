@@ -23,6 +23,7 @@ from agents.coordinates import CoordinateService
 from agents.host import HostService
 from agents.hypervisor import Hypervisor, write_node_xml
 from agents.overlays import OverlayService
+from agents.qemu_backend import QemuBackend, open_backend
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
 from overlay import tls
@@ -30,7 +31,7 @@ from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
 from overlay.membership import Member, Membership
 from overlay.ring import Ring
-from overlay.rpc import Caller, RpcError, Transport
+from overlay.rpc import Caller, RpcError, Transport, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ class AgentConfig:
     identity: tls.Identity
     capacity: Resources
     join: list[str] = field(default_factory=list)
-    libvirt_uri: str = ""  # empty: the embedded test:/// host sized by `capacity`
+    libvirt_uri: str = ""  # empty: the embedded test:/// host sized by `capacity` (qemu: the node's own libvirtd)
+    hypervisor: str = "test"  # or "qemu": real guests (agents.qemu_backend)
+    libvirtd_port: int = 0  # qemu: the node's libvirtd TCP port on 127.0.0.1; 0 picks a free one
+    migration_ports: tuple[int, int] = (0, 0)  # qemu: its migration port range; (0, 0) derives one from the port
     site_rtt_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # emulated WAN latency
     replicas: int = 3
     probe_interval: float = 0.5
@@ -70,18 +74,32 @@ class NodeAgent:
         """Serve until SIGTERM/SIGINT or cancellation, then leave the cluster politely."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        uri = cfg.libvirt_uri or write_node_xml(cfg.data_dir / "node.xml", cfg.capacity.vcpus,
-                                                cfg.capacity.memory_mb)
-        self.hypervisor = Hypervisor.open(uri)
-        self.shard = Shard(cfg.data_dir / "dht.sqlite")
+        self.backend = self._open_qemu() if cfg.hypervisor == "qemu" else None
         try:
-            async with trio_asyncio.open_loop():  # the Kademlia overlay is asyncio code (overlay/kad.py)
-                await self._serve()
+            uri = self.backend.uri if self.backend else cfg.libvirt_uri or write_node_xml(
+                cfg.data_dir / "node.xml", cfg.capacity.vcpus, cfg.capacity.memory_mb)
+            self.hypervisor = Hypervisor.open(uri)
+            self.shard = Shard(cfg.data_dir / "dht.sqlite")
+            try:
+                async with trio_asyncio.open_loop():  # the Kademlia overlay is asyncio code (overlay/kad.py)
+                    await self._serve()
+            finally:
+                if hasattr(self, "host"):
+                    self.host.close()
+                self.shard.close()
+                await self.hypervisor.close()
         finally:
-            if hasattr(self, "host"):
-                self.host.close()
-            self.shard.close()
-            await self.hypervisor.close()
+            if self.backend is not None:
+                self.backend.close()
+
+    def _open_qemu(self) -> QemuBackend:
+        cfg = self.config
+        port = cfg.libvirtd_port or free_ports(1)[0]
+        low, high = cfg.migration_ports
+        if not low:
+            low = 49152 + 16 * (port % 1000)
+            high = low + 15
+        return open_backend(cfg.data_dir, cfg.libvirt_uri, port, (low, high))
 
     async def _serve(self) -> None:
         cfg = self.config
@@ -95,7 +113,8 @@ class NodeAgent:
             self.dht = DHT(transport, self.ring, self.shard, r=cfg.replicas)
             self.overlays = OverlayService(self)
             self.records = self.overlays.records  # what services read and write, on whichever overlay is bound
-            self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite")
+            self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite",
+                                    *((self.backend.guests, self.backend.migration_uri) if self.backend else ()))
             self.gossip = GossipService(self)
             self.coordinates = CoordinateService(self)  # every RPC we make is now an RTT sample
             self.spiral = SpiralService(self)
@@ -148,7 +167,8 @@ class NodeAgent:
                 "successors": [p.name for p in state.successor_list()],
                 "predecessor": state.predecessor.name if state.predecessor else None,
                 "records": len(self.shard.records), "dht": dict(self.dht.stats), "overlay": self.records.name,
-                "restarts": dict(self.supervisor.restarts),
+                "restarts": dict(self.supervisor.restarts), "hypervisor": self.hypervisor.uri,
+                "accel": self.backend.reason if self.backend else "test driver",
                 "rejected_connections": self.transport.rejected_connections}
 
     async def _on_members(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +19,12 @@ from typing import Any
 
 import trio
 
+from agents import accel
+from agents.qemu_backend import end_leftovers
 from discovery.config import ClientConfig, home
+from images import tinyguest
 from overlay import tls
-from overlay.rpc import Transport
+from overlay.rpc import Transport, free_ports
 
 SITES = ["rennes", "lyon", "nancy", "grenoble", "lille", "sophia"]
 SITE_RTT_MS = {  # plausible RTTs between French sites, in ms; symmetric
@@ -32,6 +34,8 @@ SITE_RTT_MS = {  # plausible RTTs between French sites, in ms; symmetric
     ("grenoble", "lille"): 14, ("grenoble", "sophia"): 8, ("lille", "sophia"): 18,
 }
 STATE_FILE = "cluster.json"
+MIGRATION_PORTS = 49200
+"""The first node's live-migration ports (16 per node) with --hypervisor qemu."""
 
 
 class ClusterError(Exception):
@@ -45,17 +49,6 @@ def rtt_matrix(sites: list[str], local_rtt_ms: float = 0.0) -> dict[str, dict[st
         if a in matrix and b in matrix:
             matrix[a][b] = matrix[b][a] = float(ms)
     return matrix
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _toml_value(value: Any) -> str:
@@ -92,9 +85,15 @@ def load_state(directory: Path) -> dict[str, Any]:
 
 
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
-       wait: float = 60.0, local_rtt_ms: float = 0.0) -> dict[str, Any]:
+       wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test") -> dict[str, Any]:
+    """Start the agents; with `hypervisor` "qemu", each runs real tiny guests on a libvirtd of its own
+    (the guest image is built and the accelerator chosen here first, once for all of them)."""
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
+    if hypervisor not in ("test", "qemu"):
+        raise ClusterError("--hypervisor must be test or qemu")
+    if hypervisor == "qemu" and nodes > 16:
+        raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
     if not 1 <= sites <= min(nodes, len(SITES)):
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
     directory = directory.resolve()
@@ -108,8 +107,11 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     if not (ca_dir / "ca.key").exists():
         tls.init_ca(ca_dir)
     site_names = SITES[:sites]
-    ports = _free_ports(nodes)
-    addrs = [f"127.0.0.1:{p}" for p in ports]
+    ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
+    addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
+    qemu: dict[str, Any] = {}
+    if hypervisor == "qemu":
+        _prepare_guests()
     if not 0 <= local_rtt_ms <= 1000:
         raise ClusterError("--local-rtt-ms must be between 0 and 1000")
     matrix = rtt_matrix(site_names, local_rtt_ms)
@@ -121,9 +123,12 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
             node_dir.mkdir(exist_ok=True)
             ident = tls.issue(ca_dir, name, "node", out_dir=node_dir)
             config = node_dir / "agent.toml"
+            if hypervisor == "qemu":
+                low = MIGRATION_PORTS + 16 * i
+                qemu = {"hypervisor": "qemu", "libvirtd_port": ports[nodes + i], "migration_ports": [low, low + 15]}
             _write_toml(config, {
                 "name": name, "site": site, "listen": addrs[i], "data_dir": str(node_dir / "data"),
-                "join": [a for a in addrs[:3] if a != addrs[i]],
+                "join": [a for a in addrs[:3] if a != addrs[i]], **qemu,
             }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
                 "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
                 "latency.rtt_ms": matrix})
@@ -136,7 +141,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         _stop(started)
         raise
     operator = tls.issue(ca_dir, "operator", "operator", out_dir=directory)
-    state = {"dir": str(directory), "nodes": started, "sites": site_names, "rtt_ms": matrix,
+    state = {"dir": str(directory), "nodes": started, "sites": site_names, "rtt_ms": matrix, "hypervisor": hypervisor,
              "client_config": str(directory / "client.toml")}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
     client = {"agent": addrs[0]}
@@ -149,6 +154,17 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     if not ready:
         raise ClusterError(f"agents did not agree on {nodes} members within {wait:g}s; see {directory}/node*/agent.log")
     return state
+
+
+def _prepare_guests() -> None:
+    """Build the tiny guest and pick the accelerator once, before the agents all want them."""
+    try:
+        guest = tinyguest.build()
+    except tinyguest.ImageError as err:
+        raise ClusterError(f"--hypervisor qemu: cannot build the tiny guest: {err}") from None
+    choice = accel.choose(guest, cache_file=tinyguest.default_cache() / "accel.json")
+    if choice.accel is None:
+        raise ClusterError(f"--hypervisor qemu: QEMU cannot run here: {choice.reason}")
 
 
 def _client(directory: Path) -> ClientConfig:
@@ -219,6 +235,8 @@ def _stop(nodes: list[dict[str, Any]], grace: float = 10.0) -> list[str]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(node["pid"], signal.SIGKILL)
     _reap(live)
+    for node in nodes:  # real guests and their daemons outlive the agents, by design: end them too
+        end_leftovers(Path(node["config"]).parent / "data")
     return [n["name"] for n in live]
 
 

@@ -7,6 +7,10 @@ agent.toml:
     join = ["127.0.0.1:7002"]
     data_dir = "/var/lib/discovery"
     libvirt_uri = ""                    # empty: embedded test:/// host sized by [capacity]
+    hypervisor = "test"                 # or "qemu": real tiny guests, on the node's own libvirtd
+                                        # (libvirt_uri empty) or embedded (libvirt_uri = "qemu:///embed")
+    libvirtd_port = 0                   # qemu: its libvirtd's TCP port on 127.0.0.1 (0: a free one)
+    migration_ports = [49200, 49215]    # qemu: its live-migration port range (omitted: derived)
     kademlia = true                     # run Kademlia beside Chord (`discovery overlay bind`)
     kad_port = 0                        # its UDP port; 0 picks a free one
     [capacity]  vcpus = 16, memory_mb = 32768, disk_gb = 500
@@ -96,6 +100,13 @@ def load_agent_config(path: Path) -> AgentConfig:
     except (AttributeError, TypeError, ValueError):
         raise ConfigError(f"{path}: latency.rtt_ms must map site -> site -> milliseconds") from None
     data_dir = Path(_field(data, "data_dir", str, path))
+    hypervisor = _field(data, "hypervisor", str, path, "test")
+    if hypervisor not in ("test", "qemu"):
+        raise ConfigError(f"{path}: field 'hypervisor' must be \"test\" or \"qemu\", got {hypervisor!r}")
+    migration = _field(data, "migration_ports", list, path, [0, 0])
+    if not (len(migration) == 2 and all(isinstance(p, int) and 0 <= p < 65536 for p in migration)
+            and migration[0] <= migration[1]):
+        raise ConfigError(f"{path}: field 'migration_ports' must be [low, high] TCP ports, got {migration!r}")
     return AgentConfig(
         name=_field(data, "name", str, path),
         site=_field(data, "site", str, path, "default"),
@@ -105,6 +116,9 @@ def load_agent_config(path: Path) -> AgentConfig:
         capacity=capacity,
         join=[_address(j, path, "join") for j in joins],
         libvirt_uri=_field(data, "libvirt_uri", str, path, ""),
+        hypervisor=hypervisor,
+        libvirtd_port=_field(data, "libvirtd_port", int, path, 0),
+        migration_ports=(migration[0], migration[1]),
         site_rtt_ms=site_rtt,
         replicas=_field(data, "replicas", int, path, 3),
         kademlia=_field(data, "kademlia", bool, path, True),
