@@ -8,9 +8,7 @@ libvirt `test:///` host in this process, with no network, placement or directory
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -19,10 +17,10 @@ import time
 from pathlib import Path
 
 import trio
-from stats import rss_mib, summary_ms  # benchmarks/stats.py, beside this script
+from harness import cluster_parser, local_cluster, pyplot, save  # benchmarks/harness.py, beside this script
+from stats import rss_mib, summary_ms
 
 from agents.hypervisor import Hypervisor, domain_xml, write_node_xml
-from discovery import cluster
 from discovery.spec import VESpec, VMSpec
 from overlay import tls
 from overlay.rpc import Transport
@@ -63,11 +61,7 @@ async def local_baseline(directory: Path, count: int) -> list[float]:
 
 
 def plot(path: str, latencies: list[float], baseline: list[float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for values, label in ((latencies, "ve create via a random agent"), (baseline, "local libvirt define+start")):
         ms = sorted(v * 1000 for v in values)
@@ -78,35 +72,22 @@ def plot(path: str, latencies: list[float], baseline: list[float]) -> None:
     ax.set_title("VE creation latency (CDF)")
     ax.legend()
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=12)
-    parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--ves", type=int, default=200)
+    parser = cluster_parser(__doc__, ves=200, plot="write a latency CDF to this PNG")
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--plot", help="write a latency CDF to this PNG")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="discovery-bench-") as tmp:
         directory = Path(tmp)
-        os.environ["DISCOVERY_HOME"] = str(directory / "home")  # leave the user's client config alone
-        state = cluster.up(directory / "cluster", args.nodes, args.sites, vcpus=64, memory_mb=65536)
-        try:
-            identity = tls.Identity(cert=directory / "cluster" / "operator.pem",
-                                    key=directory / "cluster" / "operator.key",
-                                    ca=directory / "cluster" / "ca" / "ca.pem")
+        with local_cluster(directory, args.nodes, args.sites, vcpus=64, memory_mb=65536) as (state, identity):
             pids = [n["pid"] for n in state["nodes"]]
             rss_before = [rss_mib(p) for p in pids]
             latencies, elapsed = trio.run(create_all, identity, [n["addr"] for n in state["nodes"]], args.ves,
                                           args.concurrency, args.seed)
             rss_after = [rss_mib(p) for p in pids]
-        finally:
-            cluster.down(directory / "cluster")
         baseline = trio.run(local_baseline, directory, args.ves)
 
     result = {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The newcomer's tour: 12 agents on 4 sites, VEs created through different nodes, where they landed and why.
+# The newcomer's tour: 12 agents on 4 sites, VEs created through different nodes, where they landed and why;
+# placement constraints, suspend/resume, relocation to another site, snapshot and restore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DEMO_DIR:-demo-cluster}
@@ -33,6 +34,32 @@ step "Stop and start a VE through yet another agent"
 run discovery --agent node12 ve stop ci-runner
 run discovery --agent node4 ve show ci-runner
 run discovery --agent node2 ve start ci-runner
+
+step "Placement constraints: three replicas on three different nodes over at least two sites (created through node10)"
+run tail -n 3 examples/replicated-store.yaml
+run discovery --agent node10 ve create examples/replicated-store.yaml
+run discovery --agent node5 ve locate replicated-store
+
+step "A constraint that cannot be met is refused, naming it: a 4-member quorum, one member per node, in a 3-node site"
+run cat examples/quorum.yaml
+run discovery --agent node7 ve create examples/quorum.yaml || true
+
+step "Suspend (VMs paused, memory kept) and resume, each through another agent"
+run discovery --agent node8 ve suspend web-shop
+run discovery --agent node3 ve show web-shop
+run discovery --agent node12 ve resume web-shop
+
+step "Relocate one VM to another site: placement picks the node there; the domain and its state travel"
+run discovery --agent node6 ve relocate web-shop --vm db --site nancy
+run discovery --agent node9 ve locate web-shop
+
+step "Snapshot every VM at once (all paused, snapshotted, resumed), change the VE, restore it"
+run discovery --agent node2 ve snapshot web-shop --tag before-upgrade
+run discovery --agent node11 ve snapshots web-shop
+run discovery --agent node4 ve stop web-shop
+run discovery --agent node10 ve show web-shop
+run discovery --agent node1 ve restore web-shop before-upgrade
+run discovery --agent node7 ve show web-shop
 
 step "Move every agent's records (the VE directory too) from Chord to Kademlia while they run; nothing is lost"
 run discovery --agent node5 overlay bind kademlia

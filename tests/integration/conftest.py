@@ -30,9 +30,9 @@ class Cluster:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def up(self, nodes: int, sites: int) -> None:
+    def up(self, nodes: int, sites: int, hypervisor: str = "test") -> None:
         proc = subprocess.run([sys.executable, "-m", "discovery", "cluster", "up", "--nodes", str(nodes),
-                               "--sites", str(sites), "--dir", str(self.dir), "--json"],
+                               "--sites", str(sites), "--dir", str(self.dir), "--hypervisor", hypervisor, "--json"],
                               capture_output=True, text=True, env=self.env, timeout=180)
         if (self.dir / "cluster.json").exists():
             self.state = json.loads((self.dir / "cluster.json").read_text())

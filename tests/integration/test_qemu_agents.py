@@ -1,0 +1,176 @@
+"""Real QEMU guests managed by agents: a 3-node cluster started with `--hypervisor qemu`, where each
+agent runs its own libvirtd in a private mount namespace and VMs are tiny guests on qcow2 overlays.
+
+Each operation is proven by the guest's heartbeat counter (written to its disk and console every
+second): it stops while suspended, a restored snapshot brings the disk's value back, a live
+relocation continues it on the target without a reboot (no second ready line), a shipped VM keeps its
+snapshots. Deadlines are generous (TCG on a loaded 2-core machine); nothing depends on speed.
+Skipped, with the reason, where QEMU, the guest image or libvirtd is not available.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agents import accel
+from agents.qemu_backend import qemu_pids
+from images import tinyguest
+
+from .conftest import Cluster, pid_alive
+from .test_qemu_guest import STEP_DEADLINE, heartbeats, wait_until
+from .test_relocate import domains
+
+pytestmark = [pytest.mark.integration, pytest.mark.qemu]
+
+BOOT_DEADLINE = 150.0
+SPEC = """\
+name: {name}
+vms:
+  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}}
+  - {{name: b, vcpus: 1, memory_mb: 128, disk_gb: 1}}
+constraints:
+  anti_affinity: [[a, b]]
+"""
+
+
+@pytest.fixture(scope="module")
+def qemu3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if shutil.which("libvirtd") is None:
+        pytest.skip("no libvirtd (Debian package libvirt-daemon; `make deps` installs it)")
+    try:
+        image = tinyguest.build()
+    except tinyguest.ImageError as err:
+        pytest.skip(f"no tiny guest image: {err}")
+    choice = accel.choose(image, cache_file=tinyguest.default_cache() / "accel.json")
+    if choice.accel is None:
+        pytest.skip(f"QEMU cannot run here: {choice.reason}")
+    directory = tmp_path_factory.mktemp("qemu3")
+    # the image cache is per DISCOVERY_HOME: share this session's, so the agents do not build it again
+    cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(tinyguest.default_cache().parent)})
+    try:
+        cluster.up(3, 2, hypervisor="qemu")
+        yield cluster
+    finally:
+        cluster.down()
+        roots = [directory / n["name"] / "data" / "libvirtd" for n in cluster.state.get("nodes", [])]
+        left = [pid for root in roots for pid in qemu_pids(root) if pid_alive(pid)]
+        assert not left, f"QEMU processes left running after cluster down: {left}"
+
+
+class VM:
+    """One VM of a VE on the qemu cluster, found through `ve locate` (the directory)."""
+
+    def __init__(self, cluster: Cluster, ve: str, vm: str) -> None:
+        self.cluster, self.ve, self.vm = cluster, ve, vm
+
+    @property
+    def node(self) -> str:
+        return self.cluster.json("ve", "locate", self.ve)["vms"][self.vm]["node"]
+
+    def file(self, suffix: str, node: str | None = None) -> Path:
+        guests = self.cluster.dir / (node or self.node) / "data" / "libvirtd" / "guests"
+        return guests / f"{self.ve}--{self.vm}{suffix}"
+
+    def beats(self, node: str | None = None) -> list[int]:
+        return heartbeats(self.file(".log", node))
+
+    def wait_ready(self) -> None:
+        console = self.file(".log")
+        wait_until(lambda: console.exists() and tinyguest.READY in console.read_text(errors="replace"),
+                   BOOT_DEADLINE, f"{self.ve}/{self.vm} ready", console)
+
+    def wait_beat_above(self, value: int, node: str | None = None) -> int:
+        return wait_until(lambda: (last := max(self.beats(node), default=-1)) > value and last, STEP_DEADLINE,
+                          f"{self.vm} heartbeat above {value}", self.file(".log", node))
+
+    def disk_beat(self) -> int:
+        return tinyguest.read_heartbeat(self.file(".qcow2"))
+
+
+def create(cluster: Cluster, tmp_path: Path, name: str) -> tuple[VM, VM]:
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(SPEC.format(name=name))
+    created = cluster.json("--agent", "node3", "ve", "create", str(spec))
+    assert created["state"] == "running"
+    vms = VM(cluster, name, "a"), VM(cluster, name, "b")
+    for vm in vms:
+        vm.wait_ready()
+    return vms
+
+
+def test_boot_suspend_resume_and_stop_through_another_agent(qemu3: Cluster, tmp_path: Path) -> None:
+    a, b = create(qemu3, tmp_path, "life")
+    assert a.node != b.node  # anti-affinity, on real guests
+    a.wait_beat_above(1)
+    qemu3.cli("--agent", "node3", "ve", "suspend", "life")
+    frozen = max(a.beats())
+    wait_until(lambda: max(a.beats()) == frozen or None, 5, "no beat while suspended")
+    assert max(a.beats()) == frozen
+    qemu3.cli("--agent", "node1", "ve", "resume", "life")
+    a.wait_beat_above(frozen + 1)
+    qemu3.cli("--agent", "node2", "ve", "stop", "life")  # ACPI first: the guest says it powers off
+    assert tinyguest.POWEROFF in a.file(".log").read_text(errors="replace")
+    assert set(domains(qemu3, "life:a").values()) == {"shutoff"}
+    disks = [a.file(".qcow2"), b.file(".qcow2")]
+    assert all(disk.exists() for disk in disks)
+    qemu3.cli("--agent", "node2", "ve", "destroy", "life")
+    assert not any(disk.exists() for disk in disks)
+
+
+def test_snapshot_and_restore_bring_the_disk_heartbeat_back(qemu3: Cluster, tmp_path: Path) -> None:
+    a, _ = create(qemu3, tmp_path, "snap")
+    a.wait_beat_above(2)
+    qemu3.cli("--agent", "node1", "ve", "suspend", "snap")
+    at_snapshot = a.disk_beat()  # still: the snapshot holds exactly this value
+    qemu3.cli("--agent", "node2", "ve", "snapshot", "snap", "--tag", "s1")
+    qemu3.cli("--agent", "node2", "ve", "resume", "snap")
+    wait_until(lambda: a.disk_beat() >= at_snapshot + 3, STEP_DEADLINE, "the heartbeat moves on", a.file(".log"))
+    restored = qemu3.json("--agent", "node3", "ve", "restore", "snap", "s1")
+    assert restored["state"] == "suspended"  # the VE was suspended when the snapshot was taken
+    assert a.disk_beat() == at_snapshot
+    qemu3.cli("--agent", "node3", "ve", "resume", "snap")
+    wait_until(lambda: a.disk_beat() > at_snapshot, STEP_DEADLINE, "heartbeat goes on from the snapshot",
+               a.file(".log"))
+    qemu3.cli("ve", "destroy", "snap")
+
+
+def test_live_relocation_keeps_the_guest_running(qemu3: Cluster, tmp_path: Path) -> None:
+    a, b = create(qemu3, tmp_path, "live")
+    source = a.node
+    target = next(n["name"] for n in qemu3.state["nodes"] if n["name"] not in (a.node, b.node))
+    before = a.wait_beat_above(2, source)
+    moved = qemu3.json("--agent", b.node, "ve", "relocate", "live", "--vm", "a", "--to", target)
+    assert moved["placement"]["a"]["node"] == target
+    assert moved["placement"]["a"]["transfer"]["how"] == "live"
+    after = a.wait_beat_above(before + 1, target)
+    console = a.file(".log", target).read_text(errors="replace")
+    assert tinyguest.READY not in console  # no reboot: the same guest, its counter goes on
+    assert min(a.beats(target)) > before - 2
+    assert after > before
+    assert domains(qemu3, "live:a") == {target: "running"}  # exactly one place
+    assert not a.file(".qcow2", source).exists()  # the source's disk is gone
+    qemu3.cli("ve", "destroy", "live")
+
+
+def test_a_vm_with_snapshots_is_shipped_and_restorable_at_its_new_node(qemu3: Cluster, tmp_path: Path) -> None:
+    a, b = create(qemu3, tmp_path, "ship")
+    a.wait_beat_above(2)
+    qemu3.cli("ve", "suspend", "ship")
+    at_snapshot = a.disk_beat()
+    qemu3.cli("ve", "snapshot", "ship", "--tag", "s1")
+    qemu3.cli("ve", "resume", "ship")
+    source = a.node
+    target = next(n["name"] for n in qemu3.state["nodes"] if n["name"] not in (a.node, b.node))
+    moved = qemu3.json("ve", "relocate", "ship", "--vm", "a", "--to", target)
+    assert moved["placement"]["a"]["transfer"]["how"] == "ship"  # an NBD copy would drop the snapshot
+    assert domains(qemu3, "ship:a") == {target: "running"}
+    wait_until(lambda: a.disk_beat() > at_snapshot + 1, STEP_DEADLINE, "heartbeat after the move", a.file(".log"))
+    assert not a.file(".qcow2", source).exists()
+    qemu3.json("ve", "restore", "ship", "s1")  # the internal snapshot came along inside the qcow2
+    assert a.disk_beat() == at_snapshot
+    qemu3.cli("ve", "destroy", "ship")
