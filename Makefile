@@ -3,7 +3,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu
+DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu \
+          libvirt-daemon libvirt-clients
 
 .PHONY: demo test lint deps clean bench
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-deps:  ## Debian packages: what libvirt-python builds against, and QEMU for real guests (only if missing)
+deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd for real guests (only if missing)
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \

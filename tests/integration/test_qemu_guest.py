@@ -22,6 +22,7 @@ import libvirt
 import pytest
 
 from agents import accel
+from agents.qemu_backend import qemu_pids
 from agents.qemu_domain import domain_xml, open_embed
 from images import tinyguest
 
@@ -115,15 +116,10 @@ def conn(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Iterator[libvir
                     dom.destroy()
         connection.close()
         # QEMU outlives a closed embed connection (and this process): kill what our pid files name.
-        survivors = [pid for pid in _qemu_pids(root) if pid_alive(pid)]
+        survivors = [pid for pid in qemu_pids(root) if pid_alive(pid)]
         for pid in survivors:
             os.kill(pid, signal.SIGKILL)
         assert not survivors, f"QEMU processes left running after destroy: {survivors}"
-
-
-def _qemu_pids(root: Path) -> list[int]:
-    return [int(p.read_text()) for p in (root / "run" / "qemu").glob("*.pid")
-            if p.name != "driver.pid" and p.read_text().strip().isdigit()]
 
 
 @pytest.fixture

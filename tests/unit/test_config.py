@@ -72,3 +72,14 @@ def test_client_config_resolves_node_names_and_addresses(tmp_path):
 def test_an_agent_config_works_as_a_client_config(tmp_path):
     client = load_client_config(str(write(tmp_path, GOOD)))
     assert client.resolve(None) == "127.0.0.1:7001"
+
+
+def test_hypervisor_and_migration_ports_are_checked(tmp_path):
+    cfg = load_agent_config(write(tmp_path, 'hypervisor = "qemu"\nlibvirtd_port = 16600\n'
+                                            'migration_ports = [49200, 49215]\n' + GOOD))
+    assert (cfg.hypervisor, cfg.libvirtd_port, cfg.migration_ports) == ("qemu", 16600, (49200, 49215))
+    assert load_agent_config(write(tmp_path, GOOD)).hypervisor == "test"
+    with pytest.raises(ConfigError, match="'hypervisor' must be"):
+        load_agent_config(write(tmp_path, 'hypervisor = "xen"\n' + GOOD))
+    with pytest.raises(ConfigError, match="'migration_ports' must be"):
+        load_agent_config(write(tmp_path, 'migration_ports = [49215, 49200]\n' + GOOD))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agents import accel
+from agents.guests import QemuGuests
 from agents.qemu_domain import domain_xml
 from images import tinyguest
 from images.tinyguest import TinyGuest
@@ -117,3 +118,17 @@ def test_choice_is_probed_once_and_kept_in_the_cache_file(fresh_choice: None, tm
     assert accel.choose(GUEST, cache).reason == "kvm: /dev/kvm missing" and len(probes) == 1
     monkeypatch.setattr(accel, "_chosen", None)  # another process on the same host: reads the file
     assert accel.choose(GUEST, cache) == accel.Choice("qemu", "kvm: /dev/kvm missing") and len(probes) == 1
+
+
+def test_carried_xml_is_pointed_at_this_nodes_files_and_accelerator(tmp_path: Path) -> None:
+    """Between embedded drivers each node's guests live elsewhere: a carried domain (and the domain inside a
+    carried snapshot) must name this node's disk and console, and this node's accelerator."""
+    there = domain_xml("ve:vm", GUEST, Path("/elsewhere/ve--vm.qcow2"), Path("/elsewhere/ve--vm.log"), accel="kvm")
+    here = QemuGuests(GUEST, "qemu", tmp_path, tmp_path / "seen", tmp_path / "save")
+    dom = ET.fromstring(here.adapt(there))
+    assert dom.get("type") == "qemu"
+    assert dom.find("devices/disk/source").get("file") == str(tmp_path / "seen" / "ve--vm.qcow2")
+    assert dom.find("devices/serial/source").get("path") == str(tmp_path / "seen" / "ve--vm.log")
+    snapshot = ET.fromstring(here.adapt(f"<domainsnapshot><name>s1</name>{there}</domainsnapshot>"))
+    assert snapshot.find("domain/devices/disk/source").get("file") == str(tmp_path / "seen" / "ve--vm.qcow2")
+    assert snapshot.findtext("name") == "s1"

@@ -1,0 +1,212 @@
+"""Moving a 128 MiB real guest between two agents: live relocation against `virsh migrate` done by hand,
+and save → ship → restore, printed as JSON.
+
+    python benchmarks/migration.py --runs 10 [--memory-mb 128] [--plot docs/migration.png]
+
+A 2-node, 1-site cluster with `--hypervisor qemu` (each agent with its own libvirtd in a private
+mount namespace; tiny guests on qcow2 overlays). Two guests run side by side, and each round moves
+each of them once, to the other node, interleaved so that both see the same machine load:
+
+- `agents_live`: `ve relocate --method live` of a one-VM VE through the agent that does not host it:
+  directory reads and writes, reservation, the target's empty overlay, then libvirt's peer-to-peer
+  live migration with incremental disk copy, the target's adoption and the source's clean-up;
+- `by_hand`: the same migration of a guest defined directly in the same daemons, as an operator
+  would do it: the overlay made on the target first (not timed), then
+  `virsh migrate --live --p2p --copy-storage-inc --persistent --undefinesource DOMAIN DEST tcp://127.0.0.1`;
+- `agents_ship`: `ve relocate --method ship`: the VM is stopped into a managed save image, the target
+  pulls the image and the disk over the agents' TLS RPC, and restores it; the VM is down throughout.
+
+Time is the caller's wall clock for the whole command. Downtime of a live migration is libvirt's own
+figure (the completed job's `downtime` on the destination); a shipped VM's downtime is the agent's
+transfer time (stopped at the save, running again once restored). Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import trio
+from harness import local_cluster, pyplot, save  # benchmarks/harness.py, beside this script
+from stats import summary_ms
+
+from agents.libvirtd import GUESTS
+from agents.qemu_domain import domain_xml
+from images import tinyguest
+from overlay import tls
+from overlay.rpc import Transport
+
+BOOT_DEADLINE = 150.0
+BY_HAND = "byhand"
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10, help="moves of each kind")
+    parser.add_argument("--memory-mb", type=int, default=128)
+    parser.add_argument("--plot", help="PNG: time and downtime of each kind of move")
+    return parser.parse_args()
+
+
+class Bench:
+    def __init__(self, state: dict[str, Any], identity: tls.Identity, memory_mb: int) -> None:
+        self.nodes = [n["name"] for n in state["nodes"]]
+        self.addr = {n["name"]: n["addr"] for n in state["nodes"]}
+        self.uri, self.guests = {}, {}
+        for node in state["nodes"]:
+            config = tomllib.loads(Path(node["config"]).read_text())
+            self.uri[node["name"]] = f"qemu+tcp://127.0.0.1:{config['libvirtd_port']}/system"
+            self.guests[node["name"]] = Path(config["data_dir"]) / "libvirtd" / "guests"
+        self.identity = identity
+        self.memory_mb = memory_mb
+        self.image = tinyguest.build()
+        self.accel = json.loads((tinyguest.default_cache() / "accel.json").read_text())["accel"]
+
+    async def call(self, node: str, method: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
+        async with Transport(self.identity, node="bench") as transport:
+            return await transport.call(self.addr[node], method, args, timeout=timeout)
+
+    def other(self, node: str) -> str:
+        return next(n for n in self.nodes if n != node)
+
+    def wait_ready(self, console: Path) -> None:
+        end = time.monotonic() + BOOT_DEADLINE
+        while not (console.exists() and tinyguest.READY in console.read_text(errors="replace")):
+            if time.monotonic() > end:
+                raise SystemExit(f"{console}: the guest did not boot within {BOOT_DEADLINE:g} s")
+            time.sleep(0.2)
+
+    def downtime_ms(self, node: str, domain: str) -> float | None:
+        """libvirt's downtime of the migration that brought `domain` to `node` (its completed job)."""
+        conn = libvirt.open(self.uri[node])
+        try:
+            return conn.lookupByName(domain).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED).get("downtime")
+        finally:
+            conn.close()
+
+    # -- through the agents --
+
+    async def create_ve(self) -> str:
+        spec = {"name": "bench", "vms": [{"name": "vm", "vcpus": 1, "memory_mb": self.memory_mb, "disk_gb": 1}]}
+        created = await self.call(self.nodes[0], "ve.create", {"spec": spec})
+        node = created["placement"]["vm"]["node"]
+        self.wait_ready(self.guests[node] / "bench--vm.log")
+        return node
+
+    async def relocate(self, where: str, method: str) -> dict[str, Any]:
+        target = self.other(where)
+        started = time.monotonic()
+        moved = await self.call(target, "ve.relocate", {"name": "bench", "vm": "vm", "to": target, "method": method})
+        wall = time.monotonic() - started
+        transfer = moved["placement"]["vm"]["transfer"]
+        downtime = self.downtime_ms(target, "bench:vm") if method == "live" else transfer["seconds"] * 1000
+        return {"node": target, "wall": wall, "downtime_ms": downtime, "transfer_s": transfer["seconds"]}
+
+    # -- by hand --
+
+    def define_by_hand(self, node: str) -> None:
+        disk = self.guests[node] / f"{BY_HAND}.qcow2"
+        tinyguest.make_overlay(self.image.base, disk)
+        xml = domain_xml(BY_HAND, self.image, GUESTS / disk.name, GUESTS / f"{BY_HAND}.log", accel=self.accel,
+                         memory_mib=self.memory_mb)
+        conn = libvirt.open(self.uri[node])
+        try:
+            conn.defineXML(xml).create()
+        finally:
+            conn.close()
+        self.wait_ready(self.guests[node] / f"{BY_HAND}.log")
+
+    def migrate_by_hand(self, where: str) -> dict[str, Any]:
+        target = self.other(where)
+        tinyguest.make_overlay(self.image.base, self.guests[target] / f"{BY_HAND}.qcow2")
+        argv = ["virsh", "-c", self.uri[where], "migrate", "--live", "--p2p", "--copy-storage-inc", "--persistent",
+                "--undefinesource", BY_HAND, self.uri[target], "tcp://127.0.0.1"]
+        started = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"virsh migrate failed: {proc.stderr.strip()}")
+        (self.guests[where] / f"{BY_HAND}.qcow2").unlink()
+        return {"node": target, "wall": wall, "downtime_ms": self.downtime_ms(target, BY_HAND)}
+
+    def remove_by_hand(self, node: str) -> None:
+        conn = libvirt.open(self.uri[node])
+        try:
+            dom = conn.lookupByName(BY_HAND)
+            dom.destroy()
+            dom.undefine()
+        finally:
+            conn.close()
+
+
+def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    downtimes = [s["downtime_ms"] / 1000 for s in samples if s["downtime_ms"] is not None]
+    return {"runs": len(samples), "time_ms": summary_ms([s["wall"] for s in samples]),
+            "downtime_ms": summary_ms(downtimes)}
+
+
+async def measure(bench: Bench, runs: int) -> dict[str, list[dict[str, Any]]]:
+    results: dict[str, list[dict[str, Any]]] = {"agents_live": [], "by_hand": [], "agents_ship": []}
+    agent_node = await bench.create_ve()
+    hand_node = bench.nodes[0]
+    bench.define_by_hand(hand_node)
+    try:
+        for _ in range(runs):
+            sample = await bench.relocate(agent_node, "live")
+            agent_node = sample["node"]
+            results["agents_live"].append(sample)
+            sample = await trio.to_thread.run_sync(bench.migrate_by_hand, hand_node)
+            hand_node = sample["node"]
+            results["by_hand"].append(sample)
+        for _ in range(runs):
+            sample = await bench.relocate(agent_node, "ship")
+            agent_node = sample["node"]
+            results["agents_ship"].append(sample)
+    finally:
+        bench.remove_by_hand(hand_node)
+        await bench.call(bench.nodes[0], "ve.destroy", {"name": "bench"})
+    return results
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: str) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    kinds = list(results)
+    left.boxplot([[s["wall"] * 1000 for s in results[k]] for k in kinds], labels=kinds)
+    left.set_ylabel("time of the whole move (ms)")
+    right.boxplot([[s["downtime_ms"] for s in results[k] if s["downtime_ms"] is not None] for k in kinds],
+                  labels=kinds)
+    right.set_ylabel("guest downtime (ms)")
+    right.set_yscale("log")
+    save(fig, path)
+
+
+def main() -> None:
+    args = parse()
+    images = tinyguest.build().base.parent.parent  # the user's image cache, shared with the cluster's home
+    with tempfile.TemporaryDirectory(prefix="discovery-migration-") as tmp:
+        (Path(tmp) / "home").mkdir()
+        (Path(tmp) / "home" / "images").symlink_to(images)
+        with local_cluster(Path(tmp), 2, 1, hypervisor="qemu") as (state, identity):
+            bench = Bench(state, identity, args.memory_mb)
+            results = trio.run(measure, bench, args.runs)
+    live, hand = summarize(results["agents_live"]), summarize(results["by_hand"])
+    report = {"guest_memory_mb": args.memory_mb, "accel": bench.accel, **{k: summarize(v) for k, v in results.items()},
+              "overhead_ratio_p50": round(live["time_ms"]["p50"] / hand["time_ms"]["p50"], 3),
+              "overhead_ratio_mean": round(live["time_ms"]["mean"] / hand["time_ms"]["mean"], 3)}
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
