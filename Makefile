@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu \
           libvirt-daemon libvirt-clients
 
-.PHONY: demo test lint deps clean bench
+.PHONY: demo demo-qemu test lint deps clean bench
 
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory deps
@@ -30,6 +30,9 @@ deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd
 demo: $(STAMP)  ## 12 agents on 4 sites, VEs created through different nodes
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/demo.sh
 
+demo-qemu: $(STAMP)  ## 3 agents running real tiny QEMU guests: live relocation, snapshot/restore
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./scripts/demo-qemu.sh
+
 test: $(STAMP) lint  ## the whole suite: unit, integration and fault tests
 	$(VENV)/bin/pytest -q
 
@@ -40,4 +43,4 @@ bench: $(STAMP)  ## 200 VE creations through random agents of a 12-node cluster
 	$(PY) benchmarks/ve_create.py --nodes 12 --sites 4 --ves 200 --plot docs/ve_create.png
 
 clean:
-	rm -rf $(VENV) demo-cluster
+	rm -rf $(VENV) demo-cluster demo-qemu

@@ -90,17 +90,18 @@ def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: t
     choice = accel.choose(guest, cache_file=tinyguest.default_cache() / "accel.json")
     if choice.accel is None:
         raise BackendError(f"QEMU cannot run here: {choice.reason}")
+    reason = f"{'KVM' if choice.accel == 'kvm' else 'TCG'} ({choice.reason})"
     root = libvirt_root(data_dir, libvirt_uri)
     if libvirt_uri.startswith(EMBED):
         directory = data_dir / "guests"
         directory.mkdir(parents=True, exist_ok=True)
         guests = QemuGuests(guest, choice.accel, directory, directory, root / "lib" / "qemu" / "save")
-        return QemuBackend(guests, f"{EMBED}?root={root}", None, choice.reason)
+        return QemuBackend(guests, f"{EMBED}?root={root}", None, reason)
     if libvirt_uri:
         raise BackendError(f"libvirt_uri {libvirt_uri!r}: with hypervisor qemu, leave it empty (the node's "
                            f"own libvirtd) or use {EMBED}")
     daemon = Libvirtd(root, port, migration_ports)
     daemon.start()
     guests = QemuGuests(guest, choice.accel, daemon.guests, GUESTS, root / "lib" / "qemu" / "save")
-    log.info("libvirtd for %s on %s (pid %s), guests use %s", data_dir, daemon.uri, daemon.pid, choice.reason)
-    return QemuBackend(guests, daemon.uri, daemon, choice.reason)
+    log.info("libvirtd for %s on %s (pid %s), guests use %s", data_dir, daemon.uri, daemon.pid, reason)
+    return QemuBackend(guests, daemon.uri, daemon, reason)
