@@ -141,7 +141,8 @@ class HostService(Actor):
             reservation = self.ledger.reserve(name, need, trio.current_time(), RESERVATION_TTL)
         except Insufficient as err:
             raise Conflict(str(err)) from None
-        return {"token": reservation.token, "ttl": RESERVATION_TTL}
+        return {"token": reservation.token, "ttl": RESERVATION_TTL, "backend": self.domains.kind,
+                "migration_uri": self.migration_uri}
 
     async def _on_confirm(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Turn a reservation into a VM: a new domain started, or (relocation) the domain carried in `xml`,
@@ -212,7 +213,7 @@ class HostService(Actor):
             raise RequestError(f"action must be one of {', '.join(ACTIONS)}")
         if action == "settle" and args.get("state") not in SETTLED:
             raise RequestError(f"settle needs a state, one of {', '.join(SETTLED)}")
-        timeout = _shutdown_timeout(args)
+        timeout = shutdown_timeout(args)
         await self._reconcile(name)
         if name not in self.ledger.allocated:
             if action in ("undefine", "destroy"):
@@ -223,7 +224,7 @@ class HostService(Actor):
                 await self._forget(name)
                 return None
             if action == "info":
-                return asdict(await self.hypervisor.info(name))
+                return {**asdict(await self.hypervisor.info(name)), **await self._movability(name)}
             if action == "settle":
                 info = await self.hypervisor.settle(name, args["state"])
             else:
@@ -326,10 +327,23 @@ class HostService(Actor):
             raise RequestError(f"live migration of {name} failed: {err}") from None
         return {"seconds": time.monotonic() - started}
 
+    async def _movability(self, name: str) -> dict[str, Any]:
+        """How the VM can leave this node (`discovery.relocation`): its backend, and whether it may migrate
+        live (a daemon here, and no internal snapshots, which an NBD disk copy would not carry)."""
+        live = self.migration_uri is not None and not await self.hypervisor.snapshot_names(name)
+        return {"backend": self.domains.kind, "live": live}
+
     async def _reconcile(self, name: str) -> None:
-        """Adopt VM `name` if libvirt holds it persistently but this store does not: it arrived by live
-        migration (the reservation made for it, if still held, is what it takes); real guests only."""
-        if self.domains.kind == "test" or name in self.ledger.allocated:
+        """Make this store agree with libvirt about VM `name` (real guests only, whose daemon keeps domains
+        and whose migrations move them behind the agent's back): adopt a persistent domain the store
+        lacks (it arrived by live migration; the reservation made for it, if still held, is what it
+        takes), forget one that libvirt no longer has (it migrated away)."""
+        if self.domains.kind == "test":
+            return
+        if name in self.ledger.allocated:
+            if not await self.hypervisor.persistent(name):
+                log.info("host: %s is no longer defined here (it migrated away); forgetting it", name)
+                await self._forget(name)
             return
         if not await self.hypervisor.persistent(name):
             return
@@ -555,7 +569,7 @@ def _snapshots(args: dict[str, Any]) -> list[tuple[str, str, str, float, str]]:
     return checked
 
 
-def _shutdown_timeout(args: dict[str, Any]) -> float:
+def shutdown_timeout(args: dict[str, Any]) -> float:
     """`timeout` of a stop, in seconds: more than 0, at most MAX_SHUTDOWN_TIMEOUT (default SHUTDOWN_TIMEOUT)."""
     timeout = args.get("timeout", SHUTDOWN_TIMEOUT)
     if (not isinstance(timeout, int | float) or isinstance(timeout, bool)

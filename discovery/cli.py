@@ -218,8 +218,10 @@ def ca_issue(directory: Path, name: str,
 # -- ve -------------------------------------------------------------------------------------------
 
 def ve_table(ves: list[dict[str, Any]]) -> Table:
-    """One row per VM; the live domain state appears when the agent looked it up (`ve show`)."""
+    """One row per VM; the live domain state appears when the agent looked it up (`ve show`), and the
+    standby copies (with whether their node holds them, for `ve show`) when the VE has some."""
     live = any("domain_state" in slot for ve in ves for slot in ve["placement"].values())
+    copies = any(ve.get("replicas") for ve in ves)
     rows = []
     for ve in ves:
         for vm, slot in sorted(ve["placement"].items()):
@@ -227,8 +229,13 @@ def ve_table(ves: list[dict[str, Any]]) -> Table:
             why = slot["why"]
             if slot.get("moving_to"):  # an interrupted relocation, settled by the next command on the VE
                 why = f"moving to {slot['moving_to']['node']} ({slot['moving_to']['phase']}); {why}"
-            rows.append(row + ([slot.get("domain_state")] if live else []) + [why])
-    columns = ["ve", "state", "vm", "node", "site"] + (["domain"] if live else []) + ["why there"]
+            if slot.get("failing_over"):  # an interrupted failover, likewise
+                why = f"failing over to {slot['failing_over']['node']}; {why}"
+            standbys = ", ".join(e["node"] + (f" ({e['standby']})" if e.get("standby", "held") != "held" else "")
+                                 for e in ve.get("replicas", {}).get(vm, []))
+            rows.append(row + ([slot.get("domain_state")] if live else []) + ([standbys] if copies else []) + [why])
+    columns = (["ve", "state", "vm", "node", "site"] + (["domain"] if live else [])
+               + (["standby copies"] if copies else []) + ["why there"])
     return make_table(columns, rows)
 
 
@@ -261,8 +268,10 @@ def ve_show(name: str, as_json: JsonOpt = False) -> None:
 def ve_locate(name: str, as_json: JsonOpt = False) -> None:
     """Which node hosts each VM of the VE, from the VE directory."""
     info = rpc("ve.locate", {"name": name})
-    emit(info, as_json, make_table(["vm", "node", "site", "address"],
-                                   [[vm, s["node"], s["site"], s["addr"]] for vm, s in info["vms"].items()]))
+    emit(info, as_json, make_table(["vm", "node", "site", "address", "standby copies"],
+                                   [[vm, s["node"], s["site"], s["addr"],
+                                     ", ".join(f"{r['node']} ({r['site']})" for r in s.get("replicas", []))]
+                                    for vm, s in info["vms"].items()]))
 
 
 @ve_app.command("relocate")
@@ -310,18 +319,65 @@ def ve_restore(name: str, tag: str, as_json: JsonOpt = False) -> None:
     emit(ve, as_json, make_table(["ve", "state", "restored"], [[ve["name"], ve["state"], tag]]))
 
 
+@ve_app.command("replicate")
+def ve_replicate(
+    name: str,
+    copies: Annotated[int, typer.Option("--copies", help="Standby copies per VM; 0 drops them all.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Keep COPIES standby copies of each VM on other nodes, other sites first (again: refresh them)."""
+    ve = rpc("ve.replicate", {"name": name, "copies": copies}, timeout=300)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        for what, nodes in (("added", ve["added"]), ("dropped", ve["dropped"])):
+            if nodes:
+                print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
+
+
+@ve_app.command("failover")
+def ve_failover(
+    name: str,
+    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
+                                                         "first.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring the VMs whose host is down back up on their nearest standby copy, in the VE's state."""
+    ve = rpc("ve.failover", {"name": name, "vm": vm, "force": force}, timeout=300)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print("failed over: " + ", ".join(f"{v} to {node}" for v, node in ve["failed_over"].items()))
+
+
+@ve_app.command("stop")
+def ve_stop(
+    name: str,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="Seconds each guest has to power off before it is forced (default 30, at most 600).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Force the VMs off at once.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Shut the VE's VMs down gracefully, each forced off after a timeout (or at once with --force)."""
+    if force and timeout is not None:
+        print("error: give --timeout or --force, not both", file=sys.stderr)
+        raise typer.Exit(2)
+    wait = 60 + 10 * (timeout or 30)  # the VMs of one host stop one after the other
+    ve = rpc("ve.stop", {"name": name, "timeout": timeout, "force": force}, timeout=wait)
+    emit(ve, as_json, make_table(["ve", "state"], [[ve["name"], ve["state"]]]))
+
+
 def _lifecycle(verb: str) -> None:
     def command(name: str, as_json: JsonOpt = False) -> None:
         ve = rpc(f"ve.{verb}", {"name": name})
         emit(ve, as_json, make_table(["ve", "state"], [[ve["name"], ve["state"]]]))
 
-    command.__doc__ = {"start": "Start every VM of the VE.", "stop": "Shut the VE's VMs down gracefully "
-                       "(forced after a timeout).", "suspend": "Pause every VM of the VE (memory kept).",
-                       "resume": "Run the VE's paused VMs again.", "destroy": "Remove the VE and its VMs."}[verb]
+    command.__doc__ = {"start": "Start every VM of the VE.", "suspend": "Pause every VM of the VE (memory kept).",
+                       "resume": "Run the VE's paused VMs again.",
+                       "destroy": "Remove the VE, its VMs and their standby copies."}[verb]
     ve_app.command(verb)(command)
 
 
-for _verb in ("start", "stop", "suspend", "resume", "destroy"):
+for _verb in ("start", "suspend", "resume", "destroy"):
     _lifecycle(_verb)
 
 
@@ -335,12 +391,14 @@ def cluster_up(
     vcpus: Annotated[int, typer.Option(help="vCPUs per node.")] = 16,
     memory_mb: Annotated[int, typer.Option(help="Memory per node, MiB.")] = 32768,
     local_rtt_ms: Annotated[float, typer.Option(help="Emulated RTT between two nodes of one site, ms.")] = 0.0,
+    hypervisor: Annotated[str, typer.Option(help="test (libvirt's embedded test driver) or qemu (real tiny "
+                                                 "guests, a libvirtd per node, live migration).")] = "test",
     as_json: JsonOpt = False,
 ) -> None:
     """Start NODES agent processes on loopback, spread over SITES sites."""
     try:
         state = local_cluster.up(directory, nodes, sites, vcpus=vcpus, memory_mb=memory_mb,
-                                 local_rtt_ms=local_rtt_ms)
+                                 local_rtt_ms=local_rtt_ms, hypervisor=hypervisor)
     except (local_cluster.ClusterError, tls.TLSError) as err:
         raise fail(str(err)) from None
     emit(state, as_json, make_table(["node", "site", "address", "pid"],

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,16 +82,23 @@ def cluster_factory(tmp_path_factory):
         cluster.down()
 
 
-@pytest.fixture(scope="module")
-def cluster6(tmp_path_factory):
-    """A 6-node, 3-site cluster shared by the tests of one module."""
-    directory = tmp_path_factory.mktemp("cluster6")
+@contextlib.contextmanager
+def running_cluster(tmp_path_factory, name: str, nodes: int, sites: int) -> Iterator[Cluster]:
+    """A cluster for the tests of one module (a module-scoped fixture), stopped whatever happens."""
+    directory = tmp_path_factory.mktemp(name)
     cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(directory / "home")})
     try:
-        cluster.up(6, 3)
+        cluster.up(nodes, sites)
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="module")
+def cluster6(tmp_path_factory):
+    """A 6-node, 3-site cluster shared by the tests of one module."""
+    with running_cluster(tmp_path_factory, "cluster6", 6, 3) as cluster:
+        yield cluster
 
 
 def restart(cluster: Cluster, name: str) -> int:

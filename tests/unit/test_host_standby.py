@@ -1,0 +1,117 @@
+"""HostService on the embedded test:/// driver, its handlers called directly: standby copies (reserved,
+kept, refreshed, promoted, dropped, persisted) and the timeout of a graceful stop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agents.capacity import Resources
+from agents.host import HostService, standby_key
+from agents.hypervisor import Hypervisor, write_node_xml
+from overlay.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
+
+AGENT = Caller("node9", "node", "node9", "rennes")
+NEED = {"vcpus": 2, "memory_mb": 1024, "disk_gb": 1}
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[HostService]:
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
+    service = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite")
+    await service.start()
+    try:
+        yield service
+    finally:
+        service.close()
+        await hv.close()
+
+
+async def define(host: HostService, name: str) -> None:
+    token = (await host._on_reserve(AGENT, {"name": name, **NEED}))["token"]
+    await host._on_confirm(AGENT, {"token": token})
+
+
+async def exported(host: HostService, name: str) -> dict:
+    """What `host.export` gives for a VM defined here (its XML and snapshots), then the VM undefined: a copy
+    of a VM that runs on another node."""
+    await define(host, name)
+    await host._on_snapshot(AGENT, {"name": name, "tag": "t1"})
+    carried = await host._on_export(AGENT, {"name": name})
+    await host._on_vm(AGENT, {"name": name, "action": "undefine"})
+    return carried
+
+
+async def test_a_standby_holds_room_is_no_domain_and_is_promoted_once(host: HostService, tmp_path: Path) -> None:
+    carried = await exported(host, "ve:a")
+    token = (await host._on_reserve_standby(AGENT, {"name": "ve:a", **NEED}))["token"]
+    kept = await host._on_standby(AGENT, {"name": "ve:a", "token": token, "taken": 5.0, **carried})
+    assert kept == {"name": "ve:a", "taken": 5.0, "snapshots": 1}
+    assert host.ledger.allocated == {standby_key("ve:a"): Resources(2, 1024, 1)}
+    assert (await host._on_info(AGENT, {}))["free"] == {"vcpus": 6, "memory_mb": 7168, "disk_gb": 99}
+    assert (await host._on_info(AGENT, {}))["domains"] == []
+    with pytest.raises(NotFound):  # host.vm (and so the VE service's `_holds`) does not see it
+        await host._on_vm(AGENT, {"name": "ve:a", "action": "info"})
+    again = await host._on_standby(AGENT, {"name": "ve:a", "token": token, "taken": 6.0, **carried})  # retried
+    assert again["taken"] == 6.0 and len(host.ledger.allocated) == 1
+    assert [s["name"] for s in await host._on_standbys(AGENT, {})] == ["ve:a"]
+
+    # persisted: a restarted host service holds the room again
+    restarted = HostService(Endpoint("node1"), host.hypervisor, host.total, tmp_path / "host.sqlite")
+    await restarted.start()
+    assert restarted.ledger.allocated == {standby_key("ve:a"): Resources(2, 1024, 1)}
+    restarted.close()
+
+    info = await host._on_promote(AGENT, {"name": "ve:a", "state": "paused"})
+    assert info["state"] == "paused" and host.ledger.allocated == {"ve:a": Resources(2, 1024, 1)}
+    assert await host._on_standbys(AGENT, {}) == []
+    assert (await host._on_promote(AGENT, {"name": "ve:a", "state": "running"}))["state"] == "running"  # idempotent
+    assert (await host._on_restore(AGENT, {"name": "ve:a", "tag": "t1"}))["state"] == "running"  # snapshots came
+    with pytest.raises(Conflict, match="ve:a itself is on this node"):
+        await host._on_reserve_standby(AGENT, {"name": "ve:a", **NEED})
+
+
+async def test_standby_refusals_and_idempotent_drop(host: HostService) -> None:
+    carried = await exported(host, "ve:b")
+    with pytest.raises(NotFound, match="no standby of ve:b"):  # a refresh of a standby never made
+        await host._on_standby(AGENT, {"name": "ve:b", "taken": 1.0, **carried})
+    with pytest.raises(NotFound, match="no standby of ve:b"):
+        await host._on_promote(AGENT, {"name": "ve:b", "state": "running"})
+    with pytest.raises(Conflict, match="no room for a standby of ve:b"):
+        await host._on_reserve_standby(AGENT, {"name": "ve:b", "vcpus": 9, "memory_mb": 1, "disk_gb": 0})
+    token = (await host._on_reserve_standby(AGENT, {"name": "ve:b", **NEED}))["token"]
+    for bad, why in (({"xml": "<domain><name>other</name></domain>"}, "xml must be the definition of ve:b"),
+                     ({"taken": "now"}, "taken must be a time"), ({"snapshots": [["t"]]}, "each snapshot must be")):
+        with pytest.raises(RequestError, match=why):
+            await host._on_standby(AGENT, {"name": "ve:b", "token": token, "taken": 1.0, **carried, **bad})
+    with pytest.raises(RequestError, match="state must be one of"):
+        await host._on_promote(AGENT, {"name": "ve:b", "state": "gone"})
+    with pytest.raises(RequestError, match="name must be a non-empty string without '/'"):
+        await host._on_reserve_standby(AGENT, {"name": standby_key("ve:b"), **NEED})
+    await host._on_standby(AGENT, {"name": "ve:b", "token": token, "taken": 1.0, **carried})
+    assert await host._on_unstandby(AGENT, {"name": "ve:b"}) is True
+    assert await host._on_unstandby(AGENT, {"name": "ve:b"}) is False
+    assert host.ledger.allocated == {} and (await host._on_info(AGENT, {}))["free"]["vcpus"] == 8
+
+
+async def test_stop_passes_its_timeout_to_the_hypervisor_and_checks_it(host: HostService,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    await define(host, "ve:s")
+    waits = []
+    shutdown = host.hypervisor.shutdown
+
+    async def spy(name: str, timeout: float = 30.0):
+        waits.append(timeout)
+        return await shutdown(name, timeout)
+
+    monkeypatch.setattr(host.hypervisor, "shutdown", spy)
+    assert (await host._on_vm(AGENT, {"name": "ve:s", "action": "stop", "timeout": 7}))["state"] == "shutoff"
+    await host._on_vm(AGENT, {"name": "ve:s", "action": "start"})
+    await host._on_vm(AGENT, {"name": "ve:s", "action": "stop"})
+    assert waits == [7.0, 30.0]
+    assert host._db.execute("SELECT desired FROM domains WHERE name = 've:s'").fetchone() == ("shutoff",)
+    for bad in (0, -1, 600.5, "7", True, None):
+        with pytest.raises(RequestError, match="timeout must be a number of seconds, more than 0 and at most 600"):
+            await host._on_vm(AGENT, {"name": "ve:s", "action": "stop", "timeout": bad})
