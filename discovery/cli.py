@@ -280,16 +280,20 @@ def ve_relocate(
     vm: Annotated[str | None, typer.Option("--vm", help="Move only this VM (default: every VM of the VE).")] = None,
     to: Annotated[str | None, typer.Option("--to", help="The node to move to.")] = None,
     site: Annotated[str | None, typer.Option("--site", help="The site to move to; placement picks the node.")] = None,
+    method: Annotated[str, typer.Option(help="Real guests: auto (live where possible, else save/ship/restore), "
+                                              "live, or ship.")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Move a VM (or the whole VE) to another node or site, keeping the VE's constraints; safe to retry."""
     if (to is None) == (site is None):
         print("error: give either --to NODE or --site SITE", file=sys.stderr)
         raise typer.Exit(2)
-    ve = rpc("ve.relocate", {"name": name, "vm": vm, "to": to, "site": site}, timeout=600)
+    ve = rpc("ve.relocate", {"name": name, "vm": vm, "to": to, "site": site, "method": method}, timeout=600)
     emit(ve, as_json, ve_table([ve]))
     if not as_json:
-        print(f"moved: {', '.join(ve['moved'])}" if ve["moved"] else "nothing to move: already there")
+        how = {vm: ve["placement"][vm].get("transfer") for vm in ve["moved"]}
+        moved = [f"{vm} ({t['how']}, {t['seconds']:.1f} s)" if t else vm for vm, t in how.items()]
+        print(f"moved: {', '.join(moved)}" if moved else "nothing to move: already there")
 
 
 @ve_app.command("snapshot")

@@ -26,6 +26,7 @@ from overlay.rpc import Caller, NotFound, RequestError
 
 log = logging.getLogger(__name__)
 SHOWN_REASONS = 3  # nodes whose refusal a relocation's error names
+METHODS = ("auto", "live", "ship")
 
 
 class Relocation(VEBase):
@@ -41,9 +42,11 @@ class Relocation(VEBase):
         make the user drop every copy of the VE to use that node; dropping one copy is safe (the VM never
         runs at two places: a standby is not a domain) and shows in `ve show` until `ve replicate` runs
         again."""
-        vm, to, site = args.get("vm"), args.get("to"), args.get("site")
+        vm, to, site, method = args.get("vm"), args.get("to"), args.get("site"), args.get("method") or "auto"
         if (to is None) == (site is None):
             raise RequestError("relocate needs either a target node (to) or a target site (site)")
+        if method not in METHODS:
+            raise RequestError(f"method must be one of {', '.join(METHODS)}")
         for field, value in (("vm", vm), ("to", to), ("site", site)):
             if value is not None and not (isinstance(value, str) and value):
                 raise RequestError(f"{field} must be a non-empty string")
@@ -69,7 +72,7 @@ class Relocation(VEBase):
                 member, why = targets[v]
                 if record.value["placement"][v]["node"] != member.name:
                     record = await self._drop_copy(record, v, member.name)
-                    record = await self._move(record, v, member, why)
+                    record = await self._move(record, v, member, why, method)
                     moved.append(v)
         return {**record.value, "moved": moved}
 
@@ -129,7 +132,7 @@ class Relocation(VEBase):
         chosen = next(c for c in candidates if c.member.name == result.assignment[vm])
         return {vm: (chosen.member, f"relocated to site {site}, nearest with room ({chosen.describe(me)})")}
 
-    async def _move(self, record: Record, vm: str, target: Member, why: str) -> Record:
+    async def _move(self, record: Record, vm: str, target: Member, why: str, method: str) -> Record:
         """Move one VM to `target`; returns the record after the move.
 
         The move is a small transaction whose log is the VE record itself, so that whoever reads the
@@ -167,6 +170,7 @@ class Relocation(VEBase):
         need = next(v for v in VESpec.from_dict(ve["spec"]).vms if v.name == vm)
         source = await self._host(slot, "host.vm", {"name": domain, "action": "info"})
         state = source["state"]
+        _check_method(method, source)
         if state not in SETTLED:
             raise RequestError(f"cannot relocate {name}/{vm}: it is {state} on {slot['node']}")
         rtt = target.rtt * 1000 if target.rtt is not None else None
@@ -179,7 +183,7 @@ class Relocation(VEBase):
                 reserved = await self._host(intent, "host.reserve", {
                     "name": domain, "vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb})
                 token = reserved["token"]
-                transfer = await self._transfer(slot, intent, domain, token, state, source, reserved)
+                transfer = await self._transfer(slot, intent, domain, token, state, source, reserved, method)
         except (RequestError, trio.TooSlowError) as err:
             cause = f"not done within {PREPARE_LIMIT:g} s" if isinstance(err, trio.TooSlowError) else str(err)
             if token is not None:
@@ -198,7 +202,7 @@ class Relocation(VEBase):
         return await self._put_slot(record, vm, {**_arrived(intent), "transfer": transfer})
 
     async def _transfer(self, slot: dict[str, Any], intent: dict[str, Any], domain: str, token: str, state: str,
-                        source: dict[str, Any], reserved: dict[str, Any]) -> dict[str, Any]:
+                        source: dict[str, Any], reserved: dict[str, Any], method: str) -> dict[str, Any]:
         """Step 2 of `_move` once the target has reserved: get the VM there, one of three ways.
 
         - live: both nodes run real guests on their own libvirtd, the VM is active and has no internal
@@ -210,11 +214,17 @@ class Relocation(VEBase):
           and restores it (save → ship → restore);
         - carry: the test driver, whose VM is its XML: the source freezes (pauses) it, the target defines
           it from the carried XML.
+        `method` "auto" picks the first that works; "live" or "ship" insists (an operator measuring
+        one, or avoiding a live migration's load), and is refused where it cannot work.
         Returns how, and how long it took (for a live migration, most of that time the VM ran)."""
-        if source.get("backend", "test") != reserved.get("backend", "test"):
-            raise RequestError(f"cannot move a {source.get('backend')} VM to a {reserved.get('backend')} node")
+        backend = source.get("backend", "test")
+        if backend != reserved.get("backend", "test"):
+            raise RequestError(f"cannot move a {backend} VM to a {reserved.get('backend')} node")
+        live = bool(source.get("live") and reserved.get("migration_uri") and state != "shutoff")
+        if method == "live" and not live:
+            raise RequestError(f"cannot migrate it live: {intent['node']} has no libvirtd of its own")
         started = time.monotonic()
-        if source.get("live") and reserved.get("migration_uri") and state != "shutoff":
+        if live and method in ("auto", "live"):
             how = "live"
             await self._host(intent, "host.incoming", {"name": domain})
             await pause_for_test("prepared")
@@ -251,6 +261,18 @@ class Relocation(VEBase):
         if fresh.value["placement"].get(vm, {}).get("moving_to") != intent:
             return fresh, forward  # another agent settled it meanwhile
         return await self._put_slot(fresh, vm, after), forward
+
+
+def _check_method(method: str, source: dict[str, Any]) -> None:
+    """Refuse, before anything changes, a `method` the VM's own host says cannot work (the target's
+    side is known only once it has reserved: `_transfer` checks it)."""
+    if method == "live" and not source.get("live"):
+        raise RequestError("cannot migrate it live: that needs real guests on per-node daemons at both ends, "
+                           "an active VM, and no internal snapshots")
+    if method == "live" and source["state"] == "shutoff":
+        raise RequestError("cannot migrate it live: it is shut off")
+    if method == "ship" and source.get("backend", "test") == "test":
+        raise RequestError("cannot ship it: a test-driver VM has no disk or memory; use --method auto")
 
 
 def check_placement(spec: VESpec, node_of: Mapping[str, str], site_of: Mapping[str, str]) -> str | None:

@@ -166,8 +166,11 @@ def test_a_vm_with_snapshots_is_shipped_and_restorable_at_its_new_node(qemu3: Cl
     qemu3.cli("ve", "resume", "ship")
     source = a.node
     target = next(n["name"] for n in qemu3.state["nodes"] if n["name"] not in (a.node, b.node))
+    refused = qemu3.cli("ve", "relocate", "ship", "--vm", "a", "--to", target, "--method", "live", check=False)
+    assert refused.returncode != 0 and "cannot migrate it live" in refused.stderr  # an NBD copy drops snapshots
+    assert domains(qemu3, "ship:a") == {source: "running"}  # the refusal changed nothing
     moved = qemu3.json("ve", "relocate", "ship", "--vm", "a", "--to", target)
-    assert moved["placement"]["a"]["transfer"]["how"] == "ship"  # an NBD copy would drop the snapshot
+    assert moved["placement"]["a"]["transfer"]["how"] == "ship"
     assert domains(qemu3, "ship:a") == {target: "running"}
     wait_until(lambda: a.disk_beat() > at_snapshot + 1, STEP_DEADLINE, "heartbeat after the move", a.file(".log"))
     assert not a.file(".qcow2", source).exists()

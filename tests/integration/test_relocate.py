@@ -88,6 +88,11 @@ def test_relocate_through_a_third_node_carries_the_vm_and_frees_the_source(clust
     assert proc.returncode == 1 and proc.stderr == "error: no live node named 'node42'\n"
     proc = cluster6.cli("--agent", "node1", "ve", "relocate", "mover", check=False)
     assert proc.returncode == 2 and proc.stderr == "error: give either --to NODE or --site SITE\n"
+    proc = cluster6.cli("--agent", "node1", "ve", "relocate", "mover", "--to", "node2", "--method", "ship", check=False)
+    assert proc.returncode == 1 and "cannot ship it: a test-driver VM has no disk" in proc.stderr
+    proc = cluster6.cli("--agent", "node1", "ve", "relocate", "mover", "--to", "node2", "--method", "fly", check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: method must be one of auto, live, ship\n"
+    assert domains(cluster6, "mover:a") == {"node4": "running"}  # refusals changed nothing
     cluster6.cli("--agent", "node3", "ve", "destroy", "mover")
     assert domains(cluster6, "mover:a") == {} and domains(cluster6, "mover:b") == {}
 
