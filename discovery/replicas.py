@@ -1,11 +1,11 @@
 """Standby copies of a VE's VMs (`ve replicate`) and failover onto them (`ve failover`).
 
 A standby of a VM is what relocation would carry (its domain XML and snapshots, exported without freezing
-the VM), kept by another node that holds the VM's room for it (`agents.host`, "standby copies"), so a
-failover onto it never lacks room. The record lists the copies, `replicas: {vm: [{node, addr, site,
-taken}]}`, and how many were asked per VM (`copies`). Copies go to distinct nodes other than the VM's,
-in other sites first (a site outage is what they are for), then nearest to the VM; inside the site a VE
-is pinned to, if it is. They are as fresh as their `taken`: running `ve replicate` again exports again.
+the VM), kept by another node that holds the VM's room for it (`agents.host_standby`), so a failover onto
+it never lacks room. The record lists the copies, `replicas: {vm: [{node, addr, site, taken}]}`, and how
+many were asked per VM (`copies`). Copies go to distinct nodes other than the VM's, in other sites first
+(a site outage is what they are for), then nearest to the VM; inside the site a VE is pinned to, if it
+is. They are as fresh as their `taken`: running `ve replicate` again exports again.
 
 A failover promotes a standby into the VM where the VM's host is down. As for a move, the intent
 (`failing_over` in the VM's slot) is written before any host is touched, and recovery decides from the

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from agents.host import shutdown_timeout
+from agents.host_args import shutdown_timeout
 from agents.node import NodeAgent
 from agents.runtime import Actor
 from discovery import placement as planner
@@ -197,7 +197,7 @@ class VEService(Relocation, Snapshots, Replicas):
 
     async def _on_stop(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Shut every VM down gracefully, each forced off after `timeout` seconds (default and bounds:
-        `agents.host`), or force them off at once with `force`. Either way the VE is recorded stopped and
+        `agents.host_args`), or force them off at once with `force`. Either way the VE is recorded stopped and
         each host persists its VM off, so a restart of a host does not bring it back."""
         force = args.get("force", False)
         if not isinstance(force, bool):

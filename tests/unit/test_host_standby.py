@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agents.capacity import Resources
-from agents.host import HostService, standby_key
+from agents.host import HostService
+from agents.host_standby import standby_key
 from agents.hypervisor import Hypervisor, write_node_xml
 from overlay.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
