@@ -395,8 +395,9 @@ def cluster_up(
     vcpus: Annotated[int, typer.Option(help="vCPUs per node.")] = 16,
     memory_mb: Annotated[int, typer.Option(help="Memory per node, MiB.")] = 32768,
     local_rtt_ms: Annotated[float, typer.Option(help="Emulated RTT between two nodes of one site, ms.")] = 0.0,
-    hypervisor: Annotated[str, typer.Option(help="test (libvirt's embedded test driver) or qemu (real tiny "
-                                                 "guests, a libvirtd per node, live migration).")] = "test",
+    hypervisor: Annotated[str, typer.Option(help="test (libvirt's embedded test driver), qemu (real tiny "
+                                                 "guests, a libvirtd per node, live migration) or qemu-embed "
+                                                 "(real guests, QEMU driver inside each agent).")] = "test",
     as_json: JsonOpt = False,
 ) -> None:
     """Start NODES agent processes on loopback, spread over SITES sites."""

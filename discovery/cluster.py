@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from agents import accel
-from agents.qemu_backend import end_leftovers
+from agents.qemu_backend import EMBED, end_leftovers
 from discovery.config import ClientConfig, home
 from images import tinyguest
 from overlay import tls
@@ -34,6 +34,9 @@ SITE_RTT_MS = {  # plausible RTTs between French sites, in ms; symmetric
     ("grenoble", "lille"): 14, ("grenoble", "sophia"): 8, ("lille", "sophia"): 18,
 }
 STATE_FILE = "cluster.json"
+HYPERVISORS = ("test", "qemu", "qemu-embed")
+"""libvirt's test driver; real guests on a libvirtd per node; real guests on the QEMU driver embedded
+in each agent (no daemon, so VMs move by save → ship → restore)."""
 MIGRATION_PORTS = 49200
 """The first node's live-migration ports (16 per node) with --hypervisor qemu."""
 
@@ -90,9 +93,9 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     (the guest image is built and the accelerator chosen here first, once for all of them)."""
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
-    if hypervisor not in ("test", "qemu"):
-        raise ClusterError("--hypervisor must be test or qemu")
-    if hypervisor == "qemu" and nodes > 16:
+    if hypervisor not in HYPERVISORS:
+        raise ClusterError(f"--hypervisor must be one of {', '.join(HYPERVISORS)}")
+    if hypervisor != "test" and nodes > 16:
         raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
     if not 1 <= sites <= min(nodes, len(SITES)):
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
@@ -110,7 +113,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
     addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
     qemu: dict[str, Any] = {}
-    if hypervisor == "qemu":
+    if hypervisor != "test":
         _prepare_guests()
     if not 0 <= local_rtt_ms <= 1000:
         raise ClusterError("--local-rtt-ms must be between 0 and 1000")
@@ -126,6 +129,8 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
             if hypervisor == "qemu":
                 low = MIGRATION_PORTS + 16 * i
                 qemu = {"hypervisor": "qemu", "libvirtd_port": ports[nodes + i], "migration_ports": [low, low + 15]}
+            elif hypervisor == "qemu-embed":
+                qemu = {"hypervisor": "qemu", "libvirt_uri": EMBED}
             _write_toml(config, {
                 "name": name, "site": site, "listen": addrs[i], "data_dir": str(node_dir / "data"),
                 "join": [a for a in addrs[:3] if a != addrs[i]], **qemu,

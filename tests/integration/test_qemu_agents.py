@@ -10,6 +10,7 @@ Skipped, with the reason, where QEMU, the guest image or libvirtd is not availab
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -38,10 +39,11 @@ constraints:
 """
 
 
-@pytest.fixture(scope="module")
-def qemu3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if shutil.which("libvirtd") is None:
-        pytest.skip("no libvirtd (Debian package libvirt-daemon; `make deps` installs it)")
+@contextlib.contextmanager
+def qemu_cluster(tmp_path_factory: pytest.TempPathFactory, nodes: int, sites: int, hypervisor: str,
+                 data: str) -> Iterator[Cluster]:
+    """A cluster of real-guest agents (`data`: where each node's libvirt keeps its pid files), checked free
+    of QEMU processes once it is down."""
     try:
         image = tinyguest.build()
     except tinyguest.ImageError as err:
@@ -49,17 +51,25 @@ def qemu3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     choice = accel.choose(image, cache_file=tinyguest.default_cache() / "accel.json")
     if choice.accel is None:
         pytest.skip(f"QEMU cannot run here: {choice.reason}")
-    directory = tmp_path_factory.mktemp("qemu3")
+    directory = tmp_path_factory.mktemp(hypervisor)
     # the image cache is per DISCOVERY_HOME: share this session's, so the agents do not build it again
     cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(tinyguest.default_cache().parent)})
     try:
-        cluster.up(3, 2, hypervisor="qemu")
+        cluster.up(nodes, sites, hypervisor=hypervisor)
         yield cluster
     finally:
         cluster.down()
-        roots = [directory / n["name"] / "data" / "libvirtd" for n in cluster.state.get("nodes", [])]
+        roots = [directory / n["name"] / "data" / data for n in cluster.state.get("nodes", [])]
         left = [pid for root in roots for pid in qemu_pids(root) if pid_alive(pid)]
         assert not left, f"QEMU processes left running after cluster down: {left}"
+
+
+@pytest.fixture(scope="module")
+def qemu3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if shutil.which("libvirtd") is None:
+        pytest.skip("no libvirtd (Debian package libvirt-daemon; `make deps` installs it)")
+    with qemu_cluster(tmp_path_factory, 3, 2, "qemu", "libvirtd") as cluster:
+        yield cluster
 
 
 class VM:
@@ -73,7 +83,8 @@ class VM:
         return self.cluster.json("ve", "locate", self.ve)["vms"][self.vm]["node"]
 
     def file(self, suffix: str, node: str | None = None) -> Path:
-        guests = self.cluster.dir / (node or self.node) / "data" / "libvirtd" / "guests"
+        embedded = self.cluster.state.get("hypervisor") == "qemu-embed"
+        guests = self.cluster.dir / (node or self.node) / "data" / ("" if embedded else "libvirtd") / "guests"
         return guests / f"{self.ve}--{self.vm}{suffix}"
 
     def beats(self, node: str | None = None) -> list[int]:
@@ -177,3 +188,29 @@ def test_a_vm_with_snapshots_is_shipped_and_restorable_at_its_new_node(qemu3: Cl
     qemu3.json("ve", "restore", "ship", "s1")  # the internal snapshot came along inside the qcow2
     assert a.disk_beat() == at_snapshot
     qemu3.cli("ve", "destroy", "ship")
+
+
+def test_without_a_daemon_a_vm_is_saved_shipped_and_restored(tmp_path_factory: pytest.TempPathFactory,
+                                                              tmp_path: Path) -> None:
+    """The QEMU driver embedded in each agent cannot migrate: the VM moves by save → ship → restore, and
+    goes on counting from its memory (no reboot); its snapshot, carried inside the qcow2, restores there."""
+    with qemu_cluster(tmp_path_factory, 2, 1, "qemu-embed", "embed") as cluster:
+        spec = tmp_path / "solo.yaml"
+        spec.write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}\n")
+        cluster.json("--agent", "node1", "ve", "create", str(spec))
+        a = VM(cluster, "solo", "a")
+        a.wait_ready()
+        source = a.node
+        cluster.cli("ve", "suspend", "solo")
+        at_snapshot = a.disk_beat()
+        cluster.cli("ve", "snapshot", "solo", "--tag", "s1")
+        cluster.cli("ve", "resume", "solo")
+        before = a.wait_beat_above(at_snapshot + 1, source)
+        target = "node2" if source == "node1" else "node1"
+        moved = cluster.json("--agent", target, "ve", "relocate", "solo", "--vm", "a", "--to", target)
+        assert moved["placement"]["a"]["transfer"]["how"] == "ship"
+        assert a.wait_beat_above(before, target) > before
+        assert tinyguest.READY not in a.file(".log", target).read_text(errors="replace")  # resumed, not booted
+        assert domains(cluster, "solo:a") == {target: "running"} and not a.file(".qcow2", source).exists()
+        assert cluster.json("ve", "restore", "solo", "s1")["state"] == "suspended"
+        assert a.disk_beat() == at_snapshot
