@@ -44,6 +44,12 @@ class Domains(Protocol):
     def saved(self, name: str) -> Path:
         """The memory image libvirt wrote when it stopped VM `name` with a managed save."""
 
+    def copy(self, name: str) -> Path:
+        """Where the source keeps a consistent copy of VM `name`'s disk for a standby to fetch."""
+
+    def standby(self, name: str) -> Path:
+        """Where a standby copy of VM `name`'s disk is kept on a node that does not run it."""
+
     def incoming_image(self, name: str) -> tuple[Path, Path]:
         """Where a carried memory image is written: as the agent sees it, and as libvirt sees it."""
 
@@ -70,6 +76,12 @@ class TestDomains:
 
     def saved(self, name: str) -> Path:
         raise NotImplementedError("the test driver has no memory images")
+
+    def copy(self, name: str) -> Path:
+        raise NotImplementedError("the test driver has no disks")
+
+    def standby(self, name: str) -> Path:
+        raise NotImplementedError("the test driver has no disks")
 
     def incoming_image(self, name: str) -> tuple[Path, Path]:
         raise NotImplementedError("the test driver has no memory images")
@@ -128,11 +140,17 @@ class QemuGuests:
         """The managed save image libvirt wrote for domain `name`."""
         return self.save_dir / f"{name}.save"
 
+    def copy(self, name: str) -> Path:
+        return self.directory / self._file(name, ".copy.qcow2")
+
+    def standby(self, name: str) -> Path:
+        return self.directory / self._file(name, ".standby.qcow2")
+
     def incoming_image(self, name: str) -> tuple[Path, Path]:
         file = self._file(name, ".save")
         return self.directory / file, self.seen_as / file
 
     def remove(self, name: str) -> None:
-        for suffix in (".qcow2", ".log", ".save"):
+        for suffix in (".qcow2", ".log", ".save", ".copy.qcow2"):
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / self._file(name, suffix)).unlink()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sqlite3
 import time
 from dataclasses import asdict
@@ -47,7 +48,9 @@ from agents.runtime import Actor
 from overlay.rpc import Caller, Conflict, Endpoint, Forbidden, Handler, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
-ACTIONS = ("start", "stop", "destroy", "suspend", "resume", "undefine", "info", "settle")
+ACTIONS = ("start", "stop", "destroy", "suspend", "resume", "undefine", "info", "settle", "release")
+HOLD_LIMIT = 30.0
+"""Seconds a VM recovered off at start waits for the directory's word (`release`) before it starts anyway."""
 
 
 class HostService(Moves, Standbys, Actor):
@@ -72,6 +75,9 @@ class HostService(Moves, Standbys, Actor):
         self.domains = domains or TestDomains()
         self.migration_uri = migration_uri
         """Where peers migrate VMs to this node (its libvirtd); None where live migration cannot work."""
+        self.held: dict[str, str] = {}
+        """VMs recovered off at start, held off until released, with the state to release them to."""
+        self._hold_until = math.inf
         self._db = sqlite3.connect(db_path)
         self._db.execute("CREATE TABLE IF NOT EXISTS domains (name TEXT PRIMARY KEY, xml TEXT, vcpus INTEGER, "
                          "memory_mb INTEGER, disk_gb INTEGER, desired TEXT)")
@@ -99,10 +105,17 @@ class HostService(Moves, Standbys, Actor):
         return await handler(caller, args)
 
     async def start(self) -> None:
-        """Re-create persisted domains in their desired state (the test driver forgot them). A real guest's
-        daemon kept its domains: one it no longer has left while the agent was down (migrated away), and is
-        forgotten here rather than brought back, which could make it run at two places."""
+        """Re-create persisted domains (the test driver forgot them). A real guest's daemon kept its
+        domains: one it no longer has left while the agent was down (migrated away), and is forgotten here
+        rather than brought back, which could make it run at two places.
+
+        A VM that should run but is off (the test driver forgot it; a real host lost power) is defined
+        and *held* off: while this node was down its VM may have failed over to a standby elsewhere, so
+        it waits for the directory's word (`host.vm release`, from the VE layer's fencing pass) and
+        starts only if the directory still places it here. Without a word for HOLD_LIMIT seconds (no VE
+        layer, or no directory reachable) it starts anyway. A VM that kept running is left alone."""
         self.ledger = Ledger(self.total)
+        self.held = {}
         self._hold_standbys()
         rows = list(self._db.execute("SELECT name, xml, vcpus, memory_mb, disk_gb, desired FROM domains"))
         for name, xml, vcpus, memory_mb, disk_gb, desired in rows:
@@ -112,12 +125,31 @@ class HostService(Moves, Standbys, Actor):
                 continue
             self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
             await self.hypervisor.define(xml)
-            await self.hypervisor.settle(name, desired if desired in SETTLED else "shutoff")
-        log.info("host: %d VMs recovered", len(self.ledger.allocated))
+            desired = desired if desired in SETTLED else "shutoff"
+            if desired != "shutoff" and (await self.hypervisor.info(name)).state == "shutoff":
+                self.held[name] = desired
+            else:
+                await self.hypervisor.settle(name, desired)
+        self._hold_until = trio.current_time() + HOLD_LIMIT
+        log.info("host: %d VMs recovered, %d held until the directory places them", len(self.ledger.allocated),
+                 len(self.held))
 
     async def tick(self) -> None:
         for lapsed in self.ledger.expire(trio.current_time()):
             log.info("reservation %s expired unconfirmed", lapsed.token)
+        if self.held and trio.current_time() >= self._hold_until:
+            for name in list(self.held):
+                log.warning("host: no word on %s within %gs of start; starting it", name, HOLD_LIMIT)
+                try:
+                    await self._release(name)
+                except HypervisorError as err:
+                    log.warning("host: cannot start held %s: %s", name, err)
+
+    async def _release(self, name: str) -> DomainInfo:
+        info = await self.hypervisor.settle(name, self.held[name])
+        del self.held[name]
+        self._set_desired(name, info.state)
+        return info
 
     def close(self) -> None:
         self._db.close()
@@ -184,7 +216,9 @@ class HostService(Moves, Standbys, Actor):
         return True
 
     async def _on_vm(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any] | None:
-        """`action` on one VM; `settle` brings it to `state` (running, paused or shutoff) from any state."""
+        """`action` on one VM; `settle` brings it to `state` (running, paused or shutoff) from any state;
+        `release` starts a VM held since this node's start (`start`), in the state it should have, and is a
+        no-op otherwise. Any other action but `info` ends the hold too: the VE layer has decided."""
         name, action = name_arg(args), args.get("action")
         if action not in ACTIONS:
             raise RequestError(f"action must be one of {', '.join(ACTIONS)}")
@@ -198,10 +232,15 @@ class HostService(Moves, Standbys, Actor):
             raise NotFound(f"no VM {name} on this node")
         try:
             if action == "undefine":
+                self.held.pop(name, None)
                 await self._forget(name)
                 return None
             if action == "info":
-                return {**asdict(await self.hypervisor.info(name)), **await self._movability(name)}
+                return {**asdict(await self.hypervisor.info(name)), **await self._movability(name),
+                        "held": name in self.held}
+            if action == "release":
+                return asdict(await (self._release(name) if name in self.held else self.hypervisor.info(name)))
+            self.held.pop(name, None)
             if action == "settle":
                 info = await self.hypervisor.settle(name, args["state"])
             else:

@@ -22,7 +22,7 @@ import trio
 from agents.capacity import Resources
 from agents.host_args import count_arg, name_arg
 from agents.hypervisor import HypervisorError
-from agents.shipping import CHUNK, fetch_file, read_chunk
+from agents.shipping import CHUNK, copy_file, fetch_file, read_chunk
 from overlay.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,15 @@ class Moves:
         places: the target starts its copy while this one is frozen, and only then is this one removed.
         With `ship` (real guests), an active VM is instead stopped into a managed save image, persisted
         off; the target fetches the image and the disk (`host.fetch`), and an undone move resumes the VM
-        here from the image. `ship` in the answer says whether there is an image to fetch."""
+        here from the image. `ship` in the answer says whether there is an image to fetch. With `copy`
+        (a standby copy, `agents.host_standby`), a real guest's disk is copied aside, consistent (the VM
+        paused meanwhile: QEMU flushes its disks when it stops), for the standby's node to fetch;
+        `copy` in the answer says whether there is one."""
         name = name_arg(args)
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
         ship = args.get("ship") is True
+        copy = args.get("copy") is True and self.domains.disk(name) is not None
         if ship and self.domains.disk(name) is None:
             raise RequestError(f"export {name}: this node's backend ({self.domains.kind}) has no disks to ship")
         try:
@@ -69,23 +73,39 @@ class Moves:
             elif args.get("freeze") is True and state == "running":
                 await self.hypervisor.suspend(name)
                 self._set_desired(name, "paused")
-        except HypervisorError as err:
+            elif copy:
+                await self._copy_disk(name, state)
+        except (HypervisorError, OSError) as err:
             raise RequestError(f"export {name}: {err}") from None
         rows = self._db.execute("SELECT tag, xml, state, taken, libvirt FROM snapshots WHERE name = ? "
                                 "ORDER BY taken", (name,))
         answer = {"xml": xml, "state": state, "snapshots": [list(row) for row in rows]}
         if ship:
             answer["ship"] = {"image": state != "shutoff"}
+        if copy:
+            answer["copy"] = True
         return answer
 
+    async def _copy_disk(self, name: str, state: str) -> None:
+        """Copy the VM's disk aside (`domains.copy`), pausing a running VM for the copy's length only."""
+        if state == "running":
+            await self.hypervisor.suspend(name)
+        try:
+            await trio.to_thread.run_sync(copy_file, self.domains.disk(name), self.domains.copy(name))
+        finally:
+            if state == "running":
+                await self.hypervisor.resume(name)
+
     async def _on_fetch(self, caller: Caller, args: dict[str, Any]) -> bytes:
-        """A chunk of an exported VM's disk or memory image: `part` "disk" or "image", from `offset`."""
+        """A chunk of an exported VM's files, from `offset`: `part` "disk", "image" (its memory, saved) or
+        "copy" (the copy of its disk made for a standby)."""
         name, part, offset = name_arg(args), args.get("part"), count_arg(args, "offset")
         if name not in self.ledger.allocated or self.domains.disk(name) is None:
             raise NotFound(f"no VM {name} with files on this node")
-        if part not in ("disk", "image"):
-            raise RequestError("part must be disk or image")
-        path = self.domains.disk(name) if part == "disk" else self.domains.saved(name)
+        paths = {"disk": self.domains.disk, "image": self.domains.saved, "copy": self.domains.copy}
+        if part not in paths:
+            raise RequestError(f"part must be one of {', '.join(paths)}")
+        path = paths[part](name)
         try:
             return await trio.to_thread.run_sync(read_chunk, path, offset, CHUNK)
         except FileNotFoundError:

@@ -1,9 +1,10 @@
 """Standby copies kept by this node for VMs that run on others (`ve replicate`, `ve failover`: discovery.replicas).
 
 A standby is not a domain: it is what `host.export` gave for a VM that runs on another node (its XML and
-snapshots), kept in its own table, with the VM's room held in the ledger under `standby_key`, a key no
-domain can have ('/' is refused in names). So `host.vm`, `host.reserve` and the VE service's checks of
-where a VM is defined never see it, and a failover onto it never lacks room.
+snapshots; for a real guest also a consistent copy of its disk, fetched from the VM's host, internal
+snapshots inside), kept in its own table, with the VM's room held in the ledger under `standby_key`, a
+key no domain can have ('/' is refused in names). So `host.vm`, `host.reserve` and the VE service's
+checks of where a VM is defined never see it, and a failover onto it never lacks room.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import trio
 from agents.capacity import Insufficient, Resources, UnknownReservation
 from agents.host_args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snapshots_arg, xml_name
 from agents.hypervisor import SETTLED, HypervisorError
-from overlay.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
+from agents.shipping import fetch_file
+from overlay.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 
 class Standbys:
@@ -45,9 +47,6 @@ class Standbys:
     async def _on_reserve_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Hold room for a standby of VM `name` for RESERVATION_TTL seconds; `host.standby` confirms it."""
         name = name_arg(args)
-        if self.domains.kind != "test":
-            raise RequestError(f"this node ({self.domains.kind}) keeps no standbys: a real guest's copy needs "
-                               "its disk, which is not shipped yet")
         if name in self.ledger.allocated:
             raise Conflict(f"{name} itself is on this node; its standby must be on another")
         need = Resources(*(count_arg(args, f) for f in ("vcpus", "memory_mb", "disk_gb")))
@@ -59,16 +58,24 @@ class Standbys:
 
     async def _on_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Keep, or refresh, the standby of VM `name`: its `xml` and `snapshots` as `host.export` gave them
-        at time `taken`. A new standby confirms reservation `token`; one held already is updated in place
-        (a retried confirm too), so this is idempotent."""
+        at time `taken`, and for a real guest the copy of its disk, fetched from `ship["from"]` (the VM's
+        host). A new standby confirms reservation `token`; one held already is updated in place (a retried
+        confirm too), so this is idempotent. The disk is fetched before anything is recorded."""
         name, token, xml, taken = name_arg(args), args.get("token"), args.get("xml"), args.get("taken")
-        snapshots = snapshots_arg(args)
+        snapshots, ship = snapshots_arg(args), args.get("ship")
         if not (isinstance(xml, str) and len(xml) <= MAX_XML and xml_name(xml) == name):
             raise RequestError(f"xml must be the definition of {name}, at most {MAX_XML} characters")
         if not isinstance(taken, int | float) or isinstance(taken, bool):
             raise RequestError("taken must be a time in seconds")
         if name in self.ledger.allocated:
             raise Conflict(f"{name} itself is on this node; its standby must be on another")
+        if self.domains.disk(name) is not None:
+            if not (isinstance(ship, dict) and isinstance(ship.get("from"), str)):
+                raise RequestError(f"a standby of real guest {name} needs its disk: ship from its host")
+            try:
+                await fetch_file(self.transport, ship["from"], name, "copy", self.domains.standby(name))
+            except (OSError, RpcError) as err:
+                raise RequestError(f"cannot fetch the disk of {name}: {err}") from None
         key = standby_key(name)
         if key in self.ledger.allocated:
             if isinstance(token, str):
@@ -95,6 +102,8 @@ class Standbys:
         with self._db:
             dropped = self._db.execute("DELETE FROM standbys WHERE name = ?", (name,)).rowcount > 0
         self.ledger.deallocate(standby_key(name))
+        if self.domains.disk(name) is not None:
+            self.domains.standby(name).unlink(missing_ok=True)
         return dropped
 
     async def _on_standbys(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -108,7 +117,8 @@ class Standbys:
     async def _on_promote(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Turn the standby of VM `name` into the VM: defined from the stored XML with its snapshots, its
         held room now the VM's (one transaction), then brought to `state`. If the VM is here already (a
-        retried promote), it is only brought to `state`."""
+        retried promote), it is only brought to `state`. A real guest's standby disk becomes its disk
+        (and its internal snapshots are redefined); it then boots from that disk, as after a power cut."""
         name, state = name_arg(args), args.get("state")
         if state not in SETTLED:
             raise RequestError(f"state must be one of {', '.join(SETTLED)}")
@@ -119,8 +129,14 @@ class Standbys:
                 if row is None:
                     raise NotFound(f"no standby of {name} on this node")
                 xml, vcpus, memory_mb, disk_gb, snapshots = row
+                xml = self.domains.adapt(xml)
+                if self.domains.disk(name) is not None:
+                    self.domains.standby(name).replace(self.domains.disk(name))
                 await self.hypervisor.define(xml)
                 rows = [(name, *snapshot) for snapshot in json.loads(snapshots)]
+                for *_, internal in rows:
+                    if internal:
+                        await self.hypervisor.snapshot_redefine(name, self.domains.adapt(internal))
                 with self._db:
                     self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
                                      (name, xml, vcpus, memory_mb, disk_gb, state))
@@ -131,7 +147,7 @@ class Standbys:
                 self.ledger.deallocate(standby_key(name))
                 self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
             info = await self.hypervisor.settle(name, state)
-        except HypervisorError as err:
+        except (HypervisorError, OSError) as err:
             raise RequestError(f"promote {name}: {err}") from None
         self._set_desired(name, info.state)
         return asdict(info)

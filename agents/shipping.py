@@ -11,6 +11,7 @@ transfer never looks like a disk.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import trio
@@ -19,6 +20,16 @@ from overlay.rpc import Endpoint
 
 CHUNK = 2 * 1024 * 1024
 FETCH_TIMEOUT = 30.0
+
+
+def copy_file(source: Path, dest: Path) -> None:
+    """A whole copy of `source` at `dest`, renamed into place once complete."""
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        shutil.copyfile(source, partial)
+        partial.replace(dest)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_chunk(path: Path, offset: int, size: int) -> bytes:

@@ -96,7 +96,7 @@ class Replicas(VEBase):
                     try:
                         await self._host(entry, "host.standby", {
                             "name": domain_name(name, vm), "token": tokens[vm, entry["node"]], "taken": taken,
-                            "xml": carried[vm]["xml"], "snapshots": carried[vm]["snapshots"]})
+                            **_standby_args(ve, vm, carried[vm])})
                     except RequestError as err:
                         failures.append(f"{vm} on {entry['node']}: {err}")
                         entries.remove(entry)
@@ -123,9 +123,11 @@ class Replicas(VEBase):
         return estimate(a, b)[0] if a is not None and b is not None else math.inf
 
     async def _export(self, ve: dict[str, Any], vm: str) -> dict[str, Any]:
-        """The VM's XML and snapshots from its host, without freezing it."""
+        """The VM's XML and snapshots from its host, without freezing it (a real guest's host also copies
+        its disk aside, consistent, for the standbys' nodes to fetch)."""
         try:
-            return await self._host(ve["placement"][vm], "host.export", {"name": domain_name(ve["name"], vm)})
+            return await self._host(ve["placement"][vm], "host.export", {"name": domain_name(ve["name"], vm),
+                                                                         "copy": True})
         except RequestError as err:
             raise RequestError(f"cannot copy {ve['name']}/{vm}: {err}") from None
 
@@ -133,8 +135,8 @@ class Replicas(VEBase):
                        taken: float) -> bool:
         """Give the node of a standby the VM's fresh export; False if it no longer holds it or cannot be reached."""
         try:
-            await self._host(entry, "host.standby", {"name": domain_name(ve["name"], vm), "xml": carried["xml"],
-                                                     "snapshots": carried["snapshots"], "taken": taken})
+            await self._host(entry, "host.standby", {"name": domain_name(ve["name"], vm), "taken": taken,
+                                                     **_standby_args(ve, vm, carried)})
         except RequestError as err:
             log.info("standby of %s/%s on %s is lost (%s); it will be made again", ve["name"], vm, entry["node"], err)
             return False
@@ -331,8 +333,10 @@ class Replicas(VEBase):
 
     async def fence(self) -> None:
         """Undefine this node's copy of each VM that the directory places on another node holding it, and
-        drop each standby this node keeps that the directory no longer lists. Only on positive evidence:
-        a record that cannot be read, or a node that cannot be asked, changes nothing."""
+        drop each standby this node keeps that the directory no longer lists; start the VMs the host holds
+        off since its start (`agents.host.HostService.start`) that the directory places here. Only on
+        positive evidence: a record that cannot be read, or a node that cannot be asked, changes nothing
+        (the host starts a held VM by itself after `HOLD_LIMIT`)."""
         me = self.agent.config.name
         records: dict[str, Record | None] = {}
         for key in list(self.agent.host.ledger.allocated):
@@ -352,7 +356,14 @@ class Replicas(VEBase):
                     await self._local("host.unstandby", {"name": domain})
                 continue
             slot = None if record.deleted else record.value["placement"].get(vm)
-            if slot is None or me in _named(slot):
+            if slot is not None and me in _named(slot):
+                if domain in self.agent.host.held:  # recovered off at start: the directory says it is ours
+                    await self._local("host.vm", {"name": domain, "action": "release"})
+                continue
+            if slot is None:
+                if record.deleted and domain in self.agent.host.held:  # destroyed while this node was down
+                    log.warning("fencing: %s belongs to a destroyed VE; removing it", domain)
+                    await self._local("host.vm", {"name": domain, "action": "undefine"})
                 continue
             try:
                 elsewhere = await self._holds(slot, domain)
@@ -398,3 +409,9 @@ def _named(slot: Mapping[str, Any]) -> list[str]:
 
 def _nonempty(replicas: Mapping[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     return {vm: entries for vm, entries in replicas.items() if entries}
+
+
+def _standby_args(ve: dict[str, Any], vm: str, carried: dict[str, Any]) -> dict[str, Any]:
+    """What `host.standby` keeps of the VM's export; a real guest's disk copy is fetched from its host."""
+    ship = {"ship": {"from": ve["placement"][vm]["addr"]}} if carried.get("copy") else {}
+    return {"xml": carried["xml"], "snapshots": carried["snapshots"], **ship}

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from agents import accel
-from agents.qemu_backend import qemu_pids
+from agents.qemu_backend import end_leftovers, qemu_pids
 from images import tinyguest
+from overlay.rpc import RpcError
 
-from .conftest import Cluster, pid_alive
+from .conftest import Cluster, pid_alive, restart
 from .test_qemu_guest import STEP_DEADLINE, heartbeats, wait_until
 from .test_relocate import domains
 
@@ -77,10 +78,11 @@ class VM:
 
     def __init__(self, cluster: Cluster, ve: str, vm: str) -> None:
         self.cluster, self.ve, self.vm = cluster, ve, vm
+        self.via = "node1"  # the agent asked where the VM is
 
     @property
     def node(self) -> str:
-        return self.cluster.json("ve", "locate", self.ve)["vms"][self.vm]["node"]
+        return self.cluster.json("--agent", self.via, "ve", "locate", self.ve)["vms"][self.vm]["node"]
 
     def file(self, suffix: str, node: str | None = None) -> Path:
         embedded = self.cluster.state.get("hypervisor") == "qemu-embed"
@@ -188,6 +190,43 @@ def test_a_vm_with_snapshots_is_shipped_and_restorable_at_its_new_node(qemu3: Cl
     qemu3.json("ve", "restore", "ship", "s1")  # the internal snapshot came along inside the qcow2
     assert a.disk_beat() == at_snapshot
     qemu3.cli("ve", "destroy", "ship")
+
+
+def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path: Path) -> None:
+    """`ve replicate` ships a consistent copy of the disk to a node of the other site; the VM's host then
+    loses power (its agent, daemon and guest killed); `ve failover` boots the copy there, and the guest
+    goes on counting from the disk it was copied with. The host, back, keeps no second copy running."""
+    spec = tmp_path / "solo.yaml"
+    spec.write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}\n")
+    qemu3.json("--agent", "node1", "ve", "create", str(spec))
+    a = VM(qemu3, "solo", "a")
+    a.wait_ready()
+    host = a.node
+    a.wait_beat_above(2)
+    replicated = qemu3.json("--agent", "node3", "ve", "replicate", "solo", "--copies", "1")
+    (copy,) = replicated["replicas"]["a"]
+    assert copy["site"] != qemu3.node(host)["site"]  # another site first
+    standby = qemu3.dir / copy["node"] / "data" / "libvirtd" / "guests" / "solo--a.standby.qcow2"
+    copied = tinyguest.read_heartbeat(standby)
+    assert copied >= 2
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
+    end_leftovers(qemu3.dir / host / "data")
+    survivor = a.via = next(n["name"] for n in qemu3.state["nodes"] if n["name"] != host)
+    failed_over = qemu3.json("--agent", survivor, "ve", "failover", "solo")
+    assert failed_over["placement"]["a"]["node"] == copy["node"]
+    a.wait_ready()  # it booted from the copied disk, as after a power cut
+    assert a.wait_beat_above(copied) > copied  # and counts on from the copy's value
+    restart(qemu3, host)
+
+    def one_place() -> bool:
+        try:
+            return domains(qemu3, "solo:a") == {copy["node"]: "running"}
+        except RpcError:  # the restarted agent is not listening yet
+            return False
+
+    wait_until(one_place, STEP_DEADLINE,
+               "the VM at exactly one place once its old host is back")
+    qemu3.cli("--agent", survivor, "ve", "destroy", "solo")
 
 
 def test_without_a_daemon_a_vm_is_saved_shipped_and_restored(tmp_path_factory: pytest.TempPathFactory,

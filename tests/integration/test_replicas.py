@@ -151,17 +151,22 @@ def test_failover_after_kill_9_of_the_host_runs_the_vm_on_its_copy_and_only_ther
         assert domains(cluster4, f"fo:{vm}") == {node: "running"}
     assert "cannot fail over fo: the host" in refused(cluster4, "--agent", "node3", "ve", "failover", "fo")
 
-    # node1 comes back with its old copies defined: it removes them once it reads where the VMs run now
+    # node1 comes back with its old copies defined, held off: it removes them once it reads where the VMs
+    # run now, and never runs them meanwhile
     restart(cluster4, "node1")
+    ran_there = []
 
     def fenced():
         try:
-            return host_info(cluster4, "node1")["domains"] == [] and all(
+            mine = host_info(cluster4, "node1")["domains"]
+            ran_there.extend(d["name"] for d in mine if d["state"] != "shutoff")
+            return mine == [] and all(
                 domains(cluster4, f"fo:{vm}") == {node: "running"} for vm, node in targets.items())
         except RpcError:
             return False  # node1 is not serving yet
 
     assert wait_for(fenced, timeout=40), domains(cluster4, "fo:x")
+    assert ran_there == []
     node1 = host_info(cluster4, "node1")
     assert node1["free"] == node1["total"]
     cluster4.cli("--agent", "node1", "ve", "destroy", "fo")

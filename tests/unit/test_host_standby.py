@@ -1,5 +1,6 @@
 """HostService on the embedded test:/// driver, its handlers called directly: standby copies (reserved,
-kept, refreshed, promoted, dropped, persisted) and the timeout of a graceful stop."""
+kept, refreshed, promoted, dropped, persisted), the timeout of a graceful stop, and the VMs held off at
+start until the directory places them."""
 
 from __future__ import annotations
 
@@ -116,3 +117,30 @@ async def test_stop_passes_its_timeout_to_the_hypervisor_and_checks_it(host: Hos
     for bad in (0, -1, 600.5, "7", True, None):
         with pytest.raises(RequestError, match="timeout must be a number of seconds, more than 0 and at most 600"):
             await host._on_vm(AGENT, {"name": "ve:s", "action": "stop", "timeout": bad})
+
+
+async def test_a_vm_recovered_off_at_start_is_held_until_the_directory_releases_it(
+        host: HostService, tmp_path: Path) -> None:
+    """While a node was down its VM may have failed over elsewhere: restarted, the host defines it but keeps
+    it off until released (the VE layer's fencing pass), or until HOLD_LIMIT passes without a word."""
+    await define(host, "ve:a")
+    await define(host, "ve:b")
+    await host._on_vm(AGENT, {"name": "ve:b", "action": "suspend"})
+    fresh = Hypervisor.open(write_node_xml(tmp_path / "again.xml", vcpus=8, memory_mb=8192))  # forgot them all
+    restarted = HostService(Endpoint("node1"), fresh, host.total, tmp_path / "host.sqlite")
+    try:
+        await restarted.start()
+        assert restarted.held == {"ve:a": "running", "ve:b": "paused"}
+        info = await restarted._on_vm(AGENT, {"name": "ve:a", "action": "info"})
+        assert info["state"] == "shutoff" and info["held"] is True
+        assert (await restarted._on_vm(AGENT, {"name": "ve:a", "action": "release"}))["state"] == "running"
+        assert (await restarted._on_vm(AGENT, {"name": "ve:a", "action": "release"}))["state"] == "running"  # no-op
+        assert "ve:a" not in restarted.held
+        await restarted.tick()
+        assert restarted.held == {"ve:b": "paused"}  # not yet: HOLD_LIMIT has not passed
+        restarted._hold_until = 0.0
+        await restarted.tick()
+        assert restarted.held == {} and (await fresh.info("ve:b")).state == "paused"
+    finally:
+        restarted.close()
+        await fresh.close()
