@@ -228,6 +228,8 @@ class HostService(Moves, Standbys, Actor):
         await self._reconcile(name)
         if name not in self.ledger.allocated:
             if action in ("undefine", "destroy"):
+                if action == "undefine":
+                    await self._drop_leftovers(name)
                 return None  # already gone: idempotent
             raise NotFound(f"no VM {name} on this node")
         try:
@@ -249,6 +251,13 @@ class HostService(Moves, Standbys, Actor):
             raise RequestError(f"{action} {name}: {err}") from None
         self._set_desired(name, info.state)
         return asdict(info)
+
+    async def _drop_leftovers(self, name: str) -> None:
+        """Delete the files a VM not held here left (the empty overlay of a live migration that was undone),
+        unless libvirt has a domain of that name: an incoming migration still writes into them."""
+        if self.domains.disk(name) is None or name in [d.name for d in await self.hypervisor.list()]:
+            return
+        await trio.to_thread.run_sync(self.domains.remove, name)
 
     async def _act(self, name: str, action: str, timeout: float = SHUTDOWN_TIMEOUT) -> DomainInfo:
         if action == "start":

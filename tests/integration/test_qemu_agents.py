@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,6 +192,50 @@ def test_a_vm_with_snapshots_is_shipped_and_restorable_at_its_new_node(qemu3: Cl
     qemu3.json("ve", "restore", "ship", "s1")  # the internal snapshot came along inside the qcow2
     assert a.disk_beat() == at_snapshot
     qemu3.cli("ve", "destroy", "ship")
+
+
+def test_a_live_relocation_whose_coordinator_dies_is_undone_and_the_guest_never_stops(
+        qemu3: Cluster, tmp_path: Path) -> None:
+    """The coordinator (a third agent) is killed once the target has reserved and made the empty overlay,
+    before the migration: the next command through another agent undoes the move. The guest ran all
+    along at its host and still does, at exactly one place, and the target keeps no file of it."""
+    spec = tmp_path / "crash.yaml"
+    spec.write_text("name: crash\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}\n")
+    qemu3.json("--agent", "node1", "ve", "create", str(spec))
+    a = VM(qemu3, "crash", "a")
+    a.wait_ready()
+    assert a.node == "node1"
+    qemu3.kill9("node3")  # node3 coordinates, and stops once prepared (ve_base.pause_for_test)
+    env = qemu3.env
+    qemu3.env = {**env, "DISCOVERY_TEST_PAUSE": "prepared:90"}
+    try:
+        restart(qemu3, "node3")
+    finally:
+        qemu3.env = env
+    wait_until(lambda: qemu3.cli("--agent", "node3", "members", check=False).returncode == 0, STEP_DEADLINE,
+               "node3 serving again")
+    relocation = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(qemu3.dir / "client.toml"),
+                                   "--agent", "node3", "ve", "relocate", "crash", "--vm", "a", "--to", "node2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: a.file(".qcow2", "node2").exists(), STEP_DEADLINE, "the target's empty overlay")
+        before = max(a.beats("node1"))
+        qemu3.kill9("node3")
+    finally:
+        relocation.kill()
+        relocation.communicate()
+    wait_until(lambda: qemu3.cli("--agent", "node2", "ve", "start", "crash", check=False).returncode == 0, 90,
+               "the next command settles the interrupted move")
+    located = qemu3.json("--agent", "node2", "ve", "locate", "crash")["vms"]["a"]
+    assert located["node"] == "node1" and "moving_to" not in located
+    assert domains(qemu3, "crash:a") == {"node1": "running"}
+    assert a.wait_beat_above(before, "node1") > before
+    assert a.file(".log", "node1").read_text(errors="replace").count(tinyguest.READY) == 1  # never rebooted
+    assert not a.file(".qcow2", "node2").exists()  # the undone move left nothing at the target
+    restart(qemu3, "node3")
+    wait_until(lambda: qemu3.cli("--agent", "node3", "members", check=False).returncode == 0, STEP_DEADLINE,
+               "node3 serving again")
+    qemu3.cli("--agent", "node2", "ve", "destroy", "crash")
 
 
 def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path: Path) -> None:
