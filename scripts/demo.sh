@@ -66,12 +66,22 @@ run discovery --agent node5 overlay bind kademlia
 run discovery --agent node10 ve list
 run discovery --agent node8 overlay bind chord
 
+step "Standby copies in another site; the host of a VM dies (kill -9); failover brings the VM up on its copy"
+run discovery --agent node3 ve replicate ci-runner --copies 1
+HOST=$(discovery --agent node2 ve locate ci-runner --json | python3 -c "import json,sys; print(sorted(json.load(sys.stdin)['vms'].values(), key=lambda v: v['node'])[0]['node'])")
+PID=$(python3 -c "import json; print(next(n['pid'] for n in json.load(open('$DIR/cluster.json'))['nodes'] if n['name'] == '$HOST'))")
+echo "killing $HOST (pid $PID)"
+run kill -9 "$PID"
+run discovery --agent node9 ve failover ci-runner
+run discovery --agent node12 ve show ci-runner
+
 cat <<EOT
 
 Explore:  discovery --agent node5 ve show web-shop     (any node, any VE; add --json)
           discovery cluster status --dir $DIR          (ring successor of each agent)
           discovery --agent node3 status                (one agent's own view)
           tail $DIR/node1/agent.log
+Real guests: make demo-qemu                             (3 agents, tiny QEMU guests, live relocation)
 Stop:     discovery cluster down --dir $DIR
           (the discovery command lives in .venv/bin; 'source .venv/bin/activate' first)
 EOT
