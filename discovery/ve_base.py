@@ -78,9 +78,10 @@ class VEBase:
 
     @contextlib.asynccontextmanager
     async def _locked(self, caller: Caller, args: dict[str, Any], settle: bool = True) -> AsyncIterator[Record]:
-        """The VE's record for an operation that changes it: read again under the VE's lock (once the
-        caller may act on it), and with what interrupted operations left in it settled (`_settle`)."""
-        async with self._lock((await self._record(caller, args)).value["name"]):
+        """The VE's record for an operation that changes it: read under the VE's lock (one read: the
+        lock is named by the request, and a refused caller only waited its turn), and with what
+        interrupted operations left in it settled (`_settle`)."""
+        async with self._lock(_ve_name(args)):
             record = await self._record(caller, args)
             if settle:
                 record = await self._settle(record)
@@ -91,9 +92,7 @@ class VEBase:
         raise NotImplementedError
 
     async def _record(self, caller: Caller, args: dict[str, Any]) -> Record:
-        name = args.get("name")
-        if not isinstance(name, str) or not name:
-            raise RequestError("a VE name is required")
+        name = _ve_name(args)
         record = await self.agent.records.get(PREFIX + name)
         if record is None:
             raise NotFound(f"no VE named {name!r}")
@@ -233,3 +232,10 @@ async def pause_for_test(point: str) -> None:
 def may_act(caller: Caller, ve: dict[str, Any]) -> bool:
     """A VE's owner (the certificate that created it) and operators may act on it; nobody else."""
     return caller.role == "operator" or ve.get("owner") == caller.cn
+
+
+def _ve_name(args: dict[str, Any]) -> str:
+    name = args.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError("a VE name is required")
+    return name
