@@ -6,9 +6,9 @@ is idempotent, so a requester may retry after a timeout without fear.
 
 Snapshots live here too: the test driver keeps libvirt snapshots in memory only, so `host.snapshot`
 stores the domain's XML and a state (running, paused or shutoff) per (domain, tag) in SQLite, and
-`host.restore` re-creates the domain from them; undefining a VM drops its snapshots from this node.
-Real guests (`agents.guests.QemuGuests`) get a qcow2 overlay, and a snapshot is also an internal
-qcow2 snapshot, reverted by `host.restore`.
+`host.restore` re-creates the domain from them, `host.snapshot_delete` forgets one; undefining a VM
+drops its snapshots from this node. Real guests (`agents.guests.QemuGuests`) get a qcow2 overlay, and a
+snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted by `host.snapshot_delete`.
 
 `HostService` is assembled from one class per concern: this module's core, moving VMs between hosts
 (`agents.host_moves`) and standby copies (`agents.host_standby`); the checks of their arguments are
@@ -88,7 +88,8 @@ class HostService(Moves, Standbys, Actor):
         for method, handler in (("host.reserve", self._on_reserve), ("host.confirm", self._on_confirm),
                                 ("host.release", self._on_release), ("host.vm", self._on_vm),
                                 ("host.info", self._on_info), ("host.snapshot", self._on_snapshot),
-                                ("host.restore", self._on_restore)):
+                                ("host.restore", self._on_restore),
+                                ("host.snapshot_delete", self._on_snapshot_delete)):
             transport.route(method, self._through_mailbox(handler))
         self._serve_moves(transport)
         self._serve_standbys(transport)
@@ -322,6 +323,24 @@ class HostService(Moves, Standbys, Actor):
         except HypervisorError as err:
             raise RequestError(f"restore {name} to {tag}: {err}") from None
         return asdict(info)
+
+    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Forget snapshot `tag` of the domain: its stored XML and state and, for a real guest, its internal
+        qcow2 snapshot (first, so that a failure leaves the row for a retry; one the row does not mention,
+        left by a snapshot interrupted before its row was written, goes too). Idempotent: `deleted` says
+        whether there was anything to delete."""
+        name, tag = name_arg(args), name_arg(args, "tag")
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        internal = False
+        if self.domains.kind != "test":
+            try:
+                internal = await self.hypervisor.snapshot_delete(name, tag)
+            except HypervisorError as err:
+                raise RequestError(f"delete snapshot {tag} of {name}: {err}") from None
+        with self._db:
+            rows = self._db.execute("DELETE FROM snapshots WHERE name = ? AND tag = ?", (name, tag)).rowcount
+        return {"name": name, "tag": tag, "deleted": internal or rows > 0}
 
     async def _forget(self, name: str) -> None:
         await self.hypervisor.undefine(name)

@@ -353,6 +353,19 @@ class HypervisorActor(pykka.ThreadingActor):
             self._force_off(dom)
         return _domain_info(dom)
 
+    def op_snapshot_delete(self, name: str, tag: str) -> bool:
+        """Delete internal snapshot `tag` (its data leaves the qcow2 file); whether there was one. A missing
+        one is fine (idempotent)."""
+        dom = self._lookup(name)
+        try:
+            snapshot = dom.snapshotLookupByName(tag)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                raise
+            return False
+        snapshot.delete()
+        return True
+
     def op_snapshot_names(self, name: str) -> list[str]:
         return sorted(self._lookup(name).snapshotListNames())
 
@@ -500,6 +513,10 @@ class Hypervisor:
 
     async def snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
         return await self._call("snapshot_revert", name, tag, state)
+
+    async def snapshot_delete(self, name: str, tag: str) -> bool:
+        """Delete an internal snapshot; whether there was one."""
+        return await self._call("snapshot_delete", name, tag)
 
     async def snapshot_names(self, name: str) -> list[str]:
         return await self._call("snapshot_names", name)

@@ -323,6 +323,14 @@ def ve_restore(name: str, tag: str, as_json: JsonOpt = False) -> None:
     emit(ve, as_json, make_table(["ve", "state", "restored"], [[ve["name"], ve["state"], tag]]))
 
 
+@ve_app.command("snapshot-delete")
+def ve_snapshot_delete(name: str, tag: str, as_json: JsonOpt = False) -> None:
+    """Delete snapshot TAG of the VE from every VM's host (wherever the VM is now); safe to retry."""
+    info = rpc("ve.snapshot_delete", {"name": name, "tag": tag}, timeout=300)
+    left = ", ".join(s["tag"] for s in info["snapshots"]) or None
+    emit(info, as_json, make_table(["ve", "deleted", "snapshots left"], [[info["name"], info["tag"], left]]))
+
+
 @ve_app.command("replicate")
 def ve_replicate(
     name: str,

@@ -1,5 +1,5 @@
-"""Snapshots of a VE (`ve snapshot`, `ve snapshots`, `ve restore`): consistent across the VE's VMs, and
-kept by each VM's host, so they travel with a VM when it is relocated (`Snapshots._on_snapshot`).
+"""Snapshots of a VE (`ve snapshot`, `ve snapshots`, `ve restore`, `ve snapshot-delete`): consistent across
+the VE's VMs, and kept by each VM's host, so they travel with a VM when it is relocated (`Snapshots._on_snapshot`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ TAG_RULE = "1-63 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a l
 
 
 class Snapshots(VEBase):
-    """`ve.snapshot`, `ve.snapshots`, `ve.restore`, and the undoing of a snapshot left half-taken."""
+    """`ve.snapshot`, `ve.snapshots`, `ve.restore`, `ve.snapshot_delete`, and the undoing of a snapshot left
+    half-taken."""
 
     async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """A snapshot of every VM of the VE under `tag`, consistent across them: the running VMs are paused,
@@ -81,25 +82,53 @@ class Snapshots(VEBase):
     async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Bring every VM back to snapshot `tag` (each host re-creates the domain from what it stored, the VM
         relocated since or not) and the VE to the state it had then. Idempotent."""
-        tag = args.get("tag")
-        if not isinstance(tag, str) or not tag:
-            raise RequestError("a snapshot tag is required")
+        tag = tag_arg(args)
         async with self._locked(caller, args) as record:
             ve = record.value
-            name = ve["name"]
-            entry = next((s for s in ve.get("snapshots", []) if s["tag"] == tag), None)
-            if entry is None:
-                tags = [s["tag"] for s in ve.get("snapshots", [])]
-                known = f"snapshots: {', '.join(tags)}" if tags else "it has none"
-                raise NotFound(f"VE {name!r} has no snapshot {tag!r} ({known})")
-            failures = []
-            for vm, slot in sorted(ve["placement"].items()):
-                try:
-                    await self._host(slot, "host.restore", {"name": domain_name(name, vm), "tag": tag})
-                except RequestError as err:
-                    failures.append(f"{vm}: {err}")
-            if failures:
-                raise RequestError(f"restoring {name} to {tag} failed for " + "; ".join(failures))
+            entry = listed(ve, tag)
+            await self._each_host(ve, "host.restore", tag, f"restoring {ve['name']} to {tag}")
             value = {**ve, "state": entry["state"]}
             await self.agent.records.put(record.key, value, after=record.version)
         return value
+
+    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete snapshot `tag`: each VM's current host forgets its copy (`host.snapshot_delete`; a VM
+        relocated since carried its snapshots along), then the record stops listing it. Hosts first, so
+        that after a partial failure the tag is still listed and a retry finishes the job (a host with
+        nothing left to delete answers so, which is fine)."""
+        tag = tag_arg(args)
+        async with self._locked(caller, args) as record:
+            ve = record.value
+            listed(ve, tag)
+            await self._each_host(ve, "host.snapshot_delete", tag, f"deleting snapshot {tag} of {ve['name']}")
+            value = {**ve, "snapshots": [s for s in ve.get("snapshots", []) if s["tag"] != tag]}
+            await self.agent.records.put(record.key, value, after=record.version)
+        return {"name": ve["name"], "tag": tag, "snapshots": value["snapshots"]}
+
+    async def _each_host(self, ve: dict[str, Any], method: str, tag: str, doing: str) -> None:
+        """`method` for snapshot `tag` on the host of every VM; the failures, if any, in one RequestError."""
+        failures = []
+        for vm, slot in sorted(ve["placement"].items()):
+            try:
+                await self._host(slot, method, {"name": domain_name(ve["name"], vm), "tag": tag})
+            except RequestError as err:
+                failures.append(f"{vm}: {err}")
+        if failures:
+            raise RequestError(f"{doing} failed for " + "; ".join(failures))
+
+
+def tag_arg(args: dict[str, Any]) -> str:
+    tag = args.get("tag")
+    if not isinstance(tag, str) or not tag:
+        raise RequestError("a snapshot tag is required")
+    return tag
+
+
+def listed(ve: dict[str, Any], tag: str) -> dict[str, Any]:
+    """The record's entry for snapshot `tag`; NotFound naming the snapshots it has."""
+    entry = next((s for s in ve.get("snapshots", []) if s["tag"] == tag), None)
+    if entry is None:
+        tags = [s["tag"] for s in ve.get("snapshots", [])]
+        known = f"snapshots: {', '.join(tags)}" if tags else "it has none"
+        raise NotFound(f"VE {ve['name']!r} has no snapshot {tag!r} ({known})")
+    return entry

@@ -48,7 +48,8 @@ class VEService(Relocation, Snapshots, Replicas):
     def __init__(self, agent: NodeAgent) -> None:
         super().__init__(agent)
         for verb in ("create", "list", "show", "locate", "start", "stop", "suspend", "resume", "destroy",
-                     "relocate", "snapshot", "snapshots", "restore", "replicate", "failover", "busy"):
+                     "relocate", "snapshot", "snapshots", "restore", "snapshot_delete", "replicate", "failover",
+                     "busy"):
             agent.transport.route(f"ve.{verb}", getattr(self, f"_on_{verb}"))
 
     # -- create ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ agent runs its own libvirtd in a private mount namespace and VMs are tiny guests
 Each operation is proven by the guest's heartbeat counter (written to its disk and console every
 second): it stops while suspended, a restored snapshot brings the disk's value back, a live
 relocation continues it on the target without a reboot (no second ready line), a shipped VM keeps its
-snapshots. Deadlines are generous (TCG on a loaded 2-core machine); nothing depends on speed.
+snapshots (and migrates live again once they are deleted). Deadlines are generous (TCG on a loaded
+2-core machine); nothing depends on speed.
 Skipped, with the reason, where QEMU, the guest image or libvirtd is not available.
 """
 
@@ -191,6 +192,11 @@ def test_a_vm_with_snapshots_is_shipped_and_restorable_at_its_new_node(qemu3: Cl
     assert not a.file(".qcow2", source).exists()
     qemu3.json("ve", "restore", "ship", "s1")  # the internal snapshot came along inside the qcow2
     assert a.disk_beat() == at_snapshot
+    qemu3.cli("ve", "resume", "ship")
+    assert qemu3.json("--agent", b.node, "ve", "snapshot-delete", "ship", "s1")["snapshots"] == []
+    back = qemu3.json("ve", "relocate", "ship", "--vm", "a", "--to", source, "--method", "live")
+    assert back["placement"]["a"]["transfer"]["how"] == "live"  # no internal snapshot left to keep it shipping
+    assert domains(qemu3, "ship:a") == {source: "running"}
     qemu3.cli("ve", "destroy", "ship")
 
 

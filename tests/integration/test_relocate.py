@@ -197,13 +197,53 @@ def test_snapshot_restore_and_restore_after_relocation(cluster6, tmp_path):
     assert domains(cluster6, "snappy:a") == {}
 
 
+def host_tags(cluster, node, domain):
+    """The snapshot tags a host keeps for `domain` (what `host.export` would carry; it changes nothing)."""
+    return [row[0] for row in host_call(cluster, node, "host.export", {"name": domain})["snapshots"]]
+
+
+def test_snapshot_delete_on_every_host_and_after_a_relocation(cluster6, tmp_path):
+    created = cluster6.json("--agent", "node2", "ve", "create",
+                            write_spec(tmp_path, "pruned", [("a", 1, 256), ("b", 1, 256)]))
+    hosts = {vm: slot["node"] for vm, slot in created["placement"].items()}
+    for tag in ("keep", "drop"):
+        cluster6.json("--agent", "node2", "ve", "snapshot", "pruned", "--tag", tag)
+    deleted = cluster6.json("--agent", "node5", "ve", "snapshot-delete", "pruned", "drop")
+    assert deleted["tag"] == "drop" and [s["tag"] for s in deleted["snapshots"]] == ["keep"]
+    assert [s["tag"] for s in cluster6.json("--agent", "node3", "ve", "snapshots", "pruned")["snapshots"]] == ["keep"]
+    assert {vm: host_tags(cluster6, node, f"pruned:{vm}") for vm, node in hosts.items()} == {"a": ["keep"],
+                                                                                             "b": ["keep"]}
+    proc = cluster6.cli("--agent", "node1", "ve", "restore", "pruned", "drop", check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: VE 'pruned' has no snapshot 'drop' (snapshots: keep)\n"
+    proc = cluster6.cli("--agent", "node4", "ve", "snapshot-delete", "pruned", "drop", check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: VE 'pruned' has no snapshot 'drop' (snapshots: keep)\n"
+
+    # a retry after a partial failure: one host already forgot the snapshot, the record still lists it
+    cluster6.json("--agent", "node2", "ve", "snapshot", "pruned", "--tag", "half")
+    assert host_call(cluster6, hosts["a"], "host.snapshot_delete", {"name": "pruned:a", "tag": "half"})["deleted"]
+    table = cluster6.cli("--agent", "node6", "ve", "snapshot-delete", "pruned", "half").stdout
+    assert "half" in table and "keep" in table
+    assert host_tags(cluster6, hosts["b"], "pruned:b") == ["keep"]
+
+    # the remaining snapshot travelled with a relocated VM, and is deleted at its new host
+    target = next(n for n in ("node6", "node5", "node4") if n not in hosts.values())
+    cluster6.json("--agent", "node1", "ve", "relocate", "pruned", "--vm", "a", "--to", target)
+    assert host_tags(cluster6, target, "pruned:a") == ["keep"]
+    deleted = cluster6.json("--agent", "node3", "ve", "snapshot-delete", "pruned", "keep")
+    assert deleted["snapshots"] == [] and host_tags(cluster6, target, "pruned:a") == []
+    assert host_tags(cluster6, hosts["b"], "pruned:b") == []
+    proc = cluster6.cli("--agent", "node3", "ve", "snapshot-delete", "pruned", "keep", check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: VE 'pruned' has no snapshot 'keep' (it has none)\n"
+    cluster6.cli("--agent", "node4", "ve", "destroy", "pruned")
+
+
 def test_only_the_owner_or_an_operator_relocates_or_snapshots_and_users_never_reach_hosts(cluster6, tmp_path):
     carol, dave = client_config(cluster6, tmp_path, "carol"), client_config(cluster6, tmp_path, "dave")
     created = json.loads(cluster6.cli("--config", carol, "--agent", "node1", "ve", "create",
                                       write_spec(tmp_path, "carols", [("vm", 1, 256)]), "--json").stdout)
     cluster6.cli("--config", carol, "--agent", "node2", "ve", "snapshot", "carols", "--tag", "s1")
     for verb in (["relocate", "carols", "--to", "node4"], ["snapshot", "carols"], ["snapshots", "carols"],
-                 ["restore", "carols", "s1"]):
+                 ["restore", "carols", "s1"], ["snapshot-delete", "carols", "s1"]):
         proc = cluster6.cli("--config", dave, "--agent", "node3", "ve", *verb, check=False)
         assert proc.returncode == 1 and "belongs to 'carol'; 'dave' may not act on it" in proc.stderr, verb
     host = created["placement"]["vm"]["node"]

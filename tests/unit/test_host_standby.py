@@ -1,6 +1,6 @@
 """HostService on the embedded test:/// driver, its handlers called directly: standby copies (reserved,
-kept, refreshed, promoted, dropped, persisted), the timeout of a graceful stop, and the VMs held off at
-start until the directory places them."""
+kept, refreshed, promoted, dropped, persisted), deleting a snapshot, the timeout of a graceful stop, and
+the VMs held off at start until the directory places them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agents.capacity import Resources
+from agents.guests import TestDomains
 from agents.host import HostService
 from agents.host_standby import standby_key
 from agents.hypervisor import Hypervisor, write_node_xml
@@ -96,6 +97,52 @@ async def test_standby_refusals_and_idempotent_drop(host: HostService) -> None:
     assert await host._on_unstandby(AGENT, {"name": "ve:b"}) is True
     assert await host._on_unstandby(AGENT, {"name": "ve:b"}) is False
     assert host.ledger.allocated == {} and (await host._on_info(AGENT, {}))["free"]["vcpus"] == 8
+
+
+async def test_snapshot_delete_forgets_one_snapshot_and_is_idempotent(host: HostService) -> None:
+    await define(host, "ve:d")
+    for tag in ("t1", "t2"):
+        await host._on_snapshot(AGENT, {"name": "ve:d", "tag": tag})
+    assert await host._on_snapshot_delete(AGENT, {"name": "ve:d", "tag": "t1"}) == {
+        "name": "ve:d", "tag": "t1", "deleted": True}
+    assert (await host._on_snapshot_delete(AGENT, {"name": "ve:d", "tag": "t1"}))["deleted"] is False  # a retry
+    with pytest.raises(NotFound, match="no snapshot 't1' of ve:d on this node"):
+        await host._on_restore(AGENT, {"name": "ve:d", "tag": "t1"})
+    assert (await host._on_restore(AGENT, {"name": "ve:d", "tag": "t2"}))["state"] == "running"
+    assert [s[0] for s in (await host._on_export(AGENT, {"name": "ve:d"}))["snapshots"]] == ["t2"]
+    with pytest.raises(RequestError, match="^tag must be a non-empty string without '/'$"):
+        await host._on_snapshot_delete(AGENT, {"name": "ve:d", "tag": ""})
+    with pytest.raises(NotFound, match="no VM ve:zz on this node"):
+        await host._on_snapshot_delete(AGENT, {"name": "ve:zz", "tag": "t2"})
+
+
+class InternalSnapshots(TestDomains):
+    """The test driver posing as a real guest's backend: snapshots are also libvirt snapshots (the test
+    driver keeps them in memory), as a real guest's internal qcow2 snapshots."""
+
+    kind = "internal"
+
+
+async def test_snapshot_delete_of_a_real_guest_deletes_its_libvirt_snapshot(tmp_path: Path) -> None:
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
+    host = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite", InternalSnapshots())
+    await host.start()
+    try:
+        await define(host, "ve:q")
+        for tag in ("t1", "t2"):
+            await host._on_snapshot(AGENT, {"name": "ve:q", "tag": tag})
+        assert await hv.snapshot_names("ve:q") == ["t1", "t2"]
+        assert (await host._on_snapshot_delete(AGENT, {"name": "ve:q", "tag": "t1"}))["deleted"] is True
+        assert await hv.snapshot_names("ve:q") == ["t2"]
+        assert (await host._on_snapshot_delete(AGENT, {"name": "ve:q", "tag": "t1"}))["deleted"] is False
+        await hv.snapshot("ve:q", "orphan")  # taken, but its row never written (the snapshot was interrupted)
+        assert (await host._on_snapshot_delete(AGENT, {"name": "ve:q", "tag": "orphan"}))["deleted"] is True
+        assert (await host._on_snapshot_delete(AGENT, {"name": "ve:q", "tag": "t2"}))["deleted"] is True
+        assert await hv.snapshot_names("ve:q") == []  # nothing left to keep it from migrating live
+        assert host._db.execute("SELECT COUNT(*) FROM snapshots").fetchone() == (0,)
+    finally:
+        host.close()
+        await hv.close()
 
 
 async def test_stop_passes_its_timeout_to_the_hypervisor_and_checks_it(host: HostService,
