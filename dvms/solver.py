@@ -1,0 +1,602 @@
+"""A partition's plan: where its VMs go so that no node is over capacity and every VE keeps its rules.
+
+`solve` takes the partition's nodes, the VMs running on them (movable) and, explicitly, the VMs of the
+same VEs that it may not move (`fixed`: outside the partition, or pinned where they are) with the sites
+of their nodes (`sites`): they count for the VEs' rules (anti-affinity, max_per_node, same_site, spread,
+affinity) but stay put. After the plan, on every node of the partition, CPU demand and reserved memory
+fit; cost is the memory migrated, an inter-site migration costing `inter_site_weight` times an intra-site
+one (WAN links are slower and shared), plus one unit per migration so that, cost otherwise equal, fewer
+VMs move. `None` means no plan exists within the partition: the partition protocol grows it.
+
+Engines: a greedy first-fit-decreasing repair, then OR-Tools CP-SAT. Greedy: evict what breaks a rule
+or overloads a node (the cheapest single VM that relieves a node, else the largest CPU), then re-place
+the evictees by decreasing CPU, each on its first node that fits and keeps the rules (its own node
+first, then its site, then the others); milliseconds, but no optimum. CP-SAT: booleans x[unit, node],
+a unit being the movable VMs of one affinity group (a lone VM otherwise), each domain pruned beforehand
+(room, pinned site, fixed peers), hinted with the greedy placement and stopped at the time limit. The
+cheaper of the two wins, so when CP-SAT stops without a solution the greedy plan stands, and CP-SAT's
+at the limit is no worse than greedy's when it kept the hint. `Plan.solver` says which one produced it.
+
+`order` then sequences the migrations (see there); `check` lists what a placement breaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from ortools.sat.python import cp_model
+
+from dvms.model import VM, Migration, Node, Plan, Rules
+
+log = logging.getLogger(__name__)
+
+INTER_SITE_WEIGHT = 4.0  # an inter-site migration costs this many times the same memory moved inside a site
+_SCALE = 100  # cost units per MB moved inside a site: room for a non-integer weight
+
+
+class Unorderable(ValueError):
+    """The migrations block each other and no node has room to break the cycle."""
+
+
+# ---------------------------------------------------------------- check
+
+
+def check(nodes: Sequence[Node], vms: Iterable[VM], rules: Iterable[Rules] = (), *,
+          sites: Mapping[str, str] | None = None) -> list[str]:
+    """Every capacity and rule that the placement `vms` breaks, one line each (empty: all is well).
+
+    Capacity is checked on `nodes`; VMs may also run on other nodes whose site `sites` gives (node ->
+    site), where they count for their VE's rules only. Rule groups naming VMs absent from vms skip them.
+    """
+    vms = list(vms)
+    site_of = _site_map(nodes, sites)
+    out = [f"vm {name}: listed {n} times" for name, n in Counter(vm.name for vm in vms).items() if n > 1]
+    out += [f"vm {vm.name}: on {vm.node}, a node of unknown site" for vm in vms if vm.node not in site_of]
+    cpu, memory = _loads(vms)
+    for node in nodes:
+        if cpu[node.name] > node.cpu:
+            out.append(f"node {node.name}: CPU demand {cpu[node.name]} > capacity {node.cpu}")
+        if memory[node.name] > node.memory_mb:
+            out.append(f"node {node.name}: memory {memory[node.name]} MB > capacity {node.memory_mb} MB")
+    by_name = {vm.name: vm for vm in vms}
+    for r in rules:
+        out += _rule_violations(r, [vm for vm in vms if vm.ve == r.ve], by_name, site_of)
+    return out
+
+
+def _rule_violations(r: Rules, members: list[VM], by_name: Mapping[str, VM], site_of: Mapping[str, str]) -> list[str]:
+    out = []
+
+    def group(names: frozenset[str]) -> list[VM]:
+        return [by_name[n] for n in sorted(names) if n in by_name]
+
+    for g in r.affinity:
+        where = sorted({vm.node for vm in group(g)})
+        if len(where) > 1:
+            out.append(f"ve {r.ve}: affinity {{{', '.join(sorted(g))}}} split over {', '.join(where)}")
+    for g in r.anti_affinity:
+        for node, names in _by_node(group(g)).items():
+            if len(names) > 1:
+                out.append(f"ve {r.ve}: anti-affinity {{{', '.join(sorted(g))}}}: {', '.join(names)} share {node}")
+    if r.max_per_node is not None:
+        for node, names in _by_node(members).items():
+            if len(names) > r.max_per_node:
+                out.append(f"ve {r.ve}: {len(names)} VMs on {node}, max_per_node {r.max_per_node}")
+    located = [(vm, site_of[vm.node]) for vm in members if vm.node in site_of]
+    if r.site is not None:
+        out += [f"ve {r.ve}: vm {vm.name} on site {s}, pinned to {r.site}" for vm, s in located if s != r.site]
+    covered = sorted({s for _, s in located})
+    if r.same_site and len(covered) > 1:
+        out.append(f"ve {r.ve}: on sites {', '.join(covered)}, not one (same_site)")
+    if r.spread_sites is not None and len(covered) < r.spread_sites:
+        out.append(f"ve {r.ve}: covers {len(covered)} site(s), spread_sites needs {r.spread_sites}")
+    return out
+
+
+def apply(vms: Iterable[VM], migrations: Iterable[Migration]) -> list[VM]:
+    """The placement after the migrations, in order; ValueError if one names an unknown VM or wrong source."""
+    where = {vm.name: vm for vm in vms}
+    for m in migrations:
+        vm = where.get(m.vm)
+        if vm is None or vm.node != m.source:
+            raise ValueError(f"migration of {m.vm} from {m.source}: the VM is {'on ' + vm.node if vm else 'unknown'}")
+        where[m.vm] = replace(vm, node=m.target)
+    return list(where.values())
+
+
+# ---------------------------------------------------------------- order
+
+
+def order(plan: Plan, nodes: Sequence[Node], vms: Sequence[VM], *, fixed: Sequence[VM] = (),
+          pivots: Collection[str] | None = None) -> Plan:
+    """The plan's migrations in an order that never takes a node over capacity, with pivots where needed.
+
+    Model: migrations run one after another; while one runs, the VM's memory and CPU are held at both its
+    source and its target (the target reserves before the copy, the source frees after the switch-over),
+    so a migration may start only if its target has room for the VM next to what it holds. A node over
+    capacity at the start only sheds load until it fits. Among the migrations that may start, those that
+    relieve an overloaded node go first. When none may start (a cycle: A waits for B's room and B for
+    A's), one VM on a node that a blocked migration targets goes first to a pivot — a node of `pivots`
+    (default: all of `nodes`) with room, in its source's or target's site (a VM pinned to a site stays
+    there), its own site first — and on to its target later. Each VM pivots once at most; Unorderable
+    when no pivot has room. Rules hold at the end only: an affinity group moves one VM at a time, and a
+    pivot may briefly share a node with an anti-affine peer. Migrations go from where the VM is (`vms`)
+    between `nodes`; `fixed` VMs only take room.
+    """
+    site_of = {n.name: n.site for n in nodes}
+    capacity = {n.name: (n.cpu, n.memory_mb) for n in nodes}
+    pivots = set(site_of if pivots is None else pivots) & set(site_of)
+    by_name = {vm.name: vm for vm in vms}
+    cpu, memory = _loads([*vms, *fixed])
+    where = {vm.name: vm.node for vm in vms}
+    pending: list[Migration] = []
+    for m in plan.migrations:
+        if m.vm not in by_name or where[m.vm] != m.source or {m.source, m.target} - set(site_of):
+            raise ValueError(f"order: migration of {m.vm} from {m.source} to {m.target} does not match the VMs")
+        pending.append(m)
+    if len({m.vm for m in pending}) < len(pending):
+        raise ValueError("order: a VM migrates twice; give its source and final target once")
+
+    def fits(node: str, vm: VM) -> bool:
+        return cpu[node] + vm.cpu <= capacity[node][0] and memory[node] + vm.memory_mb <= capacity[node][1]
+
+    def over(node: str) -> bool:
+        return node in capacity and (cpu[node] > capacity[node][0] or memory[node] > capacity[node][1])
+
+    out: list[Migration] = []
+
+    def move(vm: VM, target: str) -> None:
+        source = where[vm.name]
+        out.append(Migration(vm.name, source, target, vm.memory_mb))
+        cpu[source] -= vm.cpu
+        memory[source] -= vm.memory_mb
+        cpu[target] += vm.cpu
+        memory[target] += vm.memory_mb
+        where[vm.name] = target
+
+    pivoted: set[str] = set()
+    while pending:
+        ready = [m for m in pending if fits(m.target, by_name[m.vm])]
+        if ready:
+            wanted = {m.target for m in pending}
+            m = min(ready, key=lambda m: (not over(where[m.vm]), where[m.vm] not in wanted))
+            move(by_name[m.vm], m.target)
+            pending.remove(m)
+            continue
+        blocked = {m.target for m in pending}
+        choices = [(by_name[m.vm].memory_mb, m.vm, site_of[p] != site_of[where[m.vm]], -(capacity[p][1] - memory[p]), p)
+                   for m in pending if where[m.vm] in blocked and m.vm not in pivoted
+                   for p in pivots - {where[m.vm], m.target}
+                   if site_of[p] in (site_of[where[m.vm]], site_of[m.target]) and fits(p, by_name[m.vm])]
+        if not choices:
+            stuck = ", ".join(f"{m.vm} {where[m.vm]}->{m.target}" for m in pending)
+            raise Unorderable(f"migrations wait for each other's room and no node can take a pivot: {stuck}")
+        _, vm_name, _, _, p = min(choices)
+        pivoted.add(vm_name)
+        move(by_name[vm_name], p)
+    return Plan(out, plan.solver, plan.seconds)
+
+
+# ---------------------------------------------------------------- solve
+
+
+@dataclass
+class _Unit:
+    """Movable VMs that go together (an affinity group, or one VM), and where they may go."""
+
+    ve: str
+    vms: tuple[VM, ...]
+    cpu: int
+    memory_mb: int
+    home: str | None  # the node all its VMs are on, if they share one
+    domain: list[str]  # nodes it may go to, considering it alone
+
+
+class _Problem:
+    """The input, checked and put in the shape both engines use; `impossible` says why nothing can work."""
+
+    def __init__(self, nodes: Sequence[Node], vms: Sequence[VM], rules: Iterable[Rules], fixed: Sequence[VM],
+                 sites: Mapping[str, str] | None, evacuate: Collection[str]) -> None:
+        self.nodes = {n.name: n for n in nodes}
+        self.site_of = _site_map(nodes, sites)
+        self.vms, self.fixed = list(vms), list(fixed)
+        self.rules: dict[str, Rules] = {}
+        for r in rules:
+            if r.ve in self.rules:
+                raise ValueError(f"solve: two sets of rules for ve {r.ve}")
+            self.rules[r.ve] = r
+        names = Counter(vm.name for vm in [*self.vms, *self.fixed])
+        if len(self.nodes) != len(nodes) or any(n > 1 for n in names.values()):
+            raise ValueError("solve: node and VM names must be unique")
+        if any(vm.node not in self.nodes for vm in self.vms):
+            raise ValueError("solve: every movable VM must run on a node of the partition")
+        if any(vm.node not in self.site_of for vm in self.fixed):
+            raise ValueError("solve: every fixed VM's node needs a site (nodes or sites)")
+        self.evacuate = frozenset(evacuate)
+        if not self.evacuate <= set(self.nodes):
+            raise ValueError("solve: evacuate names nodes outside the partition")
+        self.impossible: str | None = None
+        self.base_cpu, self.base_memory = _loads(vm for vm in self.fixed if vm.node in self.nodes)
+        self.units = self._units()
+        self._precheck()
+
+    def _units(self) -> list[_Unit]:
+        parent = {vm.name: vm.name for vm in [*self.vms, *self.fixed]}
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        for r in self.rules.values():
+            for g in r.affinity:
+                present = sorted(n for n in g if n in parent)
+                for name in present[1:]:
+                    parent[root(name)] = root(present[0])
+        movable: dict[str, list[VM]] = defaultdict(list)
+        anchors: dict[str, set[str]] = defaultdict(set)
+        for vm in self.vms:
+            movable[root(vm.name)].append(vm)
+        for vm in self.fixed:
+            anchors[root(vm.name)].add(vm.node)
+        units = []
+        for key, members in sorted(movable.items()):
+            homes = {vm.node for vm in members}
+            unit = _Unit(members[0].ve, tuple(members), sum(vm.cpu for vm in members),
+                         sum(vm.memory_mb for vm in members), homes.pop() if len(homes) == 1 else None, [])
+            unit.domain = self._domain(unit, anchors[key])
+            units.append(unit)
+        return units
+
+    def _domain(self, unit: _Unit, anchors: set[str]) -> list[str]:
+        r = self.rules.get(unit.ve, Rules(unit.ve))
+        names = {vm.name for vm in unit.vms}
+        fixed_ve = [vm for vm in self.fixed if vm.ve == unit.ve]
+        fixed_sites = {self.site_of[vm.node] for vm in fixed_ve}
+        allowed = []
+        for node in self.nodes.values():
+            here = [vm for vm in fixed_ve if vm.node == node.name]
+            here_names = {vm.name for vm in here}
+            ok = (node.name not in self.evacuate
+                  and (not anchors or anchors == {node.name})
+                  and (r.site is None or node.site == r.site)
+                  and (not r.same_site or fixed_sites <= {node.site})
+                  and (r.max_per_node is None or len(here) + len(unit.vms) <= r.max_per_node)
+                  and unit.cpu <= node.cpu - self.base_cpu[node.name]
+                  and unit.memory_mb <= node.memory_mb - self.base_memory[node.name]
+                  and all(len(g & names) + len(g & here_names) <= 1 for g in r.anti_affinity if g & names))
+            if ok:
+                allowed.append(node.name)
+        return allowed
+
+    def _precheck(self) -> None:
+        """Cheap necessary conditions, so that hopeless partitions are told at once (and why)."""
+        room = [n for n in self.nodes.values() if n.name not in self.evacuate]
+        for n in self.nodes.values():
+            if self.base_cpu[n.name] > n.cpu or self.base_memory[n.name] > n.memory_mb:
+                self.impossible = f"node {n.name}: its fixed VMs alone exceed its capacity"
+                return
+        for unit in self.units:
+            if not unit.domain:
+                self.impossible = f"{', '.join(vm.name for vm in unit.vms)}: no node of the partition can take it"
+                return
+        for dim, free in (("CPU", sum(n.cpu - self.base_cpu[n.name] for n in room)),
+                          ("memory", sum(n.memory_mb - self.base_memory[n.name] for n in room))):
+            need = sum(u.cpu if dim == "CPU" else u.memory_mb for u in self.units)
+            if need > free:
+                self.impossible = f"the VMs demand {need} {dim}, the partition has {free}"
+                return
+        for r in self.rules.values():
+            clash = _rule_violations(r, [vm for vm in self.fixed if vm.ve == r.ve], {vm.name: vm for vm in self.fixed},
+                                     self.site_of)
+            clash = [c for c in clash if "spread_sites" not in c]  # movable VMs may cover more sites, not the rest
+            if clash:
+                self.impossible = f"the fixed VMs break a rule: {clash[0]}"
+                return
+
+    def placement(self, assignment: Mapping[int, str]) -> list[VM]:
+        """Every VM, movable and fixed, after units go to the nodes of assignment (unit index -> node)."""
+        moved = {vm.name: node for i, node in assignment.items() for vm in self.units[i].vms}
+        return [replace(vm, node=moved.get(vm.name, vm.node)) for vm in self.vms] + self.fixed
+
+    def total_cost(self, assignment: Mapping[int, str], weight: float) -> int:
+        return sum(self.cost(self.units[i], n, weight) for i, n in assignment.items())
+
+    def cost(self, unit: _Unit, node: str, weight: float) -> int:
+        """What sending unit to node costs: memory moved (scaled, inter-site weighted) plus one per VM moved."""
+        inter = round(_SCALE * weight)
+        return sum(vm.memory_mb * (_SCALE if self.site_of[vm.node] == self.site_of[node] else inter) + 1
+                   for vm in unit.vms if vm.node != node)
+
+
+def solve(nodes: Sequence[Node], vms: Sequence[VM], rules: Iterable[Rules] = (), time_limit: float = 1.0, *,
+          fixed: Sequence[VM] = (), sites: Mapping[str, str] | None = None, evacuate: Collection[str] = (),
+          engine: str = "auto", inter_site_weight: float = INTER_SITE_WEIGHT, workers: int = 1,
+          seed: int = 0) -> Plan | None:
+    """An ordered plan after which the partition's nodes fit and the VEs keep their rules; None if none exists.
+
+    nodes: the partition; vms: the VMs running on them, which may move; fixed: VMs that may not (other
+    VMs of the same VEs, outside the partition or not), with `sites` giving the site of their nodes
+    outside the partition; evacuate: nodes to empty (an underloaded node being consolidated away).
+    engine "auto": the greedy repair first (milliseconds), then CP-SAT, hinted with it, for what is left
+    of time_limit seconds; the cheaper plan wins, so the greedy one when CP-SAT finds nothing in time
+    (time_limit <= 0: greedy only). "cp-sat": CP-SAT alone; "greedy": greedy alone. workers and seed go
+    to CP-SAT. Returns an empty plan (solver "") when nothing breaks; None when the partition is too
+    small: CP-SAT proved it, or neither engine found a placement in time, or no placement found can be
+    reached without overloading a node on the way (`order`).
+    """
+    if engine not in ("auto", "cp-sat", "greedy"):
+        raise ValueError(f"solve: unknown engine {engine!r}")
+    start = time.monotonic()
+    p = _Problem(nodes, vms, rules, fixed, sites, evacuate)
+    if not any(vm.node in p.evacuate for vm in p.vms) and not check(nodes, [*p.vms, *p.fixed], p.rules.values(),
+                                                                     sites=sites):
+        return Plan(seconds=time.monotonic() - start)
+    if p.impossible is not None:
+        log.debug("no plan in %d nodes: %s", len(nodes), p.impossible)
+        return None
+    found: list[tuple[int, str, dict[int, str]]] = []  # (cost, engine, assignment)
+    greedy = None
+    if engine != "cp-sat":
+        greedy = _greedy(p)
+        if greedy is not None and not check(nodes, p.placement(greedy), p.rules.values(), sites=sites):
+            found.append((p.total_cost(greedy, inter_site_weight), "greedy", greedy))
+        else:
+            greedy = None  # a heuristic: it can miss what a rule needs, the check has the last word
+    if engine == "cp-sat" or (engine == "auto" and time.monotonic() < start + time_limit):
+        status, assignment = _cp_sat(p, start + time_limit, inter_site_weight, workers, seed, greedy)
+        if status == cp_model.INFEASIBLE:
+            if not found:
+                log.debug("no plan in %d nodes: CP-SAT proved it", len(nodes))
+                return None
+            log.warning("CP-SAT refused a partition that greedy solved (a modelling bug): %s", nodes)
+        if assignment is not None:
+            broken = check(nodes, p.placement(assignment), p.rules.values(), sites=sites)
+            if broken:
+                raise RuntimeError(f"solve: CP-SAT plan breaks {broken[0]}")
+            found.append((p.total_cost(assignment, inter_site_weight), "cp-sat", assignment))
+    for _, used, assignment in sorted(found, key=lambda f: (f[0], f[1] != "cp-sat")):  # cheapest orderable one
+        moves = [Migration(vm.name, vm.node, new.node, vm.memory_mb)
+                 for vm, new in zip(p.vms, p.placement(assignment), strict=False) if vm.node != new.node]
+        try:
+            plan = order(Plan(moves, used), nodes, p.vms, fixed=p.fixed, pivots=set(p.nodes) - p.evacuate)
+        except Unorderable as e:
+            log.debug("%s placement unreachable: %s", used, e)
+            continue
+        plan.seconds = time.monotonic() - start
+        return plan
+    log.debug("no plan in %d nodes within %.2f s", len(nodes), time_limit)
+    return None
+
+
+def _cp_sat(p: _Problem, deadline: float, weight: float, workers: int, seed: int,
+            hint: Mapping[int, str] | None) -> tuple[cp_model.CpSolverStatus, dict[int, str] | None]:
+    """Builds and solves the model by deadline (time.monotonic()); hint (unit -> node, default: where the
+    units are) gives CP-SAT its first solution."""
+    model = cp_model.CpModel()
+    x = {(i, n): model.new_bool_var(f"x{i}_{n}") for i, u in enumerate(p.units) for n in u.domain}
+    on: dict[str, list[tuple[int, cp_model.IntVar]]] = defaultdict(list)  # node -> (unit, x)
+    for (i, n), var in x.items():
+        on[n].append((i, var))
+    for i, u in enumerate(p.units):
+        model.add_exactly_one(x[i, n] for n in u.domain)
+        start = (hint or {}).get(i, u.home)
+        for n in u.domain:
+            model.add_hint(x[i, n], n == start)
+    for n, terms in on.items():
+        node, units = p.nodes[n], [p.units[i] for i, _ in terms]
+        xs = [v for _, v in terms]
+        model.add(cp_model.LinearExpr.weighted_sum(xs, [u.cpu for u in units]) <= node.cpu - p.base_cpu[n])
+        model.add(cp_model.LinearExpr.weighted_sum(xs, [u.memory_mb for u in units])
+                  <= node.memory_mb - p.base_memory[n])
+    by_ve: dict[str, list[tuple[int, str, cp_model.IntVar]]] = defaultdict(list)
+    for (i, n), var in x.items():
+        by_ve[p.units[i].ve].append((i, n, var))
+    for r in p.rules.values():
+        _ve_constraints(model, p, r, by_ve[r.ve])
+    model.minimize(cp_model.LinearExpr.weighted_sum(list(x.values()),
+                                                    [p.cost(p.units[i], n, weight) for i, n in x]))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.0, deadline - time.monotonic())  # building took some
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    status = solver.solve(model)
+    if status == cp_model.MODEL_INVALID:
+        raise RuntimeError(f"solve: invalid CP-SAT model: {model.validate()}")
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return status, None
+    return status, {i: n for (i, n), var in x.items() if solver.boolean_value(var)}
+
+
+def _ve_constraints(model: cp_model.CpModel, p: _Problem, r: Rules,
+                    mine: list[tuple[int, str, cp_model.IntVar]]) -> None:
+    """A VE's rules on the x of its units (mine: unit, node, x); affinity is in the units, pins in the domains."""
+    fixed = [vm for vm in p.fixed if vm.ve == r.ve]
+    per_node: dict[str, list[tuple[int, cp_model.IntVar]]] = defaultdict(list)
+    per_site: dict[str, list[cp_model.IntVar]] = defaultdict(list)
+    for i, n, var in mine:
+        per_node[n].append((i, var))
+        per_site[p.site_of[n]].append(var)
+    for g in r.anti_affinity:
+        for terms in per_node.values():
+            apart = [v for i, v in terms if any(vm.name in g for vm in p.units[i].vms)]
+            if len(apart) > 1:
+                model.add_at_most_one(apart)
+    if r.max_per_node is not None:
+        for n, terms in per_node.items():
+            here = sum(1 for vm in fixed if vm.node == n)
+            model.add(cp_model.LinearExpr.weighted_sum([v for _, v in terms], [len(p.units[i].vms) for i, _ in terms])
+                      <= r.max_per_node - here)
+    if r.same_site and not fixed:  # with fixed VMs, the domains already keep the units in their site
+        chosen = {s: model.new_bool_var(f"site_{r.ve}_{s}") for s in per_site}
+        model.add_at_most_one(chosen.values())
+        for s, vars_ in per_site.items():
+            for var in vars_:
+                model.add_implication(var, chosen[s])
+    covered = {p.site_of[vm.node] for vm in fixed}
+    if r.spread_sites is not None and len(covered) < r.spread_sites:
+        reach = []
+        for s, vars_ in per_site.items():
+            if s not in covered:
+                reach.append(model.new_bool_var(f"cover_{r.ve}_{s}"))
+                model.add(reach[-1] <= sum(vars_))
+        model.add(sum(reach) >= r.spread_sites - len(covered))
+
+
+class _Greedy:
+    """The partial placement the greedy repair works on, with the counts its rule tests need."""
+
+    def __init__(self, p: _Problem) -> None:
+        self.p = p
+        self.at: dict[int, str | None] = {}
+        self.cpu, self.memory = Counter(p.base_cpu), Counter(p.base_memory)
+        self.ve_nodes: dict[str, Counter[str]] = defaultdict(Counter)  # VMs of a VE per node (fixed too)
+        self.ve_sites: dict[str, Counter[str]] = defaultdict(Counter)
+        self.unplaced: Counter[str] = Counter()  # units of a VE waiting for a node
+        self.anti: dict[tuple[str, frozenset[str]], Counter[str]] = defaultdict(Counter)  # group -> node -> members
+        for vm in p.fixed:
+            self._count(vm, vm.node, 1)
+        for i, u in enumerate(p.units):
+            self.at[i] = None
+            self.unplaced[u.ve] += 1
+            if u.home in u.domain:
+                self.place(i, u.home)
+
+    def _count(self, vm: VM, node: str, sign: int) -> None:
+        self.ve_nodes[vm.ve][node] += sign
+        self.ve_sites[vm.ve][self.p.site_of[node]] += sign
+        for g in self.p.rules.get(vm.ve, Rules(vm.ve)).anti_affinity:
+            if vm.name in g:
+                self.anti[vm.ve, g][node] += sign
+
+    def _move(self, i: int, node: str, sign: int) -> None:
+        u = self.p.units[i]
+        self.cpu[node] += sign * u.cpu
+        self.memory[node] += sign * u.memory_mb
+        self.unplaced[u.ve] -= sign
+        for vm in u.vms:
+            self._count(vm, node, sign)
+
+    def place(self, i: int, node: str) -> None:
+        self._move(i, node, 1)
+        self.at[i] = node
+
+    def evict(self, i: int) -> None:
+        node = self.at[i]
+        if node is not None:
+            self._move(i, node, -1)
+            self.at[i] = None
+
+    def on(self, node: str) -> list[int]:
+        return [i for i, n in self.at.items() if n == node]
+
+    def over(self, node: str) -> tuple[int, int]:
+        n = self.p.nodes[node]
+        return self.cpu[node] - n.cpu, self.memory[node] - n.memory_mb
+
+    def fits(self, i: int, node: str) -> bool:
+        """Whether unit i may go to node now: room, and every rule of its VE still reachable."""
+        u, n = self.p.units[i], self.p.nodes[node]
+        r = self.p.rules.get(u.ve, Rules(u.ve))
+        if (node not in u.domain or self.cpu[node] + u.cpu > n.cpu
+                or self.memory[node] + u.memory_mb > n.memory_mb):
+            return False
+        if r.max_per_node is not None and self.ve_nodes[u.ve][node] + len(u.vms) > r.max_per_node:
+            return False
+        if any(self.anti[u.ve, g][node] for vm in u.vms for g in r.anti_affinity if vm.name in g):
+            return False
+        sites = {s for s, k in self.ve_sites[u.ve].items() if k > 0}
+        if r.same_site and not sites <= {n.site}:
+            return False
+        return r.spread_sites is None or len(sites | {n.site}) + self.unplaced[u.ve] - 1 >= r.spread_sites
+
+
+def _greedy(p: _Problem) -> dict[int, str] | None:
+    """First-fit-decreasing repair (see the module's doc); None when an evictee finds no node."""
+    state = _Greedy(p)
+    _evict_rule_breakers(state)
+    for node in sorted(p.nodes):
+        while max(over := state.over(node)) > 0:
+            here = state.on(node)
+            if not here:
+                return None
+            enough = [i for i in here if p.units[i].cpu >= over[0] and p.units[i].memory_mb >= over[1]]
+            if enough:
+                state.evict(min(enough, key=lambda i: (p.units[i].memory_mb, -p.units[i].cpu, i)))
+            else:
+                key = (lambda i: p.units[i].cpu) if over[0] > 0 else (lambda i: p.units[i].memory_mb)
+                state.evict(max(here, key=key))
+    evicted = sorted((i for i, n in state.at.items() if n is None),
+                     key=lambda i: (-p.units[i].cpu, -p.units[i].memory_mb, i))
+    for i in evicted:
+        u = p.units[i]
+        origin = p.site_of[u.home or u.vms[0].node]
+        for node in sorted(u.domain, key=lambda n: (n != u.home, p.site_of[n] != origin, p.site_of[n], n)):
+            if state.fits(i, node):
+                state.place(i, node)
+                break
+        else:
+            return None
+    return {i: n for i, n in state.at.items() if n is not None}
+
+
+def _evict_rule_breakers(state: _Greedy) -> None:
+    """Evicts the units that stand where their VE's rules forbid, cheapest memory first where there is a choice."""
+    p = state.p
+    for r in p.rules.values():
+        mine = sorted((i for i, u in enumerate(p.units) if u.ve == r.ve and state.at[i] is not None),
+                      key=lambda i: (p.units[i].memory_mb, i))
+        for g in r.anti_affinity:
+            for i in mine:
+                node = state.at[i]
+                if node is not None and state.anti[r.ve, g][node] > 1 and any(vm.name in g for vm in p.units[i].vms):
+                    state.evict(i)
+        if r.max_per_node is not None:
+            for i in mine:
+                node = state.at[i]
+                if node is not None and state.ve_nodes[r.ve][node] > r.max_per_node:
+                    state.evict(i)
+        sites = state.ve_sites[r.ve]
+        if r.same_site and sum(1 for k in sites.values() if k > 0) > 1:
+            fixed_sites = {p.site_of[vm.node] for vm in p.fixed if vm.ve == r.ve}
+            keep = min(fixed_sites) if fixed_sites else min(sites, key=lambda s: (-sites[s], s))
+            for i in mine:
+                if state.at[i] is not None and p.site_of[state.at[i]] != keep:
+                    state.evict(i)
+        if r.spread_sites is not None:
+            for i in mine:
+                node = state.at[i]
+                covered = sum(1 for k in sites.values() if k > 0)
+                if covered + state.unplaced[r.ve] >= r.spread_sites:
+                    break
+                if node is not None and sites[p.site_of[node]] > len(p.units[i].vms):
+                    state.evict(i)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _site_map(nodes: Sequence[Node], sites: Mapping[str, str] | None) -> dict[str, str]:
+    return {**(sites or {}), **{n.name: n.site for n in nodes}}
+
+
+def _loads(vms: Iterable[VM]) -> tuple[Counter[str], Counter[str]]:
+    """(CPU demand, reserved memory) per node."""
+    cpu: Counter[str] = Counter()
+    memory: Counter[str] = Counter()
+    for vm in vms:
+        cpu[vm.node] += vm.cpu
+        memory[vm.node] += vm.memory_mb
+    return cpu, memory
+
+
+def _by_node(vms: Iterable[VM]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for vm in vms:
+        out[vm.node].append(vm.name)
+    return {node: sorted(names) for node, names in sorted(out.items())}
