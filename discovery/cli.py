@@ -507,6 +507,39 @@ def sim_spiral(
                                       "messages per spiral, after learning"], rows))
 
 
+@sim_app.command("dvms")
+def sim_dvms(
+    nodes: Annotated[int, typer.Option(min=2, help="Simulated nodes (8 vCPUs, 32 GiB each).")] = 64,
+    vms_per_node: Annotated[int, typer.Option(min=1, help="VMs per node at the start.")] = 8,
+    sites: Annotated[int, typer.Option(min=1, help="Sites (clusters of nodes).")] = 4,
+    duration: Annotated[float, typer.Option(min=1, help="Simulated seconds.")] = 600.0,
+    scheduler: Annotated[str, typer.Option(help="dvms, centralized or both.")] = "dvms",
+    period: Annotated[float, typer.Option(min=1, help="Seconds between two centralized solves.")] = 30.0,
+    engine: Annotated[str, typer.Option(help="Solver engine: auto, greedy or cp-sat.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+    plot: Annotated[Path | None, typer.Option(help="Write overloaded nodes over time to this PNG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Overloads repaired by DVMS partitions (production ISP cores, real solver) or a periodic centralized solver."""
+    from discovery import sim_dvms as sim
+
+    if scheduler not in (*sim.SCHEDULERS, "both"):
+        raise fail(f"--scheduler must be one of {', '.join(sim.SCHEDULERS)} or both, not {scheduler!r}")
+    names = sim.SCHEDULERS if scheduler == "both" else (scheduler,)
+    try:
+        results = {name: sim.run(nodes, vms_per_node, sites, duration, name, seed, period=period, engine=engine)
+                   for name in names}
+    except ValueError as err:
+        raise fail(str(err)) from None
+    if plot is not None:
+        sim.plot(results, str(plot))
+    keys = ("solves", "migrations", "inter_site_share", "overload_node_seconds")
+    rows = [[name, *(r[k] for k in keys), r["solve_seconds"].get("mean"), len(r["check_failures"])]
+            for name, r in results.items()]
+    emit(results if len(results) > 1 else results[names[0]], as_json,
+         make_table(["scheduler", *keys, "mean solve s", "check failures"], rows))
+
+
 @sim_app.command("overlay")
 def sim_overlay(
     nodes: Annotated[int, typer.Option(min=2, help="Simulated agents.")] = 1000,
