@@ -569,3 +569,34 @@ def sim_overlay(
 
 def main() -> None:
     app()
+
+
+# -- dvms -----------------------------------------------------------------------------------------
+
+dvms_app = typer.Typer(no_args_is_help=True, help="DVMS: the partitions that repair overloaded nodes.")
+app.add_typer(dvms_app, name="dvms")
+
+
+@dvms_app.command("status")
+def dvms_status(every: Annotated[bool, typer.Option("--all", help="Ask every member, not only the agent.")] = False,
+                as_json: JsonOpt = False) -> None:
+    """The agent's DVMS view: its load, the partition it is in, the partitions it led and recent events."""
+    if every:
+        answers = [_dvms_status_at(m["addr"]) for m in rpc("agent.members") if m["status"] == "alive"]
+    else:
+        answers = [rpc("dvms.status")]
+    rows = []
+    for a in answers:
+        p = a["partition"]
+        where = "-" if p is None else f"{p['id']} ({p['role']}{', ' + p['state'] if p['state'] else ''})"
+        ended = ", ".join(f"{pid}: {reason}" for pid, reason in a["ended"].items()) or "-"
+        rows.append([a["node"], a["load"]["state"], a["load"]["cpu"], a["load"].get("cpu_capacity"), where, ended])
+    emit(answers if every else answers[0], as_json,
+         make_table(["node", "load", "cpu", "capacity", "partition", "ended partitions"], rows))
+
+
+def _dvms_status_at(addr: str) -> Any:
+    try:
+        return call(load_client_config(Options.config), addr, "dvms.status", None, 30.0)
+    except (RpcError, ConfigError, tls.TLSError) as err:
+        raise fail(f"{addr}: {err}") from None
