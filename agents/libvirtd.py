@@ -24,6 +24,8 @@ from pathlib import Path
 
 import libvirt
 
+from agents.qemu_domain import QEMU_CONF
+
 GUESTS = Path("/var/lib/discovery-guests")
 """Where a node's guest disks and console logs appear inside its daemon's namespace."""
 BOUND = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
@@ -43,16 +45,8 @@ host_uuid = "{host_uuid}"
 log_outputs = "3:file:{log}"
 """
 
-QEMU_CONF = """\
-# Written by Discovery: QEMU as root with files left as the agent made them, no cgroups, no virtlogd,
-# and this node's own migration ports (they carry the memory and the NBD disk copy).
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-cgroup_controllers = [ ]
-stdio_handler = "file"
+MIGRATION_CONF = """\
+# This node's own migration ports: they carry the memory and the NBD disk copy.
 migration_port_min = {migration_min}
 migration_port_max = {migration_max}
 """
@@ -99,7 +93,8 @@ class Libvirtd:
         (self.root / "etc" / "libvirtd.conf").write_text(
             LIBVIRTD_CONF.format(port=self.port, host_uuid=self.host_uuid, log=log))
         low, high = self.migration_ports
-        (self.root / "etc" / "qemu.conf").write_text(QEMU_CONF.format(migration_min=low, migration_max=high))
+        (self.root / "etc" / "qemu.conf").write_text(
+            QEMU_CONF + MIGRATION_CONF.format(migration_min=low, migration_max=high))
         mounts = " && ".join(f"mount --bind {self.root / sub} {target}" for sub, target in BOUND.items())
         script = f"{mounts} && exec libvirtd --listen --pid-file {self.root / 'libvirtd.pid'}"
         with (self.root / "libvirtd.out").open("ab") as out:

@@ -22,6 +22,7 @@ from agents import accel
 from agents.guests import QemuGuests
 from agents.libvirtd import GUESTS, Libvirtd, running_pid
 from images import tinyguest
+from images.tinyguest import TinyGuest
 
 log = logging.getLogger(__name__)
 EMBED = "qemu:///embed"
@@ -81,8 +82,9 @@ def end_leftovers(data_dir: Path) -> list[int]:
     return ended
 
 
-def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: tuple[int, int]) -> QemuBackend:
-    """Build (or find) the tiny guest, choose KVM or TCG by a smoke boot, and open libvirt."""
+def prepare_guest() -> tuple[TinyGuest, accel.Choice]:
+    """The tiny guest, built (or found in the cache), and the accelerator a smoke boot chose for it
+    (cached per host boot); BackendError when either is missing."""
     try:
         guest = tinyguest.build()
     except tinyguest.ImageError as err:
@@ -90,6 +92,12 @@ def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: t
     choice = accel.choose(guest, cache_file=tinyguest.default_cache() / "accel.json")
     if choice.accel is None:
         raise BackendError(f"QEMU cannot run here: {choice.reason}")
+    return guest, choice
+
+
+def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: tuple[int, int]) -> QemuBackend:
+    """Build (or find) the tiny guest, choose KVM or TCG by a smoke boot, and open libvirt."""
+    guest, choice = prepare_guest()
     reason = f"{'KVM' if choice.accel == 'kvm' else 'TCG'} ({choice.reason})"
     root = libvirt_root(data_dir, libvirt_uri)
     if libvirt_uri.startswith(EMBED):

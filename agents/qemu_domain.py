@@ -21,10 +21,10 @@ from typing import Protocol
 
 import libvirt
 
-EMBED_QEMU_CONF = """\
-# Written by Discovery for its embedded QEMU driver: QEMU runs as the agent's user, files keep
-# their owner (the agent made them), no cgroups are required (containers may not delegate them), and
-# QEMU's own log goes to a file, not to virtlogd (there is no daemon).
+QEMU_CONF = """\
+# Written by Discovery for its QEMU driver (embedded, or a node's own libvirtd): QEMU runs as the
+# agent's user, files keep their owner (the agent made them), no cgroups are required (containers may
+# not delegate them), and QEMU's own log goes to a file, not to virtlogd.
 user = "root"
 group = "root"
 dynamic_ownership = 0
@@ -114,7 +114,7 @@ def open_embed(root: Path) -> libvirt.virConnect:
     conf = root / "etc" / "qemu.conf"  # the embedded driver reads ROOT/etc/qemu.conf
     if not conf.exists():
         conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text(EMBED_QEMU_CONF)
+        conf.write_text(QEMU_CONF)
     _start_event_loop()
     conn = libvirt.open(f"qemu:///embed?root={root}")
     _embed_root = root

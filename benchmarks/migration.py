@@ -41,6 +41,7 @@ from harness import local_cluster, pyplot, save  # benchmarks/harness.py, beside
 from stats import summary_ms
 
 from agents.libvirtd import GUESTS
+from agents.qemu_backend import prepare_guest
 from agents.qemu_domain import domain_xml
 from images import tinyguest
 from overlay import tls
@@ -69,8 +70,8 @@ class Bench:
             self.guests[node["name"]] = Path(config["data_dir"]) / "libvirtd" / "guests"
         self.identity = identity
         self.memory_mb = memory_mb
-        self.image = tinyguest.build()
-        self.accel = json.loads((tinyguest.default_cache() / "accel.json").read_text())["accel"]
+        self.image, choice = prepare_guest()
+        self.accel = choice.accel
 
     async def call(self, node: str, method: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
         async with Transport(self.identity, node="bench") as transport:

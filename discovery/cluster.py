@@ -19,10 +19,8 @@ from typing import Any
 
 import trio
 
-from agents import accel
-from agents.qemu_backend import EMBED, end_leftovers
+from agents.qemu_backend import EMBED, BackendError, end_leftovers, prepare_guest
 from discovery.config import ClientConfig, home
-from images import tinyguest
 from overlay import tls
 from overlay.rpc import Transport, free_ports
 
@@ -164,12 +162,9 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
 def _prepare_guests() -> None:
     """Build the tiny guest and pick the accelerator once, before the agents all want them."""
     try:
-        guest = tinyguest.build()
-    except tinyguest.ImageError as err:
-        raise ClusterError(f"--hypervisor qemu: cannot build the tiny guest: {err}") from None
-    choice = accel.choose(guest, cache_file=tinyguest.default_cache() / "accel.json")
-    if choice.accel is None:
-        raise ClusterError(f"--hypervisor qemu: QEMU cannot run here: {choice.reason}")
+        prepare_guest()
+    except BackendError as err:
+        raise ClusterError(f"--hypervisor qemu: {err}") from None
 
 
 def _client(directory: Path) -> ClientConfig:

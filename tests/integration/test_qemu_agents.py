@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import accel
-from agents.qemu_backend import end_leftovers, qemu_pids
+from agents.qemu_backend import BackendError, end_leftovers, prepare_guest, qemu_pids
 from images import tinyguest
 from overlay.rpc import RpcError
 
@@ -49,12 +48,9 @@ def qemu_cluster(tmp_path_factory: pytest.TempPathFactory, nodes: int, sites: in
     """A cluster of real-guest agents (`data`: where each node's libvirt keeps its pid files), checked free
     of QEMU processes once it is down."""
     try:
-        image = tinyguest.build()
-    except tinyguest.ImageError as err:
-        pytest.skip(f"no tiny guest image: {err}")
-    choice = accel.choose(image, cache_file=tinyguest.default_cache() / "accel.json")
-    if choice.accel is None:
-        pytest.skip(f"QEMU cannot run here: {choice.reason}")
+        prepare_guest()
+    except BackendError as err:
+        pytest.skip(str(err))
     directory = tmp_path_factory.mktemp(hypervisor)
     # the image cache is per DISCOVERY_HOME: share this session's, so the agents do not build it again
     cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(tinyguest.default_cache().parent)})
@@ -117,6 +113,16 @@ def create(cluster: Cluster, tmp_path: Path, name: str) -> tuple[VM, VM]:
     for vm in vms:
         vm.wait_ready()
     return vms
+
+
+def create_one(cluster: Cluster, tmp_path: Path, name: str) -> VM:
+    """A VE of one 128 MiB VM `a`, created through node1 (so placed there if it has room), booted."""
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(f"name: {name}\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}}\n")
+    cluster.json("--agent", "node1", "ve", "create", str(spec))
+    vm = VM(cluster, name, "a")
+    vm.wait_ready()
+    return vm
 
 
 def test_boot_suspend_resume_and_stop_through_another_agent(qemu3: Cluster, tmp_path: Path) -> None:
@@ -205,11 +211,7 @@ def test_a_live_relocation_whose_coordinator_dies_is_undone_and_the_guest_never_
     """The coordinator (a third agent) is killed once the target has reserved and made the empty overlay,
     before the migration: the next command through another agent undoes the move. The guest ran all
     along at its host and still does, at exactly one place, and the target keeps no file of it."""
-    spec = tmp_path / "crash.yaml"
-    spec.write_text("name: crash\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}\n")
-    qemu3.json("--agent", "node1", "ve", "create", str(spec))
-    a = VM(qemu3, "crash", "a")
-    a.wait_ready()
+    a = create_one(qemu3, tmp_path, "crash")
     assert a.node == "node1"
     qemu3.kill9("node3")  # node3 coordinates, and stops once prepared (ve_base.pause_for_test)
     env = qemu3.env
@@ -248,11 +250,7 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
     """`ve replicate` ships a consistent copy of the disk to a node of the other site; the VM's host then
     loses power (its agent, daemon and guest killed); `ve failover` boots the copy there, and the guest
     goes on counting from the disk it was copied with. The host, back, keeps no second copy running."""
-    spec = tmp_path / "solo.yaml"
-    spec.write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}\n")
-    qemu3.json("--agent", "node1", "ve", "create", str(spec))
-    a = VM(qemu3, "solo", "a")
-    a.wait_ready()
+    a = create_one(qemu3, tmp_path, "solo")
     host = a.node
     a.wait_beat_above(2)
     replicated = qemu3.json("--agent", "node3", "ve", "replicate", "solo", "--copies", "1")
@@ -286,11 +284,7 @@ def test_without_a_daemon_a_vm_is_saved_shipped_and_restored(tmp_path_factory: p
     """The QEMU driver embedded in each agent cannot migrate: the VM moves by save → ship → restore, and
     goes on counting from its memory (no reboot); its snapshot, carried inside the qcow2, restores there."""
     with qemu_cluster(tmp_path_factory, 2, 1, "qemu-embed", "embed") as cluster:
-        spec = tmp_path / "solo.yaml"
-        spec.write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}\n")
-        cluster.json("--agent", "node1", "ve", "create", str(spec))
-        a = VM(cluster, "solo", "a")
-        a.wait_ready()
+        a = create_one(cluster, tmp_path, "solo")
         source = a.node
         cluster.cli("ve", "suspend", "solo")
         at_snapshot = a.disk_beat()
