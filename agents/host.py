@@ -253,6 +253,26 @@ class HostService(Moves, Standbys, Actor):
         self._set_desired(name, info.state)
         return asdict(info)
 
+    async def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> None:
+        """Set (None: remove) a metadata element of VM `name`, for the layers above to annotate a VM: it is
+        part of the domain's definition, so it moves with the VM by every method and leaves with it. The
+        stored definition follows, so a restart keeps it. Through the mailbox, never beside a move of it.
+        NotFound if the VM is not here."""
+        args = {"name": name, "uri": uri, "key": key, "xml": xml}
+        await self.ask((self._set_metadata, Caller("host", "node", "", ""), args))
+
+    async def _set_metadata(self, caller: Caller, args: dict[str, Any]) -> None:
+        name = args["name"]
+        await self._reconcile(name)
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        try:
+            definition = await self.hypervisor.set_metadata(name, args["uri"], args["key"], args["xml"])
+        except HypervisorError as err:
+            raise RequestError(f"annotate {name}: {err}") from None
+        with self._db:
+            self._db.execute("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
+
     async def _drop_leftovers(self, name: str) -> None:
         """Delete the files a VM not held here left (the empty overlay of a live migration that was undone),
         unless libvirt has a domain of that name: an incoming migration still writes into them."""

@@ -57,6 +57,8 @@ class AgentConfig:
     repair_interval: float = 5.0
     kademlia: bool = True  # run a Kademlia overlay beside Chord, so records can be re-bound to it
     kad_port: int = 0  # UDP; 0 picks a free one (peers learn it over the agent's RPC)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Settings of the layers above, parsed by them and carried here unread (e.g. "dvms", see discovery.config)."""
 
 
 Extension = Callable[["NodeAgent"], Awaitable[None]]

@@ -406,12 +406,15 @@ def cluster_up(
     hypervisor: Annotated[str, typer.Option(help="test (libvirt's embedded test driver), qemu (real tiny "
                                                  "guests, a libvirtd per node, live migration) or qemu-embed "
                                                  "(real guests, QEMU driver inside each agent).")] = "test",
+    dvms: Annotated[list[str] | None, typer.Option(help="KEY=VALUE of every agent.toml's dvms table, e.g. "
+                                                        "injector_rate=0.05 or underload=0.2; repeatable.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start NODES agent processes on loopback, spread over SITES sites."""
     try:
         state = local_cluster.up(directory, nodes, sites, vcpus=vcpus, memory_mb=memory_mb,
-                                 local_rtt_ms=local_rtt_ms, hypervisor=hypervisor)
+                                 local_rtt_ms=local_rtt_ms, hypervisor=hypervisor,
+                                 dvms=local_cluster.dvms_table(dvms or []))
     except (local_cluster.ClusterError, tls.TLSError) as err:
         raise fail(str(err)) from None
     emit(state, as_json, make_table(["node", "site", "address", "pid"],
@@ -510,11 +513,20 @@ def sim_spiral(
 @sim_app.command("dvms")
 def sim_dvms(
     nodes: Annotated[int, typer.Option(min=2, help="Simulated nodes (8 vCPUs, 32 GiB each).")] = 64,
-    vms_per_node: Annotated[int, typer.Option(min=1, help="VMs per node at the start.")] = 8,
+    vms_per_node: Annotated[int, typer.Option(min=1, help="VMs per node at the start.")] = 10,
     sites: Annotated[int, typer.Option(min=1, help="Sites (clusters of nodes).")] = 4,
     duration: Annotated[float, typer.Option(min=1, help="Simulated seconds.")] = 600.0,
     scheduler: Annotated[str, typer.Option(help="dvms, centralized or both.")] = "dvms",
+    route: Annotated[str, typer.Option(help="DVMS partitions grow along the spiral (then the ring), the ring "
+                                            "only, or both (one run each).")] = "spiral",
+    rate: Annotated[float, typer.Option(min=0, help="Load changes per VM per second (Poisson λ).")] = 1 / 30,
+    mean: Annotated[float, typer.Option(help="Mean VM load, % of a vCPU.")] = 70.0,
+    std: Annotated[float, typer.Option(min=0.1, help="Standard deviation of the VM load, % of a vCPU.")] = 30.0,
+    underload: Annotated[float, typer.Option(min=0, max=0.89, help="Underload threshold: a node below it is "
+                                                                   "emptied (0: no consolidation).")] = 0.0,
     period: Annotated[float, typer.Option(min=1, help="Seconds between two centralized solves.")] = 30.0,
+    time_limit: Annotated[float, typer.Option(min=0, help="Solver time limit per partition (s).")] = 0.2,
+    central_time_limit: Annotated[float, typer.Option(min=0, help="Solver time limit, centralized (s).")] = 1.0,
     engine: Annotated[str, typer.Option(help="Solver engine: auto, greedy or cp-sat.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
     plot: Annotated[Path | None, typer.Option(help="Write overloaded nodes over time to this PNG.")] = None,
@@ -525,10 +537,17 @@ def sim_dvms(
 
     if scheduler not in (*sim.SCHEDULERS, "both"):
         raise fail(f"--scheduler must be one of {', '.join(sim.SCHEDULERS)} or both, not {scheduler!r}")
-    names = sim.SCHEDULERS if scheduler == "both" else (scheduler,)
+    if route not in (*sim.ROUTES, "both"):
+        raise fail(f"--route must be one of {', '.join(sim.ROUTES)} or both, not {route!r}")
+    routes = sim.ROUTES if route == "both" else (route,)
+    runs = {(f"dvms-{r}" if len(routes) > 1 else "dvms") if s == "dvms" else s: (s, r)
+            for s in (sim.SCHEDULERS if scheduler == "both" else (scheduler,))
+            for r in (routes if s == "dvms" else routes[:1])}
     try:
-        results = {name: sim.run(nodes, vms_per_node, sites, duration, name, seed, period=period, engine=engine)
-                   for name in names}
+        results = {name: sim.run(nodes, vms_per_node, sites, duration, s, seed, route=r, rate=rate, mean=mean,
+                                 std=std, underload=underload, period=period, time_limit=time_limit,
+                                 central_time_limit=central_time_limit, engine=engine)
+                   for name, (s, r) in runs.items()}
     except ValueError as err:
         raise fail(str(err)) from None
     if plot is not None:
@@ -536,8 +555,8 @@ def sim_dvms(
     keys = ("solves", "migrations", "inter_site_share", "overload_node_seconds")
     rows = [[name, *(r[k] for k in keys), r["solve_seconds"].get("mean"), len(r["check_failures"])]
             for name, r in results.items()]
-    emit(results if len(results) > 1 else results[names[0]], as_json,
-         make_table(["scheduler", *keys, "mean solve s", "check failures"], rows))
+    emit(results if len(results) > 1 else next(iter(results.values())), as_json,
+         make_table(["run", *keys, "mean solve s", "check failures"], rows))
 
 
 @sim_app.command("overlay")
@@ -573,30 +592,70 @@ def main() -> None:
 
 # -- dvms -----------------------------------------------------------------------------------------
 
-dvms_app = typer.Typer(no_args_is_help=True, help="DVMS: the partitions that repair overloaded nodes.")
+dvms_app = typer.Typer(no_args_is_help=True, help="DVMS: the partitions that relieve overloaded nodes (and, "
+                                                   "when configured, empty underloaded ones).")
 app.add_typer(dvms_app, name="dvms")
 
 
 @dvms_app.command("status")
 def dvms_status(every: Annotated[bool, typer.Option("--all", help="Ask every member, not only the agent.")] = False,
+                events: Annotated[int, typer.Option(help="Also show this many recent events (problem, created, "
+                                                         "plan, migrated, ended...), per node.")] = 0,
                 as_json: JsonOpt = False) -> None:
-    """The agent's DVMS view: its load, the partition it is in, the partitions it led and recent events."""
+    """The agent's DVMS view: its load, the partition it is in, the partitions it led (with the problem that
+    started each: overload or underload, and how it ended; the last three in the table) and recent events."""
+    from rich.markup import escape  # event details name rule groups, [a, b], which rich reads as markup
+
     if every:
-        answers = [_dvms_status_at(m["addr"]) for m in rpc("agent.members") if m["status"] == "alive"]
+        answers = [_dvms_at(m["addr"], "dvms.status") for m in rpc("agent.members") if m["status"] == "alive"]
     else:
         answers = [rpc("dvms.status")]
-    rows = []
+    rows, happened = [], []
     for a in answers:
-        p = a["partition"]
-        where = "-" if p is None else f"{p['id']} ({p['role']}{', ' + p['state'] if p['state'] else ''})"
-        ended = ", ".join(f"{pid}: {reason}" for pid, reason in a["ended"].items()) or "-"
+        p, problems = a["partition"], a.get("problems", {})
+        details = [p["role"], p["state"], p.get("problem")] if p is not None else []
+        where = "-" if p is None else f"{p['id']} ({', '.join(d for d in details if d)})"
+        ended = ", ".join(f"{pid}: {reason}" + (f" ({problems[pid]})" if pid in problems else "")
+                          for pid, reason in list(a["ended"].items())[-3:]) or "-"
         rows.append([a["node"], a["load"]["state"], a["load"]["cpu"], a["load"].get("cpu_capacity"), where, ended])
+        happened += [[time.strftime("%H:%M:%S", time.localtime(e["time"])), a["node"], e["kind"],
+                      escape(" ".join(f"{k}={v}" for k, v in e.items() if k not in ("time", "kind") and v is not None))]
+                     for e in a["events"][-events:]] if events > 0 else []
     emit(answers if every else answers[0], as_json,
          make_table(["node", "load", "cpu", "capacity", "partition", "ended partitions"], rows))
+    if happened and not as_json:
+        console.print(make_table(["time", "node", "event", "details"], happened))
 
 
-def _dvms_status_at(addr: str) -> Any:
+@dvms_app.command("load")
+def dvms_load(vm: Annotated[str, typer.Argument(help="The VM, as VE:VM (e.g. web-shop:db).")],
+              cpu: Annotated[int | None, typer.Argument(help="Its CPU demand, percent of one vCPU.", min=0)] = None,
+              unpin: Annotated[bool, typer.Option("--unpin", help="Drop its pin instead.")] = False,
+              as_json: JsonOpt = False) -> None:
+    """Pin a VM's CPU demand (a test hook; real guests are measured otherwise), on whichever node hosts it.
+    The pin is part of the VM's definition: it follows the VM when it is relocated."""
+    ve, sep, name = vm.partition(":")
+    if not (sep and ve and name) or (cpu is None) != unpin:
+        print("error: give VE:VM and either CPU or --unpin", file=sys.stderr)
+        raise typer.Exit(2)
+    slot = rpc("ve.locate", {"name": ve})["vms"].get(name)
+    if slot is None:
+        raise fail(f"VE {ve!r} has no VM {name!r}")
+    answer = _dvms_at(slot["addr"], "dvms.load", {"vm": vm, "cpu": cpu})
+    emit(answer, as_json, make_table(["vm", "node", "cpu"], [[vm, answer["node"], "-" if unpin else cpu]]))
+
+
+@dvms_app.command("capacity")
+def dvms_capacity(cpu: Annotated[int, typer.Argument(help="Percent of one vCPU (16 vCPUs: 1600).", min=1)],
+                  as_json: JsonOpt = False) -> None:
+    """Set the CPU capacity DVMS counts for the agent's node (a test hook: a node made to look smaller, so
+    that pinned demand can overload it)."""
+    answer = rpc("dvms.load", {"cpu_capacity": cpu})
+    emit(answer, as_json, make_table(["node", "cpu capacity"], [[answer["node"], answer["cpu_capacity"]]]))
+
+
+def _dvms_at(addr: str, method: str, args: dict[str, Any] | None = None) -> Any:
     try:
-        return call(load_client_config(Options.config), addr, "dvms.status", None, 30.0)
+        return call(load_client_config(Options.config), addr, method, args, 30.0)
     except (RpcError, ConfigError, tls.TLSError) as err:
         raise fail(f"{addr}: {err}") from None

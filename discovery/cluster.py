@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from agents.qemu_backend import EMBED, BackendError, end_leftovers, prepare_guest
-from discovery.config import ClientConfig, home
+from discovery.config import ClientConfig, ConfigError, home, load_agent_config
 from overlay import tls
 from overlay.rpc import Transport, free_ports
 
@@ -85,10 +86,26 @@ def load_state(directory: Path) -> dict[str, Any]:
         raise ClusterError(f"{directory / STATE_FILE}: unreadable: {err}") from None
 
 
+def dvms_table(pairs: list[str]) -> dict[str, Any]:
+    """`--dvms KEY=VALUE` options as a `[dvms]` table (values in TOML: 0.05, 7, true); checked by `up`."""
+    table = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            if not (sep and key.strip()):
+                raise ValueError("not KEY=VALUE")
+            table[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except (ValueError, tomllib.TOMLDecodeError) as err:
+            raise ClusterError(f"--dvms {pair!r}: {err}") from None
+    return table
+
+
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
-       wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test") -> dict[str, Any]:
+       wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test",
+       dvms: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start the agents; with `hypervisor` "qemu", each runs real tiny guests on a libvirtd of its own
-    (the guest image is built and the accelerator chosen here first, once for all of them)."""
+    (the guest image is built and the accelerator chosen here first, once for all of them). `dvms` is the
+    `[dvms]` table of every agent.toml (discovery.config); each file is checked before its agent starts."""
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
     if hypervisor not in HYPERVISORS:
@@ -134,7 +151,11 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
                 "join": [a for a in addrs[:3] if a != addrs[i]], **qemu,
             }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
                 "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
-                "latency.rtt_ms": matrix})
+                "latency.rtt_ms": matrix, **({"dvms": dvms} if dvms else {})})
+            try:
+                load_agent_config(config)
+            except ConfigError as err:
+                raise ClusterError(str(err)) from None
             with open(node_dir / "agent.log", "ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config", str(config)],
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -17,6 +17,17 @@ agent.toml:
     [tls]       ca = "...", cert = "...", key = "..."
     [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
     rennes = { lyon = 12.0 }
+    [dvms]                              # optional; the defaults below (discovery.dvms_service)
+    injector_rate = 0.0                 # λ: CPU demand changes per VM per second (test driver); 0: none
+    injector_mean = 70.0                # each change draws from N(mean, std), percent of one vCPU
+    injector_std = 30.0
+    seed = 0                            # of the injector's per-VM streams
+    overload = 1.0                      # node overloaded above this fraction of its capacity ...
+    overload_clear = 0.9                # ... until below this one (a plan must bring it there)
+    underload = 0.0                     # consolidation: a node below this (0: never) for underload_dwell
+    underload_clear = 0.3               #   seconds is emptied onto others; it is normal again from here
+    underload_dwell = 60.0
+    retry = 5.0                         # seconds before a node still in trouble starts a partition again
 
 client.toml (written by `discovery cluster up`, or by hand):
     agent = "127.0.0.1:7001"            # default agent
@@ -29,14 +40,17 @@ $DISCOVERY_HOME/client.toml (default ~/.config/discovery/client.toml). An agent.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from agents.capacity import Resources
 from agents.node import AgentConfig
+from dvms.monitor import Thresholds
+from dvms.workload import MEAN, STD
 from overlay import tls
 from overlay.rpc import split_addr
 
@@ -87,6 +101,60 @@ def _identity(data: dict[str, Any], path: Path) -> tls.Identity:
     return tls.Identity(cert=files["cert"], key=files["key"], ca=files["ca"])
 
 
+@dataclass(frozen=True)
+class DvmsSettings:
+    """The `[dvms]` table of agent.toml (module doc): the load injector and the monitor's thresholds."""
+
+    injector_rate: float = 0.0
+    injector_mean: float = MEAN
+    injector_std: float = STD
+    seed: int = 0
+    overload: float = Thresholds.overload
+    overload_clear: float = Thresholds.overload_clear
+    underload: float = 0.0  # consolidation moves VMs for no overload: off unless asked for
+    underload_clear: float = Thresholds.underload_clear
+    underload_dwell: float = Thresholds.underload_dwell
+    retry: float = 5.0
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(overload=self.overload, overload_clear=self.overload_clear, underload=self.underload,
+                          underload_clear=self.underload_clear, underload_dwell=self.underload_dwell)
+
+
+def dvms_settings(table: dict[str, Any], path: Path | str) -> DvmsSettings:
+    """A `[dvms]` table checked field by field; ConfigError naming the first bad one (also for unknown keys,
+    so that a misspelt threshold is not silently the default)."""
+    known = [f.name for f in fields(DvmsSettings)]
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown field 'dvms.{key}' (known: {', '.join(known)})")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        integer = key == "seed"
+        if (isinstance(value, bool) or not isinstance(value, int if integer else int | float)
+                or not math.isfinite(value)):
+            raise ConfigError(f"{path}: field 'dvms.{key}' must be {'an integer' if integer else 'a number'}, "
+                              f"got {value!r}")
+        values[key] = value if integer else float(value)
+    s = DvmsSettings(**values)
+    rules = [  # (field, holds, what it must be); ordered so that the field named is the one to fix
+        ("injector_rate", s.injector_rate >= 0, ">= 0 (0: no injector)"),
+        ("injector_mean", s.injector_mean >= 0, ">= 0"),
+        ("injector_std", s.injector_std > 0, "> 0"),
+        ("overload", s.overload > 0, "> 0"),
+        ("overload_clear", 0 < s.overload_clear <= s.overload, f"in (0, overload = {s.overload:g}]"),
+        ("underload", 0 <= s.underload <= s.underload_clear,
+         f"in [0, underload_clear = {s.underload_clear:g}] (0: no consolidation)"),
+        ("underload_clear", s.underload_clear <= s.overload_clear, f"<= overload_clear = {s.overload_clear:g}"),
+        ("underload_dwell", s.underload_dwell >= 0, ">= 0 (seconds)"),
+        ("retry", s.retry > 0, "> 0 (seconds)"),
+    ]
+    for key, holds, must in rules:
+        if not holds:
+            raise ConfigError(f"{path}: field 'dvms.{key}' must be {must}, got {getattr(s, key)!r}")
+    return s
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     data = _read(path)
     cap = _field(data, "capacity", dict, path)
@@ -107,6 +175,10 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not (len(migration) == 2 and all(isinstance(p, int) and 0 <= p < 65536 for p in migration)
             and migration[0] <= migration[1]):
         raise ConfigError(f"{path}: field 'migration_ports' must be [low, high] TCP ports, got {migration!r}")
+    dvms = dvms_settings(_field(data, "dvms", dict, path, {}), path)
+    if dvms.injector_rate > 0 and hypervisor != "test":
+        raise ConfigError(f"{path}: field 'dvms.injector_rate' needs hypervisor \"test\": the demand of real "
+                          "guests is measured")
     return AgentConfig(
         name=_field(data, "name", str, path),
         site=_field(data, "site", str, path, "default"),
@@ -123,6 +195,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         replicas=_field(data, "replicas", int, path, 3),
         kademlia=_field(data, "kademlia", bool, path, True),
         kad_port=_field(data, "kad_port", int, path, 0),
+        extra={"dvms": dvms},
     )
 
 

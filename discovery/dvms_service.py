@@ -1,21 +1,35 @@
-"""DVMS inside each agent: the `IspNode` core of `dvms.partition` driven over the agents' RPC (test driver).
+"""DVMS inside each agent: the `IspNode` core of `dvms.partition` driven over the agents' RPC.
 
 `DvmsService` is an actor that owns one `IspNode` and carries out its outputs, as `discovery.sim_dvms` does on
-a virtual clock, but on the agent's clock and network:
+a virtual clock, but on the agent's clock and network. Its settings are the `[dvms]` table of agent.toml
+(`discovery.config.DvmsSettings`):
 
 * `Send` becomes a `dvms.msg` call (the message encoded by `encode`, checked by `decode`: a malformed message is
   a RequestError). A message lost to a failed call costs the core a reply timeout; a peer that gossip declares
   dead or gone is reported with `on_peer_failed`.
 * The route is `spiral_then_ring`: the agent's spiral view (nearest first), then its ring successors.
-* Monitoring: each VM's CPU demand (percent of one vCPU) is what `dvms.load` pinned, else what an `Injector`
-  gives (only when ``DISCOVERY_DVMS_RATE`` > 0: by default no VM demands anything, so nothing ever moves),
-  else 0; memory is what the VMs reserved. A `Monitor` turns the node's total into overload events, each an
-  `on_problem`; a node still overloaded and in no partition asks again every `RETRY` seconds.
-* `Solve`: the leader asks every member for its capacity and VMs (`dvms.report`), reads the VEs' records for
-  their rules and the VMs outside the partition, and runs `dvms.solver.solve` in a worker thread.
+* Monitoring, every second: each VM's CPU demand (percent of one vCPU) is what `dvms.load` pinned, else, for
+  real guests (hypervisor "qemu"), what two samples of libvirt's cpu time give, else what an `Injector` gives
+  (test driver, `injector_rate` > 0), else 0; memory is what a real guest uses (balloon stats), else what the
+  VM reserved. By default nothing demands CPU on the test driver, so nothing ever moves. Each agent's
+  injector starts at the agent's start, so a VM that moves carries on with its stream replayed on the new
+  host's clock, not with the same trajectory (the agents share no clock origin).
+* A pin is kept in the domain's own metadata (`PIN_NS`), so it travels with the VM's definition whichever way
+  the VM is relocated (by DVMS or `ve relocate`: carried, shipped or migrated live) and leaves with it; the
+  new host reads it when the domain appears.
+* A `Monitor` turns the node's total into events. An overloaded node starts a partition (`on_problem`); so does
+  an underloaded one holding VMs when `underload` > 0 (consolidation). A node still in trouble and in no
+  partition asks again after `retry` seconds (an underload after `underload_dwell` at least).
+* `Solve`: the leader asks every member for its VMs and the capacity a plan may use (`dvms.report`: the
+  monitor's `plan_node`, below `overload_clear` in the dimensions of an overload, so a plan clears it rather
+  than leave the node at 100 %), reads the VEs' records for their rules and the VMs outside the partition,
+  and runs `dvms.solver.solve` in a worker thread. An underloaded leader is evacuated (`evacuate`), and
+  members without VMs are kept empty.
 * `Apply`: the plan's migrations, one at a time in order, through this agent's own VE service
   (`ve.relocate` with `vm` and `to`, so constraints are checked and an interrupted move is recovered); none
   starts at or after the Apply deadline.
+* `dvms.status` shows the load, the partition, the partitions led with their problem (overload or underload)
+  and how they ended, and recent events (problem, created, plan, migrated, ended...).
 
 Authorization: `dvms.msg` and `dvms.report` are for agents (node role); `dvms.load` and `dvms.status` for
 agents and operators. A relocation is the agent's own act: it calls its VE service in process with an
@@ -26,19 +40,22 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
+import xml.etree.ElementTree as ET
 from collections import deque
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from agents.hypervisor import DomainStats, HypervisorError
 from agents.runtime import Actor, Event
+from discovery.config import DvmsSettings
+from discovery.relocation import check_placement
 from discovery.spec import SpecError, VESpec
 from discovery.ve_base import PREFIX, domain_name
 from dvms.model import VM, Node, Plan, Rules
-from dvms.monitor import Load, Monitor, Thresholds
+from dvms.monitor import Load, Monitor, cpu_demand, memory_demand_mb
 from dvms.partition import (
     Abort,
     Absorb,
@@ -75,12 +92,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 TICK = 0.1
 MONITOR_PERIOD = 1.0  # seconds between two samples of the node's demand
-RETRY = 5.0  # an overloaded node in no partition starts one again after this long
 MSG_TIMEOUT = 1.0
 REPORT_TIMEOUT = 5.0
 SOLVE_TIME_LIMIT = 1.0
 MAX_EVENTS = 100
-RATE_ENV = "DISCOVERY_DVMS_RATE"  # load changes per VM per second of the injector; unset or 0: no injector
+PIN_NS = "urn:discovery:dvms"  # namespace of the domain metadata that holds a VM's pinned demand
 
 MESSAGES: dict[str, type[Message]] = {cls.__name__: cls for cls in (
     Join, Joined, Refuse, KeepAlive, Alive, Commit, Committed, Abort, Release, Dissolve, Merge, Absorb, Yield)}
@@ -176,14 +192,20 @@ class DvmsService(Actor):
         self.agent, self.ve = agent, ve
         self.me = agent.config.name
         self.config = config or IspConfig()
+        settings = agent.config.extra.get("dvms")
+        self.settings = settings if isinstance(settings, DvmsSettings) else DvmsSettings()
+        self.measured = agent.config.hypervisor == "qemu"  # real guests: demand from libvirt's stats
         self.cpu_capacity = 100 * agent.config.capacity.vcpus  # `dvms.load` may lower it (a test hook)
-        self.pinned: dict[str, int] = {}  # domain -> CPU demand set by `dvms.load`
-        rate = _rate()
-        self.injector = Injector([], rate, seed=_seed(self.me)) if rate > 0 else None
+        self.pinned: dict[str, int] = {}  # domain here -> CPU demand pinned by `dvms.load` (its metadata)
+        self._read: set[str] = set()  # domains here whose pin was read from their metadata
+        self.injector: Injector | None = None
         self._injected: dict[str, int] = {}  # domain -> its demand, per the injector
         self._followed: set[str] = set()  # domains the injector follows
+        self._samples: dict[str, DomainStats] = {}  # domain -> its last stats (real guests)
+        self._demand: dict[str, tuple[int, int]] = {}  # domain -> measured (CPU, memory MB) demand
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.ended: dict[str, str] = {}  # partition id -> reason, of those this node led
+        self.problems: dict[str, str] = {}  # partition id -> "overload" or "underload", of those this node led
         self.plans: dict[tuple[PartitionId, int], Plan] = {}
         self.isp: IspNode | None = None
         self.monitor: Monitor | None = None
@@ -210,9 +232,13 @@ class DvmsService(Actor):
         # a restarted agent may have promised, before it stopped, to stay in a partition: it refuses for a while
         quarantine = now + self.config.quarantine if incarnation > 0 else -math.inf
         self.isp = IspNode(self.me, self._route, self.config, incarnation=incarnation, quarantine_until=quarantine)
+        s = self.settings
+        if s.injector_rate > 0 and not self.measured and self.injector is None:
+            self.injector = Injector([], s.injector_rate, seed=s.seed, mean=s.injector_mean, std=s.injector_std,
+                                     start=now)
         cap = self.agent.config.capacity
         self.monitor = Monitor(Node(self.me, self.agent.config.site, self.cpu_capacity, cap.memory_mb),
-                               Thresholds(underload=0.0, underload_clear=0.0))
+                               s.thresholds())
 
     def _route(self) -> list[str]:
         view = self.agent.spiral.view
@@ -227,7 +253,7 @@ class DvmsService(Actor):
     # -- mailbox and tick -------------------------------------------------------------------------------
 
     async def handle(self, message: Any) -> Any:
-        assert self.isp is not None
+        assert self.isp is not None and self.monitor is not None
         now = trio.current_time()
         if isinstance(message, Event):
             self._carry(self.isp.on_peer_failed(message.data["name"], now))
@@ -236,28 +262,27 @@ class DvmsService(Actor):
         if kind == "msg":
             self._carry(self.isp.on_message(arg, now))
         elif kind == "plan":
-            pid, version, plan = arg
+            pid, version, plan, refused = arg
             if plan is not None:
                 self.plans[pid, version] = plan
                 self._event("plan", partition=str(pid), migrations=len(plan.migrations), solver=plan.solver,
                             seconds=round(plan.seconds, 3))
             else:
-                self._event("no-plan", partition=str(pid), version=version)
+                self._event("no-plan", partition=str(pid), version=version, refused=refused)
             self._carry(self.isp.on_plan_result(pid, plan is not None, now, version))
         elif kind == "applied":
             self._carry(self.isp.on_apply_done(arg, now))
         elif kind == "load":
             vm, cpu, capacity = arg
             if vm is not None:
-                self.pinned[vm] = cpu
+                self._read.add(vm)
+                if cpu is None:
+                    self.pinned.pop(vm, None)
+                else:
+                    self.pinned[vm] = cpu
             if capacity is not None:
                 self.cpu_capacity = capacity
-                cap = self.agent.config.capacity
-                assert self.monitor is not None
-                state = self.monitor.state
-                self.monitor = Monitor(Node(self.me, self.agent.config.site, capacity, cap.memory_mb),
-                                       self.monitor.thresholds)
-                self.monitor.state = state
+                self.monitor.node = replace(self.monitor.node, cpu=capacity)
             self._next_sample = -math.inf
         elif kind == "status":
             return self._status()
@@ -270,19 +295,29 @@ class DvmsService(Actor):
         if now < self._next_sample:
             return
         self._next_sample = now + MONITOR_PERIOD
+        if self.measured:
+            await self._measure()
         vms = await self._local_vms()
         cpu = sum(vm.cpu for vm in vms)
         memory = sum(vm.memory_mb for vm in vms)
+        now = trio.current_time()
         transition = self.monitor.observe(now, cpu, memory)
-        self.load = {"cpu": cpu, "memory_mb": memory, "state": self.monitor.state.value,
-                     "cpu_capacity": self.cpu_capacity}
+        state = self.monitor.state
+        self.load = {"cpu": cpu, "memory_mb": memory, "state": state.value, "cpu_capacity": self.cpu_capacity}
         if transition is not None:
             self._event(transition.after.value, cpu=cpu, memory_mb=memory)
-        overloaded = self.monitor.state is Load.OVERLOAD
-        if overloaded and self.isp.membership is None and (transition is not None or now >= self._last_problem + RETRY):
+        # an empty node has nothing to consolidate; a consolidation that found no room can wait
+        trouble = state is Load.OVERLOAD or (state is Load.UNDERLOAD and bool(vms))
+        wait = self.settings.retry if state is Load.OVERLOAD else max(self.settings.retry,
+                                                                       self.settings.underload_dwell)
+        if trouble and self.isp.membership is None and (transition is not None or now >= self._last_problem + wait):
             self._last_problem = now
-            self._event("problem", cpu=cpu, capacity=self.cpu_capacity)
-            self._carry(self.isp.on_problem(now))
+            self._event("problem", load=state.value, cpu=cpu, capacity=self.cpu_capacity)
+            outputs = self.isp.on_problem(now)
+            if self.isp.lead is not None:
+                self.problems[str(self.isp.lead.pid)] = state.value
+                _trim(self.problems)
+            self._carry(outputs)
 
     # -- carrying out the core's outputs -----------------------------------------------------------------
 
@@ -298,11 +333,13 @@ class DvmsService(Actor):
                 self._nursery.start_soon(self._apply, out)
             elif isinstance(out, Ended):
                 self.ended[str(out.pid)] = out.reason
+                _trim(self.ended)
                 self.plans = {k: v for k, v in self.plans.items() if k[0] != out.pid}
-                self._event("ended", partition=str(out.pid), reason=out.reason, members=list(out.members))
+                self._event("ended", partition=str(out.pid), reason=out.reason, members=list(out.members),
+                            problem=self.problems.get(str(out.pid)))
         p = self.isp.lead
         if p is not None and not any(e["kind"] == "created" and e.get("partition") == str(p.pid) for e in self.events):
-            self._event("created", partition=str(p.pid))
+            self._event("created", partition=str(p.pid), problem=self.problems.get(str(p.pid)))
 
     def _addr(self, name: str) -> str | None:
         member = self.agent.membership.members.get(name)
@@ -321,21 +358,31 @@ class DvmsService(Actor):
             log.debug("dvms: %s to %s lost: %s", type(out.msg).__name__, out.to, err)
 
     async def _solve(self, out: Solve) -> None:
-        plan = None
+        """Each member reports the capacity a plan may use (its monitor's `plan_node`: an overloaded node must
+        come below overload_clear). An underloaded leader is evacuated, and members left empty are not
+        filled: consolidation empties nodes, it does not wake them."""
+        assert self.monitor is not None
+        plan, refused = None, None
         try:
-            nodes, vms, fixed, rules, sites = await self._problem(out.members)
+            nodes, vms, fixed, specs, sites = await self._problem(out.members)
+            rules = _rules(specs, {vm.name for vm in [*vms, *fixed]})
+            evacuate: set[str] = set()
+            if self.monitor.state is Load.UNDERLOAD:
+                evacuate = {self.me} | ({n.name for n in nodes} - {vm.node for vm in vms})
             plan = await trio.to_thread.run_sync(
-                lambda: solve(nodes, vms, rules, SOLVE_TIME_LIMIT, fixed=fixed, sites=sites))
+                lambda: solve(nodes, vms, rules, SOLVE_TIME_LIMIT, fixed=fixed, sites=sites, evacuate=evacuate))
+            if plan is not None and (refused := blocked_step(plan, [*vms, *fixed], specs, sites)) is not None:
+                plan = None  # as if none were found: the partition grows, and a larger one has other ways
         except (RequestError, RpcError) as err:
             log.info("dvms: cannot solve %s: %s", out.pid, err)
         except Exception as err:  # a bad report or a solver bug must not take the service down: no plan
             log.warning("dvms: solving %s failed: %r", out.pid, err)
-        self.tell_nowait(("plan", (out.pid, out.version, plan)))
+        self.tell_nowait(("plan", (out.pid, out.version, plan, refused)))
 
-    async def _problem(self, members: tuple[str, ...]) -> tuple[list[Node], list[VM], list[VM], list[Rules],
+    async def _problem(self, members: tuple[str, ...]) -> tuple[list[Node], list[VM], list[VM], dict[str, VESpec],
                                                                  dict[str, str]]:
-        """The partition's nodes and VMs (asked to each member), the rules of their VEs and the VMs of those
-        VEs outside the partition (from the VE records: fixed, demand unknown so 0)."""
+        """The partition's nodes and VMs (asked to each member), the specs of their VEs, the VMs of those VEs
+        outside the partition (from the VE records: fixed, demand unknown so 0) and the sites of all nodes."""
         reports: dict[str, dict[str, Any]] = {}
         for name in members:
             if name == self.me:
@@ -352,7 +399,8 @@ class DvmsService(Actor):
             vms += [VM(domain_name(v["ve"], v["vm"]), v["ve"], name, int(v["vcpus"]), int(v["memory_mb"]),
                        int(v["cpu"])) for v in report["vms"]]
         present = {vm.name for vm in vms}
-        rules, fixed = [], []
+        specs: dict[str, VESpec] = {}
+        fixed = []
         for ve in sorted({vm.ve for vm in vms}):
             record = await self.agent.records.get(PREFIX + ve)
             if record is None:
@@ -362,18 +410,15 @@ class DvmsService(Actor):
             except (SpecError, KeyError) as err:
                 log.warning("dvms: VE %s has an unreadable spec: %s", ve, err)
                 continue
-            rules.append(rules_of(spec))
+            specs[ve] = spec
             needs = {v.name: v for v in spec.vms}
             for vm_name, slot in record.value.get("placement", {}).items():
                 domain = domain_name(ve, vm_name)
-                if domain in present or vm_name not in needs or slot.get("node") in sites:
-                    continue
+                if domain in present or vm_name not in needs or slot.get("node") in reports:
+                    continue  # here, or said by the record to be on a member that does not have it (moving)
                 sites.setdefault(slot["node"], slot.get("site", ""))
                 fixed.append(VM(domain, ve, slot["node"], needs[vm_name].vcpus, needs[vm_name].memory_mb, 0))
-        known = {vm.name for vm in [*vms, *fixed]}
-        rules = [Rules(r.ve, tuple(g & known for g in r.affinity), tuple(g & known for g in r.anti_affinity),
-                       r.site, r.same_site, r.spread_sites, r.max_per_node) for r in rules]
-        return nodes, vms, fixed, rules, sites
+        return nodes, vms, fixed, specs, sites
 
     async def _apply(self, out: Apply) -> None:
         plan = self.plans.get((out.pid, out.version), Plan())
@@ -397,26 +442,29 @@ class DvmsService(Actor):
     # -- local state -------------------------------------------------------------------------------------
 
     async def _local_vms(self) -> list[VM]:
-        """The VE VMs defined here, with their current CPU demand (module doc)."""
-        now = trio.current_time()
-        out = []
-        domains = await self.agent.hypervisor.list()
-        here = set()
+        """The VE VMs defined here, with their current demand: CPU pinned (`dvms.load`), else measured (real
+        guests), else injected, else 0; memory measured (real guests), else reserved."""
+        domains = [d for d in await self.agent.hypervisor.list() if ":" in d.name]
+        here = {d.name for d in domains}
         for d in domains:
-            ve, sep, vm = d.name.partition(":")
-            if not sep:
-                continue
-            here.add(d.name)
-            cpu = 0
+            if d.name not in self._read:  # arrived (or this agent started): its pin came with its definition
+                self._read.add(d.name)
+                if (pin := await self._pin_of(d.name)) is not None:
+                    self.pinned[d.name] = pin
+        now = trio.current_time()  # after the awaits: a concurrent call (`dvms.report`) took an earlier one
+        out = []
+        for d in domains:
+            ve = d.name.partition(":")[0]
             if self.injector is not None and d.name not in self._followed:
                 self._followed.add(d.name)
                 self._injected[d.name] = self.injector.add(VM(d.name, ve, self.me, d.vcpus, d.memory_mb, 0), now)
+            cpu, memory = self._demand.get(d.name, (0, d.memory_mb)) if self.measured else (0, d.memory_mb)
             if d.name in self.pinned:
                 cpu = self.pinned[d.name]
             elif self.injector is not None:
                 cpu = self._injected.get(d.name, 0)
-            out.append(VM(d.name, ve, self.me, d.vcpus, d.memory_mb, min(cpu, 100 * d.vcpus) if d.state == "running"
-                          else 0))
+            running = d.state == "running"
+            out.append(VM(d.name, ve, self.me, d.vcpus, memory, min(cpu, 100 * d.vcpus) if running else 0))
         if self.injector is not None:
             for change in self.injector.next_events(now):
                 self._injected[change.vm] = change.cpu
@@ -424,14 +472,49 @@ class DvmsService(Actor):
                 self.injector.remove(gone)
                 self._followed.discard(gone)
                 self._injected.pop(gone, None)
-        for gone in set(self.pinned) - here:  # moved away: the pin stays with the node it was set on
-            del self.pinned[gone]
+        for gone in self._read - here:  # moved away: its pin went with it
+            self._read.discard(gone)
+            self.pinned.pop(gone, None)
         return out
 
+    async def _measure(self) -> None:
+        """Real guests: each running VM's demand from two samples of libvirt's stats (`dvms.monitor`)."""
+        try:
+            stats = await self.agent.hypervisor.stats()
+        except HypervisorError as err:
+            log.warning("dvms: no domain stats: %s", err)
+            return
+        infos = {d.name: d for d in await self.agent.hypervisor.list()}
+        for name, sample in stats.items():
+            info, before = infos.get(name), self._samples.get(name)
+            if info is None or ":" not in name:
+                continue
+            memory = memory_demand_mb(sample.balloon, info.memory_mb)
+            cpu = self._demand.get(name, (0, 0))[0]
+            if before is not None and sample.sampled > before.sampled:
+                measured = cpu_demand(before.cpu_time_ns, sample.cpu_time_ns, before.sampled, sample.sampled,
+                                      info.vcpus)
+                cpu = cpu if measured is None else measured  # None: restarted in between, nothing measured
+            self._demand[name] = (cpu, memory)
+        self._samples = stats
+        self._demand = {name: d for name, d in self._demand.items() if name in stats}
+
+    async def _pin_of(self, domain: str) -> int | None:
+        try:
+            xml = await self.agent.hypervisor.metadata(domain, PIN_NS)
+            cpu = None if xml is None else int(ET.fromstring(xml).get("cpu", ""))
+        except HypervisorError:  # gone meanwhile
+            return None
+        except (ET.ParseError, ValueError):
+            log.warning("dvms: %s has an unreadable pin; ignored", domain)
+            return None
+        return cpu if cpu is None or cpu >= 0 else None
+
     async def _report(self) -> dict[str, Any]:
+        assert self.monitor is not None
         vms = await self._local_vms()
-        return {"node": self.me, "site": self.agent.config.site, "cpu": self.cpu_capacity,
-                "memory_mb": self.agent.config.capacity.memory_mb,
+        node = self.monitor.plan_node()
+        return {"node": self.me, "site": self.agent.config.site, "cpu": node.cpu, "memory_mb": node.memory_mb,
                 "vms": [{"ve": vm.ve, "vm": vm.name.partition(":")[2], "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
                          "cpu": vm.cpu} for vm in vms]}
 
@@ -443,9 +526,10 @@ class DvmsService(Actor):
             lead = self.isp.lead
             partition = {"id": str(m.pid), "leader": m.leader, "role": "leader" if lead is not None else "member",
                          "members": list(lead.members) if lead is not None else None,
-                         "state": lead.state.value if lead is not None else None}
+                         "state": lead.state.value if lead is not None else None,
+                         "problem": self.problems.get(str(m.pid))}
         return {"node": self.me, "load": self.load, "partition": partition, "pinned": dict(self.pinned),
-                "ended": dict(self.ended), "events": list(self.events)}
+                "ended": dict(self.ended), "problems": dict(self.problems), "events": list(self.events)}
 
     # -- RPC ---------------------------------------------------------------------------------------------
 
@@ -463,8 +547,9 @@ class DvmsService(Actor):
         return await self._report()
 
     async def _on_load(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        """Test hook: pin VM `vm` (a domain `ve:vm` on this node) to `cpu` percent of one vCPU, and/or set the
-        CPU capacity (`cpu_capacity`, percent) DVMS counts for this node."""
+        """Test hook: pin VM `vm` (a domain `ve:vm` on this node) to `cpu` percent of one vCPU (cpu None: unpin),
+        and/or set the CPU capacity (`cpu_capacity`, percent) DVMS counts for this node. The pin is written in
+        the domain's metadata, so it follows the VM wherever it is relocated."""
         if caller.role not in ("node", "operator"):
             raise Forbidden("only operators and agents may set DVMS load")
         vm, cpu, capacity = args.get("vm"), args.get("cpu"), args.get("cpu_capacity")
@@ -473,10 +558,12 @@ class DvmsService(Actor):
         if vm is not None:
             if not (isinstance(vm, str) and ":" in vm):
                 raise RequestError("vm must be a domain name ve:vm")
-            if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0:
-                raise RequestError("cpu must be an integer >= 0 (percent of one vCPU)")
+            if cpu is not None and (not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0):
+                raise RequestError("cpu must be an integer >= 0 (percent of one vCPU), or null to unpin")
         if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0):
             raise RequestError("cpu_capacity must be an integer > 0")
+        if vm is not None:  # NotFound unless the VM is here
+            await self.agent.host.set_metadata(vm, PIN_NS, "dvms", None if cpu is None else f'<load cpu="{cpu}"/>')
         await self.ask(("load", (vm, cpu, capacity)))
         return {"node": self.me, "vm": vm, "cpu": cpu, "cpu_capacity": self.cpu_capacity}
 
@@ -486,14 +573,34 @@ class DvmsService(Actor):
         return await self.ask(("status", None))
 
 
-def _rate() -> float:
-    try:
-        rate = float(os.environ.get(RATE_ENV, "0") or 0)
-    except ValueError:
-        log.warning("%s is not a number: no load injector", RATE_ENV)
-        return 0.0
-    return rate if rate > 0 and math.isfinite(rate) else 0.0
+def _rules(specs: dict[str, VESpec], known: set[str]) -> list[Rules]:
+    """The VEs' rules for the solver, over the VMs it knows of (a group keeps its known members)."""
+    rules = [rules_of(spec) for spec in specs.values()]
+    return [Rules(r.ve, tuple(g & known for g in r.affinity), tuple(g & known for g in r.anti_affinity),
+                  r.site, r.same_site, r.spread_sites, r.max_per_node) for r in rules]
 
 
-def _seed(name: str) -> int:
-    return sum(ord(c) * 31**i for i, c in enumerate(name)) % 2**31
+def blocked_step(plan: Plan, vms: list[VM], specs: dict[str, VESpec], sites: dict[str, str]) -> str | None:
+    """Why `plan` cannot be applied in its order, None if it can. `ve.relocate` checks the whole VE after each
+    move, and a plan only promises that the end keeps the rules: a swap of two anti-affine VMs between two
+    nodes ends well but goes through a node holding both, and would be refused half-way."""
+    node_of: dict[str, dict[str, str]] = {}
+    for vm in vms:
+        node_of.setdefault(vm.ve, {})[vm.name.partition(":")[2]] = vm.node
+    for m in plan.migrations:
+        ve, _, name = m.vm.partition(":")
+        placed = node_of.setdefault(ve, {})
+        placed[name] = m.target
+        spec = specs.get(ve)
+        if spec is None or not {v.name for v in spec.vms} <= set(placed) or not set(placed.values()) <= set(sites):
+            continue  # a VE the partition cannot see whole: ve.relocate has the last word
+        why = check_placement(spec, placed, sites)
+        if why is not None:
+            return f"moving {m.vm} to {m.target} at that point breaks {why}"
+    return None
+
+
+def _trim(entries: dict[str, str]) -> None:
+    """Keeps the last MAX_EVENTS partitions of a per-partition record (dicts keep insertion order)."""
+    while len(entries) > MAX_EVENTS:
+        del entries[next(iter(entries))]

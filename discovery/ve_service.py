@@ -376,7 +376,7 @@ def _interrupted(ve: dict[str, Any]) -> list[dict[str, Any]]:
 async def install(agent: NodeAgent) -> None:
     """Agent extension hook: adds the VE service, its recovery of interrupted operations and its fencing of
     failed-over copies, to a node agent; and the DVMS service (`discovery.dvms_service`), which moves nothing
-    unless some VM demands CPU (`dvms.load`, or an injector configured by the environment)."""
+    unless some VM demands CPU (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`)."""
     from discovery.dvms_service import DvmsService  # it relocates through this module's service
 
     service = VEService(agent)

@@ -5,7 +5,7 @@ It delivers messages after random delays (so in any order), drops some, cuts a n
 a while (alive, but its leases lapse), crashes and restarts nodes, tells the survivors after a detection
 delay (as SWIM would), reports live nodes as failed (SWIM's false positives), answers `Solve` with a
 pluggable oracle after a random solving time and finishes each `Apply` after a random time. After every
-event it checks what must always hold, so a test only has to read `violations`:
+event it checks what must always hold (on the nodes the event touched), so a test only has to read `violations`:
 
 * **one partition per node**: no node is in, or counted by a live leader in, two partitions at once;
 * **one apply per node**: an apply's members are all locked in it until its deadline, and no node is a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -92,6 +93,7 @@ class IspNet:
         self.delay, self.drop, self.solve_time, self.apply_time = delay, drop, solve_time, apply_time
         self.tick, self.detection = tick, detection
         self.nodes = {name: self._boot(name, 0, -math.inf) for name in names}
+        self.active: set[str] = set()  # nodes in or leading a partition: only they need ticks and checks
         self.down: set[str] = set()
         self.cut: dict[str, float] = {}  # node → until when its messages, both ways, are lost
         self.now = 0.0
@@ -100,6 +102,10 @@ class IspNet:
         self.messages = 0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
+        self._running: list[Running] = []  # applies not known to be over
+        self._counting: dict[str, set[str]] = defaultdict(set)  # member -> live leaders whose partition lists it
+        self._listed: dict[str, frozenset[str]] = {}  # leader -> the members its partition lists
+        self._touched: set[str] = set()  # nodes whose holders the last event may have changed
         self._busy = 0  # events in the queue other than ticks: the run is over when none is left and all are free
         self._push(0.0, self._tick_all, busy=False)
 
@@ -136,7 +142,7 @@ class IspNet:
     @property
     def quiet(self) -> bool:
         """No live node is in a partition."""
-        return all(self.nodes[n].membership is None for n in self.nodes if n not in self.down)
+        return not self.active
 
     # ----------------------------------------------------------------------------------------------------
     # Events
@@ -152,7 +158,7 @@ class IspNet:
         heapq.heappush(self._queue, (when, self._seq, run))
 
     def _tick_all(self) -> None:
-        names = list(self.nodes)
+        names = sorted(self.active)  # an idle core's tick does nothing
         self.rng.shuffle(names)
         for name in names:
             self._input(name, lambda node: node.on_tick(self.now))
@@ -166,6 +172,11 @@ class IspNet:
         outputs = call(node)
         if node.lead is not None and node.lead.pid != before:
             self.trace.created[node.lead.pid] = self.now
+        if node.membership is not None or node.lead is not None:
+            self.active.add(name)
+        else:
+            self.active.discard(name)
+        self._index(name)
         for out in outputs:
             self._carry(name, node, out)
 
@@ -202,8 +213,9 @@ class IspNet:
 
     def _start_apply(self, name: str, out: Apply) -> None:
         running = Running(out.pid, out.members, self.now, out.deadline)
-        for other in self.trace.applies:
-            if other.done > self.now and other.deadline > self.now and set(other.members) & set(out.members):
+        self._running = [r for r in self._running if r.done > self.now and r.deadline > self.now]
+        for other in self._running:
+            if set(other.members) & set(out.members):
                 self.violations.append(f"{self.now:.3f}: applies {other.pid} and {out.pid} share "
                                        f"{sorted(set(other.members) & set(out.members))}")
         for member in out.members:
@@ -212,6 +224,7 @@ class IspNet:
             if member not in self.down and not locked and node.quarantine_until < out.deadline:
                 self.violations.append(f"{self.now:.3f}: {member} is not locked in {out.pid} for its apply")
         self.trace.applies.append(running)
+        self._running.append(running)
 
         def done() -> None:
             running.done = min(self.now, running.deadline)
@@ -226,6 +239,8 @@ class IspNet:
         if node.lead is not None:
             self.trace.leader_crashed.add(node.lead.pid)
         self.down.add(name)
+        self.active.discard(name)
+        self._index(name)
         self._report(name)
         if restart_after is not None:
             self._push(self.now + restart_after, lambda: self._restart(name, node.incarnation + 1))
@@ -244,19 +259,31 @@ class IspNet:
     # ----------------------------------------------------------------------------------------------------
     # Safety, after every event
 
+    def _index(self, name: str) -> None:
+        """After an input at `name` (or its crash): which members its partition lists, and who is touched."""
+        node = self.nodes[name]
+        listed = frozenset(node.lead.members) if node.lead is not None and name not in self.down else frozenset()
+        before = self._listed.get(name, frozenset())
+        for member in before - listed:
+            self._counting[member].discard(name)
+        for member in listed - before:
+            self._counting[member].add(name)
+        self._listed[name] = listed
+        self._touched |= before | listed | {name}
+
     def _check(self) -> None:
-        holders: dict[str, set[PartitionId]] = {}
-        for name, node in self.nodes.items():
-            if name in self.down:
-                continue
-            if node.membership is not None:
-                holders.setdefault(name, set()).add(node.membership.pid)
-            if node.lead is not None:
-                for member in node.counted(self.now):
-                    holders.setdefault(member, set()).add(node.lead.pid)
-        for name, pids in holders.items():
+        """Only the nodes the last event touched: a node's holders change only through its own inputs or those
+        of a leader that lists it (time passing only lets leases lapse)."""
+        for name in self._touched:
+            node = self.nodes[name]
+            pids = {node.membership.pid} if node.membership is not None and name not in self.down else set()
+            for leader in self._counting[name]:
+                lead = self.nodes[leader].lead
+                if lead is not None and name in self.nodes[leader].counted(self.now):
+                    pids.add(lead.pid)
             for pid in pids:
                 self.trace.last_seen[pid] = self.now
             if len(pids) > 1:
                 self.violations.append(f"{self.now:.3f}: {name} in {sorted(map(str, pids))}")
+        self._touched = set()
 

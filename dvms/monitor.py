@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dvms.model import VM, Node
 
@@ -114,6 +114,20 @@ class Monitor:
         before, self.state = self.state, after
         return Transition(time, self.node.name, before, after, cpu, memory_mb)
 
+    def plan_node(self) -> Node:
+        """The node as a plan must leave it. While overloaded, the dimensions that went over must come below
+        `overload_clear`, or the monitor stays in OVERLOAD and asks again (a plan that fills the node to
+        exactly 100 % clears nothing); otherwise the node must only stay within its capacity."""
+        if self.state is not Load.OVERLOAD:
+            return self.node
+        clear = self.thresholds.overload_clear
+        cpu, memory_mb = self.node.cpu, self.node.memory_mb
+        if "cpu" in self._hot:
+            cpu = math.ceil(cpu * clear) - 1
+        if "memory" in self._hot:
+            memory_mb = math.ceil(memory_mb * clear) - 1
+        return replace(self.node, cpu=cpu, memory_mb=memory_mb)
+
     def observe_vms(self, time: float, vms: Iterable[VM]) -> Transition | None:
         """`observe` with the demand of the VMs in vms that run on this node."""
         cpu, memory_mb = demand(vms, self.node.name)
@@ -157,3 +171,4 @@ def memory_demand_mb(stats: Mapping[str, int], reserved_mb: int) -> int:
     else:
         return reserved_mb
     return max(0, min(math.ceil(kib / _KIB_PER_MB), reserved_mb))
+

@@ -625,8 +625,11 @@ class IspNode:
 
     def _hop(self, p: Partition, now: float) -> None:
         """Ask the next node of the route not asked during this lap; a lap over ends, blocks or goes on."""
-        route = [n for n in self.route() if n != self.name and n not in p.members]
-        while (candidate := next((n for n in route if n not in p.visited), None)) is None:
+        def unasked() -> str | None:
+            return next((n for n in self.route() if n != self.name and n not in p.members and n not in p.visited),
+                        None)
+
+        while (candidate := unasked()) is None:
             p.lap += 1
             p.idle_laps += 1
             if p.idle_laps >= self.config.laps:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
+from itertools import chain, islice
 
 from ortools.sat.python import cp_model
 
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 INTER_SITE_WEIGHT = 4.0  # an inter-site migration costs this many times the same memory moved inside a site
 _SCALE = 100  # cost units per MB moved inside a site: room for a non-integer weight
+LARGE = 20_000  # movable VMs x nodes above which a problem is pruned (`_Problem._fix_healthy`, `CANDIDATES`)
+CANDIDATES = 16  # in a large problem, the nodes CP-SAT may send a unit to besides its home and greedy's choice
 
 
 class Unorderable(ValueError):
@@ -63,8 +67,9 @@ def check(nodes: Sequence[Node], vms: Iterable[VM], rules: Iterable[Rules] = (),
         if memory[node.name] > node.memory_mb:
             out.append(f"node {node.name}: memory {memory[node.name]} MB > capacity {node.memory_mb} MB")
     by_name = {vm.name: vm for vm in vms}
+    by_ve = _by_ve(vms)
     for r in rules:
-        out += _rule_violations(r, [vm for vm in vms if vm.ve == r.ve], by_name, site_of)
+        out += _rule_violations(r, by_ve.get(r.ve, []), by_name, site_of)
     return out
 
 
@@ -193,7 +198,12 @@ class _Unit:
     cpu: int
     memory_mb: int
     home: str | None  # the node all its VMs are on, if they share one
-    domain: list[str]  # nodes it may go to, considering it alone
+    anchors: frozenset[str]  # nodes of the fixed VMs of its affinity group (it must join them)
+    domain: list[str]  # nodes it may go to, considering it alone (in a large problem: the best few)
+
+    @cached_property
+    def names(self) -> frozenset[str]:
+        return frozenset(vm.name for vm in self.vms)
 
 
 class _Problem:
@@ -220,9 +230,45 @@ class _Problem:
         if not self.evacuate <= set(self.nodes):
             raise ValueError("solve: evacuate names nodes outside the partition")
         self.impossible: str | None = None
+        if len(self.vms) * len(self.nodes) > LARGE:
+            self._fix_healthy()
+        self.fixed_by_ve = _by_ve(self.fixed)
+        self.fixed_at: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # ve -> node -> VMs
+        for vm in self.fixed:
+            self.fixed_at[vm.ve][vm.node].add(vm.name)
         self.base_cpu, self.base_memory = _loads(vm for vm in self.fixed if vm.node in self.nodes)
+        cpu, _ = _loads([*self.vms, *self.fixed])
+        free = sorted(self.nodes.values(), key=lambda n: (cpu[n.name] - n.cpu, n.name))
+        self.by_free = [n.name for n in free]  # the nodes, most free CPU first
+        self.by_site: dict[str, list[str]] = defaultdict(list)
+        for n in free:
+            self.by_site[n.site].append(n.name)
         self.units = self._units()
         self._precheck()
+
+    def _fix_healthy(self) -> None:
+        """A large problem moves only the VMs of the nodes in trouble (over capacity, to evacuate) and of the
+        VEs that break a rule, with their affinity peers; the others join the fixed VMs. The model then has
+        the size of the trouble, not of the cluster, at the price of never making room by moving a VM of a
+        healthy node (a small problem may)."""
+        cpu, memory = _loads([*self.vms, *self.fixed])
+        hot = {n.name for n in self.nodes.values() if cpu[n.name] > n.cpu or memory[n.name] > n.memory_mb}
+        everything = [*self.vms, *self.fixed]
+        by_name, by_ve = {vm.name: vm for vm in everything}, _by_ve(everything)
+        broken = {ve for ve, r in self.rules.items() if _rule_violations(r, by_ve.get(ve, []), by_name, self.site_of)}
+        moving = {vm.name for vm in self.vms if vm.node in hot | self.evacuate or vm.ve in broken}
+        movable = {vm.name for vm in self.vms}
+        grown = True
+        while grown:  # an affinity group moves whole
+            grown = False
+            for vm in self.vms:
+                for g in self.rules.get(vm.ve, Rules(vm.ve)).affinity if vm.name in moving else ():
+                    peers = g & movable
+                    if vm.name in g and not peers <= moving:
+                        moving |= peers
+                        grown = True
+        self.fixed += [vm for vm in self.vms if vm.name not in moving]
+        self.vms = [vm for vm in self.vms if vm.name in moving]
 
     def _units(self) -> list[_Unit]:
         parent = {vm.name: vm.name for vm in [*self.vms, *self.fixed]}
@@ -245,34 +291,39 @@ class _Problem:
         for vm in self.fixed:
             anchors[root(vm.name)].add(vm.node)
         units = []
+        large = len(self.vms) * len(self.nodes) > LARGE
         for key, members in sorted(movable.items()):
             homes = {vm.node for vm in members}
             unit = _Unit(members[0].ve, tuple(members), sum(vm.cpu for vm in members),
-                         sum(vm.memory_mb for vm in members), homes.pop() if len(homes) == 1 else None, [])
-            unit.domain = self._domain(unit, anchors[key])
+                         sum(vm.memory_mb for vm in members), homes.pop() if len(homes) == 1 else None,
+                         frozenset(anchors[key]), [])
+            unit.domain = list(islice(self.candidates(unit), 1 + CANDIDATES) if large else self.candidates(unit))
             units.append(unit)
         return units
 
-    def _domain(self, unit: _Unit, anchors: set[str]) -> list[str]:
-        r = self.rules.get(unit.ve, Rules(unit.ve))
-        names = {vm.name for vm in unit.vms}
-        fixed_ve = [vm for vm in self.fixed if vm.ve == unit.ve]
-        fixed_sites = {self.site_of[vm.node] for vm in fixed_ve}
-        allowed = []
-        for node in self.nodes.values():
-            here = [vm for vm in fixed_ve if vm.node == node.name]
-            here_names = {vm.name for vm in here}
-            ok = (node.name not in self.evacuate
-                  and (not anchors or anchors == {node.name})
-                  and (r.site is None or node.site == r.site)
-                  and (not r.same_site or fixed_sites <= {node.site})
-                  and (r.max_per_node is None or len(here) + len(unit.vms) <= r.max_per_node)
-                  and unit.cpu <= node.cpu - self.base_cpu[node.name]
-                  and unit.memory_mb <= node.memory_mb - self.base_memory[node.name]
-                  and all(len(g & names) + len(g & here_names) <= 1 for g in r.anti_affinity if g & names))
-            if ok:
-                allowed.append(node.name)
-        return allowed
+    def candidates(self, unit: _Unit) -> Iterator[str]:
+        """The nodes unit may go to, considering it alone, best first: its home, then its site's nodes, then
+        the other sites' nodes, each by decreasing free CPU (the emptiest first: the least likely to overload
+        next)."""
+        home = unit.home
+        origin = self.site_of[home or unit.vms[0].node]
+        order = chain([home] if home in self.nodes else [], (n for n in self.by_site[origin] if n != home),
+                      (n for n in self.by_free if self.site_of[n] != origin))
+        return (n for n in order if self.allowed(unit, self.nodes[n]))
+
+    def allowed(self, unit: _Unit, node: Node) -> bool:
+        """Whether unit alone may go to node: room next to the fixed VMs, and its VE's rules towards them."""
+        r = self.rules.get(unit.ve) or Rules(unit.ve)
+        here = self.fixed_at[unit.ve].get(node.name, set())
+        names = unit.names
+        return (node.name not in self.evacuate
+                and (not unit.anchors or unit.anchors == {node.name})
+                and (r.site is None or node.site == r.site)
+                and (not r.same_site or all(self.site_of[vm.node] == node.site for vm in self.fixed_by_ve[unit.ve]))
+                and (r.max_per_node is None or len(here) + len(unit.vms) <= r.max_per_node)
+                and unit.cpu <= node.cpu - self.base_cpu[node.name]
+                and unit.memory_mb <= node.memory_mb - self.base_memory[node.name]
+                and all(len(g & names) + len(g & here) <= 1 for g in r.anti_affinity if g & names))
 
     def _precheck(self) -> None:
         """Cheap necessary conditions, so that hopeless partitions are told at once (and why)."""
@@ -291,9 +342,9 @@ class _Problem:
             if need > free:
                 self.impossible = f"the VMs demand {need} {dim}, the partition has {free}"
                 return
+        fixed = {vm.name: vm for vm in self.fixed}
         for r in self.rules.values():
-            clash = _rule_violations(r, [vm for vm in self.fixed if vm.ve == r.ve], {vm.name: vm for vm in self.fixed},
-                                     self.site_of)
+            clash = _rule_violations(r, self.fixed_by_ve.get(r.ve, []), fixed, self.site_of)
             clash = [c for c in clash if "spread_sites" not in c]  # movable VMs may cover more sites, not the rest
             if clash:
                 self.impossible = f"the fixed VMs break a rule: {clash[0]}"
@@ -379,6 +430,9 @@ def _cp_sat(p: _Problem, deadline: float, weight: float, workers: int, seed: int
     """Builds and solves the model by deadline (time.monotonic()); hint (unit -> node, default: where the
     units are) gives CP-SAT its first solution."""
     model = cp_model.CpModel()
+    for i, n in (hint or {}).items():  # a large problem's short domains may lack greedy's choice
+        if n not in p.units[i].domain:
+            p.units[i].domain.append(n)
     x = {(i, n): model.new_bool_var(f"x{i}_{n}") for i, u in enumerate(p.units) for n in u.domain}
     on: dict[str, list[tuple[int, cp_model.IntVar]]] = defaultdict(list)  # node -> (unit, x)
     for (i, n), var in x.items():
@@ -398,7 +452,7 @@ def _cp_sat(p: _Problem, deadline: float, weight: float, workers: int, seed: int
     for (i, n), var in x.items():
         by_ve[p.units[i].ve].append((i, n, var))
     for r in p.rules.values():
-        _ve_constraints(model, p, r, by_ve[r.ve])
+        _ve_constraints(model, p, r, by_ve.get(r.ve, []))
     model.minimize(cp_model.LinearExpr.weighted_sum(list(x.values()),
                                                     [p.cost(p.units[i], n, weight) for i, n in x]))
     solver = cp_model.CpSolver()
@@ -416,7 +470,7 @@ def _cp_sat(p: _Problem, deadline: float, weight: float, workers: int, seed: int
 def _ve_constraints(model: cp_model.CpModel, p: _Problem, r: Rules,
                     mine: list[tuple[int, str, cp_model.IntVar]]) -> None:
     """A VE's rules on the x of its units (mine: unit, node, x); affinity is in the units, pins in the domains."""
-    fixed = [vm for vm in p.fixed if vm.ve == r.ve]
+    fixed = p.fixed_by_ve.get(r.ve, [])
     per_node: dict[str, list[tuple[int, cp_model.IntVar]]] = defaultdict(list)
     per_site: dict[str, list[cp_model.IntVar]] = defaultdict(list)
     for i, n, var in mine:
@@ -459,6 +513,7 @@ class _Greedy:
         self.ve_sites: dict[str, Counter[str]] = defaultdict(Counter)
         self.unplaced: Counter[str] = Counter()  # units of a VE waiting for a node
         self.anti: dict[tuple[str, frozenset[str]], Counter[str]] = defaultdict(Counter)  # group -> node -> members
+        self.units_on: dict[str, set[int]] = defaultdict(set)
         for vm in p.fixed:
             self._count(vm, vm.node, 1)
         for i, u in enumerate(p.units):
@@ -485,25 +540,28 @@ class _Greedy:
     def place(self, i: int, node: str) -> None:
         self._move(i, node, 1)
         self.at[i] = node
+        self.units_on[node].add(i)
 
     def evict(self, i: int) -> None:
         node = self.at[i]
         if node is not None:
             self._move(i, node, -1)
             self.at[i] = None
+            self.units_on[node].discard(i)
 
     def on(self, node: str) -> list[int]:
-        return [i for i, n in self.at.items() if n == node]
+        return sorted(self.units_on[node])
 
     def over(self, node: str) -> tuple[int, int]:
         n = self.p.nodes[node]
         return self.cpu[node] - n.cpu, self.memory[node] - n.memory_mb
 
     def fits(self, i: int, node: str) -> bool:
-        """Whether unit i may go to node now: room, and every rule of its VE still reachable."""
+        """Whether unit i, allowed on node (`_Problem.candidates`), may go there now: room, and every rule of
+        its VE still reachable."""
         u, n = self.p.units[i], self.p.nodes[node]
         r = self.p.rules.get(u.ve, Rules(u.ve))
-        if (node not in u.domain or self.cpu[node] + u.cpu > n.cpu
+        if (self.cpu[node] + u.cpu > n.cpu
                 or self.memory[node] + u.memory_mb > n.memory_mb):
             return False
         if r.max_per_node is not None and self.ve_nodes[u.ve][node] + len(u.vms) > r.max_per_node:
@@ -534,9 +592,7 @@ def _greedy(p: _Problem) -> dict[int, str] | None:
     evicted = sorted((i for i, n in state.at.items() if n is None),
                      key=lambda i: (-p.units[i].cpu, -p.units[i].memory_mb, i))
     for i in evicted:
-        u = p.units[i]
-        origin = p.site_of[u.home or u.vms[0].node]
-        for node in sorted(u.domain, key=lambda n: (n != u.home, p.site_of[n] != origin, p.site_of[n], n)):
+        for node in p.candidates(p.units[i]):
             if state.fits(i, node):
                 state.place(i, node)
                 break
@@ -548,9 +604,14 @@ def _greedy(p: _Problem) -> dict[int, str] | None:
 def _evict_rule_breakers(state: _Greedy) -> None:
     """Evicts the units that stand where their VE's rules forbid, cheapest memory first where there is a choice."""
     p = state.p
-    for r in p.rules.values():
-        mine = sorted((i for i, u in enumerate(p.units) if u.ve == r.ve and state.at[i] is not None),
-                      key=lambda i: (p.units[i].memory_mb, i))
+    units_of: dict[str, list[int]] = defaultdict(list)
+    for i, u in enumerate(p.units):
+        units_of[u.ve].append(i)
+    for ve, units in units_of.items():
+        r = p.rules.get(ve)
+        if r is None:
+            continue
+        mine = sorted((i for i in units if state.at[i] is not None), key=lambda i: (p.units[i].memory_mb, i))
         for g in r.anti_affinity:
             for i in mine:
                 node = state.at[i]
@@ -563,7 +624,7 @@ def _evict_rule_breakers(state: _Greedy) -> None:
                     state.evict(i)
         sites = state.ve_sites[r.ve]
         if r.same_site and sum(1 for k in sites.values() if k > 0) > 1:
-            fixed_sites = {p.site_of[vm.node] for vm in p.fixed if vm.ve == r.ve}
+            fixed_sites = {p.site_of[vm.node] for vm in p.fixed_by_ve.get(r.ve, [])}
             keep = min(fixed_sites) if fixed_sites else min(sites, key=lambda s: (-sites[s], s))
             for i in mine:
                 if state.at[i] is not None and p.site_of[state.at[i]] != keep:
@@ -593,6 +654,13 @@ def _loads(vms: Iterable[VM]) -> tuple[Counter[str], Counter[str]]:
         cpu[vm.node] += vm.cpu
         memory[vm.node] += vm.memory_mb
     return cpu, memory
+
+
+def _by_ve(vms: Iterable[VM]) -> dict[str, list[VM]]:
+    out: dict[str, list[VM]] = defaultdict(list)
+    for vm in vms:
+        out[vm.ve].append(vm)
+    return out
 
 
 def _by_node(vms: Iterable[VM]) -> dict[str, list[str]]:

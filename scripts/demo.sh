@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The newcomer's tour: 12 agents on 4 sites, VEs created through different nodes, where they landed and why;
-# placement constraints, suspend/resume, relocation to another site, snapshot and restore.
+# placement constraints, suspend/resume, relocation to another site, snapshot and restore, DVMS relieving an
+# overloaded node, the records moved between overlays, failover.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DEMO_DIR:-demo-cluster}
@@ -61,6 +62,18 @@ run discovery --agent node10 ve show web-shop
 run discovery --agent node1 ve restore web-shop before-upgrade
 run discovery --agent node7 ve show web-shop
 
+step "DVMS: a node too small for its VMs' demand gets help from its nearest nodes, which take VMs, constraints kept"
+HOT=$(discovery ve locate replicated-store --json | python3 -c "import json,sys; print(json.load(sys.stdin)['vms']['replica-1']['node'])")
+run discovery --agent "$HOT" dvms capacity 150              # DVMS now counts 1.5 vCPUs on $HOT ...
+run discovery dvms load replicated-store:replica-1 200      # ... and replica-1 keeps 2 vCPUs busy: overload
+resolved() { discovery --agent "$HOT" dvms status --json | python3 -c \
+  "import json,sys; s=json.load(sys.stdin); sys.exit(not (s['load']['state'] == 'normal' and 'solved' in s['ended'].values()))"; }
+for _ in $(seq 30); do resolved && break; sleep 1; done
+run discovery --agent "$HOT" dvms status --events 8
+resolved || { echo "error: the overload of $HOT was not resolved within 30 s" >&2; exit 1; }
+echo "overload of $HOT resolved: see the migrated event; the replicas are still on 3 nodes over 2 sites:"
+run discovery --agent node9 ve locate replicated-store
+
 step "Move every agent's records (the VE directory too) from Chord to Kademlia while they run; nothing is lost"
 run discovery --agent node5 overlay bind kademlia
 run discovery --agent node10 ve list
@@ -80,6 +93,7 @@ cat <<EOT
 Explore:  discovery --agent node5 ve show web-shop     (any node, any VE; add --json)
           discovery cluster status --dir $DIR          (ring successor of each agent)
           discovery --agent node3 status                (one agent's own view)
+          discovery dvms status --all --events 5        (DVMS on every agent)
           tail $DIR/node1/agent.log
 Real guests: make demo-qemu                             (3 agents, tiny QEMU guests, live relocation)
 Stop:     discovery cluster down --dir $DIR

@@ -31,9 +31,10 @@ class Cluster:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def up(self, nodes: int, sites: int, hypervisor: str = "test") -> None:
+    def up(self, nodes: int, sites: int, hypervisor: str = "test", extra: tuple[str, ...] = ()) -> None:
         proc = subprocess.run([sys.executable, "-m", "discovery", "cluster", "up", "--nodes", str(nodes),
-                               "--sites", str(sites), "--dir", str(self.dir), "--hypervisor", hypervisor, "--json"],
+                               "--sites", str(sites), "--dir", str(self.dir), "--hypervisor", hypervisor, *extra,
+                               "--json"],
                               capture_output=True, text=True, env=self.env, timeout=180)
         if (self.dir / "cluster.json").exists():
             self.state = json.loads((self.dir / "cluster.json").read_text())
@@ -69,12 +70,13 @@ def pid_alive(pid: int) -> bool:
 def cluster_factory(tmp_path_factory):
     made: list[Cluster] = []
 
-    def make(nodes: int, sites: int) -> Cluster:
+    def make(nodes: int, sites: int, *extra: str) -> Cluster:
+        """A cluster of `nodes` agents on `sites` sites; `extra`: more `cluster up` options."""
         directory = tmp_path_factory.mktemp("cluster")
         env = {**os.environ, "DISCOVERY_HOME": str(directory / "home")}
         cluster = Cluster(directory, env)
         made.append(cluster)
-        cluster.up(nodes, sites)
+        cluster.up(nodes, sites, extra=extra)
         return cluster
 
     yield make

@@ -1,5 +1,6 @@
 """DVMS inside the agents (test driver): an overloaded node starts a partition, which solves and relocates VMs
-away through the VE service, keeping every VE's constraints."""
+away through the VE service, keeping every VE's constraints; a pinned demand follows its VM; with
+consolidation on, an underloaded node is emptied."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_an_overloaded_node_is_relieved_by_a_partition(cluster_factory, tmp_path
         time.sleep(1)
     assert status["load"]["cpu"] <= 300
     assert any(e["kind"] == "migrated" for e in status["events"])
-    assert any(e["kind"] == "problem" for e in status["events"])
+    assert any(e["kind"] == "problem" and e["load"] == "overload" for e in status["events"])
+    assert "overload" in status["problems"].values()
 
     sites = {n["name"]: n["site"] for n in cluster.state["nodes"]}
     moved = 0
@@ -61,3 +63,58 @@ def test_an_overloaded_node_is_relieved_by_a_partition(cluster_factory, tmp_path
     assert "solved" in table
     every = cluster.json("--agent", "node3", "dvms", "status", "--all")
     assert sorted(a["node"] for a in every) == ["node1", "node2", "node3", "node4"]
+
+
+def placement_of(cluster, name):
+    shown = cluster.json("--agent", "node2", "ve", "show", name)
+    return shown, {vm: slot["node"] for vm, slot in shown["placement"].items()}
+
+
+def wait_for(check, seconds=30):
+    deadline = time.monotonic() + seconds
+    while not (result := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+    return result
+
+
+def test_a_pinned_demand_follows_its_vm_when_it_is_relocated(cluster_factory, tmp_path):
+    cluster = cluster_factory(3, 2)
+    created = cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "hot", [("a", 2, 128)]))
+    assert created["placement"]["a"]["node"] == "node1"
+    pinned = cluster.json("dvms", "load", "hot:a", "150")  # the CLI finds the VM's host
+    assert pinned["node"] == "node1"
+    wait_for(lambda: cluster.json("--agent", "node1", "dvms", "status")["load"]["cpu"] == 150)
+
+    cluster.json("--agent", "node2", "ve", "relocate", "hot", "--vm", "a", "--to", "node3")
+    status = wait_for(lambda: (s := cluster.json("--agent", "node3", "dvms", "status"))["load"]["cpu"] == 150 and s)
+    assert status["pinned"] == {"hot:a": 150}
+    assert cluster.json("--agent", "node1", "dvms", "status")["pinned"] == {}
+
+    cluster.json("dvms", "load", "hot:a", "--unpin")
+    wait_for(lambda: cluster.json("--agent", "node3", "dvms", "status")["load"]["cpu"] == 0)
+    refused = cluster.cli("dvms", "load", "hot:nope", "10", check=False)
+    assert refused.returncode == 1 and "no VM 'nope'" in refused.stderr
+
+
+def test_an_underloaded_node_is_emptied_when_consolidation_is_on(cluster_factory, tmp_path):
+    cluster = cluster_factory(3, 1, "--dvms", "underload=0.2", "--dvms", "underload_dwell=1")
+    duo = cluster.json("--agent", "node1", "ve", "create", write_constrained(tmp_path, "duo", ["p", "q"],
+                                                                               ["affinity: [[p, q]]"]))
+    solo = cluster.json("--agent", "node2", "ve", "create", write_spec(tmp_path, "solo", [("s", 1, 128)]))
+    assert {slot["node"] for slot in duo["placement"].values()} == {"node1"}
+    assert solo["placement"]["s"]["node"] == "node2"
+
+    # both nodes idle far below 20 %: one is emptied onto the other (node3, empty, is not woken up)
+    def hosts():
+        nodes = {node for name in ("duo", "solo") for node in placement_of(cluster, name)[1].values()}
+        return len(nodes) == 1 and nodes
+    assert wait_for(hosts, seconds=60) <= {"node1", "node2"}
+    every = cluster.json("--agent", "node3", "dvms", "status", "--all")
+    led = [a for a in every if any(a["ended"].get(pid) == "solved" and problem == "underload"
+                                   for pid, problem in a["problems"].items())]
+    assert led and any(e["kind"] == "migrated" for a in led for e in a["events"])
+    sites = {n["name"]: n["site"] for n in cluster.state["nodes"]}
+    for name in ("duo", "solo"):
+        shown, node_of = placement_of(cluster, name)
+        assert check_placement(VESpec.from_dict(shown["spec"]), node_of, sites) is None

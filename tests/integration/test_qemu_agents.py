@@ -166,9 +166,13 @@ def test_live_relocation_keeps_the_guest_running(qemu3: Cluster, tmp_path: Path)
     source = a.node
     target = next(n["name"] for n in qemu3.state["nodes"] if n["name"] not in (a.node, b.node))
     before = a.wait_beat_above(2, source)
+    assert qemu3.json("--agent", source, "dvms", "status")["load"]["memory_mb"] > 0  # measured: balloon stats
+    qemu3.json("dvms", "load", "live:a", "80")  # a pin lives in the domain's metadata: libvirt migrates it
     moved = qemu3.json("--agent", b.node, "ve", "relocate", "live", "--vm", "a", "--to", target)
     assert moved["placement"]["a"]["node"] == target
     assert moved["placement"]["a"]["transfer"]["how"] == "live"
+    wait_until(lambda: qemu3.json("--agent", target, "dvms", "status")["pinned"] == {"live:a": 80} or None,
+               STEP_DEADLINE, "the pin arrived with the VM")
     after = a.wait_beat_above(before + 1, target)
     console = a.file(".log", target).read_text(errors="replace")
     assert tinyguest.READY not in console  # no reboot: the same guest, its counter goes on

@@ -2,7 +2,7 @@
 
 import pytest
 
-from discovery.config import ConfigError, load_agent_config, load_client_config
+from discovery.config import ConfigError, DvmsSettings, load_agent_config, load_client_config
 
 GOOD = """
 name = "node1"
@@ -83,3 +83,36 @@ def test_hypervisor_and_migration_ports_are_checked(tmp_path):
         load_agent_config(write(tmp_path, 'hypervisor = "xen"\n' + GOOD))
     with pytest.raises(ConfigError, match="'migration_ports' must be"):
         load_agent_config(write(tmp_path, 'migration_ports = [49215, 49200]\n' + GOOD))
+
+
+def test_dvms_table_defaults_and_values(tmp_path):
+    assert load_agent_config(write(tmp_path, GOOD)).extra["dvms"] == DvmsSettings()
+    assert DvmsSettings().injector_rate == 0 and DvmsSettings().underload == 0  # nothing moves unless asked
+    cfg = load_agent_config(write(tmp_path, GOOD + "[dvms]\ninjector_rate = 0.05\nseed = 7\nunderload = 0.2\n"
+                                                   "overload_clear = 0.8\n"))
+    dvms = cfg.extra["dvms"]
+    assert (dvms.injector_rate, dvms.seed, dvms.underload, dvms.overload_clear) == (0.05, 7, 0.2, 0.8)
+    assert dvms.thresholds().underload == 0.2 and dvms.thresholds().overload_clear == 0.8
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ("injector_rate = -1", "field 'dvms.injector_rate' must be >= 0"),
+    ("injector_rate = \"fast\"", "field 'dvms.injector_rate' must be a number"),
+    ("injector_rate = inf", "field 'dvms.injector_rate' must be a number"),
+    ("seed = 1.5", "field 'dvms.seed' must be an integer"),
+    ("injector_std = 0", "field 'dvms.injector_std' must be > 0"),
+    ("overload_clear = 1.2", "field 'dvms.overload_clear' must be in"),
+    ("underload = 0.5", "field 'dvms.underload' must be in"),
+    ("underload_clear = 0.95", "field 'dvms.underload_clear' must be <="),
+    ("retry = 0", "field 'dvms.retry' must be > 0"),
+    ("overlod = 1.1", "unknown field 'dvms.overlod'"),
+])
+def test_bad_dvms_table_names_the_field(tmp_path, table, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_agent_config(write(tmp_path, GOOD + "[dvms]\n" + table + "\n"))
+    assert "\n" not in str(err.value)
+
+
+def test_the_injector_is_for_the_test_driver_only(tmp_path):
+    with pytest.raises(ConfigError, match="dvms.injector_rate' needs hypervisor"):
+        load_agent_config(write(tmp_path, 'hypervisor = "qemu"\n' + GOOD + "[dvms]\ninjector_rate = 0.1\n"))

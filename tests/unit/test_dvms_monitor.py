@@ -71,6 +71,23 @@ def test_observe_vms_sums_the_vms_on_its_node() -> None:
     assert tr is not None and (tr.after, tr.cpu, tr.memory_mb) == (Load.OVERLOAD, 450, 5000)
 
 
+def test_plan_node_is_tighter_in_the_dimensions_that_went_over_until_the_overload_clears() -> None:
+    """A plan that fills the node to capacity would leave it in OVERLOAD: it must go below overload_clear."""
+    m = Monitor(NODE)
+    assert m.plan_node() == NODE  # normal: only the capacity
+    m.observe(0, 450, 7900)  # CPU over; memory at 98.75 % never went over
+    plan = m.plan_node()
+    assert (plan.name, plan.site, plan.cpu, plan.memory_mb) == ("n1", "lyon", 359, 8000)  # < 360 = 90 % of 400
+    assert m.observe(1, 400, 7900) is None and m.plan_node() == plan  # at capacity: still overloaded
+    assert m.observe(2, plan.cpu, 7900).after is Load.NORMAL  # what the plan leaves clears it
+    assert m.plan_node() == NODE
+    m.observe(3, 100, 8100)  # memory over
+    assert (m.plan_node().cpu, m.plan_node().memory_mb) == (400, 7199)
+    m.observe(4, 500, 8100)  # CPU goes over too during the same overload: both must clear
+    assert (m.plan_node().cpu, m.plan_node().memory_mb) == (359, 7199)
+    assert m.observe(5, 359, 7199).after is Load.NORMAL
+
+
 def test_bad_thresholds_and_time_going_back_are_refused() -> None:
     with pytest.raises(ValueError):
         Thresholds(overload_clear=1.1)

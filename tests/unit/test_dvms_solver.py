@@ -9,11 +9,13 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dvms import solver
 from dvms.model import VM, Migration, Node, Plan, Rules
 from dvms.solver import INTER_SITE_WEIGHT, Unorderable, apply, check, order, solve
 
@@ -161,6 +163,36 @@ def test_greedy_plans_hold_too_and_auto_is_no_worse(inst: dict) -> None:
         assert weighted_mb(inst["vms"], assert_valid(inst, auto), site_of) <= weighted_mb(inst["vms"], after, site_of)
     elif auto is not None:
         assert_valid(inst, auto)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances())
+def test_large_problems_are_pruned_and_their_plans_hold(inst: dict) -> None:
+    """Every problem counted as large, domains cut to one candidate: plans still hold, and only the VMs of
+    nodes in trouble (over capacity, evacuated) or of VEs breaking a rule move, with their affinity peers."""
+    with patch.multiple(solver, LARGE=0, CANDIDATES=1):
+        plan = run(inst)
+    if plan is None:
+        return
+    assert_valid(inst, plan)
+    everything = [*inst["vms"], *inst["fixed"]]
+    troubled = {line.split()[1] for line in check(inst["nodes"], everything, sites=OUTSIDE) if line.startswith("node")}
+    broken = {r.ve for r in inst["rules"] if check([], everything, [r], sites=OUTSIDE)}
+    peers = {n for r in inst["rules"] for g in r.affinity for n in g}
+    for m in plan.migrations:
+        vm = next(vm for vm in inst["vms"] if vm.name == m.vm)
+        assert vm.node in troubled or vm.node in inst["evacuate"] or vm.ve in broken or vm.name in peers, m
+
+
+def test_a_large_problem_leaves_healthy_nodes_alone() -> None:
+    """The cheapest repair of a moves z off healthy b to make room for x; pruned, only a's VMs may move."""
+    nodes = [Node("a", "A", 400, 16384), Node("b", "A", 400, 16384), Node("c", "A", 200, 16384)]
+    vms = [VM("x", "e", "a", 3, 512, 300), VM("y", "f", "a", 2, 8192, 150), VM("z", "g", "b", 2, 512, 150)]
+    full = solve(nodes, vms, [], 5.0)
+    assert full is not None and {m.vm for m in full.migrations} == {"x", "z"}
+    with patch.multiple(solver, LARGE=0):
+        pruned = solve(nodes, vms, [], 5.0)
+    assert pruned is not None and [m.vm for m in pruned.migrations] == ["y"]
 
 
 @st.composite

@@ -1,6 +1,6 @@
 """HostService on the embedded test:/// driver, its handlers called directly: standby copies (reserved,
-kept, refreshed, promoted, dropped, persisted), deleting a snapshot, the timeout of a graceful stop, and
-the VMs held off at start until the directory places them."""
+kept, refreshed, promoted, dropped, persisted), deleting a snapshot, the timeout of a graceful stop, the
+VMs held off at start until the directory places them, and the metadata the layers above set on a VM."""
 
 from __future__ import annotations
 
@@ -188,6 +188,25 @@ async def test_a_vm_recovered_off_at_start_is_held_until_the_directory_releases_
         restarted._hold_until = 0.0
         await restarted.tick()
         assert restarted.held == {} and (await fresh.info("ve:b")).state == "paused"
+    finally:
+        restarted.close()
+        await fresh.close()
+
+
+async def test_metadata_set_on_a_vm_is_exported_with_it_and_kept_across_a_restart(
+        host: HostService, tmp_path: Path) -> None:
+    """What the layers above annotate a VM with (DVMS: its pinned demand) is part of its definition."""
+    uri, pin = "urn:discovery:test", '<pin cpu="5"/>'
+    await define(host, "ve:a")
+    await host._set_metadata(AGENT, {"name": "ve:a", "uri": uri, "key": "t", "xml": pin})
+    assert uri in (await host._on_export(AGENT, {"name": "ve:a"}))["xml"]  # what a relocation carries
+    with pytest.raises(NotFound):
+        await host._set_metadata(AGENT, {"name": "ve:zz", "uri": uri, "key": "t", "xml": pin})
+    fresh = Hypervisor.open(write_node_xml(tmp_path / "again.xml", vcpus=8, memory_mb=8192))  # forgot them all
+    restarted = HostService(Endpoint("node1"), fresh, host.total, tmp_path / "host.sqlite")
+    try:
+        await restarted.start()
+        assert await fresh.metadata("ve:a", uri) == '<pin cpu="5"/>'
     finally:
         restarted.close()
         await fresh.close()

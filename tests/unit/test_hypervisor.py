@@ -21,6 +21,7 @@ from agents.hypervisor import (
     domain_xml,
     write_node_xml,
 )
+from dvms.monitor import cpu_demand
 
 UUID1 = "11111111-2222-3333-4444-555555555555"
 
@@ -380,3 +381,34 @@ async def test_cancelled_caller_does_not_break_the_hypervisor(tmp_path: Path) ->
         assert [d.name for d in await hv.list()] == ["vm1"]
     finally:
         await hv.close()
+
+
+# -- what the layers above read: stats and metadata ------------------------------------------------
+
+
+async def test_stats_give_cpu_time_of_active_domains_that_dvms_turns_into_demand(hv: Hypervisor) -> None:
+    await define_vm(hv, "on", vcpus=2)
+    await define_vm(hv, "off")
+    await hv.start("on")
+    first = await hv.stats()
+    await trio.sleep(0.2)
+    second = await hv.stats()
+    assert set(first) == set(second) == {"on"}  # an inactive domain uses nothing
+    a, b = first["on"], second["on"]
+    assert b.cpu_time_ns > a.cpu_time_ns and b.sampled > a.sampled and a.balloon == {}
+    # the test driver's cpu time is its wall clock: one busy vCPU
+    assert 80 <= cpu_demand(a.cpu_time_ns, b.cpu_time_ns, a.sampled, b.sampled, 2) <= 120
+
+
+async def test_metadata_is_part_of_the_definition_and_can_be_removed(hv: Hypervisor) -> None:
+    await define_vm(hv)
+    uri = "urn:discovery:test"
+    assert await hv.metadata("vm1", uri) is None
+    definition = await hv.set_metadata("vm1", uri, "t", '<pin cpu="7"/>')
+    assert definition == await hv.xml("vm1") and "urn:discovery:test" in definition  # what a move carries
+    assert ET.fromstring(await hv.metadata("vm1", uri)).get("cpu") == "7"
+    await hv.start("vm1")
+    await hv.set_metadata("vm1", uri, "t", None)
+    assert await hv.metadata("vm1", uri) is None
+    with pytest.raises(HypervisorError, match="no domain"):
+        await hv.metadata("nope", uri)

@@ -5,8 +5,9 @@ import math
 import pytest
 
 from discovery import sim_dvms
+from dvms.model import Migration
 
-TINY = {"nodes": 16, "vms_per_node": 4, "sites": 2, "duration": 120.0, "seed": 3, "node_vcpus": 4}
+TINY = {"nodes": 16, "vms_per_node": 5, "sites": 2, "duration": 120.0, "seed": 3, "node_vcpus": 4}
 
 
 @pytest.mark.parametrize("scheduler", sim_dvms.SCHEDULERS)
@@ -14,7 +15,7 @@ def test_tiny_run_is_sane(scheduler):
     r = sim_dvms.run(scheduler=scheduler, **TINY, central_time_limit=0.5)
     assert r["scheduler"] == scheduler
     assert r["check_failures"] == []
-    assert r["solves"] > 0  # 4 vCPU nodes at ~85 % load: overloads happen
+    assert r["solves"] > 0  # 5 VMs at N(70, 30) on 4 vCPUs: 87.5 % load on average, overloads happen
     assert math.isfinite(r["overload_node_seconds"]) and r["overload_node_seconds"] >= 0
     assert r["overload_node_seconds"] <= TINY["nodes"] * TINY["duration"]
     assert r["migrations"] >= r["inter_site_migrations"] >= 0
@@ -36,3 +37,30 @@ def test_dvms_repairs_and_repeats_with_greedy():
 def test_rejects_unknown_scheduler():
     with pytest.raises(ValueError):
         sim_dvms.run(scheduler="nope", **TINY)
+
+
+def test_a_node_runs_its_migrations_one_at_a_time_in_plan_order():
+    sites = {"a": "s0", "b": "s0", "c": "s0", "d": "s0", "e": "s1"}
+    moves = [Migration("v1", "a", "b", 1024), Migration("v2", "c", "d", 2048), Migration("v3", "b", "c", 1024),
+             Migration("v4", "d", "e", 1024)]
+    # v1 and v2 share no node: in parallel; v3 waits for both (b, c); v4 waits for v2 (d), 4x slower between sites
+    assert sim_dvms._timeline(sites, moves, 1024.0) == [1.0, 2.0, 3.0, 2.0 + 4.0]
+
+
+def test_spiral_partitions_migrate_inside_sites_ring_partitions_do_not():
+    kw = {**TINY, "nodes": 48, "vms_per_node": 10, "node_vcpus": 8, "sites": 4, "engine": "greedy",
+          "virtual_solve_time": 0.01}
+    spiral, ring = (sim_dvms.run(scheduler="dvms", route=route, **kw) for route in sim_dvms.ROUTES)
+    assert spiral["check_failures"] == ring["check_failures"] == []
+    assert spiral["migrations"] > 0 and ring["migrations"] > 0
+    assert ring["inter_site_share"] > 0.5  # 3 successors in 4 are in another site
+    assert spiral["inter_site_share"] < 0.3 * ring["inter_site_share"]
+
+
+def test_underloaded_nodes_are_emptied_without_breaking_a_rule():
+    kw = {**TINY, "vms_per_node": 2, "mean": 30.0, "std": 10.0, "engine": "greedy", "virtual_solve_time": 0.01}
+    plain = sim_dvms.run(scheduler="dvms", **kw)
+    consolidated = sim_dvms.run(scheduler="dvms", underload=0.3, **kw)
+    assert consolidated["check_failures"] == [] and consolidated["partitions"]["protocol_violations"] == []
+    assert any(e["kind"] == "underload" and e["applied"] for e in consolidated["events"])
+    assert consolidated["empty_nodes_at_end"] > plain["empty_nodes_at_end"]
