@@ -66,6 +66,7 @@ step "DVMS: a node too small for its VMs' demand gets help from its nearest node
 HOT=$(discovery ve locate replicated-store --json | python3 -c "import json,sys; print(json.load(sys.stdin)['vms']['replica-1']['node'])")
 run discovery --agent "$HOT" dvms capacity 150              # DVMS now counts 1.5 vCPUs on $HOT ...
 run discovery dvms load replicated-store:replica-1 200      # ... and replica-1 keeps 2 vCPUs busy: overload
+run discovery --agent "$HOT" dvms status                    # overloaded: a partition grows from $HOT
 resolved() { discovery --agent "$HOT" dvms status --json | python3 -c \
   "import json,sys; s=json.load(sys.stdin); sys.exit(not (s['load']['state'] == 'normal' and 'solved' in s['ended'].values()))"; }
 for _ in $(seq 30); do resolved && break; sleep 1; done
