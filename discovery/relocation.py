@@ -58,7 +58,7 @@ class Relocation(VEBase):
                 raise NotFound(f"VE {name!r} has no VM {vm!r} (VMs: {', '.join(sorted(placement))})")
             moving = [vm] if vm is not None else sorted(placement)
             if to is not None:
-                targets = self._to_node(to, moving)
+                targets = self._to_node(to, moving, caller)
             else:
                 targets = await self._to_site(spec, record.value, moving, site)
             after = {v: targets[v][0].name if v in targets else slot["node"] for v, slot in placement.items()}
@@ -76,11 +76,11 @@ class Relocation(VEBase):
                     moved.append(v)
         return {**record.value, "moved": moved}
 
-    def _to_node(self, to: str, moving: list[str]) -> dict[str, tuple[Member, str]]:
+    def _to_node(self, to: str, moving: list[str], caller: Caller) -> dict[str, tuple[Member, str]]:
         member = next((m for m in self.agent.membership.alive() if m.name == to), None)
         if member is None:
             raise RequestError(f"no live node named {to!r}")
-        return {vm: (member, f"relocated to {to} on request") for vm in moving}
+        return {vm: (member, f"relocated to {to} by {caller.cn}") for vm in moving}
 
     async def _to_site(self, spec: VESpec, ve: dict[str, Any], moving: list[str],
                        site: str) -> dict[str, tuple[Member, str]]:
