@@ -8,7 +8,7 @@ made by the campaign command, one JSON file per size, and this script only lines
 
 Prints one JSON row per (nodes, run): mean and p90 solve time, overload node·seconds (total and per node),
 migrations and their inter-site share, mean partition size. The plot: mean solve time against the number of
-nodes (log-log) and overload node·seconds per node, one line per run name (dvms, dvms-ring, centralized...).
+nodes (log-log) and overload node·seconds per node, one line per run: DVMS by route, centralized by period.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ def rows(paths: list[Path]) -> list[dict]:
     out = []
     for path in paths:
         data = json.loads(path.read_text())
-        runs = {data["scheduler"]: data} if "scheduler" in data else data
-        for name, r in runs.items():
+        for r in [data] if "scheduler" in data else data.values():
             c = r["config"]
+            name = f"dvms ({c['route']})" if r["scheduler"] == "dvms" else f"centralized (every {c['period']:g} s)"
             out.append({
                 "nodes": c["nodes"], "vms": c["vms"], "run": name, "duration": c["duration"], "rate": c["rate"],
                 "solves": r["solves"], "solve_mean_s": r["solve_seconds"].get("mean"),
