@@ -15,7 +15,8 @@ Schedulers:
   ring) or ``ring`` (ring successors only, the original DVMS). Each `Solve` runs the real `dvms.solver.solve` on
   the members' VMs (the other VMs of their VEs fixed; an underloaded leader evacuated) and answers after the
   solver's wall-clock time (or `virtual_solve_time`, for runs that must be reproducible); each `Apply` starts
-  the plan's migrations. A node still overloaded and in no partition asks again every `retry` seconds.
+  the plan's migrations. A node still overloaded and in no partition asks again every `retry` seconds (an
+  underloaded one, if it still holds VMs, after the monitor's underload dwell time).
 * ``centralized``: every `period` seconds (or when the previous plan is applied, if later), if any node is
   overloaded, one `solve` on the whole cluster (the Entropy-style baseline VMPlaceS compares against).
 
@@ -257,6 +258,7 @@ class _Dvms:
         self.bandwidth, self.virtual_solve_time = bandwidth_mb_s, virtual_solve_time
         self.plans: dict[tuple[object, int], tuple[Plan, _Event]] = {}
         self.events: list[_Event] = []
+        self.last_problem: dict[str, float] = {}  # node -> when it last started a partition
         self.net = _Net(self, cluster.names, lambda origin: cluster.route(origin, route), config=IspConfig(),
                         seed=seed)
 
@@ -289,13 +291,26 @@ class _Dvms:
     def observe(self, node: str, now: float) -> None:
         c = self.cluster
         transition = self.monitors[node].observe(now, c.cpu[node], c.memory[node])
-        if transition is not None and transition.after is not Load.NORMAL:
-            self.net.problem(node, now)
+        if transition is not None and self._trouble(node):
+            self._problem(node, now)
 
     def retry(self, now: float) -> None:
+        """Nodes still in trouble and in no partition ask again (called every `retry` seconds); an underload
+        waits its dwell time between two tries (a consolidation that found no room can wait), as agents do."""
         for name, monitor in self.monitors.items():
-            if monitor.state is not Load.NORMAL and self.net.nodes[name].membership is None:
-                self.net.problem(name, now)
+            wait = 0.0 if monitor.state is Load.OVERLOAD else monitor.thresholds.underload_dwell
+            if (self._trouble(name) and self.net.nodes[name].membership is None
+                    and now >= self.last_problem.get(name, -math.inf) + wait):
+                self._problem(name, now)
+
+    def _trouble(self, node: str) -> bool:
+        """Overloaded, or underloaded with VMs to move away (an empty node has nothing to consolidate)."""
+        state = self.monitors[node].state
+        return state is Load.OVERLOAD or (state is Load.UNDERLOAD and bool(self.cluster.on[node]))
+
+    def _problem(self, node: str, now: float) -> None:
+        self.last_problem[node] = now
+        self.net.problem(node, now)
 
 
 def run(nodes: int = 64, vms_per_node: int = 10, sites: int = 4, duration: float = 600.0, scheduler: str = "dvms",
