@@ -11,11 +11,16 @@ VMs move. `None` means no plan exists within the partition: the partition protoc
 Engines: a greedy first-fit-decreasing repair, then OR-Tools CP-SAT. Greedy: evict what breaks a rule
 or overloads a node (the cheapest single VM that relieves a node, else the largest CPU), then re-place
 the evictees by decreasing CPU, each on its first node that fits and keeps the rules (its own node
-first, then its site, then the others); milliseconds, but no optimum. CP-SAT: booleans x[unit, node],
-a unit being the movable VMs of one affinity group (a lone VM otherwise), each domain pruned beforehand
-(room, pinned site, fixed peers), hinted with the greedy placement and stopped at the time limit. The
-cheaper of the two wins, so when CP-SAT stops without a solution the greedy plan stands, and CP-SAT's
-at the limit is no worse than greedy's when it kept the hint. `Plan.solver` says which one produced it.
+first, then its site's nodes, then the others', each by most free CPU); milliseconds, but no optimum.
+CP-SAT: booleans x[unit, node], a unit being the movable VMs of one affinity group (a lone VM
+otherwise), each domain pruned beforehand (room, pinned site, fixed peers), hinted with the greedy
+placement and stopped at the time limit. The cheaper of the two wins, so when CP-SAT stops without a
+solution the greedy plan stands, and CP-SAT's at the limit is no worse than greedy's when it kept the
+hint. `Plan.solver` says which one produced it.
+
+Large problems (a whole cluster: movable VMs × nodes above `LARGE`) are pruned so the model has the size
+of the trouble, not of the cluster: only the VMs of nodes in trouble or of VEs breaking a rule move, and
+CP-SAT sees `CANDIDATES` nodes per unit besides its home and greedy's choice (`_Problem._fix_healthy`).
 
 `order` then sequences the migrations (see there); `check` lists what a placement breaks.
 """
