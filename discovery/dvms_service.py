@@ -25,9 +25,11 @@ a virtual clock, but on the agent's clock and network. Its settings are the `[dv
   than leave the node at 100 %), reads the VEs' records for their rules and the VMs outside the partition,
   and runs `dvms.solver.solve` in a worker thread. An underloaded leader is evacuated (`evacuate`), and
   members without VMs are kept empty.
-* `Apply`: the plan's migrations, one at a time in order, through this agent's own VE service
-  (`ve.relocate` with `vm` and `to`, so constraints are checked and an interrupted move is recovered); none
-  starts at or after the Apply deadline.
+* `Apply`: the plan's migrations through this agent's own VE service (`ve.relocate` with `vm` and `to`, so
+  constraints are checked, room is reserved on the target and an interrupted move is recovered). A node
+  takes part in one migration at a time and a VE moves one VM at a time, in plan order
+  (`dvms.solver.predecessors`); migrations between disjoint nodes run side by side. None starts at or after
+  the Apply deadline.
 * `dvms.status` shows the load, the partition, the partitions led with their problem (overload or underload)
   and how they ended, and recent events (problem, created, plan, migrated, ended...).
 
@@ -54,7 +56,7 @@ from discovery.config import DvmsSettings
 from discovery.relocation import check_placement
 from discovery.spec import SpecError, VESpec
 from discovery.ve_base import PREFIX, domain_name
-from dvms.model import VM, Node, Plan, Rules
+from dvms.model import VM, Migration, Node, Plan, Rules
 from dvms.monitor import Load, Monitor, cpu_demand, memory_demand_mb
 from dvms.partition import (
     Abort,
@@ -81,7 +83,7 @@ from dvms.partition import (
     Yield,
     spiral_then_ring,
 )
-from dvms.solver import solve
+from dvms.solver import predecessors, solve
 from dvms.workload import Injector
 from overlay.rpc import Caller, Forbidden, RequestError, RpcError
 
@@ -421,23 +423,36 @@ class DvmsService(Actor):
         return nodes, vms, fixed, specs, sites
 
     async def _apply(self, out: Apply) -> None:
+        """The plan's migrations, each once its `predecessors` are done (one migration at a time per node, and
+        per VE, in plan order), so migrations between disjoint nodes run side by side; none starts at or
+        after the deadline. A failed one is reported and the others go on: each `ve.relocate` reserves room
+        on its target, so one that lacks the room a failed one would have freed is refused, not overloading."""
         plan = self.plans.get((out.pid, out.version), Plan())
         caller = Caller(f"dvms@{self.me}", "operator", self.me, self.agent.config.site)
-        done = 0
-        for m in plan.migrations:
+        ves = {m.vm: m.vm.partition(":")[0] for m in plan.migrations}
+        done = [trio.Event() for _ in plan.migrations]
+        async with trio.open_nursery() as nursery:
+            for m, before, finished in zip(plan.migrations, predecessors(plan.migrations, ves), done, strict=True):
+                nursery.start_soon(self._migrate, out, m, [done[j] for j in before], finished, caller)
+        self.tell_nowait(("applied", out.pid))
+
+    async def _migrate(self, out: Apply, m: Migration, before: list[trio.Event], finished: trio.Event,
+                       caller: Caller) -> None:
+        try:
+            for event in before:
+                await event.wait()
             if trio.current_time() >= out.deadline:
-                left = len(plan.migrations) - done
-                self._event("apply-stopped", partition=str(out.pid), reason="deadline", left=left)
-                break
+                self._event("migration-skipped", partition=str(out.pid), vm=m.vm, to=m.target, reason="deadline")
+                return
             ve, _, vm = m.vm.partition(":")
             try:
                 await self.ve._on_relocate(caller, {"name": ve, "vm": vm, "to": m.target})
             except Exception as err:  # refused, or broke: the others may still help; the VE service recovers
                 self._event("migration-failed", partition=str(out.pid), vm=m.vm, to=m.target, error=str(err))
-                continue
-            done += 1
+                return
             self._event("migrated", partition=str(out.pid), vm=m.vm, source=m.source, target=m.target)
-        self.tell_nowait(("applied", out.pid))
+        finally:
+            finished.set()
 
     # -- local state -------------------------------------------------------------------------------------
 

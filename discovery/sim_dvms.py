@@ -48,7 +48,7 @@ from dvms.isp_net import IspNet
 from dvms.model import VM, Migration, Node, Plan, Rules
 from dvms.monitor import Load, Monitor, Thresholds
 from dvms.partition import Apply, IspConfig, IspNode, Output, Solve, spiral_then_ring
-from dvms.solver import INTER_SITE_WEIGHT, apply, check, solve
+from dvms.solver import INTER_SITE_WEIGHT, apply, check, predecessors, solve
 from dvms.workload import MEAN, STD, Injector
 
 SCHEDULERS = ("dvms", "centralized")
@@ -191,18 +191,15 @@ class _Cluster:
 
 
 def _timeline(site_of: dict[str, str], migrations: Sequence[Migration], bandwidth_mb_s: float) -> list[float]:
-    """When each migration ends, from the start of the plan. A node takes part in one migration at a time and
-    runs its migrations in plan order, so each node sees its loads change as in the ordered plan, which never
-    overloads it; migrations between other nodes run in parallel."""
-    free: dict[str, float] = {}
-    out = []
-    for m in migrations:
+    """When each migration ends, from the start of the plan: each starts when its `predecessors` have ended (a
+    node takes part in one migration at a time, in plan order); migrations between other nodes run in
+    parallel."""
+    ends: list[float] = []
+    for m, before in zip(migrations, predecessors(migrations), strict=True):
         inter = site_of[m.source] != site_of[m.target]
-        start = max(free.get(m.source, 0.0), free.get(m.target, 0.0))
-        end = start + m.memory_mb / bandwidth_mb_s * (INTER_SITE_WEIGHT if inter else 1.0)
-        free[m.source] = free[m.target] = end
-        out.append(end)
-    return out
+        start = max((ends[j] for j in before), default=0.0)
+        ends.append(start + m.memory_mb / bandwidth_mb_s * (INTER_SITE_WEIGHT if inter else 1.0))
+    return ends
 
 
 class _Landings:

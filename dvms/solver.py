@@ -191,6 +191,22 @@ def order(plan: Plan, nodes: Sequence[Node], vms: Sequence[VM], *, fixed: Sequen
     return Plan(out, plan.solver, plan.seconds)
 
 
+def predecessors(migrations: Sequence[Migration], ve_of: Mapping[str, str] | None = None) -> list[set[int]]:
+    """For each migration of an ordered plan, the earlier ones it must wait for so that the plan may run in
+    parallel and stay safe: the last one sharing its source or its target, so each node takes part in one
+    migration at a time and sees its load change as in the plan's order, which never overloads it; with
+    ve_of (VM -> VE), also the last one of the same VE, so the VE's rules are checked step by step in the
+    plan's order. Migrations with no predecessor in common run side by side."""
+    last: dict[tuple[str, str], int] = {}
+    out = []
+    for i, m in enumerate(migrations):
+        keys = [("node", m.source), ("node", m.target)] + ([("ve", ve_of[m.vm])] if ve_of is not None else [])
+        out.append({last[k] for k in keys if k in last})
+        for k in keys:
+            last[k] = i
+    return out
+
+
 # ---------------------------------------------------------------- solve
 
 

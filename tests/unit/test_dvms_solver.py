@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dvms import solver
 from dvms.model import VM, Migration, Node, Plan, Rules
-from dvms.solver import INTER_SITE_WEIGHT, Unorderable, apply, check, order, solve
+from dvms.solver import INTER_SITE_WEIGHT, Unorderable, apply, check, order, predecessors, solve
 
 OUTSIDE = {"o1": "A", "o2": "C"}  # nodes beyond the partition, where fixed VMs may run
 
@@ -359,3 +359,11 @@ def test_greedy_stands_in_when_cp_sat_has_no_time_and_cp_sat_wins_when_cheaper()
     assert hurried.moved_mb == 2048  # the one unit that relieves a alone: the pair
     best = solve(nodes, vms, rules, 5.0)
     assert best is not None and best.solver == "cp-sat" and best.moved_mb == 1024  # u and u2
+
+
+def test_predecessors_serialize_per_node_and_per_ve() -> None:
+    moves = [Migration("e:1", "a", "b", 1), Migration("f:1", "c", "d", 1), Migration("e:2", "x", "y", 1),
+             Migration("f:2", "b", "c", 1), Migration("g:1", "p", "q", 1)]
+    assert predecessors(moves) == [set(), set(), set(), {0, 1}, set()]
+    ves = {m.vm: m.vm.split(":")[0] for m in moves}
+    assert predecessors(moves, ves) == [set(), set(), {0}, {0, 1}, set()]  # e:2 waits for e:1, its VE's
