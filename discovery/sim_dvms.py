@@ -119,9 +119,9 @@ class _Cluster:
         self.migrations = 0
         self.inter_site = 0
         self.failures: list[str] = []
+        self.route = lru_cache(maxsize=4096)(self._route)  # a leader reads its route at every hop
 
-    @lru_cache(maxsize=4096)  # noqa: B019 - one cluster per run, and a leader reads its route at every hop
-    def route(self, origin: str, kind: str) -> tuple[str, ...]:
+    def _route(self, origin: str, kind: str) -> tuple[str, ...]:
         """A partition's route from origin: its spiral (every node by distance) then the ring, or the ring only."""
         i = self.ring_index[origin]
         successors = self.ring[i + 1:] + self.ring[:i]
