@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from agents.hypervisor import DomainStats, HypervisorError
+from agents.hypervisor import DomainInfo, DomainStats, HypervisorError
 from agents.runtime import Actor, Event
 from discovery.config import DvmsSettings
 from discovery.relocation import check_placement
@@ -297,9 +297,10 @@ class DvmsService(Actor):
         if now < self._next_sample:
             return
         self._next_sample = now + MONITOR_PERIOD
+        domains = await self.agent.hypervisor.list()
         if self.measured:
-            await self._measure()
-        vms = await self._local_vms()
+            await self._measure(domains)
+        vms = await self._local_vms(domains)
         cpu = sum(vm.cpu for vm in vms)
         memory = sum(vm.memory_mb for vm in vms)
         now = trio.current_time()
@@ -456,10 +457,11 @@ class DvmsService(Actor):
 
     # -- local state -------------------------------------------------------------------------------------
 
-    async def _local_vms(self) -> list[VM]:
-        """The VE VMs defined here, with their current demand: CPU pinned (`dvms.load`), else measured (real
-        guests), else injected, else 0; memory measured (real guests), else reserved."""
-        domains = [d for d in await self.agent.hypervisor.list() if ":" in d.name]
+    async def _local_vms(self, listed: list[DomainInfo] | None = None) -> list[VM]:
+        """The VE VMs defined here (`listed`: the host's domains, if the caller just listed them), with their
+        current demand: CPU pinned (`dvms.load`), else measured (real guests), else injected, else 0; memory
+        measured (real guests), else reserved."""
+        domains = [d for d in (listed if listed is not None else await self.agent.hypervisor.list()) if ":" in d.name]
         here = {d.name for d in domains}
         for d in domains:
             if d.name not in self._read:  # arrived (or this agent started): its pin came with its definition
@@ -492,14 +494,15 @@ class DvmsService(Actor):
             self.pinned.pop(gone, None)
         return out
 
-    async def _measure(self) -> None:
-        """Real guests: each running VM's demand from two samples of libvirt's stats (`dvms.monitor`)."""
+    async def _measure(self, domains: list[DomainInfo]) -> None:
+        """Real guests: each running VM's demand from two samples of libvirt's stats (`dvms.monitor`); domains:
+        the host's, just listed."""
         try:
             stats = await self.agent.hypervisor.stats()
         except HypervisorError as err:
             log.warning("dvms: no domain stats: %s", err)
             return
-        infos = {d.name: d for d in await self.agent.hypervisor.list()}
+        infos = {d.name: d for d in domains}
         for name, sample in stats.items():
             info, before = infos.get(name), self._samples.get(name)
             if info is None or ":" not in name:

@@ -251,14 +251,14 @@ class _Problem:
         if not self.evacuate <= set(self.nodes):
             raise ValueError("solve: evacuate names nodes outside the partition")
         self.impossible: str | None = None
-        if len(self.vms) * len(self.nodes) > LARGE:
-            self._fix_healthy()
+        cpu, memory = _loads([*self.vms, *self.fixed])  # pruning moves VMs between the lists: totals hold
+        if self.large:
+            self._fix_healthy(cpu, memory)
         self.fixed_by_ve = _by_ve(self.fixed)
         self.fixed_at: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # ve -> node -> VMs
         for vm in self.fixed:
             self.fixed_at[vm.ve][vm.node].add(vm.name)
         self.base_cpu, self.base_memory = _loads(vm for vm in self.fixed if vm.node in self.nodes)
-        cpu, _ = _loads([*self.vms, *self.fixed])
         free = sorted(self.nodes.values(), key=lambda n: (cpu[n.name] - n.cpu, n.name))
         self.by_free = [n.name for n in free]  # the nodes, most free CPU first
         self.by_site: dict[str, list[str]] = defaultdict(list)
@@ -267,12 +267,17 @@ class _Problem:
         self.units = self._units()
         self._precheck()
 
-    def _fix_healthy(self) -> None:
+    @property
+    def large(self) -> bool:
+        """Too many movable VMs × nodes for a full model. Read before pruning (prune?) and after it (cut the
+        domains too, if what is left is still large)."""
+        return len(self.vms) * len(self.nodes) > LARGE
+
+    def _fix_healthy(self, cpu: Mapping[str, int], memory: Mapping[str, int]) -> None:
         """A large problem moves only the VMs of the nodes in trouble (over capacity, to evacuate) and of the
         VEs that break a rule, with their affinity peers; the others join the fixed VMs. The model then has
         the size of the trouble, not of the cluster, at the price of never making room by moving a VM of a
-        healthy node (a small problem may)."""
-        cpu, memory = _loads([*self.vms, *self.fixed])
+        healthy node (a small problem may). cpu, memory: the load of every node."""
         hot = {n.name for n in self.nodes.values() if cpu[n.name] > n.cpu or memory[n.name] > n.memory_mb}
         everything = [*self.vms, *self.fixed]
         by_name, by_ve = {vm.name: vm for vm in everything}, _by_ve(everything)
@@ -312,7 +317,7 @@ class _Problem:
         for vm in self.fixed:
             anchors[root(vm.name)].add(vm.node)
         units = []
-        large = len(self.vms) * len(self.nodes) > LARGE
+        large = self.large
         for key, members in sorted(movable.items()):
             homes = {vm.node for vm in members}
             unit = _Unit(members[0].ve, tuple(members), sum(vm.cpu for vm in members),
