@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from agents.runtime import Actor
 from overlay.membership import Member
-from overlay.rpc import Caller, RequestError, RpcError
+from overlay.wire.rpc import Caller, RequestError, RpcError
 from vivaldi.coordinate import Client, Config, Coordinate, estimate
 
 if TYPE_CHECKING:

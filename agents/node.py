@@ -11,54 +11,26 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
 import trio_asyncio
 
-from agents.capacity import Resources
+from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
-from agents.host import HostService
-from agents.hypervisor import Hypervisor, write_node_xml
+from agents.host.service import HostService
+from agents.hypervisor.actor import Hypervisor, write_node_xml
+from agents.hypervisor.qemu import QemuBackend, open_backend
 from agents.overlays import OverlayService
-from agents.qemu_backend import QemuBackend, open_backend
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
-from overlay import tls
 from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
 from overlay.membership import Member, Membership
 from overlay.ring import Ring
-from overlay.rpc import Caller, RpcError, Transport, free_ports
+from overlay.wire.rpc import Caller, RpcError, Transport, free_ports
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AgentConfig:
-    name: str
-    site: str
-    listen: str  # host:port; port 0 picks a free one
-    data_dir: Path
-    identity: tls.Identity
-    capacity: Resources
-    join: list[str] = field(default_factory=list)
-    libvirt_uri: str = ""  # empty: the embedded test:/// host sized by `capacity` (qemu: the node's own libvirtd)
-    hypervisor: str = "test"  # or "qemu": real guests (agents.qemu_backend)
-    libvirtd_port: int = 0  # qemu: the node's libvirtd TCP port on 127.0.0.1; 0 picks a free one
-    migration_ports: tuple[int, int] = (0, 0)  # qemu: its migration port range; (0, 0) derives one from the port
-    site_rtt_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # emulated WAN latency
-    replicas: int = 3
-    probe_interval: float = 0.5
-    suspect_timeout: float = 3.0
-    ring_interval: float = 0.5
-    repair_interval: float = 5.0
-    kademlia: bool = True  # run a Kademlia overlay beside Chord, so records can be re-bound to it
-    kad_port: int = 0  # UDP; 0 picks a free one (peers learn it over the agent's RPC)
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Settings of the layers above, parsed by them and carried here unread (e.g. "dvms", see discovery.config)."""
 
 
 Extension = Callable[["NodeAgent"], Awaitable[None]]

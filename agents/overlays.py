@@ -32,7 +32,7 @@ from agents.runtime import Actor
 from overlay.dht import Record, record_from_wire
 from overlay.interface import Binding, Overlay, copy_records
 from overlay.kad import KademliaError, KademliaOverlay
-from overlay.rpc import Caller, RequestError, RpcError, split_addr
+from overlay.wire.rpc import Caller, RequestError, RpcError, split_addr
 
 if TYPE_CHECKING:
     from agents.node import NodeAgent

@@ -13,7 +13,7 @@ that oracle (SWIM probes and the coordinate service's pings keep measuring the n
 every spiral that crosses it. `discovery sim spiral` measures this configuration on PlanetLab.
 
 `SpiralService.search(count, predicate)` is the `spiral(origin, count, predicate)` of the DISCOVERY
-paper with this agent as the origin; placement (`discovery.ve_service`) and DVMS use it.
+paper with this agent as the origin; placement (`discovery.ve.service`) and DVMS use it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import trio
 
 from agents.runtime import Actor
 from overlay.membership import Member
-from overlay.rpc import Caller, RequestError, RpcError
 from overlay.spiral import Entry, Hinted, SpiralSearch, View, answer
+from overlay.wire.rpc import Caller, RequestError, RpcError
 from vivaldi.coordinate import Coordinate
 
 if TYPE_CHECKING:

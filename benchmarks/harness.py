@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from discovery import cluster
-from overlay import tls
+from discovery.cli import local_cluster as cluster
+from overlay.wire import tls
 
 
 def cluster_parser(doc: str, ves: int, plot: str) -> argparse.ArgumentParser:
@@ -28,9 +28,9 @@ def cluster_parser(doc: str, ves: int, plot: str) -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def local_cluster(directory: Path, nodes: int, sites: int, **up_args: Any) -> Iterator[tuple[dict[str, Any],
                                                                                            tls.Identity]]:
-    """Start `nodes` agents on `sites` sites under `directory/cluster` (`discovery.cluster.up`, its emulated WAN
-    latency included); yield the cluster state and the operator identity to call agents with. The agents are
-    stopped on the way out, whatever happened, also when `up` itself failed after starting them."""
+    """Start `nodes` agents on `sites` sites under `directory/cluster` (`discovery.cli.local_cluster.up`, its
+    emulated WAN latency included); yield the cluster state and the operator identity to call agents with. The
+    agents are stopped on the way out, whatever happened, also when `up` itself failed after starting them."""
     os.environ["DISCOVERY_HOME"] = str(directory / "home")  # leave the user's client config alone
     where = directory / "cluster"
     try:

@@ -40,12 +40,12 @@ import trio
 from harness import local_cluster, pyplot, save  # benchmarks/harness.py, beside this script
 from stats import summary_ms
 
-from agents.libvirtd import GUESTS
-from agents.qemu_backend import prepare_guest
-from agents.qemu_domain import domain_xml
+from agents.hypervisor.libvirtd import GUESTS
+from agents.hypervisor.qemu import prepare_guest
+from agents.hypervisor.qemu_xml import domain_xml
 from images import tinyguest
-from overlay import tls
-from overlay.rpc import Transport
+from overlay.wire import tls
+from overlay.wire.rpc import Transport
 
 BOOT_DEADLINE = 150.0
 BY_HAND = "byhand"

@@ -35,9 +35,9 @@ from typing import Any
 import trio
 from stats import summary_ms
 
-from discovery import cluster
-from overlay import tls
-from overlay.rpc import RpcError, Transport
+from discovery.cli import local_cluster as cluster
+from overlay.wire import tls
+from overlay.wire.rpc import RpcError, Transport
 
 OVERLAYS = ("chord", "kademlia")
 

@@ -20,10 +20,10 @@ import trio
 from harness import cluster_parser, local_cluster, pyplot, save  # benchmarks/harness.py, beside this script
 from stats import rss_mib, summary_ms
 
-from agents.hypervisor import Hypervisor, domain_xml, write_node_xml
-from discovery.spec import VESpec, VMSpec
-from overlay import tls
-from overlay.rpc import Transport
+from agents.hypervisor.actor import Hypervisor, domain_xml, write_node_xml
+from discovery.ve.spec import VESpec, VMSpec
+from overlay.wire import tls
+from overlay.wire.rpc import Transport
 
 
 async def create_all(identity: tls.Identity, addrs: list[str], count: int, concurrency: int,

@@ -9,7 +9,7 @@ random other site; with `--sites 1`, to a random node that hosts none of its VMs
 snapshot, after the relocation), destroy. Each request is sent, as the CLI sends it, to an agent
 chosen at random among those that host none of the VE's VMs, so the coordinator always reaches the
 hosts over the network; `create` goes to any agent (its VMs are not placed yet, and placement tries
-the coordinator first). The cluster is `discovery.cluster.up`'s: the transport delays each frame
+the coordinator first). The cluster is `discovery.cli.local_cluster.up`'s: the transport delays each frame
 between two sites by half their emulated RTT.
 
 A request that fails is counted in `errors` (with its message) and the VE skips its later operations;
@@ -31,9 +31,9 @@ import trio
 from harness import cluster_parser, local_cluster, pyplot, save  # benchmarks/harness.py, beside this script
 from stats import summary_ms
 
-from discovery.spec import VESpec, VMSpec
-from overlay import tls
-from overlay.rpc import RpcError, Transport
+from discovery.ve.spec import VESpec, VMSpec
+from overlay.wire import tls
+from overlay.wire.rpc import RpcError, Transport
 
 OPERATIONS = ("create", "show", "locate", "suspend", "resume", "snapshot", "stop", "start", "relocate", "restore",
               "destroy")

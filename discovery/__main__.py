@@ -1,3 +1,3 @@
-from discovery.cli import main
+from discovery.cli.app import main
 
 main()

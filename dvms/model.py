@@ -3,7 +3,7 @@
 Shared by the monitor, the solver, the partition protocol and the simulator, so it holds plain values
 only. CPU is counted in percent of one vCPU (a 4-vCPU node has 400; a VM busy at 70 % of one vCPU
 demands 70), as VMPlaceS counts it. `dvms/` sits under `discovery/`, so a VE's constraints come here
-as `Rules` (built from a `discovery.spec.VESpec` by the layer above), not as the spec itself.
+as `Rules` (built from a `discovery.ve.spec.VESpec` by the layer above), not as the spec itself.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class TinyGuest:
 
 
 def default_cache() -> Path:
-    """`$DISCOVERY_HOME/images` (the home defaults as in `discovery.config`, which we may not import)."""
+    """`$DISCOVERY_HOME/images` (the home defaults as in `discovery.cli.config`, which we may not import)."""
     home = os.environ.get("DISCOVERY_HOME") or str(Path.home() / ".config" / "discovery")
     return Path(home) / "images"
 

@@ -38,7 +38,7 @@ import trio
 
 from overlay.chord import RING, Peer, between_right, hash_id
 from overlay.ring import Ring, peer_from_wire
-from overlay.rpc import Caller, Endpoint, RequestError, RpcError
+from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 3.0

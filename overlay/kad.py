@@ -90,8 +90,8 @@ from kademlia.node import Node
 from kademlia.storage import ForgetfulStorage
 from kademlia.utils import digest
 
-from overlay import tls
 from overlay.dht import Record
+from overlay.wire import tls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -519,7 +519,7 @@ def _check_key(key: str) -> None:
 
 
 def _unpack_value(packed: bytes) -> Any:
-    """As the RPC frames unpack (overlay.frames), so a value reads back as the Chord DHT returns it."""
+    """As the RPC frames unpack (overlay.wire.frames), so a value reads back as the Chord DHT returns it."""
     return msgpack.unpackb(packed, raw=False, strict_map_key=False)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from overlay.chord import ChordState, Peer, hash_id
-from overlay.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError
+from overlay.wire.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 MAX_HOPS = 64

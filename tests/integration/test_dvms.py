@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from discovery.relocation import check_placement
-from discovery.spec import VESpec
+from discovery.ve.relocation import check_placement
+from discovery.ve.spec import VESpec
 
 from .test_relocate import host_call, write_constrained
 from .test_ve_lifecycle import write_spec

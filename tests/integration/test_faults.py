@@ -12,8 +12,8 @@ import time
 import pytest
 import trio
 
-from overlay import frames, tls
-from overlay.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
+from overlay.wire import frames, tls
+from overlay.wire.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
 
 from .conftest import pid_alive, restart
 from .test_relocate import domains, host_info
@@ -79,7 +79,7 @@ def test_restarted_host_recovers_its_vms(cluster_factory, tmp_path):
 
 # -- relocation interrupted by the death of its coordinator ------------------------------------------
 # The coordinator is made to pause at one point of the move (DISCOVERY_TEST_PAUSE, read by every agent of
-# the cluster, see discovery.ve_base.pause_for_test) and is killed there. Cluster of 4: node1 and node3 in
+# the cluster, see discovery.ve.base.pause_for_test) and is killed there. Cluster of 4: node1 and node3 in
 # rennes, node2 and node4 in lyon; the VM starts on node1, goes to node4, node3 coordinates.
 
 

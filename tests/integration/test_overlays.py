@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 import time
 
-from discovery.client import call
-from discovery.config import load_client_config
+from discovery.cli.client import call
+from discovery.cli.config import load_client_config
 
 from .conftest import Cluster, restart
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.qemu_backend import BackendError, end_leftovers, prepare_guest, qemu_pids
+from agents.hypervisor.qemu import BackendError, end_leftovers, prepare_guest, qemu_pids
 from images import tinyguest
-from overlay.rpc import RpcError
+from overlay.wire.rpc import RpcError
 
 from .conftest import Cluster, pid_alive, restart
 from .test_qemu_guest import STEP_DEADLINE, heartbeats, wait_until

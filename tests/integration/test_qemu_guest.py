@@ -21,9 +21,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from agents import accel
-from agents.qemu_backend import qemu_pids
-from agents.qemu_domain import domain_xml, open_embed
+from agents.hypervisor import accel
+from agents.hypervisor.qemu import qemu_pids
+from agents.hypervisor.qemu_xml import domain_xml, open_embed
 from images import tinyguest
 
 from .conftest import pid_alive

@@ -8,8 +8,8 @@ import json
 import pytest
 import trio
 
-from overlay import tls
-from overlay.rpc import RemoteError, Transport
+from overlay.wire import tls
+from overlay.wire.rpc import RemoteError, Transport
 
 from .conftest import pid_alive
 from .test_ve_lifecycle import client_config, write_spec

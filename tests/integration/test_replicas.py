@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.rpc import RemoteError, RpcError
+from overlay.wire.rpc import RemoteError, RpcError
 
 from .conftest import pid_alive, restart, running_cluster
 from .test_faults import wait_for

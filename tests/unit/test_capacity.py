@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.capacity import Insufficient, Ledger, Resources, UnknownReservation
+from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
 
 TOTAL = Resources(8, 16384, 100)
 

@@ -2,7 +2,10 @@
 
 import pytest
 
-from discovery.config import ConfigError, DvmsSettings, load_agent_config, load_client_config
+from discovery.agent_config import load_agent_config
+from discovery.cli.config import load_client_config
+from discovery.scheduler.settings import DvmsSettings
+from discovery.toml_config import ConfigError
 
 GOOD = """
 name = "node1"

@@ -11,12 +11,12 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from overlay import memnet
 from overlay.chord import hash_id
 from overlay.dht import DHT, MAX_BUCKETS, STATS, Record, Shard, bucket_count, digest
-from overlay.memnet import MemNetwork
 from overlay.ring import Ring
-from overlay.rpc import RemoteError
+from overlay.wire import memnet
+from overlay.wire.memnet import MemNetwork
+from overlay.wire.rpc import RemoteError
 
 R = 3
 

@@ -1,4 +1,4 @@
-"""The wire format of DVMS messages between agents (`discovery.dvms_service.encode`/`decode`)."""
+"""The wire format of DVMS messages between agents (`discovery.scheduler.service.encode`/`decode`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from discovery.dvms_service import decode, encode
+from discovery.scheduler.service import decode, encode
 from dvms.partition import Join, KeepAlive, PartitionId, Refuse, Yield
-from overlay.rpc import RequestError
+from overlay.wire.rpc import RequestError
 
 PID = PartitionId("node1", 0, 3)
 

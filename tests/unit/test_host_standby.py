@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agents.capacity import Resources
-from agents.guests import TestDomains
-from agents.host import HostService
-from agents.host_standby import standby_key
-from agents.hypervisor import Hypervisor, write_node_xml
-from overlay.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
+from agents.host.capacity import Resources
+from agents.host.service import HostService
+from agents.host.standby import standby_key
+from agents.hypervisor.actor import Hypervisor, write_node_xml
+from agents.hypervisor.guests import TestDomains
+from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
 AGENT = Caller("node9", "node", "node9", "rennes")
 NEED = {"vcpus": 2, "memory_mb": 1024, "disk_gb": 1}

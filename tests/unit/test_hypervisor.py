@@ -1,4 +1,4 @@
-"""Tests for agents.hypervisor: the libvirt actor on the embedded test:/// driver, driven from trio."""
+"""Tests for agents.hypervisor.actor: the libvirt actor on the embedded test:/// driver, driven from trio."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pykka
 import pytest
 import trio
 
-from agents.hypervisor import (
+from agents.hypervisor.actor import (
     DomainInfo,
     HostInfo,
     Hypervisor,

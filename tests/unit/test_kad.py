@@ -23,7 +23,6 @@ import umsgpack
 from kademlia.network import Server
 from kademlia.utils import digest
 
-from overlay import tls
 from overlay.dht import DHT, Record
 from overlay.interface import Binding, Overlay
 from overlay.kad import (
@@ -37,6 +36,7 @@ from overlay.kad import (
     Keyring,
     ValueTooLarge,
 )
+from overlay.wire import tls
 
 STEP = 10.0  # seconds any one network step may take; on loopback each takes milliseconds
 

@@ -1,10 +1,10 @@
-"""The DVMS shell of the agents (`discovery.dvms_service`): a plan whose end keeps the VEs' rules but whose
+"""The DVMS shell of the agents (`discovery.scheduler.service`): a plan whose end keeps the VEs' rules but whose
 order does not is refused before it is applied (`ve.relocate` checks each move)."""
 
 from __future__ import annotations
 
-from discovery.dvms_service import blocked_step
-from discovery.spec import parse_spec
+from discovery.scheduler.service import blocked_step
+from discovery.ve.spec import parse_spec
 from dvms.model import VM, Migration, Plan
 
 STORE = parse_spec("""

@@ -4,9 +4,9 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from overlay.memnet import MemNetwork, SimClock, _never_suspends
-from overlay.memnet import sleep as memnet_sleep
-from overlay.rpc import NotFound, RemoteError, RpcTimeout
+from overlay.wire.memnet import MemNetwork, SimClock, _never_suspends
+from overlay.wire.memnet import sleep as memnet_sleep
+from overlay.wire.rpc import NotFound, RemoteError, RpcTimeout
 
 
 def net_of_two(latency=0.010):

@@ -1,4 +1,4 @@
-"""Tests for discovery.placement: plans honour capacity and every constraint, refusals are never wrong
+"""Tests for discovery.ve.placement: plans honour capacity and every constraint, refusals are never wrong
 (a brute force over small instances confirms that nothing fits), nearer candidates win, and reasons read well."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from discovery.placement import Candidate, Plan, Refusal, plan
-from discovery.spec import Constraints, SpecError, VESpec, VMSpec
+from discovery.ve.placement import Candidate, Plan, Refusal, plan
+from discovery.ve.spec import Constraints, SpecError, VESpec, VMSpec
 
 SITES = ("lyon", "nancy", "rennes")
 

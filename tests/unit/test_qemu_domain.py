@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agents import accel
-from agents.guests import QemuGuests
-from agents.qemu_domain import domain_xml
+from agents.hypervisor import accel
+from agents.hypervisor.guests import QemuGuests
+from agents.hypervisor.qemu_xml import domain_xml
 from images import tinyguest
 from images.tinyguest import TinyGuest
 

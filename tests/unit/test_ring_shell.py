@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from discovery.sim_overlay import Simulation, plot, plot_learning, simulate
 from overlay.chord import hash_id
-from overlay.memnet import MemNetwork
 from overlay.ring import Ring
+from overlay.sim.ring import Simulation, plot, plot_learning, simulate
+from overlay.wire.memnet import MemNetwork
 
 
 def ring_is_exact(rings):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agents.shipping import CHUNK, fetch_file, read_chunk
+from agents.host.shipping import CHUNK, fetch_file, read_chunk
 
 
 class FakeHost:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from discovery import sim_dvms
+from dvms import sim as sim_dvms
 from dvms.model import Migration
 
 TINY = {"nodes": 16, "vms_per_node": 5, "sites": 2, "duration": 120.0, "seed": 3, "node_vcpus": 4}

@@ -1,4 +1,4 @@
-"""Tests for discovery.spec: the VE spec model, its YAML parser and the validation both entry points share."""
+"""Tests for discovery.ve.spec: the VE spec model, its YAML parser and the validation both entry points share."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from discovery.spec import (
+from discovery.ve.spec import (
     MAX_SPEC_BYTES,
     MAX_VMS,
     Constraints,

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from discovery import sim_spiral
+from overlay.sim import spiral as sim_spiral
 from overlay.spiral import Entry, SpiralSearch, View, answer, vivaldi_distance
 from vivaldi.coordinate import Coordinate
 

@@ -1,4 +1,4 @@
-"""Tests for overlay.tls: the cluster CA, leaf certificates, and mutual TLS over loopback."""
+"""Tests for overlay.wire.tls: the cluster CA, leaf certificates, and mutual TLS over loopback."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from overlay import tls
+from overlay.wire import tls
 
 NETWORK_TIMEOUT = 5.0
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from discovery import sim_vivaldi
+from vivaldi import sim as sim_vivaldi
 from vivaldi.coordinate import Client, Config, Coordinate, estimate
 
 MS = 1e-3

@@ -1,0 +1,39 @@
+"""What one agent is told at start: who it is, where it listens, what it runs on.
+
+A plain record, parsed from agent.toml by `discovery.agent_config`; kept apart from `agents.node` so that
+reading a configuration loads no service, libvirt or overlay code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.host.capacity import Resources
+from overlay.wire import tls
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    site: str
+    listen: str  # host:port; port 0 picks a free one
+    data_dir: Path
+    identity: tls.Identity
+    capacity: Resources
+    join: list[str] = field(default_factory=list)
+    libvirt_uri: str = ""  # empty: the embedded test:/// host sized by `capacity` (qemu: the node's own libvirtd)
+    hypervisor: str = "test"  # or "qemu": real guests (agents.hypervisor.qemu)
+    libvirtd_port: int = 0  # qemu: the node's libvirtd TCP port on 127.0.0.1; 0 picks a free one
+    migration_ports: tuple[int, int] = (0, 0)  # qemu: its migration port range; (0, 0) derives one from the port
+    site_rtt_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # emulated WAN latency
+    replicas: int = 3
+    probe_interval: float = 0.5
+    suspect_timeout: float = 3.0
+    ring_interval: float = 0.5
+    repair_interval: float = 5.0
+    kademlia: bool = True  # run a Kademlia overlay beside Chord, so records can be re-bound to it
+    kad_port: int = 0  # UDP; 0 picks a free one (peers learn it over the agent's RPC)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Settings of the layers above, parsed by them and carried here unread (e.g. "dvms", by discovery.agent_config)."""

@@ -1,0 +1,186 @@
+"""Moving VMs between hosts: the source's and the target's side of a relocation (`discovery.ve.relocation`).
+
+A VM moves with its snapshots: `host.export` at the source gives its XML, state and snapshots (the source
+frozen, so the VM never runs at two places), `host.confirm` at the target defines it from them. Real
+guests (`agents.hypervisor.guests.QemuGuests`) move by live migration where they can (`host.incoming` at the
+target, `host.migrate` at the source, then the target adopts the arrival), otherwise by save → ship →
+restore (`host.export` with `ship` stops the VM into a managed save image, the target pulls the image and
+the disk with `host.fetch`). For them libvirt, not SQLite, is the truth about which domains exist: the
+daemon keeps them across agent restarts, and a migration moves them behind the agent's back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import trio
+
+from agents.host.args import count_arg, name_arg
+from agents.host.capacity import Resources
+from agents.host.shipping import CHUNK, copy_file, fetch_file, read_chunk
+from agents.hypervisor.actor import HypervisorError
+from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
+
+log = logging.getLogger(__name__)
+MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_NON_SHARED_INC
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+"""Live, driven by the source daemon, copying the disk's own layer (the base image is on every node)."""
+MIGRATE_PARAMS = {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1"}
+"""Memory and disk travel over loopback: without a URI, libvirt would use the host name."""
+
+
+class Moves:
+    """`host.export`, `host.fetch`, `host.incoming` and `host.migrate`, and what `host.confirm` and
+    `host.vm` need of a move (`_pull`, `_reconcile`, `_movability`).
+
+    A mixin of `agents.host.service.HostService`, whose state it relies on: `_db` (the SQLite store), `ledger`,
+    `hypervisor`, `domains`, `transport` and `migration_uri`, and its methods `_through_mailbox`,
+    `_set_desired` and `_forget`.
+    """
+
+    def _serve_moves(self, transport: Endpoint) -> None:
+        for method, handler in (("host.export", self._on_export), ("host.fetch", self._on_fetch),
+                                ("host.incoming", self._on_incoming), ("host.migrate", self._on_migrate)):
+            transport.route(method, self._through_mailbox(handler))
+
+    async def _on_export(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """What relocation carries to the target: the domain's XML, its state, and its snapshots. With
+        `freeze`, a running VM is paused first (and persisted paused), so that it never runs at two
+        places: the target starts its copy while this one is frozen, and only then is this one removed.
+        With `ship` (real guests), an active VM is instead stopped into a managed save image, persisted
+        off; the target fetches the image and the disk (`host.fetch`), and an undone move resumes the VM
+        here from the image. `ship` in the answer says whether there is an image to fetch. With `copy`
+        (a standby copy, `agents.host.standby`), a real guest's disk is copied aside, consistent (the VM
+        paused meanwhile: QEMU flushes its disks when it stops), for the standby's node to fetch;
+        `copy` in the answer says whether there is one."""
+        name = name_arg(args)
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        ship = args.get("ship") is True
+        copy = args.get("copy") is True and self.domains.disk(name) is not None
+        if ship and self.domains.disk(name) is None:
+            raise RequestError(f"export {name}: this node's backend ({self.domains.kind}) has no disks to ship")
+        try:
+            state = (await self.hypervisor.info(name)).state
+            xml = await self.hypervisor.xml(name)
+            if ship and state != "shutoff":
+                await self.hypervisor.managed_save(name)
+                self._set_desired(name, "shutoff")
+            elif args.get("freeze") is True and state == "running":
+                await self.hypervisor.suspend(name)
+                self._set_desired(name, "paused")
+            elif copy:
+                await self._copy_disk(name, state)
+        except (HypervisorError, OSError) as err:
+            raise RequestError(f"export {name}: {err}") from None
+        rows = self._db.execute("SELECT tag, xml, state, taken, libvirt FROM snapshots WHERE name = ? "
+                                "ORDER BY taken", (name,))
+        answer = {"xml": xml, "state": state, "snapshots": [list(row) for row in rows]}
+        if ship:
+            answer["ship"] = {"image": state != "shutoff"}
+        if copy:
+            answer["copy"] = True
+        return answer
+
+    async def _copy_disk(self, name: str, state: str) -> None:
+        """Copy the VM's disk aside (`domains.copy`), pausing a running VM for the copy's length only."""
+        if state == "running":
+            await self.hypervisor.suspend(name)
+        try:
+            await trio.to_thread.run_sync(copy_file, self.domains.disk(name), self.domains.copy(name))
+        finally:
+            if state == "running":
+                await self.hypervisor.resume(name)
+
+    async def _on_fetch(self, caller: Caller, args: dict[str, Any]) -> bytes:
+        """A chunk of an exported VM's files, from `offset`: `part` "disk", "image" (its memory, saved) or
+        "copy" (the copy of its disk made for a standby)."""
+        name, part, offset = name_arg(args), args.get("part"), count_arg(args, "offset")
+        if name not in self.ledger.allocated or self.domains.disk(name) is None:
+            raise NotFound(f"no VM {name} with files on this node")
+        paths = {"disk": self.domains.disk, "image": self.domains.saved, "copy": self.domains.copy}
+        if part not in paths:
+            raise RequestError(f"part must be one of {', '.join(paths)}")
+        path = paths[part](name)
+        try:
+            return await trio.to_thread.run_sync(read_chunk, path, offset, CHUNK)
+        except FileNotFoundError:
+            raise NotFound(f"{name} has no {part} to fetch here") from None
+
+    async def _pull(self, name: str, ship: dict[str, Any]) -> Path | None:
+        """Fetch a shipped VM's disk and memory image from the host that exported it (`host.fetch`);
+        returns where libvirt sees the image, or None when only a disk came (the VM was off)."""
+        source = ship.get("from")
+        if not isinstance(source, str) or self.domains.disk(name) is None:
+            raise RequestError("ship needs the exporting host's address, and a backend with disks")
+        await fetch_file(self.transport, source, name, "disk", self.domains.disk(name))
+        if not ship.get("image"):
+            return None
+        local, seen = self.domains.incoming_image(name)
+        await fetch_file(self.transport, source, name, "image", local)
+        return seen
+
+    async def _on_incoming(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Get ready to receive reserved VM `name` by live migration: an empty overlay for the disk copy."""
+        name = name_arg(args)
+        if not any(r.key == name for r in self.ledger.reserved.values()):
+            raise Conflict(f"no reservation for {name} on this node")
+        if self.migration_uri is None:
+            raise RequestError(f"this node ({self.domains.kind}) cannot receive a live migration")
+        if not await self.hypervisor.persistent(name):
+            await trio.to_thread.run_sync(self.domains.prepare, name)
+        return {"uri": self.migration_uri}
+
+    async def _on_migrate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Live-migrate VM `name` to the daemon at `uri` (peer to peer, incremental disk copy); once it
+        answers, the target's libvirt holds the VM and this one no longer does. The target adopts it at
+        its next `host.vm`; the coordinator then forgets it here (`host.vm undefine`)."""
+        name, uri = name_arg(args), args.get("uri")
+        if not (isinstance(uri, str) and uri.startswith("qemu+tcp://")):
+            raise RequestError("uri must be the target's qemu+tcp:// libvirt URI")
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        started = time.monotonic()
+        try:
+            await self.hypervisor.migrate(name, uri, MIGRATE_FLAGS, MIGRATE_PARAMS)
+        except HypervisorError as err:
+            raise RequestError(f"live migration of {name} failed: {err}") from None
+        return {"seconds": time.monotonic() - started}
+
+    async def _movability(self, name: str) -> dict[str, Any]:
+        """How the VM can leave this node (`discovery.ve.relocation`): its backend, and whether it may migrate
+        live (a daemon here, and no internal snapshots, which an NBD disk copy would not carry)."""
+        live = self.migration_uri is not None and not await self.hypervisor.snapshot_names(name)
+        return {"backend": self.domains.kind, "live": live}
+
+    async def _reconcile(self, name: str) -> None:
+        """Make this store agree with libvirt about VM `name` (real guests only, whose daemon keeps domains
+        and whose migrations move them behind the agent's back): adopt a persistent domain the store
+        lacks (it arrived by live migration; the reservation made for it, if still held, is what it
+        takes), forget one that libvirt no longer has (it migrated away)."""
+        if self.domains.kind == "test":
+            return
+        if name in self.ledger.allocated:
+            if not await self.hypervisor.persistent(name):
+                log.info("host: %s is no longer defined here (it migrated away); forgetting it", name)
+                await self._forget(name)
+            return
+        if not await self.hypervisor.persistent(name):
+            return
+        info = await self.hypervisor.info(name)
+        held = next((r for r in self.ledger.reserved.values() if r.key == name), None)
+        if held is not None:
+            self.ledger.confirm(held.token, trio.current_time())
+            need = held.need
+        else:
+            need = Resources(info.vcpus, info.memory_mb, 0)
+            self.ledger.allocate(name, need)
+        xml = await self.hypervisor.xml(name)
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, xml, need.vcpus, need.memory_mb, need.disk_gb, info.state))
+        log.info("host: adopted %s, which arrived by live migration (%s)", name, info.state)

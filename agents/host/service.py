@@ -1,0 +1,375 @@
+"""The VMs of this node: capacity reservations, domain lifecycle, and their persistence.
+
+The embedded `test:///` driver forgets every domain when its connection closes, so the agent keeps
+each domain's XML and desired state in SQLite and re-creates them after a restart. Every operation
+is idempotent, so a requester may retry after a timeout without fear.
+
+Snapshots live here too: the test driver keeps libvirt snapshots in memory only, so `host.snapshot`
+stores the domain's XML and a state (running, paused or shutoff) per (domain, tag) in SQLite, and
+`host.restore` re-creates the domain from them, `host.snapshot_delete` forgets one; undefining a VM
+drops its snapshots from this node. Real guests (`agents.hypervisor.guests.QemuGuests`) get a qcow2 overlay, and a
+snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted by `host.snapshot_delete`.
+
+`HostService` is assembled from one class per concern: this module's core, moving VMs between hosts
+(`agents.host.moves`) and standby copies (`agents.host.standby`); the checks of their arguments are
+in `agents.host.args`. Only agents (role node) and operators may call `host.*`: users act on their
+VMs through `ve.*`, which checks who owns the VE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sqlite3
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agents.host.args import (
+    MAX_XML,
+    RESERVATION_TTL,
+    SHUTDOWN_TIMEOUT,
+    count_arg,
+    name_arg,
+    shutdown_timeout,
+    snapshots_arg,
+    xml_name,
+)
+from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
+from agents.host.moves import Moves
+from agents.host.standby import Standbys
+from agents.hypervisor.actor import SETTLED, DomainInfo, Hypervisor, HypervisorError
+from agents.hypervisor.guests import Domains, TestDomains
+from agents.runtime import Actor
+from overlay.wire.rpc import Caller, Conflict, Endpoint, Forbidden, Handler, NotFound, RequestError, RpcError
+
+log = logging.getLogger(__name__)
+ACTIONS = ("start", "stop", "destroy", "suspend", "resume", "undefine", "info", "settle", "release")
+HOLD_LIMIT = 30.0
+"""Seconds a VM recovered off at start waits for the directory's word (`release`) before it starts anyway."""
+
+
+class HostService(Moves, Standbys, Actor):
+    """Serves `host.*` RPCs for the VMs placed on this node (moves in `Moves`, standby copies in `Standbys`).
+
+    Requests go through the actor's mailbox, so operations on this node's VMs never interleave (a
+    confirm cannot race an undefine of the same VM). A crash restarts the actor, and `start`
+    rebuilds the ledger and the domains from SQLite.
+    """
+
+    name = "host"
+    tick_interval = 1.0
+    expected_errors = (RequestError,)
+
+    def __init__(self, transport: Endpoint, hypervisor: Hypervisor, total: Resources, db_path: Path,
+                 domains: Domains | None = None, migration_uri: str | None = None) -> None:
+        super().__init__()
+        self.transport = transport
+        self.hypervisor = hypervisor
+        self.total = total
+        self.ledger = Ledger(total)
+        self.domains = domains or TestDomains()
+        self.migration_uri = migration_uri
+        """Where peers migrate VMs to this node (its libvirtd); None where live migration cannot work."""
+        self.held: dict[str, str] = {}
+        """VMs recovered off at start, held off until released, with the state to release them to."""
+        self._hold_until = math.inf
+        self._db = sqlite3.connect(db_path)
+        self._db.execute("CREATE TABLE IF NOT EXISTS domains (name TEXT PRIMARY KEY, xml TEXT, vcpus INTEGER, "
+                         "memory_mb INTEGER, disk_gb INTEGER, desired TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS snapshots (name TEXT, tag TEXT, xml TEXT, state TEXT, "
+                         "taken REAL, libvirt TEXT DEFAULT '', PRIMARY KEY (name, tag))")
+        if "libvirt" not in {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}:
+            self._db.execute("ALTER TABLE snapshots ADD COLUMN libvirt TEXT DEFAULT ''")  # an older store
+        for method, handler in (("host.reserve", self._on_reserve), ("host.confirm", self._on_confirm),
+                                ("host.release", self._on_release), ("host.vm", self._on_vm),
+                                ("host.info", self._on_info), ("host.snapshot", self._on_snapshot),
+                                ("host.restore", self._on_restore),
+                                ("host.snapshot_delete", self._on_snapshot_delete)):
+            transport.route(method, self._through_mailbox(handler))
+        self._serve_moves(transport)
+        self._serve_standbys(transport)
+
+    def _through_mailbox(self, handler: Handler) -> Handler:
+        async def call(caller: Caller, args: dict[str, Any]) -> Any:
+            if caller.role not in ("node", "operator"):
+                raise Forbidden(f"{caller.cn!r} ({caller.role}) may not call host methods; use the ve commands")
+            return await self.ask((handler, caller, args))
+        return call
+
+    async def handle(self, message: tuple[Handler, Caller, dict[str, Any]]) -> Any:
+        handler, caller, args = message
+        return await handler(caller, args)
+
+    async def start(self) -> None:
+        """Re-create persisted domains (the test driver forgot them). A real guest's daemon kept its
+        domains: one it no longer has left while the agent was down (migrated away), and is forgotten here
+        rather than brought back, which could make it run at two places.
+
+        A VM that should run but is off (the test driver forgot it; a real host lost power) is defined
+        and *held* off: while this node was down its VM may have failed over to a standby elsewhere, so
+        it waits for the directory's word (`host.vm release`, from the VE layer's fencing pass) and
+        starts only if the directory still places it here. Without a word for HOLD_LIMIT seconds (no VE
+        layer, or no directory reachable) it starts anyway. A VM that kept running is left alone."""
+        self.ledger = Ledger(self.total)
+        self.held = {}
+        self._hold_standbys()
+        rows = list(self._db.execute("SELECT name, xml, vcpus, memory_mb, disk_gb, desired FROM domains"))
+        for name, xml, vcpus, memory_mb, disk_gb, desired in rows:
+            if self.domains.kind != "test" and not await self.hypervisor.persistent(name):
+                log.warning("host: %s is no longer defined in %s; forgetting it", name, self.hypervisor.uri)
+                await self._forget(name)
+                continue
+            self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
+            await self.hypervisor.define(xml)
+            desired = desired if desired in SETTLED else "shutoff"
+            if desired != "shutoff" and (await self.hypervisor.info(name)).state == "shutoff":
+                self.held[name] = desired
+            else:
+                await self.hypervisor.settle(name, desired)
+        self._hold_until = trio.current_time() + HOLD_LIMIT
+        log.info("host: %d VMs recovered, %d held until the directory places them", len(self.ledger.allocated),
+                 len(self.held))
+
+    async def tick(self) -> None:
+        for lapsed in self.ledger.expire(trio.current_time()):
+            log.info("reservation %s expired unconfirmed", lapsed.token)
+        if self.held and trio.current_time() >= self._hold_until:
+            for name in list(self.held):
+                log.warning("host: no word on %s within %gs of start; starting it", name, HOLD_LIMIT)
+                try:
+                    await self._release(name)
+                except HypervisorError as err:
+                    log.warning("host: cannot start held %s: %s", name, err)
+
+    async def _release(self, name: str) -> DomainInfo:
+        info = await self.hypervisor.settle(name, self.held[name])
+        del self.held[name]
+        self._set_desired(name, info.state)
+        return info
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    async def _on_reserve(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        name = name_arg(args)
+        need = Resources(*(count_arg(args, f) for f in ("vcpus", "memory_mb", "disk_gb")))
+        try:
+            reservation = self.ledger.reserve(name, need, trio.current_time(), RESERVATION_TTL)
+        except Insufficient as err:
+            raise Conflict(str(err)) from None
+        return {"token": reservation.token, "ttl": RESERVATION_TTL, "backend": self.domains.kind,
+                "migration_uri": self.migration_uri}
+
+    async def _on_confirm(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Turn a reservation into a VM: a new domain started, or (relocation) the domain carried in `xml`,
+        brought to `state` with its `snapshots`. Everything is persisted before the domain starts."""
+        token = args.get("token")
+        if not isinstance(token, str):
+            raise RequestError("host.confirm needs a token")
+        carried, state, snapshots = args.get("xml"), args.get("state", "running"), snapshots_arg(args)
+        if state not in SETTLED:
+            raise RequestError(f"state must be one of {', '.join(SETTLED)}")
+        if carried is not None and not (isinstance(carried, str) and len(carried) <= MAX_XML):
+            raise RequestError(f"xml must be a domain definition of at most {MAX_XML} characters")
+        held = self.ledger.reserved.get(token)
+        if carried is not None and held is not None and xml_name(carried) != held.key:
+            raise RequestError(f"the carried domain is not {held.key}")
+        try:
+            reservation = self.ledger.confirm(token, trio.current_time())
+        except UnknownReservation as err:
+            raise Conflict(str(err)) from None
+        need, name = reservation.need, reservation.key
+        try:
+            image = await self._pull(name, args["ship"]) if isinstance(args.get("ship"), dict) else None
+            xml = self.domains.adapt(carried) if carried else self.domains.new_xml(name, need.vcpus, need.memory_mb)
+            await self.hypervisor.define(xml)
+            with self._db:
+                self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                                 (name, xml, need.vcpus, need.memory_mb, need.disk_gb, state))
+                self._db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
+                                     [(name, *snapshot) for snapshot in snapshots])
+            for *_, snapshot_xml in snapshots:
+                if snapshot_xml:
+                    await self.hypervisor.snapshot_redefine(name, self.domains.adapt(snapshot_xml))
+            if image is not None and state != "shutoff":
+                info = await self.hypervisor.restore_file(str(image), xml, state)
+            else:
+                info = await self.hypervisor.settle(name, state)
+        except (HypervisorError, OSError, RpcError) as err:
+            await self._forget(name)
+            raise RequestError(f"cannot start {name}: {err}") from None
+        finally:
+            with contextlib.suppress(NotImplementedError):
+                self.domains.incoming_image(name)[0].unlink(missing_ok=True)
+        return asdict(info)
+
+    async def _on_release(self, caller: Caller, args: dict[str, Any]) -> bool:
+        token = args.get("token")
+        if isinstance(token, str):
+            self.ledger.release(token)
+        return True
+
+    async def _on_vm(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any] | None:
+        """`action` on one VM; `settle` brings it to `state` (running, paused or shutoff) from any state;
+        `release` starts a VM held since this node's start (`start`), in the state it should have, and is a
+        no-op otherwise. Any other action but `info` ends the hold too: the VE layer has decided."""
+        name, action = name_arg(args), args.get("action")
+        if action not in ACTIONS:
+            raise RequestError(f"action must be one of {', '.join(ACTIONS)}")
+        if action == "settle" and args.get("state") not in SETTLED:
+            raise RequestError(f"settle needs a state, one of {', '.join(SETTLED)}")
+        timeout = shutdown_timeout(args)
+        await self._reconcile(name)
+        if name not in self.ledger.allocated:
+            if action in ("undefine", "destroy"):
+                if action == "undefine":
+                    await self._drop_leftovers(name)
+                return None  # already gone: idempotent
+            raise NotFound(f"no VM {name} on this node")
+        try:
+            if action == "undefine":
+                self.held.pop(name, None)
+                await self._forget(name)
+                return None
+            if action == "info":
+                return {**asdict(await self.hypervisor.info(name)), **await self._movability(name),
+                        "held": name in self.held}
+            if action == "release":
+                return asdict(await (self._release(name) if name in self.held else self.hypervisor.info(name)))
+            self.held.pop(name, None)
+            if action == "settle":
+                info = await self.hypervisor.settle(name, args["state"])
+            else:
+                info = await self._act(name, action, timeout)
+        except HypervisorError as err:
+            raise RequestError(f"{action} {name}: {err}") from None
+        self._set_desired(name, info.state)
+        return asdict(info)
+
+    async def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> None:
+        """Set (None: remove) a metadata element of VM `name`, for the layers above to annotate a VM: it is
+        part of the domain's definition, so it moves with the VM by every method and leaves with it. The
+        stored definition follows, so a restart keeps it. Through the mailbox, never beside a move of it.
+        NotFound if the VM is not here."""
+        args = {"name": name, "uri": uri, "key": key, "xml": xml}
+        await self.ask((self._set_metadata, Caller("host", "node", "", ""), args))
+
+    async def _set_metadata(self, caller: Caller, args: dict[str, Any]) -> None:
+        name = args["name"]
+        await self._reconcile(name)
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        try:
+            definition = await self.hypervisor.set_metadata(name, args["uri"], args["key"], args["xml"])
+        except HypervisorError as err:
+            raise RequestError(f"annotate {name}: {err}") from None
+        with self._db:
+            self._db.execute("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
+
+    async def _drop_leftovers(self, name: str) -> None:
+        """Delete the files a VM not held here left (the empty overlay of a live migration that was undone),
+        unless libvirt has a domain of that name: an incoming migration still writes into them."""
+        if self.domains.disk(name) is None or name in [d.name for d in await self.hypervisor.list()]:
+            return
+        await trio.to_thread.run_sync(self.domains.remove, name)
+
+    async def _act(self, name: str, action: str, timeout: float = SHUTDOWN_TIMEOUT) -> DomainInfo:
+        if action == "start":
+            info = await self.hypervisor.info(name)
+            return await (self.hypervisor.resume(name) if info.state == "paused" else self.hypervisor.start(name))
+        if action == "stop":  # graceful, forced off after `timeout` seconds
+            return await self.hypervisor.shutdown(name, timeout)
+        if action == "destroy":
+            return await self.hypervisor.destroy(name)
+        if action == "suspend":
+            return await self.hypervisor.suspend(name)
+        return await self.hypervisor.resume(name)
+
+    async def _on_info(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return {"total": self.ledger.total.to_wire(), "free": self.ledger.free(trio.current_time()).to_wire(),
+                "domains": [asdict(d) for d in await self.hypervisor.list()], "backend": self.domains.kind,
+                "migration_uri": self.migration_uri}
+
+    async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Store the domain's XML and a state under `tag` (`state`: the one to restore, default the current
+        one; the VE service passes the state a VM had before it paused it for a consistent snapshot)."""
+        name, tag, state = name_arg(args), name_arg(args, "tag"), args.get("state")
+        if state is not None and state not in SETTLED:
+            raise RequestError(f"state must be one of {', '.join(SETTLED)}")
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        try:
+            xml = await self.hypervisor.xml(name)
+            state = state or (await self.hypervisor.info(name)).state
+            if state not in SETTLED:
+                raise RequestError(f"cannot snapshot {name}: it is {state}")
+            internal = await self.hypervisor.snapshot(name, tag) if self.domains.kind != "test" else ""
+        except HypervisorError as err:
+            raise RequestError(f"snapshot {name}: {err}") from None
+        taken = time.time()
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, tag, xml, state, taken, internal))
+        return {"tag": tag, "state": state, "taken": taken}
+
+    async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Re-create the domain from snapshot `tag`: forced off, redefined from the stored XML, brought to
+        the stored state. Idempotent."""
+        name, tag = name_arg(args), name_arg(args, "tag")
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        row = self._db.execute("SELECT xml, state, libvirt FROM snapshots WHERE name = ? AND tag = ?",
+                               (name, tag)).fetchone()
+        if row is None:
+            raise NotFound(f"no snapshot {tag!r} of {name} on this node")
+        xml, state, internal = row
+        try:
+            if internal:  # the disk (and memory) come back from the qcow2 file
+                info = await self.hypervisor.snapshot_revert(name, tag, state)
+                self._set_desired(name, info.state)
+                return asdict(info)
+            await self.hypervisor.destroy(name)
+            await self.hypervisor.define(xml)
+            with self._db:
+                self._db.execute("UPDATE domains SET xml = ?, desired = ? WHERE name = ?", (xml, state, name))
+            info = await self.hypervisor.settle(name, state)
+        except HypervisorError as err:
+            raise RequestError(f"restore {name} to {tag}: {err}") from None
+        return asdict(info)
+
+    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Forget snapshot `tag` of the domain: its stored XML and state and, for a real guest, its internal
+        qcow2 snapshot (first, so that a failure leaves the row for a retry; one the row does not mention,
+        left by a snapshot interrupted before its row was written, goes too). Idempotent: `deleted` says
+        whether there was anything to delete."""
+        name, tag = name_arg(args), name_arg(args, "tag")
+        if name not in self.ledger.allocated:
+            raise NotFound(f"no VM {name} on this node")
+        internal = False
+        if self.domains.kind != "test":
+            try:
+                internal = await self.hypervisor.snapshot_delete(name, tag)
+            except HypervisorError as err:
+                raise RequestError(f"delete snapshot {tag} of {name}: {err}") from None
+        with self._db:
+            rows = self._db.execute("DELETE FROM snapshots WHERE name = ? AND tag = ?", (name, tag)).rowcount
+        return {"name": name, "tag": tag, "deleted": internal or rows > 0}
+
+    async def _forget(self, name: str) -> None:
+        await self.hypervisor.undefine(name)
+        await trio.to_thread.run_sync(self.domains.remove, name)
+        with self._db:
+            self._db.execute("DELETE FROM domains WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+        self.ledger.deallocate(name)
+
+    def _set_desired(self, name: str, state: str) -> None:
+        with self._db:
+            self._db.execute("UPDATE domains SET desired = ? WHERE name = ?", (state, name))

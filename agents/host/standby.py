@@ -1,0 +1,158 @@
+"""Standby copies kept by this node for VMs that run on others (`ve replicate`, `ve failover`: discovery.ve.replicas).
+
+A standby is not a domain: it is what `host.export` gave for a VM that runs on another node (its XML and
+snapshots; for a real guest also a consistent copy of its disk, fetched from the VM's host, internal
+snapshots inside), kept in its own table, with the VM's room held in the ledger under `standby_key`, a
+key no domain can have ('/' is refused in names). So `host.vm`, `host.reserve` and the VE service's
+checks of where a VM is defined never see it, and a failover onto it never lacks room.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import trio
+
+from agents.host.args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snapshots_arg, xml_name
+from agents.host.capacity import Insufficient, Resources, UnknownReservation
+from agents.host.shipping import fetch_file
+from agents.hypervisor.actor import SETTLED, HypervisorError
+from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
+
+
+class Standbys:
+    """`host.reserve_standby`, `host.standby`, `host.unstandby`, `host.standbys` and `host.promote`.
+
+    A mixin of `agents.host.service.HostService`, whose state it relies on: `_db` (the SQLite store, where it
+    keeps the `standbys` table), `ledger`, `hypervisor` and `domains`, and its methods `_through_mailbox`
+    and `_set_desired`.
+    """
+
+    def _serve_standbys(self, transport: Endpoint) -> None:
+        self._db.execute("CREATE TABLE IF NOT EXISTS standbys (name TEXT PRIMARY KEY, xml TEXT, vcpus INTEGER, "
+                         "memory_mb INTEGER, disk_gb INTEGER, snapshots TEXT, taken REAL)")
+        for method, handler in (("host.reserve_standby", self._on_reserve_standby),
+                                ("host.standby", self._on_standby), ("host.unstandby", self._on_unstandby),
+                                ("host.standbys", self._on_standbys), ("host.promote", self._on_promote)):
+            transport.route(method, self._through_mailbox(handler))
+
+    def _hold_standbys(self) -> None:
+        """At start: hold the room of every persisted standby again."""
+        for name, vcpus, memory_mb, disk_gb in self._db.execute("SELECT name, vcpus, memory_mb, disk_gb "
+                                                                "FROM standbys"):
+            self.ledger.allocate(standby_key(name), Resources(vcpus, memory_mb, disk_gb))
+
+    async def _on_reserve_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Hold room for a standby of VM `name` for RESERVATION_TTL seconds; `host.standby` confirms it."""
+        name = name_arg(args)
+        if name in self.ledger.allocated:
+            raise Conflict(f"{name} itself is on this node; its standby must be on another")
+        need = Resources(*(count_arg(args, f) for f in ("vcpus", "memory_mb", "disk_gb")))
+        try:
+            token = self.ledger.reserve(standby_key(name), need, trio.current_time(), RESERVATION_TTL).token
+        except Insufficient as err:
+            raise Conflict(f"no room for a standby of {name}: {err}") from None
+        return {"token": token, "ttl": RESERVATION_TTL}
+
+    async def _on_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Keep, or refresh, the standby of VM `name`: its `xml` and `snapshots` as `host.export` gave them
+        at time `taken`, and for a real guest the copy of its disk, fetched from `ship["from"]` (the VM's
+        host). A new standby confirms reservation `token`; one held already is updated in place (a retried
+        confirm too), so this is idempotent. The disk is fetched before anything is recorded."""
+        name, token, xml, taken = name_arg(args), args.get("token"), args.get("xml"), args.get("taken")
+        snapshots, ship = snapshots_arg(args), args.get("ship")
+        if not (isinstance(xml, str) and len(xml) <= MAX_XML and xml_name(xml) == name):
+            raise RequestError(f"xml must be the definition of {name}, at most {MAX_XML} characters")
+        if not isinstance(taken, int | float) or isinstance(taken, bool):
+            raise RequestError("taken must be a time in seconds")
+        if name in self.ledger.allocated:
+            raise Conflict(f"{name} itself is on this node; its standby must be on another")
+        if self.domains.disk(name) is not None:
+            if not (isinstance(ship, dict) and isinstance(ship.get("from"), str)):
+                raise RequestError(f"a standby of real guest {name} needs its disk: ship from its host")
+            try:
+                await fetch_file(self.transport, ship["from"], name, "copy", self.domains.standby(name))
+            except (OSError, RpcError) as err:
+                raise RequestError(f"cannot fetch the disk of {name}: {err}") from None
+        key = standby_key(name)
+        if key in self.ledger.allocated:
+            if isinstance(token, str):
+                self.ledger.release(token)  # a retried confirm: the standby is held already
+        elif not isinstance(token, str):
+            raise NotFound(f"no standby of {name} on this node")
+        else:
+            held = self.ledger.reserved.get(token)
+            if held is not None and held.key != key:
+                raise RequestError(f"reservation {token} is not for a standby of {name}")
+            try:
+                self.ledger.confirm(token, trio.current_time())
+            except UnknownReservation as err:
+                raise Conflict(str(err)) from None
+        need = self.ledger.allocated[key]
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO standbys VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (name, xml, need.vcpus, need.memory_mb, need.disk_gb, json.dumps(snapshots), taken))
+        return {"name": name, "taken": taken, "snapshots": len(snapshots)}
+
+    async def _on_unstandby(self, caller: Caller, args: dict[str, Any]) -> bool:
+        """Drop the standby of VM `name` and free its room; True if there was one (none is fine)."""
+        name = name_arg(args)
+        with self._db:
+            dropped = self._db.execute("DELETE FROM standbys WHERE name = ?", (name,)).rowcount > 0
+        self.ledger.deallocate(standby_key(name))
+        if self.domains.disk(name) is not None:
+            self.domains.standby(name).unlink(missing_ok=True)
+        return dropped
+
+    async def _on_standbys(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """The standbys this node keeps: VM name, room held, how many snapshots, when exported."""
+        rows = self._db.execute("SELECT name, vcpus, memory_mb, disk_gb, snapshots, taken FROM standbys "
+                                "ORDER BY name")
+        return [{"name": name, "need": Resources(vcpus, memory_mb, disk_gb).to_wire(),
+                 "snapshots": len(json.loads(snapshots)), "taken": taken}
+                for name, vcpus, memory_mb, disk_gb, snapshots, taken in rows]
+
+    async def _on_promote(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Turn the standby of VM `name` into the VM: defined from the stored XML with its snapshots, its
+        held room now the VM's (one transaction), then brought to `state`. If the VM is here already (a
+        retried promote), it is only brought to `state`. A real guest's standby disk becomes its disk
+        (and its internal snapshots are redefined); it then boots from that disk, as after a power cut."""
+        name, state = name_arg(args), args.get("state")
+        if state not in SETTLED:
+            raise RequestError(f"state must be one of {', '.join(SETTLED)}")
+        try:
+            if name not in self.ledger.allocated:
+                row = self._db.execute("SELECT xml, vcpus, memory_mb, disk_gb, snapshots FROM standbys "
+                                       "WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no standby of {name} on this node")
+                xml, vcpus, memory_mb, disk_gb, snapshots = row
+                xml = self.domains.adapt(xml)
+                if self.domains.disk(name) is not None:
+                    self.domains.standby(name).replace(self.domains.disk(name))
+                await self.hypervisor.define(xml)
+                rows = [(name, *snapshot) for snapshot in json.loads(snapshots)]
+                for *_, internal in rows:
+                    if internal:
+                        await self.hypervisor.snapshot_redefine(name, self.domains.adapt(internal))
+                with self._db:
+                    self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                                     (name, xml, vcpus, memory_mb, disk_gb, state))
+                    if rows:
+                        marks = ", ".join("?" * len(rows[0]))
+                        self._db.executemany(f"INSERT OR REPLACE INTO snapshots VALUES ({marks})", rows)
+                    self._db.execute("DELETE FROM standbys WHERE name = ?", (name,))
+                self.ledger.deallocate(standby_key(name))
+                self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
+            info = await self.hypervisor.settle(name, state)
+        except (HypervisorError, OSError) as err:
+            raise RequestError(f"promote {name}: {err}") from None
+        self._set_desired(name, info.state)
+        return asdict(info)
+
+
+def standby_key(name: str) -> str:
+    """The ledger key of the standby of VM `name`: never a domain's name (those cannot hold '/')."""
+    return f"{name}/standby"

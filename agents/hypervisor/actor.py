@@ -1,0 +1,599 @@
+"""The node's hypervisor, driven through libvirt from one actor thread.
+
+A libvirt connection must not be shared across threads and every call on it blocks, so the connection
+lives inside a `HypervisorActor` (a `pykka.ThreadingActor`): its thread opens the connection, runs
+every request one at a time, and closes it. Trio code talks to it through `Hypervisor`, which posts a
+request to the actor and awaits the reply in a worker thread, so the event loop never blocks on
+libvirt and concurrent callers are serialized by the actor's mailbox.
+
+The default backend is libvirt's embedded `test:///<node.xml>` driver: a real libvirt with an
+in-memory host whose CPUs and memory come from `node.xml` (see `write_node_xml`), and no daemon. It
+forgets every domain when the connection closes, does no capacity accounting and cannot migrate; the
+agent handles those elsewhere. Real guests use the QEMU driver, either embedded in the agent
+(`qemu:///embed?root=DIR`, no daemon, no migration) or the node's own libvirtd (`agents.hypervisor.libvirtd`),
+which adds internal qcow2 snapshots, managed save and peer-to-peer live migration (the `op_snapshot*`,
+`op_managed_save`, `op_restore_file` and `op_migrate` requests). Every operation here is idempotent, so
+a caller may retry freely.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+import libvirt
+import pykka
+import trio
+
+from agents.hypervisor.qemu_xml import open_embed
+
+log = logging.getLogger(__name__)
+
+# libvirt prints every error to stderr by default; we turn them all into HypervisorError instead.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",  # running, but waiting on a resource
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+}
+_UNDEFINE_FLAGS = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+SETTLED = ("running", "paused", "shutoff")
+"""The states `Hypervisor.settle` brings a domain to (what the agent persists as a VM's desired state)."""
+WAITERS = 8
+"""How many worker threads one `Hypervisor` may use to await replies; later callers queue in trio."""
+
+
+class HypervisorError(Exception):
+    """A hypervisor operation failed; the message is one line (libvirt's own, when it comes from libvirt)."""
+
+
+def _message(err: libvirt.libvirtError) -> str:
+    text = err.get_error_message() or str(err)
+    return next((line.strip() for line in text.splitlines() if line.strip()), "unknown libvirt error")
+
+
+def _translate(err: libvirt.libvirtError, prefix: str = "") -> HypervisorError:
+    error = HypervisorError(prefix + _message(err))
+    error.__cause__ = err
+    return error
+
+
+# -- XML -------------------------------------------------------------------------------------------
+
+
+def write_node_xml(path: Path, vcpus: int, memory_mb: int) -> str:
+    """Describe a host with `vcpus` CPUs and `memory_mb` MiB for the test driver; returns its URI.
+
+    The URI is "test://" followed by the absolute path, percent-encoded where the path holds characters
+    a URI cannot carry as they are (libvirt decodes them); an ordinary path comes out unchanged.
+    """
+    if vcpus < 1 or memory_mb < 1:
+        raise ValueError(f"a node needs at least one vcpu and 1 MiB (got {vcpus} vcpus, {memory_mb} MiB)")
+    node = ET.Element("node")
+    cpu = ET.SubElement(node, "cpu")
+    for tag, value in (("nodes", 1), ("sockets", 1), ("cores", vcpus), ("threads", 1), ("mhz", 2000),
+                       ("model", "i686"), ("active", vcpus), ("total", vcpus)):
+        ET.SubElement(cpu, tag).text = str(value)
+    ET.SubElement(node, "memory").text = str(memory_mb * 1024)  # KiB
+    ET.indent(node)
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(ET.tostring(node, encoding="unicode") + "\n")
+    return "test://" + urllib.parse.quote(str(path))
+
+
+def domain_xml(name: str, vcpus: int, memory_mb: int, uuid: str | None = None,
+               domain_type: str = "test") -> str:
+    """A minimal persistent domain. Without `uuid`, one is derived from `name`, so regenerating the XML of
+    a domain (say, on a retried request) and defining it again is idempotent."""
+    if not name:
+        raise ValueError("a domain needs a name")
+    if vcpus < 1 or memory_mb < 1:
+        raise ValueError(f"a domain needs at least one vcpu and 1 MiB (got {vcpus} vcpus, {memory_mb} MiB)")
+    domain = ET.Element("domain", type=domain_type)
+    ET.SubElement(domain, "name").text = name
+    domain_uuid = UUID(uuid) if uuid else uuid5(NAMESPACE_URL, f"discovery:{name}")
+    ET.SubElement(domain, "uuid").text = str(domain_uuid)
+    ET.SubElement(domain, "memory", unit="MiB").text = str(memory_mb)
+    ET.SubElement(domain, "vcpu").text = str(vcpus)
+    ET.SubElement(ET.SubElement(domain, "os"), "type").text = "hvm"
+    return ET.tostring(domain, encoding="unicode")
+
+
+# -- the actor -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    model: str
+    vcpus: int
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    state: str  # running, paused, shutoff, crashed or other
+    vcpus: int
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    """What an active domain has used: its CPU time over all vCPUs (ns) when libvirt read it, on the
+    `time.monotonic` clock (seconds), and libvirt's `balloon.*` stats (KiB; the QEMU driver only)."""
+
+    cpu_time_ns: int
+    sampled: float
+    balloon: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    args: tuple[Any, ...]
+
+
+def _domain_info(dom: libvirt.virDomain) -> DomainInfo:
+    state, max_kib, _kib, vcpus, _cpu_time = dom.info()
+    return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, "other"), vcpus, max_kib // 1024)
+
+
+class HypervisorActor(pykka.ThreadingActor):
+    """Owns the libvirt connection; everything here runs in the actor's own thread.
+
+    Requests arrive as `_Call` messages; the reply is `(True, result)` or `(False, exception)`, so an
+    expected failure travels back to the caller without pykka logging it as an actor error.
+    """
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        self._uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._open_error: HypervisorError | None = None
+
+    def on_start(self) -> None:
+        try:
+            if self._uri.startswith("qemu:///embed?root="):
+                self._conn = open_embed(Path(self._uri.partition("=")[2]))
+            else:
+                self._conn = libvirt.open(self._uri)
+        except libvirt.libvirtError as err:
+            self._open_error = _translate(err, f"cannot open {self._uri}: ")
+        except Exception as exc:  # keep the actor alive so that `check_open` can report it
+            self._open_error = HypervisorError(f"cannot open {self._uri}: {exc}")
+            self._open_error.__cause__ = exc
+
+    def on_stop(self) -> None:
+        self._disconnect()
+
+    def on_failure(self, *_exc_info: object) -> None:
+        self._disconnect()
+
+    def on_receive(self, message: Any) -> Any:
+        if not isinstance(message, _Call):
+            return super().on_receive(message)
+        try:
+            return True, getattr(self, "op_" + message.method)(*message.args)
+        except libvirt.libvirtError as err:
+            return False, _translate(err)
+        except Exception as exc:
+            return False, exc
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except libvirt.libvirtError as err:
+                log.warning("closing %s: %s", self._uri, _message(err))
+
+    @property
+    def _connection(self) -> libvirt.virConnect:
+        if self._conn is None:
+            raise self._open_error or HypervisorError("hypervisor is closed")
+        return self._conn
+
+    def _lookup(self, name: str) -> libvirt.virDomain:
+        try:
+            return self._connection.lookupByName(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise HypervisorError(f"no domain named {name!r}") from None
+            raise
+
+    # -- requests: `_Call(method, args)` runs `op_<method>(*args)` --
+
+    def op_check_open(self) -> None:
+        if self._open_error is not None:
+            raise self._open_error
+
+    def op_host_info(self) -> HostInfo:
+        model, memory_mb, cpus, *_ = self._connection.getInfo()
+        return HostInfo(model, cpus, memory_mb)
+
+    def op_define(self, xml: str) -> DomainInfo:
+        return _domain_info(self._connection.defineXML(self._keep_uuid(xml)))
+
+    def _keep_uuid(self, xml: str) -> str:
+        """Give XML without a <uuid> the uuid of the existing domain of that name, if any, so that
+        redefining it updates that domain instead of failing on a freshly generated uuid."""
+        try:
+            root = ET.fromstring(xml)
+        except ET.ParseError:
+            return xml  # let libvirt explain what is wrong with it
+        name = root.findtext("name")
+        if root.find("uuid") is not None or not name:
+            return xml
+        try:
+            existing = self._connection.lookupByName(name)
+        except libvirt.libvirtError:
+            return xml
+        ET.SubElement(root, "uuid").text = existing.UUIDString()
+        return ET.tostring(root, encoding="unicode")
+
+    def op_start(self, name: str) -> DomainInfo:
+        dom = self._lookup(name)
+        if not dom.isActive():
+            try:
+                dom.create()
+            except libvirt.libvirtError:
+                if not dom.isActive():
+                    raise
+        return _domain_info(dom)
+
+    def op_destroy(self, name: str) -> DomainInfo:
+        dom = self._lookup(name)
+        self._force_off(dom)
+        return _domain_info(dom)
+
+    def _force_off(self, dom: libvirt.virDomain) -> None:
+        if dom.isActive():
+            try:
+                dom.destroy()
+            except libvirt.libvirtError:
+                if dom.isActive():
+                    raise
+
+    def op_suspend(self, name: str) -> DomainInfo:
+        return self._transition(name, "suspend", want="paused", source="running",
+                                act=lambda dom: dom.suspend())
+
+    def op_resume(self, name: str) -> DomainInfo:
+        return self._transition(name, "resume", want="running", source="paused",
+                                act=lambda dom: dom.resume())
+
+    def _transition(self, name: str, verb: str, want: str, source: str,
+                    act: Callable[[libvirt.virDomain], object]) -> DomainInfo:
+        dom = self._lookup(name)
+        info = _domain_info(dom)
+        if info.state == want:
+            return info
+        if info.state != source:
+            raise HypervisorError(f"cannot {verb} {name!r}: it is {info.state}, not {source}")
+        act(dom)
+        return _domain_info(dom)
+
+    def op_request_shutdown(self, name: str) -> tuple[DomainInfo, bool]:
+        """Ask the guest to power off (ACPI); True if asked (or already off), False if it cannot be
+        asked, so the caller should force it off. A paused guest is resumed first, to hear the request."""
+        dom = self._lookup(name)
+        if not dom.isActive():
+            return _domain_info(dom), True
+        try:
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+            dom.shutdown()
+        except libvirt.libvirtError as err:
+            if dom.isActive():
+                log.info("cannot ask %s to shut down (%s); it will be forced off", name, _message(err))
+                return _domain_info(dom), False
+        return _domain_info(dom), True
+
+    def op_undefine(self, name: str) -> None:
+        try:
+            dom = self._lookup(name)
+        except HypervisorError:
+            return  # already gone
+        try:
+            self._force_off(dom)
+            try:
+                dom.undefineFlags(_UNDEFINE_FLAGS)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+                    raise
+                dom.undefine()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+
+    def op_info(self, name: str) -> DomainInfo:
+        return _domain_info(self._lookup(name))
+
+    def op_xml(self, name: str) -> str:
+        return self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    def op_list(self) -> list[DomainInfo]:
+        infos = []
+        for dom in self._connection.listAllDomains():
+            try:
+                infos.append(_domain_info(dom))
+            except libvirt.libvirtError as err:  # vanished (a transient domain) meanwhile
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return sorted(infos, key=lambda info: info.name)
+
+    def op_stats(self) -> dict[str, DomainStats]:
+        """Every active domain's stats, in one libvirt call. The test driver reports no `cpu.time` there, so
+        the cpuTime of `virDomainGetInfo` stands in (for that driver, the wall clock: one busy vCPU)."""
+        flags = libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_BALLOON
+        out = {}
+        for dom, stats in self._connection.getAllDomainStats(flags, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE):
+            try:
+                cpu = stats["cpu.time"] if "cpu.time" in stats else dom.info()[4]
+                out[dom.name()] = DomainStats(int(cpu), time.monotonic(), {
+                    k: int(v) for k, v in stats.items() if k.startswith("balloon.")})
+            except libvirt.libvirtError as err:  # stopped or gone meanwhile: no sample
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return out
+
+    def op_metadata(self, name: str, uri: str) -> str | None:
+        """The domain's metadata element in namespace `uri` (XML), None if it has none."""
+        try:
+            return self._lookup(name).metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, uri, 0)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return None
+            raise
+
+    def op_set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> str:
+        """Set (None: remove) the domain's metadata element in namespace `uri`, written with prefix `key`, in
+        its persistent definition (and the running one); returns the new definition."""
+        dom = self._lookup(name)
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key if xml is not None else None, uri, flags)
+        return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    # -- real guests: internal snapshots, managed save, live migration --
+
+    def op_snapshot(self, name: str, tag: str) -> str:
+        """An internal snapshot `tag` (disk, and memory when the domain is active); its XML, for REDEFINE
+        on another host. A snapshot of that name already there is kept (idempotent)."""
+        dom = self._lookup(name)
+        try:
+            return dom.snapshotLookupByName(tag).getXMLDesc()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                raise
+        doc = ET.Element("domainsnapshot")
+        ET.SubElement(doc, "name").text = tag
+        return dom.snapshotCreateXML(ET.tostring(doc, encoding="unicode")).getXMLDesc()
+
+    def op_snapshot_redefine(self, name: str, xml: str) -> None:
+        """Make a snapshot carried from another host known here (its data is already in the qcow2 disk)."""
+        self._lookup(name).snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+
+    def op_snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
+        """Revert to internal snapshot `tag`, ending running, paused or shut off as `state` says."""
+        dom = self._lookup(name)
+        flags = {"running": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
+                 "paused": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED}.get(state, 0)
+        dom.revertToSnapshot(dom.snapshotLookupByName(tag), flags | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE)
+        if state == "shutoff":
+            self._force_off(dom)
+        return _domain_info(dom)
+
+    def op_snapshot_delete(self, name: str, tag: str) -> bool:
+        """Delete internal snapshot `tag` (its data leaves the qcow2 file); whether there was one. A missing
+        one is fine (idempotent)."""
+        dom = self._lookup(name)
+        try:
+            snapshot = dom.snapshotLookupByName(tag)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                raise
+            return False
+        snapshot.delete()
+        return True
+
+    def op_snapshot_names(self, name: str) -> list[str]:
+        return sorted(self._lookup(name).snapshotListNames())
+
+    def op_managed_save(self, name: str) -> DomainInfo:
+        """Save the memory of an active domain into libvirt's managed save image and stop it; the next
+        start resumes from the image. A domain already off is left alone."""
+        dom = self._lookup(name)
+        if dom.isActive():
+            dom.managedSave()
+        return _domain_info(dom)
+
+    def op_restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
+        """Start a domain from a save image (written by a managed save elsewhere), with definition `xml`."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if state == "paused" else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        self._connection.restoreFlags(path, xml, flags)
+        return _domain_info(self._lookup(ET.fromstring(xml).findtext("name") or ""))
+
+    def op_migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
+        self._lookup(name).migrateToURI3(uri, params, flags)
+
+    def op_persistent(self, name: str) -> bool:
+        """Whether a persistent domain of that name is here (one that arrived by live migration counts)."""
+        try:
+            return bool(self._lookup(name).isPersistent())
+        except HypervisorError:
+            return False
+
+
+# -- the trio-facing handle ------------------------------------------------------------------------
+
+
+class Hypervisor:
+    """Trio-facing handle; owns a `HypervisorActor`. Create it with `Hypervisor.open(uri)`."""
+
+    actor_class: ClassVar[type[HypervisorActor]] = HypervisorActor
+    poll_interval: ClassVar[tuple[float, float]] = (0.05, 1.0)
+    """First and longest pause between state polls while a graceful shutdown is under way."""
+
+    def __init__(self, uri: str, actor_ref: pykka.ActorRef[HypervisorActor]) -> None:
+        self.uri = uri
+        self._ref = actor_ref
+        self._closed = False
+        self._limiter = trio.CapacityLimiter(WAITERS)
+
+    @classmethod
+    def open(cls, uri: str) -> Hypervisor:
+        """Start the actor, which opens the connection in its own thread. This blocks the caller (briefly,
+        for the test driver) until the connection is open; raises HypervisorError if it cannot be."""
+        ref = cls.actor_class.start(uri)
+        try:
+            ok, value = ref.ask(_Call("check_open", ()))
+        except pykka.ActorDeadError:
+            ok, value = False, HypervisorError(f"cannot open {uri}: the hypervisor actor died")
+        if not ok:
+            ref.stop(block=True)
+            raise value
+        return cls(uri, ref)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self._closed:
+            raise HypervisorError("hypervisor is closed")
+        future = self._ref.ask(_Call(method, args), block=False)
+        try:
+            ok, value = await trio.to_thread.run_sync(future.get, abandon_on_cancel=True,
+                                                      limiter=self._limiter)
+        except pykka.ActorDeadError:
+            raise HypervisorError("hypervisor is closed") from None
+        if not ok:
+            raise value
+        return value
+
+    async def host_info(self) -> HostInfo:
+        return await self._call("host_info")
+
+    async def define(self, xml: str) -> DomainInfo:
+        """Define (or redefine: same name and uuid) a persistent domain."""
+        return await self._call("define", xml)
+
+    async def start(self, name: str) -> DomainInfo:
+        """Boot the domain; one already active (running or paused) is returned as it is."""
+        return await self._call("start", name)
+
+    async def shutdown(self, name: str, timeout: float = 30.0) -> DomainInfo:
+        """Ask the guest to power off, wait up to `timeout` seconds for it, then force it off.
+
+        The wait happens here, between short `info` requests, so the actor serves other callers meanwhile.
+        """
+        info, asked = await self._call("request_shutdown", name)
+        if asked:
+            deadline = trio.current_time() + timeout
+            pause, longest = self.poll_interval
+            while info.state != "shutoff" and (remaining := deadline - trio.current_time()) > 0:
+                await trio.sleep(min(pause, remaining))
+                pause = min(pause * 2, longest)
+                info = await self.info(name)
+        if info.state == "shutoff":
+            return info
+        if asked:
+            log.warning("%s did not shut down within %gs; forcing it off", name, timeout)
+        return await self.destroy(name)
+
+    async def destroy(self, name: str) -> DomainInfo:
+        """Force the domain off; one already off is returned as it is."""
+        return await self._call("destroy", name)
+
+    async def suspend(self, name: str) -> DomainInfo:
+        """Pause a running domain; a paused one is returned as it is, a stopped one is an error."""
+        return await self._call("suspend", name)
+
+    async def resume(self, name: str) -> DomainInfo:
+        """Unpause a paused domain; a running one is returned as it is, a stopped one is an error."""
+        return await self._call("resume", name)
+
+    async def undefine(self, name: str) -> None:
+        """Force the domain off if needed and forget it; a missing domain is fine."""
+        await self._call("undefine", name)
+
+    async def info(self, name: str) -> DomainInfo:
+        return await self._call("info", name)
+
+    async def xml(self, name: str) -> str:
+        """The domain's persistent definition as libvirt holds it: what `define` takes on another host."""
+        return await self._call("xml", name)
+
+    async def settle(self, name: str, state: str) -> DomainInfo:
+        """Bring the domain to `state` (running, paused or shutoff) from whatever state it is in, forcing
+        it off for shutoff; a domain already there is left alone."""
+        if state == "shutoff":
+            return await self.destroy(name)
+        if state not in SETTLED:
+            raise HypervisorError(f"cannot bring {name!r} to state {state!r}: expected one of {', '.join(SETTLED)}")
+        await self.start(name)
+        return await (self.resume(name) if state == "running" else self.suspend(name))
+
+    async def list(self) -> list[DomainInfo]:
+        """Every domain of the host, by name."""
+        return await self._call("list")
+
+    async def stats(self) -> dict[str, DomainStats]:
+        """CPU time and balloon stats of every active domain, by name (`dvms.monitor` turns them into demand)."""
+        return await self._call("stats")
+
+    async def metadata(self, name: str, uri: str) -> str | None:
+        """The domain's own metadata element in namespace `uri`, which travels with its definition."""
+        return await self._call("metadata", name, uri)
+
+    async def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> str:
+        """Set or (xml None) remove that element; returns the domain's new persistent definition."""
+        return await self._call("set_metadata", name, uri, key, xml)
+
+    async def snapshot(self, name: str, tag: str) -> str:
+        """An internal snapshot (QEMU driver, qcow2 disks); returns its XML."""
+        return await self._call("snapshot", name, tag)
+
+    async def snapshot_redefine(self, name: str, xml: str) -> None:
+        await self._call("snapshot_redefine", name, xml)
+
+    async def snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
+        return await self._call("snapshot_revert", name, tag, state)
+
+    async def snapshot_delete(self, name: str, tag: str) -> bool:
+        """Delete an internal snapshot; whether there was one."""
+        return await self._call("snapshot_delete", name, tag)
+
+    async def snapshot_names(self, name: str) -> list[str]:
+        return await self._call("snapshot_names", name)
+
+    async def managed_save(self, name: str) -> DomainInfo:
+        return await self._call("managed_save", name)
+
+    async def restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
+        return await self._call("restore_file", path, xml, state)
+
+    async def migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
+        """Peer-to-peer migration driven by this host's daemon; the actor is busy until it ends."""
+        await self._call("migrate", name, uri, flags, params)
+
+    async def persistent(self, name: str) -> bool:
+        return await self._call("persistent", name)
+
+    async def close(self) -> None:
+        """Close the connection and stop the actor, after the requests already sent. Safe to call twice.
+
+        The stop request goes out at once, so even if this is cancelled the actor still stops."""
+        if self._closed:
+            return
+        self._closed = True
+        stopped = self._ref.stop(block=False)
+        await trio.to_thread.run_sync(stopped.get, abandon_on_cancel=True)

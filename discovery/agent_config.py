@@ -1,0 +1,84 @@
+"""An agent's configuration file, `agent.toml`, read into `agents.config.AgentConfig`.
+
+agent.toml:
+    name = "node1"
+    site = "rennes"
+    listen = "127.0.0.1:7001"
+    join = ["127.0.0.1:7002"]
+    data_dir = "/var/lib/discovery"
+    libvirt_uri = ""                    # empty: embedded test:/// host sized by [capacity]
+    hypervisor = "test"                 # or "qemu": real tiny guests, on the node's own libvirtd
+                                        # (libvirt_uri empty) or embedded (libvirt_uri = "qemu:///embed")
+    libvirtd_port = 0                   # qemu: its libvirtd's TCP port on 127.0.0.1 (0: a free one)
+    migration_ports = [49200, 49215]    # qemu: its live-migration port range (omitted: derived)
+    kademlia = true                     # run Kademlia beside Chord (`discovery overlay bind`)
+    kad_port = 0                        # its UDP port; 0 picks a free one
+    [capacity]  vcpus = 16, memory_mb = 32768, disk_gb = 500
+    [tls]       ca = "...", cert = "...", key = "..."
+    [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
+    rennes = { lyon = 12.0 }
+    [dvms]                              # optional; the defaults below (discovery.scheduler.service)
+    injector_rate = 0.0                 # λ: CPU demand changes per VM per second (test driver); 0: none
+    injector_mean = 70.0                # each change draws from N(mean, std), percent of one vCPU
+    injector_std = 30.0
+    seed = 0                            # of the injector's per-VM streams
+    overload = 1.0                      # node overloaded above this fraction of its capacity ...
+    overload_clear = 0.9                # ... until below this one (a plan must bring it there)
+    underload = 0.0                     # consolidation: a node below this (0: never) for underload_dwell
+    underload_clear = 0.3               #   seconds is emptied onto others; it is normal again from here
+    underload_dwell = 60.0
+    retry = 5.0                         # seconds before a node still in trouble starts a partition again
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agents.config import AgentConfig
+from agents.host.capacity import Resources
+from discovery.scheduler.settings import dvms_settings
+from discovery.toml_config import ConfigError, address, field, identity, read_toml
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    data = read_toml(path)
+    cap = field(data, "capacity", dict, path)
+    capacity = Resources(*(field(cap, k, int, path, where="capacity.") for k in ("vcpus", "memory_mb", "disk_gb")))
+    if capacity.vcpus < 1 or capacity.memory_mb < 64 or capacity.disk_gb < 0:
+        raise ConfigError(f"{path}: capacity must have at least 1 vCPU and 64 MiB")
+    joins = field(data, "join", list, path, [])
+    rtt = field(field(data, "latency", dict, path, {}), "rtt_ms", dict, path, {}, where="latency.")
+    try:
+        site_rtt = {a: {b: float(ms) for b, ms in row.items()} for a, row in rtt.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"{path}: latency.rtt_ms must map site -> site -> milliseconds") from None
+    data_dir = Path(field(data, "data_dir", str, path))
+    hypervisor = field(data, "hypervisor", str, path, "test")
+    if hypervisor not in ("test", "qemu"):
+        raise ConfigError(f"{path}: field 'hypervisor' must be \"test\" or \"qemu\", got {hypervisor!r}")
+    migration = field(data, "migration_ports", list, path, [0, 0])
+    if not (len(migration) == 2 and all(isinstance(p, int) and 0 <= p < 65536 for p in migration)
+            and migration[0] <= migration[1]):
+        raise ConfigError(f"{path}: field 'migration_ports' must be [low, high] TCP ports, got {migration!r}")
+    dvms = dvms_settings(field(data, "dvms", dict, path, {}), path)
+    if dvms.injector_rate > 0 and hypervisor != "test":
+        raise ConfigError(f"{path}: field 'dvms.injector_rate' needs hypervisor \"test\": the demand of real "
+                          "guests is measured")
+    return AgentConfig(
+        name=field(data, "name", str, path),
+        site=field(data, "site", str, path, "default"),
+        listen=address(field(data, "listen", str, path), path, "listen"),
+        data_dir=data_dir if data_dir.is_absolute() else path.parent / data_dir,
+        identity=identity(data, path),
+        capacity=capacity,
+        join=[address(j, path, "join") for j in joins],
+        libvirt_uri=field(data, "libvirt_uri", str, path, ""),
+        hypervisor=hypervisor,
+        libvirtd_port=field(data, "libvirtd_port", int, path, 0),
+        migration_ports=(migration[0], migration[1]),
+        site_rtt_ms=site_rtt,
+        replicas=field(data, "replicas", int, path, 3),
+        kademlia=field(data, "kademlia", bool, path, True),
+        kad_port=field(data, "kad_port", int, path, 0),
+        extra={"dvms": dvms},
+    )

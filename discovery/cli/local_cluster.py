@@ -1,0 +1,258 @@
+"""A local multi-site cluster: N real agent processes on loopback, a generated CA, emulated WAN latency.
+
+`up` writes everything under one directory (CA, per-node config, data, logs, `cluster.json` with the
+PIDs) and `down` stops exactly the processes listed there, after checking each PID still runs that
+cluster's agent, so a recycled PID is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from discovery.agent_config import load_agent_config
+from discovery.cli.config import ClientConfig, home
+from discovery.toml_config import ConfigError
+from overlay.wire import tls
+from overlay.wire.rpc import Transport, free_ports
+from overlay.wire.wan import SITES, rtt_matrix
+
+STATE_FILE = "cluster.json"
+HYPERVISORS = ("test", "qemu", "qemu-embed")
+"""libvirt's test driver; real guests on a libvirtd per node; real guests on the QEMU driver embedded
+in each agent (no daemon, so VMs move by save → ship → restore)."""
+MIGRATION_PORTS = 49200
+"""The first node's live-migration ports (16 per node) with --hypervisor qemu."""
+
+
+class ClusterError(Exception):
+    """A one-line reason the cluster command could not do what was asked."""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings and numbers: JSON and TOML agree
+
+
+def _write_toml(path: Path, top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> None:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _running(pid: int, config: str) -> bool:
+    """True if `pid` is alive and still the agent started with `config` (guards against PID reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return config.encode() in cmdline
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise ClusterError(f"no cluster in {directory} (no {STATE_FILE})") from None
+    except (OSError, ValueError) as err:
+        raise ClusterError(f"{directory / STATE_FILE}: unreadable: {err}") from None
+
+
+def dvms_table(pairs: list[str]) -> dict[str, Any]:
+    """`--dvms KEY=VALUE` options as a `[dvms]` table (values in TOML: 0.05, 7, true); checked by `up`."""
+    table = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            if not (sep and key.strip()):
+                raise ValueError("not KEY=VALUE")
+            table[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except (ValueError, tomllib.TOMLDecodeError) as err:
+            raise ClusterError(f"--dvms {pair!r}: {err}") from None
+    return table
+
+
+def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
+       wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test",
+       dvms: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start the agents; with `hypervisor` "qemu", each runs real tiny guests on a libvirtd of its own
+    (the guest image is built and the accelerator chosen here first, once for all of them). `dvms` is the
+    `[dvms]` table of every agent.toml (discovery.scheduler.settings); each file is checked before its agent starts."""
+    if not 1 <= nodes <= 256:
+        raise ClusterError("--nodes must be between 1 and 256")
+    if hypervisor not in HYPERVISORS:
+        raise ClusterError(f"--hypervisor must be one of {', '.join(HYPERVISORS)}")
+    if hypervisor != "test" and nodes > 16:
+        raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
+    if not 1 <= sites <= min(nodes, len(SITES)):
+        raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
+    directory = directory.resolve()
+    if (directory / STATE_FILE).exists():
+        state = load_state(directory)
+        if any(_running(n["pid"], n["config"]) for n in state["nodes"]):
+            raise ClusterError(f"a cluster is already running in {directory}; 'discovery cluster down --dir "
+                               f"{directory}' first")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_dir = directory / "ca"
+    if not (ca_dir / "ca.key").exists():
+        tls.init_ca(ca_dir)
+    site_names = SITES[:sites]
+    ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
+    addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
+    qemu: dict[str, Any] = {}
+    if hypervisor != "test":
+        _prepare_guests()
+    if not 0 <= local_rtt_ms <= 1000:
+        raise ClusterError("--local-rtt-ms must be between 0 and 1000")
+    matrix = rtt_matrix(site_names, local_rtt_ms)
+    started: list[dict[str, Any]] = []
+    try:
+        for i in range(nodes):
+            name, site = f"node{i + 1}", site_names[i % sites]
+            node_dir = directory / name
+            node_dir.mkdir(exist_ok=True)
+            ident = tls.issue(ca_dir, name, "node", out_dir=node_dir)
+            config = node_dir / "agent.toml"
+            if hypervisor == "qemu":
+                low = MIGRATION_PORTS + 16 * i
+                qemu = {"hypervisor": "qemu", "libvirtd_port": ports[nodes + i], "migration_ports": [low, low + 15]}
+            elif hypervisor == "qemu-embed":
+                qemu = {"hypervisor": "qemu", "libvirt_uri": "qemu:///embed"}  # agents.hypervisor.qemu.EMBED
+            _write_toml(config, {
+                "name": name, "site": site, "listen": addrs[i], "data_dir": str(node_dir / "data"),
+                "join": [a for a in addrs[:3] if a != addrs[i]], **qemu,
+            }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
+                "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
+                "latency.rtt_ms": matrix, **({"dvms": dvms} if dvms else {})})
+            try:
+                load_agent_config(config)
+            except ConfigError as err:
+                raise ClusterError(str(err)) from None
+            with open(node_dir / "agent.log", "ab") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config", str(config)],
+                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            started.append({"name": name, "site": site, "addr": addrs[i], "pid": proc.pid, "config": str(config)})
+    except BaseException:
+        _stop(started)
+        raise
+    operator = tls.issue(ca_dir, "operator", "operator", out_dir=directory)
+    state = {"dir": str(directory), "nodes": started, "sites": site_names, "rtt_ms": matrix, "hypervisor": hypervisor,
+             "client_config": str(directory / "client.toml")}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+    client = {"agent": addrs[0]}
+    tables = {"nodes": {n["name"]: n["addr"] for n in started},
+              "tls": {"ca": str(operator.ca), "cert": str(operator.cert), "key": str(operator.key)}}
+    _write_toml(directory / "client.toml", client, tables)
+    home().mkdir(parents=True, exist_ok=True)
+    _write_toml(home() / "client.toml", client, tables)
+    ready = trio.run(_wait_converged, _client(directory), addrs, nodes, wait)
+    if not ready:
+        raise ClusterError(f"agents did not agree on {nodes} members within {wait:g}s; see {directory}/node*/agent.log")
+    return state
+
+
+def _prepare_guests() -> None:
+    """Build the tiny guest and pick the accelerator once, before the agents all want them."""
+    from agents.hypervisor.qemu import BackendError, prepare_guest  # libvirt: only for real guests
+
+    try:
+        prepare_guest()
+    except BackendError as err:
+        raise ClusterError(f"--hypervisor qemu: {err}") from None
+
+
+def _client(directory: Path) -> ClientConfig:
+    ca = directory / "ca" / "ca.pem"
+    return ClientConfig(tls.Identity(cert=directory / "operator.pem", key=directory / "operator.key", ca=ca))
+
+
+async def _wait_converged(client: ClientConfig, addrs: list[str], nodes: int, wait: float) -> bool:
+    """Wait until every agent sees every other as alive and has measured its RTT to it."""
+
+    def converged(addr: str, members: object) -> bool:
+        return isinstance(members, list) and sum(
+            m["status"] == "alive" and (m["rtt_ms"] is not None or m["addr"] == addr) for m in members) == nodes
+
+    async with Transport(client.identity, node="cli") as transport:
+        with trio.move_on_after(wait):
+            while True:
+                answers = await transport.call_many(addrs, "agent.members", {}, 2.0)
+                if all(converged(addr, members) for addr, members in answers.items()):
+                    return True
+                await trio.sleep(0.3)
+    return False
+
+
+def status(directory: Path) -> list[dict[str, Any]]:
+    state = load_state(directory.resolve())
+    client = _client(directory.resolve())
+
+    async def ask() -> dict[str, Any]:
+        async with Transport(client.identity, node="cli") as transport:
+            return await transport.call_many([n["addr"] for n in state["nodes"]], "agent.status", {}, 3.0)
+
+    answers = trio.run(ask)
+    rows = []
+    for node in state["nodes"]:
+        answer = answers.get(node["addr"])
+        ok = isinstance(answer, dict)
+        rows.append({**node, "process": "running" if _running(node["pid"], node["config"]) else "gone",
+                     "answers": ok, "successor": answer["successors"][0] if ok and answer["successors"] else None,
+                     "records": answer["records"] if ok else None,
+                     "error": None if ok else str(answer)})
+    return rows
+
+
+def down(directory: Path) -> list[str]:
+    """Stop every agent of the cluster in `directory`; returns the names that were stopped."""
+    state = load_state(directory.resolve())
+    stopped = _stop(state["nodes"])
+    client_default = home() / "client.toml"
+    with contextlib.suppress(OSError):
+        if str(directory.resolve()) in client_default.read_text():
+            client_default.unlink()
+    return stopped
+
+
+def _stop(nodes: list[dict[str, Any]], grace: float = 10.0) -> list[str]:
+    """SIGTERM each agent's process group, wait, then SIGKILL what is left."""
+    from agents.hypervisor.qemu import end_leftovers  # libvirt's pid files; not on the CLI's start path
+
+    live = [n for n in nodes if _running(n["pid"], n["config"])]
+    for node in live:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(node["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_running(n["pid"], n["config"]) for n in live):
+        _reap(live)
+        time.sleep(0.1)
+    for node in live:
+        if _running(node["pid"], node["config"]):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node["pid"], signal.SIGKILL)
+    _reap(live)
+    for node in nodes:  # real guests and their daemons outlive the agents, by design: end them too
+        end_leftovers(Path(node["config"]).parent / "data")
+    return [n["name"] for n in live]
+
+
+def _reap(nodes: list[dict[str, Any]]) -> None:
+    """Collect the agents that are our own exited children (when `up` and `down` share a process)."""
+    for node in nodes:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(node["pid"], os.WNOHANG)

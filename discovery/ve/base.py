@@ -1,0 +1,241 @@
+"""What every `ve.*` operation shares: reading a VE's record under its lock, talking to its VMs' hosts,
+and finding the nodes a VM may go to.
+
+`discovery.ve.service.VEService` is assembled from one class per concern, each a subclass of `VEBase`:
+creation, listing and lifecycle in `ve_service`, moves in `discovery.ve.relocation`, snapshots in
+`discovery.ve.snapshots`, standby copies and failover in `discovery.ve.replicas`. They share the agent, the
+per-VE locks and the helpers below, and nothing else, so each module reads on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from agents.node import NodeAgent
+from discovery.ve import placement as planner
+from discovery.ve.spec import VESpec
+from overlay.dht import Record
+from overlay.membership import Member
+from overlay.wire.rpc import Caller, Forbidden, NotFound, RemoteError, RequestError, RpcError
+
+log = logging.getLogger(__name__)
+PREFIX = "ve/"
+HOST_TIMEOUT = 40.0  # a graceful stop may take the hypervisor's shutdown timeout
+PREPARE_LIMIT = 60.0
+"""A coordinator gives up (and rolls back) a VM move whose preparation (reserve, export, import) takes longer."""
+MOVE_LEASE = 2 * PREPARE_LIMIT
+"""An intent this old whose coordinator cannot be asked may be finished or undone by any agent."""
+Recover = Callable[[Record, str], Awaitable[tuple[Record, bool]]]
+"""Finishes or undoes the interrupted operation on a VM; returns the record and whether it went forward."""
+PAUSE_ENV = "DISCOVERY_TEST_PAUSE"
+"""Test-only fault hook, `<point>:<seconds>[,...]`: the coordinator sleeps at those points (`pause_for_test`)."""
+
+
+def domain_name(ve: str, vm: str) -> str:
+    """The libvirt domain of a VM; ':' cannot appear in VE or VM names, so names never collide."""
+    return f"{ve}:{vm}"
+
+
+@dataclass
+class Candidate:
+    """A node placement may use: how near, how it was found, and its free room (None: unknown)."""
+
+    member: Member
+    rtt_ms: float | None
+    found_by: str = ""
+    free: dict[str, int] | None = None
+
+    def offer(self, rank: int) -> planner.Candidate:
+        free = self.free or {}
+        return planner.Candidate(self.member.name, self.member.site, int(free.get("vcpus", 0)),
+                                   int(free.get("memory_mb", 0)), int(free.get("disk_gb", 0)), rank)
+
+    def describe(self, coordinator: str) -> str:
+        if self.member.name == coordinator:
+            return "this node"
+        by = f", found by {self.found_by}" if self.found_by else ""
+        return ("rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms") + by
+
+
+class VEBase:
+    """The state and helpers the VE operations share; `VEService` combines the operations."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self._locks: dict[str, trio.Lock] = {}
+
+    def _lock(self, name: str) -> trio.Lock:
+        """The VE's lock on this agent: every operation that changes the VE holds it."""
+        return self._locks.setdefault(name, trio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, caller: Caller, args: dict[str, Any], settle: bool = True) -> AsyncIterator[Record]:
+        """The VE's record for an operation that changes it: read under the VE's lock (one read: the
+        lock is named by the request, and a refused caller only waited its turn), and with what
+        interrupted operations left in it settled (`_settle`)."""
+        async with self._lock(_ve_name(args)):
+            record = await self._record(caller, args)
+            if settle:
+                record = await self._settle(record)
+            yield record
+
+    async def _settle(self, record: Record) -> Record:
+        """Finish or undo what interrupted operations left in the record (`VEService._settle`)."""
+        raise NotImplementedError
+
+    async def _record(self, caller: Caller, args: dict[str, Any]) -> Record:
+        name = _ve_name(args)
+        record = await self.agent.records.get(PREFIX + name)
+        if record is None:
+            raise NotFound(f"no VE named {name!r}")
+        if not may_act(caller, record.value):
+            raise Forbidden(f"VE {name!r} belongs to {record.value.get('owner')!r}; {caller.cn!r} may not act on it")
+        return record
+
+    async def _candidates(self, spec: VESpec, everyone: bool) -> list[Candidate]:
+        """Where VMs may go, nearest first: this node, then the nodes with room for the smallest VM that
+        the spiral search found; with `everyone`, then every other live member by measured (else
+        estimated) RTT, each asked for its free room, so a short spiral never refuses what some node
+        could host."""
+        me = self.agent.membership.me
+        site = spec.site
+        members = {m.name: m for m in self.agent.membership.alive() if site is None or m.site == site}
+        if not members:
+            sites = sorted({m.site for m in self.agent.membership.alive()})
+            raise RequestError(f"no live node in site {site!r} (sites: {', '.join(sites)})")
+        vcpus, memory = min(v.vcpus for v in spec.vms), min(v.memory_mb for v in spec.vms)
+
+        def has_room(entry: Any, reply: dict[str, Any]) -> bool:
+            free = reply.get("free") or {}
+            return ((site is None or reply.get("site") == site) and free.get("vcpus", 0) >= vcpus
+                    and free.get("memory_mb", 0) >= memory)
+
+        found = await self.agent.spiral.search(len(spec.vms) + 1, has_room)
+        keys = found.keys()
+        ranked = [Candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral",
+                            found.replies[e.name].get("free")) for e in found.nodes if e.name in members]
+        if me.name in members:
+            ranked.insert(0, Candidate(me, 0.0, free=self.agent.host.ledger.free(trio.current_time()).to_wire()))
+        if not everyone:
+            return ranked
+
+        def rtt_ms(m: Member) -> float | None:
+            """Measured RTT if we have one, else the coordinates' estimate."""
+            rtt = m.rtt if m.rtt is not None else self.agent.coordinates.estimate_to(m)
+            return rtt * 1000 if rtt is not None else None
+
+        tried = {c.member.name for c in ranked}
+        rest = [Candidate(m, rtt_ms(m)) for m in members.values() if m.name not in tried]
+        rest.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
+        infos = await self.agent.transport.call_many([c.member.addr for c in rest], "host.info", {}, 5.0)
+        for c in rest:
+            info = infos.get(c.member.addr)
+            c.free = info.get("free") if isinstance(info, dict) else None  # unreachable: left out
+        return ranked + rest
+
+    async def _host(self, where: Mapping[str, Any], method: str, args: dict[str, Any]) -> Any:
+        """Call a host (a slot or an intent: its `addr`); a failure becomes one RequestError naming the node."""
+        try:
+            return await self.agent.transport.call(where["addr"], method, args, timeout=HOST_TIMEOUT)
+        except RpcError as err:
+            raise RequestError(f"{where['node']}: {err}") from None
+
+    async def _vm(self, ve: dict[str, Any], vm: str, action: str, **extra: Any) -> Any:
+        """`host.vm` `action` on the VM's current host."""
+        return await self._host(ve["placement"][vm], "host.vm",
+                                {"name": domain_name(ve["name"], vm), "action": action, **extra})
+
+    async def _holds(self, where: Mapping[str, Any], domain: str) -> bool:
+        """Whether the host holds `domain` (defined and persisted; a mere reservation does not count)."""
+        try:
+            await self.agent.transport.call(where["addr"], "host.vm", {"name": domain, "action": "info"}, timeout=10)
+        except RemoteError as err:
+            if err.kind == "not_found":
+                return False
+            raise RequestError(f"cannot tell whether {where['node']} holds {domain}: {err}") from None
+        except RpcError as err:
+            raise RequestError(f"{where['node']} cannot be reached: {err}") from None
+        return True
+
+    async def _put_slot(self, record: Record, vm: str, slot: dict[str, Any]) -> Record:
+        value = copy.deepcopy(record.value)
+        value["placement"][vm] = slot
+        return await self.agent.records.put(record.key, value, after=record.version)
+
+    async def _settle_failed(self, recover: Recover, record: Record, vm: str, doing: str, cause: str,
+                             undone: str) -> Record:
+        """After a step of an operation whose intent is in the record failed (`cause`): finish or undo it
+        from what the hosts hold (`recover`: a move's or a failover's). Returns the record if it went
+        forward after all; raises RequestError `undone` if it was undone, or saying it is left unfinished
+        (the intent kept for the next attempt) if a host cannot be asked."""
+        try:
+            record, forward = await recover(record, vm)
+        except RequestError as again:
+            raise RequestError(f"{doing} failed ({cause}) and is left unfinished ({again}); retry to finish or "
+                               "undo it") from None
+        if not forward:
+            raise RequestError(undone) from None
+        return record
+
+    async def _drop_copy(self, record: Record, vm: str, node: str) -> Record:
+        """Drop the standby copy of `vm` that `node` keeps, if any (the VM is about to move there, where a
+        copy would protect nothing and takes the room the VM needs): out of the record first, then freed."""
+        copies = record.value.get("replicas", {}).get(vm, [])
+        gone = [e for e in copies if e["node"] == node]
+        if not gone:
+            return record
+        value = copy.deepcopy(record.value)
+        value["replicas"][vm] = [e for e in copies if e["node"] != node]
+        if not value["replicas"][vm]:
+            del value["replicas"][vm]
+        record = await self.agent.records.put(record.key, value, after=record.version)
+        await self._unstandby(value["name"], {vm: gone})
+        return record
+
+    async def _unstandby(self, ve: str, copies: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Free standby copies the record no longer lists; best effort: a node that cannot be told now frees
+        its copy itself once it reads the record (`discovery.ve.replicas.Fencing`)."""
+        for vm, entries in sorted(copies.items()):
+            answers = await self.agent.transport.call_many([e["addr"] for e in entries], "host.unstandby",
+                                                           {"name": domain_name(ve, vm)}, 10.0)
+            for addr, answer in answers.items():
+                if isinstance(answer, Exception):
+                    log.info("standby of %s/%s at %s not freed yet: %s", ve, vm, addr, answer)
+
+
+async def pause_for_test(point: str) -> None:
+    """Test-only fault hook: with DISCOVERY_TEST_PAUSE=<point>:<seconds>[,<point>:<seconds>...] in its
+    environment, a coordinator sleeps at each `point` named so that a test can kill it there. Points:
+    `prepared` (target reserved, source exported and frozen, target not yet confirmed), `started` (the
+    target runs the VM, the source still holds its frozen copy), `snapshot` (the VE's running VMs
+    paused, no snapshot stored yet), `failover` (the failover's intent written, the standby not yet
+    promoted). Unset, it does nothing."""
+    for item in os.environ.get(PAUSE_ENV, "").split(","):
+        where, _, seconds = item.partition(":")
+        if where == point:
+            try:
+                delay = float(seconds)
+            except ValueError:
+                return
+            log.warning("%s: pausing %g s at %s", PAUSE_ENV, delay, point)
+            await trio.sleep(delay)
+
+
+def may_act(caller: Caller, ve: dict[str, Any]) -> bool:
+    """A VE's owner (the certificate that created it) and operators may act on it; nobody else."""
+    return caller.role == "operator" or ve.get("owner") == caller.cn
+
+
+def _ve_name(args: dict[str, Any]) -> str:
+    name = args.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError("a VE name is required")
+    return name

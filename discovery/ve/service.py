@@ -1,0 +1,373 @@
+"""VE management from any node: the `ve.*` RPCs that the CLI calls on whichever agent it reaches.
+
+The agent that receives a request coordinates it: it reads the VE record from the directory (the
+agent's records, on the overlay the cluster is bound to: Chord's DHT or Kademlia), talks to the
+hosts of the VMs, and writes the record back. Placement tries this node, then the nearest nodes with
+room found by the spiral search (`agents.spiral`), then every other member by RTT; each VM is
+reserved with a two-phase handshake (reserve on the target, then confirm), so a coordinator that
+dies half-way leaves only reservations that lapse by themselves.
+
+This module holds creation, listing, the lifecycle verbs and the recovery of interrupted operations;
+`VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`, and
+standby copies and failover from `discovery.ve.replicas` (shared helpers in `discovery.ve.base`). Every
+operation that changes a VE first finishes or undoes what an interrupted one left in its record
+(`VEService._settle`), and holds a per-VE lock on the agent, so operations on one VE through one agent
+never interleave.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+
+from agents.host.args import shutdown_timeout
+from agents.node import NodeAgent
+from agents.runtime import Actor
+from discovery.ve import placement as planner
+from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, PREFIX, Candidate, domain_name, may_act
+from discovery.ve.relocation import Relocation
+from discovery.ve.replicas import Replicas
+from discovery.ve.snapshots import Snapshots
+from discovery.ve.spec import NO_CONSTRAINTS, SpecError, VESpec
+from overlay.dht import Record
+from overlay.wire.rpc import Caller, Conflict, Forbidden, RequestError, RpcError
+
+log = logging.getLogger(__name__)
+MAX_REPLANS = 3
+RECOVERY_WINDOW = 120.0
+"""How long after its start an agent keeps trying to settle the operations it left interrupted."""
+
+
+class VEService(Relocation, Snapshots, Replicas):
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__(agent)
+        for verb in ("create", "list", "show", "locate", "start", "stop", "suspend", "resume", "destroy",
+                     "relocate", "snapshot", "snapshots", "restore", "snapshot_delete", "replicate", "failover",
+                     "busy"):
+            agent.transport.route(f"ve.{verb}", getattr(self, f"_on_{verb}"))
+
+    # -- create ------------------------------------------------------------------------------------
+
+    async def _on_create(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            spec = VESpec.from_dict(args.get("spec"))
+        except SpecError as err:
+            raise RequestError(str(err)) from None
+        key = PREFIX + spec.name
+        current = await self.agent.records.get_record(key)
+        if current is not None and not current.deleted:
+            raise Conflict(f"a VE named {spec.name!r} already exists")
+        placement, tokens = await self._place(spec)
+        record = {"name": spec.name, "spec": spec.to_dict(), "owner": caller.cn, "state": "creating",
+                  "placement": placement, "coordinator": self.agent.config.name, "created": time.time()}
+        try:
+            stored = await self.agent.records.put(key, record, after=current.version if current else 0)
+            for vm_name, slot in placement.items():
+                await self.agent.transport.call(slot["addr"], "host.confirm", {"token": tokens.pop(vm_name)},
+                                                timeout=HOST_TIMEOUT)
+        except (RequestError, RpcError) as err:
+            await self._undo(spec, placement, tokens)
+            raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
+        record["state"] = "running"
+        await self.agent.records.put(key, record, after=stored.version)
+        return record
+
+    async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Plan where each VM goes (`discovery.ve.placement`: capacity and constraints, nearest first), then
+        reserve every VM on its node; all or nothing. The plan first uses this node and the nodes the
+        spiral found; if that cannot work, every live member (asked for its free room). A node that
+        refuses a reservation (someone else took the room meanwhile) is left out and the plan made again.
+        Returns placement and tokens."""
+        candidates = await self._candidates(spec, everyone=False)
+        widened = False
+        excluded: set[str] = set()
+        for _ in range(1 + MAX_REPLANS):
+            result = planner.plan(spec, [c.offer(rank) for rank, c in enumerate(candidates) if c.free],
+                                    exclude=excluded)
+            if isinstance(result, planner.Refusal):
+                if widened:
+                    raise RequestError(f"cannot place {spec.name}: {result}")
+                candidates, widened = await self._candidates(spec, everyone=True), True
+                continue
+            by_name = {c.member.name: c for c in candidates}
+            placement, tokens, refused = await self._reserve_plan(spec, result, by_name, candidates)
+            if refused is None:
+                return placement, tokens
+            excluded.add(refused)
+        raise RequestError(f"cannot place {spec.name}: nodes kept refusing reservations ({', '.join(excluded)})")
+
+    async def _reserve_plan(self, spec: VESpec, plan: planner.Plan, by_name: dict[str, Candidate],
+                            ranked: list[Candidate]) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
+        """Reserve each VM on its planned node; on a refusal release them all and name the node."""
+        vms = {vm.name: vm for vm in spec.vms}
+        order = [c.member.name for c in ranked]
+        placement: dict[str, dict[str, Any]] = {}
+        tokens: dict[str, str] = {}
+        for vm_name, node in plan.assignment.items():
+            candidate, vm = by_name[node], vms[vm_name]
+            try:
+                answer = await self.agent.transport.call(candidate.member.addr, "host.reserve", {
+                    "name": domain_name(spec.name, vm.name), "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
+                    "disk_gb": vm.disk_gb})
+            except RpcError as err:
+                log.info("reservation of %s on %s refused: %s; planning again without it", vm_name, node, err)
+                await self._release(placement, tokens)
+                return {}, {}, node
+            nearer = order.index(node)
+            why = f"nearest with room ({candidate.describe(self.agent.config.name)}"
+            if nearer:
+                constrained = spec.constraints != NO_CONSTRAINTS
+                why += f"; {nearer} nearer full" + (" or ruled out by constraints" if constrained else "")
+            why += ")"
+            if spec.site:
+                why = f"in site {spec.site}, {why}"
+            placement[vm_name] = {"node": node, "addr": candidate.member.addr, "site": candidate.member.site,
+                                   "rtt_ms": candidate.rtt_ms, "why": why}
+            tokens[vm_name] = answer["token"]
+        return placement, tokens, None
+
+    async def _release(self, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
+        for vm_name, token in tokens.items():
+            await self.agent.transport.call_many([placement[vm_name]["addr"]], "host.release", {"token": token})
+
+    async def _undo(self, spec: VESpec, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
+        """Roll a failed create back: drop unconfirmed reservations, remove started VMs, delete the record."""
+        await self._release(placement, tokens)
+        for vm_name, slot in placement.items():
+            await self.agent.transport.call_many([slot["addr"]], "host.vm",
+                                                 {"name": domain_name(spec.name, vm_name), "action": "undefine"})
+        try:
+            await self.agent.records.delete(PREFIX + spec.name)
+        except (RequestError, RpcError) as err:
+            log.warning("could not delete the record of failed VE %s: %s", spec.name, err)
+
+    # -- read --------------------------------------------------------------------------------------
+
+    async def _on_list(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """The caller's VEs; every VE for an operator (like `openstack server list --all-projects`)."""
+        return [r.value for r in await self.agent.records.scan(PREFIX) if may_act(caller, r.value)]
+
+    async def _on_show(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        record = await self._record(caller, args)
+        ve = {**copy.deepcopy(record.value), "version": record.version}  # never mutate the shard's copy
+        for vm_name, slot in ve["placement"].items():
+            try:
+                info = await self.agent.transport.call(slot["addr"], "host.vm", {
+                    "name": domain_name(ve["name"], vm_name), "action": "info"}, timeout=5)
+                slot["domain_state"] = info["state"]
+            except RpcError as err:
+                slot["domain_state"] = f"unknown ({err})"
+        replicas = ve.get("replicas", {})
+        addrs = sorted({e["addr"] for copies in replicas.values() for e in copies})
+        held = await self.agent.transport.call_many(addrs, "host.standbys", {}, 5.0) if addrs else {}
+        for vm_name, copies in replicas.items():
+            domain = domain_name(ve["name"], vm_name)
+            for entry in copies:
+                answer = held.get(entry["addr"])
+                if isinstance(answer, list):
+                    entry["standby"] = "held" if any(s["name"] == domain for s in answer) else "missing"
+                else:
+                    entry["standby"] = f"unknown ({answer})"
+        return ve
+
+    async def _on_locate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Where each VM runs, from the directory alone (no host is asked): `ve show` asks the hosts."""
+        record = await self._record(caller, args)
+        vms = {}
+        for vm, slot in sorted(record.value["placement"].items()):
+            vms[vm] = {k: slot[k] for k in ("node", "site", "addr")}
+            if slot.get("moving_to"):
+                vms[vm]["moving_to"] = {k: slot["moving_to"][k] for k in ("node", "site", "phase")}
+            if slot.get("failing_over"):
+                vms[vm]["failing_over"] = {k: slot["failing_over"][k] for k in ("node", "site", "from")}
+            copies = record.value.get("replicas", {}).get(vm)
+            if copies:
+                vms[vm]["replicas"] = [{k: e[k] for k in ("node", "site", "taken")} for e in copies]
+        return {"name": record.value["name"], "state": record.value["state"], "vms": vms}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def _on_start(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._apply(caller, args, "start", "running")
+
+    async def _on_stop(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Shut every VM down gracefully, each forced off after `timeout` seconds (default and bounds:
+        `agents.host.args`), or force them off at once with `force`. Either way the VE is recorded stopped and
+        each host persists its VM off, so a restart of a host does not bring it back."""
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise RequestError("force must be true or false")
+        if force and args.get("timeout") is not None:
+            raise RequestError("stop takes a timeout or force, not both")
+        if force:
+            return await self._apply(caller, args, "destroy", "stopped")
+        given = args.get("timeout")
+        timeout = shutdown_timeout({} if given is None else {"timeout": given})
+        return await self._apply(caller, args, "stop", "stopped", timeout=timeout)
+
+    async def _on_suspend(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._apply(caller, args, "suspend", "suspended")
+
+    async def _on_resume(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._apply(caller, args, "resume", "running")
+
+    async def _on_destroy(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Undefine every VM (and the copy an interrupted move or failover may have left at its target),
+        delete the record, then free the VMs' standby copies. Refused while another agent is relocating,
+        failing over or snapshotting the VE."""
+        async with self._locked(caller, args, settle=False) as record:
+            for intent in _interrupted(record.value):
+                await self._check_abandoned(record.value["name"], intent)
+            await self._on_every_vm(record.value, "undefine")
+            await self.agent.records.delete(record.key, after=record.version)
+            await self._unstandby(record.value["name"], record.value.get("replicas", {}))
+        return {**record.value, "state": "destroyed"}
+
+    async def _apply(self, caller: Caller, args: dict[str, Any], action: str, state: str,
+                     **extra: Any) -> dict[str, Any]:
+        async with self._locked(caller, args) as record:
+            await self._on_every_vm(record.value, action, **extra)
+            value = {**record.value, "state": state}
+            await self.agent.records.put(record.key, value, after=record.version)
+        return value
+
+    async def _on_every_vm(self, ve: dict[str, Any], action: str, **extra: Any) -> None:
+        """Run `action` (with `extra` arguments) on every VM's host at once; each is tried, and any failure is
+        reported. `undefine` also reaches the target of an interrupted move or failover. A host runs the
+        actions on its VMs one at a time, so a graceful stop may wait for the stops before it on its host:
+        each call is given that long."""
+        places = list(ve["placement"].items())
+        if action == "undefine":
+            places += [(vm, slot[key]) for vm, slot in ve["placement"].items()
+                       for key in ("moving_to", "failing_over") if slot.get(key)]
+        per_host = Counter(slot["addr"] for _, slot in places)
+        wait = float(extra.get("timeout", 0.0))
+        failures = []
+
+        async def one(vm_name: str, slot: dict[str, Any]) -> None:
+            try:
+                await self.agent.transport.call(slot["addr"], "host.vm", {
+                    "name": domain_name(ve["name"], vm_name), "action": action, **extra},
+                    timeout=HOST_TIMEOUT + wait * per_host[slot["addr"]])
+            except RpcError as err:
+                failures.append(f"{vm_name} on {slot['node']}: {err}")
+
+        async with trio.open_nursery() as nursery:
+            for vm_name, slot in places:
+                nursery.start_soon(one, vm_name, slot)
+        if failures:
+            raise RequestError(f"{action} failed for " + "; ".join(sorted(failures)))
+
+    # -- recovery of interrupted operations ------------------------------------------------------------
+
+    async def _settle(self, record: Record) -> Record:
+        """Finish or undo what interrupted relocations, failovers or a snapshot left in the record, before an
+        operation changes the VE; Conflict if the agent that started them is still at work."""
+        name = record.value["name"]
+        for intent in _interrupted(record.value):
+            await self._check_abandoned(name, intent)
+        recover = {"moving_to": ("move", self._recover_move), "failing_over": ("failover", self._recover_failover)}
+        for vm in sorted(record.value["placement"]):
+            for key, (what, finish_or_undo) in recover.items():
+                intent = record.value["placement"][vm].get(key)
+                if not intent:
+                    continue
+                try:
+                    record, _ = await finish_or_undo(record, vm)
+                except RequestError as err:
+                    raise RequestError(f"VE {name!r} has an interrupted {what} of {vm} to {intent['node']} that "
+                                       f"cannot be settled yet: {err}") from None
+        if record.value.get("snapshotting"):
+            record = await self._finish_snapshot(record)
+        return record
+
+    async def _check_abandoned(self, name: str, intent: dict[str, Any]) -> None:
+        """Conflict unless the operation that wrote `intent` is abandoned: its coordinator is this agent
+        (which holds the VE's lock, so runs nothing else on it), is not a live member, answers that it is
+        not working on the VE, or cannot be asked and wrote the intent more than MOVE_LEASE ago."""
+        coordinator = intent.get("coordinator")
+        if coordinator == self.agent.config.name:
+            return
+        member = next((m for m in self.agent.membership.alive() if m.name == coordinator), None)
+        if member is None:
+            return
+        age = time.time() - float(intent.get("since", 0))
+        try:
+            busy = await self.agent.transport.call(member.addr, "ve.busy", {"name": name}, timeout=5)
+        except RpcError:
+            busy = age < MOVE_LEASE
+        if busy:
+            if "tag" in intent:
+                what = f"taking snapshot {intent['tag']}"
+            else:
+                what = f"{'failing a VM over' if 'from' in intent else 'moving a VM'} to {intent['node']}"
+            raise Conflict(f"{coordinator} is {what} for VE {name!r} (for {age:.0f} s); try again shortly")
+
+    async def _on_busy(self, caller: Caller, args: dict[str, Any]) -> bool:
+        """Whether this agent is running an operation on VE `name` (agents ask before settling an intent)."""
+        if caller.role not in ("node", "operator"):
+            raise Forbidden("only agents and operators may ask")
+        name = args.get("name")
+        lock = self._locks.get(name) if isinstance(name, str) else None
+        return lock is not None and lock.locked()
+
+    async def recover_abandoned(self) -> int:
+        """Settle every VE whose record holds an abandoned operation; returns how many are left unsettled."""
+        left = 0
+        for found in await self.agent.records.scan(PREFIX):
+            if not _interrupted(found.value):
+                continue
+            async with self._lock(found.value["name"]):
+                try:
+                    record = await self.agent.records.get(found.key)
+                    if record is not None:
+                        await self._settle(record)
+                except Conflict:
+                    pass  # its coordinator is at work
+                except (RequestError, RpcError) as err:
+                    left += 1
+                    log.warning("interrupted operation on VE %s not settled yet: %s", found.value["name"], err)
+        return left
+
+
+class Recovery(Actor):
+    """After the agent starts, settle the operations left interrupted in VE records (by this agent before
+    a crash, or by an agent that is gone), without waiting for the next command on each VE: a VM must not
+    stay frozen, or defined at two places, because its coordinator died. Retries every few seconds while
+    some are left (a host still unreachable), for RECOVERY_WINDOW seconds."""
+
+    name = "ve-recovery"
+    tick_interval = 2.0
+
+    def __init__(self, service: VEService) -> None:
+        super().__init__()
+        self.service = service
+        self.deadline: float | None = None
+
+    async def tick(self) -> None:
+        now = trio.current_time()
+        if self.deadline is None:
+            self.deadline = now + RECOVERY_WINDOW
+        agent = self.service.agent
+        if agent.config.join and len(agent.membership.alive()) < 2 and now < self.deadline:
+            return  # not joined yet: the records are elsewhere
+        try:
+            left = await self.service.recover_abandoned()
+        except Exception as err:  # a background pass must not take the agent down; it is tried again
+            log.warning("recovery pass failed: %s", err)
+            left = 1
+        if left == 0 or now >= self.deadline:
+            self.tick_interval = math.inf
+
+
+def _interrupted(ve: dict[str, Any]) -> list[dict[str, Any]]:
+    """The intents of the operations left unfinished in a VE record: moves, failovers, and a snapshot."""
+    intents = [slot[key] for _, slot in sorted(ve["placement"].items())
+               for key in ("moving_to", "failing_over") if slot.get(key)]
+    return intents + ([ve["snapshotting"]] if ve.get("snapshotting") else [])

@@ -1,0 +1,134 @@
+"""Snapshots of a VE (`ve snapshot`, `ve snapshots`, `ve restore`, `ve snapshot-delete`): consistent across
+the VE's VMs, and kept by each VM's host, so they travel with a VM when it is relocated (`Snapshots._on_snapshot`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from typing import Any
+
+from discovery.ve.base import VEBase, domain_name, pause_for_test
+from overlay.dht import Record
+from overlay.wire.rpc import Caller, Conflict, NotFound, RequestError
+
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+TAG_RULE = "1-63 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+
+
+class Snapshots(VEBase):
+    """`ve.snapshot`, `ve.snapshots`, `ve.restore`, `ve.snapshot_delete`, and the undoing of a snapshot left
+    half-taken."""
+
+    async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """A snapshot of every VM of the VE under `tag`, consistent across them: the running VMs are paused,
+        each VM's host stores its domain XML and the state to restore (`host.snapshot`), then the paused
+        VMs run again. The record lists the snapshot (tag, time, VE state, each VM's node and state).
+
+        The data stays with each VM's host and travels with the VM when it is relocated (`host.export`
+        carries it), so a restore finds it where the VM is now; records stay small (they are DHT values,
+        and Kademlia carries them in UDP datagrams). The node listed per VM is where it was when the
+        snapshot was taken. A `snapshotting` marker written before the pause lets recovery (`_settle`)
+        resume the VMs if the coordinator dies while they are paused."""
+        tag = args.get("tag") or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
+        if not (isinstance(tag, str) and TAG_RE.fullmatch(tag)):
+            raise RequestError(f"a snapshot tag is {TAG_RULE}")
+        async with self._locked(caller, args) as record:
+            ve = record.value
+            name = ve["name"]
+            if any(s["tag"] == tag for s in ve.get("snapshots", [])):
+                raise Conflict(f"VE {name!r} already has a snapshot {tag!r}")
+            states = {vm: (await self._vm(ve, vm, "info"))["state"] for vm in sorted(ve["placement"])}
+            marker = {"tag": tag, "paused": [vm for vm, state in states.items() if state == "running"],
+                      "coordinator": self.agent.config.name, "since": time.time()}
+            record = await self.agent.records.put(record.key, {**ve, "snapshotting": marker}, after=record.version)
+            failure = None
+            try:
+                for vm in marker["paused"]:
+                    await self._vm(ve, vm, "suspend")
+                await pause_for_test("snapshot")
+                for vm, slot in sorted(ve["placement"].items()):
+                    await self._host(slot, "host.snapshot", {"name": domain_name(name, vm), "tag": tag,
+                                                             "state": states[vm]})
+            except RequestError as err:
+                failure = err
+            entry = {"tag": tag, "time": time.time(), "state": ve["state"],
+                     "vms": {vm: {"node": ve["placement"][vm]["node"], "state": states[vm]} for vm in states}}
+            await self._finish_snapshot(record, None if failure else entry)
+            if failure:
+                raise RequestError(f"snapshot {tag} of {name} failed: {failure}")
+        return {"name": name, **entry}
+
+    async def _finish_snapshot(self, record: Record, entry: dict[str, Any] | None = None) -> Record:
+        """Run again the VMs a snapshot paused and drop its marker, listing `entry` if the snapshot succeeded."""
+        name, marker = record.value["name"], record.value["snapshotting"]
+        for vm in marker["paused"]:
+            await self._vm(record.value, vm, "settle", state="running")
+        fresh = await self.agent.records.get(record.key)
+        if fresh is None:
+            raise NotFound(f"VE {name!r} was destroyed meanwhile")
+        if fresh.value.get("snapshotting") != marker:
+            return fresh
+        value = {k: v for k, v in copy.deepcopy(fresh.value).items() if k != "snapshotting"}
+        if entry is not None:
+            value["snapshots"] = [*value.get("snapshots", []), entry]
+        return await self.agent.records.put(record.key, value, after=fresh.version)
+
+    async def _on_snapshots(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        record = await self._record(caller, args)
+        return {"name": record.value["name"], "snapshots": record.value.get("snapshots", [])}
+
+    async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Bring every VM back to snapshot `tag` (each host re-creates the domain from what it stored, the VM
+        relocated since or not) and the VE to the state it had then. Idempotent."""
+        tag = tag_arg(args)
+        async with self._locked(caller, args) as record:
+            ve = record.value
+            entry = listed(ve, tag)
+            await self._each_host(ve, "host.restore", tag, f"restoring {ve['name']} to {tag}")
+            value = {**ve, "state": entry["state"]}
+            await self.agent.records.put(record.key, value, after=record.version)
+        return value
+
+    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete snapshot `tag`: each VM's current host forgets its copy (`host.snapshot_delete`; a VM
+        relocated since carried its snapshots along), then the record stops listing it. Hosts first, so
+        that after a partial failure the tag is still listed and a retry finishes the job (a host with
+        nothing left to delete answers so, which is fine)."""
+        tag = tag_arg(args)
+        async with self._locked(caller, args) as record:
+            ve = record.value
+            listed(ve, tag)
+            await self._each_host(ve, "host.snapshot_delete", tag, f"deleting snapshot {tag} of {ve['name']}")
+            value = {**ve, "snapshots": [s for s in ve.get("snapshots", []) if s["tag"] != tag]}
+            await self.agent.records.put(record.key, value, after=record.version)
+        return {"name": ve["name"], "tag": tag, "snapshots": value["snapshots"]}
+
+    async def _each_host(self, ve: dict[str, Any], method: str, tag: str, doing: str) -> None:
+        """`method` for snapshot `tag` on the host of every VM; the failures, if any, in one RequestError."""
+        failures = []
+        for vm, slot in sorted(ve["placement"].items()):
+            try:
+                await self._host(slot, method, {"name": domain_name(ve["name"], vm), "tag": tag})
+            except RequestError as err:
+                failures.append(f"{vm}: {err}")
+        if failures:
+            raise RequestError(f"{doing} failed for " + "; ".join(failures))
+
+
+def tag_arg(args: dict[str, Any]) -> str:
+    tag = args.get("tag")
+    if not isinstance(tag, str) or not tag:
+        raise RequestError("a snapshot tag is required")
+    return tag
+
+
+def listed(ve: dict[str, Any], tag: str) -> dict[str, Any]:
+    """The record's entry for snapshot `tag`; NotFound naming the snapshots it has."""
+    entry = next((s for s in ve.get("snapshots", []) if s["tag"] == tag), None)
+    if entry is None:
+        tags = [s["tag"] for s in ve.get("snapshots", [])]
+        known = f"snapshots: {', '.join(tags)}" if tags else "it has none"
+        raise NotFound(f"VE {ve['name']!r} has no snapshot {tag!r} ({known})")
+    return entry

@@ -1,0 +1,464 @@
+"""VE specs: the YAML a user writes to describe a virtual environment, and its validated model.
+
+Specs come from two untrusted places, a user's file and a peer on the wire, so both go through one
+validator. Errors are one line naming the source, the line and the field path, so that a user can fix
+the file without guessing; only the first error is reported.
+
+A spec may carry placement `constraints` (affinity, anti-affinity, same site, spread over sites, VMs
+per node); `discovery.ve.placement` honours them. Contradictions that need no knowledge of the nodes are
+refused here, where the error can point at the line. Affinity is transitive: groups that share a VM
+are merged (`Constraints.together`), since `[a, b]` and `[b, c]` can only mean a, b and c on one node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.reader import ReaderError
+
+MAX_SPEC_BYTES = 256 * 1024
+MAX_VMS = 64
+# A valid spec nests three levels deep; the limit keeps PyYAML's recursive composer off Python's stack limit.
+MAX_DEPTH = 16
+DEFAULT_DISK_GB = 1
+DEFAULT_IMAGE = "none"
+WIRE_SOURCE = "<wire>"
+
+VCPUS_RANGE = (1, 256)
+MEMORY_MB_RANGE = (16, 1048576)
+DISK_GB_RANGE = (0, 65536)
+
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
+_NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending with a letter or digit"
+_IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+_IMAGE_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '/' or '-'"
+
+_TOP_KEYS = ("name", "site", "vms", "constraints")
+_VM_KEYS = ("name", "vcpus", "memory_mb", "disk_gb", "image")
+_CONSTRAINT_KEYS = ("affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node")
+
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+_STR_TAG = _YAML_TAG_PREFIX + "str"
+_INT_TAG = _YAML_TAG_PREFIX + "int"
+_BOOL_TAG = _YAML_TAG_PREFIX + "bool"
+_NULL_TAG = _YAML_TAG_PREFIX + "null"
+_MAP_TAG = _YAML_TAG_PREFIX + "map"
+_SEQ_TAG = _YAML_TAG_PREFIX + "seq"
+_MERGE_TAG = _YAML_TAG_PREFIX + "merge"
+_YAML_TAG_RE = re.compile("^" + re.escape(_YAML_TAG_PREFIX))  # shown as the usual "!!" shorthand
+# The line breaks PyYAML counts in its marks, so that lines we compute ourselves agree with its own.
+_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+_MAX_SHOWN = 40
+
+# Used only for its YAML 1.1 integer syntax (0x1f, 1_000, 1:30, ...); it never constructs objects from tags.
+_CONSTRUCTOR = SafeConstructor()
+
+
+class SpecError(ValueError):
+    """An invalid spec; str() is one line, 'source[:line]: [path: ]reason', fit to show a user as is."""
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """One VM of a VE: what a host must reserve for it, and the image it boots."""
+
+    name: str
+    vcpus: int
+    memory_mb: int
+    disk_gb: int = DEFAULT_DISK_GB
+    image: str = DEFAULT_IMAGE
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Where the VMs of a VE may go relative to each other; the defaults constrain nothing.
+
+    Groups keep the VM names as written. `spread_sites` and `max_per_node` are None when not given.
+    """
+
+    affinity: tuple[tuple[str, ...], ...] = ()  # each group's VMs share one node
+    anti_affinity: tuple[tuple[str, ...], ...] = ()  # each group's VMs are on pairwise different nodes
+    same_site: bool = False  # every VM in one site, whichever
+    spread_sites: int | None = None  # the VMs cover at least this many distinct sites
+    max_per_node: int | None = None  # at most this many VMs of the VE on one node
+
+    def together(self) -> tuple[tuple[str, ...], ...]:
+        """The affinity groups merged where they share a VM, names in order of first appearance."""
+        parent: dict[str, str] = {}  # union-find, linear in the groups' total size whatever they hold
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        for group in self.affinity:
+            for name in group:
+                parent.setdefault(name, name)
+                parent[root(name)] = root(group[0])
+        merged: dict[str, list[str]] = {}
+        for name in parent:  # dicts keep insertion order: groups and names in order of first appearance
+            merged.setdefault(root(name), []).append(name)
+        return tuple(tuple(g) for g in merged.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constraints that are set, as plain data (an empty dict when none is)."""
+        d: dict[str, Any] = {}
+        if self.affinity:
+            d["affinity"] = [list(g) for g in self.affinity]
+        if self.anti_affinity:
+            d["anti_affinity"] = [list(g) for g in self.anti_affinity]
+        if self.same_site:
+            d["same_site"] = True
+        if self.spread_sites is not None:
+            d["spread_sites"] = self.spread_sites
+        if self.max_per_node is not None:
+            d["max_per_node"] = self.max_per_node
+        return d
+
+
+NO_CONSTRAINTS = Constraints()
+
+
+@dataclass(frozen=True)
+class VESpec:
+    """A validated VE spec. Build it with parse_spec, load_spec or from_dict so that it is checked."""
+
+    name: str
+    vms: tuple[VMSpec, ...]
+    site: str | None = None
+    constraints: Constraints = NO_CONSTRAINTS
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, int, bool, list, None) for msgpack; from_dict reads it back.
+
+        `constraints` is left out when there is none, so that such a spec reads the same as before it existed.
+        """
+        d = {"name": self.name, "site": self.site, "vms": [dataclasses.asdict(vm) for vm in self.vms]}
+        if self.constraints != NO_CONSTRAINTS:
+            d["constraints"] = self.constraints.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VESpec:
+        """Validates a spec received from a peer, which is as untrusted as a user's file."""
+        return _Validator(WIRE_SOURCE).spec(d)
+
+
+def parse_spec(text: str, source: str = "<spec>") -> VESpec:
+    """Parses and validates spec YAML; source names the text in error messages (usually its file)."""
+    if len(text) > MAX_SPEC_BYTES:  # each character takes at least one byte: skip encoding huge texts
+        raise _too_large(source)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise _error(source, f"not valid UTF-8: cannot encode {text[exc.start]!r}",
+                     line=_line_at(text[:exc.start])) from None
+    if size > MAX_SPEC_BYTES:
+        raise _too_large(source)
+    root = _compose(text, source)
+    if root is None:
+        raise _error(source, f"empty document; expected a mapping with keys {', '.join(_TOP_KEYS)}")
+    return _Validator(source).spec(root)
+
+
+def load_spec(path: str | Path) -> VESpec:
+    """Reads and validates a spec file, reading no more than the size limit allows."""
+    source = str(path)
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise _error(source, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise _too_large(source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _error(source, f"not valid UTF-8: {exc.reason} at byte {exc.start}",
+                     line=_line_at(data[:exc.start].decode("utf-8"))) from None
+    return parse_spec(text, source)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with a nesting limit: PyYAML composes recursively, so deep input hits RecursionError."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: object) -> Node | None:
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nesting is deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _compose(text: str, source: str) -> Node | None:
+    """The YAML node tree, which keeps the line of every value; nothing is constructed from tags."""
+    try:
+        return yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        reason = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise _error(source, f"invalid YAML: {reason}", line=mark.line + 1 if mark else None) from None
+    except ReaderError as exc:
+        raise _error(source, f"invalid YAML: character {chr(exc.character)!r} is not allowed",
+                     line=_line_at(text[:exc.position])) from None
+
+
+class _Validator:
+    """Checks a spec given as a composed YAML node tree or as plain data, with the same rules.
+
+    YAML nodes carry their line for error messages; plain data has none. Only the shape a spec can
+    have is walked, so aliases, even cyclic ones, cannot make validation loop or blow up.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, obj: object, path: str, reason: str) -> SpecError:
+        return _error(self.source, reason, line=_line(obj), path=path)
+
+    def spec(self, root: object) -> VESpec:
+        top = self.mapping(root, "", _TOP_KEYS, required=("name", "vms"))
+        name = self.text(top["name"], "name", _NAME_RE, _NAME_RULE)
+        site = None if _is_null(top.get("site")) else self.text(top["site"], "site", _NAME_RE, _NAME_RULE)
+        vms_obj = top["vms"]
+        items = self.items(vms_obj, "vms", "a list of VMs")
+        if not 1 <= len(items) <= MAX_VMS:
+            raise self.error(vms_obj, "vms", f"must list 1 to {MAX_VMS} VMs, got {len(items)}")
+        vms: list[VMSpec] = []
+        first_index: dict[str, int] = {}
+        for index, item in enumerate(items):
+            vm, name_obj = self.vm(item, f"vms[{index}]")
+            if vm.name in first_index:
+                first = first_index[vm.name]
+                raise self.error(name_obj, f"vms[{index}].name",
+                                 f"duplicate VM name {vm.name!r}, already used by vms[{first}]")
+            first_index[vm.name] = index
+            vms.append(vm)
+        constraints_obj = top.get("constraints")
+        if _is_null(constraints_obj):
+            return VESpec(name=name, vms=tuple(vms), site=site)
+        constraints = self.constraints(constraints_obj, first_index, site, top.get("site"))
+        return VESpec(name=name, vms=tuple(vms), site=site, constraints=constraints)
+
+    def constraints(self, obj: object, vms: Mapping[str, int], site: str | None, site_obj: object) -> Constraints:
+        """The constraints, refusing unknown VMs and contradictions that need no knowledge of the nodes."""
+        path = "constraints"
+        fields = self.mapping(obj, path, _CONSTRAINT_KEYS, required=())
+        values = {key: value for key, value in fields.items() if not _is_null(value)}
+        affinity = self.groups(values.get("affinity", ()), f"{path}.affinity", vms)
+        anti = self.groups(values.get("anti_affinity", ()), f"{path}.anti_affinity", vms)
+        same_site = self.boolean(values["same_site"], f"{path}.same_site") if "same_site" in values else False
+        spread = (self.integer(values["spread_sites"], f"{path}.spread_sites", (1, MAX_VMS))
+                  if "spread_sites" in values else None)
+        per_node = (self.integer(values["max_per_node"], f"{path}.max_per_node", (1, MAX_VMS))
+                    if "max_per_node" in values else None)
+        constraints = Constraints(tuple(g for g, _ in affinity), tuple(g for g, _ in anti), same_site, spread, per_node)
+        together = constraints.together()
+        unit = {name: index for index, group in enumerate(together) for name in group}
+        for index, (group, group_obj) in enumerate(anti):
+            seen: dict[int, str] = {}  # affinity group -> the first VM of this anti-affinity group in it
+            for name in group:
+                if name not in unit:
+                    continue
+                first = seen.setdefault(unit[name], name)
+                if first != name:
+                    raise self.error(group_obj, f"{path}.anti_affinity[{index}]",
+                                     f"vms {first!r} and {name!r} must be on different nodes, but affinity "
+                                     f"[{', '.join(together[unit[name]])}] puts them on one node")
+        largest = max(together, key=len, default=())
+        if per_node is not None and len(largest) > per_node:
+            raise self.error(values["max_per_node"], f"{path}.max_per_node",
+                             f"{per_node} is less than the {len(largest)} VMs that affinity puts on one node "
+                             f"({', '.join(largest)})")
+        if spread is not None and spread > 1:
+            spread_obj, spread_path = values["spread_sites"], f"{path}.spread_sites"
+            what = f"spread over {spread} sites"
+            if same_site:
+                raise self.error(spread_obj, spread_path, f"{what} contradicts same_site: true")
+            if site is not None:
+                where = f" (line {_line(site_obj)})" if _line(site_obj) else ""
+                raise self.error(spread_obj, spread_path, f"{what} contradicts the pinned site {site}{where}")
+            if spread > len(vms):
+                raise self.error(spread_obj, spread_path, f"{what} needs at least {spread} VMs, the VE has {len(vms)}")
+            apart = len(vms) - sum(len(group) - 1 for group in together)
+            if spread > apart:
+                raise self.error(spread_obj, spread_path, f"{what} needs {spread} VMs that can be apart; "
+                                 f"affinity binds the {len(vms)} VMs into {apart} groups")
+        return constraints
+
+    def groups(self, obj: object, path: str, vms: Mapping[str, int]) -> list[tuple[tuple[str, ...], object]]:
+        """A list of groups of at least two distinct VM names; each group with the value it came from."""
+        groups: list[tuple[tuple[str, ...], object]] = []
+        for index, group_obj in enumerate(self.items(obj, path, "a list of groups of VM names")):
+            group_path = f"{path}[{index}]"
+            names: list[str] = []
+            for position, name_obj in enumerate(self.items(group_obj, group_path, "a list of VM names")):
+                name_path = f"{group_path}[{position}]"
+                name = self.text(name_obj, name_path, _NAME_RE, _NAME_RULE)
+                if name not in vms:
+                    raise self.error(name_obj, name_path, f"no VM named {name!r} in vms")
+                if name in names:
+                    raise self.error(name_obj, name_path, f"VM {name!r} is already in this group")
+                names.append(name)
+            if len(names) < 2:
+                raise self.error(group_obj, group_path, f"a group needs at least 2 VMs, got {len(names)}")
+            groups.append((tuple(names), group_obj))
+        return groups
+
+    def items(self, obj: object, path: str, what: str) -> list[object]:
+        """The items of a list (a YAML sequence, or a list or tuple on the wire)."""
+        if isinstance(obj, SequenceNode) and obj.tag == _SEQ_TAG:
+            return list(obj.value)
+        if isinstance(obj, list | tuple):
+            return list(obj)
+        raise self.error(obj, path, f"expected {what}, got {_describe(obj)}")
+
+    def boolean(self, obj: object, path: str) -> bool:
+        value = _boolean(obj)
+        if value is None:
+            raise self.error(obj, path, f"must be true or false, got {_describe(obj)}")
+        return value
+
+    def vm(self, obj: object, path: str) -> tuple[VMSpec, object]:
+        """The VM and the value its name came from, to point at it if the name turns out to be taken."""
+        fields = self.mapping(obj, path, _VM_KEYS, required=("name", "vcpus", "memory_mb"))
+        vm = VMSpec(
+            name=self.text(fields["name"], f"{path}.name", _NAME_RE, _NAME_RULE),
+            vcpus=self.integer(fields["vcpus"], f"{path}.vcpus", VCPUS_RANGE),
+            memory_mb=self.integer(fields["memory_mb"], f"{path}.memory_mb", MEMORY_MB_RANGE),
+            disk_gb=(self.integer(fields["disk_gb"], f"{path}.disk_gb", DISK_GB_RANGE)
+                     if "disk_gb" in fields else DEFAULT_DISK_GB),
+            image=(self.text(fields["image"], f"{path}.image", _IMAGE_RE, _IMAGE_RULE)
+                   if "image" in fields else DEFAULT_IMAGE),
+        )
+        return vm, fields["name"]
+
+    def mapping(
+        self, obj: object, path: str, keys: tuple[str, ...], required: tuple[str, ...]
+    ) -> dict[str, object]:
+        """The values of a mapping by key; refuses non-string, unknown, duplicate and missing keys."""
+        if isinstance(obj, MappingNode) and obj.tag == _MAP_TAG:
+            pairs = [(key, _string(key), value) for key, value in obj.value]
+        elif isinstance(obj, Mapping):
+            pairs = [(key, _string(key), value) for key, value in obj.items()]
+        else:
+            raise self.error(obj, path, f"expected a mapping, got {_describe(obj)}")
+        values: dict[str, object] = {}
+        key_objs: dict[str, object] = {}
+        for key_obj, key, value in pairs:
+            if key is None:
+                raise self.error(key_obj, path, f"expected string keys, got {_describe(key_obj)}")
+            if key not in keys:
+                raise self.error(key_obj, path, f"unknown key {key!r}; allowed keys are {', '.join(keys)}")
+            if key in values:
+                first_line = _line(key_objs[key])
+                raise self.error(key_obj, path, f"duplicate key {key!r}, first given on line {first_line}")
+            values[key] = value
+            key_objs[key] = key_obj
+        for key in required:
+            if key not in values:
+                raise self.error(obj, path, f"missing required key {key!r}")
+        return values
+
+    def text(self, obj: object, path: str, pattern: re.Pattern[str], rule: str) -> str:
+        value = _string(obj)
+        if value is None or not pattern.fullmatch(value):
+            raise self.error(obj, path, f"must be {rule}, got {_describe(obj)}")
+        return value
+
+    def integer(self, obj: object, path: str, bounds: tuple[int, int]) -> int:
+        low, high = bounds
+        value = _integer(obj)
+        if value is None or not low <= value <= high:
+            raise self.error(obj, path, f"must be an integer between {low} and {high}, got {_describe(obj)}")
+        return value
+
+
+def _error(source: str, reason: str, *, line: int | None = None, path: str = "") -> SpecError:
+    """The one-line 'source:line: path: reason' error; unknown parts are left out."""
+    location = source if line is None else f"{source}:{line}"
+    return SpecError(": ".join(part for part in (location, path, reason) if part))
+
+
+def _too_large(source: str) -> SpecError:
+    return _error(source, f"larger than the limit of {MAX_SPEC_BYTES} bytes")
+
+
+def _line_at(prefix: str) -> int:
+    """The 1-based line on which the text following prefix starts."""
+    return len(_LINE_BREAK.findall(prefix)) + 1
+
+
+def _line(obj: object) -> int | None:
+    return obj.start_mark.line + 1 if isinstance(obj, Node) else None
+
+
+def _string(obj: object) -> str | None:
+    if isinstance(obj, Node):
+        return obj.value if isinstance(obj, ScalarNode) and obj.tag == _STR_TAG else None
+    return obj if isinstance(obj, str) else None
+
+
+def _integer(obj: object) -> int | None:
+    """Booleans are rejected although Python makes them ints: `vcpus: yes` is a mistake, not 1 vCPU."""
+    if isinstance(obj, Node):
+        if not (isinstance(obj, ScalarNode) and obj.tag == _INT_TAG):
+            return None
+        try:
+            return _CONSTRUCTOR.construct_yaml_int(obj)
+        except ValueError:  # an explicit `!!int lots`, or more digits than Python converts
+            return None
+    return int(obj) if isinstance(obj, int) and not isinstance(obj, bool) else None
+
+
+def _boolean(obj: object) -> bool | None:
+    """YAML's booleans (true, false, and YAML 1.1's yes, no, on, off); on the wire, only a real bool."""
+    if isinstance(obj, Node):
+        if isinstance(obj, ScalarNode) and obj.tag == _BOOL_TAG:
+            return bool(_CONSTRUCTOR.construct_yaml_bool(obj))
+        return None
+    return obj if isinstance(obj, bool) else None
+
+
+def _is_null(obj: object) -> bool:
+    return obj is None or (isinstance(obj, ScalarNode) and obj.tag == _NULL_TAG)
+
+
+def _describe(obj: object) -> str:
+    """A rejected value for an error message: strings quoted, other scalars as written, one short line."""
+    if isinstance(obj, Node):
+        if isinstance(obj, MappingNode) and obj.tag == _MAP_TAG:
+            return "a mapping"
+        if isinstance(obj, SequenceNode) and obj.tag == _SEQ_TAG:
+            return "a list"
+        if _is_null(obj):
+            return "null"
+        if isinstance(obj, ScalarNode) and obj.tag == _MERGE_TAG:
+            return "'<<' (merge keys are not supported)"
+        if isinstance(obj, ScalarNode) and obj.tag.startswith(_YAML_TAG_PREFIX):
+            shown = repr(obj.value) if obj.tag == _STR_TAG else repr(obj.value)[1:-1]
+        else:  # %-escapes in a tag can spell any character, hence repr
+            shown = "a value tagged " + repr(_YAML_TAG_RE.sub("!!", obj.tag))[1:-1]
+    elif isinstance(obj, Mapping):
+        return "a mapping"
+    elif isinstance(obj, list | tuple):
+        return "a list"
+    else:
+        shown = repr(obj)
+    return shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN - 3] + "..."

@@ -1,0 +1,468 @@
+"""RPC over mutually authenticated TLS: the only way agents (and the CLI) talk to each other.
+
+One TCP connection per peer address carries many concurrent calls, matched by request id. Every
+connection starts with a handshake frame that states the protocol version, node name and site; a
+peer with another version, no valid certificate, or a frame that breaks the rules is disconnected
+and logged, and nobody else notices. Every call has a deadline.
+
+Messages (msgpack):
+    handshake   {"proto": PROTOCOL_VERSION, "node": str, "site": str}
+    request     [REQUEST, id, method, args]           args is a dict
+    response    [RESPONSE, id, True, result, stamp, held]
+    error       [RESPONSE, id, False, {"kind": str, "message": str}, stamp, held]
+
+`stamp` is whatever the responder's `stamp()` returns (its network coordinate in an agent, None
+otherwise) and `held` the seconds the responder spent on the request. The caller subtracts `held`
+from the time it waited, so every RPC, however slow its handler, yields a clean network RTT sample
+for membership and coordinates (Serf gets them from dedicated probes only).
+
+Emulated WAN latency: when a `delay` function is given, each frame sent to a peer of another site
+waits delay(my_site, peer_site) first, so request plus response cost one emulated RTT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from overlay.wire import frames, tls
+
+PROTOCOL_VERSION = 1
+REQUEST, RESPONSE = 0, 1
+HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 10.0
+MAX_IN_FLIGHT = 128
+"""Concurrent requests served per connection; more wait, so one chatty peer cannot exhaust memory."""
+
+log = logging.getLogger(__name__)
+
+
+class RpcError(Exception):
+    """Base of everything a call can raise."""
+
+
+class Unreachable(RpcError):
+    """Could not connect, the TLS handshake failed, or the connection broke during the call."""
+
+
+class RpcTimeout(RpcError):
+    """No answer before the deadline."""
+
+
+class RemoteError(RpcError):
+    """The peer ran the method and it failed; `kind` says how (bad_request, not_found, conflict...)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class RequestError(Exception):
+    """Raised by a handler to answer with a clean error instead of a crash report."""
+
+    kind = "bad_request"
+
+
+class NotFound(RequestError):
+    kind = "not_found"
+
+
+class Conflict(RequestError):
+    kind = "conflict"
+
+
+class Forbidden(RequestError):
+    """The caller's certificate may not do this (a VE of another owner, say)."""
+
+    kind = "forbidden"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the certificate's identity and what the peer said in its handshake."""
+
+    cn: str
+    role: str
+    node: str
+    site: str
+
+
+Handler = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
+DelayFn = Callable[[str, str], float]
+
+
+class _Connection:
+    """A TLS stream plus the framing state shared by the reading and writing sides."""
+
+    def __init__(self, stream: trio.SSLStream, max_frame: int) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self.decoder = frames.Decoder(max_frame)
+        self.inbox: list[Any] = []
+        self.send_lock = trio.Lock()
+        self.peer_node = ""
+        self.peer_site = ""
+
+    async def send(self, message: Any) -> None:
+        data = frames.encode(message, self.max_frame)
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def receive(self) -> Any:
+        """Next message; raises EOFError on a clean close, frames.FrameError on garbage."""
+        while not self.inbox:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                if self.decoder.pending:
+                    raise frames.FrameError(f"connection closed inside a frame ({self.decoder.pending} bytes)")
+                raise EOFError
+            self.inbox.extend(self.decoder.feed(data))
+        return self.inbox.pop(0)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await trio.aclose_forcefully(self.stream)
+
+
+class _Outbound:
+    """A client connection: calls wait on their request id until the reader task fills it in."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self.broken: Exception | None = None
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                msg = await self.conn.receive()
+                if not (isinstance(msg, list) and len(msg) == 6 and msg[0] == RESPONSE):
+                    raise frames.FrameError(f"expected a response, got {type(msg).__name__}")
+                slot = self.waiting.pop(msg[1], None)
+                if slot is not None:  # a response to a call that already timed out is dropped
+                    slot[1].extend(msg[2:])
+                    slot[0].set()
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, frames.FrameError) as err:
+            self.broken = err
+        except Exception as err:  # never let one peer's connection take the transport's nursery down
+            log.exception("reading from %s failed", self.conn.peer_node)
+            self.broken = err
+        finally:
+            for event, _ in self.waiting.values():
+                event.set()
+            self.waiting.clear()
+            await self.conn.close()
+
+
+class Endpoint:
+    """What services see of a transport: routes for incoming requests and calls to peers.
+
+    `Transport` is the real one (TCP + TLS); `overlay.wire.memnet.MemTransport` runs the same services
+    in memory for simulations of thousands of nodes.
+    """
+
+    def __init__(self, node: str, site: str = "", default_timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.node = node
+        self.site = site
+        self.default_timeout = default_timeout
+        self.handlers: dict[str, Handler] = {}
+        self.addr = ""  # our own address once serving; calls to it are served locally
+        self.on_rtt: Callable[[str, float, Any], None] | None = None
+        """Called with (peer node, network RTT in seconds, peer's stamp) after each answered call."""
+        self.stamp: Callable[[], Any] | None = None
+        """Returns what to attach to every response we send (see the module docstring)."""
+
+    def route(self, method: str, handler: Handler) -> None:
+        self.handlers[method] = handler
+
+    async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    async def forget(self, addr: str) -> None:
+        """Drop any cached connection to `addr` (e.g. after the peer was declared dead)."""
+
+    async def call_many(self, addrs: list[str], method: str, args: dict[str, Any] | None = None,
+                        timeout: float | None = None) -> dict[str, Any]:
+        """Call each address in parallel; each answer is the result or the RpcError it raised.
+
+        A call to our own address runs the handler directly, without a network round trip.
+        """
+        answers: dict[str, Any] = {}
+
+        async def one(addr: str) -> None:
+            try:
+                if addr == self.addr:
+                    handler = self.handlers[method]
+                    answers[addr] = await handler(Caller(self.node, "node", self.node, self.site), args or {})
+                else:
+                    answers[addr] = await self.call(addr, method, args, timeout)
+            except (RpcError, RequestError) as err:
+                answers[addr] = err
+
+        async with trio.open_nursery() as nursery:
+            for addr in dict.fromkeys(addrs):
+                nursery.start_soon(one, addr)
+        return answers
+
+
+
+class Transport(Endpoint):
+    """Listens for peers, dials peers, and routes requests to registered handlers.
+
+    Use as `async with Transport(...) as t:`; it owns a nursery for connection tasks.
+    """
+
+    def __init__(
+        self,
+        identity: tls.Identity,
+        node: str,
+        site: str = "",
+        *,
+        delay: DelayFn | None = None,
+        max_frame: int = frames.MAX_FRAME,
+        default_timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(node, site, default_timeout)
+        self.delay = delay
+        self.max_frame = max_frame
+        self._server_ctx = tls.server_context(identity)
+        self._client_ctx = tls.client_context(identity)
+        self._pool: dict[str, _Outbound] = {}
+        self._dialing: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self.rejected_connections = 0
+
+    async def __aenter__(self) -> Transport:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_cm.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            # the body's own exception comes back wrapped; callers should see it as raised
+            if exc[1] is not None and group.exceptions == (exc[1],):
+                raise exc[1] from None
+            raise
+
+    # -- serving -----------------------------------------------------------------------------------
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start accepting connections; returns the bound port (useful with port 0)."""
+        assert self._nursery is not None, "use Transport as an async context manager"
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self._nursery.start_soon(trio.serve_listeners, self._serve_connection, listeners)
+        bound = listeners[0].socket.getsockname()[1]
+        self.addr = f"{host}:{bound}"
+        return bound
+
+    async def _serve_connection(self, tcp: trio.SocketStream) -> None:
+        """One inbound connection, start to end. Nothing a peer sends may escape this function."""
+        peer = _peer_address(tcp)
+        stream = trio.SSLStream(tcp, self._server_ctx, server_side=True)
+        conn = _Connection(stream, self.max_frame)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+                cn, role = tls.peer_identity(stream._ssl_object)  # noqa: SLF001 - trio exposes no public getter
+                hello = await conn.receive()
+                conn.peer_node, conn.peer_site = _check_handshake(hello)
+                await conn.send(self._hello())
+            await self._serve_requests(conn, Caller(cn, role, conn.peer_node, conn.peer_site), peer)
+        except EOFError:
+            pass
+        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, tls.TLSError, frames.FrameError,
+                _HandshakeRefused) as err:
+            self.rejected_connections += 1
+            log.warning("refused connection from %s: %s", peer, _describe(err))
+        except Exception:  # a bug, not the peer's fault; still not a reason to stop serving others
+            log.exception("connection from %s failed", peer)
+        finally:
+            await conn.close()
+
+    async def _serve_requests(self, conn: _Connection, caller: Caller, peer: str) -> None:
+        """Read requests and answer each in its own task; returns when the peer goes or misbehaves."""
+        limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    msg = await conn.receive()
+                    if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST and isinstance(msg[1], int)
+                            and isinstance(msg[2], str) and isinstance(msg[3], dict)):
+                        raise frames.FrameError(f"not a request frame: {str(msg)[:80]!r}")
+                    await limiter.acquire_on_behalf_of(msg[1])
+                    nursery.start_soon(self._answer, conn, caller, msg, limiter)
+            except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # peer hung up (maybe without TLS close_notify); in-flight handlers still finish
+            except frames.FrameError as err:
+                self.rejected_connections += 1
+                log.warning("closing connection from %s (%s): %s", caller.node, peer, _describe(err))
+
+    async def _answer(self, conn: _Connection, caller: Caller, msg: list[Any], limiter: trio.CapacityLimiter) -> None:
+        _, request_id, method, args = msg
+        received = trio.current_time()
+        try:
+            handler = self.handlers.get(method)
+            if handler is None:
+                reply = [RESPONSE, request_id, False, {"kind": "unknown_method", "message": f"no method {method!r}"}]
+            else:
+                try:
+                    reply = [RESPONSE, request_id, True, await handler(caller, args)]
+                except RequestError as err:
+                    reply = [RESPONSE, request_id, False, {"kind": err.kind, "message": str(err)}]
+                except RpcError as err:
+                    reply = [RESPONSE, request_id, False, {"kind": "upstream", "message": str(err)}]
+                except Exception as err:
+                    log.exception("handler %s failed", method)
+                    reply = [RESPONSE, request_id, False, {"kind": "internal", "message": _describe(err)}]
+            trailer = [self.stamp() if self.stamp is not None else None, trio.current_time() - received]
+            await self._sleep_towards(conn.peer_site)
+            try:
+                await conn.send([*reply, *trailer])
+            except frames.FrameError as err:  # our own answer is too big: say so instead of going silent
+                await conn.send([RESPONSE, request_id, False, {"kind": "internal", "message": str(err)}, *trailer])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the caller hung up; its call will time out or fail on its side
+        except Exception:
+            log.exception("answering %s failed", method)
+        finally:
+            limiter.release_on_behalf_of(request_id)
+
+    # -- calling -----------------------------------------------------------------------------------
+
+    async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
+        """Call `method` on the agent at `addr` ("host:port"); raises an RpcError subclass on failure."""
+        deadline = timeout if timeout is not None else self.default_timeout
+        out: _Outbound | None = None
+        request_id = 0
+        with trio.move_on_after(deadline) as scope:
+            out = await self._connection(addr)
+            sent = trio.current_time()
+            request_id = next(out.ids)
+            event, slot = trio.Event(), []
+            out.waiting[request_id] = (event, slot)
+            try:
+                await self._sleep_towards(out.conn.peer_site)
+                await out.conn.send([REQUEST, request_id, method, args or {}])
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as err:
+                out.waiting.pop(request_id, None)
+                raise Unreachable(f"{addr}: connection lost: {_describe(err)}") from None
+            await event.wait()
+        if scope.cancelled_caught:
+            if out is not None:
+                out.waiting.pop(request_id, None)
+            raise RpcTimeout(f"{addr}: no answer to {method} within {deadline:g}s")
+        assert out is not None
+        if not slot:
+            raise Unreachable(f"{addr}: connection lost during {method}: {_describe(out.broken)}")
+        ok, value, stamp, held = slot
+        if self.on_rtt is not None and out.conn.peer_node and isinstance(held, int | float):
+            self.on_rtt(out.conn.peer_node, trio.current_time() - sent - held, stamp)
+        if ok:
+            return value
+        if not isinstance(value, dict):
+            raise RemoteError("internal", str(value))
+        raise RemoteError(str(value.get("kind", "internal")), str(value.get("message", "")))
+
+    async def _connection(self, addr: str) -> _Outbound:
+        lock = self._dialing.setdefault(addr, trio.Lock())
+        async with lock:
+            out = self._pool.get(addr)
+            if out is not None and out.broken is None:
+                return out
+            out = _Outbound(await self._dial(addr))
+            self._pool[addr] = out
+            assert self._nursery is not None, "use Transport as an async context manager"
+            self._nursery.start_soon(out.read_loop)
+            return out
+
+    async def _dial(self, addr: str) -> _Connection:
+        host, port = split_addr(addr)
+        try:
+            tcp = await trio.open_tcp_stream(host, port)
+        except OSError as err:
+            raise Unreachable(f"{addr}: {err.strerror or err}") from None
+        stream = trio.SSLStream(tcp, self._client_ctx, server_hostname=None)
+        conn = _Connection(stream, self.max_frame)
+        try:
+            await stream.do_handshake()
+            await conn.send(self._hello())
+            conn.peer_node, conn.peer_site = _check_handshake(await conn.receive())
+        except (EOFError, trio.BrokenResourceError, ssl.SSLError, frames.FrameError, _HandshakeRefused) as err:
+            await conn.close()
+            raise Unreachable(f"{addr}: handshake failed: {_describe(err)}") from None
+        return conn
+
+    async def forget(self, addr: str) -> None:
+        out = self._pool.pop(addr, None)
+        if out is not None:
+            await out.conn.close()
+
+    def _hello(self) -> dict[str, Any]:
+        return {"proto": PROTOCOL_VERSION, "node": self.node, "site": self.site}
+
+    async def _sleep_towards(self, peer_site: str) -> None:
+        if self.delay is not None and peer_site:
+            seconds = self.delay(self.site, peer_site)
+            if seconds > 0:
+                await trio.sleep(seconds)
+
+
+class _HandshakeRefused(Exception):
+    pass
+
+
+def _check_handshake(hello: Any) -> tuple[str, str]:
+    if not isinstance(hello, dict) or not isinstance(hello.get("node"), str):
+        raise _HandshakeRefused(f"bad handshake frame: {str(hello)[:80]!r}")
+    if hello.get("proto") != PROTOCOL_VERSION:
+        raise _HandshakeRefused(f"protocol version {hello.get('proto')!r}, expected {PROTOCOL_VERSION}")
+    site = hello.get("site", "")
+    return hello["node"], site if isinstance(site, str) else ""
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad address {addr!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports free on `host` right now (bound together, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _peer_address(tcp: trio.SocketStream) -> str:
+    with contextlib.suppress(OSError):
+        host, port = tcp.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    return "?"
+
+
+def _describe(err: BaseException | None) -> str:
+    if err is None:
+        return "closed"
+    text = str(err) or type(err).__name__
+    return text.splitlines()[0][:200]
