@@ -1,3 +1,3 @@
-from discovery.cli.app import main
+from discovery.cli.main import main
 
 main()

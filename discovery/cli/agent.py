@@ -1,0 +1,84 @@
+"""`discovery agent run` and what one agent knows of the cluster: members, status, coordinates, RTT,
+the spiral search."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from discovery.cli.app import JsonOpt, app, emit, fail, make_table, rpc
+
+agent_app = typer.Typer(no_args_is_help=True, help="Run an agent.")
+
+
+@agent_app.command("run")
+def agent_run(config: Annotated[Path, typer.Option(help="agent.toml")],
+              log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
+    """Run this node's agent until SIGTERM."""
+    from agents.hypervisor.actor import HypervisorError
+    from discovery import agent  # the whole agent: loaded only to run one
+    from discovery.toml_config import ConfigError
+    from overlay.wire import tls
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.lower() != "debug":
+        logging.getLogger("kademlia").setLevel(logging.WARNING)  # it logs every datagram at INFO
+    try:
+        agent.run(config)
+    except (ConfigError, tls.TLSError, HypervisorError) as err:
+        raise fail(str(err)) from None
+    except OSError as err:  # e.g. the listen address is taken
+        raise fail(f"{config}: {err.strerror or err}") from None
+
+
+@app.command()
+def members(as_json: JsonOpt = False) -> None:
+    """Members of the cluster as this agent sees them (like `consul members`)."""
+    rows = rpc("agent.members")
+    emit(rows, as_json, make_table(["node", "site", "address", "status", "rtt ms"],
+                                   [[m["name"], m["site"], m["addr"], m["status"], m["rtt_ms"]] for m in rows]))
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """This agent's own view: ring neighbours, records held, restarts."""
+    info = rpc("agent.status")
+    emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
+
+
+@app.command()
+def coords(as_json: JsonOpt = False) -> None:
+    """This node's Vivaldi coordinate and those of the nodes it knows, with their error."""
+    info = rpc("coord.list")
+    rows = [[("* " if n["self"] else "") + n["name"], n["site"], n["status"], f"{n['error']:.3f}", n["height_ms"],
+             n["estimated_rtt_ms"], n["measured_rtt_ms"]] for n in info["nodes"]]
+    emit(info, as_json, make_table(["node", "site", "status", "error", "height ms", "est. rtt ms", "measured ms"],
+                                   rows))
+
+
+@app.command()
+def rtt(node: str, node2: Annotated[str | None, typer.Argument(help="Default: the agent itself.")] = None,
+        as_json: JsonOpt = False) -> None:
+    """Estimated (from coordinates) vs measured RTT between NODE and NODE2, like `consul rtt`."""
+    answer = rpc("coord.rtt", {"a": node, "b": node2})
+    if as_json:
+        emit(answer, True)
+    else:
+        measured = "-" if answer["measured_ms"] is None else f"{answer['measured_ms']:.3f} ms"
+        print(f"Estimated {answer['a']} <-> {answer['b']} rtt: {answer['estimated_ms']:.3f} ms "
+              f"(± {answer['bound_ms']:.3f} ms), measured: {measured}")
+
+
+@app.command()
+def spiral(count: Annotated[int, typer.Option(help="How many nodes to find.")] = 5,
+           site: Annotated[str | None, typer.Option(help="Only nodes of this site.")] = None,
+           as_json: JsonOpt = False) -> None:
+    """The nearest nodes to the agent, found by the spiral search (nearest first), and what it cost."""
+    info = rpc("spiral.search", {"count": count, "site": site})
+    rows = [[n["name"], n["site"], n["rtt_ms"], n["free"]["vcpus"], n["free"]["memory_mb"]] for n in info["nodes"]]
+    emit(info, as_json, make_table(["node", "site", "rtt ms", "free vcpus", "free MiB"], rows))
+    if not as_json:
+        print(f"from {info['origin']}: {info['hops']} hops, {info['messages']} messages, {info['failures']} failed")

@@ -1,0 +1,23 @@
+"""The `discovery` command: the root app with every command group attached.
+
+Each group lives in its own module; none loads agent code at import (commands import what they run
+when they run), so `discovery --help` and client commands start fast.
+"""
+
+from __future__ import annotations
+
+from discovery.cli import agent, ca, cluster, dvms, overlays, sim, ve
+from discovery.cli.app import app
+
+app.add_typer(agent.agent_app, name="agent")
+app.add_typer(ca.ca_app, name="ca")
+app.add_typer(ve.ve_app, name="ve")
+app.add_typer(cluster.cluster_app, name="cluster")
+app.add_typer(sim.sim_app, name="sim")
+app.add_typer(overlays.overlay_app, name="overlay")
+app.add_typer(overlays.kv_app, name="kv")
+app.add_typer(dvms.dvms_app, name="dvms")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,193 @@
+"""`discovery ve`: virtual environments, from any agent."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from discovery.cli.app import JsonOpt, emit, fail, make_table, rpc
+
+ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
+
+
+def ve_table(ves: list[dict[str, Any]]) -> Table:
+    """One row per VM; the live domain state appears when the agent looked it up (`ve show`), and the
+    standby copies (with whether their node holds them, for `ve show`) when the VE has some."""
+    live = any("domain_state" in slot for ve in ves for slot in ve["placement"].values())
+    copies = any(ve.get("replicas") for ve in ves)
+    rows = []
+    for ve in ves:
+        for vm, slot in sorted(ve["placement"].items()):
+            row = [ve["name"], ve["state"], vm, slot["node"], slot["site"]]
+            why = slot["why"]
+            if slot.get("moving_to"):  # an interrupted relocation, settled by the next command on the VE
+                why = f"moving to {slot['moving_to']['node']} ({slot['moving_to']['phase']}); {why}"
+            if slot.get("failing_over"):  # an interrupted failover, likewise
+                why = f"failing over to {slot['failing_over']['node']}; {why}"
+            standbys = ", ".join(e["node"] + (f" ({e['standby']})" if e.get("standby", "held") != "held" else "")
+                                 for e in ve.get("replicas", {}).get(vm, []))
+            rows.append(row + ([slot.get("domain_state")] if live else []) + ([standbys] if copies else []) + [why])
+    columns = (["ve", "state", "vm", "node", "site"] + (["domain"] if live else [])
+               + (["standby copies"] if copies else []) + ["why there"])
+    return make_table(columns, rows)
+
+
+@ve_app.command("create")
+def ve_create(spec_file: Path, as_json: JsonOpt = False) -> None:
+    """Create and start the VE described by SPEC_FILE (YAML)."""
+    from discovery.ve.spec import SpecError, load_spec  # YAML: only for this command
+
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as err:
+        raise fail(str(err)) from None
+    ve = rpc("ve.create", {"spec": spec.to_dict()})
+    emit(ve, as_json, ve_table([ve]))
+
+
+@ve_app.command("list")
+def ve_list(as_json: JsonOpt = False) -> None:
+    """Every VE of the cluster."""
+    ves = rpc("ve.list")
+    emit(ves, as_json, ve_table(ves))
+
+
+@ve_app.command("show")
+def ve_show(name: str, as_json: JsonOpt = False) -> None:
+    """One VE with the live state of each VM's domain."""
+    ve = rpc("ve.show", {"name": name})
+    emit(ve, as_json, ve_table([ve]))
+
+
+@ve_app.command("locate")
+def ve_locate(name: str, as_json: JsonOpt = False) -> None:
+    """Which node hosts each VM of the VE, from the VE directory."""
+    info = rpc("ve.locate", {"name": name})
+    emit(info, as_json, make_table(["vm", "node", "site", "address", "standby copies"],
+                                   [[vm, s["node"], s["site"], s["addr"],
+                                     ", ".join(f"{r['node']} ({r['site']})" for r in s.get("replicas", []))]
+                                    for vm, s in info["vms"].items()]))
+
+
+@ve_app.command("relocate")
+def ve_relocate(
+    name: str,
+    vm: Annotated[str | None, typer.Option("--vm", help="Move only this VM (default: every VM of the VE).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="The node to move to.")] = None,
+    site: Annotated[str | None, typer.Option("--site", help="The site to move to; placement picks the node.")] = None,
+    method: Annotated[str, typer.Option(help="Real guests: auto (live where possible, else save/ship/restore), "
+                                              "live, or ship.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a VM (or the whole VE) to another node or site, keeping the VE's constraints; safe to retry."""
+    if (to is None) == (site is None):
+        print("error: give either --to NODE or --site SITE", file=sys.stderr)
+        raise typer.Exit(2)
+    ve = rpc("ve.relocate", {"name": name, "vm": vm, "to": to, "site": site, "method": method}, timeout=600)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        how = {vm: ve["placement"][vm].get("transfer") for vm in ve["moved"]}
+        moved = [f"{vm} ({t['how']}, {t['seconds']:.1f} s)" if t else vm for vm, t in how.items()]
+        print(f"moved: {', '.join(moved)}" if moved else "nothing to move: already there")
+
+
+@ve_app.command("snapshot")
+def ve_snapshot(name: str, tag: Annotated[str | None, typer.Option("--tag", help="Default: snap-<UTC time>.")] = None,
+                as_json: JsonOpt = False) -> None:
+    """Snapshot every VM of the VE at once (running VMs are paused meanwhile)."""
+    snap = rpc("ve.snapshot", {"name": name, "tag": tag}, timeout=300)
+    emit(snap, as_json, make_table(["ve", "tag", "vm", "node", "state"],
+                                   [[snap["name"], snap["tag"], vm, s["node"], s["state"]]
+                                    for vm, s in snap["vms"].items()]))
+
+
+@ve_app.command("snapshots")
+def ve_snapshots(name: str, as_json: JsonOpt = False) -> None:
+    """The snapshots of the VE, oldest first (each VM's node is where it was when the snapshot was taken)."""
+    info = rpc("ve.snapshots", {"name": name})
+    rows = [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["time"])), s["state"],
+             ", ".join(f"{vm}@{v['node']} ({v['state']})" for vm, v in sorted(s["vms"].items()))]
+            for s in info["snapshots"]]
+    emit(info, as_json, make_table(["tag", "time", "ve state", "vms"], rows))
+
+
+@ve_app.command("restore")
+def ve_restore(name: str, tag: str, as_json: JsonOpt = False) -> None:
+    """Bring every VM of the VE back to snapshot TAG."""
+    ve = rpc("ve.restore", {"name": name, "tag": tag}, timeout=300)
+    emit(ve, as_json, make_table(["ve", "state", "restored"], [[ve["name"], ve["state"], tag]]))
+
+
+@ve_app.command("snapshot-delete")
+def ve_snapshot_delete(name: str, tag: str, as_json: JsonOpt = False) -> None:
+    """Delete snapshot TAG of the VE from every VM's host (wherever the VM is now); safe to retry."""
+    info = rpc("ve.snapshot_delete", {"name": name, "tag": tag}, timeout=300)
+    left = ", ".join(s["tag"] for s in info["snapshots"]) or None
+    emit(info, as_json, make_table(["ve", "deleted", "snapshots left"], [[info["name"], info["tag"], left]]))
+
+
+@ve_app.command("replicate")
+def ve_replicate(
+    name: str,
+    copies: Annotated[int, typer.Option("--copies", help="Standby copies per VM; 0 drops them all.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Keep COPIES standby copies of each VM on other nodes, other sites first (again: refresh them)."""
+    ve = rpc("ve.replicate", {"name": name, "copies": copies}, timeout=300)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        for what, nodes in (("added", ve["added"]), ("dropped", ve["dropped"])):
+            if nodes:
+                print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
+
+
+@ve_app.command("failover")
+def ve_failover(
+    name: str,
+    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
+                                                         "first.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring the VMs whose host is down back up on their nearest standby copy, in the VE's state."""
+    ve = rpc("ve.failover", {"name": name, "vm": vm, "force": force}, timeout=300)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print("failed over: " + ", ".join(f"{v} to {node}" for v, node in ve["failed_over"].items()))
+
+
+@ve_app.command("stop")
+def ve_stop(
+    name: str,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="Seconds each guest has to power off before it is forced (default 30, at most 600).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Force the VMs off at once.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Shut the VE's VMs down gracefully, each forced off after a timeout (or at once with --force)."""
+    if force and timeout is not None:
+        print("error: give --timeout or --force, not both", file=sys.stderr)
+        raise typer.Exit(2)
+    wait = 60 + 10 * (timeout or 30)  # the VMs of one host stop one after the other
+    ve = rpc("ve.stop", {"name": name, "timeout": timeout, "force": force}, timeout=wait)
+    emit(ve, as_json, make_table(["ve", "state"], [[ve["name"], ve["state"]]]))
+
+
+def _lifecycle(verb: str) -> None:
+    def command(name: str, as_json: JsonOpt = False) -> None:
+        ve = rpc(f"ve.{verb}", {"name": name})
+        emit(ve, as_json, make_table(["ve", "state"], [[ve["name"], ve["state"]]]))
+
+    command.__doc__ = {"start": "Start every VM of the VE.", "suspend": "Pause every VM of the VE (memory kept).",
+                       "resume": "Run the VE's paused VMs again.",
+                       "destroy": "Remove the VE, its VMs and their standby copies."}[verb]
+    ve_app.command(verb)(command)
+
+
+for _verb in ("start", "suspend", "resume", "destroy"):
+    _lifecycle(_verb)
