@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agents.messages import COORD_LIST, COORD_PING, COORD_PROBE, COORD_RTT
 from agents.runtime import Actor
 from overlay.membership import Member
 from overlay.wire.rpc import Caller, RequestError, RpcError
@@ -47,8 +48,8 @@ class CoordinateService(Actor):
         self._restore()
         agent.transport.stamp = self.stamp
         agent.transport.on_rtt = self.on_rtt
-        for method, handler in (("coord.ping", self._on_ping), ("coord.list", self._on_list),
-                                ("coord.rtt", self._on_rtt), ("coord.probe", self._on_probe)):
+        for method, handler in ((COORD_PING, self._on_ping), (COORD_LIST, self._on_list),
+                                (COORD_RTT, self._on_rtt), (COORD_PROBE, self._on_probe)):
             agent.transport.route(method, handler)
 
     # -- samples -----------------------------------------------------------------------------------

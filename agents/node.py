@@ -21,6 +21,7 @@ from agents.coordinates import CoordinateService
 from agents.host.service import HostService
 from agents.hypervisor.actor import Hypervisor, write_node_xml
 from agents.hypervisor.qemu import QemuBackend, open_backend
+from agents.messages import AGENT_MEMBERS, AGENT_STATUS, MEMBER_PING
 from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
@@ -94,8 +95,8 @@ class NodeAgent:
             self.spiral = SpiralService(self)
             self.actors += [self.host, self.gossip, self.coordinates, RingService(self), RepairService(self),
                             self.overlays, self.spiral]
-            transport.route("agent.status", self._on_status)
-            transport.route("agent.members", self._on_members)
+            transport.route(AGENT_STATUS, self._on_status)
+            transport.route(AGENT_MEMBERS, self._on_members)
             for extension in self.extensions:
                 await extension(self)
             try:
@@ -168,7 +169,7 @@ class GossipService(Actor):
         self.tick_interval = agent.config.probe_interval
         self.membership.sync_every = max(1, round(self.sync_period / self.tick_interval))
         self._remembered: list[tuple[str, str, str]] = []
-        agent.transport.route("member.ping", self._on_ping)
+        agent.transport.route(MEMBER_PING, self._on_ping)
 
     async def join(self) -> None:
         await self._contact_seeds()

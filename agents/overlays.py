@@ -28,6 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from agents.messages import (
+    OVERLAY_BIND,
+    OVERLAY_CONTACT,
+    OVERLAY_FREEZE,
+    OVERLAY_GET,
+    OVERLAY_PUT,
+    OVERLAY_SCAN,
+    OVERLAY_STATUS,
+    OVERLAY_SWITCH,
+    OVERLAY_THAW,
+)
 from agents.runtime import Actor
 from overlay.dht import Record, record_from_wire
 from overlay.interface import Binding, Overlay, copy_records
@@ -103,8 +114,12 @@ class OverlayService(Actor):
         self._lease_end = 0.0
         self._kad_started = False
         self._next_rejoin = 0.0
-        for method in ("status", "contact", "scan", "freeze", "switch", "thaw", "bind", "get", "put"):
-            agent.transport.route(f"overlay.{method}", getattr(self, f"_on_{method}"))
+        for method, handler in ((OVERLAY_STATUS, self._on_status), (OVERLAY_CONTACT, self._on_contact),
+                                (OVERLAY_SCAN, self._on_scan), (OVERLAY_FREEZE, self._on_freeze),
+                                (OVERLAY_SWITCH, self._on_switch), (OVERLAY_THAW, self._on_thaw),
+                                (OVERLAY_BIND, self._on_bind), (OVERLAY_GET, self._on_get),
+                                (OVERLAY_PUT, self._on_put)):
+            agent.transport.route(method, handler)
 
     async def start_kademlia(self) -> None:
         """Listen on UDP beside the agent's TCP address; joining waits for the first tick with members."""
@@ -277,7 +292,7 @@ class OverlayService(Actor):
     async def _on_get(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """One read through a named overlay (default: the bound one), timed here: `discovery kv get`."""
         overlay = self._overlay(args)
-        key = _key_arg(args)
+        key = _key_arg(args, args.get("owner") or caller.cn)
         start = trio.current_time()
         try:
             record = await _guarded(overlay.get(key))
@@ -289,7 +304,7 @@ class OverlayService(Actor):
 
     async def _on_put(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         overlay = self._overlay(args)
-        key = _key_arg(args)
+        key = _key_arg(args, caller.cn)
         start = trio.current_time()
         if overlay is self.records.overlay:
             overlay = self.records  # through the binding, so a re-bind in progress holds it
@@ -316,9 +331,11 @@ class OverlayService(Actor):
 KV_PREFIX = "kv/"
 
 
-def _key_arg(args: dict[str, Any]) -> str:
-    """User keys live under kv/, so `discovery kv` can never overwrite the VE directory."""
+def _key_arg(args: dict[str, Any], owner: str) -> str:
+    """User keys live under kv/, so `discovery kv` can never overwrite the VE directory, and each under
+    its writer's certificate name (kv/OWNER/KEY): a key is owned by whoever wrote it, and nobody else can
+    overwrite it. Reads name another writer's key with `owner`."""
     key = args.get("key")
     if not isinstance(key, str) or not 0 < len(key) <= 512:
         raise RequestError("key must be a string of 1 to 512 characters")
-    return KV_PREFIX + key
+    return f"{KV_PREFIX}{owner}/{key}"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from agents.messages import SPIRAL_SEARCH, SPIRAL_STEP
 from agents.runtime import Actor
 from overlay.membership import Member
 from overlay.spiral import Entry, Hinted, SpiralSearch, View, answer
@@ -67,8 +68,8 @@ class SpiralService(Actor):
         self.agent = agent
         self.membership = agent.membership
         self.view = View(self.entry(self.membership.me), self.distance, VIEW_SIZE, VIEW_FAR)
-        agent.transport.route("spiral.step", self._on_step)
-        agent.transport.route("spiral.search", self._on_search)
+        agent.transport.route(SPIRAL_STEP, self._on_step)
+        agent.transport.route(SPIRAL_SEARCH, self._on_search)
 
     async def tick(self) -> None:
         alive = {m.name for m in self.membership.alive(include_me=False)}

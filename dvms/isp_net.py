@@ -17,6 +17,7 @@ the last time any node still had it, merges, and the walk of each partition (who
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
@@ -249,7 +250,10 @@ class IspNet:
         for other in self.nodes:
             if other != name:
                 self._push(self.now + self.rng.uniform(*self.detection),
-                           lambda other=other: self._input(other, lambda n: n.on_peer_failed(name, self.now)))
+                           functools.partial(self._tell_failed, other, name))
+
+    def _tell_failed(self, node: str, name: str) -> None:
+        self._input(node, lambda n: n.on_peer_failed(name, self.now))
 
     def _restart(self, name: str, incarnation: int) -> None:
         """A fresh core: everything was lost, and it may have granted a lease before the crash."""

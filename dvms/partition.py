@@ -404,7 +404,8 @@ class IspNode:
 
     def _reply_refuse(self, msg: Message, sent_at: float) -> None:
         m = self.membership
-        self._send(msg.sender, Refuse(msg.pid, self.name, msg.version, sent_at, m and m.pid, m and m.leader))
+        self._send(msg.sender, Refuse(msg.pid, self.name, msg.version, sent_at, m.pid if m else None,
+                                     m.leader if m else None))
 
     def _mine(self, msg: Message) -> Membership | None:
         """Our membership if `msg` is from our partition and not older than our join."""

@@ -653,7 +653,8 @@ def _evict_rule_breakers(state: _Greedy) -> None:
             fixed_sites = {p.site_of[vm.node] for vm in p.fixed_by_ve.get(r.ve, [])}
             keep = min(fixed_sites) if fixed_sites else min(sites, key=lambda s: (-sites[s], s))
             for i in mine:
-                if state.at[i] is not None and p.site_of[state.at[i]] != keep:
+                node = state.at[i]
+                if node is not None and p.site_of[node] != keep:
                     state.evict(i)
         if r.spread_sites is not None:
             for i in mine:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 ID_BITS = 64
-RING = 2**ID_BITS
+RING: int = 2**ID_BITS
 MAX_LEARNED = 64
 
 
@@ -137,7 +137,8 @@ class ChordState:
         clockwise (a finger or the predecessor), and only then on being alone."""
         ordered = self._ordered(candidates)
         if not ordered:
-            ordered = self._ordered(sorted(self._fallbacks(), key=self._distance))[:1]
+            fallbacks = sorted(self._fallbacks(), key=self._distance)
+            ordered = self._ordered(fallbacks)[:1]
         self.successors = ordered or [self.me]
 
     def _fallbacks(self) -> set[Peer]:

@@ -37,6 +37,7 @@ import msgpack
 import trio
 
 from overlay.chord import RING, Peer, between_right, hash_id
+from overlay.messages import DHT_DIGEST, DHT_FETCH, DHT_OFFER, DHT_STORE, DHT_SYNC
 from overlay.ring import Ring, peer_from_wire
 from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 
@@ -183,11 +184,11 @@ class DHT:
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         """What `maintain` cost and moved, cumulated: RPCs it made (`rpcs`, failed ones in `failures`),
         digests sent and answered, records pushed and pulled by anti-entropy, and hand-off work."""
-        transport.route("dht.store", self._on_store)
-        transport.route("dht.fetch", self._on_fetch)
-        transport.route("dht.digest", self._on_digest)
-        transport.route("dht.sync", self._on_sync)
-        transport.route("dht.offer", self._on_offer)
+        transport.route(DHT_STORE, self._on_store)
+        transport.route(DHT_FETCH, self._on_fetch)
+        transport.route(DHT_DIGEST, self._on_digest)
+        transport.route(DHT_SYNC, self._on_sync)
+        transport.route(DHT_OFFER, self._on_offer)
 
     async def _on_store(self, caller: Caller, args: dict[str, Any]) -> bool:
         self.shard.merge(record_from_wire(args.get("record")))

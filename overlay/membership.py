@@ -45,7 +45,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 3}
@@ -89,7 +89,7 @@ def member_from_wire(data: Any) -> Member | None:
     return Member(name, addr, site, status, inc, coord=data.get("coord"), coord_seq=cseq)
 
 
-def _counter(value: Any) -> bool:
+def _counter(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

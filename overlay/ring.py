@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from overlay.chord import ChordState, Peer, hash_id
+from overlay.messages import CHORD_NOTIFY, CHORD_STATE, CHORD_STEP
 from overlay.wire.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ class Ring:
         self.me = Peer(hash_id(name), name, addr, site)
         self._me_wire = peer_to_wire(self.me)  # sent with every hop (copied by the transport)
         self.state = ChordState(self.me, r, distance=distance)
-        transport.route("chord.step", self._on_step)
-        transport.route("chord.state", self._on_state)
-        transport.route("chord.notify", self._on_notify)
+        transport.route(CHORD_STEP, self._on_step)
+        transport.route(CHORD_STATE, self._on_state)
+        transport.route(CHORD_NOTIFY, self._on_notify)
 
     # -- handlers ----------------------------------------------------------------------------------
 

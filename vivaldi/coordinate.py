@@ -16,6 +16,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 ZERO_THRESHOLD = 1.0e-6  # seconds: two coordinates closer than this are "on top of each other" (Serf)
 ERROR_MIN = 1.0e-6  # a zero error would give the node zero weight: it would never move again
@@ -101,7 +102,7 @@ class Coordinate:
         adjusted = dist + self.adjustment + other.adjustment
         return adjusted if adjusted > 0 else dist
 
-    def to_wire(self) -> list:
+    def to_wire(self) -> list[Any]:
         return [list(self.vec), self.error, self.adjustment, self.height]
 
     @staticmethod

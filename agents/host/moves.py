@@ -23,6 +23,7 @@ from agents.host.args import count_arg, name_arg
 from agents.host.capacity import Resources
 from agents.host.shipping import CHUNK, copy_file, fetch_file, read_chunk
 from agents.hypervisor.actor import HypervisorError
+from agents.messages import HOST_EXPORT, HOST_FETCH, HOST_INCOMING, HOST_MIGRATE
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ class Moves:
     """
 
     def _serve_moves(self, transport: Endpoint) -> None:
-        for method, handler in (("host.export", self._on_export), ("host.fetch", self._on_fetch),
-                                ("host.incoming", self._on_incoming), ("host.migrate", self._on_migrate)):
+        for method, handler in ((HOST_EXPORT, self._on_export), (HOST_FETCH, self._on_fetch),
+                                (HOST_INCOMING, self._on_incoming), (HOST_MIGRATE, self._on_migrate)):
             transport.route(method, self._through_mailbox(handler))
 
     async def _on_export(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted
 
 `HostService` is assembled from one class per concern: this module's core, moving VMs between hosts
 (`agents.host.moves`) and standby copies (`agents.host.standby`); the checks of their arguments are
-in `agents.host.args`. Only agents (role node) and operators may call `host.*`: users act on their
-VMs through `ve.*`, which checks who owns the VE.
+in `agents.host.args`. Only agents (role node) and operators may call `host.*` (`agents.messages`):
+users act on their VMs through `ve.*`, which checks who owns the VE.
 """
 
 from __future__ import annotations
@@ -44,8 +44,18 @@ from agents.host.moves import Moves
 from agents.host.standby import Standbys
 from agents.hypervisor.actor import SETTLED, DomainInfo, Hypervisor, HypervisorError
 from agents.hypervisor.guests import Domains, TestDomains
+from agents.messages import (
+    HOST_CONFIRM,
+    HOST_INFO,
+    HOST_RELEASE,
+    HOST_RESERVE,
+    HOST_RESTORE,
+    HOST_SNAPSHOT,
+    HOST_SNAPSHOT_DELETE,
+    HOST_VM,
+)
 from agents.runtime import Actor
-from overlay.wire.rpc import Caller, Conflict, Endpoint, Forbidden, Handler, NotFound, RequestError, RpcError
+from overlay.wire.rpc import Caller, Conflict, Endpoint, Handler, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 ACTIONS = ("start", "stop", "destroy", "suspend", "resume", "undefine", "info", "settle", "release")
@@ -85,19 +95,16 @@ class HostService(Moves, Standbys, Actor):
                          "taken REAL, libvirt TEXT DEFAULT '', PRIMARY KEY (name, tag))")
         if "libvirt" not in {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}:
             self._db.execute("ALTER TABLE snapshots ADD COLUMN libvirt TEXT DEFAULT ''")  # an older store
-        for method, handler in (("host.reserve", self._on_reserve), ("host.confirm", self._on_confirm),
-                                ("host.release", self._on_release), ("host.vm", self._on_vm),
-                                ("host.info", self._on_info), ("host.snapshot", self._on_snapshot),
-                                ("host.restore", self._on_restore),
-                                ("host.snapshot_delete", self._on_snapshot_delete)):
+        for method, handler in ((HOST_RESERVE, self._on_reserve), (HOST_CONFIRM, self._on_confirm),
+                                (HOST_RELEASE, self._on_release), (HOST_VM, self._on_vm),
+                                (HOST_INFO, self._on_info), (HOST_SNAPSHOT, self._on_snapshot),
+                                (HOST_RESTORE, self._on_restore), (HOST_SNAPSHOT_DELETE, self._on_snapshot_delete)):
             transport.route(method, self._through_mailbox(handler))
         self._serve_moves(transport)
         self._serve_standbys(transport)
 
     def _through_mailbox(self, handler: Handler) -> Handler:
         async def call(caller: Caller, args: dict[str, Any]) -> Any:
-            if caller.role not in ("node", "operator"):
-                raise Forbidden(f"{caller.cn!r} ({caller.role}) may not call host methods; use the ve commands")
             return await self.ask((handler, caller, args))
         return call
 

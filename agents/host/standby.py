@@ -19,6 +19,7 @@ from agents.host.args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snap
 from agents.host.capacity import Insufficient, Resources, UnknownReservation
 from agents.host.shipping import fetch_file
 from agents.hypervisor.actor import SETTLED, HypervisorError
+from agents.messages import HOST_PROMOTE, HOST_RESERVE_STANDBY, HOST_STANDBY, HOST_STANDBYS, HOST_UNSTANDBY
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 
@@ -33,9 +34,9 @@ class Standbys:
     def _serve_standbys(self, transport: Endpoint) -> None:
         self._db.execute("CREATE TABLE IF NOT EXISTS standbys (name TEXT PRIMARY KEY, xml TEXT, vcpus INTEGER, "
                          "memory_mb INTEGER, disk_gb INTEGER, snapshots TEXT, taken REAL)")
-        for method, handler in (("host.reserve_standby", self._on_reserve_standby),
-                                ("host.standby", self._on_standby), ("host.unstandby", self._on_unstandby),
-                                ("host.standbys", self._on_standbys), ("host.promote", self._on_promote)):
+        for method, handler in ((HOST_RESERVE_STANDBY, self._on_reserve_standby),
+                                (HOST_STANDBY, self._on_standby), (HOST_UNSTANDBY, self._on_unstandby),
+                                (HOST_STANDBYS, self._on_standbys), (HOST_PROMOTE, self._on_promote)):
             transport.route(method, self._through_mailbox(handler))
 
     def _hold_standbys(self) -> None:

@@ -31,15 +31,18 @@ def overlay_bind(overlay: Annotated[str, typer.Argument(help="chord or kademlia"
 
 @kv_app.command("put")
 def kv_put(key: str, value: str, overlay: OverlayOpt = None, as_json: JsonOpt = False) -> None:
-    """Write VALUE under KEY (a new version)."""
+    """Write VALUE under KEY (a new version). Keys belong to their writer: KEY is yours (your certificate's
+    name), and nobody else can overwrite it."""
     info = rpc("overlay.put", {"key": key, "value": value, "overlay": overlay})
     emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
 
 
 @kv_app.command("get")
-def kv_get(key: str, overlay: OverlayOpt = None, as_json: JsonOpt = False) -> None:
+def kv_get(key: str, overlay: OverlayOpt = None,
+           owner: Annotated[str | None, typer.Option(help="Whose KEY (a certificate name); default: yours.")] = None,
+           as_json: JsonOpt = False) -> None:
     """Read KEY; exits 1 if it is absent."""
-    info = rpc("overlay.get", {"key": key, "overlay": overlay})
+    info = rpc("overlay.get", {"key": key, "overlay": overlay, "owner": owner})
     if not info["found"]:
         raise fail(f"no record under {key!r} on {info['overlay']}")
     if as_json:

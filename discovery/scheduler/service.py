@@ -52,6 +52,7 @@ import trio
 
 from agents.hypervisor.actor import DomainInfo, DomainStats, HypervisorError
 from agents.runtime import Actor, Event
+from discovery.scheduler.messages import DVMS_LOAD, DVMS_MSG, DVMS_REPORT, DVMS_STATUS
 from discovery.scheduler.settings import DvmsSettings
 from discovery.ve.base import PREFIX, domain_name
 from discovery.ve.relocation import check_placement
@@ -215,8 +216,9 @@ class DvmsService(Actor):
         self._next_sample = -math.inf
         self._last_problem = -math.inf
         self._nursery: trio.Nursery | None = None
-        for method in ("msg", "report", "load", "status"):
-            agent.transport.route(f"dvms.{method}", getattr(self, f"_on_{method}"))
+        for method, handler in ((DVMS_MSG, self._on_msg), (DVMS_REPORT, self._on_report), (DVMS_LOAD, self._on_load),
+                                (DVMS_STATUS, self._on_status)):
+            agent.transport.route(method, handler)
         agent.notifier.subscribe(self.tell_nowait, {"member_dead", "member_left"})
 
     async def run(self) -> None:
@@ -552,24 +554,18 @@ class DvmsService(Actor):
     # -- RPC ---------------------------------------------------------------------------------------------
 
     async def _on_msg(self, caller: Caller, args: dict[str, Any]) -> None:
-        if caller.role != "node":
-            raise Forbidden("only agents exchange DVMS messages")
         msg = decode(args)
         if msg.sender != caller.cn:
             raise Forbidden(f"{caller.cn} may not speak for {msg.sender}")
         await self.ask(("msg", msg))
 
     async def _on_report(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        if caller.role != "node":
-            raise Forbidden("only agents ask for DVMS reports")
         return await self._report()
 
     async def _on_load(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Test hook: pin VM `vm` (a domain `ve:vm` on this node) to `cpu` percent of one vCPU (cpu None: unpin),
         and/or set the CPU capacity (`cpu_capacity`, percent) DVMS counts for this node. The pin is written in
         the domain's metadata, so it follows the VM wherever it is relocated."""
-        if caller.role not in ("node", "operator"):
-            raise Forbidden("only operators and agents may set DVMS load")
         vm, cpu, capacity = args.get("vm"), args.get("cpu"), args.get("cpu_capacity")
         if vm is None and capacity is None:
             raise RequestError("dvms.load needs vm and cpu, or cpu_capacity")
@@ -586,8 +582,6 @@ class DvmsService(Actor):
         return {"node": self.me, "vm": vm, "cpu": cpu, "cpu_capacity": self.cpu_capacity}
 
     async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        if caller.role not in ("node", "operator"):
-            raise Forbidden("only operators and agents may read DVMS status")
         return await self.ask(("status", None))
 
 

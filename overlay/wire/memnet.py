@@ -179,7 +179,7 @@ class MemTransport(Endpoint):
         if target is None:  # a vanished host: the caller can only time out
             await clock.sleep_until(expiry)
             return False, None, None
-        if _never_suspends(target.handlers.get(method)):  # the Chord handlers: nothing to time out
+        if _never_suspends(target.handler(method)):  # the Chord handlers: nothing to time out
             ok, value = await target.serve(self, method, _copy(args or {}))
         else:
             with trio.CancelScope() as scope:
@@ -199,11 +199,8 @@ class MemTransport(Endpoint):
 
     async def serve(self, caller: MemTransport, method: str, args: dict[str, Any]) -> tuple[bool, Any]:
         """Run a handler as the real transport would; a handler's bug propagates (a simulation should stop)."""
-        handler = self.handlers.get(method)
-        if handler is None:
-            return False, {"kind": "unknown_method", "message": f"no method {method!r}"}
         try:
-            return True, await handler(caller.caller, args)
+            return True, await self.dispatch(caller.caller, method, args)
         except RequestError as err:
             return False, {"kind": err.kind, "message": str(err)}
         except RpcError as err:

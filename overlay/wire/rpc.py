@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from overlay.wire import frames, tls
+from overlay.wire import codec, frames, tls
 
 PROTOCOL_VERSION = 1
 REQUEST, RESPONSE = 0, 1
@@ -85,6 +85,30 @@ class Forbidden(RequestError):
     kind = "forbidden"
 
 
+class UnknownMethod(RequestError):
+    kind = "unknown_method"
+
+
+NODE, CLIENT, OPERATOR = tls.ROLES
+"""The roles a certificate carries (its OU): an agent, a user, an operator of the whole cluster."""
+AGENTS = frozenset({NODE})
+OPERATORS = frozenset({OPERATOR})
+PEOPLE = frozenset({CLIENT, OPERATOR})
+ANYONE = frozenset(tls.ROLES)
+
+
+@dataclass(frozen=True)
+class Method:
+    """An RPC as registered: the name callers use (a plain string that grep finds), the dataclass its
+    arguments must decode to (`overlay.wire.codec`), and the roles allowed to call it. Every method is
+    declared once, in its layer's `messages` module, and served with `Endpoint.route`."""
+
+    name: str
+    request: type | None
+    """None only where the handler decodes a union of message types itself (`dvms.msg`)."""
+    roles: frozenset[str]
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is calling: the certificate's identity and what the peer said in its handshake."""
@@ -96,6 +120,7 @@ class Caller:
 
 
 Handler = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
+"""Handlers receive the arguments as a map that decoded cleanly into the method's request type."""
 DelayFn = Callable[[str, str], float]
 
 
@@ -174,15 +199,39 @@ class Endpoint:
         self.node = node
         self.site = site
         self.default_timeout = default_timeout
-        self.handlers: dict[str, Handler] = {}
+        self.routes: dict[str, tuple[Method, Handler]] = {}
         self.addr = ""  # our own address once serving; calls to it are served locally
         self.on_rtt: Callable[[str, float, Any], None] | None = None
         """Called with (peer node, network RTT in seconds, peer's stamp) after each answered call."""
         self.stamp: Callable[[], Any] | None = None
         """Returns what to attach to every response we send (see the module docstring)."""
 
-    def route(self, method: str, handler: Handler) -> None:
-        self.handlers[method] = handler
+    def route(self, method: Method, handler: Handler) -> None:
+        if method.name in self.routes:
+            raise ValueError(f"{method.name} is served twice")
+        self.routes[method.name] = (method, handler)
+
+    def handler(self, name: str) -> Handler | None:
+        route = self.routes.get(name)
+        return route[1] if route else None
+
+    async def dispatch(self, caller: Caller, name: str, args: Any) -> Any:
+        """The one place where a request meets its handler: the method must be served here, the caller's
+        role allowed, and the arguments decode into the method's request type; otherwise a RequestError
+        (unknown_method, forbidden, bad_request) answers before the handler runs."""
+        route = self.routes.get(name)
+        if route is None:
+            raise UnknownMethod(f"no method {name!r}")
+        method, handler = route
+        if caller.role not in method.roles:
+            raise Forbidden(f"{caller.cn!r} ({caller.role}) may not call {name}; it is for "
+                            f"{', '.join(sorted(method.roles))}")
+        try:
+            if method.request is not None:
+                codec.decode(method.request, args)
+        except codec.CodecError as err:
+            raise RequestError(f"{name}: {err}") from None
+        return await handler(caller, args)
 
     async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
@@ -202,8 +251,8 @@ class Endpoint:
         async def one(addr: str) -> None:
             try:
                 if addr == self.addr:
-                    handler = self.handlers[method]
-                    answers[addr] = await handler(Caller(self.node, "node", self.node, self.site), args or {})
+                    answers[addr] = await self.dispatch(Caller(self.node, NODE, self.node, self.site), method,
+                                                        args or {})
                 else:
                     answers[addr] = await self.call(addr, method, args, timeout)
             except (RpcError, RequestError) as err:
@@ -315,19 +364,15 @@ class Transport(Endpoint):
         _, request_id, method, args = msg
         received = trio.current_time()
         try:
-            handler = self.handlers.get(method)
-            if handler is None:
-                reply = [RESPONSE, request_id, False, {"kind": "unknown_method", "message": f"no method {method!r}"}]
-            else:
-                try:
-                    reply = [RESPONSE, request_id, True, await handler(caller, args)]
-                except RequestError as err:
-                    reply = [RESPONSE, request_id, False, {"kind": err.kind, "message": str(err)}]
-                except RpcError as err:
-                    reply = [RESPONSE, request_id, False, {"kind": "upstream", "message": str(err)}]
-                except Exception as err:
-                    log.exception("handler %s failed", method)
-                    reply = [RESPONSE, request_id, False, {"kind": "internal", "message": _describe(err)}]
+            try:
+                reply = [RESPONSE, request_id, True, await self.dispatch(caller, method, args)]
+            except RequestError as err:
+                reply = [RESPONSE, request_id, False, {"kind": err.kind, "message": str(err)}]
+            except RpcError as err:
+                reply = [RESPONSE, request_id, False, {"kind": "upstream", "message": str(err)}]
+            except Exception as err:
+                log.exception("handler %s failed", method)
+                reply = [RESPONSE, request_id, False, {"kind": "internal", "message": _describe(err)}]
             trailer = [self.stamp() if self.stamp is not None else None, trio.current_time() - received]
             await self._sleep_towards(conn.peer_site)
             try:

@@ -13,6 +13,7 @@ from trio.testing import MockClock
 
 from overlay.chord import hash_id
 from overlay.dht import DHT, MAX_BUCKETS, STATS, Record, Shard, bucket_count, digest
+from overlay.messages import DHT_DIGEST
 from overlay.ring import Ring
 from overlay.wire import memnet
 from overlay.wire.memnet import MemNetwork
@@ -267,7 +268,8 @@ async def test_a_malformed_digest_answer_fails_one_comparison_not_the_pass(tmp_p
     async def garbage(caller, args):
         return {"buckets": [10**6], "entries": "?"}
 
-    successor.transport.route("dht.digest", garbage)
+    del successor.transport.routes[DHT_DIGEST.name]
+    successor.transport.route(DHT_DIGEST, garbage)
     await cluster.nodes[name].maintain()
     assert cluster.nodes[name].stats["failures"] == 1
     assert cluster.nodes[name].stats["digests_sent"] == R - 1

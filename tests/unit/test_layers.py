@@ -78,7 +78,8 @@ def test_no_import_cycle() -> None:
 
 
 def test_the_cli_loads_no_agent_code() -> None:
-    heavy = ("libvirt", "kademlia", "asyncio", "pykka", "trio_asyncio", "ortools", "numpy", "agents.node", "agents.host")
+    heavy = ("libvirt", "kademlia", "asyncio", "pykka", "trio_asyncio", "ortools", "numpy", "agents.node",
+             "agents.host")
     probe = ("import sys, discovery.cli.main; "
              f"print(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in {heavy!r})))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -1,12 +1,25 @@
 """The in-memory network that simulations run the production services on."""
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import trio
 from trio.testing import MockClock
 
 from overlay.wire.memnet import MemNetwork, SimClock, _never_suspends
 from overlay.wire.memnet import sleep as memnet_sleep
-from overlay.wire.rpc import NotFound, RemoteError, RpcTimeout
+from overlay.wire.rpc import ANYONE, Method, NotFound, RemoteError, RpcTimeout
+
+
+@dataclass(frozen=True)
+class Args:
+    x: Any = None
+    v: Any = None
+
+
+def method_named(name):
+    return Method(name, Args, ANYONE)
 
 
 def net_of_two(latency=0.010):
@@ -23,7 +36,7 @@ async def test_calls_take_two_one_way_delays_and_report_the_rtt_and_stamp(autoju
     async def echo(caller, args):
         return {"from": caller.node, **args}
 
-    b.route("echo", echo)
+    b.route(method_named("echo"), echo)
     start = trio.current_time()
     assert await a.call("b", "echo", {"x": 1}) == {"from": "node-a", "x": 1}
     assert trio.current_time() - start == pytest.approx(0.020)
@@ -39,7 +52,7 @@ async def test_values_are_copied_as_the_wire_would(autojump_clock):
         kept.update(args)
         return kept
 
-    b.route("keep", keep)
+    b.route(method_named("keep"), keep)
     reply = await a.call("b", "keep", {"v": [1, 2]})
     reply["v"].append(3)
     assert kept == {"v": [1, 2]}
@@ -53,7 +66,7 @@ async def test_errors_and_crashes(autojump_clock):
     async def missing(caller, args):
         raise NotFound("nothing here")
 
-    b.route("missing", missing)
+    b.route(method_named("missing"), missing)
     with pytest.raises(RemoteError) as err:
         await a.call("b", "missing")
     assert err.value.kind == "not_found"
@@ -94,8 +107,8 @@ def test_both_clocks_time_calls_timeouts_and_slow_handlers_alike(clock):
             ran.append("slow finished")
             return 1
 
-        b.route("quick", quick)
-        b.route("slow", slow)
+        b.route(method_named("quick"), quick)
+        b.route(method_named("slow"), slow)
         times = []
         start = trio.current_time()
         assert await a.call("b", "quick", {"x": [1]}) == {"x": [1]}

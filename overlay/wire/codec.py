@@ -1,0 +1,150 @@
+"""One codec for messages and records, driven by their types: frozen dataclasses to and from msgpack's
+plain values (maps, lists, strings, numbers, booleans, None).
+
+`decode(Type, data)` checks everything a peer could get wrong before any handler sees it: an unknown
+field, a missing field, a value of the wrong type (`bool` is not an `int`; an `int` is a fine `float`),
+a string or list longer than its field allows. Each failure is one `CodecError` line naming the field
+path (`spec.vms[2].vcpus: expected int, got str`). `encode(value)` is the inverse for answers and
+records. Supported field types: the plain ones, `Any` (left as is: its handler checks it), `X | None`,
+`Literal[...]`, `list[X]`, `tuple[X, ...]`, `dict[str, X]` and nested dataclasses.
+
+Size limits are field metadata: `name: str = field(metadata=limit(200))`; so is a wire name that is
+no Python name (`field(metadata=wire("from"))`). This module never imports anything of ours: every
+layer's messages use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, Union
+
+T = TypeVar("T")
+MAX_ITEMS = 100_000
+"""Longest list or map accepted where a field sets no limit (a frame is at most 4 MiB anyway)."""
+
+
+class CodecError(ValueError):
+    """A value does not fit its type; the message names the field."""
+
+
+def limit(n: int) -> dict[str, int]:
+    """Field metadata: at most `n` characters (a string) or items (a list or map)."""
+    return {"limit": n}
+
+
+def wire(name: str, n: int | None = None) -> dict[str, Any]:
+    """Field metadata: the field's name on the wire (e.g. a Python keyword), and optionally its limit."""
+    return {"wire": name, **({"limit": n} if n is not None else {})}
+
+
+def _wire_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("wire", f.name))
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def decode(cls: type[T], data: Any, where: str = "") -> T:
+    """`data` (as msgpack decoded it) as an instance of the dataclass `cls`, or CodecError."""
+    if not isinstance(data, Mapping):
+        raise CodecError(f"{where or cls.__name__}: expected a map, got {_kind(data)}")
+    fields = {_wire_name(f): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        raise CodecError(f"{_at(where, unknown[0])}: unknown field (known: {', '.join(fields) or 'none'})")
+    hints, values = _hints(cls), {}  # type: ignore[arg-type]  # a dataclass type is hashable
+    for name, f in fields.items():
+        if name in data:
+            values[f.name] = _value(hints[f.name], data[name], _at(where, name), f.metadata.get("limit"))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise CodecError(f"{_at(where, name)}: missing field")
+    return cls(**values)
+
+
+def _value(kind: Any, data: Any, where: str, size: int | None = None) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return data
+    if origin in (Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _value(option, data, where, size)
+            except CodecError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else CodecError(f"{where}: expected {_name(kind)}, got {_kind(data)}")
+    if origin is Literal:
+        if data not in args or isinstance(data, bool) != any(isinstance(a, bool) for a in args if a == data):
+            raise CodecError(f"{where}: expected one of {', '.join(map(str, args))}, got {data!r}")
+        return data
+    if dataclasses.is_dataclass(kind):
+        return decode(kind, data, where)  # type: ignore[arg-type]
+    if origin in (list, tuple):
+        if not isinstance(data, list | tuple):
+            raise CodecError(f"{where}: expected a list, got {_kind(data)}")
+        _check_size(data, where, size)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(data) != len(args):
+                raise CodecError(f"{where}: expected {len(args)} items, got {len(data)}")
+            return tuple(_value(a, d, f"{where}[{i}]") for i, (a, d) in enumerate(zip(args, data, strict=True)))
+        item = args[0] if args else Any
+        out = [_value(item, d, f"{where}[{i}]") for i, d in enumerate(data)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or kind is dict:
+        if not isinstance(data, Mapping):
+            raise CodecError(f"{where}: expected a map, got {_kind(data)}")
+        _check_size(data, where, size)
+        key_kind, item = args if args else (Any, Any)
+        return {_value(key_kind, k, f"{where} key"): _value(item, v, f"{where}.{k}") for k, v in data.items()}
+    if kind is float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            raise CodecError(f"{where}: expected a number, got {_kind(data)}")
+        return float(data)
+    if kind in (int, str, bool, bytes):
+        if not isinstance(data, kind) or (kind is int and isinstance(data, bool)):
+            raise CodecError(f"{where}: expected {kind.__name__}, got {_kind(data)}")
+        if kind in (str, bytes):
+            _check_size(data, where, size)
+        return data
+    if kind is type(None):
+        if data is not None:
+            raise CodecError(f"{where}: expected nothing, got {_kind(data)}")
+        return None
+    raise TypeError(f"{where}: the codec has no rule for {kind!r}")  # a bug in a message type, not the peer
+
+
+def _check_size(data: Any, where: str, size: int | None) -> None:
+    if len(data) > (size if size is not None else MAX_ITEMS):
+        raise CodecError(f"{where}: longer than {size if size is not None else MAX_ITEMS}")
+
+
+def encode(value: Any) -> Any:
+    """A dataclass (nested ones too) as plain msgpack values; other values as they are."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {_wire_name(f): encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items()}
+    return value
+
+
+def _at(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _kind(data: Any) -> str:
+    return {dict: "a map", list: "a list", tuple: "a list", type(None): "nothing"}.get(type(data), type(data).__name__)
+
+
+def _name(kind: Any) -> str:
+    return str(getattr(kind, "__name__", None) or str(kind).replace("typing.", ""))
