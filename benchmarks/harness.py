@@ -1,17 +1,23 @@
-"""What the cluster benchmarks share: their options, a local cluster that is always stopped, and matplotlib
-without a display."""
+"""What the cluster benchmarks share: their options, a local cluster that is always stopped, real guests' image
+cache and consoles, and matplotlib without a display."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from discovery.cli import local_cluster as cluster
+from images import tinyguest
 from overlay.wire import tls
+
+BOOT_DEADLINE = 150.0
+"""Seconds a tiny guest has to print its ready line (TCG on a loaded machine is slow)."""
 
 
 def cluster_parser(doc: str, ves: int, plot: str) -> argparse.ArgumentParser:
@@ -39,6 +45,35 @@ def local_cluster(directory: Path, nodes: int, sites: int, **up_args: Any) -> It
     finally:
         if (where / cluster.STATE_FILE).exists():
             cluster.down(where)
+
+
+def share_images(directory: Path) -> None:
+    """Let the agents of `local_cluster(directory, ...)` use this user's cache of guest images (the tiny guest
+    is built there first if missing), so that they do not build it again under their own home."""
+    images = tinyguest.build().base.parent.parent
+    link = directory / "home" / "images"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not (link.is_symlink() or link.exists()):
+        link.symlink_to(images)
+
+
+def _configs(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {node["name"]: tomllib.loads(Path(node["config"]).read_text()) for node in state["nodes"]}
+
+
+def guest_dirs(state: dict[str, Any]) -> dict[str, Path]:
+    """Where each node's libvirtd (`--hypervisor qemu`) keeps its guests' disks and console logs, by node name;
+    the console of VM `vm` of VE `ve` is `<dir>/<ve>--<vm>.log`."""
+    return {name: Path(config["data_dir"]) / "libvirtd" / "guests" for name, config in _configs(state).items()}
+
+
+def wait_ready(console: Path, deadline: float = BOOT_DEADLINE) -> None:
+    """Block until the tiny guest writing to `console` has printed its ready line; SystemExit after `deadline` s."""
+    end = time.monotonic() + deadline
+    while not (console.exists() and tinyguest.READY in console.read_text(errors="replace")):
+        if time.monotonic() > end:
+            raise SystemExit(f"{console}: the guest did not boot within {deadline:g} s")
+        time.sleep(0.2)
 
 
 def pyplot() -> Any:

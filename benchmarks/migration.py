@@ -37,7 +37,7 @@ from typing import Any
 
 import libvirt
 import trio
-from harness import local_cluster, pyplot, save  # benchmarks/harness.py, beside this script
+from harness import guest_dirs, local_cluster, pyplot, save, share_images, wait_ready  # beside this script
 from stats import summary_ms
 
 from agents.hypervisor.libvirtd import GUESTS
@@ -47,7 +47,6 @@ from images import tinyguest
 from overlay.wire import tls
 from overlay.wire.rpc import Transport
 
-BOOT_DEADLINE = 150.0
 BY_HAND = "byhand"
 
 
@@ -63,11 +62,11 @@ class Bench:
     def __init__(self, state: dict[str, Any], identity: tls.Identity, memory_mb: int) -> None:
         self.nodes = [n["name"] for n in state["nodes"]]
         self.addr = {n["name"]: n["addr"] for n in state["nodes"]}
-        self.uri, self.guests = {}, {}
+        self.uri = {}
         for node in state["nodes"]:
             config = tomllib.loads(Path(node["config"]).read_text())
             self.uri[node["name"]] = f"qemu+tcp://127.0.0.1:{config['libvirtd_port']}/system"
-            self.guests[node["name"]] = Path(config["data_dir"]) / "libvirtd" / "guests"
+        self.guests = guest_dirs(state)
         self.identity = identity
         self.memory_mb = memory_mb
         self.image, choice = prepare_guest()
@@ -79,13 +78,6 @@ class Bench:
 
     def other(self, node: str) -> str:
         return next(n for n in self.nodes if n != node)
-
-    def wait_ready(self, console: Path) -> None:
-        end = time.monotonic() + BOOT_DEADLINE
-        while not (console.exists() and tinyguest.READY in console.read_text(errors="replace")):
-            if time.monotonic() > end:
-                raise SystemExit(f"{console}: the guest did not boot within {BOOT_DEADLINE:g} s")
-            time.sleep(0.2)
 
     def downtime_ms(self, node: str, domain: str) -> float | None:
         """libvirt's downtime of the migration that brought `domain` to `node` (its completed job)."""
@@ -101,7 +93,7 @@ class Bench:
         spec = {"name": "bench", "vms": [{"name": "vm", "vcpus": 1, "memory_mb": self.memory_mb, "disk_gb": 1}]}
         created = await self.call(self.nodes[0], "ve.create", {"spec": spec})
         node = created["placement"]["vm"]["node"]
-        self.wait_ready(self.guests[node] / "bench--vm.log")
+        wait_ready(self.guests[node] / "bench--vm.log")
         return node
 
     async def relocate(self, where: str, method: str) -> dict[str, Any]:
@@ -125,7 +117,7 @@ class Bench:
             conn.defineXML(xml).create()
         finally:
             conn.close()
-        self.wait_ready(self.guests[node] / f"{BY_HAND}.log")
+        wait_ready(self.guests[node] / f"{BY_HAND}.log")
 
     def migrate_by_hand(self, where: str) -> dict[str, Any]:
         target = self.other(where)
@@ -194,10 +186,8 @@ def plot(results: dict[str, list[dict[str, Any]]], path: str) -> None:
 
 def main() -> None:
     args = parse()
-    images = tinyguest.build().base.parent.parent  # the user's image cache, shared with the cluster's home
     with tempfile.TemporaryDirectory(prefix="discovery-migration-") as tmp:
-        (Path(tmp) / "home").mkdir()
-        (Path(tmp) / "home" / "images").symlink_to(images)
+        share_images(Path(tmp))
         with local_cluster(Path(tmp), 2, 1, hypervisor="qemu") as (state, identity):
             bench = Bench(state, identity, args.memory_mb)
             results = trio.run(measure, bench, args.runs)

@@ -205,6 +205,11 @@ class Yield(Message):
     members: tuple[str, ...]
 
 
+Wire = (Join | Joined | Refuse | KeepAlive | Alive | Commit | Committed | Abort | Release | Dissolve | Merge | Absorb
+        | Yield)
+"""Every message nodes exchange; on the wire, tagged with its class name (`overlay.wire.codec.encode_tagged`)."""
+
+
 # --------------------------------------------------------------------------------------------------------
 # Outputs: what the shell must do
 

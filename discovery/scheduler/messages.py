@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dvms.partition import Wire
 from overlay.messages import NoArgs
 from overlay.wire.rpc import AGENTS, NODE, OPERATOR, OPERATORS, Method
 
@@ -17,7 +18,7 @@ class Load:
     cpu_capacity: int | None = None
 
 
-DVMS_MSG = Method("dvms.msg", None, AGENTS)  # one of the ISP messages, decoded by `discovery.scheduler.service`
+DVMS_MSG = Method("dvms.msg", Wire, AGENTS)
 DVMS_REPORT = Method("dvms.report", NoArgs, AGENTS)
 DVMS_LOAD = Method("dvms.load", Load, OPERATORS)
 DVMS_STATUS = Method("dvms.status", NoArgs, frozenset({NODE, OPERATOR}))

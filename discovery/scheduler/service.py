@@ -4,9 +4,9 @@
 a virtual clock, but on the agent's clock and network. Its settings are the `[dvms]` table of agent.toml
 (`discovery.scheduler.settings.DvmsSettings`):
 
-* `Send` becomes a `dvms.msg` call (the message encoded by `encode`, checked by `decode`: a malformed message is
-  a RequestError). A message lost to a failed call costs the core a reply timeout; a peer that gossip declares
-  dead or gone is reported with `on_peer_failed`.
+* `Send` becomes a `dvms.msg` call (the message tagged with its type, `overlay.wire.codec.encode_tagged`; a
+  malformed one is refused by the dispatcher before it reaches the core). A message lost to a failed call
+  costs the core a reply timeout; a peer that gossip declares dead or gone is reported with `on_peer_failed`.
 * The route is `spiral_then_ring`: the agent's spiral view (nearest first), then its ring successors.
 * Monitoring, every second: each VM's CPU demand (percent of one vCPU) is what `dvms.load` pinned, else, for
   real guests (hypervisor "qemu"), what two samples of libvirt's cpu time give, else what an `Injector` gives
@@ -33,9 +33,10 @@ a virtual clock, but on the agent's clock and network. Its settings are the `[dv
 * `dvms.status` shows the load, the partition, the partitions led with their problem (overload or underload)
   and how they ended, and recent events (problem, created, plan, migrated, ended...).
 
-Authorization: `dvms.msg` and `dvms.report` are for agents (node role); `dvms.load` and `dvms.status` for
-agents and operators. A relocation is the agent's own act: it calls its VE service in process with an
-internal operator-role caller (`dvms@<node>`), which no remote peer can present, so no wire rule changed.
+Authorization (`discovery.scheduler.messages`): `dvms.msg` and `dvms.report` are for agents (node role),
+`dvms.status` for agents and operators, `dvms.load` (pins, `dvms capacity`) for operators. A relocation is
+the agent's own act: it calls its VE service in process with an internal operator-role caller
+(`dvms@<node>`), which no remote peer can present.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import math
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -60,32 +61,20 @@ from discovery.ve.spec import SpecError, VESpec
 from dvms.model import VM, Migration, Node, Plan, Rules
 from dvms.monitor import Load, Monitor, cpu_demand, memory_demand_mb
 from dvms.partition import (
-    Abort,
-    Absorb,
-    Alive,
     Apply,
-    Commit,
-    Committed,
-    Dissolve,
     Ended,
     IspConfig,
     IspNode,
-    Join,
-    Joined,
-    KeepAlive,
-    Merge,
-    Message,
     Output,
     PartitionId,
-    Refuse,
-    Release,
     Send,
     Solve,
-    Yield,
+    Wire,
     spiral_then_ring,
 )
 from dvms.solver import predecessors, solve
 from dvms.workload import Injector
+from overlay.wire import codec
 from overlay.wire.rpc import Caller, Forbidden, RequestError, RpcError
 
 if TYPE_CHECKING:
@@ -100,72 +89,6 @@ REPORT_TIMEOUT = 5.0
 SOLVE_TIME_LIMIT = 1.0
 MAX_EVENTS = 100
 PIN_NS = "urn:discovery:dvms"  # namespace of the domain metadata that holds a VM's pinned demand
-
-MESSAGES: dict[str, type[Message]] = {cls.__name__: cls for cls in (
-    Join, Joined, Refuse, KeepAlive, Alive, Commit, Committed, Abort, Release, Dissolve, Merge, Absorb, Yield)}
-_PID_FIELDS = ("pid", "replaces", "other", "target", "to")
-
-
-# -- wire format ------------------------------------------------------------------------------------------
-
-
-def encode(msg: Message) -> dict[str, Any]:
-    """A core message as a plain dict: its type name and fields, partition ids as [origin, incarnation, seq]."""
-    out: dict[str, Any] = {"type": type(msg).__name__}
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        if isinstance(value, PartitionId):
-            value = [value.origin, value.incarnation, value.seq]
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
-
-
-def _pid(value: Any, name: str) -> PartitionId:
-    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:])):
-        raise RequestError(f"dvms message: {name} must be [origin, incarnation, seq]")
-    return PartitionId(value[0], value[1], value[2])
-
-
-def decode(data: Any) -> Message:
-    """The message `encode` made; RequestError naming the first field that is missing or of the wrong type."""
-    if not isinstance(data, dict):
-        raise RequestError("dvms message: not an object")
-    cls = MESSAGES.get(data.get("type"))  # type: ignore[arg-type]
-    if cls is None:
-        raise RequestError(f"dvms message: unknown type {data.get('type')!r}")
-    known = {f.name for f in fields(cls)}
-    extra = set(data) - known - {"type"}
-    if extra:
-        raise RequestError(f"dvms message: unknown fields {', '.join(sorted(extra))}")
-    args: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name not in data:
-            if f.name in ("replaces", "other", "other_leader"):
-                continue  # optional (they default to None)
-            raise RequestError(f"dvms message: {f.name} is missing")
-        value = data[f.name]
-        if f.name in _PID_FIELDS:
-            value = None if value is None and f.name in ("replaces", "other") else _pid(value, f.name)
-        elif f.name in ("sender", "other_leader"):
-            if not (isinstance(value, str) and value) and not (value is None and f.name == "other_leader"):
-                raise RequestError(f"dvms message: {f.name} must be a node name")
-        elif f.name == "version":
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise RequestError("dvms message: version must be an integer")
-        elif f.name in ("sent_at", "hold"):
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-                raise RequestError(f"dvms message: {f.name} must be a finite number")
-            value = float(value)
-        elif f.name == "members":
-            if not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
-                raise RequestError("dvms message: members must be a list of node names")
-            value = tuple(value)
-        args[f.name] = value
-    return cls(**args)
-
 
 # -- VE rules ----------------------------------------------------------------------------------------------
 
@@ -358,7 +281,7 @@ class DvmsService(Actor):
         if addr is None:
             return
         try:
-            await self.agent.transport.call(addr, "dvms.msg", encode(out.msg), timeout=MSG_TIMEOUT)
+            await self.agent.transport.call(addr, "dvms.msg", codec.encode_tagged(out.msg), timeout=MSG_TIMEOUT)
         except RpcError as err:  # lost: the core times the request out
             log.debug("dvms: %s to %s lost: %s", type(out.msg).__name__, out.to, err)
 
@@ -554,7 +477,7 @@ class DvmsService(Actor):
     # -- RPC ---------------------------------------------------------------------------------------------
 
     async def _on_msg(self, caller: Caller, args: dict[str, Any]) -> None:
-        msg = decode(args)
+        msg = codec.decode(Wire, args)  # it decodes: the dispatcher checked it
         if msg.sender != caller.cn:
             raise Forbidden(f"{caller.cn} may not speak for {msg.sender}")
         await self.ask(("msg", msg))

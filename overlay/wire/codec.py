@@ -5,8 +5,9 @@ plain values (maps, lists, strings, numbers, booleans, None).
 field, a missing field, a value of the wrong type (`bool` is not an `int`; an `int` is a fine `float`),
 a string or list longer than its field allows. Each failure is one `CodecError` line naming the field
 path (`spec.vms[2].vcpus: expected int, got str`). `encode(value)` is the inverse for answers and
-records. Supported field types: the plain ones, `Any` (left as is: its handler checks it), `X | None`,
-`Literal[...]`, `list[X]`, `tuple[X, ...]`, `dict[str, X]` and nested dataclasses.
+records. Supported field types: the plain ones (a float must be finite), `Any` (left as is: its handler
+checks it), `X | None`, `Literal[...]`, `list[X]`, `tuple[X, ...]`, `dict[str, X]`, nested dataclasses,
+and unions of dataclasses, tagged on the wire by a `type` field naming the class (`encode_tagged`).
 
 Size limits are field metadata: `name: str = field(metadata=limit(200))`; so is a wire name that is
 no Python name (`field(metadata=wire("from"))`). This module never imports anything of ours: every
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -50,15 +52,18 @@ def _hints(cls: Any) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def decode(cls: type[T], data: Any, where: str = "") -> T:
-    """`data` (as msgpack decoded it) as an instance of the dataclass `cls`, or CodecError."""
+def decode(cls: Any, data: Any, where: str = "") -> Any:
+    """`data` (as msgpack decoded it) as an instance of the dataclass `cls` (or of the union of
+    dataclasses `cls`, by its `type` tag), or CodecError."""
+    if typing.get_origin(cls) in (Union, types.UnionType):
+        return _value(cls, data, where)
     if not isinstance(data, Mapping):
         raise CodecError(f"{where or cls.__name__}: expected a map, got {_kind(data)}")
-    fields = {_wire_name(f): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {_wire_name(f): f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         raise CodecError(f"{_at(where, unknown[0])}: unknown field (known: {', '.join(fields) or 'none'})")
-    hints, values = _hints(cls), {}  # type: ignore[arg-type]  # a dataclass type is hashable
+    hints, values = _hints(cls), {}
     for name, f in fields.items():
         if name in data:
             values[f.name] = _value(hints[f.name], data[name], _at(where, name), f.metadata.get("limit"))
@@ -75,6 +80,8 @@ def _value(kind: Any, data: Any, where: str, size: int | None = None) -> Any:
         if data is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) > 1 and all(dataclasses.is_dataclass(a) for a in options):
+            return _tagged(options, data, where)
         errors = []
         for option in options:
             try:
@@ -87,7 +94,7 @@ def _value(kind: Any, data: Any, where: str, size: int | None = None) -> Any:
             raise CodecError(f"{where}: expected one of {', '.join(map(str, args))}, got {data!r}")
         return data
     if dataclasses.is_dataclass(kind):
-        return decode(kind, data, where)  # type: ignore[arg-type]
+        return decode(kind, data, where)
     if origin in (list, tuple):
         if not isinstance(data, list | tuple):
             raise CodecError(f"{where}: expected a list, got {_kind(data)}")
@@ -106,8 +113,8 @@ def _value(kind: Any, data: Any, where: str, size: int | None = None) -> Any:
         key_kind, item = args if args else (Any, Any)
         return {_value(key_kind, k, f"{where} key"): _value(item, v, f"{where}.{k}") for k, v in data.items()}
     if kind is float:
-        if isinstance(data, bool) or not isinstance(data, int | float):
-            raise CodecError(f"{where}: expected a number, got {_kind(data)}")
+        if isinstance(data, bool) or not isinstance(data, int | float) or not math.isfinite(data):
+            raise CodecError(f"{where}: expected a finite number, got {data!r}")
         return float(data)
     if kind in (int, str, bool, bytes):
         if not isinstance(data, kind) or (kind is int and isinstance(data, bool)):
@@ -120,6 +127,16 @@ def _value(kind: Any, data: Any, where: str, size: int | None = None) -> Any:
             raise CodecError(f"{where}: expected nothing, got {_kind(data)}")
         return None
     raise TypeError(f"{where}: the codec has no rule for {kind!r}")  # a bug in a message type, not the peer
+
+
+def _tagged(options: list[Any], data: Any, where: str) -> Any:
+    names = {cls.__name__: cls for cls in options}
+    if not isinstance(data, Mapping):
+        raise CodecError(f"{where or 'message'}: expected a map, got {_kind(data)}")
+    cls = names.get(data.get("type"))
+    if cls is None:
+        raise CodecError(f"{_at(where, 'type')}: expected one of {', '.join(names)}, got {data.get('type')!r}")
+    return decode(cls, {k: v for k, v in data.items() if k != "type"}, where)
 
 
 def _check_size(data: Any, where: str, size: int | None) -> None:
@@ -136,6 +153,11 @@ def encode(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}
     return value
+
+
+def encode_tagged(value: Any) -> dict[str, Any]:
+    """A dataclass that travels as one of a union's members: its fields and `type`, its class name."""
+    return {"type": type(value).__name__, **encode(value)}
 
 
 def _at(where: str, name: str) -> str:

@@ -104,8 +104,8 @@ class Method:
     declared once, in its layer's `messages` module, and served with `Endpoint.route`."""
 
     name: str
-    request: type | None
-    """None only where the handler decodes a union of message types itself (`dvms.msg`)."""
+    request: Any
+    """A frozen dataclass, or a union of them (tagged by `type` on the wire, as `dvms.msg` is)."""
     roles: frozenset[str]
 
 
@@ -227,8 +227,7 @@ class Endpoint:
             raise Forbidden(f"{caller.cn!r} ({caller.role}) may not call {name}; it is for "
                             f"{', '.join(sorted(method.roles))}")
         try:
-            if method.request is not None:
-                codec.decode(method.request, args)
+            codec.decode(method.request, args)
         except codec.CodecError as err:
             raise RequestError(f"{name}: {err}") from None
         return await handler(caller, args)

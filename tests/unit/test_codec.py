@@ -37,7 +37,8 @@ outers = st.builds(Outer, name=st.text(max_size=8), count=st.integers(-2**63, 2*
                    mode=st.sampled_from(["a", "b"]), inner=st.none() | inners, items=st.lists(inners, max_size=3),
                    pair=st.tuples(st.integers(0, 9), st.text(max_size=3)),
                    extra=st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=3),
-                   sender=st.none() | st.text(max_size=4), blob=st.none() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=3))
+                   sender=st.none() | st.text(max_size=4),
+                   blob=st.none() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=3))
 
 
 @given(outers)
