@@ -15,10 +15,11 @@ ca_app = typer.Typer(no_args_is_help=True, help="Cluster certificate authority."
 @ca_app.command("init")
 def ca_init(directory: Path) -> None:
     """Create a cluster CA in DIRECTORY."""
-    from overlay.wire import tls  # cryptography: only for these commands
+    from overlay.wire import tls
+    from overlay.wire.ca import init_ca  # cryptography: only for these commands
 
     try:
-        print(tls.init_ca(directory))
+        print(init_ca(directory))
     except tls.TLSError as err:
         raise fail(str(err)) from None
 
@@ -28,10 +29,11 @@ def ca_issue(directory: Path, name: str,
              role: Annotated[str, typer.Option(help="node, client or operator")] = "node",
              out: Annotated[Path | None, typer.Option(help="where to write NAME.pem/NAME.key")] = None) -> None:
     """Issue a certificate for NAME signed by the CA in DIRECTORY."""
-    from overlay.wire import tls  # cryptography: only for these commands
+    from overlay.wire import tls
+    from overlay.wire.ca import issue
 
     try:
-        identity = tls.issue(directory, name, role, out_dir=out)
+        identity = issue(directory, name, role, out_dir=out)
     except tls.TLSError as err:
         raise fail(str(err)) from None
     print(f"{identity.cert}\n{identity.key}")

@@ -24,6 +24,7 @@ from discovery.agent_config import load_agent_config
 from discovery.cli.config import ClientConfig, home
 from discovery.toml_config import ConfigError
 from overlay.wire import tls
+from overlay.wire.ca import init_ca, issue
 from overlay.wire.rpc import Transport, free_ports
 from overlay.wire.wan import SITES, rtt_matrix
 
@@ -109,7 +110,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     directory.mkdir(parents=True, exist_ok=True)
     ca_dir = directory / "ca"
     if not (ca_dir / "ca.key").exists():
-        tls.init_ca(ca_dir)
+        init_ca(ca_dir)
     site_names = SITES[:sites]
     ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
     addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
@@ -125,7 +126,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
             name, site = f"node{i + 1}", site_names[i % sites]
             node_dir = directory / name
             node_dir.mkdir(exist_ok=True)
-            ident = tls.issue(ca_dir, name, "node", out_dir=node_dir)
+            ident = issue(ca_dir, name, "node", out_dir=node_dir)
             config = node_dir / "agent.toml"
             if hypervisor == "qemu":
                 low = MIGRATION_PORTS + 16 * i
@@ -150,7 +151,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     except BaseException:
         _stop(started)
         raise
-    operator = tls.issue(ca_dir, "operator", "operator", out_dir=directory)
+    operator = issue(ca_dir, "operator", "operator", out_dir=directory)
     state = {"dir": str(directory), "nodes": started, "sites": site_names, "rtt_ms": matrix, "hypervisor": hypervisor,
              "client_config": str(directory / "client.toml")}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from overlay.wire import frames, tls
+from overlay.wire.ca import init_ca, issue
 from overlay.wire.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
 
 from .conftest import pid_alive, restart
@@ -233,8 +234,8 @@ def test_client_without_a_cluster_certificate_gets_nothing(cluster6, tmp_path):
     assert trio.run(no_cert) == b""  # not a byte of application data
     assert trio.run(status_via, operator(cluster6), addr)["rejected_connections"] == before + 1
 
-    tls.init_ca(tmp_path / "rogue")
-    rogue = tls.issue(tmp_path / "rogue", "operator", "operator")
+    init_ca(tmp_path / "rogue")
+    rogue = issue(tmp_path / "rogue", "operator", "operator")
     with pytest.raises(Unreachable, match="handshake failed"):
         trio.run(status_via, rogue, addr)
     # and the agent still serves its own cluster

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from overlay.wire import tls
+from overlay.wire.ca import issue
 from overlay.wire.rpc import ANYONE, Method, RemoteError, Transport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +48,8 @@ def agent(tmp_path_factory):
         ca = cluster.dir / "ca"
         out = cluster.dir / "callers"
         yield cluster.node("node1")["addr"], {
-            "node": tls.issue(ca, "prober", "node", out_dir=out),
-            "client": tls.issue(ca, "bob", "client", out_dir=out),
+            "node": issue(ca, "prober", "node", out_dir=out),
+            "client": issue(ca, "bob", "client", out_dir=out),
             "operator": tls.Identity(cert=cluster.dir / "operator.pem", key=cluster.dir / "operator.key",
                                      ca=ca / "ca.pem"),
         }

@@ -37,6 +37,7 @@ from overlay.kad import (
     ValueTooLarge,
 )
 from overlay.wire import tls
+from overlay.wire.ca import init_ca, issue
 
 STEP = 10.0  # seconds any one network step may take; on loopback each takes milliseconds
 
@@ -54,10 +55,10 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca_dir = tmp_path_factory.mktemp("kad-pki") / "ca"
     other_dir = tmp_path_factory.mktemp("kad-other") / "ca"
-    tls.init_ca(ca_dir)
-    tls.init_ca(other_dir)
-    nodes = [tls.issue(ca_dir, f"n{i}") for i in range(4)]
-    stranger = tls.issue(other_dir, "n1")
+    init_ca(ca_dir)
+    init_ca(other_dir)
+    nodes = [issue(ca_dir, f"n{i}") for i in range(4)]
+    stranger = issue(other_dir, "n1")
     return Pki(nodes=nodes,
                foreign=tls.Identity(cert=stranger.cert, key=stranger.key, ca=ca_dir / "ca.pem"),
                stolen_cert=tls.Identity(cert=nodes[1].cert, key=stranger.key, ca=ca_dir / "ca.pem"))

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 RANK = {"vivaldi": 0, "overlay": 1, "dvms": 2, "images": 2, "agents": 3, "discovery": 4}
 """A package may import only packages of a lower rank (and itself): vivaldi → overlay → dvms,
@@ -77,10 +79,14 @@ def test_no_import_cycle() -> None:
     assert [" → ".join(c) for c in cycles] == []
 
 
-def test_the_cli_loads_no_agent_code() -> None:
+@pytest.mark.parametrize("module, also", [
+    ("discovery.cli.main", ("trio", "cryptography", "yaml")),  # `discovery --help`: typer and rich only
+    ("discovery.cli.client", ("cryptography",)),  # a call: trio, ssl and msgpack; no CA code
+])
+def test_the_cli_loads_no_agent_code(module: str, also: tuple[str, ...]) -> None:
     heavy = ("libvirt", "kademlia", "asyncio", "pykka", "trio_asyncio", "ortools", "numpy", "agents.node",
-             "agents.host")
-    probe = ("import sys, discovery.cli.main; "
+             "agents.host", *also)
+    probe = (f"import sys, {module}; "
              f"print(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in {heavy!r})))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert loaded.stdout.strip() == "[]"

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from overlay.wire import tls
+from overlay.wire.ca import init_ca, issue
 
 NETWORK_TIMEOUT = 5.0
 
@@ -41,13 +42,13 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca_dir = tmp_path_factory.mktemp("pki") / "ca"
     other_dir = tmp_path_factory.mktemp("pki-other") / "ca"
-    tls.init_ca(ca_dir)
-    tls.init_ca(other_dir, name="other-ca")
-    stranger = tls.issue(other_dir, "node-a", role="node")  # same name as a real member: only the CA differs
+    init_ca(ca_dir)
+    init_ca(other_dir, name="other-ca")
+    stranger = issue(other_dir, "node-a", role="node")  # same name as a real member: only the CA differs
     return Pki(
         ca_dir=ca_dir,
-        node_a=tls.issue(ca_dir, "node-a", role="node"),
-        client_b=tls.issue(ca_dir, "client-b", role="client"),
+        node_a=issue(ca_dir, "node-a", role="node"),
+        client_b=issue(ca_dir, "client-b", role="client"),
         foreign=tls.Identity(cert=stranger.cert, key=stranger.key, ca=ca_dir / "ca.pem"),
     )
 
@@ -57,7 +58,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def test_init_ca_creates_private_files(tmp_path: Path) -> None:
     ca_dir = tmp_path / "nested" / "ca"
-    ca_pem = tls.init_ca(ca_dir, name="test-ca")
+    ca_pem = init_ca(ca_dir, name="test-ca")
 
     assert ca_pem == ca_dir / "ca.pem"
     assert mode(ca_dir) == 0o700
@@ -81,17 +82,17 @@ def test_init_ca_creates_private_files(tmp_path: Path) -> None:
 def test_init_ca_tightens_an_existing_directory(tmp_path: Path) -> None:
     ca_dir = tmp_path / "ca"
     ca_dir.mkdir(mode=0o755)
-    tls.init_ca(ca_dir)
+    init_ca(ca_dir)
     assert mode(ca_dir) == 0o700
 
 
 def test_init_ca_refuses_to_overwrite(tmp_path: Path) -> None:
-    tls.init_ca(tmp_path / "ca")
+    init_ca(tmp_path / "ca")
     key_before = (tmp_path / "ca" / "ca.key").read_bytes()
     cert_before = (tmp_path / "ca" / "ca.pem").read_bytes()
 
     with pytest.raises(tls.TLSError, match="already exists"):
-        tls.init_ca(tmp_path / "ca")
+        init_ca(tmp_path / "ca")
 
     assert (tmp_path / "ca" / "ca.key").read_bytes() == key_before
     assert (tmp_path / "ca" / "ca.pem").read_bytes() == cert_before
@@ -101,8 +102,8 @@ def test_init_ca_refuses_to_overwrite(tmp_path: Path) -> None:
 
 
 def test_issue_writes_a_leaf_signed_by_the_ca(tmp_path: Path) -> None:
-    ca_pem = tls.init_ca(tmp_path / "ca")
-    ident = tls.issue(tmp_path / "ca", "node-1", role="operator")
+    ca_pem = init_ca(tmp_path / "ca")
+    ident = issue(tmp_path / "ca", "node-1", role="operator")
 
     assert ident == tls.Identity(
         cert=tmp_path / "ca" / "node-1.pem", key=tmp_path / "ca" / "node-1.key", ca=ca_pem
@@ -126,8 +127,8 @@ def test_issue_writes_a_leaf_signed_by_the_ca(tmp_path: Path) -> None:
 
 
 def test_issue_to_out_dir_writes_only_cert_and_key(tmp_path: Path) -> None:
-    ca_pem = tls.init_ca(tmp_path / "ca")
-    ident = tls.issue(tmp_path / "ca", "alice", role="client", out_dir=tmp_path / "out", days=30)
+    ca_pem = init_ca(tmp_path / "ca")
+    ident = issue(tmp_path / "ca", "alice", role="client", out_dir=tmp_path / "out", days=30)
 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alice.key", "alice.pem"]
     assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == ["ca.key", "ca.pem"]
@@ -136,10 +137,10 @@ def test_issue_to_out_dir_writes_only_cert_and_key(tmp_path: Path) -> None:
 
 
 def test_issue_again_renews(tmp_path: Path) -> None:
-    tls.init_ca(tmp_path / "ca")
-    first = tls.issue(tmp_path / "ca", "n1")
+    init_ca(tmp_path / "ca")
+    first = issue(tmp_path / "ca", "n1")
     serial = load_cert(first.cert).serial_number
-    second = tls.issue(tmp_path / "ca", "n1")
+    second = issue(tmp_path / "ca", "n1")
     assert second == first
     assert load_cert(second.cert).serial_number != serial
     assert mode(second.key) == 0o600
@@ -147,47 +148,47 @@ def test_issue_again_renews(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["a", "node-1", "a.b_c", "0", "x" * 63])
 def test_issue_accepts_valid_names(tmp_path: Path, name: str) -> None:
-    tls.init_ca(tmp_path / "ca")
-    assert tls.issue(tmp_path / "ca", name).cert.name == f"{name}.pem"
+    init_ca(tmp_path / "ca")
+    assert issue(tmp_path / "ca", name).cert.name == f"{name}.pem"
 
 
 @pytest.mark.parametrize(
     "name", ["", "A", "Node", "-a", "a-", ".a", "a.", "x" * 64, "a b", "a/b", "../x", "é", "a\n"]
 )
 def test_issue_rejects_invalid_names(tmp_path: Path, name: str) -> None:
-    tls.init_ca(tmp_path / "ca")
+    init_ca(tmp_path / "ca")
     with pytest.raises(tls.TLSError, match="invalid name"):
-        tls.issue(tmp_path / "ca", name)
+        issue(tmp_path / "ca", name)
     assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == ["ca.key", "ca.pem"]
 
 
 @pytest.mark.parametrize("role", ["admin", "", "Node"])
 def test_issue_rejects_unknown_roles(tmp_path: Path, role: str) -> None:
-    tls.init_ca(tmp_path / "ca")
+    init_ca(tmp_path / "ca")
     with pytest.raises(tls.TLSError, match="invalid role"):
-        tls.issue(tmp_path / "ca", "n1", role=role)
+        issue(tmp_path / "ca", "n1", role=role)
 
 
 def test_issue_without_ca_fails_clearly(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(tls.TLSError) as info:
-        tls.issue(missing, "n1")
+        issue(missing, "n1")
     assert str(info.value) == f"no CA in {missing}: run 'discovery ca init {missing}' first"
     assert not missing.exists()
 
 
 def test_issue_refuses_to_overwrite_the_ca(tmp_path: Path) -> None:
-    tls.init_ca(tmp_path / "ca")
+    init_ca(tmp_path / "ca")
     before = (tmp_path / "ca" / "ca.key").read_bytes()
     with pytest.raises(tls.TLSError, match="overwrite the CA"):
-        tls.issue(tmp_path / "ca", "ca")
+        issue(tmp_path / "ca", "ca")
     assert (tmp_path / "ca" / "ca.key").read_bytes() == before
 
 
 def test_issue_rejects_non_positive_validity(tmp_path: Path) -> None:
-    tls.init_ca(tmp_path / "ca")
+    init_ca(tmp_path / "ca")
     with pytest.raises(tls.TLSError, match="validity"):
-        tls.issue(tmp_path / "ca", "n1", days=0)
+        issue(tmp_path / "ca", "n1", days=0)
 
 
 # -- contexts and peer_identity ----------------------------------------------------------------------
