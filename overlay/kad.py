@@ -203,7 +203,10 @@ class Keyring:
         _, body, cert_der, signature = outer
         cert = x509.load_der_x509_certificate(cert_der)
         signer = self.check(cert)
-        cert.public_key().verify(signature, SIGNING_CONTEXT + body, ec.ECDSA(hashes.SHA256()))  # P-256: checked
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):  # `check` admits the CA's P-256 certificates only
+            raise Forged("the signer's key is not an EC key")
+        key.verify(signature, SIGNING_CONTEXT + body, ec.ECDSA(hashes.SHA256()))
         fields = msgpack.unpackb(body, raw=False)
         if not (isinstance(fields, list) and len(fields) == 5):
             raise Forged("malformed body")

@@ -35,7 +35,7 @@ class Decoder:
         self.max_frame = max_frame
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | bytearray) -> list[Any]:
         self._buffer += data
         messages = []
         while len(self._buffer) >= HEADER.size:

@@ -397,7 +397,7 @@ class Transport(Endpoint):
             out = await self._connection(addr)
             sent = trio.current_time()
             request_id = next(out.ids)
-            event, slot = trio.Event(), []
+            event, slot = trio.Event(), list[Any]()
             out.waiting[request_id] = (event, slot)
             try:
                 await self._sleep_towards(out.conn.peer_site)

@@ -72,7 +72,7 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[str, str]:
         raise TLSError("peer presented no certificate")
     fields: dict[str, str] = {}
     for rdn in cert.get("subject", ()):
-        for key, value in rdn:
+        for key, value in rdn:  # type: ignore[str-unpack]  # typeshed types a subject too loosely
             fields.setdefault(key, value)
     cn, role = fields.get("commonName"), fields.get("organizationalUnitName")
     if not cn:
