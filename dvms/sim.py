@@ -23,11 +23,14 @@ Schedulers:
 The solver's target is each node's `Monitor.plan_node()`: an overloaded node must come below the monitor's
 clear threshold. Migration model: a migration copies the VM's memory at `bandwidth_mb_s` inside a site, 4 times
 slower between sites (`INTER_SITE_WEIGHT`); a node takes part in one migration at a time, and a node's
-migrations run in plan order (`_timeline`), so a plan never overloads a node on the way; each VM lands when its
-migration ends. A DVMS apply drops the migrations that would end after its deadline.
+migrations, like a VE's, run in plan order (`_timeline`, as agents do), so a plan never overloads a node nor
+breaks a VE's rule on the way (`dvms.solver.order`); each VM lands when its migration ends. A DVMS apply drops
+the migrations that would end after its deadline. A VM lands only if its VE, its other VMs where they are
+now (whichever partition moved them), keeps its rules (`dvms.solver.keeps_rules`, as `ve.relocate` checks
+the VE against its record); else it stays, and its plan's migrations not started by then are dropped.
 
 Every plan is checked (`dvms.solver.check`) on the placement it was computed from: capacity of its nodes and
-VE rules; the rules are checked again on the live placement as VMs land.
+VE rules, at the end and after each step; the rules are checked again on the live placement as VMs land.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from dvms.isp_net import IspNet
 from dvms.model import VM, Migration, Node, Plan, Rules
 from dvms.monitor import Load, Monitor, Thresholds
 from dvms.partition import Apply, IspConfig, IspNode, Output, Solve, spiral_then_ring
-from dvms.solver import INTER_SITE_WEIGHT, apply, check, predecessors, solve
+from dvms.solver import INTER_SITE_WEIGHT, apply, check, keeps_rules, predecessors, solve
 from dvms.workload import MEAN, STD, Injector
 
 SCHEDULERS = ("dvms", "centralized")
@@ -118,6 +121,8 @@ class _Cluster:
         self.clock = 0.0
         self.migrations = 0
         self.inter_site = 0
+        self.refused = 0  # landings refused: they would have broken a rule of their VE
+        self.dropped = 0  # migrations not started: an earlier one of their plan was refused
         self.failures: list[str] = []
         self.route = lru_cache(maxsize=4096)(self._route)  # a leader reads its route at every hop
 
@@ -153,13 +158,19 @@ class _Cluster:
         self._recount(vm.node)
         return vm.node
 
-    def land(self, now: float, m: Migration) -> None:
-        """The migration ends: its VM now runs on its target."""
+    def land(self, now: float, m: Migration) -> bool:
+        """The migration ends: its VM now runs on its target, unless that would break a rule of its VE as the
+        VE is now (a plan solved on a view that other partitions' moves made stale): then it stays where it
+        is, as `ve.relocate` refuses such a move. Whether the VM moved."""
         self.advance(now)
         vm = self.vms[m.vm]
         if vm.node != m.source:
             self.failures.append(f"{now:.2f}: {m.vm} lands from {m.source} but runs on {vm.node}")
-            return
+            return False
+        if not keeps_rules(self.rules[vm.ve], [self.vms[name] for name in self.ve_vms[vm.ve]], vm.name, m.target,
+                           self.site_of):
+            self.refused += 1
+            return False
         self.cpu[m.source] -= vm.cpu
         self.memory[m.source] -= vm.memory_mb
         self.cpu[m.target] += vm.cpu
@@ -173,6 +184,7 @@ class _Cluster:
         self._recount(m.target)
         peers = [self.vms[name] for name in self.ve_vms[vm.ve]]
         self.failures += [f"{now:.2f}: live: {e}" for e in check([], peers, [self.rules[vm.ve]], sites=self.site_of)]
+        return True
 
     def solve(self, members: Sequence[Node], time_limit: float, engine: str, seed: int,
               evacuate: Sequence[str] = ()) -> Plan | None:
@@ -186,41 +198,78 @@ class _Cluster:
                      engine=engine, seed=seed)
         if plan is not None and plan.migrations:
             broken = check(members, [*apply(movable, plan.migrations), *fixed], rules, sites=self.site_of)
+            broken += self._steps_broken([*movable, *fixed], plan.migrations)
             self.failures += [f"{self.clock:.2f}: plan: {e}" for e in broken]
         return plan
 
+    def _steps_broken(self, vms: Sequence[VM], migrations: Sequence[Migration]) -> list[str]:
+        """What each step of a plan breaks of its VE's rules that the VE kept before the plan (vms: the VMs of
+        the plan's VEs, where they were when it was solved)."""
+        first = {vm.name: vm for vm in vms}
+        where = dict(first)
+        kept: dict[str, set[str]] = {}  # VE -> what it broke already
+        out: list[str] = []
+        for i, m in enumerate(migrations):
+            ve = where[m.vm].ve
+            names = [name for name in self.ve_vms[ve] if name in where]
+            if ve not in kept:
+                kept[ve] = set(check([], [first[n] for n in names], [self.rules[ve]], sites=self.site_of))
+            where[m.vm] = replace(where[m.vm], node=m.target)
+            out += [f"step {i + 1} ({m.vm} to {m.target}): {e}"
+                    for e in check([], [where[n] for n in names], [self.rules[ve]], sites=self.site_of)
+                    if e not in kept[ve]]
+        return out
 
-def _timeline(site_of: dict[str, str], migrations: Sequence[Migration], bandwidth_mb_s: float) -> list[float]:
-    """When each migration ends, from the start of the plan: each starts when its `predecessors` have ended (a
-    node takes part in one migration at a time, in plan order); migrations between other nodes run in
-    parallel."""
-    ends: list[float] = []
-    for m, before in zip(migrations, predecessors(migrations), strict=True):
+
+def _spans(site_of: dict[str, str], migrations: Sequence[Migration], bandwidth_mb_s: float,
+           ve_of: dict[str, str] | None = None) -> list[tuple[float, float]]:
+    """When each migration starts and ends, from the start of the plan: each starts when its `predecessors`
+    have ended (a node takes part in one migration at a time and, with ve_of (VM -> VE), a VE moves one VM at
+    a time, in plan order, as agents do); migrations between other nodes run in parallel."""
+    spans: list[tuple[float, float]] = []
+    for m, before in zip(migrations, predecessors(migrations, ve_of), strict=True):
         inter = site_of[m.source] != site_of[m.target]
-        start = max((ends[j] for j in before), default=0.0)
-        ends.append(start + m.memory_mb / bandwidth_mb_s * (INTER_SITE_WEIGHT if inter else 1.0))
-    return ends
+        start = max((spans[j][1] for j in before), default=0.0)
+        spans.append((start, start + m.memory_mb / bandwidth_mb_s * (INTER_SITE_WEIGHT if inter else 1.0)))
+    return spans
+
+
+def _timeline(site_of: dict[str, str], migrations: Sequence[Migration], bandwidth_mb_s: float,
+              ve_of: dict[str, str] | None = None) -> list[float]:
+    """When each migration ends, from the start of the plan (`_spans`)."""
+    return [end for _, end in _spans(site_of, migrations, bandwidth_mb_s, ve_of)]
 
 
 class _Landings:
-    """Migrations under way, landed in time order by the main loop."""
+    """Migrations under way, landed in time order by the main loop. A landing that `_Cluster.land` refuses
+    cuts its plan: the plan's migrations not started by then are dropped (those under way do not wait for
+    it, so do not depend on it: they share no node or VE with it, or come before it)."""
 
     def __init__(self, cluster: _Cluster, observe: Callable[[str, float], None]) -> None:
         self.cluster, self.observe = cluster, observe
-        self.heap: list[tuple[float, int, Migration]] = []
+        self.heap: list[tuple[float, int, Migration, int, float]] = []  # (end, seq, migration, plan, start)
         self.seq = 0
+        self.plans = 0
+        self.cut: dict[int, float] = {}  # plan -> when a landing of it was refused
 
-    def start(self, now: float, migrations: Sequence[Migration], ends: Sequence[float]) -> None:
-        for m, end in zip(migrations, ends, strict=True):
+    def start(self, now: float, migrations: Sequence[Migration], spans: Sequence[tuple[float, float]]) -> None:
+        """Starts a plan's migrations, each within (start, end) from now (`_spans`)."""
+        self.plans += 1
+        for m, (start, end) in zip(migrations, spans, strict=True):
             self.seq += 1
-            heapq.heappush(self.heap, (now + end, self.seq, m))
+            heapq.heappush(self.heap, (now + end, self.seq, m, self.plans, now + start))
 
     def next_time(self) -> float:
         return self.heap[0][0] if self.heap else math.inf
 
     def land(self) -> None:
-        when, _, m = heapq.heappop(self.heap)
-        self.cluster.land(when, m)
+        when, _, m, plan, start = heapq.heappop(self.heap)
+        if start >= self.cut.get(plan, math.inf):
+            self.cluster.dropped += 1
+            return
+        if not self.cluster.land(when, m):
+            self.cut.setdefault(plan, when)
+            return
         self.observe(m.source, when)
         self.observe(m.target, when)
 
@@ -277,10 +326,11 @@ class _Dvms:
     def start_apply(self, out: Apply, now: float) -> float:
         """Starts the plan's migrations that end before the deadline; returns when the last one ends."""
         plan, event = self.plans.pop((out.pid, out.version), (Plan(), None))
-        ends = _timeline(self.cluster.site_of, plan.migrations, self.bandwidth)
-        done = [(m, end) for m, end in zip(plan.migrations, ends, strict=True) if now + end < out.deadline]
-        self.landings.start(now, [m for m, _ in done], [end for _, end in done])
-        duration = max((end for _, end in done), default=0.0)
+        ve_of = {m.vm: self.cluster.vms[m.vm].ve for m in plan.migrations}
+        spans = _spans(self.cluster.site_of, plan.migrations, self.bandwidth, ve_of)
+        done = [(m, span) for m, span in zip(plan.migrations, spans, strict=True) if now + span[1] < out.deadline]
+        self.landings.start(now, [m for m, _ in done], [span for _, span in done])
+        duration = max((span[1] for _, span in done), default=0.0)
         if event is not None:
             event.applied, event.migrations, event.apply_seconds = True, len(done), duration
         return duration
@@ -406,10 +456,12 @@ def _centralized(cluster: _Cluster, monitors: dict[str, Monitor], landings: _Lan
     if plan is None or not plan.migrations:
         return t
     solved = t + (seconds if virtual_solve_time is None else virtual_solve_time)
-    ends = _timeline(cluster.site_of, plan.migrations, bandwidth_mb_s)
-    event.applied, event.migrations, event.apply_seconds = True, len(ends), max(ends)
-    landings.start(solved, plan.migrations, ends)
-    return solved + max(ends)
+    ve_of = {m.vm: cluster.vms[m.vm].ve for m in plan.migrations}
+    spans = _spans(cluster.site_of, plan.migrations, bandwidth_mb_s, ve_of)
+    end = max(e for _, e in spans)
+    event.applied, event.migrations, event.apply_seconds = True, len(spans), end
+    landings.start(solved, plan.migrations, spans)
+    return solved + end
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -437,6 +489,8 @@ def _summary(cluster: _Cluster, scheduler: str, events: list[_Event], series: li
         "migrations": cluster.migrations,
         "inter_site_migrations": cluster.inter_site,
         "inter_site_share": round(cluster.inter_site / cluster.migrations, 4) if cluster.migrations else 0.0,
+        "migrations_refused": cluster.refused,
+        "migrations_dropped": cluster.dropped,
         "check_failures": cluster.failures,
         "overloaded_nodes": [[round(t, 3), k] for t, k in series],
         "wall_seconds": round(wall, 3),

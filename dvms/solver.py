@@ -22,7 +22,8 @@ Large problems (a whole cluster: movable VMs × nodes above `LARGE`) are pruned 
 of the trouble, not of the cluster: only the VMs of nodes in trouble or of VEs breaking a rule move, and
 CP-SAT sees `CANDIDATES` nodes per unit besides its home and greedy's choice (`_Problem._fix_healthy`).
 
-`order` then sequences the migrations (see there); `check` lists what a placement breaks.
+`order` then sequences the migrations so that no step overloads a node or breaks a rule (see there);
+`check` lists what a placement breaks.
 """
 
 from __future__ import annotations
@@ -122,20 +123,27 @@ def apply(vms: Iterable[VM], migrations: Iterable[Migration]) -> list[VM]:
 
 
 def order(plan: Plan, nodes: Sequence[Node], vms: Sequence[VM], *, fixed: Sequence[VM] = (),
-          pivots: Collection[str] | None = None) -> Plan:
-    """The plan's migrations in an order that never takes a node over capacity, with pivots where needed.
+          pivots: Collection[str] | None = None, rules: Iterable[Rules] = (),
+          sites: Mapping[str, str] | None = None) -> Plan:
+    """The plan's migrations in an order that never takes a node over capacity nor breaks a VE's rule on the
+    way, with pivots where needed.
 
     Model: migrations run one after another; while one runs, the VM's memory and CPU are held at both its
     source and its target (the target reserves before the copy, the source frees after the switch-over),
     so a migration may start only if its target has room for the VM next to what it holds. A node over
-    capacity at the start only sheds load until it fits. Among the migrations that may start, those that
-    relieve an overloaded node go first. When none may start (a cycle: A waits for B's room and B for
-    A's), one VM on a node that a blocked migration targets goes first to a pivot — a node of `pivots`
-    (default: all of `nodes`) with room, in its source's or target's site (a VM pinned to a site stays
-    there), its own site first — and on to its target later. Each VM pivots once at most; Unorderable
-    when no pivot has room. Rules hold at the end only: an affinity group moves one VM at a time, and a
-    pivot may briefly share a node with an anti-affine peer. Migrations go from where the VM is (`vms`)
-    between `nodes`; `fixed` VMs only take room.
+    capacity at the start only sheds load until it fits. Each step also keeps its VE's `rules` no worse
+    (`keeps_rules`: a rule that holds keeps holding, one already broken is not broken further), the
+    `fixed` VMs counted where they are (`sites`: the site of their nodes outside `nodes`); so every prefix
+    of the plan keeps the rules that held before it, and a plan cut at its deadline, or refused half-way,
+    leaves no rule broken. Among the migrations that may start, those that relieve an overloaded node go
+    first. When none may start (a cycle: A waits for B's room and B for A's, or a VM waits for an
+    anti-affine peer to leave the node the peer is to swap for its own), one VM on a node that a blocked
+    migration targets goes first to a pivot — a node of `pivots` (default: all of `nodes`) with room, in
+    its source's or target's site (a VM pinned to a site stays there), its own site first, where it keeps
+    its VE's rules — and on to its target later. Each VM pivots once at most; Unorderable when no pivot
+    has room. Affinity holds at the end only: a group moves one VM at a time (relocation, which checks
+    the whole VE after each move, refuses such a step). Migrations go from where the VM is (`vms`)
+    between `nodes`; `fixed` VMs take room and count for the rules.
     """
     site_of = {n.name: n.site for n in nodes}
     capacity = {n.name: (n.cpu, n.memory_mb) for n in nodes}
@@ -150,6 +158,31 @@ def order(plan: Plan, nodes: Sequence[Node], vms: Sequence[VM], *, fixed: Sequen
         pending.append(m)
     if len({m.vm for m in pending}) < len(pending):
         raise ValueError("order: a VM migrates twice; give its source and final target once")
+    rules_of = {r.ve: r for r in rules}
+    everywhere = _site_map(nodes, sites)
+    ve_now: dict[str, dict[str, VM]] = defaultdict(dict)  # VE with rules -> its VMs (fixed too), as they are now
+    for vm in [*vms, *fixed]:
+        if vm.ve in rules_of:
+            ve_now[vm.ve][vm.name] = vm
+    target_of = {m.vm: m.target for m in pending}
+    waiting: dict[str, list[str]] = defaultdict(list)  # VE with rules -> its VMs with a pending migration
+    for m in pending:
+        if by_name[m.vm].ve in rules_of:
+            waiting[by_name[m.vm].ve].append(m.vm)
+
+    def keeps(vm: VM, target: str) -> bool:
+        r = rules_of.get(vm.ve)
+        return r is None or keeps_rules(r, ve_now[vm.ve].values(), vm.name, target, everywhere)
+
+    allowed: dict[str, bool] = {}  # VM -> whether its pending migration keeps its VE's rules now
+
+    def review(ve: str) -> None:
+        for name in waiting.get(ve, ()):
+            if name in target_of:
+                allowed[name] = keeps(by_name[name], target_of[name])
+
+    for ve in waiting:
+        review(ve)
 
     def fits(node: str, vm: VM) -> bool:
         return cpu[node] + vm.cpu <= capacity[node][0] and memory[node] + vm.memory_mb <= capacity[node][1]
@@ -167,28 +200,65 @@ def order(plan: Plan, nodes: Sequence[Node], vms: Sequence[VM], *, fixed: Sequen
         cpu[target] += vm.cpu
         memory[target] += vm.memory_mb
         where[vm.name] = target
+        if vm.ve in rules_of:
+            ve_now[vm.ve][vm.name] = replace(vm, node=target)
+            review(vm.ve)
 
     pivoted: set[str] = set()
     while pending:
-        ready = [m for m in pending if fits(m.target, by_name[m.vm])]
+        ready = [m for m in pending if allowed.get(m.vm, True) and fits(m.target, by_name[m.vm])]
         if ready:
             wanted = {m.target for m in pending}
             m = min(ready, key=lambda m: (not over(where[m.vm]), where[m.vm] not in wanted))
-            move(by_name[m.vm], m.target)
             pending.remove(m)
+            del target_of[m.vm]
+            move(by_name[m.vm], m.target)
             continue
         blocked = {m.target for m in pending}
         choices = [(by_name[m.vm].memory_mb, m.vm, site_of[p] != site_of[where[m.vm]], -(capacity[p][1] - memory[p]), p)
                    for m in pending if where[m.vm] in blocked and m.vm not in pivoted
                    for p in pivots - {where[m.vm], m.target}
-                   if site_of[p] in (site_of[where[m.vm]], site_of[m.target]) and fits(p, by_name[m.vm])]
+                   if site_of[p] in (site_of[where[m.vm]], site_of[m.target]) and fits(p, by_name[m.vm])
+                   and keeps(by_name[m.vm], p)]
         if not choices:
             stuck = ", ".join(f"{m.vm} {where[m.vm]}->{m.target}" for m in pending)
-            raise Unorderable(f"migrations wait for each other's room and no node can take a pivot: {stuck}")
+            raise Unorderable(f"migrations wait for each other's room or rules and no node can take a pivot: {stuck}")
         _, vm_name, _, _, p = min(choices)
         pivoted.add(vm_name)
         move(by_name[vm_name], p)
     return Plan(out, plan.solver, plan.seconds)
+
+
+def keeps_rules(r: Rules, vms: Iterable[VM], vm: str, target: str, sites: Mapping[str, str]) -> bool:
+    """Whether moving `vm` to `target` leaves its VE's rules `r` no worse: every rule that holds keeps holding
+    and a broken one is broken no further (`_strain`), affinity aside (see `order`). vms: the VE's VMs where
+    they are now (those absent are not counted); sites: node -> site, for their nodes and target."""
+    before = list(vms)
+    after = [replace(v, node=target) if v.name == vm else v for v in before]
+    was, now = _strain(r, before, sites), _strain(r, after, sites)
+    return all(now[k] <= was[k] for k in now)
+
+
+def _strain(r: Rules, vms: Sequence[VM], sites: Mapping[str, str]) -> Counter[str]:
+    """How far a VE's VMs are from keeping each of its rules but affinity, 0 for one kept: per anti-affinity
+    group, its VMs on a node with an earlier one of the group; the VMs beyond max_per_node; the VMs out
+    of the pinned site; the sites beyond one (same_site); the sites short of spread_sites."""
+    out: Counter[str] = Counter()
+    by_name = {vm.name: vm for vm in vms}
+    for k, g in enumerate(r.anti_affinity):
+        on = [by_name[n].node for n in g if n in by_name]
+        out[f"anti-affinity {k}"] = len(on) - len(set(on))
+    if r.max_per_node is not None:
+        out["max_per_node"] = sum(max(0, n - r.max_per_node) for n in Counter(vm.node for vm in vms).values())
+    located = [sites[vm.node] for vm in vms if vm.node in sites]
+    covered = len(set(located))
+    if r.site is not None:
+        out["site"] = sum(1 for s in located if s != r.site)
+    if r.same_site:
+        out["same_site"] = max(0, covered - 1)
+    if r.spread_sites is not None:
+        out["spread_sites"] = max(0, r.spread_sites - covered)
+    return out
 
 
 def predecessors(migrations: Sequence[Migration], ve_of: Mapping[str, str] | None = None) -> list[set[int]]:
@@ -405,7 +475,7 @@ def solve(nodes: Sequence[Node], vms: Sequence[VM], rules: Iterable[Rules] = (),
     (time_limit <= 0: greedy only). "cp-sat": CP-SAT alone; "greedy": greedy alone. workers and seed go
     to CP-SAT. Returns an empty plan (solver "") when nothing breaks; None when the partition is too
     small: CP-SAT proved it, or neither engine found a placement in time, or no placement found can be
-    reached without overloading a node on the way (`order`).
+    reached without overloading a node or breaking a VE's rule on the way (`order`).
     """
     if engine not in ("auto", "cp-sat", "greedy"):
         raise ValueError(f"solve: unknown engine {engine!r}")
@@ -441,7 +511,8 @@ def solve(nodes: Sequence[Node], vms: Sequence[VM], rules: Iterable[Rules] = (),
         moves = [Migration(vm.name, vm.node, new.node, vm.memory_mb)
                  for vm, new in zip(p.vms, p.placement(assignment), strict=False) if vm.node != new.node]
         try:
-            plan = order(Plan(moves, used), nodes, p.vms, fixed=p.fixed, pivots=set(p.nodes) - p.evacuate)
+            plan = order(Plan(moves, used), nodes, p.vms, fixed=p.fixed, pivots=set(p.nodes) - p.evacuate,
+                         rules=p.rules.values(), sites=p.site_of)
         except Unorderable as e:
             log.debug("%s placement unreachable: %s", used, e)
             continue

@@ -517,8 +517,8 @@ def _rules(specs: dict[str, VESpec], known: set[str]) -> list[Rules]:
 
 def blocked_step(plan: Plan, vms: list[VM], specs: dict[str, VESpec], sites: dict[str, str]) -> str | None:
     """Why `plan` cannot be applied in its order, None if it can. `ve.relocate` checks the whole VE after each
-    move, and a plan only promises that the end keeps the rules: a swap of two anti-affine VMs between two
-    nodes ends well but goes through a node holding both, and would be refused half-way."""
+    move; the solver orders a plan so that no step breaks a rule (`dvms.solver.order`), affinity aside: an
+    affinity group that moves goes through a step where it is split, and would be refused half-way."""
     node_of: dict[str, dict[str, str]] = {}
     for vm in vms:
         node_of.setdefault(vm.ve, {})[vm.name.partition(":")[2]] = vm.node

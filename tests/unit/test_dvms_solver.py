@@ -1,7 +1,7 @@
-"""Tests for dvms.solver: every plan, replayed migration by migration, never takes a node over capacity and
-ends where `check` finds nothing (fixed VMs outside the partition counted); CP-SAT's plans cost what a brute
-force finds best and its refusals are right; the greedy fallback's plans hold too; intra-site moves win;
-cycles go through a pivot; impossible partitions are refused at once."""
+"""Tests for dvms.solver: every plan, replayed migration by migration, never takes a node over capacity nor
+breaks a rule that held, and ends where `check` finds nothing (fixed VMs outside the partition counted);
+CP-SAT's plans cost what a brute force finds best and its refusals are right; the greedy fallback's plans
+hold too; intra-site moves win; cycles go through a pivot; impossible partitions are refused at once."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dvms import solver
 from dvms.model import VM, Migration, Node, Plan, Rules
-from dvms.solver import INTER_SITE_WEIGHT, Unorderable, apply, check, order, predecessors, solve
+from dvms.solver import INTER_SITE_WEIGHT, Unorderable, apply, check, keeps_rules, order, predecessors, solve
 
 OUTSIDE = {"o1": "A", "o2": "C"}  # nodes beyond the partition, where fixed VMs may run
 
@@ -106,7 +106,19 @@ def feasible_placements(inst: dict) -> list[list[VM]]:
     return out
 
 
+def assert_steps_keep_rules(inst: dict, plan: Plan) -> None:
+    """Every rule of a VE (affinity aside) that holds before the plan holds after each of its steps."""
+    sites = {**OUTSIDE, **{n.name: n.site for n in inst["nodes"]}}
+    where = {vm.name: vm for vm in [*inst["vms"], *inst["fixed"]]}
+    rules = [replace(r, affinity=()) for r in inst["rules"]]
+    kept = [r for r in rules if not check([], where.values(), [r], sites=sites)]
+    for m in plan.migrations:
+        where[m.vm] = replace(where[m.vm], node=m.target)
+        assert check([], where.values(), kept, sites=sites) == [], (m, plan.migrations)
+
+
 def assert_valid(inst: dict, plan: Plan) -> list[VM]:
+    assert_steps_keep_rules(inst, plan)
     after = replay(inst["nodes"], inst["vms"], inst["fixed"], plan.migrations)
     assert check(inst["nodes"], [*after, *inst["fixed"]], inst["rules"], sites=OUTSIDE) == []
     assert not any(vm.node in inst["evacuate"] for vm in after)
@@ -144,7 +156,8 @@ def unorderable(inst: dict, after: list[VM]) -> bool:
              if a.node != b.node]
     pivots = {n.name for n in inst["nodes"]} - set(inst["evacuate"])
     try:
-        order(Plan(moves), inst["nodes"], inst["vms"], fixed=inst["fixed"], pivots=pivots)
+        order(Plan(moves), inst["nodes"], inst["vms"], fixed=inst["fixed"], pivots=pivots, rules=inst["rules"],
+              sites=OUTSIDE)
     except Unorderable:
         return True
     return False
@@ -239,6 +252,39 @@ def test_a_swap_goes_through_a_pivot_or_is_reported() -> None:
     assert plan.solver == "cp-sat" and plan.moved_mb == 3 * 2048
     with pytest.raises(ValueError):
         order(Plan([Migration("v", "b", "a", 2048)]), nodes, vms)  # v is not on b
+
+
+def test_no_step_breaks_a_rule_a_swap_of_anti_affine_vms_pivots() -> None:
+    """Sim dvms, ring, seed 4: w must leave b before v joins it, though v relieves an overloaded node. An
+    anti-affine swap (seed 3) goes through a third node, or is Unorderable (the partition grows)."""
+    nodes = [Node("a", "A", 100, 8192), Node("b", "A", 400, 8192), Node("c", "A", 400, 8192)]
+    v, w = VM("v", "e", "a", 2, 1024, 150), VM("w", "e", "b", 1, 1024, 50)
+    apart = [Rules("e", anti_affinity=(frozenset({"v", "w"}),))]
+    chain = Plan([Migration("v", "a", "b", 1024), Migration("w", "b", "c", 1024)])
+    assert [m.vm for m in order(chain, nodes, [v, w]).migrations] == ["v", "w"]  # rules aside: a first
+    assert [m.vm for m in order(chain, nodes, [v, w], rules=apart).migrations] == ["w", "v"]
+    swap = Plan([Migration("v", "a", "b", 1024), Migration("w", "b", "a", 1024)])
+    with pytest.raises(Unorderable, match="rules"):
+        order(swap, nodes[:2], [v, w], rules=apart)
+    plan = order(swap, nodes, [v, w], rules=apart)
+    assert [(m.vm, m.target) for m in plan.migrations] == [("v", "c"), ("w", "a"), ("v", "b")]
+    x = VM("x", "e", "c", 1, 512, 10)  # a fixed VM of the VE, anti-affine too, on the only other node
+    rules = [Rules("e", anti_affinity=(frozenset({"v", "w", "x"}),))]
+    with pytest.raises(Unorderable):
+        order(swap, nodes, [v, w], fixed=[x], rules=rules)
+
+
+def test_keeps_rules_allows_repairs_and_forbids_new_breaks() -> None:
+    sites = {"a": "A", "b": "A", "c": "B", "d": "C"}
+    three = [VM("u", "e", "a", 1, 512, 10), VM("v", "e", "a", 1, 512, 10), VM("w", "e", "c", 1, 512, 10)]
+    r = Rules("e", anti_affinity=(frozenset({"u", "v", "w"}),), spread_sites=2, max_per_node=2, site=None)
+    assert keeps_rules(r, three, "v", "b", sites)  # u and v shared a: a repair
+    assert keeps_rules(r, three, "v", "d", sites)
+    assert not keeps_rules(r, three, "w", "b", sites)  # one site left, where two sites were covered
+    assert not keeps_rules(r, three, "w", "a", sites)  # a third VM on a: further broken
+    pinned = Rules("e", site="A", same_site=True)
+    assert keeps_rules(pinned, three, "w", "b", sites)  # back into its site
+    assert not keeps_rules(pinned, three, "u", "d", sites)
 
 
 def test_overloaded_sources_are_relieved_first() -> None:

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from dvms import sim as sim_dvms
-from dvms.model import Migration
+from dvms.model import Migration, Node, Rules
+from dvms.solver import check
 
 TINY = {"nodes": 16, "vms_per_node": 5, "sites": 2, "duration": 120.0, "seed": 3, "node_vcpus": 4}
 
@@ -64,3 +65,36 @@ def test_underloaded_nodes_are_emptied_without_breaking_a_rule():
     assert consolidated["check_failures"] == [] and consolidated["partitions"]["protocol_violations"] == []
     assert any(e["kind"] == "underload" and e["applied"] for e in consolidated["events"])
     assert consolidated["empty_nodes_at_end"] > plain["empty_nodes_at_end"]
+
+
+def test_a_landing_that_would_break_a_rule_is_refused_and_cuts_its_plan():
+    """Two partitions solve at once, each with the other's VM of the VE fixed where it is (spread over 2 sites,
+    s0 and s1), and each moves its own to site s2: each plan holds on its own view, together they would
+    leave the VE in one site. The second landing is refused (the VM stays), as ve.relocate would refuse it."""
+    cluster = sim_dvms._Cluster(6, 1, 3, 1, 2, 4)  # vm00000k on n000k, site s(k % 3); VEs of 2 VMs
+    rule = Rules("ve00000", anti_affinity=(frozenset({"vm000000", "vm000001"}),), spread_sites=2)
+    cluster.rules["ve00000"] = rule
+    for vm in ("vm000000", "vm000001"):
+        cluster.set_demand(0.0, vm, 100)
+    small = {name: Node(name, cluster.site_of[name], 50, 32 * 1024) for name in ("n0000", "n0001")}
+    plans = [cluster.solve([small["n0000"], cluster.by_name["n0002"]], 1.0, "greedy", 1),
+             cluster.solve([small["n0001"], cluster.by_name["n0005"]], 1.0, "greedy", 1)]
+    assert [[(m.vm, m.target) for m in p.migrations] for p in plans] == [[("vm000000", "n0002")],
+                                                                         [("vm000001", "n0005")]]
+    landings = sim_dvms._Landings(cluster, lambda node, now: None)
+    for p in plans:
+        landings.start(0.0, p.migrations, sim_dvms._spans(cluster.site_of, p.migrations, 1024.0))
+    while landings.heap:
+        landings.land()
+    assert cluster.migrations == 1 and cluster.refused == 1 and cluster.failures == []
+    assert check([], [cluster.vms["vm000000"], cluster.vms["vm000001"]], [rule], sites=cluster.site_of) == []
+    # a refused landing drops what waits for it in its plan (here the move into the node it would have left)
+    at = {vm: cluster.vms[vm].node for vm in ("vm000000", "vm000001")}
+    plan = [Migration("vm000001", at["vm000001"], at["vm000000"], 4096),  # joins its anti-affine peer: refused
+            Migration("vm000003", "n0003", at["vm000001"], 4096),  # waits for it (shares its source): dropped
+            Migration("vm000004", "n0004", "n0003", 1024)]  # waits for the one dropped: dropped
+    landings.start(10.0, plan, sim_dvms._spans(cluster.site_of, plan, 1024.0))
+    while landings.heap:
+        landings.land()
+    assert (cluster.refused, cluster.dropped, cluster.migrations) == (2, 2, 1) and cluster.failures == []
+    assert cluster.vms["vm000003"].node == "n0003" and cluster.vms["vm000004"].node == "n0004"
