@@ -120,12 +120,14 @@ class Cluster:
         return [n["pid"] for n in self.state.get("nodes", [])]
 
     def down(self) -> None:
-        if self.state:
-            subprocess.run([sys.executable, "-m", "discovery", "cluster", "down", "--dir", str(self.dir)],
-                           capture_output=True, text=True, env=self.env, timeout=60)
-        for pid in self.pids():  # whatever `down` missed (it should miss nothing)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+        try:
+            if self.state:
+                subprocess.run([sys.executable, "-m", "discovery", "cluster", "down", "--dir", str(self.dir)],
+                               capture_output=True, text=True, env=self.env, timeout=180)
+        finally:
+            for pid in self.pids():  # whatever `down` missed (it should miss nothing)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def pid_alive(pid: int) -> bool:

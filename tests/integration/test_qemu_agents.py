@@ -25,7 +25,7 @@ from agents.hypervisor.qemu import BackendError, end_leftovers, prepare_guest, q
 from images import tinyguest
 from overlay.wire.rpc import RpcError
 
-from .conftest import SETTLE_DEADLINE, Cluster, holds, pid_alive, rejoined, restart
+from .conftest import SETTLE_DEADLINE, Cluster, holds, pid_alive, rejoined, restart, wait_for
 from .test_qemu_guest import STEP_DEADLINE, heartbeats, wait_until
 from .test_relocate import domains
 
@@ -60,8 +60,12 @@ def qemu_cluster(tmp_path_factory: pytest.TempPathFactory, nodes: int, sites: in
     finally:
         cluster.down()
         roots = [directory / n["name"] / "data" / data for n in cluster.state.get("nodes", [])]
-        left = [pid for root in roots for pid in qemu_pids(root) if pid_alive(pid)]
-        assert not left, f"QEMU processes left running after cluster down: {left}"
+
+        def left() -> list[int]:
+            return [pid for root in roots for pid in qemu_pids(root) if pid_alive(pid)]
+
+        # `down` SIGKILLs the guests; a killed process may still be exiting when it returns
+        wait_for(lambda: not left(), 30, "no QEMU process left after cluster down", detail=lambda: f"left: {left()}")
 
 
 @pytest.fixture(scope="module")
