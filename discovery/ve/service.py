@@ -345,6 +345,8 @@ class VEService(Relocation, Snapshots, Replicas):
                     record = await self.agent.records.get(found.key)
                     if record is not None:
                         await self._settle(record)
+                    else:  # listed, but not read: just after a start, the ring may not hold it yet for us
+                        left += 1
                 except Conflict:
                     pass  # its coordinator is at work
                 except (RequestError, RpcError) as err:
