@@ -12,6 +12,7 @@ import dataclasses
 import gzip
 import math
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,13 +32,48 @@ ABLATIONS = {  # each removes one ingredient from the default Config; the last i
 }
 
 
-def load_matrix(path: str | Path) -> np.ndarray:
+UNITS = {"ms": 1000.0, "s": 1.0}
+"""The units a matrix file may be in, and how many of each make a second."""
+PLAUSIBLE_MEDIAN = {"ms": (0.01, math.inf), "s": (0.0, 10.0)}
+"""Where a matrix's median RTT may lie in each unit: under 10 µs is no network, over 10 s Vivaldi refuses."""
+
+
+def default_unit(path: str | Path, m: np.ndarray) -> str:
+    """The data README's rule: PlanetLab files are in milliseconds, Seattle files in seconds; a file that
+    names neither is judged by its magnitude (NaN where not measured): a median above 10 cannot be seconds."""
+    name = Path(path).name.lower()
+    if "planetlab" in name:
+        return "ms"
+    if "seattle" in name:
+        return "s"
+    return "ms" if np.nanmedian(m) > PLAUSIBLE_MEDIAN["s"][1] else "s"
+
+
+def unit_warning(m: np.ndarray, unit: str) -> str | None:
+    """One line saying that the matrix's median (NaN where not measured) is implausible in `unit`, or None."""
+    median = float(np.nanmedian(m))
+    low, high = PLAUSIBLE_MEDIAN[unit]
+    if low <= median <= high:
+        return None
+    other = next(u for u in UNITS if u != unit)
+    bound = f"below {low:g}" if median < low else f"above {high:g}"
+    return f"median RTT {median:g} {unit} is {bound} {unit}; is the file in {other}? (--unit {other})"
+
+
+def load_matrix(path: str | Path, unit: str | None = None) -> np.ndarray:
     """RTT matrix in seconds, NaN where not measured (diagonal, zeros off the diagonal, non-finite).
 
-    Unit rule of the data README: PlanetLab files are in milliseconds, Seattle files in seconds. The file
-    name decides when it names either; otherwise the magnitude does: a median above 10 cannot be seconds
-    (Vivaldi refuses RTTs above 10 s), so it is milliseconds. Gzip is recognised by the `.gz` suffix.
+    `unit` ("ms" or "s") is the file's; None takes the data README's rule (`default_unit`). A median
+    that `unit` makes implausible is warned about on stderr in one line, and the file read as told.
+    Gzip is recognised by the `.gz` suffix.
     """
+    return _load(path, unit)[0]
+
+
+def _load(path: str | Path, unit: str | None) -> tuple[np.ndarray, str]:
+    """`load_matrix`, and the unit it read the file in."""
+    if unit is not None and unit not in UNITS:
+        raise ValueError(f"unit must be one of {', '.join(UNITS)}, not {unit!r}")
     path = Path(path)
     with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
         m = np.loadtxt(f, dtype=float, ndmin=2)
@@ -47,9 +83,13 @@ def load_matrix(path: str | Path) -> np.ndarray:
         raise ValueError(f"RTT matrix has {m.shape[0]} nodes; an embedding needs at least 3")
     m[~np.isfinite(m) | (m <= 0)] = np.nan
     np.fill_diagonal(m, np.nan)
-    name = path.name.lower()
-    in_ms = "planetlab" in name or ("seattle" not in name and np.nanmedian(m) > 10)
-    return m / 1000.0 if in_ms else m
+    if np.isnan(m).all():
+        raise ValueError("RTT matrix has no measured pair")
+    unit = unit or default_unit(path, m)
+    warning = unit_warning(m, unit)
+    if warning:
+        print(f"warning: {path.name}: {warning}", file=sys.stderr)
+    return m / UNITS[unit], unit
 
 
 def symmetrise(m: np.ndarray) -> np.ndarray:
@@ -79,15 +119,17 @@ def _pairs(meas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ravel_multi_index((rows[keep], cols[keep]), (n, n)), meas[rows[keep], cols[keep]]
 
 
-def run(matrix_path: str, rounds: int = 200, neighbours: int = 32, seed: int = 1, config: Config | None = None) -> dict:
-    """One simulation. Relative error |est - meas| / meas over all measured pairs i < j of the symmetrised
-    matrix; `convergence` holds its median after every round; `coordinates` are wire-format coordinates."""
-    return _simulate(matrix_path, rounds, neighbours, seed, config or Config(), trace=True)
+def run(matrix: str | Path | np.ndarray, rounds: int = 200, neighbours: int = 32, seed: int = 1,
+        config: Config | None = None, unit: str | None = None) -> dict:
+    """One simulation on a matrix file (in `unit`, see `load_matrix`) or on a matrix `load_matrix` returned.
+    Relative error |est - meas| / meas over all measured pairs i < j of the symmetrised matrix;
+    `convergence` holds its median after every round; `coordinates` are wire-format coordinates."""
+    raw = matrix if isinstance(matrix, np.ndarray) else load_matrix(matrix, unit)
+    return _simulate(raw, rounds, neighbours, seed, config or Config(), trace=True)
 
 
-def _simulate(matrix_path: str, rounds: int, neighbours: int, seed: int, config: Config, trace: bool) -> dict:
+def _simulate(raw: np.ndarray, rounds: int, neighbours: int, seed: int, config: Config, trace: bool) -> dict:
     """`run`; without `trace` the per-round evaluation (most of the numpy time) is skipped: ablations."""
-    raw = load_matrix(matrix_path)
     meas = symmetrise(raw)
     n = len(raw)
     rng = random.Random(seed)
@@ -199,21 +241,24 @@ def _summary(result: dict) -> dict:
     return {k: result[k] for k in keys}
 
 
-def campaign(matrix_path: str, rounds: int = 200, neighbours: int = 32, seed: int = 1, ablations: bool = False) -> dict:
-    """Discovery's Vivaldi (default Config) against plain 2-D constant-step Vivaldi, on one matrix."""
-    matrix = load_matrix(matrix_path)
-    discovery = run(matrix_path, rounds, neighbours, seed)
+def campaign(matrix_path: str, rounds: int = 200, neighbours: int = 32, seed: int = 1, ablations: bool = False,
+             unit: str | None = None) -> dict:
+    """Discovery's Vivaldi (default Config) against plain 2-D constant-step Vivaldi, on one matrix file
+    (read once, in `unit`: see `load_matrix`)."""
+    matrix, unit = _load(matrix_path, unit)
+    discovery = run(matrix, rounds, neighbours, seed)
     out = {
         "matrix": str(matrix_path),
+        "unit": unit,
         "config": dataclasses.asdict(Config()),
         "discovery": discovery,
-        "baseline_2d_fixed_step": run(matrix_path, rounds, neighbours, seed, BASELINE),
+        "baseline_2d_fixed_step": run(matrix, rounds, neighbours, seed, BASELINE),
         "triangle_violations": triangle_violations(matrix, seed=seed) | {
             "discovery_error_by_pair": _error_breakdown(matrix, discovery)},
     }
     if ablations:
         out["ablations"] = {
-            name: _summary(_simulate(matrix_path, rounds, neighbours, seed, dataclasses.replace(Config(), **kw), False))
+            name: _summary(_simulate(matrix, rounds, neighbours, seed, dataclasses.replace(Config(), **kw), False))
             for name, kw in ABLATIONS.items()
         }
     return out

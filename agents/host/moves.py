@@ -174,12 +174,12 @@ class Moves:
             return
         info = await self.hypervisor.info(name)
         held = next((r for r in self.ledger.reserved.values() if r.key == name), None)
-        if held is not None:
-            self.ledger.confirm(held.token, trio.current_time())
+        if held is not None:  # taken now, even if it lapsed (not yet swept) while a long migration ran
+            self.ledger.release(held.token)
             need = held.need
         else:
             need = Resources(info.vcpus, info.memory_mb, 0)
-            self.ledger.allocate(name, need)
+        self.ledger.allocate(name, need)
         xml = await self.hypervisor.xml(name)
         with self._db:
             self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",

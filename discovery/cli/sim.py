@@ -12,6 +12,16 @@ from discovery.cli.app import JsonOpt, console, emit, fail, make_table
 sim_app = typer.Typer(no_args_is_help=True, help="Simulation campaigns that run the production code.")
 
 
+UnitOpt = Annotated[str | None, typer.Option(
+    "--unit", help="The matrix's unit, ms or s (default: the data README's rule: planetlab files ms, seattle "
+                   "files s, others by magnitude).")]
+
+
+def check_unit(unit: str | None) -> None:
+    if unit not in (None, "ms", "s"):
+        raise fail(f"--unit must be ms or s, not {unit!r}")
+
+
 @sim_app.command("vivaldi")
 def sim_vivaldi(
     matrix: Annotated[Path, typer.Option(help="Measured RTT matrix (see shared/data/rtt).")],
@@ -20,13 +30,15 @@ def sim_vivaldi(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
     ablations: Annotated[bool, typer.Option(help="Also run with each ingredient switched off.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the map and convergence curves to this PNG.")] = None,
+    unit: UnitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the production Vivaldi code on every node of a measured RTT matrix, beside the 2-D baseline."""
     from vivaldi import sim as sim_vivaldi
 
+    check_unit(unit)
     try:
-        result = sim_vivaldi.campaign(str(matrix), rounds, neighbours, seed, ablations=ablations)
+        result = sim_vivaldi.campaign(str(matrix), rounds, neighbours, seed, ablations=ablations, unit=unit)
     except (OSError, ValueError) as err:
         raise fail(f"{matrix}: {err}") from None
     if plot is not None:
@@ -55,14 +67,16 @@ def sim_spiral(
     view_probes: Annotated[int, typer.Option(min=0, help="Nearest members by estimate each node probes "
                                                            "(initial view 'coordinates').")] = 40,
     plot: Annotated[Path | None, typer.Option(help="Write the learning curves to this PNG.")] = None,
+    unit: UnitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Recall of the true nearest nodes found by the spiral search, before and after learning."""
     from overlay.sim import spiral as sim
 
+    check_unit(unit)
     try:
         result = sim.run(str(matrix), count, view, far, spirals, learning_rounds, seed,
-                         initial_view=initial_view, view_probes=view_probes)
+                         initial_view=initial_view, view_probes=view_probes, unit=unit)
     except (OSError, ValueError) as err:
         raise fail(f"{matrix}: {err}") from None
     if plot is not None:
@@ -136,14 +150,16 @@ def sim_overlay(
     fingers: Annotated[bool, typer.Option(help="Finger tables (off: successor lists only).")] = True,
     learning: Annotated[bool, typer.Option(help="Lookups teach long links to the nodes involved.")] = True,
     plot: Annotated[Path | None, typer.Option(help="Write the hop distribution to this PNG.")] = None,
+    unit: UnitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the production Chord code on NODES simulated agents (virtual clock, in-memory network)."""
     from overlay.sim import ring as sim
 
+    check_unit(unit)
     try:
         result = sim.simulate(nodes, duration, str(matrix) if matrix else None, churn, seed, lookups, pns=pns,
-                              fingers=fingers, learning=learning)
+                              fingers=fingers, learning=learning, unit=unit)
     except (OSError, ValueError) as err:
         raise fail(f"{matrix}: {err}") from None
     if plot is not None:

@@ -75,15 +75,32 @@ class VEService(Relocation, Snapshots, Replicas):
                   "placement": placement, "coordinator": self.agent.config.name, "created": time.time()}
         try:
             stored = await self.agent.records.put(key, record, after=current.version if current else 0)
-            for vm_name, slot in placement.items():
-                await self.agent.transport.call(slot["addr"], "host.confirm", {"token": tokens.pop(vm_name)},
-                                                timeout=HOST_TIMEOUT)
+            await self._confirm_all(placement, tokens)
         except (RequestError, RpcError) as err:
             await self._undo(spec, placement, tokens)
             raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
         record["state"] = "running"
         await self.agent.records.put(key, record, after=stored.version)
         return record
+
+    async def _confirm_all(self, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
+        """Confirm every VM's reservation (its host starts it), all at once: one after the other, the last
+        would wait for every earlier VM to start, and a reservation lapses after RESERVATION_TTL (a real
+        guest can take that long to start on a loaded host). Each token leaves `tokens` as it is sent;
+        RequestError naming every VM that failed."""
+        failures = []
+
+        async def confirm(vm_name: str, slot: dict[str, Any], token: str) -> None:
+            try:
+                await self.agent.transport.call(slot["addr"], "host.confirm", {"token": token}, timeout=HOST_TIMEOUT)
+            except RpcError as err:
+                failures.append(f"{vm_name} on {slot['node']}: {err}")
+
+        async with trio.open_nursery() as nursery:
+            for vm_name, slot in placement.items():
+                nursery.start_soon(confirm, vm_name, slot, tokens.pop(vm_name))
+        if failures:
+            raise RequestError("; ".join(sorted(failures)))
 
     async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Plan where each VM goes (`discovery.ve.placement`: capacity and constraints, nearest first), then
@@ -333,6 +350,8 @@ class VEService(Relocation, Snapshots, Replicas):
                     record = await self.agent.records.get(found.key)
                     if record is not None:
                         await self._settle(record)
+                    else:  # listed, but not read: just after a start, the ring may not hold it yet for us
+                        left += 1
                 except Conflict:
                     pass  # its coordinator is at work
                 except (RequestError, RpcError) as err:

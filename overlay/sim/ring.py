@@ -310,14 +310,16 @@ class Simulation:
 def simulate(nodes: int, duration: float = 600.0, matrix_path: str | None = None, churn: float = 0.0,
              seed: int = 1, lookups_per_second: float = 20.0, ring_interval: float = 5.0,
              warmup: float = 30.0, pns: bool | str = False, fingers: bool = True, learning: bool = True,
-             coordinates: bool = True) -> dict[str, Any]:
-    """Run one simulation; `churn` is the share of nodes replaced per minute (0.05 = 5 %/min); `pns` is
-    False, True or "vivaldi" (fingers by each node's estimates), or "oracle" (by the exact RTT)."""
+             coordinates: bool = True, unit: str | None = None) -> dict[str, Any]:
+    """Run one simulation; latencies from the matrix at `matrix_path` (in `unit`: see
+    `vivaldi.sim.load_matrix`), or the site model without one; `churn` is the share of nodes replaced per
+    minute (0.05 = 5 %/min); `pns` is False, True or "vivaldi" (fingers by each node's estimates), or
+    "oracle" (by the exact RTT)."""
     matrix = None
     if matrix_path:
         from vivaldi.sim import load_matrix, symmetrise
 
-        matrix = symmetrise(load_matrix(matrix_path)).tolist()
+        matrix = symmetrise(load_matrix(matrix_path, unit)).tolist()
     wall = time.perf_counter()
     sim = Simulation(nodes, seed, matrix, ring_interval=ring_interval, pns=pns, fingers=fingers, learning=learning,
                      coordinates=coordinates)

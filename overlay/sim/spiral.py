@@ -197,23 +197,24 @@ def _estimate_ceiling(est: np.ndarray, meas: np.ndarray, truth: list[set[int]], 
 
 def run(matrix_path: str, count: int = 10, view_size: int = 16, far: int = 4, spirals: int = 200,
         learning_rounds: int = 4, seed: int = 1, coordinates: list | None = None,
-        initial_view: str = "coordinates", view_probes: int = VIEW_PROBES) -> dict:
-    """The campaign on one matrix. `coordinates` are wire-format Vivaldi coordinates (as `sim_vivaldi.run`
-    returns them); None runs Vivaldi first. The spiral keeps n = `view_size` near nodes. `initial_view`
-    is one of `INITIAL_VIEWS`; under ``coordinates`` a node probes its `view_probes` nearest by estimate."""
+        initial_view: str = "coordinates", view_probes: int = VIEW_PROBES, unit: str | None = None) -> dict:
+    """The campaign on one matrix (in `unit`: see `vivaldi.sim.load_matrix`). `coordinates` are wire-format
+    Vivaldi coordinates (as `sim_vivaldi.run` returns them); None runs Vivaldi first. The spiral keeps
+    n = `view_size` near nodes. `initial_view` is one of `INITIAL_VIEWS`; under ``coordinates`` a node
+    probes its `view_probes` nearest by estimate."""
     if initial_view not in INITIAL_VIEWS:
         raise ValueError(f"initial view must be one of {', '.join(INITIAL_VIEWS)}")
     if view_probes < 0:
         raise ValueError("view probes must be >= 0")
     start = time.perf_counter()
-    raw = sim_vivaldi.load_matrix(matrix_path)
+    raw = sim_vivaldi.load_matrix(matrix_path, unit)
     meas = sim_vivaldi.symmetrise(raw)
     n = len(meas)
     if not 1 <= count < n:
         raise ValueError(f"count must be in [1, {n - 1}]")
     vivaldi = None
     if coordinates is None:
-        vivaldi = sim_vivaldi.run(matrix_path, VIVALDI_ROUNDS, VIVALDI_NEIGHBOURS, seed)
+        vivaldi = sim_vivaldi.run(raw, VIVALDI_ROUNDS, VIVALDI_NEIGHBOURS, seed)
         coordinates = vivaldi["coordinates"]
     coords = [Coordinate.from_wire(c) for c in coordinates]
     if len(coords) != n or any(c is None for c in coords):

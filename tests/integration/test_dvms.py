@@ -4,13 +4,12 @@ consolidation on, an underloaded node is emptied."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from discovery.ve.relocation import check_placement
 from discovery.ve.spec import VESpec
 
+from .conftest import wait_for
 from .test_relocate import host_call, write_constrained
 from .test_ve_lifecycle import write_spec
 
@@ -36,13 +35,12 @@ def test_an_overloaded_node_is_relieved_by_a_partition(cluster_factory, tmp_path
     for domain in on_node1:
         host_call(cluster, "node1", "dvms.load", {"vm": domain, "cpu": 100})  # 400 > 350; 300 after a move clears it
 
-    deadline = time.monotonic() + 60
-    while True:
+    def relieved():
         status = cluster.json("--agent", "node1", "dvms", "status")
-        if "solved" in status["ended"].values() and status["load"]["state"] == "normal":
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(1)
+        return "solved" in status["ended"].values() and status["load"]["state"] == "normal" and status
+
+    status = wait_for(relieved, what="a partition solved node1's overload", interval=1,
+                      detail=lambda: str(cluster.json("--agent", "node1", "dvms", "status")))
     assert status["load"]["cpu"] <= 300
     assert any(e["kind"] == "migrated" for e in status["events"])
     assert any(e["kind"] == "problem" and e["load"] == "overload" for e in status["events"])
@@ -70,29 +68,24 @@ def placement_of(cluster, name):
     return shown, {vm: slot["node"] for vm, slot in shown["placement"].items()}
 
 
-def wait_for(check, seconds=30):
-    deadline = time.monotonic() + seconds
-    while not (result := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.5)
-    return result
-
-
 def test_a_pinned_demand_follows_its_vm_when_it_is_relocated(cluster_factory, tmp_path):
     cluster = cluster_factory(3, 2)
     created = cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "hot", [("a", 2, 128)]))
     assert created["placement"]["a"]["node"] == "node1"
     pinned = cluster.json("dvms", "load", "hot:a", "150")  # the CLI finds the VM's host
     assert pinned["node"] == "node1"
-    wait_for(lambda: cluster.json("--agent", "node1", "dvms", "status")["load"]["cpu"] == 150)
+    wait_for(lambda: cluster.json("--agent", "node1", "dvms", "status")["load"]["cpu"] == 150,
+             what="the pinned demand counted at node1")
 
     cluster.json("--agent", "node2", "ve", "relocate", "hot", "--vm", "a", "--to", "node3")
-    status = wait_for(lambda: (s := cluster.json("--agent", "node3", "dvms", "status"))["load"]["cpu"] == 150 and s)
+    status = wait_for(lambda: (s := cluster.json("--agent", "node3", "dvms", "status"))["load"]["cpu"] == 150 and s,
+                      what="the pinned demand followed its VM to node3")
     assert status["pinned"] == {"hot:a": 150}
     assert cluster.json("--agent", "node1", "dvms", "status")["pinned"] == {}
 
     cluster.json("dvms", "load", "hot:a", "--unpin")
-    wait_for(lambda: cluster.json("--agent", "node3", "dvms", "status")["load"]["cpu"] == 0)
+    wait_for(lambda: cluster.json("--agent", "node3", "dvms", "status")["load"]["cpu"] == 0,
+             what="the unpinned demand gone")
     refused = cluster.cli("dvms", "load", "hot:nope", "10", check=False)
     assert refused.returncode == 1 and "no VM 'nope'" in refused.stderr
 
@@ -109,7 +102,7 @@ def test_an_underloaded_node_is_emptied_when_consolidation_is_on(cluster_factory
     def hosts():
         nodes = {node for name in ("duo", "solo") for node in placement_of(cluster, name)[1].values()}
         return len(nodes) == 1 and nodes
-    assert wait_for(hosts, seconds=60) <= {"node1", "node2"}
+    assert wait_for(hosts, what="one node emptied onto the other") <= {"node1", "node2"}
     every = cluster.json("--agent", "node3", "dvms", "status", "--all")
     led = [a for a in every if any(a["ended"].get(pid) == "solved" and problem == "underload"
                                    for pid, problem in a["problems"].items())]

@@ -7,7 +7,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 import trio
@@ -16,20 +15,11 @@ from overlay.wire import frames, tls
 from overlay.wire.ca import init_ca, issue
 from overlay.wire.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
 
-from .conftest import pid_alive, restart
+from .conftest import SETTLE_DEADLINE, pid_alive, restart, wait_for
 from .test_relocate import domains, host_info
 from .test_ve_lifecycle import write_spec
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(predicate, timeout=30.0, interval=0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def test_ve_survives_kill_9_of_two_agents_that_do_not_host_it(cluster_factory, tmp_path):
@@ -50,7 +40,7 @@ def test_ve_survives_kill_9_of_two_agents_that_do_not_host_it(cluster_factory, t
         members = cluster.json("--agent", survivor, "members")
         return {m["name"] for m in members if m["status"] == "dead"} == set(victims)
 
-    assert wait_for(dead_marked), "the killed agents were not marked dead"
+    wait_for(dead_marked, what="the killed agents marked dead")
     for through in (n for n in names if n not in victims):
         assert [v["name"] for v in cluster.json("--agent", through, "ve", "list")] == ["keep"]
     shown = cluster.json("--agent", survivor, "ve", "show", "keep")
@@ -58,7 +48,8 @@ def test_ve_survives_kill_9_of_two_agents_that_do_not_host_it(cluster_factory, t
     # the record can still be changed, and repair brings it back to three live replicas
     assert cluster.json("--agent", survivor, "ve", "stop", "keep")["state"] == "stopped"
     live = [n for n in names if n not in victims]
-    assert wait_for(lambda: sum(cluster.json("--agent", n, "status")["records"] for n in live) >= 3, timeout=30)
+    wait_for(lambda: sum(cluster.json("--agent", n, "status")["records"] for n in live) >= 3,
+             what="the record back on three live replicas")
 
 
 def test_restarted_host_recovers_its_vms(cluster_factory, tmp_path):
@@ -66,14 +57,13 @@ def test_restarted_host_recovers_its_vms(cluster_factory, tmp_path):
     ve = cluster.json("--agent", "node2", "ve", "create", write_spec(tmp_path, "durable", [("a", 2, 512)]))
     assert ve["placement"]["a"]["node"] == "node2"
     cluster.kill9("node2")
-    wait_for(lambda: not pid_alive(cluster.node("node2")["pid"]), timeout=10)
     restart(cluster, "node2")
 
     def recovered():
         proc = cluster.cli("--agent", "node1", "ve", "show", "durable", "--json", check=False)
         return proc.returncode == 0 and '"domain_state": "running"' in proc.stdout
 
-    assert wait_for(recovered), "node2 did not bring its VM back after restart"
+    wait_for(recovered, what="node2 brought its VM back after its restart")
     members = cluster.json("--agent", "node1", "members")
     assert all(m["status"] == "alive" for m in members)
 
@@ -104,18 +94,18 @@ def kill_coordinator(cluster, name, relocation):
             relocation.kill()
             relocation.wait()
     assert relocation.returncode == 1  # its client lost the agent
-    assert wait_for(lambda: not pid_alive(cluster.node(name)["pid"]), timeout=10)
 
 
 def test_coordinator_killed_after_the_target_started_the_vm_finishes_the_move_on_restart(
         cluster_factory, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISCOVERY_TEST_PAUSE", "started:120")
+    monkeypatch.setenv("DISCOVERY_TEST_PAUSE", "started:600")  # until killed
     cluster = cluster_factory(4, 2)
     ve = cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "moving", [("a", 2, 512)]))
     assert ve["placement"]["a"]["node"] == "node1"
     relocation = start_relocation(cluster, "node3", "moving", "node4")
-    assert wait_for(lambda: moving_to(cluster, "node2", "moving", "a").get("phase") == "started"), \
-        relocation.stderr.read() if relocation.poll() is not None else "the move did not reach the target"
+    wait_for(lambda: moving_to(cluster, "node2", "moving", "a").get("phase") == "started",
+             what="the move started at the target",
+             detail=lambda: relocation.stderr.read() if relocation.poll() is not None else "")
     assert domains(cluster, "moving:a") == {"node1": "paused", "node4": "running"}  # source frozen meanwhile
     kill_coordinator(cluster, "node3", relocation)
     restart(cluster, "node3")
@@ -124,7 +114,7 @@ def test_coordinator_killed_after_the_target_started_the_vm_finishes_the_move_on
         slot = cluster.json("--agent", "node2", "ve", "locate", "moving")["vms"]["a"]
         return slot["node"] == "node4" and "moving_to" not in slot
 
-    assert wait_for(settled, timeout=60), "the restarted coordinator did not finish the move"
+    wait_for(settled, what="the restarted coordinator finished the move")
     assert domains(cluster, "moving:a") == {"node4": "running"}  # exactly one place, where the record says
     shown = cluster.json("--agent", "node1", "ve", "show", "moving")
     assert shown["state"] == "running" and shown["placement"]["a"]["domain_state"] == "running"
@@ -134,11 +124,12 @@ def test_coordinator_killed_after_the_target_started_the_vm_finishes_the_move_on
 
 def test_coordinators_killed_mid_relocation_or_mid_snapshot_are_undone_by_the_next_command(
         cluster_factory, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISCOVERY_TEST_PAUSE", "prepared:45,snapshot:45")
+    # until killed; a move's preparation gives up after PREPARE_LIMIT (60 s) whatever the pause
+    monkeypatch.setenv("DISCOVERY_TEST_PAUSE", "prepared:600,snapshot:600")
     cluster = cluster_factory(5, 2)  # two coordinators die: three replicas of the record stay
     cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "moving", [("a", 2, 512)]))
     relocation = start_relocation(cluster, "node3", "moving", "node4")
-    assert wait_for(lambda: domains(cluster, "moving:a") == {"node1": "paused"})  # exported and frozen
+    wait_for(lambda: domains(cluster, "moving:a") == {"node1": "paused"}, what="the VM exported and frozen")
     assert moving_to(cluster, "node2", "moving", "a") == {"node": "node4", "site": "lyon", "phase": "prepare"}
     kill_coordinator(cluster, "node3", relocation)
 
@@ -147,22 +138,22 @@ def test_coordinators_killed_mid_relocation_or_mid_snapshot_are_undone_by_the_ne
     def started():
         return cluster.cli("--agent", "node2", "ve", "start", "moving", check=False).returncode == 0
 
-    assert wait_for(started, timeout=60)
+    wait_for(started, SETTLE_DEADLINE, "the next command settles the interrupted move")
     assert domains(cluster, "moving:a") == {"node1": "running"}
     slot = cluster.json("--agent", "node4", "ve", "locate", "moving")["vms"]["a"]
     assert slot["node"] == "node1" and "moving_to" not in slot
     target = host_info(cluster, "node4")
-    assert wait_for(lambda: host_info(cluster, "node4")["free"] == target["total"], timeout=15)  # reservation lapsed
+    wait_for(lambda: host_info(cluster, "node4")["free"] == target["total"], what="the target's reservation lapsed")
 
     # a snapshot whose coordinator dies while the VMs are paused: the next command runs them again
     snapshot = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(cluster.dir / "client.toml"),
                                  "--agent", "node2", "ve", "snapshot", "moving", "--tag", "lost"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
-    assert wait_for(lambda: domains(cluster, "moving:a") == {"node1": "paused"})
+    wait_for(lambda: domains(cluster, "moving:a") == {"node1": "paused"}, what="the VM paused for the snapshot")
     assert cluster.json("--agent", "node5", "ve", "show", "moving")["snapshotting"]["paused"] == ["a"]
     kill_coordinator(cluster, "node2", snapshot)
-    assert wait_for(lambda: cluster.cli("--agent", "node5", "ve", "stop", "moving", check=False).returncode == 0,
-                    timeout=60)
+    wait_for(lambda: cluster.cli("--agent", "node5", "ve", "stop", "moving", check=False).returncode == 0,
+             SETTLE_DEADLINE, "the next command settles the interrupted snapshot")
     assert domains(cluster, "moving:a") == {"node1": "shutoff"}  # not left paused: settled, then stopped
     assert cluster.json("--agent", "node4", "ve", "snapshots", "moving")["snapshots"] == []
     assert "snapshotting" not in cluster.json("--agent", "node4", "ve", "show", "moving")

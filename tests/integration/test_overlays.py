@@ -8,19 +8,11 @@ during the re-bind adopts it when it comes back; kv reads work through either ov
 from __future__ import annotations
 
 import threading
-import time
 
 from discovery.cli.client import call
 from discovery.cli.config import load_client_config
 
-from .conftest import Cluster, restart
-
-
-def wait_for(predicate, timeout: float = 30.0, step: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(step)
+from .conftest import Cluster, rejoined, restart, wait_for
 
 
 class Writer(threading.Thread):
@@ -52,14 +44,14 @@ def test_rebind_keeps_every_record_and_write(cluster_factory, tmp_path) -> None:
     cluster.json("--agent", "node1", "ve", "create", str(spec))
     cluster.cli("--agent", "node2", "kv", "put", "before", "chord-era")
     wait_for(lambda: all(cluster.json("--agent", n, "overlay", "status")["kademlia"]["neighbours"] > 0
-                         for n in ("node1", "node2", "node3", "node4")))
+                         for n in ("node1", "node2", "node3", "node4")), what="every Kademlia node has neighbours")
 
     writer = Writer(cluster, "node3")
     writer.start()
-    wait_for(lambda: len(writer.acked) >= 3)
+    wait_for(lambda: len(writer.acked) >= 3, what="three writes acknowledged")
     bound = cluster.json("--agent", "node1", "overlay", "bind", "kademlia")
     during = len(writer.acked)
-    wait_for(lambda: len(writer.acked) >= during + 3)  # writes go on after the switch
+    wait_for(lambda: len(writer.acked) >= during + 3, what="writes go on after the switch")
     writer.stop.set()
     writer.join(60)
     assert bound["overlay"] == "kademlia" and bound["missed"] == [] and bound["members"] == 4
@@ -85,15 +77,18 @@ def test_an_agent_down_during_a_rebind_adopts_it(cluster_factory) -> None:
     cluster.cli("--agent", "node1", "kv", "put", "k", "v")
     cluster.kill9("node4")
     wait_for(lambda: all(m["status"] == "dead" for n in ("node1", "node2", "node3")
-                         for m in cluster.json("--agent", n, "members") if m["name"] == "node4"))
+                         for m in cluster.json("--agent", n, "members") if m["name"] == "node4"),
+             what="node4 known dead")
     wait_for(lambda: all(cluster.json("--agent", n, "overlay", "status")["kademlia"]["neighbours"] > 0
-                         for n in ("node1", "node2", "node3")))
+                         for n in ("node1", "node2", "node3")), what="every Kademlia node has neighbours")
     assert cluster.json("--agent", "node2", "overlay", "bind", "kademlia")["members"] == 3
 
     restart(cluster, "node4")
-    wait_for(lambda: cluster.cli("--agent", "node4", "overlay", "status", "--json", check=False).returncode == 0)
-    wait_for(lambda: cluster.json("--agent", "node4", "overlay", "status")["overlay"] == "kademlia")
-    wait_for(lambda: cluster.json("--agent", "node4", "overlay", "status")["kademlia"]["neighbours"] > 0)
+    rejoined(cluster, "node4")
+    wait_for(lambda: cluster.json("--agent", "node4", "overlay", "status")["overlay"] == "kademlia",
+             what="node4 adopted the binding")
+    wait_for(lambda: cluster.json("--agent", "node4", "overlay", "status")["kademlia"]["neighbours"] > 0,
+             what="node4 has Kademlia neighbours")
     assert cluster.cli("--agent", "node4", "kv", "get", "k").stdout.strip() == "v"
 
 

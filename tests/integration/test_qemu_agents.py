@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from agents.hypervisor.qemu import BackendError, end_leftovers, prepare_guest, q
 from images import tinyguest
 from overlay.wire.rpc import RpcError
 
-from .conftest import Cluster, pid_alive, restart
+from .conftest import SETTLE_DEADLINE, Cluster, holds, pid_alive, rejoined, restart, wait_for
 from .test_qemu_guest import STEP_DEADLINE, heartbeats, wait_until
 from .test_relocate import domains
 
@@ -60,8 +60,12 @@ def qemu_cluster(tmp_path_factory: pytest.TempPathFactory, nodes: int, sites: in
     finally:
         cluster.down()
         roots = [directory / n["name"] / "data" / data for n in cluster.state.get("nodes", [])]
-        left = [pid for root in roots for pid in qemu_pids(root) if pid_alive(pid)]
-        assert not left, f"QEMU processes left running after cluster down: {left}"
+
+        def left() -> list[int]:
+            return [pid for root in roots for pid in qemu_pids(root) if pid_alive(pid)]
+
+        # `down` SIGKILLs the guests; a killed process may still be exiting when it returns
+        wait_for(lambda: not left(), 30, "no QEMU process left after cluster down", detail=lambda: f"left: {left()}")
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +101,23 @@ class VM:
                    BOOT_DEADLINE, f"{self.ve}/{self.vm} ready", console)
 
     def wait_beat_above(self, value: int, node: str | None = None) -> int:
-        return wait_until(lambda: (last := max(self.beats(node), default=-1)) > value and last, STEP_DEADLINE,
-                          f"{self.vm} heartbeat above {value}", self.file(".log", node))
+        console = self.file(".log", node)  # where the VM is now: asked once, not at every look
+        return wait_until(lambda: (last := max(heartbeats(console), default=-1)) > value and last, STEP_DEADLINE,
+                          f"{self.vm} heartbeat above {value}", console)
 
     def disk_beat(self) -> int:
         return tinyguest.read_heartbeat(self.file(".qcow2"))
+
+    def wait_disk_beat(self, enough: Callable[[int], bool], what: str) -> int:
+        """Wait until the heartbeat on the VM's disk (where the VM is now) is `enough`; returns it."""
+        node = self.node
+        disk, console = self.file(".qcow2", node), self.file(".log", node)
+        return wait_until(lambda: enough(beat := tinyguest.read_heartbeat(disk)) and beat, STEP_DEADLINE, what,
+                          console)
+
+
+def running(process: subprocess.Popen) -> bool:
+    return process.poll() is None
 
 
 def create(cluster: Cluster, tmp_path: Path, name: str) -> tuple[VM, VM]:
@@ -130,9 +146,9 @@ def test_boot_suspend_resume_and_stop_through_another_agent(qemu3: Cluster, tmp_
     assert a.node != b.node  # anti-affinity, on real guests
     a.wait_beat_above(1)
     qemu3.cli("--agent", "node3", "ve", "suspend", "life")
-    frozen = max(a.beats())
-    wait_until(lambda: max(a.beats()) == frozen or None, 5, "no beat while suspended")
-    assert max(a.beats()) == frozen
+    node = a.node
+    frozen = max(a.beats(node))
+    holds(lambda: max(a.beats(node)) == frozen, 3, "no beat while suspended")
     qemu3.cli("--agent", "node1", "ve", "resume", "life")
     a.wait_beat_above(frozen + 1)
     qemu3.cli("--agent", "node2", "ve", "stop", "life")  # ACPI first: the guest says it powers off
@@ -151,13 +167,12 @@ def test_snapshot_and_restore_bring_the_disk_heartbeat_back(qemu3: Cluster, tmp_
     at_snapshot = a.disk_beat()  # still: the snapshot holds exactly this value
     qemu3.cli("--agent", "node2", "ve", "snapshot", "snap", "--tag", "s1")
     qemu3.cli("--agent", "node2", "ve", "resume", "snap")
-    wait_until(lambda: a.disk_beat() >= at_snapshot + 3, STEP_DEADLINE, "the heartbeat moves on", a.file(".log"))
+    a.wait_disk_beat(lambda beat: beat >= at_snapshot + 3, "the heartbeat moves on")
     restored = qemu3.json("--agent", "node3", "ve", "restore", "snap", "s1")
     assert restored["state"] == "suspended"  # the VE was suspended when the snapshot was taken
     assert a.disk_beat() == at_snapshot
     qemu3.cli("--agent", "node3", "ve", "resume", "snap")
-    wait_until(lambda: a.disk_beat() > at_snapshot, STEP_DEADLINE, "heartbeat goes on from the snapshot",
-               a.file(".log"))
+    a.wait_disk_beat(lambda beat: beat > at_snapshot, "heartbeat goes on from the snapshot")
     qemu3.cli("ve", "destroy", "snap")
 
 
@@ -198,7 +213,7 @@ def test_a_vm_with_snapshots_is_shipped_and_restorable_at_its_new_node(qemu3: Cl
     moved = qemu3.json("ve", "relocate", "ship", "--vm", "a", "--to", target)
     assert moved["placement"]["a"]["transfer"]["how"] == "ship"
     assert domains(qemu3, "ship:a") == {target: "running"}
-    wait_until(lambda: a.disk_beat() > at_snapshot + 1, STEP_DEADLINE, "heartbeat after the move", a.file(".log"))
+    a.wait_disk_beat(lambda beat: beat > at_snapshot + 1, "heartbeat after the move")
     assert not a.file(".qcow2", source).exists()
     qemu3.json("ve", "restore", "ship", "s1")  # the internal snapshot came along inside the qcow2
     assert a.disk_beat() == at_snapshot
@@ -217,27 +232,25 @@ def test_a_live_relocation_whose_coordinator_dies_is_undone_and_the_guest_never_
     along at its host and still does, at exactly one place, and the target keeps no file of it."""
     a = create_one(qemu3, tmp_path, "crash")
     assert a.node == "node1"
-    qemu3.kill9("node3")  # node3 coordinates, and stops once prepared (ve_base.pause_for_test)
-    env = qemu3.env
-    qemu3.env = {**env, "DISCOVERY_TEST_PAUSE": "prepared:90"}
-    try:
-        restart(qemu3, "node3")
-    finally:
-        qemu3.env = env
-    wait_until(lambda: qemu3.cli("--agent", "node3", "members", check=False).returncode == 0, STEP_DEADLINE,
-               "node3 serving again")
+    # node3 coordinates, and stops once prepared (ve_base.pause_for_test) until it is killed, or for at most
+    # the move's PREPARE_LIMIT; once rejoined, not merely answering, so it knows the VE and node2
+    qemu3.kill9("node3")
+    restart(qemu3, "node3", DISCOVERY_TEST_PAUSE="prepared:600")
+    rejoined(qemu3, "node3", ve="crash")
     relocation = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(qemu3.dir / "client.toml"),
                                    "--agent", "node3", "ve", "relocate", "crash", "--vm", "a", "--to", "node2"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=qemu3.env)
+    overlay = a.file(".qcow2", "node2")
     try:
-        wait_until(lambda: a.file(".qcow2", "node2").exists(), STEP_DEADLINE, "the target's empty overlay")
+        wait_until(lambda: overlay.exists() or not running(relocation), STEP_DEADLINE, "the target's empty overlay")
+        assert overlay.exists(), f"the relocation ended before the target prepared: {relocation.communicate()}"
         before = max(a.beats("node1"))
         qemu3.kill9("node3")
     finally:
         relocation.kill()
         relocation.communicate()
-    wait_until(lambda: qemu3.cli("--agent", "node2", "ve", "start", "crash", check=False).returncode == 0, 90,
-               "the next command settles the interrupted move")
+    wait_until(lambda: qemu3.cli("--agent", "node2", "ve", "start", "crash", check=False).returncode == 0,
+               SETTLE_DEADLINE, "the next command settles the interrupted move")
     located = qemu3.json("--agent", "node2", "ve", "locate", "crash")["vms"]["a"]
     assert located["node"] == "node1" and "moving_to" not in located
     assert domains(qemu3, "crash:a") == {"node1": "running"}
@@ -245,8 +258,7 @@ def test_a_live_relocation_whose_coordinator_dies_is_undone_and_the_guest_never_
     assert a.file(".log", "node1").read_text(errors="replace").count(tinyguest.READY) == 1  # never rebooted
     assert not a.file(".qcow2", "node2").exists()  # the undone move left nothing at the target
     restart(qemu3, "node3")
-    wait_until(lambda: qemu3.cli("--agent", "node3", "members", check=False).returncode == 0, STEP_DEADLINE,
-               "node3 serving again")
+    rejoined(qemu3, "node3")
     qemu3.cli("--agent", "node2", "ve", "destroy", "crash")
 
 
@@ -278,7 +290,7 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
         except RpcError:  # the restarted agent is not listening yet
             return False
 
-    wait_until(one_place, STEP_DEADLINE,
+    wait_until(one_place, BOOT_DEADLINE,  # the host's agent and daemon start, then its fencing pass runs
                "the VM at exactly one place once its old host is back")
     qemu3.cli("--agent", survivor, "ve", "destroy", "solo")
 

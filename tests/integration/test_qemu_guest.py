@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from agents.hypervisor.qemu import qemu_pids
 from agents.hypervisor.qemu_xml import domain_xml, open_embed
 from images import tinyguest
 
-from .conftest import pid_alive
+from .conftest import holds, pid_alive, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]
 
@@ -36,13 +35,12 @@ _names = itertools.count(1)
 
 
 def wait_until(predicate: Callable[[], Any], deadline: float, what: str, console: Path | None = None) -> Any:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    tail = console.read_text(errors="replace")[-400:] if console and console.exists() else ""
-    raise AssertionError(f"{what}: not within {deadline:g} s; console tail: {tail!r}")
+    """`wait_for`, whose failure shows the end of the guest's console."""
+
+    def tail() -> str:
+        return f"console tail: {console.read_text(errors='replace')[-400:]!r}" if console and console.exists() else ""
+
+    return wait_for(predicate, deadline, what, interval=0.2, detail=tail)
 
 
 def heartbeats(console: Path, offset: int = 0) -> list[int]:
@@ -142,8 +140,7 @@ def test_suspend_stops_the_heartbeat_and_resume_continues_it(guest: Guest) -> No
     guest.dom.suspend()
     assert guest.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
     paused_at = max(guest.beats())
-    time.sleep(3)
-    assert max(guest.beats()) == paused_at  # no vCPU runs while paused
+    holds(lambda: max(guest.beats()) == paused_at, 3, "no beat while paused")  # no vCPU runs while paused
     guest.dom.resume()
     assert guest.wait_beat_above(paused_at + 1) > paused_at + 1
 

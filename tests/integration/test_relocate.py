@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import trio
 
-from overlay.wire import tls
-from overlay.wire.rpc import RemoteError, Transport
+from overlay.wire.rpc import RemoteError
 
 from .conftest import pid_alive
 from .test_ve_lifecycle import client_config, write_spec
@@ -19,14 +17,7 @@ pytestmark = pytest.mark.integration
 
 def host_call(cluster, node, method, args, cert_dir=None, user="operator"):
     """Call a `host.*` method of one agent directly, with the operator's certificate (or `user`'s)."""
-    cert_dir = cert_dir or cluster.dir
-    ident = tls.Identity(cert=cert_dir / f"{user}.pem", key=cert_dir / f"{user}.key", ca=cluster.dir / "ca" / "ca.pem")
-
-    async def ask():
-        async with Transport(ident, node="probe") as transport:
-            return await transport.call(cluster.node(node)["addr"], method, args, timeout=10)
-
-    return trio.run(ask)
+    return cluster.call(node, method, args, cert_dir, user)
 
 
 def host_info(cluster, node):

@@ -12,8 +12,7 @@ import pytest
 
 from overlay.wire.rpc import RemoteError, RpcError
 
-from .conftest import pid_alive, restart, running_cluster
-from .test_faults import wait_for
+from .conftest import SETTLE_DEADLINE, rejoined, restart, running_cluster, wait_for
 from .test_relocate import domains, host_call, host_info
 from .test_ve_lifecycle import client_config, write_spec
 
@@ -139,7 +138,6 @@ def test_failover_after_kill_9_of_the_host_runs_the_vm_on_its_copy_and_only_ther
         cluster4, "--agent", "node2", "ve", "failover", "fo", "--vm", "x")
 
     cluster4.kill9("node1")
-    assert wait_for(lambda: not pid_alive(cluster4.node("node1")["pid"]), timeout=10)
     done = cluster4.json("--agent", "node2", "ve", "failover", "fo")
     targets = {vm: copies_of(ve, vm)[0] for vm in ("x", "y")}
     assert done["failed_over"] == targets and done.get("replicas", {}) == {}  # each used its only copy
@@ -165,7 +163,7 @@ def test_failover_after_kill_9_of_the_host_runs_the_vm_on_its_copy_and_only_ther
         except RpcError:
             return False  # node1 is not serving yet
 
-    assert wait_for(fenced, timeout=40), domains(cluster4, "fo:x")
+    wait_for(fenced, what="node1, back, removed its old copies", detail=lambda: f"fo:x at {domains(cluster4, 'fo:x')}")
     assert ran_there == []
     node1 = host_info(cluster4, "node1")
     assert node1["free"] == node1["total"]
@@ -175,21 +173,24 @@ def test_failover_after_kill_9_of_the_host_runs_the_vm_on_its_copy_and_only_ther
 def test_failover_whose_coordinator_dies_before_the_promotion_is_undone_then_done_again(cluster4, tmp_path):
     cluster4.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "half", [("h", 1, 128)]))
     copy_node = copies_of(cluster4.json("--agent", "node1", "ve", "replicate", "half", "--copies", "1"), "h")[0]
-    env = cluster4.env  # node3 coordinates, and stops once the intent is written (ve_base.pause_for_test)
+    # node3 coordinates, and stops once the intent is written (ve_base.pause_for_test) until it is killed;
+    # once rejoined, not merely answering, so it knows the VE and where its copy is
     cluster4.kill9("node3")
-    cluster4.env = {**env, "DISCOVERY_TEST_PAUSE": "failover:60"}
-    try:
-        restart(cluster4, "node3")
-    finally:
-        cluster4.env = env
-    assert wait_for(lambda: cluster4.cli("--agent", "node3", "members", check=False).returncode == 0, timeout=20)
+    restart(cluster4, "node3", DISCOVERY_TEST_PAUSE="failover:600")
+    rejoined(cluster4, "node3", ve="half")
     cluster4.kill9("node1")
     failover = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(cluster4.dir / "client.toml"),
                                  "--agent", "node3", "ve", "failover", "half"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+                                stderr=subprocess.PIPE, text=True, env=cluster4.env)
+
+    def intent_written():
+        if failover.poll() is not None:
+            raise AssertionError(f"the failover ended before its intent was seen: {failover.communicate()}")
+        located = cluster4.try_json("--agent", "node2", "ve", "locate", "half")
+        return located is not None and located["vms"]["h"].get("failing_over", {}).get("node") == copy_node
+
     try:
-        assert wait_for(lambda: cluster4.json("--agent", "node2", "ve", "locate", "half")["vms"]["h"].get(
-            "failing_over", {}).get("node") == copy_node, timeout=30)
+        wait_for(intent_written, what="the failover's intent in the directory")
         cluster4.kill9("node3")
     finally:
         failover.kill()
@@ -198,8 +199,8 @@ def test_failover_whose_coordinator_dies_before_the_promotion_is_undone_then_don
 
     # the next command through another agent undoes the intent (refused while node3 is not known dead)
     # and then fails over for real: the VM runs at exactly one place
-    assert wait_for(lambda: cluster4.cli("--agent", "node2", "ve", "failover", "half", check=False).returncode == 0,
-                    timeout=40)
+    wait_for(lambda: cluster4.cli("--agent", "node2", "ve", "failover", "half", check=False).returncode == 0,
+             SETTLE_DEADLINE, "the next failover settles the interrupted one, then fails over")
     located = cluster4.json("--agent", "node4", "ve", "locate", "half")["vms"]["h"]
     assert located["node"] == copy_node and "failing_over" not in located
     assert domains(cluster4, "half:h") == {copy_node: "running"}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
+
+from .conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -124,20 +125,18 @@ def test_bad_cli_arguments_give_one_line_errors(cluster6):
 
 
 def test_cluster_status_reports_one_ring(cluster6):
-    rows = json.loads(cluster6.cli("cluster", "status", "--dir", str(cluster6.dir), "--json").stdout)
-    assert all(r["process"] == "running" and r["answers"] for r in rows)
-    deadline = time.monotonic() + 20
-    while True:  # follow successors from node1: one cycle through all six
+    def one_ring():
+        """Following successors from node1 makes one cycle through all six."""
+        rows = json.loads(cluster6.cli("cluster", "status", "--dir", str(cluster6.dir), "--json").stdout)
+        assert all(r["process"] == "running" and r["answers"] for r in rows)
         successor = {r["name"]: r["successor"] for r in rows}
         seen, node = [], "node1"
         while node not in seen:
             seen.append(node)
             node = successor[node]
-        if len(seen) == 6 and node == "node1" or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-        rows = json.loads(cluster6.cli("cluster", "status", "--dir", str(cluster6.dir), "--json").stdout)
-    assert len(seen) == 6 and node == "node1"
+        return len(seen) == 6 and node == "node1"
+
+    wait_for(one_ring, what="one ring through the six agents", interval=1)
 
 
 def test_suspend_resume_and_locate_through_other_nodes(cluster6, tmp_path):

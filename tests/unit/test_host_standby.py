@@ -4,15 +4,17 @@ VMs held off at start until the directory places them, and the metadata the laye
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from agents.host.capacity import Resources
 from agents.host.service import HostService
 from agents.host.standby import standby_key
-from agents.hypervisor.actor import Hypervisor, write_node_xml
+from agents.hypervisor.actor import Hypervisor, domain_xml, write_node_xml
 from agents.hypervisor.guests import TestDomains
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
@@ -140,6 +142,25 @@ async def test_snapshot_delete_of_a_real_guest_deletes_its_libvirt_snapshot(tmp_
         assert (await host._on_snapshot_delete(AGENT, {"name": "ve:q", "tag": "t2"}))["deleted"] is True
         assert await hv.snapshot_names("ve:q") == []  # nothing left to keep it from migrating live
         assert host._db.execute("SELECT COUNT(*) FROM snapshots").fetchone() == (0,)
+    finally:
+        host.close()
+        await hv.close()
+
+
+async def test_a_vm_landing_by_live_migration_after_its_reservation_lapsed_is_adopted(tmp_path: Path) -> None:
+    """A live migration may outlast the target's reservation (RESERVATION_TTL; a loaded machine, a big VM),
+    which then lapses before the next sweep: the VM that landed is adopted with the room reserved for it,
+    and the host does not fail (it used to raise UnknownReservation, and the move ended through recovery)."""
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
+    host = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite", InternalSnapshots())
+    await host.start()
+    try:
+        token = (await host._on_reserve(AGENT, {"name": "ve:m", **NEED}))["token"]
+        lapsed = host.ledger.reserved[token]
+        host.ledger.reserved[token] = dataclasses.replace(lapsed, expires=trio.current_time() - 1)
+        await hv.define(domain_xml("ve:m", 2, 1024))  # what an incoming live migration leaves in libvirt
+        assert (await host._on_vm(AGENT, {"name": "ve:m", "action": "info"}))["name"] == "ve:m"
+        assert host.ledger.allocated == {"ve:m": Resources(2, 1024, 1)} and host.ledger.reserved == {}
     finally:
         host.close()
         await hv.close()

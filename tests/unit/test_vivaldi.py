@@ -348,6 +348,41 @@ def test_load_matrix_units_and_missing_values(tmp_path):
         assert np.isnan(m[0, 2]) and np.isnan(np.diag(m)).all()
 
 
+IN_MS = np.array([[0, 100, 0, 80], [100, 0, 50, 90], [0, 50, 0, 120], [80, 90, 120, 0]], dtype=float)
+
+
+def test_load_matrix_reads_the_unit_it_is_given_and_warns_in_one_line_when_the_values_disagree(tmp_path, capsys):
+    misnamed = tmp_path / "seattle_ms.tsv"  # milliseconds, in a file the README's rule reads as seconds
+    np.savetxt(misnamed, IN_MS)
+    m = sim_vivaldi.load_matrix(misnamed, "ms")
+    assert m[0, 1] == pytest.approx(0.1) and capsys.readouterr().err == ""
+    m = sim_vivaldi.load_matrix(misnamed)  # the default follows the rule, and says why it looks wrong
+    assert m[0, 1] == pytest.approx(100.0)
+    assert capsys.readouterr().err == ("warning: seattle_ms.tsv: median RTT 90 s is above 10 s; is the file in "
+                                       "ms? (--unit ms)\n")
+    seconds = tmp_path / "planetlab_s.tsv"
+    np.savetxt(seconds, IN_MS / 1e6)  # 0.1 ms medians: plausible in seconds, not in milliseconds
+    assert sim_vivaldi.load_matrix(seconds, "s")[0, 1] == pytest.approx(1e-4) and capsys.readouterr().err == ""
+    assert sim_vivaldi.load_matrix(seconds)[0, 1] == pytest.approx(1e-7)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: planetlab_s.tsv: median RTT 9e-05 ms is below 0.01 ms; is the file in s?")
+    assert err.count("\n") == 1
+    with pytest.raises(ValueError, match="unit must be one of ms, s, not 'us'"):
+        sim_vivaldi.load_matrix(seconds, "us")
+
+
+@pytest.mark.parametrize(("name", "scale", "unit"), [
+    ("planetlab_4.tsv", 1.0, "ms"), ("PlanetLab_4.tsv.gz", 1.0, "ms"), ("seattle_4.tsv", 1e-3, "s"),
+    ("other_ms.tsv", 1.0, "ms"), ("other_s.tsv.gz", 1e-3, "s")])
+def test_the_default_unit_is_the_data_readme_rule(tmp_path, capsys, name, scale, unit):
+    path = tmp_path / name
+    with gzip.open(path, "wt") if name.endswith(".gz") else open(path, "w") as f:
+        np.savetxt(f, IN_MS * scale)
+    assert sim_vivaldi.default_unit(path, IN_MS * scale) == unit
+    assert np.nanmedian(sim_vivaldi.load_matrix(path)) == pytest.approx(0.09)
+    assert capsys.readouterr().err == ""
+
+
 def test_triangle_violations_of_a_metric_and_of_a_shortcut():
     metric = np.array(line(6))
     assert sim_vivaldi.triangle_violations(metric)["violating_share"] == 0
