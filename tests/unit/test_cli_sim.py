@@ -13,10 +13,6 @@ IN_MS = np.array([[0, 100, 0, 80], [100, 0, 50, 90], [0, 50, 0, 120], [80, 90, 1
 
 
 def test_sim_vivaldi_takes_the_unit_and_refuses_others(tmp_path):
-
-
-
-
     matrix = tmp_path / "seattle_ms.tsv"
     np.savetxt(matrix, IN_MS)
     runner = CliRunner()
