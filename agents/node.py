@@ -36,7 +36,7 @@ from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
 from overlay.membership import Member, Membership
 from overlay.ring import Ring
-from overlay.wire.rpc import Caller, Endpoint, RpcError, Transport, free_ports, split_addr
+from overlay.wire.rpc import Caller, Endpoint, RpcError, Transport, free_ports
 
 if TYPE_CHECKING:
     from overlay.kad import KademliaOverlay
@@ -116,7 +116,7 @@ class NodeAgent:
             self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)
             self.dht = DHT(transport, self.ring, self.shard, r=cfg.replicas)
             self.overlays = OverlayService(transport, self.membership, self.dht, self._kademlia(),
-                                           (split_addr(cfg.listen)[0], cfg.kad_port), cfg.data_dir / "binding.json")
+                                           (host.strip("[]"), cfg.kad_port), cfg.data_dir / "binding.json")
             self.records = self.overlays.records  # what services read and write, on whichever overlay is bound
             self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite",
                                     *((self.backend.guests, self.backend.migration_uri) if self.backend else ()))
