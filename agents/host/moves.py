@@ -176,9 +176,11 @@ class Moves:
         if not await self.hypervisor.persistent(name):
             return
         info = await self.hypervisor.info(name)
+        now = trio.current_time()
+        self.ledger.expire(now)  # a reservation that lapsed during a long migration is no longer there to take
         held = next((r for r in self.ledger.reserved.values() if r.key == name), None)
         if held is not None:
-            self.ledger.confirm(held.token, trio.current_time())
+            self.ledger.confirm(held.token, now)
             need = held.need
         else:
             need = Resources(info.vcpus, info.memory_mb, 0)

@@ -4,15 +4,17 @@ VMs held off at start until the directory places them, and the metadata the laye
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from agents.host.capacity import Resources
 from agents.host.service import HostService
 from agents.host.standby import standby_key
-from agents.hypervisor.actor import Hypervisor, write_node_xml
+from agents.hypervisor.actor import Hypervisor, domain_xml, write_node_xml
 from agents.hypervisor.guests import TestDomains
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
@@ -210,3 +212,22 @@ async def test_metadata_set_on_a_vm_is_exported_with_it_and_kept_across_a_restar
     finally:
         restarted.close()
         await fresh.close()
+
+
+async def test_a_vm_that_arrives_after_its_reservation_lapsed_is_adopted_with_its_own_size(tmp_path: Path) -> None:
+    """A live migration slower than RESERVATION_TTL: the target's reservation lapsed (not yet swept by the
+    tick) when the VM arrives; the host adopts it, sized from libvirt, instead of failing on the lapsed token."""
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
+    host = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite", InternalSnapshots())
+    await host.start()
+    try:
+        token = (await host._on_reserve(AGENT, {"name": "ve:m", **NEED}))["token"]
+        lapsed = host.ledger.reserved[token]
+        host.ledger.reserved[token] = dataclasses.replace(lapsed, expires=trio.current_time() - 1)
+        await hv.define(domain_xml("ve:m", 2, 1024))  # what a live migration leaves at the target
+        info = await host._on_vm(AGENT, {"name": "ve:m", "action": "info"})
+        assert info["state"] == "shutoff" and host.ledger.reserved == {}
+        assert host.ledger.allocated == {"ve:m": Resources(2, 1024, 0)}
+    finally:
+        host.close()
+        await hv.close()
