@@ -13,16 +13,13 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agents.messages import COORD_LIST, COORD_PING, COORD_PROBE, COORD_RTT
 from agents.runtime import Actor
-from overlay.membership import Member
-from overlay.wire.rpc import Caller, RequestError, RpcError
+from overlay.membership import Member, Membership
+from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 from vivaldi.coordinate import Client, Config, Coordinate, estimate
-
-if TYPE_CHECKING:
-    from agents.node import NodeAgent
 
 log = logging.getLogger(__name__)
 VIEW_CLOSE = 8
@@ -31,26 +28,30 @@ PROBES = 3
 
 
 class CoordinateService(Actor):
+    """Receives the transport (whose answered calls it samples, and whose responses it stamps with this
+    node's coordinate), the membership (where members' coordinates and measured RTTs live) and the file
+    that keeps the coordinate across restarts."""
+
     name = "coordinates"
     tick_interval = 1.0
 
-    def __init__(self, agent: NodeAgent, config: Config | None = None) -> None:
+    def __init__(self, transport: Endpoint, membership: Membership, path: Path, config: Config | None = None) -> None:
         super().__init__()
-        self.agent = agent
-        self.membership = agent.membership
+        self.transport = transport
+        self.membership = membership
         self.config = config or Config()
         self.client = Client(self.config)
         self.rng = random.Random()
-        self.path: Path = agent.config.data_dir / "coordinate.json"
+        self.path = path
         self.seq = 0
         self._saved_seq = -1
         self._last_rtt: dict[str, float] = {}
         self._restore()
-        agent.transport.stamp = self.stamp
-        agent.transport.on_rtt = self.on_rtt
+        transport.stamp = self.stamp
+        transport.on_rtt = self.on_rtt
         for method, handler in ((COORD_PING, self._on_ping), (COORD_LIST, self._on_list),
                                 (COORD_RTT, self._on_rtt), (COORD_PROBE, self._on_probe)):
-            agent.transport.route(method, handler)
+            transport.route(method, handler)
 
     # -- samples -----------------------------------------------------------------------------------
 
@@ -79,7 +80,7 @@ class CoordinateService(Actor):
         target = self.pick_from_view()
         if target is not None:
             try:
-                await self.agent.transport.call(target.addr, "coord.ping", timeout=2.0)
+                await self.transport.call(target.addr, "coord.ping", timeout=2.0)
             except RpcError as err:
                 log.debug("coordinate sample from %s failed: %s", target.name, err)
         if self.seq != self._saved_seq:
@@ -163,7 +164,7 @@ class CoordinateService(Actor):
             other = b if a is self.membership.me else a
             measured = await self._measure(other)
         else:  # ask one end to measure the other
-            measured = await self.agent.transport.call(a.addr, "coord.probe", {"target": b.name}, timeout=10)
+            measured = await self.transport.call(a.addr, "coord.probe", {"target": b.name}, timeout=10)
         return {"a": a.name, "b": b.name, "estimated_ms": round(est * 1000, 3), "bound_ms": round(bound * 1000, 3),
                 "measured_ms": round(measured * 1000, 3) if isinstance(measured, float | int) else None}
 
@@ -177,7 +178,7 @@ class CoordinateService(Actor):
         samples = []
         for _ in range(PROBES):
             self._last_rtt.pop(member.name, None)
-            await self.agent.transport.call(member.addr, "coord.ping", timeout=5)
+            await self.transport.call(member.addr, "coord.ping", timeout=5)
             if member.name in self._last_rtt:  # set by on_rtt while the call returned
                 samples.append(self._last_rtt[member.name])
         if not samples:

@@ -1,25 +1,33 @@
 """The node agent: one per physical node, composing the transport, membership, ring, DHT and host.
 
-Each service (host, gossip, coordinates, ring, repair) is an actor under one supervisor. Higher layers (the VE
-service of `discovery/`) plug in through `extensions`: callables that receive the running agent
-and register their own RPC methods and actors, so this module never imports the layer above it.
+Each service (host, gossip, coordinates, ring, repair, spiral, overlays) is an actor under one supervisor.
+This module is where they are wired: each receives the few things it uses (the transport, the
+membership, a file of the data directory, a function giving free capacity, a coordinate lookup...),
+never the agent, so no service imports this module back. Higher layers (the VE service of
+`discovery/`) plug in through `extensions`: callables that receive the running agent and register
+their own RPC methods and actors, so this module never imports the layer above it.
+
+asyncio is loaded only when the config enables Kademlia (the `kademlia` package is asyncio code, run
+under trio-asyncio); otherwise the agent is a plain trio program.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
-import trio_asyncio
 
 from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
 from agents.host.service import HostService
-from agents.hypervisor.actor import Hypervisor, write_node_xml
+from agents.hypervisor.actor import DAEMON_CONNECTIONS, Hypervisor, write_node_xml
 from agents.hypervisor.qemu import QemuBackend, open_backend
 from agents.messages import AGENT_MEMBERS, AGENT_STATUS, MEMBER_PING
 from agents.overlays import OverlayService
@@ -29,7 +37,10 @@ from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
 from overlay.membership import Member, Membership
 from overlay.ring import Ring
-from overlay.wire.rpc import Caller, RpcError, Transport, free_ports
+from overlay.wire.rpc import Caller, Endpoint, RpcError, Transport, free_ports
+
+if TYPE_CHECKING:
+    from overlay.kad import KademliaOverlay
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +60,15 @@ class NodeAgent:
         """Serve until SIGTERM/SIGINT or cancellation, then leave the cluster politely."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.backend = self._open_qemu() if cfg.hypervisor == "qemu" else None
+        self.backend = await trio.to_thread.run_sync(self._open_qemu) if cfg.hypervisor == "qemu" else None
         try:
             uri = self.backend.uri if self.backend else cfg.libvirt_uri or write_node_xml(
                 cfg.data_dir / "node.xml", cfg.capacity.vcpus, cfg.capacity.memory_mb)
-            self.hypervisor = Hypervisor.open(uri)
-            self.shard = Shard(cfg.data_dir / "dht.sqlite")
+            daemon = self.backend is not None and self.backend.daemon is not None
+            self.hypervisor = await Hypervisor.connect(uri, DAEMON_CONNECTIONS if daemon else 1)
+            self.shard = await trio.to_thread.run_sync(Shard, cfg.data_dir / "dht.sqlite")
             try:
-                async with trio_asyncio.open_loop():  # the Kademlia overlay is asyncio code (overlay/kad.py)
+                async with self._asyncio_loop():
                     await self._serve()
             finally:
                 if hasattr(self, "host"):
@@ -66,6 +78,24 @@ class NodeAgent:
         finally:
             if self.backend is not None:
                 self.backend.close()
+
+    def _asyncio_loop(self) -> AbstractAsyncContextManager[Any]:
+        """The trio-asyncio loop the Kademlia overlay runs in (`overlay.kad`), only if it is enabled: without
+        Kademlia nothing imports asyncio."""
+        if not self.config.kademlia:
+            return contextlib.nullcontext()
+        import trio_asyncio
+
+        return trio_asyncio.open_loop()
+
+    def _kademlia(self) -> KademliaOverlay | None:
+        cfg = self.config
+        if not cfg.kademlia:
+            return None
+        from overlay.kad import KademliaOverlay  # asyncio code: loaded only when enabled
+
+        local_ms = cfg.site_rtt_ms.get(cfg.site, {}).get(cfg.site, 0.0)  # UDP peers' sites are unknown
+        return KademliaOverlay(cfg.identity, delay=local_ms / 2000.0)
 
     def _open_qemu(self) -> QemuBackend:
         cfg = self.config
@@ -86,15 +116,21 @@ class NodeAgent:
             self.membership.me.incarnation = self._bump_incarnation()
             self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)
             self.dht = DHT(transport, self.ring, self.shard, r=cfg.replicas)
-            self.overlays = OverlayService(self)
+            self.overlays = OverlayService(transport, self.membership, self.dht, self._kademlia(),
+                                           (host.strip("[]"), cfg.kad_port), cfg.data_dir / "binding.json")
             self.records = self.overlays.records  # what services read and write, on whichever overlay is bound
             self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite",
                                     *((self.backend.guests, self.backend.migration_uri) if self.backend else ()))
-            self.gossip = GossipService(self)
-            self.coordinates = CoordinateService(self)  # every RPC we make is now an RTT sample
-            self.spiral = SpiralService(self)
-            self.actors += [self.host, self.gossip, self.coordinates, RingService(self), RepairService(self),
-                            self.overlays, self.spiral]
+            self.gossip = GossipService(transport, self.membership, self.ring, self.notifier, cfg.join,
+                                        cfg.data_dir / "members.json", cfg.probe_interval)
+            # every RPC we make is now an RTT sample
+            self.coordinates = CoordinateService(transport, self.membership, cfg.data_dir / "coordinate.json")
+            self.spiral = SpiralService(transport, self.membership, self.coordinates.coordinate_of, self._free)
+            self.notifier.subscribe(self.spiral.tell_nowait, {"member_joined"})
+            ring_service = RingService(transport, self.membership, self.ring, cfg.ring_interval)
+            self.notifier.subscribe(ring_service.tell_nowait, {"member_dead", "member_left"})
+            self.actors += [self.host, self.gossip, self.coordinates, ring_service,
+                            RepairService(self.dht, cfg.repair_interval), self.overlays, self.spiral]
             transport.route(AGENT_STATUS, self._on_status)
             transport.route(AGENT_MEMBERS, self._on_members)
             for extension in self.extensions:
@@ -111,6 +147,10 @@ class NodeAgent:
                 await self.gossip.leave()
             finally:
                 await self.overlays.close()
+
+    def _free(self) -> dict[str, int]:
+        """This node's free capacity now (what spiral steps report)."""
+        return self.host.ledger.free(trio.current_time()).to_wire()
 
     def _estimated_rtt(self, peer: Peer) -> float | None:
         """Vivaldi's estimate of the RTT to a ring peer, for proximity fingers."""
@@ -162,18 +202,24 @@ class GossipService(Actor):
     name = "gossip"
     sync_period = 30.0  # seconds between full-state push-pulls, as memberlist does
 
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, transport: Endpoint, membership: Membership, ring: Ring, notifier: Notifier, seeds: list[str],
+                 path: Path, interval: float) -> None:
         super().__init__()
-        self.agent = agent
-        self.membership = agent.membership
-        self.tick_interval = agent.config.probe_interval
+        self.transport = transport
+        self.membership = membership
+        self.ring = ring
+        self.notifier = notifier
+        self.seeds = seeds
+        self.path = path
+        """Where the live members' addresses are kept: the seeds after a restart."""
+        self.tick_interval = interval
         self.membership.sync_every = max(1, round(self.sync_period / self.tick_interval))
         self._remembered: list[tuple[str, str, str]] = []
-        agent.transport.route(MEMBER_PING, self._on_ping)
+        transport.route(MEMBER_PING, self._on_ping)
 
     async def join(self) -> None:
         await self._contact_seeds()
-        await self.agent.ring.join([m.addr for m in self.membership.alive(include_me=False)] or self._seeds())
+        await self.ring.join([m.addr for m in self.membership.alive(include_me=False)] or self._seeds())
 
     async def tick(self) -> None:
         target, full = self.membership.next_round()
@@ -188,10 +234,10 @@ class GossipService(Actor):
         self.membership.leave()
         with trio.move_on_after(2):
             others = [m.addr for m in self.membership.alive(include_me=False)][:3]
-            await self.agent.transport.call_many(others, "member.ping", self.membership.message(), 1.0)
+            await self.transport.call_many(others, "member.ping", self.membership.message(), 1.0)
 
     def _seeds(self) -> list[str]:
-        seeds = [a for a in self.agent.config.join if a != self.membership.me.addr]
+        seeds = [a for a in self.seeds if a != self.membership.me.addr]
         return seeds + [m.addr for m in self._remembered_members() if m.addr not in seeds]
 
     async def _contact_seeds(self) -> None:
@@ -208,7 +254,7 @@ class GossipService(Actor):
 
     async def _probe(self, addr: str, name: str | None = None, full: bool = False) -> bool:
         try:
-            reply = await self.agent.transport.call(addr, "member.ping", self.membership.message(full),
+            reply = await self.transport.call(addr, "member.ping", self.membership.message(full),
                                                     timeout=max(0.5, self.tick_interval * 2))
         except RpcError as err:
             log.debug("probe of %s failed: %s", name or addr, err)
@@ -228,20 +274,19 @@ class GossipService(Actor):
     def _publish(self, events: list[tuple[str, Member]]) -> None:
         for kind, member in events:
             log.info("%s: %s (%s)", kind, member.name, member.addr)
-            self.agent.notifier.publish(kind, name=member.name, addr=member.addr, site=member.site)
+            self.notifier.publish(kind, name=member.name, addr=member.addr, site=member.site)
 
     def _remember_members(self) -> None:
         """Persist the live members' addresses (seeds after a restart), only when they change."""
         table = sorted((m.name, m.addr, m.site) for m in self.membership.alive(include_me=False))
         if table != self._remembered:
             entries = [{"name": n, "addr": a, "site": s} for n, a, s in table]
-            (self.agent.config.data_dir / "members.json").write_text(json.dumps(entries))
+            self.path.write_text(json.dumps(entries))
             self._remembered = table
 
     def _remembered_members(self) -> list[Member]:
-        path = self.agent.config.data_dir / "members.json"
         try:
-            return [Member(e["name"], e["addr"], e["site"]) for e in json.loads(path.read_text())]
+            return [Member(e["name"], e["addr"], e["site"]) for e in json.loads(self.path.read_text())]
         except (OSError, ValueError, KeyError, TypeError):
             return []
 
@@ -255,21 +300,21 @@ class RingService(Actor):
 
     name = "ring"
 
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, transport: Endpoint, membership: Membership, ring: Ring, interval: float) -> None:
         super().__init__()
-        self.agent = agent
-        self.ring = agent.ring
-        self.tick_interval = agent.config.ring_interval
-        agent.notifier.subscribe(self.tell_nowait, {"member_dead", "member_left"})
+        self.transport = transport
+        self.membership = membership
+        self.ring = ring
+        self.tick_interval = interval
 
     async def handle(self, event: Event) -> None:
         for peer in self.ring.state.known_peers():
             if peer.name == event.data["name"]:
                 self.ring.state.on_dead(peer)
-        await self.agent.transport.forget(event.data["addr"])
+        await self.transport.forget(event.data["addr"])
 
     async def tick(self) -> None:
-        for member in self.agent.membership.alive(include_me=False):
+        for member in self.membership.alive(include_me=False):
             self.ring.state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
         await self.ring.maintain()
 
@@ -280,10 +325,10 @@ class RepairService(Actor):
 
     name = "repair"
 
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, dht: DHT, interval: float) -> None:
         super().__init__()
-        self.dht = agent.dht
-        self.tick_interval = agent.config.repair_interval
+        self.dht = dht
+        self.tick_interval = interval
 
     async def tick(self) -> None:
         await self.dht.maintain()

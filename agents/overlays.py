@@ -1,7 +1,8 @@
 """The agent's two overlays, and the record store its services use, which can move between them at run time.
 
 Chord's DHT (`overlay.dht`, over the ring) is always there; a Kademlia overlay (`overlay.kad`, the
-`kademlia` package under trio-asyncio) runs beside it when the agent's config enables it. Services (the
+`kademlia` package under trio-asyncio) runs beside it when the agent's config enables it; otherwise nothing
+here imports it, nor asyncio (the node builds the Kademlia overlay and hands it over). Services (the
 VE directory) never hold either: they hold `agent.records`, a `Records` binding, which answers from
 whichever overlay the cluster is bound to now. `discovery overlay bind kademlia` re-binds every agent:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -40,13 +42,13 @@ from agents.messages import (
     OVERLAY_THAW,
 )
 from agents.runtime import Actor
-from overlay.dht import Record, record_from_wire
+from overlay.dht import DHT, Record, record_from_wire
 from overlay.interface import Binding, Overlay, copy_records
-from overlay.kad import KademliaError, KademliaOverlay
-from overlay.wire.rpc import Caller, RequestError, RpcError, split_addr
+from overlay.membership import Membership
+from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError, split_addr
 
 if TYPE_CHECKING:
-    from agents.node import NodeAgent
+    from overlay.kad import KademliaOverlay
 
 log = logging.getLogger(__name__)
 CHORD, KADEMLIA = "chord", "kademlia"
@@ -69,46 +71,57 @@ class Records(Binding):
         self.service = service
 
     async def get(self, key: str) -> Record | None:
-        return await _guarded(super().get(key))
+        return await _guarded(super().get(key), self.service.errors)
 
     async def get_record(self, key: str) -> Record | None:
-        return await _guarded(super().get_record(key))
+        return await _guarded(super().get_record(key), self.service.errors)
 
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
-        return await _guarded(super().put(key, value, after))
+        return await _guarded(super().put(key, value, after), self.service.errors)
 
     async def scan(self, prefix: str) -> list[Record]:
         """Every live record whose key starts with `prefix`, newest copy of each, from all live members."""
         return [r for r in await self.service.scan(self.name, prefix) if not r.deleted]
 
 
-async def _guarded(operation: Any) -> Any:
+async def _guarded(operation: Any, errors: tuple[type[Exception], ...]) -> Any:
+    """Await an overlay operation: its failures (`errors`) and a timeout become RequestError."""
     try:
         with trio.fail_after(OP_TIMEOUT):
             return await operation
-    except (KademliaError, ValueError) as err:
+    except errors as err:
         raise RequestError(str(err)) from None
     except trio.TooSlowError:
         raise RequestError(f"the overlay did not answer within {OP_TIMEOUT:.0f} s") from None
 
 
 class OverlayService(Actor):
-    """Owns both overlays and the binding; bootstraps Kademlia from members; adopts newer bindings."""
+    """Owns both overlays and the binding; bootstraps Kademlia from members; adopts newer bindings.
+
+    Receives the transport, the membership (whom to freeze, scan and bootstrap from), the Chord DHT (whose
+    shard answers this node's part of a scan), the Kademlia overlay or None, where Kademlia listens (host,
+    UDP port: 0 picks one) and the file that keeps the binding across restarts.
+    """
 
     name = "overlays"
     tick_interval = 2.0
 
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, transport: Endpoint, membership: Membership, chord: DHT, kad: KademliaOverlay | None,
+                 listen: tuple[str, int], path: Path) -> None:
         super().__init__()
-        self.agent = agent
-        local_ms = agent.config.site_rtt_ms.get(agent.config.site, {}).get(agent.config.site, 0.0)
-        self.kad = None
-        if agent.config.kademlia:  # emulated latency: only the intra-site one (UDP peers' sites are unknown)
-            self.kad = KademliaOverlay(agent.config.identity, delay=local_ms / 2000.0)
-        self.overlays: dict[str, Overlay] = {CHORD: agent.dht}
-        if self.kad is not None:
-            self.overlays[KADEMLIA] = self.kad
-        self.path = agent.config.data_dir / "binding.json"
+        self.transport = transport
+        self.membership = membership
+        self.chord = chord
+        self.kad = kad
+        self.listen = listen
+        self.errors: tuple[type[Exception], ...] = (ValueError,)
+        """What the bound overlays raise for a failed operation (Kademlia's own error when it runs)."""
+        self.overlays: dict[str, Overlay] = {CHORD: chord}
+        if kad is not None:
+            from overlay.kad import KademliaError  # loaded already, with the overlay: only then is asyncio in
+            self.errors += (KademliaError,)
+            self.overlays[KADEMLIA] = kad
+        self.path = path
         bound, self.epoch = self._load()
         self.records = Records(self, self.overlays[bound], bound)
         self._lease_end = 0.0
@@ -119,14 +132,14 @@ class OverlayService(Actor):
                                 (OVERLAY_SWITCH, self._on_switch), (OVERLAY_THAW, self._on_thaw),
                                 (OVERLAY_BIND, self._on_bind), (OVERLAY_GET, self._on_get),
                                 (OVERLAY_PUT, self._on_put)):
-            agent.transport.route(method, handler)
+            transport.route(method, handler)
 
     async def start_kademlia(self) -> None:
         """Listen on UDP beside the agent's TCP address; joining waits for the first tick with members."""
         if self.kad is None or self._kad_started:
             return
-        host, _ = split_addr(self.agent.config.listen)
-        await self.kad.start(host, self.agent.config.kad_port, [])
+        host, port = self.listen
+        await self.kad.start(host, port, [])
         self._kad_started = True
         log.info("kademlia listening on %s:%d/udp", host, self.kad.port)
 
@@ -148,7 +161,7 @@ class OverlayService(Actor):
         """Join through a few random members when alone, and again every REJOIN_EVERY while the routing
         table knows fewer contacts than there are members: nodes that bootstrapped through each other
         at the same moment would otherwise stay islands, each finding only its own copies."""
-        others = self.agent.membership.alive(include_me=False)
+        others = self.membership.alive(include_me=False)
         known = self.kad.neighbours()
         now = trio.current_time()
         if not others or (known and (known >= len(others) or now < self._next_rejoin)):
@@ -157,7 +170,7 @@ class OverlayService(Actor):
         contacts = []
         for member in random.sample(others, min(3, len(others))):
             try:
-                contact = await self.agent.transport.call(member.addr, "overlay.contact", timeout=CALL_TIMEOUT)
+                contact = await self.transport.call(member.addr, "overlay.contact", timeout=CALL_TIMEOUT)
                 contacts.append((split_addr(member.addr)[0], int(contact["kad_port"])))
             except (RpcError, KeyError, TypeError, ValueError) as err:
                 log.debug("no kademlia contact from %s: %s", member.name, err)
@@ -194,12 +207,12 @@ class OverlayService(Actor):
         log.info("records bound to %s (epoch %d)", name, epoch)
 
     async def _adopt_newer_binding(self) -> None:
-        others = self.agent.membership.alive(include_me=False)
+        others = self.membership.alive(include_me=False)
         if not others:
             return
         peer = random.choice(others)
         try:
-            status = await self.agent.transport.call(peer.addr, "overlay.status", timeout=CALL_TIMEOUT)
+            status = await self.transport.call(peer.addr, "overlay.status", timeout=CALL_TIMEOUT)
         except RpcError:
             return
         if (isinstance(status, dict) and isinstance(status.get("epoch"), int) and status["epoch"] > self.epoch
@@ -211,7 +224,7 @@ class OverlayService(Actor):
         kad = None
         if self.kad is not None and self._kad_started:
             kad = {"port": self.kad.port, "neighbours": self.kad.neighbours()}
-        return {"node": self.agent.config.name, "overlay": self.records.name, "epoch": self.epoch,
+        return {"node": self.membership.me.name, "overlay": self.records.name, "epoch": self.epoch,
                 "frozen": self.records.frozen, "overlays": sorted(self.overlays), "kademlia": kad}
 
     async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
@@ -243,8 +256,8 @@ class OverlayService(Actor):
         source = self.records.name
         if target == source:
             return {**self._status(), "copied": 0, "changed": False}
-        addrs = [m.addr for m in self.agent.membership.alive()]
-        answers = await self.agent.transport.call_many(addrs, "overlay.freeze", {"overlay": target}, OP_TIMEOUT)
+        addrs = [m.addr for m in self.membership.alive()]
+        answers = await self.transport.call_many(addrs, "overlay.freeze", {"overlay": target}, OP_TIMEOUT)
         unfrozen = [a for a, v in answers.items() if v is not True]
         try:
             if unfrozen:
@@ -254,11 +267,11 @@ class OverlayService(Actor):
                 r.key for r in await self.scan(target, "") if not r.deleted}
             with trio.fail_after(OP_TIMEOUT * 4):
                 copied = await copy_records(self.overlays[source], self.overlays[target], sorted(keys))
-        except (RequestError, RpcError, KademliaError, trio.TooSlowError) as err:
-            await self.agent.transport.call_many(addrs, "overlay.thaw", {}, CALL_TIMEOUT)
+        except (RequestError, RpcError, trio.TooSlowError, *self.errors) as err:
+            await self.transport.call_many(addrs, "overlay.thaw", {}, CALL_TIMEOUT)
             raise RequestError(f"re-binding to {target} failed, still on {source}: {err}") from None
         epoch = self.epoch + 1
-        answers = await self.agent.transport.call_many(addrs, "overlay.switch", {"overlay": target, "epoch": epoch},
+        answers = await self.transport.call_many(addrs, "overlay.switch", {"overlay": target, "epoch": epoch},
                                                        CALL_TIMEOUT)
         missed = sorted(a for a, v in answers.items() if v is not True)
         return {**self._status(), "copied": copied, "changed": True, "members": len(addrs), "missed": missed}
@@ -267,8 +280,8 @@ class OverlayService(Actor):
 
     async def scan(self, overlay: str, prefix: str) -> list[Record]:
         """The newest copy of each record under `prefix` that live members hold of `overlay`, deletions included."""
-        addrs = [m.addr for m in self.agent.membership.alive()]
-        answers = await self.agent.transport.call_many(addrs, "overlay.scan", {"overlay": overlay, "prefix": prefix},
+        addrs = [m.addr for m in self.membership.alive()]
+        answers = await self.transport.call_many(addrs, "overlay.scan", {"overlay": overlay, "prefix": prefix},
                                                        OP_TIMEOUT)
         newest: dict[str, Record] = {}
         for answer in answers.values():
@@ -284,10 +297,10 @@ class OverlayService(Actor):
         if not isinstance(prefix, str) or len(prefix) > 1024:
             raise RequestError("prefix must be a string of at most 1024 characters")
         if name == CHORD:
-            return [r.to_wire() for k, r in self.agent.shard.records.items() if k.startswith(prefix)]
+            return [r.to_wire() for k, r in self.chord.shard.records.items() if k.startswith(prefix)]
         kad = self.kad
         assert kad is not None  # _overlay_arg checked it
-        return [(await _guarded(kad.record_of(e))).to_wire() for e in kad.local_envelopes(prefix)]
+        return [(await _guarded(kad.record_of(e), self.errors)).to_wire() for e in kad.local_envelopes(prefix)]
 
     async def _on_get(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """One read through a named overlay (default: the bound one), timed here: `discovery kv get`."""
@@ -295,7 +308,7 @@ class OverlayService(Actor):
         key = _key_arg(args, args.get("owner") or caller.cn)
         start = trio.current_time()
         try:
-            record = await _guarded(overlay.get(key))
+            record = await _guarded(overlay.get(key), self.errors)
         except RpcError as err:
             raise RequestError(str(err)) from None
         return {"key": key, "found": record is not None, "value": record.value if record else None,
@@ -309,7 +322,7 @@ class OverlayService(Actor):
         if overlay is self.records.overlay:
             overlay = self.records  # through the binding, so a re-bind in progress holds it
         try:
-            record = await _guarded(overlay.put(key, args.get("value")))
+            record = await _guarded(overlay.put(key, args.get("value")), self.errors)
         except RpcError as err:
             raise RequestError(str(err)) from None
         return {"key": key, "version": record.version, "overlay": self._overlay_name(args),

@@ -1,7 +1,10 @@
 """The actor runtime of an agent: supervised services with mailboxes, and a notification bus.
 
-Every service of an agent is an actor: one trio task that owns its state and handles the messages of
-its mailbox one at a time, so its state needs no locks. A `Supervisor` restarts a crashed service
+Every service of an agent is an actor: one trio task that runs its periodic work (`tick`) and handles the
+messages of its mailbox one at a time. Mailboxes carry events (membership news, protocol messages), not
+the node's requests: RPCs are served in the tasks the transport starts for them, and a service whose
+requests share state protects it as finely as that state allows (the host service: a lock per VM,
+`agents.host.locks`), never by queueing every request in one mailbox. A `Supervisor` restarts a crashed service
 (one-for-one) up to `max_restarts` times within `window` seconds, then escalates by raising
 `EscalatedFailure`, which stops the agent: a service that keeps crashing is a bug, not weather.
 The `Notifier` fans overlay events (member joined/left/died) out to the actors that subscribed,

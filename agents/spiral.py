@@ -14,6 +14,11 @@ every spiral that crosses it. `discovery sim spiral` measures this configuration
 
 `SpiralService.search(count, predicate)` is the `spiral(origin, count, predicate)` of the DISCOVERY
 paper with this agent as the origin; placement (`discovery.ve.service`) and DVMS use it.
+
+A view never waits for the periodic refresh to be useful: it learns every live member when the service
+starts, each member as membership announces it (`member_joined`, through the agent's notifier), and
+again whenever it is found empty when a search starts or a step is asked of it. So a search on a fresh
+cluster finds nodes as soon as membership knows them.
 """
 
 from __future__ import annotations
@@ -22,19 +27,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import trio
+from typing import Any
 
 from agents.messages import SPIRAL_SEARCH, SPIRAL_STEP
-from agents.runtime import Actor
-from overlay.membership import Member
+from agents.runtime import Actor, Event
+from overlay.membership import ALIVE, SUSPECT, Member, Membership
 from overlay.spiral import Entry, Hinted, SpiralSearch, View, answer
-from overlay.wire.rpc import Caller, RequestError, RpcError
+from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 from vivaldi.coordinate import Coordinate
-
-if TYPE_CHECKING:
-    from agents.node import NodeAgent
 
 log = logging.getLogger(__name__)
 VIEW_SIZE = 16
@@ -60,29 +60,56 @@ class SpiralResult:
 
 
 class SpiralService(Actor):
+    """Receives the transport, the membership (this node is `membership.me`, with its name and site), a
+    coordinate lookup for members (`CoordinateService.coordinate_of`) and a function giving this node's
+    free capacity (what `spiral.step` answers, for the asker's predicate). Deliver it `member_joined`
+    events (`Notifier.subscribe(service.tell_nowait, {"member_joined"})`) to learn members at once."""
+
     name = "spiral"
     tick_interval = 5.0
 
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, transport: Endpoint, membership: Membership,
+                 coordinate_of: Callable[[Member], Coordinate | None], free: Callable[[], dict[str, int]]) -> None:
         super().__init__()
-        self.agent = agent
-        self.membership = agent.membership
+        self.transport = transport
+        self.membership = membership
+        self.coordinate_of = coordinate_of
+        self.free = free
         self.view = View(self.entry(self.membership.me), self.distance, VIEW_SIZE, VIEW_FAR)
-        agent.transport.route(SPIRAL_STEP, self._on_step)
-        agent.transport.route(SPIRAL_SEARCH, self._on_search)
+        transport.route(SPIRAL_STEP, self._on_step)
+        transport.route(SPIRAL_SEARCH, self._on_search)
+
+    async def start(self) -> None:
+        self.refresh()
 
     async def tick(self) -> None:
-        alive = {m.name for m in self.membership.alive(include_me=False)}
+        self.refresh()
+
+    async def handle(self, event: Event) -> None:
+        """A member joined: learn it now rather than at the next tick."""
+        member = self.membership.members.get(event.data.get("name", ""))
+        if member is not None and member is not self.membership.me and member.status in (ALIVE, SUSPECT):
+            self.view.me = self.entry(self.membership.me)
+            self.view.learn([self.entry(member)])
+
+    def refresh(self) -> None:
+        """Forget members no longer alive and learn every live one, ranked by the oracle."""
+        alive = self.membership.alive(include_me=False)
+        names = {m.name for m in alive}
         for entry in self.view.entries():
-            if entry.name not in alive:
+            if entry.name not in names:
                 self.view.forget(entry.name)
         self.view.me = self.entry(self.membership.me)
-        self.view.learn(self.entry(m) for m in self.membership.alive(include_me=False))
+        self.view.learn(self.entry(m) for m in alive)
+
+    def _fill_if_empty(self) -> None:
+        if not self.view.entries():
+            self.refresh()
 
     # -- the oracle --------------------------------------------------------------------------------
 
     def entry(self, member: Member) -> Entry:
-        return Entry(member.name, member.addr, self.agent.coordinates.coordinate_of(member), member.coord_seq)
+        return Entry(member.name, member.addr, self.coordinate_of(member), member.coord_seq)
 
     def distance(self, a: Entry, b: Entry) -> float:
         """Measured RTT when one end is this node and it has measured the other, else the estimate."""
@@ -99,6 +126,7 @@ class SpiralService(Actor):
 
     async def search(self, count: int, predicate: Predicate | None = None, n: int | None = None) -> SpiralResult:
         """The `count` nearest live nodes to this one that satisfy `predicate`, nearest first."""
+        self._fill_if_empty()
         replies: dict[str, dict[str, Any]] = {}
         suits = predicate or (lambda entry, reply: True)
         walk = SpiralSearch(self.distance, far=VIEW_FAR)
@@ -106,7 +134,7 @@ class SpiralService(Actor):
                    n or max(count, VIEW_SIZE), self.view.entries())
         while (hop := walk.next_hop()) is not None:
             try:
-                reply = await self.agent.transport.call(hop.addr, "spiral.step", {
+                reply = await self.transport.call(hop.addr, "spiral.step", {
                     "view": [_entry_to_wire(e) for e in walk.spiral_view()]}, timeout=STEP_TIMEOUT)
                 entries = _hinted_from_wire(reply["entries"])
             except (RpcError, RequestError, KeyError, TypeError) as err:
@@ -124,11 +152,11 @@ class SpiralService(Actor):
 
     async def _on_step(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         spiral_view = _entries_from_wire(args.get("view"))
+        self._fill_if_empty()
         self.view.me = self.entry(self.membership.me)
         hinted = answer(self.view, spiral_view)
         return {"entries": [[*_entry_to_wire(e), d] for e, d in hinted if math.isfinite(d)],
-                "site": self.agent.config.site,
-                "free": self.agent.host.ledger.free(trio.current_time()).to_wire()}
+                "site": self.membership.me.site, "free": self.free()}
 
     async def _on_search(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """`discovery spiral`: the nearest nodes to this agent, optionally in one site, with the walk's cost."""
@@ -139,7 +167,7 @@ class SpiralService(Actor):
             raise RequestError("site must be a string")
         result = await self.search(count, lambda e, reply: site is None or reply.get("site") == site)
         keys = result.keys()
-        return {"origin": self.agent.config.name, "hops": result.hops, "messages": result.messages,
+        return {"origin": self.membership.me.name, "hops": result.hops, "messages": result.messages,
                 "failures": result.failures,
                 "nodes": [{"name": e.name, "site": result.replies[e.name].get("site"),
                            "rtt_ms": round(keys[e.name] * 1000, 3) if e.name in keys else None,

@@ -127,21 +127,35 @@ def digest(records: Iterable[Record], buckets: int) -> list[int]:
 
 
 class Shard:
-    """The records this node holds, in memory and in SQLite."""
+    """The records this node holds: in memory (what every read uses) and in SQLite (what a restart reads).
 
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path)
+    A change is made in memory at once, inside the caller's synchronous section, so concurrent handlers
+    always see one consistent shard; its SQLite statement then runs in a worker thread and the caller
+    returns once it is committed, so an acknowledged store is on disk and the event loop never waits on
+    the disk. One connection, used by one thread at a time (a limiter of one: sqlite3 connections must
+    not be used by two threads at once, and SQLite takes one writer anyway). Statements may commit in
+    another order than memory changed (two merges of one key racing), so each carries the rule itself:
+    an upsert keeps the newer (version, writer), a drop deletes only the version it dropped.
+
+    `inline=True` runs the statements in the caller instead: under a virtual clock (tests, simulations)
+    a thread would let the clock jump past every deadline while it works.
+    """
+
+    def __init__(self, path: Path, inline: bool = False) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False)
+        self._inline = inline
+        self._limiter = trio.CapacityLimiter(1)
         self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB, "
                          "version INTEGER, writer TEXT)")
         self.records: dict[str, Record] = {}
         for key, value, version, writer in self._db.execute("SELECT key, value, version, writer FROM records"):
             self.records[key] = Record(key, msgpack.unpackb(value, raw=False), version, writer)
 
-    def merge(self, record: Record) -> bool:
+    async def merge(self, record: Record) -> bool:
         """Keep `record` if it is newer than what we hold; True if it was stored."""
-        return bool(self.merge_many([record]))
+        return bool(await self.merge_many([record]))
 
-    def merge_many(self, records: Iterable[Record]) -> int:
+    async def merge_many(self, records: Iterable[Record]) -> int:
         """`merge` for a batch, in one transaction: one sync to disk per anti-entropy batch instead
         of one per record. Returns how many were stored."""
         newer: dict[str, Record] = {}
@@ -149,25 +163,38 @@ class Shard:
             if record.newer_than(newer.get(record.key) or self.records.get(record.key)):
                 newer[record.key] = record
         if newer:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)",
-                                     [(r.key, msgpack.packb(r.value, use_bin_type=True), r.version, r.writer)
-                                      for r in newer.values()])
             self.records.update(newer)
+            await self._write(_UPSERT, [(r.key, msgpack.packb(r.value, use_bin_type=True), r.version, r.writer)
+                                        for r in newer.values()])
         return len(newer)
 
-    def drop(self, key: str) -> None:
-        self.drop_many([key])
+    async def drop(self, key: str) -> None:
+        await self.drop_many([key])
 
-    def drop_many(self, keys: Iterable[str]) -> None:
-        keys = list(keys)
-        with self._db:
-            self._db.executemany("DELETE FROM records WHERE key = ?", [(key,) for key in keys])
-        for key in keys:
-            self.records.pop(key, None)
+    async def drop_many(self, keys: Iterable[str]) -> None:
+        dropped = [self.records.pop(key) for key in list(keys) if key in self.records]
+        if dropped:
+            await self._write(_DELETE, [(r.key, r.version, r.writer) for r in dropped])
+
+    async def _write(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.executemany(statement, rows)
+        if self._inline:
+            write()
+        else:
+            await trio.to_thread.run_sync(write, limiter=self._limiter)
 
     def close(self) -> None:
         self._db.close()
+
+
+_UPSERT = ("INSERT INTO records VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+           "version = excluded.version, writer = excluded.writer WHERE (excluded.version, excluded.writer) > "
+           "(records.version, records.writer)")
+"""Store a record unless the row holds a newer (version, writer): `Record.newer_than`, in SQL."""
+_DELETE = "DELETE FROM records WHERE key = ? AND version = ? AND writer = ?"
+"""Drop the version that was dropped from memory, not a newer one written since."""
 
 
 class DHT:
@@ -191,7 +218,7 @@ class DHT:
         transport.route(DHT_OFFER, self._on_offer)
 
     async def _on_store(self, caller: Caller, args: dict[str, Any]) -> bool:
-        self.shard.merge(record_from_wire(args.get("record")))
+        await self.shard.merge(record_from_wire(args.get("record")))
         return True
 
     async def _on_fetch(self, caller: Caller, args: dict[str, Any]) -> list[Any] | None:
@@ -226,7 +253,7 @@ class DHT:
         """Keep the pushed records that are newer than ours; answer with ours for the pulled keys."""
         records = [record_from_wire(raw) for raw in _list_arg(args, "push")]
         keys = [_check_key(key, "pull") for key in _list_arg(args, "pull")]
-        self.shard.merge_many(records)
+        await self.shard.merge_many(records)
         return [self.shard.records[key].to_wire() for key in keys if key in self.shard.records]
 
     async def _on_offer(self, caller: Caller, args: dict[str, Any]) -> list[str]:
@@ -384,7 +411,7 @@ class DHT:
             wanted = set(keys)
             pulled = [record for record in map(record_from_wire, answer) if record.key in wanted]
             self.stats["records_pulled"] += len(pulled)
-            self.shard.merge_many(pulled)
+            await self.shard.merge_many(pulled)
 
     async def _hand_off(self, lo: int) -> None:
         """Give the records outside (lo, me] to their replicas; drop each once one of them holds it.
@@ -434,7 +461,7 @@ class DHT:
                     self.stats["failures"] += 1
             # a record replaced by a newer write meanwhile was not handed off: keep it for the next pass
             gone = [key for key in held if self.shard.records.get(key) is batch[key]]
-            self.shard.drop_many(gone)
+            await self.shard.drop_many(gone)
             self.stats["handoff_dropped"] += len(gone)
 
     async def _call(self, addr: str, method: str, args: dict[str, Any]) -> Any:

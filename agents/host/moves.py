@@ -21,6 +21,7 @@ import trio
 
 from agents.host.args import count_arg, name_arg
 from agents.host.capacity import Resources
+from agents.host.locks import one_vm
 from agents.host.shipping import CHUNK, copy_file, fetch_file, read_chunk
 from agents.hypervisor.actor import HypervisorError
 from agents.messages import HOST_EXPORT, HOST_FETCH, HOST_INCOMING, HOST_MIGRATE
@@ -38,16 +39,17 @@ class Moves:
     """`host.export`, `host.fetch`, `host.incoming` and `host.migrate`, and what `host.confirm` and
     `host.vm` need of a move (`_pull`, `_reconcile`, `_movability`).
 
-    A mixin of `agents.host.service.HostService`, whose state it relies on: `_db` (the SQLite store), `ledger`,
-    `hypervisor`, `domains`, `transport` and `migration_uri`, and its methods `_through_mailbox`,
-    `_set_desired` and `_forget`.
+    A mixin of `agents.host.service.HostService`, whose state it relies on: `db` (the SQLite store), `ledger`,
+    `hypervisor`, `domains`, `transport`, `migration_uri` and `vm_locks`, and its methods `_serve`,
+    `_set_desired` and `_forget`. Each request about a VM holds that VM's lock, but `host.fetch`: it only
+    reads files another request of the move made, and a target fetching them holds the VM's lock there.
     """
 
     def _serve_moves(self, transport: Endpoint) -> None:
-        for method, handler in ((HOST_EXPORT, self._on_export), (HOST_FETCH, self._on_fetch),
-                                (HOST_INCOMING, self._on_incoming), (HOST_MIGRATE, self._on_migrate)):
-            transport.route(method, self._through_mailbox(handler))
+        self._serve(transport, {HOST_EXPORT: self._on_export, HOST_FETCH: self._on_fetch,
+                                HOST_INCOMING: self._on_incoming, HOST_MIGRATE: self._on_migrate})
 
+    @one_vm
     async def _on_export(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """What relocation carries to the target: the domain's XML, its state, and its snapshots. With
         `freeze`, a running VM is paused first (and persisted paused), so that it never runs at two
@@ -70,16 +72,16 @@ class Moves:
             xml = await self.hypervisor.xml(name)
             if ship and state != "shutoff":
                 await self.hypervisor.managed_save(name)
-                self._set_desired(name, "shutoff")
+                await self._set_desired(name, "shutoff")
             elif args.get("freeze") is True and state == "running":
                 await self.hypervisor.suspend(name)
-                self._set_desired(name, "paused")
+                await self._set_desired(name, "paused")
             elif copy:
                 await self._copy_disk(name, state)
         except (HypervisorError, OSError) as err:
             raise RequestError(f"export {name}: {err}") from None
-        rows = self._db.execute("SELECT tag, xml, state, taken, libvirt FROM snapshots WHERE name = ? "
-                                "ORDER BY taken", (name,))
+        rows = await self.db.rows("SELECT tag, xml, state, taken, libvirt FROM snapshots WHERE name = ? "
+                                  "ORDER BY taken", (name,))
         answer = {"xml": xml, "state": state, "snapshots": [list(row) for row in rows]}
         if ship:
             answer["ship"] = {"image": state != "shutoff"}
@@ -125,6 +127,7 @@ class Moves:
         await fetch_file(self.transport, source, name, "image", local)
         return seen
 
+    @one_vm
     async def _on_incoming(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Get ready to receive reserved VM `name` by live migration: an empty overlay for the disk copy."""
         name = name_arg(args)
@@ -136,6 +139,7 @@ class Moves:
             await trio.to_thread.run_sync(self.domains.prepare, name)
         return {"uri": self.migration_uri}
 
+    @one_vm
     async def _on_migrate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Live-migrate VM `name` to the daemon at `uri` (peer to peer, incremental disk copy); once it
         answers, the target's libvirt holds the VM and this one no longer does. The target adopts it at
@@ -174,14 +178,11 @@ class Moves:
             return
         info = await self.hypervisor.info(name)
         held = next((r for r in self.ledger.reserved.values() if r.key == name), None)
+        need = held.need if held is not None else Resources(info.vcpus, info.memory_mb, 0)
         if held is not None:  # taken now, even if it lapsed (not yet swept) while a long migration ran
             self.ledger.release(held.token)
-            need = held.need
-        else:
-            need = Resources(info.vcpus, info.memory_mb, 0)
         self.ledger.allocate(name, need)
         xml = await self.hypervisor.xml(name)
-        with self._db:
-            self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
-                             (name, xml, need.vcpus, need.memory_mb, need.disk_gb, info.state))
+        await self.db.write("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                            (name, xml, need.vcpus, need.memory_mb, need.disk_gb, info.state))
         log.info("host: adopted %s, which arrived by live migration (%s)", name, info.state)

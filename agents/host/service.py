@@ -12,8 +12,14 @@ snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted
 
 `HostService` is assembled from one class per concern: this module's core, moving VMs between hosts
 (`agents.host.moves`) and standby copies (`agents.host.standby`); the checks of their arguments are
-in `agents.host.args`. Only agents (role node) and operators may call `host.*` (`agents.messages`):
-users act on their VMs through `ve.*`, which checks who owns the VE.
+in `agents.host.args`, the SQLite store in `agents.host.store`. Only agents (role node) and operators
+may call `host.*` (`agents.messages`): users act on their VMs through `ve.*`, which checks who owns the VE.
+
+Concurrency (`agents.host.locks`): each request runs in its own task, holding the lock of the VM it
+names for its whole length, so one VM's operations never interleave (a confirm cannot race an undefine
+of it) while a 30 s graceful stop or a live migration of one VM delays no other VM and no call that
+names none (`host.info`, reservations, listings). The ledger changes only in synchronous sections; the
+store runs its statements one at a time off the event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sqlite3
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,8 +45,10 @@ from agents.host.args import (
     xml_name,
 )
 from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
+from agents.host.locks import Gate, VmLocks, one_vm
 from agents.host.moves import Moves
 from agents.host.standby import Standbys
+from agents.host.store import Store
 from agents.hypervisor.actor import SETTLED, DomainInfo, Hypervisor, HypervisorError
 from agents.hypervisor.guests import Domains, TestDomains
 from agents.messages import (
@@ -55,7 +62,7 @@ from agents.messages import (
     HOST_VM,
 )
 from agents.runtime import Actor
-from overlay.wire.rpc import Caller, Conflict, Endpoint, Handler, NotFound, RequestError, RpcError
+from overlay.wire.rpc import Caller, Conflict, Endpoint, Handler, Method, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 ACTIONS = ("start", "stop", "destroy", "suspend", "resume", "undefine", "info", "settle", "release")
@@ -66,18 +73,19 @@ HOLD_LIMIT = 30.0
 class HostService(Moves, Standbys, Actor):
     """Serves `host.*` RPCs for the VMs placed on this node (moves in `Moves`, standby copies in `Standbys`).
 
-    Requests go through the actor's mailbox, so operations on this node's VMs never interleave (a
-    confirm cannot race an undefine of the same VM). A crash restarts the actor, and `start`
-    rebuilds the ledger and the domains from SQLite.
+    Each request runs in the task that received it, inside the `gate` and, for a request about one VM,
+    holding that VM's lock (`one_vm`). The actor's own task recovers the node's VMs at start (`start`,
+    the gate closed meanwhile) and runs `tick`. A handler that fails unexpectedly (a bug, not a
+    `RequestError`) fails its request and crashes the service: the supervisor restarts it, and `start`
+    rebuilds the ledger and the domains from SQLite once the operations in flight have finished.
     """
 
     name = "host"
     tick_interval = 1.0
-    expected_errors = (RequestError,)
 
     def __init__(self, transport: Endpoint, hypervisor: Hypervisor, total: Resources, db_path: Path,
                  domains: Domains | None = None, migration_uri: str | None = None) -> None:
-        super().__init__()
+        super().__init__(mailbox_size=8)  # the mailbox only carries crash reports (`_served`)
         self.transport = transport
         self.hypervisor = hypervisor
         self.total = total
@@ -87,30 +95,43 @@ class HostService(Moves, Standbys, Actor):
         """Where peers migrate VMs to this node (its libvirtd); None where live migration cannot work."""
         self.held: dict[str, str] = {}
         """VMs recovered off at start, held off until released, with the state to release them to."""
+        self.vm_locks = VmLocks()
+        self.gate = Gate()
+        self.db_path = db_path
+        self.store: Store | None = None
+        """Opened by the first `start` (off the event loop); requests wait at the gate until then."""
         self._hold_until = math.inf
-        self._db = sqlite3.connect(db_path)
-        self._db.execute("CREATE TABLE IF NOT EXISTS domains (name TEXT PRIMARY KEY, xml TEXT, vcpus INTEGER, "
-                         "memory_mb INTEGER, disk_gb INTEGER, desired TEXT)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS snapshots (name TEXT, tag TEXT, xml TEXT, state TEXT, "
-                         "taken REAL, libvirt TEXT DEFAULT '', PRIMARY KEY (name, tag))")
-        if "libvirt" not in {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}:
-            self._db.execute("ALTER TABLE snapshots ADD COLUMN libvirt TEXT DEFAULT ''")  # an older store
-        for method, handler in ((HOST_RESERVE, self._on_reserve), (HOST_CONFIRM, self._on_confirm),
-                                (HOST_RELEASE, self._on_release), (HOST_VM, self._on_vm),
-                                (HOST_INFO, self._on_info), (HOST_SNAPSHOT, self._on_snapshot),
-                                (HOST_RESTORE, self._on_restore), (HOST_SNAPSHOT_DELETE, self._on_snapshot_delete)):
-            transport.route(method, self._through_mailbox(handler))
+        self._serve(transport, {
+            HOST_RESERVE: self._on_reserve, HOST_CONFIRM: self._on_confirm, HOST_RELEASE: self._on_release,
+            HOST_VM: self._on_vm, HOST_INFO: self._on_info, HOST_SNAPSHOT: self._on_snapshot,
+            HOST_RESTORE: self._on_restore, HOST_SNAPSHOT_DELETE: self._on_snapshot_delete})
         self._serve_moves(transport)
         self._serve_standbys(transport)
 
-    def _through_mailbox(self, handler: Handler) -> Handler:
+    @property
+    def db(self) -> Store:
+        assert self.store is not None, "the host service has not started"
+        return self.store
+
+    def _serve(self, transport: Endpoint, handlers: dict[Method, Handler]) -> None:
+        for method, handler in handlers.items():
+            transport.route(method, self._served(handler))
+
+    def _served(self, handler: Handler) -> Handler:
         async def call(caller: Caller, args: dict[str, Any]) -> Any:
-            return await self.ask((handler, caller, args))
+            async with self.gate.enter():
+                try:
+                    return await handler(caller, args)
+                except RequestError:
+                    raise
+                except Exception as err:
+                    self.gate.close()  # nothing new starts on a state that may be half-changed
+                    self.tell_nowait(err)
+                    raise
         return call
 
-    async def handle(self, message: tuple[Handler, Caller, dict[str, Any]]) -> Any:
-        handler, caller, args = message
-        return await handler(caller, args)
+    async def handle(self, message: Exception) -> None:
+        raise message  # a handler crashed: restart the service (see the class docstring)
 
     async def start(self) -> None:
         """Re-create persisted domains (the test driver forgot them). A real guest's daemon kept its
@@ -121,11 +142,17 @@ class HostService(Moves, Standbys, Actor):
         and *held* off: while this node was down its VM may have failed over to a standby elsewhere, so
         it waits for the directory's word (`host.vm release`, from the VE layer's fencing pass) and
         starts only if the directory still places it here. Without a word for HOLD_LIMIT seconds (no VE
-        layer, or no directory reachable) it starts anyway. A VM that kept running is left alone."""
+        layer, or no directory reachable) it starts anyway. A VM that kept running is left alone.
+
+        Runs with the gate closed, after the operations in flight (a restart after a crash) have ended;
+        the gate opens when the node's state is whole again."""
+        await self.gate.drain()
+        if self.store is None:
+            self.store = await Store.open(self.db_path)
         self.ledger = Ledger(self.total)
         self.held = {}
-        self._hold_standbys()
-        rows = list(self._db.execute("SELECT name, xml, vcpus, memory_mb, disk_gb, desired FROM domains"))
+        await self._hold_standbys()
+        rows = await self.db.rows("SELECT name, xml, vcpus, memory_mb, disk_gb, desired FROM domains")
         for name, xml, vcpus, memory_mb, disk_gb, desired in rows:
             if self.domains.kind != "test" and not await self.hypervisor.persistent(name):
                 log.warning("host: %s is no longer defined in %s; forgetting it", name, self.hypervisor.uri)
@@ -141,26 +168,31 @@ class HostService(Moves, Standbys, Actor):
         self._hold_until = trio.current_time() + HOLD_LIMIT
         log.info("host: %d VMs recovered, %d held until the directory places them", len(self.ledger.allocated),
                  len(self.held))
+        self.gate.open()
 
     async def tick(self) -> None:
         for lapsed in self.ledger.expire(trio.current_time()):
             log.info("reservation %s expired unconfirmed", lapsed.token)
         if self.held and trio.current_time() >= self._hold_until:
             for name in list(self.held):
-                log.warning("host: no word on %s within %gs of start; starting it", name, HOLD_LIMIT)
-                try:
-                    await self._release(name)
-                except HypervisorError as err:
-                    log.warning("host: cannot start held %s: %s", name, err)
+                async with self.vm_locks.hold(name):
+                    if name not in self.held:  # released or undefined meanwhile
+                        continue
+                    log.warning("host: no word on %s within %gs of start; starting it", name, HOLD_LIMIT)
+                    try:
+                        await self._release(name)
+                    except HypervisorError as err:
+                        log.warning("host: cannot start held %s: %s", name, err)
 
     async def _release(self, name: str) -> DomainInfo:
         info = await self.hypervisor.settle(name, self.held[name])
         del self.held[name]
-        self._set_desired(name, info.state)
+        await self._set_desired(name, info.state)
         return info
 
     def close(self) -> None:
-        self._db.close()
+        if self.store is not None:
+            self.store.close()
 
     # -- handlers ----------------------------------------------------------------------------------
 
@@ -186,22 +218,29 @@ class HostService(Moves, Standbys, Actor):
         if carried is not None and not (isinstance(carried, str) and len(carried) <= MAX_XML):
             raise RequestError(f"xml must be a domain definition of at most {MAX_XML} characters")
         held = self.ledger.reserved.get(token)
-        if carried is not None and held is not None and xml_name(carried) != held.key:
+        if held is None:
+            raise Conflict(f"reservation {token} is unknown or expired")
+        if carried is not None and xml_name(carried) != held.key:
             raise RequestError(f"the carried domain is not {held.key}")
+        async with self.vm_locks.hold(held.key):
+            return await self._confirm(token, carried, state, snapshots, args.get("ship"))
+
+    async def _confirm(self, token: str, carried: str | None, state: str,
+                       snapshots: list[tuple[str, str, str, float, str]], ship: Any) -> dict[str, Any]:
         try:
             reservation = self.ledger.confirm(token, trio.current_time())
-        except UnknownReservation as err:
+        except UnknownReservation as err:  # it lapsed while the VM's lock was busy
             raise Conflict(str(err)) from None
         need, name = reservation.need, reservation.key
         try:
-            image = await self._pull(name, args["ship"]) if isinstance(args.get("ship"), dict) else None
+            image = await self._pull(name, ship) if isinstance(ship, dict) else None
             xml = self.domains.adapt(carried) if carried else self.domains.new_xml(name, need.vcpus, need.memory_mb)
             await self.hypervisor.define(xml)
-            with self._db:
-                self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
-                                 (name, xml, need.vcpus, need.memory_mb, need.disk_gb, state))
-                self._db.executemany("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
-                                     [(name, *snapshot) for snapshot in snapshots])
+            await self.db.transaction(
+                ("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                 (name, xml, need.vcpus, need.memory_mb, need.disk_gb, state)),
+                ("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
+                 [(name, *snapshot) for snapshot in snapshots]))
             for *_, snapshot_xml in snapshots:
                 if snapshot_xml:
                     await self.hypervisor.snapshot_redefine(name, self.domains.adapt(snapshot_xml))
@@ -223,6 +262,7 @@ class HostService(Moves, Standbys, Actor):
             self.ledger.release(token)
         return True
 
+    @one_vm
     async def _on_vm(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any] | None:
         """`action` on one VM; `settle` brings it to `state` (running, paused or shutoff) from any state;
         `release` starts a VM held since this node's start (`start`), in the state it should have, and is a
@@ -257,17 +297,18 @@ class HostService(Moves, Standbys, Actor):
                 info = await self._act(name, action, timeout)
         except HypervisorError as err:
             raise RequestError(f"{action} {name}: {err}") from None
-        self._set_desired(name, info.state)
+        await self._set_desired(name, info.state)
         return asdict(info)
 
     async def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> None:
         """Set (None: remove) a metadata element of VM `name`, for the layers above to annotate a VM: it is
         part of the domain's definition, so it moves with the VM by every method and leaves with it. The
-        stored definition follows, so a restart keeps it. Through the mailbox, never beside a move of it.
+        stored definition follows, so a restart keeps it. Holding the VM's lock, never beside a move of it.
         NotFound if the VM is not here."""
         args = {"name": name, "uri": uri, "key": key, "xml": xml}
-        await self.ask((self._set_metadata, Caller("host", "node", "", ""), args))
+        await self._served(self._set_metadata)(Caller("host", "node", "", ""), args)
 
+    @one_vm
     async def _set_metadata(self, caller: Caller, args: dict[str, Any]) -> None:
         name = args["name"]
         await self._reconcile(name)
@@ -277,8 +318,7 @@ class HostService(Moves, Standbys, Actor):
             definition = await self.hypervisor.set_metadata(name, args["uri"], args["key"], args["xml"])
         except HypervisorError as err:
             raise RequestError(f"annotate {name}: {err}") from None
-        with self._db:
-            self._db.execute("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
+        await self.db.write("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
 
     async def _drop_leftovers(self, name: str) -> None:
         """Delete the files a VM not held here left (the empty overlay of a live migration that was undone),
@@ -300,10 +340,12 @@ class HostService(Moves, Standbys, Actor):
         return await self.hypervisor.resume(name)
 
     async def _on_info(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """The node's room and domains; `busy`: the VMs with an operation under way or waiting (how many)."""
         return {"total": self.ledger.total.to_wire(), "free": self.ledger.free(trio.current_time()).to_wire(),
                 "domains": [asdict(d) for d in await self.hypervisor.list()], "backend": self.domains.kind,
-                "migration_uri": self.migration_uri}
+                "migration_uri": self.migration_uri, "busy": self.vm_locks.in_use()}
 
+    @one_vm
     async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Store the domain's XML and a state under `tag` (`state`: the one to restore, default the current
         one; the VE service passes the state a VM had before it paused it for a consistent snapshot)."""
@@ -321,36 +363,35 @@ class HostService(Moves, Standbys, Actor):
         except HypervisorError as err:
             raise RequestError(f"snapshot {name}: {err}") from None
         taken = time.time()
-        with self._db:
-            self._db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
-                             (name, tag, xml, state, taken, internal))
+        await self.db.write("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
+                            (name, tag, xml, state, taken, internal))
         return {"tag": tag, "state": state, "taken": taken}
 
+    @one_vm
     async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Re-create the domain from snapshot `tag`: forced off, redefined from the stored XML, brought to
         the stored state. Idempotent."""
         name, tag = name_arg(args), name_arg(args, "tag")
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
-        row = self._db.execute("SELECT xml, state, libvirt FROM snapshots WHERE name = ? AND tag = ?",
-                               (name, tag)).fetchone()
+        row = await self.db.one("SELECT xml, state, libvirt FROM snapshots WHERE name = ? AND tag = ?", (name, tag))
         if row is None:
             raise NotFound(f"no snapshot {tag!r} of {name} on this node")
         xml, state, internal = row
         try:
             if internal:  # the disk (and memory) come back from the qcow2 file
                 info = await self.hypervisor.snapshot_revert(name, tag, state)
-                self._set_desired(name, info.state)
+                await self._set_desired(name, info.state)
                 return asdict(info)
             await self.hypervisor.destroy(name)
             await self.hypervisor.define(xml)
-            with self._db:
-                self._db.execute("UPDATE domains SET xml = ?, desired = ? WHERE name = ?", (xml, state, name))
+            await self.db.write("UPDATE domains SET xml = ?, desired = ? WHERE name = ?", (xml, state, name))
             info = await self.hypervisor.settle(name, state)
         except HypervisorError as err:
             raise RequestError(f"restore {name} to {tag}: {err}") from None
         return asdict(info)
 
+    @one_vm
     async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Forget snapshot `tag` of the domain: its stored XML and state and, for a real guest, its internal
         qcow2 snapshot (first, so that a failure leaves the row for a retry; one the row does not mention,
@@ -365,18 +406,16 @@ class HostService(Moves, Standbys, Actor):
                 internal = await self.hypervisor.snapshot_delete(name, tag)
             except HypervisorError as err:
                 raise RequestError(f"delete snapshot {tag} of {name}: {err}") from None
-        with self._db:
-            rows = self._db.execute("DELETE FROM snapshots WHERE name = ? AND tag = ?", (name, tag)).rowcount
+        rows = await self.db.write("DELETE FROM snapshots WHERE name = ? AND tag = ?", (name, tag))
         return {"name": name, "tag": tag, "deleted": internal or rows > 0}
 
     async def _forget(self, name: str) -> None:
+        """Undefine VM `name`, delete its files and rows, free its room (its lock held, or at start)."""
         await self.hypervisor.undefine(name)
         await trio.to_thread.run_sync(self.domains.remove, name)
-        with self._db:
-            self._db.execute("DELETE FROM domains WHERE name = ?", (name,))
-            self._db.execute("DELETE FROM snapshots WHERE name = ?", (name,))
+        await self.db.transaction(("DELETE FROM domains WHERE name = ?", (name,)),
+                                  ("DELETE FROM snapshots WHERE name = ?", (name,)))
         self.ledger.deallocate(name)
 
-    def _set_desired(self, name: str, state: str) -> None:
-        with self._db:
-            self._db.execute("UPDATE domains SET desired = ? WHERE name = ?", (state, name))
+    async def _set_desired(self, name: str, state: str) -> None:
+        await self.db.write("UPDATE domains SET desired = ? WHERE name = ?", (state, name))

@@ -17,6 +17,7 @@ import trio
 
 from agents.host.args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snapshots_arg, xml_name
 from agents.host.capacity import Insufficient, Resources, UnknownReservation
+from agents.host.locks import one_vm
 from agents.host.shipping import fetch_file
 from agents.hypervisor.actor import SETTLED, HypervisorError
 from agents.messages import HOST_PROMOTE, HOST_RESERVE_STANDBY, HOST_STANDBY, HOST_STANDBYS, HOST_UNSTANDBY
@@ -26,23 +27,21 @@ from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError,
 class Standbys:
     """`host.reserve_standby`, `host.standby`, `host.unstandby`, `host.standbys` and `host.promote`.
 
-    A mixin of `agents.host.service.HostService`, whose state it relies on: `_db` (the SQLite store, where it
-    keeps the `standbys` table), `ledger`, `hypervisor` and `domains`, and its methods `_through_mailbox`
-    and `_set_desired`.
+    A mixin of `agents.host.service.HostService`, whose state it relies on: `db` (the SQLite store, where it
+    keeps the `standbys` table), `ledger`, `hypervisor`, `domains` and `vm_locks`, and its methods `_serve`
+    and `_set_desired`. Requests about a VM's standby hold that VM's lock (one name, one lock, whether
+    the VM or its copy is here); reserving room and listing take none.
     """
 
     def _serve_standbys(self, transport: Endpoint) -> None:
-        self._db.execute("CREATE TABLE IF NOT EXISTS standbys (name TEXT PRIMARY KEY, xml TEXT, vcpus INTEGER, "
-                         "memory_mb INTEGER, disk_gb INTEGER, snapshots TEXT, taken REAL)")
-        for method, handler in ((HOST_RESERVE_STANDBY, self._on_reserve_standby),
-                                (HOST_STANDBY, self._on_standby), (HOST_UNSTANDBY, self._on_unstandby),
-                                (HOST_STANDBYS, self._on_standbys), (HOST_PROMOTE, self._on_promote)):
-            transport.route(method, self._through_mailbox(handler))
+        self._serve(transport, {HOST_RESERVE_STANDBY: self._on_reserve_standby, HOST_STANDBY: self._on_standby,
+                                HOST_UNSTANDBY: self._on_unstandby, HOST_STANDBYS: self._on_standbys,
+                                HOST_PROMOTE: self._on_promote})
 
-    def _hold_standbys(self) -> None:
+    async def _hold_standbys(self) -> None:
         """At start: hold the room of every persisted standby again."""
-        for name, vcpus, memory_mb, disk_gb in self._db.execute("SELECT name, vcpus, memory_mb, disk_gb "
-                                                                "FROM standbys"):
+        for name, vcpus, memory_mb, disk_gb in await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb "
+                                                                  "FROM standbys"):
             self.ledger.allocate(standby_key(name), Resources(vcpus, memory_mb, disk_gb))
 
     async def _on_reserve_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +56,7 @@ class Standbys:
             raise Conflict(f"no room for a standby of {name}: {err}") from None
         return {"token": token, "ttl": RESERVATION_TTL}
 
+    @one_vm
     async def _on_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Keep, or refresh, the standby of VM `name`: its `xml` and `snapshots` as `host.export` gave them
         at time `taken`, and for a real guest the copy of its disk, fetched from `ship["from"]` (the VM's
@@ -92,16 +92,15 @@ class Standbys:
             except UnknownReservation as err:
                 raise Conflict(str(err)) from None
         need = self.ledger.allocated[key]
-        with self._db:
-            self._db.execute("INSERT OR REPLACE INTO standbys VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (name, xml, need.vcpus, need.memory_mb, need.disk_gb, json.dumps(snapshots), taken))
+        await self.db.write("INSERT OR REPLACE INTO standbys VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (name, xml, need.vcpus, need.memory_mb, need.disk_gb, json.dumps(snapshots), taken))
         return {"name": name, "taken": taken, "snapshots": len(snapshots)}
 
+    @one_vm
     async def _on_unstandby(self, caller: Caller, args: dict[str, Any]) -> bool:
         """Drop the standby of VM `name` and free its room; True if there was one (none is fine)."""
         name = name_arg(args)
-        with self._db:
-            dropped = self._db.execute("DELETE FROM standbys WHERE name = ?", (name,)).rowcount > 0
+        dropped = await self.db.write("DELETE FROM standbys WHERE name = ?", (name,)) > 0
         self.ledger.deallocate(standby_key(name))
         if self.domains.disk(name) is not None:
             self.domains.standby(name).unlink(missing_ok=True)
@@ -109,12 +108,13 @@ class Standbys:
 
     async def _on_standbys(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
         """The standbys this node keeps: VM name, room held, how many snapshots, when exported."""
-        rows = self._db.execute("SELECT name, vcpus, memory_mb, disk_gb, snapshots, taken FROM standbys "
-                                "ORDER BY name")
+        rows = await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb, snapshots, taken FROM standbys "
+                                  "ORDER BY name")
         return [{"name": name, "need": Resources(vcpus, memory_mb, disk_gb).to_wire(),
                  "snapshots": len(json.loads(snapshots)), "taken": taken}
                 for name, vcpus, memory_mb, disk_gb, snapshots, taken in rows]
 
+    @one_vm
     async def _on_promote(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Turn the standby of VM `name` into the VM: defined from the stored XML with its snapshots, its
         held room now the VM's (one transaction), then brought to `state`. If the VM is here already (a
@@ -125,8 +125,8 @@ class Standbys:
             raise RequestError(f"state must be one of {', '.join(SETTLED)}")
         try:
             if name not in self.ledger.allocated:
-                row = self._db.execute("SELECT xml, vcpus, memory_mb, disk_gb, snapshots FROM standbys "
-                                       "WHERE name = ?", (name,)).fetchone()
+                row = await self.db.one("SELECT xml, vcpus, memory_mb, disk_gb, snapshots FROM standbys "
+                                        "WHERE name = ?", (name,))
                 if row is None:
                     raise NotFound(f"no standby of {name} on this node")
                 xml, vcpus, memory_mb, disk_gb, snapshots = row
@@ -138,19 +138,19 @@ class Standbys:
                 for *_, internal in rows:
                     if internal:
                         await self.hypervisor.snapshot_redefine(name, self.domains.adapt(internal))
-                with self._db:
-                    self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
-                                     (name, xml, vcpus, memory_mb, disk_gb, state))
-                    if rows:
-                        marks = ", ".join("?" * len(rows[0]))
-                        self._db.executemany(f"INSERT OR REPLACE INTO snapshots VALUES ({marks})", rows)
-                    self._db.execute("DELETE FROM standbys WHERE name = ?", (name,))
+                statements = [("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                               (name, xml, vcpus, memory_mb, disk_gb, state))]
+                if rows:
+                    marks = ", ".join("?" * len(rows[0]))
+                    statements.append((f"INSERT OR REPLACE INTO snapshots VALUES ({marks})", rows))
+                statements.append(("DELETE FROM standbys WHERE name = ?", (name,)))
+                await self.db.transaction(*statements)
                 self.ledger.deallocate(standby_key(name))
                 self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
             info = await self.hypervisor.settle(name, state)
         except (HypervisorError, OSError) as err:
             raise RequestError(f"promote {name}: {err}") from None
-        self._set_desired(name, info.state)
+        await self._set_desired(name, info.state)
         return asdict(info)
 
 

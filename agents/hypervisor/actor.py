@@ -1,23 +1,31 @@
-"""The node's hypervisor, driven through libvirt from one actor thread.
+"""The node's hypervisor, driven through libvirt from pykka actors.
 
-A libvirt connection must not be shared across threads and every call on it blocks, so the connection
-lives inside a `HypervisorActor` (a `pykka.ThreadingActor`): its thread opens the connection, runs
-every request one at a time, and closes it. Trio code talks to it through `Hypervisor`, which posts a
-request to the actor and awaits the reply in a worker thread, so the event loop never blocks on
-libvirt and concurrent callers are serialized by the actor's mailbox.
+A libvirt connection is owned by one thread and every call on it blocks, so each connection lives
+inside a `HypervisorActor` (a `pykka.ThreadingActor`): its thread opens the connection, runs the
+requests sent to it one at a time, and closes it. Trio code talks to the actors through `Hypervisor`,
+which calls their methods through pykka proxies and awaits the futures in worker threads (with a
+limiter), so the event loop never blocks on libvirt.
+
+`Hypervisor` owns a small pool of such actors: each request borrows an idle one for its length.
+The embedded drivers get one connection (`test:///` is one in-memory host per connection,
+`qemu:///embed` one driver per process); a node's own libvirtd gets several, so a live migration or
+a managed save of one VM (seconds) does not hold back the short calls about the others. The pool
+never orders requests: callers that need an order (one VM's operations) hold their own lock
+(`agents.host.locks`).
 
 The default backend is libvirt's embedded `test:///<node.xml>` driver: a real libvirt with an
 in-memory host whose CPUs and memory come from `node.xml` (see `write_node_xml`), and no daemon. It
 forgets every domain when the connection closes, does no capacity accounting and cannot migrate; the
 agent handles those elsewhere. Real guests use the QEMU driver, either embedded in the agent
 (`qemu:///embed?root=DIR`, no daemon, no migration) or the node's own libvirtd (`agents.hypervisor.libvirtd`),
-which adds internal qcow2 snapshots, managed save and peer-to-peer live migration (the `op_snapshot*`,
-`op_managed_save`, `op_restore_file` and `op_migrate` requests). Every operation here is idempotent, so
+which adds internal qcow2 snapshots, managed save and peer-to-peer live migration (the `snapshot*`,
+`managed_save`, `restore_file` and `migrate` requests). Every operation here is idempotent, so
 a caller may retry freely.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import urllib.parse
@@ -25,7 +33,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import libvirt
@@ -39,6 +47,16 @@ log = logging.getLogger(__name__)
 # libvirt prints every error to stderr by default; we turn them all into HypervisorError instead.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
+
+def _answers_only(record: logging.LogRecord) -> bool:
+    """pykka logs, with a traceback, every exception a proxy call hands back to its caller; a hypervisor's
+    refusals (no such domain, a libvirt error) are answers that the caller reports, not actor failures."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, HypervisorError | libvirt.libvirtError)
+
+
+logging.getLogger("pykka").addFilter(_answers_only)
+
 _STATES = {
     libvirt.VIR_DOMAIN_RUNNING: "running",
     libvirt.VIR_DOMAIN_BLOCKED: "running",  # running, but waiting on a resource
@@ -49,8 +67,9 @@ _STATES = {
 _UNDEFINE_FLAGS = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
 SETTLED = ("running", "paused", "shutoff")
 """The states `Hypervisor.settle` brings a domain to (what the agent persists as a VM's desired state)."""
-WAITERS = 8
-"""How many worker threads one `Hypervisor` may use to await replies; later callers queue in trio."""
+DAEMON_CONNECTIONS = 4
+"""Connections (actors) to a node's own libvirtd: long calls about one VM leave the others free."""
+T = TypeVar("T")
 
 
 class HypervisorError(Exception):
@@ -139,22 +158,17 @@ class DomainStats:
     balloon: dict[str, int]
 
 
-@dataclass(frozen=True)
-class _Call:
-    method: str
-    args: tuple[Any, ...]
-
-
 def _domain_info(dom: libvirt.virDomain) -> DomainInfo:
     state, max_kib, _kib, vcpus, _cpu_time = dom.info()
     return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, "other"), vcpus, max_kib // 1024)
 
 
 class HypervisorActor(pykka.ThreadingActor):
-    """Owns the libvirt connection; everything here runs in the actor's own thread.
+    """Owns one libvirt connection; everything here runs in the actor's own thread.
 
-    Requests arrive as `_Call` messages; the reply is `(True, result)` or `(False, exception)`, so an
-    expected failure travels back to the caller without pykka logging it as an actor error.
+    Its public methods are the requests, called through a pykka proxy (`Hypervisor`). A failure travels
+    back to the caller in the future: `HypervisorError`, or the `libvirt.libvirtError` itself, which the
+    caller translates (`_translate`).
     """
 
     def __init__(self, uri: str) -> None:
@@ -181,16 +195,6 @@ class HypervisorActor(pykka.ThreadingActor):
     def on_failure(self, *_exc_info: object) -> None:
         self._disconnect()
 
-    def on_receive(self, message: Any) -> Any:
-        if not isinstance(message, _Call):
-            return super().on_receive(message)
-        try:
-            return True, getattr(self, "op_" + message.method)(*message.args)
-        except libvirt.libvirtError as err:
-            return False, _translate(err)
-        except Exception as exc:
-            return False, exc
-
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -213,17 +217,17 @@ class HypervisorActor(pykka.ThreadingActor):
                 raise HypervisorError(f"no domain named {name!r}") from None
             raise
 
-    # -- requests: `_Call(method, args)` runs `op_<method>(*args)` --
+    # -- requests (through a proxy; each runs in this actor's thread) --
 
-    def op_check_open(self) -> None:
+    def check_open(self) -> None:
         if self._open_error is not None:
             raise self._open_error
 
-    def op_host_info(self) -> HostInfo:
+    def host_info(self) -> HostInfo:
         model, memory_mb, cpus, *_ = self._connection.getInfo()
         return HostInfo(model, cpus, memory_mb)
 
-    def op_define(self, xml: str) -> DomainInfo:
+    def define(self, xml: str) -> DomainInfo:
         return _domain_info(self._connection.defineXML(self._keep_uuid(xml)))
 
     def _keep_uuid(self, xml: str) -> str:
@@ -243,7 +247,8 @@ class HypervisorActor(pykka.ThreadingActor):
         ET.SubElement(root, "uuid").text = existing.UUIDString()
         return ET.tostring(root, encoding="unicode")
 
-    def op_start(self, name: str) -> DomainInfo:
+    def start_domain(self, name: str) -> DomainInfo:
+        """(Not `start`: that is how a pykka actor is started.)"""
         dom = self._lookup(name)
         if not dom.isActive():
             try:
@@ -253,7 +258,7 @@ class HypervisorActor(pykka.ThreadingActor):
                     raise
         return _domain_info(dom)
 
-    def op_destroy(self, name: str) -> DomainInfo:
+    def destroy(self, name: str) -> DomainInfo:
         dom = self._lookup(name)
         self._force_off(dom)
         return _domain_info(dom)
@@ -266,11 +271,11 @@ class HypervisorActor(pykka.ThreadingActor):
                 if dom.isActive():
                     raise
 
-    def op_suspend(self, name: str) -> DomainInfo:
+    def suspend(self, name: str) -> DomainInfo:
         return self._transition(name, "suspend", want="paused", source="running",
                                 act=lambda dom: dom.suspend())
 
-    def op_resume(self, name: str) -> DomainInfo:
+    def resume(self, name: str) -> DomainInfo:
         return self._transition(name, "resume", want="running", source="paused",
                                 act=lambda dom: dom.resume())
 
@@ -285,7 +290,7 @@ class HypervisorActor(pykka.ThreadingActor):
         act(dom)
         return _domain_info(dom)
 
-    def op_request_shutdown(self, name: str) -> tuple[DomainInfo, bool]:
+    def request_shutdown(self, name: str) -> tuple[DomainInfo, bool]:
         """Ask the guest to power off (ACPI); True if asked (or already off), False if it cannot be
         asked, so the caller should force it off. A paused guest is resumed first, to hear the request."""
         dom = self._lookup(name)
@@ -301,7 +306,7 @@ class HypervisorActor(pykka.ThreadingActor):
                 return _domain_info(dom), False
         return _domain_info(dom), True
 
-    def op_undefine(self, name: str) -> None:
+    def undefine(self, name: str) -> None:
         try:
             dom = self._lookup(name)
         except HypervisorError:
@@ -318,13 +323,13 @@ class HypervisorActor(pykka.ThreadingActor):
             if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise
 
-    def op_info(self, name: str) -> DomainInfo:
+    def info(self, name: str) -> DomainInfo:
         return _domain_info(self._lookup(name))
 
-    def op_xml(self, name: str) -> str:
+    def xml(self, name: str) -> str:
         return self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
-    def op_list(self) -> list[DomainInfo]:
+    def list(self) -> list[DomainInfo]:
         infos = []
         for dom in self._connection.listAllDomains():
             try:
@@ -334,7 +339,7 @@ class HypervisorActor(pykka.ThreadingActor):
                     raise
         return sorted(infos, key=lambda info: info.name)
 
-    def op_stats(self) -> dict[str, DomainStats]:
+    def stats(self) -> dict[str, DomainStats]:
         """Every active domain's stats, in one libvirt call. The test driver reports no `cpu.time` there, so
         the cpuTime of `virDomainGetInfo` stands in (for that driver, the wall clock: one busy vCPU)."""
         flags = libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_BALLOON
@@ -349,7 +354,7 @@ class HypervisorActor(pykka.ThreadingActor):
                     raise
         return out
 
-    def op_metadata(self, name: str, uri: str) -> str | None:
+    def metadata(self, name: str, uri: str) -> str | None:
         """The domain's metadata element in namespace `uri` (XML), None if it has none."""
         try:
             return self._lookup(name).metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, uri, 0)
@@ -358,7 +363,7 @@ class HypervisorActor(pykka.ThreadingActor):
                 return None
             raise
 
-    def op_set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> str:
+    def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> str:
         """Set (None: remove) the domain's metadata element in namespace `uri`, written with prefix `key`, in
         its persistent definition (and the running one); returns the new definition."""
         dom = self._lookup(name)
@@ -368,7 +373,7 @@ class HypervisorActor(pykka.ThreadingActor):
 
     # -- real guests: internal snapshots, managed save, live migration --
 
-    def op_snapshot(self, name: str, tag: str) -> str:
+    def snapshot(self, name: str, tag: str) -> str:
         """An internal snapshot `tag` (disk, and memory when the domain is active); its XML, for REDEFINE
         on another host. A snapshot of that name already there is kept (idempotent)."""
         dom = self._lookup(name)
@@ -381,11 +386,11 @@ class HypervisorActor(pykka.ThreadingActor):
         ET.SubElement(doc, "name").text = tag
         return dom.snapshotCreateXML(ET.tostring(doc, encoding="unicode")).getXMLDesc()
 
-    def op_snapshot_redefine(self, name: str, xml: str) -> None:
+    def snapshot_redefine(self, name: str, xml: str) -> None:
         """Make a snapshot carried from another host known here (its data is already in the qcow2 disk)."""
         self._lookup(name).snapshotCreateXML(xml, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
 
-    def op_snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
+    def snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
         """Revert to internal snapshot `tag`, ending running, paused or shut off as `state` says."""
         dom = self._lookup(name)
         flags = {"running": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
@@ -395,7 +400,7 @@ class HypervisorActor(pykka.ThreadingActor):
             self._force_off(dom)
         return _domain_info(dom)
 
-    def op_snapshot_delete(self, name: str, tag: str) -> bool:
+    def snapshot_delete(self, name: str, tag: str) -> bool:
         """Delete internal snapshot `tag` (its data leaves the qcow2 file); whether there was one. A missing
         one is fine (idempotent)."""
         dom = self._lookup(name)
@@ -408,10 +413,10 @@ class HypervisorActor(pykka.ThreadingActor):
         snapshot.delete()
         return True
 
-    def op_snapshot_names(self, name: str) -> list[str]:
+    def snapshot_names(self, name: str) -> list[str]:
         return sorted(self._lookup(name).snapshotListNames())
 
-    def op_managed_save(self, name: str) -> DomainInfo:
+    def managed_save(self, name: str) -> DomainInfo:
         """Save the memory of an active domain into libvirt's managed save image and stop it; the next
         start resumes from the image. A domain already off is left alone."""
         dom = self._lookup(name)
@@ -419,16 +424,16 @@ class HypervisorActor(pykka.ThreadingActor):
             dom.managedSave()
         return _domain_info(dom)
 
-    def op_restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
+    def restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
         """Start a domain from a save image (written by a managed save elsewhere), with definition `xml`."""
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if state == "paused" else libvirt.VIR_DOMAIN_SAVE_RUNNING
         self._connection.restoreFlags(path, xml, flags)
         return _domain_info(self._lookup(ET.fromstring(xml).findtext("name") or ""))
 
-    def op_migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
+    def migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
         self._lookup(name).migrateToURI3(uri, params, flags)
 
-    def op_persistent(self, name: str) -> bool:
+    def persistent(self, name: str) -> bool:
         """Whether a persistent domain of that name is here (one that arrived by live migration counts)."""
         try:
             return bool(self._lookup(name).isPersistent())
@@ -440,62 +445,108 @@ class HypervisorActor(pykka.ThreadingActor):
 
 
 class Hypervisor:
-    """Trio-facing handle; owns a `HypervisorActor`. Create it with `Hypervisor.open(uri)`."""
+    """Trio-facing handle; owns a pool of `HypervisorActor`s. Create it with `Hypervisor.open(uri)` (or
+    `await Hypervisor.connect(uri)`, which opens the connections in a worker thread).
+
+    Each request borrows an idle actor's proxy, calls the method on it, and awaits the pykka future in
+    a worker thread (one waiting thread per busy connection: the limiter has the pool's size). A caller
+    cancelled while its request runs returns at once; the actor finishes the request and goes back to
+    the pool only then, so no request ever queues behind a forgotten one.
+    """
 
     actor_class: ClassVar[type[HypervisorActor]] = HypervisorActor
     poll_interval: ClassVar[tuple[float, float]] = (0.05, 1.0)
     """First and longest pause between state polls while a graceful shutdown is under way."""
 
-    def __init__(self, uri: str, actor_ref: pykka.ActorRef[HypervisorActor]) -> None:
+    def __init__(self, uri: str, refs: list[pykka.ActorRef[HypervisorActor]]) -> None:
         self.uri = uri
-        self._ref = actor_ref
+        self._refs = refs
         self._closed = False
-        self._limiter = trio.CapacityLimiter(WAITERS)
+        self._limiter = trio.CapacityLimiter(len(refs))
+        self._give_back, self._idle = trio.open_memory_channel[pykka.ActorProxy[HypervisorActor]](len(refs))
+        for ref in refs:
+            self._give_back.send_nowait(ref.proxy())
+
+    @property
+    def connections(self) -> int:
+        return len(self._refs)
 
     @classmethod
-    def open(cls, uri: str) -> Hypervisor:
-        """Start the actor, which opens the connection in its own thread. This blocks the caller (briefly,
-        for the test driver) until the connection is open; raises HypervisorError if it cannot be."""
-        ref = cls.actor_class.start(uri)
-        try:
-            ok, value = ref.ask(_Call("check_open", ()))
-        except pykka.ActorDeadError:
-            ok, value = False, HypervisorError(f"cannot open {uri}: the hypervisor actor died")
-        if not ok:
-            ref.stop(block=True)
-            raise value
-        return cls(uri, ref)
+    def open(cls, uri: str, connections: int = 1) -> Hypervisor:
+        """Start `connections` actors, each opening its connection in its own thread. This blocks the caller
+        (briefly, for the test driver) until they are open; raises HypervisorError if one cannot be."""
+        return cls(uri, cls._start_actors(uri, connections))
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    @classmethod
+    async def connect(cls, uri: str, connections: int = 1) -> Hypervisor:
+        """`open`, without blocking the event loop while the connections open."""
+        return cls(uri, await trio.to_thread.run_sync(cls._start_actors, uri, connections))
+
+    @classmethod
+    def _start_actors(cls, uri: str, connections: int) -> list[pykka.ActorRef[HypervisorActor]]:
+        refs: list[pykka.ActorRef[HypervisorActor]] = []
+        try:
+            for _ in range(max(1, connections)):
+                refs.append(cls.actor_class.start(uri))
+                refs[-1].proxy().check_open().get()
+        except pykka.ActorDeadError:
+            cls._stop(refs)
+            raise HypervisorError(f"cannot open {uri}: the hypervisor actor died") from None
+        except HypervisorError:
+            cls._stop(refs)
+            raise
+        return refs
+
+    @staticmethod
+    def _stop(refs: list[pykka.ActorRef[HypervisorActor]]) -> None:
+        for ref in refs:
+            ref.stop(block=True)
+
+    async def _run(self, request: Callable[[Any], pykka.Future[T]]) -> T:
+        """`request(proxy)` on an idle actor, awaited without blocking the loop; libvirt's errors become
+        HypervisorError."""
         if self._closed:
             raise HypervisorError("hypervisor is closed")
-        future = self._ref.ask(_Call(method, args), block=False)
+        proxy = await self._idle.receive()
         try:
-            ok, value = await trio.to_thread.run_sync(future.get, abandon_on_cancel=True,
-                                                      limiter=self._limiter)
+            future = request(proxy)
+        except pykka.ActorDeadError:
+            self._give_back.send_nowait(proxy)
+            raise HypervisorError("hypervisor is closed") from None
+
+        def wait() -> T:
+            """In a worker thread: the answer; the actor goes back to the pool once it has answered, even
+            if the caller was cancelled meanwhile (the thread is then abandoned, but still runs)."""
+            try:
+                return future.get()
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(self._give_back.send_nowait, proxy)
+
+        try:
+            return await trio.to_thread.run_sync(wait, abandon_on_cancel=True, limiter=self._limiter)
         except pykka.ActorDeadError:
             raise HypervisorError("hypervisor is closed") from None
-        if not ok:
-            raise value
-        return value
+        except libvirt.libvirtError as err:
+            raise _translate(err) from err
 
     async def host_info(self) -> HostInfo:
-        return await self._call("host_info")
+        return await self._run(lambda actor: actor.host_info())
 
     async def define(self, xml: str) -> DomainInfo:
         """Define (or redefine: same name and uuid) a persistent domain."""
-        return await self._call("define", xml)
+        return await self._run(lambda actor: actor.define(xml))
 
     async def start(self, name: str) -> DomainInfo:
         """Boot the domain; one already active (running or paused) is returned as it is."""
-        return await self._call("start", name)
+        return await self._run(lambda actor: actor.start_domain(name))
 
     async def shutdown(self, name: str, timeout: float = 30.0) -> DomainInfo:
         """Ask the guest to power off, wait up to `timeout` seconds for it, then force it off.
 
-        The wait happens here, between short `info` requests, so the actor serves other callers meanwhile.
+        The wait happens here, between short `info` requests, so the actors serve other callers meanwhile.
         """
-        info, asked = await self._call("request_shutdown", name)
+        info, asked = await self._run(lambda actor: actor.request_shutdown(name))
         if asked:
             deadline = trio.current_time() + timeout
             pause, longest = self.poll_interval
@@ -511,26 +562,26 @@ class Hypervisor:
 
     async def destroy(self, name: str) -> DomainInfo:
         """Force the domain off; one already off is returned as it is."""
-        return await self._call("destroy", name)
+        return await self._run(lambda actor: actor.destroy(name))
 
     async def suspend(self, name: str) -> DomainInfo:
         """Pause a running domain; a paused one is returned as it is, a stopped one is an error."""
-        return await self._call("suspend", name)
+        return await self._run(lambda actor: actor.suspend(name))
 
     async def resume(self, name: str) -> DomainInfo:
         """Unpause a paused domain; a running one is returned as it is, a stopped one is an error."""
-        return await self._call("resume", name)
+        return await self._run(lambda actor: actor.resume(name))
 
     async def undefine(self, name: str) -> None:
         """Force the domain off if needed and forget it; a missing domain is fine."""
-        await self._call("undefine", name)
+        await self._run(lambda actor: actor.undefine(name))
 
     async def info(self, name: str) -> DomainInfo:
-        return await self._call("info", name)
+        return await self._run(lambda actor: actor.info(name))
 
     async def xml(self, name: str) -> str:
         """The domain's persistent definition as libvirt holds it: what `define` takes on another host."""
-        return await self._call("xml", name)
+        return await self._run(lambda actor: actor.xml(name))
 
     async def settle(self, name: str, state: str) -> DomainInfo:
         """Bring the domain to `state` (running, paused or shutoff) from whatever state it is in, forcing
@@ -544,56 +595,56 @@ class Hypervisor:
 
     async def list(self) -> list[DomainInfo]:
         """Every domain of the host, by name."""
-        return await self._call("list")
+        return await self._run(lambda actor: actor.list())
 
     async def stats(self) -> dict[str, DomainStats]:
         """CPU time and balloon stats of every active domain, by name (`dvms.monitor` turns them into demand)."""
-        return await self._call("stats")
+        return await self._run(lambda actor: actor.stats())
 
     async def metadata(self, name: str, uri: str) -> str | None:
         """The domain's own metadata element in namespace `uri`, which travels with its definition."""
-        return await self._call("metadata", name, uri)
+        return await self._run(lambda actor: actor.metadata(name, uri))
 
     async def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> str:
         """Set or (xml None) remove that element; returns the domain's new persistent definition."""
-        return await self._call("set_metadata", name, uri, key, xml)
+        return await self._run(lambda actor: actor.set_metadata(name, uri, key, xml))
 
     async def snapshot(self, name: str, tag: str) -> str:
         """An internal snapshot (QEMU driver, qcow2 disks); returns its XML."""
-        return await self._call("snapshot", name, tag)
+        return await self._run(lambda actor: actor.snapshot(name, tag))
 
     async def snapshot_redefine(self, name: str, xml: str) -> None:
-        await self._call("snapshot_redefine", name, xml)
+        await self._run(lambda actor: actor.snapshot_redefine(name, xml))
 
     async def snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
-        return await self._call("snapshot_revert", name, tag, state)
+        return await self._run(lambda actor: actor.snapshot_revert(name, tag, state))
 
     async def snapshot_delete(self, name: str, tag: str) -> bool:
         """Delete an internal snapshot; whether there was one."""
-        return await self._call("snapshot_delete", name, tag)
+        return await self._run(lambda actor: actor.snapshot_delete(name, tag))
 
     async def snapshot_names(self, name: str) -> list[str]:
-        return await self._call("snapshot_names", name)
+        return await self._run(lambda actor: actor.snapshot_names(name))
 
     async def managed_save(self, name: str) -> DomainInfo:
-        return await self._call("managed_save", name)
+        return await self._run(lambda actor: actor.managed_save(name))
 
     async def restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
-        return await self._call("restore_file", path, xml, state)
+        return await self._run(lambda actor: actor.restore_file(path, xml, state))
 
     async def migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
-        """Peer-to-peer migration driven by this host's daemon; the actor is busy until it ends."""
-        await self._call("migrate", name, uri, flags, params)
+        """Peer-to-peer migration driven by this host's daemon; one connection is busy until it ends."""
+        await self._run(lambda actor: actor.migrate(name, uri, flags, params))
 
     async def persistent(self, name: str) -> bool:
-        return await self._call("persistent", name)
+        return await self._run(lambda actor: actor.persistent(name))
 
     async def close(self) -> None:
-        """Close the connection and stop the actor, after the requests already sent. Safe to call twice.
+        """Close the connections and stop the actors, after the requests already sent. Safe to call twice.
 
-        The stop request goes out at once, so even if this is cancelled the actor still stops."""
+        The stop requests go out at once, so even if this is cancelled the actors still stop."""
         if self._closed:
             return
         self._closed = True
-        stopped = self._ref.stop(block=False)
-        await trio.to_thread.run_sync(stopped.get, abandon_on_cancel=True)
+        stopped = [ref.stop(block=False) for ref in self._refs]
+        await trio.to_thread.run_sync(pykka.get_all, stopped, abandon_on_cancel=True)

@@ -7,9 +7,10 @@ console written to a file, which is how callers see the guest's ready and heartb
 else: no USB, no balloon, no graphics, no network, so the guest has nothing to wait for.
 
 `open_embed` opens `qemu:///embed?root=DIR`: the QEMU driver inside this process, with no daemon.
-libvirt allows one embed root per process and needs an event loop thread running, which is started
-here once. The driver looks up the `libvirt-qemu` account at start even though QEMU runs as root here
-(Debian creates it with libvirt-daemon-system); without it the open fails with a one-line reason.
+libvirt allows one embed root per process and needs its event loop running, which `LibvirtEvents` (a
+pykka actor on a daemon thread) starts here once. The driver looks up the `libvirt-qemu` account at
+start even though QEMU runs as root here (Debian creates it with libvirt-daemon-system); without it the
+open fails with a one-line reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 import libvirt
+import pykka
 
 QEMU_CONF = """\
 # Written by Discovery for its QEMU driver (embedded, or a node's own libvirtd): QEMU runs as the
@@ -82,21 +84,33 @@ def domain_xml(name: str, guest: BootImage, disk: Path, console_log: Path, *, ac
 _loop_lock = threading.Lock()
 _loop_started = False
 _embed_root: Path | None = None
+_ITERATE = "iterate"
+
+
+class LibvirtEvents(pykka.ThreadingActor):
+    """libvirt's default event loop (the embedded driver watches QEMU through it), in this actor's thread:
+    each message runs one iteration and posts the next. The thread is a daemon: the loop runs as long as
+    the process, as libvirt expects once it is registered."""
+
+    use_daemon_thread = True
+
+    def on_start(self) -> None:
+        self.actor_ref.tell(_ITERATE)
+
+    def on_receive(self, message: object) -> None:
+        if message == _ITERATE:
+            libvirt.virEventRunDefaultImpl()
+            self.actor_ref.tell(_ITERATE)
 
 
 def _start_event_loop() -> None:
-    """libvirt's default event loop in a daemon thread (the embedded driver watches QEMU through it)."""
+    """Register libvirt's default event loop and run it, once per process (callers may race: a lock)."""
     global _loop_started
     with _loop_lock:
         if _loop_started:
             return
         libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        LibvirtEvents.start()
         _loop_started = True
 
 

@@ -173,7 +173,7 @@ def ve_stop(
     if force and timeout is not None:
         print("error: give --timeout or --force, not both", file=sys.stderr)
         raise typer.Exit(2)
-    wait = 60 + 10 * (timeout or 30)  # the VMs of one host stop one after the other
+    wait = 60 + (timeout or 30)  # all VMs stop at once (a lock per VM on each host), each within the timeout
     ve = rpc("ve.stop", {"name": name, "timeout": timeout, "force": force}, timeout=wait)
     emit(ve, as_json, make_table(["ve", "state"], [[ve["name"], ve["state"]]]))
 

@@ -374,7 +374,7 @@ class Replicas(VEBase):
                 await self._local("host.vm", {"name": domain, "action": "undefine"})
 
     async def _local(self, method: str, args: dict[str, Any]) -> None:
-        """A `host.*` call to this node's own host service (through its mailbox); failures are logged."""
+        """A `host.*` call to this node's own host service (as a peer's would be served); failures are logged."""
         addr = self.agent.transport.addr
         answer = (await self.agent.transport.call_many([addr], method, args))[addr]
         if isinstance(answer, Exception):

@@ -21,7 +21,6 @@ import copy
 import logging
 import math
 import time
-from collections import Counter
 from typing import Any
 
 import trio
@@ -263,14 +262,13 @@ class VEService(Relocation, Snapshots, Replicas):
 
     async def _on_every_vm(self, ve: dict[str, Any], action: str, **extra: Any) -> None:
         """Run `action` (with `extra` arguments) on every VM's host at once; each is tried, and any failure is
-        reported. `undefine` also reaches the target of an interrupted move or failover. A host runs the
-        actions on its VMs one at a time, so a graceful stop may wait for the stops before it on its host:
-        each call is given that long."""
+        reported. `undefine` also reaches the target of an interrupted move or failover. Hosts run
+        operations on different VMs side by side (a lock per VM), so each call is given HOST_TIMEOUT plus
+        the graceful stop's own `timeout`, whatever else its host is doing."""
         places = list(ve["placement"].items())
         if action == "undefine":
             places += [(vm, slot[key]) for vm, slot in ve["placement"].items()
                        for key in ("moving_to", "failing_over") if slot.get(key)]
-        per_host = Counter(slot["addr"] for _, slot in places)
         wait = float(extra.get("timeout", 0.0))
         failures = []
 
@@ -278,7 +276,7 @@ class VEService(Relocation, Snapshots, Replicas):
             try:
                 await self.agent.transport.call(slot["addr"], "host.vm", {
                     "name": domain_name(ve["name"], vm_name), "action": action, **extra},
-                    timeout=HOST_TIMEOUT + wait * per_host[slot["addr"]])
+                    timeout=HOST_TIMEOUT + wait)
             except RpcError as err:
                 failures.append(f"{vm_name} on {slot['node']}: {err}")
 

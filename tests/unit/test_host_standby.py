@@ -141,7 +141,7 @@ async def test_snapshot_delete_of_a_real_guest_deletes_its_libvirt_snapshot(tmp_
         assert (await host._on_snapshot_delete(AGENT, {"name": "ve:q", "tag": "orphan"}))["deleted"] is True
         assert (await host._on_snapshot_delete(AGENT, {"name": "ve:q", "tag": "t2"}))["deleted"] is True
         assert await hv.snapshot_names("ve:q") == []  # nothing left to keep it from migrating live
-        assert host._db.execute("SELECT COUNT(*) FROM snapshots").fetchone() == (0,)
+        assert await host.db.one("SELECT COUNT(*) FROM snapshots") == (0,)
     finally:
         host.close()
         await hv.close()
@@ -181,7 +181,7 @@ async def test_stop_passes_its_timeout_to_the_hypervisor_and_checks_it(host: Hos
     await host._on_vm(AGENT, {"name": "ve:s", "action": "start"})
     await host._on_vm(AGENT, {"name": "ve:s", "action": "stop"})
     assert waits == [7.0, 30.0]
-    assert host._db.execute("SELECT desired FROM domains WHERE name = 've:s'").fetchone() == ("shutoff",)
+    assert await host.db.one("SELECT desired FROM domains WHERE name = 've:s'") == ("shutoff",)
     for bad in (0, -1, 600.5, "7", True, None):
         with pytest.raises(RequestError, match="timeout must be a number of seconds, more than 0 and at most 600"):
             await host._on_vm(AGENT, {"name": "ve:s", "action": "stop", "timeout": bad})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pykka
 import pytest
@@ -23,15 +24,22 @@ from agents.hypervisor.actor import (
 )
 from dvms.monitor import cpu_demand
 
+T = TypeVar("T")
 UUID1 = "11111111-2222-3333-4444-555555555555"
+
+
+def hypervisor_actors() -> list[pykka.ActorRef]:
+    """The hypervisor actors running (others, such as libvirt's event loop of an embedded driver, live on)."""
+    return pykka.ActorRegistry.get_by_class(HypervisorActor)
 
 
 @pytest.fixture(autouse=True)
 def no_leftover_actors() -> object:
-    assert pykka.ActorRegistry.get_all() == []
+    assert hypervisor_actors() == []
     yield
-    leftovers = pykka.ActorRegistry.get_all()
-    pykka.ActorRegistry.stop_all()
+    leftovers = hypervisor_actors()
+    for ref in leftovers:
+        ref.stop()
     assert leftovers == [], "a test left a hypervisor actor running"
 
 
@@ -216,8 +224,8 @@ async def test_undefine_destroys_a_running_domain(hv: Hypervisor) -> None:
 class IgnoresAcpi(HypervisorActor):
     """A guest that never reacts to the ACPI power button."""
 
-    def op_request_shutdown(self, name: str) -> tuple[DomainInfo, bool]:
-        return self.op_info(name), True
+    def request_shutdown(self, name: str) -> tuple[DomainInfo, bool]:
+        return self.info(name), True
 
 
 class StubbornHypervisor(Hypervisor):
@@ -270,7 +278,7 @@ async def test_open_bad_uri_raises_and_leaves_no_actor(uri: str) -> None:
     with pytest.raises(HypervisorError, match="cannot open") as caught:
         Hypervisor.open(uri)
     assert "\n" not in str(caught.value)
-    assert pykka.ActorRegistry.get_all() == []
+    assert hypervisor_actors() == []
 
 
 async def test_open_a_file_that_is_not_node_xml(tmp_path: Path) -> None:
@@ -279,15 +287,15 @@ async def test_open_a_file_that_is_not_node_xml(tmp_path: Path) -> None:
     with pytest.raises(HypervisorError, match="cannot open") as caught:
         Hypervisor.open(f"test://{junk}")
     assert "\n" not in str(caught.value)
-    assert pykka.ActorRegistry.get_all() == []
+    assert hypervisor_actors() == []
 
 
 async def test_close_twice_and_use_after_close(tmp_path: Path) -> None:
     hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", 2, 2048))
-    assert len(pykka.ActorRegistry.get_all()) == 1
+    assert len(hypervisor_actors()) == 1
     await hv.close()
     await hv.close()
-    assert pykka.ActorRegistry.get_all() == []
+    assert hypervisor_actors() == []
     with pytest.raises(HypervisorError, match="closed"):
         await hv.list()
 
@@ -298,7 +306,7 @@ async def test_close_when_cancelled_still_stops_the_actor(tmp_path: Path) -> Non
         scope.cancel()
         await hv.close()
     with trio.fail_after(5):
-        while pykka.ActorRegistry.get_all():
+        while hypervisor_actors():
             await trio.sleep(0.01)
 
 
@@ -317,18 +325,29 @@ class WatchedActor(HypervisorActor):
         self.busy = 0
         self.overlaps = 0
 
-    def on_receive(self, message: object) -> object:
+    def _watched(self, request: Callable[[], T]) -> T:
         self.threads.add(threading.get_ident())
         self.busy += 1
         self.overlaps += self.busy > 1
         try:
-            return super().on_receive(message)
+            return request()
         finally:
             self.busy -= 1
 
-    def op_list(self) -> list[DomainInfo]:
-        time.sleep(0.5)
-        return super().op_list()
+    def define(self, xml: str) -> DomainInfo:
+        return self._watched(lambda: super(WatchedActor, self).define(xml))
+
+    def start_domain(self, name: str) -> DomainInfo:
+        return self._watched(lambda: super(WatchedActor, self).start_domain(name))
+
+    def suspend(self, name: str) -> DomainInfo:
+        return self._watched(lambda: super(WatchedActor, self).suspend(name))
+
+    def list(self) -> list[DomainInfo]:
+        def slow() -> list[DomainInfo]:
+            time.sleep(0.5)
+            return super(WatchedActor, self).list()
+        return self._watched(slow)
 
 
 class WatchedHypervisor(Hypervisor):
@@ -380,6 +399,52 @@ async def test_cancelled_caller_does_not_break_the_hypervisor(tmp_path: Path) ->
         await define_vm(hv)
         assert [d.name for d in await hv.list()] == ["vm1"]
     finally:
+        await hv.close()
+
+
+class BlockingActor(HypervisorActor):
+    """`list` waits, in the actor's thread, until the test releases it."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def list(self) -> list[DomainInfo]:
+        BlockingActor.entered.set()
+        BlockingActor.release.wait(10)
+        return super().list()
+
+
+class BlockingHypervisor(Hypervisor):
+    actor_class = BlockingActor
+
+
+async def test_a_long_call_holds_one_connection_of_the_pool_only(tmp_path: Path) -> None:
+    """With several connections (a node's own libvirtd), a long request leaves the other actors to serve;
+    a cancelled caller's actor returns to the pool only once its request is over."""
+    BlockingActor.entered.clear()
+    BlockingActor.release.clear()
+    hv = BlockingHypervisor.open(write_node_xml(tmp_path / "node.xml", 4, 4096), connections=2)
+    try:
+        assert hv.connections == 2 and len(hypervisor_actors()) == 2
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hv.list)
+            await trio.to_thread.run_sync(BlockingActor.entered.wait, 5)
+            with trio.fail_after(5):
+                assert (await hv.host_info()).vcpus == 4  # the other connection answers meanwhile
+                assert (await hv.host_info()).vcpus == 4
+            BlockingActor.release.set()
+        BlockingActor.entered.clear()
+        BlockingActor.release.clear()
+        with trio.move_on_after(0.05):
+            await hv.list()  # its caller leaves; the actor stays busy until released
+        await trio.to_thread.run_sync(BlockingActor.entered.wait, 5)
+        with trio.fail_after(5):
+            assert (await hv.host_info()).vcpus == 4
+        BlockingActor.release.set()
+        with trio.fail_after(5):
+            await hv.list()
+    finally:
+        BlockingActor.release.set()
         await hv.close()
 
 

@@ -1,0 +1,246 @@
+"""Per-VM locks in the host service: one VM's operations run one at a time, while a long operation on a VM
+(a graceful stop) delays neither `host.info`, nor reservations, nor operations on other VMs; requests wait
+for the node's recovery at start, and an unexpected failure closes the gate until the service rebuilt its
+state. Requests go through the routes the transport serves, as a peer's would. No fixed sleeps: the tests
+wait on events, with deadlines."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from agents.host.capacity import Resources
+from agents.host.locks import Gate, VmLocks
+from agents.host.service import HostService
+from agents.hypervisor.actor import DomainInfo, Hypervisor, write_node_xml
+from overlay.wire.rpc import Caller, Endpoint
+
+AGENT = Caller("node9", "node", "node9", "rennes")
+NEED = {"vcpus": 1, "memory_mb": 512, "disk_gb": 1}
+DEADLINE = 10.0
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[HostService]:
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
+    service = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite")
+    await service.start()
+    try:
+        yield service
+    finally:
+        service.close()
+        await hv.close()
+
+
+async def call(host: HostService, method: str, **args: Any) -> Any:
+    """A request as the transport serves it (role check, gate, locks)."""
+    return await host.transport.dispatch(AGENT, method, args)
+
+
+async def define(host: HostService, name: str) -> None:
+    token = (await call(host, "host.reserve", name=name, **NEED))["token"]
+    await call(host, "host.confirm", token=token)
+
+
+class SlowStops:
+    """Replaces the hypervisor's graceful shutdown: each stop waits until the test lets it finish."""
+
+    def __init__(self, host: HostService, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started: dict[str, trio.Event] = {}
+        self.finish: dict[str, trio.Event] = {}
+        self._shutdown = host.hypervisor.shutdown
+        monkeypatch.setattr(host.hypervisor, "shutdown", self.shutdown)
+
+    def expect(self, name: str) -> None:
+        self.started[name], self.finish[name] = trio.Event(), trio.Event()
+
+    async def shutdown(self, name: str, timeout: float = 30.0) -> DomainInfo:
+        self.started[name].set()
+        await self.finish[name].wait()
+        return await self._shutdown(name, timeout)
+
+
+async def test_a_long_stop_of_one_vm_delays_neither_info_nor_reservations_nor_other_vms(
+        host: HostService, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ve:a", "ve:b"):
+        await define(host, name)
+    stops = SlowStops(host, monkeypatch)
+    stops.expect("ve:a")
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: call(host, "host.vm", name="ve:a", action="stop"))
+            await stops.started["ve:a"].wait()  # ve:a's stop is under way, and holds ve:a's lock
+            info = await call(host, "host.info")
+            assert info["busy"] == {"ve:a": 1}
+            assert {d["name"]: d["state"] for d in info["domains"]} == {"ve:a": "running", "ve:b": "running"}
+            token = (await call(host, "host.reserve", name="ve:c", **NEED))["token"]
+            assert (await call(host, "host.confirm", token=token))["state"] == "running"
+            assert (await call(host, "host.vm", name="ve:b", action="suspend"))["state"] == "paused"
+            assert (await call(host, "host.snapshot", name="ve:b", tag="t1"))["state"] == "paused"
+            assert (await call(host, "host.export", name="ve:b"))["state"] == "paused"
+            assert [s["name"] for s in await call(host, "host.standbys")] == []
+            assert not stops.finish["ve:a"].is_set()  # all of that while ve:a was still stopping
+            stops.finish["ve:a"].set()
+    assert (await call(host, "host.vm", name="ve:a", action="info"))["state"] == "shutoff"
+    assert host.vm_locks.in_use() == {}  # locks are dropped once unused
+
+
+async def test_operations_on_one_vm_run_one_at_a_time_in_arrival_order(
+        host: HostService, monkeypatch: pytest.MonkeyPatch) -> None:
+    await define(host, "ve:a")
+    stops = SlowStops(host, monkeypatch)
+    stops.expect("ve:a")
+    done: list[str] = []
+
+    async def act(action: str) -> None:
+        await call(host, "host.vm", name="ve:a", action=action)
+        done.append(action)
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(act, "stop")
+            await stops.started["ve:a"].wait()
+            nursery.start_soon(act, "start")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(act, "suspend")
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == [] and host.vm_locks.in_use() == {"ve:a": 3}  # both wait behind the stop
+            stops.finish["ve:a"].set()
+    assert done == ["stop", "start", "suspend"]
+    assert (await call(host, "host.vm", name="ve:a", action="info"))["state"] == "paused"
+
+
+async def test_a_confirm_waits_for_the_operation_on_its_vm_and_an_undefine_for_the_confirm(
+        host: HostService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The confirm takes the lock of the VM its reservation names: an undefine that arrives meanwhile
+    finds the VM defined (it runs after), never half-made."""
+    token = (await call(host, "host.reserve", name="ve:n", **NEED))["token"]
+    entered, proceed = trio.Event(), trio.Event()
+    define_domain = host.hypervisor.define
+
+    async def slow_define(xml: str) -> DomainInfo:
+        entered.set()
+        await proceed.wait()
+        return await define_domain(xml)
+
+    monkeypatch.setattr(host.hypervisor, "define", slow_define)
+    results: dict[str, Any] = {}
+
+    async def confirm() -> None:
+        results["confirm"] = await call(host, "host.confirm", token=token)
+
+    async def undefine() -> None:
+        results["undefine"] = await call(host, "host.vm", name="ve:n", action="undefine")
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(confirm)
+            await entered.wait()
+            nursery.start_soon(undefine)
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == {}
+            proceed.set()
+    assert results["confirm"]["state"] == "running" and results["undefine"] is None
+    assert host.ledger.allocated == {} and await host.hypervisor.list() == []
+
+
+async def test_requests_wait_for_recovery_and_a_crash_closes_the_gate_until_the_state_is_rebuilt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
+    host = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite")
+    try:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                answers: list[Any] = []
+
+                async def info() -> None:
+                    answers.append(await call(host, "host.info"))
+
+                nursery.start_soon(info)
+                await trio.testing.wait_all_tasks_blocked()
+                assert answers == []  # not started: the gate is closed
+                await host.start()
+        assert answers[0]["free"]["vcpus"] == 8
+        await define(host, "ve:a")
+
+        async def broken(name: str) -> DomainInfo:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(host.hypervisor, "suspend", broken)
+        with pytest.raises(RuntimeError, match="a bug"):
+            await call(host, "host.vm", name="ve:a", action="suspend")
+        assert not host.gate.is_open  # the supervisor restarts the service: `run` calls `start` again
+        with pytest.raises(RuntimeError, match="a bug"):
+            await host.handle(host._receive.receive_nowait()[0])
+        host.ledger.allocated.clear()  # whatever the crash left in memory
+        await host.start()
+        assert host.gate.is_open and host.ledger.allocated == {"ve:a": Resources(1, 512, 1)}
+    finally:
+        host.close()
+        await hv.close()
+
+
+async def test_vm_locks_are_made_on_demand_and_dropped_when_unused() -> None:
+    locks = VmLocks()
+    order: list[str] = []
+
+    async def hold(name: str, tag: str, release: trio.Event) -> None:
+        async with locks.hold(name):
+            order.append(tag)
+            await release.wait()
+
+    first, second, other = trio.Event(), trio.Event(), trio.Event()
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold, "a", "a1", first)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(hold, "a", "a2", second)
+            nursery.start_soon(hold, "b", "b1", other)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["a1", "b1"] and locks.in_use() == {"a": 2, "b": 1}
+            other.set()
+            first.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["a1", "b1", "a2"] and locks.in_use() == {"a": 1}
+            second.set()
+    assert locks.in_use() == {}
+    async with locks.hold("c"):
+        with trio.CancelScope() as scope:  # a waiter cancelled while it waits gives its place back
+            scope.cancel()
+            async with locks.hold("c"):
+                raise AssertionError("held twice")
+        assert scope.cancelled_caught and locks.in_use() == {"c": 1}
+    assert locks.in_use() == {}
+
+
+async def test_the_gate_drains_what_is_inside_before_a_rebuild() -> None:
+    gate = Gate()
+    inside, leave = trio.Event(), trio.Event()
+    events: list[str] = []
+
+    async def operation() -> None:
+        async with gate.enter():
+            inside.set()
+            await leave.wait()
+        events.append("left")
+
+    async def rebuild() -> None:
+        await gate.drain()
+        events.append("drained")
+        gate.open()
+
+    gate.open()
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(operation)
+            await inside.wait()
+            nursery.start_soon(rebuild)
+            await trio.testing.wait_all_tasks_blocked()
+            assert events == [] and not gate.is_open
+            leave.set()
+    assert events == ["left", "drained"] and gate.is_open
