@@ -16,7 +16,7 @@ I/O so hypothesis can run thousands of schedules a second.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,9 @@ from discovery.ve.transaction import (
     Action,
     CallHost,
     Continued,
+    Core,
     DirectoryFailed,
+    Done,
     HostAnswered,
     HostFailed,
     Observation,
@@ -34,6 +36,7 @@ from discovery.ve.transaction import (
     ReadRecord,
     RecordRead,
     RecordWritten,
+    Refuse,
     TimedOut,
     WriteRecord,
 )
@@ -227,6 +230,68 @@ class World:
                        for n in named if n in self.hosts):
                 self.violations.append(f"{domain} is held by none of {named} after {self.trace[-1:]}: "
                                        f"{self.holders(domain)}")
+
+
+def run(core: Core, world: World, faults: Mapping[str, str] | None = None, tick: float = 1.0) -> Action:
+    """Run `core` to its end on `world`, the clock advancing `tick` per action; `faults`: the fault of an
+    action by its label, `#n` for its n-th time (`confirm dst`, `write #2`). Returns the final action."""
+    faults, seen, now = faults or {}, dict[str, int](), 0.0
+    action = core.start(now)
+    while not isinstance(action, (Done, Refuse)):
+        name = label(action)
+        seen[name] = seen.get(name, 0) + 1
+        observation = world.perform(action, faults.get(name if seen[name] == 1 else f"{name} #{seen[name]}"))
+        now += tick
+        action = core.on(observation, now)
+    return action
+
+
+Turn = tuple[int, str | None, str | None]
+"""One step of an interleaving: which actor acts (an index into those still at work), whose reachability
+flips first (a node, `DIRECTORY`, or None), and the fault of that action."""
+
+
+def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]], steps: Sequence[Turn],
+               deaths: Sequence[int], make: Callable[[World], Core | None], now: float = 0.0) -> dict[int, Action]:
+    """Run `actors` (id -> (core, its next action), or (None, None) for a recoverer not started yet) one
+    action at a time in the order `steps` draws; then, everyone answering, those still at work in turn to
+    their end. A recoverer starts by reading the record (`make(world)`: its core, or None if the record
+    holds nothing to recover; it waits while the directory is down); actor k > 0 dies at its `deaths[k-1]`-th
+    action. Returns how each ended: its last action, `Refuse("crashed")` for those that died."""
+    ended: dict[int, Action] = {}
+    counts = dict.fromkeys(actors, 0)
+    tail: list[Turn] = [(k, None, None) for k in range(200 * max(len(actors), 1))]
+    for n, (pick, flip, fault) in enumerate([*steps, *tail]):
+        if n == len(steps):
+            world.down.clear()
+        if flip is not None:
+            world.down ^= {flip}
+        running = [k for k in sorted(actors) if k not in ended]
+        if not running:
+            break
+        who = running[pick % len(running)]
+        core, action = actors[who]
+        if core is None:
+            if DIRECTORY in world.down:
+                continue
+            core = make(world)
+            if core is None:
+                ended[who] = Done(None)
+                continue
+            action = core.start(now)
+        else:
+            assert action is not None
+            if who and counts[who] == deaths[who - 1]:
+                ended[who] = Refuse("crashed")
+                continue
+            counts[who] += 1
+            now += 1.0
+            action = core.on(world.perform(action, fault), now)
+        actors[who] = (core, action)
+        if isinstance(action, (Done, Refuse)):
+            ended[who] = action
+    assert set(ended) == set(actors), "an actor did not end"
+    return ended
 
 
 def label(action: Action) -> str:

@@ -36,7 +36,7 @@ from discovery.ve.transaction import (
     TimedOut,
     WriteRecord,
 )
-from discovery.ve.world import DIRECTORY, Host, World, label
+from discovery.ve.world import DIRECTORY, Host, World, interleave, label, run
 
 VE, VM, DOMAIN = "shop", "db", "shop:db"
 SRC, DST = "src", "dst"
@@ -64,19 +64,6 @@ def world(value: Mapping[str, Any], way: str = "carry", **held: str) -> World:
 
 def move(value: Mapping[str, Any], method: str = "auto", limit: float = 60.0) -> Move:
     return Move(value, VM, DOMAIN, TARGET, "relocated to dst by alice", method, NEED, "n3", limit)
-
-
-def run(core: Core, w: World, faults: Mapping[str, str] | None = None, tick: float = 1.0) -> Action:
-    """Run `core` to its end on `w`; `faults`: label (`confirm dst`, `write`, `write #2`...) -> fault."""
-    faults, seen, now = faults or {}, {}, 0.0
-    action = core.start(now)
-    while not isinstance(action, (Done, Refuse)):
-        name = label(action)
-        seen[name] = seen.get(name, 0) + 1
-        observation = w.perform(action, faults.get(name if seen[name] == 1 else f"{name} #{seen[name]}"))
-        now += tick
-        action = core.on(observation, now)
-    return action
 
 
 def settled_at(w: World) -> str:
@@ -393,46 +380,6 @@ def schedules(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-def interleave(w: World, actors: dict[int, tuple[Core | None, Action | None]], s: dict[str, Any], now: float,
-               make: Any) -> dict[int, Action]:
-    """Run the actors one action at a time in the order `s["steps"]` draws, then, everyone answering, those
-    still alive in turn to their end; returns how each ended ("crashed" for those `s["deaths"]` killed)."""
-    ended: dict[int, Action] = {}
-    counts = dict.fromkeys(actors, 0)
-    schedule = list(s["steps"]) + [(k, None, None) for k in range(4 * 40)]
-    for n, (pick, flip, fault) in enumerate(schedule):
-        if n == len(s["steps"]):
-            w.down.clear()
-        if flip is not None:
-            w.down ^= {flip}
-        running = [k for k in sorted(actors) if k not in ended]
-        if not running:
-            break
-        who = running[pick % len(running)]
-        core, action = actors[who]
-        if core is None:  # a recoverer starts: it reads the record, as `_settle` does
-            if DIRECTORY in w.down:
-                continue
-            core = make(w)
-            if core is None:
-                ended[who] = Done(None)
-                continue
-            action = core.start(now)
-        else:
-            assert action is not None
-            if who and counts[who] == s["deaths"][who - 1]:
-                ended[who] = Refuse("crashed")
-                continue
-            counts[who] += 1
-            now += 1.0
-            action = core.on(w.perform(action, fault), now)
-        actors[who] = (core, action)
-        if isinstance(action, (Done, Refuse)):
-            ended[who] = action
-    assert set(ended) == set(actors)
-    return ended
-
-
 def recoverer(w: World) -> MoveRecovery | None:
     value = copy.deepcopy(w.record)
     return MoveRecovery(value, VM, DOMAIN) if "moving_to" in value["placement"][VM] else None
@@ -463,7 +410,7 @@ def test_moves_crashes_and_recoverers_in_any_interleaving(s: dict[str, Any]) -> 
     actors: dict[int, tuple[Core | None, Action | None]] = {k: (None, None) for k in range(1, s["recoverers"] + 1)}
     if not crashed and not isinstance(action, (Done, Refuse)):
         actors[0] = (coordinator, action)
-    ended = interleave(w, actors, s, now, recoverer)
+    ended = interleave(w, actors, s["steps"], s["deaths"], recoverer, now)
     outcome = ended.get(0, action)
     event(f"coordinator: {'crashed' if crashed else ending_of(outcome)}")
     event(f"recoverers that acted: {sum(1 for k, end in ended.items() if k and end != Done(None))}")
