@@ -71,7 +71,12 @@ class World:
     record: dict[str, Any] | None
     addrs: dict[str, str] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    conditional: bool = False
+    """Writes as compare-and-set: one after a version other than the record's fails (a conflict). Without,
+    the last write wins whatever its writer read (today's DHT: concurrent writes may lose one another)."""
     version: int = 1
+    seen: dict[Any, int] = field(default_factory=dict)
+    """The version each writer last read or wrote (as the driver's `Record`), by the `who` of `perform`."""
     trace: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
@@ -80,14 +85,15 @@ class World:
 
     # -- performing actions ------------------------------------------------------------------------
 
-    def perform(self, action: Action, fault: str | None = None) -> Observation:
-        """Perform `action` as the driver would; `fault`: None, "unreachable" (not done), "lost" (done, answer
-        lost), "timeout" (not done, timed out), "late" (done, timed out). A name in `down` answers nothing."""
-        observation = self._perform(action, fault)
+    def perform(self, action: Action, fault: str | None = None, who: Any = None) -> Observation:
+        """Perform `action` as the driver would, for the writer `who`; `fault`: None, "unreachable" (not
+        done), "lost" (done, answer lost), "timeout" (not done, timed out), "late" (done, timed out). A name
+        in `down` answers nothing."""
+        observation = self._perform(action, fault, who)
         self.check()
         return observation
 
-    def _perform(self, action: Action, fault: str | None) -> Observation:
+    def _perform(self, action: Action, fault: str | None, who: Any) -> Observation:
         self.trace.append(label(action))
         match action:
             case CallHost():
@@ -100,13 +106,19 @@ class World:
             case ReadRecord():
                 if DIRECTORY in self.down or fault is not None:
                     return DirectoryFailed("no replica answered")
+                self.seen[who] = self.version
                 return RecordRead(copy.deepcopy(self.record))
             case WriteRecord():
                 if DIRECTORY in self.down or fault in ("unreachable", "timeout"):
                     return DirectoryFailed("write reached 0 of 3 replicas")
+                if self.conditional and self.seen.setdefault(who, self.version) != self.version:
+                    return DirectoryFailed(f"the record changed since version {self.seen[who]}", "conflict")
                 self.record = copy.deepcopy(dict(action.value))
                 self.version += 1
-                return DirectoryFailed("write reached 1 of 3 replicas") if fault else RecordWritten()
+                if fault:
+                    return DirectoryFailed("write reached 1 of 3 replicas")
+                self.seen[who] = self.version
+                return RecordWritten()
             case PauseForTest():
                 return TimedOut() if fault in ("timeout", "late") and action.within is not None else Continued()
         raise TypeError(action)
@@ -236,11 +248,12 @@ def run(core: Core, world: World, faults: Mapping[str, str] | None = None, tick:
     """Run `core` to its end on `world`, the clock advancing `tick` per action; `faults`: the fault of an
     action by its label, `#n` for its n-th time (`confirm dst`, `write #2`). Returns the final action."""
     faults, seen, now = faults or {}, dict[str, int](), 0.0
+    world.seen[core] = world.version  # it was built from the record as it is
     action = core.start(now)
     while not isinstance(action, (Done, Refuse)):
         name = label(action)
         seen[name] = seen.get(name, 0) + 1
-        observation = world.perform(action, faults.get(name if seen[name] == 1 else f"{name} #{seen[name]}"))
+        observation = world.perform(action, faults.get(name if seen[name] == 1 else f"{name} #{seen[name]}"), core)
         now += tick
         action = core.on(observation, now)
     return action
@@ -257,7 +270,8 @@ def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]
     action at a time in the order `steps` draws; then, everyone answering, those still at work in turn to
     their end. A recoverer starts by reading the record (`make(world)`: its core, or None if the record
     holds nothing to recover; it waits while the directory is down); actor k > 0 dies at its `deaths[k-1]`-th
-    action. Returns how each ended: its last action, `Refuse("crashed")` for those that died."""
+    action. Each actor writes as `who` = its id. Returns how each ended: its last action, `Refuse("crashed")`
+    for those that died."""
     ended: dict[int, Action] = {}
     counts = dict.fromkeys(actors, 0)
     tail: list[Turn] = [(k, None, None) for k in range(200 * max(len(actors), 1))]
@@ -278,6 +292,7 @@ def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]
             if core is None:
                 ended[who] = Done(None)
                 continue
+            world.seen[who] = world.version
             action = core.start(now)
         else:
             assert action is not None
@@ -286,7 +301,7 @@ def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]
                 continue
             counts[who] += 1
             now += 1.0
-            action = core.on(world.perform(action, fault), now)
+            action = core.on(world.perform(action, fault, who), now)
         actors[who] = (core, action)
         if isinstance(action, (Done, Refuse)):
             ended[who] = action
