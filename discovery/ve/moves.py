@@ -349,7 +349,7 @@ class MoveRecovery:
                 return self._over(Refuse(r))
             case S.READ, RecordRead(value=None):
                 return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
-            case S.READ, RecordRead(value=fresh):
+            case S.READ, RecordRead(value=Mapping() as fresh):
                 self.value = fresh
                 if fresh["placement"].get(self.vm, {}).get("moving_to") != self.intent:
                     return self._over(Done(self.forward))  # another agent settled it meanwhile

@@ -210,7 +210,7 @@ class SnapshotFinish:
                 return self._over(Refuse(reason))
             case S.READ, RecordRead(value=None):
                 return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
-            case S.READ, RecordRead(value=fresh):
+            case S.READ, RecordRead(value=Mapping() as fresh):
                 self.value = fresh
                 if fresh.get("snapshotting") != self.marker:
                     return self._over(Done(False))  # another agent finished it meanwhile
