@@ -212,7 +212,19 @@ class Move:
         return self._write({**self.slot, "moving_to": self.intent})
 
     def _reserved(self, reserved: Mapping[str, Any], now: float) -> Action:
-        """The target holds the room: get the VM there live, shipped, or carried (`Relocation._transfer`)."""
+        """The target holds the room: get the VM there, one of three ways.
+
+        - live: both nodes run real guests on their own libvirtd, the VM is active and has no internal
+          snapshots (an NBD disk copy would drop them): the target prepares an empty overlay, the source's
+          daemon migrates the VM peer to peer, with the disk's own layer copied incrementally; the VM runs
+          throughout but for the final switch-over, and libvirt guarantees it runs at one place only;
+        - ship: real guests otherwise (stopped, with snapshots, or the embedded driver): the source stops
+          the VM into a memory image, the target pulls the image and the qcow2 disk (snapshots inside)
+          and restores it (save → ship → restore);
+        - carry: the test driver, whose VM is its XML: the source freezes (pauses) it, the target defines
+          it from the carried XML.
+        `method` "auto" picks the first that works; "live" or "ship" insists (an operator measuring one,
+        or avoiding a live migration's load), and a target that cannot do it fails the move (undone)."""
         self.token, self.reserved, self.started = reserved["token"], reserved, now
         backend = self.source.get("backend", "test")
         if backend != reserved.get("backend", "test"):
