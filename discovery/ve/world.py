@@ -227,9 +227,9 @@ class World:
         return [n for n, state in self.holders(domain).items() if state == "running"]
 
     def check(self) -> None:
-        """After every event: no domain runs at two places, and every VM of the record is held (as a domain,
-        or as a standby copy that a failover may promote) by a node the record names for it: its host, the
-        target of the move or failover under way, or a node listed as keeping a copy."""
+        """After every event: no domain runs at two places, and every VM of the record is held by a node the
+        record names for it: as a domain by its host or the target of the move or failover under way, or as
+        a standby copy (which a failover may promote) by a node listed as keeping one or a failover's target."""
         if self.record is None:
             return
         for vm, slot in self.record["placement"].items():
@@ -237,9 +237,10 @@ class World:
             if len(self.running(domain)) > 1:
                 self.violations.append(f"{domain} runs at {self.running(domain)} after {self.trace[-1:]}")
             named = [slot["node"]] + [slot[k]["node"] for k in ("moving_to", "failing_over") if k in slot]
-            named += [e["node"] for e in self.record.get("replicas", {}).get(vm, [])]
-            if not any(domain in self.hosts[n].domains or domain in self.hosts[n].standbys
-                       for n in named if n in self.hosts):
+            copies = [e["node"] for e in self.record.get("replicas", {}).get(vm, [])]
+            copies += [slot["failing_over"]["node"]] if "failing_over" in slot else []
+            if not any(domain in self.hosts[n].domains for n in named if n in self.hosts) and \
+                    not any(domain in self.hosts[n].standbys for n in copies if n in self.hosts):
                 self.violations.append(f"{domain} is held by none of {named} after {self.trace[-1:]}: "
                                        f"{self.holders(domain)}")
 
