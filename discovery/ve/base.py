@@ -13,7 +13,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,6 @@ PREPARE_LIMIT = 60.0
 """A coordinator gives up (and rolls back) a VM move whose preparation (reserve, export, import) takes longer."""
 MOVE_LEASE = 2 * PREPARE_LIMIT
 """An intent this old whose coordinator cannot be asked may be finished or undone by any agent."""
-Recover = Callable[[Record, str], Awaitable[tuple[Record, bool]]]
-"""Finishes or undoes the interrupted operation on a VM; returns the record and whether it went forward."""
 PAUSE_ENV = "DISCOVERY_TEST_PAUSE"
 """Test-only fault hook, `<point>:<seconds>[,...]`: the coordinator sleeps at those points (`pause_for_test`)."""
 
@@ -164,26 +162,6 @@ class VEBase:
         except RpcError as err:
             raise RequestError(f"{where['node']} cannot be reached: {err}") from None
         return True
-
-    async def _put_slot(self, record: Record, vm: str, slot: dict[str, Any]) -> Record:
-        value = copy.deepcopy(record.value)
-        value["placement"][vm] = slot
-        return await self.agent.records.put(record.key, value, after=record.version)
-
-    async def _settle_failed(self, recover: Recover, record: Record, vm: str, doing: str, cause: str,
-                             undone: str) -> Record:
-        """After a step of an operation whose intent is in the record failed (`cause`): finish or undo it
-        from what the hosts hold (`recover`: a move's or a failover's). Returns the record if it went
-        forward after all; raises RequestError `undone` if it was undone, or saying it is left unfinished
-        (the intent kept for the next attempt) if a host cannot be asked."""
-        try:
-            record, forward = await recover(record, vm)
-        except RequestError as again:
-            raise RequestError(f"{doing} failed ({cause}) and is left unfinished ({again}); retry to finish or "
-                               "undo it") from None
-        if not forward:
-            raise RequestError(undone) from None
-        return record
 
     async def _drop_copy(self, record: Record, vm: str, node: str) -> Record:
         """Drop the standby copy of `vm` that `node` keeps, if any (the VM is about to move there, where a

@@ -1,24 +1,23 @@
 """Relocation (`ve relocate`): moving VMs between nodes. Real guests on per-node daemons migrate live;
 otherwise a real guest is saved, shipped and restored, and a test-driver VM (its XML, state and
-snapshots) is carried (`Relocation._transfer`). `Relocation._move` describes the protocol around the
-transfer and why an interrupted relocation never leaves a VM at two places or at none.
-After a move the whole VE must still keep its site pin and constraints (`check_placement`).
+snapshots) is carried. This module chooses where VMs go and checks that the whole VE keeps its site pin
+and constraints afterwards (`check_placement`); each VM's move is the sans-IO transaction
+`discovery.ve.moves.Move` (its protocol, and why an interrupted relocation never leaves a VM running at two
+places or lost), which `_move` and `_recover_move` only drive (`discovery.ve.driver`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import trio
-
-from agents.hypervisor.actor import SETTLED
 from discovery.ve import placement as planner
-from discovery.ve.base import PREPARE_LIMIT, VEBase, domain_name, pause_for_test
+from discovery.ve.base import PREPARE_LIMIT, VEBase, domain_name
+from discovery.ve.driver import drive
+from discovery.ve.moves import Move, MoveRecovery
 from discovery.ve.spec import VESpec
 from overlay.dht import Record
 from overlay.membership import Member
@@ -136,143 +135,33 @@ class Relocation(VEBase):
         """Move one VM to `target`; returns the record after the move.
 
         The move is a small transaction whose log is the VE record itself, so that whoever reads the
-        record next can finish it:
+        record next can finish it: its steps, how the VM gets there (live, shipped or carried), and why
+        an interrupted move never leaves the VM running at two places or lost, are the state machine
+        `discovery.ve.moves.Move`; this method only performs what it asks (`discovery.ve.driver`).
 
-        1. intent: the VM's slot gets `moving_to` = {target, phase "prepare", the VM's state (running,
-           paused or shutoff), the coordinator, a time}, written before any host is touched;
-        2. prepare: the target reserves the VM's room (two-phase, as for create); the source exports the
-           domain XML and the VM's snapshots and freezes the VM (a running VM is paused, so that it never
-           runs at two places); the target confirms the reservation with that XML: it defines the domain,
-           persists it with its snapshots, and brings it to the recorded state. A coordinator that takes
-           longer than PREPARE_LIMIT gives up and undoes the move;
-        3. phase "started" is written: the target runs the VM;
-        4. the source undefines its frozen copy, which frees its room and drops its copy of the snapshots;
-        5. the slot is rewritten to name the target, without `moving_to`.
-
-        Recovery (`_recover_move`) decides from the hosts, not from the phase: if the target holds the
-        domain (persisted there before `host.confirm` answers), the move goes forward (target brought to
-        the recorded state, source copy undefined, slot rewritten); otherwise it is undone (a late copy at
-        the target undefined, the source brought back to the recorded state, `moving_to` dropped). The
-        source's copy is removed only once the target holds the domain, and the target's only while the
-        source holds it, so after recovery the VM is at exactly one place, and meanwhile at most one copy
-        runs. A host that cannot be reached stops recovery before it changes anything that matters: the
-        intent stays, and the next attempt finishes the job.
-
-        Who recovers: the coordinator itself when a step fails, and at its start after a crash (the
-        `ve_service.Recovery` actor); any agent at the next command that changes the VE (`_settle`) once
-        the coordinator is abandoned (`VEService._check_abandoned`). Two agents recovering one move at
-        once decide the same way (no coordinator imports the VM any more, so whether the target holds it
-        cannot change) and take the same idempotent steps.
+        Who recovers: the coordinator itself when a step fails (inside `Move`), and at its start after a
+        crash (the `ve_service.Recovery` actor); any agent at the next command that changes the VE
+        (`_settle`) once the coordinator is abandoned (`VEService._check_abandoned`): `_recover_move`.
         """
         ve = record.value
-        name, slot = ve["name"], ve["placement"][vm]
-        domain = domain_name(name, vm)
         need = next(v for v in VESpec.from_dict(ve["spec"]).vms if v.name == vm)
-        source = await self._host(slot, "host.vm", {"name": domain, "action": "info"})
-        state = source["state"]
-        _check_method(method, source)
-        if state not in SETTLED:
-            raise RequestError(f"cannot relocate {name}/{vm}: it is {state} on {slot['node']}")
         rtt = target.rtt * 1000 if target.rtt is not None else None
-        intent = {"node": target.name, "addr": target.addr, "site": target.site, "rtt_ms": rtt, "why": why,
-                  "phase": "prepare", "state": state, "coordinator": self.agent.config.name, "since": time.time()}
-        record = await self._put_slot(record, vm, {**slot, "moving_to": intent})
-        token = None
-        try:
-            with trio.fail_after(PREPARE_LIMIT):
-                reserved = await self._host(intent, "host.reserve", {
-                    "name": domain, "vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb})
-                token = reserved["token"]
-                transfer = await self._transfer(slot, intent, domain, token, state, source, reserved, method)
-        except (RequestError, trio.TooSlowError) as err:
-            cause = f"not done within {PREPARE_LIMIT:g} s" if isinstance(err, trio.TooSlowError) else str(err)
-            if token is not None:
-                await self.agent.transport.call_many([target.addr], "host.release", {"token": token})
-            return await self._settle_failed(  # forward if the target had taken it after all
-                self._recover_move, record, vm, f"relocating {name}/{vm} to {target.name}", cause,
-                f"cannot relocate {name}/{vm} to {target.name}: {cause}; rolled back, it stays on {slot['node']}")
-        record = await self._put_slot(record, vm, {**slot, "moving_to": {**intent, "phase": "started",
-                                                                         "since": time.time()}})
-        await pause_for_test("started")
-        try:
-            await self._host(slot, "host.vm", {"name": domain, "action": "undefine"})
-        except RequestError as err:
-            raise RequestError(f"{name}/{vm} runs on {target.name}, but its old copy could not be removed yet "
-                               f"({err}); retry to finish") from None
-        return await self._put_slot(record, vm, {**_arrived(intent), "transfer": transfer})
-
-    async def _transfer(self, slot: dict[str, Any], intent: dict[str, Any], domain: str, token: str, state: str,
-                        source: dict[str, Any], reserved: dict[str, Any], method: str) -> dict[str, Any]:
-        """Step 2 of `_move` once the target has reserved: get the VM there, one of three ways.
-
-        - live: both nodes run real guests on their own libvirtd, the VM is active and has no internal
-          snapshots (an NBD disk copy would drop them): the target prepares an empty overlay, the source's
-          daemon migrates the VM peer to peer, with the disk's own layer copied incrementally; the VM runs
-          throughout but for the final switch-over, and libvirt guarantees it runs at one place only;
-        - ship: real guests otherwise (stopped, with snapshots, or the embedded driver): the source stops
-          the VM into a memory image, the target pulls the image and the qcow2 disk (snapshots inside)
-          and restores it (save → ship → restore);
-        - carry: the test driver, whose VM is its XML: the source freezes (pauses) it, the target defines
-          it from the carried XML.
-        `method` "auto" picks the first that works; "live" or "ship" insists (an operator measuring
-        one, or avoiding a live migration's load), and is refused where it cannot work.
-        Returns how, and how long it took (for a live migration, most of that time the VM ran)."""
-        backend = source.get("backend", "test")
-        if backend != reserved.get("backend", "test"):
-            raise RequestError(f"cannot move a {backend} VM to a {reserved.get('backend')} node")
-        live = bool(source.get("live") and reserved.get("migration_uri") and state != "shutoff")
-        if method == "live" and not live:
-            raise RequestError(f"cannot migrate it live: {intent['node']} has no libvirtd of its own")
-        started = time.monotonic()
-        if live and method in ("auto", "live"):
-            how = "live"
-            await self._host(intent, "host.incoming", {"name": domain})
-            await pause_for_test("prepared")
-            await self._host(slot, "host.migrate", {"name": domain, "uri": reserved["migration_uri"]})
-            await self._host(intent, "host.vm", {"name": domain, "action": "settle", "state": state})
-        else:
-            how = "ship" if source.get("backend", "test") != "test" else "carry"
-            carried = await self._host(slot, "host.export", {"name": domain, "freeze": True, "ship": how == "ship"})
-            await pause_for_test("prepared")
-            ship = {"ship": {"from": slot["addr"], "image": carried["ship"]["image"]}} if how == "ship" else {}
-            await self._host(intent, "host.confirm", {"token": token, "xml": carried["xml"], "state": state,
-                                                      "snapshots": carried["snapshots"], **ship})
-        return {"how": how, "seconds": round(time.monotonic() - started, 3)}
+        move = Move(ve, vm, domain_name(ve["name"], vm),
+                    {"node": target.name, "addr": target.addr, "site": target.site, "rtt_ms": rtt}, why, method,
+                    {"vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb},
+                    self.agent.config.name, PREPARE_LIMIT)
+        record, _ = await drive(move, record, self.agent.transport, self.agent.records)
+        return record
 
     async def _recover_move(self, record: Record, vm: str) -> tuple[Record, bool]:
-        """Finish or undo the interrupted move of `vm` (see `_move`); returns the record and whether the
-        move went forward. Raises RequestError, leaving the intent in place, if a host cannot be reached."""
-        name, slot = record.value["name"], record.value["placement"][vm]
-        intent, domain = slot["moving_to"], domain_name(record.value["name"], vm)
-        if await self._holds(intent, domain):
-            await self._host(intent, "host.vm", {"name": domain, "action": "settle", "state": intent["state"]})
-            await self._host(slot, "host.vm", {"name": domain, "action": "undefine"})
-            after, forward = _arrived(intent), True
-        else:
-            if not await self._holds(slot, domain):
-                raise RequestError(f"{name}/{vm} is held by neither {slot['node']} nor {intent['node']}")
-            await self._host(intent, "host.vm", {"name": domain, "action": "undefine"})
-            await self._host(slot, "host.vm", {"name": domain, "action": "settle", "state": intent["state"]})
-            after, forward = {k: v for k, v in slot.items() if k != "moving_to"}, False
+        """Finish or undo the interrupted move of `vm` (`discovery.ve.moves.MoveRecovery`); returns the record
+        and whether the move went forward. Raises RequestError, leaving the intent in place, if a host cannot
+        be reached."""
+        name, intent = record.value["name"], record.value["placement"][vm]["moving_to"]
+        recovery = MoveRecovery(record.value, vm, domain_name(name, vm))
+        record, forward = await drive(recovery, record, self.agent.transport, self.agent.records)
         log.info("move of %s/%s to %s %s", name, vm, intent["node"], "finished" if forward else "undone")
-        fresh = await self.agent.records.get(record.key)
-        if fresh is None:
-            raise NotFound(f"VE {name!r} was destroyed meanwhile")
-        if fresh.value["placement"].get(vm, {}).get("moving_to") != intent:
-            return fresh, forward  # another agent settled it meanwhile
-        return await self._put_slot(fresh, vm, after), forward
-
-
-def _check_method(method: str, source: dict[str, Any]) -> None:
-    """Refuse, before anything changes, a `method` the VM's own host says cannot work (the target's
-    side is known only once it has reserved: `_transfer` checks it)."""
-    if method == "live" and not source.get("live"):
-        raise RequestError("cannot migrate it live: that needs real guests on per-node daemons at both ends, "
-                           "an active VM, and no internal snapshots")
-    if method == "live" and source["state"] == "shutoff":
-        raise RequestError("cannot migrate it live: it is shut off")
-    if method == "ship" and source.get("backend", "test") == "test":
-        raise RequestError("cannot ship it: a test-driver VM has no disk or memory; use --method auto")
+        return record, forward
 
 
 def check_placement(spec: VESpec, node_of: Mapping[str, str], site_of: Mapping[str, str]) -> str | None:
@@ -304,10 +193,4 @@ def check_placement(spec: VESpec, node_of: Mapping[str, str], site_of: Mapping[s
         if count > constraints.max_per_node:
             return f"max_per_node {constraints.max_per_node}: {node} would hold {count} VMs of the VE"
     return None
-
-
-def _arrived(intent: dict[str, Any]) -> dict[str, Any]:
-    """The slot of a VM whose move to the intent's node is complete."""
-    return {k: intent[k] for k in ("node", "addr", "site", "rtt_ms", "why")}
-
 

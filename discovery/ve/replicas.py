@@ -10,10 +10,11 @@ is. They are as fresh as their `taken`: running `ve replicate` again exports aga
 A failover promotes a standby into the VM where the VM's host is down. As for a move, the intent
 (`failing_over` in the VM's slot) is written before any host is touched, and recovery decides from the
 hosts: if the standby's node holds the domain the failover goes forward, otherwise it is undone (the copy
-stays a standby). The old host is down, or (forced) its copy is switched off first, so the VM runs at one
-place while this happens. A host that comes back still has its old copy: `Fencing` removes it as soon as
-that host reads the record placing the VM on a node that holds it, and drops the standbys it keeps that the
-record no longer lists (dropped while it could not be told).
+stays a standby). Its steps and that rule are the sans-IO transaction `discovery.ve.failovers`; this module
+chooses what fails over where, and drives it. The old host is down, or (forced) its copy is switched off
+first, so the VM runs at one place while this happens. A host that comes back still has its old copy:
+`Fencing` removes it as soon as that host reads the record placing the VM on a node that holds it, and
+drops the standbys it keeps that the record no longer lists (dropped while it could not be told).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from typing import Any
 
 from agents.host.capacity import Resources
 from agents.runtime import Actor
-from discovery.ve.base import PREFIX, VEBase, domain_name, pause_for_test
+from discovery.ve.base import PREFIX, VEBase, domain_name
+from discovery.ve.driver import drive
+from discovery.ve.failovers import Failover, FailoverRecovery
 from discovery.ve.spec import VESpec
 from overlay.dht import Record
 from overlay.membership import ALIVE, SUSPECT, Member
@@ -39,8 +42,6 @@ MAX_COPIES = 16
 DOWN_PROBE_TIMEOUT = 5.0
 """How long a failover waits for a VM's host to answer before taking it for down."""
 FENCE_INTERVAL = 5.0
-VM_STATE = {"running": "running", "stopped": "shutoff", "suspended": "paused"}
-"""The state a promoted VM is brought to, by the state of its VE."""
 
 
 class Replicas(VEBase):
@@ -260,74 +261,28 @@ class Replicas(VEBase):
         return min(live, key=lambda e: (self._distance(host, alive[e["node"]]), e["node"]), default=None)
 
     async def _failover(self, record: Record, vm: str, standby: dict[str, Any], why: str | None) -> Record:
-        """Promote `standby` into `vm` (its host down for reason `why`; None: alive, and forced).
-
-        1. intent: the slot gets `failing_over` = {the standby's node, the old node, the state to bring the
-           VM to, the coordinator, a time}, before any host is touched;
-        2. forced: the old copy is switched off (persisted off), so the VM never runs at two places;
-        3. the standby's node promotes it (`host.promote`: defined, persisted, brought to the state);
-        4. the slot names the new node, the copy leaves `replicas`, `failing_over` is dropped, and the old
-           copy is undefined where its host answers (where it does not, `Fencing` there removes it).
-
-        Recovery (`_recover_failover`) decides from the standby's node: if it holds the domain, the
-        failover goes forward (step 4); if not, the promotion never happened and the failover is undone
-        (the old host, if it answers, brought back to the state; the intent dropped)."""
-        ve = record.value
-        name, slot = ve["name"], ve["placement"][vm]
-        domain = domain_name(name, vm)
-        intent = {"node": standby["node"], "addr": standby["addr"], "site": standby["site"], "from": slot["node"],
-                  "why": why or f"forced while {slot['node']} was alive", "state": VM_STATE.get(ve["state"], "running"),
-                  "coordinator": self.agent.config.name, "since": time.time()}
-        record = await self._put_slot(record, vm, {**slot, "failing_over": intent})
-        try:
-            if why is None:
-                await self._host(slot, "host.vm", {"name": domain, "action": "destroy"})
-            await pause_for_test("failover")
-            await self._host(intent, "host.promote", {"name": domain, "state": intent["state"]})
-        except RequestError as err:
-            return await self._settle_failed(self._recover_failover, record, vm, f"failover of {name}/{vm} to "
-                                             f"{intent['node']}", str(err), f"cannot fail over {name}/{vm} to "
-                                             f"{intent['node']}: {err}; undone, it stays on {slot['node']}")
-        return await self._end_failover(record, vm, forward=True)
+        """Promote `standby` into `vm` (its host down for reason `why`; None: alive, and forced). The steps, and
+        why an interrupted failover is finished or undone without the VM running at two places, are the
+        transaction `discovery.ve.failovers.Failover`; this only drives it (`discovery.ve.driver`)."""
+        failover = Failover(record.value, vm, domain_name(record.value["name"], vm), standby, why,
+                            self.agent.config.name, self._rtt_ms(standby["node"]))
+        record, _ = await drive(failover, record, self.agent.transport, self.agent.records)
+        log.info("failover of %s/%s to %s finished", record.value["name"], vm, standby["node"])
+        return record
 
     async def _recover_failover(self, record: Record, vm: str) -> tuple[Record, bool]:
-        """Finish or undo the interrupted failover of `vm` (see `_failover`); returns the record and whether
-        it went forward. Raises RequestError, leaving the intent, if the standby's node cannot be asked."""
-        intent = record.value["placement"][vm]["failing_over"]
-        domain = domain_name(record.value["name"], vm)
-        forward = await self._holds(intent, domain)
-        if forward:
-            await self._host(intent, "host.promote", {"name": domain, "state": intent["state"]})
-        return await self._end_failover(record, vm, forward), forward
-
-    async def _end_failover(self, record: Record, vm: str, forward: bool) -> Record:
-        """Write the outcome of a failover and tidy the old host where it answers (best effort: forward,
-        its copy undefined; undone, brought back to the VE's state)."""
-        name, slot = record.value["name"], record.value["placement"][vm]
-        intent = slot["failing_over"]
-        old = {"name": domain_name(name, vm), "action": "undefine"} if forward else {
-            "name": domain_name(name, vm), "action": "settle", "state": intent["state"]}
-        tidied = (await self.agent.transport.call_many([slot["addr"]], "host.vm", old, 10.0))[slot["addr"]]
-        if isinstance(tidied, Exception):
-            log.info("failover of %s/%s: the old host %s was not tidied (%s)", name, vm, slot["node"], tidied)
+        """Finish or undo the interrupted failover of `vm` (`discovery.ve.failovers.FailoverRecovery`); returns
+        the record and whether it went forward. Raises RequestError, leaving the intent, if the standby's node
+        cannot be asked."""
+        name, intent = record.value["name"], record.value["placement"][vm]["failing_over"]
+        recovery = FailoverRecovery(record.value, vm, domain_name(name, vm), self._rtt_ms(intent["node"]))
+        record, forward = await drive(recovery, record, self.agent.transport, self.agent.records)
         log.info("failover of %s/%s to %s %s", name, vm, intent["node"], "finished" if forward else "undone")
-        fresh = await self.agent.records.get(record.key)
-        if fresh is None:
-            raise NotFound(f"VE {name!r} was destroyed meanwhile")
-        if fresh.value["placement"].get(vm, {}).get("failing_over") != intent:
-            return fresh  # another agent settled it meanwhile
-        value = copy.deepcopy(fresh.value)
-        if forward:
-            member = self.agent.membership.members.get(intent["node"])
-            rtt = member.rtt * 1000 if member is not None and member.rtt is not None else None
-            value["placement"][vm] = {"node": intent["node"], "addr": intent["addr"], "site": intent["site"],
-                                      "rtt_ms": rtt, "why": f"failed over from {intent['from']} ({intent['why']})"}
-            copies = value.get("replicas", {}).get(vm, [])
-            value["replicas"] = _nonempty({**value.get("replicas", {}),
-                                           vm: [e for e in copies if e["node"] != intent["node"]]})
-        else:
-            value["placement"][vm] = {k: v for k, v in slot.items() if k != "failing_over"}
-        return await self.agent.records.put(record.key, value, after=fresh.version)
+        return record, forward
+
+    def _rtt_ms(self, node: str) -> float | None:
+        member = self.agent.membership.members.get(node)
+        return member.rtt * 1000 if member is not None and member.rtt is not None else None
 
     # -- fencing ---------------------------------------------------------------------------------------
 

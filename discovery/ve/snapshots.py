@@ -4,14 +4,15 @@ the VE's VMs, and kept by each VM's host, so they travel with a VM when it is re
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from typing import Any
 
-from discovery.ve.base import VEBase, domain_name, pause_for_test
+from discovery.ve.base import VEBase, domain_name
+from discovery.ve.driver import drive
+from discovery.ve.snapshotting import Snapshot, SnapshotFinish
 from overlay.dht import Record
-from overlay.wire.rpc import Caller, Conflict, NotFound, RequestError
+from overlay.wire.rpc import Caller, NotFound, RequestError
 
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 TAG_RULE = "1-63 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
@@ -25,6 +26,8 @@ class Snapshots(VEBase):
         """A snapshot of every VM of the VE under `tag`, consistent across them: the running VMs are paused,
         each VM's host stores its domain XML and the state to restore (`host.snapshot`), then the paused
         VMs run again. The record lists the snapshot (tag, time, VE state, each VM's node and state).
+        The steps, and why a crash never leaves a VM paused nor lists a snapshot a host lacks, are the
+        transaction `discovery.ve.snapshotting.Snapshot`; this only drives it (`discovery.ve.driver`).
 
         The data stays with each VM's host and travels with the VM when it is relocated (`host.export`
         carries it), so a restore finds it where the VM is now; records stay small (they are DHT values,
@@ -35,45 +38,16 @@ class Snapshots(VEBase):
         if not (isinstance(tag, str) and TAG_RE.fullmatch(tag)):
             raise RequestError(f"a snapshot tag is {TAG_RULE}")
         async with self._locked(caller, args) as record:
-            ve = record.value
-            name = ve["name"]
-            if any(s["tag"] == tag for s in ve.get("snapshots", [])):
-                raise Conflict(f"VE {name!r} already has a snapshot {tag!r}")
-            states = {vm: (await self._vm(ve, vm, "info"))["state"] for vm in sorted(ve["placement"])}
-            marker = {"tag": tag, "paused": [vm for vm, state in states.items() if state == "running"],
-                      "coordinator": self.agent.config.name, "since": time.time()}
-            record = await self.agent.records.put(record.key, {**ve, "snapshotting": marker}, after=record.version)
-            failure = None
-            try:
-                for vm in marker["paused"]:
-                    await self._vm(ve, vm, "suspend")
-                await pause_for_test("snapshot")
-                for vm, slot in sorted(ve["placement"].items()):
-                    await self._host(slot, "host.snapshot", {"name": domain_name(name, vm), "tag": tag,
-                                                             "state": states[vm]})
-            except RequestError as err:
-                failure = err
-            entry = {"tag": tag, "time": time.time(), "state": ve["state"],
-                     "vms": {vm: {"node": ve["placement"][vm]["node"], "state": states[vm]} for vm in states}}
-            await self._finish_snapshot(record, None if failure else entry)
-            if failure:
-                raise RequestError(f"snapshot {tag} of {name} failed: {failure}")
-        return {"name": name, **entry}
+            snapshot = Snapshot(record.value, tag, _domains(record.value), self.agent.config.name)
+            record, entry = await drive(snapshot, record, self.agent.transport, self.agent.records)
+        return {"name": record.value["name"], **entry}
 
-    async def _finish_snapshot(self, record: Record, entry: dict[str, Any] | None = None) -> Record:
-        """Run again the VMs a snapshot paused and drop its marker, listing `entry` if the snapshot succeeded."""
-        name, marker = record.value["name"], record.value["snapshotting"]
-        for vm in marker["paused"]:
-            await self._vm(record.value, vm, "settle", state="running")
-        fresh = await self.agent.records.get(record.key)
-        if fresh is None:
-            raise NotFound(f"VE {name!r} was destroyed meanwhile")
-        if fresh.value.get("snapshotting") != marker:
-            return fresh
-        value = {k: v for k, v in copy.deepcopy(fresh.value).items() if k != "snapshotting"}
-        if entry is not None:
-            value["snapshots"] = [*value.get("snapshots", []), entry]
-        return await self.agent.records.put(record.key, value, after=fresh.version)
+    async def _finish_snapshot(self, record: Record) -> Record:
+        """Run again the VMs an interrupted snapshot paused and drop its marker
+        (`discovery.ve.snapshotting.SnapshotFinish`)."""
+        finish = SnapshotFinish(record.value, _domains(record.value))
+        record, _ = await drive(finish, record, self.agent.transport, self.agent.records)
+        return record
 
     async def _on_snapshots(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         record = await self._record(caller, args)
@@ -132,3 +106,7 @@ def listed(ve: dict[str, Any], tag: str) -> dict[str, Any]:
         known = f"snapshots: {', '.join(tags)}" if tags else "it has none"
         raise NotFound(f"VE {ve['name']!r} has no snapshot {tag!r} ({known})")
     return entry
+
+
+def _domains(ve: dict[str, Any]) -> dict[str, str]:
+    return {vm: domain_name(ve["name"], vm) for vm in ve["placement"]}

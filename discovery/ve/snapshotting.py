@@ -1,0 +1,239 @@
+"""Taking a snapshot of a VE, as a sans-IO transaction: `Snapshot` (its coordinator's side) and
+`SnapshotFinish` (running again the VMs a snapshot paused, by its coordinator or by anyone finding its marker
+left behind). `discovery.ve.snapshots` drives them (`discovery.ve.driver`).
+
+Why a state machine: a snapshot pauses the running VMs of a VE across hosts, has each host store its VM's
+state, then runs them again; a crash or a failure between those steps must never leave a VM paused for
+good, nor list a snapshot that some host lacks. Here that logic is fed observations and returns actions
+(`discovery.ve.transaction`) and is tested whole (tests/unit/test_ve_snapshotting.py). It must never touch
+a socket, a clock or trio.
+
+**The log is the record.** Before any VM is paused the record gets `snapshotting` = {tag, `paused` (the VMs
+that were running), coordinator, since}.
+
+States of a `Snapshot`::
+
+    CHECK ── the tag exists ──► refused (conflict; nothing changed)
+    INSPECT each VM's state (host.vm info) ── a host fails ──► refused (nothing changed)
+    MARK: write snapshotting {tag, paused: the running VMs} ── directory fails ──► refused
+    SUSPEND each running VM ─► SNAPSHOT (test pause) ─► STORE each VM's state (host.snapshot)
+       a suspend or a store fails ──► FINISHING without the entry ─► refused ("snapshot failed")
+    FINISHING with the entry (a `SnapshotFinish`) ─► done, the entry listed; refused if another agent
+       dropped the marker first (the coordinator taken for gone): the entry is not listed, so not "done"
+
+States of a `SnapshotFinish`::
+
+    RESUME each VM of `paused` (host.vm settle running) ── a host fails ──► stopped (the marker stays)
+    READ ── gone ──► refused (not found); the marker changed ──► done, not dropped (another agent did)
+         ── else WRITE: the marker dropped, the entry listed if there is one ─► done
+
+**The rule** (tested over the table and interleavings): the marker is dropped only once every VM it paused
+runs again, so whoever reads it next (`VEService._settle`) resumes what is left; a snapshot is listed only
+if every VM's host stored it, and reported taken only if listed; and resuming is idempotent, so two agents
+finishing one snapshot agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from discovery.ve.transaction import (
+    Action,
+    CallHost,
+    Continued,
+    DirectoryFailed,
+    Done,
+    HostAnswered,
+    HostFailed,
+    Observation,
+    PauseForTest,
+    ReadRecord,
+    RecordRead,
+    RecordWritten,
+    Refuse,
+    UnexpectedObservation,
+    WriteRecord,
+    vm_action,
+)
+
+
+class Step(enum.Enum):
+    INSPECT = "inspect"
+    MARK = "mark"
+    SUSPEND = "suspend"
+    PAUSE = "pause"
+    STORE = "store"
+    FINISHING = "finishing"
+    OVER = "over"
+
+
+class Snapshot:
+    """Snapshot `tag` of every VM of the VE whose record is `value`, coordinated by `coordinator`; `domains`:
+    each VM's domain. Ends with `Done(entry)` (the snapshot as the record lists it) or `Refuse`."""
+
+    def __init__(self, value: Mapping[str, Any], tag: str, domains: Mapping[str, str], coordinator: str) -> None:
+        self.value, self.tag, self.domains, self.coordinator = value, tag, domains, coordinator
+        self.name: str = value["name"]
+        self.vms = sorted(value["placement"])
+        self.states: dict[str, str] = {}
+        self.marker: dict[str, Any] = {}
+        self.step = Step.INSPECT
+        self.todo: list[str] = []
+        self.failure = ""
+        self.entry: dict[str, Any] | None = None
+        self.finish: SnapshotFinish | None = None
+        self._pending: Mapping[str, Any] = {}
+
+    def start(self, now: float) -> Action:
+        if any(s["tag"] == self.tag for s in self.value.get("snapshots", [])):
+            return self._over(Refuse(f"VE {self.name!r} already has a snapshot {self.tag!r}", "conflict"))
+        self.todo = list(self.vms)
+        return self._on_vm("info")
+
+    def on(self, observation: Observation, now: float) -> Action:
+        if self.step is Step.FINISHING:
+            assert self.finish is not None
+            return self._from_finish(self.finish.on(observation, now))
+        match self.step, observation:
+            case Step.INSPECT, HostAnswered(answer=info):
+                self.states[self.todo.pop(0)] = info["state"]
+                if self.todo:
+                    return self._on_vm("info")
+                self.marker = {"tag": self.tag, "paused": [vm for vm in self.vms if self.states[vm] == "running"],
+                               "coordinator": self.coordinator, "since": now}
+                self._pending = {**copy.deepcopy(dict(self.value)), "snapshotting": self.marker}
+                self.step = Step.MARK
+                return WriteRecord(self._pending)
+            case Step.INSPECT, HostFailed(reason=reason):
+                return self._over(Refuse(reason))
+            case Step.MARK, RecordWritten():
+                self.value = self._pending
+                self.step, self.todo = Step.SUSPEND, list(self.marker["paused"])
+                return self._suspend_next()
+            case Step.MARK, DirectoryFailed(reason=reason, kind=kind):
+                return self._over(Refuse(reason, kind))
+            case Step.SUSPEND, HostAnswered():
+                self.todo.pop(0)
+                return self._suspend_next()
+            case Step.PAUSE, Continued():
+                self.step, self.todo = Step.STORE, list(self.vms)
+                return self._store_next(now)
+            case Step.STORE, HostAnswered():
+                self.todo.pop(0)
+                return self._store_next(now)
+            case Step.SUSPEND | Step.STORE, HostFailed(reason=reason):
+                self.failure = reason
+                return self._finish(None, now)
+        raise UnexpectedObservation(self, self.step, observation)
+
+    def _on_vm(self, action: str, **extra: Any) -> Action:
+        vm = self.todo[0]
+        return vm_action(self.value["placement"][vm], self.domains[vm], action, **extra)
+
+    def _suspend_next(self) -> Action:
+        if self.todo:
+            return self._on_vm("suspend")
+        self.step = Step.PAUSE
+        return PauseForTest("snapshot")
+
+    def _store_next(self, now: float) -> Action:
+        if self.todo:
+            vm = self.todo[0]
+            slot = self.value["placement"][vm]
+            return CallHost(slot["node"], slot["addr"], "host.snapshot",
+                            {"name": self.domains[vm], "tag": self.tag, "state": self.states[vm]})
+        return self._finish(self._entry(now), now)
+
+    def _entry(self, now: float) -> dict[str, Any]:
+        return {"tag": self.tag, "time": now, "state": self.value["state"],
+                "vms": {vm: {"node": self.value["placement"][vm]["node"], "state": self.states[vm]} for vm in self.vms}}
+
+    def _finish(self, entry: dict[str, Any] | None, now: float) -> Action:
+        self.entry = entry
+        self.step = Step.FINISHING
+        self.finish = SnapshotFinish(self.value, self.domains, entry)
+        return self._from_finish(self.finish.start(now))
+
+    def _from_finish(self, action: Action) -> Action:
+        assert self.finish is not None
+        self.value = self.finish.value
+        if isinstance(action, Refuse):
+            return self._over(action)
+        if isinstance(action, Done):
+            if self.failure:
+                return self._over(Refuse(f"snapshot {self.tag} of {self.name} failed: {self.failure}"))
+            if not action.result:  # another agent, taking this one for gone, resumed the VMs and dropped the marker
+                return self._over(Refuse(f"snapshot {self.tag} of {self.name} was not recorded: another agent "
+                                         "finished it first (this one was taken for gone); take it again"))
+            return self._over(Done(self.entry))
+        return action
+
+    def _over(self, action: Done | Refuse) -> Action:
+        self.step = Step.OVER
+        return action
+
+
+class FinishStep(enum.Enum):
+    RESUME = "resume"
+    READ = "read"
+    WRITE = "write"
+    OVER = "over"
+
+
+class SnapshotFinish:
+    """Run again the VMs the snapshot whose marker the record `value` holds paused, and drop the marker,
+    listing `entry` if the snapshot succeeded. Ends with `Done(dropped)` (False if another agent had dropped
+    the marker already, so the entry is not listed) or `Refuse`, the marker left in place."""
+
+    def __init__(self, value: Mapping[str, Any], domains: Mapping[str, str],
+                 entry: Mapping[str, Any] | None = None) -> None:
+        self.value, self.domains, self.entry = value, domains, entry
+        self.name: str = value["name"]
+        self.marker: Mapping[str, Any] = value["snapshotting"]
+        self.todo = list(self.marker["paused"])
+        self.step = FinishStep.RESUME
+        self._pending: Mapping[str, Any] = {}
+
+    def start(self, now: float) -> Action:
+        return self._resume_next()
+
+    def on(self, observation: Observation, now: float) -> Action:
+        S = FinishStep
+        match self.step, observation:
+            case S.RESUME, HostAnswered():
+                self.todo.pop(0)
+                return self._resume_next()
+            case S.RESUME, HostFailed(reason=reason):
+                return self._over(Refuse(reason))
+            case S.READ, RecordRead(value=None):
+                return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
+            case S.READ, RecordRead(value=Mapping() as fresh):
+                self.value = fresh
+                if fresh.get("snapshotting") != self.marker:
+                    return self._over(Done(False))  # another agent finished it meanwhile
+                value = {k: v for k, v in copy.deepcopy(dict(fresh)).items() if k != "snapshotting"}
+                if self.entry is not None:
+                    value["snapshots"] = [*value.get("snapshots", []), dict(self.entry)]
+                self._pending = value
+                self.step = S.WRITE
+                return WriteRecord(value)
+            case S.WRITE, RecordWritten():
+                self.value = self._pending
+                return self._over(Done(True))
+            case S.READ | S.WRITE, DirectoryFailed(reason=reason, kind=kind):
+                return self._over(Refuse(reason, kind))
+        raise UnexpectedObservation(self, self.step, observation)
+
+    def _resume_next(self) -> Action:
+        if self.todo:
+            vm = self.todo[0]
+            return vm_action(self.value["placement"][vm], self.domains[vm], "settle", state="running")
+        self.step = FinishStep.READ
+        return ReadRecord()
+
+    def _over(self, action: Done | Refuse) -> Action:
+        self.step = FinishStep.OVER
+        return action

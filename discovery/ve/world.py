@@ -1,0 +1,339 @@
+"""An in-memory world for the VE transaction cores (`discovery.ve.moves`, `discovery.ve.failovers`,
+`discovery.ve.snapshotting`): hosts that hold domains and standby copies, one VE record in a directory,
+and which of them answer. It performs a core's actions as `discovery.ve.driver` does over RPC, with the
+hosts' semantics (`agents.host`) reduced to what the transactions rely on, and checks after every event
+what must always hold: no domain runs at two places, and none is lost (held nowhere).
+
+Faults: a name in `down` does not answer (a call has no effect), nor does one call with
+`perform(..., fault="unreachable")`; `fault="lost"` applies a call and loses its answer; `"timeout"` /
+`"late"` time an action with a limit out, before or after it took effect. A crash of a host is
+`crash(node)`: down, its running guests gone (a host that comes back holds its domains off).
+
+For the tests (tests/unit/test_ve_*.py), as `dvms.isp_net` is for `dvms.partition`; it must stay free of
+I/O so hypothesis can run thousands of schedules a second.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from discovery.ve.transaction import (
+    Action,
+    CallHost,
+    Continued,
+    Core,
+    DirectoryFailed,
+    Done,
+    HostAnswered,
+    HostFailed,
+    Observation,
+    PauseForTest,
+    Probe,
+    Probed,
+    ReadRecord,
+    RecordRead,
+    RecordWritten,
+    Refuse,
+    TimedOut,
+    WriteRecord,
+)
+
+DIRECTORY = "directory"
+MUTATING = {"undefine", "settle", "destroy", "suspend", "start", "resume", "stop"}
+"""`host.vm` actions that change a domain."""
+
+
+@dataclass
+class Host:
+    """What a node holds: domains (name -> running, paused or shutoff), standby copies, stored snapshot tags."""
+
+    domains: dict[str, str] = field(default_factory=dict)
+    standbys: set[str] = field(default_factory=set)
+    snapshots: dict[str, set[str]] = field(default_factory=dict)
+    backend: str = "test"
+    live: bool = False  # has its own libvirtd: may migrate live
+
+    @property
+    def migration_uri(self) -> str | None:
+        return f"migrate://{id(self)}" if self.live else None
+
+
+class HostError(Exception):
+    pass
+
+
+@dataclass
+class World:
+    hosts: dict[str, Host]
+    record: dict[str, Any] | None
+    addrs: dict[str, str] = field(default_factory=dict)
+    down: set[str] = field(default_factory=set)
+    conditional: bool = False
+    """Writes as compare-and-set: one after a version other than the record's fails (a conflict). Without,
+    the last write wins whatever its writer read (today's DHT: concurrent writes may lose one another)."""
+    version: int = 1
+    seen: dict[Any, int] = field(default_factory=dict)
+    """The version each writer last read or wrote (as the driver's `Record`), by the `who` of `perform`."""
+    trace: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def addr(self, node: str) -> str:
+        return self.addrs.get(node, f"{node}:1")
+
+    # -- performing actions ------------------------------------------------------------------------
+
+    def perform(self, action: Action, fault: str | None = None, who: Any = None) -> Observation:
+        """Perform `action` as the driver would, for the writer `who`; `fault`: None, "unreachable" (not
+        done), "lost" (done, answer lost), "timeout" (not done, timed out), "late" (done, timed out). A name
+        in `down` answers nothing."""
+        observation = self._perform(action, fault, who)
+        self.check()
+        return observation
+
+    def _perform(self, action: Action, fault: str | None, who: Any) -> Observation:
+        self.trace.append(label(action))
+        match action:
+            case CallHost():
+                return self._call(action, fault)
+            case Probe():
+                if action.node in self.down or fault is not None:
+                    return Probed(action.node, None, reason=f"{action.node} cannot be reached")
+                held = self.hosts[action.node].domains.get(action.domain)
+                return Probed(action.node, held is not None, self._info(action.node, action.domain) if held else None)
+            case ReadRecord():
+                if DIRECTORY in self.down or fault is not None:
+                    return DirectoryFailed("no replica answered")
+                self.seen[who] = self.version
+                return RecordRead(copy.deepcopy(self.record))
+            case WriteRecord():
+                if DIRECTORY in self.down or fault in ("unreachable", "timeout"):
+                    return DirectoryFailed("write reached 0 of 3 replicas")
+                if self.conditional and self.seen.setdefault(who, self.version) != self.version:
+                    return DirectoryFailed(f"the record changed since version {self.seen[who]}", "conflict")
+                self.record = copy.deepcopy(dict(action.value))
+                self.version += 1
+                if fault:
+                    return DirectoryFailed("write reached 1 of 3 replicas")
+                self.seen[who] = self.version
+                return RecordWritten()
+            case PauseForTest():
+                return TimedOut() if fault in ("timeout", "late") and action.within is not None else Continued()
+        raise TypeError(action)
+
+    def _call(self, call: CallHost, fault: str | None) -> Observation:
+        if call.node in self.down or fault == "unreachable":
+            return TimedOut() if call.within is not None and fault == "timeout" else \
+                HostFailed(call.node, f"{call.node}: unreachable")
+        if fault == "timeout" and call.within is not None:
+            return TimedOut()
+        try:
+            answer = self._effect(call)
+        except HostError as err:
+            return HostFailed(call.node, f"{call.node}: {err}")
+        if fault in ("timeout", "late") and call.within is not None:
+            return TimedOut()
+        if fault is not None:
+            return HostFailed(call.node, f"{call.node}: connection lost")
+        return HostAnswered(call.node, answer)
+
+    def _info(self, node: str, domain: str) -> dict[str, Any]:
+        host = self.hosts[node]
+        return {"state": host.domains[domain], "backend": host.backend, "live": host.live}
+
+    def _effect(self, call: CallHost) -> Any:
+        """What the host does (`agents.host.service`, `moves`, `standby`), in short."""
+        host, args = self.hosts[call.node], call.args
+        name = args.get("name", "")
+        match call.method:
+            case "host.vm":
+                return self._vm(call.node, name, args["action"], args.get("state"))
+            case "host.reserve":
+                return {"token": f"token-{call.node}", "backend": host.backend, "migration_uri": host.migration_uri}
+            case "host.release" | "host.incoming":
+                return True
+            case "host.export":
+                self._holding(call.node, name)
+                if args.get("freeze") and host.domains[name] == "running":
+                    host.domains[name] = "paused"
+                return {"xml": f"<domain>{name}</domain>", "snapshots": sorted(host.snapshots.get(name, ())),
+                        **({"ship": {"image": "memory"}} if args.get("ship") else {})}
+            case "host.migrate":
+                self._holding(call.node, name)
+                target = next(n for n, h in self.hosts.items() if h.migration_uri == args["uri"])
+                self.hosts[target].domains[name] = host.domains.pop(name)
+                self.hosts[target].snapshots[name] = host.snapshots.pop(name, set())
+                return {}
+            case "host.confirm":
+                host.domains[name or _confirmed(call)] = args["state"]
+                return {"state": args["state"]}
+            case "host.promote":
+                if name not in host.domains:
+                    if name not in host.standbys:
+                        raise HostError(f"no standby of {name} on this node")
+                    host.standbys.discard(name)
+                host.domains[name] = args["state"]
+                return {"state": args["state"]}
+            case "host.snapshot":
+                self._holding(call.node, name)
+                host.snapshots.setdefault(name, set()).add(args["tag"])
+                return {"tag": args["tag"]}
+            case "host.unstandby":
+                host.standbys.discard(name)
+                return True
+        raise HostError(f"unknown method {call.method}")
+
+    def _vm(self, node: str, name: str, action: str, state: str | None) -> Any:
+        host = self.hosts[node]
+        if name not in host.domains:
+            if action in ("undefine", "destroy"):
+                return None  # already gone: idempotent
+            raise HostError(f"no VM {name} on this node")
+        if action == "undefine":
+            del host.domains[name]
+            host.snapshots.pop(name, None)
+            return None
+        if action == "info":
+            return self._info(node, name)
+        new = {"settle": state, "destroy": "shutoff", "suspend": "paused", "resume": "running",
+               "start": "running", "stop": "shutoff"}[action]
+        assert new is not None
+        host.domains[name] = new
+        return {"state": new}
+
+    def _holding(self, node: str, name: str) -> None:
+        if name not in self.hosts[node].domains:
+            raise HostError(f"no VM {name} on this node")
+
+    # -- faults ------------------------------------------------------------------------------------
+
+    def crash(self, node: str) -> None:
+        """The node dies: it answers nothing, and its guests stop (it holds them off when it comes back)."""
+        self.down.add(node)
+        host = self.hosts[node]
+        for name, state in host.domains.items():
+            if state != "shutoff":
+                host.domains[name] = "shutoff"
+
+    # -- what must always hold ---------------------------------------------------------------------
+
+    def holders(self, domain: str) -> dict[str, str]:
+        """Where `domain` is defined, and in which state."""
+        return {n: h.domains[domain] for n, h in sorted(self.hosts.items()) if domain in h.domains}
+
+    def running(self, domain: str) -> list[str]:
+        return [n for n, state in self.holders(domain).items() if state == "running"]
+
+    def check(self) -> None:
+        """After every event: no domain runs at two places, and every VM of the record is held by a node the
+        record names for it: as a domain by its host or the target of the move or failover under way, or as
+        a standby copy (which a failover may promote) by a node listed as keeping one or a failover's target."""
+        if self.record is None:
+            return
+        for vm, slot in self.record["placement"].items():
+            domain = f"{self.record['name']}:{vm}"
+            if len(self.running(domain)) > 1:
+                self.violations.append(f"{domain} runs at {self.running(domain)} after {self.trace[-1:]}")
+            named = [slot["node"]] + [slot[k]["node"] for k in ("moving_to", "failing_over") if k in slot]
+            copies = [e["node"] for e in self.record.get("replicas", {}).get(vm, [])]
+            copies += [slot["failing_over"]["node"]] if "failing_over" in slot else []
+            if not any(domain in self.hosts[n].domains for n in named if n in self.hosts) and \
+                    not any(domain in self.hosts[n].standbys for n in copies if n in self.hosts):
+                self.violations.append(f"{domain} is held by none of {named} after {self.trace[-1:]}: "
+                                       f"{self.holders(domain)}")
+
+
+def run(core: Core, world: World, faults: Mapping[str, str] | None = None, tick: float = 1.0) -> Action:
+    """Run `core` to its end on `world`, the clock advancing `tick` per action; `faults`: the fault of an
+    action by its label, `#n` for its n-th time (`confirm dst`, `write #2`). Returns the final action."""
+    faults, seen, now = faults or {}, dict[str, int](), 0.0
+    world.seen[core] = world.version  # it was built from the record as it is
+    action = core.start(now)
+    while not isinstance(action, (Done, Refuse)):
+        name = label(action)
+        seen[name] = seen.get(name, 0) + 1
+        observation = world.perform(action, faults.get(name if seen[name] == 1 else f"{name} #{seen[name]}"), core)
+        now += tick
+        action = core.on(observation, now)
+    return action
+
+
+Turn = tuple[int, str | None, str | None]
+"""One step of an interleaving: which actor acts (an index into those still at work), whose reachability
+flips first (a node, `DIRECTORY`, or None), and the fault of that action."""
+
+
+def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]], steps: Sequence[Turn],
+               deaths: Sequence[int], make: Callable[[World], Core | None], now: float = 0.0) -> dict[int, Action]:
+    """Run `actors` (id -> (core, its next action), or (None, None) for a recoverer not started yet) one
+    action at a time in the order `steps` draws; then, everyone answering, those still at work in turn to
+    their end. A recoverer starts by reading the record (`make(world)`: its core, or None if the record
+    holds nothing to recover; it waits while the directory is down); actor k > 0 dies at its `deaths[k-1]`-th
+    action. Each actor writes as `who` = its id. Returns how each ended: its last action, `Refuse("crashed")`
+    for those that died."""
+    ended: dict[int, Action] = {}
+    counts = dict.fromkeys(actors, 0)
+    tail: list[Turn] = [(k, None, None) for k in range(200 * max(len(actors), 1))]
+    for n, (pick, flip, fault) in enumerate([*steps, *tail]):
+        if n == len(steps):
+            world.down.clear()
+        if flip is not None:
+            world.down ^= {flip}
+        running = [k for k in sorted(actors) if k not in ended]
+        if not running:
+            break
+        who = running[pick % len(running)]
+        core, action = actors[who]
+        if core is None:
+            if DIRECTORY in world.down:
+                continue
+            core = make(world)
+            if core is None:
+                ended[who] = Done(None)
+                continue
+            world.seen[who] = world.version
+            action = core.start(now)
+        else:
+            assert action is not None
+            if who and counts[who] == deaths[who - 1]:
+                ended[who] = Refuse("crashed")
+                continue
+            counts[who] += 1
+            now += 1.0
+            action = core.on(world.perform(action, fault, who), now)
+        actors[who] = (core, action)
+        if isinstance(action, (Done, Refuse)):
+            ended[who] = action
+    assert set(ended) == set(actors), "an actor did not end"
+    return ended
+
+
+def label(action: Action) -> str:
+    """How a trace names an action: `vm settle dst`, `confirm dst`, `probe src`, `read`, `write`, `pause prepared`."""
+    match action:
+        case CallHost(method="host.vm"):
+            return f"vm {action.args.get('action')} {action.node}"
+        case CallHost():
+            return f"{action.method.removeprefix('host.')} {action.node}"
+        case Probe():
+            return f"probe {action.node}"
+        case ReadRecord():
+            return "read"
+        case WriteRecord():
+            return "write"
+        case PauseForTest():
+            return f"pause {action.point}"
+    return type(action).__name__
+
+
+def _confirmed(call: CallHost) -> str:
+    """The domain a `host.confirm` defines: its reservation's (the world's tokens name the node only, so the
+    test passes the name in the XML)."""
+    xml = str(call.args.get("xml", ""))
+    return xml.removeprefix("<domain>").removesuffix("</domain>")
+
+
+def world_of(record: Mapping[str, Any], **hosts: Host) -> World:
+    return World(dict(hosts), copy.deepcopy(dict(record)))
