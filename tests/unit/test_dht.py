@@ -19,6 +19,8 @@ from overlay.wire.memnet import MemNetwork
 from overlay.wire.rpc import RemoteError
 
 R = 3
+EPOCH = 1.7e9
+INTERVAL = 5.0
 
 
 class Cluster:
@@ -29,11 +31,20 @@ class Cluster:
         self.tmp = tmp_path
         self.nodes: dict[str, DHT] = {}
 
+    @staticmethod
+    def now():
+        """The nodes' wall clock: virtual, as trio's clock is."""
+        return EPOCH + trio.current_time()
+
     def add(self, name, dht_class=DHT):
         addr = f"mem:{name}"
         transport = self.net.endpoint(addr, name, "s")
         ring = Ring(transport, name, addr, "s", r=5, learn=False)
-        self.nodes[name] = dht_class(transport, ring, Shard(self.tmp / f"{name}.sqlite"), r=R, w=2)
+        shard = Shard(self.tmp / f"{name}.sqlite")
+        if dht_class is DHT:
+            self.nodes[name] = DHT(transport, ring, shard, r=R, w=2, repair_interval=INTERVAL, wall=self.now)
+        else:
+            self.nodes[name] = dht_class(transport, ring, shard, r=R, w=2)
         return self.nodes[name]
 
     async def start(self, name, seed=None):
@@ -222,9 +233,10 @@ async def test_the_newer_version_wins_and_a_tombstone_is_not_resurrected(tmp_pat
     await cluster.maintain()
     assert {dht.shard.records[key] for dht in (a, b, c)} == {Record(key, "new", 2, "w")}
 
-    c.shard.merge(Record(key, None, 3, "w"))  # a delete that reached one replica only
+    deleted = Record(key, None, 3, "w", cluster.now())
+    c.shard.merge(deleted)  # a delete that reached one replica only
     await cluster.maintain()
-    assert {dht.shard.records[key] for dht in (a, b, c)} == {Record(key, None, 3, "w")}
+    assert {dht.shard.records[key] for dht in (a, b, c)} == {deleted}
     assert not b.shard.merge(Record(key, "new", 2, "w"))  # a late copy of the live value loses
     for dht in cluster.nodes.values():
         assert await dht.get(key) is None
