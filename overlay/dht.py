@@ -83,14 +83,15 @@ SYNC_BATCH = 128
 STATS = ("passes", "rpcs", "failures", "digests_sent", "digests_answered", "buckets_differing",
          "records_pushed", "records_pulled", "handoff_lookups", "handoff_offered", "handoff_pushed",
          "handoff_dropped", "tombstones_collected", "doubts_confirmed", "doubts_dropped")
-CLAIM_LEASE = 8.0
+CLAIM_LEASE = 6.0
 """How long a replica keeps a granted claim slot for its claimer (see "Conditional writes")."""
 COMMIT_WINDOW = 4.0
 """A claimer commits only this soon after sending its prepare (more than CALL_TIMEOUT, less than the lease);
 a restarted replica grants no slot for this long."""
-CLAIM_PATIENCE = 12.0
+CLAIM_PATIENCE = 8.0
 """How long `put_if` keeps retrying against other claims in progress: longer than CLAIM_LEASE, so the slot of
-a claimer that died lapses meanwhile."""
+a claimer that died lapses meanwhile; with a last prepare and release (CALL_TIMEOUT each) it stays under the
+15 s the agent gives an overlay operation (cancelling RPCs in flight would break their pooled connections)."""
 CLAIM_BACKOFF = 0.05
 """First retry delay after a split vote (random below it, doubling up to 1 s)."""
 STALE_PASSES = 12
@@ -561,7 +562,11 @@ class DHT:
             addrs = await self.replicas(key)
             quorum = len(addrs) // 2 + 1
             sent = trio.current_time()
-            answers = await self._prepare(addrs, {"key": key, "expect": list(expected), "token": token}, quorum)
+            # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
+            # connection (a cancelled send_all leaves an SSLStream unusable, and the transport keeps it)
+            answers = await self.transport.call_many(addrs, "dht.prepare",
+                                                     {"key": key, "expect": list(expected), "token": token},
+                                                     CALL_TIMEOUT)
             granted = sum(1 for v in answers.values() if isinstance(v, dict) and v.get("granted") is True)
             if granted >= quorum and trio.current_time() - sent < COMMIT_WINDOW:
                 return await self._commit(addrs, record, token)
@@ -578,20 +583,6 @@ class DHT:
                                    f"for {CLAIM_PATIENCE:.0f} s ({'; '.join(why)})")
             await trio.sleep(self._rng.uniform(0, backoff))
             backoff = min(2 * backoff, 1.0)
-
-    async def _prepare(self, addrs: list[str], args: dict[str, Any], quorum: int) -> dict[str, Any]:
-        """Ask every replica for the claim slot; return as soon as `quorum` granted it (the others' answers
-        are not awaited: a slot granted unseen is freed by the commit or the release, which go to all)."""
-        answers: dict[str, Any] = {}
-        async with trio.open_nursery() as nursery:
-            async def one(addr: str) -> None:
-                answers.update(await self.transport.call_many([addr], "dht.prepare", args, CALL_TIMEOUT))
-                if sum(1 for v in answers.values() if isinstance(v, dict) and v.get("granted") is True) >= quorum:
-                    nursery.cancel_scope.cancel()
-
-            for addr in addrs:
-                nursery.start_soon(one, addr)
-        return answers
 
     async def _commit(self, addrs: list[str], record: Record, token: str) -> Record:
         answers = await self.transport.call_many(addrs, "dht.store", {"record": record.to_wire(), "token": token},
