@@ -3,8 +3,9 @@ records instead of asking every node.
 
 Shape. BUCKETS records, `ve-index/00` .. `ve-index/0f`; a VE's entry (name, owner, uid) sits in the bucket
 of hash(name), the entries of a bucket sorted by name. A page walks the buckets in order from a cursor,
-"<bucket>:<last name shown>" (names cannot contain ':'), and reads each VE's record; a page of L VEs
-costs about L + BUCKETS/WINDOW·WINDOW record reads whatever the number of nodes. A VE that exists for
+"<bucket>:<last name shown>" (names cannot contain ':'), and reads each VE's record: a page of L VEs
+costs L record reads plus one per bucket it spans (at most BUCKETS), in a few rounds of parallel reads,
+whatever the number of nodes. A VE that exists for
 the whole listing is shown exactly once, as (bucket, name) orders every VE and a cursor is a position
 in that order, not an offset.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,8 +48,8 @@ log = logging.getLogger(__name__)
 INDEX_PREFIX = "ve-index/"
 BUCKETS = 16
 WINDOW = 4
-"""Buckets read at once while filling a page."""
-PARALLEL_READS = 16
+"""Buckets read at once first; then as many as the entries seen so far say the page still needs."""
+PARALLEL_READS = 64
 """VE records read at once for a page."""
 UPDATE_ATTEMPTS = 12
 DEFAULT_LIMIT = 100
@@ -208,13 +210,17 @@ class Index:
             raise ValueError("a page holds at least one entry")
         start = cursor or Cursor(0)
         found: list[Entry] = []
+        read, width = 0, WINDOW
         while True:
-            window = range(start.bucket, min(BUCKETS, start.bucket + WINDOW))
+            window = range(start.bucket, min(BUCKETS, start.bucket + width))
             buckets = await self._read(window)
             more, start, decided = take(buckets, start, limit - len(found), wanted)
             found += more
             if decided:
                 return found, start
+            read += len(window)
+            per_bucket = len(found) / read  # the buckets hold about as many entries as those read so far
+            width = max(WINDOW, math.ceil((limit - len(found)) / per_bucket) + 1) if per_bucket else BUCKETS
 
     async def _read(self, window: range) -> dict[int, list[Entry]]:
         found: dict[int, list[Entry]] = {}
