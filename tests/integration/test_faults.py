@@ -51,7 +51,7 @@ def test_ve_survives_kill_9_of_two_agents_that_do_not_host_it(cluster_factory, t
 
     assert wait_for(dead_marked), "the killed agents were not marked dead"
     for through in (n for n in names if n not in victims):
-        assert [v["name"] for v in cluster.json("--agent", through, "ve", "list")] == ["keep"]
+        assert [v["name"] for v in cluster.json("--agent", through, "ve", "list")["ves"]] == ["keep"]
     shown = cluster.json("--agent", survivor, "ve", "show", "keep")
     assert shown["placement"]["a"]["domain_state"] == "running"
     # the record can still be changed, and repair brings it back to three live replicas

@@ -67,7 +67,7 @@ def test_rebind_keeps_every_record_and_write(cluster_factory, tmp_path) -> None:
     for node in ("node1", "node2", "node3", "node4"):
         status = cluster.json("--agent", node, "overlay", "status")
         assert (status["overlay"], status["epoch"], status["frozen"]) == ("kademlia", 1, False)
-    assert [ve["name"] for ve in cluster.json("--agent", "node4", "ve", "list")] == ["rb"]
+    assert [ve["name"] for ve in cluster.json("--agent", "node4", "ve", "list")["ves"]] == ["rb"]
     assert cluster.cli("--agent", "node4", "kv", "get", "before").stdout.strip() == "chord-era"
     node2 = cluster.node("node2")["addr"]
     for key in writer.acked:  # every acknowledged write, before, during or after the re-bind
