@@ -102,7 +102,8 @@ class VEService(Relocation, Snapshots, Replicas):
                 return await self.agent.records.put_if(key, record, current)
             except WriteConflict:
                 continue
-        raise Conflict(f"VE {record['name']!r} kept changing while being created; try again")
+        raise Conflict(f"VE {record['name']!r} kept changing while being created (or a replica is still checking "
+                       "copies it held before a long absence); try again in a few seconds")
 
     async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Plan where each VM goes (`discovery.ve.placement`: capacity and constraints, nearest first), then
