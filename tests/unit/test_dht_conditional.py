@@ -5,6 +5,8 @@ import random
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from overlay.dht import CLAIM_LEASE, COMMIT_WINDOW, ClaimSlots, Record, WriteConflict
 from overlay.wire.rpc import RequestError
@@ -37,6 +39,33 @@ def test_a_replica_grants_one_claimer_at_a_time_and_nothing_over_a_newer_version
     assert restarted.prepare("k", "a", nothing, None, now=4.0)["granted"]
     restarted.expire(now=100.0)
     assert restarted.slots == {}
+
+
+events = st.lists(st.tuples(st.sampled_from(["prepare"] * 3 + ["release", "restart"]), st.integers(0, 2),
+                             st.integers(0, 1), st.sampled_from([0.0, 0.0, 0.0, 1.0, 3.0])), max_size=25)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(events)
+def test_no_two_claimers_ever_hold_a_majority_they_may_still_commit_on(steps):
+    """Three replicas, two claimers, any interleaving of prepares, releases, time passing and replica
+    restarts (slots lost, COMMIT_WINDOW of refusals): a claimer commits only on grants younger than
+    COMMIT_WINDOW, and at no moment do two claimers hold two such grants each."""
+    replicas = [ClaimSlots(CLAIM_LEASE) for _ in range(3)]
+    grants: dict[int, dict[int, float]] = {c: {} for c in range(2)}  # what each claimer was told, and when
+    now = 0.0
+    for action, replica, claimer, dt in steps:
+        now += dt
+        if action == "prepare":
+            if replicas[replica].prepare("k", f"c{claimer}", (0, ""), None, now)["granted"]:
+                grants[claimer][replica] = now
+        elif action == "release":
+            replicas[replica].release("k", f"c{claimer}")
+            grants[claimer].pop(replica, None)
+        else:
+            replicas[replica] = ClaimSlots(CLAIM_LEASE, refuse_until=now + COMMIT_WINDOW)
+        usable = [c for c, held in grants.items() if sum(now - t < COMMIT_WINDOW for t in held.values()) >= 2]
+        assert len(usable) <= 1, (now, grants)
 
 
 async def race(cluster, key, writers, expect=None):
