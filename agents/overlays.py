@@ -79,6 +79,9 @@ class Records(Binding):
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
         return await _guarded(super().put(key, value, after), self.service.errors)
 
+    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+        return await _guarded(super().put_if(key, value, expect))
+
     async def scan(self, prefix: str) -> list[Record]:
         """Every live record whose key starts with `prefix`, newest copy of each, from all live members."""
         return [r for r in await self.service.scan(self.name, prefix) if not r.deleted]

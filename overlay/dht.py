@@ -20,15 +20,46 @@ A periodic pass (`DHT.maintain`) keeps replicas in step without resending what t
   (`dht.offer`), push only what they lack, and drop the record once one of them holds it.
 
 Each node's shard is persisted in SQLite so a restarted agent still holds what it held.
+
+**Conditional writes** (`DHT.put_if`, compare-and-set on the version, what `ve create` and the VE index
+use). The writer sends `dht.prepare(key, expected (version, writer), token)` to the key's r replicas. A
+replica grants it unless it holds a newer version than expected (answer "newer": the caller lost and
+must read again) or another claimer's unexpired slot on the key ("claimed": retry after a random
+backoff). Granting is one synchronous step, so each replica grants one claimer at a time; with a
+majority granted the writer commits (`dht.store` with the token, which frees the slot), otherwise it
+releases every slot and tries again, until CLAIM_PATIENCE. Two writers cannot both hold a majority,
+so each version is decided once, and anti-entropy and read repair (which spread committed records
+only, never slots) never meet two records of one version. Slots live in memory: a claimer commits
+only within COMMIT_WINDOW of sending its prepare and a slot lasts CLAIM_LEASE (longer), and a replica
+that restarts (its shard file existed) grants nothing for COMMIT_WINDOW, so a slot lost in a crash
+cannot be granted twice while its claimer may still commit. The majority is of the replicas the
+writer's ring view names: two writers that see different replica sets (a node joining or dying at
+that moment) could both win; Chord's view settles within seconds, and that window is accepted.
+
+**Tombstones** (see `Freshness`). Every record carries its writer's wall-clock write time. A
+tombstone is collected, on every replica independently, once it is older than the grace period
+G = 2Q + 4·CLOCK_SKEW, where Q = STALE_PASSES repair intervals (60 s at the agents' 5 s) bounds how
+long a live replica may go without a complete comparison with every replica peer (its own digests
+to s1..s(r-1) and theirs from p1..p(r-1), none truncated). A replica that is not stale compares with
+each holder of a tombstone at least once per Q, so it has the tombstone long before anyone collects
+it. A replica that was down or cut off longer than Q is *stale*: every record it held then is
+doubtful, and a doubtful record older than 2Q (= G - 4·CLOCK_SKEW, so one whose deletion may have
+been collected elsewhere) is hidden: not served to reads, digests, pulls or offers, and never pushed.
+Once complete again, it asks the key's replicas (`dht.check`) and keeps a doubtful record only if one
+of them holds exactly that version; otherwise it drops it. So a replica that missed a delete and
+comes back after the tombstone was collected does not resurrect the record, and a whole cluster
+restarted after a long stop loses nothing (every replica confirms the others' copies).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import sqlite3
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,8 +67,8 @@ from typing import Any
 import msgpack
 import trio
 
+from overlay import messages as m
 from overlay.chord import RING, Peer, between_right, hash_id
-from overlay.messages import DHT_DIGEST, DHT_FETCH, DHT_OFFER, DHT_STORE, DHT_SYNC
 from overlay.ring import Ring, peer_from_wire
 from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 
@@ -52,7 +83,22 @@ SYNC_BATCH = 128
 """Records pushed, pulled or offered in one `dht.sync` / `dht.offer` call (frames are capped at 4 MiB)."""
 STATS = ("passes", "rpcs", "failures", "digests_sent", "digests_answered", "buckets_differing",
          "records_pushed", "records_pulled", "handoff_lookups", "handoff_offered", "handoff_pushed",
-         "handoff_dropped")
+         "handoff_dropped", "tombstones_collected", "doubts_confirmed", "doubts_dropped")
+CLAIM_LEASE = 6.0
+"""How long a replica keeps a granted claim slot for its claimer (see "Conditional writes")."""
+COMMIT_WINDOW = 4.0
+"""A claimer commits only this soon after sending its prepare (more than CALL_TIMEOUT, less than the lease);
+a restarted replica grants no slot for this long."""
+CLAIM_PATIENCE = 8.0
+"""How long `put_if` keeps retrying against other claims in progress: longer than CLAIM_LEASE, so the slot of
+a claimer that died lapses meanwhile; with a last prepare and release (CALL_TIMEOUT each) it stays under the
+15 s the agent gives an overlay operation (cancelling RPCs in flight would break their pooled connections)."""
+CLAIM_BACKOFF = 0.05
+"""First retry delay after a split vote (random below it, doubling up to 1 s)."""
+STALE_PASSES = 12
+"""Q: a replica without a complete comparison with every replica peer for this many repair intervals is stale."""
+CLOCK_SKEW = 30.0
+"""How far apart the agents' wall clocks may be (NTP keeps them far closer); it widens the tombstone grace."""
 
 
 @dataclass(frozen=True)
@@ -61,23 +107,38 @@ class Record:
     value: Any  # None marks a deletion (tombstone)
     version: int
     writer: str
+    written: float = 0.0
+    """The writer's wall-clock time (seconds since the epoch); 0 where unknown (Kademlia, older shards)."""
 
     @property
     def deleted(self) -> bool:
         return self.value is None
 
+    @property
+    def stamp(self) -> tuple[int, str]:
+        """What orders versions: (version, writer) names one value everywhere."""
+        return self.version, self.writer
+
     def newer_than(self, other: Record | None) -> bool:
-        return other is None or (self.version, self.writer) > (other.version, other.writer)
+        return other is None or self.stamp > other.stamp
 
     def to_wire(self) -> list[Any]:
-        return [self.key, self.value, self.version, self.writer]
+        return [self.key, self.value, self.version, self.writer, self.written]
 
 
 def record_from_wire(data: Any) -> Record:
-    if not (isinstance(data, list) and len(data) == 4 and isinstance(data[0], str)
-            and isinstance(data[2], int) and data[2] >= 0 and isinstance(data[3], str)):
+    if not (isinstance(data, list) and len(data) in (4, 5) and isinstance(data[0], str)
+            and isinstance(data[2], int) and data[2] >= 0 and isinstance(data[3], str)
+            and (len(data) == 4 or (isinstance(data[4], int | float) and data[4] >= 0))):
         raise RequestError(f"malformed record {str(data)[:60]!r}")
-    return Record(data[0], data[1], data[2], data[3])
+    return Record(data[0], data[1], data[2], data[3], float(data[4]) if len(data) == 5 else 0.0)
+
+
+def stamp_from_wire(data: Any, name: str) -> tuple[int, str]:
+    if not (isinstance(data, list) and len(data) == 2 and isinstance(data[0], int) and data[0] >= 0
+            and isinstance(data[1], str)):
+        raise RequestError(f"{name} must be [version, writer]")
+    return data[0], data[1]
 
 
 def entry_from_wire(data: Any) -> tuple[str, int, str]:
@@ -127,35 +188,35 @@ def digest(records: Iterable[Record], buckets: int) -> list[int]:
 
 
 class Shard:
-    """The records this node holds: in memory (what every read uses) and in SQLite (what a restart reads).
+    """The records this node holds, in memory and in SQLite, and when it last compared them with its peers."""
 
-    A change is made in memory at once, inside the caller's synchronous section, so concurrent handlers
-    always see one consistent shard; its SQLite statement then runs in a worker thread and the caller
-    returns once it is committed, so an acknowledged store is on disk and the event loop never waits on
-    the disk. One connection, used by one thread at a time (a limiter of one: sqlite3 connections must
-    not be used by two threads at once, and SQLite takes one writer anyway). Statements may commit in
-    another order than memory changed (two merges of one key racing), so each carries the rule itself:
-    an upsert keeps the newer (version, writer), a drop deletes only the version it dropped.
-
-    `inline=True` runs the statements in the caller instead: under a virtual clock (tests, simulations)
-    a thread would let the clock jump past every deadline while it works.
-    """
-
-    def __init__(self, path: Path, inline: bool = False) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False)
-        self._inline = inline
-        self._limiter = trio.CapacityLimiter(1)
+    def __init__(self, path: Path) -> None:
+        self.reopened = path.exists()
+        """The file was there: this node ran before (and may have granted claim slots it forgot)."""
+        self._db = sqlite3.connect(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB, "
-                         "version INTEGER, writer TEXT)")
+                         "version INTEGER, writer TEXT, written REAL DEFAULT 0)")
+        if "written" not in {row[1] for row in self._db.execute("PRAGMA table_info(records)")}:
+            self._db.execute("ALTER TABLE records ADD COLUMN written REAL DEFAULT 0")  # an older shard
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value REAL)")
         self.records: dict[str, Record] = {}
-        for key, value, version, writer in self._db.execute("SELECT key, value, version, writer FROM records"):
-            self.records[key] = Record(key, msgpack.unpackb(value, raw=False), version, writer)
+        for key, value, version, writer, written in self._db.execute(
+                "SELECT key, value, version, writer, written FROM records"):
+            self.records[key] = Record(key, msgpack.unpackb(value, raw=False), version, writer, written or 0.0)
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'synced_at'").fetchone()
+        self.synced_at: float | None = row[0] if row else None
+        """Wall-clock time of the last complete comparison with every replica peer (`Freshness`)."""
 
-    async def merge(self, record: Record) -> bool:
+    def save_synced_at(self, when: float) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (when,))
+        self.synced_at = when
+
+    def merge(self, record: Record) -> bool:
         """Keep `record` if it is newer than what we hold; True if it was stored."""
-        return bool(await self.merge_many([record]))
+        return bool(self.merge_many([record]))
 
-    async def merge_many(self, records: Iterable[Record]) -> int:
+    def merge_many(self, records: Iterable[Record]) -> int:
         """`merge` for a batch, in one transaction: one sync to disk per anti-entropy batch instead
         of one per record. Returns how many were stored."""
         newer: dict[str, Record] = {}
@@ -163,71 +224,225 @@ class Shard:
             if record.newer_than(newer.get(record.key) or self.records.get(record.key)):
                 newer[record.key] = record
         if newer:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)",
+                                     [(r.key, msgpack.packb(r.value, use_bin_type=True), r.version, r.writer,
+                                       r.written) for r in newer.values()])
             self.records.update(newer)
-            await self._write(_UPSERT, [(r.key, msgpack.packb(r.value, use_bin_type=True), r.version, r.writer)
-                                        for r in newer.values()])
         return len(newer)
 
-    async def drop(self, key: str) -> None:
-        await self.drop_many([key])
+    def drop(self, key: str) -> None:
+        self.drop_many([key])
 
-    async def drop_many(self, keys: Iterable[str]) -> None:
-        dropped = [self.records.pop(key) for key in list(keys) if key in self.records]
-        if dropped:
-            await self._write(_DELETE, [(r.key, r.version, r.writer) for r in dropped])
-
-    async def _write(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
-        def write() -> None:
-            with self._db:
-                self._db.executemany(statement, rows)
-        if self._inline:
-            write()
-        else:
-            await trio.to_thread.run_sync(write, limiter=self._limiter)
+    def drop_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        with self._db:
+            self._db.executemany("DELETE FROM records WHERE key = ?", [(key,) for key in keys])
+        for key in keys:
+            self.records.pop(key, None)
 
     def close(self) -> None:
         self._db.close()
 
 
-_UPSERT = ("INSERT INTO records VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-           "version = excluded.version, writer = excluded.writer WHERE (excluded.version, excluded.writer) > "
-           "(records.version, records.writer)")
-"""Store a record unless the row holds a newer (version, writer): `Record.newer_than`, in SQL."""
-_DELETE = "DELETE FROM records WHERE key = ? AND version = ? AND writer = ?"
-"""Drop the version that was dropped from memory, not a newer one written since."""
+class WriteConflict(RequestError):
+    """A conditional write lost: a replica holds a newer version than the writer expected. Read again."""
+
+    def __init__(self, key: str, held: tuple[int, str]) -> None:
+        super().__init__(f"{key!r} changed meanwhile: a replica holds version {held[0]} by {held[1]}")
+        self.held = held
+
+
+@dataclass
+class ClaimSlots:
+    """The replica's side of `DHT.put_if` (sans-IO: `now` is passed in): at most one claimer holds a key's
+    slot at a time, for `lease` seconds, and only while no newer version than it expects is held here."""
+
+    lease: float
+    refuse_until: float = 0.0
+    slots: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def prepare(self, key: str, token: str, expected: tuple[int, str], held: Record | None,
+                now: float) -> dict[str, Any]:
+        if now < self.refuse_until:
+            return {"granted": False, "why": "restarting"}
+        if held is not None and held.stamp > expected:
+            return {"granted": False, "why": "newer", "held": list(held.stamp)}
+        slot = self.slots.get(key)
+        if slot is not None and slot[0] != token and slot[1] > now:
+            return {"granted": False, "why": "claimed"}
+        self.slots[key] = (token, now + self.lease)
+        return {"granted": True}
+
+    def release(self, key: str, token: str) -> None:
+        if self.slots.get(key, ("",))[0] == token:
+            del self.slots[key]
+
+    def expire(self, now: float) -> None:
+        self.slots = {k: slot for k, slot in self.slots.items() if slot[1] > now}
+
+
+@dataclass
+class Freshness:
+    """Whether this node's copies may be trusted, and when a tombstone may be collected (module docstring,
+    "Tombstones"). Sans-IO: `now` is wall-clock seconds, passed in.
+
+    States: *current* (a complete comparison with every replica peer within `stale_after`) and *stale*.
+    Entering stale makes every record held then doubtful; while stale, a doubtful record written before
+    `horizon(now)` is hidden. Leaving stale keeps doubtful only those older than the horizon; they stay
+    hidden until a replica peer confirms them (`confirmed`) or they are dropped.
+    """
+
+    stale_after: float
+    synced_at: float | None = None
+    stale: bool = False
+    doubtful: set[str] = field(default_factory=set)
+
+    @property
+    def grace(self) -> float:
+        """How old a tombstone must be before it is collected: G = 2Q + 4·CLOCK_SKEW."""
+        return 2 * self.stale_after + 4 * CLOCK_SKEW
+
+    def horizon(self, now: float) -> float:
+        """A record written before this may have been deleted by a tombstone that is already collected: a
+        tombstone goes G after it was written, and clocks may differ by CLOCK_SKEW at each of the three
+        clocks involved (writer, deleter, collector) plus ours."""
+        return now - self.grace + 4 * CLOCK_SKEW
+
+    def check(self, now: float, keys: Iterable[str]) -> None:
+        if not self.stale and (self.synced_at is None or now - self.synced_at > self.stale_after):
+            self.stale = True
+            self.doubtful.update(keys)
+
+    def hidden(self, record: Record, now: float) -> bool:
+        if record.key not in self.doubtful:
+            return False
+        return not self.stale or record.written <= self.horizon(now)
+
+    def synced(self, since: float, now: float, records: dict[str, Record]) -> bool:
+        """A complete comparison with every replica peer happened, none before `since`; True if this ends a
+        stale period."""
+        ended = self.stale
+        if ended:
+            horizon = self.horizon(now)
+            self.doubtful = {k for k in self.doubtful if k in records and records[k].written <= horizon}
+            self.stale = False
+        self.synced_at = since
+        return ended
+
+    def confirmed(self, key: str) -> None:
+        self.doubtful.discard(key)
+
+    def collectable(self, record: Record, now: float) -> bool:
+        return record.deleted and now - record.written > self.grace
 
 
 class DHT:
-    """put/get over the ring with r replicas per key. Listing is the agent's (`agents.overlays`): it asks
-    every member for its shard, whichever overlay is bound."""
+    """put/get over the ring with r replicas per key, and `put_if` decided by a majority of them. Listing is
+    the agent's (`agents.overlays`): it asks every member for its shard, whichever overlay is bound.
 
-    def __init__(self, transport: Endpoint, ring: Ring, shard: Shard, r: int = 3, w: int = 2) -> None:
+    `repair_interval` is how often the agent calls `maintain` (every agent of a cluster the same): the
+    tombstone grace and the staleness bound derive from it. `wall` is the wall clock (records' write
+    times, tombstone ages, persisted across restarts); tests pass a virtual one.
+    """
+
+    def __init__(self, transport: Endpoint, ring: Ring, shard: Shard, r: int = 3, w: int = 2,
+                 repair_interval: float = 5.0, wall: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
         self.transport = transport
         self.ring = ring
         self.shard = shard
         self.r = r
         self.w = w
+        self.wall = wall
+        self._rng = rng or random.Random()
         self._replica_cache: dict[str, tuple[float, list[str]]] = {}
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         """What `maintain` cost and moved, cumulated: RPCs it made (`rpcs`, failed ones in `failures`),
-        digests sent and answered, records pushed and pulled by anti-entropy, and hand-off work."""
-        transport.route(DHT_STORE, self._on_store)
-        transport.route(DHT_FETCH, self._on_fetch)
-        transport.route(DHT_DIGEST, self._on_digest)
-        transport.route(DHT_SYNC, self._on_sync)
-        transport.route(DHT_OFFER, self._on_offer)
+        digests sent and answered, records pushed and pulled by anti-entropy, hand-off work, tombstones
+        collected and doubtful records confirmed or dropped."""
+        self.claims = ClaimSlots(CLAIM_LEASE, trio.current_time() + COMMIT_WINDOW if shard.reopened else 0.0)
+        if shard.synced_at is None and not shard.records:
+            shard.save_synced_at(wall())  # a new node: nothing it holds can be doubtful
+        self.freshness = Freshness(STALE_PASSES * repair_interval, shard.synced_at)
+        self.freshness.check(wall(), shard.records)  # back after longer than Q: doubtful before serving anything
+        self._digested: dict[str, float] = {}
+        """When each peer last compared a whole arc with us by digest (wall clock): predecessors do."""
+        for method, handler in ((m.DHT_STORE, self._on_store), (m.DHT_FETCH, self._on_fetch),
+                                (m.DHT_DIGEST, self._on_digest), (m.DHT_SYNC, self._on_sync),
+                                (m.DHT_OFFER, self._on_offer), (m.DHT_PREPARE, self._on_prepare),
+                                (m.DHT_RELEASE, self._on_release), (m.DHT_CHECK, self._on_check)):
+            transport.route(method, handler)
+
+    # -- what this node holds and shows ----------------------------------------------------------------
+
+    def _visible(self, record: Record | None) -> Record | None:
+        """`record`, or None if it is a doubtful copy hidden until peers confirm it (`Freshness`)."""
+        if record is None:
+            return None
+        now = self.wall()
+        self.freshness.check(now, self.shard.records)
+        return None if self.freshness.hidden(record, now) else record
+
+    def _merge(self, records: list[Record]) -> int:
+        """Keep what is newer than ours; a copy as new as a doubtful one of ours confirms it (the sender showed
+        it, so it was not hidden there). A tombstone past the grace is not stored again (a replica that
+        has not collected it yet would otherwise push it back to those that have): it only removes an
+        older copy held here."""
+        now = self.wall()
+        keep, gone = [], []
+        for record in records:
+            held = self.shard.records.get(record.key)
+            if held is not None and record.key in self.freshness.doubtful and record.stamp >= held.stamp:
+                self.freshness.confirmed(record.key)
+            if not self.freshness.collectable(record, now):
+                keep.append(record)
+            elif held is not None and record.newer_than(held):
+                gone.append(record.key)
+        if gone:
+            self.shard.drop_many(gone)
+        return self.shard.merge_many(keep) + len(gone)
+
+    # -- handlers --------------------------------------------------------------------------------------
 
     async def _on_store(self, caller: Caller, args: dict[str, Any]) -> bool:
-        await self.shard.merge(record_from_wire(args.get("record")))
+        """Keep the record if newer; with a `token`, it is the commit of a conditional write: free its slot."""
+        record = record_from_wire(args.get("record"))
+        self._merge([record])
+        token = args.get("token")
+        if isinstance(token, str):
+            self.claims.release(record.key, token)
         return True
 
     async def _on_fetch(self, caller: Caller, args: dict[str, Any]) -> list[Any] | None:
-        record = self.shard.records.get(_key_arg(args))
+        record = self._visible(self.shard.records.get(_key_arg(args)))
         return record.to_wire() if record else None
 
+    async def _on_prepare(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Grant the key's claim slot to `token` if nothing newer than `expect` is held here (hidden copies
+        count: a doubtful record must be settled before its key is written again)."""
+        key = _key_arg(args)
+        token = args.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= 128:
+            raise RequestError("token must be a string of 1 to 128 characters")
+        expected = stamp_from_wire(args.get("expect"), "expect")
+        return self.claims.prepare(key, token, expected, self.shard.records.get(key), trio.current_time())
+
+    async def _on_release(self, caller: Caller, args: dict[str, Any]) -> bool:
+        token = args.get("token")
+        if isinstance(token, str):
+            self.claims.release(_key_arg(args), token)
+        return True
+
+    async def _on_check(self, caller: Caller, args: dict[str, Any]) -> list[list[Any] | None]:
+        """For a peer settling doubtful copies: the (version, writer) we hold of each key, hidden or not."""
+        entries = [entry_from_wire(raw) for raw in _list_arg(args, "entries")]
+        return [list(held.stamp) if (held := self.shard.records.get(key)) else None for key, _, _ in entries]
+
     async def _on_digest(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        """A predecessor compares the arc (lo, hi] we share: answer with our entries in the buckets
-        whose hashes differ (whole buckets, at most about MAX_ENTRIES entries; the rest waits)."""
+        """A predecessor compares the arc (lo, hi] we share: answer with our entries in the buckets whose
+        hashes differ (whole buckets, at most about MAX_ENTRIES entries; the rest waits, and the answer
+        says it is not complete)."""
         lo, hi = _position_arg(args, "lo"), _position_arg(args, "hi")
         theirs = args.get("buckets")
         if not (isinstance(theirs, list) and 1 <= len(theirs) <= MAX_BUCKETS
@@ -247,23 +462,33 @@ class DHT:
                 break
             covered.append(index)
             entries += group
-        return {"buckets": covered, "entries": entries}
+        complete = len(covered) == len(differing)
+        if complete:
+            self._digested[caller.node] = self.wall()
+        return {"buckets": covered, "entries": entries, "complete": complete}
 
     async def _on_sync(self, caller: Caller, args: dict[str, Any]) -> list[list[Any]]:
         """Keep the pushed records that are newer than ours; answer with ours for the pulled keys."""
         records = [record_from_wire(raw) for raw in _list_arg(args, "push")]
         keys = [_check_key(key, "pull") for key in _list_arg(args, "pull")]
-        await self.shard.merge_many(records)
-        return [self.shard.records[key].to_wire() for key in keys if key in self.shard.records]
+        self._merge(records)
+        shown = (self._visible(self.shard.records.get(key)) for key in keys)
+        return [record.to_wire() for record in shown if record is not None]
 
     async def _on_offer(self, caller: Caller, args: dict[str, Any]) -> list[str]:
-        """Hand-off: the keys of these (key, version, writer) entries that we lack or hold older."""
+        """Hand-off: the keys of these (key, version, writer) entries that we lack or hold older (a hidden
+        copy counts as lacking, so the offerer pushes it and thereby confirms ours)."""
         entries = [entry_from_wire(raw) for raw in _list_arg(args, "entries")]
         return [key for key, version, writer in entries
-                if Record(key, None, version, writer).newer_than(self.shard.records.get(key))]
+                if Record(key, None, version, writer).newer_than(self._visible(self.shard.records.get(key)))]
 
     def _in_arc(self, lo: int, hi: int) -> list[Record]:
-        return [record for key, record in self.shard.records.items() if in_arc(key, lo, hi)]
+        now = self.wall()
+        self.freshness.check(now, self.shard.records)
+        return [record for key, record in self.shard.records.items()
+                if in_arc(key, lo, hi) and not self.freshness.hidden(record, now)]
+
+    # -- reads and writes ------------------------------------------------------------------------------
 
     async def replicas(self, key: str) -> list[str]:
         """The r nodes that should hold `key`. Cached briefly: one operation asks several times, and
@@ -308,11 +533,12 @@ class DHT:
 
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
         """Write a new version of `key`: version `after + 1` when the caller knows the version it
-        follows (0 for a key never written), else one more than the replicas hold."""
+        follows (0 for a key never written), else one more than the replicas hold. Unconditional: a
+        concurrent write of the same version by another node is decided by the writer's name."""
         if after is None:
             answers = await self._call_replicas(key, "dht.fetch", {"key": key})
-            after = max((v[2] for v in answers.values() if isinstance(v, list) and len(v) == 4), default=0)
-        record = Record(key, value, after + 1, self.ring.me.name)
+            after = max((v[2] for v in answers.values() if isinstance(v, list) and len(v) >= 4), default=0)
+        record = Record(key, value, after + 1, self.ring.me.name, self.wall())
         answers = await self._call_replicas(key, "dht.store", {"record": record.to_wire()})
         acks = sum(1 for v in answers.values() if v is True)
         if acks < min(self.w, len(answers)):
@@ -322,6 +548,51 @@ class DHT:
     async def delete(self, key: str, after: int | None = None) -> Record:
         return await self.put(key, None, after)
 
+    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+        """Write the version that follows `expect` (the newest record the caller read, None if it found
+        none) only if no replica of a majority holds anything newer: compare-and-set, decided by a
+        majority of the key's replicas (module docstring, "Conditional writes"). Raises WriteConflict if
+        a newer version exists (read again and decide again), RequestError if the replicas cannot be
+        reached or other claims kept the key busy for CLAIM_PATIENCE seconds."""
+        expected = expect.stamp if expect is not None else (0, "")
+        record = Record(key, value, expected[0] + 1, self.ring.me.name, self.wall())
+        token = f"{self.ring.me.name}/{self._rng.getrandbits(64):016x}"
+        give_up = trio.current_time() + CLAIM_PATIENCE
+        backoff = CLAIM_BACKOFF
+        while True:
+            addrs = await self.replicas(key)
+            quorum = len(addrs) // 2 + 1
+            sent = trio.current_time()
+            # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
+            # connection (a cancelled send_all leaves an SSLStream unusable, and the transport keeps it)
+            answers = await self.transport.call_many(addrs, "dht.prepare",
+                                                     {"key": key, "expect": list(expected), "token": token},
+                                                     CALL_TIMEOUT)
+            granted = sum(1 for v in answers.values() if isinstance(v, dict) and v.get("granted") is True)
+            if granted >= quorum and trio.current_time() - sent < COMMIT_WINDOW:
+                return await self._commit(addrs, record, token)
+            await self.transport.call_many(addrs, "dht.release", {"key": key, "token": token}, CALL_TIMEOUT)
+            newer = [stamp_from_wire(v.get("held"), "held") for v in answers.values()
+                     if isinstance(v, dict) and v.get("why") == "newer"]
+            if newer:
+                raise WriteConflict(key, max(newer))
+            if any(isinstance(v, Exception) for v in answers.values()):
+                self._replica_cache.pop(key, None)
+            if trio.current_time() >= give_up:
+                why = sorted({v.get("why", "?") if isinstance(v, dict) else str(v) for v in answers.values()})
+                raise RequestError(f"could not write {key!r}: {granted} of {len(addrs)} replicas granted it "
+                                   f"for {CLAIM_PATIENCE:.0f} s ({'; '.join(why)})")
+            await trio.sleep(self._rng.uniform(0, backoff))
+            backoff = min(2 * backoff, 1.0)
+
+    async def _commit(self, addrs: list[str], record: Record, token: str) -> Record:
+        answers = await self.transport.call_many(addrs, "dht.store", {"record": record.to_wire(), "token": token},
+                                                 CALL_TIMEOUT)
+        acks = sum(1 for v in answers.values() if v is True)
+        if acks < min(self.w, len(addrs)):
+            raise RequestError(f"write of {record.key!r} reached {acks} of {len(addrs)} replicas")
+        return record
+
     # -- anti-entropy and hand-off (see the module docstring) ----------------------------------------
 
     async def maintain(self) -> None:
@@ -330,14 +601,96 @@ class DHT:
         hold is pulled once (the second digest already has it). A failure only makes the pass partial;
         the next one retries."""
         self.stats["passes"] += 1
+        started = self.wall()
+        self.freshness.check(started, self.shard.records)
         preds = await self._predecessors()
-        for i, peer in enumerate(self._sharing_successors(), start=1):
+        successors = self._sharing_successors()
+        complete = True
+        for i, peer in enumerate(successors, start=1):
             lo = self._arc_start(preds, self.r - i)
-            if lo is not None:
-                await self._sync_with(peer, lo)
+            complete = lo is not None and await self._sync_with(peer, lo) and complete
         lo = self._arc_start(preds, self.r)
         if lo is not None:
             await self._hand_off(lo)
+        elif successors:
+            complete = False  # our arc is not known, so neither are the peers that should compare it with us
+        self._after_pass(started, preds, complete)
+        if self.freshness.doubtful and not self.freshness.stale:
+            await self._settle_doubts()
+        self._collect()
+        self.claims.expire(trio.current_time())
+
+    def _after_pass(self, started: float, preds: list[Peer], complete: bool) -> None:
+        """Record a complete comparison with every replica peer: ours with s1..s(r-1) in this pass, and
+        theirs with us from p1..p(r-1), each within the staleness bound (`Freshness`)."""
+        if not complete:
+            return
+        since = started
+        for peer in (p for p in preds[: self.r - 1] if p.id != self.ring.me.id):
+            when = self._digested.get(peer.name)
+            if when is None or started - when > self.freshness.stale_after:
+                return
+            since = min(since, when)
+        if self.freshness.synced(since, self.wall(), self.shard.records):
+            log.info("in step with every replica peer again; %d doubtful records to settle",
+                     len(self.freshness.doubtful))
+        self.shard.save_synced_at(since)
+
+    def _collect(self) -> None:
+        """Drop the tombstones older than the grace period (module docstring, "Tombstones")."""
+        now = self.wall()
+        gone = [key for key, record in self.shard.records.items() if self.freshness.collectable(record, now)]
+        if gone:
+            self.shard.drop_many(gone)
+            self.stats["tombstones_collected"] += len(gone)
+
+    async def _settle_doubts(self) -> None:
+        """Ask the replicas of each doubtful record whether they hold exactly that version: keep it if one
+        does (confirmed), drop it if every other replica answered and none does, else ask again next pass.
+        One lookup serves every key up to the owner it finds, as in hand-off."""
+        me = self.ring.me
+        doubtful = sorted((self.shard.records[k] for k in self.freshness.doubtful if k in self.shard.records),
+                          key=lambda r: (key_position(r.key) - me.id) % RING)
+        self.freshness.doubtful = {r.key for r in doubtful}
+        while doubtful:
+            start = key_position(doubtful[0].key)
+            try:
+                owners = await self.ring.lookup(start, self.r)
+            except (RpcError, RequestError) as err:
+                self.stats["failures"] += 1
+                log.info("lookup to settle doubtful records failed: %s", err)
+                return
+            span = (owners[0].id - start) % RING if owners else 0
+            group = [r for r in doubtful if (key_position(r.key) - start) % RING <= span]
+            doubtful = [r for r in doubtful if (key_position(r.key) - start) % RING > span]
+            others = [p.addr for p in owners if p.id != me.id]
+            for begin in range(0, len(group), SYNC_BATCH):
+                await self._settle_batch(others, group[begin:begin + SYNC_BATCH])
+
+    async def _settle_batch(self, others: list[str], batch: list[Record]) -> None:
+        if not others:  # nobody else holds these keys: nobody can have collected their deletion
+            for record in batch:
+                self.freshness.confirmed(record.key)
+            return
+        entries = [[r.key, r.version, r.writer] for r in batch]
+        self.stats["rpcs"] += len(others)
+        answers = await self.transport.call_many(others, "dht.check", {"entries": entries}, CALL_TIMEOUT)
+        replies = [a for a in answers.values() if isinstance(a, list) and len(a) == len(batch)]
+        self.stats["failures"] += len(others) - len(replies)
+        drop = []
+        for i, record in enumerate(batch):
+            held = [tuple(reply[i]) if isinstance(reply[i], list) else None for reply in replies]
+            if any(stamp == record.stamp for stamp in held):
+                self.freshness.confirmed(record.key)
+                self.stats["doubts_confirmed"] += 1
+            elif len(replies) == len(others) and self.shard.records.get(record.key) is record:
+                drop.append(record.key)
+        if drop:
+            log.info("dropping %d records no replica confirms (deleted while this node was away)", len(drop))
+            self.shard.drop_many(drop)
+            for key in drop:
+                self.freshness.confirmed(key)
+            self.stats["doubts_dropped"] += len(drop)
 
     def _sharing_successors(self) -> list[Peer]:
         """s1..s(r-1): the successors that hold some of our records."""
@@ -380,8 +733,9 @@ class DHT:
             return self.ring.me.id  # small ring: (me, me] is the whole circle
         return None
 
-    async def _sync_with(self, peer: Peer, lo: int) -> None:
-        """Compare the arc (lo, me] with `peer` by digest; push what is newer here, pull what is newer there."""
+    async def _sync_with(self, peer: Peer, lo: int) -> bool:
+        """Compare the arc (lo, me] with `peer` by digest; push what is newer here, pull what is newer there.
+        True if the whole arc was compared (no failure, no differing bucket left for the next pass)."""
         hi = self.ring.me.id
         mine = {record.key: record for record in self._in_arc(lo, hi)}
         buckets = bucket_count(len(mine))
@@ -392,13 +746,14 @@ class DHT:
             covered, theirs = _digest_reply(reply, buckets)
             self.stats["buckets_differing"] += len(covered)
             push = [r for key, r in mine.items() if bucket_of(key, buckets) in covered
-                    and (key not in theirs or (r.version, r.writer) > theirs[key])]
-            pull = [key for key, stamp in theirs.items()
-                    if key not in mine or stamp > (mine[key].version, mine[key].writer)]
+                    and (key not in theirs or r.stamp > theirs[key])]
+            pull = [key for key, stamp in theirs.items() if key not in mine or stamp > mine[key].stamp]
             await self._exchange(peer.addr, push, pull)
+            return reply.get("complete", True) is True
         except (RpcError, RequestError) as err:
             self.stats["failures"] += 1
             log.info("anti-entropy with %s failed: %s", peer.name, err)
+            return False
 
     async def _exchange(self, addr: str, push: list[Record], pull: list[str]) -> None:
         """Send `push` and fetch `pull` from `addr`, SYNC_BATCH of each per call."""
@@ -411,7 +766,7 @@ class DHT:
             wanted = set(keys)
             pulled = [record for record in map(record_from_wire, answer) if record.key in wanted]
             self.stats["records_pulled"] += len(pulled)
-            await self.shard.merge_many(pulled)
+            self._merge(pulled)
 
     async def _hand_off(self, lo: int) -> None:
         """Give the records outside (lo, me] to their replicas; drop each once one of them holds it.
@@ -420,7 +775,9 @@ class DHT:
         may lag). One lookup serves every key up to the owner it finds, as they share its successors.
         """
         me = self.ring.me
-        foreign = sorted((r for key, r in self.shard.records.items() if not in_arc(key, lo, me.id)),
+        now = self.wall()
+        foreign = sorted((r for key, r in self.shard.records.items()
+                          if not in_arc(key, lo, me.id) and not self.freshness.hidden(r, now)),
                          key=lambda r: (key_position(r.key) - me.id) % RING)
         while foreign:
             start = key_position(foreign[0].key)
@@ -461,7 +818,7 @@ class DHT:
                     self.stats["failures"] += 1
             # a record replaced by a newer write meanwhile was not handed off: keep it for the next pass
             gone = [key for key in held if self.shard.records.get(key) is batch[key]]
-            await self.shard.drop_many(gone)
+            self.shard.drop_many(gone)
             self.stats["handoff_dropped"] += len(gone)
 
     async def _call(self, addr: str, method: str, args: dict[str, Any]) -> Any:

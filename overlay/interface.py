@@ -13,7 +13,7 @@ whole cluster freezes every member's binding first (`agents.overlays`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import trio
@@ -23,13 +23,20 @@ from overlay.dht import Record
 
 class Overlay(Protocol):
     """Versioned records: the higher (version, writer) wins; `after` is the version a write follows
-    (None: one more than the overlay holds); a delete is a write of None."""
+    (None: one more than the overlay holds); a delete is a write of None.
+
+    `put_if` writes the version after `expect` (the newest record the caller read, or None) only if the
+    overlay holds nothing newer, decided by a majority of the key's replicas (compare-and-set); it raises
+    `overlay.dht.WriteConflict` if something newer exists. An overlay that cannot decide it (Kademlia)
+    raises RequestError and writes nothing."""
 
     async def get(self, key: str) -> Record | None: ...
 
     async def get_record(self, key: str) -> Record | None: ...
 
     async def put(self, key: str, value: Any, after: int | None = None) -> Record: ...
+
+    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record: ...
 
     async def delete(self, key: str, after: int | None = None) -> Record: ...
 
@@ -57,13 +64,19 @@ class Binding:
         return await self.overlay.get_record(key)
 
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
+        return await self._write(lambda: self.overlay.put(key, value, after))
+
+    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+        return await self._write(lambda: self.overlay.put_if(key, value, expect))
+
+    async def _write(self, write: Callable[[], Awaitable[Record]]) -> Record:
         while self.frozen:  # loop: a thaw followed at once by another freeze must hold us again
             await self._thawed.wait()
         if self._in_flight == 0:
             self._idle = trio.Event()
         self._in_flight += 1
         try:
-            return await self.overlay.put(key, value, after)
+            return await write()
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

@@ -19,11 +19,13 @@ the agent may use it wherever they were spawned.
 
 Records. As in `overlay.dht`: `Record(key, value, version, writer)`, the higher (version, writer)
 wins, `put` with `after=None` writes one more than the newest version found, a delete writes a
-tombstone (value None). A record lives on the k nodes closest to sha1(key) (k = `ksize`, 20),
-plus this node when it is one of them. A read asks all k, keeps the newest copy that verifies and
-writes it back to those that held an older or no copy; a write needs `w` acknowledgements (fewer if
-fewer nodes exist). Storage is the package's in-memory storage, republished hourly by its holders:
-a record lives as long as some holder runs; nothing is persisted, unlike the Chord shard.
+tombstone (value None). There is no conditional write (`put_if` refuses, see there), and a tombstone
+lives as long as any value (republished hourly by its holders). A record lives on the k nodes closest
+to sha1(key) (k = `ksize`, 20), plus this node when it is one of them. A read asks all k, keeps the
+newest copy that verifies and writes it back to those that held an older or no copy; a write needs
+`w` acknowledgements (fewer if fewer nodes exist). Storage is the package's in-memory storage,
+republished hourly by its holders: a record lives as long as some holder runs; nothing is persisted,
+unlike the Chord shard.
 
 Envelope. The package speaks unauthenticated UDP, so every stored value is a msgpack envelope::
 
@@ -92,6 +94,7 @@ from kademlia.utils import digest
 
 from overlay.dht import Record
 from overlay.wire import tls
+from overlay.wire.rpc import RequestError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -370,6 +373,14 @@ class KademliaOverlay:
             await self._aio(self._write_all, [(chunk_digest(hashlib.sha256(c).digest()), c) for c in chunks])
         await self._aio(self._write_all, [(digest(key), blob)])
         return record
+
+    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+        """Refused: a compare-and-set needs each holder to grant one writer at a time, and the package's
+        `store` is unconditional (any node may overwrite any key's holders, and the k holders of a key
+        differ between lookups). A write-then-read-back would let two writers both see their own copy
+        first. So nothing is written; a service that needs it (creating a VE) asks for the Chord binding."""
+        raise RequestError(f"the Kademlia overlay cannot write {key!r} conditionally (no majority of holders "
+                           "decides a write); re-bind the records to chord (`discovery overlay bind chord`)")
 
     async def delete(self, key: str, after: int | None = None) -> Record:
         return await self.put(key, None, after)

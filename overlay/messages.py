@@ -36,6 +36,26 @@ class ChordNotify:
 @dataclass(frozen=True)
 class DhtStore:
     record: Any
+    token: str | None = field(default=None, metadata=limit(128))
+    """The commit of a conditional write (`dht.prepare`): frees the key's claim slot."""
+
+
+@dataclass(frozen=True)
+class DhtPrepare:
+    key: str = field(metadata=limit(MAX_KEY))
+    token: Any = None
+    expect: Any = None
+
+
+@dataclass(frozen=True)
+class DhtRelease:
+    key: str = field(metadata=limit(MAX_KEY))
+    token: Any = None
+
+
+@dataclass(frozen=True)
+class DhtCheck:
+    entries: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -69,3 +89,6 @@ DHT_FETCH = Method("dht.fetch", DhtFetch, AGENTS)
 DHT_DIGEST = Method("dht.digest", DhtDigest, AGENTS)
 DHT_SYNC = Method("dht.sync", DhtSync, AGENTS)
 DHT_OFFER = Method("dht.offer", DhtOffer, AGENTS)
+DHT_PREPARE = Method("dht.prepare", DhtPrepare, AGENTS)
+DHT_RELEASE = Method("dht.release", DhtRelease, AGENTS)
+DHT_CHECK = Method("dht.check", DhtCheck, AGENTS)

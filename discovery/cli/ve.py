@@ -51,10 +51,17 @@ def ve_create(spec_file: Path, as_json: JsonOpt = False) -> None:
 
 
 @ve_app.command("list")
-def ve_list(as_json: JsonOpt = False) -> None:
-    """Every VE of the cluster."""
-    ves = rpc("ve.list")
-    emit(ves, as_json, ve_table(ves))
+def ve_list(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many VEs (one page).")] = 100,
+    cursor: Annotated[str | None, typer.Option(help="Start after the previous page: its next cursor.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The VEs of the cluster (yours; every VE for an operator), a page at a time, from the directory's index.
+    JSON: {"ves": [...], "next_cursor": C or null}."""
+    page = rpc("ve.list", {"limit": limit, "cursor": cursor})
+    emit(page, as_json, ve_table(page["ves"]))
+    if not as_json and page["next_cursor"]:
+        print(f"more: discovery ve list --cursor {page['next_cursor']}")
 
 
 @ve_app.command("show")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay.messages import NoArgs
 from overlay.wire.codec import limit
 from overlay.wire.rpc import ANYONE, NODE, OPERATOR, Method
 
@@ -24,6 +23,12 @@ class Create:
 @dataclass(frozen=True)
 class Named:
     name: Any
+
+
+@dataclass(frozen=True)
+class ListPage:
+    limit: Any = None
+    cursor: Any = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class Failover:
 
 
 VE_CREATE = Method("ve.create", Create, ANYONE)
-VE_LIST = Method("ve.list", NoArgs, ANYONE)
+VE_LIST = Method("ve.list", ListPage, ANYONE)
 VE_SHOW = Method("ve.show", Named, ANYONE)
 VE_LOCATE = Method("ve.locate", Named, ANYONE)
 VE_START = Method("ve.start", Named, ANYONE)

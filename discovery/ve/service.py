@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+import uuid
 from typing import Any
 
 import trio
@@ -31,15 +32,18 @@ from agents.runtime import Actor
 from discovery.ve import messages as m
 from discovery.ve import placement as planner
 from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, PREFIX, Candidate, domain_name, may_act
+from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Entry, Index
 from discovery.ve.relocation import Relocation
 from discovery.ve.replicas import Replicas
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import NO_CONSTRAINTS, SpecError, VESpec
-from overlay.dht import Record
+from overlay.dht import Record, WriteConflict
 from overlay.wire.rpc import Caller, Conflict, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 MAX_REPLANS = 3
+CLAIM_ATTEMPTS = 3
+"""Reads and conditional writes of a new VE's name before giving up (each loss means someone wrote it)."""
 RECOVERY_WINDOW = 120.0
 """How long after its start an agent keeps trying to settle the operations it left interrupted."""
 
@@ -47,6 +51,7 @@ RECOVERY_WINDOW = 120.0
 class VEService(Relocation, Snapshots, Replicas):
     def __init__(self, agent: NodeAgent) -> None:
         super().__init__(agent)
+        self.index = Index(agent.records, PREFIX)
         for method, handler in ((m.VE_CREATE, self._on_create), (m.VE_LIST, self._on_list),
                                 (m.VE_SHOW, self._on_show), (m.VE_LOCATE, self._on_locate),
                                 (m.VE_START, self._on_start), (m.VE_STOP, self._on_stop),
@@ -61,22 +66,30 @@ class VEService(Relocation, Snapshots, Replicas):
     # -- create ------------------------------------------------------------------------------------
 
     async def _on_create(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """Claim the name first (a conditional write of the record, `creating` with no VM placed, that a
+        majority of its replicas decides: of concurrent creates of one name exactly one wins, and the
+        others reserve nothing), index it, then place, reserve, write the placement, confirm each host."""
         try:
             spec = VESpec.from_dict(args.get("spec"))
         except SpecError as err:
             raise RequestError(str(err)) from None
         key = PREFIX + spec.name
-        current = await self.agent.records.get_record(key)
-        if current is not None and not current.deleted:
-            raise Conflict(f"a VE named {spec.name!r} already exists")
-        placement, tokens = await self._place(spec)
+        entry = Entry(spec.name, caller.cn, uuid.uuid4().hex)
         record = {"name": spec.name, "spec": spec.to_dict(), "owner": caller.cn, "state": "creating",
-                  "placement": placement, "coordinator": self.agent.config.name, "created": time.time()}
+                  "placement": {}, "coordinator": self.agent.config.name, "created": time.time(), "uid": entry.uid}
+        claimed = await self._claim(key, record)
         try:
-            stored = await self.agent.records.put(key, record, after=current.version if current else 0)
+            await self.index.add(entry)
+            placement, tokens = await self._place(spec)
+        except (RequestError, RpcError):
+            await self._undo(spec, {}, {}, entry)
+            raise
+        record["placement"] = placement
+        try:
+            stored = await self.agent.records.put(key, record, after=claimed.version)
             await self._confirm_all(placement, tokens)
         except (RequestError, RpcError) as err:
-            await self._undo(spec, placement, tokens)
+            await self._undo(spec, placement, tokens, entry)
             raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
         record["state"] = "running"
         await self.agent.records.put(key, record, after=stored.version)
@@ -100,6 +113,20 @@ class VEService(Relocation, Snapshots, Replicas):
                 nursery.start_soon(confirm, vm_name, slot, tokens.pop(vm_name))
         if failures:
             raise RequestError("; ".join(sorted(failures)))
+
+    async def _claim(self, key: str, record: dict[str, Any]) -> Record:
+        """Write the new VE's first record if its name is free: compare-and-set against the newest record
+        read (none, or a tombstone), read again after a lost race; Conflict if the name is taken."""
+        for _ in range(CLAIM_ATTEMPTS):
+            current = await self.agent.records.get_record(key)
+            if current is not None and not current.deleted:
+                raise Conflict(f"a VE named {record['name']!r} already exists")
+            try:
+                return await self.agent.records.put_if(key, record, current)
+            except WriteConflict:
+                continue
+        raise Conflict(f"VE {record['name']!r} kept changing while being created (or a replica is still checking "
+                       "copies it held before a long absence); try again in a few seconds")
 
     async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Plan where each VM goes (`discovery.ve.placement`: capacity and constraints, nearest first), then
@@ -159,8 +186,10 @@ class VEService(Relocation, Snapshots, Replicas):
         for vm_name, token in tokens.items():
             await self.agent.transport.call_many([placement[vm_name]["addr"]], "host.release", {"token": token})
 
-    async def _undo(self, spec: VESpec, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
-        """Roll a failed create back: drop unconfirmed reservations, remove started VMs, delete the record."""
+    async def _undo(self, spec: VESpec, placement: dict[str, dict[str, Any]], tokens: dict[str, str],
+                    entry: Entry) -> None:
+        """Roll a failed create back: drop unconfirmed reservations, remove started VMs, delete the record,
+        then its index entry."""
         await self._release(placement, tokens)
         for vm_name, slot in placement.items():
             await self.agent.transport.call_many([slot["addr"]], "host.vm",
@@ -169,12 +198,33 @@ class VEService(Relocation, Snapshots, Replicas):
             await self.agent.records.delete(PREFIX + spec.name)
         except (RequestError, RpcError) as err:
             log.warning("could not delete the record of failed VE %s: %s", spec.name, err)
+            return  # the entry stays with the record it lists
+        await self._unindex(entry.name, entry.uid)
+
+    async def _unindex(self, name: str, uid: str) -> None:
+        """Remove a deleted VE's index entry; if that fails, the next `ve list` that meets it does."""
+        try:
+            await self.index.remove(name, uid)
+        except (RequestError, RpcError) as err:
+            log.warning("could not remove VE %s from the index yet: %s", name, err)
 
     # -- read --------------------------------------------------------------------------------------
 
-    async def _on_list(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
-        """The caller's VEs; every VE for an operator (like `openstack server list --all-projects`)."""
-        return [r.value for r in await self.agent.records.scan(PREFIX) if may_act(caller, r.value)]
+    async def _on_list(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+        """One page of the caller's VEs (every VE for an operator, like `openstack server list
+        --all-projects`), from the index in the DHT (`discovery.ve.index`): `limit` VEs at most, after
+        `cursor` (a previous page's `next_cursor`); `next_cursor` is None on the last page."""
+        limit = args.get("limit", DEFAULT_LIMIT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
+            raise RequestError(f"limit must be an integer from 1 to {MAX_LIMIT}")
+        cursor = Cursor.parse(args.get("cursor"))
+
+        def wanted(entry: Entry) -> bool:
+            return caller.role == "operator" or entry.owner == caller.cn
+
+        records, cursor = await self.index.listing(limit, cursor, wanted)
+        return {"ves": [r.value for r in records if may_act(caller, r.value)],
+                "next_cursor": cursor.encode() if cursor else None}
 
     async def _on_show(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         record = await self._record(caller, args)
@@ -249,6 +299,7 @@ class VEService(Relocation, Snapshots, Replicas):
                 await self._check_abandoned(record.value["name"], intent)
             await self._on_every_vm(record.value, "undefine")
             await self.agent.records.delete(record.key, after=record.version)
+            await self._unindex(record.value["name"], record.value.get("uid", ""))
             await self._unstandby(record.value["name"], record.value.get("replicas", {}))
         return {**record.value, "state": "destroyed"}
 
@@ -338,9 +389,17 @@ class VEService(Relocation, Snapshots, Replicas):
         return lock is not None and lock.locked()
 
     async def recover_abandoned(self) -> int:
-        """Settle every VE whose record holds an abandoned operation; returns how many are left unsettled."""
+        """Settle every VE whose record holds an abandoned operation, and index the VEs the index lacks (a
+        creator died between the record and its entry); returns how many are left unsettled."""
         left = 0
-        for found in await self.agent.records.scan(PREFIX):
+        ves = await self.agent.records.scan(PREFIX)
+        try:
+            await self.index.ensure(Entry(r.value["name"], r.value.get("owner", ""), r.value.get("uid", ""))
+                                    for r in ves)
+        except (RequestError, RpcError) as err:
+            left += 1
+            log.warning("could not check the VE index yet: %s", err)
+        for found in ves:
             if not _interrupted(found.value):
                 continue
             async with self._lock(found.value["name"]):

@@ -59,7 +59,11 @@ def test_rebind_keeps_every_record_and_write(cluster_factory, tmp_path) -> None:
     for node in ("node1", "node2", "node3", "node4"):
         status = cluster.json("--agent", node, "overlay", "status")
         assert (status["overlay"], status["epoch"], status["frozen"]) == ("kademlia", 1, False)
-    assert [ve["name"] for ve in cluster.json("--agent", "node4", "ve", "list")] == ["rb"]
+    assert [ve["name"] for ve in cluster.json("--agent", "node4", "ve", "list")["ves"]] == ["rb"]
+    later = tmp_path / "later.yaml"
+    later.write_text("name: later\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128}\n")
+    refused = cluster.cli("--agent", "node2", "ve", "create", str(later), check=False)
+    assert refused.returncode == 1 and "overlay bind chord" in refused.stderr  # no conditional write on Kademlia
     assert cluster.cli("--agent", "node4", "kv", "get", "before").stdout.strip() == "chord-era"
     node2 = cluster.node("node2")["addr"]
     for key in writer.acked:  # every acknowledged write, before, during or after the re-bind
@@ -69,6 +73,8 @@ def test_rebind_keeps_every_record_and_write(cluster_factory, tmp_path) -> None:
     cluster.json("--agent", "node2", "ve", "stop", "rb")  # writes the record on Kademlia
     cluster.json("--agent", "node3", "overlay", "bind", "chord")
     assert cluster.json("--agent", "node1", "ve", "show", "rb")["state"] == "stopped"
+    assert cluster.json("--agent", "node2", "ve", "create", str(later))["state"] == "running"
+    assert sorted(ve["name"] for ve in cluster.json("--agent", "node4", "ve", "list")["ves"]) == ["later", "rb"]
     assert cluster.json("--agent", "node1", "kv", "get", "before", "--overlay", "chord")["found"]
 
 

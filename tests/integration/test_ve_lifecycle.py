@@ -36,7 +36,7 @@ def test_ve_created_through_node1_is_listed_and_stopped_through_node5(cluster6, 
     hosts = {slot["node"] for slot in created["placement"].values()}
     assert hosts == {"node1"}  # the coordinating node is nearest and has room
 
-    listed = {ve["name"]: ve for ve in cluster6.json("--agent", "node5", "ve", "list")}
+    listed = {ve["name"]: ve for ve in cluster6.json("--agent", "node5", "ve", "list")["ves"]}
     assert listed["shop"]["state"] == "running"
     assert set(listed["shop"]["placement"]) == {"front", "db"}
 
@@ -79,7 +79,7 @@ def test_site_pinning_and_refusals_explain_themselves(cluster6, tmp_path):
                         check=False)
     assert proc.returncode == 1 and "already exists" in proc.stderr
 
-    names = {ve["name"] for ve in cluster6.json("--agent", "node6", "ve", "list")}
+    names = {ve["name"] for ve in cluster6.json("--agent", "node6", "ve", "list")["ves"]}
     assert "huge" not in names and "mars" not in names  # refusals leave nothing behind
 
 
@@ -181,11 +181,11 @@ def test_only_the_owner_or_an_operator_acts_on_a_ve(cluster6, tmp_path):
         proc = cluster6.cli("--config", bob, "--agent", "node3", "ve", verb, "alices", check=False)
         assert proc.returncode == 1 and "belongs to 'alice'; 'bob' may not act on it" in proc.stderr, verb
     bobs_list = json.loads(cluster6.cli("--config", bob, "--agent", "node2", "ve", "list", "--json").stdout)
-    assert "alices" not in [ve["name"] for ve in bobs_list]
+    assert "alices" not in [ve["name"] for ve in bobs_list["ves"]]
     alices_list = json.loads(cluster6.cli("--config", alice, "--agent", "node2", "ve", "list", "--json").stdout)
-    assert [ve["name"] for ve in alices_list] == ["alices"]
+    assert [ve["name"] for ve in alices_list["ves"]] == ["alices"]
 
-    assert "alices" in [ve["name"] for ve in cluster6.json("--agent", "node4", "ve", "list")]  # the operator
+    assert "alices" in [ve["name"] for ve in cluster6.json("--agent", "node4", "ve", "list")["ves"]]  # the operator
     assert cluster6.json("--agent", "node4", "ve", "stop", "alices")["state"] == "stopped"
     cluster6.cli("--config", alice, "--agent", "node5", "ve", "destroy", "alices")
 

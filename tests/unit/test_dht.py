@@ -12,7 +12,7 @@ import trio
 from trio.testing import MockClock
 
 from overlay.chord import hash_id
-from overlay.dht import _DELETE, _UPSERT, DHT, MAX_BUCKETS, STATS, Record, Shard, bucket_count, digest
+from overlay.dht import DHT, MAX_BUCKETS, STATS, Record, Shard, bucket_count, digest
 from overlay.messages import DHT_DIGEST
 from overlay.ring import Ring
 from overlay.wire import memnet
@@ -20,6 +20,8 @@ from overlay.wire.memnet import MemNetwork
 from overlay.wire.rpc import RemoteError
 
 R = 3
+EPOCH = 1.7e9
+INTERVAL = 5.0
 
 
 class Cluster:
@@ -30,11 +32,20 @@ class Cluster:
         self.tmp = tmp_path
         self.nodes: dict[str, DHT] = {}
 
+    @staticmethod
+    def now():
+        """The nodes' wall clock: virtual, as trio's clock is."""
+        return EPOCH + trio.current_time()
+
     def add(self, name, dht_class=DHT):
         addr = f"mem:{name}"
         transport = self.net.endpoint(addr, name, "s")
         ring = Ring(transport, name, addr, "s", r=5, learn=False)
-        self.nodes[name] = dht_class(transport, ring, Shard(self.tmp / f"{name}.sqlite", inline=True), r=R, w=2)
+        shard = Shard(self.tmp / f"{name}.sqlite")
+        if dht_class is DHT:
+            self.nodes[name] = DHT(transport, ring, shard, r=R, w=2, repair_interval=INTERVAL, wall=self.now)
+        else:
+            self.nodes[name] = dht_class(transport, ring, shard, r=R, w=2)
         return self.nodes[name]
 
     async def start(self, name, seed=None):
@@ -53,14 +64,14 @@ class Cluster:
                                 for j in range(1, min(state.r + 1, len(ordered)))]
             state.predecessor = self.nodes[ordered[k - 1]].ring.me
 
-    async def seed(self, records):
+    def seed(self, records):
         """Store records on their true replicas directly (one transaction per node)."""
         batches = defaultdict(list)
         for record in records:
             for name in self.replicas(record.key):
                 batches[name].append(record)
         for name, batch in batches.items():
-            await self.nodes[name].shard.merge_many(batch)
+            self.nodes[name].shard.merge_many(batch)
 
     @classmethod
     async def of(cls, tmp_path, size):
@@ -148,7 +159,7 @@ async def test_a_joining_node_receives_what_it_now_owns_and_the_old_replica_drop
     key = next(k for k in (f"ve/{i}" for i in range(1000))
                if min(names, key=lambda n: (hash_id(n) - hash_id(k)) % 2**64) == "joiner")
     others = [f"ve/other{i}" for i in range(30)]
-    await cluster.seed(Record(k, k, 1, "n1") for k in [key, *others])
+    cluster.seed(Record(k, k, 1, "n1") for k in [key, *others])
     before = cluster.replicas(key)
 
     await cluster.start("joiner", seed="n2")
@@ -185,7 +196,7 @@ async def test_in_sync_replicas_exchange_digests_only(tmp_path, autojump_clock):
 async def test_a_replica_that_missed_k_writes_gets_about_k_records(tmp_path, autojump_clock, how):
     cluster = await Cluster.of(tmp_path, 6)
     keys = [f"ve/{i}" for i in range(60)]
-    await cluster.seed(Record(key, 1, 1, "n0") for key in keys)
+    cluster.seed(Record(key, 1, 1, "n0") for key in keys)
     victim = "n3"
     missed = [key for key in keys if victim in cluster.replicas(key)][:5]
     assert len(missed) == 5
@@ -218,15 +229,16 @@ async def test_the_newer_version_wins_and_a_tombstone_is_not_resurrected(tmp_pat
     cluster = await Cluster.of(tmp_path, 5)
     key = "ve/contested"
     a, b, c = (cluster.nodes[name] for name in sorted(cluster.replicas(key)))
-    await a.shard.merge(Record(key, "old", 1, "w"))
-    await b.shard.merge(Record(key, "new", 2, "w"))
+    a.shard.merge(Record(key, "old", 1, "w"))
+    b.shard.merge(Record(key, "new", 2, "w"))
     await cluster.maintain()
     assert {dht.shard.records[key] for dht in (a, b, c)} == {Record(key, "new", 2, "w")}
 
-    await c.shard.merge(Record(key, None, 3, "w"))  # a delete that reached one replica only
+    deleted = Record(key, None, 3, "w", cluster.now())
+    c.shard.merge(deleted)  # a delete that reached one replica only
     await cluster.maintain()
-    assert {dht.shard.records[key] for dht in (a, b, c)} == {Record(key, None, 3, "w")}
-    assert not await b.shard.merge(Record(key, "new", 2, "w"))  # a late copy of the live value loses
+    assert {dht.shard.records[key] for dht in (a, b, c)} == {deleted}
+    assert not b.shard.merge(Record(key, "new", 2, "w"))  # a late copy of the live value loses
     for dht in cluster.nodes.values():
         assert await dht.get(key) is None
 
@@ -286,32 +298,14 @@ def test_digests_depend_on_versions_not_on_order():
 
 
 
-async def test_a_shard_merges_a_batch_in_one_transaction_and_keeps_the_newest(tmp_path):
+def test_a_shard_merges_a_batch_in_one_transaction_and_keeps_the_newest(tmp_path):
     shard = Shard(tmp_path / "s.sqlite")
-    await shard.merge(Record("a", 1, 5, "w"))
+    shard.merge(Record("a", 1, 5, "w"))
     batch = [Record("a", 2, 4, "w"), Record("b", 1, 1, "w"), Record("b", 3, 3, "w"), Record("b", 2, 2, "w")]
-    assert await shard.merge_many(batch) == 1
-    await shard.drop_many(["a"])
+    assert shard.merge_many(batch) == 1
+    shard.drop_many(["a"])
     shard.close()
     assert Shard(tmp_path / "s.sqlite").records == {"b": Record("b", 3, 3, "w")}
-
-
-async def test_a_shard_writes_off_the_loop_and_its_disk_keeps_the_newest_whatever_order_writes_land_in(tmp_path):
-    """Memory changes at once; the statements run in a worker thread and carry the newer-wins rule, so a
-    stale write that commits late, or a drop of a version replaced since, cannot undo a newer one on disk."""
-    shard = Shard(tmp_path / "s.sqlite")
-    async with trio.open_nursery() as nursery:  # concurrent merges of one key, and of others
-        for version in range(1, 21):
-            nursery.start_soon(shard.merge, Record("k", version, version, "w"))
-            nursery.start_soon(shard.merge, Record(f"k{version}", version, 1, "w"))
-    assert shard.records["k"] == Record("k", 20, 20, "w")
-    await shard._write(_UPSERT, [("k", msgpack.packb(3), 3, "w")])  # a stale copy of "k" that commits late
-    await shard._write(_DELETE, [("k", 19, "w")])  # the drop of a version replaced since
-    await shard.drop_many(["k1"])
-    shard.close()
-    reopened = Shard(tmp_path / "s.sqlite")
-    assert reopened.records == shard.records and reopened.records["k"].version == 20 and "k1" not in reopened.records
-    reopened.close()
 
 
 def measure(nodes, records, missed=0, dht_class=DHT):
@@ -332,11 +326,11 @@ def measure(nodes, records, missed=0, dht_class=DHT):
             cluster.add(f"n{i}", dht_class)
         cluster.wire()
         value = {"spec": "x" * 200, "owner": "n1", "placement": {"a": {"node": "n2"}}}
-        await cluster.seed(Record(f"ve/{i:06d}", value, 2, "n1") for i in range(records))
+        cluster.seed(Record(f"ve/{i:06d}", value, 2, "n1") for i in range(records))
         victim = cluster.nodes[cluster.ordered()[0]].shard
         behind = sorted(victim.records)[:missed]
-        await victim.drop_many(behind)
-        await victim.merge_many(Record(key, value, 1, "n1") for key in behind)
+        victim.drop_many(behind)
+        victim.merge_many(Record(key, value, 1, "n1") for key in behind)
         messages, sizes[0] = cluster.net.messages, 0
         await cluster.maintain()
         moved = cluster.total("records_pushed", "records_pulled", "handoff_pushed") if dht_class is DHT else None

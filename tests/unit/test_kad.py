@@ -38,6 +38,7 @@ from overlay.kad import (
 )
 from overlay.wire import tls
 from overlay.wire.ca import init_ca, issue
+from overlay.wire.rpc import RequestError
 
 STEP = 10.0  # seconds any one network step may take; on loopback each takes milliseconds
 
@@ -322,6 +323,14 @@ async def test_the_higher_version_then_the_higher_writer_wins(nodes: list[Kademl
         await n1.put("k", "by n1", after=4)  # same version, lower writer: loses although written last
         assert await n3.get("k") == Record("k", "by n2", 5, "n2")
         assert (await n0.put("k", "next")).version == 6
+
+
+async def test_a_conditional_write_is_refused_and_writes_nothing(nodes: list[KademliaOverlay]) -> None:
+    """No majority of holders can decide a compare-and-set here (`KademliaOverlay.put_if`): refused."""
+    with trio.fail_after(STEP):
+        with pytest.raises(RequestError, match="chord"):
+            await nodes[0].put_if("ve/new", "mine", None)
+        assert await nodes[1].get_record("ve/new") is None
 
 
 async def test_delete_leaves_a_tombstone_that_versions_continue_from(nodes: list[KademliaOverlay]) -> None:
