@@ -193,7 +193,7 @@ class Shard:
     def __init__(self, path: Path) -> None:
         self.reopened = path.exists()
         """The file was there: this node ran before (and may have granted claim slots it forgot)."""
-        self._db = sqlite3.connect(path)
+        self._db = sqlite3.connect(path, check_same_thread=False)  # opened in a worker thread at start
         self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB, "
                          "version INTEGER, writer TEXT, written REAL DEFAULT 0)")
         if "written" not in {row[1] for row in self._db.execute("PRAGMA table_info(records)")}:
