@@ -80,7 +80,7 @@ class Records(Binding):
         return await _guarded(super().put(key, value, after), self.service.errors)
 
     async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
-        return await _guarded(super().put_if(key, value, expect))
+        return await _guarded(super().put_if(key, value, expect), self.service.errors)
 
     async def scan(self, prefix: str) -> list[Record]:
         """Every live record whose key starts with `prefix`, newest copy of each, from all live members."""

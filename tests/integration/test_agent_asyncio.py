@@ -23,11 +23,11 @@ AGENT = textwrap.dedent("""
     from agents.host.capacity import Resources
     from agents.node import NodeAgent
     from discovery.agent import install
-    from overlay.wire import tls
+    from overlay.wire.ca import init_ca, issue
 
     async def main(directory: Path, kademlia: bool) -> None:
-        tls.init_ca(directory / "ca")
-        identity = tls.issue(directory / "ca", "n1", out_dir=directory)
+        init_ca(directory / "ca")
+        identity = issue(directory / "ca", "n1", out_dir=directory)
         config = AgentConfig("n1", "s1", "127.0.0.1:0", directory / "data", identity, Resources(2, 2048, 10),
                              kademlia=kademlia)
         agent = NodeAgent(config, [install])
