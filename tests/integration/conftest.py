@@ -190,9 +190,11 @@ def restart(cluster: Cluster, name: str, **env: str) -> int:
 
 def rejoined(cluster: Cluster, name: str, ve: str | None = None, timeout: float = DEADLINE) -> None:
     """Wait until restarted agent `name` is back in the cluster: it and every other running agent see each
-    other alive, and (with `ve`) it reads that VE's record as another agent does. Answering is not enough:
-    for a few seconds after it starts (longer on a loaded machine) an agent has not rejoined the ring and
-    answers from its own shard, "no VE named ..." or a version of the record older than the cluster's."""
+    other alive, its ring holds them all (up to its 8 successors) and a predecessor, and (with `ve`) it
+    then reads that VE's record as another agent does. Answering is not enough: for a few seconds after
+    it starts (longer on a loaded machine) an agent's ring holds only part of the cluster, so it reads
+    from and *writes to* too few replicas ("no VE named ...", an old record, or an intent only it keeps),
+    and its DHT caches such a replica set for a while: the VE is read only once the ring is whole."""
     others = [n for n in cluster.running() if n != name]
 
     def ask(node: str, method: str, args: dict[str, Any]) -> Any:
@@ -205,8 +207,13 @@ def rejoined(cluster: Cluster, name: str, ve: str | None = None, timeout: float 
         members = ask(node, "agent.members", {}) or []
         return all(any(m["name"] == n and m["status"] == "alive" for m in members) for n in names)
 
+    def ring_whole() -> bool:
+        status = ask(name, "agent.status", {}) or {}
+        successors = set(status.get("successors", []))
+        return status.get("predecessor") in others and (successors >= set(others) or len(successors) >= 8)
+
     def back() -> bool:
-        if not sees_alive(name, others) or not all(sees_alive(n, [name]) for n in others):
+        if not sees_alive(name, others) or not all(sees_alive(n, [name]) for n in others) or not ring_whole():
             return False
         if ve is None:
             return True

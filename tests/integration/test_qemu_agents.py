@@ -235,30 +235,37 @@ def test_a_live_relocation_whose_coordinator_dies_is_undone_and_the_guest_never_
     # node3 coordinates, and stops once prepared (ve_base.pause_for_test) until it is killed, or for at most
     # the move's PREPARE_LIMIT; once rejoined, not merely answering, so it knows the VE and node2
     qemu3.kill9("node3")
-    restart(qemu3, "node3", DISCOVERY_TEST_PAUSE="prepared:600")
-    rejoined(qemu3, "node3", ve="crash")
-    relocation = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(qemu3.dir / "client.toml"),
-                                   "--agent", "node3", "ve", "relocate", "crash", "--vm", "a", "--to", "node2"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=qemu3.env)
-    overlay = a.file(".qcow2", "node2")
     try:
-        wait_until(lambda: overlay.exists() or not running(relocation), STEP_DEADLINE, "the target's empty overlay")
-        assert overlay.exists(), f"the relocation ended before the target prepared: {relocation.communicate()}"
-        before = max(a.beats("node1"))
-        qemu3.kill9("node3")
-    finally:
-        relocation.kill()
-        relocation.communicate()
-    wait_until(lambda: qemu3.cli("--agent", "node2", "ve", "start", "crash", check=False).returncode == 0,
-               SETTLE_DEADLINE, "the next command settles the interrupted move")
-    located = qemu3.json("--agent", "node2", "ve", "locate", "crash")["vms"]["a"]
-    assert located["node"] == "node1" and "moving_to" not in located
-    assert domains(qemu3, "crash:a") == {"node1": "running"}
-    assert a.wait_beat_above(before, "node1") > before
-    assert a.file(".log", "node1").read_text(errors="replace").count(tinyguest.READY) == 1  # never rebooted
-    assert not a.file(".qcow2", "node2").exists()  # the undone move left nothing at the target
-    restart(qemu3, "node3")
-    rejoined(qemu3, "node3")
+        restart(qemu3, "node3", DISCOVERY_TEST_PAUSE="prepared:600")
+        rejoined(qemu3, "node3", ve="crash")
+        relocation = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(qemu3.dir / "client.toml"),
+                                       "--agent", "node3", "ve", "relocate", "crash", "--vm", "a", "--to", "node2"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=qemu3.env)
+        overlay = a.file(".qcow2", "node2")
+        try:
+            wait_until(lambda: overlay.exists() or not running(relocation), STEP_DEADLINE,
+                       "the target's empty overlay")
+            assert overlay.exists(), f"the relocation ended before the target prepared: {relocation.communicate()}"
+            intent = qemu3.call("node1", "ve.locate", {"name": "crash"})["vms"]["a"].get("moving_to", {})
+            assert intent.get("node") == "node2", "the intent is not in the directory (too few replicas got it)"
+            before = max(a.beats("node1"))
+            qemu3.kill9("node3")
+        finally:
+            relocation.kill()
+            relocation.communicate()
+        wait_until(lambda: qemu3.cli("--agent", "node2", "ve", "start", "crash", check=False).returncode == 0,
+                   SETTLE_DEADLINE, "the next command settles the interrupted move")
+        located = qemu3.json("--agent", "node2", "ve", "locate", "crash")["vms"]["a"]
+        assert located["node"] == "node1" and "moving_to" not in located
+        assert domains(qemu3, "crash:a") == {"node1": "running"}
+        assert a.wait_beat_above(before, "node1") > before
+        assert a.file(".log", "node1").read_text(errors="replace").count(tinyguest.READY) == 1  # never rebooted
+        assert not a.file(".qcow2", "node2").exists()  # the undone move left nothing at the target
+    finally:  # the next tests use node3 again
+        if "node3" in qemu3.running():
+            qemu3.kill9("node3")
+        restart(qemu3, "node3")
+        rejoined(qemu3, "node3")
     qemu3.cli("--agent", "node2", "ve", "destroy", "crash")
 
 
