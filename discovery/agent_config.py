@@ -17,17 +17,7 @@ agent.toml:
     [tls]       ca = "...", cert = "...", key = "..."
     [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
     rennes = { lyon = 12.0 }
-    [dvms]                              # optional; the defaults below (discovery.scheduler.service)
-    injector_rate = 0.0                 # λ: CPU demand changes per VM per second (test driver); 0: none
-    injector_mean = 70.0                # each change draws from N(mean, std), percent of one vCPU
-    injector_std = 30.0
-    seed = 0                            # of the injector's per-VM streams
-    overload = 1.0                      # node overloaded above this fraction of its capacity ...
-    overload_clear = 0.9                # ... until below this one (a plan must bring it there)
-    underload = 0.0                     # consolidation: a node below this (0: never) for underload_dwell
-    underload_clear = 0.3               #   seconds is emptied onto others; it is normal again from here
-    underload_dwell = 60.0
-    retry = 5.0                         # seconds before a node still in trouble starts a partition again
+    [dvms]                              # optional: DVMS's injector and thresholds (discovery.scheduler.settings)
 """
 
 from __future__ import annotations
