@@ -232,7 +232,7 @@ class Move:
         live = bool(self.source.get("live") and reserved.get("migration_uri") and self.intent["state"] != "shutoff")
         if self.method == "live" and not live:
             return self._fail(f"cannot migrate it live: {self.target['node']} has no libvirtd of its own", now)
-        if live:
+        if live and self.method in ("auto", "live"):
             self.how, self.step = "live", Step.INCOMING
             return self._timed(CallHost(self.target["node"], self.target["addr"], "host.incoming",
                                         {"name": self.domain}), now)

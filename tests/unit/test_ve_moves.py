@@ -240,6 +240,18 @@ def test_a_move_step_by_step(way: str, actions: str, state: str) -> None:
     assert settled_at(w) == DST and w.holders(DOMAIN) == {DST: state} and core.value == w.record
 
 
+def test_method_ship_ships_a_vm_that_could_migrate_live() -> None:
+    """`--method ship` insists: a running VM between two daemons is still saved, shipped and restored."""
+    w = world(record(), "live", src="running")
+    core = move(w.record, method="ship")
+    action, now = core.start(0.0), 0.0
+    while not isinstance(action, (Done, Refuse)):
+        now += 1.0
+        action = core.on(w.perform(action), now)
+    assert "export src" in w.trace and "migrate src" not in w.trace and w.violations == []
+    assert isinstance(action, Done) and action.result["how"] == "ship"
+
+
 ROLLED_BACK = "rolled back, it stays on src"
 UNFINISHED = "is left unfinished"
 
