@@ -463,6 +463,9 @@ class Hypervisor:
         self._refs = refs
         self._closed = False
         self._limiter = trio.CapacityLimiter(len(refs))
+        self._long = trio.CapacityLimiter(max(1, len(refs) - 1))
+        """Long calls (a migration, a save, a restore, an internal snapshot) take at most all connections but
+        one, so a short call (`list`, `info`) never waits for four migrations to end."""
         self._give_back, self._idle = trio.open_memory_channel[pykka.ActorProxy[HypervisorActor]](len(refs))
         for ref in refs:
             self._give_back.send_nowait(ref.proxy())
@@ -501,6 +504,11 @@ class Hypervisor:
     def _stop(refs: list[pykka.ActorRef[HypervisorActor]]) -> None:
         for ref in refs:
             ref.stop(block=True)
+
+    async def _run_long(self, request: Callable[[Any], pykka.Future[T]]) -> T:
+        """`_run` for a call that may take seconds: it leaves a connection free for the short ones."""
+        async with self._long:
+            return await self._run(request)
 
     async def _run(self, request: Callable[[Any], pykka.Future[T]]) -> T:
         """`request(proxy)` on an idle actor, awaited without blocking the loop; libvirt's errors become
@@ -611,13 +619,13 @@ class Hypervisor:
 
     async def snapshot(self, name: str, tag: str) -> str:
         """An internal snapshot (QEMU driver, qcow2 disks); returns its XML."""
-        return await self._run(lambda actor: actor.snapshot(name, tag))
+        return await self._run_long(lambda actor: actor.snapshot(name, tag))
 
     async def snapshot_redefine(self, name: str, xml: str) -> None:
         await self._run(lambda actor: actor.snapshot_redefine(name, xml))
 
     async def snapshot_revert(self, name: str, tag: str, state: str) -> DomainInfo:
-        return await self._run(lambda actor: actor.snapshot_revert(name, tag, state))
+        return await self._run_long(lambda actor: actor.snapshot_revert(name, tag, state))
 
     async def snapshot_delete(self, name: str, tag: str) -> bool:
         """Delete an internal snapshot; whether there was one."""
@@ -627,14 +635,14 @@ class Hypervisor:
         return await self._run(lambda actor: actor.snapshot_names(name))
 
     async def managed_save(self, name: str) -> DomainInfo:
-        return await self._run(lambda actor: actor.managed_save(name))
+        return await self._run_long(lambda actor: actor.managed_save(name))
 
     async def restore_file(self, path: str, xml: str, state: str) -> DomainInfo:
-        return await self._run(lambda actor: actor.restore_file(path, xml, state))
+        return await self._run_long(lambda actor: actor.restore_file(path, xml, state))
 
     async def migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
         """Peer-to-peer migration driven by this host's daemon; one connection is busy until it ends."""
-        await self._run(lambda actor: actor.migrate(name, uri, flags, params))
+        await self._run_long(lambda actor: actor.migrate(name, uri, flags, params))
 
     async def persistent(self, name: str) -> bool:
         return await self._run(lambda actor: actor.persistent(name))

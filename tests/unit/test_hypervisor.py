@@ -448,6 +448,40 @@ async def test_a_long_call_holds_one_connection_of_the_pool_only(tmp_path: Path)
         await hv.close()
 
 
+class BlockingMigrations(HypervisorActor):
+    """`migrate` waits, in the actor's thread, until the test releases it."""
+
+    started = threading.Semaphore(0)
+    release = threading.Event()
+
+    def migrate(self, name: str, uri: str, flags: int, params: dict) -> None:
+        BlockingMigrations.started.release()
+        BlockingMigrations.release.wait(10)
+
+
+class MigratingHypervisor(Hypervisor):
+    actor_class = BlockingMigrations
+
+
+async def test_long_calls_leave_one_connection_to_the_short_ones(tmp_path: Path) -> None:
+    """Four migrations on a pool of four: three run, the fourth waits, and `list` answers meanwhile."""
+    BlockingMigrations.release.clear()
+    hv = MigratingHypervisor.open(write_node_xml(tmp_path / "node.xml", 4, 4096), connections=4)
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(hv.migrate, f"vm{i}", "qemu+tcp://x/system", 0, {})
+            for _ in range(3):
+                assert await trio.to_thread.run_sync(BlockingMigrations.started.acquire, True, 5)
+            with trio.fail_after(5):
+                assert await hv.list() == []  # the fourth connection is free for it
+            assert not BlockingMigrations.started.acquire(timeout=0.2)  # the fourth migration waits its turn
+            BlockingMigrations.release.set()
+    finally:
+        BlockingMigrations.release.set()
+        await hv.close()
+
+
 # -- what the layers above read: stats and metadata ------------------------------------------------
 
 
