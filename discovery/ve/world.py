@@ -265,6 +265,31 @@ Turn = tuple[int, str | None, str | None]
 flips first (a node, `DIRECTORY`, or None), and the fault of that action."""
 
 
+def coordinate_then_interleave(world: World, coordinator: Core, action: Action, working: Callable[[Core], bool],
+                               crash: tuple[int, bool] | None, faults: Sequence[str | None], others: int,
+                               steps: Sequence[Turn], deaths: Sequence[int], make: Callable[[World], Core | None],
+                               ) -> tuple[Action, bool, dict[int, Action]]:
+    """The interleaving properties' opening: the coordinator runs its first steps (while `working(core)`),
+    each fed the answer `faults[i]`, and crashes at step `crash[0]` if given (`crash[1]`: its action was
+    done, but nobody heard); then it and `others` recoverers act in the order `steps` draws (`interleave`).
+    Returns what the coordinator ended with, whether it crashed, and how every actor ended."""
+    now, i, crashed = 0.0, 0, False
+    while not isinstance(action, (Done, Refuse)) and working(coordinator):
+        if crash is not None and crash[0] == i:
+            if crash[1]:
+                world.perform(action, "lost", 0)  # done, and nobody heard
+            crashed = True
+            break
+        fault = faults[i] if i < len(faults) else None
+        i, now = i + 1, now + 1.0
+        action = coordinator.on(world.perform(action, fault, 0), now)
+    actors: dict[int, tuple[Core | None, Action | None]] = {k: (None, None) for k in range(1, others + 1)}
+    if not crashed and not isinstance(action, (Done, Refuse)):
+        actors[0] = (coordinator, action)
+    ended = interleave(world, actors, steps, deaths, make, now)
+    return ended.get(0, action), crashed, ended
+
+
 def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]], steps: Sequence[Turn],
                deaths: Sequence[int], make: Callable[[World], Core | None], now: float = 0.0) -> dict[int, Action]:
     """Run `actors` (id -> (core, its next action), or (None, None) for a recoverer not started yet) one

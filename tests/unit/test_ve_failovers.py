@@ -14,8 +14,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from discovery.ve.failovers import VM_STATE, Failover, FailoverRecovery, Step
-from discovery.ve.transaction import Action, Core, Done, Refuse
-from discovery.ve.world import DIRECTORY, Host, World, interleave, label, run
+from discovery.ve.transaction import Action, Done, Refuse
+from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, run
 
 VE, VM, DOMAIN = "fo", "x", "fo:x"
 OLD, NEW = "old", "new"
@@ -222,22 +222,12 @@ def test_failovers_crashes_and_recoverers_in_any_interleaving(s: dict[str, Any])
     w.conditional, w.seen[0] = s["conditional"], w.version
     coordinator = failover(w.record, s["forced"])
     action: Action = coordinator.start(0.0)
-    now, i, crashed = 0.0, 0, False
-    while not isinstance(action, (Done, Refuse)) and coordinator.step in (Step.INTENT, Step.SWITCH_OFF, Step.PAUSE,
-                                                                          Step.PROMOTE):
-        if s["crash"] is not None and s["crash"][0] == i:
-            if s["crash"][1]:
-                w.perform(action, "lost", 0)
-            crashed = True
-            break
-        fault = s["faults"][i] if i < len(s["faults"]) else None
-        i, now = i + 1, now + 1.0
-        action = coordinator.on(w.perform(action, fault, 0), now)
-    actors: dict[int, tuple[Core | None, Action | None]] = {k: (None, None) for k in range(1, s["recoverers"] + 1)}
-    if not crashed and not isinstance(action, (Done, Refuse)):
-        actors[0] = (coordinator, action)
-    ended = interleave(w, actors, s["steps"], s["deaths"], recovery, now)
-    outcome = ended.get(0, action)
+
+    def working(c) -> bool:  # the coordinator's own steps
+        return bool(c.step in (Step.INTENT, Step.SWITCH_OFF, Step.PAUSE, Step.PROMOTE))
+
+    outcome, crashed, ended = coordinate_then_interleave(w, coordinator, action, working, s["crash"], s["faults"],
+                                                         s["recoverers"], s["steps"], s["deaths"], recovery)
     if crashed:
         event("coordinator: crashed")
     else:

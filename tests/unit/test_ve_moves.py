@@ -21,7 +21,6 @@ from discovery.ve.transaction import (
     Action,
     CallHost,
     Continued,
-    Core,
     DirectoryFailed,
     Done,
     HostAnswered,
@@ -36,7 +35,7 @@ from discovery.ve.transaction import (
     TimedOut,
     WriteRecord,
 )
-from discovery.ve.world import DIRECTORY, Host, World, interleave, label, run
+from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, run
 
 VE, VM, DOMAIN = "shop", "db", "shop:db"
 SRC, DST = "src", "dst"
@@ -410,22 +409,12 @@ def test_moves_crashes_and_recoverers_in_any_interleaving(s: dict[str, Any]) -> 
     w.conditional, w.seen[0] = s["conditional"], w.version
     coordinator = move(w.record, limit=s["limit"])
     action: Action = coordinator.start(0.0)
-    now, i, crashed = 0.0, 0, False
-    while not isinstance(action, (Done, Refuse)) and (coordinator.step in PREPARE_STEPS
-                                                        or coordinator.step in (Step.INSPECT, Step.INTENT)):
-        if s["crash"] is not None and s["crash"][0] == i:
-            if s["crash"][1]:
-                w.perform(action, "lost", 0)  # done, and nobody heard
-            crashed = True
-            break
-        fault = s["faults"][i] if i < len(s["faults"]) else None
-        i, now = i + 1, now + 1.0
-        action = coordinator.on(w.perform(action, fault, 0), now)
-    actors: dict[int, tuple[Core | None, Action | None]] = {k: (None, None) for k in range(1, s["recoverers"] + 1)}
-    if not crashed and not isinstance(action, (Done, Refuse)):
-        actors[0] = (coordinator, action)
-    ended = interleave(w, actors, s["steps"], s["deaths"], recoverer, now)
-    outcome = ended.get(0, action)
+
+    def working(c) -> bool:  # the coordinator's own steps
+        return bool(c.step in PREPARE_STEPS or c.step in (Step.INSPECT, Step.INTENT))
+
+    outcome, crashed, ended = coordinate_then_interleave(w, coordinator, action, working, s["crash"], s["faults"],
+                                                         s["recoverers"], s["steps"], s["deaths"], recoverer)
     event(f"coordinator: {'crashed' if crashed else ending_of(outcome)}")
     event(f"recoverers that acted: {sum(1 for k, end in ended.items() if k and end != Done(None))}")
     w.down.clear()

@@ -13,8 +13,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from discovery.ve.snapshotting import Snapshot, SnapshotFinish, Step
-from discovery.ve.transaction import Action, Core, Done, Refuse
-from discovery.ve.world import DIRECTORY, Host, World, interleave, label, run
+from discovery.ve.transaction import Action, Done, Refuse
+from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, run
 
 VE = "snap"
 STATES = {"a": "running", "b": "running", "c": "shutoff", "d": "paused"}  # a, c on h1; b, d on h2
@@ -200,21 +200,12 @@ def test_snapshots_crashes_and_finishers_in_any_interleaving(s: dict[str, Any]) 
     w.conditional, w.seen[0] = s["conditional"], w.version
     coordinator = snapshot(w.record)
     action: Action = coordinator.start(0.0)
-    now, i, crashed = 0.0, 0, False
-    while not isinstance(action, (Done, Refuse)) and coordinator.step is not Step.FINISHING:
-        if s["crash"] is not None and s["crash"][0] == i:
-            if s["crash"][1]:
-                w.perform(action, "lost", 0)
-            crashed = True
-            break
-        fault = s["faults"][i] if i < len(s["faults"]) else None
-        i, now = i + 1, now + 1.0
-        action = coordinator.on(w.perform(action, fault, 0), now)
-    actors: dict[int, tuple[Core | None, Action | None]] = {k: (None, None) for k in range(1, s["finishers"] + 1)}
-    if not crashed and not isinstance(action, (Done, Refuse)):
-        actors[0] = (coordinator, action)
-    ended = interleave(w, actors, s["steps"], s["deaths"], finisher, now)
-    outcome = ended.get(0, action)
+
+    def working(c) -> bool:  # the coordinator's own steps
+        return bool(c.step is not Step.FINISHING)
+
+    outcome, crashed, ended = coordinate_then_interleave(w, coordinator, action, working, s["crash"], s["faults"],
+                                                         s["finishers"], s["steps"], s["deaths"], finisher)
     event(f"coordinator: {'crashed' if crashed else 'done' if isinstance(outcome, Done) else 'refused'}")
     w.down.clear()
     if (core := finisher(w)) is not None:
