@@ -6,7 +6,6 @@ wait on events, with deadlines."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,6 @@ from overlay.wire.rpc import Caller, Endpoint
 AGENT = Caller("node9", "node", "node9", "rennes")
 NEED = {"vcpus": 1, "memory_mb": 512, "disk_gb": 1}
 DEADLINE = 10.0
-
-
-@pytest.fixture
-async def host(tmp_path: Path) -> AsyncIterator[HostService]:
-    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
-    service = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite")
-    await service.start()
-    try:
-        yield service
-    finally:
-        service.close()
-        await hv.close()
 
 
 async def call(host: HostService, method: str, **args: Any) -> Any:

@@ -5,7 +5,6 @@ VMs held off at start until the directory places them, and the metadata the laye
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,18 +19,6 @@ from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
 AGENT = Caller("node9", "node", "node9", "rennes")
 NEED = {"vcpus": 2, "memory_mb": 1024, "disk_gb": 1}
-
-
-@pytest.fixture
-async def host(tmp_path: Path) -> AsyncIterator[HostService]:
-    hv = Hypervisor.open(write_node_xml(tmp_path / "node.xml", vcpus=8, memory_mb=8192))
-    service = HostService(Endpoint("node1"), hv, Resources(8, 8192, 100), tmp_path / "host.sqlite")
-    await service.start()
-    try:
-        yield service
-    finally:
-        service.close()
-        await hv.close()
 
 
 async def define(host: HostService, name: str) -> None:
