@@ -22,7 +22,7 @@ class FrameError(Exception):
 
 
 def encode(message: Any, max_frame: int = MAX_FRAME) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     if len(body) > max_frame:
         raise FrameError(f"frame of {len(body)} bytes exceeds the {max_frame}-byte limit")
     return HEADER.pack(len(body)) + body
