@@ -22,6 +22,15 @@ A periodic pass (`DHT.maintain`) keeps replicas in step without resending what t
 Each node's shard is persisted in SQLite so a restarted agent still holds what it held (`Shard`: memory
 changes at once, the statements run in a worker thread, and an acknowledged store is on disk).
 
+**A ring that lags membership.** A node that has just (re)started knows its members from gossip well
+before its ring holds them: for a second or two its ring holds only itself, or only its first successor,
+and names one replica for every key. A write acknowledged there reaches one node and a read sees one
+(stale) copy. So a replica set smaller than min(w, live members) is not used: `replicas` looks again
+until the ring has caught up (RingService adopts the members as successors within a ring interval) and
+gives up after RING_PATIENCE with `RingUnsettled`, a retryable refusal. The bound is w, not r: in a
+cluster of r nodes, the ring drops a dead member at once while membership still counts it as suspect
+for seconds, and a set of r-1 >= w replicas is then right. Replica sets are cached briefly, and
+forgotten whenever this node's successors or predecessor change.
 
 **Conditional writes** (`DHT.put_if`, compare-and-set on the version, what `ve create` and the VE index
 use). The writer sends `dht.prepare(key, expected (version, writer), token)` to the key's r replicas. A
@@ -57,6 +66,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import sqlite3
 import time
@@ -77,6 +87,9 @@ from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 3.0
 REPLICA_CACHE_SECONDS = 2.0
+RING_PATIENCE = 2.0
+"""How long `replicas` waits for a ring that names fewer replicas than membership implies (module docstring)."""
+RING_POLL = 0.1
 MAX_BUCKETS = 1024
 """Upper bound on the buckets of one digest (about 9 bytes each on the wire)."""
 MAX_ENTRIES = 4096
@@ -284,6 +297,17 @@ _SYNCED = ("INSERT INTO meta VALUES ('synced_at', ?) ON CONFLICT (name) DO UPDAT
 """Move `synced_at` forward, never back."""
 
 
+class RingUnsettled(RequestError):
+    """This node's ring names fewer replicas for a key than the live members it knows imply: it has just
+    started, or lost its successors, and has not caught up yet. Retry in a moment."""
+
+    kind = "unavailable"
+
+    def __init__(self, key: str, found: int, needed: int) -> None:
+        super().__init__(f"this node's ring names {found} replica(s) of {key!r}, fewer than the {needed} its live "
+                         f"members imply (it is still joining the ring); retry in a moment")
+
+
 class WriteConflict(RequestError):
     """A conditional write lost: a replica holds a newer version than the writer expected. Read again."""
 
@@ -382,20 +406,25 @@ class DHT:
 
     `repair_interval` is how often the agent calls `maintain` (every agent of a cluster the same): the
     tombstone grace and the staleness bound derive from it. `wall` is the wall clock (records' write
-    times, tombstone ages, persisted across restarts); tests pass a virtual one.
+    times, tombstone ages, persisted across restarts); tests pass a virtual one. `members` counts the live
+    nodes membership knows, this one included: a replica set smaller than min(w, members) means the ring
+    lags (module docstring); without it, whatever the ring names is trusted.
     """
 
     def __init__(self, transport: Endpoint, ring: Ring, shard: Shard, r: int = 3, w: int = 2,
                  repair_interval: float = 5.0, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, members: Callable[[], int] = lambda: 1) -> None:
         self.transport = transport
         self.ring = ring
         self.shard = shard
         self.r = r
         self.w = w
         self.wall = wall
+        self.members = members
         self._rng = rng or random.Random()
         self._replica_cache: dict[str, tuple[float, list[str]]] = {}
+        self._ring_view: tuple[Peer | None, tuple[Peer, ...]] | None = None
+        """This node's predecessor and successors when the cached replica sets were looked up."""
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         """What `maintain` cost and moved, cumulated: RPCs it made (`rpcs`, failed ones in `failures`),
         digests sent and answered, records pushed and pulled by anti-entropy, hand-off work, tombstones
@@ -528,18 +557,37 @@ class DHT:
 
     # -- reads and writes ------------------------------------------------------------------------------
 
-    async def replicas(self, key: str) -> list[str]:
-        """The r nodes that should hold `key`. Cached briefly: one operation asks several times, and
-        a stale answer only sends a copy to a node that the repair pass then hands off."""
+    async def replicas(self, key: str, deadline: float = math.inf) -> list[str]:
+        """The r nodes that should hold `key`. Cached briefly (one operation asks several times, and a stale
+        answer only sends a copy to a node that the repair pass then hands off) until this node's ring
+        changes. A set smaller than min(w, live members) is looked up again until the ring has caught up;
+        RingUnsettled after RING_PATIENCE, or at `deadline` if sooner (module docstring)."""
         now = trio.current_time()
-        cached = self._replica_cache.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        addrs = [peer.addr for peer in await self.ring.lookup(hash_id(key), self.r)]
+        cached = self._cached_replicas(key, now)
+        if cached is not None:
+            return cached
+        give_up = min(deadline, now + RING_PATIENCE)
+        while True:
+            addrs = [peer.addr for peer in await self.ring.lookup(hash_id(key), self.r)]
+            needed = min(self.w, self.members())
+            if len(addrs) >= needed:
+                break
+            if trio.current_time() + RING_POLL > give_up:
+                raise RingUnsettled(key, len(addrs), needed)
+            await trio.sleep(RING_POLL)
         if len(self._replica_cache) > 4096:
             self._replica_cache = {k: v for k, v in self._replica_cache.items() if v[0] > now}
         self._replica_cache[key] = (now + REPLICA_CACHE_SECONDS, addrs)
         return addrs
+
+    def _cached_replicas(self, key: str, now: float) -> list[str] | None:
+        """The cached replica set of `key`, if still valid; all are forgotten once our neighbours change."""
+        view = (self.ring.state.predecessor, tuple(self.ring.state.successors))
+        if view != self._ring_view:
+            self._replica_cache.clear()
+            self._ring_view = view
+        cached = self._replica_cache.get(key)
+        return cached[1] if cached is not None and cached[0] > now else None
 
     async def _call_replicas(self, key: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
         addrs = await self.replicas(key)
@@ -598,7 +646,7 @@ class DHT:
         give_up = trio.current_time() + CLAIM_PATIENCE
         backoff = CLAIM_BACKOFF
         while True:
-            addrs = await self.replicas(key)
+            addrs = await self.replicas(key, deadline=give_up)
             quorum = len(addrs) // 2 + 1
             sent = trio.current_time()
             # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS

@@ -44,8 +44,9 @@ class Cluster:
         transport = self.net.endpoint(addr, name, "s")
         ring = Ring(transport, name, addr, "s", r=5, learn=False)
         shard = Shard(self.tmp / f"{name}.sqlite", inline=True, wall=self.now)
-        if dht_class is DHT:
-            self.nodes[name] = DHT(transport, ring, shard, r=R, w=2, repair_interval=INTERVAL, wall=self.now)
+        if dht_class is DHT:  # membership, as agents wire it, knows every node of the cluster
+            self.nodes[name] = DHT(transport, ring, shard, r=R, w=2, repair_interval=INTERVAL, wall=self.now,
+                                   members=lambda: len(self.nodes))
         else:
             self.nodes[name] = dht_class(transport, ring, shard, r=R, w=2)
         return self.nodes[name]

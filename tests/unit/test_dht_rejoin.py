@@ -1,0 +1,93 @@
+"""A node whose ring lags its membership (it has just restarted: its ring holds only itself) neither
+acknowledges a write that too few replicas hold nor answers a read from its own stale copy; and replica
+sets cached before this node's ring changed are not used after."""
+
+import pytest
+import trio
+
+from overlay.chord import hash_id
+from overlay.dht import REPLICA_CACHE_SECONDS, RING_PATIENCE, RingUnsettled
+
+from .test_dht import Cluster
+
+
+def owner(names, key):
+    """The node that would own `key` among `names`: the first clockwise from the key's position."""
+    return min(names, key=lambda n: (hash_id(n) - hash_id(key)) % 2**64)
+
+
+def restarted(cluster, name):
+    """`name` crashes, the others notice, and it comes back with its shard; its membership knows every node
+    again (gossip is quick), but its ring holds only itself until it joins."""
+    cluster.crash(name)
+    return cluster.add(name)
+
+
+async def test_a_restarted_node_waits_for_its_ring_before_it_writes_or_reads(tmp_path, autojump_clock):
+    cluster = await Cluster.of(tmp_path, 6)
+    victim = "n3"
+    elsewhere = next(k for k in (f"ve/{i}" for i in range(100)) if victim not in cluster.replicas(k))
+    mine = next(k for k in (f"ve/{i}" for i in range(100)) if victim in cluster.replicas(k))
+    await cluster.nodes["n0"].put(elsewhere, "old")
+    await cluster.nodes["n0"].put(mine, "old")
+    cluster.crash(victim)
+    await cluster.converge()
+    await cluster.nodes["n0"].put(mine, "new")  # while the victim is down: its copy is now stale
+    dht = cluster.add(victim)
+    assert dht.shard.records[mine].value == "old" and dht.ring.state.successor_list() == [dht.ring.me]
+
+    answers = {}
+
+    async def write():
+        answers["written"] = await dht.put(elsewhere, "new")
+
+    async def read():
+        answers["read"] = await dht.get(mine)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        nursery.start_soon(read)
+        assert await dht.ring.join([cluster.nodes["n0"].ring.me.addr])  # meanwhile, the ring catches up
+        await cluster.converge()
+    assert answers["read"].value == "new"
+    assert answers["written"].value == "new"
+    assert {n for n in cluster.holders(elsewhere) if cluster.nodes[n].shard.records[elsewhere].value == "new"} \
+        >= cluster.replicas(elsewhere)
+    for other in cluster.nodes.values():
+        assert (await other.get(elsewhere)).value == "new"
+
+
+async def test_a_ring_that_does_not_catch_up_is_refused_as_retryable_after_a_while(tmp_path, autojump_clock):
+    cluster = await Cluster.of(tmp_path, 4)
+    dht = restarted(cluster, "n2")
+    started = trio.current_time()
+    with pytest.raises(RingUnsettled, match="retry") as refused:
+        await dht.put("ve/x", 1)
+    assert refused.value.kind == "unavailable"
+    assert RING_PATIENCE - 0.2 <= trio.current_time() - started <= RING_PATIENCE + 0.2
+    assert not cluster.holders("ve/x")
+
+
+async def test_a_lone_node_of_a_lone_cluster_writes_at_once(tmp_path, autojump_clock):
+    cluster = Cluster(tmp_path)
+    cluster.add("n0")
+    started = trio.current_time()
+    await cluster.nodes["n0"].put("ve/x", 1)
+    assert trio.current_time() - started < 0.1 and cluster.holders("ve/x") == {"n0"}
+
+
+async def test_a_replica_set_cached_before_the_ring_changed_is_not_used(tmp_path, autojump_clock):
+    cluster = await Cluster.of(tmp_path, 6)
+    names = [*cluster.nodes, "joiner"]
+    key = next(k for k in (f"ve/{i}" for i in range(1000)) if owner(names, k) == "joiner")
+    writer = owner(cluster.nodes, key)  # the key's first replica, which the joiner precedes
+    started = trio.current_time()
+    await cluster.nodes[writer].put(key, 1)  # caches the key's replicas
+
+    await cluster.start("joiner", seed="n0")
+    await cluster.converge()
+    assert trio.current_time() - started < REPLICA_CACHE_SECONDS  # the cached set has not expired
+    assert cluster.nodes[writer].ring.state.predecessor.name == "joiner"
+    await cluster.nodes[writer].put(key, 2)
+    assert "joiner" in cluster.replicas(key)
+    assert {n for n in cluster.holders(key) if cluster.nodes[n].shard.records[key].value == 2} == cluster.replicas(key)
