@@ -22,14 +22,15 @@ A periodic pass (`DHT.maintain`) keeps replicas in step without resending what t
 Each node's shard is persisted in SQLite so a restarted agent still holds what it held (`Shard`: memory
 changes at once, the statements run in a worker thread, and an acknowledged store is on disk).
 
-**A ring that lags membership.** A node that has just (re)started knows its members from gossip well
-before its ring holds them: for a second or two its ring holds only itself, or only its first successor,
-and names one replica for every key. A write acknowledged there reaches one node and a read sees one
-(stale) copy. So a replica set smaller than min(w, live members) is not used: `replicas` looks again
-until the ring has caught up (RingService adopts the members as successors within a ring interval) and
-gives up after RING_PATIENCE with `RingUnsettled`, a retryable refusal. The bound is w, not r: in a
-cluster of r nodes, the ring drops a dead member at once while membership still counts it as suspect
-for seconds, and a set of r-1 >= w replicas is then right. Replica sets are cached briefly, and
+**A ring that has not caught up.** An agent that has just (re)started learns its members from gossip
+(a seed pushes its whole table) well before its ring holds them: for a second or two its ring holds
+only itself, or only its first successor, and names one replica for every key. A write acknowledged
+there reaches one node, and a read returns that node's stale copy. So until this node's successor list
+first holds min(r, live members - 1) other nodes, `replicas` waits for it (RingService adopts the
+members as successors within a ring interval, and a stabilize then copies the successor's list) and
+refuses after RING_PATIENCE with `RingUnsettled`, which asks to retry. Once caught up, the ring is
+trusted as before: it drops a dead successor at once while membership still counts the node as a
+suspect for seconds, and the shorter list is then the right one. Replica sets are cached briefly, and
 forgotten whenever this node's successors or predecessor change.
 
 **Conditional writes** (`DHT.put_if`, compare-and-set on the version, what `ve create` and the VE index
@@ -88,7 +89,7 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT = 3.0
 REPLICA_CACHE_SECONDS = 2.0
 RING_PATIENCE = 2.0
-"""How long `replicas` waits for a ring that names fewer replicas than membership implies (module docstring)."""
+"""How long `replicas` waits for a ring that has not caught up with membership since the start (module docstring)."""
 RING_POLL = 0.1
 MAX_BUCKETS = 1024
 """Upper bound on the buckets of one digest (about 9 bytes each on the wire)."""
@@ -298,14 +299,14 @@ _SYNCED = ("INSERT INTO meta VALUES ('synced_at', ?) ON CONFLICT (name) DO UPDAT
 
 
 class RingUnsettled(RequestError):
-    """This node's ring names fewer replicas for a key than the live members it knows imply: it has just
-    started, or lost its successors, and has not caught up yet. Retry in a moment."""
+    """This node has just started and its ring has not caught up with its membership yet: it cannot tell
+    a key's replicas. Retry in a moment."""
 
     kind = "unavailable"
 
-    def __init__(self, key: str, found: int, needed: int) -> None:
-        super().__init__(f"this node's ring names {found} replica(s) of {key!r}, fewer than the {needed} its live "
-                         f"members imply (it is still joining the ring); retry in a moment")
+    def __init__(self, key: str, known: int, wanted: int) -> None:
+        super().__init__(f"cannot tell the replicas of {key!r} yet: this node's ring holds {known} of the {wanted} "
+                         f"successors its live members imply (it is still joining the ring); retry in a moment")
 
 
 class WriteConflict(RequestError):
@@ -407,8 +408,8 @@ class DHT:
     `repair_interval` is how often the agent calls `maintain` (every agent of a cluster the same): the
     tombstone grace and the staleness bound derive from it. `wall` is the wall clock (records' write
     times, tombstone ages, persisted across restarts); tests pass a virtual one. `members` counts the live
-    nodes membership knows, this one included: a replica set smaller than min(w, members) means the ring
-    lags (module docstring); without it, whatever the ring names is trusted.
+    nodes membership knows, this one included: until the ring has caught up with it, nothing is read or
+    written (module docstring); without it, the ring is trusted from the start.
     """
 
     def __init__(self, transport: Endpoint, ring: Ring, shard: Shard, r: int = 3, w: int = 2,
@@ -425,6 +426,8 @@ class DHT:
         self._replica_cache: dict[str, tuple[float, list[str]]] = {}
         self._ring_view: tuple[Peer | None, tuple[Peer, ...]] | None = None
         """This node's predecessor and successors when the cached replica sets were looked up."""
+        self._caught_up = False
+        """The ring has held as many successors as membership implies at least once (module docstring)."""
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         """What `maintain` cost and moved, cumulated: RPCs it made (`rpcs`, failed ones in `failures`),
         digests sent and answered, records pushed and pulled by anti-entropy, hand-off work, tombstones
@@ -560,25 +563,35 @@ class DHT:
     async def replicas(self, key: str, deadline: float = math.inf) -> list[str]:
         """The r nodes that should hold `key`. Cached briefly (one operation asks several times, and a stale
         answer only sends a copy to a node that the repair pass then hands off) until this node's ring
-        changes. A set smaller than min(w, live members) is looked up again until the ring has caught up;
-        RingUnsettled after RING_PATIENCE, or at `deadline` if sooner (module docstring)."""
+        changes. Waits for a ring that has not caught up since the start, and raises RingUnsettled after
+        RING_PATIENCE, or at `deadline` if sooner (module docstring)."""
         now = trio.current_time()
         cached = self._cached_replicas(key, now)
         if cached is not None:
             return cached
         give_up = min(deadline, now + RING_PATIENCE)
-        while True:
-            addrs = [peer.addr for peer in await self.ring.lookup(hash_id(key), self.r)]
-            needed = min(self.w, self.members())
-            if len(addrs) >= needed:
-                break
+        while (missing := self._ring_missing()) is not None:
             if trio.current_time() + RING_POLL > give_up:
-                raise RingUnsettled(key, len(addrs), needed)
+                raise RingUnsettled(key, *missing)
             await trio.sleep(RING_POLL)
+        addrs = [peer.addr for peer in await self.ring.lookup(hash_id(key), self.r)]
         if len(self._replica_cache) > 4096:
             self._replica_cache = {k: v for k, v in self._replica_cache.items() if v[0] > now}
         self._replica_cache[key] = (now + REPLICA_CACHE_SECONDS, addrs)
         return addrs
+
+    def _ring_missing(self) -> tuple[int, int] | None:
+        """None once the ring has caught up with membership: its successor list holds min(r, live members - 1)
+        other nodes (a ring of n <= r nodes names n - 1, leaving out the node that answers), else how many it
+        holds and wants. A lone member proves nothing, so it is asked again once membership knows others."""
+        if self._caught_up:
+            return None
+        wanted = min(self.r, self.members() - 1)
+        known = sum(1 for peer in self.ring.state.successors if peer.id != self.ring.me.id)
+        if known < wanted:
+            return known, wanted
+        self._caught_up = wanted > 0
+        return None
 
     def _cached_replicas(self, key: str, now: float) -> list[str] | None:
         """The cached replica set of `key`, if still valid; all are forgotten once our neighbours change."""

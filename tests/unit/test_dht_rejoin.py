@@ -68,12 +68,35 @@ async def test_a_ring_that_does_not_catch_up_is_refused_as_retryable_after_a_whi
     assert not cluster.holders("ve/x")
 
 
-async def test_a_lone_node_of_a_lone_cluster_writes_at_once(tmp_path, autojump_clock):
+@pytest.mark.parametrize("size", [1, 2, 3])
+async def test_a_small_cluster_writes_at_once(tmp_path, autojump_clock, size):
+    """A ring of n <= r nodes names n - 1 replicas (not the node that answers the lookup): that is caught up."""
     cluster = Cluster(tmp_path)
     cluster.add("n0")
-    started = trio.current_time()
-    await cluster.nodes["n0"].put("ve/x", 1)
-    assert trio.current_time() - started < 0.1 and cluster.holders("ve/x") == {"n0"}
+    for i in range(1, size):
+        await cluster.start(f"n{i}", seed="n0")
+    if size > 1:
+        await cluster.converge()
+    for dht in cluster.nodes.values():
+        started = trio.current_time()
+        await dht.put("ve/x", dht.ring.me.name)
+        assert trio.current_time() - started < 0.1
+
+
+async def test_once_caught_up_a_dead_successor_dropped_before_membership_notices_stops_nothing(tmp_path,
+                                                                                                autojump_clock):
+    """In a cluster of r nodes, the ring drops a dead node at once while membership still counts it as a
+    suspect: the one replica left is then the right set, and writes go on."""
+    cluster = await Cluster.of(tmp_path, 3)
+    for dht in cluster.nodes.values():
+        await dht.put(f"ve/{dht.ring.me.name}", 1)
+        dht.members = lambda: 3  # membership has not noticed the death below
+    cluster.crash("n1")
+    await cluster.converge()
+    for dht in cluster.nodes.values():
+        started = trio.current_time()
+        await dht.put("ve/after", dht.ring.me.name)
+        assert trio.current_time() - started < 0.1
 
 
 async def test_a_replica_set_cached_before_the_ring_changed_is_not_used(tmp_path, autojump_clock):
