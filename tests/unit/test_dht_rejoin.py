@@ -1,6 +1,7 @@
-"""A node whose ring lags its membership (it has just restarted: its ring holds only itself) neither
-acknowledges a write that too few replicas hold nor answers a read from its own stale copy; and replica
-sets cached before this node's ring changed are not used after."""
+"""A node whose ring has not caught up with its membership since it started (it has just restarted: its ring
+holds only itself) neither acknowledges a write that too few replicas hold nor answers a read from its own
+stale copy, but waits for its ring or refuses as retryable; once caught up, it trusts its ring as before.
+Replica sets cached before this node's ring changed are not used after."""
 
 import pytest
 import trio
@@ -16,13 +17,6 @@ def owner(names, key):
     return min(names, key=lambda n: (hash_id(n) - hash_id(key)) % 2**64)
 
 
-def restarted(cluster, name):
-    """`name` crashes, the others notice, and it comes back with its shard; its membership knows every node
-    again (gossip is quick), but its ring holds only itself until it joins."""
-    cluster.crash(name)
-    return cluster.add(name)
-
-
 async def test_a_restarted_node_waits_for_its_ring_before_it_writes_or_reads(tmp_path, autojump_clock):
     cluster = await Cluster.of(tmp_path, 6)
     victim = "n3"
@@ -33,7 +27,7 @@ async def test_a_restarted_node_waits_for_its_ring_before_it_writes_or_reads(tmp
     cluster.crash(victim)
     await cluster.converge()
     await cluster.nodes["n0"].put(mine, "new")  # while the victim is down: its copy is now stale
-    dht = cluster.add(victim)
+    dht = cluster.add(victim)  # back with its shard; its membership knows every node, its ring only itself
     assert dht.shard.records[mine].value == "old" and dht.ring.state.successor_list() == [dht.ring.me]
 
     answers = {}
@@ -59,7 +53,8 @@ async def test_a_restarted_node_waits_for_its_ring_before_it_writes_or_reads(tmp
 
 async def test_a_ring_that_does_not_catch_up_is_refused_as_retryable_after_a_while(tmp_path, autojump_clock):
     cluster = await Cluster.of(tmp_path, 4)
-    dht = restarted(cluster, "n2")
+    cluster.crash("n2")
+    dht = cluster.add("n2")  # back, and never joins the ring
     started = trio.current_time()
     with pytest.raises(RingUnsettled, match="retry") as refused:
         await dht.put("ve/x", 1)
