@@ -115,7 +115,8 @@ class NodeAgent:
             self.membership = Membership(cfg.name, addr, cfg.site, cfg.suspect_timeout)
             self.membership.me.incarnation = self._bump_incarnation()
             self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)
-            self.dht = DHT(transport, self.ring, self.shard, r=cfg.replicas)
+            self.dht = DHT(transport, self.ring, self.shard, r=cfg.replicas,
+                           members=lambda: len(self.membership.alive()))
             self.overlays = OverlayService(transport, self.membership, self.dht, self._kademlia(),
                                            (host.strip("[]"), cfg.kad_port), cfg.data_dir / "binding.json")
             self.records = self.overlays.records  # what services read and write, on whichever overlay is bound

@@ -19,7 +19,19 @@ A periodic pass (`DHT.maintain`) keeps replicas in step without resending what t
   lookup confirms we are no longer among its r replicas, we offer (key, version, writer) to them
   (`dht.offer`), push only what they lack, and drop the record once one of them holds it.
 
-Each node's shard is persisted in SQLite so a restarted agent still holds what it held.
+Each node's shard is persisted in SQLite so a restarted agent still holds what it held (`Shard`: memory
+changes at once, the statements run in a worker thread, and an acknowledged store is on disk).
+
+**A ring that has not caught up.** An agent that has just (re)started learns its members from gossip
+(a seed pushes its whole table) well before its ring holds them: for a second or two its ring holds
+only itself, or only its first successor, and names one replica for every key. A write acknowledged
+there reaches one node, and a read returns that node's stale copy. So until this node's successor list
+first holds min(r, live members - 1) other nodes, `replicas` waits for it (RingService adopts the
+members as successors within a ring interval, and a stabilize then copies the successor's list) and
+refuses after RING_PATIENCE with `RingUnsettled`, which asks to retry. Once caught up, the ring is
+trusted as before: it drops a dead successor at once while membership still counts the node as a
+suspect for seconds, and the shorter list is then the right one. Replica sets are cached briefly, and
+forgotten whenever this node's successors or predecessor change.
 
 **Conditional writes** (`DHT.put_if`, compare-and-set on the version, what `ve create` and the VE index
 use). The writer sends `dht.prepare(key, expected (version, writer), token)` to the key's r replicas. A
@@ -55,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import sqlite3
 import time
@@ -75,6 +88,9 @@ from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 3.0
 REPLICA_CACHE_SECONDS = 2.0
+RING_PATIENCE = 2.0
+"""How long `replicas` waits for a ring that has not caught up with membership since the start (module docstring)."""
+RING_POLL = 0.1
 MAX_BUCKETS = 1024
 """Upper bound on the buckets of one digest (about 9 bytes each on the wire)."""
 MAX_ENTRIES = 4096
@@ -188,12 +204,30 @@ def digest(records: Iterable[Record], buckets: int) -> list[int]:
 
 
 class Shard:
-    """The records this node holds, in memory and in SQLite, and when it last compared them with its peers."""
+    """The records this node holds, and when it last compared them with its peers: in memory (what every
+    read uses) and in SQLite (what a restart reads).
 
-    def __init__(self, path: Path) -> None:
+    A change is made in memory at once, inside the caller's synchronous section, so concurrent handlers
+    always see one consistent shard; its SQLite statement then runs in a worker thread and the caller
+    returns once it is committed, so an acknowledged store is on disk and the event loop never waits on
+    the disk. One connection, used by one thread at a time (a limiter of one: sqlite3 forbids using a
+    connection from two threads at once, and SQLite takes one writer anyway). A cancelled caller still
+    waits for its statement: memory has changed already, and the disk must follow. Statements may commit
+    in another order than memory changed, so each carries the rule itself: an upsert keeps the newer
+    (version, writer), a drop deletes only the version it dropped, `synced_at` only moves forward.
+
+    Opening reads the whole file, so the agent opens a shard in a worker thread. A new shard (no record,
+    never compared) is stamped in step at its opening by `wall`, the wall clock of the DHT that will use
+    it: nothing it holds can be doubtful. `inline=True` runs the statements in the caller instead: under a
+    virtual clock (tests, simulations) a thread would let the clock jump past every deadline while it works.
+    """
+
+    def __init__(self, path: Path, inline: bool = False, wall: Callable[[], float] = time.time) -> None:
         self.reopened = path.exists()
         """The file was there: this node ran before (and may have granted claim slots it forgot)."""
-        self._db = sqlite3.connect(path, check_same_thread=False)  # opened in a worker thread at start
+        self._db = sqlite3.connect(path, check_same_thread=False)
+        self._inline = inline
+        self._limiter = trio.CapacityLimiter(1)
         self._db.execute("CREATE TABLE IF NOT EXISTS records (key TEXT PRIMARY KEY, value BLOB, "
                          "version INTEGER, writer TEXT, written REAL DEFAULT 0)")
         if "written" not in {row[1] for row in self._db.execute("PRAGMA table_info(records)")}:
@@ -206,17 +240,19 @@ class Shard:
         row = self._db.execute("SELECT value FROM meta WHERE name = 'synced_at'").fetchone()
         self.synced_at: float | None = row[0] if row else None
         """Wall-clock time of the last complete comparison with every replica peer (`Freshness`)."""
+        if self.synced_at is None and not self.records:
+            self.synced_at = wall()
+            self._execute(_SYNCED, [(self.synced_at,)])
 
-    def save_synced_at(self, when: float) -> None:
-        with self._db:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (when,))
-        self.synced_at = when
+    async def save_synced_at(self, when: float) -> None:
+        self.synced_at = when if self.synced_at is None else max(self.synced_at, when)
+        await self._write(_SYNCED, [(when,)])
 
-    def merge(self, record: Record) -> bool:
+    async def merge(self, record: Record) -> bool:
         """Keep `record` if it is newer than what we hold; True if it was stored."""
-        return bool(self.merge_many([record]))
+        return bool(await self.merge_many([record]))
 
-    def merge_many(self, records: Iterable[Record]) -> int:
+    async def merge_many(self, records: Iterable[Record]) -> int:
         """`merge` for a batch, in one transaction: one sync to disk per anti-entropy batch instead
         of one per record. Returns how many were stored."""
         newer: dict[str, Record] = {}
@@ -224,25 +260,53 @@ class Shard:
             if record.newer_than(newer.get(record.key) or self.records.get(record.key)):
                 newer[record.key] = record
         if newer:
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)",
-                                     [(r.key, msgpack.packb(r.value, use_bin_type=True), r.version, r.writer,
-                                       r.written) for r in newer.values()])
             self.records.update(newer)
+            await self._write(_UPSERT, [(r.key, msgpack.packb(r.value, use_bin_type=True), r.version, r.writer,
+                                         r.written) for r in newer.values()])
         return len(newer)
 
-    def drop(self, key: str) -> None:
-        self.drop_many([key])
+    async def drop_many(self, keys: Iterable[str]) -> None:
+        dropped = [self.records.pop(key) for key in list(keys) if key in self.records]
+        if dropped:
+            await self._write(_DELETE, [(r.key, r.version, r.writer) for r in dropped])
 
-    def drop_many(self, keys: Iterable[str]) -> None:
-        keys = list(keys)
+    async def _write(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run `statement` once per row, in one transaction, and return once it is committed."""
+        if self._inline:
+            self._execute(statement, rows)
+            return
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._execute, statement, rows, limiter=self._limiter)
+
+    def _execute(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
         with self._db:
-            self._db.executemany("DELETE FROM records WHERE key = ?", [(key,) for key in keys])
-        for key in keys:
-            self.records.pop(key, None)
+            self._db.executemany(statement, rows)
 
     def close(self) -> None:
+        """Close the connection (when no statement runs: the DHT's callers have returned)."""
         self._db.close()
+
+
+_UPSERT = ("INSERT INTO records VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+           "version = excluded.version, writer = excluded.writer, written = excluded.written "
+           "WHERE (excluded.version, excluded.writer) > (records.version, records.writer)")
+"""Store a record unless the row holds a newer (version, writer): `Record.newer_than`, in SQL."""
+_DELETE = "DELETE FROM records WHERE key = ? AND version = ? AND writer = ?"
+"""Drop the version that was dropped from memory, not a newer one written since."""
+_SYNCED = ("INSERT INTO meta VALUES ('synced_at', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value "
+           "WHERE excluded.value > meta.value")
+"""Move `synced_at` forward, never back."""
+
+
+class RingUnsettled(RequestError):
+    """This node has just started and its ring has not caught up with its membership yet: it cannot tell
+    a key's replicas. Retry in a moment."""
+
+    kind = "unavailable"
+
+    def __init__(self, key: str, known: int, wanted: int) -> None:
+        super().__init__(f"cannot tell the replicas of {key!r} yet: this node's ring holds {known} of the {wanted} "
+                         f"successors its live members imply (it is still joining the ring); retry in a moment")
 
 
 class WriteConflict(RequestError):
@@ -343,27 +407,32 @@ class DHT:
 
     `repair_interval` is how often the agent calls `maintain` (every agent of a cluster the same): the
     tombstone grace and the staleness bound derive from it. `wall` is the wall clock (records' write
-    times, tombstone ages, persisted across restarts); tests pass a virtual one.
+    times, tombstone ages, persisted across restarts); tests pass a virtual one. `members` counts the live
+    nodes membership knows, this one included: until the ring has caught up with it, nothing is read or
+    written (module docstring); without it, the ring is trusted from the start.
     """
 
     def __init__(self, transport: Endpoint, ring: Ring, shard: Shard, r: int = 3, w: int = 2,
                  repair_interval: float = 5.0, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, members: Callable[[], int] = lambda: 1) -> None:
         self.transport = transport
         self.ring = ring
         self.shard = shard
         self.r = r
         self.w = w
         self.wall = wall
+        self.members = members
         self._rng = rng or random.Random()
         self._replica_cache: dict[str, tuple[float, list[str]]] = {}
+        self._ring_view: tuple[Peer | None, tuple[Peer, ...]] | None = None
+        """This node's predecessor and successors when the cached replica sets were looked up."""
+        self._caught_up = False
+        """The ring has held as many successors as membership implies at least once (module docstring)."""
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         """What `maintain` cost and moved, cumulated: RPCs it made (`rpcs`, failed ones in `failures`),
         digests sent and answered, records pushed and pulled by anti-entropy, hand-off work, tombstones
         collected and doubtful records confirmed or dropped."""
         self.claims = ClaimSlots(CLAIM_LEASE, trio.current_time() + COMMIT_WINDOW if shard.reopened else 0.0)
-        if shard.synced_at is None and not shard.records:
-            shard.save_synced_at(wall())  # a new node: nothing it holds can be doubtful
         self.freshness = Freshness(STALE_PASSES * repair_interval, shard.synced_at)
         self.freshness.check(wall(), shard.records)  # back after longer than Q: doubtful before serving anything
         self._digested: dict[str, float] = {}
@@ -384,7 +453,7 @@ class DHT:
         self.freshness.check(now, self.shard.records)
         return None if self.freshness.hidden(record, now) else record
 
-    def _merge(self, records: list[Record]) -> int:
+    async def _merge(self, records: list[Record]) -> int:
         """Keep what is newer than ours; a copy as new as a doubtful one of ours confirms it (the sender showed
         it, so it was not hidden there). A tombstone past the grace is not stored again (a replica that
         has not collected it yet would otherwise push it back to those that have): it only removes an
@@ -400,15 +469,15 @@ class DHT:
             elif held is not None and record.newer_than(held):
                 gone.append(record.key)
         if gone:
-            self.shard.drop_many(gone)
-        return self.shard.merge_many(keep) + len(gone)
+            await self.shard.drop_many(gone)
+        return await self.shard.merge_many(keep) + len(gone)
 
     # -- handlers --------------------------------------------------------------------------------------
 
     async def _on_store(self, caller: Caller, args: dict[str, Any]) -> bool:
         """Keep the record if newer; with a `token`, it is the commit of a conditional write: free its slot."""
         record = record_from_wire(args.get("record"))
-        self._merge([record])
+        await self._merge([record])
         token = args.get("token")
         if isinstance(token, str):
             self.claims.release(record.key, token)
@@ -451,12 +520,13 @@ class DHT:
         self.stats["digests_answered"] += 1
         count = len(theirs)
         mine = self._in_arc(lo, hi)
-        differing = {i: [] for i, h in enumerate(digest(mine, count)) if h != theirs[i]}
+        differing: dict[int, list[list[Any]]] = {i: [] for i, h in enumerate(digest(mine, count)) if h != theirs[i]}
         for record in mine:
             group = differing.get(bucket_of(record.key, count))
             if group is not None:
                 group.append([record.key, record.version, record.writer])
-        covered, entries = [], []
+        covered: list[int] = []
+        entries: list[list[Any]] = []
         for index, group in differing.items():
             if entries and len(entries) + len(group) > MAX_ENTRIES:
                 break
@@ -471,7 +541,7 @@ class DHT:
         """Keep the pushed records that are newer than ours; answer with ours for the pulled keys."""
         records = [record_from_wire(raw) for raw in _list_arg(args, "push")]
         keys = [_check_key(key, "pull") for key in _list_arg(args, "pull")]
-        self._merge(records)
+        await self._merge(records)
         shown = (self._visible(self.shard.records.get(key)) for key in keys)
         return [record.to_wire() for record in shown if record is not None]
 
@@ -490,18 +560,47 @@ class DHT:
 
     # -- reads and writes ------------------------------------------------------------------------------
 
-    async def replicas(self, key: str) -> list[str]:
-        """The r nodes that should hold `key`. Cached briefly: one operation asks several times, and
-        a stale answer only sends a copy to a node that the repair pass then hands off."""
+    async def replicas(self, key: str, deadline: float = math.inf) -> list[str]:
+        """The r nodes that should hold `key`. Cached briefly (one operation asks several times, and a stale
+        answer only sends a copy to a node that the repair pass then hands off) until this node's ring
+        changes. Waits for a ring that has not caught up since the start, and raises RingUnsettled after
+        RING_PATIENCE, or at `deadline` if sooner (module docstring)."""
         now = trio.current_time()
-        cached = self._replica_cache.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        cached = self._cached_replicas(key, now)
+        if cached is not None:
+            return cached
+        give_up = min(deadline, now + RING_PATIENCE)
+        while (missing := self._ring_missing()) is not None:
+            if trio.current_time() + RING_POLL > give_up:
+                raise RingUnsettled(key, *missing)
+            await trio.sleep(RING_POLL)
         addrs = [peer.addr for peer in await self.ring.lookup(hash_id(key), self.r)]
         if len(self._replica_cache) > 4096:
             self._replica_cache = {k: v for k, v in self._replica_cache.items() if v[0] > now}
         self._replica_cache[key] = (now + REPLICA_CACHE_SECONDS, addrs)
         return addrs
+
+    def _ring_missing(self) -> tuple[int, int] | None:
+        """None once the ring has caught up with membership: its successor list holds min(r, live members - 1)
+        other nodes (a ring of n <= r nodes names n - 1, leaving out the node that answers), else how many it
+        holds and wants. A lone member proves nothing, so it is asked again once membership knows others."""
+        if self._caught_up:
+            return None
+        wanted = min(self.r, self.members() - 1)
+        known = sum(1 for peer in self.ring.state.successors if peer.id != self.ring.me.id)
+        if known < wanted:
+            return known, wanted
+        self._caught_up = wanted > 0
+        return None
+
+    def _cached_replicas(self, key: str, now: float) -> list[str] | None:
+        """The cached replica set of `key`, if still valid; all are forgotten once our neighbours change."""
+        view = (self.ring.state.predecessor, tuple(self.ring.state.successors))
+        if view != self._ring_view:
+            self._replica_cache.clear()
+            self._ring_view = view
+        cached = self._replica_cache.get(key)
+        return cached[1] if cached is not None and cached[0] > now else None
 
     async def _call_replicas(self, key: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
         addrs = await self.replicas(key)
@@ -560,7 +659,7 @@ class DHT:
         give_up = trio.current_time() + CLAIM_PATIENCE
         backoff = CLAIM_BACKOFF
         while True:
-            addrs = await self.replicas(key)
+            addrs = await self.replicas(key, deadline=give_up)
             quorum = len(addrs) // 2 + 1
             sent = trio.current_time()
             # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
@@ -614,13 +713,13 @@ class DHT:
             await self._hand_off(lo)
         elif successors:
             complete = False  # our arc is not known, so neither are the peers that should compare it with us
-        self._after_pass(started, preds, complete)
+        await self._after_pass(started, preds, complete)
         if self.freshness.doubtful and not self.freshness.stale:
             await self._settle_doubts()
-        self._collect()
+        await self._collect()
         self.claims.expire(trio.current_time())
 
-    def _after_pass(self, started: float, preds: list[Peer], complete: bool) -> None:
+    async def _after_pass(self, started: float, preds: list[Peer], complete: bool) -> None:
         """Record a complete comparison with every replica peer: ours with s1..s(r-1) in this pass, and
         theirs with us from p1..p(r-1), each within the staleness bound (`Freshness`)."""
         if not complete:
@@ -634,14 +733,14 @@ class DHT:
         if self.freshness.synced(since, self.wall(), self.shard.records):
             log.info("in step with every replica peer again; %d doubtful records to settle",
                      len(self.freshness.doubtful))
-        self.shard.save_synced_at(since)
+        await self.shard.save_synced_at(since)
 
-    def _collect(self) -> None:
+    async def _collect(self) -> None:
         """Drop the tombstones older than the grace period (module docstring, "Tombstones")."""
         now = self.wall()
         gone = [key for key, record in self.shard.records.items() if self.freshness.collectable(record, now)]
         if gone:
-            self.shard.drop_many(gone)
+            await self.shard.drop_many(gone)
             self.stats["tombstones_collected"] += len(gone)
 
     async def _settle_doubts(self) -> None:
@@ -687,7 +786,7 @@ class DHT:
                 drop.append(record.key)
         if drop:
             log.info("dropping %d records no replica confirms (deleted while this node was away)", len(drop))
-            self.shard.drop_many(drop)
+            await self.shard.drop_many(drop)
             for key in drop:
                 self.freshness.confirmed(key)
             self.stats["doubts_dropped"] += len(drop)
@@ -766,7 +865,7 @@ class DHT:
             wanted = set(keys)
             pulled = [record for record in map(record_from_wire, answer) if record.key in wanted]
             self.stats["records_pulled"] += len(pulled)
-            self._merge(pulled)
+            await self._merge(pulled)
 
     async def _hand_off(self, lo: int) -> None:
         """Give the records outside (lo, me] to their replicas; drop each once one of them holds it.
@@ -818,7 +917,7 @@ class DHT:
                     self.stats["failures"] += 1
             # a record replaced by a newer write meanwhile was not handed off: keep it for the next pass
             gone = [key for key in held if self.shard.records.get(key) is batch[key]]
-            self.shard.drop_many(gone)
+            await self.shard.drop_many(gone)
             self.stats["handoff_dropped"] += len(gone)
 
     async def _call(self, addr: str, method: str, args: dict[str, Any]) -> Any:

@@ -192,9 +192,9 @@ def rejoined(cluster: Cluster, name: str, ve: str | None = None, timeout: float 
     """Wait until restarted agent `name` is back in the cluster: it and every other running agent see each
     other alive, its ring holds them all (up to its 8 successors) and a predecessor, and (with `ve`) it
     then reads that VE's record as another agent does. Answering is not enough: for a few seconds after
-    it starts (longer on a loaded machine) an agent's ring holds only part of the cluster, so it reads
-    from and *writes to* too few replicas ("no VE named ...", an old record, or an intent only it keeps),
-    and its DHT caches such a replica set for a while: the VE is read only once the ring is whole."""
+    it starts (longer on a loaded machine) an agent's ring holds only part of the cluster, and its DHT
+    then waits for the ring or refuses as `unavailable` (and before gossip reaches a seed, its membership
+    knows nobody either): the VE is read only once the ring is whole."""
     others = [n for n in cluster.running() if n != name]
 
     def ask(node: str, method: str, args: dict[str, Any]) -> Any:

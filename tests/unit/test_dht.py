@@ -2,6 +2,7 @@
 anti-entropy by digests that moves only what differs."""
 
 import random
+import sqlite3
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+import trio.testing
 from trio.testing import MockClock
 
 from overlay.chord import hash_id
-from overlay.dht import DHT, MAX_BUCKETS, STATS, Record, Shard, bucket_count, digest
+from overlay.dht import _DELETE, _SYNCED, _UPSERT, DHT, MAX_BUCKETS, STATS, Record, Shard, bucket_count, digest
 from overlay.messages import DHT_DIGEST
 from overlay.ring import Ring
 from overlay.wire import memnet
@@ -41,9 +43,10 @@ class Cluster:
         addr = f"mem:{name}"
         transport = self.net.endpoint(addr, name, "s")
         ring = Ring(transport, name, addr, "s", r=5, learn=False)
-        shard = Shard(self.tmp / f"{name}.sqlite")
-        if dht_class is DHT:
-            self.nodes[name] = DHT(transport, ring, shard, r=R, w=2, repair_interval=INTERVAL, wall=self.now)
+        shard = Shard(self.tmp / f"{name}.sqlite", inline=True, wall=self.now)
+        if dht_class is DHT:  # membership, as agents wire it, knows every node of the cluster
+            self.nodes[name] = DHT(transport, ring, shard, r=R, w=2, repair_interval=INTERVAL, wall=self.now,
+                                   members=lambda: len(self.nodes))
         else:
             self.nodes[name] = dht_class(transport, ring, shard, r=R, w=2)
         return self.nodes[name]
@@ -64,14 +67,14 @@ class Cluster:
                                 for j in range(1, min(state.r + 1, len(ordered)))]
             state.predecessor = self.nodes[ordered[k - 1]].ring.me
 
-    def seed(self, records):
+    async def seed(self, records):
         """Store records on their true replicas directly (one transaction per node)."""
         batches = defaultdict(list)
         for record in records:
             for name in self.replicas(record.key):
                 batches[name].append(record)
         for name, batch in batches.items():
-            self.nodes[name].shard.merge_many(batch)
+            await self.nodes[name].shard.merge_many(batch)
 
     @classmethod
     async def of(cls, tmp_path, size):
@@ -159,7 +162,7 @@ async def test_a_joining_node_receives_what_it_now_owns_and_the_old_replica_drop
     key = next(k for k in (f"ve/{i}" for i in range(1000))
                if min(names, key=lambda n: (hash_id(n) - hash_id(k)) % 2**64) == "joiner")
     others = [f"ve/other{i}" for i in range(30)]
-    cluster.seed(Record(k, k, 1, "n1") for k in [key, *others])
+    await cluster.seed(Record(k, k, 1, "n1") for k in [key, *others])
     before = cluster.replicas(key)
 
     await cluster.start("joiner", seed="n2")
@@ -196,7 +199,7 @@ async def test_in_sync_replicas_exchange_digests_only(tmp_path, autojump_clock):
 async def test_a_replica_that_missed_k_writes_gets_about_k_records(tmp_path, autojump_clock, how):
     cluster = await Cluster.of(tmp_path, 6)
     keys = [f"ve/{i}" for i in range(60)]
-    cluster.seed(Record(key, 1, 1, "n0") for key in keys)
+    await cluster.seed(Record(key, 1, 1, "n0") for key in keys)
     victim = "n3"
     missed = [key for key in keys if victim in cluster.replicas(key)][:5]
     assert len(missed) == 5
@@ -229,16 +232,16 @@ async def test_the_newer_version_wins_and_a_tombstone_is_not_resurrected(tmp_pat
     cluster = await Cluster.of(tmp_path, 5)
     key = "ve/contested"
     a, b, c = (cluster.nodes[name] for name in sorted(cluster.replicas(key)))
-    a.shard.merge(Record(key, "old", 1, "w"))
-    b.shard.merge(Record(key, "new", 2, "w"))
+    await a.shard.merge(Record(key, "old", 1, "w"))
+    await b.shard.merge(Record(key, "new", 2, "w"))
     await cluster.maintain()
     assert {dht.shard.records[key] for dht in (a, b, c)} == {Record(key, "new", 2, "w")}
 
     deleted = Record(key, None, 3, "w", cluster.now())
-    c.shard.merge(deleted)  # a delete that reached one replica only
+    await c.shard.merge(deleted)  # a delete that reached one replica only
     await cluster.maintain()
     assert {dht.shard.records[key] for dht in (a, b, c)} == {deleted}
-    assert not b.shard.merge(Record(key, "new", 2, "w"))  # a late copy of the live value loses
+    assert not await b.shard.merge(Record(key, "new", 2, "w"))  # a late copy of the live value loses
     for dht in cluster.nodes.values():
         assert await dht.get(key) is None
 
@@ -298,14 +301,65 @@ def test_digests_depend_on_versions_not_on_order():
 
 
 
-def test_a_shard_merges_a_batch_in_one_transaction_and_keeps_the_newest(tmp_path):
+async def test_a_shard_merges_a_batch_in_one_transaction_and_keeps_the_newest(tmp_path):
     shard = Shard(tmp_path / "s.sqlite")
-    shard.merge(Record("a", 1, 5, "w"))
-    batch = [Record("a", 2, 4, "w"), Record("b", 1, 1, "w"), Record("b", 3, 3, "w"), Record("b", 2, 2, "w")]
-    assert shard.merge_many(batch) == 1
-    shard.drop_many(["a"])
+    await shard.merge(Record("a", 1, 5, "w"))
+    batch = [Record("a", 2, 4, "w"), Record("b", 1, 1, "w"), Record("b", 3, 3, "w", 7.0), Record("b", 2, 2, "w")]
+    assert await shard.merge_many(batch) == 1
+    await shard.drop_many(["a"])
     shard.close()
-    assert Shard(tmp_path / "s.sqlite").records == {"b": Record("b", 3, 3, "w")}
+    reopened = Shard(tmp_path / "s.sqlite")
+    assert reopened.records == {"b": Record("b", 3, 3, "w", 7.0)}
+    reopened.close()
+
+
+async def test_a_slow_write_leaves_the_event_loop_free_and_returns_once_committed(tmp_path):
+    """Another connection holds SQLite's write lock, so the shard's statement cannot commit: meanwhile the
+    record is served from memory and other tasks run; the merge returns once the lock is free and the
+    record is on disk."""
+    path = tmp_path / "s.sqlite"
+    shard = Shard(path)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    stored = trio.Event()
+
+    async def store():
+        assert await shard.merge(Record("k", "v", 1, "w", 5.0))
+        stored.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store)
+            await trio.testing.wait_all_tasks_blocked()  # on the old, blocking shard: never, the loop is stuck
+            assert shard.records["k"].value == "v" and not stored.is_set()
+            blocker.execute("COMMIT")
+            await stored.wait()
+    blocker.close()
+    shard.close()
+    assert Shard(path).records == {"k": Record("k", "v", 1, "w", 5.0)}
+
+
+async def test_the_disk_keeps_the_newest_whatever_order_the_statements_commit_in(tmp_path):
+    """The statements carry the newer-wins rule: a stale copy that commits late, a drop of a version
+    replaced since, or an older `synced_at` cannot undo what memory (and an acknowledgement) holds."""
+    shard = Shard(tmp_path / "s.sqlite", wall=lambda: 100.0)
+    assert shard.synced_at == 100.0  # a new shard is in step at its opening
+    async with trio.open_nursery() as nursery:  # concurrent merges of one key, and of others
+        for version in range(1, 21):
+            nursery.start_soon(shard.merge, Record("k", version, version, "w", float(version)))
+            nursery.start_soon(shard.merge, Record(f"k{version}", version, 1, "w"))
+    assert shard.records["k"] == Record("k", 20, 20, "w", 20.0)
+    await shard._write(_UPSERT, [("k", msgpack.packb(3), 3, "w", 3.0)])  # a stale copy of "k" landing late
+    await shard._write(_UPSERT, [("k", msgpack.packb(-1), 20, "a", 0.0)])  # same version, lesser writer
+    await shard._write(_DELETE, [("k", 19, "w")])  # the drop of a version replaced since
+    await shard.drop_many(["k1"])
+    await shard.save_synced_at(300.0)
+    await shard._write(_SYNCED, [(200.0,)])  # an older comparison's time landing late
+    shard.close()
+    reopened = Shard(tmp_path / "s.sqlite")
+    assert reopened.records == shard.records and "k1" not in reopened.records
+    assert reopened.records["k"] == Record("k", 20, 20, "w", 20.0) and reopened.synced_at == 300.0
+    reopened.close()
 
 
 def measure(nodes, records, missed=0, dht_class=DHT):
@@ -326,11 +380,11 @@ def measure(nodes, records, missed=0, dht_class=DHT):
             cluster.add(f"n{i}", dht_class)
         cluster.wire()
         value = {"spec": "x" * 200, "owner": "n1", "placement": {"a": {"node": "n2"}}}
-        cluster.seed(Record(f"ve/{i:06d}", value, 2, "n1") for i in range(records))
+        await cluster.seed(Record(f"ve/{i:06d}", value, 2, "n1") for i in range(records))
         victim = cluster.nodes[cluster.ordered()[0]].shard
         behind = sorted(victim.records)[:missed]
-        victim.drop_many(behind)
-        victim.merge_many(Record(key, value, 1, "n1") for key in behind)
+        await victim.drop_many(behind)
+        await victim.merge_many(Record(key, value, 1, "n1") for key in behind)
         messages, sizes[0] = cluster.net.messages, 0
         await cluster.maintain()
         moved = cluster.total("records_pushed", "records_pulled", "handoff_pushed") if dht_class is DHT else None
