@@ -15,6 +15,7 @@ import random
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,8 @@ from vivaldi.coordinate import MAX_RTT, Client, Config, Coordinate
 BASELINE_STEP = 0.25  # best constant delta of {0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5} on PlanetLab: a fair baseline
 BASELINE = Config(dimensionality=2, use_height=False, fixed_step=BASELINE_STEP, adjustment_window=0, latency_filter=1,
                   gravity_rho=math.inf)
-ABLATIONS = {  # each removes one ingredient from the default Config; the last is the Vivaldi paper's rule as published
+# Each removes one ingredient from the default Config; the last is the Vivaldi paper's rule as published.
+ABLATIONS: dict[str, dict[str, Any]] = {
     "no_height": {"use_height": False},
     "no_adjustment": {"adjustment_window": 0},
     "no_filter": {"latency_filter": 1},
@@ -153,9 +155,9 @@ def _simulate(raw: np.ndarray, rounds: int, neighbours: int, seed: int, config: 
         if trace:
             convergence.append(float(np.median(relative_errors())))
     rel = relative_errors()
-    per_pair = np.full(n * n, np.nan)
-    per_pair[flat] = rel
-    per_pair = per_pair.reshape(n, n)
+    flat_pairs = np.full(n * n, np.nan)
+    flat_pairs[flat] = rel
+    per_pair = flat_pairs.reshape(n, n)
     per_pair = np.fmin(per_pair, per_pair.T)  # both halves: fmin ignores the NaN side
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a node without any measured pair
@@ -216,8 +218,9 @@ def _error_breakdown(matrix: np.ndarray, result: dict) -> dict:
     """Where a run's error is: share of pairs and their median relative error, by how much the RTT
     exceeds the best one-hop detour (above 1: a triangle violation) and by RTT band."""
     m = symmetrise(matrix)
-    coords = [Coordinate.from_wire(c) for c in result["coordinates"]]
-    if None in coords:
+    decoded = [Coordinate.from_wire(c) for c in result["coordinates"]]
+    coords = [c for c in decoded if c is not None]
+    if len(coords) < len(decoded):
         raise ValueError("run result holds an invalid coordinate")
     flat, rtt = _pairs(m)
     rel = np.abs(np.take(estimates(coords), flat) - rtt) / rtt

@@ -68,9 +68,9 @@ class Moves(HostBase):
         name = name_arg(args)
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
-        ship = args.get("ship") is True
-        copy = args.get("copy") is True and self.domains.disk(name) is not None
-        if ship and self.domains.disk(name) is None:
+        ship, disk = args.get("ship") is True, self.domains.disk(name)
+        copy = disk if args.get("copy") is True else None  # the disk to copy aside, if asked and there is one
+        if ship and disk is None:
             raise RequestError(f"export {name}: this node's backend ({self.domains.kind}) has no disks to ship")
         try:
             state = (await self.hypervisor.info(name)).state
@@ -81,20 +81,21 @@ class Moves(HostBase):
             elif args.get("freeze") is True and state == "running":
                 await self.hypervisor.suspend(name)
                 await self._set_desired(name, "paused")
-            elif copy:
-                await self._copy_disk(name, state)
+            elif copy is not None:
+                await self._copy_disk(name, copy, state)
         except (HypervisorError, OSError) as err:
             raise RequestError(f"export {name}: {err}") from None
         rows = await self.db.rows("SELECT tag, xml, state, taken, libvirt FROM snapshots WHERE name = ? "
                                   "ORDER BY taken", (name,))
-        return Exported(xml, state, [list(row) for row in rows], Shipped(state != "shutoff") if ship else None, copy)
+        return Exported(xml, state, [list(row) for row in rows], Shipped(state != "shutoff") if ship else None,
+                        copy is not None)
 
-    async def _copy_disk(self, name: str, state: str) -> None:
-        """Copy the VM's disk aside (`domains.copy`), pausing a running VM for the copy's length only."""
+    async def _copy_disk(self, name: str, disk: Path, state: str) -> None:
+        """Copy the VM's `disk` aside (`domains.copy`), pausing a running VM for the copy's length only."""
         if state == "running":
             await self.hypervisor.suspend(name)
         try:
-            await trio.to_thread.run_sync(copy_file, self.domains.disk(name), self.domains.copy(name))
+            await trio.to_thread.run_sync(copy_file, disk, self.domains.copy(name))
         finally:
             if state == "running":
                 await self.hypervisor.resume(name)
@@ -103,12 +104,13 @@ class Moves(HostBase):
         """A chunk of an exported VM's files, from `offset`: `part` "disk", "image" (its memory, saved) or
         "copy" (the copy of its disk made for a standby)."""
         name, part, offset = name_arg(args), args.get("part"), count_arg(args, "offset")
-        if name not in self.ledger.allocated or self.domains.disk(name) is None:
+        disk = self.domains.disk(name)
+        if name not in self.ledger.allocated or disk is None:
             raise NotFound(f"no VM {name} with files on this node")
-        paths = {"disk": self.domains.disk, "image": self.domains.saved, "copy": self.domains.copy}
+        paths = {"disk": disk, "image": self.domains.saved(name), "copy": self.domains.copy(name)}
         if part not in paths:
             raise RequestError(f"part must be one of {', '.join(paths)}")
-        path = paths[part](name)
+        path = paths[part]
         try:
             return await trio.to_thread.run_sync(read_chunk, path, offset, CHUNK)
         except FileNotFoundError:
@@ -117,10 +119,10 @@ class Moves(HostBase):
     async def _pull(self, name: str, ship: dict[str, Any]) -> Path | None:
         """Fetch a shipped VM's disk and memory image from the host that exported it (`host.fetch`);
         returns where libvirt sees the image, or None when only a disk came (the VM was off)."""
-        source = ship.get("from")
-        if not isinstance(source, str) or self.domains.disk(name) is None:
+        source, disk = ship.get("from"), self.domains.disk(name)
+        if not isinstance(source, str) or disk is None:
             raise RequestError("ship needs the exporting host's address, and a backend with disks")
-        await fetch_file(self.transport, source, name, "disk", self.domains.disk(name))
+        await fetch_file(self.transport, source, name, "disk", disk)
         if not ship.get("image"):
             return None
         local, seen = self.domains.incoming_image(name)

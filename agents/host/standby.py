@@ -19,6 +19,7 @@ from agents.host.base import HostBase
 from agents.host.capacity import Insufficient, Resources, UnknownReservation
 from agents.host.locks import one_vm
 from agents.host.shipping import fetch_file
+from agents.host.store import Params
 from agents.hypervisor.actor import SETTLED, DomainInfo, HypervisorError
 from agents.messages import (
     HOST_PROMOTE,
@@ -136,16 +137,16 @@ class Standbys(HostBase):
                 if row is None:
                     raise NotFound(f"no standby of {name} on this node")
                 xml, vcpus, memory_mb, disk_gb, snapshots = row
-                xml = self.domains.adapt(xml)
-                if self.domains.disk(name) is not None:
-                    self.domains.standby(name).replace(self.domains.disk(name))
+                xml, disk = self.domains.adapt(xml), self.domains.disk(name)
+                if disk is not None:
+                    self.domains.standby(name).replace(disk)
                 await self.hypervisor.define(xml)
                 rows = [(name, *snapshot) for snapshot in json.loads(snapshots)]
                 for *_, internal in rows:
                     if internal:
                         await self.hypervisor.snapshot_redefine(name, self.domains.adapt(internal))
-                statements = [("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
-                               (name, xml, vcpus, memory_mb, disk_gb, state))]
+                statements: list[tuple[str, Params]] = [("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                                                         (name, xml, vcpus, memory_mb, disk_gb, state))]
                 if rows:
                     marks = ", ".join("?" * len(rows[0]))
                     statements.append((f"INSERT OR REPLACE INTO snapshots VALUES ({marks})", rows))

@@ -60,7 +60,7 @@ class Simulation:
         """`pns`: proximity neighbour selection by "vivaldi" (each node's own estimate, as agents do;
         True means this), by "oracle" (the exact RTT, an upper bound) or "off" (False). `coordinates`:
         every node runs a Vivaldi client fed by the RTT of each RPC it makes."""
-        pns = {True: "vivaldi", False: "off"}.get(pns, pns)  # type: ignore[call-overload]
+        pns = "vivaldi" if pns is True else "off" if pns is False else pns
         if pns not in PNS_MODES:
             raise ValueError(f"pns must be one of {', '.join(PNS_MODES)}, not {pns!r}")
         if pns == "vivaldi" and not coordinates:

@@ -114,7 +114,7 @@ class _Nodes:
             timed = None  # the asker times the reply: under `rtt` it reads the truth, under `vivaldi` nothing
             if self.oracle != "vivaldi":
                 timed = (self.probe if self.oracle == "measured" else self.rtt)[origin][j]
-            if learn and self.oracle == "measured":
+            if learn and self.oracle == "measured" and timed is not None:
                 self.measured[origin][node.name] = timed
             search.on_reply(node, reply, timed)
         if learn:
@@ -216,8 +216,8 @@ def run(matrix_path: str, count: int = 10, view_size: int = 16, far: int = 4, sp
     if coordinates is None:
         vivaldi = sim_vivaldi.run(raw, VIVALDI_ROUNDS, VIVALDI_NEIGHBOURS, seed)
         coordinates = vivaldi["coordinates"]
-    coords = [Coordinate.from_wire(c) for c in coordinates]
-    if len(coords) != n or any(c is None for c in coords):
+    coords = [c for c in map(Coordinate.from_wire, coordinates) if c is not None]
+    if len(coords) != n or len(coords) < len(coordinates):
         raise ValueError(f"need {n} valid coordinates, one per node of the matrix")
     rtt = np.where(np.isnan(meas), np.inf, meas)
     probe = np.where(np.isnan(raw), rtt, raw).tolist()  # a direction not measured: the other one
