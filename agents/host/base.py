@@ -36,8 +36,6 @@ class HostBase(Actor):
     supervisor restarts it, and `HostService.start` rebuilds the state from SQLite.
     """
 
-    name = "host"
-
     def __init__(self, transport: Endpoint, hypervisor: Hypervisor, total: Resources, db_path: Path,
                  domains: Domains | None = None, migration_uri: str | None = None) -> None:
         super().__init__(mailbox_size=8)  # the mailbox only carries crash reports (`_served`)
