@@ -8,6 +8,10 @@ Who may call what:
   `overlay.get`/`overlay.put` (`kv`: each writer has its own keys, `agents.overlays`);
 - operators only: `overlay.bind`, which moves the whole cluster's records to another overlay.
 Operators may also call `host.*` directly, as they could run `virsh` on the node.
+
+Every `host.*` method declares its answer too (a frozen dataclass, or `bool`, `bytes`...): its handler
+returns it, and a caller decodes it with `Endpoint.ask`. One VM's lifecycle is one method per verb
+(`host.vm.start`, `host.vm.stop`...), each taking only its own fields.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.host.args import SHUTDOWN_TIMEOUT
+from agents.host.capacity import Resources
+from agents.hypervisor.actor import DomainInfo
 from overlay.messages import NoArgs
 from overlay.wire.codec import limit
 from overlay.wire.rpc import AGENTS, ANYONE, NODE, OPERATOR, OPERATORS, Method
@@ -113,11 +120,17 @@ class Release:
 
 
 @dataclass(frozen=True)
-class Vm:
+class VmStop:
     name: Any
-    action: Any
-    state: Any = None
-    timeout: Any = None
+    timeout: Any = SHUTDOWN_TIMEOUT
+    """Seconds before the guest is forced off."""
+
+
+@dataclass(frozen=True)
+class VmSettle:
+    name: Any
+    state: Any
+    """running, paused or shutoff, from any state."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,109 @@ class Promote:
     state: Any = None
 
 
+# -- answers of `host.*` ------------------------------------------------------------------------------------
+# A VM's own state travels as `agents.hypervisor.actor.DomainInfo` (name, uuid, state, vcpus, memory_mb).
+
+
+@dataclass(frozen=True)
+class VmInfo(DomainInfo):
+    """`host.vm.info`: the domain, how it may leave this node, and whether it is held off since the node's start."""
+
+    backend: str
+    live: bool
+    """It may migrate live (a libvirtd here, and no internal snapshots)."""
+    held: bool
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """`host.info`: the node's room and domains; `busy`, the VMs with operations under way or waiting (how many)."""
+
+    total: Resources
+    free: Resources
+    domains: list[DomainInfo]
+    backend: str
+    migration_uri: str | None
+    busy: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Held:
+    """`host.reserve_standby`: room held for `ttl` seconds, until confirmed with `token`."""
+
+    token: str
+    ttl: float
+
+
+@dataclass(frozen=True)
+class Reservation(Held):
+    """`host.reserve`: also how the node runs VMs, and where peers migrate VMs to it (None: nowhere)."""
+
+    backend: str
+    migration_uri: str | None
+
+
+@dataclass(frozen=True)
+class SnapshotTaken:
+    tag: str
+    state: str
+    taken: float
+
+
+@dataclass(frozen=True)
+class SnapshotDeleted:
+    name: str
+    tag: str
+    deleted: bool
+    """Whether there was anything to delete."""
+
+
+@dataclass(frozen=True)
+class Shipped:
+    image: bool
+    """Whether a memory image waits beside the disk (the VM was not off)."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    """`host.export`: what a move or a standby carries. `snapshots`: [tag, xml, state, taken, libvirt] each
+    (`agents.host.args.snapshots_arg`); `ship`: set with the request's `ship`; `copy`: a disk copy waits."""
+
+    xml: str
+    state: str
+    snapshots: list[list[Any]]
+    ship: Shipped | None = None
+    copy: bool = False
+
+
+@dataclass(frozen=True)
+class Incoming:
+    uri: str
+    """The libvirt URI to migrate the VM to."""
+
+
+@dataclass(frozen=True)
+class Migrated:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StandbyKept:
+    name: str
+    taken: float
+    snapshots: int
+
+
+@dataclass(frozen=True)
+class StandbyEntry:
+    """One of `host.standbys`: a standby this node keeps, its room, how many snapshots, when exported."""
+
+    name: str
+    need: Resources
+    snapshots: int
+    taken: float
+
+
 AGENT_STATUS = Method("agent.status", NoArgs, ANYONE)
 AGENT_MEMBERS = Method("agent.members", NoArgs, ANYONE)
 MEMBER_PING = Method("member.ping", Gossip, AGENTS)
@@ -188,20 +304,28 @@ OVERLAY_THAW = Method("overlay.thaw", NoArgs, AGENTS)
 OVERLAY_BIND = Method("overlay.bind", OverlayName, OPERATORS)
 OVERLAY_GET = Method("overlay.get", KvGet, ANYONE)
 OVERLAY_PUT = Method("overlay.put", KvPut, ANYONE)
-HOST_RESERVE = Method("host.reserve", Reserve, HOSTS)
-HOST_CONFIRM = Method("host.confirm", Confirm, HOSTS)
-HOST_RELEASE = Method("host.release", Release, HOSTS)
-HOST_VM = Method("host.vm", Vm, HOSTS)
-HOST_INFO = Method("host.info", NoArgs, HOSTS)
-HOST_SNAPSHOT = Method("host.snapshot", Snapshot, HOSTS)
-HOST_RESTORE = Method("host.restore", SnapshotTag, HOSTS)
-HOST_SNAPSHOT_DELETE = Method("host.snapshot_delete", SnapshotTag, HOSTS)
-HOST_EXPORT = Method("host.export", Export, HOSTS)
-HOST_FETCH = Method("host.fetch", Fetch, HOSTS)
-HOST_INCOMING = Method("host.incoming", VmName, HOSTS)
-HOST_MIGRATE = Method("host.migrate", Migrate, HOSTS)
-HOST_RESERVE_STANDBY = Method("host.reserve_standby", Reserve, HOSTS)
-HOST_STANDBY = Method("host.standby", Standby, HOSTS)
-HOST_UNSTANDBY = Method("host.unstandby", VmName, HOSTS)
-HOST_STANDBYS = Method("host.standbys", NoArgs, HOSTS)
-HOST_PROMOTE = Method("host.promote", Promote, HOSTS)
+HOST_RESERVE = Method("host.reserve", Reserve, HOSTS, Reservation)
+HOST_CONFIRM = Method("host.confirm", Confirm, HOSTS, DomainInfo)
+HOST_RELEASE = Method("host.release", Release, HOSTS, bool)
+HOST_VM_START = Method("host.vm.start", VmName, HOSTS, DomainInfo)
+HOST_VM_STOP = Method("host.vm.stop", VmStop, HOSTS, DomainInfo)
+HOST_VM_DESTROY: Method[VmName, DomainInfo | None] = Method("host.vm.destroy", VmName, HOSTS, DomainInfo | None)
+HOST_VM_SUSPEND = Method("host.vm.suspend", VmName, HOSTS, DomainInfo)
+HOST_VM_RESUME = Method("host.vm.resume", VmName, HOSTS, DomainInfo)
+HOST_VM_SETTLE = Method("host.vm.settle", VmSettle, HOSTS, DomainInfo)
+HOST_VM_RELEASE = Method("host.vm.release", VmName, HOSTS, DomainInfo)
+HOST_VM_UNDEFINE = Method("host.vm.undefine", VmName, HOSTS, type(None))
+HOST_VM_INFO = Method("host.vm.info", VmName, HOSTS, VmInfo)
+HOST_INFO = Method("host.info", NoArgs, HOSTS, HostInfo)
+HOST_SNAPSHOT = Method("host.snapshot", Snapshot, HOSTS, SnapshotTaken)
+HOST_RESTORE = Method("host.restore", SnapshotTag, HOSTS, DomainInfo)
+HOST_SNAPSHOT_DELETE = Method("host.snapshot_delete", SnapshotTag, HOSTS, SnapshotDeleted)
+HOST_EXPORT = Method("host.export", Export, HOSTS, Exported)
+HOST_FETCH = Method("host.fetch", Fetch, HOSTS, bytes)
+HOST_INCOMING = Method("host.incoming", VmName, HOSTS, Incoming)
+HOST_MIGRATE = Method("host.migrate", Migrate, HOSTS, Migrated)
+HOST_RESERVE_STANDBY = Method("host.reserve_standby", Reserve, HOSTS, Held)
+HOST_STANDBY = Method("host.standby", Standby, HOSTS, StandbyKept)
+HOST_UNSTANDBY = Method("host.unstandby", VmName, HOSTS, bool)
+HOST_STANDBYS = Method("host.standbys", NoArgs, HOSTS, list[StandbyEntry])
+HOST_PROMOTE = Method("host.promote", Promote, HOSTS, DomainInfo)

@@ -156,16 +156,16 @@ class OverlayService(Actor):
             self.records.thaw()
         await self._adopt_newer_binding()
         if self.kad is not None and self._kad_started:
-            await self._keep_kademlia_joined()
+            await self._keep_kademlia_joined(self.kad)
 
     # -- Kademlia bootstrap ------------------------------------------------------------------------
 
-    async def _keep_kademlia_joined(self) -> None:
+    async def _keep_kademlia_joined(self, kad: KademliaOverlay) -> None:
         """Join through a few random members when alone, and again every REJOIN_EVERY while the routing
         table knows fewer contacts than there are members: nodes that bootstrapped through each other
         at the same moment would otherwise stay islands, each finding only its own copies."""
         others = self.membership.alive(include_me=False)
-        known = self.kad.neighbours()
+        known = kad.neighbours()
         now = trio.current_time()
         if not others or (known and (known >= len(others) or now < self._next_rejoin)):
             return
@@ -179,7 +179,7 @@ class OverlayService(Actor):
                 log.debug("no kademlia contact from %s: %s", member.name, err)
         if contacts:
             with trio.move_on_after(OP_TIMEOUT):
-                await self.kad.join(contacts)
+                await kad.join(contacts)
 
     async def _on_contact(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         if self.kad is None or not self._kad_started:
@@ -262,6 +262,7 @@ class OverlayService(Actor):
         addrs = [m.addr for m in self.membership.alive()]
         answers = await self.transport.call_many(addrs, "overlay.freeze", {"overlay": target}, OP_TIMEOUT)
         unfrozen = [a for a, v in answers.items() if v is not True]
+        failures: tuple[type[Exception], ...] = (RequestError, RpcError, trio.TooSlowError, *self.errors)
         try:
             if unfrozen:
                 raise RequestError(f"could not freeze {len(unfrozen)} of {len(addrs)} members "
@@ -270,7 +271,7 @@ class OverlayService(Actor):
                 r.key for r in await self.scan(target, "") if not r.deleted}
             with trio.fail_after(OP_TIMEOUT * 4):
                 copied = await copy_records(self.overlays[source], self.overlays[target], sorted(keys))
-        except (RequestError, RpcError, trio.TooSlowError, *self.errors) as err:
+        except failures as err:
             await self.transport.call_many(addrs, "overlay.thaw", {}, CALL_TIMEOUT)
             raise RequestError(f"re-binding to {target} failed, still on {source}: {err}") from None
         epoch = self.epoch + 1

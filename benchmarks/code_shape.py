@@ -23,7 +23,8 @@ def functions(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-            found.append((node.end_lineno - start + 1, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"))
+            end = node.end_lineno or node.lineno  # set by ast.parse; None only on hand-made nodes
+            found.append((end - start + 1, f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"))
     return found
 
 

@@ -293,7 +293,7 @@ def main() -> None:
         if args.hypervisor == "qemu":
             share_images(directory)
         with local_cluster(directory, NODES, 1, hypervisor=args.hypervisor) as (state, identity):
-            accel = prepare_guest()[1].accel if args.hypervisor == "qemu" else None
+            accel = prepare_guest()[1] if args.hypervisor == "qemu" else None
             bench = Bench(state, identity, args)
 
             async def bounded() -> None:

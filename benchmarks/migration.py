@@ -69,8 +69,7 @@ class Bench:
         self.guests = guest_dirs(state)
         self.identity = identity
         self.memory_mb = memory_mb
-        self.image, choice = prepare_guest()
-        self.accel = choice.accel
+        self.image, self.accel, _ = prepare_guest()
 
     async def call(self, node: str, method: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
         async with Transport(self.identity, node="bench") as transport:

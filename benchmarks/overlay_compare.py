@@ -151,7 +151,7 @@ class Bench:
 
 
 def report(bench: Bench, args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
-    phases = {}
+    phases: dict[str, dict[str, Any]] = {}
     for phase, by_overlay in bench.samples.items():
         phases[phase] = {}
         for overlay, samples in by_overlay.items():

@@ -11,7 +11,6 @@ daemon keeps them across agent restarts, and a migration moves them behind the a
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,22 @@ import libvirt
 import trio
 
 from agents.host.args import count_arg, name_arg
-from agents.host.capacity import Resources
+from agents.host.base import HostBase
 from agents.host.locks import one_vm
 from agents.host.shipping import CHUNK, copy_file, fetch_file, read_chunk
 from agents.hypervisor.actor import HypervisorError
-from agents.messages import HOST_EXPORT, HOST_FETCH, HOST_INCOMING, HOST_MIGRATE
+from agents.messages import (
+    HOST_EXPORT,
+    HOST_FETCH,
+    HOST_INCOMING,
+    HOST_MIGRATE,
+    Exported,
+    Incoming,
+    Migrated,
+    Shipped,
+)
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
-log = logging.getLogger(__name__)
 MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_NON_SHARED_INC
                  | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 """Live, driven by the source daemon, copying the disk's own layer (the base image is on every node)."""
@@ -35,14 +42,12 @@ MIGRATE_PARAMS = {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1"}
 """Memory and disk travel over loopback: without a URI, libvirt would use the host name."""
 
 
-class Moves:
-    """`host.export`, `host.fetch`, `host.incoming` and `host.migrate`, and what `host.confirm` and
-    `host.vm` need of a move (`_pull`, `_reconcile`, `_movability`).
+class Moves(HostBase):
+    """`host.export`, `host.fetch`, `host.incoming` and `host.migrate`, and what `host.confirm` needs of a
+    move (`_pull`); a VM that arrived by live migration is adopted by `HostBase._reconcile`.
 
-    A mixin of `agents.host.service.HostService`, whose state it relies on: `db` (the SQLite store), `ledger`,
-    `hypervisor`, `domains`, `transport`, `migration_uri` and `vm_locks`, and its methods `_serve`,
-    `_set_desired` and `_forget`. Each request about a VM holds that VM's lock, but `host.fetch`: it only
-    reads files another request of the move made, and a target fetching them holds the VM's lock there.
+    Each request about a VM holds that VM's lock, but `host.fetch`: it only reads files another request of
+    the move made, and a target fetching them holds the VM's lock there.
     """
 
     def _serve_moves(self, transport: Endpoint) -> None:
@@ -50,7 +55,7 @@ class Moves:
                                 HOST_INCOMING: self._on_incoming, HOST_MIGRATE: self._on_migrate})
 
     @one_vm
-    async def _on_export(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_export(self, caller: Caller, args: dict[str, Any]) -> Exported:
         """What relocation carries to the target: the domain's XML, its state, and its snapshots. With
         `freeze`, a running VM is paused first (and persisted paused), so that it never runs at two
         places: the target starts its copy while this one is frozen, and only then is this one removed.
@@ -63,9 +68,9 @@ class Moves:
         name = name_arg(args)
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
-        ship = args.get("ship") is True
-        copy = args.get("copy") is True and self.domains.disk(name) is not None
-        if ship and self.domains.disk(name) is None:
+        ship, disk = args.get("ship") is True, self.domains.disk(name)
+        copy = disk if args.get("copy") is True else None  # the disk to copy aside, if asked and there is one
+        if ship and disk is None:
             raise RequestError(f"export {name}: this node's backend ({self.domains.kind}) has no disks to ship")
         try:
             state = (await self.hypervisor.info(name)).state
@@ -76,25 +81,21 @@ class Moves:
             elif args.get("freeze") is True and state == "running":
                 await self.hypervisor.suspend(name)
                 await self._set_desired(name, "paused")
-            elif copy:
-                await self._copy_disk(name, state)
+            elif copy is not None:
+                await self._copy_disk(name, copy, state)
         except (HypervisorError, OSError) as err:
             raise RequestError(f"export {name}: {err}") from None
         rows = await self.db.rows("SELECT tag, xml, state, taken, libvirt FROM snapshots WHERE name = ? "
                                   "ORDER BY taken", (name,))
-        answer = {"xml": xml, "state": state, "snapshots": [list(row) for row in rows]}
-        if ship:
-            answer["ship"] = {"image": state != "shutoff"}
-        if copy:
-            answer["copy"] = True
-        return answer
+        return Exported(xml, state, [list(row) for row in rows], Shipped(state != "shutoff") if ship else None,
+                        copy is not None)
 
-    async def _copy_disk(self, name: str, state: str) -> None:
-        """Copy the VM's disk aside (`domains.copy`), pausing a running VM for the copy's length only."""
+    async def _copy_disk(self, name: str, disk: Path, state: str) -> None:
+        """Copy the VM's `disk` aside (`domains.copy`), pausing a running VM for the copy's length only."""
         if state == "running":
             await self.hypervisor.suspend(name)
         try:
-            await trio.to_thread.run_sync(copy_file, self.domains.disk(name), self.domains.copy(name))
+            await trio.to_thread.run_sync(copy_file, disk, self.domains.copy(name))
         finally:
             if state == "running":
                 await self.hypervisor.resume(name)
@@ -103,12 +104,13 @@ class Moves:
         """A chunk of an exported VM's files, from `offset`: `part` "disk", "image" (its memory, saved) or
         "copy" (the copy of its disk made for a standby)."""
         name, part, offset = name_arg(args), args.get("part"), count_arg(args, "offset")
-        if name not in self.ledger.allocated or self.domains.disk(name) is None:
+        disk = self.domains.disk(name)
+        if name not in self.ledger.allocated or disk is None:
             raise NotFound(f"no VM {name} with files on this node")
-        paths = {"disk": self.domains.disk, "image": self.domains.saved, "copy": self.domains.copy}
+        paths = {"disk": disk, "image": self.domains.saved(name), "copy": self.domains.copy(name)}
         if part not in paths:
             raise RequestError(f"part must be one of {', '.join(paths)}")
-        path = paths[part](name)
+        path = paths[part]
         try:
             return await trio.to_thread.run_sync(read_chunk, path, offset, CHUNK)
         except FileNotFoundError:
@@ -117,10 +119,10 @@ class Moves:
     async def _pull(self, name: str, ship: dict[str, Any]) -> Path | None:
         """Fetch a shipped VM's disk and memory image from the host that exported it (`host.fetch`);
         returns where libvirt sees the image, or None when only a disk came (the VM was off)."""
-        source = ship.get("from")
-        if not isinstance(source, str) or self.domains.disk(name) is None:
+        source, disk = ship.get("from"), self.domains.disk(name)
+        if not isinstance(source, str) or disk is None:
             raise RequestError("ship needs the exporting host's address, and a backend with disks")
-        await fetch_file(self.transport, source, name, "disk", self.domains.disk(name))
+        await fetch_file(self.transport, source, name, "disk", disk)
         if not ship.get("image"):
             return None
         local, seen = self.domains.incoming_image(name)
@@ -128,7 +130,7 @@ class Moves:
         return seen
 
     @one_vm
-    async def _on_incoming(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_incoming(self, caller: Caller, args: dict[str, Any]) -> Incoming:
         """Get ready to receive reserved VM `name` by live migration: an empty overlay for the disk copy."""
         name = name_arg(args)
         if not any(r.key == name for r in self.ledger.reserved.values()):
@@ -137,13 +139,13 @@ class Moves:
             raise RequestError(f"this node ({self.domains.kind}) cannot receive a live migration")
         if not await self.hypervisor.persistent(name):
             await trio.to_thread.run_sync(self.domains.prepare, name)
-        return {"uri": self.migration_uri}
+        return Incoming(self.migration_uri)
 
     @one_vm
-    async def _on_migrate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_migrate(self, caller: Caller, args: dict[str, Any]) -> Migrated:
         """Live-migrate VM `name` to the daemon at `uri` (peer to peer, incremental disk copy); once it
         answers, the target's libvirt holds the VM and this one no longer does. The target adopts it at
-        its next `host.vm`; the coordinator then forgets it here (`host.vm undefine`)."""
+        its next `host.vm.*`; the coordinator then forgets it here (`host.vm.undefine`)."""
         name, uri = name_arg(args), args.get("uri")
         if not (isinstance(uri, str) and uri.startswith("qemu+tcp://")):
             raise RequestError("uri must be the target's qemu+tcp:// libvirt URI")
@@ -154,35 +156,4 @@ class Moves:
             await self.hypervisor.migrate(name, uri, MIGRATE_FLAGS, MIGRATE_PARAMS)
         except HypervisorError as err:
             raise RequestError(f"live migration of {name} failed: {err}") from None
-        return {"seconds": time.monotonic() - started}
-
-    async def _movability(self, name: str) -> dict[str, Any]:
-        """How the VM can leave this node (`discovery.ve.relocation`): its backend, and whether it may migrate
-        live (a daemon here, and no internal snapshots, which an NBD disk copy would not carry)."""
-        live = self.migration_uri is not None and not await self.hypervisor.snapshot_names(name)
-        return {"backend": self.domains.kind, "live": live}
-
-    async def _reconcile(self, name: str) -> None:
-        """Make this store agree with libvirt about VM `name` (real guests only, whose daemon keeps domains
-        and whose migrations move them behind the agent's back): adopt a persistent domain the store
-        lacks (it arrived by live migration; the reservation made for it, if still held, is what it
-        takes), forget one that libvirt no longer has (it migrated away)."""
-        if self.domains.kind == "test":
-            return
-        if name in self.ledger.allocated:
-            if not await self.hypervisor.persistent(name):
-                log.info("host: %s is no longer defined here (it migrated away); forgetting it", name)
-                await self._forget(name)
-            return
-        if not await self.hypervisor.persistent(name):
-            return
-        info = await self.hypervisor.info(name)
-        held = next((r for r in self.ledger.reserved.values() if r.key == name), None)
-        need = held.need if held is not None else Resources(info.vcpus, info.memory_mb, 0)
-        if held is not None:  # taken now, even if it lapsed (not yet swept) while a long migration ran
-            self.ledger.release(held.token)
-        self.ledger.allocate(name, need)
-        xml = await self.hypervisor.xml(name)
-        await self.db.write("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
-                            (name, xml, need.vcpus, need.memory_mb, need.disk_gb, info.state))
-        log.info("host: adopted %s, which arrived by live migration (%s)", name, info.state)
+        return Migrated(time.monotonic() - started)

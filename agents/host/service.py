@@ -10,10 +10,13 @@ stores the domain's XML and a state (running, paused or shutoff) per (domain, ta
 drops its snapshots from this node. Real guests (`agents.hypervisor.guests.QemuGuests`) get a qcow2 overlay, and a
 snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted by `host.snapshot_delete`.
 
-`HostService` is assembled from one class per concern: this module's core, moving VMs between hosts
-(`agents.host.moves`) and standby copies (`agents.host.standby`); the checks of their arguments are
-in `agents.host.args`, the SQLite store in `agents.host.store`. Only agents (role node) and operators
-may call `host.*` (`agents.messages`): users act on their VMs through `ve.*`, which checks who owns the VE.
+`HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the
+state they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM
+(`host.vm.*`, `agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`) and standby copies
+(`agents.host.standby`); the checks of their arguments are in `agents.host.args`, the SQLite store in
+`agents.host.store`. Only agents (role node) and operators may call `host.*` (`agents.messages`, with
+the types of their requests and answers): users act on their VMs through `ve.*`, which checks who owns
+the VE.
 
 Concurrency (`agents.host.locks`): each request runs in its own task, holding the lock of the VM it
 names for its whole length, so one VM's operations never interleave (a confirm cannot race an undefine
@@ -26,31 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from agents.host.args import (
-    MAX_XML,
-    RESERVATION_TTL,
-    SHUTDOWN_TIMEOUT,
-    count_arg,
-    name_arg,
-    shutdown_timeout,
-    snapshots_arg,
-    xml_name,
-)
+from agents.host.args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snapshots_arg, xml_name
 from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
-from agents.host.locks import Gate, VmLocks, one_vm
+from agents.host.lifecycle import Lifecycle
+from agents.host.locks import one_vm
 from agents.host.moves import Moves
 from agents.host.standby import Standbys
 from agents.host.store import Store
 from agents.hypervisor.actor import SETTLED, DomainInfo, Hypervisor, HypervisorError
-from agents.hypervisor.guests import Domains, TestDomains
+from agents.hypervisor.guests import Domains
 from agents.messages import (
     HOST_CONFIRM,
     HOST_INFO,
@@ -59,19 +52,21 @@ from agents.messages import (
     HOST_RESTORE,
     HOST_SNAPSHOT,
     HOST_SNAPSHOT_DELETE,
-    HOST_VM,
+    HostInfo,
+    Reservation,
+    SnapshotDeleted,
+    SnapshotTaken,
 )
-from agents.runtime import Actor
-from overlay.wire.rpc import Caller, Conflict, Endpoint, Handler, Method, NotFound, RequestError, RpcError
+from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
-ACTIONS = ("start", "stop", "destroy", "suspend", "resume", "undefine", "info", "settle", "release")
 HOLD_LIMIT = 30.0
 """Seconds a VM recovered off at start waits for the directory's word (`release`) before it starts anyway."""
 
 
-class HostService(Moves, Standbys, Actor):
-    """Serves `host.*` RPCs for the VMs placed on this node (moves in `Moves`, standby copies in `Standbys`).
+class HostService(Lifecycle, Moves, Standbys):
+    """Serves `host.*` RPCs for the VMs placed on this node (one VM's lifecycle in `Lifecycle`, moves in
+    `Moves`, standby copies in `Standbys`, the state they share in `agents.host.base.HostBase`).
 
     Each request runs in the task that received it, inside the `gate` and, for a request about one VM,
     holding that VM's lock (`one_vm`). The actor's own task recovers the node's VMs at start (`start`,
@@ -85,53 +80,14 @@ class HostService(Moves, Standbys, Actor):
 
     def __init__(self, transport: Endpoint, hypervisor: Hypervisor, total: Resources, db_path: Path,
                  domains: Domains | None = None, migration_uri: str | None = None) -> None:
-        super().__init__(mailbox_size=8)  # the mailbox only carries crash reports (`_served`)
-        self.transport = transport
-        self.hypervisor = hypervisor
-        self.total = total
-        self.ledger = Ledger(total)
-        self.domains = domains or TestDomains()
-        self.migration_uri = migration_uri
-        """Where peers migrate VMs to this node (its libvirtd); None where live migration cannot work."""
-        self.held: dict[str, str] = {}
-        """VMs recovered off at start, held off until released, with the state to release them to."""
-        self.vm_locks = VmLocks()
-        self.gate = Gate()
-        self.db_path = db_path
-        self.store: Store | None = None
-        """Opened by the first `start` (off the event loop); requests wait at the gate until then."""
-        self._hold_until = math.inf
+        super().__init__(transport, hypervisor, total, db_path, domains, migration_uri)
         self._serve(transport, {
             HOST_RESERVE: self._on_reserve, HOST_CONFIRM: self._on_confirm, HOST_RELEASE: self._on_release,
-            HOST_VM: self._on_vm, HOST_INFO: self._on_info, HOST_SNAPSHOT: self._on_snapshot,
-            HOST_RESTORE: self._on_restore, HOST_SNAPSHOT_DELETE: self._on_snapshot_delete})
+            HOST_INFO: self._on_info, HOST_SNAPSHOT: self._on_snapshot, HOST_RESTORE: self._on_restore,
+            HOST_SNAPSHOT_DELETE: self._on_snapshot_delete})
+        self._serve_lifecycle(transport)
         self._serve_moves(transport)
         self._serve_standbys(transport)
-
-    @property
-    def db(self) -> Store:
-        assert self.store is not None, "the host service has not started"
-        return self.store
-
-    def _serve(self, transport: Endpoint, handlers: dict[Method, Handler]) -> None:
-        for method, handler in handlers.items():
-            transport.route(method, self._served(handler))
-
-    def _served(self, handler: Handler) -> Handler:
-        async def call(caller: Caller, args: dict[str, Any]) -> Any:
-            async with self.gate.enter():
-                try:
-                    return await handler(caller, args)
-                except RequestError:
-                    raise
-                except Exception as err:
-                    self.gate.close()  # nothing new starts on a state that may be half-changed
-                    self.tell_nowait(err)
-                    raise
-        return call
-
-    async def handle(self, message: Exception) -> None:
-        raise message  # a handler crashed: restart the service (see the class docstring)
 
     async def start(self) -> None:
         """Re-create persisted domains (the test driver forgot them). A real guest's daemon kept its
@@ -140,7 +96,7 @@ class HostService(Moves, Standbys, Actor):
 
         A VM that should run but is off (the test driver forgot it; a real host lost power) is defined
         and *held* off: while this node was down its VM may have failed over to a standby elsewhere, so
-        it waits for the directory's word (`host.vm release`, from the VE layer's fencing pass) and
+        it waits for the directory's word (`host.vm.release`, from the VE layer's fencing pass) and
         starts only if the directory still places it here. Without a word for HOLD_LIMIT seconds (no VE
         layer, or no directory reachable) it starts anyway. A VM that kept running is left alone.
 
@@ -184,29 +140,22 @@ class HostService(Moves, Standbys, Actor):
                     except HypervisorError as err:
                         log.warning("host: cannot start held %s: %s", name, err)
 
-    async def _release(self, name: str) -> DomainInfo:
-        info = await self.hypervisor.settle(name, self.held[name])
-        del self.held[name]
-        await self._set_desired(name, info.state)
-        return info
-
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
 
     # -- handlers ----------------------------------------------------------------------------------
 
-    async def _on_reserve(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_reserve(self, caller: Caller, args: dict[str, Any]) -> Reservation:
         name = name_arg(args)
         need = Resources(*(count_arg(args, f) for f in ("vcpus", "memory_mb", "disk_gb")))
         try:
             reservation = self.ledger.reserve(name, need, trio.current_time(), RESERVATION_TTL)
         except Insufficient as err:
             raise Conflict(str(err)) from None
-        return {"token": reservation.token, "ttl": RESERVATION_TTL, "backend": self.domains.kind,
-                "migration_uri": self.migration_uri}
+        return Reservation(reservation.token, RESERVATION_TTL, self.domains.kind, self.migration_uri)
 
-    async def _on_confirm(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_confirm(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
         """Turn a reservation into a VM: a new domain started, or (relocation) the domain carried in `xml`,
         brought to `state` with its `snapshots`. Everything is persisted before the domain starts."""
         token = args.get("token")
@@ -226,7 +175,7 @@ class HostService(Moves, Standbys, Actor):
             return await self._confirm(token, carried, state, snapshots, args.get("ship"))
 
     async def _confirm(self, token: str, carried: str | None, state: str,
-                       snapshots: list[tuple[str, str, str, float, str]], ship: Any) -> dict[str, Any]:
+                       snapshots: list[tuple[str, str, str, float, str]], ship: Any) -> DomainInfo:
         try:
             reservation = self.ledger.confirm(token, trio.current_time())
         except UnknownReservation as err:  # it lapsed while the VM's lock was busy
@@ -254,51 +203,13 @@ class HostService(Moves, Standbys, Actor):
         finally:
             with contextlib.suppress(NotImplementedError):
                 self.domains.incoming_image(name)[0].unlink(missing_ok=True)
-        return asdict(info)
+        return info
 
     async def _on_release(self, caller: Caller, args: dict[str, Any]) -> bool:
         token = args.get("token")
         if isinstance(token, str):
             self.ledger.release(token)
         return True
-
-    @one_vm
-    async def _on_vm(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any] | None:
-        """`action` on one VM; `settle` brings it to `state` (running, paused or shutoff) from any state;
-        `release` starts a VM held since this node's start (`start`), in the state it should have, and is a
-        no-op otherwise. Any other action but `info` ends the hold too: the VE layer has decided."""
-        name, action = name_arg(args), args.get("action")
-        if action not in ACTIONS:
-            raise RequestError(f"action must be one of {', '.join(ACTIONS)}")
-        if action == "settle" and args.get("state") not in SETTLED:
-            raise RequestError(f"settle needs a state, one of {', '.join(SETTLED)}")
-        timeout = shutdown_timeout(args)
-        await self._reconcile(name)
-        if name not in self.ledger.allocated:
-            if action in ("undefine", "destroy"):
-                if action == "undefine":
-                    await self._drop_leftovers(name)
-                return None  # already gone: idempotent
-            raise NotFound(f"no VM {name} on this node")
-        try:
-            if action == "undefine":
-                self.held.pop(name, None)
-                await self._forget(name)
-                return None
-            if action == "info":
-                return {**asdict(await self.hypervisor.info(name)), **await self._movability(name),
-                        "held": name in self.held}
-            if action == "release":
-                return asdict(await (self._release(name) if name in self.held else self.hypervisor.info(name)))
-            self.held.pop(name, None)
-            if action == "settle":
-                info = await self.hypervisor.settle(name, args["state"])
-            else:
-                info = await self._act(name, action, timeout)
-        except HypervisorError as err:
-            raise RequestError(f"{action} {name}: {err}") from None
-        await self._set_desired(name, info.state)
-        return asdict(info)
 
     async def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> None:
         """Set (None: remove) a metadata element of VM `name`, for the layers above to annotate a VM: it is
@@ -320,33 +231,12 @@ class HostService(Moves, Standbys, Actor):
             raise RequestError(f"annotate {name}: {err}") from None
         await self.db.write("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
 
-    async def _drop_leftovers(self, name: str) -> None:
-        """Delete the files a VM not held here left (the empty overlay of a live migration that was undone),
-        unless libvirt has a domain of that name: an incoming migration still writes into them."""
-        if self.domains.disk(name) is None or name in [d.name for d in await self.hypervisor.list()]:
-            return
-        await trio.to_thread.run_sync(self.domains.remove, name)
-
-    async def _act(self, name: str, action: str, timeout: float = SHUTDOWN_TIMEOUT) -> DomainInfo:
-        if action == "start":
-            info = await self.hypervisor.info(name)
-            return await (self.hypervisor.resume(name) if info.state == "paused" else self.hypervisor.start(name))
-        if action == "stop":  # graceful, forced off after `timeout` seconds
-            return await self.hypervisor.shutdown(name, timeout)
-        if action == "destroy":
-            return await self.hypervisor.destroy(name)
-        if action == "suspend":
-            return await self.hypervisor.suspend(name)
-        return await self.hypervisor.resume(name)
-
-    async def _on_info(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        """The node's room and domains; `busy`: the VMs with an operation under way or waiting (how many)."""
-        return {"total": self.ledger.total.to_wire(), "free": self.ledger.free(trio.current_time()).to_wire(),
-                "domains": [asdict(d) for d in await self.hypervisor.list()], "backend": self.domains.kind,
-                "migration_uri": self.migration_uri, "busy": self.vm_locks.in_use()}
+    async def _on_info(self, caller: Caller, args: dict[str, Any]) -> HostInfo:
+        return HostInfo(self.ledger.total, self.ledger.free(trio.current_time()), await self.hypervisor.list(),
+                        self.domains.kind, self.migration_uri, self.vm_locks.in_use())
 
     @one_vm
-    async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> SnapshotTaken:
         """Store the domain's XML and a state under `tag` (`state`: the one to restore, default the current
         one; the VE service passes the state a VM had before it paused it for a consistent snapshot)."""
         name, tag, state = name_arg(args), name_arg(args, "tag"), args.get("state")
@@ -365,10 +255,10 @@ class HostService(Moves, Standbys, Actor):
         taken = time.time()
         await self.db.write("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
                             (name, tag, xml, state, taken, internal))
-        return {"tag": tag, "state": state, "taken": taken}
+        return SnapshotTaken(tag, state, taken)
 
     @one_vm
-    async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
         """Re-create the domain from snapshot `tag`: forced off, redefined from the stored XML, brought to
         the stored state. Idempotent."""
         name, tag = name_arg(args), name_arg(args, "tag")
@@ -382,17 +272,17 @@ class HostService(Moves, Standbys, Actor):
             if internal:  # the disk (and memory) come back from the qcow2 file
                 info = await self.hypervisor.snapshot_revert(name, tag, state)
                 await self._set_desired(name, info.state)
-                return asdict(info)
+                return info
             await self.hypervisor.destroy(name)
             await self.hypervisor.define(xml)
             await self.db.write("UPDATE domains SET xml = ?, desired = ? WHERE name = ?", (xml, state, name))
             info = await self.hypervisor.settle(name, state)
         except HypervisorError as err:
             raise RequestError(f"restore {name} to {tag}: {err}") from None
-        return asdict(info)
+        return info
 
     @one_vm
-    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> SnapshotDeleted:
         """Forget snapshot `tag` of the domain: its stored XML and state and, for a real guest, its internal
         qcow2 snapshot (first, so that a failure leaves the row for a retry; one the row does not mention,
         left by a snapshot interrupted before its row was written, goes too). Idempotent: `deleted` says
@@ -407,15 +297,4 @@ class HostService(Moves, Standbys, Actor):
             except HypervisorError as err:
                 raise RequestError(f"delete snapshot {tag} of {name}: {err}") from None
         rows = await self.db.write("DELETE FROM snapshots WHERE name = ? AND tag = ?", (name, tag))
-        return {"name": name, "tag": tag, "deleted": internal or rows > 0}
-
-    async def _forget(self, name: str) -> None:
-        """Undefine VM `name`, delete its files and rows, free its room (its lock held, or at start)."""
-        await self.hypervisor.undefine(name)
-        await trio.to_thread.run_sync(self.domains.remove, name)
-        await self.db.transaction(("DELETE FROM domains WHERE name = ?", (name,)),
-                                  ("DELETE FROM snapshots WHERE name = ?", (name,)))
-        self.ledger.deallocate(name)
-
-    async def _set_desired(self, name: str, state: str) -> None:
-        await self.db.write("UPDATE domains SET desired = ? WHERE name = ?", (state, name))
+        return SnapshotDeleted(name, tag, internal or rows > 0)

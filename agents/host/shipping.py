@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from agents.messages import HOST_FETCH, Fetch
 from overlay.wire.rpc import Endpoint
 
 CHUNK = 2 * 1024 * 1024
@@ -45,10 +46,7 @@ async def fetch_file(transport: Endpoint, addr: str, name: str, part: str, dest:
     try:
         with partial.open("wb") as out:
             while True:
-                chunk = await transport.call(addr, "host.fetch", {"name": name, "part": part, "offset": offset},
-                                             timeout=FETCH_TIMEOUT)
-                if not isinstance(chunk, bytes):
-                    raise OSError(f"{addr} sent a {type(chunk).__name__} for a chunk of {name}'s {part}")
+                chunk = await transport.ask(addr, HOST_FETCH, Fetch(name, part, offset), timeout=FETCH_TIMEOUT)
                 await trio.to_thread.run_sync(out.write, chunk)
                 offset += len(chunk)
                 if len(chunk) < CHUNK:

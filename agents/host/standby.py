@@ -3,34 +3,42 @@
 A standby is not a domain: it is what `host.export` gave for a VM that runs on another node (its XML and
 snapshots; for a real guest also a consistent copy of its disk, fetched from the VM's host, internal
 snapshots inside), kept in its own table, with the VM's room held in the ledger under `standby_key`, a
-key no domain can have ('/' is refused in names). So `host.vm`, `host.reserve` and the VE service's
+key no domain can have ('/' is refused in names). So `host.vm.*`, `host.reserve` and the VE service's
 checks of where a VM is defined never see it, and a failover onto it never lacks room.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Any
 
 import trio
 
 from agents.host.args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snapshots_arg, xml_name
+from agents.host.base import HostBase
 from agents.host.capacity import Insufficient, Resources, UnknownReservation
 from agents.host.locks import one_vm
 from agents.host.shipping import fetch_file
-from agents.hypervisor.actor import SETTLED, HypervisorError
-from agents.messages import HOST_PROMOTE, HOST_RESERVE_STANDBY, HOST_STANDBY, HOST_STANDBYS, HOST_UNSTANDBY
+from agents.host.store import Params
+from agents.hypervisor.actor import SETTLED, DomainInfo, HypervisorError
+from agents.messages import (
+    HOST_PROMOTE,
+    HOST_RESERVE_STANDBY,
+    HOST_STANDBY,
+    HOST_STANDBYS,
+    HOST_UNSTANDBY,
+    Held,
+    StandbyEntry,
+    StandbyKept,
+)
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 
-class Standbys:
+class Standbys(HostBase):
     """`host.reserve_standby`, `host.standby`, `host.unstandby`, `host.standbys` and `host.promote`.
 
-    A mixin of `agents.host.service.HostService`, whose state it relies on: `db` (the SQLite store, where it
-    keeps the `standbys` table), `ledger`, `hypervisor`, `domains` and `vm_locks`, and its methods `_serve`
-    and `_set_desired`. Requests about a VM's standby hold that VM's lock (one name, one lock, whether
-    the VM or its copy is here); reserving room and listing take none.
+    Standbys live in the store's `standbys` table. Requests about a VM's standby hold that VM's lock (one
+    name, one lock, whether the VM or its copy is here); reserving room and listing take none.
     """
 
     def _serve_standbys(self, transport: Endpoint) -> None:
@@ -44,7 +52,7 @@ class Standbys:
                                                                   "FROM standbys"):
             self.ledger.allocate(standby_key(name), Resources(vcpus, memory_mb, disk_gb))
 
-    async def _on_reserve_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_reserve_standby(self, caller: Caller, args: dict[str, Any]) -> Held:
         """Hold room for a standby of VM `name` for RESERVATION_TTL seconds; `host.standby` confirms it."""
         name = name_arg(args)
         if name in self.ledger.allocated:
@@ -54,10 +62,10 @@ class Standbys:
             token = self.ledger.reserve(standby_key(name), need, trio.current_time(), RESERVATION_TTL).token
         except Insufficient as err:
             raise Conflict(f"no room for a standby of {name}: {err}") from None
-        return {"token": token, "ttl": RESERVATION_TTL}
+        return Held(token, RESERVATION_TTL)
 
     @one_vm
-    async def _on_standby(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_standby(self, caller: Caller, args: dict[str, Any]) -> StandbyKept:
         """Keep, or refresh, the standby of VM `name`: its `xml` and `snapshots` as `host.export` gave them
         at time `taken`, and for a real guest the copy of its disk, fetched from `ship["from"]` (the VM's
         host). A new standby confirms reservation `token`; one held already is updated in place (a retried
@@ -94,7 +102,7 @@ class Standbys:
         need = self.ledger.allocated[key]
         await self.db.write("INSERT OR REPLACE INTO standbys VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (name, xml, need.vcpus, need.memory_mb, need.disk_gb, json.dumps(snapshots), taken))
-        return {"name": name, "taken": taken, "snapshots": len(snapshots)}
+        return StandbyKept(name, taken, len(snapshots))
 
     @one_vm
     async def _on_unstandby(self, caller: Caller, args: dict[str, Any]) -> bool:
@@ -106,16 +114,15 @@ class Standbys:
             self.domains.standby(name).unlink(missing_ok=True)
         return dropped
 
-    async def _on_standbys(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _on_standbys(self, caller: Caller, args: dict[str, Any]) -> list[StandbyEntry]:
         """The standbys this node keeps: VM name, room held, how many snapshots, when exported."""
         rows = await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb, snapshots, taken FROM standbys "
                                   "ORDER BY name")
-        return [{"name": name, "need": Resources(vcpus, memory_mb, disk_gb).to_wire(),
-                 "snapshots": len(json.loads(snapshots)), "taken": taken}
+        return [StandbyEntry(name, Resources(vcpus, memory_mb, disk_gb), len(json.loads(snapshots)), taken)
                 for name, vcpus, memory_mb, disk_gb, snapshots, taken in rows]
 
     @one_vm
-    async def _on_promote(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_promote(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
         """Turn the standby of VM `name` into the VM: defined from the stored XML with its snapshots, its
         held room now the VM's (one transaction), then brought to `state`. If the VM is here already (a
         retried promote), it is only brought to `state`. A real guest's standby disk becomes its disk
@@ -130,16 +137,16 @@ class Standbys:
                 if row is None:
                     raise NotFound(f"no standby of {name} on this node")
                 xml, vcpus, memory_mb, disk_gb, snapshots = row
-                xml = self.domains.adapt(xml)
-                if self.domains.disk(name) is not None:
-                    self.domains.standby(name).replace(self.domains.disk(name))
+                xml, disk = self.domains.adapt(xml), self.domains.disk(name)
+                if disk is not None:
+                    self.domains.standby(name).replace(disk)
                 await self.hypervisor.define(xml)
                 rows = [(name, *snapshot) for snapshot in json.loads(snapshots)]
                 for *_, internal in rows:
                     if internal:
                         await self.hypervisor.snapshot_redefine(name, self.domains.adapt(internal))
-                statements = [("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
-                               (name, xml, vcpus, memory_mb, disk_gb, state))]
+                statements: list[tuple[str, Params]] = [("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                                                         (name, xml, vcpus, memory_mb, disk_gb, state))]
                 if rows:
                     marks = ", ".join("?" * len(rows[0]))
                     statements.append((f"INSERT OR REPLACE INTO snapshots VALUES ({marks})", rows))
@@ -151,7 +158,7 @@ class Standbys:
         except (HypervisorError, OSError) as err:
             raise RequestError(f"promote {name}: {err}") from None
         await self._set_desired(name, info.state)
-        return asdict(info)
+        return info
 
 
 def standby_key(name: str) -> str:

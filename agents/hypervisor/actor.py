@@ -25,6 +25,7 @@ a caller may retry freely.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import time
@@ -413,7 +414,7 @@ class HypervisorActor(pykka.ThreadingActor):
         snapshot.delete()
         return True
 
-    def snapshot_names(self, name: str) -> list[str]:
+    def snapshot_names(self, name: str) -> builtins.list[str]:
         return sorted(self._lookup(name).snapshotListNames())
 
     def managed_save(self, name: str) -> DomainInfo:
@@ -631,7 +632,7 @@ class Hypervisor:
         """Delete an internal snapshot; whether there was one."""
         return await self._run(lambda actor: actor.snapshot_delete(name, tag))
 
-    async def snapshot_names(self, name: str) -> list[str]:
+    async def snapshot_names(self, name: str) -> builtins.list[str]:
         return await self._run(lambda actor: actor.snapshot_names(name))
 
     async def managed_save(self, name: str) -> DomainInfo:

@@ -82,9 +82,9 @@ def end_leftovers(data_dir: Path) -> list[int]:
     return ended
 
 
-def prepare_guest() -> tuple[TinyGuest, accel.Choice]:
-    """The tiny guest, built (or found in the cache), and the accelerator a smoke boot chose for it
-    (cached per host boot); BackendError when either is missing."""
+def prepare_guest() -> tuple[TinyGuest, str, str]:
+    """The tiny guest, built (or found in the cache), the accelerator a smoke boot chose for it ("kvm" or
+    "qemu", cached per host boot) and why; BackendError when either is missing."""
     try:
         guest = tinyguest.build()
     except tinyguest.ImageError as err:
@@ -92,24 +92,24 @@ def prepare_guest() -> tuple[TinyGuest, accel.Choice]:
     choice = accel.choose(guest, cache_file=tinyguest.default_cache() / "accel.json")
     if choice.accel is None:
         raise BackendError(f"QEMU cannot run here: {choice.reason}")
-    return guest, choice
+    return guest, choice.accel, choice.reason
 
 
 def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: tuple[int, int]) -> QemuBackend:
     """Build (or find) the tiny guest, choose KVM or TCG by a smoke boot, and open libvirt."""
-    guest, choice = prepare_guest()
-    reason = f"{'KVM' if choice.accel == 'kvm' else 'TCG'} ({choice.reason})"
+    guest, chosen, why = prepare_guest()
+    reason = f"{'KVM' if chosen == 'kvm' else 'TCG'} ({why})"
     root = libvirt_root(data_dir, libvirt_uri)
     if libvirt_uri.startswith(EMBED):
         directory = data_dir / "guests"
         directory.mkdir(parents=True, exist_ok=True)
-        guests = QemuGuests(guest, choice.accel, directory, directory, root / "lib" / "qemu" / "save")
+        guests = QemuGuests(guest, chosen, directory, directory, root / "lib" / "qemu" / "save")
         return QemuBackend(guests, f"{EMBED}?root={root}", None, reason)
     if libvirt_uri:
         raise BackendError(f"libvirt_uri {libvirt_uri!r}: with hypervisor qemu, leave it empty (the node's "
                            f"own libvirtd) or use {EMBED}")
     daemon = Libvirtd(root, port, migration_ports)
     daemon.start()
-    guests = QemuGuests(guest, choice.accel, daemon.guests, GUESTS, root / "lib" / "qemu" / "save")
+    guests = QemuGuests(guest, chosen, daemon.guests, GUESTS, root / "lib" / "qemu" / "save")
     log.info("libvirtd for %s on %s (pid %s), guests use %s", data_dir, daemon.uri, daemon.pid, reason)
     return QemuBackend(guests, daemon.uri, daemon, reason)

@@ -38,11 +38,16 @@ stdio_handler = "file"
 
 
 class BootImage(Protocol):
-    """What a domain needs from a built guest (`images.tinyguest.TinyGuest` is one)."""
+    """What a domain needs from a built guest (`images.tinyguest.TinyGuest`, frozen, is one): read only."""
 
-    kernel: Path
-    initrd: Path
-    cmdline: str
+    @property
+    def kernel(self) -> Path: ...
+
+    @property
+    def initrd(self) -> Path: ...
+
+    @property
+    def cmdline(self) -> str: ...
 
 
 def domain_xml(name: str, guest: BootImage, disk: Path, console_log: Path, *, accel: str = "qemu",

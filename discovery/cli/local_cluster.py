@@ -211,11 +211,12 @@ def status(directory: Path) -> list[dict[str, Any]]:
     rows = []
     for node in state["nodes"]:
         answer = answers.get(node["addr"])
-        ok = isinstance(answer, dict)
+        info = answer if isinstance(answer, dict) else None  # else the error the call raised
         rows.append({**node, "process": "running" if _running(node["pid"], node["config"]) else "gone",
-                     "answers": ok, "successor": answer["successors"][0] if ok and answer["successors"] else None,
-                     "records": answer["records"] if ok else None,
-                     "error": None if ok else str(answer)})
+                     "answers": info is not None,
+                     "successor": info["successors"][0] if info is not None and info["successors"] else None,
+                     "records": info["records"] if info is not None else None,
+                     "error": None if info is not None else str(answer)})
     return rows
 
 

@@ -146,15 +146,10 @@ class VEBase:
         except RpcError as err:
             raise RequestError(f"{where['node']}: {err}") from None
 
-    async def _vm(self, ve: dict[str, Any], vm: str, action: str, **extra: Any) -> Any:
-        """`host.vm` `action` on the VM's current host."""
-        return await self._host(ve["placement"][vm], "host.vm",
-                                {"name": domain_name(ve["name"], vm), "action": action, **extra})
-
     async def _holds(self, where: Mapping[str, Any], domain: str) -> bool:
         """Whether the host holds `domain` (defined and persisted; a mere reservation does not count)."""
         try:
-            await self.agent.transport.call(where["addr"], "host.vm", {"name": domain, "action": "info"}, timeout=10)
+            await self.agent.transport.call(where["addr"], "host.vm.info", {"name": domain}, timeout=10)
         except RemoteError as err:
             if err.kind == "not_found":
                 return False

@@ -105,10 +105,10 @@ async def _do(action: Action, record: Record, transport: Endpoint, records: Over
 
 
 async def _probe(probe: Probe, transport: Endpoint) -> Probed:
-    """Whether the host holds the domain: a `host.vm info` that answers (holds), answers not_found (does
+    """Whether the host holds the domain: a `host.vm.info` that answers (holds), answers not_found (does
     not), or fails otherwise (unknown)."""
     try:
-        answer = await transport.call(probe.addr, "host.vm", {"name": probe.domain, "action": "info"},
+        answer = await transport.call(probe.addr, "host.vm.info", {"name": probe.domain},
                                       timeout=probe.timeout)
     except RemoteError as err:
         if err.kind == "not_found":

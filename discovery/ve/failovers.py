@@ -14,7 +14,7 @@ States of a `Failover`::
 
     INTENT: write failing_over ──── directory fails ──► refused (nothing else changed)
        │ written
-       ├─ forced (the old host alive): SWITCH_OFF the old copy (host.vm destroy: persisted off) ─┐
+       ├─ forced (the old host alive): SWITCH_OFF the old copy (host.vm.destroy: persisted off) ─┐
        └─ its host down ─────────────────────────────────────────────────────────────────────────┤
     FAILOVER (test pause) ◄──────────────────────────────────────────────────────────────────────┘
        ─► PROMOTE (the standby's node: host.promote, defined and brought to the state) ─► ENDING, forward
@@ -121,7 +121,7 @@ class Failover:
                 self.value = self._pending
                 if self.why is None:
                     self.step = Step.SWITCH_OFF
-                    return vm_action(self.slot, self.domain, "destroy")
+                    return vm_action(self.slot, self.domain, "host.vm.destroy")
                 return self._pause()
             case Step.INTENT, DirectoryFailed(reason=reason, kind=kind):
                 return self._over(Refuse(reason, kind))
@@ -230,8 +230,8 @@ class FailoverRecovery:
     def _tidy(self) -> Action:
         """The old host's copy: undefined if the failover went forward, else brought back to the state."""
         self.step = RecoveryStep.TIDY
-        old = {"action": "undefine"} if self.forward else {"action": "settle", "state": self.intent["state"]}
-        return CallHost(self.slot["node"], self.slot["addr"], "host.vm", {"name": self.domain, **old},
+        method, old = ("host.vm.undefine", {}) if self.forward else ("host.vm.settle", {"state": self.intent["state"]})
+        return CallHost(self.slot["node"], self.slot["addr"], method, {"name": self.domain, **old},
                         timeout=TIDY_TIMEOUT, best_effort=True)
 
     def _outcome(self, fresh: Mapping[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class Move:
         self._pending: Mapping[str, Any] = {}
 
     def start(self, now: float) -> Action:
-        return vm_action(self.slot, self.domain, "info")
+        return vm_action(self.slot, self.domain, "host.vm.info")
 
     def on(self, observation: Observation, now: float) -> Action:
         if self.step is Step.RECOVERING:
@@ -170,7 +170,8 @@ class Move:
                 return self._timed(self._finish_transfer(), now)
             case Step.MIGRATE, HostAnswered():
                 self.step = Step.SETTLE
-                return self._timed(vm_action(self.intent, self.domain, "settle", state=self.intent["state"]), now)
+                return self._timed(vm_action(self.intent, self.domain, "host.vm.settle", state=self.intent["state"]),
+                                   now)
             case Step.SETTLE | Step.CONFIRM, HostAnswered():
                 self.transfer = {"how": self.how, "seconds": round(now - self.started, 3)}
                 self.step = Step.STARTED
@@ -185,7 +186,7 @@ class Move:
                 return PauseForTest("started")
             case Step.STARTED_PAUSE, Continued():
                 self.step = Step.UNDEFINE
-                return vm_action(self.slot, self.domain, "undefine")
+                return vm_action(self.slot, self.domain, "host.vm.undefine")
             case Step.UNDEFINE, HostAnswered():
                 self.step = Step.ARRIVED
                 return self._write({**arrived(self.intent), "transfer": self.transfer})
@@ -341,19 +342,19 @@ class MoveRecovery:
                 return probe(self.slot, self.domain)
             case S.ASK_SOURCE, Probed() if self.forward:
                 self.step = S.SETTLE_TARGET
-                return vm_action(self.intent, self.domain, "settle", state=self.intent["state"])
+                return vm_action(self.intent, self.domain, "host.vm.settle", state=self.intent["state"])
             case S.ASK_SOURCE, Probed(holds=False):
                 return self._over(Refuse(f"{self.name}/{self.vm} is held by neither {self.slot['node']} nor "
                                          f"{self.intent['node']}"))
             case S.ASK_SOURCE, Probed(holds=True):
                 self.step = S.UNDEFINE_TARGET
-                return vm_action(self.intent, self.domain, "undefine")
+                return vm_action(self.intent, self.domain, "host.vm.undefine")
             case S.SETTLE_TARGET, HostAnswered():
                 self.step = S.UNDEFINE_SOURCE
-                return vm_action(self.slot, self.domain, "undefine")
+                return vm_action(self.slot, self.domain, "host.vm.undefine")
             case S.UNDEFINE_TARGET, HostAnswered():
                 self.step = S.SETTLE_SOURCE
-                return vm_action(self.slot, self.domain, "settle", state=self.intent["state"])
+                return vm_action(self.slot, self.domain, "host.vm.settle", state=self.intent["state"])
             case S.UNDEFINE_SOURCE | S.SETTLE_SOURCE, HostAnswered():
                 self.step = S.READ
                 return ReadRecord()

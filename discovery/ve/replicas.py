@@ -244,8 +244,8 @@ class Replicas(VEBase):
         if member is None or member.status not in (ALIVE, SUSPECT):
             return f"{slot['node']} is {member.status if member else 'not a member'}"
         try:
-            await self.agent.transport.call(slot["addr"], "host.vm", {"name": domain_name(ve["name"], vm),
-                                                                      "action": "info"}, timeout=DOWN_PROBE_TIMEOUT)
+            await self.agent.transport.call(slot["addr"], "host.vm.info", {"name": domain_name(ve["name"], vm)},
+                                            timeout=DOWN_PROBE_TIMEOUT)
         except RemoteError as err:
             return f"{slot['node']} does not hold it" if err.kind == "not_found" else None
         except RpcError as err:
@@ -313,12 +313,12 @@ class Replicas(VEBase):
             slot = None if record.deleted else record.value["placement"].get(vm)
             if slot is not None and me in _named(slot):
                 if domain in self.agent.host.held:  # recovered off at start: the directory says it is ours
-                    await self._local("host.vm", {"name": domain, "action": "release"})
+                    await self._local("host.vm.release", {"name": domain})
                 continue
             if slot is None:
                 if record.deleted and domain in self.agent.host.held:  # destroyed while this node was down
                     log.warning("fencing: %s belongs to a destroyed VE; removing it", domain)
-                    await self._local("host.vm", {"name": domain, "action": "undefine"})
+                    await self._local("host.vm.undefine", {"name": domain})
                 continue
             try:
                 elsewhere = await self._holds(slot, domain)
@@ -326,7 +326,7 @@ class Replicas(VEBase):
                 continue
             if elsewhere:
                 log.warning("fencing: %s runs on %s per the directory; removing the copy here", domain, slot["node"])
-                await self._local("host.vm", {"name": domain, "action": "undefine"})
+                await self._local("host.vm.undefine", {"name": domain})
 
     async def _local(self, method: str, args: dict[str, Any]) -> None:
         """A `host.*` call to this node's own host service (as a peer's would be served); failures are logged."""

@@ -192,8 +192,8 @@ class VEService(Relocation, Snapshots, Replicas):
         then its index entry."""
         await self._release(placement, tokens)
         for vm_name, slot in placement.items():
-            await self.agent.transport.call_many([slot["addr"]], "host.vm",
-                                                 {"name": domain_name(spec.name, vm_name), "action": "undefine"})
+            await self.agent.transport.call_many([slot["addr"]], "host.vm.undefine",
+                                                 {"name": domain_name(spec.name, vm_name)})
         try:
             await self.agent.records.delete(PREFIX + spec.name)
         except (RequestError, RpcError) as err:
@@ -231,8 +231,8 @@ class VEService(Relocation, Snapshots, Replicas):
         ve = {**copy.deepcopy(record.value), "version": record.version}  # never mutate the shard's copy
         for vm_name, slot in ve["placement"].items():
             try:
-                info = await self.agent.transport.call(slot["addr"], "host.vm", {
-                    "name": domain_name(ve["name"], vm_name), "action": "info"}, timeout=5)
+                info = await self.agent.transport.call(slot["addr"], "host.vm.info", {
+                    "name": domain_name(ve["name"], vm_name)}, timeout=5)
                 slot["domain_state"] = info["state"]
             except RpcError as err:
                 slot["domain_state"] = f"unknown ({err})"
@@ -267,7 +267,7 @@ class VEService(Relocation, Snapshots, Replicas):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def _on_start(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(caller, args, "start", "running")
+        return await self._apply(caller, args, "host.vm.start", "running")
 
     async def _on_stop(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Shut every VM down gracefully, each forced off after `timeout` seconds (default and bounds:
@@ -279,16 +279,16 @@ class VEService(Relocation, Snapshots, Replicas):
         if force and args.get("timeout") is not None:
             raise RequestError("stop takes a timeout or force, not both")
         if force:
-            return await self._apply(caller, args, "destroy", "stopped")
+            return await self._apply(caller, args, "host.vm.destroy", "stopped")
         given = args.get("timeout")
         timeout = shutdown_timeout({} if given is None else {"timeout": given})
-        return await self._apply(caller, args, "stop", "stopped", timeout=timeout)
+        return await self._apply(caller, args, "host.vm.stop", "stopped", timeout=timeout)
 
     async def _on_suspend(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(caller, args, "suspend", "suspended")
+        return await self._apply(caller, args, "host.vm.suspend", "suspended")
 
     async def _on_resume(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(caller, args, "resume", "running")
+        return await self._apply(caller, args, "host.vm.resume", "running")
 
     async def _on_destroy(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Undefine every VM (and the copy an interrupted move or failover may have left at its target),
@@ -297,27 +297,27 @@ class VEService(Relocation, Snapshots, Replicas):
         async with self._locked(caller, args, settle=False) as record:
             for intent in _interrupted(record.value):
                 await self._check_abandoned(record.value["name"], intent)
-            await self._on_every_vm(record.value, "undefine")
+            await self._on_every_vm(record.value, "host.vm.undefine")
             await self.agent.records.delete(record.key, after=record.version)
             await self._unindex(record.value["name"], record.value.get("uid", ""))
             await self._unstandby(record.value["name"], record.value.get("replicas", {}))
         return {**record.value, "state": "destroyed"}
 
-    async def _apply(self, caller: Caller, args: dict[str, Any], action: str, state: str,
+    async def _apply(self, caller: Caller, args: dict[str, Any], method: str, state: str,
                      **extra: Any) -> dict[str, Any]:
         async with self._locked(caller, args) as record:
-            await self._on_every_vm(record.value, action, **extra)
+            await self._on_every_vm(record.value, method, **extra)
             value = {**record.value, "state": state}
             await self.agent.records.put(record.key, value, after=record.version)
         return value
 
-    async def _on_every_vm(self, ve: dict[str, Any], action: str, **extra: Any) -> None:
-        """Run `action` (with `extra` arguments) on every VM's host at once; each is tried, and any failure is
-        reported. `undefine` also reaches the target of an interrupted move or failover. Hosts run
+    async def _on_every_vm(self, ve: dict[str, Any], method: str, **extra: Any) -> None:
+        """Run `method` (a `host.vm.*` verb, with `extra` arguments) on every VM's host at once; each is tried,
+        and any failure is reported. `undefine` also reaches the target of an interrupted move or failover. Hosts run
         operations on different VMs side by side (a lock per VM), so each call is given HOST_TIMEOUT plus
         the graceful stop's own `timeout`, whatever else its host is doing."""
         places = list(ve["placement"].items())
-        if action == "undefine":
+        if method == "host.vm.undefine":
             places += [(vm, slot[key]) for vm, slot in ve["placement"].items()
                        for key in ("moving_to", "failing_over") if slot.get(key)]
         wait = float(extra.get("timeout", 0.0))
@@ -325,8 +325,8 @@ class VEService(Relocation, Snapshots, Replicas):
 
         async def one(vm_name: str, slot: dict[str, Any]) -> None:
             try:
-                await self.agent.transport.call(slot["addr"], "host.vm", {
-                    "name": domain_name(ve["name"], vm_name), "action": action, **extra},
+                await self.agent.transport.call(slot["addr"], method, {
+                    "name": domain_name(ve["name"], vm_name), **extra},
                     timeout=HOST_TIMEOUT + wait)
             except RpcError as err:
                 failures.append(f"{vm_name} on {slot['node']}: {err}")
@@ -335,7 +335,7 @@ class VEService(Relocation, Snapshots, Replicas):
             for vm_name, slot in places:
                 nursery.start_soon(one, vm_name, slot)
         if failures:
-            raise RequestError(f"{action} failed for " + "; ".join(sorted(failures)))
+            raise RequestError(f"{method.removeprefix('host.vm.')} failed for " + "; ".join(sorted(failures)))
 
     # -- recovery of interrupted operations ------------------------------------------------------------
 

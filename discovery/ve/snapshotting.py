@@ -14,7 +14,7 @@ that were running), coordinator, since}.
 States of a `Snapshot`::
 
     CHECK ── the tag exists ──► refused (conflict; nothing changed)
-    INSPECT each VM's state (host.vm info) ── a host fails ──► refused (nothing changed)
+    INSPECT each VM's state (host.vm.info) ── a host fails ──► refused (nothing changed)
     MARK: write snapshotting {tag, paused: the running VMs} ── directory fails ──► refused
     SUSPEND each running VM ─► SNAPSHOT (test pause) ─► STORE each VM's state (host.snapshot)
        a suspend or a store fails ──► FINISHING without the entry ─► refused ("snapshot failed")
@@ -23,7 +23,7 @@ States of a `Snapshot`::
 
 States of a `SnapshotFinish`::
 
-    RESUME each VM of `paused` (host.vm settle running) ── a host fails ──► stopped (the marker stays)
+    RESUME each VM of `paused` (host.vm.settle running) ── a host fails ──► stopped (the marker stays)
     READ ── gone ──► refused (not found); the marker changed ──► done, not dropped (another agent did)
          ── else WRITE: the marker dropped, the entry listed if there is one ─► done
 
@@ -91,7 +91,7 @@ class Snapshot:
         if any(s["tag"] == self.tag for s in self.value.get("snapshots", [])):
             return self._over(Refuse(f"VE {self.name!r} already has a snapshot {self.tag!r}", "conflict"))
         self.todo = list(self.vms)
-        return self._on_vm("info")
+        return self._on_vm("host.vm.info")
 
     def on(self, observation: Observation, now: float) -> Action:
         if self.step is Step.FINISHING:
@@ -101,7 +101,7 @@ class Snapshot:
             case Step.INSPECT, HostAnswered(answer=info):
                 self.states[self.todo.pop(0)] = info["state"]
                 if self.todo:
-                    return self._on_vm("info")
+                    return self._on_vm("host.vm.info")
                 self.marker = {"tag": self.tag, "paused": [vm for vm in self.vms if self.states[vm] == "running"],
                                "coordinator": self.coordinator, "since": now}
                 self._pending = {**copy.deepcopy(dict(self.value)), "snapshotting": self.marker}
@@ -129,13 +129,13 @@ class Snapshot:
                 return self._finish(None, now)
         raise UnexpectedObservation(self, self.step, observation)
 
-    def _on_vm(self, action: str, **extra: Any) -> Action:
+    def _on_vm(self, method: str, **extra: Any) -> Action:
         vm = self.todo[0]
-        return vm_action(self.value["placement"][vm], self.domains[vm], action, **extra)
+        return vm_action(self.value["placement"][vm], self.domains[vm], method, **extra)
 
     def _suspend_next(self) -> Action:
         if self.todo:
-            return self._on_vm("suspend")
+            return self._on_vm("host.vm.suspend")
         self.step = Step.PAUSE
         return PauseForTest("snapshot")
 
@@ -230,7 +230,7 @@ class SnapshotFinish:
     def _resume_next(self) -> Action:
         if self.todo:
             vm = self.todo[0]
-            return vm_action(self.value["placement"][vm], self.domains[vm], "settle", state="running")
+            return vm_action(self.value["placement"][vm], self.domains[vm], "host.vm.settle", state="running")
         self.step = FinishStep.READ
         return ReadRecord()
 

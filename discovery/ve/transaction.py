@@ -171,9 +171,9 @@ class UnexpectedObservation(Exception):
         super().__init__(f"{type(core).__name__} in step {step} cannot take {observation}")
 
 
-def vm_action(slot: Mapping[str, Any], domain: str, action: str, **extra: Any) -> CallHost:
-    """`host.vm` `action` on `domain` at the host a slot or an intent names."""
-    return CallHost(slot["node"], slot["addr"], "host.vm", {"name": domain, "action": action, **extra})
+def vm_action(slot: Mapping[str, Any], domain: str, method: str, **extra: Any) -> CallHost:
+    """`method` (a `host.vm.*` verb) on `domain` at the host a slot or an intent names."""
+    return CallHost(slot["node"], slot["addr"], method, {"name": domain, **extra})
 
 
 def probe(slot: Mapping[str, Any], domain: str) -> Probe:

@@ -43,7 +43,7 @@ from discovery.ve.transaction import (
 
 DIRECTORY = "directory"
 MUTATING = {"undefine", "settle", "destroy", "suspend", "start", "resume", "stop"}
-"""`host.vm` actions that change a domain."""
+"""`host.vm.*` verbs that change a domain."""
 
 
 @dataclass
@@ -148,8 +148,8 @@ class World:
         host, args = self.hosts[call.node], call.args
         name = args.get("name", "")
         match call.method:
-            case "host.vm":
-                return self._vm(call.node, name, args["action"], args.get("state"))
+            case verb if verb.startswith("host.vm."):
+                return self._vm(call.node, name, verb.removeprefix("host.vm."), args.get("state"))
             case "host.reserve":
                 return {"token": f"token-{call.node}", "backend": host.backend, "migration_uri": host.migration_uri}
             case "host.release" | "host.incoming":
@@ -338,8 +338,8 @@ def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]
 def label(action: Action) -> str:
     """How a trace names an action: `vm settle dst`, `confirm dst`, `probe src`, `read`, `write`, `pause prepared`."""
     match action:
-        case CallHost(method="host.vm"):
-            return f"vm {action.args.get('action')} {action.node}"
+        case CallHost(method=verb) if verb.startswith("host.vm."):
+            return f"vm {verb.removeprefix('host.vm.')} {action.node}"
         case CallHost():
             return f"{action.method.removeprefix('host.')} {action.node}"
         case Probe():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -54,9 +55,16 @@ def _hints(cls: Any) -> dict[str, Any]:
 
 def decode(cls: Any, data: Any, where: str = "") -> Any:
     """`data` (as msgpack decoded it) as an instance of the dataclass `cls` (or of the union of
-    dataclasses `cls`, by its `type` tag), or CodecError."""
+    dataclasses `cls`, by its `type` tag; or of any other type the module supports: an answer may be a
+    `bool`, `bytes` or a `list[X]`, bounded by the frame it came in rather than by MAX_ITEMS), or CodecError."""
+    if dataclasses.is_dataclass(cls):
+        return _record(cls, data, where)
     if typing.get_origin(cls) in (Union, types.UnionType):
         return _value(cls, data, where)
+    return _value(cls, data, where or _name(cls), sys.maxsize)
+
+
+def _record(cls: Any, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise CodecError(f"{where or cls.__name__}: expected a map, got {_kind(data)}")
     fields = {_wire_name(f): f for f in dataclasses.fields(cls)}
@@ -94,7 +102,7 @@ def _value(kind: Any, data: Any, where: str, size: int | None = None) -> Any:
             raise CodecError(f"{where}: expected one of {', '.join(map(str, args))}, got {data!r}")
         return data
     if dataclasses.is_dataclass(kind):
-        return decode(kind, data, where)
+        return _record(kind, data, where)
     if origin in (list, tuple):
         if not isinstance(data, list | tuple):
             raise CodecError(f"{where}: expected a list, got {_kind(data)}")
@@ -136,7 +144,7 @@ def _tagged(options: list[Any], data: Any, where: str) -> Any:
     cls = names.get(data.get("type"))
     if cls is None:
         raise CodecError(f"{_at(where, 'type')}: expected one of {', '.join(names)}, got {data.get('type')!r}")
-    return decode(cls, {k: v for k, v in data.items() if k != "type"}, where)
+    return _record(cls, {k: v for k, v in data.items() if k != "type"}, where)
 
 
 def _check_size(data: Any, where: str, size: int | None) -> None:

@@ -27,11 +27,13 @@ import itertools
 import logging
 import socket
 import ssl
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic
 
 import trio
+from typing_extensions import TypeVar
 
 from overlay.wire import codec, frames, tls
 
@@ -97,16 +99,29 @@ PEOPLE = frozenset({CLIENT, OPERATOR})
 ANYONE = frozenset(tls.ROLES)
 
 
+R = TypeVar("R", default=Any)
+A = TypeVar("A", default=Any)
+
+
 @dataclass(frozen=True)
-class Method:
+class Method(Generic[R, A]):
     """An RPC as registered: the name callers use (a plain string that grep finds), the dataclass its
-    arguments must decode to (`overlay.wire.codec`), and the roles allowed to call it. Every method is
-    declared once, in its layer's `messages` module, and served with `Endpoint.route`."""
+    arguments must decode to (`overlay.wire.codec`), the roles allowed to call it, and the type of its
+    answer. Every method is declared once, in its layer's `messages` module, served with
+    `Endpoint.route` and called, typed, with `Endpoint.ask`."""
 
     name: str
-    request: Any
+    request: type[R] | types.UnionType
     """A frozen dataclass, or a union of them (tagged by `type` on the wire, as `dvms.msg` is)."""
     roles: frozenset[str]
+    answer: type[A] | types.UnionType | None = None
+    """What the method answers, as the codec decodes it (a dataclass, `bool`, `bytes`, `list[X]`,
+    `X | None`, `type(None)` for nothing); None: not declared yet, the answer is left as it came."""
+
+    def read_answer(self, value: Any) -> A:
+        """`value`, as the method answered it on the wire, decoded into its answer type; CodecError if
+        it does not fit."""
+        return value if self.answer is None else codec.decode(self.answer, value, f"{self.name} answer")
 
 
 @dataclass(frozen=True)
@@ -120,7 +135,9 @@ class Caller:
 
 
 Handler = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
-"""Handlers receive the arguments as a map that decoded cleanly into the method's request type."""
+"""Handlers receive the arguments as a map that decoded cleanly into the method's request type. A method that
+declares its answer type is answered with a value of it (dataclasses included: `dispatch` encodes them);
+any other answers with plain msgpack values, passed on as they are."""
 DelayFn = Callable[[str, str], float]
 
 
@@ -230,11 +247,22 @@ class Endpoint:
             codec.decode(method.request, args)
         except codec.CodecError as err:
             raise RequestError(f"{name}: {err}") from None
-        return await handler(caller, args)
+        answer = await handler(caller, args)
+        return answer if method.answer is None else codec.encode(answer)
 
     async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
         raise NotImplementedError
+
+    async def ask(self, addr: str, method: Method[R, A], request: R, timeout: float | None = None) -> A:
+        """`call`, typed: `request` (the method's request dataclass) goes out encoded, and the answer comes
+        back decoded into the method's answer type. An answer that does not fit it fails like a remote
+        error of kind `bad_answer`."""
+        value = await self.call(addr, method.name, codec.encode(request), timeout)
+        try:
+            return method.read_answer(value)
+        except codec.CodecError as err:
+            raise RemoteError("bad_answer", f"{addr}: {err}") from None
 
     async def forget(self, addr: str) -> None:
         """Drop any cached connection to `addr` (e.g. after the peer was declared dead)."""

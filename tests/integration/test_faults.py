@@ -288,7 +288,7 @@ def test_plain_tcp_garbage_and_unknown_methods(cluster6):
             with pytest.raises(Exception, match="no method 'nope'"):
                 await transport.call(addr, "nope", {})
             with pytest.raises(Exception, match="name must be"):
-                await transport.call(addr, "host.vm", {"name": 5, "action": "info"})
+                await transport.call(addr, "host.vm.info", {"name": 5})
             return await transport.call(addr, "agent.status")
 
     assert trio.run(scenario)["name"] == "node3"

@@ -114,7 +114,7 @@ def test_stop_takes_a_timeout_or_force_and_leaves_everything_off(cluster4, tmp_p
         assert refused(cluster4, "--agent", "node1", "ve", "stop", "stopper", "--timeout", bad) == f"error: {rule}"
     for bad in (0, 601, "soon", True):  # the host checks it too
         with pytest.raises(RemoteError, match=rule):
-            host_call(cluster4, node, "host.vm", {"name": "stopper:s", "action": "stop", "timeout": bad})
+            host_call(cluster4, node, "host.vm.stop", {"name": "stopper:s", "timeout": bad})
     proc = cluster4.cli("--agent", "node1", "ve", "stop", "stopper", "--force", "--timeout", "3", check=False)
     assert proc.returncode == 2 and proc.stderr == "error: give --timeout or --force, not both\n"
 

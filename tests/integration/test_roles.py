@@ -78,6 +78,11 @@ def test_cluster_wide_actions_are_for_operators_and_user_views_for_everyone() ->
     assert all("client" not in roles[name] for name in roles if name.split(".")[0] in ("host", "dht", "chord"))
 
 
+def test_every_host_method_declares_its_answer() -> None:
+    """So a caller decodes what a host answers with the method's type (`Endpoint.ask`)."""
+    assert [m.name for m in registered() if m.name.startswith("host.") and m.answer is None] == []
+
+
 async def test_nothing_runs_for_a_caller_the_role_check_refuses() -> None:
     """The check comes before decoding and before the handler."""
     from overlay.messages import NoArgs

@@ -6,11 +6,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from typing_extensions import TypeVar
 
 from agents.host.capacity import Resources
 from agents.host.service import HostService
 from agents.hypervisor.actor import Hypervisor, write_node_xml
-from overlay.wire.rpc import Endpoint
+from overlay.wire import codec
+from overlay.wire.rpc import Caller, Endpoint, Method
+
+R = TypeVar("R")
+A = TypeVar("A")
+AGENT = Caller("node9", "node", "node9", "rennes")
 
 
 @pytest.fixture
@@ -24,3 +30,10 @@ async def host(tmp_path: Path) -> AsyncIterator[HostService]:
     finally:
         service.close()
         await hv.close()
+
+
+async def ask(host: HostService, method: Method[R, A], request: R) -> A:
+    """`method` on the host service as a peer's request is served (role check, decoding, gate, lock), its
+    answer decoded with the method's answer type as `Endpoint.ask` decodes it: so every answer is checked
+    against the type the method declares."""
+    return method.read_answer(await host.transport.dispatch(AGENT, method.name, codec.encode(request)))

@@ -73,3 +73,19 @@ def test_each_fault_is_one_line_naming_the_field(data: Any, message: str) -> Non
 
 def test_an_int_is_a_fine_float() -> None:
     assert decode(Inner, {"tag": "t", "weight": 2}).weight == 2.0
+
+
+@pytest.mark.parametrize("kind, data", [(bool, True), (list[Inner], [Inner("t")]), (Inner | None, None),
+                                        (type(None), None), (bytes, b"x" * 3_000_000)])
+def test_an_answer_may_be_any_type_the_codec_knows_bounded_only_by_its_frame(kind: Any, data: Any) -> None:
+    assert decode(kind, encode(data)) == data
+
+
+@pytest.mark.parametrize("kind, data, message", [
+    (bool, 1, "bool: expected bool, got int"),
+    (list[Inner], [{"tag": 1}], "[0].tag: expected str, got int"),
+    (type(None), {}, "expected nothing, got a map"),
+])
+def test_an_answer_that_does_not_fit_its_type_is_one_line(kind: Any, data: Any, message: str) -> None:
+    with pytest.raises(CodecError, match=message.replace("[", r"\[")):
+        decode(kind, data)

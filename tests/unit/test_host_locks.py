@@ -17,21 +17,36 @@ from agents.host.capacity import Resources
 from agents.host.locks import Gate, VmLocks
 from agents.host.service import HostService
 from agents.hypervisor.actor import DomainInfo, Hypervisor, write_node_xml
-from overlay.wire.rpc import Caller, Endpoint
+from agents.messages import (
+    HOST_CONFIRM,
+    HOST_EXPORT,
+    HOST_INFO,
+    HOST_RESERVE,
+    HOST_SNAPSHOT,
+    HOST_STANDBYS,
+    HOST_VM_INFO,
+    HOST_VM_START,
+    HOST_VM_STOP,
+    HOST_VM_SUSPEND,
+    HOST_VM_UNDEFINE,
+    Confirm,
+    Export,
+    Reserve,
+    Snapshot,
+    VmName,
+    VmStop,
+)
+from overlay.messages import NoArgs
+from overlay.wire.rpc import Endpoint, Method
+from tests.unit.conftest import ask
 
-AGENT = Caller("node9", "node", "node9", "rennes")
 NEED = {"vcpus": 1, "memory_mb": 512, "disk_gb": 1}
 DEADLINE = 10.0
 
 
-async def call(host: HostService, method: str, **args: Any) -> Any:
-    """A request as the transport serves it (role check, gate, locks)."""
-    return await host.transport.dispatch(AGENT, method, args)
-
-
 async def define(host: HostService, name: str) -> None:
-    token = (await call(host, "host.reserve", name=name, **NEED))["token"]
-    await call(host, "host.confirm", token=token)
+    token = (await ask(host, HOST_RESERVE, Reserve(name, **NEED))).token
+    await ask(host, HOST_CONFIRM, Confirm(token))
 
 
 class SlowStops:
@@ -60,20 +75,20 @@ async def test_a_long_stop_of_one_vm_delays_neither_info_nor_reservations_nor_ot
     stops.expect("ve:a")
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: call(host, "host.vm", name="ve:a", action="stop"))
+            nursery.start_soon(ask, host, HOST_VM_STOP, VmStop("ve:a"))
             await stops.started["ve:a"].wait()  # ve:a's stop is under way, and holds ve:a's lock
-            info = await call(host, "host.info")
-            assert info["busy"] == {"ve:a": 1}
-            assert {d["name"]: d["state"] for d in info["domains"]} == {"ve:a": "running", "ve:b": "running"}
-            token = (await call(host, "host.reserve", name="ve:c", **NEED))["token"]
-            assert (await call(host, "host.confirm", token=token))["state"] == "running"
-            assert (await call(host, "host.vm", name="ve:b", action="suspend"))["state"] == "paused"
-            assert (await call(host, "host.snapshot", name="ve:b", tag="t1"))["state"] == "paused"
-            assert (await call(host, "host.export", name="ve:b"))["state"] == "paused"
-            assert [s["name"] for s in await call(host, "host.standbys")] == []
+            info = await ask(host, HOST_INFO, NoArgs())
+            assert info.busy == {"ve:a": 1}
+            assert {d.name: d.state for d in info.domains} == {"ve:a": "running", "ve:b": "running"}
+            token = (await ask(host, HOST_RESERVE, Reserve("ve:c", **NEED))).token
+            assert (await ask(host, HOST_CONFIRM, Confirm(token))).state == "running"
+            assert (await ask(host, HOST_VM_SUSPEND, VmName("ve:b"))).state == "paused"
+            assert (await ask(host, HOST_SNAPSHOT, Snapshot("ve:b", "t1"))).state == "paused"
+            assert (await ask(host, HOST_EXPORT, Export("ve:b"))).state == "paused"
+            assert await ask(host, HOST_STANDBYS, NoArgs()) == []
             assert not stops.finish["ve:a"].is_set()  # all of that while ve:a was still stopping
             stops.finish["ve:a"].set()
-    assert (await call(host, "host.vm", name="ve:a", action="info"))["state"] == "shutoff"
+    assert (await ask(host, HOST_VM_INFO, VmName("ve:a"))).state == "shutoff"
     assert host.vm_locks.in_use() == {}  # locks are dropped once unused
 
 
@@ -84,29 +99,29 @@ async def test_operations_on_one_vm_run_one_at_a_time_in_arrival_order(
     stops.expect("ve:a")
     done: list[str] = []
 
-    async def act(action: str) -> None:
-        await call(host, "host.vm", name="ve:a", action=action)
-        done.append(action)
+    async def act(method: Method, request: Any) -> None:
+        await ask(host, method, request)
+        done.append(method.name)
 
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(act, "stop")
+            nursery.start_soon(act, HOST_VM_STOP, VmStop("ve:a"))
             await stops.started["ve:a"].wait()
-            nursery.start_soon(act, "start")
+            nursery.start_soon(act, HOST_VM_START, VmName("ve:a"))
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(act, "suspend")
+            nursery.start_soon(act, HOST_VM_SUSPEND, VmName("ve:a"))
             await trio.testing.wait_all_tasks_blocked()
             assert done == [] and host.vm_locks.in_use() == {"ve:a": 3}  # both wait behind the stop
             stops.finish["ve:a"].set()
-    assert done == ["stop", "start", "suspend"]
-    assert (await call(host, "host.vm", name="ve:a", action="info"))["state"] == "paused"
+    assert done == ["host.vm.stop", "host.vm.start", "host.vm.suspend"]
+    assert (await ask(host, HOST_VM_INFO, VmName("ve:a"))).state == "paused"
 
 
 async def test_a_confirm_waits_for_the_operation_on_its_vm_and_an_undefine_for_the_confirm(
         host: HostService, monkeypatch: pytest.MonkeyPatch) -> None:
     """The confirm takes the lock of the VM its reservation names: an undefine that arrives meanwhile
     finds the VM defined (it runs after), never half-made."""
-    token = (await call(host, "host.reserve", name="ve:n", **NEED))["token"]
+    token = (await ask(host, HOST_RESERVE, Reserve("ve:n", **NEED))).token
     entered, proceed = trio.Event(), trio.Event()
     define_domain = host.hypervisor.define
 
@@ -119,10 +134,10 @@ async def test_a_confirm_waits_for_the_operation_on_its_vm_and_an_undefine_for_t
     results: dict[str, Any] = {}
 
     async def confirm() -> None:
-        results["confirm"] = await call(host, "host.confirm", token=token)
+        results["confirm"] = await ask(host, HOST_CONFIRM, Confirm(token))
 
     async def undefine() -> None:
-        results["undefine"] = await call(host, "host.vm", name="ve:n", action="undefine")
+        results["undefine"] = await ask(host, HOST_VM_UNDEFINE, VmName("ve:n"))
 
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
@@ -132,7 +147,7 @@ async def test_a_confirm_waits_for_the_operation_on_its_vm_and_an_undefine_for_t
             await trio.testing.wait_all_tasks_blocked()
             assert results == {}
             proceed.set()
-    assert results["confirm"]["state"] == "running" and results["undefine"] is None
+    assert results["confirm"].state == "running" and results["undefine"] is None
     assert host.ledger.allocated == {} and await host.hypervisor.list() == []
 
 
@@ -146,13 +161,13 @@ async def test_requests_wait_for_recovery_and_a_crash_closes_the_gate_until_the_
                 answers: list[Any] = []
 
                 async def info() -> None:
-                    answers.append(await call(host, "host.info"))
+                    answers.append(await ask(host, HOST_INFO, NoArgs()))
 
                 nursery.start_soon(info)
                 await trio.testing.wait_all_tasks_blocked()
                 assert answers == []  # not started: the gate is closed
                 await host.start()
-        assert answers[0]["free"]["vcpus"] == 8
+        assert answers[0].free.vcpus == 8
         await define(host, "ve:a")
 
         async def broken(name: str) -> DomainInfo:
@@ -160,7 +175,7 @@ async def test_requests_wait_for_recovery_and_a_crash_closes_the_gate_until_the_
 
         monkeypatch.setattr(host.hypervisor, "suspend", broken)
         with pytest.raises(RuntimeError, match="a bug"):
-            await call(host, "host.vm", name="ve:a", action="suspend")
+            await ask(host, HOST_VM_SUSPEND, VmName("ve:a"))
         assert not host.gate.is_open  # the supervisor restarts the service: `run` calls `start` again
         with pytest.raises(RuntimeError, match="a bug"):
             await host.handle(host._receive.receive_nowait()[0])

@@ -170,3 +170,28 @@ def test_only_handlers_that_cannot_await_skip_the_deadline():
 
     assert _never_suspends(plain)
     assert not any(map(_never_suspends, (awaiting, with_nursery, returns_a_coroutine, None)))
+
+
+@dataclass(frozen=True)
+class Sum:
+    total: int
+    of: list[int]
+
+
+async def test_a_typed_call_sends_its_request_encoded_and_decodes_the_declared_answer(autojump_clock):
+    net, a, b = net_of_two()
+    adds = Method("sum.add", Args, ANYONE, Sum)
+
+    async def add(caller, args):
+        return Sum(args["x"] + args["v"], [args["x"], args["v"]])  # the answer as a dataclass: dispatch encodes it
+
+    async def garbled(caller, args):
+        return {"total": "three"}
+
+    b.route(adds, add)
+    b.route(Method("sum.garbled", Args, ANYONE, Sum), garbled)
+    assert await a.ask("b", adds, Args(x=1, v=2)) == Sum(3, [1, 2])
+    assert await a.call("b", "sum.add", {"x": 1, "v": 2}) == {"total": 3, "of": [1, 2]}  # the wire: plain maps
+    with pytest.raises(RemoteError, match=r"^b: sum.garbled answer.total: expected int, got str$") as caught:
+        await a.ask("b", Method("sum.garbled", Args, ANYONE, Sum), Args())
+    assert caught.value.kind == "bad_answer"

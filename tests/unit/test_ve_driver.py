@@ -92,12 +92,14 @@ RECORD = Record("ve/shop", {"name": "shop"}, 4, "n1")
 
 async def test_each_action_and_what_comes_back() -> None:
     transport = Transport({
-        ("a:1", "host.vm"): {"state": "running"}, ("b:1", "host.vm"): RemoteError("not_found", "no VM shop:db"),
-        ("c:1", "host.vm"): Unreachable("c:1: connection refused"), ("d:1", "host.vm"): RemoteError("internal", "boom"),
+        ("a:1", "host.vm.info"): {"state": "running"},
+        ("b:1", "host.vm.info"): RemoteError("not_found", "no VM shop:db"),
+        ("c:1", "host.vm.info"): Unreachable("c:1: connection refused"),
+        ("d:1", "host.vm.info"): RemoteError("internal", "boom"),
         ("a:1", "host.reserve"): RemoteError("conflict", "no room"), ("b:1", "host.release"): Unreachable("gone")})
     records = Records(RECORD)
     core = Script(
-        CallHost("a", "a:1", "host.vm", {"name": "shop:db", "action": "info"}),
+        CallHost("a", "a:1", "host.vm.info", {"name": "shop:db"}),
         CallHost("a", "a:1", "host.reserve", {"name": "shop:db"}, timeout=7.0),
         CallHost("b", "b:1", "host.release", {"token": "t"}, best_effort=True),
         Probe("a", "a:1", "shop:db"), Probe("b", "b:1", "shop:db"), Probe("c", "c:1", "shop:db"),
@@ -117,13 +119,13 @@ async def test_each_action_and_what_comes_back() -> None:
         RecordRead({"name": "shop", "x": 1}),
         Continued(),
     ]
-    timeouts = [t for _, method, _, t in transport.calls if method != "host.vm" or t != 10.0]
+    timeouts = [t for _, method, _, t in transport.calls if method != "host.vm.info" or t != 10.0]
     assert timeouts == [40.0, 7.0, None]  # a host call's default, as asked, call_many's default
 
 
 async def test_a_limit_ends_an_action_as_timed_out() -> None:
-    transport = Transport({("a:1", "host.confirm"): "slow", ("b:1", "host.vm"): RpcTimeout("no answer")})
-    core = Script(CallHost("a", "a:1", "host.confirm", {}, within=0.05), CallHost("b", "b:1", "host.vm", {}),
+    transport = Transport({("a:1", "host.confirm"): "slow", ("b:1", "host.vm.info"): RpcTimeout("no answer")})
+    core = Script(CallHost("a", "a:1", "host.confirm", {}, within=0.05), CallHost("b", "b:1", "host.vm.info", {}),
                   Done())
     await drive(core, RECORD, transport, Records(RECORD))
     assert core.heard == [TimedOut(), HostFailed("b", "b: no answer")]

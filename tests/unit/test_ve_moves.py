@@ -176,11 +176,11 @@ def test_recovery_keeps_the_rule_whatever_the_answers(data: st.DataObject) -> No
     for _ in range(12):
         if isinstance(action, (Done, Refuse)):
             break
-        if isinstance(action, CallHost) and action.args.get("action") in ("undefine", "settle"):
+        if isinstance(action, CallHost) and action.method in ("host.vm.undefine", "host.vm.settle"):
             assert heard.get(DST) is not None and heard.get(SRC) is not None, "changed a host before asking both"
-            if action.node == SRC and action.args["action"] == "undefine":
+            if action.node == SRC and action.method == "host.vm.undefine":
                 assert heard[DST] is True, "removed the source's copy though the target did not hold the VM"
-            if action.node == DST and action.args["action"] == "undefine":
+            if action.node == DST and action.method == "host.vm.undefine":
                 assert heard[DST] is False and heard[SRC] is True
         match action:
             case Probe(node=node):
@@ -327,7 +327,7 @@ def test_the_preparation_is_given_up_past_its_limit() -> None:
 ])
 def test_a_move_that_cannot_work_is_refused_before_anything_is_written(method: str, info: dict, refusal: str) -> None:
     core = move(record(), method)
-    assert core.start(0.0) == CallHost(SRC, "src:1", "host.vm", {"name": DOMAIN, "action": "info"})
+    assert core.start(0.0) == CallHost(SRC, "src:1", "host.vm.info", {"name": DOMAIN})
     refused = core.on(HostAnswered(SRC, info), 1.0)
     assert isinstance(refused, Refuse) and refused.reason.startswith(refusal) and core.step is Step.OVER
 

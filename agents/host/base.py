@@ -1,0 +1,117 @@
+"""What every part of the host service shares: the node's VM state and the few steps all handlers use.
+
+`agents.host.service.HostService` is assembled from one class per concern (the lifecycle of one VM in
+`agents.host.lifecycle`, moves in `agents.host.moves`, standby copies in `agents.host.standby`); each
+extends `HostBase`, so each reads on its own and a type checker sees the state it relies on. Nothing
+here serves a request: it holds the ledger, the store, the hypervisor and the locks, routes handlers
+through the gate (`_serve`), and keeps the store in step with libvirt (`_reconcile`, `_forget`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agents.host.capacity import Ledger, Resources
+from agents.host.locks import Gate, VmLocks
+from agents.host.store import Store
+from agents.hypervisor.actor import Hypervisor
+from agents.hypervisor.guests import Domains, TestDomains
+from agents.runtime import Actor
+from overlay.wire.rpc import Caller, Endpoint, Handler, Method, RequestError
+
+log = logging.getLogger(__name__)
+
+
+class HostBase(Actor):
+    """The state of this node's VMs, and the steps every `host.*` handler shares.
+
+    Each request runs in the task that received it, inside the `gate` (`_serve`) and, for a request about
+    one VM, holding that VM's lock (`agents.host.locks.one_vm`). A handler that fails unexpectedly (a bug,
+    not a `RequestError`) fails its request, closes the gate and crashes the service (`handle`): the
+    supervisor restarts it, and `HostService.start` rebuilds the state from SQLite.
+    """
+
+    def __init__(self, transport: Endpoint, hypervisor: Hypervisor, total: Resources, db_path: Path,
+                 domains: Domains | None = None, migration_uri: str | None = None) -> None:
+        super().__init__(mailbox_size=8)  # the mailbox only carries crash reports (`_served`)
+        self.transport = transport
+        self.hypervisor = hypervisor
+        self.total = total
+        self.ledger = Ledger(total)
+        self.domains = domains or TestDomains()
+        self.migration_uri = migration_uri
+        """Where peers migrate VMs to this node (its libvirtd); None where live migration cannot work."""
+        self.held: dict[str, str] = {}
+        """VMs recovered off at start, held off until released, with the state to release them to."""
+        self.vm_locks = VmLocks()
+        self.gate = Gate()
+        self.db_path = db_path
+        self.store: Store | None = None
+        """Opened by the first `start` (off the event loop); requests wait at the gate until then."""
+        self._hold_until = math.inf
+
+    @property
+    def db(self) -> Store:
+        assert self.store is not None, "the host service has not started"
+        return self.store
+
+    def _serve(self, transport: Endpoint, handlers: dict[Method, Handler]) -> None:
+        for method, handler in handlers.items():
+            transport.route(method, self._served(handler))
+
+    def _served(self, handler: Handler) -> Handler:
+        async def call(caller: Caller, args: dict[str, Any]) -> Any:
+            async with self.gate.enter():
+                try:
+                    return await handler(caller, args)
+                except RequestError:
+                    raise
+                except Exception as err:
+                    self.gate.close()  # nothing new starts on a state that may be half-changed
+                    self.tell_nowait(err)
+                    raise
+        return call
+
+    async def handle(self, message: Exception) -> None:
+        raise message  # a handler crashed: restart the service (see the class docstring)
+
+    async def _reconcile(self, name: str) -> None:
+        """Make this store agree with libvirt about VM `name` (real guests only, whose daemon keeps domains
+        and whose migrations move them behind the agent's back): adopt a persistent domain the store
+        lacks (it arrived by live migration; the reservation made for it, if still held, is what it
+        takes), forget one that libvirt no longer has (it migrated away)."""
+        if self.domains.kind == "test":
+            return
+        if name in self.ledger.allocated:
+            if not await self.hypervisor.persistent(name):
+                log.info("host: %s is no longer defined here (it migrated away); forgetting it", name)
+                await self._forget(name)
+            return
+        if not await self.hypervisor.persistent(name):
+            return
+        info = await self.hypervisor.info(name)
+        held = next((r for r in self.ledger.reserved.values() if r.key == name), None)
+        need = held.need if held is not None else Resources(info.vcpus, info.memory_mb, 0)
+        if held is not None:  # taken now, even if it lapsed (not yet swept) while a long migration ran
+            self.ledger.release(held.token)
+        self.ledger.allocate(name, need)
+        xml = await self.hypervisor.xml(name)
+        await self.db.write("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
+                            (name, xml, need.vcpus, need.memory_mb, need.disk_gb, info.state))
+        log.info("host: adopted %s, which arrived by live migration (%s)", name, info.state)
+
+    async def _forget(self, name: str) -> None:
+        """Undefine VM `name`, delete its files and rows, free its room (its lock held, or at start)."""
+        await self.hypervisor.undefine(name)
+        await trio.to_thread.run_sync(self.domains.remove, name)
+        await self.db.transaction(("DELETE FROM domains WHERE name = ?", (name,)),
+                                  ("DELETE FROM snapshots WHERE name = ?", (name,)))
+        self.ledger.deallocate(name)
+
+    async def _set_desired(self, name: str, state: str) -> None:
+        await self.db.write("UPDATE domains SET desired = ? WHERE name = ?", (state, name))

@@ -1,0 +1,162 @@
+"""The lifecycle of one VM on this node: `host.vm.*`, one registered method per verb.
+
+Every verb holds the VM's lock (`agents.host.locks.one_vm`), checks its own arguments, and then opens
+the same way: the store is made to agree with libvirt (`_reconcile`), and a VM that is not here is not
+found (`_here`), except by `destroy` and `undefine`, for which it is already done (idempotent). A verb
+that changes the VM's state ends its hold (a VM recovered off at the node's start waits for the VE
+layer's word, `agents.host.service.HostService.start`; any such verb is that word) and persists the
+state reached, so a restart brings the VM back as it was left (`_change`). `info` and `release` change
+nothing but a hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+import trio
+
+from agents.host.args import name_arg, shutdown_timeout
+from agents.host.base import HostBase
+from agents.host.locks import one_vm
+from agents.hypervisor.actor import SETTLED, DomainInfo, HypervisorError
+from agents.messages import (
+    HOST_VM_DESTROY,
+    HOST_VM_INFO,
+    HOST_VM_RELEASE,
+    HOST_VM_RESUME,
+    HOST_VM_SETTLE,
+    HOST_VM_START,
+    HOST_VM_STOP,
+    HOST_VM_SUSPEND,
+    HOST_VM_UNDEFINE,
+    VmInfo,
+)
+from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError
+
+
+class Lifecycle(HostBase):
+    """`host.vm.start`, `stop`, `destroy`, `suspend`, `resume`, `settle`, `release`, `undefine` and `info`."""
+
+    def _serve_lifecycle(self, transport: Endpoint) -> None:
+        self._serve(transport, {
+            HOST_VM_START: self._on_vm_start, HOST_VM_STOP: self._on_vm_stop, HOST_VM_DESTROY: self._on_vm_destroy,
+            HOST_VM_SUSPEND: self._on_vm_suspend, HOST_VM_RESUME: self._on_vm_resume,
+            HOST_VM_SETTLE: self._on_vm_settle, HOST_VM_RELEASE: self._on_vm_release,
+            HOST_VM_UNDEFINE: self._on_vm_undefine, HOST_VM_INFO: self._on_vm_info})
+
+    @one_vm
+    async def _on_vm_start(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+        """Run the VM: resumed if paused, booted if off."""
+        return await self._change(await self._here(args), "start", self._start)
+
+    @one_vm
+    async def _on_vm_stop(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+        """Shut the VM down gracefully, forced off after `timeout` seconds (`agents.host.args.shutdown_timeout`)."""
+        timeout = shutdown_timeout(args)
+        return await self._change(await self._here(args), "stop", lambda name: self.hypervisor.shutdown(name, timeout))
+
+    @one_vm
+    async def _on_vm_destroy(self, caller: Caller, args: dict[str, Any]) -> DomainInfo | None:
+        """Force the VM off (persisted off); None if it is not here."""
+        name = name_arg(args)
+        if not await self._present(name):
+            return None  # already gone: idempotent
+        return await self._change(name, "destroy", self.hypervisor.destroy)
+
+    @one_vm
+    async def _on_vm_suspend(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+        return await self._change(await self._here(args), "suspend", self.hypervisor.suspend)
+
+    @one_vm
+    async def _on_vm_resume(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+        return await self._change(await self._here(args), "resume", self.hypervisor.resume)
+
+    @one_vm
+    async def _on_vm_settle(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+        """Bring the VM to `state` (running, paused or shutoff) from any state."""
+        state = args.get("state")
+        if state not in SETTLED:
+            raise RequestError(f"settle needs a state, one of {', '.join(SETTLED)}")
+        return await self._change(await self._here(args), "settle",
+                                  lambda name: self.hypervisor.settle(name, state))
+
+    @one_vm
+    async def _on_vm_release(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+        """Start a VM held since this node's start, in the state it should have; for any other VM, a no-op
+        that answers its state."""
+        name = await self._here(args)
+        with _failing("release", name):
+            return await (self._release(name) if name in self.held else self.hypervisor.info(name))
+
+    @one_vm
+    async def _on_vm_undefine(self, caller: Caller, args: dict[str, Any]) -> None:
+        """Remove the VM from this node: its domain, files, snapshots and room. One that is not here leaves
+        nothing, but the files of a move that was undone (`_drop_leftovers`)."""
+        name = name_arg(args)
+        if not await self._present(name):
+            await self._drop_leftovers(name)
+            return  # already gone: idempotent
+        self.held.pop(name, None)
+        with _failing("undefine", name):
+            await self._forget(name)
+
+    @one_vm
+    async def _on_vm_info(self, caller: Caller, args: dict[str, Any]) -> VmInfo:
+        """The domain, whether it is held, and how it may leave this node (`discovery.ve.relocation`): its
+        backend, and whether it may migrate live (a daemon here, and no internal snapshots, which an NBD
+        disk copy would not carry)."""
+        name = await self._here(args)
+        with _failing("info", name):
+            info = await self.hypervisor.info(name)
+            live = self.migration_uri is not None and not await self.hypervisor.snapshot_names(name)
+        return VmInfo(**asdict(info), backend=self.domains.kind, live=live, held=name in self.held)
+
+    async def _present(self, name: str) -> bool:
+        """Whether VM `name` is on this node, once the store agrees with libvirt."""
+        await self._reconcile(name)
+        return name in self.ledger.allocated
+
+    async def _here(self, args: dict[str, Any]) -> str:
+        """The VM the request names, which must be on this node."""
+        name = name_arg(args)
+        if not await self._present(name):
+            raise NotFound(f"no VM {name} on this node")
+        return name
+
+    async def _change(self, name: str, verb: str, act: Callable[[str], Awaitable[DomainInfo]]) -> DomainInfo:
+        """`act` on VM `name`: its hold ends (the VE layer has decided), and the state it reaches is persisted."""
+        self.held.pop(name, None)
+        with _failing(verb, name):
+            info = await act(name)
+        await self._set_desired(name, info.state)
+        return info
+
+    async def _start(self, name: str) -> DomainInfo:
+        info = await self.hypervisor.info(name)
+        return await (self.hypervisor.resume(name) if info.state == "paused" else self.hypervisor.start(name))
+
+    async def _release(self, name: str) -> DomainInfo:
+        """Bring a held VM to the state it should have, and end its hold."""
+        info = await self.hypervisor.settle(name, self.held[name])
+        del self.held[name]
+        await self._set_desired(name, info.state)
+        return info
+
+    async def _drop_leftovers(self, name: str) -> None:
+        """Delete the files a VM not held here left (the empty overlay of a live migration that was undone),
+        unless libvirt has a domain of that name: an incoming migration still writes into them."""
+        if self.domains.disk(name) is None or name in [d.name for d in await self.hypervisor.list()]:
+            return
+        await trio.to_thread.run_sync(self.domains.remove, name)
+
+
+@contextmanager
+def _failing(verb: str, name: str) -> Iterator[None]:
+    """A libvirt failure of `verb` on VM `name` as the caller's one-line error."""
+    try:
+        yield
+    except HypervisorError as err:
+        raise RequestError(f"{verb} {name}: {err}") from None
