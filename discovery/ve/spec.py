@@ -86,14 +86,16 @@ class Constraints:
     Groups keep the VM names as written. `spread_sites` and `max_per_node` are None when not given.
     """
 
-    # each group's VMs share one node
     affinity: tuple[tuple[str, ...], ...] = field(default=(), metadata=sparse())
-    # each group's VMs are on pairwise different nodes
+    """Each group's VMs share one node."""
     anti_affinity: tuple[tuple[str, ...], ...] = field(default=(), metadata=sparse())
-    same_site: bool = field(default=False, metadata=sparse())  # every VM in one site, whichever
-    # the VMs cover at least this many distinct sites
+    """Each group's VMs are on pairwise different nodes."""
+    same_site: bool = field(default=False, metadata=sparse())
+    """Every VM in one site, whichever."""
     spread_sites: int | None = field(default=None, metadata=sparse())
-    max_per_node: int | None = field(default=None, metadata=sparse())  # at most this many VMs of the VE on one node
+    """The VMs cover at least this many distinct sites."""
+    max_per_node: int | None = field(default=None, metadata=sparse())
+    """At most this many VMs of the VE on one node."""
 
     def together(self) -> tuple[tuple[str, ...], ...]:
         """The affinity groups merged where they share a VM, names in order of first appearance."""
