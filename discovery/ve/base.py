@@ -104,17 +104,22 @@ class VEBase:
         self.membership, self.nearest, self.distances, self.host = membership, nearest, distances, host
         self._locks: dict[str, trio.Lock] = {}
 
+    def joined(self) -> bool:
+        """Whether the records may be found from here: this agent joins nobody, or it has joined (another
+        member is live); background passes wait for it."""
+        return not self.joins or len(self.membership.alive()) >= 2
+
     def _lock(self, name: str) -> trio.Lock:
         """The VE's lock on this agent: every operation that changes the VE holds it."""
         return self._locks.setdefault(name, trio.Lock())
 
     @contextlib.asynccontextmanager
-    async def _locked(self, caller: Caller, args: dict[str, Any], settle: bool = True) -> AsyncIterator[Stored]:
-        """The VE's record for an operation that changes it: read under the VE's lock (one read: the
+    async def _locked(self, caller: Caller, name: str, settle: bool = True) -> AsyncIterator[Stored]:
+        """VE `name`'s record for an operation that changes it: read under the VE's lock (one read: the
         lock is named by the request, and a refused caller only waited its turn), and with what
         interrupted operations left in it settled (`_settle`)."""
-        async with self._lock(_ve_name(args)):
-            record = await self._record(caller, args)
+        async with self._lock(name):
+            record = await self._record(caller, name)
             if settle:
                 record = await self._settle(record)
             yield record
@@ -123,8 +128,7 @@ class VEBase:
         """Finish or undo what interrupted operations left in the record (`VEService._settle`)."""
         raise NotImplementedError
 
-    async def _record(self, caller: Caller, args: dict[str, Any]) -> Stored:
-        name = _ve_name(args)
+    async def _record(self, caller: Caller, name: str) -> Stored:
         record = await self.directory.get(name)
         if record is None:
             raise NotFound(f"no VE named {name!r}")
@@ -239,7 +243,8 @@ def may_act(caller: Caller, ve: VERecord) -> bool:
     return caller.role == "operator" or ve.owner == caller.cn
 
 
-def _ve_name(args: dict[str, Any]) -> str:
+def name_arg(args: dict[str, Any]) -> str:
+    """The VE a request names."""
     name = args.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError("a VE name is required")

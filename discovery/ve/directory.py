@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from discovery.ve.index import Index
 from discovery.ve.records import RecordError, VERecord, read, write
 from overlay.dht import Record
 from overlay.wire.rpc import RequestError
@@ -47,9 +48,11 @@ class Stored:
 
 
 class Directory:
+    """The VE records, and their index (`discovery.ve.index`: which VEs exist, for a paged `ve list`)."""
+
     def __init__(self, records: Records) -> None:
         self.records = records
-        """The overlay's records themselves, for what keeps other keys beside the VEs' (`discovery.ve.index`)."""
+        self.index = Index(records, PREFIX)
 
     async def get(self, name: str) -> Stored | None:
         """VE `name`'s record; None if there is none, or only its tombstone."""

@@ -46,7 +46,7 @@ from __future__ import annotations
 import enum
 from dataclasses import replace
 
-from discovery.ve.records import FailoverIntent, Slot, Standby, VEState, VERecord, VMState
+from discovery.ve.records import FailoverIntent, Slot, Standby, VERecord, VEState, VMState
 from discovery.ve.transaction import (
     Action,
     CallHost,

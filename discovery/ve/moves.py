@@ -62,7 +62,6 @@ from dataclasses import replace
 from typing import Any
 
 from discovery.ve.records import How, MoveIntent, Slot, Transfer, VERecord, steady
-
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -84,6 +83,7 @@ from discovery.ve.transaction import (
     probe,
     vm_action,
 )
+
 
 class Step(enum.Enum):
     INSPECT = "inspect"

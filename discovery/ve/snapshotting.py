@@ -41,7 +41,6 @@ from dataclasses import replace
 from typing import Any
 
 from discovery.ve.records import SnapshotEntry, SnapshotMarker, SnapshotVM, VERecord
-
 from discovery.ve.transaction import (
     Action,
     CallHost,

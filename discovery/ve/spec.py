@@ -139,8 +139,8 @@ class VESpec:
         return data
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VESpec:
-        """Validates a spec received from a peer, which is as untrusted as a user's file."""
+    def from_dict(cls, d: object) -> VESpec:
+        """Validates a spec received from a peer, which is as untrusted as a user's file (anything at all)."""
         return _Validator(WIRE_SOURCE).spec(d)
 
 
