@@ -3,8 +3,9 @@
 
 The one place where a VE record meets the records of the overlay the cluster is bound to: reads decode
 (`records.read`), writes encode, and a stored value this agent cannot read (a newer format, a broken
-record) is one RequestError line naming the VE. It keeps no state and decides nothing: the conditional
-writes, versions and tombstones are the overlay's (`overlay.interface.Overlay`).
+record) is one `Unreadable` line naming the VE, which a request gets as its error. It keeps no state and
+decides nothing: conditional writes, versions and tombstones are the overlay's
+(`overlay.interface.Overlay`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from overlay.wire.rpc import RequestError
 
 log = logging.getLogger(__name__)
 PREFIX = "ve/"
+
+
+class Unreadable(RequestError):
+    """A stored value this agent cannot read as a VE record (a newer format, a broken record)."""
 
 
 class Records(Protocol):
@@ -85,13 +90,13 @@ class Directory:
         for record in await self.records.scan(PREFIX):
             try:
                 found.append(self.decode(record))
-            except RequestError as err:
+            except Unreadable as err:
                 log.warning("%s", err)
         return found
 
     def decode(self, record: Record) -> Stored:
-        """The VE a live record of the directory holds; RequestError, one line, if this agent cannot read it."""
+        """The VE a live record of the directory holds; Unreadable, one line, if this agent cannot read it."""
         try:
             return Stored(read(record.value), record.version)
         except RecordError as err:
-            raise RequestError(str(err)) from None
+            raise Unreadable(str(err)) from None

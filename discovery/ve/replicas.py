@@ -31,7 +31,7 @@ from typing import Any
 from agents.host.capacity import Resources
 from agents.runtime import Actor
 from discovery.ve.base import VEBase, domain_name, name_arg
-from discovery.ve.directory import Stored
+from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.driver import drive
 from discovery.ve.failovers import Failover, FailoverRecovery
 from discovery.ve.records import Slot, Standby, VERecord, view
@@ -331,7 +331,7 @@ class Replicas(VEBase):
         """The VE's newest record for fencing; (None, None) if this agent cannot read it: nothing changes."""
         try:
             return await self.directory.newest(name)
-        except RequestError as err:
+        except Unreadable as err:
             log.info("fencing: %s", err)
             return None, None
 

@@ -32,7 +32,7 @@ from agents.runtime import Actor
 from discovery.ve import messages as m
 from discovery.ve import placement as planner
 from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, Candidate, domain_name, may_act, name_arg
-from discovery.ve.directory import Stored
+from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Entry
 from discovery.ve.records import FailoverIntent, Intent, MoveIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
@@ -224,7 +224,7 @@ class VEService(Relocation, Snapshots, Replicas):
         for record in records:
             try:
                 ve = self.directory.decode(record).ve
-            except RequestError as err:
+            except Unreadable as err:
                 log.warning("ve list: %s", err)
                 continue
             if may_act(caller, ve):
