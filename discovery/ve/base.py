@@ -201,17 +201,17 @@ class VEBase:
         """Drop the standby copy of `vm` that `node` keeps, if any (the VM is about to move there, where a
         copy would protect nothing and takes the room the VM needs): out of the record first, then freed."""
         ve = record.ve
-        gone = [e for e in ve.copies_of(vm) if e.node == node]
+        gone = [e for e in ve.standbys_of(vm) if e.node == node]
         if not gone:
             return record
-        record = await self.directory.put(ve.with_copies(vm, (e for e in ve.copies_of(vm) if e.node != node)),
+        record = await self.directory.put(ve.with_standbys(vm, (e for e in ve.standbys_of(vm) if e.node != node)),
                                           after=record.version)
         await self._unstandby(ve.name, {vm: gone})
         return record
 
     async def _unstandby(self, ve: str, copies: Mapping[str, Iterable[Standby]]) -> None:
         """Free standby copies the record no longer lists; best effort: a node that cannot be told now frees
-        its copy itself once it reads the record (`discovery.ve.replicas.Fencing`)."""
+        its copy itself once it reads the record (`discovery.ve.standbys.Fencing`)."""
         for vm, entries in sorted(copies.items()):
             answers = await self.transport.call_many([e.addr for e in entries], "host.unstandby",
                                                      {"name": domain_name(ve, vm)}, 10.0)

@@ -240,8 +240,8 @@ class FailoverRecovery:
             return fresh.with_slot(self.vm, replace(self.slot, failing_over=None))
         i = self.intent
         slot = Slot(i.node, i.addr, i.site, self.rtt_ms, f"failed over from {i.source} ({i.why})")
-        copies = [e for e in fresh.copies_of(self.vm) if e.node != i.node]
-        return fresh.with_slot(self.vm, slot).with_copies(self.vm, copies)
+        copies = [e for e in fresh.standbys_of(self.vm) if e.node != i.node]
+        return fresh.with_slot(self.vm, slot).with_standbys(self.vm, copies)
 
     def _over(self, action: Done | Refuse) -> Action:
         self.step = RecoveryStep.OVER

@@ -178,7 +178,8 @@ class VERecord:
     """The incarnation: a VE destroyed and created again under its name has another (`discovery.ve.index`)."""
     copies: int | None = field(default=None, metadata=sparse())
     """The standby copies asked per VM (`ve replicate`); None if never asked."""
-    replicas: Mapping[str, tuple[Standby, ...]] = field(default_factory=dict, metadata=sparse())
+    standbys: Mapping[str, tuple[Standby, ...]] = field(default_factory=dict, metadata={**wire("replicas"), **sparse()})
+    """Each VM's standby copies (`replicas` on the wire, as agents before this module named them)."""
     snapshots: tuple[SnapshotEntry, ...] = field(default=(), metadata=sparse())
     snapshotting: SnapshotMarker | None = field(default=None, metadata=sparse())
     version: int = VERSION
@@ -186,14 +187,14 @@ class VERecord:
     def with_slot(self, vm: str, slot: Slot) -> VERecord:
         return replace(self, placement={**self.placement, vm: slot})
 
-    def copies_of(self, vm: str) -> tuple[Standby, ...]:
-        return self.replicas.get(vm, ())
+    def standbys_of(self, vm: str) -> tuple[Standby, ...]:
+        return self.standbys.get(vm, ())
 
-    def with_copies(self, vm: str, copies: Iterable[Standby]) -> VERecord:
-        """The record listing `copies` as the standbys of `vm` (none: `vm` leaves `replicas`)."""
+    def with_standbys(self, vm: str, copies: Iterable[Standby]) -> VERecord:
+        """The record listing `copies` as the standbys of `vm` (none: `vm` leaves `standbys`)."""
         entries = tuple(copies)
-        replicas = {v: c for v, c in self.replicas.items() if v != vm} | ({vm: entries} if entries else {})
-        return replace(self, replicas=replicas)
+        standbys = {v: c for v, c in self.standbys.items() if v != vm} | ({vm: entries} if entries else {})
+        return replace(self, standbys=standbys)
 
     def intents(self) -> list[Intent]:
         """What operations left unfinished: moves and failovers (by VM), then a snapshot."""

@@ -71,8 +71,8 @@ class Replicas(VEBase):
             keep: dict[str, list[Standby]] = {}
             drop: dict[str, list[Standby]] = {}
             for vm, slot in sorted(ve.placement.items()):
-                keep[vm] = self._usable(slot, ve.copies_of(vm), alive)[:copies]
-                drop[vm] = [e for e in ve.copies_of(vm) if e not in keep[vm]]
+                keep[vm] = self._usable(slot, ve.standbys_of(vm), alive)[:copies]
+                drop[vm] = [e for e in ve.standbys_of(vm) if e not in keep[vm]]
             carried = {vm: await self._export(ve, vm) for vm in sorted(ve.placement)} if copies else {}
             taken = time.time()
             for vm, kept in keep.items():
@@ -83,7 +83,7 @@ class Replicas(VEBase):
             tokens = await self._reserve_copies(ve, plan)
             added = {vm: [Standby(m.name, m.addr, m.site, taken) for m in members] for vm, members in plan.items()}
             listed = {vm: tuple(keep[vm] + added.get(vm, [])) for vm in ve.placement}
-            wanted = replace(ve, copies=copies, replicas={vm: c for vm, c in listed.items() if c})
+            wanted = replace(ve, copies=copies, standbys={vm: c for vm, c in listed.items() if c})
             record = await self.directory.put(wanted, after=record.version)
             failures = []
             for vm, entries in sorted(added.items()):
@@ -95,7 +95,7 @@ class Replicas(VEBase):
                     except RequestError as err:
                         failures.append(f"{vm} on {entry.node}: {err}")
                         entries.remove(entry)
-                        wanted = wanted.with_copies(vm, (e for e in wanted.copies_of(vm) if e != entry))
+                        wanted = wanted.with_standbys(vm, (e for e in wanted.standbys_of(vm) if e != entry))
             if failures:
                 record = await self.directory.put(wanted, after=record.version)
             await self._unstandby(ve.name, drop)
@@ -256,7 +256,7 @@ class Replicas(VEBase):
         """The VM's standby copy on a live node nearest to where the VM was, if any."""
         alive = {m.name: m for m in self.membership.alive()}
         host = ve.placement[vm].node
-        live = [e for e in ve.copies_of(vm) if e.node in alive and e.node != host]
+        live = [e for e in ve.standbys_of(vm) if e.node in alive and e.node != host]
         return min(live, key=lambda e: (self._distance(host, alive[e.node]), e.node), default=None)
 
     async def _failover(self, record: Stored, vm: str, standby: Standby, why: str | None) -> Stored:
@@ -305,7 +305,7 @@ class Replicas(VEBase):
             if record is None:
                 continue
             if standby:
-                if all(e.node != me for e in (live.ve.copies_of(vm) if live is not None else ())):
+                if all(e.node != me for e in (live.ve.standbys_of(vm) if live is not None else ())):
                     log.warning("fencing: the directory lists no standby of %s here; dropping it", domain)
                     await self._local("host.unstandby", {"name": domain})
                 continue

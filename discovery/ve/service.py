@@ -245,9 +245,9 @@ class VEService(Relocation, Snapshots, Replicas):
             except RpcError as err:
                 state = f"unknown ({err})"
             shown["placement"][vm_name]["domain_state"] = state
-        addrs = sorted({e.addr for copies in ve.replicas.values() for e in copies})
+        addrs = sorted({e.addr for copies in ve.standbys.values() for e in copies})
         held = await self.transport.call_many(addrs, "host.standbys", {}, 5.0) if addrs else {}
-        for vm_name, copies in ve.replicas.items():
+        for vm_name, copies in ve.standbys.items():
             domain = domain_name(ve.name, vm_name)
             for entry, shown_entry in zip(copies, shown["replicas"][vm_name], strict=True):
                 answer = held.get(entry.addr)
@@ -269,8 +269,8 @@ class VEService(Relocation, Snapshots, Replicas):
             if slot.failing_over is not None:
                 vms[vm]["failing_over"] = {"node": slot.failing_over.node, "site": slot.failing_over.site,
                                            "from": slot.failing_over.source}
-            if ve.copies_of(vm):
-                vms[vm]["replicas"] = [{"node": e.node, "site": e.site, "taken": e.taken} for e in ve.copies_of(vm)]
+            if ve.standbys_of(vm):
+                vms[vm]["replicas"] = [{"node": e.node, "site": e.site, "taken": e.taken} for e in ve.standbys_of(vm)]
         return {"name": ve.name, "state": ve.state, "vms": vms}
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ class VEService(Relocation, Snapshots, Replicas):
             await self._on_every_vm(ve, "undefine")
             await self.directory.delete(ve.name, after=record.version)
             await self._unindex(ve.name, ve.uid)
-            await self._unstandby(ve.name, ve.replicas)
+            await self._unstandby(ve.name, ve.standbys)
         return {**view(ve), "state": "destroyed"}
 
     async def _apply(self, caller: Caller, args: dict[str, Any], action: str, state: VEState,

@@ -238,7 +238,7 @@ class World:
             if len(self.running(domain)) > 1:
                 self.violations.append(f"{domain} runs at {self.running(domain)} after {self.trace[-1:]}")
             named = slot.named()
-            copies = [e.node for e in self.record.copies_of(vm)]
+            copies = [e.node for e in self.record.standbys_of(vm)]
             copies += [slot.failing_over.node] if slot.failing_over is not None else []
             if not any(domain in self.hosts[n].domains for n in named if n in self.hosts) and \
                     not any(domain in self.hosts[n].standbys for n in copies if n in self.hosts):

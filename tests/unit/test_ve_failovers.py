@@ -23,7 +23,7 @@ STANDBY = Standby(NEW, "new:1", "lyon", 1.0)
 
 def record(ve_state: VEState = "running", intent: FailoverIntent | None = None) -> VERecord:
     slot = Slot(OLD, "old:1", "rennes", 1.0, "created", failing_over=intent)
-    return record_of(VE, {VM: slot}, ve_state, replicas={VM: (STANDBY,)})
+    return record_of(VE, {VM: slot}, ve_state, standbys={VM: (STANDBY,)})
 
 
 def intent(forced: bool, state: VMState = "running") -> FailoverIntent:
@@ -112,10 +112,10 @@ def test_recovery_table(stage: str, forced: bool, answers: str) -> None:
         assert node == (NEW if promoted else OLD)
         if promoted:
             assert w.holders(DOMAIN) == ({NEW: "running"} if "O" in answers else {OLD: "shutoff", NEW: "running"})
-            assert w.record.replicas == {}  # its only copy became the VM
+            assert w.record.standbys == {}  # its only copy became the VM
         else:
             assert w.holders(DOMAIN)[OLD] == ("running" if "O" in answers else old_state if forced else "shutoff")
-            assert w.hosts[NEW].standbys == {DOMAIN} and w.record.replicas[VM] == (STANDBY,)
+            assert w.hosts[NEW].standbys == {DOMAIN} and w.record.standbys[VM] == (STANDBY,)
     else:  # stopped: the next attempt, everyone answering, ends as the table says
         w.down.clear()
         assert ending(run(FailoverRecovery(w.record, VM, DOMAIN, 3.0), w)) == (
@@ -139,7 +139,7 @@ def test_a_failover_step_by_step(forced: bool, actions: str, ve_state: str) -> N
     assert ", ".join(w.trace) == actions and w.violations == []
     assert settled(w) == NEW and w.hosts[NEW].domains == {DOMAIN: VM_STATE[ve_state]}
     assert w.record.placement[VM] == Slot(NEW, "new:1", "lyon", 3.0, f"failed over from old ({intent(forced).why})")
-    assert w.record.replicas == {} and core.value == w.record and core.step is Step.OVER
+    assert w.record.standbys == {} and core.value == w.record and core.step is Step.OVER
     if forced:
         assert w.holders(DOMAIN) == {NEW: VM_STATE[ve_state]}  # the old copy undefined
     else:

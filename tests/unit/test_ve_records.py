@@ -79,7 +79,7 @@ def test_what_an_old_record_holds_reads_typed() -> None:
                                              "running", "node5", 1717172000.0)
     assert web.transfer == Transfer("carry", 0.412) and web.moving_to is not None and web.moving_to.rtt_ms is None
     assert isinstance(web.moving_to, MoveIntent) and web.named() == ["node3", "node5"]
-    assert ve.copies_of("db") == (Standby("node2", "127.0.0.1:7002", "lyon", 1717171800.5),)
+    assert ve.standbys_of("db") == (Standby("node2", "127.0.0.1:7002", "lyon", 1717171800.5),)
     assert ve.snapshotting == SnapshotMarker("t2", ("db",), "node4", 1717172002.0)
     assert [type(i).__name__ for i in ve.intents()] == ["FailoverIntent", "MoveIntent", "SnapshotMarker"]
 
@@ -88,7 +88,7 @@ def test_empty_optional_parts_are_left_off() -> None:
     """Old records sometimes held an empty map or list (`ve replicate --copies 0`, the last snapshot deleted);
     they read the same, and are stored without them, as records that never had any."""
     ve = read({**OLD, "copies": 0, "replicas": {}, "snapshots": []})
-    assert ve.replicas == {} and ve.snapshots == () and ve.copies == 0
+    assert ve.standbys == {} and ve.snapshots == () and ve.copies == 0
     assert {"replicas", "snapshots"}.isdisjoint(write(ve)) and write(ve)["copies"] == 0
 
 
