@@ -1,8 +1,10 @@
 """One node's agent, composed: the layers of `agents/` plus the VE service and the DVMS scheduler.
 
 This is the one place where the product's services are wired into a `NodeAgent`; `discovery agent run`
-calls `run`. The services receive what they use from here, so none of them imports another's module
-just to find it.
+calls `run`. Each service receives from here the few interfaces it uses (the VE directory, the transport,
+the membership view, the spiral search...), never the agent, so none of them imports another's module
+just to find it; their methods are routed and their subscriptions made here too, not in their
+constructors.
 """
 
 from __future__ import annotations
@@ -14,17 +16,36 @@ import trio
 from agents.node import NodeAgent
 from discovery.agent_config import load_agent_config
 from discovery.scheduler.service import DvmsService
+from discovery.scheduler.settings import DvmsSettings
+from discovery.ve.directory import Directory
 from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
+from dvms.model import Node
 
 
 async def install(agent: NodeAgent) -> None:
     """Agent extension hook: the VE service, its recovery of interrupted operations and its fencing of
     failed-over copies; and the DVMS service, which moves nothing unless some VM demands CPU
     (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`). DVMS relocates through the VE
-    service, so it receives it."""
-    service = VEService(agent)
-    agent.actors += [Recovery(service), Fencing(service), DvmsService(agent, service)]
+    service and reads the VEs' rules from the directory they share."""
+    cfg = agent.config
+    directory = Directory(agent.records)
+    ve = VEService(node=cfg.name, joins=bool(cfg.join), directory=directory, transport=agent.transport,
+                   membership=agent.membership, nearest=agent.spiral, distances=agent.coordinates, host=agent.host)
+    settings = cfg.extra.get("dvms")
+    dvms = DvmsService(
+        node=Node(cfg.name, cfg.site, 100 * cfg.capacity.vcpus, cfg.capacity.memory_mb),
+        settings=settings if isinstance(settings, DvmsSettings) else DvmsSettings(),
+        measured=cfg.hypervisor == "qemu",  # real guests: demand from libvirt's stats
+        transport=agent.transport, membership=agent.membership,
+        nearest=lambda: [e.name for e in agent.spiral.view.entries()],
+        successors=lambda: [p.name for p in agent.ring.state.successor_list()],
+        hypervisor=agent.hypervisor, set_metadata=agent.host.set_metadata, directory=directory,
+        relocate=ve.relocate)
+    for method, handler in ve.routes() + dvms.routes():
+        agent.transport.route(method, handler)
+    agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
+    agent.actors += [Recovery(ve), Fencing(ve), dvms]
 
 
 def run(config: Path) -> None:

@@ -37,6 +37,9 @@ Authorization (`discovery.scheduler.messages`): `dvms.msg` and `dvms.report` are
 `dvms.status` for agents and operators, `dvms.load` (pins, `dvms capacity`) for operators. A relocation is
 the agent's own act: it calls its VE service in process with an internal operator-role caller
 (`dvms@<node>`), which no remote peer can present.
+
+Wiring (`discovery.agent`): the service is given the few things it uses (`DvmsService.__init__`), never
+the agent; the composition place routes its methods (`routes`) and subscribes it to membership news.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ import math
 import time
 import xml.etree.ElementTree as ET
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -55,9 +59,10 @@ from agents.hypervisor.actor import DomainInfo, DomainStats, HypervisorError
 from agents.runtime import Actor, Event
 from discovery.scheduler.messages import DVMS_LOAD, DVMS_MSG, DVMS_REPORT, DVMS_STATUS
 from discovery.scheduler.settings import DvmsSettings
-from discovery.ve.base import PREFIX, domain_name
+from discovery.ve.base import domain_name
+from discovery.ve.directory import Directory, Unreadable
 from discovery.ve.relocation import check_placement
-from discovery.ve.spec import SpecError, VESpec
+from discovery.ve.spec import VESpec
 from dvms.model import VM, Migration, Node, Plan, Rules
 from dvms.monitor import Load, Monitor, cpu_demand, memory_demand_mb
 from dvms.partition import (
@@ -74,12 +79,9 @@ from dvms.partition import (
 )
 from dvms.solver import predecessors, solve
 from dvms.workload import Injector
+from overlay.membership import Membership
 from overlay.wire import codec
-from overlay.wire.rpc import Caller, Forbidden, RequestError, RpcError
-
-if TYPE_CHECKING:
-    from agents.node import NodeAgent
-    from discovery.ve.service import VEService
+from overlay.wire.rpc import Caller, Endpoint, Forbidden, Handler, Method, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 TICK = 0.1
@@ -107,21 +109,45 @@ def rules_of(spec: VESpec) -> Rules:
 # -- the service ----------------------------------------------------------------------------------------
 
 
+class Domains(Protocol):
+    """This node's hypervisor as DVMS reads it (`agents.hypervisor.actor.Hypervisor`)."""
+
+    async def list(self) -> list[DomainInfo]: ...
+
+    async def stats(self) -> dict[str, DomainStats]: ...
+
+    async def metadata(self, name: str, uri: str) -> str | None: ...
+
+
+SetMetadata = Callable[[str, str, str, str | None], Awaitable[None]]
+"""Set (None: remove) a metadata element of a VM here (`agents.host.service.HostService.set_metadata`)."""
+Relocate = Callable[[Caller, str, str, str], Awaitable[object]]
+"""Move VM `vm` of VE `ve` to node `to`, as `caller` (`discovery.ve.relocation.Relocation.relocate`)."""
+
+
 class DvmsService(Actor):
-    """One agent's DVMS: the ISP core, the monitor, and the shell that solves and applies (module doc)."""
+    """One agent's DVMS: the ISP core, the monitor, and the shell that solves and applies (module doc).
+
+    Given: `node`, this node as the scheduler sees it (name, site, CPU and memory capacity); its `settings`;
+    `measured`, whether demand is measured from real guests; the `transport`; the `membership` view; the
+    names of the nearest nodes (`nearest`: the spiral view) and of the ring successors (`successors`); the
+    `hypervisor`'s domains and `set_metadata` on this node's VMs; the VE `directory` (the VEs' rules and
+    placement); and `relocate`, the VE service's move of one VM."""
 
     name = "dvms"
     tick_interval = TICK
 
-    def __init__(self, agent: NodeAgent, ve: VEService, config: IspConfig | None = None) -> None:
+    def __init__(self, *, node: Node, settings: DvmsSettings, measured: bool, transport: Endpoint,
+                 membership: Membership, nearest: Callable[[], list[str]], successors: Callable[[], list[str]],
+                 hypervisor: Domains, set_metadata: SetMetadata, directory: Directory, relocate: Relocate,
+                 config: IspConfig | None = None) -> None:
         super().__init__()
-        self.agent, self.ve = agent, ve
-        self.me = agent.config.name
+        self.node, self.me, self.settings, self.measured = node, node.name, settings, measured
+        self.transport, self.membership, self.nearest, self.successors = transport, membership, nearest, successors
+        self.hypervisor, self.set_metadata = hypervisor, set_metadata
+        self.directory, self.relocate = directory, relocate
         self.config = config or IspConfig()
-        settings = agent.config.extra.get("dvms")
-        self.settings = settings if isinstance(settings, DvmsSettings) else DvmsSettings()
-        self.measured = agent.config.hypervisor == "qemu"  # real guests: demand from libvirt's stats
-        self.cpu_capacity = 100 * agent.config.capacity.vcpus  # `dvms.load` may lower it (a test hook)
+        self.cpu_capacity = node.cpu  # `dvms.load` may lower it (a test hook)
         self.pinned: dict[str, int] = {}  # domain here -> CPU demand pinned by `dvms.load` (its metadata)
         self._read: set[str] = set()  # domains here whose pin was read from their metadata
         self.injector: Injector | None = None
@@ -139,10 +165,11 @@ class DvmsService(Actor):
         self._next_sample = -math.inf
         self._last_problem = -math.inf
         self._nursery: trio.Nursery | None = None
-        for method, handler in ((DVMS_MSG, self._on_msg), (DVMS_REPORT, self._on_report), (DVMS_LOAD, self._on_load),
-                                (DVMS_STATUS, self._on_status)):
-            agent.transport.route(method, handler)
-        agent.notifier.subscribe(self.tell_nowait, {"member_dead", "member_left"})
+
+    def routes(self) -> list[tuple[Method, Handler]]:
+        """The methods this service serves, for the composition place to route (`discovery.agent`)."""
+        return [(DVMS_MSG, self._on_msg), (DVMS_REPORT, self._on_report), (DVMS_LOAD, self._on_load),
+                (DVMS_STATUS, self._on_status)]
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:  # solves, applies and sends run beside the mailbox
@@ -155,7 +182,7 @@ class DvmsService(Actor):
 
     async def start(self) -> None:
         now = trio.current_time()
-        incarnation = self.agent.membership.me.incarnation
+        incarnation = self.membership.me.incarnation
         # a restarted agent may have promised, before it stopped, to stay in a partition: it refuses for a while
         quarantine = now + self.config.quarantine if incarnation > 0 else -math.inf
         self.isp = IspNode(self.me, self._route, self.config, incarnation=incarnation, quarantine_until=quarantine)
@@ -163,16 +190,11 @@ class DvmsService(Actor):
         if s.injector_rate > 0 and not self.measured and self.injector is None:
             self.injector = Injector([], s.injector_rate, seed=s.seed, mean=s.injector_mean, std=s.injector_std,
                                      start=now)
-        cap = self.agent.config.capacity
-        self.monitor = Monitor(Node(self.me, self.agent.config.site, self.cpu_capacity, cap.memory_mb),
-                               s.thresholds())
+        self.monitor = Monitor(replace(self.node, cpu=self.cpu_capacity), s.thresholds())
 
     def _route(self) -> list[str]:
-        view = self.agent.spiral.view
-        spiral = [e.name for e in view.entries()]
-        ring = [p.name for p in self.agent.ring.state.successor_list()]
-        alive = {m.name for m in self.agent.membership.alive(include_me=False)}
-        return [n for n in spiral_then_ring(spiral, ring) if n in alive]
+        alive = {m.name for m in self.membership.alive(include_me=False)}
+        return [n for n in spiral_then_ring(self.nearest(), self.successors()) if n in alive]
 
     def _event(self, kind: str, **data: Any) -> None:
         self.events.append({"time": time.time(), "kind": kind, **data})
@@ -222,7 +244,7 @@ class DvmsService(Actor):
         if now < self._next_sample:
             return
         self._next_sample = now + MONITOR_PERIOD
-        domains = await self.agent.hypervisor.list()
+        domains = await self.hypervisor.list()
         if self.measured:
             await self._measure(domains)
         vms = await self._local_vms(domains)
@@ -270,7 +292,7 @@ class DvmsService(Actor):
             self._event("created", partition=str(p.pid), problem=self.problems.get(str(p.pid)))
 
     def _addr(self, name: str) -> str | None:
-        member = self.agent.membership.members.get(name)
+        member = self.membership.members.get(name)
         return member.addr if member is not None else None
 
     async def _send_msg(self, out: Send) -> None:
@@ -281,7 +303,7 @@ class DvmsService(Actor):
         if addr is None:
             return
         try:
-            await self.agent.transport.call(addr, "dvms.msg", codec.encode_tagged(out.msg), timeout=MSG_TIMEOUT)
+            await self.transport.call(addr, "dvms.msg", codec.encode_tagged(out.msg), timeout=MSG_TIMEOUT)
         except RpcError as err:  # lost: the core times the request out
             log.debug("dvms: %s to %s lost: %s", type(out.msg).__name__, out.to, err)
 
@@ -319,7 +341,7 @@ class DvmsService(Actor):
                 addr = self._addr(name)
                 if addr is None:
                     raise RequestError(f"member {name} is not a known node")
-                reports[name] = await self.agent.transport.call(addr, "dvms.report", {}, timeout=REPORT_TIMEOUT)
+                reports[name] = await self.transport.call(addr, "dvms.report", {}, timeout=REPORT_TIMEOUT)
         nodes, vms, sites = [], [], {}
         for name, report in reports.items():
             nodes.append(Node(name, report["site"], int(report["cpu"]), int(report["memory_mb"])))
@@ -330,22 +352,21 @@ class DvmsService(Actor):
         specs: dict[str, VESpec] = {}
         fixed = []
         for ve in sorted({vm.ve for vm in vms}):
-            record = await self.agent.records.get(PREFIX + ve)
+            try:
+                record = await self.directory.get(ve)
+            except Unreadable as err:
+                log.warning("dvms: %s", err)
+                continue
             if record is None:
                 continue
-            try:
-                spec = VESpec.from_dict(record.value["spec"])
-            except (SpecError, KeyError) as err:
-                log.warning("dvms: VE %s has an unreadable spec: %s", ve, err)
-                continue
-            specs[ve] = spec
+            spec = specs[ve] = record.ve.spec
             needs = {v.name: v for v in spec.vms}
-            for vm_name, slot in record.value.get("placement", {}).items():
+            for vm_name, slot in record.ve.placement.items():
                 domain = domain_name(ve, vm_name)
-                if domain in present or vm_name not in needs or slot.get("node") in reports:
+                if domain in present or vm_name not in needs or slot.node in reports:
                     continue  # here, or said by the record to be on a member that does not have it (moving)
-                sites.setdefault(slot["node"], slot.get("site", ""))
-                fixed.append(VM(domain, ve, slot["node"], needs[vm_name].vcpus, needs[vm_name].memory_mb, 0))
+                sites.setdefault(slot.node, slot.site)
+                fixed.append(VM(domain, ve, slot.node, needs[vm_name].vcpus, needs[vm_name].memory_mb, 0))
         return nodes, vms, fixed, specs, sites
 
     async def _apply(self, out: Apply) -> None:
@@ -354,7 +375,7 @@ class DvmsService(Actor):
         after the deadline. A failed one is reported and the others go on: each `ve.relocate` reserves room
         on its target, so one that lacks the room a failed one would have freed is refused, not overloading."""
         plan = self.plans.get((out.pid, out.version), Plan())
-        caller = Caller(f"dvms@{self.me}", "operator", self.me, self.agent.config.site)
+        caller = Caller(f"dvms@{self.me}", "operator", self.me, self.node.site)
         ves = {m.vm: m.vm.partition(":")[0] for m in plan.migrations}
         done = [trio.Event() for _ in plan.migrations]
         async with trio.open_nursery() as nursery:
@@ -372,7 +393,7 @@ class DvmsService(Actor):
                 return
             ve, _, vm = m.vm.partition(":")
             try:
-                await self.ve._on_relocate(caller, {"name": ve, "vm": vm, "to": m.target})
+                await self.relocate(caller, ve, vm, m.target)
             except Exception as err:  # refused, or broke: the others may still help; the VE service recovers
                 self._event("migration-failed", partition=str(out.pid), vm=m.vm, to=m.target, error=str(err))
                 return
@@ -386,7 +407,7 @@ class DvmsService(Actor):
         """The VE VMs defined here (`listed`: the host's domains, if the caller just listed them), with their
         current demand: CPU pinned (`dvms.load`), else measured (real guests), else injected, else 0; memory
         measured (real guests), else reserved."""
-        domains = [d for d in (listed if listed is not None else await self.agent.hypervisor.list()) if ":" in d.name]
+        domains = [d for d in (listed if listed is not None else await self.hypervisor.list()) if ":" in d.name]
         here = {d.name for d in domains}
         for d in domains:
             if d.name not in self._read:  # arrived (or this agent started): its pin came with its definition
@@ -423,7 +444,7 @@ class DvmsService(Actor):
         """Real guests: each running VM's demand from two samples of libvirt's stats (`dvms.monitor`); domains:
         the host's, just listed."""
         try:
-            stats = await self.agent.hypervisor.stats()
+            stats = await self.hypervisor.stats()
         except HypervisorError as err:
             log.warning("dvms: no domain stats: %s", err)
             return
@@ -444,7 +465,7 @@ class DvmsService(Actor):
 
     async def _pin_of(self, domain: str) -> int | None:
         try:
-            xml = await self.agent.hypervisor.metadata(domain, PIN_NS)
+            xml = await self.hypervisor.metadata(domain, PIN_NS)
             cpu = None if xml is None else int(ET.fromstring(xml).get("cpu", ""))
         except HypervisorError:  # gone meanwhile
             return None
@@ -457,7 +478,7 @@ class DvmsService(Actor):
         assert self.monitor is not None
         vms = await self._local_vms()
         node = self.monitor.plan_node()
-        return {"node": self.me, "site": self.agent.config.site, "cpu": node.cpu, "memory_mb": node.memory_mb,
+        return {"node": self.me, "site": self.node.site, "cpu": node.cpu, "memory_mb": node.memory_mb,
                 "vms": [{"ve": vm.ve, "vm": vm.name.partition(":")[2], "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
                          "cpu": vm.cpu} for vm in vms]}
 
@@ -500,7 +521,7 @@ class DvmsService(Actor):
         if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0):
             raise RequestError("cpu_capacity must be an integer > 0")
         if vm is not None:  # NotFound unless the VM is here
-            await self.agent.host.set_metadata(vm, PIN_NS, "dvms", None if cpu is None else f'<load cpu="{cpu}"/>')
+            await self.set_metadata(vm, PIN_NS, "dvms", None if cpu is None else f'<load cpu="{cpu}"/>')
         await self.ask(("load", (vm, cpu, capacity)))
         return {"node": self.me, "vm": vm, "cpu": cpu, "cpu_capacity": self.cpu_capacity}
 

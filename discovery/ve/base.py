@@ -2,32 +2,34 @@
 and finding the nodes a VM may go to.
 
 `discovery.ve.service.VEService` is assembled from one class per concern, each a subclass of `VEBase`:
-creation, listing and lifecycle in `ve_service`, moves in `discovery.ve.relocation`, snapshots in
-`discovery.ve.snapshots`, standby copies and failover in `discovery.ve.replicas`. They share the agent, the
-per-VE locks and the helpers below, and nothing else, so each module reads on its own.
+creation, listing and lifecycle in `discovery.ve.service`, moves in `discovery.ve.relocation`, snapshots in
+`discovery.ve.snapshots`, standby copies and failover in `discovery.ve.replicas`. They share the narrow
+interfaces the agent is wired with (`VEBase.__init__`, wired in `discovery.agent`), the per-VE locks and
+the helpers below, and nothing else, so each module reads on its own. None of them sees the agent.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from agents.node import NodeAgent
+from agents.host.capacity import Ledger
+from agents.spiral import Predicate, SpiralResult
 from discovery.ve import placement as planner
+from discovery.ve.directory import Directory, Stored
+from discovery.ve.records import Place, Standby, VERecord
 from discovery.ve.spec import VESpec
-from overlay.dht import Record
-from overlay.membership import Member
-from overlay.wire.rpc import Caller, Forbidden, NotFound, RemoteError, RequestError, RpcError
+from overlay.membership import Member, Membership
+from overlay.wire.rpc import Caller, Endpoint, Forbidden, NotFound, RemoteError, RequestError, RpcError
+from vivaldi.coordinate import Coordinate
 
 log = logging.getLogger(__name__)
-PREFIX = "ve/"
 HOST_TIMEOUT = 40.0  # a graceful stop may take the hypervisor's shutdown timeout
 PREPARE_LIMIT = 60.0
 """A coordinator gives up (and rolls back) a VM move whose preparation (reserve, export, import) takes longer."""
@@ -63,39 +65,75 @@ class Candidate:
         return ("rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms") + by
 
 
-class VEBase:
-    """The state and helpers the VE operations share; `VEService` combines the operations."""
+class Finder(Protocol):
+    """The nearest live nodes that satisfy a predicate (`agents.spiral.SpiralService`)."""
 
-    def __init__(self, agent: NodeAgent) -> None:
-        self.agent = agent
+    async def search(self, count: int, predicate: Predicate | None = None, n: int | None = None) -> SpiralResult: ...
+
+
+class Distances(Protocol):
+    """Network coordinates (`agents.coordinates.CoordinateService`)."""
+
+    def coordinate_of(self, member: Member) -> Coordinate | None: ...
+
+    def estimate_to(self, member: Member) -> float | None: ...
+
+
+class LocalHost(Protocol):
+    """This node's host service as the VE layer reads it (`agents.host.service.HostService`): its ledger (the
+    room it has free, and what it holds room for) and the VMs it holds off since its start."""
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def held(self) -> Mapping[str, str]: ...
+
+
+class VEBase:
+    """The interfaces, state and helpers the VE operations share; `VEService` combines the operations.
+
+    What it is given, and nothing else: `node`, this agent's name; `joins`, whether it joins a cluster (its
+    records are elsewhere until it has); the `directory` of VE records; the `transport` that calls hosts and
+    agents and serves `ve.*`; the `membership` view; the spiral search (`nearest`); the network coordinates
+    (`distances`); this node's `host`."""
+
+    def __init__(self, *, node: str, joins: bool, directory: Directory, transport: Endpoint, membership: Membership,
+                 nearest: Finder, distances: Distances, host: LocalHost) -> None:
+        self.node, self.joins, self.directory, self.transport = node, joins, directory, transport
+        self.membership, self.nearest, self.distances, self.host = membership, nearest, distances, host
         self._locks: dict[str, trio.Lock] = {}
+
+    def joined(self) -> bool:
+        """Whether the records may be found from here: this agent joins nobody, or it has joined (another
+        member is live); background passes wait for it."""
+        return not self.joins or len(self.membership.alive()) >= 2
 
     def _lock(self, name: str) -> trio.Lock:
         """The VE's lock on this agent: every operation that changes the VE holds it."""
         return self._locks.setdefault(name, trio.Lock())
 
     @contextlib.asynccontextmanager
-    async def _locked(self, caller: Caller, args: dict[str, Any], settle: bool = True) -> AsyncIterator[Record]:
-        """The VE's record for an operation that changes it: read under the VE's lock (one read: the
+    async def _locked(self, caller: Caller, name: str, settle: bool = True) -> AsyncIterator[Stored]:
+        """VE `name`'s record for an operation that changes it: read under the VE's lock (one read: the
         lock is named by the request, and a refused caller only waited its turn), and with what
         interrupted operations left in it settled (`_settle`)."""
-        async with self._lock(_ve_name(args)):
-            record = await self._record(caller, args)
+        async with self._lock(name):
+            record = await self._record(caller, name)
             if settle:
                 record = await self._settle(record)
             yield record
 
-    async def _settle(self, record: Record) -> Record:
+    async def _settle(self, record: Stored) -> Stored:
         """Finish or undo what interrupted operations left in the record (`VEService._settle`)."""
         raise NotImplementedError
 
-    async def _record(self, caller: Caller, args: dict[str, Any]) -> Record:
-        name = _ve_name(args)
-        record = await self.agent.records.get(PREFIX + name)
+    async def _record(self, caller: Caller, name: str) -> Stored:
+        record = await self.directory.get(name)
         if record is None:
             raise NotFound(f"no VE named {name!r}")
-        if not may_act(caller, record.value):
-            raise Forbidden(f"VE {name!r} belongs to {record.value.get('owner')!r}; {caller.cn!r} may not act on it")
+        if not may_act(caller, record.ve):
+            raise Forbidden(f"VE {name!r} belongs to {record.ve.owner!r}; {caller.cn!r} may not act on it")
         return record
 
     async def _candidates(self, spec: VESpec, everyone: bool) -> list[Candidate]:
@@ -103,11 +141,11 @@ class VEBase:
         the spiral search found; with `everyone`, then every other live member by measured (else
         estimated) RTT, each asked for its free room, so a short spiral never refuses what some node
         could host."""
-        me = self.agent.membership.me
+        me = self.membership.me
         site = spec.site
-        members = {m.name: m for m in self.agent.membership.alive() if site is None or m.site == site}
+        members = {m.name: m for m in self.membership.alive() if site is None or m.site == site}
         if not members:
-            sites = sorted({m.site for m in self.agent.membership.alive()})
+            sites = sorted({m.site for m in self.membership.alive()})
             raise RequestError(f"no live node in site {site!r} (sites: {', '.join(sites)})")
         vcpus, memory = min(v.vcpus for v in spec.vms), min(v.memory_mb for v in spec.vms)
 
@@ -116,69 +154,67 @@ class VEBase:
             return ((site is None or reply.get("site") == site) and free.get("vcpus", 0) >= vcpus
                     and free.get("memory_mb", 0) >= memory)
 
-        found = await self.agent.spiral.search(len(spec.vms) + 1, has_room)
+        found = await self.nearest.search(len(spec.vms) + 1, has_room)
         keys = found.keys()
         ranked = [Candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral",
                             found.replies[e.name].get("free")) for e in found.nodes if e.name in members]
         if me.name in members:
-            ranked.insert(0, Candidate(me, 0.0, free=self.agent.host.ledger.free(trio.current_time()).to_wire()))
+            ranked.insert(0, Candidate(me, 0.0, free=self.host.ledger.free(trio.current_time()).to_wire()))
         if not everyone:
             return ranked
 
         def rtt_ms(m: Member) -> float | None:
             """Measured RTT if we have one, else the coordinates' estimate."""
-            rtt = m.rtt if m.rtt is not None else self.agent.coordinates.estimate_to(m)
+            rtt = m.rtt if m.rtt is not None else self.distances.estimate_to(m)
             return rtt * 1000 if rtt is not None else None
 
         tried = {c.member.name for c in ranked}
         rest = [Candidate(m, rtt_ms(m)) for m in members.values() if m.name not in tried]
         rest.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
-        infos = await self.agent.transport.call_many([c.member.addr for c in rest], "host.info", {}, 5.0)
+        infos = await self.transport.call_many([c.member.addr for c in rest], "host.info", {}, 5.0)
         for c in rest:
             info = infos.get(c.member.addr)
             c.free = info.get("free") if isinstance(info, dict) else None  # unreachable: left out
         return ranked + rest
 
-    async def _host(self, where: Mapping[str, Any], method: str, args: dict[str, Any]) -> Any:
-        """Call a host (a slot or an intent: its `addr`); a failure becomes one RequestError naming the node."""
+    async def _host(self, where: Place, method: str, args: dict[str, Any]) -> Any:
+        """Call a host (a slot, an intent or a standby copy: its `addr`); a failure becomes one RequestError
+        naming the node."""
         try:
-            return await self.agent.transport.call(where["addr"], method, args, timeout=HOST_TIMEOUT)
+            return await self.transport.call(where.addr, method, args, timeout=HOST_TIMEOUT)
         except RpcError as err:
-            raise RequestError(f"{where['node']}: {err}") from None
+            raise RequestError(f"{where.node}: {err}") from None
 
-    async def _holds(self, where: Mapping[str, Any], domain: str) -> bool:
+    async def _holds(self, where: Place, domain: str) -> bool:
         """Whether the host holds `domain` (defined and persisted; a mere reservation does not count)."""
         try:
-            await self.agent.transport.call(where["addr"], "host.vm.info", {"name": domain}, timeout=10)
+            await self.transport.call(where.addr, "host.vm.info", {"name": domain}, timeout=10)
         except RemoteError as err:
             if err.kind == "not_found":
                 return False
-            raise RequestError(f"cannot tell whether {where['node']} holds {domain}: {err}") from None
+            raise RequestError(f"cannot tell whether {where.node} holds {domain}: {err}") from None
         except RpcError as err:
-            raise RequestError(f"{where['node']} cannot be reached: {err}") from None
+            raise RequestError(f"{where.node} cannot be reached: {err}") from None
         return True
 
-    async def _drop_copy(self, record: Record, vm: str, node: str) -> Record:
+    async def _drop_copy(self, record: Stored, vm: str, node: str) -> Stored:
         """Drop the standby copy of `vm` that `node` keeps, if any (the VM is about to move there, where a
         copy would protect nothing and takes the room the VM needs): out of the record first, then freed."""
-        copies = record.value.get("replicas", {}).get(vm, [])
-        gone = [e for e in copies if e["node"] == node]
+        ve = record.ve
+        gone = [e for e in ve.standbys_of(vm) if e.node == node]
         if not gone:
             return record
-        value = copy.deepcopy(record.value)
-        value["replicas"][vm] = [e for e in copies if e["node"] != node]
-        if not value["replicas"][vm]:
-            del value["replicas"][vm]
-        record = await self.agent.records.put(record.key, value, after=record.version)
-        await self._unstandby(value["name"], {vm: gone})
+        record = await self.directory.put(ve.with_standbys(vm, (e for e in ve.standbys_of(vm) if e.node != node)),
+                                          after=record.version)
+        await self._unstandby(ve.name, {vm: gone})
         return record
 
-    async def _unstandby(self, ve: str, copies: Mapping[str, list[dict[str, Any]]]) -> None:
+    async def _unstandby(self, ve: str, copies: Mapping[str, Iterable[Standby]]) -> None:
         """Free standby copies the record no longer lists; best effort: a node that cannot be told now frees
-        its copy itself once it reads the record (`discovery.ve.replicas.Fencing`)."""
+        its copy itself once it reads the record (`discovery.ve.standbys.Fencing`)."""
         for vm, entries in sorted(copies.items()):
-            answers = await self.agent.transport.call_many([e["addr"] for e in entries], "host.unstandby",
-                                                           {"name": domain_name(ve, vm)}, 10.0)
+            answers = await self.transport.call_many([e.addr for e in entries], "host.unstandby",
+                                                     {"name": domain_name(ve, vm)}, 10.0)
             for addr, answer in answers.items():
                 if isinstance(answer, Exception):
                     log.info("standby of %s/%s at %s not freed yet: %s", ve, vm, addr, answer)
@@ -202,12 +238,13 @@ async def pause_for_test(point: str) -> None:
             await trio.sleep(delay)
 
 
-def may_act(caller: Caller, ve: dict[str, Any]) -> bool:
+def may_act(caller: Caller, ve: VERecord) -> bool:
     """A VE's owner (the certificate that created it) and operators may act on it; nobody else."""
-    return caller.role == "operator" or ve.get("owner") == caller.cn
+    return caller.role == "operator" or ve.owner == caller.cn
 
 
-def _ve_name(args: dict[str, Any]) -> str:
+def name_arg(args: dict[str, Any]) -> str:
+    """The VE a request names."""
     name = args.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError("a VE name is required")

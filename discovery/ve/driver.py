@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from discovery.ve.base import HOST_TIMEOUT, pause_for_test
+from discovery.ve.directory import Directory, Stored
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -37,15 +38,13 @@ from discovery.ve.transaction import (
     TimedOut,
     WriteRecord,
 )
-from overlay.dht import Record
-from overlay.interface import Overlay
 from overlay.wire.rpc import Conflict, Endpoint, Forbidden, NotFound, RemoteError, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 REFUSALS: dict[str, type[RequestError]] = {"not_found": NotFound, "conflict": Conflict, "forbidden": Forbidden}
 
 
-async def drive(core: Core, record: Record, transport: Endpoint, records: Overlay) -> tuple[Record, Any]:
+async def drive(core: Core, record: Stored, transport: Endpoint, directory: Directory) -> tuple[Stored, Any]:
     """Run `core`, built from `record`, to its end. Returns the record as last read or written and the
     core's result; raises the core's refusal as a RequestError of its kind."""
     action = core.start(time.time())
@@ -54,21 +53,22 @@ async def drive(core: Core, record: Record, transport: Endpoint, records: Overla
             return record, action.result
         if isinstance(action, Refuse):
             raise REFUSALS.get(action.kind, RequestError)(action.reason)
-        record, observation = await _perform(action, record, transport, records)
+        record, observation = await _perform(action, record, transport, directory)
         action = core.on(observation, time.time())
 
 
-async def _perform(action: Action, record: Record, transport: Endpoint,
-                   records: Overlay) -> tuple[Record, Observation]:
+async def _perform(action: Action, record: Stored, transport: Endpoint,
+                   directory: Directory) -> tuple[Stored, Observation]:
     within = action.within if isinstance(action, (CallHost, PauseForTest)) else None
     if within is None:
-        return await _do(action, record, transport, records)
+        return await _do(action, record, transport, directory)
     with trio.move_on_after(within):
-        return await _do(action, record, transport, records)
+        return await _do(action, record, transport, directory)
     return record, TimedOut()
 
 
-async def _do(action: Action, record: Record, transport: Endpoint, records: Overlay) -> tuple[Record, Observation]:
+async def _do(action: Action, record: Stored, transport: Endpoint,
+              directory: Directory) -> tuple[Stored, Observation]:
     match action:
         case CallHost(best_effort=True):
             answer = (await transport.call_many([action.addr], action.method, dict(action.args),
@@ -88,13 +88,13 @@ async def _do(action: Action, record: Record, transport: Endpoint, records: Over
             return record, await _probe(action, transport)
         case ReadRecord():
             try:
-                fresh = await records.get(record.key)
+                fresh = await directory.get(record.ve.name)
             except RequestError as err:
                 return record, DirectoryFailed(str(err), err.kind)
-            return (record, RecordRead(None)) if fresh is None else (fresh, RecordRead(fresh.value))
+            return (record, RecordRead(None)) if fresh is None else (fresh, RecordRead(fresh.ve))
         case WriteRecord():
             try:
-                record = await records.put(record.key, action.value, after=record.version)
+                record = await directory.put(action.value, after=record.version)
             except RequestError as err:
                 return record, DirectoryFailed(str(err), err.kind)
             return record, RecordWritten()

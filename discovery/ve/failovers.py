@@ -7,8 +7,9 @@ any of them; here its logic is fed observations and returns actions (`discovery.
 whole table and its interleavings are tested without processes (tests/unit/test_ve_failovers.py). It must
 never touch a socket, a clock or trio.
 
-**The log is the record.** Before any host is touched the VM's slot gets `failing_over` = {the standby's
-node, addr, site, `from` (the old host), why, the state to bring the VM to, coordinator, since}.
+**The log is the record.** Before any host is touched the VM's slot gets `failing_over`, a
+`discovery.ve.records.FailoverIntent` (the standby's node, addr, site, `from`: the old host, why, the
+state to bring the VM to, coordinator, since).
 
 States of a `Failover`::
 
@@ -42,11 +43,10 @@ the directory again (there is no STONITH).
 
 from __future__ import annotations
 
-import copy
 import enum
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
 
+from discovery.ve.records import FailoverIntent, Slot, Standby, VERecord, VEState, VMState
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -68,7 +68,7 @@ from discovery.ve.transaction import (
     vm_action,
 )
 
-VM_STATE = {"running": "running", "stopped": "shutoff", "suspended": "paused"}
+VM_STATE: dict[VEState, VMState] = {"running": "running", "stopped": "shutoff", "suspended": "paused"}
 """The state a promoted VM is brought to, by the state of its VE."""
 TIDY_TIMEOUT = 10.0
 """How long the old host is given to tidy its copy (it is likely down)."""
@@ -85,32 +85,30 @@ class Step(enum.Enum):
 
 
 class Failover:
-    """Promote the standby copy at `standby` ({node, addr, site}) into `vm`, whose host is down for `why`
-    (None: alive, and the failover forced), from the record `value`. `rtt_ms`: the RTT to the standby's node,
-    for the slot. Ends with `Done(True)` or `Refuse`; `value` is the record as last read or written."""
+    """Promote the standby copy `standby` into `vm`, whose host is down for `why` (None: alive, and the
+    failover forced), from the record `value`. `rtt_ms`: the RTT to the standby's node, for the slot. Ends
+    with `Done(True)` or `Refuse`; `value` is the record as last read or written."""
 
-    def __init__(self, value: Mapping[str, Any], vm: str, domain: str, standby: Mapping[str, Any], why: str | None,
+    def __init__(self, value: VERecord, vm: str, domain: str, standby: Standby, why: str | None,
                  coordinator: str, rtt_ms: float | None) -> None:
         self.value, self.vm, self.domain, self.why, self.rtt_ms = value, vm, domain, why, rtt_ms
-        self.name: str = value["name"]
-        self.slot: dict[str, Any] = dict(value["placement"][vm])
+        self.name = value.name
+        self.slot = value.placement[vm]
         self.coordinator = coordinator
         self.standby = standby
         self.step = Step.INTENT
-        self.intent: dict[str, Any] = {}
+        self.intent: FailoverIntent | None = None
         self.cause = ""
         self.inner: FailoverRecovery | None = None
-        self._pending: Mapping[str, Any] = {}
+        self._pending = value
 
     def start(self, now: float) -> Action:
-        self.intent = {**{k: self.standby[k] for k in ("node", "addr", "site")}, "from": self.slot["node"],
-                       "why": self.why or f"forced while {self.slot['node']} was alive",
-                       "state": VM_STATE.get(self.value["state"], "running"), "coordinator": self.coordinator,
-                       "since": now}
-        value = copy.deepcopy(dict(self.value))
-        value["placement"][self.vm] = {**self.slot, "failing_over": self.intent}
-        self._pending = value
-        return WriteRecord(value)
+        s = self.standby
+        self.intent = FailoverIntent(s.node, s.addr, s.site, self.slot.node,
+                                     self.why or f"forced while {self.slot.node} was alive",
+                                     VM_STATE.get(self.value.state, "running"), self.coordinator, now)
+        self._pending = self.value.with_slot(self.vm, replace(self.slot, failing_over=self.intent))
+        return WriteRecord(self._pending)
 
     def on(self, observation: Observation, now: float) -> Action:
         if self.step in (Step.RECOVERING, Step.ENDING):
@@ -129,8 +127,8 @@ class Failover:
                 return self._pause()
             case Step.PAUSE, Continued():
                 self.step = Step.PROMOTE
-                return CallHost(self.intent["node"], self.intent["addr"], "host.promote",
-                                {"name": self.domain, "state": self.intent["state"]})
+                assert self.intent is not None, "written at the start"
+                return promote(self.intent, self.domain)
             case Step.PROMOTE, HostAnswered():
                 self.step = Step.ENDING
                 self.inner = FailoverRecovery(self.value, self.vm, self.domain, self.rtt_ms, forward=True)
@@ -153,14 +151,14 @@ class Failover:
             return action
         if self.step is Step.ENDING:
             return self._over(action)
-        doing = f"failover of {self.name}/{self.vm} to {self.intent['node']}"
+        doing = f"failover of {self.name}/{self.vm} to {self.standby.node}"
         if isinstance(action, Refuse):
             return self._over(Refuse(f"{doing} failed ({self.cause}) and is left unfinished ({action.reason}); "
                                      "retry to finish or undo it"))
         if action.result:
             return self._over(Done(True))
-        return self._over(Refuse(f"cannot fail over {self.name}/{self.vm} to {self.intent['node']}: {self.cause}; "
-                                 f"undone, it stays on {self.slot['node']}"))
+        return self._over(Refuse(f"cannot fail over {self.name}/{self.vm} to {self.standby.node}: {self.cause}; "
+                                 f"undone, it stays on {self.slot.node}"))
 
     def _over(self, action: Done | Refuse) -> Action:
         self.step = Step.OVER
@@ -181,15 +179,16 @@ class FailoverRecovery:
     with `forward` given, the promotion is known to be done and this only ends it (from TIDY). `rtt_ms`: the
     RTT to the standby's node. Ends with `Done(forward)`, or `Refuse` with the intent left in place."""
 
-    def __init__(self, value: Mapping[str, Any], vm: str, domain: str, rtt_ms: float | None,
+    def __init__(self, value: VERecord, vm: str, domain: str, rtt_ms: float | None,
                  forward: bool | None = None) -> None:
         self.value, self.vm, self.domain, self.rtt_ms = value, vm, domain, rtt_ms
-        self.name: str = value["name"]
-        self.slot: Mapping[str, Any] = value["placement"][vm]
-        self.intent: Mapping[str, Any] = self.slot["failing_over"]
+        self.name = value.name
+        self.slot = value.placement[vm]
+        assert self.slot.failing_over is not None, "a recovery is made for a failover left in the record"
+        self.intent = self.slot.failing_over
         self.forward = bool(forward)
         self.step = RecoveryStep.ASK_STANDBY if forward is None else RecoveryStep.TIDY
-        self._pending: Mapping[str, Any] = {}
+        self._pending = value
 
     def start(self, now: float) -> Action:
         return probe(self.intent, self.domain) if self.step is RecoveryStep.ASK_STANDBY else self._tidy()
@@ -202,8 +201,7 @@ class FailoverRecovery:
             case S.ASK_STANDBY, Probed(holds=True):
                 self.forward = True
                 self.step = S.PROMOTE
-                return CallHost(self.intent["node"], self.intent["addr"], "host.promote",
-                                {"name": self.domain, "state": self.intent["state"]})
+                return promote(self.intent, self.domain)
             case (S.ASK_STANDBY, Probed(holds=False)) | (S.PROMOTE, HostAnswered()):
                 return self._tidy()
             case S.PROMOTE, HostFailed(reason=reason):
@@ -213,9 +211,10 @@ class FailoverRecovery:
                 return ReadRecord()
             case S.READ, RecordRead(value=None):
                 return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
-            case S.READ, RecordRead(value=Mapping() as fresh):
+            case S.READ, RecordRead(value=VERecord() as fresh):
                 self.value = fresh
-                if fresh["placement"].get(self.vm, {}).get("failing_over") != self.intent:
+                slot = fresh.placement.get(self.vm)
+                if slot is None or slot.failing_over != self.intent:
                     return self._over(Done(self.forward))  # another agent settled it meanwhile
                 self._pending = self._outcome(fresh)
                 self.step = S.WRITE
@@ -230,28 +229,25 @@ class FailoverRecovery:
     def _tidy(self) -> Action:
         """The old host's copy: undefined if the failover went forward, else brought back to the state."""
         self.step = RecoveryStep.TIDY
-        method, old = ("host.vm.undefine", {}) if self.forward else ("host.vm.settle", {"state": self.intent["state"]})
-        return CallHost(self.slot["node"], self.slot["addr"], method, {"name": self.domain, **old},
+        method, old = ("host.vm.undefine", {}) if self.forward else ("host.vm.settle", {"state": self.intent.state})
+        return CallHost(self.slot.node, self.slot.addr, method, {"name": self.domain, **old},
                         timeout=TIDY_TIMEOUT, best_effort=True)
 
-    def _outcome(self, fresh: Mapping[str, Any]) -> dict[str, Any]:
-        value = copy.deepcopy(dict(fresh))
-        intent = self.intent
+    def _outcome(self, fresh: VERecord) -> VERecord:
+        """The record once the failover is over: the VM on the standby's node, which no longer counts as a
+        copy (forward), or where it was, without the intent (undone)."""
         if not self.forward:
-            value["placement"][self.vm] = {k: v for k, v in self.slot.items() if k != "failing_over"}
-            return value
-        value["placement"][self.vm] = {"node": intent["node"], "addr": intent["addr"], "site": intent["site"],
-                                       "rtt_ms": self.rtt_ms,
-                                       "why": f"failed over from {intent['from']} ({intent['why']})"}
-        copies = value.get("replicas", {}).get(self.vm, [])
-        value["replicas"] = nonempty({**value.get("replicas", {}),
-                                      self.vm: [e for e in copies if e["node"] != intent["node"]]})
-        return value
+            return fresh.with_slot(self.vm, replace(self.slot, failing_over=None))
+        i = self.intent
+        slot = Slot(i.node, i.addr, i.site, self.rtt_ms, f"failed over from {i.source} ({i.why})")
+        copies = [e for e in fresh.standbys_of(self.vm) if e.node != i.node]
+        return fresh.with_slot(self.vm, slot).with_standbys(self.vm, copies)
 
     def _over(self, action: Done | Refuse) -> Action:
         self.step = RecoveryStep.OVER
         return action
 
 
-def nonempty(replicas: Mapping[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    return {vm: entries for vm, entries in replicas.items() if entries}
+def promote(intent: FailoverIntent, domain: str) -> CallHost:
+    """Make the standby copy on the intent's node the VM, brought to the intent's state (idempotent)."""
+    return CallHost(intent.node, intent.addr, "host.promote", {"name": domain, "state": intent.state})

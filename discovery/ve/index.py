@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import trio
 
+from discovery.ve.records import incarnation
 from overlay.dht import Record, WriteConflict
 from overlay.wire.rpc import RequestError, RpcError
 
@@ -214,10 +215,11 @@ class Index:
         while True:
             window = range(start.bucket, min(BUCKETS, start.bucket + width))
             buckets = await self._read(window)
-            more, start, decided = take(buckets, start, limit - len(found), wanted)
+            more, end, decided = take(buckets, start, limit - len(found), wanted)
             found += more
-            if decided:
-                return found, start
+            if decided or end is None:
+                return found, end
+            start = end
             read += len(window)
             per_bucket = len(found) / read  # the buckets hold about as many entries as those read so far
             width = max(WINDOW, math.ceil((limit - len(found)) / per_bucket) + 1) if per_bucket else BUCKETS
@@ -242,7 +244,7 @@ class Index:
         while True:
             entries, cursor = await self.page(limit - len(shown), cursor, wanted)
             for entry, record in zip(entries, await self._records(entries), strict=True):
-                if record is not None and not record.deleted and record.value.get("uid", "") == entry.uid:
+                if record is not None and not record.deleted and incarnation(record.value) == entry.uid:
                     shown.append(record)
                 elif record is not None:
                     await self._prune(entry, record)

@@ -7,8 +7,9 @@ failure may stop it after any of them. Here its logic is fed observations and re
 answers is tested without a process (tests/unit/test_ve_moves.py). It must never touch a socket, a clock or
 trio.
 
-**The log is the record.** Before any host is touched the VM's slot gets `moving_to` = {target node,
-addr, site, rtt_ms, why, phase, the VM's state (running, paused or shutoff), coordinator, since}.
+**The log is the record.** Before any host is touched the VM's slot gets `moving_to`, a
+`discovery.ve.records.MoveIntent` (target node, addr, site, rtt_ms, why, phase, the VM's state: running,
+paused or shutoff, coordinator, since).
 
 States of a `Move`::
 
@@ -55,12 +56,12 @@ by its coordinator, or by another agent once that coordinator is abandoned (`VES
 
 from __future__ import annotations
 
-import copy
 import enum
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from discovery.ve.records import How, MoveIntent, Slot, Transfer, VERecord, steady
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -82,9 +83,6 @@ from discovery.ve.transaction import (
     probe,
     vm_action,
 )
-
-STEADY = ("running", "paused", "shutoff")
-"""The states a VM may be moved in, and brought back to (`agents.hypervisor.actor.SETTLED`)."""
 
 
 class Step(enum.Enum):
@@ -112,33 +110,33 @@ PREPARE_STEPS = frozenset({Step.RESERVE, Step.INCOMING, Step.EXPORT, Step.PREPAR
 
 
 class Move:
-    """One VM's move to `target` ({node, addr, site, rtt_ms}), coordinated by `coordinator`, from the record
-    `value`. `need`: the VM's {vcpus, memory_mb, disk_gb}. `method`: auto, live or ship. `limit`: the
-    seconds the preparation may take before the move is given up and undone.
+    """One VM's move to `target` (the VM's slot there, with why it goes there), coordinated by `coordinator`,
+    from the record `value`. `need`: the VM's {vcpus, memory_mb, disk_gb}. `method`: auto, live or ship.
+    `limit`: the seconds the preparation may take before the move is given up and undone.
 
-    Ends with `Done(transfer)` ({how, seconds}; None if it went forward through recovery) or `Refuse`.
+    Ends with `Done(transfer)` (a `Transfer`; None if it went forward through recovery) or `Refuse`.
     `value` is the record as last read or written."""
 
-    def __init__(self, value: Mapping[str, Any], vm: str, domain: str, target: Mapping[str, Any], why: str,
-                 method: str, need: Mapping[str, int], coordinator: str, limit: float) -> None:
+    def __init__(self, value: VERecord, vm: str, domain: str, target: Slot, method: str, need: Mapping[str, int],
+                 coordinator: str, limit: float) -> None:
         self.value = value
-        self.vm, self.domain, self.target, self.why, self.method = vm, domain, target, why, method
+        self.vm, self.domain, self.target, self.method = vm, domain, target, method
         self.need, self.coordinator, self.limit = need, coordinator, limit
-        self.name: str = value["name"]
-        self.slot: dict[str, Any] = dict(value["placement"][vm])
+        self.name = value.name
+        self.slot = value.placement[vm]
         self.step = Step.INSPECT
-        self.intent: dict[str, Any] = {}
+        self.intent: MoveIntent | None = None
         self.source: Mapping[str, Any] = {}
         self.reserved: Mapping[str, Any] = {}
         self.carried: Mapping[str, Any] = {}
         self.token: str | None = None
-        self.how = ""
+        self.how: How | None = None
         self.deadline = 0.0
         self.started = 0.0
-        self.transfer: dict[str, Any] | None = None
+        self.transfer: Transfer | None = None
         self.cause = ""
         self.recovery: MoveRecovery | None = None
-        self._pending: Mapping[str, Any] = {}
+        self._pending = value
 
     def start(self, now: float) -> Action:
         return vm_action(self.slot, self.domain, "host.vm.info")
@@ -158,7 +156,7 @@ class Move:
                 self.value = self._pending
                 self.deadline = now + self.limit
                 self.step = Step.RESERVE
-                return self._timed(CallHost(self.target["node"], self.target["addr"], "host.reserve", {
+                return self._timed(CallHost(self.target.node, self.target.addr, "host.reserve", {
                     "name": self.domain, **self.need}), now)
             case Step.RESERVE, HostAnswered(answer=reserved):
                 return self._reserved(reserved, now)
@@ -170,12 +168,14 @@ class Move:
                 return self._timed(self._finish_transfer(), now)
             case Step.MIGRATE, HostAnswered():
                 self.step = Step.SETTLE
-                return self._timed(vm_action(self.intent, self.domain, "host.vm.settle", state=self.intent["state"]),
-                                   now)
+                settle = vm_action(self.target, self.domain, "host.vm.settle", state=self._intent().state)
+                return self._timed(settle, now)
             case Step.SETTLE | Step.CONFIRM, HostAnswered():
-                self.transfer = {"how": self.how, "seconds": round(now - self.started, 3)}
+                assert self.how is not None, "chosen once the target has reserved"
+                self.transfer = Transfer(self.how, round(now - self.started, 3))
                 self.step = Step.STARTED
-                return self._write({**self.slot, "moving_to": {**self.intent, "phase": "started", "since": now}})
+                started = replace(self._intent(), phase="started", since=now)
+                return self._write(replace(self.slot, moving_to=started))
             case Step.RELEASE, HostAnswered() | HostFailed():
                 return self._recover(now)
             case Step.INTENT | Step.STARTED | Step.ARRIVED, DirectoryFailed(reason=reason, kind=kind):
@@ -189,9 +189,9 @@ class Move:
                 return vm_action(self.slot, self.domain, "host.vm.undefine")
             case Step.UNDEFINE, HostAnswered():
                 self.step = Step.ARRIVED
-                return self._write({**arrived(self.intent), "transfer": self.transfer})
+                return self._write(replace(arrived(self._intent()), transfer=self.transfer))
             case Step.UNDEFINE, HostFailed(reason=reason):
-                return self._over(Refuse(f"{self.name}/{self.vm} runs on {self.target['node']}, but its old copy "
+                return self._over(Refuse(f"{self.name}/{self.vm} runs on {self.target.node}, but its old copy "
                                          f"could not be removed yet ({reason}); retry to finish"))
             case Step.ARRIVED, RecordWritten():
                 self.value = self._pending
@@ -201,16 +201,18 @@ class Move:
     def _inspected(self, info: Mapping[str, Any], now: float) -> Action:
         """Refuse, before anything changes, a move that cannot work; else write the intent."""
         self.source = info
-        state = info["state"]
-        refusal = method_refusal(self.method, info)
-        if refusal is None and state not in STEADY:
-            refusal = f"cannot relocate {self.name}/{self.vm}: it is {state} on {self.slot['node']}"
-        if refusal is not None:
-            return self._over(Refuse(refusal))
-        self.intent = {**{k: self.target[k] for k in ("node", "addr", "site", "rtt_ms")}, "why": self.why,
-                       "phase": "prepare", "state": state, "coordinator": self.coordinator, "since": now}
+        refusal, state = method_refusal(self.method, info), steady(info["state"])
+        if refusal is not None or state is None:
+            return self._over(Refuse(refusal or f"cannot relocate {self.name}/{self.vm}: it is {info['state']} on "
+                                                f"{self.slot.node}"))
+        t = self.target
+        self.intent = MoveIntent(t.node, t.addr, t.site, t.rtt_ms, t.why, "prepare", state, self.coordinator, now)
         self.step = Step.INTENT
-        return self._write({**self.slot, "moving_to": self.intent})
+        return self._write(replace(self.slot, moving_to=self.intent))
+
+    def _intent(self) -> MoveIntent:
+        assert self.intent is not None, "the intent is written before any step that reads it"
+        return self.intent
 
     def _reserved(self, reserved: Mapping[str, Any], now: float) -> Action:
         """The target holds the room: get the VM there, one of three ways.
@@ -230,28 +232,28 @@ class Move:
         backend = self.source.get("backend", "test")
         if backend != reserved.get("backend", "test"):
             return self._fail(f"cannot move a {backend} VM to a {reserved.get('backend')} node", now)
-        live = bool(self.source.get("live") and reserved.get("migration_uri") and self.intent["state"] != "shutoff")
+        live = bool(self.source.get("live") and reserved.get("migration_uri") and self._intent().state != "shutoff")
         if self.method == "live" and not live:
-            return self._fail(f"cannot migrate it live: {self.target['node']} has no libvirtd of its own", now)
+            return self._fail(f"cannot migrate it live: {self.target.node} has no libvirtd of its own", now)
         if live and self.method in ("auto", "live"):
             self.how, self.step = "live", Step.INCOMING
-            return self._timed(CallHost(self.target["node"], self.target["addr"], "host.incoming",
+            return self._timed(CallHost(self.target.node, self.target.addr, "host.incoming",
                                         {"name": self.domain}), now)
         self.how, self.step = ("ship" if backend != "test" else "carry"), Step.EXPORT
-        return self._timed(CallHost(self.slot["node"], self.slot["addr"], "host.export", {
+        return self._timed(CallHost(self.slot.node, self.slot.addr, "host.export", {
             "name": self.domain, "freeze": True, "ship": self.how == "ship"}), now)
 
     def _finish_transfer(self) -> Action:
         """After the test pause: the source migrates the VM, or the target defines it from what was carried."""
         if self.how == "live":
             self.step = Step.MIGRATE
-            return CallHost(self.slot["node"], self.slot["addr"], "host.migrate", {
+            return CallHost(self.slot.node, self.slot.addr, "host.migrate", {
                 "name": self.domain, "uri": self.reserved["migration_uri"]})
         self.step = Step.CONFIRM
-        ship = ({"ship": {"from": self.slot["addr"], "image": self.carried["ship"]["image"]}}
+        ship = ({"ship": {"from": self.slot.addr, "image": self.carried["ship"]["image"]}}
                 if self.how == "ship" else {})
-        return CallHost(self.target["node"], self.target["addr"], "host.confirm", {
-            "token": self.token, "xml": self.carried["xml"], "state": self.intent["state"],
+        return CallHost(self.target.node, self.target.addr, "host.confirm", {
+            "token": self.token, "xml": self.carried["xml"], "state": self._intent().state,
             "snapshots": self.carried["snapshots"], **ship})
 
     def _timed(self, action: Action, now: float) -> Action:
@@ -271,7 +273,7 @@ class Move:
         if self.token is None:
             return self._recover(now)  # nothing reserved
         self.step = Step.RELEASE
-        return CallHost(self.target["node"], self.target["addr"], "host.release", {"token": self.token},
+        return CallHost(self.target.node, self.target.addr, "host.release", {"token": self.token},
                         best_effort=True)
 
     def _recover(self, now: float) -> Action:
@@ -282,19 +284,19 @@ class Move:
     def _from_recovery(self, action: Action) -> Action:
         assert self.recovery is not None
         self.value = self.recovery.value
-        doing = f"relocating {self.name}/{self.vm} to {self.target['node']}"
+        doing = f"relocating {self.name}/{self.vm} to {self.target.node}"
         if isinstance(action, Refuse):
             return self._over(Refuse(f"{doing} failed ({self.cause}) and is left unfinished ({action.reason}); "
                                      "retry to finish or undo it"))
         if isinstance(action, Done):
             if action.result:  # the target had taken it after all
                 return self._over(Done(None))
-            return self._over(Refuse(f"cannot relocate {self.name}/{self.vm} to {self.target['node']}: "
-                                     f"{self.cause}; rolled back, it stays on {self.slot['node']}"))
+            return self._over(Refuse(f"cannot relocate {self.name}/{self.vm} to {self.target.node}: "
+                                     f"{self.cause}; rolled back, it stays on {self.slot.node}"))
         return action
 
-    def _write(self, slot: Mapping[str, Any]) -> WriteRecord:
-        self._pending = with_slot(self.value, self.vm, slot)
+    def _write(self, slot: Slot) -> WriteRecord:
+        self._pending = self.value.with_slot(self.vm, slot)
         return WriteRecord(self._pending)
 
     def _over(self, action: Done | Refuse) -> Action:
@@ -319,14 +321,15 @@ class MoveRecovery:
     Ends with `Done(forward)` (whether the move went forward), or `Refuse` with the intent left in place
     (`not_found` if the VE was destroyed meanwhile). `value` is the record as last read or written."""
 
-    def __init__(self, value: Mapping[str, Any], vm: str, domain: str) -> None:
+    def __init__(self, value: VERecord, vm: str, domain: str) -> None:
         self.value, self.vm, self.domain = value, vm, domain
-        self.name: str = value["name"]
-        self.slot: Mapping[str, Any] = value["placement"][vm]
-        self.intent: Mapping[str, Any] = self.slot["moving_to"]
+        self.name = value.name
+        self.slot = value.placement[vm]
+        assert self.slot.moving_to is not None, "a recovery is made for a move left in the record"
+        self.intent = self.slot.moving_to
         self.step = RecoveryStep.ASK_TARGET
         self.forward = False
-        self._pending: Mapping[str, Any] = {}
+        self._pending = value
 
     def start(self, now: float) -> Action:
         return probe(self.intent, self.domain)
@@ -342,10 +345,10 @@ class MoveRecovery:
                 return probe(self.slot, self.domain)
             case S.ASK_SOURCE, Probed() if self.forward:
                 self.step = S.SETTLE_TARGET
-                return vm_action(self.intent, self.domain, "host.vm.settle", state=self.intent["state"])
+                return vm_action(self.intent, self.domain, "host.vm.settle", state=self.intent.state)
             case S.ASK_SOURCE, Probed(holds=False):
-                return self._over(Refuse(f"{self.name}/{self.vm} is held by neither {self.slot['node']} nor "
-                                         f"{self.intent['node']}"))
+                return self._over(Refuse(f"{self.name}/{self.vm} is held by neither {self.slot.node} nor "
+                                         f"{self.intent.node}"))
             case S.ASK_SOURCE, Probed(holds=True):
                 self.step = S.UNDEFINE_TARGET
                 return vm_action(self.intent, self.domain, "host.vm.undefine")
@@ -354,7 +357,7 @@ class MoveRecovery:
                 return vm_action(self.slot, self.domain, "host.vm.undefine")
             case S.UNDEFINE_TARGET, HostAnswered():
                 self.step = S.SETTLE_SOURCE
-                return vm_action(self.slot, self.domain, "host.vm.settle", state=self.intent["state"])
+                return vm_action(self.slot, self.domain, "host.vm.settle", state=self.intent.state)
             case S.UNDEFINE_SOURCE | S.SETTLE_SOURCE, HostAnswered():
                 self.step = S.READ
                 return ReadRecord()
@@ -362,13 +365,13 @@ class MoveRecovery:
                 return self._over(Refuse(r))
             case S.READ, RecordRead(value=None):
                 return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
-            case S.READ, RecordRead(value=Mapping() as fresh):
+            case S.READ, RecordRead(value=VERecord() as fresh):
                 self.value = fresh
-                if fresh["placement"].get(self.vm, {}).get("moving_to") != self.intent:
+                slot = fresh.placement.get(self.vm)
+                if slot is None or slot.moving_to != self.intent:
                     return self._over(Done(self.forward))  # another agent settled it meanwhile
-                after = arrived(self.intent) if self.forward else {
-                    k: v for k, v in self.slot.items() if k != "moving_to"}
-                self._pending = with_slot(fresh, self.vm, after)
+                after = arrived(self.intent) if self.forward else replace(self.slot, moving_to=None)
+                self._pending = fresh.with_slot(self.vm, after)
                 self.step = S.WRITE
                 return WriteRecord(self._pending)
             case S.WRITE, RecordWritten():
@@ -396,13 +399,6 @@ def method_refusal(method: str, source: Mapping[str, Any]) -> str | None:
     return None
 
 
-def arrived(intent: Mapping[str, Any]) -> dict[str, Any]:
+def arrived(intent: MoveIntent) -> Slot:
     """The slot of a VM whose move to the intent's node is complete."""
-    return {k: intent[k] for k in ("node", "addr", "site", "rtt_ms", "why")}
-
-
-def with_slot(value: Mapping[str, Any], vm: str, slot: Mapping[str, Any]) -> dict[str, Any]:
-    """The record `value` with the slot of `vm` replaced (a copy: the read record is never changed)."""
-    new = copy.deepcopy(dict(value))
-    new["placement"][vm] = dict(slot)
-    return new
+    return Slot(intent.node, intent.addr, intent.site, intent.rtt_ms, intent.why)

@@ -15,89 +15,97 @@ from collections.abc import Mapping
 from typing import Any
 
 from discovery.ve import placement as planner
-from discovery.ve.base import PREPARE_LIMIT, VEBase, domain_name
+from discovery.ve.base import PREPARE_LIMIT, VEBase, domain_name, name_arg
+from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
 from discovery.ve.moves import Move, MoveRecovery
+from discovery.ve.records import Slot, VERecord, view
 from discovery.ve.spec import VESpec
-from overlay.dht import Record
 from overlay.membership import Member
 from overlay.wire.rpc import Caller, NotFound, RequestError
 
 log = logging.getLogger(__name__)
 SHOWN_REASONS = 3  # nodes whose refusal a relocation's error names
 METHODS = ("auto", "live", "ship")
+EITHER = "relocate needs either a target node (to) or a target site (site)"
 
 
 class Relocation(VEBase):
     """`ve.relocate`, and the recovery of a move its coordinator left unfinished."""
 
     async def _on_relocate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        """Move one VM (`vm`) or every VM of a VE to node `to`, or into site `site` (the node chosen by
-        placement), provided the whole VE keeps its constraints afterwards; VMs already there stay.
-        Safe to retry: a retry first finishes or undoes an interrupted move, then moves what is left.
+        """`relocate` one VM (`vm`) or every VM of a VE to node `to`, or into site `site`, by `method`."""
+        vm, to, site, method = args.get("vm"), args.get("to"), args.get("site"), args.get("method") or "auto"
+        if (to is None) == (site is None):
+            raise RequestError(EITHER)
+        if method not in METHODS:
+            raise RequestError(f"method must be one of {', '.join(METHODS)}")
+        for field, value in (("vm", vm), ("to", to), ("site", site)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise RequestError(f"{field} must be a non-empty string")
+        ve, moved = await self.relocate(caller, name_arg(args), vm, to, site, method)
+        return {**view(ve), "moved": moved}
+
+    async def relocate(self, caller: Caller, name: str, vm: str | None, to: str | None, site: str | None = None,
+                       method: str = "auto") -> tuple[VERecord, list[str]]:
+        """Move one VM (`vm`) or every VM of VE `name` to node `to`, or into site `site` (the node chosen by
+        placement), provided the whole VE keeps its constraints afterwards; VMs already there stay. Returns
+        the VE as it is after, and the VMs moved. Safe to retry: a retry first finishes or undoes an
+        interrupted move, then moves what is left.
 
         A standby copy of the VM on its target (`ve replicate`) is dropped before the move: next to the
         VM it would protect nothing, and its held room is what the VM needs there. Refusing instead would
         make the user drop every copy of the VE to use that node; dropping one copy is safe (the VM never
         runs at two places: a standby is not a domain) and shows in `ve show` until `ve replicate` runs
         again."""
-        vm, to, site, method = args.get("vm"), args.get("to"), args.get("site"), args.get("method") or "auto"
-        if (to is None) == (site is None):
-            raise RequestError("relocate needs either a target node (to) or a target site (site)")
-        if method not in METHODS:
-            raise RequestError(f"method must be one of {', '.join(METHODS)}")
-        for field, value in (("vm", vm), ("to", to), ("site", site)):
-            if value is not None and not (isinstance(value, str) and value):
-                raise RequestError(f"{field} must be a non-empty string")
-        async with self._locked(caller, args) as record:
-            name = record.value["name"]
-            spec = VESpec.from_dict(record.value["spec"])
-            placement = record.value["placement"]
+        async with self._locked(caller, name) as record:
+            ve = record.ve
+            placement = ve.placement
             if vm is not None and vm not in placement:
                 raise NotFound(f"VE {name!r} has no VM {vm!r} (VMs: {', '.join(sorted(placement))})")
             moving = [vm] if vm is not None else sorted(placement)
             if to is not None:
                 targets = self._to_node(to, moving, caller)
+            elif site is not None:
+                targets = await self._to_site(ve, moving, site)
             else:
-                targets = await self._to_site(spec, record.value, moving, site)
-            after = {v: targets[v][0].name if v in targets else slot["node"] for v, slot in placement.items()}
-            sites = {slot["node"]: slot["site"] for slot in placement.values()}
+                raise RequestError(EITHER)
+            after = {v: targets[v][0].name if v in targets else slot.node for v, slot in placement.items()}
+            sites = {slot.node: slot.site for slot in placement.values()}
             sites.update({member.name: member.site for member, _ in targets.values()})
-            reason = check_placement(spec, after, sites)
+            reason = check_placement(ve.spec, after, sites)
             if reason:
                 raise RequestError(f"cannot relocate {name}: {reason}")
             moved = []
             for v in moving:
                 member, why = targets[v]
-                if record.value["placement"][v]["node"] != member.name:
+                if record.ve.placement[v].node != member.name:
                     record = await self._drop_copy(record, v, member.name)
                     record = await self._move(record, v, member, why, method)
                     moved.append(v)
-        return {**record.value, "moved": moved}
+        return record.ve, moved
 
     def _to_node(self, to: str, moving: list[str], caller: Caller) -> dict[str, tuple[Member, str]]:
-        member = next((m for m in self.agent.membership.alive() if m.name == to), None)
+        member = next((m for m in self.membership.alive() if m.name == to), None)
         if member is None:
             raise RequestError(f"no live node named {to!r}")
         return {vm: (member, f"relocated to {to} by {caller.cn}") for vm in moving}
 
-    async def _to_site(self, spec: VESpec, ve: dict[str, Any], moving: list[str],
-                       site: str) -> dict[str, tuple[Member, str]]:
+    async def _to_site(self, ve: VERecord, moving: list[str], site: str) -> dict[str, tuple[Member, str]]:
         """Where the moving VMs go in `site`. The whole VE: planned again inside the site, as create
         plans it (the room its own VMs hold counts as free). One VM: the nearest node of the site with
         room where the whole VE, the other VMs staying put, keeps its constraints."""
-        name, placement, me = ve["name"], ve["placement"], self.agent.config.name
+        name, spec, placement, me = ve.name, ve.spec, ve.placement, self.node
         if spec.site is not None and site != spec.site:
             raise RequestError(f"cannot relocate {name} to site {site}: the VE is pinned to site {spec.site}")
-        if all(placement[vm]["site"] == site for vm in moving):  # already there: nothing moves
-            return {vm: (Member(placement[vm]["node"], placement[vm]["addr"], site), placement[vm]["why"])
-                    for vm in moving}
+        if all(placement[vm].site == site for vm in moving):  # already there: nothing moves
+            return {vm: (Member(placement[vm].node, placement[vm].addr, site), placement[vm].why) for vm in moving}
         needs = {v.name: v for v in spec.vms}
         if len(moving) == len(placement):
             pinned = dataclasses.replace(spec, site=site)
             candidates = await self._candidates(pinned, everyone=True)
             for c in candidates:
-                own = [needs[v] for v, slot in placement.items() if slot["node"] == c.member.name]
+                own = [needs[v] for v, slot in placement.items() if slot.node == c.member.name]
                 if c.free is not None and own:
                     c.free = {f: c.free.get(f, 0) + sum(getattr(v, f) for v in own)
                               for f in ("vcpus", "memory_mb", "disk_gb")}
@@ -111,8 +119,8 @@ class Relocation(VEBase):
         vm = moving[0]
         alone = VESpec(name, (needs[vm],), site)
         candidates = await self._candidates(alone, everyone=True)
-        fixed = {v: slot["node"] for v, slot in placement.items() if v != vm}
-        sites = {slot["node"]: slot["site"] for slot in placement.values()}
+        fixed = {v: slot.node for v, slot in placement.items() if v != vm}
+        sites = {slot.node: slot.site for slot in placement.values()}
         allowed, ruled_out = [], []
         for rank, c in enumerate(candidates):
             if not c.free:
@@ -131,7 +139,7 @@ class Relocation(VEBase):
         chosen = next(c for c in candidates if c.member.name == result.assignment[vm])
         return {vm: (chosen.member, f"relocated to site {site}, nearest with room ({chosen.describe(me)})")}
 
-    async def _move(self, record: Record, vm: str, target: Member, why: str, method: str) -> Record:
+    async def _move(self, record: Stored, vm: str, target: Member, why: str, method: str) -> Stored:
         """Move one VM to `target`; returns the record after the move.
 
         The move is a small transaction whose log is the VE record itself, so that whoever reads the
@@ -140,27 +148,26 @@ class Relocation(VEBase):
         `discovery.ve.moves.Move`; this method only performs what it asks (`discovery.ve.driver`).
 
         Who recovers: the coordinator itself when a step fails (inside `Move`), and at its start after a
-        crash (the `ve_service.Recovery` actor); any agent at the next command that changes the VE
+        crash (the `discovery.ve.service.Recovery` actor); any agent at the next command that changes the VE
         (`_settle`) once the coordinator is abandoned (`VEService._check_abandoned`): `_recover_move`.
         """
-        ve = record.value
-        need = next(v for v in VESpec.from_dict(ve["spec"]).vms if v.name == vm)
+        ve = record.ve
+        need = next(v for v in ve.spec.vms if v.name == vm)
         rtt = target.rtt * 1000 if target.rtt is not None else None
-        move = Move(ve, vm, domain_name(ve["name"], vm),
-                    {"node": target.name, "addr": target.addr, "site": target.site, "rtt_ms": rtt}, why, method,
-                    {"vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb},
-                    self.agent.config.name, PREPARE_LIMIT)
-        record, _ = await drive(move, record, self.agent.transport, self.agent.records)
+        move = Move(ve, vm, domain_name(ve.name, vm), Slot(target.name, target.addr, target.site, rtt, why), method,
+                    {"vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb}, self.node,
+                    PREPARE_LIMIT)
+        record, _ = await drive(move, record, self.transport, self.directory)
         return record
 
-    async def _recover_move(self, record: Record, vm: str) -> tuple[Record, bool]:
+    async def _recover_move(self, record: Stored, vm: str) -> tuple[Stored, bool]:
         """Finish or undo the interrupted move of `vm` (`discovery.ve.moves.MoveRecovery`); returns the record
         and whether the move went forward. Raises RequestError, leaving the intent in place, if a host cannot
         be reached."""
-        name, intent = record.value["name"], record.value["placement"][vm]["moving_to"]
-        recovery = MoveRecovery(record.value, vm, domain_name(name, vm))
-        record, forward = await drive(recovery, record, self.agent.transport, self.agent.records)
-        log.info("move of %s/%s to %s %s", name, vm, intent["node"], "finished" if forward else "undone")
+        recovery = MoveRecovery(record.ve, vm, domain_name(record.ve.name, vm))
+        record, forward = await drive(recovery, record, self.transport, self.directory)
+        log.info("move of %s/%s to %s %s", recovery.name, vm, recovery.intent.node,
+                 "finished" if forward else "undone")
         return record, forward
 
 

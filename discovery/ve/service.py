@@ -1,8 +1,9 @@
 """VE management from any node: the `ve.*` RPCs that the CLI calls on whichever agent it reaches.
 
-The agent that receives a request coordinates it: it reads the VE record from the directory (the
-agent's records, on the overlay the cluster is bound to: Chord's DHT or Kademlia), talks to the
-hosts of the VMs, and writes the record back. Placement tries this node, then the nearest nodes with
+The agent that receives a request coordinates it: it reads the VE record from the directory
+(`discovery.ve.directory`: the agent's records, on the overlay the cluster is bound to, Chord's DHT or
+Kademlia; the record's shape is `discovery.ve.records`), talks to the hosts of the VMs, and writes the
+record back. Placement tries this node, then the nearest nodes with
 room found by the spiral search (`agents.spiral`), then every other member by RTT; each VM is
 reserved with a two-phase handshake (reserve on the target, then confirm), so a coordinator that
 dies half-way leaves only reservations that lapse by themselves.
@@ -17,28 +18,29 @@ never interleave.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from agents.host.args import shutdown_timeout
-from agents.node import NodeAgent
 from agents.runtime import Actor
 from discovery.ve import messages as m
 from discovery.ve import placement as planner
-from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, PREFIX, Candidate, domain_name, may_act
-from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Entry, Index
+from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, Candidate, domain_name, may_act, name_arg
+from discovery.ve.directory import Stored, Unreadable
+from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Entry
+from discovery.ve.records import FailoverIntent, Intent, MoveIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
 from discovery.ve.replicas import Replicas
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import NO_CONSTRAINTS, SpecError, VESpec
-from overlay.dht import Record, WriteConflict
-from overlay.wire.rpc import Caller, Conflict, RequestError, RpcError
+from overlay.dht import WriteConflict
+from overlay.wire.rpc import Caller, Conflict, Handler, Method, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 MAX_REPLANS = 3
@@ -49,19 +51,17 @@ RECOVERY_WINDOW = 120.0
 
 
 class VEService(Relocation, Snapshots, Replicas):
-    def __init__(self, agent: NodeAgent) -> None:
-        super().__init__(agent)
-        self.index = Index(agent.records, PREFIX)
-        for method, handler in ((m.VE_CREATE, self._on_create), (m.VE_LIST, self._on_list),
-                                (m.VE_SHOW, self._on_show), (m.VE_LOCATE, self._on_locate),
-                                (m.VE_START, self._on_start), (m.VE_STOP, self._on_stop),
-                                (m.VE_SUSPEND, self._on_suspend), (m.VE_RESUME, self._on_resume),
-                                (m.VE_DESTROY, self._on_destroy), (m.VE_RELOCATE, self._on_relocate),
-                                (m.VE_SNAPSHOT, self._on_snapshot), (m.VE_SNAPSHOTS, self._on_snapshots),
-                                (m.VE_RESTORE, self._on_restore), (m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete),
-                                (m.VE_REPLICATE, self._on_replicate), (m.VE_FAILOVER, self._on_failover),
-                                (m.VE_BUSY, self._on_busy)):
-            agent.transport.route(method, handler)
+    """The `ve.*` methods (the interfaces it is given: `VEBase`)."""
+
+    def routes(self) -> list[tuple[Method, Handler]]:
+        """The methods this service serves, for the composition place to route (`discovery.agent`)."""
+        return [(m.VE_CREATE, self._on_create), (m.VE_LIST, self._on_list), (m.VE_SHOW, self._on_show),
+                (m.VE_LOCATE, self._on_locate), (m.VE_START, self._on_start), (m.VE_STOP, self._on_stop),
+                (m.VE_SUSPEND, self._on_suspend), (m.VE_RESUME, self._on_resume), (m.VE_DESTROY, self._on_destroy),
+                (m.VE_RELOCATE, self._on_relocate), (m.VE_SNAPSHOT, self._on_snapshot),
+                (m.VE_SNAPSHOTS, self._on_snapshots), (m.VE_RESTORE, self._on_restore),
+                (m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete), (m.VE_REPLICATE, self._on_replicate),
+                (m.VE_FAILOVER, self._on_failover), (m.VE_BUSY, self._on_busy)]
 
     # -- create ------------------------------------------------------------------------------------
 
@@ -73,40 +73,38 @@ class VEService(Relocation, Snapshots, Replicas):
             spec = VESpec.from_dict(args.get("spec"))
         except SpecError as err:
             raise RequestError(str(err)) from None
-        key = PREFIX + spec.name
         entry = Entry(spec.name, caller.cn, uuid.uuid4().hex)
-        record = {"name": spec.name, "spec": spec.to_dict(), "owner": caller.cn, "state": "creating",
-                  "placement": {}, "coordinator": self.agent.config.name, "created": time.time(), "uid": entry.uid}
-        claimed = await self._claim(key, record)
+        ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), entry.uid)
+        claimed = await self._claim(ve)
         try:
-            await self.index.add(entry)
+            await self.directory.index.add(entry)
             placement, tokens = await self._place(spec)
         except (RequestError, RpcError):
             await self._undo(spec, {}, {}, entry)
             raise
-        record["placement"] = placement
+        ve = replace(ve, placement=placement)
         try:
-            stored = await self.agent.records.put(key, record, after=claimed.version)
+            stored = await self.directory.put(ve, after=claimed.version)
             await self._confirm_all(placement, tokens)
         except (RequestError, RpcError) as err:
             await self._undo(spec, placement, tokens, entry)
             raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
-        record["state"] = "running"
-        await self.agent.records.put(key, record, after=stored.version)
-        return record
+        ve = replace(ve, state="running")
+        await self.directory.put(ve, after=stored.version)
+        return view(ve)
 
-    async def _confirm_all(self, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
+    async def _confirm_all(self, placement: dict[str, Slot], tokens: dict[str, str]) -> None:
         """Confirm every VM's reservation (its host starts it), all at once: one after the other, the last
         would wait for every earlier VM to start, and a reservation lapses after RESERVATION_TTL (a real
         guest can take that long to start on a loaded host). Each token leaves `tokens` as it is sent;
         RequestError naming every VM that failed."""
         failures = []
 
-        async def confirm(vm_name: str, slot: dict[str, Any], token: str) -> None:
+        async def confirm(vm_name: str, slot: Slot, token: str) -> None:
             try:
-                await self.agent.transport.call(slot["addr"], "host.confirm", {"token": token}, timeout=HOST_TIMEOUT)
+                await self.transport.call(slot.addr, "host.confirm", {"token": token}, timeout=HOST_TIMEOUT)
             except RpcError as err:
-                failures.append(f"{vm_name} on {slot['node']}: {err}")
+                failures.append(f"{vm_name} on {slot.node}: {err}")
 
         async with trio.open_nursery() as nursery:
             for vm_name, slot in placement.items():
@@ -114,21 +112,21 @@ class VEService(Relocation, Snapshots, Replicas):
         if failures:
             raise RequestError("; ".join(sorted(failures)))
 
-    async def _claim(self, key: str, record: dict[str, Any]) -> Record:
+    async def _claim(self, ve: VERecord) -> Stored:
         """Write the new VE's first record if its name is free: compare-and-set against the newest record
         read (none, or a tombstone), read again after a lost race; Conflict if the name is taken."""
         for _ in range(CLAIM_ATTEMPTS):
-            current = await self.agent.records.get_record(key)
-            if current is not None and not current.deleted:
-                raise Conflict(f"a VE named {record['name']!r} already exists")
+            current, live = await self.directory.newest(ve.name)
+            if live is not None:
+                raise Conflict(f"a VE named {ve.name!r} already exists")
             try:
-                return await self.agent.records.put_if(key, record, current)
+                return await self.directory.put_if(ve, current)
             except WriteConflict:
                 continue
-        raise Conflict(f"VE {record['name']!r} kept changing while being created (or a replica is still checking "
+        raise Conflict(f"VE {ve.name!r} kept changing while being created (or a replica is still checking "
                        "copies it held before a long absence); try again in a few seconds")
 
-    async def _place(self, spec: VESpec) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    async def _place(self, spec: VESpec) -> tuple[dict[str, Slot], dict[str, str]]:
         """Plan where each VM goes (`discovery.ve.placement`: capacity and constraints, nearest first), then
         reserve every VM on its node; all or nothing. The plan first uses this node and the nodes the
         spiral found; if that cannot work, every live member (asked for its free room). A node that
@@ -153,16 +151,16 @@ class VEService(Relocation, Snapshots, Replicas):
         raise RequestError(f"cannot place {spec.name}: nodes kept refusing reservations ({', '.join(excluded)})")
 
     async def _reserve_plan(self, spec: VESpec, plan: planner.Plan, by_name: dict[str, Candidate],
-                            ranked: list[Candidate]) -> tuple[dict[str, dict[str, Any]], dict[str, str], str | None]:
+                            ranked: list[Candidate]) -> tuple[dict[str, Slot], dict[str, str], str | None]:
         """Reserve each VM on its planned node; on a refusal release them all and name the node."""
         vms = {vm.name: vm for vm in spec.vms}
         order = [c.member.name for c in ranked]
-        placement: dict[str, dict[str, Any]] = {}
+        placement: dict[str, Slot] = {}
         tokens: dict[str, str] = {}
         for vm_name, node in plan.assignment.items():
             candidate, vm = by_name[node], vms[vm_name]
             try:
-                answer = await self.agent.transport.call(candidate.member.addr, "host.reserve", {
+                answer = await self.transport.call(candidate.member.addr, "host.reserve", {
                     "name": domain_name(spec.name, vm.name), "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
                     "disk_gb": vm.disk_gb})
             except RpcError as err:
@@ -170,32 +168,29 @@ class VEService(Relocation, Snapshots, Replicas):
                 await self._release(placement, tokens)
                 return {}, {}, node
             nearer = order.index(node)
-            why = f"nearest with room ({candidate.describe(self.agent.config.name)}"
+            why = f"nearest with room ({candidate.describe(self.node)}"
             if nearer:
                 constrained = spec.constraints != NO_CONSTRAINTS
                 why += f"; {nearer} nearer full" + (" or ruled out by constraints" if constrained else "")
             why += ")"
             if spec.site:
                 why = f"in site {spec.site}, {why}"
-            placement[vm_name] = {"node": node, "addr": candidate.member.addr, "site": candidate.member.site,
-                                   "rtt_ms": candidate.rtt_ms, "why": why}
+            placement[vm_name] = Slot(node, candidate.member.addr, candidate.member.site, candidate.rtt_ms, why)
             tokens[vm_name] = answer["token"]
         return placement, tokens, None
 
-    async def _release(self, placement: dict[str, dict[str, Any]], tokens: dict[str, str]) -> None:
+    async def _release(self, placement: dict[str, Slot], tokens: dict[str, str]) -> None:
         for vm_name, token in tokens.items():
-            await self.agent.transport.call_many([placement[vm_name]["addr"]], "host.release", {"token": token})
+            await self.transport.call_many([placement[vm_name].addr], "host.release", {"token": token})
 
-    async def _undo(self, spec: VESpec, placement: dict[str, dict[str, Any]], tokens: dict[str, str],
-                    entry: Entry) -> None:
+    async def _undo(self, spec: VESpec, placement: dict[str, Slot], tokens: dict[str, str], entry: Entry) -> None:
         """Roll a failed create back: drop unconfirmed reservations, remove started VMs, delete the record,
         then its index entry."""
         await self._release(placement, tokens)
         for vm_name, slot in placement.items():
-            await self.agent.transport.call_many([slot["addr"]], "host.vm.undefine",
-                                                 {"name": domain_name(spec.name, vm_name)})
+            await self.transport.call_many([slot.addr], "host.vm.undefine", {"name": domain_name(spec.name, vm_name)})
         try:
-            await self.agent.records.delete(PREFIX + spec.name)
+            await self.directory.delete(spec.name)
         except (RequestError, RpcError) as err:
             log.warning("could not delete the record of failed VE %s: %s", spec.name, err)
             return  # the entry stays with the record it lists
@@ -204,7 +199,7 @@ class VEService(Relocation, Snapshots, Replicas):
     async def _unindex(self, name: str, uid: str) -> None:
         """Remove a deleted VE's index entry; if that fails, the next `ve list` that meets it does."""
         try:
-            await self.index.remove(name, uid)
+            await self.directory.index.remove(name, uid)
         except (RequestError, RpcError) as err:
             log.warning("could not remove VE %s from the index yet: %s", name, err)
 
@@ -213,7 +208,8 @@ class VEService(Relocation, Snapshots, Replicas):
     async def _on_list(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """One page of the caller's VEs (every VE for an operator, like `openstack server list
         --all-projects`), from the index in the DHT (`discovery.ve.index`): `limit` VEs at most, after
-        `cursor` (a previous page's `next_cursor`); `next_cursor` is None on the last page."""
+        `cursor` (a previous page's `next_cursor`); `next_cursor` is None on the last page. A record this
+        agent cannot read (a newer format) is left out, and logged."""
         limit = args.get("limit", DEFAULT_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
             raise RequestError(f"limit must be an integer from 1 to {MAX_LIMIT}")
@@ -222,47 +218,59 @@ class VEService(Relocation, Snapshots, Replicas):
         def wanted(entry: Entry) -> bool:
             return caller.role == "operator" or entry.owner == caller.cn
 
-        records, cursor = await self.index.listing(limit, cursor, wanted)
-        return {"ves": [r.value for r in records if may_act(caller, r.value)],
-                "next_cursor": cursor.encode() if cursor else None}
+        records, cursor = await self.directory.index.listing(limit, cursor, wanted)
+        ves = []
+        for record in records:
+            try:
+                ve = self.directory.decode(record).ve
+            except Unreadable as err:
+                log.warning("ve list: %s", err)
+                continue
+            if may_act(caller, ve):
+                ves.append(view(ve))
+        return {"ves": ves, "next_cursor": cursor.encode() if cursor else None}
 
     async def _on_show(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        record = await self._record(caller, args)
-        ve = {**copy.deepcopy(record.value), "version": record.version}  # never mutate the shard's copy
-        for vm_name, slot in ve["placement"].items():
+        """The VE as its record has it (and its version in the directory), with the state of each VM's domain
+        and whether each standby copy is held, as their hosts answer."""
+        record = await self._record(caller, name_arg(args))
+        ve = record.ve
+        shown = {**view(ve), "version": record.version}
+        for vm_name, slot in ve.placement.items():
             try:
-                info = await self.agent.transport.call(slot["addr"], "host.vm.info", {
-                    "name": domain_name(ve["name"], vm_name)}, timeout=5)
-                slot["domain_state"] = info["state"]
+                info = await self.transport.call(slot.addr, "host.vm.info", {
+                    "name": domain_name(ve.name, vm_name)}, timeout=5)
+                state = info["state"]
             except RpcError as err:
-                slot["domain_state"] = f"unknown ({err})"
-        replicas = ve.get("replicas", {})
-        addrs = sorted({e["addr"] for copies in replicas.values() for e in copies})
-        held = await self.agent.transport.call_many(addrs, "host.standbys", {}, 5.0) if addrs else {}
-        for vm_name, copies in replicas.items():
-            domain = domain_name(ve["name"], vm_name)
-            for entry in copies:
-                answer = held.get(entry["addr"])
+                state = f"unknown ({err})"
+            shown["placement"][vm_name]["domain_state"] = state
+        addrs = sorted({e.addr for copies in ve.standbys.values() for e in copies})
+        held = await self.transport.call_many(addrs, "host.standbys", {}, 5.0) if addrs else {}
+        for vm_name, copies in ve.standbys.items():
+            domain = domain_name(ve.name, vm_name)
+            for entry, shown_entry in zip(copies, shown["replicas"][vm_name], strict=True):
+                answer = held.get(entry.addr)
                 if isinstance(answer, list):
-                    entry["standby"] = "held" if any(s["name"] == domain for s in answer) else "missing"
+                    shown_entry["standby"] = "held" if any(s["name"] == domain for s in answer) else "missing"
                 else:
-                    entry["standby"] = f"unknown ({answer})"
-        return ve
+                    shown_entry["standby"] = f"unknown ({answer})"
+        return shown
 
     async def _on_locate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Where each VM runs, from the directory alone (no host is asked): `ve show` asks the hosts."""
-        record = await self._record(caller, args)
-        vms = {}
-        for vm, slot in sorted(record.value["placement"].items()):
-            vms[vm] = {k: slot[k] for k in ("node", "site", "addr")}
-            if slot.get("moving_to"):
-                vms[vm]["moving_to"] = {k: slot["moving_to"][k] for k in ("node", "site", "phase")}
-            if slot.get("failing_over"):
-                vms[vm]["failing_over"] = {k: slot["failing_over"][k] for k in ("node", "site", "from")}
-            copies = record.value.get("replicas", {}).get(vm)
-            if copies:
-                vms[vm]["replicas"] = [{k: e[k] for k in ("node", "site", "taken")} for e in copies]
-        return {"name": record.value["name"], "state": record.value["state"], "vms": vms}
+        ve = (await self._record(caller, name_arg(args))).ve
+        vms: dict[str, dict[str, Any]] = {}
+        for vm, slot in sorted(ve.placement.items()):
+            vms[vm] = {"node": slot.node, "site": slot.site, "addr": slot.addr}
+            if slot.moving_to is not None:
+                vms[vm]["moving_to"] = {"node": slot.moving_to.node, "site": slot.moving_to.site,
+                                        "phase": slot.moving_to.phase}
+            if slot.failing_over is not None:
+                vms[vm]["failing_over"] = {"node": slot.failing_over.node, "site": slot.failing_over.site,
+                                           "from": slot.failing_over.source}
+            if ve.standbys_of(vm):
+                vms[vm]["replicas"] = [{"node": e.node, "site": e.site, "taken": e.taken} for e in ve.standbys_of(vm)]
+        return {"name": ve.name, "state": ve.state, "vms": vms}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -294,92 +302,95 @@ class VEService(Relocation, Snapshots, Replicas):
         """Undefine every VM (and the copy an interrupted move or failover may have left at its target),
         delete the record, then free the VMs' standby copies. Refused while another agent is relocating,
         failing over or snapshotting the VE."""
-        async with self._locked(caller, args, settle=False) as record:
-            for intent in _interrupted(record.value):
-                await self._check_abandoned(record.value["name"], intent)
-            await self._on_every_vm(record.value, "host.vm.undefine")
-            await self.agent.records.delete(record.key, after=record.version)
-            await self._unindex(record.value["name"], record.value.get("uid", ""))
-            await self._unstandby(record.value["name"], record.value.get("replicas", {}))
-        return {**record.value, "state": "destroyed"}
+        async with self._locked(caller, name_arg(args), settle=False) as record:
+            ve = record.ve
+            for intent in ve.intents():
+                await self._check_abandoned(ve.name, intent)
+            await self._on_every_vm(ve, "host.vm.undefine")
+            await self.directory.delete(ve.name, after=record.version)
+            await self._unindex(ve.name, ve.uid)
+            await self._unstandby(ve.name, ve.standbys)
+        return {**view(ve), "state": "destroyed"}
 
-    async def _apply(self, caller: Caller, args: dict[str, Any], method: str, state: str,
+    async def _apply(self, caller: Caller, args: dict[str, Any], method: str, state: VEState,
                      **extra: Any) -> dict[str, Any]:
-        async with self._locked(caller, args) as record:
-            await self._on_every_vm(record.value, method, **extra)
-            value = {**record.value, "state": state}
-            await self.agent.records.put(record.key, value, after=record.version)
-        return value
+        async with self._locked(caller, name_arg(args)) as record:
+            await self._on_every_vm(record.ve, method, **extra)
+            ve = replace(record.ve, state=state)
+            await self.directory.put(ve, after=record.version)
+        return view(ve)
 
-    async def _on_every_vm(self, ve: dict[str, Any], method: str, **extra: Any) -> None:
+    async def _on_every_vm(self, ve: VERecord, method: str, **extra: Any) -> None:
         """Run `method` (a `host.vm.*` verb, with `extra` arguments) on every VM's host at once; each is tried,
         and any failure is reported. `undefine` also reaches the target of an interrupted move or failover. Hosts run
         operations on different VMs side by side (a lock per VM), so each call is given HOST_TIMEOUT plus
         the graceful stop's own `timeout`, whatever else its host is doing."""
-        places = list(ve["placement"].items())
+        places: list[tuple[str, Slot | MoveIntent | FailoverIntent]] = list(ve.placement.items())
         if method == "host.vm.undefine":
-            places += [(vm, slot[key]) for vm, slot in ve["placement"].items()
-                       for key in ("moving_to", "failing_over") if slot.get(key)]
+            places += [(vm, i) for vm, slot in ve.placement.items() for i in (slot.moving_to, slot.failing_over)
+                       if i is not None]
         wait = float(extra.get("timeout", 0.0))
         failures = []
 
-        async def one(vm_name: str, slot: dict[str, Any]) -> None:
+        async def one(vm_name: str, where: Slot | MoveIntent | FailoverIntent) -> None:
             try:
-                await self.agent.transport.call(slot["addr"], method, {
-                    "name": domain_name(ve["name"], vm_name), **extra},
+                await self.transport.call(where.addr, method, {
+                    "name": domain_name(ve.name, vm_name), **extra},
                     timeout=HOST_TIMEOUT + wait)
             except RpcError as err:
-                failures.append(f"{vm_name} on {slot['node']}: {err}")
+                failures.append(f"{vm_name} on {where.node}: {err}")
 
         async with trio.open_nursery() as nursery:
-            for vm_name, slot in places:
-                nursery.start_soon(one, vm_name, slot)
+            for vm_name, where in places:
+                nursery.start_soon(one, vm_name, where)
         if failures:
             raise RequestError(f"{method.removeprefix('host.vm.')} failed for " + "; ".join(sorted(failures)))
 
     # -- recovery of interrupted operations ------------------------------------------------------------
 
-    async def _settle(self, record: Record) -> Record:
+    async def _settle(self, record: Stored) -> Stored:
         """Finish or undo what interrupted relocations, failovers or a snapshot left in the record, before an
         operation changes the VE; Conflict if the agent that started them is still at work."""
-        name = record.value["name"]
-        for intent in _interrupted(record.value):
+        name = record.ve.name
+        for intent in record.ve.intents():
             await self._check_abandoned(name, intent)
-        recover = {"moving_to": ("move", self._recover_move), "failing_over": ("failover", self._recover_failover)}
-        for vm in sorted(record.value["placement"]):
-            for key, (what, finish_or_undo) in recover.items():
-                intent = record.value["placement"][vm].get(key)
-                if not intent:
+        for vm in sorted(record.ve.placement):
+            slot = record.ve.placement[vm]
+            for what, left, finish_or_undo in (("move", slot.moving_to, self._recover_move),
+                                               ("failover", slot.failing_over, self._recover_failover)):
+                if left is None:
                     continue
                 try:
                     record, _ = await finish_or_undo(record, vm)
                 except RequestError as err:
-                    raise RequestError(f"VE {name!r} has an interrupted {what} of {vm} to {intent['node']} that "
+                    raise RequestError(f"VE {name!r} has an interrupted {what} of {vm} to {left.node} that "
                                        f"cannot be settled yet: {err}") from None
-        if record.value.get("snapshotting"):
+        if record.ve.snapshotting is not None:
             record = await self._finish_snapshot(record)
         return record
 
-    async def _check_abandoned(self, name: str, intent: dict[str, Any]) -> None:
+    async def _check_abandoned(self, name: str, intent: Intent) -> None:
         """Conflict unless the operation that wrote `intent` is abandoned: its coordinator is this agent
         (which holds the VE's lock, so runs nothing else on it), is not a live member, answers that it is
         not working on the VE, or cannot be asked and wrote the intent more than MOVE_LEASE ago."""
-        coordinator = intent.get("coordinator")
-        if coordinator == self.agent.config.name:
+        coordinator = intent.coordinator
+        if coordinator == self.node:
             return
-        member = next((m for m in self.agent.membership.alive() if m.name == coordinator), None)
+        member = next((m for m in self.membership.alive() if m.name == coordinator), None)
         if member is None:
             return
-        age = time.time() - float(intent.get("since", 0))
+        age = time.time() - intent.since
         try:
-            busy = await self.agent.transport.call(member.addr, "ve.busy", {"name": name}, timeout=5)
+            busy = await self.transport.call(member.addr, "ve.busy", {"name": name}, timeout=5)
         except RpcError:
             busy = age < MOVE_LEASE
         if busy:
-            if "tag" in intent:
-                what = f"taking snapshot {intent['tag']}"
+            if isinstance(intent, MoveIntent):
+                what = f"moving a VM to {intent.node}"
+            elif isinstance(intent, FailoverIntent):
+                what = f"failing a VM over to {intent.node}"
             else:
-                what = f"{'failing a VM over' if 'from' in intent else 'moving a VM'} to {intent['node']}"
+                what = f"taking snapshot {intent.tag}"
             raise Conflict(f"{coordinator} is {what} for VE {name!r} (for {age:.0f} s); try again shortly")
 
     async def _on_busy(self, caller: Caller, args: dict[str, Any]) -> bool:
@@ -392,19 +403,18 @@ class VEService(Relocation, Snapshots, Replicas):
         """Settle every VE whose record holds an abandoned operation, and index the VEs the index lacks (a
         creator died between the record and its entry); returns how many are left unsettled."""
         left = 0
-        ves = await self.agent.records.scan(PREFIX)
+        ves = [r.ve for r in await self.directory.scan()]
         try:
-            await self.index.ensure(Entry(r.value["name"], r.value.get("owner", ""), r.value.get("uid", ""))
-                                    for r in ves)
+            await self.directory.index.ensure(Entry(ve.name, ve.owner, ve.uid) for ve in ves)
         except (RequestError, RpcError) as err:
             left += 1
             log.warning("could not check the VE index yet: %s", err)
         for found in ves:
-            if not _interrupted(found.value):
+            if not found.intents():
                 continue
-            async with self._lock(found.value["name"]):
+            async with self._lock(found.name):
                 try:
-                    record = await self.agent.records.get(found.key)
+                    record = await self.directory.get(found.name)
                     if record is not None:
                         await self._settle(record)
                     else:  # listed, but not read: just after a start, the ring may not hold it yet for us
@@ -413,7 +423,7 @@ class VEService(Relocation, Snapshots, Replicas):
                     pass  # its coordinator is at work
                 except (RequestError, RpcError) as err:
                     left += 1
-                    log.warning("interrupted operation on VE %s not settled yet: %s", found.value["name"], err)
+                    log.warning("interrupted operation on VE %s not settled yet: %s", found.name, err)
         return left
 
 
@@ -435,8 +445,7 @@ class Recovery(Actor):
         now = trio.current_time()
         if self.deadline is None:
             self.deadline = now + RECOVERY_WINDOW
-        agent = self.service.agent
-        if agent.config.join and len(agent.membership.alive()) < 2 and now < self.deadline:
+        if not self.service.joined() and now < self.deadline:
             return  # not joined yet: the records are elsewhere
         try:
             left = await self.service.recover_abandoned()
@@ -445,10 +454,3 @@ class Recovery(Actor):
             left = 1
         if left == 0 or now >= self.deadline:
             self.tick_interval = math.inf
-
-
-def _interrupted(ve: dict[str, Any]) -> list[dict[str, Any]]:
-    """The intents of the operations left unfinished in a VE record: moves, failovers, and a snapshot."""
-    intents = [slot[key] for _, slot in sorted(ve["placement"].items())
-               for key in ("moving_to", "failing_over") if slot.get(key)]
-    return intents + ([ve["snapshotting"]] if ve.get("snapshotting") else [])

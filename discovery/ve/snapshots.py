@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
-from discovery.ve.base import VEBase, domain_name
+from discovery.ve.base import VEBase, domain_name, name_arg
+from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
+from discovery.ve.records import SnapshotEntry, VERecord, view
 from discovery.ve.snapshotting import Snapshot, SnapshotFinish
-from overlay.dht import Record
+from overlay.wire import codec
 from overlay.wire.rpc import Caller, NotFound, RequestError
 
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -37,33 +40,33 @@ class Snapshots(VEBase):
         tag = args.get("tag") or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
         if not (isinstance(tag, str) and TAG_RE.fullmatch(tag)):
             raise RequestError(f"a snapshot tag is {TAG_RULE}")
-        async with self._locked(caller, args) as record:
-            snapshot = Snapshot(record.value, tag, _domains(record.value), self.agent.config.name)
-            record, entry = await drive(snapshot, record, self.agent.transport, self.agent.records)
-        return {"name": record.value["name"], **entry}
+        async with self._locked(caller, name_arg(args)) as record:
+            snapshot = Snapshot(record.ve, tag, _domains(record.ve), self.node)
+            record, entry = await drive(snapshot, record, self.transport, self.directory)
+        return {"name": record.ve.name, **codec.encode(entry)}
 
-    async def _finish_snapshot(self, record: Record) -> Record:
+    async def _finish_snapshot(self, record: Stored) -> Stored:
         """Run again the VMs an interrupted snapshot paused and drop its marker
         (`discovery.ve.snapshotting.SnapshotFinish`)."""
-        finish = SnapshotFinish(record.value, _domains(record.value))
-        record, _ = await drive(finish, record, self.agent.transport, self.agent.records)
+        finish = SnapshotFinish(record.ve, _domains(record.ve))
+        record, _ = await drive(finish, record, self.transport, self.directory)
         return record
 
     async def _on_snapshots(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        record = await self._record(caller, args)
-        return {"name": record.value["name"], "snapshots": record.value.get("snapshots", [])}
+        ve = (await self._record(caller, name_arg(args))).ve
+        return {"name": ve.name, "snapshots": codec.encode(ve.snapshots)}
 
     async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Bring every VM back to snapshot `tag` (each host re-creates the domain from what it stored, the VM
         relocated since or not) and the VE to the state it had then. Idempotent."""
         tag = tag_arg(args)
-        async with self._locked(caller, args) as record:
-            ve = record.value
+        async with self._locked(caller, name_arg(args)) as record:
+            ve = record.ve
             entry = listed(ve, tag)
-            await self._each_host(ve, "host.restore", tag, f"restoring {ve['name']} to {tag}")
-            value = {**ve, "state": entry["state"]}
-            await self.agent.records.put(record.key, value, after=record.version)
-        return value
+            await self._each_host(ve, "host.restore", tag, f"restoring {ve.name} to {tag}")
+            ve = replace(ve, state=entry.state)
+            await self.directory.put(ve, after=record.version)
+        return view(ve)
 
     async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
         """Delete snapshot `tag`: each VM's current host forgets its copy (`host.snapshot_delete`; a VM
@@ -71,20 +74,20 @@ class Snapshots(VEBase):
         that after a partial failure the tag is still listed and a retry finishes the job (a host with
         nothing left to delete answers so, which is fine)."""
         tag = tag_arg(args)
-        async with self._locked(caller, args) as record:
-            ve = record.value
+        async with self._locked(caller, name_arg(args)) as record:
+            ve = record.ve
             listed(ve, tag)
-            await self._each_host(ve, "host.snapshot_delete", tag, f"deleting snapshot {tag} of {ve['name']}")
-            value = {**ve, "snapshots": [s for s in ve.get("snapshots", []) if s["tag"] != tag]}
-            await self.agent.records.put(record.key, value, after=record.version)
-        return {"name": ve["name"], "tag": tag, "snapshots": value["snapshots"]}
+            await self._each_host(ve, "host.snapshot_delete", tag, f"deleting snapshot {tag} of {ve.name}")
+            ve = replace(ve, snapshots=tuple(s for s in ve.snapshots if s.tag != tag))
+            await self.directory.put(ve, after=record.version)
+        return {"name": ve.name, "tag": tag, "snapshots": codec.encode(ve.snapshots)}
 
-    async def _each_host(self, ve: dict[str, Any], method: str, tag: str, doing: str) -> None:
+    async def _each_host(self, ve: VERecord, method: str, tag: str, doing: str) -> None:
         """`method` for snapshot `tag` on the host of every VM; the failures, if any, in one RequestError."""
         failures = []
-        for vm, slot in sorted(ve["placement"].items()):
+        for vm, slot in sorted(ve.placement.items()):
             try:
-                await self._host(slot, method, {"name": domain_name(ve["name"], vm), "tag": tag})
+                await self._host(slot, method, {"name": domain_name(ve.name, vm), "tag": tag})
             except RequestError as err:
                 failures.append(f"{vm}: {err}")
         if failures:
@@ -98,15 +101,15 @@ def tag_arg(args: dict[str, Any]) -> str:
     return tag
 
 
-def listed(ve: dict[str, Any], tag: str) -> dict[str, Any]:
+def listed(ve: VERecord, tag: str) -> SnapshotEntry:
     """The record's entry for snapshot `tag`; NotFound naming the snapshots it has."""
-    entry = next((s for s in ve.get("snapshots", []) if s["tag"] == tag), None)
+    entry = next((s for s in ve.snapshots if s.tag == tag), None)
     if entry is None:
-        tags = [s["tag"] for s in ve.get("snapshots", [])]
+        tags = [s.tag for s in ve.snapshots]
         known = f"snapshots: {', '.join(tags)}" if tags else "it has none"
-        raise NotFound(f"VE {ve['name']!r} has no snapshot {tag!r} ({known})")
+        raise NotFound(f"VE {ve.name!r} has no snapshot {tag!r} ({known})")
     return entry
 
 
-def _domains(ve: dict[str, Any]) -> dict[str, str]:
-    return {vm: domain_name(ve["name"], vm) for vm in ve["placement"]}
+def _domains(ve: VERecord) -> dict[str, str]:
+    return {vm: domain_name(ve.name, vm) for vm in ve.placement}

@@ -8,8 +8,8 @@ good, nor list a snapshot that some host lacks. Here that logic is fed observati
 (`discovery.ve.transaction`) and is tested whole (tests/unit/test_ve_snapshotting.py). It must never touch
 a socket, a clock or trio.
 
-**The log is the record.** Before any VM is paused the record gets `snapshotting` = {tag, `paused` (the VMs
-that were running), coordinator, since}.
+**The log is the record.** Before any VM is paused the record gets `snapshotting`, a
+`discovery.ve.records.SnapshotMarker` (tag, `paused`: the VMs that were running, coordinator, since).
 
 States of a `Snapshot`::
 
@@ -35,11 +35,12 @@ finishing one snapshot agree.
 
 from __future__ import annotations
 
-import copy
 import enum
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+from discovery.ve.records import SnapshotEntry, SnapshotMarker, SnapshotVM, VERecord
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -74,21 +75,20 @@ class Snapshot:
     """Snapshot `tag` of every VM of the VE whose record is `value`, coordinated by `coordinator`; `domains`:
     each VM's domain. Ends with `Done(entry)` (the snapshot as the record lists it) or `Refuse`."""
 
-    def __init__(self, value: Mapping[str, Any], tag: str, domains: Mapping[str, str], coordinator: str) -> None:
+    def __init__(self, value: VERecord, tag: str, domains: Mapping[str, str], coordinator: str) -> None:
         self.value, self.tag, self.domains, self.coordinator = value, tag, domains, coordinator
-        self.name: str = value["name"]
-        self.vms = sorted(value["placement"])
+        self.name = value.name
+        self.vms = sorted(value.placement)
         self.states: dict[str, str] = {}
-        self.marker: dict[str, Any] = {}
         self.step = Step.INSPECT
         self.todo: list[str] = []
         self.failure = ""
-        self.entry: dict[str, Any] | None = None
+        self.entry: SnapshotEntry | None = None
         self.finish: SnapshotFinish | None = None
-        self._pending: Mapping[str, Any] = {}
+        self._pending = value
 
     def start(self, now: float) -> Action:
-        if any(s["tag"] == self.tag for s in self.value.get("snapshots", [])):
+        if any(s.tag == self.tag for s in self.value.snapshots):
             return self._over(Refuse(f"VE {self.name!r} already has a snapshot {self.tag!r}", "conflict"))
         self.todo = list(self.vms)
         return self._on_vm("host.vm.info")
@@ -102,16 +102,17 @@ class Snapshot:
                 self.states[self.todo.pop(0)] = info["state"]
                 if self.todo:
                     return self._on_vm("host.vm.info")
-                self.marker = {"tag": self.tag, "paused": [vm for vm in self.vms if self.states[vm] == "running"],
-                               "coordinator": self.coordinator, "since": now}
-                self._pending = {**copy.deepcopy(dict(self.value)), "snapshotting": self.marker}
+                paused = tuple(vm for vm in self.vms if self.states[vm] == "running")
+                self._pending = replace(self.value, snapshotting=SnapshotMarker(self.tag, paused, self.coordinator,
+                                                                                now))
                 self.step = Step.MARK
                 return WriteRecord(self._pending)
             case Step.INSPECT, HostFailed(reason=reason):
                 return self._over(Refuse(reason))
             case Step.MARK, RecordWritten():
                 self.value = self._pending
-                self.step, self.todo = Step.SUSPEND, list(self.marker["paused"])
+                assert self.value.snapshotting is not None, "the marker was just written"
+                self.step, self.todo = Step.SUSPEND, list(self.value.snapshotting.paused)
                 return self._suspend_next()
             case Step.MARK, DirectoryFailed(reason=reason, kind=kind):
                 return self._over(Refuse(reason, kind))
@@ -131,7 +132,7 @@ class Snapshot:
 
     def _on_vm(self, method: str, **extra: Any) -> Action:
         vm = self.todo[0]
-        return vm_action(self.value["placement"][vm], self.domains[vm], method, **extra)
+        return vm_action(self.value.placement[vm], self.domains[vm], method, **extra)
 
     def _suspend_next(self) -> Action:
         if self.todo:
@@ -142,16 +143,16 @@ class Snapshot:
     def _store_next(self, now: float) -> Action:
         if self.todo:
             vm = self.todo[0]
-            slot = self.value["placement"][vm]
-            return CallHost(slot["node"], slot["addr"], "host.snapshot",
+            slot = self.value.placement[vm]
+            return CallHost(slot.node, slot.addr, "host.snapshot",
                             {"name": self.domains[vm], "tag": self.tag, "state": self.states[vm]})
         return self._finish(self._entry(now), now)
 
-    def _entry(self, now: float) -> dict[str, Any]:
-        return {"tag": self.tag, "time": now, "state": self.value["state"],
-                "vms": {vm: {"node": self.value["placement"][vm]["node"], "state": self.states[vm]} for vm in self.vms}}
+    def _entry(self, now: float) -> SnapshotEntry:
+        return SnapshotEntry(self.tag, now, self.value.state,
+                             {vm: SnapshotVM(self.value.placement[vm].node, self.states[vm]) for vm in self.vms})
 
-    def _finish(self, entry: dict[str, Any] | None, now: float) -> Action:
+    def _finish(self, entry: SnapshotEntry | None, now: float) -> Action:
         self.entry = entry
         self.step = Step.FINISHING
         self.finish = SnapshotFinish(self.value, self.domains, entry)
@@ -188,14 +189,14 @@ class SnapshotFinish:
     listing `entry` if the snapshot succeeded. Ends with `Done(dropped)` (False if another agent had dropped
     the marker already, so the entry is not listed) or `Refuse`, the marker left in place."""
 
-    def __init__(self, value: Mapping[str, Any], domains: Mapping[str, str],
-                 entry: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, value: VERecord, domains: Mapping[str, str], entry: SnapshotEntry | None = None) -> None:
         self.value, self.domains, self.entry = value, domains, entry
-        self.name: str = value["name"]
-        self.marker: Mapping[str, Any] = value["snapshotting"]
-        self.todo = list(self.marker["paused"])
+        self.name = value.name
+        assert value.snapshotting is not None, "a finish is made for a marker left in the record"
+        self.marker = value.snapshotting
+        self.todo = list(self.marker.paused)
         self.step = FinishStep.RESUME
-        self._pending: Mapping[str, Any] = {}
+        self._pending = value
 
     def start(self, now: float) -> Action:
         return self._resume_next()
@@ -210,16 +211,14 @@ class SnapshotFinish:
                 return self._over(Refuse(reason))
             case S.READ, RecordRead(value=None):
                 return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
-            case S.READ, RecordRead(value=Mapping() as fresh):
+            case S.READ, RecordRead(value=VERecord() as fresh):
                 self.value = fresh
-                if fresh.get("snapshotting") != self.marker:
+                if fresh.snapshotting != self.marker:
                     return self._over(Done(False))  # another agent finished it meanwhile
-                value = {k: v for k, v in copy.deepcopy(dict(fresh)).items() if k != "snapshotting"}
-                if self.entry is not None:
-                    value["snapshots"] = [*value.get("snapshots", []), dict(self.entry)]
-                self._pending = value
+                listed = fresh.snapshots + ((self.entry,) if self.entry is not None else ())
+                self._pending = replace(fresh, snapshotting=None, snapshots=listed)
                 self.step = S.WRITE
-                return WriteRecord(value)
+                return WriteRecord(self._pending)
             case S.WRITE, RecordWritten():
                 self.value = self._pending
                 return self._over(Done(True))
@@ -230,7 +229,7 @@ class SnapshotFinish:
     def _resume_next(self) -> Action:
         if self.todo:
             vm = self.todo[0]
-            return vm_action(self.value["placement"][vm], self.domains[vm], "host.vm.settle", state="running")
+            return vm_action(self.value.placement[vm], self.domains[vm], "host.vm.settle", state="running")
         self.step = FinishStep.READ
         return ReadRecord()
 

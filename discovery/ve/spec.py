@@ -12,10 +12,9 @@ are merged (`Constraints.together`), since `[a, b]` and `[b, c]` can only mean a
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,9 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
+
+from overlay.wire import codec
+from overlay.wire.codec import sparse
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_VMS = 64
@@ -84,11 +86,16 @@ class Constraints:
     Groups keep the VM names as written. `spread_sites` and `max_per_node` are None when not given.
     """
 
-    affinity: tuple[tuple[str, ...], ...] = ()  # each group's VMs share one node
-    anti_affinity: tuple[tuple[str, ...], ...] = ()  # each group's VMs are on pairwise different nodes
-    same_site: bool = False  # every VM in one site, whichever
-    spread_sites: int | None = None  # the VMs cover at least this many distinct sites
-    max_per_node: int | None = None  # at most this many VMs of the VE on one node
+    affinity: tuple[tuple[str, ...], ...] = field(default=(), metadata=sparse())
+    """Each group's VMs share one node."""
+    anti_affinity: tuple[tuple[str, ...], ...] = field(default=(), metadata=sparse())
+    """Each group's VMs are on pairwise different nodes."""
+    same_site: bool = field(default=False, metadata=sparse())
+    """Every VM in one site, whichever."""
+    spread_sites: int | None = field(default=None, metadata=sparse())
+    """The VMs cover at least this many distinct sites."""
+    max_per_node: int | None = field(default=None, metadata=sparse())
+    """At most this many VMs of the VE on one node."""
 
     def together(self) -> tuple[tuple[str, ...], ...]:
         """The affinity groups merged where they share a VM, names in order of first appearance."""
@@ -109,21 +116,6 @@ class Constraints:
             merged.setdefault(root(name), []).append(name)
         return tuple(tuple(g) for g in merged.values())
 
-    def to_dict(self) -> dict[str, Any]:
-        """The constraints that are set, as plain data (an empty dict when none is)."""
-        d: dict[str, Any] = {}
-        if self.affinity:
-            d["affinity"] = [list(g) for g in self.affinity]
-        if self.anti_affinity:
-            d["anti_affinity"] = [list(g) for g in self.anti_affinity]
-        if self.same_site:
-            d["same_site"] = True
-        if self.spread_sites is not None:
-            d["spread_sites"] = self.spread_sites
-        if self.max_per_node is not None:
-            d["max_per_node"] = self.max_per_node
-        return d
-
 
 NO_CONSTRAINTS = Constraints()
 
@@ -135,21 +127,20 @@ class VESpec:
     name: str
     vms: tuple[VMSpec, ...]
     site: str | None = None
-    constraints: Constraints = NO_CONSTRAINTS
+    constraints: Constraints = field(default=NO_CONSTRAINTS, metadata=sparse())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (str, int, bool, list, None) for msgpack; from_dict reads it back.
 
-        `constraints` is left out when there is none, so that such a spec reads the same as before it existed.
+        Only the constraints that are set travel, and none at all when there is none (`codec.sparse`), so
+        that such a spec reads the same as before constraints existed.
         """
-        d: dict[str, Any] = {"name": self.name, "site": self.site, "vms": [dataclasses.asdict(vm) for vm in self.vms]}
-        if self.constraints != NO_CONSTRAINTS:
-            d["constraints"] = self.constraints.to_dict()
-        return d
+        data: dict[str, Any] = codec.encode(self)
+        return data
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VESpec:
-        """Validates a spec received from a peer, which is as untrusted as a user's file."""
+    def from_dict(cls, d: object) -> VESpec:
+        """Validates a spec received from a peer, which is as untrusted as a user's file (anything at all)."""
         return _Validator(WIRE_SOURCE).spec(d)
 
 
@@ -198,7 +189,7 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self._depth >= MAX_DEPTH:
             raise yaml.composer.ComposerError(None, None, f"nesting is deeper than {MAX_DEPTH} levels",
-                                              self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+                                              self.peek_event().start_mark)  # type: ignore[no-untyped-call, unused-ignore]
         self._depth += 1
         try:
             return super().compose_node(parent, index)

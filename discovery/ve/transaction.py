@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from discovery.ve.records import Place, VERecord
+
 # -- actions: what a core asks its driver to do ---------------------------------------------------------
 
 
@@ -63,7 +65,7 @@ class WriteRecord:
     """Write `value` as the VE record's next version, after the version last read or written. Answered by
     `RecordWritten` or `DirectoryFailed`."""
 
-    value: Mapping[str, Any]
+    value: VERecord
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class Probed:
 class RecordRead:
     """The record's value; None if the VE is gone (destroyed)."""
 
-    value: Mapping[str, Any] | None
+    value: VERecord | None
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,10 @@ class UnexpectedObservation(Exception):
         super().__init__(f"{type(core).__name__} in step {step} cannot take {observation}")
 
 
-def vm_action(slot: Mapping[str, Any], domain: str, method: str, **extra: Any) -> CallHost:
+def vm_action(where: Place, domain: str, method: str, **extra: Any) -> CallHost:
     """`method` (a `host.vm.*` verb) on `domain` at the host a slot or an intent names."""
-    return CallHost(slot["node"], slot["addr"], method, {"name": domain, **extra})
+    return CallHost(where.node, where.addr, method, {"name": domain, **extra})
 
 
-def probe(slot: Mapping[str, Any], domain: str) -> Probe:
-    return Probe(slot["node"], slot["addr"], domain)
+def probe(where: Place, domain: str) -> Probe:
+    return Probe(where.node, where.addr, domain)

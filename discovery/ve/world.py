@@ -15,11 +15,12 @@ I/O so hypothesis can run thousands of schedules a second.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from discovery.ve.records import Slot, VERecord, VEState
+from discovery.ve.spec import VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -68,7 +69,7 @@ class HostError(Exception):
 @dataclass
 class World:
     hosts: dict[str, Host]
-    record: dict[str, Any] | None
+    record: VERecord | None
     addrs: dict[str, str] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
     conditional: bool = False
@@ -107,13 +108,13 @@ class World:
                 if DIRECTORY in self.down or fault is not None:
                     return DirectoryFailed("no replica answered")
                 self.seen[who] = self.version
-                return RecordRead(copy.deepcopy(self.record))
+                return RecordRead(self.record)
             case WriteRecord():
                 if DIRECTORY in self.down or fault in ("unreachable", "timeout"):
                     return DirectoryFailed("write reached 0 of 3 replicas")
                 if self.conditional and self.seen.setdefault(who, self.version) != self.version:
                     return DirectoryFailed(f"the record changed since version {self.seen[who]}", "conflict")
-                self.record = copy.deepcopy(dict(action.value))
+                self.record = action.value
                 self.version += 1
                 if fault:
                     return DirectoryFailed("write reached 1 of 3 replicas")
@@ -232,13 +233,13 @@ class World:
         a standby copy (which a failover may promote) by a node listed as keeping one or a failover's target."""
         if self.record is None:
             return
-        for vm, slot in self.record["placement"].items():
-            domain = f"{self.record['name']}:{vm}"
+        for vm, slot in self.record.placement.items():
+            domain = f"{self.record.name}:{vm}"
             if len(self.running(domain)) > 1:
                 self.violations.append(f"{domain} runs at {self.running(domain)} after {self.trace[-1:]}")
-            named = [slot["node"]] + [slot[k]["node"] for k in ("moving_to", "failing_over") if k in slot]
-            copies = [e["node"] for e in self.record.get("replicas", {}).get(vm, [])]
-            copies += [slot["failing_over"]["node"]] if "failing_over" in slot else []
+            named = slot.named()
+            copies = [e.node for e in self.record.standbys_of(vm)]
+            copies += [slot.failing_over.node] if slot.failing_over is not None else []
             if not any(domain in self.hosts[n].domains for n in named if n in self.hosts) and \
                     not any(domain in self.hosts[n].standbys for n in copies if n in self.hosts):
                 self.violations.append(f"{domain} is held by none of {named} after {self.trace[-1:]}: "
@@ -360,5 +361,7 @@ def _confirmed(call: CallHost) -> str:
     return xml.removeprefix("<domain>").removesuffix("</domain>")
 
 
-def world_of(record: Mapping[str, Any], **hosts: Host) -> World:
-    return World(dict(hosts), copy.deepcopy(dict(record)))
+def record_of(name: str, placement: Mapping[str, Slot], state: VEState = "running", **more: Any) -> VERecord:
+    """A record of VE `name` whose VMs (one vCPU and 256 MiB each) are at `placement`; `more`: its other fields."""
+    spec = VESpec(name, tuple(VMSpec(vm, 1, 256) for vm in placement))
+    return VERecord(name, spec, "alice", state, dict(placement), "n0", 0.0, **more)

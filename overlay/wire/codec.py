@@ -6,12 +6,14 @@ field, a missing field, a value of the wrong type (`bool` is not an `int`; an `i
 a string or list longer than its field allows. Each failure is one `CodecError` line naming the field
 path (`spec.vms[2].vcpus: expected int, got str`). `encode(value)` is the inverse for answers and
 records. Supported field types: the plain ones (a float must be finite), `Any` (left as is: its handler
-checks it), `X | None`, `Literal[...]`, `list[X]`, `tuple[X, ...]`, `dict[str, X]`, nested dataclasses,
-and unions of dataclasses, tagged on the wire by a `type` field naming the class (`encode_tagged`).
+checks it), `X | None`, `Literal[...]`, `list[X]`, `tuple[X, ...]`, `dict[str, X]` (or `Mapping[str, X]`,
+decoded as a dict), nested dataclasses, and unions of dataclasses, tagged on the wire by a `type` field
+naming the class (`encode_tagged`).
 
 Size limits are field metadata: `name: str = field(metadata=limit(200))`; so is a wire name that is
-no Python name (`field(metadata=wire("from"))`). This module never imports anything of ours: every
-layer's messages use it.
+no Python name (`field(metadata=wire("from"))`), and `sparse()`: a field left off the wire while it holds
+its default, so that a record gains optional parts without changing the shape of those that lack them.
+This module never imports anything of ours: every layer's messages use it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def limit(n: int) -> dict[str, int]:
 def wire(name: str, n: int | None = None) -> dict[str, Any]:
     """Field metadata: the field's name on the wire (e.g. a Python keyword), and optionally its limit."""
     return {"wire": name, **({"limit": n} if n is not None else {})}
+
+
+def sparse() -> dict[str, bool]:
+    """Field metadata: `encode` leaves the field out while it equals its default (`decode` fills it back in)."""
+    return {"sparse": True}
 
 
 def _wire_name(f: dataclasses.Field[Any]) -> str:
@@ -114,7 +121,7 @@ def _value(kind: Any, data: Any, where: str, size: int | None = None) -> Any:
         item = args[0] if args else Any
         out = [_value(item, d, f"{where}[{i}]") for i, d in enumerate(data)]
         return tuple(out) if origin is tuple else out
-    if origin is dict or kind is dict:
+    if origin in (dict, Mapping) or kind is dict:
         if not isinstance(data, Mapping):
             raise CodecError(f"{where}: expected a map, got {_kind(data)}")
         _check_size(data, where, size)
@@ -155,12 +162,21 @@ def _check_size(data: Any, where: str, size: int | None) -> None:
 def encode(value: Any) -> Any:
     """A dataclass (nested ones too) as plain msgpack values; other values as they are."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {_wire_name(f): encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {_wire_name(f): encode(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("sparse") and getattr(value, f.name) == _default(f))}
     if isinstance(value, list | tuple):
         return [encode(v) for v in value]
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}
     return value
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    if f.default is dataclasses.MISSING:
+        raise TypeError(f"sparse field {f.name} has no default")  # a bug in a record type, not the peer
+    return f.default
 
 
 def encode_tagged(value: Any) -> dict[str, Any]:

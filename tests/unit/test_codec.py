@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from overlay.wire.codec import CodecError, decode, encode, limit, wire
+from overlay.wire.codec import CodecError, decode, encode, limit, sparse, wire
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,31 @@ def test_an_answer_may_be_any_type_the_codec_knows_bounded_only_by_its_frame(kin
 def test_an_answer_that_does_not_fit_its_type_is_one_line(kind: Any, data: Any, message: str) -> None:
     with pytest.raises(CodecError, match=message.replace("[", r"\[")):
         decode(kind, data)
+
+
+@dataclass(frozen=True)
+class Sparse:
+    name: str
+    note: str | None = field(default=None, metadata=sparse())
+    tags: tuple[str, ...] = field(default=(), metadata=sparse())
+    slots: Mapping[str, Inner] = field(default_factory=dict, metadata=sparse())
+    count: int = 0
+
+
+sparses = st.builds(Sparse, name=st.text(max_size=3), note=st.none() | st.text(max_size=3),
+                    tags=st.lists(st.text(max_size=2), max_size=2).map(tuple),
+                    slots=st.dictionaries(st.text(max_size=2), inners, max_size=2), count=st.integers(0, 3))
+
+
+@given(sparses)
+def test_sparse_fields_round_trip_and_travel_only_when_set(value: Sparse) -> None:
+    wire_form = encode(value)
+    assert decode(Sparse, msgpack.unpackb(msgpack.packb(wire_form))) == value
+    assert ("note" in wire_form) == (value.note is not None) and ("tags" in wire_form) == bool(value.tags)
+    assert ("slots" in wire_form) == bool(value.slots) and "count" in wire_form  # not sparse: always there
+
+
+def test_a_mapping_field_decodes_as_a_dict_and_is_checked() -> None:
+    assert decode(Sparse, {"name": "n", "slots": {"a": {"tag": "t"}}}).slots == {"a": Inner("t")}
+    with pytest.raises(CodecError, match=r"^slots\.a\.tag: expected str, got int$"):
+        decode(Sparse, {"name": "n", "slots": {"a": {"tag": 1}}})

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 
+from discovery.ve.records import Slot
 from discovery.ve.service import VEService
 from overlay.wire.rpc import RemoteError, RequestError
 
-PLACEMENT = {vm: {"node": node, "addr": addr} for vm, node, addr in
+PLACEMENT = {vm: Slot(node, addr, "rennes", 1.0, "nearest with room") for vm, node, addr in
              [("a", "node1", "127.0.0.1:1"), ("b", "node2", "127.0.0.1:2"), ("c", "node3", "127.0.0.1:3")]}
 
 
@@ -33,8 +33,8 @@ class Hosts:
 
 
 def service(hosts: Hosts) -> VEService:
-    ve = VEService.__new__(VEService)  # `_confirm_all` uses the agent's transport only
-    ve.agent = SimpleNamespace(transport=hosts)
+    ve = VEService.__new__(VEService)  # `_confirm_all` uses the transport only
+    ve.transport = hosts
     return ve
 
 

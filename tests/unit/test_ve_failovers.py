@@ -4,9 +4,7 @@ step, then properties over random runs: crashes, several recoverers interleaved,
 
 from __future__ import annotations
 
-import copy
 import itertools
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -14,44 +12,43 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from discovery.ve.failovers import VM_STATE, Failover, FailoverRecovery, Step
+from discovery.ve.records import FailoverIntent, Slot, Standby, VERecord, VEState, VMState
 from discovery.ve.transaction import Action, Done, Refuse
-from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, run
+from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, record_of, run
 
 VE, VM, DOMAIN = "fo", "x", "fo:x"
 OLD, NEW = "old", "new"
-STANDBY = {"node": NEW, "addr": "new:1", "site": "lyon", "taken": 1.0}
+STANDBY = Standby(NEW, "new:1", "lyon", 1.0)
 
 
-def record(ve_state: str = "running", intent: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    slot = {"node": OLD, "addr": "old:1", "site": "rennes", "rtt_ms": 1.0, "why": "created"}
-    failing = {"failing_over": dict(intent)} if intent else {}
-    return {"name": VE, "state": ve_state, "placement": {VM: {**slot, **failing}}, "replicas": {VM: [dict(STANDBY)]}}
+def record(ve_state: VEState = "running", intent: FailoverIntent | None = None) -> VERecord:
+    slot = Slot(OLD, "old:1", "rennes", 1.0, "created", failing_over=intent)
+    return record_of(VE, {VM: slot}, ve_state, standbys={VM: (STANDBY,)})
 
 
-def intent(forced: bool, state: str = "running") -> dict[str, Any]:
+def intent(forced: bool, state: VMState = "running") -> FailoverIntent:
     why = f"forced while {OLD} was alive" if forced else f"{OLD} does not answer"
-    return {"node": NEW, "addr": "new:1", "site": "lyon", "from": OLD, "why": why, "state": state,
-            "coordinator": "n3", "since": 0.0}
+    return FailoverIntent(NEW, "new:1", "lyon", OLD, why, state, "n3", 0.0)
 
 
-def world(value: Mapping[str, Any], old: str | None, promoted: bool, forced: bool) -> World:
+def world(value: VERecord, old: str | None, promoted: bool, forced: bool) -> World:
     """The old host holds the VM in state `old` (None: not at all); the new node its standby, or (promoted) the
     domain, running. A failover that is not forced happens because the old host is down."""
     hosts = {OLD: Host({DOMAIN: old} if old else {}), NEW: Host({DOMAIN: "running"} if promoted else {},
                                                                standbys=set() if promoted else {DOMAIN})}
-    w = World(hosts, copy.deepcopy(dict(value)))
+    w = World(hosts, value)
     if not forced:
         w.crash(OLD)
     return w
 
 
-def failover(value: Mapping[str, Any], forced: bool) -> Failover:
+def failover(value: VERecord, forced: bool) -> Failover:
     return Failover(value, VM, DOMAIN, STANDBY, None if forced else f"{OLD} does not answer", "n3", 3.0)
 
 
 def recovery(w: World) -> FailoverRecovery | None:
-    value = copy.deepcopy(w.record)
-    return FailoverRecovery(value, VM, DOMAIN, 3.0) if "failing_over" in value["placement"][VM] else None
+    assert w.record is not None
+    return FailoverRecovery(w.record, VM, DOMAIN, 3.0) if w.record.placement[VM].failing_over else None
 
 
 def ending(end: Action) -> str:
@@ -64,10 +61,11 @@ def ending(end: Action) -> str:
 def settled(w: World) -> str:
     """After everything: the record names one node, with no intent; that node holds the domain, and no
     other node runs it."""
-    slot = w.record["placement"][VM]
-    assert "failing_over" not in slot and slot["node"] in w.holders(DOMAIN), (slot, w.holders(DOMAIN))
-    assert set(w.running(DOMAIN)) <= {slot["node"]}
-    return slot["node"]
+    assert w.record is not None
+    slot = w.record.placement[VM]
+    assert slot.failing_over is None and slot.node in w.holders(DOMAIN), (slot, w.holders(DOMAIN))
+    assert set(w.running(DOMAIN)) <= {slot.node}
+    return slot.node
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ def test_recovery_table(stage: str, forced: bool, answers: str) -> None:
     w = world(record(intent=intent(forced)), old_state, promoted, forced)
     w.down = {n for letter, n in zip("OND", (OLD, NEW, DIRECTORY), strict=True) if letter not in answers}
     actions, end = TABLE[promoted, "N" in answers, "D" in answers]
-    outcome = FailoverRecovery(copy.deepcopy(w.record), VM, DOMAIN, 3.0)
+    outcome = FailoverRecovery(w.record, VM, DOMAIN, 3.0)
     result = run(outcome, w)
     assert ", ".join(w.trace) == actions
     kind, _, why = end.partition(": ")
@@ -114,13 +112,13 @@ def test_recovery_table(stage: str, forced: bool, answers: str) -> None:
         assert node == (NEW if promoted else OLD)
         if promoted:
             assert w.holders(DOMAIN) == ({NEW: "running"} if "O" in answers else {OLD: "shutoff", NEW: "running"})
-            assert w.record["replicas"] == {}  # its only copy became the VM
+            assert w.record.standbys == {}  # its only copy became the VM
         else:
             assert w.holders(DOMAIN)[OLD] == ("running" if "O" in answers else old_state if forced else "shutoff")
-            assert w.hosts[NEW].standbys == {DOMAIN} and w.record["replicas"][VM] == [STANDBY]
+            assert w.hosts[NEW].standbys == {DOMAIN} and w.record.standbys[VM] == (STANDBY,)
     else:  # stopped: the next attempt, everyone answering, ends as the table says
         w.down.clear()
-        assert ending(run(FailoverRecovery(copy.deepcopy(w.record), VM, DOMAIN, 3.0), w)) == (
+        assert ending(run(FailoverRecovery(w.record, VM, DOMAIN, 3.0), w)) == (
             "forward" if promoted else "undone")
         assert settled(w) == (NEW if promoted else OLD) and w.violations == []
 
@@ -140,9 +138,8 @@ def test_a_failover_step_by_step(forced: bool, actions: str, ve_state: str) -> N
     assert run(core, w) == Done(True)
     assert ", ".join(w.trace) == actions and w.violations == []
     assert settled(w) == NEW and w.hosts[NEW].domains == {DOMAIN: VM_STATE[ve_state]}
-    assert w.record["placement"][VM] == {"node": NEW, "addr": "new:1", "site": "lyon", "rtt_ms": 3.0,
-                                         "why": f"failed over from old ({intent(forced)['why']})"}
-    assert w.record["replicas"] == {} and core.value == w.record and core.step is Step.OVER
+    assert w.record.placement[VM] == Slot(NEW, "new:1", "lyon", 3.0, f"failed over from old ({intent(forced).why})")
+    assert w.record.standbys == {} and core.value == w.record and core.step is Step.OVER
     if forced:
         assert w.holders(DOMAIN) == {NEW: VM_STATE[ve_state]}  # the old copy undefined
     else:

@@ -5,10 +5,8 @@ flapping. After every event no domain runs at two places and the record names a 
 
 from __future__ import annotations
 
-import copy
 import itertools
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -16,7 +14,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from agents.hypervisor.actor import SETTLED
-from discovery.ve.moves import PREPARE_STEPS, STEADY, Move, MoveRecovery, Step
+from discovery.ve.moves import PREPARE_STEPS, Move, MoveRecovery, Step
+from discovery.ve.records import STEADY, MoveIntent, Slot, Transfer, VERecord, VMState
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -35,41 +34,44 @@ from discovery.ve.transaction import (
     TimedOut,
     WriteRecord,
 )
-from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, run
+from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, record_of, run
 
 VE, VM, DOMAIN = "shop", "db", "shop:db"
 SRC, DST = "src", "dst"
-TARGET = {"node": DST, "addr": "dst:1", "site": "lyon", "rtt_ms": 2.0}
+TARGET = Slot(DST, "dst:1", "lyon", 2.0, "relocated to dst by alice")
 NEED = {"vcpus": 1, "memory_mb": 256, "disk_gb": 1}
 WAYS = {"carry": ("test", False), "ship": ("qemu", False), "live": ("qemu", True)}  # backend, own libvirtd
 
 
-def record(intent: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    slot = {"node": SRC, "addr": "src:1", "site": "rennes", "rtt_ms": 1.0, "why": "created"}
-    moving = {"moving_to": dict(intent)} if intent else {}
-    return {"name": VE, "state": "running", "placement": {VM: {**slot, **moving}}}
+def record(intent: MoveIntent | None = None) -> VERecord:
+    return record_of(VE, {VM: Slot(SRC, "src:1", "rennes", 1.0, "created", moving_to=intent)})
 
 
-def intent(phase: str, state: str = "running") -> dict[str, Any]:
-    return {**TARGET, "why": "relocated to dst by alice", "phase": phase, "state": state, "coordinator": "n3",
-            "since": 0.0}
+def intent(phase: Any, state: VMState = "running") -> MoveIntent:
+    return MoveIntent(DST, "dst:1", "lyon", 2.0, "relocated to dst by alice", phase, state, "n3", 0.0)
 
 
-def world(value: Mapping[str, Any], way: str = "carry", **held: str) -> World:
+def world(value: VERecord, way: str = "carry", **held: str) -> World:
     backend, live = WAYS[way]
     hosts = {n: Host({DOMAIN: held[n]} if n in held else {}, backend=backend, live=live) for n in (SRC, DST)}
-    return World(hosts, copy.deepcopy(dict(value)))
+    return World(hosts, value)
 
 
-def move(value: Mapping[str, Any], method: str = "auto", limit: float = 60.0) -> Move:
-    return Move(value, VM, DOMAIN, TARGET, "relocated to dst by alice", method, NEED, "n3", limit)
+def move(value: VERecord, method: str = "auto", limit: float = 60.0) -> Move:
+    return Move(value, VM, DOMAIN, TARGET, method, NEED, "n3", limit)
+
+
+def moving(w: World) -> bool:
+    assert w.record is not None
+    return w.record.placement[VM].moving_to is not None
 
 
 def settled_at(w: World) -> str:
     """After everything: the record names one node, with no intent, and only that node holds the domain."""
-    slot = w.record["placement"][VM]
-    assert "moving_to" not in slot and list(w.holders(DOMAIN)) == [slot["node"]], (slot, w.holders(DOMAIN))
-    return slot["node"]
+    assert w.record is not None
+    slot = w.record.placement[VM]
+    assert slot.moving_to is None and list(w.holders(DOMAIN)) == [slot.node], (slot, w.holders(DOMAIN))
+    return slot.node
 
 
 def test_steady_states_are_the_hypervisors() -> None:
@@ -112,7 +114,8 @@ MUTATING = ("vm settle", "vm undefine")
 
 
 def recover(w: World) -> Action:
-    return run(MoveRecovery(copy.deepcopy(w.record), VM, DOMAIN), w)
+    assert w.record is not None
+    return run(MoveRecovery(w.record, VM, DOMAIN), w)
 
 
 def ending(end: Action) -> str:
@@ -152,14 +155,14 @@ def test_recovery_table(phase: str, holds: str, answers: str) -> None:
 
 def test_a_recovery_finds_the_intent_settled_by_another_and_leaves_the_record_alone() -> None:
     w = world(record(intent("started")), src="paused", dst="running")
-    core = MoveRecovery(copy.deepcopy(w.record), VM, DOMAIN)
+    assert w.record is not None
+    core = MoveRecovery(w.record, VM, DOMAIN)
     action = core.start(0.0)
     while not isinstance(action, ReadRecord):
         action = core.on(w.perform(action), 0.0)
-    settled = record()
-    settled["placement"][VM].update(node=DST, addr="dst:1")
+    settled = record().with_slot(VM, replace(record().placement[VM], node=DST, addr="dst:1"))
     assert core.on(RecordRead(settled), 1.0) == Done(True) and core.value == settled
-    gone = MoveRecovery(copy.deepcopy(w.record), VM, DOMAIN)
+    gone = MoveRecovery(w.record, VM, DOMAIN)
     gone.step = gone.step.READ
     assert gone.on(RecordRead(None), 1.0) == Refuse("VE 'shop' was destroyed meanwhile", "not_found")
 
@@ -225,17 +228,16 @@ def test_a_move_step_by_step(way: str, actions: str, state: str) -> None:
     action, now = core.start(0.0), 0.0
     while not isinstance(action, (Done, Refuse)):
         if isinstance(action, WriteRecord):
-            writes.append(copy.deepcopy(dict(action.value["placement"][VM])))
+            writes.append(action.value.placement[VM])
         now += 1.0
         action = core.on(w.perform(action), now)
     assert ", ".join(w.trace) == actions and w.violations == []
     how = "ship" if way == "live" and state == "shutoff" else way
     transfer = w.trace.index("write", 2) - w.trace.index("reserve dst") - 1  # a second per step since the reservation
-    assert action == Done({"how": how, "seconds": float(transfer)})
-    assert [s.get("moving_to", {}).get("phase") for s in writes] == ["prepare", "started", None]
-    assert writes[0]["moving_to"] == {**intent("prepare", state), "coordinator": "n3", "since": 1.0}
-    assert writes[-1] == {**{k: TARGET[k] for k in ("node", "addr", "site", "rtt_ms")},
-                          "why": "relocated to dst by alice", "transfer": action.result}
+    assert action == Done(Transfer(how, float(transfer)))
+    assert [s.moving_to.phase if s.moving_to else None for s in writes] == ["prepare", "started", None]
+    assert writes[0].moving_to == replace(intent("prepare", state), since=1.0)
+    assert writes[-1] == replace(TARGET, transfer=action.result)
     assert settled_at(w) == DST and w.holders(DOMAIN) == {DST: state} and core.value == w.record
 
 
@@ -248,7 +250,7 @@ def test_method_ship_ships_a_vm_that_could_migrate_live() -> None:
         now += 1.0
         action = core.on(w.perform(action), now)
     assert "export src" in w.trace and "migrate src" not in w.trace and w.violations == []
-    assert isinstance(action, Done) and action.result["how"] == "ship"
+    assert isinstance(action, Done) and action.result.how == "ship"
 
 
 ROLLED_BACK = "rolled back, it stays on src"
@@ -298,7 +300,7 @@ def test_a_move_that_fails_at_each_step(way: str, failing: str, fault: str | Non
             assert settled_at(w) == SRC
     assert failing.split(" #")[0] in w.trace
     # whatever happened, the next attempt (everyone answering) leaves the VM at exactly one place, running
-    if "moving_to" in w.record["placement"][VM]:
+    if moving(w):
         assert isinstance(recover(w), Done)
     settled_at(w)
     assert list(w.holders(DOMAIN).values()) == ["running"] and w.violations == []
@@ -393,8 +395,7 @@ def schedules(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def recoverer(w: World) -> MoveRecovery | None:
-    value = copy.deepcopy(w.record)
-    return MoveRecovery(value, VM, DOMAIN) if "moving_to" in value["placement"][VM] else None
+    return MoveRecovery(w.record, VM, DOMAIN) if w.record is not None and moving(w) else None
 
 
 @settings(max_examples=800, deadline=None)
@@ -418,7 +419,7 @@ def test_moves_crashes_and_recoverers_in_any_interleaving(s: dict[str, Any]) -> 
     event(f"coordinator: {'crashed' if crashed else ending_of(outcome)}")
     event(f"recoverers that acted: {sum(1 for k, end in ended.items() if k and end != Done(None))}")
     w.down.clear()
-    if "moving_to" in w.record["placement"][VM]:  # the next command settles it
+    if moving(w):  # the next command settles it
         event("left for the next command")
         assert isinstance(recover(w), Done), w.trace
     assert w.violations == []

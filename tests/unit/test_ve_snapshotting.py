@@ -4,7 +4,6 @@ then properties over random runs: crashes, several finishers interleaved, reacha
 
 from __future__ import annotations
 
-import copy
 import itertools
 from typing import Any
 
@@ -12,9 +11,10 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from discovery.ve.records import Slot, SnapshotEntry, SnapshotMarker, SnapshotVM, VERecord
 from discovery.ve.snapshotting import Snapshot, SnapshotFinish, Step
 from discovery.ve.transaction import Action, Done, Refuse
-from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, run
+from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, record_of, run
 
 VE = "snap"
 STATES = {"a": "running", "b": "running", "c": "shutoff", "d": "paused"}  # a, c on h1; b, d on h2
@@ -22,25 +22,24 @@ HOST_OF = {"a": "h1", "b": "h2", "c": "h1", "d": "h2"}
 DOMAINS = {vm: f"{VE}:{vm}" for vm in STATES}
 
 
-def record(**extra: Any) -> dict[str, Any]:
-    placement = {vm: {"node": node, "addr": f"{node}:1", "site": "rennes", "rtt_ms": 1.0, "why": "created"}
-                 for vm, node in HOST_OF.items()}
-    return {"name": VE, "state": "running", "placement": placement, **extra}
+def record(**extra: Any) -> VERecord:
+    placement = {vm: Slot(node, f"{node}:1", "rennes", 1.0, "created") for vm, node in HOST_OF.items()}
+    return record_of(VE, placement, **extra)
 
 
-def world(value: dict[str, Any], states: dict[str, str] | None = None) -> World:
+def world(value: VERecord, states: dict[str, str] | None = None) -> World:
     states = states or STATES
     hosts = {h: Host({DOMAINS[vm]: states[vm] for vm, node in HOST_OF.items() if node == h}) for h in ("h1", "h2")}
-    return World(hosts, copy.deepcopy(value))
+    return World(hosts, value)
 
 
-def snapshot(value: dict[str, Any], tag: str = "t1") -> Snapshot:
+def snapshot(value: VERecord, tag: str = "t1") -> Snapshot:
     return Snapshot(value, tag, DOMAINS, "n3")
 
 
 def finisher(w: World) -> SnapshotFinish | None:
-    value = copy.deepcopy(w.record)
-    return SnapshotFinish(value, DOMAINS) if "snapshotting" in value else None
+    assert w.record is not None
+    return SnapshotFinish(w.record, DOMAINS) if w.record.snapshotting is not None else None
 
 
 def states(w: World) -> dict[str, str]:
@@ -51,7 +50,7 @@ def stored(w: World, tag: str = "t1") -> set[str]:
     return {vm for vm in STATES if tag in w.hosts[HOST_OF[vm]].snapshots.get(DOMAINS[vm], set())}
 
 
-MARKER = {"tag": "t1", "paused": ["a", "b"], "coordinator": "n3", "since": 0.0}
+MARKER = SnapshotMarker("t1", ("a", "b"), "n3", 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -81,16 +80,16 @@ def test_finish_table(stage: str, answers: str) -> None:
     for vm in tags:
         w.hosts[HOST_OF[vm]].snapshots[DOMAINS[vm]] = {"t1"}
     w.down = {n for letter, n in zip("12D", ("h1", "h2", DIRECTORY), strict=True) if letter not in answers}
-    outcome = run(SnapshotFinish(copy.deepcopy(w.record), DOMAINS), w)
+    outcome = run(SnapshotFinish(w.record, DOMAINS), w)
     assert ", ".join(w.trace) == actions and w.violations == []
     if end == "done":
-        assert outcome == Done(True) and "snapshotting" not in w.record and states(w) == STATES
-        assert "snapshots" not in w.record  # a finish found behind never lists the snapshot
+        assert outcome == Done(True) and w.record.snapshotting is None and states(w) == STATES
+        assert w.record.snapshots == ()  # a finish found behind never lists the snapshot
     else:
         assert isinstance(outcome, Refuse) and end.removeprefix("stopped: ") in outcome.reason
-        assert w.record["snapshotting"] == MARKER  # the marker stays until every paused VM runs again
+        assert w.record.snapshotting == MARKER  # the marker stays until every paused VM runs again
         w.down.clear()  # the next attempt
-        assert run(SnapshotFinish(copy.deepcopy(w.record), DOMAINS), w) == Done(True) and states(w) == STATES
+        assert run(SnapshotFinish(w.record, DOMAINS), w) == Done(True) and states(w) == STATES
     # the VMs the snapshot did not pause are never touched
     assert all(not a.startswith("vm settle") or a in ("vm settle h1", "vm settle h2") for a in w.trace)
     assert states(w)["c"] == "shutoff" and states(w)["d"] == "paused"
@@ -98,11 +97,11 @@ def test_finish_table(stage: str, answers: str) -> None:
 
 def test_a_finish_leaves_a_marker_another_agent_changed_alone() -> None:
     w = world(record(snapshotting=MARKER))
-    core = SnapshotFinish(copy.deepcopy(w.record), DOMAINS)
+    core = SnapshotFinish(w.record, DOMAINS)
     action = core.start(0.0)
     while label(action) != "read":
         action = core.on(w.perform(action), 0.0)
-    w.record = record(snapshots=[{"tag": "t1"}])  # finished by someone else
+    w.record = record(snapshots=(SnapshotEntry("t1", 1.0, "running", {}),))  # finished by someone else
     assert core.on(w.perform(action), 1.0) == Done(False) and core.value == w.record
 
 
@@ -117,12 +116,12 @@ def test_a_snapshot_step_by_step() -> None:
     assert ", ".join(w.trace) == (
         "vm info h1, vm info h2, vm info h1, vm info h2, write, vm suspend h1, vm suspend h2, pause snapshot, "
         "snapshot h1, snapshot h2, snapshot h1, snapshot h2, vm settle h1, vm settle h2, read, write")
-    entry = {"tag": "t1", "time": 12.0, "state": "running",  # when the last store answered
-             "vms": {vm: {"node": HOST_OF[vm], "state": state} for vm, state in STATES.items()}}
-    assert outcome == Done(entry) and w.record == record(snapshots=[entry]) and core.value == w.record
+    entry = SnapshotEntry("t1", 12.0, "running",  # when the last store answered
+                          {vm: SnapshotVM(HOST_OF[vm], state) for vm, state in STATES.items()})
+    assert outcome == Done(entry) and w.record == record(snapshots=(entry,)) and core.value == w.record
     assert states(w) == STATES and stored(w) == set(STATES) and w.violations == []
     assert isinstance(run(snapshot(w.record), w), Refuse)  # the tag is taken now
-    again = snapshot(record(snapshots=[entry]))
+    again = snapshot(record(snapshots=(entry,)))
     assert again.start(0.0) == Refuse("VE 'snap' already has a snapshot 't1'", "conflict") and again.step is Step.OVER
 
 
@@ -145,8 +144,8 @@ def test_a_snapshot_that_fails_at_each_step(failing: str, fault: str, end: str) 
     assert failing.split(" #")[0] in w.trace and w.violations == []
     if (core := finisher(w)) is not None:  # the next command
         assert run(core, w) == Done(True)
-    assert states(w) == STATES and "snapshotting" not in w.record
-    assert w.record.get("snapshots", []) == []
+    assert states(w) == STATES and w.record.snapshotting is None
+    assert w.record.snapshots == ()
 
 
 def test_a_snapshot_whose_vms_another_agent_resumed_first_is_not_reported_taken() -> None:
@@ -163,7 +162,7 @@ def test_a_snapshot_whose_vms_another_agent_resumed_first_is_not_reported_taken(
     while not isinstance(action, (Done, Refuse)):
         action = core.on(w.perform(action), 2.0)
     assert isinstance(action, Refuse) and "was not recorded: another agent finished it first" in action.reason
-    assert "snapshots" not in w.record and states(w) == STATES
+    assert w.record.snapshots == () and states(w) == STATES
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -211,11 +210,11 @@ def test_snapshots_crashes_and_finishers_in_any_interleaving(s: dict[str, Any]) 
     if (core := finisher(w)) is not None:
         event("left for the next command")
         assert run(core, w) == Done(True)
-    assert w.violations == [] and "snapshotting" not in w.record
+    assert w.violations == [] and w.record.snapshotting is None
     assert states(w) == s["states"]
-    listed = w.record.get("snapshots", [])
+    listed = w.record.snapshots
     assert len(listed) <= 1 and (not listed or stored(w) == set(STATES))
     if not crashed and isinstance(outcome, Done) and s["conditional"]:
-        assert [e["tag"] for e in listed] == ["t1"]
+        assert [e.tag for e in listed] == ["t1"]
     if not crashed and isinstance(outcome, Refuse) and "failed" in outcome.reason:
-        assert listed == []
+        assert listed == ()
