@@ -145,88 +145,117 @@ def order(plan: Plan, nodes: Sequence[Node], vms: Sequence[VM], *, fixed: Sequen
     the whole VE after each move, refuses such a step). Migrations go from where the VM is (`vms`)
     between `nodes`; `fixed` VMs take room and count for the rules.
     """
-    site_of = {n.name: n.site for n in nodes}
-    capacity = {n.name: (n.cpu, n.memory_mb) for n in nodes}
-    pivots = set(site_of if pivots is None else pivots) & set(site_of)
-    by_name = {vm.name: vm for vm in vms}
-    cpu, memory = _loads([*vms, *fixed])
-    where = {vm.name: vm.node for vm in vms}
-    pending: list[Migration] = []
-    for m in plan.migrations:
-        if m.vm not in by_name or where[m.vm] != m.source or {m.source, m.target} - set(site_of):
-            raise ValueError(f"order: migration of {m.vm} from {m.source} to {m.target} does not match the VMs")
-        pending.append(m)
-    if len({m.vm for m in pending}) < len(pending):
-        raise ValueError("order: a VM migrates twice; give its source and final target once")
-    rules_of = {r.ve: r for r in rules}
-    everywhere = _site_map(nodes, sites)
-    ve_now: dict[str, dict[str, VM]] = defaultdict(dict)  # VE with rules -> its VMs (fixed too), as they are now
-    for vm in [*vms, *fixed]:
-        if vm.ve in rules_of:
-            ve_now[vm.ve][vm.name] = vm
-    target_of = {m.vm: m.target for m in pending}
-    waiting: dict[str, list[str]] = defaultdict(list)  # VE with rules -> its VMs with a pending migration
-    for m in pending:
-        if by_name[m.vm].ve in rules_of:
-            waiting[by_name[m.vm].ve].append(m.vm)
-
-    def keeps(vm: VM, target: str) -> bool:
-        r = rules_of.get(vm.ve)
-        return r is None or keeps_rules(r, ve_now[vm.ve].values(), vm.name, target, everywhere)
-
-    allowed: dict[str, bool] = {}  # VM -> whether its pending migration keeps its VE's rules now
-
-    def review(ve: str) -> None:
-        for name in waiting.get(ve, ()):
-            if name in target_of:
-                allowed[name] = keeps(by_name[name], target_of[name])
-
-    for ve in waiting:
-        review(ve)
-
-    def fits(node: str, vm: VM) -> bool:
-        return cpu[node] + vm.cpu <= capacity[node][0] and memory[node] + vm.memory_mb <= capacity[node][1]
-
-    def over(node: str) -> bool:
-        return node in capacity and (cpu[node] > capacity[node][0] or memory[node] > capacity[node][1])
-
-    out: list[Migration] = []
-
-    def move(vm: VM, target: str) -> None:
-        source = where[vm.name]
-        out.append(Migration(vm.name, source, target, vm.memory_mb))
-        cpu[source] -= vm.cpu
-        memory[source] -= vm.memory_mb
-        cpu[target] += vm.cpu
-        memory[target] += vm.memory_mb
-        where[vm.name] = target
-        if vm.ve in rules_of:
-            ve_now[vm.ve][vm.name] = replace(vm, node=target)
-            review(vm.ve)
-
-    pivoted: set[str] = set()
+    state = _Ordering(nodes, vms, fixed, pivots, rules, sites)
+    pending = state.check(plan.migrations)
     while pending:
-        ready = [m for m in pending if allowed.get(m.vm, True) and fits(m.target, by_name[m.vm])]
-        if ready:
-            wanted = {m.target for m in pending}
-            m = min(ready, key=lambda m: (not over(where[m.vm]), where[m.vm] not in wanted))
+        m = state.next_ready(pending)
+        if m is not None:
             pending.remove(m)
-            del target_of[m.vm]
-            move(by_name[m.vm], m.target)
+            del state.target_of[m.vm]
+            state.move(m.vm, m.target)
             continue
+        state.move(*state.pivot(pending))
+    return Plan(state.out, plan.solver, plan.seconds)
+
+
+class _Ordering:
+    """`order`'s state while it orders: where each VM is, the load it puts on each node, and which pending
+    migrations keep their VE's rules as things stand (`allowed`, reviewed after each move of the VE)."""
+
+    def __init__(self, nodes: Sequence[Node], vms: Sequence[VM], fixed: Sequence[VM],
+                 pivots: Collection[str] | None, rules: Iterable[Rules], sites: Mapping[str, str] | None) -> None:
+        self.site_of = {n.name: n.site for n in nodes}
+        self.capacity = {n.name: (n.cpu, n.memory_mb) for n in nodes}
+        self.pivots = set(self.site_of if pivots is None else pivots) & set(self.site_of)
+        self.by_name = {vm.name: vm for vm in vms}
+        self.cpu, self.memory = _loads([*vms, *fixed])
+        self.where = {vm.name: vm.node for vm in vms}
+        self.rules_of = {r.ve: r for r in rules}
+        self.everywhere = _site_map(nodes, sites)
+        self.ve_now: dict[str, dict[str, VM]] = defaultdict(dict)  # VE with rules -> its VMs (fixed too), now
+        for vm in [*vms, *fixed]:
+            if vm.ve in self.rules_of:
+                self.ve_now[vm.ve][vm.name] = vm
+        self.target_of: dict[str, str] = {}  # VM -> its target, while its migration is pending
+        self.waiting: dict[str, list[str]] = defaultdict(list)  # VE with rules -> its VMs with a migration
+        self.allowed: dict[str, bool] = {}  # VM -> whether its pending migration keeps its VE's rules now
+        self.pivoted: set[str] = set()
+        self.out: list[Migration] = []
+
+    def check(self, migrations: Iterable[Migration]) -> list[Migration]:
+        """The migrations to order, each checked against the VMs, with their rules reviewed."""
+        pending: list[Migration] = []
+        for m in migrations:
+            if m.vm not in self.by_name or self.where[m.vm] != m.source or {m.source, m.target} - set(self.site_of):
+                raise ValueError(f"order: migration of {m.vm} from {m.source} to {m.target} does not match the VMs")
+            pending.append(m)
+        if len({m.vm for m in pending}) < len(pending):
+            raise ValueError("order: a VM migrates twice; give its source and final target once")
+        for m in pending:
+            self.target_of[m.vm] = m.target
+            if self.by_name[m.vm].ve in self.rules_of:
+                self.waiting[self.by_name[m.vm].ve].append(m.vm)
+        for ve in self.waiting:
+            self._review(ve)
+        return pending
+
+    def next_ready(self, pending: list[Migration]) -> Migration | None:
+        """A migration that may start now, those relieving an overloaded node first; None if none may."""
+        ready = [m for m in pending if self.allowed.get(m.vm, True) and self._fits(m.target, self.by_name[m.vm])]
+        if not ready:
+            return None
+        wanted = {m.target for m in pending}
+        return min(ready, key=lambda m: (not self._over(self.where[m.vm]), self.where[m.vm] not in wanted))
+
+    def pivot(self, pending: list[Migration]) -> tuple[str, str]:
+        """The VM to send to a pivot, and the pivot, to break a cycle: the smallest VM on a node that a
+        blocked migration targets, to a node in its source's or target's site (its own first) with room
+        and where it keeps its VE's rules, the emptiest first. Unorderable when none exists."""
         blocked = {m.target for m in pending}
-        choices = [(by_name[m.vm].memory_mb, m.vm, site_of[p] != site_of[where[m.vm]], -(capacity[p][1] - memory[p]), p)
-                   for m in pending if where[m.vm] in blocked and m.vm not in pivoted
-                   for p in pivots - {where[m.vm], m.target}
-                   if site_of[p] in (site_of[where[m.vm]], site_of[m.target]) and fits(p, by_name[m.vm])
-                   and keeps(by_name[m.vm], p)]
+        site_of, where = self.site_of, self.where
+        choices = [(self.by_name[m.vm].memory_mb, m.vm, site_of[p] != site_of[where[m.vm]],
+                    -(self.capacity[p][1] - self.memory[p]), p)
+                   for m in pending if where[m.vm] in blocked and m.vm not in self.pivoted
+                   for p in self.pivots - {where[m.vm], m.target}
+                   if site_of[p] in (site_of[where[m.vm]], site_of[m.target]) and self._fits(p, self.by_name[m.vm])
+                   and self._keeps(self.by_name[m.vm], p)]
         if not choices:
             stuck = ", ".join(f"{m.vm} {where[m.vm]}->{m.target}" for m in pending)
             raise Unorderable(f"migrations wait for each other's room or rules and no node can take a pivot: {stuck}")
         _, vm_name, _, _, p = min(choices)
-        pivoted.add(vm_name)
-        move(by_name[vm_name], p)
-    return Plan(out, plan.solver, plan.seconds)
+        self.pivoted.add(vm_name)
+        return vm_name, p
+
+    def move(self, vm_name: str, target: str) -> None:
+        """Append the migration of `vm_name` to `target`, and account for it."""
+        vm = self.by_name[vm_name]
+        source = self.where[vm_name]
+        self.out.append(Migration(vm_name, source, target, vm.memory_mb))
+        self.cpu[source] -= vm.cpu
+        self.memory[source] -= vm.memory_mb
+        self.cpu[target] += vm.cpu
+        self.memory[target] += vm.memory_mb
+        self.where[vm_name] = target
+        if vm.ve in self.rules_of:
+            self.ve_now[vm.ve][vm_name] = replace(vm, node=target)
+            self._review(vm.ve)
+
+    def _review(self, ve: str) -> None:
+        for name in self.waiting.get(ve, ()):
+            if name in self.target_of:
+                self.allowed[name] = self._keeps(self.by_name[name], self.target_of[name])
+
+    def _keeps(self, vm: VM, target: str) -> bool:
+        r = self.rules_of.get(vm.ve)
+        return r is None or keeps_rules(r, self.ve_now[vm.ve].values(), vm.name, target, self.everywhere)
+
+    def _fits(self, node: str, vm: VM) -> bool:
+        return (self.cpu[node] + vm.cpu <= self.capacity[node][0]
+                and self.memory[node] + vm.memory_mb <= self.capacity[node][1])
+
+    def _over(self, node: str) -> bool:
+        return node in self.capacity and (self.cpu[node] > self.capacity[node][0]
+                                          or self.memory[node] > self.capacity[node][1])
 
 
 def keeps_rules(r: Rules, vms: Iterable[VM], vm: str, target: str, sites: Mapping[str, str]) -> bool:
