@@ -207,6 +207,9 @@ class HostInfo:
     backend: str
     migration_uri: str | None
     busy: dict[str, int]
+    listed_ago: float | None = None
+    """How old `domains` is, in seconds: 0 if listed for this answer, more if libvirt was slow to list them
+    and the last listing was answered instead (`agents.host.service.LISTING_PATIENCE`); None: never listed."""
 
 
 @dataclass(frozen=True)

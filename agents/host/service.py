@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError,
 log = logging.getLogger(__name__)
 HOLD_LIMIT = 30.0
 """Seconds a VM recovered off at start waits for the directory's word (`release`) before it starts anyway."""
+LISTING_PATIENCE = 0.5
+"""Seconds `host.info` waits for libvirt's list of domains before it answers the last complete one instead
+(the first listing is always waited for): libvirtd holds a listing while a live migration switches over
+(about 2 s), and the room that callers weigh (the ledger's) never needs libvirt."""
 
 
 class HostService(Lifecycle, Moves, Standbys):
@@ -81,6 +86,8 @@ class HostService(Lifecycle, Moves, Standbys):
     def __init__(self, transport: Endpoint, hypervisor: Hypervisor, total: Resources, db_path: Path,
                  domains: Domains | None = None, migration_uri: str | None = None) -> None:
         super().__init__(transport, hypervisor, total, db_path, domains, migration_uri)
+        self._listed: list[DomainInfo] = []
+        self._listed_at: float | None = None
         self._serve(transport, {
             HOST_RESERVE: self._on_reserve, HOST_CONFIRM: self._on_confirm, HOST_RELEASE: self._on_release,
             HOST_INFO: self._on_info, HOST_SNAPSHOT: self._on_snapshot, HOST_RESTORE: self._on_restore,
@@ -232,8 +239,11 @@ class HostService(Lifecycle, Moves, Standbys):
         await self.db.write("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
 
     async def _on_info(self, caller: Caller, args: dict[str, Any]) -> HostInfo:
-        return HostInfo(self.ledger.total, self.ledger.free(trio.current_time()), await self.hypervisor.list(),
-                        self.domains.kind, self.migration_uri, self.vm_locks.in_use())
+        with trio.move_on_after(math.inf if self._listed_at is None else LISTING_PATIENCE):
+            self._listed, self._listed_at = await self.hypervisor.list(), trio.current_time()
+        now = trio.current_time()
+        return HostInfo(self.ledger.total, self.ledger.free(now), self._listed, self.domains.kind, self.migration_uri,
+                        self.vm_locks.in_use(), None if self._listed_at is None else round(now - self._listed_at, 3))
 
     @one_vm
     async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> SnapshotTaken:

@@ -246,3 +246,28 @@ async def test_the_gate_drains_what_is_inside_before_a_rebuild() -> None:
             assert events == [] and not gate.is_open
             leave.set()
     assert events == ["left", "drained"] and gate.is_open
+
+
+async def test_info_answers_the_last_listing_while_libvirt_is_slow_to_list(
+        host: HostService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirtd holds a listing while a migration switches over: `host.info` then answers at once with the
+    room (the ledger's) and the last complete listing, saying how old it is."""
+    await define(host, "ve:a")
+    first = await ask(host, HOST_INFO, NoArgs())
+    assert [d.name for d in first.domains] == ["ve:a"] and first.listed_ago == 0
+    answer = trio.Event()
+    list_now = host.hypervisor.list
+
+    async def slow_list() -> list[DomainInfo]:
+        await answer.wait()
+        return await list_now()
+
+    monkeypatch.setattr(host.hypervisor, "list", slow_list)
+    with trio.fail_after(DEADLINE):
+        await define(host, "ve:b")
+        stale = await ask(host, HOST_INFO, NoArgs())
+    assert [d.name for d in stale.domains] == ["ve:a"] and stale.listed_ago and stale.listed_ago > 0
+    assert stale.free == Resources(8 - 2, 8192 - 1024, 100 - 2)  # the room is never stale
+    answer.set()
+    fresh = await ask(host, HOST_INFO, NoArgs())
+    assert sorted(d.name for d in fresh.domains) == ["ve:a", "ve:b"] and fresh.listed_ago == 0
