@@ -61,7 +61,8 @@ MUTATING = {"undefine", "settle", "destroy", "suspend", "start", "resume", "stop
 """`host.vm.*` verbs that change a domain."""
 ROOM = {"vcpus": 16, "memory_mb": 65536, "disk_gb": 100}
 Fault = str | Mapping[str, str | None] | None
-"""How an action fails (module docstring); for a `CallHosts`, by the label of each call, or one for all."""
+"""How an action fails (module docstring): one fault, or faults by label (of the action, or of each call of a
+`CallHosts`; one fault applies to all of its calls)."""
 
 
 @dataclass
@@ -113,14 +114,13 @@ class World:
 
     def perform(self, action: Action, fault: Fault = None, who: Any = None) -> Observation:
         """Perform `action` as the driver would, for the writer `who`; `fault`: None, "unreachable" (not
-        done), "lost" (done, answer lost), "timeout" (not done, timed out), "late" (done, timed out); for a
-        `CallHosts`, by the label of each call. A name in `down` answers nothing."""
+        done), "lost" (done, answer lost), "timeout" (not done, timed out), "late" (done, timed out); or one of
+        those by label (for a `CallHosts`, of each call). A name in `down` answers nothing."""
         self.trace.append(label(action))
         if isinstance(action, CallHosts):
             observation: Observation = HostsAnswered(tuple(self._call_one(c, fault) for c in action.calls))
         else:
-            assert not isinstance(fault, Mapping), "faults by label are for the calls of a CallHosts"
-            observation = self._perform(action, fault, who)
+            observation = self._perform(action, fault.get(label(action)) if isinstance(fault, Mapping) else fault, who)
         self.check()
         return observation
 
@@ -357,7 +357,7 @@ flips first (a node, `DIRECTORY`, or None), and the fault of that action."""
 
 
 def coordinate_then_interleave(world: World, coordinator: Core, action: Action, working: Callable[[Core], bool],
-                               crash: tuple[int, bool] | None, faults: Sequence[str | None], others: int,
+                               crash: tuple[int, bool] | None, faults: Sequence[Fault], others: int,
                                steps: Sequence[Turn], deaths: Sequence[int], make: Callable[[World], Core | None],
                                ) -> tuple[Action, bool, dict[int, Action]]:
     """The interleaving properties' opening: the coordinator runs its first steps (while `working(core)`),
