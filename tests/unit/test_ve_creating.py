@@ -324,7 +324,8 @@ def test_recovery_table(stage: str, answers: str) -> None:
 
 
 def test_a_recovery_finds_the_create_settled_by_another() -> None:
-    for fresh, result in [(None, False), (replace(PLACED, uid="uid2"), False), (replace(PLACED, state="running"), True)]:
+    settled = [(None, False), (replace(PLACED, uid="uid2"), False), (replace(PLACED, state="running"), True)]
+    for fresh, result in settled:
         core = CreateRecovery(PLACED)
         action = core.start(0.0)
         while not isinstance(action, ReadRecord):
