@@ -201,10 +201,11 @@ def candidate(member: Member, rtt_ms: float | None, found_by: str = "", free: Ma
 async def pause_for_test(point: str) -> None:
     """Test-only fault hook: with DISCOVERY_TEST_PAUSE=<point>:<seconds>[,<point>:<seconds>...] in its
     environment, a coordinator sleeps at each `point` named so that a test can kill it there. Points:
-    `prepared` (target reserved, source exported and frozen, target not yet confirmed), `started` (the
-    target runs the VM, the source still holds its frozen copy), `snapshot` (the VE's running VMs
-    paused, no snapshot stored yet), `failover` (the failover's intent written, the standby not yet
-    promoted). Unset, it does nothing."""
+    `placed` (a new VE's placement written, its VMs reserved, none started), `confirmed` (every VM of a new
+    VE started, its record still `creating`), `prepared` (target reserved, source exported and frozen,
+    target not yet confirmed), `started` (the target runs the VM, the source still holds its frozen copy),
+    `snapshot` (the VE's running VMs paused, no snapshot stored yet), `failover` (the failover's intent
+    written, the standby not yet promoted). Unset, it does nothing."""
     for item in os.environ.get(PAUSE_ENV, "").split(","):
         where, _, seconds = item.partition(":")
         if where == point:

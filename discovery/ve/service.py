@@ -5,8 +5,10 @@ The agent that receives a request coordinates it: it reads the VE record from th
 Kademlia; the record's shape is `discovery.ve.records`), talks to the hosts of the VMs, and writes the
 record back. Placement tries this node, then the nearest nodes with
 room found by the spiral search (`agents.spiral`), then every other member by RTT; each VM is
-reserved with a two-phase handshake (reserve on the target, then confirm), so a coordinator that
-dies half-way leaves only reservations that lapse by themselves.
+reserved with a two-phase handshake (reserve on the target, then confirm). Creation is the sans-IO
+transaction `discovery.ve.creating.Create`: a coordinator that dies half-way leaves reservations that
+lapse by themselves and a `creating` record that the next command on the VE, a retried `ve create`, or
+an agent's start-up recovery finishes or undoes (`CreateRecovery`), once that coordinator is abandoned.
 
 This module holds creation, listing, the lifecycle verbs and the recovery of interrupted operations;
 `VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`, and
@@ -71,8 +73,29 @@ class VEService(Relocation, Snapshots, Replicas):
             raise RequestError(str(err)) from None
         ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uuid.uuid4().hex)
         async with self._lock(spec.name):
-            _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
+            try:
+                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
+            except Conflict:
+                if not await self._undid_left_create(spec.name):
+                    raise
+                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
         return view(created)
+
+    async def _undid_left_create(self, name: str) -> bool:
+        """Whether VE `name` was only a create left unfinished by a coordinator that is gone, now undone: a
+        `ve create` retried after its coordinator died may then go on. False if the name is taken otherwise,
+        or that create is still at work or cannot be settled now."""
+        try:
+            record = await self.directory.get(name)
+            if record is None or record.ve.state != "creating":
+                return False
+            await self._check_unattended(record.ve)
+            await self._recover_create(record)
+        except NotFound:
+            return True
+        except (RequestError, RpcError) as err:
+            log.info("VE %s: a create left unfinished is not settled yet: %s", name, err)
+        return False
 
     async def _drive(self, core: creating.Create | creating.CreateRecovery, record: Stored) -> tuple[Stored, Any]:
         """Drive a create or its recovery, then log what went wrong on the way without stopping it."""
