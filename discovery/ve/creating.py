@@ -141,7 +141,7 @@ class Create:
         self.confirming = False
         self.cause = Refuse("")
         self.wrapped = False
-        """Whether the cause is told as "creating <name> failed": the record held the placement."""
+        """Whether the cause is told as "creating <name> failed": it came with or after the placement's write."""
         self.undo: CreateRecovery | None = None
         self.notes: list[str] = []
         self._pending = value

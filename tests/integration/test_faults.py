@@ -181,19 +181,29 @@ def located(cluster, through, ve):
     return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
 
-def test_coordinators_killed_mid_create_are_undone_or_finished(cluster_factory, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISCOVERY_TEST_PAUSE", "placed:600")  # until killed
+def test_coordinators_killed_mid_create_are_undone_or_finished(cluster_factory, tmp_path):
     cluster = cluster_factory(4, 2)
+
+    def paused_create(ve, point):
+        """Create `ve` (one VM, pinned to lyon) through node3, made to pause at `point` (until killed), and
+        return once it is paused there."""
+        if "node3" in cluster.running():
+            cluster.kill9("node3")
+        restart(cluster, "node3", DISCOVERY_TEST_PAUSE=f"{point}:600")
+        rejoined(cluster, "node3")
+        create = start_create(cluster, "node3", write_spec(tmp_path, ve, [("a", 2, 512)], "lyon"))
+        wait_for(lambda: located(cluster, "node1", ve).get("vms") and (
+            point == "placed" or list(domains(cluster, f"{ve}:a").values()) == ["running"]),
+                 what=f"the create paused at {point}",
+                 detail=lambda: create.stderr.read() if create.poll() is not None else "")
+        assert located(cluster, "node1", ve)["state"] == "creating"
+        return create
 
     # killed once the placement is written, no VM started: the next command, through another agent, undoes it
     # (refused as "in progress" until node3 is known dead); the reservation lapses
-    create = start_create(cluster, "node3", write_spec(tmp_path, "half", [("a", 2, 512)], "lyon"))
-    wait_for(lambda: located(cluster, "node1", "half").get("vms"), what="the placement written",
-             detail=lambda: create.stderr.read() if create.poll() is not None else "")
-    shown = located(cluster, "node1", "half")
-    host = shown["vms"]["a"]["node"]
-    assert shown["state"] == "creating" and host in ("node2", "node4") and domains(cluster, "half:a") == {}
-    kill_coordinator(cluster, "node3", create)
+    kill_coordinator(cluster, "node3", paused_create("half", "placed"))
+    host = located(cluster, "node1", "half")["vms"]["a"]["node"]
+    assert host in ("node2", "node4") and domains(cluster, "half:a") == {}
 
     def undone():
         proc = cluster.cli("--agent", "node1", "ve", "start", "half", check=False)
@@ -205,15 +215,20 @@ def test_coordinators_killed_mid_create_are_undone_or_finished(cluster_factory, 
     total = host_info(cluster, host)["total"]
     wait_for(lambda: host_info(cluster, host)["free"] == total, what="the reservation lapsed")
 
+    # the same, then the create retried through another agent: it settles the left one and goes on
+    kill_coordinator(cluster, "node3", paused_create("again", "placed"))
+
+    def created():
+        proc = cluster.cli("--agent", "node1", "ve", "create", str(tmp_path / "again.yaml"), "--json", check=False)
+        return proc.returncode == 0 and json.loads(proc.stdout)
+
+    ve = wait_for(created, SETTLE_DEADLINE, "the retried create settles the interrupted one and goes on")
+    assert ve["state"] == "running" and ve["coordinator"] == "node1"
+    assert domains(cluster, "again:a") == {ve["placement"]["a"]["node"]: "running"}
+
     # killed once every VM runs, the record still `creating`: node3, restarted, finishes it by itself
-    restart(cluster, "node3", DISCOVERY_TEST_PAUSE="confirmed:600")
-    rejoined(cluster, "node3")
-    create = start_create(cluster, "node3", write_spec(tmp_path, "whole", [("a", 2, 512)], "lyon"))
-    wait_for(lambda: list(domains(cluster, "whole:a").values()) == ["running"], what="the VM started",
-             detail=lambda: create.stderr.read() if create.poll() is not None else "")
-    assert located(cluster, "node1", "whole")["state"] == "creating"
-    kill_coordinator(cluster, "node3", create)
-    restart(cluster, "node3", DISCOVERY_TEST_PAUSE="")
+    kill_coordinator(cluster, "node3", paused_create("whole", "confirmed"))
+    restart(cluster, "node3")
     wait_for(lambda: located(cluster, "node1", "whole").get("state") == "running", SETTLE_DEADLINE,
              "the restarted coordinator finishes the create")
     host = located(cluster, "node2", "whole")["vms"]["a"]["node"]
