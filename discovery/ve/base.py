@@ -14,17 +14,16 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
 
 from agents.host.capacity import Ledger
 from agents.spiral import Predicate, SpiralResult
-from discovery.ve import placement as planner
 from discovery.ve.directory import Directory, Stored
-from discovery.ve.records import Place, Standby, VERecord
+from discovery.ve.records import Place, Standby, VERecord, domain_name
 from discovery.ve.spec import VESpec
+from discovery.ve.transaction import Candidate
 from overlay.membership import Member, Membership
 from overlay.wire.rpc import Caller, Endpoint, Forbidden, NotFound, RemoteError, RequestError, RpcError
 from vivaldi.coordinate import Coordinate
@@ -37,32 +36,6 @@ MOVE_LEASE = 2 * PREPARE_LIMIT
 """An intent this old whose coordinator cannot be asked may be finished or undone by any agent."""
 PAUSE_ENV = "DISCOVERY_TEST_PAUSE"
 """Test-only fault hook, `<point>:<seconds>[,...]`: the coordinator sleeps at those points (`pause_for_test`)."""
-
-
-def domain_name(ve: str, vm: str) -> str:
-    """The libvirt domain of a VM; ':' cannot appear in VE or VM names, so names never collide."""
-    return f"{ve}:{vm}"
-
-
-@dataclass
-class Candidate:
-    """A node placement may use: how near, how it was found, and its free room (None: unknown)."""
-
-    member: Member
-    rtt_ms: float | None
-    found_by: str = ""
-    free: dict[str, int] | None = None
-
-    def offer(self, rank: int) -> planner.Candidate:
-        free = self.free or {}
-        return planner.Candidate(self.member.name, self.member.site, int(free.get("vcpus", 0)),
-                                   int(free.get("memory_mb", 0)), int(free.get("disk_gb", 0)), rank)
-
-    def describe(self, coordinator: str) -> str:
-        if self.member.name == coordinator:
-            return "this node"
-        by = f", found by {self.found_by}" if self.found_by else ""
-        return ("rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms") + by
 
 
 class Finder(Protocol):
@@ -140,7 +113,7 @@ class VEBase:
         """Where VMs may go, nearest first: this node, then the nodes with room for the smallest VM that
         the spiral search found; with `everyone`, then every other live member by measured (else
         estimated) RTT, each asked for its free room, so a short spiral never refuses what some node
-        could host."""
+        could host (one that does not answer is left out of plans: its room is unknown)."""
         me = self.membership.me
         site = spec.site
         members = {m.name: m for m in self.membership.alive() if site is None or m.site == site}
@@ -156,10 +129,10 @@ class VEBase:
 
         found = await self.nearest.search(len(spec.vms) + 1, has_room)
         keys = found.keys()
-        ranked = [Candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral",
+        ranked = [candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral",
                             found.replies[e.name].get("free")) for e in found.nodes if e.name in members]
         if me.name in members:
-            ranked.insert(0, Candidate(me, 0.0, free=self.host.ledger.free(trio.current_time()).to_wire()))
+            ranked.insert(0, candidate(me, 0.0, free=self.host.ledger.free(trio.current_time()).to_wire()))
         if not everyone:
             return ranked
 
@@ -168,14 +141,14 @@ class VEBase:
             rtt = m.rtt if m.rtt is not None else self.distances.estimate_to(m)
             return rtt * 1000 if rtt is not None else None
 
-        tried = {c.member.name for c in ranked}
-        rest = [Candidate(m, rtt_ms(m)) for m in members.values() if m.name not in tried]
-        rest.sort(key=lambda c: (c.rtt_ms is None, c.rtt_ms or 0.0, c.member.name))
-        infos = await self.transport.call_many([c.member.addr for c in rest], "host.info", {}, 5.0)
-        for c in rest:
-            info = infos.get(c.member.addr)
-            c.free = info.get("free") if isinstance(info, dict) else None  # unreachable: left out
-        return ranked + rest
+        tried = {c.node for c in ranked}
+        rest = sorted(((m, rtt_ms(m)) for m in members.values() if m.name not in tried),
+                      key=lambda found: (found[1] is None, found[1] or 0.0, found[0].name))
+        infos = await self.transport.call_many([m.addr for m, _ in rest], "host.info", {}, 5.0)
+        for m, rtt in rest:
+            info = infos.get(m.addr)
+            ranked.append(candidate(m, rtt, free=info.get("free") if isinstance(info, dict) else None))
+        return ranked
 
     async def _host(self, where: Place, method: str, args: dict[str, Any]) -> Any:
         """Call a host (a slot, an intent or a standby copy: its `addr`); a failure becomes one RequestError
@@ -220,13 +193,19 @@ class VEBase:
                     log.info("standby of %s/%s at %s not freed yet: %s", ve, vm, addr, answer)
 
 
+def candidate(member: Member, rtt_ms: float | None, found_by: str = "", free: Mapping[str, int] | None = None,
+              ) -> Candidate:
+    return Candidate(member.name, member.addr, member.site, rtt_ms, found_by, free)
+
+
 async def pause_for_test(point: str) -> None:
     """Test-only fault hook: with DISCOVERY_TEST_PAUSE=<point>:<seconds>[,<point>:<seconds>...] in its
     environment, a coordinator sleeps at each `point` named so that a test can kill it there. Points:
-    `prepared` (target reserved, source exported and frozen, target not yet confirmed), `started` (the
-    target runs the VM, the source still holds its frozen copy), `snapshot` (the VE's running VMs
-    paused, no snapshot stored yet), `failover` (the failover's intent written, the standby not yet
-    promoted). Unset, it does nothing."""
+    `placed` (a new VE's placement written, its VMs reserved, none started), `confirmed` (every VM of a new
+    VE started, its record still `creating`), `prepared` (target reserved, source exported and frozen,
+    target not yet confirmed), `started` (the target runs the VM, the source still holds its frozen copy),
+    `snapshot` (the VE's running VMs paused, no snapshot stored yet), `failover` (the failover's intent
+    written, the standby not yet promoted). Unset, it does nothing."""
     for item in os.environ.get(PAUSE_ENV, "").split(","):
         where, _, seconds = item.partition(":")
         if where == point:

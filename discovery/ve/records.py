@@ -203,6 +203,11 @@ class VERecord:
         return found + ([self.snapshotting] if self.snapshotting is not None else [])
 
 
+def domain_name(ve: str, vm: str) -> str:
+    """The libvirt domain of a VM; ':' cannot appear in VE or VM names, so names never collide."""
+    return f"{ve}:{vm}"
+
+
 def read(value: Any) -> VERecord:
     """The record a directory value holds (what `write` stored, or a map an older agent wrote); RecordError
     if this agent cannot read it (module docstring)."""

@@ -20,7 +20,8 @@ from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
 from discovery.ve.moves import Move, MoveRecovery
 from discovery.ve.records import Slot, VERecord, view
-from discovery.ve.spec import VESpec
+from discovery.ve.spec import VESpec, VMSpec
+from discovery.ve.transaction import Candidate
 from overlay.membership import Member
 from overlay.wire.rpc import Caller, NotFound, RequestError
 
@@ -103,18 +104,14 @@ class Relocation(VEBase):
         needs = {v.name: v for v in spec.vms}
         if len(moving) == len(placement):
             pinned = dataclasses.replace(spec, site=site)
-            candidates = await self._candidates(pinned, everyone=True)
-            for c in candidates:
-                own = [needs[v] for v, slot in placement.items() if slot.node == c.member.name]
-                if c.free is not None and own:
-                    c.free = {f: c.free.get(f, 0) + sum(getattr(v, f) for v in own)
-                              for f in ("vcpus", "memory_mb", "disk_gb")}
+            candidates = [with_own_room(c, [needs[v] for v, slot in placement.items() if slot.node == c.node])
+                          for c in await self._candidates(pinned, everyone=True)]
             result = planner.plan(pinned, [c.offer(rank) for rank, c in enumerate(candidates) if c.free])
             if isinstance(result, planner.Refusal):
                 raise RequestError(f"cannot relocate {name} to site {site}: {result}")
-            by_name = {c.member.name: c for c in candidates}
-            return {vm: (by_name[node].member, f"relocated to site {site}, nearest with room "
-                                               f"({by_name[node].describe(me)})")
+            by_name = {c.node: c for c in candidates}
+            return {vm: (self._member(by_name[node]), f"relocated to site {site}, nearest with room "
+                                                f"({by_name[node].describe(me)})")
                     for vm, node in result.assignment.items()}
         vm = moving[0]
         alone = VESpec(name, (needs[vm],), site)
@@ -125,9 +122,9 @@ class Relocation(VEBase):
         for rank, c in enumerate(candidates):
             if not c.free:
                 continue
-            why = check_placement(spec, {**fixed, vm: c.member.name}, {**sites, c.member.name: c.member.site})
+            why = check_placement(spec, {**fixed, vm: c.node}, {**sites, c.node: c.site})
             if why:
-                ruled_out.append(f"{c.member.name}: {why}")
+                ruled_out.append(f"{c.node}: {why}")
             else:
                 allowed.append(c.offer(rank))
         result = planner.plan(alone, allowed)
@@ -136,8 +133,12 @@ class Relocation(VEBase):
             hidden = len(ruled_out) - SHOWN_REASONS
             reasons[:0] = ruled_out[:SHOWN_REASONS] + ([f"{hidden} more nodes ruled out"] if hidden > 0 else [])
             raise RequestError(f"cannot relocate {name}/{vm} to site {site}: {'; '.join(reasons)}")
-        chosen = next(c for c in candidates if c.member.name == result.assignment[vm])
-        return {vm: (chosen.member, f"relocated to site {site}, nearest with room ({chosen.describe(me)})")}
+        chosen = next(c for c in candidates if c.node == result.assignment[vm])
+        return {vm: (self._member(chosen), f"relocated to site {site}, nearest with room ({chosen.describe(me)})")}
+
+    def _member(self, candidate: Candidate) -> Member:
+        """The member a candidate is (its RTT measured, for the slot)."""
+        return self.membership.members.get(candidate.node) or Member(candidate.node, candidate.addr, candidate.site)
 
     async def _move(self, record: Stored, vm: str, target: Member, why: str, method: str) -> Stored:
         """Move one VM to `target`; returns the record after the move.
@@ -169,6 +170,14 @@ class Relocation(VEBase):
         log.info("move of %s/%s to %s %s", recovery.name, vm, recovery.intent.node,
                  "finished" if forward else "undone")
         return record, forward
+
+
+def with_own_room(candidate: Candidate, own: list[VMSpec]) -> Candidate:
+    """`candidate` with the room the VE's own VMs there hold counted as free (they are planned again)."""
+    if candidate.free is None or not own:
+        return candidate
+    free = {f: candidate.free.get(f, 0) + sum(getattr(v, f) for v in own) for f in ("vcpus", "memory_mb", "disk_gb")}
+    return dataclasses.replace(candidate, free=free)
 
 
 def check_placement(spec: VESpec, node_of: Mapping[str, str], site_of: Mapping[str, str]) -> str | None:

@@ -5,8 +5,10 @@ The agent that receives a request coordinates it: it reads the VE record from th
 Kademlia; the record's shape is `discovery.ve.records`), talks to the hosts of the VMs, and writes the
 record back. Placement tries this node, then the nearest nodes with
 room found by the spiral search (`agents.spiral`), then every other member by RTT; each VM is
-reserved with a two-phase handshake (reserve on the target, then confirm), so a coordinator that
-dies half-way leaves only reservations that lapse by themselves.
+reserved with a two-phase handshake (reserve on the target, then confirm). Creation is the sans-IO
+transaction `discovery.ve.creating.Create`: a coordinator that dies half-way leaves reservations that
+lapse by themselves and a `creating` record that the next command on the VE, a retried `ve create`, or
+an agent's start-up recovery finishes or undoes (`CreateRecovery`), once that coordinator is abandoned.
 
 This module holds creation, listing, the lifecycle verbs and the recovery of interrupted operations;
 `VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`, and
@@ -29,23 +31,20 @@ import trio
 
 from agents.host.args import shutdown_timeout
 from agents.runtime import Actor
+from discovery.ve import creating
 from discovery.ve import messages as m
-from discovery.ve import placement as planner
-from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, Candidate, domain_name, may_act, name_arg
+from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, domain_name, may_act, name_arg
 from discovery.ve.directory import Stored, Unreadable
+from discovery.ve.driver import drive
 from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Entry
-from discovery.ve.records import FailoverIntent, Intent, MoveIntent, Slot, VERecord, VEState, view
+from discovery.ve.records import FailoverIntent, MoveIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
 from discovery.ve.replicas import Replicas
 from discovery.ve.snapshots import Snapshots
-from discovery.ve.spec import NO_CONSTRAINTS, SpecError, VESpec
-from overlay.dht import WriteConflict
-from overlay.wire.rpc import Caller, Conflict, Handler, Method, RequestError, RpcError
+from discovery.ve.spec import SpecError, VESpec
+from overlay.wire.rpc import Caller, Conflict, Handler, Method, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
-MAX_REPLANS = 3
-CLAIM_ATTEMPTS = 3
-"""Reads and conditional writes of a new VE's name before giving up (each loss means someone wrote it)."""
 RECOVERY_WINDOW = 120.0
 """How long after its start an agent keeps trying to settle the operations it left interrupted."""
 
@@ -66,135 +65,45 @@ class VEService(Relocation, Snapshots, Replicas):
     # -- create ------------------------------------------------------------------------------------
 
     async def _on_create(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        """Claim the name first (a conditional write of the record, `creating` with no VM placed, that a
-        majority of its replicas decides: of concurrent creates of one name exactly one wins, and the
-        others reserve nothing), index it, then place, reserve, write the placement, confirm each host."""
+        """Create the VE `spec` describes; its steps are the transaction `discovery.ve.creating.Create`. The
+        VE's lock is held throughout, so this agent answers busy to agents that meet its `creating` record."""
         try:
             spec = VESpec.from_dict(args.get("spec"))
         except SpecError as err:
             raise RequestError(str(err)) from None
-        entry = Entry(spec.name, caller.cn, uuid.uuid4().hex)
-        ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), entry.uid)
-        claimed = await self._claim(ve)
+        ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uuid.uuid4().hex)
+        async with self._lock(spec.name):
+            try:
+                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
+            except Conflict:
+                if not await self._undid_left_create(spec.name):
+                    raise
+                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
+        return view(created)
+
+    async def _undid_left_create(self, name: str) -> bool:
+        """Whether VE `name` was only a create left unfinished by a coordinator that is gone, now undone: a
+        `ve create` retried after its coordinator died may then go on. False if the name is taken otherwise,
+        or that create is still at work or cannot be settled now."""
         try:
-            await self.directory.index.add(entry)
-            placement, tokens = await self._place(spec)
-        except (RequestError, RpcError):
-            await self._undo(spec, {}, {}, entry)
-            raise
-        ve = replace(ve, placement=placement)
-        try:
-            stored = await self.directory.put(ve, after=claimed.version)
-            await self._confirm_all(placement, tokens)
+            record = await self.directory.get(name)
+            if record is None or record.ve.state != "creating":
+                return False
+            await self._check_unattended(record.ve)
+            await self._recover_create(record)
+        except NotFound:
+            return True
         except (RequestError, RpcError) as err:
-            await self._undo(spec, placement, tokens, entry)
-            raise RequestError(f"creating {spec.name} failed and was rolled back: {err}") from None
-        ve = replace(ve, state="running")
-        await self.directory.put(ve, after=stored.version)
-        return view(ve)
+            log.info("VE %s: a create left unfinished is not settled yet: %s", name, err)
+        return False
 
-    async def _confirm_all(self, placement: dict[str, Slot], tokens: dict[str, str]) -> None:
-        """Confirm every VM's reservation (its host starts it), all at once: one after the other, the last
-        would wait for every earlier VM to start, and a reservation lapses after RESERVATION_TTL (a real
-        guest can take that long to start on a loaded host). Each token leaves `tokens` as it is sent;
-        RequestError naming every VM that failed."""
-        failures = []
-
-        async def confirm(vm_name: str, slot: Slot, token: str) -> None:
-            try:
-                await self.transport.call(slot.addr, "host.confirm", {"token": token}, timeout=HOST_TIMEOUT)
-            except RpcError as err:
-                failures.append(f"{vm_name} on {slot.node}: {err}")
-
-        async with trio.open_nursery() as nursery:
-            for vm_name, slot in placement.items():
-                nursery.start_soon(confirm, vm_name, slot, tokens.pop(vm_name))
-        if failures:
-            raise RequestError("; ".join(sorted(failures)))
-
-    async def _claim(self, ve: VERecord) -> Stored:
-        """Write the new VE's first record if its name is free: compare-and-set against the newest record
-        read (none, or a tombstone), read again after a lost race; Conflict if the name is taken."""
-        for _ in range(CLAIM_ATTEMPTS):
-            current, live = await self.directory.newest(ve.name)
-            if live is not None:
-                raise Conflict(f"a VE named {ve.name!r} already exists")
-            try:
-                return await self.directory.put_if(ve, current)
-            except WriteConflict:
-                continue
-        raise Conflict(f"VE {ve.name!r} kept changing while being created (or a replica is still checking "
-                       "copies it held before a long absence); try again in a few seconds")
-
-    async def _place(self, spec: VESpec) -> tuple[dict[str, Slot], dict[str, str]]:
-        """Plan where each VM goes (`discovery.ve.placement`: capacity and constraints, nearest first), then
-        reserve every VM on its node; all or nothing. The plan first uses this node and the nodes the
-        spiral found; if that cannot work, every live member (asked for its free room). A node that
-        refuses a reservation (someone else took the room meanwhile) is left out and the plan made again.
-        Returns placement and tokens."""
-        candidates = await self._candidates(spec, everyone=False)
-        widened = False
-        excluded: set[str] = set()
-        for _ in range(1 + MAX_REPLANS):
-            result = planner.plan(spec, [c.offer(rank) for rank, c in enumerate(candidates) if c.free],
-                                    exclude=excluded)
-            if isinstance(result, planner.Refusal):
-                if widened:
-                    raise RequestError(f"cannot place {spec.name}: {result}")
-                candidates, widened = await self._candidates(spec, everyone=True), True
-                continue
-            by_name = {c.member.name: c for c in candidates}
-            placement, tokens, refused = await self._reserve_plan(spec, result, by_name, candidates)
-            if refused is None:
-                return placement, tokens
-            excluded.add(refused)
-        raise RequestError(f"cannot place {spec.name}: nodes kept refusing reservations ({', '.join(excluded)})")
-
-    async def _reserve_plan(self, spec: VESpec, plan: planner.Plan, by_name: dict[str, Candidate],
-                            ranked: list[Candidate]) -> tuple[dict[str, Slot], dict[str, str], str | None]:
-        """Reserve each VM on its planned node; on a refusal release them all and name the node."""
-        vms = {vm.name: vm for vm in spec.vms}
-        order = [c.member.name for c in ranked]
-        placement: dict[str, Slot] = {}
-        tokens: dict[str, str] = {}
-        for vm_name, node in plan.assignment.items():
-            candidate, vm = by_name[node], vms[vm_name]
-            try:
-                answer = await self.transport.call(candidate.member.addr, "host.reserve", {
-                    "name": domain_name(spec.name, vm.name), "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
-                    "disk_gb": vm.disk_gb})
-            except RpcError as err:
-                log.info("reservation of %s on %s refused: %s; planning again without it", vm_name, node, err)
-                await self._release(placement, tokens)
-                return {}, {}, node
-            nearer = order.index(node)
-            why = f"nearest with room ({candidate.describe(self.node)}"
-            if nearer:
-                constrained = spec.constraints != NO_CONSTRAINTS
-                why += f"; {nearer} nearer full" + (" or ruled out by constraints" if constrained else "")
-            why += ")"
-            if spec.site:
-                why = f"in site {spec.site}, {why}"
-            placement[vm_name] = Slot(node, candidate.member.addr, candidate.member.site, candidate.rtt_ms, why)
-            tokens[vm_name] = answer["token"]
-        return placement, tokens, None
-
-    async def _release(self, placement: dict[str, Slot], tokens: dict[str, str]) -> None:
-        for vm_name, token in tokens.items():
-            await self.transport.call_many([placement[vm_name].addr], "host.release", {"token": token})
-
-    async def _undo(self, spec: VESpec, placement: dict[str, Slot], tokens: dict[str, str], entry: Entry) -> None:
-        """Roll a failed create back: drop unconfirmed reservations, remove started VMs, delete the record,
-        then its index entry."""
-        await self._release(placement, tokens)
-        for vm_name, slot in placement.items():
-            await self.transport.call_many([slot.addr], "host.vm.undefine", {"name": domain_name(spec.name, vm_name)})
+    async def _drive(self, core: creating.Create | creating.CreateRecovery, record: Stored) -> tuple[Stored, Any]:
+        """Drive a create or its recovery, then log what went wrong on the way without stopping it."""
         try:
-            await self.directory.delete(spec.name)
-        except (RequestError, RpcError) as err:
-            log.warning("could not delete the record of failed VE %s: %s", spec.name, err)
-            return  # the entry stays with the record it lists
-        await self._unindex(entry.name, entry.uid)
+            return await drive(core, record, self.transport, self.directory, self._candidates)
+        finally:
+            for note in core.notes:
+                log.info("VE %s: %s", record.ve.name, note)
 
     async def _unindex(self, name: str, uid: str) -> None:
         """Remove a deleted VE's index entry; if that fails, the next `ve list` that meets it does."""
@@ -304,8 +213,7 @@ class VEService(Relocation, Snapshots, Replicas):
         failing over or snapshotting the VE."""
         async with self._locked(caller, name_arg(args), settle=False) as record:
             ve = record.ve
-            for intent in ve.intents():
-                await self._check_abandoned(ve.name, intent)
+            await self._check_unattended(ve)
             await self._on_every_vm(ve, "host.vm.undefine")
             await self.directory.delete(ve.name, after=record.version)
             await self._unindex(ve.name, ve.uid)
@@ -349,11 +257,13 @@ class VEService(Relocation, Snapshots, Replicas):
     # -- recovery of interrupted operations ------------------------------------------------------------
 
     async def _settle(self, record: Stored) -> Stored:
-        """Finish or undo what interrupted relocations, failovers or a snapshot left in the record, before an
-        operation changes the VE; Conflict if the agent that started them is still at work."""
+        """Finish or undo what an interrupted create, relocations, failovers or a snapshot left in the record,
+        before an operation changes the VE; Conflict if the agent that started them is still at work, NotFound
+        if the VE's create was undone."""
         name = record.ve.name
-        for intent in record.ve.intents():
-            await self._check_abandoned(name, intent)
+        await self._check_unattended(record.ve)
+        if record.ve.state == "creating":
+            record = await self._recover_create(record)
         for vm in sorted(record.ve.placement):
             slot = record.ve.placement[vm]
             for what, left, finish_or_undo in (("move", slot.moving_to, self._recover_move),
@@ -369,29 +279,43 @@ class VEService(Relocation, Snapshots, Replicas):
             record = await self._finish_snapshot(record)
         return record
 
-    async def _check_abandoned(self, name: str, intent: Intent) -> None:
-        """Conflict unless the operation that wrote `intent` is abandoned: its coordinator is this agent
-        (which holds the VE's lock, so runs nothing else on it), is not a live member, answers that it is
-        not working on the VE, or cannot be asked and wrote the intent more than MOVE_LEASE ago."""
-        coordinator = intent.coordinator
+    async def _recover_create(self, record: Stored) -> Stored:
+        """Finish or undo the create that left the record `creating` (`discovery.ve.creating.CreateRecovery`);
+        NotFound if it was undone, RequestError (the record left) if a host cannot be asked or undefine."""
+        ve = record.ve
+        try:
+            record, finished = await self._drive(creating.CreateRecovery(ve), record)
+        except RequestError as err:
+            raise RequestError(f"VE {ve.name!r} was left half-created by {ve.coordinator}, and that cannot be "
+                               f"settled yet: {err}") from None
+        log.info("create of %s left by %s %s", ve.name, ve.coordinator, "finished" if finished else "undone")
+        if not finished:
+            raise NotFound(f"no VE named {ve.name!r}: its create, left unfinished by {ve.coordinator}, was rolled back")
+        return record
+
+    async def _check_unattended(self, ve: VERecord) -> None:
+        """Conflict unless every operation the record shows under way (its create, moves, failovers, a
+        snapshot) is abandoned (`_check_abandoned`)."""
+        for coordinator, since, what in under_way(ve):
+            await self._check_abandoned(ve.name, coordinator, since, what)
+
+    async def _check_abandoned(self, name: str, coordinator: str, since: float, what: str) -> None:
+        """Conflict unless the operation `what` that `coordinator` started at `since` is abandoned: its
+        coordinator is this agent (which holds the VE's lock, so runs nothing else on it), is not a live
+        member, answers that it is not working on the VE, or cannot be asked and started it more than
+        MOVE_LEASE ago."""
         if coordinator == self.node:
             return
         member = next((m for m in self.membership.alive() if m.name == coordinator), None)
         if member is None:
             return
-        age = time.time() - intent.since
+        age = time.time() - since
         try:
             busy = await self.transport.call(member.addr, "ve.busy", {"name": name}, timeout=5)
         except RpcError:
             busy = age < MOVE_LEASE
         if busy:
-            if isinstance(intent, MoveIntent):
-                what = f"moving a VM to {intent.node}"
-            elif isinstance(intent, FailoverIntent):
-                what = f"failing a VM over to {intent.node}"
-            else:
-                what = f"taking snapshot {intent.tag}"
-            raise Conflict(f"{coordinator} is {what} for VE {name!r} (for {age:.0f} s); try again shortly")
+            raise Conflict(f"{coordinator} is {what} (for {age:.0f} s); try again shortly")
 
     async def _on_busy(self, caller: Caller, args: dict[str, Any]) -> bool:
         """Whether this agent is running an operation on VE `name` (agents ask before settling an intent)."""
@@ -410,7 +334,7 @@ class VEService(Relocation, Snapshots, Replicas):
             left += 1
             log.warning("could not check the VE index yet: %s", err)
         for found in ves:
-            if not found.intents():
+            if not under_way(found):
                 continue
             async with self._lock(found.name):
                 try:
@@ -419,12 +343,26 @@ class VEService(Relocation, Snapshots, Replicas):
                         await self._settle(record)
                     else:  # listed, but not read: just after a start, the ring may not hold it yet for us
                         left += 1
-                except Conflict:
-                    pass  # its coordinator is at work
+                except (Conflict, NotFound):
+                    pass  # its coordinator is at work; or its create was undone, or it was destroyed meanwhile
                 except (RequestError, RpcError) as err:
                     left += 1
                     log.warning("interrupted operation on VE %s not settled yet: %s", found.name, err)
         return left
+
+
+def under_way(ve: VERecord) -> list[tuple[str, float, str]]:
+    """The operations the record shows under way: (coordinator, since when, what it is doing)."""
+    found = [(ve.coordinator, ve.created, f"creating VE {ve.name!r}")] if ve.state == "creating" else []
+    for intent in ve.intents():
+        if isinstance(intent, MoveIntent):
+            what = f"moving a VM to {intent.node}"
+        elif isinstance(intent, FailoverIntent):
+            what = f"failing a VM over to {intent.node}"
+        else:
+            what = f"taking snapshot {intent.tag}"
+        found.append((intent.coordinator, intent.since, f"{what} for VE {ve.name!r}"))
+    return found
 
 
 class Recovery(Actor):

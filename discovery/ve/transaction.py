@@ -1,14 +1,16 @@
-"""What the VE transactions' sans-IO cores (`discovery.ve.moves`, `discovery.ve.failovers`,
-`discovery.ve.snapshotting`) and their one driver (`discovery.ve.driver`) say to each other.
+"""What the VE transactions' sans-IO cores (`discovery.ve.creating`, `discovery.ve.moves`,
+`discovery.ve.failovers`, `discovery.ve.snapshotting`) and their one driver (`discovery.ve.driver`) say to
+each other.
 
-A VE operation that must survive a crash halfway (a relocation, a failover, a snapshot) is a small
-transaction whose log is the VE record. Its logic is a state machine that never touches a socket, a
+A VE operation that must survive a crash halfway (a create, a relocation, a failover, a snapshot) is a
+small transaction whose log is the VE record. Its logic is a state machine that never touches a socket, a
 clock or trio: `start(now)` returns its first action; the driver performs it (an RPC to a host, a read or
-a write of the record, a test pause) and feeds back what it saw with `on(observation, now)`, which returns
-the next action, until `Done` or `Refuse`. One action at a time: every step of these transactions
-depends on the answer to the one before. Time (`now`, wall-clock seconds, as the record's `since`
-fields) is passed in; a limit reaches the driver as the seconds an action may take (`within`), and its
-expiry comes back as `TimedOut`.
+a write of the record, a search for candidate nodes, a test pause) and feeds back what it saw with
+`on(observation, now)`, which returns the next action, until `Done` or `Refuse`. One action at a time:
+every step of these transactions depends on the answer to the one before; where calls must not wait for
+one another (a create confirming every VM), one action holds them all (`CallHosts`). Time (`now`,
+wall-clock seconds, as the record's `since` fields) is passed in; a limit reaches the driver as the
+seconds an action may take (`within`), and its expiry comes back as `TimedOut`.
 
 So the whole table of a transaction (phase × who holds what × who answers) and random interleavings of
 crashes, recoverers and flapping reachability are tested on the cores alone (`discovery.ve.world` performs
@@ -23,7 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from discovery.ve import placement as planner
 from discovery.ve.records import Place, VERecord
+from discovery.ve.spec import VESpec
 
 # -- actions: what a core asks its driver to do ---------------------------------------------------------
 
@@ -42,6 +46,15 @@ class CallHost:
     timeout: float | None = None
     best_effort: bool = False
     within: float | None = None
+
+
+@dataclass(frozen=True)
+class CallHosts:
+    """Every call of `calls` at once, answered by one `HostsAnswered` once each has answered: for calls that
+    must not wait for one another (a create's confirms: a guest slow to start must not make another VM's
+    reservation lapse)."""
+
+    calls: tuple[CallHost, ...]
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,51 @@ class WriteRecord:
 
 
 @dataclass(frozen=True)
+class ClaimRecord:
+    """Write `value` as the first record of a new VE if no live record holds its name: a write after the newest
+    record under the name (none, or a tombstone) that a majority of its replicas decides. Answered by
+    `RecordWritten`; `RecordRead` with the live record if the name is taken; `ClaimLost` if another writer
+    won (read and claim again); or `DirectoryFailed`."""
+
+    value: VERecord
+
+
+@dataclass(frozen=True)
+class DeleteRecord:
+    """Delete the VE record: a tombstone as the version after the one last read or written (so it loses to
+    a newer incarnation's record). Answered by `RecordWritten` or `DirectoryFailed`."""
+
+
+@dataclass(frozen=True)
+class AddToIndex:
+    """Add VE `name`'s entry (its `owner`, the `uid` of its incarnation) to the directory's index (`ve list`).
+    Answered by `Indexed` or `DirectoryFailed`."""
+
+    name: str
+    owner: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class RemoveFromIndex:
+    """Remove the entry of incarnation `uid` of VE `name` from the index. Answered by `Indexed` or
+    `DirectoryFailed`."""
+
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class FindCandidates:
+    """The nodes the VMs of `spec` may go to, nearest first: this node, then those the spiral search finds with
+    room for its smallest VM; with `everyone`, then every other live member, asked for its free room.
+    Answered by `CandidatesFound` or `SearchFailed`."""
+
+    spec: VESpec
+    everyone: bool = False
+
+
+@dataclass(frozen=True)
 class PauseForTest:
     """A point where a process-kill test may stop the coordinator (`discovery.ve.base.pause_for_test`);
     answered by `Continued`, or `TimedOut` if it outlasts `within`."""
@@ -93,7 +151,8 @@ class Refuse:
     kind: str = "bad_request"
 
 
-Action = CallHost | Probe | ReadRecord | WriteRecord | PauseForTest | Done | Refuse
+Action = (CallHost | CallHosts | Probe | ReadRecord | WriteRecord | ClaimRecord | DeleteRecord | AddToIndex
+          | RemoveFromIndex | FindCandidates | PauseForTest | Done | Refuse)
 
 
 # -- observations: what the driver saw ------------------------------------------------------------------
@@ -112,6 +171,13 @@ class HostFailed:
 
     node: str
     reason: str
+
+
+@dataclass(frozen=True)
+class HostsAnswered:
+    """What each call of a `CallHosts` led to, in the order of its calls."""
+
+    answers: tuple[HostAnswered | HostFailed, ...]
 
 
 @dataclass(frozen=True)
@@ -146,6 +212,55 @@ class DirectoryFailed:
 
 
 @dataclass(frozen=True)
+class ClaimLost:
+    """Another writer claimed the name first, or changed its record meanwhile (`reason` says which version)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Indexed:
+    pass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node a new VE's VMs may go to: how near (`rtt_ms`: None if unknown), how it was found, and its free
+    room as the node reports it (`{vcpus, memory_mb, disk_gb}`; None: unknown, so not planned on)."""
+
+    node: str
+    addr: str
+    site: str
+    rtt_ms: float | None
+    found_by: str = ""
+    free: Mapping[str, int] | None = None
+
+    def offer(self, rank: int) -> planner.Candidate:
+        free = self.free or {}
+        return planner.Candidate(self.node, self.site, int(free.get("vcpus", 0)), int(free.get("memory_mb", 0)),
+                                 int(free.get("disk_gb", 0)), rank)
+
+    def describe(self, coordinator: str) -> str:
+        if self.node == coordinator:
+            return "this node"
+        by = f", found by {self.found_by}" if self.found_by else ""
+        return ("rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms") + by
+
+
+@dataclass(frozen=True)
+class CandidatesFound:
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
+class SearchFailed:
+    """No candidates: none live in the VE's site, or the search failed (`kind` as a request error's)."""
+
+    reason: str
+    kind: str = "bad_request"
+
+
+@dataclass(frozen=True)
 class TimedOut:
     """The action ran past its `within`."""
 
@@ -155,7 +270,8 @@ class Continued:
     """A test pause is over."""
 
 
-Observation = HostAnswered | HostFailed | Probed | RecordRead | RecordWritten | DirectoryFailed | TimedOut | Continued
+Observation = (HostAnswered | HostFailed | HostsAnswered | Probed | RecordRead | RecordWritten | DirectoryFailed
+               | ClaimLost | Indexed | CandidatesFound | SearchFailed | TimedOut | Continued)
 
 
 class Core(Protocol):

@@ -1,13 +1,16 @@
-"""An in-memory world for the VE transaction cores (`discovery.ve.moves`, `discovery.ve.failovers`,
-`discovery.ve.snapshotting`): hosts that hold domains and standby copies, one VE record in a directory,
-and which of them answer. It performs a core's actions as `discovery.ve.driver` does over RPC, with the
-hosts' semantics (`agents.host`) reduced to what the transactions rely on, and checks after every event
-what must always hold: no domain runs at two places, and none is lost (held nowhere).
+"""An in-memory world for the VE transaction cores (`discovery.ve.creating`, `discovery.ve.moves`,
+`discovery.ve.failovers`, `discovery.ve.snapshotting`): hosts that hold domains, reservations and standby
+copies, one VE record in a directory with its index entry, and which of them answer. It performs a core's
+actions as `discovery.ve.driver` does over RPC, with the hosts' semantics (`agents.host`) reduced to what
+the transactions rely on, and checks after every event what must always hold: no domain runs at two
+places, and none of a VE that exists (not `creating`) is lost (held nowhere).
 
 Faults: a name in `down` does not answer (a call has no effect), nor does one call with
 `perform(..., fault="unreachable")`; `fault="lost"` applies a call and loses its answer; `"timeout"` /
 `"late"` time an action with a limit out, before or after it took effect. A crash of a host is
-`crash(node)`: down, its running guests gone (a host that comes back holds its domains off).
+`crash(node)`: down, its running guests gone (a host that comes back holds its domains off);
+`lapse()` lets every reservation lapse. The calls of a `CallHosts` take one fault each: by their labels,
+or all the same one.
 
 For the tests (tests/unit/test_ve_*.py), as `dvms.isp_net` is for `dvms.partition`; it must stay free of
 I/O so hypothesis can run thousands of schedules a second.
@@ -23,13 +26,22 @@ from discovery.ve.records import Slot, VERecord, VEState
 from discovery.ve.spec import VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
+    AddToIndex,
     CallHost,
+    CallHosts,
+    Candidate,
+    CandidatesFound,
+    ClaimRecord,
     Continued,
     Core,
+    DeleteRecord,
     DirectoryFailed,
     Done,
+    FindCandidates,
     HostAnswered,
     HostFailed,
+    HostsAnswered,
+    Indexed,
     Observation,
     PauseForTest,
     Probe,
@@ -38,6 +50,8 @@ from discovery.ve.transaction import (
     RecordRead,
     RecordWritten,
     Refuse,
+    RemoveFromIndex,
+    SearchFailed,
     TimedOut,
     WriteRecord,
 )
@@ -45,17 +59,27 @@ from discovery.ve.transaction import (
 DIRECTORY = "directory"
 MUTATING = {"undefine", "settle", "destroy", "suspend", "start", "resume", "stop"}
 """`host.vm.*` verbs that change a domain."""
+ROOM = {"vcpus": 16, "memory_mb": 65536, "disk_gb": 100}
+Fault = str | Mapping[str, str | None] | None
+"""How an action fails (module docstring): one fault, or faults by label (of the action, or of each call of a
+`CallHosts`; one fault applies to all of its calls)."""
 
 
 @dataclass
 class Host:
-    """What a node holds: domains (name -> running, paused or shutoff), standby copies, stored snapshot tags."""
+    """What a node holds: domains (name -> running, paused or shutoff), reservations (token -> domain),
+    standby copies, stored snapshot tags; where it is, the room it reports, whether the spiral search finds
+    it (`near`; else only a search of every member does)."""
 
     domains: dict[str, str] = field(default_factory=dict)
     standbys: set[str] = field(default_factory=set)
     snapshots: dict[str, set[str]] = field(default_factory=dict)
     backend: str = "test"
     live: bool = False  # has its own libvirtd: may migrate live
+    reserved: dict[str, str] = field(default_factory=dict)
+    site: str = "rennes"
+    free: Mapping[str, int] = field(default_factory=lambda: dict(ROOM))
+    near: bool = True
 
     @property
     def migration_uri(self) -> str | None:
@@ -71,6 +95,8 @@ class World:
     hosts: dict[str, Host]
     record: VERecord | None
     addrs: dict[str, str] = field(default_factory=dict)
+    index: dict[str, str] = field(default_factory=dict)
+    """The directory's index: VE name -> the uid of the incarnation its entry lists."""
     down: set[str] = field(default_factory=set)
     conditional: bool = False
     """Writes as compare-and-set: one after a version other than the record's fails (a conflict). Without,
@@ -86,19 +112,29 @@ class World:
 
     # -- performing actions ------------------------------------------------------------------------
 
-    def perform(self, action: Action, fault: str | None = None, who: Any = None) -> Observation:
+    def perform(self, action: Action, fault: Fault = None, who: Any = None) -> Observation:
         """Perform `action` as the driver would, for the writer `who`; `fault`: None, "unreachable" (not
-        done), "lost" (done, answer lost), "timeout" (not done, timed out), "late" (done, timed out). A name
-        in `down` answers nothing."""
-        observation = self._perform(action, fault, who)
+        done), "lost" (done, answer lost), "timeout" (not done, timed out), "late" (done, timed out); or one of
+        those by label (for a `CallHosts`, of each call). A name in `down` answers nothing."""
+        self.trace.append(label(action))
+        if isinstance(action, CallHosts):
+            observation: Observation = HostsAnswered(tuple(self._call_one(c, fault) for c in action.calls))
+        else:
+            observation = self._perform(action, fault.get(label(action)) if isinstance(fault, Mapping) else fault, who)
         self.check()
         return observation
 
+    def _call_one(self, call: CallHost, fault: Fault) -> HostAnswered | HostFailed:
+        answer = self._call(call, fault.get(label(call)) if isinstance(fault, Mapping) else fault)
+        assert isinstance(answer, (HostAnswered, HostFailed)), "the calls of a CallHosts run without a limit"
+        return answer
+
     def _perform(self, action: Action, fault: str | None, who: Any) -> Observation:
-        self.trace.append(label(action))
         match action:
             case CallHost():
                 return self._call(action, fault)
+            case FindCandidates():
+                return self._candidates(action, fault)
             case Probe():
                 if action.node in self.down or fault is not None:
                     return Probed(action.node, None, reason=f"{action.node} cannot be reached")
@@ -109,20 +145,52 @@ class World:
                     return DirectoryFailed("no replica answered")
                 self.seen[who] = self.version
                 return RecordRead(self.record)
-            case WriteRecord():
+            case WriteRecord() | DeleteRecord():
+                return self._write(action.value if isinstance(action, WriteRecord) else None, fault, who)
+            case ClaimRecord():
                 if DIRECTORY in self.down or fault in ("unreachable", "timeout"):
-                    return DirectoryFailed("write reached 0 of 3 replicas")
-                if self.conditional and self.seen.setdefault(who, self.version) != self.version:
-                    return DirectoryFailed(f"the record changed since version {self.seen[who]}", "conflict")
-                self.record = action.value
-                self.version += 1
-                if fault:
-                    return DirectoryFailed("write reached 1 of 3 replicas")
-                self.seen[who] = self.version
-                return RecordWritten()
+                    return DirectoryFailed("no replica answered")
+                if self.record is not None:
+                    return RecordRead(self.record)
+                self.seen[who] = self.version  # after the newest record read: none, or a tombstone
+                return self._write(action.value, fault, who)
+            case AddToIndex() | RemoveFromIndex():
+                if DIRECTORY in self.down or fault in ("unreachable", "timeout"):
+                    return DirectoryFailed("index bucket 've-index/03' could not be read")
+                if isinstance(action, AddToIndex):
+                    self.index[action.name] = action.uid
+                elif self.index.get(action.name) == action.uid:
+                    del self.index[action.name]
+                return DirectoryFailed("index bucket 've-index/03' write reached 1 of 3 replicas") if fault \
+                    else Indexed()
             case PauseForTest():
                 return TimedOut() if fault in ("timeout", "late") and action.within is not None else Continued()
         raise TypeError(action)
+
+    def _write(self, value: VERecord | None, fault: str | None, who: Any) -> Observation:
+        """Write `value` as the record (None: its tombstone)."""
+        if DIRECTORY in self.down or fault in ("unreachable", "timeout"):
+            return DirectoryFailed("write reached 0 of 3 replicas")
+        if self.conditional and self.seen.setdefault(who, self.version) != self.version:
+            return DirectoryFailed(f"the record changed since version {self.seen[who]}", "conflict")
+        self.record = value
+        self.version += 1
+        if fault:
+            return DirectoryFailed("write reached 1 of 3 replicas")
+        self.seen[who] = self.version
+        return RecordWritten()
+
+    def _candidates(self, search: FindCandidates, fault: str | None) -> Observation:
+        """The live hosts the spiral finds (`near`), nearest (by name) first; with `everyone`, then the others,
+        those down without their room."""
+        if fault is not None:
+            return SearchFailed("the spiral search failed")
+        hosts = sorted(self.hosts, key=lambda n: (not self.hosts[n].near, n))
+        found = [n for n in hosts if n not in self.down and (self.hosts[n].near or search.everyone)]
+        found += [n for n in hosts if n in self.down and search.everyone]
+        return CandidatesFound(tuple(Candidate(n, self.addr(n), self.hosts[n].site, float(rank), "spiral",
+                                               None if n in self.down else self.hosts[n].free)
+                                     for rank, n in enumerate(found)))
 
     def _call(self, call: CallHost, fault: str | None) -> Observation:
         if call.node in self.down or fault == "unreachable":
@@ -152,8 +220,13 @@ class World:
             case verb if verb.startswith("host.vm."):
                 return self._vm(call.node, name, verb.removeprefix("host.vm."), args.get("state"))
             case "host.reserve":
-                return {"token": f"token-{call.node}", "backend": host.backend, "migration_uri": host.migration_uri}
-            case "host.release" | "host.incoming":
+                token = f"token-{call.node}-{name}"
+                host.reserved[token] = name
+                return {"token": token, "backend": host.backend, "migration_uri": host.migration_uri}
+            case "host.release":
+                host.reserved.pop(args["token"], None)
+                return True
+            case "host.incoming":
                 return True
             case "host.export":
                 self._holding(call.node, name)
@@ -168,8 +241,11 @@ class World:
                 self.hosts[target].snapshots[name] = host.snapshots.pop(name, set())
                 return {}
             case "host.confirm":
-                host.domains[name or _confirmed(call)] = args["state"]
-                return {"state": args["state"]}
+                if args["token"] not in host.reserved:
+                    raise HostError(f"reservation {args['token']} is unknown or expired")
+                state = args.get("state", "running")
+                host.domains[host.reserved.pop(args["token"])] = state
+                return {"state": state}
             case "host.promote":
                 if name not in host.domains:
                     if name not in host.standbys:
@@ -210,6 +286,11 @@ class World:
 
     # -- faults ------------------------------------------------------------------------------------
 
+    def lapse(self) -> None:
+        """Every reservation not confirmed yet lapses (RESERVATION_TTL passed)."""
+        for host in self.hosts.values():
+            host.reserved.clear()
+
     def crash(self, node: str) -> None:
         """The node dies: it answers nothing, and its guests stop (it holds them off when it comes back)."""
         self.down.add(node)
@@ -228,15 +309,18 @@ class World:
         return [n for n, state in self.holders(domain).items() if state == "running"]
 
     def check(self) -> None:
-        """After every event: no domain runs at two places, and every VM of the record is held by a node the
-        record names for it: as a domain by its host or the target of the move or failover under way, or as
-        a standby copy (which a failover may promote) by a node listed as keeping one or a failover's target."""
+        """After every event: no domain runs at two places, and every VM of a VE that exists (not `creating`)
+        is held by a node the record names for it: as a domain by its host or the target of the move or
+        failover under way, or as a standby copy (which a failover may promote) by a node listed as keeping
+        one or a failover's target."""
         if self.record is None:
             return
         for vm, slot in self.record.placement.items():
             domain = f"{self.record.name}:{vm}"
             if len(self.running(domain)) > 1:
                 self.violations.append(f"{domain} runs at {self.running(domain)} after {self.trace[-1:]}")
+            if self.record.state == "creating":
+                continue
             named = slot.named()
             copies = [e.node for e in self.record.standbys_of(vm)]
             copies += [slot.failing_over.node] if slot.failing_over is not None else []
@@ -248,14 +332,20 @@ class World:
 
 def run(core: Core, world: World, faults: Mapping[str, str] | None = None, tick: float = 1.0) -> Action:
     """Run `core` to its end on `world`, the clock advancing `tick` per action; `faults`: the fault of an
-    action by its label, `#n` for its n-th time (`confirm dst`, `write #2`). Returns the final action."""
+    action (or of a call of a `CallHosts`) by its label, `#n` for its n-th time (`confirm dst`, `write #2`).
+    Returns the final action."""
     faults, seen, now = faults or {}, dict[str, int](), 0.0
+
+    def fault_of(name: str) -> str | None:
+        seen[name] = seen.get(name, 0) + 1
+        return faults.get(name if seen[name] == 1 else f"{name} #{seen[name]}")
+
     world.seen[core] = world.version  # it was built from the record as it is
     action = core.start(now)
     while not isinstance(action, (Done, Refuse)):
-        name = label(action)
-        seen[name] = seen.get(name, 0) + 1
-        observation = world.perform(action, faults.get(name if seen[name] == 1 else f"{name} #{seen[name]}"), core)
+        fault: Fault = {label(c): fault_of(label(c)) for c in action.calls} if isinstance(action, CallHosts) \
+            else fault_of(label(action))
+        observation = world.perform(action, fault, core)
         now += tick
         action = core.on(observation, now)
     return action
@@ -267,7 +357,7 @@ flips first (a node, `DIRECTORY`, or None), and the fault of that action."""
 
 
 def coordinate_then_interleave(world: World, coordinator: Core, action: Action, working: Callable[[Core], bool],
-                               crash: tuple[int, bool] | None, faults: Sequence[str | None], others: int,
+                               crash: tuple[int, bool] | None, faults: Sequence[Fault], others: int,
                                steps: Sequence[Turn], deaths: Sequence[int], make: Callable[[World], Core | None],
                                ) -> tuple[Action, bool, dict[int, Action]]:
     """The interleaving properties' opening: the coordinator runs its first steps (while `working(core)`),
@@ -337,28 +427,26 @@ def interleave(world: World, actors: dict[int, tuple[Core | None, Action | None]
 
 
 def label(action: Action) -> str:
-    """How a trace names an action: `vm settle dst`, `confirm dst`, `probe src`, `read`, `write`, `pause prepared`."""
+    """How a trace names an action: `vm settle dst`, `confirm dst`, `confirm n1 + confirm n2` (calls at once),
+    `probe src`, `read`, `write`, `claim`, `delete`, `index`, `unindex`, `search`, `search all`, `pause prepared`."""
     match action:
         case CallHost(method=verb) if verb.startswith("host.vm."):
             return f"vm {verb.removeprefix('host.vm.')} {action.node}"
         case CallHost():
             return f"{action.method.removeprefix('host.')} {action.node}"
+        case CallHosts(calls=calls):
+            return " + ".join(label(c) for c in calls)
         case Probe():
             return f"probe {action.node}"
-        case ReadRecord():
-            return "read"
-        case WriteRecord():
-            return "write"
+        case FindCandidates(everyone=everyone):
+            return "search all" if everyone else "search"
         case PauseForTest():
             return f"pause {action.point}"
-    return type(action).__name__
+    return NAMES.get(type(action), type(action).__name__)
 
 
-def _confirmed(call: CallHost) -> str:
-    """The domain a `host.confirm` defines: its reservation's (the world's tokens name the node only, so the
-    test passes the name in the XML)."""
-    xml = str(call.args.get("xml", ""))
-    return xml.removeprefix("<domain>").removesuffix("</domain>")
+NAMES: dict[type, str] = {ReadRecord: "read", WriteRecord: "write", ClaimRecord: "claim", DeleteRecord: "delete",
+                          AddToIndex: "index", RemoveFromIndex: "unindex"}
 
 
 def record_of(name: str, placement: Mapping[str, Slot], state: VEState = "running", **more: Any) -> VERecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import struct
@@ -15,7 +16,7 @@ from overlay.wire import frames, tls
 from overlay.wire.ca import init_ca, issue
 from overlay.wire.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
 
-from .conftest import SETTLE_DEADLINE, pid_alive, restart, wait_for
+from .conftest import SETTLE_DEADLINE, pid_alive, rejoined, restart, wait_for
 from .test_relocate import domains, host_call, host_info
 from .test_ve_lifecycle import write_spec
 
@@ -161,6 +162,78 @@ def test_coordinators_killed_mid_relocation_or_mid_snapshot_are_undone_by_the_ne
     assert domains(cluster, "moving:a") == {"node1": "shutoff"}  # not left paused: settled, then stopped
     assert cluster.json("--agent", "node4", "ve", "snapshots", "moving")["snapshots"] == []
     assert "snapshotting" not in cluster.json("--agent", "node4", "ve", "show", "moving")
+
+
+# -- creation interrupted by the death of its coordinator ---------------------------------------------
+# Cluster of 4 (node1, node3 in rennes; node2, node4 in lyon): a VE pinned to lyon is created through node3,
+# which coordinates while its VM goes to a lyon node.
+
+
+def start_create(cluster, through, spec):
+    return subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(cluster.dir / "client.toml"),
+                             "--agent", through, "ve", "create", spec],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
+
+
+def located(cluster, through, ve):
+    """The VE's record as `ve locate` shows it ({} if there is none)."""
+    proc = cluster.cli("--agent", through, "ve", "locate", ve, "--json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def test_coordinators_killed_mid_create_are_undone_or_finished(cluster_factory, tmp_path):
+    cluster = cluster_factory(4, 2)
+
+    def paused_create(ve, point):
+        """Create `ve` (one VM, pinned to lyon) through node3, made to pause at `point` (until killed), and
+        return once it is paused there."""
+        if "node3" in cluster.running():
+            cluster.kill9("node3")
+        restart(cluster, "node3", DISCOVERY_TEST_PAUSE=f"{point}:600")
+        rejoined(cluster, "node3")
+        create = start_create(cluster, "node3", write_spec(tmp_path, ve, [("a", 2, 512)], "lyon"))
+        wait_for(lambda: located(cluster, "node1", ve).get("vms") and (
+            point == "placed" or list(domains(cluster, f"{ve}:a").values()) == ["running"]),
+                 what=f"the create paused at {point}",
+                 detail=lambda: create.stderr.read() if create.poll() is not None else "")
+        assert located(cluster, "node1", ve)["state"] == "creating"
+        return create
+
+    # killed once the placement is written, no VM started: the next command, through another agent, undoes it
+    # (refused as "in progress" until node3 is known dead); the reservation lapses
+    kill_coordinator(cluster, "node3", paused_create("half", "placed"))
+    host = located(cluster, "node1", "half")["vms"]["a"]["node"]
+    assert host in ("node2", "node4") and domains(cluster, "half:a") == {}
+
+    def undone():
+        proc = cluster.cli("--agent", "node1", "ve", "start", "half", check=False)
+        return "its create, left unfinished by node3, was rolled back" in proc.stderr
+
+    wait_for(undone, SETTLE_DEADLINE, "the next command undoes the interrupted create")
+    assert located(cluster, "node2", "half") == {} and domains(cluster, "half:a") == {}
+    assert "half" not in [ve["name"] for ve in cluster.json("--agent", "node4", "ve", "list")["ves"]]
+    total = host_info(cluster, host)["total"]
+    wait_for(lambda: host_info(cluster, host)["free"] == total, what="the reservation lapsed")
+
+    # the same, then the create retried through another agent: it settles the left one and goes on
+    kill_coordinator(cluster, "node3", paused_create("again", "placed"))
+
+    def created():
+        proc = cluster.cli("--agent", "node1", "ve", "create", str(tmp_path / "again.yaml"), "--json", check=False)
+        return proc.returncode == 0 and json.loads(proc.stdout)
+
+    ve = wait_for(created, SETTLE_DEADLINE, "the retried create settles the interrupted one and goes on")
+    assert ve["state"] == "running" and ve["coordinator"] == "node1"
+    assert domains(cluster, "again:a") == {ve["placement"]["a"]["node"]: "running"}
+
+    # killed once every VM runs, the record still `creating`: node3, restarted, finishes it by itself
+    kill_coordinator(cluster, "node3", paused_create("whole", "confirmed"))
+    restart(cluster, "node3")
+    wait_for(lambda: located(cluster, "node1", "whole").get("state") == "running", SETTLE_DEADLINE,
+             "the restarted coordinator finishes the create")
+    host = located(cluster, "node2", "whole")["vms"]["a"]["node"]
+    assert domains(cluster, "whole:a") == {host: "running"}  # exactly where the record says
+    assert "whole" in [ve["name"] for ve in cluster.json("--agent", "node4", "ve", "list")["ves"]]
 
 
 def test_cluster_down_leaves_no_agent_process(cluster_factory):

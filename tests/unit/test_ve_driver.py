@@ -11,15 +11,27 @@ import trio
 
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.driver import drive
+from discovery.ve.index import bucket_key, bucket_of, decode
 from discovery.ve.records import write
+from discovery.ve.spec import VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
+    AddToIndex,
     CallHost,
+    CallHosts,
+    Candidate,
+    CandidatesFound,
+    ClaimLost,
+    ClaimRecord,
     Continued,
+    DeleteRecord,
     DirectoryFailed,
     Done,
+    FindCandidates,
     HostAnswered,
     HostFailed,
+    HostsAnswered,
+    Indexed,
     Observation,
     PauseForTest,
     Probe,
@@ -28,11 +40,13 @@ from discovery.ve.transaction import (
     RecordRead,
     RecordWritten,
     Refuse,
+    RemoveFromIndex,
+    SearchFailed,
     TimedOut,
     WriteRecord,
 )
 from discovery.ve.world import record_of
-from overlay.dht import Record
+from overlay.dht import Record, WriteConflict
 from overlay.wire.rpc import Conflict, NotFound, RemoteError, RequestError, RpcError, RpcTimeout, Unreachable
 
 
@@ -53,12 +67,14 @@ class Script:
 class Transport:
     def __init__(self, answers: dict[tuple[str, str], Any]) -> None:
         self.answers, self.calls = answers, list[tuple[str, str, dict[str, Any], float | None]]()
+        self.sent: dict[str, float] = {}
 
     async def call(self, addr: str, method: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         self.calls.append((addr, method, args, timeout))
+        self.sent[addr] = trio.current_time()
         answer = self.answers[addr, method]
         if answer == "slow":
-            await trio.sleep(10)
+            await trio.sleep(30)
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -75,21 +91,47 @@ class Transport:
 
 
 class Records:
-    """The overlay's records under the directory: one record, or a failure."""
+    """The overlay's records under the directory: the VE's record and the index's buckets, or a failure."""
 
     def __init__(self, record: Record | None, fail: Exception | None = None) -> None:
         self.record, self.fail = record, fail
+        self.buckets: dict[str, Record] = {}
 
     async def get(self, key: str) -> Record | None:
         if self.fail:
             raise self.fail
         return self.record
 
+    async def get_record(self, key: str) -> Record | None:
+        if self.fail:
+            raise self.fail
+        return self.buckets.get(key) if key.startswith("ve-index/") else self.record
+
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
         if self.fail:
             raise self.fail
         assert self.record is not None and after == self.record.version
         self.record = Record(key, value, after + 1, "me")
+        return self.record
+
+    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+        if self.fail:
+            raise self.fail
+        held = self.buckets.get(key) if key.startswith("ve-index/") else self.record
+        if held != expect:
+            raise WriteConflict(key, (held.version, held.writer) if held else (0, ""))
+        written = Record(key, value, (expect.version if expect else 0) + 1, "me")
+        if key.startswith("ve-index/"):
+            self.buckets[key] = written
+        else:
+            self.record = written
+        return written
+
+    async def delete(self, key: str, after: int | None = None) -> Record:
+        if self.fail:
+            raise self.fail
+        assert self.record is not None and after == self.record.version
+        self.record = Record(key, None, after + 1, "me")
         return self.record
 
 
@@ -166,3 +208,71 @@ async def test_a_refusal_is_raised_by_its_kind(kind: str, error: type[RequestErr
     with pytest.raises(error, match="^no such thing$") as raised:
         await drive(Script(Refuse("no such thing", kind)), RECORD, Transport({}), directory())
     assert type(raised.value) is error
+
+
+async def test_calls_at_once_go_out_together_and_come_back_in_order(autojump_clock) -> None:
+    """A create's confirms: a guest slow to start (30 s) must not hold the others back, whose reservations
+    would lapse meanwhile; every answer comes back, in the order of the calls."""
+    transport = Transport({("a:1", "host.confirm"): "slow", ("c:1", "host.confirm"): {"state": "running"},
+                           ("b:1", "host.confirm"): RemoteError("conflict", "reservation t2 is unknown or expired")})
+    core = Script(CallHosts(tuple(CallHost(n, f"{n}:1", "host.confirm", {"token": f"t{i}"})
+                                  for i, n in enumerate("abc", 1))), Done())
+    await drive(core, RECORD, transport, directory())
+    assert transport.sent == {"a:1": 0.0, "b:1": 0.0, "c:1": 0.0}
+    assert core.heard == [HostsAnswered((HostAnswered("a", "slow"),
+                                         HostFailed("b", "b: reservation t2 is unknown or expired"),
+                                         HostAnswered("c", {"state": "running"})))]
+
+
+async def test_a_claim_the_index_and_a_delete() -> None:
+    new = replace(SHOP, state="creating", uid="u1")
+    records = Records(Record("ve/shop", None, 3, "n2"))  # a tombstone: the name is free
+    core = Script(ClaimRecord(new), AddToIndex("shop", "alice", "u1"), ReadRecord(), DeleteRecord(),
+                  RemoveFromIndex("shop", "u1"), Done())
+    record, _ = await drive(core, Stored(new, 0), Transport({}), Directory(records))
+    assert core.heard == [RecordWritten(), Indexed(), RecordRead(new), RecordWritten(), Indexed()]
+    assert record == Stored(new, 4) and records.record == Record("ve/shop", None, 5, "me")
+    assert decode(records.buckets[bucket_key(bucket_of("shop"))]) == []  # added, then removed
+    taken = Script(ClaimRecord(new), AddToIndex("shop", "alice", "u1"), Done())
+    await drive(taken, Stored(new, 0), Transport({}), directory())
+    assert taken.heard[0] == RecordRead(SHOP)  # the name is live: the claim writes nothing
+
+
+async def test_a_lost_claim_race_and_a_failing_directory(autojump_clock) -> None:
+    class Racing(Records):
+        async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+            raise WriteConflict(key, (2, "n3"))
+
+    new = replace(SHOP, state="creating")
+    core = Script(ClaimRecord(new), AddToIndex("shop", "alice", ""), Done())
+    await drive(core, Stored(new, 0), Transport({}), Directory(Racing(None)))
+    assert core.heard == [ClaimLost("'ve/shop' changed meanwhile: a replica holds version 2 by n3"),
+                          DirectoryFailed(f"index bucket {bucket_key(bucket_of('shop'))!r} kept changing for 12 "
+                                          "attempts; try again")]
+    down = Script(ClaimRecord(new), DeleteRecord(), Done())
+    await drive(down, Stored(new, 0), Transport({}), directory(Unreachable("no replica answered")))
+    assert down.heard == [DirectoryFailed("no replica answered", "upstream")] * 2
+
+
+async def test_candidates_are_searched_and_a_failed_search_named() -> None:
+    spec = VESpec("shop", (VMSpec("a", 1, 256),))
+    found = [Candidate("n1", "n1:1", "rennes", 0.0, free={"vcpus": 4})]
+    asked: list[tuple[VESpec, bool]] = []
+
+    async def search(wanted: VESpec, everyone: bool) -> list[Candidate]:
+        asked.append((wanted, everyone))
+        if everyone:
+            raise RequestError("no live node in site 'mars' (sites: rennes)")
+        return found
+
+    core = Script(FindCandidates(spec), FindCandidates(spec, everyone=True), Done())
+    await drive(core, RECORD, Transport({}), directory(), search)
+    assert asked == [(spec, False), (spec, True)]
+    assert core.heard == [CandidatesFound(tuple(found)),
+                          SearchFailed("no live node in site 'mars' (sites: rennes)", "bad_request")]
+
+
+async def test_a_refusal_of_another_kind_keeps_it() -> None:
+    with pytest.raises(RequestError, match="^retry in a moment$") as raised:
+        await drive(Script(Refuse("retry in a moment", "unavailable")), RECORD, Transport({}), directory())
+    assert raised.value.kind == "unavailable"
