@@ -65,8 +65,9 @@ HOLD_LIMIT = 30.0
 """Seconds a VM recovered off at start waits for the directory's word (`release`) before it starts anyway."""
 LISTING_PATIENCE = 0.5
 """Seconds `host.info` waits for libvirt's list of domains before it answers the last complete one instead
-(the first listing is always waited for): libvirtd holds a listing while a live migration switches over
-(about 2 s), and the room that callers weigh (the ledger's) never needs libvirt."""
+(the first listing is always waited for): libvirtd can hold a listing for seconds while live migrations run,
+and the room that callers weigh (the ledger's) never needs libvirt. One listing at a time: a call arriving
+while one is under way answers the last one at once."""
 
 
 class HostService(Lifecycle, Moves, Standbys):
@@ -88,6 +89,7 @@ class HostService(Lifecycle, Moves, Standbys):
         super().__init__(transport, hypervisor, total, db_path, domains, migration_uri)
         self._listed: list[DomainInfo] = []
         self._listed_at: float | None = None
+        self._listing = False
         self._serve(transport, {
             HOST_RESERVE: self._on_reserve, HOST_CONFIRM: self._on_confirm, HOST_RELEASE: self._on_release,
             HOST_INFO: self._on_info, HOST_SNAPSHOT: self._on_snapshot, HOST_RESTORE: self._on_restore,
@@ -239,8 +241,13 @@ class HostService(Lifecycle, Moves, Standbys):
         await self.db.write("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
 
     async def _on_info(self, caller: Caller, args: dict[str, Any]) -> HostInfo:
-        with trio.move_on_after(math.inf if self._listed_at is None else LISTING_PATIENCE):
-            self._listed, self._listed_at = await self.hypervisor.list(), trio.current_time()
+        if not self._listing or self._listed_at is None:
+            self._listing = True
+            try:
+                with trio.move_on_after(math.inf if self._listed_at is None else LISTING_PATIENCE):
+                    self._listed, self._listed_at = await self.hypervisor.list(), trio.current_time()
+            finally:
+                self._listing = False
         now = trio.current_time()
         return HostInfo(self.ledger.total, self.ledger.free(now), self._listed, self.domains.kind, self.migration_uri,
                         self.vm_locks.in_use(), None if self._listed_at is None else round(now - self._listed_at, 3))

@@ -265,7 +265,18 @@ async def test_info_answers_the_last_listing_while_libvirt_is_slow_to_list(
     monkeypatch.setattr(host.hypervisor, "list", slow_list)
     with trio.fail_after(DEADLINE):
         await define(host, "ve:b")
-        stale = await ask(host, HOST_INFO, NoArgs())
+        async with trio.open_nursery() as nursery:
+            answers: list[Any] = []
+
+            async def info() -> None:
+                answers.append(await ask(host, HOST_INFO, NoArgs()))
+
+            nursery.start_soon(info)  # starts a listing, which libvirt holds
+            await trio.testing.wait_all_tasks_blocked()
+            assert answers == []
+            beside = await ask(host, HOST_INFO, NoArgs())  # one listing at a time: this one answers at once
+            assert answers == [] and [d.name for d in beside.domains] == ["ve:a"]
+        stale = answers[0]  # and the first, after LISTING_PATIENCE
     assert [d.name for d in stale.domains] == ["ve:a"] and stale.listed_ago and stale.listed_ago > 0
     assert stale.free == Resources(8 - 2, 8192 - 1024, 100 - 2)  # the room is never stale
     answer.set()
