@@ -19,24 +19,40 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.host.args import SHUTDOWN_TIMEOUT
+from agents.host.args import (
+    MAX_SNAPSHOTS,
+    MAX_XML,
+    NAME,
+    SHUTDOWN_TIMEOUT,
+    check_count,
+    check_name,
+    check_state,
+    check_timeout,
+    xml_name,
+)
 from agents.host.capacity import Resources
 from agents.hypervisor.actor import DomainInfo
 from overlay.messages import NoArgs
-from overlay.wire.codec import limit
-from overlay.wire.rpc import AGENTS, ANYONE, NODE, OPERATOR, OPERATORS, Method
+from overlay.wire.codec import limit, sparse, wire
+from overlay.wire.rpc import AGENTS, ANYONE, NODE, OPERATOR, OPERATORS, Method, RequestError
 
 HOSTS = frozenset({NODE, OPERATOR})
-NAME = 200
-"""Longest VM (domain) name a host accepts."""
+MAX_VIEW = 256
+"""Longest spiral view or reply: views are tens of entries."""
+MAX_SPIRAL = 1000
+"""Most nodes one `spiral.search` may ask for."""
+MAX_KV_KEY = 512
+TOKEN = 1024
+"""Longest reservation token (a VM name, or a standby's key, and a number)."""
 
 
 @dataclass(frozen=True)
 class Gossip:
-    """A SWIM probe: the whole member table, or the piggybacked updates (`overlay.membership`)."""
+    """A SWIM probe: the whole member table, or the piggybacked updates (`overlay.membership`, which reads
+    the probe as it travels: a part that is not sent stays off the map, hence sparse)."""
 
-    members: list[Any] | None = None
-    updates: list[Any] | None = None
+    members: list[Any] | None = field(default=None, metadata=sparse())
+    updates: list[Any] | None = field(default=None, metadata=sparse())
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,8 @@ class Probe:
 
 @dataclass(frozen=True)
 class SpiralStep:
-    view: Any = None
+    view: list[Any] = field(metadata=limit(MAX_VIEW))
+    """The asker's spiral view, entries as `agents.spiral` writes them (each checked there)."""
 
 
 @dataclass(frozen=True)
@@ -60,127 +77,198 @@ class SpiralSearch:
     count: int = 5
     site: str | None = field(default=None, metadata=limit(NAME))
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= MAX_SPIRAL:
+            raise RequestError(f"count must be an integer from 1 to {MAX_SPIRAL}")
+
 
 @dataclass(frozen=True)
 class OverlayName:
-    overlay: Any = None
+    overlay: str = field(metadata=limit(NAME))
+    """One of the overlays the agent runs (it checks: they depend on its config)."""
 
 
 @dataclass(frozen=True)
 class OverlaySwitch:
-    overlay: Any
+    overlay: str = field(metadata=limit(NAME))
     epoch: int
 
 
 @dataclass(frozen=True)
 class OverlayScan:
-    overlay: Any
+    overlay: str = field(metadata=limit(NAME))
     prefix: str = field(metadata=limit(1024))
+
+
+def check_kv_key(key: str) -> None:
+    if not key:
+        raise RequestError(f"key must be a string of 1 to {MAX_KV_KEY} characters")
 
 
 @dataclass(frozen=True)
 class KvGet:
-    key: Any
-    overlay: str | None = None
+    key: str = field(metadata=limit(MAX_KV_KEY))
+    overlay: str | None = field(default=None, metadata=limit(NAME))
     owner: str | None = field(default=None, metadata=limit(NAME))
+    """Whose key (its writer's certificate name); default: the caller's own."""
+
+    def __post_init__(self) -> None:
+        check_kv_key(self.key)
 
 
 @dataclass(frozen=True)
 class KvPut:
-    key: Any
+    key: str = field(metadata=limit(MAX_KV_KEY))
     value: Any = None
-    overlay: str | None = None
+    overlay: str | None = field(default=None, metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        check_kv_key(self.key)
 
 
 @dataclass(frozen=True)
 class VmName:
-    name: Any
+    name: str = field(metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
 
 
 @dataclass(frozen=True)
-class Reserve:
-    name: Any
-    vcpus: Any
-    memory_mb: Any
-    disk_gb: Any
+class Reserve(VmName):
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for f in ("vcpus", "memory_mb", "disk_gb"):
+            check_count(getattr(self, f), f)
+
+    def need(self) -> Resources:
+        return Resources(self.vcpus, self.memory_mb, self.disk_gb)
+
+
+@dataclass(frozen=True)
+class Ship:
+    """A VM's files to fetch from the host that exported them (`host.fetch`): its disk, and with `image`
+    its saved memory."""
+
+    source: str = field(metadata=wire("from", NAME))
+    image: bool = False
 
 
 @dataclass(frozen=True)
 class Confirm:
-    token: Any
-    xml: str | None = None
-    state: Any = "running"
-    snapshots: list[Any] | None = None
-    ship: dict[str, Any] | None = None
+    token: str = field(metadata=limit(TOKEN))
+    xml: str | None = field(default=None, metadata=limit(MAX_XML))
+    """A carried domain (relocation); None: a new VM made from the reservation."""
+    state: str = "running"
+    snapshots: list[Any] | None = field(default=None, metadata=limit(MAX_SNAPSHOTS))
+    """[tag, xml, state, taken, libvirt] each (`agents.host.args.snapshots_arg`)."""
+    ship: Ship | None = None
+
+    def __post_init__(self) -> None:
+        check_state(self.state)
 
 
 @dataclass(frozen=True)
 class Release:
-    token: Any = None
+    token: str | None = field(default=None, metadata=limit(TOKEN))
 
 
 @dataclass(frozen=True)
-class VmStop:
-    name: Any
-    timeout: Any = SHUTDOWN_TIMEOUT
+class VmStop(VmName):
+    timeout: float = SHUTDOWN_TIMEOUT
     """Seconds before the guest is forced off."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_timeout(self.timeout)
+
 
 @dataclass(frozen=True)
-class VmSettle:
-    name: Any
-    state: Any
+class VmSettle(VmName):
+    state: str
     """running, paused or shutoff, from any state."""
 
-
-@dataclass(frozen=True)
-class Snapshot:
-    name: Any
-    tag: Any
-    state: Any = None
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_state(self.state)
 
 
 @dataclass(frozen=True)
-class SnapshotTag:
-    name: Any
-    tag: Any
+class SnapshotTag(VmName):
+    tag: str = field(metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_name(self.tag, "tag")
 
 
 @dataclass(frozen=True)
-class Export:
-    name: Any
+class Snapshot(SnapshotTag):
+    state: str | None = None
+    """The state to restore; default: the VM's state now."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_state(self.state)
+
+
+@dataclass(frozen=True)
+class Export(VmName):
     freeze: bool = False
     ship: bool = False
     copy: bool = False
 
 
 @dataclass(frozen=True)
-class Fetch:
-    name: Any
-    part: Any
-    offset: Any
+class Fetch(VmName):
+    part: str = field(metadata=limit(NAME))
+    """disk, image (its saved memory) or copy (of its disk, for a standby)."""
+    offset: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.offset, "offset")
 
 
 @dataclass(frozen=True)
-class Migrate:
-    name: Any
-    uri: Any
+class Migrate(VmName):
+    uri: str = field(metadata=limit(1024))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.uri.startswith("qemu+tcp://"):
+            raise RequestError("uri must be the target's qemu+tcp:// libvirt URI")
 
 
 @dataclass(frozen=True)
-class Standby:
-    name: Any
-    token: Any = None
-    xml: Any = None
-    taken: Any = None
-    snapshots: list[Any] | None = None
-    ship: dict[str, Any] | None = None
+class Standby(VmName):
+    xml: str = field(metadata=limit(MAX_XML))
+    """The VM's definition, as `host.export` gave it."""
+    taken: float
+    """When it was exported (seconds since the epoch)."""
+    token: str | None = field(default=None, metadata=limit(TOKEN))
+    """The reservation a new standby confirms; a refresh has none."""
+    snapshots: list[Any] | None = field(default=None, metadata=limit(MAX_SNAPSHOTS))
+    ship: Ship | None = None
+    """A real guest's disk copy, from the VM's host."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if xml_name(self.xml) != self.name:
+            raise RequestError(f"xml must be the definition of {self.name}, at most {MAX_XML} characters")
 
 
 @dataclass(frozen=True)
-class Promote:
-    name: Any
-    state: Any = None
+class Promote(VmName):
+    state: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_state(self.state)
 
 
 # -- answers of `host.*` ------------------------------------------------------------------------------------
