@@ -9,9 +9,13 @@ Who may call what:
 - operators only: `overlay.bind`, which moves the whole cluster's records to another overlay.
 Operators may also call `host.*` directly, as they could run `virsh` on the node.
 
-Every `host.*` method declares its answer too (a frozen dataclass, or `bool`, `bytes`...): its handler
-returns it, and a caller decodes it with `Endpoint.ask`. One VM's lifecycle is one method per verb
-(`host.vm.start`, `host.vm.stop`...), each taking only its own fields.
+Handlers receive these requests decoded; the values the codec cannot judge (a VM name without '/', a
+timeout in bounds, a count in range) the request types check in `__post_init__`, with `agents.host.args`.
+Every `host.*` method declares its answer (a frozen dataclass, or `bool`, `bytes`...), and so do the views
+(`agent.*`, `coord.*`, `spiral.search`, `overlay.*`, `kv`): a handler returns it, and a caller decodes it
+with `Endpoint.ask`. The protocols' own hops (`member.ping`, `spiral.step`) answer what their sans-IO
+cores build and their callers check, as Chord's do (`overlay.messages`). One VM's lifecycle is one method
+per verb (`host.vm.start`, `host.vm.stop`...), each taking only its own fields.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class SpiralStep:
 
 
 @dataclass(frozen=True)
-class SpiralSearch:
+class SpiralQuery:
     count: int = 5
     site: str | None = field(default=None, metadata=limit(NAME))
 
@@ -374,24 +378,171 @@ class StandbyEntry:
     taken: float
 
 
-AGENT_STATUS = Method("agent.status", NoArgs, ANYONE)
-AGENT_MEMBERS = Method("agent.members", NoArgs, ANYONE)
+# -- answers of the views ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """`agent.status`: where this agent is on the ring, what it holds, how its services and connections fare."""
+
+    name: str
+    site: str
+    addr: str
+    successors: list[str]
+    predecessor: str | None
+    records: int
+    dht: dict[str, int]
+    """What anti-entropy sent and moved (`overlay.dht.STATS`)."""
+    overlay: str
+    restarts: dict[str, int]
+    hypervisor: str
+    accel: str
+    rejected_connections: int
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """One of `agent.members`: a member as gossip carries it (`overlay.membership.Member.to_wire`), with the
+    RTT measured to it."""
+
+    name: str
+    addr: str
+    site: str
+    status: str
+    incarnation: int
+    coord: Any
+    cseq: int
+    rtt_ms: float | None
+
+
+@dataclass(frozen=True)
+class CoordinateRow:
+    """A member's network coordinate (milliseconds), and the RTT to it estimated from it and measured."""
+
+    name: str
+    site: str
+    status: str
+    vec: list[float]
+    height_ms: float
+    error: float
+    estimated_rtt_ms: float | None
+    bound_ms: float | None
+    measured_rtt_ms: float | None
+    me: bool = field(metadata=wire("self"))
+    """The answering agent itself."""
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """`coord.list`."""
+
+    node: str
+    dimensionality: int
+    nodes: list[CoordinateRow]
+
+
+@dataclass(frozen=True)
+class RttEstimate:
+    """`coord.rtt`: estimated (with its bound) and measured RTT between two members, milliseconds."""
+
+    a: str
+    b: str
+    estimated_ms: float
+    bound_ms: float
+    measured_ms: float
+
+
+@dataclass(frozen=True)
+class SpiralNode:
+    name: str
+    site: str | None
+    rtt_ms: float | None
+    free: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class SpiralFound:
+    """`spiral.search`: the nearest nodes found, nearest first, and what the walk cost."""
+
+    origin: str
+    hops: int
+    messages: int
+    failures: int
+    nodes: list[SpiralNode]
+
+
+@dataclass(frozen=True)
+class KademliaStatus:
+    port: int
+    neighbours: int
+
+
+@dataclass(frozen=True)
+class OverlayStatus:
+    """`overlay.status`: the overlay the records are bound to, at which epoch, and whether a re-bind holds writes."""
+
+    node: str
+    overlay: str
+    epoch: int
+    frozen: bool
+    overlays: list[str]
+    kademlia: KademliaStatus | None
+
+
+@dataclass(frozen=True)
+class Rebound(OverlayStatus):
+    """`overlay.bind`: the binding after, how many records were copied, and (when it changed) how many
+    members were told and which missed the switch (they adopt it from their peers)."""
+
+    copied: int
+    changed: bool
+    members: int | None = field(default=None, metadata=sparse())
+    missed: list[str] | None = field(default=None, metadata=sparse())
+
+
+@dataclass(frozen=True)
+class KademliaContact:
+    kad_port: int
+
+
+@dataclass(frozen=True)
+class KvRead:
+    """`overlay.get` (`discovery kv get`): the value if found, and how long the read took here."""
+
+    key: str
+    found: bool
+    value: Any
+    version: int | None
+    overlay: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class KvWritten:
+    key: str
+    version: int
+    overlay: str
+    ms: float
+
+
+AGENT_STATUS = Method("agent.status", NoArgs, ANYONE, AgentStatus)
+AGENT_MEMBERS = Method("agent.members", NoArgs, ANYONE, list[MemberRow])
 MEMBER_PING = Method("member.ping", Gossip, AGENTS)
-COORD_PING = Method("coord.ping", NoArgs, AGENTS)
-COORD_LIST = Method("coord.list", NoArgs, ANYONE)
-COORD_RTT = Method("coord.rtt", Rtt, ANYONE)
-COORD_PROBE = Method("coord.probe", Probe, AGENTS)
+COORD_PING = Method("coord.ping", NoArgs, AGENTS, bool)
+COORD_LIST = Method("coord.list", NoArgs, ANYONE, Coordinates)
+COORD_RTT = Method("coord.rtt", Rtt, ANYONE, RttEstimate)
+COORD_PROBE = Method("coord.probe", Probe, AGENTS, float)
 SPIRAL_STEP = Method("spiral.step", SpiralStep, AGENTS)
-SPIRAL_SEARCH = Method("spiral.search", SpiralSearch, ANYONE)
-OVERLAY_STATUS = Method("overlay.status", NoArgs, ANYONE)
-OVERLAY_CONTACT = Method("overlay.contact", NoArgs, AGENTS)
-OVERLAY_SCAN = Method("overlay.scan", OverlayScan, HOSTS)  # operators may inspect a shard
-OVERLAY_FREEZE = Method("overlay.freeze", OverlayName, AGENTS)
-OVERLAY_SWITCH = Method("overlay.switch", OverlaySwitch, AGENTS)
-OVERLAY_THAW = Method("overlay.thaw", NoArgs, AGENTS)
-OVERLAY_BIND = Method("overlay.bind", OverlayName, OPERATORS)
-OVERLAY_GET = Method("overlay.get", KvGet, ANYONE)
-OVERLAY_PUT = Method("overlay.put", KvPut, ANYONE)
+SPIRAL_SEARCH = Method("spiral.search", SpiralQuery, ANYONE, SpiralFound)
+OVERLAY_STATUS = Method("overlay.status", NoArgs, ANYONE, OverlayStatus)
+OVERLAY_CONTACT = Method("overlay.contact", NoArgs, AGENTS, KademliaContact)
+OVERLAY_SCAN = Method("overlay.scan", OverlayScan, HOSTS, list[list[Any]])  # operators may inspect a shard
+OVERLAY_FREEZE = Method("overlay.freeze", OverlayName, AGENTS, bool)
+OVERLAY_SWITCH = Method("overlay.switch", OverlaySwitch, AGENTS, bool)
+OVERLAY_THAW = Method("overlay.thaw", NoArgs, AGENTS, bool)
+OVERLAY_BIND = Method("overlay.bind", OverlayName, OPERATORS, Rebound)
+OVERLAY_GET = Method("overlay.get", KvGet, ANYONE, KvRead)
+OVERLAY_PUT = Method("overlay.put", KvPut, ANYONE, KvWritten)
 HOST_RESERVE = Method("host.reserve", Reserve, HOSTS, Reservation)
 HOST_CONFIRM = Method("host.confirm", Confirm, HOSTS, DomainInfo)
 HOST_RELEASE = Method("host.release", Release, HOSTS, bool)
