@@ -90,13 +90,13 @@ async def test_nothing_runs_for_a_caller_the_role_check_refuses() -> None:
 
     ran = []
 
-    async def handler(caller, args):
-        ran.append(args)
+    async def handler(caller, request):
+        ran.append(request)
 
     endpoint = Endpoint("n1")
     endpoint.route(Method("x.y", NoArgs, OPERATORS), handler)
     with pytest.raises(Forbidden):
         await endpoint.dispatch(Caller("bob", "client", "", ""), "x.y", {})
     await endpoint.dispatch(Caller("op", "operator", "", ""), "x.y", {})
-    assert ran == [{}]
+    assert ran == [NoArgs()]
 

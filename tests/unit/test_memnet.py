@@ -155,18 +155,18 @@ def test_sim_clock_jumps_to_the_next_timer_and_sleeps_are_cancellable():
 
 
 def test_only_handlers_that_cannot_await_skip_the_deadline():
-    async def plain(caller, args):
-        return args
+    async def plain(caller, request):
+        return request
 
-    async def awaiting(caller, args):
+    async def awaiting(caller, request):
         await trio.sleep(0)
 
-    async def with_nursery(caller, args):
+    async def with_nursery(caller, request):
         async with trio.open_nursery():
             pass
 
-    def returns_a_coroutine(caller, args):
-        return awaiting(caller, args)
+    def returns_a_coroutine(caller, request):
+        return awaiting(caller, request)
 
     assert _never_suspends(plain)
     assert not any(map(_never_suspends, (awaiting, with_nursery, returns_a_coroutine, None)))
