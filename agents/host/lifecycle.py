@@ -1,12 +1,12 @@
 """The lifecycle of one VM on this node: `host.vm.*`, one registered method per verb.
 
-Every verb holds the VM's lock (`agents.host.locks.one_vm`), checks its own arguments, and then opens
-the same way: the store is made to agree with libvirt (`_reconcile`), and a VM that is not here is not
-found (`_here`), except by `destroy` and `undefine`, for which it is already done (idempotent). A verb
-that changes the VM's state ends its hold (a VM recovered off at the node's start waits for the VE
-layer's word, `agents.host.service.HostService.start`; any such verb is that word) and persists the
-state reached, so a restart brings the VM back as it was left (`_change`). `info` and `release` change
-nothing but a hold.
+Every verb receives its request checked (its type, `agents.messages`), holds the VM's lock
+(`agents.host.locks.one_vm`), and then opens the same way: the store is made to agree with libvirt
+(`_reconcile`), and a VM that is not here is not found (`_here`), except by `destroy` and `undefine`, for
+which it is already done (idempotent). A verb that changes the VM's state ends its hold (a VM recovered off
+at the node's start waits for the VE layer's word, `agents.host.service.HostService.start`; any such verb is
+that word) and persists the state reached, so a restart brings the VM back as it was left (`_change`).
+`info` and `release` change nothing but a hold.
 """
 
 from __future__ import annotations

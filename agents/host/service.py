@@ -10,13 +10,13 @@ stores the domain's XML and a state (running, paused or shutoff) per (domain, ta
 drops its snapshots from this node. Real guests (`agents.hypervisor.guests.QemuGuests`) get a qcow2 overlay, and a
 snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted by `host.snapshot_delete`.
 
-`HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the
-state they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM
-(`host.vm.*`, `agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`) and standby copies
-(`agents.host.standby`); the checks of their arguments are in `agents.host.args`, the SQLite store in
-`agents.host.store`. Only agents (role node) and operators may call `host.*` (`agents.messages`, with
-the types of their requests and answers): users act on their VMs through `ve.*`, which checks who owns
-the VE.
+`HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the state
+they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM (`host.vm.*`,
+`agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`) and standby copies
+(`agents.host.standby`); the rules of their requests' values are in `agents.host.args` (the request types of
+`agents.messages` apply them), the SQLite store in `agents.host.store`. Only agents (role node) and
+operators may call `host.*` (`agents.messages`, with the types of their requests and answers): users act on
+their VMs through `ve.*`, which checks who owns the VE.
 
 Concurrency (`agents.host.locks`): each request runs in its own task, holding the lock of the VM it
 names for its whole length, so one VM's operations never interleave (a confirm cannot race an undefine

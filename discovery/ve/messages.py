@@ -200,7 +200,7 @@ class Located:
 
 
 @dataclass(frozen=True)
-class SnapshotTaken(SnapshotEntry):
+class VESnapshot(SnapshotEntry):
     """`ve.snapshot`: the snapshot as the record lists it, and the VE's name."""
 
     name: str
@@ -225,7 +225,7 @@ VE_SUSPEND = Method("ve.suspend", Named, ANYONE, RecordView)
 VE_RESUME = Method("ve.resume", Named, ANYONE, RecordView)
 VE_DESTROY = Method("ve.destroy", Named, ANYONE, RecordView)
 VE_RELOCATE = Method("ve.relocate", Relocate, ANYONE, RecordView)
-VE_SNAPSHOT = Method("ve.snapshot", TakeSnapshot, ANYONE, SnapshotTaken)
+VE_SNAPSHOT = Method("ve.snapshot", TakeSnapshot, ANYONE, VESnapshot)
 VE_SNAPSHOTS = Method("ve.snapshots", Named, ANYONE, SnapshotList)
 VE_RESTORE = Method("ve.restore", Tagged, ANYONE, RecordView)
 VE_SNAPSHOT_DELETE = Method("ve.snapshot_delete", Tagged, ANYONE, SnapshotList)

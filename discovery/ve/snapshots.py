@@ -10,7 +10,7 @@ from dataclasses import replace
 from discovery.ve.base import VEBase, domain_name
 from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
-from discovery.ve.messages import Named, RecordView, SnapshotList, SnapshotTaken, Tagged, TakeSnapshot
+from discovery.ve.messages import Named, RecordView, SnapshotList, Tagged, TakeSnapshot, VESnapshot
 from discovery.ve.records import SnapshotEntry, VERecord, view
 from discovery.ve.snapshotting import Snapshot, SnapshotFinish
 from overlay.wire.rpc import Caller, NotFound, RequestError
@@ -20,7 +20,7 @@ class Snapshots(VEBase):
     """`ve.snapshot`, `ve.snapshots`, `ve.restore`, `ve.snapshot_delete`, and the undoing of a snapshot left
     half-taken."""
 
-    async def _on_snapshot(self, caller: Caller, request: TakeSnapshot) -> SnapshotTaken:
+    async def _on_snapshot(self, caller: Caller, request: TakeSnapshot) -> VESnapshot:
         """A snapshot of every VM of the VE under `tag`, consistent across them: the running VMs are paused,
         each VM's host stores its domain XML and the state to restore (`host.snapshot`), then the paused
         VMs run again. The record lists the snapshot (tag, time, VE state, each VM's node and state).
@@ -36,7 +36,7 @@ class Snapshots(VEBase):
         async with self._locked(caller, request.name) as record:
             snapshot = Snapshot(record.ve, tag, _domains(record.ve), self.node)
             record, entry = await drive(snapshot, record, self.transport, self.directory)
-        return SnapshotTaken(**vars(entry), name=record.ve.name)
+        return VESnapshot(**vars(entry), name=record.ve.name)
 
     async def _finish_snapshot(self, record: Stored) -> Stored:
         """Run again the VMs an interrupted snapshot paused and drop its marker
