@@ -52,11 +52,16 @@ TOKEN = 1024
 
 @dataclass(frozen=True)
 class Gossip:
-    """A SWIM probe: the whole member table, or the piggybacked updates (`overlay.membership`, which reads
-    the probe as it travels: a part that is not sent stays off the map, hence sparse)."""
+    """A SWIM probe: the whole member table, or the piggybacked updates (each entry checked by
+    `overlay.membership`)."""
 
-    members: list[Any] | None = field(default=None, metadata=sparse())
-    updates: list[Any] | None = field(default=None, metadata=sparse())
+    members: list[Any] | None = None
+    updates: list[Any] | None = None
+
+    def probe(self) -> dict[str, Any]:
+        """The probe as `overlay.membership` reads it (as it travels): only the parts sent."""
+        return {part: value for part, value in (("members", self.members), ("updates", self.updates))
+                if value is not None}
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from overlay.dht import DHT, Shard
 from overlay.membership import Member, Membership
 from overlay.messages import NoArgs
 from overlay.ring import Ring
-from overlay.wire import codec
 from overlay.wire.rpc import Caller, Endpoint, RpcError, Transport, free_ports
 
 if TYPE_CHECKING:
@@ -269,7 +268,7 @@ class GossipService(Actor):
         return True
 
     async def _on_ping(self, caller: Caller, request: Gossip) -> dict[str, Any]:
-        reply, events = self.membership.answer(codec.encode(request), trio.current_time())  # the probe as it came
+        reply, events = self.membership.answer(request.probe(), trio.current_time())
         self._publish(events)
         return reply
 

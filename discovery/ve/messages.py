@@ -107,11 +107,11 @@ class Relocate(Named):
 @dataclass(frozen=True)
 class TakeSnapshot(Named):
     tag: str | None = field(default=None, metadata=limit(NAME))
-    """TAG_RULE; None: named after the time."""
+    """TAG_RULE; None (or empty): named after the time."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tag is not None and not TAG_RE.fullmatch(self.tag):
+        if self.tag and not TAG_RE.fullmatch(self.tag):
             raise RequestError(f"a snapshot tag is {TAG_RULE}")
 
 
