@@ -15,9 +15,20 @@ import random
 from pathlib import Path
 from typing import Any
 
-from agents.messages import COORD_LIST, COORD_PING, COORD_PROBE, COORD_RTT
+from agents.messages import (
+    COORD_LIST,
+    COORD_PING,
+    COORD_PROBE,
+    COORD_RTT,
+    CoordinateRow,
+    Coordinates,
+    Probe,
+    Rtt,
+    RttEstimate,
+)
 from agents.runtime import Actor
 from overlay.membership import Member, Membership
+from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 from vivaldi.coordinate import Client, Config, Coordinate, estimate
 
@@ -49,9 +60,10 @@ class CoordinateService(Actor):
         self._restore()
         transport.stamp = self.stamp
         transport.on_rtt = self.on_rtt
-        for method, handler in ((COORD_PING, self._on_ping), (COORD_LIST, self._on_list),
-                                (COORD_RTT, self._on_rtt), (COORD_PROBE, self._on_probe)):
-            transport.route(method, handler)
+        transport.route(COORD_PING, self._on_ping)
+        transport.route(COORD_LIST, self._on_list)
+        transport.route(COORD_RTT, self._on_rtt)
+        transport.route(COORD_PROBE, self._on_probe)
 
     # -- samples -----------------------------------------------------------------------------------
 
@@ -133,10 +145,10 @@ class CoordinateService(Actor):
 
     # -- handlers ----------------------------------------------------------------------------------
 
-    async def _on_ping(self, caller: Caller, args: dict[str, Any]) -> bool:
+    async def _on_ping(self, caller: Caller, request: NoArgs) -> bool:
         return True  # the coordinate and the held time ride on the response itself
 
-    async def _on_list(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_list(self, caller: Caller, request: NoArgs) -> Coordinates:
         me = self.membership.me
         rows = []
         for member in sorted(self.membership.members.values(), key=lambda m: m.name):
@@ -144,18 +156,16 @@ class CoordinateService(Actor):
             if coordinate is None:
                 continue
             est, bound = estimate(self.client.coordinate, coordinate) if member is not me else (None, None)
-            rows.append({"name": member.name, "site": member.site, "status": member.status,
-                         "vec": [round(x * 1000, 3) for x in coordinate.vec],
-                         "height_ms": round(coordinate.height * 1000, 3), "error": round(coordinate.error, 4),
-                         "estimated_rtt_ms": _ms(est), "bound_ms": _ms(bound),
-                         "measured_rtt_ms": _ms(member.rtt),
-                         "self": member is me})
-        return {"node": me.name, "dimensionality": self.config.dimensionality, "nodes": rows}
+            rows.append(CoordinateRow(member.name, member.site, member.status,
+                                      [round(x * 1000, 3) for x in coordinate.vec],
+                                      round(coordinate.height * 1000, 3), round(coordinate.error, 4), _ms(est),
+                                      _ms(bound), _ms(member.rtt), member is me))
+        return Coordinates(me.name, self.config.dimensionality, rows)
 
-    async def _on_rtt(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_rtt(self, caller: Caller, request: Rtt) -> RttEstimate:
         """Estimated vs measured RTT between `a` and `b` (default: this node), like `consul rtt`."""
-        a = self._member(args.get("a"))
-        b = self._member(args.get("b")) if args.get("b") is not None else self.membership.me
+        a = self._member(request.a)
+        b = self._member(request.b) if request.b is not None else self.membership.me
         ca, cb = self.coordinate_of(a), self.coordinate_of(b)
         if ca is None or cb is None:
             raise RequestError(f"no coordinate known yet for {a.name if ca is None else b.name}")
@@ -164,12 +174,11 @@ class CoordinateService(Actor):
             other = b if a is self.membership.me else a
             measured = await self._measure(other)
         else:  # ask one end to measure the other
-            measured = await self.transport.call(a.addr, "coord.probe", {"target": b.name}, timeout=10)
-        return {"a": a.name, "b": b.name, "estimated_ms": round(est * 1000, 3), "bound_ms": round(bound * 1000, 3),
-                "measured_ms": round(measured * 1000, 3) if isinstance(measured, float | int) else None}
+            measured = await self.transport.ask(a.addr, COORD_PROBE, Probe(b.name), timeout=10)
+        return RttEstimate(a.name, b.name, round(est * 1000, 3), round(bound * 1000, 3), round(measured * 1000, 3))
 
-    async def _on_probe(self, caller: Caller, args: dict[str, Any]) -> float:
-        return await self._measure(self._member(args.get("target")))
+    async def _on_probe(self, caller: Caller, request: Probe) -> float:
+        return await self._measure(self._member(request.target))
 
     async def _measure(self, member: Member) -> float:
         """The minimum of a few fresh RTT samples to `member` (seconds)."""
@@ -185,8 +194,8 @@ class CoordinateService(Actor):
             raise RequestError(f"no RTT sample from {member.name}")
         return min(samples)
 
-    def _member(self, name: Any) -> Member:
-        member = self.membership.members.get(name) if isinstance(name, str) else None
+    def _member(self, name: str) -> Member:
+        member = self.membership.members.get(name)
         if member is None:
             raise RequestError(f"unknown node {name!r}")
         return member

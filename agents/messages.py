@@ -9,9 +9,13 @@ Who may call what:
 - operators only: `overlay.bind`, which moves the whole cluster's records to another overlay.
 Operators may also call `host.*` directly, as they could run `virsh` on the node.
 
-Every `host.*` method declares its answer too (a frozen dataclass, or `bool`, `bytes`...): its handler
-returns it, and a caller decodes it with `Endpoint.ask`. One VM's lifecycle is one method per verb
-(`host.vm.start`, `host.vm.stop`...), each taking only its own fields.
+Handlers receive these requests decoded; the values the codec cannot judge (a VM name without '/', a
+timeout in bounds, a count in range) the request types check in `__post_init__`, with `agents.host.args`.
+Every `host.*` method declares its answer (a frozen dataclass, or `bool`, `bytes`...), and so do the views
+(`agent.*`, `coord.*`, `spiral.search`, `overlay.*`, `kv`): a handler returns it, and a caller decodes it
+with `Endpoint.ask`. The protocols' own hops (`member.ping`, `spiral.step`) answer what their sans-IO
+cores build and their callers check, as Chord's do (`overlay.messages`). One VM's lifecycle is one method
+per verb (`host.vm.start`, `host.vm.stop`...), each taking only its own fields.
 """
 
 from __future__ import annotations
@@ -19,24 +23,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.host.args import SHUTDOWN_TIMEOUT
+from agents.host.args import (
+    MAX_SNAPSHOTS,
+    MAX_XML,
+    NAME,
+    SHUTDOWN_TIMEOUT,
+    check_count,
+    check_name,
+    check_state,
+    check_timeout,
+    xml_name,
+)
 from agents.host.capacity import Resources
 from agents.hypervisor.actor import DomainInfo
 from overlay.messages import NoArgs
-from overlay.wire.codec import limit
-from overlay.wire.rpc import AGENTS, ANYONE, NODE, OPERATOR, OPERATORS, Method
+from overlay.wire.codec import limit, sparse, wire
+from overlay.wire.rpc import AGENTS, ANYONE, NODE, OPERATOR, OPERATORS, Method, RequestError
 
 HOSTS = frozenset({NODE, OPERATOR})
-NAME = 200
-"""Longest VM (domain) name a host accepts."""
+MAX_VIEW = 256
+"""Longest spiral view or reply: views are tens of entries."""
+MAX_SPIRAL = 1000
+"""Most nodes one `spiral.search` may ask for."""
+MAX_KV_KEY = 512
+TOKEN = 1024
+"""Longest reservation token (a VM name, or a standby's key, and a number)."""
 
 
 @dataclass(frozen=True)
 class Gossip:
-    """A SWIM probe: the whole member table, or the piggybacked updates (`overlay.membership`)."""
+    """A SWIM probe: the whole member table, or the piggybacked updates (each entry checked by
+    `overlay.membership`)."""
 
     members: list[Any] | None = None
     updates: list[Any] | None = None
+
+    def probe(self) -> dict[str, Any]:
+        """The probe as `overlay.membership` reads it (as it travels): only the parts sent."""
+        return {part: value for part, value in (("members", self.members), ("updates", self.updates))
+                if value is not None}
 
 
 @dataclass(frozen=True)
@@ -52,135 +77,207 @@ class Probe:
 
 @dataclass(frozen=True)
 class SpiralStep:
-    view: Any = None
+    view: list[Any] = field(metadata=limit(MAX_VIEW))
+    """The asker's spiral view, entries as `agents.spiral` writes them (each checked there)."""
 
 
 @dataclass(frozen=True)
-class SpiralSearch:
+class SpiralQuery:
     count: int = 5
     site: str | None = field(default=None, metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= MAX_SPIRAL:
+            raise RequestError(f"count must be an integer from 1 to {MAX_SPIRAL}")
 
 
 @dataclass(frozen=True)
 class OverlayName:
-    overlay: Any = None
+    overlay: str = field(metadata=limit(NAME))
+    """One of the overlays the agent runs (it checks: they depend on its config)."""
 
 
 @dataclass(frozen=True)
 class OverlaySwitch:
-    overlay: Any
+    overlay: str = field(metadata=limit(NAME))
     epoch: int
 
 
 @dataclass(frozen=True)
 class OverlayScan:
-    overlay: Any
+    overlay: str = field(metadata=limit(NAME))
     prefix: str = field(metadata=limit(1024))
+
+
+def check_kv_key(key: str) -> None:
+    if not key:
+        raise RequestError(f"key must be a string of 1 to {MAX_KV_KEY} characters")
 
 
 @dataclass(frozen=True)
 class KvGet:
-    key: Any
-    overlay: str | None = None
+    key: str = field(metadata=limit(MAX_KV_KEY))
+    overlay: str | None = field(default=None, metadata=limit(NAME))
     owner: str | None = field(default=None, metadata=limit(NAME))
+    """Whose key (its writer's certificate name); default: the caller's own."""
+
+    def __post_init__(self) -> None:
+        check_kv_key(self.key)
 
 
 @dataclass(frozen=True)
 class KvPut:
-    key: Any
+    key: str = field(metadata=limit(MAX_KV_KEY))
     value: Any = None
-    overlay: str | None = None
+    overlay: str | None = field(default=None, metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        check_kv_key(self.key)
 
 
 @dataclass(frozen=True)
 class VmName:
-    name: Any
+    name: str = field(metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
 
 
 @dataclass(frozen=True)
-class Reserve:
-    name: Any
-    vcpus: Any
-    memory_mb: Any
-    disk_gb: Any
+class Reserve(VmName):
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for f in ("vcpus", "memory_mb", "disk_gb"):
+            check_count(getattr(self, f), f)
+
+    def need(self) -> Resources:
+        return Resources(self.vcpus, self.memory_mb, self.disk_gb)
+
+
+@dataclass(frozen=True)
+class Ship:
+    """A VM's files to fetch from the host that exported them (`host.fetch`): its disk, and with `image`
+    its saved memory."""
+
+    source: str = field(metadata=wire("from", NAME))
+    image: bool = False
 
 
 @dataclass(frozen=True)
 class Confirm:
-    token: Any
-    xml: str | None = None
-    state: Any = "running"
-    snapshots: list[Any] | None = None
-    ship: dict[str, Any] | None = None
+    token: str = field(metadata=limit(TOKEN))
+    xml: str | None = field(default=None, metadata=limit(MAX_XML))
+    """A carried domain (relocation); None: a new VM made from the reservation."""
+    state: str = "running"
+    snapshots: list[Any] | None = field(default=None, metadata=limit(MAX_SNAPSHOTS))
+    """[tag, xml, state, taken, libvirt] each (`agents.host.args.snapshots_arg`)."""
+    ship: Ship | None = None
+
+    def __post_init__(self) -> None:
+        check_state(self.state)
 
 
 @dataclass(frozen=True)
 class Release:
-    token: Any = None
+    token: str | None = field(default=None, metadata=limit(TOKEN))
 
 
 @dataclass(frozen=True)
-class VmStop:
-    name: Any
-    timeout: Any = SHUTDOWN_TIMEOUT
+class VmStop(VmName):
+    timeout: float = SHUTDOWN_TIMEOUT
     """Seconds before the guest is forced off."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_timeout(self.timeout)
+
 
 @dataclass(frozen=True)
-class VmSettle:
-    name: Any
-    state: Any
+class VmSettle(VmName):
+    state: str
     """running, paused or shutoff, from any state."""
 
-
-@dataclass(frozen=True)
-class Snapshot:
-    name: Any
-    tag: Any
-    state: Any = None
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_state(self.state)
 
 
 @dataclass(frozen=True)
-class SnapshotTag:
-    name: Any
-    tag: Any
+class SnapshotTag(VmName):
+    tag: str = field(metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_name(self.tag, "tag")
 
 
 @dataclass(frozen=True)
-class Export:
-    name: Any
+class Snapshot(SnapshotTag):
+    state: str | None = None
+    """The state to restore; default: the VM's state now."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_state(self.state)
+
+
+@dataclass(frozen=True)
+class Export(VmName):
     freeze: bool = False
     ship: bool = False
     copy: bool = False
 
 
 @dataclass(frozen=True)
-class Fetch:
-    name: Any
-    part: Any
-    offset: Any
+class Fetch(VmName):
+    part: str = field(metadata=limit(NAME))
+    """disk, image (its saved memory) or copy (of its disk, for a standby)."""
+    offset: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.offset, "offset")
 
 
 @dataclass(frozen=True)
-class Migrate:
-    name: Any
-    uri: Any
+class Migrate(VmName):
+    uri: str = field(metadata=limit(1024))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.uri.startswith("qemu+tcp://"):
+            raise RequestError("uri must be the target's qemu+tcp:// libvirt URI")
 
 
 @dataclass(frozen=True)
-class Standby:
-    name: Any
-    token: Any = None
-    xml: Any = None
-    taken: Any = None
-    snapshots: list[Any] | None = None
-    ship: dict[str, Any] | None = None
+class Standby(VmName):
+    xml: str = field(metadata=limit(MAX_XML))
+    """The VM's definition, as `host.export` gave it."""
+    taken: float
+    """When it was exported (seconds since the epoch)."""
+    token: str | None = field(default=None, metadata=limit(TOKEN))
+    """The reservation a new standby confirms; a refresh has none."""
+    snapshots: list[Any] | None = field(default=None, metadata=limit(MAX_SNAPSHOTS))
+    ship: Ship | None = None
+    """A real guest's disk copy, from the VM's host."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if xml_name(self.xml) != self.name:
+            raise RequestError(f"xml must be the definition of {self.name}, at most {MAX_XML} characters")
 
 
 @dataclass(frozen=True)
-class Promote:
-    name: Any
-    state: Any = None
+class Promote(VmName):
+    state: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_state(self.state)
 
 
 # -- answers of `host.*` ------------------------------------------------------------------------------------
@@ -289,24 +386,171 @@ class StandbyEntry:
     taken: float
 
 
-AGENT_STATUS = Method("agent.status", NoArgs, ANYONE)
-AGENT_MEMBERS = Method("agent.members", NoArgs, ANYONE)
+# -- answers of the views ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """`agent.status`: where this agent is on the ring, what it holds, how its services and connections fare."""
+
+    name: str
+    site: str
+    addr: str
+    successors: list[str]
+    predecessor: str | None
+    records: int
+    dht: dict[str, int]
+    """What anti-entropy sent and moved (`overlay.dht.STATS`)."""
+    overlay: str
+    restarts: dict[str, int]
+    hypervisor: str
+    accel: str
+    rejected_connections: int
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """One of `agent.members`: a member as gossip carries it (`overlay.membership.Member.to_wire`), with the
+    RTT measured to it."""
+
+    name: str
+    addr: str
+    site: str
+    status: str
+    incarnation: int
+    coord: Any
+    cseq: int
+    rtt_ms: float | None
+
+
+@dataclass(frozen=True)
+class CoordinateRow:
+    """A member's network coordinate (milliseconds), and the RTT to it estimated from it and measured."""
+
+    name: str
+    site: str
+    status: str
+    vec: list[float]
+    height_ms: float
+    error: float
+    estimated_rtt_ms: float | None
+    bound_ms: float | None
+    measured_rtt_ms: float | None
+    me: bool = field(metadata=wire("self"))
+    """The answering agent itself."""
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """`coord.list`."""
+
+    node: str
+    dimensionality: int
+    nodes: list[CoordinateRow]
+
+
+@dataclass(frozen=True)
+class RttEstimate:
+    """`coord.rtt`: estimated (with its bound) and measured RTT between two members, milliseconds."""
+
+    a: str
+    b: str
+    estimated_ms: float
+    bound_ms: float
+    measured_ms: float
+
+
+@dataclass(frozen=True)
+class SpiralNode:
+    name: str
+    site: str | None
+    rtt_ms: float | None
+    free: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class SpiralFound:
+    """`spiral.search`: the nearest nodes found, nearest first, and what the walk cost."""
+
+    origin: str
+    hops: int
+    messages: int
+    failures: int
+    nodes: list[SpiralNode]
+
+
+@dataclass(frozen=True)
+class KademliaStatus:
+    port: int
+    neighbours: int
+
+
+@dataclass(frozen=True)
+class OverlayStatus:
+    """`overlay.status`: the overlay the records are bound to, at which epoch, and whether a re-bind holds writes."""
+
+    node: str
+    overlay: str
+    epoch: int
+    frozen: bool
+    overlays: list[str]
+    kademlia: KademliaStatus | None
+
+
+@dataclass(frozen=True)
+class Rebound(OverlayStatus):
+    """`overlay.bind`: the binding after, how many records were copied, and (when it changed) how many
+    members were told and which missed the switch (they adopt it from their peers)."""
+
+    copied: int
+    changed: bool
+    members: int | None = field(default=None, metadata=sparse())
+    missed: list[str] | None = field(default=None, metadata=sparse())
+
+
+@dataclass(frozen=True)
+class KademliaContact:
+    kad_port: int
+
+
+@dataclass(frozen=True)
+class KvRead:
+    """`overlay.get` (`discovery kv get`): the value if found, and how long the read took here."""
+
+    key: str
+    found: bool
+    value: Any
+    version: int | None
+    overlay: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class KvWritten:
+    key: str
+    version: int
+    overlay: str
+    ms: float
+
+
+AGENT_STATUS = Method("agent.status", NoArgs, ANYONE, AgentStatus)
+AGENT_MEMBERS = Method("agent.members", NoArgs, ANYONE, list[MemberRow])
 MEMBER_PING = Method("member.ping", Gossip, AGENTS)
-COORD_PING = Method("coord.ping", NoArgs, AGENTS)
-COORD_LIST = Method("coord.list", NoArgs, ANYONE)
-COORD_RTT = Method("coord.rtt", Rtt, ANYONE)
-COORD_PROBE = Method("coord.probe", Probe, AGENTS)
+COORD_PING = Method("coord.ping", NoArgs, AGENTS, bool)
+COORD_LIST = Method("coord.list", NoArgs, ANYONE, Coordinates)
+COORD_RTT = Method("coord.rtt", Rtt, ANYONE, RttEstimate)
+COORD_PROBE = Method("coord.probe", Probe, AGENTS, float)
 SPIRAL_STEP = Method("spiral.step", SpiralStep, AGENTS)
-SPIRAL_SEARCH = Method("spiral.search", SpiralSearch, ANYONE)
-OVERLAY_STATUS = Method("overlay.status", NoArgs, ANYONE)
-OVERLAY_CONTACT = Method("overlay.contact", NoArgs, AGENTS)
-OVERLAY_SCAN = Method("overlay.scan", OverlayScan, HOSTS)  # operators may inspect a shard
-OVERLAY_FREEZE = Method("overlay.freeze", OverlayName, AGENTS)
-OVERLAY_SWITCH = Method("overlay.switch", OverlaySwitch, AGENTS)
-OVERLAY_THAW = Method("overlay.thaw", NoArgs, AGENTS)
-OVERLAY_BIND = Method("overlay.bind", OverlayName, OPERATORS)
-OVERLAY_GET = Method("overlay.get", KvGet, ANYONE)
-OVERLAY_PUT = Method("overlay.put", KvPut, ANYONE)
+SPIRAL_SEARCH = Method("spiral.search", SpiralQuery, ANYONE, SpiralFound)
+OVERLAY_STATUS = Method("overlay.status", NoArgs, ANYONE, OverlayStatus)
+OVERLAY_CONTACT = Method("overlay.contact", NoArgs, AGENTS, KademliaContact)
+OVERLAY_SCAN = Method("overlay.scan", OverlayScan, HOSTS, list[list[Any]])  # operators may inspect a shard
+OVERLAY_FREEZE = Method("overlay.freeze", OverlayName, AGENTS, bool)
+OVERLAY_SWITCH = Method("overlay.switch", OverlaySwitch, AGENTS, bool)
+OVERLAY_THAW = Method("overlay.thaw", NoArgs, AGENTS, bool)
+OVERLAY_BIND = Method("overlay.bind", OverlayName, OPERATORS, Rebound)
+OVERLAY_GET = Method("overlay.get", KvGet, ANYONE, KvRead)
+OVERLAY_PUT = Method("overlay.put", KvPut, ANYONE, KvWritten)
 HOST_RESERVE = Method("host.reserve", Reserve, HOSTS, Reservation)
 HOST_CONFIRM = Method("host.confirm", Confirm, HOSTS, DomainInfo)
 HOST_RELEASE = Method("host.release", Release, HOSTS, bool)

@@ -29,13 +29,14 @@ from agents.coordinates import CoordinateService
 from agents.host.service import HostService
 from agents.hypervisor.actor import DAEMON_CONNECTIONS, Hypervisor, write_node_xml
 from agents.hypervisor.qemu import QemuBackend, open_backend
-from agents.messages import AGENT_MEMBERS, AGENT_STATUS, MEMBER_PING
+from agents.messages import AGENT_MEMBERS, AGENT_STATUS, MEMBER_PING, AgentStatus, Gossip, MemberRow
 from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
 from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
 from overlay.membership import Member, Membership
+from overlay.messages import NoArgs
 from overlay.ring import Ring
 from overlay.wire.rpc import Caller, Endpoint, RpcError, Transport, free_ports
 
@@ -177,18 +178,17 @@ class NodeAgent:
                 scope.cancel()
                 return
 
-    async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_status(self, caller: Caller, request: NoArgs) -> AgentStatus:
         state = self.ring.state
-        return {"name": self.config.name, "site": self.config.site, "addr": self.membership.me.addr,
-                "successors": [p.name for p in state.successor_list()],
-                "predecessor": state.predecessor.name if state.predecessor else None,
-                "records": len(self.shard.records), "dht": dict(self.dht.stats), "overlay": self.records.name,
-                "restarts": dict(self.supervisor.restarts), "hypervisor": self.hypervisor.uri,
-                "accel": self.backend.reason if self.backend else "test driver",
-                "rejected_connections": self.transport.rejected_connections}
+        return AgentStatus(self.config.name, self.config.site, self.membership.me.addr,
+                           [p.name for p in state.successor_list()],
+                           state.predecessor.name if state.predecessor else None, len(self.shard.records),
+                           dict(self.dht.stats), self.records.name, dict(self.supervisor.restarts),
+                           self.hypervisor.uri, self.backend.reason if self.backend else "test driver",
+                           self.transport.rejected_connections)
 
-    async def _on_members(self, caller: Caller, args: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{**m.to_wire(), "rtt_ms": round(m.rtt * 1000, 3) if m.rtt is not None else None}
+    async def _on_members(self, caller: Caller, request: NoArgs) -> list[MemberRow]:
+        return [MemberRow(**m.to_wire(), rtt_ms=round(m.rtt * 1000, 3) if m.rtt is not None else None)
                 for m in sorted(self.membership.members.values(), key=lambda m: m.name)]
 
 
@@ -267,8 +267,8 @@ class GossipService(Actor):
         self._publish(self.membership.receive(reply, trio.current_time()))
         return True
 
-    async def _on_ping(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        reply, events = self.membership.answer(args, trio.current_time())
+    async def _on_ping(self, caller: Caller, request: Gossip) -> dict[str, Any]:
+        reply, events = self.membership.answer(request.probe(), trio.current_time())
         self._publish(events)
         return reply
 

@@ -40,11 +40,23 @@ from agents.messages import (
     OVERLAY_STATUS,
     OVERLAY_SWITCH,
     OVERLAY_THAW,
+    KademliaContact,
+    KademliaStatus,
+    KvGet,
+    KvPut,
+    KvRead,
+    KvWritten,
+    OverlayName,
+    OverlayScan,
+    OverlayStatus,
+    OverlaySwitch,
+    Rebound,
 )
 from agents.runtime import Actor
 from overlay.dht import DHT, Record, record_from_wire
 from overlay.interface import Binding, Overlay, copy_records
 from overlay.membership import Membership
+from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError, split_addr
 
 if TYPE_CHECKING:
@@ -130,12 +142,15 @@ class OverlayService(Actor):
         self._lease_end = 0.0
         self._kad_started = False
         self._next_rejoin = 0.0
-        for method, handler in ((OVERLAY_STATUS, self._on_status), (OVERLAY_CONTACT, self._on_contact),
-                                (OVERLAY_SCAN, self._on_scan), (OVERLAY_FREEZE, self._on_freeze),
-                                (OVERLAY_SWITCH, self._on_switch), (OVERLAY_THAW, self._on_thaw),
-                                (OVERLAY_BIND, self._on_bind), (OVERLAY_GET, self._on_get),
-                                (OVERLAY_PUT, self._on_put)):
-            transport.route(method, handler)
+        transport.route(OVERLAY_STATUS, self._on_status)
+        transport.route(OVERLAY_CONTACT, self._on_contact)
+        transport.route(OVERLAY_SCAN, self._on_scan)
+        transport.route(OVERLAY_FREEZE, self._on_freeze)
+        transport.route(OVERLAY_SWITCH, self._on_switch)
+        transport.route(OVERLAY_THAW, self._on_thaw)
+        transport.route(OVERLAY_BIND, self._on_bind)
+        transport.route(OVERLAY_GET, self._on_get)
+        transport.route(OVERLAY_PUT, self._on_put)
 
     async def start_kademlia(self) -> None:
         """Listen on UDP beside the agent's TCP address; joining waits for the first tick with members."""
@@ -173,18 +188,18 @@ class OverlayService(Actor):
         contacts = []
         for member in random.sample(others, min(3, len(others))):
             try:
-                contact = await self.transport.call(member.addr, "overlay.contact", timeout=CALL_TIMEOUT)
-                contacts.append((split_addr(member.addr)[0], int(contact["kad_port"])))
-            except (RpcError, KeyError, TypeError, ValueError) as err:
+                contact = await self.transport.ask(member.addr, OVERLAY_CONTACT, NoArgs(), timeout=CALL_TIMEOUT)
+                contacts.append((split_addr(member.addr)[0], contact.kad_port))
+            except RpcError as err:
                 log.debug("no kademlia contact from %s: %s", member.name, err)
         if contacts:
             with trio.move_on_after(OP_TIMEOUT):
                 await kad.join(contacts)
 
-    async def _on_contact(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_contact(self, caller: Caller, request: NoArgs) -> KademliaContact:
         if self.kad is None or not self._kad_started:
             raise RequestError("this agent runs no Kademlia overlay")
-        return {"kad_port": self.kad.port}
+        return KademliaContact(self.kad.port)
 
     # -- the binding -------------------------------------------------------------------------------
 
@@ -215,50 +230,47 @@ class OverlayService(Actor):
             return
         peer = random.choice(others)
         try:
-            status = await self.transport.call(peer.addr, "overlay.status", timeout=CALL_TIMEOUT)
+            status = await self.transport.ask(peer.addr, OVERLAY_STATUS, NoArgs(), timeout=CALL_TIMEOUT)
         except RpcError:
             return
-        if (isinstance(status, dict) and isinstance(status.get("epoch"), int) and status["epoch"] > self.epoch
-                and status.get("overlay") in self.overlays and not status.get("frozen")):
+        if status.epoch > self.epoch and status.overlay in self.overlays and not status.frozen:
             log.info("adopting %s's binding", peer.name)
-            self._switch(status["overlay"], status["epoch"])
+            self._switch(status.overlay, status.epoch)
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self) -> OverlayStatus:
         kad = None
         if self.kad is not None and self._kad_started:
-            kad = {"port": self.kad.port, "neighbours": self.kad.neighbours()}
-        return {"node": self.membership.me.name, "overlay": self.records.name, "epoch": self.epoch,
-                "frozen": self.records.frozen, "overlays": sorted(self.overlays), "kademlia": kad}
+            kad = KademliaStatus(self.kad.port, self.kad.neighbours())
+        return OverlayStatus(self.membership.me.name, self.records.name, self.epoch, self.records.frozen,
+                             sorted(self.overlays), kad)
 
-    async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_status(self, caller: Caller, request: NoArgs) -> OverlayStatus:
         return self._status()
 
-    async def _on_freeze(self, caller: Caller, args: dict[str, Any]) -> bool:
+    async def _on_freeze(self, caller: Caller, request: OverlayName) -> bool:
         """Hold writes until the switch; refused by a member that does not run the overlay to come."""
-        self._overlay_arg(args)
+        self._overlay_named(request.overlay)
         self._lease_end = trio.current_time() + FREEZE_LEASE
         await self.records.freeze()
         return True
 
-    async def _on_thaw(self, caller: Caller, args: dict[str, Any]) -> bool:
+    async def _on_thaw(self, caller: Caller, request: NoArgs) -> bool:
         self.records.thaw()
         return True
 
-    async def _on_switch(self, caller: Caller, args: dict[str, Any]) -> bool:
-        name, epoch = self._overlay_arg(args), args.get("epoch")
-        if not isinstance(epoch, int):
-            raise RequestError("epoch must be an integer")
-        if epoch > self.epoch:
-            self._switch(name, epoch)
+    async def _on_switch(self, caller: Caller, request: OverlaySwitch) -> bool:
+        name = self._overlay_named(request.overlay)
+        if request.epoch > self.epoch:
+            self._switch(name, request.epoch)
         self.records.thaw()
         return True
 
-    async def _on_bind(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_bind(self, caller: Caller, request: OverlayName) -> Rebound:
         """Re-bind the whole cluster's records to another overlay (see the module docstring)."""
-        target = self._overlay_arg(args)
+        target = self._overlay_named(request.overlay)
         source = self.records.name
         if target == source:
-            return {**self._status(), "copied": 0, "changed": False}
+            return Rebound(**vars(self._status()), copied=0, changed=False)
         addrs = [m.addr for m in self.membership.alive()]
         answers = await self.transport.call_many(addrs, "overlay.freeze", {"overlay": target}, OP_TIMEOUT)
         unfrozen = [a for a, v in answers.items() if v is not True]
@@ -278,7 +290,7 @@ class OverlayService(Actor):
         answers = await self.transport.call_many(addrs, "overlay.switch", {"overlay": target, "epoch": epoch},
                                                        CALL_TIMEOUT)
         missed = sorted(a for a, v in answers.items() if v is not True)
-        return {**self._status(), "copied": copied, "changed": True, "members": len(addrs), "missed": missed}
+        return Rebound(**vars(self._status()), copied=copied, changed=True, members=len(addrs), missed=missed)
 
     # -- listing and direct access -----------------------------------------------------------------
 
@@ -296,50 +308,44 @@ class OverlayService(Actor):
                         newest[record.key] = record
         return sorted(newest.values(), key=lambda r: r.key)
 
-    async def _on_scan(self, caller: Caller, args: dict[str, Any]) -> list[list[Any]]:
-        name, prefix = self._overlay_arg(args), args.get("prefix")
-        if not isinstance(prefix, str) or len(prefix) > 1024:
-            raise RequestError("prefix must be a string of at most 1024 characters")
+    async def _on_scan(self, caller: Caller, request: OverlayScan) -> list[list[Any]]:
+        name, prefix = self._overlay_named(request.overlay), request.prefix
         if name == CHORD:
             return [r.to_wire() for k, r in self.chord.shard.records.items() if k.startswith(prefix)]
         kad = self.kad
-        assert kad is not None  # _overlay_arg checked it
+        assert kad is not None  # _overlay_named checked it
         return [(await _guarded(kad.record_of(e), self.errors)).to_wire() for e in kad.local_envelopes(prefix)]
 
-    async def _on_get(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_get(self, caller: Caller, request: KvGet) -> KvRead:
         """One read through a named overlay (default: the bound one), timed here: `discovery kv get`."""
-        overlay = self._overlay(args)
-        key = _key_arg(args, args.get("owner") or caller.cn)
+        name = self._overlay_or_bound(request.overlay)
+        key = _kv_key(request.key, request.owner or caller.cn)
         start = trio.current_time()
         try:
-            record = await _guarded(overlay.get(key), self.errors)
+            record = await _guarded(self.overlays[name].get(key), self.errors)
         except RpcError as err:
             raise RequestError(str(err)) from None
-        return {"key": key, "found": record is not None, "value": record.value if record else None,
-                "version": record.version if record else None, "overlay": self._overlay_name(args),
-                "ms": round((trio.current_time() - start) * 1000, 3)}
+        return KvRead(key, record is not None, record.value if record else None, record.version if record else None,
+                      name, round((trio.current_time() - start) * 1000, 3))
 
-    async def _on_put(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        overlay = self._overlay(args)
-        key = _key_arg(args, caller.cn)
+    async def _on_put(self, caller: Caller, request: KvPut) -> KvWritten:
+        name = self._overlay_or_bound(request.overlay)
+        overlay: Overlay = self.overlays[name]
+        key = _kv_key(request.key, caller.cn)
         start = trio.current_time()
         if overlay is self.records.overlay:
             overlay = self.records  # through the binding, so a re-bind in progress holds it
         try:
-            record = await _guarded(overlay.put(key, args.get("value")), self.errors)
+            record = await _guarded(overlay.put(key, request.value), self.errors)
         except RpcError as err:
             raise RequestError(str(err)) from None
-        return {"key": key, "version": record.version, "overlay": self._overlay_name(args),
-                "ms": round((trio.current_time() - start) * 1000, 3)}
+        return KvWritten(key, record.version, name, round((trio.current_time() - start) * 1000, 3))
 
-    def _overlay_name(self, args: dict[str, Any]) -> str:
-        return self._overlay_arg(args) if args.get("overlay") is not None else self.records.name
+    def _overlay_or_bound(self, name: str | None) -> str:
+        return self._overlay_named(name) if name is not None else self.records.name
 
-    def _overlay(self, args: dict[str, Any]) -> Overlay:
-        return self.overlays[self._overlay_name(args)]
-
-    def _overlay_arg(self, args: dict[str, Any]) -> str:
-        name = args.get("overlay")
+    def _overlay_named(self, name: str) -> str:
+        """`name`, if this agent runs that overlay (which depends on its config)."""
         if name not in self.overlays:
             raise RequestError(f"overlay must be one of {', '.join(sorted(self.overlays))}, got {name!r}")
         return name
@@ -348,11 +354,8 @@ class OverlayService(Actor):
 KV_PREFIX = "kv/"
 
 
-def _key_arg(args: dict[str, Any], owner: str) -> str:
+def _kv_key(key: str, owner: str) -> str:
     """User keys live under kv/, so `discovery kv` can never overwrite the VE directory, and each under
     its writer's certificate name (kv/OWNER/KEY): a key is owned by whoever wrote it, and nobody else can
     overwrite it. Reads name another writer's key with `owner`."""
-    key = args.get("key")
-    if not isinstance(key, str) or not 0 < len(key) <= 512:
-        raise RequestError("key must be a string of 1 to 512 characters")
     return f"{KV_PREFIX}{owner}/{key}"

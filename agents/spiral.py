@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.messages import SPIRAL_SEARCH, SPIRAL_STEP
+from agents.messages import MAX_VIEW, SPIRAL_SEARCH, SPIRAL_STEP, SpiralFound, SpiralNode, SpiralQuery, SpiralStep
 from agents.runtime import Actor, Event
 from overlay.membership import ALIVE, SUSPECT, Member, Membership
 from overlay.spiral import Entry, Hinted, SpiralSearch, View, answer
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 VIEW_SIZE = 16
 VIEW_FAR = 4
 STEP_TIMEOUT = 3.0
-MAX_ENTRIES = 256
-"""A spiral view or reply longer than this is refused: views are tens of entries."""
 
 Predicate = Callable[[Entry, dict[str, Any]], bool]
 """Whether a contacted node suits the application, given the node and its reply (site, free capacity)."""
@@ -150,28 +148,23 @@ class SpiralService(Actor):
 
     # -- answering ---------------------------------------------------------------------------------
 
-    async def _on_step(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        spiral_view = _entries_from_wire(args.get("view"))
+    async def _on_step(self, caller: Caller, request: SpiralStep) -> dict[str, Any]:
+        spiral_view = [_entry_from_wire(item) for item in request.view]
         self._fill_if_empty()
         self.view.me = self.entry(self.membership.me)
         hinted = answer(self.view, spiral_view)
         return {"entries": [[*_entry_to_wire(e), d] for e, d in hinted if math.isfinite(d)],
                 "site": self.membership.me.site, "free": self.free()}
 
-    async def _on_search(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_search(self, caller: Caller, request: SpiralQuery) -> SpiralFound:
         """`discovery spiral`: the nearest nodes to this agent, optionally in one site, with the walk's cost."""
-        count, site = args.get("count", 5), args.get("site")
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1000:
-            raise RequestError("count must be an integer from 1 to 1000")
-        if site is not None and not isinstance(site, str):
-            raise RequestError("site must be a string")
-        result = await self.search(count, lambda e, reply: site is None or reply.get("site") == site)
+        site = request.site
+        result = await self.search(request.count, lambda e, reply: site is None or reply.get("site") == site)
         keys = result.keys()
-        return {"origin": self.membership.me.name, "hops": result.hops, "messages": result.messages,
-                "failures": result.failures,
-                "nodes": [{"name": e.name, "site": result.replies[e.name].get("site"),
-                           "rtt_ms": round(keys[e.name] * 1000, 3) if e.name in keys else None,
-                           "free": result.replies[e.name].get("free")} for e in result.nodes]}
+        return SpiralFound(self.membership.me.name, result.hops, result.messages, result.failures,
+                           [SpiralNode(e.name, result.replies[e.name].get("site"),
+                                       round(keys[e.name] * 1000, 3) if e.name in keys else None,
+                                       result.replies[e.name].get("free")) for e in result.nodes])
 
 
 def _entry_to_wire(e: Entry) -> list[Any]:
@@ -185,15 +178,9 @@ def _entry_from_wire(data: Any) -> Entry:
     return Entry(data[0], data[1], Coordinate.from_wire(data[2]), data[3])
 
 
-def _entries_from_wire(data: Any) -> list[Entry]:
-    if not isinstance(data, list) or len(data) > MAX_ENTRIES:
-        raise RequestError(f"a spiral view is a list of at most {MAX_ENTRIES} entries")
-    return [_entry_from_wire(item) for item in data]
-
-
 def _hinted_from_wire(data: Any) -> list[Hinted]:
-    if not isinstance(data, list) or len(data) > MAX_ENTRIES:
-        raise RequestError(f"a spiral reply is a list of at most {MAX_ENTRIES} entries")
+    if not isinstance(data, list) or len(data) > MAX_VIEW:
+        raise RequestError(f"a spiral reply is a list of at most {MAX_VIEW} entries")
     hinted = []
     for item in data:
         if not (isinstance(item, list) and len(item) == 5 and isinstance(item[4], float | int)

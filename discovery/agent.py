@@ -42,8 +42,8 @@ async def install(agent: NodeAgent) -> None:
         successors=lambda: [p.name for p in agent.ring.state.successor_list()],
         hypervisor=agent.hypervisor, set_metadata=agent.host.set_metadata, directory=directory,
         relocate=ve.relocate)
-    for method, handler in ve.routes() + dvms.routes():
-        agent.transport.route(method, handler)
+    ve.serve(agent.transport)
+    dvms.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
     agent.actors += [Recovery(ve), Fencing(ve), dvms]
 

@@ -82,6 +82,7 @@ import trio
 
 from overlay import messages as m
 from overlay.chord import RING, Peer, between_right, hash_id
+from overlay.messages import MAX_BUCKETS, SYNC_BATCH
 from overlay.ring import Ring, peer_from_wire
 from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 
@@ -91,12 +92,8 @@ REPLICA_CACHE_SECONDS = 2.0
 RING_PATIENCE = 2.0
 """How long `replicas` waits for a ring that has not caught up with membership since the start (module docstring)."""
 RING_POLL = 0.1
-MAX_BUCKETS = 1024
-"""Upper bound on the buckets of one digest (about 9 bytes each on the wire)."""
 MAX_ENTRIES = 4096
 """(key, version, writer) entries in one digest answer; differing buckets past it wait for the next pass."""
-SYNC_BATCH = 128
-"""Records pushed, pulled or offered in one `dht.sync` / `dht.offer` call (frames are capped at 4 MiB)."""
 STATS = ("passes", "rpcs", "failures", "digests_sent", "digests_answered", "buckets_differing",
          "records_pushed", "records_pulled", "handoff_lookups", "handoff_offered", "handoff_pushed",
          "handoff_dropped", "tombstones_collected", "doubts_confirmed", "doubts_dropped")
@@ -437,11 +434,14 @@ class DHT:
         self.freshness.check(wall(), shard.records)  # back after longer than Q: doubtful before serving anything
         self._digested: dict[str, float] = {}
         """When each peer last compared a whole arc with us by digest (wall clock): predecessors do."""
-        for method, handler in ((m.DHT_STORE, self._on_store), (m.DHT_FETCH, self._on_fetch),
-                                (m.DHT_DIGEST, self._on_digest), (m.DHT_SYNC, self._on_sync),
-                                (m.DHT_OFFER, self._on_offer), (m.DHT_PREPARE, self._on_prepare),
-                                (m.DHT_RELEASE, self._on_release), (m.DHT_CHECK, self._on_check)):
-            transport.route(method, handler)
+        transport.route(m.DHT_STORE, self._on_store)
+        transport.route(m.DHT_FETCH, self._on_fetch)
+        transport.route(m.DHT_DIGEST, self._on_digest)
+        transport.route(m.DHT_SYNC, self._on_sync)
+        transport.route(m.DHT_OFFER, self._on_offer)
+        transport.route(m.DHT_PREPARE, self._on_prepare)
+        transport.route(m.DHT_RELEASE, self._on_release)
+        transport.route(m.DHT_CHECK, self._on_check)
 
     # -- what this node holds and shows ----------------------------------------------------------------
 
@@ -474,52 +474,41 @@ class DHT:
 
     # -- handlers --------------------------------------------------------------------------------------
 
-    async def _on_store(self, caller: Caller, args: dict[str, Any]) -> bool:
+    async def _on_store(self, caller: Caller, request: m.DhtStore) -> bool:
         """Keep the record if newer; with a `token`, it is the commit of a conditional write: free its slot."""
-        record = record_from_wire(args.get("record"))
+        record = record_from_wire(request.record)
         await self._merge([record])
-        token = args.get("token")
-        if isinstance(token, str):
-            self.claims.release(record.key, token)
+        if request.token is not None:
+            self.claims.release(record.key, request.token)
         return True
 
-    async def _on_fetch(self, caller: Caller, args: dict[str, Any]) -> list[Any] | None:
-        record = self._visible(self.shard.records.get(_key_arg(args)))
+    async def _on_fetch(self, caller: Caller, request: m.DhtFetch) -> list[Any] | None:
+        record = self._visible(self.shard.records.get(request.key))
         return record.to_wire() if record else None
 
-    async def _on_prepare(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_prepare(self, caller: Caller, request: m.DhtPrepare) -> dict[str, Any]:
         """Grant the key's claim slot to `token` if nothing newer than `expect` is held here (hidden copies
         count: a doubtful record must be settled before its key is written again)."""
-        key = _key_arg(args)
-        token = args.get("token")
-        if not isinstance(token, str) or not 0 < len(token) <= 128:
-            raise RequestError("token must be a string of 1 to 128 characters")
-        expected = stamp_from_wire(args.get("expect"), "expect")
-        return self.claims.prepare(key, token, expected, self.shard.records.get(key), trio.current_time())
+        return self.claims.prepare(request.key, request.token, request.expect, self.shard.records.get(request.key),
+                                   trio.current_time())
 
-    async def _on_release(self, caller: Caller, args: dict[str, Any]) -> bool:
-        token = args.get("token")
-        if isinstance(token, str):
-            self.claims.release(_key_arg(args), token)
+    async def _on_release(self, caller: Caller, request: m.DhtRelease) -> bool:
+        if request.token is not None:
+            self.claims.release(request.key, request.token)
         return True
 
-    async def _on_check(self, caller: Caller, args: dict[str, Any]) -> list[list[Any] | None]:
+    async def _on_check(self, caller: Caller, request: m.DhtCheck) -> list[list[Any] | None]:
         """For a peer settling doubtful copies: the (version, writer) we hold of each key, hidden or not."""
-        entries = [entry_from_wire(raw) for raw in _list_arg(args, "entries")]
-        return [list(held.stamp) if (held := self.shard.records.get(key)) else None for key, _, _ in entries]
+        return [list(held.stamp) if (held := self.shard.records.get(key)) else None for key, _, _ in request.entries]
 
-    async def _on_digest(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_digest(self, caller: Caller, request: m.DhtDigest) -> dict[str, Any]:
         """A predecessor compares the arc (lo, hi] we share: answer with our entries in the buckets whose
         hashes differ (whole buckets, at most about MAX_ENTRIES entries; the rest waits, and the answer
         says it is not complete)."""
-        lo, hi = _position_arg(args, "lo"), _position_arg(args, "hi")
-        theirs = args.get("buckets")
-        if not (isinstance(theirs, list) and 1 <= len(theirs) <= MAX_BUCKETS
-                and all(isinstance(h, int) and 0 <= h < RING for h in theirs)):
-            raise RequestError(f"buckets must be a list of 1 to {MAX_BUCKETS} 64-bit hashes")
+        theirs = request.buckets
         self.stats["digests_answered"] += 1
         count = len(theirs)
-        mine = self._in_arc(lo, hi)
+        mine = self._in_arc(request.lo, request.hi)
         differing: dict[int, list[list[Any]]] = {i: [] for i, h in enumerate(digest(mine, count)) if h != theirs[i]}
         for record in mine:
             group = differing.get(bucket_of(record.key, count))
@@ -537,19 +526,16 @@ class DHT:
             self._digested[caller.node] = self.wall()
         return {"buckets": covered, "entries": entries, "complete": complete}
 
-    async def _on_sync(self, caller: Caller, args: dict[str, Any]) -> list[list[Any]]:
+    async def _on_sync(self, caller: Caller, request: m.DhtSync) -> list[list[Any]]:
         """Keep the pushed records that are newer than ours; answer with ours for the pulled keys."""
-        records = [record_from_wire(raw) for raw in _list_arg(args, "push")]
-        keys = [_check_key(key, "pull") for key in _list_arg(args, "pull")]
-        await self._merge(records)
-        shown = (self._visible(self.shard.records.get(key)) for key in keys)
+        await self._merge([record_from_wire(raw) for raw in request.push])
+        shown = (self._visible(self.shard.records.get(key)) for key in request.pull)
         return [record.to_wire() for record in shown if record is not None]
 
-    async def _on_offer(self, caller: Caller, args: dict[str, Any]) -> list[str]:
+    async def _on_offer(self, caller: Caller, request: m.DhtOffer) -> list[str]:
         """Hand-off: the keys of these (key, version, writer) entries that we lack or hold older (a hidden
         copy counts as lacking, so the offerer pushes it and thereby confirms ours)."""
-        entries = [entry_from_wire(raw) for raw in _list_arg(args, "entries")]
-        return [key for key, version, writer in entries
+        return [key for key, version, writer in request.entries
                 if Record(key, None, version, writer).newer_than(self._visible(self.shard.records.get(key)))]
 
     def _in_arc(self, lo: int, hi: int) -> list[Record]:
@@ -934,27 +920,3 @@ def _digest_reply(reply: Any, buckets: int) -> tuple[set[int], dict[str, tuple[i
         raise RequestError("malformed dht.digest answer")
     theirs = {key: (version, writer) for key, version, writer in map(entry_from_wire, entries)}
     return set(covered), theirs
-
-
-def _key_arg(args: dict[str, Any], name: str = "key") -> str:
-    return _check_key(args.get(name), name)
-
-
-def _check_key(value: Any, name: str) -> str:
-    if not isinstance(value, str) or len(value) > 1024:
-        raise RequestError(f"{name} must be a string of at most 1024 characters")
-    return value
-
-
-def _position_arg(args: dict[str, Any], name: str) -> int:
-    value = args.get(name)
-    if not isinstance(value, int) or not 0 <= value < RING:
-        raise RequestError(f"{name} must be a position on the ring (0 <= {name} < 2**64)")
-    return value
-
-
-def _list_arg(args: dict[str, Any], name: str) -> list[Any]:
-    value = args.get(name, [])
-    if not isinstance(value, list) or len(value) > SYNC_BATCH:
-        raise RequestError(f"{name} must be a list of at most {SYNC_BATCH} items")
-    return value

@@ -11,12 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 from overlay.chord import ChordState, Peer, hash_id
-from overlay.messages import CHORD_NOTIFY, CHORD_STATE, CHORD_STEP
+from overlay.messages import CHORD_NOTIFY, CHORD_STATE, CHORD_STEP, MAX_AVOID, ChordNotify, ChordStep, NoArgs
 from overlay.wire.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 MAX_HOPS = 64
-MAX_AVOID = 32
 HOP_TIMEOUT = 2.0
 
 
@@ -69,30 +68,25 @@ class Ring:
 
     # -- handlers ----------------------------------------------------------------------------------
 
-    async def _on_step(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        key, avoid = args.get("key"), args.get("avoid", [])
-        if not isinstance(key, int) or not 0 <= key < 2**64:
-            raise RequestError("chord.step needs an integer key")
-        if self.learn and args.get("from") is not None:
-            self.state.learn(peer_from_wire(args["from"]))
-        if not (isinstance(avoid, list) and len(avoid) <= MAX_AVOID and all(isinstance(a, int) for a in avoid)):
-            raise RequestError(f"chord.step: avoid must be a list of at most {MAX_AVOID} ids")
-        avoided = frozenset(avoid)
+    async def _on_step(self, caller: Caller, request: ChordStep) -> dict[str, Any]:
+        if self.learn and request.sender is not None:
+            self.state.learn(peer_from_wire(request.sender))
+        avoided = frozenset(request.avoid)
         for dead in avoided:  # the asker found them dead: no longer worth a learned link here either
             self.state.unlearn(dead)
-        done, peer = self.state.lookup_step(key, avoided)
+        done, peer = self.state.lookup_step(request.key, avoided)
         reply: dict[str, Any] = {"done": done, "peer": peer_to_wire(peer)}
         if done:
             reply["successors"] = [peer_to_wire(p) for p in self.state.live_successors(avoided)]
         return reply
 
-    async def _on_state(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_state(self, caller: Caller, request: NoArgs) -> dict[str, Any]:
         pred = self.state.predecessor
         return {"predecessor": peer_to_wire(pred) if pred else None,
                 "successors": [peer_to_wire(p) for p in self.state.successor_list()]}
 
-    async def _on_notify(self, caller: Caller, args: dict[str, Any]) -> bool:
-        return self.state.on_notify(peer_from_wire(args.get("peer")))
+    async def _on_notify(self, caller: Caller, request: ChordNotify) -> bool:
+        return self.state.on_notify(peer_from_wire(request.peer))
 
     # -- operations --------------------------------------------------------------------------------
 

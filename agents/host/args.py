@@ -1,8 +1,10 @@
-"""The limits of `host.*` requests and the checks of their arguments, shared by `agents.host.service` and its mixins.
+"""The limits of `host.*` requests and the checks the codec cannot make, shared by the request types of
+`agents.messages` (their `__post_init__`) and the host's handlers.
 
 A host trusts no caller's arguments: names, counts, carried XML and snapshots are checked before anything
-touches the ledger, SQLite or libvirt. The VE service checks a stop's timeout with the same function, so
-both refuse the same values.
+touches the ledger, SQLite or libvirt. The codec checks each field's type; these check the values (a name
+without '/', a count in range, a timeout in bounds). The VE service's stop request checks its timeout with
+the same function, so both refuse the same values in the same words.
 """
 
 from __future__ import annotations
@@ -19,20 +21,33 @@ MAX_SNAPSHOTS = 64  # carried in one relocation message
 SHUTDOWN_TIMEOUT = 30.0
 """How long `host.vm stop` waits for a guest to power off before forcing it, unless told (`timeout`)."""
 MAX_SHUTDOWN_TIMEOUT = 600.0
+NAME = 200
+"""Longest VM (domain) name, or snapshot tag, a host accepts."""
+MAX_COUNT = 2**31
 
 
-def name_arg(args: dict[str, Any], field: str = "name") -> str:
-    name = args.get(field)
-    if not isinstance(name, str) or not 0 < len(name) <= 200 or "/" in name:
+def check_name(value: str, field: str = "name") -> None:
+    """A VM's name or a snapshot's tag: a path component of the host's files, so never '/' (the ledger's
+    standby keys use it) and never empty."""
+    if not value or "/" in value:
         raise RequestError(f"{field} must be a non-empty string without '/'")
-    return name
 
 
-def count_arg(args: dict[str, Any], field: str) -> int:
-    value = args.get(field)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**31:
+def check_count(value: int, field: str) -> None:
+    if not 0 <= value <= MAX_COUNT:
         raise RequestError(f"{field} must be a non-negative integer")
-    return value
+
+
+def check_state(value: str | None, field: str = "state") -> None:
+    """A state a VM can be brought to and left in (None passes: the field is optional)."""
+    if value is not None and value not in SETTLED:
+        raise RequestError(f"{field} must be one of {', '.join(SETTLED)}")
+
+
+def check_timeout(value: float) -> None:
+    """`timeout` of a stop, in seconds: more than 0, at most MAX_SHUTDOWN_TIMEOUT."""
+    if not 0 < value <= MAX_SHUTDOWN_TIMEOUT:
+        raise RequestError(f"timeout must be a number of seconds, more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g}")
 
 
 def xml_name(xml: str) -> str | None:
@@ -42,29 +57,20 @@ def xml_name(xml: str) -> str | None:
         return None
 
 
-def snapshots_arg(args: dict[str, Any]) -> list[tuple[str, str, str, float, str]]:
+def snapshots_arg(rows: list[Any] | None) -> list[tuple[str, str, str, float, str]]:
     """The snapshots a relocation carries: [tag, xml, state, taken, libvirt] each (libvirt: the internal
-    snapshot's XML for REDEFINE, "" on the test driver; an older agent sends four fields)."""
-    rows = args.get("snapshots") or []
-    if not isinstance(rows, list) or len(rows) > MAX_SNAPSHOTS:
-        raise RequestError(f"snapshots must be a list of at most {MAX_SNAPSHOTS}")
+    snapshot's XML for REDEFINE, "" on the test driver; an older agent sends four fields). A row of four or
+    five items is no type the codec has, so its items are checked here."""
     checked = []
-    for row in rows:
+    for row in rows or []:
         if not (isinstance(row, list) and len(row) in (4, 5)):
             raise RequestError("each snapshot must be [tag, xml, state, taken, libvirt]")
         tag, xml, state, taken, internal = (*row, "")[:5]
-        name_arg({"tag": tag}, "tag")
+        if not (isinstance(tag, str) and len(tag) <= NAME):
+            raise RequestError("tag must be a non-empty string without '/'")
+        check_name(tag, "tag")
         if not (isinstance(xml, str) and len(xml) <= MAX_XML and state in SETTLED and isinstance(internal, str)
                 and len(internal) <= 2 * MAX_XML and isinstance(taken, int | float) and not isinstance(taken, bool)):
             raise RequestError(f"snapshot {tag}: malformed")
         checked.append((tag, xml, state, float(taken), internal))
     return checked
-
-
-def shutdown_timeout(args: dict[str, Any]) -> float:
-    """`timeout` of a stop, in seconds: more than 0, at most MAX_SHUTDOWN_TIMEOUT (default SHUTDOWN_TIMEOUT)."""
-    timeout = args.get("timeout", SHUTDOWN_TIMEOUT)
-    if (not isinstance(timeout, int | float) or isinstance(timeout, bool)
-            or not 0 < timeout <= MAX_SHUTDOWN_TIMEOUT):
-        raise RequestError(f"timeout must be a number of seconds, more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g}")
-    return float(timeout)

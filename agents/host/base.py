@@ -4,15 +4,16 @@
 `agents.host.lifecycle`, moves in `agents.host.moves`, standby copies in `agents.host.standby`); each
 extends `HostBase`, so each reads on its own and a type checker sees the state it relies on. Nothing
 here serves a request: it holds the ledger, the store, the hypervisor and the locks, routes handlers
-through the gate (`_serve`), and keeps the store in step with libvirt (`_reconcile`, `_forget`).
+through the gate (`_served`), and keeps the store in step with libvirt (`_reconcile`, `_forget`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import trio
 
@@ -22,15 +23,17 @@ from agents.host.store import Store
 from agents.hypervisor.actor import Hypervisor
 from agents.hypervisor.guests import Domains, TestDomains
 from agents.runtime import Actor
-from overlay.wire.rpc import Caller, Endpoint, Handler, Method, RequestError
+from overlay.wire.rpc import Caller, Endpoint, RequestError
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
+A = TypeVar("A")
 
 
 class HostBase(Actor):
     """The state of this node's VMs, and the steps every `host.*` handler shares.
 
-    Each request runs in the task that received it, inside the `gate` (`_serve`) and, for a request about
+    Each request runs in the task that received it, inside the `gate` (`_served`) and, for a request about
     one VM, holding that VM's lock (`agents.host.locks.one_vm`). A handler that fails unexpectedly (a bug,
     not a `RequestError`) fails its request, closes the gate and crashes the service (`handle`): the
     supervisor restarts it, and `HostService.start` rebuilds the state from SQLite.
@@ -60,15 +63,12 @@ class HostBase(Actor):
         assert self.store is not None, "the host service has not started"
         return self.store
 
-    def _serve(self, transport: Endpoint, handlers: dict[Method, Handler]) -> None:
-        for method, handler in handlers.items():
-            transport.route(method, self._served(handler))
-
-    def _served(self, handler: Handler) -> Handler:
-        async def call(caller: Caller, args: dict[str, Any]) -> Any:
+    def _served(self, handler: Callable[[Caller, R], Awaitable[A]]) -> Callable[[Caller, R], Awaitable[A]]:
+        """`handler` inside the gate, as every `host.*` handler is routed: `transport.route(M, self._served(h))`."""
+        async def call(caller: Caller, request: R) -> A:
             async with self.gate.enter():
                 try:
-                    return await handler(caller, args)
+                    return await handler(caller, request)
                 except RequestError:
                     raise
                 except Exception as err:

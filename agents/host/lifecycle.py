@@ -1,12 +1,12 @@
 """The lifecycle of one VM on this node: `host.vm.*`, one registered method per verb.
 
-Every verb holds the VM's lock (`agents.host.locks.one_vm`), checks its own arguments, and then opens
-the same way: the store is made to agree with libvirt (`_reconcile`), and a VM that is not here is not
-found (`_here`), except by `destroy` and `undefine`, for which it is already done (idempotent). A verb
-that changes the VM's state ends its hold (a VM recovered off at the node's start waits for the VE
-layer's word, `agents.host.service.HostService.start`; any such verb is that word) and persists the
-state reached, so a restart brings the VM back as it was left (`_change`). `info` and `release` change
-nothing but a hold.
+Every verb receives its request checked (its type, `agents.messages`), holds the VM's lock
+(`agents.host.locks.one_vm`), and then opens the same way: the store is made to agree with libvirt
+(`_reconcile`), and a VM that is not here is not found (`_here`), except by `destroy` and `undefine`, for
+which it is already done (idempotent). A verb that changes the VM's state ends its hold (a VM recovered off
+at the node's start waits for the VE layer's word, `agents.host.service.HostService.start`; any such verb is
+that word) and persists the state reached, so a restart brings the VM back as it was left (`_change`).
+`info` and `release` change nothing but a hold.
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any
 
 import trio
 
-from agents.host.args import name_arg, shutdown_timeout
 from agents.host.base import HostBase
 from agents.host.locks import one_vm
-from agents.hypervisor.actor import SETTLED, DomainInfo, HypervisorError
+from agents.hypervisor.actor import DomainInfo, HypervisorError
 from agents.messages import (
     HOST_VM_DESTROY,
     HOST_VM_INFO,
@@ -33,6 +31,9 @@ from agents.messages import (
     HOST_VM_SUSPEND,
     HOST_VM_UNDEFINE,
     VmInfo,
+    VmName,
+    VmSettle,
+    VmStop,
 )
 from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError
 
@@ -41,61 +42,61 @@ class Lifecycle(HostBase):
     """`host.vm.start`, `stop`, `destroy`, `suspend`, `resume`, `settle`, `release`, `undefine` and `info`."""
 
     def _serve_lifecycle(self, transport: Endpoint) -> None:
-        self._serve(transport, {
-            HOST_VM_START: self._on_vm_start, HOST_VM_STOP: self._on_vm_stop, HOST_VM_DESTROY: self._on_vm_destroy,
-            HOST_VM_SUSPEND: self._on_vm_suspend, HOST_VM_RESUME: self._on_vm_resume,
-            HOST_VM_SETTLE: self._on_vm_settle, HOST_VM_RELEASE: self._on_vm_release,
-            HOST_VM_UNDEFINE: self._on_vm_undefine, HOST_VM_INFO: self._on_vm_info})
+        transport.route(HOST_VM_START, self._served(self._on_vm_start))
+        transport.route(HOST_VM_STOP, self._served(self._on_vm_stop))
+        transport.route(HOST_VM_DESTROY, self._served(self._on_vm_destroy))
+        transport.route(HOST_VM_SUSPEND, self._served(self._on_vm_suspend))
+        transport.route(HOST_VM_RESUME, self._served(self._on_vm_resume))
+        transport.route(HOST_VM_SETTLE, self._served(self._on_vm_settle))
+        transport.route(HOST_VM_RELEASE, self._served(self._on_vm_release))
+        transport.route(HOST_VM_UNDEFINE, self._served(self._on_vm_undefine))
+        transport.route(HOST_VM_INFO, self._served(self._on_vm_info))
 
     @one_vm
-    async def _on_vm_start(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+    async def _on_vm_start(self, caller: Caller, request: VmName) -> DomainInfo:
         """Run the VM: resumed if paused, booted if off."""
-        return await self._change(await self._here(args), "start", self._start)
+        return await self._change(await self._here(request.name), "start", self._start)
 
     @one_vm
-    async def _on_vm_stop(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
-        """Shut the VM down gracefully, forced off after `timeout` seconds (`agents.host.args.shutdown_timeout`)."""
-        timeout = shutdown_timeout(args)
-        return await self._change(await self._here(args), "stop", lambda name: self.hypervisor.shutdown(name, timeout))
+    async def _on_vm_stop(self, caller: Caller, request: VmStop) -> DomainInfo:
+        """Shut the VM down gracefully, forced off after `timeout` seconds."""
+        return await self._change(await self._here(request.name), "stop",
+                                  lambda name: self.hypervisor.shutdown(name, request.timeout))
 
     @one_vm
-    async def _on_vm_destroy(self, caller: Caller, args: dict[str, Any]) -> DomainInfo | None:
+    async def _on_vm_destroy(self, caller: Caller, request: VmName) -> DomainInfo | None:
         """Force the VM off (persisted off); None if it is not here."""
-        name = name_arg(args)
-        if not await self._present(name):
+        if not await self._present(request.name):
             return None  # already gone: idempotent
-        return await self._change(name, "destroy", self.hypervisor.destroy)
+        return await self._change(request.name, "destroy", self.hypervisor.destroy)
 
     @one_vm
-    async def _on_vm_suspend(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
-        return await self._change(await self._here(args), "suspend", self.hypervisor.suspend)
+    async def _on_vm_suspend(self, caller: Caller, request: VmName) -> DomainInfo:
+        return await self._change(await self._here(request.name), "suspend", self.hypervisor.suspend)
 
     @one_vm
-    async def _on_vm_resume(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
-        return await self._change(await self._here(args), "resume", self.hypervisor.resume)
+    async def _on_vm_resume(self, caller: Caller, request: VmName) -> DomainInfo:
+        return await self._change(await self._here(request.name), "resume", self.hypervisor.resume)
 
     @one_vm
-    async def _on_vm_settle(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+    async def _on_vm_settle(self, caller: Caller, request: VmSettle) -> DomainInfo:
         """Bring the VM to `state` (running, paused or shutoff) from any state."""
-        state = args.get("state")
-        if state not in SETTLED:
-            raise RequestError(f"settle needs a state, one of {', '.join(SETTLED)}")
-        return await self._change(await self._here(args), "settle",
-                                  lambda name: self.hypervisor.settle(name, state))
+        return await self._change(await self._here(request.name), "settle",
+                                  lambda name: self.hypervisor.settle(name, request.state))
 
     @one_vm
-    async def _on_vm_release(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+    async def _on_vm_release(self, caller: Caller, request: VmName) -> DomainInfo:
         """Start a VM held since this node's start, in the state it should have; for any other VM, a no-op
         that answers its state."""
-        name = await self._here(args)
+        name = await self._here(request.name)
         with _failing("release", name):
             return await (self._release(name) if name in self.held else self.hypervisor.info(name))
 
     @one_vm
-    async def _on_vm_undefine(self, caller: Caller, args: dict[str, Any]) -> None:
+    async def _on_vm_undefine(self, caller: Caller, request: VmName) -> None:
         """Remove the VM from this node: its domain, files, snapshots and room. One that is not here leaves
         nothing, but the files of a move that was undone (`_drop_leftovers`)."""
-        name = name_arg(args)
+        name = request.name
         if not await self._present(name):
             await self._drop_leftovers(name)
             return  # already gone: idempotent
@@ -104,11 +105,11 @@ class Lifecycle(HostBase):
             await self._forget(name)
 
     @one_vm
-    async def _on_vm_info(self, caller: Caller, args: dict[str, Any]) -> VmInfo:
+    async def _on_vm_info(self, caller: Caller, request: VmName) -> VmInfo:
         """The domain, whether it is held, and how it may leave this node (`discovery.ve.relocation`): its
         backend, and whether it may migrate live (a daemon here, and no internal snapshots, which an NBD
         disk copy would not carry)."""
-        name = await self._here(args)
+        name = await self._here(request.name)
         with _failing("info", name):
             info = await self.hypervisor.info(name)
             live = self.migration_uri is not None and not await self.hypervisor.snapshot_names(name)
@@ -119,9 +120,8 @@ class Lifecycle(HostBase):
         await self._reconcile(name)
         return name in self.ledger.allocated
 
-    async def _here(self, args: dict[str, Any]) -> str:
-        """The VM the request names, which must be on this node."""
-        name = name_arg(args)
+    async def _here(self, name: str) -> str:
+        """VM `name`, which must be on this node."""
         if not await self._present(name):
             raise NotFound(f"no VM {name} on this node")
         return name

@@ -24,8 +24,6 @@ from typing import Any, TypeVar
 
 import trio
 
-from agents.host.args import name_arg
-
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 
@@ -101,9 +99,9 @@ class Gate:
 
 def one_vm(handler: H) -> H:
     """Run a `host.*` handler (a method of a service with `vm_locks`) holding the lock of the VM that its
-    `name` argument names; the name is checked before anything waits."""
+    request names (`name`; the request's type checked it before anything waits)."""
     @functools.wraps(handler)
-    async def locked(self: Any, caller: Any, args: dict[str, Any]) -> Any:
-        async with self.vm_locks.hold(name_arg(args)):
-            return await handler(self, caller, args)
+    async def locked(self: Any, caller: Any, request: Any) -> Any:
+        async with self.vm_locks.hold(request.name):
+            return await handler(self, caller, request)
     return locked  # type: ignore[return-value]

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import trio
 
-from agents.host.args import count_arg, name_arg
 from agents.host.base import HostBase
 from agents.host.locks import one_vm
 from agents.host.shipping import CHUNK, copy_file, fetch_file, read_chunk
@@ -28,10 +26,15 @@ from agents.messages import (
     HOST_FETCH,
     HOST_INCOMING,
     HOST_MIGRATE,
+    Export,
     Exported,
+    Fetch,
     Incoming,
+    Migrate,
     Migrated,
+    Ship,
     Shipped,
+    VmName,
 )
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
@@ -51,11 +54,13 @@ class Moves(HostBase):
     """
 
     def _serve_moves(self, transport: Endpoint) -> None:
-        self._serve(transport, {HOST_EXPORT: self._on_export, HOST_FETCH: self._on_fetch,
-                                HOST_INCOMING: self._on_incoming, HOST_MIGRATE: self._on_migrate})
+        transport.route(HOST_EXPORT, self._served(self._on_export))
+        transport.route(HOST_FETCH, self._served(self._on_fetch))
+        transport.route(HOST_INCOMING, self._served(self._on_incoming))
+        transport.route(HOST_MIGRATE, self._served(self._on_migrate))
 
     @one_vm
-    async def _on_export(self, caller: Caller, args: dict[str, Any]) -> Exported:
+    async def _on_export(self, caller: Caller, request: Export) -> Exported:
         """What relocation carries to the target: the domain's XML, its state, and its snapshots. With
         `freeze`, a running VM is paused first (and persisted paused), so that it never runs at two
         places: the target starts its copy while this one is frozen, and only then is this one removed.
@@ -65,11 +70,11 @@ class Moves(HostBase):
         (a standby copy, `agents.host.standby`), a real guest's disk is copied aside, consistent (the VM
         paused meanwhile: QEMU flushes its disks when it stops), for the standby's node to fetch;
         `copy` in the answer says whether there is one."""
-        name = name_arg(args)
+        name = request.name
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
-        ship, disk = args.get("ship") is True, self.domains.disk(name)
-        copy = disk if args.get("copy") is True else None  # the disk to copy aside, if asked and there is one
+        ship, disk = request.ship, self.domains.disk(name)
+        copy = disk if request.copy else None  # the disk to copy aside, if asked and there is one
         if ship and disk is None:
             raise RequestError(f"export {name}: this node's backend ({self.domains.kind}) has no disks to ship")
         try:
@@ -78,7 +83,7 @@ class Moves(HostBase):
             if ship and state != "shutoff":
                 await self.hypervisor.managed_save(name)
                 await self._set_desired(name, "shutoff")
-            elif args.get("freeze") is True and state == "running":
+            elif request.freeze and state == "running":
                 await self.hypervisor.suspend(name)
                 await self._set_desired(name, "paused")
             elif copy is not None:
@@ -100,10 +105,10 @@ class Moves(HostBase):
             if state == "running":
                 await self.hypervisor.resume(name)
 
-    async def _on_fetch(self, caller: Caller, args: dict[str, Any]) -> bytes:
+    async def _on_fetch(self, caller: Caller, request: Fetch) -> bytes:
         """A chunk of an exported VM's files, from `offset`: `part` "disk", "image" (its memory, saved) or
         "copy" (the copy of its disk made for a standby)."""
-        name, part, offset = name_arg(args), args.get("part"), count_arg(args, "offset")
+        name, part, offset = request.name, request.part, request.offset
         disk = self.domains.disk(name)
         if name not in self.ledger.allocated or disk is None:
             raise NotFound(f"no VM {name} with files on this node")
@@ -116,23 +121,23 @@ class Moves(HostBase):
         except FileNotFoundError:
             raise NotFound(f"{name} has no {part} to fetch here") from None
 
-    async def _pull(self, name: str, ship: dict[str, Any]) -> Path | None:
+    async def _pull(self, name: str, ship: Ship) -> Path | None:
         """Fetch a shipped VM's disk and memory image from the host that exported it (`host.fetch`);
         returns where libvirt sees the image, or None when only a disk came (the VM was off)."""
-        source, disk = ship.get("from"), self.domains.disk(name)
-        if not isinstance(source, str) or disk is None:
-            raise RequestError("ship needs the exporting host's address, and a backend with disks")
+        source, disk = ship.source, self.domains.disk(name)
+        if disk is None:
+            raise RequestError("ship needs a backend with disks")
         await fetch_file(self.transport, source, name, "disk", disk)
-        if not ship.get("image"):
+        if not ship.image:
             return None
         local, seen = self.domains.incoming_image(name)
         await fetch_file(self.transport, source, name, "image", local)
         return seen
 
     @one_vm
-    async def _on_incoming(self, caller: Caller, args: dict[str, Any]) -> Incoming:
+    async def _on_incoming(self, caller: Caller, request: VmName) -> Incoming:
         """Get ready to receive reserved VM `name` by live migration: an empty overlay for the disk copy."""
-        name = name_arg(args)
+        name = request.name
         if not any(r.key == name for r in self.ledger.reserved.values()):
             raise Conflict(f"no reservation for {name} on this node")
         if self.migration_uri is None:
@@ -142,13 +147,11 @@ class Moves(HostBase):
         return Incoming(self.migration_uri)
 
     @one_vm
-    async def _on_migrate(self, caller: Caller, args: dict[str, Any]) -> Migrated:
+    async def _on_migrate(self, caller: Caller, request: Migrate) -> Migrated:
         """Live-migrate VM `name` to the daemon at `uri` (peer to peer, incremental disk copy); once it
         answers, the target's libvirt holds the VM and this one no longer does. The target adopts it at
         its next `host.vm.*`; the coordinator then forgets it here (`host.vm.undefine`)."""
-        name, uri = name_arg(args), args.get("uri")
-        if not (isinstance(uri, str) and uri.startswith("qemu+tcp://")):
-            raise RequestError("uri must be the target's qemu+tcp:// libvirt URI")
+        name, uri = request.name, request.uri
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
         started = time.monotonic()

@@ -10,13 +10,13 @@ stores the domain's XML and a state (running, paused or shutoff) per (domain, ta
 drops its snapshots from this node. Real guests (`agents.hypervisor.guests.QemuGuests`) get a qcow2 overlay, and a
 snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted by `host.snapshot_delete`.
 
-`HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the
-state they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM
-(`host.vm.*`, `agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`) and standby copies
-(`agents.host.standby`); the checks of their arguments are in `agents.host.args`, the SQLite store in
-`agents.host.store`. Only agents (role node) and operators may call `host.*` (`agents.messages`, with
-the types of their requests and answers): users act on their VMs through `ve.*`, which checks who owns
-the VE.
+`HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the state
+they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM (`host.vm.*`,
+`agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`) and standby copies
+(`agents.host.standby`); the rules of their requests' values are in `agents.host.args` (the request types of
+`agents.messages` apply them), the SQLite store in `agents.host.store`. Only agents (role node) and
+operators may call `host.*` (`agents.messages`, with the types of their requests and answers): users act on
+their VMs through `ve.*`, which checks who owns the VE.
 
 Concurrency (`agents.host.locks`): each request runs in its own task, holding the lock of the VM it
 names for its whole length, so one VM's operations never interleave (a confirm cannot race an undefine
@@ -31,12 +31,12 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from agents.host.args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snapshots_arg, xml_name
+from agents.host.args import RESERVATION_TTL, snapshots_arg, xml_name
 from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
 from agents.host.lifecycle import Lifecycle
 from agents.host.locks import one_vm
@@ -53,11 +53,18 @@ from agents.messages import (
     HOST_RESTORE,
     HOST_SNAPSHOT,
     HOST_SNAPSHOT_DELETE,
+    Confirm,
     HostInfo,
+    Release,
     Reservation,
+    Reserve,
+    Ship,
+    Snapshot,
     SnapshotDeleted,
+    SnapshotTag,
     SnapshotTaken,
 )
+from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,16 @@ LISTING_PATIENCE = 0.5
 (the first listing is always waited for): libvirtd can hold a listing for seconds while live migrations run,
 and the room that callers weigh (the ledger's) never needs libvirt. One listing at a time: a call arriving
 while one is under way answers the last one at once."""
+
+
+@dataclass(frozen=True)
+class _Annotation:
+    """`HostService.set_metadata`'s request: served as a `host.*` request is (gate, the VM's lock), from this node."""
+
+    name: str
+    uri: str
+    key: str
+    xml: str | None
 
 
 class HostService(Lifecycle, Moves, Standbys):
@@ -90,10 +107,13 @@ class HostService(Lifecycle, Moves, Standbys):
         self._listed: list[DomainInfo] = []
         self._listed_at: float | None = None
         self._listing = False
-        self._serve(transport, {
-            HOST_RESERVE: self._on_reserve, HOST_CONFIRM: self._on_confirm, HOST_RELEASE: self._on_release,
-            HOST_INFO: self._on_info, HOST_SNAPSHOT: self._on_snapshot, HOST_RESTORE: self._on_restore,
-            HOST_SNAPSHOT_DELETE: self._on_snapshot_delete})
+        transport.route(HOST_RESERVE, self._served(self._on_reserve))
+        transport.route(HOST_CONFIRM, self._served(self._on_confirm))
+        transport.route(HOST_RELEASE, self._served(self._on_release))
+        transport.route(HOST_INFO, self._served(self._on_info))
+        transport.route(HOST_SNAPSHOT, self._served(self._on_snapshot))
+        transport.route(HOST_RESTORE, self._served(self._on_restore))
+        transport.route(HOST_SNAPSHOT_DELETE, self._served(self._on_snapshot_delete))
         self._serve_lifecycle(transport)
         self._serve_moves(transport)
         self._serve_standbys(transport)
@@ -155,43 +175,34 @@ class HostService(Lifecycle, Moves, Standbys):
 
     # -- handlers ----------------------------------------------------------------------------------
 
-    async def _on_reserve(self, caller: Caller, args: dict[str, Any]) -> Reservation:
-        name = name_arg(args)
-        need = Resources(*(count_arg(args, f) for f in ("vcpus", "memory_mb", "disk_gb")))
+    async def _on_reserve(self, caller: Caller, request: Reserve) -> Reservation:
         try:
-            reservation = self.ledger.reserve(name, need, trio.current_time(), RESERVATION_TTL)
+            reservation = self.ledger.reserve(request.name, request.need(), trio.current_time(), RESERVATION_TTL)
         except Insufficient as err:
             raise Conflict(str(err)) from None
         return Reservation(reservation.token, RESERVATION_TTL, self.domains.kind, self.migration_uri)
 
-    async def _on_confirm(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+    async def _on_confirm(self, caller: Caller, request: Confirm) -> DomainInfo:
         """Turn a reservation into a VM: a new domain started, or (relocation) the domain carried in `xml`,
         brought to `state` with its `snapshots`. Everything is persisted before the domain starts."""
-        token = args.get("token")
-        if not isinstance(token, str):
-            raise RequestError("host.confirm needs a token")
-        carried, state, snapshots = args.get("xml"), args.get("state", "running"), snapshots_arg(args)
-        if state not in SETTLED:
-            raise RequestError(f"state must be one of {', '.join(SETTLED)}")
-        if carried is not None and not (isinstance(carried, str) and len(carried) <= MAX_XML):
-            raise RequestError(f"xml must be a domain definition of at most {MAX_XML} characters")
+        token, carried, snapshots = request.token, request.xml, snapshots_arg(request.snapshots)
         held = self.ledger.reserved.get(token)
         if held is None:
             raise Conflict(f"reservation {token} is unknown or expired")
         if carried is not None and xml_name(carried) != held.key:
             raise RequestError(f"the carried domain is not {held.key}")
         async with self.vm_locks.hold(held.key):
-            return await self._confirm(token, carried, state, snapshots, args.get("ship"))
+            return await self._confirm(token, carried, request.state, snapshots, request.ship)
 
     async def _confirm(self, token: str, carried: str | None, state: str,
-                       snapshots: list[tuple[str, str, str, float, str]], ship: Any) -> DomainInfo:
+                       snapshots: list[tuple[str, str, str, float, str]], ship: Ship | None) -> DomainInfo:
         try:
             reservation = self.ledger.confirm(token, trio.current_time())
         except UnknownReservation as err:  # it lapsed while the VM's lock was busy
             raise Conflict(str(err)) from None
         need, name = reservation.need, reservation.key
         try:
-            image = await self._pull(name, ship) if isinstance(ship, dict) else None
+            image = await self._pull(name, ship) if ship is not None else None
             xml = self.domains.adapt(carried) if carried else self.domains.new_xml(name, need.vcpus, need.memory_mb)
             await self.hypervisor.define(xml)
             await self.db.transaction(
@@ -214,10 +225,9 @@ class HostService(Lifecycle, Moves, Standbys):
                 self.domains.incoming_image(name)[0].unlink(missing_ok=True)
         return info
 
-    async def _on_release(self, caller: Caller, args: dict[str, Any]) -> bool:
-        token = args.get("token")
-        if isinstance(token, str):
-            self.ledger.release(token)
+    async def _on_release(self, caller: Caller, request: Release) -> bool:
+        if request.token is not None:
+            self.ledger.release(request.token)
         return True
 
     async def set_metadata(self, name: str, uri: str, key: str, xml: str | None) -> None:
@@ -225,22 +235,21 @@ class HostService(Lifecycle, Moves, Standbys):
         part of the domain's definition, so it moves with the VM by every method and leaves with it. The
         stored definition follows, so a restart keeps it. Holding the VM's lock, never beside a move of it.
         NotFound if the VM is not here."""
-        args = {"name": name, "uri": uri, "key": key, "xml": xml}
-        await self._served(self._set_metadata)(Caller("host", "node", "", ""), args)
+        await self._served(self._set_metadata)(Caller("host", "node", "", ""), _Annotation(name, uri, key, xml))
 
     @one_vm
-    async def _set_metadata(self, caller: Caller, args: dict[str, Any]) -> None:
-        name = args["name"]
+    async def _set_metadata(self, caller: Caller, request: _Annotation) -> None:
+        name = request.name
         await self._reconcile(name)
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
         try:
-            definition = await self.hypervisor.set_metadata(name, args["uri"], args["key"], args["xml"])
+            definition = await self.hypervisor.set_metadata(name, request.uri, request.key, request.xml)
         except HypervisorError as err:
             raise RequestError(f"annotate {name}: {err}") from None
         await self.db.write("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
 
-    async def _on_info(self, caller: Caller, args: dict[str, Any]) -> HostInfo:
+    async def _on_info(self, caller: Caller, request: NoArgs) -> HostInfo:
         if not self._listing or self._listed_at is None:
             self._listing = True
             try:
@@ -253,12 +262,10 @@ class HostService(Lifecycle, Moves, Standbys):
                         self.vm_locks.in_use(), None if self._listed_at is None else round(now - self._listed_at, 3))
 
     @one_vm
-    async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> SnapshotTaken:
+    async def _on_snapshot(self, caller: Caller, request: Snapshot) -> SnapshotTaken:
         """Store the domain's XML and a state under `tag` (`state`: the one to restore, default the current
         one; the VE service passes the state a VM had before it paused it for a consistent snapshot)."""
-        name, tag, state = name_arg(args), name_arg(args, "tag"), args.get("state")
-        if state is not None and state not in SETTLED:
-            raise RequestError(f"state must be one of {', '.join(SETTLED)}")
+        name, tag, state = request.name, request.tag, request.state
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
         try:
@@ -275,10 +282,10 @@ class HostService(Lifecycle, Moves, Standbys):
         return SnapshotTaken(tag, state, taken)
 
     @one_vm
-    async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+    async def _on_restore(self, caller: Caller, request: SnapshotTag) -> DomainInfo:
         """Re-create the domain from snapshot `tag`: forced off, redefined from the stored XML, brought to
         the stored state. Idempotent."""
-        name, tag = name_arg(args), name_arg(args, "tag")
+        name, tag = request.name, request.tag
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
         row = await self.db.one("SELECT xml, state, libvirt FROM snapshots WHERE name = ? AND tag = ?", (name, tag))
@@ -299,12 +306,12 @@ class HostService(Lifecycle, Moves, Standbys):
         return info
 
     @one_vm
-    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> SnapshotDeleted:
+    async def _on_snapshot_delete(self, caller: Caller, request: SnapshotTag) -> SnapshotDeleted:
         """Forget snapshot `tag` of the domain: its stored XML and state and, for a real guest, its internal
         qcow2 snapshot (first, so that a failure leaves the row for a retry; one the row does not mention,
         left by a snapshot interrupted before its row was written, goes too). Idempotent: `deleted` says
         whether there was anything to delete."""
-        name, tag = name_arg(args), name_arg(args, "tag")
+        name, tag = request.name, request.tag
         if name not in self.ledger.allocated:
             raise NotFound(f"no VM {name} on this node")
         internal = False

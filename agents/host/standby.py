@@ -10,17 +10,16 @@ checks of where a VM is defined never see it, and a failover onto it never lacks
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import trio
 
-from agents.host.args import MAX_XML, RESERVATION_TTL, count_arg, name_arg, snapshots_arg, xml_name
+from agents.host.args import RESERVATION_TTL, snapshots_arg
 from agents.host.base import HostBase
 from agents.host.capacity import Insufficient, Resources, UnknownReservation
 from agents.host.locks import one_vm
 from agents.host.shipping import fetch_file
 from agents.host.store import Params
-from agents.hypervisor.actor import SETTLED, DomainInfo, HypervisorError
+from agents.hypervisor.actor import DomainInfo, HypervisorError
 from agents.messages import (
     HOST_PROMOTE,
     HOST_RESERVE_STANDBY,
@@ -28,9 +27,14 @@ from agents.messages import (
     HOST_STANDBYS,
     HOST_UNSTANDBY,
     Held,
+    Promote,
+    Reserve,
+    Standby,
     StandbyEntry,
     StandbyKept,
+    VmName,
 )
+from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 
@@ -42,9 +46,11 @@ class Standbys(HostBase):
     """
 
     def _serve_standbys(self, transport: Endpoint) -> None:
-        self._serve(transport, {HOST_RESERVE_STANDBY: self._on_reserve_standby, HOST_STANDBY: self._on_standby,
-                                HOST_UNSTANDBY: self._on_unstandby, HOST_STANDBYS: self._on_standbys,
-                                HOST_PROMOTE: self._on_promote})
+        transport.route(HOST_RESERVE_STANDBY, self._served(self._on_reserve_standby))
+        transport.route(HOST_STANDBY, self._served(self._on_standby))
+        transport.route(HOST_UNSTANDBY, self._served(self._on_unstandby))
+        transport.route(HOST_STANDBYS, self._served(self._on_standbys))
+        transport.route(HOST_PROMOTE, self._served(self._on_promote))
 
     async def _hold_standbys(self) -> None:
         """At start: hold the room of every persisted standby again."""
@@ -52,44 +58,39 @@ class Standbys(HostBase):
                                                                   "FROM standbys"):
             self.ledger.allocate(standby_key(name), Resources(vcpus, memory_mb, disk_gb))
 
-    async def _on_reserve_standby(self, caller: Caller, args: dict[str, Any]) -> Held:
+    async def _on_reserve_standby(self, caller: Caller, request: Reserve) -> Held:
         """Hold room for a standby of VM `name` for RESERVATION_TTL seconds; `host.standby` confirms it."""
-        name = name_arg(args)
+        name = request.name
         if name in self.ledger.allocated:
             raise Conflict(f"{name} itself is on this node; its standby must be on another")
-        need = Resources(*(count_arg(args, f) for f in ("vcpus", "memory_mb", "disk_gb")))
         try:
-            token = self.ledger.reserve(standby_key(name), need, trio.current_time(), RESERVATION_TTL).token
+            token = self.ledger.reserve(standby_key(name), request.need(), trio.current_time(), RESERVATION_TTL).token
         except Insufficient as err:
             raise Conflict(f"no room for a standby of {name}: {err}") from None
         return Held(token, RESERVATION_TTL)
 
     @one_vm
-    async def _on_standby(self, caller: Caller, args: dict[str, Any]) -> StandbyKept:
+    async def _on_standby(self, caller: Caller, request: Standby) -> StandbyKept:
         """Keep, or refresh, the standby of VM `name`: its `xml` and `snapshots` as `host.export` gave them
         at time `taken`, and for a real guest the copy of its disk, fetched from `ship["from"]` (the VM's
         host). A new standby confirms reservation `token`; one held already is updated in place (a retried
         confirm too), so this is idempotent. The disk is fetched before anything is recorded."""
-        name, token, xml, taken = name_arg(args), args.get("token"), args.get("xml"), args.get("taken")
-        snapshots, ship = snapshots_arg(args), args.get("ship")
-        if not (isinstance(xml, str) and len(xml) <= MAX_XML and xml_name(xml) == name):
-            raise RequestError(f"xml must be the definition of {name}, at most {MAX_XML} characters")
-        if not isinstance(taken, int | float) or isinstance(taken, bool):
-            raise RequestError("taken must be a time in seconds")
+        name, token, taken, ship = request.name, request.token, request.taken, request.ship
+        snapshots = snapshots_arg(request.snapshots)
         if name in self.ledger.allocated:
             raise Conflict(f"{name} itself is on this node; its standby must be on another")
         if self.domains.disk(name) is not None:
-            if not (isinstance(ship, dict) and isinstance(ship.get("from"), str)):
+            if ship is None:
                 raise RequestError(f"a standby of real guest {name} needs its disk: ship from its host")
             try:
-                await fetch_file(self.transport, ship["from"], name, "copy", self.domains.standby(name))
+                await fetch_file(self.transport, ship.source, name, "copy", self.domains.standby(name))
             except (OSError, RpcError) as err:
                 raise RequestError(f"cannot fetch the disk of {name}: {err}") from None
         key = standby_key(name)
         if key in self.ledger.allocated:
-            if isinstance(token, str):
+            if token is not None:
                 self.ledger.release(token)  # a retried confirm: the standby is held already
-        elif not isinstance(token, str):
+        elif token is None:
             raise NotFound(f"no standby of {name} on this node")
         else:
             held = self.ledger.reserved.get(token)
@@ -101,20 +102,20 @@ class Standbys(HostBase):
                 raise Conflict(str(err)) from None
         need = self.ledger.allocated[key]
         await self.db.write("INSERT OR REPLACE INTO standbys VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (name, xml, need.vcpus, need.memory_mb, need.disk_gb, json.dumps(snapshots), taken))
+                            (name, request.xml, need.vcpus, need.memory_mb, need.disk_gb, json.dumps(snapshots), taken))
         return StandbyKept(name, taken, len(snapshots))
 
     @one_vm
-    async def _on_unstandby(self, caller: Caller, args: dict[str, Any]) -> bool:
+    async def _on_unstandby(self, caller: Caller, request: VmName) -> bool:
         """Drop the standby of VM `name` and free its room; True if there was one (none is fine)."""
-        name = name_arg(args)
+        name = request.name
         dropped = await self.db.write("DELETE FROM standbys WHERE name = ?", (name,)) > 0
         self.ledger.deallocate(standby_key(name))
         if self.domains.disk(name) is not None:
             self.domains.standby(name).unlink(missing_ok=True)
         return dropped
 
-    async def _on_standbys(self, caller: Caller, args: dict[str, Any]) -> list[StandbyEntry]:
+    async def _on_standbys(self, caller: Caller, request: NoArgs) -> list[StandbyEntry]:
         """The standbys this node keeps: VM name, room held, how many snapshots, when exported."""
         rows = await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb, snapshots, taken FROM standbys "
                                   "ORDER BY name")
@@ -122,14 +123,12 @@ class Standbys(HostBase):
                 for name, vcpus, memory_mb, disk_gb, snapshots, taken in rows]
 
     @one_vm
-    async def _on_promote(self, caller: Caller, args: dict[str, Any]) -> DomainInfo:
+    async def _on_promote(self, caller: Caller, request: Promote) -> DomainInfo:
         """Turn the standby of VM `name` into the VM: defined from the stored XML with its snapshots, its
         held room now the VM's (one transaction), then brought to `state`. If the VM is here already (a
         retried promote), it is only brought to `state`. A real guest's standby disk becomes its disk
         (and its internal snapshots are redefined); it then boots from that disk, as after a power cut."""
-        name, state = name_arg(args), args.get("state")
-        if state not in SETTLED:
-            raise RequestError(f"state must be one of {', '.join(SETTLED)}")
+        name, state = request.name, request.state
         try:
             if name not in self.ledger.allocated:
                 row = await self.db.one("SELECT xml, vcpus, memory_mb, disk_gb, snapshots FROM standbys "

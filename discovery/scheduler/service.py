@@ -57,7 +57,19 @@ import trio
 
 from agents.hypervisor.actor import DomainInfo, DomainStats, HypervisorError
 from agents.runtime import Actor, Event
-from discovery.scheduler.messages import DVMS_LOAD, DVMS_MSG, DVMS_REPORT, DVMS_STATUS
+from discovery.scheduler.messages import (
+    DVMS_LOAD,
+    DVMS_MSG,
+    DVMS_REPORT,
+    DVMS_STATUS,
+    DvmsStatus,
+    Loaded,
+    NodeLoad,
+    PartitionView,
+    Report,
+    ReportedVM,
+    SetLoad,
+)
 from discovery.scheduler.settings import DvmsSettings
 from discovery.ve.base import domain_name
 from discovery.ve.directory import Directory, Unreadable
@@ -80,8 +92,9 @@ from dvms.partition import (
 from dvms.solver import predecessors, solve
 from dvms.workload import Injector
 from overlay.membership import Membership
+from overlay.messages import NoArgs
 from overlay.wire import codec
-from overlay.wire.rpc import Caller, Endpoint, Forbidden, Handler, Method, RequestError, RpcError
+from overlay.wire.rpc import Caller, Endpoint, Forbidden, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 TICK = 0.1
@@ -161,15 +174,17 @@ class DvmsService(Actor):
         self.plans: dict[tuple[PartitionId, int], Plan] = {}
         self.isp: IspNode | None = None
         self.monitor: Monitor | None = None
-        self.load = {"cpu": 0, "memory_mb": 0, "state": Load.NORMAL.value}
+        self.load = NodeLoad(0, 0, Load.NORMAL.value)
         self._next_sample = -math.inf
         self._last_problem = -math.inf
         self._nursery: trio.Nursery | None = None
 
-    def routes(self) -> list[tuple[Method, Handler]]:
-        """The methods this service serves, for the composition place to route (`discovery.agent`)."""
-        return [(DVMS_MSG, self._on_msg), (DVMS_REPORT, self._on_report), (DVMS_LOAD, self._on_load),
-                (DVMS_STATUS, self._on_status)]
+    def serve(self, endpoint: Endpoint) -> None:
+        """Route the methods this service serves; the composition place calls it (`discovery.agent`)."""
+        endpoint.route(DVMS_MSG, self._on_msg)
+        endpoint.route(DVMS_REPORT, self._on_report)
+        endpoint.route(DVMS_LOAD, self._on_load)
+        endpoint.route(DVMS_STATUS, self._on_status)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:  # solves, applies and sends run beside the mailbox
@@ -253,7 +268,7 @@ class DvmsService(Actor):
         now = trio.current_time()
         transition = self.monitor.observe(now, cpu, memory)
         state = self.monitor.state
-        self.load = {"cpu": cpu, "memory_mb": memory, "state": state.value, "cpu_capacity": self.cpu_capacity}
+        self.load = NodeLoad(cpu, memory, state.value, self.cpu_capacity)
         if transition is not None:
             self._event(transition.after.value, cpu=cpu, memory_mb=memory)
         # an empty node has nothing to consolidate; a consolidation that found no room can wait
@@ -333,7 +348,7 @@ class DvmsService(Actor):
                                                                  dict[str, str]]:
         """The partition's nodes and VMs (asked to each member), the specs of their VEs, the VMs of those VEs
         outside the partition (from the VE records: fixed, demand unknown so 0) and the sites of all nodes."""
-        reports: dict[str, dict[str, Any]] = {}
+        reports: dict[str, Report] = {}
         for name in members:
             if name == self.me:
                 reports[name] = await self._report()
@@ -341,13 +356,12 @@ class DvmsService(Actor):
                 addr = self._addr(name)
                 if addr is None:
                     raise RequestError(f"member {name} is not a known node")
-                reports[name] = await self.transport.call(addr, "dvms.report", {}, timeout=REPORT_TIMEOUT)
+                reports[name] = await self.transport.ask(addr, DVMS_REPORT, NoArgs(), timeout=REPORT_TIMEOUT)
         nodes, vms, sites = [], [], {}
         for name, report in reports.items():
-            nodes.append(Node(name, report["site"], int(report["cpu"]), int(report["memory_mb"])))
-            sites[name] = report["site"]
-            vms += [VM(domain_name(v["ve"], v["vm"]), v["ve"], name, int(v["vcpus"]), int(v["memory_mb"]),
-                       int(v["cpu"])) for v in report["vms"]]
+            nodes.append(Node(name, report.site, report.cpu, report.memory_mb))
+            sites[name] = report.site
+            vms += [VM(domain_name(v.ve, v.vm), v.ve, name, v.vcpus, v.memory_mb, v.cpu) for v in report.vms]
         present = {vm.name for vm in vms}
         specs: dict[str, VESpec] = {}
         fixed = []
@@ -474,59 +488,48 @@ class DvmsService(Actor):
             return None
         return cpu if cpu is None or cpu >= 0 else None
 
-    async def _report(self) -> dict[str, Any]:
+    async def _report(self) -> Report:
         assert self.monitor is not None
         vms = await self._local_vms()
         node = self.monitor.plan_node()
-        return {"node": self.me, "site": self.node.site, "cpu": node.cpu, "memory_mb": node.memory_mb,
-                "vms": [{"ve": vm.ve, "vm": vm.name.partition(":")[2], "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
-                         "cpu": vm.cpu} for vm in vms]}
+        return Report(self.me, self.node.site, node.cpu, node.memory_mb,
+                      [ReportedVM(vm.ve, vm.name.partition(":")[2], vm.vcpus, vm.memory_mb, vm.cpu) for vm in vms])
 
-    def _status(self) -> dict[str, Any]:
+    def _status(self) -> DvmsStatus:
         assert self.isp is not None
         partition = None
         m = self.isp.membership
         if m is not None:
             lead = self.isp.lead
-            partition = {"id": str(m.pid), "leader": m.leader, "role": "leader" if lead is not None else "member",
-                         "members": list(lead.members) if lead is not None else None,
-                         "state": lead.state.value if lead is not None else None,
-                         "problem": self.problems.get(str(m.pid))}
-        return {"node": self.me, "load": self.load, "partition": partition, "pinned": dict(self.pinned),
-                "ended": dict(self.ended), "problems": dict(self.problems), "events": list(self.events)}
+            partition = PartitionView(str(m.pid), m.leader, "leader" if lead is not None else "member",
+                                      list(lead.members) if lead is not None else None,
+                                      lead.state.value if lead is not None else None, self.problems.get(str(m.pid)))
+        return DvmsStatus(self.me, self.load, partition, dict(self.pinned), dict(self.ended), dict(self.problems),
+                          list(self.events))
 
     # -- RPC ---------------------------------------------------------------------------------------------
 
-    async def _on_msg(self, caller: Caller, args: dict[str, Any]) -> None:
-        msg = codec.decode(Wire, args)  # it decodes: the dispatcher checked it
+    async def _on_msg(self, caller: Caller, msg: Wire) -> None:
         if msg.sender != caller.cn:
             raise Forbidden(f"{caller.cn} may not speak for {msg.sender}")
         await self.ask(("msg", msg))
 
-    async def _on_report(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_report(self, caller: Caller, request: NoArgs) -> Report:
         return await self._report()
 
-    async def _on_load(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_load(self, caller: Caller, request: SetLoad) -> Loaded:
         """Test hook: pin VM `vm` (a domain `ve:vm` on this node) to `cpu` percent of one vCPU (cpu None: unpin),
         and/or set the CPU capacity (`cpu_capacity`, percent) DVMS counts for this node. The pin is written in
         the domain's metadata, so it follows the VM wherever it is relocated."""
-        vm, cpu, capacity = args.get("vm"), args.get("cpu"), args.get("cpu_capacity")
-        if vm is None and capacity is None:
-            raise RequestError("dvms.load needs vm and cpu, or cpu_capacity")
-        if vm is not None:
-            if not (isinstance(vm, str) and ":" in vm):
-                raise RequestError("vm must be a domain name ve:vm")
-            if cpu is not None and (not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0):
-                raise RequestError("cpu must be an integer >= 0 (percent of one vCPU), or null to unpin")
-        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0):
-            raise RequestError("cpu_capacity must be an integer > 0")
+        vm, cpu = request.vm, request.cpu
         if vm is not None:  # NotFound unless the VM is here
             await self.set_metadata(vm, PIN_NS, "dvms", None if cpu is None else f'<load cpu="{cpu}"/>')
-        await self.ask(("load", (vm, cpu, capacity)))
-        return {"node": self.me, "vm": vm, "cpu": cpu, "cpu_capacity": self.cpu_capacity}
+        await self.ask(("load", (vm, cpu, request.cpu_capacity)))
+        return Loaded(self.me, vm, cpu, self.cpu_capacity)
 
-    async def _on_status(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self.ask(("status", None))
+    async def _on_status(self, caller: Caller, request: NoArgs) -> DvmsStatus:
+        status: DvmsStatus = await self.ask(("status", None))
+        return status
 
 
 def _rules(specs: dict[str, VESpec], known: set[str]) -> list[Rules]:

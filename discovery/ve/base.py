@@ -220,11 +220,3 @@ async def pause_for_test(point: str) -> None:
 def may_act(caller: Caller, ve: VERecord) -> bool:
     """A VE's owner (the certificate that created it) and operators may act on it; nobody else."""
     return caller.role == "operator" or ve.owner == caller.cn
-
-
-def name_arg(args: dict[str, Any]) -> str:
-    """The VE a request names."""
-    name = args.get("name")
-    if not isinstance(name, str) or not name:
-        raise RequestError("a VE name is required")
-    return name

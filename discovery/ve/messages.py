@@ -1,85 +1,234 @@
 """The VE service's RPCs (`ve.*`): what users call through any agent, and `ve.busy` between agents.
 
 Anyone with a certificate may call the user-facing methods; each handler then checks that the caller
-owns the VE or is an operator (`discovery.ve.base.may_act`).
+owns the VE or is an operator (`discovery.ve.base.may_act`). Handlers receive these requests decoded;
+the rules the codec cannot say (a timeout in bounds, a target node or site but not both, a tag's
+characters) each type checks in `__post_init__`. A spec is no type of the codec's: `ve.create` checks it
+with its own validator (`discovery.ve.spec.VESpec.from_dict`), which names the field and what is wrong.
+
+Answers. Most `ve.*` methods answer with the VE's record as users see it (`discovery.ve.records.view`: the
+stored shape, without the format version; `ve show --json` prints it), plus what the verb adds (`moved`,
+`added`/`dropped`, `failed_over`; `ve show` the hosts' word on each VM). That map is the contract, so it
+is declared as one (`RecordView`): a dataclass beside `VERecord` would be a second definition of the
+record's shape, to be kept in step field by field, for a caller (the CLI) that only prints it. The views
+that are not the record (`ve.list`'s page, `ve.locate`, the snapshots) are dataclasses.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay.wire.codec import limit
-from overlay.wire.rpc import ANYONE, NODE, OPERATOR, Method
+from agents.host.args import check_timeout
+from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT
+from discovery.ve.records import SnapshotEntry, VEState
+from overlay.wire import codec
+from overlay.wire.codec import limit, sparse, wire
+from overlay.wire.rpc import ANYONE, NODE, OPERATOR, Method, RequestError
 
 NAME = 200
+MAX_COPIES = 16
+"""Most standby copies of a VM (`ve replicate`)."""
+METHODS = ("auto", "live", "ship")
+"""How a relocation moves a real guest: live where it can, else shipped (auto), or only one way."""
+EITHER = "relocate needs either a target node (to) or a target site (site)"
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+TAG_RULE = "1-63 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+
+RecordView = dict[str, Any]
+"""A VE as the `ve.*` answers show it (`discovery.ve.records.view`, and what the verb adds)."""
+
+
+def non_empty(value: str | None, field: str) -> None:
+    if value is not None and not value:
+        raise RequestError(f"{field} must be a non-empty string")
 
 
 @dataclass(frozen=True)
 class Create:
     spec: Any
+    """The spec as `VESpec.to_dict` writes it; the handler checks it (`VESpec.from_dict`)."""
 
 
 @dataclass(frozen=True)
 class Named:
-    name: Any
+    name: str = field(metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise RequestError("a VE name is required")
 
 
 @dataclass(frozen=True)
 class ListPage:
-    limit: Any = None
-    cursor: Any = None
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = field(default=None, metadata=codec.limit(NAME))  # `limit` is the field's name here
+    """A previous page's `next_cursor` (`discovery.ve.index.Cursor`); None: the first page."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= MAX_LIMIT:
+            raise RequestError(f"limit must be an integer from 1 to {MAX_LIMIT}")
 
 
 @dataclass(frozen=True)
-class Stop:
-    name: Any
-    timeout: Any = None
+class Stop(Named):
+    timeout: float | None = None
+    """Seconds each guest has to power off (default and bounds: `agents.host.args`)."""
     force: bool = False
 
-
-@dataclass(frozen=True)
-class Relocate:
-    name: Any
-    vm: Any = None
-    to: Any = None
-    site: Any = None
-    method: Any = None
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.force and self.timeout is not None:
+            raise RequestError("stop takes a timeout or force, not both")
+        if self.timeout is not None:
+            check_timeout(self.timeout)
 
 
 @dataclass(frozen=True)
-class Tagged:
-    name: Any
-    tag: Any = field(default=None, metadata=limit(NAME))
+class Relocate(Named):
+    vm: str | None = field(default=None, metadata=limit(NAME))
+    """One VM of the VE; None: all of them."""
+    to: str | None = field(default=None, metadata=limit(NAME))
+    site: str | None = field(default=None, metadata=limit(NAME))
+    method: str | None = field(default=None, metadata=limit(NAME))
+    """One of METHODS; None: auto."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.to is None) == (self.site is None):
+            raise RequestError(EITHER)
+        if self.method is not None and self.method not in METHODS:
+            raise RequestError(f"method must be one of {', '.join(METHODS)}")
+        for name in ("vm", "to", "site"):
+            non_empty(getattr(self, name), name)
 
 
 @dataclass(frozen=True)
-class Replicate:
-    name: Any
-    copies: Any = None
+class TakeSnapshot(Named):
+    tag: str | None = field(default=None, metadata=limit(NAME))
+    """TAG_RULE; None (or empty): named after the time."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tag and not TAG_RE.fullmatch(self.tag):
+            raise RequestError(f"a snapshot tag is {TAG_RULE}")
 
 
 @dataclass(frozen=True)
-class Failover:
-    name: Any
-    vm: Any = None
+class Tagged(Named):
+    tag: str = field(metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tag:
+            raise RequestError("a snapshot tag is required")
+
+
+@dataclass(frozen=True)
+class Replicate(Named):
+    copies: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.copies <= MAX_COPIES:
+            raise RequestError(f"copies must be a whole number from 0 to {MAX_COPIES}")
+
+
+@dataclass(frozen=True)
+class FailoverRequest(Named):
+    vm: str | None = field(default=None, metadata=limit(NAME))
+    """One VM of the VE; None: every VM whose host is down."""
     force: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        non_empty(self.vm, "vm")
 
-VE_CREATE = Method("ve.create", Create, ANYONE)
-VE_LIST = Method("ve.list", ListPage, ANYONE)
-VE_SHOW = Method("ve.show", Named, ANYONE)
-VE_LOCATE = Method("ve.locate", Named, ANYONE)
-VE_START = Method("ve.start", Named, ANYONE)
-VE_STOP = Method("ve.stop", Stop, ANYONE)
-VE_SUSPEND = Method("ve.suspend", Named, ANYONE)
-VE_RESUME = Method("ve.resume", Named, ANYONE)
-VE_DESTROY = Method("ve.destroy", Named, ANYONE)
-VE_RELOCATE = Method("ve.relocate", Relocate, ANYONE)
-VE_SNAPSHOT = Method("ve.snapshot", Tagged, ANYONE)
-VE_SNAPSHOTS = Method("ve.snapshots", Named, ANYONE)
-VE_RESTORE = Method("ve.restore", Tagged, ANYONE)
-VE_SNAPSHOT_DELETE = Method("ve.snapshot_delete", Tagged, ANYONE)
-VE_REPLICATE = Method("ve.replicate", Replicate, ANYONE)
-VE_FAILOVER = Method("ve.failover", Failover, ANYONE)
-VE_BUSY = Method("ve.busy", Named, frozenset({NODE, OPERATOR}))
+
+# -- answers that are not the record ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Page:
+    """`ve.list`: a page of VEs (each as `RecordView`), and where the next starts (None: this was the last)."""
+
+    ves: list[RecordView]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class MovingTo:
+    node: str
+    site: str
+    phase: str
+
+
+@dataclass(frozen=True)
+class FailingOverTo:
+    node: str
+    site: str
+    source: str = field(metadata=wire("from"))
+
+
+@dataclass(frozen=True)
+class CopyAt:
+    node: str
+    site: str
+    taken: float
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one VM runs, by the record; and where it is going, and its standby copies, if any."""
+
+    node: str
+    site: str
+    addr: str
+    moving_to: MovingTo | None = field(default=None, metadata=sparse())
+    failing_over: FailingOverTo | None = field(default=None, metadata=sparse())
+    replicas: list[CopyAt] | None = field(default=None, metadata=sparse())
+
+
+@dataclass(frozen=True)
+class Located:
+    """`ve.locate`: where each VM runs, from the directory alone (no host is asked)."""
+
+    name: str
+    state: VEState
+    vms: dict[str, Location]
+
+
+@dataclass(frozen=True)
+class VESnapshot(SnapshotEntry):
+    """`ve.snapshot`: the snapshot as the record lists it, and the VE's name."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class SnapshotList:
+    """`ve.snapshots`, and `ve.snapshot_delete` (with the `tag` it deleted): the snapshots the record lists."""
+
+    name: str
+    snapshots: list[SnapshotEntry]
+    tag: str | None = field(default=None, metadata=sparse())
+
+
+VE_CREATE = Method("ve.create", Create, ANYONE, RecordView)
+VE_LIST = Method("ve.list", ListPage, ANYONE, Page)
+VE_SHOW = Method("ve.show", Named, ANYONE, RecordView)
+VE_LOCATE = Method("ve.locate", Named, ANYONE, Located)
+VE_START = Method("ve.start", Named, ANYONE, RecordView)
+VE_STOP = Method("ve.stop", Stop, ANYONE, RecordView)
+VE_SUSPEND = Method("ve.suspend", Named, ANYONE, RecordView)
+VE_RESUME = Method("ve.resume", Named, ANYONE, RecordView)
+VE_DESTROY = Method("ve.destroy", Named, ANYONE, RecordView)
+VE_RELOCATE = Method("ve.relocate", Relocate, ANYONE, RecordView)
+VE_SNAPSHOT = Method("ve.snapshot", TakeSnapshot, ANYONE, VESnapshot)
+VE_SNAPSHOTS = Method("ve.snapshots", Named, ANYONE, SnapshotList)
+VE_RESTORE = Method("ve.restore", Tagged, ANYONE, RecordView)
+VE_SNAPSHOT_DELETE = Method("ve.snapshot_delete", Tagged, ANYONE, SnapshotList)
+VE_REPLICATE = Method("ve.replicate", Replicate, ANYONE, RecordView)
+VE_FAILOVER = Method("ve.failover", FailoverRequest, ANYONE, RecordView)
+VE_BUSY = Method("ve.busy", Named, frozenset({NODE, OPERATOR}), bool)

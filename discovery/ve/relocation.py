@@ -12,12 +12,12 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
 
 from discovery.ve import placement as planner
-from discovery.ve.base import PREPARE_LIMIT, VEBase, domain_name, name_arg
+from discovery.ve.base import PREPARE_LIMIT, VEBase, domain_name
 from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
+from discovery.ve.messages import EITHER, RecordView, Relocate
 from discovery.ve.moves import Move, MoveRecovery
 from discovery.ve.records import Slot, VERecord, view
 from discovery.ve.spec import VESpec, VMSpec
@@ -27,24 +27,15 @@ from overlay.wire.rpc import Caller, NotFound, RequestError
 
 log = logging.getLogger(__name__)
 SHOWN_REASONS = 3  # nodes whose refusal a relocation's error names
-METHODS = ("auto", "live", "ship")
-EITHER = "relocate needs either a target node (to) or a target site (site)"
 
 
 class Relocation(VEBase):
     """`ve.relocate`, and the recovery of a move its coordinator left unfinished."""
 
-    async def _on_relocate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_relocate(self, caller: Caller, request: Relocate) -> RecordView:
         """`relocate` one VM (`vm`) or every VM of a VE to node `to`, or into site `site`, by `method`."""
-        vm, to, site, method = args.get("vm"), args.get("to"), args.get("site"), args.get("method") or "auto"
-        if (to is None) == (site is None):
-            raise RequestError(EITHER)
-        if method not in METHODS:
-            raise RequestError(f"method must be one of {', '.join(METHODS)}")
-        for field, value in (("vm", vm), ("to", to), ("site", site)):
-            if value is not None and not (isinstance(value, str) and value):
-                raise RequestError(f"{field} must be a non-empty string")
-        ve, moved = await self.relocate(caller, name_arg(args), vm, to, site, method)
+        ve, moved = await self.relocate(caller, request.name, request.vm, request.to, request.site,
+                                        request.method or "auto")
         return {**view(ve), "moved": moved}
 
     async def relocate(self, caller: Caller, name: str, vm: str | None, to: str | None, site: str | None = None,

@@ -30,10 +30,11 @@ from typing import Any
 
 from agents.host.capacity import Resources
 from agents.runtime import Actor
-from discovery.ve.base import VEBase, domain_name, name_arg
+from discovery.ve.base import VEBase, domain_name
 from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.driver import drive
 from discovery.ve.failovers import Failover, FailoverRecovery
+from discovery.ve.messages import FailoverRequest, RecordView, Replicate
 from discovery.ve.records import Slot, Standby, VERecord, view
 from overlay.dht import Record
 from overlay.membership import ALIVE, SUSPECT, Member
@@ -41,7 +42,6 @@ from overlay.wire.rpc import Caller, Conflict, NotFound, RemoteError, RequestErr
 from vivaldi.coordinate import estimate
 
 log = logging.getLogger(__name__)
-MAX_COPIES = 16
 DOWN_PROBE_TIMEOUT = 5.0
 """How long a failover waits for a VM's host to answer before taking it for down."""
 FENCE_INTERVAL = 5.0
@@ -52,7 +52,7 @@ class Replicas(VEBase):
 
     # -- replicate -------------------------------------------------------------------------------------
 
-    async def _on_replicate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_replicate(self, caller: Caller, request: Replicate) -> RecordView:
         """Keep `copies` standby copies of every VM of the VE (0 drops them all). Copies already there are
         refreshed (exported again); those on nodes that are gone, or that lost them, are made again
         elsewhere; extra ones are dropped, least preferred first. If the copies cannot all be placed,
@@ -62,10 +62,8 @@ class Replicas(VEBase):
         so a coordinator that dies leaves reservations that lapse or a listed copy that `ve show` reports
         missing, never room held that nothing lists. Dropped copies leave the record before their nodes
         free them, for the same reason."""
-        copies = args.get("copies")
-        if not isinstance(copies, int) or isinstance(copies, bool) or not 0 <= copies <= MAX_COPIES:
-            raise RequestError(f"copies must be a whole number from 0 to {MAX_COPIES}")
-        async with self._locked(caller, name_arg(args)) as record:
+        copies = request.copies
+        async with self._locked(caller, request.name) as record:
             ve = record.ve
             alive = {m.name: m for m in self.membership.alive()}
             keep: dict[str, list[Standby]] = {}
@@ -198,18 +196,14 @@ class Replicas(VEBase):
 
     # -- failover --------------------------------------------------------------------------------------
 
-    async def _on_failover(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_failover(self, caller: Caller, request: FailoverRequest) -> RecordView:
         """Bring up on a standby copy each VM (or only `vm`) whose host is down: not a live member, not
         answering, or answering that it does not hold the VM. The nearest live copy is promoted, in the
         state the VE is in, and no longer counts as a copy. A VM whose host is alive and answers is left
         alone (refused if named) unless `force`: then its copy there is switched off first. Refused as a
         whole, before anything changes, if a VM to fail over has no copy on a live node."""
-        vm, force = args.get("vm"), args.get("force", False)
-        if vm is not None and not (isinstance(vm, str) and vm):
-            raise RequestError("vm must be a non-empty string")
-        if not isinstance(force, bool):
-            raise RequestError("force must be true or false")
-        async with self._locked(caller, name_arg(args)) as record:
+        vm, force = request.vm, request.force
+        async with self._locked(caller, request.name) as record:
             name, placement = record.ve.name, record.ve.placement
             if vm is not None and vm not in placement:
                 raise NotFound(f"VE {name!r} has no VM {vm!r} (VMs: {', '.join(sorted(placement))})")

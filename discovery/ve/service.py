@@ -29,20 +29,21 @@ from typing import Any
 
 import trio
 
-from agents.host.args import shutdown_timeout
+from agents.host.args import SHUTDOWN_TIMEOUT
 from agents.runtime import Actor
 from discovery.ve import creating
 from discovery.ve import messages as m
-from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, domain_name, may_act, name_arg
+from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, domain_name, may_act
 from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.driver import drive
-from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT, Cursor, Entry
+from discovery.ve.index import Cursor, Entry
+from discovery.ve.messages import RecordView
 from discovery.ve.records import FailoverIntent, MoveIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
 from discovery.ve.replicas import Replicas
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import SpecError, VESpec
-from overlay.wire.rpc import Caller, Conflict, Handler, Method, NotFound, RequestError, RpcError
+from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 RECOVERY_WINDOW = 120.0
@@ -52,23 +53,33 @@ RECOVERY_WINDOW = 120.0
 class VEService(Relocation, Snapshots, Replicas):
     """The `ve.*` methods (the interfaces it is given: `VEBase`)."""
 
-    def routes(self) -> list[tuple[Method, Handler]]:
-        """The methods this service serves, for the composition place to route (`discovery.agent`)."""
-        return [(m.VE_CREATE, self._on_create), (m.VE_LIST, self._on_list), (m.VE_SHOW, self._on_show),
-                (m.VE_LOCATE, self._on_locate), (m.VE_START, self._on_start), (m.VE_STOP, self._on_stop),
-                (m.VE_SUSPEND, self._on_suspend), (m.VE_RESUME, self._on_resume), (m.VE_DESTROY, self._on_destroy),
-                (m.VE_RELOCATE, self._on_relocate), (m.VE_SNAPSHOT, self._on_snapshot),
-                (m.VE_SNAPSHOTS, self._on_snapshots), (m.VE_RESTORE, self._on_restore),
-                (m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete), (m.VE_REPLICATE, self._on_replicate),
-                (m.VE_FAILOVER, self._on_failover), (m.VE_BUSY, self._on_busy)]
+    def serve(self, endpoint: Endpoint) -> None:
+        """Route the methods this service serves; the composition place calls it (`discovery.agent`)."""
+        endpoint.route(m.VE_CREATE, self._on_create)
+        endpoint.route(m.VE_LIST, self._on_list)
+        endpoint.route(m.VE_SHOW, self._on_show)
+        endpoint.route(m.VE_LOCATE, self._on_locate)
+        endpoint.route(m.VE_START, self._on_start)
+        endpoint.route(m.VE_STOP, self._on_stop)
+        endpoint.route(m.VE_SUSPEND, self._on_suspend)
+        endpoint.route(m.VE_RESUME, self._on_resume)
+        endpoint.route(m.VE_DESTROY, self._on_destroy)
+        endpoint.route(m.VE_RELOCATE, self._on_relocate)
+        endpoint.route(m.VE_SNAPSHOT, self._on_snapshot)
+        endpoint.route(m.VE_SNAPSHOTS, self._on_snapshots)
+        endpoint.route(m.VE_RESTORE, self._on_restore)
+        endpoint.route(m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete)
+        endpoint.route(m.VE_REPLICATE, self._on_replicate)
+        endpoint.route(m.VE_FAILOVER, self._on_failover)
+        endpoint.route(m.VE_BUSY, self._on_busy)
 
     # -- create ------------------------------------------------------------------------------------
 
-    async def _on_create(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_create(self, caller: Caller, request: m.Create) -> RecordView:
         """Create the VE `spec` describes; its steps are the transaction `discovery.ve.creating.Create`. The
         VE's lock is held throughout, so this agent answers busy to agents that meet its `creating` record."""
         try:
-            spec = VESpec.from_dict(args.get("spec"))
+            spec = VESpec.from_dict(request.spec)
         except SpecError as err:
             raise RequestError(str(err)) from None
         ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uuid.uuid4().hex)
@@ -114,20 +125,17 @@ class VEService(Relocation, Snapshots, Replicas):
 
     # -- read --------------------------------------------------------------------------------------
 
-    async def _on_list(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_list(self, caller: Caller, request: m.ListPage) -> m.Page:
         """One page of the caller's VEs (every VE for an operator, like `openstack server list
         --all-projects`), from the index in the DHT (`discovery.ve.index`): `limit` VEs at most, after
         `cursor` (a previous page's `next_cursor`); `next_cursor` is None on the last page. A record this
         agent cannot read (a newer format) is left out, and logged."""
-        limit = args.get("limit", DEFAULT_LIMIT)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
-            raise RequestError(f"limit must be an integer from 1 to {MAX_LIMIT}")
-        cursor = Cursor.parse(args.get("cursor"))
+        cursor = Cursor.parse(request.cursor)
 
         def wanted(entry: Entry) -> bool:
             return caller.role == "operator" or entry.owner == caller.cn
 
-        records, cursor = await self.directory.index.listing(limit, cursor, wanted)
+        records, cursor = await self.directory.index.listing(request.limit, cursor, wanted)
         ves = []
         for record in records:
             try:
@@ -137,12 +145,12 @@ class VEService(Relocation, Snapshots, Replicas):
                 continue
             if may_act(caller, ve):
                 ves.append(view(ve))
-        return {"ves": ves, "next_cursor": cursor.encode() if cursor else None}
+        return m.Page(ves, cursor.encode() if cursor else None)
 
-    async def _on_show(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_show(self, caller: Caller, request: m.Named) -> RecordView:
         """The VE as its record has it (and its version in the directory), with the state of each VM's domain
         and whether each standby copy is held, as their hosts answer."""
-        record = await self._record(caller, name_arg(args))
+        record = await self._record(caller, request.name)
         ve = record.ve
         shown = {**view(ve), "version": record.version}
         for vm_name, slot in ve.placement.items():
@@ -165,53 +173,43 @@ class VEService(Relocation, Snapshots, Replicas):
                     shown_entry["standby"] = f"unknown ({answer})"
         return shown
 
-    async def _on_locate(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_locate(self, caller: Caller, request: m.Named) -> m.Located:
         """Where each VM runs, from the directory alone (no host is asked): `ve show` asks the hosts."""
-        ve = (await self._record(caller, name_arg(args))).ve
-        vms: dict[str, dict[str, Any]] = {}
+        ve = (await self._record(caller, request.name)).ve
+        vms = {}
         for vm, slot in sorted(ve.placement.items()):
-            vms[vm] = {"node": slot.node, "site": slot.site, "addr": slot.addr}
-            if slot.moving_to is not None:
-                vms[vm]["moving_to"] = {"node": slot.moving_to.node, "site": slot.moving_to.site,
-                                        "phase": slot.moving_to.phase}
-            if slot.failing_over is not None:
-                vms[vm]["failing_over"] = {"node": slot.failing_over.node, "site": slot.failing_over.site,
-                                           "from": slot.failing_over.source}
-            if ve.standbys_of(vm):
-                vms[vm]["replicas"] = [{"node": e.node, "site": e.site, "taken": e.taken} for e in ve.standbys_of(vm)]
-        return {"name": ve.name, "state": ve.state, "vms": vms}
+            moving, failing = slot.moving_to, slot.failing_over
+            vms[vm] = m.Location(
+                slot.node, slot.site, slot.addr, m.MovingTo(moving.node, moving.site, moving.phase) if moving else None,
+                m.FailingOverTo(failing.node, failing.site, failing.source) if failing else None,
+                [m.CopyAt(e.node, e.site, e.taken) for e in ve.standbys_of(vm)] or None)
+        return m.Located(ve.name, ve.state, vms)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def _on_start(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(caller, args, "host.vm.start", "running")
+    async def _on_start(self, caller: Caller, request: m.Named) -> RecordView:
+        return await self._apply(caller, request.name, "host.vm.start", "running")
 
-    async def _on_stop(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_stop(self, caller: Caller, request: m.Stop) -> RecordView:
         """Shut every VM down gracefully, each forced off after `timeout` seconds (default and bounds:
         `agents.host.args`), or force them off at once with `force`. Either way the VE is recorded stopped and
         each host persists its VM off, so a restart of a host does not bring it back."""
-        force = args.get("force", False)
-        if not isinstance(force, bool):
-            raise RequestError("force must be true or false")
-        if force and args.get("timeout") is not None:
-            raise RequestError("stop takes a timeout or force, not both")
-        if force:
-            return await self._apply(caller, args, "host.vm.destroy", "stopped")
-        given = args.get("timeout")
-        timeout = shutdown_timeout({} if given is None else {"timeout": given})
-        return await self._apply(caller, args, "host.vm.stop", "stopped", timeout=timeout)
+        if request.force:
+            return await self._apply(caller, request.name, "host.vm.destroy", "stopped")
+        timeout = request.timeout if request.timeout is not None else SHUTDOWN_TIMEOUT
+        return await self._apply(caller, request.name, "host.vm.stop", "stopped", timeout=timeout)
 
-    async def _on_suspend(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(caller, args, "host.vm.suspend", "suspended")
+    async def _on_suspend(self, caller: Caller, request: m.Named) -> RecordView:
+        return await self._apply(caller, request.name, "host.vm.suspend", "suspended")
 
-    async def _on_resume(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._apply(caller, args, "host.vm.resume", "running")
+    async def _on_resume(self, caller: Caller, request: m.Named) -> RecordView:
+        return await self._apply(caller, request.name, "host.vm.resume", "running")
 
-    async def _on_destroy(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_destroy(self, caller: Caller, request: m.Named) -> RecordView:
         """Undefine every VM (and the copy an interrupted move or failover may have left at its target),
         delete the record, then free the VMs' standby copies. Refused while another agent is relocating,
         failing over or snapshotting the VE."""
-        async with self._locked(caller, name_arg(args), settle=False) as record:
+        async with self._locked(caller, request.name, settle=False) as record:
             ve = record.ve
             await self._check_unattended(ve)
             await self._on_every_vm(ve, "host.vm.undefine")
@@ -220,9 +218,8 @@ class VEService(Relocation, Snapshots, Replicas):
             await self._unstandby(ve.name, ve.standbys)
         return {**view(ve), "state": "destroyed"}
 
-    async def _apply(self, caller: Caller, args: dict[str, Any], method: str, state: VEState,
-                     **extra: Any) -> dict[str, Any]:
-        async with self._locked(caller, name_arg(args)) as record:
+    async def _apply(self, caller: Caller, name: str, method: str, state: VEState, **extra: Any) -> RecordView:
+        async with self._locked(caller, name) as record:
             await self._on_every_vm(record.ve, method, **extra)
             ve = replace(record.ve, state=state)
             await self.directory.put(ve, after=record.version)
@@ -317,10 +314,9 @@ class VEService(Relocation, Snapshots, Replicas):
         if busy:
             raise Conflict(f"{coordinator} is {what} (for {age:.0f} s); try again shortly")
 
-    async def _on_busy(self, caller: Caller, args: dict[str, Any]) -> bool:
+    async def _on_busy(self, caller: Caller, request: m.Named) -> bool:
         """Whether this agent is running an operation on VE `name` (agents ask before settling an intent)."""
-        name = args.get("name")
-        lock = self._locks.get(name) if isinstance(name, str) else None
+        lock = self._locks.get(request.name)
         return lock is not None and lock.locked()
 
     async def recover_abandoned(self) -> int:

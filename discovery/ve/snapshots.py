@@ -4,28 +4,23 @@ the VE's VMs, and kept by each VM's host, so they travel with a VM when it is re
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import replace
-from typing import Any
 
-from discovery.ve.base import VEBase, domain_name, name_arg
+from discovery.ve.base import VEBase, domain_name
 from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
+from discovery.ve.messages import Named, RecordView, SnapshotList, Tagged, TakeSnapshot, VESnapshot
 from discovery.ve.records import SnapshotEntry, VERecord, view
 from discovery.ve.snapshotting import Snapshot, SnapshotFinish
-from overlay.wire import codec
 from overlay.wire.rpc import Caller, NotFound, RequestError
-
-TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-TAG_RULE = "1-63 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
 
 
 class Snapshots(VEBase):
     """`ve.snapshot`, `ve.snapshots`, `ve.restore`, `ve.snapshot_delete`, and the undoing of a snapshot left
     half-taken."""
 
-    async def _on_snapshot(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_snapshot(self, caller: Caller, request: TakeSnapshot) -> VESnapshot:
         """A snapshot of every VM of the VE under `tag`, consistent across them: the running VMs are paused,
         each VM's host stores its domain XML and the state to restore (`host.snapshot`), then the paused
         VMs run again. The record lists the snapshot (tag, time, VE state, each VM's node and state).
@@ -37,13 +32,11 @@ class Snapshots(VEBase):
         and Kademlia carries them in UDP datagrams). The node listed per VM is where it was when the
         snapshot was taken. A `snapshotting` marker written before the pause lets recovery (`_settle`)
         resume the VMs if the coordinator dies while they are paused."""
-        tag = args.get("tag") or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
-        if not (isinstance(tag, str) and TAG_RE.fullmatch(tag)):
-            raise RequestError(f"a snapshot tag is {TAG_RULE}")
-        async with self._locked(caller, name_arg(args)) as record:
+        tag = request.tag or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime())
+        async with self._locked(caller, request.name) as record:
             snapshot = Snapshot(record.ve, tag, _domains(record.ve), self.node)
             record, entry = await drive(snapshot, record, self.transport, self.directory)
-        return {"name": record.ve.name, **codec.encode(entry)}
+        return VESnapshot(**vars(entry), name=record.ve.name)
 
     async def _finish_snapshot(self, record: Stored) -> Stored:
         """Run again the VMs an interrupted snapshot paused and drop its marker
@@ -52,15 +45,15 @@ class Snapshots(VEBase):
         record, _ = await drive(finish, record, self.transport, self.directory)
         return record
 
-    async def _on_snapshots(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
-        ve = (await self._record(caller, name_arg(args))).ve
-        return {"name": ve.name, "snapshots": codec.encode(ve.snapshots)}
+    async def _on_snapshots(self, caller: Caller, request: Named) -> SnapshotList:
+        ve = (await self._record(caller, request.name)).ve
+        return SnapshotList(ve.name, list(ve.snapshots))
 
-    async def _on_restore(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_restore(self, caller: Caller, request: Tagged) -> RecordView:
         """Bring every VM back to snapshot `tag` (each host re-creates the domain from what it stored, the VM
         relocated since or not) and the VE to the state it had then. Idempotent."""
-        tag = tag_arg(args)
-        async with self._locked(caller, name_arg(args)) as record:
+        tag = request.tag
+        async with self._locked(caller, request.name) as record:
             ve = record.ve
             entry = listed(ve, tag)
             await self._each_host(ve, "host.restore", tag, f"restoring {ve.name} to {tag}")
@@ -68,19 +61,19 @@ class Snapshots(VEBase):
             await self.directory.put(ve, after=record.version)
         return view(ve)
 
-    async def _on_snapshot_delete(self, caller: Caller, args: dict[str, Any]) -> dict[str, Any]:
+    async def _on_snapshot_delete(self, caller: Caller, request: Tagged) -> SnapshotList:
         """Delete snapshot `tag`: each VM's current host forgets its copy (`host.snapshot_delete`; a VM
         relocated since carried its snapshots along), then the record stops listing it. Hosts first, so
         that after a partial failure the tag is still listed and a retry finishes the job (a host with
         nothing left to delete answers so, which is fine)."""
-        tag = tag_arg(args)
-        async with self._locked(caller, name_arg(args)) as record:
+        tag = request.tag
+        async with self._locked(caller, request.name) as record:
             ve = record.ve
             listed(ve, tag)
             await self._each_host(ve, "host.snapshot_delete", tag, f"deleting snapshot {tag} of {ve.name}")
             ve = replace(ve, snapshots=tuple(s for s in ve.snapshots if s.tag != tag))
             await self.directory.put(ve, after=record.version)
-        return {"name": ve.name, "tag": tag, "snapshots": codec.encode(ve.snapshots)}
+        return SnapshotList(ve.name, list(ve.snapshots), tag)
 
     async def _each_host(self, ve: VERecord, method: str, tag: str, doing: str) -> None:
         """`method` for snapshot `tag` on the host of every VM; the failures, if any, in one RequestError."""
@@ -92,13 +85,6 @@ class Snapshots(VEBase):
                 failures.append(f"{vm}: {err}")
         if failures:
             raise RequestError(f"{doing} failed for " + "; ".join(failures))
-
-
-def tag_arg(args: dict[str, Any]) -> str:
-    tag = args.get("tag")
-    if not isinstance(tag, str) or not tag:
-        raise RequestError("a snapshot tag is required")
-    return tag
 
 
 def listed(ve: VERecord, tag: str) -> SnapshotEntry:

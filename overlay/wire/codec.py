@@ -13,6 +13,9 @@ naming the class (`encode_tagged`).
 Size limits are field metadata: `name: str = field(metadata=limit(200))`; so is a wire name that is
 no Python name (`field(metadata=wire("from"))`), and `sparse()`: a field left off the wire while it holds
 its default, so that a record gains optional parts without changing the shape of those that lack them.
+A dataclass may refuse more in its own `__post_init__` (a range, a rule across fields): what that raises
+is not a CodecError and passes through unchanged (a request type raises the RPC layer's one-line
+`RequestError`, so the handler's caller reads the same line whoever checked).
 This module never imports anything of ours: every layer's messages use it.
 """
 

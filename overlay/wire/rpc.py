@@ -91,6 +91,14 @@ class UnknownMethod(RequestError):
     kind = "unknown_method"
 
 
+class BadAnswer(RequestError):
+    """A handler answered with something its method does not declare: a bug on the answering node, told
+    to the caller in one line (the kind `Endpoint.ask` gives an answer that does not fit) rather than sent
+    on or left to break the connection."""
+
+    kind = "bad_answer"
+
+
 NODE, CLIENT, OPERATOR = tls.ROLES
 """The roles a certificate carries (its OU): an agent, a user, an operator of the whole cluster."""
 AGENTS = frozenset({NODE})
@@ -123,6 +131,15 @@ class Method(Generic[R, A]):
         it does not fit."""
         return value if self.answer is None else codec.decode(self.answer, value, f"{self.name} answer")
 
+    def write_answer(self, value: A) -> Any:
+        """A handler's answer as it goes on the wire, checked against the answer type (as the caller will
+        read it); CodecError if it does not fit. An undeclared answer goes as it is."""
+        if self.answer is None:
+            return value
+        wire = codec.encode(value)
+        self.read_answer(wire)
+        return wire
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -134,10 +151,11 @@ class Caller:
     site: str
 
 
-Handler = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
-"""Handlers receive the arguments as a map that decoded cleanly into the method's request type. A method that
-declares its answer type is answered with a value of it (dataclasses included: `dispatch` encodes them);
-any other answers with plain msgpack values, passed on as they are."""
+Handler = Callable[[Caller, Any], Awaitable[Any]]
+"""A handler as an endpoint keeps it: it receives the request decoded into its method's request type (a
+frozen dataclass) and answers with a value of the method's answer type (dataclasses included: `dispatch`
+encodes them), or, for a method that declares none, with plain msgpack values, passed on as they are.
+`Endpoint.route` checks, for a type checker, that a handler fits its method."""
 DelayFn = Callable[[str, str], float]
 
 
@@ -223,7 +241,8 @@ class Endpoint:
         self.stamp: Callable[[], Any] | None = None
         """Returns what to attach to every response we send (see the module docstring)."""
 
-    def route(self, method: Method, handler: Handler) -> None:
+    def route(self, method: Method[R, A], handler: Callable[[Caller, R], Awaitable[A]]) -> None:
+        """Serve `method` with `handler`, which takes the method's request type and answers its answer type."""
         if method.name in self.routes:
             raise ValueError(f"{method.name} is served twice")
         self.routes[method.name] = (method, handler)
@@ -235,7 +254,8 @@ class Endpoint:
     async def dispatch(self, caller: Caller, name: str, args: Any) -> Any:
         """The one place where a request meets its handler: the method must be served here, the caller's
         role allowed, and the arguments decode into the method's request type; otherwise a RequestError
-        (unknown_method, forbidden, bad_request) answers before the handler runs."""
+        (unknown_method, forbidden, bad_request) answers before the handler runs. The handler gets the
+        decoded request; its answer is encoded and checked against the declared type (`BadAnswer`)."""
         route = self.routes.get(name)
         if route is None:
             raise UnknownMethod(f"no method {name!r}")
@@ -244,11 +264,15 @@ class Endpoint:
             raise Forbidden(f"{caller.cn!r} ({caller.role}) may not call {name}; it is for "
                             f"{', '.join(sorted(method.roles))}")
         try:
-            codec.decode(method.request, args)
+            request = codec.decode(method.request, args)
         except codec.CodecError as err:
             raise RequestError(f"{name}: {err}") from None
-        answer = await handler(caller, args)
-        return answer if method.answer is None else codec.encode(answer)
+        answer = await handler(caller, request)
+        try:
+            return method.write_answer(answer)
+        except codec.CodecError as err:
+            log.error("%s answered with what it does not declare: %s", name, err)
+            raise BadAnswer(str(err)) from None
 
     async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typing_extensions import TypeVar
@@ -37,3 +38,9 @@ async def ask(host: HostService, method: Method[R, A], request: R) -> A:
     answer decoded with the method's answer type as `Endpoint.ask` decodes it: so every answer is checked
     against the type the method declares."""
     return method.read_answer(await host.transport.dispatch(AGENT, method.name, codec.encode(request)))
+
+
+async def send(host: HostService, method: Method[R, A], args: dict[str, Any]) -> Any:
+    """`method` on the host service with `args` as a peer put them on the wire: what no request type of ours
+    would let this side build (a wrong type, a value out of range), so the host's own checks are what refuse."""
+    return await host.transport.dispatch(AGENT, method.name, args)

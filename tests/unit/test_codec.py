@@ -118,3 +118,26 @@ def test_a_mapping_field_decodes_as_a_dict_and_is_checked() -> None:
     assert decode(Sparse, {"name": "n", "slots": {"a": {"tag": "t"}}}).slots == {"a": Inner("t")}
     with pytest.raises(CodecError, match=r"^slots\.a\.tag: expected str, got int$"):
         decode(Sparse, {"name": "n", "slots": {"a": {"tag": 1}}})
+
+
+class OutOfRange(ValueError):
+    """What a type's own check raises (the RPC layer's is `RequestError`): not a CodecError."""
+
+
+@dataclass(frozen=True)
+class Bounded:
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low <= self.high:
+            raise OutOfRange(f"need 0 <= low <= high, got {self.low} and {self.high}")
+
+
+def test_a_type_s_own_check_runs_after_the_codec_s_and_its_error_passes_through_unchanged() -> None:
+    """The codec refuses the types (one CodecError line); the type refuses the values, in its own words."""
+    assert decode(Bounded, {"low": 1, "high": 2}) == Bounded(1, 2)
+    with pytest.raises(CodecError, match=r"^high: expected int, got str$"):
+        decode(Bounded, {"low": 1, "high": "2"})  # the type's check never sees a value of the wrong type
+    with pytest.raises(OutOfRange, match=r"^need 0 <= low <= high, got 3 and 2$"):
+        decode(list[Bounded], [{"low": 3, "high": 2}])

@@ -280,7 +280,7 @@ async def test_a_malformed_digest_answer_fails_one_comparison_not_the_pass(tmp_p
     name = cluster.ordered()[0]
     successor = cluster.nodes[cluster.ordered()[1]]
 
-    async def garbage(caller, args):
+    async def garbage(caller, request):
         return {"buckets": [10**6], "entries": "?"}
 
     del successor.transport.routes[DHT_DIGEST.name]

@@ -128,7 +128,7 @@ async def test_a_conditional_write_follows_a_tombstone_and_refuses_a_stale_expec
 async def test_a_majority_suffices_and_a_minority_writes_nothing(tmp_path, autojump_clock):
     cluster = await Cluster.of(tmp_path, 6)
 
-    async def unavailable(caller, args):
+    async def unavailable(caller, request):
         raise RequestError("disk full")
 
     key = "ve/quorum"

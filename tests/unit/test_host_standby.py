@@ -49,8 +49,9 @@ from agents.messages import (
     VmStop,
 )
 from overlay.messages import NoArgs
+from overlay.wire import codec
 from overlay.wire.rpc import Conflict, Endpoint, NotFound, RequestError
-from tests.unit.conftest import AGENT, ask
+from tests.unit.conftest import ask, send
 
 NEED = {"vcpus": 2, "memory_mb": 1024, "disk_gb": 1}
 
@@ -114,14 +115,16 @@ async def test_standby_refusals_and_idempotent_drop(host: HostService) -> None:
     with pytest.raises(Conflict, match="no room for a standby of ve:b"):
         await ask(host, HOST_RESERVE_STANDBY, Reserve("ve:b", vcpus=9, memory_mb=1, disk_gb=0))
     token = (await ask(host, HOST_RESERVE_STANDBY, Reserve("ve:b", **NEED))).token
-    for bad, why in (({"xml": "<domain><name>other</name></domain>"}, "xml must be the definition of ve:b"),
-                     ({"taken": "now"}, "taken must be a time"), ({"snapshots": [["t"]]}, "each snapshot must be")):
+    good = codec.encode(standby("ve:b", carried, token))
+    for bad, why in (({"xml": "<domain><name>other</name></domain>"}, "^xml must be the definition of ve:b"),
+                     ({"taken": "now"}, "^host.standby: taken: expected a finite number, got 'now'$"),
+                     ({"snapshots": [["t"]]}, "^each snapshot must be")):
         with pytest.raises(RequestError, match=why):
-            await ask(host, HOST_STANDBY, standby("ve:b", carried, token, **bad))
-    with pytest.raises(RequestError, match="state must be one of"):
-        await ask(host, HOST_PROMOTE, Promote("ve:b", "gone"))
-    with pytest.raises(RequestError, match="name must be a non-empty string without '/'"):
-        await ask(host, HOST_RESERVE_STANDBY, Reserve(standby_key("ve:b"), **NEED))
+            await send(host, HOST_STANDBY, {**good, **bad})
+    with pytest.raises(RequestError, match="^state must be one of running, paused, shutoff$"):
+        await send(host, HOST_PROMOTE, {"name": "ve:b", "state": "gone"})
+    with pytest.raises(RequestError, match="^name must be a non-empty string without '/'$"):
+        await send(host, HOST_RESERVE_STANDBY, {"name": standby_key("ve:b"), **NEED})
     await ask(host, HOST_STANDBY, standby("ve:b", carried, token))
     assert await ask(host, HOST_UNSTANDBY, VmName("ve:b")) is True
     assert await ask(host, HOST_UNSTANDBY, VmName("ve:b")) is False
@@ -139,7 +142,7 @@ async def test_snapshot_delete_forgets_one_snapshot_and_is_idempotent(host: Host
     assert (await ask(host, HOST_RESTORE, SnapshotTag("ve:d", "t2"))).state == "running"
     assert [s[0] for s in (await ask(host, HOST_EXPORT, Export("ve:d"))).snapshots] == ["t2"]
     with pytest.raises(RequestError, match="^tag must be a non-empty string without '/'$"):
-        await ask(host, HOST_SNAPSHOT_DELETE, SnapshotTag("ve:d", ""))
+        await send(host, HOST_SNAPSHOT_DELETE, {"name": "ve:d", "tag": ""})
     with pytest.raises(NotFound, match="no VM ve:zz on this node"):
         await ask(host, HOST_SNAPSHOT_DELETE, SnapshotTag("ve:zz", "t2"))
 
@@ -208,9 +211,12 @@ async def test_stop_passes_its_timeout_to_the_hypervisor_and_checks_it(host: Hos
     await ask(host, HOST_VM_STOP, VmStop("ve:s"))
     assert waits == [7.0, 30.0]
     assert await host.db.one("SELECT desired FROM domains WHERE name = 've:s'") == ("shutoff",)
-    for bad in (0, -1, 600.5, "7", True, None):
-        with pytest.raises(RequestError, match="timeout must be a number of seconds, more than 0 and at most 600"):
-            await ask(host, HOST_VM_STOP, VmStop("ve:s", bad))
+    for bad in (0, -1, 600.5):
+        with pytest.raises(RequestError, match="^timeout must be a number of seconds, more than 0 and at most 600$"):
+            await send(host, HOST_VM_STOP, {"name": "ve:s", "timeout": bad})
+    for bad in ("7", True, None):  # not a number at all: the codec's line
+        with pytest.raises(RequestError, match="^host.vm.stop: timeout: expected a finite number"):
+            await send(host, HOST_VM_STOP, {"name": "ve:s", "timeout": bad})
 
 
 async def test_a_vm_recovered_off_at_start_is_held_until_the_directory_releases_it(
@@ -245,10 +251,10 @@ async def test_metadata_set_on_a_vm_is_exported_with_it_and_kept_across_a_restar
     """What the layers above annotate a VM with (DVMS: its pinned demand) is part of its definition."""
     uri, pin = "urn:discovery:test", '<pin cpu="5"/>'
     await define(host, "ve:a")
-    await host._set_metadata(AGENT, {"name": "ve:a", "uri": uri, "key": "t", "xml": pin})
+    await host.set_metadata("ve:a", uri, "t", pin)
     assert uri in (await ask(host, HOST_EXPORT, Export("ve:a"))).xml  # what a relocation carries
     with pytest.raises(NotFound):
-        await host._set_metadata(AGENT, {"name": "ve:zz", "uri": uri, "key": "t", "xml": pin})
+        await host.set_metadata("ve:zz", uri, "t", pin)
     fresh = Hypervisor.open(write_node_xml(tmp_path / "again.xml", vcpus=8, memory_mb=8192))  # forgot them all
     restarted = HostService(Endpoint("node1"), fresh, host.total, tmp_path / "host.sqlite")
     try:

@@ -9,7 +9,7 @@ from trio.testing import MockClock
 
 from overlay.wire.memnet import MemNetwork, SimClock, _never_suspends
 from overlay.wire.memnet import sleep as memnet_sleep
-from overlay.wire.rpc import ANYONE, Method, NotFound, RemoteError, RpcTimeout
+from overlay.wire.rpc import ANYONE, BadAnswer, Method, NotFound, RemoteError, RpcTimeout
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ async def test_calls_take_two_one_way_delays_and_report_the_rtt_and_stamp(autoju
     a.on_rtt = lambda peer, rtt, stamp: seen.append((peer, round(rtt, 6), stamp))
     b.stamp = lambda: {"c": [1.0]}
 
-    async def echo(caller, args):
-        return {"from": caller.node, **args}
+    async def echo(caller, request):
+        return {"from": caller.node, "x": request.x}
 
     b.route(method_named("echo"), echo)
     start = trio.current_time()
@@ -48,8 +48,8 @@ async def test_values_are_copied_as_the_wire_would(autojump_clock):
     _, a, b = net_of_two()
     kept = {}
 
-    async def keep(caller, args):
-        kept.update(args)
+    async def keep(caller, request):
+        kept.update(v=request.v)
         return kept
 
     b.route(method_named("keep"), keep)
@@ -63,7 +63,7 @@ async def test_values_are_copied_as_the_wire_would(autojump_clock):
 async def test_errors_and_crashes(autojump_clock):
     net, a, b = net_of_two()
 
-    async def missing(caller, args):
+    async def missing(caller, request):
         raise NotFound("nothing here")
 
     b.route(method_named("missing"), missing)
@@ -97,11 +97,11 @@ def test_both_clocks_time_calls_timeouts_and_slow_handlers_alike(clock):
         net, a, b = net_of_two(latency=0.010)
         ran = []
 
-        async def quick(caller, args):
+        async def quick(caller, request):
             ran.append("quick")
-            return args
+            return {"x": request.x}
 
-        async def slow(caller, args):
+        async def slow(caller, request):
             ran.append("slow")
             await trio.sleep(5)
             ran.append("slow finished")
@@ -155,18 +155,18 @@ def test_sim_clock_jumps_to_the_next_timer_and_sleeps_are_cancellable():
 
 
 def test_only_handlers_that_cannot_await_skip_the_deadline():
-    async def plain(caller, args):
-        return args
+    async def plain(caller, request):
+        return request
 
-    async def awaiting(caller, args):
+    async def awaiting(caller, request):
         await trio.sleep(0)
 
-    async def with_nursery(caller, args):
+    async def with_nursery(caller, request):
         async with trio.open_nursery():
             pass
 
-    def returns_a_coroutine(caller, args):
-        return awaiting(caller, args)
+    def returns_a_coroutine(caller, request):
+        return awaiting(caller, request)
 
     assert _never_suspends(plain)
     assert not any(map(_never_suspends, (awaiting, with_nursery, returns_a_coroutine, None)))
@@ -178,20 +178,62 @@ class Sum:
     of: list[int]
 
 
+async def test_a_handler_receives_its_request_decoded_into_the_method_s_dataclass(autojump_clock):
+    """The map on the wire becomes the request type (defaults filled in), checked before the handler runs."""
+    _, a, b = net_of_two()
+    received = []
+
+    async def look(caller, request):
+        received.append(request)
+        return True
+
+    b.route(method_named("look"), look)
+    assert await a.call("b", "look", {"x": [1, 2]}) is True
+    assert received == [Args(x=[1, 2], v=None)]
+    with pytest.raises(RemoteError, match=r"^look: y: unknown field") as caught:
+        await a.call("b", "look", {"y": 1})
+    assert caught.value.kind == "bad_request" and len(received) == 1
+
+
 async def test_a_typed_call_sends_its_request_encoded_and_decodes_the_declared_answer(autojump_clock):
-    net, a, b = net_of_two()
+    _, a, b = net_of_two()
     adds = Method("sum.add", Args, ANYONE, Sum)
 
-    async def add(caller, args):
-        return Sum(args["x"] + args["v"], [args["x"], args["v"]])  # the answer as a dataclass: dispatch encodes it
+    async def add(caller, request: Args) -> Sum:
+        return Sum(request.x + request.v, [request.x, request.v])  # a dataclass: dispatch encodes it
 
-    async def garbled(caller, args):
+    async def garbled(caller, request):
         return {"total": "three"}
 
     b.route(adds, add)
-    b.route(Method("sum.garbled", Args, ANYONE, Sum), garbled)
+    b.route(Method("sum.undeclared", Args, ANYONE), garbled)  # served as an older agent would: unchecked
     assert await a.ask("b", adds, Args(x=1, v=2)) == Sum(3, [1, 2])
     assert await a.call("b", "sum.add", {"x": 1, "v": 2}) == {"total": 3, "of": [1, 2]}  # the wire: plain maps
-    with pytest.raises(RemoteError, match=r"^b: sum.garbled answer.total: expected int, got str$") as caught:
-        await a.ask("b", Method("sum.garbled", Args, ANYONE, Sum), Args())
+    with pytest.raises(RemoteError, match=r"^b: sum.undeclared answer.total: expected int, got str$") as caught:
+        await a.ask("b", Method("sum.undeclared", Args, ANYONE, Sum), Args())  # the caller checks too
     assert caught.value.kind == "bad_answer"
+
+
+async def test_a_handler_answering_what_its_method_does_not_declare_is_a_bad_answer_not_a_crash(autojump_clock):
+    """A handler's bug is answered in one line (kind bad_answer), whether its answer would have crossed the wire
+    (a map of the wrong shape) or not (an object msgpack cannot carry), and the node goes on serving."""
+    _, a, b = net_of_two()
+
+    async def garbled(caller, request):
+        return {"total": "three"}
+
+    async def unsendable(caller, request):
+        return object()
+
+    async def add(caller, request):
+        return Sum(1, [1])
+
+    for name, handler in (("sum.garbled", garbled), ("sum.unsendable", unsendable), ("sum.add", add)):
+        b.route(Method(name, Args, ANYONE, Sum), handler)
+    for name, why in (("sum.garbled", r"^sum.garbled answer.total: expected int, got str$"),
+                      ("sum.unsendable", r"^sum.unsendable answer: expected a map, got object$")):
+        with pytest.raises(RemoteError, match=why) as caught:
+            await a.call("b", name, {})
+        assert caught.value.kind == "bad_answer"
+        assert isinstance((await b.call_many(["b"], name))["b"], BadAnswer)  # served locally: the same check
+    assert await a.call("b", "sum.add", {}) == {"total": 1, "of": [1]}

@@ -113,9 +113,9 @@ async def test_a_listing_reads_the_index_and_its_records_not_every_node(tmp_path
     served: list[tuple[str, str]] = []
     for dht in cluster.nodes.values():
         for method, (declared, handler) in list(dht.transport.routes.items()):
-            async def counted(caller, args, name=dht.ring.me.name, method=method, handler=handler):
+            async def counted(caller, request, name=dht.ring.me.name, method=method, handler=handler):
                 served.append((name, method))
-                return await handler(caller, args)
+                return await handler(caller, request)
             dht.transport.routes[method] = (declared, counted)
     shown, _ = await listed(Index(cluster.nodes["n40"], PREFIX), 100)
     assert sorted(shown) == [f"ve{i}" for i in range(5)]
