@@ -187,6 +187,14 @@ class VERecord:
     def with_slot(self, vm: str, slot: Slot) -> VERecord:
         return replace(self, placement={**self.placement, vm: slot})
 
+    def snapshot(self, tag: str) -> SnapshotEntry | None:
+        return next((s for s in self.snapshots if s.tag == tag), None)
+
+    def no_snapshot(self, tag: str) -> str:
+        """The line that says this VE has no snapshot `tag`, naming those it has."""
+        known = "snapshots: " + ", ".join(s.tag for s in self.snapshots) if self.snapshots else "it has none"
+        return f"VE {self.name!r} has no snapshot {tag!r} ({known})"
+
     def standbys_of(self, vm: str) -> tuple[Standby, ...]:
         return self.standbys.get(vm, ())
 

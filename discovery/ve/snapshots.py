@@ -12,7 +12,7 @@ from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
 from discovery.ve.messages import Named, RecordView, SnapshotList, Tagged, TakeSnapshot, VESnapshot
 from discovery.ve.records import SnapshotEntry, VERecord, view
-from discovery.ve.snapshotting import Snapshot, SnapshotFinish
+from discovery.ve.snapshotting import Restore, Snapshot, SnapshotFinish
 from overlay.wire.rpc import Caller, NotFound, RequestError
 
 
@@ -52,13 +52,9 @@ class Snapshots(VEBase):
     async def _on_restore(self, caller: Caller, request: Tagged) -> RecordView:
         """Bring every VM back to snapshot `tag` (each host re-creates the domain from what it stored, the VM
         relocated since or not) and the VE to the state it had then. Idempotent."""
-        tag = request.tag
         async with self._locked(caller, request.name) as record:
-            ve = record.ve
-            entry = listed(ve, tag)
-            await self._each_host(ve, "host.restore", tag, f"restoring {ve.name} to {tag}")
-            ve = replace(ve, state=entry.state)
-            await self.directory.put(ve, after=record.version)
+            record, ve = await drive(Restore(record.ve, request.tag, _domains(record.ve)), record, self.transport,
+                                     self.directory)
         return view(ve)
 
     async def _on_snapshot_delete(self, caller: Caller, request: Tagged) -> SnapshotList:
@@ -89,11 +85,9 @@ class Snapshots(VEBase):
 
 def listed(ve: VERecord, tag: str) -> SnapshotEntry:
     """The record's entry for snapshot `tag`; NotFound naming the snapshots it has."""
-    entry = next((s for s in ve.snapshots if s.tag == tag), None)
+    entry = ve.snapshot(tag)
     if entry is None:
-        tags = [s.tag for s in ve.snapshots]
-        known = f"snapshots: {', '.join(tags)}" if tags else "it has none"
-        raise NotFound(f"VE {ve.name!r} has no snapshot {tag!r} ({known})")
+        raise NotFound(ve.no_snapshot(tag))
     return entry
 
 

@@ -1,6 +1,7 @@
 """Taking a snapshot of a VE, as a sans-IO transaction: `Snapshot` (its coordinator's side) and
 `SnapshotFinish` (running again the VMs a snapshot paused, by its coordinator or by anyone finding its marker
-left behind). `discovery.ve.snapshots` drives them (`discovery.ve.driver`).
+left behind); and restoring one, `Restore` (idempotent: no marker). `discovery.ve.snapshots` drives them
+(`discovery.ve.driver`).
 
 Why a state machine: a snapshot pauses the running VMs of a VE across hosts, has each host store its VM's
 state, then runs them again; a crash or a failure between those steps must never leave a VM paused for
@@ -235,4 +236,63 @@ class SnapshotFinish:
 
     def _over(self, action: Done | Refuse) -> Action:
         self.step = FinishStep.OVER
+        return action
+
+
+class RestoreStep(enum.Enum):
+    RESTORE = "restore"
+    WRITE = "write"
+    OVER = "over"
+
+
+class Restore:
+    """Bring every VM of the VE whose record is `value` back to snapshot `tag` (`host.restore`: each host
+    re-creates its domain from what it stored), then the record to the state the VE had then. `domains`:
+    each VM's domain. Ends with `Done(record)` or `Refuse`.
+
+    Restoring is idempotent, so it needs no intent in the record: every host is tried, in VM order, even
+    after one fails; the record changes only once every host has restored (a failure leaves it as it was,
+    the failures reported together), and running the restore again finishes the job."""
+
+    def __init__(self, value: VERecord, tag: str, domains: Mapping[str, str]) -> None:
+        self.value, self.tag, self.domains = value, tag, domains
+        self.todo = sorted(value.placement)
+        self.failures: list[str] = []
+        self.step = RestoreStep.RESTORE
+
+    def start(self, now: float) -> Action:
+        if self.value.snapshot(self.tag) is None:
+            return self._over(Refuse(self.value.no_snapshot(self.tag), "not_found"))
+        return self._restore_next()
+
+    def on(self, observation: Observation, now: float) -> Action:
+        match self.step, observation:
+            case RestoreStep.RESTORE, HostAnswered():
+                self.todo.pop(0)
+                return self._restore_next()
+            case RestoreStep.RESTORE, HostFailed(reason=reason):
+                self.failures.append(f"{self.todo.pop(0)}: {reason}")
+                return self._restore_next()
+            case RestoreStep.WRITE, RecordWritten():
+                return self._over(Done(self.value))
+            case RestoreStep.WRITE, DirectoryFailed(reason=reason, kind=kind):
+                return self._over(Refuse(reason, kind))
+        raise UnexpectedObservation(self, self.step, observation)
+
+    def _restore_next(self) -> Action:
+        if self.todo:
+            vm = self.todo[0]
+            slot = self.value.placement[vm]
+            return CallHost(slot.node, slot.addr, "host.restore", {"name": self.domains[vm], "tag": self.tag})
+        if self.failures:
+            return self._over(Refuse(f"restoring {self.value.name} to {self.tag} failed for "
+                                     + "; ".join(self.failures)))
+        entry = self.value.snapshot(self.tag)
+        assert entry is not None, "checked at the start"
+        self.value = replace(self.value, state=entry.state)
+        self.step = RestoreStep.WRITE
+        return WriteRecord(self.value)
+
+    def _over(self, action: Done | Refuse) -> Action:
+        self.step = RestoreStep.OVER
         return action

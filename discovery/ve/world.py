@@ -57,8 +57,6 @@ from discovery.ve.transaction import (
 )
 
 DIRECTORY = "directory"
-MUTATING = {"undefine", "settle", "destroy", "suspend", "start", "resume", "stop"}
-"""`host.vm.*` verbs that change a domain."""
 ROOM = {"vcpus": 16, "memory_mb": 65536, "disk_gb": 100}
 Fault = str | Mapping[str, str | None] | None
 """How an action fails (module docstring): one fault, or faults by label (of the action, or of each call of a
@@ -73,7 +71,8 @@ class Host:
 
     domains: dict[str, str] = field(default_factory=dict)
     standbys: set[str] = field(default_factory=set)
-    snapshots: dict[str, set[str]] = field(default_factory=dict)
+    snapshots: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Domain -> its stored snapshots: tag -> the state a restore brings back."""
     backend: str = "test"
     live: bool = False  # has its own libvirtd: may migrate live
     reserved: dict[str, str] = field(default_factory=dict)
@@ -238,7 +237,7 @@ class World:
                 self._holding(call.node, name)
                 target = next(n for n, h in self.hosts.items() if h.migration_uri == args["uri"])
                 self.hosts[target].domains[name] = host.domains.pop(name)
-                self.hosts[target].snapshots[name] = host.snapshots.pop(name, set())
+                self.hosts[target].snapshots[name] = host.snapshots.pop(name, {})
                 return {}
             case "host.confirm":
                 if args["token"] not in host.reserved:
@@ -255,8 +254,14 @@ class World:
                 return {"state": args["state"]}
             case "host.snapshot":
                 self._holding(call.node, name)
-                host.snapshots.setdefault(name, set()).add(args["tag"])
+                host.snapshots.setdefault(name, {})[args["tag"]] = args.get("state") or host.domains[name]
                 return {"tag": args["tag"]}
+            case "host.restore":
+                self._holding(call.node, name)
+                if args["tag"] not in host.snapshots.get(name, {}):
+                    raise HostError(f"no snapshot {args['tag']} of {name} on this node")
+                host.domains[name] = host.snapshots[name][args["tag"]]
+                return {"state": host.domains[name]}
             case "host.unstandby":
                 host.standbys.discard(name)
                 return True

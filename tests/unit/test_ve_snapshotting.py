@@ -1,10 +1,12 @@
 """Snapshots as a transaction (discovery.ve.snapshotting), on the in-memory world (discovery.ve.world): the
 finish's whole table (where the coordinator stopped × who answers), the coordinator failing at each step,
-then properties over random runs: crashes, several finishers interleaved, reachability flapping."""
+then properties over random runs: crashes, several finishers interleaved, reachability flapping; and the
+restore's table (who answers × a host missing the snapshot) and retries."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from discovery.ve.records import Slot, SnapshotEntry, SnapshotMarker, SnapshotVM, VERecord
-from discovery.ve.snapshotting import Snapshot, SnapshotFinish, Step
+from discovery.ve.snapshotting import Restore, Snapshot, SnapshotFinish, Step
 from discovery.ve.transaction import Action, Done, Refuse
 from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, record_of, run
 
@@ -47,7 +49,7 @@ def states(w: World) -> dict[str, str]:
 
 
 def stored(w: World, tag: str = "t1") -> set[str]:
-    return {vm for vm in STATES if tag in w.hosts[HOST_OF[vm]].snapshots.get(DOMAINS[vm], set())}
+    return {vm for vm in STATES if tag in w.hosts[HOST_OF[vm]].snapshots.get(DOMAINS[vm], {})}
 
 
 MARKER = SnapshotMarker("t1", ("a", "b"), "n3", 0.0)
@@ -78,7 +80,7 @@ def test_finish_table(stage: str, answers: str) -> None:
     changed, tags = STAGES[stage]
     w = world(record(snapshotting=MARKER), {**STATES, **changed})
     for vm in tags:
-        w.hosts[HOST_OF[vm]].snapshots[DOMAINS[vm]] = {"t1"}
+        w.hosts[HOST_OF[vm]].snapshots[DOMAINS[vm]] = {"t1": "running"}
     w.down = {n for letter, n in zip("12D", ("h1", "h2", DIRECTORY), strict=True) if letter not in answers}
     outcome = run(SnapshotFinish(w.record, DOMAINS), w)
     assert ", ".join(w.trace) == actions and w.violations == []
@@ -218,3 +220,76 @@ def test_snapshots_crashes_and_finishers_in_any_interleaving(s: dict[str, Any]) 
         assert [e.tag for e in listed] == ["t1"]
     if not crashed and isinstance(outcome, Refuse) and "failed" in outcome.reason:
         assert listed == ()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Restore: every host tried in VM order (a, c on h1; b, d on h2), the record changed only once all restored.
+
+ALL_DOWN = "restoring snap to t1 failed for " + "; ".join(f"{vm}: {HOST_OF[vm]}: unreachable" for vm in "abcd")
+RESTORE_TABLE = [
+    # answers (1 2 D, * either)   how it ends
+    ("00*", "refused: " + ALL_DOWN),
+    ("01*", "refused: restoring snap to t1 failed for a: h1: unreachable; c: h1: unreachable"),
+    ("10*", "refused: restoring snap to t1 failed for b: h2: unreachable; d: h2: unreachable"),
+    ("110", "refused: write reached 0 of 3 replicas"),
+    ("111", "done"),
+]
+TAKEN = SnapshotEntry("t1", 1.0, "running", {})
+
+
+def stopped_with_snapshot() -> World:
+    """The VE stopped (every VM off) after snapshot t1 was taken with its VMs in STATES."""
+    w = world(record(state="stopped", snapshots=(TAKEN,)), dict.fromkeys(STATES, "shutoff"))
+    for vm, state in STATES.items():
+        w.hosts[HOST_OF[vm]].snapshots[DOMAINS[vm]] = {"t1": state}
+    return w
+
+
+@pytest.mark.parametrize("answers", ["".join(c) for n in range(4) for c in itertools.combinations("12D", n)])
+def test_restore_table(answers: str) -> None:
+    rows = [r for r in RESTORE_TABLE if all(w == "*" or (w == "1") == (who in answers)
+                                            for who, w in zip("12D", r[0], strict=True))]
+    assert len(rows) == 1
+    end = rows[0][1]
+    w = stopped_with_snapshot()
+    before = w.record
+    w.down = {n for letter, n in zip("12D", ("h1", "h2", DIRECTORY), strict=True) if letter not in answers}
+    outcome = run(Restore(before, "t1", DOMAINS), w)
+    restores = "restore h1, restore h2, restore h1, restore h2"
+    assert ", ".join(w.trace) == restores + ("" if end.startswith("refused: restoring") else ", write")
+    if end == "done":
+        assert outcome == Done(w.record) and w.record == replace(before, state="running") and states(w) == STATES
+        return
+    assert outcome == Refuse(end.removeprefix("refused: ")) and w.record == before  # the record as it was
+    w.down.clear()  # the next attempt finishes the job
+    assert run(Restore(before, "t1", DOMAINS), w) == Done(w.record) and states(w) == STATES
+    assert w.record.state == "running"
+
+
+def test_a_restore_to_an_unknown_tag_touches_nothing() -> None:
+    w = stopped_with_snapshot()
+    outcome = run(Restore(w.record, "t9", DOMAINS), w)
+    assert outcome == Refuse("VE 'snap' has no snapshot 't9' (snapshots: t1)", "not_found") and w.trace == []
+
+
+def test_a_host_without_the_snapshot_fails_the_restore_and_the_record_waits() -> None:
+    w = stopped_with_snapshot()
+    del w.hosts["h2"].snapshots[DOMAINS["d"]]
+    before = w.record
+    outcome = run(Restore(before, "t1", DOMAINS), w)
+    assert isinstance(outcome, Refuse) and outcome.reason.endswith("d: h2: no snapshot t1 of snap:d on this node")
+    assert w.record == before and "write" not in w.trace
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sets(st.sampled_from(["h1", "h2", DIRECTORY])), min_size=1, max_size=5))
+def test_restores_retried_under_any_reachability_end_restored_and_never_claim_it_early(downs: list[set[str]]) -> None:
+    w = stopped_with_snapshot()
+    for down in [*downs, set()]:
+        w.down, before = down, w.record
+        outcome = run(Restore(before, "t1", DOMAINS), w)
+        if isinstance(outcome, Done):
+            assert states(w) == STATES and w.record == replace(before, state="running")
+        else:
+            assert w.record == before  # the record says restored only once every VM is
+    assert isinstance(outcome, Done)
