@@ -43,6 +43,8 @@ HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_TIMEOUT = 10.0
 MAX_IN_FLIGHT = 128
 """Concurrent requests served per connection; more wait, so one chatty peer cannot exhaust memory."""
+SEND_LIMIT = 30.0
+"""Seconds a frame, once its sending began, may take to leave; past that the connection is given up."""
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +174,16 @@ class _Connection:
         self.peer_site = ""
 
     async def send(self, message: Any) -> None:
+        """Send one frame whole, even if the caller is cancelled meanwhile: a frame cut half-way would
+        leave the peer a broken stream and break the TLS stream for every call pooled on it. A frame
+        that cannot leave within SEND_LIMIT (a peer that stopped reading) closes the connection."""
         data = frames.encode(message, self.max_frame)
         async with self.send_lock:
-            await self.stream.send_all(data)
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_LIMIT) as scope:
+                await self.stream.send_all(data)
+            if scope.cancelled_caught:
+                await self.close()
+                raise trio.BrokenResourceError(f"a frame could not be sent within {SEND_LIMIT:g}s")
 
     async def receive(self) -> Any:
         """Next message; raises EOFError on a clean close, frames.FrameError on garbage."""

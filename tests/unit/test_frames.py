@@ -1,13 +1,18 @@
-"""The frame codec: round trips, limits, and garbage that must raise FrameError, never anything else."""
+"""The frame codec: round trips, limits, and garbage that must raise FrameError, never anything else; and a
+connection sends each frame whole."""
 
 import contextlib
 
 import msgpack
 import pytest
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from overlay.wire import frames
+from overlay.wire.frames import MAX_FRAME, Decoder
+from overlay.wire.rpc import SEND_LIMIT, _Connection
 
 messages = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text() | st.binary() | st.floats(allow_nan=False),
@@ -66,3 +71,46 @@ def test_garbage_body_with_valid_length_raises_frame_error_or_decodes(body):
     except frames.FrameError:
         return
     assert len(result) == 1
+
+
+class HeldStream:
+    """A stream whose `send_all` waits until the test releases it: a frame caught half-way out."""
+
+    def __init__(self) -> None:
+        self.started, self.release, self.sent, self.closed = trio.Event(), trio.Event(), bytearray(), False
+
+    async def send_all(self, data: bytes) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.sent += data
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_call_cancelled_while_its_frame_leaves_still_sends_it_whole() -> None:
+    """A cut frame would break the pooled connection for every other call to that peer."""
+    stream = HeldStream()
+    conn = _Connection(stream, MAX_FRAME)  # type: ignore[arg-type]
+    caller = trio.CancelScope()
+
+    async def call() -> None:
+        with caller:
+            await conn.send(["request", 1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await stream.started.wait()
+        caller.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert stream.sent == b""  # still leaving, though its caller is gone
+        stream.release.set()
+    assert Decoder().feed(stream.sent) == [["request", 1]] and not stream.closed
+
+
+async def test_a_frame_that_cannot_leave_closes_the_connection(autojump_clock: trio.testing.MockClock) -> None:
+    stream = HeldStream()  # a peer that stopped reading
+    conn = _Connection(stream, MAX_FRAME)  # type: ignore[arg-type]
+    with pytest.raises(trio.BrokenResourceError, match=f"within {SEND_LIMIT:g}s"):
+        await conn.send(["request", 1])
+    assert stream.closed
