@@ -262,6 +262,9 @@ class World:
                     raise HostError(f"no snapshot {args['tag']} of {name} on this node")
                 host.domains[name] = host.snapshots[name][args["tag"]]
                 return {"state": host.domains[name]}
+            case "host.snapshot_delete":
+                self._holding(call.node, name)
+                return {"deleted": host.snapshots.get(name, {}).pop(args["tag"], None) is not None}
             case "host.unstandby":
                 host.standbys.discard(name)
                 return True
