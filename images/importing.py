@@ -30,6 +30,7 @@ from images.store import ChunkStore, StoreError
 
 QCOW2_MAGIC = b"QFI\xfb"
 SECTOR = 512
+ZEROS = bytes(1 << 20)
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) as an import or export goes."""
 
@@ -55,8 +56,19 @@ def import_file(store: ChunkStore, path: Path, chunking: Chunking = DEFAULT,
                 progress: Progress | None = None) -> Imported:
     """Import the raw or qcow2 image at `path`; ImageFileError if it is neither, truncated or corrupt,
     StoreError (with nothing stored) if the disk fills up."""
+    with open_content(path, store.root) as (content, source):
+        try:
+            return _store(store, content, chunking, source, progress)
+        except OSError as err:
+            raise StoreError(f"import of {path} failed, nothing stored: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def open_content(path: Path, scratch: Path) -> Iterator[tuple[memoryview, Literal["raw", "qcow2"]]]:
+    """The guest-visible content of the raw or qcow2 image at `path` (mapped, read-only), and its format; a
+    qcow2 is converted into `scratch` first. ImageFileError if it is neither, empty, truncated or corrupt."""
     source = detect_format(path)
-    with _raw_content(path, source, store.root) as raw, open(raw, "rb") as f:
+    with _raw_content(path, source, scratch) as raw, open(raw, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise ImageFileError(f"{path}: the image is empty")
@@ -64,10 +76,7 @@ def import_file(store: ChunkStore, path: Path, chunking: Chunking = DEFAULT,
             raise ImageFileError(f"{path}: {size} bytes is not a whole number of {SECTOR}-byte sectors "
                                  "(a truncated raw image?)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as content:
-            try:
-                return _store(store, content, chunking, source, progress)
-            except OSError as err:
-                raise StoreError(f"import of {path} failed, nothing stored: {err.strerror or err}") from None
+            yield content, source
 
 
 def _store(store: ChunkStore, content: memoryview, chunking: Chunking, source: Literal["raw", "qcow2"],
@@ -81,11 +90,14 @@ def _store(store: ChunkStore, content: memoryview, chunking: Chunking, source: L
                 new += 1
             if progress is not None:
                 progress(piece.offset + piece.length, len(content))
-        digest = blake3.blake3(content, max_threads=blake3.blake3.AUTO).hexdigest()
-        manifest = Manifest.of(pieces, len(content), digest, chunking, source)
+        manifest = Manifest.of(pieces, len(content), content_digest(content), chunking, source)
         body = manifest.encode()
         writer.commit(body)
     return Imported(Manifest.id_of(body), len(content), len(manifest.chunk_ids()), new, writer.written, source)
+
+
+def content_digest(content: memoryview) -> str:
+    return blake3.blake3(content, max_threads=blake3.blake3.AUTO).hexdigest()
 
 
 def detect_format(path: Path) -> Literal["raw", "qcow2"]:
@@ -127,30 +139,47 @@ def _qemu_img(*args: str) -> str:
 
 
 def export(store: ChunkStore, manifest: Manifest, path: Path, progress: Progress | None = None) -> None:
-    """Write the image's raw content to `path` (sparse where it is zero), verified against the manifest's
-    digest before it replaces anything at `path`."""
-    hasher = blake3.blake3()
-    zeros = bytes(1 << 20)
-    done = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for piece in store.content(manifest):
-                if isinstance(piece, int):
-                    out.seek(piece, os.SEEK_CUR)
-                    for start in range(0, piece, len(zeros)):
-                        hasher.update(zeros[:min(len(zeros), piece - start)])
-                    done += piece
-                else:
-                    out.write(piece)
-                    hasher.update(piece)
-                    done += len(piece)
-                if progress is not None:
-                    progress(done, manifest.size)
-            out.truncate(manifest.size)
-        if hasher.hexdigest() != manifest.digest:
-            raise StoreError(f"exported content does not match the image's digest {manifest.digest[:16]}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the image's raw content to `path` from this store."""
+    with ContentWriter(path, manifest, progress) as out:
+        for piece in store.content(manifest):
+            out.write(piece)
+
+
+class ContentWriter:
+    """Writes an image's content, piece by piece (bytes, or a count of zero bytes: left sparse), to a temporary
+    file beside `path`, and renames it into place only if the whole matches the manifest's digest."""
+
+    def __init__(self, path: Path, manifest: Manifest, progress: Progress | None = None) -> None:
+        self.path, self.manifest, self.progress = path, manifest, progress
+        self._hasher = blake3.blake3()
+        self._done = 0
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        self._tmp = Path(tmp)
+        self._out = os.fdopen(fd, "wb")
+
+    def write(self, piece: bytes | int) -> None:
+        if isinstance(piece, int):
+            self._out.seek(piece, os.SEEK_CUR)
+            for start in range(0, piece, len(ZEROS)):
+                self._hasher.update(ZEROS[:min(len(ZEROS), piece - start)])
+            self._done += piece
+        else:
+            self._out.write(piece)
+            self._hasher.update(piece)
+            self._done += len(piece)
+        if self.progress is not None:
+            self.progress(self._done, self.manifest.size)
+
+    def __enter__(self) -> ContentWriter:
+        return self
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        try:
+            with self._out:
+                self._out.truncate(self.manifest.size)
+            if kind is None and self._hasher.hexdigest() != self.manifest.digest:
+                raise StoreError(f"exported content does not match the image's digest {self.manifest.digest[:16]}")
+            if kind is None:
+                os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)

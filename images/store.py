@@ -108,13 +108,7 @@ class ChunkStore:
 
     def present(self, ids: Iterable[bytes]) -> set[bytes]:
         """Which of `ids` this store holds."""
-        wanted = list(ids)
-        found: set[bytes] = set()
-        for start in range(0, len(wanted), 500):
-            batch = wanted[start:start + 500]
-            rows = self._query(f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch)
-            found.update(bytes(r[0]) for r in rows)
-        return found
+        return {bytes(row[0]) for row in self._each_of("SELECT id FROM chunks WHERE id IN ({})", list(ids))}
 
     def read_stored(self, cid: bytes) -> tuple[bytes, int]:
         """The chunk as stored (a zstd frame) and its size: what a transfer sends; the receiver verifies it."""
@@ -163,6 +157,22 @@ class ChunkStore:
         ids = manifest.chunk_ids()
         have = self.present(ids)
         return [cid for cid in ids if cid not in have]
+
+    def stored_bytes(self, manifest: Manifest) -> int:
+        """Compressed bytes of the manifest's distinct chunks held here."""
+        rows = self._each_of("SELECT COALESCE(SUM(stored), 0) FROM chunks WHERE id IN ({})", manifest.chunk_ids())
+        return sum(int(row[0]) for row in rows)
+
+    def check(self, manifest: Manifest) -> int:
+        """Read back and verify every chunk of `manifest`; how many were corrupt or missing (a corrupt one is
+        dropped, so that `missing` names it for a refetch)."""
+        bad = 0
+        for cid in manifest.chunk_ids():
+            try:
+                self.read(cid)
+            except (CorruptChunk, MissingChunk):
+                bad += 1
+        return bad
 
     def remove_manifest(self, digest: str) -> bool:
         """Stop holding an image here (its chunks become garbage unless another manifest uses them)."""
@@ -253,6 +263,14 @@ class ChunkStore:
         self.stats["corrupt"] += 1
         with self._lock, self._transaction() as db:
             db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+
+    def _each_of(self, sql: str, ids: list[bytes]) -> list[tuple[Any, ...]]:
+        """`sql` (whose `IN ({})` takes the ids) run over `ids` in batches SQLite accepts; every row."""
+        rows = []
+        for start in range(0, len(ids), 500):
+            batch = ids[start:start + 500]
+            rows += self._query(sql.format(",".join("?" * len(batch))), batch)
+        return rows
 
     def _query(self, sql: str, args: Iterable[object]) -> list[tuple[Any, ...]]:
         with self._lock:
