@@ -23,6 +23,7 @@ from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
 from dvms.model import Node
 from images.catalogue import Catalogue
+from images.messages import tagged
 from images.service import ImageService
 from images.store import ChunkStore
 
@@ -34,8 +35,10 @@ async def install(agent: NodeAgent) -> None:
     service and reads the VEs' rules from the directory they share."""
     cfg = agent.config
     directory = Directory(agent.records)
+    catalogue = Catalogue(agent.records)
     ve = VEService(node=cfg.name, joins=bool(cfg.join), directory=directory, transport=agent.transport,
-                   membership=agent.membership, nearest=agent.spiral, distances=agent.coordinates, host=agent.host)
+                   membership=agent.membership, nearest=agent.spiral, distances=agent.coordinates, host=agent.host,
+                   images=catalogue)
     settings = cfg.extra.get("dvms")
     dvms = DvmsService(
         node=Node(cfg.name, cfg.site, 100 * cfg.capacity.vcpus, cfg.capacity.memory_mb),
@@ -46,7 +49,7 @@ async def install(agent: NodeAgent) -> None:
         successors=lambda: [p.name for p in agent.ring.state.successor_list()],
         hypervisor=agent.hypervisor, set_metadata=agent.host.set_metadata, directory=directory,
         relocate=ve.relocate)
-    images = ImageService(ChunkStore(cfg.data_dir / "images"), Catalogue(agent.records), agent.transport,
+    images = ImageService(ChunkStore(cfg.data_dir / "images"), catalogue, agent.transport,
                           agent.membership, users=partial(ves_using, directory))
     images.serve(agent.transport)
     ve.serve(agent.transport)
@@ -58,11 +61,7 @@ async def install(agent: NodeAgent) -> None:
 async def ves_using(directory: Directory, image: str) -> list[str]:
     """The VEs one of whose VMs boots `image` (NAME:TAG): `image rm` refuses while there are some."""
     return sorted(r.ve.name for r in await directory.scan()
-                  if any(_tagged(vm.image) == image for vm in r.ve.spec.vms))
-
-
-def _tagged(image: str) -> str:
-    return image if ":" in image else f"{image}:latest"
+                  if any(tagged(vm.image) == image for vm in r.ve.spec.vms))
 
 
 def run(config: Path) -> None:

@@ -29,13 +29,18 @@ MAX_COPIES = 16
 
 def check_image_name(name: str) -> str:
     """NAME or NAME:TAG (tag `latest` when absent): letters, digits, '.', '_', '-'; returns NAME:TAG."""
-    base, _, tag = name.partition(":")
-    tag = tag or "latest"
+    base, sep, tag = name.partition(":")
+    tag = tag or ("" if sep else "latest")
     ok = all(part and len(part) <= 64 and all(c.isalnum() or c in "._-" for c in part) and part[0].isalnum()
              for part in (base, tag))
     if not ok or name.count(":") > 1:
         raise RequestError(f"image name {name!r}: NAME[:TAG], each of letters, digits, '.', '_', '-'")
     return f"{base}:{tag}"
+
+
+def tagged(image: str) -> str:
+    """An image name as the catalogue keys it: NAME:TAG, `latest` when no tag is given."""
+    return image if ":" in image else f"{image}:latest"
 
 
 def _check_ids(ids: list[bytes]) -> None:

@@ -20,6 +20,18 @@ run discovery --agent node7 members
 step "The spiral search finds the nodes nearest to an agent, asking a few nodes instead of everyone"
 run discovery --agent node7 spiral --count 4
 
+step "Disk images: chunked where the file is, stored once; a next version stores only what changed"
+IMG="$DIR/images"; mkdir -p "$IMG/v1"; cp -r /usr/share/common-licenses "$IMG/v1/"
+cp -r "$IMG/v1" "$IMG/v2"; cp /usr/share/common-licenses/GPL-3 "$IMG/v2/added-in-v2"
+for v in v1 v2; do   # two small ext4 filesystems, the second with one file more
+  mke2fs -q -t ext4 -U 6a1d6c3e-0000-4000-8000-000000000001 -E hash_seed=6a1d6c3e-0000-4000-8000-000000000001 \
+    -d "$IMG/$v" "$IMG/shop-disk-$v.raw" 64M
+done
+run discovery --agent node1 image import "$IMG/shop-disk-v1.raw" --name shop-disk
+run discovery --agent node1 image import "$IMG/shop-disk-v2.raw" --name shop-disk:2
+run discovery --agent node2 image replicate shop-disk --copies 3   # 3 holders over at least 2 sites
+run discovery image list
+
 step "Create VEs through different agents: each VM goes to the nearest node with room (found by the spiral)"
 run discovery --agent node1 ve create examples/web-shop.yaml
 run discovery --agent node6 ve create examples/analytics.yaml

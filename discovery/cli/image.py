@@ -15,8 +15,12 @@ from discovery.cli.app import JsonOpt, emit, fail, make_table, rpc, with_agent
 image_app = typer.Typer(no_args_is_help=True, help="Disk images, deduplicated and replicated across sites.")
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    """Bytes for a person: B, KiB, MiB or GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def image_table(entries: list[dict[str, Any]]) -> Any:
@@ -25,7 +29,7 @@ def image_table(entries: list[dict[str, Any]]) -> Any:
         sites: dict[str, list[str]] = {}
         for node, site in sorted(e["holders"].items()):
             sites.setdefault(site, []).append(node)
-        rows.append([e["name"], _mib(e["size"]), e["chunks"], _mib(e["stored"]), e["owner"], e["digest"][:16],
+        rows.append([e["name"], _size(e["size"]), e["chunks"], _size(e["stored"]), e["owner"], e["digest"][:16],
                      "; ".join(f"{site}: {', '.join(nodes)}" for site, nodes in sorted(sites.items()))])
     return make_table(["image", "size", "chunks", "stored", "owner", "digest", "holders per site"], rows)
 
@@ -66,8 +70,8 @@ def image_import(
         raise fail(str(err)) from None
     view = {f: getattr(done, f) for f in done.__dataclass_fields__}
     emit(view, as_json, make_table(["image", "digest", "size", "chunks", "new chunks", "new bytes"],
-                                   [[done.name, done.digest[:16], _mib(done.size), done.chunks, done.new_chunks,
-                                     _mib(done.new_bytes)]]))
+                                   [[done.name, done.digest[:16], _size(done.size), done.chunks, done.new_chunks,
+                                     _size(done.new_bytes)]]))
 
 
 @image_app.command("list")
@@ -107,8 +111,8 @@ def image_pull(name: str, as_json: JsonOpt = False) -> None:
     pulled = rpc("image.pull", {"name": name}, timeout=3600.0)
     emit(pulled, as_json, make_table(
         ["image", "node", "fetched", "duplicates", "from", "seconds"],
-        [[pulled["name"], pulled["node"], _mib(pulled["fetched_bytes"]), _mib(pulled["duplicate_bytes"]),
-          ", ".join(f"{n}: {_mib(b)}" for n, b in sorted(pulled["sources"].items())) or "-", pulled["seconds"]]]))
+        [[pulled["name"], pulled["node"], _size(pulled["fetched_bytes"]), _size(pulled["duplicate_bytes"]),
+          ", ".join(f"{n}: {_size(b)}" for n, b in sorted(pulled["sources"].items())) or "-", pulled["seconds"]]]))
 
 
 @image_app.command("replicate")

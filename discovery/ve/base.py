@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 import trio
@@ -23,8 +24,9 @@ from agents.spiral import Predicate, SpiralResult
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.index import Unindexing
 from discovery.ve.records import Place, Standby, VERecord, domain_name
-from discovery.ve.spec import VESpec
+from discovery.ve.spec import DEFAULT_IMAGE, VESpec
 from discovery.ve.transaction import Candidate
+from images.messages import ImageEntry, tagged
 from overlay.membership import Member, Membership
 from overlay.wire.rpc import Caller, Endpoint, Forbidden, NotFound, RemoteError, RequestError, RpcError
 from vivaldi.coordinate import Coordinate
@@ -64,18 +66,25 @@ class LocalHost(Protocol):
     def held(self) -> Mapping[str, str]: ...
 
 
+class Images(Protocol):
+    """The image catalogue as the VE layer reads it (`images.catalogue.Catalogue`)."""
+
+    async def get(self, name: str) -> ImageEntry | None: ...
+
+
 class VEBase:
     """The interfaces, state and helpers the VE operations share; `VEService` combines the operations.
 
     What it is given, and nothing else: `node`, this agent's name; `joins`, whether it joins a cluster (its
     records are elsewhere until it has); the `directory` of VE records; the `transport` that calls hosts and
     agents and serves `ve.*`; the `membership` view; the spiral search (`nearest`); the network coordinates
-    (`distances`); this node's `host`."""
+    (`distances`); this node's `host`; the image catalogue (`images`)."""
 
     def __init__(self, *, node: str, joins: bool, directory: Directory, transport: Endpoint, membership: Membership,
-                 nearest: Finder, distances: Distances, host: LocalHost) -> None:
+                 nearest: Finder, distances: Distances, host: LocalHost, images: Images) -> None:
         self.node, self.joins, self.directory, self.transport = node, joins, directory, transport
         self.membership, self.nearest, self.distances, self.host = membership, nearest, distances, host
+        self.images = images
         self._locks: dict[str, trio.Lock] = {}
         self.unindexing = Unindexing(directory.index)
         """Removes destroyed VEs' index entries after the answer (an actor, for the agent to run)."""
@@ -140,7 +149,7 @@ class VEBase:
         if me.name in members:
             ranked.insert(0, candidate(me, 0.0, free=self.host.ledger.free(trio.current_time()).to_wire()))
         if not everyone:
-            return ranked
+            return await self._near_images(spec, ranked)
 
         def rtt_ms(m: Member) -> float | None:
             """Measured RTT if we have one, else the coordinates' estimate."""
@@ -154,7 +163,27 @@ class VEBase:
         for m, rtt in rest:
             info = infos.get(m.addr)
             ranked.append(candidate(m, rtt, free=info.get("free") if isinstance(info, dict) else None))
-        return ranked
+        return await self._near_images(spec, ranked)
+
+    async def image_holders(self, spec: VESpec) -> set[str] | None:
+        """The nodes that hold every image the VE's VMs boot (None: it boots none); RequestError naming the
+        first image the catalogue lacks."""
+        holders: set[str] | None = None
+        for image in sorted({vm.image for vm in spec.vms if vm.image != DEFAULT_IMAGE}):
+            entry = await self.images.get(tagged(image))
+            if entry is None:
+                raise RequestError(f"no image named {image!r} (see: discovery image list)")
+            holders = set(entry.holders) if holders is None else holders & set(entry.holders)
+        return holders
+
+    async def _near_images(self, spec: VESpec, ranked: list[Candidate]) -> list[Candidate]:
+        """Image locality: the candidates that hold the VE's images first, nearest first among them, then the
+        others, nearest first (they fetch the image: `image pull`)."""
+        holders = await self.image_holders(spec)
+        if holders is None:
+            return ranked
+        marked = [replace(c, holds_image=c.node in holders) for c in ranked]
+        return sorted(marked, key=lambda c: not c.holds_image)
 
     async def _host(self, where: Place, method: str, args: dict[str, Any]) -> Any:
         """Call a host (a slot, an intent or a standby copy: its `addr`); a failure becomes one RequestError

@@ -64,7 +64,7 @@ from dataclasses import replace
 
 from discovery.ve import placement as planner
 from discovery.ve.records import Slot, VERecord, domain_name
-from discovery.ve.spec import NO_CONSTRAINTS
+from discovery.ve.spec import DEFAULT_IMAGE, NO_CONSTRAINTS
 from discovery.ve.transaction import (
     Action,
     AddToIndex,
@@ -273,16 +273,17 @@ class Create:
     def _reserved(self, token: str) -> None:
         vm_name, node = self.todo.pop(0)
         candidate = self._candidate(node)
-        self.placement[vm_name] = Slot(node, candidate.addr, candidate.site, candidate.rtt_ms, self._why(candidate))
+        self.placement[vm_name] = Slot(node, candidate.addr, candidate.site, candidate.rtt_ms,
+                                       self._why(candidate, self.vms[vm_name].image != DEFAULT_IMAGE))
         self.tokens[vm_name] = token
 
     def _candidate(self, node: str) -> Candidate:
         return next(c for c in self.candidates if c.node == node)
 
-    def _why(self, candidate: Candidate) -> str:
+    def _why(self, candidate: Candidate, image: bool) -> str:
         """Why the VM went to `candidate`, as `ve show` prints it."""
         nearer = [c.node for c in self.candidates].index(candidate.node)
-        why = f"nearest with room ({candidate.describe(self.value.coordinator)}"
+        why = f"nearest with room ({candidate.describe(self.value.coordinator, image)}"
         if nearer:
             constrained = self.spec.constraints != NO_CONSTRAINTS
             why += f"; {nearer} nearer full" + (" or ruled out by constraints" if constrained else "")

@@ -82,6 +82,7 @@ class VEService(Relocation, Snapshots, Replicas):
             spec = VESpec.from_dict(request.spec)
         except SpecError as err:
             raise RequestError(str(err)) from None
+        await self.image_holders(spec)  # an image the catalogue lacks: refused before anything is claimed
         ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uuid.uuid4().hex)
         async with self._lock(spec.name):
             try:

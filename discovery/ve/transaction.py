@@ -254,17 +254,21 @@ class Candidate:
     rtt_ms: float | None
     found_by: str = ""
     free: Mapping[str, int] | None = None
+    holds_image: bool = False
+    """Whether the node holds every image the VE boots (placement prefers such nodes)."""
 
     def offer(self, rank: int) -> planner.Candidate:
         free = self.free or {}
         return planner.Candidate(self.node, self.site, int(free.get("vcpus", 0)), int(free.get("memory_mb", 0)),
                                  int(free.get("disk_gb", 0)), rank)
 
-    def describe(self, coordinator: str) -> str:
+    def describe(self, coordinator: str, image: bool = False) -> str:
+        """Why this node, for a VM; `image`: the VM boots an image (whether the node holds it is then said)."""
+        held = ", holds the image" if image and self.holds_image else ""
         if self.node == coordinator:
-            return "this node"
+            return "this node" + held
         by = f", found by {self.found_by}" if self.found_by else ""
-        return ("rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms") + by
+        return ("rtt unknown" if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms") + by + held
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,19 @@ def test_an_image_a_ve_uses_cannot_be_removed(cluster: Cluster, tmp_path: Path) 
     cluster.json("image", "rm", "db")
     assert "db:latest" not in {e["name"] for e in cluster.json("image", "list")}
     assert cluster.json("--agent", "node1", "image", "gc")["chunks_dropped"] > 0
+
+
+def test_a_ve_boots_a_catalogued_image_placed_where_it_is_held(cluster: Cluster, tmp_path: Path) -> None:
+    (tmp_path / "nope.yaml").write_text("name: nope\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, image: nope}\n")
+    refused = cluster.cli("--agent", "node3", "ve", "create", str(tmp_path / "nope.yaml"), check=False)
+    assert refused.returncode == 1 and refused.stderr == "error: no image named 'nope' (see: discovery image list)\n"
+    assert cluster.try_json("ve", "show", "nope") is None  # nothing claimed
+    disk(tmp_path / "app.raw", 6, blocks=64)
+    cluster.json("--agent", "node2", "image", "import", str(tmp_path / "app.raw"), "--name", "app")
+    (tmp_path / "app.yaml").write_text("name: app\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, image: app}\n"
+                                       "  - {name: b, vcpus: 1, memory_mb: 128}\n")
+    ve = cluster.json("--agent", "node3", "ve", "create", str(tmp_path / "app.yaml"))
+    slot = ve["placement"]["a"]
+    assert slot["node"] == "node2" and slot["why"].endswith("holds the image)")
+    assert "holds the image" not in ve["placement"]["b"]["why"]  # b boots no image
+    cluster.json("ve", "destroy", "app")
