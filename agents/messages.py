@@ -187,6 +187,14 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Prefetch:
+    """Bring image `image` into this node's store, keeping reservation `token` alive meanwhile."""
+
+    token: str = field(metadata=limit(TOKEN))
+    image: str = field(metadata=limit(200))
+
+
+@dataclass(frozen=True)
 class VmStop(VmName):
     timeout: float = SHUTDOWN_TIMEOUT
     """Seconds before the guest is forced off."""
@@ -552,6 +560,7 @@ OVERLAY_BIND = Method("overlay.bind", OverlayName, OPERATORS, Rebound)
 OVERLAY_GET = Method("overlay.get", KvGet, ANYONE, KvRead)
 OVERLAY_PUT = Method("overlay.put", KvPut, ANYONE, KvWritten)
 HOST_RESERVE = Method("host.reserve", Reserve, HOSTS, Reservation)
+HOST_PREFETCH = Method("host.prefetch", Prefetch, HOSTS, bool)
 HOST_CONFIRM = Method("host.confirm", Confirm, HOSTS, DomainInfo)
 HOST_RELEASE = Method("host.release", Release, HOSTS, bool)
 HOST_VM_START = Method("host.vm.start", VmName, HOSTS, DomainInfo)

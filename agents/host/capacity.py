@@ -9,7 +9,7 @@ No clocks inside: `now` is a parameter.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,15 @@ class Ledger:
             raise UnknownReservation(f"reservation {token} is unknown or expired")
         self.allocated[reservation.key] = reservation.need
         return reservation
+
+    def renew(self, token: str, now: float, ttl: float) -> Reservation:
+        """Hold a reservation `ttl` seconds more (its host is still preparing for the VM: an image prefetch)."""
+        self.expire(now)
+        held = self.reserved.get(token)
+        if held is None:
+            raise UnknownReservation(f"reservation {token} is unknown or expired")
+        self.reserved[token] = replace(held, expires=now + ttl)
+        return self.reserved[token]
 
     def release(self, token: str) -> None:
         self.reserved.pop(token, None)

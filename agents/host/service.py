@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from agents.hypervisor.guests import Domains
 from agents.messages import (
     HOST_CONFIRM,
     HOST_INFO,
+    HOST_PREFETCH,
     HOST_RELEASE,
     HOST_RESERVE,
     HOST_RESTORE,
@@ -55,6 +57,7 @@ from agents.messages import (
     HOST_SNAPSHOT_DELETE,
     Confirm,
     HostInfo,
+    Prefetch,
     Release,
     Reservation,
     Reserve,
@@ -64,6 +67,7 @@ from agents.messages import (
     SnapshotTag,
     SnapshotTaken,
 )
+from images.messages import tagged
 from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
@@ -107,7 +111,10 @@ class HostService(Lifecycle, Moves, Standbys):
         self._listed: list[DomainInfo] = []
         self._listed_at: float | None = None
         self._listing = False
+        self.prefetch: Callable[[str], Awaitable[object]] | None = None
+        """Pulls an image into this node's store (`images.fetching.Fetcher.pull`, wired in `discovery.agent`)."""
         transport.route(HOST_RESERVE, self._served(self._on_reserve))
+        transport.route(HOST_PREFETCH, self._served(self._on_prefetch))
         transport.route(HOST_CONFIRM, self._served(self._on_confirm))
         transport.route(HOST_RELEASE, self._served(self._on_release))
         transport.route(HOST_INFO, self._served(self._on_info))
@@ -224,6 +231,37 @@ class HostService(Lifecycle, Moves, Standbys):
             with contextlib.suppress(NotImplementedError):
                 self.domains.incoming_image(name)[0].unlink(missing_ok=True)
         return info
+
+    async def _on_prefetch(self, caller: Caller, request: Prefetch) -> bool:
+        """Bring an image into this node's store (`prefetch`, wired by the composition place) while keeping
+        the VM's reservation alive, renewed every third of its TTL: the VM's start then never waits for
+        bytes, and its room does not lapse during a long pull."""
+        if self.prefetch is None:
+            raise RequestError("this agent has no image store")
+        try:
+            self.ledger.renew(request.token, trio.current_time(), RESERVATION_TTL)
+        except UnknownReservation as err:
+            raise Conflict(str(err)) from None
+        failure: RequestError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._renew, request.token)
+            try:
+                await self.prefetch(tagged(request.image))
+            except RequestError as err:
+                failure = err
+            except RpcError as err:
+                failure = RequestError(f"prefetch of image {request.image!r}: {err}")
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return True
+
+    async def _renew(self, token: str) -> None:
+        """Renew until cancelled, or until the reservation is gone (released by its requester)."""
+        with contextlib.suppress(UnknownReservation):
+            while True:
+                await trio.sleep(RESERVATION_TTL / 3)
+                self.ledger.renew(token, trio.current_time(), RESERVATION_TTL)
 
     async def _on_release(self, caller: Caller, request: Release) -> bool:
         if request.token is not None:

@@ -24,6 +24,8 @@ States of a `Create`::
     PLAN (`placement.plan`) ── no plan: SEARCH every member, once; no plan again ──► UNDO, "cannot place"
     RESERVE each VM on its node, in turn ── a node refuses ──► RELEASE the others (at once) ─► PLAN without
        it; after 1 + MAX_REPLANS plans ──► UNDO, "nodes kept refusing reservations"
+    PREFETCH each VM's image onto its node if the node lacks it (at once; each host keeps the reservation
+       alive meanwhile, so that the start waits for no byte) ── one fails ──► UNDO
     PLACE: write the placement ─────────────────────────────────── fails ──► UNDO
     PLACED (test pause) ─► CONFIRM every VM at once (its host defines and starts it) ── one fails ──► UNDO
     CONFIRMED (test pause) ─► JOIN the index entry's add ── it failed ──► UNDO
@@ -104,6 +106,8 @@ from discovery.ve.transaction import (
 CLAIM_ATTEMPTS = 3
 """Claims of a new VE's name before giving up (each loss means someone wrote it)."""
 MAX_REPLANS = 3
+PREFETCH_TIMEOUT = 3600.0
+"""A prefetch moves a whole image: its host keeps the reservation alive meanwhile."""
 RESERVE_TIMEOUT = 10.0
 """A reservation is a ledger entry: its host answers at once, or is taken for refusing."""
 
@@ -113,6 +117,7 @@ class Step(enum.Enum):
     INDEX = "index"
     SEARCH = "search"
     RESERVE = "reserve"
+    PREFETCH = "prefetch"
     RELEASE = "release"
     PLACE = "place"
     PLACED = "placed"
@@ -195,6 +200,11 @@ class Create:
                     return self._plan(now)
                 self.step = Step.RELEASE
                 return CallHosts(self._releases())
+            case Step.PREFETCH, HostsAnswered(answers=answers):
+                failures = [a.reason for a in answers if isinstance(a, HostFailed)]
+                if failures:
+                    return self._undo(Refuse("cannot bring the image: " + "; ".join(sorted(failures))), now)
+                return self._place()
             case Step.RELEASE, HostsAnswered():
                 self.placement, self.tokens = {}, {}
                 return self._plan(now)
@@ -262,13 +272,27 @@ class Create:
 
     def _reserve_next(self) -> Action:
         if not self.todo:
-            self.step = Step.PLACE
-            return self._write(replace(self.value, placement=dict(self.placement)))
+            fetches = self._prefetches()
+            if fetches:
+                self.step = Step.PREFETCH
+                return CallHosts(fetches)
+            return self._place()
         vm_name, node = self.todo[0]
         vm = self.vms[vm_name]
         return CallHost(node, self._candidate(node).addr, "host.reserve", {
             "name": domain_name(self.name, vm.name), "vcpus": vm.vcpus, "memory_mb": vm.memory_mb,
             "disk_gb": vm.disk_gb}, timeout=RESERVE_TIMEOUT)
+
+    def _place(self) -> Action:
+        self.step = Step.PLACE
+        return self._write(replace(self.value, placement=dict(self.placement)))
+
+    def _prefetches(self) -> tuple[CallHost, ...]:
+        """A prefetch of each VM's image on its node, where the node lacks it."""
+        return tuple(CallHost(slot.node, slot.addr, "host.prefetch",
+                              {"token": self.tokens[vm], "image": self.vms[vm].image}, timeout=PREFETCH_TIMEOUT)
+                     for vm, slot in self.placement.items()
+                     if self.vms[vm].image != DEFAULT_IMAGE and not self._candidate(slot.node).holds_image)
 
     def _reserved(self, token: str) -> None:
         vm_name, node = self.todo.pop(0)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from discovery.ve.records import Slot, VERecord, VEState
-from discovery.ve.spec import VESpec, VMSpec
+from discovery.ve.spec import DEFAULT_IMAGE, VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
     AddToIndex,
@@ -82,6 +82,8 @@ class Host:
     site: str = "rennes"
     free: Mapping[str, int] = field(default_factory=lambda: dict(ROOM))
     near: bool = True
+    images: set[str] = field(default_factory=set)
+    """The images it holds (`holds_image` of the candidates it appears as)."""
 
     @property
     def migration_uri(self) -> str | None:
@@ -194,11 +196,14 @@ class World:
         those down without their room."""
         if fault is not None:
             return SearchFailed("the spiral search failed")
+        images = {vm.image for vm in search.spec.vms if vm.image != DEFAULT_IMAGE}
         hosts = sorted(self.hosts, key=lambda n: (not self.hosts[n].near, n))
         found = [n for n in hosts if n not in self.down and (self.hosts[n].near or search.everyone)]
         found += [n for n in hosts if n in self.down and search.everyone]
+        found.sort(key=lambda n: not images <= self.hosts[n].images)  # holders of the images first, as the agent
         return CandidatesFound(tuple(Candidate(n, self.addr(n), self.hosts[n].site, float(rank), "spiral",
-                                               None if n in self.down else self.hosts[n].free)
+                                               None if n in self.down else self.hosts[n].free,
+                                               images <= self.hosts[n].images)
                                      for rank, n in enumerate(found)))
 
     def _call(self, call: CallHost, fault: str | None) -> Observation:
@@ -236,6 +241,11 @@ class World:
                 host.reserved.pop(args["token"], None)
                 return True
             case "host.incoming":
+                return True
+            case "host.prefetch":
+                if args["token"] not in host.reserved:
+                    raise HostError(f"reservation {args['token']} is unknown or expired")
+                host.images.add(args["image"])
                 return True
             case "host.export":
                 self._holding(call.node, name)

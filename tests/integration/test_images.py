@@ -115,3 +115,11 @@ def test_a_ve_boots_a_catalogued_image_placed_where_it_is_held(cluster: Cluster,
     assert slot["node"] == "node2" and slot["why"].endswith("holds the image)")
     assert "holds the image" not in ve["placement"]["b"]["why"]  # b boots no image
     cluster.json("ve", "destroy", "app")
+    (tmp_path / "pair.yaml").write_text(
+        "name: pair\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, image: app}\n"
+        "  - {name: b, vcpus: 1, memory_mb: 128, image: app}\nconstraints: {anti_affinity: [[a, b]]}\n")
+    ve = cluster.json("--agent", "node3", "ve", "create", str(tmp_path / "pair.yaml"))
+    nodes = {slot["node"] for slot in ve["placement"].values()}
+    assert "node2" in nodes and len(nodes) == 2  # one VM on the holder, the other prefetched its image
+    assert nodes <= set(cluster.json("image", "show", "app")["holders"])
+    cluster.json("ve", "destroy", "pair")

@@ -100,6 +100,26 @@ def test_a_create_step_by_step() -> None:
     assert all(not h.reserved for h in w.hosts.values()) and w.violations == []
 
 
+def test_an_image_is_prefetched_where_it_is_lacking_while_the_room_is_held() -> None:
+    """VM a boots image `shop`, which n2 holds and n1 lacks: the candidates holding it come first, a lands on
+    n2, and only a node that lacks the image is asked to prefetch it (none here; then n2 forgets it)."""
+    spec = VESpec(VE, (VMSpec("a", 1, 256, 1, "shop"), VMSpec("b", 1, 256)),
+                  constraints=Constraints(anti_affinity=(("a", "b"),)))
+    w = world()
+    w.hosts["n2"].images.add("shop")
+    run(Create(replace(NEW, spec=spec)), w)
+    assert "prefetch" not in ", ".join(w.trace) and w.record is not None
+    assert w.record.placement["a"].node == "n2" and w.record.placement["a"].why.endswith("holds the image)")
+    w = world()
+    end = run(Create(replace(NEW, spec=spec)), w)
+    assert ", ".join(w.trace).startswith("claim, index, search, reserve n1, reserve n2, prefetch n1, write")
+    assert isinstance(end, Done) and w.hosts["n1"].images == {"shop"}
+    w = world()
+    end = run(Create(replace(NEW, spec=spec)), w, {"prefetch n1": "unreachable"})
+    assert isinstance(end, Refuse) and end.reason == "cannot bring the image: n1: unreachable"
+    assert w.record is None and not any(h.reserved for h in w.hosts.values())  # undone, room released
+
+
 def test_the_placement_is_written_before_any_host_starts_a_vm_and_running_after_all_have() -> None:
     w, core = world(), Create(NEW)
     action = core.start(0.0)
