@@ -98,6 +98,21 @@ class Actor:
             reply.send_nowait((True, result))
 
 
+class Periodic(Actor):
+    """An actor that runs `work` every `interval` seconds and nothing else (a background pass: a failure is
+    logged, and the next tick tries again)."""
+
+    def __init__(self, name: str, interval: float, work: Callable[[], Awaitable[object]]) -> None:
+        super().__init__()
+        self.name, self.tick_interval, self.work = name, interval, work
+
+    async def tick(self) -> None:
+        try:
+            await self.work()
+        except Exception as err:  # a background pass must not take the agent down
+            log.info("%s pass failed: %s", self.name, err)
+
+
 @dataclass
 class _Budget:
     max_restarts: int

@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from agents.node import NodeAgent
+from agents.runtime import Periodic
 from discovery.agent_config import load_agent_config
 from discovery.scheduler.service import DvmsService
 from discovery.scheduler.settings import DvmsSettings
@@ -24,7 +25,7 @@ from discovery.ve.service import Recovery, VEService
 from dvms.model import Node
 from images.catalogue import Catalogue
 from images.messages import tagged
-from images.service import ImageService
+from images.service import UPKEEP_INTERVAL, ImageService
 from images.store import ChunkStore
 
 
@@ -56,7 +57,8 @@ async def install(agent: NodeAgent) -> None:
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
-    agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), dvms]
+    agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), dvms,
+                     Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]
 
 
 async def ves_using(directory: Directory, image: str) -> list[str]:

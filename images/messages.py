@@ -163,6 +163,8 @@ class ImageEntry:
     owner: str
     created: float
     holders: dict[str, str]
+    copies: int = 3
+    """Live holders wanted (`image replicate --copies`); upkeep restores them (`images.service.upkeep`)."""
     version: int = 1
 
 

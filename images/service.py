@@ -65,7 +65,7 @@ from images.messages import (
 )
 from images.replication import targets
 from images.store import ChunkStore, CorruptChunk, MissingChunk, PackWriter, StoreError, verify_frame
-from overlay.membership import Membership
+from overlay.membership import DEAD, LEFT, Membership
 from overlay.messages import NoArgs
 from overlay.wire.rpc import OPERATOR, Caller, Conflict, Endpoint, Forbidden, NotFound, RequestError
 
@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 UPLOAD_IDLE = 120.0
 PULL_TIMEOUT = 3600.0
+UPKEEP_INTERVAL = 10.0
 STORE_THREADS = 2
 Users = Callable[[str], Awaitable[list[str]]]
 """The VEs whose spec names image NAME:TAG (the VE layer's answer, wired in `discovery.agent`)."""
@@ -232,19 +233,46 @@ class ImageService:
         return await self.fetcher.pull(check_image_name(request.name))
 
     async def _on_replicate(self, caller: Caller, request: Replicate) -> ImageEntry:
-        """Have nodes pull the image until it has `copies` live holders over the sites (`images.replication`)."""
+        """Keep `copies` live holders of the image from now on, and have nodes pull it until it has them."""
         name = check_image_name(request.name)
-        entry = await self.catalogue.find(name)
-        members = {m.name: m for m in self.membership.alive()}
-        chosen = targets(entry, {n: m.site for n, m in members.items()}, request.copies)
-        answers = await self.transport.call_many([members[n].addr for n in chosen], IMAGE_PULL.name, {"name": name},
-                                                 PULL_TIMEOUT)
-        outcome = {n: answers[members[n].addr] for n in chosen}
-        failed = [f"{n}: {a}" for n, a in outcome.items() if isinstance(a, Exception)]
+        await self.catalogue.find(name)
+        entry = await self.catalogue.change(name, lambda e: e if e is None else replace(e, copies=request.copies))
+        assert entry is not None
+        failed = await self._replicate(entry)
         entry = await self.catalogue.find(name)
         if failed:
             raise RequestError(f"image {name!r} has {len(entry.holders)} holders; pulls failed: {'; '.join(failed)}")
         return entry
+
+    async def _replicate(self, entry: ImageEntry) -> list[str]:
+        """Have the nodes `images.replication.targets` names pull the image; the pulls that failed."""
+        members = {m.name: m for m in self.membership.alive()}
+        chosen = targets(entry, {n: m.site for n, m in members.items()}, entry.copies)
+        answers = await self.transport.call_many([members[n].addr for n in chosen], IMAGE_PULL.name,
+                                                 {"name": entry.name}, PULL_TIMEOUT)
+        return [f"{n}: {answers[members[n].addr]}" for n in chosen
+                if isinstance(answers[members[n].addr], Exception)]
+
+    async def upkeep(self) -> None:
+        """The catalogue's anti-entropy, run periodically by every agent: list this node under every image
+        whose content it holds whole (after a restart, say), and, for each image of which it is the first
+        live holder by name, drop the holders membership knows are dead and have new ones pull it until it
+        has its `copies` live holders over the sites again."""
+        me = self.membership.me
+        held = set(await self._in_store(self.store.manifests))
+        live = {m.name for m in self.membership.alive()}
+        gone = {n for n, m in self.membership.members.items() if n not in live and m.status in (DEAD, LEFT)}
+        for entry in await self.catalogue.list():
+            if entry.digest in held and me.name not in entry.holders:
+                entry = await self.catalogue.add_holder(entry, me.name, me.site)
+            if min((n for n in entry.holders if n in live), default=None) != me.name:
+                continue
+            for node in sorted(set(entry.holders) & gone):
+                entry = await self.catalogue.drop_holder(entry.name, node) or entry
+            if len(set(entry.holders) & live) < entry.copies:
+                failed = await self._replicate(entry)
+                if failed:
+                    log.info("image %s: upkeep pulls failed: %s", entry.name, "; ".join(failed))
 
     async def _on_rm(self, caller: Caller, request: ImageName) -> ImageEntry:
         name = check_image_name(request.name)

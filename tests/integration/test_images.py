@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Cluster, running_cluster
+from .conftest import Cluster, running_cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_import_list_show_and_a_second_import_of_a_next_version(cluster: Cluster
     second = cluster.json("--agent", "node1", "image", "import", str(tmp_path / "next.qcow2"), "--name", "base:2")
     assert second["new_chunks"] <= 8 * 2 and second["new_bytes"] < first["new_bytes"] // 10
     names = {e["name"]: e for e in cluster.json("image", "list")}
-    assert set(names) == {"base:1", "base:2"} and names["base:1"]["holders"] == {"node1": cluster.node("node1")["site"]}
+    assert set(names) == {"base:1", "base:2"} and names["base:1"]["holders"]["node1"] == cluster.node("node1")["site"]
     shown = cluster.json("image", "show", "base:1")
     assert shown["digest"] == first["digest"] and shown["chunks"] == first["chunks"]
     clash = cluster.cli("--agent", "node1", "image", "import", str(tmp_path / "next.raw"), "--name", "base:1",
@@ -123,3 +123,19 @@ def test_a_ve_boots_a_catalogued_image_placed_where_it_is_held(cluster: Cluster,
     assert "node2" in nodes and len(nodes) == 2  # one VM on the holder, the other prefetched its image
     assert nodes <= set(cluster.json("image", "show", "app")["holders"])
     cluster.json("ve", "destroy", "pair")
+
+
+def test_upkeep_keeps_three_holders_over_two_sites_even_after_one_dies(cluster: Cluster, tmp_path: Path) -> None:
+    """The default policy, with no command: an import gets 3 holders over 2 sites, and when a holder dies
+    (kill -9) the first live holder drops it and has another node pull. Last in the module: it kills a node."""
+    disk(tmp_path / "kept.raw", 7, blocks=256)
+    cluster.json("--agent", "node1", "image", "import", str(tmp_path / "kept.raw"), "--name", "kept")
+
+    def holders() -> dict[str, str]:
+        return cluster.json("--agent", "node1", "image", "show", "kept")["holders"]
+
+    wait_for(lambda: len(holders()) == 3 and len(set(holders().values())) == 2, 90, "3 holders over 2 sites")
+    victim = next(n for n in sorted(holders()) if n != "node1")
+    cluster.kill9(victim)
+    survivors = {n["name"] for n in cluster.state["nodes"]} - {victim}
+    wait_for(lambda: set(holders()) == survivors, 120, f"{victim} dropped and its copy made again")
