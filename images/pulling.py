@@ -33,7 +33,9 @@ service time for the request). A timeout or a lost connection is `on_failure`. A
 * A failure penalises the source (its response time averages in the whole timeout, its rate is cut) and
   queues the request's chunks again at once; `max_failures` in a row drop it.
 * Endgame: when no chunk is left to hand out, a ready source gets the oldest chunks still in flight
-  elsewhere (at most `copies` requests carry a chunk at once), so a slow or dead source holds up nothing.
+  elsewhere, at most `copies` requests carrying a chunk at once, from requests it would likely answer
+  sooner (now plus its R̄ before the request's due time: its sending time plus its source's R̄, or at once
+  if that source never answered) or that are late (past due): a slow or dead source holds up little.
   When a chunk arrives, requests all of whose chunks have arrived are given up (`on_reply` returns them:
   the shell may cancel them); a reply that comes anyway counts its chunks as duplicates.
 * `done` when every chunk is received; `failed` when some chunk is neither received, in flight, nor held
@@ -65,7 +67,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,15 @@ class PullConfig:
     window: int = 16
     """Requests outstanding per source at most: what a source that dies holds up, until the endgame."""
     burst: int = 2
-    """Batches a rate limiter lets through at once."""
+    """Batches a rate limiter lets through at once, and requests a source gets before its first answer."""
     concurrency_weight: float = 1.0
     alpha: float = 0.9
     """Weight of a new sample in the EWMAs (C3's)."""
     beta: float = 0.2
-    recovery: float = 2.0
+    recovery: float = 4.0
     """Seconds the cubic takes to bring a cut rate back to where it was cut."""
-    queue_limit: int = 1
+    queue_limit: int = 2
     """Requests waiting at a source that its rate control lets stand."""
-    initial_rate: float = 64 << 20
-    """Bytes per second a source is first allowed (it grows from there)."""
     max_failures: int = 3
     timeout: float = 10.0
     """A request's deadline is at least this far..."""
@@ -96,7 +96,7 @@ class PullConfig:
     def __post_init__(self) -> None:
         if self.batch_bytes < 1 or self.window < 1 or self.burst < 1 or self.max_failures < 1 or self.copies < 1:
             raise ValueError(f"batch_bytes, window, max_failures and copies must be at least 1: {self}")
-        if not (0 < self.alpha <= 1 and 0 < self.beta < 1 and self.recovery > 0 and self.initial_rate > 0
+        if not (0 < self.alpha <= 1 and 0 < self.beta < 1 and self.recovery > 0
                 and self.timeout > 0 and self.queue_limit >= 0 and self.concurrency_weight >= 0):
             raise ValueError(f"pull configuration out of range: {self}")
 
@@ -113,6 +113,28 @@ class Request:
     chunks: tuple[bytes, ...]
     size: int
     deadline: float
+
+
+@dataclass
+class PullStats:
+    """What a pull did so far (`dataclasses.asdict` gives its JSON)."""
+
+    wanted_bytes: int
+    bytes: dict[str, int]
+    """Verified bytes first received from each source."""
+    duplicate_bytes: int = 0
+    """Verified bytes received again (an endgame re-request and its original both answered)."""
+    requests: int = 0
+    re_requests: int = 0
+    """Requests carrying a chunk asked before (requeued after a failure or a liar, or the endgame's)."""
+    failures: int = 0
+    bad_chunks: int = 0
+    lacking: int = 0
+    """Chunks a source said it lacks."""
+    abandoned: int = 0
+    """Requests given up because all their chunks arrived from elsewhere."""
+    dropped: dict[str, str] = field(default_factory=dict)
+    """Source → why it was dropped."""
 
 
 @dataclass
@@ -167,6 +189,8 @@ class _Source:
     def ready(self, now: float, config: PullConfig) -> bool:
         if self.dropped is not None:
             return False
+        if self.mu is None:  # never answered: no rate yet
+            return len(self.outstanding) < min(config.burst, config.window)
         if len(self.outstanding) >= config.window:
             self.windowed = True
             return False
@@ -183,7 +207,7 @@ class _Source:
 
     def wakeup(self, now: float, config: PullConfig) -> float | None:
         """When the rate limiter alone keeps this source from being ready, the time it will be."""
-        if self.dropped is not None or len(self.outstanding) >= config.window:
+        if self.dropped is not None or self.mu is None or len(self.outstanding) >= config.window:
             return None
         tokens = self._refill(now, config)
         return None if tokens > 0 else now + (-tokens) / self.rate + 1e-9
@@ -200,15 +224,15 @@ class _Source:
         self.mu = _ewma(self.mu, 1 / (service * full), config.alpha)
         self.queue = _ewma(self.queue, max(0, queue), config.alpha)
         self.failures = 0
+        if self.peak is None:  # never cut yet: the rate follows the service rate, plus `beta`
+            self._set_rate(now, self.mu * config.batch_bytes * (1 + config.beta), config)
 
     def adapt(self, f: _Flight, now: float, queue: int, config: PullConfig) -> None:
         """C3's rate control, at a reply. The receive rate is behind the send rate when the source's queue
         grew since its previous reply (the queue is the integral of their difference), or stands above
         `queue_limit` while the window, not the rate, held the source back: then cut the rate, once per
         round trip (only for a request sent after the last cut). Else, if the rate held the source back,
-        grow it along the cubic; until the first cut, to its service rate plus `beta` at once."""
-        if self.peak is None and self.mu is not None:
-            self._set_rate(now, max(self.rate, self.mu * config.batch_bytes * (1 + config.beta)), config)
+        grow it along the cubic."""
         grew = self.reported is not None and queue > self.reported
         if queue > config.queue_limit and (grew or self.windowed):
             if f.sent_at >= self.decreased_at:
@@ -222,17 +246,20 @@ class _Source:
         self.reported, self.limited, self.windowed = queue, False, False
 
     def cut(self, now: float, config: PullConfig) -> None:
-        self.peak, self.decreased_at = self.rate, now
+        """Cut the rate; the cubic will come back to it, or to the service rate if that is lower: the
+        source saturates there."""
+        self.peak, self.decreased_at = min(self.rate, (self.mu or math.inf) * config.batch_bytes), now
         self._set_rate(now, self.rate * (1 - config.beta), config)
 
     def _set_rate(self, now: float, rate: float, config: PullConfig) -> None:
         self._refill(now, config)
-        self.rate = rate
+        self.rate = max(rate, config.batch_bytes / config.timeout)
 
     def penalise(self, f: _Flight, now: float, config: PullConfig) -> None:
         self.failures += 1
         self.response = _ewma(self.response, (f.deadline - f.sent_at) * config.batch_bytes / f.size, config.alpha)
-        self.cut(now, config)
+        if self.mu is not None:
+            self.cut(now, config)
 
 
 class Pull:
@@ -264,16 +291,13 @@ class Pull:
         self._left = n
         order = list(range(len(sources)))
         rng.shuffle(order)
-        self._sources = {name: _Source(name, order[i], config.initial_rate, config.burst * config.batch_bytes, now)
+        self._sources = {name: _Source(name, order[i], 0.0, config.burst * config.batch_bytes, now)
                          for i, name in enumerate(sources)}
         self._open: dict[int, _Flight] = {}
         """Requests awaiting an answer, oldest first."""
         self._sent: dict[int, _Flight] = {}
         self._next_id = 0
-        self._stats = {"requests": 0, "re_requests": 0, "duplicate_bytes": 0, "failures": 0, "bad_chunks": 0,
-                       "lacking": 0, "abandoned": 0}
-        self._bytes = dict.fromkeys(sources, 0)
-        self._dropped: dict[str, str] = {}
+        self._stats = PullStats(sum(self._sizes), dict.fromkeys(sources, 0))
 
     # -- what the shell reads --------------------------------------------------------------------------
 
@@ -294,15 +318,18 @@ class Pull:
     def received(self) -> set[bytes]:
         return {self._ids[i] for i in range(len(self._ids)) if self._received[i]}
 
-    def stats(self) -> dict[str, object]:
-        return {**self._stats, "wanted_bytes": sum(self._sizes), "bytes": dict(self._bytes),
-                "dropped": dict(self._dropped)}
+    @property
+    def stats(self) -> PullStats:
+        return replace(self._stats, bytes=dict(self._stats.bytes), dropped=dict(self._stats.dropped))
 
     def wakeup(self, now: float) -> float | None:
-        """The next time `requests` may have more to send although nothing was answered: a rate limit."""
+        """The next time `requests` may have more to send although nothing was answered: a rate limit, or
+        in the endgame an answer overdue."""
         if self.done:
             return None
         times = [t for s in self._sources.values() if (t := s.wakeup(now, self.config)) is not None]
+        if not self._queue and not self._retry:
+            times += [t for f in self._open.values() if (t := self._due(f)) > now]
         return min(times, default=None)
 
     # -- inputs ----------------------------------------------------------------------------------------
@@ -313,7 +340,7 @@ class Pull:
         while not self.done:
             ready = [s for s in self._sources.values() if s.ready(now, self.config)]
             for s in sorted(ready, key=lambda s: s.score(self.config.concurrency_weight)):
-                chunks = self._take(s) or self._endgame(s)
+                chunks = self._take(s) or self._endgame(s, now)
                 if chunks:
                     out.append(self._send(s, chunks, now))
                     break
@@ -334,18 +361,18 @@ class Pull:
         for i in f.chunks:
             cid = self._ids[i]
             if cid in bad:
-                self._stats["bad_chunks"] += 1
+                self._stats.bad_chunks += 1
             elif cid in verified:
                 if self._received[i]:
-                    self._stats["duplicate_bytes"] += self._sizes[i]
+                    self._stats.duplicate_bytes += self._sizes[i]
                 else:
                     self._received[i] = 1
                     self._left -= 1
-                    self._bytes[s.name] += self._sizes[i]
+                    self._stats.bytes[s.name] += self._sizes[i]
                     duplicated = duplicated or self._copies[i] > 0
             elif i not in s.lacks:
                 s.lacks.add(i)
-                self._stats["lacking"] += 1
+                self._stats.lacking += 1
         if f.chunks and any(self._ids[i] in bad for i in f.chunks):
             self._drop(s, "served bytes that do not match their ids")
         elif s.dropped is None:
@@ -361,7 +388,7 @@ class Pull:
         if f.id not in self._open:
             return
         self._close(f)
-        self._stats["failures"] += 1
+        self._stats.failures += 1
         s = self._sources[f.source]
         s.penalise(f, now, self.config)
         if s.failures >= self.config.max_failures:
@@ -404,14 +431,16 @@ class Pull:
                 break
         return batch
 
-    def _endgame(self, s: _Source) -> list[int]:
-        """Nothing left to hand out: the oldest chunks in flight at other sources, up to a batch."""
+    def _endgame(self, s: _Source, now: float) -> list[int]:
+        """Nothing left to hand out: the oldest chunks in flight at other sources, up to a batch, from
+        requests that `s` would likely answer sooner, or that are late."""
         mine = {i for f in s.outstanding.values() for i in f.chunks}
         batch: list[int] = []
         size = 0
         for f in self._open.values():
-            if f.source == s.name:
-                continue
+            due = self._due(f)
+            if f.source == s.name or due - (s.response or 0.0) <= now <= due:
+                continue  # its answer is expected before `s` could bring it, and is not late yet
             for i in f.chunks:
                 if (self._received[i] or self._copies[i] >= self.config.copies or i in mine or i in s.lacks):
                     continue
@@ -422,15 +451,20 @@ class Pull:
                 mine.add(i)
         return batch
 
+    def _due(self, f: _Flight) -> float:
+        """When the answer to `f` is expected: its source's average response time after it was sent (at once
+        if that source never answered)."""
+        return f.sent_at + (self._sources[f.source].response or 0.0)
+
     def _send(self, s: _Source, chunks: list[int], now: float) -> Request:
         f = _Flight(self._next_id, s.name, tuple(chunks), sum(self._sizes[i] for i in chunks), now,
                     s.deadline(now, self.config))
         self._next_id += 1
         self._open[f.id] = self._sent[f.id] = s.outstanding[f.id] = f
         s.tokens -= f.size
-        self._stats["requests"] += 1
+        self._stats.requests += 1
         if any(self._asked[i] for i in chunks):
-            self._stats["re_requests"] += 1
+            self._stats.re_requests += 1
         for i in chunks:
             self._copies[i] += 1
             self._asked[i] = 1
@@ -449,7 +483,7 @@ class Pull:
                 self._retry.append(i)
 
     def _drop(self, s: _Source, why: str) -> None:
-        s.dropped = self._dropped[s.name] = why
+        s.dropped = self._stats.dropped[s.name] = why
         flights = list(s.outstanding.values())
         for f in flights:
             self._close(f)
@@ -460,5 +494,5 @@ class Pull:
         redundant = [f for f in self._open.values() if all(self._received[i] for i in f.chunks)]
         for f in redundant:
             self._close(f)
-        self._stats["abandoned"] += len(redundant)
+        self._stats.abandoned += len(redundant)
         return [f.id for f in redundant]

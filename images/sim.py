@@ -28,7 +28,7 @@ import random
 import sys
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from images.pulling import DEFAULT, Pull, PullConfig, Request
 
@@ -42,6 +42,32 @@ class Holder:
     """Seconds, round trip of one request."""
     dies_at: float | None = None
     liar: bool = False
+    jitter: float = 0.0
+    """Each service time is drawn uniformly within this fraction of its mean (disk, CPU, other traffic)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The figures of one simulated pull (`dataclasses.asdict` gives its JSON)."""
+
+    size_bytes: int
+    chunks: int
+    done: bool
+    failed: bool
+    seconds: float
+    uplink_seconds: float
+    """What the honest holders' uplinks alone would take, all of them alive."""
+    duplicate_bytes: int
+    wasted_bytes: int
+    duplicate_pct: float
+    """Duplicate and wasted bytes, % of the size."""
+    bytes_per_source: dict[str, int]
+    requests: int
+    re_requests: int
+    failures: int
+    abandoned: int
+    dropped: dict[str, str]
+    holders: dict[str, Holder]
 
 
 @dataclass
@@ -64,7 +90,7 @@ def chunk_sizes(total: int, rng: random.Random, avg: int = 8192, low: int = 2048
 
 
 def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullConfig = DEFAULT,
-        cancels: bool = True) -> dict[str, object]:
+        cancels: bool = True) -> Outcome:
     """Pull `size_bytes` of chunks from `holders` (named h0, h1, ...); the figures of that pull. Without
     `cancels`, holders serve what the shell gave up on anyway (a transport that cannot cancel)."""
     if size_bytes <= 0 or not holders:
@@ -95,7 +121,8 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
             if r.id in u.cancelled:
                 continue
             u.sending = r
-            at(now + r.size / (u.holder.mb_s * MB), "sent", r.source)
+            service = r.size / (u.holder.mb_s * MB) * (1 + u.holder.jitter * rng.uniform(-1, 1))
+            at(now + service, "sent", (r.source, service))
 
     def send(now: float) -> None:
         for r in pull.requests(now):
@@ -123,11 +150,11 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
                 serve(u, now)
         elif kind == "cancel" and isinstance(what, Request) and cancels:
             uplinks[what.source].cancelled.add(what.id)
-        elif kind == "sent" and isinstance(what, str):
-            u = uplinks[what]
+        elif kind == "sent" and isinstance(what, tuple):
+            u = uplinks[what[0]]
             r, u.sending = u.sending, None
             if r is not None and not u.dead:
-                at(now + u.holder.latency / 2, "reply", (r, r.size / (u.holder.mb_s * MB), len(u.queue)))
+                at(now + u.holder.latency / 2, "reply", (r, what[1], len(u.queue)))
             serve(u, now)
         elif kind == "reply" and isinstance(what, tuple):
             r, service, queue = what
@@ -148,22 +175,13 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
         elif kind == "wakeup" and isinstance(what, type(None)):
             wakeups.discard(now)
         send(now)
-    stats = pull.stats()
+    stats = pull.stats
     total = sum(size for _, size in wanted)
     honest = sum(h.mb_s for h in holders if not h.liar) or sum(h.mb_s for h in holders)
-    duplicate = stats["duplicate_bytes"]
-    assert isinstance(duplicate, int)
-    return {
-        "size_bytes": total, "chunks": len(wanted), "done": pull.done, "failed": pull.failed,
-        "seconds": round(now, 3), "uplink_seconds": round(total / (honest * MB), 3),
-        "throughput_mb_s": round(total / MB / now, 1) if now else None,
-        "duplicate_bytes": duplicate, "wasted_bytes": wasted,
-        "duplicate_pct": round(100 * (duplicate + wasted) / total, 2),
-        "bytes_per_source": stats["bytes"], "requests": stats["requests"], "re_requests": stats["re_requests"],
-        "failures": stats["failures"], "abandoned": stats["abandoned"], "dropped": stats["dropped"],
-        "holders": {name: {"mb_s": h.mb_s, "latency_ms": h.latency * 1000, "dies_at": h.dies_at, "liar": h.liar}
-                    for name, h in zip(names, holders, strict=True)},
-    }
+    return Outcome(total, len(wanted), pull.done, pull.failed, round(now, 3), round(total / (honest * MB), 3),
+                   stats.duplicate_bytes, wasted, round(100 * (stats.duplicate_bytes + wasted) / total, 2),
+                   stats.bytes, stats.requests, stats.re_requests, stats.failures, stats.abandoned, stats.dropped,
+                   dict(zip(names, holders, strict=True)))
 
 
 def _holders(args: argparse.Namespace) -> list[Holder]:
@@ -174,7 +192,7 @@ def _holders(args: argparse.Namespace) -> list[Holder]:
         raise SystemExit("--holders is MB/s,MB/s,... and --kill is INDEX@SECONDS") from None
     if any(s <= 0 for s in speeds) or any(not 0 <= i < len(speeds) for i in [*kills, *args.liar]):
         raise SystemExit(f"--holders must be positive, --kill and --liar indexes below {len(speeds)}")
-    return [Holder(s, args.latency_ms / 1000, kills.get(i), i in args.liar) for i, s in enumerate(speeds)]
+    return [Holder(s, args.latency_ms / 1000, kills.get(i), i in args.liar, args.jitter) for i, s in enumerate(speeds)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -182,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--size-mib", type=float, default=1024, help="Bytes of chunks to pull, MiB.")
     p.add_argument("--holders", default="40,40,40", help="Uplink of each holder, MB/s, comma-separated.")
     p.add_argument("--latency-ms", type=float, default=20.0, help="Round trip of a request, ms.")
+    p.add_argument("--jitter", type=float, default=0.0, help="Service times vary by up to this fraction.")
     p.add_argument("--kill", action="append", default=[], metavar="INDEX@SECONDS", help="A holder dies then.")
     p.add_argument("--liar", action="append", type=int, default=[], metavar="INDEX", help="A holder that lies.")
     p.add_argument("--batch-mib", type=float, default=DEFAULT.batch_bytes / (1 << 20), help="Bytes per request.")
@@ -190,19 +209,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="Print the figures as JSON.")
     args = p.parse_args(argv)
-    if args.size_mib <= 0 or args.latency_ms < 0:
-        raise SystemExit("--size-mib must be positive and --latency-ms not negative")
+    if args.size_mib <= 0 or args.latency_ms < 0 or not 0 <= args.jitter < 1:
+        raise SystemExit("--size-mib must be positive, --latency-ms not negative, --jitter in [0, 1)")
     config = replace(DEFAULT, batch_bytes=max(1, int(args.batch_mib * (1 << 20))), window=args.window)
     result = run(int(args.size_mib * (1 << 20)), _holders(args), args.seed, config, not args.no_cancel)
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
+        json.dump(asdict(result), sys.stdout, indent=2)
         print()
         return
-    print(f"{args.size_mib:g} MiB in {result['chunks']} chunks: "
-          f"{'done' if result['done'] else 'FAILED'} in {result['seconds']} s (uplinks alone: "
-          f"{result['uplink_seconds']} s), {result['duplicate_pct']} % duplicate or wasted bytes, "
-          f"{result['requests']} requests ({result['re_requests']} re-requests), "
-          f"dropped: {result['dropped'] or 'none'}")
+    print(f"{args.size_mib:g} MiB in {result.chunks} chunks: {'done' if result.done else 'FAILED'} in "
+          f"{result.seconds} s (uplinks alone: {result.uplink_seconds} s), {result.duplicate_pct} % duplicate "
+          f"or wasted bytes, {result.requests} requests ({result.re_requests} re-requests), "
+          f"dropped: {result.dropped or 'none'}")
 
 
 if __name__ == "__main__":
