@@ -10,8 +10,8 @@ service time for the request). A timeout or a lost connection is `on_failure`. A
 **Protocol.**
 
 * Chunks are handed out in content order, `batch_bytes` per request at most (a chunk larger than that
-  alone), to the best ready source. Ready: not dropped, fewer than `window` requests outstanding there,
-  and its rate limiter has tokens.
+  alone), to the best ready source. Ready: not dropped, and either it never answered yet and has fewer
+  than `burst` requests outstanding, or it has fewer than `window` and its rate limiter has tokens.
 * Best: the lowest C3 score (Suresh et al., NSDI 2015) ``Ψ = R̄ − 1/μ̄ + q̂³/μ̄`` with ``q̂ = 1 + os·w + q̄``:
   R̄ the EWMA of the response time, μ̄ of the service rate, q̄ of the queue the source reported, os its
   outstanding requests here, w `concurrency_weight`. A source not heard from yet scores lowest, so each is
@@ -22,9 +22,10 @@ service time for the request). A timeout or a lost connection is `on_failure`. A
   more than the previous reply did (or as many, while the window held the source back: a standing
   queue), cuts the rate to ``(1 − beta)`` of itself, at most once per round trip (only for a request
   sent after the last cut). Any other reply, if the rate held the source back, grows the rate along
-  the cubic ``R0·(1 + c·(t − K)³)`` (t the time since the last cut, R0 the rate then, K `recovery`,
-  ``c = beta/K³``: flat near R0, then probing beyond it), capped at twice the source's service rate.
-  Until its first cut a source's rate jumps to its service rate plus `beta` at its first reply.
+  the cubic ``R0·(1 + c·(t − K)³)`` (t the time since the last cut, K `recovery`, ``c = beta/K³``,
+  R0 the rate then but at most the service rate, where the source saturates: flat near R0, then
+  probing beyond it), capped at twice the service rate. Until its first cut, a source's rate is its
+  service rate plus `beta`.
 * A reply: each verified chunk not received yet is received from that source; one received already counts
   as duplicate bytes. A chunk the source answered neither way is one it lacks (its copy was corrupt, say):
   never asked of it again, asked elsewhere. A chunk whose bytes did not match its id drops the source for
@@ -55,10 +56,10 @@ does not look like a fast source; "the receive rate is behind the send rate" is 
 source reports growing (C3 counts responses and requests over fixed intervals of δ), and C3's
 hysteresis (no cut within 2δ of an increase) becomes one cut per round trip, as TCP CUBIC does it; the
 cubic is scaled by R0, so `recovery` is in seconds whatever the source's speed, and its growth is
-capped at twice the service rate instead of C3's fixed step; the first reply sets the rate instead of
-a fixed start. A window of outstanding requests per source, which C3 does not have, bounds what a
-source that dies silently holds up until the endgame. C3's backpressure queue is this core's queue of
-chunks: nothing is handed out while no source is ready.
+capped at twice the service rate instead of C3's fixed step; the service rate the source reports
+sets the first rate and bounds R0, instead of a fixed start. A window of outstanding requests per
+source, which C3 does not have, bounds what a source that dies silently holds up until the endgame.
+C3's backpressure queue is this core's queue of chunks: nothing is handed out while no source is ready.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ from dataclasses import dataclass, field, replace
 
 @dataclass(frozen=True)
 class PullConfig:
+    """The defaults are tuned with `images.sim` (its docstring has the runs)."""
+
     batch_bytes: int = 2 << 20
     window: int = 16
     """Requests outstanding per source at most: what a source that dies holds up, until the endgame."""

@@ -17,6 +17,20 @@ the time the uplinks alone would need, duplicate bytes (received twice) and wast
 request the shell had cancelled or failed), bytes per source, requests and re-requests, dropped sources.
 
     python -m images.sim --size-mib 1024 --holders 40,40,40 [--kill 1@5.0] [--liar 2] [--json]
+
+What the defaults give (1 GiB, 130,815 chunks, 20 ms, seed 1; seconds, and the uplinks alone):
+
+    holders              time     alone   notes
+    40                   27.03    26.84
+    40,40                13.52    13.42
+    40,40,40              9.00     8.95   3.00x faster than one holder, 0 duplicate bytes
+    40,40,40 --kill 1@5  11.03     8.95   1.23x; h1's 16 requests re-requested by the endgame
+    40,40,40 --liar 2    13.52    13.42   h2 dropped at its first reply, none of its bytes used
+    40,40,4              12.91    12.78   the slow holder's queue kept at 1-2 requests
+    40,40,40, 300 ms      9.53     8.95
+    40,40,40 --jitter .3  9.97     8.95   service times ±30 %: the rate control leaves the holders idle
+                                          now and then (C3 keeps queues short rather than uplinks full)
+    400,400,400           0.95     0.90
 """
 
 from __future__ import annotations
