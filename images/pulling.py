@@ -159,13 +159,14 @@ class _Source:
     """What the pull knows of one source: C3's estimates, its rate limiter, what it lacks."""
 
     name: str
-    order: float
+    order: int
+    """Its rank in the random order that breaks ties."""
     rate: float
     """Bytes per second this source may be asked for."""
     tokens: float
     tokens_at: float
     peak: float | None = None
-    """R0: the rate before the last cut (None: never cut)."""
+    """R0, where the cubic comes back to after the last cut (None: never cut)."""
     decreased_at: float = -math.inf
     limited: bool = False
     """The rate held the source back since its last reply..."""
@@ -182,7 +183,7 @@ class _Source:
     """Service rate, in full batches per second."""
     queue: float = 0.0
 
-    def score(self, w: float) -> tuple[int, float, int, float]:
+    def score(self, w: float) -> tuple[int, float, int, int]:
         os = len(self.outstanding)
         if self.response is None or self.mu is None:
             return 0, 0.0, os, self.order
