@@ -1,19 +1,20 @@
 """Pulling an image to this node: its manifest, then the chunks this store lacks, from several holders at once.
 
-The chunks still missing are cut into batches (BATCH_BYTES of chunk bytes each); every live holder
-serves them through PER_HOLDER workers that take the next batch as soon as they are free, so a fast
-holder serves more batches than a slow one. Each chunk is verified against its id on arrival: a holder
-that sends other bytes is dropped for the rest of the pull, one that fails FAILURES_TO_DROP times too;
-their batches go back in the queue. A chunk that a holder does not have (it found it corrupt) is asked of
-another. Fetched chunks are committed to the store every COMMIT_BYTES, so an interrupted pull resumes from
-what it had; the manifest lands last, and only then is this node listed as a holder.
+`images.pulling.Pull` (sans-IO) decides which chunks to ask of which live holder and when: C3-ranked
+holders under rate control, an endgame that re-requests what a slow or dead holder holds up, liars
+dropped. This is its trio shell: it sends each request (`image.chunks`) in a task of its own with the
+request's deadline, verifies every chunk of a reply against its id before writing it and tells the core
+which verified and which did not, and cancels the requests the core gives up. Fetched chunks are
+committed to the store every COMMIT_BYTES, so an interrupted pull resumes from what it had (a new `Pull`
+over what the store still lacks); the manifest lands last, and only then is this node listed as a holder.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,15 +22,14 @@ import trio
 
 from images.catalogue import Catalogue
 from images.manifest import Manifest
-from images.messages import BATCH_BYTES, IMAGE_CHUNKS, IMAGE_MANIFEST, Chunks, ManifestSlice, Pulled
+from images.messages import IMAGE_CHUNKS, IMAGE_MANIFEST, ChunkBatch, Chunks, ManifestSlice, Pulled
+from images.pulling import Pull, PullStats, Request
 from images.store import ChunkStore, PackWriter, StoreError, verify_frame
 from overlay.membership import Membership
 from overlay.wire.rpc import Endpoint, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 InStore = Callable[..., Awaitable[Any]]
-PER_HOLDER = 2
-FAILURES_TO_DROP = 2
 COMMIT_BYTES = 64 << 20
 CALL_TIMEOUT = 60.0
 
@@ -60,8 +60,10 @@ class Fetcher:
                 await run.fetch(missing)
             await self.in_store(run.writer.commit, body)
         await self.catalogue.add_holder(entry, me.name, me.site)
-        return Pulled(name, entry.digest, me.name, run.fetched_chunks, sum(run.sources.values()), run.duplicates,
-                      dict(run.sources), sorted(run.dropped), round(time.perf_counter() - started, 3))
+        got = run.stats.bytes if run.stats else {}
+        return Pulled(name, entry.digest, me.name, len(missing), sum(got.values()),
+                      run.stats.duplicate_bytes if run.stats else 0, dict(got),
+                      sorted(run.stats.dropped) if run.stats else [], round(time.perf_counter() - started, 3))
 
     async def _manifest(self, digest: str, holders: dict[str, str]) -> bytes:
         """The manifest from the first holder that has it whole, checked against its digest."""
@@ -84,100 +86,77 @@ class Fetcher:
 
 
 class _Run:
-    """One pull's chunk transfers: the queue of batches, the workers, what each holder sent."""
+    """One pull's chunk transfers: `images.pulling.Pull` decides what to ask of whom and when; this sends the
+    requests, times them out, verifies and writes what comes back, and reports it."""
 
     def __init__(self, fetcher: Fetcher, sizes: dict[bytes, int], holders: dict[str, str]) -> None:
         self.fetcher, self.sizes, self.holders = fetcher, sizes, holders
         self.writer = PackWriter(fetcher.store)
-        self.queue: deque[list[bytes]] = deque()
-        self.pending: set[bytes] = set()
-        self.in_flight = 0
-        self.failures: dict[str, int] = {}
-        self.dropped: set[str] = set()
-        self.sources: dict[str, int] = {}
-        self.duplicates = 0
-        self.fetched_chunks = 0
+        self.stats: PullStats | None = None
         self._uncommitted = 0
-        self._write = trio.Lock()
-        self._changed = trio.Event()
 
     async def fetch(self, missing: list[bytes]) -> None:
-        self.pending = set(missing)
-        batch: list[bytes] = []
-        for cid in missing:
-            if batch and sum(self.sizes[c] for c in batch) + self.sizes[cid] > BATCH_BYTES:
-                self.queue.append(batch)
-                batch = []
-            batch.append(cid)
-        self.queue.append(batch)
+        pull = Pull([(cid, self.sizes[cid]) for cid in missing], list(self.holders), trio.current_time(),
+                    random.Random())
+        send, events = trio.open_memory_channel[tuple[Request, ChunkBatch | None]](math.inf)
+        open_requests: dict[int, trio.CancelScope] = {}
         async with trio.open_nursery() as nursery:
-            for node in self.holders:
-                for _ in range(PER_HOLDER):
-                    nursery.start_soon(self._worker, node)
-        if self.pending:
-            raise RequestError(f"{len(self.pending)} chunks could not be fetched from any holder "
-                               f"({', '.join(sorted(self.holders)) or 'none live'}; given up on: "
-                               f"{', '.join(sorted(self.dropped)) or 'none'})")
+            while not pull.done and not pull.failed:
+                for request in pull.requests(trio.current_time()):
+                    open_requests[request.id] = trio.CancelScope(deadline=request.deadline)
+                    nursery.start_soon(self._ask, request, open_requests[request.id], send)
+                wakeup = pull.wakeup(trio.current_time())
+                with trio.move_on_at(math.inf if wakeup is None else wakeup):
+                    request, reply = await events.receive()
+                    open_requests.pop(request.id, None)
+                    if reply is None:
+                        pull.on_failure(request.id, trio.current_time())
+                        continue
+                    verified, bad = await self.fetcher.in_store(self._store, reply.chunks)
+                    abandoned = pull.on_reply(request.id, trio.current_time(), verified, bad, reply.queue,
+                                              reply.service_time)
+                    for given_up in abandoned:  # every chunk came from elsewhere: stop waiting for it
+                        scope = open_requests.pop(given_up, None)
+                        if scope is not None:
+                            scope.cancel()
+            nursery.cancel_scope.cancel()
+        self.stats = pull.stats
+        if not pull.done:
+            dropped = ", ".join(f"{n} ({why})" for n, why in sorted(pull.stats.dropped.items())) or "none"
+            raise RequestError(f"{len(missing) - len(pull.received())} chunks could not be fetched from any holder "
+                               f"({', '.join(sorted(self.holders)) or 'none live'}; given up on: {dropped})")
 
-    async def _worker(self, node: str) -> None:
-        while node not in self.dropped and self.pending:
-            if not self.queue:
-                if self.in_flight == 0:
-                    return  # what is left, no holder had
-                await self._changed.wait()
-                continue
-            batch = [c for c in self.queue.popleft() if c in self.pending]
-            if not batch:
-                continue
-            self.in_flight += 1
+    async def _ask(self, request: Request, scope: trio.CancelScope,
+                   events: trio.MemorySendChannel[tuple[Request, ChunkBatch | None]]) -> None:
+        """Send one request; its answer, or None (failed, or timed out at its deadline), goes to `events`;
+        nothing if it was given up (its scope cancelled by `fetch`)."""
+        reply: ChunkBatch | None = None
+        with scope:
             try:
-                await self._one(node, batch)
-            finally:
-                self.in_flight -= 1
-                self._changed.set()
-                self._changed = trio.Event()
+                reply = await self.fetcher.transport.ask(self.holders[request.source], IMAGE_CHUNKS,
+                                                         Chunks(list(request.chunks)), CALL_TIMEOUT)
+            except (RpcError, RequestError) as err:
+                log.info("pull: %s failed: %s", request.source, err)
+        if scope.cancelled_caught and scope.deadline > trio.current_time():
+            return  # given up, not timed out
+        await events.send((request, reply))
 
-    async def _one(self, node: str, batch: list[bytes]) -> None:
-        addr = self.holders[node]
-        try:
-            reply = await self.fetcher.transport.ask(addr, IMAGE_CHUNKS, Chunks(batch), CALL_TIMEOUT)
-        except (RpcError, RequestError) as err:
-            self.failures[node] = self.failures.get(node, 0) + 1
-            if self.failures[node] >= FAILURES_TO_DROP:
-                log.info("pull: giving up on %s: %s", node, err)
-                self.dropped.add(node)
-            self.queue.appendleft(batch)
-            return
-        got = {cid for cid, _, _ in reply.chunks}
-        try:
-            async with self._write:
-                written = await self.fetcher.in_store(self._store, reply.chunks)
-        except RequestError as err:  # bytes that do not match their id: this holder is not trusted again
-            log.warning("pull: %s sent a bad chunk (%s); dropping it", node, err)
-            self.dropped.add(node)
-            self.queue.appendleft(batch)
-            return
-        self.sources[node] = self.sources.get(node, 0) + sum(len(f) for _, f, _ in reply.chunks)
-        self.duplicates += sum(len(f) for cid, f, _ in reply.chunks if cid not in written)
-        self.pending -= written
-        self.fetched_chunks += len(written)
-        rest = [c for c in batch if c not in got and c in self.pending]
-        if rest:  # the holder lacked these (or stopped at its batch limit): someone else's turn
-            self.queue.append(rest)
-
-    def _store(self, chunks: list[tuple[bytes, bytes, int]]) -> set[bytes]:
-        """Verify and write a reply's chunks (in a worker thread); the ids newly written."""
-        written = set()
+    def _store(self, chunks: list[tuple[bytes, bytes, int]]) -> tuple[set[bytes], set[bytes]]:
+        """Verify and write a reply's chunks (in a worker thread): the ids verified, and the ids whose bytes
+        did not match (or that are not of this image)."""
+        verified, bad = set(), set()
         for cid, frame, size in chunks:
-            if size != self.sizes.get(cid, -1):
-                raise StoreError(f"chunk {cid.hex()[:16]}: not of this image, or of another size")
-            verify_frame(cid, frame, size)
-            if cid in self.pending:  # else another holder's copy came first: a duplicate
-                if self.writer.add_stored(cid, frame, size):
-                    self._uncommitted += len(frame)
-                written.add(cid)
+            try:
+                if size != self.sizes.get(cid, -1):
+                    raise StoreError(f"chunk {cid.hex()[:16]}: not of this image, or of another size")
+                verify_frame(cid, frame, size)
+            except StoreError:
+                bad.add(cid)
+                continue
+            verified.add(cid)
+            if self.writer.add_stored(cid, frame, size):
+                self._uncommitted += len(frame)
         if self._uncommitted >= COMMIT_BYTES:  # what is fetched so far survives an interrupted pull
             self.writer.commit()
             self._uncommitted = 0
-        return written
-
+        return verified, bad

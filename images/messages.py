@@ -22,6 +22,9 @@ from overlay.wire.rpc import AGENTS, ANYONE, PEOPLE, Method, RequestError
 NAME_LIMIT = 128
 BATCH_BYTES = 2 << 20
 """Most chunk bytes (compressed) one `image.chunks` or `image.put` carries: half a frame."""
+SERVE_BYTES = BATCH_BYTES + (BATCH_BYTES >> 1)
+"""Most frame bytes a holder returns for one `image.chunks`: a request sized BATCH_BYTES by the chunks' sizes
+comes back a little larger when they do not compress (each zstd frame adds a few bytes), never near a frame."""
 MAX_IDS = 4096
 """Most chunk ids one `image.offer` or `image.chunks` names (4096 x 32 bytes = 128 KiB)."""
 MAX_COPIES = 16

@@ -45,6 +45,7 @@ from images.messages import (
     IMAGE_SHOW,
     IMAGE_UPLOAD,
     IMAGE_VERIFY,
+    SERVE_BYTES,
     ChunkBatch,
     Chunks,
     Commit,
@@ -202,7 +203,7 @@ class ImageService:
         return ManifestPart(body[request.offset:request.offset + BATCH_BYTES], len(body))
 
     async def _on_chunks(self, caller: Caller, request: Chunks) -> ChunkBatch:
-        """The asked chunks this store holds, up to BATCH_BYTES; a corrupt one is left out (and dropped
+        """The asked chunks this store holds, up to SERVE_BYTES; a corrupt one is left out (and dropped
         here: `verify` or the next pull fetches it again)."""
         queue = self._serving
         self._serving += 1
@@ -216,7 +217,7 @@ class ImageService:
                         frame, size = self.store.read_stored(cid)
                     except (MissingChunk, CorruptChunk):
                         continue
-                    if out and total + len(frame) > BATCH_BYTES:
+                    if out and total + len(frame) > SERVE_BYTES:
                         break
                     out.append((cid, frame, size))
                     total += len(frame)
