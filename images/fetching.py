@@ -106,19 +106,23 @@ class _Run:
                     open_requests[request.id] = trio.CancelScope(deadline=request.deadline)
                     nursery.start_soon(self._ask, request, open_requests[request.id], send)
                 wakeup = pull.wakeup(trio.current_time())
-                with trio.move_on_at(math.inf if wakeup is None else wakeup):
-                    request, reply = await events.receive()
-                    open_requests.pop(request.id, None)
-                    if reply is None:
-                        pull.on_failure(request.id, trio.current_time())
-                        continue
-                    verified, bad = await self.fetcher.in_store(self._store, reply.chunks)
-                    abandoned = pull.on_reply(request.id, trio.current_time(), verified, bad, reply.queue,
-                                              reply.service_time)
-                    for given_up in abandoned:  # every chunk came from elsewhere: stop waiting for it
-                        scope = open_requests.pop(given_up, None)
-                        if scope is not None:
-                            scope.cancel()
+                event: tuple[Request, ChunkBatch | None] | None = None
+                with trio.move_on_at(math.inf if wakeup is None else wakeup):  # only the wait: an answer taken
+                    event = await events.receive()  # is always reported to the core, whatever the clock says
+                if event is None:
+                    continue
+                request, reply = event
+                open_requests.pop(request.id, None)
+                if reply is None:
+                    pull.on_failure(request.id, trio.current_time())
+                    continue
+                verified, bad = await self.fetcher.in_store(self._store, reply.chunks)
+                abandoned = pull.on_reply(request.id, trio.current_time(), verified, bad, reply.queue,
+                                          reply.service_time)
+                for given_up in abandoned:  # every chunk came from elsewhere: stop waiting for it
+                    scope = open_requests.pop(given_up, None)
+                    if scope is not None:
+                        scope.cancel()
             nursery.cancel_scope.cancel()
         self.stats = pull.stats
         if not pull.done:

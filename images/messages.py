@@ -46,6 +46,11 @@ def tagged(image: str) -> str:
     return image if ":" in image else f"{image}:latest"
 
 
+def _check_copies(copies: int) -> None:
+    if not 1 <= copies <= MAX_COPIES:
+        raise RequestError(f"copies must be between 1 and {MAX_COPIES}")
+
+
 def _check_ids(ids: list[bytes]) -> None:
     if any(len(cid) != 32 for cid in ids):
         raise RequestError("a chunk id is 32 bytes (BLAKE3)")
@@ -61,12 +66,14 @@ class ImageName:
 
 @dataclass(frozen=True)
 class Upload:
-    """Open an upload session for image `name`."""
+    """Open an upload session for image `name`, to be kept on `copies` live holders."""
 
     name: str = field(metadata=limit(NAME_LIMIT))
+    copies: int = 3
 
     def __post_init__(self) -> None:
         check_image_name(self.name)
+        _check_copies(self.copies)
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,8 @@ class ManifestSlice:
 
 @dataclass(frozen=True)
 class ManifestPart:
-    data: bytes
-    total: int
+    data: bytes = field(metadata=limit(BATCH_BYTES))
+    total: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,8 +150,7 @@ class Replicate:
 
     def __post_init__(self) -> None:
         check_image_name(self.name)
-        if not 1 <= self.copies <= MAX_COPIES:
-            raise RequestError(f"copies must be between 1 and {MAX_COPIES}")
+        _check_copies(self.copies)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ Users = Callable[[str], Awaitable[list[str]]]
 @dataclass
 class _Upload:
     name: str
+    copies: int
     owner: str
     writer: PackWriter
     last: float
@@ -127,8 +128,8 @@ class ImageService:
     async def _on_upload(self, caller: Caller, request: Upload) -> Session:
         self._expire()
         session = secrets.token_hex(16)
-        self._uploads[session] = _Upload(check_image_name(request.name), caller.cn, PackWriter(self.store),
-                                         trio.current_time())
+        self._uploads[session] = _Upload(check_image_name(request.name), request.copies, caller.cn,
+                                         PackWriter(self.store), trio.current_time())
         return Session(session)
 
     def _upload(self, caller: Caller, session: str) -> _Upload:
@@ -183,7 +184,7 @@ class ImageService:
         stored = await self._in_store(self.store.stored_bytes, manifest)
         me = self.membership.me
         entry = ImageEntry(upload.name, digest, manifest.size, len(manifest.chunk_ids()), stored, upload.owner,
-                           time.time(), {})
+                           time.time(), {}, upload.copies)
         await self.catalogue.add_holder(entry, me.name, me.site)
         return Imported(upload.name, digest, manifest.size, len(manifest.chunk_ids()), upload.new_chunks,
                         upload.writer.written)

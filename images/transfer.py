@@ -44,10 +44,11 @@ from overlay.wire.rpc import Endpoint, RequestError
 CALL_TIMEOUT = 120.0
 
 
-async def upload(transport: Endpoint, addr: str, path: Path, name: str, chunking: Chunking = DEFAULT,
-                 progress: Progress | None = None) -> Imported:
-    """Import the raw or qcow2 file at `path` as image `name` through the agent at `addr`."""
-    session = (await transport.ask(addr, IMAGE_UPLOAD, Upload(name), CALL_TIMEOUT)).session
+async def upload(transport: Endpoint, addr: str, path: Path, name: str, copies: int = 3,
+                 chunking: Chunking = DEFAULT, progress: Progress | None = None) -> Imported:
+    """Import the raw or qcow2 file at `path` as image `name` (kept on `copies` holders) through the agent at
+    `addr`."""
+    session = (await transport.ask(addr, IMAGE_UPLOAD, Upload(name, copies), CALL_TIMEOUT)).session
     compressor = zstandard.ZstdCompressor(level=3)
     with open_content(path, Path(tempfile.gettempdir())) as (content, source):
         pieces: list[Piece] = []

@@ -52,6 +52,7 @@ def progress_bar(what: str, as_json: bool) -> Iterator[Any]:
 def image_import(
     file: Path,
     name: Annotated[str, typer.Option("--name", help="NAME[:TAG] (tag: latest).")],
+    copies: Annotated[int, typer.Option(min=1, max=16, help="Live holders to keep, over the sites.")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """Import a raw or qcow2 FILE: chunked here, only the chunks the agent lacks are sent. JSON: size,
@@ -65,7 +66,7 @@ def image_import(
     try:
         check_image_name(name)
         with progress_bar(f"importing {file.name}", as_json) as progress:
-            done = with_agent(lambda transport, addr: upload(transport, addr, file, name, progress=progress))
+            done = with_agent(lambda transport, addr: upload(transport, addr, file, name, copies, progress=progress))
     except (ImageFileError, StoreError, RequestError) as err:
         raise fail(str(err)) from None
     view = {f: getattr(done, f) for f in done.__dataclass_fields__}
