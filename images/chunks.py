@@ -57,6 +57,10 @@ class Piece:
     length: int
     id: bytes | None
 
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
 
 def chunk_id(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()

@@ -17,20 +17,23 @@ import mmap
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import blake3
 
-from images.chunks import DEFAULT, Chunking, cut
+from images.chunks import DEFAULT, Chunking, Piece, cut
 from images.manifest import Manifest
 from images.store import ChunkStore, StoreError
 
 QCOW2_MAGIC = b"QFI\xfb"
 SECTOR = 512
+LOOKUP_BATCH = 1024
+"""Chunks looked up in the store's index at once during an import."""
 ZEROS = bytes(1 << 20)
+T = TypeVar("T")
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) as an import or export goes."""
 
@@ -81,19 +84,33 @@ def open_content(path: Path, scratch: Path) -> Iterator[tuple[memoryview, Litera
 
 def _store(store: ChunkStore, content: memoryview, chunking: Chunking, source: Literal["raw", "qcow2"],
            progress: Progress | None) -> Imported:
-    pieces, new = [], 0
+    pieces: list[Piece] = []
+    new = 0
     with store.writer() as writer, contextlib.closing(cut(content, chunking)) as cuts:
-        for piece in cuts:
-            pieces.append(piece)
-            if piece.id is not None and writer.wants([piece.id]):
-                writer.add(piece.id, bytes(content[piece.offset:piece.offset + piece.length]))
-                new += 1
+        for batch in batches(cuts, LOOKUP_BATCH):
+            pieces += batch
+            wanted = set(writer.wants([p.id for p in batch if p.id is not None]))  # one index lookup a batch
+            for piece in batch:  # a chunk twice in one batch is added once
+                if piece.id in wanted and writer.add(piece.id, bytes(content[piece.offset:piece.end])):
+                    new += 1
             if progress is not None:
-                progress(piece.offset + piece.length, len(content))
+                progress(batch[-1].offset + batch[-1].length, len(content))
         manifest = Manifest.of(pieces, len(content), content_digest(content), chunking, source)
         body = manifest.encode()
         writer.commit(body)
     return Imported(Manifest.id_of(body), len(content), len(manifest.chunk_ids()), new, writer.written, source)
+
+
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter); itertools.batched from Python 3.12."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def content_digest(content: memoryview) -> str:
