@@ -241,7 +241,7 @@ def encode(value: Any) -> Any:
         return {_wire_name(f): encode(getattr(value, f.name)) for f in dataclasses.fields(value)
                 if not (f.metadata.get("sparse") and getattr(value, f.name) == _default(f))}
     if isinstance(value, list | tuple):
-        return [encode(v) for v in value]
+        return [v if type(v) in _PLAIN else encode(v) for v in value]
     if isinstance(value, dict):
         return {k: encode(v) for k, v in value.items()}
     return value

@@ -291,11 +291,10 @@ class Endpoint:
         """`call`, typed: `request` (the method's request dataclass) goes out encoded, and the answer comes
         back decoded into the method's answer type. An answer that does not fit it fails like a remote
         error of kind `bad_answer`."""
-        value = await self.call(addr, method.name, codec.encode(request), timeout)
-        try:
-            return method.read_answer(value)
-        except codec.CodecError as err:
-            raise RemoteError("bad_answer", f"{addr}: {err}") from None
+        answer = self._read(addr, method, await self.call(addr, method.name, codec.encode(request), timeout))
+        if isinstance(answer, RpcError):
+            raise answer
+        return answer
 
     async def forget(self, addr: str) -> None:
         """Drop any cached connection to `addr` (e.g. after the peer was declared dead)."""
@@ -323,6 +322,24 @@ class Endpoint:
                 nursery.start_soon(one, addr)
         return answers
 
+
+    async def ask_many(self, addrs: list[str], method: Method[R, A], request: R,
+                       timeout: float | None = None) -> dict[str, A | RpcError]:
+        """`call_many`, typed as `ask` is: each answer decoded into the method's answer type, or the error
+        it met (an answer that does not fit is a RemoteError of kind `bad_answer`)."""
+        answers = await self.call_many(addrs, method.name, codec.encode(request), timeout)
+        return {addr: self._read(addr, method, value) for addr, value in answers.items()}
+
+    @staticmethod
+    def _read(addr: str, method: Method[R, A], value: Any) -> A | RpcError:
+        if isinstance(value, RpcError):
+            return value
+        if isinstance(value, RequestError):  # our own handler refused: as a peer's refusal would read
+            return RemoteError(value.kind, str(value))
+        try:
+            return method.read_answer(value)
+        except codec.CodecError as err:
+            return RemoteError("bad_answer", f"{addr}: {err}")
 
 
 class Transport(Endpoint):
