@@ -171,20 +171,20 @@ def _fast(kind: Any) -> Fast | None:
     if kind in (int, str, bool, bytes, float, type(None)):
         return functools.partial(_fast_plain, kind)
     if origin in (Union, types.UnionType):
-        options = [_fast(a) for a in args if a is not type(None)]
-        if None in options or not options:
+        options = [f for a in args if a is not type(None) and (f := _fast(a)) is not None]
+        if len(options) != len([a for a in args if a is not type(None)]) or not options:
             return None
         return functools.partial(_fast_union, type(None) in args, options)
     if origin in (list, tuple) and args:
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            items = [_fast(a) for a in args]
-            return None if None in items else functools.partial(_fast_fixed, items)
+            items = [f for a in args if (f := _fast(a)) is not None]
+            return None if len(items) != len(args) else functools.partial(_fast_fixed, items)
         item = _fast(args[0])
         return None if item is None else functools.partial(_fast_list, item, origin is tuple)
     return None
 
 
-def _fast_plain(kind: type, data: Any, size: int) -> Any:
+def _fast_plain(kind: Any, data: Any, size: int) -> Any:
     if type(data) is not kind:
         if kind is float and type(data) is int:
             return float(data)

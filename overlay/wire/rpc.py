@@ -291,7 +291,7 @@ class Endpoint:
         """`call`, typed: `request` (the method's request dataclass) goes out encoded, and the answer comes
         back decoded into the method's answer type. An answer that does not fit it fails like a remote
         error of kind `bad_answer`."""
-        answer = self._read(addr, method, await self.call(addr, method.name, codec.encode(request), timeout))
+        answer: A | RpcError = _read(addr, method, await self.call(addr, method.name, codec.encode(request), timeout))
         if isinstance(answer, RpcError):
             raise answer
         return answer
@@ -328,18 +328,8 @@ class Endpoint:
         """`call_many`, typed as `ask` is: each answer decoded into the method's answer type, or the error
         it met (an answer that does not fit is a RemoteError of kind `bad_answer`)."""
         answers = await self.call_many(addrs, method.name, codec.encode(request), timeout)
-        return {addr: self._read(addr, method, value) for addr, value in answers.items()}
-
-    @staticmethod
-    def _read(addr: str, method: Method[R, A], value: Any) -> A | RpcError:
-        if isinstance(value, RpcError):
-            return value
-        if isinstance(value, RequestError):  # our own handler refused: as a peer's refusal would read
-            return RemoteError(value.kind, str(value))
-        try:
-            return method.read_answer(value)
-        except codec.CodecError as err:
-            return RemoteError("bad_answer", f"{addr}: {err}")
+        read: dict[str, A | RpcError] = {addr: _read(addr, method, value) for addr, value in answers.items()}
+        return read
 
 
 class Transport(Endpoint):
@@ -542,6 +532,18 @@ class Transport(Endpoint):
             seconds = self.delay(self.site, peer_site)
             if seconds > 0:
                 await trio.sleep(seconds)
+
+
+def _read(addr: str, method: Method[Any, A], value: Any) -> A | RpcError:
+    """An answer from `addr` decoded into `method`'s answer type, or the error the call met instead."""
+    if isinstance(value, RpcError):
+        return value
+    if isinstance(value, RequestError):  # our own handler refused: as a peer's refusal would read
+        return RemoteError(value.kind, str(value))
+    try:
+        return method.read_answer(value)
+    except codec.CodecError as err:
+        return RemoteError("bad_answer", f"{addr}: {err}")
 
 
 class _HandshakeRefused(Exception):
