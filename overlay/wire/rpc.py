@@ -291,7 +291,7 @@ class Endpoint:
         """`call`, typed: `request` (the method's request dataclass) goes out encoded, and the answer comes
         back decoded into the method's answer type. An answer that does not fit it fails like a remote
         error of kind `bad_answer`."""
-        answer: A | RpcError = _read(addr, method, await self.call(addr, method.name, codec.encode(request), timeout))
+        answer = _read(addr, method, await self.call(addr, method.name, codec.encode(request), timeout))
         if isinstance(answer, RpcError):
             raise answer
         return answer
@@ -328,7 +328,10 @@ class Endpoint:
         """`call_many`, typed as `ask` is: each answer decoded into the method's answer type, or the error
         it met (an answer that does not fit is a RemoteError of kind `bad_answer`)."""
         answers = await self.call_many(addrs, method.name, codec.encode(request), timeout)
-        read: dict[str, A | RpcError] = {addr: _read(addr, method, value) for addr, value in answers.items()}
+        read: dict[str, A | RpcError] = {}
+        for addr, value in answers.items():
+            answer = _read(addr, method, value)
+            read[addr] = answer
         return read
 
 
@@ -534,7 +537,7 @@ class Transport(Endpoint):
                 await trio.sleep(seconds)
 
 
-def _read(addr: str, method: Method[Any, A], value: Any) -> A | RpcError:
+def _read(addr: str, method: Method[R, A], value: Any) -> A | RpcError:
     """An answer from `addr` decoded into `method`'s answer type, or the error the call met instead."""
     if isinstance(value, RpcError):
         return value

@@ -35,7 +35,7 @@ def test_a_replica_grants_one_claimer_at_a_time_and_nothing_over_a_newer_version
     assert slots.prepare("i", "a", (5, "n2"), live, now=0.0).granted  # this replica is behind: fine
 
     restarted = ClaimSlots(lease=8.0, refuse_until=4.0)
-    assert restarted.prepare("k", "a", nothing, None, now=3.9) == {"granted": False, "why": "restarting"}
+    assert restarted.prepare("k", "a", nothing, None, now=3.9) == Claim(False, "restarting")
     assert restarted.prepare("k", "a", nothing, None, now=4.0).granted
     restarted.expire(now=100.0)
     assert restarted.slots == {}
@@ -167,6 +167,6 @@ async def test_a_restarted_replica_grants_no_slot_for_the_commit_window(tmp_path
     restarted = await cluster.start("n2", seed="n0")
     probe = {"key": "ve/r", "expect": [0, ""], "token": "t/1"}
     answer = await cluster.nodes["n0"].transport.call(restarted.ring.me.addr, "dht.prepare", probe)
-    assert answer == {"granted": False, "why": "restarting"}
+    assert answer == {"granted": False, "why": "restarting"}  # on the wire as it always was
     await trio.sleep(COMMIT_WINDOW)
     assert (await cluster.nodes["n0"].transport.call(restarted.ring.me.addr, "dht.prepare", probe))["granted"]
