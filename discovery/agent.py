@@ -45,7 +45,7 @@ async def install(agent: NodeAgent) -> None:
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
-    agent.actors += [Recovery(ve), Fencing(ve), dvms]
+    agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), dvms]
 
 
 def run(config: Path) -> None:

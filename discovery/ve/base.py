@@ -21,6 +21,7 @@ import trio
 from agents.host.capacity import Ledger
 from agents.spiral import Predicate, SpiralResult
 from discovery.ve.directory import Directory, Stored
+from discovery.ve.index import Unindexing
 from discovery.ve.records import Place, Standby, VERecord, domain_name
 from discovery.ve.spec import VESpec
 from discovery.ve.transaction import Candidate
@@ -76,6 +77,8 @@ class VEBase:
         self.node, self.joins, self.directory, self.transport = node, joins, directory, transport
         self.membership, self.nearest, self.distances, self.host = membership, nearest, distances, host
         self._locks: dict[str, trio.Lock] = {}
+        self.unindexing = Unindexing(directory.index)
+        """Removes destroyed VEs' index entries after the answer (an actor, for the agent to run)."""
 
     def joined(self) -> bool:
         """Whether the records may be found from here: this agent joins nobody, or it has joined (another
@@ -127,7 +130,10 @@ class VEBase:
             return ((site is None or reply.get("site") == site) and free.get("vcpus", 0) >= vcpus
                     and free.get("memory_mb", 0) >= memory)
 
-        found = await self.nearest.search(len(spec.vms) + 1, has_room)
+        # The spiral view only as wide as the answer: a plan needs this many nodes with room, nearest first,
+        # and a view of the default width (16) would visit every node of a small cluster, one hop at a time.
+        count = len(spec.vms) + 1
+        found = await self.nearest.search(count, has_room, n=count)
         keys = found.keys()
         ranked = [candidate(members[e.name], keys[e.name] * 1000 if e.name in keys else None, "spiral",
                             found.replies[e.name].get("free")) for e in found.nodes if e.name in members]

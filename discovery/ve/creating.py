@@ -19,23 +19,26 @@ States of a `Create`::
     CLAIM the record {creating, no VM placed} ── the name is live ──► refused, "already exists"
        │ another writer won: CLAIM again (CLAIM_ATTEMPTS in all) ──► refused, "kept changing"
        │ the directory fails ──► refused (if the claim landed, recovery deletes it)
-    INDEX: add the VE's entry ─────────────────────────────────────── fails ──► UNDO
+    INDEX: start adding the VE's entry, beside the steps below (nothing in them reads it)
     SEARCH this node and the nearest nodes with room ──────────────── fails ──► UNDO
     PLAN (`placement.plan`) ── no plan: SEARCH every member, once; no plan again ──► UNDO, "cannot place"
     RESERVE each VM on its node, in turn ── a node refuses ──► RELEASE the others (at once) ─► PLAN without
        it; after 1 + MAX_REPLANS plans ──► UNDO, "nodes kept refusing reservations"
     PLACE: write the placement ─────────────────────────────────── fails ──► UNDO
     PLACED (test pause) ─► CONFIRM every VM at once (its host defines and starts it) ── one fails ──► UNDO
-    CONFIRMED (test pause) ─► RUNNING: write state running ─► done
+    CONFIRMED (test pause) ─► JOIN the index entry's add ── it failed ──► UNDO
+    RUNNING: write state running ─► done
        the write fails ──► refused (the record stays `creating`, every VM runs: recovery finishes it)
-    UNDO: RELEASE the tokens not sent, UNDEFINE every VM if any confirm was sent (at once), then as a
+    UNDO: first JOIN the index entry's add if it still runs (its removal must follow it), then RELEASE
+       the tokens not sent, UNDEFINE every VM if any confirm was sent (at once), then as a
        `CreateRecovery` that undoes: ─► refused with the cause, "rolled back"; or, an undefine or the
        delete failing, refused with the roll-back left unfinished (the record stays, for recovery)
 
 States of a `CreateRecovery`::
 
     ASK the host of each placed VM whether it holds it (a probe, in turn) ── unknown ──► stopped
-       ├─ the placement is written and every host holds its VM: READ ─► WRITE state running ─► done (True)
+       ├─ the placement is written and every host holds its VM: READ ─► INDEX the VE again (its add ran beside
+       │     the create, which may have stopped before knowing it failed) ─► WRITE state running ─► done (True)
        └─ else: UNDEFINE every placed VM (at once) ── one fails ──► stopped
                 READ ─► DELETE the record ─► UNINDEX (best effort) ─► done (False)
     READ ── gone, or another incarnation ──► done (False); no longer `creating` ──► done (True): another
@@ -65,6 +68,8 @@ from discovery.ve.spec import NO_CONSTRAINTS
 from discovery.ve.transaction import (
     Action,
     AddToIndex,
+    Begun,
+    Beside,
     CallHost,
     CallHosts,
     Candidate,
@@ -80,6 +85,7 @@ from discovery.ve.transaction import (
     HostFailed,
     HostsAnswered,
     Indexed,
+    Join,
     Observation,
     PauseForTest,
     Probed,
@@ -112,7 +118,9 @@ class Step(enum.Enum):
     PLACED = "placed"
     CONFIRM = "confirm"
     CONFIRMED = "confirmed"
+    JOIN = "join"
     RUNNING = "running"
+    JOIN_TO_UNDO = "join to undo"
     UNDO = "undo"
     OVER = "over"
 
@@ -139,6 +147,8 @@ class Create:
         self.tokens: dict[str, str] = {}
         """The reservations not sent to be confirmed yet, by VM."""
         self.confirming = False
+        self.indexing = False
+        """Whether the index entry's add runs beside the steps, not joined yet."""
         self.cause = Refuse("")
         self.wrapped = False
         """Whether the cause is told as "creating <name> failed": it came with or after the placement's write."""
@@ -155,8 +165,8 @@ class Create:
             return self._from_undo(self.undo.on(observation, now))
         match self.step, observation:
             case Step.CLAIM, RecordWritten():
-                self.step = Step.INDEX
-                return AddToIndex(self.name, self.value.owner, self.value.uid)
+                self.step, self.indexing = Step.INDEX, True
+                return Beside(AddToIndex(self.name, self.value.owner, self.value.uid))
             case Step.CLAIM, RecordRead():
                 return self._over(Refuse(f"a VE named {self.name!r} already exists", "conflict"))
             case Step.CLAIM, ClaimLost():
@@ -167,10 +177,9 @@ class Create:
                                          "few seconds", "conflict"))
             case Step.CLAIM, DirectoryFailed(reason=reason, kind=kind):
                 return self._over(Refuse(reason, kind))
-            case Step.INDEX, Indexed():
+            case Step.INDEX, Begun():
                 return self._search(everyone=False)
-            case (Step.INDEX, DirectoryFailed(reason=reason, kind=kind)) | \
-                 (Step.SEARCH, SearchFailed(reason=reason, kind=kind)):
+            case Step.SEARCH, SearchFailed(reason=reason, kind=kind):
                 return self._undo(Refuse(reason, kind), now)
             case Step.SEARCH, CandidatesFound(candidates=found):
                 self.candidates = found
@@ -209,8 +218,16 @@ class Create:
                 self.step = Step.CONFIRMED
                 return PauseForTest("confirmed")
             case Step.CONFIRMED, Continued():
+                self.step, self.indexing = Step.JOIN, False
+                return Join()
+            case Step.JOIN, Indexed():
                 self.step = Step.RUNNING
                 return self._write(replace(self.value, state="running"))
+            case Step.JOIN, DirectoryFailed(reason=reason, kind=kind):
+                self.wrapped = True
+                return self._undo(Refuse(reason, kind), now)
+            case Step.JOIN_TO_UNDO, Indexed() | DirectoryFailed():
+                return self._roll_back(now)
             case Step.RUNNING, RecordWritten():
                 self.value = self._pending
                 return self._over(Done(self.value))
@@ -282,8 +299,15 @@ class Create:
 
     def _undo(self, cause: Refuse, now: float) -> Action:
         """Roll back: the reservations not confirmed released (else they lapse), every VM a host may have
-        started undefined, then the record and its index entry removed."""
-        self.cause, self.step = cause, Step.UNDO
+        started undefined, then the record and its index entry removed (once the entry's add is over)."""
+        self.cause = cause
+        if self.indexing:
+            self.step, self.indexing = Step.JOIN_TO_UNDO, False
+            return Join()
+        return self._roll_back(now)
+
+    def _roll_back(self, now: float) -> Action:
+        self.step = Step.UNDO
         undefine = undefines(self.value.name, self.placement) if self.confirming else ()
         self.undo = CreateRecovery(self.value, undo=self._releases() + undefine)
         self.tokens = {}
@@ -313,6 +337,7 @@ class RecoveryStep(enum.Enum):
     ASK = "ask"
     UNDEFINE = "undefine"
     READ = "read"
+    INDEX = "index"
     WRITE = "write"
     DELETE = "delete"
     UNINDEX = "unindex"
@@ -361,6 +386,9 @@ class CreateRecovery:
                 return self._over(Done(False))  # removed meanwhile
             case S.READ, RecordRead(value=VERecord() as fresh):
                 return self._read_again(fresh)
+            case S.INDEX, Indexed():
+                self.step = S.WRITE
+                return WriteRecord(self._pending)
             case S.WRITE, RecordWritten():
                 self.value = self._pending
                 return self._over(Done(True))
@@ -371,7 +399,7 @@ class CreateRecovery:
                 if isinstance(observation, DirectoryFailed):
                     self.notes.append(f"could not remove VE {self.name} from the index yet: {observation.reason}")
                 return self._over(Done(False))
-            case S.READ | S.WRITE | S.DELETE, DirectoryFailed(reason=reason, kind=kind):
+            case S.READ | S.INDEX | S.WRITE | S.DELETE, DirectoryFailed(reason=reason, kind=kind):
                 return self._over(Refuse(reason, kind))
         raise UnexpectedObservation(self, self.step, observation)
 
@@ -402,9 +430,9 @@ class CreateRecovery:
         if fresh.state != "creating":
             return self._over(Done(True))  # another agent finished it
         if self.forward:
-            self.step = RecoveryStep.WRITE
+            self.step = RecoveryStep.INDEX
             self._pending = replace(fresh, state="running")
-            return WriteRecord(self._pending)
+            return AddToIndex(self.name, fresh.owner, fresh.uid)
         self.step = RecoveryStep.DELETE
         return DeleteRecord()
 

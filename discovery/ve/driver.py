@@ -1,6 +1,7 @@
 """The thin trio shell of the VE transactions: it performs what a sans-IO core asks (`discovery.ve.transaction`:
-a host call or several at once, a probe, a read, write, claim or delete of the VE record, an index update,
-a search for candidate nodes, a test pause) and feeds back what it saw, until the core is done or refuses.
+a host call or several at once, a probe, a read, write, claim or delete of the VE record, an index update
+(or one beside the next steps), a search for candidate nodes, a test pause) and feeds back what it saw,
+until the core is done or refuses.
 
 It decides nothing: what a failure means, what comes next, whether to go forward or back, is the core's
 (`discovery.ve.creating`, `discovery.ve.moves`, `discovery.ve.failovers`, `discovery.ve.snapshotting`). It
@@ -24,6 +25,8 @@ from discovery.ve.spec import VESpec
 from discovery.ve.transaction import (
     Action,
     AddToIndex,
+    Begun,
+    Beside,
     CallHost,
     CallHosts,
     Candidate,
@@ -40,6 +43,7 @@ from discovery.ve.transaction import (
     HostFailed,
     HostsAnswered,
     Indexed,
+    Join,
     Observation,
     PauseForTest,
     Probe,
@@ -67,14 +71,26 @@ async def drive(core: Core, record: Stored, transport: Endpoint, directory: Dire
     """Run `core`, built from `record` (a create's: the record it claims, at version 0), to its end; `search`
     answers `FindCandidates`. Returns the record as last read or written and the core's result; raises the
     core's refusal as a RequestError of its kind."""
+    side_send, side_done = trio.open_memory_channel[Observation](1)
+
+    async def beside(action: Action, record: Stored) -> None:
+        _, observation = await _perform(action, record, transport, directory, search)
+        await side_send.send(observation)
+
     action = core.start(time.time())
-    while True:
-        if isinstance(action, Done):
-            return record, action.result
-        if isinstance(action, Refuse):
-            raise refusal(action)
-        record, observation = await _perform(action, record, transport, directory, search)
-        action = core.on(observation, time.time())
+    async with trio.open_nursery() as nursery:
+        while not isinstance(action, (Done, Refuse)):
+            if isinstance(action, Beside):
+                nursery.start_soon(beside, action.action, record)
+                observation: Observation = Begun()
+            elif isinstance(action, Join):
+                observation = await side_done.receive()
+            else:
+                record, observation = await _perform(action, record, transport, directory, search)
+            action = core.on(observation, time.time())
+    if isinstance(action, Refuse):
+        raise refusal(action)
+    return record, action.result
 
 
 def refusal(refuse: Refuse) -> RequestError:
@@ -137,6 +153,10 @@ async def _directory(action: Action, record: Stored, directory: Directory) -> tu
         case WriteRecord(value=value):
             return await directory.put(value, after=record.version), RecordWritten()
         case ClaimRecord(value=value):
+            try:  # most names are new: claim one as never written, and read only if it was (a round trip less)
+                return await directory.put_if(value, None), RecordWritten()
+            except WriteConflict:
+                pass
             newest, live = await directory.newest(value.name)
             if live is not None:
                 return record, RecordRead(live.ve)

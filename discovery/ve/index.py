@@ -9,7 +9,8 @@ whatever the number of nodes. A VE that exists for
 the whole listing is shown exactly once, as (bucket, name) orders every VE and a cursor is a position
 in that order, not an offset.
 
-Updates. Creating a VE adds its entry and destroying it removes it, each by compare-and-set on the
+Updates. Creating a VE adds its entry (beside its later steps, `discovery.ve.creating`) and destroying it
+removes it (once the destroy has answered: `Unindexing`), each by compare-and-set on the
 bucket's version (`put_if`), read again and retried on a conflict, so two agents updating one bucket at
 once never lose each other's entry. Entries carry the owner (a page for a user is filled with the
 user's VEs, not filtered down afterwards) and the uid of the VE's incarnation, so an entry can only be
@@ -41,6 +42,7 @@ from typing import Any, Protocol
 
 import trio
 
+from agents.runtime import Actor
 from discovery.ve.records import incarnation
 from overlay.dht import Record, WriteConflict
 from overlay.wire.rpc import RequestError, RpcError
@@ -272,3 +274,22 @@ class Index:
             await self.remove(entry.name, entry.uid)
         except (RequestError, RpcError) as err:
             log.info("could not remove it yet: %s", err)
+
+
+class Unindexing(Actor):
+    """Removes destroyed VEs' index entries once `ve destroy` has answered: the record's tombstone already
+    hides an entry from `ve list`, so nobody waits for the bucket's compare-and-set (a read and a quorum
+    write, the slowest part of a destroy). An entry not removed (failed, or dropped from a full mailbox)
+    is removed by the next `ve list` that meets it."""
+
+    name = "ve-unindex"
+
+    def __init__(self, index: Index) -> None:
+        super().__init__()
+        self.index = index
+
+    async def handle(self, entry: Entry) -> None:
+        try:
+            await self.index.remove(entry.name, entry.uid)
+        except (RequestError, RpcError) as err:
+            log.warning("could not remove VE %s from the index yet: %s", entry.name, err)

@@ -116,13 +116,6 @@ class VEService(Relocation, Snapshots, Replicas):
             for note in core.notes:
                 log.info("VE %s: %s", record.ve.name, note)
 
-    async def _unindex(self, name: str, uid: str) -> None:
-        """Remove a deleted VE's index entry; if that fails, the next `ve list` that meets it does."""
-        try:
-            await self.directory.index.remove(name, uid)
-        except (RequestError, RpcError) as err:
-            log.warning("could not remove VE %s from the index yet: %s", name, err)
-
     # -- read --------------------------------------------------------------------------------------
 
     async def _on_list(self, caller: Caller, request: m.ListPage) -> m.Page:
@@ -207,14 +200,14 @@ class VEService(Relocation, Snapshots, Replicas):
 
     async def _on_destroy(self, caller: Caller, request: m.Named) -> RecordView:
         """Undefine every VM (and the copy an interrupted move or failover may have left at its target),
-        delete the record, then free the VMs' standby copies. Refused while another agent is relocating,
-        failing over or snapshotting the VE."""
+        delete the record, then free the VMs' standby copies; its index entry is removed after the answer
+        (`Unindexing`). Refused while another agent is relocating, failing over or snapshotting the VE."""
         async with self._locked(caller, request.name, settle=False) as record:
             ve = record.ve
             await self._check_unattended(ve)
             await self._on_every_vm(ve, "host.vm.undefine")
             await self.directory.delete(ve.name, after=record.version)
-            await self._unindex(ve.name, ve.uid)
+            self.unindexing.tell_nowait(Entry(ve.name, ve.owner, ve.uid))
             await self._unstandby(ve.name, ve.standbys)
         return {**view(ve), "state": "destroyed"}
 

@@ -5,15 +5,14 @@ the VE's VMs, and kept by each VM's host, so they travel with a VM when it is re
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 from discovery.ve.base import VEBase, domain_name
 from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
 from discovery.ve.messages import Named, RecordView, SnapshotList, Tagged, TakeSnapshot, VESnapshot
-from discovery.ve.records import SnapshotEntry, VERecord, view
-from discovery.ve.snapshotting import Restore, Snapshot, SnapshotFinish
-from overlay.wire.rpc import Caller, NotFound, RequestError
+from discovery.ve.records import VERecord, view
+from discovery.ve.snapshotting import Snapshot, SnapshotFinish, delete_snapshot, restore
+from overlay.wire.rpc import Caller
 
 
 class Snapshots(VEBase):
@@ -53,42 +52,17 @@ class Snapshots(VEBase):
         """Bring every VM back to snapshot `tag` (each host re-creates the domain from what it stored, the VM
         relocated since or not) and the VE to the state it had then. Idempotent."""
         async with self._locked(caller, request.name) as record:
-            record, ve = await drive(Restore(record.ve, request.tag, _domains(record.ve)), record, self.transport,
+            _, ve = await drive(restore(record.ve, request.tag, _domains(record.ve)), record, self.transport,
                                      self.directory)
         return view(ve)
 
     async def _on_snapshot_delete(self, caller: Caller, request: Tagged) -> SnapshotList:
-        """Delete snapshot `tag`: each VM's current host forgets its copy (`host.snapshot_delete`; a VM
-        relocated since carried its snapshots along), then the record stops listing it. Hosts first, so
-        that after a partial failure the tag is still listed and a retry finishes the job (a host with
-        nothing left to delete answers so, which is fine)."""
-        tag = request.tag
+        """Delete snapshot `tag`: each VM's current host forgets its copy, then the record stops listing it
+        (`discovery.ve.snapshotting.delete_snapshot`)."""
         async with self._locked(caller, request.name) as record:
-            ve = record.ve
-            listed(ve, tag)
-            await self._each_host(ve, "host.snapshot_delete", tag, f"deleting snapshot {tag} of {ve.name}")
-            ve = replace(ve, snapshots=tuple(s for s in ve.snapshots if s.tag != tag))
-            await self.directory.put(ve, after=record.version)
-        return SnapshotList(ve.name, list(ve.snapshots), tag)
-
-    async def _each_host(self, ve: VERecord, method: str, tag: str, doing: str) -> None:
-        """`method` for snapshot `tag` on the host of every VM; the failures, if any, in one RequestError."""
-        failures = []
-        for vm, slot in sorted(ve.placement.items()):
-            try:
-                await self._host(slot, method, {"name": domain_name(ve.name, vm), "tag": tag})
-            except RequestError as err:
-                failures.append(f"{vm}: {err}")
-        if failures:
-            raise RequestError(f"{doing} failed for " + "; ".join(failures))
-
-
-def listed(ve: VERecord, tag: str) -> SnapshotEntry:
-    """The record's entry for snapshot `tag`; NotFound naming the snapshots it has."""
-    entry = ve.snapshot(tag)
-    if entry is None:
-        raise NotFound(ve.no_snapshot(tag))
-    return entry
+            _, ve = await drive(delete_snapshot(record.ve, request.tag, _domains(record.ve)), record,
+                                     self.transport, self.directory)
+        return SnapshotList(ve.name, list(ve.snapshots), request.tag)
 
 
 def _domains(ve: VERecord) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Taking a snapshot of a VE, as a sans-IO transaction: `Snapshot` (its coordinator's side) and
 `SnapshotFinish` (running again the VMs a snapshot paused, by its coordinator or by anyone finding its marker
-left behind); and restoring one, `Restore` (idempotent: no marker). `discovery.ve.snapshots` drives them
+left behind); and restoring or deleting one, `OnEveryHost` (idempotent: no marker). `discovery.ve.snapshots` drives them
 (`discovery.ve.driver`).
 
 Why a state machine: a snapshot pauses the running VMs of a VE across hosts, has each host store its VM's
@@ -37,7 +37,7 @@ finishing one snapshot agree.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -239,60 +239,77 @@ class SnapshotFinish:
         return action
 
 
-class RestoreStep(enum.Enum):
-    RESTORE = "restore"
+class EveryHostStep(enum.Enum):
+    CALL = "call"
     WRITE = "write"
     OVER = "over"
 
 
-class Restore:
-    """Bring every VM of the VE whose record is `value` back to snapshot `tag` (`host.restore`: each host
-    re-creates its domain from what it stored), then the record to the state the VE had then. `domains`:
-    each VM's domain. Ends with `Done(record)` or `Refuse`.
+class OnEveryHost:
+    """`method` for snapshot `tag` on the host of every VM of the VE whose record is `value`, then the record
+    as `after` makes it from the snapshot's entry: `ve restore` (`restore`) and `ve snapshot-delete`
+    (`delete_snapshot`). `domains`: each VM's domain; `doing`: how a failure is worded. Ends with
+    `Done(record)` or `Refuse`.
 
-    Restoring is idempotent, so it needs no intent in the record: every host is tried, in VM order, even
-    after one fails; the record changes only once every host has restored (a failure leaves it as it was,
-    the failures reported together), and running the restore again finishes the job."""
+    Both are idempotent, so they need no intent in the record: every host is tried, in VM order, even after
+    one fails; the record changes only once every host has done its part (a failure leaves it as it was,
+    the failures reported together), and running the operation again finishes the job."""
 
-    def __init__(self, value: VERecord, tag: str, domains: Mapping[str, str]) -> None:
+    def __init__(self, value: VERecord, tag: str, domains: Mapping[str, str], method: str, doing: str,
+                 after: Callable[[VERecord, SnapshotEntry], VERecord]) -> None:
         self.value, self.tag, self.domains = value, tag, domains
+        self.method, self.doing, self.after = method, doing, after
         self.todo = sorted(value.placement)
         self.failures: list[str] = []
-        self.step = RestoreStep.RESTORE
+        self.step = EveryHostStep.CALL
 
     def start(self, now: float) -> Action:
         if self.value.snapshot(self.tag) is None:
             return self._over(Refuse(self.value.no_snapshot(self.tag), "not_found"))
-        return self._restore_next()
+        return self._call_next()
 
     def on(self, observation: Observation, now: float) -> Action:
         match self.step, observation:
-            case RestoreStep.RESTORE, HostAnswered():
+            case EveryHostStep.CALL, HostAnswered():
                 self.todo.pop(0)
-                return self._restore_next()
-            case RestoreStep.RESTORE, HostFailed(reason=reason):
+                return self._call_next()
+            case EveryHostStep.CALL, HostFailed(reason=reason):
                 self.failures.append(f"{self.todo.pop(0)}: {reason}")
-                return self._restore_next()
-            case RestoreStep.WRITE, RecordWritten():
+                return self._call_next()
+            case EveryHostStep.WRITE, RecordWritten():
                 return self._over(Done(self.value))
-            case RestoreStep.WRITE, DirectoryFailed(reason=reason, kind=kind):
+            case EveryHostStep.WRITE, DirectoryFailed(reason=reason, kind=kind):
                 return self._over(Refuse(reason, kind))
         raise UnexpectedObservation(self, self.step, observation)
 
-    def _restore_next(self) -> Action:
+    def _call_next(self) -> Action:
         if self.todo:
             vm = self.todo[0]
             slot = self.value.placement[vm]
-            return CallHost(slot.node, slot.addr, "host.restore", {"name": self.domains[vm], "tag": self.tag})
+            return CallHost(slot.node, slot.addr, self.method, {"name": self.domains[vm], "tag": self.tag})
         if self.failures:
-            return self._over(Refuse(f"restoring {self.value.name} to {self.tag} failed for "
-                                     + "; ".join(self.failures)))
+            return self._over(Refuse(f"{self.doing} failed for " + "; ".join(self.failures)))
         entry = self.value.snapshot(self.tag)
         assert entry is not None, "checked at the start"
-        self.value = replace(self.value, state=entry.state)
-        self.step = RestoreStep.WRITE
+        self.value = self.after(self.value, entry)
+        self.step = EveryHostStep.WRITE
         return WriteRecord(self.value)
 
     def _over(self, action: Done | Refuse) -> Action:
-        self.step = RestoreStep.OVER
+        self.step = EveryHostStep.OVER
         return action
+
+
+def restore(value: VERecord, tag: str, domains: Mapping[str, str]) -> OnEveryHost:
+    """Every VM back to snapshot `tag` (`host.restore`: each host re-creates its domain from what it stored),
+    then the VE in the state it had then."""
+    return OnEveryHost(value, tag, domains, "host.restore", f"restoring {value.name} to {tag}",
+                       lambda ve, entry: replace(ve, state=entry.state))
+
+
+def delete_snapshot(value: VERecord, tag: str, domains: Mapping[str, str]) -> OnEveryHost:
+    """Snapshot `tag` forgotten by each VM's current host (`host.snapshot_delete`; a VM relocated since
+    carried it along), then by the record. Hosts first, so that after a partial failure the tag is still
+    listed and a retry finishes the job (a host with nothing left to delete answers so, which is fine)."""
+    return OnEveryHost(value, tag, domains, "host.snapshot_delete", f"deleting snapshot {tag} of {value.name}",
+                       lambda ve, entry: replace(ve, snapshots=tuple(s for s in ve.snapshots if s.tag != entry.tag)))

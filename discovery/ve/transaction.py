@@ -8,7 +8,9 @@ clock or trio: `start(now)` returns its first action; the driver performs it (an
 a write of the record, a search for candidate nodes, a test pause) and feeds back what it saw with
 `on(observation, now)`, which returns the next action, until `Done` or `Refuse`. One action at a time:
 every step of these transactions depends on the answer to the one before; where calls must not wait for
-one another (a create confirming every VM), one action holds them all (`CallHosts`). Time (`now`,
+one another (a create confirming every VM), one action holds them all (`CallHosts`). One exception: an
+index update that no later step reads (a create's index entry) may run `Beside` the steps that follow,
+its outcome taken with `Join` before the transaction ends. Time (`now`,
 wall-clock seconds, as the record's `since` fields) is passed in; a limit reaches the driver as the
 seconds an action may take (`within`), and its expiry comes back as `TimedOut`.
 
@@ -117,6 +119,19 @@ class RemoveFromIndex:
 
 
 @dataclass(frozen=True)
+class Beside:
+    """Start `action` and answer `Begun` at once; it runs beside the actions that follow until `Join`. At most
+    one at a time, and only an index update: nothing it does changes the record the next steps follow."""
+
+    action: AddToIndex
+
+
+@dataclass(frozen=True)
+class Join:
+    """Wait for the action started `Beside`; answered by what it led to (`Indexed` or `DirectoryFailed`)."""
+
+
+@dataclass(frozen=True)
 class FindCandidates:
     """The nodes the VMs of `spec` may go to, nearest first: this node, then those the spiral search finds with
     room for its smallest VM; with `everyone`, then every other live member, asked for its free room.
@@ -152,7 +167,7 @@ class Refuse:
 
 
 Action = (CallHost | CallHosts | Probe | ReadRecord | WriteRecord | ClaimRecord | DeleteRecord | AddToIndex
-          | RemoveFromIndex | FindCandidates | PauseForTest | Done | Refuse)
+          | RemoveFromIndex | Beside | Join | FindCandidates | PauseForTest | Done | Refuse)
 
 
 # -- observations: what the driver saw ------------------------------------------------------------------
@@ -224,6 +239,11 @@ class Indexed:
 
 
 @dataclass(frozen=True)
+class Begun:
+    """The action asked `Beside` has started."""
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A node a new VE's VMs may go to: how near (`rtt_ms`: None if unknown), how it was found, and its free
     room as the node reports it (`{vcpus, memory_mb, disk_gb}`; None: unknown, so not planned on)."""
@@ -271,7 +291,7 @@ class Continued:
 
 
 Observation = (HostAnswered | HostFailed | HostsAnswered | Probed | RecordRead | RecordWritten | DirectoryFailed
-               | ClaimLost | Indexed | CandidatesFound | SearchFailed | TimedOut | Continued)
+               | ClaimLost | Indexed | Begun | CandidatesFound | SearchFailed | TimedOut | Continued)
 
 
 class Core(Protocol):

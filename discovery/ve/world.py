@@ -27,6 +27,8 @@ from discovery.ve.spec import VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
     AddToIndex,
+    Begun,
+    Beside,
     CallHost,
     CallHosts,
     Candidate,
@@ -42,6 +44,7 @@ from discovery.ve.transaction import (
     HostFailed,
     HostsAnswered,
     Indexed,
+    Join,
     Observation,
     PauseForTest,
     Probe,
@@ -103,6 +106,8 @@ class World:
     version: int = 1
     seen: dict[Any, int] = field(default_factory=dict)
     """The version each writer last read or wrote (as the driver's `Record`), by the `who` of `perform`."""
+    beside: dict[Any, Observation] = field(default_factory=dict)
+    """What the action a writer started `Beside` led to (it is performed at once), until it joins."""
     trace: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
@@ -162,6 +167,11 @@ class World:
                     del self.index[action.name]
                 return DirectoryFailed("index bucket 've-index/03' write reached 1 of 3 replicas") if fault \
                     else Indexed()
+            case Beside():
+                self.beside[who] = self._perform(action.action, fault, who)
+                return Begun()
+            case Join():
+                return self.beside.pop(who)
             case PauseForTest():
                 return TimedOut() if fault in ("timeout", "late") and action.within is not None else Continued()
         raise TypeError(action)
@@ -262,6 +272,9 @@ class World:
                     raise HostError(f"no snapshot {args['tag']} of {name} on this node")
                 host.domains[name] = host.snapshots[name][args["tag"]]
                 return {"state": host.domains[name]}
+            case "host.snapshot_delete":
+                self._holding(call.node, name)
+                return {"deleted": host.snapshots.get(name, {}).pop(args["tag"], None) is not None}
             case "host.unstandby":
                 host.standbys.discard(name)
                 return True
@@ -447,11 +460,13 @@ def label(action: Action) -> str:
             return "search all" if everyone else "search"
         case PauseForTest():
             return f"pause {action.point}"
+        case Beside():
+            return label(action.action)
     return NAMES.get(type(action), type(action).__name__)
 
 
 NAMES: dict[type, str] = {ReadRecord: "read", WriteRecord: "write", ClaimRecord: "claim", DeleteRecord: "delete",
-                          AddToIndex: "index", RemoveFromIndex: "unindex"}
+                          AddToIndex: "index", RemoveFromIndex: "unindex", Join: "join"}
 
 
 def record_of(name: str, placement: Mapping[str, Slot], state: VEState = "running", **more: Any) -> VERecord:

@@ -22,6 +22,7 @@ from discovery.ve.spec import Constraints, VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
     AddToIndex,
+    Beside,
     ClaimLost,
     ClaimRecord,
     Done,
@@ -91,7 +92,7 @@ def test_a_create_step_by_step() -> None:
     w = world()
     end = run(Create(NEW), w)
     assert ", ".join(w.trace) == ("claim, index, search, reserve n1, reserve n2, write, pause placed, "
-                                  "confirm n1 + confirm n2, pause confirmed, write")
+                                  "confirm n1 + confirm n2, pause confirmed, join, write")
     assert isinstance(end, Done) and end.result == w.record and outcome(w) == "running at n1 n2"
     assert {vm: s.why for vm, s in w.record.placement.items()} == {
         "a": "nearest with room (this node)",
@@ -120,9 +121,11 @@ def outcome_of_hosts(w: World) -> dict[str, list[str]]:
     ({"claim": "unreachable"}, "no replica answered", "gone"),
     ({"claim": "lost"}, "write reached 1 of 3 replicas", "creating"),  # it landed: recovery deletes it
     # before the placement is written: undone, told as the cause
-    ({"index": "unreachable"}, "index bucket 've-index/03' could not be read", "gone"),
-    ({"index": "lost"}, "index bucket 've-index/03' write reached 1 of 3 replicas", "gone"),
     ({"search": "unreachable"}, "the spiral search failed", "gone"),
+    ({"search": "unreachable", "index": "unreachable"}, "the spiral search failed", "gone"),
+    # the index entry's add, beside the steps, failed: known at the join, every VM running: all undone
+    ({"index": "unreachable"}, ROLLED_BACK + "index bucket 've-index/03' could not be read", "gone"),
+    ({"index": "lost"}, ROLLED_BACK + "index bucket 've-index/03' write reached 1 of 3 replicas", "gone"),
     # a node refuses a reservation: released, planned again without it
     ({"reserve n2": "unreachable"}, "created", "running at n1 n3"),
     ({"reserve n1": "unreachable"}, "created", "running at n2 n3"),
@@ -146,7 +149,8 @@ def outcome_of_hosts(w: World) -> dict[str, list[str]]:
     ({"confirm n2": "unreachable", "read": "unreachable"},
      f"creating web failed (b on n2: unreachable); {UNFINISHED} (no replica answered)", "creating"),
     ({"index": "unreachable", "delete": "unreachable"},
-     f"index bucket 've-index/03' could not be read; {UNFINISHED} (write reached 0 of 3 replicas)", "creating"),
+     f"creating web failed (index bucket 've-index/03' could not be read); {UNFINISHED} (write reached 0 of 3 "
+     "replicas)", "creating"),
     # every VM runs, but the record cannot say so: the next command finishes it
     ({"write #2": "unreachable"}, "write reached 0 of 3 replicas", "creating"),
 ])
@@ -175,6 +179,15 @@ def test_an_index_entry_not_removed_is_noted_and_hidden_by_its_gone_record() -> 
     assert isinstance(result, Refuse) and result.reason == ROLLED_BACK + "b on n2: unreachable"
     assert w.record is None and w.index == {VE: UID} and not outcome_of_hosts(w)["a"]
     assert core.notes == ["could not remove VE web from the index yet: index bucket 've-index/03' could not be read"]
+
+
+def test_an_undo_waits_for_the_index_entry_then_removes_it() -> None:
+    """The entry's add runs beside the search; a create undone meanwhile joins it before the removal is sent,
+    or a late add would list a VE that is gone."""
+    w = world()
+    result = run(Create(NEW), w, {"search": "unreachable"})
+    assert isinstance(result, Refuse) and w.index == {}
+    assert w.trace[:3] == ["claim", "index", "search"] and w.trace.index("join") < w.trace.index("unindex")
 
 
 def test_a_reservation_that_lapsed_while_paused_is_named() -> None:
@@ -230,7 +243,7 @@ def test_a_claim_that_keeps_losing_is_refused_and_one_that_wins_goes_on() -> Non
     core = Create(NEW)
     core.start(0.0)
     core.on(ClaimLost("'ve/web' changed meanwhile"), 1.0)
-    assert core.on(RecordWritten(), 2.0) == AddToIndex(VE, "alice", UID) and core.step is Step.INDEX
+    assert core.on(RecordWritten(), 2.0) == Beside(AddToIndex(VE, "alice", UID)) and core.step is Step.INDEX
 
 
 def test_a_name_rolled_back_may_be_created_again() -> None:
@@ -288,7 +301,7 @@ RECOVERY = [
     Row("half",                "110", f"probe n1, probe n2, {UNDEFINE}, read",         "stopped: no replica answered"),
     Row("half",                "111", f"probe n1, probe n2, {UNDEFINE}, read, delete, unindex", "undone"),
     Row("confirmed",           "110", "probe n1, probe n2, read",                      "stopped: no replica answered"),
-    Row("confirmed",           "111", "probe n1, probe n2, read, write",               "finished"),
+    Row("confirmed",           "111", "probe n1, probe n2, read, index, write",        "finished"),
 ]
 
 

@@ -11,12 +11,14 @@ import trio
 
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.driver import drive
-from discovery.ve.index import bucket_key, bucket_of, decode
+from discovery.ve.index import Entry, bucket_key, bucket_of, decode
 from discovery.ve.records import write
 from discovery.ve.spec import VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
     AddToIndex,
+    Begun,
+    Beside,
     CallHost,
     CallHosts,
     Candidate,
@@ -32,6 +34,7 @@ from discovery.ve.transaction import (
     HostFailed,
     HostsAnswered,
     Indexed,
+    Join,
     Observation,
     PauseForTest,
     Probe,
@@ -236,6 +239,39 @@ async def test_a_claim_the_index_and_a_delete() -> None:
     taken = Script(ClaimRecord(new), AddToIndex("shop", "alice", "u1"), Done())
     await drive(taken, Stored(new, 0), Transport({}), directory())
     assert taken.heard[0] == RecordRead(SHOP)  # the name is live: the claim writes nothing
+
+
+async def test_an_index_entry_is_added_beside_the_next_steps(autojump_clock) -> None:
+    """`Beside` answers at once, the add runs while the next action does (a 30 s host call here), and `Join`
+    returns what the add led to."""
+    new = replace(SHOP, state="creating", uid="u1")
+    records = Records(None)
+    key = bucket_key(bucket_of("shop"))
+
+    class Watched(Transport):
+        async def call(self, addr: str, method: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+            indexed_during_call.append(key in records.buckets)
+            answer = await super().call(addr, method, args, timeout)
+            indexed_during_call.append(key in records.buckets)
+            return answer
+
+    indexed_during_call: list[bool] = []
+    core = Script(Beside(AddToIndex("shop", "alice", "u1")), CallHost("a", "a:1", "host.info", {}), Join(), Done())
+    await drive(core, Stored(new, 0), Watched({("a:1", "host.info"): "slow"}), Directory(records))
+    assert core.heard == [Begun(), HostAnswered("a", "slow"), Indexed()]
+    assert indexed_during_call == [False, True]  # the add landed while the host call ran
+    assert decode(records.buckets[key]) == [Entry("shop", "alice", "u1")]
+
+
+async def test_a_new_name_is_claimed_without_a_read() -> None:
+    class Unread(Records):
+        async def get_record(self, key: str) -> Record | None:
+            raise AssertionError(f"{key} read")
+
+    new = replace(SHOP, state="creating", uid="u1")
+    records = Unread(None)
+    record, _ = await drive(Script(ClaimRecord(new), Done()), Stored(new, 0), Transport({}), Directory(records))
+    assert record == Stored(new, 1) and records.record is not None and records.record.value["uid"] == "u1"
 
 
 async def test_a_lost_claim_race_and_a_failing_directory(autojump_clock) -> None:

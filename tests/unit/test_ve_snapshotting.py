@@ -14,7 +14,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from discovery.ve.records import Slot, SnapshotEntry, SnapshotMarker, SnapshotVM, VERecord
-from discovery.ve.snapshotting import Restore, Snapshot, SnapshotFinish, Step
+from discovery.ve.snapshotting import Snapshot, SnapshotFinish, Step, delete_snapshot, restore
 from discovery.ve.transaction import Action, Done, Refuse
 from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, label, record_of, run
 
@@ -223,7 +223,8 @@ def test_snapshots_crashes_and_finishers_in_any_interleaving(s: dict[str, Any]) 
 
 
 # --------------------------------------------------------------------------------------------------------
-# Restore: every host tried in VM order (a, c on h1; b, d on h2), the record changed only once all restored.
+# Restore and snapshot delete: every host tried in VM order (a, c on h1; b, d on h2), the record changed only
+# once every host has done its part.
 
 ALL_DOWN = "restoring snap to t1 failed for " + "; ".join(f"{vm}: {HOST_OF[vm]}: unreachable" for vm in "abcd")
 RESTORE_TABLE = [
@@ -254,7 +255,7 @@ def test_restore_table(answers: str) -> None:
     w = stopped_with_snapshot()
     before = w.record
     w.down = {n for letter, n in zip("12D", ("h1", "h2", DIRECTORY), strict=True) if letter not in answers}
-    outcome = run(Restore(before, "t1", DOMAINS), w)
+    outcome = run(restore(before, "t1", DOMAINS), w)
     restores = "restore h1, restore h2, restore h1, restore h2"
     assert ", ".join(w.trace) == restores + ("" if end.startswith("refused: restoring") else ", write")
     if end == "done":
@@ -262,13 +263,13 @@ def test_restore_table(answers: str) -> None:
         return
     assert outcome == Refuse(end.removeprefix("refused: ")) and w.record == before  # the record as it was
     w.down.clear()  # the next attempt finishes the job
-    assert run(Restore(before, "t1", DOMAINS), w) == Done(w.record) and states(w) == STATES
+    assert run(restore(before, "t1", DOMAINS), w) == Done(w.record) and states(w) == STATES
     assert w.record.state == "running"
 
 
 def test_a_restore_to_an_unknown_tag_touches_nothing() -> None:
     w = stopped_with_snapshot()
-    outcome = run(Restore(w.record, "t9", DOMAINS), w)
+    outcome = run(restore(w.record, "t9", DOMAINS), w)
     assert outcome == Refuse("VE 'snap' has no snapshot 't9' (snapshots: t1)", "not_found") and w.trace == []
 
 
@@ -276,7 +277,7 @@ def test_a_host_without_the_snapshot_fails_the_restore_and_the_record_waits() ->
     w = stopped_with_snapshot()
     del w.hosts["h2"].snapshots[DOMAINS["d"]]
     before = w.record
-    outcome = run(Restore(before, "t1", DOMAINS), w)
+    outcome = run(restore(before, "t1", DOMAINS), w)
     assert isinstance(outcome, Refuse) and outcome.reason.endswith("d: h2: no snapshot t1 of snap:d on this node")
     assert w.record == before and "write" not in w.trace
 
@@ -287,9 +288,23 @@ def test_restores_retried_under_any_reachability_end_restored_and_never_claim_it
     w = stopped_with_snapshot()
     for down in [*downs, set()]:
         w.down, before = down, w.record
-        outcome = run(Restore(before, "t1", DOMAINS), w)
+        outcome = run(restore(before, "t1", DOMAINS), w)
         if isinstance(outcome, Done):
             assert states(w) == STATES and w.record == replace(before, state="running")
         else:
             assert w.record == before  # the record says restored only once every VM is
     assert isinstance(outcome, Done)
+
+
+def test_a_snapshot_delete_forgets_the_tag_on_every_host_before_the_record_does() -> None:
+    w = stopped_with_snapshot()
+    before = w.record
+    w.down = {"h2"}
+    outcome = run(delete_snapshot(before, "t1", DOMAINS), w)
+    assert outcome == Refuse("deleting snapshot t1 of snap failed for b: h2: unreachable; d: h2: unreachable")
+    assert w.record == before and stored(w) == {"b", "d"}  # still listed: the retry finishes the job
+    w.down.clear()
+    assert run(delete_snapshot(before, "t1", DOMAINS), w) == Done(w.record)  # a, c: nothing left, fine
+    assert w.record == replace(before, snapshots=()) and stored(w) == set()
+    assert run(delete_snapshot(w.record, "t1", DOMAINS), w) == Refuse(
+        "VE 'snap' has no snapshot 't1' (it has none)", "not_found")
