@@ -9,6 +9,7 @@ constructors.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -21,6 +22,9 @@ from discovery.ve.directory import Directory
 from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
 from dvms.model import Node
+from images.catalogue import Catalogue
+from images.service import ImageService
+from images.store import ChunkStore
 
 
 async def install(agent: NodeAgent) -> None:
@@ -42,10 +46,23 @@ async def install(agent: NodeAgent) -> None:
         successors=lambda: [p.name for p in agent.ring.state.successor_list()],
         hypervisor=agent.hypervisor, set_metadata=agent.host.set_metadata, directory=directory,
         relocate=ve.relocate)
+    images = ImageService(ChunkStore(cfg.data_dir / "images"), Catalogue(agent.records), agent.transport,
+                          agent.membership, users=partial(ves_using, directory))
+    images.serve(agent.transport)
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
     agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), dvms]
+
+
+async def ves_using(directory: Directory, image: str) -> list[str]:
+    """The VEs one of whose VMs boots `image` (NAME:TAG): `image rm` refuses while there are some."""
+    return sorted(r.ve.name for r in await directory.scan()
+                  if any(_tagged(vm.image) == image for vm in r.ve.spec.vms))
+
+
+def _tagged(image: str) -> str:
+    return image if ":" in image else f"{image}:latest"
 
 
 def run(config: Path) -> None:

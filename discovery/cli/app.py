@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +19,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Discovery: a decentralized peer-to-peer manager of virtual environments.")
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: do not wrap at 80
+T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -42,14 +44,28 @@ def fail(message: str) -> typer.Exit:
 
 def rpc(method: str, args: dict[str, Any] | None = None, timeout: float = 60.0, at: str | None = None) -> Any:
     """Call `method` on the agent (--agent, else the client config's), or on the agent at address `at`."""
-    from discovery.cli.client import call  # TLS and trio: loaded by commands that talk to an agent, not by --help
+    return with_agent(lambda transport, addr: transport.call(addr, method, args or {}, timeout=timeout), at)
+
+
+def with_agent(session: Callable[[Any, str], Awaitable[T]], at: str | None = None) -> T:
+    """Run `session(transport, agent address)` over one connection to the agent (--agent, else the client
+    config's; or the agent at address `at`): one call, or several for commands that stream (`image
+    import`/`export`). Loads TLS and trio only when a command talks to an agent, not for --help."""
+    import trio
+
     from discovery.cli.config import load_client_config
     from discovery.toml_config import ConfigError
     from overlay.wire import tls
-    from overlay.wire.rpc import RpcError
+    from overlay.wire.rpc import RpcError, Transport
+
+    async def run() -> T:
+        config = load_client_config(Options.config)
+        addr = config.resolve(at or Options.agent)
+        async with Transport(config.identity, node="cli") as transport:
+            return await session(transport, addr)
 
     try:
-        return call(load_client_config(Options.config), at or Options.agent, method, args, timeout)
+        return trio.run(run)
     except (RpcError, ConfigError, tls.TLSError) as err:  # RemoteError included: the agent's refusal
         raise fail(f"{at}: {err}" if at else str(err)) from None
 

@@ -6,12 +6,13 @@ when they run), so `discovery --help` and client commands start fast.
 
 from __future__ import annotations
 
-from discovery.cli import agent, ca, cluster, dvms, overlays, sim, ve
+from discovery.cli import agent, ca, cluster, dvms, image, overlays, sim, ve
 from discovery.cli.app import app
 
 app.add_typer(agent.agent_app, name="agent")
 app.add_typer(ca.ca_app, name="ca")
 app.add_typer(ve.ve_app, name="ve")
+app.add_typer(image.image_app, name="image")
 app.add_typer(cluster.cluster_app, name="cluster")
 app.add_typer(sim.sim_app, name="sim")
 app.add_typer(overlays.overlay_app, name="overlay")

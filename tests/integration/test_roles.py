@@ -18,7 +18,8 @@ from overlay.wire.ca import issue
 from overlay.wire.rpc import ANYONE, Method, RemoteError, Transport
 
 ROOT = Path(__file__).resolve().parents[2]
-CATALOGUES = ("overlay.messages", "agents.messages", "discovery.ve.messages", "discovery.scheduler.messages")
+CATALOGUES = ("overlay.messages", "agents.messages", "images.messages", "discovery.ve.messages",
+              "discovery.scheduler.messages")
 
 
 def registered() -> list[Method]:

@@ -1,0 +1,283 @@
+"""An agent's image service: its chunk store (`images.store`), the catalogue (`images.catalogue`), and the
+`image.*` RPCs (`images.messages`).
+
+Uploads. `image.upload` opens a session with its own pack writer; `image.offer` says which chunks the
+store lacks, `image.put` verifies and writes them, `image.commit` checks the manifest against the chunks
+and makes everything visible at once, then lists this node as a holder in the catalogue. A session idle
+for UPLOAD_IDLE seconds is abandoned with nothing stored.
+
+Pulls (`image.pull`, `images.fetching`) bring an image's missing chunks from its holders; `image.rm`
+removes a name no VE uses and has every holder drop its copy; `image.verify` reads every chunk back and
+fetches again what was corrupt.
+
+The store is blocking: every call into it runs in a worker thread (`trio.to_thread`, STORE_THREADS at
+once).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TypeVar
+
+import trio
+
+from images.catalogue import Catalogue
+from images.fetching import Fetcher
+from images.manifest import Manifest, ManifestError
+from images.messages import (
+    BATCH_BYTES,
+    IMAGE_CHUNKS,
+    IMAGE_COMMIT,
+    IMAGE_DROP,
+    IMAGE_GC,
+    IMAGE_LIST,
+    IMAGE_MANIFEST,
+    IMAGE_OFFER,
+    IMAGE_PULL,
+    IMAGE_PUT,
+    IMAGE_REPLICATE,
+    IMAGE_RM,
+    IMAGE_SHOW,
+    IMAGE_UPLOAD,
+    IMAGE_VERIFY,
+    ChunkBatch,
+    Chunks,
+    Commit,
+    Digest,
+    ImageEntry,
+    ImageName,
+    Imported,
+    ManifestPart,
+    ManifestSlice,
+    Offer,
+    Pulled,
+    Put,
+    Replicate,
+    Session,
+    Upload,
+    Verified,
+    check_image_name,
+)
+from images.replication import targets
+from images.store import ChunkStore, CorruptChunk, MissingChunk, PackWriter, StoreError, verify_frame
+from overlay.membership import Membership
+from overlay.messages import NoArgs
+from overlay.wire.rpc import OPERATOR, Caller, Conflict, Endpoint, Forbidden, NotFound, RequestError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+UPLOAD_IDLE = 120.0
+PULL_TIMEOUT = 3600.0
+STORE_THREADS = 2
+Users = Callable[[str], Awaitable[list[str]]]
+"""The VEs whose spec names image NAME:TAG (the VE layer's answer, wired in `discovery.agent`)."""
+
+
+@dataclass
+class _Upload:
+    name: str
+    owner: str
+    writer: PackWriter
+    last: float
+    new_chunks: int = 0
+
+
+class ImageService:
+    def __init__(self, store: ChunkStore, catalogue: Catalogue, transport: Endpoint, membership: Membership,
+                 users: Users) -> None:
+        self.store, self.catalogue, self.transport, self.membership = store, catalogue, transport, membership
+        self.users = users
+        self.fetcher = Fetcher(store, catalogue, transport, membership, self._in_store)
+        self._uploads: dict[str, _Upload] = {}
+        self._limiter = trio.CapacityLimiter(STORE_THREADS)
+        self._serving = 0
+
+    def serve(self, endpoint: Endpoint) -> None:
+        endpoint.route(IMAGE_UPLOAD, self._on_upload)
+        endpoint.route(IMAGE_OFFER, self._on_offer)
+        endpoint.route(IMAGE_PUT, self._on_put)
+        endpoint.route(IMAGE_COMMIT, self._on_commit)
+        endpoint.route(IMAGE_LIST, self._on_list)
+        endpoint.route(IMAGE_SHOW, self._on_show)
+        endpoint.route(IMAGE_MANIFEST, self._on_manifest)
+        endpoint.route(IMAGE_CHUNKS, self._on_chunks)
+        endpoint.route(IMAGE_PULL, self._on_pull)
+        endpoint.route(IMAGE_REPLICATE, self._on_replicate)
+        endpoint.route(IMAGE_RM, self._on_rm)
+        endpoint.route(IMAGE_VERIFY, self._on_verify)
+        endpoint.route(IMAGE_GC, self._on_gc)
+        endpoint.route(IMAGE_DROP, self._on_drop)
+
+    async def _in_store(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the store, in a worker thread; the store's errors become one-line request errors."""
+        try:
+            return await trio.to_thread.run_sync(partial(fn, *args), limiter=self._limiter)
+        except (StoreError, ManifestError) as err:
+            raise RequestError(str(err)) from None
+
+    # -- uploads ------------------------------------------------------------------------------------
+
+    async def _on_upload(self, caller: Caller, request: Upload) -> Session:
+        self._expire()
+        session = secrets.token_hex(16)
+        self._uploads[session] = _Upload(check_image_name(request.name), caller.cn, PackWriter(self.store),
+                                         trio.current_time())
+        return Session(session)
+
+    def _upload(self, caller: Caller, session: str) -> _Upload:
+        self._expire()
+        upload = self._uploads.get(session)
+        if upload is None or upload.owner != caller.cn:
+            raise NotFound(f"no upload session {session[:8]}… (expired after {UPLOAD_IDLE:.0f} s idle?)")
+        upload.last = trio.current_time()
+        return upload
+
+    def _expire(self) -> None:
+        now = trio.current_time()
+        for session, upload in list(self._uploads.items()):
+            if now - upload.last > UPLOAD_IDLE:
+                upload.writer.abandon()
+                del self._uploads[session]
+
+    async def _on_offer(self, caller: Caller, request: Offer) -> list[int]:
+        upload = self._upload(caller, request.session)
+        wanted = set(await self._in_store(upload.writer.wants, request.ids))
+        return [i for i, cid in enumerate(request.ids) if cid in wanted]
+
+    async def _on_put(self, caller: Caller, request: Put) -> int:
+        upload = self._upload(caller, request.session)
+
+        def write() -> int:
+            added = 0
+            for cid, frame, size in request.chunks:
+                verify_frame(cid, frame, size)
+                added += upload.writer.add_stored(cid, frame, size)
+            return added
+
+        added = await self._in_store(write)
+        upload.new_chunks += added
+        return added
+
+    async def _on_commit(self, caller: Caller, request: Commit) -> Imported:
+        upload = self._upload(caller, request.session)
+        del self._uploads[request.session]
+        try:
+            manifest = Manifest.decode(request.manifest)
+            digest = Manifest.id_of(request.manifest)
+            taken = await self.catalogue.get(upload.name)
+            if taken is not None and taken.digest != digest:
+                raise Conflict(f"image {upload.name!r} already exists with other content (digest "
+                               f"{taken.digest[:16]}); remove it first or use another tag")
+            await self._in_store(upload.writer.commit, request.manifest)
+        except ManifestError as err:
+            raise RequestError(str(err)) from None
+        finally:
+            upload.writer.abandon()
+        stored = await self._in_store(self.store.stored_bytes, manifest)
+        me = self.membership.me
+        entry = ImageEntry(upload.name, digest, manifest.size, len(manifest.chunk_ids()), stored, upload.owner,
+                           time.time(), {})
+        await self.catalogue.add_holder(entry, me.name, me.site)
+        return Imported(upload.name, digest, manifest.size, len(manifest.chunk_ids()), upload.new_chunks,
+                        upload.writer.written)
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    async def _on_list(self, caller: Caller, request: NoArgs) -> list[ImageEntry]:
+        return await self.catalogue.list()
+
+    async def _on_show(self, caller: Caller, request: ImageName) -> ImageEntry:
+        return await self.catalogue.find(check_image_name(request.name))
+
+    async def _on_manifest(self, caller: Caller, request: ManifestSlice) -> ManifestPart:
+        body = await self._in_store(self.store.manifest_body, request.digest)
+        if body is None:
+            raise NotFound(f"this node holds no manifest {request.digest[:16]}")
+        return ManifestPart(body[request.offset:request.offset + BATCH_BYTES], len(body))
+
+    async def _on_chunks(self, caller: Caller, request: Chunks) -> ChunkBatch:
+        """The asked chunks this store holds, up to BATCH_BYTES; a corrupt one is left out (and dropped
+        here: `verify` or the next pull fetches it again)."""
+        queue = self._serving
+        self._serving += 1
+        started = time.perf_counter()
+        try:
+            def read() -> list[tuple[bytes, bytes, int]]:
+                out: list[tuple[bytes, bytes, int]] = []
+                total = 0
+                for cid in request.ids:
+                    try:
+                        frame, size = self.store.read_stored(cid)
+                    except (MissingChunk, CorruptChunk):
+                        continue
+                    if out and total + len(frame) > BATCH_BYTES:
+                        break
+                    out.append((cid, frame, size))
+                    total += len(frame)
+                return out
+
+            chunks = await self._in_store(read)
+        finally:
+            self._serving -= 1
+        return ChunkBatch(chunks, queue, time.perf_counter() - started)
+
+    # -- pulls, removal, upkeep ---------------------------------------------------------------------
+
+    async def _on_pull(self, caller: Caller, request: ImageName) -> Pulled:
+        return await self.fetcher.pull(check_image_name(request.name))
+
+    async def _on_replicate(self, caller: Caller, request: Replicate) -> ImageEntry:
+        """Have nodes pull the image until it has `copies` live holders over the sites (`images.replication`)."""
+        name = check_image_name(request.name)
+        entry = await self.catalogue.find(name)
+        members = {m.name: m for m in self.membership.alive()}
+        chosen = targets(entry, {n: m.site for n, m in members.items()}, request.copies)
+        answers = await self.transport.call_many([members[n].addr for n in chosen], IMAGE_PULL.name, {"name": name},
+                                                 PULL_TIMEOUT)
+        outcome = {n: answers[members[n].addr] for n in chosen}
+        failed = [f"{n}: {a}" for n, a in outcome.items() if isinstance(a, Exception)]
+        entry = await self.catalogue.find(name)
+        if failed:
+            raise RequestError(f"image {name!r} has {len(entry.holders)} holders; pulls failed: {'; '.join(failed)}")
+        return entry
+
+    async def _on_rm(self, caller: Caller, request: ImageName) -> ImageEntry:
+        name = check_image_name(request.name)
+        entry = await self.catalogue.find(name)
+        if caller.role != OPERATOR and caller.cn != entry.owner:
+            raise Forbidden(f"image {name!r} belongs to {entry.owner!r}; {caller.cn!r} may not remove it")
+        users = await self.users(name)
+        if users:
+            raise Conflict(f"image {name!r} is used by VE {', '.join(sorted(users))}; destroy "
+                           f"{'it' if len(users) == 1 else 'them'} first")
+        await self.catalogue.remove(name)
+        if not any(e.digest == entry.digest for e in await self.catalogue.list()):
+            members = {m.name: m.addr for m in self.membership.alive()}
+            addrs = [members[n] for n in entry.holders if n in members]
+            await self.transport.call_many(addrs, IMAGE_DROP.name, {"digest": entry.digest}, 30.0)
+        return replace(entry, holders={})
+
+    async def _on_drop(self, caller: Caller, request: Digest) -> bool:
+        return await self._in_store(self.store.remove_manifest, request.digest)
+
+    async def _on_verify(self, caller: Caller, request: ImageName) -> Verified:
+        """Read every chunk of the image here back and check it; fetch again from the other holders what
+        was corrupt (the store drops a corrupt chunk as it reads it)."""
+        name = check_image_name(request.name)
+        entry = await self.catalogue.find(name)
+        manifest = await self._in_store(self.store.manifest, entry.digest)
+        if manifest is None:
+            raise NotFound(f"this node does not hold image {name!r} (holders: {', '.join(sorted(entry.holders))})")
+        before = self.store.stats["corrupt"]
+        await self._in_store(self.store.check, manifest)
+        corrupt = self.store.stats["corrupt"] - before
+        refetched = (await self.fetcher.pull(name)).fetched_chunks if corrupt else 0
+        return Verified(name, entry.digest, len(manifest.chunk_ids()), corrupt, refetched)
+
+    async def _on_gc(self, caller: Caller, request: NoArgs) -> dict[str, int]:
+        return await self._in_store(self.store.gc)

@@ -1,0 +1,101 @@
+"""Images on real agents, through the CLI: import (only the chunks an agent lacks are sent), the catalogue,
+pulls from several holders, replication over sites, a byte-identical export, verification that refetches
+a corrupt chunk, removal refused while a VE uses the image. One 4-node, 2-site cluster for the module."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import Cluster, running_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with running_cluster(tmp_path_factory, "images", 4, 2) as cluster:
+        yield cluster
+
+
+def disk(path: Path, seed: int, blocks: int = 1024, base: bytes | None = None) -> bytes:
+    """A 4 MiB disk-like image: random extents between zeroed blocks (or `base` with a few blocks changed)."""
+    rng = random.Random(seed)
+    if base is None:
+        data = b"".join(rng.randbytes(4096) if rng.random() < 0.5 else bytes(4096) for _ in range(blocks))
+    else:
+        data = bytearray(base)
+        for _ in range(8):
+            at = rng.randrange(0, len(data) - 4096, 4096)
+            data[at:at + 4096] = rng.randbytes(4096)
+        data = bytes(data)
+    path.write_bytes(data)
+    return data
+
+
+def test_import_list_show_and_a_second_import_of_a_next_version(cluster: Cluster, tmp_path: Path) -> None:
+    base = disk(tmp_path / "base.raw", 1)
+    first = cluster.json("--agent", "node1", "image", "import", str(tmp_path / "base.raw"), "--name", "base:1")
+    assert first["size"] == len(base) and first["new_chunks"] == first["chunks"] > 0 and first["new_bytes"] > 0
+    disk(tmp_path / "next.raw", 2, base=base)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(tmp_path / "next.raw"), str(tmp_path / "next.qcow2")],
+                   check=True)
+    second = cluster.json("--agent", "node1", "image", "import", str(tmp_path / "next.qcow2"), "--name", "base:2")
+    assert second["new_chunks"] <= 8 * 2 and second["new_bytes"] < first["new_bytes"] // 10
+    names = {e["name"]: e for e in cluster.json("image", "list")}
+    assert set(names) == {"base:1", "base:2"} and names["base:1"]["holders"] == {"node1": cluster.node("node1")["site"]}
+    shown = cluster.json("image", "show", "base:1")
+    assert shown["digest"] == first["digest"] and shown["chunks"] == first["chunks"]
+    clash = cluster.cli("--agent", "node1", "image", "import", str(tmp_path / "next.raw"), "--name", "base:1",
+                        check=False)
+    assert clash.returncode == 1 and clash.stderr.startswith("error: image 'base:1' already exists with other")
+    bad = cluster.cli("image", "import", str(tmp_path / "none.raw"), "--name", "x", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("none.raw: no such file")
+
+
+def test_replicate_over_sites_then_export_from_a_puller_byte_identical(cluster: Cluster, tmp_path: Path) -> None:
+    data = disk(tmp_path / "web.raw", 3, blocks=4096)  # 16 MiB: several batches, so several holders serve
+    cluster.json("--agent", "node1", "image", "import", str(tmp_path / "web.raw"), "--name", "web")
+    entry = cluster.json("image", "replicate", "web", "--copies", "3")
+    sites = {cluster.node(n)["site"] for n in entry["holders"]}
+    assert len(entry["holders"]) == 3 and len(sites) == 2
+    puller = next(n for n in entry["holders"] if n != "node1")
+    cluster.json("--agent", puller, "image", "export", "web", str(tmp_path / "out.raw"))
+    assert (tmp_path / "out.raw").read_bytes() == data
+    last = next(n["name"] for n in cluster.state["nodes"] if n["name"] not in entry["holders"])
+    pulled = cluster.json("--agent", last, "image", "pull", "web")
+    assert pulled["fetched_chunks"] > 0 and len(pulled["sources"]) >= 2 and pulled["dropped"] == []
+    assert pulled["duplicate_bytes"] <= 0.05 * pulled["fetched_bytes"]
+
+
+def test_verify_refetches_a_corrupt_chunk(cluster: Cluster, tmp_path: Path) -> None:
+    disk(tmp_path / "v.raw", 4)
+    cluster.json("--agent", "node1", "image", "import", str(tmp_path / "v.raw"), "--name", "v")
+    cluster.json("--agent", "node2", "image", "pull", "v")
+    store = cluster.dir / "node2" / "data" / "images"
+    with sqlite3.connect(store / "index.sqlite") as db:
+        pack, offset, stored = db.execute("SELECT pack, offset, stored FROM chunks LIMIT 1").fetchone()
+    with open(store / "packs" / pack, "r+b") as f:
+        f.seek(offset + stored // 2)
+        f.write(b"\xff\x00\xff")
+    done = cluster.json("--agent", "node2", "image", "verify", "v")
+    assert done["corrupt"] == 1 and done["refetched"] == 1
+    assert cluster.json("--agent", "node2", "image", "verify", "v")["corrupt"] == 0
+
+
+def test_an_image_a_ve_uses_cannot_be_removed(cluster: Cluster, tmp_path: Path) -> None:
+    disk(tmp_path / "db.raw", 5, blocks=64)
+    cluster.json("--agent", "node1", "image", "import", str(tmp_path / "db.raw"), "--name", "db")
+    (tmp_path / "ve.yaml").write_text("name: shop\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, image: db}\n")
+    cluster.json("ve", "create", str(tmp_path / "ve.yaml"))
+    refused = cluster.cli("image", "rm", "db", check=False)
+    assert refused.returncode == 1 and refused.stderr.strip() == \
+        "error: image 'db:latest' is used by VE shop; destroy it first"
+    cluster.json("ve", "destroy", "shop")
+    cluster.json("image", "rm", "db")
+    assert "db:latest" not in {e["name"] for e in cluster.json("image", "list")}
+    assert cluster.json("--agent", "node1", "image", "gc")["chunks_dropped"] > 0
