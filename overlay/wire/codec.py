@@ -334,7 +334,7 @@ def _float(data: Any) -> float:
     return float(data)
 
 
-def _instance(kind: type, most: int) -> Decoder:
+def _instance(kind: Any, most: int) -> Decoder:
     """int, bool, str or bytes: an instance (a bool is no int), a string or bytes at most `most` long."""
     sized = kind in (str, bytes)
     refused = bool if kind is int else ()
@@ -362,29 +362,37 @@ def _no_rule(kind: Any) -> Decoder:
 def encode(value: Any) -> Any:
     """A dataclass (nested ones too) as plain msgpack values; other values as they are."""
     kind = type(value)
-    return value if kind in _PLAIN else _encoder(kind)(value)
+    return value if kind in _PLAIN else _ENCODERS[kind](value)
 
 
 _PLAIN = frozenset({int, str, float, bool, bytes, type(None)})
+Encoder = Callable[[Any], Any]
 
 
-@functools.cache
-def _encoder(kind: type) -> Callable[[Any], Any]:
-    """How `encode` writes a value of the class `kind`, chosen once per class."""
-    if dataclasses.is_dataclass(kind):
-        return _record_encoder(kind)
-    if issubclass(kind, list | tuple):
-        return _encode_items
-    if issubclass(kind, dict):
-        return _encode_map
-    return _as_is
+class _Encoders(dict[type, Encoder]):
+    """How `encode` writes a value of each class, chosen at the first value of that class."""
+
+    def __missing__(self, kind: type) -> Encoder:
+        if dataclasses.is_dataclass(kind):
+            encoder = _record_encoder(kind)
+        elif issubclass(kind, list | tuple):
+            encoder = _encode_items
+        elif issubclass(kind, dict):
+            encoder = _encode_map
+        else:
+            encoder = _as_is
+        self[kind] = encoder
+        return encoder
+
+
+_ENCODERS = _Encoders()
 
 
 _KEPT = object()
 """The default of a field that is not sparse: the field always travels."""
 
 
-def _record_encoder(cls: Any) -> Callable[[Any], dict[str, Any]]:
+def _record_encoder(cls: Any) -> Encoder:
     fields = [(_wire_name(f), f.name, _default(f) if f.metadata.get("sparse") else _KEPT)
               for f in dataclasses.fields(cls)]
 
@@ -393,7 +401,7 @@ def _record_encoder(cls: Any) -> Callable[[Any], dict[str, Any]]:
         for name, attribute, default in fields:
             v = getattr(value, attribute)
             if default is _KEPT or v != default:
-                out[name] = v if type(v) in _PLAIN else _encoder(type(v))(v)
+                out[name] = v if type(v) in _PLAIN else _ENCODERS[type(v)](v)
         return out
     return encode_record
 
@@ -401,11 +409,11 @@ def _record_encoder(cls: Any) -> Callable[[Any], dict[str, Any]]:
 def _encode_items(value: list[Any] | tuple[Any, ...]) -> list[Any]:
     if _PLAIN.issuperset(map(type, value)):  # a peer, an entry: copied without a step per item
         return list(value)
-    return [v if type(v) in _PLAIN else _encoder(type(v))(v) for v in value]
+    return [v if type(v) in _PLAIN else _ENCODERS[type(v)](v) for v in value]
 
 
 def _encode_map(value: dict[Any, Any]) -> dict[Any, Any]:
-    return {k: v if type(v) in _PLAIN else _encoder(type(v))(v) for k, v in value.items()}
+    return {k: v if type(v) in _PLAIN else _ENCODERS[type(v)](v) for k, v in value.items()}
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
