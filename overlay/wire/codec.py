@@ -211,6 +211,7 @@ def _literal(args: tuple[Any, ...]) -> Decoder:
 
 
 _ABSENT = object()
+"""What `decode_record` reads for a field the map lacks (None is a value)."""
 
 
 def _record(cls: Any) -> Decoder:
