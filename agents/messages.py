@@ -11,10 +11,10 @@ Operators may also call `host.*` directly, as they could run `virsh` on the node
 
 Handlers receive these requests decoded; the values the codec cannot judge (a VM name without '/', a
 timeout in bounds, a count in range) the request types check in `__post_init__`, with `agents.host.args`.
-Every `host.*` method declares its answer (a frozen dataclass, or `bool`, `bytes`...), and so do the views
-(`agent.*`, `coord.*`, `spiral.search`, `overlay.*`, `kv`): a handler returns it, and a caller decodes it
-with `Endpoint.ask`. The protocols' own hops (`member.ping`, `spiral.step`) answer what their sans-IO
-cores build and their callers check, as Chord's do (`overlay.messages`). One VM's lifecycle is one method
+Every method declares its answer (a frozen dataclass, or `bool`, `bytes`...): a handler returns it, and a
+caller decodes it with `Endpoint.ask`. The protocols' own hops (`member.ping`, `spiral.step`) answer in the
+shape their sans-IO cores always sent, each entry of a member table still checked by `overlay.membership`.
+One VM's lifecycle is one method
 per verb (`host.vm.start`, `host.vm.stop`...), each taking only its own fields.
 """
 
@@ -65,6 +65,19 @@ class Gossip:
 
 
 @dataclass(frozen=True)
+class GossipReply:
+    """A SWIM probe's answer, mirroring the probe: the answerer's name and its table, or its updates."""
+
+    name: str = field(metadata=limit(NAME))
+    members: list[Any] | None = field(default=None, metadata=sparse())
+    updates: list[Any] | None = field(default=None, metadata=sparse())
+
+    def probe(self) -> dict[str, Any]:
+        """The answer as `overlay.membership` reads it (as it travels)."""
+        return {"name": self.name, **Gossip(self.members, self.updates).probe()}
+
+
+@dataclass(frozen=True)
 class Rtt:
     a: str = field(metadata=limit(NAME))
     b: str | None = field(default=None, metadata=limit(NAME))
@@ -78,6 +91,19 @@ class Probe:
 @dataclass(frozen=True)
 class SpiralStep:
     view: list[Any] = field(metadata=limit(MAX_VIEW))
+
+
+SpiralHint = tuple[str, str, Any, int, float]
+"""A view entry a spiral hop suggests (name, address, coordinate, its sequence) and its estimated distance."""
+
+
+@dataclass(frozen=True)
+class SpiralHop:
+    """A spiral hop's answer: the entries of its view the walk should know, its site and free capacity."""
+
+    entries: list[SpiralHint] = field(metadata=limit(MAX_VIEW))
+    site: str
+    free: dict[str, int]
     """The asker's spiral view, entries as `agents.spiral` writes them (each checked there)."""
 
 
@@ -543,12 +569,12 @@ class KvWritten:
 
 AGENT_STATUS = Method("agent.status", NoArgs, ANYONE, AgentStatus)
 AGENT_MEMBERS = Method("agent.members", NoArgs, ANYONE, list[MemberRow])
-MEMBER_PING = Method("member.ping", Gossip, AGENTS)
+MEMBER_PING = Method("member.ping", Gossip, AGENTS, GossipReply)
 COORD_PING = Method("coord.ping", NoArgs, AGENTS, bool)
 COORD_LIST = Method("coord.list", NoArgs, ANYONE, Coordinates)
 COORD_RTT = Method("coord.rtt", Rtt, ANYONE, RttEstimate)
 COORD_PROBE = Method("coord.probe", Probe, AGENTS, float)
-SPIRAL_STEP = Method("spiral.step", SpiralStep, AGENTS)
+SPIRAL_STEP = Method("spiral.step", SpiralStep, AGENTS, SpiralHop)
 SPIRAL_SEARCH = Method("spiral.search", SpiralQuery, ANYONE, SpiralFound)
 OVERLAY_STATUS = Method("overlay.status", NoArgs, ANYONE, OverlayStatus)
 OVERLAY_CONTACT = Method("overlay.contact", NoArgs, AGENTS, KademliaContact)

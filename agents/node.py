@@ -29,7 +29,7 @@ from agents.coordinates import CoordinateService
 from agents.host.service import HostService
 from agents.hypervisor.actor import DAEMON_CONNECTIONS, Hypervisor, write_node_xml
 from agents.hypervisor.qemu import QemuBackend, open_backend
-from agents.messages import AGENT_MEMBERS, AGENT_STATUS, MEMBER_PING, AgentStatus, Gossip, MemberRow
+from agents.messages import AGENT_MEMBERS, AGENT_STATUS, MEMBER_PING, AgentStatus, Gossip, GossipReply, MemberRow
 from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
@@ -235,7 +235,7 @@ class GossipService(Actor):
         self.membership.leave()
         with trio.move_on_after(2):
             others = [m.addr for m in self.membership.alive(include_me=False)][:3]
-            await self.transport.call_many(others, "member.ping", self.membership.message(), 1.0)
+            await self.transport.ask_many(others, MEMBER_PING, Gossip(**self.membership.message()), 1.0)
 
     def _seeds(self) -> list[str]:
         seeds = [a for a in self.seeds if a != self.membership.me.addr]
@@ -255,22 +255,20 @@ class GossipService(Actor):
 
     async def _probe(self, addr: str, name: str | None = None, full: bool = False) -> bool:
         try:
-            reply = await self.transport.call(addr, "member.ping", self.membership.message(full),
-                                                    timeout=max(0.5, self.tick_interval * 2))
+            reply = await self.transport.ask(addr, MEMBER_PING, Gossip(**self.membership.message(full)),
+                                             timeout=max(0.5, self.tick_interval * 2))
         except RpcError as err:
             log.debug("probe of %s failed: %s", name or addr, err)
             if name is not None:
                 self._publish(self.membership.on_probe_failed(name, trio.current_time()))
             return False
-        if not isinstance(reply, dict):
-            return False
-        self._publish(self.membership.receive(reply, trio.current_time()))
+        self._publish(self.membership.receive(reply.probe(), trio.current_time()))
         return True
 
-    async def _on_ping(self, caller: Caller, request: Gossip) -> dict[str, Any]:
+    async def _on_ping(self, caller: Caller, request: Gossip) -> GossipReply:
         reply, events = self.membership.answer(request.probe(), trio.current_time())
         self._publish(events)
-        return reply
+        return GossipReply(**reply)
 
     def _publish(self, events: list[tuple[str, Member]]) -> None:
         for kind, member in events:

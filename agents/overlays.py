@@ -311,7 +311,7 @@ class OverlayService(Actor):
     async def _on_scan(self, caller: Caller, request: OverlayScan) -> list[list[Any]]:
         name, prefix = self._overlay_named(request.overlay), request.prefix
         if name == CHORD:
-            return [r.to_wire() for k, r in self.chord.shard.records.items() if k.startswith(prefix)]
+            return [list(r.to_wire()) for k, r in self.chord.shard.records.items() if k.startswith(prefix)]
         kad = self.kad
         assert kad is not None  # _overlay_named checked it
         return [(await _guarded(kad.record_of(e), self.errors)).to_wire() for e in kad.local_envelopes(prefix)]

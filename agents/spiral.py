@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.messages import MAX_VIEW, SPIRAL_SEARCH, SPIRAL_STEP, SpiralFound, SpiralNode, SpiralQuery, SpiralStep
+from agents.messages import SPIRAL_SEARCH, SPIRAL_STEP, SpiralFound, SpiralHop, SpiralNode, SpiralQuery, SpiralStep
 from agents.runtime import Actor, Event
 from overlay.membership import ALIVE, SUSPECT, Member, Membership
-from overlay.spiral import Entry, Hinted, SpiralSearch, View, answer
+from overlay.spiral import Entry, SpiralSearch, View, answer
 from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
 from vivaldi.coordinate import Coordinate
 
@@ -132,29 +132,29 @@ class SpiralService(Actor):
                    n or max(count, VIEW_SIZE), self.view.entries())
         while (hop := walk.next_hop()) is not None:
             try:
-                reply = await self.transport.call(hop.addr, "spiral.step", {
-                    "view": [_entry_to_wire(e) for e in walk.spiral_view()]}, timeout=STEP_TIMEOUT)
-                entries = _hinted_from_wire(reply["entries"])
-            except (RpcError, RequestError, KeyError, TypeError) as err:
+                reply = await self.transport.ask(hop.addr, SPIRAL_STEP, SpiralStep(
+                    [_entry_to_wire(e) for e in walk.spiral_view()]), timeout=STEP_TIMEOUT)
+                entries = [(_entry_from_wire(hint[:4]), hint[4]) for hint in reply.entries]
+            except (RpcError, RequestError) as err:
                 log.debug("spiral hop %s failed: %s", hop.name, err)
                 walk.on_failure(hop)
                 self.view.forget(hop.name)
                 continue
             member = self.membership.members.get(hop.name)
             rtt = member.rtt if member is not None else None
-            replies[hop.name] = {**reply, "rtt": rtt}
+            replies[hop.name] = {"site": reply.site, "free": reply.free, "rtt": rtt}
             walk.on_reply(hop, entries, rtt)
         return SpiralResult(walk.result(), replies, walk.hops, walk.messages, walk.failures)
 
     # -- answering ---------------------------------------------------------------------------------
 
-    async def _on_step(self, caller: Caller, request: SpiralStep) -> dict[str, Any]:
+    async def _on_step(self, caller: Caller, request: SpiralStep) -> SpiralHop:
         spiral_view = [_entry_from_wire(item) for item in request.view]
         self._fill_if_empty()
         self.view.me = self.entry(self.membership.me)
         hinted = answer(self.view, spiral_view)
-        return {"entries": [[*_entry_to_wire(e), d] for e, d in hinted if math.isfinite(d)],
-                "site": self.membership.me.site, "free": self.free()}
+        return SpiralHop([(*_entry_to_wire(e), d) for e, d in hinted if math.isfinite(d)],
+                         self.membership.me.site, self.free())
 
     async def _on_search(self, caller: Caller, request: SpiralQuery) -> SpiralFound:
         """`discovery spiral`: the nearest nodes to this agent, optionally in one site, with the walk's cost."""
@@ -172,19 +172,8 @@ def _entry_to_wire(e: Entry) -> list[Any]:
 
 
 def _entry_from_wire(data: Any) -> Entry:
-    if not (isinstance(data, list) and len(data) >= 4 and isinstance(data[0], str) and data[0]
+    if not (isinstance(data, list | tuple) and len(data) >= 4 and isinstance(data[0], str) and data[0]
             and isinstance(data[1], str) and isinstance(data[3], int)):
         raise RequestError(f"malformed spiral entry {str(data)[:60]!r}")
     return Entry(data[0], data[1], Coordinate.from_wire(data[2]), data[3])
 
-
-def _hinted_from_wire(data: Any) -> list[Hinted]:
-    if not isinstance(data, list) or len(data) > MAX_VIEW:
-        raise RequestError(f"a spiral reply is a list of at most {MAX_VIEW} entries")
-    hinted = []
-    for item in data:
-        if not (isinstance(item, list) and len(item) == 5 and isinstance(item[4], float | int)
-                and math.isfinite(item[4]) and item[4] >= 0):
-            raise RequestError(f"malformed spiral reply entry {str(item)[:60]!r}")
-        hinted.append((_entry_from_wire(item[:4]), float(item[4])))
-    return hinted

@@ -84,7 +84,7 @@ from overlay import messages as m
 from overlay.chord import RING, Peer, between_right, hash_id
 from overlay.messages import MAX_BUCKETS, SYNC_BATCH
 from overlay.ring import Ring, peer_from_wire
-from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError
+from overlay.wire.rpc import A, Caller, Endpoint, Method, R, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 3.0
@@ -135,31 +135,17 @@ class Record:
     def newer_than(self, other: Record | None) -> bool:
         return other is None or self.stamp > other.stamp
 
-    def to_wire(self) -> list[Any]:
-        return [self.key, self.value, self.version, self.writer, self.written]
+    def to_wire(self) -> m.RecordWire:
+        return self.key, self.value, self.version, self.writer, self.written
 
 
 def record_from_wire(data: Any) -> Record:
-    if not (isinstance(data, list) and len(data) in (4, 5) and isinstance(data[0], str)
+    """`data` as a Record: a request's `RecordWire` as it came (a list), or an answer's as decoded (a tuple)."""
+    if not (isinstance(data, list | tuple) and len(data) in (4, 5) and isinstance(data[0], str)
             and isinstance(data[2], int) and data[2] >= 0 and isinstance(data[3], str)
             and (len(data) == 4 or (isinstance(data[4], int | float) and data[4] >= 0))):
         raise RequestError(f"malformed record {str(data)[:60]!r}")
     return Record(data[0], data[1], data[2], data[3], float(data[4]) if len(data) == 5 else 0.0)
-
-
-def stamp_from_wire(data: Any, name: str) -> tuple[int, str]:
-    if not (isinstance(data, list) and len(data) == 2 and isinstance(data[0], int) and data[0] >= 0
-            and isinstance(data[1], str)):
-        raise RequestError(f"{name} must be [version, writer]")
-    return data[0], data[1]
-
-
-def entry_from_wire(data: Any) -> tuple[str, int, str]:
-    """A (key, version, writer) entry: what digests and offers compare instead of whole records."""
-    if not (isinstance(data, list) and len(data) == 3 and isinstance(data[0], str)
-            and isinstance(data[1], int) and data[1] >= 0 and isinstance(data[2], str)):
-        raise RequestError(f"malformed entry {str(data)[:60]!r}")
-    return data[0], data[1], data[2]
 
 
 @lru_cache(maxsize=1 << 16)
@@ -324,16 +310,16 @@ class ClaimSlots:
     slots: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def prepare(self, key: str, token: str, expected: tuple[int, str], held: Record | None,
-                now: float) -> dict[str, Any]:
+                now: float) -> m.Claim:
         if now < self.refuse_until:
-            return {"granted": False, "why": "restarting"}
+            return m.Claim(False, "restarting")
         if held is not None and held.stamp > expected:
-            return {"granted": False, "why": "newer", "held": list(held.stamp)}
+            return m.Claim(False, "newer", held.stamp)
         slot = self.slots.get(key)
         if slot is not None and slot[0] != token and slot[1] > now:
-            return {"granted": False, "why": "claimed"}
+            return m.Claim(False, "claimed")
         self.slots[key] = (token, now + self.lease)
-        return {"granted": True}
+        return m.Claim(True)
 
     def release(self, key: str, token: str) -> None:
         if self.slots.get(key, ("",))[0] == token:
@@ -482,11 +468,11 @@ class DHT:
             self.claims.release(record.key, request.token)
         return True
 
-    async def _on_fetch(self, caller: Caller, request: m.DhtFetch) -> list[Any] | None:
+    async def _on_fetch(self, caller: Caller, request: m.DhtFetch) -> m.RecordWire | None:
         record = self._visible(self.shard.records.get(request.key))
         return record.to_wire() if record else None
 
-    async def _on_prepare(self, caller: Caller, request: m.DhtPrepare) -> dict[str, Any]:
+    async def _on_prepare(self, caller: Caller, request: m.DhtPrepare) -> m.Claim:
         """Grant the key's claim slot to `token` if nothing newer than `expect` is held here (hidden copies
         count: a doubtful record must be settled before its key is written again)."""
         return self.claims.prepare(request.key, request.token, request.expect, self.shard.records.get(request.key),
@@ -497,11 +483,11 @@ class DHT:
             self.claims.release(request.key, request.token)
         return True
 
-    async def _on_check(self, caller: Caller, request: m.DhtCheck) -> list[list[Any] | None]:
+    async def _on_check(self, caller: Caller, request: m.DhtCheck) -> list[m.Stamp | None]:
         """For a peer settling doubtful copies: the (version, writer) we hold of each key, hidden or not."""
-        return [list(held.stamp) if (held := self.shard.records.get(key)) else None for key, _, _ in request.entries]
+        return [held.stamp if (held := self.shard.records.get(key)) else None for key, _, _ in request.entries]
 
-    async def _on_digest(self, caller: Caller, request: m.DhtDigest) -> dict[str, Any]:
+    async def _on_digest(self, caller: Caller, request: m.DhtDigest) -> m.DigestDiff:
         """A predecessor compares the arc (lo, hi] we share: answer with our entries in the buckets whose
         hashes differ (whole buckets, at most about MAX_ENTRIES entries; the rest waits, and the answer
         says it is not complete)."""
@@ -509,13 +495,13 @@ class DHT:
         self.stats["digests_answered"] += 1
         count = len(theirs)
         mine = self._in_arc(request.lo, request.hi)
-        differing: dict[int, list[list[Any]]] = {i: [] for i, h in enumerate(digest(mine, count)) if h != theirs[i]}
+        differing: dict[int, list[m.Entry]] = {i: [] for i, h in enumerate(digest(mine, count)) if h != theirs[i]}
         for record in mine:
             group = differing.get(bucket_of(record.key, count))
             if group is not None:
-                group.append([record.key, record.version, record.writer])
+                group.append((record.key, record.version, record.writer))
         covered: list[int] = []
-        entries: list[list[Any]] = []
+        entries: list[m.Entry] = []
         for index, group in differing.items():
             if entries and len(entries) + len(group) > MAX_ENTRIES:
                 break
@@ -524,9 +510,9 @@ class DHT:
         complete = len(covered) == len(differing)
         if complete:
             self._digested[caller.node] = self.wall()
-        return {"buckets": covered, "entries": entries, "complete": complete}
+        return m.DigestDiff(covered, entries, complete)
 
-    async def _on_sync(self, caller: Caller, request: m.DhtSync) -> list[list[Any]]:
+    async def _on_sync(self, caller: Caller, request: m.DhtSync) -> list[m.RecordWire]:
         """Keep the pushed records that are newer than ours; answer with ours for the pulled keys."""
         await self._merge([record_from_wire(raw) for raw in request.push])
         shown = (self._visible(self.shard.records.get(key)) for key in request.pull)
@@ -588,18 +574,18 @@ class DHT:
         cached = self._replica_cache.get(key)
         return cached[1] if cached is not None and cached[0] > now else None
 
-    async def _call_replicas(self, key: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def _call_replicas(self, key: str, method: Method[R, A], request: R) -> dict[str, A | RpcError]:
         addrs = await self.replicas(key)
-        answers = await self.transport.call_many(addrs, method, args, CALL_TIMEOUT)
+        answers = await self.transport.ask_many(addrs, method, request, CALL_TIMEOUT)
         if any(isinstance(a, Exception) for a in answers.values()):
             self._replica_cache.pop(key, None)  # someone did not answer: look the replicas up afresh next time
         return answers
 
     async def get_record(self, key: str) -> Record | None:
         """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
-        answers = await self._call_replicas(key, "dht.fetch", {"key": key})
+        answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key))
         copies = {addr: record_from_wire(v) if v is not None else None
-                  for addr, v in answers.items() if not isinstance(v, Exception)}
+                  for addr, v in answers.items() if not isinstance(v, RpcError)}
         if not copies:
             raise RequestError(f"no replica of {key!r} answered")
         newest = None
@@ -608,7 +594,7 @@ class DHT:
                 newest = record
         if newest is not None:
             stale = [a for a, rec in copies.items() if rec is None or newest.newer_than(rec)]
-            await self.transport.call_many(stale, "dht.store", {"record": newest.to_wire()}, CALL_TIMEOUT)
+            await self.transport.ask_many(stale, m.DHT_STORE, m.DhtStore(newest.to_wire()), CALL_TIMEOUT)
         return newest
 
     async def get(self, key: str) -> Record | None:
@@ -621,10 +607,10 @@ class DHT:
         follows (0 for a key never written), else one more than the replicas hold. Unconditional: a
         concurrent write of the same version by another node is decided by the writer's name."""
         if after is None:
-            answers = await self._call_replicas(key, "dht.fetch", {"key": key})
-            after = max((v[2] for v in answers.values() if isinstance(v, list) and len(v) >= 4), default=0)
+            copies = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key))
+            after = max((v[2] for v in copies.values() if isinstance(v, tuple)), default=0)
         record = Record(key, value, after + 1, self.ring.me.name, self.wall())
-        answers = await self._call_replicas(key, "dht.store", {"record": record.to_wire()})
+        answers = await self._call_replicas(key, m.DHT_STORE, m.DhtStore(record.to_wire()))
         acks = sum(1 for v in answers.values() if v is True)
         if acks < min(self.w, len(answers)):
             raise RequestError(f"write of {key!r} reached {acks} of {len(answers)} replicas")
@@ -650,29 +636,27 @@ class DHT:
             sent = trio.current_time()
             # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
             # connection (a cancelled send_all leaves an SSLStream unusable, and the transport keeps it)
-            answers = await self.transport.call_many(addrs, "dht.prepare",
-                                                     {"key": key, "expect": list(expected), "token": token},
-                                                     CALL_TIMEOUT)
-            granted = sum(1 for v in answers.values() if isinstance(v, dict) and v.get("granted") is True)
+            answers = await self.transport.ask_many(addrs, m.DHT_PREPARE, m.DhtPrepare(key, token, expected),
+                                                    CALL_TIMEOUT)
+            claims = [v for v in answers.values() if isinstance(v, m.Claim)]
+            granted = sum(1 for v in claims if v.granted)
             if granted >= quorum and trio.current_time() - sent < COMMIT_WINDOW:
                 return await self._commit(addrs, record, token)
-            await self.transport.call_many(addrs, "dht.release", {"key": key, "token": token}, CALL_TIMEOUT)
-            newer = [stamp_from_wire(v.get("held"), "held") for v in answers.values()
-                     if isinstance(v, dict) and v.get("why") == "newer"]
+            await self.transport.ask_many(addrs, m.DHT_RELEASE, m.DhtRelease(key, token), CALL_TIMEOUT)
+            newer = [v.held for v in claims if v.why == "newer" and v.held is not None]
             if newer:
                 raise WriteConflict(key, max(newer))
             if any(isinstance(v, Exception) for v in answers.values()):
                 self._replica_cache.pop(key, None)
             if trio.current_time() >= give_up:
-                why = sorted({v.get("why", "?") if isinstance(v, dict) else str(v) for v in answers.values()})
+                why = sorted({(v.why or "?") if isinstance(v, m.Claim) else str(v) for v in answers.values()})
                 raise RequestError(f"could not write {key!r}: {granted} of {len(addrs)} replicas granted it "
                                    f"for {CLAIM_PATIENCE:.0f} s ({'; '.join(why)})")
             await trio.sleep(self._rng.uniform(0, backoff))
             backoff = min(2 * backoff, 1.0)
 
     async def _commit(self, addrs: list[str], record: Record, token: str) -> Record:
-        answers = await self.transport.call_many(addrs, "dht.store", {"record": record.to_wire(), "token": token},
-                                                 CALL_TIMEOUT)
+        answers = await self.transport.ask_many(addrs, m.DHT_STORE, m.DhtStore(record.to_wire(), token), CALL_TIMEOUT)
         acks = sum(1 for v in answers.values() if v is True)
         if acks < min(self.w, len(addrs)):
             raise RequestError(f"write of {record.key!r} reached {acks} of {len(addrs)} replicas")
@@ -757,15 +741,14 @@ class DHT:
             for record in batch:
                 self.freshness.confirmed(record.key)
             return
-        entries = [[r.key, r.version, r.writer] for r in batch]
+        entries = [(r.key, r.version, r.writer) for r in batch]
         self.stats["rpcs"] += len(others)
-        answers = await self.transport.call_many(others, "dht.check", {"entries": entries}, CALL_TIMEOUT)
+        answers = await self.transport.ask_many(others, m.DHT_CHECK, m.DhtCheck(entries), CALL_TIMEOUT)
         replies = [a for a in answers.values() if isinstance(a, list) and len(a) == len(batch)]
         self.stats["failures"] += len(others) - len(replies)
         drop = []
         for i, record in enumerate(batch):
-            held = [tuple(reply[i]) if isinstance(reply[i], list) else None for reply in replies]
-            if any(stamp == record.stamp for stamp in held):
+            if any(reply[i] == record.stamp for reply in replies):
                 self.freshness.confirmed(record.key)
                 self.stats["doubts_confirmed"] += 1
             elif len(replies) == len(others) and self.shard.records.get(record.key) is record:
@@ -801,9 +784,8 @@ class DHT:
 
     async def _predecessor_of(self, peer: Peer) -> Peer | None:
         try:
-            reply = await self._call(peer.addr, "chord.state", {})
-            raw = reply.get("predecessor") if isinstance(reply, dict) else None
-            return peer_from_wire(raw) if raw is not None else None
+            view = await self._ask(peer.addr, m.CHORD_STATE, m.NoArgs())
+            return peer_from_wire(view.predecessor) if view.predecessor is not None else None
         except (RpcError, RequestError) as err:
             self.stats["failures"] += 1
             log.debug("predecessor of %s unknown: %s", peer.name, err)
@@ -826,15 +808,17 @@ class DHT:
         buckets = bucket_count(len(mine))
         try:
             self.stats["digests_sent"] += 1
-            reply = await self._call(peer.addr, "dht.digest",
-                                     {"lo": lo, "hi": hi, "buckets": digest(mine.values(), buckets)})
-            covered, theirs = _digest_reply(reply, buckets)
+            diff = await self._ask(peer.addr, m.DHT_DIGEST, m.DhtDigest(lo, hi, digest(mine.values(), buckets)))
+            if not all(0 <= i < buckets for i in diff.buckets):
+                raise RequestError(f"dht.digest answered buckets out of 0..{buckets - 1}")
+            covered = set(diff.buckets)
+            theirs = {key: (version, writer) for key, version, writer in diff.entries}
             self.stats["buckets_differing"] += len(covered)
             push = [r for key, r in mine.items() if bucket_of(key, buckets) in covered
                     and (key not in theirs or r.stamp > theirs[key])]
             pull = [key for key, stamp in theirs.items() if key not in mine or stamp > mine[key].stamp]
             await self._exchange(peer.addr, push, pull)
-            return reply.get("complete", True) is True
+            return diff.complete
         except (RpcError, RequestError) as err:
             self.stats["failures"] += 1
             log.info("anti-entropy with %s failed: %s", peer.name, err)
@@ -844,10 +828,8 @@ class DHT:
         """Send `push` and fetch `pull` from `addr`, SYNC_BATCH of each per call."""
         for start in range(0, max(len(push), len(pull)), SYNC_BATCH):
             batch, keys = push[start:start + SYNC_BATCH], pull[start:start + SYNC_BATCH]
-            answer = await self._call(addr, "dht.sync", {"push": [r.to_wire() for r in batch], "pull": keys})
+            answer = await self._ask(addr, m.DHT_SYNC, m.DhtSync([r.to_wire() for r in batch], keys))
             self.stats["records_pushed"] += len(batch)
-            if not isinstance(answer, list):
-                raise RequestError("dht.sync answered with something else than a list")
             wanted = set(keys)
             pulled = [record for record in map(record_from_wire, answer) if record.key in wanted]
             self.stats["records_pulled"] += len(pulled)
@@ -883,20 +865,20 @@ class DHT:
         """Offer (key, version, writer) to each replica, push only what it lacks, drop what one holds."""
         for start in range(0, len(records), SYNC_BATCH):
             batch = {r.key: r for r in records[start:start + SYNC_BATCH]}
-            entries = [[r.key, r.version, r.writer] for r in batch.values()]
+            entries = [(r.key, r.version, r.writer) for r in batch.values()]
             self.stats["handoff_offered"] += len(batch)
             self.stats["rpcs"] += len(addrs)
-            answers = await self.transport.call_many(addrs, "dht.offer", {"entries": entries}, CALL_TIMEOUT)
+            answers = await self.transport.ask_many(addrs, m.DHT_OFFER, m.DhtOffer(entries), CALL_TIMEOUT)
             held: set[str] = set()
             for addr, answer in answers.items():
-                if not isinstance(answer, list):
+                if isinstance(answer, RpcError):
                     self.stats["failures"] += 1
                     continue
-                wanted = [key for key in answer if isinstance(key, str) and key in batch]
+                wanted = [key for key in answer if key in batch]
                 held |= batch.keys() - set(wanted)
                 try:
                     if wanted:
-                        await self._call(addr, "dht.sync", {"push": [batch[k].to_wire() for k in wanted], "pull": []})
+                        await self._ask(addr, m.DHT_SYNC, m.DhtSync([batch[k].to_wire() for k in wanted]))
                         self.stats["handoff_pushed"] += len(wanted)
                         held |= set(wanted)
                 except (RpcError, RequestError):
@@ -906,17 +888,7 @@ class DHT:
             await self.shard.drop_many(gone)
             self.stats["handoff_dropped"] += len(gone)
 
-    async def _call(self, addr: str, method: str, args: dict[str, Any]) -> Any:
+    async def _ask(self, addr: str, method: Method[R, A], request: R) -> A:
         self.stats["rpcs"] += 1
-        return await self.transport.call(addr, method, args, timeout=CALL_TIMEOUT)
+        return await self.transport.ask(addr, method, request, timeout=CALL_TIMEOUT)
 
-
-def _digest_reply(reply: Any, buckets: int) -> tuple[set[int], dict[str, tuple[int, str]]]:
-    """The buckets a digest answer covers, and its (version, writer) per key."""
-    covered = reply.get("buckets") if isinstance(reply, dict) else None
-    entries = reply.get("entries") if isinstance(reply, dict) else None
-    if not (isinstance(covered, list) and all(isinstance(i, int) and 0 <= i < buckets for i in covered)
-            and isinstance(entries, list)):
-        raise RequestError("malformed dht.digest answer")
-    theirs = {key: (version, writer) for key, version, writer in map(entry_from_wire, entries)}
-    return set(covered), theirs

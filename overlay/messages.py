@@ -4,17 +4,18 @@ records (`overlay.dht`). Agents only: no user certificate may walk the ring or w
 The handlers receive these types decoded; what the codec cannot say (a position on the ring, a list that
 must not be empty) each type checks in `__post_init__`. A peer and a record travel as short lists of
 their own (`overlay.ring.peer_from_wire`, `overlay.dht.record_from_wire`: a record has four or five items,
-as older agents send it), so their fields are `Any` here and decoded by those functions. Answers are left
-undeclared: they are those same lists, on the paths the simulations run thousands of times a second.
+as older agents send it), so request fields holding them are `Any` here and decoded by those functions.
+Every method declares its answer, shaped as it always went on the wire (a map is a dataclass, a list a
+typed tuple), so that a caller reads it with `Endpoint.ask` and a handler's slip is a `bad_answer`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from overlay.chord import RING
-from overlay.wire.codec import limit, wire
+from overlay.wire.codec import limit, sparse, wire
 from overlay.wire.rpc import AGENTS, Method, RequestError
 
 MAX_KEY = 1024
@@ -29,6 +30,13 @@ TOKEN = 128
 
 Entry = tuple[str, int, str]
 """(key, version, writer): what digests and offers compare instead of whole records."""
+Stamp = tuple[int, str]
+"""(version, writer): what orders a key's versions."""
+PeerWire = tuple[int, str, str, str]
+"""A ring node as it travels (`overlay.ring.peer_to_wire`): id, name, address, site."""
+RecordWire = tuple[str, Any, int, str, float] | tuple[str, Any, int, str]
+"""A record as it travels (`overlay.dht.Record.to_wire`): key, value, version, writer and, but from older
+agents, when it was written."""
 
 
 def on_ring(value: int, name: str) -> None:
@@ -133,14 +141,50 @@ class DhtOffer:
         versions(self.entries)
 
 
-CHORD_STEP = Method("chord.step", ChordStep, AGENTS)
-CHORD_STATE = Method("chord.state", NoArgs, AGENTS)
-CHORD_NOTIFY = Method("chord.notify", ChordNotify, AGENTS)
-DHT_STORE = Method("dht.store", DhtStore, AGENTS)
-DHT_FETCH = Method("dht.fetch", DhtFetch, AGENTS)
-DHT_DIGEST = Method("dht.digest", DhtDigest, AGENTS)
-DHT_SYNC = Method("dht.sync", DhtSync, AGENTS)
-DHT_OFFER = Method("dht.offer", DhtOffer, AGENTS)
-DHT_PREPARE = Method("dht.prepare", DhtPrepare, AGENTS)
-DHT_RELEASE = Method("dht.release", DhtRelease, AGENTS)
-DHT_CHECK = Method("dht.check", DhtCheck, AGENTS)
+@dataclass(frozen=True)
+class ChordHop:
+    """A lookup hop's answer: the next node to ask or, when `done`, the key's owner and its live successors."""
+
+    done: bool
+    peer: PeerWire
+    successors: list[PeerWire] = field(default_factory=list, metadata=sparse())
+
+
+@dataclass(frozen=True)
+class ChordView:
+    """A node's neighbours, for a stabilize round (and a liveness check: the answer itself)."""
+
+    predecessor: PeerWire | None
+    successors: list[PeerWire]
+
+
+@dataclass(frozen=True)
+class DigestDiff:
+    """The buckets of a digest this replica answers for (those whose hashes differ, as many as fit) and its
+    entries in them; not `complete` if some differing bucket was left for the next pass."""
+
+    buckets: list[int]
+    entries: list[Entry]
+    complete: bool = True
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A replica's answer to `dht.prepare`: the slot granted, or `why` not (with the version it holds)."""
+
+    granted: bool
+    why: Literal["restarting", "newer", "claimed"] | None = field(default=None, metadata=sparse())
+    held: Stamp | None = field(default=None, metadata=sparse())
+
+
+CHORD_STEP = Method("chord.step", ChordStep, AGENTS, ChordHop)
+CHORD_STATE = Method("chord.state", NoArgs, AGENTS, ChordView)
+CHORD_NOTIFY = Method("chord.notify", ChordNotify, AGENTS, bool)
+DHT_STORE = Method("dht.store", DhtStore, AGENTS, bool)
+DHT_FETCH: Method[DhtFetch, RecordWire | None] = Method("dht.fetch", DhtFetch, AGENTS, RecordWire | None)
+DHT_DIGEST = Method("dht.digest", DhtDigest, AGENTS, DigestDiff)
+DHT_SYNC = Method("dht.sync", DhtSync, AGENTS, list[RecordWire])
+DHT_OFFER = Method("dht.offer", DhtOffer, AGENTS, list[str])
+DHT_PREPARE = Method("dht.prepare", DhtPrepare, AGENTS, Claim)
+DHT_RELEASE = Method("dht.release", DhtRelease, AGENTS, bool)
+DHT_CHECK: Method[DhtCheck, list[Stamp | None]] = Method("dht.check", DhtCheck, AGENTS, list[Stamp | None])

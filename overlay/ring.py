@@ -11,7 +11,18 @@ from collections.abc import Callable
 from typing import Any
 
 from overlay.chord import ChordState, Peer, hash_id
-from overlay.messages import CHORD_NOTIFY, CHORD_STATE, CHORD_STEP, MAX_AVOID, ChordNotify, ChordStep, NoArgs
+from overlay.messages import (
+    CHORD_NOTIFY,
+    CHORD_STATE,
+    CHORD_STEP,
+    MAX_AVOID,
+    ChordHop,
+    ChordNotify,
+    ChordStep,
+    ChordView,
+    NoArgs,
+    PeerWire,
+)
 from overlay.wire.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError
 
 log = logging.getLogger(__name__)
@@ -19,8 +30,8 @@ MAX_HOPS = 64
 HOP_TIMEOUT = 2.0
 
 
-def peer_to_wire(peer: Peer) -> list[Any]:
-    return [peer.id, peer.name, peer.addr, peer.site]
+def peer_to_wire(peer: Peer) -> PeerWire:
+    return peer.id, peer.name, peer.addr, peer.site
 
 
 _decoded: dict[tuple[Any, ...], Peer] = {}
@@ -29,7 +40,8 @@ MAX_DECODED = 1 << 16
 
 
 def peer_from_wire(data: Any) -> Peer:
-    if (isinstance(data, list) and len(data) == 4 and isinstance(data[0], int)
+    """`data` as a Peer: a request's `PeerWire` as it came (a list), or an answer's as decoded (a tuple)."""
+    if (isinstance(data, list | tuple) and len(data) == 4 and isinstance(data[0], int)
             and isinstance(data[1], str) and isinstance(data[2], str) and isinstance(data[3], str)):
         key = tuple(data)
         peer = _decoded.get(key)
@@ -39,12 +51,6 @@ def peer_from_wire(data: Any) -> Peer:
             peer = _decoded[key] = Peer(*key)
         return peer
     raise RequestError(f"malformed peer {str(data)[:60]!r}")
-
-
-def peers_from_wire(data: Any) -> list[Peer]:
-    if not isinstance(data, list):
-        raise RequestError("expected a list of peers")
-    return [peer_from_wire(p) for p in data]
 
 
 class Ring:
@@ -68,22 +74,20 @@ class Ring:
 
     # -- handlers ----------------------------------------------------------------------------------
 
-    async def _on_step(self, caller: Caller, request: ChordStep) -> dict[str, Any]:
+    async def _on_step(self, caller: Caller, request: ChordStep) -> ChordHop:
         if self.learn and request.sender is not None:
             self.state.learn(peer_from_wire(request.sender))
         avoided = frozenset(request.avoid)
         for dead in avoided:  # the asker found them dead: no longer worth a learned link here either
             self.state.unlearn(dead)
         done, peer = self.state.lookup_step(request.key, avoided)
-        reply: dict[str, Any] = {"done": done, "peer": peer_to_wire(peer)}
-        if done:
-            reply["successors"] = [peer_to_wire(p) for p in self.state.live_successors(avoided)]
-        return reply
+        if not done:
+            return ChordHop(False, peer_to_wire(peer))
+        return ChordHop(True, peer_to_wire(peer), [peer_to_wire(p) for p in self.state.live_successors(avoided)])
 
-    async def _on_state(self, caller: Caller, request: NoArgs) -> dict[str, Any]:
+    async def _on_state(self, caller: Caller, request: NoArgs) -> ChordView:
         pred = self.state.predecessor
-        return {"predecessor": peer_to_wire(pred) if pred else None,
-                "successors": [peer_to_wire(p) for p in self.state.successor_list()]}
+        return ChordView(peer_to_wire(pred) if pred else None, [peer_to_wire(p) for p in self.state.successor_list()])
 
     async def _on_notify(self, caller: Caller, request: ChordNotify) -> bool:
         return self.state.on_notify(peer_from_wire(request.peer))
@@ -137,9 +141,9 @@ class Ring:
         while path and hops[0] < MAX_HOPS:
             node = path[-1]
             hops[0] += 1
-            args = {"key": key, "avoid": sorted(avoid)[:MAX_AVOID] if avoid else [], "from": self._me_wire}
+            step = ChordStep(key, sorted(avoid)[:MAX_AVOID] if avoid else [], self._me_wire)
             try:
-                reply = await self.transport.call(node.addr, "chord.step", args, timeout=HOP_TIMEOUT)
+                reply = await self.transport.ask(node.addr, CHORD_STEP, step, timeout=HOP_TIMEOUT)
             except RemoteError:
                 raise
             except RpcError as err:
@@ -148,9 +152,9 @@ class Ring:
                 self.state.unlearn(node.id)
                 path.pop()  # back up one hop and ask there for another route
                 continue
-            peer = peer_from_wire(reply.get("peer"))
-            if reply.get("done"):
-                owners = peers_from_wire(reply.get("successors"))
+            peer = peer_from_wire(reply.peer)
+            if reply.done:
+                owners = [peer_from_wire(p) for p in reply.successors]
                 if self.learn:
                     # with latency estimates, the owner's successors come along too: more links to choose
                     # the nearer from (without, they would only push out the path's more useful nodes)
@@ -171,9 +175,9 @@ class Ring:
                 if target == self.me:  # alone: answer our own query (a joiner may have notified us)
                     pred, succs = self.state.predecessor, self.state.successor_list()
                 else:
-                    reply = await self.transport.call(target.addr, "chord.state", timeout=HOP_TIMEOUT)
-                    raw = reply.get("predecessor")
-                    pred, succs = (peer_from_wire(raw) if raw else None), peers_from_wire(reply.get("successors"))
+                    view = await self.transport.ask(target.addr, CHORD_STATE, NoArgs(), timeout=HOP_TIMEOUT)
+                    pred = peer_from_wire(view.predecessor) if view.predecessor else None
+                    succs = [peer_from_wire(p) for p in view.successors]
             except (RpcError, RequestError) as err:
                 log.info("successor %s unreachable (%s); trying the next", target.name, err)
                 self.state.on_dead(target)
@@ -189,7 +193,7 @@ class Ring:
 
     async def _notify(self, peer: Peer) -> bool:
         try:
-            await self.transport.call(peer.addr, "chord.notify", {"peer": peer_to_wire(self.me)}, timeout=HOP_TIMEOUT)
+            await self.transport.ask(peer.addr, CHORD_NOTIFY, ChordNotify(self._me_wire), timeout=HOP_TIMEOUT)
         except RpcError as err:
             log.info("notify of %s failed: %s", peer.name, err)
             return False
@@ -200,7 +204,7 @@ class Ring:
         if pred is None or pred == self.me:
             return
         try:
-            await self.transport.call(pred.addr, "chord.state", timeout=HOP_TIMEOUT)
+            await self.transport.ask(pred.addr, CHORD_STATE, NoArgs(), timeout=HOP_TIMEOUT)
         except RpcError:
             self.state.on_dead(pred)
 

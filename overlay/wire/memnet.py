@@ -107,14 +107,17 @@ async def sleep(seconds: float) -> None:
 
 
 class MemNetwork:
-    def __init__(self, latency: LatencyFn | None = None) -> None:
+    def __init__(self, latency: LatencyFn | None = None, check_answers: bool = True) -> None:
         self.latency = latency or (lambda a, b: 0.0)
+        self.check_answers = check_answers
+        """`Endpoint.check_answers` of every node (off: every caller in the simulation `ask`s)."""
         self.endpoints: dict[str, MemTransport] = {}
         self.down: set[str] = set()
         self.messages = 0
 
     def endpoint(self, addr: str, node: str, site: str = "") -> MemTransport:
         transport = MemTransport(self, addr, node, site)
+        transport.check_answers = self.check_answers
         self.endpoints[addr] = transport
         self.down.discard(addr)
         return transport

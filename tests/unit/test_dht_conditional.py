@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlay.dht import CLAIM_LEASE, COMMIT_WINDOW, ClaimSlots, Record, WriteConflict
-from overlay.messages import DHT_PREPARE
+from overlay.messages import DHT_PREPARE, Claim
 from overlay.wire.rpc import RequestError
 
 from .test_dht import Cluster
@@ -18,26 +18,25 @@ from .test_dht import Cluster
 def test_a_replica_grants_one_claimer_at_a_time_and_nothing_over_a_newer_version():
     slots = ClaimSlots(lease=8.0)
     nothing = (0, "")
-    assert slots.prepare("k", "a", nothing, None, now=0.0) == {"granted": True}
-    assert slots.prepare("k", "a", nothing, None, now=1.0) == {"granted": True}  # the same claimer again
-    assert slots.prepare("k", "b", nothing, None, now=1.0) == {"granted": False, "why": "claimed"}
-    assert slots.prepare("other", "b", nothing, None, now=1.0) == {"granted": True}  # slots are per key
+    assert slots.prepare("k", "a", nothing, None, now=0.0) == Claim(True)
+    assert slots.prepare("k", "a", nothing, None, now=1.0) == Claim(True)  # the same claimer again
+    assert slots.prepare("k", "b", nothing, None, now=1.0) == Claim(False, "claimed")
+    assert slots.prepare("other", "b", nothing, None, now=1.0) == Claim(True)  # slots are per key
     slots.release("k", "b")  # not b's slot: nothing happens
-    assert slots.prepare("k", "b", nothing, None, now=2.0)["why"] == "claimed"
+    assert slots.prepare("k", "b", nothing, None, now=2.0).why == "claimed"
     slots.release("k", "a")
-    assert slots.prepare("k", "b", nothing, None, now=2.0) == {"granted": True}
-    assert slots.prepare("k", "c", nothing, None, now=9.9)["why"] == "claimed"
-    assert slots.prepare("k", "c", nothing, None, now=10.1) == {"granted": True}  # b's lease ran out
+    assert slots.prepare("k", "b", nothing, None, now=2.0) == Claim(True)
+    assert slots.prepare("k", "c", nothing, None, now=9.9).why == "claimed"
+    assert slots.prepare("k", "c", nothing, None, now=10.1) == Claim(True)  # b's lease ran out
 
     live = Record("k", "v", 3, "n1")
-    assert slots.prepare("j", "a", (2, "n1"), live, now=0.0) == {"granted": False, "why": "newer",
-                                                                   "held": [3, "n1"]}
-    assert slots.prepare("j", "a", (3, "n1"), live, now=0.0)["granted"]  # expects what is held
-    assert slots.prepare("i", "a", (5, "n2"), live, now=0.0)["granted"]  # this replica is behind: fine
+    assert slots.prepare("j", "a", (2, "n1"), live, now=0.0) == Claim(False, "newer", (3, "n1"))
+    assert slots.prepare("j", "a", (3, "n1"), live, now=0.0).granted  # expects what is held
+    assert slots.prepare("i", "a", (5, "n2"), live, now=0.0).granted  # this replica is behind: fine
 
     restarted = ClaimSlots(lease=8.0, refuse_until=4.0)
-    assert restarted.prepare("k", "a", nothing, None, now=3.9) == {"granted": False, "why": "restarting"}
-    assert restarted.prepare("k", "a", nothing, None, now=4.0)["granted"]
+    assert restarted.prepare("k", "a", nothing, None, now=3.9) == Claim(False, "restarting")
+    assert restarted.prepare("k", "a", nothing, None, now=4.0).granted
     restarted.expire(now=100.0)
     assert restarted.slots == {}
 
@@ -58,7 +57,7 @@ def test_no_two_claimers_ever_hold_a_majority_they_may_still_commit_on(steps):
     for action, replica, claimer, dt in steps:
         now += dt
         if action == "prepare":
-            if replicas[replica].prepare("k", f"c{claimer}", (0, ""), None, now)["granted"]:
+            if replicas[replica].prepare("k", f"c{claimer}", (0, ""), None, now).granted:
                 grants[claimer][replica] = now
         elif action == "release":
             replicas[replica].release("k", f"c{claimer}")
@@ -168,6 +167,6 @@ async def test_a_restarted_replica_grants_no_slot_for_the_commit_window(tmp_path
     restarted = await cluster.start("n2", seed="n0")
     probe = {"key": "ve/r", "expect": [0, ""], "token": "t/1"}
     answer = await cluster.nodes["n0"].transport.call(restarted.ring.me.addr, "dht.prepare", probe)
-    assert answer == {"granted": False, "why": "restarting"}
+    assert answer == {"granted": False, "why": "restarting"}  # on the wire as it always was
     await trio.sleep(COMMIT_WINDOW)
     assert (await cluster.nodes["n0"].transport.call(restarted.ring.me.addr, "dht.prepare", probe))["granted"]

@@ -237,3 +237,20 @@ async def test_a_handler_answering_what_its_method_does_not_declare_is_a_bad_ans
         assert caught.value.kind == "bad_answer"
         assert isinstance((await b.call_many(["b"], name))["b"], BadAnswer)  # served locally: the same check
     assert await a.call("b", "sum.add", {}) == {"total": 1, "of": [1]}
+
+
+async def test_a_simulation_whose_callers_all_ask_may_leave_the_check_to_them(autojump_clock):
+    """Without the answering side's check (`MemNetwork(check_answers=False)`), a slip is still a bad_answer
+    for a caller that asks: it is found on arrival instead, and named with the address it came from."""
+    net = MemNetwork(check_answers=False)
+    a, b = net.endpoint("a", "node-a"), net.endpoint("b", "node-b")
+    garbled = Method("sum.garbled", Args, ANYONE, Sum)
+
+    async def answer(caller, request):
+        return {"total": "three"}
+
+    b.route(garbled, answer)
+    with pytest.raises(RemoteError, match=r"^b: sum.garbled answer.total: expected int, got str$") as caught:
+        await a.ask("b", garbled, Args())
+    assert caught.value.kind == "bad_answer"
+    assert await a.call("b", "sum.garbled", {}) == {"total": "three"}  # unchecked: what the caller asked for
