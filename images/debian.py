@@ -21,9 +21,9 @@ How, and why so:
   boot, so no two VMs share one. No network configuration.
 - Reproducible enough for dedup: SOURCE_DATE_EPOCH (initramfs-tools honours it), mtimes clamped to it,
   every inode's ctime and atime set to it (debugfs), apt's lists, caches and logs removed, and one fixed
-  file-system UUID and directory hash seed for every image: ext4 seeds its metadata checksums with the UUID, so a random one would make every inode table,
-  bitmap and directory block of a next version new. Two images of one build share that UUID; they are
-  mounted by device (root=/dev/vda), never by UUID.
+  file-system UUID and directory hash seed for every image: ext4 seeds its metadata checksums with the
+  UUID, so a random one would make every inode table, bitmap and directory block of a next version new.
+  Two images of one build share that UUID; they are mounted by device (root=/dev/vda), never by UUID.
 
 Builds land in `$DISCOVERY_HOME/images/debian-<variant>-<recipe hash>/` (disk.raw, disk.qcow2,
 manifest.json), made in a temporary directory and renamed into place (`tinyguest.cached`). Building needs
