@@ -30,6 +30,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ done
 
 
 class ImageError(Exception):
-    """The tiny guest could not be built or read; the message says which step failed."""
+    """An image could not be built or read; the message says which step failed."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,10 @@ def default_cache() -> Path:
     return Path(home) / "images"
 
 
-def _run(*argv: str, cwd: Path | None = None) -> str:
+def run(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    """`argv`'s stdout; ImageError with the last line of its stderr when it fails or outlives `timeout`."""
     try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise ImageError(f"{argv[0]}: {err}") from err
     if proc.returncode != 0:
@@ -119,13 +121,19 @@ def recipe_hash() -> str:
 
 def build(cache: Path | None = None) -> TinyGuest:
     """The tiny guest in `cache` (default `default_cache()`), built first if it is not there yet."""
-    root = Path(cache) if cache else default_cache()
-    final = root / f"tinyguest-{recipe_hash()}"
+    final = cached(Path(cache) if cache else default_cache(), f"tinyguest-{recipe_hash()}", _build_into)
+    return TinyGuest(kernel=final / "vmlinuz", initrd=final / "initrd.gz", base=final / "base.qcow2")
+
+
+def cached(root: Path, name: str, build_into: Callable[[Path], None]) -> Path:
+    """`root/name`, made first by `build_into(work)` in a temporary directory renamed into place when done
+    (it must end by writing `manifest.json`), so that neither a crash nor a concurrent builder leaves half."""
+    final = root / name
     if not (final / "manifest.json").exists():
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
-            _build_into(work)
+            build_into(work)
             try:
                 work.rename(final)
             except OSError:  # another builder won the race: use its image
@@ -133,12 +141,12 @@ def build(cache: Path | None = None) -> TinyGuest:
                     raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return TinyGuest(kernel=final / "vmlinuz", initrd=final / "initrd.gz", base=final / "base.qcow2")
+    return final
 
 
 def _kernel_package() -> str:
     """The versioned image package the meta-package points at (linux-image-<abi>-cloud-amd64)."""
-    for line in _run("apt-cache", "depends", KERNEL_META).splitlines():
+    for line in run("apt-cache", "depends", KERNEL_META).splitlines():
         name = line.strip().removeprefix("Depends:").strip()
         if line.strip().startswith("Depends:") and name.startswith("linux-image-"):
             return name
@@ -148,7 +156,7 @@ def _kernel_package() -> str:
 def _download(work: Path, package: str) -> Path:
     debs = work / "debs"
     debs.mkdir(exist_ok=True)
-    _run("apt-get", "download", "-q", package, cwd=debs)
+    run("apt-get", "download", "-q", package, cwd=debs)
     found = sorted(debs.glob(f"{package}_*.deb"))
     if not found:
         raise ImageError(f"apt-get download {package}: no .deb appeared")
@@ -157,7 +165,7 @@ def _download(work: Path, package: str) -> Path:
 
 def _unpack(deb: Path, into: Path) -> Path:
     """`dpkg-deb -x` once (one pass over the kernel's xz data, ~6 s; member-by-member reads cost one each)."""
-    _run("dpkg-deb", "-x", str(deb), str(into))
+    run("dpkg-deb", "-x", str(deb), str(into))
     return into
 
 
@@ -225,7 +233,7 @@ def _build_into(work: Path) -> None:
     busybox = (_unpack(busybox_deb, work / "debs" / "busybox") / "bin" / "busybox").read_bytes()
     (work / "vmlinuz").write_bytes(vmlinuz)
     (work / "initrd.gz").write_bytes(_initramfs(busybox, modules))
-    _run("qemu-img", "create", "-q", "-f", "qcow2", str(work / "base.qcow2"), f"{BASE_DISK_MIB}M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(work / "base.qcow2"), f"{BASE_DISK_MIB}M")
     shutil.rmtree(work / "debs")
     manifest = {"kernel": kernel_deb.name, "busybox": busybox_deb.name, "modules": [n for n, _ in modules],
                 "cmdline": CMDLINE, "recipe": recipe_hash(),
@@ -239,7 +247,7 @@ def _build_into(work: Path) -> None:
 def make_overlay(base: Path, path: Path) -> Path:
     """A per-VM qcow2 overlay on `base` (which must then never change): the VM writes only here."""
     path = Path(path)
-    _run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(Path(base).absolute()), "-F", "qcow2", str(path))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(Path(base).absolute()), "-F", "qcow2", str(path))
     return path
 
 
@@ -247,7 +255,7 @@ def read_heartbeat(disk: Path) -> int:
     """The counter the guest last wrote to `disk` (0 when it never wrote); safe while the guest runs."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sector"
-        _run("qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", "bs=512", "count=1", f"if={disk}", f"of={out}")
+        run("qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", "bs=512", "count=1", f"if={disk}", f"of={out}")
         return parse_heartbeat(out.read_bytes())
 
 
