@@ -50,6 +50,7 @@ import zstandard
 from harness import pyplot, save  # beside this script
 
 from images import debian
+from images.chunks import cut as store_cut
 
 BLOCK = 4096
 GIB = 1 << 30
@@ -57,7 +58,8 @@ VARIANTS = ("minbase", "ssh", "ssh-next")
 SHIFT_AT = (1 << 20) + 123
 """Where the shift test inserts bytes into ssh-next: 1 MiB in, not on any 4 KiB or 8-byte boundary."""
 SHIFTS = (1, 100)
-RECOMMENDED = "anchored-z256-cdc-8k"
+RECOMMENDED = "store"
+"""The chunker of `images.chunks` (anchored at zero runs of 256 bytes, FastCDC 2/8/32 KiB, zero runs as holes)."""
 QCOW2_CHUNKERS = ("fixed-4k", "cdc-8k", RECOMMENDED)
 
 
@@ -220,6 +222,7 @@ CHUNKERS: dict[str, Chunker] = {
     "anchored-z256-cdc-16k": anchored_cdc(256, 16384),
     "anchored-z64-grid-4k": anchored_grid(64),
     "phase-grid-4k": phase_grid(256, 16),
+    "store": lambda content: np.array([0, *(p.end for p in store_cut(content.view))]),  # images.chunks, as imported
 }
 
 

@@ -62,7 +62,7 @@ class Manifest:
 
     def encode(self) -> bytes:
         c = self.chunking
-        return msgpack.packb([self.version, self.size, self.digest, [c.min_size, c.avg_size, c.max_size, c.zero_block],
+        return msgpack.packb([self.version, self.size, self.digest, [c.min_size, c.avg_size, c.max_size, c.zero_run],
                               self.source_format, [[length, cid] for length, cid in self.pieces]])
 
     @staticmethod

@@ -18,7 +18,7 @@ from images.importing import ImageFileError, export, import_file
 from images.manifest import Manifest, ManifestError
 from images.store import ChunkStore, CorruptChunk, PackWriter, StoreError, verify_frame
 
-SMALL = Chunking(min_size=256, avg_size=1024, max_size=4096, zero_block=512)
+SMALL = Chunking(min_size=256, avg_size=1024, max_size=4096, zero_run=64)
 
 
 def image(rng: random.Random, blocks: int, block: int = 4096) -> bytes:
@@ -37,8 +37,33 @@ def test_pieces_cover_the_content_exactly_and_zero_runs_are_zero(data: bytes, ho
     assert sum(p.length for p in pieces) == len(content)
     for p in pieces:
         chunk = bytes(content[p.offset:p.offset + p.length])
-        assert (p.id is None and chunk == bytes(p.length) and p.length % SMALL.zero_block == 0) or \
+        assert (p.id is None and chunk == bytes(p.length) and p.length >= SMALL.zero_run) or \
             (p.id == chunk_id(chunk) and 0 < p.length <= SMALL.max_size)
+    assert [(p.offset, p.end) for p in pieces if p.id is None] == brute_zero_runs(bytes(content), SMALL.zero_run)
+
+
+def brute_zero_runs(data: bytes, least: int) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, byte in enumerate(data + b"\x01"):
+        if byte == 0 and start is None:
+            start = i
+        elif byte != 0 and start is not None:
+            if i - start >= least:
+                runs.append((start, i))
+            start = None
+    return runs
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 9000)), max_size=12), st.integers(0, 7))
+@settings(max_examples=80, deadline=None)
+def test_zero_runs_are_exact_whatever_their_alignment(parts: list[tuple[bool, int]], shift: int) -> None:
+    """Runs of zeros and of random bytes, the whole shifted by a few bytes: the holes found are exactly the
+    zero runs of at least `zero_run` bytes, so the cut does not depend on where the content sits."""
+    rng = random.Random(len(parts))
+    data = bytes(shift) + b"".join(bytes(n) if zero else bytes(rng.randrange(1, 256) for _ in range(n))
+                                   for zero, n in parts)
+    assert [(p.offset, p.end) for p in cut(memoryview(data), SMALL) if p.id is None] == \
+        brute_zero_runs(data, SMALL.zero_run)
 
 
 def test_a_byte_inserted_at_an_unaligned_offset_shifts_few_chunks() -> None:
