@@ -46,11 +46,6 @@ def tagged(image: str) -> str:
     return image if ":" in image else f"{image}:latest"
 
 
-def _check_copies(copies: int) -> None:
-    if not 1 <= copies <= MAX_COPIES:
-        raise RequestError(f"copies must be between 1 and {MAX_COPIES}")
-
-
 def _check_ids(ids: list[bytes]) -> None:
     if any(len(cid) != 32 for cid in ids):
         raise RequestError("a chunk id is 32 bytes (BLAKE3)")
@@ -65,15 +60,16 @@ class ImageName:
 
 
 @dataclass(frozen=True)
-class Upload:
-    """Open an upload session for image `name`, to be kept on `copies` live holders."""
+class Copies(ImageName):
+    """Image `name`, to be kept on `copies` live holders: an upload session to open (`image.upload`), or an
+    image to replicate (`image.replicate`)."""
 
-    name: str = field(metadata=limit(NAME_LIMIT))
     copies: int = 3
 
     def __post_init__(self) -> None:
-        check_image_name(self.name)
-        _check_copies(self.copies)
+        super().__post_init__()
+        if not 1 <= self.copies <= MAX_COPIES:
+            raise RequestError(f"copies must be between 1 and {MAX_COPIES}")
 
 
 @dataclass(frozen=True)
@@ -144,16 +140,6 @@ class ChunkBatch:
 
 
 @dataclass(frozen=True)
-class Replicate:
-    name: str = field(metadata=limit(NAME_LIMIT))
-    copies: int = 3
-
-    def __post_init__(self) -> None:
-        check_image_name(self.name)
-        _check_copies(self.copies)
-
-
-@dataclass(frozen=True)
 class Digest:
     digest: str = field(metadata=limit(64))
 
@@ -212,7 +198,7 @@ class Verified:
     refetched: int
 
 
-IMAGE_UPLOAD = Method("image.upload", Upload, PEOPLE, Session)
+IMAGE_UPLOAD = Method("image.upload", Copies, PEOPLE, Session)
 IMAGE_OFFER = Method("image.offer", Offer, PEOPLE, list[int])
 IMAGE_PUT = Method("image.put", Put, PEOPLE, int)
 IMAGE_COMMIT = Method("image.commit", Commit, PEOPLE, Imported)
@@ -221,7 +207,7 @@ IMAGE_SHOW = Method("image.show", ImageName, ANYONE, ImageEntry)
 IMAGE_MANIFEST = Method("image.manifest", ManifestSlice, ANYONE, ManifestPart)
 IMAGE_CHUNKS = Method("image.chunks", Chunks, ANYONE, ChunkBatch)
 IMAGE_PULL = Method("image.pull", ImageName, PEOPLE | AGENTS, Pulled)
-IMAGE_REPLICATE = Method("image.replicate", Replicate, PEOPLE, ImageEntry)
+IMAGE_REPLICATE = Method("image.replicate", Copies, PEOPLE, ImageEntry)
 IMAGE_RM = Method("image.rm", ImageName, PEOPLE, ImageEntry)
 IMAGE_VERIFY = Method("image.verify", ImageName, PEOPLE, Verified)
 IMAGE_GC = Method("image.gc", NoArgs, PEOPLE, dict[str, int])

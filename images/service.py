@@ -49,6 +49,7 @@ from images.messages import (
     ChunkBatch,
     Chunks,
     Commit,
+    Copies,
     Digest,
     ImageEntry,
     ImageName,
@@ -58,9 +59,7 @@ from images.messages import (
     Offer,
     Pulled,
     Put,
-    Replicate,
     Session,
-    Upload,
     Verified,
     check_image_name,
 )
@@ -125,7 +124,7 @@ class ImageService:
 
     # -- uploads ------------------------------------------------------------------------------------
 
-    async def _on_upload(self, caller: Caller, request: Upload) -> Session:
+    async def _on_upload(self, caller: Caller, request: Copies) -> Session:
         self._expire()
         session = secrets.token_hex(16)
         self._uploads[session] = _Upload(check_image_name(request.name), request.copies, caller.cn,
@@ -234,7 +233,7 @@ class ImageService:
     async def _on_pull(self, caller: Caller, request: ImageName) -> Pulled:
         return await self.fetcher.pull(check_image_name(request.name))
 
-    async def _on_replicate(self, caller: Caller, request: Replicate) -> ImageEntry:
+    async def _on_replicate(self, caller: Caller, request: Copies) -> ImageEntry:
         """Keep `copies` live holders of the image from now on, and have nodes pull it until it has them."""
         name = check_image_name(request.name)
         await self.catalogue.find(name)

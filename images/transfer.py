@@ -31,12 +31,12 @@ from images.messages import (
     MAX_IDS,
     Chunks,
     Commit,
+    Copies,
     ImageName,
     Imported,
     ManifestSlice,
     Offer,
     Put,
-    Upload,
 )
 from images.store import verify_frame
 from overlay.wire.rpc import Endpoint, RequestError
@@ -48,7 +48,7 @@ async def upload(transport: Endpoint, addr: str, path: Path, name: str, copies: 
                  chunking: Chunking = DEFAULT, progress: Progress | None = None) -> Imported:
     """Import the raw or qcow2 file at `path` as image `name` (kept on `copies` holders) through the agent at
     `addr`."""
-    session = (await transport.ask(addr, IMAGE_UPLOAD, Upload(name, copies), CALL_TIMEOUT)).session
+    session = (await transport.ask(addr, IMAGE_UPLOAD, Copies(name, copies), CALL_TIMEOUT)).session
     compressor = zstandard.ZstdCompressor(level=3)
     with open_content(path, Path(tempfile.gettempdir())) as (content, source):
         pieces: list[Piece] = []
