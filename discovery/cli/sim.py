@@ -165,3 +165,13 @@ def sim_overlay(
     if plot is not None:
         sim.plot(result, str(plot))
     emit(result, as_json, make_table(["metric", "value"], [[k, v] for k, v in result.items() if k != "hop_histogram"]))
+
+
+@sim_app.command("pull", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                           "help_option_names": []})
+def sim_pull(ctx: typer.Context) -> None:
+    """Run the production pull scheduler (`images.pulling`) against simulated holders on a virtual clock; its
+    options are `python -m images.sim`'s (--size-mib, --holders MB/s,..., --kill I@S, --liar I, --json; -h)."""
+    from images import sim
+
+    sim.main(ctx.args)
