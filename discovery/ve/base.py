@@ -24,7 +24,7 @@ from agents.spiral import Predicate, SpiralResult
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.index import Unindexing
 from discovery.ve.records import Place, Standby, VERecord, domain_name
-from discovery.ve.spec import DEFAULT_IMAGE, VESpec
+from discovery.ve.spec import DEFAULT_IMAGE, VESpec, VMSpec
 from discovery.ve.transaction import Candidate
 from images.messages import ImageEntry, tagged
 from overlay.membership import Member, Membership
@@ -37,6 +37,8 @@ PREPARE_LIMIT = 60.0
 """A coordinator gives up (and rolls back) a VM move whose preparation (reserve, export, import) takes longer."""
 MOVE_LEASE = 2 * PREPARE_LIMIT
 """An intent this old whose coordinator cannot be asked may be finished or undone by any agent."""
+PULL_TIMEOUT = 3600.0
+"""Bringing a whole image onto a node (`image.pull`)."""
 PAUSE_ENV = "DISCOVERY_TEST_PAUSE"
 """Test-only fault hook, `<point>:<seconds>[,...]`: the coordinator sleeps at those points (`pause_for_test`)."""
 
@@ -175,6 +177,21 @@ class VEBase:
                 raise RequestError(f"no image named {image!r} (see: discovery image list)")
             holders = set(entry.holders) if holders is None else holders & set(entry.holders)
         return holders
+
+    async def _bring_image(self, vm: VMSpec, node: str, addr: str, token: str | None = None) -> None:
+        """Have `node` hold the image `vm` boots before the VM arrives there (a relocation, a standby copy):
+        `image.pull` fetches only the chunks it lacks; with the `token` of a reservation, `host.prefetch`,
+        which keeps that reservation alive meanwhile. RequestError naming the node if it cannot."""
+        if vm.image == DEFAULT_IMAGE:
+            return
+        try:
+            if token is None:
+                await self.transport.call(addr, "image.pull", {"name": tagged(vm.image)}, timeout=PULL_TIMEOUT)
+            else:
+                await self.transport.call(addr, "host.prefetch", {"token": token, "image": vm.image},
+                                          timeout=PULL_TIMEOUT)
+        except RpcError as err:
+            raise RequestError(f"{node} cannot bring image {vm.image!r}: {err}") from None
 
     async def _near_images(self, spec: VESpec, ranked: list[Candidate]) -> list[Candidate]:
         """Image locality: the candidates that hold the VE's images first, nearest first among them, then the

@@ -145,6 +145,7 @@ class Relocation(VEBase):
         """
         ve = record.ve
         need = next(v for v in ve.spec.vms if v.name == vm)
+        await self._bring_image(need, target.name, target.addr)  # before any intent: a failure changes nothing
         rtt = target.rtt * 1000 if target.rtt is not None else None
         move = Move(ve, vm, domain_name(ve.name, vm), Slot(target.name, target.addr, target.site, rtt, why), method,
                     {"vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb}, self.node,

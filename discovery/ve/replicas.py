@@ -87,6 +87,8 @@ class Replicas(VEBase):
             for vm, entries in sorted(added.items()):
                 for entry in list(entries):
                     try:
+                        spec = next(v for v in ve.spec.vms if v.name == vm)
+                        await self._bring_image(spec, entry.node, entry.addr, tokens[vm, entry.node])
                         await self._host(entry, "host.standby", {
                             "name": domain_name(ve.name, vm), "token": tokens[vm, entry.node], "taken": taken,
                             **_standby_args(ve, vm, carried[vm])})

@@ -128,6 +128,23 @@ def test_a_ve_boots_a_catalogued_image_placed_where_it_is_held(cluster: Cluster,
     cluster.json("ve", "destroy", "pair")
 
 
+def test_a_relocated_vm_and_a_standby_copy_find_their_image_where_they_go(cluster: Cluster, tmp_path: Path) -> None:
+    """Kept on one holder (node1), the image is pulled by the node a VM relocates to, and by the node that
+    keeps its standby copy, before the VM or its copy lands there."""
+    disk(tmp_path / "solo.raw", 8, blocks=64)
+    cluster.json("--agent", "node1", "image", "import", str(tmp_path / "solo.raw"), "--name", "solo", "--copies", "1")
+    (tmp_path / "solo.yaml").write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, image: solo}\n")
+    ve = cluster.json("--agent", "node1", "ve", "create", str(tmp_path / "solo.yaml"))
+    assert ve["placement"]["a"]["node"] == "node1"
+    assert set(cluster.json("image", "show", "solo")["holders"]) == {"node1"}
+    cluster.json("ve", "relocate", "solo", "--vm", "a", "--to", "node3")
+    assert set(cluster.json("image", "show", "solo")["holders"]) == {"node1", "node3"}
+    shown = cluster.json("ve", "replicate", "solo", "--copies", "1")
+    standby = {e["node"] for copies in shown.get("replicas", {}).values() for e in copies}
+    assert standby and standby <= set(cluster.json("image", "show", "solo")["holders"])
+    cluster.json("ve", "destroy", "solo")
+
+
 def test_upkeep_keeps_three_holders_over_two_sites_even_after_one_dies(cluster: Cluster, tmp_path: Path) -> None:
     """The default policy, with no command: an import gets 3 holders over 2 sites, and when a holder dies
     (kill -9) the first live holder drops it and has another node pull. Last in the module: it kills a node."""
