@@ -22,9 +22,10 @@ import trio
 
 from images.catalogue import Catalogue
 from images.manifest import Manifest
-from images.messages import IMAGE_CHUNKS, IMAGE_MANIFEST, ChunkBatch, Chunks, ManifestSlice, Pulled
+from images.messages import IMAGE_CHUNKS, ChunkBatch, Chunks, Pulled
 from images.pulling import Pull, PullStats, Request
 from images.store import ChunkStore, PackWriter, StoreError, verify_frame
+from images.transfer import fetch_manifest
 from overlay.membership import Membership
 from overlay.wire.rpc import Endpoint, RequestError, RpcError
 
@@ -70,16 +71,7 @@ class Fetcher:
         errors = []
         for node, addr in holders.items():
             try:
-                body = b""
-                while True:
-                    at = ManifestSlice(digest, len(body))
-                    part = await self.transport.ask(addr, IMAGE_MANIFEST, at, CALL_TIMEOUT)
-                    body += part.data
-                    if len(body) >= part.total or not part.data:
-                        break
-                if Manifest.id_of(body) == digest:
-                    return body
-                errors.append(f"{node}: manifest does not match its digest")
+                return await fetch_manifest(self.transport, addr, digest)
             except (RpcError, RequestError) as err:
                 errors.append(f"{node}: {err}")
         raise RequestError(f"no holder served manifest {digest[:16]} ({'; '.join(errors) or 'no live holder'})")

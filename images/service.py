@@ -302,9 +302,7 @@ class ImageService:
         manifest = await self._in_store(self.store.manifest, entry.digest)
         if manifest is None:
             raise NotFound(f"this node does not hold image {name!r} (holders: {', '.join(sorted(entry.holders))})")
-        before = self.store.stats["corrupt"]
-        await self._in_store(self.store.check, manifest)
-        corrupt = self.store.stats["corrupt"] - before
+        corrupt = await self._in_store(self.store.check, manifest)
         refetched = (await self.fetcher.pull(name)).fetched_chunks if corrupt else 0
         return Verified(name, entry.digest, len(manifest.chunk_ids()), corrupt, refetched)
 

@@ -93,15 +93,7 @@ async def _send(transport: Endpoint, addr: str, session: str, batch: list[Piece]
 async def download(transport: Endpoint, addr: str, name: str, path: Path, progress: Progress | None = None) -> str:
     """Write image `name`'s content to `path` from the agent at `addr` (which must hold it); its digest."""
     entry = await transport.ask(addr, IMAGE_SHOW, ImageName(name), CALL_TIMEOUT)
-    body = b""
-    while True:
-        part = await transport.ask(addr, IMAGE_MANIFEST, ManifestSlice(entry.digest, len(body)), CALL_TIMEOUT)
-        body += part.data
-        if len(body) >= part.total or not part.data:
-            break
-    if Manifest.id_of(body) != entry.digest:
-        raise RequestError(f"the manifest of {name!r} does not match its digest")
-    manifest = Manifest.decode(body)
+    manifest = Manifest.decode(await fetch_manifest(transport, addr, entry.digest))
     sizes = manifest.chunk_sizes()
     with ContentWriter(path, manifest, progress) as out:
         held: dict[bytes, bytes] = {}
@@ -120,6 +112,20 @@ async def download(transport: Endpoint, addr: str, name: str, path: Path, progre
                 out.write(length if piece is None else held[piece])
             held = {}
     return entry.digest
+
+
+async def fetch_manifest(transport: Endpoint, addr: str, digest: str) -> bytes:
+    """Manifest `digest` from the agent at `addr`, slice by slice; RequestError if its bytes do not match the
+    digest (RpcError if the agent does not answer or lacks it)."""
+    body = b""
+    while True:
+        part = await transport.ask(addr, IMAGE_MANIFEST, ManifestSlice(digest, len(body)), CALL_TIMEOUT)
+        body += part.data
+        if len(body) >= part.total or not part.data:
+            break
+    if Manifest.id_of(body) != digest:
+        raise RequestError(f"manifest {digest[:16]} from {addr} does not match its digest")
+    return body
 
 
 def _windows(manifest: Manifest, window: int = 32 << 20) -> Iterator[list[tuple[int, bytes | None]]]:
