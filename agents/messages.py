@@ -47,6 +47,8 @@ MAX_SPIRAL = 1000
 """Most nodes one `spiral.search` may ask for."""
 MAX_KV_KEY = 512
 TOKEN = 1024
+IMAGE = 200
+"""An image's NAME[:TAG], or its manifest digest."""
 """Longest reservation token (a VM name, or a standby's key, and a number)."""
 
 
@@ -202,6 +204,8 @@ class Confirm:
     snapshots: list[Any] | None = field(default=None, metadata=limit(MAX_SNAPSHOTS))
     """[tag, xml, state, taken, libvirt] each (`agents.host.args.snapshots_arg`)."""
     ship: Ship | None = None
+    image: str | None = field(default=None, metadata=limit(IMAGE))
+    """The image a new VM boots (NAME[:TAG], as its spec says); None: none. A carried domain names its own."""
 
     def __post_init__(self) -> None:
         check_state(self.state)
@@ -217,7 +221,7 @@ class Prefetch:
     """Bring image `image` into this node's store, keeping reservation `token` alive meanwhile."""
 
     token: str = field(metadata=limit(TOKEN))
-    image: str = field(metadata=limit(200))
+    image: str = field(metadata=limit(IMAGE))
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,8 @@ class VmInfo(DomainInfo):
     live: bool
     """It may migrate live (a libvirtd here, and no internal snapshots)."""
     held: bool
+    image: str | None = None
+    """The manifest digest of the image it boots (a real guest's: `host.incoming` needs it); None: none."""
 
 
 @dataclass(frozen=True)
@@ -390,6 +396,13 @@ class Exported:
     snapshots: list[list[Any]]
     ship: Shipped | None = None
     copy: bool = False
+
+
+@dataclass(frozen=True)
+class IncomingVm(VmName):
+    """`host.incoming`: get ready for VM `name`, booting image `image` (a manifest digest), by live migration."""
+
+    image: str | None = field(default=None, metadata=limit(IMAGE))
 
 
 @dataclass(frozen=True)
@@ -604,7 +617,7 @@ HOST_RESTORE = Method("host.restore", SnapshotTag, HOSTS, DomainInfo)
 HOST_SNAPSHOT_DELETE = Method("host.snapshot_delete", SnapshotTag, HOSTS, SnapshotDeleted)
 HOST_EXPORT = Method("host.export", Export, HOSTS, Exported)
 HOST_FETCH = Method("host.fetch", Fetch, HOSTS, bytes)
-HOST_INCOMING = Method("host.incoming", VmName, HOSTS, Incoming)
+HOST_INCOMING = Method("host.incoming", IncomingVm, HOSTS, Incoming)
 HOST_MIGRATE = Method("host.migrate", Migrate, HOSTS, Migrated)
 HOST_RESERVE_STANDBY = Method("host.reserve_standby", Reserve, HOSTS, Held)
 HOST_STANDBY = Method("host.standby", Standby, HOSTS, StandbyKept)

@@ -53,7 +53,7 @@ async def install(agent: NodeAgent) -> None:
     images = ImageService(ChunkStore(cfg.data_dir / "images"), catalogue, agent.transport,
                           agent.membership, users=partial(ves_using, directory))
     images.serve(agent.transport)
-    agent.host.prefetch = images.fetcher.pull  # a host brings a new VM's image while holding its room
+    agent.host.images = images  # a host brings a new VM's image while holding its room, and boots it
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})

@@ -14,8 +14,8 @@ How, and why so:
   it makes in its target vanish with it, even when it is killed; its .deb files are kept in a cache shared
   by every build. The mirror is the one apt already uses on this host (/etc/apt/sources.list*).
 - The root tree becomes a raw ext4 image with `mke2fs -d`: no loop device, no mount. Its kernel and initrd
-  are read back out of the image with `debugfs` (`boot_files`), for direct kernel boot with `CMDLINE`
-  (root=/dev/vda, console=ttyS0): the images carry no boot loader.
+  are read back out of the image with `debugfs` (`images.boot`), for direct kernel boot with `CMDLINE`
+  (root=/dev/vda, console=ttyS0, also `images.boot.DEFAULT_CMDLINE`): the images carry no boot loader.
 - A systemd unit prints `READY` on the serial console once multi-user.target is reached. root has no
   password (console login only: sshd refuses empty passwords); the ssh images make their host keys at first
   boot, so no two VMs share one. No network configuration.
@@ -45,6 +45,7 @@ import time
 import uuid
 from pathlib import Path
 
+from images.boot import DEFAULT_CMDLINE, boot_names
 from images.tinyguest import READY, ImageError, cached, default_cache, run
 
 SUITE = "bookworm"
@@ -59,7 +60,7 @@ DISK_BYTES = 1 << 30
 EPOCH = 1_700_000_000
 """SOURCE_DATE_EPOCH of every build, and the time every newer file is clamped to."""
 FS_UUID = uuid.uuid5(uuid.NAMESPACE_URL, f"discovery:images:debian:{SUITE}")
-CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1"
+CMDLINE = DEFAULT_CMDLINE
 RECIPE_VERSION = 2
 """Bump when the build changes in a way the hashed recipe does not capture."""
 
@@ -200,7 +201,7 @@ def _build_into(variant: str, work: Path, debs: Path) -> None:
     run("e2fsck", "-fn", str(raw), env=env)  # what mke2fs -d wrote is a clean file system
     run("qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "disk.qcow2"))
     manifest = {"variant": variant, "suite": SUITE, "packages": VARIANTS[variant], "recipe": recipe_hash(variant),
-                "mirror": source, "kernel": _boot_names(raw)[0], "cmdline": CMDLINE, "fs_uuid": str(FS_UUID),
+                "mirror": source, "kernel": boot_names(raw)[0], "cmdline": CMDLINE, "fs_uuid": str(FS_UUID),
                 "build_seconds": round(time.monotonic() - start, 1), "installed": installed,
                 "bytes": {path.name: path.stat().st_size for path in sorted(work.iterdir())}}
     for path in work.iterdir():
@@ -261,31 +262,6 @@ def _set_inode_times(raw: Path, env: dict[str, str]) -> None:
     script.write_text("".join(f"sif <{n}> {field} @{EPOCH}\n" for n in used for field in ("ctime", "atime")))
     run("debugfs", "-w", "-f", str(script), str(raw), env=env)
     script.unlink()
-
-
-def _boot_names(raw: Path) -> tuple[str, str]:
-    """The newest kernel's (vmlinuz, initrd) file names in the image's /boot, read with debugfs."""
-    listing = run("debugfs", "-R", "ls -p /boot", str(raw))
-    names = {line.split("/")[5] for line in listing.splitlines() if line.count("/") >= 6}
-    for kernel in sorted((n for n in names if n.startswith("vmlinuz-")), reverse=True):
-        initrd = "initrd.img-" + kernel.removeprefix("vmlinuz-")
-        if initrd in names:
-            return kernel, initrd
-    raise ImageError(f"{raw}: no vmlinuz-* with its initrd.img-* in /boot")
-
-
-def boot_files(raw: Path, into: Path) -> tuple[Path, Path]:
-    """The kernel and initrd of the raw ext4 image `raw`, dumped into `into` for direct kernel boot (no mount)."""
-    into.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in _boot_names(raw):
-        out = into / name
-        out.unlink(missing_ok=True)  # debugfs's dump does not overwrite
-        run("debugfs", "-R", f"dump /boot/{name} {out}", str(raw))  # exits 0 even when dump fails
-        if not out.exists() or out.stat().st_size == 0:
-            raise ImageError(f"debugfs could not dump /boot/{name} from {raw}")
-        paths.append(out)
-    return paths[0], paths[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import trio
 
+from images.boot import BootError, BootImage, materialize
 from images.catalogue import Catalogue
 from images.fetching import Fetcher
 from images.manifest import Manifest, ManifestError
@@ -62,6 +64,7 @@ from images.messages import (
     Session,
     Verified,
     check_image_name,
+    tagged,
 )
 from images.replication import targets
 from images.store import ChunkStore, CorruptChunk, MissingChunk, PackWriter, StoreError, verify_frame
@@ -232,6 +235,19 @@ class ImageService:
 
     async def _on_pull(self, caller: Caller, request: ImageName) -> Pulled:
         return await self.fetcher.pull(check_image_name(request.name))
+
+    # -- for this node's VMs (`agents.host.base.NodeImages`) ------------------------------------------
+
+    async def bring(self, image: str) -> str:
+        """Make this node hold image NAME[:TAG], pulling only the chunks it lacks; its manifest digest."""
+        return (await self.fetcher.pull(check_image_name(tagged(image)))).digest
+
+    async def boot(self, digest: str, bases: Path) -> BootImage:
+        """Image `digest` ready to boot: its base under `bases`, made from this store the first time."""
+        try:
+            return await trio.to_thread.run_sync(materialize, self.store, bases, digest, limiter=self._limiter)
+        except BootError as err:
+            raise RequestError(str(err)) from None
 
     async def _on_replicate(self, caller: Caller, request: Copies) -> ImageEntry:
         """Keep `copies` live holders of the image from now on, and have nodes pull it until it has them."""

@@ -16,7 +16,7 @@ and a busybox initramfs whose `/init`
 Everything lands in a cache directory (default `$DISCOVERY_HOME/images`) under a name hashed from the
 recipe, so a second call reuses the first build; concurrent builders race on an atomic rename.
 The kernel and busybox come from `apt-get download` (no installation), so the host needs only apt,
-`dpkg-deb` and `qemu-img`.
+`dpkg-deb`, `mke2fs` and `qemu-img`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ BUSYBOX = "busybox-static"
 MODULES = ("virtio_pci", "virtio_blk", "button", "evdev")
 """What `/init` loads (with their dependencies, resolved at build time): disk and power button."""
 CMDLINE = "console=ttyS0 quiet panic=-1"
-BASE_DISK_MIB = 16
-RECIPE_VERSION = 1
+DISK_MIB = 32
+FS_UUID = "6d1c3a52-7e3b-4c38-9a53-0f1e0d15c0de"
+RECIPE_VERSION = 2
 """Bump when the build changes in a way the hashed recipe does not capture."""
 
 INIT = r"""#!/bin/busybox sh
@@ -87,7 +88,8 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class TinyGuest:
-    """A built guest: direct-boot kernel and initramfs, a base disk to put overlays on."""
+    """A built guest: direct-boot kernel and initramfs, and its disk (raw ext4 holding them too: what
+    `discovery cluster up` imports as the image `tiny`), to put overlays on."""
 
     kernel: Path
     initrd: Path
@@ -115,14 +117,14 @@ def run(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
 
 def recipe_hash() -> str:
     """Names the build: any change to the init script, modules, packages or command line is a new image."""
-    recipe = json.dumps([RECIPE_VERSION, INIT, MODULES, KERNEL_META, BUSYBOX, CMDLINE, BASE_DISK_MIB])
+    recipe = json.dumps([RECIPE_VERSION, INIT, MODULES, KERNEL_META, BUSYBOX, CMDLINE, DISK_MIB, FS_UUID])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
 def build(cache: Path | None = None) -> TinyGuest:
     """The tiny guest in `cache` (default `default_cache()`), built first if it is not there yet."""
     final = cached(Path(cache) if cache else default_cache(), f"tinyguest-{recipe_hash()}", _build_into)
-    return TinyGuest(kernel=final / "vmlinuz", initrd=final / "initrd.gz", base=final / "base.qcow2")
+    return TinyGuest(kernel=final / "vmlinuz", initrd=final / "initrd.gz", base=final / "disk.raw")
 
 
 def cached(root: Path, name: str, build_into: Callable[[Path], None]) -> Path:
@@ -231,9 +233,10 @@ def _build_into(work: Path) -> None:
     vmlinuz = (tree / "boot" / f"vmlinuz-{abi}").read_bytes()
     modules = _modules(tree, abi)
     busybox = (_unpack(busybox_deb, work / "debs" / "busybox") / "bin" / "busybox").read_bytes()
+    initrd = _initramfs(busybox, modules)
     (work / "vmlinuz").write_bytes(vmlinuz)
-    (work / "initrd.gz").write_bytes(_initramfs(busybox, modules))
-    run("qemu-img", "create", "-q", "-f", "qcow2", str(work / "base.qcow2"), f"{BASE_DISK_MIB}M")
+    (work / "initrd.gz").write_bytes(initrd)
+    _disk(work / "disk", abi, vmlinuz, initrd)
     shutil.rmtree(work / "debs")
     manifest = {"kernel": kernel_deb.name, "busybox": busybox_deb.name, "modules": [n for n, _ in modules],
                 "cmdline": CMDLINE, "recipe": recipe_hash(),
@@ -244,10 +247,31 @@ def _build_into(work: Path) -> None:
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def make_overlay(base: Path, path: Path) -> Path:
-    """A per-VM qcow2 overlay on `base` (which must then never change): the VM writes only here."""
+def _disk(tree: Path, abi: str, vmlinuz: bytes, initrd: bytes) -> None:
+    """`disk.raw` beside `tree`: an ext4 file system holding the kernel and initramfs in /boot and the command
+    line in /etc/kernel/cmdline, so the guest boots from its own disk as any catalogued image does
+    (`images.boot`). The guest's heartbeat goes to its first sector, which ext4 leaves unused."""
+    for name, data in ((f"boot/vmlinuz-{abi}", vmlinuz), (f"boot/initrd.img-{abi}", initrd),
+                       ("etc/kernel/cmdline", CMDLINE.encode() + b"\n")):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    for path in [tree, *tree.rglob("*")]:
+        os.utime(path, (0, 0))  # the same file system from the same files, build after build
+    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1"}
+    run("mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-L", "tinyguest", "-U", FS_UUID, "-E",
+        f"hash_seed={FS_UUID}", "-d", str(tree), str(tree.with_name("disk.raw")), f"{DISK_MIB}M", env=env)
+    shutil.rmtree(tree)
+
+
+def make_overlay(base: Path, path: Path, size: int | None = None, backing_format: str = "raw",
+                 relative: bool = False) -> Path:
+    """A per-VM qcow2 overlay on `base` (which must then never change): the VM writes only here. `size` in
+    bytes (at least the base's; default the base's); `relative`: the overlay names its base by a path relative
+    to its own directory, so the pair can be seen under another root (a libvirtd's mount namespace)."""
     path = Path(path)
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(Path(base).absolute()), "-F", "qcow2", str(path))
+    backing = os.path.relpath(Path(base).absolute(), path.parent.absolute()) if relative else str(Path(base).absolute())
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, str(path),
+        *([str(size)] if size else []), cwd=path.parent)
     return path
 
 

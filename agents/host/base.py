@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -22,12 +22,24 @@ from agents.host.locks import Gate, VmLocks
 from agents.host.store import Store
 from agents.hypervisor.actor import Hypervisor
 from agents.hypervisor.guests import Domains, TestDomains
+from agents.hypervisor.qemu_xml import image_of
 from agents.runtime import Actor
+from images.boot import BootImage
 from overlay.wire.rpc import Caller, Endpoint, RequestError
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 A = TypeVar("A")
+
+
+class NodeImages(Protocol):
+    """This node's images, as its VMs need them (`images.service.ImageService`, wired in `discovery.agent`)."""
+
+    async def bring(self, image: str) -> str:
+        """Make this node hold image NAME[:TAG] (pulling only the chunks it lacks); its manifest digest."""
+
+    async def boot(self, digest: str, bases: Path) -> BootImage:
+        """Image `digest` ready to boot, its base under `bases` (made from this node's store the first time)."""
 
 
 class HostBase(Actor):
@@ -56,6 +68,8 @@ class HostBase(Actor):
         self.db_path = db_path
         self.store: Store | None = None
         """Opened by the first `start` (off the event loop); requests wait at the gate until then."""
+        self.images: NodeImages | None = None
+        """Brings and boots the images of this node's VMs; None: an agent without an image store."""
         self._hold_until = math.inf
 
     @property
@@ -112,6 +126,27 @@ class HostBase(Actor):
         await self.db.transaction(("DELETE FROM domains WHERE name = ?", (name,)),
                                   ("DELETE FROM snapshots WHERE name = ?", (name,)))
         self.ledger.deallocate(name)
+
+    async def _booted(self, image: str | None = None, carried: str | None = None,
+                      digest: str | None = None) -> BootImage | None:
+        """What a real guest boots here, its base made if need be: a new VM's `image` (NAME[:TAG], brought
+        first), the image a `carried` domain names, or image `digest` (both already in this node's store:
+        brought before the VM came). None on a backend without disks, and for a carried domain naming none."""
+        bases = self.domains.bases
+        if bases is None:
+            return None
+        if carried is not None:
+            digest = image_of(carried)
+            if digest is None:
+                return None
+        if self.images is None:
+            raise RequestError("this agent has no image store")
+        if digest is None:
+            if image is None:
+                raise RequestError(f"a real guest boots an image ({self.domains.kind} backend): give the VM one "
+                                   "(`image:` in its spec; `discovery image list` shows them)")
+            digest = await self.images.bring(image)
+        return await self.images.boot(digest, bases)
 
     async def _set_desired(self, name: str, state: str) -> None:
         await self.db.write("UPDATE domains SET desired = ? WHERE name = ?", (state, name))

@@ -20,6 +20,7 @@ import trio
 from agents.host.base import HostBase
 from agents.host.locks import one_vm
 from agents.hypervisor.actor import DomainInfo, HypervisorError
+from agents.hypervisor.qemu_xml import image_of
 from agents.messages import (
     HOST_VM_DESTROY,
     HOST_VM_INFO,
@@ -113,7 +114,8 @@ class Lifecycle(HostBase):
         with _failing("info", name):
             info = await self.hypervisor.info(name)
             live = self.migration_uri is not None and not await self.hypervisor.snapshot_names(name)
-        return VmInfo(**asdict(info), backend=self.domains.kind, live=live, held=name in self.held)
+            image = image_of(await self.hypervisor.xml(name)) if self.domains.bases is not None else None
+        return VmInfo(**asdict(info), backend=self.domains.kind, live=live, held=name in self.held, image=image)
 
     async def _present(self, name: str) -> bool:
         """Whether VM `name` is on this node, once the store agrees with libvirt."""

@@ -30,11 +30,11 @@ from agents.messages import (
     Exported,
     Fetch,
     Incoming,
+    IncomingVm,
     Migrate,
     Migrated,
     Ship,
     Shipped,
-    VmName,
 )
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 
@@ -135,15 +135,21 @@ class Moves(HostBase):
         return seen
 
     @one_vm
-    async def _on_incoming(self, caller: Caller, request: VmName) -> Incoming:
-        """Get ready to receive reserved VM `name` by live migration: an empty overlay for the disk copy."""
+    async def _on_incoming(self, caller: Caller, request: IncomingVm) -> Incoming:
+        """Get ready to receive reserved VM `name` by live migration: an empty overlay of the base of the
+        image it boots (`image`, a digest: brought here before the move), for the disk copy."""
         name = request.name
-        if not any(r.key == name for r in self.ledger.reserved.values()):
+        held = next((r for r in self.ledger.reserved.values() if r.key == name), None)
+        if held is None:
             raise Conflict(f"no reservation for {name} on this node")
         if self.migration_uri is None:
             raise RequestError(f"this node ({self.domains.kind}) cannot receive a live migration")
         if not await self.hypervisor.persistent(name):
-            await trio.to_thread.run_sync(self.domains.prepare, name)
+            boot = await self._booted(digest=request.image) if request.image else None
+            try:
+                await trio.to_thread.run_sync(self.domains.prepare, name, held.need.disk_gb, boot)
+            except ValueError as err:
+                raise RequestError(str(err)) from None
         return Incoming(self.migration_uri)
 
     @one_vm

@@ -31,7 +31,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +66,6 @@ from agents.messages import (
     SnapshotTag,
     SnapshotTaken,
 )
-from images.messages import tagged
 from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
@@ -111,8 +109,6 @@ class HostService(Lifecycle, Moves, Standbys):
         self._listed: list[DomainInfo] = []
         self._listed_at: float | None = None
         self._listing = False
-        self.prefetch: Callable[[str], Awaitable[object]] | None = None
-        """Pulls an image into this node's store (`images.fetching.Fetcher.pull`, wired in `discovery.agent`)."""
         transport.route(HOST_RESERVE, self._served(self._on_reserve))
         transport.route(HOST_PREFETCH, self._served(self._on_prefetch))
         transport.route(HOST_CONFIRM, self._served(self._on_confirm))
@@ -199,18 +195,23 @@ class HostService(Lifecycle, Moves, Standbys):
         if carried is not None and xml_name(carried) != held.key:
             raise RequestError(f"the carried domain is not {held.key}")
         async with self.vm_locks.hold(held.key):
-            return await self._confirm(token, carried, request.state, snapshots, request.ship)
+            return await self._confirm(token, carried, request.state, snapshots, request.ship, request.image)
 
     async def _confirm(self, token: str, carried: str | None, state: str,
-                       snapshots: list[tuple[str, str, str, float, str]], ship: Ship | None) -> DomainInfo:
+                       snapshots: list[tuple[str, str, str, float, str]], ship: Ship | None,
+                       image: str | None) -> DomainInfo:
         try:
             reservation = self.ledger.confirm(token, trio.current_time())
         except UnknownReservation as err:  # it lapsed while the VM's lock was busy
             raise Conflict(str(err)) from None
         need, name = reservation.need, reservation.key
         try:
-            image = await self._pull(name, ship) if ship is not None else None
-            xml = self.domains.adapt(carried) if carried else self.domains.new_xml(name, need.vcpus, need.memory_mb)
+            if carried:
+                await self._booted(carried=carried)
+                xml = self.domains.adapt(carried)
+            else:
+                xml = self.domains.new_xml(name, need.vcpus, need.memory_mb, need.disk_gb, await self._booted(image))
+            memory = await self._pull(name, ship) if ship is not None else None
             await self.hypervisor.define(xml)
             await self.db.transaction(
                 ("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
@@ -220,11 +221,11 @@ class HostService(Lifecycle, Moves, Standbys):
             for *_, snapshot_xml in snapshots:
                 if snapshot_xml:
                     await self.hypervisor.snapshot_redefine(name, self.domains.adapt(snapshot_xml))
-            if image is not None and state != "shutoff":
-                info = await self.hypervisor.restore_file(str(image), xml, state)
+            if memory is not None and state != "shutoff":
+                info = await self.hypervisor.restore_file(str(memory), xml, state)
             else:
                 info = await self.hypervisor.settle(name, state)
-        except (HypervisorError, OSError, RpcError) as err:
+        except (HypervisorError, OSError, RpcError, RequestError, ValueError) as err:
             await self._forget(name)
             raise RequestError(f"cannot start {name}: {err}") from None
         finally:
@@ -233,10 +234,10 @@ class HostService(Lifecycle, Moves, Standbys):
         return info
 
     async def _on_prefetch(self, caller: Caller, request: Prefetch) -> bool:
-        """Bring an image into this node's store (`prefetch`, wired by the composition place) while keeping
+        """Bring an image into this node's store (`images`, wired by the composition place) while keeping
         the VM's reservation alive, renewed every third of its TTL: the VM's start then never waits for
         bytes, and its room does not lapse during a long pull."""
-        if self.prefetch is None:
+        if self.images is None:
             raise RequestError("this agent has no image store")
         try:
             self.ledger.renew(request.token, trio.current_time(), RESERVATION_TTL)
@@ -246,7 +247,7 @@ class HostService(Lifecycle, Moves, Standbys):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._renew, request.token)
             try:
-                await self.prefetch(tagged(request.image))
+                await self._booted(digest=await self.images.bring(request.image))  # a base made now, not at start
             except RequestError as err:
                 failure = err
             except RpcError as err:

@@ -86,6 +86,7 @@ class Standbys(HostBase):
                 await fetch_file(self.transport, ship.source, name, "copy", self.domains.standby(name))
             except (OSError, RpcError) as err:
                 raise RequestError(f"cannot fetch the disk of {name}: {err}") from None
+            await self._booted(carried=request.xml)  # the copy's base is ready before its host may die
         key = standby_key(name)
         if key in self.ledger.allocated:
             if token is not None:

@@ -46,9 +46,10 @@ _chosen: Choice | None = None
 
 def _qemu_argv(qemu: str, guest: TinyGuest, accel: str, console: Path) -> list[str]:
     base = str(guest.base.absolute()).replace(",", ",,")  # QEMU option syntax: a comma is doubled
+    fmt = "qcow2" if guest.base.suffix == ".qcow2" else "raw"
     return [qemu, "-accel", accel, "-machine", "pc", "-m", "128", "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-            "-append", guest.cmdline, "-drive", f"file={base},if=virtio,format=qcow2,snapshot=on",
+            "-append", guest.cmdline, "-drive", f"file={base},if=virtio,format={fmt},snapshot=on",
             "-serial", f"file:{console}"]
 
 

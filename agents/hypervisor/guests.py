@@ -1,8 +1,9 @@
 """What a node's VMs are made of, per backend: the domain XML of a new VM, and its files.
 
-On the embedded test driver a VM is its XML alone (`TestDomains`). A real guest (`QemuGuests`) is the
-tiny guest of `images.tinyguest` on a qcow2 overlay of its own, with its console in a log file: both
-files live in the node's guest directory. Where the node runs its own libvirtd, that directory is
+On the embedded test driver a VM is its XML alone (`TestDomains`). A real guest (`QemuGuests`) boots its
+catalogued image (`images.boot`) from a qcow2 overlay of its own on the image's base, with its console in a
+log file: all live in the node's guest directory, the bases under `bases/`, named by a path relative to
+the overlay (so the pair reads the same from any root). Where the node runs its own libvirtd, that directory is
 mounted at `agents.hypervisor.libvirtd.GUESTS` inside the daemon's namespace, so the XML names paths that are the
 same on every node (what live migration needs); with the embedded QEMU driver, the XML names the files
 where they are.
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from agents.hypervisor.actor import domain_xml as test_domain_xml
 from agents.hypervisor.qemu_xml import domain_xml as qemu_domain_xml
-from images.tinyguest import TinyGuest, make_overlay
+from agents.hypervisor.qemu_xml import image_of
+from images.boot import BootImage
+from images.tinyguest import make_overlay
 
 MIN_GUEST_MIB = 16
 
@@ -28,14 +31,18 @@ class Domains(Protocol):
 
     kind: str  # "test" or "qemu"
 
-    def new_xml(self, name: str, vcpus: int, memory_mb: int) -> str:
-        """The definition of a new VM (creating whatever files it needs)."""
+    @property
+    def bases(self) -> Path | None:
+        """Where the bases of the images VMs boot are made (`images.boot.materialize`); None: no disks."""
+
+    def new_xml(self, name: str, vcpus: int, memory_mb: int, disk_gb: int, boot: BootImage | None) -> str:
+        """The definition of a new VM booting `boot` (creating whatever files it needs)."""
 
     def adapt(self, xml: str) -> str:
         """A domain (or domain snapshot) definition carried from another node, with this node's paths."""
 
-    def prepare(self, name: str) -> None:
-        """Make the files an incoming VM (live migration) is copied into."""
+    def prepare(self, name: str, disk_gb: int, boot: BootImage | None) -> None:
+        """Make the files an incoming VM (live migration) is copied into: its overlay, as `new_xml` would."""
 
     def disk(self, name: str) -> Path | None:
         """The VM's disk on this node as the agent sees it (None: no disk): what save → ship → restore
@@ -61,14 +68,15 @@ class TestDomains:
     """The embedded test driver: a VM is its XML; no files."""
 
     kind = "test"
+    bases = None
 
-    def new_xml(self, name: str, vcpus: int, memory_mb: int) -> str:
+    def new_xml(self, name: str, vcpus: int, memory_mb: int, disk_gb: int, boot: BootImage | None) -> str:
         return test_domain_xml(name, vcpus, memory_mb)
 
     def adapt(self, xml: str) -> str:
         return xml
 
-    def prepare(self, name: str) -> None:
+    def prepare(self, name: str, disk_gb: int, boot: BootImage | None) -> None:
         return None
 
     def disk(self, name: str) -> Path | None:
@@ -92,10 +100,10 @@ class TestDomains:
 
 @dataclass
 class QemuGuests:
-    """Tiny-guest VMs: `directory` holds their disks and consoles; `seen_as` is that directory as libvirt
-    sees it (GUESTS in a per-node daemon's namespace, `directory` itself for the embedded driver)."""
+    """Real guests: `directory` holds their disks, consoles and the bases of their images; `seen_as` is that
+    directory as libvirt sees it (GUESTS in a per-node daemon's namespace, `directory` itself for the
+    embedded driver)."""
 
-    guest: TinyGuest
     accel: str
     directory: Path
     seen_as: Path
@@ -103,35 +111,54 @@ class QemuGuests:
     """libvirt's managed save images, as the agent sees them: `host.export` ships them from there."""
     kind = "qemu"
 
+    @property
+    def bases(self) -> Path:
+        return self.directory / "bases"
+
     def _file(self, name: str, suffix: str) -> str:
         return name.replace(":", "--") + suffix  # a VE name never holds ':', so this cannot collide
 
-    def new_xml(self, name: str, vcpus: int, memory_mb: int) -> str:
+    def _seen(self, path: Path | None) -> Path | None:
+        return None if path is None else self.seen_as / path.relative_to(self.directory)
+
+    def new_xml(self, name: str, vcpus: int, memory_mb: int, disk_gb: int, boot: BootImage | None) -> str:
+        if boot is None:
+            raise ValueError(f"{name}: a real guest boots an image")
         disk = self.directory / self._file(name, ".qcow2")
         if not disk.exists():
-            make_overlay(self.guest.base, disk)
-        return qemu_domain_xml(name, self.guest, self.seen_as / disk.name,
-                               self.seen_as / self._file(name, ".log"), accel=self.accel,
-                               memory_mib=max(memory_mb, MIN_GUEST_MIB), vcpus=vcpus)
+            self._overlay(disk, disk_gb, boot)
+        seen = replace(boot, kernel=self._seen(boot.kernel), initrd=self._seen(boot.initrd))
+        return qemu_domain_xml(name, seen, self.seen_as / disk.name, self.seen_as / self._file(name, ".log"),
+                               accel=self.accel, memory_mib=max(memory_mb, MIN_GUEST_MIB), vcpus=vcpus,
+                               image=boot.digest)
+
+    def _overlay(self, disk: Path, disk_gb: int, boot: BootImage) -> None:
+        """The VM's disk: `disk_gb` GiB (at least the image's size), written only here, reading the base."""
+        make_overlay(boot.base, disk, size=max(disk_gb << 30, boot.size), relative=True)
 
     def adapt(self, xml: str) -> str:
-        """Point the disk and console at this node's files and use this node's accelerator (the same
+        """Point the disk, console and kernel at this node's files and use this node's accelerator (the same
         paths already, between per-node daemons; not between embedded drivers)."""
         root = ET.fromstring(xml)
         for domain in [root] if root.tag == "domain" else root.findall("domain"):
-            name = domain.findtext("name") or ""
+            name, digest = domain.findtext("name") or "", image_of(ET.tostring(domain, encoding="unicode"))
             domain.set("type", self.accel)
             for source in domain.findall("devices/disk/source"):
                 source.set("file", str(self.seen_as / self._file(name, ".qcow2")))
             for source in domain.findall("devices/serial/source"):
                 source.set("path", str(self.seen_as / self._file(name, ".log")))
+            for boot_file in [*domain.findall("os/kernel"), *domain.findall("os/initrd")]:
+                if digest and boot_file.text:
+                    boot_file.text = str(self.seen_as / "bases" / digest / Path(boot_file.text).name)
         return ET.tostring(root, encoding="unicode")
 
-    def prepare(self, name: str) -> None:
-        """A fresh overlay of the same base: live migration with incremental disk copy fills it."""
+    def prepare(self, name: str, disk_gb: int, boot: BootImage | None) -> None:
+        """A fresh overlay of the same base and size: live migration with incremental disk copy fills it."""
+        if boot is None:
+            raise ValueError(f"{name}: a real guest boots an image")
         disk = self.directory / self._file(name, ".qcow2")
         disk.unlink(missing_ok=True)
-        make_overlay(self.guest.base, disk)
+        self._overlay(disk, disk_gb, boot)
 
     def disk(self, name: str) -> Path:
         return self.directory / self._file(name, ".qcow2")

@@ -96,20 +96,20 @@ def prepare_guest() -> tuple[TinyGuest, str, str]:
 
 
 def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: tuple[int, int]) -> QemuBackend:
-    """Build (or find) the tiny guest, choose KVM or TCG by a smoke boot, and open libvirt."""
-    guest, chosen, why = prepare_guest()
+    """Choose KVM or TCG by a smoke boot of the tiny guest (built, or found built), and open libvirt."""
+    _, chosen, why = prepare_guest()
     reason = f"{'KVM' if chosen == 'kvm' else 'TCG'} ({why})"
     root = libvirt_root(data_dir, libvirt_uri)
     if libvirt_uri.startswith(EMBED):
         directory = data_dir / "guests"
         directory.mkdir(parents=True, exist_ok=True)
-        guests = QemuGuests(guest, chosen, directory, directory, root / "lib" / "qemu" / "save")
+        guests = QemuGuests(chosen, directory, directory, root / "lib" / "qemu" / "save")
         return QemuBackend(guests, f"{EMBED}?root={root}", None, reason)
     if libvirt_uri:
         raise BackendError(f"libvirt_uri {libvirt_uri!r}: with hypervisor qemu, leave it empty (the node's "
                            f"own libvirtd) or use {EMBED}")
     daemon = Libvirtd(root, port, migration_ports)
     daemon.start()
-    guests = QemuGuests(guest, chosen, daemon.guests, GUESTS, root / "lib" / "qemu" / "save")
+    guests = QemuGuests(chosen, daemon.guests, GUESTS, root / "lib" / "qemu" / "save")
     log.info("libvirtd for %s on %s (pid %s), guests use %s", data_dir, daemon.uri, daemon.pid, reason)
     return QemuBackend(guests, daemon.uri, daemon, reason)

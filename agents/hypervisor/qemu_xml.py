@@ -1,9 +1,10 @@
-"""libvirt domains for the tiny guest (`images.tinyguest`) on the real QEMU driver.
+"""libvirt domains for real guests (a catalogued image, `images.boot`; the tiny guest) on the QEMU driver.
 
-The XML is the smallest that keeps every VE operation real: direct kernel boot (no firmware disk, no
-bootloader), one virtio disk on a per-VM qcow2 overlay (so internal snapshots work: libvirt takes them
-only when every disk is qcow2), ACPI (so `shutdown()` presses the power button), and the serial
-console written to a file, which is how callers see the guest's ready and heartbeat lines. Nothing
+The XML is the smallest that keeps every VE operation real: direct kernel boot where the image carries
+its kernel (else the BIOS boots the disk), one virtio disk on a per-VM qcow2 overlay (so internal
+snapshots work: libvirt takes them only when every disk is qcow2), ACPI (so `shutdown()` presses the
+power button), and the serial console written to a file, which is how callers see the guest's ready
+and heartbeat lines. Nothing
 else: no USB, no balloon, no graphics, no network, so the guest has nothing to wait for.
 
 `open_embed` opens `qemu:///embed?root=DIR`: the QEMU driver inside this process, with no daemon.
@@ -37,22 +38,29 @@ stdio_handler = "file"
 """
 
 
+IMAGE_NS = "urn:discovery:image"
+"""Namespace of the domain metadata naming the image a VM boots (its manifest digest): it travels with the
+domain's definition, so a node receiving the VM knows which base its disk's overlay needs."""
+
+
 class BootImage(Protocol):
-    """What a domain needs from a built guest (`images.tinyguest.TinyGuest`, frozen, is one): read only."""
+    """What a domain needs from a booted image (`images.boot.BootImage`; `images.tinyguest.TinyGuest` too):
+    the kernel, initrd and command line of a direct kernel boot, or no kernel: the BIOS boots the disk."""
 
     @property
-    def kernel(self) -> Path: ...
+    def kernel(self) -> Path | None: ...
 
     @property
-    def initrd(self) -> Path: ...
+    def initrd(self) -> Path | None: ...
 
     @property
     def cmdline(self) -> str: ...
 
 
 def domain_xml(name: str, guest: BootImage, disk: Path, console_log: Path, *, accel: str = "qemu",
-               memory_mib: int = 128, vcpus: int = 1, uuid: str | None = None) -> str:
-    """The domain XML of one tiny-guest VM; `accel` is "kvm" or "qemu" (TCG), see `agents.hypervisor.accel`."""
+               memory_mib: int = 128, vcpus: int = 1, uuid: str | None = None, image: str | None = None) -> str:
+    """The domain XML of one VM booting `guest` from `disk`; `accel` is "kvm" or "qemu" (TCG), see
+    `agents.hypervisor.accel`; `image`, the digest of the catalogued image it boots (kept in its metadata)."""
     if accel not in ("kvm", "qemu"):
         raise ValueError(f"accel must be 'kvm' or 'qemu', not {accel!r}")
     if memory_mib < 16 or vcpus < 1:
@@ -61,13 +69,19 @@ def domain_xml(name: str, guest: BootImage, disk: Path, console_log: Path, *, ac
     ET.SubElement(dom, "name").text = name
     if uuid:
         ET.SubElement(dom, "uuid").text = uuid
+    if image:
+        ET.SubElement(ET.SubElement(dom, "metadata"), f"{{{IMAGE_NS}}}image", digest=image)
     ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
     ET.SubElement(dom, "vcpu").text = str(vcpus)
     os_ = ET.SubElement(dom, "os")
     ET.SubElement(os_, "type", arch="x86_64", machine="pc").text = "hvm"
-    for tag, value in (("kernel", guest.kernel), ("initrd", guest.initrd)):
-        ET.SubElement(os_, tag).text = str(Path(value).absolute())
-    ET.SubElement(os_, "cmdline").text = guest.cmdline
+    if guest.kernel is None:
+        ET.SubElement(os_, "boot", dev="hd")
+    else:
+        for tag, value in (("kernel", guest.kernel), ("initrd", guest.initrd)):
+            if value is not None:
+                ET.SubElement(os_, tag).text = str(Path(value).absolute())
+        ET.SubElement(os_, "cmdline").text = guest.cmdline
     ET.SubElement(ET.SubElement(dom, "features"), "acpi")
     # The guest powers off by itself on the ACPI button; a reboot or crash means it is broken: stop it.
     for event, action in (("on_poweroff", "destroy"), ("on_reboot", "destroy"), ("on_crash", "destroy")):
@@ -84,6 +98,13 @@ def domain_xml(name: str, guest: BootImage, disk: Path, console_log: Path, *, ac
     ET.SubElement(devices, "memballoon", model="none")
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
+
+
+def image_of(xml: str) -> str | None:
+    """The digest of the image a domain (or a domain snapshot's domain) boots, from its metadata; None: none."""
+    root = ET.fromstring(xml)
+    found = root.find(f".//metadata/{{{IMAGE_NS}}}image")
+    return None if found is None else found.get("digest")
 
 
 _loop_lock = threading.Lock()

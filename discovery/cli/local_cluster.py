@@ -25,7 +25,7 @@ from discovery.cli.config import ClientConfig, home
 from discovery.toml_config import ConfigError
 from overlay.wire import tls
 from overlay.wire.ca import init_ca, issue
-from overlay.wire.rpc import Transport, free_ports
+from overlay.wire.rpc import RequestError, RpcError, Transport, free_ports
 from overlay.wire.wan import SITES, rtt_matrix
 
 STATE_FILE = "cluster.json"
@@ -33,6 +33,8 @@ HYPERVISORS = ("test", "qemu", "qemu-embed")
 """libvirt's test driver; real guests on a libvirtd per node; real guests on the QEMU driver embedded
 in each agent (no daemon, so VMs move by save → ship → restore)."""
 MIGRATION_PORTS = 49200
+TINY_IMAGE = "tiny"
+"""The image real-guest clusters boot unless a VM names another: the tiny guest's disk (`images.tinyguest`)."""
 """The first node's live-migration ports (16 per node) with --hypervisor qemu."""
 
 
@@ -90,8 +92,9 @@ def dvms_table(pairs: list[str]) -> dict[str, Any]:
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
        wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test",
        dvms: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Start the agents; with `hypervisor` "qemu", each runs real tiny guests on a libvirtd of its own
-    (the guest image is built and the accelerator chosen here first, once for all of them). `dvms` is the
+    """Start the agents; with `hypervisor` "qemu", each runs real guests on a libvirtd of its own (the tiny
+    guest is built and the accelerator chosen here first, once for all of them, and the tiny guest is then
+    imported as image TINY_IMAGE). `dvms` is the
     `[dvms]` table of every agent.toml (discovery.scheduler.settings); each file is checked before its agent starts."""
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
@@ -115,8 +118,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
     addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
     qemu: dict[str, Any] = {}
-    if hypervisor != "test":
-        _prepare_guests()
+    tiny = _prepare_guests() if hypervisor != "test" else None
     if not 0 <= local_rtt_ms <= 1000:
         raise ClusterError("--local-rtt-ms must be between 0 and 1000")
     matrix = rtt_matrix(site_names, local_rtt_ms)
@@ -164,17 +166,31 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     ready = trio.run(_wait_converged, _client(directory), addrs, nodes, wait)
     if not ready:
         raise ClusterError(f"agents did not agree on {nodes} members within {wait:g}s; see {directory}/node*/agent.log")
+    if tiny is not None:
+        trio.run(_import, _client(directory), addrs[0], tiny, TINY_IMAGE, min(3, nodes))
+        state["images"] = [TINY_IMAGE]
     return state
 
 
-def _prepare_guests() -> None:
-    """Build the tiny guest and pick the accelerator once, before the agents all want them."""
+def _prepare_guests() -> Path:
+    """Build the tiny guest and pick the accelerator once, before the agents all want them; the guest's disk."""
     from agents.hypervisor.qemu import BackendError, prepare_guest  # libvirt: only for real guests
 
     try:
-        prepare_guest()
+        return prepare_guest()[0].base
     except BackendError as err:
         raise ClusterError(f"--hypervisor qemu: {err}") from None
+
+
+async def _import(client: ClientConfig, addr: str, disk: Path, name: str, copies: int) -> None:
+    """Catalogue `disk` as image `name` through the agent at `addr`, kept on `copies` holders."""
+    from images.transfer import upload  # zstandard and the chunker: only when there is an image to import
+
+    async with Transport(client.identity, node="cli") as transport:
+        try:
+            await upload(transport, addr, disk, name, copies)
+        except (RpcError, RequestError) as err:
+            raise ClusterError(f"cannot import the tiny guest as image {name!r}: {err}") from None
 
 
 def _client(directory: Path) -> ClientConfig:

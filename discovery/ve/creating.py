@@ -217,8 +217,10 @@ class Create:
                 return self._undo(Refuse(reason), now)
             case Step.PLACED, Continued():
                 self.step, self.confirming = Step.CONFIRM, True
-                return CallHosts(tuple(CallHost(slot.node, slot.addr, "host.confirm", {"token": self.tokens.pop(vm)})
-                                       for vm, slot in self.placement.items()))
+                return CallHosts(tuple(CallHost(slot.node, slot.addr, "host.confirm", {
+                    "token": self.tokens.pop(vm), **({} if self.vms[vm].image == DEFAULT_IMAGE else
+                                                     {"image": self.vms[vm].image})})
+                    for vm, slot in self.placement.items()))
             case Step.CONFIRM, HostsAnswered(answers=answers):
                 failures = [f"{vm} on {a.reason}" for vm, a in zip(self.placement, answers, strict=True)
                             if isinstance(a, HostFailed)]

@@ -238,7 +238,7 @@ class Move:
         if live and self.method in ("auto", "live"):
             self.how, self.step = "live", Step.INCOMING
             return self._timed(CallHost(self.target.node, self.target.addr, "host.incoming",
-                                        {"name": self.domain}), now)
+                                        {"name": self.domain, "image": self.source.get("image")}), now)
         self.how, self.step = ("ship" if backend != "test" else "carry"), Step.EXPORT
         return self._timed(CallHost(self.slot.node, self.slot.addr, "host.export", {
             "name": self.domain, "freeze": True, "ship": self.how == "ship"}), now)

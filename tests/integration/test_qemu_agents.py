@@ -35,8 +35,8 @@ BOOT_DEADLINE = 150.0
 SPEC = """\
 name: {name}
 vms:
-  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}}
-  - {{name: b, vcpus: 1, memory_mb: 128, disk_gb: 1}}
+  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}}
+  - {{name: b, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}}
 constraints:
   anti_affinity: [[a, b]]
 """
@@ -134,7 +134,7 @@ def create(cluster: Cluster, tmp_path: Path, name: str) -> tuple[VM, VM]:
 def create_one(cluster: Cluster, tmp_path: Path, name: str) -> VM:
     """A VE of one 128 MiB VM `a`, created through node1 (so placed there if it has room), booted."""
     spec = tmp_path / f"{name}.yaml"
-    spec.write_text(f"name: {name}\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1}}\n")
+    spec.write_text(f"name: {name}\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}}\n")
     cluster.json("--agent", "node1", "ve", "create", str(spec))
     vm = VM(cluster, name, "a")
     vm.wait_ready()

@@ -10,8 +10,9 @@ import pytest
 
 from agents.hypervisor import accel
 from agents.hypervisor.guests import QemuGuests
-from agents.hypervisor.qemu_xml import domain_xml
+from agents.hypervisor.qemu_xml import domain_xml, image_of
 from images import tinyguest
+from images.boot import BootImage
 from images.tinyguest import TinyGuest
 
 GUEST = TinyGuest(kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.gz"), base=Path("/img/base.qcow2"))
@@ -42,6 +43,15 @@ def test_domain_disk_is_a_virtio_qcow2_overlay_and_nothing_else_is_attached() ->
     assert dom.find("devices/memballoon").get("model") == "none"
     assert dom.find("devices/interface") is None and dom.find("devices/graphics") is None
     assert {dom.findtext(event) for event in ("on_poweroff", "on_reboot", "on_crash")} == {"destroy"}
+
+
+def test_an_image_without_a_kernel_boots_from_its_disk_through_the_bios() -> None:
+    whole_disk = BootImage("abc", Path("/img/disk.raw"), kernel=None, initrd=None, cmdline="", size=1 << 20)
+    dom = ET.fromstring(domain_xml("vm1", whole_disk, Path("/vms/vm1.qcow2"), Path("/vms/vm1.log"), image="abc"))
+    assert dom.find("os/boot").get("dev") == "hd"
+    assert dom.find("os/kernel") is None and dom.find("os/cmdline") is None
+    assert image_of(ET.tostring(dom, encoding="unicode")) == "abc"
+    assert image_of(ET.tostring(parse(), encoding="unicode")) is None  # a domain that names no image
 
 
 def test_domain_options() -> None:
@@ -123,10 +133,15 @@ def test_choice_is_probed_once_and_kept_in_the_cache_file(fresh_choice: None, tm
 def test_carried_xml_is_pointed_at_this_nodes_files_and_accelerator(tmp_path: Path) -> None:
     """Between embedded drivers each node's guests live elsewhere: a carried domain (and the domain inside a
     carried snapshot) must name this node's disk and console, and this node's accelerator."""
-    there = domain_xml("ve:vm", GUEST, Path("/elsewhere/ve--vm.qcow2"), Path("/elsewhere/ve--vm.log"), accel="kvm")
-    here = QemuGuests(GUEST, "qemu", tmp_path, tmp_path / "seen", tmp_path / "save")
+    image = TinyGuest(kernel=Path("/elsewhere/bases/d1/vmlinuz-6"), initrd=Path("/elsewhere/bases/d1/initrd.img-6"),
+                      base=Path("/elsewhere/bases/d1/disk.raw"))
+    there = domain_xml("ve:vm", image, Path("/elsewhere/ve--vm.qcow2"), Path("/elsewhere/ve--vm.log"), accel="kvm",
+                       image="d1")
+    here = QemuGuests("qemu", tmp_path, tmp_path / "seen", tmp_path / "save")
     dom = ET.fromstring(here.adapt(there))
-    assert dom.get("type") == "qemu"
+    assert dom.get("type") == "qemu" and image_of(here.adapt(there)) == "d1"
+    assert dom.findtext("os/kernel") == str(tmp_path / "seen" / "bases" / "d1" / "vmlinuz-6")
+    assert dom.findtext("os/initrd") == str(tmp_path / "seen" / "bases" / "d1" / "initrd.img-6")
     assert dom.find("devices/disk/source").get("file") == str(tmp_path / "seen" / "ve--vm.qcow2")
     assert dom.find("devices/serial/source").get("path") == str(tmp_path / "seen" / "ve--vm.log")
     snapshot = ET.fromstring(here.adapt(f"<domainsnapshot><name>s1</name>{there}</domainsnapshot>"))
