@@ -12,6 +12,7 @@ Skipped, with the reason, where QEMU, the guest image or libvirtd is not availab
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agents.hypervisor.qemu import BackendError, end_leftovers, prepare_guest, qemu_pids
-from images import tinyguest
+from images import debian, tinyguest
 from overlay.wire.rpc import RpcError
 
 from .conftest import SETTLE_DEADLINE, Cluster, holds, pid_alive, rejoined, restart, wait_for
@@ -30,6 +31,7 @@ from .test_qemu_guest import STEP_DEADLINE, heartbeats, wait_until
 from .test_relocate import domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]
+log = logging.getLogger(__name__)
 
 BOOT_DEADLINE = 150.0
 SPEC = """\
@@ -322,3 +324,46 @@ def test_without_a_daemon_a_vm_is_saved_shipped_and_restored(tmp_path_factory: p
         assert domains(cluster, "solo:a") == {target: "running"} and not a.file(".qcow2", source).exists()
         assert cluster.json("ve", "restore", "solo", "s1")["state"] == "suspended"
         assert a.disk_beat() == at_snapshot
+
+
+BOOT_SECTOR = bytes.fromhex(
+    "fa31c08ed8fc"  # cli; ds = 0; cld
+    "be177c"  # si = the message (0x7c00 + 23)
+    "baf803"  # dx = COM1
+    "ac84c07403ee" "ebf8"  # each byte up to the NUL: out dx, al
+    "f4ebfd"  # then halt for good
+) + f"{tinyguest.READY} bios\r\n".encode() + b"\0"
+"""An x86 boot sector that prints the ready line on the first serial port: a whole-disk image with no
+kernel of its own, which the BIOS boots (`images.boot`)."""
+
+
+def test_images_boot_through_agents_a_debian_disk_and_a_bios_disk(qemu3: Cluster, tmp_path: Path) -> None:
+    """A catalogued Debian image (its kernel read out of its /boot) and a whole-disk image (booted by the
+    BIOS) each boot to their ready line through an agent, placed where the image is held; a VM that names
+    no image, or an unknown one, is refused with a one-line reason and leaves nothing."""
+    bios = tmp_path / "bios.raw"
+    bios.write_bytes(BOOT_SECTOR.ljust(510, b"\0") + b"\x55\xaa" + bytes(1 << 20))
+    qemu3.json("--agent", "node2", "image", "import", str(bios), "--name", "bios-disk", "--copies", "1")
+    images = {"bios": ("bios-disk", 64)}
+    try:
+        minbase = debian.build("minbase")
+    except debian.Unavailable as err:
+        log.warning("no Debian image here (%s): only the BIOS disk boots", err)
+    else:
+        qemu3.json("--agent", "node3", "image", "import", str(minbase), "--name", "debian-minbase", "--copies", "1")
+        images["debian"] = ("debian-minbase", 384)
+    for ve, (image, memory) in images.items():
+        holder = qemu3.json("image", "show", image)["holders"]
+        spec = tmp_path / f"{ve}.yaml"
+        spec.write_text(f"name: {ve}\nvms:\n  - {{name: a, vcpus: 1, memory_mb: {memory}, disk_gb: 2, "
+                        f"image: {image}}}\n")
+        created = qemu3.json("--agent", "node1", "ve", "create", str(spec))
+        assert created["placement"]["a"]["node"] in holder and "holds the image" in created["placement"]["a"]["why"]
+        VM(qemu3, ve, "a").wait_ready()
+        qemu3.cli("ve", "destroy", ve)
+    for line, refusal in (("image: nobody-has-it", "no image named 'nobody-has-it'"), ("", "boots an image")):
+        spec = tmp_path / "refused.yaml"
+        spec.write_text(f"name: refused\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 64{', ' if line else ''}{line}}}\n")
+        failed = qemu3.cli("ve", "create", str(spec), check=False)
+        assert failed.returncode != 0 and refusal in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+        assert qemu3.try_json("ve", "show", "refused") is None
