@@ -25,7 +25,7 @@ from discovery.ve.service import Recovery, VEService
 from dvms.model import Node
 from images.catalogue import Catalogue
 from images.messages import tagged
-from images.service import UPKEEP_INTERVAL, ImageService
+from images.service import UPKEEP_INTERVAL, Bases, ImageService
 from images.store import ChunkStore
 
 
@@ -50,8 +50,10 @@ async def install(agent: NodeAgent) -> None:
         successors=lambda: [p.name for p in agent.ring.state.successor_list()],
         hypervisor=agent.hypervisor, set_metadata=agent.host.set_metadata, directory=directory,
         relocate=ve.relocate)
-    images = ImageService(ChunkStore(cfg.data_dir / "images"), catalogue, agent.transport,
-                          agent.membership, users=partial(ves_using, directory))
+    bases = agent.host.domains.bases
+    images = ImageService(ChunkStore(cfg.data_dir / "images"), catalogue, agent.transport, agent.membership,
+                          users=partial(ves_using, directory),
+                          bases=Bases(bases, agent.host.images_in_use) if bases is not None else None)
     images.serve(agent.transport)
     agent.host.images = images  # a host brings a new VM's image while holding its room, and boots it
     ve.serve(agent.transport)

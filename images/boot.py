@@ -13,13 +13,14 @@ needs to start it. Two kinds of image boot, told apart by their content, as libv
 
 Each base is made in a temporary directory renamed into place once whole (`images.tinyguest.cached`), so
 neither a crash nor two VMs of one image starting at once leave half of one; the export checks the
-content's digest. Bases are a cache: `prune` removes those no VM on the node uses.
+content's digest. Bases are a cache: `prune` (`image gc`) removes those no VM or standby copy on the node uses.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +86,13 @@ def load(directory: Path, digest: str) -> BootImage:
     return BootImage(digest, directory / BASE, kernel, initrd, meta["cmdline"], meta["size"])
 
 
-def prune(bases: Path, keep: set[str]) -> list[str]:
-    """Remove the bases of images not in `keep` (digests some VM here still boots); returns those removed."""
-    removed = []
+def prune(bases: Path, keep: set[str], min_age: float = 0.0) -> list[str]:
+    """Remove the bases of images not in `keep` (digests some VM here boots) made over `min_age` seconds ago
+    (a younger one may be a new VM's, made before its domain is defined); returns the digests removed."""
+    removed, now = [], time.time()
     for directory in sorted(bases.iterdir()) if bases.is_dir() else []:
-        if directory.is_dir() and not directory.name.startswith(".") and directory.name not in keep:
+        if (directory.is_dir() and not directory.name.startswith(".") and directory.name not in keep
+                and now - directory.stat().st_mtime >= min_age):
             shutil.rmtree(directory)
             removed.append(directory.name)
     return removed

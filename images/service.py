@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import trio
 
-from images.boot import BootError, BootImage, materialize
+from images.boot import BootError, BootImage, materialize, prune
 from images.catalogue import Catalogue
 from images.fetching import Fetcher
 from images.manifest import Manifest, ManifestError
@@ -78,6 +78,8 @@ UPLOAD_IDLE = 120.0
 PULL_TIMEOUT = 3600.0
 UPKEEP_INTERVAL = 10.0
 STORE_THREADS = 2
+BASE_MIN_AGE = 600.0
+"""Seconds a base no VM boots is kept by `image gc`: a younger one may be a new VM's, not yet defined."""
 Users = Callable[[str], Awaitable[list[str]]]
 """The VEs whose spec names image NAME:TAG (the VE layer's answer, wired in `discovery.agent`)."""
 
@@ -92,11 +94,19 @@ class _Upload:
     new_chunks: int = 0
 
 
+@dataclass(frozen=True)
+class Bases:
+    """Where this node makes the bases its real guests boot, and which images its VMs boot now."""
+
+    directory: Path
+    in_use: Callable[[], Awaitable[set[str]]]
+
+
 class ImageService:
     def __init__(self, store: ChunkStore, catalogue: Catalogue, transport: Endpoint, membership: Membership,
-                 users: Users) -> None:
+                 users: Users, bases: Bases | None = None) -> None:
         self.store, self.catalogue, self.transport, self.membership = store, catalogue, transport, membership
-        self.users = users
+        self.users, self.bases = users, bases
         self.fetcher = Fetcher(store, catalogue, transport, membership, self._in_store)
         self._uploads: dict[str, _Upload] = {}
         self._limiter = trio.CapacityLimiter(STORE_THREADS)
@@ -323,4 +333,10 @@ class ImageService:
         return Verified(name, entry.digest, len(manifest.chunk_ids()), corrupt, refetched)
 
     async def _on_gc(self, caller: Caller, request: NoArgs) -> dict[str, int]:
-        return await self._in_store(self.store.gc)
+        """The store's garbage collection, then the bases (`images.boot`) no VM on this node boots."""
+        freed = await self._in_store(self.store.gc)
+        if self.bases is not None:
+            keep = await self.bases.in_use()
+            removed = await trio.to_thread.run_sync(prune, self.bases.directory, keep, BASE_MIN_AGE)
+            freed["bases_removed"] = len(removed)
+        return freed

@@ -45,6 +45,7 @@ from agents.host.standby import Standbys
 from agents.host.store import Store
 from agents.hypervisor.actor import SETTLED, DomainInfo, Hypervisor, HypervisorError
 from agents.hypervisor.guests import Domains
+from agents.hypervisor.qemu_xml import image_of
 from agents.messages import (
     HOST_CONFIRM,
     HOST_INFO,
@@ -287,6 +288,11 @@ class HostService(Lifecycle, Moves, Standbys):
         except HypervisorError as err:
             raise RequestError(f"annotate {name}: {err}") from None
         await self.db.write("UPDATE domains SET xml = ? WHERE name = ?", (definition, name))
+
+    async def images_in_use(self) -> set[str]:
+        """The digests of the images this node's VMs and standby copies boot (their bases must stay)."""
+        rows = await self.db.rows("SELECT xml FROM domains UNION ALL SELECT xml FROM standbys")
+        return {digest for (xml,) in rows if (digest := image_of(xml)) is not None}
 
     async def _on_info(self, caller: Caller, request: NoArgs) -> HostInfo:
         if not self._listing or self._listed_at is None:

@@ -144,6 +144,6 @@ def image_verify(name: str, as_json: JsonOpt = False) -> None:
 
 @image_app.command("gc")
 def image_gc(as_json: JsonOpt = False) -> None:
-    """Free the agent's store of chunks no held image uses."""
+    """Free the agent's store of chunks no held image uses, and the boot bases no VM of its node uses."""
     done = rpc("image.gc", {}, timeout=3600.0)
     emit(done, as_json, make_table(list(done), [list(done.values())]))

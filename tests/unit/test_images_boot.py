@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,5 +98,8 @@ def test_prune_keeps_the_bases_in_use(store: ChunkStore, tmp_path: Path) -> None
     two = import_file(store, file_system(tmp_path, {"boot/vmlinuz-2": KERNEL, "boot/initrd.img-2": b"x"}, "b")).digest
     for digest in (one, two):
         materialize(store, tmp_path / "bases", digest)
-    assert prune(tmp_path / "bases", {one}) == [two]
+    assert prune(tmp_path / "bases", {one}, min_age=3600) == []  # both just made: a new VM's, maybe
+    hour_ago = time.time() - 3601
+    os.utime(tmp_path / "bases" / two, (hour_ago, hour_ago))
+    assert prune(tmp_path / "bases", {one}, min_age=3600) == [two]
     assert [p.name for p in (tmp_path / "bases").iterdir()] == [one]
