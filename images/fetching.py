@@ -57,9 +57,15 @@ class Fetcher:
             manifest = Manifest.decode(body)
             missing = await self.in_store(self.store.missing, manifest)
             run = _Run(self, manifest.chunk_sizes(), holders)
-            if missing:
-                await run.fetch(missing)
-            await self.in_store(run.writer.commit, body)
+            try:
+                if missing:
+                    await run.fetch(missing)
+                await self.in_store(run.writer.commit, body)
+            except OSError as err:  # a full disk: what was committed is kept, and a later pull resumes from it
+                raise RequestError(f"pull of {name} stopped: {err.strerror or err} (the chunks committed so far "
+                                   "are kept: pull again once there is room)") from None
+            finally:
+                await self.in_store(run.writer.abandon)  # nothing left uncommitted: its temporary packs go
         await self.catalogue.add_holder(entry, me.name, me.site)
         got = run.stats.bytes if run.stats else {}
         return Pulled(name, entry.digest, me.name, len(missing), sum(got.values()),
@@ -92,6 +98,7 @@ class _Run:
                     random.Random())
         send, events = trio.open_memory_channel[tuple[Request, ChunkBatch | None]](math.inf)
         open_requests: dict[int, trio.CancelScope] = {}
+        full: OSError | None = None
         async with trio.open_nursery() as nursery:
             while not pull.done and not pull.failed:
                 for request in pull.requests(trio.current_time()):
@@ -108,7 +115,11 @@ class _Run:
                 if reply is None:
                     pull.on_failure(request.id, trio.current_time())
                     continue
-                verified, bad = await self.fetcher.in_store(self._store, reply.chunks)
+                try:
+                    verified, bad = await self.fetcher.in_store(self._store, reply.chunks)
+                except OSError as err:
+                    full = err
+                    break
                 abandoned = pull.on_reply(request.id, trio.current_time(), verified, bad, reply.queue,
                                           reply.service_time)
                 for given_up in abandoned:  # every chunk came from elsewhere: stop waiting for it
@@ -117,6 +128,8 @@ class _Run:
                         scope.cancel()
             nursery.cancel_scope.cancel()
         self.stats = pull.stats
+        if full is not None:
+            raise full
         if not pull.done:
             dropped = ", ".join(f"{n} ({why})" for n, why in sorted(pull.stats.dropped.items())) or "none"
             raise RequestError(f"{len(missing) - len(pull.received())} chunks could not be fetched from any holder "

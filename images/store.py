@@ -29,6 +29,7 @@ time; it never touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -355,7 +356,8 @@ class PackWriter:
     def abandon(self) -> None:
         """Forget what was not committed (temporary packs removed; renamed ones no row names are `gc`'s)."""
         if self._out is not None:
-            self._out.close()
+            with contextlib.suppress(OSError):  # its buffer cannot be flushed on a full disk; it closes anyway
+                self._out.close()
             self._out = None
         for tmp in self._temps:
             tmp.unlink(missing_ok=True)

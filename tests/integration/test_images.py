@@ -159,3 +159,31 @@ def test_upkeep_keeps_three_holders_over_two_sites_even_after_one_dies(cluster: 
     cluster.kill9(victim)
     survivors = {n["name"] for n in cluster.state["nodes"]} - {victim}
     wait_for(lambda: set(holders()) == survivors, 120, f"{victim} dropped and its copy made again")
+
+
+def test_a_pull_that_fills_the_disk_stops_in_one_line_and_resumes_once_there_is_room(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A real full disk: the puller's packs on a 4 MiB tmpfs. The pull fails in one line, leaves no temporary
+    pack and no holder entry; with room again (the tmpfs grown in place), the same pull completes."""
+    with running_cluster(tmp_path_factory, "full-disk", 2, 1) as small:
+        packs = small.dir / "node2" / "data" / "images" / "packs"
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(packs)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs to fill (needs root): {mounted.stderr.strip()}")
+        try:
+            image = tmp_path / "big.raw"
+            image.write_bytes(random.Random(9).randbytes(16 << 20))  # incompressible: 16 MiB of chunks
+            small.json("--agent", "node1", "image", "import", str(image), "--name", "big", "--copies", "1")
+            failed = small.cli("--agent", "node2", "image", "pull", "big", check=False)
+            assert failed.returncode == 1 and "No space left on device" in failed.stderr
+            assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+            assert [p.name for p in packs.iterdir() if p.name.startswith("tmp-")] == [], failed.stderr
+            assert small.json("image", "show", "big")["holders"] == {"node1": small.node("node1")["site"]}
+            subprocess.run(["mount", "-o", "remount,size=64m", str(packs)], check=True)
+            pulled = small.json("--agent", "node2", "image", "pull", "big")
+            assert pulled["node"] == "node2" and pulled["fetched_bytes"] > 0
+            assert small.json("--agent", "node2", "image", "verify", "big")["corrupt"] == 0
+        finally:
+            small.down()
+            subprocess.run(["umount", str(packs)], capture_output=True)
