@@ -47,8 +47,10 @@ class Chunking:
     """Zero runs at least this long are holes, and cut points."""
 
     def __post_init__(self) -> None:
-        if not 64 <= self.min_size < self.avg_size < self.max_size <= 1 << 24:
-            raise ValueError(f"chunk sizes must satisfy 64 <= min < avg < max <= 16 MiB, got {self}")
+        if not (self.min_size < self.avg_size < self.max_size and 64 <= self.min_size <= 1 << 20
+                and 256 <= self.avg_size <= 4 << 20 and 1024 <= self.max_size <= 16 << 20):  # FastCDC's bounds
+            raise ValueError(f"chunk sizes must satisfy min < avg < max, 64 B <= min <= 1 MiB, 256 B <= avg <= 4 MiB "
+                             f"and 1 KiB <= max <= 16 MiB; got {self}")
         if not 16 <= self.zero_run <= BLOCK:
             raise ValueError(f"zero_run must be between 16 and {BLOCK}, got {self.zero_run}")
 

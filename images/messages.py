@@ -103,8 +103,18 @@ class Put:
 
 @dataclass(frozen=True)
 class Commit:
+    """The end of an upload: the manifest's last slice (`image.manifest_put` sent the others, in order)."""
+
     session: str = field(metadata=limit(64))
-    manifest: bytes = field(metadata=limit(64 << 20))
+    manifest: bytes = field(metadata=limit(BATCH_BYTES))
+
+
+@dataclass(frozen=True)
+class ManifestPut:
+    """A slice of a manifest larger than one request can carry, appended to the upload's before its commit."""
+
+    session: str = field(metadata=limit(64))
+    data: bytes = field(metadata=limit(BATCH_BYTES))
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,7 @@ class Verified:
 IMAGE_UPLOAD = Method("image.upload", Copies, PEOPLE, Session)
 IMAGE_OFFER = Method("image.offer", Offer, PEOPLE, list[int])
 IMAGE_PUT = Method("image.put", Put, PEOPLE, int)
+IMAGE_MANIFEST_PUT = Method("image.manifest_put", ManifestPut, PEOPLE, int)
 IMAGE_COMMIT = Method("image.commit", Commit, PEOPLE, Imported)
 IMAGE_LIST = Method("image.list", NoArgs, ANYONE, list[ImageEntry])
 IMAGE_SHOW = Method("image.show", ImageName, ANYONE, ImageEntry)

@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -30,7 +30,7 @@ import trio
 from images.boot import BootError, BootImage, materialize, prune
 from images.catalogue import Catalogue
 from images.fetching import Fetcher
-from images.manifest import Manifest, ManifestError
+from images.manifest import MAX_MANIFEST, Manifest, ManifestError
 from images.messages import (
     BATCH_BYTES,
     IMAGE_CHUNKS,
@@ -39,6 +39,7 @@ from images.messages import (
     IMAGE_GC,
     IMAGE_LIST,
     IMAGE_MANIFEST,
+    IMAGE_MANIFEST_PUT,
     IMAGE_OFFER,
     IMAGE_PULL,
     IMAGE_PUT,
@@ -57,6 +58,7 @@ from images.messages import (
     ImageName,
     Imported,
     ManifestPart,
+    ManifestPut,
     ManifestSlice,
     Offer,
     Pulled,
@@ -92,6 +94,8 @@ class _Upload:
     writer: PackWriter
     last: float
     new_chunks: int = 0
+    manifest: bytearray = field(default_factory=bytearray)
+    """The manifest's slices sent so far (`image.manifest_put`), for a manifest above one request."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class ImageService:
         endpoint.route(IMAGE_UPLOAD, self._on_upload)
         endpoint.route(IMAGE_OFFER, self._on_offer)
         endpoint.route(IMAGE_PUT, self._on_put)
+        endpoint.route(IMAGE_MANIFEST_PUT, self._on_manifest_put)
         endpoint.route(IMAGE_COMMIT, self._on_commit)
         endpoint.route(IMAGE_LIST, self._on_list)
         endpoint.route(IMAGE_SHOW, self._on_show)
@@ -178,17 +183,26 @@ class ImageService:
         upload.new_chunks += added
         return added
 
+    async def _on_manifest_put(self, caller: Caller, request: ManifestPut) -> int:
+        """Append a slice of the manifest; the bytes held so far."""
+        upload = self._upload(caller, request.session)
+        if len(upload.manifest) + len(request.data) > MAX_MANIFEST:
+            raise RequestError(f"a manifest is at most {MAX_MANIFEST} bytes")
+        upload.manifest += request.data
+        return len(upload.manifest)
+
     async def _on_commit(self, caller: Caller, request: Commit) -> Imported:
         upload = self._upload(caller, request.session)
         del self._uploads[request.session]
+        body = bytes(upload.manifest + request.manifest)
         try:
-            manifest = Manifest.decode(request.manifest)
-            digest = Manifest.id_of(request.manifest)
+            manifest = Manifest.decode(body)
+            digest = Manifest.id_of(body)
             taken = await self.catalogue.get(upload.name)
             if taken is not None and taken.digest != digest:
                 raise Conflict(f"image {upload.name!r} already exists with other content (digest "
                                f"{taken.digest[:16]}); remove it first or use another tag")
-            await self._in_store(upload.writer.commit, request.manifest)
+            await self._in_store(upload.writer.commit, body)
         except ManifestError as err:
             raise RequestError(str(err)) from None
         finally:

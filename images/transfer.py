@@ -24,6 +24,7 @@ from images.messages import (
     IMAGE_CHUNKS,
     IMAGE_COMMIT,
     IMAGE_MANIFEST,
+    IMAGE_MANIFEST_PUT,
     IMAGE_OFFER,
     IMAGE_PUT,
     IMAGE_SHOW,
@@ -34,6 +35,7 @@ from images.messages import (
     Copies,
     ImageName,
     Imported,
+    ManifestPut,
     ManifestSlice,
     Offer,
     Put,
@@ -66,7 +68,10 @@ async def upload(transport: Endpoint, addr: str, path: Path, name: str, copies: 
                 progress(piece.offset + piece.length, len(content))
         await _send(transport, addr, session, batch, content, compressor)
         body = Manifest.of(pieces, len(content), content_digest(content), chunking, source).encode()
-    return await transport.ask(addr, IMAGE_COMMIT, Commit(session, body), CALL_TIMEOUT)
+    *parts, last = [body[at:at + BATCH_BYTES] for at in range(0, max(len(body), 1), BATCH_BYTES)]
+    for part in parts:  # a manifest above one request (some 50,000 chunks) goes in slices
+        await transport.ask(addr, IMAGE_MANIFEST_PUT, ManifestPut(session, part), CALL_TIMEOUT)
+    return await transport.ask(addr, IMAGE_COMMIT, Commit(session, last), CALL_TIMEOUT)
 
 
 async def _send(transport: Endpoint, addr: str, session: str, batch: list[Piece], content: memoryview,

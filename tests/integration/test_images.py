@@ -10,6 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trio
+
+from images.chunks import Chunking
+from images.messages import Imported
+from images.transfer import upload
+from overlay.wire import tls
+from overlay.wire.rpc import Transport
 
 from .conftest import Cluster, running_cluster, wait_for
 
@@ -187,3 +194,25 @@ def test_a_pull_that_fills_the_disk_stops_in_one_line_and_resumes_once_there_is_
         finally:
             small.down()
             subprocess.run(["umount", str(packs)], capture_output=True)
+
+
+def test_a_manifest_larger_than_one_request_is_uploaded_and_pulled_in_slices(cluster: Cluster,
+                                                                              tmp_path: Path) -> None:
+    """Tiny chunks make a manifest over BATCH_BYTES (as 50,000 chunks of a real image would): the upload
+    sends it in slices, a puller fetches it in slices, and the export is byte-identical."""
+    data = disk(tmp_path / "many.raw", 11, blocks=12288)  # 48 MiB, about half of it data
+    fine = Chunking(min_size=64, avg_size=256, max_size=1024, zero_run=64)
+    ident = tls.Identity(cert=cluster.dir / "operator.pem", key=cluster.dir / "operator.key",
+                         ca=cluster.dir / "ca" / "ca.pem")
+
+    async def upload_fine() -> Imported:
+        async with Transport(ident, node="probe") as transport:
+            return await upload(transport, cluster.node("node1")["addr"], tmp_path / "many.raw", "many", 1, fine)
+
+    imported = trio.run(upload_fine)
+    assert imported.chunks > 60_000  # some 40 bytes each in the manifest: over 2 MiB
+    pulled = cluster.json("--agent", "node3", "image", "pull", "many")
+    assert pulled["fetched_chunks"] == imported.chunks
+    cluster.cli("--agent", "node3", "image", "export", "many", str(tmp_path / "back.raw"))
+    assert (tmp_path / "back.raw").read_bytes() == data
+    cluster.cli("image", "rm", "many")
