@@ -149,7 +149,7 @@ class MemTransport(Endpoint):
         if self.addr in net.down:
             raise Unreachable(f"{addr}: this node is down")
         target = net.endpoints.get(addr)
-        if target is not None and target.versions != self.versions:
+        if target is not None and target.versions is not self.versions and target.versions != self.versions:
             self._agree(addr, target)
         one_way = net.latency(self.addr, addr)
         net.messages += 1
@@ -225,7 +225,7 @@ class MemTransport(Endpoint):
     async def serve(self, caller: MemTransport, method: str, args: dict[str, Any]) -> tuple[bool, Any]:
         """Run a handler as the real transport would; a handler's bug propagates (a simulation should stop)."""
         who = caller.caller
-        if caller.versions != self.versions:  # `call` refused it already if they share none
+        if caller.versions is not self.versions and caller.versions != self.versions:  # `call` refused a disjoint one
             who = replace(who, version=versions.negotiate(caller.versions, self.versions) or 0)
         try:
             return True, await self.dispatch(who, method, args)

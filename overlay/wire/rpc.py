@@ -548,10 +548,9 @@ class Transport(Endpoint):
             try:
                 hello = versions.read_hello(await conn.receive())
             except (EOFError, trio.BrokenResourceError) as err:  # as an agent before version ranges refuses a hello
-                why = f": {_describe(err.__cause__)}" if err.__cause__ is not None else ""
-                hint = (f" (an agent older than version ranges does so if it does not speak version "
-                        f"{self.versions.oldest})" if self.versions.oldest > 1 else "")
-                raise HandshakeRefused(f"the peer closed the connection in the handshake{why}{hint}") from None
+                why = (f": an agent before version ranges does so if it does not speak version {self.versions.oldest}"
+                       if self.versions.oldest > 1 else f": {_describe(err.__cause__)}" if err.__cause__ else "")
+                raise HandshakeRefused(f"the peer closed the connection in the handshake{why}") from None
             conn.peer_node, conn.peer_site = hello.node, hello.site
             conn.version = versions.agree(self.versions, hello, addr)
         except (EOFError, trio.BrokenResourceError, ssl.SSLError, frames.FrameError, HandshakeRefused) as err:

@@ -4,6 +4,7 @@ and two transports over loopback TLS that speak different ranges (and a raw vers
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import pytest
@@ -178,3 +179,25 @@ async def test_a_simulation_negotiates_as_the_wire_does() -> None:
     assert await new.ask("newer:1", WHO, NoArgs()) == await newer.peer_version("new:1") == 2
     with pytest.raises(Unreachable, match="no common protocol version with newer"):
         await old.ask("newer:1", WHO, NoArgs())
+
+
+async def test_a_dialer_refused_by_an_agent_before_ranges_says_what_may_be_why(ids: Ids) -> None:
+    """Such an agent closes the connection on a hello whose `proto` is not 1, without a word."""
+
+    async def version_1_agent(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, tls.server_context(ids[0]), server_side=True)
+        decoder = frames.Decoder()
+        with trio.fail_after(5):
+            await stream.do_handshake()
+            while not (hello := decoder.feed(await stream.receive_some(65536))):
+                pass
+        assert hello[0]["proto"] == 2
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery, Transport(ids[1], "b", speaks=Versions(2, 2)) as b:
+        listeners = await nursery.start(partial(trio.serve_tcp, version_1_agent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with pytest.raises(Unreachable, match="handshake failed: the peer closed the connection in the handshake: an "
+                                              "agent before version ranges does so if it does not speak version 2$"):
+            await b.call(f"127.0.0.1:{port}", WHO.name)
+        nursery.cancel_scope.cancel()
