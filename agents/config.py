@@ -12,6 +12,7 @@ from typing import Any
 
 from agents.host.capacity import Resources
 from overlay.wire import tls
+from overlay.wire.versions import SPOKEN, Versions
 
 
 @dataclass
@@ -35,5 +36,6 @@ class AgentConfig:
     repair_interval: float = 5.0
     kademlia: bool = True  # run a Kademlia overlay beside Chord, so records can be re-bound to it
     kad_port: int = 0  # UDP; 0 picks a free one (peers learn it over the agent's RPC)
+    protocol: Versions = SPOKEN  # the protocol versions it speaks: all this build does, unless narrowed for a test
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of the layers above, parsed by them and carried here unread (e.g. "dvms", by discovery.agent_config)."""

@@ -21,7 +21,7 @@ per verb (`host.vm.start`, `host.vm.stop`...), each taking only its own fields.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from agents.host.args import (
     MAX_SNAPSHOTS,
@@ -453,6 +453,20 @@ class AgentStatus:
     hypervisor: str
     accel: str
     rejected_connections: int
+    protocol: ProtocolVersions | None = field(default=None, metadata=sparse())
+    """Left out for a caller of a version before `ProtocolVersions.SINCE` (it would refuse an unknown field)."""
+
+
+@dataclass(frozen=True)
+class ProtocolVersions:
+    """`agent.status`'s protocol: the versions the agent speaks, and the version it speaks with each peer
+    node it has a connection to (`overlay.wire.versions`): during a rolling upgrade, who is still old."""
+
+    SINCE: ClassVar[int] = 2
+    """The protocol version that brought this field."""
+    oldest: int
+    newest: int
+    peers: dict[str, int]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,16 @@ from agents.coordinates import CoordinateService
 from agents.host.service import HostService
 from agents.hypervisor.actor import DAEMON_CONNECTIONS, Hypervisor, write_node_xml
 from agents.hypervisor.qemu import QemuBackend, open_backend
-from agents.messages import AGENT_MEMBERS, AGENT_STATUS, MEMBER_PING, AgentStatus, Gossip, GossipReply, MemberRow
+from agents.messages import (
+    AGENT_MEMBERS,
+    AGENT_STATUS,
+    MEMBER_PING,
+    AgentStatus,
+    Gossip,
+    GossipReply,
+    MemberRow,
+    ProtocolVersions,
+)
 from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
@@ -109,7 +118,7 @@ class NodeAgent:
 
     async def _serve(self) -> None:
         cfg = self.config
-        async with Transport(cfg.identity, cfg.name, cfg.site, delay=self._delay) as transport:
+        async with Transport(cfg.identity, cfg.name, cfg.site, delay=self._delay, speaks=cfg.protocol) as transport:
             self.transport = transport
             host, _, port = cfg.listen.rpartition(":")
             addr = f"{host}:{await transport.listen(host, int(port))}"
@@ -145,7 +154,8 @@ class NodeAgent:
                         self.supervisor.start_actor(nursery, actor)
                     await self.gossip.join()
                     (cfg.data_dir / "agent.addr").write_text(addr)
-                    log.info("agent %s (site %s) serving on %s", cfg.name, cfg.site, addr)
+                    log.info("agent %s (site %s) serving on %s, speaking protocol %s", cfg.name, cfg.site, addr,
+                             cfg.protocol)
                 await self.gossip.leave()
             finally:
                 await self.overlays.close()
@@ -185,7 +195,14 @@ class NodeAgent:
                            state.predecessor.name if state.predecessor else None, len(self.shard.records),
                            dict(self.dht.stats), self.records.name, dict(self.supervisor.restarts),
                            self.hypervisor.uri, self.backend.reason if self.backend else "test driver",
-                           self.transport.rejected_connections)
+                           self.transport.rejected_connections, self._protocol(caller))
+
+    def _protocol(self, caller: Caller) -> ProtocolVersions | None:
+        """The versions spoken, for a caller whose version knows the field (an older one would refuse it)."""
+        if caller.version < ProtocolVersions.SINCE:
+            return None
+        spoken = self.transport.versions
+        return ProtocolVersions(spoken.oldest, spoken.newest, self.transport.peer_versions())
 
     async def _on_members(self, caller: Caller, request: NoArgs) -> list[MemberRow]:
         return [MemberRow(**m.to_wire(), rtt_ms=round(m.rtt * 1000, 3) if m.rtt is not None else None)

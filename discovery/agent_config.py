@@ -18,16 +18,25 @@ agent.toml:
     [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
     rennes = { lyon = 12.0 }
     [dvms]                              # optional: DVMS's injector and thresholds (discovery.scheduler.settings)
+
+For tests of mixed-version clusters, $DISCOVERY_PROTOCOL ("1" or "1..2") narrows the protocol versions the
+agent speaks to part of what this build speaks (`overlay.wire.versions`): an agent narrowed to version 1
+is, on the wire, an agent released before version ranges. It is read at start, never widens the range,
+and is no agent.toml field: an operator has no reason to set it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from agents.config import AgentConfig
 from agents.host.capacity import Resources
 from discovery.scheduler.settings import dvms_settings
 from discovery.toml_config import ConfigError, address, field, identity, read_toml
+from overlay.wire.versions import SPOKEN, Versions
+
+PROTOCOL_ENV = "DISCOVERY_PROTOCOL"
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -70,5 +79,19 @@ def load_agent_config(path: Path) -> AgentConfig:
         replicas=field(data, "replicas", int, path, 3),
         kademlia=field(data, "kademlia", bool, path, True),
         kad_port=field(data, "kad_port", int, path, 0),
+        protocol=protocol_versions(os.environ.get(PROTOCOL_ENV)),
         extra={"dvms": dvms},
     )
+
+
+def protocol_versions(text: str | None) -> Versions:
+    """The versions $DISCOVERY_PROTOCOL narrows the agent to (all this build speaks when unset)."""
+    if not text:
+        return SPOKEN
+    try:
+        versions = Versions.parse(text)
+    except ValueError as err:
+        raise ConfigError(f"${PROTOCOL_ENV}: {err}") from None
+    if versions.oldest < SPOKEN.oldest or versions.newest > SPOKEN.newest:
+        raise ConfigError(f"${PROTOCOL_ENV}: {versions} is not within what this build speaks ({SPOKEN})")
+    return versions

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from discovery.cli.app import JsonOpt, app, emit, fail, make_table, rpc
+from discovery.cli.app import JsonOpt, app, emit, fail, make_table, rpc, with_agent
 
 agent_app = typer.Typer(no_args_is_help=True, help="Run an agent.")
 
@@ -44,9 +44,25 @@ def members(as_json: JsonOpt = False) -> None:
 
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
-    """This agent's own view: ring neighbours, records held, restarts."""
-    info = rpc("agent.status")
-    emit(info, as_json, make_table(["field", "value"], [[k, v] for k, v in info.items()]))
+    """This agent's own view: ring neighbours, records held, restarts, the protocol versions it speaks."""
+
+    async def ask(transport: Any, addr: str) -> tuple[dict[str, Any], int]:
+        return await transport.call(addr, "agent.status", {}), await transport.peer_version(addr)
+
+    info, version = with_agent(ask)
+    info["protocol_version"] = version  # of this connection
+    rows = [[k, v] for k, v in info.items() if k not in ("protocol", "protocol_version")]
+    emit(info, as_json, make_table(["field", "value"], [*rows, ["protocol", protocol_line(info)]]))
+
+
+def protocol_line(info: dict[str, Any]) -> str:
+    """What `agent.status` says of protocol versions, on one line: spoken, used here, used with each peer."""
+    spoken = info.get("protocol")
+    if spoken is None:  # an agent of version 1 only, which predates version ranges
+        return f"speaks {info['protocol_version']} only; with this client {info['protocol_version']}"
+    peers = ", ".join(f"{name} {v}" for name, v in sorted(spoken["peers"].items())) or "none connected"
+    return (f"speaks {spoken['oldest']}..{spoken['newest']}; with this client {info['protocol_version']}; "
+            f"with peers: {peers}")
 
 
 @app.command()

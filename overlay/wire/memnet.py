@@ -3,7 +3,9 @@
 `MemNetwork` connects `MemTransport`s (the `Endpoint` surface of the real transport) with a
 per-pair one-way latency; run it under a virtual clock and simulated minutes pass in seconds. A
 crashed node does not answer: its callers wait out their timeout, as they would for a host that
-vanished. Every request and answer is copied through msgpack, so a simulation catches what the wire
+vanished. Nodes may speak different protocol versions (`endpoint(..., speaks=)`): a call between two
+that share none is refused as the real handshake refuses it, and a handler sees the version as
+`Caller.version`. Every request and answer is copied through msgpack, so a simulation catches what the wire
 would refuse (the responder's `stamp` is handed over as is: it is the transport's, not the service's).
 
 Two clocks work. `trio.testing.MockClock(autojump_threshold=0)` (what the tests use) costs a trio
@@ -21,6 +23,7 @@ import heapq
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from types import CodeType
 from typing import Any
 
@@ -28,7 +31,9 @@ import msgpack
 import trio
 from trio.lowlevel import Abort, current_clock, current_task, reschedule, wait_task_rescheduled
 
+from overlay.wire import versions
 from overlay.wire.rpc import Caller, Endpoint, RemoteError, RequestError, RpcError, RpcTimeout, Unreachable
+from overlay.wire.versions import SPOKEN, Versions
 
 LatencyFn = Callable[[str, str], float]
 """One-way latency in seconds between two addresses."""
@@ -115,8 +120,8 @@ class MemNetwork:
         self.down: set[str] = set()
         self.messages = 0
 
-    def endpoint(self, addr: str, node: str, site: str = "") -> MemTransport:
-        transport = MemTransport(self, addr, node, site)
+    def endpoint(self, addr: str, node: str, site: str = "", speaks: Versions = SPOKEN) -> MemTransport:
+        transport = MemTransport(self, addr, node, site, speaks)
         transport.check_answers = self.check_answers
         self.endpoints[addr] = transport
         self.down.discard(addr)
@@ -129,12 +134,13 @@ class MemNetwork:
 
 
 class MemTransport(Endpoint):
-    def __init__(self, network: MemNetwork, addr: str, node: str, site: str) -> None:
+    def __init__(self, network: MemNetwork, addr: str, node: str, site: str, speaks: Versions = SPOKEN) -> None:
         super().__init__(node, site)
         self.network = network
         self.addr = addr
-        self.caller = Caller(node, "node", node, site)
-        """How this node appears to the handlers it calls."""
+        self.versions = speaks
+        self.caller = Caller(node, "node", node, site, speaks.newest)
+        """How this node appears to the handlers it calls (of a node that speaks the same versions)."""
 
     async def call(self, addr: str, method: str, args: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
@@ -142,6 +148,9 @@ class MemTransport(Endpoint):
         net = self.network
         if self.addr in net.down:
             raise Unreachable(f"{addr}: this node is down")
+        target = net.endpoints.get(addr)
+        if target is not None and target.versions is not self.versions and target.versions != self.versions:
+            self._agree(addr, target)
         one_way = net.latency(self.addr, addr)
         net.messages += 1
         clock = current_clock()
@@ -200,10 +209,26 @@ class MemTransport(Endpoint):
         await clock.sleep_until(back)
         return ok, value, target
 
+    async def peer_version(self, addr: str, timeout: float | None = None) -> int:
+        target = self.network.endpoints.get(addr)
+        if target is None or self.addr in self.network.down:
+            raise Unreachable(f"{addr}: no such node is up")
+        return self._agree(addr, target)
+
+    def _agree(self, addr: str, target: MemTransport) -> int:
+        """The version of a connection to `target`, or Unreachable as the real handshake refuses."""
+        try:
+            return versions.agree(self.versions, versions.Hello(target.node, target.site, target.versions), addr)
+        except versions.NoCommonVersion as err:
+            raise Unreachable(f"{addr}: handshake failed: {err}") from None
+
     async def serve(self, caller: MemTransport, method: str, args: dict[str, Any]) -> tuple[bool, Any]:
         """Run a handler as the real transport would; a handler's bug propagates (a simulation should stop)."""
+        who = caller.caller
+        if caller.versions is not self.versions and caller.versions != self.versions:  # `call` refused a disjoint one
+            who = replace(who, version=versions.negotiate(caller.versions, self.versions) or 0)
         try:
-            return True, await self.dispatch(caller.caller, method, args)
+            return True, await self.dispatch(who, method, args)
         except RequestError as err:
             return False, {"kind": err.kind, "message": str(err)}
         except RpcError as err:

@@ -1,12 +1,14 @@
 """RPC over mutually authenticated TLS: the only way agents (and the CLI) talk to each other.
 
 One TCP connection per peer address carries many concurrent calls, matched by request id. Every
-connection starts with a handshake frame that states the protocol version, node name and site; a
-peer with another version, no valid certificate, or a frame that breaks the rules is disconnected
-and logged, and nobody else notices. Every call has a deadline.
+connection starts with a handshake: each end sends a hello stating the protocol versions it speaks, its
+node name and site, and the connection uses the highest version both speak (`overlay.wire.versions`);
+handlers see it as `Caller.version`, callers ask `peer_version`. A peer that shares no version with us,
+has no valid certificate, or sends a frame that breaks the rules is disconnected and logged, and nobody
+else notices. Every call has a deadline.
 
 Messages (msgpack):
-    handshake   {"proto": PROTOCOL_VERSION, "node": str, "site": str}
+    handshake   {"proto": oldest, "versions": [oldest, newest], "node": str, "site": str}  (`versions`)
     request     [REQUEST, id, method, args]           args is a dict
     response    [RESPONSE, id, True, result, stamp, held]
     error       [RESPONSE, id, False, {"kind": str, "message": str}, stamp, held]
@@ -35,9 +37,9 @@ from typing import Any, Generic
 import trio
 from typing_extensions import TypeVar
 
-from overlay.wire import codec, frames, tls
+from overlay.wire import codec, frames, tls, versions
+from overlay.wire.versions import SPOKEN, HandshakeRefused, NoCommonVersion, Versions
 
-PROTOCOL_VERSION = 1
 REQUEST, RESPONSE = 0, 1
 HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_TIMEOUT = 10.0
@@ -152,6 +154,8 @@ class Caller:
     role: str
     node: str
     site: str
+    version: int = SPOKEN.newest
+    """The protocol version of the caller's connection: answer nothing newer (a call from this process: ours)."""
 
 
 Handler = Callable[[Caller, Any], Awaitable[Any]]
@@ -173,6 +177,8 @@ class _Connection:
         self.send_lock = trio.Lock()
         self.peer_node = ""
         self.peer_site = ""
+        self.version = 0
+        """The protocol version agreed in the handshake (0 until then)."""
 
     async def send(self, message: Any) -> None:
         """Send one frame whole, even if the caller is cancelled meanwhile: a frame cut half-way would
@@ -245,6 +251,8 @@ class Endpoint:
         self.site = site
         self.default_timeout = default_timeout
         self.routes: dict[str, tuple[Method, Handler]] = {}
+        self.versions = SPOKEN
+        """The protocol versions this endpoint speaks."""
         self.addr = ""  # our own address once serving; calls to it are served locally
         self.on_rtt: Callable[[str, float, Any], None] | None = None
         """Called with (peer node, network RTT in seconds, peer's stamp) after each answered call."""
@@ -306,6 +314,12 @@ class Endpoint:
     async def forget(self, addr: str) -> None:
         """Drop any cached connection to `addr` (e.g. after the peer was declared dead)."""
 
+    async def peer_version(self, addr: str, timeout: float | None = None) -> int:
+        """The protocol version spoken with the node at `addr` (connecting if need be): a service sends a
+        message that version N brought only to a peer where this is at least N. Unreachable if the peer
+        shares no version with us."""
+        raise NotImplementedError
+
     async def call_many(self, addrs: list[str], method: str, args: dict[str, Any] | None = None,
                         timeout: float | None = None) -> dict[str, Any]:
         """Call each address in parallel; each answer is the result or the RpcError it raised.
@@ -317,8 +331,8 @@ class Endpoint:
         async def one(addr: str) -> None:
             try:
                 if addr == self.addr:
-                    answers[addr] = await self.dispatch(Caller(self.node, NODE, self.node, self.site), method,
-                                                        args or {})
+                    answers[addr] = await self.dispatch(Caller(self.node, NODE, self.node, self.site,
+                                                               self.versions.newest), method, args or {})
                 else:
                     answers[addr] = await self.call(addr, method, args, timeout)
             except (RpcError, RequestError) as err:
@@ -357,8 +371,10 @@ class Transport(Endpoint):
         delay: DelayFn | None = None,
         max_frame: int = frames.MAX_FRAME,
         default_timeout: float = DEFAULT_TIMEOUT,
+        speaks: Versions = SPOKEN,
     ) -> None:
         super().__init__(node, site, default_timeout)
+        self.versions = speaks
         self.delay = delay
         self.max_frame = max_frame
         self._server_ctx = tls.server_context(identity)
@@ -367,6 +383,8 @@ class Transport(Endpoint):
         self._dialing: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.rejected_connections = 0
+        self._disjoint: set[tuple[str, Versions]] = set()
+        """Peers (name, versions) already logged as sharing no version with us: logged once, not per retry."""
 
     async def __aenter__(self) -> Transport:
         self._nursery_cm = trio.open_nursery()
@@ -404,14 +422,18 @@ class Transport(Endpoint):
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
                 cn, role = tls.peer_identity(stream._ssl_object)  # noqa: SLF001 - trio exposes no public getter
-                hello = await conn.receive()
-                conn.peer_node, conn.peer_site = _check_handshake(hello)
-                await conn.send(self._hello())
-            await self._serve_requests(conn, Caller(cn, role, conn.peer_node, conn.peer_site), peer)
+                hello = versions.read_hello(await conn.receive())
+                conn.peer_node, conn.peer_site = hello.node, hello.site
+                await conn.send(self._hello())  # even to refuse: the dialer learns from it what we speak
+                conn.version = versions.agree(self.versions, hello, peer)
+            await self._serve_requests(conn, Caller(cn, role, conn.peer_node, conn.peer_site, conn.version), peer)
         except EOFError:
             pass
+        except NoCommonVersion as err:
+            self.rejected_connections += 1
+            self._log_disjoint(err, f"refused connection: {err}")
         except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, tls.TLSError, frames.FrameError,
-                _HandshakeRefused) as err:
+                HandshakeRefused) as err:
             self.rejected_connections += 1
             log.warning("refused connection from %s: %s", peer, _describe(err))
         except Exception:  # a bug, not the peer's fault; still not a reason to stop serving others
@@ -523,11 +545,39 @@ class Transport(Endpoint):
         try:
             await stream.do_handshake()
             await conn.send(self._hello())
-            conn.peer_node, conn.peer_site = _check_handshake(await conn.receive())
-        except (EOFError, trio.BrokenResourceError, ssl.SSLError, frames.FrameError, _HandshakeRefused) as err:
+            try:
+                hello = versions.read_hello(await conn.receive())
+            except (EOFError, trio.BrokenResourceError) as err:  # as an agent before version ranges refuses a hello
+                why = (f": an agent before version ranges does so if it does not speak version {self.versions.oldest}"
+                       if self.versions.oldest > 1 else f": {_describe(err.__cause__)}" if err.__cause__ else "")
+                raise HandshakeRefused(f"the peer closed the connection in the handshake{why}") from None
+            conn.peer_node, conn.peer_site = hello.node, hello.site
+            conn.version = versions.agree(self.versions, hello, addr)
+        except (EOFError, trio.BrokenResourceError, ssl.SSLError, frames.FrameError, HandshakeRefused) as err:
             await conn.close()
+            if isinstance(err, NoCommonVersion):
+                self._log_disjoint(err, f"cannot call {addr}: {err}")
             raise Unreachable(f"{addr}: handshake failed: {_describe(err)}") from None
         return conn
+
+    async def peer_version(self, addr: str, timeout: float | None = None) -> int:
+        if addr == self.addr:
+            return self.versions.newest
+        deadline = timeout if timeout is not None else self.default_timeout
+        with trio.move_on_after(deadline):
+            return (await self._connection(addr)).conn.version
+        raise RpcTimeout(f"{addr}: no handshake within {deadline:g}s")
+
+    def peer_versions(self) -> dict[str, int]:
+        """The protocol version of each peer node this transport has a live connection to (those it dialed)."""
+        return {out.conn.peer_node: out.conn.version for out in self._pool.values()
+                if out.broken is None and out.conn.peer_node}
+
+    def _log_disjoint(self, err: NoCommonVersion, line: str) -> None:
+        """A peer that shares no version with us is retried every few seconds: say so at WARNING once."""
+        key = (err.peer.node, err.peer.versions)
+        log.log(logging.DEBUG if key in self._disjoint else logging.WARNING, "%s", line)
+        self._disjoint.add(key)
 
     async def forget(self, addr: str) -> None:
         out = self._pool.pop(addr, None)
@@ -535,7 +585,7 @@ class Transport(Endpoint):
             await out.conn.close()
 
     def _hello(self) -> dict[str, Any]:
-        return {"proto": PROTOCOL_VERSION, "node": self.node, "site": self.site}
+        return versions.hello(self.node, self.site, self.versions)
 
     async def _sleep_towards(self, peer_site: str) -> None:
         if self.delay is not None and peer_site:
@@ -554,19 +604,6 @@ def _read(addr: str, method: Method[R, A], value: Any) -> A | RpcError:
         return method.read_answer(value)
     except codec.CodecError as err:
         return RemoteError("bad_answer", f"{addr}: {err}")
-
-
-class _HandshakeRefused(Exception):
-    pass
-
-
-def _check_handshake(hello: Any) -> tuple[str, str]:
-    if not isinstance(hello, dict) or not isinstance(hello.get("node"), str):
-        raise _HandshakeRefused(f"bad handshake frame: {str(hello)[:80]!r}")
-    if hello.get("proto") != PROTOCOL_VERSION:
-        raise _HandshakeRefused(f"protocol version {hello.get('proto')!r}, expected {PROTOCOL_VERSION}")
-    site = hello.get("site", "")
-    return hello["node"], site if isinstance(site, str) else ""
 
 
 def split_addr(addr: str) -> tuple[str, int]:

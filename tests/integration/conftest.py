@@ -156,10 +156,11 @@ def cluster_factory(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_cluster(tmp_path_factory, name: str, nodes: int, sites: int) -> Iterator[Cluster]:
-    """A cluster for the tests of one module (a module-scoped fixture), stopped whatever happens."""
+def running_cluster(tmp_path_factory, name: str, nodes: int, sites: int, **env: str) -> Iterator[Cluster]:
+    """A cluster for the tests of one module (a module-scoped fixture), stopped whatever happens; `env` is
+    added to the environment of its agents (and of the CLI the tests run)."""
     directory = tmp_path_factory.mktemp(name)
-    cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(directory / "home")})
+    cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(directory / "home"), **env})
     try:
         cluster.up(nodes, sites)
         yield cluster

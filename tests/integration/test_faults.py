@@ -12,9 +12,9 @@ import sys
 import pytest
 import trio
 
-from overlay.wire import frames, tls
+from overlay.wire import frames, tls, versions
 from overlay.wire.ca import init_ca, issue
-from overlay.wire.rpc import PROTOCOL_VERSION, REQUEST, RESPONSE, Transport, Unreachable
+from overlay.wire.rpc import REQUEST, RESPONSE, Transport, Unreachable
 
 from .conftest import SETTLE_DEADLINE, pid_alive, rejoined, restart, wait_for
 from .test_relocate import domains, host_call, host_info
@@ -292,7 +292,7 @@ def test_client_without_a_cluster_certificate_gets_nothing(cluster6, tmp_path):
         ctx.load_verify_locations(ca)
         try:  # TLS 1.3: the server's refusal arrives after our handshake "succeeds"
             stream = await raw_tls(addr, ctx)
-            await stream.send_all(frames.encode({"proto": PROTOCOL_VERSION, "node": "x", "site": ""}))
+            await stream.send_all(frames.encode(versions.hello("x", "", versions.SPOKEN)))
             await stream.send_all(frames.encode([REQUEST, 1, "ve.list", {}]))
             return await read_all(stream)
         except (trio.BrokenResourceError, ssl.SSLError):
@@ -315,7 +315,7 @@ def test_client_without_a_cluster_certificate_gets_nothing(cluster6, tmp_path):
 def test_hostile_frames_close_only_that_connection(cluster6, attack):
     addr = cluster6.node("node2")["addr"]
     ident = operator(cluster6)
-    hello = frames.encode({"proto": PROTOCOL_VERSION, "node": "attacker", "site": ""})
+    hello = frames.encode(versions.hello("attacker", "", versions.SPOKEN))
     payloads = {
         "random": os.urandom(4096),
         "truncated": hello + frames.encode([REQUEST, 1, "agent.status", {}])[:-3],
