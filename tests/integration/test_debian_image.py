@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agents.hypervisor import accel
-from images import debian, tinyguest
+from images import boot, debian, tinyguest
 
 pytestmark = pytest.mark.qemu
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def accelerator() -> str:
 
 
 def test_minbase_boots_to_its_ready_line(minbase: Path, accelerator: str, tmp_path: Path) -> None:
-    kernel, initrd = debian.boot_files(minbase, tmp_path)
+    found = boot.boot_files(minbase, tmp_path)
+    assert found is not None  # a file system, with its kernel in /boot
+    kernel, initrd = found
     assert kernel.name.startswith("vmlinuz-") and initrd.name == "initrd.img-" + kernel.name.removeprefix("vmlinuz-")
     guest = tinyguest.TinyGuest(kernel=kernel, initrd=initrd, base=minbase.with_name("disk.qcow2"),
                                 cmdline=debian.CMDLINE)
