@@ -26,7 +26,8 @@ class AgentConfig:
     join: list[str] = field(default_factory=list)
     libvirt_uri: str = ""  # empty: the embedded test:/// host sized by `capacity` (qemu: the node's own libvirtd)
     hypervisor: str = "test"  # or "qemu": real guests (agents.hypervisor.qemu)
-    libvirtd_port: int = 0  # qemu: the node's libvirtd TCP port on 127.0.0.1; 0 picks a free one
+    advertise: str = ""  # the host peers reach this node at (its agent, libvirtd, migrations); empty: listen's
+    libvirtd_port: int = 0  # qemu: the node's libvirtd TCP port on its host address; 0 picks a free one
     migration_ports: tuple[int, int] = (0, 0)  # qemu: its migration port range; (0, 0) derives one from the port
     site_rtt_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # emulated WAN latency
     replicas: int = 3
@@ -39,3 +40,8 @@ class AgentConfig:
     protocol: Versions = SPOKEN  # the protocol versions it speaks: all this build does, unless narrowed for a test
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of the layers above, parsed by them and carried here unread (e.g. "dvms", by discovery.agent_config)."""
+
+    @property
+    def host(self) -> str:
+        """This node's own address, without a port: where peers reach its agent, its libvirtd, its migrations."""
+        return self.advertise or self.listen.rpartition(":")[0]

@@ -114,14 +114,14 @@ class NodeAgent:
         if not low:
             low = 49152 + 16 * (port % 1000)
             high = low + 15
-        return open_backend(cfg.data_dir, cfg.libvirt_uri, port, (low, high))
+        return open_backend(cfg.data_dir, cfg.libvirt_uri, port, (low, high), cfg.host)
 
     async def _serve(self) -> None:
         cfg = self.config
         async with Transport(cfg.identity, cfg.name, cfg.site, delay=self._delay, speaks=cfg.protocol) as transport:
             self.transport = transport
             host, _, port = cfg.listen.rpartition(":")
-            addr = f"{host}:{await transport.listen(host, int(port))}"
+            addr = f"{cfg.host}:{await transport.listen(host, int(port))}"
             self.membership = Membership(cfg.name, addr, cfg.site, cfg.suspect_timeout)
             self.membership.me.incarnation = self._bump_incarnation()
             self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)

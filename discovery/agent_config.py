@@ -3,13 +3,14 @@
 agent.toml:
     name = "node1"
     site = "rennes"
-    listen = "127.0.0.1:7001"
+    listen = "127.0.0.1:7001"           # where it binds; a wildcard (0.0.0.0) needs advertise
+    advertise = "10.0.0.5"              # optional: the host peers reach it at (agent, libvirtd, migrations)
     join = ["127.0.0.1:7002"]
     data_dir = "/var/lib/discovery"
     libvirt_uri = ""                    # empty: embedded test:/// host sized by [capacity]
     hypervisor = "test"                 # or "qemu": real tiny guests, on the node's own libvirtd
                                         # (libvirt_uri empty) or embedded (libvirt_uri = "qemu:///embed")
-    libvirtd_port = 0                   # qemu: its libvirtd's TCP port on 127.0.0.1 (0: a free one)
+    libvirtd_port = 0                   # qemu: its libvirtd's TCP port on the node's host (0: a free one)
     migration_ports = [49200, 49215]    # qemu: its live-migration port range (omitted: derived)
     kademlia = true                     # run Kademlia beside Chord (`discovery overlay bind`)
     kad_port = 0                        # its UDP port; 0 picks a free one
@@ -39,6 +40,9 @@ from overlay.wire.versions import SPOKEN, Versions
 PROTOCOL_ENV = "DISCOVERY_PROTOCOL"
 
 
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     data = read_toml(path)
     cap = field(data, "capacity", dict, path)
@@ -60,13 +64,21 @@ def load_agent_config(path: Path) -> AgentConfig:
             and migration[0] <= migration[1]):
         raise ConfigError(f"{path}: field 'migration_ports' must be [low, high] TCP ports, got {migration!r}")
     dvms = dvms_settings(field(data, "dvms", dict, path, {}), path)
+    listen = address(field(data, "listen", str, path), path, "listen")
+    advertise = field(data, "advertise", str, path, "")
+    if not advertise and listen.rpartition(":")[0].strip("[]") in WILDCARDS:
+        raise ConfigError(f"{path}: listen {listen!r} binds every address: set advertise to the one peers reach")
+    if advertise and (advertise.strip("[]") in WILDCARDS or (":" in advertise and not advertise.startswith("["))):
+        raise ConfigError(f"{path}: field 'advertise' is a host peers can reach (no port, no wildcard; an IPv6 "
+                          f"address in brackets), got {advertise!r}")
     if dvms.injector_rate > 0 and hypervisor != "test":
         raise ConfigError(f"{path}: field 'dvms.injector_rate' needs hypervisor \"test\": the demand of real "
                           "guests is measured")
     return AgentConfig(
         name=field(data, "name", str, path),
         site=field(data, "site", str, path, "default"),
-        listen=address(field(data, "listen", str, path), path, "listen"),
+        listen=listen,
+        advertise=advertise,
         data_dir=data_dir if data_dir.is_absolute() else path.parent / data_dir,
         identity=identity(data, path),
         capacity=capacity,

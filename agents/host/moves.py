@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import libvirt
 import trio
@@ -41,8 +42,15 @@ from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError
 MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_NON_SHARED_INC
                  | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 """Live, driven by the source daemon, copying the disk's own layer (the base image is on every node)."""
-MIGRATE_PARAMS = {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1"}
-"""Memory and disk travel over loopback: without a URI, libvirt would use the host name."""
+
+
+def migrate_params(uri: str) -> dict[str, str]:
+    """Memory and disk travel to the host of the target daemon's `uri` (its node's address): without a URI
+    parameter, libvirt would send them to whatever the target's host name resolves to."""
+    host = urlsplit(uri).hostname
+    if not host:
+        raise RequestError(f"migration URI {uri!r} names no host")
+    return {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://[{host}]" if ":" in host else f"tcp://{host}"}
 
 
 class Moves(HostBase):
@@ -162,7 +170,7 @@ class Moves(HostBase):
             raise NotFound(f"no VM {name} on this node")
         started = time.monotonic()
         try:
-            await self.hypervisor.migrate(name, uri, MIGRATE_FLAGS, MIGRATE_PARAMS)
+            await self.hypervisor.migrate(name, uri, MIGRATE_FLAGS, migrate_params(uri))
         except HypervisorError as err:
             raise RequestError(f"live migration of {name} failed: {err}") from None
         return Migrated(time.monotonic() - started)

@@ -3,7 +3,8 @@
 Live migration needs a daemon at each end (the embedded driver cannot migrate), and libvirtd's
 system paths are fixed: its config in /etc/libvirt, sockets in /run/libvirt, domain state in
 /var/lib/libvirt. So each node's daemon runs under `unshare --mount`, with the node's own directories
-bind-mounted over those paths, a TCP listener on 127.0.0.1 (its own port, no auth: loopback only),
+bind-mounted over those paths, a TCP listener on the node's address (its own port; no auth: the agents'
+mutual TLS guards who may ask for a migration, and the address is the node's private one),
 its own `host_uuid` (libvirt refuses to migrate to "the same host") and its own migration port range.
 
 Guest disks and consoles live in the node's `guests/` directory, mounted at `GUESTS` inside the
@@ -34,10 +35,10 @@ BOUND = {"etc": "/etc/libvirt", "run": "/run/libvirt", "lib": "/var/lib/libvirt"
 START_DEADLINE = 30.0
 
 LIBVIRTD_CONF = """\
-# Written by Discovery: one daemon per node, reached on loopback TCP only.
+# Written by Discovery: one daemon per node, reached over TCP on the node's address.
 listen_tls = 0
 listen_tcp = 1
-listen_addr = "127.0.0.1"
+listen_addr = "{host}"
 tcp_port = "{port}"
 auth_tcp = "none"
 auth_unix_rw = "none"
@@ -63,13 +64,15 @@ class Libvirtd:
     root: Path
     port: int
     migration_ports: tuple[int, int]
+    host: str = "127.0.0.1"
+    """The node's address: the daemon listens there, and peers migrate to it."""
     host_uuid: str = ""
     pid: int | None = None
 
     @property
     def uri(self) -> str:
         """How agents (this node's and its peers') reach the daemon."""
-        return f"qemu+tcp://127.0.0.1:{self.port}/system"
+        return f"qemu+tcp://{self.host}:{self.port}/system"
 
     @property
     def guests(self) -> Path:
@@ -91,7 +94,7 @@ class Libvirtd:
             Path(target).mkdir(parents=True, exist_ok=True)  # mount points must exist outside too
         log = self.root / "libvirtd.log"
         (self.root / "etc" / "libvirtd.conf").write_text(
-            LIBVIRTD_CONF.format(port=self.port, host_uuid=self.host_uuid, log=log))
+            LIBVIRTD_CONF.format(host=self.host, port=self.port, host_uuid=self.host_uuid, log=log))
         low, high = self.migration_ports
         (self.root / "etc" / "qemu.conf").write_text(
             QEMU_CONF + MIGRATION_CONF.format(migration_min=low, migration_max=high))

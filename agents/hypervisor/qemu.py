@@ -95,8 +95,10 @@ def prepare_guest() -> tuple[TinyGuest, str, str]:
     return guest, choice.accel, choice.reason
 
 
-def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: tuple[int, int]) -> QemuBackend:
-    """Choose KVM or TCG by a smoke boot of the tiny guest (built, or found built), and open libvirt."""
+def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: tuple[int, int],
+                 host: str = "127.0.0.1") -> QemuBackend:
+    """Choose KVM or TCG by a smoke boot of the tiny guest (built, or found built), and open libvirt: the
+    node's own daemon listens on `host`, the node's address."""
     _, chosen, why = prepare_guest()
     reason = f"{'KVM' if chosen == 'kvm' else 'TCG'} ({why})"
     root = libvirt_root(data_dir, libvirt_uri)
@@ -108,7 +110,7 @@ def open_backend(data_dir: Path, libvirt_uri: str, port: int, migration_ports: t
     if libvirt_uri:
         raise BackendError(f"libvirt_uri {libvirt_uri!r}: with hypervisor qemu, leave it empty (the node's "
                            f"own libvirtd) or use {EMBED}")
-    daemon = Libvirtd(root, port, migration_ports)
+    daemon = Libvirtd(root, port, migration_ports, host)
     daemon.start()
     guests = QemuGuests(chosen, daemon.guests, GUESTS, root / "lib" / "qemu" / "save")
     log.info("libvirtd for %s on %s (pid %s), guests use %s", data_dir, daemon.uri, daemon.pid, reason)

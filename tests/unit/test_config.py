@@ -49,11 +49,32 @@ def test_good_agent_config_resolves_relative_paths(tmp_path):
     (lambda t: t.replace('key = "node1.key"\n', ""), "missing field 'tls.key'"),
     (lambda t: t.replace("rennes = { lyon = 12 }", 'rennes = { lyon = "far" }'), "latency.rtt_ms must map"),
     (lambda t: t + "[[[", "not valid TOML"),
+    (lambda t: t.replace("127.0.0.1:7001", "0.0.0.0:7001"), "binds every address: set advertise"),
+    (lambda t: t.replace('site = "rennes"', 'site = "rennes"\nadvertise = "10.0.0.5:7001"'), "no port, no wildcard"),
+    (lambda t: t.replace('site = "rennes"', 'site = "rennes"\nadvertise = "0.0.0.0"'), "no port, no wildcard"),
 ])
 def test_bad_agent_config_names_the_field(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_agent_config(write(tmp_path, change(GOOD)))
     assert str(err.value).startswith(str(tmp_path / "agent.toml")) and "\n" not in str(err.value)
+
+
+def test_a_node_is_reached_at_its_advertised_host_else_at_its_listen_address(tmp_path):
+    assert load_agent_config(write(tmp_path, GOOD)).host == "127.0.0.1"
+    wildcard = GOOD.replace("127.0.0.1:7001", "0.0.0.0:7001").replace('site = "rennes"',
+                                                                      'site = "rennes"\nadvertise = "10.0.0.5"')
+    assert load_agent_config(write(tmp_path, wildcard)).host == "10.0.0.5"
+
+
+def test_migrations_go_to_the_target_daemon_s_host():
+    from agents.host.moves import migrate_params
+    from overlay.wire.rpc import RequestError
+
+    (uri,) = migrate_params("qemu+tcp://10.7.0.3:16509/system").values()
+    assert uri == "tcp://10.7.0.3"
+    assert list(migrate_params("qemu+tcp://[fd00::3]:16509/system").values()) == ["tcp://[fd00::3]"]
+    with pytest.raises(RequestError, match="names no host"):
+        migrate_params("qemu:///system")
 
 
 def test_missing_client_config_says_how_to_get_one(tmp_path):
