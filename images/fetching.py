@@ -60,7 +60,7 @@ class Fetcher:
             try:
                 if missing:
                     await run.fetch(missing)
-                await self.in_store(run.writer.commit, body)
+                await self.in_store(run.writer.commit, body, entry.name)
             except OSError as err:  # a full disk: what was committed is kept, and a later pull resumes from it
                 raise RequestError(f"pull of {name} stopped: {err.strerror or err} (the chunks committed so far "
                                    "are kept: pull again once there is room)") from None

@@ -202,7 +202,7 @@ class ImageService:
             if taken is not None and taken.digest != digest:
                 raise Conflict(f"image {upload.name!r} already exists with other content (digest "
                                f"{taken.digest[:16]}); remove it first or use another tag")
-            await self._in_store(upload.writer.commit, body)
+            await self._in_store(upload.writer.commit, body, upload.name)
         except ManifestError as err:
             raise RequestError(str(err)) from None
         finally:
@@ -295,16 +295,21 @@ class ImageService:
                 if isinstance(answers[members[n].addr], Exception)]
 
     async def upkeep(self) -> None:
-        """The catalogue's anti-entropy, run periodically by every agent: list this node under every image
-        whose content it holds whole (after a restart, say), and, for each image of which it is the first
-        live holder by name, drop the holders membership knows are dead and have new ones pull it until it
-        has its `copies` live holders over the sites again."""
+        """The catalogue's anti-entropy, run periodically by every agent over the images it holds (so each
+        round costs a node one catalogue read per image it holds, not a scan of the catalogue): list this node
+        again under one it holds whole (after a restart, say), and, for each of which it is the first live
+        holder by name, drop the holders membership knows are dead and have new ones pull it until it has its
+        `copies` live holders over the sites again. A name the catalogue no longer gives this content is
+        forgotten here."""
         me = self.membership.me
-        held = set(await self._in_store(self.store.manifests))
         live = {m.name for m in self.membership.alive()}
         gone = {n for n, m in self.membership.members.items() if n not in live and m.status in (DEAD, LEFT)}
-        for entry in await self.catalogue.list():
-            if entry.digest in held and me.name not in entry.holders:
+        for name, digest in sorted((await self._in_store(self.store.names)).items()):
+            entry = await self.catalogue.get(name)
+            if entry is None or entry.digest != digest:
+                await self._in_store(self.store.forget_name, name)
+                continue
+            if me.name not in entry.holders:
                 entry = await self.catalogue.add_holder(entry, me.name, me.site)
             if min((n for n in entry.holders if n in live), default=None) != me.name:
                 continue

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS manifests (digest TEXT PRIMARY KEY, body BLOB NOT NUL
 CREATE TABLE IF NOT EXISTS uses (manifest TEXT NOT NULL, chunk BLOB NOT NULL, PRIMARY KEY (manifest, chunk))
     WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS uses_chunk ON uses (chunk);
+CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, digest TEXT NOT NULL);
 """
 
 
@@ -175,9 +176,19 @@ class ChunkStore:
                 bad += 1
         return bad
 
+    def names(self) -> dict[str, str]:
+        """NAME:TAG -> digest of the images held here under that name (what this node's upkeep looks after)."""
+        return dict(self._query("SELECT name, digest FROM names", ()))
+
+    def forget_name(self, name: str) -> None:
+        """The catalogue no longer names this node's image `name` so (removed, or now another content)."""
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM names WHERE name = ?", (name,))
+
     def remove_manifest(self, digest: str) -> bool:
         """Stop holding an image here (its chunks become garbage unless another manifest uses them)."""
         with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM names WHERE digest = ?", (digest,))
             db.execute("DELETE FROM uses WHERE manifest = ?", (digest,))
             return db.execute("DELETE FROM manifests WHERE digest = ?", (digest,)).rowcount > 0
 
@@ -202,7 +213,7 @@ class ChunkStore:
             w.abandon()
 
     def _commit(self, packs: list[tuple[str, list[tuple[bytes, int, int, int]]]], manifest: bytes | None,
-                replace: bool) -> None:
+                replace: bool, name: str | None = None) -> None:
         with self._lock, self._transaction() as db:
             for pack, rows in packs:
                 db.executemany(f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO chunks VALUES (?, ?, ?, ?, ?)",
@@ -216,6 +227,8 @@ class ChunkStore:
                     raise StoreError(f"manifest {digest[:16]} needs {len(lacking)} chunks this store lacks")
                 db.execute("INSERT OR IGNORE INTO manifests VALUES (?, ?, ?)", (digest, manifest, parsed.size))
                 db.executemany("INSERT OR IGNORE INTO uses VALUES (?, ?)", [(digest, c) for c in parsed.chunk_ids()])
+                if name is not None:
+                    db.execute("INSERT OR REPLACE INTO names VALUES (?, ?)", (name, digest))
 
     # -- maintenance --------------------------------------------------------------------------------
 
@@ -335,15 +348,16 @@ class PackWriter:
         self._taken.add(cid)
         return True
 
-    def commit(self, manifest: bytes | None = None) -> None:
-        """Seal the packs, make them durable, then index their chunks and `manifest` in one transaction."""
+    def commit(self, manifest: bytes | None = None, name: str | None = None) -> None:
+        """Seal the packs, make them durable, then index their chunks and `manifest` (held as image `name`)
+        in one transaction."""
         self._seal()
         named = []
         for tmp, rows in self._sealed:
-            name = f"{secrets.token_hex(12)}.pack"
-            tmp.rename(self.store.packs / name)
+            pack = f"{secrets.token_hex(12)}.pack"
+            tmp.rename(self.store.packs / pack)
             self._temps.remove(tmp)
-            named.append((name, rows))
+            named.append((pack, rows))
         self._sealed = []
         if named:
             fd = os.open(self.store.packs, os.O_RDONLY)
@@ -351,7 +365,7 @@ class PackWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self.store._commit(named, manifest, self.replace)
+        self.store._commit(named, manifest, self.replace, name)
 
     def abandon(self) -> None:
         """Forget what was not committed (temporary packs removed; renamed ones no row names are `gc`'s)."""

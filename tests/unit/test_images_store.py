@@ -211,3 +211,24 @@ def test_gc_drops_unused_chunks_deletes_dead_packs_and_repacks_half_dead_ones(st
     assert manifest is not None and store.missing(manifest) == []
     export(store, manifest, tmp_path / "out.raw")
     assert (tmp_path / "out.raw").read_bytes() == (tmp_path / "b.raw").read_bytes()
+
+
+def test_the_store_knows_the_names_it_holds_each_image_under(store: ChunkStore) -> None:
+    """What a node's upkeep looks after: the names committed with each manifest, until it is removed."""
+    data = image(random.Random(8), 16)
+    pieces = list(cut(memoryview(data), SMALL))
+    body = Manifest.of(pieces, len(data), "d" * 64, SMALL).encode()
+    with store.writer() as writer:
+        for p in pieces:
+            if p.id is not None:
+                writer.add(p.id, data[p.offset:p.offset + p.length])
+        writer.commit(body, "base:1")
+    digest = Manifest.id_of(body)
+    assert store.names() == {"base:1": digest}
+    store.forget_name("base:1")
+    assert store.names() == {}
+    with store.writer() as writer:
+        writer.commit(body, "base:latest")
+    assert store.names() == {"base:latest": digest}
+    store.remove_manifest(digest)
+    assert store.names() == {}
