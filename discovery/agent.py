@@ -17,6 +17,7 @@ import trio
 from agents.node import NodeAgent
 from agents.runtime import Periodic
 from discovery.agent_config import load_agent_config
+from discovery.metrics import DvmsCollector, ImagesCollector
 from discovery.scheduler.service import DvmsService
 from discovery.scheduler.settings import DvmsSettings
 from discovery.ve.directory import Directory
@@ -59,6 +60,8 @@ async def install(agent: NodeAgent) -> None:
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
+    agent.exporter.register(DvmsCollector(dvms))
+    agent.exporter.register(ImagesCollector(images.fetcher))
     agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), dvms,
                      Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]
 
