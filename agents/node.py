@@ -181,8 +181,10 @@ class NodeAgent:
         times = RpcTimes()
         self.transport.on_served = times.observe
         host = HostCollector(self.host, self.host.listing)
-        for collector in (times, AgentCollector(cfg.name, cfg.site, cfg.hypervisor, self.supervisor.restarts,
-                                                lambda: self.transport.rejected_connections),
+        info = {"name": cfg.name, "site": cfg.site, "hypervisor": cfg.hypervisor,
+                "protocol": f"{cfg.protocol.oldest}..{cfg.protocol.newest}"}
+        rejected = lambda: self.transport.rejected_connections  # noqa: E731 - read at each scrape
+        for collector in (times, AgentCollector(info, self.supervisor.restarts, rejected),
                           MembershipCollector(self.membership), RingCollector(self.ring.state, self.dht),
                           VivaldiCollector(self.coordinates.client)):
             self.exporter.register(collector)

@@ -86,15 +86,14 @@ class RpcTimes:
 
 
 class AgentCollector:
-    """Who this agent is, its services' restarts, the connections its transport refused."""
+    """Who this agent is (`info`: its name, site, hypervisor, protocol versions), its services' restarts, the
+    connections its transport refused."""
 
-    def __init__(self, name: str, site: str, hypervisor: str, restarts: dict[str, int],
-                 rejected: Callable[[], int]) -> None:
-        self.info = {"name": name, "site": site, "hypervisor": hypervisor}
-        self.restarts, self.rejected = restarts, rejected
+    def __init__(self, info: dict[str, str], restarts: dict[str, int], rejected: Callable[[], int]) -> None:
+        self.info, self.restarts, self.rejected = info, restarts, rejected
 
     def collect(self) -> Iterator[Metric]:
-        info = InfoMetricFamily("discovery_agent", "The agent: node name, site and hypervisor.")
+        info = InfoMetricFamily("discovery_agent", "The agent: node name, site, hypervisor, protocol versions spoken.")
         info.add_metric([], self.info)
         yield info
         restarts = CounterMetricFamily("discovery_service_restarts", "Restarts of a service after it crashed.",

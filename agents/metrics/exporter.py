@@ -32,6 +32,8 @@ SEND_TIMEOUT = 10.0
 MAX_CLIENTS = 8
 REFRESH_PATIENCE = 2.0
 RENDER_INTERVAL = 1.0
+LINGER = 1.0
+"""Seconds a reply's connection waits for the client to close it (`Exporter._send`)."""
 
 Refresh = Callable[[], Awaitable[object]]
 
@@ -87,8 +89,7 @@ class Exporter:
             try:
                 self._slots.acquire_nowait()
             except trio.WouldBlock:
-                with trio.move_on_after(SEND_TIMEOUT):
-                    await stream.send_all(http.error(503, "too many scrapes at once").encode())
+                await self._send(stream, http.error(503, "too many scrapes at once"))
                 return
             try:
                 await self._answer(stream)
@@ -121,5 +122,15 @@ class Exporter:
                 reply = http.error(500, "rendering the metrics failed: see the agent's log")
         else:
             reply = request
+        await self._send(stream, reply)
+
+    async def _send(self, stream: trio.SocketStream, reply: http.Reply) -> None:
+        """Send `reply`, then close our side and drop what the client still sends for a moment before the
+        socket closes: closing with bytes unread would reset the connection, and the client lose the reply."""
         with trio.move_on_after(SEND_TIMEOUT):
             await stream.send_all(reply.encode())
+            await stream.send_eof()
+            drained = 0
+            with trio.move_on_after(LINGER):
+                while drained < http.MAX_HEAD and (chunk := await stream.receive_some(4096)):
+                    drained += len(chunk)
