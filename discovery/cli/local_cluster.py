@@ -147,7 +147,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
             except ConfigError as err:
                 raise ClusterError(str(err)) from None
             with open(node_dir / "agent.log", "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config", str(config)],
+                proc = subprocess.Popen([sys.executable, "-m", "discovery.agent", "--config", str(config)],
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             started.append({"name": name, "site": site, "addr": addrs[i], "metrics": metrics[i], "pid": proc.pid,
