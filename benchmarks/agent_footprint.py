@@ -9,8 +9,9 @@ part (RssAnon: the heap, Python's objects; what only the process can give back) 
 (RssFile: the mapped code of Python, the libraries and extension modules, which the kernel may drop and read
 again, and which the agents of one machine share), and Pss (the shared pages divided among the processes that
 map them: what one more agent costs the machine). Idle CPU is that time over the window, in percent of
-one core. What "idle" keeps doing is the agents' own upkeep (gossip probes, Vivaldi samples, Chord stabilization, DHT anti-entropy, DVMS's monitor). Each
-agent's `/metrics` is scraped once at the end (its size and latency), so the exporter's cost shows too.
+one core. What "idle" keeps doing is the agents' own upkeep (gossip probes, Vivaldi samples, Chord
+stabilization, DHT anti-entropy, DVMS's monitor). Each agent's `/metrics` is scraped once at the end (its size
+and latency), so the exporter's cost shows too.
 """
 
 from __future__ import annotations
