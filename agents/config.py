@@ -38,6 +38,7 @@ class AgentConfig:
     kademlia: bool = True  # run a Kademlia overlay beside Chord, so records can be re-bound to it
     kad_port: int = 0  # UDP; 0 picks a free one (peers learn it over the agent's RPC)
     protocol: Versions = SPOKEN  # the protocol versions it speaks: all this build does, unless narrowed for a test
+    metrics: str = "127.0.0.1:0"  # host:port of its Prometheus /metrics (agents.metrics); port 0: a free one; "": none
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of the layers above, parsed by them and carried here unread (e.g. "dvms", by discovery.agent_config)."""
 

@@ -15,6 +15,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from agents.messages import (
     COORD_LIST,
     COORD_PING,
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 VIEW_CLOSE = 8
 VIEW_FAR = 4
 PROBES = 3
+SAVE_EVERY = 10.0
+"""Seconds between two saves of a moving coordinate: a restart loses at most that much of its way."""
 
 
 class CoordinateService(Actor):
@@ -56,6 +60,7 @@ class CoordinateService(Actor):
         self.path = path
         self.seq = 0
         self._saved_seq = -1
+        self._saved_at = -SAVE_EVERY
         self._last_rtt: dict[str, float] = {}
         self._restore()
         transport.stamp = self.stamp
@@ -95,7 +100,7 @@ class CoordinateService(Actor):
                 await self.transport.call(target.addr, "coord.ping", timeout=2.0)
             except RpcError as err:
                 log.debug("coordinate sample from %s failed: %s", target.name, err)
-        if self.seq != self._saved_seq:
+        if self.seq != self._saved_seq and trio.current_time() >= self._saved_at + SAVE_EVERY:
             self._save()
 
     def pick_from_view(self) -> Member | None:
@@ -141,7 +146,7 @@ class CoordinateService(Actor):
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"coordinate": self.client.coordinate.to_wire(), "seq": self.seq}))
         tmp.replace(self.path)  # atomic: a crash never leaves half a file
-        self._saved_seq = self.seq
+        self._saved_seq, self._saved_at = self.seq, trio.current_time()
 
     # -- handlers ----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+from prometheus_client.process_collector import ProcessCollector
 
 from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
@@ -39,6 +40,15 @@ from agents.messages import (
     MemberRow,
     ProtocolVersions,
 )
+from agents.metrics.collectors import (
+    AgentCollector,
+    HostCollector,
+    MembershipCollector,
+    RingCollector,
+    RpcTimes,
+    VivaldiCollector,
+)
+from agents.metrics.exporter import Exporter
 from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
@@ -144,12 +154,15 @@ class NodeAgent:
                             RepairService(self.dht, cfg.repair_interval), self.overlays, self.spiral]
             transport.route(AGENT_STATUS, self._on_status)
             transport.route(AGENT_MEMBERS, self._on_members)
+            metrics = await self._metrics()
             for extension in self.extensions:
                 await extension(self)
             try:
                 await self.overlays.start_kademlia()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+                    if metrics:
+                        nursery.start_soon(self.exporter.serve, metrics)
                     for actor in self.actors:
                         self.supervisor.start_actor(nursery, actor)
                     await self.gossip.join()
@@ -159,6 +172,30 @@ class NodeAgent:
                 await self.gossip.leave()
             finally:
                 await self.overlays.close()
+
+    async def _metrics(self) -> list[trio.SocketListener]:
+        """The collectors of this agent's layers (`agents.metrics`; extensions add theirs to `self.exporter`) and,
+        unless agent.toml's `metrics` is empty, the endpoint's listeners, its address in data_dir/metrics.addr."""
+        cfg = self.config
+        self.exporter = Exporter()
+        times = RpcTimes()
+        self.transport.on_served = times.observe
+        host = HostCollector(self.host, self.host.listing)
+        info = {"name": cfg.name, "site": cfg.site, "hypervisor": cfg.hypervisor,
+                "protocol": f"{cfg.protocol.oldest}..{cfg.protocol.newest}"}
+        rejected = lambda: self.transport.rejected_connections  # noqa: E731 - read at each scrape
+        for collector in (times, AgentCollector(info, self.supervisor.restarts, rejected),
+                          MembershipCollector(self.membership), RingCollector(self.ring.state, self.dht),
+                          VivaldiCollector(self.coordinates.client)):
+            self.exporter.register(collector)
+        self.exporter.register(host, host.refresh)
+        self.exporter.register(ProcessCollector(registry=None))
+        if not cfg.metrics:
+            return []
+        listeners = await self.exporter.listen(cfg.metrics)
+        (cfg.data_dir / "metrics.addr").write_text(self.exporter.address)
+        log.info("metrics on http://%s/metrics", self.exporter.address)
+        return listeners
 
     def _free(self) -> dict[str, int]:
         """This node's free capacity now (what spiral steps report)."""

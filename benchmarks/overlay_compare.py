@@ -119,7 +119,7 @@ class Bench:
             if time.monotonic() - since >= downtime:
                 node = next(n for n in self.nodes if n["name"] == name)
                 with open(Path(node["config"]).parent / "agent.log", "ab") as log:
-                    proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config",
+                    proc = subprocess.Popen([sys.executable, "-m", "discovery.agent", "--config",
                                              node["config"]], stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
                 node["pid"] = proc.pid

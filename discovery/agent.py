@@ -1,24 +1,30 @@
 """One node's agent, composed: the layers of `agents/` plus the VE service and the DVMS scheduler.
 
 This is the one place where the product's services are wired into a `NodeAgent`; `discovery agent run`
-calls `run`. Each service receives from here the few interfaces it uses (the VE directory, the transport,
-the membership view, the spiral search...), never the agent, so none of them imports another's module
-just to find it; their methods are routed and their subscriptions made here too, not in their
-constructors.
+and `python -m discovery.agent` (`main`) call `run`. Each service receives from here the few interfaces it
+uses (the VE directory, the transport, the membership view, the spiral search...), never the agent, so none
+of them imports another's module just to find it; their methods are routed and their subscriptions made
+here too, not in their constructors; each service's metrics collector is registered here too.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
+import sys
 from functools import partial
 from pathlib import Path
 
 import trio
 
+from agents.hypervisor.actor import HypervisorError
 from agents.node import NodeAgent
 from agents.runtime import Periodic
 from discovery.agent_config import load_agent_config
+from discovery.metrics import DvmsCollector, ImagesCollector
 from discovery.scheduler.service import DvmsService
 from discovery.scheduler.settings import DvmsSettings
+from discovery.toml_config import ConfigError
 from discovery.ve.directory import Directory
 from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
@@ -27,6 +33,7 @@ from images.catalogue import Catalogue
 from images.messages import tagged
 from images.service import UPKEEP_INTERVAL, Bases, ImageService
 from images.store import ChunkStore
+from overlay.wire import tls
 
 
 async def install(agent: NodeAgent) -> None:
@@ -59,6 +66,8 @@ async def install(agent: NodeAgent) -> None:
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
+    agent.exporter.register(DvmsCollector(dvms))
+    agent.exporter.register(ImagesCollector(images.fetcher))
     agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), dvms,
                      Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]
 
@@ -72,3 +81,35 @@ async def ves_using(directory: Directory, image: str) -> list[str]:
 def run(config: Path) -> None:
     """Serve as the node that `config` (agent.toml) describes, until SIGTERM."""
     trio.run(NodeAgent(load_agent_config(config), [install]).run)
+
+
+def serve(config: Path, log_level: str = "info") -> str | None:
+    """`run`, logging at `log_level` (debug, info, warning); the one-line reason the agent could not start or
+    went down, or None once it stopped on SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.lower() != "debug":
+        logging.getLogger("kademlia").setLevel(logging.WARNING)  # it logs every datagram at INFO
+    try:
+        run(config)
+    except (ConfigError, tls.TLSError, HypervisorError) as err:
+        return str(err)
+    except OSError as err:  # e.g. the listen address is taken
+        return f"{config}: {err.strerror or err}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m discovery.agent --config agent.toml` (or `discovery-agent`): what `discovery agent run` does, in
+    a process without the CLI's framework, which costs every agent memory (typer loads pydantic: ~11 MiB).
+    `discovery cluster up` starts its agents this way."""
+    parser = argparse.ArgumentParser(prog="discovery-agent", description="Run this node's agent until SIGTERM.")
+    parser.add_argument("--config", type=Path, required=True, help="agent.toml")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    args = parser.parse_args(argv)
+    why = serve(args.config, args.log_level)
+    if why is not None:
+        sys.exit(f"error: {why}")
+
+
+if __name__ == "__main__":
+    main()

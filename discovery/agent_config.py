@@ -14,6 +14,9 @@ agent.toml:
     migration_ports = [49200, 49215]    # qemu: its live-migration port range (omitted: derived)
     kademlia = true                     # run Kademlia beside Chord (`discovery overlay bind`)
     kad_port = 0                        # its UDP port; 0 picks a free one
+    metrics = "127.0.0.1:9464"          # Prometheus /metrics over plain HTTP, unauthenticated (agents.metrics):
+                                        # port 0 picks a free one (written to data_dir/metrics.addr), "" serves
+                                        # none; omitted: 127.0.0.1:0. Bind a routable address only for a scraper.
     [capacity]  vcpus = 16, memory_mb = 32768, disk_gb = 500
     [tls]       ca = "...", cert = "...", key = "..."
     [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
@@ -92,6 +95,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         kademlia=field(data, "kademlia", bool, path, True),
         kad_port=field(data, "kad_port", int, path, 0),
         protocol=protocol_versions(os.environ.get(PROTOCOL_ENV)),
+        metrics=metrics_address(field(data, "metrics", str, path, "127.0.0.1:0"), path),
         extra={"dvms": dvms},
     )
 
@@ -107,3 +111,11 @@ def protocol_versions(text: str | None) -> Versions:
     if versions.oldest < SPOKEN.oldest or versions.newest > SPOKEN.newest:
         raise ConfigError(f"${PROTOCOL_ENV}: {versions} is not within what this build speaks ({SPOKEN})")
     return versions
+
+
+def metrics_address(value: str, path: Path) -> str:
+    """agent.toml's `metrics`: "" (no endpoint) or host:port, where port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    if value and not (sep and host and port.isdigit() and int(port) < 65536):
+        raise ConfigError(f"{path}: field 'metrics' must be host:port (port 0: a free one) or \"\", got {value!r}")
+    return value

@@ -24,21 +24,27 @@ CP-SAT sees `CANDIDATES` nodes per unit besides its home and greedy's choice (`_
 
 `order` then sequences the migrations so that no step overloads a node or breaks a rule (see there);
 `check` lists what a placement breaks.
+
+OR-Tools is imported by the first solve that runs CP-SAT (`_load_cp_sat`), not with this module: every agent
+loads the solver, few ever need CP-SAT, and OR-Tools alone would double an idle agent's memory.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import chain, islice
-
-from ortools.sat.python import cp_model
+from typing import TYPE_CHECKING
 
 from dvms.model import VM, Migration, Node, Plan, Rules
+
+if TYPE_CHECKING:  # imported by the first CP-SAT solve (`_load_cp_sat`)
+    from ortools.sat.python import cp_model
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +531,10 @@ def solve(nodes: Sequence[Node], vms: Sequence[VM], rules: Iterable[Rules] = (),
         else:
             greedy = None  # a heuristic: it can miss what a rule needs, the check has the last word
     if engine == "cp-sat" or (engine == "auto" and time.monotonic() < start + time_limit):
-        status, assignment = _cp_sat(p, start + time_limit, inter_site_weight, workers, seed, greedy)
+        loading = _load_cp_sat()  # the first solve's import is not taken from CP-SAT's time
+        status, assignment = _cp_sat(p, start + loading + time_limit, inter_site_weight, workers, seed, greedy)
+        from ortools.sat.python import cp_model
+
         if status == cp_model.INFEASIBLE:
             if not found:
                 log.debug("no plan in %d nodes: CP-SAT proved it", len(nodes))
@@ -551,10 +560,24 @@ def solve(nodes: Sequence[Node], vms: Sequence[VM], rules: Iterable[Rules] = (),
     return None
 
 
+def _load_cp_sat() -> float:
+    """Import OR-Tools' CP-SAT if it is not yet; the seconds that took. OR-Tools costs a process ~76 MiB and
+    most agents never solve a problem that breaks anything (docs/benchmarks.md: an idle agent's footprint),
+    so no module imports it at start."""
+    if "ortools.sat.python.cp_model" in sys.modules:
+        return 0.0
+    begin = time.monotonic()
+    from ortools.sat.python import cp_model  # noqa: F401 - loaded for `_cp_sat`
+
+    return time.monotonic() - begin
+
+
 def _cp_sat(p: _Problem, deadline: float, weight: float, workers: int, seed: int,
             hint: Mapping[int, str] | None) -> tuple[cp_model.CpSolverStatus, dict[int, str] | None]:
     """Builds and solves the model by deadline (time.monotonic()); hint (unit -> node, default: where the
     units are) gives CP-SAT its first solution."""
+    from ortools.sat.python import cp_model
+
     model = cp_model.CpModel()
     for i, n in (hint or {}).items():  # a large problem's short domains may lack greedy's choice
         if n not in p.units[i].domain:
@@ -596,6 +619,8 @@ def _cp_sat(p: _Problem, deadline: float, weight: float, workers: int, seed: int
 def _ve_constraints(model: cp_model.CpModel, p: _Problem, r: Rules,
                     mine: list[tuple[int, str, cp_model.IntVar]]) -> None:
     """A VE's rules on the x of its units (mine: unit, node, x); affinity is in the units, pins in the domains."""
+    from ortools.sat.python import cp_model
+
     fixed = p.fixed_by_ve.get(r.ve, [])
     per_node: dict[str, list[tuple[int, cp_model.IntVar]]] = defaultdict(list)
     per_site: dict[str, list[cp_model.IntVar]] = defaultdict(list)

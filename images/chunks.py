@@ -17,7 +17,8 @@ after zstd of all chunkers tried, half as many chunks as 4 KiB blocks.
 A chunk's id is the BLAKE3 digest of its bytes (32 bytes): the same content has the same id on every
 node, and a holder that serves bytes not matching the id it was asked for is caught on arrival.
 
-This module only cuts and hashes memory; it never touches a file or a socket.
+This module only cuts and hashes memory; it never touches a file or a socket. numpy is imported by the
+first cut, not with the module: agents name and verify chunks, and only an import cuts them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import blake3
-import numpy as np
 from pyfastcdc import FastCDC
 
 BLOCK = 4096
@@ -97,6 +97,8 @@ def zero_runs(content: memoryview, least: int) -> list[tuple[int, int]]:
     """The maximal runs of zero bytes at least `least` long, as (start, end), in order. Whole zero blocks
     are found at once; inside runs of non-zero blocks, runs of zero 8-byte words long enough to matter,
     then widened byte by byte to their exact ends (so the result depends on the bytes, not on alignment)."""
+    import numpy as np  # see the module docstring
+
     found: list[tuple[int, int]] = []
     words_needed = max((least - 7) // 8, 1)
     for start, end, zero in _block_runs(content):
@@ -133,6 +135,8 @@ def _widened(content: memoryview, start: int, end: int) -> tuple[int, int]:
 def _block_runs(content: memoryview) -> Iterator[tuple[int, int, bool]]:
     """(start, end, all zero) of the maximal runs of whole zero BLOCKs and of what lies between them; the
     tail shorter than a block belongs to the non-zero side."""
+    import numpy as np  # see the module docstring
+
     whole = len(content) // BLOCK
     if whole == 0:
         if len(content):

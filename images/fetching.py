@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,6 +42,8 @@ class Fetcher:
         self.store, self.catalogue, self.transport, self.membership = store, catalogue, transport, membership
         self.in_store = in_store
         self._locks: dict[str, trio.Lock] = {}
+        self.moved: Counter[str] = Counter()
+        """Bytes of chunk frames moved: "pulled" here, "served" and "uploaded" by `images.service` (the metrics)."""
 
     async def pull(self, name: str) -> Pulled:
         """Make this node a holder of image `name` (one pull per image at a time: a second waits for the first
@@ -115,6 +118,7 @@ class _Run:
                 if reply is None:
                     pull.on_failure(request.id, trio.current_time())
                     continue
+                self.fetcher.moved["pulled"] += sum(len(frame) for _, frame, _ in reply.chunks)
                 try:
                     verified, bad = await self.fetcher.in_store(self._store, reply.chunks)
                 except OSError as err:

@@ -180,6 +180,7 @@ class ImageService:
             return added
 
         added = await self._in_store(write)
+        self.fetcher.moved["uploaded"] += sum(len(frame) for _, frame, _ in request.chunks)
         upload.new_chunks += added
         return added
 
@@ -253,6 +254,7 @@ class ImageService:
             chunks = await self._in_store(read)
         finally:
             self._serving -= 1
+        self.fetcher.moved["served"] += sum(len(frame) for _, frame, _ in chunks)
         return ChunkBatch(chunks, queue, time.perf_counter() - started)
 
     # -- pulls, removal, upkeep ---------------------------------------------------------------------

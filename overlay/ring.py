@@ -68,6 +68,8 @@ class Ring:
         self.me = Peer(hash_id(name), name, addr, site)
         self._me_wire = peer_to_wire(self.me)  # sent with every hop (copied by the transport)
         self.state = ChordState(self.me, r, distance=distance)
+        self._pred_called = False
+        """The predecessor called us (its stabilize) since our last round: it is alive, no need to ask."""
         transport.route(CHORD_STEP, self._on_step)
         transport.route(CHORD_STATE, self._on_state)
         transport.route(CHORD_NOTIFY, self._on_notify)
@@ -87,6 +89,7 @@ class Ring:
 
     async def _on_state(self, caller: Caller, request: NoArgs) -> ChordView:
         pred = self.state.predecessor
+        self._pred_called |= pred is not None and caller.node == pred.name
         return ChordView(peer_to_wire(pred) if pred else None, [peer_to_wire(p) for p in self.state.successor_list()])
 
     async def _on_notify(self, caller: Caller, request: ChordNotify) -> bool:
@@ -183,6 +186,8 @@ class Ring:
                 self.state.on_dead(target)
                 continue
             notify = self.state.on_stabilize(target, pred, succs)
+            if notify == target and pred == self.me:
+                return  # it holds us as its predecessor already: a notify would change nothing
             if notify is not None and notify != self.me and not await self._notify(notify):
                 # the adopted successor (our successor's stale predecessor) is dead: drop it and notify
                 # the successor we had; asking that successor again would only hand the dead node back
@@ -200,8 +205,10 @@ class Ring:
         return True
 
     async def check_predecessor(self) -> None:
-        pred = self.state.predecessor
-        if pred is None or pred == self.me:
+        """Ask the predecessor whether it is alive, unless it called us since the last round (an idle ring's
+        RPCs: one state and one finger step per round, rather than also a notify and this check)."""
+        pred, called, self._pred_called = self.state.predecessor, self._pred_called, False
+        if pred is None or pred == self.me or called:
             return
         try:
             await self.transport.ask(pred.addr, CHORD_STATE, NoArgs(), timeout=HOP_TIMEOUT)

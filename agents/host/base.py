@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -19,6 +20,7 @@ import trio
 
 from agents.host.capacity import Ledger, Resources
 from agents.host.locks import Gate, VmLocks
+from agents.host.shipping import fetch_file
 from agents.host.store import Store
 from agents.hypervisor.actor import Hypervisor
 from agents.hypervisor.guests import Domains, TestDomains
@@ -70,6 +72,8 @@ class HostBase(Actor):
         """Opened by the first `start` (off the event loop); requests wait at the gate until then."""
         self.images: NodeImages | None = None
         """Brings and boots the images of this node's VMs; None: an agent without an image store."""
+        self.shipped: Counter[str] = Counter()
+        """Bytes of VM files shipped ("sent", "received"; `_fetch`, `host.fetch`): what the metrics show."""
         self._hold_until = math.inf
 
     @property
@@ -147,6 +151,10 @@ class HostBase(Actor):
                                    "(`image:` in its spec; `discovery image list` shows them)")
             digest = await self.images.bring(image)
         return await self.images.boot(digest, bases)
+
+    async def _fetch(self, source: str, name: str, part: str, dest: Path) -> None:
+        """Fetch `part` of VM `name` from the host at `source` into `dest` (`agents.host.shipping`), counted."""
+        self.shipped["received"] += await fetch_file(self.transport, source, name, part, dest)
 
     async def _set_desired(self, name: str, state: str) -> None:
         await self.db.write("UPDATE domains SET desired = ? WHERE name = ?", (state, name))

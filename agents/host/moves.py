@@ -20,7 +20,7 @@ import trio
 
 from agents.host.base import HostBase
 from agents.host.locks import one_vm
-from agents.host.shipping import CHUNK, copy_file, fetch_file, read_chunk
+from agents.host.shipping import CHUNK, copy_file, read_chunk
 from agents.hypervisor.actor import HypervisorError
 from agents.messages import (
     HOST_EXPORT,
@@ -125,9 +125,11 @@ class Moves(HostBase):
             raise RequestError(f"part must be one of {', '.join(paths)}")
         path = paths[part]
         try:
-            return await trio.to_thread.run_sync(read_chunk, path, offset, CHUNK)
+            chunk = await trio.to_thread.run_sync(read_chunk, path, offset, CHUNK)
         except FileNotFoundError:
             raise NotFound(f"{name} has no {part} to fetch here") from None
+        self.shipped["sent"] += len(chunk)
+        return chunk
 
     async def _pull(self, name: str, ship: Ship) -> Path | None:
         """Fetch a shipped VM's disk and memory image from the host that exported it (`host.fetch`);
@@ -135,11 +137,11 @@ class Moves(HostBase):
         source, disk = ship.source, self.domains.disk(name)
         if disk is None:
             raise RequestError("ship needs a backend with disks")
-        await fetch_file(self.transport, source, name, "disk", disk)
+        await self._fetch(source, name, "disk", disk)
         if not ship.image:
             return None
         local, seen = self.domains.incoming_image(name)
-        await fetch_file(self.transport, source, name, "image", local)
+        await self._fetch(source, name, "image", local)
         return seen
 
     @one_vm

@@ -294,7 +294,9 @@ class HostService(Lifecycle, Moves, Standbys):
         rows = await self.db.rows("SELECT xml FROM domains UNION ALL SELECT xml FROM standbys")
         return {digest for (xml,) in rows if (digest := image_of(xml)) is not None}
 
-    async def _on_info(self, caller: Caller, request: NoArgs) -> HostInfo:
+    async def listing(self) -> list[DomainInfo]:
+        """libvirt's domains on this node: a fresh listing, or the last complete one when it takes longer than
+        LISTING_PATIENCE or one is under way already (see there). `host.info` and the metrics read it."""
         if not self._listing or self._listed_at is None:
             self._listing = True
             try:
@@ -302,6 +304,10 @@ class HostService(Lifecycle, Moves, Standbys):
                     self._listed, self._listed_at = await self.hypervisor.list(), trio.current_time()
             finally:
                 self._listing = False
+        return self._listed
+
+    async def _on_info(self, caller: Caller, request: NoArgs) -> HostInfo:
+        await self.listing()
         now = trio.current_time()
         return HostInfo(self.ledger.total, self.ledger.free(now), self._listed, self.domains.kind, self.migration_uri,
                         self.vm_locks.in_use(), None if self._listed_at is None else round(now - self._listed_at, 3))

@@ -17,7 +17,6 @@ from agents.host.args import RESERVATION_TTL, snapshots_arg
 from agents.host.base import HostBase
 from agents.host.capacity import Insufficient, Resources, UnknownReservation
 from agents.host.locks import one_vm
-from agents.host.shipping import fetch_file
 from agents.host.store import Params
 from agents.hypervisor.actor import DomainInfo, HypervisorError
 from agents.messages import (
@@ -83,7 +82,7 @@ class Standbys(HostBase):
             if ship is None:
                 raise RequestError(f"a standby of real guest {name} needs its disk: ship from its host")
             try:
-                await fetch_file(self.transport, ship.source, name, "copy", self.domains.standby(name))
+                await self._fetch(ship.source, name, "copy", self.domains.standby(name))
             except (OSError, RpcError) as err:
                 raise RequestError(f"cannot fetch the disk of {name}: {err}") from None
             await self._booted(carried=request.xml)  # the copy's base is ready before its host may die

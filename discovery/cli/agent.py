@@ -3,7 +3,6 @@ the spiral search."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,23 +14,14 @@ agent_app = typer.Typer(no_args_is_help=True, help="Run an agent.")
 
 
 @agent_app.command("run")
-def agent_run(config: Annotated[Path, typer.Option(help="agent.toml")],
+def agent_run(config: Annotated[str, typer.Option(help="agent.toml")],  # str: typer's Path loads pydantic
               log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
-    """Run this node's agent until SIGTERM."""
-    from agents.hypervisor.actor import HypervisorError
+    """Run this node's agent until SIGTERM (`python -m discovery.agent` does the same in less memory)."""
     from discovery import agent  # the whole agent: loaded only to run one
-    from discovery.toml_config import ConfigError
-    from overlay.wire import tls
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_level.lower() != "debug":
-        logging.getLogger("kademlia").setLevel(logging.WARNING)  # it logs every datagram at INFO
-    try:
-        agent.run(config)
-    except (ConfigError, tls.TLSError, HypervisorError) as err:
-        raise fail(str(err)) from None
-    except OSError as err:  # e.g. the listen address is taken
-        raise fail(f"{config}: {err.strerror or err}") from None
+    why = agent.serve(Path(config), log_level)
+    if why is not None:
+        raise fail(why)
 
 
 @app.command()

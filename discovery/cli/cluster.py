@@ -37,8 +37,9 @@ def cluster_up(
                                  dvms=local_cluster.dvms_table(dvms or []))
     except (local_cluster.ClusterError, tls.TLSError) as err:
         raise fail(str(err)) from None
-    emit(state, as_json, make_table(["node", "site", "address", "pid"],
-                                    [[n["name"], n["site"], n["addr"], n["pid"]] for n in state["nodes"]]))
+    emit(state, as_json, make_table(["node", "site", "address", "metrics", "pid"],
+                                    [[n["name"], n["site"], n["addr"], f"http://{n['metrics']}/metrics", n["pid"]]
+                                     for n in state["nodes"]]))
     if not as_json:
         print(f"client config: {state['client_config']} (also the default for this user)")
 

@@ -115,8 +115,9 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     if not (ca_dir / "ca.key").exists():
         init_ca(ca_dir)
     site_names = SITES[:sites]
-    ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
+    ports = free_ports(3 * nodes)  # the agents', their libvirtds' (qemu), their metrics endpoints'
     addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
+    metrics = [f"127.0.0.1:{p}" for p in ports[2 * nodes:]]
     qemu: dict[str, Any] = {}
     tiny = _prepare_guests() if hypervisor != "test" else None
     if not 0 <= local_rtt_ms <= 1000:
@@ -137,7 +138,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
                 qemu = {"hypervisor": "qemu", "libvirt_uri": "qemu:///embed"}  # agents.hypervisor.qemu.EMBED
             _write_toml(config, {
                 "name": name, "site": site, "listen": addrs[i], "data_dir": str(node_dir / "data"),
-                "join": [a for a in addrs[:3] if a != addrs[i]], **qemu,
+                "join": [a for a in addrs[:3] if a != addrs[i]], "metrics": metrics[i], **qemu,
             }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
                 "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
                 "latency.rtt_ms": matrix, **({"dvms": dvms} if dvms else {})})
@@ -146,10 +147,11 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
             except ConfigError as err:
                 raise ClusterError(str(err)) from None
             with open(node_dir / "agent.log", "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config", str(config)],
+                proc = subprocess.Popen([sys.executable, "-m", "discovery.agent", "--config", str(config)],
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
-            started.append({"name": name, "site": site, "addr": addrs[i], "pid": proc.pid, "config": str(config)})
+            started.append({"name": name, "site": site, "addr": addrs[i], "metrics": metrics[i], "pid": proc.pid,
+                            "config": str(config)})
     except BaseException:
         _stop(started)
         raise

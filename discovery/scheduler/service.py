@@ -48,7 +48,7 @@ import logging
 import math
 import time
 import xml.etree.ElementTree as ET
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol
@@ -169,6 +169,8 @@ class DvmsService(Actor):
         self._samples: dict[str, DomainStats] = {}  # domain -> its last stats (real guests)
         self._demand: dict[str, tuple[int, int]] = {}  # domain -> measured (CPU, memory MB) demand
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.counts: Counter[str] = Counter()  # every event so far, by kind (the metrics: `discovery.metrics`)
+        self.endings: Counter[str] = Counter()  # partitions this node led that ended, by reason
         self.ended: dict[str, str] = {}  # partition id -> reason, of those this node led
         self.problems: dict[str, str] = {}  # partition id -> "overload" or "underload", of those this node led
         self.plans: dict[tuple[PartitionId, int], Plan] = {}
@@ -213,6 +215,7 @@ class DvmsService(Actor):
 
     def _event(self, kind: str, **data: Any) -> None:
         self.events.append({"time": time.time(), "kind": kind, **data})
+        self.counts[kind] += 1
 
     # -- mailbox and tick -------------------------------------------------------------------------------
 
@@ -298,6 +301,7 @@ class DvmsService(Actor):
                 self._nursery.start_soon(self._apply, out)
             elif isinstance(out, Ended):
                 self.ended[str(out.pid)] = out.reason
+                self.endings[out.reason] += 1
                 _trim(self.ended)
                 self.plans = {k: v for k, v in self.plans.items() if k[0] != out.pid}
                 self._event("ended", partition=str(out.pid), reason=out.reason, members=list(out.members),

@@ -258,6 +258,9 @@ class Endpoint:
         """Called with (peer node, network RTT in seconds, peer's stamp) after each answered call."""
         self.stamp: Callable[[], Any] | None = None
         """Returns what to attach to every response we send (see the module docstring)."""
+        self.on_served: Callable[[str, float, str | None], None] | None = None
+        """Called with (method, seconds held, error kind or None) after each request a peer sent for a method
+        served here (`Transport`): what the agent's metrics observe (`agents.metrics`)."""
         self.check_answers = True
         """Whether `dispatch` checks each answer against its method before it leaves (`BadAnswer`). Off only
         where every caller `ask`s, which checks it on arrival (a handler's slip is still a `bad_answer`,
@@ -472,7 +475,10 @@ class Transport(Endpoint):
             except Exception as err:
                 log.exception("handler %s failed", method)
                 reply = [RESPONSE, request_id, False, {"kind": "internal", "message": _describe(err)}]
-            trailer = [self.stamp() if self.stamp is not None else None, trio.current_time() - received]
+            held = trio.current_time() - received
+            trailer = [self.stamp() if self.stamp is not None else None, held]
+            if self.on_served is not None and method in self.routes:  # only served names: a bounded set
+                self.on_served(method, held, None if reply[2] else reply[3]["kind"])
             await self._sleep_towards(conn.peer_site)
             try:
                 await conn.send([*reply, *trailer])

@@ -180,7 +180,7 @@ def restart(cluster: Cluster, name: str, **env: str) -> int:
     `cluster down` stops it too. It answers soon, but has not rejoined yet: see `rejoined`."""
     node = cluster.node(name)
     output = open(Path(node["config"]).parent / "agent.log", "ab")  # noqa: SIM115 - the child keeps it open
-    proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config", node["config"]],
+    proc = subprocess.Popen([sys.executable, "-m", "discovery.agent", "--config", node["config"]],
                             stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env={**cluster.env, **env})
     output.close()

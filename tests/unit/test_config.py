@@ -52,6 +52,7 @@ def test_good_agent_config_resolves_relative_paths(tmp_path):
     (lambda t: t.replace("127.0.0.1:7001", "0.0.0.0:7001"), "binds every address: set advertise"),
     (lambda t: t.replace('site = "rennes"', 'site = "rennes"\nadvertise = "10.0.0.5:7001"'), "no port, no wildcard"),
     (lambda t: t.replace('site = "rennes"', 'site = "rennes"\nadvertise = "0.0.0.0"'), "no port, no wildcard"),
+    (lambda t: t.replace('data_dir = "data"', 'data_dir = "data"\nmetrics = "9464"'), "'metrics' must be host:port"),
 ])
 def test_bad_agent_config_names_the_field(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -75,6 +76,13 @@ def test_migrations_go_to_the_target_daemon_s_host():
     assert list(migrate_params("qemu+tcp://[fd00::3]:16509/system").values()) == ["tcp://[fd00::3]"]
     with pytest.raises(RequestError, match="names no host"):
         migrate_params("qemu:///system")
+
+
+@pytest.mark.parametrize(("line", "metrics"), [("", "127.0.0.1:0"), ('metrics = "0.0.0.0:9464"', "0.0.0.0:9464"),
+                                              ('metrics = "[::1]:0"', "[::1]:0"), ('metrics = ""', "")])
+def test_the_metrics_endpoint_is_on_loopback_unless_told(tmp_path, line, metrics):
+    assert load_agent_config(write(tmp_path, GOOD.replace('data_dir = "data"', f'data_dir = "data"\n{line}'))).metrics \
+        == metrics
 
 
 def test_missing_client_config_says_how_to_get_one(tmp_path):
