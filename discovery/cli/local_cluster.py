@@ -1,4 +1,5 @@
-"""A local multi-site cluster: N real agent processes on loopback, a generated CA, emulated WAN latency.
+"""A local multi-site cluster: N real agent processes on loopback (or each in a network namespace of its own),
+a generated CA, emulated WAN latency.
 
 `up` writes everything under one directory (CA, per-node config, data, logs, `cluster.json` with the
 PIDs) and `down` stops exactly the processes listed there, after checking each PID still runs that
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ HYPERVISORS = ("test", "qemu", "qemu-embed")
 in each agent (no daemon, so VMs move by save → ship → restore)."""
 MIGRATION_PORTS = 49200
 """The first node's live-migration ports (16 per node) with --hypervisor qemu."""
+NETNS_PORT = 7000
+"""The port each agent listens on when it has a network namespace (and so an address) of its own."""
 
 
 class ClusterError(Exception):
@@ -89,10 +93,13 @@ def dvms_table(pairs: list[str]) -> dict[str, Any]:
 
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
        wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test",
-       dvms: dict[str, Any] | None = None) -> dict[str, Any]:
+       dvms: dict[str, Any] | None = None, netns: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Start the agents; with `hypervisor` "qemu", each runs real tiny guests on a libvirtd of its own
     (the guest image is built and the accelerator chosen here first, once for all of them). `dvms` is the
-    `[dvms]` table of every agent.toml (discovery.scheduler.settings); each file is checked before its agent starts."""
+    `[dvms]` table of every agent.toml (discovery.scheduler.settings); each file is checked before its agent starts.
+    With `netns`, node i runs inside network namespace `netns[i][0]` (`ip netns exec`, as root) and listens on its
+    address `netns[i][1]`, port NETNS_PORT; the caller must reach those addresses (it waits for the agents to
+    converge), e.g. from a namespace on their bridge (`benchmarks/netns.py`)."""
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
     if hypervisor not in HYPERVISORS:
@@ -101,6 +108,8 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
     if not 1 <= sites <= min(nodes, len(SITES)):
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
+    if netns and (len(netns) != nodes or hypervisor != "test"):
+        raise ClusterError("network namespaces: one per node, with hypervisor test")
     directory = directory.resolve()
     if (directory / STATE_FILE).exists():
         state = load_state(directory)
@@ -113,7 +122,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         init_ca(ca_dir)
     site_names = SITES[:sites]
     ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
-    addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
+    addrs = [f"{a}:{NETNS_PORT}" for _, a in netns] or [f"127.0.0.1:{p}" for p in ports[:nodes]]
     qemu: dict[str, Any] = {}
     if hypervisor != "test":
         _prepare_guests()
@@ -144,7 +153,9 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
             except ConfigError as err:
                 raise ClusterError(str(err)) from None
             with open(node_dir / "agent.log", "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "discovery", "agent", "run", "--config", str(config)],
+                where = ["ip", "netns", "exec", netns[i][0]] if netns else []  # it execs: the PID is the agent's
+                proc = subprocess.Popen([*where, sys.executable, "-m", "discovery", "agent", "run", "--config",
+                                         str(config)],
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             started.append({"name": name, "site": site, "addr": addrs[i], "pid": proc.pid, "config": str(config)})
