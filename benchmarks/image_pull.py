@@ -7,10 +7,14 @@ on node1, kept on 1 holder; node2 pulls it (1 source), then node3 (2 sources: no
 (3 sources). Then node4 is killed, and node5 pulls from node1, node2 and node3 (the same 3 holders as
 node4) while node3 is killed (SIGKILL, by PID) `--kill-at` of node4's pull time after the pull began;
 node5 then checks every chunk it stored (`image.verify`: corrupt 0 means no unverified chunk was used).
+With `--freeze`, node3 is stopped (SIGSTOP) instead: it answers nothing, and nothing tells node5 so but the
+requests' deadlines (the worst case: a holder that hangs, or whose link dies silently).
 Each pull is `image.pull` as the CLI sends it; its answer says how many bytes came from each holder and
 how many were duplicates. `cpu_share` is the CPU time all agents used during a pull (`cpu_seconds`: each
 agent's) over the wall time and every core: near 1, or the puller's near the wall time (its event loop is
-one thread), the pull is bound by CPU, not by the network.
+one thread), the pull is bound by CPU, not by the network. `puller_suspected` counts what the puller's
+membership said of other nodes during the pull ("suspect node1": a probe went unanswered in time): a
+holder's answers to probes wait behind the chunks it sends the puller on the same connection.
 
 Without `--uplink-mbit` the agents share this machine's loopback, with no bandwidth limit: the figure is
 what the RPC path (mutual TLS, 2 MiB request/response batches, verification and pack writes) carries per
@@ -27,11 +31,14 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,8 @@ from overlay.wire import tls
 from overlay.wire.rpc import Transport
 
 NODES = ["node1", "node2", "node3", "node4", "node5"]
+SUSPECTED = re.compile(r"member_(suspect|dead): (\S+)")
+"""What an agent logs when its membership suspects a member, or declares it dead (`agents.node`)."""
 GONE_DEADLINE = 60.0
 """Seconds node5 has to find node4 dead (not merely suspect: a suspect holder is still asked) before its pull."""
 
@@ -55,6 +64,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--uplink-mbit", type=float, help="shape each agent's uplink (network namespaces, root)")
     parser.add_argument("--kill-at", type=float, default=0.4, help="fraction of the 3-holder pull time")
+    parser.add_argument("--freeze", action="store_true",
+                        help="SIGSTOP node3 instead: a holder that stops answering but keeps its connections open")
     parser.add_argument("--plot")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
@@ -78,9 +89,9 @@ def main() -> None:
                                    "node1, node2, node3 -> node4 at once": netns.throughput(bed, [0, 1, 2], 3)}
                 places = bed.nodes
             state, identity = stack.enter_context(local_cluster(directory, len(NODES), 1, netns=places))
-            pids = {n["name"]: n["pid"] for n in state["nodes"]}
-            addrs = {n["name"]: n["addr"] for n in state["nodes"]}
-            result.update(trio.run(_scenario, identity, image, addrs, pids, args))
+            nodes = {n["name"]: _Node(n["addr"], n["pid"], Path(n["config"]).parent / "agent.log")
+                     for n in state["nodes"]}
+            result.update(trio.run(_scenario, identity, image, nodes, args))
     result["load"] = os.getloadavg()[0]
     json.dump(result, sys.stdout, indent=2, default=str)
     print()
@@ -88,31 +99,38 @@ def main() -> None:
         _plot(result, args.plot)
 
 
-async def _scenario(identity: tls.Identity, image: Path, addrs: dict[str, str], pids: dict[str, int],
+@dataclass(frozen=True)
+class _Node:
+    addr: str
+    pid: int
+    log: Path
+
+
+async def _scenario(identity: tls.Identity, image: Path, nodes: dict[str, _Node],
                     args: argparse.Namespace) -> dict[str, Any]:
     async with Transport(identity, node="bench") as transport:
-        imported = (await upload(transport, addrs["node1"], image, "bench", copies=1)).__dict__
+        imported = (await upload(transport, nodes["node1"].addr, image, "bench", copies=1)).__dict__
         wire_bytes = imported["new_bytes"]  # the compressed chunks: what the holders' uplinks carry
-        pulls = [await _pull(transport, addrs, pids, puller, imported, args.uplink_mbit)
+        pulls = [await _pull(transport, nodes, puller, imported, args.uplink_mbit)
                  for puller in ("node2", "node3", "node4")]
-        os.kill(pids["node4"], signal.SIGKILL)  # node5 is to pull from node4's 3 holders
-        await _wait_gone(transport, addrs["node5"], "node4")
+        os.kill(nodes["node4"].pid, signal.SIGKILL)  # node5 is to pull from node4's 3 holders
+        await _wait_gone(transport, nodes["node5"].addr, "node4")
         no_kill = pulls[-1]["wall_seconds"]
         kill_after = args.kill_at * no_kill
 
         async def kill() -> None:
             await trio.sleep(kill_after)
-            os.kill(pids["node3"], signal.SIGKILL)
+            os.kill(nodes["node3"].pid, signal.SIGSTOP if args.freeze else signal.SIGKILL)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kill)
-            killed = await _pull(transport, addrs, pids, "node5", imported, args.uplink_mbit)
+            killed = await _pull(transport, nodes, "node5", imported, args.uplink_mbit)
         if args.uplink_mbit:  # node3's share until the kill, the other two's after it
             rate = args.uplink_mbit * 1e6 / 8
             killed["uplinks_alone_s"] = round(kill_after + max(0.0, wire_bytes - 3 * rate * kill_after) / (2 * rate), 2)
-        killed.update(killed="node3", killed_after_s=round(kill_after, 2),
+        killed.update(killed="node3", how="SIGSTOP" if args.freeze else "SIGKILL", killed_after_s=round(kill_after, 2),
                       vs_no_kill=round(killed["wall_seconds"] / no_kill, 2),
-                      verify=await transport.call(addrs["node5"], "image.verify", {"name": "bench"}, timeout=600))
+                      verify=await transport.call(nodes["node5"].addr, "image.verify", {"name": "bench"}, timeout=600))
         pulls.append(killed)
         one = pulls[0]["wall_seconds"]
         for p in pulls:
@@ -120,19 +138,24 @@ async def _scenario(identity: tls.Identity, image: Path, addrs: dict[str, str], 
         return {"imported": imported, "pulls": pulls}
 
 
-async def _pull(transport: Transport, addrs: dict[str, str], pids: dict[str, int], puller: str,
-                imported: dict[str, Any], uplink_mbit: float | None) -> dict[str, Any]:
+async def _pull(transport: Transport, nodes: dict[str, _Node], puller: str, imported: dict[str, Any],
+                uplink_mbit: float | None) -> dict[str, Any]:
     """`image.pull` on `puller`, with the figures of one row (`mb_per_s`: of the image's size, zeros included)."""
-    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    cpu = {name: cpu_seconds(node.pid) for name, node in nodes.items()}
+    logged = nodes[puller].log.stat().st_size
     begun = time.perf_counter()
-    answer = await transport.call(addrs[puller], "image.pull", {"name": "bench"}, timeout=3600)
+    answer = await transport.call(nodes[puller].addr, "image.pull", {"name": "bench"}, timeout=3600)
     wall = time.perf_counter() - begun
-    used = {name: round(max(0.0, cpu_seconds(pids[name]) - before), 2) for name, before in cpu.items()}
+    used = {name: round(max(0.0, cpu_seconds(nodes[name].pid) - before), 2) for name, before in cpu.items()}
+    with open(nodes[puller].log, "rb") as log:
+        log.seek(logged)
+        said = Counter(" ".join(m) for m in SUSPECTED.findall(log.read().decode(errors="replace")))
     holders = len(answer["sources"])
     row = {"puller": puller, "holders": holders, **answer, "wall_seconds": round(wall, 3),
            "mb_per_s": round(imported["size"] / 1e6 / wall, 1),
            "duplicate_pct": round(100 * answer["duplicate_bytes"] / max(1, answer["fetched_bytes"]), 2),
-           "cpu_share": round(sum(used.values()) / wall / (os.cpu_count() or 1), 2), "cpu_seconds": used}
+           "cpu_share": round(sum(used.values()) / wall / (os.cpu_count() or 1), 2), "cpu_seconds": used,
+           "puller_suspected": dict(said)}
     if uplink_mbit:
         row["uplinks_alone_s"] = round(imported["new_bytes"] * 8 / (holders * uplink_mbit * 1e6), 2)
     return row
