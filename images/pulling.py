@@ -19,11 +19,12 @@ service time for the request). A timeout or a lost connection is `on_failure`. A
   response time r, against the shortest seen (the source's latency and one batch's sending: nothing
   queued ahead), tells how many of the n requests outstanding when it was sent were queued:
   ``n·(1 − base/r)``. Above `standing_high` the window shrinks by one; below `standing_low`, while the
-  window held the source back, it grows: twice as large until a reply first shows a queue (slow
-  start), then by one. One step per round trip at most (only for a request sent after the last
+  window held the source back, it grows: twice as large until a reply first shows half a batch queued
+  (slow start), then by one. One step per round trip at most (only for a request sent after the last
   change), between 1 and `window`; it starts at `burst`. A source whose sending is slower than its
-  latency keeps a window of 2 (one batch sending, one waiting: its uplink never idles, and an answer
-  to anything else waits about one batch); one far away grows it until its requests fill the path.
+  latency keeps a window of 3 (one batch sending, two waiting: its uplink does not idle while the
+  puller is slow to ask again, and an answer to anything else waits two batches' sending, 0.34 s at
+  100 Mbit/s); one far away grows it until its requests fill the path.
 * Best: the lowest C3 score (Suresh et al., NSDI 2015) ``Ψ = R̄ − 1/μ̄ + q̂³/μ̄`` with ``q̂ = 1 + os·w + q̄``:
   R̄ the EWMA of the response time, μ̄ of the service rate, q̄ of the queue the source reported, os its
   outstanding requests here, w `concurrency_weight`. A source not heard from yet scores lowest, so each is
@@ -91,7 +92,7 @@ class PullConfig:
     batch_bytes: int = 2 << 20
     window: int = 16
     """Requests outstanding per source at most: what a source that dies holds up, until the endgame."""
-    standing_low: float = 0.5
+    standing_low: float = 1.0
     standing_high: float = 2.0
     """Batches queued at a source below which its window grows, above which it shrinks (Vegas's α, β)."""
     burst: int = 2
@@ -191,7 +192,7 @@ class _Source:
     paced_at: float = -math.inf
     """When its window last changed."""
     started: bool = True
-    """Slow start: its window doubles at each step until a reply shows requests queued, then moves by one."""
+    """Slow start: its window doubles at each step until a reply shows half a batch queued, then moves by one."""
     peak: float | None = None
     """R0, where the cubic comes back to after the last cut (None: never cut)."""
     decreased_at: float = -math.inf
@@ -267,7 +268,7 @@ class _Source:
         if f.sent_at < self.paced_at:
             return
         queued = f.ahead * (1 - self.base / response)
-        if queued >= config.standing_low:
+        if queued >= config.standing_low / 2:
             self.started = False
         if queued > config.standing_high and self.window > 1:
             self.window, self.paced_at = self.window - 1, now

@@ -29,18 +29,19 @@ replies waited in an uplink's queue, median and longest):
     40                     26.87    26.84   0.08, 0.13
     40,40                  13.46    13.42   0.08, 0.13
     40,40,40                8.99     8.95   0.08, 0.13    2.99x faster than one holder, 0 duplicate bytes
-    40,40,40 --kill 1@5    11.00     8.95   0.08, 0.13    1.22x; h1's requests re-requested when late
+    40,40,40 --kill 1@5    11.01     8.95   0.08, 0.13    1.22x; h1's requests re-requested when late
     40,40,40 --liar 2      13.46    13.42   0.08, 0.13    h2 dropped at its first reply, none of its bytes used
-    40,40,4                12.84    12.78   0.08, 0.51    the slow holder: one reply waiting, 0.5 s
+    40,40,4                12.84    12.78   0.08, 1.54    the slow holder: two replies waiting, 1 s
     40,40,40, 300 ms        9.68     8.95   0.16, 0.48    slow start fills the path in a few round trips
-    40,40,40 --jitter .3    9.02     8.95   0.08, 0.14
+    40,40,40 --jitter .3    9.02     8.95   0.08, 0.21
     400,400,400             1.51     0.90   0.00, 0.00    bound by the holders' reads (250 MB/s each: 1.43)
-    12.5 x3, 1 ms          28.69    28.63   0.16, 0.16    the testbed's 100 Mbit/s uplinks
-    12.5 x3, 1 ms, 1@7     39.56    28.63   0.16, 0.16    the uplinks' own limit with h1 gone at 7 s: 39.5
+    12.5 x3, 1 ms          28.69    28.63   0.33, 0.49    the testbed's 100 Mbit/s uplinks
+    12.5 x3, 1 ms, 1@7     39.56    28.63   0.33, 0.49    the uplinks' own limit with h1 gone at 7 s: 39.5
 
 With the window fixed at 16 requests (before the Vegas window) the same runs took as long (9.53 s at
 300 ms, 1.50 s at 400 MB/s), but replies waited 0.76 s at 40 MB/s, 2.5 s at 12.5 MB/s and up to 7.8 s
-behind the 4 MB/s holder: on the testbed the puller's membership probes timed out behind them.
+behind the 4 MB/s holder: on the testbed the puller's membership probes timed out behind them. Behind
+an uplink slow enough that two batches take over a second to send (under 30 Mbit/s) they still would.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def test_rate_control_paces_requests_and_cuts_once_per_round_trip_when_the_queue
 
 def test_the_window_keeps_what_queues_at_a_source_between_its_bounds_one_step_per_round_trip() -> None:
     """Vegas's rule on replies of known response time r: of the `ahead` requests outstanding when one was sent,
-    ahead·(1 − base/r) were queued; kept between 0.5 and 2 batches, doubling until a queue shows."""
+    ahead·(1 − base/r) were queued; kept between 1 and 2 batches, doubling until half a batch shows."""
     config = replace(DEFAULT, window=8)
 
     def reply(ahead: int, sent_at: float, now: float) -> None:
@@ -233,12 +233,12 @@ def test_the_window_keeps_what_queues_at_a_source_between_its_bounds_one_step_pe
     assert source.window == config.window, "never above the configured window"
 
 
-def test_a_holder_behind_a_slow_uplink_has_about_one_reply_waiting_and_a_far_one_still_fills_its_path() -> None:
+def test_a_holder_behind_a_slow_uplink_has_two_replies_waiting_at_most_and_a_far_one_still_fills_its_path() -> None:
     """What a holder reports covers its disk, not its uplink: without the window, the testbed's 100 Mbit/s
     uplinks held 2.5 s of replies, and the puller's membership probes (1 s) waiting behind them timed out."""
     near = sim.run(1 << 30, [sim.Holder(12.5, latency=0.001)] * 3)
     sending = DEFAULT.batch_bytes / 12.5e6
-    assert near.uplink_wait_max <= 1.5 * sending and near.seconds <= 1.01 * near.uplink_seconds
+    assert near.uplink_wait_max <= 3 * sending and near.seconds <= 1.01 * near.uplink_seconds
     far = sim.run(1 << 30, [sim.Holder(120, latency=0.1)] * 3)
     assert far.seconds <= 1.1 * far.uplink_seconds, "its window grew until its requests filled the path"
     assert far.uplink_wait_max <= 2 * 0.1, "slow start overshoots by a round trip at most"
