@@ -93,20 +93,23 @@ def dvms_table(pairs: list[str]) -> dict[str, Any]:
 
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
        wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test",
-       dvms: dict[str, Any] | None = None, netns: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+       dvms: dict[str, Any] | None = None, netns: Sequence[tuple[str, str]] = (),
+       site_names: Sequence[str] | None = None, emulate_wan: bool = True) -> dict[str, Any]:
     """Start the agents; with `hypervisor` "qemu", each runs real tiny guests on a libvirtd of its own
     (the guest image is built and the accelerator chosen here first, once for all of them). `dvms` is the
     `[dvms]` table of every agent.toml (discovery.scheduler.settings); each file is checked before its agent starts.
     With `netns`, node i runs inside network namespace `netns[i][0]` (`ip netns exec`, as root) and listens on its
     address `netns[i][1]`, port NETNS_PORT; the caller must reach those addresses (it waits for the agents to
-    converge), e.g. from a namespace on their bridge (`benchmarks/netns.py`)."""
+    converge), e.g. from a namespace on their bridge (`benchmarks/netns.py`) or through the testbed's router
+    (`discovery.testbed`). `site_names` (default: the first `sites` of wan.SITES) name the sites; without
+    `emulate_wan` the agents add no per-frame delay (the testbed's router delays the packets themselves)."""
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
     if hypervisor not in HYPERVISORS:
         raise ClusterError(f"--hypervisor must be one of {', '.join(HYPERVISORS)}")
     if hypervisor != "test" and nodes > 16:
         raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
-    if not 1 <= sites <= min(nodes, len(SITES)):
+    if site_names is None and not 1 <= sites <= min(nodes, len(SITES)):
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
     if netns and (len(netns) != nodes or hypervisor != "test"):
         raise ClusterError("network namespaces: one per node, with hypervisor test")
@@ -120,7 +123,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     ca_dir = directory / "ca"
     if not (ca_dir / "ca.key").exists():
         init_ca(ca_dir)
-    site_names = SITES[:sites]
+    site_names = list(site_names) if site_names is not None else SITES[:sites]
     ports = free_ports(2 * nodes)  # the agents', then their libvirtds' (qemu)
     addrs = [f"{a}:{NETNS_PORT}" for _, a in netns] or [f"127.0.0.1:{p}" for p in ports[:nodes]]
     qemu: dict[str, Any] = {}
@@ -128,7 +131,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         _prepare_guests()
     if not 0 <= local_rtt_ms <= 1000:
         raise ClusterError("--local-rtt-ms must be between 0 and 1000")
-    matrix = rtt_matrix(site_names, local_rtt_ms)
+    matrix = rtt_matrix(site_names, local_rtt_ms) if emulate_wan else {}
     started: list[dict[str, Any]] = []
     try:
         for i in range(nodes):
@@ -147,7 +150,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
                 "join": [a for a in addrs[:3] if a != addrs[i]], **qemu,
             }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
                 "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
-                "latency.rtt_ms": matrix, **({"dvms": dvms} if dvms else {})})
+                **({"latency.rtt_ms": matrix} if matrix else {}), **({"dvms": dvms} if dvms else {})})
             try:
                 load_agent_config(config)
             except ConfigError as err:
