@@ -12,6 +12,7 @@ Run by `bed.up` inside the router namespace: `python -m discovery.testbed.relay 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import heapq
 import json
@@ -28,6 +29,7 @@ from discovery.testbed.plan import TUN, Node, Plan
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
+_PR_SET_TIMERSLACK = 29
 
 
 class DelayLine:
@@ -90,8 +92,17 @@ def run(plan: Plan, fd: int) -> None:
                 os.write(fd, packet)
 
 
+def _prompt() -> None:
+    """Wake on time: no timer slack (50 µs by default), and ahead of the agents when the machine is loaded."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    with contextlib.suppress(OSError):
+        os.nice(-10)
+
+
 def main() -> None:
     plan = plan_from_state(json.loads(Path(sys.argv[1]).read_text()))
+    _prompt()
     run(plan, open_tun(TUN))
 
 
