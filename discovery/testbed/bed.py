@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -163,12 +162,9 @@ def teardown(directory: Path | None) -> list[str]:
 
 
 def down(directory: Path) -> list[str]:
+    """`teardown` of the testbed in `directory` (its relay and agents end with their namespaces)."""
     directory = directory.resolve()
-    state = _load(directory)
-    relay = state.get("relay_pid")
-    if relay:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(relay, signal.SIGKILL)  # it is in the router's namespace too: `remove` would end it anyway
+    _load(directory)
     return teardown(directory)
 
 
@@ -209,6 +205,13 @@ def heal(directory: Path) -> int:
     return healed
 
 
+def _is_relay(pid: int) -> bool:
+    try:
+        return b"discovery.testbed.relay" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def status(directory: Path) -> dict[str, Any]:
     directory = directory.resolve()
     state = _load(directory)
@@ -221,7 +224,7 @@ def status(directory: Path) -> dict[str, Any]:
     nodes = [{**n, "namespace_up": n["namespace"] in present, "process": agents[n["name"]]["process"],
               "answers": agents[n["name"]]["answers"]} for n in state.get("nodes", [])]
     return {"dir": state["dir"], "router_up": ROUTER in present,
-            "relay": "running" if relay and Path(f"/proc/{relay}").exists() else "gone",
+            "relay": "running" if relay and _is_relay(relay) else "gone",
             "partitions": [{"target": p["target"], "oneway": p["oneway"]} for p in state["partitions"]],
             "nodes": nodes}
 
