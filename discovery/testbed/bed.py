@@ -84,6 +84,8 @@ def build(plan: Plan) -> None:
     for node in plan.nodes:
         ns, gw = node.namespace, plan.gateway(node.site)
         net.ip("netns", "add", ns)
+        net.in_ns(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")  # IPv4 only: all of it routed
+        net.in_ns(ns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
         net.ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", node.port, "netns", r)
         net.ip("-n", r, "link", "set", node.port, "master", plan.bridge(node.site), "up")
         net.ip("-n", ns, "addr", "add", f"{node.address}/32", "dev", "eth0")

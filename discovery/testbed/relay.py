@@ -32,16 +32,26 @@ _IFF_NO_PI = 0x1000
 _PR_SET_TIMERSLACK = 29
 
 
+HELD_LIMIT = 20_000
+"""Packets held at most (about 30 MB of full frames, 2.4 s of 100 Mbit/s): past it the newest is dropped, as a
+router's full queue would, instead of growing without bound when more arrives than the relay can send."""
+
+
 class DelayLine:
     """Sans-IO: packets in with their arrival time, packets out when their time has come."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, limit: int = HELD_LIMIT) -> None:
         self._plan = plan
+        self._limit = limit
+        self.dropped = 0
         self._held: list[tuple[float, int, bytes]] = []
         self._seq = 0
         self._delays: dict[tuple[bytes, bytes], float] = {}
 
     def push(self, packet: bytes, now: float) -> None:
+        if len(self._held) >= self._limit:
+            self.dropped += 1
+            return
         if len(packet) < 20 or packet[0] >> 4 != 4:
             delay = 0.0  # not IPv4: nothing of ours, pass it on
         else:

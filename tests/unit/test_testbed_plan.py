@@ -115,3 +115,11 @@ def test_delay_line_holds_each_packet_its_pairs_delay_and_keeps_their_order():
 
 def test_within_is_plus_or_minus_ten_percent():
     assert within(10.9, 10) and within(9.1, 10) and not within(11.1, 10) and not within(8.9, 10)
+
+
+def test_delay_line_drops_the_newest_packets_past_its_limit():
+    line = DelayLine(make_plan(2, ["a", "b"], uniform_rtt(2, 10), 100), limit=2)
+    for k in range(3):
+        line.push(_packet("10.213.1.1", "10.213.2.1", bytes([k])), 0.0)
+    assert line.dropped == 1
+    assert [p[-1] for p in line.due(1.0)] == [0, 1]
