@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from discovery.cli.app import JsonOpt, emit, fail, make_table
+from discovery.cli.sim import UnitOpt, check_unit
 
 testbed_app = typer.Typer(no_args_is_help=True, help="A multi-site testbed of agents in network namespaces (root).")
 DirOpt = Annotated[Path, typer.Option("--dir", help="Where the testbed keeps everything.")]
@@ -22,6 +23,7 @@ def testbed_up(
     site_rtt: Annotated[float | None, typer.Option(help="The same RTT between every two sites, ms.")] = None,
     rtt: Annotated[Path | None, typer.Option(help="A measured RTT matrix (see shared/data/rtt): its first "
                                                   "SITES rows are the sites' RTTs.")] = None,
+    unit: UnitOpt = None,
     bandwidth: Annotated[float, typer.Option(help="Each node's link, both ways, Mbit/s.")] = 100.0,
     hypervisor: Annotated[str, typer.Option(help="test (libvirt's test driver).")] = "test",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the agents to converge.")] = 60.0,
@@ -31,6 +33,7 @@ def testbed_up(
     from discovery.cli import local_cluster
     from discovery.testbed import bed, net, plan
 
+    check_unit(unit)
     if site_rtt is not None and rtt is not None:
         raise fail("--site-rtt or --rtt, not both")
     try:
@@ -41,7 +44,7 @@ def testbed_up(
             from vivaldi.sim import load_matrix  # numpy: only for a matrix file
 
             try:
-                matrix = plan.matrix_rtt(load_matrix(rtt).tolist(), sites)
+                matrix = plan.matrix_rtt((load_matrix(rtt, unit) * 1000).tolist(), sites)  # it reads seconds
             except (OSError, ValueError) as err:
                 raise fail(f"{rtt}: {err}") from None
         else:

@@ -102,9 +102,10 @@ def connect_rtt_ms(namespace: str, addr: str, port: int, samples: int = 9) -> fl
     return statistics.median(times)
 
 
-def throughput(senders: Sequence[tuple[str, str]], receiver: tuple[str, str], seconds: float = 3.0) -> list[float]:
+def throughput(senders: Sequence[tuple[str, str]], receiver: tuple[str, str], seconds: float = 3.0,
+               warmup: float = 1.0) -> list[float]:
     """Mbit/s that each of `senders` (namespace, address) carries over TCP to `receiver`, all at once, as the
-    receiver counts it over `seconds` after the first second (HTB's initial burst and TCP's slow start
+    receiver counts it over `seconds` after `warmup` seconds (HTB's initial burst and TCP's slow start
     excluded)."""
     receiver_ns, receiver_addr = receiver
     with inside(receiver_ns):
@@ -116,7 +117,7 @@ def throughput(senders: Sequence[tuple[str, str]], receiver: tuple[str, str], se
                 clients.append(socket.create_connection((receiver_addr, PROBE_PORT), timeout=10))
         by_addr = {a.getpeername()[0]: a for a in (server.accept()[0] for _ in senders)}
         accepted = [by_addr[addr] for _, addr in senders]
-        begin = time.monotonic() + 1.0
+        begin = time.monotonic() + warmup
         end = begin + seconds
         counts = [0] * len(accepted)
 

@@ -167,7 +167,8 @@ def default_rtt(names: list[str]) -> list[list[float]]:
 
 
 def matrix_rtt(matrix: list[list[float]], sites: int) -> list[list[float]]:
-    """`--rtt MATRIX`: the first `sites` rows and columns of a measured matrix (vivaldi.sim.load_matrix, ms)."""
+    """`--rtt MATRIX`: the first `sites` rows and columns of a measured matrix (vivaldi.sim.load_matrix, in ms;
+    the diagonal is ignored)."""
     if len(matrix) < sites:
         raise SpecError(f"the RTT matrix has {len(matrix)} rows, fewer than --sites {sites}")
     rows = [[float(matrix[a][b]) for b in range(sites)] for a in range(sites)]
