@@ -1,7 +1,8 @@
-"""Figures the benchmark scripts share: percentiles in milliseconds and an agent's resident memory."""
+"""Figures the benchmark scripts share: percentiles in milliseconds, an agent's resident memory and CPU time."""
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 
@@ -24,3 +25,12 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) process `pid` used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

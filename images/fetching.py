@@ -1,12 +1,17 @@
 """Pulling an image to this node: its manifest, then the chunks this store lacks, from several holders at once.
 
 `images.pulling.Pull` (sans-IO) decides which chunks to ask of which live holder and when: C3-ranked
-holders under rate control, an endgame that re-requests what a slow or dead holder holds up, liars
-dropped. This is its trio shell: it sends each request (`image.chunks`) in a task of its own with the
-request's deadline, verifies every chunk of a reply against its id before writing it and tells the core
-which verified and which did not, and cancels the requests the core gives up. Fetched chunks are
-committed to the store every COMMIT_BYTES, so an interrupted pull resumes from what it had (a new `Pull`
-over what the store still lacks); the manifest lands last, and only then is this node listed as a holder.
+holders under rate control and a window each, an endgame that re-requests what a slow or dead holder
+holds up, liars dropped. This is its trio shell: it sends each request (`image.chunks`) in a task of its
+own with the request's deadline, which also verifies every chunk of the reply against its id, tells the
+core which verified and which did not, and cancels the requests the core gives up. The loop that feeds
+the core neither checks nor writes: replies are checked side by side in their tasks, and what verified
+goes to a writer task (WRITE_BACKLOG replies ahead of it at most), so that the next requests leave at
+once whatever the CPU or the disk is doing (a commit's fsync can take a second): the holders' windows
+are short, and a holder left without a request idles its uplink. Fetched chunks are committed to the
+store every COMMIT_BYTES, so an interrupted pull resumes from what it had (a new `Pull` over what the
+store still lacks); the writer has written everything before the manifest lands, last, and only then is
+this node listed as a holder.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -33,6 +39,9 @@ from overlay.wire.rpc import Endpoint, RequestError, RpcError
 log = logging.getLogger(__name__)
 InStore = Callable[..., Awaitable[Any]]
 COMMIT_BYTES = 64 << 20
+WRITE_BACKLOG = 16
+"""Verified replies waiting for the writer at most (32 MiB): past them, a disk slower than the network holds
+the requests back."""
 CALL_TIMEOUT = 60.0
 
 
@@ -86,6 +95,19 @@ class Fetcher:
         raise RequestError(f"no holder served manifest {digest[:16]} ({'; '.join(errors) or 'no live holder'})")
 
 
+Stored = tuple[bytes, bytes, int]
+"""A chunk as it travels and is stored: its id, its zstd frame, its size."""
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A reply, its chunks verified by the task that received it."""
+
+    batch: ChunkBatch
+    good: list[Stored]
+    bad: set[bytes]
+
+
 class _Run:
     """One pull's chunk transfers: `images.pulling.Pull` decides what to ask of whom and when; this sends the
     requests, times them out, verifies and writes what comes back, and reports it."""
@@ -95,20 +117,35 @@ class _Run:
         self.writer = PackWriter(fetcher.store)
         self.stats: PullStats | None = None
         self._uncommitted = 0
+        self._write_error: RequestError | OSError | None = None
 
     async def fetch(self, missing: list[bytes]) -> None:
         pull = Pull([(cid, self.sizes[cid]) for cid in missing], list(self.holders), trio.current_time(),
                     random.Random())
-        send, events = trio.open_memory_channel[tuple[Request, ChunkBatch | None]](math.inf)
+        to_write, writes = trio.open_memory_channel[list[Stored]](WRITE_BACKLOG)
+        async with trio.open_nursery() as writing:
+            writing.start_soon(self._writer, writes, writing.cancel_scope)
+            async with to_write:  # closed when the loop ends: the writer drains what is left, then returns
+                await self._loop(pull, to_write)
+        self.stats = pull.stats
+        if self._write_error is not None:
+            raise self._write_error
+        if not pull.done:
+            dropped = ", ".join(f"{n} ({why})" for n, why in sorted(pull.stats.dropped.items())) or "none"
+            raise RequestError(f"{len(missing) - len(pull.received())} chunks could not be fetched from any holder "
+                               f"({', '.join(sorted(self.holders)) or 'none live'}; given up on: {dropped})")
+
+    async def _loop(self, pull: Pull, to_write: trio.MemorySendChannel[list[Stored]]) -> None:
+        """Feed the core until the pull is done or has failed: send what it asks for, report what comes back."""
+        send, events = trio.open_memory_channel[tuple[Request, _Checked | None]](math.inf)
         open_requests: dict[int, trio.CancelScope] = {}
-        full: OSError | None = None
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as asking:
             while not pull.done and not pull.failed:
                 for request in pull.requests(trio.current_time()):
                     open_requests[request.id] = trio.CancelScope(deadline=request.deadline)
-                    nursery.start_soon(self._ask, request, open_requests[request.id], send)
+                    asking.start_soon(self._ask, request, open_requests[request.id], send)
                 wakeup = pull.wakeup(trio.current_time())
-                event: tuple[Request, ChunkBatch | None] | None = None
+                event: tuple[Request, _Checked | None] | None = None
                 with trio.move_on_at(math.inf if wakeup is None else wakeup):  # only the wait: an answer taken
                     event = await events.receive()  # is always reported to the core, whatever the clock says
                 if event is None:
@@ -118,31 +155,20 @@ class _Run:
                 if reply is None:
                     pull.on_failure(request.id, trio.current_time())
                     continue
-                self.fetcher.moved["pulled"] += sum(len(frame) for _, frame, _ in reply.chunks)
-                try:
-                    verified, bad = await self.fetcher.in_store(self._store, reply.chunks)
-                except OSError as err:
-                    full = err
-                    break
-                abandoned = pull.on_reply(request.id, trio.current_time(), verified, bad, reply.queue,
-                                          reply.service_time)
+                self.fetcher.moved["pulled"] += sum(len(frame) for _, frame, _ in reply.good)
+                await to_write.send(reply.good)
+                abandoned = pull.on_reply(request.id, trio.current_time(), {cid for cid, _, _ in reply.good},
+                                          reply.bad, reply.batch.queue, reply.batch.service_time)
                 for given_up in abandoned:  # every chunk came from elsewhere: stop waiting for it
                     scope = open_requests.pop(given_up, None)
                     if scope is not None:
                         scope.cancel()
-            nursery.cancel_scope.cancel()
-        self.stats = pull.stats
-        if full is not None:
-            raise full
-        if not pull.done:
-            dropped = ", ".join(f"{n} ({why})" for n, why in sorted(pull.stats.dropped.items())) or "none"
-            raise RequestError(f"{len(missing) - len(pull.received())} chunks could not be fetched from any holder "
-                               f"({', '.join(sorted(self.holders)) or 'none live'}; given up on: {dropped})")
+            asking.cancel_scope.cancel()
 
     async def _ask(self, request: Request, scope: trio.CancelScope,
-                   events: trio.MemorySendChannel[tuple[Request, ChunkBatch | None]]) -> None:
-        """Send one request; its answer, or None (failed, or timed out at its deadline), goes to `events`;
-        nothing if it was given up (its scope cancelled by `fetch`)."""
+                   events: trio.MemorySendChannel[tuple[Request, _Checked | None]]) -> None:
+        """Send one request; its answer, checked, or None (failed, or timed out at its deadline), goes to
+        `events`; nothing if it was given up (its scope cancelled by `_loop`)."""
         reply: ChunkBatch | None = None
         with scope:
             try:
@@ -152,12 +178,13 @@ class _Run:
                 log.info("pull: %s failed: %s", request.source, err)
         if scope.cancelled_caught and scope.deadline > trio.current_time():
             return  # given up, not timed out
-        await events.send((request, reply))
+        checked = None if reply is None else _Checked(reply, *await self.fetcher.in_store(self._verify, reply.chunks))
+        await events.send((request, checked))
 
-    def _store(self, chunks: list[tuple[bytes, bytes, int]]) -> tuple[set[bytes], set[bytes]]:
-        """Verify and write a reply's chunks (in a worker thread): the ids verified, and the ids whose bytes
-        did not match (or that are not of this image)."""
-        verified, bad = set(), set()
+    def _verify(self, chunks: list[Stored]) -> tuple[list[Stored], set[bytes]]:
+        """A reply's chunks that verified, and the ids whose bytes did not match (or that are not of this
+        image); in a worker thread."""
+        good, bad = [], set()
         for cid, frame, size in chunks:
             try:
                 if size != self.sizes.get(cid, -1):
@@ -166,10 +193,27 @@ class _Run:
             except StoreError:
                 bad.add(cid)
                 continue
-            verified.add(cid)
+            good.append((cid, frame, size))
+        return good, bad
+
+    async def _writer(self, writes: trio.MemoryReceiveChannel[list[Stored]], pull: trio.CancelScope) -> None:
+        """Write what verified, in order, until the loop is over; a write that fails (a full disk) stops the
+        pull with its error."""
+        async with writes:
+            async for chunks in writes:
+                try:
+                    await self.fetcher.in_store(self._write, chunks)
+                except (RequestError, OSError) as err:  # OSError: a full disk (`Fetcher.pull` says so in one line)
+                    self._write_error = err
+                    pull.cancel()
+                    return
+
+    def _write(self, chunks: list[Stored]) -> None:
+        """Write verified chunks (in a worker thread), committing every COMMIT_BYTES: what is fetched so far
+        survives an interrupted pull."""
+        for cid, frame, size in chunks:
             if self.writer.add_stored(cid, frame, size):
                 self._uncommitted += len(frame)
-        if self._uncommitted >= COMMIT_BYTES:  # what is fetched so far survives an interrupted pull
+        if self._uncommitted >= COMMIT_BYTES:
             self.writer.commit()
             self._uncommitted = 0
-        return verified, bad

@@ -11,7 +11,20 @@ service time for the request). A timeout or a lost connection is `on_failure`. A
 
 * Chunks are handed out in content order, `batch_bytes` per request at most (a chunk larger than that
   alone), to the best ready source. Ready: not dropped, and either it never answered yet and has fewer
-  than `burst` requests outstanding, or it has fewer than `window` and its rate limiter has tokens.
+  than `burst` requests outstanding, or it has fewer than its window and its rate limiter has tokens.
+* Window, per source (TCP Vegas's, in batches): what a source reports covers reading its chunks, not
+  sending them, so a source whose uplink is the bottleneck queues the replies in its transport, unseen,
+  and with them the answers to every other call of the puller on that connection (membership probes
+  time out: the source looks dead; measured on the testbed, `benchmarks/image_pull.py`). A reply's
+  response time r, against the shortest seen (the source's latency and one batch's sending: nothing
+  queued ahead), tells how many of the n requests outstanding when it was sent were queued:
+  ``n·(1 − base/r)``. Above `standing_high` the window shrinks by one; below `standing_low`, while the
+  window held the source back, it grows: twice as large until a reply first shows half a batch queued
+  (slow start), then by one. One step per round trip at most (only for a request sent after the last
+  change), between 1 and `window`; it starts at `burst`. A source whose sending is slower than its
+  latency keeps a window of 3 (one batch sending, two waiting: its uplink does not idle while the
+  puller is slow to ask again, and an answer to anything else waits two batches' sending, 0.34 s at
+  100 Mbit/s); one far away grows it until its requests fill the path.
 * Best: the lowest C3 score (Suresh et al., NSDI 2015) ``Ψ = R̄ − 1/μ̄ + q̂³/μ̄`` with ``q̂ = 1 + os·w + q̄``:
   R̄ the EWMA of the response time, μ̄ of the service rate, q̄ of the queue the source reported, os its
   outstanding requests here, w `concurrency_weight`. A source not heard from yet scores lowest, so each is
@@ -19,9 +32,9 @@ service time for the request). A timeout or a lost connection is `on_failure`. A
 * Rate control, per source (C3's): a token bucket of `rate` bytes per second, `burst` batches deep. The
   receive rate falls behind the send rate exactly when the source's queue grows (the queue is the
   integral of their difference), so a reply reporting more than `queue_limit` requests waiting, and
-  more than the previous reply did (or as many, while the window held the source back: a standing
-  queue), cuts the rate to ``(1 − beta)`` of itself, at most once per round trip (only for a request
-  sent after the last cut). Any other reply, if the rate held the source back, grows the rate along
+  more than the previous reply did, cuts the rate to ``(1 − beta)`` of itself, at most once per round
+  trip (only for a request sent after the last cut); a queue that stands, not growing, is the window's
+  to shorten (its response times show it). Any other reply, if the rate held the source back, grows the rate along
   the cubic ``R0·(1 + c·(t − K)³)`` (t the time since the last cut, K `recovery`, ``c = beta/K³``,
   R0 the rate then but at most the service rate, where the source saturates: flat near R0, then
   probing beyond it), capped at twice the service rate. Until its first cut, a source's rate is its
@@ -58,7 +71,8 @@ hysteresis (no cut within 2δ of an increase) becomes one cut per round trip, as
 cubic is scaled by R0, so `recovery` is in seconds whatever the source's speed, and its growth is
 capped at twice the service rate instead of C3's fixed step; the service rate the source reports
 sets the first rate and bounds R0, instead of a fixed start. A window of outstanding requests per
-source, which C3 does not have, bounds what a source that dies silently holds up until the endgame.
+source, which C3 does not have, keeps the queue C3 cannot see short (Vegas's rule) and bounds what a
+source that dies silently holds up until the endgame.
 C3's backpressure queue is this core's queue of chunks: nothing is handed out while no source is ready.
 """
 
@@ -78,6 +92,9 @@ class PullConfig:
     batch_bytes: int = 2 << 20
     window: int = 16
     """Requests outstanding per source at most: what a source that dies holds up, until the endgame."""
+    standing_low: float = 1.0
+    standing_high: float = 2.0
+    """Batches queued at a source below which its window grows, above which it shrinks (Vegas's α, β)."""
     burst: int = 2
     """Batches a rate limiter lets through at once, and requests a source gets before its first answer."""
     concurrency_weight: float = 1.0
@@ -99,8 +116,9 @@ class PullConfig:
     def __post_init__(self) -> None:
         if self.batch_bytes < 1 or self.window < 1 or self.burst < 1 or self.max_failures < 1 or self.copies < 1:
             raise ValueError(f"batch_bytes, window, max_failures and copies must be at least 1: {self}")
-        if not (0 < self.alpha <= 1 and 0 < self.beta < 1 and self.recovery > 0
-                and self.timeout > 0 and self.queue_limit >= 0 and self.concurrency_weight >= 0):
+        if not (0 < self.alpha <= 1 and 0 < self.beta < 1 and self.recovery > 0 and self.timeout > 0
+                and self.queue_limit >= 0 and self.concurrency_weight >= 0
+                and 0 <= self.standing_low <= self.standing_high):
             raise ValueError(f"pull configuration out of range: {self}")
 
 
@@ -148,6 +166,8 @@ class _Flight:
     size: int
     sent_at: float
     deadline: float
+    ahead: int
+    """Requests outstanding at its source when it was sent, itself included."""
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:
@@ -165,6 +185,14 @@ class _Source:
     """Bytes per second this source may be asked for."""
     tokens: float
     tokens_at: float
+    window: int
+    """Requests it may have outstanding (Vegas's window)."""
+    base: float = math.inf
+    """The shortest response time seen: its latency and one batch's sending, nothing queued ahead."""
+    paced_at: float = -math.inf
+    """When its window last changed."""
+    started: bool = True
+    """Slow start: its window doubles at each step until a reply shows half a batch queued, then moves by one."""
     peak: float | None = None
     """R0, where the cubic comes back to after the last cut (None: never cut)."""
     decreased_at: float = -math.inf
@@ -195,7 +223,7 @@ class _Source:
             return False
         if self.mu is None:  # never answered: no rate yet
             return len(self.outstanding) < min(config.burst, config.window)
-        if len(self.outstanding) >= config.window:
+        if len(self.outstanding) >= self.window:
             self.windowed = True
             return False
         if self._refill(now, config) <= 0:
@@ -211,7 +239,7 @@ class _Source:
 
     def wakeup(self, now: float, config: PullConfig) -> float | None:
         """When the rate limiter alone keeps this source from being ready, the time it will be."""
-        if self.dropped is not None or self.mu is None or len(self.outstanding) >= config.window:
+        if self.dropped is not None or self.mu is None or len(self.outstanding) >= self.window:
             return None
         tokens = self._refill(now, config)
         return None if tokens > 0 else now + (-tokens) / self.rate + 1e-9
@@ -231,14 +259,30 @@ class _Source:
         if self.peak is None:  # never cut yet: the rate follows the service rate, plus `beta`
             self._set_rate(now, self.mu * config.batch_bytes * (1 + config.beta), config)
 
+    def pace(self, f: _Flight, now: float, config: PullConfig) -> None:
+        """Vegas's window, at a reply: of the `f.ahead` requests outstanding when `f` was sent, about
+        ``ahead·(1 − base/r)`` were queued (r its response time); keep that between `standing_low` and
+        `standing_high`, one step at most per round trip. It grows only while it held the source back."""
+        response = max(now - f.sent_at, 1e-9)
+        self.base = min(self.base, response)
+        if f.sent_at < self.paced_at:
+            return
+        queued = f.ahead * (1 - self.base / response)
+        if queued >= config.standing_low / 2:
+            self.started = False
+        if queued > config.standing_high and self.window > 1:
+            self.window, self.paced_at = self.window - 1, now
+        elif queued < config.standing_low and self.windowed and self.window < config.window:
+            self.window = min(config.window, self.window * 2 if self.started else self.window + 1)
+            self.paced_at = now
+
     def adapt(self, f: _Flight, now: float, queue: int, config: PullConfig) -> None:
         """C3's rate control, at a reply. The receive rate is behind the send rate when the source's queue
-        grew since its previous reply (the queue is the integral of their difference), or stands above
-        `queue_limit` while the window, not the rate, held the source back: then cut the rate, once per
-        round trip (only for a request sent after the last cut). Else, if the rate held the source back,
-        grow it along the cubic."""
+        grew since its previous reply, above `queue_limit` (the queue is the integral of their difference):
+        then cut the rate, once per round trip (only for a request sent after the last cut). Else, if the
+        rate held the source back, grow it along the cubic. (A queue that stands, the window shortens.)"""
         grew = self.reported is not None and queue > self.reported
-        if queue > config.queue_limit and (grew or self.windowed):
+        if queue > config.queue_limit and grew:
             if f.sent_at >= self.decreased_at:
                 self.cut(now, config)
         elif self.limited and self.peak is not None:
@@ -295,8 +339,8 @@ class Pull:
         self._left = n
         order = list(range(len(sources)))
         rng.shuffle(order)
-        self._sources = {name: _Source(name, order[i], 0.0, config.burst * config.batch_bytes, now)
-                         for i, name in enumerate(sources)}
+        self._sources = {name: _Source(name, order[i], 0.0, config.burst * config.batch_bytes, now,
+                                       min(config.burst, config.window)) for i, name in enumerate(sources)}
         self._open: dict[int, _Flight] = {}
         """Requests awaiting an answer, oldest first."""
         self._sent: dict[int, _Flight] = {}
@@ -382,6 +426,7 @@ class Pull:
         elif s.dropped is None:
             s.learn(f, now, queue, service_time, self.config)
             if was_open:
+                s.pace(f, now, self.config)
                 s.adapt(f, now, queue, self.config)
         self._requeue(f.chunks)
         return self._abandon() if duplicated else []
@@ -462,7 +507,7 @@ class Pull:
 
     def _send(self, s: _Source, chunks: list[int], now: float) -> Request:
         f = _Flight(self._next_id, s.name, tuple(chunks), sum(self._sizes[i] for i in chunks), now,
-                    s.deadline(now, self.config))
+                    s.deadline(now, self.config), len(s.outstanding) + 1)
         self._next_id += 1
         self._open[f.id] = self._sent[f.id] = s.outstanding[f.id] = f
         s.tokens -= f.size

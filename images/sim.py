@@ -3,34 +3,45 @@ simulated holders.
 
 The model: one receiver whose downlink never limits; each holder has an uplink of `mb_s` MB/s (10⁶ bytes)
 and a per-request latency (round trip: a request reaches it after half, a reply reaches the receiver half
-after the holder finished sending it). A holder serves its requests one at a time, in arrival order, each
-taking ``size / uplink`` (its service time); it reports that and the requests still waiting behind it. A
-holder may die at a given time, silently (its queue and the request it was sending are lost; the shell
-finds out at the request's deadline only: the worst case), or lie (every chunk it sends fails
-verification). The shell's side: it sends what `requests` gives, fails a request at its deadline, calls
-`requests` again after every event and at `wakeup`, cancels what `on_reply` says was given up (a cancel
-reaches the holder after half the latency; one already being sent is sent in full and thrown away) and
-stops at `done` or `failed`.
+after the holder finished sending it). A holder reads its requests one at a time, in arrival order, each
+taking ``size / disk_mb_s`` (its service time, which it reports, with the requests still waiting for
+the disk behind it: `images.service` measures just that), then queues the reply for its uplink, which
+sends one at a time, in order, each taking ``size / mb_s``: what waits there the holder cannot report
+(its transport holds it), and every other answer on that connection waits behind it (`uplink_wait`:
+what the puller's membership probes, which time out after 1 s, would wait). A holder may die at a given
+time, silently (its queues and the reply it was sending are lost; the shell finds out at the request's
+deadline only: the worst case), or lie (every chunk it sends fails verification). The shell's side: it
+sends what `requests` gives, fails a request at its deadline, calls `requests` again after every event
+and at `wakeup`, cancels what `on_reply` says was given up (a cancel reaches the holder after half the
+latency; one already being read or sent is sent in full and thrown away) and stops at `done` or `failed`.
 
 Chunk sizes follow FastCDC's shape (min 2 KiB, average 8 KiB, max 64 KiB). Reported: completion time,
 the time the uplinks alone would need, duplicate bytes (received twice) and wasted bytes (sent for a
-request the shell had cancelled or failed), bytes per source, requests and re-requests, dropped sources.
+request the shell had cancelled or failed), bytes per source, requests and re-requests, dropped sources,
+how long replies waited in an uplink's queue (median and longest).
 
     python -m images.sim --size-mib 1024 --holders 40,40,40 [--kill 1@5.0] [--liar 2] [--json]
 
-What the defaults give (1 GiB, 130,815 chunks, 20 ms, seed 1; seconds, and the uplinks alone):
+What the defaults give (1 GiB, 130,815 chunks, 20 ms, seed 1; seconds, the uplinks alone, and how long
+replies waited in an uplink's queue, median and longest):
 
-    holders              time     alone   notes
-    40                   27.03    26.84
-    40,40                13.52    13.42
-    40,40,40              9.00     8.95   3.00x faster than one holder, 0 duplicate bytes
-    40,40,40 --kill 1@5  11.03     8.95   1.23x; h1's 16 requests re-requested by the endgame
-    40,40,40 --liar 2    13.52    13.42   h2 dropped at its first reply, none of its bytes used
-    40,40,4              12.91    12.78   the slow holder's queue kept at 1-2 requests
-    40,40,40, 300 ms      9.53     8.95
-    40,40,40 --jitter .3  9.97     8.95   service times ±30 %: the rate control leaves the holders idle
-                                          now and then (C3 keeps queues short rather than uplinks full)
-    400,400,400           0.95     0.90
+    holders                 time    alone   wait          notes
+    40                     26.87    26.84   0.08, 0.13
+    40,40                  13.46    13.42   0.08, 0.13
+    40,40,40                8.99     8.95   0.08, 0.13    2.99x faster than one holder, 0 duplicate bytes
+    40,40,40 --kill 1@5    11.01     8.95   0.08, 0.13    1.22x; h1's requests re-requested when late
+    40,40,40 --liar 2      13.46    13.42   0.08, 0.13    h2 dropped at its first reply, none of its bytes used
+    40,40,4                12.84    12.78   0.08, 1.54    the slow holder: two replies waiting, 1 s
+    40,40,40, 300 ms        9.68     8.95   0.16, 0.48    slow start fills the path in a few round trips
+    40,40,40 --jitter .3    9.02     8.95   0.08, 0.21
+    400,400,400             1.51     0.90   0.00, 0.00    bound by the holders' reads (250 MB/s each: 1.43)
+    12.5 x3, 1 ms          28.69    28.63   0.33, 0.49    the testbed's 100 Mbit/s uplinks
+    12.5 x3, 1 ms, 1@7     39.56    28.63   0.33, 0.49    the uplinks' own limit with h1 gone at 7 s: 39.5
+
+With the window fixed at 16 requests (before the Vegas window) the same runs took as long (9.53 s at
+300 ms, 1.50 s at 400 MB/s), but replies waited 0.76 s at 40 MB/s, 2.5 s at 12.5 MB/s and up to 7.8 s
+behind the 4 MB/s holder: on the testbed the puller's membership probes timed out behind them. Behind
+an uplink slow enough that two batches take over a second to send (under 30 Mbit/s) they still would.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import argparse
 import heapq
 import json
 import random
+import statistics
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -57,7 +69,9 @@ class Holder:
     dies_at: float | None = None
     liar: bool = False
     jitter: float = 0.0
-    """Each service time is drawn uniformly within this fraction of its mean (disk, CPU, other traffic)."""
+    """Each sending time is drawn uniformly within this fraction of its mean (other traffic, CPU)."""
+    disk_mb_s: float = 250.0
+    """How fast it reads and checks what it serves (2 MiB in 5 to 10 ms on the testbed's agents)."""
 
 
 @dataclass(frozen=True)
@@ -81,14 +95,20 @@ class Outcome:
     failures: int
     abandoned: int
     dropped: dict[str, str]
+    uplink_wait_p50: float
+    uplink_wait_max: float
+    """Seconds a reply waited in its holder's uplink queue before its sending began."""
     holders: dict[str, Holder]
 
 
 @dataclass
-class _Uplink:
+class _Holder:
     holder: Holder
-    queue: deque[Request] = field(default_factory=deque)
-    sending: Request | None = None
+    disk: deque[Request] = field(default_factory=deque)
+    reading: Request | None = None
+    uplink: deque[tuple[Request, float, int, float]] = field(default_factory=deque)
+    """Replies to send: the request, its service time, the queue reported, when it was queued."""
+    sending: tuple[Request, float, int] | None = None
     cancelled: set[int] = field(default_factory=set)
     dead: bool = False
 
@@ -112,7 +132,7 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
     rng = random.Random(seed)
     wanted = [(rng.randbytes(32), size) for size in chunk_sizes(size_bytes, rng)]
     names = [f"h{i}" for i in range(len(holders))]
-    uplinks = {name: _Uplink(h) for name, h in zip(names, holders, strict=True)}
+    uplinks = {name: _Holder(h) for name, h in zip(names, holders, strict=True)}
     pull = Pull(wanted, names, 0.0, random.Random(seed + 1), config)
     events: list[tuple[float, int, str, object]] = []
     seq = 0
@@ -123,20 +143,30 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
         seq += 1
 
     calls: dict[int, Request] = {}
+    waits: list[float] = []
     wasted = 0
     wakeups: set[float] = set()
     for name, h in zip(names, holders, strict=True):
         if h.dies_at is not None:
             at(h.dies_at, "die", name)
 
-    def serve(u: _Uplink, now: float) -> None:
-        while u.sending is None and u.queue and not u.dead:
-            r = u.queue.popleft()
+    def read(u: _Holder, now: float) -> None:
+        while u.reading is None and u.disk and not u.dead:
+            r = u.disk.popleft()
             if r.id in u.cancelled:
                 continue
-            u.sending = r
-            service = r.size / (u.holder.mb_s * MB) * (1 + u.holder.jitter * rng.uniform(-1, 1))
-            at(now + service, "sent", (r.source, service))
+            u.reading = r
+            service = r.size / (u.holder.disk_mb_s * MB)
+            at(now + service, "read", (r.source, service))
+
+    def serve(u: _Holder, now: float) -> None:
+        while u.sending is None and u.uplink and not u.dead:
+            r, service, queue, queued_at = u.uplink.popleft()
+            if r.id in u.cancelled:
+                continue
+            u.sending = (r, service, queue)
+            waits.append(now - queued_at)
+            at(now + r.size / (u.holder.mb_s * MB) * (1 + u.holder.jitter * rng.uniform(-1, 1)), "sent", r.source)
 
     def send(now: float) -> None:
         for r in pull.requests(now):
@@ -160,15 +190,22 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
         if kind == "arrive" and isinstance(what, Request):
             u = uplinks[what.source]
             if not u.dead:
-                u.queue.append(what)
-                serve(u, now)
+                u.disk.append(what)
+                read(u, now)
         elif kind == "cancel" and isinstance(what, Request) and cancels:
             uplinks[what.source].cancelled.add(what.id)
-        elif kind == "sent" and isinstance(what, tuple):
+        elif kind == "read" and isinstance(what, tuple):
             u = uplinks[what[0]]
-            r, u.sending = u.sending, None
+            r, u.reading = u.reading, None
             if r is not None and not u.dead:
-                at(now + u.holder.latency / 2, "reply", (r, what[1], len(u.queue)))
+                u.uplink.append((r, what[1], len(u.disk), now))
+                serve(u, now)
+            read(u, now)
+        elif kind == "sent" and isinstance(what, str):
+            u = uplinks[what]
+            sent, u.sending = u.sending, None
+            if sent is not None and not u.dead:
+                at(now + u.holder.latency / 2, "reply", sent)
             serve(u, now)
         elif kind == "reply" and isinstance(what, tuple):
             r, service, queue = what
@@ -184,8 +221,9 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
                 pull.on_failure(what, now)
         elif kind == "die" and isinstance(what, str):
             u = uplinks[what]
-            u.dead, u.sending = True, None
-            u.queue.clear()
+            u.dead, u.reading, u.sending = True, None, None
+            u.disk.clear()
+            u.uplink.clear()
         elif kind == "wakeup" and isinstance(what, type(None)):
             wakeups.discard(now)
         send(now)
@@ -195,6 +233,7 @@ def run(size_bytes: int, holders: Sequence[Holder], seed: int = 1, config: PullC
     return Outcome(total, len(wanted), pull.done, pull.failed, round(now, 3), round(total / (honest * MB), 3),
                    stats.duplicate_bytes, wasted, round(100 * (stats.duplicate_bytes + wasted) / total, 2),
                    stats.bytes, stats.requests, stats.re_requests, stats.failures, stats.abandoned, stats.dropped,
+                   round(statistics.median(waits or [0.0]), 3), round(max(waits, default=0.0), 3),
                    dict(zip(names, holders, strict=True)))
 
 
@@ -218,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--kill", action="append", default=[], metavar="INDEX@SECONDS", help="A holder dies then.")
     p.add_argument("--liar", action="append", type=int, default=[], metavar="INDEX", help="A holder that lies.")
     p.add_argument("--batch-mib", type=float, default=DEFAULT.batch_bytes / (1 << 20), help="Bytes per request.")
-    p.add_argument("--window", type=int, default=DEFAULT.window, help="Requests outstanding per holder.")
+    p.add_argument("--window", type=int, default=DEFAULT.window, help="Requests outstanding per holder at most.")
     p.add_argument("--no-cancel", action="store_true", help="Holders serve the requests the shell gave up on.")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="Print the figures as JSON.")
@@ -234,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{args.size_mib:g} MiB in {result.chunks} chunks: {'done' if result.done else 'FAILED'} in "
           f"{result.seconds} s (uplinks alone: {result.uplink_seconds} s), {result.duplicate_pct} % duplicate "
           f"or wasted bytes, {result.requests} requests ({result.re_requests} re-requests), "
-          f"dropped: {result.dropped or 'none'}")
+          f"dropped: {result.dropped or 'none'}; replies waited {result.uplink_wait_p50} s in an uplink's queue "
+          f"(longest {result.uplink_wait_max} s)")
 
 
 if __name__ == "__main__":

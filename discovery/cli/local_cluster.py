@@ -1,4 +1,5 @@
-"""A local multi-site cluster: N real agent processes on loopback, a generated CA, emulated WAN latency.
+"""A local multi-site cluster: N real agent processes on loopback (or each in a network namespace of its own),
+a generated CA, emulated WAN latency.
 
 `up` writes everything under one directory (CA, per-node config, data, logs, `cluster.json` with the
 PIDs) and `down` stops exactly the processes listed there, after checking each PID still runs that
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ MIGRATION_PORTS = 49200
 TINY_IMAGE = "tiny"
 """The image real-guest clusters boot unless a VM names another: the tiny guest's disk (`images.tinyguest`)."""
 """The first node's live-migration ports (16 per node) with --hypervisor qemu."""
+NETNS_PORT = 7000
+"""The port each agent listens on when it has a network namespace (and so an address) of its own."""
 
 
 class ClusterError(Exception):
@@ -91,19 +95,28 @@ def dvms_table(pairs: list[str]) -> dict[str, Any]:
 
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
        wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test",
-       dvms: dict[str, Any] | None = None) -> dict[str, Any]:
+       dvms: dict[str, Any] | None = None, netns: Sequence[tuple[str, str]] = (),
+       site_names: Sequence[str] | None = None, emulate_wan: bool = True) -> dict[str, Any]:
     """Start the agents; with `hypervisor` "qemu", each runs real guests on a libvirtd of its own (the tiny
     guest is built and the accelerator chosen here first, once for all of them, and the tiny guest is then
-    imported as image TINY_IMAGE). `dvms` is the
-    `[dvms]` table of every agent.toml (discovery.scheduler.settings); each file is checked before its agent starts."""
+    imported as image TINY_IMAGE). `dvms` is the `[dvms]` table of every agent.toml
+    (discovery.scheduler.settings); each file is checked before its agent starts.
+    With `netns`, node i runs inside network namespace `netns[i][0]` (`ip netns exec`, as root) and listens on its
+    address `netns[i][1]`, port NETNS_PORT (its metrics on NETNS_PORT + 1); the caller must reach those addresses
+    (it waits for the agents to converge), e.g. from a namespace on their bridge (`benchmarks/netns.py`) or
+    through the testbed's router (`discovery.testbed`). `site_names` (default: the first `sites` of wan.SITES)
+    name the sites; without `emulate_wan` the agents add no per-frame delay (the testbed's router delays the
+    packets themselves)."""
     if not 1 <= nodes <= 256:
         raise ClusterError("--nodes must be between 1 and 256")
     if hypervisor not in HYPERVISORS:
         raise ClusterError(f"--hypervisor must be one of {', '.join(HYPERVISORS)}")
     if hypervisor != "test" and nodes > 16:
         raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
-    if not 1 <= sites <= min(nodes, len(SITES)):
+    if site_names is None and not 1 <= sites <= min(nodes, len(SITES)):
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
+    if netns and (len(netns) != nodes or hypervisor != "test"):
+        raise ClusterError("network namespaces: one per node, with hypervisor test")
     directory = directory.resolve()
     if (directory / STATE_FILE).exists():
         state = load_state(directory)
@@ -114,15 +127,15 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     ca_dir = directory / "ca"
     if not (ca_dir / "ca.key").exists():
         init_ca(ca_dir)
-    site_names = SITES[:sites]
+    site_names = list(site_names) if site_names is not None else SITES[:sites]
     ports = free_ports(3 * nodes)  # the agents', their libvirtds' (qemu), their metrics endpoints'
-    addrs = [f"127.0.0.1:{p}" for p in ports[:nodes]]
-    metrics = [f"127.0.0.1:{p}" for p in ports[2 * nodes:]]
+    addrs = [f"{a}:{NETNS_PORT}" for _, a in netns] or [f"127.0.0.1:{p}" for p in ports[:nodes]]
+    metrics = [f"{a}:{NETNS_PORT + 1}" for _, a in netns] or [f"127.0.0.1:{p}" for p in ports[2 * nodes:]]
     qemu: dict[str, Any] = {}
     tiny = _prepare_guests() if hypervisor != "test" else None
     if not 0 <= local_rtt_ms <= 1000:
         raise ClusterError("--local-rtt-ms must be between 0 and 1000")
-    matrix = rtt_matrix(site_names, local_rtt_ms)
+    matrix = rtt_matrix(site_names, local_rtt_ms) if emulate_wan else {}
     started: list[dict[str, Any]] = []
     try:
         for i in range(nodes):
@@ -141,13 +154,14 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
                 "join": [a for a in addrs[:3] if a != addrs[i]], "metrics": metrics[i], **qemu,
             }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
                 "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
-                "latency.rtt_ms": matrix, **({"dvms": dvms} if dvms else {})})
+                **({"latency.rtt_ms": matrix} if matrix else {}), **({"dvms": dvms} if dvms else {})})
             try:
                 load_agent_config(config)
             except ConfigError as err:
                 raise ClusterError(str(err)) from None
             with open(node_dir / "agent.log", "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "discovery.agent", "--config", str(config)],
+                where = ["ip", "netns", "exec", netns[i][0]] if netns else []  # it execs: the PID is the agent's
+                proc = subprocess.Popen([*where, sys.executable, "-m", "discovery.agent", "--config", str(config)],
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             started.append({"name": name, "site": site, "addr": addrs[i], "metrics": metrics[i], "pid": proc.pid,

@@ -1,7 +1,7 @@
 """The pull scheduler (`images.pulling`) driven as its shell drives it, and its simulation (`images.sim`).
 
 The table tests walk one behaviour each (an honest source, a liar, a silent one, one lacking chunks, the
-endgame, the rate control); the property drives any interleaving of replies and failures from honest,
+endgame, the rate control, the window); the property drives any interleaving of replies and failures from honest,
 lying, silent, flaky and lacking sources, and checks after every event what the core must never do."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from images import sim
-from images.pulling import DEFAULT, Pull, PullConfig, Request
+from images.pulling import DEFAULT, Pull, PullConfig, Request, _Flight, _Source
 
 SMALL = replace(DEFAULT, batch_bytes=10_000, window=2, timeout=5.0)
 
@@ -185,6 +185,7 @@ def test_rate_control_paces_requests_and_cuts_once_per_round_trip_when_the_queue
     answer(pull, first[0], 0.1)  # served in 0.01 s: 100 kB/s; the rate starts there, plus beta
     source = pull._sources["a"]
     assert source.rate == pytest.approx(120_000)
+    source.window = config.window  # held open: the rate alone paces here (the window has its own test)
     sent: list[Request] = []
     now = 0.1
     while now < 0.2:
@@ -200,6 +201,47 @@ def test_rate_control_paces_requests_and_cuts_once_per_round_trip_when_the_queue
     [then] = pull.requests(0.41)
     answer(pull, then, 4.0, queue=0)  # the queue drained: the cubic brings the rate back towards 100 kB/s
     assert 120_000 * (1 - config.beta) ** 2 < source.rate <= 100_000
+
+
+def test_the_window_keeps_what_queues_at_a_source_between_its_bounds_one_step_per_round_trip() -> None:
+    """Vegas's rule on replies of known response time r: of the `ahead` requests outstanding when one was sent,
+    ahead·(1 − base/r) were queued; kept between 1 and 2 batches, doubling until half a batch shows."""
+    config = replace(DEFAULT, window=8)
+
+    def reply(ahead: int, sent_at: float, now: float) -> None:
+        source.pace(_Flight(0, "a", (), 1000, sent_at, math.inf, ahead), now, config)
+
+    source = _Source("a", 0, 0.0, 0.0, 0.0, 2)
+    reply(1, 0.0, 0.1)
+    assert source.base == 0.1 and source.window == 2, "nothing queued, but the window did not hold it back"
+    source.windowed = True
+    reply(2, 0.1, 0.2)
+    assert source.window == 4, "nothing queued: slow start doubles it"
+    reply(2, 0.15, 0.35)
+    assert source.window == 4, "sent before the last change: one step per round trip"
+    reply(4, 0.2, 0.5)  # 4 · (1 − 0.1/0.3) ≈ 2.7 batches queued
+    assert source.window == 3 and not source.started, "too much queued: one smaller, and slow start is over"
+    reply(3, 0.5, 0.65)  # 3 · (1 − 0.1/0.15) = 1 batch queued: one sending, one waiting
+    assert source.window == 3
+    reply(2, 0.65, 0.75)
+    assert source.window == 4, "nothing queued again: one larger, not twice"
+    for t in range(10):
+        reply(8, 1.0 + t, 2.0 + t)
+    assert source.window == 1, "never below one"
+    for t in range(20):
+        reply(1, 20.0 + t, 20.1 + t)
+    assert source.window == config.window, "never above the configured window"
+
+
+def test_a_holder_behind_a_slow_uplink_has_two_replies_waiting_at_most_and_a_far_one_still_fills_its_path() -> None:
+    """What a holder reports covers its disk, not its uplink: without the window, the testbed's 100 Mbit/s
+    uplinks held 2.5 s of replies, and the puller's membership probes (1 s) waiting behind them timed out."""
+    near = sim.run(1 << 30, [sim.Holder(12.5, latency=0.001)] * 3)
+    sending = DEFAULT.batch_bytes / 12.5e6
+    assert near.uplink_wait_max <= 3 * sending and near.seconds <= 1.01 * near.uplink_seconds
+    far = sim.run(1 << 30, [sim.Holder(120, latency=0.1)] * 3)
+    assert far.seconds <= 1.1 * far.uplink_seconds, "its window grew until its requests filled the path"
+    assert far.uplink_wait_max <= 2 * 0.1, "slow start overshoots by a round trip at most"
 
 
 def test_resume_asks_only_for_what_is_still_missing() -> None:

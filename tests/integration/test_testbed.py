@@ -1,0 +1,112 @@
+"""`discovery testbed` for real: agents in network namespaces on three sites, joined by the router namespace.
+
+Needs root (network namespaces) and no other testbed on the machine; each test builds a small one and leaves
+nothing behind (checked by name: namespaces, the root's link, processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery.testbed import bed
+
+from .conftest import Cluster, wait_for
+from .test_ve_lifecycle import write_spec
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root (ip netns add)")]
+
+
+def _leftovers() -> dict[str, list[str]]:
+    return {k: v for k, v in bed.leftovers().items() if v}
+
+
+@pytest.fixture
+def testbed(tmp_path: Path) -> Iterator[Cluster]:
+    """3 nodes, one per site, 20 ms between sites, 50 Mbit/s links; down (and checked empty) at the end."""
+    if _leftovers():
+        pytest.skip(f"another testbed is up on this machine: {_leftovers()}")
+    directory = tmp_path / "bed"
+    cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(tmp_path / "home")})
+    up = subprocess.run([sys.executable, "-m", "discovery", "testbed", "up", "--dir", str(directory), "--nodes", "3",
+                         "--sites", "3", "--site-rtt", "20", "--bandwidth", "50", "--json"],
+                        capture_output=True, text=True, env=cluster.env, timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr
+        nodes = json.loads(up.stdout)
+        assert [(n["name"], n["site"], n["address"]) for n in nodes] == [
+            ("node1", "rennes", "10.213.1.1"), ("node2", "lyon", "10.213.2.1"), ("node3", "nancy", "10.213.3.1")]
+        cluster.state = json.loads((directory / "cluster.json").read_text())
+        yield cluster
+    finally:
+        subprocess.run([sys.executable, "-m", "discovery", "testbed", "down", "--dir", str(directory)],
+                       env=cluster.env, timeout=60, capture_output=True)
+        if _leftovers():
+            bed.teardown(None)
+    assert not _leftovers()
+
+
+def _alive(pid: int) -> bool:
+    """Running, or stopped: not gone and not a zombie that its new parent has yet to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _status_of(cluster: Cluster, observer: str, name: str) -> str | None:
+    members = cluster.try_json("--agent", observer, "members")
+    return next((m["status"] for m in members or [] if m["name"] == name), None)
+
+
+def test_life_cycle_partition_heal_down(testbed: Cluster) -> None:
+    d = str(testbed.dir)
+    status = testbed.json("testbed", "status", "--dir", d)
+    assert status["router_up"] and status["relay"] == "running" and not status["partitions"]
+    assert [(n["namespace_up"], n["process"], n["answers"]) for n in status["nodes"]] == [(True, "running", True)] * 3
+
+    report = json.loads(testbed.cli("testbed", "validate", "--dir", d, "--seconds", "1", "--json", check=False).stdout)
+    assert len(report["pairs"]) == 6  # one node per site: only the pairs between sites
+    assert report["ok"], report
+
+    testbed.cli("testbed", "partition", "node3", "--dir", d)
+    for observer in ("node1", "node2"):
+        wait_for(lambda o=observer: _status_of(testbed, o, "node3") == "dead", what=f"{observer} sees node3 dead")
+    assert testbed.json("testbed", "status", "--dir", d)["partitions"] == [{"target": "node3", "oneway": False}]
+
+    testbed.cli("testbed", "heal", "--dir", d)
+    for observer in ("node1", "node2"):
+        wait_for(lambda o=observer: _status_of(testbed, o, "node3") == "alive", what=f"{observer} sees node3 alive")
+
+    pids = [n["pid"] for n in testbed.state["nodes"]]
+    testbed.cli("testbed", "down", "--dir", d)
+    assert not _leftovers()
+    wait_for(lambda: not [p for p in pids if _alive(p)], timeout=10, what="the agents gone (reaped by init)")
+
+
+def test_ve_created_listed_destroyed_across_three_sites(testbed: Cluster, tmp_path: Path) -> None:
+    created = testbed.json("--agent", "node1", "ve", "create",
+                           write_spec(tmp_path, "far", [("web", 2, 512), ("db", 2, 512)], site="nancy"))
+    assert created["state"] == "running"
+    assert {slot["node"] for slot in created["placement"].values()} == {"node3"}  # the only node in nancy
+
+    listed = {ve["name"]: ve for ve in testbed.json("--agent", "node2", "ve", "list")["ves"]}
+    assert listed["far"]["state"] == "running"
+
+    testbed.json("--agent", "node3", "ve", "destroy", "far")
+    wait_for(lambda: "far" not in {ve["name"] for ve in testbed.json("--agent", "node1", "ve", "list")["ves"]},
+             what="the destroyed VE gone from node1's list")
+
+
+def test_down_without_dir_removes_what_a_crashed_testbed_left(testbed: Cluster) -> None:
+    relay = json.loads((testbed.dir / "testbed.json").read_text())["relay_pid"]
+    (testbed.dir / "testbed.json").unlink()  # the state is lost, as after a crash
+    testbed.cli("testbed", "down")
+    assert not _leftovers()
+    wait_for(lambda: not _alive(relay), timeout=10, what="the relay gone (reaped by init)")
