@@ -8,8 +8,8 @@ on node1, kept on 1 holder; node2 pulls it (1 source), then node3 (2 sources: no
 (3 sources). Then node4 is killed, and node5 pulls from node1, node2 and node3 (the same 3 holders as
 node4) while node3 is killed (SIGKILL, by PID) `--kill-at` of node4's pull time after the pull began;
 node5 then checks every chunk it stored (`image.verify`: corrupt 0 means no unverified chunk was used).
-With `--freeze`, node3 is stopped (SIGSTOP) instead: it answers nothing, and nothing tells node5 so but the
-requests' deadlines (the worst case: a holder that hangs, or whose link dies silently).
+With `--freeze`, node3 is stopped (SIGSTOP) instead: it answers nothing and its connections stay open, so
+only the requests' deadlines, or node5's membership declaring it dead, tell node5 (a holder that hangs).
 Each pull is `image.pull` as the CLI sends it; its answer says how many bytes came from each holder and
 how many were duplicates. `cpu_share` is the CPU time all agents used during a pull (`cpu_seconds`: each
 agent's) over the wall time and every core: near 1, or the puller's near the wall time (its event loop is
