@@ -1,14 +1,15 @@
 """Pulls of one image through real agents, from 1, 2 and 3 holders and with one of 3 killed, printed as JSON.
 
-    python benchmarks/image_pull.py [--size-mib 1024] [--uplink-mbit M] [--kill-at 0.4] [--plot out.png]
+    python benchmarks/image_pull.py [--size-mib 1024] [--uplink-mbit M] [--kill-at 0.4] [--freeze]
+                                    [--plot out.png] [--logs DIR]
 
 A cluster of 5 agents (one site: no emulated WAN delay) imports a disk-like image (`image_import.make_disk`)
 on node1, kept on 1 holder; node2 pulls it (1 source), then node3 (2 sources: node1 and node2), then node4
 (3 sources). Then node4 is killed, and node5 pulls from node1, node2 and node3 (the same 3 holders as
 node4) while node3 is killed (SIGKILL, by PID) `--kill-at` of node4's pull time after the pull began;
 node5 then checks every chunk it stored (`image.verify`: corrupt 0 means no unverified chunk was used).
-With `--freeze`, node3 is stopped (SIGSTOP) instead: it answers nothing, and nothing tells node5 so but the
-requests' deadlines (the worst case: a holder that hangs, or whose link dies silently).
+With `--freeze`, node3 is stopped (SIGSTOP) instead: it answers nothing and its connections stay open, so
+only the requests' deadlines, or node5's membership declaring it dead, tell node5 (a holder that hangs).
 Each pull is `image.pull` as the CLI sends it; its answer says how many bytes came from each holder and
 how many were duplicates. `cpu_share` is the CPU time all agents used during a pull (`cpu_seconds`: each
 agent's) over the wall time and every core: near 1, or the puller's near the wall time (its event loop is
@@ -32,6 +33,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--freeze", action="store_true",
                         help="SIGSTOP node3 instead: a holder that stops answering but keeps its connections open")
     parser.add_argument("--plot")
+    parser.add_argument("--logs", type=Path, help="copy the agents' logs to this directory at the end")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))  # trio's way: unwind, stop the
@@ -89,6 +92,8 @@ def main() -> None:
                                    "node1, node2, node3 -> node4 at once": netns.throughput(bed, [0, 1, 2], 3)}
                 places = bed.nodes
             state, identity = stack.enter_context(local_cluster(directory, len(NODES), 1, netns=places))
+            if args.logs:  # on the way out, whatever happened
+                stack.callback(_copy_logs, state, args.logs)
             nodes = {n["name"]: _Node(n["addr"], n["pid"], Path(n["config"]).parent / "agent.log")
                      for n in state["nodes"]}
             result.update(trio.run(_scenario, identity, image, nodes, args))
@@ -104,6 +109,12 @@ class _Node:
     addr: str
     pid: int
     log: Path
+
+
+def _copy_logs(state: dict[str, Any], to: Path) -> None:
+    to.mkdir(parents=True, exist_ok=True)
+    for node in state["nodes"]:
+        shutil.copyfile(Path(node["config"]).parent / "agent.log", to / f"{node['name']}.log")
 
 
 async def _scenario(identity: tls.Identity, image: Path, nodes: dict[str, _Node],
