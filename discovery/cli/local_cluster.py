@@ -70,13 +70,14 @@ def _running(pid: int, config: str) -> bool:
     return config.encode() in cmdline
 
 
-def load_state(directory: Path) -> dict[str, Any]:
+def load_state(directory: Path, what: str = "cluster", file: str = STATE_FILE) -> dict[str, Any]:
+    """The state `up` wrote in `directory` (a cluster's, or another `what` kept in `file`); ClusterError in one line."""
     try:
-        return json.loads((directory / STATE_FILE).read_text())
+        return json.loads((directory / file).read_text())
     except FileNotFoundError:
-        raise ClusterError(f"no cluster in {directory} (no {STATE_FILE})") from None
+        raise ClusterError(f"no {what} in {directory} (no {file})") from None
     except (OSError, ValueError) as err:
-        raise ClusterError(f"{directory / STATE_FILE}: unreadable: {err}") from None
+        raise ClusterError(f"{directory / file}: unreadable: {err}") from None
 
 
 def dvms_table(pairs: list[str]) -> dict[str, Any]:

@@ -47,11 +47,9 @@ class TestbedError(Exception):
 
 def _load(directory: Path) -> dict[str, Any]:
     try:
-        return json.loads((directory / STATE_FILE).read_text())
-    except FileNotFoundError:
-        raise TestbedError(f"no testbed in {directory} (no {STATE_FILE})") from None
-    except (OSError, ValueError) as err:
-        raise TestbedError(f"{directory / STATE_FILE}: unreadable: {err}") from None
+        return local_cluster.load_state(directory, "testbed", STATE_FILE)
+    except local_cluster.ClusterError as err:
+        raise TestbedError(str(err)) from None
 
 
 def _save(directory: Path, state: dict[str, Any]) -> None:
