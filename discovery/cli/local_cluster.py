@@ -116,8 +116,8 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
     if site_names is None and not 1 <= sites <= min(nodes, len(SITES)):
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
-    if netns and (len(netns) != nodes or hypervisor != "test"):
-        raise ClusterError("network namespaces: one per node, with hypervisor test")
+    if netns and (len(netns) != nodes or hypervisor == "qemu-embed"):
+        raise ClusterError("network namespaces: one per node, with hypervisor test or qemu")
     directory = directory.resolve()
     if (directory / STATE_FILE).exists():
         state = load_state(directory)

@@ -117,8 +117,8 @@ def _start_relay(directory: Path) -> int:
 
 def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0) -> dict[str, Any]:
     """Build the testbed, start its relay and one agent per node; returns the state written to testbed.json."""
-    if hypervisor != "test":
-        raise TestbedError("the testbed runs --hypervisor test only for now (qemu: issue 14, item 1)")
+    if hypervisor not in ("test", "qemu"):
+        raise TestbedError(f"--hypervisor must be test or qemu, not {hypervisor!r}")
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     try:
