@@ -43,7 +43,7 @@ IMAGE_NS = "urn:discovery:image"
 domain's definition, so a node receiving the VM knows which base its disk's overlay needs."""
 
 
-class BootImage(Protocol):
+class Bootable(Protocol):
     """What a domain needs from a booted image (`images.boot.BootImage`; `images.tinyguest.TinyGuest` too):
     the kernel, initrd and command line of a direct kernel boot, or no kernel: the BIOS boots the disk."""
 
@@ -57,7 +57,7 @@ class BootImage(Protocol):
     def cmdline(self) -> str: ...
 
 
-def domain_xml(name: str, guest: BootImage, disk: Path, console_log: Path, *, accel: str = "qemu",
+def domain_xml(name: str, guest: Bootable, disk: Path, console_log: Path, *, accel: str = "qemu",
                memory_mib: int = 128, vcpus: int = 1, uuid: str | None = None, image: str | None = None) -> str:
     """The domain XML of one VM booting `guest` from `disk`; `accel` is "kvm" or "qemu" (TCG), see
     `agents.hypervisor.accel`; `image`, the digest of the catalogued image it boots (kept in its metadata)."""
