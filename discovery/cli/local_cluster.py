@@ -184,7 +184,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     if not ready:
         raise ClusterError(f"agents did not agree on {nodes} members within {wait:g}s; see {directory}/node*/agent.log")
     if tiny is not None:
-        trio.run(_import, _client(directory), addrs[0], tiny, TINY_IMAGE, min(3, nodes))
+        trio.run(_import, _client(directory), addrs, tiny, TINY_IMAGE, min(3, nodes), wait)
         state["images"] = [TINY_IMAGE]
     return state
 
@@ -199,15 +199,23 @@ def _prepare_guests() -> Path:
         raise ClusterError(f"--hypervisor qemu: {err}") from None
 
 
-async def _import(client: ClientConfig, addr: str, disk: Path, name: str, copies: int) -> None:
-    """Catalogue `disk` as image `name` through the agent at `addr`, kept on `copies` holders."""
+async def _import(client: ClientConfig, addrs: list[str], disk: Path, name: str, copies: int, wait: float) -> None:
+    """Catalogue `disk` as image `name` through the first agent, kept on `copies` holders, and wait until every
+    agent finds it in the catalogue (a ring still settling may route a read elsewhere for a moment)."""
     from images.transfer import upload  # zstandard and the chunker: only when there is an image to import
 
     async with Transport(client.identity, node="cli") as transport:
         try:
-            await upload(transport, addr, disk, name, copies)
+            await upload(transport, addrs[0], disk, name, copies)
         except (RpcError, RequestError) as err:
             raise ClusterError(f"cannot import the tiny guest as image {name!r}: {err}") from None
+        with trio.move_on_after(wait):
+            while True:
+                answers = await transport.call_many(addrs, "image.show", {"name": name}, 5.0)
+                if all(isinstance(answer, dict) for answer in answers.values()):
+                    return
+                await trio.sleep(0.3)
+        raise ClusterError(f"image {name!r} imported, but not every agent finds it within {wait:g}s")
 
 
 def _client(directory: Path) -> ClientConfig:

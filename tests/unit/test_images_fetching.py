@@ -4,6 +4,7 @@ bytes are not, and a write that fails stops the pull with the store's one-line e
 from __future__ import annotations
 
 import random
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,10 +46,12 @@ class Holders:
 
 
 class Fetcher:
-    """What `_Run` uses of `images.fetching.Fetcher`: the store, the transport, and a way into the store."""
+    """What `_Run` uses of `images.fetching.Fetcher`: the store, the transport, a way into the store, and the
+    count of bytes moved (the metrics)."""
 
     def __init__(self, store: ChunkStore, transport: Holders, fail_writes: bool = False) -> None:
         self.store, self.transport, self.fail_writes = store, transport, fail_writes
+        self.moved: Counter[str] = Counter()
 
     async def in_store(self, fn: Any, *args: Any) -> Any:
         if self.fail_writes and getattr(fn, "__name__", "") == "_write":
