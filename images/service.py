@@ -66,7 +66,6 @@ from images.messages import (
     Session,
     Verified,
     check_image_name,
-    tagged,
 )
 from images.replication import targets
 from images.store import ChunkStore, CorruptChunk, MissingChunk, PackWriter, StoreError, verify_frame
@@ -266,7 +265,7 @@ class ImageService:
 
     async def bring(self, image: str) -> str:
         """Make this node hold image NAME[:TAG], pulling only the chunks it lacks; its manifest digest."""
-        return (await self.fetcher.pull(check_image_name(tagged(image)))).digest
+        return (await self.fetcher.pull(check_image_name(image))).digest
 
     async def boot(self, digest: str, bases: Path) -> BootImage:
         """Image `digest` ready to boot: its base under `bases`, made from this store the first time."""

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from agents.hypervisor.actor import domain_xml as test_domain_xml
 from agents.hypervisor.qemu_xml import domain_xml as qemu_domain_xml
-from agents.hypervisor.qemu_xml import image_of
+from agents.hypervisor.qemu_xml import image_in
 from images.boot import BootImage
 from images.tinyguest import make_overlay
 
@@ -141,7 +141,7 @@ class QemuGuests:
         paths already, between per-node daemons; not between embedded drivers)."""
         root = ET.fromstring(xml)
         for domain in [root] if root.tag == "domain" else root.findall("domain"):
-            name, digest = domain.findtext("name") or "", image_of(ET.tostring(domain, encoding="unicode"))
+            name, digest = domain.findtext("name") or "", image_in(domain)
             domain.set("type", self.accel)
             for source in domain.findall("devices/disk/source"):
                 source.set("file", str(self.seen_as / self._file(name, ".qcow2")))

@@ -102,8 +102,12 @@ def domain_xml(name: str, guest: Bootable, disk: Path, console_log: Path, *, acc
 
 def image_of(xml: str) -> str | None:
     """The digest of the image a domain (or a domain snapshot's domain) boots, from its metadata; None: none."""
-    root = ET.fromstring(xml)
-    found = root.find(f".//metadata/{{{IMAGE_NS}}}image")
+    return image_in(ET.fromstring(xml))
+
+
+def image_in(element: ET.Element) -> str | None:
+    """`image_of` for a domain (or domain snapshot) already parsed."""
+    found = element.find(f".//metadata/{{{IMAGE_NS}}}image")
     return None if found is None else found.get("digest")
 
 
