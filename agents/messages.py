@@ -281,14 +281,18 @@ class Fetch(VmName):
         check_count(self.offset, "offset")
 
 
+MIGRATION_SCHEMES = ("qemu+tcp://", "qemu+tls://", "qemu+ssh://")
+"""How one libvirt daemon reaches another's for a peer-to-peer migration."""
+
+
 @dataclass(frozen=True)
 class Migrate(VmName):
     uri: str = field(metadata=limit(1024))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.uri.startswith("qemu+tcp://"):
-            raise RequestError("uri must be the target's qemu+tcp:// libvirt URI")
+        if not self.uri.startswith(MIGRATION_SCHEMES):
+            raise RequestError(f"uri must be the target's libvirt URI ({', '.join(MIGRATION_SCHEMES)})")
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class NodeAgent:
         try:
             uri = self.backend.uri if self.backend else cfg.libvirt_uri or write_node_xml(
                 cfg.data_dir / "node.xml", cfg.capacity.vcpus, cfg.capacity.memory_mb)
-            daemon = self.backend is not None and self.backend.daemon is not None
+            daemon = self.backend is not None and self.backend.migration_uri is not None  # embedded: 1 connection
             self.hypervisor = await Hypervisor.connect(uri, DAEMON_CONNECTIONS if daemon else 1)
             self.shard = await trio.to_thread.run_sync(Shard, cfg.data_dir / "dht.sqlite")
             try:
@@ -124,7 +124,7 @@ class NodeAgent:
         if not low:
             low = 49152 + 16 * (port % 1000)
             high = low + 15
-        return open_backend(cfg.data_dir, cfg.libvirt_uri, port, (low, high), cfg.host)
+        return open_backend(cfg.data_dir, cfg.libvirt_uri, port, (low, high), cfg.host, cfg.migration_uri)
 
     async def _serve(self) -> None:
         cfg = self.config

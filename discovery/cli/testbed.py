@@ -26,7 +26,8 @@ def testbed_up(
     unit: UnitOpt = None,
     bandwidth: Annotated[float, typer.Option(help="Each node's link, both ways, Mbit/s.")] = 100.0,
     hypervisor: Annotated[str, typer.Option(
-        help="test (libvirt's test driver) or qemu (real guests, a libvirtd per node on its address).")] = "test",
+        help="test (libvirt's test driver) or qemu (real guests: each node a host, its agent on the host's "
+             "system libvirtd, qemu:///system, listening on its address).")] = "test",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the agents to converge.")] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:

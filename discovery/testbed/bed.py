@@ -128,7 +128,8 @@ def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0
         _save(directory, state)
         state["relay_pid"] = _start_relay(directory)
         _save(directory, state)
-        cluster = local_cluster.up(directory, len(plan.nodes), len(plan.sites), wait=wait, hypervisor=hypervisor,
+        kind = "qemu-system" if hypervisor == "qemu" else hypervisor  # a node is a host: its own system libvirtd
+        cluster = local_cluster.up(directory, len(plan.nodes), len(plan.sites), wait=wait, hypervisor=kind,
                                    netns=[(n.namespace, n.address) for n in plan.nodes], site_names=list(plan.sites),
                                    emulate_wan=False)
     except BaseException:

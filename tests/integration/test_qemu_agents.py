@@ -90,8 +90,8 @@ class VM:
         return self.cluster.json("--agent", self.via, "ve", "locate", self.ve)["vms"][self.vm]["node"]
 
     def file(self, suffix: str, node: str | None = None) -> Path:
-        embedded = self.cluster.state.get("hypervisor") == "qemu-embed"
-        guests = self.cluster.dir / (node or self.node) / "data" / ("" if embedded else "libvirtd") / "guests"
+        own_daemon = self.cluster.state.get("hypervisor") == "qemu"  # else the QEMU driver's or the system's
+        guests = self.cluster.dir / (node or self.node) / "data" / ("libvirtd" if own_daemon else "") / "guests"
         return guests / f"{self.ve}--{self.vm}{suffix}"
 
     def beats(self, node: str | None = None) -> list[int]:

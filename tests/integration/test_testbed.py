@@ -124,9 +124,10 @@ def test_down_without_dir_removes_what_a_crashed_testbed_left(testbed: Cluster) 
 
 @pytest.mark.qemu
 def test_a_real_guest_migrates_live_between_namespaces_across_sites(tmp_path: Path) -> None:
-    """Real guests on the testbed: each node's libvirtd listens on its namespace's address, the tiny image is
-    pulled over the router, and a live relocation to another site carries memory and disk between two
-    namespaces' addresses (delayed and shaped by the router), the guest counting on without a reboot."""
+    """Real guests on the testbed: each node is a host whose agent uses the host's system libvirtd
+    (qemu:///system, listening on the namespace's address), the tiny image is pulled over the router, and a
+    live relocation to another site carries memory and disk between two namespaces' addresses (delayed and
+    shaped by the router), the guest counting on without a reboot."""
     try:
         prepare_guest()
     except BackendError as err:

@@ -147,3 +147,12 @@ def test_carried_xml_is_pointed_at_this_nodes_files_and_accelerator(tmp_path: Pa
     snapshot = ET.fromstring(here.adapt(f"<domainsnapshot><name>s1</name>{there}</domainsnapshot>"))
     assert snapshot.find("domain/devices/disk/source").get("file") == str(tmp_path / "seen" / "ve--vm.qcow2")
     assert snapshot.findtext("name") == "s1"
+
+
+def test_a_system_daemon_that_does_not_answer_is_one_line() -> None:
+    from agents.hypervisor.qemu import BackendError, wait_for_daemon
+
+    with pytest.raises(BackendError, match="^the libvirt daemon at qemu\\+tcp://127.0.0.1:1/system does not answer: ") \
+            as err:
+        wait_for_daemon("qemu+tcp://127.0.0.1:1/system", 0.0)
+    assert "\n" not in str(err.value)
