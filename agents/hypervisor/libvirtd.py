@@ -10,6 +10,9 @@ its own `host_uuid` (libvirt refuses to migrate to "the same host") and its own 
 Guest disks and consoles live in the node's `guests/` directory, mounted at `GUESTS` inside the
 namespace: every node's domain XML names the same paths, each pointing at that node's own files.
 That is what lets a domain defined on one node be migrated, with its XML unchanged, to another.
+
+The same layout makes a host's system daemon for the testbed (`Libvirtd.as_system`): there the daemon is the
+host's, started before its agent in the same mount namespace, and the agent reaches it as `qemu:///system`.
 """
 
 from __future__ import annotations
