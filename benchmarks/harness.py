@@ -1,5 +1,5 @@
-"""What the cluster benchmarks share: their options, a local cluster that is always stopped, real guests' image
-cache and consoles, and matplotlib without a display."""
+"""What the cluster benchmarks share: their options, a local cluster (or a testbed) that is always stopped, real
+guests' image cache and consoles, and matplotlib without a display."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from discovery.cli import local_cluster as cluster
+from discovery.testbed import bed, plan
 from images import tinyguest
 from overlay.wire import tls
 
@@ -40,11 +41,34 @@ def local_cluster(directory: Path, nodes: int, sites: int, **up_args: Any) -> It
     os.environ["DISCOVERY_HOME"] = str(directory / "home")  # leave the user's client config alone
     where = directory / "cluster"
     try:
-        state = cluster.up(where, nodes, sites, **up_args)
-        yield state, tls.Identity(cert=where / "operator.pem", key=where / "operator.key", ca=where / "ca" / "ca.pem")
+        yield cluster.up(where, nodes, sites, **up_args), _operator(where)
     finally:
         if (where / cluster.STATE_FILE).exists():
             cluster.down(where)
+
+
+@contextlib.contextmanager
+def testbed(directory: Path, nodes: int, sites: int, bandwidth_mbit: float) -> Iterator[tuple[dict[str, Any],
+                                                                                        tls.Identity]]:
+    """`local_cluster` on `discovery testbed up` (root; test hypervisor, default capacity): `cluster up`'s sites
+    and RTTs, but the router's relay delays every packet between sites, and HTB limits each node's link to
+    `bandwidth_mbit`. The cluster state's `rtt_ms` is the plan's; the testbed is torn down on the way out."""
+    os.environ["DISCOVERY_HOME"] = str(directory / "home")
+    where = directory / "testbed"
+    names = plan.site_names(sites)
+    spec = plan.make_plan(nodes, names, plan.default_rtt(names), bandwidth_mbit)
+    bed.up(where, spec)  # removes what it built if it fails
+    try:
+        state = cluster.load_state(where)
+        state["rtt_ms"] = {a: dict(zip(names, row, strict=True)) for a, row in zip(names, spec.rtt_ms, strict=True)}
+        yield state, _operator(where)
+    finally:
+        bed.down(where)
+
+
+def _operator(where: Path) -> tls.Identity:
+    """The identity `cluster.up(where, ...)` issued to call its agents with."""
+    return tls.Identity(cert=where / "operator.pem", key=where / "operator.key", ca=where / "ca" / "ca.pem")
 
 
 def share_images(directory: Path) -> None:
@@ -59,6 +83,11 @@ def share_images(directory: Path) -> None:
 
 def _configs(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {node["name"]: tomllib.loads(Path(node["config"]).read_text()) for node in state["nodes"]}
+
+
+def capacity(state: dict[str, Any]) -> dict[str, Any]:
+    """What node 1's agent.toml offers (`[capacity]`: vcpus, memory_mb, disk_gb); these clusters' nodes are alike."""
+    return _configs(state)["node1"]["capacity"]
 
 
 def guest_dirs(state: dict[str, Any]) -> dict[str, Path]:

@@ -36,7 +36,7 @@ from discovery.testbed.plan import (
     SpecError,
     within,
 )
-from discovery.testbed.relay import plan_from_state
+from discovery.testbed.relay import COUNTS_FILE, plan_from_state, read_counts
 
 STATE_FILE = "testbed.json"
 
@@ -101,10 +101,11 @@ def build(plan: Plan) -> None:
 
 
 def _start_relay(directory: Path) -> int:
+    (directory / COUNTS_FILE).unlink(missing_ok=True)  # an earlier testbed's
     with open(directory / "relay.log", "ab") as log:
         proc = subprocess.Popen(["ip", "netns", "exec", ROUTER, sys.executable, "-m", "discovery.testbed.relay",
-                                 str(directory / STATE_FILE)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                 str(directory / STATE_FILE), str(directory / COUNTS_FILE)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 10.0  # attached once the TUN has a reader: its carrier comes up
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -213,6 +214,16 @@ def _is_relay(pid: int) -> bool:
         return False
 
 
+def _relay_packets(directory: Path, router_up: bool) -> dict[str, Any] | None:
+    """The relay's counts (at most relay.COUNTS_EVERY old), with what the kernel dropped before the relay could
+    read it (`tun_full`: the TUN's queue full, the relay behind); None before the relay first wrote them."""
+    counts = read_counts(directory / COUNTS_FILE)
+    if counts is not None and router_up:
+        link = json.loads(net.ip("-n", ROUTER, "-s", "-j", "link", "show", TUN, check=False) or "[{}]")[0]
+        counts["dropped"]["tun_full"] = link.get("stats64", {}).get("tx", {}).get("dropped")
+    return counts
+
+
 def status(directory: Path) -> dict[str, Any]:
     directory = directory.resolve()
     state = _load(directory)
@@ -226,6 +237,7 @@ def status(directory: Path) -> dict[str, Any]:
               "answers": agents[n["name"]]["answers"]} for n in state.get("nodes", [])]
     return {"dir": state["dir"], "router_up": ROUTER in present,
             "relay": "running" if relay and _is_relay(relay) else "gone",
+            "relay_packets": _relay_packets(directory, ROUTER in present),
             "partitions": [{"target": p["target"], "oneway": p["oneway"]} for p in state["partitions"]],
             "nodes": nodes}
 

@@ -84,6 +84,10 @@ def test_life_cycle_partition_heal_down(testbed: Cluster) -> None:
     report = json.loads(testbed.cli("testbed", "validate", "--dir", d, "--seconds", "1", "--json", check=False).stdout)
     assert len(report["pairs"]) == 6  # one node per site: only the pairs between sites
     assert report["ok"], report
+    packets = wait_for(lambda: testbed.json("testbed", "status", "--dir", d)["relay_packets"], timeout=10,
+                       what="the relay's counts written")
+    assert packets["forwarded"] > 0 and set(packets["dropped"]) == {"queue_full", "refused", "tun_full"}
+    assert all(isinstance(n, int) for n in packets["dropped"].values()), packets
 
     testbed.cli("testbed", "partition", "node3", "--dir", d)
     for observer in ("node1", "node2"):
