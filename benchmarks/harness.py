@@ -48,16 +48,18 @@ def local_cluster(directory: Path, nodes: int, sites: int, **up_args: Any) -> It
 
 
 @contextlib.contextmanager
-def testbed(directory: Path, nodes: int, sites: int, bandwidth_mbit: float) -> Iterator[tuple[dict[str, Any],
-                                                                                        tls.Identity]]:
-    """`local_cluster` on `discovery testbed up` (root; test hypervisor, default capacity): `cluster up`'s sites
-    and RTTs, but the router's relay delays every packet between sites, and HTB limits each node's link to
-    `bandwidth_mbit`. The cluster state's `rtt_ms` is the plan's; the testbed is torn down on the way out."""
+def testbed(directory: Path, nodes: int, sites: int, bandwidth_mbit: float, site_rtt_ms: float | None = None,
+            hypervisor: str = "test") -> Iterator[tuple[dict[str, Any], tls.Identity]]:
+    """`local_cluster` on `discovery testbed up` (root; default capacity): `cluster up`'s sites and RTTs (or
+    `site_rtt_ms` between every two sites), but the router's relay delays every packet between sites, and HTB
+    limits each node's link to `bandwidth_mbit`; `hypervisor` "qemu": each node a host with its system libvirtd.
+    The cluster state's `rtt_ms` is the plan's; the testbed is torn down on the way out."""
     os.environ["DISCOVERY_HOME"] = str(directory / "home")
     where = directory / "testbed"
     names = plan.site_names(sites)
-    spec = plan.make_plan(nodes, names, plan.default_rtt(names), bandwidth_mbit)
-    bed.up(where, spec)  # removes what it built if it fails
+    rtt = plan.uniform_rtt(len(names), site_rtt_ms) if site_rtt_ms is not None else plan.default_rtt(names)
+    spec = plan.make_plan(nodes, names, rtt, bandwidth_mbit)
+    bed.up(where, spec, hypervisor=hypervisor)  # removes what it built if it fails
     try:
         state = cluster.load_state(where)
         state["rtt_ms"] = {a: dict(zip(names, row, strict=True)) for a, row in zip(names, spec.rtt_ms, strict=True)}
@@ -91,8 +93,11 @@ def capacity(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def guest_dirs(state: dict[str, Any]) -> dict[str, Path]:
-    """Where each node's libvirtd (`--hypervisor qemu`) keeps its guests' disks and console logs, by node name;
-    the console of VM `vm` of VE `ve` is `<dir>/<ve>--<vm>.log`."""
+    """Where each node keeps its real guests' disks and console logs, by node name, as seen from here: its own
+    libvirtd's (`cluster up --hypervisor qemu`), or its agent's (a testbed host's system daemon); the console
+    of VM `vm` of VE `ve` is `<dir>/<ve>--<vm>.log`."""
+    if state["hypervisor"] == "qemu-system":
+        return {n["name"]: Path(n["config"]).parent / "data" / "guests" for n in state["nodes"]}
     return {name: Path(config["data_dir"]) / "libvirtd" / "guests" for name, config in _configs(state).items()}
 
 
