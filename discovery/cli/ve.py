@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from discovery.cli.app import JsonOpt, emit, fail, make_table, rpc
+from discovery.cli.app import JsonOpt, console, emit, fail, make_table, rpc
 
 ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
 
@@ -37,17 +37,55 @@ def ve_table(ves: list[dict[str, Any]]) -> Table:
     return make_table(columns, rows)
 
 
+def protection_table(ve: dict[str, Any]) -> Table:
+    """`ve show`: each VM's protection (`discovery.ve.protection`), its copies with their age, its last snapshot."""
+    now = time.time()
+    rows = []
+    for vm, p in sorted(ve["protection"].items()):
+        copies = ", ".join(f"{c['node']} ({_age(c['lag'])} old{'' if c['standby'] == 'held' else ', ' + c['standby']})"
+                           for c in p.get("copies", []))
+        last = p.get("last_snapshot")
+        rows.append([vm, p["status"], policy_text(p["policy"]), copies or None,
+                     f"{_age(now - last)} ago" if last is not None else None, p.get("why")])
+    return make_table(["vm", "protection", "ha policy", "standby copies", "last snapshot", "why"], rows)
+
+
+def policy_text(ha: dict[str, Any]) -> str:
+    """An HA policy in a few words: `standby, 2 copies per VM, priority 5`."""
+    from discovery.ve.spec import format_duration  # only for the commands that print a policy
+
+    mode = ha.get("mode", "none")
+    words = [mode]
+    if mode == "standby":
+        words.append(f"{ha['copies']} cop{'y' if ha['copies'] == 1 else 'ies'} per VM")
+    if ha.get("snapshot_every") is not None:
+        words.append(f"a snapshot every {format_duration(ha['snapshot_every'])}, {ha['keep']} kept")
+    if ha.get("priority"):
+        words.append(f"priority {ha['priority']}")
+    return ", ".join(words)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
 @ve_app.command("create")
 def ve_create(spec_file: Path, as_json: JsonOpt = False) -> None:
-    """Create and start the VE described by SPEC_FILE (YAML)."""
+    """Create and start the VE described by SPEC_FILE (YAML); with `ha: {mode: standby}`, its standby copies
+    too (a VE whose copies cannot all be made is created all the same, and reported degraded)."""
     from discovery.ve.spec import SpecError, load_spec  # YAML: only for this command
 
     try:
         spec = load_spec(spec_file)
     except SpecError as err:
         raise fail(str(err)) from None
-    ve = rpc("ve.create", {"spec": spec.to_dict()})
+    ve = rpc("ve.create", {"spec": spec.to_dict()}, timeout=300 if spec.ha.copies else 60)
     emit(ve, as_json, ve_table([ve]))
+    if not as_json and ve.get("shortfall"):
+        print(f"warning: created, but not protected as its HA policy asks: {ve['shortfall']['why']}", file=sys.stderr)
 
 
 @ve_app.command("list")
@@ -66,9 +104,12 @@ def ve_list(
 
 @ve_app.command("show")
 def ve_show(name: str, as_json: JsonOpt = False) -> None:
-    """One VE with the live state of each VM's domain."""
+    """One VE with the live state of each VM's domain, and each VM's protection: its HA policy, its standby
+    copies and their age, its last snapshot, and whether it is protected, degraded (why) or unprotected."""
     ve = rpc("ve.show", {"name": name})
     emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        console.print(protection_table(ve))
 
 
 @ve_app.command("locate")
@@ -148,9 +189,36 @@ def ve_replicate(
     ve = rpc("ve.replicate", {"name": name, "copies": copies}, timeout=300)
     emit(ve, as_json, ve_table([ve]))
     if not as_json:
-        for what, nodes in (("added", ve["added"]), ("dropped", ve["dropped"])):
-            if nodes:
-                print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
+        _print_copies(ve)
+
+
+@ve_app.command("ha")
+def ve_ha(
+    name: str,
+    mode: Annotated[str, typer.Option("--mode", help="standby (copies on other nodes), restart (elsewhere, from "
+                                                     "the image and the last snapshot) or none.")],
+    copies: Annotated[int | None, typer.Option("--copies", help="standby: copies per VM (default 1).")] = None,
+    snapshot_every: Annotated[str | None, typer.Option("--snapshot-every", help="restart: periodic snapshots, "
+                                                                               "e.g. 30s, 5m, 1h.")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", help="restart: snapshots kept (default 3).")] = None,
+    priority: Annotated[int | None, typer.Option("--priority", help="Higher is recovered first (default 0).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the VE's HA policy, as `ha:` in a spec: standby keeps copies of each VM (made now, other sites
+    first); restart and none drop them. Refused, changing nothing, if the copies cannot be placed."""
+    given = {"copies": copies, "snapshot_every": snapshot_every, "keep": keep, "priority": priority}
+    policy = {"mode": mode, **{key: value for key, value in given.items() if value is not None}}
+    ve = rpc("ve.ha", {"name": name, "ha": policy}, timeout=300)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print(f"ha: {policy_text(ve['spec'].get('ha', {}))}")
+        _print_copies(ve)
+
+
+def _print_copies(ve: dict[str, Any]) -> None:
+    for what, nodes in (("added", ve["added"]), ("dropped", ve["dropped"])):
+        if nodes:
+            print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
 
 
 @ve_app.command("failover")

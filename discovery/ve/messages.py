@@ -8,10 +8,10 @@ with its own validator (`discovery.ve.spec.VESpec.from_dict`), which names the f
 
 Answers. Most `ve.*` methods answer with the VE's record as users see it (`discovery.ve.records.view`: the
 stored shape, without the format version; `ve show --json` prints it), plus what the verb adds (`moved`,
-`added`/`dropped`, `failed_over`; `ve show` the hosts' word on each VM). That map is the contract, so it
-is declared as one (`RecordView`): a dataclass beside `VERecord` would be a second definition of the
-record's shape, to be kept in step field by field, for a caller (the CLI) that only prints it. The views
-that are not the record (`ve.list`'s page, `ve.locate`, the snapshots) are dataclasses.
+`added`/`dropped`, `failed_over`; `ve show` the hosts' word on each VM and its protection). That map is the
+contract, so it is declared as one (`RecordView`): a dataclass beside `VERecord` would be a second definition
+of the record's shape, to be kept in step field by field, for a caller (the CLI) that only prints it. The
+views that are not the record (`ve.list`'s page, `ve.locate`, the snapshots) are dataclasses.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from typing import Any
 from agents.host.args import check_timeout
 from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT
 from discovery.ve.records import SnapshotEntry, VEState
+from discovery.ve.spec import MAX_COPIES
 from overlay.wire import codec
 from overlay.wire.codec import limit, sparse, wire
 from overlay.wire.rpc import ANYONE, NODE, OPERATOR, Method, RequestError
 
 NAME = 200
-MAX_COPIES = 16
-"""Most standby copies of a VM (`ve replicate`)."""
 METHODS = ("auto", "live", "ship")
 """How a relocation moves a real guest: live where it can, else shipped (auto), or only one way."""
 EITHER = "relocate needs either a target node (to) or a target site (site)"
@@ -136,6 +135,13 @@ class Replicate(Named):
 
 
 @dataclass(frozen=True)
+class SetHa(Named):
+    ha: Any
+    """The HA policy as a spec writes it (`ha: {mode: ..., ...}`); the handler checks it (`HaPolicy.from_dict`),
+    so that its refusals read as a spec's do."""
+
+
+@dataclass(frozen=True)
 class FailoverRequest(Named):
     vm: str | None = field(default=None, metadata=limit(NAME))
     """One VM of the VE; None: every VM whose host is down."""
@@ -230,5 +236,6 @@ VE_SNAPSHOTS = Method("ve.snapshots", Named, ANYONE, SnapshotList)
 VE_RESTORE = Method("ve.restore", Tagged, ANYONE, RecordView)
 VE_SNAPSHOT_DELETE = Method("ve.snapshot_delete", Tagged, ANYONE, SnapshotList)
 VE_REPLICATE = Method("ve.replicate", Replicate, ANYONE, RecordView)
+VE_HA = Method("ve.ha", SetHa, ANYONE, RecordView)
 VE_FAILOVER = Method("ve.failover", FailoverRequest, ANYONE, RecordView)
 VE_BUSY = Method("ve.busy", Named, frozenset({NODE, OPERATOR}), bool)

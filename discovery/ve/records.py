@@ -1,17 +1,17 @@
 """The VE record: what the directory (the DHT, key `ve/<name>`) holds about one VE, as frozen dataclasses
 with one encoding, the type-driven codec's (`overlay.wire.codec`).
 
-A record is the truth about a VE (its spec, owner, state, where each VM runs, its standby copies and
-snapshots) and the log of the operations that must survive a crash: a VM's slot carries the intent of a
-move (`moving_to`) or of a failover (`failing_over`) under way, the record the marker of a snapshot being
-taken (`snapshotting`). A change is a read, a `dataclasses.replace` and a write of the whole record; a
-record read is never changed in place.
+A record is the truth about a VE (its spec with its HA policy, owner, state, where each VM runs, its standby
+copies and snapshots, why the copies its policy asks for fell short) and the log of the operations that must
+survive a crash: a VM's slot carries the intent of a move (`moving_to`) or of a failover (`failing_over`)
+under way, the record the marker of a snapshot being taken (`snapshotting`). A change is a read, a
+`dataclasses.replace` and a write of the whole record; a record read is never changed in place.
 
 **Versions.** A record carries `version`, the format it was written in; this code writes VERSION. Agents
-before this module wrote plain maps without the field: that format is version 1, so `read` takes a map
-without `version` as version 1. Optional parts (intents, the snapshot marker, standby copies, snapshots,
-a move's transfer) are left off while empty (`codec.sparse`): a record stored today has the shape older
-agents wrote, and `view`, what `ve show --json` prints, is that shape.
+before this module wrote plain maps without the field: that format is version 1, so `read` takes a map without
+`version` as version 1. Optional parts (intents, the snapshot marker, standby copies, snapshots, a move's
+transfer, the spec's HA policy, a shortfall) are left off while empty (`codec.sparse`): a record stored today
+has the shape older agents wrote, and `view`, what `ve show --json` prints, is that shape.
 
 **Unknown fields are refused**, in one line naming the field, and so is a record of a version newer than
 VERSION (the line says to upgrade this agent). Skipping them instead would be unsafe: every change is a
@@ -160,6 +160,15 @@ class SnapshotMarker:
     since: float
 
 
+@dataclass(frozen=True)
+class Shortfall:
+    """Why the last attempt to make the standby copies the VE's HA policy asks for fell short, and when
+    (`discovery.ve.policy`): what `ve show` gives as the reason a VM is degraded."""
+
+    why: str
+    since: float
+
+
 Intent = MoveIntent | FailoverIntent | SnapshotMarker
 
 
@@ -182,6 +191,8 @@ class VERecord:
     """Each VM's standby copies (`replicas` on the wire, as agents before this module named them)."""
     snapshots: tuple[SnapshotEntry, ...] = field(default=(), metadata=sparse())
     snapshotting: SnapshotMarker | None = field(default=None, metadata=sparse())
+    shortfall: Shortfall | None = field(default=None, metadata=sparse())
+    """Set while the standby copies of the HA policy (`spec.ha`) could not all be made; None once they were."""
     version: int = VERSION
 
     def with_slot(self, vm: str, slot: Slot) -> VERecord:

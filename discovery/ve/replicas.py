@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agents.host.capacity import Resources
@@ -35,7 +35,7 @@ from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.driver import drive
 from discovery.ve.failovers import Failover, FailoverRecovery
 from discovery.ve.messages import FailoverRequest, RecordView, Replicate
-from discovery.ve.records import Slot, Standby, VERecord, view
+from discovery.ve.records import Shortfall, Slot, Standby, VERecord, view
 from overlay.dht import Record
 from overlay.membership import ALIVE, SUSPECT, Member
 from overlay.wire.rpc import Caller, Conflict, NotFound, RemoteError, RequestError, RpcError
@@ -47,63 +47,93 @@ DOWN_PROBE_TIMEOUT = 5.0
 FENCE_INTERVAL = 5.0
 
 
+@dataclass(frozen=True)
+class Kept:
+    """What `Replicas._keep_copies` did: the record it wrote, the nodes of the copies it added and dropped
+    (by VM), and the copies it could not make ("" if none: else one line, `vm on node: why; ...`)."""
+
+    record: Stored
+    added: dict[str, list[str]]
+    dropped: dict[str, list[str]]
+    failures: str
+
+    def answer(self) -> RecordView:
+        """The VE as `ve replicate` and `ve ha` answer: its record, and the copies added and dropped."""
+        return {**view(self.record.ve), "added": self.added, "dropped": self.dropped}
+
+
 class Replicas(VEBase):
     """`ve.replicate` and `ve.failover`, the recovery of a failover left unfinished, and fencing."""
 
     # -- replicate -------------------------------------------------------------------------------------
 
     async def _on_replicate(self, caller: Caller, request: Replicate) -> RecordView:
-        """Keep `copies` standby copies of every VM of the VE (0 drops them all). Copies already there are
-        refreshed (exported again); those on nodes that are gone, or that lost them, are made again
-        elsewhere; extra ones are dropped, least preferred first. If the copies cannot all be placed,
-        nothing is added and the refusal names the VM and why.
+        """Keep `copies` standby copies of every VM of the VE (0 drops them all): `_keep_copies`. Refused if
+        the VE's HA policy keeps another number (`ve ha` changes that); if some copies could not be made, the
+        others are kept and the refusal names those."""
+        async with self._locked(caller, request.name) as record:
+            ha = record.ve.spec.ha
+            if ha.mode == "standby" and request.copies != ha.copies:
+                raise RequestError(f"VE {record.ve.name!r} keeps {ha.copies} standby copies of each VM by its HA "
+                                   f"policy; change the policy instead (discovery ve ha {record.ve.name} --mode "
+                                   "standby --copies K)")
+            kept = await self._keep_copies(record, request.copies)
+        if kept.failures:
+            raise RequestError(f"some standby copies of {record.ve.name} could not be made ({kept.failures}); "
+                               "the others are kept, run replicate again")
+        return kept.answer()
+
+    async def _keep_copies(self, record: Stored, copies: int) -> Kept:
+        """Keep `copies` standby copies of every VM of `record.ve`, written as it is apart from its copies (a
+        caller passes the changes to write with them, a new HA policy, against `record.version`). Copies
+        already there are refreshed (exported again); those on nodes that are gone, or that lost them, are
+        made again elsewhere; extra ones are dropped, least preferred first. If the copies cannot all be
+        placed, RequestError naming the VM and why, before the record changes.
 
         Order: new copies are reserved, then listed in the record, then confirmed with the exported data,
         so a coordinator that dies leaves reservations that lapse or a listed copy that `ve show` reports
         missing, never room held that nothing lists. Dropped copies leave the record before their nodes
-        free them, for the same reason."""
-        copies = request.copies
-        async with self._locked(caller, request.name) as record:
-            ve = record.ve
-            alive = {m.name: m for m in self.membership.alive()}
-            keep: dict[str, list[Standby]] = {}
-            drop: dict[str, list[Standby]] = {}
-            for vm, slot in sorted(ve.placement.items()):
-                keep[vm] = self._usable(slot, ve.standbys_of(vm), alive)[:copies]
-                drop[vm] = [e for e in ve.standbys_of(vm) if e not in keep[vm]]
-            carried = {vm: await self._export(ve, vm) for vm in sorted(ve.placement)} if copies else {}
-            taken = time.time()
-            for vm, kept in keep.items():
-                refreshed = [e for e in kept if await self._refresh(ve, vm, e, carried[vm], taken)]
-                drop[vm] += [e for e in kept if e not in refreshed]
-                keep[vm] = [replace(e, taken=taken) for e in refreshed]
-            plan = await self._plan_copies(ve, keep, copies)
-            tokens = await self._reserve_copies(ve, plan)
-            added = {vm: [Standby(m.name, m.addr, m.site, taken) for m in members] for vm, members in plan.items()}
-            listed = {vm: tuple(keep[vm] + added.get(vm, [])) for vm in ve.placement}
-            wanted = replace(ve, copies=copies, standbys={vm: c for vm, c in listed.items() if c})
+        free them, for the same reason. Copies that could not be confirmed leave the record again, and (HA
+        policy `standby`) the record's `shortfall` says why; a full success clears it."""
+        ve = record.ve
+        alive = {m.name: m for m in self.membership.alive()}
+        keep: dict[str, list[Standby]] = {}
+        drop: dict[str, list[Standby]] = {}
+        for vm, slot in sorted(ve.placement.items()):
+            keep[vm] = self._usable(slot, ve.standbys_of(vm), alive)[:copies]
+            drop[vm] = [e for e in ve.standbys_of(vm) if e not in keep[vm]]
+        carried = {vm: await self._export(ve, vm) for vm in sorted(ve.placement)} if copies else {}
+        taken = time.time()
+        for vm, kept in keep.items():
+            refreshed = [e for e in kept if await self._refresh(ve, vm, e, carried[vm], taken)]
+            drop[vm] += [e for e in kept if e not in refreshed]
+            keep[vm] = [replace(e, taken=taken) for e in refreshed]
+        plan = await self._plan_copies(ve, keep, copies)
+        tokens = await self._reserve_copies(ve, plan)
+        added = {vm: [Standby(m.name, m.addr, m.site, taken) for m in members] for vm, members in plan.items()}
+        listed = {vm: tuple(keep[vm] + added.get(vm, [])) for vm in ve.placement}
+        wanted = replace(ve, copies=copies, standbys={vm: c for vm, c in listed.items() if c}, shortfall=None)
+        record = await self.directory.put(wanted, after=record.version)
+        failures = []
+        for vm, entries in sorted(added.items()):
+            for entry in list(entries):
+                try:
+                    spec = next(v for v in ve.spec.vms if v.name == vm)
+                    await self._bring_image(spec, entry.node, entry.addr, tokens[vm, entry.node])
+                    await self._host(entry, "host.standby", {
+                        "name": domain_name(ve.name, vm), "token": tokens[vm, entry.node], "taken": taken,
+                        **_standby_args(ve, vm, carried[vm])})
+                except RequestError as err:
+                    failures.append(f"{vm} on {entry.node}: {err}")
+                    entries.remove(entry)
+                    wanted = wanted.with_standbys(vm, (e for e in wanted.standbys_of(vm) if e != entry))
+        if failures:
+            short = Shortfall(f"standby copies not made: {'; '.join(failures)}", taken)
+            wanted = replace(wanted, shortfall=short if ve.spec.ha.mode == "standby" else None)
             record = await self.directory.put(wanted, after=record.version)
-            failures = []
-            for vm, entries in sorted(added.items()):
-                for entry in list(entries):
-                    try:
-                        spec = next(v for v in ve.spec.vms if v.name == vm)
-                        await self._bring_image(spec, entry.node, entry.addr, tokens[vm, entry.node])
-                        await self._host(entry, "host.standby", {
-                            "name": domain_name(ve.name, vm), "token": tokens[vm, entry.node], "taken": taken,
-                            **_standby_args(ve, vm, carried[vm])})
-                    except RequestError as err:
-                        failures.append(f"{vm} on {entry.node}: {err}")
-                        entries.remove(entry)
-                        wanted = wanted.with_standbys(vm, (e for e in wanted.standbys_of(vm) if e != entry))
-            if failures:
-                record = await self.directory.put(wanted, after=record.version)
-            await self._unstandby(ve.name, drop)
-            if failures:
-                raise RequestError(f"some standby copies of {ve.name} could not be made ({'; '.join(failures)}); "
-                                   "the others are kept, run replicate again")
-        return {**view(record.ve), "added": {vm: [e.node for e in entries] for vm, entries in added.items() if entries},
-                "dropped": {vm: [e.node for e in entries] for vm, entries in drop.items() if entries}}
+        await self._unstandby(ve.name, drop)
+        return Kept(record, {vm: [e.node for e in entries] for vm, entries in added.items() if entries},
+                    {vm: [e.node for e in entries] for vm, entries in drop.items() if entries}, "; ".join(failures))
 
     def _usable(self, slot: Slot, copies: Iterable[Standby], alive: Mapping[str, Member]) -> list[Standby]:
         """The copies of the VM at `slot` on live nodes other than its host, most preferred first."""

@@ -11,8 +11,9 @@ lapse by themselves and a `creating` record that the next command on the VE, a r
 an agent's start-up recovery finishes or undoes (`CreateRecovery`), once that coordinator is abandoned.
 
 This module holds creation, listing, the lifecycle verbs and the recovery of interrupted operations;
-`VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`, and
-standby copies and failover from `discovery.ve.replicas` (shared helpers in `discovery.ve.base`). Every
+`VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`,
+standby copies and failover from `discovery.ve.replicas`, and the HA policy from `discovery.ve.policy`
+(shared helpers in `discovery.ve.base`). Every
 operation that changes a VE first finishes or undoes what an interrupted one left in its record
 (`VEService._settle`), and holds a per-VE lock on the agent, so operations on one VE through one agent
 never interleave.
@@ -38,11 +39,13 @@ from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.driver import drive
 from discovery.ve.index import Cursor, Entry
 from discovery.ve.messages import RecordView
+from discovery.ve.policy import Policies
+from discovery.ve.protection import assess, copy_state
 from discovery.ve.records import FailoverIntent, MoveIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
-from discovery.ve.replicas import Replicas
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import SpecError, VESpec
+from overlay.wire import codec
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ RECOVERY_WINDOW = 120.0
 """How long after its start an agent keeps trying to settle the operations it left interrupted."""
 
 
-class VEService(Relocation, Snapshots, Replicas):
+class VEService(Relocation, Snapshots, Policies):
     """The `ve.*` methods (the interfaces it is given: `VEBase`)."""
 
     def serve(self, endpoint: Endpoint) -> None:
@@ -70,6 +73,7 @@ class VEService(Relocation, Snapshots, Replicas):
         endpoint.route(m.VE_RESTORE, self._on_restore)
         endpoint.route(m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete)
         endpoint.route(m.VE_REPLICATE, self._on_replicate)
+        endpoint.route(m.VE_HA, self._on_ha)
         endpoint.route(m.VE_FAILOVER, self._on_failover)
         endpoint.route(m.VE_BUSY, self._on_busy)
 
@@ -77,7 +81,9 @@ class VEService(Relocation, Snapshots, Replicas):
 
     async def _on_create(self, caller: Caller, request: m.Create) -> RecordView:
         """Create the VE `spec` describes; its steps are the transaction `discovery.ve.creating.Create`. The
-        VE's lock is held throughout, so this agent answers busy to agents that meet its `creating` record."""
+        VE's lock is held throughout, so this agent answers busy to agents that meet its `creating` record.
+        Then the standby copies its HA policy asks for, if any: a shortfall degrades the VE, it does not undo
+        it (`discovery.ve.policy`)."""
         try:
             spec = VESpec.from_dict(request.spec)
         except SpecError as err:
@@ -86,12 +92,13 @@ class VEService(Relocation, Snapshots, Replicas):
         ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uuid.uuid4().hex)
         async with self._lock(spec.name):
             try:
-                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
+                record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
             except Conflict:
                 if not await self._undid_left_create(spec.name):
                     raise
-                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
-        return view(created)
+                record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
+            record = await self._protect_created(record)
+        return view(record.ve)
 
     async def _undid_left_create(self, name: str) -> bool:
         """Whether VE `name` was only a create left unfinished by a coordinator that is gone, now undone: a
@@ -143,7 +150,8 @@ class VEService(Relocation, Snapshots, Replicas):
 
     async def _on_show(self, caller: Caller, request: m.Named) -> RecordView:
         """The VE as its record has it (and its version in the directory), with the state of each VM's domain
-        and whether each standby copy is held, as their hosts answer."""
+        and whether each standby copy is held, as their hosts answer, and each VM's protection
+        (`discovery.ve.protection`)."""
         record = await self._record(caller, request.name)
         ve = record.ve
         shown = {**view(ve), "version": record.version}
@@ -157,14 +165,12 @@ class VEService(Relocation, Snapshots, Replicas):
             shown["placement"][vm_name]["domain_state"] = state
         addrs = sorted({e.addr for copies in ve.standbys.values() for e in copies})
         held = await self.transport.call_many(addrs, "host.standbys", {}, 5.0) if addrs else {}
-        for vm_name, copies in ve.standbys.items():
-            domain = domain_name(ve.name, vm_name)
-            for entry, shown_entry in zip(copies, shown["replicas"][vm_name], strict=True):
-                answer = held.get(entry.addr)
-                if isinstance(answer, list):
-                    shown_entry["standby"] = "held" if any(s["name"] == domain for s in answer) else "missing"
-                else:
-                    shown_entry["standby"] = f"unknown ({answer})"
+        states = {vm: [copy_state(held.get(e.addr), domain_name(ve.name, vm)) for e in copies]
+                  for vm, copies in ve.standbys.items()}
+        for vm_name, answered in states.items():
+            for shown_entry, state in zip(shown["replicas"][vm_name], answered, strict=True):
+                shown_entry["standby"] = state
+        shown["protection"] = codec.encode(assess(ve, states, time.time()))
         return shown
 
     async def _on_locate(self, caller: Caller, request: m.Named) -> m.Located:
