@@ -71,7 +71,7 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -384,6 +384,20 @@ class Freshness:
         return record.deleted and now - record.written > self.grace
 
 
+def replicas_among(key: str, members: Iterable[tuple[str, str]], r: int) -> list[str]:
+    """The addresses of the `r` members (name, addr) that follow `key` on the ring when all of them count,
+    alive or not: a replica set that does not change with who is reachable, so two writers on either side
+    of a partition contend on the same replicas and at most one reaches a majority (what a lease needs;
+    the ring's own set, of the first r live successors, differs between the two sides). A live member of
+    this set is always one of the ring's replicas too, so anti-entropy never hands its copy away."""
+    ordered = sorted(members, key=lambda m: hash_id(m[0]))
+    if not ordered:
+        return []
+    position = hash_id(key)
+    first = next((k for k, (name, _) in enumerate(ordered) if hash_id(name) >= position), 0)
+    return [ordered[(first + j) % len(ordered)][1] for j in range(min(r, len(ordered)))]
+
+
 class DHT:
     """put/get over the ring with r replicas per key, and `put_if` decided by a majority of them. Listing is
     the agent's (`agents.overlays`): it asks every member for its shard, whichever overlay is bound.
@@ -574,20 +588,23 @@ class DHT:
         cached = self._replica_cache.get(key)
         return cached[1] if cached is not None and cached[0] > now else None
 
-    async def _call_replicas(self, key: str, method: Method[R, A], request: R) -> dict[str, A | RpcError]:
-        addrs = await self.replicas(key)
+    async def _call_replicas(self, key: str, method: Method[R, A], request: R,
+                             fixed: Sequence[str] | None = None) -> dict[str, A | RpcError]:
+        addrs = list(fixed) if fixed is not None else await self.replicas(key)
         answers = await self.transport.ask_many(addrs, method, request, CALL_TIMEOUT)
         if any(isinstance(a, Exception) for a in answers.values()):
             self._replica_cache.pop(key, None)  # someone did not answer: look the replicas up afresh next time
         return answers
 
-    async def get_record(self, key: str) -> Record | None:
-        """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
-        answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key))
+    async def get_record(self, key: str, fixed: Sequence[str] | None = None, quorum: int = 1) -> Record | None:
+        """The newest copy among the replicas (or the `fixed` ones: `replicas_among`) that answered, tombstones
+        included; stale replicas are repaired. With `quorum` (a majority of the fixed set), fewer answers is a
+        RequestError: such a read meets every write `put_if` made with the same quorum, so it is never stale."""
+        answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed)
         copies = {addr: record_from_wire(v) if v is not None else None
                   for addr, v in answers.items() if not isinstance(v, RpcError)}
-        if not copies:
-            raise RequestError(f"no replica of {key!r} answered")
+        if len(copies) < max(quorum, 1):
+            raise RequestError(f"{len(copies)} of {len(answers)} replicas of {key!r} answered, {quorum} needed")
         newest = None
         for record in copies.values():
             if record is not None and record.newer_than(newest):
@@ -619,20 +636,23 @@ class DHT:
     async def delete(self, key: str, after: int | None = None) -> Record:
         return await self.put(key, None, after)
 
-    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+    async def put_if(self, key: str, value: Any, expect: Record | None, fixed: Sequence[str] | None = None,
+                     quorum: int | None = None) -> Record:
         """Write the version that follows `expect` (the newest record the caller read, None if it found
         none) only if no replica of a majority holds anything newer: compare-and-set, decided by a
-        majority of the key's replicas (module docstring, "Conditional writes"). Raises WriteConflict if
-        a newer version exists (read again and decide again), RequestError if the replicas cannot be
-        reached or other claims kept the key busy for CLAIM_PATIENCE seconds."""
+        majority of the key's replicas (module docstring, "Conditional writes"), or `quorum` grants of the
+        `fixed` ones asked (`replicas_among`: the same set on both sides of a partition, less those known
+        dead, which could not grant anyway; `quorum` stays a majority of the whole set). Raises WriteConflict if a newer
+        version exists (read again and decide again), RequestError if the replicas cannot be reached or
+        other claims kept the key busy for CLAIM_PATIENCE seconds."""
         expected = expect.stamp if expect is not None else (0, "")
         record = Record(key, value, expected[0] + 1, self.ring.me.name, self.wall())
         token = f"{self.ring.me.name}/{self._rng.getrandbits(64):016x}"
         give_up = trio.current_time() + CLAIM_PATIENCE
         backoff = CLAIM_BACKOFF
         while True:
-            addrs = await self.replicas(key, deadline=give_up)
-            quorum = len(addrs) // 2 + 1
+            addrs = list(fixed) if fixed is not None else await self.replicas(key, deadline=give_up)
+            needed = quorum or len(addrs) // 2 + 1
             sent = trio.current_time()
             # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
             # connection (a cancelled send_all leaves an SSLStream unusable, and the transport keeps it)
@@ -640,7 +660,7 @@ class DHT:
                                                     CALL_TIMEOUT)
             claims = [v for v in answers.values() if isinstance(v, m.Claim)]
             granted = sum(1 for v in claims if v.granted)
-            if granted >= quorum and trio.current_time() - sent < COMMIT_WINDOW:
+            if granted >= needed and trio.current_time() - sent < COMMIT_WINDOW:
                 return await self._commit(addrs, record, token)
             await self.transport.ask_many(addrs, m.DHT_RELEASE, m.DhtRelease(key, token), CALL_TIMEOUT)
             newer = [v.held for v in claims if v.why == "newer" and v.held is not None]

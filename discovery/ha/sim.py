@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from trio import _core as trio_core
 from trio.testing import MockClock
 
 from agents.node import GossipService, RepairService, RingService
@@ -38,8 +39,8 @@ from agents.runtime import Event, Notifier
 from discovery.ha.lease import Fence, Freeze, Lease, LeaseKeeper, Read, Renew, Thaw, lease_key
 from discovery.ha.watch import HostWatch, ReadLease, Recover, Revoke, watchers_of
 from overlay.chord import hash_id
-from overlay.dht import DHT, Record, Shard, WriteConflict
-from overlay.membership import ALIVE, DEAD, SUSPECT, Membership
+from overlay.dht import DHT, Record, Shard, WriteConflict, replicas_among
+from overlay.membership import ALIVE, DEAD, LEFT, SUSPECT, Membership
 from overlay.ring import Ring
 from overlay.wire.codec import decode, encode
 from overlay.wire.memnet import MemNetwork
@@ -50,6 +51,7 @@ PROBE_INTERVAL = 0.5
 SUSPECT_TIMEOUT = 3.0
 RECONCILE = 1.0
 REPAIR_INTERVAL = 5.0
+REPLICAS = 3
 PREPARE_WAIT = 5.0
 UNANSWERED = (RpcError, RequestError)
 """What a directory call or a host call may fail with (a lost conditional write is caught before)."""
@@ -123,7 +125,7 @@ class SimNode:
         self.transport = sim.net.endpoint(self.addr, self.name, self.site)
         self.ring = Ring(self.transport, self.name, self.addr, self.site, r=5, learn=False)
         self.shard = Shard(sim.tmp / f"{self.name}.sqlite", inline=True, wall=sim.wall)
-        self.dht = DHT(self.transport, self.ring, self.shard, r=3, w=2, wall=sim.wall, rng=sim.rng,
+        self.dht = DHT(self.transport, self.ring, self.shard, r=REPLICAS, w=2, wall=sim.wall, rng=sim.rng,
                        members=lambda: len(sim.nodes))
         self.membership = Membership(self.name, self.addr, self.site, SUSPECT_TIMEOUT,
                                      random.Random(sim.rng.random()))
@@ -187,7 +189,10 @@ class SimNode:
         while True:
             keeper.cover(frozenset(self.prepared))
             for action in keeper.poll(trio.current_time()):
-                await self._lease_action(action)
+                if isinstance(action, (Read, Renew)):  # a write may take seconds: the freeze must not wait for it
+                    self.nursery.start_soon(self._lease_action, action)
+                else:
+                    await self._lease_action(action)
             wake = keeper.wake_at()
             with trio.move_on_at(wake if wake is not None else trio.current_time() + RECONCILE):
                 await self.lease_kick.wait()
@@ -198,16 +203,17 @@ class SimNode:
         match action:
             case Read():
                 try:
-                    record = await self.dht.get_record(lease_key(self.name))
+                    record = await self._read(lease_key(self.name))
                 except UNANSWERED:
                     keeper.failed(now())
                     return
                 for then in keeper.read(_lease(record), record, now()):
                     await self._lease_action(then)
+                self.lease_kick.set()
             case Renew(lease=lease, expect=expect):
                 sent = now()
                 try:
-                    record = await self.dht.put_if(lease_key(self.name), encode(lease), expect)
+                    record = await self._write(lease_key(self.name), encode(lease), expect)
                 except WriteConflict:
                     keeper.conflicted(now())
                 except UNANSWERED:
@@ -215,6 +221,7 @@ class SimNode:
                 else:
                     for then in keeper.renewed(lease, record, sent):
                         await self._lease_action(then)
+                self.lease_kick.set()
             case Freeze():
                 for ve, state in self.vms.items():
                     if state == "running":
@@ -242,7 +249,7 @@ class SimNode:
 
     async def _settle(self, ve: str) -> None:
         try:
-            record = await self.dht.get_record(f"ve/{ve}")
+            record = await self._read(f"ve/{ve}")
         except UNANSWERED:
             return
         host = record.value["host"] if record is not None and record.value is not None else None
@@ -305,7 +312,7 @@ class SimNode:
         match action:
             case ReadLease(host=host):
                 try:
-                    record = await self.dht.get_record(lease_key(host))
+                    record = await self._read(lease_key(host))
                 except UNANSWERED:
                     watch.failed(now())
                 else:
@@ -314,7 +321,7 @@ class SimNode:
                         await self._watch_action(watch, then)
             case Revoke(lease=lease, expect=expect):
                 try:
-                    await self.dht.put_if(lease_key(watch.host), encode(lease), expect)
+                    await self._write(lease_key(watch.host), encode(lease), expect)
                 except WriteConflict:
                     watch.conflicted(now())
                 except UNANSWERED:
@@ -332,7 +339,7 @@ class SimNode:
         done = True
         for ve in ves:
             try:
-                record = await self.dht.get_record(f"ve/{ve}")
+                record = await self._read(f"ve/{ve}")
                 if record is None or record.value is None or record.value["host"] != host:
                     continue
                 target = self._target(ve, host)
@@ -340,13 +347,30 @@ class SimNode:
                                                                    timeout=PREPARE_WAIT + 1):
                     done = False
                     continue
-                await self.dht.put_if(f"ve/{ve}", {"host": target.name}, record)
+                await self._write(f"ve/{ve}", {"host": target.name}, record)
                 self.sim.world.recoveries[ve] += 1
                 with contextlib.suppress(*UNANSWERED):
                     await self.transport.call(target.addr, "ha.start", {"ve": ve})
             except UNANSWERED:
                 done = False
         return done
+
+    async def _read(self, key: str) -> Record | None:
+        ask, quorum = self._fixed(key)
+        return await self.dht.get_record(key, ask, quorum)
+
+    async def _write(self, key: str, value: Any, expect: Record | None) -> Record:
+        ask, quorum = self._fixed(key)
+        return await self.dht.put_if(key, value, expect, ask, quorum)
+
+    def _fixed(self, key: str) -> tuple[list[str], int]:
+        """The replicas of a lease or a claim: counted over every member, reachable or not
+        (`overlay.dht.replicas_among`), less those SWIM holds dead (asking them only waits); a read and a write
+        need a majority of the whole set, so a read always sees the last write."""
+        members = self.membership.members.values()
+        every = replicas_among(key, [(m.name, m.addr) for m in members if m.status != LEFT], REPLICAS)
+        dead = {m.addr for m in members if m.status == DEAD}
+        return [a for a in every if a not in dead], len(every) // 2 + 1
 
     def _target(self, ve: str, host: str) -> Any:
         alive = [m for m in self.membership.members.values() if m.status == ALIVE and m.name != host]
@@ -413,7 +437,7 @@ class HaSim:
         for i, ve in enumerate(self.ves):
             host = hosts[i % len(hosts)]
             host.prepared.add(ve)
-            await host.dht.put_if(f"ve/{ve}", {"host": host.name}, None)
+            await host._write(f"ve/{ve}", {"host": host.name}, None)
 
     def _start(self, node: SimNode) -> None:
         scope = trio.CancelScope()
@@ -487,6 +511,7 @@ def trial(faults: list[Fault], nodes: int = 6, sites: int = 2, ves: int = 4, see
     """Run one schedule of faults; the report of `HaSim.report`."""
     with _scratch() as tmp:
         sim = HaSim(tmp, nodes, sites, ves, seed, loss)
+        trio_core._run._r.seed(seed)  # trio reverses each batch of ready tasks at random: seeded, a trial replays
         trio.run(sim.run, faults, settle, clock=MockClock(autojump_threshold=0))
         return sim.report(faults)
 

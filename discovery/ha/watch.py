@@ -13,7 +13,7 @@ transaction on its record.
 States of a `HostWatch` (one watcher, one watched host)::
 
     IDLE ── suspect or dead ──► OBSERVE: read the lease
-    OBSERVE ── none ──► IDLE (nothing protected there)
+    OBSERVE ── none ──► OBSERVE, read again after RETRY (nothing protected there, or not there yet)
             ── the host's, a new version ──► OBSERVE (seen at now: the host still renews)
             ── the host's, the same version for term·(1 + DRIFT) + MARGIN (+ STAGGER per rank), and dead
                ──► REVOKE: write it revoked ── won ──► RECOVER (Recover: its VEs) ──► DONE
@@ -160,8 +160,8 @@ class HostWatch:
     def read(self, lease: Lease | None, record: Any, version: Any, now: float) -> list[Action]:
         """The lease as read (`version`: the record's, comparable; None with no record)."""
         self._busy = False
-        if lease is None:
-            self.state = State.IDLE  # nothing protected runs there
+        if lease is None:  # nothing protected runs there, or the replicas that answered have not got it yet
+            self.state, self._read_due, self._next = State.OBSERVE, True, now + RETRY
             return []
         self.lease = lease
         if lease.holder is None:

@@ -56,12 +56,16 @@ def _save(directory: Path, state: dict[str, Any]) -> None:
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def build(plan: Plan) -> None:
-    """Namespaces, bridges, veths, shaping and routing of `plan`; the caller removes them if this raises."""
+def _check_free() -> None:
+    """Refuse before anything is built (so the clean-up of a failed `up` never removes another testbed)."""
     if os.geteuid() != 0:
         raise TestbedError("the testbed needs root (network namespaces)")
     if ROUTER in net.namespaces() or Path(f"/sys/class/net/{ROOT_LINK}").exists():
         raise TestbedError(f"a testbed is already up on this machine ({ROUTER}); 'discovery testbed down' first")
+
+
+def build(plan: Plan) -> None:
+    """Namespaces, bridges, veths, shaping and routing of `plan`; the caller removes them if this raises."""
     net.ip("netns", "add", ROUTER)
     r = ROUTER
     for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
@@ -122,6 +126,7 @@ def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0
         raise TestbedError(f"--hypervisor must be test or qemu, not {hypervisor!r}")
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    _check_free()
     try:
         build(plan)
         state: dict[str, Any] = {"dir": str(directory), "plan": dataclasses.asdict(plan), "relay_pid": None,

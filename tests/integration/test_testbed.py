@@ -104,6 +104,13 @@ def test_life_cycle_partition_heal_down(testbed: Cluster) -> None:
     wait_for(lambda: not [p for p in pids if _alive(p)], timeout=10, what="the agents gone (reaped by init)")
 
 
+def test_a_second_testbed_is_refused_and_leaves_the_first_up(testbed: Cluster, tmp_path: Path) -> None:
+    up = testbed.cli("testbed", "up", "--dir", str(tmp_path / "second"), "--nodes", "2", "--sites", "2", check=False)
+    assert up.returncode != 0 and "already up" in up.stderr and len(up.stderr.strip().splitlines()) == 1
+    status = testbed.json("testbed", "status", "--dir", str(testbed.dir))
+    assert status["router_up"] and all(n["answers"] for n in status["nodes"])
+
+
 def test_ve_created_listed_destroyed_across_three_sites(testbed: Cluster, tmp_path: Path) -> None:
     created = testbed.json("--agent", "node1", "ve", "create",
                            write_spec(tmp_path, "far", [("web", 2, 512), ("db", 2, 512)], site="nancy"))
