@@ -10,11 +10,15 @@ States of one VM (the shell's observations on the arrows, `due` hands out the de
 
     idle ── crashed, < limit restarts in the window ──► WAITING (due at now + backoff)
     idle ── crashed, limit restarts in the window ──► GIVING_UP (due at once)
-    WAITING ── due ──► RESTARTING ── restarted ──► idle (counted)
+    WAITING ── due ──► RESTARTING ── restarted ──► idle (counted); crashed again if a crash came meanwhile
                                   ├─ failed ──► idle (counted), then crashed again
                                   └─ skipped (its host no longer means it to run) ──► idle (not counted)
     GIVING_UP ── due ──► idle
-    a crash seen while WAITING, RESTARTING or GIVING_UP: ignored (libvirt may report one crash twice)
+    a crash seen while WAITING or GIVING_UP: ignored (the same death, seen twice: an event and a sweep)
+
+A crash seen while RESTARTING is kept for the outcome: the new QEMU may die before its restart is reported.
+It may also be the old death seen twice; then the next restart finds the VM running, and the shell skips it
+(the host checks libvirt's state before each restart), at no cost to the budget.
 
 The backoff doubles with each restart still in the window: FIRST_BACKOFF, then twice, four times... A
 restart is counted when it is made (`restarted` or `failed` at time t), so the invariant is about those
@@ -65,6 +69,8 @@ class _Vm:
     """When its recent restarts were made, oldest first (only those within the window are kept)."""
     phase: Phase | None = None
     due: float = 0.0
+    again: bool = False
+    """A crash was seen while its restart was under way."""
 
 
 class RestartBudget:
@@ -80,6 +86,8 @@ class RestartBudget:
     def crashed(self, name: str, now: float) -> None:
         """VM `name`'s guest stopped by crashing at `now` (or the restart made for it failed)."""
         vm = self._vms.setdefault(name, _Vm())
+        if vm.phase is Phase.RESTARTING:
+            vm.again = True
         if vm.phase is not None:
             return
         recent = self._recent(vm, now)
@@ -111,10 +119,12 @@ class RestartBudget:
                    default=None)
 
     def restarted(self, name: str, now: float) -> None:
-        """The restart of `name` was made at `now`: counted."""
+        """The restart of `name` was made at `now`: counted (and a crash seen meanwhile is taken now)."""
         vm = self._restarting(name)
         vm.restarts.append(now)
-        vm.phase = None
+        vm.phase, again, vm.again = None, vm.again, False
+        if again:
+            self.crashed(name, now)
 
     def failed(self, name: str, now: float) -> None:
         """The restart of `name` was tried at `now` and failed: counted, and the VM is down again (a crash)."""
@@ -123,7 +133,8 @@ class RestartBudget:
 
     def skipped(self, name: str, now: float) -> None:
         """The restart of `name` was not made (its host stopped it on purpose meanwhile, or it left): not counted."""
-        self._restarting(name).phase = None
+        vm = self._restarting(name)
+        vm.phase, vm.again = None, False
         self._tidy(name, now)
 
     def phase(self, name: str) -> Phase | None:
