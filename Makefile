@@ -13,8 +13,9 @@ CORES  := vivaldi/coordinate.py overlay/chord.py overlay/membership.py overlay/s
           overlay/wire/frames.py dvms/model.py dvms/partition.py dvms/monitor.py dvms/workload.py dvms/solver.py \
           dvms/isp_net.py discovery/ve/placement.py discovery/ve/spec.py discovery/ve/transaction.py \
           discovery/ve/moves.py discovery/ve/failovers.py discovery/ve/snapshotting.py discovery/ve/world.py \
-          discovery/ve/records.py discovery/ve/creating.py discovery/ve/protection.py images/pulling.py discovery/testbed/plan.py \
-          discovery/testbed/relay.py
+           discovery/ve/records.py discovery/ve/creating.py discovery/ve/protection.py images/pulling.py \
+           discovery/testbed/plan.py discovery/testbed/relay.py agents/host/restart_budget.py \
+           discovery/ha/lease.py discovery/ha/watch.py
 # Everything: typed, non-strict (pyproject's [tool.mypy]).
 PROJECT := vivaldi overlay dvms images agents discovery benchmarks
 

@@ -27,8 +27,10 @@ from prometheus_client.process_collector import ProcessCollector
 
 from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
+from agents.host.restarts import GuestRestarts
 from agents.host.service import HostService
 from agents.hypervisor.actor import DAEMON_CONNECTIONS, Hypervisor, write_node_xml
+from agents.hypervisor.events import GuestEvents
 from agents.hypervisor.qemu import QemuBackend, open_backend
 from agents.messages import (
     AGENT_MEMBERS,
@@ -152,6 +154,9 @@ class NodeAgent:
             self.notifier.subscribe(ring_service.tell_nowait, {"member_dead", "member_left"})
             self.actors += [self.host, self.gossip, self.coordinates, ring_service,
                             RepairService(self.dht, cfg.repair_interval), self.overlays, self.spiral]
+            if self.backend is not None:  # real guests: a crashed one is started again where it ran
+                uri = self.backend.uri
+                self.actors.append(GuestRestarts(self.host, lambda deliver: GuestEvents.open(uri, deliver)))
             transport.route(AGENT_STATUS, self._on_status)
             transport.route(AGENT_MEMBERS, self._on_members)
             metrics = await self._metrics()
