@@ -53,6 +53,7 @@ RECONCILE = 1.0
 REPAIR_INTERVAL = 5.0
 REPLICAS = 3
 PREPARE_WAIT = 5.0
+INCOMING_GRACE = 30.0
 UNANSWERED = (RpcError, RequestError)
 """What a directory call or a host call may fail with (a lost conditional write is caught before)."""
 KINDS = ("crash", "isolate", "isolate_site", "cut_out", "cut_in", "flap")
@@ -113,6 +114,9 @@ class SimNode:
         self.addr = f"mem:{name}"
         self.prepared: set[str] = set()
         """The VEs this host defines (its disk: kept across a crash, lost to a fence)."""
+        self.incoming: dict[str, float] = {}
+        """VE -> when `ha.prepare` asked for it: kept that long though its record still places it elsewhere
+        (the recovering watcher moves the record next), as a host keeps a reservation."""
         self.vms: dict[str, str] = {}
         """VE -> "running" or "frozen" (gone with a crash)."""
         self.boots = 0
@@ -253,16 +257,18 @@ class SimNode:
         except UNANSWERED:
             return
         host = record.value["host"] if record is not None and record.value is not None else None
-        if host != self.name and ve not in self.vms:
+        now = trio.current_time()
+        if host != self.name and ve not in self.vms and now >= self.incoming.get(ve, 0.0) + INCOMING_GRACE:
             self.prepared.discard(ve)
             self.kick()
-        elif host == self.name and ve not in self.vms and self.keeper.covered(ve, trio.current_time()):
+        elif host == self.name and ve not in self.vms and self.keeper.covered(ve, now):
             self.vms[ve] = "running"
             self.sim.world.start(ve, self.name)
 
     async def _on_prepare(self, caller: Caller, request: VeName) -> bool:
         """Cover `ve` in this host's lease before its record may move here."""
         self.prepared.add(request.ve)
+        self.incoming[request.ve] = trio.current_time()
         self.kick()
         with trio.move_on_after(PREPARE_WAIT):
             while not self.keeper.covered(request.ve, trio.current_time()):
@@ -271,6 +277,8 @@ class SimNode:
         return False
 
     async def _on_start(self, caller: Caller, request: VeName) -> bool:
+        """The record now places `ve` here: start it if the lease covers it (else the reconcile pass will)."""
+        self.prepared.add(request.ve)
         await self._settle(request.ve)
         return self.vms.get(request.ve) == "running"
 
