@@ -92,8 +92,14 @@ class World:
     down_since: dict[str, float] = field(default_factory=dict)
     """When each VE last stopped running anywhere (gone once it runs again)."""
     outages: list[float] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    """What happened, in order: a trial's trace (`trial(..., trace=True)` returns it)."""
+
+    def note(self, what: str) -> None:
+        self.log.append(f"{self.now():8.3f} {what}")
 
     def start(self, ve: str, node: str) -> None:
+        self.note(f"{node} starts {ve}")
         self.running[ve].add(node)
         if len(self.running[ve]) > 1:
             self.double_runs.append({"ve": ve, "at": round(self.now(), 3), "on": sorted(self.running[ve])})
@@ -101,6 +107,7 @@ class World:
             self.outages.append(self.now() - self.down_since.pop(ve))
 
     def stop(self, ve: str, node: str) -> None:
+        self.note(f"{node} stops {ve}")
         self.running[ve].discard(node)
         if not self.running[ve]:
             self.down_since.setdefault(ve, self.now())
@@ -227,16 +234,19 @@ class SimNode:
                         await self._lease_action(then)
                 self.lease_kick.set()
             case Freeze():
+                self.sim.world.note(f"{self.name} freezes (lease held until {keeper.held_until:.3f})")
                 for ve, state in self.vms.items():
                     if state == "running":
                         self.vms[ve] = "frozen"
                         self.sim.world.stop(ve, self.name)
             case Thaw():
+                self.sim.world.note(f"{self.name} thaws (held until {keeper.held_until:.3f})")
                 for ve, state in self.vms.items():
                     if state == "frozen":
                         self.vms[ve] = "running"
                         self.sim.world.start(ve, self.name)
-            case Fence(ves=ves):
+            case Fence(ves=ves, epoch=epoch):
+                self.sim.world.note(f"{self.name} fenced: lease epoch {epoch} revoked, {ves} never here again")
                 for ve in ves:
                     self.prepared.discard(ve)
                     if self.vms.pop(ve, None) == "running":
@@ -336,6 +346,7 @@ class SimNode:
                     watch.failed(now())
                 else:
                     self.sim.world.revocations.append((now(), watch.host, self.name))
+                    self.sim.world.note(f"{self.name} revokes {watch.host}'s lease (epoch {lease.epoch}, {lease.ves})")
                     for then in watch.revoke_won(lease, now()):
                         await self._watch_action(watch, then)
             case Recover(host=host, ves=ves):
@@ -357,6 +368,7 @@ class SimNode:
                     continue
                 await self._write(f"ve/{ve}", {"host": target.name}, record)
                 self.sim.world.recoveries[ve] += 1
+                self.sim.world.note(f"{self.name} moves {ve}: {host} -> {target.name} (record v{record.version + 1})")
                 with contextlib.suppress(*UNANSWERED):
                     await self.transport.call(target.addr, "ha.start", {"ve": ve})
             except UNANSWERED:
@@ -515,13 +527,13 @@ def _scratch() -> Iterator[Path]:
 
 
 def trial(faults: list[Fault], nodes: int = 6, sites: int = 2, ves: int = 4, seed: int = 0, loss: float = 0.0,
-          settle: float = 40.0) -> dict[str, Any]:
-    """Run one schedule of faults; the report of `HaSim.report`."""
+          settle: float = 40.0, trace: bool = False) -> dict[str, Any]:
+    """Run one schedule of faults; the report of `HaSim.report` (with `trace`, what happened, in order)."""
     with _scratch() as tmp:
         sim = HaSim(tmp, nodes, sites, ves, seed, loss)
         trio_core._run._r.seed(seed)  # trio reverses each batch of ready tasks at random: seeded, a trial replays
         trio.run(sim.run, faults, settle, clock=MockClock(autojump_threshold=0))
-        return sim.report(faults)
+        return sim.report(faults) | ({"trace": sim.world.log} if trace else {})
 
 
 def random_faults(rng: random.Random, nodes: int, sites: int, count: int = 2, window: float = 40.0) -> list[Fault]:
