@@ -637,16 +637,20 @@ class DHT:
         return await self.put(key, None, after)
 
     async def put_if(self, key: str, value: Any, expect: Record | None, fixed: Sequence[str] | None = None,
-                     quorum: int | None = None) -> Record:
+                     quorum: int | None = None, bump: int = 1) -> Record:
         """Write the version that follows `expect` (the newest record the caller read, None if it found
-        none) only if no replica of a majority holds anything newer: compare-and-set, decided by a
-        majority of the key's replicas (module docstring, "Conditional writes"), or `quorum` grants of the
-        `fixed` ones asked (`replicas_among`: the same set on both sides of a partition, less those known
-        dead, which could not grant anyway; `quorum` stays a majority of the whole set). Raises WriteConflict if a newer
-        version exists (read again and decide again), RequestError if the replicas cannot be reached or
-        other claims kept the key busy for CLAIM_PATIENCE seconds."""
+        none) only if no replica of a majority holds anything newer: compare-and-set, decided by a majority
+        of the key's replicas (module docstring, "Conditional writes"), or `quorum` grants of the `fixed`
+        ones asked (`replicas_among`: the same set on both sides of a partition, less those known dead, which
+        could not grant anyway; `quorum` stays a majority of the whole set). The version written is
+        `expect`'s plus `bump`: writers of two kinds that must never write the same version bump by
+        different steps (a write that reached only a minority and then met another of its version would be
+        settled by the writers' names, whichever had the majority), as an HA lease's renewals and
+        revocations do. Raises WriteConflict if a newer version exists (read again and decide again),
+        RequestError if the replicas cannot be reached or other claims kept the key busy for CLAIM_PATIENCE
+        seconds."""
         expected = expect.stamp if expect is not None else (0, "")
-        record = Record(key, value, expected[0] + 1, self.ring.me.name, self.wall())
+        record = Record(key, value, expected[0] + bump, self.ring.me.name, self.wall())
         token = f"{self.ring.me.name}/{self._rng.getrandbits(64):016x}"
         give_up = trio.current_time() + CLAIM_PATIENCE
         backoff = CLAIM_BACKOFF

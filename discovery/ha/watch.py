@@ -18,14 +18,20 @@ States of a `HostWatch` (one watcher, one watched host)::
             ── the host's, the same version for term·(1 + DRIFT) + MARGIN (+ STAGGER per rank), and dead
                ──► REVOKE: write it revoked ── won ──► RECOVER (Recover: its VEs) ──► DONE
                                               └─ conflict ──► OBSERVE (read again)
-            ── revoked by another ──► FOLLOW: after FOLLOW_GRACE, Recover too (it finishes what the
-               other watcher started, if it died; each VE's recovery skips what is done) ──► DONE
+            ── revoked (by another, or by this one's write that failed) ──► CONFIRM: after FOLLOW_GRACE,
+               write the revoked lease again; won ──► FOLLOW: after a term and margin, Recover too (it
+               finishes what the other watcher started, if it died; each VE's recovery skips what is done)
     alive (SWIM refuted it) ──► IDLE, unless this watcher revoked: the lease is gone, so recovery goes on
     a recovery that failed (no room, the directory) ──► FOLLOW again, after RETRY
 
 The safety argument is `discovery.ha.lease`'s: the lease is revoked only once its holder has stopped its
-VMs. Liveness: a host that still renews (cut off from the other members but not from a majority of its
-record's replicas) is not recovered; its VMs run where they are.
+VMs. A revoked record seen, but not written, by this watcher may have reached only a minority of its
+replicas (its writer's answers were lost) while the holder renewed on the majority; so a follower acts
+only on a revocation it wrote itself to a majority, and only a term after that write, when the holder,
+whose renewals all fail from then on, has frozen. Revocations bump the record's version by 2 and
+renewals by 1 (`overlay.dht.DHT.put_if`), so a renewal that reached only a minority never ties with a
+revocation. Liveness: a host that still renews (cut off from the other members but not from a majority
+of its record's replicas) is not recovered; its VMs run where they are.
 
 This module never touches a socket, a clock or trio.
 """
@@ -51,6 +57,8 @@ FOLLOW_GRACE = 10.0
 """After another watcher revoked: seconds before this one runs the recovery too (finishing it if needed)."""
 RETRY = 5.0
 """Seconds before a recovery that failed is tried again."""
+REVOCATION_BUMP = 2
+"""A revocation's version step (`Revoke.bump`); renewals step by 1: the two never write the same version."""
 
 
 def watchers_of(host: str, site: str, members: Iterable[tuple[str, str]], k: int = WATCHERS) -> list[str]:
@@ -72,10 +80,12 @@ class ReadLease:
 
 @dataclass(frozen=True)
 class Revoke:
-    """Write `lease` (revoked) as the version after `expect`: answered by `revoke_won`, `conflicted`, `failed`."""
+    """Write `lease` (revoked) as `expect`'s version plus `bump`: answered by `revoke_won`, `conflicted`,
+    `failed`."""
 
     lease: Lease
     expect: Any
+    bump: int = REVOCATION_BUMP
 
 
 @dataclass(frozen=True)
@@ -94,8 +104,10 @@ class State(enum.Enum):
     IDLE = "idle"
     OBSERVE = "observe"
     REVOKE = "revoke"
+    CONFIRM = "confirm"
     FOLLOW = "follow"
     DONE = "done"
+
 
 
 class HostWatch:
@@ -107,6 +119,7 @@ class HostWatch:
         self.dead = False
         self.lease: Lease | None = None
         """The lease as last read."""
+        self._record: Any = None
         self._version: Any = None
         self._seen = 0.0
         self._next = 0.0
@@ -136,8 +149,10 @@ class HostWatch:
     def poll(self, now: float) -> list[Action]:
         if self._busy or self.state in (State.IDLE, State.DONE) or now < self._next:
             return []
-        if self.state is State.FOLLOW:
-            assert self.lease is not None
+        if self.state is State.CONFIRM and self.lease is not None:
+            self._busy = True
+            return [Revoke(self.lease, self._record)]
+        if self.state is State.FOLLOW and self.lease is not None:
             self._busy = True
             return [Recover(self.host, self.lease.ves, self.lease.epoch)]
         if self.state is State.OBSERVE and self._read_due:
@@ -163,10 +178,10 @@ class HostWatch:
         if lease is None:  # nothing protected runs there, or the replicas that answered have not got it yet
             self.state, self._read_due, self._next = State.OBSERVE, True, now + RETRY
             return []
-        self.lease = lease
+        self.lease, self._record = lease, record
         if lease.holder is None:
             if self.state is not State.FOLLOW:
-                self.state, self._next = State.FOLLOW, now + FOLLOW_GRACE
+                self.state, self._next = State.CONFIRM, now + FOLLOW_GRACE
             return []
         if self.state is State.REVOKE and version == self._version:
             self._busy = True
@@ -177,7 +192,11 @@ class HostWatch:
         return []
 
     def revoke_won(self, lease: Lease, now: float) -> list[Action]:
-        """This watcher revoked the lease: it recovers the VEs at once."""
+        """This watcher's revocation was written: after its own observation it recovers the VEs at once; as a
+        follower (it confirmed a revocation it read), once the holder has frozen."""
+        if self.state is State.CONFIRM:
+            self._busy, self.state, self._next = False, State.FOLLOW, now + self._wait()
+            return []
         self.lease, self.state = lease, State.FOLLOW
         return [Recover(self.host, lease.ves, lease.epoch)]  # still busy: until `recovered`
 
@@ -187,9 +206,10 @@ class HostWatch:
         return []
 
     def failed(self, now: float) -> list[Action]:
-        """A directory call did not answer: try the same step again after a moment."""
+        """A directory call did not answer: try the same step again after a moment (a revocation, or its
+        confirmation, from a fresh read: it may have been written in part)."""
         self._busy = False
-        if self.state in (State.OBSERVE, State.REVOKE):
+        if self.state in (State.OBSERVE, State.REVOKE, State.CONFIRM):
             self.state, self._read_due = State.OBSERVE, True
         self._next = now + MARGIN
         return []
@@ -208,5 +228,9 @@ class HostWatch:
 
     def _deadline(self) -> float:
         """When a dead host's lease, unchanged since `_seen`, may be revoked."""
+        return self._seen + self._wait() + self.rank * STAGGER
+
+    def _wait(self) -> float:
+        """A holder's term as this watcher's clock may measure it, plus the margin."""
         term = self.lease.term if self.lease is not None else 0.0
-        return self._seen + term * (1 + DRIFT) + MARGIN + self.rank * STAGGER
+        return term * (1 + DRIFT) + MARGIN
