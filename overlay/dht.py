@@ -610,15 +610,20 @@ class DHT:
             self._replica_cache.pop(key, None)  # someone did not answer: look the replicas up afresh next time
         return answers
 
-    async def get_record(self, key: str, fixed: Sequence[str] | None = None, quorum: int = 1) -> Record | None:
-        """The newest copy among the replicas (or the `fixed` ones: `replicas_among`) that answered, tombstones
-        included; stale replicas are repaired. With `quorum` (a majority of the fixed set), fewer answers is a
-        RequestError: such a read meets every write `put_if` made with the same quorum, so it is never stale."""
+    async def get_record(self, key: str) -> Record | None:
+        """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
+        return await self.read_from(key, await self.replicas(key))
+
+    async def read_from(self, key: str, fixed: Sequence[str], quorum: int = 1) -> Record | None:
+        """`get_record` from the `fixed` replicas (`replicas_among`). Fewer than `quorum` answers (a majority
+        of the fixed set) is a RequestError: such a read meets every `put_if` made to the same set with the
+        same quorum, so it never returns a stale record."""
         answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed)
         copies = {addr: record_from_wire(v) if v is not None else None
                   for addr, v in answers.items() if not isinstance(v, RpcError)}
         if len(copies) < max(quorum, 1):
-            raise RequestError(f"{len(copies)} of {len(answers)} replicas of {key!r} answered, {quorum} needed")
+            raise RequestError(f"{len(copies)} of {len(answers)} replicas of {key!r} answered, {quorum} needed"
+                               if answers else f"no replica of {key!r} answered")
         newest = None
         for record in copies.values():
             if record is not None and record.newer_than(newest):

@@ -377,7 +377,7 @@ class SimNode:
 
     async def _read(self, key: str) -> Record | None:
         ask, quorum = self._fixed(key)
-        return await self.dht.get_record(key, ask, quorum)
+        return await self.dht.read_from(key, ask, quorum)
 
     async def _write(self, key: str, value: Any, expect: Record | None) -> Record:
         ask, quorum = self._fixed(key)
