@@ -33,18 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import guest_dirs, local_cluster, share_images, wait_ready
+from harness import cli, guest_dirs, local_cluster, share_images, wait_ready
 
 FIRST_FREE = 64 << 20
 """Where the random data goes: past the tiny guest's 32 MiB file system, so the guest still boots."""
-
-
-def cli(state: dict[str, Any], *args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "discovery", "--config", state["client_config"], *args, "--json"],
-                          capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"discovery {' '.join(args)}: {done.stderr.strip()}")
-    return json.loads(done.stdout)
 
 
 def write_random(disk: Path, offset: int, mib: int, scratch: Path) -> None:
