@@ -10,7 +10,8 @@ and a status:
   excepted); else `degraded`, saying how many are held, what the others' nodes answered, and why the last
   attempt to make them fell short if it did (the record's `shortfall`);
 - `restart`: `protected` without periodic snapshots (it restarts from its image), or while its last shipped
-  snapshot (or, before the first, the VE's creation) is at most twice `snapshot_every` old; else `degraded`.
+  snapshot (or, before the first, the VE's creation) is at most twice `snapshot_every` old, or while the VE
+  does not run (nothing is written that its last snapshot lacks; none is shipped meanwhile); else `degraded`.
   Only a shipped snapshot counts: the others are kept by the VM's host, and die with it.
 
 Pure: `assess` reads a record, what the copies' nodes answered and the time; `VEService._on_show` asks the
@@ -80,8 +81,9 @@ def assess(ve: VERecord, states: Mapping[str, Sequence[str]], now: float,
         ship = (shipped or {}).get(vm)
         if policy.mode == "standby":
             why = _standby_shortfall(ve, policy, slot.node, copies)
-        elif policy.mode == "restart":
-            why = _late_snapshot(policy, ship.time if ship is not None else None, ve.created, now)
+        elif policy.mode == "restart":  # a VE that does not run writes nothing its last snapshot lacks
+            why = _late_snapshot(policy, ship.time if ship is not None else None, ve.created, now) \
+                if ve.state == "running" else None
         else:
             found[vm] = VMProtection("unprotected", policy, copies, last, last_shipped=ship)
             continue

@@ -116,6 +116,8 @@ class Shipping(VEBase):
             if not targets:
                 raise RequestError(f"{ve.name}/{vm}: no live node besides its host {slot.node} to ship a snapshot to")
             name = image_name(ve.name, vm, taken)
+            if previous is not None and previous.image == name:
+                raise Conflict(f"{ve.name}/{vm} was shipped this second already ({name}); ship again in a second")
             made = await self._host(slot, "host.snapshot_image", {"name": domain_name(ve.name, vm), "image": name,
                                                                   "owner": ve.owner}, IMAGE_TIMEOUT)
             answers = await self.transport.call_many([live[n].addr for n in targets], "image.pull", {"name": name},

@@ -75,6 +75,11 @@ def test_restart_is_degraded_once_its_last_shipped_snapshot_is_late(shipped: flo
     assert found.last_shipped == last.get("db")
 
 
+def test_a_ve_that_does_not_run_is_never_late() -> None:
+    stopped = replace(record(HaPolicy("restart", 0, 30, 3)), state="stopped")
+    assert assess(stopped, {}, NOW)["db"].status == "protected"
+
+
 def test_a_snapshot_its_host_keeps_is_no_restart_point() -> None:
     """It dies with the host: only a shipped snapshot keeps a `restart` VM protected."""
     found = assess(record(HaPolicy("restart", 0, 30, 3), snapshots=(NOW - 3000, NOW - 5)), {}, NOW)["db"]
