@@ -307,6 +307,50 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
     qemu3.cli("--agent", survivor, "ve", "destroy", "solo")
 
 
+def test_shipped_snapshots_send_what_changed_and_boot_elsewhere_once_the_host_is_gone(qemu3: Cluster,
+                                                                                     tmp_path: Path) -> None:
+    """`ve ship` makes the guest's disk (1 GiB, written every second by its heartbeat) an image kept by nodes
+    besides its host; the second sends them what changed since the first, far less than the disk. The host then
+    loses power, and a new VE booting that image through another agent reads on its disk the heartbeat that the
+    guest had written when the snapshot was taken."""
+    a = create_one(qemu3, tmp_path, "shipping")
+    host = a.node
+    a.wait_beat_above(2)
+    first = qemu3.json("--agent", "node2", "ve", "ship", "shipping")["vms"]["a"]
+    assert first["host"] == host and first["sent"] and host not in first["sent"]
+    shipped_at = a.disk_beat()
+    a.wait_disk_beat(lambda beat: beat > shipped_at + 2, "the guest writes on")
+    before = a.disk_beat()
+    second = qemu3.json("--agent", "node2", "ve", "ship", "shipping")["vms"]["a"]
+    after = a.disk_beat()
+    log.info("shipped snapshots: first %s, second %s", first, second)
+    image = second["shipped"]["image"]
+    entry = qemu3.json("--agent", "node2", "image", "show", image)
+    assert entry["size"] == 1 << 30 and set(second["sent"]) == set(first["sent"])  # the same holders: incremental
+    assert all(sent < 1 << 20 for sent in second["sent"].values())  # a 1 GiB disk; a few chunks changed
+    assert set(entry["holders"]) - {host}
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guest
+    end_leftovers(qemu3.dir / host / "data")
+    survivor = next(n for n in second["sent"])
+    point = qemu3.json("--agent", survivor, "ve", "restore-point", "shipping", "a")
+    assert point["image"] == image and point["digest"] == entry["digest"]
+    spec = tmp_path / "reborn.yaml"
+    spec.write_text(f"name: reborn\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: {image}}}\n")
+    qemu3.json("--agent", survivor, "ve", "create", str(spec))
+    reborn = VM(qemu3, "reborn", "a")
+    reborn.via = survivor
+    reborn.wait_ready()
+    ready = next(line for line in reborn.file(".log").read_text(errors="replace").splitlines()
+                 if tinyguest.READY in line)
+    assert before <= int(ready.rpartition("heartbeat=")[2]) <= after  # the disk as it was when shipped
+    qemu3.cli("--agent", survivor, "ve", "destroy", "reborn")
+    restart(qemu3, host)
+    rejoined(qemu3, host, "shipping")
+    qemu3.cli("--agent", survivor, "ve", "destroy", "shipping")
+    for shipped in (first, second):
+        qemu3.cli("--agent", survivor, "image", "rm", shipped["shipped"]["image"])
+
+
 def pid_file(cluster: Cluster, node: str, domain: str) -> Path:
     """libvirt's pid file of `domain`'s QEMU on `node` (the node's own daemon's, or its embedded driver's)."""
     root = "libvirtd" if cluster.state.get("hypervisor") == "qemu" else "embed"
