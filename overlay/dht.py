@@ -602,10 +602,10 @@ class DHT:
         cached = self._replica_cache.get(key)
         return cached[1] if cached is not None and cached[0] > now else None
 
-    async def _call_replicas(self, key: str, method: Method[R, A], request: R,
-                             fixed: Sequence[str] | None = None) -> dict[str, A | RpcError]:
+    async def _call_replicas(self, key: str, method: Method[R, A], request: R, fixed: Sequence[str] | None = None,
+                             timeout: float = CALL_TIMEOUT) -> dict[str, A | RpcError]:
         addrs = list(fixed) if fixed is not None else await self.replicas(key)
-        answers = await self.transport.ask_many(addrs, method, request, CALL_TIMEOUT)
+        answers = await self.transport.ask_many(addrs, method, request, timeout)
         if any(isinstance(a, Exception) for a in answers.values()):
             self._replica_cache.pop(key, None)  # someone did not answer: look the replicas up afresh next time
         return answers
@@ -614,11 +614,12 @@ class DHT:
         """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
         return await self.read_from(key, await self.replicas(key))
 
-    async def read_from(self, key: str, fixed: Sequence[str], quorum: int = 1) -> Record | None:
-        """`get_record` from the `fixed` replicas (`replicas_among`). Fewer than `quorum` answers (a majority
-        of the fixed set) is a RequestError: such a read meets every `put_if` made to the same set with the
-        same quorum, so it never returns a stale record."""
-        answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed)
+    async def read_from(self, key: str, fixed: Sequence[str], quorum: int = 1,
+                        timeout: float = CALL_TIMEOUT) -> Record | None:
+        """`get_record` from the `fixed` replicas (`replicas_among`), each given `timeout` seconds. Fewer than
+        `quorum` answers (a majority of the fixed set) is a RequestError: such a read meets every `put_if` made
+        to the same set with the same quorum, so it never returns a stale record."""
+        answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed, timeout)
         copies = {addr: record_from_wire(v) if v is not None else None
                   for addr, v in answers.items() if not isinstance(v, RpcError)}
         if len(copies) < max(quorum, 1):
@@ -630,7 +631,7 @@ class DHT:
                 newest = record
         if newest is not None:
             stale = [a for a, rec in copies.items() if rec is None or newest.newer_than(rec)]
-            await self.transport.ask_many(stale, m.DHT_STORE, m.DhtStore(newest.to_wire()), CALL_TIMEOUT)
+            await self.transport.ask_many(stale, m.DHT_STORE, m.DhtStore(newest.to_wire()), timeout)
         return newest
 
     async def get(self, key: str) -> Record | None:
@@ -656,12 +657,13 @@ class DHT:
         return await self.put(key, None, after)
 
     async def put_if(self, key: str, value: Any, expect: Record | None, fixed: Sequence[str] | None = None,
-                     quorum: int | None = None) -> Record:
+                     quorum: int | None = None, timeout: float = CALL_TIMEOUT) -> Record:
         """Write the version that follows `expect` (the newest record the caller read, None if it found
         none) only if no replica of a majority holds anything newer: compare-and-set, decided by a majority
         of the key's replicas (module docstring, "Conditional writes"), or `quorum` grants of the `fixed`
         ones asked (`replicas_among`: the same set on both sides of a partition, less those known dead, which
-        could not grant anyway; `quorum` stays a majority of the whole set). Raises WriteConflict if a newer
+        could not grant anyway; `quorum` stays a majority of the whole set), each call given `timeout`
+        seconds (a lease's writes cannot wait 3 s on a replica that died). Raises WriteConflict if a newer
         version exists (read again and decide again),
         RequestError if the replicas cannot be reached or other claims kept the key busy for CLAIM_PATIENCE
         seconds."""
@@ -677,12 +679,12 @@ class DHT:
             # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
             # connection (a cancelled send_all leaves an SSLStream unusable, and the transport keeps it)
             answers = await self.transport.ask_many(addrs, m.DHT_PREPARE, m.DhtPrepare(key, token, expected),
-                                                    CALL_TIMEOUT)
+                                                    timeout)
             claims = [v for v in answers.values() if isinstance(v, m.Claim)]
             granted = sum(1 for v in claims if v.granted)
             if granted >= needed and trio.current_time() - sent < COMMIT_WINDOW:
-                return await self._commit(addrs, record, token)
-            await self.transport.ask_many(addrs, m.DHT_RELEASE, m.DhtRelease(key, token), CALL_TIMEOUT)
+                return await self._commit(addrs, record, token, timeout)
+            await self.transport.ask_many(addrs, m.DHT_RELEASE, m.DhtRelease(key, token), timeout)
             newer = [v.held for v in claims if v.why == "newer" and v.held is not None]
             if newer:
                 raise WriteConflict(key, max(newer))
@@ -695,12 +697,12 @@ class DHT:
             await trio.sleep(self._rng.uniform(0, backoff))
             backoff = min(2 * backoff, 1.0)
 
-    async def _commit(self, addrs: list[str], record: Record, token: str) -> Record:
+    async def _commit(self, addrs: list[str], record: Record, token: str, timeout: float = CALL_TIMEOUT) -> Record:
         """Store the record on the replicas that granted the claim, its writer the commit's ballot: the commit
         time, then this node (`ballot`; module docstring, "Conditional writes")."""
         now = self.wall()
         record = replace(record, writer=ballot(now, self.ring.me.name), written=now)
-        answers = await self.transport.ask_many(addrs, m.DHT_STORE, m.DhtStore(record.to_wire(), token), CALL_TIMEOUT)
+        answers = await self.transport.ask_many(addrs, m.DHT_STORE, m.DhtStore(record.to_wire(), token), timeout)
         acks = sum(1 for v in answers.values() if v is True)
         if acks < min(self.w, len(addrs)):
             raise RequestError(f"write of {record.key!r} reached {acks} of {len(addrs)} replicas")

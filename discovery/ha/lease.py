@@ -49,6 +49,9 @@ raise the suspicion), so watchers that start reading at the suspicion are done w
 verdict."""
 RENEW_FRACTION = 3
 """Renewals per term: one lost renewal does not freeze a host."""
+LEASE_CALL_TIMEOUT = 0.5
+"""Seconds a lease's read or write waits for each replica: a replica that died but is not declared dead yet
+must not hold a renewal past the term (the directory's own 3 s would)."""
 
 
 def lease_key(node: str) -> str:

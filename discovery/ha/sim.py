@@ -36,7 +36,7 @@ from trio.testing import MockClock
 
 from agents.node import GossipService, RepairService, RingService
 from agents.runtime import Event, Notifier
-from discovery.ha.lease import Fence, Freeze, Lease, LeaseKeeper, Read, Renew, Thaw, lease_key
+from discovery.ha.lease import LEASE_CALL_TIMEOUT, Fence, Freeze, Lease, LeaseKeeper, Read, Renew, Thaw, lease_key
 from discovery.ha.watch import HostWatch, ReadLease, Recover, Revoke, watchers_of
 from overlay.chord import hash_id
 from overlay.dht import DHT, Record, Shard, WriteConflict, replicas_among
@@ -377,11 +377,11 @@ class SimNode:
 
     async def _read(self, key: str) -> Record | None:
         ask, quorum = self._fixed(key)
-        return await self.dht.read_from(key, ask, quorum)
+        return await self.dht.read_from(key, ask, quorum, LEASE_CALL_TIMEOUT)
 
     async def _write(self, key: str, value: Any, expect: Record | None) -> Record:
         ask, quorum = self._fixed(key)
-        return await self.dht.put_if(key, value, expect, ask, quorum)
+        return await self.dht.put_if(key, value, expect, ask, quorum, LEASE_CALL_TIMEOUT)
 
     def _fixed(self, key: str) -> tuple[list[str], int]:
         """The replicas of a lease or a claim: counted over every member, reachable or not
