@@ -146,6 +146,8 @@ def sim_ha(
     ves: Annotated[int, typer.Option(min=1, help="Protected VEs (one VM each).")] = 4,
     loss: Annotated[float, typer.Option(min=0, max=0.5, help="Share of messages lost while faults last.")] = 0.0,
     faults: Annotated[int, typer.Option(min=1, max=10, help="At most this many faults per schedule.")] = 3,
+    kinds: Annotated[str, typer.Option(help="Comma-separated fault kinds drawn from: crash, isolate, "
+                                            "isolate_site, cut_out, cut_in, flap.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed of the first trial (trial i: seed + i).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -155,7 +157,10 @@ def sim_ha(
 
     if sites > nodes:
         raise fail("--sites must not exceed --nodes")
-    result = sim.campaign(trials, seed, nodes, sites, ves, loss, faults)
+    chosen = sim.KINDS if kinds == "all" else tuple(k.strip() for k in kinds.split(","))
+    if unknown := [k for k in chosen if k not in sim.KINDS]:
+        raise fail(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(sim.KINDS)}")
+    result = sim.campaign(trials, seed, nodes, sites, ves, loss, faults, kinds=chosen)
     keys = ("trials", "double_run_trials", "not_running_trials", "revocations", "recoveries")
     emit(result, as_json, make_table(["metric", "value"], [[k, result[k]] for k in keys]
                                      + [[f"outage {k} (s)", v] for k, v in result["outage_s"].items()]))

@@ -536,18 +536,20 @@ def trial(faults: list[Fault], nodes: int = 6, sites: int = 2, ves: int = 4, see
         return sim.report(faults) | ({"trace": sim.world.log} if trace else {})
 
 
-def random_faults(rng: random.Random, nodes: int, sites: int, count: int = 2, window: float = 40.0) -> list[Fault]:
-    """`count` random faults starting within `window` seconds (after 10 s: the first leases are written)."""
+def random_faults(rng: random.Random, nodes: int, sites: int, count: int = 2, window: float = 40.0,
+                  kinds: tuple[str, ...] = KINDS) -> list[Fault]:
+    """`count` random faults of `kinds` starting within `window` seconds (after 10 s: the first leases are
+    written)."""
     faults = []
     for _ in range(count):
-        kind = rng.choice(KINDS)
+        kind = rng.choice(kinds)
         target = f"s{rng.randrange(sites) + 1}" if kind == "isolate_site" else f"n{rng.randrange(nodes) + 1}"
         faults.append(Fault(kind, target, round(10 + rng.uniform(0, window), 2), round(rng.uniform(2, 30), 2)))
     return faults
 
 
 def campaign(trials: int, seed: int = 0, nodes: int = 6, sites: int = 2, ves: int = 4, loss: float = 0.0,
-             faults: int = 3, settle: float = 40.0) -> dict[str, Any]:
+             faults: int = 3, settle: float = 40.0, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     """`trials` random schedules (1 to `faults` faults each, trial i seeded with seed + i): how many ran a VE
     twice, how many left one not running once every fault ended, and the outages (seconds a VE ran nowhere:
     recoveries, and freezes of hosts that lost their lease for a moment)."""
@@ -556,7 +558,7 @@ def campaign(trials: int, seed: int = 0, nodes: int = 6, sites: int = 2, ves: in
     recoveries = revocations = 0
     for i in range(trials):
         rng = random.Random(seed + i)
-        schedule = random_faults(rng, nodes, sites, count=rng.randint(1, faults))
+        schedule = random_faults(rng, nodes, sites, count=rng.randint(1, faults), kinds=kinds)
         report = trial(schedule, nodes, sites, ves, seed + i, loss, settle)
         recoveries += sum(report["recoveries"].values())
         revocations += report["revocations"]
