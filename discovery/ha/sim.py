@@ -145,7 +145,7 @@ class SimNode:
         for other in sim.nodes.values():
             if other is not self:
                 self.membership.merge([{"name": other.name, "addr": other.addr, "site": other.site,
-                                        "status": ALIVE, "incarnation": 0}], sim.clock_now())
+                                        "status": ALIVE, "incarnation": 0}], trio.current_time())
         self.events_in, self.events = trio.open_memory_channel[Event](math.inf)
         notifier = Notifier()  # SWIM's events reach the ring and wake the node's loops, as in an agent
         notifier.subscribe(self._told)
@@ -421,9 +421,6 @@ class HaSim:
 
     def wall(self) -> float:
         return EPOCH + trio.current_time()
-
-    def clock_now(self) -> float:
-        return trio.current_time()
 
     async def run(self, faults: list[Fault], settle: float) -> None:
         async with trio.open_nursery() as nursery:
