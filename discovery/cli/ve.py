@@ -29,6 +29,8 @@ def ve_table(ves: list[dict[str, Any]]) -> Table:
                 why = f"moving to {slot['moving_to']['node']} ({slot['moving_to']['phase']}); {why}"
             if slot.get("failing_over"):  # an interrupted failover, likewise
                 why = f"failing over to {slot['failing_over']['node']}; {why}"
+            if slot.get("rebuilding"):  # an interrupted rebuild, likewise
+                why = f"rebuilding on {slot['rebuilding']['node']}; {why}"
             standbys = ", ".join(e["node"] + (f" ({e['standby']})" if e.get("standby", "held") != "held" else "")
                                  for e in ve.get("replicas", {}).get(vm, []))
             rows.append(row + ([slot.get("domain_state")] if live else []) + ([standbys] if copies else []) + [why])
@@ -234,6 +236,22 @@ def ve_failover(
     emit(ve, as_json, ve_table([ve]))
     if not as_json:
         print("failed over: " + ", ".join(f"{v} to {node}" for v, node in ve["failed_over"].items()))
+
+
+@ve_app.command("rebuild")
+def ve_rebuild(
+    name: str,
+    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
+                                                         "first.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make the VMs whose host is down again on other nodes, booting their image, in the VE's state (their
+    disks start afresh: for VMs without a standby copy, see `ve failover`)."""
+    ve = rpc("ve.rebuild", {"name": name, "vm": vm, "force": force}, timeout=900)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print("rebuilt: " + ", ".join(f"{v} on {node}" for v, node in ve["rebuilt"].items()))
 
 
 @ve_app.command("stop")

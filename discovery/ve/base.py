@@ -3,7 +3,8 @@ and finding the nodes a VM may go to.
 
 `discovery.ve.service.VEService` is assembled from one class per concern, each a subclass of `VEBase`:
 creation, listing and lifecycle in `discovery.ve.service`, moves in `discovery.ve.relocation`, snapshots in
-`discovery.ve.snapshots`, standby copies and failover in `discovery.ve.replicas`. They share the narrow
+`discovery.ve.snapshots`, standby copies and failover in `discovery.ve.replicas`, rebuilds in
+`discovery.ve.rebuilds`. They share the narrow
 interfaces the agent is wired with (`VEBase.__init__`, wired in `discovery.agent`), the per-VE locks and
 the helpers below, and nothing else, so each module reads on its own. None of them sees the agent.
 """
@@ -298,7 +299,8 @@ async def pause_for_test(point: str) -> None:
     VE started, its record still `creating`), `prepared` (target reserved, source exported and frozen,
     target not yet confirmed), `started` (the target runs the VM, the source still holds its frozen copy),
     `snapshot` (the VE's running VMs paused, no snapshot stored yet), `failover` (the failover's intent
-    written, the standby not yet promoted). Unset, it does nothing."""
+    written, the standby not yet promoted), `rebuild` (the rebuild's intent written, its node reserved, the VM
+    not yet defined there). Unset, it does nothing."""
     for item in os.environ.get(PAUSE_ENV, "").split(","):
         where, _, seconds = item.partition(":")
         if where == point:

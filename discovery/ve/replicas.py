@@ -280,11 +280,13 @@ class Replicas(VEBase):
     # -- fencing ---------------------------------------------------------------------------------------
 
     async def fence(self) -> None:
-        """Undefine this node's copy of each VM that the directory places on another node holding it, and
-        drop each standby this node keeps that the directory no longer lists; start the VMs the host holds
-        off since its start (`agents.host.service.HostService.start`) that the directory places here. Only on
-        positive evidence: a record that cannot be read, or a node that cannot be asked, changes nothing
-        (the host starts a held VM by itself after `HOLD_LIMIT`)."""
+        """Undefine this node's copy of each VM that the directory places on another node holding it (failed
+        over, or rebuilt: `discovery.ve.rebuilds`), and drop each standby this node keeps that the directory no
+        longer lists; start the VMs the host holds off since its start (`agents.host.service.HostService.start`)
+        that the directory places here, unless an operation on the VM is under way (a failover or a rebuild
+        of it elsewhere may be defining it there: its recovery settles this copy). Only on positive evidence:
+        a record that cannot be read, or a node that cannot be asked, changes nothing (the host starts a held
+        VM by itself after `HOLD_LIMIT`)."""
         me = self.node
         found: dict[str, tuple[Record | None, Stored | None]] = {}
         for key in list(self.host.ledger.allocated):
@@ -304,8 +306,8 @@ class Replicas(VEBase):
                 continue
             slot = live.ve.placement.get(vm) if live is not None else None
             if slot is not None and me in slot.named():
-                if domain in self.host.held:  # recovered off at start: the directory says it is ours
-                    await self._local("host.vm.release", {"name": domain})
+                if domain in self.host.held and not slot.intents():  # recovered off at start: the directory says
+                    await self._local("host.vm.release", {"name": domain})  # it is ours, and nothing moves it
                 continue
             if slot is None:
                 if record.deleted and domain in self.host.held:  # destroyed while this node was down
