@@ -4,7 +4,8 @@ agent runs its own libvirtd in a private mount namespace and VMs are tiny guests
 Each operation is proven by the guest's heartbeat counter (written to its disk and console every
 second): it stops while suspended, a restored snapshot brings the disk's value back, a live
 relocation continues it on the target without a reboot (no second ready line), a shipped VM keeps its
-snapshots (and migrates live again once they are deleted), a guest whose QEMU is killed boots again where it
+snapshots (and migrates live again once they are deleted), a VM whose host loses power boots on its standby
+copy's disk or, rebuilt, on a fresh disk of its image, a guest whose QEMU is killed boots again where it
 ran, until its restart budget is spent. Deadlines are generous (TCG on a loaded
 2-core machine); nothing depends on speed.
 Skipped, with the reason, where QEMU, the guest image or libvirtd is not available.
@@ -305,6 +306,35 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
     wait_until(one_place, BOOT_DEADLINE,  # the host's agent and daemon start, then its fencing pass runs
                "the VM at exactly one place once its old host is back")
     qemu3.cli("--agent", survivor, "ve", "destroy", "solo")
+
+
+def test_a_vm_whose_host_loses_power_is_rebuilt_from_its_image(qemu3: Cluster, tmp_path: Path) -> None:
+    """A VM with no standby copy; its host loses power (its agent, daemon and guest killed); `ve rebuild` boots
+    its image on another node (a fresh disk: the heartbeat starts again from 0), and the host, back, keeps no
+    second copy running."""
+    a = create_one(qemu3, tmp_path, "reborn")
+    host = a.node
+    a.wait_beat_above(2)
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
+    end_leftovers(qemu3.dir / host / "data")
+    survivor = a.via = next(n["name"] for n in qemu3.state["nodes"] if n["name"] != host)
+    rebuilt = qemu3.json("--agent", survivor, "ve", "rebuild", "reborn")
+    target = rebuilt["rebuilt"]["a"]
+    assert target != host and rebuilt["placement"]["a"]["why"].startswith("rebuilt from image tiny")
+    a.wait_ready()
+    assert f"{tinyguest.READY} heartbeat=0" in a.file(".log", target).read_text(errors="replace")
+    assert a.wait_beat_above(1, target) > 1
+    restart(qemu3, host)
+
+    def one_place() -> bool:
+        try:
+            return domains(qemu3, "reborn:a") == {target: "running"}
+        except RpcError:  # the restarted agent is not listening yet
+            return False
+
+    wait_until(one_place, BOOT_DEADLINE,  # the host's agent and daemon start, then its fencing pass runs
+               "the VM at exactly one place once its old host is back")
+    qemu3.cli("--agent", survivor, "ve", "destroy", "reborn")
 
 
 def pid_file(cluster: Cluster, node: str, domain: str) -> Path:
