@@ -223,14 +223,13 @@ def _print_copies(ve: dict[str, Any]) -> None:
             print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
 
 
+DownVmOpt = Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")]
+AliveForceOpt = Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
+                                                              "first.")]
+
+
 @ve_app.command("failover")
-def ve_failover(
-    name: str,
-    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
-                                                         "first.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
+def ve_failover(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, as_json: JsonOpt = False) -> None:
     """Bring the VMs whose host is down back up on their nearest standby copy, in the VE's state."""
     ve = rpc("ve.failover", {"name": name, "vm": vm, "force": force}, timeout=300)
     emit(ve, as_json, ve_table([ve]))
@@ -239,15 +238,9 @@ def ve_failover(
 
 
 @ve_app.command("rebuild")
-def ve_rebuild(
-    name: str,
-    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
-                                                         "first.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Make the VMs whose host is down again on other nodes, booting their image, in the VE's state (their
-    disks start afresh: for VMs without a standby copy, see `ve failover`)."""
+def ve_rebuild(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Make the VMs whose host is down again on other nodes, booting their image, in the VE's state: their disks
+    start afresh (a VM with a standby copy keeps its data: `ve failover`)."""
     ve = rpc("ve.rebuild", {"name": name, "vm": vm, "force": force}, timeout=900)
     emit(ve, as_json, ve_table([ve]))
     if not as_json:

@@ -36,15 +36,10 @@ States of a `Rebuild`::
        ─► RECOVERING (a `RebuildRecovery`): went forward ─► done; undone ─► refused, "undone, it stays on
        <old host>"; stopped ─► refused, "left unfinished"
 
-States of a `RebuildRecovery` (and of the ENDING of a `Rebuild`, which starts at TIDY)::
-
-    ASK_TARGET ── unknown ──► stopped (nothing changed)
-       ├─ holds ──► SETTLE it to the state (idempotent) ── fails ──► stopped
-       │              └─► TIDY, forward: undefine the old copy (best effort: a host that is down keeps it, off,
-       │                  and its `Fencing` removes it once it reads the record)
-       └─ does not hold ──► TIDY, undone: bring the old copy back to the state (best effort)
-    TIDY ─► READ ── gone ──► refused (not found); its intent changed ──► done (another agent settled it)
-          ── else WRITE: the slot = the node (forward), or the slot without the intent (undone) ─► done
+States of a `RebuildRecovery` (and of the ENDING of a `Rebuild`): those of a
+`discovery.ve.takeover.TakeoverRecovery` (shared with a failover), asking the intent's node; it brings the VM
+to its state by settling it there (idempotent), and writes the slot = that node (forward), or the slot without
+the intent (undone).
 
 **The rule** (tested over the table and interleavings): recovery decides from the node the intent names,
 never from how far the coordinator got: forward iff that node holds the domain; the old copy is removed only
@@ -65,9 +60,10 @@ from dataclasses import replace
 
 from discovery.ve import placement as planner
 from discovery.ve.creating import MAX_REPLANS, PREFETCH_TIMEOUT, RESERVE_TIMEOUT
-from discovery.ve.failovers import TIDY_TIMEOUT, VM_STATE
+from discovery.ve.failovers import VM_STATE
 from discovery.ve.records import RebuildIntent, Slot, VERecord
 from discovery.ve.spec import DEFAULT_IMAGE, VESpec
+from discovery.ve.takeover import TakeoverRecovery, told
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -81,15 +77,11 @@ from discovery.ve.transaction import (
     HostFailed,
     Observation,
     PauseForTest,
-    Probed,
-    ReadRecord,
-    RecordRead,
     RecordWritten,
     Refuse,
     SearchFailed,
     UnexpectedObservation,
     WriteRecord,
-    probe,
     vm_action,
 )
 
@@ -273,96 +265,35 @@ class Rebuild:
         if self.step is Step.ENDING:
             return self._over(action)
         assert self.target is not None
-        doing, cause = f"rebuild of {self.name}/{self.vm} on {self.target.node}", self.cause.reason
-        if isinstance(action, Refuse):
-            return self._over(Refuse(f"{doing} failed ({cause}) and is left unfinished ({action.reason}); "
-                                     "retry to finish or undo it"))
-        if action.result:
-            return self._over(Done(True))
-        return self._over(Refuse(f"cannot rebuild {self.name}/{self.vm} on {self.target.node}: {cause}; undone, "
-                                 f"it stays on {self.slot.node}"))
+        where = f"{self.name}/{self.vm} on {self.target.node}"
+        return self._over(told(action, f"rebuild of {where}", f"rebuild {where}", self.cause.reason, self.slot.node))
 
     def _over(self, action: Done | Refuse) -> Action:
         self.step = Step.OVER
         return action
 
 
-class RecoveryStep(enum.Enum):
-    ASK_TARGET = "ask target"
-    SETTLE = "settle"
-    TIDY = "tidy"
-    READ = "read"
-    WRITE = "write"
-    OVER = "over"
-
-
-class RebuildRecovery:
-    """Finish or undo the rebuild of `vm` that the record `value` holds the intent of (see the module's rule);
-    with `forward` given, the VM is known to be defined there and this only ends it (from TIDY). Ends with
-    `Done(forward)`, or `Refuse` with the intent left in place."""
+class RebuildRecovery(TakeoverRecovery):
+    """Finish or undo the rebuild of `vm` that the record `value` holds the intent of (the module's rule, a
+    `discovery.ve.takeover.TakeoverRecovery`'s); with `forward` given, the VM is known to be defined there and
+    this only ends it (from TIDY). Ends with `Done(forward)`, or `Refuse` with the intent left in place."""
 
     def __init__(self, value: VERecord, vm: str, domain: str, forward: bool | None = None) -> None:
-        self.value, self.vm, self.domain = value, vm, domain
-        self.name = value.name
-        self.slot = value.placement[vm]
-        assert self.slot.rebuilding is not None, "a recovery is made for a rebuild left in the record"
-        self.intent = self.slot.rebuilding
-        self.forward = bool(forward)
-        self.step = RecoveryStep.ASK_TARGET if forward is None else RecoveryStep.TIDY
-        self._pending = value
+        intent = value.placement[vm].rebuilding
+        assert intent is not None, "a recovery is made for a rebuild left in the record"
+        super().__init__(value, vm, domain, intent, forward)
+        self.rebuilding = intent
 
-    def start(self, now: float) -> Action:
-        return probe(self.intent, self.domain) if self.step is RecoveryStep.ASK_TARGET else self._tidy()
+    def _bring(self) -> CallHost:
+        return vm_action(self.intent, self.domain, "host.vm.settle", state=self.intent.state)
 
-    def on(self, observation: Observation, now: float) -> Action:
-        S = RecoveryStep
-        match self.step, observation:
-            case S.ASK_TARGET, Probed(holds=None, reason=reason):
-                return self._over(Refuse(reason))
-            case S.ASK_TARGET, Probed(holds=True):
-                self.forward = True
-                self.step = S.SETTLE
-                return vm_action(self.intent, self.domain, "host.vm.settle", state=self.intent.state)
-            case (S.ASK_TARGET, Probed(holds=False)) | (S.SETTLE, HostAnswered()):
-                return self._tidy()
-            case S.SETTLE, HostFailed(reason=reason):
-                return self._over(Refuse(reason))
-            case S.TIDY, HostAnswered() | HostFailed():  # best effort: a host that is down keeps its copy off
-                self.step = S.READ
-                return ReadRecord()
-            case S.READ, RecordRead(value=None):
-                return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
-            case S.READ, RecordRead(value=VERecord() as fresh):
-                self.value = fresh
-                slot = fresh.placement.get(self.vm)
-                if slot is None or slot.rebuilding != self.intent:
-                    return self._over(Done(self.forward))  # another agent settled it meanwhile
-                self._pending = fresh.with_slot(self.vm, self._outcome(slot))
-                self.step = S.WRITE
-                return WriteRecord(self._pending)
-            case S.WRITE, RecordWritten():
-                self.value = self._pending
-                return self._over(Done(self.forward))
-            case S.READ | S.WRITE, DirectoryFailed(reason=reason, kind=kind):
-                return self._over(Refuse(reason, kind))
-        raise UnexpectedObservation(self, self.step, observation)
-
-    def _tidy(self) -> Action:
-        """The old host's copy: undefined if the rebuild went forward, else brought back to the state."""
-        self.step = RecoveryStep.TIDY
-        method, old = ("host.vm.undefine", {}) if self.forward else ("host.vm.settle", {"state": self.intent.state})
-        return CallHost(self.slot.node, self.slot.addr, method, {"name": self.domain, **old},
-                        timeout=TIDY_TIMEOUT, best_effort=True)
-
-    def _outcome(self, slot: Slot) -> Slot:
-        """The VM's slot once the rebuild is over: on the intent's node (forward), or as it was, without the
-        intent (undone)."""
-        i = self.intent
+    def _outcome(self, fresh: VERecord) -> VERecord:
+        """The record once the rebuild is over: the VM on the intent's node (forward), or where it was, without
+        the intent (undone)."""
+        slot = fresh.placement[self.vm]
         if not self.forward:
-            return replace(slot, rebuilding=None)
+            return fresh.with_slot(self.vm, replace(slot, rebuilding=None))
+        i = self.rebuilding
         booted = f" from image {i.image}" if i.image else ""
-        return Slot(i.node, i.addr, i.site, i.rtt_ms, f"rebuilt{booted}, its host {i.source} lost ({i.why})")
-
-    def _over(self, action: Done | Refuse) -> Action:
-        self.step = RecoveryStep.OVER
-        return action
+        return fresh.with_slot(self.vm, Slot(i.node, i.addr, i.site, i.rtt_ms,
+                                             f"rebuilt{booted}, its host {i.source} lost ({i.why})"))

@@ -10,11 +10,9 @@ import sys
 
 import pytest
 
-from overlay.wire.rpc import RpcError
-
 from .conftest import SETTLE_DEADLINE, rejoined, restart, running_cluster, wait_for
-from .test_relocate import domains, host_info
-from .test_replicas import refused
+from .test_relocate import domains
+from .test_replicas import back_and_fenced, refused
 from .test_ve_lifecycle import write_spec
 
 pytestmark = pytest.mark.integration
@@ -53,23 +51,7 @@ def test_rebuild_after_kill_9_runs_the_vms_in_the_old_hosts_site_and_the_host_ba
     assert "cannot rebuild rb: the host of its VMs node3 is alive" in refused(
         cluster4, "--agent", "node4", "ve", "rebuild", "rb")
 
-    # node1 comes back with its old copies defined, held off: it removes them once it reads where the VMs
-    # run now, and never runs them meanwhile
-    restart(cluster4, "node1")
-    ran_there = []
-
-    def fenced():
-        try:
-            mine = host_info(cluster4, "node1")["domains"]
-            ran_there.extend(d["name"] for d in mine if d["state"] != "shutoff")
-            return mine == [] and all(domains(cluster4, f"rb:{vm}") == {"node3": "running"} for vm in ("x", "y"))
-        except RpcError:
-            return False  # node1 is not serving yet
-
-    wait_for(fenced, what="node1, back, removed its old copies", detail=lambda: f"rb:x at {domains(cluster4, 'rb:x')}")
-    assert ran_there == []
-    node1 = host_info(cluster4, "node1")
-    assert node1["free"] == node1["total"]
+    back_and_fenced(cluster4, "node1", {"rb:x": "node3", "rb:y": "node3"})
     rejoined(cluster4, "node1", ve="rb")
     forced = cluster4.json("--agent", "node1", "ve", "rebuild", "rb", "--vm", "x", "--force")
     assert forced["rebuilt"] == {"x": "node1"}  # node3 alive: its copy switched off, then undefined

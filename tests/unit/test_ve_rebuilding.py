@@ -20,6 +20,8 @@ from discovery.ve.spec import Constraints, VESpec, VMSpec
 from discovery.ve.transaction import Action, Done, Refuse
 from discovery.ve.world import DIRECTORY, Host, World, coordinate_then_interleave, record_of, run
 
+from .test_ve_failovers import FAULTS, ending
+
 VE, VM, DOMAIN = "rb", "x", "rb:x"
 OLD, NEW, FAR = "old", "new", "far"
 """The VM's host; a node of its site; a node of another site, nearer by the search's order (its name sorts
@@ -60,13 +62,6 @@ def rebuild(value: VERecord, forced: bool, image: str | None = None, pending: tu
 def recovery(w: World) -> RebuildRecovery | None:
     assert w.record is not None
     return RebuildRecovery(w.record, VM, DOMAIN) if w.record.placement[VM].rebuilding else None
-
-
-def ending(end: Action) -> str:
-    if isinstance(end, Done):
-        return "forward" if end.result else "undone"
-    assert isinstance(end, Refuse)
-    return f"stopped: {end.reason}"
 
 
 def settled(w: World) -> str:
@@ -305,9 +300,6 @@ def test_vms_of_one_rebuild_placed_later_do_not_bind_the_first() -> None:
 
 # --------------------------------------------------------------------------------------------------------
 # Properties over random runs
-
-FAULTS = st.sampled_from([None] * 24 + ["unreachable", "lost"])
-
 
 @st.composite
 def schedules(draw: st.DrawFn) -> dict[str, Any]:
