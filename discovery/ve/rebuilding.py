@@ -23,8 +23,9 @@ States of a `Rebuild`::
 
     SEARCH this node and the nearest with room ───────────────────────────── fails ──► refused (nothing changed)
     PLAN one node: not the old host, nor a node keeping a standby of the VM; the VE's site pin and constraints
-       with its other VMs (`pending` ones, rebuilt next, left out); the old host's site first, then nearest
-       ── none, or none in the old host's site: SEARCH every member, once; none again ──► refused
+       with its other VMs (`pending` ones, rebuilt next, left out); the old host's site first, then the holders
+       of the image, then nearest ── none, or none in the old host's site: SEARCH every member, once; none
+       again ──► refused
     RESERVE it ── refused ──► PLAN without it; after 1 + MAX_REPLANS plans ──► refused
     PREFETCH the image if the node lacks it (the host keeps the reservation alive) ── fails ──► RELEASE ─► refused
     INTENT: write rebuilding ── fails ──► RELEASE ─► refused (if the write landed, recovery undoes it)
@@ -47,9 +48,9 @@ then; a node that cannot be asked stops recovery before it changes anything. Onl
 domain there, with a token only the coordinator held, so once the coordinator is gone (the driver's to ensure:
 `VEService._check_abandoned`) two recoverers decide alike. The old host is down, or (forced) its copy was
 switched off before the confirm, so the VM runs at one place while this happens; a host that was down comes
-back holding its copy off and does not start it while an intent is under way (`Replicas.fence`). Known limit:
-a host taken for down that is only cut off keeps running its copy until it reads the directory again (there is
-no STONITH), as for a failover.
+back holding its copy off and does not start it while an intent is under way (`Replicas.fence`; for at most
+`agents.host.service.HOLD_LIMIT`). Known limit: a host taken for down that is only cut off keeps running its
+copy until it reads the directory again (there is no STONITH), as for a failover.
 """
 
 from __future__ import annotations

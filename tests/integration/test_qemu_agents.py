@@ -318,8 +318,11 @@ def test_a_vm_whose_host_loses_power_is_rebuilt_from_its_image(qemu3: Cluster, t
     qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
     end_leftovers(qemu3.dir / host / "data")
     survivor = a.via = next(n["name"] for n in qemu3.state["nodes"] if n["name"] != host)
-    rebuilt = qemu3.json("--agent", survivor, "ve", "rebuild", "reborn")
-    target = rebuilt["rebuilt"]["a"]
+    # retried while the directory's write cannot reach a majority of the record's replicas yet (one is on
+    # the dead host until SWIM says so); a retry first settles what a failed attempt left
+    rebuilt = wait_for(lambda: qemu3.try_json("--agent", survivor, "ve", "rebuild", "reborn"), STEP_DEADLINE,
+                       "ve rebuild")
+    target = rebuilt["placement"]["a"]["node"]
     assert target != host and rebuilt["placement"]["a"]["why"].startswith("rebuilt from image tiny")
     a.wait_ready()
     assert f"{tinyguest.READY} heartbeat=0" in a.file(".log", target).read_text(errors="replace")
