@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -71,6 +74,15 @@ def testbed(directory: Path, nodes: int, sites: int, bandwidth_mbit: float, site
 def _operator(where: Path) -> tls.Identity:
     """The identity `cluster.up(where, ...)` issued to call its agents with."""
     return tls.Identity(cert=where / "operator.pem", key=where / "operator.key", ca=where / "ca" / "ca.pem")
+
+
+def cli(state: dict[str, Any], *args: str) -> Any:
+    """`discovery ARGS --json` as the cluster's client, its answer decoded; SystemExit with its error line."""
+    done = subprocess.run([sys.executable, "-m", "discovery", "--config", state["client_config"], *args, "--json"],
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"discovery {' '.join(args)}: {done.stderr.strip()}")
+    return json.loads(done.stdout)
 
 
 def share_images(directory: Path) -> None:

@@ -43,8 +43,11 @@ releases every slot and tries again, until CLAIM_PATIENCE. Two writers cannot bo
 so each version is decided once, and anti-entropy and read repair (which spread committed records
 only, never slots) never meet two records of one version. Slots live in memory: a claimer commits
 only within COMMIT_WINDOW of sending its prepare and a slot lasts CLAIM_LEASE (longer), and a replica
-that restarts (its shard file existed) grants nothing for COMMIT_WINDOW, so a slot lost in a crash
-cannot be granted twice while its claimer may still commit. The majority is of the replicas the
+that restarts (its shard file existed) grants nothing for CLAIM_LEASE, so a slot lost in a crash
+cannot be granted twice while its claimer may still commit. A commit whose answers were lost may still
+have stored its record on a minority of the replicas, with the version a later writer then commits to a
+majority: the committed record's writer is a ballot (its commit time, then the node: `ballot`), so the
+later commit wins that tie wherever the two meet. The majority is of the replicas the
 writer's ring view names: two writers that see different replica sets (a node joining or dying at
 that moment) could both win; Chord's view settles within seconds, and that window is accepted.
 
@@ -72,7 +75,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -100,8 +103,8 @@ STATS = ("passes", "rpcs", "failures", "digests_sent", "digests_answered", "buck
 CLAIM_LEASE = 6.0
 """How long a replica keeps a granted claim slot for its claimer (see "Conditional writes")."""
 COMMIT_WINDOW = 4.0
-"""A claimer commits only this soon after sending its prepare (more than CALL_TIMEOUT, less than the lease);
-a restarted replica grants no slot for this long."""
+"""A claimer commits only this soon after sending its prepare (more than CALL_TIMEOUT, less than the lease).
+A restarted replica grants no slot for CLAIM_LEASE (a slot it lost may still be committed meanwhile)."""
 CLAIM_PATIENCE = 8.0
 """How long `put_if` keeps retrying against other claims in progress: longer than CLAIM_LEASE, so the slot of
 a claimer that died lapses meanwhile; with a last prepare and release (CALL_TIMEOUT each) it stays under the
@@ -384,6 +387,17 @@ class Freshness:
         return record.deleted and now - record.written > self.grace
 
 
+def ballot(now: float, node: str) -> str:
+    """The writer of a conditional write's record: its commit's wall-clock time, fixed width so that strings
+    order as times, then the node. Records order by (version, writer), so two records of one version (one
+    committed to a majority, the other left on a minority when its commit's answers were lost) are settled
+    by the later commit, which is the one that won: a second writer wins a majority only once the first
+    one's slots lapsed (CLAIM_LEASE) or a restarted replica's hold ended (as long), at least
+    CLAIM_LEASE - COMMIT_WINDOW after the first one's last store. So ties settle right while the agents'
+    clocks are closer than that (2 s; NTP keeps them within milliseconds)."""
+    return f"{now:017.6f}|{node}"
+
+
 def replicas_among(key: str, members: Iterable[tuple[str, str]], r: int) -> list[str]:
     """The addresses of the `r` members (name, addr) that follow `key` on the ring when all of them count,
     alive or not: a replica set that does not change with who is reachable, so two writers on either side
@@ -429,7 +443,7 @@ class DHT:
         """What `maintain` cost and moved, cumulated: RPCs it made (`rpcs`, failed ones in `failures`),
         digests sent and answered, records pushed and pulled by anti-entropy, hand-off work, tombstones
         collected and doubtful records confirmed or dropped."""
-        self.claims = ClaimSlots(CLAIM_LEASE, trio.current_time() + COMMIT_WINDOW if shard.reopened else 0.0)
+        self.claims = ClaimSlots(CLAIM_LEASE, trio.current_time() + CLAIM_LEASE if shard.reopened else 0.0)
         self.freshness = Freshness(STALE_PASSES * repair_interval, shard.synced_at)
         self.freshness.check(wall(), shard.records)  # back after longer than Q: doubtful before serving anything
         self._digested: dict[str, float] = {}
@@ -596,15 +610,20 @@ class DHT:
             self._replica_cache.pop(key, None)  # someone did not answer: look the replicas up afresh next time
         return answers
 
-    async def get_record(self, key: str, fixed: Sequence[str] | None = None, quorum: int = 1) -> Record | None:
-        """The newest copy among the replicas (or the `fixed` ones: `replicas_among`) that answered, tombstones
-        included; stale replicas are repaired. With `quorum` (a majority of the fixed set), fewer answers is a
-        RequestError: such a read meets every write `put_if` made with the same quorum, so it is never stale."""
+    async def get_record(self, key: str) -> Record | None:
+        """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
+        return await self.read_from(key, await self.replicas(key))
+
+    async def read_from(self, key: str, fixed: Sequence[str], quorum: int = 1) -> Record | None:
+        """`get_record` from the `fixed` replicas (`replicas_among`). Fewer than `quorum` answers (a majority
+        of the fixed set) is a RequestError: such a read meets every `put_if` made to the same set with the
+        same quorum, so it never returns a stale record."""
         answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed)
         copies = {addr: record_from_wire(v) if v is not None else None
                   for addr, v in answers.items() if not isinstance(v, RpcError)}
         if len(copies) < max(quorum, 1):
-            raise RequestError(f"{len(copies)} of {len(answers)} replicas of {key!r} answered, {quorum} needed")
+            raise RequestError(f"{len(copies)} of {len(answers)} replicas of {key!r} answered, {quorum} needed"
+                               if answers else f"no replica of {key!r} answered")
         newest = None
         for record in copies.values():
             if record is not None and record.newer_than(newest):
@@ -637,20 +656,17 @@ class DHT:
         return await self.put(key, None, after)
 
     async def put_if(self, key: str, value: Any, expect: Record | None, fixed: Sequence[str] | None = None,
-                     quorum: int | None = None, bump: int = 1) -> Record:
+                     quorum: int | None = None) -> Record:
         """Write the version that follows `expect` (the newest record the caller read, None if it found
         none) only if no replica of a majority holds anything newer: compare-and-set, decided by a majority
         of the key's replicas (module docstring, "Conditional writes"), or `quorum` grants of the `fixed`
         ones asked (`replicas_among`: the same set on both sides of a partition, less those known dead, which
-        could not grant anyway; `quorum` stays a majority of the whole set). The version written is
-        `expect`'s plus `bump`: writers of two kinds that must never write the same version bump by
-        different steps (a write that reached only a minority and then met another of its version would be
-        settled by the writers' names, whichever had the majority), as an HA lease's renewals and
-        revocations do. Raises WriteConflict if a newer version exists (read again and decide again),
+        could not grant anyway; `quorum` stays a majority of the whole set). Raises WriteConflict if a newer
+        version exists (read again and decide again),
         RequestError if the replicas cannot be reached or other claims kept the key busy for CLAIM_PATIENCE
         seconds."""
         expected = expect.stamp if expect is not None else (0, "")
-        record = Record(key, value, expected[0] + bump, self.ring.me.name, self.wall())
+        record = Record(key, value, expected[0] + 1, self.ring.me.name, self.wall())
         token = f"{self.ring.me.name}/{self._rng.getrandbits(64):016x}"
         give_up = trio.current_time() + CLAIM_PATIENCE
         backoff = CLAIM_BACKOFF
@@ -680,6 +696,10 @@ class DHT:
             backoff = min(2 * backoff, 1.0)
 
     async def _commit(self, addrs: list[str], record: Record, token: str) -> Record:
+        """Store the record on the replicas that granted the claim, its writer the commit's ballot: the commit
+        time, then this node (`ballot`; module docstring, "Conditional writes")."""
+        now = self.wall()
+        record = replace(record, writer=ballot(now, self.ring.me.name), written=now)
         answers = await self.transport.ask_many(addrs, m.DHT_STORE, m.DhtStore(record.to_wire(), token), CALL_TIMEOUT)
         acks = sum(1 for v in answers.values() if v is True)
         if acks < min(self.w, len(addrs)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -21,13 +22,14 @@ import trio
 
 from agents.host.capacity import Ledger, Resources
 from agents.host.locks import Gate, VmLocks
-from agents.host.shipping import fetch_file
+from agents.host.shipping import copy_file, fetch_file
 from agents.host.store import Store
 from agents.hypervisor.actor import DomainInfo, Hypervisor
 from agents.hypervisor.guests import Domains, TestDomains
 from agents.hypervisor.qemu_xml import image_of
 from agents.runtime import Actor
 from images.boot import BootImage
+from images.importing import Imported
 from overlay.wire.rpc import Caller, Endpoint, RequestError
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ class NodeImages(Protocol):
 
     async def boot(self, digest: str, bases: Path) -> BootImage:
         """Image `digest` ready to boot, its base under `bases` (made from this node's store the first time)."""
+
+    async def publish(self, path: Path, name: str, owner: str, copies: int) -> Imported:
+        """Import the raw or qcow2 file at `path` as image `name` held by this node (only the chunks the store
+        lacks are written); Conflict if the name is taken."""
 
 
 class HostBase(Actor):
@@ -160,6 +166,21 @@ class HostBase(Actor):
                                    "(`image:` in its spec; `discovery image list` shows them)")
             digest = await self.images.bring(image)
         return await self.images.boot(digest, bases)
+
+    async def _copy_disk(self, name: str, disk: Path, state: str, dest: Path) -> float:
+        """Copy VM `name`'s `disk` to `dest`, consistent: a running VM is paused for the copy's length only (QEMU
+        flushes its disks when it stops), so the copy is the disk as a power cut would have left it. Returns the
+        seconds it was paused (0 if it was not running). Its lock held."""
+        if state != "running":
+            await trio.to_thread.run_sync(copy_file, disk, dest)
+            return 0.0
+        await self.hypervisor.suspend(name)
+        paused = time.perf_counter()
+        try:
+            await trio.to_thread.run_sync(copy_file, disk, dest)
+        finally:
+            await self.hypervisor.resume(name)
+        return time.perf_counter() - paused
 
     async def _fetch(self, source: str, name: str, part: str, dest: Path) -> None:
         """Fetch `part` of VM `name` from the host at `source` into `dest` (`agents.host.shipping`), counted."""

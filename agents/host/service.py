@@ -13,7 +13,8 @@ snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted
 `HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the state
 they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM (`host.vm.*`,
 `agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`), standby copies
-(`agents.host.standby`) and restarting crashed guests (`agents.host.crashes`); the rules of their requests'
+(`agents.host.standby`), restarting crashed guests (`agents.host.crashes`) and images of VMs' disks for shipped
+snapshots (`agents.host.snapshot_images`); the rules of their requests'
 values are in `agents.host.args` (the request types of `agents.messages` apply them), the SQLite store in
 `agents.host.store`. Only agents (role node) and
 operators may call `host.*` (`agents.messages`, with the types of their requests and answers): users act on
@@ -44,6 +45,7 @@ from agents.host.crashes import Crashes
 from agents.host.lifecycle import Lifecycle
 from agents.host.locks import one_vm
 from agents.host.moves import Moves
+from agents.host.snapshot_images import SnapshotImages
 from agents.host.standby import Standbys
 from agents.host.store import Store
 from agents.hypervisor.actor import SETTLED, DomainInfo, Hypervisor, HypervisorError
@@ -93,7 +95,7 @@ class _Annotation:
     xml: str | None
 
 
-class HostService(Lifecycle, Moves, Standbys, Crashes):
+class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages):
     """Serves `host.*` RPCs for the VMs placed on this node (one VM's lifecycle in `Lifecycle`, moves in
     `Moves`, standby copies in `Standbys`, the state they share in `agents.host.base.HostBase`), and restarts
     its crashed guests in place (`Crashes`, driven by `agents.host.restarts`).
@@ -125,6 +127,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes):
         self._serve_lifecycle(transport)
         self._serve_moves(transport)
         self._serve_standbys(transport)
+        self._serve_snapshot_images(transport)
 
     async def start(self) -> None:
         """Re-create persisted domains (the test driver forgot them). A real guest's daemon kept its

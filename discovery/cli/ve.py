@@ -46,10 +46,12 @@ def protection_table(ve: dict[str, Any]) -> Table:
     for vm, p in sorted(ve["protection"].items()):
         copies = ", ".join(f"{c['node']} ({_age(c['lag'])} old{'' if c['standby'] == 'held' else ', ' + c['standby']})"
                            for c in p.get("copies", []))
-        last = p.get("last_snapshot")
+        last, shipped = p.get("last_snapshot"), p.get("last_shipped")
         rows.append([vm, p["status"], policy_text(p["policy"]), copies or None,
-                     f"{_age(now - last)} ago" if last is not None else None, p.get("why")])
-    return make_table(["vm", "protection", "ha policy", "standby copies", "last snapshot", "why"], rows)
+                     f"{_age(now - last)} ago" if last is not None else None,
+                     f"{shipped['image']} ({_age(now - shipped['time'])} ago)" if shipped else None, p.get("why")])
+    return make_table(["vm", "protection", "ha policy", "standby copies", "last snapshot", "last shipped", "why"],
+                      rows)
 
 
 def policy_text(ha: dict[str, Any]) -> str:
@@ -158,12 +160,44 @@ def ve_snapshot(name: str, tag: Annotated[str | None, typer.Option("--tag", help
 
 @ve_app.command("snapshots")
 def ve_snapshots(name: str, as_json: JsonOpt = False) -> None:
-    """The snapshots of the VE, oldest first (each VM's node is where it was when the snapshot was taken)."""
+    """The snapshots of the VE, oldest first (each VM's node is where it was when the snapshot was taken), then
+    the shipped snapshots of each VM (images kept on other nodes), with their age and holders."""
     info = rpc("ve.snapshots", {"name": name})
     rows = [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["time"])), s["state"],
              ", ".join(f"{vm}@{v['node']} ({v['state']})" for vm, v in sorted(s["vms"].items()))]
             for s in info["snapshots"]]
     emit(info, as_json, make_table(["tag", "time", "ve state", "vms"], rows))
+    shipped = info.get("shipped") or {}
+    if shipped and not as_json:
+        console.print(shipped_table([(vm, s) for vm, listed in sorted(shipped.items()) for s in listed]))
+
+
+def shipped_table(shipped: list[tuple[str, dict[str, Any]]]) -> Table:
+    """Shipped snapshots (VM, `ShippedImage`): tag, age, image, digest, holders per site."""
+    now = time.time()
+    rows = [[vm, s["image"].rpartition(":")[2], f"{_age(now - s['time'])} ago", s["image"], s["digest"][:16],
+             ", ".join(f"{node} ({site})" for node, site in sorted(s["holders"].items())) or None]
+            for vm, s in shipped]
+    return make_table(["vm", "shipped", "age", "image", "digest", "holders"], rows)
+
+
+@ve_app.command("ship")
+def ve_ship(name: str, as_json: JsonOpt = False) -> None:
+    """Ship a snapshot of every VM of the VE now: its disk as an image, on other nodes (only what changed since
+    its last one travels); the policy's `keep` newest are kept."""
+    done = rpc("ve.ship", {"name": name}, timeout=1800)
+    rows = [[vm, v["shipped"]["image"], v["host"], ", ".join(f"{n}: {b:,} B" for n, b in sorted(v["sent"].items())),
+             f"{v['paused']:.3f} s", f"{v['seconds']:.1f} s", ", ".join(v["pruned"]) or None]
+            for vm, v in sorted(done["vms"].items())]
+    emit(done, as_json, make_table(["vm", "image", "from", "sent", "paused", "took", "pruned"], rows))
+
+
+@ve_app.command("restore-point")
+def ve_restore_point(name: str, vm: str, tag: Annotated[str | None, typer.Option(help="Default: the newest.")] = None,
+                     as_json: JsonOpt = False) -> None:
+    """The shipped snapshot VM VM of the VE restarts from elsewhere once its host is gone (boot its image)."""
+    found = rpc("ve.restore_point", {"name": name, "vm": vm, "tag": tag})
+    emit(found, as_json, shipped_table([(vm, found)]))
 
 
 @ve_app.command("restore")

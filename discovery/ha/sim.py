@@ -337,9 +337,9 @@ class SimNode:
                     version = (record.version, record.writer) if record is not None else None
                     for then in watch.read(_lease(record), record, version, now()):
                         await self._watch_action(watch, then)
-            case Revoke(lease=lease, expect=expect, bump=bump):
+            case Revoke(lease=lease, expect=expect):
                 try:
-                    await self._write(lease_key(watch.host), encode(lease), expect, bump)
+                    await self._write(lease_key(watch.host), encode(lease), expect)
                 except WriteConflict:
                     watch.conflicted(now())
                 except UNANSWERED:
@@ -377,11 +377,11 @@ class SimNode:
 
     async def _read(self, key: str) -> Record | None:
         ask, quorum = self._fixed(key)
-        return await self.dht.get_record(key, ask, quorum)
+        return await self.dht.read_from(key, ask, quorum)
 
-    async def _write(self, key: str, value: Any, expect: Record | None, bump: int = 1) -> Record:
+    async def _write(self, key: str, value: Any, expect: Record | None) -> Record:
         ask, quorum = self._fixed(key)
-        return await self.dht.put_if(key, value, expect, ask, quorum, bump)
+        return await self.dht.put_if(key, value, expect, ask, quorum)
 
     def _fixed(self, key: str) -> tuple[list[str], int]:
         """The replicas of a lease or a claim: counted over every member, reachable or not

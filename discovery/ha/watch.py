@@ -28,9 +28,9 @@ The safety argument is `discovery.ha.lease`'s: the lease is revoked only once it
 VMs. A revoked record seen, but not written, by this watcher may have reached only a minority of its
 replicas (its writer's answers were lost) while the holder renewed on the majority; so a follower acts
 only on a revocation it wrote itself to a majority, and only a term after that write, when the holder,
-whose renewals all fail from then on, has frozen. Revocations bump the record's version by 2 and
-renewals by 1 (`overlay.dht.DHT.put_if`), so a renewal that reached only a minority never ties with a
-revocation. Liveness: a host that still renews (cut off from the other members but not from a majority
+whose renewals all fail from then on, has frozen. (A renewal that reached only a minority and a revocation
+of the same version settle by their commits' ballots, `overlay.dht.ballot`: the later one, which won the
+majority.) Liveness: a host that still renews (cut off from the other members but not from a majority
 of its record's replicas) is not recovered; its VMs run where they are.
 
 This module never touches a socket, a clock or trio.
@@ -57,8 +57,6 @@ FOLLOW_GRACE = 10.0
 """After another watcher revoked: seconds before this one runs the recovery too (finishing it if needed)."""
 RETRY = 5.0
 """Seconds before a recovery that failed is tried again."""
-REVOCATION_BUMP = 2
-"""A revocation's version step (`Revoke.bump`); renewals step by 1: the two never write the same version."""
 
 
 def watchers_of(host: str, site: str, members: Iterable[tuple[str, str]], k: int = WATCHERS) -> list[str]:
@@ -80,12 +78,10 @@ class ReadLease:
 
 @dataclass(frozen=True)
 class Revoke:
-    """Write `lease` (revoked) as `expect`'s version plus `bump`: answered by `revoke_won`, `conflicted`,
-    `failed`."""
+    """Write `lease` (revoked) as the version after `expect`: answered by `revoke_won`, `conflicted`, `failed`."""
 
     lease: Lease
     expect: Any
-    bump: int = REVOCATION_BUMP
 
 
 @dataclass(frozen=True)

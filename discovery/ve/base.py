@@ -25,6 +25,7 @@ from agents.spiral import Predicate, SpiralResult
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.index import Unindexing
 from discovery.ve.records import Place, Standby, VERecord, domain_name
+from discovery.ve.shipped_log import ShippedLogs
 from discovery.ve.spec import DEFAULT_IMAGE, VESpec, VMSpec
 from discovery.ve.transaction import Candidate
 from images.messages import ImageEntry, tagged
@@ -72,9 +73,14 @@ class LocalHost(Protocol):
 
 
 class Images(Protocol):
-    """The image catalogue as the VE layer reads it (`images.catalogue.Catalogue`)."""
+    """The images as the VE layer uses them (`images.service.ImageService`): the catalogue's entries, and the
+    shipped snapshots' upkeep (`discovery.ve.shipping`)."""
 
     async def get(self, name: str) -> ImageEntry | None: ...
+
+    async def remove(self, name: str) -> ImageEntry: ...
+
+    async def replicate(self, name: str, copies: int) -> ImageEntry: ...
 
 
 class VEBase:
@@ -83,13 +89,13 @@ class VEBase:
     What it is given, and nothing else: `node`, this agent's name; `joins`, whether it joins a cluster (its
     records are elsewhere until it has); the `directory` of VE records; the `transport` that calls hosts and
     agents and serves `ve.*`; the `membership` view; the spiral search (`nearest`); the network coordinates
-    (`distances`); this node's `host`; the image catalogue (`images`)."""
+    (`distances`); this node's `host`; the images (`images`); the shipped-snapshot logs (`shipped`)."""
 
     def __init__(self, *, node: str, joins: bool, directory: Directory, transport: Endpoint, membership: Membership,
-                 nearest: Finder, distances: Distances, host: LocalHost, images: Images) -> None:
+                 nearest: Finder, distances: Distances, host: LocalHost, images: Images, shipped: ShippedLogs) -> None:
         self.node, self.joins, self.directory, self.transport = node, joins, directory, transport
         self.membership, self.nearest, self.distances, self.host = membership, nearest, distances, host
-        self.images = images
+        self.images, self.shipped = images, shipped
         self._locks: dict[str, trio.Lock] = {}
         self.unindexing = Unindexing(directory.index)
         """Removes destroyed VEs' index entries after the answer (an actor, for the agent to run)."""
@@ -205,11 +211,11 @@ class VEBase:
         marked = [replace(c, holds_image=c.node in holders) for c in ranked]
         return sorted(marked, key=lambda c: not c.holds_image)
 
-    async def _host(self, where: Place, method: str, args: dict[str, Any]) -> Any:
+    async def _host(self, where: Place, method: str, args: dict[str, Any], timeout: float = HOST_TIMEOUT) -> Any:
         """Call a host (a slot, an intent or a standby copy: its `addr`); a failure becomes one RequestError
         naming the node."""
         try:
-            return await self.transport.call(where.addr, method, args, timeout=HOST_TIMEOUT)
+            return await self.transport.call(where.addr, method, args, timeout=timeout)
         except RpcError as err:
             raise RequestError(f"{where.node}: {err}") from None
 

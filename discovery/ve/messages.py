@@ -125,6 +125,19 @@ class Tagged(Named):
 
 
 @dataclass(frozen=True)
+class ShippedOf(Named):
+    """`ve.restore_point`: VM `vm`'s shipped snapshot `tag` (None: the newest)."""
+
+    vm: str = field(metadata=limit(NAME))
+    tag: str | None = field(default=None, metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        non_empty(self.vm, "vm")
+        non_empty(self.tag, "tag")
+
+
+@dataclass(frozen=True)
 class Replicate(Named):
     copies: int
 
@@ -225,12 +238,47 @@ class VESnapshot(SnapshotEntry):
 
 
 @dataclass(frozen=True)
+class ShippedImage:
+    """A shipped snapshot (`discovery.ve.shipped`): its image, the image's digest, when it was taken, and the
+    nodes that hold it (node -> site, as the catalogue lists them)."""
+
+    image: str
+    digest: str
+    time: float
+    holders: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ShippedVM:
+    """`ve.ship`, per VM: the shipped snapshot, the host that took it, the bytes each new holder fetched (the
+    chunks it lacked and the manifest), how long the VM was paused, the seconds it all took, the snapshots
+    pruned beyond the policy's `keep`."""
+
+    shipped: ShippedImage
+    host: str
+    sent: dict[str, int]
+    paused: float
+    seconds: float
+    pruned: list[str]
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """`ve.ship`: a shipped snapshot of every VM of VE `name`."""
+
+    name: str
+    vms: dict[str, ShippedVM]
+
+
+@dataclass(frozen=True)
 class SnapshotList:
-    """`ve.snapshots`, and `ve.snapshot_delete` (with the `tag` it deleted): the snapshots the record lists."""
+    """`ve.snapshots`, and `ve.snapshot_delete` (with the `tag` it deleted): the snapshots the record lists, and
+    each VM's shipped snapshots, oldest first (`ve.snapshots`)."""
 
     name: str
     snapshots: list[SnapshotEntry]
     tag: str | None = field(default=None, metadata=sparse())
+    shipped: dict[str, list[ShippedImage]] | None = field(default=None, metadata=sparse())
 
 
 VE_CREATE = Method("ve.create", Create, ANYONE, RecordView)
@@ -247,6 +295,8 @@ VE_SNAPSHOT = Method("ve.snapshot", TakeSnapshot, ANYONE, VESnapshot)
 VE_SNAPSHOTS = Method("ve.snapshots", Named, ANYONE, SnapshotList)
 VE_RESTORE = Method("ve.restore", Tagged, ANYONE, RecordView)
 VE_SNAPSHOT_DELETE = Method("ve.snapshot_delete", Tagged, ANYONE, SnapshotList)
+VE_SHIP = Method("ve.ship", Named, ANYONE, Shipment)
+VE_RESTORE_POINT = Method("ve.restore_point", ShippedOf, ANYONE, ShippedImage)
 VE_REPLICATE = Method("ve.replicate", Replicate, ANYONE, RecordView)
 VE_HA = Method("ve.ha", SetHa, ANYONE, RecordView)
 VE_FAILOVER = Method("ve.failover", FailoverRequest, ANYONE, RecordView)

@@ -2,14 +2,17 @@
 
 Per VM: the VE's HA policy (`discovery.ve.spec.HaPolicy`), its standby copies with their age (`lag`: seconds
 since the copy was taken, the replication lag while copies are refreshed only by `ve replicate`/`ve ha`),
-its last snapshot, and a status:
+its last snapshot (kept by its host), its last shipped snapshot (`discovery.ve.shipped`: image, digest, time),
+and a status:
 
 - `unprotected`: the policy is `none` (copies made by hand with `ve replicate` are listed all the same);
 - `standby`: `protected` while at least `copies` of its copies are held by their nodes (the VM's own host
   excepted); else `degraded`, saying how many are held, what the others' nodes answered, and why the last
   attempt to make them fell short if it did (the record's `shortfall`);
-- `restart`: `protected` without periodic snapshots (it restarts from its image), or while its last
-  snapshot (or, before the first, the VE's creation) is at most twice `snapshot_every` old; else `degraded`.
+- `restart`: `protected` without periodic snapshots (it restarts from its image), or while its last shipped
+  snapshot (or, before the first, the VE's creation) is at most twice `snapshot_every` old, or while the VE
+  does not run (nothing is written that its last snapshot lacks; none is shipped meanwhile); else `degraded`.
+  Only a shipped snapshot counts: the others are kept by the VM's host, and die with it.
 
 Pure: `assess` reads a record, what the copies' nodes answered and the time; `VEService._on_show` asks the
 nodes. It must never import trio or the transport.
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from discovery.ve.records import Standby, VERecord
+from discovery.ve.shipped import ShippedSnapshot
 from discovery.ve.spec import HaPolicy, format_duration
 from overlay.wire.codec import sparse
 
@@ -53,6 +57,7 @@ class VMProtection:
     copies: tuple[CopyAge, ...] = field(default=(), metadata=sparse())
     last_snapshot: float | None = field(default=None, metadata=sparse())
     why: str | None = field(default=None, metadata=sparse())
+    last_shipped: ShippedSnapshot | None = field(default=None, metadata=sparse())
 
 
 def copy_state(answer: object, domain: str) -> str:
@@ -62,9 +67,10 @@ def copy_state(answer: object, domain: str) -> str:
     return f"unknown ({answer})"
 
 
-def assess(ve: VERecord, states: Mapping[str, Sequence[str]], now: float) -> dict[str, VMProtection]:
+def assess(ve: VERecord, states: Mapping[str, Sequence[str]], now: float,
+           shipped: Mapping[str, ShippedSnapshot] | None = None) -> dict[str, VMProtection]:
     """Each VM's protection; `states[vm]`: what the nodes of its copies answered (`copy_state`), in the
-    record's order (a VM without copies may be left out)."""
+    record's order (a VM without copies may be left out); `shipped[vm]`: its last shipped snapshot, if any."""
     policy = ve.spec.ha
     found = {}
     for vm, slot in sorted(ve.placement.items()):
@@ -72,14 +78,16 @@ def assess(ve: VERecord, states: Mapping[str, Sequence[str]], now: float) -> dic
         answered = states.get(vm, ["unknown (not asked)"] * len(listed))
         copies = tuple(_copy(e, state, now) for e, state in zip(listed, answered, strict=True))
         last = max((s.time for s in ve.snapshots if vm in s.vms), default=None)
+        ship = (shipped or {}).get(vm)
         if policy.mode == "standby":
             why = _standby_shortfall(ve, policy, slot.node, copies)
-        elif policy.mode == "restart":
-            why = _late_snapshot(policy, last, ve.created, now)
+        elif policy.mode == "restart":  # a VE that does not run writes nothing its last snapshot lacks
+            why = _late_snapshot(policy, ship.time if ship is not None else None, ve.created, now) \
+                if ve.state == "running" else None
         else:
-            found[vm] = VMProtection("unprotected", policy, copies, last)
+            found[vm] = VMProtection("unprotected", policy, copies, last, last_shipped=ship)
             continue
-        found[vm] = VMProtection("degraded" if why else "protected", policy, copies, last, why)
+        found[vm] = VMProtection("degraded" if why else "protected", policy, copies, last, why, ship)
     return found
 
 
@@ -99,7 +107,8 @@ def _standby_shortfall(ve: VERecord, policy: HaPolicy, host: str, copies: Sequen
 
 
 def _late_snapshot(policy: HaPolicy, last: float | None, created: float, now: float) -> str | None:
-    """Why the VM's restart point is late, or None if it is not (or the policy takes no periodic snapshot)."""
+    """Why the VM's restart point (`last`: its last shipped snapshot's time) is late, or None if it is not (or
+    the policy takes no periodic snapshot)."""
     every = policy.snapshot_every
     if every is None:
         return None
@@ -107,5 +116,6 @@ def _late_snapshot(policy: HaPolicy, last: float | None, created: float, now: fl
     if age <= LATE_FACTOR * every:
         return None
     shown = format_duration(int(age))
-    what = f"last snapshot {shown} old" if last is not None else f"no snapshot in the {shown} since the VE was created"
+    what = (f"last shipped snapshot {shown} old" if last is not None
+            else f"no shipped snapshot in the {shown} since the VE was created")
     return f"{what}; the policy takes one every {format_duration(every)}"

@@ -74,6 +74,8 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
         endpoint.route(m.VE_SNAPSHOTS, self._on_snapshots)
         endpoint.route(m.VE_RESTORE, self._on_restore)
         endpoint.route(m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete)
+        endpoint.route(m.VE_SHIP, self._on_ship)
+        endpoint.route(m.VE_RESTORE_POINT, self._on_restore_point)
         endpoint.route(m.VE_REPLICATE, self._on_replicate)
         endpoint.route(m.VE_HA, self._on_ha)
         endpoint.route(m.VE_FAILOVER, self._on_failover)
@@ -173,7 +175,9 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
         for vm_name, answered in states.items():
             for shown_entry, state in zip(shown["replicas"][vm_name], answered, strict=True):
                 shown_entry["standby"] = state
-        shown["protection"] = codec.encode(assess(ve, states, time.time()))
+        shipped = await self.shipped.get(ve)
+        last = {vm: s for vm in ve.placement if (s := shipped.last(vm)) is not None}
+        shown["protection"] = codec.encode(assess(ve, states, time.time(), last))
         return shown
 
     async def _on_locate(self, caller: Caller, request: m.Named) -> m.Located:

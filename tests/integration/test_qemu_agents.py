@@ -312,7 +312,7 @@ def test_a_vm_whose_host_loses_power_is_rebuilt_from_its_image(qemu3: Cluster, t
     """A VM with no standby copy; its host loses power (its agent, daemon and guest killed); `ve rebuild` boots
     its image on another node (a fresh disk: the heartbeat starts again from 0), and the host, back, keeps no
     second copy running."""
-    a = create_one(qemu3, tmp_path, "reborn")
+    a = create_one(qemu3, tmp_path, "remade")
     host = a.node
     a.wait_beat_above(2)
     qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
@@ -320,7 +320,7 @@ def test_a_vm_whose_host_loses_power_is_rebuilt_from_its_image(qemu3: Cluster, t
     survivor = a.via = next(n["name"] for n in qemu3.state["nodes"] if n["name"] != host)
     # retried while the directory's write cannot reach a majority of the record's replicas yet (one is on
     # the dead host until SWIM says so); a retry first settles what a failed attempt left
-    rebuilt = wait_for(lambda: qemu3.try_json("--agent", survivor, "ve", "rebuild", "reborn"), STEP_DEADLINE,
+    rebuilt = wait_for(lambda: qemu3.try_json("--agent", survivor, "ve", "rebuild", "remade"), STEP_DEADLINE,
                        "ve rebuild")
     target = rebuilt["placement"]["a"]["node"]
     assert target != host and rebuilt["placement"]["a"]["why"].startswith("rebuilt from image tiny")
@@ -331,13 +331,57 @@ def test_a_vm_whose_host_loses_power_is_rebuilt_from_its_image(qemu3: Cluster, t
 
     def one_place() -> bool:
         try:
-            return domains(qemu3, "reborn:a") == {target: "running"}
+            return domains(qemu3, "remade:a") == {target: "running"}
         except RpcError:  # the restarted agent is not listening yet
             return False
 
     wait_until(one_place, BOOT_DEADLINE,  # the host's agent and daemon start, then its fencing pass runs
                "the VM at exactly one place once its old host is back")
+    qemu3.cli("--agent", survivor, "ve", "destroy", "remade")
+
+
+def test_shipped_snapshots_send_what_changed_and_boot_elsewhere_once_the_host_is_gone(qemu3: Cluster,
+                                                                                     tmp_path: Path) -> None:
+    """`ve ship` makes the guest's disk (1 GiB, written every second by its heartbeat) an image kept by nodes
+    besides its host; the second sends them what changed since the first, far less than the disk. The host then
+    loses power, and a new VE booting that image through another agent reads on its disk the heartbeat that the
+    guest had written when the snapshot was taken."""
+    a = create_one(qemu3, tmp_path, "shipping")
+    host = a.node
+    a.wait_beat_above(2)
+    first = qemu3.json("--agent", "node2", "ve", "ship", "shipping")["vms"]["a"]
+    assert first["host"] == host and first["sent"] and host not in first["sent"]
+    shipped_at = a.disk_beat()
+    a.wait_disk_beat(lambda beat: beat > shipped_at + 2, "the guest writes on")
+    before = a.disk_beat()
+    second = qemu3.json("--agent", "node2", "ve", "ship", "shipping")["vms"]["a"]
+    after = a.disk_beat()
+    log.info("shipped snapshots: first %s, second %s", first, second)
+    image = second["shipped"]["image"]
+    entry = qemu3.json("--agent", "node2", "image", "show", image)
+    assert entry["size"] == 1 << 30 and set(second["sent"]) == set(first["sent"])  # the same holders: incremental
+    assert all(sent < 1 << 20 for sent in second["sent"].values())  # a 1 GiB disk; a few chunks changed
+    assert set(entry["holders"]) - {host}
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guest
+    end_leftovers(qemu3.dir / host / "data")
+    survivor = next(n for n in second["sent"])
+    point = qemu3.json("--agent", survivor, "ve", "restore-point", "shipping", "a")
+    assert point["image"] == image and point["digest"] == entry["digest"]
+    spec = tmp_path / "reborn.yaml"
+    spec.write_text(f"name: reborn\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: {image}}}\n")
+    qemu3.json("--agent", survivor, "ve", "create", str(spec))
+    reborn = VM(qemu3, "reborn", "a")
+    reborn.via = survivor
+    reborn.wait_ready()
+    ready = next(line for line in reborn.file(".log").read_text(errors="replace").splitlines()
+                 if tinyguest.READY in line)
+    assert before <= int(ready.rpartition("heartbeat=")[2]) <= after  # the disk as it was when shipped
     qemu3.cli("--agent", survivor, "ve", "destroy", "reborn")
+    restart(qemu3, host)
+    rejoined(qemu3, host, "shipping")
+    qemu3.cli("--agent", survivor, "ve", "destroy", "shipping")
+    for shipped in (first, second):
+        qemu3.cli("--agent", survivor, "image", "rm", shipped["shipped"]["image"])
 
 
 def pid_file(cluster: Cluster, node: str, domain: str) -> Path:

@@ -6,7 +6,6 @@ from discovery.ha.lease import Lease, revoked
 from discovery.ha.watch import (
     FOLLOW_GRACE,
     MARGIN,
-    REVOCATION_BUMP,
     STAGGER,
     HostWatch,
     ReadLease,
@@ -44,7 +43,7 @@ def test_an_unchanged_lease_of_a_dead_host_is_revoked_after_a_term_and_margin_th
     assert watch.wake_at() == WAIT and watch.poll(WAIT - 0.01) == []
     assert watch.poll(WAIT) == [ReadLease("h")]  # read once more before revoking
     (revoke,) = watch.read(LEASE, "rec7", 7, WAIT)
-    assert revoke == Revoke(revoked(LEASE, "w"), "rec7", REVOCATION_BUMP)  # never the version a renewal writes
+    assert revoke == Revoke(revoked(LEASE, "w"), "rec7")
     assert revoke.lease.holder is None and revoke.lease.epoch == 4
     assert watch.revoke_won(revoke.lease, WAIT) == [Recover("h", ("ve1", "ve2"), 4)]
     watch.recovered(True, WAIT + 1)
@@ -77,7 +76,7 @@ def test_a_lost_revocation_reads_again_then_confirms_the_winner_s_and_recovers_a
     gone = revoked(LEASE, "other")
     assert watch.read(gone, "rec9", 9, WAIT) == []
     assert watch.poll(WAIT + FOLLOW_GRACE - 0.1) == []
-    assert watch.poll(WAIT + FOLLOW_GRACE) == [Revoke(gone, "rec9", REVOCATION_BUMP)]
+    assert watch.poll(WAIT + FOLLOW_GRACE) == [Revoke(gone, "rec9")]
     assert watch.revoke_won(gone, WAIT + FOLLOW_GRACE) == []
     assert watch.poll(WAIT + FOLLOW_GRACE + WAIT - 0.1) == []
     assert watch.poll(WAIT + FOLLOW_GRACE + WAIT) == [Recover("h", ("ve1", "ve2"), 4)]

@@ -9,6 +9,7 @@ import pytest
 
 from discovery.ve.protection import HELD, MISSING, CopyAge, VMProtection, assess, copy_state
 from discovery.ve.records import Shortfall, Slot, SnapshotEntry, SnapshotVM, Standby, VERecord
+from discovery.ve.shipped import ShippedSnapshot
 from discovery.ve.spec import NO_HA, HaPolicy, VESpec, VMSpec
 from overlay.wire import codec
 
@@ -61,17 +62,28 @@ def test_a_copy_on_the_vms_own_host_protects_nothing() -> None:
     assert (found.status, found.why) == ("degraded", "0 of 1 standby copies held (node1: on the VM's own host)")
 
 
-@pytest.mark.parametrize(("snapshots", "status", "why"), [
-    ((), "degraded", "no snapshot in the 2h30m since the VE was created; the policy takes one every 30s"),
-    ((NOW - 60,), "protected", None),  # twice the interval: late, not yet degraded
-    ((NOW - 61,), "degraded", "last snapshot 1m1s old; the policy takes one every 30s"),
-    ((NOW - 3000, NOW - 5), "protected", None),  # the newest counts
+@pytest.mark.parametrize(("shipped", "status", "why"), [
+    (None, "degraded", "no shipped snapshot in the 2h30m since the VE was created; the policy takes one every 30s"),
+    (NOW - 60, "protected", None),  # twice the interval: late, not yet degraded
+    (NOW - 61, "degraded", "last shipped snapshot 1m1s old; the policy takes one every 30s"),
 ])
-def test_restart_is_degraded_once_its_last_snapshot_is_late(snapshots: tuple[float, ...], status: str,
-                                                            why: str | None) -> None:
-    found = assess(record(HaPolicy("restart", 0, 30, 3), snapshots=snapshots), {}, NOW)["db"]
+def test_restart_is_degraded_once_its_last_shipped_snapshot_is_late(shipped: float | None, status: str,
+                                                                    why: str | None) -> None:
+    last = {} if shipped is None else {"db": ShippedSnapshot("snap/shop/db:t", "d" * 64, shipped)}
+    found = assess(record(HaPolicy("restart", 0, 30, 3)), {}, NOW, last)["db"]
     assert (found.status, found.why) == (status, why)
-    assert found.last_snapshot == max(snapshots, default=None)
+    assert found.last_shipped == last.get("db")
+
+
+def test_a_ve_that_does_not_run_is_never_late() -> None:
+    stopped = replace(record(HaPolicy("restart", 0, 30, 3)), state="stopped")
+    assert assess(stopped, {}, NOW)["db"].status == "protected"
+
+
+def test_a_snapshot_its_host_keeps_is_no_restart_point() -> None:
+    """It dies with the host: only a shipped snapshot keeps a `restart` VM protected."""
+    found = assess(record(HaPolicy("restart", 0, 30, 3), snapshots=(NOW - 3000, NOW - 5)), {}, NOW)["db"]
+    assert (found.status, found.last_snapshot, found.last_shipped) == ("degraded", NOW - 5, None)
 
 
 def test_restart_without_periodic_snapshots_restarts_from_the_image() -> None:
