@@ -273,8 +273,8 @@ def ve_failover(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, a
 
 @ve_app.command("rebuild")
 def ve_rebuild(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, as_json: JsonOpt = False) -> None:
-    """Make the VMs whose host is down again on other nodes, booting their image, in the VE's state: their disks
-    start afresh (a VM with a standby copy keeps its data: `ve failover`)."""
+    """Make the VMs whose host is down again on other nodes, in the VE's state, booting their newest shipped
+    snapshot, else their image on a fresh disk (a VM with a standby copy fails over instead: `ve failover`)."""
     ve = rpc("ve.rebuild", {"name": name, "vm": vm, "force": force}, timeout=900)
     emit(ve, as_json, ve_table([ve]))
     if not as_json:

@@ -4,9 +4,9 @@ unfinished). `discovery.ve.rebuilds` chooses which VMs are rebuilt and drives th
 
 A rebuild is the `restart` of the HA policy: the VM has no standby copy to promote (that is a failover,
 `discovery.ve.failovers`), so a new domain is made from its spec on a node chosen as a create chooses
-(`discovery.ve.placement`), booting `image`, in the state its VE is recorded in; what the old disk held is
-lost. `image` is only handed to `host.confirm` (and `host.prefetch`): today the spec's image, tomorrow a
-shipped snapshot's, passed instead.
+(`discovery.ve.placement`), booting `image`, in the state its VE is recorded in; what the old disk held since
+`image` was taken is lost. `image` is only handed to `host.prefetch` and `host.confirm`: the shell passes the
+VM's newest shipped snapshot (`discovery.ve.shipping`), else the image its spec names.
 
 Why a state machine: as a failover, a rebuild interleaves RPCs with writes to the VE record and may stop after
 any of them; here its logic is fed observations and returns actions (`discovery.ve.transaction`), so its whole

@@ -1,5 +1,6 @@
-"""Rebuilding VMs whose host is down (`ve rebuild`): made again on another node from the image they boot, in
-their VE's state (the `restart` of the HA policy; a VM with standby copies fails over instead, `ve failover`).
+"""Rebuilding VMs whose host is down (`ve rebuild`): made again on another node, in their VE's state, booting
+their newest shipped snapshot (`discovery.ve.shipping`), else the image their spec names: the `restart` of the
+HA policy (a VM with standby copies fails over instead, `ve failover`).
 
 This module chooses which VMs are rebuilt and drives, one VM at a time, the sans-IO transaction
 `discovery.ve.rebuilding.Rebuild` (where a VM goes, the intent in its slot, and why an interrupted rebuild is
@@ -24,8 +25,9 @@ from discovery.ve.driver import drive
 from discovery.ve.messages import RebuildRequest, RecordView
 from discovery.ve.rebuilding import Rebuild, RebuildRecovery
 from discovery.ve.records import VERecord, view
+from discovery.ve.shipped import restore_point
 from discovery.ve.spec import DEFAULT_IMAGE
-from overlay.wire.rpc import Caller, NotFound
+from overlay.wire.rpc import Caller, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,10 @@ class Rebuilds(VEBase):
         return record.ve, {vm: record.ve.placement[vm].node for vm in sorted(down)}
 
     async def _rebuild(self, record: Stored, vm: str, why: str | None, pending: list[str]) -> Stored:
-        """Rebuild `vm` (its host down for `why`; None: alive, and forced), booting its spec's image; `pending`:
-        the VMs rebuilt after it. The steps are `discovery.ve.rebuilding.Rebuild`; this only drives it."""
+        """Rebuild `vm` (its host down for `why`; None: alive, and forced), booting `_boot_image`; `pending`: the
+        VMs rebuilt after it. The steps are `discovery.ve.rebuilding.Rebuild`; this only drives it."""
         ve = record.ve
-        image = next(v.image for v in ve.spec.vms if v.name == vm)
-        core = Rebuild(ve, vm, domain_name(ve.name, vm), None if image == DEFAULT_IMAGE else image, why, self.node,
-                       pending)
+        core = Rebuild(ve, vm, domain_name(ve.name, vm), await self._boot_image(ve, vm), why, self.node, pending)
         try:
             record, _ = await drive(core, record, self.transport, self.directory, self._candidates)
         finally:
@@ -82,6 +82,18 @@ class Rebuilds(VEBase):
                 log.info("VE %s: %s", ve.name, note)
         log.info("rebuild of %s/%s on %s finished", ve.name, vm, record.ve.placement[vm].node)
         return record
+
+    async def _boot_image(self, ve: VERecord, vm: str) -> str | None:
+        """What VM `vm` boots once rebuilt: its newest shipped snapshot (`discovery.ve.shipped.restore_point`: its
+        disk as it was then), else the image its spec names (None: none). A shipped-snapshot log that cannot be
+        read refuses the rebuild, to be retried, rather than boot the spec's image and lose what was shipped."""
+        try:
+            return restore_point(await self.shipped.get(ve), ve.name, vm).image
+        except LookupError:
+            image = next(v.image for v in ve.spec.vms if v.name == vm)
+            return None if image == DEFAULT_IMAGE else image
+        except RpcError as err:
+            raise RequestError(f"cannot rebuild {ve.name}/{vm}: its shipped snapshots cannot be read: {err}") from None
 
     async def _recover_rebuild(self, record: Stored, vm: str) -> tuple[Stored, bool]:
         """Finish or undo the interrupted rebuild of `vm` (`discovery.ve.rebuilding.RebuildRecovery`); returns the

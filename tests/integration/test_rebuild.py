@@ -1,7 +1,7 @@
 """Rebuilding VMs whose host is down (`ve rebuild`) on a real 4-agent, 2-site cluster (node1 and node3 in rennes,
 node2 and node4 in lyon; libvirt test:///): after kill -9 of the host, the VMs run elsewhere, in the old host's
-site; the old host, back, never runs its stale copies and drops them; a rebuild whose coordinator dies is
-settled by the next command."""
+site; the old host, back, never runs its stale copies and drops them; a VM with a shipped snapshot boots the
+newest; a rebuild whose coordinator dies is settled by the next command."""
 
 from __future__ import annotations
 
@@ -60,6 +60,21 @@ def test_rebuild_after_kill_9_runs_the_vms_in_the_old_hosts_site_and_the_host_ba
     assert "forced while node3 was alive" in forced["placement"]["x"]["why"]
     assert domains(cluster4, "rb:x") == {"node1": "running"}
     cluster4.cli("--agent", "node1", "ve", "destroy", "rb")
+
+
+def test_a_vm_with_a_shipped_snapshot_is_rebuilt_booting_the_newest(cluster4, tmp_path):
+    created = cluster4.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "sn", [("a", 1, 256)]))
+    assert created["placement"]["a"]["node"] == "node1"
+    image = cluster4.json("--agent", "node3", "ve", "ship", "sn")["vms"]["a"]["shipped"]["image"]
+    cluster4.kill9("node1")
+    done = wait_for(lambda: cluster4.try_json("--agent", "node2", "ve", "rebuild", "sn"), what="ve rebuild")
+    slot = done["placement"]["a"]
+    assert slot["node"] == "node3" and slot["why"].startswith(f"rebuilt from image {image}, its host node1 lost")
+    assert domains(cluster4, "sn:a") == {"node3": "running"}
+    back_and_fenced(cluster4, "node1", {"sn:a": "node3"})
+    rejoined(cluster4, "node1", ve="sn")
+    cluster4.cli("--agent", "node1", "ve", "destroy", "sn")
+    cluster4.cli("--agent", "node1", "image", "rm", image)
 
 
 def test_a_rebuild_whose_coordinator_dies_is_undone_then_done_by_the_next_command(cluster4, tmp_path):

@@ -82,6 +82,6 @@ async def test_a_held_vm_is_started_removed_or_kept_held_by_what_the_directory_s
     transport, host = Transport(answering), Host()
     fencing = Replicas(node="n1", joins=False, directory=Directory(Records(slot)),  # type: ignore[arg-type]
                        transport=transport, membership=None, nearest=None, distances=None,  # type: ignore[arg-type]
-                       host=host, images=None)  # type: ignore[arg-type]
+                       host=host, images=None, shipped=None)  # type: ignore[arg-type]
     await fencing.fence()
     assert transport.done == done

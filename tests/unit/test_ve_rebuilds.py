@@ -1,7 +1,7 @@
 """Which VMs `Rebuilds.rebuild` (discovery.ve.rebuilds) rebuilds, as the HA watchers call it in-process (VE, VMs,
 reason; `host`: the one they recover): those whose host is down, each with the reason and why, the VMs still
-to come pending; a second call for the same host rebuilds nothing. The transaction itself is stubbed (its tests:
-test_ve_rebuilding.py)."""
+to come pending; a second call for the same host rebuilds nothing. And what a rebuilt VM boots: its newest
+shipped snapshot, else its spec's image. The transaction itself is stubbed (its tests: test_ve_rebuilding.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 from discovery.ve.directory import Stored
 from discovery.ve.rebuilds import Rebuilds
 from discovery.ve.records import Slot, VERecord
+from discovery.ve.shipped import ShippedLog, ShippedSnapshot
+from discovery.ve.spec import VMSpec
 from discovery.ve.world import record_of
-from overlay.wire.rpc import Caller, Conflict, NotFound
+from overlay.wire.rpc import Caller, Conflict, NotFound, RequestError, RpcTimeout
 
 
 class Stub(Rebuilds):
@@ -78,3 +80,30 @@ async def test_a_host_filter_that_leaves_nothing_is_no_refusal() -> None:
     service = Stub(replace(VE, placement={"z": slot("n4")}), {"n4"})
     assert (await service.rebuild("rb", None, "lease lapsed", host="n1"))[1] == {}
     assert service.calls == []
+
+
+class Logs:
+    """The shipped-snapshot logs: `log`, or a directory that does not answer (None)."""
+
+    def __init__(self, log: ShippedLog | None) -> None:
+        self.log = log
+
+    async def get(self, ve: VERecord) -> ShippedLog:
+        if self.log is None:
+            raise RpcTimeout("no replica answered")
+        return self.log
+
+
+async def test_a_rebuilt_vm_boots_its_newest_shipped_snapshot_else_its_image() -> None:
+    vms = (VMSpec("x", 1, 256, 1, "tiny"), VMSpec("y", 1, 256), VMSpec("z", 1, 256))
+    ve = replace(VE, spec=replace(VE.spec, vms=vms))
+    snapshots = tuple(ShippedSnapshot(f"snap/rb/x:2026010{i}-000000", f"d{i}", float(i)) for i in (1, 2))
+    service = Stub(ve, set())
+    service.shipped = Logs(ShippedLog(ve.uid, {"x": snapshots}))  # type: ignore[assignment]
+    assert await service._boot_image(ve, "x") == "snap/rb/x:20260102-000000"
+    assert await service._boot_image(ve, "y") is None  # none shipped, and its spec boots no image
+    service.shipped = Logs(ShippedLog(ve.uid))  # type: ignore[assignment]
+    assert await service._boot_image(ve, "x") == "tiny"
+    service.shipped = Logs(None)  # type: ignore[assignment]
+    with pytest.raises(RequestError, match="^cannot rebuild rb/x: its shipped snapshots cannot be read: "):
+        await service._boot_image(ve, "x")
