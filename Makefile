@@ -15,7 +15,8 @@ CORES  := vivaldi/coordinate.py overlay/chord.py overlay/membership.py overlay/s
           discovery/ve/moves.py discovery/ve/failovers.py discovery/ve/snapshotting.py discovery/ve/world.py \
            discovery/ve/records.py discovery/ve/creating.py discovery/ve/protection.py images/pulling.py \
            discovery/testbed/plan.py discovery/testbed/relay.py agents/host/restart_budget.py \
-           discovery/ha/lease.py discovery/ha/watch.py discovery/ve/shipped.py
+           discovery/ha/lease.py discovery/ha/watch.py discovery/ve/shipped.py discovery/ve/rebuilding.py \
+           discovery/ve/takeover.py
 # Everything: typed, non-strict (pyproject's [tool.mypy]).
 PROJECT := vivaldi overlay dvms images agents discovery benchmarks
 

@@ -29,6 +29,8 @@ def ve_table(ves: list[dict[str, Any]]) -> Table:
                 why = f"moving to {slot['moving_to']['node']} ({slot['moving_to']['phase']}); {why}"
             if slot.get("failing_over"):  # an interrupted failover, likewise
                 why = f"failing over to {slot['failing_over']['node']}; {why}"
+            if slot.get("rebuilding"):  # an interrupted rebuild, likewise
+                why = f"rebuilding on {slot['rebuilding']['node']}; {why}"
             standbys = ", ".join(e["node"] + (f" ({e['standby']})" if e.get("standby", "held") != "held" else "")
                                  for e in ve.get("replicas", {}).get(vm, []))
             rows.append(row + ([slot.get("domain_state")] if live else []) + ([standbys] if copies else []) + [why])
@@ -255,19 +257,28 @@ def _print_copies(ve: dict[str, Any]) -> None:
             print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
 
 
+DownVmOpt = Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")]
+AliveForceOpt = Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
+                                                              "first.")]
+
+
 @ve_app.command("failover")
-def ve_failover(
-    name: str,
-    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
-                                                         "first.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
+def ve_failover(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, as_json: JsonOpt = False) -> None:
     """Bring the VMs whose host is down back up on their nearest standby copy, in the VE's state."""
     ve = rpc("ve.failover", {"name": name, "vm": vm, "force": force}, timeout=300)
     emit(ve, as_json, ve_table([ve]))
     if not as_json:
         print("failed over: " + ", ".join(f"{v} to {node}" for v, node in ve["failed_over"].items()))
+
+
+@ve_app.command("rebuild")
+def ve_rebuild(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Make the VMs whose host is down again on other nodes, in the VE's state, booting their newest shipped
+    snapshot, else their image on a fresh disk (a VM with a standby copy fails over instead: `ve failover`)."""
+    ve = rpc("ve.rebuild", {"name": name, "vm": vm, "force": force}, timeout=900)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print("rebuilt: " + ", ".join(f"{v} on {node}" for v, node in ve["rebuilt"].items()))
 
 
 @ve_app.command("stop")

@@ -8,10 +8,10 @@ with its own validator (`discovery.ve.spec.VESpec.from_dict`), which names the f
 
 Answers. Most `ve.*` methods answer with the VE's record as users see it (`discovery.ve.records.view`: the
 stored shape, without the format version; `ve show --json` prints it), plus what the verb adds (`moved`,
-`added`/`dropped`, `failed_over`; `ve show` the hosts' word on each VM and its protection). That map is the
-contract, so it is declared as one (`RecordView`): a dataclass beside `VERecord` would be a second definition
-of the record's shape, to be kept in step field by field, for a caller (the CLI) that only prints it. The
-views that are not the record (`ve.list`'s page, `ve.locate`, the snapshots) are dataclasses.
+`added`/`dropped`, `failed_over`, `rebuilt`; `ve show` the hosts' word on each VM and its protection). That
+map is the contract, so it is declared as one (`RecordView`): a dataclass beside `VERecord` would be a second
+definition of the record's shape, to be kept in step field by field, for a caller (the CLI) that only prints
+it. The views that are not the record (`ve.list`'s page, `ve.locate`, the snapshots) are dataclasses.
 """
 
 from __future__ import annotations
@@ -165,6 +165,11 @@ class FailoverRequest(Named):
         non_empty(self.vm, "vm")
 
 
+@dataclass(frozen=True)
+class RebuildRequest(FailoverRequest):
+    """`ve.rebuild` chooses its VMs as `ve.failover` does."""
+
+
 # -- answers that are not the record ----------------------------------------------------------------------
 
 
@@ -191,6 +196,11 @@ class FailingOverTo:
 
 
 @dataclass(frozen=True)
+class RebuildingOn(FailingOverTo):
+    """Where a VM is being rebuilt, from which host: as a failover under way."""
+
+
+@dataclass(frozen=True)
 class CopyAt:
     node: str
     site: str
@@ -199,13 +209,15 @@ class CopyAt:
 
 @dataclass(frozen=True)
 class Location:
-    """Where one VM runs, by the record; and where it is going, and its standby copies, if any."""
+    """Where one VM runs, by the record; and where it is going (a move, a failover, a rebuild under way), and
+    its standby copies, if any."""
 
     node: str
     site: str
     addr: str
     moving_to: MovingTo | None = field(default=None, metadata=sparse())
     failing_over: FailingOverTo | None = field(default=None, metadata=sparse())
+    rebuilding: RebuildingOn | None = field(default=None, metadata=sparse())
     replicas: list[CopyAt] | None = field(default=None, metadata=sparse())
 
 
@@ -288,4 +300,5 @@ VE_RESTORE_POINT = Method("ve.restore_point", ShippedOf, ANYONE, ShippedImage)
 VE_REPLICATE = Method("ve.replicate", Replicate, ANYONE, RecordView)
 VE_HA = Method("ve.ha", SetHa, ANYONE, RecordView)
 VE_FAILOVER = Method("ve.failover", FailoverRequest, ANYONE, RecordView)
+VE_REBUILD = Method("ve.rebuild", RebuildRequest, ANYONE, RecordView)
 VE_BUSY = Method("ve.busy", Named, frozenset({NODE, OPERATOR}), bool)

@@ -37,13 +37,11 @@ from discovery.ve.failovers import Failover, FailoverRecovery
 from discovery.ve.messages import FailoverRequest, RecordView, Replicate
 from discovery.ve.records import Shortfall, Slot, Standby, VERecord, view
 from overlay.dht import Record
-from overlay.membership import ALIVE, SUSPECT, Member
-from overlay.wire.rpc import Caller, Conflict, NotFound, RemoteError, RequestError, RpcError
+from overlay.membership import Member
+from overlay.wire.rpc import Caller, Conflict, NotFound, RequestError, RpcError
 from vivaldi.coordinate import estimate
 
 log = logging.getLogger(__name__)
-DOWN_PROBE_TIMEOUT = 5.0
-"""How long a failover waits for a VM's host to answer before taking it for down."""
 FENCE_INTERVAL = 5.0
 
 
@@ -239,18 +237,7 @@ class Replicas(VEBase):
             name, placement = record.ve.name, record.ve.placement
             if vm is not None and vm not in placement:
                 raise NotFound(f"VE {name!r} has no VM {vm!r} (VMs: {', '.join(sorted(placement))})")
-            down: dict[str, str | None] = {}
-            for v in [vm] if vm is not None else sorted(placement):
-                why = await self._down(record.ve, v)
-                if why is not None or force:
-                    down[v] = why
-            if not down:
-                hosts = sorted({placement[v].node for v in ([vm] if vm is not None else placement)})
-                whose = "its host" if vm is not None or len(placement) == 1 else \
-                    f"the host{'s' if len(hosts) > 1 else ''} of its VMs"
-                raise Conflict(f"cannot fail over {name}{'/' + vm if vm else ''}: {whose} {', '.join(hosts)} "
-                               f"{'is' if len(hosts) == 1 else 'are'} alive and answering (--force fails over "
-                               "anyway, switching the running copy off first)")
+            down = await self._hosts_down(record.ve, None if vm is None else [vm], force, "fail over", "fails over")
             chosen: dict[str, Standby] = {}
             for v, why in sorted(down.items()):
                 nearest = self._nearest_copy(record.ve, v)
@@ -261,22 +248,6 @@ class Replicas(VEBase):
             for v, why in sorted(down.items()):
                 record = await self._failover(record, v, chosen[v], why)
         return {**view(record.ve), "failed_over": {v: record.ve.placement[v].node for v in sorted(down)}}
-
-    async def _down(self, ve: VERecord, vm: str) -> str | None:
-        """Why the VM's host counts as down, or None if it is a live member that answers holding the VM."""
-        slot = ve.placement[vm]
-        member = self.membership.members.get(slot.node)
-        if member is None or member.status not in (ALIVE, SUSPECT):
-            return f"{slot.node} is {member.status if member else 'not a member'}"
-        try:
-            await self.transport.call(slot.addr, "host.vm.info", {"name": domain_name(ve.name, vm)},
-                                      timeout=DOWN_PROBE_TIMEOUT)
-        except RemoteError as err:
-            return f"{slot.node} does not hold it" if err.kind == "not_found" else None
-        except RpcError as err:
-            log.info("failover: %s does not answer: %s", slot.node, err)
-            return f"{slot.node} does not answer"
-        return None
 
     def _nearest_copy(self, ve: VERecord, vm: str) -> Standby | None:
         """The VM's standby copy on a live node nearest to where the VM was, if any."""
@@ -306,18 +277,16 @@ class Replicas(VEBase):
         log.info("failover of %s/%s to %s %s", recovery.name, vm, intent.node, "finished" if forward else "undone")
         return record, forward
 
-    def _rtt_ms(self, node: str) -> float | None:
-        member = self.membership.members.get(node)
-        return member.rtt * 1000 if member is not None and member.rtt is not None else None
-
     # -- fencing ---------------------------------------------------------------------------------------
 
     async def fence(self) -> None:
-        """Undefine this node's copy of each VM that the directory places on another node holding it, and
-        drop each standby this node keeps that the directory no longer lists; start the VMs the host holds
-        off since its start (`agents.host.service.HostService.start`) that the directory places here. Only on
-        positive evidence: a record that cannot be read, or a node that cannot be asked, changes nothing
-        (the host starts a held VM by itself after `HOLD_LIMIT`)."""
+        """Undefine this node's copy of each VM that the directory places on another node holding it (failed
+        over, or rebuilt: `discovery.ve.rebuilds`), and drop each standby this node keeps that the directory no
+        longer lists; start the VMs the host holds off since its start (`agents.host.service.HostService.start`)
+        that the directory places here, unless an operation on the VM is under way (a failover or a rebuild
+        of it elsewhere may be defining it there: its recovery settles this copy). Only on positive evidence:
+        a record that cannot be read, or a node that cannot be asked, changes nothing (the host starts a held
+        VM by itself after `HOLD_LIMIT`)."""
         me = self.node
         found: dict[str, tuple[Record | None, Stored | None]] = {}
         for key in list(self.host.ledger.allocated):
@@ -337,8 +306,8 @@ class Replicas(VEBase):
                 continue
             slot = live.ve.placement.get(vm) if live is not None else None
             if slot is not None and me in slot.named():
-                if domain in self.host.held:  # recovered off at start: the directory says it is ours
-                    await self._local("host.vm.release", {"name": domain})
+                if domain in self.host.held and not slot.intents():  # recovered off at start: the directory says
+                    await self._local("host.vm.release", {"name": domain})  # it is ours, and nothing moves it
                 continue
             if slot is None:
                 if record.deleted and domain in self.host.held:  # destroyed while this node was down

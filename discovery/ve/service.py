@@ -12,7 +12,8 @@ an agent's start-up recovery finishes or undoes (`CreateRecovery`), once that co
 
 This module holds creation, listing, the lifecycle verbs and the recovery of interrupted operations;
 `VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`,
-standby copies and failover from `discovery.ve.replicas`, and the HA policy from `discovery.ve.policy`
+standby copies and failover from `discovery.ve.replicas`, the HA policy from `discovery.ve.policy`, and the
+rebuild of VMs whose host is down from `discovery.ve.rebuilds`
 (shared helpers in `discovery.ve.base`). Every
 operation that changes a VE first finishes or undoes what an interrupted one left in its record
 (`VEService._settle`), and holds a per-VE lock on the agent, so operations on one VE through one agent
@@ -41,7 +42,8 @@ from discovery.ve.index import Cursor, Entry
 from discovery.ve.messages import RecordView
 from discovery.ve.policy import Policies
 from discovery.ve.protection import assess, copy_state
-from discovery.ve.records import FailoverIntent, MoveIntent, Slot, VERecord, VEState, view
+from discovery.ve.rebuilds import Rebuilds
+from discovery.ve.records import FailoverIntent, MoveIntent, RebuildIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import SpecError, VESpec
@@ -53,7 +55,7 @@ RECOVERY_WINDOW = 120.0
 """How long after its start an agent keeps trying to settle the operations it left interrupted."""
 
 
-class VEService(Relocation, Snapshots, Policies):
+class VEService(Relocation, Snapshots, Policies, Rebuilds):
     """The `ve.*` methods (the interfaces it is given: `VEBase`)."""
 
     def serve(self, endpoint: Endpoint) -> None:
@@ -77,6 +79,7 @@ class VEService(Relocation, Snapshots, Policies):
         endpoint.route(m.VE_REPLICATE, self._on_replicate)
         endpoint.route(m.VE_HA, self._on_ha)
         endpoint.route(m.VE_FAILOVER, self._on_failover)
+        endpoint.route(m.VE_REBUILD, self._on_rebuild)
         endpoint.route(m.VE_BUSY, self._on_busy)
 
     # -- create ------------------------------------------------------------------------------------
@@ -182,10 +185,11 @@ class VEService(Relocation, Snapshots, Policies):
         ve = (await self._record(caller, request.name)).ve
         vms = {}
         for vm, slot in sorted(ve.placement.items()):
-            moving, failing = slot.moving_to, slot.failing_over
+            moving, failing, rebuilding = slot.moving_to, slot.failing_over, slot.rebuilding
             vms[vm] = m.Location(
                 slot.node, slot.site, slot.addr, m.MovingTo(moving.node, moving.site, moving.phase) if moving else None,
                 m.FailingOverTo(failing.node, failing.site, failing.source) if failing else None,
+                m.RebuildingOn(rebuilding.node, rebuilding.site, rebuilding.source) if rebuilding else None,
                 [m.CopyAt(e.node, e.site, e.taken) for e in ve.standbys_of(vm)] or None)
         return m.Located(ve.name, ve.state, vms)
 
@@ -210,7 +214,7 @@ class VEService(Relocation, Snapshots, Policies):
         return await self._apply(caller, request.name, "host.vm.resume", "running")
 
     async def _on_destroy(self, caller: Caller, request: m.Named) -> RecordView:
-        """Undefine every VM (and the copy an interrupted move or failover may have left at its target),
+        """Undefine every VM (and the copy an interrupted move, failover or rebuild may have left at its target),
         delete the record, then free the VMs' standby copies; its index entry is removed after the answer
         (`Unindexing`). Refused while another agent is relocating, failing over or snapshotting the VE."""
         async with self._locked(caller, request.name, settle=False) as record:
@@ -234,14 +238,13 @@ class VEService(Relocation, Snapshots, Policies):
         and any failure is reported. `undefine` also reaches the target of an interrupted move or failover. Hosts run
         operations on different VMs side by side (a lock per VM), so each call is given HOST_TIMEOUT plus
         the graceful stop's own `timeout`, whatever else its host is doing."""
-        places: list[tuple[str, Slot | MoveIntent | FailoverIntent]] = list(ve.placement.items())
+        places: list[tuple[str, Slot | MoveIntent | FailoverIntent | RebuildIntent]] = list(ve.placement.items())
         if method == "host.vm.undefine":
-            places += [(vm, i) for vm, slot in ve.placement.items() for i in (slot.moving_to, slot.failing_over)
-                       if i is not None]
+            places += [(vm, i) for vm, slot in ve.placement.items() for i in slot.intents()]
         wait = float(extra.get("timeout", 0.0))
         failures = []
 
-        async def one(vm_name: str, where: Slot | MoveIntent | FailoverIntent) -> None:
+        async def one(vm_name: str, where: Slot | MoveIntent | FailoverIntent | RebuildIntent) -> None:
             try:
                 await self.transport.call(where.addr, method, {
                     "name": domain_name(ve.name, vm_name), **extra},
@@ -258,7 +261,7 @@ class VEService(Relocation, Snapshots, Policies):
     # -- recovery of interrupted operations ------------------------------------------------------------
 
     async def _settle(self, record: Stored) -> Stored:
-        """Finish or undo what an interrupted create, relocations, failovers or a snapshot left in the record,
+        """Finish or undo what an interrupted create, relocations, failovers, rebuilds or a snapshot left in the record,
         before an operation changes the VE; Conflict if the agent that started them is still at work, NotFound
         if the VE's create was undone."""
         name = record.ve.name
@@ -268,7 +271,8 @@ class VEService(Relocation, Snapshots, Policies):
         for vm in sorted(record.ve.placement):
             slot = record.ve.placement[vm]
             for what, left, finish_or_undo in (("move", slot.moving_to, self._recover_move),
-                                               ("failover", slot.failing_over, self._recover_failover)):
+                                               ("failover", slot.failing_over, self._recover_failover),
+                                               ("rebuild", slot.rebuilding, self._recover_rebuild)):
                 if left is None:
                     continue
                 try:
@@ -359,6 +363,8 @@ def under_way(ve: VERecord) -> list[tuple[str, float, str]]:
             what = f"moving a VM to {intent.node}"
         elif isinstance(intent, FailoverIntent):
             what = f"failing a VM over to {intent.node}"
+        elif isinstance(intent, RebuildIntent):
+            what = f"rebuilding a VM on {intent.node}"
         else:
             what = f"taking snapshot {intent.tag}"
         found.append((intent.coordinator, intent.since, f"{what} for VE {ve.name!r}"))

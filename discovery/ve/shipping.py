@@ -15,7 +15,7 @@ next shipment); never a listed snapshot that no node besides its host holds. Shi
 `ve destroy` (backups outlive the machine, as in Proxmox Backup Server): `image rm` removes them.
 
 The periodic shipments are each agent's `Shipper`, for the VMs its host runs: a VM is shipped only where it
-runs, while its VE is running, and not while a move or failover of it is under way.
+runs, while its VE is running, and not while a move, failover or rebuild of it is under way.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Shipping(VEBase):
             shipped = await self.shipped.get(ve)
             for vm in sorted(vms):
                 slot = ve.placement.get(vm)
-                if slot is None or slot.node != self.node or slot.moving_to or slot.failing_over:
+                if slot is None or slot.node != self.node or slot.intents():  # a move, failover or rebuild
                     continue
                 now = time.time()
                 if not due(policy.snapshot_every, shipped.last(vm), attempted.get((ve.uid, vm)), now):

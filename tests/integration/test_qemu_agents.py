@@ -4,7 +4,9 @@ agent runs its own libvirtd in a private mount namespace and VMs are tiny guests
 Each operation is proven by the guest's heartbeat counter (written to its disk and console every
 second): it stops while suspended, a restored snapshot brings the disk's value back, a live
 relocation continues it on the target without a reboot (no second ready line), a shipped VM keeps its
-snapshots (and migrates live again once they are deleted), a guest whose QEMU is killed boots again where it
+snapshots (and migrates live again once they are deleted), a VM whose host loses power boots on its standby
+copy's disk or, rebuilt, on a fresh disk of its image or on its shipped snapshot, a guest whose QEMU is killed
+boots again where it
 ran, until its restart budget is spent. Deadlines are generous (TCG on a loaded
 2-core machine); nothing depends on speed.
 Skipped, with the reason, where QEMU, the guest image or libvirtd is not available.
@@ -305,6 +307,56 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
     wait_until(one_place, BOOT_DEADLINE,  # the host's agent and daemon start, then its fencing pass runs
                "the VM at exactly one place once its old host is back")
     qemu3.cli("--agent", survivor, "ve", "destroy", "solo")
+
+
+def test_vms_whose_host_loses_power_are_rebuilt_from_their_image_or_newest_shipped_snapshot(
+        qemu3: Cluster, tmp_path: Path) -> None:
+    """Two VMs with no standby copy on one host, one of them shipped once; the host loses power (its agent, daemon
+    and guests killed); `ve rebuild` boots each on another node: the one never shipped on a fresh disk of its
+    image (its heartbeat starts again from 0), the other on its shipped snapshot (the heartbeat it had then). The
+    host, back, keeps no second copy running."""
+    fresh, kept = create_one(qemu3, tmp_path, "remade"), create_one(qemu3, tmp_path, "kept")
+    host = fresh.node
+    if kept.node != host:  # placed elsewhere (node1 was short of room): brought together
+        qemu3.json("--agent", "node2", "ve", "relocate", "kept", "--to", host)
+    kept.wait_beat_above(2, host)
+    before = kept.disk_beat()
+    image = qemu3.json("--agent", "node2", "ve", "ship", "kept")["vms"]["a"]["shipped"]["image"]
+    after = kept.disk_beat()
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
+    end_leftovers(qemu3.dir / host / "data")
+    survivor = fresh.via = kept.via = next(n["name"] for n in qemu3.state["nodes"] if n["name"] != host)
+    targets = {}
+    for vm, boots in ((fresh, "tiny"), (kept, image)):
+        # retried while the directory's write cannot reach a majority of the record's replicas yet (one is on
+        # the dead host until SWIM says so); a retry first settles what a failed attempt left
+        rebuilt = wait_for(lambda ve=vm.ve: qemu3.try_json("--agent", survivor, "ve", "rebuild", ve), STEP_DEADLINE,
+                           f"ve rebuild {vm.ve}")
+        slot = rebuilt["placement"]["a"]
+        assert slot["node"] != host and slot["why"].startswith(f"rebuilt from image {boots},")
+        targets[vm.ve] = slot["node"]
+        vm.wait_ready()
+
+    def ready(vm: VM) -> int:
+        line = next(line for line in vm.file(".log", targets[vm.ve]).read_text(errors="replace").splitlines()
+                    if tinyguest.READY in line)
+        return int(line.rpartition("heartbeat=")[2])
+
+    assert ready(fresh) == 0 and before <= ready(kept) <= after  # a fresh disk; the disk as it was when shipped
+    assert fresh.wait_beat_above(1, targets["remade"]) > 1
+    restart(qemu3, host)
+
+    def one_place() -> bool:
+        try:
+            return all(domains(qemu3, f"{ve}:a") == {node: "running"} for ve, node in targets.items())
+        except RpcError:  # the restarted agent is not listening yet
+            return False
+
+    wait_until(one_place, BOOT_DEADLINE,  # the host's agent and daemon start, then its fencing pass runs
+               "the VMs at exactly one place once their old host is back")
+    for ve in targets:
+        qemu3.cli("--agent", survivor, "ve", "destroy", ve)
+    qemu3.cli("--agent", survivor, "image", "rm", image)
 
 
 def test_shipped_snapshots_send_what_changed_and_boot_elsewhere_once_the_host_is_gone(qemu3: Cluster,
