@@ -23,15 +23,15 @@ The record, `ha/lease/<node>`, holds the holder, the term, the protected VEs tha
 taken after one, never lowered. A VM is covered only once a renewal listing its VE has been written
 (`LeaseKeeper.cover` renews at once), and the host starts it only then, so no protected VM runs unlisted.
 
-States of a `LeaseKeeper`::
+What a `LeaseKeeper` goes through (frozen is a flag beside the state)::
 
     READ ── none, or ours ──────────────► HELD ── renewed ──► HELD (held_until = sent + term)
       │                                     │ ── term out ──► FROZEN (Freeze) ── renewed ──► HELD (Thaw)
       └─ revoked (holder none / other) ─► FENCED (Fence) ── taken anew (epoch + 1, no VEs) ──► HELD
     a renewal that conflicts: READ again (ours: retry; revoked: FENCED)
 
-This module never touches a socket, a clock or trio: the shell (`discovery.ha.service`, and the simulator
-`discovery.ha.sim`) performs the actions and feeds back what happened.
+This module never touches a socket, a clock or trio: a shell performs the actions and feeds back what
+happened (the simulator's, `discovery.ha.sim`; the agents' is the next step of issue 15).
 """
 
 from __future__ import annotations
