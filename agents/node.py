@@ -349,9 +349,17 @@ class RingService(Actor):
 
     A dead or departed member leaves the ring at once instead of at its next timeout, and every live
     member is offered to the ring as a successor hint, which merges rings that formed apart.
+
+    Stabilization runs every tick; fixing a finger too, until `QUIET_FIXES` fixes in a row changed none
+    while the successors stayed the same: a settled ring then fixes one every `QUIET_EVERY` ticks, and the
+    first change (a finger, a successor, a member's death or departure) brings back one fix per tick. Fingers
+    only shorten lookups: a dead one is dropped by the lookup that meets it, and routing falls back on the
+    successors, so the ring's repair does not wait for them.
     """
 
     name = "ring"
+    QUIET_FIXES = 16
+    QUIET_EVERY = 4
 
     def __init__(self, transport: Endpoint, membership: Membership, ring: Ring, interval: float) -> None:
         super().__init__()
@@ -359,17 +367,29 @@ class RingService(Actor):
         self.membership = membership
         self.ring = ring
         self.tick_interval = interval
+        self._quiet = 0
+        """Finger fixes in a row that changed nothing, the successors staying the same."""
+        self._ticks = 0
 
     async def handle(self, event: Event) -> None:
         for peer in self.ring.state.known_peers():
             if peer.name == event.data["name"]:
                 self.ring.state.on_dead(peer)
+        self._quiet = 0
         await self.transport.forget(event.data["addr"])
 
     async def tick(self) -> None:
+        state = self.ring.state
+        before = (state.successor_list(), list(state.fingers))
         for member in self.membership.alive(include_me=False):
-            self.ring.state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
-        await self.ring.maintain()
+            state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
+        self._ticks += 1
+        fix = self._quiet < self.QUIET_FIXES or self._ticks % self.QUIET_EVERY == 0
+        await self.ring.maintain(fingers=fix)
+        if (state.successor_list(), state.fingers) != before:
+            self._quiet = 0
+        elif fix:
+            self._quiet += 1
 
 
 class RepairService(Actor):

@@ -56,7 +56,7 @@ from typing import Any, Protocol
 import trio
 
 from agents.hypervisor.actor import DomainInfo, DomainStats, HypervisorError
-from agents.runtime import Actor, Event
+from agents.runtime import Actor, Event, on_grid
 from discovery.scheduler.messages import (
     DVMS_LOAD,
     DVMS_MSG,
@@ -255,13 +255,21 @@ class DvmsService(Actor):
             return self._status()
         return None
 
+    def tick_due(self, last: float) -> float:
+        """Every TICK while in a partition (keep-alives, leases, timeouts); outside one the core has nothing
+        to do, so the next tick is the monitor's next sample (or a retried problem, which waits for one)."""
+        isp = self.isp
+        if isp is None or isp.membership is not None or isp.lead is not None:
+            return last + TICK
+        return max(last + TICK, self._next_sample)
+
     async def tick(self) -> None:
         assert self.isp is not None and self.monitor is not None
         now = trio.current_time()
         self._carry(self.isp.on_tick(now))
         if now < self._next_sample:
             return
-        self._next_sample = now + MONITOR_PERIOD
+        self._next_sample = on_grid(now + MONITOR_PERIOD, MONITOR_PERIOD)  # wakes up with the other actors
         domains = await self.hypervisor.list()
         if self.measured:
             await self._measure(domains)
