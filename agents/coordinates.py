@@ -124,8 +124,13 @@ class CoordinateService(Actor):
 
     def pick_from_view(self, now: float) -> Member | None:
         """A random member of the view that gave no sample within SAMPLED_WITHIN seconds; None if there is none."""
-        stale = [m for m in self.view() if now - self._sampled.get(m.name, -math.inf) >= SAMPLED_WITHIN]
-        return self.rng.choice(stale) if stale else None
+        def stale(m: Member) -> bool:
+            return now - self._sampled.get(m.name, -math.inf) >= SAMPLED_WITHIN
+
+        if not any(map(stale, self.membership.alive(include_me=False))):
+            return None  # nobody to ping, whatever the view: no need to rank the members
+        candidates = [m for m in self.view() if stale(m)]
+        return self.rng.choice(candidates) if candidates else None
 
     def view(self) -> list[Member]:
         """The closest known members by estimated RTT, plus a few random far ones."""

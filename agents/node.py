@@ -148,6 +148,7 @@ class NodeAgent:
             self.coordinates = CoordinateService(transport, self.membership, cfg.data_dir / "coordinate.json")
             self.spiral = SpiralService(transport, self.membership, self.coordinates.coordinate_of, self._free)
             self.notifier.subscribe(self.spiral.tell_nowait, {"member_joined"})
+            self.notifier.subscribe(self.overlays.tell_nowait, {"member_joined"})
             ring_service = RingService(transport, self.membership, self.ring, cfg.ring_interval)
             self.notifier.subscribe(ring_service.tell_nowait, {"member_dead", "member_left"})
             self.actors += [self.host, self.gossip, self.coordinates, ring_service,
@@ -350,15 +351,16 @@ class RingService(Actor):
     A dead or departed member leaves the ring at once instead of at its next timeout, and every live
     member is offered to the ring as a successor hint, which merges rings that formed apart.
 
-    Stabilization runs every tick; fixing a finger too, until `QUIET_FIXES` fixes in a row changed none
-    while the successors stayed the same: a settled ring then fixes one every `QUIET_EVERY` ticks, and the
-    first change (a finger, a successor, a member's death or departure) brings back one fix per tick. Fingers
-    only shorten lookups: a dead one is dropped by the lookup that meets it, and routing falls back on the
-    successors, so the ring's repair does not wait for them.
+    Stabilization runs every tick; fixing a finger too, until the ring around this node has settled (its
+    successors and predecessor the same for `QUIET_TICKS` ticks): then one every `QUIET_EVERY` ticks, and the
+    first change there (or a member's death or departure) brings back one per tick. Whether a fix changed its
+    finger tells nothing: with latency estimates, fingers swap between nodes of one site as the estimates
+    move. Fingers only shorten lookups: a dead one is dropped by the lookup that meets it, and routing falls
+    back on the successors, so the ring's repair does not wait for them.
     """
 
     name = "ring"
-    QUIET_FIXES = 16
+    QUIET_TICKS = 16
     QUIET_EVERY = 4
 
     def __init__(self, transport: Endpoint, membership: Membership, ring: Ring, interval: float) -> None:
@@ -368,7 +370,7 @@ class RingService(Actor):
         self.ring = ring
         self.tick_interval = interval
         self._quiet = 0
-        """Finger fixes in a row that changed nothing, the successors staying the same."""
+        """Ticks in a row that left the successors and the predecessor as they were."""
         self._ticks = 0
 
     async def handle(self, event: Event) -> None:
@@ -380,16 +382,12 @@ class RingService(Actor):
 
     async def tick(self) -> None:
         state = self.ring.state
-        before = (state.successor_list(), list(state.fingers))
+        before = (state.successor_list(), state.predecessor)
         for member in self.membership.alive(include_me=False):
             state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
         self._ticks += 1
-        fix = self._quiet < self.QUIET_FIXES or self._ticks % self.QUIET_EVERY == 0
-        await self.ring.maintain(fingers=fix)
-        if (state.successor_list(), state.fingers) != before:
-            self._quiet = 0
-        elif fix:
-            self._quiet += 1
+        await self.ring.maintain(fingers=self._quiet < self.QUIET_TICKS or self._ticks % self.QUIET_EVERY == 0)
+        self._quiet = self._quiet + 1 if (state.successor_list(), state.predecessor) == before else 0
 
 
 class RepairService(Actor):
