@@ -339,6 +339,10 @@ class GossipService(Actor):
             self._remembered = table
 
     def _remembered_members(self) -> list[Member]:
+        """The live members last written down: this run's, once it knows some (the file holds them too, and
+        reading it twice a second costs an idle agent more than its probe), else those a previous run left."""
+        if self._remembered:
+            return [Member(n, a, s) for n, a, s in self._remembered]
         try:
             return [Member(e["name"], e["addr"], e["site"]) for e in json.loads(self.path.read_text())]
         except (OSError, ValueError, KeyError, TypeError):
