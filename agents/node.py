@@ -365,7 +365,7 @@ class RingService(Actor):
 
     name = "ring"
     QUIET_TICKS = 16
-    QUIET_EVERY = 4
+    QUIET_EVERY = 8
 
     def __init__(self, transport: Endpoint, membership: Membership, ring: Ring, interval: float) -> None:
         super().__init__()
