@@ -41,6 +41,7 @@ import trio
 from typing_extensions import TypeVar
 
 from overlay.wire import codec, frames, tls, versions
+from overlay.wire.tls_socket import TlsSocket
 from overlay.wire.versions import SPOKEN, HandshakeRefused, NoCommonVersion, Versions
 
 REQUEST, RESPONSE = 0, 1
@@ -172,7 +173,7 @@ DelayFn = Callable[[str, str], float]
 class _Connection:
     """A TLS stream plus the framing state shared by the reading and writing sides."""
 
-    def __init__(self, stream: trio.SSLStream, max_frame: int) -> None:
+    def __init__(self, stream: TlsSocket, max_frame: int) -> None:
         self.stream = stream
         self.max_frame = max_frame
         self.decoder = frames.Decoder(max_frame)
@@ -425,12 +426,12 @@ class Transport(Endpoint):
     async def _serve_connection(self, tcp: trio.SocketStream) -> None:
         """One inbound connection, start to end. Nothing a peer sends may escape this function."""
         peer = _peer_address(tcp)
-        stream = trio.SSLStream(tcp, self._server_ctx, server_side=True)
+        stream = TlsSocket(tcp, self._server_ctx, server_side=True)
         conn = _Connection(stream, self.max_frame)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
-                cn, role = tls.peer_identity(stream._ssl_object)  # noqa: SLF001 - trio exposes no public getter
+                cn, role = tls.peer_identity(stream.ssl)
                 hello = versions.read_hello(await conn.receive())
                 conn.peer_node, conn.peer_site = hello.node, hello.site
                 await conn.send(self._hello())  # even to refuse: the dialer learns from it what we speak
@@ -557,7 +558,7 @@ class Transport(Endpoint):
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as err:
             raise Unreachable(f"{addr}: {err.strerror or err}") from None
-        stream = trio.SSLStream(tcp, self._client_ctx, server_hostname=None)
+        stream = TlsSocket(tcp, self._client_ctx, server_side=False)
         conn = _Connection(stream, self.max_frame)
         try:
             await stream.do_handshake()
