@@ -11,11 +11,12 @@ a virtual clock, but on the agent's clock and network. Its settings are the `[dv
 * Monitoring, every second: each VM's CPU demand (percent of one vCPU) is what `dvms.load` pinned, else, for
   real guests (hypervisor "qemu"), what two samples of libvirt's cpu time give, else what an `Injector` gives
   (test driver, `injector_rate` > 0), else 0; memory is what a real guest uses (balloon stats), else what the
-  VM reserved. A node whose host holds no VM and awaits none (`holds_vms`) lists nothing: a VM enters the
-  host's ledger before its domain is defined, so the next sample sees it. By default nothing demands CPU on
-  the test driver, so nothing ever moves. Each agent's injector starts at the agent's start, so a VM that
-  moves carries on with its stream replayed on the new host's clock, not with the same trajectory (the
-  agents share no clock origin).
+  VM reserved. On the test driver, a node whose host holds no VM and awaits none (`holds_vms`) lists nothing:
+  a VM enters the host's ledger before its domain is defined, so the next sample sees it (not so with real
+  guests, whose daemon may hold a domain that arrived by live migration before the host adopts it). By
+  default nothing demands CPU on the test driver, so nothing ever moves. Each agent's injector starts at the
+  agent's start, so a VM that moves carries on with its stream replayed on the new host's clock, not with the
+  same trajectory (the agents share no clock origin).
 * A pin is kept in the domain's own metadata (`PIN_NS`), so it travels with the VM's definition whichever way
   the VM is relocated (by DVMS or `ve relocate`: carried, shipped or migrated live) and leaves with it; the
   new host reads it when the domain appears.
@@ -272,7 +273,7 @@ class DvmsService(Actor):
         if now < self._next_sample:
             return
         self._next_sample = on_grid(now + MONITOR_PERIOD, MONITOR_PERIOD)  # wakes up with the other actors
-        domains = await self.hypervisor.list() if self.holds_vms() else []  # an idle host: no thread hand-offs
+        domains = await self.hypervisor.list() if self.measured or self.holds_vms() else []  # module doc
         if self.measured:
             await self._measure(domains)
         vms = await self._local_vms(domains)
