@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu \
-          libvirt-daemon libvirt-clients e2fsprogs
+          libvirt-daemon libvirt-clients e2fsprogs rsync
 
 .PHONY: demo demo-qemu test lint typecheck deps clean bench
 
@@ -13,8 +13,10 @@ CORES  := vivaldi/coordinate.py overlay/chord.py overlay/membership.py overlay/s
           overlay/wire/frames.py dvms/model.py dvms/partition.py dvms/monitor.py dvms/workload.py dvms/solver.py \
           dvms/isp_net.py discovery/ve/placement.py discovery/ve/spec.py discovery/ve/transaction.py \
           discovery/ve/moves.py discovery/ve/failovers.py discovery/ve/snapshotting.py discovery/ve/world.py \
-          discovery/ve/records.py discovery/ve/creating.py images/pulling.py discovery/testbed/plan.py \
-          discovery/testbed/relay.py
+           discovery/ve/records.py discovery/ve/creating.py discovery/ve/protection.py images/pulling.py \
+           discovery/testbed/plan.py discovery/testbed/relay.py agents/host/restart_budget.py \
+           discovery/ha/lease.py discovery/ha/watch.py discovery/ve/shipped.py discovery/ve/rebuilding.py \
+           discovery/ve/takeover.py
 # Everything: typed, non-strict (pyproject's [tool.mypy]).
 PROJECT := vivaldi overlay dvms images agents discovery benchmarks
 
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd for real guests (only if missing)
+deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd for real guests, rsync (the shipped-snapshot benchmark's baseline); only if missing
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \

@@ -14,6 +14,9 @@ from agents.host.capacity import Resources
 from overlay.wire import tls
 from overlay.wire.versions import SPOKEN, Versions
 
+SYSTEM_LIBVIRT = "qemu:///system"
+"""`libvirt_uri` of an agent whose real guests run on its host's system libvirtd (`agents.hypervisor.qemu`)."""
+
 
 @dataclass
 class AgentConfig:
@@ -25,6 +28,7 @@ class AgentConfig:
     capacity: Resources
     join: list[str] = field(default_factory=list)
     libvirt_uri: str = ""  # empty: the embedded test:/// host sized by `capacity` (qemu: the node's own libvirtd)
+    migration_uri: str = ""  # qemu:///system: the URI peers migrate to; empty: qemu+tcp://HOST/system
     hypervisor: str = "test"  # or "qemu": real guests (agents.hypervisor.qemu)
     advertise: str = ""  # the host peers reach this node at (its agent, libvirtd, migrations); empty: listen's
     libvirtd_port: int = 0  # qemu: the node's libvirtd TCP port on its host address; 0 picks a free one

@@ -36,6 +36,7 @@ from agents.host.args import (
 )
 from agents.host.capacity import Resources
 from agents.hypervisor.actor import DomainInfo
+from images.messages import check_image_name
 from overlay.messages import NoArgs
 from overlay.wire.codec import limit, sparse, wire
 from overlay.wire.rpc import AGENTS, ANYONE, NODE, OPERATOR, OPERATORS, Method, RequestError
@@ -225,6 +226,19 @@ class Prefetch:
 
 
 @dataclass(frozen=True)
+class SnapshotImage(VmName):
+    """`host.snapshot_image`: make image `image` (NAME:TAG) of VM `name`'s disk as it is now, owned by `owner`, in
+    this node's image store (a shipped snapshot: `agents.host.snapshot_images`)."""
+
+    image: str = field(metadata=limit(IMAGE))
+    owner: str = field(metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_image_name(self.image)
+
+
+@dataclass(frozen=True)
 class VmStop(VmName):
     timeout: float = SHUTDOWN_TIMEOUT
     """Seconds before the guest is forced off."""
@@ -281,14 +295,18 @@ class Fetch(VmName):
         check_count(self.offset, "offset")
 
 
+MIGRATION_SCHEMES = ("qemu+tcp://", "qemu+tls://", "qemu+ssh://")
+"""How one libvirt daemon reaches another's for a peer-to-peer migration."""
+
+
 @dataclass(frozen=True)
 class Migrate(VmName):
     uri: str = field(metadata=limit(1024))
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.uri.startswith("qemu+tcp://"):
-            raise RequestError("uri must be the target's qemu+tcp:// libvirt URI")
+        if not self.uri.startswith(MIGRATION_SCHEMES):
+            raise RequestError(f"uri must be the target's libvirt URI ({', '.join(MIGRATION_SCHEMES)})")
 
 
 @dataclass(frozen=True)
@@ -370,6 +388,23 @@ class SnapshotTaken:
     tag: str
     state: str
     taken: float
+
+
+@dataclass(frozen=True)
+class SnapshotImaged:
+    """`host.snapshot_image`: the image made (`digest`: its manifest's), its `size` and distinct `chunks`, what
+    this node's store grew by (`new_chunks`, `new_bytes` compressed), the encoded manifest's size, and how long
+    the VM was paused for a consistent copy of its disk (0 for a VM that was not running, or has no disk: its
+    image is then its domain XML)."""
+
+    image: str
+    digest: str
+    size: int
+    chunks: int
+    new_chunks: int
+    new_bytes: int
+    manifest_bytes: int
+    paused: float
 
 
 @dataclass(frozen=True)
@@ -629,6 +664,7 @@ HOST_INFO = Method("host.info", NoArgs, HOSTS, HostInfo)
 HOST_SNAPSHOT = Method("host.snapshot", Snapshot, HOSTS, SnapshotTaken)
 HOST_RESTORE = Method("host.restore", SnapshotTag, HOSTS, DomainInfo)
 HOST_SNAPSHOT_DELETE = Method("host.snapshot_delete", SnapshotTag, HOSTS, SnapshotDeleted)
+HOST_SNAPSHOT_IMAGE = Method("host.snapshot_image", SnapshotImage, HOSTS, SnapshotImaged)
 HOST_EXPORT = Method("host.export", Export, HOSTS, Exported)
 HOST_FETCH = Method("host.fetch", Fetch, HOSTS, bytes)
 HOST_INCOMING = Method("host.incoming", IncomingVm, HOSTS, Incoming)

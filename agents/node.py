@@ -27,8 +27,10 @@ from prometheus_client.process_collector import ProcessCollector
 
 from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
+from agents.host.restarts import GuestRestarts
 from agents.host.service import HostService
 from agents.hypervisor.actor import DAEMON_CONNECTIONS, Hypervisor, write_node_xml
+from agents.hypervisor.events import GuestEvents
 from agents.hypervisor.qemu import QemuBackend, open_backend
 from agents.messages import (
     AGENT_MEMBERS,
@@ -84,7 +86,7 @@ class NodeAgent:
         try:
             uri = self.backend.uri if self.backend else cfg.libvirt_uri or write_node_xml(
                 cfg.data_dir / "node.xml", cfg.capacity.vcpus, cfg.capacity.memory_mb)
-            daemon = self.backend is not None and self.backend.daemon is not None
+            daemon = self.backend is not None and self.backend.migration_uri is not None  # embedded: 1 connection
             self.hypervisor = await Hypervisor.connect(uri, DAEMON_CONNECTIONS if daemon else 1)
             self.shard = await trio.to_thread.run_sync(Shard, cfg.data_dir / "dht.sqlite")
             try:
@@ -124,7 +126,7 @@ class NodeAgent:
         if not low:
             low = 49152 + 16 * (port % 1000)
             high = low + 15
-        return open_backend(cfg.data_dir, cfg.libvirt_uri, port, (low, high), cfg.host)
+        return open_backend(cfg.data_dir, cfg.libvirt_uri, port, (low, high), cfg.host, cfg.migration_uri)
 
     async def _serve(self) -> None:
         cfg = self.config
@@ -153,6 +155,9 @@ class NodeAgent:
             self.notifier.subscribe(ring_service.tell_nowait, {"member_dead", "member_left"})
             self.actors += [self.host, self.gossip, self.coordinates, ring_service,
                             RepairService(self.dht, cfg.repair_interval), self.overlays, self.spiral]
+            if self.backend is not None:  # real guests: a crashed one is started again where it ran
+                uri = self.backend.uri
+                self.actors.append(GuestRestarts(self.host, lambda deliver: GuestEvents.open(uri, deliver)))
             transport.route(AGENT_STATUS, self._on_status)
             transport.route(AGENT_MEMBERS, self._on_members)
             metrics = await self._metrics()

@@ -19,27 +19,18 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from harness import guest_dirs, local_cluster, pyplot, save, share_images, wait_ready
+from harness import cli, guest_dirs, local_cluster, pyplot, save, share_images, wait_ready
 
 from discovery.cli.local_cluster import TINY_IMAGE
 from images import debian, tinyguest
 
 MEMORY = {"minbase": 384, "ssh": 384, "tiny": 128}
-
-
-def cli(state: dict[str, Any], *args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "discovery", "--config", state["client_config"], *args, "--json"],
-                          capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"discovery {' '.join(args)}: {done.stderr.strip()}")
-    return json.loads(done.stdout)
 
 
 def create(state: dict[str, Any], spec: Path, console: Path) -> dict[str, float]:

@@ -2,17 +2,22 @@
 and save → ship → restore, printed as JSON.
 
     python benchmarks/migration.py --runs 10 [--memory-mb 128] [--plot docs/migration.png]
+    sudo python benchmarks/migration.py --testbed --bandwidth 100 --site-rtt 10 --runs 10
 
 A 2-node, 1-site cluster with `--hypervisor qemu` (each agent with its own libvirtd in a private
-mount namespace; tiny guests on qcow2 overlays). Two guests run side by side, and each round moves
-each of them once, to the other node, interleaved so that both see the same machine load:
+mount namespace; tiny guests on qcow2 overlays); with `--testbed`, two hosts on two sites of `discovery
+testbed up --hypervisor qemu` (each a network and mount namespace whose agent uses the host's system
+libvirtd; memory and disk go between the hosts' addresses through the router, delayed by `--site-rtt` and
+limited to `--bandwidth` by HTB). Two guests run side by side, and each round moves each of them once, to
+the other node, interleaved so that both see the same machine load:
 
 - `agents_live`: `ve relocate --method live` of a one-VM VE through the agent that does not host it:
   directory reads and writes, reservation, the target's empty overlay, then libvirt's peer-to-peer
   live migration with incremental disk copy, the target's adoption and the source's clean-up;
 - `by_hand`: the same migration of a guest defined directly in the same daemons, as an operator
   would do it: the overlay made on the target first (not timed), then
-  `virsh migrate --live --p2p --copy-storage-inc --persistent --undefinesource DOMAIN DEST tcp://127.0.0.1`;
+  `virsh migrate --live --p2p --copy-storage-inc --persistent --undefinesource DOMAIN DEST tcp://HOST`
+  (HOST: the target daemon's, 127.0.0.1 or the testbed host's address);
 - `agents_ship`: `ve relocate --method ship`: the VM is stopped into a managed save image, the target
   pulls the image and the disk over the agents' TLS RPC, and restores it; the VM is down throughout.
 
@@ -37,12 +42,13 @@ from typing import Any
 
 import libvirt
 import trio
-from harness import guest_dirs, local_cluster, pyplot, save, share_images, wait_ready  # beside this script
+from harness import guest_dirs, local_cluster, pyplot, save, share_images, testbed, wait_ready  # beside this script
 from stats import summary_ms
 
 from agents.hypervisor.libvirtd import GUESTS
 from agents.hypervisor.qemu import prepare_guest
 from agents.hypervisor.qemu_xml import domain_xml
+from discovery.cli.local_cluster import SYSTEM_DATA, TINY_IMAGE
 from images import tinyguest
 from overlay.wire import tls
 from overlay.wire.rpc import Transport
@@ -55,6 +61,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=10, help="moves of each kind")
     parser.add_argument("--memory-mb", type=int, default=128)
     parser.add_argument("--plot", help="PNG: time and downtime of each kind of move")
+    parser.add_argument("--testbed", action="store_true", help="two testbed hosts on two sites (root)")
+    parser.add_argument("--bandwidth", type=float, default=100.0, help="--testbed: each host's link, Mbit/s")
+    parser.add_argument("--site-rtt", type=float, default=10.0, help="--testbed: the RTT between the sites, ms")
     return parser.parse_args()
 
 
@@ -62,11 +71,14 @@ class Bench:
     def __init__(self, state: dict[str, Any], identity: tls.Identity, memory_mb: int) -> None:
         self.nodes = [n["name"] for n in state["nodes"]]
         self.addr = {n["name"]: n["addr"] for n in state["nodes"]}
-        self.uri = {}
+        self.uri, self.host = {}, {}
         for node in state["nodes"]:
             config = tomllib.loads(Path(node["config"]).read_text())
-            self.uri[node["name"]] = f"qemu+tcp://127.0.0.1:{config['libvirtd_port']}/system"
+            self.host[node["name"]] = node["addr"].rpartition(":")[0]
+            port = f":{config['libvirtd_port']}" if "libvirtd_port" in config else ""  # else the system's own
+            self.uri[node["name"]] = f"qemu+tcp://{self.host[node['name']]}{port}/system"
         self.guests = guest_dirs(state)
+        self.seen_as = Path(SYSTEM_DATA) / "guests" if state["hypervisor"] == "qemu-system" else GUESTS
         self.identity = identity
         self.memory_mb = memory_mb
         self.image, self.accel, _ = prepare_guest()
@@ -89,7 +101,8 @@ class Bench:
     # -- through the agents --
 
     async def create_ve(self) -> str:
-        spec = {"name": "bench", "vms": [{"name": "vm", "vcpus": 1, "memory_mb": self.memory_mb, "disk_gb": 1}]}
+        spec = {"name": "bench", "vms": [{"name": "vm", "vcpus": 1, "memory_mb": self.memory_mb, "disk_gb": 1,
+                                                   "image": TINY_IMAGE}]}
         created = await self.call(self.nodes[0], "ve.create", {"spec": spec})
         node = created["placement"]["vm"]["node"]
         wait_ready(self.guests[node] / "bench--vm.log")
@@ -109,8 +122,8 @@ class Bench:
     def define_by_hand(self, node: str) -> None:
         disk = self.guests[node] / f"{BY_HAND}.qcow2"
         tinyguest.make_overlay(self.image.base, disk)
-        xml = domain_xml(BY_HAND, self.image, GUESTS / disk.name, GUESTS / f"{BY_HAND}.log", accel=self.accel,
-                         memory_mib=self.memory_mb)
+        xml = domain_xml(BY_HAND, self.image, self.seen_as / disk.name, self.seen_as / f"{BY_HAND}.log",
+                         accel=self.accel, memory_mib=self.memory_mb)
         conn = libvirt.open(self.uri[node])
         try:
             conn.defineXML(xml).create()
@@ -122,7 +135,7 @@ class Bench:
         target = self.other(where)
         tinyguest.make_overlay(self.image.base, self.guests[target] / f"{BY_HAND}.qcow2")
         argv = ["virsh", "-c", self.uri[where], "migrate", "--live", "--p2p", "--copy-storage-inc", "--persistent",
-                "--undefinesource", BY_HAND, self.uri[target], "tcp://127.0.0.1"]
+                "--undefinesource", BY_HAND, self.uri[target], f"tcp://{self.host[target]}"]
         started = time.monotonic()
         proc = subprocess.run(argv, capture_output=True, text=True)
         wall = time.monotonic() - started
@@ -187,11 +200,16 @@ def main() -> None:
     args = parse()
     with tempfile.TemporaryDirectory(prefix="discovery-migration-") as tmp:
         share_images(Path(tmp))
-        with local_cluster(Path(tmp), 2, 1, hypervisor="qemu") as (state, identity):
+        cluster = (testbed(Path(tmp), 2, 2, args.bandwidth, args.site_rtt, hypervisor="qemu") if args.testbed
+                   else local_cluster(Path(tmp), 2, 1, hypervisor="qemu"))
+        with cluster as (state, identity):
             bench = Bench(state, identity, args.memory_mb)
             results = trio.run(measure, bench, args.runs)
     live, hand = summarize(results["agents_live"]), summarize(results["by_hand"])
-    report = {"guest_memory_mb": args.memory_mb, "accel": bench.accel, **{k: summarize(v) for k, v in results.items()},
+    where = ({"testbed": {"bandwidth_mbit": args.bandwidth, "site_rtt_ms": args.site_rtt}} if args.testbed
+             else {"testbed": None})
+    report = {"guest_memory_mb": args.memory_mb, "accel": bench.accel, **where,
+              **{k: summarize(v) for k, v in results.items()},
               "overhead_ratio_p50": round(live["time_ms"]["p50"] / hand["time_ms"]["p50"], 3),
               "overhead_ratio_mean": round(live["time_ms"]["mean"] / hand["time_ms"]["mean"], 3)}
     json.dump(report, sys.stdout, indent=2)

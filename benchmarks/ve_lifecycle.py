@@ -1,6 +1,7 @@
 """Latency of each VE lifecycle operation through random agents of a local cluster, printed as JSON.
 
     python benchmarks/ve_lifecycle.py --nodes 12 --sites 4 --ves 30 [--vms 2] [--seed 1] [--plot out.png]
+                                      [--testbed [--bandwidth MBIT]]
 
 `--ves` VEs of `--vms` VMs each (1 vCPU, 256 MiB) go through every operation, one operation at a time
 over all the VEs (in a shuffled order each time) so that the samples of one operation are spread over
@@ -10,7 +11,9 @@ snapshot, after the relocation), destroy. Each request is sent, as the CLI sends
 chosen at random among those that host none of the VE's VMs, so the coordinator always reaches the
 hosts over the network; `create` goes to any agent (its VMs are not placed yet, and placement tries
 the coordinator first). The cluster is `discovery.cli.local_cluster.up`'s: the transport delays each frame
-between two sites by half their emulated RTT.
+between two sites by half their emulated RTT. With `--testbed` (root) the same agents run on
+`discovery testbed up`'s network namespaces instead (the same sites and RTTs; the router's relay delays every
+packet between sites, and HTB limits each node's link to `--bandwidth`), with the testbed's default capacity.
 
 A request that fails is counted in `errors` (with its message) and the VE skips its later operations;
 nothing here asserts a time: it is a measurement.
@@ -28,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from harness import cluster_parser, local_cluster, pyplot, save  # benchmarks/harness.py, beside this script
+from harness import capacity, cluster_parser, local_cluster, pyplot, save, testbed  # benchmarks/, beside this
 from stats import summary_ms
 
+from discovery.testbed import bed
 from discovery.ve.spec import VESpec, VMSpec
 from overlay.wire import tls
 from overlay.wire.rpc import RpcError, Transport
@@ -39,7 +43,7 @@ OPERATIONS = ("create", "show", "locate", "suspend", "resume", "snapshot", "stop
               "destroy")
 TIMEOUTS = {"relocate": 600.0, "snapshot": 300.0, "restore": 300.0}  # the CLI's; 60 s for the others
 TAG = "bench"
-VCPUS, MEMORY_MB = 64, 65536  # per node: room for every VE on any node
+VCPUS, MEMORY_MB = 64, 65536  # per node: room for every VE on any node (the local cluster's)
 
 
 class Lifecycle:
@@ -106,6 +110,7 @@ class Lifecycle:
 def report(bench: Lifecycle, args: argparse.Namespace, state: dict[str, Any], elapsed: float) -> dict[str, Any]:
     rtts = sorted({ms for a, row in state["rtt_ms"].items() for b, ms in row.items() if a != b})
     per_site = {site: sum(n["site"] == site for n in state["nodes"]) for site in state["sites"]}
+    room = capacity(state)
     operations = {}
     for op in OPERATIONS:
         operations[op] = {"count": len(bench.samples[op]), **summary_ms(bench.samples[op]),
@@ -114,7 +119,8 @@ def report(bench: Lifecycle, args: argparse.Namespace, state: dict[str, Any], el
         "benchmark": "ve_lifecycle",
         "cluster": {"nodes": args.nodes, "sites": state["sites"], "nodes_per_site": per_site,
                     "inter_site_rtt_ms": [rtts[0], rtts[-1]] if rtts else None, "local_rtt_ms": args.local_rtt_ms,
-                    "vcpus_per_node": VCPUS, "memory_mb_per_node": MEMORY_MB},
+                    "vcpus_per_node": room["vcpus"], "memory_mb_per_node": room["memory_mb"],
+                    "testbed_mbit": args.bandwidth if args.testbed else None},
         "ves": args.ves, "vms_per_ve": args.vms, "seed": args.seed, "wall_seconds": round(elapsed, 1),
         "latency_ms": operations,
         "errors": {op: msgs for op, msgs in bench.errors.items() if msgs},
@@ -142,20 +148,29 @@ def main() -> None:
     parser = cluster_parser(__doc__, ves=30, plot="write a box plot of each operation's latency to this PNG")
     parser.add_argument("--vms", type=int, default=2, help="VMs per VE")
     parser.add_argument("--local-rtt-ms", type=float, default=0.0, help="emulated RTT inside a site")
+    parser.add_argument("--testbed", action="store_true", help="on `discovery testbed up` (root) instead")
+    parser.add_argument("--bandwidth", type=float, default=100.0, help="with --testbed: each node's link, Mbit/s")
     args = parser.parse_args()
+    if args.testbed and args.local_rtt_ms:
+        parser.error("--local-rtt-ms is the local cluster's: the testbed has none inside a site")
 
-    with (tempfile.TemporaryDirectory(prefix="discovery-bench-") as tmp,
-          local_cluster(Path(tmp), args.nodes, args.sites, vcpus=VCPUS, memory_mb=MEMORY_MB,
-                        local_rtt_ms=args.local_rtt_ms) as (state, identity)):
-        bench = Lifecycle(state, identity, args.ves, args.vms, args.seed)
-        start = time.perf_counter()
-        trio.run(bench.run)
-        elapsed = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="discovery-bench-") as tmp:
+        running = (testbed(Path(tmp), args.nodes, args.sites, args.bandwidth) if args.testbed else
+                   local_cluster(Path(tmp), args.nodes, args.sites, vcpus=VCPUS, memory_mb=MEMORY_MB,
+                                 local_rtt_ms=args.local_rtt_ms))
+        with running as (state, identity):
+            bench = Lifecycle(state, identity, args.ves, args.vms, args.seed)
+            start = time.perf_counter()
+            trio.run(bench.run)
+            elapsed = time.perf_counter() - start
+            result = report(bench, args, state, elapsed)
+            if args.testbed:  # at most a second old, background traffic included
+                result["relay_packets"] = bed.status(Path(state["dir"]))["relay_packets"]
 
-    result = report(bench, args, state, elapsed)
     if args.plot:
+        where = f"the testbed ({args.bandwidth:g} Mbit/s links)" if args.testbed else "a local cluster"
         plot(args.plot, bench, f"VE lifecycle latency: {args.ves} VEs of {args.vms} VMs, {args.nodes} agents on "
-                               f"{args.sites} sites\n(box: quartiles and median, whiskers: p1-p99)")
+                               f"{args.sites} sites, {where}\n(box: quartiles and median, whiskers: p1-p99)")
         result["plot"] = args.plot
     json.dump(result, sys.stdout, indent=2)
     print()

@@ -28,6 +28,8 @@ from discovery.toml_config import ConfigError
 from discovery.ve.directory import Directory
 from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
+from discovery.ve.shipped_log import ShippedLogs
+from discovery.ve.shipping import Shipper
 from dvms.model import Node
 from images.catalogue import Catalogue
 from images.messages import tagged
@@ -37,16 +39,20 @@ from overlay.wire import tls
 
 
 async def install(agent: NodeAgent) -> None:
-    """Agent extension hook: the VE service, its recovery of interrupted operations and its fencing of
-    failed-over copies; and the DVMS service, which moves nothing unless some VM demands CPU
-    (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`). DVMS relocates through the VE
-    service and reads the VEs' rules from the directory they share."""
+    """Agent extension hook: the image service; the VE service, its recovery of interrupted operations, its
+    fencing of failed-over copies and its shipped snapshots; and the DVMS service, which moves nothing unless
+    some VM demands CPU (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`). DVMS relocates
+    through the VE service and reads the VEs' rules from the directory they share."""
     cfg = agent.config
     directory = Directory(agent.records)
     catalogue = Catalogue(agent.records)
+    bases = agent.host.domains.bases
+    images = ImageService(ChunkStore(cfg.data_dir / "images"), catalogue, agent.transport, agent.membership,
+                          users=partial(ves_using, directory),
+                          bases=Bases(bases, agent.host.images_in_use) if bases is not None else None)
     ve = VEService(node=cfg.name, joins=bool(cfg.join), directory=directory, transport=agent.transport,
                    membership=agent.membership, nearest=agent.spiral, distances=agent.coordinates, host=agent.host,
-                   images=catalogue)
+                   images=images, shipped=ShippedLogs(agent.records))
     settings = cfg.extra.get("dvms")
     dvms = DvmsService(
         node=Node(cfg.name, cfg.site, 100 * cfg.capacity.vcpus, cfg.capacity.memory_mb),
@@ -57,10 +63,6 @@ async def install(agent: NodeAgent) -> None:
         successors=lambda: [p.name for p in agent.ring.state.successor_list()],
         hypervisor=agent.hypervisor, holds_vms=lambda: bool(agent.host.ledger.allocated or agent.host.ledger.reserved),
         set_metadata=agent.host.set_metadata, directory=directory, relocate=ve.relocate)
-    bases = agent.host.domains.bases
-    images = ImageService(ChunkStore(cfg.data_dir / "images"), catalogue, agent.transport, agent.membership,
-                          users=partial(ves_using, directory),
-                          bases=Bases(bases, agent.host.images_in_use) if bases is not None else None)
     images.serve(agent.transport)
     agent.host.images = images  # a host brings a new VM's image while holding its room, and boots it
     ve.serve(agent.transport)
@@ -68,7 +70,7 @@ async def install(agent: NodeAgent) -> None:
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
     agent.exporter.register(DvmsCollector(dvms))
     agent.exporter.register(ImagesCollector(images.fetcher))
-    agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), dvms,
+    agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), Shipper(ve), dvms,
                      Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]
 
 

@@ -8,8 +8,10 @@ agent.toml:
     join = ["127.0.0.1:7002"]
     data_dir = "/var/lib/discovery"
     libvirt_uri = ""                    # empty: embedded test:/// host sized by [capacity]
-    hypervisor = "test"                 # or "qemu": real tiny guests, on the node's own libvirtd
-                                        # (libvirt_uri empty) or embedded (libvirt_uri = "qemu:///embed")
+    hypervisor = "test"                 # or "qemu": real guests, on the host's system libvirtd (libvirt_uri =
+                                        # "qemu:///system"), the node's own (empty) or embedded ("qemu:///embed")
+    migration_uri = ""                  # qemu:///system: the URI peers migrate to (qemu+tcp|tls|ssh://);
+                                        # empty: qemu+tcp://ADVERTISE/system
     libvirtd_port = 0                   # qemu: its libvirtd's TCP port on the node's host (0: a free one)
     migration_ports = [49200, 49215]    # qemu: its live-migration port range (omitted: derived)
     kademlia = true                     # run Kademlia beside Chord (`discovery overlay bind`)
@@ -33,9 +35,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from agents.config import AgentConfig
+from agents.config import SYSTEM_LIBVIRT, AgentConfig
 from agents.host.capacity import Resources
+from agents.messages import MIGRATION_SCHEMES
 from discovery.scheduler.settings import dvms_settings
 from discovery.toml_config import ConfigError, address, field, identity, read_toml
 from overlay.wire.versions import SPOKEN, Versions
@@ -66,6 +70,12 @@ def load_agent_config(path: Path) -> AgentConfig:
     if not (len(migration) == 2 and all(isinstance(p, int) and 0 <= p < 65536 for p in migration)
             and migration[0] <= migration[1]):
         raise ConfigError(f"{path}: field 'migration_ports' must be [low, high] TCP ports, got {migration!r}")
+    libvirt_uri = field(data, "libvirt_uri", str, path, "")
+    migration_uri = field(data, "migration_uri", str, path, "")
+    if migration_uri and not (libvirt_uri == SYSTEM_LIBVIRT and migration_uri.startswith(MIGRATION_SCHEMES)
+                              and urlsplit(migration_uri).hostname):
+        raise ConfigError(f"{path}: field 'migration_uri' goes with libvirt_uri {SYSTEM_LIBVIRT!r} and names the "
+                          f"host's daemon ({', '.join(MIGRATION_SCHEMES)}HOST/system), got {migration_uri!r}")
     dvms = dvms_settings(field(data, "dvms", dict, path, {}), path)
     listen = address(field(data, "listen", str, path), path, "listen")
     advertise = field(data, "advertise", str, path, "")
@@ -86,7 +96,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         identity=identity(data, path),
         capacity=capacity,
         join=[address(j, path, "join") for j in joins],
-        libvirt_uri=field(data, "libvirt_uri", str, path, ""),
+        libvirt_uri=libvirt_uri,
+        migration_uri=migration_uri,
         hypervisor=hypervisor,
         libvirtd_port=field(data, "libvirtd_port", int, path, 0),
         migration_ports=(migration[0], migration[1]),

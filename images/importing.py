@@ -53,15 +53,17 @@ class Imported:
     new_bytes: int
     """What the store grew by: compressed bytes written to packs."""
     source_format: Literal["raw", "qcow2"]
+    manifest_bytes: int
+    """The encoded manifest's size: what a node that holds every chunk still fetches to hold the image."""
 
 
 def import_file(store: ChunkStore, path: Path, chunking: Chunking = DEFAULT,
-                progress: Progress | None = None) -> Imported:
-    """Import the raw or qcow2 image at `path`; ImageFileError if it is neither, truncated or corrupt,
-    StoreError (with nothing stored) if the disk fills up."""
+                progress: Progress | None = None, name: str | None = None) -> Imported:
+    """Import the raw or qcow2 image at `path` (held here as image `name`, if given); ImageFileError if it is
+    neither, truncated or corrupt, StoreError (with nothing stored) if the disk fills up."""
     with open_content(path, store.root) as (content, source):
         try:
-            return _store(store, content, chunking, source, progress)
+            return _store(store, content, chunking, source, progress, name)
         except OSError as err:
             raise StoreError(f"import of {path} failed, nothing stored: {err.strerror or err}") from None
 
@@ -83,7 +85,7 @@ def open_content(path: Path, scratch: Path) -> Iterator[tuple[memoryview, Litera
 
 
 def _store(store: ChunkStore, content: memoryview, chunking: Chunking, source: Literal["raw", "qcow2"],
-           progress: Progress | None) -> Imported:
+           progress: Progress | None, name: str | None) -> Imported:
     pieces: list[Piece] = []
     new = 0
     with store.writer() as writer, contextlib.closing(cut(content, chunking)) as cuts:
@@ -97,8 +99,9 @@ def _store(store: ChunkStore, content: memoryview, chunking: Chunking, source: L
                 progress(batch[-1].offset + batch[-1].length, len(content))
         manifest = Manifest.of(pieces, len(content), content_digest(content), chunking, source)
         body = manifest.encode()
-        writer.commit(body)
-    return Imported(Manifest.id_of(body), len(content), len(manifest.chunk_ids()), new, writer.written, source)
+        writer.commit(body, name)
+    return Imported(Manifest.id_of(body), len(content), len(manifest.chunk_ids()), new, writer.written, source,
+                    len(body))
 
 
 def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -31,13 +31,16 @@ MAX_COPIES = 16
 
 
 def check_image_name(name: str) -> str:
-    """NAME or NAME:TAG (tag `latest` when absent): letters, digits, '.', '_', '-'; returns NAME:TAG."""
+    """NAME or NAME:TAG (tag `latest` when absent), NAME one or more '/'-separated parts (as in OCI repositories:
+    a VE's shipped snapshots are `snap/<ve>/<vm>:<tag>`, `discovery.ve.shipped`), each part and the tag of
+    letters, digits, '.', '_', '-', starting with a letter or digit; returns NAME:TAG."""
     base, sep, tag = name.partition(":")
     tag = tag or ("" if sep else "latest")
     ok = all(part and len(part) <= 64 and all(c.isalnum() or c in "._-" for c in part) and part[0].isalnum()
-             for part in (base, tag))
-    if not ok or name.count(":") > 1:
-        raise RequestError(f"image name {name!r}: NAME[:TAG], each of letters, digits, '.', '_', '-'")
+             for part in (*base.split("/"), tag))
+    if not ok or name.count(":") > 1 or len(base) + 1 + len(tag) > NAME_LIMIT:
+        raise RequestError(f"image name {name!r}: NAME[:TAG] of at most {NAME_LIMIT} characters, NAME of "
+                           "'/'-separated parts, each part and TAG of letters, digits, '.', '_', '-'")
     return f"{base}:{tag}"
 
 

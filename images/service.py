@@ -30,6 +30,8 @@ import trio
 from images.boot import BootError, BootImage, materialize, prune
 from images.catalogue import Catalogue
 from images.fetching import Fetcher
+from images.importing import Imported as FileImported
+from images.importing import import_file
 from images.manifest import MAX_MANIFEST, Manifest, ManifestError
 from images.messages import (
     BATCH_BYTES,
@@ -274,11 +276,33 @@ class ImageService:
         except BootError as err:
             raise RequestError(str(err)) from None
 
+    async def publish(self, path: Path, name: str, owner: str, copies: int) -> FileImported:
+        """Import the raw or qcow2 file at `path` into this store as image `name` (storing only the chunks it
+        lacks), owned by `owner`, kept on `copies` live holders, this node the first: how a host turns a VM's
+        disk into a shipped snapshot (`agents.host.snapshot_images`). Conflict if the name is taken."""
+        name = check_image_name(name)
+        if await self.catalogue.get(name) is not None:
+            raise Conflict(f"image {name!r} already exists; use another tag")
+        try:
+            done = await trio.to_thread.run_sync(partial(import_file, self.store, path, name=name),
+                                                 limiter=self._limiter)
+        except StoreError as err:
+            raise RequestError(str(err)) from None
+        manifest = await self._in_store(self.store.manifest, done.digest)
+        assert manifest is not None, "committed by the import"
+        stored = await self._in_store(self.store.stored_bytes, manifest)
+        me = self.membership.me
+        entry = ImageEntry(name, done.digest, done.size, done.chunks, stored, owner, time.time(), {}, copies)
+        await self.catalogue.add_holder(entry, me.name, me.site)
+        return done
+
     async def _on_replicate(self, caller: Caller, request: Copies) -> ImageEntry:
-        """Keep `copies` live holders of the image from now on, and have nodes pull it until it has them."""
-        name = check_image_name(request.name)
+        return await self.replicate(check_image_name(request.name), request.copies)
+
+    async def replicate(self, name: str, copies: int) -> ImageEntry:
+        """Keep `copies` live holders of image `name` from now on, and have nodes pull it until it has them."""
         await self.catalogue.find(name)
-        entry = await self.catalogue.change(name, lambda e: e if e is None else replace(e, copies=request.copies))
+        entry = await self.catalogue.change(name, lambda e: e if e is None else replace(e, copies=copies))
         assert entry is not None
         failed = await self._replicate(entry)
         entry = await self.catalogue.find(name)
@@ -326,6 +350,17 @@ class ImageService:
         entry = await self.catalogue.find(name)
         if caller.role != OPERATOR and caller.cn != entry.owner:
             raise Forbidden(f"image {name!r} belongs to {entry.owner!r}; {caller.cn!r} may not remove it")
+        return await self.remove(name)
+
+    async def get(self, name: str) -> ImageEntry | None:
+        """Image `name`'s catalogue entry (None: no such image)."""
+        return await self.catalogue.get(name)
+
+    async def remove(self, name: str) -> ImageEntry:
+        """Remove image `name` (NotFound: there is none) and have its holders drop it unless another name holds
+        the same content; Conflict while a VE's spec names it. `image rm` after its ownership check, and the
+        pruning of shipped snapshots (`discovery.ve.shipping`)."""
+        entry = await self.catalogue.find(name)
         users = await self.users(name)
         if users:
             raise Conflict(f"image {name!r} is used by VE {', '.join(sorted(users))}; destroy "

@@ -43,8 +43,11 @@ releases every slot and tries again, until CLAIM_PATIENCE. Two writers cannot bo
 so each version is decided once, and anti-entropy and read repair (which spread committed records
 only, never slots) never meet two records of one version. Slots live in memory: a claimer commits
 only within COMMIT_WINDOW of sending its prepare and a slot lasts CLAIM_LEASE (longer), and a replica
-that restarts (its shard file existed) grants nothing for COMMIT_WINDOW, so a slot lost in a crash
-cannot be granted twice while its claimer may still commit. The majority is of the replicas the
+that restarts (its shard file existed) grants nothing for CLAIM_LEASE, so a slot lost in a crash
+cannot be granted twice while its claimer may still commit. A commit whose answers were lost may still
+have stored its record on a minority of the replicas, with the version a later writer then commits to a
+majority: the committed record's writer is a ballot (its commit time, then the node: `ballot`), so the
+later commit wins that tie wherever the two meet. The majority is of the replicas the
 writer's ring view names: two writers that see different replica sets (a node joining or dying at
 that moment) could both win; Chord's view settles within seconds, and that window is accepted.
 
@@ -71,8 +74,8 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -100,8 +103,8 @@ STATS = ("passes", "rpcs", "failures", "digests_sent", "digests_answered", "buck
 CLAIM_LEASE = 6.0
 """How long a replica keeps a granted claim slot for its claimer (see "Conditional writes")."""
 COMMIT_WINDOW = 4.0
-"""A claimer commits only this soon after sending its prepare (more than CALL_TIMEOUT, less than the lease);
-a restarted replica grants no slot for this long."""
+"""A claimer commits only this soon after sending its prepare (more than CALL_TIMEOUT, less than the lease).
+A restarted replica grants no slot for CLAIM_LEASE (a slot it lost may still be committed meanwhile)."""
 CLAIM_PATIENCE = 8.0
 """How long `put_if` keeps retrying against other claims in progress: longer than CLAIM_LEASE, so the slot of
 a claimer that died lapses meanwhile; with a last prepare and release (CALL_TIMEOUT each) it stays under the
@@ -384,6 +387,31 @@ class Freshness:
         return record.deleted and now - record.written > self.grace
 
 
+def ballot(now: float, node: str) -> str:
+    """The writer of a conditional write's record: its commit's wall-clock time, fixed width so that strings
+    order as times, then the node. Records order by (version, writer), so two records of one version (one
+    committed to a majority, the other left on a minority when its commit's answers were lost) are settled
+    by the later commit, which is the one that won: a second writer wins a majority only once the first
+    one's slots lapsed (CLAIM_LEASE) or a restarted replica's hold ended (as long), at least
+    CLAIM_LEASE - COMMIT_WINDOW after the first one's last store. So ties settle right while the agents'
+    clocks are closer than that (2 s; NTP keeps them within milliseconds)."""
+    return f"{now:017.6f}|{node}"
+
+
+def replicas_among(key: str, members: Iterable[tuple[str, str]], r: int) -> list[str]:
+    """The addresses of the `r` members (name, addr) that follow `key` on the ring when all of them count,
+    alive or not: a replica set that does not change with who is reachable, so two writers on either side
+    of a partition contend on the same replicas and at most one reaches a majority (what a lease needs;
+    the ring's own set, of the first r live successors, differs between the two sides). A live member of
+    this set is always one of the ring's replicas too, so anti-entropy never hands its copy away."""
+    ordered = sorted(members, key=lambda m: hash_id(m[0]))
+    if not ordered:
+        return []
+    position = hash_id(key)
+    first = next((k for k, (name, _) in enumerate(ordered) if hash_id(name) >= position), 0)
+    return [ordered[(first + j) % len(ordered)][1] for j in range(min(r, len(ordered)))]
+
+
 class DHT:
     """put/get over the ring with r replicas per key, and `put_if` decided by a majority of them. Listing is
     the agent's (`agents.overlays`): it asks every member for its shard, whichever overlay is bound.
@@ -415,7 +443,7 @@ class DHT:
         """What `maintain` cost and moved, cumulated: RPCs it made (`rpcs`, failed ones in `failures`),
         digests sent and answered, records pushed and pulled by anti-entropy, hand-off work, tombstones
         collected and doubtful records confirmed or dropped."""
-        self.claims = ClaimSlots(CLAIM_LEASE, trio.current_time() + COMMIT_WINDOW if shard.reopened else 0.0)
+        self.claims = ClaimSlots(CLAIM_LEASE, trio.current_time() + CLAIM_LEASE if shard.reopened else 0.0)
         self.freshness = Freshness(STALE_PASSES * repair_interval, shard.synced_at)
         self.freshness.check(wall(), shard.records)  # back after longer than Q: doubtful before serving anything
         self._digested: dict[str, float] = {}
@@ -574,27 +602,36 @@ class DHT:
         cached = self._replica_cache.get(key)
         return cached[1] if cached is not None and cached[0] > now else None
 
-    async def _call_replicas(self, key: str, method: Method[R, A], request: R) -> dict[str, A | RpcError]:
-        addrs = await self.replicas(key)
-        answers = await self.transport.ask_many(addrs, method, request, CALL_TIMEOUT)
+    async def _call_replicas(self, key: str, method: Method[R, A], request: R, fixed: Sequence[str] | None = None,
+                             timeout: float = CALL_TIMEOUT) -> dict[str, A | RpcError]:
+        addrs = list(fixed) if fixed is not None else await self.replicas(key)
+        answers = await self.transport.ask_many(addrs, method, request, timeout)
         if any(isinstance(a, Exception) for a in answers.values()):
             self._replica_cache.pop(key, None)  # someone did not answer: look the replicas up afresh next time
         return answers
 
     async def get_record(self, key: str) -> Record | None:
         """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
-        answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key))
+        return await self.read_from(key, await self.replicas(key))
+
+    async def read_from(self, key: str, fixed: Sequence[str], quorum: int = 1,
+                        timeout: float = CALL_TIMEOUT) -> Record | None:
+        """`get_record` from the `fixed` replicas (`replicas_among`), each given `timeout` seconds. Fewer than
+        `quorum` answers (a majority of the fixed set) is a RequestError: such a read meets every `put_if` made
+        to the same set with the same quorum, so it never returns a stale record."""
+        answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed, timeout)
         copies = {addr: record_from_wire(v) if v is not None else None
                   for addr, v in answers.items() if not isinstance(v, RpcError)}
-        if not copies:
-            raise RequestError(f"no replica of {key!r} answered")
+        if len(copies) < max(quorum, 1):
+            raise RequestError(f"{len(copies)} of {len(answers)} replicas of {key!r} answered, {quorum} needed"
+                               if answers else f"no replica of {key!r} answered")
         newest = None
         for record in copies.values():
             if record is not None and record.newer_than(newest):
                 newest = record
         if newest is not None:
             stale = [a for a, rec in copies.items() if rec is None or newest.newer_than(rec)]
-            await self.transport.ask_many(stale, m.DHT_STORE, m.DhtStore(newest.to_wire()), CALL_TIMEOUT)
+            await self.transport.ask_many(stale, m.DHT_STORE, m.DhtStore(newest.to_wire()), timeout)
         return newest
 
     async def get(self, key: str) -> Record | None:
@@ -619,30 +656,35 @@ class DHT:
     async def delete(self, key: str, after: int | None = None) -> Record:
         return await self.put(key, None, after)
 
-    async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
+    async def put_if(self, key: str, value: Any, expect: Record | None, fixed: Sequence[str] | None = None,
+                     quorum: int | None = None, timeout: float = CALL_TIMEOUT) -> Record:
         """Write the version that follows `expect` (the newest record the caller read, None if it found
-        none) only if no replica of a majority holds anything newer: compare-and-set, decided by a
-        majority of the key's replicas (module docstring, "Conditional writes"). Raises WriteConflict if
-        a newer version exists (read again and decide again), RequestError if the replicas cannot be
-        reached or other claims kept the key busy for CLAIM_PATIENCE seconds."""
+        none) only if no replica of a majority holds anything newer: compare-and-set, decided by a majority
+        of the key's replicas (module docstring, "Conditional writes"), or `quorum` grants of the `fixed`
+        ones asked (`replicas_among`: the same set on both sides of a partition, less those known dead, which
+        could not grant anyway; `quorum` stays a majority of the whole set), each call given `timeout`
+        seconds (a lease's writes cannot wait 3 s on a replica that died). Raises WriteConflict if a newer
+        version exists (read again and decide again),
+        RequestError if the replicas cannot be reached or other claims kept the key busy for CLAIM_PATIENCE
+        seconds."""
         expected = expect.stamp if expect is not None else (0, "")
         record = Record(key, value, expected[0] + 1, self.ring.me.name, self.wall())
         token = f"{self.ring.me.name}/{self._rng.getrandbits(64):016x}"
         give_up = trio.current_time() + CLAIM_PATIENCE
         backoff = CLAIM_BACKOFF
         while True:
-            addrs = await self.replicas(key, deadline=give_up)
-            quorum = len(addrs) // 2 + 1
+            addrs = list(fixed) if fixed is not None else await self.replicas(key, deadline=give_up)
+            needed = quorum or len(addrs) // 2 + 1
             sent = trio.current_time()
             # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
             # connection (a send cancelled half-way leaves a TLS stream unusable, and the transport keeps it)
             answers = await self.transport.ask_many(addrs, m.DHT_PREPARE, m.DhtPrepare(key, token, expected),
-                                                    CALL_TIMEOUT)
+                                                    timeout)
             claims = [v for v in answers.values() if isinstance(v, m.Claim)]
             granted = sum(1 for v in claims if v.granted)
-            if granted >= quorum and trio.current_time() - sent < COMMIT_WINDOW:
-                return await self._commit(addrs, record, token)
-            await self.transport.ask_many(addrs, m.DHT_RELEASE, m.DhtRelease(key, token), CALL_TIMEOUT)
+            if granted >= needed and trio.current_time() - sent < COMMIT_WINDOW:
+                return await self._commit(addrs, record, token, timeout)
+            await self.transport.ask_many(addrs, m.DHT_RELEASE, m.DhtRelease(key, token), timeout)
             newer = [v.held for v in claims if v.why == "newer" and v.held is not None]
             if newer:
                 raise WriteConflict(key, max(newer))
@@ -655,8 +697,12 @@ class DHT:
             await trio.sleep(self._rng.uniform(0, backoff))
             backoff = min(2 * backoff, 1.0)
 
-    async def _commit(self, addrs: list[str], record: Record, token: str) -> Record:
-        answers = await self.transport.ask_many(addrs, m.DHT_STORE, m.DhtStore(record.to_wire(), token), CALL_TIMEOUT)
+    async def _commit(self, addrs: list[str], record: Record, token: str, timeout: float = CALL_TIMEOUT) -> Record:
+        """Store the record on the replicas that granted the claim, its writer the commit's ballot: the commit
+        time, then this node (`ballot`; module docstring, "Conditional writes")."""
+        now = self.wall()
+        record = replace(record, writer=ballot(now, self.ring.me.name), written=now)
+        answers = await self.transport.ask_many(addrs, m.DHT_STORE, m.DhtStore(record.to_wire(), token), timeout)
         acks = sum(1 for v in answers.values() if v is True)
         if acks < min(self.w, len(addrs)):
             raise RequestError(f"write of {record.key!r} reached {acks} of {len(addrs)} replicas")

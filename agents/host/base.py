@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -20,16 +22,19 @@ import trio
 
 from agents.host.capacity import Ledger, Resources
 from agents.host.locks import Gate, VmLocks
-from agents.host.shipping import fetch_file
+from agents.host.shipping import copy_file, fetch_file
 from agents.host.store import Store
-from agents.hypervisor.actor import Hypervisor
+from agents.hypervisor.actor import DomainInfo, Hypervisor
 from agents.hypervisor.guests import Domains, TestDomains
 from agents.hypervisor.qemu_xml import image_of
 from agents.runtime import Actor
 from images.boot import BootImage
+from images.importing import Imported
 from overlay.wire.rpc import Caller, Endpoint, RequestError
 
 log = logging.getLogger(__name__)
+CRASHED = "crashed"
+"""The desired state of a VM left down after its guest crashed too often, and the state it is shown in."""
 R = TypeVar("R")
 A = TypeVar("A")
 
@@ -42,6 +47,10 @@ class NodeImages(Protocol):
 
     async def boot(self, digest: str, bases: Path) -> BootImage:
         """Image `digest` ready to boot, its base under `bases` (made from this node's store the first time)."""
+
+    async def publish(self, path: Path, name: str, owner: str, copies: int) -> Imported:
+        """Import the raw or qcow2 file at `path` as image `name` held by this node (only the chunks the store
+        lacks are written); Conflict if the name is taken."""
 
 
 class HostBase(Actor):
@@ -74,6 +83,11 @@ class HostBase(Actor):
         """Brings and boots the images of this node's VMs; None: an agent without an image store."""
         self.shipped: Counter[str] = Counter()
         """Bytes of VM files shipped ("sent", "received"; `_fetch`, `host.fetch`): what the metrics show."""
+        self.crashed: set[str] = set()
+        """VMs left down after their guest crashed too often (`agents.host.crashes`): persisted as the desired
+        state CRASHED, shown as the state "crashed" (`shown`) until a verb sets another desired state."""
+        self.guest_restarts = 0
+        """Crashed guests started again on this node (`agents.host.crashes`): what the metrics show."""
         self._hold_until = math.inf
 
     @property
@@ -125,6 +139,7 @@ class HostBase(Actor):
 
     async def _forget(self, name: str) -> None:
         """Undefine VM `name`, delete its files and rows, free its room (its lock held, or at start)."""
+        self.crashed.discard(name)
         await self.hypervisor.undefine(name)
         await trio.to_thread.run_sync(self.domains.remove, name)
         await self.db.transaction(("DELETE FROM domains WHERE name = ?", (name,)),
@@ -152,9 +167,36 @@ class HostBase(Actor):
             digest = await self.images.bring(image)
         return await self.images.boot(digest, bases)
 
+    async def _copy_disk(self, name: str, disk: Path, state: str, dest: Path) -> float:
+        """Copy VM `name`'s `disk` to `dest`, consistent: a running VM is paused for the copy's length only (QEMU
+        flushes its disks when it stops), so the copy is the disk as a power cut would have left it. Returns the
+        seconds it was paused (0 if it was not running). Its lock held."""
+        if state != "running":
+            await trio.to_thread.run_sync(copy_file, disk, dest)
+            return 0.0
+        await self.hypervisor.suspend(name)
+        paused = time.perf_counter()
+        try:
+            await trio.to_thread.run_sync(copy_file, disk, dest)
+        finally:
+            await self.hypervisor.resume(name)
+        return time.perf_counter() - paused
+
     async def _fetch(self, source: str, name: str, part: str, dest: Path) -> None:
         """Fetch `part` of VM `name` from the host at `source` into `dest` (`agents.host.shipping`), counted."""
         self.shipped["received"] += await fetch_file(self.transport, source, name, part, dest)
 
     async def _set_desired(self, name: str, state: str) -> None:
+        """Persist the state VM `name` should be in (a SETTLED state, or CRASHED: left down after crashes)."""
         await self.db.write("UPDATE domains SET desired = ? WHERE name = ?", (state, name))
+        if state == CRASHED:
+            self.crashed.add(name)
+        else:
+            self.crashed.discard(name)
+
+    def shown(self, info: DomainInfo) -> DomainInfo:
+        """A domain as `host.*` answers show it: one left down after its guest crashed too often is "crashed"
+        (libvirt says shut off), which the VE layer (`ve show`), the metrics and the HA layer read."""
+        if info.name in self.crashed and info.state == "shutoff":
+            return replace(info, state=CRASHED)
+        return info

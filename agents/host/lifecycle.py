@@ -109,10 +109,10 @@ class Lifecycle(HostBase):
     async def _on_vm_info(self, caller: Caller, request: VmName) -> VmInfo:
         """The domain, whether it is held, and how it may leave this node (`discovery.ve.relocation`): its
         backend, and whether it may migrate live (a daemon here, and no internal snapshots, which an NBD
-        disk copy would not carry)."""
+        disk copy would not carry). Its state is "crashed" once this host gave up restarting it (`shown`)."""
         name = await self._here(request.name)
         with _failing("info", name):
-            info = await self.hypervisor.info(name)
+            info = self.shown(await self.hypervisor.info(name))
             live = self.migration_uri is not None and not await self.hypervisor.snapshot_names(name)
             image = image_of(await self.hypervisor.xml(name)) if self.domains.bases is not None else None
         return VmInfo(**asdict(info), backend=self.domains.kind, live=live, held=name in self.held, image=image)

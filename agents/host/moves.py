@@ -20,7 +20,7 @@ import trio
 
 from agents.host.base import HostBase
 from agents.host.locks import one_vm
-from agents.host.shipping import CHUNK, copy_file, read_chunk
+from agents.host.shipping import CHUNK, read_chunk
 from agents.hypervisor.actor import HypervisorError
 from agents.messages import (
     HOST_EXPORT,
@@ -95,23 +95,13 @@ class Moves(HostBase):
                 await self.hypervisor.suspend(name)
                 await self._set_desired(name, "paused")
             elif copy is not None:
-                await self._copy_disk(name, copy, state)
+                await self._copy_disk(name, copy, state, self.domains.copy(name))
         except (HypervisorError, OSError) as err:
             raise RequestError(f"export {name}: {err}") from None
         rows = await self.db.rows("SELECT tag, xml, state, taken, libvirt FROM snapshots WHERE name = ? "
                                   "ORDER BY taken", (name,))
         return Exported(xml, state, [list(row) for row in rows], Shipped(state != "shutoff") if ship else None,
                         copy is not None)
-
-    async def _copy_disk(self, name: str, disk: Path, state: str) -> None:
-        """Copy the VM's `disk` aside (`domains.copy`), pausing a running VM for the copy's length only."""
-        if state == "running":
-            await self.hypervisor.suspend(name)
-        try:
-            await trio.to_thread.run_sync(copy_file, disk, self.domains.copy(name))
-        finally:
-            if state == "running":
-                await self.hypervisor.resume(name)
 
     async def _on_fetch(self, caller: Caller, request: Fetch) -> bytes:
         """A chunk of an exported VM's files, from `offset`: `part` "disk", "image" (its memory, saved) or

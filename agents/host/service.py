@@ -12,9 +12,11 @@ snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted
 
 `HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the state
 they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM (`host.vm.*`,
-`agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`) and standby copies
-(`agents.host.standby`); the rules of their requests' values are in `agents.host.args` (the request types of
-`agents.messages` apply them), the SQLite store in `agents.host.store`. Only agents (role node) and
+`agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`), standby copies
+(`agents.host.standby`), restarting crashed guests (`agents.host.crashes`) and images of VMs' disks for shipped
+snapshots (`agents.host.snapshot_images`); the rules of their requests'
+values are in `agents.host.args` (the request types of `agents.messages` apply them), the SQLite store in
+`agents.host.store`. Only agents (role node) and
 operators may call `host.*` (`agents.messages`, with the types of their requests and answers): users act on
 their VMs through `ve.*`, which checks who owns the VE.
 
@@ -37,10 +39,13 @@ from pathlib import Path
 import trio
 
 from agents.host.args import RESERVATION_TTL, snapshots_arg, xml_name
+from agents.host.base import CRASHED
 from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
+from agents.host.crashes import Crashes
 from agents.host.lifecycle import Lifecycle
 from agents.host.locks import one_vm
 from agents.host.moves import Moves
+from agents.host.snapshot_images import SnapshotImages
 from agents.host.standby import Standbys
 from agents.host.store import Store
 from agents.hypervisor.actor import SETTLED, DomainInfo, Hypervisor, HypervisorError
@@ -90,9 +95,10 @@ class _Annotation:
     xml: str | None
 
 
-class HostService(Lifecycle, Moves, Standbys):
+class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages):
     """Serves `host.*` RPCs for the VMs placed on this node (one VM's lifecycle in `Lifecycle`, moves in
-    `Moves`, standby copies in `Standbys`, the state they share in `agents.host.base.HostBase`).
+    `Moves`, standby copies in `Standbys`, the state they share in `agents.host.base.HostBase`), and restarts
+    its crashed guests in place (`Crashes`, driven by `agents.host.restarts`).
 
     Each request runs in the task that received it, inside the `gate` and, for a request about one VM,
     holding that VM's lock (`one_vm`). The actor's own task recovers the node's VMs at start (`start`,
@@ -121,6 +127,7 @@ class HostService(Lifecycle, Moves, Standbys):
         self._serve_lifecycle(transport)
         self._serve_moves(transport)
         self._serve_standbys(transport)
+        self._serve_snapshot_images(transport)
 
     async def start(self) -> None:
         """Re-create persisted domains (the test driver forgot them). A real guest's daemon kept its
@@ -140,6 +147,7 @@ class HostService(Lifecycle, Moves, Standbys):
             self.store = await Store.open(self.db_path)
         self.ledger = Ledger(self.total)
         self.held = {}
+        self.crashed = set()
         await self._hold_standbys()
         rows = await self.db.rows("SELECT name, xml, vcpus, memory_mb, disk_gb, desired FROM domains")
         for name, xml, vcpus, memory_mb, disk_gb, desired in rows:
@@ -149,6 +157,8 @@ class HostService(Lifecycle, Moves, Standbys):
                 continue
             self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
             await self.hypervisor.define(xml)
+            if desired == CRASHED:  # left down after crashes: it stays so, shown crashed, until a verb says
+                self.crashed.add(name)
             desired = desired if desired in SETTLED else "shutoff"
             if desired != "shutoff" and (await self.hypervisor.info(name)).state == "shutoff":
                 self.held[name] = desired
@@ -304,12 +314,12 @@ class HostService(Lifecycle, Moves, Standbys):
                     self._listed, self._listed_at = await self.hypervisor.list(), trio.current_time()
             finally:
                 self._listing = False
-        return self._listed
+        return [self.shown(info) for info in self._listed]
 
     async def _on_info(self, caller: Caller, request: NoArgs) -> HostInfo:
-        await self.listing()
+        listed = await self.listing()
         now = trio.current_time()
-        return HostInfo(self.ledger.total, self.ledger.free(now), self._listed, self.domains.kind, self.migration_uri,
+        return HostInfo(self.ledger.total, self.ledger.free(now), listed, self.domains.kind, self.migration_uri,
                         self.vm_locks.in_use(), None if self._listed_at is None else round(now - self._listed_at, 3))
 
     @one_vm
@@ -351,6 +361,7 @@ class HostService(Lifecycle, Moves, Standbys):
             await self.hypervisor.destroy(name)
             await self.hypervisor.define(xml)
             await self.db.write("UPDATE domains SET xml = ?, desired = ? WHERE name = ?", (xml, state, name))
+            self.crashed.discard(name)
             info = await self.hypervisor.settle(name, state)
         except HypervisorError as err:
             raise RequestError(f"restore {name} to {tag}: {err}") from None

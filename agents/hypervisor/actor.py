@@ -65,6 +65,7 @@ _STATES = {
     libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
 }
+_CRASH_REASONS = (libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, libvirt.VIR_DOMAIN_SHUTOFF_FAILED)
 _UNDEFINE_FLAGS = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
 SETTLED = ("running", "paused", "shutoff")
 """The states `Hypervisor.settle` brings a domain to (what the agent persists as a VM's desired state)."""
@@ -340,6 +341,21 @@ class HypervisorActor(pykka.ThreadingActor):
                     raise
         return sorted(infos, key=lambda info: info.name)
 
+    def crashed(self) -> builtins.list[str]:
+        """The domains shut off by a crash (their QEMU died, or a guest panic stopped it) or by a start that
+        failed, by name: libvirt's reason for the state, which no stop on purpose leaves."""
+        names = []
+        for dom in self._connection.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_SHUTOFF):
+            try:
+                state, reason = dom.state()
+            except libvirt.libvirtError as err:  # undefined meanwhile
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                continue
+            if state == libvirt.VIR_DOMAIN_SHUTOFF and reason in _CRASH_REASONS:
+                names.append(dom.name())
+        return sorted(names)
+
     def stats(self) -> dict[str, DomainStats]:
         """Every active domain's stats, in one libvirt call. The test driver reports no `cpu.time` there, so
         the cpuTime of `virDomainGetInfo` stands in (for that driver, the wall clock: one busy vCPU)."""
@@ -605,6 +621,10 @@ class Hypervisor:
     async def list(self) -> list[DomainInfo]:
         """Every domain of the host, by name."""
         return await self._run(lambda actor: actor.list())
+
+    async def crashed(self) -> builtins.list[str]:
+        """The domains shut off by a crash or a failed start, by name (`HypervisorActor.crashed`)."""
+        return await self._run(lambda actor: actor.crashed())
 
     async def stats(self) -> dict[str, DomainStats]:
         """CPU time and balloon stats of every active domain, by name (`dvms.monitor` turns them into demand)."""

@@ -138,9 +138,11 @@ class QemuGuests:
 
     def adapt(self, xml: str) -> str:
         """Point the disk, console and kernel at this node's files and use this node's accelerator (the same
-        paths already, between per-node daemons; not between embedded drivers)."""
+        paths already, between per-node daemons; not between embedded drivers). A snapshot carries the domain
+        twice: as it ran, and its persistent definition (`inactiveDomain`), which a revert makes the domain's:
+        both are adapted, or the next boot after a revert would look for the other node's files."""
         root = ET.fromstring(xml)
-        for domain in [root] if root.tag == "domain" else root.findall("domain"):
+        for domain in [root] if root.tag == "domain" else [*root.findall("domain"), *root.findall("inactiveDomain")]:
             name, digest = domain.findtext("name") or "", image_in(domain)
             domain.set("type", self.accel)
             for source in domain.findall("devices/disk/source"):

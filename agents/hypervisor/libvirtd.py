@@ -10,6 +10,9 @@ its own `host_uuid` (libvirt refuses to migrate to "the same host") and its own 
 Guest disks and consoles live in the node's `guests/` directory, mounted at `GUESTS` inside the
 namespace: every node's domain XML names the same paths, each pointing at that node's own files.
 That is what lets a domain defined on one node be migrated, with its XML unchanged, to another.
+
+The same layout makes a host's system daemon for the testbed (`Libvirtd.as_system`): there the daemon is the
+host's, started before its agent in the same mount namespace, and the agent reaches it as `qemu:///system`.
 """
 
 from __future__ import annotations
@@ -83,23 +86,11 @@ class Libvirtd:
         """Start the daemon and wait until it answers on its port; LibvirtdError if it does not. A daemon
         of this root still running (its agent was killed) is adopted, not started twice."""
         self.root = self.root.absolute()
-        self.host_uuid = self.host_uuid or self._stable_uuid()
         running = running_pid(self.root)
         if running is not None and self._answers():
             self.pid = running
             return
-        for sub in BOUND:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        for target in BOUND.values():
-            Path(target).mkdir(parents=True, exist_ok=True)  # mount points must exist outside too
-        log = self.root / "libvirtd.log"
-        (self.root / "etc" / "libvirtd.conf").write_text(
-            LIBVIRTD_CONF.format(host=self.host, port=self.port, host_uuid=self.host_uuid, log=log))
-        low, high = self.migration_ports
-        (self.root / "etc" / "qemu.conf").write_text(
-            QEMU_CONF + MIGRATION_CONF.format(migration_min=low, migration_max=high))
-        mounts = " && ".join(f"mount --bind {self.root / sub} {target}" for sub, target in BOUND.items())
-        script = f"{mounts} && exec libvirtd --listen --pid-file {self.root / 'libvirtd.pid'}"
+        script = f"{self.configure()} && exec libvirtd --listen --pid-file {self.pid_file}"
         with (self.root / "libvirtd.out").open("ab") as out:
             proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -114,6 +105,40 @@ class Libvirtd:
             time.sleep(0.1)
         self.stop()
         raise LibvirtdError(f"libvirtd for {self.root} did not answer on port {self.port} within {deadline:g} s")
+
+    def as_system(self, then: list[str], extra_mounts: dict[Path, str] | None = None) -> list[str]:
+        """The command that makes this daemon the system libvirtd of a host that is a mount namespace: it
+        starts the daemon there in the background, then execs `then` (the host's agent, with
+        `libvirt_uri = "qemu:///system"`) in the same namespace, so that it reaches the daemon the way an
+        agent on a real host does, through /run/libvirt's socket. `extra_mounts` (source → path) give the
+        host more of its own paths (its agent's data directory where every host keeps it)."""
+        self.root = self.root.absolute()
+        for target in (extra_mounts or {}).values():
+            Path(target).mkdir(parents=True, exist_ok=True)
+        binds = "".join(f" && mount --bind {source} {target}" for source, target in (extra_mounts or {}).items())
+        daemon = f"libvirtd --daemon --listen --pid-file {self.pid_file}"
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                f'{self.configure()}{binds} && {daemon} && exec "$@"', "host", *then]
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "libvirtd.pid"
+
+    def configure(self) -> str:
+        """Write the daemon's configuration under `root`; returns the shell commands that mount its
+        directories over the system paths (run inside the daemon's mount namespace)."""
+        self.host_uuid = self.host_uuid or self._stable_uuid()
+        for sub in BOUND:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for target in BOUND.values():
+            Path(target).mkdir(parents=True, exist_ok=True)  # mount points must exist outside too
+        log = self.root / "libvirtd.log"
+        (self.root / "etc" / "libvirtd.conf").write_text(
+            LIBVIRTD_CONF.format(host=self.host, port=self.port, host_uuid=self.host_uuid, log=log))
+        low, high = self.migration_ports
+        (self.root / "etc" / "qemu.conf").write_text(
+            QEMU_CONF + MIGRATION_CONF.format(migration_min=low, migration_max=high))
+        return " && ".join(f"mount --bind {self.root / sub} {target}" for sub, target in BOUND.items())
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; the daemon's guests are the caller's to destroy first."""

@@ -133,8 +133,9 @@ class LibvirtEvents(pykka.ThreadingActor):
             self.actor_ref.tell(_ITERATE)
 
 
-def _start_event_loop() -> None:
-    """Register libvirt's default event loop and run it, once per process (callers may race: a lock)."""
+def start_event_loop() -> None:
+    """Register libvirt's default event loop and run it, once per process (callers may race: a lock). A
+    connection to a daemon delivers events only if it was opened after this (`agents.hypervisor.events`)."""
     global _loop_started
     with _loop_lock:
         if _loop_started:
@@ -159,7 +160,7 @@ def open_embed(root: Path) -> libvirt.virConnect:
     if not conf.exists():
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text(QEMU_CONF)
-    _start_event_loop()
+    start_event_loop()
     conn = libvirt.open(f"qemu:///embed?root={root}")
     _embed_root = root
     return conn

@@ -163,8 +163,9 @@ class VivaldiCollector:
 
 
 class HostCollector:
-    """This node's VMs by state (libvirt's listing, refreshed before each scrape: `refresh`), standby copies,
-    capacity and what VM shipping moved."""
+    """This node's VMs by state (libvirt's listing, refreshed before each scrape: `refresh`; "crashed": left
+    down after crashing too often), standby copies, capacity, what VM shipping moved, and crashed guests
+    restarted."""
 
     def __init__(self, host: HostBase, listing: Callable[[], Awaitable[list[DomainInfo]]]) -> None:
         self.host, self.listing = host, listing
@@ -196,3 +197,6 @@ class HostCollector:
             yield CounterMetricFamily(f"discovery_vm_ship_{direction}_bytes", f"Bytes of VM files (disks, memory "
                                       f"images, standby disk copies) {direction} by shipping (`host.fetch`).",
                                       value=self.host.shipped[direction])
+        yield CounterMetricFamily("discovery_guest_restarts", "Guests started again on this node after their "
+                                  "QEMU died or they crashed (within each VM's restart budget).",
+                                  value=self.host.guest_restarts)

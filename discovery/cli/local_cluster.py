@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from agents.config import SYSTEM_LIBVIRT
 from discovery.agent_config import load_agent_config
 from discovery.cli.config import ClientConfig, home
 from discovery.toml_config import ConfigError
@@ -31,13 +32,20 @@ from overlay.wire.rpc import RequestError, RpcError, Transport, free_ports
 from overlay.wire.wan import SITES, rtt_matrix
 
 STATE_FILE = "cluster.json"
-HYPERVISORS = ("test", "qemu", "qemu-embed")
-"""libvirt's test driver; real guests on a libvirtd per node; real guests on the QEMU driver embedded
-in each agent (no daemon, so VMs move by save → ship → restore)."""
+HYPERVISORS = ("test", "qemu", "qemu-embed", "qemu-system")
+"""libvirt's test driver; real guests on a libvirtd per node, started by its agent; real guests on the QEMU
+driver embedded in each agent (no daemon, so VMs move by save → ship → restore); real guests on the system
+libvirtd of each node's host (only with network namespaces: each node is then a host of its own, a mount
+namespace too, where its system daemon starts before its agent)."""
 MIGRATION_PORTS = 49200
+"""The first node's live-migration ports (16 per node) with --hypervisor qemu."""
+LIBVIRTD_PORT, SYSTEM_MIGRATION_PORTS = 16509, (49152, 49215)
+"""libvirt's defaults for a system daemon: its TCP listener, and the ports its migrations arrive on."""
+SYSTEM_DATA = "/var/lib/discovery"
+"""Where each host of `qemu-system` keeps its agent's data: the same path on every host, as live migration
+between system daemons needs (`agents.hypervisor.qemu`); outside the hosts, each node's `data` directory."""
 TINY_IMAGE = "tiny"
 """The image real-guest clusters boot unless a VM names another: the tiny guest's disk (`images.tinyguest`)."""
-"""The first node's live-migration ports (16 per node) with --hypervisor qemu."""
 NETNS_PORT = 7000
 """The port each agent listens on when it has a network namespace (and so an address) of its own."""
 
@@ -116,8 +124,10 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         raise ClusterError("--hypervisor qemu runs at most 16 nodes (one libvirtd and real guests each)")
     if site_names is None and not 1 <= sites <= min(nodes, len(SITES)):
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
-    if netns and (len(netns) != nodes or hypervisor == "qemu-embed"):
-        raise ClusterError("network namespaces: one per node, with hypervisor test or qemu")
+    if netns and (len(netns) != nodes or hypervisor not in ("test", "qemu-system")):
+        raise ClusterError("network namespaces: one per node, with hypervisor test or qemu-system")
+    if hypervisor == "qemu-system" and not netns:
+        raise ClusterError("--hypervisor qemu-system needs a host per node: the testbed ('discovery testbed up')")
     directory = directory.resolve()
     if (directory / STATE_FILE).exists():
         state = load_state(directory)
@@ -150,8 +160,11 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
                 qemu = {"hypervisor": "qemu", "libvirtd_port": ports[nodes + i], "migration_ports": [low, low + 15]}
             elif hypervisor == "qemu-embed":
                 qemu = {"hypervisor": "qemu", "libvirt_uri": "qemu:///embed"}  # agents.hypervisor.qemu.EMBED
+            elif hypervisor == "qemu-system":
+                qemu = {"hypervisor": "qemu", "libvirt_uri": SYSTEM_LIBVIRT}
+            data_dir = SYSTEM_DATA if hypervisor == "qemu-system" else str(node_dir / "data")
             _write_toml(config, {
-                "name": name, "site": site, "listen": addrs[i], "data_dir": str(node_dir / "data"),
+                "name": name, "site": site, "listen": addrs[i], "data_dir": data_dir,
                 "join": [a for a in addrs[:3] if a != addrs[i]], "metrics": metrics[i], **qemu,
             }, {"capacity": {"vcpus": vcpus, "memory_mb": memory_mb, "disk_gb": disk_gb},
                 "tls": {"ca": str(ident.ca), "cert": str(ident.cert), "key": str(ident.key)},
@@ -160,11 +173,13 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
                 load_agent_config(config)
             except ConfigError as err:
                 raise ClusterError(str(err)) from None
+            agent = [sys.executable, "-m", "discovery.agent", "--config", str(config)]
+            if hypervisor == "qemu-system":
+                agent = _host(node_dir / "data", netns[i][1], agent)
             with open(node_dir / "agent.log", "ab") as log:
                 where = ["ip", "netns", "exec", netns[i][0]] if netns else []  # it execs: the PID is the agent's
-                proc = subprocess.Popen([*where, sys.executable, "-m", "discovery.agent", "--config", str(config)],
-                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                proc = subprocess.Popen([*where, *agent], stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
             started.append({"name": name, "site": site, "addr": addrs[i], "metrics": metrics[i], "pid": proc.pid,
                             "config": str(config)})
     except BaseException:
@@ -187,6 +202,17 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         trio.run(_import, _client(directory), addrs, tiny, TINY_IMAGE, min(3, nodes), wait)
         state["images"] = [TINY_IMAGE]
     return state
+
+
+def _host(data: Path, address: str, agent: list[str]) -> list[str]:
+    """`agent` run on a host of its own, as an operator runs one: the host's system libvirtd (started first, in
+    the host's mount namespace, listening on `address` at libvirt's default ports) and the agent's data at
+    SYSTEM_DATA. The daemon's state is where a node's own daemon keeps it, so `down` ends it and its guests."""
+    from agents.hypervisor.libvirtd import Libvirtd  # libvirt: only for real guests
+    from agents.hypervisor.qemu import libvirt_root
+
+    daemon = Libvirtd(libvirt_root(data, ""), LIBVIRTD_PORT, SYSTEM_MIGRATION_PORTS, address)
+    return daemon.as_system(agent, {data: SYSTEM_DATA})
 
 
 def _prepare_guests() -> Path:

@@ -138,6 +138,34 @@ def sim_dvms(
          make_table(["run", *keys, "mean solve s", "check failures"], rows))
 
 
+@sim_app.command("ha")
+def sim_ha(
+    trials: Annotated[int, typer.Option(min=1, help="Random fault schedules to run.")] = 20,
+    nodes: Annotated[int, typer.Option(min=4, max=32, help="Simulated agents.")] = 6,
+    sites: Annotated[int, typer.Option(min=1, help="Sites.")] = 2,
+    ves: Annotated[int, typer.Option(min=1, help="Protected VEs (one VM each).")] = 4,
+    loss: Annotated[float, typer.Option(min=0, max=0.5, help="Share of messages lost while faults last.")] = 0.0,
+    faults: Annotated[int, typer.Option(min=1, max=10, help="At most this many faults per schedule.")] = 3,
+    kinds: Annotated[str, typer.Option(help="Comma-separated fault kinds drawn from: crash, isolate, "
+                                            "isolate_site, cut_out, cut_in, flap.")] = "all",
+    seed: Annotated[int, typer.Option(help="Seed of the first trial (trial i: seed + i).")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The HA protocol (leases, watchers, fencing) on production SWIM and the directory, under virtual time:
+    crashes, partitions (one way too), flapping links and loss; counts double runs and VEs left down."""
+    from discovery.ha import sim
+
+    if sites > nodes:
+        raise fail("--sites must not exceed --nodes")
+    chosen = sim.KINDS if kinds == "all" else tuple(k.strip() for k in kinds.split(","))
+    if unknown := [k for k in chosen if k not in sim.KINDS]:
+        raise fail(f"--kinds: unknown {', '.join(unknown)}; choose from {', '.join(sim.KINDS)}")
+    result = sim.campaign(trials, seed, nodes, sites, ves, loss, faults, kinds=chosen)
+    keys = ("trials", "double_run_trials", "not_running_trials", "revocations", "recoveries")
+    emit(result, as_json, make_table(["metric", "value"], [[k, result[k]] for k in keys]
+                                     + [[f"outage {k} (s)", v] for k, v in result["outage_s"].items()]))
+
+
 @sim_app.command("overlay")
 def sim_overlay(
     nodes: Annotated[int, typer.Option(min=2, help="Simulated agents.")] = 1000,

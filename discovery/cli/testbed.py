@@ -26,7 +26,8 @@ def testbed_up(
     unit: UnitOpt = None,
     bandwidth: Annotated[float, typer.Option(help="Each node's link, both ways, Mbit/s.")] = 100.0,
     hypervisor: Annotated[str, typer.Option(
-        help="test (libvirt's test driver) or qemu (real guests, a libvirtd per node on its address).")] = "test",
+        help="test (libvirt's test driver) or qemu (real guests: each node a host, its agent on the host's "
+             "system libvirtd, qemu:///system, listening on its address).")] = "test",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the agents to converge.")] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -70,7 +71,7 @@ def _run(what: str, directory: Path, *args: Any) -> Any:
 
 @testbed_app.command("status")
 def testbed_status(directory: DirOpt, as_json: JsonOpt = False) -> None:
-    """Namespaces, relay, partitions and each agent's process and answer."""
+    """Namespaces, the relay and its packets (forwarded, dropped), partitions, each agent's process and answer."""
     state = _run("status", directory)
     emit(state, as_json, make_table(
         ["node", "site", "address", "pid", "namespace", "process", "answers"],
@@ -80,6 +81,11 @@ def testbed_status(directory: DirOpt, as_json: JsonOpt = False) -> None:
         cuts = ", ".join(p["target"] + (" (one way)" if p["oneway"] else "") for p in state["partitions"])
         router = 'up' if state['router_up'] else 'gone'
         print(f"router: {router}, relay: {state['relay']}, partitions: {cuts or 'none'}")
+        if (packets := state["relay_packets"]) is not None:
+            dropped = packets["dropped"]
+            reasons = ", ".join(f"{reason} {n}" for reason, n in dropped.items())
+            print(f"relay packets: forwarded {packets['forwarded']}, held {packets['held']}, "
+                  f"dropped {sum(n or 0 for n in dropped.values())} ({reasons})")
 
 
 @testbed_app.command("partition")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from discovery.cli.app import JsonOpt, emit, fail, make_table, rpc
+from discovery.cli.app import JsonOpt, console, emit, fail, make_table, rpc
 
 ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
 
@@ -29,6 +29,8 @@ def ve_table(ves: list[dict[str, Any]]) -> Table:
                 why = f"moving to {slot['moving_to']['node']} ({slot['moving_to']['phase']}); {why}"
             if slot.get("failing_over"):  # an interrupted failover, likewise
                 why = f"failing over to {slot['failing_over']['node']}; {why}"
+            if slot.get("rebuilding"):  # an interrupted rebuild, likewise
+                why = f"rebuilding on {slot['rebuilding']['node']}; {why}"
             standbys = ", ".join(e["node"] + (f" ({e['standby']})" if e.get("standby", "held") != "held" else "")
                                  for e in ve.get("replicas", {}).get(vm, []))
             rows.append(row + ([slot.get("domain_state")] if live else []) + ([standbys] if copies else []) + [why])
@@ -37,17 +39,57 @@ def ve_table(ves: list[dict[str, Any]]) -> Table:
     return make_table(columns, rows)
 
 
+def protection_table(ve: dict[str, Any]) -> Table:
+    """`ve show`: each VM's protection (`discovery.ve.protection`), its copies with their age, its last snapshot."""
+    now = time.time()
+    rows = []
+    for vm, p in sorted(ve["protection"].items()):
+        copies = ", ".join(f"{c['node']} ({_age(c['lag'])} old{'' if c['standby'] == 'held' else ', ' + c['standby']})"
+                           for c in p.get("copies", []))
+        last, shipped = p.get("last_snapshot"), p.get("last_shipped")
+        rows.append([vm, p["status"], policy_text(p["policy"]), copies or None,
+                     f"{_age(now - last)} ago" if last is not None else None,
+                     f"{shipped['image']} ({_age(now - shipped['time'])} ago)" if shipped else None, p.get("why")])
+    return make_table(["vm", "protection", "ha policy", "standby copies", "last snapshot", "last shipped", "why"],
+                      rows)
+
+
+def policy_text(ha: dict[str, Any]) -> str:
+    """An HA policy in a few words: `standby, 2 copies per VM, priority 5`."""
+    from discovery.ve.spec import format_duration  # only for the commands that print a policy
+
+    mode = ha.get("mode", "none")
+    words = [mode]
+    if mode == "standby":
+        words.append(f"{ha['copies']} cop{'y' if ha['copies'] == 1 else 'ies'} per VM")
+    if ha.get("snapshot_every") is not None:
+        words.append(f"a snapshot every {format_duration(ha['snapshot_every'])}, {ha['keep']} kept")
+    if ha.get("priority"):
+        words.append(f"priority {ha['priority']}")
+    return ", ".join(words)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
 @ve_app.command("create")
 def ve_create(spec_file: Path, as_json: JsonOpt = False) -> None:
-    """Create and start the VE described by SPEC_FILE (YAML)."""
+    """Create and start the VE described by SPEC_FILE (YAML); with `ha: {mode: standby}`, its standby copies
+    too (a VE whose copies cannot all be made is created all the same, and reported degraded)."""
     from discovery.ve.spec import SpecError, load_spec  # YAML: only for this command
 
     try:
         spec = load_spec(spec_file)
     except SpecError as err:
         raise fail(str(err)) from None
-    ve = rpc("ve.create", {"spec": spec.to_dict()})
+    ve = rpc("ve.create", {"spec": spec.to_dict()}, timeout=300 if spec.ha.copies else 60)
     emit(ve, as_json, ve_table([ve]))
+    if not as_json and ve.get("shortfall"):
+        print(f"warning: created, but not protected as its HA policy asks: {ve['shortfall']['why']}", file=sys.stderr)
 
 
 @ve_app.command("list")
@@ -66,9 +108,12 @@ def ve_list(
 
 @ve_app.command("show")
 def ve_show(name: str, as_json: JsonOpt = False) -> None:
-    """One VE with the live state of each VM's domain."""
+    """One VE with the live state of each VM's domain, and each VM's protection: its HA policy, its standby
+    copies and their age, its last snapshot, and whether it is protected, degraded (why) or unprotected."""
     ve = rpc("ve.show", {"name": name})
     emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        console.print(protection_table(ve))
 
 
 @ve_app.command("locate")
@@ -115,12 +160,44 @@ def ve_snapshot(name: str, tag: Annotated[str | None, typer.Option("--tag", help
 
 @ve_app.command("snapshots")
 def ve_snapshots(name: str, as_json: JsonOpt = False) -> None:
-    """The snapshots of the VE, oldest first (each VM's node is where it was when the snapshot was taken)."""
+    """The snapshots of the VE, oldest first (each VM's node is where it was when the snapshot was taken), then
+    the shipped snapshots of each VM (images kept on other nodes), with their age and holders."""
     info = rpc("ve.snapshots", {"name": name})
     rows = [[s["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["time"])), s["state"],
              ", ".join(f"{vm}@{v['node']} ({v['state']})" for vm, v in sorted(s["vms"].items()))]
             for s in info["snapshots"]]
     emit(info, as_json, make_table(["tag", "time", "ve state", "vms"], rows))
+    shipped = info.get("shipped") or {}
+    if shipped and not as_json:
+        console.print(shipped_table([(vm, s) for vm, listed in sorted(shipped.items()) for s in listed]))
+
+
+def shipped_table(shipped: list[tuple[str, dict[str, Any]]]) -> Table:
+    """Shipped snapshots (VM, `ShippedImage`): tag, age, image, digest, holders per site."""
+    now = time.time()
+    rows = [[vm, s["image"].rpartition(":")[2], f"{_age(now - s['time'])} ago", s["image"], s["digest"][:16],
+             ", ".join(f"{node} ({site})" for node, site in sorted(s["holders"].items())) or None]
+            for vm, s in shipped]
+    return make_table(["vm", "shipped", "age", "image", "digest", "holders"], rows)
+
+
+@ve_app.command("ship")
+def ve_ship(name: str, as_json: JsonOpt = False) -> None:
+    """Ship a snapshot of every VM of the VE now: its disk as an image, on other nodes (only what changed since
+    its last one travels); the policy's `keep` newest are kept."""
+    done = rpc("ve.ship", {"name": name}, timeout=1800)
+    rows = [[vm, v["shipped"]["image"], v["host"], ", ".join(f"{n}: {b:,} B" for n, b in sorted(v["sent"].items())),
+             f"{v['paused']:.3f} s", f"{v['seconds']:.1f} s", ", ".join(v["pruned"]) or None]
+            for vm, v in sorted(done["vms"].items())]
+    emit(done, as_json, make_table(["vm", "image", "from", "sent", "paused", "took", "pruned"], rows))
+
+
+@ve_app.command("restore-point")
+def ve_restore_point(name: str, vm: str, tag: Annotated[str | None, typer.Option(help="Default: the newest.")] = None,
+                     as_json: JsonOpt = False) -> None:
+    """The shipped snapshot VM VM of the VE restarts from elsewhere once its host is gone (boot its image)."""
+    found = rpc("ve.restore_point", {"name": name, "vm": vm, "tag": tag})
+    emit(found, as_json, shipped_table([(vm, found)]))
 
 
 @ve_app.command("restore")
@@ -148,24 +225,60 @@ def ve_replicate(
     ve = rpc("ve.replicate", {"name": name, "copies": copies}, timeout=300)
     emit(ve, as_json, ve_table([ve]))
     if not as_json:
-        for what, nodes in (("added", ve["added"]), ("dropped", ve["dropped"])):
-            if nodes:
-                print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
+        _print_copies(ve)
+
+
+@ve_app.command("ha")
+def ve_ha(
+    name: str,
+    mode: Annotated[str, typer.Option("--mode", help="standby (copies on other nodes), restart (elsewhere, from "
+                                                     "the image and the last snapshot) or none.")],
+    copies: Annotated[int | None, typer.Option("--copies", help="standby: copies per VM (default 1).")] = None,
+    snapshot_every: Annotated[str | None, typer.Option("--snapshot-every", help="restart: periodic snapshots, "
+                                                                               "e.g. 30s, 5m, 1h.")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", help="restart: snapshots kept (default 3).")] = None,
+    priority: Annotated[int | None, typer.Option("--priority", help="Higher is recovered first (default 0).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the VE's HA policy, as `ha:` in a spec: standby keeps copies of each VM (made now, other sites
+    first); restart and none drop them. Refused, changing nothing, if the copies cannot be placed."""
+    given = {"copies": copies, "snapshot_every": snapshot_every, "keep": keep, "priority": priority}
+    policy = {"mode": mode, **{key: value for key, value in given.items() if value is not None}}
+    ve = rpc("ve.ha", {"name": name, "ha": policy}, timeout=300)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print(f"ha: {policy_text(ve['spec'].get('ha', {}))}")
+        _print_copies(ve)
+
+
+def _print_copies(ve: dict[str, Any]) -> None:
+    for what, nodes in (("added", ve["added"]), ("dropped", ve["dropped"])):
+        if nodes:
+            print(f"{what}: " + "; ".join(f"{vm} on {', '.join(on)}" for vm, on in sorted(nodes.items())))
+
+
+DownVmOpt = Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")]
+AliveForceOpt = Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
+                                                              "first.")]
 
 
 @ve_app.command("failover")
-def ve_failover(
-    name: str,
-    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM (default: every VM whose host is down).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Even if the host is alive: its copy is switched off "
-                                                         "first.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
+def ve_failover(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, as_json: JsonOpt = False) -> None:
     """Bring the VMs whose host is down back up on their nearest standby copy, in the VE's state."""
     ve = rpc("ve.failover", {"name": name, "vm": vm, "force": force}, timeout=300)
     emit(ve, as_json, ve_table([ve]))
     if not as_json:
         print("failed over: " + ", ".join(f"{v} to {node}" for v, node in ve["failed_over"].items()))
+
+
+@ve_app.command("rebuild")
+def ve_rebuild(name: str, vm: DownVmOpt = None, force: AliveForceOpt = False, as_json: JsonOpt = False) -> None:
+    """Make the VMs whose host is down again on other nodes, in the VE's state, booting their newest shipped
+    snapshot, else their image on a fresh disk (a VM with a standby copy fails over instead: `ve failover`)."""
+    ve = rpc("ve.rebuild", {"name": name, "vm": vm, "force": force}, timeout=900)
+    emit(ve, as_json, ve_table([ve]))
+    if not as_json:
+        print("rebuilt: " + ", ".join(f"{v} on {node}" for v, node in ve["rebuilt"].items()))
 
 
 @ve_app.command("stop")

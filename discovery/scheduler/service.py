@@ -76,7 +76,7 @@ from discovery.scheduler.messages import (
 from discovery.scheduler.settings import DvmsSettings
 from discovery.ve.base import domain_name
 from discovery.ve.directory import Directory, Unreadable
-from discovery.ve.relocation import check_placement
+from discovery.ve.placement import check_placement
 from discovery.ve.spec import VESpec
 from dvms.model import VM, Migration, Node, Plan, Rules
 from dvms.monitor import Load, Monitor, cpu_demand, memory_demand_mb

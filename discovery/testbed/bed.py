@@ -36,7 +36,7 @@ from discovery.testbed.plan import (
     SpecError,
     within,
 )
-from discovery.testbed.relay import plan_from_state
+from discovery.testbed.relay import COUNTS_FILE, plan_from_state, read_counts
 
 STATE_FILE = "testbed.json"
 
@@ -56,12 +56,16 @@ def _save(directory: Path, state: dict[str, Any]) -> None:
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def build(plan: Plan) -> None:
-    """Namespaces, bridges, veths, shaping and routing of `plan`; the caller removes them if this raises."""
+def _check_free() -> None:
+    """Refuse before anything is built (so the clean-up of a failed `up` never removes another testbed)."""
     if os.geteuid() != 0:
         raise TestbedError("the testbed needs root (network namespaces)")
     if ROUTER in net.namespaces() or Path(f"/sys/class/net/{ROOT_LINK}").exists():
         raise TestbedError(f"a testbed is already up on this machine ({ROUTER}); 'discovery testbed down' first")
+
+
+def build(plan: Plan) -> None:
+    """Namespaces, bridges, veths, shaping and routing of `plan`; the caller removes them if this raises."""
     net.ip("netns", "add", ROUTER)
     r = ROUTER
     for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
@@ -101,10 +105,11 @@ def build(plan: Plan) -> None:
 
 
 def _start_relay(directory: Path) -> int:
+    (directory / COUNTS_FILE).unlink(missing_ok=True)  # an earlier testbed's
     with open(directory / "relay.log", "ab") as log:
         proc = subprocess.Popen(["ip", "netns", "exec", ROUTER, sys.executable, "-m", "discovery.testbed.relay",
-                                 str(directory / STATE_FILE)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                 str(directory / STATE_FILE), str(directory / COUNTS_FILE)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 10.0  # attached once the TUN has a reader: its carrier comes up
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -121,6 +126,7 @@ def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0
         raise TestbedError(f"--hypervisor must be test or qemu, not {hypervisor!r}")
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    _check_free()
     try:
         build(plan)
         state: dict[str, Any] = {"dir": str(directory), "plan": dataclasses.asdict(plan), "relay_pid": None,
@@ -128,7 +134,8 @@ def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0
         _save(directory, state)
         state["relay_pid"] = _start_relay(directory)
         _save(directory, state)
-        cluster = local_cluster.up(directory, len(plan.nodes), len(plan.sites), wait=wait, hypervisor=hypervisor,
+        kind = "qemu-system" if hypervisor == "qemu" else hypervisor  # a node is a host: its own system libvirtd
+        cluster = local_cluster.up(directory, len(plan.nodes), len(plan.sites), wait=wait, hypervisor=kind,
                                    netns=[(n.namespace, n.address) for n in plan.nodes], site_names=list(plan.sites),
                                    emulate_wan=False)
     except BaseException:
@@ -212,6 +219,16 @@ def _is_relay(pid: int) -> bool:
         return False
 
 
+def _relay_packets(directory: Path, router_up: bool) -> dict[str, Any] | None:
+    """The relay's counts (at most relay.COUNTS_EVERY old), with what the kernel dropped before the relay could
+    read it (`tun_full`: the TUN's queue full, the relay behind); None before the relay first wrote them."""
+    counts = read_counts(directory / COUNTS_FILE)
+    if counts is not None and router_up:
+        link = json.loads(net.ip("-n", ROUTER, "-s", "-j", "link", "show", TUN, check=False) or "[{}]")[0]
+        counts["dropped"]["tun_full"] = link.get("stats64", {}).get("tx", {}).get("dropped")
+    return counts
+
+
 def status(directory: Path) -> dict[str, Any]:
     directory = directory.resolve()
     state = _load(directory)
@@ -225,6 +242,7 @@ def status(directory: Path) -> dict[str, Any]:
               "answers": agents[n["name"]]["answers"]} for n in state.get("nodes", [])]
     return {"dir": state["dir"], "router_up": ROUTER in present,
             "relay": "running" if relay and _is_relay(relay) else "gone",
+            "relay_packets": _relay_packets(directory, ROUTER in present),
             "partitions": [{"target": p["target"], "oneway": p["oneway"]} for p in state["partitions"]],
             "nodes": nodes}
 

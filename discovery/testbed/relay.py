@@ -6,7 +6,10 @@ first rule routes it on to its destination. All IPv4 traffic between sites is de
 traffic within a site and to or from the root namespace is not. Packets keep their order within a site pair (one
 delay per pair, released in arrival order).
 
-Run by `bed.up` inside the router namespace: `python -m discovery.testbed.relay STATE_JSON`.
+What became of the packets it read (forwarded, or dropped and why) is rewritten to COUNTS_JSON every COUNTS_EVERY
+seconds, for `testbed status`; a failure to write it never stops the relay.
+
+Run by `bed.up` inside the router namespace: `python -m discovery.testbed.relay STATE_JSON COUNTS_JSON`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import select
 import struct
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,35 @@ HELD_LIMIT = 20_000
 """Packets held at most (about 30 MB of full frames, 2.4 s of 100 Mbit/s): past it the newest is dropped, as a
 router's full queue would, instead of growing without bound when more arrives than the relay can send."""
 
+COUNTS_FILE = "relay.json"
+"""The relay's counts, in the testbed's directory beside its state."""
+COUNTS_EVERY = 1.0
+DROP_REASONS = ("queue_full", "refused")
+"""Why the relay lost a packet it had read: HELD_LIMIT reached, or the TUN refused it back (e.g. its route gone)."""
+
+
+@dataclass
+class Counts:
+    """What became of the packets the relay read: forwarded (written back to the TUN) or dropped, by reason."""
+
+    forwarded: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+
+    def save(self, path: Path, held: int, at: float) -> None:
+        """Replace `path` whole (a reader never sees half a file)."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"forwarded": self.forwarded, "dropped": self.dropped, "held": held, "at": at}))
+        os.replace(tmp, path)
+
+
+def read_counts(path: Path) -> dict[str, Any] | None:
+    """What `Counts.save` last wrote to `path` (None before the relay wrote it)."""
+    try:
+        counts: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return counts
+
 
 class DelayLine:
     """Sans-IO: packets in with their arrival time, packets out when their time has come."""
@@ -43,14 +76,14 @@ class DelayLine:
     def __init__(self, plan: Plan, limit: int = HELD_LIMIT) -> None:
         self._plan = plan
         self._limit = limit
-        self.dropped = 0
+        self.counts = Counts()
         self._held: list[tuple[float, int, bytes]] = []
         self._seq = 0
         self._delays: dict[tuple[bytes, bytes], float] = {}
 
     def push(self, packet: bytes, now: float) -> None:
         if len(self._held) >= self._limit:
-            self.dropped += 1
+            self.counts.dropped["queue_full"] += 1
             return
         if len(packet) < 20 or packet[0] >> 4 != 4:
             delay = 0.0  # not IPv4: nothing of ours, pass it on
@@ -71,6 +104,9 @@ class DelayLine:
     def next_due(self) -> float | None:
         return self._held[0][0] if self._held else None
 
+    def held(self) -> int:
+        return len(self._held)
+
 
 def open_tun(name: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
@@ -84,12 +120,28 @@ def plan_from_state(state: dict[str, Any]) -> Plan:
                 tuple(Node(**n) for n in p["nodes"]))
 
 
-def run(plan: Plan, fd: int) -> None:
+def forward(fd: int, packets: list[bytes], counts: Counts) -> None:
+    for packet in packets:
+        try:
+            os.write(fd, packet)
+        except OSError:  # refused (e.g. its route is gone): lost, as on a real link
+            counts.dropped["refused"] += 1
+        else:
+            counts.forwarded += 1
+
+
+def run(plan: Plan, fd: int, counts_path: Path) -> None:
     line = DelayLine(plan)
+    save_at = time.monotonic()
     while True:
+        now = time.monotonic()
+        if now >= save_at:
+            with contextlib.suppress(OSError):  # a full disk must not stop the testbed's traffic
+                line.counts.save(counts_path, line.held(), time.time())
+            save_at = now + COUNTS_EVERY
         nxt = line.next_due()
-        timeout = None if nxt is None else max(0.0, nxt - time.monotonic())
-        readable, _, _ = select.select([fd], [], [], timeout)
+        wake = save_at if nxt is None else min(nxt, save_at)
+        readable, _, _ = select.select([fd], [], [], max(0.0, wake - now))
         now = time.monotonic()
         if readable:
             for _ in range(256):  # drain a burst before releasing
@@ -97,9 +149,7 @@ def run(plan: Plan, fd: int) -> None:
                     line.push(os.read(fd, 65536), now)
                 except BlockingIOError:
                     break
-        for packet in line.due(time.monotonic()):
-            with contextlib.suppress(OSError):  # refused (e.g. its route is gone): lost, as on a real link
-                os.write(fd, packet)
+        forward(fd, line.due(time.monotonic()), line.counts)
 
 
 def _prompt() -> None:
@@ -118,7 +168,7 @@ def _prompt() -> None:
 def main() -> None:
     plan = plan_from_state(json.loads(Path(sys.argv[1]).read_text()))
     _prompt()
-    run(plan, open_tun(TUN))
+    run(plan, open_tun(TUN), Path(sys.argv[2]))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ and finding the nodes a VM may go to.
 
 `discovery.ve.service.VEService` is assembled from one class per concern, each a subclass of `VEBase`:
 creation, listing and lifecycle in `discovery.ve.service`, moves in `discovery.ve.relocation`, snapshots in
-`discovery.ve.snapshots`, standby copies and failover in `discovery.ve.replicas`. They share the narrow
+`discovery.ve.snapshots`, standby copies and failover in `discovery.ve.replicas`, rebuilds in
+`discovery.ve.rebuilds`. They share the narrow
 interfaces the agent is wired with (`VEBase.__init__`, wired in `discovery.agent`), the per-VE locks and
 the helpers below, and nothing else, so each module reads on its own. None of them sees the agent.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -24,11 +25,12 @@ from agents.spiral import Predicate, SpiralResult
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.index import Unindexing
 from discovery.ve.records import Place, Standby, VERecord, domain_name
+from discovery.ve.shipped_log import ShippedLogs
 from discovery.ve.spec import DEFAULT_IMAGE, VESpec, VMSpec
 from discovery.ve.transaction import Candidate
 from images.messages import ImageEntry, tagged
-from overlay.membership import Member, Membership
-from overlay.wire.rpc import Caller, Endpoint, Forbidden, NotFound, RemoteError, RequestError, RpcError
+from overlay.membership import ALIVE, SUSPECT, Member, Membership
+from overlay.wire.rpc import Caller, Conflict, Endpoint, Forbidden, NotFound, RemoteError, RequestError, RpcError
 from vivaldi.coordinate import Coordinate
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ MOVE_LEASE = 2 * PREPARE_LIMIT
 """An intent this old whose coordinator cannot be asked may be finished or undone by any agent."""
 PULL_TIMEOUT = 3600.0
 """Bringing a whole image onto a node (`image.pull`)."""
+DOWN_PROBE_TIMEOUT = 5.0
+"""How long a failover or a rebuild waits for a VM's host to answer before taking it for down."""
 PAUSE_ENV = "DISCOVERY_TEST_PAUSE"
 """Test-only fault hook, `<point>:<seconds>[,...]`: the coordinator sleeps at those points (`pause_for_test`)."""
 
@@ -69,9 +73,14 @@ class LocalHost(Protocol):
 
 
 class Images(Protocol):
-    """The image catalogue as the VE layer reads it (`images.catalogue.Catalogue`)."""
+    """The images as the VE layer uses them (`images.service.ImageService`): the catalogue's entries, and the
+    shipped snapshots' upkeep (`discovery.ve.shipping`)."""
 
     async def get(self, name: str) -> ImageEntry | None: ...
+
+    async def remove(self, name: str) -> ImageEntry: ...
+
+    async def replicate(self, name: str, copies: int) -> ImageEntry: ...
 
 
 class VEBase:
@@ -80,13 +89,13 @@ class VEBase:
     What it is given, and nothing else: `node`, this agent's name; `joins`, whether it joins a cluster (its
     records are elsewhere until it has); the `directory` of VE records; the `transport` that calls hosts and
     agents and serves `ve.*`; the `membership` view; the spiral search (`nearest`); the network coordinates
-    (`distances`); this node's `host`; the image catalogue (`images`)."""
+    (`distances`); this node's `host`; the images (`images`); the shipped-snapshot logs (`shipped`)."""
 
     def __init__(self, *, node: str, joins: bool, directory: Directory, transport: Endpoint, membership: Membership,
-                 nearest: Finder, distances: Distances, host: LocalHost, images: Images) -> None:
+                 nearest: Finder, distances: Distances, host: LocalHost, images: Images, shipped: ShippedLogs) -> None:
         self.node, self.joins, self.directory, self.transport = node, joins, directory, transport
         self.membership, self.nearest, self.distances, self.host = membership, nearest, distances, host
-        self.images = images
+        self.images, self.shipped = images, shipped
         self._locks: dict[str, trio.Lock] = {}
         self.unindexing = Unindexing(directory.index)
         """Removes destroyed VEs' index entries after the answer (an actor, for the agent to run)."""
@@ -202,11 +211,11 @@ class VEBase:
         marked = [replace(c, holds_image=c.node in holders) for c in ranked]
         return sorted(marked, key=lambda c: not c.holds_image)
 
-    async def _host(self, where: Place, method: str, args: dict[str, Any]) -> Any:
+    async def _host(self, where: Place, method: str, args: dict[str, Any], timeout: float = HOST_TIMEOUT) -> Any:
         """Call a host (a slot, an intent or a standby copy: its `addr`); a failure becomes one RequestError
         naming the node."""
         try:
-            return await self.transport.call(where.addr, method, args, timeout=HOST_TIMEOUT)
+            return await self.transport.call(where.addr, method, args, timeout=timeout)
         except RpcError as err:
             raise RequestError(f"{where.node}: {err}") from None
 
@@ -221,6 +230,45 @@ class VEBase:
         except RpcError as err:
             raise RequestError(f"{where.node} cannot be reached: {err}") from None
         return True
+
+    async def _hosts_down(self, ve: VERecord, vms: Sequence[str] | None, force: bool, verb: str,
+                          forced: str) -> dict[str, str | None]:
+        """Which of `vms` (None: every VM) to bring up elsewhere, each with why its host counts as down
+        (`_down`), or None if it is alive and answering but `force`d. Conflict in one line naming the hosts
+        if there is none: `verb` says what would be done ("fail over"), `forced` what --force does."""
+        asked = sorted(ve.placement) if vms is None else list(vms)
+        down: dict[str, str | None] = {}
+        for vm in asked:
+            why = await self._down(ve, vm)
+            if why is not None or force:
+                down[vm] = why
+        if not down:
+            hosts = sorted({ve.placement[vm].node for vm in asked})
+            whose = "its host" if len(asked) == 1 else f"the host{'s' if len(hosts) > 1 else ''} of its VMs"
+            named = f"{ve.name}/{asked[0]}" if vms is not None and len(asked) == 1 else ve.name
+            raise Conflict(f"cannot {verb} {named}: {whose} {', '.join(hosts)} {'is' if len(hosts) == 1 else 'are'} "
+                           f"alive and answering (--force {forced} anyway, switching the running copy off first)")
+        return down
+
+    async def _down(self, ve: VERecord, vm: str) -> str | None:
+        """Why the VM's host counts as down, or None if it is a live member that answers holding the VM."""
+        slot = ve.placement[vm]
+        member = self.membership.members.get(slot.node)
+        if member is None or member.status not in (ALIVE, SUSPECT):
+            return f"{slot.node} is {member.status if member else 'not a member'}"
+        try:
+            await self.transport.call(slot.addr, "host.vm.info", {"name": domain_name(ve.name, vm)},
+                                      timeout=DOWN_PROBE_TIMEOUT)
+        except RemoteError as err:
+            return f"{slot.node} does not hold it" if err.kind == "not_found" else None
+        except RpcError as err:
+            log.info("%s does not answer: %s", slot.node, err)
+            return f"{slot.node} does not answer"
+        return None
+
+    def _rtt_ms(self, node: str) -> float | None:
+        member = self.membership.members.get(node)
+        return member.rtt * 1000 if member is not None and member.rtt is not None else None
 
     async def _drop_copy(self, record: Stored, vm: str, node: str) -> Stored:
         """Drop the standby copy of `vm` that `node` keeps, if any (the VM is about to move there, where a
@@ -257,7 +305,8 @@ async def pause_for_test(point: str) -> None:
     VE started, its record still `creating`), `prepared` (target reserved, source exported and frozen,
     target not yet confirmed), `started` (the target runs the VM, the source still holds its frozen copy),
     `snapshot` (the VE's running VMs paused, no snapshot stored yet), `failover` (the failover's intent
-    written, the standby not yet promoted). Unset, it does nothing."""
+    written, the standby not yet promoted), `rebuild` (the rebuild's intent written, its node reserved, the VM
+    not yet defined there). Unset, it does nothing."""
     for item in os.environ.get(PAUSE_ENV, "").split(","):
         where, _, seconds = item.partition(":")
         if where == point:

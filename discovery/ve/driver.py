@@ -4,9 +4,9 @@ a host call or several at once, a probe, a read, write, claim or delete of the V
 until the core is done or refuses.
 
 It decides nothing: what a failure means, what comes next, whether to go forward or back, is the core's
-(`discovery.ve.creating`, `discovery.ve.moves`, `discovery.ve.failovers`, `discovery.ve.snapshotting`). It
-only turns answers and errors into observations, one line naming the node, as the rest of the VE service
-words them, and a core's refusal into the RequestError of its kind.
+(`discovery.ve.creating`, `discovery.ve.moves`, `discovery.ve.failovers`, `discovery.ve.rebuilding`,
+`discovery.ve.snapshotting`). It only turns answers and errors into observations, one line naming the node,
+as the rest of the VE service words them, and a core's refusal into the RequestError of its kind.
 """
 
 from __future__ import annotations

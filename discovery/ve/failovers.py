@@ -22,16 +22,10 @@ States of a `Failover`::
     SWITCH_OFF or PROMOTE fails ──► RECOVERING (a `FailoverRecovery`): went forward ─► done;
        undone ─► refused, "undone, it stays on <old host>"; stopped ─► refused, "left unfinished"
 
-States of a `FailoverRecovery` (and of the ENDING of a `Failover`, which starts at TIDY)::
-
-    ASK_STANDBY ── unknown ──► stopped (nothing changed)
-       ├─ holds ──► PROMOTE again (idempotent: brought to the state) ── fails ──► stopped
-       │              └─► TIDY, forward: undefine the old copy (best effort: a host that is down keeps it,
-       │                  and its `Fencing` removes it once it reads the record)
-       └─ does not hold ──► TIDY, undone: bring the old copy back to the state (best effort)
-    TIDY ─► READ ── gone ──► refused (not found); its intent changed ──► done (another agent settled it)
-          ── else WRITE: the slot = the standby's node and the copy out of `replicas` (forward), or the
-             slot without the intent (undone) ─► done
+States of a `FailoverRecovery` (and of the ENDING of a `Failover`): those of a
+`discovery.ve.takeover.TakeoverRecovery` (shared with a rebuild), asking the standby's node; it brings the VM
+to its state by promoting again (idempotent), and writes the slot = the standby's node and the copy out of
+`replicas` (forward), or the slot without the intent (undone).
 
 **The rule** (tested over the table and interleavings): recovery decides from the standby's node, never
 from how far the coordinator got: forward iff that node holds the domain; the old copy is removed only
@@ -47,6 +41,7 @@ import enum
 from dataclasses import replace
 
 from discovery.ve.records import FailoverIntent, Slot, Standby, VERecord, VEState, VMState
+from discovery.ve.takeover import TakeoverRecovery, told
 from discovery.ve.transaction import (
     Action,
     CallHost,
@@ -57,21 +52,15 @@ from discovery.ve.transaction import (
     HostFailed,
     Observation,
     PauseForTest,
-    Probed,
-    ReadRecord,
-    RecordRead,
     RecordWritten,
     Refuse,
     UnexpectedObservation,
     WriteRecord,
-    probe,
     vm_action,
 )
 
 VM_STATE: dict[VEState, VMState] = {"running": "running", "stopped": "shutoff", "suspended": "paused"}
-"""The state a promoted VM is brought to, by the state of its VE."""
-TIDY_TIMEOUT = 10.0
-"""How long the old host is given to tidy its copy (it is likely down)."""
+"""The state a promoted (or rebuilt) VM is brought to, by the state of its VE."""
 
 
 class Step(enum.Enum):
@@ -151,101 +140,39 @@ class Failover:
             return action
         if self.step is Step.ENDING:
             return self._over(action)
-        doing = f"failover of {self.name}/{self.vm} to {self.standby.node}"
-        if isinstance(action, Refuse):
-            return self._over(Refuse(f"{doing} failed ({self.cause}) and is left unfinished ({action.reason}); "
-                                     "retry to finish or undo it"))
-        if action.result:
-            return self._over(Done(True))
-        return self._over(Refuse(f"cannot fail over {self.name}/{self.vm} to {self.standby.node}: {self.cause}; "
-                                 f"undone, it stays on {self.slot.node}"))
+        where = f"{self.name}/{self.vm} to {self.standby.node}"
+        return self._over(told(action, f"failover of {where}", f"fail over {where}", self.cause, self.slot.node))
 
     def _over(self, action: Done | Refuse) -> Action:
         self.step = Step.OVER
         return action
 
 
-class RecoveryStep(enum.Enum):
-    ASK_STANDBY = "ask standby"
-    PROMOTE = "promote"
-    TIDY = "tidy"
-    READ = "read"
-    WRITE = "write"
-    OVER = "over"
-
-
-class FailoverRecovery:
-    """Finish or undo the failover of `vm` that the record `value` holds the intent of (see the module's rule);
-    with `forward` given, the promotion is known to be done and this only ends it (from TIDY). `rtt_ms`: the
-    RTT to the standby's node. Ends with `Done(forward)`, or `Refuse` with the intent left in place."""
+class FailoverRecovery(TakeoverRecovery):
+    """Finish or undo the failover of `vm` that the record `value` holds the intent of (the module's rule, a
+    `discovery.ve.takeover.TakeoverRecovery`'s); with `forward` given, the promotion is known to be done and
+    this only ends it (from TIDY). `rtt_ms`: the RTT to the standby's node. Ends with `Done(forward)`, or
+    `Refuse` with the intent left in place."""
 
     def __init__(self, value: VERecord, vm: str, domain: str, rtt_ms: float | None,
                  forward: bool | None = None) -> None:
-        self.value, self.vm, self.domain, self.rtt_ms = value, vm, domain, rtt_ms
-        self.name = value.name
-        self.slot = value.placement[vm]
-        assert self.slot.failing_over is not None, "a recovery is made for a failover left in the record"
-        self.intent = self.slot.failing_over
-        self.forward = bool(forward)
-        self.step = RecoveryStep.ASK_STANDBY if forward is None else RecoveryStep.TIDY
-        self._pending = value
+        intent = value.placement[vm].failing_over
+        assert intent is not None, "a recovery is made for a failover left in the record"
+        super().__init__(value, vm, domain, intent, forward)
+        self.failing_over, self.rtt_ms = intent, rtt_ms
 
-    def start(self, now: float) -> Action:
-        return probe(self.intent, self.domain) if self.step is RecoveryStep.ASK_STANDBY else self._tidy()
-
-    def on(self, observation: Observation, now: float) -> Action:
-        S = RecoveryStep
-        match self.step, observation:
-            case S.ASK_STANDBY, Probed(holds=None, reason=reason):
-                return self._over(Refuse(reason))
-            case S.ASK_STANDBY, Probed(holds=True):
-                self.forward = True
-                self.step = S.PROMOTE
-                return promote(self.intent, self.domain)
-            case (S.ASK_STANDBY, Probed(holds=False)) | (S.PROMOTE, HostAnswered()):
-                return self._tidy()
-            case S.PROMOTE, HostFailed(reason=reason):
-                return self._over(Refuse(reason))
-            case S.TIDY, HostAnswered() | HostFailed():  # best effort: a host that is down keeps its copy off
-                self.step = S.READ
-                return ReadRecord()
-            case S.READ, RecordRead(value=None):
-                return self._over(Refuse(f"VE {self.name!r} was destroyed meanwhile", "not_found"))
-            case S.READ, RecordRead(value=VERecord() as fresh):
-                self.value = fresh
-                slot = fresh.placement.get(self.vm)
-                if slot is None or slot.failing_over != self.intent:
-                    return self._over(Done(self.forward))  # another agent settled it meanwhile
-                self._pending = self._outcome(fresh)
-                self.step = S.WRITE
-                return WriteRecord(self._pending)
-            case S.WRITE, RecordWritten():
-                self.value = self._pending
-                return self._over(Done(self.forward))
-            case S.READ | S.WRITE, DirectoryFailed(reason=reason, kind=kind):
-                return self._over(Refuse(reason, kind))
-        raise UnexpectedObservation(self, self.step, observation)
-
-    def _tidy(self) -> Action:
-        """The old host's copy: undefined if the failover went forward, else brought back to the state."""
-        self.step = RecoveryStep.TIDY
-        method, old = ("host.vm.undefine", {}) if self.forward else ("host.vm.settle", {"state": self.intent.state})
-        return CallHost(self.slot.node, self.slot.addr, method, {"name": self.domain, **old},
-                        timeout=TIDY_TIMEOUT, best_effort=True)
+    def _bring(self) -> CallHost:
+        return promote(self.failing_over, self.domain)
 
     def _outcome(self, fresh: VERecord) -> VERecord:
         """The record once the failover is over: the VM on the standby's node, which no longer counts as a
         copy (forward), or where it was, without the intent (undone)."""
         if not self.forward:
             return fresh.with_slot(self.vm, replace(self.slot, failing_over=None))
-        i = self.intent
+        i = self.failing_over
         slot = Slot(i.node, i.addr, i.site, self.rtt_ms, f"failed over from {i.source} ({i.why})")
         copies = [e for e in fresh.standbys_of(self.vm) if e.node != i.node]
         return fresh.with_slot(self.vm, slot).with_standbys(self.vm, copies)
-
-    def _over(self, action: Done | Refuse) -> Action:
-        self.step = RecoveryStep.OVER
-        return action
 
 
 def promote(intent: FailoverIntent, domain: str) -> CallHost:

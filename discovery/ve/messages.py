@@ -8,10 +8,10 @@ with its own validator (`discovery.ve.spec.VESpec.from_dict`), which names the f
 
 Answers. Most `ve.*` methods answer with the VE's record as users see it (`discovery.ve.records.view`: the
 stored shape, without the format version; `ve show --json` prints it), plus what the verb adds (`moved`,
-`added`/`dropped`, `failed_over`; `ve show` the hosts' word on each VM). That map is the contract, so it
-is declared as one (`RecordView`): a dataclass beside `VERecord` would be a second definition of the
-record's shape, to be kept in step field by field, for a caller (the CLI) that only prints it. The views
-that are not the record (`ve.list`'s page, `ve.locate`, the snapshots) are dataclasses.
+`added`/`dropped`, `failed_over`, `rebuilt`; `ve show` the hosts' word on each VM and its protection). That
+map is the contract, so it is declared as one (`RecordView`): a dataclass beside `VERecord` would be a second
+definition of the record's shape, to be kept in step field by field, for a caller (the CLI) that only prints
+it. The views that are not the record (`ve.list`'s page, `ve.locate`, the snapshots) are dataclasses.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from typing import Any
 from agents.host.args import check_timeout
 from discovery.ve.index import DEFAULT_LIMIT, MAX_LIMIT
 from discovery.ve.records import SnapshotEntry, VEState
+from discovery.ve.spec import MAX_COPIES
 from overlay.wire import codec
 from overlay.wire.codec import limit, sparse, wire
 from overlay.wire.rpc import ANYONE, NODE, OPERATOR, Method, RequestError
 
 NAME = 200
-MAX_COPIES = 16
-"""Most standby copies of a VM (`ve replicate`)."""
 METHODS = ("auto", "live", "ship")
 """How a relocation moves a real guest: live where it can, else shipped (auto), or only one way."""
 EITHER = "relocate needs either a target node (to) or a target site (site)"
@@ -126,6 +125,19 @@ class Tagged(Named):
 
 
 @dataclass(frozen=True)
+class ShippedOf(Named):
+    """`ve.restore_point`: VM `vm`'s shipped snapshot `tag` (None: the newest)."""
+
+    vm: str = field(metadata=limit(NAME))
+    tag: str | None = field(default=None, metadata=limit(NAME))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        non_empty(self.vm, "vm")
+        non_empty(self.tag, "tag")
+
+
+@dataclass(frozen=True)
 class Replicate(Named):
     copies: int
 
@@ -133,6 +145,13 @@ class Replicate(Named):
         super().__post_init__()
         if not 0 <= self.copies <= MAX_COPIES:
             raise RequestError(f"copies must be a whole number from 0 to {MAX_COPIES}")
+
+
+@dataclass(frozen=True)
+class SetHa(Named):
+    ha: Any
+    """The HA policy as a spec writes it (`ha: {mode: ..., ...}`); the handler checks it (`HaPolicy.from_dict`),
+    so that its refusals read as a spec's do."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,11 @@ class FailoverRequest(Named):
     def __post_init__(self) -> None:
         super().__post_init__()
         non_empty(self.vm, "vm")
+
+
+@dataclass(frozen=True)
+class RebuildRequest(FailoverRequest):
+    """`ve.rebuild` chooses its VMs as `ve.failover` does."""
 
 
 # -- answers that are not the record ----------------------------------------------------------------------
@@ -172,6 +196,11 @@ class FailingOverTo:
 
 
 @dataclass(frozen=True)
+class RebuildingOn(FailingOverTo):
+    """Where a VM is being rebuilt, from which host: as a failover under way."""
+
+
+@dataclass(frozen=True)
 class CopyAt:
     node: str
     site: str
@@ -180,13 +209,15 @@ class CopyAt:
 
 @dataclass(frozen=True)
 class Location:
-    """Where one VM runs, by the record; and where it is going, and its standby copies, if any."""
+    """Where one VM runs, by the record; and where it is going (a move, a failover, a rebuild under way), and
+    its standby copies, if any."""
 
     node: str
     site: str
     addr: str
     moving_to: MovingTo | None = field(default=None, metadata=sparse())
     failing_over: FailingOverTo | None = field(default=None, metadata=sparse())
+    rebuilding: RebuildingOn | None = field(default=None, metadata=sparse())
     replicas: list[CopyAt] | None = field(default=None, metadata=sparse())
 
 
@@ -207,12 +238,47 @@ class VESnapshot(SnapshotEntry):
 
 
 @dataclass(frozen=True)
+class ShippedImage:
+    """A shipped snapshot (`discovery.ve.shipped`): its image, the image's digest, when it was taken, and the
+    nodes that hold it (node -> site, as the catalogue lists them)."""
+
+    image: str
+    digest: str
+    time: float
+    holders: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ShippedVM:
+    """`ve.ship`, per VM: the shipped snapshot, the host that took it, the bytes each new holder fetched (the
+    chunks it lacked and the manifest), how long the VM was paused, the seconds it all took, the snapshots
+    pruned beyond the policy's `keep`."""
+
+    shipped: ShippedImage
+    host: str
+    sent: dict[str, int]
+    paused: float
+    seconds: float
+    pruned: list[str]
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """`ve.ship`: a shipped snapshot of every VM of VE `name`."""
+
+    name: str
+    vms: dict[str, ShippedVM]
+
+
+@dataclass(frozen=True)
 class SnapshotList:
-    """`ve.snapshots`, and `ve.snapshot_delete` (with the `tag` it deleted): the snapshots the record lists."""
+    """`ve.snapshots`, and `ve.snapshot_delete` (with the `tag` it deleted): the snapshots the record lists, and
+    each VM's shipped snapshots, oldest first (`ve.snapshots`)."""
 
     name: str
     snapshots: list[SnapshotEntry]
     tag: str | None = field(default=None, metadata=sparse())
+    shipped: dict[str, list[ShippedImage]] | None = field(default=None, metadata=sparse())
 
 
 VE_CREATE = Method("ve.create", Create, ANYONE, RecordView)
@@ -229,6 +295,10 @@ VE_SNAPSHOT = Method("ve.snapshot", TakeSnapshot, ANYONE, VESnapshot)
 VE_SNAPSHOTS = Method("ve.snapshots", Named, ANYONE, SnapshotList)
 VE_RESTORE = Method("ve.restore", Tagged, ANYONE, RecordView)
 VE_SNAPSHOT_DELETE = Method("ve.snapshot_delete", Tagged, ANYONE, SnapshotList)
+VE_SHIP = Method("ve.ship", Named, ANYONE, Shipment)
+VE_RESTORE_POINT = Method("ve.restore_point", ShippedOf, ANYONE, ShippedImage)
 VE_REPLICATE = Method("ve.replicate", Replicate, ANYONE, RecordView)
+VE_HA = Method("ve.ha", SetHa, ANYONE, RecordView)
 VE_FAILOVER = Method("ve.failover", FailoverRequest, ANYONE, RecordView)
+VE_REBUILD = Method("ve.rebuild", RebuildRequest, ANYONE, RecordView)
 VE_BUSY = Method("ve.busy", Named, frozenset({NODE, OPERATOR}), bool)

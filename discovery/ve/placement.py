@@ -22,7 +22,8 @@ so that the common refusals name their cause; only a conflict of several at once
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from discovery.ve.spec import VESpec
@@ -115,6 +116,40 @@ def plan(spec: VESpec, candidates: Iterable[Candidate], *, exclude: Collection[s
     more = f" / and {len(reasons) - _SHOWN_SITES} more sites" if len(reasons) > _SHOWN_SITES else ""
     return Refusal(f"same_site: no site can host all {len(spec.vms)} VMs: "
                    + " / ".join(reasons[:_SHOWN_SITES]) + more)
+
+
+def check_placement(spec: VESpec, node_of: Mapping[str, str], site_of: Mapping[str, str]) -> str | None:
+    """Why VMs placed at `node_of` (VM -> node; `site_of`: node -> site) break the VE's site pin or
+    constraints, in one line naming the constraint; None if they break nothing. Relocation checks the
+    whole VE with it, as it would be after the move. A placement of only some VMs (a rebuild placing one
+    while others wait their turn) is checked for what those VMs can already break: a group counts its
+    placed members, and a spread over sites is left for the whole VE."""
+    constraints = spec.constraints
+    for vm, node in sorted(node_of.items()):
+        if spec.site is not None and site_of[node] != spec.site:
+            return f"the VE is pinned to site {spec.site}; {vm} would be in {site_of[node]}"
+    for group in constraints.together():
+        nodes = sorted({node_of[vm] for vm in group if vm in node_of})
+        if len(nodes) > 1:
+            return f"affinity [{', '.join(group)}] keeps them on one node; they would be on {', '.join(nodes)}"
+    for group in constraints.anti_affinity:
+        first: dict[str, str] = {}
+        for vm in (vm for vm in group if vm in node_of):
+            other = first.setdefault(node_of[vm], vm)
+            if other != vm:
+                return f"anti-affinity [{', '.join(group)}]: {other} and {vm} would share {node_of[vm]}"
+    sites = sorted({site_of[node] for node in node_of.values()})
+    if constraints.same_site and len(sites) > 1:
+        return f"same_site: the VMs would be in {len(sites)} sites ({', '.join(sites)})"
+    whole = {vm.name for vm in spec.vms} <= set(node_of)
+    if whole and constraints.spread_sites is not None and len(sites) < constraints.spread_sites:
+        return (f"spread over {constraints.spread_sites} sites: the VMs would cover only {len(sites)} "
+                f"({', '.join(sites)})")
+    if constraints.max_per_node is not None and node_of:
+        node, count = max(sorted(Counter(node_of.values()).items()), key=lambda item: item[1])
+        if count > constraints.max_per_node:
+            return f"max_per_node {constraints.max_per_node}: {node} would hold {count} VMs of the VE"
+    return None
 
 
 @dataclass(frozen=True)

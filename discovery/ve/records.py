@@ -1,17 +1,18 @@
 """The VE record: what the directory (the DHT, key `ve/<name>`) holds about one VE, as frozen dataclasses
 with one encoding, the type-driven codec's (`overlay.wire.codec`).
 
-A record is the truth about a VE (its spec, owner, state, where each VM runs, its standby copies and
-snapshots) and the log of the operations that must survive a crash: a VM's slot carries the intent of a
-move (`moving_to`) or of a failover (`failing_over`) under way, the record the marker of a snapshot being
-taken (`snapshotting`). A change is a read, a `dataclasses.replace` and a write of the whole record; a
-record read is never changed in place.
+A record is the truth about a VE (its spec with its HA policy, owner, state, where each VM runs, its standby
+copies and snapshots, why the copies its policy asks for fell short) and the log of the operations that must
+survive a crash: a VM's slot carries the intent of a move (`moving_to`), a failover (`failing_over`) or a
+rebuild (`rebuilding`) under way, the record the marker of a snapshot being taken (`snapshotting`). A
+change is a read, a `dataclasses.replace` and a write of the whole record; a record read is never changed in
+place.
 
 **Versions.** A record carries `version`, the format it was written in; this code writes VERSION. Agents
-before this module wrote plain maps without the field: that format is version 1, so `read` takes a map
-without `version` as version 1. Optional parts (intents, the snapshot marker, standby copies, snapshots,
-a move's transfer) are left off while empty (`codec.sparse`): a record stored today has the shape older
-agents wrote, and `view`, what `ve show --json` prints, is that shape.
+before this module wrote plain maps without the field: that format is version 1, so `read` takes a map without
+`version` as version 1. Optional parts (intents, the snapshot marker, standby copies, snapshots, a move's
+transfer, the spec's HA policy, a shortfall) are left off while empty (`codec.sparse`): a record stored today
+has the shape older agents wrote, and `view`, what `ve show --json` prints, is that shape.
 
 **Unknown fields are refused**, in one line naming the field, and so is a record of a version newer than
 VERSION (the line says to upgrade this agent). Skipping them instead would be unsafe: every change is a
@@ -104,9 +105,28 @@ class FailoverIntent:
 
 
 @dataclass(frozen=True)
+class RebuildIntent:
+    """A rebuild under way (`discovery.ve.rebuilding`): the node the VM is made again on (reserved there;
+    `rtt_ms` from the coordinator), the VM's old host (`from` on the wire), why it is rebuilt, what it boots
+    (`image`: an image's name, or a shipped snapshot's; None: none), the state to bring it to, and who
+    coordinates it since when."""
+
+    node: str
+    addr: str
+    site: str
+    rtt_ms: float | None
+    source: str = field(metadata=wire("from"))
+    why: str
+    image: str | None
+    state: VMState
+    coordinator: str
+    since: float
+
+
+@dataclass(frozen=True)
 class Slot:
-    """Where a VM runs and why there (`rtt_ms`: from the agent that placed it); with the move or the failover
-    under way, if any."""
+    """Where a VM runs and why there (`rtt_ms`: from the agent that placed it); with the move, failover or
+    rebuild under way, if any."""
 
     node: str
     addr: str
@@ -116,10 +136,15 @@ class Slot:
     transfer: Transfer | None = field(default=None, metadata=sparse())
     moving_to: MoveIntent | None = field(default=None, metadata=sparse())
     failing_over: FailoverIntent | None = field(default=None, metadata=sparse())
+    rebuilding: RebuildIntent | None = field(default=None, metadata=sparse())
+
+    def intents(self) -> list[MoveIntent | FailoverIntent | RebuildIntent]:
+        """The operations under way on this VM (at most one, but the record does not forbid more)."""
+        return [i for i in (self.moving_to, self.failing_over, self.rebuilding) if i is not None]
 
     def named(self) -> list[str]:
-        """The nodes the slot names: the VM's host, and the target of the move or failover under way."""
-        return [self.node] + [i.node for i in (self.moving_to, self.failing_over) if i is not None]
+        """The nodes the slot names: the VM's host, and the target of the operation under way."""
+        return [self.node] + [i.node for i in self.intents()]
 
 
 @dataclass(frozen=True)
@@ -160,7 +185,16 @@ class SnapshotMarker:
     since: float
 
 
-Intent = MoveIntent | FailoverIntent | SnapshotMarker
+@dataclass(frozen=True)
+class Shortfall:
+    """Why the last attempt to make the standby copies the VE's HA policy asks for fell short, and when
+    (`discovery.ve.policy`): what `ve show` gives as the reason a VM is degraded."""
+
+    why: str
+    since: float
+
+
+Intent = MoveIntent | FailoverIntent | RebuildIntent | SnapshotMarker
 
 
 @dataclass(frozen=True)
@@ -182,6 +216,8 @@ class VERecord:
     """Each VM's standby copies (`replicas` on the wire, as agents before this module named them)."""
     snapshots: tuple[SnapshotEntry, ...] = field(default=(), metadata=sparse())
     snapshotting: SnapshotMarker | None = field(default=None, metadata=sparse())
+    shortfall: Shortfall | None = field(default=None, metadata=sparse())
+    """Set while the standby copies of the HA policy (`spec.ha`) could not all be made; None once they were."""
     version: int = VERSION
 
     def with_slot(self, vm: str, slot: Slot) -> VERecord:
@@ -205,9 +241,8 @@ class VERecord:
         return replace(self, standbys=standbys)
 
     def intents(self) -> list[Intent]:
-        """What operations left unfinished: moves and failovers (by VM), then a snapshot."""
-        slots = [self.placement[vm] for vm in sorted(self.placement)]
-        found: list[Intent] = [i for s in slots for i in (s.moving_to, s.failing_over) if i is not None]
+        """What operations left unfinished: moves, failovers and rebuilds (by VM), then a snapshot."""
+        found: list[Intent] = [i for vm in sorted(self.placement) for i in self.placement[vm].intents()]
         return found + ([self.snapshotting] if self.snapshotting is not None else [])
 
 

@@ -1,7 +1,7 @@
 """Relocation (`ve relocate`): moving VMs between nodes. Real guests on per-node daemons migrate live;
 otherwise a real guest is saved, shipped and restored, and a test-driver VM (its XML, state and
 snapshots) is carried. This module chooses where VMs go and checks that the whole VE keeps its site pin
-and constraints afterwards (`check_placement`); each VM's move is the sans-IO transaction
+and constraints afterwards (`placement.check_placement`); each VM's move is the sans-IO transaction
 `discovery.ve.moves.Move` (its protocol, and why an interrupted relocation never leaves a VM running at two
 places or lost), which `_move` and `_recover_move` only drive (`discovery.ve.driver`).
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
-from collections.abc import Mapping
 
 from discovery.ve import placement as planner
 from discovery.ve.base import PREPARE_LIMIT, VEBase, domain_name
@@ -65,7 +63,7 @@ class Relocation(VEBase):
             after = {v: targets[v][0].name if v in targets else slot.node for v, slot in placement.items()}
             sites = {slot.node: slot.site for slot in placement.values()}
             sites.update({member.name: member.site for member, _ in targets.values()})
-            reason = check_placement(ve.spec, after, sites)
+            reason = planner.check_placement(ve.spec, after, sites)
             if reason:
                 raise RequestError(f"cannot relocate {name}: {reason}")
             moved = []
@@ -113,7 +111,7 @@ class Relocation(VEBase):
         for rank, c in enumerate(candidates):
             if not c.free:
                 continue
-            why = check_placement(spec, {**fixed, vm: c.node}, {**sites, c.node: c.site})
+            why = planner.check_placement(spec, {**fixed, vm: c.node}, {**sites, c.node: c.site})
             if why:
                 ruled_out.append(f"{c.node}: {why}")
             else:
@@ -170,35 +168,3 @@ def with_own_room(candidate: Candidate, own: list[VMSpec]) -> Candidate:
         return candidate
     free = {f: candidate.free.get(f, 0) + sum(getattr(v, f) for v in own) for f in ("vcpus", "memory_mb", "disk_gb")}
     return dataclasses.replace(candidate, free=free)
-
-
-def check_placement(spec: VESpec, node_of: Mapping[str, str], site_of: Mapping[str, str]) -> str | None:
-    """Why VMs placed at `node_of` (VM -> node; `site_of`: node -> site) break the VE's site pin or
-    constraints, in one line naming the constraint; None if they break nothing. Relocation checks the
-    whole VE with it, as it would be after the move."""
-    constraints = spec.constraints
-    for vm, node in sorted(node_of.items()):
-        if spec.site is not None and site_of[node] != spec.site:
-            return f"the VE is pinned to site {spec.site}; {vm} would be in {site_of[node]}"
-    for group in constraints.together():
-        nodes = sorted({node_of[vm] for vm in group})
-        if len(nodes) > 1:
-            return f"affinity [{', '.join(group)}] keeps them on one node; they would be on {', '.join(nodes)}"
-    for group in constraints.anti_affinity:
-        first: dict[str, str] = {}
-        for vm in group:
-            other = first.setdefault(node_of[vm], vm)
-            if other != vm:
-                return f"anti-affinity [{', '.join(group)}]: {other} and {vm} would share {node_of[vm]}"
-    sites = sorted({site_of[node] for node in node_of.values()})
-    if constraints.same_site and len(sites) > 1:
-        return f"same_site: the VMs would be in {len(sites)} sites ({', '.join(sites)})"
-    if constraints.spread_sites is not None and len(sites) < constraints.spread_sites:
-        return (f"spread over {constraints.spread_sites} sites: the VMs would cover only {len(sites)} "
-                f"({', '.join(sites)})")
-    if constraints.max_per_node is not None:
-        node, count = max(sorted(Counter(node_of.values()).items()), key=lambda item: item[1])
-        if count > constraints.max_per_node:
-            return f"max_per_node {constraints.max_per_node}: {node} would hold {count} VMs of the VE"
-    return None
-

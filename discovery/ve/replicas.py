@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agents.host.capacity import Resources
@@ -35,16 +35,29 @@ from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.driver import drive
 from discovery.ve.failovers import Failover, FailoverRecovery
 from discovery.ve.messages import FailoverRequest, RecordView, Replicate
-from discovery.ve.records import Slot, Standby, VERecord, view
+from discovery.ve.records import Shortfall, Slot, Standby, VERecord, view
 from overlay.dht import Record
-from overlay.membership import ALIVE, SUSPECT, Member
-from overlay.wire.rpc import Caller, Conflict, NotFound, RemoteError, RequestError, RpcError
+from overlay.membership import Member
+from overlay.wire.rpc import Caller, Conflict, NotFound, RequestError, RpcError
 from vivaldi.coordinate import estimate
 
 log = logging.getLogger(__name__)
-DOWN_PROBE_TIMEOUT = 5.0
-"""How long a failover waits for a VM's host to answer before taking it for down."""
 FENCE_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What `Replicas._keep_copies` did: the record it wrote, the nodes of the copies it added and dropped
+    (by VM), and the copies it could not make ("" if none: else one line, `vm on node: why; ...`)."""
+
+    record: Stored
+    added: dict[str, list[str]]
+    dropped: dict[str, list[str]]
+    failures: str
+
+    def answer(self) -> RecordView:
+        """The VE as `ve replicate` and `ve ha` answer: its record, and the copies added and dropped."""
+        return {**view(self.record.ve), "added": self.added, "dropped": self.dropped}
 
 
 class Replicas(VEBase):
@@ -53,57 +66,72 @@ class Replicas(VEBase):
     # -- replicate -------------------------------------------------------------------------------------
 
     async def _on_replicate(self, caller: Caller, request: Replicate) -> RecordView:
-        """Keep `copies` standby copies of every VM of the VE (0 drops them all). Copies already there are
-        refreshed (exported again); those on nodes that are gone, or that lost them, are made again
-        elsewhere; extra ones are dropped, least preferred first. If the copies cannot all be placed,
-        nothing is added and the refusal names the VM and why.
+        """Keep `copies` standby copies of every VM of the VE (0 drops them all): `_keep_copies`. Refused if
+        the VE's HA policy keeps another number (`ve ha` changes that); if some copies could not be made, the
+        others are kept and the refusal names those."""
+        async with self._locked(caller, request.name) as record:
+            ha = record.ve.spec.ha
+            if ha.mode == "standby" and request.copies != ha.copies:
+                raise RequestError(f"VE {record.ve.name!r} keeps {ha.copies} standby copies of each VM by its HA "
+                                   f"policy; change the policy instead (discovery ve ha {record.ve.name} --mode "
+                                   "standby --copies K)")
+            kept = await self._keep_copies(record, request.copies)
+        if kept.failures:
+            raise RequestError(f"some standby copies of {record.ve.name} could not be made ({kept.failures}); "
+                               "the others are kept, run replicate again")
+        return kept.answer()
+
+    async def _keep_copies(self, record: Stored, copies: int) -> Kept:
+        """Keep `copies` standby copies of every VM of `record.ve`, written as it is apart from its copies (a
+        caller passes the changes to write with them, a new HA policy, against `record.version`). Copies
+        already there are refreshed (exported again); those on nodes that are gone, or that lost them, are
+        made again elsewhere; extra ones are dropped, least preferred first. If the copies cannot all be
+        placed, RequestError naming the VM and why, before the record changes.
 
         Order: new copies are reserved, then listed in the record, then confirmed with the exported data,
         so a coordinator that dies leaves reservations that lapse or a listed copy that `ve show` reports
         missing, never room held that nothing lists. Dropped copies leave the record before their nodes
-        free them, for the same reason."""
-        copies = request.copies
-        async with self._locked(caller, request.name) as record:
-            ve = record.ve
-            alive = {m.name: m for m in self.membership.alive()}
-            keep: dict[str, list[Standby]] = {}
-            drop: dict[str, list[Standby]] = {}
-            for vm, slot in sorted(ve.placement.items()):
-                keep[vm] = self._usable(slot, ve.standbys_of(vm), alive)[:copies]
-                drop[vm] = [e for e in ve.standbys_of(vm) if e not in keep[vm]]
-            carried = {vm: await self._export(ve, vm) for vm in sorted(ve.placement)} if copies else {}
-            taken = time.time()
-            for vm, kept in keep.items():
-                refreshed = [e for e in kept if await self._refresh(ve, vm, e, carried[vm], taken)]
-                drop[vm] += [e for e in kept if e not in refreshed]
-                keep[vm] = [replace(e, taken=taken) for e in refreshed]
-            plan = await self._plan_copies(ve, keep, copies)
-            tokens = await self._reserve_copies(ve, plan)
-            added = {vm: [Standby(m.name, m.addr, m.site, taken) for m in members] for vm, members in plan.items()}
-            listed = {vm: tuple(keep[vm] + added.get(vm, [])) for vm in ve.placement}
-            wanted = replace(ve, copies=copies, standbys={vm: c for vm, c in listed.items() if c})
+        free them, for the same reason. Copies that could not be confirmed leave the record again, and (HA
+        policy `standby`) the record's `shortfall` says why; a full success clears it."""
+        ve = record.ve
+        alive = {m.name: m for m in self.membership.alive()}
+        keep: dict[str, list[Standby]] = {}
+        drop: dict[str, list[Standby]] = {}
+        for vm, slot in sorted(ve.placement.items()):
+            keep[vm] = self._usable(slot, ve.standbys_of(vm), alive)[:copies]
+            drop[vm] = [e for e in ve.standbys_of(vm) if e not in keep[vm]]
+        carried = {vm: await self._export(ve, vm) for vm in sorted(ve.placement)} if copies else {}
+        taken = time.time()
+        for vm, kept in keep.items():
+            refreshed = [e for e in kept if await self._refresh(ve, vm, e, carried[vm], taken)]
+            drop[vm] += [e for e in kept if e not in refreshed]
+            keep[vm] = [replace(e, taken=taken) for e in refreshed]
+        plan = await self._plan_copies(ve, keep, copies)
+        tokens = await self._reserve_copies(ve, plan)
+        added = {vm: [Standby(m.name, m.addr, m.site, taken) for m in members] for vm, members in plan.items()}
+        listed = {vm: tuple(keep[vm] + added.get(vm, [])) for vm in ve.placement}
+        wanted = replace(ve, copies=copies, standbys={vm: c for vm, c in listed.items() if c}, shortfall=None)
+        record = await self.directory.put(wanted, after=record.version)
+        failures = []
+        for vm, entries in sorted(added.items()):
+            for entry in list(entries):
+                try:
+                    spec = next(v for v in ve.spec.vms if v.name == vm)
+                    await self._bring_image(spec, entry.node, entry.addr, tokens[vm, entry.node])
+                    await self._host(entry, "host.standby", {
+                        "name": domain_name(ve.name, vm), "token": tokens[vm, entry.node], "taken": taken,
+                        **_standby_args(ve, vm, carried[vm])})
+                except RequestError as err:
+                    failures.append(f"{vm} on {entry.node}: {err}")
+                    entries.remove(entry)
+                    wanted = wanted.with_standbys(vm, (e for e in wanted.standbys_of(vm) if e != entry))
+        if failures:
+            short = Shortfall(f"standby copies not made: {'; '.join(failures)}", taken)
+            wanted = replace(wanted, shortfall=short if ve.spec.ha.mode == "standby" else None)
             record = await self.directory.put(wanted, after=record.version)
-            failures = []
-            for vm, entries in sorted(added.items()):
-                for entry in list(entries):
-                    try:
-                        spec = next(v for v in ve.spec.vms if v.name == vm)
-                        await self._bring_image(spec, entry.node, entry.addr, tokens[vm, entry.node])
-                        await self._host(entry, "host.standby", {
-                            "name": domain_name(ve.name, vm), "token": tokens[vm, entry.node], "taken": taken,
-                            **_standby_args(ve, vm, carried[vm])})
-                    except RequestError as err:
-                        failures.append(f"{vm} on {entry.node}: {err}")
-                        entries.remove(entry)
-                        wanted = wanted.with_standbys(vm, (e for e in wanted.standbys_of(vm) if e != entry))
-            if failures:
-                record = await self.directory.put(wanted, after=record.version)
-            await self._unstandby(ve.name, drop)
-            if failures:
-                raise RequestError(f"some standby copies of {ve.name} could not be made ({'; '.join(failures)}); "
-                                   "the others are kept, run replicate again")
-        return {**view(record.ve), "added": {vm: [e.node for e in entries] for vm, entries in added.items() if entries},
-                "dropped": {vm: [e.node for e in entries] for vm, entries in drop.items() if entries}}
+        await self._unstandby(ve.name, drop)
+        return Kept(record, {vm: [e.node for e in entries] for vm, entries in added.items() if entries},
+                    {vm: [e.node for e in entries] for vm, entries in drop.items() if entries}, "; ".join(failures))
 
     def _usable(self, slot: Slot, copies: Iterable[Standby], alive: Mapping[str, Member]) -> list[Standby]:
         """The copies of the VM at `slot` on live nodes other than its host, most preferred first."""
@@ -209,18 +237,7 @@ class Replicas(VEBase):
             name, placement = record.ve.name, record.ve.placement
             if vm is not None and vm not in placement:
                 raise NotFound(f"VE {name!r} has no VM {vm!r} (VMs: {', '.join(sorted(placement))})")
-            down: dict[str, str | None] = {}
-            for v in [vm] if vm is not None else sorted(placement):
-                why = await self._down(record.ve, v)
-                if why is not None or force:
-                    down[v] = why
-            if not down:
-                hosts = sorted({placement[v].node for v in ([vm] if vm is not None else placement)})
-                whose = "its host" if vm is not None or len(placement) == 1 else \
-                    f"the host{'s' if len(hosts) > 1 else ''} of its VMs"
-                raise Conflict(f"cannot fail over {name}{'/' + vm if vm else ''}: {whose} {', '.join(hosts)} "
-                               f"{'is' if len(hosts) == 1 else 'are'} alive and answering (--force fails over "
-                               "anyway, switching the running copy off first)")
+            down = await self._hosts_down(record.ve, None if vm is None else [vm], force, "fail over", "fails over")
             chosen: dict[str, Standby] = {}
             for v, why in sorted(down.items()):
                 nearest = self._nearest_copy(record.ve, v)
@@ -231,22 +248,6 @@ class Replicas(VEBase):
             for v, why in sorted(down.items()):
                 record = await self._failover(record, v, chosen[v], why)
         return {**view(record.ve), "failed_over": {v: record.ve.placement[v].node for v in sorted(down)}}
-
-    async def _down(self, ve: VERecord, vm: str) -> str | None:
-        """Why the VM's host counts as down, or None if it is a live member that answers holding the VM."""
-        slot = ve.placement[vm]
-        member = self.membership.members.get(slot.node)
-        if member is None or member.status not in (ALIVE, SUSPECT):
-            return f"{slot.node} is {member.status if member else 'not a member'}"
-        try:
-            await self.transport.call(slot.addr, "host.vm.info", {"name": domain_name(ve.name, vm)},
-                                      timeout=DOWN_PROBE_TIMEOUT)
-        except RemoteError as err:
-            return f"{slot.node} does not hold it" if err.kind == "not_found" else None
-        except RpcError as err:
-            log.info("failover: %s does not answer: %s", slot.node, err)
-            return f"{slot.node} does not answer"
-        return None
 
     def _nearest_copy(self, ve: VERecord, vm: str) -> Standby | None:
         """The VM's standby copy on a live node nearest to where the VM was, if any."""
@@ -276,18 +277,16 @@ class Replicas(VEBase):
         log.info("failover of %s/%s to %s %s", recovery.name, vm, intent.node, "finished" if forward else "undone")
         return record, forward
 
-    def _rtt_ms(self, node: str) -> float | None:
-        member = self.membership.members.get(node)
-        return member.rtt * 1000 if member is not None and member.rtt is not None else None
-
     # -- fencing ---------------------------------------------------------------------------------------
 
     async def fence(self) -> None:
-        """Undefine this node's copy of each VM that the directory places on another node holding it, and
-        drop each standby this node keeps that the directory no longer lists; start the VMs the host holds
-        off since its start (`agents.host.service.HostService.start`) that the directory places here. Only on
-        positive evidence: a record that cannot be read, or a node that cannot be asked, changes nothing
-        (the host starts a held VM by itself after `HOLD_LIMIT`)."""
+        """Undefine this node's copy of each VM that the directory places on another node holding it (failed
+        over, or rebuilt: `discovery.ve.rebuilds`), and drop each standby this node keeps that the directory no
+        longer lists; start the VMs the host holds off since its start (`agents.host.service.HostService.start`)
+        that the directory places here, unless an operation on the VM is under way (a failover or a rebuild
+        of it elsewhere may be defining it there: its recovery settles this copy). Only on positive evidence:
+        a record that cannot be read, or a node that cannot be asked, changes nothing (the host starts a held
+        VM by itself after `HOLD_LIMIT`)."""
         me = self.node
         found: dict[str, tuple[Record | None, Stored | None]] = {}
         for key in list(self.host.ledger.allocated):
@@ -307,8 +306,8 @@ class Replicas(VEBase):
                 continue
             slot = live.ve.placement.get(vm) if live is not None else None
             if slot is not None and me in slot.named():
-                if domain in self.host.held:  # recovered off at start: the directory says it is ours
-                    await self._local("host.vm.release", {"name": domain})
+                if domain in self.host.held and not slot.intents():  # recovered off at start: the directory says
+                    await self._local("host.vm.release", {"name": domain})  # it is ours, and nothing moves it
                 continue
             if slot is None:
                 if record.deleted and domain in self.host.held:  # destroyed while this node was down

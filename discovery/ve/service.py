@@ -11,8 +11,10 @@ lapse by themselves and a `creating` record that the next command on the VE, a r
 an agent's start-up recovery finishes or undoes (`CreateRecovery`), once that coordinator is abandoned.
 
 This module holds creation, listing, the lifecycle verbs and the recovery of interrupted operations;
-`VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`, and
-standby copies and failover from `discovery.ve.replicas` (shared helpers in `discovery.ve.base`). Every
+`VEService` gains relocation from `discovery.ve.relocation`, snapshots from `discovery.ve.snapshots`,
+standby copies and failover from `discovery.ve.replicas`, the HA policy from `discovery.ve.policy`, and the
+rebuild of VMs whose host is down from `discovery.ve.rebuilds`
+(shared helpers in `discovery.ve.base`). Every
 operation that changes a VE first finishes or undoes what an interrupted one left in its record
 (`VEService._settle`), and holds a per-VE lock on the agent, so operations on one VE through one agent
 never interleave.
@@ -38,11 +40,14 @@ from discovery.ve.directory import Stored, Unreadable
 from discovery.ve.driver import drive
 from discovery.ve.index import Cursor, Entry
 from discovery.ve.messages import RecordView
-from discovery.ve.records import FailoverIntent, MoveIntent, Slot, VERecord, VEState, view
+from discovery.ve.policy import Policies
+from discovery.ve.protection import assess, copy_state
+from discovery.ve.rebuilds import Rebuilds
+from discovery.ve.records import FailoverIntent, MoveIntent, RebuildIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
-from discovery.ve.replicas import Replicas
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import SpecError, VESpec
+from overlay.wire import codec
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ RECOVERY_WINDOW = 120.0
 """How long after its start an agent keeps trying to settle the operations it left interrupted."""
 
 
-class VEService(Relocation, Snapshots, Replicas):
+class VEService(Relocation, Snapshots, Policies, Rebuilds):
     """The `ve.*` methods (the interfaces it is given: `VEBase`)."""
 
     def serve(self, endpoint: Endpoint) -> None:
@@ -69,15 +74,21 @@ class VEService(Relocation, Snapshots, Replicas):
         endpoint.route(m.VE_SNAPSHOTS, self._on_snapshots)
         endpoint.route(m.VE_RESTORE, self._on_restore)
         endpoint.route(m.VE_SNAPSHOT_DELETE, self._on_snapshot_delete)
+        endpoint.route(m.VE_SHIP, self._on_ship)
+        endpoint.route(m.VE_RESTORE_POINT, self._on_restore_point)
         endpoint.route(m.VE_REPLICATE, self._on_replicate)
+        endpoint.route(m.VE_HA, self._on_ha)
         endpoint.route(m.VE_FAILOVER, self._on_failover)
+        endpoint.route(m.VE_REBUILD, self._on_rebuild)
         endpoint.route(m.VE_BUSY, self._on_busy)
 
     # -- create ------------------------------------------------------------------------------------
 
     async def _on_create(self, caller: Caller, request: m.Create) -> RecordView:
         """Create the VE `spec` describes; its steps are the transaction `discovery.ve.creating.Create`. The
-        VE's lock is held throughout, so this agent answers busy to agents that meet its `creating` record."""
+        VE's lock is held throughout, so this agent answers busy to agents that meet its `creating` record.
+        Then the standby copies its HA policy asks for, if any: a shortfall degrades the VE, it does not undo
+        it (`discovery.ve.policy`)."""
         try:
             spec = VESpec.from_dict(request.spec)
         except SpecError as err:
@@ -86,12 +97,13 @@ class VEService(Relocation, Snapshots, Replicas):
         ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uuid.uuid4().hex)
         async with self._lock(spec.name):
             try:
-                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
+                record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
             except Conflict:
                 if not await self._undid_left_create(spec.name):
                     raise
-                _, created = await self._drive(creating.Create(ve), Stored(ve, 0))
-        return view(created)
+                record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
+            record = await self._protect_created(record)
+        return view(record.ve)
 
     async def _undid_left_create(self, name: str) -> bool:
         """Whether VE `name` was only a create left unfinished by a coordinator that is gone, now undone: a
@@ -143,7 +155,8 @@ class VEService(Relocation, Snapshots, Replicas):
 
     async def _on_show(self, caller: Caller, request: m.Named) -> RecordView:
         """The VE as its record has it (and its version in the directory), with the state of each VM's domain
-        and whether each standby copy is held, as their hosts answer."""
+        and whether each standby copy is held, as their hosts answer, and each VM's protection
+        (`discovery.ve.protection`)."""
         record = await self._record(caller, request.name)
         ve = record.ve
         shown = {**view(ve), "version": record.version}
@@ -157,14 +170,14 @@ class VEService(Relocation, Snapshots, Replicas):
             shown["placement"][vm_name]["domain_state"] = state
         addrs = sorted({e.addr for copies in ve.standbys.values() for e in copies})
         held = await self.transport.call_many(addrs, "host.standbys", {}, 5.0) if addrs else {}
-        for vm_name, copies in ve.standbys.items():
-            domain = domain_name(ve.name, vm_name)
-            for entry, shown_entry in zip(copies, shown["replicas"][vm_name], strict=True):
-                answer = held.get(entry.addr)
-                if isinstance(answer, list):
-                    shown_entry["standby"] = "held" if any(s["name"] == domain for s in answer) else "missing"
-                else:
-                    shown_entry["standby"] = f"unknown ({answer})"
+        states = {vm: [copy_state(held.get(e.addr), domain_name(ve.name, vm)) for e in copies]
+                  for vm, copies in ve.standbys.items()}
+        for vm_name, answered in states.items():
+            for shown_entry, state in zip(shown["replicas"][vm_name], answered, strict=True):
+                shown_entry["standby"] = state
+        shipped = await self.shipped.get(ve)
+        last = {vm: s for vm in ve.placement if (s := shipped.last(vm)) is not None}
+        shown["protection"] = codec.encode(assess(ve, states, time.time(), last))
         return shown
 
     async def _on_locate(self, caller: Caller, request: m.Named) -> m.Located:
@@ -172,10 +185,11 @@ class VEService(Relocation, Snapshots, Replicas):
         ve = (await self._record(caller, request.name)).ve
         vms = {}
         for vm, slot in sorted(ve.placement.items()):
-            moving, failing = slot.moving_to, slot.failing_over
+            moving, failing, rebuilding = slot.moving_to, slot.failing_over, slot.rebuilding
             vms[vm] = m.Location(
                 slot.node, slot.site, slot.addr, m.MovingTo(moving.node, moving.site, moving.phase) if moving else None,
                 m.FailingOverTo(failing.node, failing.site, failing.source) if failing else None,
+                m.RebuildingOn(rebuilding.node, rebuilding.site, rebuilding.source) if rebuilding else None,
                 [m.CopyAt(e.node, e.site, e.taken) for e in ve.standbys_of(vm)] or None)
         return m.Located(ve.name, ve.state, vms)
 
@@ -200,7 +214,7 @@ class VEService(Relocation, Snapshots, Replicas):
         return await self._apply(caller, request.name, "host.vm.resume", "running")
 
     async def _on_destroy(self, caller: Caller, request: m.Named) -> RecordView:
-        """Undefine every VM (and the copy an interrupted move or failover may have left at its target),
+        """Undefine every VM (and the copy an interrupted move, failover or rebuild may have left at its target),
         delete the record, then free the VMs' standby copies; its index entry is removed after the answer
         (`Unindexing`). Refused while another agent is relocating, failing over or snapshotting the VE."""
         async with self._locked(caller, request.name, settle=False) as record:
@@ -224,14 +238,13 @@ class VEService(Relocation, Snapshots, Replicas):
         and any failure is reported. `undefine` also reaches the target of an interrupted move or failover. Hosts run
         operations on different VMs side by side (a lock per VM), so each call is given HOST_TIMEOUT plus
         the graceful stop's own `timeout`, whatever else its host is doing."""
-        places: list[tuple[str, Slot | MoveIntent | FailoverIntent]] = list(ve.placement.items())
+        places: list[tuple[str, Slot | MoveIntent | FailoverIntent | RebuildIntent]] = list(ve.placement.items())
         if method == "host.vm.undefine":
-            places += [(vm, i) for vm, slot in ve.placement.items() for i in (slot.moving_to, slot.failing_over)
-                       if i is not None]
+            places += [(vm, i) for vm, slot in ve.placement.items() for i in slot.intents()]
         wait = float(extra.get("timeout", 0.0))
         failures = []
 
-        async def one(vm_name: str, where: Slot | MoveIntent | FailoverIntent) -> None:
+        async def one(vm_name: str, where: Slot | MoveIntent | FailoverIntent | RebuildIntent) -> None:
             try:
                 await self.transport.call(where.addr, method, {
                     "name": domain_name(ve.name, vm_name), **extra},
@@ -248,7 +261,7 @@ class VEService(Relocation, Snapshots, Replicas):
     # -- recovery of interrupted operations ------------------------------------------------------------
 
     async def _settle(self, record: Stored) -> Stored:
-        """Finish or undo what an interrupted create, relocations, failovers or a snapshot left in the record,
+        """Finish or undo what an interrupted create, relocations, failovers, rebuilds or a snapshot left in the record,
         before an operation changes the VE; Conflict if the agent that started them is still at work, NotFound
         if the VE's create was undone."""
         name = record.ve.name
@@ -258,7 +271,8 @@ class VEService(Relocation, Snapshots, Replicas):
         for vm in sorted(record.ve.placement):
             slot = record.ve.placement[vm]
             for what, left, finish_or_undo in (("move", slot.moving_to, self._recover_move),
-                                               ("failover", slot.failing_over, self._recover_failover)):
+                                               ("failover", slot.failing_over, self._recover_failover),
+                                               ("rebuild", slot.rebuilding, self._recover_rebuild)):
                 if left is None:
                     continue
                 try:
@@ -349,6 +363,8 @@ def under_way(ve: VERecord) -> list[tuple[str, float, str]]:
             what = f"moving a VM to {intent.node}"
         elif isinstance(intent, FailoverIntent):
             what = f"failing a VM over to {intent.node}"
+        elif isinstance(intent, RebuildIntent):
+            what = f"rebuilding a VM on {intent.node}"
         else:
             what = f"taking snapshot {intent.tag}"
         found.append((intent.coordinator, intent.since, f"{what} for VE {ve.name!r}"))

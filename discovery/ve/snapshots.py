@@ -1,23 +1,25 @@
 """Snapshots of a VE (`ve snapshot`, `ve snapshots`, `ve restore`, `ve snapshot-delete`): consistent across
 the VE's VMs, and kept by each VM's host, so they travel with a VM when it is relocated (`Snapshots._on_snapshot`).
+Those that leave the host (shipped snapshots, a VM at a time) are `discovery.ve.shipping`'s; `ve snapshots` lists both.
 """
 
 from __future__ import annotations
 
 import time
 
-from discovery.ve.base import VEBase, domain_name
+from discovery.ve.base import domain_name
 from discovery.ve.directory import Stored
 from discovery.ve.driver import drive
 from discovery.ve.messages import Named, RecordView, SnapshotList, Tagged, TakeSnapshot, VESnapshot
 from discovery.ve.records import VERecord, view
+from discovery.ve.shipping import Shipping
 from discovery.ve.snapshotting import Snapshot, SnapshotFinish, delete_snapshot, restore
 from overlay.wire.rpc import Caller
 
 
-class Snapshots(VEBase):
+class Snapshots(Shipping):
     """`ve.snapshot`, `ve.snapshots`, `ve.restore`, `ve.snapshot_delete`, and the undoing of a snapshot left
-    half-taken."""
+    half-taken; the shipped snapshots are `Shipping`'s."""
 
     async def _on_snapshot(self, caller: Caller, request: TakeSnapshot) -> VESnapshot:
         """A snapshot of every VM of the VE under `tag`, consistent across them: the running VMs are paused,
@@ -45,8 +47,9 @@ class Snapshots(VEBase):
         return record
 
     async def _on_snapshots(self, caller: Caller, request: Named) -> SnapshotList:
+        """The snapshots the record lists, and the VMs' shipped snapshots with their holders."""
         ve = (await self._record(caller, request.name)).ve
-        return SnapshotList(ve.name, list(ve.snapshots))
+        return SnapshotList(ve.name, list(ve.snapshots), shipped=await self._shipped_list(ve) or None)
 
     async def _on_restore(self, caller: Caller, request: Tagged) -> RecordView:
         """Bring every VM back to snapshot `tag` (each host re-creates the domain from what it stored, the VM

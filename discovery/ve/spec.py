@@ -8,6 +8,10 @@ A spec may carry placement `constraints` (affinity, anti-affinity, same site, sp
 per node); `discovery.ve.placement` honours them. Contradictions that need no knowledge of the nodes are
 refused here, where the error can point at the line. Affinity is transitive: groups that share a VM
 are merged (`Constraints.together`), since `[a, b]` and `[b, c]` can only mean a, b and c on one node.
+
+A spec may also carry an `ha` policy (`HaPolicy`): how its VMs are kept recoverable (standby copies on other
+nodes, or a restart elsewhere from periodic snapshots) and in which order VEs are recovered. `ve ha` sets it
+later through the same validator (`parse_ha`), so a policy reads alike wherever it was written.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -43,9 +47,23 @@ _NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending 
 _IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _IMAGE_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '/' or '-'"
 
-_TOP_KEYS = ("name", "site", "vms", "constraints")
+MAX_COPIES = 16
+"""Most standby copies of a VM (`ha: {copies}`, `ve replicate`)."""
+SNAPSHOT_EVERY_RANGE = (10, 24 * 3600)
+"""Seconds between periodic snapshots: each pauses the VE's VMs, and a day-old restart point is no HA."""
+KEEP_RANGE = (1, 100)
+DEFAULT_KEEP = 3
+PRIORITY_RANGE = (-1000, 1000)
+
+_TOP_KEYS = ("name", "site", "vms", "constraints", "ha")
 _VM_KEYS = ("name", "vcpus", "memory_mb", "disk_gb", "image")
 _CONSTRAINT_KEYS = ("affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node")
+_HA_KEYS = ("mode", "copies", "snapshot_every", "keep", "priority")
+_HA_ONLY = {"copies": ("standby",), "snapshot_every": ("restart",), "keep": ("restart",),
+            "priority": ("restart", "standby")}
+"""The modes each optional key of a policy applies to (`mode: none` takes none of them)."""
+_DURATION_RE = re.compile(r"([0-9]{1,9})|(?:([0-9]{1,6})h)?(?:([0-9]{1,6})m)?(?:([0-9]{1,6})s)?")
+_DURATION_RULE = "seconds, or as in 30s, 5m, 1h30m"
 
 _YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 _STR_TAG = _YAML_TAG_PREFIX + "str"
@@ -119,6 +137,37 @@ class Constraints:
 
 NO_CONSTRAINTS = Constraints()
 
+HaMode = Literal["none", "restart", "standby"]
+HA_MODES: tuple[HaMode, ...] = ("none", "restart", "standby")
+
+
+@dataclass(frozen=True)
+class HaPolicy:
+    """How a VE's VMs are kept recoverable when their host dies, and how urgently; the default protects nothing.
+
+    `standby` keeps `copies` standby copies of each VM on other nodes (`discovery.ve.replicas`); `restart`
+    restarts a VM elsewhere from its image and its last snapshot, one taken every `snapshot_every` seconds,
+    the last `keep` kept (None: no periodic snapshot). Higher `priority` is recovered first.
+    """
+
+    mode: HaMode = "none"
+    copies: int = field(default=0, metadata=sparse())
+    snapshot_every: int | None = field(default=None, metadata=sparse())
+    keep: int | None = field(default=None, metadata=sparse())
+    priority: int = field(default=0, metadata=sparse())
+
+    @property
+    def protected(self) -> bool:
+        return self.mode != "none"
+
+    @classmethod
+    def from_dict(cls, d: object, source: str = "") -> HaPolicy:
+        """Validates a policy given alone (`ve ha`), as the spec's `ha` is; errors name `ha.<field>`."""
+        return _Validator(source).ha(d, "ha")
+
+
+NO_HA = HaPolicy()
+
 
 @dataclass(frozen=True)
 class VESpec:
@@ -128,12 +177,13 @@ class VESpec:
     vms: tuple[VMSpec, ...]
     site: str | None = None
     constraints: Constraints = field(default=NO_CONSTRAINTS, metadata=sparse())
+    ha: HaPolicy = field(default=NO_HA, metadata=sparse())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (str, int, bool, list, None) for msgpack; from_dict reads it back.
 
         Only the constraints that are set travel, and none at all when there is none (`codec.sparse`), so
-        that such a spec reads the same as before constraints existed.
+        that such a spec reads the same as before constraints existed; likewise the HA policy.
         """
         data: dict[str, Any] = codec.encode(self)
         return data
@@ -241,11 +291,45 @@ class _Validator:
                                  f"duplicate VM name {vm.name!r}, already used by vms[{first}]")
             first_index[vm.name] = index
             vms.append(vm)
-        constraints_obj = top.get("constraints")
-        if _is_null(constraints_obj):
-            return VESpec(name=name, vms=tuple(vms), site=site)
-        constraints = self.constraints(constraints_obj, first_index, site, top.get("site"))
-        return VESpec(name=name, vms=tuple(vms), site=site, constraints=constraints)
+        constraints_obj, ha_obj = top.get("constraints"), top.get("ha")
+        constraints = (NO_CONSTRAINTS if _is_null(constraints_obj)
+                       else self.constraints(constraints_obj, first_index, site, top.get("site")))
+        ha = NO_HA if _is_null(ha_obj) else self.ha(ha_obj, "ha")
+        return VESpec(name=name, vms=tuple(vms), site=site, constraints=constraints, ha=ha)
+
+    def ha(self, obj: object, path: str) -> HaPolicy:
+        """The HA policy; a key that does not apply to its mode is refused (a `copies` under `restart` is a
+        mistake, not a wish to ignore), so is a `keep` without the `snapshot_every` it counts."""
+        fields = self.mapping(obj, path, _HA_KEYS, required=("mode",))
+        mode_obj = fields["mode"]
+        mode = next((m for m in HA_MODES if m == _string(mode_obj)), None)
+        if mode is None:
+            raise self.error(mode_obj, f"{path}.mode",
+                             f"must be one of {', '.join(HA_MODES)}, got {_describe(mode_obj)}")
+        values = {key: value for key, value in fields.items() if key != "mode" and not _is_null(value)}
+        for key, value in values.items():
+            if mode not in _HA_ONLY[key]:
+                raise self.error(value, f"{path}.{key}", f"only for mode {' or '.join(_HA_ONLY[key])} (mode is {mode})")
+        if "keep" in values and "snapshot_every" not in values:
+            raise self.error(values["keep"], f"{path}.keep", "counts periodic snapshots: give snapshot_every too")
+        every = (self.duration(values["snapshot_every"], f"{path}.snapshot_every", SNAPSHOT_EVERY_RANGE)
+                 if "snapshot_every" in values else None)
+        keep = self.integer(values["keep"], f"{path}.keep", KEEP_RANGE) if "keep" in values else None
+        copies = self.integer(values.get("copies", 1), f"{path}.copies", (1, MAX_COPIES)) if mode == "standby" else 0
+        priority = self.integer(values["priority"], f"{path}.priority", PRIORITY_RANGE) if "priority" in values else 0
+        return HaPolicy(mode, copies, every, keep if keep is not None or every is None else DEFAULT_KEEP, priority)
+
+    def duration(self, obj: object, path: str, bounds: tuple[int, int]) -> int:
+        """Whole seconds, from an integer or a string ("90", "30s", "5m", "1h30m")."""
+        low, high = bounds
+        seconds = _integer(obj)
+        text = _string(obj)
+        if seconds is None and text is not None:
+            seconds = _seconds(text)
+        if seconds is None or not low <= seconds <= high:
+            raise self.error(obj, path, f"must be a duration from {format_duration(low)} to {format_duration(high)} "
+                             f"({_DURATION_RULE}), got {_describe(obj)}")
+        return seconds
 
     def constraints(self, obj: object, vms: Mapping[str, int], site: str | None, site_obj: object) -> Constraints:
         """The constraints, refusing unknown VMs and contradictions that need no knowledge of the nodes."""
@@ -379,6 +463,23 @@ class _Validator:
         if value is None or not low <= value <= high:
             raise self.error(obj, path, f"must be an integer between {low} and {high}, got {_describe(obj)}")
         return value
+
+
+def format_duration(seconds: int) -> str:
+    """Whole seconds as a policy writes them: 30s, 5m, 1h30m."""
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    shown = "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n)
+    return shown or "0s"
+
+
+def _seconds(text: str) -> int | None:
+    """The seconds a duration string says (see `_Validator.duration`), None if it is none."""
+    match = _DURATION_RE.fullmatch(text)
+    if match is None or not any(match.groups()):
+        return None
+    plain, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return plain + hours * 3600 + minutes * 60 + seconds
 
 
 def _error(source: str, reason: str, *, line: int | None = None, path: str = "") -> SpecError:

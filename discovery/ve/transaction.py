@@ -1,6 +1,6 @@
 """What the VE transactions' sans-IO cores (`discovery.ve.creating`, `discovery.ve.moves`,
-`discovery.ve.failovers`, `discovery.ve.snapshotting`) and their one driver (`discovery.ve.driver`) say to
-each other.
+`discovery.ve.failovers`, `discovery.ve.rebuilding`, `discovery.ve.snapshotting`) and their one driver
+(`discovery.ve.driver`) say to each other.
 
 A VE operation that must survive a crash halfway (a create, a relocation, a failover, a snapshot) is a
 small transaction whose log is the VE record. Its logic is a state machine that never touches a socket, a

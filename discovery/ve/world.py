@@ -1,9 +1,9 @@
 """An in-memory world for the VE transaction cores (`discovery.ve.creating`, `discovery.ve.moves`,
-`discovery.ve.failovers`, `discovery.ve.snapshotting`): hosts that hold domains, reservations and standby
-copies, one VE record in a directory with its index entry, and which of them answer. It performs a core's
-actions as `discovery.ve.driver` does over RPC, with the hosts' semantics (`agents.host`) reduced to what
-the transactions rely on, and checks after every event what must always hold: no domain runs at two
-places, and none of a VE that exists (not `creating`) is lost (held nowhere).
+`discovery.ve.failovers`, `discovery.ve.rebuilding`, `discovery.ve.snapshotting`): hosts that hold domains,
+reservations and standby copies, one VE record in a directory with its index entry, and which of them answer. It
+performs a core's actions as `discovery.ve.driver` does over RPC, with the hosts' semantics (`agents.host`)
+reduced to what the transactions rely on, and checks after every event what must always hold: no domain runs at
+two places, and none of a VE that exists (not `creating`) is lost (held nowhere).
 
 Faults: a name in `down` does not answer (a call has no effect), nor does one call with
 `perform(..., fault="unreachable")`; `fault="lost"` applies a call and loses its answer; `"timeout"` /

@@ -22,6 +22,7 @@ import functools
 import heapq
 import inspect
 import math
+import random
 from collections.abc import Callable
 from dataclasses import replace
 from types import CodeType
@@ -119,6 +120,11 @@ class MemNetwork:
         self.endpoints: dict[str, MemTransport] = {}
         self.down: set[str] = set()
         self.messages = 0
+        self.cut: set[tuple[str, str]] = set()
+        """(from, to) address pairs whose messages are lost: a partition, one way or (both pairs) both."""
+        self.loss = 0.0
+        self.rng = random.Random(0)
+        """Each message is also lost with probability `loss`, drawn from `rng`."""
 
     def endpoint(self, addr: str, node: str, site: str = "", speaks: Versions = SPOKEN) -> MemTransport:
         transport = MemTransport(self, addr, node, site, speaks)
@@ -131,6 +137,11 @@ class MemNetwork:
         """The node stops answering at once; its state is gone with it."""
         self.down.add(addr)
         self.endpoints.pop(addr, None)
+
+    def lost(self, source: str, target: str) -> bool:
+        """Whether a message from `source` to `target` is lost (cut, or by chance): its caller times out; an
+        answer lost after the handler ran leaves the handler's effects in place, as on a real network."""
+        return (source, target) in self.cut or (self.loss > 0 and self.rng.random() < self.loss)
 
 
 class MemTransport(Endpoint):
@@ -172,9 +183,11 @@ class MemTransport(Endpoint):
         with trio.move_on_after(deadline):
             await trio.sleep(one_way)
             target = self.network.endpoints.get(addr)
-            if target is None:
-                await trio.sleep_forever()  # a vanished host: the caller can only time out
+            if target is None or self.network.lost(self.addr, addr):
+                await trio.sleep_forever()  # a vanished host or a lost request: the caller can only time out
             ok, value = await target.serve(self, method, _copy(args or {}))
+            if self.network.lost(addr, self.addr):
+                await trio.sleep_forever()
             await trio.sleep(one_way)
             return ok, value, target
         return False, None, None
@@ -188,7 +201,7 @@ class MemTransport(Endpoint):
             return False, None, None
         await clock.sleep_until(clock.current_time() + one_way)
         target = self.network.endpoints.get(addr)
-        if target is None:  # a vanished host: the caller can only time out
+        if target is None or self.network.lost(self.addr, addr):  # the caller can only time out
             await clock.sleep_until(expiry)
             return False, None, None
         if _never_suspends(target.handler(method)):  # the Chord handlers: nothing to time out
@@ -203,7 +216,7 @@ class MemTransport(Endpoint):
             if scope.cancelled_caught:
                 return False, None, None
         back = clock.current_time() + one_way
-        if back > expiry:  # the answer would come too late
+        if back > expiry or self.network.lost(addr, self.addr):  # the answer would come too late, or not at all
             await clock.sleep_until(expiry)
             return False, None, None
         await clock.sleep_until(back)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from discovery.ve.relocation import check_placement
+from discovery.ve.placement import check_placement
 from discovery.ve.spec import VESpec
 
 from .conftest import wait_for

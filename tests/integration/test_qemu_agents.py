@@ -4,7 +4,10 @@ agent runs its own libvirtd in a private mount namespace and VMs are tiny guests
 Each operation is proven by the guest's heartbeat counter (written to its disk and console every
 second): it stops while suspended, a restored snapshot brings the disk's value back, a live
 relocation continues it on the target without a reboot (no second ready line), a shipped VM keeps its
-snapshots (and migrates live again once they are deleted). Deadlines are generous (TCG on a loaded
+snapshots (and migrates live again once they are deleted), a VM whose host loses power boots on its standby
+copy's disk or, rebuilt, on a fresh disk of its image or on its shipped snapshot, a guest whose QEMU is killed
+boots again where it
+ran, until its restart budget is spent. Deadlines are generous (TCG on a loaded
 2-core machine); nothing depends on speed.
 Skipped, with the reason, where QEMU, the guest image or libvirtd is not available.
 """
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +31,7 @@ from images import debian, tinyguest
 from overlay.wire.rpc import RpcError
 
 from .conftest import SETTLE_DEADLINE, Cluster, holds, pid_alive, rejoined, restart, wait_for
+from .test_metrics import scrape
 from .test_qemu_guest import STEP_DEADLINE, heartbeats, wait_until
 from .test_relocate import domains
 
@@ -90,8 +95,8 @@ class VM:
         return self.cluster.json("--agent", self.via, "ve", "locate", self.ve)["vms"][self.vm]["node"]
 
     def file(self, suffix: str, node: str | None = None) -> Path:
-        embedded = self.cluster.state.get("hypervisor") == "qemu-embed"
-        guests = self.cluster.dir / (node or self.node) / "data" / ("" if embedded else "libvirtd") / "guests"
+        own_daemon = self.cluster.state.get("hypervisor") == "qemu"  # else the QEMU driver's or the system's
+        guests = self.cluster.dir / (node or self.node) / "data" / ("libvirtd" if own_daemon else "") / "guests"
         return guests / f"{self.ve}--{self.vm}{suffix}"
 
     def beats(self, node: str | None = None) -> list[int]:
@@ -304,10 +309,182 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
     qemu3.cli("--agent", survivor, "ve", "destroy", "solo")
 
 
+def test_vms_whose_host_loses_power_are_rebuilt_from_their_image_or_newest_shipped_snapshot(
+        qemu3: Cluster, tmp_path: Path) -> None:
+    """Two VMs with no standby copy on one host, one of them shipped once; the host loses power (its agent, daemon
+    and guests killed); `ve rebuild` boots each on another node: the one never shipped on a fresh disk of its
+    image (its heartbeat starts again from 0), the other on its shipped snapshot (the heartbeat it had then). The
+    host, back, keeps no second copy running."""
+    fresh, kept = create_one(qemu3, tmp_path, "remade"), create_one(qemu3, tmp_path, "kept")
+    host = fresh.node
+    if kept.node != host:  # placed elsewhere (node1 was short of room): brought together
+        qemu3.json("--agent", "node2", "ve", "relocate", "kept", "--to", host)
+    kept.wait_beat_above(2, host)
+    before = kept.disk_beat()
+    image = qemu3.json("--agent", "node2", "ve", "ship", "kept")["vms"]["a"]["shipped"]["image"]
+    after = kept.disk_beat()
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
+    end_leftovers(qemu3.dir / host / "data")
+    survivor = fresh.via = kept.via = next(n["name"] for n in qemu3.state["nodes"] if n["name"] != host)
+    targets = {}
+    for vm, boots in ((fresh, "tiny"), (kept, image)):
+        # retried while the directory's write cannot reach a majority of the record's replicas yet (one is on
+        # the dead host until SWIM says so); a retry first settles what a failed attempt left
+        rebuilt = wait_for(lambda ve=vm.ve: qemu3.try_json("--agent", survivor, "ve", "rebuild", ve), STEP_DEADLINE,
+                           f"ve rebuild {vm.ve}")
+        slot = rebuilt["placement"]["a"]
+        assert slot["node"] != host and slot["why"].startswith(f"rebuilt from image {boots},")
+        targets[vm.ve] = slot["node"]
+        vm.wait_ready()
+
+    def ready(vm: VM) -> int:
+        line = next(line for line in vm.file(".log", targets[vm.ve]).read_text(errors="replace").splitlines()
+                    if tinyguest.READY in line)
+        return int(line.rpartition("heartbeat=")[2])
+
+    assert ready(fresh) == 0 and before <= ready(kept) <= after  # a fresh disk; the disk as it was when shipped
+    assert fresh.wait_beat_above(1, targets["remade"]) > 1
+    restart(qemu3, host)
+
+    def one_place() -> bool:
+        try:
+            return all(domains(qemu3, f"{ve}:a") == {node: "running"} for ve, node in targets.items())
+        except RpcError:  # the restarted agent is not listening yet
+            return False
+
+    wait_until(one_place, BOOT_DEADLINE,  # the host's agent and daemon start, then its fencing pass runs
+               "the VMs at exactly one place once their old host is back")
+    for ve in targets:
+        qemu3.cli("--agent", survivor, "ve", "destroy", ve)
+    qemu3.cli("--agent", survivor, "image", "rm", image)
+
+
+def test_shipped_snapshots_send_what_changed_and_boot_elsewhere_once_the_host_is_gone(qemu3: Cluster,
+                                                                                     tmp_path: Path) -> None:
+    """`ve ship` makes the guest's disk (1 GiB, written every second by its heartbeat) an image kept by nodes
+    besides its host; the second sends them what changed since the first, far less than the disk. The host then
+    loses power, and a new VE booting that image through another agent reads on its disk the heartbeat that the
+    guest had written when the snapshot was taken."""
+    a = create_one(qemu3, tmp_path, "shipping")
+    host = a.node
+    a.wait_beat_above(2)
+    first = qemu3.json("--agent", "node2", "ve", "ship", "shipping")["vms"]["a"]
+    assert first["host"] == host and first["sent"] and host not in first["sent"]
+    shipped_at = a.disk_beat()
+    a.wait_disk_beat(lambda beat: beat > shipped_at + 2, "the guest writes on")
+    before = a.disk_beat()
+    second = qemu3.json("--agent", "node2", "ve", "ship", "shipping")["vms"]["a"]
+    after = a.disk_beat()
+    log.info("shipped snapshots: first %s, second %s", first, second)
+    image = second["shipped"]["image"]
+    entry = qemu3.json("--agent", "node2", "image", "show", image)
+    assert entry["size"] == 1 << 30 and set(second["sent"]) == set(first["sent"])  # the same holders: incremental
+    assert all(sent < 1 << 20 for sent in second["sent"].values())  # a 1 GiB disk; a few chunks changed
+    assert set(entry["holders"]) - {host}
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guest
+    end_leftovers(qemu3.dir / host / "data")
+    survivor = next(n for n in second["sent"])
+    point = qemu3.json("--agent", survivor, "ve", "restore-point", "shipping", "a")
+    assert point["image"] == image and point["digest"] == entry["digest"]
+    spec = tmp_path / "reborn.yaml"
+    spec.write_text(f"name: reborn\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: {image}}}\n")
+    qemu3.json("--agent", survivor, "ve", "create", str(spec))
+    reborn = VM(qemu3, "reborn", "a")
+    reborn.via = survivor
+    reborn.wait_ready()
+    ready = next(line for line in reborn.file(".log").read_text(errors="replace").splitlines()
+                 if tinyguest.READY in line)
+    assert before <= int(ready.rpartition("heartbeat=")[2]) <= after  # the disk as it was when shipped
+    qemu3.cli("--agent", survivor, "ve", "destroy", "reborn")
+    restart(qemu3, host)
+    rejoined(qemu3, host, "shipping")
+    qemu3.cli("--agent", survivor, "ve", "destroy", "shipping")
+    for shipped in (first, second):
+        qemu3.cli("--agent", survivor, "image", "rm", shipped["shipped"]["image"])
+
+
+def pid_file(cluster: Cluster, node: str, domain: str) -> Path:
+    """libvirt's pid file of `domain`'s QEMU on `node` (the node's own daemon's, or its embedded driver's)."""
+    root = "libvirtd" if cluster.state.get("hypervisor") == "qemu" else "embed"
+    return cluster.dir / node / "data" / root / "run" / "qemu" / f"{domain}.pid"
+
+
+def kill_guest(cluster: Cluster, node: str, domain: str) -> int:
+    """SIGKILL the QEMU of `domain` on `node` (its pid from libvirt's pid file), as a QEMU crash would end it;
+    returns the pid, once dead."""
+    pid = int(pid_file(cluster, node, domain).read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), 30, f"QEMU of {domain} (pid {pid}) dead", interval=0.05)
+    return pid
+
+
+def restarted(cluster: Cluster, node: str, domain: str, killed: int) -> int:
+    """Wait until `domain` runs again on `node` in a new QEMU (the host restarted it); returns its pid."""
+    file = pid_file(cluster, node, domain)
+
+    def again() -> int | None:
+        text = file.read_text().strip() if file.exists() else ""
+        return int(text) if text.isdigit() and int(text) != killed and pid_alive(int(text)) else None
+
+    pid = wait_until(again, STEP_DEADLINE, f"{domain} started again on {node}")
+    wait_until(lambda: domains(cluster, domain) == {node: "running"}, STEP_DEADLINE, f"{domain} running on {node}")
+    return pid
+
+
+def test_a_guest_whose_qemu_is_killed_is_restarted_where_it_ran(qemu3: Cluster, tmp_path: Path) -> None:
+    """kill -9 of a guest's QEMU (libvirt reports STOPPED/FAILED): its host boots it again, on the same node
+    (a reboot: a second ready line), and its heartbeat counts on; the node counts the restart."""
+    a = create_one(qemu3, tmp_path, "phoenix")
+    node, console = a.node, a.file(".log")
+    before = a.wait_beat_above(1, node)
+    restarts = scrape(qemu3.node(node)["metrics"])["discovery_guest_restarts_total", ()]
+    killed = kill_guest(qemu3, node, "phoenix:a")
+    restarted(qemu3, node, "phoenix:a", killed)
+    wait_until(lambda: console.read_text(errors="replace").count(tinyguest.READY) == 2, BOOT_DEADLINE,
+               "the guest booted again", console)
+    offset = console.read_bytes().rindex(tinyguest.READY.encode())
+    wait_until(lambda: len(beats := heartbeats(console, offset)) >= 2 and beats[-1] > beats[0] and beats,
+               STEP_DEADLINE, "the heartbeat counts again after the reboot", console)
+    assert a.disk_beat() >= before  # it goes on from the disk it left
+    assert a.node == node and qemu3.json("ve", "show", "phoenix")["placement"]["a"]["domain_state"] == "running"
+    assert scrape(qemu3.node(node)["metrics"])["discovery_guest_restarts_total", ()] == restarts + 1
+    qemu3.cli("ve", "destroy", "phoenix")
+
+
+def test_a_guest_stopped_on_purpose_is_not_restarted(qemu3: Cluster, tmp_path: Path) -> None:
+    """`ve stop --force` destroys the guest (STOPPED/DESTROYED, the host's intent shutoff): it stays off. A
+    guest whose QEMU is killed once its VE was stopped (off already) is nothing to restart either."""
+    a = create_one(qemu3, tmp_path, "still")
+    node = a.node
+    qemu3.cli("ve", "stop", "still", "--force")
+    holds(lambda: domains(qemu3, "still:a") == {node: "shutoff"}, 6, "a VM destroyed on purpose stays off")
+    assert a.file(".log").read_text(errors="replace").count(tinyguest.READY) == 1
+    assert qemu3.json("ve", "show", "still")["placement"]["a"]["domain_state"] == "shutoff"
+    qemu3.cli("ve", "destroy", "still")
+
+
+def test_a_guest_that_keeps_crashing_is_left_down_marked_crashed(qemu3: Cluster, tmp_path: Path) -> None:
+    """Three restarts in the window (after 1, 2 and 4 s), then the fourth kill leaves the VM down: `ve show`
+    and the host show it crashed (for the HA layer to recover elsewhere) until `ve start` runs it again."""
+    a = create_one(qemu3, tmp_path, "flaky")
+    node = a.node
+    for _ in range(3):
+        restarted(qemu3, node, "flaky:a", kill_guest(qemu3, node, "flaky:a"))
+    kill_guest(qemu3, node, "flaky:a")
+    shown = lambda: qemu3.json("ve", "show", "flaky")["placement"]["a"]["domain_state"]  # noqa: E731
+    wait_until(lambda: shown() == "crashed", STEP_DEADLINE, "the VM marked crashed")
+    holds(lambda: domains(qemu3, "flaky:a") == {node: "crashed"}, 6, "a VM whose budget is spent stays down")
+    assert scrape(qemu3.node(node)["metrics"])["discovery_vms", (("state", "crashed"),)] == 1
+    qemu3.cli("ve", "start", "flaky")
+    assert domains(qemu3, "flaky:a") == {node: "running"} and shown() == "running"
+    qemu3.cli("ve", "destroy", "flaky")
+
+
 def test_without_a_daemon_a_vm_is_saved_shipped_and_restored(tmp_path_factory: pytest.TempPathFactory,
                                                               tmp_path: Path) -> None:
     """The QEMU driver embedded in each agent cannot migrate: the VM moves by save → ship → restore, and
-    goes on counting from its memory (no reboot); its snapshot, carried inside the qcow2, restores there."""
+    goes on counting from its memory (no reboot); its snapshot, carried inside the qcow2, restores there; its
+    QEMU killed, the agent boots it again there (the events come from the driver inside the agent)."""
     with qemu_cluster(tmp_path_factory, 2, 1, "qemu-embed", "embed") as cluster:
         a = create_one(cluster, tmp_path, "solo")
         source = a.node
@@ -324,6 +501,8 @@ def test_without_a_daemon_a_vm_is_saved_shipped_and_restored(tmp_path_factory: p
         assert domains(cluster, "solo:a") == {target: "running"} and not a.file(".qcow2", source).exists()
         assert cluster.json("ve", "restore", "solo", "s1")["state"] == "suspended"
         assert a.disk_beat() == at_snapshot
+        cluster.cli("ve", "resume", "solo")  # the embedded driver reports a killed QEMU too: restarted in place
+        restarted(cluster, target, "solo:a", kill_guest(cluster, target, "solo:a"))
 
 
 BOOT_SECTOR = bytes.fromhex(

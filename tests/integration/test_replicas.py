@@ -150,25 +150,30 @@ def test_failover_after_kill_9_of_the_host_runs_the_vm_on_its_copy_and_only_ther
         assert domains(cluster4, f"fo:{vm}") == {node: "running"}
     assert "cannot fail over fo: the host" in refused(cluster4, "--agent", "node3", "ve", "failover", "fo")
 
-    # node1 comes back with its old copies defined, held off: it removes them once it reads where the VMs
-    # run now, and never runs them meanwhile
-    restart(cluster4, "node1")
+    back_and_fenced(cluster4, "node1", {f"fo:{vm}": node for vm, node in targets.items()})
+    cluster4.cli("--agent", "node1", "ve", "destroy", "fo")
+
+
+def back_and_fenced(cluster, host, placed):
+    """Restart `host`, whose VMs run elsewhere now (`placed`: domain -> node): it comes back with its old copies
+    defined, held off, and removes them once it reads where the VMs run; it never runs them meanwhile, and its
+    room is all free again."""
+    restart(cluster, host)
     ran_there = []
 
     def fenced():
         try:
-            mine = host_info(cluster4, "node1")["domains"]
+            mine = host_info(cluster, host)["domains"]
             ran_there.extend(d["name"] for d in mine if d["state"] != "shutoff")
-            return mine == [] and all(
-                domains(cluster4, f"fo:{vm}") == {node: "running"} for vm, node in targets.items())
+            return mine == [] and all(domains(cluster, d) == {node: "running"} for d, node in placed.items())
         except RpcError:
-            return False  # node1 is not serving yet
+            return False  # the host is not serving yet
 
-    wait_for(fenced, what="node1, back, removed its old copies", detail=lambda: f"fo:x at {domains(cluster4, 'fo:x')}")
+    wait_for(fenced, what=f"{host}, back, removed its old copies",
+             detail=lambda: f"where: {({d: domains(cluster, d) for d in placed})}")
     assert ran_there == []
-    node1 = host_info(cluster4, "node1")
-    assert node1["free"] == node1["total"]
-    cluster4.cli("--agent", "node1", "ve", "destroy", "fo")
+    info = host_info(cluster, host)
+    assert info["free"] == info["total"]
 
 
 def test_failover_whose_coordinator_dies_before_the_promotion_is_undone_then_done_again(cluster4, tmp_path):

@@ -84,6 +84,10 @@ def test_life_cycle_partition_heal_down(testbed: Cluster) -> None:
     report = json.loads(testbed.cli("testbed", "validate", "--dir", d, "--seconds", "1", "--json", check=False).stdout)
     assert len(report["pairs"]) == 6  # one node per site: only the pairs between sites
     assert report["ok"], report
+    packets = wait_for(lambda: testbed.json("testbed", "status", "--dir", d)["relay_packets"], timeout=10,
+                       what="the relay's counts written")
+    assert packets["forwarded"] > 0 and set(packets["dropped"]) == {"queue_full", "refused", "tun_full"}
+    assert all(isinstance(n, int) for n in packets["dropped"].values()), packets
 
     testbed.cli("testbed", "partition", "node3", "--dir", d)
     for observer in ("node1", "node2"):
@@ -98,6 +102,13 @@ def test_life_cycle_partition_heal_down(testbed: Cluster) -> None:
     testbed.cli("testbed", "down", "--dir", d)
     assert not _leftovers()
     wait_for(lambda: not [p for p in pids if _alive(p)], timeout=10, what="the agents gone (reaped by init)")
+
+
+def test_a_second_testbed_is_refused_and_leaves_the_first_up(testbed: Cluster, tmp_path: Path) -> None:
+    up = testbed.cli("testbed", "up", "--dir", str(tmp_path / "second"), "--nodes", "2", "--sites", "2", check=False)
+    assert up.returncode != 0 and "already up" in up.stderr and len(up.stderr.strip().splitlines()) == 1
+    status = testbed.json("testbed", "status", "--dir", str(testbed.dir))
+    assert status["router_up"] and all(n["answers"] for n in status["nodes"])
 
 
 def test_ve_created_listed_destroyed_across_three_sites(testbed: Cluster, tmp_path: Path) -> None:
@@ -124,9 +135,10 @@ def test_down_without_dir_removes_what_a_crashed_testbed_left(testbed: Cluster) 
 
 @pytest.mark.qemu
 def test_a_real_guest_migrates_live_between_namespaces_across_sites(tmp_path: Path) -> None:
-    """Real guests on the testbed: each node's libvirtd listens on its namespace's address, the tiny image is
-    pulled over the router, and a live relocation to another site carries memory and disk between two
-    namespaces' addresses (delayed and shaped by the router), the guest counting on without a reboot."""
+    """Real guests on the testbed: each node is a host whose agent uses the host's system libvirtd
+    (qemu:///system, listening on the namespace's address), the tiny image is pulled over the router, and a
+    live relocation to another site carries memory and disk between two namespaces' addresses (delayed and
+    shaped by the router), the guest counting on without a reboot."""
     try:
         prepare_guest()
     except BackendError as err:

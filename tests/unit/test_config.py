@@ -78,6 +78,16 @@ def test_migrations_go_to_the_target_daemon_s_host():
         migrate_params("qemu:///system")
 
 
+@pytest.mark.parametrize("uri", ["qemu+tcp://10.7.0.3/system", "qemu+tls://h1/system", "qemu+ssh://root@h1/system"])
+def test_a_migration_goes_to_a_daemon_over_tcp_tls_or_ssh(uri):
+    from agents.messages import Migrate
+    from overlay.wire.rpc import RequestError
+
+    assert Migrate("ve:vm", uri).uri == uri
+    with pytest.raises(RequestError, match="uri must be the target's libvirt URI"):
+        Migrate("ve:vm", uri.replace("qemu+", "http+"))
+
+
 @pytest.mark.parametrize(("line", "metrics"), [("", "127.0.0.1:0"), ('metrics = "0.0.0.0:9464"', "0.0.0.0:9464"),
                                               ('metrics = "[::1]:0"', "[::1]:0"), ('metrics = ""', "")])
 def test_the_metrics_endpoint_is_on_loopback_unless_told(tmp_path, line, metrics):
@@ -115,6 +125,18 @@ def test_hypervisor_and_migration_ports_are_checked(tmp_path):
         load_agent_config(write(tmp_path, 'hypervisor = "xen"\n' + GOOD))
     with pytest.raises(ConfigError, match="'migration_ports' must be"):
         load_agent_config(write(tmp_path, 'migration_ports = [49215, 49200]\n' + GOOD))
+
+
+def test_a_system_daemon_s_migration_uri_names_its_host(tmp_path):
+    system = 'hypervisor = "qemu"\nlibvirt_uri = "qemu:///system"\n'
+    cfg = load_agent_config(write(tmp_path, system + 'migration_uri = "qemu+tls://h1.example/system"\n' + GOOD))
+    assert (cfg.libvirt_uri, cfg.migration_uri) == ("qemu:///system", "qemu+tls://h1.example/system")
+    assert load_agent_config(write(tmp_path, system + GOOD)).migration_uri == ""  # qemu+tcp://HOST/system
+    for bad in ("qemu:///system", "http://h1/system", "qemu+tcp:///system"):
+        with pytest.raises(ConfigError, match="'migration_uri' goes with"):
+            load_agent_config(write(tmp_path, system + f'migration_uri = "{bad}"\n' + GOOD))
+    with pytest.raises(ConfigError, match="'migration_uri' goes with"):  # a node's own daemon has its own URI
+        load_agent_config(write(tmp_path, 'hypervisor = "qemu"\nmigration_uri = "qemu+tcp://h1/system"\n' + GOOD))
 
 
 def test_dvms_table_defaults_and_values(tmp_path):

@@ -8,7 +8,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay.dht import CLAIM_LEASE, COMMIT_WINDOW, ClaimSlots, Record, WriteConflict
+from overlay.dht import CLAIM_LEASE, COMMIT_WINDOW, ClaimSlots, Record, WriteConflict, ballot
 from overlay.messages import DHT_PREPARE, Claim
 from overlay.wire.rpc import RequestError
 
@@ -161,12 +161,38 @@ async def test_the_slot_of_a_claimer_that_died_lapses_and_the_next_claimer_wins(
     assert written.value == "mine" and trio.current_time() - start >= CLAIM_LEASE - 1
 
 
-async def test_a_restarted_replica_grants_no_slot_for_the_commit_window(tmp_path, autojump_clock):
+async def test_a_restarted_replica_grants_no_slot_for_a_slot_lease(tmp_path, autojump_clock):
     cluster = await Cluster.of(tmp_path, 4)
     cluster.crash("n2")
     restarted = await cluster.start("n2", seed="n0")
     probe = {"key": "ve/r", "expect": [0, ""], "token": "t/1"}
     answer = await cluster.nodes["n0"].transport.call(restarted.ring.me.addr, "dht.prepare", probe)
     assert answer == {"granted": False, "why": "restarting"}  # on the wire as it always was
-    await trio.sleep(COMMIT_WINDOW)
+    await trio.sleep(COMMIT_WINDOW)  # no lost slot can be committed now; the hold lasts a whole slot lease, so a
+    # later commit's ballot is at least 2 s after any commit of a slot lost (`ballot`)
+    assert (await cluster.nodes["n0"].transport.call(restarted.ring.me.addr, "dht.prepare", probe)) == answer
+    await trio.sleep(CLAIM_LEASE - COMMIT_WINDOW)
     assert (await cluster.nodes["n0"].transport.call(restarted.ring.me.addr, "dht.prepare", probe))["granted"]
+
+
+async def test_a_commit_left_on_a_minority_loses_to_the_later_majority_commit_of_its_version(tmp_path, autojump_clock):
+    """A writer's commit reached one replica only (its other stores were lost); a second writer, once the first
+    one's slots lapsed, committed the same version to the others. Wherever the two meet, the later commit,
+    which won the majority, is kept: the committed writer is a ballot (commit time, node), not the name."""
+    assert ballot(1_700_000_009.5, "zz") < ballot(1_700_000_010.0, "aa")
+    cluster = await Cluster.of(tmp_path, 4)
+    key = "ve/tie"
+    first, second = cluster.nodes["n0"], cluster.nodes["n1"]
+    early = Record(key, "minority", 1, ballot(cluster.now() - 3, "zz"), cluster.now() - 3)
+    lone = sorted(cluster.replicas(key))[0]
+    await cluster.nodes[lone].shard.merge_many([early])  # what the lost commit left behind
+    others = sorted(cluster.replicas(key) - {lone})
+    for name in others:  # the majority, where the first writer's slots lapsed: the second writer commits
+        answer = await second.transport.call(cluster.nodes[name].ring.me.addr, "dht.prepare",
+                                             {"key": key, "expect": [0, ""], "token": "t/2"})
+        assert answer["granted"]
+    won = await second._commit([cluster.nodes[n].ring.me.addr for n in others],
+                               Record(key, "majority", 1, "n1", 0.0), "t/2")
+    assert won.writer.endswith("|n1") and won.writer > early.writer
+    assert (await first.get(key)).value == "majority"  # the read meets both and repairs the lone replica
+    assert cluster.nodes[lone].shard.records[key].value == "majority"

@@ -75,7 +75,8 @@ async def test_a_change_that_keeps_losing_gives_up_in_one_line(autojump_clock: t
 def test_names_are_normalised_and_checked() -> None:
     assert check_image_name("web") == "web:latest" == tagged("web")
     assert check_image_name("web:2") == "web:2" == tagged("web:2")
-    for bad in ("", "a:b:c", "-x", "a b", "x" * 65, "web:"):
+    assert check_image_name("snap/shop/db:20250101-120000") == "snap/shop/db:20250101-120000"
+    for bad in ("", "a:b:c", "-x", "a b", "x" * 65, "web:", "/x", "x/", "a//b", "a/-b:1", "/".join(["x" * 60] * 3)):
         with pytest.raises(RequestError, match="NAME\\[:TAG\\]"):
             check_image_name(bad)
 

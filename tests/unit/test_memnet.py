@@ -1,5 +1,6 @@
 """The in-memory network that simulations run the production services on."""
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,3 +255,48 @@ async def test_a_simulation_whose_callers_all_ask_may_leave_the_check_to_them(au
         await a.ask("b", garbled, Args())
     assert caught.value.kind == "bad_answer"
     assert await a.call("b", "sum.garbled", {}) == {"total": "three"}  # unchecked: what the caller asked for
+
+
+@pytest.mark.parametrize("clock", ["mock", "sim"])
+def test_a_cut_loses_requests_one_way_and_answers_the_other(clock):
+    """Cut a → b: a's request never arrives (the handler does not run); cut b → a: the handler runs, its answer
+    is lost. Either way the caller times out, on both clocks."""
+    net, a, b = net_of_two()
+    ran = []
+
+    async def note(caller, request):
+        ran.append(request.x)
+        return True
+
+    b.route(method_named("note"), note)
+
+    async def main():
+        for pair, x in (((("a", "b")), 1), ((("b", "a")), 2)):
+            net.cut = {pair}
+            with pytest.raises(RpcTimeout):
+                await a.call("b", "note", {"x": x}, timeout=1.0)
+        net.cut = set()
+        assert await a.call("b", "note", {"x": 3}, timeout=1.0)
+
+    trio.run(main, clock=MockClock(autojump_threshold=0) if clock == "mock" else SimClock())
+    assert ran == [2, 3]
+
+
+def test_random_loss_drops_about_its_share():
+    net, a, b = net_of_two(latency=0.0)
+
+    async def ok(caller, request):
+        return True
+
+    b.route(method_named("ok"), ok)
+    net.loss = 0.25
+
+    async def main():
+        answered = 0
+        for _ in range(400):
+            with contextlib.suppress(RpcTimeout):
+                answered += await a.call("b", "ok", {}, timeout=0.1)
+        return answered
+
+    answered = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert 400 * 0.75 ** 2 * 0.85 < answered < 400 * 0.75 ** 2 * 1.15  # each way loses 1/4

@@ -16,6 +16,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
+from agents.host.base import CRASHED
 from agents.host.service import HostService
 from agents.hypervisor.actor import DomainInfo
 from agents.messages import HOST_CONFIRM, HOST_RESERVE, HOST_VM_SUSPEND, Confirm, Reserve, VmName
@@ -133,17 +134,21 @@ async def test_vms_by_state_are_libvirts_and_only_this_nodes(host: HostService) 
         token = (await ask(host, HOST_RESERVE, Reserve(name, 1, 512, 1))).token
         await ask(host, HOST_CONFIRM, Confirm(token))
     await ask(host, HOST_VM_SUSPEND, VmName("ve:c"))
+    await host.hypervisor.destroy("ve:b")
+    await host._set_desired("ve:b", CRASHED)  # left down after its guest crashed too often
     outsider = DomainInfo("not-ours", "u", "running", 1, 64)  # another tool's domain on a shared libvirtd
 
     async def listing() -> list[DomainInfo]:
         return [*await host.listing(), outsider]
 
     host.shipped.update({"sent": 10, "received": 5})
+    host.guest_restarts = 3
     collector = collectors.HostCollector(host, listing)
     await collector.refresh()
     got = list(collector.collect())
     assert {s: value(got, "discovery_vms", state=s) for s in ("running", "paused", "shutoff", "crashed", "other")} \
-        == {"running": 2, "paused": 1, "shutoff": 0, "crashed": 0, "other": 0}
+        == {"running": 1, "paused": 1, "shutoff": 0, "crashed": 1, "other": 0}
+    assert value(got, "discovery_guest_restarts_total") == 3
     assert value(got, "discovery_host_capacity_vcpus") == 8 and value(got, "discovery_host_free_vcpus") == 5
     assert value(got, "discovery_host_free_memory_bytes") == (8192 - 3 * 512) * 2**20
     assert value(got, "discovery_vm_ship_sent_bytes_total") == 10
@@ -184,7 +189,7 @@ def full_exporter() -> Exporter:
     dht = SimpleNamespace(shard=SimpleNamespace(records={}), stats={"passes": 1})
     host = SimpleNamespace(ledger=SimpleNamespace(allocated={}, total=SimpleNamespace(vcpus=1, memory_mb=1, disk_gb=1),
                                                   free=lambda now: SimpleNamespace(vcpus=1, memory_mb=1, disk_gb=1)),
-                           shipped=Counter())
+                           shipped=Counter(), guest_restarts=0)
 
     async def listing() -> list[DomainInfo]:
         return []
@@ -208,7 +213,8 @@ async def test_every_series_follows_prometheus_naming() -> None:
     assert {"discovery_rpc_server_duration_seconds", "discovery_members", "discovery_ring_successors",
             "discovery_dht_records", "discovery_vivaldi_error_ratio", "discovery_vms", "discovery_dvms_partition",
             "discovery_dvms_migrations", "discovery_image_pulled_bytes", "discovery_vm_ship_sent_bytes",
-            "process_resident_memory_bytes", "process_cpu_seconds"} <= {f.name for f in families}
+            "discovery_guest_restarts", "process_resident_memory_bytes",
+            "process_cpu_seconds"} <= {f.name for f in families}
     per_content = {"ve", "vm", "vms", "domain", "chunk", "image", "partition", "peer", "node", "key", "owner"}
     for family in families:
         assert family.name.startswith(("discovery_", "process_")), family.name

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from discovery.ve.placement import Candidate, Plan, Refusal, plan
+from discovery.ve.placement import Candidate, Plan, Refusal, check_placement, plan
 from discovery.ve.spec import Constraints, SpecError, VESpec, VMSpec
 
 SITES = ("lyon", "nancy", "rennes")
@@ -362,3 +362,20 @@ def test_64_vms_on_1000_candidates_is_fast(constraints: dict[str, Any]) -> None:
     assert elapsed < 1.0
     if not constraints:
         assert Counter(result.assignment.values()).most_common(1)[0][1] > 1
+
+
+def test_a_placement_of_some_vms_is_checked_for_what_they_can_already_break() -> None:
+    """A rebuild places one VM while others of its VE wait their turn: groups count their placed members, and a
+    spread over sites is judged on the whole VE only."""
+    spec = ve(*small("a", "b", "c"), anti_affinity=[["a", "b"]], spread_sites=2, max_per_node=2)
+    sites = {"n1": "lyon", "n2": "lyon", "n3": "nancy"}
+    assert check_placement(spec, {"a": "n1"}, sites) is None
+    assert check_placement(spec, {"a": "n1", "b": "n1"}, sites) == "anti-affinity [a, b]: a and b would share n1"
+    assert check_placement(spec, {"a": "n1", "b": "n2"}, sites) is None  # one site so far: c may still spread it
+    assert check_placement(spec, {"a": "n1", "b": "n2", "c": "n2"}, sites) == (
+        "spread over 2 sites: the VMs would cover only 1 (lyon)")
+    assert check_placement(spec, {"a": "n1", "b": "n2", "c": "n3"}, sites) is None
+    together = ve(*small("a", "b", "c"), affinity=[["a", "b"]])
+    assert check_placement(together, {"a": "n1", "c": "n2"}, sites) is None
+    assert check_placement(together, {"a": "n1", "b": "n2"}, sites) == (
+        "affinity [a, b] keeps them on one node; they would be on n1, n2")

@@ -144,6 +144,18 @@ def test_carried_xml_is_pointed_at_this_nodes_files_and_accelerator(tmp_path: Pa
     assert dom.findtext("os/initrd") == str(tmp_path / "seen" / "bases" / "d1" / "initrd.img-6")
     assert dom.find("devices/disk/source").get("file") == str(tmp_path / "seen" / "ve--vm.qcow2")
     assert dom.find("devices/serial/source").get("path") == str(tmp_path / "seen" / "ve--vm.log")
-    snapshot = ET.fromstring(here.adapt(f"<domainsnapshot><name>s1</name>{there}</domainsnapshot>"))
-    assert snapshot.find("domain/devices/disk/source").get("file") == str(tmp_path / "seen" / "ve--vm.qcow2")
+    inactive = there.replace("<domain ", "<inactiveDomain ").replace("</domain>", "</inactiveDomain>")
+    snapshot = ET.fromstring(here.adapt(f"<domainsnapshot><name>s1</name>{there}{inactive}</domainsnapshot>"))
+    for domain in ("domain", "inactiveDomain"):  # as it ran, and the definition a revert brings back
+        assert snapshot.find(f"{domain}/devices/disk/source").get("file") == str(tmp_path / "seen" / "ve--vm.qcow2")
+        assert snapshot.findtext(f"{domain}/os/kernel") == str(tmp_path / "seen" / "bases" / "d1" / "vmlinuz-6")
     assert snapshot.findtext("name") == "s1"
+
+
+def test_a_system_daemon_that_does_not_answer_is_one_line() -> None:
+    from agents.hypervisor.qemu import BackendError, wait_for_daemon
+
+    with pytest.raises(BackendError, match="^the libvirt daemon at qemu\\+tcp://127.0.0.1:1/system does not answer: ") \
+            as err:
+        wait_for_daemon("qemu+tcp://127.0.0.1:1/system", 0.0)
+    assert "\n" not in str(err.value)

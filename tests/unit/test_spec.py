@@ -11,12 +11,18 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from discovery.ve.spec import (
+    MAX_COPIES,
     MAX_SPEC_BYTES,
     MAX_VMS,
+    NO_HA,
+    PRIORITY_RANGE,
+    SNAPSHOT_EVERY_RANGE,
     Constraints,
+    HaPolicy,
     SpecError,
     VESpec,
     VMSpec,
+    format_duration,
     load_spec,
     parse_spec,
 )
@@ -363,20 +369,32 @@ vm_specs = st.builds(
 )
 
 
+priorities = st.integers(*PRIORITY_RANGE)
+ha_policies = st.one_of(
+    st.just(NO_HA),
+    st.builds(HaPolicy, st.just("standby"), st.integers(1, MAX_COPIES), priority=priorities),
+    st.builds(HaPolicy, st.just("restart"), priority=priorities),
+    st.builds(HaPolicy, st.just("restart"), st.just(0), st.integers(*SNAPSHOT_EVERY_RANGE), st.integers(1, 100),
+              priorities),
+)
+
+
 @st.composite
 def ve_specs(draw: st.DrawFn) -> VESpec:
-    """Valid specs, with constraints half of the time (drawn freely; contradictory ones are rejected)."""
+    """Valid specs, with constraints half of the time (drawn freely; contradictory ones are rejected), and an
+    HA policy or none."""
     vms = draw(st.lists(vm_specs, min_size=1, max_size=8, unique_by=lambda vm: vm.name).map(tuple))
     site = draw(st.none() | names)
+    ha = draw(ha_policies)
     if len(vms) < 2 or draw(st.booleans()):
-        return VESpec(draw(names), vms, site)
+        return VESpec(draw(names), vms, site, ha=ha)
     vm_names = [vm.name for vm in vms]
     groups = st.lists(st.lists(st.sampled_from(vm_names), min_size=2, max_size=4, unique=True).map(tuple),
                       max_size=3).map(tuple)
     constraints = Constraints(
         affinity=draw(groups), anti_affinity=draw(groups), same_site=draw(st.booleans()),
         spread_sites=draw(st.none() | st.integers(1, len(vms))), max_per_node=draw(st.none() | st.integers(1, MAX_VMS)))
-    spec = VESpec(draw(names), vms, site, constraints)
+    spec = VESpec(draw(names), vms, site, constraints, ha)
     try:
         VESpec.from_dict(spec.to_dict())
     except SpecError:
@@ -420,7 +438,8 @@ def test_mangled_specs_raise_only_spec_error(data: st.DataObject) -> None:
 
 
 wire_keys = st.sampled_from(["name", "site", "vms", "vcpus", "memory_mb", "disk_gb", "image", "x", "constraints",
-                             "affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node"])
+                             "affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node", "ha", "mode",
+                             "copies", "snapshot_every", "keep", "priority"])
 wire_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 300) | st.floats() | st.text(max_size=3) | st.just(b"x"),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(wire_keys, inner),
@@ -590,3 +609,94 @@ def test_examples_are_valid() -> None:
     assert examples
     for path in examples:
         load_spec(path)
+
+
+# -- HA policy ----------------------------------------------------------------------------------------
+
+# Line 4 holds the policy.
+WITH_HA = "name: x\nvms:\n  - {name: a, vcpus: 1, memory_mb: 16}\nha: %s\n"
+
+
+@pytest.mark.parametrize(("policy", "parsed"), [
+    ("{mode: restart, snapshot_every: 30s, keep: 3, priority: 5}", HaPolicy("restart", 0, 30, 3, 5)),
+    ("{mode: standby, copies: 1, priority: 5}", HaPolicy("standby", 1, priority=5)),
+    ("{mode: standby}", HaPolicy("standby", 1)),  # one copy unless told
+    ("{mode: restart}", HaPolicy("restart")),  # from the image and the snapshots taken by hand
+    ("{mode: restart, snapshot_every: 5m}", HaPolicy("restart", 0, 300, 3)),  # 3 kept unless told
+    ("{mode: restart, snapshot_every: 1h30m, keep: 1}", HaPolicy("restart", 0, 5400, 1)),
+    ("{mode: restart, snapshot_every: 90, priority: -2}", HaPolicy("restart", 0, 90, 3, -2)),  # a number: seconds
+    ("{mode: restart, snapshot_every: '45'}", HaPolicy("restart", 0, 45, 3)),
+    ("{mode: standby, copies: 2, priority: ~}", HaPolicy("standby", 2)),
+    ("{mode: none}", NO_HA),
+    ("~", NO_HA),
+])
+def test_ha_policies_parse(policy: str, parsed: HaPolicy) -> None:
+    assert parse_spec(WITH_HA % policy).ha == parsed
+
+
+def test_no_policy_is_unprotected_and_leaves_the_spec_as_before() -> None:
+    spec = parse_spec(VALID)
+    assert spec.ha == NO_HA and not spec.ha.protected and "ha" not in spec.to_dict()
+    assert "ha" not in parse_spec(WITH_HA % "{mode: none}").to_dict()
+    standby = parse_spec(WITH_HA % "{mode: standby, priority: 5}")
+    assert standby.ha.protected and standby.to_dict()["ha"] == {"mode": "standby", "copies": 1, "priority": 5}
+    restart = parse_spec(WITH_HA % "{mode: restart, snapshot_every: 1m}").to_dict()["ha"]
+    assert restart == {"mode": "restart", "snapshot_every": 60, "keep": 3}  # seconds on the wire
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ("standby", "ha: expected a mapping, got 'standby'"),
+    ("{copies: 1}", "ha: missing required key 'mode'"),
+    ("{mode: hot}", "ha.mode: must be one of none, restart, standby, got 'hot'"),
+    ("{mode: off}", "ha.mode: must be one of none, restart, standby, got off"),
+    ("{mode: standby, watchers: 2}", "ha: unknown key 'watchers'; allowed keys are mode, copies, snapshot_every, "
+                                     "keep, priority"),
+    ("{mode: standby, copies: 0}", f"ha.copies: must be an integer between 1 and {MAX_COPIES}, got 0"),
+    ("{mode: standby, copies: 17}", f"ha.copies: must be an integer between 1 and {MAX_COPIES}, got 17"),
+    ("{mode: standby, copies: yes}", f"ha.copies: must be an integer between 1 and {MAX_COPIES}, got yes"),
+    ("{mode: standby, snapshot_every: 30s}", "ha.snapshot_every: only for mode restart (mode is standby)"),
+    ("{mode: restart, copies: 1}", "ha.copies: only for mode standby (mode is restart)"),
+    ("{mode: none, priority: 3}", "ha.priority: only for mode restart or standby (mode is none)"),
+    ("{mode: restart, keep: 3}", "ha.keep: counts periodic snapshots: give snapshot_every too"),
+    ("{mode: restart, snapshot_every: 30s, keep: 0}", "ha.keep: must be an integer between 1 and 100, got 0"),
+    ("{mode: restart, snapshot_every: 5s}", "ha.snapshot_every: must be a duration from 10s to 24h (seconds, or "
+                                            "as in 30s, 5m, 1h30m), got '5s'"),
+    ("{mode: restart, snapshot_every: 25h}", "ha.snapshot_every: must be a duration from 10s to 24h"),
+    ("{mode: restart, snapshot_every: 2d}", "ha.snapshot_every: must be a duration from 10s to 24h"),
+    ("{mode: restart, snapshot_every: 1.5}", "ha.snapshot_every: must be a duration from 10s to 24h"),
+    ("{mode: restart, snapshot_every: 30 s}", "ha.snapshot_every: must be a duration from 10s to 24h"),
+    ("{mode: restart, snapshot_every: m}", "ha.snapshot_every: must be a duration from 10s to 24h"),
+    ("{mode: standby, priority: 1001}", "ha.priority: must be an integer between -1000 and 1000, got 1001"),
+])
+def test_ha_errors_name_the_field_and_line(policy: str, message: str) -> None:
+    assert spec_error(WITH_HA % policy).startswith(f"spec.yaml:4: {message}")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"mode": "standby", "copies": True}, f"ha.copies: must be an integer between 1 and {MAX_COPIES}, got True"),
+    ({"mode": "restart", "snapshot_every": 30.0}, "ha.snapshot_every: must be a duration from 10s to 24h"),
+    ({"mode": None}, "ha.mode: must be one of none, restart, standby, got None"),
+    ("standby", "ha: expected a mapping, got 'standby'"),
+])
+def test_a_policy_alone_is_checked_alike(data: object, message: str) -> None:
+    """`ve ha` sends the policy alone; its refusals read as a spec's, without a file or line."""
+    with pytest.raises(SpecError) as info:
+        HaPolicy.from_dict(data)
+    assert str(info.value).startswith(message)
+    assert wire_error({**one_vm(), "ha": data}).startswith(f"<wire>: {message}")
+
+
+@given(st.integers(*SNAPSHOT_EVERY_RANGE))
+def test_a_duration_reads_back_as_written(seconds: int) -> None:
+    for written in (seconds, str(seconds), format_duration(seconds)):
+        assert HaPolicy.from_dict({"mode": "restart", "snapshot_every": written}).snapshot_every == seconds
+
+
+@given(st.text(alphabet="0123456789hms .-+_:²٣", max_size=12) | st.integers() | st.floats())
+def test_any_duration_parses_in_bounds_or_is_refused_in_one_line(written: object) -> None:
+    try:
+        every = HaPolicy.from_dict({"mode": "restart", "snapshot_every": written}).snapshot_every
+    except SpecError as err:
+        assert "\n" not in str(err) and str(err).startswith("ha.snapshot_every: ")
+    else:
+        assert every is not None and SNAPSHOT_EVERY_RANGE[0] <= every <= SNAPSHOT_EVERY_RANGE[1]

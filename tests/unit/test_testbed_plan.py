@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ from discovery.testbed.plan import (
     uniform_rtt,
     within,
 )
-from discovery.testbed.relay import DelayLine
+from discovery.testbed.relay import DelayLine, forward, read_counts
 
 
 def _packet(src: str, dst: str, payload: bytes = b"x") -> bytes:
@@ -121,5 +123,20 @@ def test_delay_line_drops_the_newest_packets_past_its_limit():
     line = DelayLine(make_plan(2, ["a", "b"], uniform_rtt(2, 10), 100), limit=2)
     for k in range(3):
         line.push(_packet("10.213.1.1", "10.213.2.1", bytes([k])), 0.0)
-    assert line.dropped == 1
+    assert line.counts.dropped == {"queue_full": 1, "refused": 0}
     assert [p[-1] for p in line.due(1.0)] == [0, 1]
+
+
+def test_the_relay_counts_what_it_forwards_and_what_the_tun_refuses_and_saves_it_whole(tmp_path: Path):
+    line = DelayLine(make_plan(2, ["a", "b"], uniform_rtt(2, 10), 100))
+    read, write = os.pipe()  # a TUN that takes packets, then one that refuses them
+    forward(write, [b"p1", b"p2"], line.counts)
+    os.close(read)
+    forward(write, [b"p3"], line.counts)
+    os.close(write)
+    line.push(_packet("10.213.1.1", "10.213.2.1"), 0.0)
+    path = tmp_path / "relay.json"
+    assert read_counts(path) is None
+    line.counts.save(path, line.held(), 12.5)
+    assert read_counts(path) == {"forwarded": 2, "dropped": {"queue_full": 0, "refused": 1}, "held": 1, "at": 12.5}
+    assert [f.name for f in tmp_path.iterdir()] == ["relay.json"]

@@ -15,7 +15,9 @@ from discovery.ve.records import (
     VERSION,
     FailoverIntent,
     MoveIntent,
+    RebuildIntent,
     RecordError,
+    Shortfall,
     Slot,
     SnapshotMarker,
     Standby,
@@ -26,7 +28,7 @@ from discovery.ve.records import (
     view,
     write,
 )
-from discovery.ve.spec import VESpec, VMSpec
+from discovery.ve.spec import HaPolicy, VESpec, VMSpec
 from overlay.dht import Record
 
 SPEC = {"name": "shop", "site": None,
@@ -84,6 +86,36 @@ def test_what_an_old_record_holds_reads_typed() -> None:
     assert [type(i).__name__ for i in ve.intents()] == ["FailoverIntent", "MoveIntent", "SnapshotMarker"]
 
 
+def test_a_rebuild_under_way_round_trips_and_a_record_without_one_keeps_its_shape() -> None:
+    """The `rebuilding` intent is sparse, as the others: records without it (the old-format tests above) are
+    stored as before; one with it carries it in the shape of the other intents, and reads back the same."""
+    rebuilding = {"node": "node3", "addr": "127.0.0.1:7003", "site": "rennes", "rtt_ms": 0.8, "from": "node1",
+                  "why": "node1 is dead", "image": "tiny", "state": "running", "coordinator": "node4",
+                  "since": 1717172003.0}
+    stored = {**OLD, "placement": {**OLD["placement"], "db": {**OLD["placement"]["db"], "rebuilding": rebuilding}}}
+    ve = read(msgpack.unpackb(msgpack.packb(stored)))
+    db = ve.placement["db"]
+    assert db.rebuilding == RebuildIntent("node3", "127.0.0.1:7003", "rennes", 0.8, "node1", "node1 is dead", "tiny",
+                                          "running", "node4", 1717172003.0)
+    assert db.named() == ["node1", "node3"] and [type(i).__name__ for i in ve.intents()] == ["RebuildIntent"]
+    assert view(ve) == stored and read(write(ve)) == ve
+    assert "rebuilding" not in write(read(OLD))["placement"]["db"]
+
+
+def test_an_ha_policy_and_its_shortfall_round_trip_and_are_left_off_when_unset() -> None:
+    """A record without an HA policy is stored exactly as before policies existed (the old-format tests above);
+    one with a policy and a shortfall carries both, in the spec's own words, and reads back the same."""
+    ha = {"mode": "standby", "copies": 2, "priority": 5}
+    stored = {**OLD, "spec": {**SPEC, "ha": ha}, "shortfall": {"why": "no room", "since": 1717172100.0}}
+    ve = read(msgpack.unpackb(msgpack.packb(stored)))
+    assert ve.spec.ha == HaPolicy("standby", 2, priority=5) and ve.shortfall == Shortfall("no room", 1717172100.0)
+    assert view(ve) == stored and read(write(ve)) == ve
+    assert read({**OLD, "spec": {**SPEC, "ha": {"mode": "none"}}}).spec.ha == HaPolicy()
+    assert "ha" not in write(read({**OLD, "spec": {**SPEC, "ha": {"mode": "none"}}}))["spec"]
+    restart = {"mode": "restart", "snapshot_every": 30, "keep": 3}
+    assert view(read({**OLD, "spec": {**SPEC, "ha": restart}}))["spec"]["ha"] == restart
+
+
 def test_empty_optional_parts_are_left_off() -> None:
     """Old records sometimes held an empty map or list (`ve replicate --copies 0`, the last snapshot deleted);
     they read the same, and are stored without them, as records that never had any."""
@@ -104,6 +136,9 @@ def test_empty_optional_parts_are_left_off() -> None:
     ({"state": "lost"}, "VE record 'shop': state: expected one of creating, running, stopped, suspended"),
     ({"owner": None}, "VE record 'shop': owner: expected str, got nothing"),
     ({"placement": {"db": {"node": "node1"}}}, "VE record 'shop': placement.db.addr: missing field"),
+    ({"spec": {**SPEC, "ha": {"mode": "standby", "watchers": 2}}}, "VE record 'shop': spec.ha.watchers: unknown field"),
+    ({"spec": {**SPEC, "ha": {"mode": "hot"}}}, "VE record 'shop': spec.ha.mode: expected one of none, restart"),
+    ({"shortfall": "no room"}, "VE record 'shop': shortfall: expected a map, got str"),
 ])
 def test_what_this_agent_does_not_know_is_refused_in_one_line(change: dict[str, Any], message: str) -> None:
     """Unknown fields are refused, not dropped: every change rewrites the whole record, so an agent that dropped
@@ -144,16 +179,21 @@ moves = st.builds(MoveIntent, names, names, names, st.none() | floats, names, st
                   st.sampled_from(["running", "paused", "shutoff"]), names, floats)
 failovers = st.builds(FailoverIntent, names, names, names, names, names, st.sampled_from(["running", "shutoff"]),
                       names, floats)
+rebuilds = st.builds(RebuildIntent, names, names, names, st.none() | floats, names, names, st.none() | names,
+                     st.sampled_from(["running", "paused", "shutoff"]), names, floats)
 slots = st.builds(Slot, names, names, names, st.none() | floats, names,
                   st.none() | st.builds(Transfer, st.sampled_from(["live", "ship", "carry"]), floats),
-                  st.none() | moves, st.none() | failovers)
+                  st.none() | moves, st.none() | failovers, st.none() | rebuilds)
+policies = st.sampled_from([HaPolicy(), HaPolicy("standby", 2, priority=-3), HaPolicy("restart", 0, 30, 3, 9),
+                            HaPolicy("restart")])
 records = st.builds(
-    lambda placement, copies, standbys, marker: VERecord(
-        "shop", VESpec("shop", tuple(VMSpec(vm, 1, 64) for vm in placement)), "alice", "running", placement, "n1",
-        1.0, "u1", copies, {vm: standbys for vm in placement if standbys}, (), marker),
+    lambda placement, copies, standbys, marker, ha, short: VERecord(
+        "shop", VESpec("shop", tuple(VMSpec(vm, 1, 64) for vm in placement), ha=ha), "alice", "running", placement,
+        "n1", 1.0, "u1", copies, {vm: standbys for vm in placement if standbys}, (), marker, short),
     st.dictionaries(names, slots, max_size=3), st.none() | st.integers(0, 4),
     st.lists(st.builds(Standby, names, names, names, floats), max_size=2).map(tuple),
-    st.none() | st.builds(SnapshotMarker, names, st.lists(names, max_size=2).map(tuple), names, floats))
+    st.none() | st.builds(SnapshotMarker, names, st.lists(names, max_size=2).map(tuple), names, floats),
+    policies, st.none() | st.builds(Shortfall, names, floats))
 
 
 @given(records)
