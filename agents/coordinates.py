@@ -4,13 +4,18 @@ Every answered call brings the peer's coordinate and a clean RTT (the transport 
 peer's handling time), which `vivaldi.coordinate.Client` turns into an update. Coordinates of other
 members travel in the membership gossip. Each tick the service also samples one node of its view,
 the closest known nodes by estimate plus a few random far ones, as the DISCOVERY paper asks: close
-nodes refine the local map, far ones keep the global one right. The coordinate survives restarts.
+nodes refine the local map, far ones keep the global one right. A view member that answered some other
+call within `SAMPLED_WITHIN` seconds (a gossip probe, a ring round) already gave that sample and is not
+pinged: in a small cluster, where those calls reach every member every few seconds, the service's own
+pings stop; in a large one they still reach the close nodes that gossip seldom probes. The coordinate
+survives restarts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,9 @@ VIEW_FAR = 4
 PROBES = 3
 SAVE_EVERY = 10.0
 """Seconds between two saves of a moving coordinate: a restart loses at most that much of its way."""
+SAMPLED_WITHIN = float(VIEW_CLOSE + VIEW_FAR)
+"""Seconds since a view member's last sample after which the tick pings it: as often as picking one member of
+a full view at random each second samples each (on average)."""
 
 
 class CoordinateService(Actor):
@@ -62,6 +70,11 @@ class CoordinateService(Actor):
         self._saved_seq = -1
         self._saved_at = -SAVE_EVERY
         self._last_rtt: dict[str, float] = {}
+        self._sampled: dict[str, float] = {}
+        """Member name -> when its last RTT sample came (trio time)."""
+        self._decoded: dict[str, tuple[Any, Coordinate | None]] = {}
+        """Member name -> (its coordinate as gossip or an answer gave it, decoded): decoding is checked, and the
+        ring and the view ask for the same coordinates many times a second."""
         self._restore()
         transport.stamp = self.stamp
         transport.on_rtt = self.on_rtt
@@ -79,12 +92,15 @@ class CoordinateService(Actor):
         """Every answered call: a measured RTT for membership, and a Vivaldi sample if the peer sent its coordinate."""
         self.membership.on_probe_ok(peer, rtt)
         self._last_rtt[peer] = rtt
+        self._sampled[peer] = trio.current_time()
         if not isinstance(stamp, dict) or not isinstance(stamp.get("s"), int):
             return
         other = Coordinate.from_wire(stamp.get("c"), self.config.dimensionality)
         if other is None:
             return
-        self.membership.learn_coordinate(peer, other.to_wire(), stamp["s"])
+        wire = other.to_wire()
+        if self.membership.learn_coordinate(peer, wire, stamp["s"]):
+            self._decoded[peer] = (wire, other)
         try:
             self.client.update(peer, other, rtt)
         except ValueError as err:
@@ -94,7 +110,7 @@ class CoordinateService(Actor):
         self.membership.set_own_coordinate(self.client.coordinate.to_wire(), self.seq)
 
     async def tick(self) -> None:
-        target = self.pick_from_view()
+        target = self.pick_from_view(trio.current_time())
         if target is not None:
             try:
                 await self.transport.call(target.addr, "coord.ping", timeout=2.0)
@@ -102,10 +118,19 @@ class CoordinateService(Actor):
                 log.debug("coordinate sample from %s failed: %s", target.name, err)
         if self.seq != self._saved_seq and trio.current_time() >= self._saved_at + SAVE_EVERY:
             self._save()
+        for table in (self._decoded, self._sampled):  # forget the members forgotten
+            for gone in [name for name in table if name not in self.membership.members]:
+                del table[gone]
 
-    def pick_from_view(self) -> Member | None:
-        view = self.view()
-        return self.rng.choice(view) if view else None
+    def pick_from_view(self, now: float) -> Member | None:
+        """A random member of the view that gave no sample within SAMPLED_WITHIN seconds; None if there is none."""
+        def stale(m: Member) -> bool:
+            return now - self._sampled.get(m.name, -math.inf) >= SAMPLED_WITHIN
+
+        if not any(map(stale, self.membership.alive(include_me=False))):
+            return None  # nobody to ping, whatever the view: no need to rank the members
+        candidates = [m for m in self.view() if stale(m)]
+        return self.rng.choice(candidates) if candidates else None
 
     def view(self) -> list[Member]:
         """The closest known members by estimated RTT, plus a few random far ones."""
@@ -119,7 +144,12 @@ class CoordinateService(Actor):
     def coordinate_of(self, member: Member) -> Coordinate | None:
         if member is self.membership.me:
             return self.client.coordinate
-        return Coordinate.from_wire(member.coord, self.config.dimensionality)
+        cached = self._decoded.get(member.name)
+        if cached is not None and cached[0] is member.coord:  # the same wire object: the same coordinate
+            return cached[1]
+        coordinate = Coordinate.from_wire(member.coord, self.config.dimensionality)
+        self._decoded[member.name] = (member.coord, coordinate)
+        return coordinate
 
     def estimate_to(self, member: Member) -> float | None:
         other = self.coordinate_of(member)

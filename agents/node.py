@@ -150,6 +150,7 @@ class NodeAgent:
             self.coordinates = CoordinateService(transport, self.membership, cfg.data_dir / "coordinate.json")
             self.spiral = SpiralService(transport, self.membership, self.coordinates.coordinate_of, self._free)
             self.notifier.subscribe(self.spiral.tell_nowait, {"member_joined"})
+            self.notifier.subscribe(self.overlays.tell_nowait, {"member_joined"})
             ring_service = RingService(transport, self.membership, self.ring, cfg.ring_interval)
             self.notifier.subscribe(ring_service.tell_nowait, {"member_dead", "member_left"})
             self.actors += [self.host, self.gossip, self.coordinates, ring_service,
@@ -343,6 +344,10 @@ class GossipService(Actor):
             self._remembered = table
 
     def _remembered_members(self) -> list[Member]:
+        """The live members last written down: this run's, once it knows some (the file holds them too, and
+        reading it twice a second costs an idle agent more than its probe), else those a previous run left."""
+        if self._remembered:
+            return [Member(n, a, s) for n, a, s in self._remembered]
         try:
             return [Member(e["name"], e["addr"], e["site"]) for e in json.loads(self.path.read_text())]
         except (OSError, ValueError, KeyError, TypeError):
@@ -354,9 +359,18 @@ class RingService(Actor):
 
     A dead or departed member leaves the ring at once instead of at its next timeout, and every live
     member is offered to the ring as a successor hint, which merges rings that formed apart.
+
+    Stabilization runs every tick; fixing a finger too, until the ring around this node has settled (its
+    successors and predecessor the same for `QUIET_TICKS` ticks): then one every `QUIET_EVERY` ticks, and the
+    first change there (or a member's death or departure) brings back one per tick. Whether a fix changed its
+    finger tells nothing: with latency estimates, fingers swap between nodes of one site as the estimates
+    move. Fingers only shorten lookups: a dead one is dropped by the lookup that meets it, and routing falls
+    back on the successors, so the ring's repair does not wait for them.
     """
 
     name = "ring"
+    QUIET_TICKS = 16
+    QUIET_EVERY = 8
 
     def __init__(self, transport: Endpoint, membership: Membership, ring: Ring, interval: float) -> None:
         super().__init__()
@@ -364,17 +378,25 @@ class RingService(Actor):
         self.membership = membership
         self.ring = ring
         self.tick_interval = interval
+        self._quiet = 0
+        """Ticks in a row that left the successors and the predecessor as they were."""
+        self._ticks = 0
 
     async def handle(self, event: Event) -> None:
         for peer in self.ring.state.known_peers():
             if peer.name == event.data["name"]:
                 self.ring.state.on_dead(peer)
+        self._quiet = 0
         await self.transport.forget(event.data["addr"])
 
     async def tick(self) -> None:
+        state = self.ring.state
+        before = (state.successor_list(), state.predecessor)
         for member in self.membership.alive(include_me=False):
-            self.ring.state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
-        await self.ring.maintain()
+            state.consider(Peer(hash_id(member.name), member.name, member.addr, member.site))
+        self._ticks += 1
+        await self.ring.maintain(fingers=self._quiet < self.QUIET_TICKS or self._ticks % self.QUIET_EVERY == 0)
+        self._quiet = self._quiet + 1 if (state.successor_list(), state.predecessor) == before else 0
 
 
 class RepairService(Actor):

@@ -12,9 +12,12 @@ whichever overlay the cluster is bound to now. `discovery overlay bind kademlia`
    version of each key, deletions included, so nothing stale reappears;
 3. it tells every member to switch (`overlay.switch`), which thaws it.
 
-A member that missed step 3 (or was down) adopts the newest binding from its peers on its next tick:
-each binding carries an epoch, and the higher one wins. The binding survives a restart
-(`binding.json` in the data directory). If a member cannot be frozen, nothing switches.
+A member that missed step 3 (or was down) adopts the newest binding from its peers: each binding carries
+an epoch, and the higher one wins. It asks a peer for its binding at start (until one answers), at every
+tick while frozen, from each member that joins or comes back (after a partition healed, either side may hold
+the newer binding) and, failing all that, every PULL_EVERY seconds; not every tick, which would cost every
+agent an RPC served every two seconds for a switch that is almost never missed. The binding survives a
+restart (`binding.json` in the data directory). If a member cannot be frozen, nothing switches.
 
 Kademlia cannot list a key space, and neither can Chord cheaply: `Records.scan` asks every live member
 for the records it holds locally of the bound overlay and keeps the newest copy of each key.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,10 +56,10 @@ from agents.messages import (
     OverlaySwitch,
     Rebound,
 )
-from agents.runtime import Actor
+from agents.runtime import Actor, Event
 from overlay.dht import DHT, Record, record_from_wire
 from overlay.interface import Binding, Overlay, copy_records
-from overlay.membership import Membership
+from overlay.membership import Member, Membership
 from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Endpoint, RequestError, RpcError, split_addr
 
@@ -69,6 +73,8 @@ FREEZE_LEASE = 30.0
 OP_TIMEOUT = 15.0
 CALL_TIMEOUT = 5.0
 REJOIN_EVERY = 30.0
+PULL_EVERY = 30.0
+"""Seconds between two unprompted reads of a random peer's binding (module doc)."""
 
 
 class Records(Binding):
@@ -142,6 +148,7 @@ class OverlayService(Actor):
         self._lease_end = 0.0
         self._kad_started = False
         self._next_rejoin = 0.0
+        self._next_pull = -math.inf
         transport.route(OVERLAY_STATUS, self._on_status)
         transport.route(OVERLAY_CONTACT, self._on_contact)
         transport.route(OVERLAY_SCAN, self._on_scan)
@@ -169,7 +176,10 @@ class OverlayService(Actor):
         if self.records.frozen and trio.current_time() > self._lease_end:
             log.warning("binding frozen for %.0f s without a switch: thawing", FREEZE_LEASE)
             self.records.thaw()
-        await self._adopt_newer_binding()
+        if self.records.frozen or trio.current_time() >= self._next_pull:
+            others = self.membership.alive(include_me=False)
+            if others:
+                await self._adopt_newer_binding(random.choice(others))
         if self.kad is not None and self._kad_started:
             await self._keep_kademlia_joined(self.kad)
 
@@ -224,15 +234,18 @@ class OverlayService(Actor):
         self.records.thaw()
         log.info("records bound to %s (epoch %d)", name, epoch)
 
-    async def _adopt_newer_binding(self) -> None:
-        others = self.membership.alive(include_me=False)
-        if not others:
-            return
-        peer = random.choice(others)
+    async def handle(self, event: Event) -> None:
+        """A member joined or came back: it may hold a binding we missed, or have missed ours (it asks us)."""
+        member = self.membership.members.get(event.data["name"])
+        if member is not None:
+            await self._adopt_newer_binding(member)
+
+    async def _adopt_newer_binding(self, peer: Member) -> None:
         try:
             status = await self.transport.ask(peer.addr, OVERLAY_STATUS, NoArgs(), timeout=CALL_TIMEOUT)
         except RpcError:
             return
+        self._next_pull = trio.current_time() + PULL_EVERY
         if status.epoch > self.epoch and status.overlay in self.overlays and not status.frozen:
             log.info("adopting %s's binding", peer.name)
             self._switch(status.overlay, status.epoch)

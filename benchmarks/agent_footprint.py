@@ -10,8 +10,9 @@ part (RssAnon: the heap, Python's objects; what only the process can give back) 
 again, and which the agents of one machine share), and Pss (the shared pages divided among the processes that
 map them: what one more agent costs the machine). Idle CPU is that time over the window, in percent of
 one core. What "idle" keeps doing is the agents' own upkeep (gossip probes, Vivaldi samples, Chord
-stabilization, DHT anti-entropy, DVMS's monitor). Each agent's `/metrics` is scraped once at the end (its size
-and latency), so the exporter's cost shows too.
+stabilization, DHT anti-entropy, DVMS's monitor). Each agent's `/metrics` is scraped at both ends of the window:
+the requests it served meanwhile, per method and second (mean over the agents: the upkeep's RPCs), and, at the
+end, its size and latency, so the exporter's cost shows too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -30,6 +32,7 @@ from typing import Any
 from harness import local_cluster  # benchmarks/harness.py, beside this script
 
 TICKS = os.sysconf("SC_CLK_TCK")
+SERVED = re.compile(r'^discovery_rpc_server_duration_seconds_count\{method="([^"]+)"\} (\S+)$', re.MULTILINE)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -48,16 +51,23 @@ def memory_mib(pid: int) -> dict[str, float]:
             "file": int(status["RssFile"].split()[0]) / 1024, "pss": pss / 1024}
 
 
-def scrape(address: str) -> tuple[int, float]:
-    """Bytes of one `/metrics` answer at `address` (host:port) and the seconds it took."""
+def scrape(address: str) -> tuple[bytes, float]:
+    """One `/metrics` answer at `address` (host:port) and the seconds it took."""
     start = time.perf_counter()
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
         body = answer.read()
-    return len(body), time.perf_counter() - start
+    return body, time.perf_counter() - start
+
+
+def served(body: bytes) -> dict[str, float]:
+    """Requests served so far, by method, as a `/metrics` answer counts them."""
+    return {method: float(count) for method, count in SERVED.findall(body.decode())}
 
 
 def measure(state: dict[str, Any], seconds: float) -> dict[str, Any]:
     pids = [n["pid"] for n in state["nodes"]]
+    exporters = [n["metrics"] for n in state["nodes"] if n.get("metrics")]
+    counted = [served(scrape(address)[0]) for address in exporters]
     before = {p: cpu_seconds(p) for p in pids}
     start = time.monotonic()
     time.sleep(seconds)  # the measurement window itself, not a wait for a condition
@@ -73,9 +83,16 @@ def measure(state: dict[str, Any], seconds: float) -> dict[str, Any]:
         "agent_idle_cpu_percent": {"mean": round(statistics.fmean(cpu), 2), "max": round(max(cpu), 2)},
         "window_s": round(elapsed, 1),
     }
-    scrapes = [scrape(n["metrics"]) for n in state["nodes"] if n.get("metrics")]
+    scrapes = [scrape(address) for address in exporters]
     if scrapes:
-        result["metrics_scrape"] = {"bytes_mean": round(statistics.fmean(b for b, _ in scrapes)),
+        rates: dict[str, float] = {}
+        for then, (body, _) in zip(counted, scrapes, strict=True):
+            for method, count in served(body).items():
+                rates[method] = rates.get(method, 0.0) + (count - then.get(method, 0.0)) / elapsed / len(scrapes)
+        result["rpc_served_per_s"] = {"total": round(sum(rates.values()), 2),
+                                      **{m: round(r, 2) for m, r in sorted(rates.items(), key=lambda i: -i[1])
+                                         if r >= 0.005}}
+        result["metrics_scrape"] = {"bytes_mean": round(statistics.fmean(len(b) for b, _ in scrapes)),
                                     "ms_max": round(1000 * max(s for _, s in scrapes), 1)}
     return result
 

@@ -61,8 +61,8 @@ async def install(agent: NodeAgent) -> None:
         transport=agent.transport, membership=agent.membership,
         nearest=lambda: [e.name for e in agent.spiral.view.entries()],
         successors=lambda: [p.name for p in agent.ring.state.successor_list()],
-        hypervisor=agent.hypervisor, set_metadata=agent.host.set_metadata, directory=directory,
-        relocate=ve.relocate)
+        hypervisor=agent.hypervisor, holds_vms=lambda: bool(agent.host.ledger.allocated or agent.host.ledger.reserved),
+        set_metadata=agent.host.set_metadata, directory=directory, relocate=ve.relocate)
     images.serve(agent.transport)
     agent.host.images = images  # a host brings a new VM's image while holding its room, and boots it
     ve.serve(agent.transport)

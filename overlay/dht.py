@@ -677,7 +677,7 @@ class DHT:
             needed = quorum or len(addrs) // 2 + 1
             sent = trio.current_time()
             # every answer is awaited, as `put` does: cancelling the slowest call would break its pooled TLS
-            # connection (a cancelled send_all leaves an SSLStream unusable, and the transport keeps it)
+            # connection (a send cancelled half-way leaves a TLS stream unusable, and the transport keeps it)
             answers = await self.transport.ask_many(addrs, m.DHT_PREPARE, m.DhtPrepare(key, token, expected),
                                                     timeout)
             claims = [v for v in answers.values() if isinstance(v, m.Claim)]

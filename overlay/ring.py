@@ -69,14 +69,20 @@ class Ring:
         self._me_wire = peer_to_wire(self.me)  # sent with every hop (copied by the transport)
         self.state = ChordState(self.me, r, distance=distance)
         self._pred_called = False
-        """The predecessor called us (its stabilize) since our last round: it is alive, no need to ask."""
+        """The predecessor called us (its stabilize, a lookup) since our last round: it is alive, no need to ask."""
         transport.route(CHORD_STEP, self._on_step)
         transport.route(CHORD_STATE, self._on_state)
         transport.route(CHORD_NOTIFY, self._on_notify)
 
     # -- handlers ----------------------------------------------------------------------------------
 
+    def _heard(self, caller: Caller) -> None:
+        """A call from our predecessor shows it alive: `check_predecessor` need not ask it this round."""
+        pred = self.state.predecessor
+        self._pred_called |= pred is not None and caller.node == pred.name
+
     async def _on_step(self, caller: Caller, request: ChordStep) -> ChordHop:
+        self._heard(caller)
         if self.learn and request.sender is not None:
             self.state.learn(peer_from_wire(request.sender))
         avoided = frozenset(request.avoid)
@@ -88,11 +94,12 @@ class Ring:
         return ChordHop(True, peer_to_wire(peer), [peer_to_wire(p) for p in self.state.live_successors(avoided)])
 
     async def _on_state(self, caller: Caller, request: NoArgs) -> ChordView:
+        self._heard(caller)
         pred = self.state.predecessor
-        self._pred_called |= pred is not None and caller.node == pred.name
         return ChordView(peer_to_wire(pred) if pred else None, [peer_to_wire(p) for p in self.state.successor_list()])
 
     async def _on_notify(self, caller: Caller, request: ChordNotify) -> bool:
+        self._heard(caller)
         return self.state.on_notify(peer_from_wire(request.peer))
 
     # -- operations --------------------------------------------------------------------------------

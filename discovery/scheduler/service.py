@@ -11,9 +11,12 @@ a virtual clock, but on the agent's clock and network. Its settings are the `[dv
 * Monitoring, every second: each VM's CPU demand (percent of one vCPU) is what `dvms.load` pinned, else, for
   real guests (hypervisor "qemu"), what two samples of libvirt's cpu time give, else what an `Injector` gives
   (test driver, `injector_rate` > 0), else 0; memory is what a real guest uses (balloon stats), else what the
-  VM reserved. By default nothing demands CPU on the test driver, so nothing ever moves. Each agent's
-  injector starts at the agent's start, so a VM that moves carries on with its stream replayed on the new
-  host's clock, not with the same trajectory (the agents share no clock origin).
+  VM reserved. On the test driver, a node whose host holds no VM and awaits none (`holds_vms`) lists nothing:
+  a VM enters the host's ledger before its domain is defined, so the next sample sees it (not so with real
+  guests, whose daemon may hold a domain that arrived by live migration before the host adopts it). By
+  default nothing demands CPU on the test driver, so nothing ever moves. Each agent's injector starts at the
+  agent's start, so a VM that moves carries on with its stream replayed on the new host's clock, not with the
+  same trajectory (the agents share no clock origin).
 * A pin is kept in the domain's own metadata (`PIN_NS`), so it travels with the VM's definition whichever way
   the VM is relocated (by DVMS or `ve relocate`: carried, shipped or migrated live) and leaves with it; the
   new host reads it when the domain appears.
@@ -56,7 +59,7 @@ from typing import Any, Protocol
 import trio
 
 from agents.hypervisor.actor import DomainInfo, DomainStats, HypervisorError
-from agents.runtime import Actor, Event
+from agents.runtime import Actor, Event, on_grid
 from discovery.scheduler.messages import (
     DVMS_LOAD,
     DVMS_MSG,
@@ -144,20 +147,20 @@ class DvmsService(Actor):
     Given: `node`, this node as the scheduler sees it (name, site, CPU and memory capacity); its `settings`;
     `measured`, whether demand is measured from real guests; the `transport`; the `membership` view; the
     names of the nearest nodes (`nearest`: the spiral view) and of the ring successors (`successors`); the
-    `hypervisor`'s domains and `set_metadata` on this node's VMs; the VE `directory` (the VEs' rules and
-    placement); and `relocate`, the VE service's move of one VM."""
+    `hypervisor`'s domains, whether the host `holds_vms` (or awaits one), and `set_metadata` on this node's
+    VMs; the VE `directory` (the VEs' rules and placement); and `relocate`, the VE service's move of one VM."""
 
     name = "dvms"
     tick_interval = TICK
 
     def __init__(self, *, node: Node, settings: DvmsSettings, measured: bool, transport: Endpoint,
                  membership: Membership, nearest: Callable[[], list[str]], successors: Callable[[], list[str]],
-                 hypervisor: Domains, set_metadata: SetMetadata, directory: Directory, relocate: Relocate,
-                 config: IspConfig | None = None) -> None:
+                 hypervisor: Domains, holds_vms: Callable[[], bool], set_metadata: SetMetadata,
+                 directory: Directory, relocate: Relocate, config: IspConfig | None = None) -> None:
         super().__init__()
         self.node, self.me, self.settings, self.measured = node, node.name, settings, measured
         self.transport, self.membership, self.nearest, self.successors = transport, membership, nearest, successors
-        self.hypervisor, self.set_metadata = hypervisor, set_metadata
+        self.hypervisor, self.holds_vms, self.set_metadata = hypervisor, holds_vms, set_metadata
         self.directory, self.relocate = directory, relocate
         self.config = config or IspConfig()
         self.cpu_capacity = node.cpu  # `dvms.load` may lower it (a test hook)
@@ -255,14 +258,22 @@ class DvmsService(Actor):
             return self._status()
         return None
 
+    def tick_due(self, last: float) -> float:
+        """Every TICK while in a partition (keep-alives, leases, timeouts); outside one the core has nothing
+        to do, so the next tick is the monitor's next sample (or a retried problem, which waits for one)."""
+        isp = self.isp
+        if isp is None or isp.membership is not None or isp.lead is not None:
+            return last + TICK
+        return max(last + TICK, self._next_sample)
+
     async def tick(self) -> None:
         assert self.isp is not None and self.monitor is not None
         now = trio.current_time()
         self._carry(self.isp.on_tick(now))
         if now < self._next_sample:
             return
-        self._next_sample = now + MONITOR_PERIOD
-        domains = await self.hypervisor.list()
+        self._next_sample = on_grid(now + MONITOR_PERIOD, MONITOR_PERIOD)  # wakes up with the other actors
+        domains = await self.hypervisor.list() if self.measured or self.holds_vms() else []  # module doc
         if self.measured:
             await self._measure(domains)
         vms = await self._local_vms(domains)
@@ -461,6 +472,9 @@ class DvmsService(Actor):
     async def _measure(self, domains: list[DomainInfo]) -> None:
         """Real guests: each running VM's demand from two samples of libvirt's stats (`dvms.monitor`); domains:
         the host's, just listed."""
+        if not domains:  # nothing to sample: a domain that comes back starts afresh
+            self._samples, self._demand = {}, {}
+            return
         try:
             stats = await self.hypervisor.stats()
         except HypervisorError as err:

@@ -1,7 +1,7 @@
 """The emulated WAN of one-machine clusters and simulations: site names and the RTT between them.
 
 A local cluster (`discovery cluster up`) and the overlay simulation both need plausible geography
-without real sites; the transport turns these RTTs into per-frame delays (`overlay.wire.rpc`).
+without real sites; the transport turns these RTTs into a delay per call (`overlay.wire.rpc`).
 """
 
 from __future__ import annotations

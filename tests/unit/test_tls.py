@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from overlay.wire import tls
 from overlay.wire.ca import init_ca, issue
+from overlay.wire.tls_socket import TlsSocket
 
 NETWORK_TIMEOUT = 5.0
 
@@ -247,7 +248,8 @@ class Side:
 
 
 async def connect(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[Side, Side]:
-    """Accept one connection on 127.0.0.1 and dial it; each side handshakes, then ping/pong.
+    """Accept one connection on 127.0.0.1 and dial it; each side handshakes (the transport's `TlsSocket`), then
+    ping/pong.
 
     Returns what the server and the client saw. Errors are recorded, not raised, so a test can
     assert which side refused; everything runs under fail_after so a hang fails the test.
@@ -258,10 +260,10 @@ async def connect(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tup
         port = listener.socket.getsockname()[1]
 
         async def serve() -> None:
-            stream = trio.SSLStream(await listener.accept(), server_ctx, server_side=True)
+            stream = TlsSocket(await listener.accept(), server_ctx, server_side=True)
             try:
                 await stream.do_handshake()
-                server.peer = tls.peer_identity(stream._ssl_object)  # noqa: SLF001 - no public getter
+                server.peer = tls.peer_identity(stream.ssl)
                 server.received = await stream.receive_some(1024)
                 await stream.send_all(b"pong")
             except (trio.BrokenResourceError, ssl.SSLError, tls.TLSError) as err:
@@ -270,10 +272,10 @@ async def connect(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tup
                 await trio.aclose_forcefully(stream)
 
         async def dial() -> None:
-            stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), client_ctx)
+            stream = TlsSocket(await trio.open_tcp_stream("127.0.0.1", port), client_ctx, server_side=False)
             try:
                 await stream.do_handshake()
-                client.peer = tls.peer_identity(stream._ssl_object)  # noqa: SLF001 - no public getter
+                client.peer = tls.peer_identity(stream.ssl)
                 await stream.send_all(b"ping")
                 client.received = await stream.receive_some(1024)
             except (trio.BrokenResourceError, ssl.SSLError, tls.TLSError) as err:
