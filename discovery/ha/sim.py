@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import random
 import tempfile
@@ -36,26 +37,23 @@ from trio.testing import MockClock
 
 from agents.node import GossipService, RepairService, RingService
 from agents.runtime import Event, Notifier
-from discovery.ha.lease import LEASE_CALL_TIMEOUT, Fence, Freeze, Lease, LeaseKeeper, Read, Renew, Thaw, lease_key
-from discovery.ha.watch import HostWatch, ReadLease, Recover, Revoke, watchers_of
+from discovery.ha import shell
+from discovery.ha.lease import Lease
+from discovery.ha.shell import REPLICAS, UNANSWERED, HaShell
 from overlay.chord import hash_id
-from overlay.dht import DHT, Record, Shard, WriteConflict, replicas_among
-from overlay.membership import ALIVE, DEAD, LEFT, SUSPECT, Membership
+from overlay.dht import DHT, Shard
+from overlay.membership import ALIVE, Membership
 from overlay.ring import Ring
-from overlay.wire.codec import decode, encode
 from overlay.wire.memnet import MemNetwork
-from overlay.wire.rpc import ANYONE, Caller, Method, RequestError, RpcError
+from overlay.wire.rpc import ANYONE, Caller, Method
 
 EPOCH = 1.7e9
 PROBE_INTERVAL = 0.5
 SUSPECT_TIMEOUT = 3.0
 RECONCILE = 1.0
 REPAIR_INTERVAL = 5.0
-REPLICAS = 3
 PREPARE_WAIT = 5.0
 INCOMING_GRACE = 30.0
-UNANSWERED = (RpcError, RequestError)
-"""What a directory call or a host call may fail with (a lost conditional write is caught before)."""
 KINDS = ("crash", "isolate", "isolate_site", "cut_out", "cut_in", "flap")
 
 
@@ -127,8 +125,6 @@ class SimNode:
         self.vms: dict[str, str] = {}
         """VE -> "running" or "frozen" (gone with a crash)."""
         self.boots = 0
-        self.lease_kick = trio.Event()
-        self.watch_kick = trio.Event()
 
     def boot(self) -> None:
         """Fresh processes on this node's disk: transport, ring, directory, SWIM, lease keeper."""
@@ -153,28 +149,21 @@ class SimNode:
                                     sim.tmp / f"{self.name}.members.json", PROBE_INTERVAL)
         self.ring_service = RingService(self.transport, self.membership, self.ring, PROBE_INTERVAL)
         self.repair = RepairService(self.dht, REPAIR_INTERVAL)
-        self.keeper = LeaseKeeper(self.name)
-        self.watches: dict[str, HostWatch] = {}
+        self.ha = HaShell(self.name, self.membership, self.dht, self, replicas=REPLICAS)
         self.transport.route(HA_PREPARE, self._on_prepare)
         self.transport.route(HA_START, self._on_start)
 
     def _told(self, event: Event) -> None:
         self.events_in.send_nowait(event)
-        self.kick()
-
-    def kick(self) -> None:
-        self.lease_kick.set()
-        self.watch_kick.set()
+        self.ha.kick()
 
     # -- the node's loops ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            self.nursery = nursery
             nursery.start_soon(self._swim)
             nursery.start_soon(self._ring)
-            nursery.start_soon(self._lease)
-            nursery.start_soon(self._watch)
+            nursery.start_soon(self.ha.run)
             nursery.start_soon(self._reconcile)
 
     async def _swim(self) -> None:
@@ -195,62 +184,35 @@ class SimNode:
                 next_repair += REPAIR_INTERVAL
                 await self.repair.tick()
 
-    async def _lease(self) -> None:
-        keeper = self.keeper
-        while True:
-            keeper.cover(frozenset(self.prepared))
-            for action in keeper.poll(trio.current_time()):
-                if isinstance(action, (Read, Renew)):  # a write may take seconds: the freeze must not wait for it
-                    self.nursery.start_soon(self._lease_action, action)
-                else:
-                    await self._lease_action(action)
-            wake = keeper.wake_at()
-            with trio.move_on_at(wake if wake is not None else trio.current_time() + RECONCILE):
-                await self.lease_kick.wait()
-            self.lease_kick = trio.Event()
+    # -- what the HA shell asks of this node's VMs ----------------------------------------------------------
 
-    async def _lease_action(self, action: Any) -> None:
-        keeper, now = self.keeper, trio.current_time
-        match action:
-            case Read():
-                try:
-                    record = await self._read(lease_key(self.name))
-                except UNANSWERED:
-                    keeper.failed(now())
-                    return
-                for then in keeper.read(_lease(record), record, now()):
-                    await self._lease_action(then)
-                self.lease_kick.set()
-            case Renew(lease=lease, expect=expect):
-                sent = now()
-                try:
-                    record = await self._write(lease_key(self.name), encode(lease), expect)
-                except WriteConflict:
-                    keeper.conflicted(now())
-                except UNANSWERED:
-                    keeper.failed(now())
-                else:
-                    for then in keeper.renewed(lease, record, sent):
-                        await self._lease_action(then)
-                self.lease_kick.set()
-            case Freeze():
-                self.sim.world.note(f"{self.name} freezes (lease held until {keeper.held_until:.3f})")
-                for ve, state in self.vms.items():
-                    if state == "running":
-                        self.vms[ve] = "frozen"
-                        self.sim.world.stop(ve, self.name)
-            case Thaw():
-                self.sim.world.note(f"{self.name} thaws (held until {keeper.held_until:.3f})")
-                for ve, state in self.vms.items():
-                    if state == "frozen":
-                        self.vms[ve] = "running"
-                        self.sim.world.start(ve, self.name)
-            case Fence(ves=ves, epoch=epoch):
-                self.sim.world.note(f"{self.name} fenced: lease epoch {epoch} revoked, {ves} never here again")
-                for ve in ves:
-                    self.prepared.discard(ve)
-                    if self.vms.pop(ve, None) == "running":
-                        self.sim.world.stop(ve, self.name)
+    def protected(self) -> frozenset[str]:
+        return frozenset(self.prepared)
+
+    async def freeze(self) -> None:
+        self.sim.world.note(f"{self.name} freezes (lease held until {self.ha.keeper.held_until:.3f})")
+        for ve, state in self.vms.items():
+            if state == "running":
+                self.vms[ve] = "frozen"
+                self.sim.world.stop(ve, self.name)
+
+    async def thaw(self) -> None:
+        self.sim.world.note(f"{self.name} thaws (held until {self.ha.keeper.held_until:.3f})")
+        for ve, state in self.vms.items():
+            if state == "frozen":
+                self.vms[ve] = "running"
+                self.sim.world.start(ve, self.name)
+
+    async def fence(self, ves: tuple[str, ...], epoch: int) -> None:
+        self.sim.world.note(f"{self.name} fenced: lease epoch {epoch} revoked, {ves} never here again")
+        for ve in ves:
+            self.prepared.discard(ve)
+            if self.vms.pop(ve, None) == "running":
+                self.sim.world.stop(ve, self.name)
+
+    def revoked(self, host: str, lease: Lease) -> None:
+        self.sim.world.revocations.append((trio.current_time(), host, self.name))
+        self.sim.world.note(f"{self.name} revokes {host}'s lease (epoch {lease.epoch}, {lease.ves})")
 
     async def _reconcile(self) -> None:
         """Every second, as a host's fencing pass: start a prepared VE that its record places here once the
@@ -263,15 +225,15 @@ class SimNode:
 
     async def _settle(self, ve: str) -> None:
         try:
-            record = await self._read(f"ve/{ve}")
+            record = await self.ha.read(f"ve/{ve}")
         except UNANSWERED:
             return
         host = record.value["host"] if record is not None and record.value is not None else None
         now = trio.current_time()
         if host != self.name and ve not in self.vms and now >= self.incoming.get(ve, 0.0) + INCOMING_GRACE:
             self.prepared.discard(ve)
-            self.kick()
-        elif host == self.name and ve not in self.vms and self.keeper.covered(ve, now):
+            self.ha.kick()
+        elif host == self.name and ve not in self.vms and self.ha.covered(ve):
             self.vms[ve] = "running"
             self.sim.world.start(ve, self.name)
 
@@ -279,9 +241,9 @@ class SimNode:
         """Cover `ve` in this host's lease before its record may move here."""
         self.prepared.add(request.ve)
         self.incoming[request.ve] = trio.current_time()
-        self.kick()
+        self.ha.kick()
         with trio.move_on_after(PREPARE_WAIT):
-            while not self.keeper.covered(request.ve, trio.current_time()):
+            while not self.ha.covered(request.ve):
                 await trio.sleep(0.1)
             return True
         return False
@@ -292,73 +254,14 @@ class SimNode:
         await self._settle(request.ve)
         return self.vms.get(request.ve) == "running"
 
-    # -- watching -----------------------------------------------------------------------------------------
+    # -- recovery -------------------------------------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        while True:
-            self._update_watches()
-            for watch in list(self.watches.values()):
-                for action in watch.poll(trio.current_time()):
-                    self.nursery.start_soon(self._watch_action, watch, action)
-            wakes = [w for w in (x.wake_at() for x in self.watches.values()) if w is not None]
-            with trio.move_on_at(min(wakes, default=trio.current_time() + PROBE_INTERVAL)):
-                await self.watch_kick.wait()
-            self.watch_kick = trio.Event()
-
-    def _update_watches(self) -> None:
-        """Watch the hosts this node is a watcher of in its own view; feed each watch SWIM's state."""
-        now = trio.current_time()
-        members = [(m.name, m.site) for m in self.membership.members.values() if m.status in (ALIVE, SUSPECT)]
-        for name, member in self.membership.members.items():
-            if name == self.name:
-                continue
-            chosen = watchers_of(name, member.site, members)
-            if self.name not in chosen:
-                if name in self.watches and self.watches[name].state.value in ("idle", "done"):
-                    del self.watches[name]
-                continue
-            watch = self.watches.setdefault(name, HostWatch(self.name, name, chosen.index(self.name)))
-            if member.status == SUSPECT:
-                watch.suspect(now)
-            elif member.status == DEAD:
-                watch.declared_dead(now)
-            elif watch.dead or watch.state.value != "idle":
-                watch.alive(now)
-
-    async def _watch_action(self, watch: HostWatch, action: Any) -> None:
-        now = trio.current_time
-        match action:
-            case ReadLease(host=host):
-                try:
-                    record = await self._read(lease_key(host))
-                except UNANSWERED:
-                    watch.failed(now())
-                else:
-                    version = (record.version, record.writer) if record is not None else None
-                    for then in watch.read(_lease(record), record, version, now()):
-                        await self._watch_action(watch, then)
-            case Revoke(lease=lease, expect=expect):
-                try:
-                    await self._write(lease_key(watch.host), encode(lease), expect)
-                except WriteConflict:
-                    watch.conflicted(now())
-                except UNANSWERED:
-                    watch.failed(now())
-                else:
-                    self.sim.world.revocations.append((now(), watch.host, self.name))
-                    self.sim.world.note(f"{self.name} revokes {watch.host}'s lease (epoch {lease.epoch}, {lease.ves})")
-                    for then in watch.revoke_won(lease, now()):
-                        await self._watch_action(watch, then)
-            case Recover(host=host, ves=ves):
-                watch.recovered(await self._recover(host, ves), now())
-        self.watch_kick.set()
-
-    async def _recover(self, host: str, ves: tuple[str, ...]) -> bool:
+    async def recover(self, host: str, ves: tuple[str, ...], epoch: int) -> bool:
         """Move each VE still placed on `host` to a live node: prepared there, then the record moved."""
         done = True
         for ve in ves:
             try:
-                record = await self._read(f"ve/{ve}")
+                record = await self.ha.read(f"ve/{ve}")
                 if record is None or record.value is None or record.value["host"] != host:
                     continue
                 target = self._target(ve, host)
@@ -366,7 +269,7 @@ class SimNode:
                                                                    timeout=PREPARE_WAIT + 1):
                     done = False
                     continue
-                await self._write(f"ve/{ve}", {"host": target.name}, record)
+                await self.ha.write(f"ve/{ve}", {"host": target.name}, record)
                 self.sim.world.recoveries[ve] += 1
                 self.sim.world.note(f"{self.name} moves {ve}: {host} -> {target.name} (record v{record.version + 1})")
                 with contextlib.suppress(*UNANSWERED):
@@ -375,30 +278,9 @@ class SimNode:
                 done = False
         return done
 
-    async def _read(self, key: str) -> Record | None:
-        ask, quorum = self._fixed(key)
-        return await self.dht.read_from(key, ask, quorum, LEASE_CALL_TIMEOUT)
-
-    async def _write(self, key: str, value: Any, expect: Record | None) -> Record:
-        ask, quorum = self._fixed(key)
-        return await self.dht.put_if(key, value, expect, ask, quorum, LEASE_CALL_TIMEOUT)
-
-    def _fixed(self, key: str) -> tuple[list[str], int]:
-        """The replicas of a lease or a claim: counted over every member, reachable or not
-        (`overlay.dht.replicas_among`), less those SWIM holds dead (asking them only waits); a read and a write
-        need a majority of the whole set, so a read always sees the last write."""
-        members = self.membership.members.values()
-        every = replicas_among(key, [(m.name, m.addr) for m in members if m.status != LEFT], REPLICAS)
-        dead = {m.addr for m in members if m.status == DEAD}
-        return [a for a in every if a not in dead], len(every) // 2 + 1
-
     def _target(self, ve: str, host: str) -> Any:
         alive = [m for m in self.membership.members.values() if m.status == ALIVE and m.name != host]
         return max(alive, key=lambda m: hashlib.blake2b(f"{ve}\0{m.name}".encode()).digest(), default=None)
-
-
-def _lease(record: Record | None) -> Lease | None:
-    return decode(Lease, record.value) if record is not None and record.value is not None else None
 
 
 class HaSim:
@@ -454,7 +336,7 @@ class HaSim:
         for i, ve in enumerate(self.ves):
             host = hosts[i % len(hosts)]
             host.prepared.add(ve)
-            await host._write(f"ve/{ve}", {"host": host.name}, None)
+            await host.ha.write(f"ve/{ve}", {"host": host.name}, None)
 
     def _start(self, node: SimNode) -> None:
         scope = trio.CancelScope()
@@ -519,8 +401,15 @@ class HaSim:
 
 @contextlib.contextmanager
 def _scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="discovery-ha-sim-") as tmp:
-        yield Path(tmp)
+    """A directory for the nodes' shards, and the shell's warnings kept for agents' logs (a trace tells more)."""
+    shell_log = logging.getLogger(shell.__name__)
+    level = shell_log.level
+    shell_log.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="discovery-ha-sim-") as tmp:
+            yield Path(tmp)
+    finally:
+        shell_log.setLevel(level)
 
 
 def trial(faults: list[Fault], nodes: int = 6, sites: int = 2, ves: int = 4, seed: int = 0, loss: float = 0.0,
