@@ -21,6 +21,8 @@ from agents.hypervisor.actor import HypervisorError
 from agents.node import NodeAgent
 from agents.runtime import Periodic
 from discovery.agent_config import load_agent_config
+from discovery.ha.lease import TERM
+from discovery.ha.service import HaService
 from discovery.metrics import DvmsCollector, ImagesCollector
 from discovery.scheduler.service import DvmsService
 from discovery.scheduler.settings import DvmsSettings
@@ -40,7 +42,8 @@ from overlay.wire import tls
 
 async def install(agent: NodeAgent) -> None:
     """Agent extension hook: the image service; the VE service, its recovery of interrupted operations, its
-    fencing of failed-over copies and its shipped snapshots; and the DVMS service, which moves nothing unless
+    fencing of failed-over copies and its shipped snapshots; the HA service (the host's lease, and the
+    watchers that recover the VEs of a dead host); and the DVMS service, which moves nothing unless
     some VM demands CPU (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`). DVMS relocates
     through the VE service and reads the VEs' rules from the directory they share."""
     cfg = agent.config
@@ -63,14 +66,18 @@ async def install(agent: NodeAgent) -> None:
         successors=lambda: [p.name for p in agent.ring.state.successor_list()],
         hypervisor=agent.hypervisor, holds_vms=lambda: bool(agent.host.ledger.allocated or agent.host.ledger.reserved),
         set_metadata=agent.host.set_metadata, directory=directory, relocate=ve.relocate)
+    ha = HaService(cfg.name, agent.membership, agent.dht, agent.host, ve, directory, cfg.data_dir / "ha.json",
+                   float(cfg.extra.get("ha_lease_term", TERM)))
     images.serve(agent.transport)
     agent.host.images = images  # a host brings a new VM's image while holding its room, and boots it
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
+    ha.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
     agent.exporter.register(DvmsCollector(dvms))
     agent.exporter.register(ImagesCollector(images.fetcher))
-    agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), Shipper(ve), dvms,
+    agent.notifier.subscribe(ha.tell_nowait, {"member_joined", "member_dead", "member_left"})
+    agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), Shipper(ve), dvms, ha,
                      Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]
 
 

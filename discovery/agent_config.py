@@ -24,6 +24,8 @@ agent.toml:
     [latency.rtt_ms]                    # optional emulated WAN: site -> site -> RTT in ms
     rennes = { lyon = 12.0 }
     [dvms]                              # optional: DVMS's injector and thresholds (discovery.scheduler.settings)
+    [ha]        lease_term = 4.0        # optional: seconds a renewal of this host's HA lease holds
+                                        # (discovery.ha.lease); the VMs freeze once it lapses unrenewed
 
 For tests of mixed-version clusters, $DISCOVERY_PROTOCOL ("1" or "1..2") narrows the protocol versions the
 agent speaks to part of what this build speaks (`overlay.wire.versions`): an agent narrowed to version 1
@@ -40,6 +42,7 @@ from urllib.parse import urlsplit
 from agents.config import SYSTEM_LIBVIRT, AgentConfig
 from agents.host.capacity import Resources
 from agents.messages import MIGRATION_SCHEMES
+from discovery.ha.lease import TERM
 from discovery.scheduler.settings import dvms_settings
 from discovery.toml_config import ConfigError, address, field, identity, read_toml
 from overlay.wire.versions import SPOKEN, Versions
@@ -84,6 +87,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     if advertise and (advertise.strip("[]") in WILDCARDS or (":" in advertise and not advertise.startswith("["))):
         raise ConfigError(f"{path}: field 'advertise' is a host peers can reach (no port, no wildcard; an IPv6 "
                           f"address in brackets), got {advertise!r}")
+    lease_term = field(data, "ha", dict, path, {}).get("lease_term", TERM)
+    if isinstance(lease_term, bool) or not isinstance(lease_term, (int, float)) or not 1 <= lease_term <= 60:
+        raise ConfigError(f"{path}: field 'ha.lease_term' must be seconds between 1 and 60, got {lease_term!r}")
     if dvms.injector_rate > 0 and hypervisor != "test":
         raise ConfigError(f"{path}: field 'dvms.injector_rate' needs hypervisor \"test\": the demand of real "
                           "guests is measured")
@@ -107,7 +113,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         kad_port=field(data, "kad_port", int, path, 0),
         protocol=protocol_versions(os.environ.get(PROTOCOL_ENV)),
         metrics=metrics_address(field(data, "metrics", str, path, "127.0.0.1:0"), path),
-        extra={"dvms": dvms},
+        extra={"dvms": dvms, "ha_lease_term": float(lease_term)},
     )
 
 

@@ -73,7 +73,11 @@ class HostBase(Actor):
         self.migration_uri = migration_uri
         """Where peers migrate VMs to this node (its libvirtd); None where live migration cannot work."""
         self.held: dict[str, str] = {}
-        """VMs recovered off at start, held off until released, with the state to release them to."""
+        """VMs recovered off at start, or frozen (`agents.host.freezing`), held off until released, with the state
+        to release them to."""
+        self.may_run: Callable[[str], bool] = lambda name: True
+        """Whether VM `name` may run on this node now: always, unless the HA layer says otherwise (a protected VM
+        runs only while this host's lease covers it, `discovery.ha.lease`)."""
         self.vm_locks = VmLocks()
         self.gate = Gate()
         self.db_path = db_path
@@ -179,7 +183,8 @@ class HostBase(Actor):
         try:
             await trio.to_thread.run_sync(copy_file, disk, dest)
         finally:
-            await self.hypervisor.resume(name)
+            if name not in self.held:  # frozen meanwhile: it stays paused
+                await self.hypervisor.resume(name)
         return time.perf_counter() - paused
 
     async def _fetch(self, source: str, name: str, part: str, dest: Path) -> None:
@@ -193,6 +198,20 @@ class HostBase(Actor):
             self.crashed.add(name)
         else:
             self.crashed.discard(name)
+
+    async def _release(self, name: str) -> DomainInfo:
+        """Bring a held VM to the state it should have, and end its hold (RequestError if `may_run` says no)."""
+        self._check_may_run(name, self.held[name])
+        info = await self.hypervisor.settle(name, self.held[name])
+        del self.held[name]
+        await self._set_desired(name, info.state)
+        return info
+
+    def _check_may_run(self, name: str, state: str = "running") -> None:
+        """Refuse to bring VM `name` to `state` if that runs it and `may_run` says no."""
+        if state == "running" and not self.may_run(name):
+            raise RequestError(f"{name} may not run on this node now: its HA lease does not cover the VM "
+                               "(lapsed, revoked, or not renewed yet)")
 
     def shown(self, info: DomainInfo) -> DomainInfo:
         """A domain as `host.*` answers show it: one left down after its guest crashed too often is "crashed"

@@ -32,7 +32,7 @@ class Crashes(HostBase):
         """Start VM `name` again if it crashed and this host still means it to run; whether it was started.
         HypervisorError if the start failed (the VM is then down still)."""
         async with self.gate.enter(), self.vm_locks.hold(name):
-            if not await self._meant_to_run(name):
+            if not await self._meant_to_run(name) or not self.may_run(name):
                 return False
             await self.hypervisor.start(name)
             self.guest_restarts += 1

@@ -56,6 +56,7 @@ class Lifecycle(HostBase):
     @one_vm
     async def _on_vm_start(self, caller: Caller, request: VmName) -> DomainInfo:
         """Run the VM: resumed if paused, booted if off."""
+        self._check_may_run(request.name)
         return await self._change(await self._here(request.name), "start", self._start)
 
     @one_vm
@@ -77,11 +78,13 @@ class Lifecycle(HostBase):
 
     @one_vm
     async def _on_vm_resume(self, caller: Caller, request: VmName) -> DomainInfo:
+        self._check_may_run(request.name)
         return await self._change(await self._here(request.name), "resume", self.hypervisor.resume)
 
     @one_vm
     async def _on_vm_settle(self, caller: Caller, request: VmSettle) -> DomainInfo:
         """Bring the VM to `state` (running, paused or shutoff) from any state."""
+        self._check_may_run(request.name, request.state)
         return await self._change(await self._here(request.name), "settle",
                                   lambda name: self.hypervisor.settle(name, request.state))
 
@@ -139,13 +142,6 @@ class Lifecycle(HostBase):
     async def _start(self, name: str) -> DomainInfo:
         info = await self.hypervisor.info(name)
         return await (self.hypervisor.resume(name) if info.state == "paused" else self.hypervisor.start(name))
-
-    async def _release(self, name: str) -> DomainInfo:
-        """Bring a held VM to the state it should have, and end its hold."""
-        info = await self.hypervisor.settle(name, self.held[name])
-        del self.held[name]
-        await self._set_desired(name, info.state)
-        return info
 
     async def _drop_leftovers(self, name: str) -> None:
         """Delete the files a VM not held here left (the empty overlay of a live migration that was undone),

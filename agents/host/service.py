@@ -42,6 +42,7 @@ from agents.host.args import RESERVATION_TTL, snapshots_arg, xml_name
 from agents.host.base import CRASHED
 from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
 from agents.host.crashes import Crashes
+from agents.host.freezing import Freezing
 from agents.host.lifecycle import Lifecycle
 from agents.host.locks import one_vm
 from agents.host.moves import Moves
@@ -95,7 +96,7 @@ class _Annotation:
     xml: str | None
 
 
-class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages):
+class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing):
     """Serves `host.*` RPCs for the VMs placed on this node (one VM's lifecycle in `Lifecycle`, moves in
     `Moves`, standby copies in `Standbys`, the state they share in `agents.host.base.HostBase`), and restarts
     its crashed guests in place (`Crashes`, driven by `agents.host.restarts`).
@@ -160,8 +161,9 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages):
             if desired == CRASHED:  # left down after crashes: it stays so, shown crashed, until a verb says
                 self.crashed.add(name)
             desired = desired if desired in SETTLED else "shutoff"
-            if desired != "shutoff" and (await self.hypervisor.info(name)).state == "shutoff":
-                self.held[name] = desired
+            state = (await self.hypervisor.info(name)).state
+            if desired != "shutoff" and (state == "shutoff" or state != desired and not self.may_run(name)):
+                self.held[name] = desired  # off, or frozen by the HA layer before this restart
             else:
                 await self.hypervisor.settle(name, desired)
         self._hold_until = trio.current_time() + HOLD_LIMIT
@@ -180,7 +182,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages):
                     log.warning("host: no word on %s within %gs of start; starting it", name, HOLD_LIMIT)
                     try:
                         await self._release(name)
-                    except HypervisorError as err:
+                    except (HypervisorError, RequestError) as err:
                         log.warning("host: cannot start held %s: %s", name, err)
 
     def close(self) -> None:

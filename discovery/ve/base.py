@@ -63,13 +63,16 @@ class Distances(Protocol):
 
 class LocalHost(Protocol):
     """This node's host service as the VE layer reads it (`agents.host.service.HostService`): its ledger (the
-    room it has free, and what it holds room for) and the VMs it holds off since its start."""
+    room it has free, and what it holds room for), the VMs it holds off (since its start, or frozen), and
+    whether one may run there now (`discovery.ha.service`)."""
 
     @property
     def ledger(self) -> Ledger: ...
 
     @property
     def held(self) -> Mapping[str, str]: ...
+
+    def may_run(self, name: str) -> bool: ...
 
 
 class Images(Protocol):
@@ -230,6 +233,21 @@ class VEBase:
         except RpcError as err:
             raise RequestError(f"{where.node} cannot be reached: {err}") from None
         return True
+
+    async def _asked_down(self, ve: VERecord, vms: Sequence[str] | None, host: str | None, force: bool, verb: str,
+                          forced: str) -> dict[str, str | None]:
+        """`_hosts_down` of the VMs `vms` of `ve` (None: every VM), only those still placed on `host` if it is
+        given (a watcher recovering that host: none left is nothing to do, not a Conflict). NotFound for a VM
+        the VE does not have."""
+        placement = ve.placement
+        unknown = sorted(set(vms or ()) - set(placement))
+        if unknown:
+            raise NotFound(f"VE {ve.name!r} has no VM {unknown[0]!r} (VMs: {', '.join(sorted(placement))})")
+        asked = sorted(placement if vms is None else set(vms))
+        if host is not None:
+            asked = [vm for vm in asked if placement[vm].node == host]
+        every = vms is None and host is None
+        return await self._hosts_down(ve, None if every else asked, force, verb, forced) if asked else {}
 
     async def _hosts_down(self, ve: VERecord, vms: Sequence[str] | None, force: bool, verb: str,
                           forced: str) -> dict[str, str | None]:

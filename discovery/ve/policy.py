@@ -56,9 +56,19 @@ class Policies(Replicas):
         log.info("VE %s: HA policy %s (by %s)", ve.name, policy, caller.cn)
         return kept.answer()
 
-    async def _protect_created(self, record: Stored) -> Stored:
-        """Make the standby copies a VE just created asks for, if any; a shortfall is recorded, never raised
-        (module docstring)."""
+    async def restore_protection(self, name: str) -> None:
+        """Make the standby copies VE `name`'s policy asks for again (an HA watcher, after a failover used one
+        up or a rebuild left the VM's copies behind); a shortfall is recorded, as for a new VE."""
+        caller = Caller(f"ha@{self.node}", "operator", self.node, self.membership.me.site)
+        try:
+            async with self._locked(caller, name) as record:
+                await self._protect(record)
+        except (RequestError, RpcError) as err:
+            log.warning("VE %s: its protection could not be restored: %s", name, err)
+
+    async def _protect(self, record: Stored) -> Stored:
+        """Make the standby copies a VE asks for, if any (just created, or recovered); a shortfall is recorded,
+        never raised (module docstring)."""
         copies = record.ve.spec.ha.copies
         if not copies:
             return record

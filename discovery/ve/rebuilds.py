@@ -27,7 +27,7 @@ from discovery.ve.rebuilding import Rebuild, RebuildRecovery
 from discovery.ve.records import VERecord, view
 from discovery.ve.shipped import restore_point
 from discovery.ve.spec import DEFAULT_IMAGE
-from overlay.wire.rpc import Caller, NotFound, RequestError, RpcError
+from overlay.wire.rpc import Caller, RequestError, RpcError
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,7 @@ class Rebuilds(VEBase):
         the VMs rebuilt so far stay rebuilt, and a retry goes on with the others."""
         caller = caller or Caller(f"ha@{self.node}", "operator", self.node, self.membership.me.site)
         async with self._locked(caller, name) as record:
-            placement = record.ve.placement
-            unknown = sorted(set(vms or ()) - set(placement))
-            if unknown:
-                raise NotFound(f"VE {name!r} has no VM {unknown[0]!r} (VMs: {', '.join(sorted(placement))})")
-            asked = sorted(placement if vms is None else set(vms))
-            if host is not None:
-                asked = [vm for vm in asked if placement[vm].node == host]
-            every = vms is None and host is None
-            down = await self._hosts_down(record.ve, None if every else asked, force, "rebuild", "rebuilds") \
-                if asked else {}
+            down = await self._asked_down(record.ve, vms, host, force, "rebuild", "rebuilds")
             for vm, why in sorted(down.items()):
                 cause = "; ".join(w for w in (reason, why) if w) or None
                 record = await self._rebuild(record, vm, cause, [v for v in down if v > vm])

@@ -38,7 +38,7 @@ from discovery.ve.messages import FailoverRequest, RecordView, Replicate
 from discovery.ve.records import Shortfall, Slot, Standby, VERecord, view
 from overlay.dht import Record
 from overlay.membership import Member
-from overlay.wire.rpc import Caller, Conflict, NotFound, RequestError, RpcError
+from overlay.wire.rpc import Caller, Conflict, RequestError, RpcError
 from vivaldi.coordinate import estimate
 
 log = logging.getLogger(__name__)
@@ -227,17 +227,22 @@ class Replicas(VEBase):
     # -- failover --------------------------------------------------------------------------------------
 
     async def _on_failover(self, caller: Caller, request: FailoverRequest) -> RecordView:
-        """Bring up on a standby copy each VM (or only `vm`) whose host is down: not a live member, not
-        answering, or answering that it does not hold the VM. The nearest live copy is promoted, in the
+        ve, failed_over = await self.failover(request.name, None if request.vm is None else [request.vm], None,
+                                              force=request.force, caller=caller)
+        return {**view(ve), "failed_over": failed_over}
+
+    async def failover(self, name: str, vms: Sequence[str] | None, reason: str | None, *, host: str | None = None,
+                       force: bool = False, caller: Caller | None = None) -> tuple[VERecord, dict[str, str]]:
+        """Bring up on a standby copy each VM of `vms` (None: every VM) whose host is down: not a live member,
+        not answering, or answering that it does not hold the VM. The nearest live copy is promoted, in the
         state the VE is in, and no longer counts as a copy. A VM whose host is alive and answers is left
         alone (refused if named) unless `force`: then its copy there is switched off first. Refused as a
-        whole, before anything changes, if a VM to fail over has no copy on a live node."""
-        vm, force = request.vm, request.force
-        async with self._locked(caller, request.name) as record:
-            name, placement = record.ve.name, record.ve.placement
-            if vm is not None and vm not in placement:
-                raise NotFound(f"VE {name!r} has no VM {vm!r} (VMs: {', '.join(sorted(placement))})")
-            down = await self._hosts_down(record.ve, None if vm is None else [vm], force, "fail over", "fails over")
+        whole, before anything changes, if a VM to fail over has no copy on a live node. `reason`, `host` and
+        `caller` as for `Rebuilds.rebuild` (what the HA watchers call too); returns the VE as it is after and
+        where each VM failed over runs now."""
+        caller = caller or Caller(f"ha@{self.node}", "operator", self.node, self.membership.me.site)
+        async with self._locked(caller, name) as record:
+            down = await self._asked_down(record.ve, vms, host, force, "fail over", "fails over")
             chosen: dict[str, Standby] = {}
             for v, why in sorted(down.items()):
                 nearest = self._nearest_copy(record.ve, v)
@@ -246,8 +251,9 @@ class Replicas(VEBase):
                                        f"on a live node (ve replicate {name} --copies K keeps some)")
                 chosen[v] = nearest
             for v, why in sorted(down.items()):
-                record = await self._failover(record, v, chosen[v], why)
-        return {**view(record.ve), "failed_over": {v: record.ve.placement[v].node for v in sorted(down)}}
+                cause = "; ".join(w for w in (reason, why) if w) or None
+                record = await self._failover(record, v, chosen[v], cause)
+        return record.ve, {v: record.ve.placement[v].node for v in sorted(down)}
 
     def _nearest_copy(self, ve: VERecord, vm: str) -> Standby | None:
         """The VM's standby copy on a live node nearest to where the VM was, if any."""
@@ -306,8 +312,9 @@ class Replicas(VEBase):
                 continue
             slot = live.ve.placement.get(vm) if live is not None else None
             if slot is not None and me in slot.named():
-                if domain in self.host.held and not slot.intents():  # recovered off at start: the directory says
-                    await self._local("host.vm.release", {"name": domain})  # it is ours, and nothing moves it
+                held = domain in self.host.held and self.host.may_run(domain)  # off since start or frozen, and
+                if held and not slot.intents():  # the lease allows it: the directory says it is ours, nothing moves it
+                    await self._local("host.vm.release", {"name": domain})
                 continue
             if slot is None:
                 if record.deleted and domain in self.host.held:  # destroyed while this node was down

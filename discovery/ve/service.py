@@ -102,7 +102,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
                 if not await self._undid_left_create(spec.name):
                     raise
                 record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
-            record = await self._protect_created(record)
+            record = await self._protect(record)
         return view(record.ve)
 
     async def _undid_left_create(self, name: str) -> bool:

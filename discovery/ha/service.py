@@ -1,0 +1,215 @@
+"""The HA service of an agent: its lease and its watches (`discovery.ha.shell`), acting on real VMs.
+
+What the cores ask, done here:
+
+- **which VEs the lease lists**: the protected ones (`ha:` mode other than none) with a VM on this host. The
+  host knows its domains (`<ve>:<vm>`); the policies come from the VE records, read when a VE first shows up
+  here and every POLICY_REFRESH seconds after, and saved in `ha.json` so that a restarted agent knows at once
+  which of its VMs must wait for the lease;
+- **freeze / thaw**: the host pauses and holds the listed VEs' VMs, and releases them
+  (`agents.host.freezing`). Meanwhile the host refuses to run a protected VM that the lease does not cover
+  (`HostBase.may_run`): no verb, restart or release runs one on a host whose lease lapsed;
+- **fence**: the lease was revoked, so watchers run these VEs elsewhere: the host's VMs of them are undefined
+  (the record says where each runs now; a VM the watchers could not move yet is rebuilt from the VE's
+  shipped snapshot or promoted from a standby copy, never from this host's stale disk);
+- **recover**: a watcher that revoked a host's lease runs the host's VEs elsewhere, higher `priority` first,
+  each through the VE layer's own transactions: `failover` onto the nearest standby copy for a `standby`
+  VE that has one on a live node, else `rebuild` (the newest shipped snapshot, else the image), both
+  forced (the host's copy is condemned, whether it answers or not). Then the protection is made whole
+  again: the standby copies the policy asks for. A VE that cannot be recovered now is retried
+  (`discovery.ha.watch.RETRY`).
+
+A host that *leaves* (SIGTERM) is not recovered: an operator stopping an agent means to start it again,
+and a VM of a host that left for good is moved with `ve rebuild` / `ve failover`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agents.host.service import HostService
+from agents.runtime import Actor
+from discovery.ha.lease import TERM, Lease, lease_key
+from discovery.ha.messages import HA_LEASE, HA_STATUS, HaStatus, LeaseOf, LeaseRecord
+from discovery.ha.shell import HaShell, lease_of
+from discovery.ve.directory import Directory
+from discovery.ve.service import VEService
+from overlay.dht import DHT
+from overlay.membership import Membership
+from overlay.messages import NoArgs
+from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError, RpcError
+
+log = logging.getLogger(__name__)
+POLICY_REFRESH = 10.0
+"""Seconds between two reads of a local VE's policy (`ve ha` changes it on another node)."""
+
+
+class HaService(Actor):
+    """Runs the node's `HaShell` (`run`), and its policies' refresh; membership events kick the shell."""
+
+    name = "ha"
+    tick_interval = 1.0
+
+    def __init__(self, node: str, membership: Membership, dht: DHT, host: HostService, ves: VEService,
+                 directory: Directory, state: Path, term: float = TERM) -> None:
+        super().__init__()
+        self.host, self.ves, self.directory, self.state = host, ves, directory, state
+        self.shell = HaShell(node, membership, dht, self, term)
+        self.modes: dict[str, str] = {}
+        """VE -> its HA mode as last read (VEs with a VM here)."""
+        self._read_at: dict[str, float] = {}
+        self._frozen: list[str] = []
+        self.recovered = 0
+        """VEs this node recovered as a watcher (what the metrics show)."""
+        self._load()
+        host.may_run = self.may_run
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.shell.run)
+            await super().run()
+
+    async def handle(self, message: Any) -> None:
+        """A membership event: the watches look again now."""
+        self.shell.kick()
+
+    async def tick(self) -> None:
+        await self._refresh()
+
+    def serve(self, endpoint: Endpoint) -> None:
+        endpoint.route(HA_STATUS, self._on_status)
+        endpoint.route(HA_LEASE, self._on_lease)
+
+    async def _on_status(self, caller: Caller, request: NoArgs) -> HaStatus:
+        keeper, now = self.shell.keeper, trio.current_time()
+        held = keeper.held_until is not None and now < keeper.held_until and not keeper.frozen
+        return HaStatus(self.shell.name, keeper.epoch, list(keeper.listed), keeper.frozen,
+                        {host: w.state.value for host, w in sorted(self.shell.watches.items())}, self.recovered,
+                        round(keeper.held_until - now, 3) if held and keeper.held_until is not None else None)
+
+    async def _on_lease(self, caller: Caller, request: LeaseOf) -> LeaseRecord | None:
+        """`request.node`'s lease record, read from a majority of its replicas as the watchers read it."""
+        try:
+            record = await self.shell.read(lease_key(request.node))
+        except RpcError as err:
+            raise RequestError(f"cannot read {request.node}'s lease: {err}") from None
+        lease = lease_of(record)
+        return None if lease is None or record is None else LeaseRecord(lease, record.version, record.writer)
+
+    def may_run(self, domain: str) -> bool:
+        """A VM of a protected VE runs only while the lease covers its VE; any other, always."""
+        ve = domain.partition(":")[0]
+        return self.modes.get(ve, "none") == "none" or self.shell.covered(ve)
+
+    # -- hooks of the shell ---------------------------------------------------------------------------------
+
+    def protected(self) -> frozenset[str]:
+        return frozenset(ve for ve in self._local_ves() if self.modes.get(ve, "none") != "none")
+
+    async def freeze(self) -> None:
+        listed = set(self.shell.keeper.listed) | set(self.shell.keeper.wanted)
+        self._frozen += await self.host.freeze(d for d in self._domains() if d.partition(":")[0] in listed)
+
+    async def thaw(self) -> None:
+        frozen, self._frozen = self._frozen, []
+        await self.host.thaw(frozen)
+
+    async def fence(self, ves: tuple[str, ...], epoch: int) -> None:
+        for domain in self._domains():
+            if domain.partition(":")[0] in ves:
+                try:
+                    await self.host.transport.call(self.host.transport.addr, "host.vm.undefine", {"name": domain})
+                except RpcError as err:  # it stays held: `may_run` keeps it off, fencing removes it later
+                    log.error("ha: cannot remove %s, fenced: %s", domain, err)
+
+    def revoked(self, host: str, lease: Lease) -> None:
+        pass  # the shell logs it; what was recovered is counted by `recover`
+
+    async def recover(self, host: str, ves: tuple[str, ...], epoch: int) -> bool:
+        records = {}
+        for name in ves:
+            try:
+                record = await self.directory.get(name)
+            except RpcError as err:
+                log.warning("ha: cannot read VE %s to recover it: %s", name, err)
+                return False
+            if record is not None and any(s.node == host for s in record.ve.placement.values()):
+                records[name] = record
+        done = True
+        for name, record in sorted(records.items(), key=lambda r: (-r[1].ve.spec.ha.priority, r[0])):
+            done = await self._recover_ve(name, record.ve.spec.ha.mode, host, epoch) and done
+        return done
+
+    async def _recover_ve(self, name: str, mode: str, host: str, epoch: int) -> bool:
+        reason = f"{host}'s HA lease (epoch {epoch}) revoked by {self.shell.name}"
+        try:
+            if mode == "standby":
+                try:
+                    ve, moved = await self.ves.failover(name, None, reason, host=host, force=True)
+                except RequestError as err:  # no copy on a live node: from its snapshot or image instead
+                    log.warning("ha: %s: %s; rebuilding instead", name, err)
+                    ve, moved = await self.ves.rebuild(name, None, reason, host=host, force=True)
+            else:
+                ve, moved = await self.ves.rebuild(name, None, reason, host=host, force=True)
+        except NotFound:
+            return True  # destroyed meanwhile
+        except (RequestError, RpcError) as err:
+            log.warning("ha: cannot recover VE %s from %s yet: %s", name, host, err)
+            return False
+        if moved:
+            self.recovered += 1
+            log.warning("ha: VE %s recovered from %s: %s", name, host,
+                        ", ".join(f"{vm} on {node}" for vm, node in sorted(moved.items())))
+        await self.ves.restore_protection(ve.name)
+        return True
+
+    # -- what runs here, and how it is protected ----------------------------------------------------------
+
+    def _domains(self) -> list[str]:
+        """The VMs defined on this host (standby copies, `<domain>/...`, are not VMs)."""
+        return [key for key in self.host.ledger.allocated if "/" not in key and ":" in key]
+
+    def _local_ves(self) -> set[str]:
+        return {domain.partition(":")[0] for domain in self._domains()}
+
+    async def _refresh(self) -> None:
+        """Read the policy of each VE with a VM here first seen, or not read for POLICY_REFRESH seconds."""
+        local, now = self._local_ves(), trio.current_time()
+        changed = False
+        for gone in set(self.modes) - local:
+            del self.modes[gone]
+            self._read_at.pop(gone, None)
+            changed = True
+        for name in sorted(local):
+            if now - self._read_at.get(name, -POLICY_REFRESH) < POLICY_REFRESH:
+                continue
+            try:
+                record = await self.directory.get(name)
+            except RpcError as err:
+                log.debug("ha: cannot read VE %s's policy: %s", name, err)
+                continue
+            self._read_at[name] = now
+            mode = record.ve.spec.ha.mode if record is not None else "none"
+            if self.modes.get(name) != mode:
+                self.modes[name], changed = mode, True
+        if changed:
+            self._save()
+            self.shell.kick()
+
+    def _load(self) -> None:
+        try:
+            modes = json.loads(self.state.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(modes, dict):
+            self.modes = {str(k): str(v) for k, v in modes.items()}
+
+    def _save(self) -> None:
+        tmp = self.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.modes, sort_keys=True))
+        tmp.replace(self.state)
