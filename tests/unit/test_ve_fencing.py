@@ -38,10 +38,15 @@ class Records:
 class Host:
     """This node's host: it holds VM rb:x off since its start."""
 
-    def __init__(self) -> None:
+    def __init__(self, covered: bool = True) -> None:
         self.ledger = Ledger(Resources(8, 8192, 100))
         self.ledger.allocated["rb:x"] = Resources(1, 256, 1)
         self.held = {"rb:x": "running"}
+        self.covered = covered
+
+    def may_run(self, name: str) -> bool:
+        """What the HA layer says: False for a protected VM that this host's lease does not cover."""
+        return self.covered
 
 
 class Transport:
@@ -69,17 +74,18 @@ class Transport:
         return {self.addr: None}
 
 
-@pytest.mark.parametrize("slot, answering, done", [
-    (HERE, True, ["release"]),  # the directory says it is ours: started
-    (ELSEWHERE, True, ["undefine"]),  # rebuilt on n3, which holds it: this stale copy goes, never started
-    (ELSEWHERE, False, []),  # n3 cannot be asked: no positive evidence, nothing changes
-    (replace(HERE, rebuilding=REBUILDING), True, []),  # n3 may be defining it: the rebuild's recovery decides
-    (replace(HERE, failing_over=FAILING_OVER), True, []),  # likewise for a failover under way
-    (replace(ELSEWHERE, node="n4", addr="n4:1"), True, []),  # n4 does not hold it: kept, held
+@pytest.mark.parametrize("slot, answering, done, covered", [
+    (HERE, True, ["release"], True),  # the directory says it is ours: started
+    (HERE, True, [], False),  # ours, but protected and not covered by this host's HA lease: kept held
+    (ELSEWHERE, True, ["undefine"], True),  # rebuilt on n3, which holds it: this stale copy goes, never started
+    (ELSEWHERE, False, [], True),  # n3 cannot be asked: no positive evidence, nothing changes
+    (replace(HERE, rebuilding=REBUILDING), True, [], True),  # n3 may be defining it: the rebuild's recovery decides
+    (replace(HERE, failing_over=FAILING_OVER), True, [], True),  # likewise for a failover under way
+    (replace(ELSEWHERE, node="n4", addr="n4:1"), True, [], True),  # n4 does not hold it: kept, held
 ])
 async def test_a_held_vm_is_started_removed_or_kept_held_by_what_the_directory_says(
-        slot: Slot, answering: bool, done: list[str]) -> None:
-    transport, host = Transport(answering), Host()
+        slot: Slot, answering: bool, done: list[str], covered: bool) -> None:
+    transport, host = Transport(answering), Host(covered)
     fencing = Replicas(node="n1", joins=False, directory=Directory(Records(slot)),  # type: ignore[arg-type]
                        transport=transport, membership=None, nearest=None, distances=None,  # type: ignore[arg-type]
                        host=host, images=None, shipped=None)  # type: ignore[arg-type]
