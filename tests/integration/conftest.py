@@ -156,13 +156,14 @@ def cluster_factory(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_cluster(tmp_path_factory, name: str, nodes: int, sites: int, **env: str) -> Iterator[Cluster]:
-    """A cluster for the tests of one module (a module-scoped fixture), stopped whatever happens; `env` is
-    added to the environment of its agents (and of the CLI the tests run)."""
+def running_cluster(tmp_path_factory, name: str, nodes: int, sites: int, extra: tuple[str, ...] = (),
+                    **env: str) -> Iterator[Cluster]:
+    """A cluster for the tests of one module (a module-scoped fixture), stopped whatever happens; `extra`: more
+    options of `cluster up`; `env` is added to the environment of its agents (and of the CLI the tests run)."""
     directory = tmp_path_factory.mktemp(name)
     cluster = Cluster(directory, {**os.environ, "DISCOVERY_HOME": str(directory / "home"), **env})
     try:
-        cluster.up(nodes, sites)
+        cluster.up(nodes, sites, extra=extra)
         yield cluster
     finally:
         cluster.down()

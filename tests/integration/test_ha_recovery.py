@@ -11,13 +11,14 @@ import pytest
 from .conftest import rejoined, restart, running_cluster, wait_for
 from .test_ha_policy import spec
 from .test_relocate import domains, host_info
+from .test_replicas import copies_of, standbys
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def cluster4(tmp_path_factory):
-    with running_cluster(tmp_path_factory, "harecover4", 4, 2) as cluster:
+    with running_cluster(tmp_path_factory, "harecover4", 4, 2, extra=("--vcpus", "32")) as cluster:
         yield cluster
 
 
@@ -32,17 +33,38 @@ def lease(cluster, via, node):
     return record["lease"] if record is not None else None
 
 
+def listed(cluster, host, ves):
+    """Wait until `host`'s lease lists `ves`, as it does a moment after they run there."""
+    def lists():
+        record = lease(cluster, "node4" if host != "node4" else "node3", host)
+        return record is not None and set(ves) <= set(record["ves"])
+
+    wait_for(lists, what=f"{host}'s lease listing {', '.join(ves)}")
+
+
+def back_and_fenced(cluster, host, gone):
+    """Restart `host`: it reads its lease revoked, and removes its copies of `gone` (domains) without running
+    them meanwhile; then it holds a new lease."""
+    restart(cluster, host)
+    rejoined(cluster, host)
+
+    def fenced():
+        mine = {d["name"]: d["state"] for d in host_info(cluster, host)["domains"]}
+        assert all(mine.get(d) in (None, "shutoff") for d in gone), mine
+        return not set(gone) & set(mine)
+
+    wait_for(fenced, what=f"{host}'s copies of {', '.join(gone)} removed")
+    wait_for(lambda: lease(cluster, "node4" if host != "node4" else "node3", host)["holder"] == host,
+             what=f"{host} holding a new lease")
+
+
 def test_a_protected_ve_runs_elsewhere_after_kill_9_of_its_host_with_no_command(cluster4, tmp_path):
     cluster4.json("--agent", "node1", "ve", "create", spec(tmp_path, "auto", "{mode: restart}", [("a", 1, 256)]))
     plain = cluster4.json("--agent", "node1", "ve", "create", spec(tmp_path, "plain", None, [("p", 1, 256)]))
     assert plain["placement"]["p"]["node"] == "node1"
     assert placed(cluster4, "auto", "node2") == {"a": ("node1", "running")}
 
-    def listed():  # the host's lease lists the VE before anything may fail
-        record = lease(cluster4, "node2", "node1")
-        return record is not None and "auto" in record["ves"]
-
-    wait_for(listed, what="node1's lease listing auto")
+    listed(cluster4, "node1", ["auto"])
     cluster4.kill9("node1")
     recovered = wait_for(lambda: (placed(cluster4, "auto", "node2") or {}).get("a", ("node1",))[0] != "node1"
                          and placed(cluster4, "auto", "node2"), what="auto recovered off node1, no command")
@@ -55,17 +77,67 @@ def test_a_protected_ve_runs_elsewhere_after_kill_9_of_its_host_with_no_command(
     assert revoked["holder"] is None and revoked["ves"] == ["auto"]
     assert placed(cluster4, "plain", "node2")["p"][0] == "node1"  # unprotected: left where it was
 
-    restart(cluster4, "node1")
-    rejoined(cluster4, "node1", ve="auto")
-
-    def fenced():  # the host back reads its lease revoked: the stale copy goes, and it never ran meanwhile
-        mine = {d["name"]: d["state"] for d in host_info(cluster4, "node1")["domains"]}
-        assert mine.get("auto:a") in (None, "shutoff"), mine
-        return "auto:a" not in mine
-
-    wait_for(fenced, what="node1's copy of auto:a removed")
+    back_and_fenced(cluster4, "node1", ["auto:a"])
     assert domains(cluster4, "auto:a") == {node: "running"}
-    wait_for(lambda: lease(cluster4, "node3", "node1")["holder"] == "node1", what="node1 holding a new lease")
     assert lease(cluster4, "node3", "node1")["epoch"] > revoked["epoch"]
     for name in ("auto", "plain"):
         cluster4.cli("--agent", "node2", "ve", "destroy", name)
+
+
+def test_a_standby_ve_fails_over_onto_its_copy_and_gets_a_new_one(cluster4, tmp_path):
+    created = cluster4.json("--agent", "node2", "ve", "create",
+                            spec(tmp_path, "hot", "{mode: standby, copies: 1}", [("a", 1, 256)]))
+    assert created["placement"]["a"]["node"] == "node2"
+    [copy] = copies_of(created, "a")
+    assert copy in ("node1", "node3")  # the other site first
+    listed(cluster4, "node2", ["hot"])
+    cluster4.kill9("node2")
+
+    def failed_over():
+        shown = cluster4.try_json("--agent", "node4", "ve", "show", "hot")
+        return shown if shown and shown["placement"]["a"]["node"] == copy else None
+
+    shown = wait_for(failed_over, what="hot failed over onto its copy, no command")
+    assert shown["placement"]["a"]["domain_state"] == "running" and "revoked by node" in shown["placement"]["a"]["why"]
+    assert domains(cluster4, "hot:a") == {copy: "running"}
+
+    def protected_again():
+        shown = cluster4.try_json("--agent", "node4", "ve", "show", "hot")
+        return shown if shown and shown["protection"]["a"]["status"] == "protected" else None
+
+    shown = wait_for(protected_again, what="a new standby copy of hot:a")
+    [new] = copies_of(shown, "a")
+    assert new not in (copy, "node2") and "hot:a" in standbys(cluster4, new)
+    back_and_fenced(cluster4, "node2", ["hot:a"])
+    cluster4.cli("--agent", "node4", "ve", "destroy", "hot")
+
+
+def test_twenty_protected_ves_of_one_host_killed_at_once_all_run_again(cluster4, tmp_path):
+    names = [f"many{i:02d}" for i in range(20)]
+    for name in names:
+        created = cluster4.json("--agent", "node3", "ve", "create", spec(tmp_path, name, "{mode: restart}",
+                                                                         [("a", 1, 128)]))
+        assert created["placement"]["a"]["node"] == "node3"
+    listed(cluster4, "node3", names)
+    cluster4.kill9("node3")
+
+    def hosts():
+        found = {}
+        for name in names:
+            shown = cluster4.try_json("--agent", "node1", "ve", "show", name)
+            if shown is None:
+                return None
+            found[name] = (shown["placement"]["a"]["node"], shown["placement"]["a"].get("domain_state"))
+        return found
+
+    def all_moved():
+        found = hosts()
+        return found if found and all(node != "node3" for node, _ in found.values()) else None
+
+    moved = wait_for(all_moved, what="the 20 VEs of node3 recovered, no command", interval=1)
+    assert all(state == "running" for _, state in moved.values()), moved
+    for name in names:
+        assert len(domains(cluster4, f"{name}:a")) == 1  # each runs once
+    back_and_fenced(cluster4, "node3", [f"{name}:a" for name in names])
+    for name in names:
+        cluster4.cli("--agent", "node1", "ve", "destroy", name)
