@@ -68,3 +68,30 @@ def cluster_down(directory: Annotated[Path, typer.Option("--dir")]) -> None:
     except local_cluster.ClusterError as err:
         raise fail(str(err)) from None
     print(f"stopped {len(stopped)} agents")
+
+
+@cluster_app.command("kill")
+def cluster_kill(node: Annotated[str, typer.Argument(help="The node to power off, e.g. node3.")],
+                 directory: Annotated[Path, typer.Option("--dir")]) -> None:
+    """Power NODE off: kill -9 its agent and, with real guests, its libvirtd and guests (its disk stays). What
+    its VEs' HA policies do about it shows in `ve show` and `discovery ha status`; `cluster start` brings it back."""
+    from discovery.cli import local_cluster
+
+    try:
+        killed = local_cluster.kill(directory, node)
+    except local_cluster.ClusterError as err:
+        raise fail(str(err)) from None
+    print(f"killed {node} (pid {killed['pid']})")
+
+
+@cluster_app.command("start")
+def cluster_start(node: Annotated[str, typer.Argument(help="The node whose agent to start again.")],
+                  directory: Annotated[Path, typer.Option("--dir")]) -> None:
+    """Start NODE's agent again after `cluster kill` (or a crash), with its config and data."""
+    from discovery.cli import local_cluster
+
+    try:
+        started = local_cluster.start(directory, node)
+    except local_cluster.ClusterError as err:
+        raise fail(str(err)) from None
+    print(f"started {node} (pid {started['pid']})")

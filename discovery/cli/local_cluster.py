@@ -176,12 +176,10 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
             agent = [sys.executable, "-m", "discovery.agent", "--config", str(config)]
             if hypervisor == "qemu-system":
                 agent = _host(node_dir / "data", netns[i][1], agent)
-            with open(node_dir / "agent.log", "ab") as log:
-                where = ["ip", "netns", "exec", netns[i][0]] if netns else []  # it execs: the PID is the agent's
-                proc = subprocess.Popen([*where, *agent], stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
-            started.append({"name": name, "site": site, "addr": addrs[i], "metrics": metrics[i], "pid": proc.pid,
-                            "config": str(config)})
+            where = ["ip", "netns", "exec", netns[i][0]] if netns else []  # it execs: the PID is the agent's
+            started.append({"name": name, "site": site, "addr": addrs[i], "metrics": metrics[i],
+                            "pid": _launch([*where, *agent], node_dir), "config": str(config),
+                            "command": [*where, *agent]})
     except BaseException:
         _stop(started)
         raise
@@ -213,6 +211,51 @@ def _host(data: Path, address: str, agent: list[str]) -> list[str]:
 
     daemon = Libvirtd(libvirt_root(data, ""), LIBVIRTD_PORT, SYSTEM_MIGRATION_PORTS, address)
     return daemon.as_system(agent, {data: SYSTEM_DATA})
+
+
+def _launch(command: list[str], node_dir: Path) -> int:
+    """Start a node's agent (`command`), logging to its agent.log, in a session of its own; its PID."""
+    with open(node_dir / "agent.log", "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True).pid
+
+
+def kill(directory: Path, name: str) -> dict[str, Any]:
+    """Power node `name` off: SIGKILL its agent and, with real guests, its libvirtd and its guests (what a host
+    that loses power loses; its disk stays). ClusterError if there is no such node or it is not running."""
+    from agents.hypervisor.qemu import end_leftovers
+
+    state, node = _node(directory, name)
+    if not _running(node["pid"], node["config"]):
+        raise ClusterError(f"{name} is not running")
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(node["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _running(node["pid"], node["config"]) and time.monotonic() < deadline:
+        _reap([node])
+        time.sleep(0.05)
+    end_leftovers(Path(node["config"]).parent / "data")
+    return node
+
+
+def start(directory: Path, name: str) -> dict[str, Any]:
+    """Start node `name`'s agent again, as `up` started it (its config and data kept); ClusterError if it runs."""
+    state, node = _node(directory, name)
+    if _running(node["pid"], node["config"]):
+        raise ClusterError(f"{name} is running (pid {node['pid']})")
+    if "command" not in node:
+        raise ClusterError(f"{name} was started by an older 'cluster up': stop the cluster and start it again")
+    node["pid"] = _launch(node["command"], Path(node["config"]).parent)
+    (Path(state["dir"]) / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return node
+
+
+def _node(directory: Path, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    state = load_state(directory.resolve())
+    node = next((n for n in state["nodes"] if n["name"] == name), None)
+    if node is None:
+        raise ClusterError(f"no node {name!r} in {directory} (nodes: {', '.join(n['name'] for n in state['nodes'])})")
+    return state, node
 
 
 def _prepare_guests() -> Path:
