@@ -21,12 +21,18 @@ def ha_status(every: Annotated[bool, typer.Option("--all", help="Ask every live 
         answers = [rpc("ha.status", at=addr) for addr in alive]
     else:
         answers = [rpc("ha.status")]
-    rows = [[a["node"], a["epoch"], "frozen" if a["frozen"] else "-" if a.get("expires_in") is None
-             else f"{a['expires_in']:.1f} s", ", ".join(a["listed"]) or "-",
+    rows = [[a["node"], a["epoch"], _left(a), ", ".join(a["listed"]) or "-",
              ", ".join(f"{h} ({s})" for h, s in a["watching"].items()) or "-", a["recovered"]]
             for a in sorted(answers, key=lambda a: a["node"])]
     emit(answers if every else answers[0], as_json,
          make_table(["node", "epoch", "lease left", "lists", "watches", "recovered"], rows))
+
+
+def _left(status: dict) -> str:
+    """What is left of a node's lease: seconds, frozen (and what the freeze paused), or - (not held)."""
+    if status["frozen"]:
+        return f"frozen ({', '.join(status['frozen_vms']) or 'nothing ran'})"
+    return "-" if status.get("expires_in") is None else f"{status['expires_in']:.1f} s"
 
 
 @ha_app.command("lease")

@@ -36,6 +36,8 @@ class HaStatus:
     listed: list[str]
     """The protected VEs with a VM here, as the last renewal written lists them."""
     frozen: bool
+    frozen_vms: list[str]
+    """The VMs the last freeze paused (held until a thaw, or removed by a fence)."""
     watching: dict[str, str]
     """Host -> the state of this node's watch of it (idle, observe, revoke, confirm, follow, done)."""
     recovered: int

@@ -88,7 +88,7 @@ class HaService(Actor):
     async def _on_status(self, caller: Caller, request: NoArgs) -> HaStatus:
         keeper, now = self.shell.keeper, trio.current_time()
         held = keeper.held_until is not None and now < keeper.held_until and not keeper.frozen
-        return HaStatus(self.shell.name, keeper.epoch, list(keeper.listed), keeper.frozen,
+        return HaStatus(self.shell.name, keeper.epoch, list(keeper.listed), keeper.frozen, list(self._frozen),
                         {host: w.state.value for host, w in sorted(self.shell.watches.items())}, self.recovered,
                         round(keeper.held_until - now, 3) if held and keeper.held_until is not None else None)
 
