@@ -1,4 +1,5 @@
-"""Freezing this node's VMs when the HA layer says its lease lapsed, and thawing them when it holds again.
+"""Freezing this node's VMs when the HA layer says its lease lapsed, thawing them when it holds again, and
+switching them off when it was revoked.
 
 A frozen VM is paused and *held* (`HostBase.held`) with the state it should have, its persisted state left
 as it was: `release` (a thaw, or the VE layer's word after a restart) brings it back, and `may_run` decides
@@ -6,6 +7,11 @@ whether it may. A freeze does not wait for the VM's lock: it must be done within
 operation on the VM may hold the lock for tens of seconds (a graceful stop, a migration). What such an
 operation does next goes through `may_run` where it would run the VM (and `_copy_disk` leaves a held VM
 paused).
+
+A fenced VM (its lease was revoked: watchers run it elsewhere) is forced off and held the same way, not
+undefined: the VE layer's fencing pass removes it once the directory places it on the node that now holds
+it, and releases it only if the directory still places it here, nothing moves it, and a new lease covers it
+(say the recovery could not run yet, or the VE came back here since).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 from collections.abc import Iterable
 
 from agents.host.base import HostBase
-from agents.hypervisor.actor import HypervisorError
+from agents.hypervisor.actor import SETTLED, HypervisorError
 from overlay.wire.rpc import RequestError
 
 log = logging.getLogger(__name__)
@@ -54,3 +60,21 @@ class Freezing(HostBase):
                     continue
             thawed.append(name)
         return thawed
+
+    async def fence(self, names: Iterable[str]) -> list[str]:
+        """Force off and hold each VM of `names` that is here, whatever its state; the names fenced."""
+        fenced = []
+        for name in names:
+            if name not in self.ledger.allocated:
+                continue
+            try:
+                if (await self.hypervisor.info(name)).state != "shutoff":
+                    await self.hypervisor.destroy(name)
+            except HypervisorError as err:
+                log.error("host: cannot switch off %s, fenced: %s", name, err)
+                continue
+            if name not in self.held:
+                row = await self.db.one("SELECT desired FROM domains WHERE name = ?", (name,))
+                self.held[name] = row[0] if row is not None and row[0] in SETTLED else "running"
+            fenced.append(name)
+        return fenced

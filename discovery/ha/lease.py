@@ -18,6 +18,9 @@ renewal and keeps watching. A host that cannot read its record (cut off one way 
 either: its renewals stop at the first failure after the term ran out, so it can neither extend the lease
 blindly nor keep the record's slot claimed against the watchers.
 
+A host keeps a lease only while it has protected VMs: with none, it makes no directory call at all (its
+last renewal lists nothing, and lapses unnoticed), so an idle agent pays nothing for HA.
+
 The record, `ha/lease/<node>`, holds the holder, the term, the protected VEs that have a VM on the holder
 (what watchers recover), and the epoch: the fencing token, raised by every revocation and by every lease
 taken after one, never lowered. A VM is covered only once a renewal listing its VE has been written
@@ -143,6 +146,8 @@ class LeaseKeeper:
         if self.held_until is not None and now >= self.held_until and not self.frozen:
             self.frozen, self.state = True, State.READ
             actions.append(Freeze())
+        if not self.wanted and not self.listed:
+            return actions  # nothing protected here: no lease to keep (one listing something is renewed empty first)
         due = now >= self._next or (self.state is State.HELD and not self.wanted <= set(self.listed))
         if not self._busy and due:
             self._busy = True
@@ -151,7 +156,7 @@ class LeaseKeeper:
 
     def wake_at(self) -> float | None:
         """When `poll` has something to do next without an answer (None: only after one)."""
-        times = [] if self._busy else [self._next]
+        times = [] if self._busy or not (self.wanted or self.listed) else [self._next]
         if self.held_until is not None and not self.frozen:
             times.append(self.held_until)
         return min(times, default=None)
@@ -181,6 +186,8 @@ class LeaseKeeper:
         self._busy, self._record = False, record
         self.epoch, self.listed, self.state = lease.epoch, lease.ves, State.HELD
         self.held_until = max(self.held_until or sent, sent + self.term)
+        if not lease.ves and not self.wanted:
+            self.held_until = None  # it covers nothing: let it lapse, nothing to freeze
         self._next = sent + self.term / RENEW_FRACTION
         if self.frozen:
             self.frozen = False

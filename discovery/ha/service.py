@@ -9,9 +9,11 @@ What the cores ask, done here:
 - **freeze / thaw**: the host pauses and holds the listed VEs' VMs, and releases them
   (`agents.host.freezing`). Meanwhile the host refuses to run a protected VM that the lease does not cover
   (`HostBase.may_run`): no verb, restart or release runs one on a host whose lease lapsed;
-- **fence**: the lease was revoked, so watchers run these VEs elsewhere: the host's VMs of them are undefined
-  (the record says where each runs now; a VM the watchers could not move yet is rebuilt from the VE's
-  shipped snapshot or promoted from a standby copy, never from this host's stale disk);
+- **fence**: the lease was revoked, so watchers run these VEs elsewhere: the host forces its VMs of them off
+  and holds them (`agents.host.freezing`); the VE layer's fencing pass removes each once the directory
+  places it on the node that holds it now. (One the directory still places here, with nothing moving it,
+  runs again once a new lease covers it: the watchers' recovery, forced, switches it off before it runs
+  anywhere else.)
 - **recover**: a watcher that revoked a host's lease runs the host's VEs elsewhere, higher `priority` first,
   each through the VE layer's own transactions: `failover` onto the nearest standby copy for a `standby`
   VE that has one on a live node, else `rebuild` (the newest shipped snapshot, else the image), both
@@ -37,6 +39,7 @@ from agents.runtime import Actor
 from discovery.ha.lease import TERM, Lease, lease_key
 from discovery.ha.messages import HA_LEASE, HA_STATUS, HaStatus, LeaseOf, LeaseRecord
 from discovery.ha.shell import HaShell, lease_of
+from discovery.ve.base import pause_for_test
 from discovery.ve.directory import Directory
 from discovery.ve.service import VEService
 from overlay.dht import DHT
@@ -120,17 +123,13 @@ class HaService(Actor):
         await self.host.thaw(frozen)
 
     async def fence(self, ves: tuple[str, ...], epoch: int) -> None:
-        for domain in self._domains():
-            if domain.partition(":")[0] in ves:
-                try:
-                    await self.host.transport.call(self.host.transport.addr, "host.vm.undefine", {"name": domain})
-                except RpcError as err:  # it stays held: `may_run` keeps it off, fencing removes it later
-                    log.error("ha: cannot remove %s, fenced: %s", domain, err)
+        await self.host.fence(d for d in self._domains() if d.partition(":")[0] in ves)
 
     def revoked(self, host: str, lease: Lease) -> None:
         pass  # the shell logs it; what was recovered is counted by `recover`
 
-    async def recover(self, host: str, ves: tuple[str, ...], epoch: int) -> bool:
+    async def recover(self, host: str, ves: tuple[str, ...], epoch: int, by: str | None) -> bool:
+        await pause_for_test("recover")
         records = {}
         for name in ves:
             try:
@@ -142,11 +141,11 @@ class HaService(Actor):
                 records[name] = record
         done = True
         for name, record in sorted(records.items(), key=lambda r: (-r[1].ve.spec.ha.priority, r[0])):
-            done = await self._recover_ve(name, record.ve.spec.ha.mode, host, epoch) and done
+            done = await self._recover_ve(name, record.ve.spec.ha.mode, host, epoch, by) and done
         return done
 
-    async def _recover_ve(self, name: str, mode: str, host: str, epoch: int) -> bool:
-        reason = f"{host}'s HA lease (epoch {epoch}) revoked by {self.shell.name}"
+    async def _recover_ve(self, name: str, mode: str, host: str, epoch: int, by: str | None) -> bool:
+        reason = f"{host}'s HA lease (epoch {epoch}) revoked by {by or '?'}"
         try:
             if mode == "standby":
                 try:

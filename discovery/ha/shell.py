@@ -47,8 +47,9 @@ class Hooks(Protocol):
     async def fence(self, ves: tuple[str, ...], epoch: int) -> None:
         """The lease was revoked: the VMs of `ves` must never run here again."""
 
-    async def recover(self, host: str, ves: tuple[str, ...], epoch: int) -> bool:
-        """Run the VMs of `ves` still placed on `host` elsewhere; whether all of them run (or needed nothing)."""
+    async def recover(self, host: str, ves: tuple[str, ...], epoch: int, by: str | None) -> bool:
+        """Run the VMs of `ves` still placed on `host` elsewhere (its lease of `epoch` revoked by watcher `by`);
+        whether all of them run (or needed nothing)."""
 
     def revoked(self, host: str, lease: Lease) -> None:
         """This node revoked `host`'s lease (for the record: logs, counters, the simulator's world)."""
@@ -190,8 +191,8 @@ class HaShell:
                     self.hooks.revoked(watch.host, lease)
                     for then in watch.revoke_won(lease, now()):
                         await self._watch_action(watch, then)
-            case Recover(host=host, ves=ves, epoch=epoch):
-                watch.recovered(await self.hooks.recover(host, ves, epoch), now())
+            case Recover(host=host, ves=ves, epoch=epoch, by=by):
+                watch.recovered(await self.hooks.recover(host, ves, epoch, by), now())
         self._watch_kick.set()
 
     # -- the directory, on fixed replica sets -------------------------------------------------------------------

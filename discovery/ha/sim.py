@@ -256,7 +256,7 @@ class SimNode:
 
     # -- recovery -------------------------------------------------------------------------------------------
 
-    async def recover(self, host: str, ves: tuple[str, ...], epoch: int) -> bool:
+    async def recover(self, host: str, ves: tuple[str, ...], epoch: int, by: str | None) -> bool:
         """Move each VE still placed on `host` to a live node: prepared there, then the record moved."""
         done = True
         for ve in ves:

@@ -91,6 +91,8 @@ class Recover:
     host: str
     ves: tuple[str, ...]
     epoch: int
+    by: str | None = None
+    """The watcher that revoked the lease (this one, or the one it follows)."""
 
 
 Action = ReadLease | Revoke | Recover
@@ -150,7 +152,7 @@ class HostWatch:
             return [Revoke(self.lease, self._record)]
         if self.state is State.FOLLOW and self.lease is not None:
             self._busy = True
-            return [Recover(self.host, self.lease.ves, self.lease.epoch)]
+            return [Recover(self.host, self.lease.ves, self.lease.epoch, self.lease.revoked_by)]
         if self.state is State.OBSERVE and self._read_due:
             self._busy, self._read_due = True, False
             return [ReadLease(self.host)]
@@ -194,7 +196,7 @@ class HostWatch:
             self._busy, self.state, self._next = False, State.FOLLOW, now + self._wait()
             return []
         self.lease, self.state = lease, State.FOLLOW
-        return [Recover(self.host, lease.ves, lease.epoch)]  # still busy: until `recovered`
+        return [Recover(self.host, lease.ves, lease.epoch, lease.revoked_by)]  # busy until `recovered`
 
     def conflicted(self, now: float) -> list[Action]:
         """The record changed since it was read (renewed, or revoked by another watcher): read it again."""

@@ -14,6 +14,10 @@ import sys
 
 import pytest
 
+from discovery.ha.lease import lease_key
+from discovery.ha.watch import watchers_of
+from overlay.dht import replicas_among
+
 from .conftest import rejoined, restart, running_cluster, wait_for
 from .test_ha_policy import spec
 from .test_relocate import domains, host_info
@@ -189,10 +193,54 @@ def test_a_partitioned_host_freezes_its_vms_the_ve_runs_once_elsewhere_and_nothi
 
         def fenced():
             mine = {d["name"]: d["state"] for d in host_info(bed, "node1")["domains"]}
-            assert mine.get("iso:a") in (None, "paused"), mine  # never running again
+            assert mine.get("iso:a") in (None, "paused", "shutoff"), mine  # never running again
             return "iso:a" not in mine
 
         wait_for(fenced, what="node1's copy of iso:a removed once healed")
         assert domains(bed, "iso:a") == {moved["node"]: "running"}
         wait_for(lambda: lease(bed, "node2", "node1")["holder"] == "node1", what="node1 holding a new lease")
         bed.cli("--agent", "node2", "ve", "destroy", "iso")
+
+
+def test_a_watcher_killed_during_a_recovery_leaves_it_to_the_other_watcher(cluster4, tmp_path):
+    """A host's first watcher revokes its lease, then dies before recovering anything (DISCOVERY_TEST_PAUSE holds
+    it there); the second watcher confirms the revocation and, a term later, recovers the VE: it runs once,
+    elsewhere. The host is one whose lease record (3 replicas among the 4 nodes) does not have both it and that
+    watcher as replicas: two of its three replicas dead, the record could be neither read nor written (a
+    majority is needed) until one came back."""
+    members = [(m["name"], m["site"]) for m in cluster4.json("--agent", "node2", "members")]
+    sites = dict(members)
+
+    def recoverable(host):
+        first = watchers_of(host, sites[host], members)[0]
+        return len({host, first} & set(replicas_among(lease_key(host), [(n, n) for n, _ in members], 3))) < 2
+
+    host = next(name for name, _ in sorted(members) if recoverable(name))
+    first, second = watchers_of(host, sites[host], members)
+    cluster4.kill9(first)
+    restart(cluster4, first, DISCOVERY_TEST_PAUSE="recover:600")
+    rejoined(cluster4, first)
+    created = cluster4.json("--agent", host, "ve", "create", spec(tmp_path, "orphan", "{mode: restart}",
+                                                                  [("a", 1, 256)]))
+    assert created["placement"]["a"]["node"] == host
+    listed(cluster4, host, ["orphan"])
+    cluster4.kill9(host)
+    revoked = wait_for(lambda: (r := lease(cluster4, second, host)) and r["holder"] is None and r,
+                       what=f"{host}'s lease revoked")
+    assert revoked["revoked_by"] == first
+    cluster4.kill9(first)  # it recovered nothing
+
+    def recovered():
+        shown = cluster4.try_json("--agent", second, "ve", "show", "orphan")
+        slot = shown["placement"]["a"] if shown else None
+        ok = slot and slot["node"] not in (host, first) and not slot.get("rebuilding")
+        return slot if ok and slot.get("domain_state") == "running" else None
+
+    slot = wait_for(recovered, what=f"orphan recovered by {second}")
+    assert f"revoked by {first}" in slot["why"]  # the reason is the revocation's, whoever recovered
+    assert domains(cluster4, "orphan:a") == {slot["node"]: "running"}
+    restart(cluster4, first)
+    rejoined(cluster4, first)
+    back_and_fenced(cluster4, host, ["orphan:a"])
+    assert domains(cluster4, "orphan:a") == {slot["node"]: "running"}
+    cluster4.cli("--agent", second, "ve", "destroy", "orphan")

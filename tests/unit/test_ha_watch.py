@@ -45,7 +45,7 @@ def test_an_unchanged_lease_of_a_dead_host_is_revoked_after_a_term_and_margin_th
     (revoke,) = watch.read(LEASE, "rec7", 7, WAIT)
     assert revoke == Revoke(revoked(LEASE, "w"), "rec7")
     assert revoke.lease.holder is None and revoke.lease.epoch == 4
-    assert watch.revoke_won(revoke.lease, WAIT) == [Recover("h", ("ve1", "ve2"), 4)]
+    assert watch.revoke_won(revoke.lease, WAIT) == [Recover("h", ("ve1", "ve2"), 4, "w")]
     watch.recovered(True, WAIT + 1)
     assert watch.state.value == "done"
 
@@ -79,7 +79,7 @@ def test_a_lost_revocation_reads_again_then_confirms_the_winner_s_and_recovers_a
     assert watch.poll(WAIT + FOLLOW_GRACE) == [Revoke(gone, "rec9")]
     assert watch.revoke_won(gone, WAIT + FOLLOW_GRACE) == []
     assert watch.poll(WAIT + FOLLOW_GRACE + WAIT - 0.1) == []
-    assert watch.poll(WAIT + FOLLOW_GRACE + WAIT) == [Recover("h", ("ve1", "ve2"), 4)]
+    assert watch.poll(WAIT + FOLLOW_GRACE + WAIT) == [Recover("h", ("ve1", "ve2"), 4, "other")]
 
 
 def test_the_host_back_alive_stops_the_watch_unless_its_lease_is_revoked() -> None:
@@ -93,7 +93,7 @@ def test_the_host_back_alive_stops_the_watch_unless_its_lease_is_revoked() -> No
     watch.revoke_won(revoke.lease, WAIT)
     watch.alive(WAIT + 0.5)  # it will fence; its VEs must run again
     watch.recovered(False, WAIT + 1)
-    assert watch.poll(WAIT + 10) == [Recover("h", ("ve1", "ve2"), 4)]
+    assert watch.poll(WAIT + 10) == [Recover("h", ("ve1", "ve2"), 4, "w")]
 
 
 def test_no_lease_means_nothing_to_recover_yet_and_is_read_again_later() -> None:

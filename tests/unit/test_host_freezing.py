@@ -40,3 +40,14 @@ async def test_a_freeze_holds_the_vms_and_nothing_runs_them_until_the_lease_allo
     assert await host.thaw(["ve:a"]) == ["ve:a"]
     assert await state(host, "ve:a") == "running" and host.held == {}
     assert await state(host, "ve:b") == "paused"  # what the VE layer left paused stays paused
+
+
+async def test_a_fenced_vm_is_forced_off_and_held_with_the_state_it_should_have(host: HostService) -> None:
+    await define(host, "ve:a")
+    await define(host, "ve:b", state="paused")
+    host.may_run = lambda name: False
+    assert await host.fence(["ve:a", "ve:b", "ve:gone"]) == ["ve:a", "ve:b"]
+    assert (await state(host, "ve:a"), await state(host, "ve:b")) == ("shutoff", "shutoff")
+    assert host.held == {"ve:a": "running", "ve:b": "paused"}  # what a release brings back, if ever
+    await host.start()  # nor does a restart of the service run them
+    assert await state(host, "ve:a") == "shutoff" and host.held == {"ve:a": "running", "ve:b": "paused"}
