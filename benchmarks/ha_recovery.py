@@ -3,13 +3,15 @@
     python benchmarks/ha_recovery.py [--trials 20] [--nodes 4] [--sites 2] [--mode restart|standby]
                                      [--hypervisor test|qemu] [--plot out.png]
 
-Each trial creates a one-VM VE with HA policy `--mode` through one node (placement keeps it there), waits until
-that host's lease lists it (and, for a real guest, until the guest has booted), then powers the host off as
-`discovery cluster kill` does (its agent, and with `qemu` its libvirtd and guests, SIGKILLed) and polls the VE
-through another agent every POLL seconds until its VM is placed on another node and libvirt runs it there
-(`running_s`); for a real guest, also until the guest printed its ready line on its new node's console
-(`ready_s`: it booted). The host is then started again (`cluster start`), the trial waits until it holds a new
-lease (it read the old one revoked and fenced its copy), and the VE is destroyed. Hosts rotate over the nodes.
+With real guests, the trials start once the tiny image has the holders `cluster up` asked for (a VM rebuilt
+elsewhere boots it). Each trial creates a one-VM VE with HA policy `--mode` through one node (placement keeps
+it there), waits until that host's lease lists it (and, for a real guest, until the guest has booted), then
+powers the host off as `discovery cluster kill` does (its agent, and with `qemu` its libvirtd and guests,
+SIGKILLed) and polls the VE through another agent every POLL seconds until its VM is placed on another node
+and libvirt runs it there (`running_s`); for a real guest, also until the guest printed its ready line on its
+new node's console (`ready_s`: it booted). The host is then started again (`cluster start`), the trial waits
+until it holds a new lease (it read the old one revoked and fenced its copy), and the VE is destroyed. Hosts
+rotate over the nodes.
 
 What the time is made of: SWIM's detection (suspicion after missed probes, `suspect_timeout` 3 s), the
 watcher's wait for the lease to lapse on the host's clock (term 4 s x 1.05 + 0.5 s, counted from the last
@@ -57,6 +59,9 @@ class Trials:
     async def run(self) -> None:
         names = sorted(self.nodes)
         async with Transport(self.identity, node="bench") as transport:
+            if self.qemu:  # a VM rebuilt elsewhere boots its image: wait for the copies `cluster up` asked for
+                await self.until(lambda: self.image_held(transport, self.nodes[names[0]]["addr"]),
+                                 "the tiny image on its holders")
             for i in range(self.args.trials):
                 host = names[i % len(names)]
                 via = names[(i + 1) % len(names)]
@@ -96,6 +101,10 @@ class Trials:
                 return found
             await trio.sleep(POLL)
         raise TimeoutError(f"{what}: not within {DEADLINE:g} s")
+
+    async def image_held(self, transport: Transport, addr: str) -> bool:
+        entry = await self.ask(transport, addr, "image.show", {"name": "tiny"})
+        return entry is not None and len(entry["holders"]) >= min(entry["copies"], len(self.nodes))
 
     async def listed(self, transport: Transport, addr: str, host: str, name: str) -> bool:
         record = await self.ask(transport, addr, "ha.lease", {"node": host})

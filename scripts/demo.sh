@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The newcomer's tour: 12 agents on 4 sites, VEs created through different nodes, where they landed and why;
 # placement constraints, suspend/resume, relocation to another site, snapshot and restore, DVMS relieving an
-# overloaded node, the records moved between overlays, failover.
+# overloaded node, the records moved between overlays, failover by hand and by the HA watchers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DEMO_DIR:-demo-cluster}
@@ -100,6 +100,26 @@ echo "killing $HOST (pid $PID)"
 run kill -9 "$PID"
 run discovery --agent node9 ve failover ci-runner
 run discovery --agent node12 ve show ci-runner
+
+step "HA with no operator: a protected VE's host loses power; its watchers fail the VM over by themselves"
+other() { python3 -c "import json,sys; print(next(n['name'] for n in json.load(open('$DIR/cluster.json'))['nodes'] if n['name'] not in sys.argv[1:]))" "$@"; }
+VIA=$(other "$HOST")
+run discovery --agent "$VIA" ve create examples/guarded-db.yaml
+GHOST=$(discovery --agent "$VIA" ve locate guarded-db --json | python3 -c "import json,sys; print(json.load(sys.stdin)['vms']['db']['node'])")
+ASK=$(other "$HOST" "$GHOST")
+lists() { discovery --agent "$ASK" ha lease "$GHOST" --json 2>/dev/null | grep -q guarded-db; }
+for _ in $(seq 30); do lists && break; sleep 1; done
+run discovery --agent "$ASK" ha lease "$GHOST"      # the host's lease lists the VE: it runs it only while renewed
+run discovery cluster kill "$GHOST" --dir "$DIR"    # power loss: kill -9, nothing typed after this
+START=$(date +%s.%N)
+moved() { [ "$(discovery --agent "$ASK" ve locate guarded-db --json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['vms']['db']['node'])" 2>/dev/null)" != "$GHOST" ]; }
+for _ in $(seq 120); do moved && break; sleep 0.5; done
+moved || { echo "error: guarded-db was not recovered within 60 s" >&2; exit 1; }
+echo "guarded-db recovered $(python3 -c "print(round($(date +%s.%N) - $START, 1))") s after the kill, with no command"
+run discovery --agent "$ASK" ve show guarded-db       # on its former copy, why, and a new copy being made
+run discovery --agent "$ASK" ha lease "$GHOST"        # revoked: back, the host runs nothing stale
+run discovery --agent "$ASK" ha status --all
+run discovery cluster start "$GHOST" --dir "$DIR"
 
 cat <<EOT
 

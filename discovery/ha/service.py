@@ -19,7 +19,9 @@ What the cores ask, done here:
   VE that has one on a live node, else `rebuild` (the newest shipped snapshot, else the image), both
   forced (the host's copy is condemned, whether it answers or not). Then the protection is made whole
   again: the standby copies the policy asks for. A VE that cannot be recovered now is retried
-  (`discovery.ha.watch.RETRY`).
+  (`discovery.ha.watch.RETRY`);
+- **a guest that keeps crashing**: once the host's restart budget is spent (`agents.host.restart_budget`), the
+  host itself recovers the VM elsewhere the same way.
 
 A host that *leaves* (SIGTERM) is not recovered: an operator stopping an agent means to start it again,
 and a VM of a host that left for good is moved with `ve rebuild` / `ve failover`.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from agents.runtime import Actor
 from discovery.ha.lease import TERM, Lease, lease_key
 from discovery.ha.messages import HA_LEASE, HA_STATUS, HaStatus, LeaseOf, LeaseRecord
 from discovery.ha.shell import HaShell, lease_of
+from discovery.ha.watch import RETRY
 from discovery.ve.base import pause_for_test
 from discovery.ve.directory import Directory
 from discovery.ve.service import VEService
@@ -67,6 +71,8 @@ class HaService(Actor):
         """VE -> its HA mode as last read (VEs with a VM here)."""
         self._read_at: dict[str, float] = {}
         self._frozen: list[str] = []
+        self._crash_retry: dict[str, float] = {}
+        """Crashed VM -> when its recovery elsewhere may be tried again."""
         self.recovered = 0
         """VEs this node recovered as a watcher (what the metrics show)."""
         self._load()
@@ -83,6 +89,7 @@ class HaService(Actor):
 
     async def tick(self) -> None:
         await self._refresh()
+        await self._recover_crashed()
 
     def serve(self, endpoint: Endpoint) -> None:
         endpoint.route(HA_STATUS, self._on_status)
@@ -141,28 +148,45 @@ class HaService(Actor):
                 records[name] = record
         done = True
         for name, record in sorted(records.items(), key=lambda r: (-r[1].ve.spec.ha.priority, r[0])):
-            done = await self._recover_ve(name, record.ve.spec.ha.mode, host, epoch, by) and done
+            reason = f"{host}'s HA lease (epoch {epoch}) revoked by {by or '?'}"
+            done = await self._recover_ve(name, record.ve.spec.ha.mode, reason, host=host) and done
         return done
 
-    async def _recover_ve(self, name: str, mode: str, host: str, epoch: int, by: str | None) -> bool:
-        reason = f"{host}'s HA lease (epoch {epoch}) revoked by {by or '?'}"
+    async def _recover_crashed(self) -> None:
+        """A protected VM whose guest kept crashing here, left down by the host's restart budget
+        (`agents.host.restart_budget`), runs elsewhere: this host asks, as a watcher would for a dead one."""
+        now = trio.current_time()
+        for domain in set(self._crash_retry) - self.host.crashed:
+            del self._crash_retry[domain]
+        for domain in sorted(self.host.crashed):
+            ve, _, vm = domain.partition(":")
+            mode = self.modes.get(ve, "none")
+            if mode == "none" or now < self._crash_retry.get(domain, -math.inf):
+                continue
+            self._crash_retry[domain] = now + RETRY
+            await self._recover_ve(ve, mode, f"its guest kept crashing on {self.shell.name}", vms=[vm])
+
+    async def _recover_ve(self, name: str, mode: str, reason: str, host: str | None = None,
+                          vms: list[str] | None = None) -> bool:
+        """Run VE `name`'s VMs `vms` (None: all), or those still on `host`, elsewhere, forced: on a standby copy
+        if the VE has one on a live node, else rebuilt; then its copies made whole again. Whether it is done."""
         try:
             if mode == "standby":
                 try:
-                    ve, moved = await self.ves.failover(name, None, reason, host=host, force=True)
+                    ve, moved = await self.ves.failover(name, vms, reason, host=host, force=True)
                 except RequestError as err:  # no copy on a live node: from its snapshot or image instead
                     log.warning("ha: %s: %s; rebuilding instead", name, err)
-                    ve, moved = await self.ves.rebuild(name, None, reason, host=host, force=True)
+                    ve, moved = await self.ves.rebuild(name, vms, reason, host=host, force=True)
             else:
-                ve, moved = await self.ves.rebuild(name, None, reason, host=host, force=True)
+                ve, moved = await self.ves.rebuild(name, vms, reason, host=host, force=True)
         except NotFound:
             return True  # destroyed meanwhile
         except (RequestError, RpcError) as err:
-            log.warning("ha: cannot recover VE %s from %s yet: %s", name, host, err)
+            log.warning("ha: cannot recover VE %s (%s) yet: %s", name, reason, err)
             return False
         if moved:
             self.recovered += 1
-            log.warning("ha: VE %s recovered from %s: %s", name, host,
+            log.warning("ha: VE %s recovered (%s): %s", name, reason,
                         ", ".join(f"{vm} on {node}" for vm, node in sorted(moved.items())))
         await self.ves.restore_protection(ve.name)
         return True

@@ -138,10 +138,12 @@ def create(cluster: Cluster, tmp_path: Path, name: str) -> tuple[VM, VM]:
     return vms
 
 
-def create_one(cluster: Cluster, tmp_path: Path, name: str) -> VM:
-    """A VE of one 128 MiB VM `a`, created through node1 (so placed there if it has room), booted."""
+def create_one(cluster: Cluster, tmp_path: Path, name: str, ha: str | None = None) -> VM:
+    """A VE of one 128 MiB VM `a` (with HA policy `ha`, if given), created through node1 (so placed there if it
+    has room), booted."""
     spec = tmp_path / f"{name}.yaml"
-    spec.write_text(f"name: {name}\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}}\n")
+    spec.write_text(f"name: {name}\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}}\n"
+                    + (f"ha: {ha}\n" if ha else ""))
     cluster.json("--agent", "node1", "ve", "create", str(spec))
     vm = VM(cluster, name, "a")
     vm.wait_ready()
@@ -478,6 +480,22 @@ def test_a_guest_that_keeps_crashing_is_left_down_marked_crashed(qemu3: Cluster,
     qemu3.cli("ve", "start", "flaky")
     assert domains(qemu3, "flaky:a") == {node: "running"} and shown() == "running"
     qemu3.cli("ve", "destroy", "flaky")
+
+
+def test_a_protected_guest_that_keeps_crashing_runs_elsewhere_with_no_command(qemu3: Cluster, tmp_path: Path) -> None:
+    """As above, with HA policy restart: once its host gives up restarting it, the host has it rebuilt on
+    another node, where it boots; the crashed copy is gone."""
+    a = create_one(qemu3, tmp_path, "phoenix2", ha="{mode: restart}")
+    node = a.node
+    for _ in range(3):
+        restarted(qemu3, node, "phoenix2:a", kill_guest(qemu3, node, "phoenix2:a"))
+    kill_guest(qemu3, node, "phoenix2:a")
+    wait_until(lambda: a.node != node, STEP_DEADLINE, "the VM rebuilt on another node")
+    a.wait_ready()
+    slot = qemu3.json("ve", "show", "phoenix2")["placement"]["a"]
+    assert slot["domain_state"] == "running" and f"its guest kept crashing on {node}" in slot["why"]
+    assert domains(qemu3, "phoenix2:a") == {a.node: "running"}
+    qemu3.cli("ve", "destroy", "phoenix2")
 
 
 def test_without_a_daemon_a_vm_is_saved_shipped_and_restored(tmp_path_factory: pytest.TempPathFactory,
