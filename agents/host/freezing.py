@@ -10,8 +10,7 @@ paused).
 
 A fenced VM (its lease was revoked: watchers run it elsewhere) is forced off and held the same way, not
 undefined: the VE layer's fencing pass removes it once the directory places it on the node that now holds
-it, and releases it only if the directory still places it here, nothing moves it, and a new lease covers it
-(say the recovery could not run yet, or the VE came back here since).
+it; `may_run` (the HA layer) never lets it run here again.
 """
 
 from __future__ import annotations

@@ -177,8 +177,8 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing)
         if self.held and trio.current_time() >= self._hold_until:
             for name in list(self.held):
                 async with self.vm_locks.hold(name):
-                    if name not in self.held:  # released or undefined meanwhile
-                        continue
+                    if name not in self.held or not self.may_run(name):  # released or undefined meanwhile,
+                        continue  # or the HA lease keeps it off (frozen, fenced, not covered yet): no word to wait
                     log.warning("host: no word on %s within %gs of start; starting it", name, HOLD_LIMIT)
                     try:
                         await self._release(name)

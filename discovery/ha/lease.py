@@ -19,7 +19,10 @@ either: its renewals stop at the first failure after the term ran out, so it can
 blindly nor keep the record's slot claimed against the watchers.
 
 A host keeps a lease only while it has protected VMs: with none, it makes no directory call at all (its
-last renewal lists nothing, and lapses unnoticed), so an idle agent pays nothing for HA.
+last renewal lists nothing, and lapses unnoticed), so an idle agent pays nothing for HA. It reads and
+rewrites its record once at start and after a fence, protected VMs or not: a revocation it missed while away
+is fenced at once, and replaced by a lease of a higher epoch, so no VM that comes later is taken for one the
+revoked lease listed.
 
 The record, `ha/lease/<node>`, holds the holder, the term, the protected VEs that have a VM on the holder
 (what watchers recover), and the epoch: the fencing token, raised by every revocation and by every lease
@@ -137,6 +140,9 @@ class LeaseKeeper:
         self._record: Any = None
         self._next = 0.0
         self._busy = False
+        self._clear = True
+        """Read the record and write it afresh once, whatever is protected: at start (a lease revoked while this
+        host was away must be fenced, and no VM arriving later mistaken for one it listed) and after a fence."""
 
     # -- what the shell asks ---------------------------------------------------------------------------------
 
@@ -146,7 +152,7 @@ class LeaseKeeper:
         if self.held_until is not None and now >= self.held_until and not self.frozen:
             self.frozen, self.state = True, State.READ
             actions.append(Freeze())
-        if not self.wanted and not self.listed:
+        if not (self.wanted or self.listed or self._clear):
             return actions  # nothing protected here: no lease to keep (one listing something is renewed empty first)
         due = now >= self._next or (self.state is State.HELD and not self.wanted <= set(self.listed))
         if not self._busy and due:
@@ -156,7 +162,7 @@ class LeaseKeeper:
 
     def wake_at(self) -> float | None:
         """When `poll` has something to do next without an answer (None: only after one)."""
-        times = [] if self._busy or not (self.wanted or self.listed) else [self._next]
+        times = [] if self._busy or not (self.wanted or self.listed or self._clear) else [self._next]
         if self.held_until is not None and not self.frozen:
             times.append(self.held_until)
         return min(times, default=None)
@@ -183,7 +189,7 @@ class LeaseKeeper:
 
     def renewed(self, lease: Lease, record: Any, sent: float) -> list[Action]:
         """The renewal sent at `sent` (this host's clock) was written: the lease holds for a term from then."""
-        self._busy, self._record = False, record
+        self._busy, self._record, self._clear = False, record, False
         self.epoch, self.listed, self.state = lease.epoch, lease.ves, State.HELD
         self.held_until = max(self.held_until or sent, sent + self.term)
         if not lease.ves and not self.wanted:
@@ -217,7 +223,7 @@ class LeaseKeeper:
         """Revoked: what the record or this host listed must never run here; a new lease, above the epoch."""
         lost = tuple(sorted(set(lease.ves) | set(self.listed)))
         self.epoch, self.listed, self.wanted = lease.epoch + 1, (), frozenset()
-        self.held_until, self.frozen = None, False
+        self.held_until, self.frozen, self._clear = None, False, True
         self.state, self._next = State.HELD, now
         return [Fence(lost, lease.epoch)]
 

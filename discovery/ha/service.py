@@ -10,10 +10,10 @@ What the cores ask, done here:
   (`agents.host.freezing`). Meanwhile the host refuses to run a protected VM that the lease does not cover
   (`HostBase.may_run`): no verb, restart or release runs one on a host whose lease lapsed;
 - **fence**: the lease was revoked, so watchers run these VEs elsewhere: the host forces its VMs of them off
-  and holds them (`agents.host.freezing`); the VE layer's fencing pass removes each once the directory
-  places it on the node that holds it now. (One the directory still places here, with nothing moving it,
-  runs again once a new lease covers it: the watchers' recovery, forced, switches it off before it runs
-  anywhere else.)
+  and holds them for good (`agents.host.freezing`): they leave the lease and never run here again (`may_run`,
+  kept in `ha.json`); the VE layer's fencing pass removes each once the directory places it on the node that
+  holds it now. One the watchers cannot move (no room anywhere) stays off, and they retry; `ve rebuild
+  --force` moves it too;
 - **recover**: a watcher that revoked a host's lease runs the host's VEs elsewhere, higher `priority` first,
   each through the VE layer's own transactions: `failover` onto the nearest standby copy for a `standby`
   VE that has one on a live node, else `rebuild` (the newest shipped snapshot, else the image), both
@@ -66,11 +66,14 @@ class HaService(Actor):
                  directory: Directory, state: Path, term: float = TERM) -> None:
         super().__init__()
         self.host, self.ves, self.directory, self.state = host, ves, directory, state
-        self.shell = HaShell(node, membership, dht, self, term)
+        self.shell = HaShell(node, membership, dht, self, term, ready=ves.joined)
         self.modes: dict[str, str] = {}
         """VE -> its HA mode as last read (VEs with a VM here)."""
         self._read_at: dict[str, float] = {}
         self._frozen: list[str] = []
+        self.fenced: set[str] = set()
+        """VMs switched off here for good by a fence: never listed nor run again; the VE layer's fencing pass
+        removes each once the directory places it elsewhere (kept in `state` across restarts)."""
         self._crash_retry: dict[str, float] = {}
         """Crashed VM -> when its recovery elsewhere may be tried again."""
         self.recovered = 0
@@ -112,14 +115,15 @@ class HaService(Actor):
         return None if lease is None or record is None else LeaseRecord(lease, record.version, record.writer)
 
     def may_run(self, domain: str) -> bool:
-        """A VM of a protected VE runs only while the lease covers its VE; any other, always."""
+        """A fenced VM never; a VM of a protected VE only while the lease covers its VE; any other, always."""
         ve = domain.partition(":")[0]
-        return self.modes.get(ve, "none") == "none" or self.shell.covered(ve)
+        return domain not in self.fenced and (self.modes.get(ve, "none") == "none" or self.shell.covered(ve))
 
     # -- hooks of the shell ---------------------------------------------------------------------------------
 
     def protected(self) -> frozenset[str]:
-        return frozenset(ve for ve in self._local_ves() if self.modes.get(ve, "none") != "none")
+        local = {d.partition(":")[0] for d in self._domains() if d not in self.fenced}
+        return frozenset(ve for ve in local if self.modes.get(ve, "none") != "none")
 
     async def freeze(self) -> None:
         listed = set(self.shell.keeper.listed) | set(self.shell.keeper.wanted)
@@ -130,7 +134,10 @@ class HaService(Actor):
         await self.host.thaw(frozen)
 
     async def fence(self, ves: tuple[str, ...], epoch: int) -> None:
-        await self.host.fence(d for d in self._domains() if d.partition(":")[0] in ves)
+        doomed = [d for d in self._domains() if d.partition(":")[0] in ves]
+        self.fenced.update(doomed)  # before the host acts: from now on nothing runs them
+        self._save()
+        await self.host.fence(doomed)
 
     def revoked(self, host: str, lease: Lease) -> None:
         pass  # the shell logs it; what was recovered is counted by `recover`
@@ -203,7 +210,8 @@ class HaService(Actor):
     async def _refresh(self) -> None:
         """Read the policy of each VE with a VM here first seen, or not read for POLICY_REFRESH seconds."""
         local, now = self._local_ves(), trio.current_time()
-        changed = False
+        changed = bool(self.fenced - set(self._domains()))
+        self.fenced &= set(self._domains())  # removed since: forgotten
         for gone in set(self.modes) - local:
             del self.modes[gone]
             self._read_at.pop(gone, None)
@@ -226,13 +234,13 @@ class HaService(Actor):
 
     def _load(self) -> None:
         try:
-            modes = json.loads(self.state.read_text())
-        except (OSError, ValueError):
-            return
-        if isinstance(modes, dict):
-            self.modes = {str(k): str(v) for k, v in modes.items()}
+            saved = json.loads(self.state.read_text())
+            self.modes = {str(k): str(v) for k, v in saved["modes"].items()}
+            self.fenced = {str(d) for d in saved["fenced"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # none yet, or unreadable: the policies are read again, and a fence comes again
 
     def _save(self) -> None:
         tmp = self.state.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.modes, sort_keys=True))
+        tmp.write_text(json.dumps({"modes": self.modes, "fenced": sorted(self.fenced)}, sort_keys=True))
         tmp.replace(self.state)

@@ -13,6 +13,7 @@ write and a replica that died unnoticed cannot hold a renewal past the term (`di
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -59,9 +60,9 @@ class HaShell:
     """Node `name`'s lease and watches. `run` until cancelled; `kick` on every membership event."""
 
     def __init__(self, name: str, membership: Membership, dht: DHT, hooks: Hooks, term: float = TERM,
-                 replicas: int = REPLICAS) -> None:
+                 replicas: int = REPLICAS, ready: Callable[[], bool] = lambda: True) -> None:
         self.name, self.membership, self.dht, self.hooks = name, membership, dht, hooks
-        self.replicas = replicas
+        self.replicas, self.ready = replicas, ready
         self.keeper = LeaseKeeper(name, term)
         self.watches: dict[str, HostWatch] = {}
         self._lease_kick = trio.Event()
@@ -76,6 +77,10 @@ class HaShell:
         return self.keeper.covered(ve, trio.current_time())
 
     async def run(self) -> None:
+        """Once `ready` (the membership view merged from a seed: a lease's replicas are counted over it, and over
+        this node alone they would be this node), keep the lease and the watches until cancelled."""
+        while not self.ready():
+            await trio.sleep(IDLE_WAKE / 4)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._lease)

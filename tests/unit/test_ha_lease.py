@@ -65,10 +65,8 @@ def test_a_revoked_lease_fences_what_it_listed_and_takes_a_new_one_above_its_epo
     gone = revoked(Lease("h1", 1, TERM, ("x",)), by="w1")
     assert keeper.read(gone, "v3", TERM / 3) == [Fence(("x",), 2)]
     assert keeper.held_until is None and keeper.listed == () and not keeper.covered("x", TERM / 3)
-    assert keeper.poll(TERM / 3) == []  # nothing protected here any more: no lease to keep
-    keeper.cover(frozenset({"y"}))
-    (renew,) = keeper.poll(TERM / 3)
-    assert isinstance(renew, Renew) and renew.lease == Lease("h1", 3, TERM, ("y",)) and renew.expect == "v3"
+    (renew,) = keeper.poll(TERM / 3)  # the revoked record replaced at once, even with nothing protected
+    assert isinstance(renew, Renew) and renew.lease == Lease("h1", 3, TERM, ()) and renew.expect == "v3"
 
 
 def test_a_restarted_host_reads_its_own_lease_and_keeps_its_epoch() -> None:
@@ -86,9 +84,17 @@ def test_one_directory_call_at_a_time() -> None:
     assert keeper.poll(TERM / 3 + 0.5) == [] and keeper.wake_at() == TERM  # only the freeze can come now
 
 
-def test_a_host_with_nothing_protected_keeps_no_lease_and_lets_the_last_lapse_unfrozen() -> None:
+def test_a_host_with_nothing_protected_reads_and_writes_its_lease_once_then_keeps_none() -> None:
     keeper = LeaseKeeper("h1", TERM)
-    assert keeper.poll(0.0) == [] and keeper.wake_at() is None  # no directory call at all
+    assert keeper.poll(0.0) == [Read()]  # at start, whatever is protected: a revocation missed while away?
+    gone = revoked(Lease("h1", 1, TERM, ("x",)), by="w1")
+    assert keeper.read(gone, "v3", 0.0) == [Fence(("x",), 2)]
+    (renew,) = keeper.poll(0.0)  # the revoked record replaced, above its epoch
+    assert isinstance(renew, Renew) and renew.lease == Lease("h1", 3, TERM, ())
+    assert keeper.renewed(renew.lease, "v4", 0.0) == []
+    assert keeper.held_until is None and keeper.wake_at() is None
+    assert keeper.poll(10 * TERM) == []  # then no directory call at all
+
     keeper = held(0.0, frozenset({"x"}))
     keeper.cover(frozenset())  # x left this host: one renewal lists nothing...
     (renew,) = keeper.poll(TERM / 3)

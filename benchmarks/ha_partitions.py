@@ -1,0 +1,270 @@
+"""Randomised partitions on the network-namespace testbed: double runs and recoveries per failure, on real agents.
+
+    sudo python benchmarks/ha_partitions.py [--trials 100] [--nodes 6] [--sites 3] [--ves 3] [--seed 1]
+                                            [--plot out.png]
+
+The testbed (`discovery testbed up`, libvirt test:///, 10 ms between sites) runs `--ves` one-VM VEs with HA
+policy `restart`, each created through another node. Each trial draws a fault, cuts at the router for 3 to 25
+seconds (`testbed partition`), heals, and waits until every VE runs exactly once again with nothing under way:
+
+- `isolate`: a host of a VE cut off both ways; `oneway`: only what such a host sends is lost (it still hears
+  the others: it keeps learning it is suspected, and cannot answer); `site`: a whole site cut off both ways;
+  `flap`: a host cut and healed every other second.
+
+Double runs are looked for by a poller per node, started inside the node's namespace (so it sees its agent
+whatever the partition): it asks its agent for `host.info` every POLL seconds and writes down, with the
+machine's clock, which VMs run there. A VM seen running on two nodes in overlapping intervals (from its first
+to its last sample running in each) is a double run; an overlap shorter than POLL would be missed. A
+recovery is a VE's VM started on another node than its host's before the cut; recoveries per failure are
+counted per VE whose host was cut off in the trial (0 for a cut shorter than detection and the lease's term,
+at most 1 for any). Nothing here asserts a result: it is a measurement; the exit status is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import trio
+from harness import pyplot, save, testbed  # benchmarks/, beside this
+
+from discovery.cli.config import load_client_config
+from discovery.testbed import bed
+from overlay.wire.rpc import RpcError, Transport
+
+POLL = 0.1
+KINDS = ("isolate", "oneway", "site", "flap")
+SETTLE = 120.0
+"""Seconds a trial waits, after healing, for every VE to run once again."""
+
+
+def poll(addr: str, config: str, out: str) -> None:
+    """The poller (run inside a node's namespace): what runs on the agent at `addr`, one JSON line per change."""
+    identity = load_client_config(config).identity
+
+    async def run() -> None:
+        last = None
+        async with Transport(identity, node="poller") as transport:
+            with open(out, "a") as sink:
+                while True:
+                    try:
+                        info = await transport.call(addr, "host.info", {}, timeout=1.0)
+                        running = sorted(d["name"] for d in info["domains"] if d["state"] == "running")
+                    except RpcError:
+                        running = None  # unknown: neither running nor not
+                    if running != last:
+                        sink.write(json.dumps({"t": time.time(), "running": running}) + "\n")
+                        sink.flush()
+                        last = running
+                    await trio.sleep(POLL)
+
+    trio.run(run)
+
+
+class Campaign:
+    def __init__(self, state: dict[str, Any], directory: Path, args: argparse.Namespace) -> None:
+        self.state, self.dir, self.args = state, directory, args
+        self.rng = random.Random(args.seed)
+        self.nodes = {n["name"]: n for n in state["nodes"]}
+        plan = json.loads((directory / "testbed.json").read_text())["plan"]
+        self.namespace = {n["name"]: n["namespace"] for n in plan["nodes"]}
+        self.site = {n["name"]: plan["sites"][n["site"]] for n in plan["nodes"]}
+        self.ves = [f"part{i}" for i in range(args.ves)]
+        self.trials: list[dict[str, Any]] = []
+        self.pollers: list[subprocess.Popen[bytes]] = []
+
+    def cli(self, *args: str) -> Any:
+        done = subprocess.run([sys.executable, "-m", "discovery", "--config", self.state["client_config"], *args,
+                               "--json"], capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout) if done.returncode == 0 else None
+
+    def start_pollers(self) -> None:
+        for name, node in self.nodes.items():
+            out = self.dir / f"poll-{name}.jsonl"
+            self.pollers.append(subprocess.Popen(
+                ["ip", "netns", "exec", self.namespace[name], sys.executable, __file__, "--poll", node["addr"],
+                 "--config", self.state["client_config"], "--out", str(out)], start_new_session=True))
+
+    def stop_pollers(self) -> None:
+        for proc in self.pollers:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+    def where(self) -> dict[str, tuple[str, bool]] | None:
+        """VE -> (its VM's node, settled: running there, nothing under way), through any node that answers."""
+        found = {}
+        for ve in self.ves:
+            shown = next((s for n in self.nodes if (s := self.cli("--agent", n, "ve", "show", ve))), None)
+            if shown is None:
+                return None
+            slot = shown["placement"]["a"]
+            settled = slot.get("domain_state") == "running" and not any(
+                k in slot for k in ("moving_to", "failing_over", "rebuilding"))
+            found[ve] = (slot["node"], settled)
+        return found
+
+    def create(self) -> None:
+        names = sorted(self.nodes)
+        for i, ve in enumerate(self.ves):
+            spec = self.dir / f"{ve}.yaml"
+            spec.write_text(f"name: {ve}\nvms:\n  - {{name: a, vcpus: 1, memory_mb: 256}}\nha: {{mode: restart}}\n")
+            via = names[(2 * i) % len(names)]
+            if self.cli("--agent", via, "ve", "create", str(spec)) is None:
+                raise SystemExit(f"cannot create {ve} through {via}")
+
+    def settle(self) -> tuple[dict[str, tuple[str, bool]], float]:
+        start = time.monotonic()
+        while time.monotonic() - start < SETTLE:
+            found = self.where()
+            if found and all(settled for _, settled in found.values()):
+                return found, time.monotonic() - start
+            time.sleep(0.5)
+        raise SystemExit(f"the VEs did not settle within {SETTLE:g} s: {self.where()}")
+
+    def trial(self, i: int) -> dict[str, Any]:
+        before, _ = self.settle()
+        kind = self.rng.choice(KINDS)
+        hosts = sorted({node for node, _ in before.values()})
+        host = self.rng.choice(hosts)
+        target = self.site[host] if kind == "site" else host
+        lasts = round(self.rng.uniform(3, 25), 1)
+        cut = {n for n in self.nodes if self.site[n] == target} if kind == "site" else {host}
+        started = time.time()
+        if kind == "flap":
+            end = time.monotonic() + lasts
+            while time.monotonic() < end:
+                bed.partition(self.dir, target, False)
+                time.sleep(1.0)
+                bed.heal(self.dir)
+                time.sleep(1.0)
+        else:
+            bed.partition(self.dir, target, kind == "oneway")
+            time.sleep(lasts)
+            bed.heal(self.dir)
+        healed = time.time()
+        after, settle_s = self.settle()
+        moved = {ve: (before[ve][0], after[ve][0]) for ve in self.ves if before[ve][0] != after[ve][0]}
+        affected = [ve for ve in self.ves if before[ve][0] in cut]
+        return {"trial": i, "kind": kind, "target": target, "lasts_s": lasts, "from": started, "healed": healed,
+                "settled_at": time.time(), "hosts": {ve: node for ve, (node, _) in before.items()},
+                "affected": affected, "moved": moved, "settle_s": round(settle_s, 1)}
+
+
+def intervals(directory: Path, nodes: list[str]) -> dict[str, list[tuple[str, float, float]]]:
+    """VM -> (node, from, to) for each stretch it was seen running on a node: from the first sample that saw it
+    running to the first that saw it not running (an unanswered sample keeps the stretch open)."""
+    found: dict[str, list[tuple[str, float, float]]] = {}
+    now = time.time()
+    for node in nodes:
+        path = directory / f"poll-{node}.jsonl"
+        since: dict[str, float] = {}
+        for line in path.read_text().splitlines() if path.exists() else []:
+            sample = json.loads(line)
+            if sample["running"] is None:
+                continue
+            running = set(sample["running"])
+            for vm in running:
+                since.setdefault(vm, sample["t"])
+            for vm in [v for v in since if v not in running]:
+                found.setdefault(vm, []).append((node, since.pop(vm), sample["t"]))
+        for vm, start in since.items():
+            found.setdefault(vm, []).append((node, start, now))
+    return found
+
+
+def overlaps(spans: dict[str, list[tuple[str, float, float]]]) -> list[dict[str, Any]]:
+    """Every VM seen running on two nodes in overlapping stretches: the double runs."""
+    found = []
+    for vm, seen in spans.items():
+        for a in range(len(seen)):
+            for b in range(a + 1, len(seen)):
+                (na, sa, ea), (nb, sb, eb) = seen[a], seen[b]
+                if na != nb and sa < eb and sb < ea:
+                    found.append({"vm": vm, "nodes": [na, nb], "from": max(sa, sb), "to": min(ea, eb)})
+    return found
+
+
+def recoveries(trial: dict[str, Any], spans: dict[str, list[tuple[str, float, float]]]) -> dict[str, int]:
+    """Affected VE -> on how many other nodes its VM started running between the cut and the settling."""
+    counts = {}
+    for ve in trial["affected"]:
+        started = {node for node, since, _ in spans.get(f"{ve}:a", [])
+                   if trial["from"] <= since <= trial["settled_at"] and node != trial["hosts"][ve]}
+        counts[ve] = len(started)
+    return counts
+
+
+def report(campaign: Campaign, spans: dict[str, list[tuple[str, float, float]]], elapsed: float) -> dict[str, Any]:
+    per_failure: Counter[int] = Counter()
+    for trial in campaign.trials:
+        trial["recoveries"] = recoveries(trial, spans)
+        per_failure.update(trial["recoveries"].values())
+    settle = sorted(t["settle_s"] for t in campaign.trials)
+    return {"benchmark": "ha_partitions", "trials": len(campaign.trials), "nodes": len(campaign.nodes),
+            "ves": len(campaign.ves), "kinds": dict(Counter(t["kind"] for t in campaign.trials)),
+            "double_runs": overlaps(spans), "affected_ves_by_recoveries": dict(sorted(per_failure.items())),
+            "settle_s_max": settle[-1] if settle else None, "poll_s": POLL, "wall_seconds": round(elapsed, 1),
+            "results": campaign.trials}
+
+
+def plot(path: str, result: dict[str, Any]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind in KINDS:
+        pts = [(t["lasts_s"], len(t["moved"])) for t in result["results"] if t["kind"] == kind]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), label=kind, s=18)
+    ax.set_xlabel("seconds cut off")
+    ax.set_ylabel("VEs recovered elsewhere")
+    ax.set_title(f"{result['trials']} partitions on the testbed: {len(result['double_runs'])} double runs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=6)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--ves", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--plot", help="write recoveries against the cut's length to this PNG")
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep it: agents' logs, polls")
+    parser.add_argument("--poll", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.poll:
+        poll(args.poll, args.config, args.out)
+        return
+    with tempfile.TemporaryDirectory(prefix="ha-partitions-") as scratch:
+        tmp = str(args.keep) if args.keep else scratch
+        started = time.monotonic()
+        with testbed(Path(tmp), args.nodes, args.sites, 100.0, site_rtt_ms=10.0) as (state, _):
+            campaign = Campaign(state, Path(tmp) / "testbed", args)
+            campaign.create()
+            campaign.start_pollers()
+            try:
+                for i in range(args.trials):
+                    campaign.trials.append(campaign.trial(i))
+                    print(json.dumps(campaign.trials[-1]), file=sys.stderr, flush=True)
+            finally:
+                campaign.stop_pollers()
+            result = report(campaign, intervals(Path(tmp) / "testbed", sorted(campaign.nodes)),
+                            time.monotonic() - started)
+    print(json.dumps(result, indent=2))
+    if args.plot:
+        plot(args.plot, result)
+
+
+if __name__ == "__main__":
+    main()
