@@ -171,6 +171,10 @@ class LeaseKeeper:
         """The protected VEs with a VM here: one not listed yet is listed by a renewal at the next `poll`."""
         self.wanted = ves
 
+    def abandon(self) -> None:
+        """The directory call in flight will never be answered (its shell restarted): read afresh."""
+        self._busy, self.state = False, State.READ
+
     def covered(self, ve: str, now: float) -> bool:
         """Whether a VM of `ve` may start here: listed by a lease this host holds now, not frozen."""
         return (not self.frozen and self.held_until is not None and now < self.held_until

@@ -41,7 +41,7 @@ from agents.host.service import HostService
 from agents.runtime import Actor
 from discovery.ha.lease import TERM, Lease, lease_key
 from discovery.ha.messages import HA_LEASE, HA_STATUS, HaStatus, LeaseOf, LeaseRecord
-from discovery.ha.shell import HaShell, lease_of
+from discovery.ha.shell import UNANSWERED, HaShell, lease_of
 from discovery.ha.watch import RETRY
 from discovery.ve.base import pause_for_test
 from discovery.ve.directory import Directory
@@ -49,7 +49,7 @@ from discovery.ve.service import VEService
 from overlay.dht import DHT
 from overlay.membership import Membership
 from overlay.messages import NoArgs
-from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError, RpcError
+from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError
 
 log = logging.getLogger(__name__)
 POLICY_REFRESH = 10.0
@@ -109,7 +109,7 @@ class HaService(Actor):
         """`request.node`'s lease record, read from a majority of its replicas as the watchers read it."""
         try:
             record = await self.shell.read(lease_key(request.node))
-        except RpcError as err:
+        except UNANSWERED as err:
             raise RequestError(f"cannot read {request.node}'s lease: {err}") from None
         lease = lease_of(record)
         return None if lease is None or record is None else LeaseRecord(lease, record.version, record.writer)
@@ -148,7 +148,7 @@ class HaService(Actor):
         for name in ves:
             try:
                 record = await self.directory.get(name)
-            except RpcError as err:
+            except UNANSWERED as err:
                 log.warning("ha: cannot read VE %s to recover it: %s", name, err)
                 return False
             if record is not None and any(s.node == host for s in record.ve.placement.values()):
@@ -188,7 +188,7 @@ class HaService(Actor):
                 ve, moved = await self.ves.rebuild(name, vms, reason, host=host, force=True)
         except NotFound:
             return True  # destroyed meanwhile
-        except (RequestError, RpcError) as err:
+        except UNANSWERED as err:
             log.warning("ha: cannot recover VE %s (%s) yet: %s", name, reason, err)
             return False
         if moved:
@@ -221,11 +221,13 @@ class HaService(Actor):
                 continue
             try:
                 record = await self.directory.get(name)
-            except RpcError as err:
+            except UNANSWERED as err:  # cut off, say: what was read last holds
                 log.debug("ha: cannot read VE %s's policy: %s", name, err)
                 continue
+            if record is None:  # destroyed (its VMs go with it), or replicas that do not have it yet: a VM
+                continue  # known protected stays so (taking it for unprotected would let it run unleased)
             self._read_at[name] = now
-            mode = record.ve.spec.ha.mode if record is not None else "none"
+            mode = record.ve.spec.ha.mode
             if self.modes.get(name) != mode:
                 self.modes[name], changed = mode, True
         if changed:

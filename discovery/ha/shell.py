@@ -79,6 +79,8 @@ class HaShell:
     async def run(self) -> None:
         """Once `ready` (the membership view merged from a seed: a lease's replicas are counted over it, and over
         this node alone they would be this node), keep the lease and the watches until cancelled."""
+        self.keeper.abandon()  # a restart (the service crashed) cancelled whatever was in flight
+        self.watches.clear()  # rebuilt from membership at once; a revocation written is read back as such
         while not self.ready():
             await trio.sleep(IDLE_WAKE / 4)
         async with trio.open_nursery() as nursery:
@@ -212,12 +214,13 @@ class HaShell:
 
     def _fixed(self, key: str) -> tuple[list[str], int]:
         """The replicas of a lease: counted over every member, reachable or not (`overlay.dht.replicas_among`),
-        less those SWIM holds dead (asking them only waits); a read and a write need a majority of the whole
-        set, so a read always sees the last write."""
+        and all asked, those SWIM holds dead too (each call waits LEASE_CALL_TIMEOUT at most, and SWIM's "dead"
+        may be wrong: after a partition heals, false verdicts go round for seconds, and a host that believed
+        two of its replicas dead could not renew); a read and a write need a majority of the whole set, so a
+        read always sees the last write."""
         members = self.membership.members.values()
         every = replicas_among(key, [(m.name, m.addr) for m in members if m.status != LEFT], self.replicas)
-        dead = {m.addr for m in members if m.status == DEAD}
-        return [a for a in every if a not in dead], len(every) // 2 + 1
+        return every, len(every) // 2 + 1
 
 
 def lease_of(record: Record | None) -> Lease | None:

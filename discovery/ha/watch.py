@@ -13,7 +13,8 @@ transaction on its record.
 States of a `HostWatch` (one watcher, one watched host)::
 
     IDLE ── suspect or dead ──► OBSERVE: read the lease
-    OBSERVE ── none ──► OBSERVE, read again after RETRY (nothing protected there, or not there yet)
+    OBSERVE ── none, or a lease listing nothing ──► OBSERVE, read again after RETRY (nothing protected there,
+               or not there yet: nothing to revoke)
             ── the host's, a new version ──► OBSERVE (seen at now: the host still renews)
             ── the host's, the same version for term·(1 + DRIFT) + MARGIN (+ STAGGER per rank), and dead
                ──► REVOKE: write it revoked ── won ──► RECOVER (Recover: its VEs) ──► DONE
@@ -182,6 +183,9 @@ class HostWatch:
                 self.state, self._next = State.CONFIRM, now + FOLLOW_GRACE
             return []
         if self.state is State.REVOKE and version == self._version:
+            if not lease.ves:  # nothing to recover: a revocation would only make a host SWIM misjudged fence nothing
+                self.state, self._read_due, self._next = State.OBSERVE, True, now + RETRY
+                return []
             self._busy = True
             return [Revoke(revoked(lease, self.me), record)]
         if version != self._version:

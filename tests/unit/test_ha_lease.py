@@ -102,3 +102,11 @@ def test_a_host_with_nothing_protected_reads_and_writes_its_lease_once_then_keep
     assert keeper.renewed(renew.lease, "v2", TERM / 3) == []
     assert keeper.held_until is None and keeper.wake_at() is None
     assert keeper.poll(10 * TERM) == []  # ...and then nothing: no renewal, no freeze
+
+
+def test_a_call_abandoned_by_a_restarted_shell_is_made_again_from_a_read() -> None:
+    keeper = held(0.0, frozenset({"x"}))
+    (renew,) = keeper.poll(TERM / 3)
+    assert keeper.poll(TERM / 3 + 0.1) == []  # one call at a time: this one will never be answered
+    keeper.abandon()
+    assert keeper.poll(TERM / 3 + 0.1) == [Read()]
