@@ -23,7 +23,7 @@ from agents.runtime import Periodic
 from discovery.agent_config import load_agent_config
 from discovery.ha.lease import TERM
 from discovery.ha.service import HaService
-from discovery.metrics import DvmsCollector, ImagesCollector
+from discovery.metrics import DvmsCollector, HaCollector, ImagesCollector
 from discovery.scheduler.service import DvmsService
 from discovery.scheduler.settings import DvmsSettings
 from discovery.toml_config import ConfigError
@@ -76,6 +76,7 @@ async def install(agent: NodeAgent) -> None:
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
     agent.exporter.register(DvmsCollector(dvms))
     agent.exporter.register(ImagesCollector(images.fetcher))
+    agent.exporter.register(HaCollector(ha))
     agent.notifier.subscribe(ha.tell_nowait, {"member_joined", "member_dead", "member_left"})
     agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), Shipper(ve), dvms, ha,
                      Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]

@@ -1,4 +1,5 @@
-"""What the product's services show Prometheus: DVMS's partitions and migrations, and the bytes images moved.
+"""What the product's services show Prometheus: DVMS's partitions and migrations, the bytes images moved, and
+the HA service's lease and recoveries.
 
 Collectors in the shape of `agents.metrics.collectors` (read at scrape time, `discovery_` names, base units,
 `_total` counters, no VE, VM, partition or chunk label), registered by `discovery.agent.install` beside the
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from discovery.ha.service import HaService
 from discovery.scheduler.service import DvmsService
 from dvms.monitor import Load
 from images.fetching import Fetcher
@@ -72,3 +74,21 @@ class ImagesCollector:
                                 ("uploaded", "uploaded to this node by imports (`image.put`)")):
             yield CounterMetricFamily(f"discovery_image_{what}_bytes", f"Bytes of image chunks (zstd frames, as "
                                       f"they travel) {help_text}.", value=self.fetcher.moved[what])
+
+
+class HaCollector:
+    def __init__(self, ha: HaService) -> None:
+        self.ha = ha
+
+    def collect(self) -> Iterator[Metric]:
+        ha, keeper = self.ha, self.ha.shell.keeper
+        yield GaugeMetricFamily("discovery_ha_lease_epoch", "The fencing token of this host's HA lease (raised by "
+                                "each revocation).", value=keeper.epoch)
+        yield GaugeMetricFamily("discovery_ha_lease_listed_ves", "Protected VEs this host's lease lists.",
+                                value=len(keeper.listed))
+        yield GaugeMetricFamily("discovery_ha_frozen", "1 while this host's lease has lapsed and its protected VMs "
+                                "are paused.", value=keeper.frozen)
+        yield GaugeMetricFamily("discovery_ha_fenced_vms", "VMs switched off here for good by a revocation, not "
+                                "removed yet.", value=len(ha.fenced))
+        yield CounterMetricFamily("discovery_ha_recoveries", "VEs this node recovered elsewhere (as a watcher, or "
+                                  "after their guest kept crashing here).", value=ha.recovered)

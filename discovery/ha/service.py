@@ -77,7 +77,7 @@ class HaService(Actor):
         self._crash_retry: dict[str, float] = {}
         """Crashed VM -> when its recovery elsewhere may be tried again."""
         self.recovered = 0
-        """VEs this node recovered as a watcher (what the metrics show)."""
+        """VEs this node recovered elsewhere, as a watcher or for a crashing guest (what the metrics show)."""
         self._load()
         host.may_run = self.may_run
 

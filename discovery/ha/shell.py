@@ -213,14 +213,17 @@ class HaShell:
         return await self.dht.put_if(key, value, expect, ask, quorum, LEASE_CALL_TIMEOUT)
 
     def _fixed(self, key: str) -> tuple[list[str], int]:
-        """The replicas of a lease: counted over every member, reachable or not (`overlay.dht.replicas_among`),
-        and all asked, those SWIM holds dead too (each call waits LEASE_CALL_TIMEOUT at most, and SWIM's "dead"
-        may be wrong: after a partition heals, false verdicts go round for seconds, and a host that believed
-        two of its replicas dead could not renew); a read and a write need a majority of the whole set, so a
-        read always sees the last write."""
+        """The replicas of a lease: counted over every member, reachable or not (`overlay.dht.replicas_among`);
+        a read and a write need a majority of the whole set, so a read always sees the last write. Those SWIM
+        holds dead are left out while the others can make that majority (asking them only waits), and asked
+        when they cannot: SWIM's "dead" may be wrong (after a partition heals, false verdicts go round for
+        seconds), and a host that believed two of its replicas dead could not renew at all."""
         members = self.membership.members.values()
         every = replicas_among(key, [(m.name, m.addr) for m in members if m.status != LEFT], self.replicas)
-        return every, len(every) // 2 + 1
+        dead = {m.addr for m in members if m.status == DEAD}
+        quorum = len(every) // 2 + 1
+        live = [a for a in every if a not in dead]
+        return (live if len(live) >= quorum else every), quorum
 
 
 def lease_of(record: Record | None) -> Lease | None:

@@ -20,6 +20,7 @@ from overlay.dht import replicas_among
 
 from .conftest import rejoined, restart, running_cluster, wait_for
 from .test_ha_policy import spec
+from .test_metrics import scrape
 from .test_relocate import domains, host_info
 from .test_replicas import copies_of, standbys
 from .test_testbed import running_testbed
@@ -91,6 +92,9 @@ def test_a_protected_ve_runs_elsewhere_after_kill_9_of_its_host_with_no_command(
     assert "HA lease (epoch" in shown["placement"]["a"]["why"] and "revoked by node" in shown["placement"]["a"]["why"]
     revoked = lease(cluster4, "node2", "node1")
     assert revoked["holder"] is None and revoked["ves"] == ["auto"]
+    recoveries = {n: scrape(cluster4.node(n)["metrics"])[("discovery_ha_recoveries_total", ())]
+                  for n in ("node2", "node3", "node4")}
+    assert sum(recoveries.values()) == 1 and recoveries[revoked["revoked_by"]] == 1, recoveries  # one recovery
     assert placed(cluster4, "plain", "node2")["p"][0] == "node1"  # unprotected: left where it was
 
     back_and_fenced(cluster4, "node1", ["auto:a"])
