@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client.process_collector import ProcessCollector
 
+from agents import tasks
 from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
 from agents.host.restarts import GuestRestarts
@@ -225,8 +226,12 @@ class NodeAgent:
         return value
 
     async def _watch_signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """SIGTERM or SIGINT: leave; SIGUSR1: log what every task awaits (`agents.tasks`)."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    log.warning("tasks on SIGUSR1:\n%s", tasks.dump())
+                    continue
                 log.info("received %s: leaving", signal.Signals(signum).name)
                 scope.cancel()
                 return

@@ -23,8 +23,11 @@ at most 1 for any). Nothing here asserts a result: it is a measurement; the exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,7 @@ from harness import pyplot, save, testbed  # benchmarks/, beside this
 
 from discovery.cli.config import load_client_config
 from discovery.testbed import bed
+from overlay.wire import tls
 from overlay.wire.rpc import RpcError, Transport
 
 POLL = 0.1
@@ -70,8 +74,9 @@ def poll(addr: str, config: str, out: str) -> None:
 
 
 class Campaign:
-    def __init__(self, state: dict[str, Any], directory: Path, args: argparse.Namespace) -> None:
-        self.state, self.dir, self.args = state, directory, args
+    def __init__(self, state: dict[str, Any], identity: tls.Identity, directory: Path,
+                 args: argparse.Namespace) -> None:
+        self.state, self.identity, self.dir, self.args = state, identity, directory, args
         self.rng = random.Random(args.seed)
         self.nodes = {n["name"]: n for n in state["nodes"]}
         plan = json.loads((directory / "testbed.json").read_text())["plan"]
@@ -100,15 +105,24 @@ class Campaign:
 
     def where(self) -> dict[str, tuple[str, bool]] | None:
         """VE -> (its VM's node, settled: running there, nothing under way), through any node that answers."""
+        return trio.run(self._where)
+
+    async def _where(self) -> dict[str, tuple[str, bool]] | None:
         found = {}
-        for ve in self.ves:
-            shown = next((s for n in self.nodes if (s := self.cli("--agent", n, "ve", "show", ve))), None)
-            if shown is None:
-                return None
-            slot = shown["placement"]["a"]
-            settled = slot.get("domain_state") == "running" and not any(
-                k in slot for k in ("moving_to", "failing_over", "rebuilding"))
-            found[ve] = (slot["node"], settled)
+        async with Transport(self.identity, node="bench") as transport:
+            for ve in self.ves:
+                for node in self.nodes.values():
+                    try:
+                        shown = await transport.call(node["addr"], "ve.show", {"name": ve}, timeout=5)
+                        break
+                    except RpcError:
+                        continue
+                else:
+                    return None
+                slot = shown["placement"]["a"]
+                settled = slot.get("domain_state") == "running" and not any(
+                    k in slot for k in ("moving_to", "failing_over", "rebuilding"))
+                found[ve] = (slot["node"], settled)
         return found
 
     def create(self) -> None:
@@ -121,13 +135,21 @@ class Campaign:
                 raise SystemExit(f"cannot create {ve} through {via}")
 
     def settle(self) -> tuple[dict[str, tuple[str, bool]], float]:
-        start = time.monotonic()
+        """Wait until every VE runs once again with nothing under way; half-way through the wait, have every agent
+        log what its tasks await (SIGUSR1, `agents.tasks`), for the post-mortem of one that never does."""
+        start, dumped = time.monotonic(), False
         while time.monotonic() - start < SETTLE:
             found = self.where()
             if found and all(settled for _, settled in found.values()):
                 return found, time.monotonic() - start
+            if not dumped and time.monotonic() - start > SETTLE / 2:
+                for node in self.nodes.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(node["pid"], signal.SIGUSR1)
+                dumped = True
             time.sleep(0.5)
-        raise SystemExit(f"the VEs did not settle within {SETTLE:g} s: {self.where()}")
+        raise SystemExit(f"the VEs did not settle within {SETTLE:g} s: {self.where()}; the agents' tasks are in "
+                         f"their logs under {self.dir}")
 
     def trial(self, i: int) -> dict[str, Any]:
         before, _ = self.settle()
@@ -249,8 +271,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ha-partitions-") as scratch:
         tmp = str(args.keep) if args.keep else scratch
         started = time.monotonic()
-        with testbed(Path(tmp), args.nodes, args.sites, 100.0, site_rtt_ms=10.0) as (state, _):
-            campaign = Campaign(state, Path(tmp) / "testbed", args)
+        with testbed(Path(tmp), args.nodes, args.sites, 100.0, site_rtt_ms=10.0) as (state, identity):
+            campaign = Campaign(state, identity, Path(tmp) / "testbed", args)
             campaign.create()
             campaign.start_pollers()
             try:
