@@ -1,7 +1,7 @@
 """Time from kill -9 of a protected VE's host to the VE running again elsewhere, with no command, printed as JSON.
 
     python benchmarks/ha_recovery.py [--trials 20] [--nodes 4] [--sites 2] [--mode restart|standby]
-                                     [--hypervisor test|qemu] [--plot out.png]
+                                     [--hypervisor test|qemu [--snapshot-every S]] [--seed 1] [--plot out.png]
 
 With real guests, the trials start once the tiny image has the holders `cluster up` asked for (a VM rebuilt
 elsewhere boots it). Each trial creates a one-VM VE with HA policy `--mode` through one node (placement keeps
@@ -9,7 +9,10 @@ it there), waits until that host's lease lists it (and, for a real guest, until 
 powers the host off as `discovery cluster kill` does (its agent, and with `qemu` its libvirtd and guests,
 SIGKILLed) and polls the VE through another agent every POLL seconds until its VM is placed on another node
 and libvirt runs it there (`running_s`); for a real guest, also until the guest printed its ready line on its
-new node's console (`ready_s`: it booted). The host is then started again (`cluster start`), the trial waits
+new node's console (`ready_s`: it booted). A real guest counts a heartbeat a second on its disk; the seconds
+of it lost (`lost_s`) are its last heartbeat printed on the old host against the one it boots with elsewhere:
+what its standby copy or shipped snapshot (`--snapshot-every`: the trial waits for one, then kills the host at
+a random moment of the period) held. The host is then started again (`cluster start`), the trial waits
 until it holds a new lease (it read the old one revoked and fenced its copy), and the VE is destroyed. Hosts
 rotate over the nodes.
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import sys
 import tempfile
 import time
@@ -50,10 +55,13 @@ class Trials:
         self.nodes = {n["name"]: n for n in state["nodes"]}
         self.qemu = args.hypervisor == "qemu"
         self.results: list[dict[str, Any]] = []
+        self.rng = random.Random(args.seed)
 
     def spec(self, name: str) -> dict[str, Any]:
         vm = {"name": "a", "vcpus": 1, "memory_mb": 128, "disk_gb": 1, **({"image": "tiny"} if self.qemu else {})}
-        ha = {"mode": "standby", "copies": 1} if self.args.mode == "standby" else {"mode": "restart"}
+        ha: dict[str, Any] = {"mode": "standby", "copies": 1} if self.args.mode == "standby" else {"mode": "restart"}
+        if self.args.snapshot_every:
+            ha["snapshot_every"] = self.args.snapshot_every
         return {"name": name, "vms": [vm], "ha": ha}
 
     async def run(self) -> None:
@@ -79,19 +87,24 @@ class Trials:
         await self.until(lambda: self.listed(transport, addr, host, name), f"{host}'s lease listing {name}")
         if self.qemu:
             await self.until(lambda: self.ready(host, name), f"{name} booted on {host}")
+        if self.args.snapshot_every:  # a shipped snapshot to restart from, then a kill at a random moment
+            await self.until(lambda: self.ask(transport, addr, "ve.restore_point", {"name": name, "vm": "a"}),
+                             f"a shipped snapshot of {name}")
+            await trio.sleep(self.rng.uniform(0, self.args.snapshot_every))
         killed = time.monotonic()
         await trio.to_thread.run_sync(cluster_cli.kill, Path(self.state["dir"]), host)
         moved = await self.until(lambda: self.running_elsewhere(transport, addr, name, host), f"{name} running again")
         running = time.monotonic() - killed
-        ready = None
+        ready = lost = None
         if self.qemu:
             await self.until(lambda: self.ready(moved, name), f"{name} booted on {moved}")
             ready = time.monotonic() - killed
+            lost = self.beats(host, name)[0] - self.beats(moved, name)[1]
         self.nodes[host] = await trio.to_thread.run_sync(cluster_cli.start, Path(self.state["dir"]), host)
         await self.until(lambda: self.holds_again(transport, addr, host), f"{host} back, holding a new lease")
         await transport.call(addr, "ve.destroy", {"name": name}, timeout=120)
         return {"trial": name, "host": host, "to": moved, "running_s": round(running, 2),
-                **({"ready_s": round(ready, 2)} if ready is not None else {})}
+                **({"ready_s": round(ready, 2), "lost_s": lost} if ready is not None else {})}
 
     async def until(self, check: Any, what: str) -> Any:
         end = time.monotonic() + DEADLINE
@@ -124,6 +137,14 @@ class Trials:
         text = console.read_text(errors="replace") if console.exists() else ""
         return node if tinyguest.READY in text else None
 
+    def beats(self, node: str, name: str) -> tuple[int, int]:
+        """The guest's heartbeats (one a second, kept on its disk) as `node`'s console shows them: the last one
+        printed, and the one it booted with (`DISCOVERY-GUEST-READY heartbeat=N`, read from its disk)."""
+        text = (guest_dirs(self.state)[node] / f"{name}--a.log").read_text(errors="replace")
+        last = max((int(m) for m in re.findall(r"HEARTBEAT (\d+)", text)), default=0)
+        booted = re.findall(tinyguest.READY + r" heartbeat=(\d+)", text)
+        return last, int(booted[-1]) if booted else 0
+
     @staticmethod
     async def ask(transport: Transport, addr: str, method: str, args: dict[str, Any]) -> Any:
         try:
@@ -143,7 +164,8 @@ def report(trials: Trials, args: argparse.Namespace, elapsed: float) -> dict[str
 
     return {"benchmark": "ha_recovery", "nodes": args.nodes, "sites": args.sites, "mode": args.mode,
             "hypervisor": args.hypervisor, "trials": args.trials, "recovered": len(done),
-            "running_s": summary("running_s"), "ready_s": summary("ready_s"),
+            "snapshot_every": args.snapshot_every, "running_s": summary("running_s"), "ready_s": summary("ready_s"),
+            "lost_s": summary("lost_s"),
             "wall_seconds": round(elapsed, 1), "results": trials.results}
 
 
@@ -169,6 +191,9 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--mode", choices=("restart", "standby"), default="restart")
     parser.add_argument("--hypervisor", choices=("test", "qemu"), default="test")
+    parser.add_argument("--snapshot-every", type=int, help="the policy's snapshot_every (seconds): each trial "
+                        "waits for a shipped snapshot, then kills the host at a random moment of the period")
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--plot", help="write a CDF of the recovery times to this PNG")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ha-recovery-") as tmp:
