@@ -54,6 +54,9 @@ from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError
 log = logging.getLogger(__name__)
 POLICY_REFRESH = 10.0
 """Seconds between two reads of a local VE's policy (`ve ha` changes it on another node)."""
+RECOVERY_LIMIT = 180.0
+"""Seconds one VE's recovery may take (its steps have their own timeouts: this bounds a hang): it is given up as
+a dead coordinator's would be, and tried again (its intent settled first)."""
 
 
 class HaService(Actor):
@@ -178,14 +181,18 @@ class HaService(Actor):
         """Run VE `name`'s VMs `vms` (None: all), or those still on `host`, elsewhere, forced: on a standby copy
         if the VE has one on a live node, else rebuilt; then its copies made whole again. Whether it is done."""
         try:
-            if mode == "standby":
-                try:
-                    ve, moved = await self.ves.failover(name, vms, reason, host=host, force=True)
-                except RequestError as err:  # no copy on a live node: from its snapshot or image instead
-                    log.warning("ha: %s: %s; rebuilding instead", name, err)
+            with trio.fail_after(RECOVERY_LIMIT):
+                if mode == "standby":
+                    try:
+                        ve, moved = await self.ves.failover(name, vms, reason, host=host, force=True)
+                    except RequestError as err:  # no copy on a live node: from its snapshot or image instead
+                        log.warning("ha: %s: %s; rebuilding instead", name, err)
+                        ve, moved = await self.ves.rebuild(name, vms, reason, host=host, force=True)
+                else:
                     ve, moved = await self.ves.rebuild(name, vms, reason, host=host, force=True)
-            else:
-                ve, moved = await self.ves.rebuild(name, vms, reason, host=host, force=True)
+        except trio.TooSlowError:  # as if this coordinator had died: the next attempt settles what it left
+            log.warning("ha: recovering VE %s (%s) took over %g s; trying again", name, reason, RECOVERY_LIMIT)
+            return False
         except NotFound:
             return True  # destroyed meanwhile
         except UNANSWERED as err:
