@@ -20,8 +20,9 @@ What the cores ask, done here:
   forced (the host's copy is condemned, whether it answers or not). Then the protection is made whole
   again: the standby copies the policy asks for. A VE that cannot be recovered now is retried
   (`discovery.ha.watch.RETRY`);
-- **a guest that keeps crashing**: once the host's restart budget is spent (`agents.host.restart_budget`), the
-  host itself recovers the VM elsewhere the same way.
+- **a VM stranded here**: one whose guest kept crashing (the host's restart budget spent,
+  `agents.host.restart_budget`), or one fenced here that the directory still places here 30 s later, the host
+  itself recovers elsewhere the same way.
 
 A host that *leaves* (SIGTERM) is not recovered: an operator stopping an agent means to start it again,
 and a VM of a host that left for good is moved with `ve rebuild` / `ve failover`.
@@ -54,6 +55,9 @@ from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError
 log = logging.getLogger(__name__)
 POLICY_REFRESH = 10.0
 """Seconds between two reads of a local VE's policy (`ve ha` changes it on another node)."""
+FENCED_GRACE = 30.0
+"""Seconds a fenced VM may stay placed here before this host has it recovered elsewhere itself: the watchers
+move it within a few seconds when all goes well."""
 RECOVERY_LIMIT = 180.0
 """Seconds one VE's recovery may take (its steps have their own timeouts: this bounds a hang): it is given up as
 a dead coordinator's would be, and tried again (its intent settled first)."""
@@ -77,8 +81,10 @@ class HaService(Actor):
         self.fenced: set[str] = set()
         """VMs switched off here for good by a fence: never listed nor run again; the VE layer's fencing pass
         removes each once the directory places it elsewhere (kept in `state` across restarts)."""
-        self._crash_retry: dict[str, float] = {}
-        """Crashed VM -> when its recovery elsewhere may be tried again."""
+        self._fenced_at: dict[str, float] = {}
+        """Fenced VM -> since when (this run's clock)."""
+        self._retry_at: dict[str, float] = {}
+        """Crashed or fenced VM -> when its recovery elsewhere may be tried again."""
         self.recovered = 0
         """VEs this node recovered elsewhere, as a watcher or for a crashing guest (what the metrics show)."""
         self._load()
@@ -95,7 +101,7 @@ class HaService(Actor):
 
     async def tick(self) -> None:
         await self._refresh()
-        await self._recover_crashed()
+        await self._recover_stranded()
 
     def serve(self, endpoint: Endpoint) -> None:
         endpoint.route(HA_STATUS, self._on_status)
@@ -139,6 +145,8 @@ class HaService(Actor):
     async def fence(self, ves: tuple[str, ...], epoch: int) -> None:
         doomed = [d for d in self._domains() if d.partition(":")[0] in ves]
         self.fenced.update(doomed)  # before the host acts: from now on nothing runs them
+        for domain in doomed:
+            self._fenced_at.setdefault(domain, trio.current_time())
         self._save()
         await self.host.fence(doomed)
 
@@ -162,19 +170,25 @@ class HaService(Actor):
             done = await self._recover_ve(name, record.ve.spec.ha.mode, reason, host=host) and done
         return done
 
-    async def _recover_crashed(self) -> None:
-        """A protected VM whose guest kept crashing here, left down by the host's restart budget
-        (`agents.host.restart_budget`), runs elsewhere: this host asks, as a watcher would for a dead one."""
-        now = trio.current_time()
-        for domain in set(self._crash_retry) - self.host.crashed:
-            del self._crash_retry[domain]
-        for domain in sorted(self.host.crashed):
+    async def _recover_stranded(self) -> None:
+        """A protected VM that cannot run here any more runs elsewhere, this host asking as a watcher would for a
+        dead one: one whose guest kept crashing (the host's restart budget spent, `agents.host.restart_budget`),
+        and one fenced here that the directory still places here FENCED_GRACE seconds later (its recovery went
+        astray: say it was moved here by a watcher on the side of a partition that then lost this host's lease).
+        Only a VM the directory places on this host is moved (`host=`)."""
+        now, me = trio.current_time(), self.shell.name
+        stranded = {d: f"its guest kept crashing on {me}" for d in self.host.crashed}
+        stranded |= {d: f"fenced on {me} and still placed there" for d, since in self._fenced_at.items()
+                     if now - since >= FENCED_GRACE}
+        for domain in set(self._retry_at) - set(stranded):
+            del self._retry_at[domain]
+        for domain, reason in sorted(stranded.items()):
             ve, _, vm = domain.partition(":")
             mode = self.modes.get(ve, "none")
-            if mode == "none" or now < self._crash_retry.get(domain, -math.inf):
+            if mode == "none" or now < self._retry_at.get(domain, -math.inf):
                 continue
-            self._crash_retry[domain] = now + RETRY
-            await self._recover_ve(ve, mode, f"its guest kept crashing on {self.shell.name}", vms=[vm])
+            self._retry_at[domain] = now + RETRY
+            await self._recover_ve(ve, mode, reason, host=me, vms=[vm])
 
     async def _recover_ve(self, name: str, mode: str, reason: str, host: str | None = None,
                           vms: list[str] | None = None) -> bool:
@@ -219,6 +233,7 @@ class HaService(Actor):
         local, now = self._local_ves(), trio.current_time()
         changed = bool(self.fenced - set(self._domains()))
         self.fenced &= set(self._domains())  # removed since: forgotten
+        self._fenced_at = {d: self._fenced_at.get(d, now) for d in self.fenced}
         for gone in set(self.modes) - local:
             del self.modes[gone]
             self._read_at.pop(gone, None)

@@ -193,7 +193,9 @@ class HaShell:
                 except UNANSWERED:
                     watch.failed(now())
                 else:
-                    log.warning("ha: %s revoked %s's lease (epoch %d): recovering %s", self.name, watch.host,
+                    by = lease.revoked_by
+                    what = "revoked" if by == self.name else f"confirmed {by}'s revocation of"
+                    log.warning("ha: %s %s %s's lease (epoch %d): recovering %s", self.name, what, watch.host,
                                 lease.epoch, ", ".join(lease.ves) or "nothing")
                     self.hooks.revoked(watch.host, lease)
                     for then in watch.revoke_won(lease, now()):
