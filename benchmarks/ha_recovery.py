@@ -195,8 +195,10 @@ def main() -> None:
                         "waits for a shipped snapshot, then kills the host at a random moment of the period")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--plot", help="write a CDF of the recovery times to this PNG")
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep it (the agents' logs)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ha-recovery-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ha-recovery-") as scratch:
+        tmp = str(args.keep) if args.keep else scratch
         started = time.monotonic()
         if args.hypervisor == "qemu":
             share_images(Path(tmp))

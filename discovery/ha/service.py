@@ -212,11 +212,11 @@ class HaService(Actor):
         except UNANSWERED as err:
             log.warning("ha: cannot recover VE %s (%s) yet: %s", name, reason, err)
             return False
-        if moved:
+        if moved:  # else it needed nothing (another agent recovered it): its copies are that one's to restore
             self.recovered += 1
             log.warning("ha: VE %s recovered (%s): %s", name, reason,
                         ", ".join(f"{vm} on {node}" for vm, node in sorted(moved.items())))
-        await self.ves.restore_protection(ve.name)
+            await self.ves.restore_protection(ve.name)
         return True
 
     # -- what runs here, and how it is protected ----------------------------------------------------------
