@@ -1,7 +1,8 @@
 """Time from kill -9 of a protected VE's host to the VE running again elsewhere, with no command, printed as JSON.
 
     python benchmarks/ha_recovery.py [--trials 20] [--nodes 4] [--sites 2] [--mode restart|standby]
-                                     [--hypervisor test|qemu [--snapshot-every S]] [--seed 1] [--plot out.png]
+                                     [--hypervisor test|qemu [--snapshot-every S] [--uptime S]] [--seed 1]
+                                     [--plot out.png]
 
 With real guests, the trials start once the tiny image has the holders `cluster up` asked for (a VM rebuilt
 elsewhere boots it). Each trial creates a one-VM VE with HA policy `--mode` through one node (placement keeps
@@ -11,10 +12,10 @@ SIGKILLed) and polls the VE through another agent every POLL seconds until its V
 and libvirt runs it there (`running_s`); for a real guest, also until the guest printed its ready line on its
 new node's console (`ready_s`: it booted). A real guest counts a heartbeat a second on its disk; the seconds
 of it lost (`lost_s`) are its last heartbeat printed on the old host against the one it boots with elsewhere:
-what its standby copy or shipped snapshot (`--snapshot-every`: the trial waits for one, then kills the host at
-a random moment of the period) held. The host is then started again (`cluster start`), the trial waits
-until it holds a new lease (it read the old one revoked and fenced its copy), and the VE is destroyed. Hosts
-rotate over the nodes.
+what its standby copy or shipped snapshot (`--snapshot-every`: the trial waits for one) held; `--uptime S`
+kills the host at a random moment of the S seconds that follow. The host is then started again (`cluster
+start`), the trial waits until it holds a new lease (it read the old one revoked and fenced its copy), and the
+VE is destroyed. Hosts rotate over the nodes.
 
 What the time is made of: SWIM's detection (suspicion after missed probes, `suspect_timeout` 3 s), the
 watcher's wait for the lease to lapse on the host's clock (term 4 s x 1.05 + 0.5 s, counted from the last
@@ -87,10 +88,10 @@ class Trials:
         await self.until(lambda: self.listed(transport, addr, host, name), f"{host}'s lease listing {name}")
         if self.qemu:
             await self.until(lambda: self.ready(host, name), f"{name} booted on {host}")
-        if self.args.snapshot_every:  # a shipped snapshot to restart from, then a kill at a random moment
+        if self.args.snapshot_every:  # a shipped snapshot to restart from
             await self.until(lambda: self.ask(transport, addr, "ve.restore_point", {"name": name, "vm": "a"}),
                              f"a shipped snapshot of {name}")
-            await trio.sleep(self.rng.uniform(0, self.args.snapshot_every))
+        await trio.sleep(self.rng.uniform(0, self.args.uptime))  # then the kill, at a random moment
         killed = time.monotonic()
         await trio.to_thread.run_sync(cluster_cli.kill, Path(self.state["dir"]), host)
         moved = await self.until(lambda: self.running_elsewhere(transport, addr, name, host), f"{name} running again")
@@ -192,7 +193,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("restart", "standby"), default="restart")
     parser.add_argument("--hypervisor", choices=("test", "qemu"), default="test")
     parser.add_argument("--snapshot-every", type=int, help="the policy's snapshot_every (seconds): each trial "
-                        "waits for a shipped snapshot, then kills the host at a random moment of the period")
+                        "waits for a shipped snapshot before the kill")
+    parser.add_argument("--uptime", type=float, default=0.0, help="the VE runs a random 0 to UPTIME seconds "
+                        "before its host is killed (after its shipped snapshot, with --snapshot-every)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--plot", help="write a CDF of the recovery times to this PNG")
     parser.add_argument("--keep", type=Path, help="run in this directory and keep it (the agents' logs)")
