@@ -78,6 +78,9 @@ class HostBase(Actor):
         self.may_run: Callable[[str], bool] = lambda name: True
         """Whether VM `name` may run on this node now: always, unless the HA layer says otherwise (a protected VM
         runs only while this host's lease covers it, `discovery.ha.lease`)."""
+        self.forgotten: Callable[[str], None] = lambda name: None
+        """Told each VM removed from this node, at once: a VM of that name defined here later is another one (the
+        HA layer's fence applied to the one removed)."""
         self.vm_locks = VmLocks()
         self.gate = Gate()
         self.db_path = db_path
@@ -149,6 +152,7 @@ class HostBase(Actor):
         await self.db.transaction(("DELETE FROM domains WHERE name = ?", (name,)),
                                   ("DELETE FROM snapshots WHERE name = ?", (name,)))
         self.ledger.deallocate(name)
+        self.forgotten(name)
 
     async def _booted(self, image: str | None = None, carried: str | None = None,
                       digest: str | None = None) -> BootImage | None:

@@ -89,6 +89,7 @@ class HaService(Actor):
         """VEs this node recovered elsewhere, as a watcher or for a crashing guest (what the metrics show)."""
         self._load()
         host.may_run = self.may_run
+        host.forgotten = self._forgotten
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -127,6 +128,15 @@ class HaService(Actor):
         """A fenced VM never; a VM of a protected VE only while the lease covers its VE; any other, always."""
         ve = domain.partition(":")[0]
         return domain not in self.fenced and (self.modes.get(ve, "none") == "none" or self.shell.covered(ve))
+
+    def _forgotten(self, domain: str) -> None:
+        """The host removed `domain`: a VM of that name defined here later (a recovery may bring the VE back) is
+        not the one fenced. Cleared at once, not at the next refresh: the next may come within the same second
+        (the campaign caught a new VM taken for its fenced namesake: left out of the lease, it was not frozen)."""
+        if domain in self.fenced:
+            self.fenced.discard(domain)
+            self._fenced_at.pop(domain, None)
+            self._save()
 
     # -- hooks of the shell ---------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from agents.host.service import HostService
-from agents.messages import HOST_VM_INFO, HOST_VM_RELEASE, HOST_VM_RESUME, HOST_VM_START, VmName
+from agents.messages import HOST_VM_INFO, HOST_VM_RELEASE, HOST_VM_RESUME, HOST_VM_START, HOST_VM_UNDEFINE, VmName
 from overlay.wire.rpc import RequestError
 from tests.unit.conftest import ask
 from tests.unit.test_guest_restarts import define
@@ -51,3 +51,13 @@ async def test_a_fenced_vm_is_forced_off_and_held_with_the_state_it_should_have(
     assert host.held == {"ve:a": "running", "ve:b": "paused"}  # what a release brings back, if ever
     await host.start()  # nor does a restart of the service run them
     assert await state(host, "ve:a") == "shutoff" and host.held == {"ve:a": "running", "ve:b": "paused"}
+
+
+async def test_the_ha_layer_is_told_at_once_of_a_vm_removed(host: HostService) -> None:
+    await define(host, "ve:a")
+    removed: list[str] = []
+    host.forgotten = removed.append
+    await ask(host, HOST_VM_UNDEFINE, VmName("ve:a"))
+    assert removed == ["ve:a"]  # a VM of that name defined later is another one
+    await ask(host, HOST_VM_UNDEFINE, VmName("ve:a"))  # already gone: nothing more to tell
+    assert removed == ["ve:a"]
