@@ -13,8 +13,10 @@ seconds (`testbed partition`), heals, and waits until every VE runs exactly once
 
 Double runs are looked for by a poller per node, started inside the node's namespace (so it sees its agent
 whatever the partition): it asks its agent for `host.info` every POLL seconds and writes down, with the
-machine's clock, which VMs run there. A VM seen running on two nodes in overlapping intervals (from its first
-to its last sample running in each) is a double run; an overlap shorter than POLL would be missed. A
+machine's clock, which VMs run there. A VM seen running on two nodes in overlapping stretches (from its first
+to its last sample running in each) is a double run; one that may have (up to the first sample each was seen
+not running: a busy agent's answers may be seconds apart) is reported apart; an overlap shorter than POLL
+would be missed. A
 recovery is a VE's VM started on another node than its host's before the cut; recoveries per failure are
 counted per VE whose host was cut off in the trial (0 for a cut shorter than detection and the lease's term,
 at most 1 for any). Nothing here asserts a result: it is a measurement; the exit status is 0.
@@ -55,7 +57,7 @@ def poll(addr: str, config: str, out: str) -> None:
     identity = load_client_config(config).identity
 
     async def run() -> None:
-        last = None
+        last, written = None, 0.0
         async with Transport(identity, node="poller") as transport:
             with open(out, "a") as sink:
                 while True:
@@ -64,10 +66,11 @@ def poll(addr: str, config: str, out: str) -> None:
                         running = sorted(d["name"] for d in info["domains"] if d["state"] == "running")
                     except RpcError:
                         running = None  # unknown: neither running nor not
-                    if running != last:
-                        sink.write(json.dumps({"t": time.time(), "running": running}) + "\n")
+                    now = time.time()
+                    if running != last or now - written >= 1.0:  # a line a second at least: gaps show
+                        sink.write(json.dumps({"t": now, "running": running}) + "\n")
                         sink.flush()
-                        last = running
+                        last, written = running, now
                     await trio.sleep(POLL)
 
     trio.run(run)
@@ -180,51 +183,58 @@ class Campaign:
                 "affected": affected, "moved": moved, "settle_s": round(settle_s, 1)}
 
 
-def intervals(directory: Path, nodes: list[str]) -> dict[str, list[tuple[str, float, float]]]:
-    """VM -> (node, from, to) for each stretch it was seen running on a node: from the first sample that saw it
-    running to the first that saw it not running (an unanswered sample keeps the stretch open)."""
-    found: dict[str, list[tuple[str, float, float]]] = {}
+Span = tuple[str, float, float, float]
+"""(node, first sample seen running, last sample seen running, first sample seen not running)."""
+
+
+def intervals(directory: Path, nodes: list[str]) -> dict[str, list[Span]]:
+    """VM -> each stretch it was seen running on a node (`Span`); an unanswered sample keeps a stretch open."""
+    found: dict[str, list[Span]] = {}
     now = time.time()
     for node in nodes:
         path = directory / f"poll-{node}.jsonl"
-        since: dict[str, float] = {}
+        since: dict[str, tuple[float, float]] = {}
         for line in path.read_text().splitlines() if path.exists() else []:
             sample = json.loads(line)
             if sample["running"] is None:
                 continue
             running = set(sample["running"])
             for vm in running:
-                since.setdefault(vm, sample["t"])
+                since[vm] = (since.get(vm, (sample["t"], 0.0))[0], sample["t"])
             for vm in [v for v in since if v not in running]:
-                found.setdefault(vm, []).append((node, since.pop(vm), sample["t"]))
-        for vm, start in since.items():
-            found.setdefault(vm, []).append((node, start, now))
+                first, last = since.pop(vm)
+                found.setdefault(vm, []).append((node, first, last, sample["t"]))
+        for vm, (first, last) in since.items():
+            found.setdefault(vm, []).append((node, first, last, now))
     return found
 
 
-def overlaps(spans: dict[str, list[tuple[str, float, float]]]) -> list[dict[str, Any]]:
-    """Every VM seen running on two nodes in overlapping stretches: the double runs."""
+def overlaps(spans: dict[str, list[Span]], certain: bool) -> list[dict[str, Any]]:
+    """Every VM seen running on two nodes at once: `certain`, both seen running in overlapping stretches (first to
+    last sample running); else possibly, up to the first sample each was seen not running (the samples of a busy
+    agent may be seconds apart)."""
     found = []
     for vm, seen in spans.items():
         for a in range(len(seen)):
             for b in range(a + 1, len(seen)):
-                (na, sa, ea), (nb, sb, eb) = seen[a], seen[b]
-                if na != nb and sa < eb and sb < ea:
-                    found.append({"vm": vm, "nodes": [na, nb], "from": max(sa, sb), "to": min(ea, eb)})
+                (na, sa, la, ea), (nb, sb, lb, eb) = seen[a], seen[b]
+                end_a, end_b = (la, lb) if certain else (ea, eb)
+                if na != nb and sa <= end_b and sb <= end_a and (not certain or max(sa, sb) < min(end_a, end_b)):
+                    found.append({"vm": vm, "nodes": [na, nb], "from": max(sa, sb), "to": min(end_a, end_b)})
     return found
 
 
-def recoveries(trial: dict[str, Any], spans: dict[str, list[tuple[str, float, float]]]) -> dict[str, int]:
+def recoveries(trial: dict[str, Any], spans: dict[str, list[Span]]) -> dict[str, int]:
     """Affected VE -> on how many other nodes its VM started running between the cut and the settling."""
     counts = {}
     for ve in trial["affected"]:
-        started = {node for node, since, _ in spans.get(f"{ve}:a", [])
+        started = {node for node, since, _, _ in spans.get(f"{ve}:a", [])
                    if trial["from"] <= since <= trial["settled_at"] and node != trial["hosts"][ve]}
         counts[ve] = len(started)
     return counts
 
 
-def report(campaign: Campaign, spans: dict[str, list[tuple[str, float, float]]], elapsed: float) -> dict[str, Any]:
+def report(campaign: Campaign, spans: dict[str, list[Span]], elapsed: float) -> dict[str, Any]:
     per_failure: Counter[int] = Counter()
     for trial in campaign.trials:
         trial["recoveries"] = recoveries(trial, spans)
@@ -232,7 +242,8 @@ def report(campaign: Campaign, spans: dict[str, list[tuple[str, float, float]]],
     settle = sorted(t["settle_s"] for t in campaign.trials)
     return {"benchmark": "ha_partitions", "trials": len(campaign.trials), "nodes": len(campaign.nodes),
             "ves": len(campaign.ves), "kinds": dict(Counter(t["kind"] for t in campaign.trials)),
-            "double_runs": overlaps(spans), "affected_ves_by_recoveries": dict(sorted(per_failure.items())),
+            "double_runs": overlaps(spans, certain=True), "possible_double_runs": overlaps(spans, certain=False),
+            "affected_ves_by_recoveries": dict(sorted(per_failure.items())),
             "settle_s_max": settle[-1] if settle else None, "poll_s": POLL, "wall_seconds": round(elapsed, 1),
             "results": campaign.trials}
 

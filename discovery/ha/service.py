@@ -19,7 +19,11 @@ What the cores ask, done here:
   VE that has one on a live node, else `rebuild` (the newest shipped snapshot, else the image), both
   forced (the host's copy is condemned, whether it answers or not). Then the protection is made whole
   again: the standby copies the policy asks for. A VE that cannot be recovered now is retried
-  (`discovery.ha.watch.RETRY`);
+  (`discovery.ha.watch.RETRY`). A watcher that follows another's revocation only checks, while the revoker
+  lives, that the VEs left the host: the VE layer's transactions are not compare-and-set, and two
+  coordinators that both read a record before either wrote its intent could both rebuild the VM (the
+  partition campaign caught it, the revoker's recovery slowed by a dead host's 10 s tidy-up); it recovers
+  them itself once SWIM holds the revoker dead;
 - **a VM stranded here**: one whose guest kept crashing (the host's restart budget spent,
   `agents.host.restart_budget`), or one fenced here that the directory still places here 30 s later, the host
   itself recovers elsewhere the same way.
@@ -48,7 +52,7 @@ from discovery.ve.base import pause_for_test
 from discovery.ve.directory import Directory
 from discovery.ve.service import VEService
 from overlay.dht import DHT
-from overlay.membership import Membership
+from overlay.membership import ALIVE, SUSPECT, Membership
 from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError
 
@@ -174,11 +178,17 @@ class HaService(Actor):
                 return False
             if record is not None and any(s.node == host for s in record.ve.placement.values()):
                 records[name] = record
+        if records and by not in (None, self.shell.name) and self._alive(by):
+            return False  # a follower leaves the recovery to the revoker while it lives (module docstring)
         done = True
         for name, record in sorted(records.items(), key=lambda r: (-r[1].ve.spec.ha.priority, r[0])):
             reason = f"{host}'s HA lease (epoch {epoch}) revoked by {by or '?'}"
             done = await self._recover_ve(name, record.ve.spec.ha.mode, reason, host=host) and done
         return done
+
+    def _alive(self, node: str) -> bool:
+        member = self.shell.membership.members.get(node)
+        return member is not None and member.status in (ALIVE, SUSPECT)
 
     async def _recover_stranded(self) -> None:
         """A protected VM that cannot run here any more runs elsewhere, this host asking as a watcher would for a
