@@ -168,7 +168,7 @@ class HaService(Actor):
         pass  # the shell logs it; what was recovered is counted by `recover`
 
     async def recover(self, host: str, ves: tuple[str, ...], epoch: int, by: str | None) -> bool:
-        await pause_for_test("recover")
+        await pause_for_test("recover" if by == self.shell.name else "follow")
         records = {}
         for name in ves:
             try:

@@ -324,8 +324,8 @@ async def pause_for_test(point: str) -> None:
     target not yet confirmed), `started` (the target runs the VM, the source still holds its frozen copy),
     `snapshot` (the VE's running VMs paused, no snapshot stored yet), `failover` (the failover's intent
     written, the standby not yet promoted), `rebuild` (the rebuild's intent written, its node reserved, the VM
-    not yet defined there), `recover` (an HA watcher revoked a host's lease, and recovers nothing yet). Unset,
-    it does nothing."""
+    not yet defined there), `recover` (an HA watcher revoked a host's lease, and recovers nothing yet),
+    `follow` (the same, for a watcher that confirmed another's revocation). Unset, it does nothing."""
     for item in os.environ.get(PAUSE_ENV, "").split(","):
         where, _, seconds = item.partition(":")
         if where == point:

@@ -207,44 +207,50 @@ def test_a_partitioned_host_freezes_its_vms_the_ve_runs_once_elsewhere_and_nothi
 
 
 def test_a_watcher_killed_during_a_recovery_leaves_it_to_the_other_watcher(cluster4, tmp_path):
-    """A host's first watcher revokes its lease, then dies before recovering anything (DISCOVERY_TEST_PAUSE holds
-    it there); the second watcher confirms the revocation and, a term later, recovers the VE: it runs once,
-    elsewhere. The host is one whose lease record (3 replicas among the 4 nodes) does not have both it and that
-    watcher as replicas: two of its three replicas dead, the record could be neither read nor written (a
-    majority is needed) until one came back."""
+    """The watcher that revokes a host's lease (either of its two: the first usually, but not always) dies before
+    recovering anything (DISCOVERY_TEST_PAUSE holds both watchers there, as revokers only); the other, which
+    confirmed the revocation, recovers the VE once SWIM holds the revoker dead: it runs once, elsewhere. The
+    host is one whose lease record (3 replicas among the 4 nodes) does not have it and both its watchers as
+    replicas: with two of its three replicas dead, the record could be neither read nor written (a majority
+    is needed) until one came back."""
     members = [(m["name"], m["site"]) for m in cluster4.json("--agent", "node2", "members")]
     sites = dict(members)
 
     def recoverable(host):
-        first = watchers_of(host, sites[host], members)[0]
-        return len({host, first} & set(replicas_among(lease_key(host), [(n, n) for n, _ in members], 3))) < 2
+        replicas = set(replicas_among(lease_key(host), [(n, n) for n, _ in members], 3))
+        return all(len({host, w} & replicas) < 2 for w in watchers_of(host, sites[host], members))
 
     host = next(name for name, _ in sorted(members) if recoverable(name))
-    first, second = watchers_of(host, sites[host], members)
-    cluster4.kill9(first)
-    restart(cluster4, first, DISCOVERY_TEST_PAUSE="recover:600")
-    rejoined(cluster4, first)
+    watchers = watchers_of(host, sites[host], members)
+    for watcher in watchers:
+        cluster4.kill9(watcher)
+        restart(cluster4, watcher, DISCOVERY_TEST_PAUSE="recover:600")
+        rejoined(cluster4, watcher)
     created = cluster4.json("--agent", host, "ve", "create", spec(tmp_path, "orphan", "{mode: restart}",
                                                                   [("a", 1, 256)]))
     assert created["placement"]["a"]["node"] == host
     listed(cluster4, host, ["orphan"])
     cluster4.kill9(host)
-    revoked = wait_for(lambda: (r := lease(cluster4, second, host)) and r["holder"] is None and r,
+    ask = next(n for n, _ in members if n not in (host, *watchers))
+    revoked = wait_for(lambda: (r := lease(cluster4, ask, host)) and r["holder"] is None and r,
                        what=f"{host}'s lease revoked")
-    assert revoked["revoked_by"] == first
-    cluster4.kill9(first)  # it recovered nothing
+    revoker = revoked["revoked_by"]
+    other = next(w for w in watchers if w != revoker)
+    cluster4.kill9(revoker)  # it recovered nothing
 
     def recovered():
-        shown = cluster4.try_json("--agent", second, "ve", "show", "orphan")
+        shown = cluster4.try_json("--agent", ask, "ve", "show", "orphan")
         slot = shown["placement"]["a"] if shown else None
-        ok = slot and slot["node"] not in (host, first) and not slot.get("rebuilding")
+        ok = slot and slot["node"] not in (host, revoker) and not slot.get("rebuilding")
         return slot if ok and slot.get("domain_state") == "running" else None
 
-    slot = wait_for(recovered, what=f"orphan recovered by {second}")
-    assert f"revoked by {first}" in slot["why"]  # the reason is the revocation's, whoever recovered
+    slot = wait_for(recovered, what=f"orphan recovered by {other}")
+    assert f"revoked by {revoker}" in slot["why"]  # the reason is the revocation's, whoever recovered
     assert domains(cluster4, "orphan:a") == {slot["node"]: "running"}
-    restart(cluster4, first)
-    rejoined(cluster4, first)
+    cluster4.kill9(other)
+    for watcher in watchers:  # both back without the pause, for the tests after this one
+        restart(cluster4, watcher)
+        rejoined(cluster4, watcher)
     back_and_fenced(cluster4, host, ["orphan:a"])
     assert domains(cluster4, "orphan:a") == {slot["node"]: "running"}
-    cluster4.cli("--agent", second, "ve", "destroy", "orphan")
+    cluster4.cli("--agent", ask, "ve", "destroy", "orphan")
