@@ -37,7 +37,7 @@ What a `LeaseKeeper` goes through (frozen is a flag beside the state)::
     a renewal that conflicts: READ again (ours: retry; revoked: FENCED)
 
 This module never touches a socket, a clock or trio: a shell performs the actions and feeds back what
-happened (the simulator's, `discovery.ha.sim`; the agents' is the next step of issue 15).
+happened (`discovery.ha.shell`, which the agents and the simulator share).
 """
 
 from __future__ import annotations
