@@ -466,6 +466,42 @@ class StandbyEntry:
     need: Resources
     snapshots: int
     taken: float
+    mirror: str | None = field(default=None, metadata=sparse())
+    """`syncing` or `ready` while the VM's host mirrors its disk here (`agents.host.mirrors`), else None."""
+
+
+@dataclass(frozen=True)
+class MirrorClose(VmName):
+    """`host.mirror_close`: end the export of VM `name`'s mirror here; `keep` it as the standby's disk (the
+    host ended a job that was ready: the file is a consistent copy) or drop it (it never caught up)."""
+
+    keep: bool = False
+
+
+@dataclass(frozen=True)
+class MirrorExport:
+    """`host.mirror_open`'s answer: where the standby's node serves the file a VM's disk is mirrored into."""
+
+    host: str
+    port: int
+    export: str
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    """One of `host.mirrors`: a VM of this node whose disk is mirrored to the node of a standby copy of it.
+
+    `state`: `syncing` (the first pass), `ready` (every write copied after it, `lag` seconds behind at most,
+    `behind` bytes not yet copied), or `waiting: why` (not running now: started again shortly). `sent`: bytes
+    copied since the agent started; `sync`: writes wait for the copy (no lag)."""
+
+    name: str
+    node: str
+    state: str
+    lag: float
+    behind: int
+    sent: int
+    sync: bool
 
 
 # -- answers of the views ---------------------------------------------------------------------------------
@@ -674,3 +710,7 @@ HOST_STANDBY = Method("host.standby", Standby, HOSTS, StandbyKept)
 HOST_UNSTANDBY = Method("host.unstandby", VmName, HOSTS, bool)
 HOST_STANDBYS = Method("host.standbys", NoArgs, HOSTS, list[StandbyEntry])
 HOST_PROMOTE = Method("host.promote", Promote, HOSTS, DomainInfo)
+HOST_MIRROR_OPEN = Method("host.mirror_open", VmName, HOSTS, MirrorExport)
+HOST_MIRROR_READY = Method("host.mirror_ready", VmName, HOSTS, bool)
+HOST_MIRROR_CLOSE = Method("host.mirror_close", MirrorClose, HOSTS, bool)
+HOST_MIRRORS = Method("host.mirrors", NoArgs, HOSTS, list[MirrorStatus])

@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from agents import tasks
 from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
+from agents.host.replication import Replication
 from agents.host.restarts import GuestRestarts
 from agents.host.service import HostService
 from agents.hypervisor.actor import DAEMON_CONNECTIONS, Hypervisor, write_node_xml
@@ -78,6 +79,8 @@ class NodeAgent:
         self.notifier = Notifier()
         self.supervisor = Supervisor()
         self.actors: list[Actor] = []
+        self.replication: Replication | None = None
+        """Disks mirrored to standby copies (real guests only): the HA layer says which."""
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT or cancellation, then leave the cluster politely."""
@@ -159,6 +162,8 @@ class NodeAgent:
             if self.backend is not None:  # real guests: a crashed one is started again where it ran
                 uri = self.backend.uri
                 self.actors.append(GuestRestarts(self.host, lambda deliver: GuestEvents.open(uri, deliver)))
+                self.replication = Replication(self.host)  # and disks are mirrored to standby copies
+                self.actors.append(self.replication)
             transport.route(AGENT_STATUS, self._on_status)
             transport.route(AGENT_MEMBERS, self._on_members)
             metrics = await self._metrics()

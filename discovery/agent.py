@@ -68,6 +68,7 @@ async def install(agent: NodeAgent) -> None:
         set_metadata=agent.host.set_metadata, directory=directory, relocate=ve.relocate)
     ha = HaService(cfg.name, agent.membership, agent.dht, agent.host, ve, directory, cfg.data_dir / "ha.json",
                    float(cfg.extra.get("ha_lease_term", TERM)))
+    ha.replication = agent.replication
     images.serve(agent.transport)
     agent.host.images = images  # a host brings a new VM's image while holding its room, and boots it
     ve.serve(agent.transport)

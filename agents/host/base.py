@@ -27,6 +27,7 @@ from agents.host.store import Store
 from agents.hypervisor.actor import DomainInfo, Hypervisor
 from agents.hypervisor.guests import Domains, TestDomains
 from agents.hypervisor.qemu_xml import image_of
+from agents.messages import MirrorStatus
 from agents.runtime import Actor
 from images.boot import BootImage
 from images.importing import Imported
@@ -81,6 +82,8 @@ class HostBase(Actor):
         self.forgotten: Callable[[str], None] = lambda name: None
         """Told each VM removed from this node, at once: a VM of that name defined here later is another one (the
         HA layer's fence applied to the one removed)."""
+        self.mirror_status: Callable[[], list[MirrorStatus]] = list
+        """The mirrors of this node's VMs' disks (`host.mirrors`): the replication shell's, where one runs."""
         self.vm_locks = VmLocks()
         self.gate = Gate()
         self.db_path = db_path

@@ -14,9 +14,9 @@ import json
 import trio
 
 from agents.host.args import RESERVATION_TTL, snapshots_arg
-from agents.host.base import HostBase
 from agents.host.capacity import Insufficient, Resources, UnknownReservation
 from agents.host.locks import one_vm
+from agents.host.mirrors import Mirrors
 from agents.host.store import Params
 from agents.hypervisor.actor import DomainInfo, HypervisorError
 from agents.messages import (
@@ -37,7 +37,7 @@ from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
 
-class Standbys(HostBase):
+class Standbys(Mirrors):
     """`host.reserve_standby`, `host.standby`, `host.unstandby`, `host.standbys` and `host.promote`.
 
     Standbys live in the store's `standbys` table. Requests about a VM's standby hold that VM's lock (one
@@ -45,6 +45,7 @@ class Standbys(HostBase):
     """
 
     def _serve_standbys(self, transport: Endpoint) -> None:
+        self._serve_mirrors(transport)
         transport.route(HOST_RESERVE_STANDBY, self._served(self._on_reserve_standby))
         transport.route(HOST_STANDBY, self._served(self._on_standby))
         transport.route(HOST_UNSTANDBY, self._served(self._on_unstandby))
@@ -52,7 +53,9 @@ class Standbys(HostBase):
         transport.route(HOST_PROMOTE, self._served(self._on_promote))
 
     async def _hold_standbys(self) -> None:
-        """At start: hold the room of every persisted standby again."""
+        """At start: hold the room of every persisted standby again, and end the mirrors' exports an earlier run
+        left (their hosts open them again: `agents.host.mirrors`)."""
+        await trio.to_thread.run_sync(self.exports.end_leftovers)
         for name, vcpus, memory_mb, disk_gb in await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb "
                                                                   "FROM standbys"):
             self.ledger.allocate(standby_key(name), Resources(vcpus, memory_mb, disk_gb))
@@ -109,6 +112,7 @@ class Standbys(HostBase):
     async def _on_unstandby(self, caller: Caller, request: VmName) -> bool:
         """Drop the standby of VM `name` and free its room; True if there was one (none is fine)."""
         name = request.name
+        await self._settle_mirror(name, keep=False)
         dropped = await self.db.write("DELETE FROM standbys WHERE name = ?", (name,)) > 0
         self.ledger.deallocate(standby_key(name))
         if self.domains.disk(name) is not None:
@@ -116,10 +120,11 @@ class Standbys(HostBase):
         return dropped
 
     async def _on_standbys(self, caller: Caller, request: NoArgs) -> list[StandbyEntry]:
-        """The standbys this node keeps: VM name, room held, how many snapshots, when exported."""
+        """The standbys this node keeps: VM name, room held, how many snapshots, when exported, its mirror's state."""
         rows = await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb, snapshots, taken FROM standbys "
                                   "ORDER BY name")
-        return [StandbyEntry(name, Resources(vcpus, memory_mb, disk_gb), len(json.loads(snapshots)), taken)
+        return [StandbyEntry(name, Resources(vcpus, memory_mb, disk_gb), len(json.loads(snapshots)), taken,
+                             self.mirror_state(name))
                 for name, vcpus, memory_mb, disk_gb, snapshots, taken in rows]
 
     @one_vm
@@ -131,6 +136,7 @@ class Standbys(HostBase):
         name, state = request.name, request.state
         try:
             if name not in self.ledger.allocated:
+                await self._settle_mirror(name)  # a ready mirror is the freshest disk
                 row = await self.db.one("SELECT xml, vcpus, memory_mb, disk_gb, snapshots FROM standbys "
                                         "WHERE name = ?", (name,))
                 if row is None:

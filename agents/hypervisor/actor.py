@@ -41,6 +41,7 @@ import libvirt
 import pykka
 import trio
 
+from agents.hypervisor import mirror
 from agents.hypervisor.qemu_xml import open_embed
 
 log = logging.getLogger(__name__)
@@ -399,6 +400,7 @@ class HypervisorActor(pykka.ThreadingActor):
         except libvirt.libvirtError as err:
             if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
                 raise
+        mirror.end(dom)
         doc = ET.Element("domainsnapshot")
         ET.SubElement(doc, "name").text = tag
         return dom.snapshotCreateXML(ET.tostring(doc, encoding="unicode")).getXMLDesc()
@@ -412,6 +414,7 @@ class HypervisorActor(pykka.ThreadingActor):
         dom = self._lookup(name)
         flags = {"running": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
                  "paused": libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED}.get(state, 0)
+        mirror.end(dom)
         dom.revertToSnapshot(dom.snapshotLookupByName(tag), flags | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE)
         if state == "shutoff":
             self._force_off(dom)
@@ -427,6 +430,7 @@ class HypervisorActor(pykka.ThreadingActor):
             if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
                 raise
             return False
+        mirror.end(dom)
         snapshot.delete()
         return True
 
@@ -438,6 +442,7 @@ class HypervisorActor(pykka.ThreadingActor):
         start resumes from the image. A domain already off is left alone."""
         dom = self._lookup(name)
         if dom.isActive():
+            mirror.end(dom)
             dom.managedSave()
         return _domain_info(dom)
 
@@ -448,7 +453,26 @@ class HypervisorActor(pykka.ThreadingActor):
         return _domain_info(self._lookup(ET.fromstring(xml).findtext("name") or ""))
 
     def migrate(self, name: str, uri: str, flags: int, params: dict[str, Any]) -> None:
-        self._lookup(name).migrateToURI3(uri, params, flags)
+        dom = self._lookup(name)
+        mirror.end(dom)
+        dom.migrateToURI3(uri, params, flags)
+
+    # -- a real guest's disk mirrored to another node (`agents.hypervisor.mirror`) --
+
+    def mirror_begin(self, name: str, host: str, port: int, export: str, bandwidth: int, sync: bool) -> None:
+        mirror.begin(self._lookup(name), host, port, export, bandwidth, sync)
+
+    def mirror_job(self, name: str) -> mirror.CopyJob | None:
+        try:
+            return mirror.job(self._lookup(name))
+        except HypervisorError:
+            return None  # the domain left (migrated away, undefined): no job
+
+    def mirror_end(self, name: str) -> bool:
+        try:
+            return mirror.end(self._lookup(name))
+        except HypervisorError:
+            return False  # the domain left (a migration ended its job first)
 
     def persistent(self, name: str) -> bool:
         """Whether a persistent domain of that name is here (one that arrived by live migration counts)."""
@@ -667,6 +691,18 @@ class Hypervisor:
 
     async def persistent(self, name: str) -> bool:
         return await self._run(lambda actor: actor.persistent(name))
+
+    async def mirror_begin(self, name: str, host: str, port: int, export: str, bandwidth: int = 0,
+                           sync: bool = False) -> None:
+        """Mirror the domain's disk to NBD `export` at host:port (`agents.hypervisor.mirror`)."""
+        await self._run(lambda actor: actor.mirror_begin(name, host, port, export, bandwidth, sync))
+
+    async def mirror_job(self, name: str) -> mirror.CopyJob | None:
+        return await self._run(lambda actor: actor.mirror_job(name))
+
+    async def mirror_end(self, name: str) -> bool:
+        """End the domain's mirror job (the destination keeps a consistent copy); whether there was one."""
+        return await self._run_long(lambda actor: actor.mirror_end(name))
 
     async def close(self) -> None:
         """Close the connections and stop the actors, after the requests already sent. Safe to call twice.

@@ -12,6 +12,7 @@ where they are.
 from __future__ import annotations
 
 import contextlib
+import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from agents.hypervisor.actor import domain_xml as test_domain_xml
 from agents.hypervisor.qemu_xml import domain_xml as qemu_domain_xml
 from agents.hypervisor.qemu_xml import image_in
 from images.boot import BootImage
-from images.tinyguest import make_overlay
+from images.tinyguest import make_overlay, run
 
 MIN_GUEST_MIB = 16
 
@@ -57,6 +58,13 @@ class Domains(Protocol):
     def standby(self, name: str) -> Path:
         """Where a standby copy of VM `name`'s disk is kept on a node that does not run it."""
 
+    def new_mirror(self, name: str) -> Path:
+        """A fresh overlay that VM `name`'s disk is mirrored into, beside its standby copy (same base, same
+        size): where `mirror` says, anything there before dropped."""
+
+    def mirror(self, name: str) -> Path:
+        """Where VM `name`'s disk is mirrored into on the node of its standby copy."""
+
     def incoming_image(self, name: str) -> tuple[Path, Path]:
         """Where a carried memory image is written: as the agent sees it, and as libvirt sees it."""
 
@@ -89,6 +97,12 @@ class TestDomains:
         raise NotImplementedError("the test driver has no disks")
 
     def standby(self, name: str) -> Path:
+        raise NotImplementedError("the test driver has no disks")
+
+    def new_mirror(self, name: str) -> Path:
+        raise NotImplementedError("the test driver has no disks")
+
+    def mirror(self, name: str) -> Path:
         raise NotImplementedError("the test driver has no disks")
 
     def incoming_image(self, name: str) -> tuple[Path, Path]:
@@ -174,6 +188,17 @@ class QemuGuests:
 
     def standby(self, name: str) -> Path:
         return self.directory / self._file(name, ".standby.qcow2")
+
+    def new_mirror(self, name: str) -> Path:
+        info = json.loads(run("qemu-img", "info", "-U", "--output=json", str(self.standby(name))))
+        mirror = self.mirror(name)
+        mirror.unlink(missing_ok=True)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", info["backing-filename"], "-F",
+            info.get("backing-filename-format", "raw"), str(mirror), str(info["virtual-size"]), cwd=self.directory)
+        return mirror
+
+    def mirror(self, name: str) -> Path:
+        return self.directory / self._file(name, ".mirror.qcow2")
 
     def incoming_image(self, name: str) -> tuple[Path, Path]:
         file = self._file(name, ".save")

@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from agents.host.replication import MirrorWant, Replication
 from agents.host.service import HostService
 from agents.runtime import Actor
 from discovery.ha.lease import TERM, Lease, lease_key
@@ -50,6 +51,7 @@ from discovery.ha.shell import UNANSWERED, HaShell, lease_of
 from discovery.ha.watch import RETRY
 from discovery.ve.base import pause_for_test
 from discovery.ve.directory import Directory
+from discovery.ve.records import VERecord, domain_name
 from discovery.ve.service import VEService
 from overlay.dht import DHT
 from overlay.membership import ALIVE, SUSPECT, Membership
@@ -76,6 +78,7 @@ class HaService(Actor):
     def __init__(self, node: str, membership: Membership, dht: DHT, host: HostService, ves: VEService,
                  directory: Directory, state: Path, term: float = TERM) -> None:
         super().__init__()
+        self.node, self.membership = node, membership
         self.host, self.ves, self.directory, self.state = host, ves, directory, state
         self.shell = HaShell(node, membership, dht, self, term, ready=ves.joined)
         self.modes: dict[str, str] = {}
@@ -91,6 +94,10 @@ class HaService(Actor):
         """Crashed or fenced VM -> when its recovery elsewhere may be tried again."""
         self.recovered = 0
         """VEs this node recovered elsewhere, as a watcher or for a crashing guest (what the metrics show)."""
+        self.replication: Replication | None = None
+        """Where this host's disks are mirrored to their standby copies (real guests only)."""
+        self._mirrors: dict[str, dict[str, MirrorWant]] = {}
+        """VE -> the mirrors its policy wants of its VMs here, as last read."""
         self._load()
         host.may_run = self.may_run
         host.forgotten = self._forgotten
@@ -107,6 +114,9 @@ class HaService(Actor):
     async def tick(self) -> None:
         await self._refresh()
         await self._recover_stranded()
+        if self.replication is not None:
+            here = set(self._domains())
+            self.replication.want({d: w for wants in self._mirrors.values() for d, w in wants.items() if d in here})
 
     def serve(self, endpoint: Endpoint) -> None:
         endpoint.route(HA_STATUS, self._on_status)
@@ -258,6 +268,8 @@ class HaService(Actor):
             del self.modes[gone]
             self._read_at.pop(gone, None)
             changed = True
+        for gone in set(self._mirrors) - local:
+            del self._mirrors[gone]
         for name in sorted(local):
             if now - self._read_at.get(name, -POLICY_REFRESH) < POLICY_REFRESH:
                 continue
@@ -269,12 +281,28 @@ class HaService(Actor):
             if record is None:  # destroyed (its VMs go with it), or replicas that do not have it yet: a VM
                 continue  # known protected stays so (taking it for unprotected would let it run unleased)
             self._read_at[name] = now
+            self._mirrors[name] = self._mirror_wants(record.ve)
             mode = record.ve.spec.ha.mode
             if self.modes.get(name) != mode:
                 self.modes[name], changed = mode, True
         if changed:
             self._save()
             self.shell.kick()
+
+    def _mirror_wants(self, ve: VERecord) -> dict[str, MirrorWant]:
+        """The mirrors VE `ve`'s policy wants of its VMs here: each to its first listed copy on a live node
+        (the copy a failover promotes, `discovery.ve.replicas.Replicas.failover`), if it replicates."""
+        policy = ve.spec.ha
+        if policy.mode != "standby" or policy.replication == "off":
+            return {}
+        alive = {m.name for m in self.membership.alive()}
+        wants = {}
+        for vm, slot in ve.placement.items():
+            copy = next((e for e in ve.standbys_of(vm) if e.node in alive and e.node != self.node), None)
+            if slot.node == self.node and copy is not None:
+                wants[domain_name(ve.name, vm)] = MirrorWant(copy.node, copy.addr, policy.replication == "sync",
+                                                             (policy.bandwidth or 0) << 20)
+        return wants
 
     def _load(self) -> None:
         try:

@@ -1,14 +1,16 @@
 """What protects each VM of a VE, and how well: the `protection` that `ve show` adds to the record.
 
 Per VM: the VE's HA policy (`discovery.ve.spec.HaPolicy`), its standby copies with their age (`lag`: seconds
-since the copy was taken, the replication lag while copies are refreshed only by `ve replicate`/`ve ha`),
+since the copy was taken, or for the copy its host mirrors the disk to, once the mirror is ready, how far
+behind the mirror is, as the host measures it: `agents.host.replication`; `mirror`: that mirror's state),
 its last snapshot (kept by its host), its last shipped snapshot (`discovery.ve.shipped`: image, digest, time),
 and a status:
 
 - `unprotected`: the policy is `none` (copies made by hand with `ve replicate` are listed all the same);
 - `standby`: `protected` while at least `copies` of its copies are held by their nodes (the VM's own host
-  excepted); else `degraded`, saying how many are held, what the others' nodes answered, and why the last
-  attempt to make them fell short if it did (the record's `shortfall`);
+  excepted) and its mirror, if ready, is at most `max_lag` behind; else `degraded`, saying how many are held,
+  what the others' nodes answered, why the last attempt to make them fell short if it did (the record's
+  `shortfall`), or how far behind the mirror is;
 - `restart`: `protected` without periodic snapshots (it restarts from its image), or while its last shipped
   snapshot (or, before the first, the VE's creation) is at most twice `snapshot_every` old, or while the VE
   does not run (nothing is written that its last snapshot lacks; none is shipped meanwhile); else `degraded`.
@@ -46,6 +48,8 @@ class CopyAge:
     lag: float
     standby: str
     """`held`, `missing`, or `unknown (why)` (the node did not answer)."""
+    mirror: str | None = field(default=None, metadata=sparse())
+    """The state of the mirror of the VM's disk to this copy (`agents.messages.MirrorStatus`), if one runs."""
 
 
 @dataclass(frozen=True)
@@ -68,19 +72,23 @@ def copy_state(answer: object, domain: str) -> str:
 
 
 def assess(ve: VERecord, states: Mapping[str, Sequence[str]], now: float,
-           shipped: Mapping[str, ShippedSnapshot] | None = None) -> dict[str, VMProtection]:
+           shipped: Mapping[str, ShippedSnapshot] | None = None,
+           mirrors: Mapping[str, Mirror] | None = None) -> dict[str, VMProtection]:
     """Each VM's protection; `states[vm]`: what the nodes of its copies answered (`copy_state`), in the
-    record's order (a VM without copies may be left out); `shipped[vm]`: its last shipped snapshot, if any."""
+    record's order (a VM without copies may be left out); `shipped[vm]`: its last shipped snapshot, if any;
+    `mirrors[vm]`: the mirror of its disk as its host answered (`host.mirrors`), if one is kept."""
     policy = ve.spec.ha
     found = {}
     for vm, slot in sorted(ve.placement.items()):
         listed = ve.standbys_of(vm)
         answered = states.get(vm, ["unknown (not asked)"] * len(listed))
-        copies = tuple(_copy(e, state, now) for e, state in zip(listed, answered, strict=True))
+        mirror = (mirrors or {}).get(vm)
+        copies = tuple(_copy(e, state, now, mirror if mirror is not None and mirror.node == e.node else None)
+                       for e, state in zip(listed, answered, strict=True))
         last = max((s.time for s in ve.snapshots if vm in s.vms), default=None)
         ship = (shipped or {}).get(vm)
         if policy.mode == "standby":
-            why = _standby_shortfall(ve, policy, slot.node, copies)
+            why = _standby_shortfall(ve, policy, slot.node, copies) or _behind(policy, mirror)
         elif policy.mode == "restart":  # a VE that does not run writes nothing its last snapshot lacks
             why = _late_snapshot(policy, ship.time if ship is not None else None, ve.created, now) \
                 if ve.state == "running" else None
@@ -91,8 +99,26 @@ def assess(ve: VERecord, states: Mapping[str, Sequence[str]], now: float,
     return found
 
 
-def _copy(entry: Standby, state: str, now: float) -> CopyAge:
-    return CopyAge(entry.node, entry.site, entry.taken, max(0.0, now - entry.taken), state)
+@dataclass(frozen=True)
+class Mirror:
+    """What `ve show` needs of a host's `host.mirrors` entry: the copy's node, the state, the lag."""
+
+    node: str
+    state: str
+    lag: float
+
+
+def _copy(entry: Standby, state: str, now: float, mirror: Mirror | None) -> CopyAge:
+    lag = mirror.lag if mirror is not None and mirror.state == "ready" else max(0.0, now - entry.taken)
+    return CopyAge(entry.node, entry.site, entry.taken, lag, state, mirror.state if mirror is not None else None)
+
+
+def _behind(policy: HaPolicy, mirror: Mirror | None) -> str | None:
+    """Why the VM's mirror is too far behind (ready, lagging more than `max_lag`), or None."""
+    if mirror is None or mirror.state != "ready" or mirror.lag <= policy.max_lag:
+        return None
+    return (f"its mirror to {mirror.node} is {mirror.lag:.1f} s behind "
+            f"(the policy allows {format_duration(policy.max_lag)})")
 
 
 def _standby_shortfall(ve: VERecord, policy: HaPolicy, host: str, copies: Sequence[CopyAge]) -> str | None:

@@ -256,10 +256,14 @@ class Replicas(VEBase):
         return record.ve, {v: record.ve.placement[v].node for v in sorted(down)}
 
     def _nearest_copy(self, ve: VERecord, vm: str) -> Standby | None:
-        """The VM's standby copy on a live node nearest to where the VM was, if any."""
+        """The VM's standby copy on a live node to promote, if any: for a `standby` VE that replicates, the first
+        listed (the one its host mirrors the disk to, `discovery.ha.service.HaService._mirror_wants`), else the
+        nearest to where the VM was."""
         alive = {m.name: m for m in self.membership.alive()}
         host = ve.placement[vm].node
         live = [e for e in ve.standbys_of(vm) if e.node in alive and e.node != host]
+        if ve.spec.ha.mode == "standby" and ve.spec.ha.replication != "off":
+            return live[0] if live else None
         return min(live, key=lambda e: (self._distance(host, alive[e.node]), e.node), default=None)
 
     async def _failover(self, record: Stored, vm: str, standby: Standby, why: str | None) -> Stored:

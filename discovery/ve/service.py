@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from agents.host.args import SHUTDOWN_TIMEOUT
+from agents.messages import HOST_MIRRORS
 from agents.runtime import Actor
 from discovery.ve import creating
 from discovery.ve import messages as m
@@ -41,12 +42,13 @@ from discovery.ve.driver import drive
 from discovery.ve.index import Cursor, Entry
 from discovery.ve.messages import RecordView
 from discovery.ve.policy import Policies
-from discovery.ve.protection import assess, copy_state
+from discovery.ve.protection import Mirror, assess, copy_state
 from discovery.ve.rebuilds import Rebuilds
 from discovery.ve.records import FailoverIntent, MoveIntent, RebuildIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import SpecError, VESpec
+from overlay.messages import NoArgs
 from overlay.wire import codec
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
@@ -177,8 +179,19 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
                 shown_entry["standby"] = state
         shipped = await self.shipped.get(ve)
         last = {vm: s for vm in ve.placement if (s := shipped.last(vm)) is not None}
-        shown["protection"] = codec.encode(assess(ve, states, time.time(), last))
+        shown["protection"] = codec.encode(assess(ve, states, time.time(), last, await self._mirrors(ve)))
         return shown
+
+    async def _mirrors(self, ve: VERecord) -> dict[str, Mirror]:
+        """The mirror of each VM's disk its host keeps (`host.mirrors`), for a VE that replicates; a host that
+        does not answer shows none."""
+        if ve.spec.ha.mode != "standby" or ve.spec.ha.replication == "off" or not ve.standbys:
+            return {}
+        addrs = sorted({slot.addr for slot in ve.placement.values()})
+        answers = await self.transport.ask_many(addrs, HOST_MIRRORS, NoArgs(), 5.0)
+        kept = {s.name: s for answer in answers.values() if isinstance(answer, list) for s in answer}
+        return {vm: Mirror(s.node, s.state, s.lag) for vm in ve.placement
+                if (s := kept.get(domain_name(ve.name, vm))) is not None}
 
     async def _on_locate(self, caller: Caller, request: m.Named) -> m.Located:
         """Where each VM runs, from the directory alone (no host is asked): `ve show` asks the hosts."""

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -47,6 +47,8 @@ _NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending 
 _IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _IMAGE_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '/' or '-'"
 
+T = TypeVar("T", bound=str)
+
 MAX_COPIES = 16
 """Most standby copies of a VM (`ha: {copies}`, `ve replicate`)."""
 SNAPSHOT_EVERY_RANGE = (10, 24 * 3600)
@@ -54,13 +56,20 @@ SNAPSHOT_EVERY_RANGE = (10, 24 * 3600)
 KEEP_RANGE = (1, 100)
 DEFAULT_KEEP = 3
 PRIORITY_RANGE = (-1000, 1000)
+REPLICATION_MODES: tuple[str, ...] = ("async", "sync", "off")
+BANDWIDTH_RANGE = (1, 100_000)
+"""MiB/s a standby's continuous replication may use (`ha: {bandwidth}`); none given: as fast as it goes."""
+MAX_LAG_RANGE = (1, 3600)
+DEFAULT_MAX_LAG = 5
+"""Seconds a replicated copy may be behind before its VM counts as degraded (`ha: {max_lag}`)."""
 
 _TOP_KEYS = ("name", "site", "vms", "constraints", "ha")
 _VM_KEYS = ("name", "vcpus", "memory_mb", "disk_gb", "image")
 _CONSTRAINT_KEYS = ("affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node")
-_HA_KEYS = ("mode", "copies", "snapshot_every", "keep", "priority")
+_HA_KEYS = ("mode", "copies", "snapshot_every", "keep", "priority", "replication", "bandwidth", "max_lag")
 _HA_ONLY = {"copies": ("standby",), "snapshot_every": ("restart",), "keep": ("restart",),
-            "priority": ("restart", "standby")}
+            "priority": ("restart", "standby"), "replication": ("standby",), "bandwidth": ("standby",),
+            "max_lag": ("standby",)}
 """The modes each optional key of a policy applies to (`mode: none` takes none of them)."""
 _DURATION_RE = re.compile(r"([0-9]{1,9})|(?:([0-9]{1,6})h)?(?:([0-9]{1,6})m)?(?:([0-9]{1,6})s)?")
 _DURATION_RULE = "seconds, or as in 30s, 5m, 1h30m"
@@ -148,6 +157,11 @@ class HaPolicy:
     `standby` keeps `copies` standby copies of each VM on other nodes (`discovery.ve.replicas`); `restart`
     restarts a VM elsewhere from its image and its last snapshot, one taken every `snapshot_every` seconds,
     the last `keep` kept (None: no periodic snapshot). Higher `priority` is recovered first.
+
+    A real guest's disk is also mirrored to its first standby copy (`replication`, `agents.host.replication`):
+    `async` (the guest never waits; the copy is behind by what is not sent yet), `sync` (each write waits for
+    the copy: no lag, a round trip per write) or `off` (copies as fresh as their last export); `bandwidth`
+    MiB/s at most (None: unthrottled); a copy more than `max_lag` seconds behind makes the VM degraded.
     """
 
     mode: HaMode = "none"
@@ -155,6 +169,9 @@ class HaPolicy:
     snapshot_every: int | None = field(default=None, metadata=sparse())
     keep: int | None = field(default=None, metadata=sparse())
     priority: int = field(default=0, metadata=sparse())
+    replication: str = field(default="async", metadata=sparse())
+    bandwidth: int | None = field(default=None, metadata=sparse())
+    max_lag: int = field(default=DEFAULT_MAX_LAG, metadata=sparse())
 
     @property
     def protected(self) -> bool:
@@ -301,11 +318,7 @@ class _Validator:
         """The HA policy; a key that does not apply to its mode is refused (a `copies` under `restart` is a
         mistake, not a wish to ignore), so is a `keep` without the `snapshot_every` it counts."""
         fields = self.mapping(obj, path, _HA_KEYS, required=("mode",))
-        mode_obj = fields["mode"]
-        mode = next((m for m in HA_MODES if m == _string(mode_obj)), None)
-        if mode is None:
-            raise self.error(mode_obj, f"{path}.mode",
-                             f"must be one of {', '.join(HA_MODES)}, got {_describe(mode_obj)}")
+        mode = self.choice(fields["mode"], f"{path}.mode", HA_MODES)
         values = {key: value for key, value in fields.items() if key != "mode" and not _is_null(value)}
         for key, value in values.items():
             if mode not in _HA_ONLY[key]:
@@ -317,7 +330,21 @@ class _Validator:
         keep = self.integer(values["keep"], f"{path}.keep", KEEP_RANGE) if "keep" in values else None
         copies = self.integer(values.get("copies", 1), f"{path}.copies", (1, MAX_COPIES)) if mode == "standby" else 0
         priority = self.integer(values["priority"], f"{path}.priority", PRIORITY_RANGE) if "priority" in values else 0
-        return HaPolicy(mode, copies, every, keep if keep is not None or every is None else DEFAULT_KEEP, priority)
+        replication = (self.choice(values["replication"], f"{path}.replication", REPLICATION_MODES)
+                       if "replication" in values else "async")
+        bandwidth = (self.integer(values["bandwidth"], f"{path}.bandwidth", BANDWIDTH_RANGE)
+                     if "bandwidth" in values else None)
+        max_lag = (self.duration(values["max_lag"], f"{path}.max_lag", MAX_LAG_RANGE)
+                   if "max_lag" in values else DEFAULT_MAX_LAG)
+        return HaPolicy(mode, copies, every, keep if keep is not None or every is None else DEFAULT_KEEP, priority,
+                        replication, bandwidth, max_lag)
+
+    def choice(self, obj: object, path: str, options: tuple[T, ...]) -> T:
+        """One of `options` (strings), named by `obj`."""
+        chosen = next((o for o in options if o == _string(obj)), None)
+        if chosen is None:
+            raise self.error(obj, path, f"must be one of {', '.join(options)}, got {_describe(obj)}")
+        return chosen
 
     def duration(self, obj: object, path: str, bounds: tuple[int, int]) -> int:
         """Whole seconds, from an integer or a string ("90", "30s", "5m", "1h30m")."""

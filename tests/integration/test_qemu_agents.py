@@ -311,6 +311,37 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
     qemu3.cli("--agent", survivor, "ve", "destroy", "solo")
 
 
+def test_a_standby_vm_s_disk_is_mirrored_and_its_copy_boots_with_the_last_writes(qemu3: Cluster,
+                                                                                 tmp_path: Path) -> None:
+    """HA policy `standby` on a real guest: its host mirrors the disk to the copy's node (`ve show` says so), the
+    mirror follows the guest's heartbeats, and when the host loses power the copy boots, with no command, from
+    a disk holding every beat the mirror had, which the one-off copy made at creation lacked."""
+    a = create_one(qemu3, tmp_path, "mirrored", ha="{mode: standby, copies: 1}")
+    host = a.node
+
+    def mirrored() -> dict | None:
+        (copy,) = qemu3.json("--agent", "node3", "ve", "show", "mirrored")["protection"]["a"]["copies"]
+        return copy if copy.get("mirror") == "ready" else None
+
+    copy = wait_until(mirrored, BOOT_DEADLINE, "the copy's mirror ready")
+    guests = qemu3.dir / copy["node"] / "data" / "libvirtd" / "guests"
+    at_copy = tinyguest.read_heartbeat(guests / "mirrored--a.standby.qcow2")
+    beat = a.wait_beat_above(at_copy + 3)
+    mirror = guests / "mirrored--a.mirror.qcow2"
+    wait_until(lambda: tinyguest.read_heartbeat(mirror) >= beat, STEP_DEADLINE, f"heartbeat {beat} in the mirror")
+    qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
+    end_leftovers(qemu3.dir / host / "data")
+    a.via = copy["node"]
+    wait_until(lambda: a.node == copy["node"], BOOT_DEADLINE, "the VE failed over to its mirrored copy")
+    console = a.file(".log")
+    (booted,) = wait_until(lambda: console.exists() and next(
+        ((int(line.rpartition("=")[2]),) for line in console.read_text(errors="replace").splitlines()
+         if line.startswith(tinyguest.READY)), None), BOOT_DEADLINE, "the copy booted", console)
+    assert booted >= beat > at_copy  # it booted from the mirror, not the one-off copy
+    restart(qemu3, host)
+    qemu3.cli("--agent", copy["node"], "ve", "destroy", "mirrored")
+
+
 def test_vms_whose_host_loses_power_are_rebuilt_from_their_image_or_newest_shipped_snapshot(
         qemu3: Cluster, tmp_path: Path) -> None:
     """Two VMs with no standby copy on one host, one of them shipped once; the host loses power (its agent, daemon

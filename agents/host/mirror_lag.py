@@ -1,0 +1,44 @@
+"""How far a mirrored disk's copy is behind the disk, from its job's two counters (sans-IO).
+
+A mirror job (`agents.hypervisor.mirror.CopyJob`) counts the bytes it has copied (`cur`) and the bytes it has
+known dirty (`end`), both cumulative. Sampled every so often, the samples tell when each stretch of dirty data
+became known: the oldest byte not yet copied lies beyond `cur`, so it was made dirty after the last sample
+whose `end` was at most `cur`. The lag is the time since that sample: an upper bound, too large by at most
+one sampling interval, and 0 when the copy has caught up (`cur == end`). Bytes are copied roughly in the
+order they were dirtied (QEMU's mirror walks its dirty bitmap), which is what "oldest" assumes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class MirrorLag:
+    """The lag of one mirror job; feed it `sample`s in time order, read `lag`."""
+
+    def __init__(self, now: float) -> None:
+        self._known: deque[tuple[float, int]] = deque([(now, 0)])
+        """(when, `end` then): the samples where `end` grew, oldest first; the first is at most `cur`."""
+        self.cur = 0
+        self.end = 0
+
+    def sample(self, now: float, cur: int, end: int) -> None:
+        """The job's counters at `now` (cumulative: a restarted job is a new `MirrorLag`)."""
+        self.cur, self.end = cur, max(end, cur)
+        if self.end > self._known[-1][1]:
+            self._known.append((now, self.end))
+        while len(self._known) > 1 and self._known[1][1] <= cur:
+            self._known.popleft()
+        if cur >= self.end:  # caught up: what is dirty from now on was dirtied after now
+            self._known = deque([(now, self.end)])
+
+    def lag(self, now: float) -> float:
+        """Seconds the copy is behind at most: 0 once caught up, else since the last sample that had it all."""
+        if self.cur >= self.end:
+            return 0.0
+        return max(0.0, now - self._known[0][0])
+
+    @property
+    def behind(self) -> int:
+        """Bytes known dirty and not yet copied."""
+        return self.end - self.cur
