@@ -1,6 +1,7 @@
 """Time from kill -9 of a protected VE's host to the VE running again elsewhere, with no command, printed as JSON.
 
-    python benchmarks/ha_recovery.py [--trials 20] [--nodes 4] [--sites 2] [--mode restart|standby]
+    python benchmarks/ha_recovery.py [--trials 20] [--nodes 4] [--sites 2]
+                                     [--mode restart|standby [--replication async|sync|off]]
                                      [--hypervisor test|qemu [--snapshot-every S] [--uptime S]] [--seed 1]
                                      [--plot out.png]
 
@@ -12,7 +13,9 @@ SIGKILLed) and polls the VE through another agent every POLL seconds until its V
 and libvirt runs it there (`running_s`); for a real guest, also until the guest printed its ready line on its
 new node's console (`ready_s`: it booted). A real guest counts a heartbeat a second on its disk; the seconds
 of it lost (`lost_s`) are its last heartbeat printed on the old host against the one it boots with elsewhere:
-what its standby copy or shipped snapshot (`--snapshot-every`: the trial waits for one) held; `--uptime S`
+what its standby copy or shipped snapshot (`--snapshot-every`: the trial waits for one) held; a standby copy
+whose disk is mirrored (`--replication`, async by default as in the policy) is waited for until the mirror
+is ready; `--uptime S`
 kills the host at a random moment of the S seconds that follow. The host is then started again (`cluster
 start`), the trial waits until it holds a new lease (it read the old one revoked and fenced its copy), and the
 VE is destroyed. Hosts rotate over the nodes.
@@ -55,12 +58,14 @@ class Trials:
         self.state, self.identity, self.args = state, identity, args
         self.nodes = {n["name"]: n for n in state["nodes"]}
         self.qemu = args.hypervisor == "qemu"
+        self.mirrored = self.qemu and args.mode == "standby" and args.replication != "off"
         self.results: list[dict[str, Any]] = []
         self.rng = random.Random(args.seed)
 
     def spec(self, name: str) -> dict[str, Any]:
         vm = {"name": "a", "vcpus": 1, "memory_mb": 128, "disk_gb": 1, **({"image": "tiny"} if self.qemu else {})}
-        ha: dict[str, Any] = {"mode": "standby", "copies": 1} if self.args.mode == "standby" else {"mode": "restart"}
+        ha: dict[str, Any] = ({"mode": "standby", "copies": 1, "replication": self.args.replication}
+                              if self.args.mode == "standby" else {"mode": "restart"})
         if self.args.snapshot_every:
             ha["snapshot_every"] = self.args.snapshot_every
         return {"name": name, "vms": [vm], "ha": ha}
@@ -88,6 +93,8 @@ class Trials:
         await self.until(lambda: self.listed(transport, addr, host, name), f"{host}'s lease listing {name}")
         if self.qemu:
             await self.until(lambda: self.ready(host, name), f"{name} booted on {host}")
+        if self.mirrored:  # the standby copy follows the disk: wait until its mirror caught up once
+            await self.until(lambda: self.mirror_ready(transport, addr, name), f"{name}'s disk mirrored")
         if self.args.snapshot_every:  # a shipped snapshot to restart from
             await self.until(lambda: self.ask(transport, addr, "ve.restore_point", {"name": name, "vm": "a"}),
                              f"a shipped snapshot of {name}")
@@ -123,6 +130,11 @@ class Trials:
     async def listed(self, transport: Transport, addr: str, host: str, name: str) -> bool:
         record = await self.ask(transport, addr, "ha.lease", {"node": host})
         return record is not None and name in record["lease"]["ves"]
+
+    async def mirror_ready(self, transport: Transport, addr: str, name: str) -> bool:
+        shown = await self.ask(transport, addr, "ve.show", {"name": name})
+        copies = shown["protection"]["a"].get("copies", []) if shown else []
+        return any(c.get("mirror") == "ready" for c in copies)
 
     async def holds_again(self, transport: Transport, addr: str, host: str) -> bool:
         record = await self.ask(transport, addr, "ha.lease", {"node": host})
@@ -164,7 +176,8 @@ def report(trials: Trials, args: argparse.Namespace, elapsed: float) -> dict[str
         return {"p50": percentile(values, 50), "p95": percentile(values, 95), "max": max(values)}
 
     return {"benchmark": "ha_recovery", "nodes": args.nodes, "sites": args.sites, "mode": args.mode,
-            "hypervisor": args.hypervisor, "trials": args.trials, "recovered": len(done),
+            "hypervisor": args.hypervisor, "replication": args.replication if args.mode == "standby" else None,
+            "trials": args.trials, "recovered": len(done),
             "snapshot_every": args.snapshot_every, "running_s": summary("running_s"), "ready_s": summary("ready_s"),
             "lost_s": summary("lost_s"),
             "wall_seconds": round(elapsed, 1), "results": trials.results}
@@ -191,6 +204,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--mode", choices=("restart", "standby"), default="restart")
+    parser.add_argument("--replication", choices=("async", "sync", "off"), default="async",
+                        help="with --mode standby: the policy's replication (real guests' disks mirrored to the copy)")
     parser.add_argument("--hypervisor", choices=("test", "qemu"), default="test")
     parser.add_argument("--snapshot-every", type=int, help="the policy's snapshot_every (seconds): each trial "
                         "waits for a shipped snapshot before the kill")

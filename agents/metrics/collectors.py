@@ -32,6 +32,7 @@ from prometheus_client.utils import floatToGoString
 
 from agents.host.base import HostBase
 from agents.hypervisor.actor import DomainInfo
+from agents.messages import MirrorStatus
 from overlay.chord import ChordState
 from overlay.dht import DHT
 from overlay.membership import ALIVE, DEAD, LEFT, SUSPECT, Membership
@@ -164,8 +165,8 @@ class VivaldiCollector:
 
 class HostCollector:
     """This node's VMs by state (libvirt's listing, refreshed before each scrape: `refresh`; "crashed": left
-    down after crashing too often), standby copies, capacity, what VM shipping moved, and crashed guests
-    restarted."""
+    down after crashing too often), standby copies, capacity, what VM shipping moved, crashed guests
+    restarted, and the mirrors of its disks (lag, bytes behind, bytes sent)."""
 
     def __init__(self, host: HostBase, listing: Callable[[], Awaitable[list[DomainInfo]]]) -> None:
         self.host, self.listing = host, listing
@@ -200,3 +201,20 @@ class HostCollector:
         yield CounterMetricFamily("discovery_guest_restarts", "Guests started again on this node after their "
                                   "QEMU died or they crashed (within each VM's restart budget).",
                                   value=self.host.guest_restarts)
+        yield from _mirrors(self.host.mirror_status())
+
+
+def _mirrors(mirrors: list[MirrorStatus]) -> Iterator[Metric]:
+    """The mirrors of this node's VMs' disks to their standby copies (`agents.host.replication`)."""
+    lag = GaugeMetricFamily("discovery_replication_lag_seconds", "How far a VM's mirrored standby copy is behind "
+                            "its disk, at most (0: caught up; absent until the mirror is ready).", labels=["vm", "to"])
+    behind = GaugeMetricFamily("discovery_replication_behind_bytes", "Bytes of a VM's disk written and not yet "
+                               "copied to its mirrored standby copy.", labels=["vm", "to"])
+    sent = CounterMetricFamily("discovery_replication_sent_bytes", "Bytes a VM's disk mirror copied to its standby "
+                               "copy's node since this agent started.", labels=["vm", "to"])
+    for m in mirrors:
+        if m.state == "ready":
+            lag.add_metric([m.name, m.node], m.lag)
+            behind.add_metric([m.name, m.node], m.behind)
+        sent.add_metric([m.name, m.node], m.sent)
+    yield from (lag, behind, sent)

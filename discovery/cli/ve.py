@@ -44,7 +44,7 @@ def protection_table(ve: dict[str, Any]) -> Table:
     now = time.time()
     rows = []
     for vm, p in sorted(ve["protection"].items()):
-        copies = ", ".join(f"{c['node']} ({_age(c['lag'])} old{'' if c['standby'] == 'held' else ', ' + c['standby']})"
+        copies = ", ".join(f"{c['node']} ({_copy_age(c)}{'' if c['standby'] == 'held' else ', ' + c['standby']})"
                            for c in p.get("copies", []))
         last, shipped = p.get("last_snapshot"), p.get("last_shipped")
         rows.append([vm, p["status"], policy_text(p["policy"]), copies or None,
@@ -64,9 +64,21 @@ def policy_text(ha: dict[str, Any]) -> str:
         words.append(f"{ha['copies']} cop{'y' if ha['copies'] == 1 else 'ies'} per VM")
     if ha.get("snapshot_every") is not None:
         words.append(f"a snapshot every {format_duration(ha['snapshot_every'])}, {ha['keep']} kept")
+    if mode == "standby":
+        replication = ha.get("replication", "async")
+        words.append("no replication" if replication == "off" else f"{replication} replication"
+                     + (f" at {ha['bandwidth']} MiB/s" if ha.get("bandwidth") else ""))
     if ha.get("priority"):
         words.append(f"priority {ha['priority']}")
     return ", ".join(words)
+
+
+def _copy_age(copy: dict[str, Any]) -> str:
+    """How fresh a standby copy is: its mirror's lag once ready, else its age (and the mirror's state)."""
+    mirror = copy.get("mirror")
+    if mirror == "ready":
+        return f"mirrored, {copy['lag']:.1f} s behind"
+    return f"{_age(copy['lag'])} old" + (f", mirror {mirror}" if mirror else "")
 
 
 def _age(seconds: float) -> str:

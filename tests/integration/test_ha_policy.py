@@ -44,7 +44,7 @@ def test_a_standby_policy_keeps_its_copies_until_it_is_set_to_none(cluster4, tmp
         assert held["node"] == copies_of(created, vm)[0] and held["standby"] == "held" and held["lag"] >= 0
         assert standbys(cluster4, held["node"]).count(f"guarded:{vm}") == 1
     table = cluster4.cli("--agent", "node3", "ve", "show", "guarded").stdout
-    assert "protected" in table and "standby, 1 copy per VM, priority 5" in table
+    assert "protected" in table and "standby, 1 copy per VM, async replication, priority 5" in table
 
     assert "keeps 1 standby copies of each VM by its HA policy" in refused(
         cluster4, "--agent", "node2", "ve", "replicate", "guarded", "--copies", "2")

@@ -314,8 +314,9 @@ def test_a_standby_copy_boots_when_its_host_loses_power(qemu3: Cluster, tmp_path
 def test_a_standby_vm_s_disk_is_mirrored_and_its_copy_boots_with_the_last_writes(qemu3: Cluster,
                                                                                  tmp_path: Path) -> None:
     """HA policy `standby` on a real guest: its host mirrors the disk to the copy's node (`ve show` says so), the
-    mirror follows the guest's heartbeats, and when the host loses power the copy boots, with no command, from
-    a disk holding every beat the mirror had, which the one-off copy made at creation lacked."""
+    mirror follows the guest's heartbeats, survives a snapshot (which ends the job: the copy keeps what it had,
+    and the mirror starts again), and when the host loses power the copy boots, with no command, from a disk
+    holding every beat the mirror had, which the one-off copy made at creation lacked."""
     a = create_one(qemu3, tmp_path, "mirrored", ha="{mode: standby, copies: 1}")
     host = a.node
 
@@ -326,8 +327,16 @@ def test_a_standby_vm_s_disk_is_mirrored_and_its_copy_boots_with_the_last_writes
     copy = wait_until(mirrored, BOOT_DEADLINE, "the copy's mirror ready")
     guests = qemu3.dir / copy["node"] / "data" / "libvirtd" / "guests"
     at_copy = tinyguest.read_heartbeat(guests / "mirrored--a.standby.qcow2")
-    beat = a.wait_beat_above(at_copy + 3)
     mirror = guests / "mirrored--a.mirror.qcow2"
+    beat = a.wait_beat_above(at_copy + 2)
+    wait_until(lambda: tinyguest.read_heartbeat(mirror) >= beat, STEP_DEADLINE, f"heartbeat {beat} in the mirror")
+    # a snapshot cannot run beside the mirror job: it ends it (the copy keeps the mirror as it was), then
+    # the mirror starts again and follows the guest once more
+    qemu3.cli("--agent", "node3", "ve", "snapshot", "mirrored", "--tag", "s1")
+    wait_until(lambda: tinyguest.read_heartbeat(guests / "mirrored--a.standby.qcow2") >= beat, STEP_DEADLINE,
+               "the ended mirror kept as the copy")
+    wait_until(mirrored, BOOT_DEADLINE, "the mirror ready again after the snapshot")
+    beat = a.wait_beat_above(beat + 2)
     wait_until(lambda: tinyguest.read_heartbeat(mirror) >= beat, STEP_DEADLINE, f"heartbeat {beat} in the mirror")
     qemu3.kill9(host)  # power loss: the agent, then its daemon and its guests
     end_leftovers(qemu3.dir / host / "data")

@@ -1,0 +1,155 @@
+"""The NBD exports a standby's node receives mirrored disks into (agents.host.nbd), with real `qemu-nbd` and
+`qemu-img`: an export serves its qcow2 file on its own port, stopping it ends the process (the file flushed) and
+its pid file, and a later run of the agent ends the exports an earlier one left, and nothing else."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agents.host.nbd import Export, NbdError, NbdExports
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
+                                reason="qemu-nbd and qemu-img are needed (Debian: apt-get install qemu-utils)")
+NAME = "shop:db"
+PID_FILE = "shop--db.pid"  # the export's name, its colon made safe for a file name
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    """A small qcow2 file, as the standby's overlay is."""
+    file = tmp_path / "mirror.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(file), "1M"], check=True, capture_output=True)
+    return file
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    return tmp_path / "nbd"
+
+
+@pytest.fixture
+def exports(directory: Path) -> Iterator[NbdExports]:
+    """The node's exports; whatever a test left running is stopped."""
+    running = NbdExports(directory)
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+def dead(pid: int) -> bool:
+    """Whether process `pid` is gone or a zombie (its leader exited: its other threads may still be ending)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def nbd_opts(export: Export) -> str:
+    return f"driver=nbd,server.type=inet,server.host={export.host},server.port={export.port},export={export.name}"
+
+
+def test_an_export_serves_its_file_on_a_port_of_its_own(exports: NbdExports, disk: Path, directory: Path) -> None:
+    export = exports.start(NAME, disk, "127.0.0.1")
+    assert (export.host, export.name) == ("127.0.0.1", NAME) and export.port > 0
+    assert exports.get(NAME) == export and exports.get("shop:other") is None
+    with socket.create_connection((export.host, export.port), timeout=5) as conn:
+        conn.settimeout(5)
+        assert conn.recv(8) == b"NBDMAGIC"  # the server speaks first: NBD's handshake
+    info = subprocess.run(["qemu-img", "info", "--output=json", "--image-opts", nbd_opts(export)],
+                          check=True, capture_output=True, text=True).stdout
+    assert '"virtual-size": 1048576' in info  # the guest's view of the qcow2 file (1 MiB), not the file itself
+    pid = int((directory / PID_FILE).read_text())
+    assert b"qemu-nbd" in Path(f"/proc/{pid}/cmdline").read_bytes() and not dead(pid)
+
+
+def test_stop_ends_the_process_and_removes_its_pid_file(exports: NbdExports, disk: Path, directory: Path) -> None:
+    export = exports.start(NAME, disk, "127.0.0.1")
+    pid = int((directory / PID_FILE).read_text())
+    assert exports.stop(NAME) is True
+    assert dead(pid)  # at once: stop waits for the process
+    assert not (directory / PID_FILE).exists()
+    assert exports.get(NAME) is None
+    with pytest.raises(OSError), socket.create_connection((export.host, export.port), timeout=2):
+        pass
+    assert exports.stop(NAME) is False  # nothing runs any more
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io is needed to write through the export")
+def test_what_is_written_through_the_export_is_in_the_file_once_stopped(exports: NbdExports, disk: Path) -> None:
+    """qemu-nbd runs with a writeback cache: stopping it (SIGTERM) must flush what it holds into the file."""
+    export = exports.start(NAME, disk, "127.0.0.1")
+    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 64k", "--image-opts", nbd_opts(export)], check=True,
+                   capture_output=True)
+    exports.stop(NAME)
+    read = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0xab 0 64k", str(disk)], capture_output=True,
+                          text=True)
+    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
+
+
+def test_starting_an_export_again_replaces_the_running_one(exports: NbdExports, disk: Path, directory: Path) -> None:
+    exports.start(NAME, disk, "127.0.0.1")
+    first = int((directory / PID_FILE).read_text())
+    again = exports.start(NAME, disk, "127.0.0.1")
+    assert dead(first) and int((directory / PID_FILE).read_text()) != first
+    assert exports.get(NAME) == again
+
+
+def test_a_file_qemu_nbd_cannot_open_is_refused_with_its_reason(exports: NbdExports, tmp_path: Path,
+                                                                directory: Path) -> None:
+    with pytest.raises(NbdError, match=r"qemu-nbd cannot serve missing\.qcow2: .*No such file or directory"):
+        exports.start(NAME, tmp_path / "missing.qcow2", "127.0.0.1")
+    assert exports.get(NAME) is None and not (directory / PID_FILE).exists()
+
+
+def test_the_exports_an_earlier_run_left_are_ended(disk: Path, directory: Path) -> None:
+    """The agent died with an export running (its pid file left): the next run's `end_leftovers` kills it."""
+    earlier, later = NbdExports(directory), NbdExports(directory)
+    try:
+        export = earlier.start(NAME, disk, "127.0.0.1")
+        pid = int((directory / PID_FILE).read_text())
+        assert later.end_leftovers() == [pid]
+        assert not (directory / PID_FILE).exists()
+        assert wait_until(lambda: earlier.get(NAME) is None)  # its process is gone (all its threads: a while)
+        assert dead(pid)
+        with pytest.raises(OSError), socket.create_connection((export.host, export.port), timeout=2):
+            pass
+        assert later.end_leftovers() == []  # nothing left the second time
+    finally:
+        earlier.stop_all()
+        later.stop_all()
+
+
+def test_a_pid_file_naming_another_process_or_nothing_ends_nothing(directory: Path) -> None:
+    """A stale pid file whose pid now belongs to some other process must not kill it; one whose process is gone
+    or whose text is no pid is dropped quietly."""
+    directory.mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        (directory / "a--x.pid").write_text(str(bystander.pid))
+        (directory / "a--y.pid").write_text(str(gone.pid))
+        (directory / "a--z.pid").write_text("not a pid")
+        assert NbdExports(directory).end_leftovers() == []
+        assert bystander.poll() is None  # still running
+        assert sorted(p.name for p in directory.iterdir()) == []
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert NbdExports(directory / "never-made").end_leftovers() == []  # a first start: no directory yet
+
