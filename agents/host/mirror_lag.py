@@ -18,7 +18,8 @@ class MirrorLag:
 
     def __init__(self, now: float) -> None:
         self._known: deque[tuple[float, int]] = deque([(now, 0)])
-        """(when, `end` then): the samples where `end` grew, oldest first; the first is at most `cur`."""
+        """(when, `end` then): for each value `end` took, the last sample that saw it, oldest first; the first
+        is at most `cur`."""
         self.cur = 0
         self.end = 0
 
@@ -27,6 +28,8 @@ class MirrorLag:
         self.cur, self.end = cur, max(end, cur)
         if self.end > self._known[-1][1]:
             self._known.append((now, self.end))
+        else:  # nothing new known dirty: what lies beyond was still clean at `now`
+            self._known[-1] = (now, self._known[-1][1])
         while len(self._known) > 1 and self._known[1][1] <= cur:
             self._known.popleft()
         if cur >= self.end:  # caught up: what is dirty from now on was dirtied after now

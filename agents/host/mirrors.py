@@ -127,7 +127,8 @@ class Mirrors(HostBase):
 
     async def begin_mirror(self, name: str, addr: str, bandwidth: int, sync: bool) -> bool:
         """Mirror VM `name`'s disk to its standby copy's node at `addr`, if the VM is here, running or paused,
-        and not held; whether the job started. RequestError or HypervisorError if a step failed."""
+        and not held; whether the job started. RpcError (the standby's node) or HypervisorError if a step failed;
+        a job begun is then undone."""
         async with self.gate.enter(), self.vm_locks.hold(name):
             if name not in self.ledger.allocated or name in self.held or self.domains.disk(name) is None:
                 return False

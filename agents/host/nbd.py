@@ -111,10 +111,13 @@ def _free_port(host: str) -> int:
 
 
 def _listening(process: subprocess.Popen[bytes], host: str, port: int) -> bool:
+    """Whether qemu-nbd serves: it greets a client with NBDMAGIC only once its image is open and its main loop
+    runs (it listens before: a connection alone proves nothing, and a SIGTERM before then may be lost)."""
     deadline = time.monotonic() + START_PATIENCE
     while process.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-            return True
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1) as probe:
+            if probe.recv(8, socket.MSG_WAITALL) == b"NBDMAGIC":
+                return True
         time.sleep(0.05)
     return False
 

@@ -133,10 +133,15 @@ class Replication(Actor):
 
     async def _keep(self, name: str, mirror: _Mirror) -> None:
         """Run one mirror job of VM `name` until it ends or is no longer wanted, then settle it."""
-        started = False
+        started: bool | None = None  # None: the start was cut short, and may have begun the job
         try:
             with mirror.scope:
-                started = await self.host.begin_mirror(name, mirror.want.addr, mirror.want.bandwidth, mirror.want.sync)
+                try:
+                    started = await self.host.begin_mirror(name, mirror.want.addr, mirror.want.bandwidth,
+                                                           mirror.want.sync)
+                except (RpcError, HypervisorError):
+                    started = False  # nothing left running: `begin_mirror` undoes a half start
+                    raise
                 if not started:
                     self._why[name] = "the VM does not run here"
                     return
@@ -148,7 +153,7 @@ class Replication(Actor):
             log.warning("replication: mirror of %s to %s: %s", name, mirror.want.node, err)
         finally:
             self.sent[name] += mirror.lag.cur
-            if started:
+            if started is not False:
                 with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_LIMIT):
                     try:
                         await self.host.end_mirror(name, mirror.want.addr, mirror.state == "ready")

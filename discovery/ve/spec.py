@@ -330,8 +330,10 @@ class _Validator:
         keep = self.integer(values["keep"], f"{path}.keep", KEEP_RANGE) if "keep" in values else None
         copies = self.integer(values.get("copies", 1), f"{path}.copies", (1, MAX_COPIES)) if mode == "standby" else 0
         priority = self.integer(values["priority"], f"{path}.priority", PRIORITY_RANGE) if "priority" in values else 0
-        replication = (self.choice(values["replication"], f"{path}.replication", REPLICATION_MODES)
-                       if "replication" in values else "async")
+        replication = "async"
+        if "replication" in values:  # YAML reads a bare `off` as false (a YAML node; on the wire, a string only)
+            replication = ("off" if isinstance(values["replication"], Node) and _boolean(values["replication"]) is False
+                           else self.choice(values["replication"], f"{path}.replication", REPLICATION_MODES))
         bandwidth = (self.integer(values["bandwidth"], f"{path}.bandwidth", BANDWIDTH_RANGE)
                      if "bandwidth" in values else None)
         max_lag = (self.duration(values["max_lag"], f"{path}.max_lag", MAX_LAG_RANGE)

@@ -73,8 +73,6 @@ def test_behind_is_what_is_known_dirty_and_not_copied() -> None:
     assert lag.behind == 0 and lag.end == 1200 and lag.lag(2.0) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: the lag counts from the first sample that reached an `end`, "
-                                       "not the last one that still had it (mirror_lag.py, `sample`)")
 def test_a_stalled_end_does_not_age_the_next_write() -> None:
     """A 100-byte burst copied slowly while the guest writes nothing more; one byte written at 9.7, sampled at
     10: once the burst is copied (10.5), the oldest uncopied byte was dirtied after the sample of 9.5 (whose end
@@ -138,8 +136,6 @@ def test_the_lag_is_at_least_the_age_of_the_oldest_uncopied_byte(start: float, s
         assert lag.lag(now) >= now - t_known
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: the lag counts from the first sample that reached an `end`, "
-                                       "not the last one that still had it (mirror_lag.py, `sample`)")
 @settings(max_examples=500)
 @given(st.floats(-1e6, 1e6), steps, st.floats(0.0, 100.0))
 def test_the_lag_is_too_large_by_at_most_one_sampling_interval(start: float, script: list[tuple[float, int, int]],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.host import nbd
 from agents.host.nbd import Export, NbdError, NbdExports
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
@@ -57,6 +58,12 @@ def wait_until(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
     while not predicate() and time.monotonic() < deadline:
         time.sleep(0.02)
     return predicate()
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def nbd_opts(export: Export) -> str:
@@ -109,11 +116,53 @@ def test_starting_an_export_again_replaces_the_running_one(exports: NbdExports, 
     assert exports.get(NAME) == again
 
 
-def test_a_file_qemu_nbd_cannot_open_is_refused_with_its_reason(exports: NbdExports, tmp_path: Path,
-                                                                directory: Path) -> None:
-    with pytest.raises(NbdError, match=r"qemu-nbd cannot serve missing\.qcow2: .*No such file or directory"):
-        exports.start(NAME, tmp_path / "missing.qcow2", "127.0.0.1")
+def test_a_port_taken_before_qemu_nbd_binds_it_is_tried_again_then_refused_with_the_reason(
+        exports: NbdExports, disk: Path, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The free port chosen can be taken by someone else before qemu-nbd binds it: another is tried, up to three;
+    then the error carries qemu-nbd's own last words."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: a connection to it is refused, a bind fails
+        busy = taken.getsockname()[1]
+        tries: list[int] = []
+
+        def chosen(host: str) -> int:
+            tries.append(busy if len(tries) < 2 else free_port(host))
+            return tries[-1]
+
+        monkeypatch.setattr(nbd, "_free_port", chosen)
+        export = exports.start(NAME, disk, "127.0.0.1")  # the third try gets a free port
+        assert tries[:2] == [busy, busy] and export.port == tries[2] and exports.get(NAME) == export
+        exports.stop(NAME)
+        monkeypatch.setattr(nbd, "_free_port", lambda host: busy)
+        with pytest.raises(NbdError, match=r"^qemu-nbd cannot serve mirror\.qcow2: .*Address already in use$"):
+            exports.start(NAME, disk, "127.0.0.1")
     assert exports.get(NAME) is None and not (directory / PID_FILE).exists()
+
+
+def test_an_export_is_handed_out_only_once_qemu_nbd_serves_it(
+        exports: NbdExports, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-nbd binds its port, then opens the file, then serves. Here the open hangs (the overlay's backing file
+    is an NBD server that never answers): `start` must refuse after START_PATIENCE, or give an export that
+    answers a client. Handing it out earlier lets a file qemu-nbd cannot open (missing, say) be "exported" now
+    and then, and a stop soon after the start lose its SIGTERM (qemu-nbd sets its state to running after the
+    handler ran), to be killed STOP_PATIENCE later unflushed."""
+    monkeypatch.setattr(nbd, "START_PATIENCE", 1.0)
+    monkeypatch.setattr(nbd, "STOP_PATIENCE", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the kernel; no greeting ever comes
+        overlay = tmp_path / "stuck.qcow2"
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", f"nbd://127.0.0.1:{silent.getsockname()[1]}",
+                        "-F", "raw", str(overlay), "1M"], check=True, capture_output=True)
+        try:
+            export = exports.start(NAME, overlay, "127.0.0.1")
+            with socket.create_connection((export.host, export.port), timeout=2) as conn:
+                conn.settimeout(2)
+                assert conn.recv(8) == b"NBDMAGIC"
+        except NbdError:
+            pass  # refused: as it should
+        finally:
+            exports.stop_all()  # while STOP_PATIENCE is short
 
 
 def test_the_exports_an_earlier_run_left_are_ended(disk: Path, directory: Path) -> None:
@@ -138,16 +187,15 @@ def test_a_pid_file_naming_another_process_or_nothing_ends_nothing(directory: Pa
     """A stale pid file whose pid now belongs to some other process must not kill it; one whose process is gone
     or whose text is no pid is dropped quietly."""
     directory.mkdir(parents=True)
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # a process that cannot exist
     bystander = subprocess.Popen(["sleep", "60"])
-    gone = subprocess.Popen(["true"])
-    gone.wait()
     try:
         (directory / "a--x.pid").write_text(str(bystander.pid))
-        (directory / "a--y.pid").write_text(str(gone.pid))
+        (directory / "a--y.pid").write_text(str(no_such_pid))
         (directory / "a--z.pid").write_text("not a pid")
         assert NbdExports(directory).end_leftovers() == []
         assert bystander.poll() is None  # still running
-        assert sorted(p.name for p in directory.iterdir()) == []
+        assert list(directory.iterdir()) == []
     finally:
         bystander.kill()
         bystander.wait()

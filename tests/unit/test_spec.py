@@ -11,11 +11,15 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from discovery.ve.spec import (
+    BANDWIDTH_RANGE,
+    DEFAULT_MAX_LAG,
     MAX_COPIES,
+    MAX_LAG_RANGE,
     MAX_SPEC_BYTES,
     MAX_VMS,
     NO_HA,
     PRIORITY_RANGE,
+    REPLICATION_MODES,
     SNAPSHOT_EVERY_RANGE,
     Constraints,
     HaPolicy,
@@ -372,7 +376,9 @@ vm_specs = st.builds(
 priorities = st.integers(*PRIORITY_RANGE)
 ha_policies = st.one_of(
     st.just(NO_HA),
-    st.builds(HaPolicy, st.just("standby"), st.integers(1, MAX_COPIES), priority=priorities),
+    st.builds(HaPolicy, st.just("standby"), st.integers(1, MAX_COPIES), priority=priorities,
+              replication=st.sampled_from(REPLICATION_MODES), bandwidth=st.none() | st.integers(*BANDWIDTH_RANGE),
+              max_lag=st.integers(*MAX_LAG_RANGE)),
     st.builds(HaPolicy, st.just("restart"), priority=priorities),
     st.builds(HaPolicy, st.just("restart"), st.just(0), st.integers(*SNAPSHOT_EVERY_RANGE), st.integers(1, 100),
               priorities),
@@ -650,7 +656,7 @@ def test_no_policy_is_unprotected_and_leaves_the_spec_as_before() -> None:
     ("{mode: hot}", "ha.mode: must be one of none, restart, standby, got 'hot'"),
     ("{mode: off}", "ha.mode: must be one of none, restart, standby, got off"),
     ("{mode: standby, watchers: 2}", "ha: unknown key 'watchers'; allowed keys are mode, copies, snapshot_every, "
-                                     "keep, priority"),
+                                     "keep, priority, replication, bandwidth, max_lag"),
     ("{mode: standby, copies: 0}", f"ha.copies: must be an integer between 1 and {MAX_COPIES}, got 0"),
     ("{mode: standby, copies: 17}", f"ha.copies: must be an integer between 1 and {MAX_COPIES}, got 17"),
     ("{mode: standby, copies: yes}", f"ha.copies: must be an integer between 1 and {MAX_COPIES}, got yes"),
@@ -700,3 +706,84 @@ def test_any_duration_parses_in_bounds_or_is_refused_in_one_line(written: object
         assert "\n" not in str(err) and str(err).startswith("ha.snapshot_every: ")
     else:
         assert every is not None and SNAPSHOT_EVERY_RANGE[0] <= every <= SNAPSHOT_EVERY_RANGE[1]
+
+
+# -- continuous replication of a standby VE ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "parsed"), [
+    ("{mode: standby, replication: sync, bandwidth: 50, max_lag: 10s}",
+     HaPolicy("standby", 1, replication="sync", bandwidth=50, max_lag=10)),
+    ("{mode: standby, copies: 2, replication: async, bandwidth: 100000, max_lag: 1h}",
+     HaPolicy("standby", 2, replication="async", bandwidth=100_000, max_lag=3600)),
+    ("{mode: standby, replication: 'off'}", HaPolicy("standby", 1, replication="off")),
+    ("{mode: standby, bandwidth: 1, max_lag: 1}", HaPolicy("standby", 1, bandwidth=1, max_lag=1)),  # the bounds
+    ("{mode: standby, max_lag: '90'}", HaPolicy("standby", 1, max_lag=90)),
+    ("{mode: standby, replication: ~, bandwidth: ~, max_lag: ~}", HaPolicy("standby", 1)),  # null: the default
+])
+def test_replication_keys_parse(policy: str, parsed: HaPolicy) -> None:
+    assert parse_spec(WITH_HA % policy).ha == parsed
+
+
+def test_replication_defaults_to_async_unthrottled_five_seconds_behind_at_most() -> None:
+    ha = parse_spec(WITH_HA % "{mode: standby}").ha
+    assert (ha.replication, ha.bandwidth, ha.max_lag) == ("async", None, 5) and DEFAULT_MAX_LAG == 5
+    assert (NO_HA.replication, NO_HA.bandwidth, NO_HA.max_lag) == ("async", None, 5)
+    assert HaPolicy.from_dict({"mode": "standby"}) == ha
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ("{mode: standby, replication: fast}", "ha.replication: must be one of async, sync, off, got 'fast'"),
+    ("{mode: standby, replication: 2}", "ha.replication: must be one of async, sync, off, got 2"),
+    ("{mode: standby, replication: ASYNC}", "ha.replication: must be one of async, sync, off, got 'ASYNC'"),
+    ("{mode: standby, bandwidth: 0}", "ha.bandwidth: must be an integer between 1 and 100000, got 0"),
+    ("{mode: standby, bandwidth: 100001}", "ha.bandwidth: must be an integer between 1 and 100000, got 100001"),
+    ("{mode: standby, bandwidth: 1.5}", "ha.bandwidth: must be an integer between 1 and 100000, got 1.5"),
+    ("{mode: standby, bandwidth: 50MiB}", "ha.bandwidth: must be an integer between 1 and 100000, got '50MiB'"),
+    ("{mode: standby, max_lag: 0}", "ha.max_lag: must be a duration from 1s to 1h (seconds, or as in 30s, 5m, "
+                                    "1h30m), got 0"),
+    ("{mode: standby, max_lag: 61m}", "ha.max_lag: must be a duration from 1s to 1h"),
+    ("{mode: restart, replication: sync}", "ha.replication: only for mode standby (mode is restart)"),
+    ("{mode: restart, bandwidth: 50}", "ha.bandwidth: only for mode standby (mode is restart)"),
+    ("{mode: restart, snapshot_every: 1m, max_lag: 10s}", "ha.max_lag: only for mode standby (mode is restart)"),
+    ("{mode: none, replication: 'off'}", "ha.replication: only for mode standby (mode is none)"),
+])
+def test_replication_errors_name_the_field_and_line(policy: str, message: str) -> None:
+    assert spec_error(WITH_HA % policy).startswith(f"spec.yaml:4: {message}")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"mode": "standby", "bandwidth": True}, "ha.bandwidth: must be an integer between 1 and 100000, got True"),
+    ({"mode": "standby", "replication": False}, "ha.replication: must be one of async, sync, off, got False"),
+    ({"mode": "standby", "max_lag": 2.5}, "ha.max_lag: must be a duration from 1s to 1h"),
+    ({"mode": "restart", "replication": "async"}, "ha.replication: only for mode standby (mode is restart)"),
+])
+def test_replication_wire_errors(data: object, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        HaPolicy.from_dict(data)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_replication_off_can_be_written_as_documented() -> None:
+    """`replication: off` is how the docs spell it; refusing it with "must be one of async, sync, off, got off"
+    contradicts itself (`same_site` takes YAML's booleans, `on`/`off` included)."""
+    assert parse_spec(WITH_HA % "{mode: standby, replication: off}").ha.replication == "off"
+
+
+def test_replication_keys_are_sent_when_set_and_read_back() -> None:
+    spec = parse_spec(WITH_HA % "{mode: standby, replication: sync, bandwidth: 50, max_lag: 10s}")
+    assert spec.to_dict()["ha"] == {"mode": "standby", "copies": 1, "replication": "sync", "bandwidth": 50,
+                                    "max_lag": 10}  # seconds on the wire
+    assert VESpec.from_dict(spec.to_dict()) == spec
+    assert VESpec.from_dict(msgpack.unpackb(msgpack.packb(spec.to_dict()))) == spec
+    assert parse_spec(yaml.safe_dump(spec.to_dict())) == spec
+    assert parse_spec(WITH_HA % "{mode: standby}").to_dict()["ha"] == {"mode": "standby", "copies": 1}  # as before
+
+
+@given(st.sampled_from(REPLICATION_MODES), st.none() | st.integers(*BANDWIDTH_RANGE), st.integers(*MAX_LAG_RANGE))
+def test_any_valid_replication_policy_round_trips(replication: str, bandwidth: int | None, max_lag: int) -> None:
+    policy = HaPolicy("standby", 1, replication=replication, bandwidth=bandwidth, max_lag=max_lag)
+    spec = VESpec("x", (VMSpec("a", 1, 16),), ha=policy)
+    assert VESpec.from_dict(spec.to_dict()).ha == policy
+    assert parse_spec(yaml.safe_dump(spec.to_dict())).ha == policy
+    assert HaPolicy.from_dict({"mode": "standby", "max_lag": format_duration(max_lag)}).max_lag == max_lag

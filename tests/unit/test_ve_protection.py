@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from discovery.ve.protection import HELD, MISSING, CopyAge, VMProtection, assess, copy_state
+from discovery.ve.protection import HELD, MISSING, CopyAge, Mirror, VMProtection, assess, copy_state
 from discovery.ve.records import Shortfall, Slot, SnapshotEntry, SnapshotVM, Standby, VERecord
 from discovery.ve.shipped import ShippedSnapshot
 from discovery.ve.spec import NO_HA, HaPolicy, VESpec, VMSpec
@@ -113,3 +113,60 @@ def test_copy_state_reads_the_nodes_answer() -> None:
     assert copy_state([{"name": "shop:db"}, {"name": "x:y"}], "shop:db") == HELD
     assert copy_state([{"name": "x:y"}], "shop:db") == MISSING
     assert copy_state(ConnectionError("refused"), "shop:db") == "unknown (refused)"
+
+
+# -- the mirror of a standby VM's disk ------------------------------------------------------------------------
+
+MIRRORED = HaPolicy("standby", 2, max_lag=10)
+
+
+def test_a_ready_mirror_gives_its_copy_the_mirrors_lag() -> None:
+    """The copy the disk is mirrored to is as fresh as the mirror, not as old as its export; the other copy is
+    as old as before."""
+    ve = record(MIRRORED, (copy("node2", NOW - 600), copy("node3")))
+    found = assess(ve, {"db": [HELD, HELD]}, NOW, mirrors={"db": Mirror("node2", "ready", 1.5)})["db"]
+    assert found.copies == (CopyAge("node2", "lyon", NOW - 600, 1.5, HELD, "ready"),
+                            CopyAge("node3", "lyon", NOW - 12, 12.0, HELD))
+    assert (found.status, found.why) == ("protected", None)
+    assert codec.encode(found.copies[0])["mirror"] == "ready" and "mirror" not in codec.encode(found.copies[1])
+
+
+@pytest.mark.parametrize(("lag", "status", "why"), [
+    (10.0, "protected", None),  # at max_lag: still within the policy
+    (12.5, "degraded", "its mirror to node2 is 12.5 s behind (the policy allows 10s)"),
+    (3600.0, "degraded", "its mirror to node2 is 3600.0 s behind (the policy allows 10s)"),
+])
+def test_a_ready_mirror_behind_more_than_max_lag_degrades_the_vm(lag: float, status: str, why: str | None) -> None:
+    ve = record(MIRRORED, (copy("node2"), copy("node3")))
+    found = assess(ve, {"db": [HELD, HELD]}, NOW, mirrors={"db": Mirror("node2", "ready", lag)})["db"]
+    assert (found.status, found.why) == (status, why)
+    assert found.copies[0].lag == lag
+
+
+def test_max_lag_defaults_to_five_seconds() -> None:
+    ve = record(HaPolicy("standby", 1), (copy("node2"),))
+    found = assess(ve, {"db": [HELD]}, NOW, mirrors={"db": Mirror("node2", "ready", 5.5)})["db"]
+    assert (found.status, found.why) == ("degraded", "its mirror to node2 is 5.5 s behind (the policy allows 5s)")
+
+
+@pytest.mark.parametrize("state", ["syncing", "waiting: the job ended (an operation on the VM, or the VM stopped)"])
+def test_a_mirror_not_ready_shows_its_state_and_leaves_the_copys_age(state: str) -> None:
+    """Its lag says nothing yet (the first pass, or no job): the copy is as old as its export, and the VM is as
+    protected as its held copies make it."""
+    ve = record(MIRRORED, (copy("node2"), copy("node3")))
+    found = assess(ve, {"db": [HELD, HELD]}, NOW, mirrors={"db": Mirror("node2", state, 900.0)})["db"]
+    assert found.copies[0] == CopyAge("node2", "lyon", NOW - 12, 12.0, HELD, state)
+    assert (found.status, found.why) == ("protected", None)
+
+
+def test_a_mirror_to_a_node_without_a_copy_marks_no_copy() -> None:
+    """The copy moved since the host's answer: no copy is shown mirrored."""
+    ve = record(MIRRORED, (copy("node2"), copy("node3")))
+    found = assess(ve, {"db": [HELD, HELD]}, NOW, mirrors={"db": Mirror("node7", "ready", 1.0)})["db"]
+    assert [(c.lag, c.mirror) for c in found.copies] == [(12.0, None), (12.0, None)]
+
+
+def test_too_few_copies_is_what_a_degraded_vm_is_told_first() -> None:
+    ve = record(MIRRORED, (copy("node2"), copy("node3")))
+    found = assess(ve, {"db": [HELD, MISSING]}, NOW, mirrors={"db": Mirror("node2", "ready", 60.0)})["db"]
+    assert (found.status, found.why) == ("degraded", "1 of 2 standby copies held (node3: missing)")
