@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from agents.host.args import (
+    MAX_BANDWIDTH,
     MAX_SNAPSHOTS,
     MAX_XML,
     NAME,
@@ -479,6 +480,18 @@ class MirrorClose(VmName):
 
 
 @dataclass(frozen=True)
+class MirrorOpen(VmName):
+    """`host.mirror_open`: receive VM `name`'s mirrored disk, its writes throttled to `bandwidth` bytes/s (0: not)."""
+
+    bandwidth: int = field(default=0, metadata=sparse())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.bandwidth <= MAX_BANDWIDTH:
+            raise RequestError(f"bandwidth must be 0 to {MAX_BANDWIDTH} bytes/s, got {self.bandwidth}")
+
+
+@dataclass(frozen=True)
 class MirrorExport:
     """`host.mirror_open`'s answer: where the standby's node serves the file a VM's disk is mirrored into."""
 
@@ -710,7 +723,7 @@ HOST_STANDBY = Method("host.standby", Standby, HOSTS, StandbyKept)
 HOST_UNSTANDBY = Method("host.unstandby", VmName, HOSTS, bool)
 HOST_STANDBYS = Method("host.standbys", NoArgs, HOSTS, list[StandbyEntry])
 HOST_PROMOTE = Method("host.promote", Promote, HOSTS, DomainInfo)
-HOST_MIRROR_OPEN = Method("host.mirror_open", VmName, HOSTS, MirrorExport)
+HOST_MIRROR_OPEN = Method("host.mirror_open", MirrorOpen, HOSTS, MirrorExport)
 HOST_MIRROR_READY = Method("host.mirror_ready", VmName, HOSTS, bool)
 HOST_MIRROR_CLOSE = Method("host.mirror_close", MirrorClose, HOSTS, bool)
 HOST_MIRRORS = Method("host.mirrors", NoArgs, HOSTS, list[MirrorStatus])

@@ -10,9 +10,9 @@ Then, but for `off`, its disk is mirrored as a standby VM's is (`agents.hypervis
 agent's own `Hypervisor`) into a fresh overlay exported by qemu-nbd (`agents.host.nbd`, the agent's exports)
 on loopback: `async`, `sync` (write-blocking), or `async@N` (throttled to N MiB/s). Once the mirror is ready
 (or at once, for `off`), the guest's LOAD and HEARTBEAT lines are counted for `--seconds`, while the job is
-sampled every 0.5 s (`agents.host.mirror_lag`: the lag bound the agent shows). Then the job is ended as the
-agent ends one, and the mirror file is compared with the disk (`qemu-img compare`: a ready job ended leaves
-an identical copy).
+sampled every 0.5 s (`agents.host.mirror_lag`: the lag bound the agent shows). Then the guest is paused, the
+job left to catch up, ended as the agent ends one, and the mirror file compared with the disk (`qemu-img
+compare`: the copy must be identical).
 
 Loopback has no network delay: `sync` pays a local round trip per write here, a WAN's RTT elsewhere. Nothing
 here asserts a speed: it is a measurement.
@@ -42,6 +42,8 @@ from agents.hypervisor.qemu_xml import domain_xml
 from images import tinyguest
 
 POLL = 0.5
+DRAIN_LIMIT = 120.0
+"""Seconds the mirror of a paused guest has to catch up before it is ended and compared."""
 DISK = 64 << 20
 LOAD_FLAG = "discovery.load"
 
@@ -87,8 +89,8 @@ async def measure(hypervisor: Hypervisor, root: Path, mode: str, rate: int, seco
         lag, lags, job = MirrorLag(trio.current_time()), [], None
         mirror = tinyguest.make_overlay(guest.base, root / "mirror.qcow2", size=DISK)
         if mode != "off":
-            export = await trio.to_thread.run_sync(exports.start, "vm", mirror, "127.0.0.1")
-            await hypervisor.mirror_begin("vm", export.host, export.port, export.name, rate << 20, mode == "sync")
+            export = await trio.to_thread.run_sync(exports.start, "vm", mirror, "127.0.0.1", rate << 20)
+            await hypervisor.mirror_begin("vm", export.host, export.port, export.name, mode == "sync")
             while not (job := await hypervisor.mirror_job("vm")) or not job.ready:
                 await trio.sleep(POLL)
             lag = MirrorLag(trio.current_time())
@@ -104,9 +106,12 @@ async def measure(hypervisor: Hypervisor, root: Path, mode: str, rate: int, seco
         loads, beats = counts(console)
         sent = lag.cur
         identical = None
-        if mode != "off":
+        if mode != "off":  # the guest paused, the job drains what is dirty; then the copy is the disk
+            await hypervisor.suspend("vm")
+            with trio.move_on_after(DRAIN_LIMIT):
+                while (job := await hypervisor.mirror_job("vm")) is not None and job.cur < job.end:
+                    await trio.sleep(POLL)
             await hypervisor.mirror_end("vm")
-            await hypervisor.suspend("vm")  # the disk still, to compare it with what the mirror kept
             await trio.to_thread.run_sync(exports.stop, "vm")
             identical = subprocess.run(["qemu-img", "compare", "-U", "-q", str(disk), str(mirror)]).returncode == 0
         written = (loads - loads0) << 20

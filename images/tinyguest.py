@@ -11,7 +11,9 @@ and a busybox initramfs whose `/init`
 - powers off cleanly when the ACPI power button is pressed (libvirt's `shutdown()`): a `dd` of one
   input event from the "Power Button" evdev device, then sync and `poweroff -f` (no acpid config), and
 - writes `HEARTBEAT <n>` to the first sector of its disk every second, continuing from the value it
-  finds there at boot, so a reverted snapshot shows on the disk and the counter.
+  finds there at boot, so a reverted snapshot shows on the disk and the counter, and
+- with `discovery.load` on its kernel command line, also writes 1 MiB at a time to its disk, fsync'd, and
+  prints `LOAD <n>` after each (`benchmarks/replication_cost.py`).
 
 Everything lands in a cache directory (default `$DISCOVERY_HOME/images`) under a name hashed from the
 recipe, so a second call reuses the first build; concurrent builders race on an atomic rename.
@@ -45,7 +47,7 @@ MODULES = ("virtio_pci", "virtio_blk", "button", "evdev")
 CMDLINE = "console=ttyS0 quiet panic=-1"
 DISK_MIB = 32
 FS_UUID = "6d1c3a52-7e3b-4c38-9a53-0f1e0d15c0de"
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when the build changes in a way the hashed recipe does not capture."""
 
 INIT = r"""#!/bin/busybox sh
@@ -73,6 +75,17 @@ else
   echo "DISCOVERY-GUEST-ERROR no /dev/vda"
 fi
 echo "DISCOVERY-GUEST-READY heartbeat=$n"
+# With discovery.load on the command line, also write 1 MiB at a time over the 15 MiB after the first (random
+# data, its first sector then saying which write it was), fsync'd: a guest that writes, to measure what a disk
+# mirror costs it.
+if grep -q discovery.load /proc/cmdline && [ -b /dev/vda ]; then
+  (mkdir -p /tmp; dd if=/dev/urandom of=/tmp/chunk bs=64k count=16 2>/dev/null; i=0
+   while :; do
+     dd if=/tmp/chunk of=/dev/vda bs=64k seek=$((16 + i % 15 * 16)) conv=notrunc 2>/dev/null
+     printf 'LOAD %d\n' $i | dd of=/dev/vda bs=512 seek=$((2048 + i % 15 * 2048)) conv=notrunc,sync,fsync 2>/dev/null
+     echo "LOAD $i"; i=$((i + 1))
+   done) &
+fi
 while :; do
   n=$((n + 1))
   [ -b /dev/vda ] && printf 'HEARTBEAT %d\n' $n | dd of=/dev/vda bs=512 count=1 conv=notrunc,sync,fsync 2>/dev/null

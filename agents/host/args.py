@@ -24,6 +24,8 @@ MAX_SHUTDOWN_TIMEOUT = 600.0
 NAME = 200
 """Longest VM (domain) name, or snapshot tag, a host accepts."""
 MAX_COUNT = 2**31
+MAX_BANDWIDTH = 100_000 << 20
+"""Bytes/s a mirror's throttle may allow at most (the HA policy's `bandwidth`, 100 000 MiB/s)."""
 
 
 def check_name(value: str, field: str = "name") -> None:

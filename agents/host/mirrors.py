@@ -36,6 +36,7 @@ from agents.messages import (
     HOST_MIRRORS,
     MirrorClose,
     MirrorExport,
+    MirrorOpen,
     MirrorStatus,
     VmName,
 )
@@ -63,9 +64,9 @@ class Mirrors(HostBase):
     # -- the standby's node ----------------------------------------------------------------------------
 
     @one_vm
-    async def _on_mirror_open(self, caller: Caller, request: VmName) -> MirrorExport:
-        """Export a fresh overlay to mirror VM `name`'s disk into (an export already there is settled first:
-        its host started over)."""
+    async def _on_mirror_open(self, caller: Caller, request: MirrorOpen) -> MirrorExport:
+        """Export a fresh overlay to mirror VM `name`'s disk into, taking at most `bandwidth` bytes/s of writes
+        (0: no limit); an export already there is settled first (its host started over)."""
         name = request.name
         if self.domains.kind == "test":
             raise RequestError(f"{name}: the {self.domains.kind} backend has no disks to mirror")
@@ -75,7 +76,7 @@ class Mirrors(HostBase):
         host = self.transport.addr.rpartition(":")[0].strip("[]") or "127.0.0.1"
         try:
             file = await trio.to_thread.run_sync(self.domains.new_mirror, name)
-            export = await trio.to_thread.run_sync(self.exports.start, name, file, host)
+            export = await trio.to_thread.run_sync(self.exports.start, name, file, host, request.bandwidth)
         except (ImageError, NbdError, OSError) as err:
             raise RequestError(f"cannot receive the mirror of {name}: {err}") from None
         log.info("host: receiving the mirror of %s on %s:%d", name, export.host, export.port)
@@ -97,10 +98,16 @@ class Mirrors(HostBase):
 
     async def _settle_mirror(self, name: str, keep: bool = True) -> bool:
         """Stop the export of VM `name`'s mirror (qemu-nbd flushes it) and make a ready one the standby's disk
-        (`keep`) or drop it; whether it became the disk. Its lock held."""
+        (`keep`, and its qemu-nbd flushed it: `NbdExports.stop`) or drop it; whether it became the disk. Its lock
+        held."""
         if self.domains.kind == "test":
             return False
-        await trio.to_thread.run_sync(self.exports.stop, name)
+        whole = await trio.to_thread.run_sync(self.exports.stop, name)
+        return await self._keep_mirror(name, keep and whole)
+
+    async def _keep_mirror(self, name: str, keep: bool) -> bool:
+        """Make VM `name`'s mirror, its export ended, the standby's disk if `keep` and it was ready, else drop it;
+        whether it became the disk."""
         marker, mirror = self._ready_marker(name), self.domains.mirror(name)
         kept = keep and marker.exists() and mirror.exists()
         if kept:
@@ -136,9 +143,10 @@ class Mirrors(HostBase):
                 return False
             if await self.hypervisor.mirror_job(name) is not None:
                 await self.hypervisor.mirror_end(name)  # left by an earlier run of the agent
-            export = await self.transport.ask(addr, HOST_MIRROR_OPEN, VmName(name), timeout=MIRROR_CALL_TIMEOUT)
+            export = await self.transport.ask(addr, HOST_MIRROR_OPEN, MirrorOpen(name, bandwidth),
+                                              timeout=MIRROR_CALL_TIMEOUT)
             try:
-                await self.hypervisor.mirror_begin(name, export.host, export.port, export.export, bandwidth, sync)
+                await self.hypervisor.mirror_begin(name, export.host, export.port, export.export, sync)
             except HypervisorError:
                 await self._close_remote(name, addr, keep=False)
                 raise

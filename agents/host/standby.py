@@ -54,8 +54,13 @@ class Standbys(Mirrors):
 
     async def _hold_standbys(self) -> None:
         """At start: hold the room of every persisted standby again, and end the mirrors' exports an earlier run
-        left (their hosts open them again: `agents.host.mirrors`)."""
-        await trio.to_thread.run_sync(self.exports.end_leftovers)
+        left (their hosts open them again: `agents.host.mirrors`), each kept as its copy if it was ready and its
+        qemu-nbd flushed it on the way out."""
+        if self.domains.kind != "test":
+            names = [name for (name,) in await self.db.rows("SELECT name FROM standbys")]
+            flushed = await trio.to_thread.run_sync(self.exports.end_leftovers, names)
+            for name in names:  # a ready mirror flushed as its export ended is the copy now; a torn one is dropped
+                await self._keep_mirror(name, name in flushed)
         for name, vcpus, memory_mb, disk_gb in await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb "
                                                                   "FROM standbys"):
             self.ledger.allocate(standby_key(name), Resources(vcpus, memory_mb, disk_gb))

@@ -459,8 +459,8 @@ class HypervisorActor(pykka.ThreadingActor):
 
     # -- a real guest's disk mirrored to another node (`agents.hypervisor.mirror`) --
 
-    def mirror_begin(self, name: str, host: str, port: int, export: str, bandwidth: int, sync: bool) -> None:
-        mirror.begin(self._lookup(name), host, port, export, bandwidth, sync)
+    def mirror_begin(self, name: str, host: str, port: int, export: str, sync: bool) -> None:
+        mirror.begin(self._lookup(name), host, port, export, sync)
 
     def mirror_job(self, name: str) -> mirror.CopyJob | None:
         try:
@@ -692,10 +692,9 @@ class Hypervisor:
     async def persistent(self, name: str) -> bool:
         return await self._run(lambda actor: actor.persistent(name))
 
-    async def mirror_begin(self, name: str, host: str, port: int, export: str, bandwidth: int = 0,
-                           sync: bool = False) -> None:
+    async def mirror_begin(self, name: str, host: str, port: int, export: str, sync: bool = False) -> None:
         """Mirror the domain's disk to NBD `export` at host:port (`agents.hypervisor.mirror`)."""
-        await self._run(lambda actor: actor.mirror_begin(name, host, port, export, bandwidth, sync))
+        await self._run(lambda actor: actor.mirror_begin(name, host, port, export, sync))
 
     async def mirror_job(self, name: str) -> mirror.CopyJob | None:
         return await self._run(lambda actor: actor.mirror_job(name))

@@ -6,7 +6,9 @@ every node keeps by the image's digest) and *reuses* the destination the standby
 job mirrors until it is ended (`end`) or fails. Once the job is *ready* (the first full pass done), every
 write of the guest is copied after it: asynchronously (the default: the guest never waits, the copy lags
 by what is dirty and not yet sent) or, with `sync`, before the guest's write completes (QEMU's write-blocking
-mode: no lag, every write pays a round trip). `bandwidth` throttles the copy (bytes/s; 0: none).
+mode: no lag, every write pays a round trip). A throttle is the destination's (`agents.host.nbd`): QEMU 7.2's
+own speed limit (`blockCopy`'s bandwidth, `blockJobSetSpeed`) left a ready job copying at full speed, measured
+(`benchmarks/replication_cost.py`).
 
 Ending a ready job without a pivot leaves the destination a consistent copy of the disk as it was at that
 moment (QEMU's `block-job-cancel` after BLOCK_JOB_READY), which is what the standby's node keeps then.
@@ -56,14 +58,13 @@ def destination_xml(host: str, port: int, export: str) -> str:
     return ET.tostring(disk, encoding="unicode")
 
 
-def begin(dom: libvirt.virDomain, host: str, port: int, export: str, bandwidth: int, sync: bool) -> None:
+def begin(dom: libvirt.virDomain, host: str, port: int, export: str, sync: bool) -> None:
     """Start mirroring the domain's disk to `export` at host:port (see the module docstring)."""
     flags = (libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
              | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
     if sync:
         flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES
-    params = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else {}
-    dom.blockCopy(disk_target(dom), destination_xml(host, port, export), params, flags)
+    dom.blockCopy(disk_target(dom), destination_xml(host, port, export), {}, flags)
 
 
 def job(dom: libvirt.virDomain) -> CopyJob | None:

@@ -4,7 +4,9 @@ its pid file, and a later run of the agent ends the exports an earlier one left,
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -166,18 +168,19 @@ def test_an_export_is_handed_out_only_once_qemu_nbd_serves_it(
 
 
 def test_the_exports_an_earlier_run_left_are_ended(disk: Path, directory: Path) -> None:
-    """The agent died with an export running (its pid file left): the next run's `end_leftovers` kills it."""
+    """The agent died with an export running (its pid file left): the next run's `end_leftovers` ends it with
+    SIGTERM, and names it among those whose file qemu-nbd flushed on its way out."""
     earlier, later = NbdExports(directory), NbdExports(directory)
     try:
         export = earlier.start(NAME, disk, "127.0.0.1")
         pid = int((directory / PID_FILE).read_text())
-        assert later.end_leftovers() == [pid]
+        assert later.end_leftovers([NAME, "other:vm"]) == {NAME}
         assert not (directory / PID_FILE).exists()
         assert wait_until(lambda: earlier.get(NAME) is None)  # its process is gone (all its threads: a while)
         assert dead(pid)
         with pytest.raises(OSError), socket.create_connection((export.host, export.port), timeout=2):
             pass
-        assert later.end_leftovers() == []  # nothing left the second time
+        assert later.end_leftovers([NAME]) == set()  # nothing left the second time
     finally:
         earlier.stop_all()
         later.stop_all()
@@ -193,11 +196,35 @@ def test_a_pid_file_naming_another_process_or_nothing_ends_nothing(directory: Pa
         (directory / "a--x.pid").write_text(str(bystander.pid))
         (directory / "a--y.pid").write_text(str(no_such_pid))
         (directory / "a--z.pid").write_text("not a pid")
-        assert NbdExports(directory).end_leftovers() == []
+        assert NbdExports(directory).end_leftovers(["a:x", "a:y", "a:z"]) == set()
         assert bystander.poll() is None  # still running
         assert list(directory.iterdir()) == []
     finally:
         bystander.kill()
         bystander.wait()
-    assert NbdExports(directory / "never-made").end_leftovers() == []  # a first start: no directory yet
+    assert NbdExports(directory / "never-made").end_leftovers(["a:x"]) == set()  # a first start: no directory yet
+
+
+def test_an_export_whose_qemu_nbd_was_killed_is_not_taken_for_flushed(disk: Path, directory: Path) -> None:
+    """A power cut (SIGKILL) ends qemu-nbd before it flushes its qcow2 metadata: its file may be torn, so the next
+    run must not count it among the flushed ones."""
+    earlier, later = NbdExports(directory), NbdExports(directory)
+    try:
+        earlier.start(NAME, disk, "127.0.0.1")
+        os.kill(int((directory / PID_FILE).read_text()), signal.SIGKILL)
+        assert wait_until(lambda: earlier.get(NAME) is None)
+        assert later.end_leftovers([NAME]) == set()
+        assert not (directory / PID_FILE).exists()
+    finally:
+        earlier.stop_all()
+        later.stop_all()
+
+    # this run's own exports are ended too, and flushed
+    exports = NbdExports(directory)
+    try:
+        exports.start(NAME, disk, "127.0.0.1")
+        assert exports.end_leftovers([NAME]) == {NAME}
+        assert exports.get(NAME) is None
+    finally:
+        exports.stop_all()
 
