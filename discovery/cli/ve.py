@@ -250,11 +250,17 @@ def ve_ha(
                                                                                "e.g. 30s, 5m, 1h.")] = None,
     keep: Annotated[int | None, typer.Option("--keep", help="restart: snapshots kept (default 3).")] = None,
     priority: Annotated[int | None, typer.Option("--priority", help="Higher is recovered first (default 0).")] = None,
+    replication: Annotated[str | None, typer.Option("--replication", help="standby: a real guest's disk mirrored "
+                                                    "to its first copy: async (default), sync or off.")] = None,
+    bandwidth: Annotated[int | None, typer.Option("--bandwidth", help="standby: the mirror's cap, MiB/s.")] = None,
+    max_lag: Annotated[str | None, typer.Option("--max-lag", help="standby: a mirror further behind shows the "
+                                                "VM degraded (default 5s).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Set the VE's HA policy, as `ha:` in a spec: standby keeps copies of each VM (made now, other sites
     first); restart and none drop them. Refused, changing nothing, if the copies cannot be placed."""
-    given = {"copies": copies, "snapshot_every": snapshot_every, "keep": keep, "priority": priority}
+    given = {"copies": copies, "snapshot_every": snapshot_every, "keep": keep, "priority": priority,
+             "replication": replication, "bandwidth": bandwidth, "max_lag": max_lag}
     policy = {"mode": mode, **{key: value for key, value in given.items() if value is not None}}
     ve = rpc("ve.ha", {"name": name, "ha": policy}, timeout=300)
     emit(ve, as_json, ve_table([ve]))

@@ -55,12 +55,24 @@ def test_a_standby_policy_keeps_its_copies_until_it_is_set_to_none(cluster4, tmp
     assert refused(cluster4, "--agent", "node2", "ve", "ha", "guarded", "--mode", "restart", "--snapshot-every",
                    "5s") == "error: ha.snapshot_every: must be a duration from 10s to 24h (seconds, or as in 30s, " \
                             "5m, 1h30m), got '5s'"
+    assert refused(cluster4, "--agent", "node2", "ve", "ha", "guarded", "--mode", "standby", "--replication",
+                   "sometimes") == "error: ha.replication: must be one of async, sync, off, got 'sometimes'"
+    assert refused(cluster4, "--agent", "node2", "ve", "ha", "guarded", "--mode", "restart", "--replication",
+                   "sync") == "error: ha.replication: only for mode standby (mode is restart)"
+    assert refused(cluster4, "--agent", "node2", "ve", "ha", "guarded", "--mode", "standby", "--bandwidth",
+                   "0") == "error: ha.bandwidth: must be an integer between 1 and 100000, got 0"
     dave = client_config(cluster4, tmp_path, "dave")
     assert "belongs to 'operator'; 'dave' may not act on it" in refused(
         cluster4, "--config", dave, "--agent", "node2", "ve", "ha", "guarded", "--mode", "none")
     unchanged = cluster4.json("--agent", "node4", "ve", "show", "guarded")  # nothing half-applied
     assert unchanged["spec"]["ha"] == created["spec"]["ha"]
     assert all(copies_of(unchanged, vm) == copies_of(created, vm) for vm in ("a", "b"))
+
+    synced = cluster4.cli("--agent", "node2", "ve", "ha", "guarded", "--mode", "standby", "--priority", "5",
+                          "--replication", "sync", "--bandwidth", "10", "--max-lag", "10s").stdout
+    assert "ha: standby, 1 copy per VM, sync replication at 10 MiB/s, priority 5" in synced
+    assert cluster4.json("--agent", "node4", "ve", "show", "guarded")["spec"]["ha"] == {
+        "mode": "standby", "copies": 1, "priority": 5, "replication": "sync", "bandwidth": 10, "max_lag": 10}
 
     dropped = cluster4.json("--agent", "node2", "ve", "ha", "guarded", "--mode", "none")
     assert "ha" not in dropped["spec"] and dropped.get("replicas", {}) == {}
