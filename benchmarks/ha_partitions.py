@@ -19,7 +19,9 @@ not running: a busy agent's answers may be seconds apart) is reported apart; an 
 would be missed. A
 recovery is a VE's VM started on another node than its host's before the cut; recoveries per failure are
 counted per VE whose host was cut off in the trial (0 for a cut shorter than detection and the lease's term,
-at most 1 for any). Nothing here asserts a result: it is a measurement; the exit status is 0.
+at most 1 for any). A VE not running once 120 s after the heal is *left down* (a liveness failure, listed in
+`left_down`); the campaign repairs it as an operator would (`ve rebuild --force`) and goes on. Nothing here
+asserts a result: it is a measurement; the exit status is 0.
 """
 
 from __future__ import annotations
@@ -137,25 +139,37 @@ class Campaign:
             if self.cli("--agent", via, "ve", "create", str(spec)) is None:
                 raise SystemExit(f"cannot create {ve} through {via}")
 
-    def settle(self) -> tuple[dict[str, tuple[str, bool]], float]:
+    def settle(self, repair: bool = True) -> tuple[dict[str, tuple[str, bool]], float, list[str]]:
         """Wait until every VE runs once again with nothing under way; half-way through the wait, have every agent
-        log what its tasks await (SIGUSR1, `agents.tasks`), for the post-mortem of one that never does."""
+        log what its tasks await (SIGUSR1, `agents.tasks`), for the post-mortem of one that never does. VEs left
+        unsettled after SETTLE seconds are repaired as an operator would (`ve rebuild --force`), once: the third
+        value names them (a liveness failure, counted), and the campaign goes on."""
         start, dumped = time.monotonic(), False
         while time.monotonic() - start < SETTLE:
             found = self.where()
             if found and all(settled for _, settled in found.values()):
-                return found, time.monotonic() - start
+                return found, time.monotonic() - start, []
             if not dumped and time.monotonic() - start > SETTLE / 2:
                 for node in self.nodes.values():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(node["pid"], signal.SIGUSR1)
                 dumped = True
             time.sleep(0.5)
-        raise SystemExit(f"the VEs did not settle within {SETTLE:g} s: {self.where()}; the agents' tasks are in "
-                         f"their logs under {self.dir}")
+        found = self.where() or {}
+        left = [ve for ve in self.ves if not found.get(ve, ("", False))[1]]
+        if not repair:
+            raise SystemExit(f"the VEs did not settle within {SETTLE:g} s even after a repair: {found}; the agents' "
+                             f"tasks are in their logs under {self.dir}")
+        print(f"left down: {left} ({found}); repairing with ve rebuild --force", file=sys.stderr, flush=True)
+        for ve in left:
+            for node in sorted(self.nodes):
+                if self.cli("--agent", node, "ve", "rebuild", ve, "--force") is not None:
+                    break
+        found, _, _ = self.settle(repair=False)
+        return found, time.monotonic() - start, left
 
     def trial(self, i: int) -> dict[str, Any]:
-        before, _ = self.settle()
+        before, _, _ = self.settle()
         kind = self.rng.choice(KINDS)
         hosts = sorted({node for node, _ in before.values()})
         host = self.rng.choice(hosts)
@@ -175,12 +189,12 @@ class Campaign:
             time.sleep(lasts)
             bed.heal(self.dir)
         healed = time.time()
-        after, settle_s = self.settle()
+        after, settle_s, left = self.settle()
         moved = {ve: (before[ve][0], after[ve][0]) for ve in self.ves if before[ve][0] != after[ve][0]}
         affected = [ve for ve in self.ves if before[ve][0] in cut]
         return {"trial": i, "kind": kind, "target": target, "lasts_s": lasts, "from": started, "healed": healed,
                 "settled_at": time.time(), "hosts": {ve: node for ve, (node, _) in before.items()},
-                "affected": affected, "moved": moved, "settle_s": round(settle_s, 1)}
+                "affected": affected, "moved": moved, "settle_s": round(settle_s, 1), "left_down": left}
 
 
 Span = tuple[str, float, float, float]
@@ -244,6 +258,8 @@ def report(campaign: Campaign, spans: dict[str, list[Span]], elapsed: float) -> 
             "ves": len(campaign.ves), "kinds": dict(Counter(t["kind"] for t in campaign.trials)),
             "double_runs": overlaps(spans, certain=True), "possible_double_runs": overlaps(spans, certain=False),
             "affected_ves_by_recoveries": dict(sorted(per_failure.items())),
+            "left_down": [{"trial": t["trial"], "kind": t["kind"], "ves": t["left_down"]}
+                          for t in campaign.trials if t["left_down"]],
             "settle_s_max": settle[-1] if settle else None, "poll_s": POLL, "wall_seconds": round(elapsed, 1),
             "results": campaign.trials}
 

@@ -205,16 +205,18 @@ class HostCollector:
 
 
 def _mirrors(mirrors: list[MirrorStatus]) -> Iterator[Metric]:
-    """The mirrors of this node's VMs' disks to their standby copies (`agents.host.replication`)."""
-    lag = GaugeMetricFamily("discovery_replication_lag_seconds", "How far a VM's mirrored standby copy is behind "
-                            "its disk, at most (0: caught up; absent until the mirror is ready).", labels=["vm", "to"])
-    behind = GaugeMetricFamily("discovery_replication_behind_bytes", "Bytes of a VM's disk written and not yet "
-                               "copied to its mirrored standby copy.", labels=["vm", "to"])
-    sent = CounterMetricFamily("discovery_replication_sent_bytes", "Bytes a VM's disk mirror copied to its standby "
-                               "copy's node since this agent started.", labels=["vm", "to"])
-    for m in mirrors:
-        if m.state == "ready":
-            lag.add_metric([m.name, m.node], m.lag)
-            behind.add_metric([m.name, m.node], m.behind)
-        sent.add_metric([m.name, m.node], m.sent)
-    yield from (lag, behind, sent)
+    """The mirrors of this node's VMs' disks to their standby copies (`agents.host.replication`), summed over
+    the node (no label per VM: `ve show` and `host.mirrors` give each one's)."""
+    states = Counter(m.state.partition(":")[0] for m in mirrors)
+    by_state = GaugeMetricFamily("discovery_replication_mirrors", "This node's VMs whose disk is mirrored to a "
+                                 "standby copy, by state (syncing, ready, waiting).", labels=["state"])
+    for state in ("syncing", "ready", "waiting"):
+        by_state.add_metric([state], states[state])
+    yield by_state
+    ready = [m for m in mirrors if m.state == "ready"]
+    yield GaugeMetricFamily("discovery_replication_lag_seconds", "How far the furthest behind of this node's ready "
+                            "mirrors is, at most (0: all caught up).", value=max((m.lag for m in ready), default=0.0))
+    yield GaugeMetricFamily("discovery_replication_behind_bytes", "Bytes this node's VMs wrote that their mirrors "
+                            "have not copied yet.", value=sum(m.behind for m in ready))
+    yield CounterMetricFamily("discovery_replication_sent_bytes", "Bytes this node's mirrors copied to standby copies "
+                              "since the agent started.", value=sum(m.sent for m in mirrors))

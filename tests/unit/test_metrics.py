@@ -19,7 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 from agents.host.base import CRASHED
 from agents.host.service import HostService
 from agents.hypervisor.actor import DomainInfo
-from agents.messages import HOST_CONFIRM, HOST_RESERVE, HOST_VM_SUSPEND, Confirm, Reserve, VmName
+from agents.messages import HOST_CONFIRM, HOST_RESERVE, HOST_VM_SUSPEND, Confirm, MirrorStatus, Reserve, VmName
 from agents.metrics import collectors, http
 from agents.metrics import exporter as exporter_module
 from agents.metrics.exporter import Exporter
@@ -189,7 +189,8 @@ def full_exporter() -> Exporter:
     dht = SimpleNamespace(shard=SimpleNamespace(records={}), stats={"passes": 1})
     host = SimpleNamespace(ledger=SimpleNamespace(allocated={}, total=SimpleNamespace(vcpus=1, memory_mb=1, disk_gb=1),
                                                   free=lambda now: SimpleNamespace(vcpus=1, memory_mb=1, disk_gb=1)),
-                           shipped=Counter(), guest_restarts=0)
+                           shipped=Counter(), guest_restarts=0,
+                           mirror_status=lambda: [MirrorStatus("shop:db", "n2", "ready", 0.5, 4096, 1 << 20, False)])
 
     async def listing() -> list[DomainInfo]:
         return []
@@ -213,8 +214,15 @@ async def test_every_series_follows_prometheus_naming() -> None:
     assert {"discovery_rpc_server_duration_seconds", "discovery_members", "discovery_ring_successors",
             "discovery_dht_records", "discovery_vivaldi_error_ratio", "discovery_vms", "discovery_dvms_partition",
             "discovery_dvms_migrations", "discovery_image_pulled_bytes", "discovery_vm_ship_sent_bytes",
+            "discovery_replication_lag_seconds", "discovery_replication_behind_bytes",
+            "discovery_replication_sent_bytes", "discovery_replication_mirrors",
             "discovery_guest_restarts", "process_resident_memory_bytes",
             "process_cpu_seconds"} <= {f.name for f in families}
+    mirrors = {s.name + str(s.labels): s.value for f in families if f.name.startswith("discovery_replication")
+               for s in f.samples}  # the stand-in host's one ready mirror, 0.5 s and 4096 bytes behind
+    assert mirrors["discovery_replication_lag_seconds{}"] == 0.5
+    assert mirrors["discovery_replication_behind_bytes{}"] == 4096
+    assert mirrors["discovery_replication_mirrors{'state': 'ready'}"] == 1
     per_content = {"ve", "vm", "vms", "domain", "chunk", "image", "partition", "peer", "node", "key", "owner"}
     for family in families:
         assert family.name.startswith(("discovery_", "process_")), family.name
