@@ -506,7 +506,8 @@ class MirrorStatus:
 
     `state`: `syncing` (the first pass), `ready` (every write copied after it, `lag` seconds behind at most,
     `behind` bytes not yet copied), or `waiting: why` (not running now: started again shortly). `sent`: bytes
-    copied since the agent started; `sync`: writes wait for the copy (no lag)."""
+    copied since the agent started; `sync`: writes wait for the copy (no lag); `held`: the cap on the guest's
+    disk writes (bytes/s) while the mirror catches up from beyond the policy's `max_lag` (0: none)."""
 
     name: str
     node: str
@@ -515,6 +516,7 @@ class MirrorStatus:
     behind: int
     sent: int
     sync: bool
+    held: int = field(default=0, metadata=sparse())
 
 
 # -- answers of the views ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What continuous replication costs a guest that writes: its write rate, its heartbeat rate, the bytes sent
 and the lag, without a mirror and with each replication mode, printed as JSON.
 
-    python benchmarks/replication_cost.py [--seconds 20] [--modes off,async,sync,async@2] [--plot out.png]
+    python benchmarks/replication_cost.py [--seconds 20] [--modes off,async,sync,async@2] [--max-lag 5]
+                                          [--plot out.png]
 
 Each mode boots the tiny guest (real QEMU through libvirt's embedded driver, KVM or TCG as the machine allows)
 with `discovery.load` on its command line: beside its heartbeat (a sector a second, fsync'd), it then writes
@@ -10,7 +11,8 @@ Then, but for `off`, its disk is mirrored as a standby VM's is (`agents.hypervis
 agent's own `Hypervisor`) into a fresh overlay exported by qemu-nbd (`agents.host.nbd`, the agent's exports)
 on loopback: `async`, `sync` (write-blocking), or `async@N` (throttled to N MiB/s). Once the mirror is ready
 (or at once, for `off`), the guest's LOAD and HEARTBEAT lines are counted for `--seconds`, while the job is
-sampled every 0.5 s (`agents.host.mirror_lag`: the lag bound the agent shows). Then the guest is paused, the
+sampled every 0.5 s (`agents.host.mirror_lag`: the lag bound the agent shows), the guest's writes held back
+past `--max-lag` as the agents' shell does (`hold_back`). Then the guest is paused, the
 job left to catch up, ended as the agent ends one, and the mirror file compared with the disk (`qemu-img
 compare`: the copy must be identical).
 
@@ -34,7 +36,7 @@ import trio
 from harness import pyplot, save, wait_ready  # beside this script
 from stats import percentile
 
-from agents.host.mirror_lag import MirrorLag
+from agents.host.mirror_lag import MirrorLag, hold_back
 from agents.host.nbd import NbdExports
 from agents.hypervisor.actor import Hypervisor
 from agents.hypervisor.qemu import prepare_guest
@@ -62,20 +64,22 @@ def counts(console: Path) -> tuple[int, int]:
     return len(re.findall(r"^LOAD \d+", text, re.M)), len(re.findall(r"^HEARTBEAT \d+", text, re.M))
 
 
-async def measure_all(work: Path, modes: list[tuple[str, int]], seconds: float) -> list[dict[str, Any]]:
+async def measure_all(work: Path, modes: list[tuple[str, int]], seconds: float,
+                      max_lag: float) -> list[dict[str, Any]]:
     """Each mode in turn, on one embedded driver (libvirt allows one per process)."""
     hypervisor = await Hypervisor.connect(f"qemu:///embed?root={work / 'embed'}")
     try:
         runs = []
         for mode, rate in modes:
-            runs.append(await measure(hypervisor, work / f"{mode}-{rate}", mode, rate, seconds))
+            runs.append(await measure(hypervisor, work / f"{mode}-{rate}", mode, rate, seconds, max_lag))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         return runs
     finally:
         await hypervisor.close()
 
 
-async def measure(hypervisor: Hypervisor, root: Path, mode: str, rate: int, seconds: float) -> dict[str, Any]:
+async def measure(hypervisor: Hypervisor, root: Path, mode: str, rate: int, seconds: float,
+                  max_lag: float) -> dict[str, Any]:
     guest, accel, _ = prepare_guest()
     guest = replace(guest, cmdline=f"{guest.cmdline} {LOAD_FLAG}")
     root.mkdir(parents=True)
@@ -97,10 +101,15 @@ async def measure(hypervisor: Hypervisor, root: Path, mode: str, rate: int, seco
             first = job.cur
         loads0, beats0 = counts(console)
         start = trio.current_time()
+        held, holds = 0, 0
         while (now := trio.current_time()) - start < seconds:
             if mode != "off" and (job := await hypervisor.mirror_job("vm")) is not None:
                 lag.sample(now, job.cur - first, job.end - first)
                 lags.append(lag.lag(now))
+                cap = hold_back(lag.lag(now), max_lag, lag.copy_rate(), held)  # as the agent's shell does
+                if cap is not None:
+                    await hypervisor.mirror_limit_writes("vm", cap)
+                    held, holds = cap, holds + (cap > 0)
             await trio.sleep(POLL)
         elapsed = trio.current_time() - start
         loads, beats = counts(console)
@@ -121,7 +130,7 @@ async def measure(hypervisor: Hypervisor, root: Path, mode: str, rate: int, seco
                 "sent_bytes": sent, "sent_per_written": round(sent / written, 2) if written and mode != "off" else None,
                 "lag_s": ({"p50": percentile(lags, 50), "p95": percentile(lags, 95), "max": max(lags)}
                           if lags else None),
-                "identical_after_end": identical}
+                "times_held_back": holds if mode != "off" else None, "identical_after_end": identical}
     finally:
         await trio.to_thread.run_sync(exports.stop_all)
         await hypervisor.destroy("vm")
@@ -144,10 +153,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--modes", default="off,async,sync,async@2",
                         type=lambda text: [mode_of(m) for m in text.split(",")])
+    parser.add_argument("--max-lag", type=float, default=5.0, help="the policy's max_lag: a mirror further behind "
+                        "holds the guest's writes back, as the agents do")
     parser.add_argument("--plot", help="write a bar chart of the guest's write rate per mode to this PNG")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="replication-") as work:
-        runs = trio.run(measure_all, Path(work), args.modes, args.seconds)
+        runs = trio.run(measure_all, Path(work), args.modes, args.seconds, args.max_lag)
     result = {"benchmark": "replication_cost", "accel": prepare_guest()[1], "runs": runs}
     print(json.dumps(result, indent=2))
     if args.plot:

@@ -156,6 +156,10 @@ class Mirrors(HostBase):
         """VM `name`'s mirror job as libvirt shows it now (None: none runs)."""
         return await self.hypervisor.mirror_job(name)
 
+    async def limit_writes(self, name: str, rate: int) -> None:
+        """Cap VM `name`'s disk writes at `rate` bytes/s (0: lift the cap): its mirror is too far behind."""
+        await self.hypervisor.mirror_limit_writes(name, rate)
+
     async def announce_ready(self, name: str, addr: str) -> bool:
         """Tell the standby's node at `addr` that VM `name`'s mirror caught up; whether it took it."""
         taken: bool = await self.transport.ask(addr, HOST_MIRROR_READY, VmName(name), timeout=MIRROR_CALL_TIMEOUT)

@@ -7,7 +7,9 @@ standby's node once it is ready, and end it when it is no longer wanted. A job t
 operation that cannot run beside it ended it: a snapshot, a managed save, a migration; the guest stopped; the
 destination failed) is settled with the standby's node and started again RESTART seconds later, or later after
 each failure in a row (up to BACKOFF_LIMIT). A start waits on the VM's lock, so it never races an operation
-on the VM. `host.mirrors` answers `status`.
+on the VM. A ready mirror further behind than the policy's `max_lag` holds the guest's disk writes back below
+what it copies until it has caught up half-way (`agents.host.mirror_lag.hold_back`): the lag is bounded, at
+the guest's expense, as DRBD's congestion policy "block" does. `host.mirrors` answers `status`.
 
 One job per disk is what QEMU allows, so a VM with several copies has one mirrored; the others are as fresh as
 their last export (`ve replicate`).
@@ -24,7 +26,7 @@ from typing import Protocol
 
 import trio
 
-from agents.host.mirror_lag import MirrorLag
+from agents.host.mirror_lag import MirrorLag, hold_back
 from agents.hypervisor.actor import HypervisorError
 from agents.hypervisor.mirror import CopyJob
 from agents.messages import MirrorStatus
@@ -44,12 +46,14 @@ SETTLE_LIMIT = 60.0
 
 @dataclass(frozen=True)
 class MirrorWant:
-    """Mirror a VM's disk to node `node` at `addr`; `sync`: writes wait for the copy; `bandwidth`: bytes/s, 0 none."""
+    """Mirror a VM's disk to node `node` at `addr`; `sync`: writes wait for the copy; `bandwidth`: bytes/s, 0 none;
+    `max_lag`: seconds behind beyond which the guest's writes are held back (`agents.host.mirror_lag.hold_back`)."""
 
     node: str
     addr: str
     sync: bool = False
     bandwidth: int = 0
+    max_lag: float = math.inf
 
 
 class MirroringHost(Protocol):
@@ -63,6 +67,8 @@ class MirroringHost(Protocol):
 
     async def announce_ready(self, name: str, addr: str) -> bool: ...
 
+    async def limit_writes(self, name: str, rate: int) -> None: ...
+
     async def end_mirror(self, name: str, addr: str, was_ready: bool) -> None: ...
 
 
@@ -72,6 +78,8 @@ class _Mirror:
     lag: MirrorLag
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     state: str = "starting"
+    held: int = 0
+    """The cap on the guest's disk writes set now (bytes/s; 0: none)."""
 
 
 class Replication(Actor):
@@ -125,7 +133,7 @@ class Replication(Actor):
             if mirror is not None and mirror.state in ("syncing", "ready"):
                 lag = mirror.lag
                 shown.append(MirrorStatus(name, want.node, mirror.state, lag.lag(now), lag.behind,
-                                          self.sent[name] + lag.cur, want.sync))
+                                          self.sent[name] + lag.cur, want.sync, mirror.held))
             else:
                 shown.append(MirrorStatus(name, want.node, f"waiting: {self._why.get(name, 'starting')}", 0.0, 0,
                                           self.sent[name], want.sync))
@@ -153,6 +161,12 @@ class Replication(Actor):
             log.warning("replication: mirror of %s to %s: %s", name, mirror.want.node, err)
         finally:
             self.sent[name] += mirror.lag.cur
+            if mirror.held:  # the guest is not held back beyond its mirror
+                with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_LIMIT):
+                    try:
+                        await self.host.limit_writes(name, 0)
+                    except HypervisorError as err:  # the VM left, say: nothing to lift
+                        log.info("replication: lifting the cap on %s's writes: %s", name, err)
             if started is not False:
                 with trio.CancelScope(shield=True), trio.move_on_after(SETTLE_LIMIT):
                     try:
@@ -165,12 +179,20 @@ class Replication(Actor):
             del self._running[name]
 
     async def _watch(self, name: str, mirror: _Mirror) -> None:
-        """Sample the job every POLL seconds until it ends; announce it ready once."""
+        """Sample the job every POLL seconds until it ends; announce it ready once; hold the guest back while the
+        mirror is too far behind."""
         while (job := await self.host.mirror_job(name)) is not None:
-            mirror.lag.sample(trio.current_time(), job.cur, job.end)
+            now = trio.current_time()
+            mirror.lag.sample(now, job.cur, job.end)
             if job.ready and mirror.state != "ready":
                 if not await self.host.announce_ready(name, mirror.want.addr):
                     return  # the standby's node no longer exports it (it restarted): start over
                 mirror.state = "ready"
                 log.info("replication: %s is mirrored to %s", name, mirror.want.node)
+            cap = hold_back(mirror.lag.lag(now), mirror.want.max_lag, mirror.lag.copy_rate(), mirror.held)
+            if mirror.state == "ready" and cap is not None:
+                await self.host.limit_writes(name, cap)
+                mirror.held = cap
+                log.info("replication: %s's mirror is %.1f s behind; its writes %s", name, mirror.lag.lag(now),
+                         f"held to {cap >> 20} MiB/s" if cap else "no longer held")
             await trio.sleep(POLL)

@@ -13,12 +13,12 @@ snapshot is also an internal qcow2 snapshot, reverted by `host.restore`, deleted
 `HostService` is assembled from one class per concern, each extending `agents.host.base.HostBase` (the state
 they share): this module's core (recovery, reservations, snapshots), the lifecycle of one VM (`host.vm.*`,
 `agents.host.lifecycle`), moving VMs between hosts (`agents.host.moves`), standby copies
-(`agents.host.standby`) and the mirrors of disks to them (`agents.host.mirrors`), restarting crashed guests (`agents.host.crashes`) and images of VMs' disks for shipped
-snapshots (`agents.host.snapshot_images`); the rules of their requests'
-values are in `agents.host.args` (the request types of `agents.messages` apply them), the SQLite store in
-`agents.host.store`. Only agents (role node) and
-operators may call `host.*` (`agents.messages`, with the types of their requests and answers): users act on
-their VMs through `ve.*`, which checks who owns the VE.
+(`agents.host.standby`) and the mirrors of disks to them (`agents.host.mirrors`), restarting crashed guests
+(`agents.host.crashes`) and images of VMs' disks for shipped snapshots (`agents.host.snapshot_images`); the
+rules of their requests' values are in `agents.host.args` (the request types of `agents.messages` apply them),
+the SQLite store in `agents.host.store`. Only agents (role node) and operators may call `host.*`
+(`agents.messages`, with the types of their requests and answers): users act on their VMs through `ve.*`,
+which checks who owns the VE.
 
 Concurrency (`agents.host.locks`): each request runs in its own task, holding the lock of the VM it
 names for its whole length, so one VM's operations never interleave (a confirm cannot race an undefine

@@ -468,6 +468,9 @@ class HypervisorActor(pykka.ThreadingActor):
         except HypervisorError:
             return None  # the domain left (migrated away, undefined): no job
 
+    def mirror_limit_writes(self, name: str, rate: int) -> None:
+        mirror.limit_writes(self._lookup(name), rate)
+
     def mirror_end(self, name: str) -> bool:
         try:
             return mirror.end(self._lookup(name))
@@ -698,6 +701,10 @@ class Hypervisor:
 
     async def mirror_job(self, name: str) -> mirror.CopyJob | None:
         return await self._run(lambda actor: actor.mirror_job(name))
+
+    async def mirror_limit_writes(self, name: str, rate: int) -> None:
+        """Cap the guest's disk writes at `rate` bytes/s (0: no cap) while its mirror catches up."""
+        await self._run(lambda actor: actor.mirror_limit_writes(name, rate))
 
     async def mirror_end(self, name: str) -> bool:
         """End the domain's mirror job (the destination keeps a consistent copy); whether there was one."""

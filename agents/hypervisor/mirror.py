@@ -67,6 +67,12 @@ def begin(dom: libvirt.virDomain, host: str, port: int, export: str, sync: bool)
     dom.blockCopy(disk_target(dom), destination_xml(host, port, export), {}, flags)
 
 
+def limit_writes(dom: libvirt.virDomain, rate: int) -> None:
+    """Cap the guest's writes to its disk at `rate` bytes/s (0: no cap), live: a mirror too far behind holds the
+    guest back (`agents.host.mirror_lag.hold_back`)."""
+    dom.setBlockIoTune(disk_target(dom), {"write_bytes_sec": rate}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
 def job(dom: libvirt.virDomain) -> CopyJob | None:
     """The domain's mirror job, or None (none, never started, or it ended: failed, or the domain stopped)."""
     if not dom.isActive():

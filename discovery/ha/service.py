@@ -301,7 +301,7 @@ class HaService(Actor):
             copy = next((e for e in ve.standbys_of(vm) if e.node in alive and e.node != self.node), None)
             if slot.node == self.node and copy is not None:
                 wants[domain_name(ve.name, vm)] = MirrorWant(copy.node, copy.addr, policy.replication == "sync",
-                                                             (policy.bandwidth or 0) << 20)
+                                                             (policy.bandwidth or 0) << 20, policy.max_lag)
         return wants
 
     def _load(self) -> None:

@@ -106,6 +106,8 @@ class Mirror:
     node: str
     state: str
     lag: float
+    held: int = 0
+    """The cap on the guest's writes while the mirror catches up (bytes/s; 0: none)."""
 
 
 def _copy(entry: Standby, state: str, now: float, mirror: Mirror | None) -> CopyAge:
@@ -117,8 +119,9 @@ def _behind(policy: HaPolicy, mirror: Mirror | None) -> str | None:
     """Why the VM's mirror is too far behind (ready, lagging more than `max_lag`), or None."""
     if mirror is None or mirror.state != "ready" or mirror.lag <= policy.max_lag:
         return None
+    held = f"; its writes are held to {mirror.held / (1 << 20):.1f} MiB/s until it catches up" if mirror.held else ""
     return (f"its mirror to {mirror.node} is {mirror.lag:.1f} s behind "
-            f"(the policy allows {format_duration(policy.max_lag)})")
+            f"(the policy allows {format_duration(policy.max_lag)}){held}")
 
 
 def _standby_shortfall(ve: VERecord, policy: HaPolicy, host: str, copies: Sequence[CopyAge]) -> str | None:

@@ -190,7 +190,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
         addrs = sorted({slot.addr for slot in ve.placement.values()})
         answers = await self.transport.ask_many(addrs, HOST_MIRRORS, NoArgs(), 5.0)
         kept = {s.name: s for answer in answers.values() if isinstance(answer, list) for s in answer}
-        return {vm: Mirror(s.node, s.state, s.lag) for vm in ve.placement
+        return {vm: Mirror(s.node, s.state, s.lag, s.held) for vm in ve.placement
                 if (s := kept.get(domain_name(ve.name, vm))) is not None}
 
     async def _on_locate(self, caller: Caller, request: m.Named) -> m.Located:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.host.mirror_lag import MirrorLag
+from agents.host.mirror_lag import MIN_HOLD, MirrorLag, hold_back
 from agents.host.replication import POLL
 
 
@@ -146,3 +146,22 @@ def test_the_lag_is_too_large_by_at_most_one_sampling_interval(start: float, scr
     if cur < seen[-1][1]:
         t_clean = [t for t, end in seen if end <= cur][-1]
         assert lag.lag(now) <= now - t_clean
+
+
+def test_the_copy_rate_is_measured_over_the_last_seconds() -> None:
+    lag = MirrorLag(0.0)
+    assert lag.copy_rate() == 0.0
+    for step in range(1, 21):  # 1 MB/s for 5 s, then 3 MB/s
+        now = step * 0.5
+        lag.sample(now, int(min(now, 5.0) * 1e6 + max(0.0, now - 5.0) * 3e6), 10**9)
+    assert lag.copy_rate() == pytest.approx(3e6, rel=0.01)  # only the last RATE_WINDOW seconds count
+
+
+@given(st.floats(0, 100), st.floats(1, 60), st.floats(0, 1e9), st.integers(0, 1 << 30))
+def test_hold_back_caps_below_the_copy_rate_and_lifts_only_half_way_back(lag: float, max_lag: float, rate: float,
+                                                                        held: int) -> None:
+    cap = hold_back(lag, max_lag, rate, held)
+    if not held:
+        assert cap is None if lag <= max_lag else MIN_HOLD <= cap <= max(MIN_HOLD, rate)
+    else:
+        assert cap == (0 if lag <= max_lag / 2 else None)

@@ -39,6 +39,7 @@ class FakeHost:
         self.announced: list[tuple[float, str, str]] = []
         self.take_ready = True
         self.ended: list[tuple[float, str, str, bool]] = []
+        self.caps: list[tuple[float, str, int]] = []
 
     async def begin_mirror(self, name: str, addr: str, bandwidth: int, sync: bool) -> bool:
         await trio.lowlevel.checkpoint()
@@ -60,6 +61,10 @@ class FakeHost:
         await trio.lowlevel.checkpoint()
         self.announced.append((trio.current_time(), name, addr))
         return self.take_ready
+
+    async def limit_writes(self, name: str, rate: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self.caps.append((trio.current_time(), name, rate))
 
     async def end_mirror(self, name: str, addr: str, was_ready: bool) -> None:
         await trio.lowlevel.checkpoint()
@@ -298,3 +303,34 @@ async def test_stopping_the_actor_settles_its_running_mirrors(autojump_clock: tr
         nursery.cancel_scope.cancel()
     assert [e[1:] for e in host.ended] == [(VM, WANT.addr, True)]
     assert VM not in host.jobs
+
+
+async def test_a_mirror_too_far_behind_holds_the_guest_back_until_it_caught_up_half_way(
+        rig: Rig, autojump_clock: trio.testing.MockClock) -> None:
+    """`max_lag` is a bound, not a wish: once the ready mirror is further behind, the guest's writes are capped
+    below what the mirror copies; the cap is lifted once the lag is under half `max_lag`, and lifted too when the
+    mirror ends while it holds."""
+    host, actor = rig.host, rig.actor
+    actor.want({VM: MirrorWant("node2", "10.0.0.2:7000", max_lag=5.0)})
+    await wait(lambda: VM in host.jobs)
+    await ready(rig)
+    # the guest writes 10 MiB/s, the mirror copies 4 MiB/s: the backlog grows
+    start, mib = trio.current_time(), 1 << 20
+    while not host.caps:
+        t = trio.current_time() - start
+        host.jobs[VM] = CopyJob(DISK + int(4 * mib * t), DISK + int(10 * mib * t), True, "vda")
+        await trio.sleep(POLL)
+    (at, name, cap), = host.caps
+    assert name == VM and at - start > 5.0  # not before the lag passed max_lag
+    assert 0 < cap < 4 * mib and cap == pytest.approx(0.8 * 4 * mib, rel=0.2)  # below the copy rate
+    assert next(s.held for s in actor.status() if s.name == VM) == cap
+    # the mirror catches up: the cap goes
+    host.jobs[VM] = CopyJob(DISK + 60 * mib, DISK + 60 * mib, True, "vda")
+    await wait(lambda: len(host.caps) == 2)
+    assert host.caps[-1][2] == 0
+    # behind again, then the mirror ends: the cap is lifted on the way out
+    host.jobs[VM] = CopyJob(DISK + 60 * mib, DISK + 200 * mib, True, "vda")
+    await wait(lambda: len(host.caps) == 3)
+    actor.want({})
+    await wait(lambda: len(host.ended) == 1)
+    assert [c[2] for c in host.caps][-1] == 0 and len(host.caps) == 4
