@@ -558,7 +558,11 @@ class Transport(Endpoint):
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as err:
             raise Unreachable(f"{addr}: {err.strerror or err}") from None
-        stream = TlsSocket(tcp, self._client_ctx, server_side=False)
+        try:  # wrapping reads a byte when the socket looks unconnected: a peer that just reset it fails here
+            stream = TlsSocket(tcp, self._client_ctx, server_side=False)
+        except OSError as err:
+            await tcp.aclose()
+            raise Unreachable(f"{addr}: {err.strerror or err}") from None
         conn = _Connection(stream, self.max_frame)
         try:
             await stream.do_handshake()

@@ -85,6 +85,10 @@ def test_a_rebuild_whose_coordinator_dies_is_undone_then_done_by_the_next_comman
     restart(cluster4, "node2", DISCOVERY_TEST_PAUSE="rebuild:600")
     rejoined(cluster4, "node2", ve="half")
     cluster4.kill9("node1")
+    # the coordinator holds node1 dead first (as `ve rebuild` needs anyway), so that its ring no longer names
+    # node1 among the record's replicas: the intent's write would else wait on a dead replica and fail
+    wait_for(lambda: any(m["name"] == "node1" and m["status"] == "dead"
+                         for m in cluster4.call("node2", "agent.members", {})), what="node2 holding node1 dead")
     rebuild = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(cluster4.dir / "client.toml"),
                                 "--agent", "node2", "ve", "rebuild", "half"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=cluster4.env)
