@@ -12,7 +12,7 @@ own speed limit (`blockCopy`'s bandwidth, `blockJobSetSpeed`) left a ready job c
 
 Ending a ready job without a pivot leaves the destination a consistent copy of the disk as it was at that
 moment (QEMU's `block-job-cancel` after BLOCK_JOB_READY), which is what the standby's node keeps then.
-A job blocks snapshots, managed saves and migrations of the domain: they end it first (`end_for`), and the
+A job blocks snapshots, managed saves and migrations of the domain: they end it first (`end`), and the
 replication shell starts it again afterwards.
 
 Everything here runs in a `HypervisorActor`'s thread, on its connection.
