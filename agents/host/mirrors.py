@@ -42,7 +42,7 @@ from agents.messages import (
 )
 from images.tinyguest import ImageError
 from overlay.messages import NoArgs
-from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError
+from overlay.wire.rpc import Caller, Endpoint, NotFound, RequestError, split_addr
 
 log = logging.getLogger(__name__)
 MIRROR_CALL_TIMEOUT = 30.0
@@ -73,7 +73,7 @@ class Mirrors(HostBase):
         if await self.db.one("SELECT 1 FROM standbys WHERE name = ?", (name,)) is None:
             raise NotFound(f"no standby of {name} on this node")
         await self._settle_mirror(name)
-        host = self.transport.addr.rpartition(":")[0].strip("[]") or "127.0.0.1"
+        host = split_addr(self.transport.addr)[0]
         try:
             file = await trio.to_thread.run_sync(self.domains.new_mirror, name)
             export = await trio.to_thread.run_sync(self.exports.start, name, file, host, request.bandwidth)
@@ -123,7 +123,7 @@ class Mirrors(HostBase):
 
     def mirror_state(self, name: str) -> str | None:
         """`ready` or `syncing` while VM `name`'s mirror is received here, else None (`host.standbys` shows it)."""
-        if self.domains.kind == "test" or self.exports.get(name) is None:
+        if self.exports.get(name) is None:
             return None
         return "ready" if self._ready_marker(name).exists() else "syncing"
 

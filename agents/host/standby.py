@@ -56,13 +56,13 @@ class Standbys(Mirrors):
         """At start: hold the room of every persisted standby again, and end the mirrors' exports an earlier run
         left (their hosts open them again: `agents.host.mirrors`), each kept as its copy if it was ready and its
         qemu-nbd flushed it on the way out."""
+        rows = await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb FROM standbys")
         if self.domains.kind != "test":
-            names = [name for (name,) in await self.db.rows("SELECT name FROM standbys")]
+            names = [name for name, *_ in rows]
             flushed = await trio.to_thread.run_sync(self.exports.end_leftovers, names)
             for name in names:  # a ready mirror flushed as its export ended is the copy now; a torn one is dropped
                 await self._keep_mirror(name, name in flushed)
-        for name, vcpus, memory_mb, disk_gb in await self.db.rows("SELECT name, vcpus, memory_mb, disk_gb "
-                                                                  "FROM standbys"):
+        for name, vcpus, memory_mb, disk_gb in rows:
             self.ledger.allocate(standby_key(name), Resources(vcpus, memory_mb, disk_gb))
 
     async def _on_reserve_standby(self, caller: Caller, request: Reserve) -> Held:

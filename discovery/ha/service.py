@@ -78,7 +78,6 @@ class HaService(Actor):
     def __init__(self, node: str, membership: Membership, dht: DHT, host: HostService, ves: VEService,
                  directory: Directory, state: Path, term: float = TERM) -> None:
         super().__init__()
-        self.node, self.membership = node, membership
         self.host, self.ves, self.directory, self.state = host, ves, directory, state
         self.shell = HaShell(node, membership, dht, self, term, ready=ves.joined)
         self.modes: dict[str, str] = {}
@@ -295,11 +294,11 @@ class HaService(Actor):
         policy = ve.spec.ha
         if policy.mode != "standby" or policy.replication == "off":
             return {}
-        alive = {m.name for m in self.membership.alive()}
+        me, alive = self.shell.name, {m.name for m in self.shell.membership.alive()}
         wants = {}
-        for vm, slot in ve.placement.items():
-            copy = next((e for e in ve.standbys_of(vm) if e.node in alive and e.node != self.node), None)
-            if slot.node == self.node and copy is not None:
+        for vm in (vm for vm, slot in ve.placement.items() if slot.node == me):
+            copy = next((e for e in ve.standbys_of(vm) if e.node in alive and e.node != me), None)
+            if copy is not None:
                 wants[domain_name(ve.name, vm)] = MirrorWant(copy.node, copy.addr, policy.replication == "sync",
                                                              (policy.bandwidth or 0) << 20, policy.max_lag)
         return wants
