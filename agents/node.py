@@ -60,6 +60,7 @@ from overlay.chord import Peer, hash_id
 from overlay.dht import DHT, Shard
 from overlay.membership import Member, Membership
 from overlay.messages import NoArgs
+from overlay.quorum import PINNED_REPLICAS, FixedSets
 from overlay.ring import Ring
 from overlay.wire.rpc import Caller, Endpoint, RpcError, Transport, free_ports
 
@@ -142,7 +143,8 @@ class NodeAgent:
             self.membership.me.incarnation = self._bump_incarnation()
             self.ring = Ring(transport, cfg.name, addr, cfg.site, distance=self._estimated_rtt)
             self.dht = DHT(transport, self.ring, self.shard, r=cfg.replicas,
-                           members=lambda: len(self.membership.alive()))
+                           members=lambda: len(self.membership.alive()),
+                           fixed=FixedSets(self.membership, PINNED_REPLICAS))
             self.overlays = OverlayService(transport, self.membership, self.dht, self._kademlia(),
                                            (host.strip("[]"), cfg.kad_port), cfg.data_dir / "binding.json")
             self.records = self.overlays.records  # what services read and write, on whichever overlay is bound

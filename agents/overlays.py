@@ -100,6 +100,9 @@ class Records(Binding):
     async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
         return await _guarded(super().put_if(key, value, expect), self.service.errors)
 
+    async def update(self, key: str, value: Any, expect: Record | None) -> Record:
+        return await _guarded(super().update(key, value, expect), self.service.errors)
+
     async def scan(self, prefix: str) -> list[Record]:
         """Every live record whose key starts with `prefix`, newest copy of each, from all live members."""
         return [r for r in await self.service.scan(self.name, prefix) if not r.deleted]

@@ -27,6 +27,7 @@ from discovery.metrics import DvmsCollector, HaCollector, ImagesCollector
 from discovery.scheduler.service import DvmsService
 from discovery.scheduler.settings import DvmsSettings
 from discovery.toml_config import ConfigError
+from discovery.ve.directory import PREFIX as DIRECTORY_PREFIX
 from discovery.ve.directory import Directory
 from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
@@ -47,6 +48,7 @@ async def install(agent: NodeAgent) -> None:
     some VM demands CPU (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`). DVMS relocates
     through the VE service and reads the VEs' rules from the directory they share."""
     cfg = agent.config
+    agent.dht.pin(DIRECTORY_PREFIX)  # one history per VE record across a partition (`overlay.quorum`)
     directory = Directory(agent.records)
     catalogue = Catalogue(agent.records)
     bases = agent.host.domains.bases

@@ -86,6 +86,7 @@ import trio
 from overlay import messages as m
 from overlay.chord import RING, Peer, between_right, hash_id
 from overlay.messages import MAX_BUCKETS, SYNC_BATCH
+from overlay.quorum import FixedSets
 from overlay.ring import Ring, peer_from_wire
 from overlay.wire.rpc import A, Caller, Endpoint, Method, R, RequestError, RpcError
 
@@ -298,6 +299,8 @@ class RingUnsettled(RequestError):
 class WriteConflict(RequestError):
     """A conditional write lost: a replica holds a newer version than the writer expected. Read again."""
 
+    kind = "conflict"
+
     def __init__(self, key: str, held: tuple[int, str]) -> None:
         super().__init__(f"{key!r} changed meanwhile: a replica holds version {held[0]} by {held[1]}")
         self.held = held
@@ -398,20 +401,6 @@ def ballot(now: float, node: str) -> str:
     return f"{now:017.6f}|{node}"
 
 
-def replicas_among(key: str, members: Iterable[tuple[str, str]], r: int) -> list[str]:
-    """The addresses of the `r` members (name, addr) that follow `key` on the ring when all of them count,
-    alive or not: a replica set that does not change with who is reachable, so two writers on either side
-    of a partition contend on the same replicas and at most one reaches a majority (what a lease needs;
-    the ring's own set, of the first r live successors, differs between the two sides). A live member of
-    this set is always one of the ring's replicas too, so anti-entropy never hands its copy away."""
-    ordered = sorted(members, key=lambda m: hash_id(m[0]))
-    if not ordered:
-        return []
-    position = hash_id(key)
-    first = next((k for k, (name, _) in enumerate(ordered) if hash_id(name) >= position), 0)
-    return [ordered[(first + j) % len(ordered)][1] for j in range(min(r, len(ordered)))]
-
-
 class DHT:
     """put/get over the ring with r replicas per key, and `put_if` decided by a majority of them. Listing is
     the agent's (`agents.overlays`): it asks every member for its shard, whichever overlay is bound.
@@ -420,13 +409,18 @@ class DHT:
     tombstone grace and the staleness bound derive from it. `wall` is the wall clock (records' write
     times, tombstone ages, persisted across restarts); tests pass a virtual one. `members` counts the live
     nodes membership knows, this one included: until the ring has caught up with it, nothing is read or
-    written (module docstring); without it, the ring is trusted from the start.
+    written (module docstring); without it, the ring is trusted from the start. `fixed` names the fixed
+    replica sets of the keys under the prefixes a service `pin`s.
     """
 
     def __init__(self, transport: Endpoint, ring: Ring, shard: Shard, r: int = 3, w: int = 2,
                  repair_interval: float = 5.0, wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, members: Callable[[], int] = lambda: 1) -> None:
+                 rng: random.Random | None = None, members: Callable[[], int] = lambda: 1,
+                 fixed: FixedSets | None = None) -> None:
         self.transport = transport
+        self.fixed = fixed
+        self.pinned: tuple[str, ...] = ()
+        """Key prefixes whose records live on fixed replica sets (`pin`)."""
         self.ring = ring
         self.shard = shard
         self.r = r
@@ -560,6 +554,26 @@ class DHT:
 
     # -- reads and writes ------------------------------------------------------------------------------
 
+    def pin(self, prefix: str) -> None:
+        """Keep the records under `prefix` on fixed replica sets (`overlay.quorum`), read and written by a
+        majority of them: each key then has one history across a partition, where the ring's live replicas
+        would give each side its own."""
+        if self.fixed is None:
+            raise ValueError("this DHT was built without fixed replica sets")
+        self.pinned += (prefix,)
+
+    def _pinned_here(self, key: str) -> bool:
+        """Whether `key` is pinned to a fixed set that counts this node: its copy is one of a majority a
+        read may need, so it is never handed off (a fixed set may be wider than the ring's r)."""
+        pinned = self._pinned(key)
+        return pinned is not None and self.ring.me.addr in pinned[0]
+
+    def _pinned(self, key: str) -> tuple[list[str], int] | None:
+        """The fixed replicas of `key` and their quorum if its prefix is pinned, else None (the ring's)."""
+        if self.fixed is None or not self.pinned or not key.startswith(self.pinned):
+            return None
+        return self.fixed.of(key)
+
     async def replicas(self, key: str, deadline: float = math.inf) -> list[str]:
         """The r nodes that should hold `key`. Cached briefly (one operation asks several times, and a stale
         answer only sends a copy to a node that the repair pass then hands off) until this node's ring
@@ -611,12 +625,15 @@ class DHT:
         return answers
 
     async def get_record(self, key: str) -> Record | None:
-        """The newest copy among the replicas, tombstones included; stale replicas are repaired."""
+        """The newest copy among the replicas, tombstones included; stale replicas are repaired. A pinned key's
+        are its fixed replicas, a majority of which must answer."""
+        if (pinned := self._pinned(key)) is not None:
+            return await self.read_from(key, *pinned)
         return await self.read_from(key, await self.replicas(key))
 
     async def read_from(self, key: str, fixed: Sequence[str], quorum: int = 1,
                         timeout: float = CALL_TIMEOUT) -> Record | None:
-        """`get_record` from the `fixed` replicas (`replicas_among`), each given `timeout` seconds. Fewer than
+        """`get_record` from the `fixed` replicas (`overlay.quorum`), each given `timeout` seconds. Fewer than
         `quorum` answers (a majority of the fixed set) is a RequestError: such a read meets every `put_if` made
         to the same set with the same quorum, so it never returns a stale record."""
         answers = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed, timeout)
@@ -642,14 +659,17 @@ class DHT:
     async def put(self, key: str, value: Any, after: int | None = None) -> Record:
         """Write a new version of `key`: version `after + 1` when the caller knows the version it
         follows (0 for a key never written), else one more than the replicas hold. Unconditional: a
-        concurrent write of the same version by another node is decided by the writer's name."""
+        concurrent write of the same version by another node is decided by the writer's name. A pinned
+        key's write needs a majority of its fixed replicas."""
+        pinned = self._pinned(key)
+        fixed = pinned[0] if pinned is not None else None
         if after is None:
-            copies = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key))
+            copies = await self._call_replicas(key, m.DHT_FETCH, m.DhtFetch(key), fixed)
             after = max((v[2] for v in copies.values() if isinstance(v, tuple)), default=0)
         record = Record(key, value, after + 1, self.ring.me.name, self.wall())
-        answers = await self._call_replicas(key, m.DHT_STORE, m.DhtStore(record.to_wire()))
+        answers = await self._call_replicas(key, m.DHT_STORE, m.DhtStore(record.to_wire()), fixed)
         acks = sum(1 for v in answers.values() if v is True)
-        if acks < min(self.w, len(answers)):
+        if acks < (pinned[1] if pinned is not None else min(self.w, len(answers))):
             raise RequestError(f"write of {key!r} reached {acks} of {len(answers)} replicas")
         return record
 
@@ -661,12 +681,14 @@ class DHT:
         """Write the version that follows `expect` (the newest record the caller read, None if it found
         none) only if no replica of a majority holds anything newer: compare-and-set, decided by a majority
         of the key's replicas (module docstring, "Conditional writes"), or `quorum` grants of the `fixed`
-        ones asked (`replicas_among`: the same set on both sides of a partition, less those known dead, which
+        ones asked (`overlay.quorum`: the same set on both sides of a partition, less those known dead, which
         could not grant anyway; `quorum` stays a majority of the whole set), each call given `timeout`
         seconds (a lease's writes cannot wait 3 s on a replica that died). Raises WriteConflict if a newer
         version exists (read again and decide again),
         RequestError if the replicas cannot be reached or other claims kept the key busy for CLAIM_PATIENCE
         seconds."""
+        if fixed is None and (pinned := self._pinned(key)) is not None:
+            fixed, quorum = pinned[0], quorum or pinned[1]
         expected = expect.stamp if expect is not None else (0, "")
         record = Record(key, value, expected[0] + 1, self.ring.me.name, self.wall())
         token = f"{self.ring.me.name}/{self._rng.getrandbits(64):016x}"
@@ -696,6 +718,10 @@ class DHT:
                                    f"for {CLAIM_PATIENCE:.0f} s ({'; '.join(why)})")
             await trio.sleep(self._rng.uniform(0, backoff))
             backoff = min(2 * backoff, 1.0)
+
+    async def update(self, key: str, value: Any, expect: Record | None) -> Record:
+        """A write after `expect` (`overlay.interface.Overlay`): here, always the compare-and-set `put_if`."""
+        return await self.put_if(key, value, expect)
 
     async def _commit(self, addrs: list[str], record: Record, token: str, timeout: float = CALL_TIMEOUT) -> Record:
         """Store the record on the replicas that granted the claim, its writer the commit's ballot: the commit
@@ -882,7 +908,8 @@ class DHT:
             await self._merge(pulled)
 
     async def _hand_off(self, lo: int) -> None:
-        """Give the records outside (lo, me] to their replicas; drop each once one of them holds it.
+        """Give the records outside (lo, me] to their replicas; drop each once one of them holds it. A pinned
+        record this node is a fixed replica of stays (`_pinned_here`).
 
         Ownership is confirmed by a lookup before anything is dropped (our view of the predecessors
         may lag). One lookup serves every key up to the owner it finds, as they share its successors.
@@ -890,7 +917,8 @@ class DHT:
         me = self.ring.me
         now = self.wall()
         foreign = sorted((r for key, r in self.shard.records.items()
-                          if not in_arc(key, lo, me.id) and not self.freshness.hidden(r, now)),
+                          if not in_arc(key, lo, me.id) and not self.freshness.hidden(r, now)
+                          and not self._pinned_here(key)),
                          key=lambda r: (key_position(r.key) - me.id) % RING)
         while foreign:
             start = key_position(foreign[0].key)

@@ -28,7 +28,12 @@ class Overlay(Protocol):
     `put_if` writes the version after `expect` (the newest record the caller read, or None) only if the
     overlay holds nothing newer, decided by a majority of the key's replicas (compare-and-set); it raises
     `overlay.dht.WriteConflict` if something newer exists. An overlay that cannot decide it (Kademlia)
-    raises RequestError and writes nothing."""
+    raises RequestError and writes nothing.
+
+    `update` writes the version after `expect` too: compare-and-set where the overlay can decide it (the
+    Chord DHT: `put_if`), a versioned write where it cannot (Kademlia: `put(after=expect.version)`, where
+    the higher (version, writer) wins). A service that reads a record and writes it back uses it, so it
+    stays usable on either overlay and is safe on the one that can be."""
 
     async def get(self, key: str) -> Record | None: ...
 
@@ -37,6 +42,8 @@ class Overlay(Protocol):
     async def put(self, key: str, value: Any, after: int | None = None) -> Record: ...
 
     async def put_if(self, key: str, value: Any, expect: Record | None) -> Record: ...
+
+    async def update(self, key: str, value: Any, expect: Record | None) -> Record: ...
 
     async def delete(self, key: str, after: int | None = None) -> Record: ...
 
@@ -68,6 +75,9 @@ class Binding:
 
     async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
         return await self._write(lambda: self.overlay.put_if(key, value, expect))
+
+    async def update(self, key: str, value: Any, expect: Record | None) -> Record:
+        return await self._write(lambda: self.overlay.update(key, value, expect))
 
     async def _write(self, write: Callable[[], Awaitable[Record]]) -> Record:
         while self.frozen:  # loop: a thaw followed at once by another freeze must hold us again

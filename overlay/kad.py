@@ -382,6 +382,11 @@ class KademliaOverlay:
         raise RequestError(f"the Kademlia overlay cannot write {key!r} conditionally (no majority of holders "
                            "decides a write); re-bind the records to chord (`discovery overlay bind chord`)")
 
+    async def update(self, key: str, value: Any, expect: Record | None) -> Record:
+        """A versioned write after `expect`, not a compare-and-set (see `put_if`): of two writers after one
+        version, the higher (version, writer) wins everywhere."""
+        return await self.put(key, value, after=expect.version if expect is not None else None)
+
     async def delete(self, key: str, after: int | None = None) -> Record:
         return await self.put(key, None, after)
 

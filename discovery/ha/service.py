@@ -20,10 +20,9 @@ What the cores ask, done here:
   forced (the host's copy is condemned, whether it answers or not). Then the protection is made whole
   again: the standby copies the policy asks for. A VE that cannot be recovered now is retried
   (`discovery.ha.watch.RETRY`). A watcher that follows another's revocation only checks, while the revoker
-  lives, that the VEs left the host: the VE layer's transactions are not compare-and-set, and two
-  coordinators that both read a record before either wrote its intent could both rebuild the VM (the
-  partition campaign caught it, the revoker's recovery slowed by a dead host's 10 s tidy-up); it recovers
-  them itself once SWIM holds the revoker dead;
+  lives, that the VEs left the host, and recovers them itself once SWIM holds the revoker dead: a second
+  recovery would lose its first conditional write of the record to the revoker's (`discovery.ve.directory`),
+  but only after work a check spares;
 - **a VM stranded here**: one whose guest kept crashing (the host's restart budget spent,
   `agents.host.restart_budget`), or one fenced here that the directory still places here 30 s later, the host
   itself recovers elsewhere the same way.

@@ -5,7 +5,7 @@ The same shell runs in every agent (`discovery.ha.service`) and in every node of
 to VMs, which the node hands in as `Hooks`. The shell performs the cores' actions and feeds back what
 happened; it decides nothing.
 
-The lease records live on a fixed replica set (`overlay.dht.replicas_among` over every member SWIM has not
+The lease records live on a fixed replica set (`overlay.quorum`: counted over every member SWIM has not
 seen leave), read and written by majority with a short per-replica timeout, so a read always meets the last
 write and a replica that died unnoticed cannot hold a renewal past the term (`discovery.ha.lease`).
 """
@@ -20,8 +20,9 @@ import trio
 
 from discovery.ha.lease import LEASE_CALL_TIMEOUT, TERM, Fence, Freeze, Lease, LeaseKeeper, Read, Renew, Thaw, lease_key
 from discovery.ha.watch import HostWatch, ReadLease, Recover, Revoke, State, watchers_of
-from overlay.dht import DHT, Record, WriteConflict, replicas_among
-from overlay.membership import ALIVE, DEAD, LEFT, SUSPECT, Membership
+from overlay.dht import DHT, Record, WriteConflict
+from overlay.membership import ALIVE, DEAD, SUSPECT, Membership
+from overlay.quorum import FixedSets
 from overlay.wire.codec import decode, encode
 from overlay.wire.rpc import RequestError, RpcError
 
@@ -62,7 +63,7 @@ class HaShell:
     def __init__(self, name: str, membership: Membership, dht: DHT, hooks: Hooks, term: float = TERM,
                  replicas: int = REPLICAS, ready: Callable[[], bool] = lambda: True) -> None:
         self.name, self.membership, self.dht, self.hooks = name, membership, dht, hooks
-        self.replicas, self.ready = replicas, ready
+        self.fixed, self.ready = FixedSets(membership, replicas), ready
         self.keeper = LeaseKeeper(name, term)
         self.watches: dict[str, HostWatch] = {}
         self._lease_kick = trio.Event()
@@ -207,25 +208,12 @@ class HaShell:
     # -- the directory, on fixed replica sets -------------------------------------------------------------------
 
     async def read(self, key: str) -> Record | None:
-        ask, quorum = self._fixed(key)
+        ask, quorum = self.fixed.of(key)
         return await self.dht.read_from(key, ask, quorum, LEASE_CALL_TIMEOUT)
 
     async def write(self, key: str, value: Any, expect: Record | None) -> Record:
-        ask, quorum = self._fixed(key)
+        ask, quorum = self.fixed.of(key)
         return await self.dht.put_if(key, value, expect, ask, quorum, LEASE_CALL_TIMEOUT)
-
-    def _fixed(self, key: str) -> tuple[list[str], int]:
-        """The replicas of a lease: counted over every member, reachable or not (`overlay.dht.replicas_among`);
-        a read and a write need a majority of the whole set, so a read always sees the last write. Those SWIM
-        holds dead are left out while the others can make that majority (asking them only waits), and asked
-        when they cannot: SWIM's "dead" may be wrong (after a partition heals, false verdicts go round for
-        seconds), and a host that believed two of its replicas dead could not renew at all."""
-        members = self.membership.members.values()
-        every = replicas_among(key, [(m.name, m.addr) for m in members if m.status != LEFT], self.replicas)
-        dead = {m.addr for m in members if m.status == DEAD}
-        quorum = len(every) // 2 + 1
-        live = [a for a in every if a not in dead]
-        return (live if len(live) >= quorum else every), quorum
 
 
 def lease_of(record: Record | None) -> Lease | None:

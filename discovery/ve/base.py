@@ -296,7 +296,7 @@ class VEBase:
         if not gone:
             return record
         record = await self.directory.put(ve.with_standbys(vm, (e for e in ve.standbys_of(vm) if e.node != node)),
-                                          after=record.version)
+                                          after=record)
         await self._unstandby(ve.name, {vm: gone})
         return record
 

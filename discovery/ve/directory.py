@@ -6,6 +6,11 @@ The one place where a VE record meets the records of the overlay the cluster is 
 record) is one `Unreadable` line naming the VE, which a request gets as its error. It keeps no state and
 decides nothing: conditional writes, versions and tombstones are the overlay's
 (`overlay.interface.Overlay`).
+
+Every write follows the record it read (`Stored`) and is conditional: it lands only if the record is still
+that version (`update`: compare-and-set on Chord, decided by a majority of the key's fixed replicas, which the
+agent pins for `ve/`), so two agents that read one version cannot both write after it, and the one that
+loses gets a conflict to read again after, never a lost update.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Records(Protocol):
 
     async def put_if(self, key: str, value: Any, expect: Record | None) -> Record: ...
 
+    async def update(self, key: str, value: Any, expect: Record | None) -> Record: ...
+
     async def delete(self, key: str, after: int | None = None) -> Record: ...
 
     async def scan(self, prefix: str) -> list[Record]: ...
@@ -45,11 +52,16 @@ class Records(Protocol):
 
 @dataclass(frozen=True)
 class Stored:
-    """A VE record as the directory holds it, and its version there: the version a write that follows it
-    names (`after`), so a write never lands on a record it did not read."""
+    """A VE record as the directory holds it, and its version there (version and writer; 0 and "" for one
+    never written): what a write that follows it expects, so a write never lands on a record it did not read."""
 
     ve: VERecord
     version: int
+    writer: str = ""
+
+    def expect(self, key: str) -> Record | None:
+        """The stored record a write after this one expects to find under `key`."""
+        return Record(key, None, self.version, self.writer) if self.version else None
 
 
 class Directory:
@@ -70,19 +82,23 @@ class Directory:
         record = await self.records.get_record(PREFIX + name)
         return record, None if record is None or record.deleted else self.decode(record)
 
-    async def put(self, ve: VERecord, after: int | None) -> Stored:
-        """Write `ve` as the version that follows `after` (None: whatever the directory holds)."""
-        record = await self.records.put(PREFIX + ve.name, write(ve), after=after)
-        return Stored(ve, record.version)
+    async def put(self, ve: VERecord, after: Stored) -> Stored:
+        """Write `ve` as the version that follows `after`, if the directory still holds that one
+        (`overlay.dht.WriteConflict` otherwise: read again, decide again)."""
+        key = PREFIX + ve.name
+        record = await self.records.update(key, write(ve), after.expect(key))
+        return Stored(ve, record.version, record.writer)
 
     async def put_if(self, ve: VERecord, expect: Record | None) -> Stored:
         """Write `ve` if the newest record under its key is still `expect` (`overlay.dht.WriteConflict`
-        otherwise)."""
+        otherwise). A claim: the overlay must decide it (Kademlia refuses)."""
         record = await self.records.put_if(PREFIX + ve.name, write(ve), expect)
-        return Stored(ve, record.version)
+        return Stored(ve, record.version, record.writer)
 
-    async def delete(self, name: str, after: int | None = None) -> None:
-        await self.records.delete(PREFIX + name, after=after)
+    async def delete(self, name: str, after: Stored) -> None:
+        """Delete VE `name`'s record (a tombstone), if the directory still holds `after`."""
+        key = PREFIX + name
+        await self.records.update(key, None, after.expect(key))
 
     async def scan(self) -> list[Stored]:
         """Every live VE record this agent can read (one it cannot is logged and left to agents that can)."""
@@ -97,6 +113,6 @@ class Directory:
     def decode(self, record: Record) -> Stored:
         """The VE a live record of the directory holds; Unreadable, one line, if this agent cannot read it."""
         try:
-            return Stored(read(record.value), record.version)
+            return Stored(read(record.value), record.version, record.writer)
         except RecordError as err:
             raise Unreadable(str(err)) from None

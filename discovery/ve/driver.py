@@ -151,7 +151,7 @@ async def _directory(action: Action, record: Stored, directory: Directory) -> tu
             fresh = await directory.get(name)
             return (record, RecordRead(None)) if fresh is None else (fresh, RecordRead(fresh.ve))
         case WriteRecord(value=value):
-            return await directory.put(value, after=record.version), RecordWritten()
+            return await directory.put(value, after=record), RecordWritten()
         case ClaimRecord(value=value):
             try:  # most names are new: claim one as never written, and read only if it was (a round trip less)
                 return await directory.put_if(value, None), RecordWritten()
@@ -162,7 +162,7 @@ async def _directory(action: Action, record: Stored, directory: Directory) -> tu
                 return record, RecordRead(live.ve)
             return await directory.put_if(value, newest), RecordWritten()
         case DeleteRecord():
-            await directory.delete(name, after=record.version)
+            await directory.delete(name, after=record)
             return record, RecordWritten()
         case AddToIndex(name=ve, owner=owner, uid=uid):
             await directory.index.add(Entry(ve, owner, uid))

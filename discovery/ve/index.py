@@ -254,16 +254,24 @@ class Index:
                 return shown, cursor
 
     async def _records(self, entries: list[Entry]) -> list[Record | None]:
+        """The records of `entries`, read at once; one that cannot be read fails the page, with its own error
+        (not the nursery's group of them)."""
         found: list[Record | None] = [None] * len(entries)
+        failed: list[str] = []
         limiter = trio.CapacityLimiter(PARALLEL_READS)
 
         async def one(i: int) -> None:
             async with limiter:
-                found[i] = await self.records.get_record(self.prefix + entries[i].name)
+                try:
+                    found[i] = await self.records.get_record(self.prefix + entries[i].name)
+                except (RequestError, RpcError) as err:
+                    failed.append(f"VE {entries[i].name}'s record could not be read: {err}")
 
         async with trio.open_nursery() as nursery:
             for i in range(len(entries)):
                 nursery.start_soon(one, i)
+        if failed:
+            raise RequestError(failed[0])
         return found
 
     async def _prune(self, entry: Entry, record: Record) -> None:

@@ -49,7 +49,7 @@ class Policies(Replicas):
             raise RequestError(str(err)) from None
         async with self._locked(caller, request.name) as record:
             ve = replace(record.ve, spec=replace(record.ve.spec, ha=policy))
-            kept = await self._keep_copies(Stored(ve, record.version), policy.copies)
+            kept = await self._keep_copies(replace(record, ve=ve), policy.copies)
         if kept.failures:
             raise RequestError(f"the HA policy of {ve.name} is set, but some standby copies could not be made "
                                f"({kept.failures}); ve show reports them degraded, ve ha again retries")
@@ -78,7 +78,7 @@ class Policies(Replicas):
             log.warning("VE %s runs unprotected: %s", record.ve.name, err)
             short = replace(record.ve, shortfall=Shortfall(str(err), time.time()))
             try:
-                return await self.directory.put(short, after=record.version)
+                return await self.directory.put(short, after=record)
             except (RequestError, RpcError) as failed:  # `ve show` still counts the copies it lacks
                 log.warning("VE %s: its shortfall could not be recorded: %s", record.ve.name, failed)
                 return record

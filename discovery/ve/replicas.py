@@ -111,7 +111,7 @@ class Replicas(VEBase):
         added = {vm: [Standby(m.name, m.addr, m.site, taken) for m in members] for vm, members in plan.items()}
         listed = {vm: tuple(keep[vm] + added.get(vm, [])) for vm in ve.placement}
         wanted = replace(ve, copies=copies, standbys={vm: c for vm, c in listed.items() if c}, shortfall=None)
-        record = await self.directory.put(wanted, after=record.version)
+        record = await self.directory.put(wanted, after=record)
         failures = []
         for vm, entries in sorted(added.items()):
             for entry in list(entries):
@@ -128,7 +128,7 @@ class Replicas(VEBase):
         if failures:
             short = Shortfall(f"standby copies not made: {'; '.join(failures)}", taken)
             wanted = replace(wanted, shortfall=short if ve.spec.ha.mode == "standby" else None)
-            record = await self.directory.put(wanted, after=record.version)
+            record = await self.directory.put(wanted, after=record)
         await self._unstandby(ve.name, drop)
         return Kept(record, {vm: [e.node for e in entries] for vm, entries in added.items() if entries},
                     {vm: [e.node for e in entries] for vm, entries in drop.items() if entries}, "; ".join(failures))

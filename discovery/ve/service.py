@@ -234,7 +234,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
             ve = record.ve
             await self._check_unattended(ve)
             await self._on_every_vm(ve, "host.vm.undefine")
-            await self.directory.delete(ve.name, after=record.version)
+            await self.directory.delete(ve.name, after=record)
             self.unindexing.tell_nowait(Entry(ve.name, ve.owner, ve.uid))
             await self._unstandby(ve.name, ve.standbys)
         return {**view(ve), "state": "destroyed"}
@@ -243,7 +243,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
         async with self._locked(caller, name) as record:
             await self._on_every_vm(record.ve, method, **extra)
             ve = replace(record.ve, state=state)
-            await self.directory.put(ve, after=record.version)
+            await self.directory.put(ve, after=record)
         return view(ve)
 
     async def _on_every_vm(self, ve: VERecord, method: str, **extra: Any) -> None:

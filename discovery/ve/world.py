@@ -104,7 +104,8 @@ class World:
     down: set[str] = field(default_factory=set)
     conditional: bool = False
     """Writes as compare-and-set: one after a version other than the record's fails (a conflict). Without,
-    the last write wins whatever its writer read (today's DHT: concurrent writes may lose one another)."""
+    the last write wins whatever its writer read (the records bound to Kademlia, whose writes are versioned but
+    not conditional: concurrent writes may lose one another)."""
     version: int = 1
     seen: dict[Any, int] = field(default_factory=dict)
     """The version each writer last read or wrote (as the driver's `Record`), by the `who` of `perform`."""

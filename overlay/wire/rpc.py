@@ -478,13 +478,15 @@ class Transport(Endpoint):
         try:
             try:
                 reply = [RESPONSE, request_id, True, await self.dispatch(caller, method, args)]
-            except RequestError as err:
-                reply = [RESPONSE, request_id, False, {"kind": err.kind, "message": str(err)}]
-            except RpcError as err:
-                reply = [RESPONSE, request_id, False, {"kind": "upstream", "message": str(err)}]
-            except Exception as err:
-                log.exception("handler %s failed", method)
-                reply = [RESPONSE, request_id, False, {"kind": "internal", "message": _describe(err)}]
+            except Exception as raised:
+                err = _refusal_in(raised)
+                if isinstance(err, RequestError):
+                    reply = [RESPONSE, request_id, False, {"kind": err.kind, "message": str(err)}]
+                elif isinstance(err, RpcError):
+                    reply = [RESPONSE, request_id, False, {"kind": "upstream", "message": str(err)}]
+                else:
+                    log.exception("handler %s failed", method)
+                    reply = [RESPONSE, request_id, False, {"kind": "internal", "message": _describe(err)}]
             held = trio.current_time() - received
             trailer = [self.stamp() if self.stamp is not None else None, held]
             if self.on_served is not None and method in self.routes:  # only served names: a bounded set
@@ -662,6 +664,19 @@ def _peer_address(tcp: trio.SocketStream) -> str:
         host, port = tcp.socket.getpeername()[:2]
         return f"{host}:{port}"
     return "?"
+
+
+def _refusal_in(err: Exception) -> Exception:
+    """`err`, or the first refusal (RequestError, RpcError) in a group that holds nothing else: a handler's
+    nursery wraps what its tasks raised, and the caller should get that one line, not "Exceptions from Trio
+    nursery"."""
+    if isinstance(err, ExceptionGroup):
+        refusals, rest = err.split((RequestError, RpcError))
+        if refusals is not None and rest is None:
+            while isinstance(first := refusals.exceptions[0], ExceptionGroup):
+                refusals = first
+            return first
+    return err
 
 
 def _describe(err: BaseException | None) -> str:

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import trio
 
+from overlay.membership import Member, Membership
+from overlay.quorum import PINNED_REPLICAS, FixedSets
 from overlay.wire import tls
 from overlay.wire.rpc import RpcError, Transport
 
@@ -128,6 +130,21 @@ class Cluster:
             for pid in self.pids():  # whatever `down` missed (it should miss nothing)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+def ve_name_outliving(stem: str, nodes: list[str], down: set[str]) -> str:
+    """A VE name, `stem` or `stem` and a number, whose record keeps a majority of its fixed replicas
+    (`overlay.quorum`) among `nodes` with `down` dead: a test that kills two of four agents needs one, or the
+    record can be neither read nor written until one returns."""
+    members = Membership("test", "test", "")
+    members.members = {n: Member(n, n, "") for n in nodes}
+    fixed = FixedSets(members, PINNED_REPLICAS)
+    for k in range(100):
+        name = f"{stem}{k or ''}"
+        replicas, quorum = fixed.of(f"ve/{name}")
+        if sum(r not in down for r in replicas) >= quorum:
+            return name
+    raise AssertionError(f"no VE name from {stem!r} outlives {sorted(down)}")
 
 
 def pid_alive(pid: int) -> bool:

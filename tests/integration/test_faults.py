@@ -34,10 +34,11 @@ def test_ve_survives_kill_9_of_two_agents_that_do_not_host_it(cluster_factory, t
     ve = cluster.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "keep", [("a", 1, 256)]))
     host = ve["placement"]["a"]["node"]
     names = [f"node{i}" for i in range(1, 7)]
-    # the VE's record (the VE index is a record of its own): written to a majority of its replicas, on the
-    # third at once or, if that one's answer came late (a loaded machine), by the next anti-entropy round
-    replicas = wait_for(lambda: len(found := holding(cluster, names, "ve/keep")) == 3 and found,
-                        what="the record on its three replicas")
+    # the VE's record (the VE index is a record of its own): written to a majority of its five fixed replicas
+    # (`overlay.quorum`), on the others at once or, if an answer came late (a loaded machine), by the next read
+    # repair or anti-entropy round
+    replicas = wait_for(lambda: len(found := holding(cluster, names, "ve/keep")) == 5 and found,
+                        what="the record on its five replicas")
     victims = ([n for n in replicas if n != host] + [n for n in names if n not in replicas and n != host])[:2]
     for victim in victims:
         cluster.kill9(victim)

@@ -16,7 +16,7 @@ import pytest
 
 from discovery.ha.lease import lease_key
 from discovery.ha.watch import watchers_of
-from overlay.dht import replicas_among
+from overlay.quorum import replicas_among
 
 from .conftest import rejoined, restart, running_cluster, wait_for
 from .test_ha_policy import spec

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import SETTLE_DEADLINE, rejoined, restart, running_cluster, wait_for
+from .conftest import SETTLE_DEADLINE, rejoined, restart, running_cluster, ve_name_outliving, wait_for
 from .test_relocate import domains
 from .test_replicas import back_and_fenced, refused
 from .test_ve_lifecycle import write_spec
@@ -78,25 +78,27 @@ def test_a_vm_with_a_shipped_snapshot_is_rebuilt_booting_the_newest(cluster4, tm
 
 
 def test_a_rebuild_whose_coordinator_dies_is_undone_then_done_by_the_next_command(cluster4, tmp_path):
-    cluster4.json("--agent", "node1", "ve", "create", write_spec(tmp_path, "half", [("h", 1, 128)]))
+    # node1 and node2 die: a name whose record keeps two of its three replicas
+    half = ve_name_outliving("half", ["node1", "node2", "node3", "node4"], {"node1", "node2"})
+    cluster4.json("--agent", "node1", "ve", "create", write_spec(tmp_path, half, [("h", 1, 128)]))
     # node2 (lyon) coordinates, and stops once the intent is written (ve_base.pause_for_test) until it is
     # killed; once rejoined, not merely answering, so it knows the VE
     cluster4.kill9("node2")
     restart(cluster4, "node2", DISCOVERY_TEST_PAUSE="rebuild:600")
-    rejoined(cluster4, "node2", ve="half")
+    rejoined(cluster4, "node2", ve=half)
     cluster4.kill9("node1")
     # the coordinator holds node1 dead first (as `ve rebuild` needs anyway), so that its ring no longer names
     # node1 among the record's replicas: the intent's write would else wait on a dead replica and fail
     wait_for(lambda: any(m["name"] == "node1" and m["status"] == "dead"
                          for m in cluster4.call("node2", "agent.members", {})), what="node2 holding node1 dead")
     rebuild = subprocess.Popen([sys.executable, "-m", "discovery", "--config", str(cluster4.dir / "client.toml"),
-                                "--agent", "node2", "ve", "rebuild", "half"], stdout=subprocess.PIPE,
+                                "--agent", "node2", "ve", "rebuild", half], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=cluster4.env)
 
     def intent_written():
         if rebuild.poll() is not None:
             raise AssertionError(f"the rebuild ended before its intent was seen: {rebuild.communicate()}")
-        located = cluster4.try_json("--agent", "node4", "ve", "locate", "half")
+        located = cluster4.try_json("--agent", "node4", "ve", "locate", half)
         return located is not None and located["vms"]["h"].get("rebuilding", {}).get("node") == "node3"
 
     try:
@@ -105,13 +107,13 @@ def test_a_rebuild_whose_coordinator_dies_is_undone_then_done_by_the_next_comman
     finally:
         rebuild.kill()
         rebuild.communicate()
-    assert domains(cluster4, "half:h") == {}  # the old host is dead, node3 only reserved: nowhere yet
+    assert domains(cluster4, f"{half}:h") == {}  # the old host is dead, node3 only reserved: nowhere yet
 
     # the next command through another agent undoes the intent (refused while node2 is not known dead)
     # and then rebuilds for real: the VM runs at exactly one place
-    wait_for(lambda: cluster4.cli("--agent", "node4", "ve", "rebuild", "half", check=False).returncode == 0,
+    wait_for(lambda: cluster4.cli("--agent", "node4", "ve", "rebuild", half, check=False).returncode == 0,
              SETTLE_DEADLINE, "the next rebuild settles the interrupted one, then rebuilds")
-    located = cluster4.json("--agent", "node3", "ve", "locate", "half")["vms"]["h"]
+    located = cluster4.json("--agent", "node3", "ve", "locate", half)["vms"]["h"]
     # node3, or node4 while the dead coordinator's reservation on node3 has not lapsed yet
     assert located["node"] in ("node3", "node4") and "rebuilding" not in located
-    assert domains(cluster4, "half:h") == {located["node"]: "running"}
+    assert domains(cluster4, f"{half}:h") == {located["node"]: "running"}

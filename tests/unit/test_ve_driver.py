@@ -110,18 +110,11 @@ class Records:
             raise self.fail
         return self.buckets.get(key) if key.startswith("ve-index/") else self.record
 
-    async def put(self, key: str, value: Any, after: int | None = None) -> Record:
-        if self.fail:
-            raise self.fail
-        assert self.record is not None and after == self.record.version
-        self.record = Record(key, value, after + 1, "me")
-        return self.record
-
     async def put_if(self, key: str, value: Any, expect: Record | None) -> Record:
         if self.fail:
             raise self.fail
         held = self.buckets.get(key) if key.startswith("ve-index/") else self.record
-        if held != expect:
+        if (held and held.stamp) != (expect and expect.stamp):
             raise WriteConflict(key, (held.version, held.writer) if held else (0, ""))
         written = Record(key, value, (expect.version if expect else 0) + 1, "me")
         if key.startswith("ve-index/"):
@@ -130,17 +123,13 @@ class Records:
             self.record = written
         return written
 
-    async def delete(self, key: str, after: int | None = None) -> Record:
-        if self.fail:
-            raise self.fail
-        assert self.record is not None and after == self.record.version
-        self.record = Record(key, None, after + 1, "me")
-        return self.record
+    async def update(self, key: str, value: Any, expect: Record | None) -> Record:
+        return await self.put_if(key, value, expect)
 
 
 SHOP = record_of("shop", {})
 STOPPED = replace(SHOP, state="stopped")
-RECORD = Stored(SHOP, 4)
+RECORD = Stored(SHOP, 4, "n1")
 
 
 def directory(fail: Exception | None = None, value: Any = None) -> Directory:
@@ -163,7 +152,7 @@ async def test_each_action_and_what_comes_back() -> None:
         Probe("d", "d:1", "shop:db"),
         WriteRecord(STOPPED), ReadRecord(), PauseForTest("prepared"), Done("result"))
     record, result = await drive(core, RECORD, transport, records)
-    assert result == "result" and record == Stored(STOPPED, 5)
+    assert result == "result" and record == Stored(STOPPED, 5, "me")
     assert core.heard == [
         HostAnswered("a", {"state": "running"}),
         HostFailed("a", "a: no room"),
@@ -196,6 +185,16 @@ async def test_the_directory_failing_and_a_record_gone() -> None:
     core = Script(ReadRecord(), Done())
     record, _ = await drive(core, RECORD, Transport({}), Directory(Records(None)))
     assert core.heard == [RecordRead(None)] and record == RECORD  # the last record known is kept
+
+
+async def test_a_write_after_a_record_that_changed_meanwhile_is_a_conflict_and_writes_nothing() -> None:
+    records = directory()
+    stale = Stored(SHOP, 3, "n1")  # read before another agent wrote version 4
+    core = Script(WriteRecord(STOPPED), DeleteRecord(), Done())
+    record, _ = await drive(core, stale, Transport({}), records)
+    lost = DirectoryFailed("'ve/shop' changed meanwhile: a replica holds version 4 by n1", "conflict")
+    assert core.heard == [lost, lost] and record == stale
+    assert records.records.record == Record("ve/shop", write(SHOP), 4, "n1")
 
 
 async def test_a_record_this_agent_cannot_read_stops_the_core_as_a_directory_failure() -> None:
@@ -234,7 +233,7 @@ async def test_a_claim_the_index_and_a_delete() -> None:
                   RemoveFromIndex("shop", "u1"), Done())
     record, _ = await drive(core, Stored(new, 0), Transport({}), Directory(records))
     assert core.heard == [RecordWritten(), Indexed(), RecordRead(new), RecordWritten(), Indexed()]
-    assert record == Stored(new, 4) and records.record == Record("ve/shop", None, 5, "me")
+    assert record == Stored(new, 4, "me") and records.record == Record("ve/shop", None, 5, "me")
     assert decode(records.buckets[bucket_key(bucket_of("shop"))]) == []  # added, then removed
     taken = Script(ClaimRecord(new), AddToIndex("shop", "alice", "u1"), Done())
     await drive(taken, Stored(new, 0), Transport({}), directory())
@@ -271,7 +270,7 @@ async def test_a_new_name_is_claimed_without_a_read() -> None:
     new = replace(SHOP, state="creating", uid="u1")
     records = Unread(None)
     record, _ = await drive(Script(ClaimRecord(new), Done()), Stored(new, 0), Transport({}), Directory(records))
-    assert record == Stored(new, 1) and records.record is not None and records.record.value["uid"] == "u1"
+    assert record == Stored(new, 1, "me") and records.record is not None and records.record.value["uid"] == "u1"
 
 
 async def test_a_lost_claim_race_and_a_failing_directory(autojump_clock) -> None:

@@ -195,7 +195,7 @@ def test_snapshots_crashes_and_finishers_in_any_interleaving(s: dict[str, Any]) 
     marker says (and the coordinator, once it is finishing) interleaved while hosts and the directory come
     and go, then the next command: every VM ends in the state it had, no marker is left, and a listed
     snapshot is stored by every VM's host. What the coordinator reported done is listed if the directory's
-    writes are conditional; with today's (the last write wins), a finisher that took a live coordinator for
+    writes are conditional; with Kademlia's (the last write wins), a finisher that took a live coordinator for
     gone may overwrite its entry, a lost update that conditional writes close."""
     w = world(record(), s["states"])
     w.conditional, w.seen[0] = s["conditional"], w.version
