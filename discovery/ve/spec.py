@@ -12,13 +12,23 @@ are merged (`Constraints.together`), since `[a, b]` and `[b, c]` can only mean a
 A spec may also carry an `ha` policy (`HaPolicy`): how its VMs are kept recoverable (standby copies on other
 nodes, or a restart elsewhere from periodic snapshots) and in which order VEs are recovered. `ve ha` sets it
 later through the same validator (`parse_ha`), so a policy reads alike wherever it was written.
+
+Last, a spec may lay out the VE's virtual networks (`networks`), each VM's interfaces on them (`nics`) and the
+ports of a VM its host forwards (`expose`). What the user fixes is checked here: names, subnets that do not
+overlap, fixed addresses inside their network's subnet and off its reserved ones (the network address, the
+first host, which is the gateway the host's agent answers on, and the broadcast address), ports exposed once.
+The rest is decided at create: a subnet for each network that has none, each network's VNI, and the address
+of each NIC without a fixed one (handed out by DHCP). A spec that says nothing of networks has one network,
+`default`, with one NIC of each VM on it, and encodes exactly as before networks existed.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -32,7 +42,8 @@ from overlay.wire.codec import sparse
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_VMS = 64
-# A valid spec nests three levels deep; the limit keeps PyYAML's recursive composer off Python's stack limit.
+# A valid spec nests five levels deep (the spec, vms, a VM, its nics, a NIC); the limit keeps PyYAML's recursive
+# composer off Python's stack limit.
 MAX_DEPTH = 16
 DEFAULT_DISK_GB = 1
 DEFAULT_IMAGE = "none"
@@ -48,6 +59,7 @@ _IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _IMAGE_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '/' or '-'"
 
 T = TypeVar("T", bound=str)
+A = TypeVar("A", IPv4Address, IPv4Interface)
 
 MAX_COPIES = 16
 """Most standby copies of a VM (`ha: {copies}`, `ve replicate`)."""
@@ -63,8 +75,22 @@ MAX_LAG_RANGE = (1, 3600)
 DEFAULT_MAX_LAG = 5
 """Seconds a replicated copy may be behind before its VM counts as degraded (`ha: {max_lag}`)."""
 
-_TOP_KEYS = ("name", "site", "vms", "constraints", "ha")
-_VM_KEYS = ("name", "vcpus", "memory_mb", "disk_gb", "image")
+MAX_NETWORKS = 16
+"""Most networks of one VE."""
+MAX_NICS = 8
+"""Most NICs of one VM."""
+MAX_EXPOSED = 64
+"""Most `expose` entries of one VE."""
+PREFIX_RANGE = (16, 29)
+"""Prefix lengths a subnet may have: a /29 still leaves 5 fixed addresses (gateway, network and broadcast aside)."""
+PORT_RANGE = (1, 65535)
+DEFAULT_NETWORK = "default"
+
+_TOP_KEYS = ("name", "site", "vms", "constraints", "ha", "networks", "expose")
+_VM_KEYS = ("name", "vcpus", "memory_mb", "disk_gb", "image", "nics")
+_NETWORK_KEYS = ("name", "subnet", "nat")
+_NIC_KEYS = ("network", "address")
+_EXPOSE_KEYS = ("vm", "port", "host_port", "protocol")
 _CONSTRAINT_KEYS = ("affinity", "anti_affinity", "same_site", "spread_sites", "max_per_node")
 _HA_KEYS = ("mode", "copies", "snapshot_every", "keep", "priority", "replication", "bandwidth", "max_lag")
 _HA_ONLY = {"copies": ("standby",), "snapshot_every": ("restart",), "keep": ("restart",),
@@ -96,14 +122,61 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True)
+class NetworkSpec:
+    """A virtual network of a VE. `subnet` is an IPv4 CIDR (None: one is allocated at create); with `nat`, the
+    VMs on it reach the outside through their host's uplink, masqueraded."""
+
+    name: str
+    subnet: str | None = field(default=None, metadata=sparse())
+    nat: bool = field(default=False, metadata=sparse())
+
+    @property
+    def ip_subnet(self) -> IPv4Network | None:
+        """The subnet as `ipaddress` reads it (None: not chosen yet)."""
+        return IPv4Network(self.subnet) if self.subnet is not None else None
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """A VM's interface on one network of its VE; `address` is a fixed IPv4 address (None: DHCP's)."""
+
+    network: str
+    address: str | None = field(default=None, metadata=sparse())
+
+
+Transport = Literal["tcp", "udp"]
+TRANSPORTS: tuple[Transport, ...] = ("tcp", "udp")
+
+
+@dataclass(frozen=True)
+class ExposeSpec:
+    """A port of the VM's host forwarded to a port of the VM."""
+
+    vm: str
+    port: int
+    host_port: int
+    protocol: Transport = field(default="tcp", metadata=sparse())
+
+
+DEFAULT_NETWORKS = (NetworkSpec(DEFAULT_NETWORK),)
+DEFAULT_NICS = (NicSpec(DEFAULT_NETWORK),)
+
+
+@dataclass(frozen=True)
 class VMSpec:
-    """One VM of a VE: what a host must reserve for it, and the image it boots."""
+    """One VM of a VE: what a host must reserve for it, the image it boots and its network interfaces.
+
+    Built in code without `nics`, a VM has one NIC on the `default` network: what the validator gives a VM
+    without `nics` in a VE that declares no networks, so that such a VM equals its parsed self. A VE built in
+    code with networks of its own names its VMs' NICs (the validator's default there is the first network).
+    """
 
     name: str
     vcpus: int
     memory_mb: int
     disk_gb: int = DEFAULT_DISK_GB
     image: str = DEFAULT_IMAGE
+    nics: tuple[NicSpec, ...] = field(default=DEFAULT_NICS, metadata=sparse())
 
 
 @dataclass(frozen=True)
@@ -195,14 +268,23 @@ class VESpec:
     site: str | None = None
     constraints: Constraints = field(default=NO_CONSTRAINTS, metadata=sparse())
     ha: HaPolicy = field(default=NO_HA, metadata=sparse())
+    networks: tuple[NetworkSpec, ...] = field(default=DEFAULT_NETWORKS, metadata=sparse())
+    expose: tuple[ExposeSpec, ...] = field(default=(), metadata=sparse())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (str, int, bool, list, None) for msgpack; from_dict reads it back.
 
         Only the constraints that are set travel, and none at all when there is none (`codec.sparse`), so
-        that such a spec reads the same as before constraints existed; likewise the HA policy.
+        that such a spec reads the same as before constraints existed; likewise the HA policy, the networks
+        and `expose`. A VM's `nics` travel unless they are what from_dict gives a VM without them (one NIC
+        on the first network), which the codec alone cannot tell: it compares with the field's default.
         """
         data: dict[str, Any] = codec.encode(self)
+        implied = _implied_nics(network.name for network in self.networks)
+        for vm, encoded in zip(self.vms, data["vms"], strict=True):
+            encoded.pop("nics", None)
+            if vm.nics != implied:
+                encoded["nics"] = codec.encode(vm.nics)
         return data
 
     @classmethod
@@ -294,6 +376,9 @@ class _Validator:
         top = self.mapping(root, "", _TOP_KEYS, required=("name", "vms"))
         name = self.text(top["name"], "name", _NAME_RE, _NAME_RULE)
         site = None if _is_null(top.get("site")) else self.text(top["site"], "site", _NAME_RE, _NAME_RULE)
+        networks = DEFAULT_NETWORKS if _is_null(top.get("networks")) else self.networks(top["networks"])
+        subnets = {network.name: network.ip_subnet for network in networks}
+        addresses: dict[str, str] = {}  # fixed address -> the path of the NIC that has it
         vms_obj = top["vms"]
         items = self.items(vms_obj, "vms", "a list of VMs")
         if not 1 <= len(items) <= MAX_VMS:
@@ -301,7 +386,7 @@ class _Validator:
         vms: list[VMSpec] = []
         first_index: dict[str, int] = {}
         for index, item in enumerate(items):
-            vm, name_obj = self.vm(item, f"vms[{index}]")
+            vm, name_obj = self.vm(item, f"vms[{index}]", subnets, addresses)
             if vm.name in first_index:
                 first = first_index[vm.name]
                 raise self.error(name_obj, f"vms[{index}].name",
@@ -312,7 +397,120 @@ class _Validator:
         constraints = (NO_CONSTRAINTS if _is_null(constraints_obj)
                        else self.constraints(constraints_obj, first_index, site, top.get("site")))
         ha = NO_HA if _is_null(ha_obj) else self.ha(ha_obj, "ha")
-        return VESpec(name=name, vms=tuple(vms), site=site, constraints=constraints, ha=ha)
+        expose = () if _is_null(top.get("expose")) else self.expose(top["expose"], {vm.name: vm for vm in vms})
+        return VESpec(name=name, vms=tuple(vms), site=site, constraints=constraints, ha=ha, networks=networks,
+                      expose=expose)
+
+    def networks(self, obj: object) -> tuple[NetworkSpec, ...]:
+        """The VE's networks: names unique, subnets (the canonical CIDR) apart from each other."""
+        items = self.items(obj, "networks", "a list of networks")
+        if not 1 <= len(items) <= MAX_NETWORKS:
+            raise self.error(obj, "networks", f"must list 1 to {MAX_NETWORKS} networks, got {len(items)}")
+        networks: list[NetworkSpec] = []
+        first_index: dict[str, int] = {}
+        for index, item in enumerate(items):
+            path = f"networks[{index}]"
+            fields = self.mapping(item, path, _NETWORK_KEYS, required=("name",))
+            name = self.text(fields["name"], f"{path}.name", _NAME_RE, _NAME_RULE)
+            first = first_index.setdefault(name, index)
+            if first != index:
+                raise self.error(fields["name"], f"{path}.name",
+                                 f"duplicate network name {name!r}, already used by networks[{first}]")
+            subnet = self.subnet(fields["subnet"], f"{path}.subnet") if "subnet" in fields else None
+            for other in networks:
+                other_subnet = other.ip_subnet
+                if subnet is not None and other_subnet is not None and subnet.overlaps(other_subnet):
+                    raise self.error(fields["subnet"], f"{path}.subnet", f"{subnet} of network {name!r} overlaps "
+                                     f"{other_subnet} of network {other.name!r}, networks[{first_index[other.name]}]")
+            nat = self.boolean(fields["nat"], f"{path}.nat") if "nat" in fields else False
+            networks.append(NetworkSpec(name, str(subnet) if subnet is not None else None, nat))
+        return tuple(networks)
+
+    def subnet(self, obj: object, path: str) -> IPv4Network:
+        """An IPv4 subnet written as CIDR, its prefix length in PREFIX_RANGE and no host bit set."""
+        written = _ipv4(IPv4Interface, obj)
+        if written is None:
+            raise self.error(obj, path, f"must be an IPv4 subnet in CIDR notation, as in 10.20.0.0/24, "
+                             f"got {_describe(obj)}")
+        subnet = written.network
+        low, high = PREFIX_RANGE
+        if not low <= subnet.prefixlen <= high:
+            raise self.error(obj, path, f"prefix length must be from /{low} to /{high}, got /{subnet.prefixlen}")
+        if written.ip != subnet.network_address:
+            raise self.error(obj, path, f"{written} has host bits set; the subnet is {subnet}")
+        return subnet
+
+    def nics(self, obj: object, path: str, subnets: Mapping[str, IPv4Network | None],
+             addresses: dict[str, str]) -> tuple[NicSpec, ...]:
+        """A VM's NICs, at most one per network; `addresses` holds the fixed addresses of the VE's NICs so far."""
+        items = self.items(obj, path, "a list of NICs")
+        if len(items) > MAX_NICS:
+            raise self.error(obj, path, f"must list at most {MAX_NICS} NICs, got {len(items)}")
+        nics: list[NicSpec] = []
+        first_index: dict[str, int] = {}  # network -> the NIC on it
+        for index, item in enumerate(items):
+            nic_path = f"{path}[{index}]"
+            fields = self.mapping(item, nic_path, _NIC_KEYS, required=("network",))
+            network = self.text(fields["network"], f"{nic_path}.network", _NAME_RE, _NAME_RULE)
+            if network not in subnets:
+                raise self.error(fields["network"], f"{nic_path}.network",
+                                 f"no network named {network!r} in networks ({', '.join(subnets)})")
+            first = first_index.setdefault(network, index)
+            if first != index:
+                raise self.error(fields["network"], f"{nic_path}.network",
+                                 f"this VM already has a NIC on network {network!r}, {path}[{first}]")
+            address = (self.address(fields["address"], f"{nic_path}.address", network, subnets[network])
+                       if "address" in fields else None)
+            if address is not None:
+                if address in addresses:
+                    raise self.error(fields["address"], f"{nic_path}.address",
+                                     f"{address} is already the address of {addresses[address]}")
+                addresses[address] = nic_path
+            nics.append(NicSpec(network, address))
+        return tuple(nics)
+
+    def address(self, obj: object, path: str, network: str, subnet: IPv4Network | None) -> str:
+        """A fixed IPv4 address: a host of the network's subnet, neither its first (the gateway) nor its last."""
+        address = _ipv4(IPv4Address, obj)
+        if address is None:
+            raise self.error(obj, path, f"must be an IPv4 address, as in 10.20.0.10, got {_describe(obj)}")
+        if subnet is None:
+            raise self.error(obj, path, f"network {network!r} has no subnet to check {address} against: "
+                             f"give the network a subnet, or leave the address to DHCP")
+        if address not in subnet:
+            raise self.error(obj, path, f"{address} is outside network {network!r} ({subnet})")
+        reserved = {subnet.network_address: "the network address", subnet.network_address + 1: "the gateway",
+                    subnet.broadcast_address: "the broadcast address"}
+        if address in reserved:
+            raise self.error(obj, path, f"{address} is {reserved[address]} of {subnet}; a fixed address is from "
+                             f"{subnet.network_address + 2} to {subnet.broadcast_address - 1}")
+        return str(address)
+
+    def expose(self, obj: object, vms: Mapping[str, VMSpec]) -> tuple[ExposeSpec, ...]:
+        """The forwarded ports: each to a VM with a NIC, each (host port, protocol) once in the VE."""
+        items = self.items(obj, "expose", "a list of exposed ports")
+        if len(items) > MAX_EXPOSED:
+            raise self.error(obj, "expose", f"must list at most {MAX_EXPOSED} exposed ports, got {len(items)}")
+        exposed: list[ExposeSpec] = []
+        first_index: dict[tuple[int, str], int] = {}  # (host port, protocol) -> the entry that exposes it
+        for index, item in enumerate(items):
+            path = f"expose[{index}]"
+            fields = self.mapping(item, path, _EXPOSE_KEYS, required=("vm", "port", "host_port"))
+            vm = self.text(fields["vm"], f"{path}.vm", _NAME_RE, _NAME_RULE)
+            if vm not in vms:
+                raise self.error(fields["vm"], f"{path}.vm", f"no VM named {vm!r} in vms")
+            if not vms[vm].nics:
+                raise self.error(fields["vm"], f"{path}.vm", f"VM {vm!r} has no NIC to forward to (nics: [])")
+            port = self.integer(fields["port"], f"{path}.port", PORT_RANGE)
+            host_port = self.integer(fields["host_port"], f"{path}.host_port", PORT_RANGE)
+            protocol = (self.choice(fields["protocol"], f"{path}.protocol", TRANSPORTS)
+                        if "protocol" in fields else "tcp")
+            first = first_index.setdefault((host_port, protocol), index)
+            if first != index:
+                raise self.error(fields["host_port"], f"{path}.host_port",
+                                 f"host port {host_port}/{protocol} is already exposed by expose[{first}]")
+            exposed.append(ExposeSpec(vm, port, host_port, protocol))
+        return tuple(exposed)
 
     def ha(self, obj: object, path: str) -> HaPolicy:
         """The HA policy; a key that does not apply to its mode is refused (a `copies` under `restart` is a
@@ -439,8 +637,10 @@ class _Validator:
             raise self.error(obj, path, f"must be true or false, got {_describe(obj)}")
         return value
 
-    def vm(self, obj: object, path: str) -> tuple[VMSpec, object]:
-        """The VM and the value its name came from, to point at it if the name turns out to be taken."""
+    def vm(self, obj: object, path: str, subnets: Mapping[str, IPv4Network | None],
+           addresses: dict[str, str]) -> tuple[VMSpec, object]:
+        """The VM and the value its name came from, to point at it if the name turns out to be taken. Its NICs
+        are on the VE's networks, `subnets` (each network's subnet by name, in order); `addresses`: see `nics`."""
         fields = self.mapping(obj, path, _VM_KEYS, required=("name", "vcpus", "memory_mb"))
         vm = VMSpec(
             name=self.text(fields["name"], f"{path}.name", _NAME_RE, _NAME_RULE),
@@ -450,6 +650,8 @@ class _Validator:
                      if "disk_gb" in fields else DEFAULT_DISK_GB),
             image=(self.text(fields["image"], f"{path}.image", _IMAGE_RE, _IMAGE_RULE)
                    if "image" in fields else DEFAULT_IMAGE),
+            nics=(self.nics(fields["nics"], f"{path}.nics", subnets, addresses)
+                  if "nics" in fields else _implied_nics(subnets)),
         )
         return vm, fields["name"]
 
@@ -509,6 +711,21 @@ def _seconds(text: str) -> int | None:
         return None
     plain, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
     return plain + hours * 3600 + minutes * 60 + seconds
+
+
+def _implied_nics(networks: Iterable[str]) -> tuple[NicSpec, ...]:
+    """The NICs of a VM that lists none: one on the first of the VE's networks (given by name)."""
+    return tuple(NicSpec(name) for name in islice(networks, 1))
+
+
+def _ipv4(kind: Callable[[str], A], obj: object) -> A | None:
+    """An address or interface written as `kind` writes it (10.20.0.10, 10.20.0.0/24), None if it is not."""
+    text = _string(obj)
+    try:
+        value = kind(text) if text is not None else None
+    except ValueError:  # ipaddress's AddressValueError and NetmaskValueError
+        return None
+    return value if str(value) == text else None
 
 
 def _error(source: str, reason: str, *, line: int | None = None, path: str = "") -> SpecError:
