@@ -33,6 +33,7 @@ from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
 from discovery.ve.shipped_log import ShippedLogs
 from discovery.ve.shipping import Shipper
+from discovery.ve.vnis import PREFIX as VNI_PREFIX
 from dvms.model import Node
 from images.catalogue import Catalogue
 from images.messages import tagged
@@ -48,7 +49,8 @@ async def install(agent: NodeAgent) -> None:
     some VM demands CPU (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`). DVMS relocates
     through the VE service and reads the VEs' rules from the directory they share."""
     cfg = agent.config
-    agent.dht.pin(DIRECTORY_PREFIX)  # one history per VE record across a partition (`overlay.quorum`)
+    for prefix in (DIRECTORY_PREFIX, VNI_PREFIX):  # one history per record across a partition (`overlay.quorum`)
+        agent.dht.pin(prefix)
     directory = Directory(agent.records)
     catalogue = Catalogue(agent.records)
     bases = agent.host.domains.bases

@@ -54,6 +54,15 @@ def protection_table(ve: dict[str, Any]) -> Table:
                       rows)
 
 
+def nic_table(ve: dict[str, Any]) -> Table:
+    """`ve show`: each VM's interfaces: network, MAC, IPv4 address, and the network's subnet and VXLAN id."""
+    networks = ve.get("networks", {})
+    rows = [[vm, nic["network"], nic["mac"], nic["address"], networks.get(nic["network"], {}).get("subnet"),
+             networks.get(nic["network"], {}).get("vni")]
+            for vm, nics in sorted(ve["nics"].items()) for nic in nics]
+    return make_table(["vm", "network", "mac", "address", "subnet", "vni"], rows)
+
+
 def policy_text(ha: dict[str, Any]) -> str:
     """An HA policy in a few words: `standby, 2 copies per VM, priority 5`."""
     from discovery.ve.spec import format_duration  # only for the commands that print a policy
@@ -126,6 +135,8 @@ def ve_show(name: str, as_json: JsonOpt = False) -> None:
     emit(ve, as_json, ve_table([ve]))
     if not as_json:
         console.print(protection_table(ve))
+        if ve.get("nics"):
+            console.print(nic_table(ve))
 
 
 @ve_app.command("locate")

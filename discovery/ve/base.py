@@ -28,6 +28,7 @@ from discovery.ve.records import Place, Standby, VERecord, domain_name
 from discovery.ve.shipped_log import ShippedLogs
 from discovery.ve.spec import DEFAULT_IMAGE, VESpec, VMSpec
 from discovery.ve.transaction import Candidate
+from discovery.ve.vnis import Vnis
 from images.messages import ImageEntry, tagged
 from overlay.membership import ALIVE, SUSPECT, Member, Membership
 from overlay.wire.rpc import Caller, Conflict, Endpoint, Forbidden, NotFound, RemoteError, RequestError, RpcError
@@ -102,6 +103,8 @@ class VEBase:
         self._locks: dict[str, trio.Lock] = {}
         self.unindexing = Unindexing(directory.index)
         """Removes destroyed VEs' index entries after the answer (an actor, for the agent to run)."""
+        self.vnis = Vnis(directory)
+        """The VXLAN identifiers of the VEs' networks, claimed at create and released at destroy."""
 
     def joined(self) -> bool:
         """Whether the records may be found from here: this agent joins nobody, or it has joined (another

@@ -32,14 +32,16 @@ from __future__ import annotations
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network
 from typing import Any, Literal, Protocol
 
 from discovery.ve.spec import VESpec
 from overlay.wire import codec
 from overlay.wire.codec import CodecError, sparse, wire
 
-VERSION = 1
-"""The format this code writes (and the only one it reads so far)."""
+VERSION = 2
+"""The format this code writes. 2 added the VE's networks and NICs (`networks`, `nics`); a record of format 1,
+which has neither, reads as a VE whose VMs have no interface."""
 
 VEState = Literal["creating", "running", "stopped", "suspended"]
 VMState = Literal["running", "paused", "shutoff"]
@@ -194,6 +196,28 @@ class Shortfall:
     since: float
 
 
+@dataclass(frozen=True)
+class NetState:
+    """A VE network as created: its VXLAN identifier (unique in the cluster) and its subnet (CIDR)."""
+
+    vni: int
+    subnet: str
+
+    @property
+    def gateway(self) -> str:
+        """The subnet's first host: where the VM's host answers (DHCP, the NAT'd uplink)."""
+        return str(IPv4Network(self.subnet).network_address + 1)
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A VM's interface as created: its network, MAC and IPv4 address (a lease DHCP hands out, or fixed)."""
+
+    network: str
+    mac: str
+    address: str
+
+
 Intent = MoveIntent | FailoverIntent | RebuildIntent | SnapshotMarker
 
 
@@ -218,6 +242,10 @@ class VERecord:
     snapshotting: SnapshotMarker | None = field(default=None, metadata=sparse())
     shortfall: Shortfall | None = field(default=None, metadata=sparse())
     """Set while the standby copies of the HA policy (`spec.ha`) could not all be made; None once they were."""
+    networks: Mapping[str, NetState] = field(default_factory=dict, metadata=sparse())
+    """Each network of the spec as created (`discovery.ve.addressing`); none in a VE created before networks."""
+    nics: Mapping[str, tuple[Nic, ...]] = field(default_factory=dict, metadata=sparse())
+    """Each VM's NICs as created, by VM: kept through every move, failover and rebuild."""
     version: int = VERSION
 
     def with_slot(self, vm: str, slot: Slot) -> VERecord:
@@ -259,7 +287,7 @@ def read(value: Any) -> VERecord:
     if not isinstance(value, Mapping):
         raise RecordError(f"{what}: expected a map, got {type(value).__name__}")
     version = value.get("version", 1)
-    if type(version) is not int or version != VERSION:
+    if type(version) is not int or not 1 <= version <= VERSION:
         if type(version) is int and version > VERSION:
             raise RecordError(f"{what} is of format {version}, written by a newer agent (this one reads up to "
                               f"{VERSION}): upgrade this agent")

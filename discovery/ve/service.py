@@ -34,7 +34,7 @@ import trio
 from agents.host.args import SHUTDOWN_TIMEOUT
 from agents.messages import HOST_MIRRORS
 from agents.runtime import Actor
-from discovery.ve import creating
+from discovery.ve import addressing, creating
 from discovery.ve import messages as m
 from discovery.ve.base import HOST_TIMEOUT, MOVE_LEASE, domain_name, may_act
 from discovery.ve.directory import Stored, Unreadable
@@ -44,7 +44,7 @@ from discovery.ve.messages import RecordView
 from discovery.ve.policy import Policies
 from discovery.ve.protection import Mirror, assess, copy_state
 from discovery.ve.rebuilds import Rebuilds
-from discovery.ve.records import FailoverIntent, MoveIntent, RebuildIntent, Slot, VERecord, VEState, view
+from discovery.ve.records import FailoverIntent, MoveIntent, NetState, RebuildIntent, Slot, VERecord, VEState, view
 from discovery.ve.relocation import Relocation
 from discovery.ve.snapshots import Snapshots
 from discovery.ve.spec import SpecError, VESpec
@@ -96,14 +96,28 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
         except SpecError as err:
             raise RequestError(str(err)) from None
         await self.image_holders(spec)  # an image the catalogue lacks: refused before anything is claimed
-        ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uuid.uuid4().hex)
+        uid = uuid.uuid4().hex
+        try:
+            subnets = addressing.subnets(spec)
+            nics = addressing.nics(spec, uid, subnets)
+        except addressing.AddressingError as err:
+            raise RequestError(str(err)) from None
         async with self._lock(spec.name):
+            vnis = await self.vnis.claim(spec.name, uid, subnets)
+            networks = {name: NetState(vnis[name], subnet) for name, subnet in subnets.items()}
+            ve = VERecord(spec.name, spec, caller.cn, "creating", {}, self.node, time.time(), uid,
+                          networks=networks, nics=nics)
             try:
-                record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
-            except Conflict:
-                if not await self._undid_left_create(spec.name):
-                    raise
-                record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
+                try:
+                    record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
+                except Conflict:
+                    if not await self._undid_left_create(spec.name):
+                        raise
+                    record, _ = await self._drive(creating.Create(ve), Stored(ve, 0))
+            except (RequestError, RpcError):
+                if await self.directory.get(spec.name) is None:  # rolled back: nothing uses them
+                    await self.vnis.release(spec.name, uid, vnis)
+                raise
             record = await self._protect(record)
         return view(record.ve)
 
@@ -236,6 +250,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
             await self._on_every_vm(ve, "host.vm.undefine")
             await self.directory.delete(ve.name, after=record)
             self.unindexing.tell_nowait(Entry(ve.name, ve.owner, ve.uid))
+            await self.vnis.release(ve.name, ve.uid, {name: net.vni for name, net in ve.networks.items()})
             await self._unstandby(ve.name, ve.standbys)
         return {**view(ve), "state": "destroyed"}
 

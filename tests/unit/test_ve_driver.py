@@ -12,7 +12,7 @@ import trio
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.driver import drive
 from discovery.ve.index import Entry, bucket_key, bucket_of, decode
-from discovery.ve.records import write
+from discovery.ve.records import VERSION, write
 from discovery.ve.spec import VESpec, VMSpec
 from discovery.ve.transaction import (
     Action,
@@ -199,9 +199,9 @@ async def test_a_write_after_a_record_that_changed_meanwhile_is_a_conflict_and_w
 
 async def test_a_record_this_agent_cannot_read_stops_the_core_as_a_directory_failure() -> None:
     core = Script(ReadRecord(), Done())
-    record, _ = await drive(core, RECORD, Transport({}), directory(value={**write(SHOP), "version": 2}))
-    assert core.heard == [DirectoryFailed("VE record 'shop' is of format 2, written by a newer agent (this one "
-                                          "reads up to 1): upgrade this agent")] and record == RECORD
+    record, _ = await drive(core, RECORD, Transport({}), directory(value={**write(SHOP), "version": VERSION + 1}))
+    assert core.heard == [DirectoryFailed(f"VE record 'shop' is of format {VERSION + 1}, written by a newer agent "
+                                          f"(this one reads up to {VERSION}): upgrade this agent")] and record == RECORD
 
 
 @pytest.mark.parametrize("kind, error", [("not_found", NotFound), ("conflict", Conflict),

@@ -15,6 +15,8 @@ from discovery.ve.records import (
     VERSION,
     FailoverIntent,
     MoveIntent,
+    NetState,
+    Nic,
     RebuildIntent,
     RecordError,
     Shortfall,
@@ -67,8 +69,9 @@ IN_FLIGHT = {  # the same VE as an interrupted move, failover and snapshot left 
 @pytest.mark.parametrize("old", [OLD, IN_FLIGHT], ids=["settled", "in flight"])
 def test_a_record_written_before_versions_reads_as_version_1_and_keeps_its_shape(old: dict[str, Any]) -> None:
     ve = read(msgpack.unpackb(msgpack.packb(old)))
-    assert ve.version == 1 == VERSION
-    assert write(ve) == {**old, "version": 1}  # stored again: the same map, its version now said
+    assert ve.version == 1 < VERSION and ve.networks == {} and ve.nics == {}  # VMs without interfaces
+    assert write(ve) == {**old, "version": 1}  # stored again: the same map, its version now said (older agents
+    # of format 1 go on reading it)
     assert view(ve) == old  # what `ve show --json` prints: the shape it always had
     assert read(write(ve)) == ve
 
@@ -128,11 +131,11 @@ def test_empty_optional_parts_are_left_off() -> None:
     ({"leases": {"db": "node1"}}, "VE record 'shop': leases: unknown field"),
     ({"placement": {"db": {**OLD["placement"]["db"], "fenced": True}}},
      "VE record 'shop': placement.db.fenced: unknown field"),
-    ({"version": 2}, "VE record 'shop' is of format 2, written by a newer agent (this one reads up to 1): upgrade "
+    ({"version": 3}, "VE record 'shop' is of format 3, written by a newer agent (this one reads up to 2): upgrade "
                      "this agent"),
-    ({"version": "1"}, "VE record 'shop': version must be a format number from 1 to 1, got '1'"),
-    ({"version": True}, "VE record 'shop': version must be a format number from 1 to 1, got True"),
-    ({"version": 0}, "VE record 'shop': version must be a format number from 1 to 1, got 0"),
+    ({"version": "1"}, "VE record 'shop': version must be a format number from 1 to 2, got '1'"),
+    ({"version": True}, "VE record 'shop': version must be a format number from 1 to 2, got True"),
+    ({"version": 0}, "VE record 'shop': version must be a format number from 1 to 2, got 0"),
     ({"state": "lost"}, "VE record 'shop': state: expected one of creating, running, stopped, suspended"),
     ({"owner": None}, "VE record 'shop': owner: expected str, got nothing"),
     ({"placement": {"db": {"node": "node1"}}}, "VE record 'shop': placement.db.addr: missing field"),
@@ -166,9 +169,9 @@ def test_the_incarnation_reads_from_any_version() -> None:
 async def test_the_directory_refuses_what_it_cannot_read_in_one_line() -> None:
     class Records:
         async def get(self, key: str) -> Record:
-            return Record(key, {**OLD, "version": 2}, 3, "node9")
+            return Record(key, {**OLD, "version": 3}, 3, "node9")
 
-    with pytest.raises(Unreadable, match="^VE record 'shop' is of format 2, written by a newer agent"):
+    with pytest.raises(Unreadable, match="^VE record 'shop' is of format 3, written by a newer agent"):
         await Directory(Records()).get("shop")  # type: ignore[arg-type]
 
 
@@ -199,3 +202,15 @@ records = st.builds(
 @given(records)
 def test_every_record_reads_back_as_written(ve: VERecord) -> None:
     assert read(msgpack.unpackb(msgpack.packb(write(ve)))) == ve
+
+
+def test_a_ve_s_networks_and_nics_round_trip_in_format_2() -> None:
+    networks = {"back": {"vni": 70000, "subnet": "10.0.0.0/24"}}
+    nics = {"db": [{"network": "back", "mac": "02:aa:bb:cc:dd:ee", "address": "10.0.0.2"}]}
+    stored = {**OLD, "networks": networks, "nics": nics, "version": 2}
+    ve = read(msgpack.unpackb(msgpack.packb(stored)))
+    assert ve.networks == {"back": NetState(70000, "10.0.0.0/24")} and ve.networks["back"].gateway == "10.0.0.1"
+    assert ve.nics == {"db": (Nic("back", "02:aa:bb:cc:dd:ee", "10.0.0.2"),)}
+    assert write(ve) == stored and read(write(ve)) == ve
+    with pytest.raises(RecordError, match="format 3, written by a newer agent"):
+        read({**stored, "version": 3})
