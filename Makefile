@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu \
-          libvirt-daemon libvirt-clients e2fsprogs rsync
+          libvirt-daemon libvirt-clients e2fsprogs rsync iproute2 iputils-ping
 
 .PHONY: demo demo-qemu test lint typecheck deps clean bench
 
