@@ -9,7 +9,7 @@ DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qe
 .PHONY: demo demo-qemu test lint typecheck deps clean bench
 
 # The sans-IO cores: typed strictly (no Any leaking out, every function annotated).
-CORES  := vivaldi/coordinate.py overlay/chord.py overlay/membership.py overlay/quorum.py overlay/spiral.py overlay/wire/codec.py \
+CORES  := vivaldi/coordinate.py agents/network/plan.py overlay/chord.py overlay/membership.py overlay/quorum.py overlay/spiral.py overlay/wire/codec.py \
           overlay/wire/frames.py dvms/model.py dvms/partition.py dvms/monitor.py dvms/workload.py dvms/solver.py \
           dvms/isp_net.py discovery/ve/placement.py discovery/ve/spec.py discovery/ve/transaction.py \
           discovery/ve/moves.py discovery/ve/failovers.py discovery/ve/snapshotting.py discovery/ve/world.py \

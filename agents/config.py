@@ -6,6 +6,7 @@ reading a configuration loads no service, libvirt or overlay code.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,21 @@ class AgentConfig:
     kad_port: int = 0  # UDP; 0 picks a free one (peers learn it over the agent's RPC)
     protocol: Versions = SPOKEN  # the protocol versions it speaks: all this build does, unless narrowed for a test
     metrics: str = "127.0.0.1:0"  # host:port of its Prometheus /metrics (agents.metrics); port 0: a free one; "": none
+    dataplane: str = "auto"  # VE networks in the kernel (agents.network): "linux", "off", or "auto" (see `carries`)
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of the layers above, parsed by them and carried here unread (e.g. "dvms", by discovery.agent_config)."""
+
+    @property
+    def carries_networks(self) -> bool:
+        """Whether this agent makes its VMs' network segments in the kernel (`agents.network`). "auto": unless its
+        address is a loopback one: agents that share a machine's loopback share its network namespace too (a
+        local cluster), where each would take the same VXLAN port and bridge names."""
+        if self.dataplane != "auto":
+            return self.dataplane == "linux"
+        try:
+            return not ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:  # a host name: VXLAN needs an address to send from
+            return False
 
     @property
     def host(self) -> str:

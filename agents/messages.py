@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from agents.host.args import (
     MAX_BANDWIDTH,
+    MAX_NICS,
     MAX_SNAPSHOTS,
     MAX_XML,
     NAME,
@@ -33,6 +34,7 @@ from agents.host.args import (
     check_name,
     check_state,
     check_timeout,
+    nics_arg,
     xml_name,
 )
 from agents.host.capacity import Resources
@@ -208,9 +210,12 @@ class Confirm:
     ship: Ship | None = None
     image: str | None = field(default=None, metadata=limit(IMAGE))
     """The image a new VM boots (NAME[:TAG], as its spec says); None: none. A carried domain names its own."""
+    nics: list[Any] | None = field(default=None, metadata=limit(MAX_NICS))
+    """A new VM's network interfaces: [VNI, MAC] each (`agents.host.args.nics_arg`); a carried domain has its own."""
 
     def __post_init__(self) -> None:
         check_state(self.state)
+        nics_arg(self.nics)
 
 
 @dataclass(frozen=True)

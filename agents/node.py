@@ -53,6 +53,7 @@ from agents.metrics.collectors import (
     VivaldiCollector,
 )
 from agents.metrics.exporter import Exporter
+from agents.network.linux import DataPlane
 from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
 from agents.spiral import SpiralService
@@ -150,6 +151,8 @@ class NodeAgent:
             self.records = self.overlays.records  # what services read and write, on whichever overlay is bound
             self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite",
                                     *((self.backend.guests, self.backend.migration_uri) if self.backend else ()))
+            if cfg.carries_networks:
+                self.host.dataplane = DataPlane(cfg.host.strip("[]"))
             self.gossip = GossipService(transport, self.membership, self.ring, self.notifier, cfg.join,
                                         cfg.data_dir / "members.json", cfg.probe_interval)
             # every RPC we make is now an RTT sample

@@ -29,6 +29,7 @@ from discovery.scheduler.settings import DvmsSettings
 from discovery.toml_config import ConfigError
 from discovery.ve.directory import PREFIX as DIRECTORY_PREFIX
 from discovery.ve.directory import Directory
+from discovery.ve.forwarding import Forwarding
 from discovery.ve.replicas import Fencing
 from discovery.ve.service import Recovery, VEService
 from discovery.ve.shipped_log import ShippedLogs
@@ -85,6 +86,8 @@ async def install(agent: NodeAgent) -> None:
     agent.notifier.subscribe(ha.tell_nowait, {"member_joined", "member_dead", "member_left"})
     agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), Shipper(ve), dvms, ha,
                      Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]
+    if agent.host.dataplane is not None:  # the VE networks' forwarding entries, from the directory
+        agent.actors.append(Forwarding(cfg.name, agent.host, directory))
 
 
 async def ves_using(directory: Directory, image: str) -> list[str]:

@@ -16,6 +16,8 @@ agent.toml:
     migration_ports = [49200, 49215]    # qemu: its live-migration port range (omitted: derived)
     kademlia = true                     # run Kademlia beside Chord (`discovery overlay bind`)
     kad_port = 0                        # its UDP port; 0 picks a free one
+    dataplane = "auto"                  # VE networks in the kernel: "linux", "off", or "auto": linux unless the
+                                        # agent's address is a loopback one (agents sharing a namespace)
     metrics = "127.0.0.1:9464"          # Prometheus /metrics over plain HTTP, unauthenticated (agents.metrics):
                                         # port 0 picks a free one (written to data_dir/metrics.addr), "" serves
                                         # none; omitted: 127.0.0.1:0. Bind a routable address only for a scraper.
@@ -90,6 +92,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     lease_term = field(data, "ha", dict, path, {}).get("lease_term", TERM)
     if isinstance(lease_term, bool) or not isinstance(lease_term, (int, float)) or not 1 <= lease_term <= 60:
         raise ConfigError(f"{path}: field 'ha.lease_term' must be seconds between 1 and 60, got {lease_term!r}")
+    dataplane = field(data, "dataplane", str, path, "auto")
+    if dataplane not in ("auto", "linux", "off"):
+        raise ConfigError(f"{path}: field 'dataplane' must be \"auto\", \"linux\" or \"off\", got {dataplane!r}")
     if dvms.injector_rate > 0 and hypervisor != "test":
         raise ConfigError(f"{path}: field 'dvms.injector_rate' needs hypervisor \"test\": the demand of real "
                           "guests is measured")
@@ -113,6 +118,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         kad_port=field(data, "kad_port", int, path, 0),
         protocol=protocol_versions(os.environ.get(PROTOCOL_ENV)),
         metrics=metrics_address(field(data, "metrics", str, path, "127.0.0.1:0"), path),
+        dataplane=dataplane,
         extra={"dvms": dvms, "ha_lease_term": float(lease_term)},
     )
 

@@ -9,12 +9,14 @@ the same function, so both refuse the same values in the same words.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
 from agents.hypervisor.actor import SETTLED
 from overlay.wire.rpc import RequestError
 
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 RESERVATION_TTL = 10.0
 MAX_XML = 64 * 1024
 MAX_SNAPSHOTS = 64  # carried in one relocation message
@@ -24,6 +26,9 @@ MAX_SHUTDOWN_TIMEOUT = 600.0
 NAME = 200
 """Longest VM (domain) name, or snapshot tag, a host accepts."""
 MAX_COUNT = 2**31
+MAX_NICS = 8
+"""Network interfaces of one VM (the VE spec's limit)."""
+VNI_BITS = 24
 MAX_BANDWIDTH = 100_000 << 20
 """Bytes/s a mirror's throttle may allow at most (the HA policy's `bandwidth`, 100 000 MiB/s)."""
 
@@ -50,6 +55,22 @@ def check_timeout(value: float) -> None:
     """`timeout` of a stop, in seconds: more than 0, at most MAX_SHUTDOWN_TIMEOUT."""
     if not 0 < value <= MAX_SHUTDOWN_TIMEOUT:
         raise RequestError(f"timeout must be a number of seconds, more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g}")
+
+
+def nics_arg(rows: list[Any] | None) -> list[tuple[int, str]]:
+    """A new VM's NICs: [VNI, MAC] each, the VNI of 24 bits and the MAC a unicast one written as libvirt writes
+    them (six lowercase hex pairs); a row of two items is no type the codec has, so its items are checked here."""
+    checked = []
+    for row in rows or []:
+        if not (isinstance(row, list) and len(row) == 2):
+            raise RequestError("each NIC must be [vni, mac]")
+        vni, mac = row
+        if isinstance(vni, bool) or not isinstance(vni, int) or not 1 <= vni < 1 << VNI_BITS:
+            raise RequestError(f"a NIC's vni must be an integer from 1 to {(1 << VNI_BITS) - 1}, got {vni!r}")
+        if not (isinstance(mac, str) and _MAC.fullmatch(mac) and not int(mac[:2], 16) & 1):
+            raise RequestError(f"a NIC's mac must be a unicast MAC such as 02:00:5e:10:00:01, got {mac!r}")
+        checked.append((vni, mac))
+    return checked
 
 
 def xml_name(xml: str) -> str | None:

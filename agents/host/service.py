@@ -38,7 +38,7 @@ from pathlib import Path
 
 import trio
 
-from agents.host.args import RESERVATION_TTL, snapshots_arg, xml_name
+from agents.host.args import RESERVATION_TTL, nics_arg, snapshots_arg, xml_name
 from agents.host.base import CRASHED
 from agents.host.capacity import Insufficient, Ledger, Resources, UnknownReservation
 from agents.host.crashes import Crashes
@@ -46,6 +46,7 @@ from agents.host.freezing import Freezing
 from agents.host.lifecycle import Lifecycle
 from agents.host.locks import one_vm
 from agents.host.moves import Moves
+from agents.host.networking import Networking
 from agents.host.snapshot_images import SnapshotImages
 from agents.host.standby import Standbys
 from agents.host.store import Store
@@ -73,6 +74,7 @@ from agents.messages import (
     SnapshotTag,
     SnapshotTaken,
 )
+from agents.network.interfaces import with_nics
 from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
@@ -96,7 +98,7 @@ class _Annotation:
     xml: str | None
 
 
-class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing):
+class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing, Networking):
     """Serves `host.*` RPCs for the VMs placed on this node (one VM's lifecycle in `Lifecycle`, moves in
     `Moves`, standby copies in `Standbys`, the state they share in `agents.host.base.HostBase`), and restarts
     its crashed guests in place (`Crashes`, driven by `agents.host.restarts`).
@@ -166,6 +168,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing)
                 self.held[name] = desired  # off, or frozen by the HA layer before this restart
             else:
                 await self.hypervisor.settle(name, desired)
+        await self.carry_segments()
         self._hold_until = trio.current_time() + HOLD_LIMIT
         log.info("host: %d VMs recovered, %d held until the directory places them", len(self.ledger.allocated),
                  len(self.held))
@@ -208,11 +211,12 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing)
         if carried is not None and xml_name(carried) != held.key:
             raise RequestError(f"the carried domain is not {held.key}")
         async with self.vm_locks.hold(held.key):
-            return await self._confirm(token, carried, request.state, snapshots, request.ship, request.image)
+            return await self._confirm(token, carried, request.state, snapshots, request.ship, request.image,
+                                       nics_arg(request.nics))
 
     async def _confirm(self, token: str, carried: str | None, state: str,
                        snapshots: list[tuple[str, str, str, float, str]], ship: Ship | None,
-                       image: str | None) -> DomainInfo:
+                       image: str | None, nics: list[tuple[int, str]]) -> DomainInfo:
         try:
             reservation = self.ledger.confirm(token, trio.current_time())
         except UnknownReservation as err:  # it lapsed while the VM's lock was busy
@@ -223,7 +227,8 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing)
                 await self._booted(carried=carried)
                 xml = self.domains.adapt(carried)
             else:
-                xml = self.domains.new_xml(name, need.vcpus, need.memory_mb, need.disk_gb, await self._booted(image))
+                xml = with_nics(self.domains.new_xml(name, need.vcpus, need.memory_mb, need.disk_gb,
+                                                     await self._booted(image)), nics, await self.nic_mtu())
             memory = await self._pull(name, ship) if ship is not None else None
             await self.hypervisor.define(xml)
             await self.db.transaction(
@@ -234,6 +239,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing)
             for *_, snapshot_xml in snapshots:
                 if snapshot_xml:
                     await self.hypervisor.snapshot_redefine(name, self.domains.adapt(snapshot_xml))
+            await self.carry_segments()  # its networks' bridges, before its taps join them
             if memory is not None and state != "shutoff":
                 info = await self.hypervisor.restore_file(str(memory), xml, state)
             else:

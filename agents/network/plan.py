@@ -109,7 +109,7 @@ def seen_from(links: list[dict[str, object]], fdb: Mapping[int, list[dict[str, o
     tunnels: dict[int, tuple[str, int]] = {}
     for link in links:
         name = str(link.get("ifname", ""))
-        vni = _vni_of(name)
+        vni = vni_of(name)
         info = link.get("linkinfo")
         data = info.get("info_data") if isinstance(info, dict) else None
         if vni is not None and name.startswith("dvx") and isinstance(data, dict):
@@ -122,7 +122,8 @@ def seen_from(links: list[dict[str, object]], fdb: Mapping[int, list[dict[str, o
     return Seen(vxlans, entries)
 
 
-def _vni_of(name: str) -> int | None:
+def vni_of(name: str) -> int | None:
+    """The VNI a device named as this module names them carries; None for any other name."""
     if len(name) != 9 or not name.startswith(PREFIXES):
         return None
     try:

@@ -218,8 +218,8 @@ class Create:
             case Step.PLACED, Continued():
                 self.step, self.confirming = Step.CONFIRM, True
                 return CallHosts(tuple(CallHost(slot.node, slot.addr, "host.confirm", {
-                    "token": self.tokens.pop(vm), **({} if self.vms[vm].image == DEFAULT_IMAGE else
-                                                     {"image": self.vms[vm].image})})
+                    "token": self.tokens.pop(vm), **self.value.nic_args(vm),
+                    **({} if self.vms[vm].image == DEFAULT_IMAGE else {"image": self.vms[vm].image})})
                     for vm, slot in self.placement.items()))
             case Step.CONFIRM, HostsAnswered(answers=answers):
                 failures = [f"{vm} on {a.reason}" for vm, a in zip(self.placement, answers, strict=True)

@@ -171,7 +171,8 @@ class Rebuild:
                 self.step = Step.CONFIRM
                 assert self.intent is not None, "written before the pause"
                 return CallHost(self.intent.node, self.intent.addr, "host.confirm", {
-                    "token": self.token, "state": self.intent.state, **({"image": self.image} if self.image else {})})
+                    "token": self.token, "state": self.intent.state, **self.value.nic_args(self.vm),
+                    **({"image": self.image} if self.image else {})})
             case Step.CONFIRM, HostAnswered():
                 self.step = Step.ENDING
                 self.inner = RebuildRecovery(self.value, self.vm, self.domain, forward=True)

@@ -268,6 +268,11 @@ class VERecord:
         standbys = {v: c for v, c in self.standbys.items() if v != vm} | ({vm: entries} if entries else {})
         return replace(self, standbys=standbys)
 
+    def nic_args(self, vm: str) -> dict[str, list[list[Any]]]:
+        """What a host making VM `vm` anew (`host.confirm`) is told of its NICs: [VNI, MAC] each; none: {}."""
+        nics = [[self.networks[nic.network].vni, nic.mac] for nic in self.nics.get(vm, ())]
+        return {"nics": nics} if nics else {}
+
     def intents(self) -> list[Intent]:
         """What operations left unfinished: moves, failovers and rebuilds (by VM), then a snapshot."""
         found: list[Intent] = [i for vm in sorted(self.placement) for i in self.placement[vm].intents()]

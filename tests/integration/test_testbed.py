@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agents.hypervisor.qemu import BackendError, prepare_guest
+from agents.network.plan import FLOOD, vxlan_name
 from discovery.testbed import bed
 from images import tinyguest
 
@@ -123,6 +124,34 @@ def test_ve_created_listed_destroyed_across_three_sites(testbed: Cluster, tmp_pa
     testbed.json("--agent", "node3", "ve", "destroy", "far")
     wait_for(lambda: "far" not in {ve["name"] for ve in testbed.json("--agent", "node1", "ve", "list")["ves"]},
              what="the destroyed VE gone from node1's list")
+
+
+def _fdb(node: str, vni: int) -> set[tuple[str, str]] | None:
+    """The forwarding entries of segment `vni` in node `node`'s namespace; None if it has no such segment."""
+    done = subprocess.run(["ip", "netns", "exec", f"dtb-{node}", "bridge", "-j", "fdb", "show", "dev",
+                           vxlan_name(vni)], capture_output=True, text=True, timeout=10)
+    if done.returncode != 0:
+        return None
+    return {(e["mac"], e["dst"]) for e in json.loads(done.stdout or "[]") if "dst" in e}
+
+
+def test_a_ve_network_spans_its_vms_hosts_and_goes_with_the_ve(testbed: Cluster, tmp_path: Path) -> None:
+    """Each host of a VE network carries its segment with the other host's VM's MAC (the test driver has no taps:
+    what real guests send over it is `test_qemu_agents`' to show)."""
+    spec = tmp_path / "pair.yaml"
+    spec.write_text("name: pair\nvms:\n  - {name: a, vcpus: 1, memory_mb: 64}\n  - {name: b, vcpus: 1, memory_mb: 64}\n"
+                    "constraints: {anti_affinity: [[a, b]]}\n")
+    created = testbed.json("--agent", "node1", "ve", "create", str(spec))
+    vni = created["networks"]["default"]["vni"]
+    at = {vm: (slot["node"], slot["addr"].rpartition(":")[0]) for vm, slot in created["placement"].items()}
+    (na, addr_a), (nb, addr_b) = at["a"], at["b"]
+    mac_a, mac_b = (created["nics"][vm][0]["mac"] for vm in ("a", "b"))
+    wanted = {na: {(FLOOD, addr_b), (mac_b, addr_b)}, nb: {(FLOOD, addr_a), (mac_a, addr_a)}}
+    wait_for(lambda: {n: _fdb(n, vni) for n in (na, nb)} == wanted, what="each host forwarding to the other")
+    assert _fdb(next(n for n in ("node1", "node2", "node3") if n not in (na, nb)), vni) is None
+
+    testbed.json("--agent", "node2", "ve", "destroy", "pair")
+    wait_for(lambda: _fdb(na, vni) is None and _fdb(nb, vni) is None, what="the segments gone with the VE")
 
 
 def test_down_without_dir_removes_what_a_crashed_testbed_left(testbed: Cluster) -> None:

@@ -1,0 +1,59 @@
+"""The segments of this host's VE networks (`agents.network`): those its VMs' interfaces are on, with the other
+hosts of each and their VMs' MACs, kept in the kernel by the data plane.
+
+Which segments: the union of the bridges the interfaces of the VMs defined here name (their domain XML, stored by
+the host: a VM that arrives by any move brings its interfaces, and one that leaves takes them), so a segment is
+made before the first VM on it starts and deleted once the last one is gone. Where the other hosts are (the
+forwarding entries) is the VE layer's to say, from the directory (`set_remotes`); until it has, a segment
+carries this host's VMs only. Without a data plane (an agent sharing its network namespace with others, see
+`agents.config.AgentConfig.dataplane`) the interfaces are still written, and nothing is done in the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from agents.host.base import HostBase
+from agents.network.interfaces import segments_of
+from agents.network.linux import DataPlane, NetworkError
+from agents.network.plan import OVERHEAD, Segment
+
+log = logging.getLogger(__name__)
+DEFAULT_MTU = 1500
+
+
+class Networking(HostBase):
+    """The data plane of this host's VMs' networks (module docstring)."""
+
+    dataplane: DataPlane | None = None
+    """Wired by the composition place where this agent carries VE networks; None: it writes interfaces only."""
+    remotes: Mapping[int, Mapping[str, frozenset[str]]] = {}
+    """For each VNI, the other hosts of the network (underlay address) and the MACs of the VMs there."""
+
+    async def nic_mtu(self) -> int:
+        """The MTU of a new VM's NICs: the underlay's less VXLAN's overhead."""
+        underlay = await self.dataplane.underlay_mtu() if self.dataplane is not None else DEFAULT_MTU
+        return underlay - OVERHEAD
+
+    async def _forget(self, name: str) -> None:
+        await super()._forget(name)
+        await self.carry_segments()  # the VM's segments, if it was their last one here, go
+
+    async def set_remotes(self, remotes: Mapping[int, Mapping[str, frozenset[str]]]) -> None:
+        """Where the other VMs of this host's networks are (the VE layer, from the directory); carried at once."""
+        self.remotes = remotes
+        await self.carry_segments()
+
+    async def carry_segments(self) -> None:
+        """Make the kernel hold the segments this host's VMs need now (module docstring). A failure is logged,
+        not raised: the VMs keep running on what the kernel holds, and the next call tries again."""
+        if self.dataplane is None:
+            return
+        vnis: set[int] = set()
+        for (xml,) in await self.db.rows("SELECT xml FROM domains"):
+            vnis |= segments_of(xml)
+        try:
+            await self.dataplane.carry(Segment(vni, self.remotes.get(vni, {})) for vni in sorted(vnis))
+        except NetworkError as err:
+            log.warning("data plane: %s", err)

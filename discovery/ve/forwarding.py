@@ -1,0 +1,64 @@
+"""Where the other VMs of this host's VE networks are: read from the directory, handed to the host's data plane
+(`agents.host.networking`) as its segments' forwarding entries.
+
+`remotes` (pure) turns VE records into, for each VNI, the other hosts of the network (their underlay address:
+the host part of the agent's address) and the MACs of the VMs of that network there. `Forwarding` (an actor of
+agents that carry VE networks) reads the records of the VEs with a VM on this host every FORWARD_EVERY seconds
+and tells the host. A VM that moved is reached at its new host from the next pass on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from agents.host.networking import Networking
+from agents.runtime import Actor
+from discovery.ve.directory import Directory
+from discovery.ve.records import VERecord
+from overlay.wire.rpc import RequestError, RpcError, split_addr
+
+log = logging.getLogger(__name__)
+FORWARD_EVERY = 2.0
+
+Remotes = dict[int, dict[str, frozenset[str]]]
+
+
+def remotes(ves: Iterable[VERecord], node: str) -> Remotes:
+    """For each VNI of a network with a VM on `node`, the other hosts of that network and their VMs' MACs on it
+    (a host with none of them is left out: nothing to send it)."""
+    found: dict[int, dict[str, set[str]]] = {}
+    for ve in ves:
+        local = {nic.network for vm, slot in ve.placement.items() if slot.node == node for nic in ve.nics.get(vm, ())}
+        for vm, slot in ve.placement.items():
+            if slot.node == node:
+                continue
+            for nic in ve.nics.get(vm, ()):
+                net = ve.networks.get(nic.network)
+                if nic.network in local and net is not None:
+                    found.setdefault(net.vni, {}).setdefault(split_addr(slot.addr)[0], set()).add(nic.mac)
+    return {vni: {host: frozenset(macs) for host, macs in hosts.items()} for vni, hosts in found.items()}
+
+
+class Forwarding(Actor):
+    """Keeps this host's forwarding entries in step with the directory (module docstring)."""
+
+    name = "ve-forwarding"
+    tick_interval = FORWARD_EVERY
+
+    def __init__(self, node: str, host: Networking, directory: Directory) -> None:
+        super().__init__()
+        self.node, self.host, self.directory = node, host, directory
+
+    async def tick(self) -> None:
+        names = sorted({domain.split(":", 1)[0] for domain in self.host.ledger.allocated})
+        records = []
+        for name in names:
+            try:
+                stored = await self.directory.get(name)
+            except (RequestError, RpcError) as err:
+                log.info("forwarding: VE %s unread (%s); its entries stay as they are", name, err)
+                return
+            if stored is not None:
+                records.append(stored.ve)
+        await self.host.set_remotes(remotes(records, self.node))  # also repairs what the kernel lost meanwhile

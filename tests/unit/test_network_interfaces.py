@@ -1,0 +1,58 @@
+"""A VM's interfaces in its domain XML (`agents.network.interfaces`), the host's check of a new VM's NICs
+(`agents.host.args.nics_arg`), and the forwarding entries the VE layer derives from the records
+(`discovery.ve.forwarding.remotes`)."""
+
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from agents.host.args import nics_arg
+from agents.hypervisor.actor import domain_xml
+from agents.network.interfaces import segments_of, with_nics
+from discovery.ve.forwarding import remotes
+from discovery.ve.records import NetState, Nic, Slot, VERecord
+from discovery.ve.spec import VESpec, VMSpec
+from overlay.wire.rpc import RequestError
+
+
+def test_interfaces_are_written_on_their_segments_bridges_and_read_back():
+    xml = with_nics(domain_xml("shop:web", 1, 64), [(5000, "02:00:00:00:00:01"), (70000, "02:00:00:00:00:02")], 1450)
+    interfaces = ET.fromstring(xml).findall("./devices/interface")
+    assert [(i.get("type"), i.find("mac").get("address"), i.find("source").get("bridge"), i.find("mtu").get("size"),
+             i.find("model").get("type")) for i in interfaces] == [
+        ("bridge", "02:00:00:00:00:01", "dvb001388", "1450", "virtio"),
+        ("bridge", "02:00:00:00:00:02", "dvb011170", "1450", "virtio")]
+    assert segments_of(xml) == {5000, 70000}
+    assert with_nics(xml, [], 1450) == xml and segments_of(domain_xml("a", 1, 64)) == set()
+    assert segments_of("<domain><devices><interface type='bridge'><source bridge='virbr0'/></interface></devices>"
+                       "</domain>") == set() and segments_of("not xml") == set()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([5000], "each NIC must be [vni, mac]"),
+    ([[0, "02:00:00:00:00:01"]], "a NIC's vni must be an integer from 1 to 16777215, got 0"),
+    ([[True, "02:00:00:00:00:01"]], "a NIC's vni must be an integer from 1 to 16777215, got True"),
+    ([[5000, "01:00:5e:00:00:01"]], "a NIC's mac must be a unicast MAC such as 02:00:5e:10:00:01, got '01:00:5e"),
+    ([[5000, "02:00:00:00:00:0G"]], "a NIC's mac must be a unicast MAC"),
+])
+def test_a_host_refuses_nics_it_cannot_make_in_one_line(rows, message):
+    with pytest.raises(RequestError, match="^" + re.escape(message)):
+        nics_arg(rows)
+    assert nics_arg([[5000, "02:00:00:00:00:01"]]) == [(5000, "02:00:00:00:00:01")] and nics_arg(None) == []
+
+
+def test_remotes_are_the_other_hosts_of_this_host_s_networks_with_their_vms_macs():
+    def slot(node):
+        return Slot(node, f"10.0.0.{node[-1]}:7000", "s", None, "")
+
+    ve = VERecord("shop", VESpec("shop", (VMSpec("a", 1, 64), VMSpec("b", 1, 64), VMSpec("c", 1, 64))), "alice",
+                  "running", {"a": slot("n1"), "b": slot("n2"), "c": slot("n3")}, "n1", 0.0, "u",
+                  networks={"front": NetState(5000, "10.0.0.0/24"), "back": NetState(5001, "10.0.1.0/24")},
+                  nics={"a": (Nic("front", "02:00:00:00:00:0a", "10.0.0.2"),),
+                        "b": (Nic("front", "02:00:00:00:00:0b", "10.0.0.3"), Nic("back", "02:00:00:00:01:0b", "")),
+                        "c": (Nic("back", "02:00:00:00:01:0c", "10.0.1.3"),)})
+    assert remotes([ve], "n1") == {5000: {"10.0.0.2": frozenset({"02:00:00:00:00:0b"})}}  # n1 is on front only
+    assert remotes([ve], "n2") == {5000: {"10.0.0.1": frozenset({"02:00:00:00:00:0a"})},
+                                   5001: {"10.0.0.3": frozenset({"02:00:00:00:01:0c"})}}
+    assert remotes([ve], "n9") == {}
