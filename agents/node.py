@@ -53,6 +53,7 @@ from agents.metrics.collectors import (
     VivaldiCollector,
 )
 from agents.metrics.exporter import Exporter
+from agents.network.dhcp import DhcpServers
 from agents.network.linux import DataPlane
 from agents.overlays import OverlayService
 from agents.runtime import Actor, Event, Notifier, Supervisor
@@ -153,6 +154,7 @@ class NodeAgent:
                                     *((self.backend.guests, self.backend.migration_uri) if self.backend else ()))
             if cfg.carries_networks:
                 self.host.dataplane = DataPlane(cfg.host.strip("[]"))
+                self.host.dhcp = DhcpServers(cfg.data_dir / "dhcp", cfg.name)
             self.gossip = GossipService(transport, self.membership, self.ring, self.notifier, cfg.join,
                                         cfg.data_dir / "members.json", cfg.probe_interval)
             # every RPC we make is now an RTT sample

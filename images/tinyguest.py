@@ -13,7 +13,10 @@ and a busybox initramfs whose `/init`
 - writes `HEARTBEAT <n>` to the first sector of its disk every second, continuing from the value it
   finds there at boot, so a reverted snapshot shows on the disk and the counter, and
 - with `discovery.load` on its kernel command line, also writes 1 MiB at a time to its disk, fsync'd, and
-  prints `LOAD <n>` after each (`benchmarks/replication_cost.py`).
+  prints `LOAD <n>` after each (`benchmarks/replication_cost.py`), and
+- configures its first NIC, if it has one, by DHCP (busybox's udhcpc, again and again until a server answers)
+  and prints `DISCOVERY-GUEST-NET ip=<address>/<mask> router=<gateway>` once it has an address: what the VE
+  networks' tests wait for (the kernel answers pings from then on).
 
 Everything lands in a cache directory (default `$DISCOVERY_HOME/images`) under a name hashed from the
 recipe, so a second call reuses the first build; concurrent builders race on an atomic rename.
@@ -36,14 +39,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+NET = "DISCOVERY-GUEST-NET"
+"""The line the guest prints once DHCP gave its first NIC an address: `NET ip=<address>/<mask> router=<gateway>`."""
 READY = "DISCOVERY-GUEST-READY"
 """The line `/init` prints on the serial console once its disk is found and the heartbeat starts."""
 POWEROFF = "DISCOVERY-GUEST-POWEROFF"
 """The line `/init` prints when the power button was pressed, just before it syncs and powers off."""
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
-MODULES = ("virtio_pci", "virtio_blk", "button", "evdev")
-"""What `/init` loads (with their dependencies, resolved at build time): disk and power button."""
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "button", "evdev")
+"""What `/init` loads (with their dependencies, resolved at build time): disk, network, power button."""
 CMDLINE = "console=ttyS0 quiet panic=-1"
 DISK_MIB = 32
 FS_UUID = "6d1c3a52-7e3b-4c38-9a53-0f1e0d15c0de"
@@ -75,6 +80,22 @@ else
   echo "DISCOVERY-GUEST-ERROR no /dev/vda"
 fi
 echo "DISCOVERY-GUEST-READY heartbeat=$n"
+# The first NIC, by DHCP: udhcpc runs its script with the lease in its environment.
+if [ -e /sys/class/net/eth0 ]; then
+  cat > /bin/dhcp-event <<'EOS'
+#!/bin/busybox sh
+case "$1" in
+  bound|renew)
+    ifconfig "$interface" "$ip" netmask "$subnet" up
+    [ -n "$router" ] && route add default gw "$router" 2>/dev/null
+    echo "DISCOVERY-GUEST-NET ip=$ip/$subnet router=$router" > /dev/console ;;
+  deconfig) ifconfig "$interface" 0.0.0.0 up ;;
+esac
+EOS
+  chmod +x /bin/dhcp-event
+  ifconfig lo 127.0.0.1 up
+  udhcpc -i eth0 -s /bin/dhcp-event -t 3 -T 1 -A 1 >/dev/null 2>&1 &
+fi
 # With discovery.load on the command line, also write 1 MiB at a time over the 15 MiB after the first (random
 # data, its first sector then saying which write it was), fsync'd: a guest that writes, to measure what a disk
 # mirror costs it.

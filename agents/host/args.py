@@ -9,6 +9,7 @@ the same function, so both refuse the same values in the same words.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -57,19 +58,28 @@ def check_timeout(value: float) -> None:
         raise RequestError(f"timeout must be a number of seconds, more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g}")
 
 
-def nics_arg(rows: list[Any] | None) -> list[tuple[int, str]]:
-    """A new VM's NICs: [VNI, MAC] each, the VNI of 24 bits and the MAC a unicast one written as libvirt writes
-    them (six lowercase hex pairs); a row of two items is no type the codec has, so its items are checked here."""
+def nics_arg(rows: list[Any] | None) -> list[tuple[int, str, str]]:
+    """A new VM's NICs: [VNI, MAC, address/prefix] each, the VNI of 24 bits, the MAC a unicast one written as
+    libvirt writes them (six lowercase hex pairs), the IPv4 address its host's DHCP server hands out with its
+    subnet's prefix length; a row of three items is no type the codec has, so its items are checked here."""
     checked = []
     for row in rows or []:
-        if not (isinstance(row, list) and len(row) == 2):
-            raise RequestError("each NIC must be [vni, mac]")
-        vni, mac = row
+        if not (isinstance(row, list) and len(row) == 3):
+            raise RequestError("each NIC must be [vni, mac, address/prefix]")
+        vni, mac, address = row
         if isinstance(vni, bool) or not isinstance(vni, int) or not 1 <= vni < 1 << VNI_BITS:
             raise RequestError(f"a NIC's vni must be an integer from 1 to {(1 << VNI_BITS) - 1}, got {vni!r}")
         if not (isinstance(mac, str) and _MAC.fullmatch(mac) and not int(mac[:2], 16) & 1):
             raise RequestError(f"a NIC's mac must be a unicast MAC such as 02:00:5e:10:00:01, got {mac!r}")
-        checked.append((vni, mac))
+        try:
+            interface = ipaddress.IPv4Interface(address) if isinstance(address, str) and "/" in address else None
+        except ValueError:
+            interface = None
+        net = interface.network if interface is not None else None
+        if interface is None or net is None or interface.ip in (net.network_address, net.broadcast_address):
+            raise RequestError(f"a NIC's address must be an IPv4 host address with its prefix such as 10.0.0.2/24, "
+                               f"got {address!r}")
+        checked.append((vni, mac, str(interface)))
     return checked
 
 

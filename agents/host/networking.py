@@ -5,17 +5,23 @@ Which segments: the union of the bridges the interfaces of the VMs defined here 
 the host: a VM that arrives by any move brings its interfaces, and one that leaves takes them), so a segment is
 made before the first VM on it starts and deleted once the last one is gone. Where the other hosts are (the
 forwarding entries) is the VE layer's to say, from the directory (`set_remotes`); until it has, a segment
-carries this host's VMs only. Without a data plane (an agent sharing its network namespace with others, see
-`agents.config.AgentConfig.dataplane`) the interfaces are still written, and nothing is done in the kernel.
+carries this host's VMs only. Each segment also gets a DHCP server handing this host's VMs on it the
+addresses their domains' metadata holds (`agents.network.dhcp`). Without a data plane (an agent sharing its
+network namespace with others, see `agents.config.AgentConfig.dataplane`) the interfaces are still written,
+and nothing is done in the kernel.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Mapping
 
+import trio
+
 from agents.host.base import HostBase
-from agents.network.interfaces import segments_of
+from agents.network.dhcp import DhcpError, DhcpServers, Leases
+from agents.network.interfaces import addresses_of, segments_of
 from agents.network.linux import DataPlane, NetworkError
 from agents.network.plan import OVERHEAD, Segment
 
@@ -28,6 +34,8 @@ class Networking(HostBase):
 
     dataplane: DataPlane | None = None
     """Wired by the composition place where this agent carries VE networks; None: it writes interfaces only."""
+    dhcp: DhcpServers | None = None
+    """The segments' DHCP servers, wired with the data plane."""
     remotes: Mapping[int, Mapping[str, frozenset[str]]] = {}
     """For each VNI, the other hosts of the network (underlay address) and the MACs of the VMs there."""
 
@@ -51,9 +59,23 @@ class Networking(HostBase):
         if self.dataplane is None:
             return
         vnis: set[int] = set()
+        addresses: dict[int, dict[str, str]] = {}
         for (xml,) in await self.db.rows("SELECT xml FROM domains"):
             vnis |= segments_of(xml)
+            for vni, macs in addresses_of(xml).items():
+                addresses.setdefault(vni, {}).update(macs)
         try:
             await self.dataplane.carry(Segment(vni, self.remotes.get(vni, {})) for vni in sorted(vnis))
-        except NetworkError as err:
+            if self.dhcp is not None:
+                await trio.to_thread.run_sync(self.dhcp.carry, _leases(addresses, vnis))
+        except (NetworkError, DhcpError) as err:
             log.warning("data plane: %s", err)
+
+
+def _leases(addresses: Mapping[int, Mapping[str, str]], vnis: set[int]) -> dict[int, Leases]:
+    """Each segment's DHCP leases from its VMs' addresses (address/prefix): their subnet, MAC -> address."""
+    leases = {}
+    for vni in vnis & set(addresses):
+        some = ipaddress.IPv4Interface(next(iter(addresses[vni].values())))
+        leases[vni] = Leases(str(some.network), {mac: a.partition("/")[0] for mac, a in addresses[vni].items()})
+    return leases

@@ -191,6 +191,8 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+        if self.dhcp is not None:  # its children: a stopped agent leaves no server behind
+            self.dhcp.stop_all()
 
     # -- handlers ----------------------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
 
     async def _confirm(self, token: str, carried: str | None, state: str,
                        snapshots: list[tuple[str, str, str, float, str]], ship: Ship | None,
-                       image: str | None, nics: list[tuple[int, str]]) -> DomainInfo:
+                       image: str | None, nics: list[tuple[int, str, str]]) -> DomainInfo:
         try:
             reservation = self.ledger.confirm(token, trio.current_time())
         except UnknownReservation as err:  # it lapsed while the VM's lock was busy

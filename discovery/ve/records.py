@@ -269,8 +269,10 @@ class VERecord:
         return replace(self, standbys=standbys)
 
     def nic_args(self, vm: str) -> dict[str, list[list[Any]]]:
-        """What a host making VM `vm` anew (`host.confirm`) is told of its NICs: [VNI, MAC] each; none: {}."""
-        nics = [[self.networks[nic.network].vni, nic.mac] for nic in self.nics.get(vm, ())]
+        """What a host making VM `vm` anew (`host.confirm`) is told of its NICs: [VNI, MAC, address/prefix] each
+        (the address its DHCP server hands out, in the network's subnet); none: {}."""
+        nics = [[(net := self.networks[nic.network]).vni, nic.mac,
+                 f"{nic.address}/{IPv4Network(net.subnet).prefixlen}"] for nic in self.nics.get(vm, ())]
         return {"nics": nics} if nics else {}
 
     def intents(self) -> list[Intent]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -53,14 +54,15 @@ def carry(host: str, local: str, segments: list[dict]) -> int:
     return int(done.stdout.strip())
 
 
-def vm(host: str, name: str, vni: int, mac: str, address: str) -> None:
-    """A VM on `host`'s segment `vni`: namespace `name`, its NIC `mac` with `address`, the host's end on the bridge
-    (the MTU the segment gives a guest's NIC)."""
+def vm(host: str, name: str, vni: int, mac: str, address: str | None) -> None:
+    """A VM on `host`'s segment `vni`: namespace `name`, its NIC `mac` with `address` (None: left to DHCP), the
+    host's end on the bridge (the MTU the segment gives a guest's NIC)."""
     sh("ip", "link", "add", f"t{name.split('-')[0]}", "netns", host, "type", "veth", "peer", "eth0", "netns", name)
     mtu = inside(host, "cat", f"/sys/class/net/{bridge_name(vni)}/mtu").stdout.strip()
     inside(host, "ip", "link", "set", f"t{name.split('-')[0]}", "master", bridge_name(vni), "mtu", mtu, "up")
     inside(name, "ip", "link", "set", "eth0", "address", mac, "mtu", mtu, "up")
-    inside(name, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+    if address is not None:
+        inside(name, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
 
 
 def test_two_vms_of_one_network_on_two_hosts_reach_each_other_and_no_one_else(tmp_path):
@@ -89,3 +91,50 @@ def test_two_vms_of_one_network_on_two_hosts_reach_each_other_and_no_one_else(tm
         links = inside(b, "ip", "-j", "link", "show").stdout
         assert {link["ifname"] for link in json.loads(links)} & {"dvb001389", "dvx001389"} == set()
         assert inside(va, "ping", "-c", "1", "-W", "2", "10.0.0.3").returncode == 0
+
+
+SERVE = """
+import json, sys, pathlib, trio
+from agents.network.dhcp import DhcpServers, Leases
+from agents.network.linux import DataPlane
+from agents.network.plan import Segment
+local, directory, wanted = sys.argv[1], pathlib.Path(sys.argv[2]), json.loads(sys.argv[3])
+trio.run(DataPlane(local).carry, [Segment(int(v)) for v in wanted])
+servers = DhcpServers(directory, "h1")
+servers.carry({int(v): Leases(w["subnet"], w["hosts"]) for v, w in wanted.items()})
+print("serving", flush=True)
+sys.stdin.read()  # until the test is done
+servers.carry({})
+print("stopped", flush=True)
+"""
+
+
+def test_a_vm_gets_the_address_its_record_gave_it_by_dhcp_from_its_host_only(tmp_path):
+    """Two VE networks with the same subnet on one host (a namespace each for their gateways), a VM on each: each
+    gets its own address from its segment's server; a MAC the host does not run gets none; all gone after."""
+    if not shutil.which("udhcpc"):
+        pytest.skip("no udhcpc (Debian's udhcpc package) to play the guest's DHCP client")
+    tag = uuid.uuid4().hex[:6]
+    host, v1, v2, v3 = (f"dh{x}-{tag}" for x in ("h", "v1", "v2", "v3"))
+    with namespaces(host, v1, v2, v3):
+        inside(host, "ip", "link", "set", "lo", "up")
+        wanted = {"5000": {"subnet": "10.0.0.0/24", "hosts": {"02:00:00:00:00:01": "10.0.0.7"}},
+                  "5001": {"subnet": "10.0.0.0/24", "hosts": {"02:00:00:00:00:02": "10.0.0.9"}}}
+        serving = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", SERVE, "127.0.0.1",
+                                    str(tmp_path), json.dumps(wanted)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            assert serving.stdout.readline().strip() == "serving"
+            vm(host, v1, 5000, "02:00:00:00:00:01", None)
+            vm(host, v2, 5001, "02:00:00:00:00:02", None)
+            vm(host, v3, 5000, "02:00:00:00:00:03", None)  # not one of this host's VMs
+            for ns, address in ((v1, "10.0.0.7"), (v2, "10.0.0.9")):
+                got = inside(ns, "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "1", "-s", "/bin/true",
+                             check=False)
+                assert f"lease of {address} obtained from 10.0.0.1" in got.stdout + got.stderr, got
+            stranger = inside(v3, "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "2", "-T", "1", "-s", "/bin/true",
+                              check=False)
+            assert stranger.returncode != 0 and "obtained" not in stranger.stdout + stranger.stderr
+        finally:
+            serving.communicate("", timeout=60)
+        assert not [ns for ns in sh("ip", "netns", "list").stdout.split() if ns.endswith(".h1")]

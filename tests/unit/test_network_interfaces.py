@@ -9,7 +9,7 @@ import pytest
 
 from agents.host.args import nics_arg
 from agents.hypervisor.actor import domain_xml
-from agents.network.interfaces import segments_of, with_nics
+from agents.network.interfaces import addresses_of, segments_of, with_nics
 from discovery.ve.forwarding import remotes
 from discovery.ve.records import NetState, Nic, Slot, VERecord
 from discovery.ve.spec import VESpec, VMSpec
@@ -17,29 +17,38 @@ from overlay.wire.rpc import RequestError
 
 
 def test_interfaces_are_written_on_their_segments_bridges_and_read_back():
-    xml = with_nics(domain_xml("shop:web", 1, 64), [(5000, "02:00:00:00:00:01"), (70000, "02:00:00:00:00:02")], 1450)
+    xml = with_nics(domain_xml("shop:web", 1, 64), [(5000, "02:00:00:00:00:01", "10.0.0.2/24"),
+                                                    (70000, "02:00:00:00:00:02", "10.1.0.9/29")], 1450)
     interfaces = ET.fromstring(xml).findall("./devices/interface")
     assert [(i.get("type"), i.find("mac").get("address"), i.find("source").get("bridge"), i.find("mtu").get("size"),
              i.find("model").get("type")) for i in interfaces] == [
         ("bridge", "02:00:00:00:00:01", "dvb001388", "1450", "virtio"),
         ("bridge", "02:00:00:00:00:02", "dvb011170", "1450", "virtio")]
     assert segments_of(xml) == {5000, 70000}
+    assert addresses_of(xml) == {5000: {"02:00:00:00:00:01": "10.0.0.2/24"},
+                                 70000: {"02:00:00:00:00:02": "10.1.0.9/29"}}
+    assert addresses_of(domain_xml("a", 1, 64)) == {} and addresses_of("not xml") == {}
     assert with_nics(xml, [], 1450) == xml and segments_of(domain_xml("a", 1, 64)) == set()
     assert segments_of("<domain><devices><interface type='bridge'><source bridge='virbr0'/></interface></devices>"
                        "</domain>") == set() and segments_of("not xml") == set()
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([5000], "each NIC must be [vni, mac]"),
-    ([[0, "02:00:00:00:00:01"]], "a NIC's vni must be an integer from 1 to 16777215, got 0"),
-    ([[True, "02:00:00:00:00:01"]], "a NIC's vni must be an integer from 1 to 16777215, got True"),
-    ([[5000, "01:00:5e:00:00:01"]], "a NIC's mac must be a unicast MAC such as 02:00:5e:10:00:01, got '01:00:5e"),
-    ([[5000, "02:00:00:00:00:0G"]], "a NIC's mac must be a unicast MAC"),
+    ([5000], "each NIC must be [vni, mac, address/prefix]"),
+    ([[0, "02:00:00:00:00:01", "10.0.0.2/24"]], "a NIC's vni must be an integer from 1 to 16777215, got 0"),
+    ([[True, "02:00:00:00:00:01", "10.0.0.2/24"]], "a NIC's vni must be an integer from 1 to 16777215, got True"),
+    ([[5000, "01:00:5e:00:00:01", "10.0.0.2/24"]],
+     "a NIC's mac must be a unicast MAC such as 02:00:5e:10:00:01, got '01:00:5e"),
+    ([[5000, "02:00:00:00:00:0G", "10.0.0.2/24"]], "a NIC's mac must be a unicast MAC"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.2"]], "a NIC's address must be an IPv4 host address with its prefix"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.255/24"]], "a NIC's address must be an IPv4 host address"),
+    ([[5000, "02:00:00:00:00:01", 7]], "a NIC's address must be an IPv4 host address"),
 ])
 def test_a_host_refuses_nics_it_cannot_make_in_one_line(rows, message):
     with pytest.raises(RequestError, match="^" + re.escape(message)):
         nics_arg(rows)
-    assert nics_arg([[5000, "02:00:00:00:00:01"]]) == [(5000, "02:00:00:00:00:01")] and nics_arg(None) == []
+    assert nics_arg([[5000, "02:00:00:00:00:01", "10.0.0.2/24"]]) == [(5000, "02:00:00:00:00:01", "10.0.0.2/24")]
+    assert nics_arg(None) == []
 
 
 def test_remotes_are_the_other_hosts_of_this_host_s_networks_with_their_vms_macs():
