@@ -7,8 +7,9 @@ agent and of Docker's overlay networks:
 - a Linux bridge, `dvb<vni>` (the VNI in 6 hex digits: names stay under the kernel's 15 characters and are
   the same on every host), which the VMs' taps join (libvirt's `<interface type='bridge'>`);
 - a VXLAN device, `dvx<vni>`, on the bridge: the network's VNI, this host's underlay address as its source,
-  UDP 4789, no learning (the agents know every MAC: they are in the VE record, so nothing is flooded to learn
-  them);
+  UDP 4789, no learning, neither by the VXLAN device nor by the bridge on its port (the agents know every
+  MAC: they are in the VE record; and the gateway's MAC, the same on every host, `agents.network.dhcp`, must
+  only ever be learnt on the local port);
 - forwarding entries on the VXLAN device: for each other host of the network, the all-zero MAC to it (the
   head-end replication of broadcasts: ARP and DHCP reach every host of the network, with no multicast) and
   each MAC of its VMs to it (unicast goes straight to the VM's host).
@@ -88,6 +89,7 @@ def _devices(vni: int, leftover: bool, local: str, mtu: int) -> list[list[str]]:
         ["ip", "link", "add", vxlan, "mtu", str(mtu), "type", "vxlan", "id", str(vni), "local", local,
          "dstport", str(VXLAN_PORT), "nolearning"],
         ["ip", "link", "set", vxlan, "master", bridge, "up"],
+        ["bridge", "link", "set", "dev", vxlan, "learning", "off"],
         ["ip", "link", "set", bridge, "up"],
     ]
 

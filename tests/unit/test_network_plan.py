@@ -33,6 +33,8 @@ class Kernel:
             case ["ip", "link", "set", name, "master", bridge, "up"]:
                 assert bridge in self.bridges
                 self.vxlans[name] = (*self.vxlans[name][:3], bridge)
+            case ["bridge", "link", "set", "dev", name, "learning", "off"]:
+                assert self.vxlans[name][3] is not None  # a bridge port by then
             case ["ip", "link", "set", name, "up"]:
                 assert name in self.bridges
             case ["ip", "link", "del", name]:  # the executor tolerates a device already gone
