@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,3 +189,60 @@ def test_a_real_guest_migrates_live_between_namespaces_across_sites(tmp_path: Pa
         assert tinyguest.READY not in vm.file(".log", target).read_text(errors="replace")  # no reboot
         assert [ve["name"] for ve in bed_cluster.json("--agent", "node3", "ve", "list")["ves"]] == ["mover"]
         bed_cluster.cli("ve", "destroy", "mover")
+
+
+def _probe(tag: str, node: str, vni: int, address: str) -> str:
+    """A namespace on node `node`'s segment `vni` with `address`/24 (a VM of the network that the test can run
+    commands in), named from `tag`; the caller deletes it."""
+    ns = f"dtp-{tag}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "link", "add", f"p{tag}", "netns", f"dtb-{node}", "type", "veth", "peer", "eth0",
+                    "netns", ns], check=True)
+    for where, argv in ((f"dtb-{node}", ["link", "set", f"p{tag}", "master", f"dvb{vni:06x}", "up"]),
+                        (ns, ["link", "set", "eth0", "address", f"02:77:00:00:00:{int(tag, 16) % 256:02x}", "up"]),
+                        (ns, ["addr", "add", f"{address}/24", "dev", "eth0"])):
+        subprocess.run(["ip", "-n", where, *argv], check=True)
+    return ns
+
+
+def _pings(ns: str, address: str) -> bool:
+    return subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "2", address],
+                          capture_output=True, timeout=30).returncode == 0
+
+
+def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reach_each_other(tmp_path: Path) -> None:
+    """Two tiny guests of one VE, on two nodes of two sites, get the addresses their record gave them by DHCP from
+    their own hosts, and a VM of the network beside the first reaches both, the second across VXLAN and the
+    router; another VE's guest, with the same subnet and address, on the same host, is on another network."""
+    try:
+        prepare_guest()
+    except BackendError as err:
+        pytest.skip(str(err))
+    with running_testbed(tmp_path, "qemu", tinyguest.default_cache().parent) as bed_cluster:
+        tiny = "vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny"
+        pair, other = tmp_path / "pair.yaml", tmp_path / "other.yaml"
+        pair.write_text(f"name: pair\nvms:\n  - {{name: a, {tiny}}}\n  - {{name: b, {tiny}}}\n"
+                        "constraints: {anti_affinity: [[a, b]]}\n")
+        created = bed_cluster.json("--agent", "node1", "ve", "create", str(pair))
+        host_a = created["placement"]["a"]["node"]
+        other.write_text(f"name: other\nvms:\n  - {{name: c, {tiny}}}\n")
+        bed_cluster.json("--agent", host_a, "ve", "create", str(other))
+        nics = {("pair", vm): created["nics"][vm][0] for vm in ("a", "b")}
+        nics["other", "c"] = bed_cluster.json("ve", "show", "other")["nics"]["c"][0]
+        for (ve, vm), nic in nics.items():
+            console = VM(bed_cluster, ve, vm).file(".log")
+            wait_for(lambda c=console, a=nic["address"]: f"{tinyguest.NET} ip={a}/255.255.255.0 router=10.0.0.1"
+                     in (c.read_text(errors="replace") if c.exists() else ""), timeout=240,
+                     what=f"{ve}/{vm} configured by DHCP")
+        assert nics["other", "c"]["address"] == nics["pair", "a"]["address"]  # one subnet, two networks
+        probe = _probe(uuid.uuid4().hex[:4], host_a, created["networks"]["default"]["vni"], "10.0.0.250")
+        try:
+            for vm in ("a", "b"):
+                wait_for(lambda v=vm: _pings(probe, nics["pair", v]["address"]), what=f"pair/{vm} answering")
+            neighbours = subprocess.run(["ip", "-n", probe, "neigh", "show", nics["pair", "a"]["address"]],
+                                        capture_output=True, text=True).stdout
+            assert nics["pair", "a"]["mac"] in neighbours and nics["other", "c"]["mac"] not in neighbours
+        finally:
+            subprocess.run(["ip", "netns", "del", probe], check=False)
+        bed_cluster.cli("ve", "destroy", "pair")
+        bed_cluster.cli("ve", "destroy", "other")
