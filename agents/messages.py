@@ -441,9 +441,15 @@ class Exported:
 
 @dataclass(frozen=True)
 class IncomingVm(VmName):
-    """`host.incoming`: get ready for VM `name`, booting image `image` (a manifest digest), by live migration."""
+    """`host.incoming`: get ready for VM `name`, booting image `image` (a manifest digest), by live migration;
+    `nics` as `Confirm`'s: the segments its interfaces join must be here before QEMU starts on this side."""
 
     image: str | None = field(default=None, metadata=limit(IMAGE))
+    nics: list[Any] | None = field(default=None, metadata=limit(MAX_NICS))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        nics_arg(self.nics)
 
 
 @dataclass(frozen=True)

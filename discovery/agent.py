@@ -87,7 +87,8 @@ async def install(agent: NodeAgent) -> None:
     agent.actors += [Recovery(ve), ve.unindexing, Fencing(ve), Shipper(ve), dvms, ha,
                      Periodic("image-upkeep", UPKEEP_INTERVAL, images.upkeep)]
     if agent.host.dataplane is not None:  # the VE networks' forwarding entries, from the directory
-        agent.actors.append(Forwarding(cfg.name, agent.host, directory))
+        ve.forwarding = Forwarding(cfg.name, agent.host, directory)
+        agent.actors.append(ve.forwarding)
 
 
 async def ves_using(directory: Directory, image: str) -> list[str]:

@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import libvirt
 import trio
 
-from agents.host.base import HostBase
+from agents.host.args import nics_arg
 from agents.host.locks import one_vm
+from agents.host.networking import Networking
 from agents.host.shipping import CHUNK, read_chunk
 from agents.hypervisor.actor import HypervisorError
 from agents.messages import (
@@ -53,7 +54,7 @@ def migrate_params(uri: str) -> dict[str, str]:
     return {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://[{host}]" if ":" in host else f"tcp://{host}"}
 
 
-class Moves(HostBase):
+class Moves(Networking):
     """`host.export`, `host.fetch`, `host.incoming` and `host.migrate`, and what `host.confirm` needs of a
     move (`_pull`); a VM that arrived by live migration is adopted by `HostBase._reconcile`.
 
@@ -150,6 +151,7 @@ class Moves(HostBase):
                 await trio.to_thread.run_sync(self.domains.prepare, name, held.need.disk_gb, boot)
             except ValueError as err:
                 raise RequestError(str(err)) from None
+        await self.expect_segments(name, {vni for vni, _, _ in nics_arg(request.nics)})
         return Incoming(self.migration_uri)
 
     @one_vm

@@ -27,6 +27,8 @@ from agents.network.plan import OVERHEAD, Segment
 
 log = logging.getLogger(__name__)
 DEFAULT_MTU = 1500
+INCOMING_PATIENCE = 600.0
+"""Seconds the segments of a VM announced by `host.incoming` are kept for it before it is defined here."""
 
 
 class Networking(HostBase):
@@ -38,11 +40,29 @@ class Networking(HostBase):
     """The segments' DHCP servers, wired with the data plane."""
     remotes: Mapping[int, Mapping[str, frozenset[str]]] = {}
     """For each VNI, the other hosts of the network (underlay address) and the MACs of the VMs there."""
+    incoming: Mapping[str, tuple[frozenset[int], float]] = {}
+    """The segments of VMs arriving by live migration (`host.incoming`), and until when they are kept for them:
+    QEMU on this side needs their bridges before the migration starts, and until the VM is defined here (a
+    migration under TCG may take minutes, longer than its reservation lives)."""
+
+    async def expect_segments(self, name: str, vnis: set[int]) -> None:
+        """VM `name` arrives by live migration with interfaces on `vnis`: carry them now."""
+        self.incoming = {**self.incoming, name: (frozenset(vnis), trio.current_time() + INCOMING_PATIENCE)}
+        await self.carry_segments()
 
     async def nic_mtu(self) -> int:
         """The MTU of a new VM's NICs: the underlay's less VXLAN's overhead."""
         underlay = await self.dataplane.underlay_mtu() if self.dataplane is not None else DEFAULT_MTU
         return underlay - OVERHEAD
+
+    def _made(self, name: str, nics: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+        """The NICs a new VM gets here: all, unless no segment can be made for a real guest's taps to join (its
+        QEMU would not start), which then runs without them (the test driver's domains have no taps)."""
+        if nics and self.dataplane is None and self.domains.kind != "test":
+            log.warning("host: %s runs without its %d NICs: this agent carries no VE networks (dataplane)",
+                        name, len(nics))
+            return []
+        return nics
 
     async def _forget(self, name: str) -> None:
         await super()._forget(name)
@@ -60,6 +80,11 @@ class Networking(HostBase):
             return
         vnis: set[int] = set()
         addresses: dict[int, dict[str, str]] = {}
+        now = trio.current_time()
+        self.incoming = {name: (v, until) for name, (v, until) in self.incoming.items()
+                         if until > now and name not in self.ledger.allocated}  # not arrived yet, nor given up
+        for expected, _ in self.incoming.values():
+            vnis |= expected
         for (xml,) in await self.db.rows("SELECT xml FROM domains"):
             vnis |= segments_of(xml)
             for vni, macs in addresses_of(xml).items():

@@ -230,7 +230,8 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
                 xml = self.domains.adapt(carried)
             else:
                 xml = with_nics(self.domains.new_xml(name, need.vcpus, need.memory_mb, need.disk_gb,
-                                                     await self._booted(image)), nics, await self.nic_mtu())
+                                                     await self._booted(image)), self._made(name, nics),
+                                await self.nic_mtu())
             memory = await self._pull(name, ship) if ship is not None else None
             await self.hypervisor.define(xml)
             await self.db.transaction(

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import trio
 
 from agents.host.capacity import Ledger
+from agents.runtime import Actor
 from agents.spiral import Predicate, SpiralResult
 from discovery.ve.directory import Directory, Stored
 from discovery.ve.index import Unindexing
@@ -36,6 +37,8 @@ from vivaldi.coordinate import Coordinate
 
 log = logging.getLogger(__name__)
 HOST_TIMEOUT = 40.0  # a graceful stop may take the hypervisor's shutdown timeout
+FORWARD_TIMEOUT = 2.0
+"""Seconds a host has to take note that a VE's VMs moved (`VEBase._moved`)."""
 PREPARE_LIMIT = 60.0
 """A coordinator gives up (and rolls back) a VM move whose preparation (reserve, export, import) takes longer."""
 MOVE_LEASE = 2 * PREPARE_LIMIT
@@ -105,11 +108,21 @@ class VEBase:
         """Removes destroyed VEs' index entries after the answer (an actor, for the agent to run)."""
         self.vnis = Vnis(directory)
         """The VXLAN identifiers of the VEs' networks, claimed at create and released at destroy."""
+        self.forwarding: Actor | None = None
+        """This host's forwarding entries (`discovery.ve.forwarding`), where it carries VE networks: wired later."""
 
     def joined(self) -> bool:
         """Whether the records may be found from here: this agent joins nobody, or it has joined (another
         member is live); background passes wait for it."""
         return not self.joins or len(self.membership.alive()) >= 2
+
+    async def _moved(self, ve: VERecord) -> None:
+        """Tell every host of VE `ve`'s networks that its VMs moved, so that their forwarding entries follow at
+        once (a live relocation loses connectivity for as long as they lag). Best effort: each host's own
+        pass catches up within FORWARD_EVERY seconds anyway."""
+        if ve.nics:
+            addrs = sorted({slot.addr for slot in ve.placement.values()})
+            await self.transport.call_many(addrs, "ve.forward", {"name": ve.name}, FORWARD_TIMEOUT)
 
     def _lock(self, name: str) -> trio.Lock:
         """The VE's lock on this agent: every operation that changes the VE holds it."""

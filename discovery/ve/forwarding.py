@@ -50,6 +50,10 @@ class Forwarding(Actor):
         super().__init__()
         self.node, self.host, self.directory = node, host, directory
 
+    async def handle(self, message: object) -> None:
+        """A VE's VMs moved (`ve.forward`): look now, not at the next pass."""
+        await self.tick()
+
     async def tick(self) -> None:
         names = sorted({domain.split(":", 1)[0] for domain in self.host.ledger.allocated})
         records = []

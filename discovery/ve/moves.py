@@ -237,8 +237,8 @@ class Move:
             return self._fail(f"cannot migrate it live: {self.target.node} has no libvirtd of its own", now)
         if live and self.method in ("auto", "live"):
             self.how, self.step = "live", Step.INCOMING
-            return self._timed(CallHost(self.target.node, self.target.addr, "host.incoming",
-                                        {"name": self.domain, "image": self.source.get("image")}), now)
+            return self._timed(CallHost(self.target.node, self.target.addr, "host.incoming", {
+                "name": self.domain, "image": self.source.get("image"), **self.value.nic_args(self.vm)}), now)
         self.how, self.step = ("ship" if backend != "test" else "carry"), Step.EXPORT
         return self._timed(CallHost(self.slot.node, self.slot.addr, "host.export", {
             "name": self.domain, "freeze": True, "ship": self.how == "ship"}), now)

@@ -72,6 +72,7 @@ class Rebuilds(VEBase):
             for note in core.notes:
                 log.info("VE %s: %s", ve.name, note)
         log.info("rebuild of %s/%s on %s finished", ve.name, vm, record.ve.placement[vm].node)
+        await self._moved(record.ve)
         return record
 
     async def _boot_image(self, ve: VERecord, vm: str) -> str | None:

@@ -149,6 +149,7 @@ class Relocation(VEBase):
                     {"vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb}, self.node,
                     PREPARE_LIMIT)
         record, _ = await drive(move, record, self.transport, self.directory)
+        await self._moved(record.ve)
         return record
 
     async def _recover_move(self, record: Stored, vm: str) -> tuple[Stored, bool]:

@@ -274,6 +274,7 @@ class Replicas(VEBase):
                             self._rtt_ms(standby.node))
         record, _ = await drive(failover, record, self.transport, self.directory)
         log.info("failover of %s/%s to %s finished", record.ve.name, vm, standby.node)
+        await self._moved(record.ve)
         return record
 
     async def _recover_failover(self, record: Stored, vm: str) -> tuple[Stored, bool]:

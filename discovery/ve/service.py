@@ -83,6 +83,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
         endpoint.route(m.VE_FAILOVER, self._on_failover)
         endpoint.route(m.VE_REBUILD, self._on_rebuild)
         endpoint.route(m.VE_BUSY, self._on_busy)
+        endpoint.route(m.VE_FORWARD, self._on_forward)
 
     # -- create ------------------------------------------------------------------------------------
 
@@ -354,6 +355,13 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
         """Whether this agent is running an operation on VE `name` (agents ask before settling an intent)."""
         lock = self._locks.get(request.name)
         return lock is not None and lock.locked()
+
+    async def _on_forward(self, caller: Caller, request: m.Named) -> bool:
+        """VE `name`'s VMs moved: this host's forwarding entries follow now, not at their next pass (an agent that
+        carries no VE networks has none)."""
+        if self.forwarding is not None:
+            self.forwarding.tell_nowait(request.name)
+        return True
 
     async def recover_abandoned(self) -> int:
         """Settle every VE whose record holds an abandoned operation, and index the VEs the index lacks (a

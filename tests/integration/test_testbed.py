@@ -242,6 +242,11 @@ def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reac
             neighbours = subprocess.run(["ip", "-n", probe, "neigh", "show", nics["pair", "a"]["address"]],
                                         capture_output=True, text=True).stdout
             assert nics["pair", "a"]["mac"] in neighbours and nics["other", "c"]["mac"] not in neighbours
+            # b moves live to the third node, keeping its MAC and address: reached there
+            third = next(n for n in ("node1", "node2", "node3") if n not in {host_a, created["placement"]["b"]["node"]})
+            moved = bed_cluster.json("--agent", third, "ve", "relocate", "pair", "--vm", "b", "--to", third)
+            assert moved["placement"]["b"]["transfer"]["how"] == "live" and moved["nics"] == created["nics"]
+            wait_for(lambda: _pings(probe, nics["pair", "b"]["address"]), what="pair/b answering from its new host")
         finally:
             subprocess.run(["ip", "netns", "del", probe], check=False)
         bed_cluster.cli("ve", "destroy", "pair")
