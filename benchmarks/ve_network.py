@@ -120,7 +120,7 @@ def measure(work: Path, site_rtt: float, bandwidth: float, seconds: float) -> di
                 if time.monotonic() > end:
                     raise SystemExit(f"net/{vm} got no address within 240 s")
                 time.sleep(0.2)
-        nodes = {n["name"]: n["address"] for n in json.loads((work / "testbed" / "cluster.json").read_text())["nodes"]}
+        nodes = {slot["node"]: slot["addr"].rpartition(":")[0] for slot in ve["placement"].values()}
         third = next(n for n in NODES if n not in hosts.values())
         with (probe("dvp-pa01", hosts["a"], vni, "10.0.0.250") as pa,
               probe("dvp-pb01", hosts["b"], vni, "10.0.0.251") as pb):
