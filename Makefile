@@ -4,7 +4,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu \
-          libvirt-daemon libvirt-clients e2fsprogs rsync iproute2 iputils-ping
+          libvirt-daemon libvirt-clients e2fsprogs rsync iproute2 iputils-ping \
+          dnsmasq-base udhcpc
 
 .PHONY: demo demo-qemu test lint typecheck deps clean bench
 
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd for real guests, rsync (the shipped-snapshot benchmark's baseline); only if missing
+deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd for real guests, rsync (the shipped-snapshot benchmark's baseline), iproute2, dnsmasq and udhcpc (VE networks and their tests); only if missing
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \

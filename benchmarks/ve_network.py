@@ -3,6 +3,8 @@ relocation.
 
     sudo python benchmarks/ve_network.py [--site-rtt 10] [--bandwidth 100] [--seconds 10] [--plot out.png]
 
+(needs iperf3: `apt-get install iperf3`).
+
 Three nodes on three sites (`discovery testbed`, real guests under QEMU): a VE of two tiny guests, `a` and `b`,
 on two nodes; each gets its address by DHCP from its host. Two probes, network namespaces whose veth joins the
 VE network's bridge on a's and b's hosts (as a guest's tap does: the same bridge, VXLAN device and underlay,
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -103,6 +106,8 @@ def gap_during(ns: str, target: str, action: Any) -> dict[str, Any]:
 
 
 def measure(work: Path, site_rtt: float, bandwidth: float, seconds: float) -> dict[str, Any]:
+    if shutil.which("iperf3") is None:
+        raise SystemExit("iperf3 is missing: apt-get install iperf3")
     with testbed(work, 3, 3, bandwidth, site_rtt, hypervisor="qemu") as (state, _):
         spec = work / "net.yaml"
         tiny = "vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny"

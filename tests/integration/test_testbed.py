@@ -251,3 +251,25 @@ def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reac
             subprocess.run(["ip", "netns", "del", probe], check=False)
         bed_cluster.cli("ve", "destroy", "pair")
         bed_cluster.cli("ve", "destroy", "other")
+        wait_for(lambda: _network_leftovers() == [], what="no bridge, VXLAN device or DHCP server left")
+
+
+def _network_leftovers() -> list[str]:
+    """The VE networks' devices in the nodes' namespaces, their gateways' namespaces and DHCP servers."""
+    found = []
+    for node in ("node1", "node2", "node3"):
+        links = subprocess.run(["ip", "-n", f"dtb-{node}", "-j", "link", "show"], capture_output=True, text=True)
+        found += [f"{node}:{link['ifname']}" for link in json.loads(links.stdout or "[]")
+                  if link["ifname"].startswith(("dvb", "dvx", "dvg"))]
+    found += [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+              if ns.startswith("dvn")]
+    found += [f"pid {pid.name}" for pid in Path("/proc").iterdir() if pid.name.isdigit()
+              and b"dnsmasq" in _cmdline(pid) and b"--dhcp-range" in _cmdline(pid)]
+    return found
+
+
+def _cmdline(pid: Path) -> bytes:
+    try:
+        return (pid / "cmdline").read_bytes()
+    except OSError:
+        return b""
