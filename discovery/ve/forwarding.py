@@ -3,8 +3,10 @@
 
 `remotes` (pure) turns VE records into, for each VNI, the other hosts of the network (their underlay address:
 the host part of the agent's address) and the MACs of the VMs of that network there. `Forwarding` (an actor of
-agents that carry VE networks) reads the records of the VEs with a VM on this host every FORWARD_EVERY seconds
-and tells the host. A VM that moved is reached at its new host from the next pass on.
+agents that carry VE networks) reads the records of the VEs with a VM on this host (or arriving by live
+migration) every FORWARD_EVERY seconds and tells the host; a move, failover or rebuild that ends tells every
+host of the VE at once (`ve.forward`, `discovery.ve.base.VEBase._moved`). While it is under way, its VM's
+frames are flooded to both of its places (`remotes`).
 """
 
 from __future__ import annotations
@@ -25,18 +27,26 @@ Remotes = dict[int, dict[str, frozenset[str]]]
 
 
 def remotes(ves: Iterable[VERecord], node: str) -> Remotes:
-    """For each VNI of a network with a VM on `node`, the other hosts of that network and their VMs' MACs on it
-    (a host with none of them is left out: nothing to send it)."""
+    """For each VNI of a network with a VM on `node` (or on its way here), the other hosts of that network and
+    their VMs' MACs on it. A VM being moved, failed over or rebuilt is at its host *or* its target until the
+    operation ends: both hosts are listed, its MAC at neither, so frames to it are flooded to both (each
+    host's bridge delivers them only where the VM is) and it is reached through the switch-over, which the
+    hosts' next pass after the intent was written prepares."""
     found: dict[int, dict[str, set[str]]] = {}
     for ve in ves:
-        local = {nic.network for vm, slot in ve.placement.items() if slot.node == node for nic in ve.nics.get(vm, ())}
+        local = {nic.network for vm, slot in ve.placement.items() if node in slot.named()
+                 for nic in ve.nics.get(vm, ())}
         for vm, slot in ve.placement.items():
-            if slot.node == node:
-                continue
+            places = [(slot.node, slot.addr)] + [(i.node, i.addr) for i in slot.intents()]
             for nic in ve.nics.get(vm, ()):
                 net = ve.networks.get(nic.network)
-                if nic.network in local and net is not None:
-                    found.setdefault(net.vni, {}).setdefault(split_addr(slot.addr)[0], set()).add(nic.mac)
+                if nic.network not in local or net is None:
+                    continue
+                for where, addr in places:
+                    if where != node:
+                        macs = found.setdefault(net.vni, {}).setdefault(split_addr(addr)[0], set())
+                        if len(places) == 1:
+                            macs.add(nic.mac)
     return {vni: {host: frozenset(macs) for host, macs in hosts.items()} for vni, hosts in found.items()}
 
 
@@ -55,7 +65,7 @@ class Forwarding(Actor):
         await self.tick()
 
     async def tick(self) -> None:
-        names = sorted({domain.split(":", 1)[0] for domain in self.host.ledger.allocated})
+        names = sorted({domain.split(":", 1)[0] for domain in (*self.host.ledger.allocated, *self.host.incoming)})
         records = []
         for name in names:
             try:

@@ -4,6 +4,7 @@
 
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +12,7 @@ from agents.host.args import nics_arg
 from agents.hypervisor.actor import domain_xml
 from agents.network.interfaces import addresses_of, segments_of, with_nics
 from discovery.ve.forwarding import remotes
-from discovery.ve.records import NetState, Nic, Slot, VERecord
+from discovery.ve.records import MoveIntent, NetState, Nic, Slot, VERecord
 from discovery.ve.spec import VESpec, VMSpec
 from overlay.wire.rpc import RequestError
 
@@ -65,3 +66,8 @@ def test_remotes_are_the_other_hosts_of_this_host_s_networks_with_their_vms_macs
     assert remotes([ve], "n2") == {5000: {"10.0.0.1": frozenset({"02:00:00:00:00:0a"})},
                                    5001: {"10.0.0.3": frozenset({"02:00:00:00:01:0c"})}}
     assert remotes([ve], "n9") == {}
+    # b moving from n2 to n4: flooded to both places, pinned to neither; n4 (arriving) already carries front
+    moving = ve.with_slot("b", replace(ve.placement["b"], moving_to=MoveIntent(
+        "n4", "10.0.0.4:7000", "s", None, "", "prepare", "running", "n4", 0.0)))
+    assert remotes([moving], "n1") == {5000: {"10.0.0.2": frozenset(), "10.0.0.4": frozenset()}}
+    assert remotes([moving], "n4")[5000] == {"10.0.0.1": frozenset({"02:00:00:00:00:0a"}), "10.0.0.2": frozenset()}
