@@ -153,8 +153,7 @@ class NodeAgent:
             self.host = HostService(transport, self.hypervisor, cfg.capacity, cfg.data_dir / "host.sqlite",
                                     *((self.backend.guests, self.backend.migration_uri) if self.backend else ()))
             if cfg.carries_networks:
-                self.host.dataplane = DataPlane(cfg.host.strip("[]"))
-                self.host.dhcp = DhcpServers(cfg.data_dir / "dhcp", cfg.name)
+                self.host.dataplane = DataPlane(cfg.host.strip("[]"), DhcpServers(cfg.data_dir / "dhcp", cfg.name))
             self.gossip = GossipService(transport, self.membership, self.ring, self.notifier, cfg.join,
                                         cfg.data_dir / "members.json", cfg.probe_interval)
             # every RPC we make is now an RTT sample

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import trio
 
 from agents.host.base import HostBase
-from agents.network.dhcp import DhcpError, DhcpServers, Leases
+from agents.network.dhcp import Leases
 from agents.network.interfaces import addresses_of, segments_of
 from agents.network.linux import DataPlane, NetworkError
 from agents.network.plan import OVERHEAD, Segment
@@ -36,8 +36,6 @@ class Networking(HostBase):
 
     dataplane: DataPlane | None = None
     """Wired by the composition place where this agent carries VE networks; None: it writes interfaces only."""
-    dhcp: DhcpServers | None = None
-    """The segments' DHCP servers, wired with the data plane."""
     remotes: Mapping[int, Mapping[str, frozenset[str]]] = {}
     """For each VNI, the other hosts of the network (underlay address) and the MACs of the VMs there."""
     incoming: Mapping[str, tuple[frozenset[int], float]] = {}
@@ -90,10 +88,9 @@ class Networking(HostBase):
             for vni, macs in addresses_of(xml).items():
                 addresses.setdefault(vni, {}).update(macs)
         try:
-            await self.dataplane.carry(Segment(vni, self.remotes.get(vni, {})) for vni in sorted(vnis))
-            if self.dhcp is not None:
-                await trio.to_thread.run_sync(self.dhcp.carry, _leases(addresses, vnis))
-        except (NetworkError, DhcpError) as err:
+            await self.dataplane.carry((Segment(vni, self.remotes.get(vni, {})) for vni in sorted(vnis)),
+                                       _leases(addresses, vnis))
+        except NetworkError as err:
             log.warning("data plane: %s", err)
 
 

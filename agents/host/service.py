@@ -191,8 +191,8 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
-        if self.dhcp is not None:  # its children: a stopped agent leaves no server behind
-            self.dhcp.stop_all()
+        if self.dataplane is not None:
+            self.dataplane.close()
 
     # -- handlers ----------------------------------------------------------------------------------
 
