@@ -26,6 +26,7 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -87,22 +88,24 @@ def throughput(server_ns: str, client_ns: str, address: str, seconds: float) -> 
 
 
 def gap_during(ns: str, target: str, action: Any) -> dict[str, Any]:
-    """Ping `target` every 10 ms from `ns` while `action()` runs: the longest gap between replies, losses."""
+    """Ping `target` every 10 ms from `ns` while `action()` runs: the longest gap between two replies, and the
+    echo requests that got none (ping's own count)."""
     pinger = subprocess.Popen(["ip", "netns", "exec", ns, "ping", "-D", "-i", "0.01", "-W", "1", target],
                               stdout=subprocess.PIPE, text=True)
-    replies: list[float] = []
-    reader = threading.Thread(target=lambda: replies.extend(
-        float(m.group(1)) for line in pinger.stdout or [] if (m := re.match(r"\[([0-9.]+)\].*time=", line))))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(pinger.stdout or []))
     reader.start()
     time.sleep(1)
     result = action()
     time.sleep(3)
-    pinger.terminate()
+    pinger.send_signal(signal.SIGINT)  # ping prints its count as it ends
     reader.join()
-    sent = int((replies[-1] - replies[0]) / 0.01) + 1 if replies else 0
+    replies = [float(m.group(1)) for line in lines if (m := re.match(r"\[([0-9.]+)\].*time=", line))]
+    count = next((m for line in lines if (m := re.search(r"([0-9]+) packets transmitted, ([0-9]+) received", line))),
+                 None)
     gaps = [b - a for a, b in zip(replies, replies[1:], strict=False)]
-    return {"longest_gap_s": round(max(gaps, default=0.0), 3), "replies": len(replies),
-            "lost": max(sent - len(replies), 0), "action": result}
+    return {"longest_gap_s": round(max(gaps, default=0.0), 3), "sent": int(count.group(1)) if count else None,
+            "lost": int(count.group(1)) - int(count.group(2)) if count else None, "action": result}
 
 
 def measure(work: Path, site_rtt: float, bandwidth: float, seconds: float) -> dict[str, Any]:
