@@ -15,7 +15,7 @@ etcd or Consul cluster); the leases keep 3 (`discovery.ha.shell`). A set is neve
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from overlay.chord import hash_id
 from overlay.membership import DEAD, LEFT, Membership
@@ -31,11 +31,15 @@ def replicas_among(key: str, members: Iterable[tuple[str, str]], r: int) -> list
     set is always one of the ring's replicas too (the first r live successors), so anti-entropy never hands
     its copy away."""
     ordered = sorted(members, key=lambda m: hash_id(m[0]))
+    return _following(ordered, [hash_id(name) for name, _ in ordered], key, r)
+
+
+def _following(ordered: Sequence[tuple[str, str]], ids: Sequence[int], key: str, size: int) -> list[str]:
+    """The addresses of the `size` members of `ordered` (by ring id, `ids`) from the first at or after `key`."""
     if not ordered:
         return []
-    position = hash_id(key)
-    first = next((k for k, (name, _) in enumerate(ordered) if hash_id(name) >= position), 0)
-    return [ordered[(first + j) % len(ordered)][1] for j in range(min(r, len(ordered)))]
+    first = bisect.bisect_left(ids, hash_id(key)) % len(ordered)
+    return [ordered[(first + j) % len(ordered)][1] for j in range(min(size, len(ordered)))]
 
 
 class FixedSets:
@@ -62,14 +66,10 @@ class FixedSets:
         return (live if len(live) >= quorum else every), quorum
 
     def _among(self, key: str, counted: list[tuple[str, str]]) -> list[str]:
-        """`replicas_among(key, counted, r)`, with the sorted members kept between calls (a repair pass asks
-        for every record it holds)."""
+        """`replicas_among(key, counted, r)`, never an even number of them, with the sorted members kept between
+        calls (a repair pass asks for every record it holds)."""
         if set(counted) != set(self._ordered):
             self._ordered = tuple(sorted(counted, key=lambda m: hash_id(m[0])))
             self._ids = [hash_id(name) for name, _ in self._ordered]
-        if not self._ordered:
-            return []
-        first = bisect.bisect_left(self._ids, hash_id(key)) % len(self._ordered)
         size = min(self.r, len(self._ordered))
-        size -= 1 - size % 2
-        return [self._ordered[(first + j) % len(self._ordered)][1] for j in range(size)]
+        return _following(self._ordered, self._ids, key, size - (1 - size % 2))
