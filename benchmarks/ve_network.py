@@ -39,6 +39,7 @@ from typing import Any
 from harness import cli, guest_dirs, pyplot, save, testbed  # benchmarks/, beside this
 
 from agents.network.plan import bridge_name
+from discovery.testbed.net import join_segment
 from images import tinyguest
 
 NODES = ("node1", "node2", "node3")
@@ -56,11 +57,7 @@ def probe(name: str, node: str, vni: int, address: str) -> Iterator[str]:
     """Namespace `name` on node `node`'s segment `vni`, with `address`/24."""
     run("ip", "netns", "add", name)
     try:
-        run("ip", "link", "add", f"p{name[-4:]}", "netns", f"dtb-{node}", "type", "veth", "peer", "eth0", "netns", name)
-        mtu = run("ip", "netns", "exec", f"dtb-{node}", "cat", f"/sys/class/net/{bridge_name(vni)}/mtu").strip()
-        run("ip", "-n", f"dtb-{node}", "link", "set", f"p{name[-4:]}", "master", bridge_name(vni), "mtu", mtu, "up")
-        run("ip", "-n", name, "link", "set", "eth0", "mtu", mtu, "up")
-        run("ip", "-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+        join_segment(f"dtb-{node}", bridge_name(vni), name, f"{address}/24")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)

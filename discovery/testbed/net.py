@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -48,6 +50,19 @@ def shape(namespace: str, dev: str, mbit: float) -> None:
     in_ns(namespace, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
     in_ns(namespace, "tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
           "rate", f"{mbit}mbit", "ceil", f"{mbit}mbit", "quantum", "60000")
+
+
+def join_segment(host: str, bridge: str, name: str, address: str | None, mac: str | None = None) -> None:
+    """Make namespace `name` (which exists) a VM stand-in on bridge `bridge` of namespace `host` (a VE network's
+    segment, `agents.network.plan`): its eth0 is a veth from a port of that bridge, at the bridge's MTU as a
+    guest's NIC is, with `mac` (None: the kernel's) and `address` (CIDR; None: none, to get one by DHCP)."""
+    port = "vs" + hashlib.sha1(name.encode()).hexdigest()[:10]  # unique on the host, under 15 characters
+    size = str(json.loads(ip("-n", host, "-j", "link", "show", "dev", bridge))[0]["mtu"])
+    ip("link", "add", port, "netns", host, "type", "veth", "peer", "eth0", "netns", name)
+    ip("-n", host, "link", "set", port, "master", bridge, "mtu", size, "up")
+    ip("-n", name, "link", "set", "eth0", "mtu", size, *(("address", mac) if mac else ()), "up")
+    if address is not None:
+        ip("-n", name, "addr", "add", address, "dev", "eth0")
 
 
 def namespaces() -> list[str]:

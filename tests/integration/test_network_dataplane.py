@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from agents.network.plan import OVERHEAD, bridge_name
+from discovery.testbed.net import join_segment
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (ip netns add)")]
@@ -55,14 +56,8 @@ def carry(host: str, local: str, segments: list[dict]) -> int:
 
 
 def vm(host: str, name: str, vni: int, mac: str, address: str | None) -> None:
-    """A VM on `host`'s segment `vni`: namespace `name`, its NIC `mac` with `address` (None: left to DHCP), the
-    host's end on the bridge (the MTU the segment gives a guest's NIC)."""
-    sh("ip", "link", "add", f"t{name.split('-')[0]}", "netns", host, "type", "veth", "peer", "eth0", "netns", name)
-    mtu = inside(host, "cat", f"/sys/class/net/{bridge_name(vni)}/mtu").stdout.strip()
-    inside(host, "ip", "link", "set", f"t{name.split('-')[0]}", "master", bridge_name(vni), "mtu", mtu, "up")
-    inside(name, "ip", "link", "set", "eth0", "address", mac, "mtu", mtu, "up")
-    if address is not None:
-        inside(name, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+    """A VM on `host`'s segment `vni`: namespace `name`, its NIC `mac` with `address` (None: left to DHCP)."""
+    join_segment(host, bridge_name(vni), name, f"{address}/24" if address is not None else None, mac)
 
 
 def test_two_vms_of_one_network_on_two_hosts_reach_each_other_and_no_one_else(tmp_path):

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from agents.hypervisor.qemu import BackendError, prepare_guest
-from agents.network.plan import FLOOD, vxlan_name
+from agents.network.plan import FLOOD, bridge_name, vxlan_name
 from discovery.testbed import bed
+from discovery.testbed.net import join_segment
 from images import tinyguest
 
 from .conftest import Cluster, wait_for
@@ -196,12 +197,7 @@ def _probe(tag: str, node: str, vni: int, address: str) -> str:
     commands in), named from `tag`; the caller deletes it."""
     ns = f"dtp-{tag}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
-    subprocess.run(["ip", "link", "add", f"p{tag}", "netns", f"dtb-{node}", "type", "veth", "peer", "eth0",
-                    "netns", ns], check=True)
-    for where, argv in ((f"dtb-{node}", ["link", "set", f"p{tag}", "master", f"dvb{vni:06x}", "up"]),
-                        (ns, ["link", "set", "eth0", "address", f"02:77:00:00:00:{int(tag, 16) % 256:02x}", "up"]),
-                        (ns, ["addr", "add", f"{address}/24", "dev", "eth0"])):
-        subprocess.run(["ip", "-n", where, *argv], check=True)
+    join_segment(f"dtb-{node}", bridge_name(vni), ns, f"{address}/24", f"02:77:00:00:00:{int(tag, 16) % 256:02x}")
     return ns
 
 
