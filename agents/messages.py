@@ -211,8 +211,8 @@ class Confirm:
     image: str | None = field(default=None, metadata=limit(IMAGE))
     """The image a new VM boots (NAME[:TAG], as its spec says); None: none. A carried domain names its own."""
     nics: list[Any] | None = field(default=None, metadata=limit(MAX_NICS))
-    """A new VM's network interfaces: [VNI, MAC, address/prefix] each (`agents.host.args.nics_arg`); a carried
-    domain has its own."""
+    """A new VM's network interfaces: [VNI, MAC, address/prefix] each, and its NAT and forwarded ports if any
+    (`agents.host.args.nics_arg`); a carried domain has its own."""
 
     def __post_init__(self) -> None:
         check_state(self.state)

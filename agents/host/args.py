@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from agents.hypervisor.actor import SETTLED
+from agents.network.interfaces import Interface, Port
 from overlay.wire.rpc import RequestError
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -29,6 +30,8 @@ NAME = 200
 MAX_COUNT = 2**31
 MAX_NICS = 8
 """Network interfaces of one VM (the VE spec's limit)."""
+MAX_EXPOSED = 64
+"""Ports forwarded to one NIC (the VE spec's limit for a whole VE)."""
 VNI_BITS = 24
 MAX_BANDWIDTH = 100_000 << 20
 """Bytes/s a mirror's throttle may allow at most (the HA policy's `bandwidth`, 100 000 MiB/s)."""
@@ -58,15 +61,17 @@ def check_timeout(value: float) -> None:
         raise RequestError(f"timeout must be a number of seconds, more than 0 and at most {MAX_SHUTDOWN_TIMEOUT:g}")
 
 
-def nics_arg(rows: list[Any] | None) -> list[tuple[int, str, str]]:
-    """A new VM's NICs: [VNI, MAC, address/prefix] each, the VNI of 24 bits, the MAC a unicast one written as
-    libvirt writes them (six lowercase hex pairs), the IPv4 address its host's DHCP server hands out with its
-    subnet's prefix length; a row of three items is no type the codec has, so its items are checked here."""
+def nics_arg(rows: list[Any] | None) -> list[Interface]:
+    """A new VM's NICs: [VNI, MAC, address/prefix] each, or [VNI, MAC, address/prefix, {"nat": bool, "expose":
+    [[protocol, host port, port], ...]}] for one its host NATs out or forwards ports to; the VNI of 24 bits, the
+    MAC a unicast one written as libvirt writes them (six lowercase hex pairs), the IPv4 address its host's DHCP
+    server hands out with its subnet's prefix length. Rows are no type the codec has: their items are checked
+    here."""
     checked = []
     for row in rows or []:
-        if not (isinstance(row, list) and len(row) == 3):
-            raise RequestError("each NIC must be [vni, mac, address/prefix]")
-        vni, mac, address = row
+        if not (isinstance(row, list) and len(row) in (3, 4)):
+            raise RequestError("each NIC must be [vni, mac, address/prefix] or [vni, mac, address/prefix, options]")
+        vni, mac, address = row[:3]
         if isinstance(vni, bool) or not isinstance(vni, int) or not 1 <= vni < 1 << VNI_BITS:
             raise RequestError(f"a NIC's vni must be an integer from 1 to {(1 << VNI_BITS) - 1}, got {vni!r}")
         if not (isinstance(mac, str) and _MAC.fullmatch(mac) and not int(mac[:2], 16) & 1):
@@ -79,8 +84,28 @@ def nics_arg(rows: list[Any] | None) -> list[tuple[int, str, str]]:
         if interface is None or net is None or interface.ip in (net.network_address, net.broadcast_address):
             raise RequestError(f"a NIC's address must be an IPv4 host address with its prefix such as 10.0.0.2/24, "
                                f"got {address!r}")
-        checked.append((vni, mac, str(interface)))
+        nat, exposed = _outside(row[3] if len(row) == 4 else {})
+        checked.append(Interface(vni, mac, str(interface), nat, exposed))
     return checked
+
+
+def _outside(options: Any) -> tuple[bool, tuple[Port, ...]]:
+    """A NIC's options: `nat` (a bool) and `expose` (at most MAX_EXPOSED [protocol, host port, port])."""
+    if not isinstance(options, dict) or set(options) - {"nat", "expose"}:
+        raise RequestError("a NIC's options must be a map of nat and expose")
+    nat, rows = options.get("nat", False), options.get("expose", [])
+    if not isinstance(nat, bool):
+        raise RequestError(f"a NIC's nat must be true or false, got {nat!r}")
+    if not isinstance(rows, list) or len(rows) > MAX_EXPOSED:
+        raise RequestError(f"a NIC's expose must list at most {MAX_EXPOSED} [protocol, host port, port]")
+    exposed = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3 and row[0] in ("tcp", "udp")
+                and all(not isinstance(p, bool) and isinstance(p, int) and 1 <= p <= 65535 for p in row[1:])):
+            raise RequestError(f"each exposed port must be [tcp|udp, host port, port] with ports from 1 to 65535, "
+                               f"got {row!r}")
+        exposed.append(Port(*row))
+    return nat, tuple(exposed)
 
 
 def xml_name(xml: str) -> str | None:

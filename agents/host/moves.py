@@ -151,7 +151,7 @@ class Moves(Networking):
                 await trio.to_thread.run_sync(self.domains.prepare, name, held.need.disk_gb, boot)
             except ValueError as err:
                 raise RequestError(str(err)) from None
-        await self.expect_segments(name, {vni for vni, _, _ in nics_arg(request.nics)})
+        await self.expect_segments(name, {nic.vni for nic in nics_arg(request.nics)})
         return Incoming(self.migration_uri)
 
     @one_vm

@@ -6,7 +6,8 @@ the host: a VM that arrives by any move brings its interfaces, and one that leav
 made before the first VM on it starts and deleted once the last one is gone. Where the other hosts are (the
 forwarding entries) is the VE layer's to say, from the directory (`set_remotes`); until it has, a segment
 carries this host's VMs only. Each segment also gets a DHCP server handing this host's VMs on it the
-addresses their domains' metadata holds (`agents.network.dhcp`). Without a data plane (an agent sharing its
+addresses their domains' metadata holds (`agents.network.dhcp`), and, for those whose NICs say so, a way out
+and the ports forwarded in (`agents.network.uplink`). Without a data plane (an agent sharing its
 network namespace with others, see `agents.config.AgentConfig.dataplane`) the interfaces are still written,
 and nothing is done in the kernel.
 """
@@ -21,9 +22,11 @@ import trio
 
 from agents.host.base import HostBase
 from agents.network.dhcp import Leases
-from agents.network.interfaces import addresses_of, segments_of
+from agents.network.interfaces import Interface, interfaces_of, segments_of
 from agents.network.linux import DataPlane, NetworkError
 from agents.network.plan import OVERHEAD, Segment
+from agents.network.uplink import Uplink
+from overlay.wire.rpc import RequestError
 
 log = logging.getLogger(__name__)
 DEFAULT_MTU = 1500
@@ -53,7 +56,18 @@ class Networking(HostBase):
         underlay = await self.dataplane.underlay_mtu() if self.dataplane is not None else DEFAULT_MTU
         return underlay - OVERHEAD
 
-    def _made(self, name: str, nics: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    async def check_ports(self, name: str, nics: list[Interface]) -> None:
+        """Refuse new VM `name` if a host port it exposes is another VM's here already (a host port is one
+        host's: `agents.network.uplink`)."""
+        wanted = {(f.protocol, f.host_port) for nic in nics for f in nic.forwards}
+        if not wanted:
+            return
+        for other, xml in await self.db.rows("SELECT name, xml FROM domains WHERE name != ?", (name,)):
+            for nic in interfaces_of(xml):
+                for taken in sorted({(f.protocol, f.host_port) for f in nic.forwards} & wanted):
+                    raise RequestError(f"host port {taken[1]}/{taken[0]} is exposed here by {other} already")
+
+    def _made(self, name: str, nics: list[Interface]) -> list[Interface]:
         """The NICs a new VM gets here: all, unless no segment can be made for a real guest's taps to join (its
         QEMU would not start), which then runs without them (the test driver's domains have no taps)."""
         if nics and self.dataplane is None and self.domains.kind != "test":
@@ -77,7 +91,7 @@ class Networking(HostBase):
         if self.dataplane is None:
             return
         vnis: set[int] = set()
-        addresses: dict[int, dict[str, str]] = {}
+        nics: list[Interface] = []
         now = trio.current_time()
         self.incoming = {name: (v, until) for name, (v, until) in self.incoming.items()
                          if until > now and name not in self.ledger.allocated}  # not arrived yet, nor given up
@@ -85,19 +99,30 @@ class Networking(HostBase):
             vnis |= expected
         for (xml,) in await self.db.rows("SELECT xml FROM domains"):
             vnis |= segments_of(xml)
-            for vni, macs in addresses_of(xml).items():
-                addresses.setdefault(vni, {}).update(macs)
+            nics += interfaces_of(xml)
+        nics = [nic for nic in nics if nic.vni in vnis]
         try:
             await self.dataplane.carry((Segment(vni, self.remotes.get(vni, {})) for vni in sorted(vnis)),
-                                       _leases(addresses, vnis))
+                                       _leases(nics), _uplinks(nics))
         except NetworkError as err:
             log.warning("data plane: %s", err)
 
 
-def _leases(addresses: Mapping[int, Mapping[str, str]], vnis: set[int]) -> dict[int, Leases]:
-    """Each segment's DHCP leases from its VMs' addresses (address/prefix): their subnet, MAC -> address."""
-    leases = {}
-    for vni in vnis & set(addresses):
-        some = ipaddress.IPv4Interface(next(iter(addresses[vni].values())))
-        leases[vni] = Leases(str(some.network), {mac: a.partition("/")[0] for mac, a in addresses[vni].items()})
+def _leases(nics: list[Interface]) -> dict[int, Leases]:
+    """Each segment's DHCP leases from its VMs' NICs: their subnet, MAC -> address."""
+    leases: dict[int, Leases] = {}
+    for nic in nics:
+        subnet = str(ipaddress.IPv4Interface(nic.address).network)
+        held = leases.get(nic.vni, Leases(subnet, {}))
+        leases[nic.vni] = Leases(held.subnet, {**held.hosts, nic.mac: nic.address.partition("/")[0]})
     return leases
+
+
+def _uplinks(nics: list[Interface]) -> dict[int, Uplink]:
+    """What each segment needs of the outside: NAT if a NIC on it is NAT'd, the ports forwarded to its NICs."""
+    uplinks: dict[int, Uplink] = {}
+    for nic in nics:
+        if nic.nat or nic.exposed:
+            held = uplinks.get(nic.vni, Uplink())
+            uplinks[nic.vni] = Uplink(held.nat or nic.nat, held.forwards | nic.forwards)
+    return uplinks

@@ -74,7 +74,7 @@ from agents.messages import (
     SnapshotTag,
     SnapshotTaken,
 )
-from agents.network.interfaces import with_nics
+from agents.network.interfaces import Interface, with_nics
 from overlay.messages import NoArgs
 from overlay.wire.rpc import Caller, Conflict, Endpoint, NotFound, RequestError, RpcError
 
@@ -218,7 +218,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
 
     async def _confirm(self, token: str, carried: str | None, state: str,
                        snapshots: list[tuple[str, str, str, float, str]], ship: Ship | None,
-                       image: str | None, nics: list[tuple[int, str, str]]) -> DomainInfo:
+                       image: str | None, nics: list[Interface]) -> DomainInfo:
         try:
             reservation = self.ledger.confirm(token, trio.current_time())
         except UnknownReservation as err:  # it lapsed while the VM's lock was busy
@@ -229,6 +229,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
                 await self._booted(carried=carried)
                 xml = self.domains.adapt(carried)
             else:
+                await self.check_ports(name, nics)
                 xml = with_nics(self.domains.new_xml(name, need.vcpus, need.memory_mb, need.disk_gb,
                                                      await self._booted(image)), self._made(name, nics),
                                 await self.nic_mtu())

@@ -270,9 +270,17 @@ class VERecord:
 
     def nic_args(self, vm: str) -> dict[str, list[list[Any]]]:
         """What a host making VM `vm` anew (`host.confirm`) is told of its NICs: [VNI, MAC, address/prefix] each
-        (the address its DHCP server hands out, in the network's subnet); none: {}."""
-        nics = [[(net := self.networks[nic.network]).vni, nic.mac,
-                 f"{nic.address}/{IPv4Network(net.subnet).prefixlen}"] for nic in self.nics.get(vm, ())]
+        (the address its DHCP server hands out, in the network's subnet), with {nat, expose} for one whose network
+        is NAT'd or that ports are forwarded to (the spec's `expose`, to the VM's first NIC); none: {}."""
+        nat = {network.name for network in self.spec.networks if network.nat}
+        nics = []
+        for index, nic in enumerate(self.nics.get(vm, ())):
+            net = self.networks[nic.network]
+            row: list[Any] = [net.vni, nic.mac, f"{nic.address}/{IPv4Network(net.subnet).prefixlen}"]
+            exposed = [[e.protocol, e.host_port, e.port] for e in self.spec.expose if e.vm == vm] if index == 0 else []
+            if nic.network in nat or exposed:
+                row.append({"nat": nic.network in nat, "expose": exposed})
+            nics.append(row)
         return {"nics": nics} if nics else {}
 
     def intents(self) -> list[Intent]:

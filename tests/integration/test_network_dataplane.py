@@ -133,3 +133,115 @@ def test_a_vm_gets_the_address_its_record_gave_it_by_dhcp_from_its_host_only(tmp
         finally:
             serving.communicate("", timeout=60)
         assert not [ns for ns in sh("ip", "netns", "list").stdout.split() if ns.endswith(".h1")]
+
+
+DRIVE = """
+import json, sys, pathlib, trio
+from agents.network.dhcp import DhcpServers, Leases
+from agents.network.linux import DataPlane
+from agents.network.plan import Segment
+from agents.network.uplink import Forward, Uplink
+
+async def main(local, directory):
+    plane = DataPlane(local, DhcpServers(pathlib.Path(directory), "h1"))
+    try:
+        for line in sys.stdin:  # one wanted state a line
+            w = json.loads(line)
+            await plane.carry([Segment(int(v)) for v in w["leases"]],
+                              {int(v): Leases(l["subnet"], l["hosts"]) for v, l in w["leases"].items()},
+                              {int(v): Uplink(u["nat"], frozenset(Forward(*f) for f in u["forwards"]))
+                               for v, u in w["uplinks"].items()})
+            print("carried", flush=True)
+        await plane.carry([], {}, {})
+    finally:
+        plane.close()
+
+trio.run(main, *sys.argv[1:])
+"""
+ANSWER = """
+import socket, sys
+server = socket.create_server(("0.0.0.0", int(sys.argv[2])))
+print("listening", flush=True)
+while True:
+    conn, peer = server.accept()
+    conn.sendall(f"{sys.argv[1]} sees {peer[0]}".encode())
+    conn.close()
+"""
+ASK = """
+import socket, sys
+try:
+    print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).recv(100).decode())
+except OSError as err:
+    print(f"refused: {err}")
+"""
+
+
+@contextlib.contextmanager
+def answering(ns: str, name: str, port: int) -> Iterator[None]:
+    """A TCP server in namespace `ns` that tells each client `name` and the address it sees the client at."""
+    server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ANSWER, name, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        yield
+    finally:
+        server.kill()
+        server.wait()
+
+
+def ask(ns: str, address: str, port: int) -> str:
+    return inside(ns, sys.executable, "-c", ASK, address, str(port)).stdout.strip()
+
+
+def test_an_exposed_port_answers_from_outside_and_only_a_nat_d_network_gets_out(tmp_path):
+    """A host (namespace) with an underlay to the outside (another namespace) carries two VE networks with the
+    same subnet and a VM at the same address on each: its port 8080 reaches the first's VM, which is NAT'd out
+    (the outside sees the host's address); the second's VM gets nowhere. Withdrawn, the port and the way out go."""
+    if not shutil.which("nft"):
+        pytest.skip("no nft (Debian's nftables package) to forward ports and NAT with")
+    tag = uuid.uuid4().hex[:6]
+    host, outside, v1, v2 = (f"up{x}-{tag}" for x in ("h", "o", "v1", "v2"))
+    with namespaces(host, outside, v1, v2):
+        sh("ip", "link", "add", "u0", "netns", host, "type", "veth", "peer", "u0", "netns", outside)
+        for ns, address in ((host, "10.78.0.1"), (outside, "10.78.0.2")):
+            inside(ns, "ip", "addr", "add", f"{address}/24", "dev", "u0")
+            inside(ns, "ip", "link", "set", "u0", "up")
+            inside(ns, "ip", "link", "set", "lo", "up")
+        leases = {"5000": {"subnet": "10.0.0.0/24", "hosts": {"02:00:00:00:00:01": "10.0.0.7"}},
+                  "5001": {"subnet": "10.0.0.0/24", "hosts": {"02:00:00:00:00:02": "10.0.0.7"}}}
+        opened = {"5000": {"nat": True, "forwards": [["tcp", 8080, "10.0.0.7", 80]]}}
+        driver = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", DRIVE, "10.78.0.1",
+                                   str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def carry_uplinks(uplinks: dict) -> None:
+            driver.stdin.write(json.dumps({"leases": leases, "uplinks": uplinks}) + "\n")
+            driver.stdin.flush()
+            assert driver.stdout.readline().strip() == "carried"
+
+        try:
+            carry_uplinks(opened)
+            for ns, mac in ((v1, "02:00:00:00:00:01"), (v2, "02:00:00:00:00:02")):
+                vm(host, ns, 5000 if ns == v1 else 5001, mac, "10.0.0.7")
+                inside(ns, "ip", "route", "add", "default", "via", "10.0.0.1")
+            with answering(v1, "v1", 80), answering(v2, "v2", 80), answering(outside, "outside", 9000):
+                assert ask(outside, "10.78.0.1", 8080) == "v1 sees 10.78.0.2"
+                assert ask(host, "10.78.0.1", 8080) == "v1 sees 10.78.0.1"  # from the host itself
+                assert ask(v1, "10.78.0.2", 9000) == "outside sees 10.78.0.1"  # masqueraded twice
+                assert ask(v2, "10.78.0.2", 9000).startswith("refused")  # not NAT'd: no way out
+                assert ask(outside, "10.78.0.1", 8081).startswith("refused")
+                carry_uplinks(opened)  # nothing changed: nothing reloaded, all still there
+                assert ask(outside, "10.78.0.1", 8080) == "v1 sees 10.78.0.2"
+
+                carry_uplinks({"5000": {"nat": False, "forwards": [["tcp", 8080, "10.0.0.7", 80]]}})
+                assert ask(v1, "10.78.0.2", 9000).startswith("refused")  # no more NAT out
+                assert ask(outside, "10.78.0.1", 8080) == "v1 sees 10.78.0.2"  # the port still forwarded
+
+                carry_uplinks({})
+                assert ask(outside, "10.78.0.1", 8080).startswith("refused")
+                links = {link["ifname"] for link in json.loads(inside(host, "ip", "-j", "link", "show").stdout)}
+                assert not [name for name in links if name.startswith("dvu")]
+                assert "discovery" not in inside(host, "nft", "list", "tables").stdout
+        finally:
+            driver.communicate("", timeout=60)
+        assert driver.returncode == 0
+        assert not [ns for ns in sh("ip", "netns", "list").stdout.split() if ns.endswith(".h1")]

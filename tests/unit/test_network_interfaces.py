@@ -1,6 +1,6 @@
 """A VM's interfaces in its domain XML (`agents.network.interfaces`), the host's check of a new VM's NICs
-(`agents.host.args.nics_arg`), and the forwarding entries the VE layer derives from the records
-(`discovery.ve.forwarding.remotes`)."""
+(`agents.host.args.nics_arg`), what the VE layer tells a host of them (`VERecord.nic_args`), and the forwarding
+entries it derives from the records (`discovery.ve.forwarding.remotes`)."""
 
 import re
 import xml.etree.ElementTree as ET
@@ -10,25 +10,28 @@ import pytest
 
 from agents.host.args import nics_arg
 from agents.hypervisor.actor import domain_xml
-from agents.network.interfaces import addresses_of, segments_of, with_nics
+from agents.network.interfaces import Interface, Port, interfaces_of, segments_of, with_nics
+from agents.network.uplink import Forward
 from discovery.ve.forwarding import remotes
 from discovery.ve.records import MoveIntent, NetState, Nic, Slot, VERecord
-from discovery.ve.spec import VESpec, VMSpec
+from discovery.ve.spec import ExposeSpec, NetworkSpec, NicSpec, VESpec, VMSpec
 from overlay.wire.rpc import RequestError
 
 
 def test_interfaces_are_written_on_their_segments_bridges_and_read_back():
-    xml = with_nics(domain_xml("shop:web", 1, 64), [(5000, "02:00:00:00:00:01", "10.0.0.2/24"),
-                                                    (70000, "02:00:00:00:00:02", "10.1.0.9/29")], 1450)
+    web = Interface(5000, "02:00:00:00:00:01", "10.0.0.2/24", nat=True,
+                    exposed=(Port("tcp", 8080, 80), Port("udp", 5353, 53)))
+    back = Interface(70000, "02:00:00:00:00:02", "10.1.0.9/29")
+    xml = with_nics(domain_xml("shop:web", 1, 64), [web, back], 1450)
     interfaces = ET.fromstring(xml).findall("./devices/interface")
     assert [(i.get("type"), i.find("mac").get("address"), i.find("source").get("bridge"), i.find("mtu").get("size"),
              i.find("model").get("type")) for i in interfaces] == [
         ("bridge", "02:00:00:00:00:01", "dvb001388", "1450", "virtio"),
         ("bridge", "02:00:00:00:00:02", "dvb011170", "1450", "virtio")]
     assert segments_of(xml) == {5000, 70000}
-    assert addresses_of(xml) == {5000: {"02:00:00:00:00:01": "10.0.0.2/24"},
-                                 70000: {"02:00:00:00:00:02": "10.1.0.9/29"}}
-    assert addresses_of(domain_xml("a", 1, 64)) == {} and addresses_of("not xml") == {}
+    assert interfaces_of(xml) == [web, back]
+    assert web.forwards == {Forward("tcp", 8080, "10.0.0.2", 80), Forward("udp", 5353, "10.0.0.2", 53)}
+    assert interfaces_of(domain_xml("a", 1, 64)) == [] and interfaces_of("not xml") == []
     assert with_nics(xml, [], 1450) == xml and segments_of(domain_xml("a", 1, 64)) == set()
     assert segments_of("<domain><devices><interface type='bridge'><source bridge='virbr0'/></interface></devices>"
                        "</domain>") == set() and segments_of("not xml") == set()
@@ -44,12 +47,40 @@ def test_interfaces_are_written_on_their_segments_bridges_and_read_back():
     ([[5000, "02:00:00:00:00:01", "10.0.0.2"]], "a NIC's address must be an IPv4 host address with its prefix"),
     ([[5000, "02:00:00:00:00:01", "10.0.0.255/24"]], "a NIC's address must be an IPv4 host address"),
     ([[5000, "02:00:00:00:00:01", 7]], "a NIC's address must be an IPv4 host address"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.2/24", []]], "a NIC's options must be a map of nat and expose"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.2/24", {"snat": True}]], "a NIC's options must be a map of nat"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.2/24", {"nat": 1}]], "a NIC's nat must be true or false, got 1"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.2/24", {"expose": [["sctp", 80, 80]]}]],
+     "each exposed port must be [tcp|udp, host port, port] with ports from 1 to 65535, got ['sctp', 80, 80]"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.2/24", {"expose": [["tcp", 0, 80]]}]], "each exposed port must be"),
+    ([[5000, "02:00:00:00:00:01", "10.0.0.2/24", {"expose": "tcp/80"}]], "a NIC's expose must list at most 64"),
 ])
 def test_a_host_refuses_nics_it_cannot_make_in_one_line(rows, message):
     with pytest.raises(RequestError, match="^" + re.escape(message)):
         nics_arg(rows)
-    assert nics_arg([[5000, "02:00:00:00:00:01", "10.0.0.2/24"]]) == [(5000, "02:00:00:00:00:01", "10.0.0.2/24")]
+    assert nics_arg([[5000, "02:00:00:00:00:01", "10.0.0.2/24"]]) == [Interface(5000, "02:00:00:00:00:01",
+                                                                                 "10.0.0.2/24")]
+    assert nics_arg([[5000, "02:00:00:00:00:01", "10.0.0.2/24", {"nat": True, "expose": [["udp", 53, 5353]]}]]) == [
+        Interface(5000, "02:00:00:00:00:01", "10.0.0.2/24", True, (Port("udp", 53, 5353),))]
     assert nics_arg(None) == []
+
+
+def test_a_host_is_told_the_nat_of_a_vm_s_networks_and_its_exposed_ports_on_its_first_nic():
+    spec = VESpec("shop", (VMSpec("web", 1, 64, nics=(NicSpec("front"), NicSpec("back"))),
+                           VMSpec("db", 1, 64, nics=(NicSpec("back"),))),
+                  networks=(NetworkSpec("front", nat=True), NetworkSpec("back")),
+                  expose=(ExposeSpec("web", 80, 8080), ExposeSpec("web", 53, 5353, "udp")))
+    ve = VERecord("shop", spec, "alice", "running", {}, "n1", 0.0, "u",
+                  networks={"front": NetState(5000, "10.0.0.0/24"), "back": NetState(5001, "10.0.1.0/29")},
+                  nics={"web": (Nic("front", "02:00:00:00:00:0a", "10.0.0.2"), Nic("back", "02:00:00:00:01:0a",
+                                                                                  "10.0.1.2")),
+                        "db": (Nic("back", "02:00:00:00:01:0b", "10.0.1.3"),)})
+    assert ve.nic_args("web") == {"nics": [
+        [5000, "02:00:00:00:00:0a", "10.0.0.2/24", {"nat": True, "expose": [["tcp", 8080, 80], ["udp", 5353, 53]]}],
+        [5001, "02:00:00:00:01:0a", "10.0.1.2/29"]]}
+    assert ve.nic_args("db") == {"nics": [[5001, "02:00:00:00:01:0b", "10.0.1.3/29"]]}
+    assert [nic.forwards for nic in nics_arg(ve.nic_args("web")["nics"])] == [
+        {Forward("tcp", 8080, "10.0.0.2", 80), Forward("udp", 5353, "10.0.0.2", 53)}, frozenset()]
 
 
 def test_remotes_are_the_other_hosts_of_this_host_s_networks_with_their_vms_macs():
