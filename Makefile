@@ -5,12 +5,12 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu \
           libvirt-daemon libvirt-clients e2fsprogs rsync iproute2 iputils-ping \
-          dnsmasq-base udhcpc
+          dnsmasq-base udhcpc nftables procps
 
 .PHONY: demo demo-qemu test lint typecheck deps clean bench
 
 # The sans-IO cores: typed strictly (no Any leaking out, every function annotated).
-CORES  := vivaldi/coordinate.py agents/network/plan.py overlay/chord.py overlay/membership.py overlay/quorum.py overlay/spiral.py overlay/wire/codec.py \
+CORES  := vivaldi/coordinate.py agents/network/plan.py agents/network/uplink.py overlay/chord.py overlay/membership.py overlay/quorum.py overlay/spiral.py overlay/wire/codec.py \
           overlay/wire/frames.py dvms/model.py dvms/partition.py dvms/monitor.py dvms/workload.py dvms/solver.py \
           dvms/isp_net.py discovery/ve/placement.py discovery/ve/spec.py discovery/ve/transaction.py \
           discovery/ve/moves.py discovery/ve/failovers.py discovery/ve/snapshotting.py discovery/ve/world.py \
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd for real guests, rsync (the shipped-snapshot benchmark's baseline), iproute2, dnsmasq and udhcpc (VE networks and their tests); only if missing
+deps:  ## Debian packages: what libvirt-python builds against, QEMU and libvirtd for real guests, rsync (the shipped-snapshot benchmark's baseline), iproute2, dnsmasq, nftables and udhcpc (VE networks and their tests); only if missing
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \

@@ -16,7 +16,8 @@ and a busybox initramfs whose `/init`
   prints `LOAD <n>` after each (`benchmarks/replication_cost.py`), and
 - configures its first NIC, if it has one, by DHCP (busybox's udhcpc, again and again until a server answers)
   and prints `DISCOVERY-GUEST-NET ip=<address>/<mask> router=<gateway>` once it has an address: what the VE
-  networks' tests wait for (the kernel answers pings from then on).
+  networks' tests wait for (the kernel answers pings from then on), and serves `http://<address>/` (busybox's
+  httpd, port 80) saying `DISCOVERY-GUEST-WEB ip=<address>`: what a test of exposed ports reaches.
 
 Everything lands in a cache directory (default `$DISCOVERY_HOME/images`) under a name hashed from the
 recipe, so a second call reuses the first build; concurrent builders race on an atomic rename.
@@ -39,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+WEB = "DISCOVERY-GUEST-WEB"
+"""What the guest's web server answers once it has an address: `WEB ip=<address>`."""
 NET = "DISCOVERY-GUEST-NET"
 """The line the guest prints once DHCP gave its first NIC an address: `NET ip=<address>/<mask> router=<gateway>`."""
 READY = "DISCOVERY-GUEST-READY"
@@ -88,12 +91,14 @@ case "$1" in
   bound|renew)
     ifconfig "$interface" "$ip" netmask "$subnet" up
     [ -n "$router" ] && route add default gw "$router" 2>/dev/null
+    echo "DISCOVERY-GUEST-WEB ip=$ip" > /srv/index.html
     echo "DISCOVERY-GUEST-NET ip=$ip/$subnet router=$router" > /dev/console ;;
   deconfig) ifconfig "$interface" 0.0.0.0 up ;;
 esac
 EOS
   chmod +x /bin/dhcp-event
   ifconfig lo 127.0.0.1 up
+  mkdir -p /srv && httpd -p 80 -h /srv
   udhcpc -i eth0 -s /bin/dhcp-event -t 3 -T 1 -A 1 >/dev/null 2>&1 &
 fi
 # With discovery.load on the command line, also write 1 MiB at a time over the 15 MiB after the first (random

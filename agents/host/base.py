@@ -146,6 +146,11 @@ class HostBase(Actor):
         await self.db.write("INSERT OR REPLACE INTO domains VALUES (?, ?, ?, ?, ?, ?)",
                             (name, xml, need.vcpus, need.memory_mb, need.disk_gb, info.state))
         log.info("host: adopted %s, which arrived by live migration (%s)", name, info.state)
+        await self.carry_segments()  # its address served here, its ports forwarded from here
+
+    async def carry_segments(self) -> None:
+        """Make the kernel hold what this host's VMs need of their networks (`agents.host.networking` does);
+        called once a VM is defined here, before it starts."""
 
     async def _forget(self, name: str) -> None:
         """Undefine VM `name`, delete its files and rows, free its room (its lock held, or at start)."""

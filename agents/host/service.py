@@ -153,6 +153,7 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
         self.crashed = set()
         await self._hold_standbys()
         rows = await self.db.rows("SELECT name, xml, vcpus, memory_mb, disk_gb, desired FROM domains")
+        kept = []
         for name, xml, vcpus, memory_mb, disk_gb, desired in rows:
             if self.domains.kind != "test" and not await self.hypervisor.persistent(name):
                 log.warning("host: %s is no longer defined in %s; forgetting it", name, self.hypervisor.uri)
@@ -160,6 +161,9 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
                 continue
             self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
             await self.hypervisor.define(xml)
+            kept.append((name, desired))
+        await self.carry_segments()  # the bridges the VMs' taps join, before any VM starts
+        for name, desired in kept:
             if desired == CRASHED:  # left down after crashes: it stays so, shown crashed, until a verb says
                 self.crashed.add(name)
             desired = desired if desired in SETTLED else "shutoff"
@@ -168,7 +172,6 @@ class HostService(Lifecycle, Moves, Standbys, Crashes, SnapshotImages, Freezing,
                 self.held[name] = desired  # off, or frozen by the HA layer before this restart
             else:
                 await self.hypervisor.settle(name, desired)
-        await self.carry_segments()
         self._hold_until = trio.current_time() + HOLD_LIMIT
         log.info("host: %d VMs recovered, %d held until the directory places them", len(self.ledger.allocated),
                  len(self.held))

@@ -164,6 +164,7 @@ class Standbys(Mirrors):
                 await self.db.transaction(*statements)
                 self.ledger.deallocate(standby_key(name))
                 self.ledger.allocate(name, Resources(vcpus, memory_mb, disk_gb))
+                await self.carry_segments()  # its networks' bridges, before its taps join them
             info = await self.hypervisor.settle(name, state)
         except (HypervisorError, OSError) as err:
             raise RequestError(f"promote {name}: {err}") from None

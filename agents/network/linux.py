@@ -59,7 +59,8 @@ class DataPlane:
         """Make the kernel hold exactly `segments`, serve `leases` (by VNI) on them and give them `uplinks`; how
         many commands the segments took (0: the kernel held them already)."""
         async with self._lock:
-            commands = plan(segments, await self.seen(), self.local, await self.underlay_mtu())
+            addresses = await self._json("ip", "-j", "addr", "show")
+            commands = plan(segments, await self.seen(), self.local, _mtu_of(addresses, self.local))
             for argv in commands:
                 await self._run(argv, missing_ok="del" in argv[:3])  # gone already: as wanted
             if commands:
@@ -69,13 +70,15 @@ class DataPlane:
                     await trio.to_thread.run_sync(self.dhcp.carry, dict(leases or {}))
                 except DhcpError as err:
                     raise NetworkError(str(err)) from None
-                await self._outside({vni: u for vni, u in (uplinks or {}).items() if vni in (leases or {})},
-                                    self.dhcp.tag)
+                wanted = {vni: u for vni, u in (uplinks or {}).items() if vni in (leases or {})}
+                if wanted or held_slots(addresses) or self._loaded:  # else nothing to make or undo
+                    await self._outside(wanted, self.dhcp.tag)
             return len(commands)
 
     async def _outside(self, uplinks: Mapping[int, Uplink], tag: str) -> None:
         """Give the segments of `uplinks` (each with its gateway's namespace, made by the DHCP servers) their
-        transit veths and rulesets, and take them from the others (`agents.network.uplink`)."""
+        transit veths and rulesets, and take them from the others (`agents.network.uplink`). The kernel is read
+        again: a namespace the DHCP servers just made again took its veth with it."""
         held = held_slots(await self._json("ip", "-j", "addr", "show"))
         slotted = slots(uplinks, held)
         for vni in sorted(set(held) - set(uplinks)):
@@ -93,23 +96,22 @@ class DataPlane:
         kept, dropped = forwards(uplinks)
         for vni, uplink in sorted(uplinks.items()):
             await self._load(vni, namespace_ruleset(uplink.nat, kept[vni]), "ip", "netns", "exec", namespace(vni, tag))
-        if uplinks:
+        script = host_ruleset(kept, slotted)
+        if uplinks and self._loaded.get(None) != script:
             await self._run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            if await self._load(None, host_ruleset(kept, slotted)):
-                for vni, forward in dropped:
-                    log.warning("data plane: host port %d/%s is taken here; not forwarded to %s:%d (VNI %d)",
-                                forward.host_port, forward.protocol, forward.address, forward.port, vni)
-        elif self._loaded.pop(None, None) is not None:
+            await self._load(None, script)
+            for vni, forward in dropped:
+                log.warning("data plane: host port %d/%s is taken here; not forwarded to %s:%d (VNI %d)",
+                            forward.host_port, forward.protocol, forward.address, forward.port, vni)
+        elif not uplinks and self._loaded.pop(None, None) is not None:
             await self._run(["nft", "delete", "table", "ip", TABLE], missing_ok=True)
 
-    async def _load(self, key: int | None, script: str, *prefix: str) -> bool:
+    async def _load(self, key: int | None, script: str, *prefix: str) -> None:
         """Load nftables `script` (run under `prefix`, e.g. in a namespace) unless it was the last loaded for
-        `key`; whether it was loaded."""
-        if self._loaded.get(key) == script:
-            return False
-        await self._run([*prefix, "nft", "-f", "-"], stdin=script.encode())
-        self._loaded[key] = script
-        return True
+        `key`."""
+        if self._loaded.get(key) != script:
+            await self._run([*prefix, "nft", "-f", "-"], stdin=script.encode())
+            self._loaded[key] = script
 
     def close(self) -> None:
         """End the DHCP servers (children of the agent) and with them their namespaces and transit veths: a
@@ -129,10 +131,7 @@ class DataPlane:
 
     async def underlay_mtu(self) -> int:
         """The MTU of the interface that holds `local` (1500 if none does: VXLAN's source is then unbound)."""
-        for link in await self._json("ip", "-j", "addr", "show"):
-            if any(a.get("local") == self.local for a in link.get("addr_info", [])):
-                return int(link.get("mtu", 1500))
-        return 1500
+        return _mtu_of(await self._json("ip", "-j", "addr", "show"), self.local)
 
     async def _json(self, *argv: str) -> list[dict[str, Any]]:
         out = await self._run(list(argv))
@@ -152,3 +151,11 @@ class DataPlane:
                 return ""
             raise NetworkError(f"{' '.join(argv)}: {why[0]}")
         return done.stdout.decode(errors="replace")
+
+
+def _mtu_of(addresses: list[dict[str, Any]], local: str) -> int:
+    """The MTU of the interface that holds `local` in `ip -j addr show`'s output; 1500 if none does."""
+    for link in addresses:
+        if any(a.get("local") == local for a in link.get("addr_info", [])):
+            return int(link.get("mtu", 1500))
+    return 1500

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from discovery.cli.app import JsonOpt, console, emit, fail, make_table, rpc
+from overlay.wire.rpc import split_addr
 
 ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
 
@@ -55,12 +56,23 @@ def protection_table(ve: dict[str, Any]) -> Table:
 
 
 def nic_table(ve: dict[str, Any]) -> Table:
-    """`ve show`: each VM's interfaces: network, MAC, IPv4 address, and the network's subnet and VXLAN id."""
-    networks = ve.get("networks", {})
-    rows = [[vm, nic["network"], nic["mac"], nic["address"], networks.get(nic["network"], {}).get("subnet"),
-             networks.get(nic["network"], {}).get("vni")]
-            for vm, nics in sorted(ve["nics"].items()) for nic in nics]
-    return make_table(["vm", "network", "mac", "address", "subnet", "vni"], rows)
+    """`ve show`: each VM's interfaces: network, MAC, IPv4 address, the network's subnet and VXLAN id, and what of
+    the outside reaches it: `nat` (its network's uplink), and the ports its host forwards to its first NIC
+    (`host:port/protocol -> port`, where a client outside connects)."""
+    networks, spec = ve.get("networks", {}), ve.get("spec", {})
+    nat = {network["name"] for network in spec.get("networks", []) if network.get("nat")}
+    rows = []
+    for vm, nics in sorted(ve["nics"].items()):
+        addr = ve["placement"].get(vm, {}).get("addr")
+        host = split_addr(addr)[0] if addr else "?"
+        for index, nic in enumerate(nics):
+            outside = ["nat"] if nic["network"] in nat else []
+            if index == 0:
+                outside += [f"{host}:{e['host_port']}/{e.get('protocol', 'tcp')} -> {e['port']}"
+                            for e in spec.get("expose", []) if e["vm"] == vm]
+            rows.append([vm, nic["network"], nic["mac"], nic["address"], networks.get(nic["network"], {}).get("subnet"),
+                         networks.get(nic["network"], {}).get("vni"), ", ".join(outside) or None])
+    return make_table(["vm", "network", "mac", "address", "subnet", "vni", "outside"], rows)
 
 
 def policy_text(ha: dict[str, Any]) -> str:

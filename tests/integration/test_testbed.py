@@ -206,10 +206,24 @@ def _pings(ns: str, address: str) -> bool:
                           capture_output=True, timeout=30).returncode == 0
 
 
+def _fetch(ns: str, url: str) -> str:
+    """The body `url` answers with, fetched from namespace `ns`; '' if it does not answer."""
+    get = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=3).read().decode())"
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", get], capture_output=True, text=True,
+                          timeout=30)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _underlay(node: str) -> str:
+    return f"10.213.{node.removeprefix('node')}.1"
+
+
 def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reach_each_other(tmp_path: Path) -> None:
     """Two tiny guests of one VE, on two nodes of two sites, get the addresses their record gave them by DHCP from
     their own hosts, and a VM of the network beside the first reaches both, the second across VXLAN and the
-    router; another VE's guest, with the same subnet and address, on the same host, is on another network."""
+    router; another VE's guest, with the same subnet and address, on the same host, is on another network.
+    The second's web server is exposed on its host's port 8080, reached from another node and, through the
+    network's NAT'd uplink, from the VM beside the first; it follows the guest's live relocation."""
     try:
         prepare_guest()
     except BackendError as err:
@@ -218,7 +232,8 @@ def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reac
         tiny = "vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny"
         pair, other = tmp_path / "pair.yaml", tmp_path / "other.yaml"
         pair.write_text(f"name: pair\nvms:\n  - {{name: a, {tiny}}}\n  - {{name: b, {tiny}}}\n"
-                        "constraints: {anti_affinity: [[a, b]]}\n")
+                        "constraints: {anti_affinity: [[a, b]]}\nnetworks: [{name: default, nat: true}]\n"
+                        "expose: [{vm: b, port: 80, host_port: 8080}]\n")
         created = bed_cluster.json("--agent", "node1", "ve", "create", str(pair))
         host_a = created["placement"]["a"]["node"]
         other.write_text(f"name: other\nvms:\n  - {{name: c, {tiny}}}\n")
@@ -238,11 +253,20 @@ def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reac
             neighbours = subprocess.run(["ip", "-n", probe, "neigh", "show", nics["pair", "a"]["address"]],
                                         capture_output=True, text=True).stdout
             assert nics["pair", "a"]["mac"] in neighbours and nics["other", "c"]["mac"] not in neighbours
-            # b moves live to the third node, keeping its MAC and address: reached there
-            third = next(n for n in ("node1", "node2", "node3") if n not in {host_a, created["placement"]["b"]["node"]})
+            host_b = created["placement"]["b"]["node"]
+            web = f"{tinyguest.WEB} ip={nics['pair', 'b']['address']}"
+            wait_for(lambda: _fetch(f"dtb-{host_a}", f"http://{_underlay(host_b)}:8080/") == web,
+                     what="pair/b's web server on its host's port 8080")
+            subprocess.run(["ip", "-n", probe, "route", "add", "default", "via", "10.0.0.1"], check=True)
+            assert _fetch(probe, f"http://{_underlay(host_b)}:8080/") == web  # out by host_a's NAT, in by host_b's
+            # b moves live to the third node, keeping its MAC and address: reached there, its port with it
+            third = next(n for n in ("node1", "node2", "node3") if n not in {host_a, host_b})
             moved = bed_cluster.json("--agent", third, "ve", "relocate", "pair", "--vm", "b", "--to", third)
             assert moved["placement"]["b"]["transfer"]["how"] == "live" and moved["nics"] == created["nics"]
             wait_for(lambda: _pings(probe, nics["pair", "b"]["address"]), what="pair/b answering from its new host")
+            wait_for(lambda: _fetch(f"dtb-{host_a}", f"http://{_underlay(third)}:8080/") == web,
+                     what="pair/b's web server on its new host's port 8080")
+            assert _fetch(f"dtb-{host_a}", f"http://{_underlay(host_b)}:8080/") == ""
         finally:
             subprocess.run(["ip", "netns", "del", probe], check=False)
         bed_cluster.cli("ve", "destroy", "pair")
@@ -250,13 +274,73 @@ def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reac
         wait_for(lambda: _network_leftovers() == [], what="no bridge, VXLAN device or DHCP server left")
 
 
+def test_a_real_guest_whose_host_loses_power_comes_back_elsewhere_with_its_address_and_port(tmp_path: Path) -> None:
+    """A protected tiny guest (`ha: restart`) with its web server exposed on its host's port 8080; its host loses
+    power (every process of its namespaces killed). With no command, the agents rebuild it on another node, where
+    it gets the same address by DHCP and its port is forwarded from its new host."""
+    try:
+        prepare_guest()
+    except BackendError as err:
+        pytest.skip(str(err))
+    with running_testbed(tmp_path, "qemu", tinyguest.default_cache().parent) as bed_cluster:
+        spec = tmp_path / "solo.yaml"
+        spec.write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}\n"
+                        "ha: {mode: restart}\nexpose: [{vm: a, port: 80, host_port: 8080}]\n")
+        created = bed_cluster.json("--agent", "node1", "ve", "create", str(spec))
+        host, address = created["placement"]["a"]["node"], created["nics"]["a"][0]["address"]
+        web = f"{tinyguest.WEB} ip={address}"
+        others = [n for n in ("node1", "node2", "node3") if n != host]
+        wait_for(lambda: _fetch(f"dtb-{others[0]}", f"http://{_underlay(host)}:8080/") == web, timeout=240,
+                 what="solo/a's web server on its host's port 8080")
+        wait_for(lambda: set(bed_cluster.json("image", "show", "tiny")["holders"]) - {host}, timeout=240,
+                 what="the image held beyond the VM's host (else nothing can rebuild it)")
+        _power_off(host)
+
+        def moved() -> str | None:
+            ve = bed_cluster.try_json("--agent", others[0], "ve", "show", "solo")
+            slot = ve["placement"]["a"] if ve else {"node": host}
+            busy = any(slot.get(intent) for intent in ("moving_to", "failing_over", "rebuilding"))
+            return slot["node"] if slot["node"] != host and not busy else None
+
+        target = wait_for(moved, timeout=240, what="solo/a rebuilt on another node with no command")
+        console = VM(bed_cluster, "solo", "a").file(".log", target)
+        wait_for(lambda: f"{tinyguest.NET} ip={address}/" in (console.read_text(errors="replace")
+                                                              if console.exists() else ""),
+                 timeout=240, what="solo/a given its address again by its new host")
+        outside = next(n for n in others if n != target)
+        wait_for(lambda: _fetch(f"dtb-{outside}", f"http://{_underlay(target)}:8080/") == web,
+                 what="solo/a's web server on its new host's port 8080")
+        assert bed_cluster.json("--agent", outside, "ve", "show", "solo")["nics"] == created["nics"]
+
+
+def _power_off(node: str) -> None:
+    """Node `node` loses power: every process in its namespace is killed (its agent, libvirt daemon and guests),
+    with their children elsewhere (the DHCP servers in its VE networks' gateway namespaces, which the agent
+    made in its own mount namespace: `ip netns pids` cannot see them from here)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+    doomed = {int(pid) for pid in subprocess.run(["ip", "netns", "pids", f"dtb-{node}"], capture_output=True,
+                                                 text=True).stdout.split()}
+    while more := {pid for pid, parent in parents.items() if parent in doomed} - doomed:
+        doomed |= more
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
 def _network_leftovers() -> list[str]:
-    """The VE networks' devices in the nodes' namespaces, their gateways' namespaces and DHCP servers."""
+    """The VE networks' devices and nftables table in the nodes' namespaces, their gateways' namespaces and DHCP
+    servers."""
     found = []
     for node in ("node1", "node2", "node3"):
         links = subprocess.run(["ip", "-n", f"dtb-{node}", "-j", "link", "show"], capture_output=True, text=True)
         found += [f"{node}:{link['ifname']}" for link in json.loads(links.stdout or "[]")
-                  if link["ifname"].startswith(("dvb", "dvx", "dvg"))]
+                  if link["ifname"].startswith(("dvb", "dvx", "dvg", "dvu"))]
+        tables = subprocess.run(["ip", "netns", "exec", f"dtb-{node}", "nft", "list", "tables"], capture_output=True,
+                                text=True).stdout
+        found += [f"{node}:{table}" for table in tables.splitlines() if table.endswith(" discovery")]
     found += [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
               if ns.startswith("dvn")]
     found += [f"pid {pid.name}" for pid in Path("/proc").iterdir() if pid.name.isdigit()

@@ -40,6 +40,8 @@ def test_a_ve_s_addresses_are_in_its_record_shown_kept_through_a_move_and_its_vn
 
     shown = cluster6.cli("--agent", "node3", "ve", "show", "web-net").stdout
     assert "10.21.0.10" in shown and nics["db"][0]["mac"] in shown
+    web_host = created["placement"]["web"]["addr"].rpartition(":")[0]
+    assert f"{web_host}:8080/tcp -> 80" in shown  # where a client outside reaches web's port 80
     host = created["placement"]["db"]["node"]
     target = next(f"node{i}" for i in range(1, 7) if f"node{i}" != host)
     moved = cluster6.json("--agent", "node2", "ve", "relocate", "web-net", "--vm", "db", "--to", target)
