@@ -105,8 +105,9 @@ def _forwarding(vni: int, segment: Segment, held: frozenset[tuple[str, str]]) ->
 
 
 def seen_from(links: list[dict[str, object]], fdb: Mapping[int, list[dict[str, object]]]) -> Seen:
-    """`Seen` from `ip -j -d link show` (every link) and `bridge -j fdb show dev <vxlan>` (per VNI): only the
-    devices named as this module names them count; the bridge's own entries (no `dst`) are not forwarding."""
+    """`Seen` from `ip -j -d link show` (every link) and each VNI's VXLAN device's rows of `bridge -j fdb show`:
+    only the devices named as this module names them count; the bridge's own entries (no `dst`) are not
+    forwarding."""
     bridges: set[int] = set()
     tunnels: dict[int, tuple[str, int]] = {}
     for link in links:
