@@ -30,6 +30,17 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root (ip netns add)")]
 
 
+@contextlib.contextmanager
+def guests_testbed(tmp_path: Path) -> Iterator[Cluster]:
+    """`running_testbed` whose agents run real tiny guests; skipped, with the reason, where QEMU cannot run."""
+    try:
+        prepare_guest()
+    except BackendError as err:
+        pytest.skip(str(err))
+    with running_testbed(tmp_path, "qemu", tinyguest.default_cache().parent) as bed_cluster:
+        yield bed_cluster
+
+
 def _leftovers() -> dict[str, list[str]]:
     return {k: v for k, v in bed.leftovers().items() if v}
 
@@ -170,11 +181,7 @@ def test_a_real_guest_migrates_live_between_namespaces_across_sites(tmp_path: Pa
     (qemu:///system, listening on the namespace's address), the tiny image is pulled over the router, and a
     live relocation to another site carries memory and disk between two namespaces' addresses (delayed and
     shaped by the router), the guest counting on without a reboot."""
-    try:
-        prepare_guest()
-    except BackendError as err:
-        pytest.skip(str(err))
-    with running_testbed(tmp_path, "qemu", tinyguest.default_cache().parent) as bed_cluster:
+    with guests_testbed(tmp_path) as bed_cluster:
         spec = tmp_path / "mover.yaml"
         spec.write_text("name: mover\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}\n")
         assert bed_cluster.json("--agent", "node1", "ve", "create", str(spec))["state"] == "running"
@@ -224,11 +231,7 @@ def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reac
     router; another VE's guest, with the same subnet and address, on the same host, is on another network.
     The second's web server is exposed on its host's port 8080, reached from another node and, through the
     network's NAT'd uplink, from the VM beside the first; it follows the guest's live relocation."""
-    try:
-        prepare_guest()
-    except BackendError as err:
-        pytest.skip(str(err))
-    with running_testbed(tmp_path, "qemu", tinyguest.default_cache().parent) as bed_cluster:
+    with guests_testbed(tmp_path) as bed_cluster:
         tiny = "vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny"
         pair, other = tmp_path / "pair.yaml", tmp_path / "other.yaml"
         pair.write_text(f"name: pair\nvms:\n  - {{name: a, {tiny}}}\n  - {{name: b, {tiny}}}\n"
@@ -278,11 +281,7 @@ def test_a_real_guest_whose_host_loses_power_comes_back_elsewhere_with_its_addre
     """A protected tiny guest (`ha: restart`) with its web server exposed on its host's port 8080; its host loses
     power (every process of its namespaces killed). With no command, the agents rebuild it on another node, where
     it gets the same address by DHCP and its port is forwarded from its new host."""
-    try:
-        prepare_guest()
-    except BackendError as err:
-        pytest.skip(str(err))
-    with running_testbed(tmp_path, "qemu", tinyguest.default_cache().parent) as bed_cluster:
+    with guests_testbed(tmp_path) as bed_cluster:
         spec = tmp_path / "solo.yaml"
         spec.write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}\n"
                         "ha: {mode: restart}\nexpose: [{vm: a, port: 80, host_port: 8080}]\n")
