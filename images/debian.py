@@ -4,7 +4,8 @@ The tiny guest (`images.tinyguest`) proves VM operations, but says nothing about
 store's chunk sizes, its dedup saving and its boot path must be measured on what users bring. This builds
 three bookworm images, each a 1 GiB raw ext4 disk (and a qcow2 copy):
 
-- `minbase`: `debootstrap --variant=minbase` + Debian's cloud kernel + systemd-sysv (minbase has no init),
+- `minbase`: `debootstrap --variant=minbase` + Debian's cloud kernel + systemd-sysv (minbase has no init) +
+  iproute2 (`ip`: what every Debian system but minbase has, and how the guest reads its address),
 - `ssh`: minbase + openssh-server + python3,
 - `ssh-next`: ssh + curl + less, the "next version" of `ssh` (a few packages added).
 
@@ -18,7 +19,18 @@ How, and why so:
   (root=/dev/vda, console=ttyS0, also `images.boot.DEFAULT_CMDLINE`): the images carry no boot loader.
 - A systemd unit prints `READY` on the serial console once multi-user.target is reached. root has no
   password (console login only: sshd refuses empty passwords); the ssh images make their host keys at first
-  boot, so no two VMs share one. No network configuration.
+  boot, so no two VMs share one.
+- Every Ethernet NIC (`en*`, `eth*`) gets its IPv4 address by DHCP, as a VE network's hosts hand them out
+  (`agents.network.dhcp`), from systemd-networkd: it comes with bookworm's systemd, already in every image,
+  where ifupdown would add packages, ISC's DHCP client (end of life upstream) and a boot that waits for the
+  leases (networking.service). No IPv6 autoconfiguration (VE networks are IPv4), so a link is configured once
+  DHCP is; networkd asks again and again until a server answers, as the tiny guest's udhcpc does.
+- Like the tiny guest, the guest then prints `DISCOVERY-GUEST-NET ip=<address>/<mask> router=<gateway>`
+  (`tinyguest.NET`) on the serial console for its first NIC (lowest ifindex): a unit started with
+  multi-user.target waits, with systemd-networkd-wait-online and no deadline (a segment's DHCP server may
+  start after the VM), for that NIC to be configured, then reads it with `ip`. Being `Type=exec`, it delays
+  neither multi-user.target nor `READY` (which it may print before or after), and nothing waits for
+  network-online.target, so a guest without NIC boots as fast as before.
 - Reproducible enough for dedup: SOURCE_DATE_EPOCH (initramfs-tools honours it), mtimes clamped to it,
   every inode's ctime and atime set to it (debugfs), apt's lists, caches and logs removed, and one fixed
   file-system UUID and directory hash seed for every image: ext4 seeds its metadata checksums with the
@@ -49,7 +61,7 @@ from images.boot import DEFAULT_CMDLINE, boot_names
 from images.tinyguest import READY, ImageError, cached, default_cache, run
 
 SUITE = "bookworm"
-BASE = ("systemd-sysv", "linux-image-cloud-amd64")
+BASE = ("systemd-sysv", "linux-image-cloud-amd64", "iproute2")
 VARIANTS: dict[str, tuple[str, ...]] = {
     "minbase": BASE,
     "ssh": (*BASE, "openssh-server", "python3"),
@@ -61,7 +73,7 @@ EPOCH = 1_700_000_000
 """SOURCE_DATE_EPOCH of every build, and the time every newer file is clamped to."""
 FS_UUID = uuid.uuid5(uuid.NAMESPACE_URL, f"discovery:images:debian:{SUITE}")
 CMDLINE = DEFAULT_CMDLINE
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when the build changes in a way the hashed recipe does not capture."""
 
 READY_UNIT = f"""[Unit]
@@ -75,6 +87,43 @@ ExecStart=/bin/sh -c 'echo {READY} > /dev/ttyS0'
 [Install]
 WantedBy=multi-user.target
 """
+NETWORK = """[Match]
+Name=en* eth*
+
+[Network]
+DHCP=ipv4
+# VE networks are IPv4: DHCPv4 alone makes the link configured (its address and routes set).
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+"""
+NET_UNIT = """[Unit]
+Description=Tell the host on the serial console the address DHCP gave the first NIC
+After=systemd-networkd.service
+
+[Service]
+Type=exec
+ExecStart=/usr/local/sbin/discovery-net
+
+[Install]
+WantedBy=multi-user.target
+"""
+NET_SCRIPT = r"""#!/bin/sh
+# Once DHCP configured the first NIC (lowest ifindex), print what the tiny guest prints on the serial console:
+# DISCOVERY-GUEST-NET ip=<address>/<mask> router=<gateway>. Nothing without a NIC.
+udevadm settle --timeout=60  # NICs probed and renamed (eth0 -> ens2)
+nic=$(for d in /sys/class/net/en* /sys/class/net/eth*; do [ -e "$d" ] && echo "$(cat "$d/ifindex") ${d##*/}"; done |
+      sort -n | awk 'NR == 1 {print $2}')
+[ -n "$nic" ] || exit 0
+/lib/systemd/systemd-networkd-wait-online --interface="$nic" --ipv4 --timeout=0 || exit 1
+set -- $(ip -4 -o address show dev "$nic" scope global)  # 2: ens2 inet 10.0.0.5/24 ...
+bits=$(( (0xffffffff << (32 - ${4#*/})) & 0xffffffff ))
+mask=$((bits >> 24)).$((bits >> 16 & 255)).$((bits >> 8 & 255)).$((bits & 255))
+router=$(ip -4 route show default dev "$nic" | awk '{print $3; exit}')
+echo "DISCOVERY-GUEST-NET ip=${4%/*}/$mask router=$router" > /dev/ttyS0
+"""
+UNITS = ("systemd-networkd.service", "discovery-ready.service", "discovery-net.service")
+"""What `systemctl enable` starts at boot (networkd's socket, generator and wait-online come along: nothing
+pulls in network-online.target, so wait-online never runs)."""
 FILES = {
     "etc/fstab": "/dev/vda / ext4 defaults 0 1\n",
     "etc/hostname": "discovery\n",
@@ -82,6 +131,9 @@ FILES = {
     "etc/resolv.conf": "",  # debootstrap copied the build host's
     "etc/machine-id": "",  # systemd makes one at each boot: no two VMs share an id
     "etc/systemd/system/discovery-ready.service": READY_UNIT,
+    "etc/systemd/system/discovery-net.service": NET_UNIT,
+    "etc/systemd/network/80-discovery.network": NETWORK,
+    "usr/local/sbin/discovery-net": NET_SCRIPT,
     # The initrd holds the disk's drivers only (the cloud kernel has ext4 built in): 6 MB, where Debian's
     # MODULES=most makes 15 MB whose unpacking alone runs a 128 MiB guest out of memory.
     "etc/initramfs-tools/conf.d/discovery.conf": "MODULES=list\n",
@@ -106,8 +158,8 @@ class Unavailable(ImageError):
 
 def recipe_hash(variant: str) -> str:
     """Names a build: any change to its packages, files or file-system options is a new image."""
-    recipe = json.dumps([RECIPE_VERSION, SUITE, VARIANTS[variant], FILES, SSH_FILES, REMOVED, DISK_BYTES, EPOCH,
-                         str(FS_UUID), CMDLINE])
+    recipe = json.dumps([RECIPE_VERSION, SUITE, VARIANTS[variant], FILES, SSH_FILES, UNITS, REMOVED, DISK_BYTES,
+                         EPOCH, str(FS_UUID), CMDLINE])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -228,9 +280,7 @@ def _configure(tree: Path, ssh: bool) -> None:
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         (tree / name).write_text(text)
         (tree / name).chmod(0o755 if text.startswith("#!") else 0o644)
-    wants = tree / "etc/systemd/system/multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    (wants / "discovery-ready.service").symlink_to("/etc/systemd/system/discovery-ready.service")
+    run("chroot", str(tree), "systemctl", "enable", *UNITS)  # offline: only the [Install] symlinks
     shadow = tree / "etc/shadow"  # root: no password (console only; sshd refuses empty ones)
     shadow.write_text(re.sub(r"^root:[^:]*:", "root::", shadow.read_text(), flags=re.M))
 
