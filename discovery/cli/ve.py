@@ -11,7 +11,6 @@ import typer
 from rich.table import Table
 
 from discovery.cli.app import JsonOpt, console, emit, fail, make_table, rpc
-from overlay.wire.rpc import split_addr
 
 ve_app = typer.Typer(no_args_is_help=True, help="Virtual environments, from any agent.")
 
@@ -63,8 +62,7 @@ def nic_table(ve: dict[str, Any]) -> Table:
     nat = {network["name"] for network in spec.get("networks", []) if network.get("nat")}
     rows = []
     for vm, nics in sorted(ve["nics"].items()):
-        addr = ve["placement"].get(vm, {}).get("addr")
-        host = split_addr(addr)[0] if addr else "?"
+        host = ve["placement"].get(vm, {}).get("addr", "").rpartition(":")[0].strip("[]") or "?"  # of host:port
         for index, nic in enumerate(nics):
             outside = ["nat"] if nic["network"] in nat else []
             if index == 0:
