@@ -32,11 +32,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
-from yaml.reader import ReaderError
+from yaml.nodes import Node
 
+from discovery import yamlfields
+from discovery.yamlfields import FieldError, boolean, describe, is_null, string
+from discovery.yamlfields import format_duration as format_duration  # re-exported: policies are shown with it
 from overlay.wire import codec
 from overlay.wire.codec import sparse
 
@@ -58,7 +58,6 @@ _NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' or '-', starting and ending 
 _IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 _IMAGE_RULE = "1-128 characters of A-Z, a-z, 0-9, '.', '_', ':', '/' or '-'"
 
-T = TypeVar("T", bound=str)
 A = TypeVar("A", IPv4Address, IPv4Interface)
 
 MAX_COPIES = 16
@@ -97,27 +96,9 @@ _HA_ONLY = {"copies": ("standby",), "snapshot_every": ("restart",), "keep": ("re
             "priority": ("restart", "standby"), "replication": ("standby",), "bandwidth": ("standby",),
             "max_lag": ("standby",)}
 """The modes each optional key of a policy applies to (`mode: none` takes none of them)."""
-_DURATION_RE = re.compile(r"([0-9]{1,9})|(?:([0-9]{1,6})h)?(?:([0-9]{1,6})m)?(?:([0-9]{1,6})s)?")
-_DURATION_RULE = "seconds, or as in 30s, 5m, 1h30m"
-
-_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
-_STR_TAG = _YAML_TAG_PREFIX + "str"
-_INT_TAG = _YAML_TAG_PREFIX + "int"
-_BOOL_TAG = _YAML_TAG_PREFIX + "bool"
-_NULL_TAG = _YAML_TAG_PREFIX + "null"
-_MAP_TAG = _YAML_TAG_PREFIX + "map"
-_SEQ_TAG = _YAML_TAG_PREFIX + "seq"
-_MERGE_TAG = _YAML_TAG_PREFIX + "merge"
-_YAML_TAG_RE = re.compile("^" + re.escape(_YAML_TAG_PREFIX))  # shown as the usual "!!" shorthand
-# The line breaks PyYAML counts in its marks, so that lines we compute ourselves agree with its own.
-_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
-_MAX_SHOWN = 40
-
-# Used only for its YAML 1.1 integer syntax (0x1f, 1_000, 1:30, ...); it never constructs objects from tags.
-_CONSTRUCTOR = SafeConstructor()
 
 
-class SpecError(ValueError):
+class SpecError(FieldError):
     """An invalid spec; str() is one line, 'source[:line]: [path: ]reason', fit to show a user as is."""
 
 
@@ -295,88 +276,28 @@ class VESpec:
 
 def parse_spec(text: str, source: str = "<spec>") -> VESpec:
     """Parses and validates spec YAML; source names the text in error messages (usually its file)."""
-    if len(text) > MAX_SPEC_BYTES:  # each character takes at least one byte: skip encoding huge texts
-        raise _too_large(source)
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise _error(source, f"not valid UTF-8: cannot encode {text[exc.start]!r}",
-                     line=_line_at(text[:exc.start])) from None
-    if size > MAX_SPEC_BYTES:
-        raise _too_large(source)
-    root = _compose(text, source)
+    yamlfields.check_text(text, source, MAX_SPEC_BYTES, SpecError)
+    root = yamlfields.compose(text, source, MAX_DEPTH, SpecError)
     if root is None:
-        raise _error(source, f"empty document; expected a mapping with keys {', '.join(_TOP_KEYS)}")
+        raise SpecError.at(source, f"empty document; expected a mapping with keys {', '.join(_TOP_KEYS)}")
     return _Validator(source).spec(root)
 
 
 def load_spec(path: str | Path) -> VESpec:
     """Reads and validates a spec file, reading no more than the size limit allows."""
-    source = str(path)
-    try:
-        with Path(path).open("rb") as file:
-            data = file.read(MAX_SPEC_BYTES + 1)
-    except OSError as exc:
-        raise _error(source, f"cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise _too_large(source)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _error(source, f"not valid UTF-8: {exc.reason} at byte {exc.start}",
-                     line=_line_at(data[:exc.start].decode("utf-8"))) from None
-    return parse_spec(text, source)
+    return parse_spec(yamlfields.read(path, MAX_SPEC_BYTES, SpecError), str(path))
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with a nesting limit: PyYAML composes recursively, so deep input hits RecursionError."""
+class _Validator(yamlfields.Fields):
+    """Checks a spec given as a composed YAML node tree or as plain data (from the wire), with the same rules."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Node | None, index: int) -> Node | None:
-        if self._depth >= MAX_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nesting is deeper than {MAX_DEPTH} levels",
-                                              self.peek_event().start_mark)  # type: ignore[no-untyped-call, unused-ignore]
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _compose(text: str, source: str) -> Node | None:
-    """The YAML node tree, which keeps the line of every value; nothing is constructed from tags."""
-    try:
-        return yaml.compose(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        reason = "; ".join(part for part in (exc.context, exc.problem) if part)
-        raise _error(source, f"invalid YAML: {reason}", line=mark.line + 1 if mark else None) from None
-    except ReaderError as exc:
-        raise _error(source, f"invalid YAML: character {chr(exc.character)!r} is not allowed",
-                     line=_line_at(text[:exc.position])) from None
-
-
-class _Validator:
-    """Checks a spec given as a composed YAML node tree or as plain data, with the same rules.
-
-    YAML nodes carry their line for error messages; plain data has none. Only the shape a spec can
-    have is walked, so aliases, even cyclic ones, cannot make validation loop or blow up.
-    """
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def error(self, obj: object, path: str, reason: str) -> SpecError:
-        return _error(self.source, reason, line=_line(obj), path=path)
+    error_type = SpecError
 
     def spec(self, root: object) -> VESpec:
         top = self.mapping(root, "", _TOP_KEYS, required=("name", "vms"))
         name = self.text(top["name"], "name", _NAME_RE, _NAME_RULE)
-        site = None if _is_null(top.get("site")) else self.text(top["site"], "site", _NAME_RE, _NAME_RULE)
-        networks = DEFAULT_NETWORKS if _is_null(top.get("networks")) else self.networks(top["networks"])
+        site = None if is_null(top.get("site")) else self.text(top["site"], "site", _NAME_RE, _NAME_RULE)
+        networks = DEFAULT_NETWORKS if is_null(top.get("networks")) else self.networks(top["networks"])
         subnets = {network.name: network.ip_subnet for network in networks}
         addresses: dict[str, str] = {}  # fixed address -> the path of the NIC that has it
         vms_obj = top["vms"]
@@ -394,10 +315,10 @@ class _Validator:
             first_index[vm.name] = index
             vms.append(vm)
         constraints_obj, ha_obj = top.get("constraints"), top.get("ha")
-        constraints = (NO_CONSTRAINTS if _is_null(constraints_obj)
+        constraints = (NO_CONSTRAINTS if is_null(constraints_obj)
                        else self.constraints(constraints_obj, first_index, site, top.get("site")))
-        ha = NO_HA if _is_null(ha_obj) else self.ha(ha_obj, "ha")
-        expose = () if _is_null(top.get("expose")) else self.expose(top["expose"], {vm.name: vm for vm in vms})
+        ha = NO_HA if is_null(ha_obj) else self.ha(ha_obj, "ha")
+        expose = () if is_null(top.get("expose")) else self.expose(top["expose"], {vm.name: vm for vm in vms})
         return VESpec(name=name, vms=tuple(vms), site=site, constraints=constraints, ha=ha, networks=networks,
                       expose=expose)
 
@@ -431,7 +352,7 @@ class _Validator:
         written = _ipv4(IPv4Interface, obj)
         if written is None:
             raise self.error(obj, path, f"must be an IPv4 subnet in CIDR notation, as in 10.20.0.0/24, "
-                             f"got {_describe(obj)}")
+                             f"got {describe(obj)}")
         subnet = written.network
         low, high = PREFIX_RANGE
         if not low <= subnet.prefixlen <= high:
@@ -473,7 +394,7 @@ class _Validator:
         """A fixed IPv4 address: a host of the network's subnet, neither its first (the gateway) nor its last."""
         address = _ipv4(IPv4Address, obj)
         if address is None:
-            raise self.error(obj, path, f"must be an IPv4 address, as in 10.20.0.10, got {_describe(obj)}")
+            raise self.error(obj, path, f"must be an IPv4 address, as in 10.20.0.10, got {describe(obj)}")
         if subnet is None:
             raise self.error(obj, path, f"network {network!r} has no subnet to check {address} against: "
                              f"give the network a subnet, or leave the address to DHCP")
@@ -517,7 +438,7 @@ class _Validator:
         mistake, not a wish to ignore), so is a `keep` without the `snapshot_every` it counts."""
         fields = self.mapping(obj, path, _HA_KEYS, required=("mode",))
         mode = self.choice(fields["mode"], f"{path}.mode", HA_MODES)
-        values = {key: value for key, value in fields.items() if key != "mode" and not _is_null(value)}
+        values = {key: value for key, value in fields.items() if key != "mode" and not is_null(value)}
         for key, value in values.items():
             if mode not in _HA_ONLY[key]:
                 raise self.error(value, f"{path}.{key}", f"only for mode {' or '.join(_HA_ONLY[key])} (mode is {mode})")
@@ -530,7 +451,7 @@ class _Validator:
         priority = self.integer(values["priority"], f"{path}.priority", PRIORITY_RANGE) if "priority" in values else 0
         replication = "async"
         if "replication" in values:  # YAML reads a bare `off` as false (a YAML node; on the wire, a string only)
-            replication = ("off" if isinstance(values["replication"], Node) and _boolean(values["replication"]) is False
+            replication = ("off" if isinstance(values["replication"], Node) and boolean(values["replication"]) is False
                            else self.choice(values["replication"], f"{path}.replication", REPLICATION_MODES))
         bandwidth = (self.integer(values["bandwidth"], f"{path}.bandwidth", BANDWIDTH_RANGE)
                      if "bandwidth" in values else None)
@@ -539,30 +460,11 @@ class _Validator:
         return HaPolicy(mode, copies, every, keep if keep is not None or every is None else DEFAULT_KEEP, priority,
                         replication, bandwidth, max_lag)
 
-    def choice(self, obj: object, path: str, options: tuple[T, ...]) -> T:
-        """One of `options` (strings), named by `obj`."""
-        chosen = next((o for o in options if o == _string(obj)), None)
-        if chosen is None:
-            raise self.error(obj, path, f"must be one of {', '.join(options)}, got {_describe(obj)}")
-        return chosen
-
-    def duration(self, obj: object, path: str, bounds: tuple[int, int]) -> int:
-        """Whole seconds, from an integer or a string ("90", "30s", "5m", "1h30m")."""
-        low, high = bounds
-        seconds = _integer(obj)
-        text = _string(obj)
-        if seconds is None and text is not None:
-            seconds = _seconds(text)
-        if seconds is None or not low <= seconds <= high:
-            raise self.error(obj, path, f"must be a duration from {format_duration(low)} to {format_duration(high)} "
-                             f"({_DURATION_RULE}), got {_describe(obj)}")
-        return seconds
-
     def constraints(self, obj: object, vms: Mapping[str, int], site: str | None, site_obj: object) -> Constraints:
         """The constraints, refusing unknown VMs and contradictions that need no knowledge of the nodes."""
         path = "constraints"
         fields = self.mapping(obj, path, _CONSTRAINT_KEYS, required=())
-        values = {key: value for key, value in fields.items() if not _is_null(value)}
+        values = {key: value for key, value in fields.items() if not is_null(value)}
         affinity = self.groups(values.get("affinity", ()), f"{path}.affinity", vms)
         anti = self.groups(values.get("anti_affinity", ()), f"{path}.anti_affinity", vms)
         same_site = self.boolean(values["same_site"], f"{path}.same_site") if "same_site" in values else False
@@ -594,7 +496,7 @@ class _Validator:
             if same_site:
                 raise self.error(spread_obj, spread_path, f"{what} contradicts same_site: true")
             if site is not None:
-                where = f" (line {_line(site_obj)})" if _line(site_obj) else ""
+                where = f" (line {yamlfields.line(site_obj)})" if yamlfields.line(site_obj) else ""
                 raise self.error(spread_obj, spread_path, f"{what} contradicts the pinned site {site}{where}")
             if spread > len(vms):
                 raise self.error(spread_obj, spread_path, f"{what} needs at least {spread} VMs, the VE has {len(vms)}")
@@ -623,20 +525,6 @@ class _Validator:
             groups.append((tuple(names), group_obj))
         return groups
 
-    def items(self, obj: object, path: str, what: str) -> list[object]:
-        """The items of a list (a YAML sequence, or a list or tuple on the wire)."""
-        if isinstance(obj, SequenceNode) and obj.tag == _SEQ_TAG:
-            return list(obj.value)
-        if isinstance(obj, list | tuple):
-            return list(obj)
-        raise self.error(obj, path, f"expected {what}, got {_describe(obj)}")
-
-    def boolean(self, obj: object, path: str) -> bool:
-        value = _boolean(obj)
-        if value is None:
-            raise self.error(obj, path, f"must be true or false, got {_describe(obj)}")
-        return value
-
     def vm(self, obj: object, path: str, subnets: Mapping[str, IPv4Network | None],
            addresses: dict[str, str]) -> tuple[VMSpec, object]:
         """The VM and the value its name came from, to point at it if the name turns out to be taken. Its NICs
@@ -655,63 +543,6 @@ class _Validator:
         )
         return vm, fields["name"]
 
-    def mapping(
-        self, obj: object, path: str, keys: tuple[str, ...], required: tuple[str, ...]
-    ) -> dict[str, object]:
-        """The values of a mapping by key; refuses non-string, unknown, duplicate and missing keys."""
-        if isinstance(obj, MappingNode) and obj.tag == _MAP_TAG:
-            pairs = [(key, _string(key), value) for key, value in obj.value]
-        elif isinstance(obj, Mapping):
-            pairs = [(key, _string(key), value) for key, value in obj.items()]
-        else:
-            raise self.error(obj, path, f"expected a mapping, got {_describe(obj)}")
-        values: dict[str, object] = {}
-        key_objs: dict[str, object] = {}
-        for key_obj, key, value in pairs:
-            if key is None:
-                raise self.error(key_obj, path, f"expected string keys, got {_describe(key_obj)}")
-            if key not in keys:
-                raise self.error(key_obj, path, f"unknown key {key!r}; allowed keys are {', '.join(keys)}")
-            if key in values:
-                first_line = _line(key_objs[key])
-                raise self.error(key_obj, path, f"duplicate key {key!r}, first given on line {first_line}")
-            values[key] = value
-            key_objs[key] = key_obj
-        for key in required:
-            if key not in values:
-                raise self.error(obj, path, f"missing required key {key!r}")
-        return values
-
-    def text(self, obj: object, path: str, pattern: re.Pattern[str], rule: str) -> str:
-        value = _string(obj)
-        if value is None or not pattern.fullmatch(value):
-            raise self.error(obj, path, f"must be {rule}, got {_describe(obj)}")
-        return value
-
-    def integer(self, obj: object, path: str, bounds: tuple[int, int]) -> int:
-        low, high = bounds
-        value = _integer(obj)
-        if value is None or not low <= value <= high:
-            raise self.error(obj, path, f"must be an integer between {low} and {high}, got {_describe(obj)}")
-        return value
-
-
-def format_duration(seconds: int) -> str:
-    """Whole seconds as a policy writes them: 30s, 5m, 1h30m."""
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    shown = "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n)
-    return shown or "0s"
-
-
-def _seconds(text: str) -> int | None:
-    """The seconds a duration string says (see `_Validator.duration`), None if it is none."""
-    match = _DURATION_RE.fullmatch(text)
-    if match is None or not any(match.groups()):
-        return None
-    plain, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    return plain + hours * 3600 + minutes * 60 + seconds
-
 
 def _implied_nics(networks: Iterable[str]) -> tuple[NicSpec, ...]:
     """The NICs of a VM that lists none: one on the first of the VE's networks (given by name)."""
@@ -720,83 +551,10 @@ def _implied_nics(networks: Iterable[str]) -> tuple[NicSpec, ...]:
 
 def _ipv4(kind: Callable[[str], A], obj: object) -> A | None:
     """An address or interface written as `kind` writes it (10.20.0.10, 10.20.0.0/24), None if it is not."""
-    text = _string(obj)
+    text = string(obj)
     try:
         value = kind(text) if text is not None else None
     except ValueError:  # ipaddress's AddressValueError and NetmaskValueError
         return None
     return value if str(value) == text else None
 
-
-def _error(source: str, reason: str, *, line: int | None = None, path: str = "") -> SpecError:
-    """The one-line 'source:line: path: reason' error; unknown parts are left out."""
-    location = source if line is None else f"{source}:{line}"
-    return SpecError(": ".join(part for part in (location, path, reason) if part))
-
-
-def _too_large(source: str) -> SpecError:
-    return _error(source, f"larger than the limit of {MAX_SPEC_BYTES} bytes")
-
-
-def _line_at(prefix: str) -> int:
-    """The 1-based line on which the text following prefix starts."""
-    return len(_LINE_BREAK.findall(prefix)) + 1
-
-
-def _line(obj: object) -> int | None:
-    return obj.start_mark.line + 1 if isinstance(obj, Node) else None
-
-
-def _string(obj: object) -> str | None:
-    if isinstance(obj, Node):
-        return obj.value if isinstance(obj, ScalarNode) and obj.tag == _STR_TAG else None
-    return obj if isinstance(obj, str) else None
-
-
-def _integer(obj: object) -> int | None:
-    """Booleans are rejected although Python makes them ints: `vcpus: yes` is a mistake, not 1 vCPU."""
-    if isinstance(obj, Node):
-        if not (isinstance(obj, ScalarNode) and obj.tag == _INT_TAG):
-            return None
-        try:
-            return _CONSTRUCTOR.construct_yaml_int(obj)
-        except ValueError:  # an explicit `!!int lots`, or more digits than Python converts
-            return None
-    return int(obj) if isinstance(obj, int) and not isinstance(obj, bool) else None
-
-
-def _boolean(obj: object) -> bool | None:
-    """YAML's booleans (true, false, and YAML 1.1's yes, no, on, off); on the wire, only a real bool."""
-    if isinstance(obj, Node):
-        if isinstance(obj, ScalarNode) and obj.tag == _BOOL_TAG:
-            return bool(_CONSTRUCTOR.construct_yaml_bool(obj))
-        return None
-    return obj if isinstance(obj, bool) else None
-
-
-def _is_null(obj: object) -> bool:
-    return obj is None or (isinstance(obj, ScalarNode) and obj.tag == _NULL_TAG)
-
-
-def _describe(obj: object) -> str:
-    """A rejected value for an error message: strings quoted, other scalars as written, one short line."""
-    if isinstance(obj, Node):
-        if isinstance(obj, MappingNode) and obj.tag == _MAP_TAG:
-            return "a mapping"
-        if isinstance(obj, SequenceNode) and obj.tag == _SEQ_TAG:
-            return "a list"
-        if _is_null(obj):
-            return "null"
-        if isinstance(obj, ScalarNode) and obj.tag == _MERGE_TAG:
-            return "'<<' (merge keys are not supported)"
-        if isinstance(obj, ScalarNode) and obj.tag.startswith(_YAML_TAG_PREFIX):
-            shown = repr(obj.value) if obj.tag == _STR_TAG else repr(obj.value)[1:-1]
-        else:  # %-escapes in a tag can spell any character, hence repr
-            shown = "a value tagged " + repr(_YAML_TAG_RE.sub("!!", obj.tag))[1:-1]
-    elif isinstance(obj, Mapping):
-        return "a mapping"
-    elif isinstance(obj, list | tuple):
-        return "a list"
-    else:
-        shown = repr(obj)
-    return shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN - 3] + "..."
