@@ -17,7 +17,8 @@ CORES  := vivaldi/coordinate.py agents/network/plan.py agents/network/uplink.py 
            discovery/ve/records.py discovery/ve/creating.py discovery/ve/protection.py images/pulling.py \
            discovery/testbed/plan.py discovery/testbed/relay.py agents/host/restart_budget.py \
            discovery/ha/lease.py discovery/ha/watch.py discovery/ve/shipped.py discovery/ve/rebuilding.py \
-           discovery/ve/takeover.py discovery/yamlfields.py
+           discovery/ve/takeover.py discovery/yamlfields.py discovery/campaign/plan.py discovery/campaign/results.py \
+           discovery/campaign/spec.py
 # Everything: typed, non-strict (pyproject's [tool.mypy]).
 PROJECT := vivaldi overlay dvms images agents discovery benchmarks
 

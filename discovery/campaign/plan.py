@@ -1,0 +1,105 @@
+"""A campaign as data, and its timeline (sans-IO): what a campaign file says (`discovery.campaign.spec` reads
+it), and the timed steps the runner carries out.
+
+A campaign is a bring-up (a testbed of `nodes` on `sites`, or hosts already running agents), a workload (VEs
+created at a steady `rate`, each destroyed `lifetime` after it was due, if given), actions at given times
+(faults: `kill` a node's agent as a power cut does, `start` it again, `partition` a node or a site off the
+rest, `heal`; DVMS's test hooks: `capacity` shrinks every node's CPU as DVMS counts it, `load` pins the CPU
+demand of the first VMs created), for `duration` seconds, the cluster sampled every `sample_every` seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ActionKind = Literal["kill", "start", "partition", "heal", "capacity", "load"]
+ACTIONS: tuple[ActionKind, ...] = ("kill", "start", "partition", "heal", "capacity", "load")
+
+
+@dataclass(frozen=True)
+class TestbedSpec:
+    """The testbed a campaign brings up when it is not up yet (`discovery testbed up`'s options)."""
+
+    __test__ = False  # not a pytest class, whatever its name
+    nodes: int = 6
+    sites: int = 3
+    site_rtt: float = 20.0
+    bandwidth: float = 100.0
+    hypervisor: str = "test"
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    """The VEs a campaign creates: `count` at `rate` per second, each of `vms` alike VMs and HA mode `ha`,
+    destroyed `lifetime` seconds after it was due (None: kept to the end)."""
+
+    rate: float
+    count: int
+    vms: int = 1
+    vcpus: int = 1
+    memory_mb: int = 256
+    disk_gb: int = 1
+    image: str = "none"
+    ha: str = "none"
+    lifetime: float | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    """One timed action: `kind` at `at` seconds; `target` a node (kill, start) or a node or site (partition);
+    `cpu` the percent of one vCPU (capacity, load), `vms` how many VMs a load is pinned on."""
+
+    at: float
+    kind: ActionKind
+    target: str = ""
+    cpu: int = 0
+    vms: int = 0
+
+
+@dataclass(frozen=True)
+class Campaign:
+    name: str
+    duration: float
+    sample_every: float = 2.0
+    testbed: TestbedSpec = field(default_factory=TestbedSpec)
+    create: CreateSpec | None = None
+    actions: tuple[Action, ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class Step:
+    """What the runner does at `at`: create or destroy VE number `index`, or carry out `action`."""
+
+    at: float
+    kind: str
+    index: int = 0
+    action: Action | None = field(default=None, compare=False)
+
+
+def ve_name(campaign: Campaign, index: int) -> str:
+    return f"{campaign.name}-{index:03d}"
+
+
+def ve_spec(campaign: Campaign, index: int) -> dict[str, Any]:
+    """The spec (as `VESpec.to_dict` writes one) of VE number `index` of the workload."""
+    create = campaign.create
+    assert create is not None
+    vms = [{"name": f"vm{i + 1}", "vcpus": create.vcpus, "memory_mb": create.memory_mb, "disk_gb": create.disk_gb,
+            **({"image": create.image} if create.image != "none" else {})} for i in range(create.vms)]
+    ha = {"ha": {"mode": create.ha}} if create.ha != "none" else {}
+    return {"name": ve_name(campaign, index), "vms": vms, **ha}
+
+
+def timeline(campaign: Campaign) -> list[Step]:
+    """Every step of the campaign in time order (creations first among steps due at once); none after
+    `duration`."""
+    steps = [Step(action.at, "action", action=action) for action in campaign.actions]
+    if campaign.create is not None:
+        for index in range(campaign.create.count):
+            due = index / campaign.create.rate
+            steps.append(Step(due, "create", index))
+            if campaign.create.lifetime is not None:
+                steps.append(Step(due + campaign.create.lifetime, "destroy", index))
+    order = {"create": 0, "action": 1, "destroy": 2}
+    return sorted((s for s in steps if s.at <= campaign.duration), key=lambda s: (s.at, order[s.kind], s.index))

@@ -1,0 +1,104 @@
+"""The figures of a campaign, from its raw record (`discovery.campaign.runner`), sans-IO: operation latencies,
+VEs by state over time, overloaded nodes over time, DVMS migrations, and recovery times after each fault.
+
+A *recovery*, for a `kill` or `partition` action: the VEs that had a VM on a node it took down (in the last
+sample before it) are recovered at the first sample where each of their VMs is placed on a node outside it,
+no operation is under way on it, and the VE is running. Its time is that sample's less the action's start,
+so it is known to `sample_every` seconds; a VE never seen so is reported with None (not within the campaign),
+unless the workload destroyed it first (`gone`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+OVERLOADED = 'discovery_dvms_load_state{state="overload"}'
+MIGRATED = 'discovery_dvms_migrations_total{outcome="done"}'
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The `q` quantile (0..1) by the nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def latencies(operations: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per operation kind: how many, how many succeeded, failed or did not finish, and the successful ones'
+    latency p50, p90 and max in seconds."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for op in sorted({o["op"] for o in operations}):
+        mine = [o for o in operations if o["op"] == op]
+        times = [o["seconds"] for o in mine if o["ok"]]
+        kinds[op] = {"count": len(mine), "ok": len(times),
+                     "unfinished": sum(o["error"] == "unfinished" for o in mine),
+                     "failed": sum(not o["ok"] and o["error"] != "unfinished" for o in mine),
+                     "p50_s": percentile(times, 0.5), "p90_s": percentile(times, 0.9),
+                     "max_s": max(times) if times else None}
+    return kinds
+
+
+def ves_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each sample that read the directory: its time and how many VEs were in each state."""
+    return [{"at": s["at"], **Counter(ve["state"] for ve in s["ves"])} for s in samples if s["ves"] is not None]
+
+
+def nodes_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each sample: how many nodes answered their /metrics, how many were overloaded (DVMS's monitor), and
+    DVMS migrations done so far (summed over the nodes that answered)."""
+    rows = []
+    for s in samples:
+        answered = [m for m in s["metrics"].values() if m is not None]
+        rows.append({"at": s["at"], "answering": len(answered),
+                     "overloaded": sum(m.get(OVERLOADED, 0) == 1 for m in answered),
+                     "migrations": sum(m.get(MIGRATED, 0) for m in answered)})
+    return rows
+
+
+def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each kill or partition action, each VE it hit and its recovery time (module docstring)."""
+    sites = {n["name"]: n["site"] for n in raw["nodes"]}
+    read = [s for s in raw["samples"] if s["ves"] is not None]
+    found = []
+    for action in raw["actions"]:
+        if action["kind"] not in ("kill", "partition") or not action["ok"]:
+            continue
+        hit_nodes = {n for n, site in sites.items() if action["target"] in (n, site)}
+        before = [s for s in read if s["at"] <= action["started"]]
+        if not before:
+            continue
+        hit = sorted(ve["name"] for ve in before[-1]["ves"]
+                     if any(vm["node"] in hit_nodes for vm in ve["vms"].values()))
+        for name in hit:
+            seconds, gone = None, False
+            for s in read:
+                if s["at"] <= action["started"]:
+                    continue
+                ve = next((v for v in s["ves"] if v["name"] == name), None)
+                if ve is None:  # destroyed by the workload first: neither recovered nor left down
+                    gone = True
+                    break
+                if ve["state"] == "running" and all(
+                        vm["node"] not in hit_nodes and not vm["busy"] for vm in ve["vms"].values()):
+                    seconds = round(s["at"] - action["started"], 3)
+                    break
+            found.append({"action": action["kind"], "target": action["target"], "at": action["started"],
+                          "ve": name, "seconds": seconds, "gone": gone})
+    return found
+
+
+def figures(raw: dict[str, Any]) -> dict[str, Any]:
+    """Everything the report shows, from the raw record."""
+    found = recoveries(raw)
+    recovered = [r["seconds"] for r in found if r["seconds"] is not None]
+    nodes = nodes_over_time(raw["samples"])
+    return {"operations": latencies(raw["operations"]), "ves": ves_over_time(raw["samples"]), "nodes": nodes,
+            "recoveries": found,
+            "recovery": {"count": len(recovered), "p50_s": percentile(recovered, 0.5),
+                         "max_s": max(recovered) if recovered else None,
+                         "not_recovered": sum(r["seconds"] is None and not r["gone"] for r in found)},
+            "max_overloaded": max((n["overloaded"] for n in nodes), default=0),
+            "migrations": max((n["migrations"] for n in nodes), default=0),
+            "actions": [{k: a[k] for k in ("kind", "target", "started", "ok", "error")} for a in raw["actions"]]}

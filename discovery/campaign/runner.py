@@ -1,0 +1,206 @@
+"""Carry out a campaign on a target and write down what happened: every operation with its latency and outcome,
+every action, and the cluster sampled every `sample_every` seconds (each VE's placement and state from the
+directory, each node's /metrics). `discovery.campaign.report` turns that record into figures.
+
+Operations go through the live nodes in turn (a user may use any node), never through a node this campaign
+killed or cut off; a failure is recorded as it happened (its one-line error), never retried behind the
+record's back. Each step starts at its time whatever the ones before it are doing (they run concurrently),
+so a slow create does not shift the schedule. Once `duration` has passed, operations still in flight get
+GRACE seconds to end and are then recorded unfinished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from discovery.campaign.plan import Action, Campaign, Step, timeline, ve_name, ve_spec
+from discovery.campaign.targets import Node, Target, TargetError
+from overlay.wire.rpc import RpcError, Transport
+
+log = logging.getLogger(__name__)
+GRACE = 60.0
+CALL_TIMEOUT = 60.0
+SAMPLE_TIMEOUT = 5.0
+KEPT_SERIES = ("discovery_vms", "discovery_dvms_", "discovery_members", "discovery_ha_lease")
+"""The /metrics series a sample keeps (by name prefix): VMs by state, DVMS's view, membership, HA leases."""
+
+
+class Runner:
+    """One run of `campaign` on `target` (module docstring); `run` returns the raw record."""
+
+    def __init__(self, campaign: Campaign, target: Target, progress: Callable[[str], None] = log.info) -> None:
+        self.campaign, self.target, self.progress = campaign, target, progress
+        self.down: set[str] = set()
+        """Nodes killed or cut off by this campaign (not called until started or healed)."""
+        self.turn = 0
+        self.operations: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.start = 0.0
+
+    async def run(self) -> dict[str, Any]:
+        self.start = trio.current_time()
+        began = time.time()
+        async with Transport(self.target.identity, node="campaign") as transport:
+            self.transport = transport
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._sample_until, self.start + self.campaign.duration)
+                with trio.move_on_after(self.campaign.duration + GRACE):
+                    async with trio.open_nursery() as steps:
+                        for step in timeline(self.campaign):
+                            await trio.sleep_until(self.start + step.at)
+                            steps.start_soon(self._step, step)
+        return {"campaign": asdict(self.campaign), "started": began, "nodes": [asdict(n) for n in self.target.nodes],
+                "operations": sorted(self.operations, key=lambda o: o["at"]), "actions": self.actions,
+                "samples": self.samples}
+
+    def now(self) -> float:
+        return trio.current_time() - self.start
+
+    def via(self) -> Node:
+        """The next node to call, in turn among those this campaign did not take down."""
+        live = [n for n in self.target.nodes if n.name not in self.down] or self.target.nodes
+        self.turn += 1
+        return live[self.turn % len(live)]
+
+    async def _step(self, step: Step) -> None:
+        if step.action is not None:
+            await self._act(step.action)
+            return
+        name = ve_name(self.campaign, step.index)
+        args = {"spec": ve_spec(self.campaign, step.index)} if step.kind == "create" else {"name": name}
+        await self._operation(step.kind, name, f"ve.{step.kind}", args)
+
+    async def _operation(self, op: str, ve: str, method: str, args: dict[str, Any]) -> None:
+        node, at = self.via(), self.now()
+        entry: dict[str, Any] = {"op": op, "ve": ve, "via": node.name, "at": round(at, 3), "seconds": None,
+                                 "ok": False, "error": "unfinished"}
+        self.operations.append(entry)
+        try:
+            await self.transport.call(node.addr, method, args, timeout=CALL_TIMEOUT)
+        except (RpcError, OSError) as err:
+            entry.update(seconds=round(self.now() - at, 3), error=str(err).splitlines()[0][:300])
+        else:
+            entry.update(seconds=round(self.now() - at, 3), ok=True, error=None)
+
+    async def _act(self, action: Action) -> None:
+        at = self.now()
+        entry = {**asdict(action), "started": round(at, 3), "ok": True, "error": None}
+        self.progress(f"{at:6.1f} s  {action.kind} {action.target or action.cpu or ''}".rstrip())
+        try:
+            if action.kind in ("kill", "partition"):
+                self.down |= self._nodes_of(action.target)
+            if action.kind == "kill":
+                await trio.to_thread.run_sync(self.target.kill, action.target)
+            elif action.kind == "start":
+                await trio.to_thread.run_sync(self.target.start, action.target)
+            elif action.kind == "partition":
+                await trio.to_thread.run_sync(self.target.partition, action.target)
+            elif action.kind == "heal":
+                await trio.to_thread.run_sync(self.target.heal)
+                self.down = {n for n in self.down if not self._was_cut(n)}
+            elif action.kind == "capacity":
+                await self._each_live("dvms.load", {"cpu_capacity": action.cpu})
+            elif action.kind == "load":
+                await self._load(action)
+            if action.kind == "start":
+                self.down.discard(action.target)
+        except (TargetError, RpcError, OSError, ValueError) as err:
+            entry.update(ok=False, error=str(err).splitlines()[0][:300])
+        entry["ended"] = round(self.now(), 3)
+        self.actions.append(entry)
+
+    def _nodes_of(self, target: str) -> set[str]:
+        return {n.name for n in self.target.nodes if target in (n.name, n.site)}
+
+    def _was_cut(self, node: str) -> bool:
+        """Whether `node` is down only because a partition cut it off (not killed and not started since)."""
+        killed = started = -1.0
+        for entry in self.actions:
+            if entry["kind"] == "kill" and entry["target"] == node:
+                killed = entry["started"]
+            if entry["kind"] == "start" and entry["target"] == node:
+                started = entry["started"]
+        return killed <= started
+
+    async def _each_live(self, method: str, args: dict[str, Any]) -> None:
+        live = [n.addr for n in self.target.nodes if n.name not in self.down]
+        answers = await self.transport.call_many(live, method, args, SAMPLE_TIMEOUT)
+        failed = [str(a) for a in answers.values() if isinstance(a, BaseException)]
+        if failed:
+            raise ValueError(f"{len(failed)} of {len(live)} nodes refused: {failed[0]}")
+
+    async def _load(self, action: Action) -> None:
+        """Pin the CPU demand of the first `action.vms` VMs of the workload's VEs, where each runs now."""
+        pinned = 0
+        for ve in await self._listing():
+            for vm, slot in sorted(ve["placement"].items()):
+                if pinned == action.vms:
+                    return
+                await self.transport.call(slot["addr"], "dvms.load", {"vm": f"{ve['name']}:{vm}",
+                                                                        "cpu": action.cpu}, timeout=SAMPLE_TIMEOUT)
+                pinned += 1
+
+    async def _listing(self) -> list[dict[str, Any]]:
+        """Every VE of the directory (as `ve list` shows them), read through a live node."""
+        ves: list[dict[str, Any]] = []
+        cursor = None
+        node = self.via()
+        while True:
+            page = await self.transport.call(node.addr, "ve.list", {"limit": 100, "cursor": cursor},
+                                             timeout=SAMPLE_TIMEOUT)
+            ves += page["ves"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return sorted(ves, key=lambda ve: ve["name"])
+
+    async def _sample_until(self, end: float) -> None:
+        while trio.current_time() <= end:
+            due = trio.current_time() + self.campaign.sample_every
+            await self._sample()
+            await trio.sleep_until(due)
+
+    async def _sample(self) -> None:
+        at = self.now()
+        sample: dict[str, Any] = {"at": round(at, 3), "ves": None, "error": None, "metrics": {}}
+        try:
+            sample["ves"] = [{"name": ve["name"], "state": ve["state"],
+                              "vms": {vm: {"node": slot["node"], "busy": any(slot.get(k) for k in (
+                                  "moving_to", "failing_over", "rebuilding"))} for vm, slot in ve["placement"].items()}}
+                             for ve in await self._listing()]
+        except (RpcError, OSError) as err:
+            sample["error"] = str(err).splitlines()[0][:300]
+        async with trio.open_nursery() as nursery:
+            for node in self.target.nodes:
+                if node.metrics:
+                    nursery.start_soon(self._scrape, node, sample["metrics"])
+        self.samples.append(sample)
+
+    async def _scrape(self, node: Node, into: dict[str, Any]) -> None:
+        """The node's kept series (KEPT_SERIES) as {series{labels}: value}; None if it did not answer."""
+        try:
+            text = await trio.to_thread.run_sync(_fetch, f"http://{node.metrics}/metrics", abandon_on_cancel=True)
+        except OSError:
+            into[node.name] = None
+            return
+        into[node.name] = {_series(sample.name, sample.labels): sample.value
+                           for family in text_string_to_metric_families(text) for sample in family.samples
+                           if sample.name.startswith(KEPT_SERIES)}
+
+
+def _fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=SAMPLE_TIMEOUT) as answer:
+        return answer.read().decode()
+
+
+def _series(name: str, labels: dict[str, str]) -> str:
+    shown = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{shown}}}" if shown else name

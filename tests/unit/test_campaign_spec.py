@@ -1,0 +1,57 @@
+"""Campaign files (`discovery.campaign.spec`): the example CI campaign reads, and a mistake is one line naming
+the file, the line and the field."""
+
+from pathlib import Path
+
+import pytest
+
+from discovery.campaign.plan import Action, CreateSpec, TestbedSpec
+from discovery.campaign.spec import check_targets, load_campaign, parse_campaign
+from discovery.yamlfields import FieldError
+
+CI = Path(__file__).parents[2] / "examples" / "campaigns" / "ci.yaml"
+
+
+def test_the_ci_campaign_reads():
+    campaign = load_campaign(CI)
+    assert campaign.name == "ci" and campaign.duration == 120 and campaign.sample_every == 1
+    assert campaign.testbed == TestbedSpec(6, 3, 20, 100, "test")
+    assert campaign.create == CreateSpec(0.5, 60, vms=2, vcpus=1, memory_mb=256, ha="restart", lifetime=60)
+    assert campaign.actions[2] == Action(35, "kill", "node2") and campaign.actions[4] == Action(85, "heal")
+    assert campaign.actions[1] == Action(20, "load", cpu=250, vms=6)
+    check_targets(campaign, [(f"node{i}", site) for i, site in enumerate(["rennes", "lyon", "nancy"] * 2, 1)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\n", "c.yaml:1: missing required key 'duration'"),
+    ("name: X!\nduration: 60s\n", "c.yaml:1: name: must be 1-40 characters"),
+    ("name: x\nduration: 5s\n", "c.yaml:2: duration: must be a duration from 10s to 24h"),
+    ("name: x\nduration: 60s\nactions:\n  - {at: 90s, kill: node1}\n",
+     "c.yaml:4: actions[0].at: must be a duration from 0s to 1m"),
+    ("name: x\nduration: 60s\nactions:\n  - {at: 9s, kill: node1, start: node1}\n",
+     "c.yaml:4: actions[0]: must say one action of kill, start, partition, heal, capacity, load, got kill, start"),
+    ("name: x\nduration: 60s\nactions:\n  - {at: 9s, load: 200}\n", "c.yaml:4: actions[0]: a load needs vms"),
+    ("name: x\nduration: 60s\nactions:\n  - {at: 9s, heal: false}\n", "c.yaml:4: actions[0].heal: must be true"),
+    ("name: x\nduration: 60s\nactions:\n  - {at: 9s, kill: node1, vms: 2}\n",
+     "c.yaml:4: actions[0].vms: only a load is pinned on VMs, not a kill"),
+    ("name: x\nduration: 60s\ncreate: {rate: yes, count: 3}\n", "c.yaml:3: create.rate: must be a number"),
+    ("name: x\nduration: 60s\ncreate: {rate: 1, count: 3, ha: always}\n",
+     "c.yaml:3: create.ha: must be one of none, restart, standby, got 'always'"),
+    ("name: x\nduration: 60s\ntestbed: {nodes: 3, sites: 4}\n",
+     "c.yaml:3: testbed.sites: must be an integer between 1 and 3"),
+    ("name: x\nduration: 60s\nfaults: []\n", "c.yaml:3: unknown key 'faults'"),
+    ("- just a list\n", "c.yaml:1: expected a mapping"),
+    ("", "c.yaml: empty document"),
+    ("name: [unclosed\n", "c.yaml:2: invalid YAML"),
+])
+def test_a_mistake_is_one_line_naming_where_it_is(text, message):
+    with pytest.raises(FieldError) as caught:
+        parse_campaign(text, "c.yaml")
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_an_action_on_a_node_the_deployment_lacks_is_refused_before_the_run():
+    campaign = parse_campaign("name: x\nduration: 60s\nactions:\n  - {at: 9s, partition: paris}\n", "c.yaml")
+    with pytest.raises(FieldError, match=r"^actions\[0\].partition: no node or site 'paris' here \(nodes: n1; "
+                                         r"sites: lyon\)$"):
+        check_targets(campaign, [("n1", "lyon")])
