@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from agents import tasks
 from agents.config import AgentConfig
 from agents.coordinates import CoordinateService
+from agents.eventlog import MEMBER_EVENTS, EventLog
 from agents.host.replication import Replication
 from agents.host.restarts import GuestRestarts
 from agents.host.service import HostService
@@ -82,6 +83,8 @@ class NodeAgent:
         self.notifier = Notifier()
         self.supervisor = Supervisor()
         self.actors: list[Actor] = []
+        self.events = EventLog()
+        """The last notable events here (`discovery top`): membership news, and what the layers above note."""
         self.replication: Replication | None = None
         """Disks mirrored to standby copies (real guests only): the HA layer says which."""
 
@@ -161,6 +164,7 @@ class NodeAgent:
             self.spiral = SpiralService(transport, self.membership, self.coordinates.coordinate_of, self._free)
             self.notifier.subscribe(self.spiral.tell_nowait, {"member_joined"})
             self.notifier.subscribe(self.overlays.tell_nowait, {"member_joined"})
+            self.notifier.subscribe(self.events.on_member, MEMBER_EVENTS)
             ring_service = RingService(transport, self.membership, self.ring, cfg.ring_interval)
             self.notifier.subscribe(ring_service.tell_nowait, {"member_dead", "member_left"})
             self.actors += [self.host, self.gossip, self.coordinates, ring_service,

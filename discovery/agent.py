@@ -27,6 +27,7 @@ from discovery.metrics import DvmsCollector, HaCollector, ImagesCollector
 from discovery.scheduler.service import DvmsService
 from discovery.scheduler.settings import DvmsSettings
 from discovery.toml_config import ConfigError
+from discovery.top.service import TopService
 from discovery.ve.directory import PREFIX as DIRECTORY_PREFIX
 from discovery.ve.directory import Directory
 from discovery.ve.forwarding import Forwarding
@@ -46,9 +47,10 @@ from overlay.wire import tls
 async def install(agent: NodeAgent) -> None:
     """Agent extension hook: the image service; the VE service, its recovery of interrupted operations, its
     fencing of failed-over copies and its shipped snapshots; the HA service (the host's lease, and the
-    watchers that recover the VEs of a dead host); and the DVMS service, which moves nothing unless
-    some VM demands CPU (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`). DVMS relocates
-    through the VE service and reads the VEs' rules from the directory they share."""
+    watchers that recover the VEs of a dead host); the DVMS service, which moves nothing unless
+    some VM demands CPU (`dvms.load`, real guests, or the injector of agent.toml's `[dvms]`); and the cluster's
+    view for `discovery top`. DVMS relocates through the VE service and reads the VEs' rules from the directory
+    they share."""
     cfg = agent.config
     for prefix in (DIRECTORY_PREFIX, VNI_PREFIX):  # one history per record across a partition (`overlay.quorum`)
         agent.dht.pin(prefix)
@@ -60,7 +62,7 @@ async def install(agent: NodeAgent) -> None:
                           bases=Bases(bases, agent.host.images_in_use) if bases is not None else None)
     ve = VEService(node=cfg.name, joins=bool(cfg.join), directory=directory, transport=agent.transport,
                    membership=agent.membership, nearest=agent.spiral, distances=agent.coordinates, host=agent.host,
-                   images=images, shipped=ShippedLogs(agent.records))
+                   images=images, shipped=ShippedLogs(agent.records), events=agent.events)
     settings = cfg.extra.get("dvms")
     dvms = DvmsService(
         node=Node(cfg.name, cfg.site, 100 * cfg.capacity.vcpus, cfg.capacity.memory_mb),
@@ -74,11 +76,14 @@ async def install(agent: NodeAgent) -> None:
     ha = HaService(cfg.name, agent.membership, agent.dht, agent.host, ve, directory, cfg.data_dir / "ha.json",
                    float(cfg.extra.get("ha_lease_term", TERM)))
     ha.replication = agent.replication
+    top = TopService(name=cfg.name, site=cfg.site, transport=agent.transport, membership=agent.membership,
+                     host=agent.host, scheduler=dvms, events=agent.events)
     images.serve(agent.transport)
     agent.host.images = images  # a host brings a new VM's image while holding its room, and boots it
     ve.serve(agent.transport)
     dvms.serve(agent.transport)
     ha.serve(agent.transport)
+    top.serve(agent.transport)
     agent.notifier.subscribe(dvms.tell_nowait, {"member_dead", "member_left"})
     agent.exporter.register(DvmsCollector(dvms))
     agent.exporter.register(ImagesCollector(images.fetcher))

@@ -6,7 +6,7 @@ when they run), so `discovery --help` and client commands start fast.
 
 from __future__ import annotations
 
-from discovery.cli import agent, ca, campaign, cluster, dvms, ha, image, overlays, sim, testbed, ve
+from discovery.cli import agent, ca, campaign, cluster, dvms, ha, image, overlays, sim, testbed, top, ve
 from discovery.cli.app import app
 
 app.add_typer(agent.agent_app, name="agent")
@@ -21,6 +21,7 @@ app.add_typer(dvms.dvms_app, name="dvms")
 app.add_typer(ha.ha_app, name="ha")
 app.add_typer(testbed.testbed_app, name="testbed")
 app.add_typer(campaign.campaign_app, name="campaign")
+app.command("top")(top.top)
 
 
 def main() -> None:

@@ -94,6 +94,19 @@ class PartitionView:
 
 
 @dataclass(frozen=True)
+class MigrationView:
+    """A migration of a plan this node leads: `moving` now (since `time`), or how it finished at `time`
+    (`migrated`, `failed`, `skipped`: its deadline had passed)."""
+
+    vm: str
+    source: str
+    target: str
+    state: str
+    time: float
+    partition: str
+
+
+@dataclass(frozen=True)
 class DvmsStatus:
     """`dvms.status`: the load, the partition, the pins, the partitions this node led (how each ended, and
     its problem), and recent events (each a map: `time`, `kind` and what the event says)."""

@@ -67,6 +67,7 @@ from discovery.scheduler.messages import (
     DVMS_STATUS,
     DvmsStatus,
     Loaded,
+    MigrationView,
     NodeLoad,
     PartitionView,
     Report,
@@ -106,6 +107,8 @@ MSG_TIMEOUT = 1.0
 REPORT_TIMEOUT = 5.0
 SOLVE_TIME_LIMIT = 1.0
 MAX_EVENTS = 100
+FINISHED = {"migrated": "migrated", "migration-failed": "failed", "migration-skipped": "skipped"}
+"""The events that end a migration, and what they make of it (`DvmsService.migrations`)."""
 PIN_NS = "urn:discovery:dvms"  # namespace of the domain metadata that holds a VM's pinned demand
 
 # -- VE rules ----------------------------------------------------------------------------------------------
@@ -177,6 +180,7 @@ class DvmsService(Actor):
         self.ended: dict[str, str] = {}  # partition id -> reason, of those this node led
         self.problems: dict[str, str] = {}  # partition id -> "overload" or "underload", of those this node led
         self.plans: dict[tuple[PartitionId, int], Plan] = {}
+        self.moving: dict[str, MigrationView] = {}  # VM -> its migration under way, in a plan this node applies
         self.isp: IspNode | None = None
         self.monitor: Monitor | None = None
         self.load = NodeLoad(0, 0, Load.NORMAL.value)
@@ -418,16 +422,20 @@ class DvmsService(Actor):
             for event in before:
                 await event.wait()
             if trio.current_time() >= out.deadline:
-                self._event("migration-skipped", partition=str(out.pid), vm=m.vm, to=m.target, reason="deadline")
+                self._event("migration-skipped", partition=str(out.pid), vm=m.vm, source=m.source, target=m.target,
+                            reason="deadline")
                 return
             ve, _, vm = m.vm.partition(":")
+            self.moving[m.vm] = MigrationView(m.vm, m.source, m.target, "moving", time.time(), str(out.pid))
             try:
                 await self.relocate(caller, ve, vm, m.target)
             except Exception as err:  # refused, or broke: the others may still help; the VE service recovers
-                self._event("migration-failed", partition=str(out.pid), vm=m.vm, to=m.target, error=str(err))
+                self._event("migration-failed", partition=str(out.pid), vm=m.vm, source=m.source, target=m.target,
+                            error=str(err))
                 return
             self._event("migrated", partition=str(out.pid), vm=m.vm, source=m.source, target=m.target)
         finally:
+            self.moving.pop(m.vm, None)
             finished.set()
 
     # -- local state -------------------------------------------------------------------------------------
@@ -513,17 +521,27 @@ class DvmsService(Actor):
         return Report(self.me, self.node.site, node.cpu, node.memory_mb,
                       [ReportedVM(vm.ve, vm.name.partition(":")[2], vm.vcpus, vm.memory_mb, vm.cpu) for vm in vms])
 
+    def partition(self) -> PartitionView | None:
+        """The partition this node is in now, if any (synchronous: the core changes only between awaits)."""
+        isp = self.isp
+        m = isp.membership if isp is not None else None
+        if isp is None or m is None:
+            return None
+        lead = isp.lead
+        return PartitionView(str(m.pid), m.leader, "leader" if lead is not None else "member",
+                             list(lead.members) if lead is not None else None,
+                             lead.state.value if lead is not None else None, self.problems.get(str(m.pid)))
+
+    def migrations(self, count: int) -> list[MigrationView]:
+        """At most `count` migrations of the plans this node led: those under way, then the last finished, newest
+        first."""
+        finished = [MigrationView(e["vm"], e["source"], e["target"], FINISHED[e["kind"]], e["time"], e["partition"])
+                    for e in reversed(self.events) if e["kind"] in FINISHED]
+        return [*self.moving.values(), *finished][:max(count, 0)]
+
     def _status(self) -> DvmsStatus:
-        assert self.isp is not None
-        partition = None
-        m = self.isp.membership
-        if m is not None:
-            lead = self.isp.lead
-            partition = PartitionView(str(m.pid), m.leader, "leader" if lead is not None else "member",
-                                      list(lead.members) if lead is not None else None,
-                                      lead.state.value if lead is not None else None, self.problems.get(str(m.pid)))
-        return DvmsStatus(self.me, self.load, partition, dict(self.pinned), dict(self.ended), dict(self.problems),
-                          list(self.events))
+        return DvmsStatus(self.me, self.load, self.partition(), dict(self.pinned), dict(self.ended),
+                          dict(self.problems), list(self.events))
 
     # -- RPC ---------------------------------------------------------------------------------------------
 

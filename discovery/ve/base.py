@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import trio
 
+from agents.eventlog import EventLog
 from agents.host.capacity import Ledger
 from agents.runtime import Actor
 from agents.spiral import Predicate, SpiralResult
@@ -96,13 +97,15 @@ class VEBase:
     What it is given, and nothing else: `node`, this agent's name; `joins`, whether it joins a cluster (its
     records are elsewhere until it has); the `directory` of VE records; the `transport` that calls hosts and
     agents and serves `ve.*`; the `membership` view; the spiral search (`nearest`); the network coordinates
-    (`distances`); this node's `host`; the images (`images`); the shipped-snapshot logs (`shipped`)."""
+    (`distances`); this node's `host`; the images (`images`); the shipped-snapshot logs (`shipped`); the node's
+    `events`, where it notes the VEs it created or destroyed and the VMs it moved, failed over or rebuilt."""
 
     def __init__(self, *, node: str, joins: bool, directory: Directory, transport: Endpoint, membership: Membership,
-                 nearest: Finder, distances: Distances, host: LocalHost, images: Images, shipped: ShippedLogs) -> None:
+                 nearest: Finder, distances: Distances, host: LocalHost, images: Images, shipped: ShippedLogs,
+                 events: EventLog) -> None:
         self.node, self.joins, self.directory, self.transport = node, joins, directory, transport
         self.membership, self.nearest, self.distances, self.host = membership, nearest, distances, host
-        self.images, self.shipped = images, shipped
+        self.images, self.shipped, self.events = images, shipped, events
         self._locks: dict[str, trio.Lock] = {}
         self.unindexing = Unindexing(directory.index)
         """Removes destroyed VEs' index entries after the answer (an actor, for the agent to run)."""

@@ -72,6 +72,8 @@ class Rebuilds(VEBase):
             for note in core.notes:
                 log.info("VE %s: %s", ve.name, note)
         log.info("rebuild of %s/%s on %s finished", ve.name, vm, record.ve.placement[vm].node)
+        self.events.note("vm_rebuilt", f"{ve.name}/{vm}", f"-> {record.ve.placement[vm].node}"
+                         + (f" ({why})" if why else ""))
         await self._moved(record.ve)
         return record
 

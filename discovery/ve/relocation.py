@@ -148,7 +148,9 @@ class Relocation(VEBase):
         move = Move(ve, vm, domain_name(ve.name, vm), Slot(target.name, target.addr, target.site, rtt, why), method,
                     {"vcpus": need.vcpus, "memory_mb": need.memory_mb, "disk_gb": need.disk_gb}, self.node,
                     PREPARE_LIMIT)
+        source = ve.placement[vm].node
         record, _ = await drive(move, record, self.transport, self.directory)
+        self.events.note("vm_relocated", f"{ve.name}/{vm}", f"{source} -> {target.name}")
         await self._moved(record.ve)
         return record
 

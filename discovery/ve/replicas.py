@@ -274,6 +274,8 @@ class Replicas(VEBase):
                             self._rtt_ms(standby.node))
         record, _ = await drive(failover, record, self.transport, self.directory)
         log.info("failover of %s/%s to %s finished", record.ve.name, vm, standby.node)
+        self.events.note("vm_failed_over", f"{record.ve.name}/{vm}",
+                         f"-> {standby.node}" + (f" ({why})" if why else ""))
         await self._moved(record.ve)
         return record
 

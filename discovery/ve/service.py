@@ -120,6 +120,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
                     await self.vnis.release(spec.name, uid, vnis)
                 raise
             record = await self._protect(record)
+        self.events.note("ve_created", spec.name, f"{len(spec.vms)} VMs by {caller.cn}")
         return view(record.ve)
 
     async def _undid_left_create(self, name: str) -> bool:
@@ -253,6 +254,7 @@ class VEService(Relocation, Snapshots, Policies, Rebuilds):
             self.unindexing.tell_nowait(Entry(ve.name, ve.owner, ve.uid))
             await self.vnis.release(ve.name, ve.uid, {name: net.vni for name, net in ve.networks.items()})
             await self._unstandby(ve.name, ve.standbys)
+        self.events.note("ve_destroyed", ve.name, f"by {caller.cn}")
         return {**view(ve), "state": "destroyed"}
 
     async def _apply(self, caller: Caller, name: str, method: str, state: VEState, **extra: Any) -> RecordView:
