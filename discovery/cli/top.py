@@ -104,9 +104,9 @@ def _nodes(nodes: list[dict[str, Any]]) -> RenderableType:
         first = n["site"] != site
         site = n["site"]
         state = f"[{STATE_STYLE.get(n['state'], '')}]{n['state']}[/]"
-        if u is None:
-            rows.append([site if first else "", n["name"], state, None, None, None, None,
-                         f"[red]{escape(n.get('silent', ''))}[/]", None])
+        if u is None:  # silent: why, unless gossip already says (dead, left)
+            why = f"[red]{escape(n['silent'])}[/]" if n["state"] in ("alive", "suspect") else None
+            rows.append([site if first else "", n["name"], state, None, None, None, None, why, None])
             continue
         cpu = f"{100 * u['cpu'] // max(u['cpu_capacity'], 1)}%"
         rows.append([site if first else "", n["name"], state, cpu, f"{u['vcpus']}/{u['vcpus_total']}",
