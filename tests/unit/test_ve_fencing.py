@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agents.eventlog import EventLog
 from agents.host.capacity import Ledger, Resources
 from discovery.ve.directory import PREFIX, Directory
 from discovery.ve.records import FailoverIntent, RebuildIntent, Slot, write
@@ -88,6 +89,6 @@ async def test_a_held_vm_is_started_removed_or_kept_held_by_what_the_directory_s
     transport, host = Transport(answering), Host(covered)
     fencing = Replicas(node="n1", joins=False, directory=Directory(Records(slot)),  # type: ignore[arg-type]
                        transport=transport, membership=None, nearest=None, distances=None,  # type: ignore[arg-type]
-                       host=host, images=None, shipped=None)  # type: ignore[arg-type]
+                       host=host, images=None, shipped=None, events=EventLog())  # type: ignore[arg-type]
     await fencing.fence()
     assert transport.done == done
