@@ -67,10 +67,9 @@ def main() -> None:
     parser = cluster_parser(__doc__, ves=24, plot="unused")
     parser.add_argument("--samples", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="discovery-bench-") as tmp:
-        with local_cluster(Path(tmp), args.nodes, args.sites) as (state, identity):
-            result = trio.run(measure, identity, [n["addr"] for n in state["nodes"]], args.ves, args.samples,
-                              args.seed)
+    with tempfile.TemporaryDirectory(prefix="discovery-bench-") as tmp, \
+            local_cluster(Path(tmp), args.nodes, args.sites) as (state, identity):
+        result = trio.run(measure, identity, [n["addr"] for n in state["nodes"]], args.ves, args.samples, args.seed)
     json.dump({"benchmark": "top_refresh", "cluster_nodes": args.nodes, "sites": args.sites, "ves": args.ves,
                "samples": args.samples, **result}, sys.stdout, indent=2)
     print()
