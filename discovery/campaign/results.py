@@ -5,7 +5,8 @@ A *recovery*, for a `kill` or `partition` action: the VEs that had a VM on a nod
 sample before it) are recovered at the first sample where each of their VMs is placed on a node outside it,
 no operation is under way on it, and the VE is running. Its time is that sample's less the action's start,
 so it is known to `sample_every` seconds; a VE never seen so is reported with None (not within the campaign),
-unless the workload destroyed it first (`gone`).
+unless the workload began destroying it first (`gone`). A VE missing from a sample is not taken for gone: a
+listing read during a partition may lack what the unreachable replicas hold.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """For each kill or partition action, each VE it hit and its recovery time (module docstring)."""
     sites = {n["name"]: n["site"] for n in raw["nodes"]}
     read = [s for s in raw["samples"] if s["ves"] is not None]
+    destroyed = {}  # VE -> when the workload began destroying it
+    for op in sorted(raw["operations"], key=lambda o: -o["at"]):
+        if op["op"] == "destroy":
+            destroyed[op["ve"]] = op["at"]
     found = []
     for action in raw["actions"]:
         if action["kind"] not in ("kill", "partition") or not action["ok"]:
@@ -76,11 +81,11 @@ def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
             for s in read:
                 if s["at"] <= action["started"]:
                     continue
-                ve = next((v for v in s["ves"] if v["name"] == name), None)
-                if ve is None:  # destroyed by the workload first: neither recovered nor left down
+                if destroyed.get(name, s["at"] + 1) <= s["at"]:  # destroyed by the workload first
                     gone = True
                     break
-                if ve["state"] == "running" and all(
+                ve = next((v for v in s["ves"] if v["name"] == name), None)
+                if ve is not None and ve["state"] == "running" and all(
                         vm["node"] not in hit_nodes and not vm["busy"] for vm in ve["vms"].values()):
                     seconds = round(s["at"] - action["started"], 3)
                     break

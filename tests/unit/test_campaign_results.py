@@ -49,13 +49,14 @@ def _sample(at, *ves):
 
 def test_a_ve_is_recovered_once_off_the_failed_node_idle_and_running():
     raw = {"nodes": [{"name": "n1", "site": "a"}, {"name": "n2", "site": "b"}, {"name": "n3", "site": "b"}],
-           "operations": [],
+           "operations": [{"op": "destroy", "ve": "z", "at": 13.0, "seconds": 0.2, "ok": True, "error": None}],
            "actions": [{"kind": "kill", "target": "n2", "started": 10.0, "ok": True, "error": None},
                        {"kind": "partition", "target": "a", "started": 30.0, "ok": True, "error": None}],
            "samples": [_sample(9.0, ("x", "running", "n2", False), ("y", "running", "n1", False),
                                ("z", "running", "n2", False)),
                        _sample(12.0, ("x", "running", "n2", True), ("y", "running", "n1", False),
                                ("z", "running", "n2", True)),
+                       _sample(13.5, ("y", "running", "n1", False)),  # a listing that lacks x: not gone
                        _sample(14.0, ("x", "running", "n3", False), ("y", "running", "n1", False)),
                        _sample(31.0, ("x", "running", "n3", False), ("y", "running", "n1", False))]}
     assert recoveries(raw) == [
