@@ -29,7 +29,6 @@ from overlay.wire.rpc import split_addr
 
 SSH_TIMEOUT = 30.0
 AGENT_PORT = 7000
-METRICS_PORT = 9100
 
 
 class TargetError(Exception):
@@ -94,12 +93,13 @@ class Testbed:
 
 
 class Hosts:
-    """Hosts an Ansible inventory (YAML) lists under `all.hosts` (or its groups' `hosts`): each with
-    `ansible_host` (its address; default its name), `discovery_agent_site`, `discovery_agent_port` (7000) and
-    `discovery_agent_metrics_port` (9100); reached over SSH as `ansible_user` (root). The operator's identity
-    comes from the client config (`discovery ca issue`). A fault is a command run on a host: `systemctl` for
-    kill and start (`discovery_campaign_kill`, `discovery_campaign_start` override them), an nftables table
-    dropping the other side's addresses for a partition, removed by heal."""
+    """Hosts an Ansible inventory (YAML) lists under `all.hosts` (or its groups' `hosts`), with the variables
+    of the `discovery_agent` role (deploy/ansible): `discovery_agent_address` (else `ansible_host`, else the
+    name), `discovery_agent_port` (7000), `discovery_agent_site`, `discovery_agent_metrics` (host:port; one on
+    a loopback address cannot be scraped from here, and is not); reached over SSH as `ansible_user` (root).
+    The operator's identity comes from the client config (`discovery ca issue`). A fault is a command run on
+    a host: `systemctl` for kill and start (`discovery_campaign_kill`, `discovery_campaign_start` override
+    them), an nftables table dropping the other side's addresses for a partition, removed by heal."""
 
     def __init__(self, inventory: Path, client_config: str | None) -> None:
         try:
@@ -111,10 +111,11 @@ class Hosts:
         self.vars = hosts
         self.nodes = []
         for name, var in sorted(hosts.items()):
-            host = str(var.get("ansible_host", name))
+            host = str(var.get("discovery_agent_address", var.get("ansible_host", name)))
+            metrics = str(var.get("discovery_agent_metrics", ""))
             self.nodes.append(Node(name, str(var.get("discovery_agent_site", "default")),
                                    f"{host}:{var.get('discovery_agent_port', AGENT_PORT)}",
-                                   f"{host}:{var.get('discovery_agent_metrics_port', METRICS_PORT)}"))
+                                   "" if metrics.startswith(("127.", "localhost", "[::1]")) else metrics))
         self.identity = load_client_config(client_config).identity
         self.cut: list[str] = []
 
