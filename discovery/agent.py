@@ -129,7 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="discovery-agent", description="Run this node's agent until SIGTERM.")
     parser.add_argument("--config", type=Path, required=True, help="agent.toml")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.add_argument("--check", action="store_true",
+                        help="read the config and exit (what deploy tools validate a new agent.toml with)")
     args = parser.parse_args(argv)
+    if args.check:
+        try:
+            load_agent_config(args.config)
+        except (ConfigError, tls.TLSError) as err:
+            sys.exit(f"error: {err}")
+        return
     why = serve(args.config, args.log_level)
     if why is not None:
         sys.exit(f"error: {why}")

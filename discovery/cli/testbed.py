@@ -29,11 +29,14 @@ def testbed_up(
         help="test (libvirt's test driver) or qemu (real guests: each node a host, its agent on the host's "
              "system libvirtd, qemu:///system, listening on its address).")] = "test",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the agents to converge.")] = 60.0,
+    bare: Annotated[bool, typer.Option(help="No agents: each node a host with its own sshd and /etc/discovery, "
+                                            "/var/lib/discovery..., listed in DIR/hosts.yml (an Ansible inventory) "
+                                            "for deploying agents with deploy/ansible.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build the namespaces, router, links and delay relay; start one agent per node."""
+    """Build the namespaces, router, links and delay relay; start one agent per node (or an sshd: --bare)."""
     from discovery.cli import local_cluster
-    from discovery.testbed import bed, net, plan
+    from discovery.testbed import bed, hosts, net, plan
 
     check_unit(unit)
     if site_rtt is not None and rtt is not None:
@@ -51,12 +54,17 @@ def testbed_up(
                 raise fail(f"{rtt}: {err}") from None
         else:
             matrix = plan.default_rtt(names)
-        state = bed.up(directory, plan.make_plan(nodes, names, matrix, bandwidth), hypervisor=hypervisor, wait=wait)
-    except (plan.SpecError, bed.TestbedError, net.NetError, local_cluster.ClusterError) as err:
+        state = bed.up(directory, plan.make_plan(nodes, names, matrix, bandwidth), hypervisor=hypervisor, wait=wait,
+                       bare=bare)
+    except (plan.SpecError, bed.TestbedError, net.NetError, local_cluster.ClusterError, hosts.HostsError) as err:
         raise fail(str(err)) from None
     emit(state["nodes"], as_json, make_table(["node", "site", "address", "pid"],
                                              [[n["name"], n["site"], n["address"], n["pid"]] for n in state["nodes"]]))
-    if not as_json:
+    if as_json:
+        return
+    if bare:
+        print(f"inventory: {state['inventory']}")
+    else:
         print(f"client config: {state['client_config']} (also the default for this user)")
 
 

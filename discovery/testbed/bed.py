@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from discovery.cli import local_cluster
-from discovery.testbed import net
+from discovery.testbed import hosts, net
 from discovery.testbed.plan import (
     DELAY_TABLE,
     NAME_PREFIX,
@@ -120,8 +120,9 @@ def _start_relay(directory: Path) -> int:
     raise TestbedError("the delay relay did not attach to its TUN within 10 s")
 
 
-def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0) -> dict[str, Any]:
-    """Build the testbed, start its relay and one agent per node; returns the state written to testbed.json."""
+def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0, bare: bool = False) -> dict[str, Any]:
+    """Build the testbed, start its relay and one agent per node; returns the state written to testbed.json.
+    `bare`: no agents, but each node a host with an sshd of its own, for a deployment tool (`hosts`)."""
     if hypervisor not in ("test", "qemu"):
         raise TestbedError(f"--hypervisor must be test or qemu, not {hypervisor!r}")
     directory = directory.resolve()
@@ -134,6 +135,13 @@ def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0
         _save(directory, state)
         state["relay_pid"] = _start_relay(directory)
         _save(directory, state)
+        if bare:
+            sshd = hosts.start(directory, plan)
+            state["nodes"] = [{"name": n.name, "site": plan.sites[n.site], "address": n.address, "pid": None,
+                               "sshd_pid": sshd[n.name], "namespace": n.namespace} for n in plan.nodes]
+            state["inventory"] = str(directory / hosts.INVENTORY)
+            _save(directory, state)
+            return state
         kind = "qemu-system" if hypervisor == "qemu" else hypervisor  # a node is a host: its own system libvirtd
         cluster = local_cluster.up(directory, len(plan.nodes), len(plan.sites), wait=wait, hypervisor=kind,
                                    netns=[(n.namespace, n.address) for n in plan.nodes], site_names=list(plan.sites),
@@ -151,11 +159,13 @@ def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0
 
 
 def teardown(directory: Path | None) -> list[str]:
-    """Stop the agents (if `directory` has a cluster) and remove every namespace and link named NAME_PREFIX*,
-    whatever run made them; returns what was removed."""
+    """Stop the agents (if `directory` has a cluster), close the SSH connections to bare nodes, and remove every
+    namespace and link named NAME_PREFIX*, whatever run made them; returns what was removed."""
     if directory is not None and (directory / local_cluster.STATE_FILE).exists():
         with contextlib.suppress(local_cluster.ClusterError):
             local_cluster.down(directory)
+    if directory is not None:
+        hosts.close_connections(directory)
     ours = [ns for ns in net.namespaces() if ns.startswith(NAME_PREFIX)]
     net.remove(sorted(ours, key=lambda ns: ns == ROUTER))  # the router last: `remove` goes in reverse
     removed = list(ours)
@@ -233,13 +243,14 @@ def status(directory: Path) -> dict[str, Any]:
     directory = directory.resolve()
     state = _load(directory)
     try:
-        agents = {r["name"]: r for r in local_cluster.status(directory)}
+        agents = {r["name"]: r for r in local_cluster.status(directory)} if "inventory" not in state else {}
     except local_cluster.ClusterError as err:
         raise TestbedError(str(err)) from None
     present = set(net.namespaces())
     relay = state.get("relay_pid")
-    nodes = [{**n, "namespace_up": n["namespace"] in present, "process": agents[n["name"]]["process"],
-              "answers": agents[n["name"]]["answers"]} for n in state.get("nodes", [])]
+    none = {"process": "none", "answers": False}  # a bare node: no agent of the testbed's
+    nodes = [{**n, "namespace_up": n["namespace"] in present, "process": agents.get(n["name"], none)["process"],
+              "answers": agents.get(n["name"], none)["answers"]} for n in state.get("nodes", [])]
     return {"dir": state["dir"], "router_up": ROUTER in present,
             "relay": "running" if relay and _is_relay(relay) else "gone",
             "relay_packets": _relay_packets(directory, ROUTER in present),
