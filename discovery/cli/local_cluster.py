@@ -193,7 +193,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     _write_toml(directory / "client.toml", client, tables)
     home().mkdir(parents=True, exist_ok=True)
     _write_toml(home() / "client.toml", client, tables)
-    ready = trio.run(_wait_converged, _client(directory), addrs, nodes, wait)
+    ready = trio.run(wait_converged, _client(directory), addrs, nodes, wait)
     if not ready:
         raise ClusterError(f"agents did not agree on {nodes} members within {wait:g}s; see {directory}/node*/agent.log")
     if tiny is not None:
@@ -292,7 +292,7 @@ def _client(directory: Path) -> ClientConfig:
     return ClientConfig(tls.Identity(cert=directory / "operator.pem", key=directory / "operator.key", ca=ca))
 
 
-async def _wait_converged(client: ClientConfig, addrs: list[str], nodes: int, wait: float) -> bool:
+async def wait_converged(client: ClientConfig, addrs: list[str], nodes: int, wait: float) -> bool:
     """Wait until every agent sees every other as alive and has measured its RTT to it."""
 
     def converged(addr: str, members: object) -> bool:
