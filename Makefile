@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBS   := libvirt-dev pkg-config python3-venv gcc python3-dev qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu \
           libvirt-daemon libvirt-clients e2fsprogs rsync iproute2 iputils-ping \
-          dnsmasq-base udhcpc nftables procps tmux
+          dnsmasq-base udhcpc nftables procps tmux openssh-server python3-apt
 
 .PHONY: demo demo-qemu test lint typecheck deps clean bench
 
