@@ -7,9 +7,10 @@ with `discovery campaign run --hosts`, and bring back its results folder and eve
     python deploy/g5k/campaign.py static --machines machines.yaml --campaign examples/campaigns/g5k.yaml \\
         --out results/
 
-`machines.yaml` (static) lists `{alias, address, site, user, keyfile, port}` per machine. EnOSlib is an
-optional extra whose pins are old (rich 12, ansible-core 2.17): install it in a venv of its own
-(`pip install 'discovery[g5k]'`); the `discovery` CLI this script calls (`--discovery`) may live elsewhere.
+`machines.yaml` (static) lists `{alias, address, site, user, keyfile, port}` per machine. EnOSlib is optional
+and its pins are older than Discovery's (rich 12, ansible-core 2.17): it lives in a venv of its own
+(`pip install -r deploy/g5k/requirements.txt`), and the `discovery` CLI this script calls (`--discovery`, a
+command line) lives in another.
 
 What it does, in order: EnOSlib provisions (G5k: a job with one `prod` network per site, nodes tagged with
 their site's role; Static: the machines given); the script writes one YAML inventory, used both by the role
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> int:
     import enoslib as en
 
     args = parse(argv)
-    extra = dict(var.split("=", 1) for var in args.var)
+    extra = {key: yaml.safe_load(value) for key, _, value in (var.partition("=") for var in args.var)}  # as YAML
     args.out.mkdir(parents=True, exist_ok=True)
     hosts, provider = provision(args)
     try:

@@ -1,5 +1,6 @@
 """The Ansible role for real: a bare testbed (3 nodes on 2 sites, each an sshd in its namespaces), site.yml run
-over SSH twice (the second run changes nothing), the three agents one cluster, everything gone afterwards.
+over SSH twice (the second run changes nothing), the three agents one cluster, everything gone afterwards; and
+deploy/g5k/campaign.py's Static path (EnOSlib, in a venv of its own) deploying them and running a campaign.
 
 Needs root, no other testbed on the machine (waits for one to go, then skips), sshd and ansible-playbook."""
 
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from discovery.testbed import bed, deploy, hosts
 
@@ -91,3 +93,63 @@ def test_role_deploys_joined_agents_idempotently(bare: Path, tmp_path: Path) -> 
     if shutil.which("systemd-analyze"):
         verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
         assert verify.returncode == 0 and not verify.stderr, verify.stderr
+
+
+ENOSLIB_VENV = Path.home() / ".cache" / "discovery" / "enoslib-venv"
+"""EnOSlib's own venv (its pins are old), kept across runs: pip's cache makes it once per machine."""
+G5K_SCRIPT = Path(__file__).parents[2] / "deploy" / "g5k" / "campaign.py"
+HOSTS_CAMPAIGN = Path(__file__).parents[2] / "examples" / "campaigns" / "hosts-smoke.yaml"
+NO_SYSTEMD = {  # the role's start-stop-daemon path, for the campaign's faults on nodes without systemd
+    "discovery_campaign_kill": "start-stop-daemon --stop --signal KILL --pidfile /run/discovery/agent.pid "
+                               "--name discovery-agent --remove-pidfile",
+    "discovery_campaign_start": "start-stop-daemon --start --background --make-pidfile --output "
+                                "/var/log/discovery/agent.log --pidfile /run/discovery/agent.pid "
+                                "--name discovery-agent --startas {venv}/bin/discovery-agent -- "
+                                "--config /etc/discovery/agent.toml"}
+
+
+def enoslib_python() -> Path:
+    """The venv's python with EnOSlib importable, made if need be; skips the test, with pip's reason, if it
+    cannot be."""
+    python = ENOSLIB_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import enoslib"], capture_output=True).returncode == 0:
+        return python
+    made = subprocess.run(f"python3 -m venv {ENOSLIB_VENV} && {python} -m pip install -q -r "
+                          f"{G5K_SCRIPT.parent / 'requirements.txt'}", shell=True, capture_output=True, text=True,
+                          timeout=900)
+    if made.returncode != 0:
+        pytest.skip(f"cannot install EnOSlib: {(made.stderr.strip().splitlines() or ['?'])[-1]}")
+    return python
+
+
+def test_the_g5k_script_s_static_path_deploys_the_role_and_runs_a_campaign(bare: Path, tmp_path: Path) -> None:
+    """EnOSlib's Static provider over the bare testbed's nodes: the role deploys them, the campaign file runs on
+    them through `--hosts` (a node killed and started over SSH, another cut off and healed), and the results
+    folder and every agent's log come back."""
+    python = enoslib_python()
+    inventory = yaml.safe_load((bare / "hosts.yml").read_text())["all"]["children"]["discovery_agents"]
+    machines = [{"alias": name, "address": var["ansible_host"], "site": var["discovery_agent_site"], "user": "root",
+                 "keyfile": inventory["vars"]["ansible_ssh_private_key_file"]}
+                for name, var in inventory["hosts"].items()]
+    (tmp_path / "machines.yaml").write_text(yaml.safe_dump(machines))
+    wheels, venv = deploy.wheelhouse(tmp_path / "wheels"), tmp_path / "opt-discovery"
+    variables = {**inventory["vars"], "discovery_agent_venv": str(venv),
+                 "discovery_agent_pip_extra_args": f"--no-index --find-links {wheels}",
+                 "discovery_agent_controller_cli": f"{sys.executable} -m discovery",
+                 **{k: v.format(venv=venv) for k, v in NO_SYSTEMD.items()}}
+    out = tmp_path / "out"
+    done = subprocess.run([str(python), str(G5K_SCRIPT), "static", "--machines", str(tmp_path / "machines.yaml"),
+                           "--campaign", str(HOSTS_CAMPAIGN), "--out", str(out),
+                           "--discovery", f"{sys.executable} -m discovery",
+                           *(arg for k, v in variables.items() for arg in ("--var", f"{k}={v}"))],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORKS": "20"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    raw = json.loads((out / "results" / "raw.json").read_text())
+    assert [(a["kind"], a["target"], a["ok"]) for a in raw["actions"]] == [
+        ("kill", "node3", True), ("partition", "node2", True), ("heal", "", True), ("start", "node3", True)]
+    assert sum(op["ok"] for op in raw["operations"] if op["op"] == "create") >= 15
+    assert all(sample["metrics"] for sample in raw["samples"])  # every node's /metrics scraped over the underlay
+    assert (out / "results" / "summary.md").read_text().startswith("# Campaign hosts")
+    for node in ("node1", "node2", "node3"):
+        assert (out / "logs" / node / "var" / "log" / "discovery" / "agent.log").stat().st_size > 0
