@@ -5,7 +5,7 @@ A *recovery*, for a `kill` or `partition` action: the VEs that had a VM on a nod
 sample before it) are recovered at the first sample where each of their VMs is placed on a node outside it,
 no operation is under way on it, and the VE is running. Its time is that sample's less the action's start,
 so it is known to `sample_every` seconds; a VE never seen so is reported with None (not within the campaign),
-unless the workload began destroying it first (`gone`). A VE missing from a sample is not taken for gone: a
+unless the workload destroyed it first (`gone`: a destroy that succeeded began before). A VE missing from a sample is not taken for gone: a
 listing read during a partition may lack what the unreachable replicas hold.
 """
 
@@ -48,13 +48,15 @@ def ves_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def nodes_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each sample: how many nodes answered their /metrics, how many were overloaded (DVMS's monitor), and
-    DVMS migrations done so far (summed over the nodes that answered)."""
+    DVMS migrations done so far (each node's counter as it last answered: one cut off still counts its own)."""
     rows = []
+    migrated: dict[str, float] = {}
     for s in samples:
-        answered = [m for m in s["metrics"].values() if m is not None]
+        answered = {node: m for node, m in s["metrics"].items() if m is not None}
+        migrated |= {node: m.get(MIGRATED, 0) for node, m in answered.items()}
         rows.append({"at": s["at"], "answering": len(answered),
-                     "overloaded": sum(m.get(OVERLOADED, 0) == 1 for m in answered),
-                     "migrations": sum(m.get(MIGRATED, 0) for m in answered)})
+                     "overloaded": sum(m.get(OVERLOADED, 0) == 1 for m in answered.values()),
+                     "migrations": sum(migrated.values())})
     return rows
 
 
@@ -62,9 +64,9 @@ def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """For each kill or partition action, each VE it hit and its recovery time (module docstring)."""
     sites = {n["name"]: n["site"] for n in raw["nodes"]}
     read = [s for s in raw["samples"] if s["ves"] is not None]
-    destroyed = {}  # VE -> when the workload began destroying it
+    destroyed = {}  # VE -> when the workload began destroying it (a destroy that failed left it there)
     for op in sorted(raw["operations"], key=lambda o: -o["at"]):
-        if op["op"] == "destroy":
+        if op["op"] == "destroy" and op["ok"]:
             destroyed[op["ve"]] = op["at"]
     found = []
     for action in raw["actions"]:

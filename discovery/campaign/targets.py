@@ -63,6 +63,8 @@ class Testbed:
         self.directory = directory.resolve()
         self.brought_up = False
         if not (self.directory / bed.STATE_FILE).exists():
+            if (self.directory / local_cluster.STATE_FILE).exists():  # its agents' data would come back to life
+                raise TargetError(f"{self.directory} holds an earlier cluster's data; give a new directory")
             try:
                 plan = make_plan(spec.nodes, site_names(spec.sites), uniform_rtt(spec.sites, spec.site_rtt),
                                  spec.bandwidth)
