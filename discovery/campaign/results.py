@@ -5,8 +5,8 @@ A *recovery*, for a `kill` or `partition` action: the VEs that had a VM on a nod
 sample before it) are recovered at the first sample where each of their VMs is placed on a node outside it,
 no operation is under way on it, and the VE is running. Its time is that sample's less the action's start,
 so it is known to `sample_every` seconds; a VE never seen so is reported with None (not within the campaign),
-unless the workload destroyed it first (`gone`: a destroy that succeeded began before). A VE missing from a sample is not taken for gone: a
-listing read during a partition may lack what the unreachable replicas hold.
+unless the workload destroyed it first (`gone`: a destroy that succeeded began before). A VE missing from a
+sample is not taken for gone: a listing read during a partition may lack what the unreachable replicas hold.
 """
 
 from __future__ import annotations
