@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import pyplot
+from harness import pyplot  # benchmarks/harness.py, beside this script
+
 from discovery.testbed import bed, deploy, plan
 
 WAIT_FOR_OTHERS = 600.0

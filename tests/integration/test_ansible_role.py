@@ -1,4 +1,4 @@
-"""The Ansible role for real: a bare testbed (3 nodes on 2 sites, each an sshd in its namespaces), site.yml run
+"""The Ansible role for real: a bare testbed (3 nodes on 3 sites, each an sshd in its namespaces), site.yml run
 over SSH twice (the second run changes nothing), the three agents one cluster, everything gone afterwards; and
 deploy/g5k/campaign.py's Static path (EnOSlib, in a venv of its own) deploying them and running a campaign.
 
@@ -38,13 +38,13 @@ def _discovery(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def bare(tmp_path: Path) -> Iterator[Path]:
-    """A bare testbed of 3 nodes on 2 sites; down (and checked empty: namespaces, processes, SSH masters) after."""
+    """A bare testbed of 3 nodes on 3 sites; down (and checked empty: namespaces, processes, SSH masters) after."""
     try:
         wait_for(lambda: not _leftovers(), 300, "another testbed on this machine to go", interval=2)
     except AssertionError:
         pytest.skip(f"another testbed stays up on this machine: {_leftovers()}")
     directory = tmp_path / "bed"
-    up = _discovery("testbed", "up", "--dir", str(directory), "--nodes", "3", "--sites", "2", "--site-rtt", "20",
+    up = _discovery("testbed", "up", "--dir", str(directory), "--nodes", "3", "--sites", "3", "--site-rtt", "20",
                     "--bare", "--json")
     try:
         assert up.returncode == 0, up.stderr
@@ -98,7 +98,7 @@ def test_role_deploys_joined_agents_idempotently(bare: Path, tmp_path: Path) -> 
 ENOSLIB_VENV = Path.home() / ".cache" / "discovery" / "enoslib-venv"
 """EnOSlib's own venv (its pins are old), kept across runs: pip's cache makes it once per machine."""
 G5K_SCRIPT = Path(__file__).parents[2] / "deploy" / "g5k" / "campaign.py"
-HOSTS_CAMPAIGN = Path(__file__).parents[2] / "examples" / "campaigns" / "hosts-smoke.yaml"
+CI_CAMPAIGN = Path(__file__).parents[2] / "examples" / "campaigns" / "ci.yaml"
 NO_SYSTEMD = {  # the role's start-stop-daemon path, for the campaign's faults on nodes without systemd
     "discovery_campaign_kill": "start-stop-daemon --stop --signal KILL --pidfile /run/discovery/agent.pid "
                                "--name discovery-agent --remove-pidfile",
@@ -123,9 +123,9 @@ def enoslib_python() -> Path:
 
 
 def test_the_g5k_script_s_static_path_deploys_the_role_and_runs_a_campaign(bare: Path, tmp_path: Path) -> None:
-    """EnOSlib's Static provider over the bare testbed's nodes: the role deploys them, the campaign file runs on
-    them through `--hosts` (a node killed and started over SSH, another cut off and healed), and the results
-    folder and every agent's log come back."""
+    """EnOSlib's Static provider over the bare testbed's nodes: the role deploys them, the CI campaign runs on
+    them through `--hosts` (DVMS's hooks over RPC, a node killed and started over SSH, a site cut off and
+    healed by nftables on the hosts), and the results folder and every agent's log come back."""
     python = enoslib_python()
     inventory = yaml.safe_load((bare / "hosts.yml").read_text())["all"]["children"]["discovery_agents"]
     machines = [{"alias": name, "address": var["ansible_host"], "site": var["discovery_agent_site"], "user": "root",
@@ -139,7 +139,7 @@ def test_the_g5k_script_s_static_path_deploys_the_role_and_runs_a_campaign(bare:
                  **{k: v.format(venv=venv) for k, v in NO_SYSTEMD.items()}}
     out = tmp_path / "out"
     done = subprocess.run([str(python), str(G5K_SCRIPT), "static", "--machines", str(tmp_path / "machines.yaml"),
-                           "--campaign", str(HOSTS_CAMPAIGN), "--out", str(out),
+                           "--campaign", str(CI_CAMPAIGN), "--out", str(out),
                            "--discovery", f"{sys.executable} -m discovery",
                            *(arg for k, v in variables.items() for arg in ("--var", f"{k}={v}"))],
                           capture_output=True, text=True, timeout=900,
@@ -147,9 +147,10 @@ def test_the_g5k_script_s_static_path_deploys_the_role_and_runs_a_campaign(bare:
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     raw = json.loads((out / "results" / "raw.json").read_text())
     assert [(a["kind"], a["target"], a["ok"]) for a in raw["actions"]] == [
-        ("kill", "node3", True), ("partition", "node2", True), ("heal", "", True), ("start", "node3", True)]
-    assert sum(op["ok"] for op in raw["operations"] if op["op"] == "create") >= 15
+        ("capacity", "", True), ("load", "", True), ("kill", "node2", True), ("start", "node2", True),
+        ("partition", "nancy", True), ("heal", "", True)]  # the CI campaign: the same file as on the testbed
+    assert sum(op["ok"] for op in raw["operations"] if op["op"] == "create") >= 40
     assert all(sample["metrics"] for sample in raw["samples"])  # every node's /metrics scraped over the underlay
-    assert (out / "results" / "summary.md").read_text().startswith("# Campaign hosts")
+    assert (out / "results" / "summary.md").read_text().startswith("# Campaign ci")
     for node in ("node1", "node2", "node3"):
         assert (out / "logs" / node / "var" / "log" / "discovery" / "agent.log").stat().st_size > 0
