@@ -15,8 +15,8 @@ command line) lives in another.
 What it does, in order: EnOSlib provisions (G5k: a job with one `prod` network per site, nodes tagged with
 their site's role; Static: the machines given); the script writes one YAML inventory, used both by the role
 (`en.run_ansible` on deploy/ansible/site.yml, with the role's variables per host: site, address, metrics on
-that address) and by the campaign (`--hosts`); it issues an operator certificate from the CA the role made
-on this machine and writes a client config; it runs the campaign; it fetches /var/log/discovery/agent.log
+that address) and by the campaign (`--hosts`); it runs the campaign with the operator's client config the
+role wrote beside its CA on this machine; it fetches /var/log/discovery/agent.log
 of every node into OUT/logs/; a G5k job is released unless `--keep`.
 """
 
@@ -117,11 +117,7 @@ def main(argv: list[str]) -> int:
         path.write_text(yaml.safe_dump(inventory(hosts, extra), sort_keys=False))
         en.run_ansible([str(SITE_PLAYBOOK)], inventory_path=str(path))
         cli = shlex.split(args.discovery)
-        ca, client = path.parent / "discovery-ca", args.out / "client"  # the role's CA: beside its inventory
-        run([*cli, "ca", "issue", str(ca), "operator", "--out", str(client)])
-        config = client / "client.toml"
-        config.write_text(f'agent = "{hosts[0]["address"]}:7000"\n\n[tls]\nca = "{(ca / "ca.pem").resolve()}"\n'
-                          'cert = "operator.pem"\nkey = "operator.key"\n')  # beside the config
+        config = path.parent / "discovery-ca" / "client.toml"  # the operator's, written by the role beside its CA
         run([*cli, "--config", str(config), "campaign", "run", str(args.campaign), "--hosts", str(path),
              "--out", str(args.out / "results")])
         with en.actions(inventory_path=str(path), pattern_hosts=GROUP) as fetch:
