@@ -46,7 +46,7 @@ def run(nodes: int, sites: int, wheels: Path, work: Path) -> dict[str, Any]:
     bed.up(directory, plan.make_plan(nodes, names, plan.default_rtt(names), 100.0), bare=True)
     try:
         testbed = time.monotonic() - start
-        first = deploy.playbook(directory, wheels, work / f"venv{nodes}")
+        first = deploy.playbook(directory / "hosts.yml", wheels, work / f"venv{nodes}")
         played = time.monotonic() - start - testbed
         if first.returncode != 0:
             sys.exit(f"site.yml failed on {nodes} nodes:\n{first.stdout[-3000:]}")
@@ -54,7 +54,7 @@ def run(nodes: int, sites: int, wheels: Path, work: Path) -> dict[str, Any]:
             sys.exit(f"the {nodes} deployed agents did not become one cluster")
         joined = time.monotonic() - start - testbed - played
         again = time.monotonic()
-        second = deploy.playbook(directory, wheels, work / f"venv{nodes}")
+        second = deploy.playbook(directory / "hosts.yml", wheels, work / f"venv{nodes}")
         rerun = time.monotonic() - again
         changed = sum(r["changed"] for r in deploy.recap(second.stdout).values())
     finally:

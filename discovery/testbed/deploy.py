@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,24 +27,37 @@ _RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\
 
 def wheelhouse(out: Path) -> Path:
     """The package of this source tree and its dependencies as wheels in `out` (pip's cache makes a second
-    build quick)."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(SOURCE)], check=True,
-                   capture_output=True)
+    build quick). setuptools builds in the tree's `build/`, removed again unless it was there before: a copy
+    of the modules in the tree would be read as the code's own."""
+    ours = not (SOURCE / "build").exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(SOURCE)], check=True,
+                       capture_output=True)
+    finally:
+        if ours:
+            shutil.rmtree(SOURCE / "build", ignore_errors=True)
     return out
 
 
-def playbook(directory: Path, wheels: Path, venv: Path, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
-    """Run deploy/ansible/site.yml on the bare testbed in `directory` (its hosts.yml); the controller's `discovery`
-    is this interpreter's, so the CA is made by the code under test."""
-    cli = f"{sys.executable} -m discovery"
+def playbook(inventory: Path, wheels: Path, venv: Path, timeout: float = 600.0,
+             more: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run deploy/ansible/site.yml on the hosts of `inventory` (a bare testbed's hosts.yml, or one written from
+    it), with `more` variables; the controller's `discovery` is this interpreter's, so the CA is made by the
+    code under test."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")])),
            "ANSIBLE_PYTHON_WARNINGS": "0", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORKS": "20",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    extra = {"discovery_agent_venv": str(venv), "discovery_agent_controller_cli": cli,
-             "discovery_agent_pip_extra_args": f"--no-index --find-links {wheels}"}
+    extra = {**variables(wheels, venv), **(more or {})}
     args = [arg for key, value in extra.items() for arg in ("-e", f"{key}={value!r}")]
-    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(directory / "hosts.yml"),
-                           *args, str(PLAYBOOK)], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), *args,
+                           str(PLAYBOOK)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def variables(wheels: Path, venv: Path) -> dict[str, str]:
+    """The role's variables for testbed hosts: the package from the wheelhouse `wheels` into `venv`, the CA
+    made by this interpreter's `discovery`."""
+    return {"discovery_agent_venv": str(venv), "discovery_agent_controller_cli": f"{sys.executable} -m discovery",
+            "discovery_agent_pip_extra_args": f"--no-index --find-links {wheels}"}
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:

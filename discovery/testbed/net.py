@@ -69,17 +69,41 @@ def namespaces() -> list[str]:
     return sorted(p.name for p in Path("/run/netns").glob("*")) if Path("/run/netns").is_dir() else []
 
 
-def remove(names: Sequence[str]) -> None:
-    """Kill every process inside each namespace (only ours run there), then delete it: its veths and bridges go
-    with it. Raises if one is still there."""
+def remove(names: Sequence[str], grace: float = 10.0) -> None:
+    """End every process inside each namespace (only ours run there) and their children elsewhere, then delete
+    it: its veths and bridges go with it. Raises if one is still there. The processes get SIGTERM and `grace`
+    seconds first: an agent a deployment tool started (a bare node's) then stops as it would on its host, with
+    its DHCP servers, which run in namespaces of their own; what is left gets SIGKILL."""
+    inside = {int(pid) for ns in names for pid in ip("netns", "pids", ns, check=False).split()}
+    doomed = family(inside)
+    _signal(doomed, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(Path(f"/proc/{pid}").exists() for pid in doomed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal(family(doomed), signal.SIGKILL)
     for ns in reversed(names):
-        for pid in ip("netns", "pids", ns, check=False).split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
         ip("netns", "del", ns, check=False)
     left = [ns for ns in names if Path(f"/run/netns/{ns}").exists()]
     if left:
         raise NetError(f"network namespaces left behind: {', '.join(left)}")
+
+
+def family(pids: set[int]) -> set[int]:
+    """`pids` and every descendant of theirs (wherever they run: a child may be in another namespace)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+    found = set(pids)
+    while more := {pid for pid, parent in parents.items() if parent in found} - found:
+        found |= more
+    return found
+
+
+def _signal(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _setns(fd: int) -> None:

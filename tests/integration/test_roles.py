@@ -19,7 +19,7 @@ from overlay.wire.rpc import ANYONE, Method, RemoteError, Transport
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOGUES = ("overlay.messages", "agents.messages", "images.messages", "discovery.ve.messages",
-              "discovery.ha.messages", "discovery.scheduler.messages")
+              "discovery.ha.messages", "discovery.scheduler.messages", "discovery.top.messages")
 
 
 def registered() -> list[Method]:

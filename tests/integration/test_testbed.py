@@ -18,7 +18,7 @@ import pytest
 
 from agents.hypervisor.qemu import BackendError, prepare_guest
 from agents.network.plan import FLOOD, bridge_name, vxlan_name
-from discovery.testbed import bed
+from discovery.testbed import bed, net
 from discovery.testbed.net import join_segment
 from images import tinyguest
 
@@ -316,15 +316,9 @@ def _power_off(node: str) -> None:
     """Node `node` loses power: every process in its namespace is killed (its agent, libvirt daemon and guests),
     with their children elsewhere (the DHCP servers in its VE networks' gateway namespaces, which the agent
     made in its own mount namespace: `ip netns pids` cannot see them from here)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
-    doomed = {int(pid) for pid in subprocess.run(["ip", "netns", "pids", f"dtb-{node}"], capture_output=True,
+    inside = {int(pid) for pid in subprocess.run(["ip", "netns", "pids", f"dtb-{node}"], capture_output=True,
                                                  text=True).stdout.split()}
-    while more := {pid for pid, parent in parents.items() if parent in doomed} - doomed:
-        doomed |= more
-    for pid in doomed:
+    for pid in net.family(inside):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, 9)
 
