@@ -125,7 +125,7 @@ def test_the_role_deploys_through_the_g5k_script_runs_the_ci_campaign_and_change
     assert [(a["kind"], a["target"], a["ok"]) for a in raw["actions"]] == [
         ("capacity", "", True), ("load", "", True), ("kill", "node2", True), ("start", "node2", True),
         ("partition", "nancy", True), ("heal", "", True)]  # the CI campaign: the same file as on the testbed
-    assert sum(op["ok"] for op in raw["operations"] if op["op"] == "create") >= 20
+    assert sum(op["ok"] for op in raw["operations"] if op["op"] == "create") >= 15
     assert all(sample["metrics"] for sample in raw["samples"])  # every node's /metrics scraped over the underlay
     assert (out / "results" / "summary.md").read_text().startswith("# Campaign ci")
     for node in ("node1", "node2", "node3"):

@@ -33,14 +33,14 @@ def test_the_ci_campaign_runs_on_a_testbed_and_leaves_its_results(tmp_path: Path
     assert [(a["kind"], a["ok"]) for a in raw["actions"]] == [
         ("capacity", True), ("load", True), ("kill", True), ("start", True), ("partition", True), ("heal", True)]
     creates = printed["operations"]["create"]
-    assert creates["count"] == 30 and creates["ok"] >= 20  # a few may fail while a site is cut off
+    assert creates["count"] == 22 and creates["ok"] >= 15  # a few may fail while a site is cut off
     assert printed["recovery"]["count"] >= 1  # the VEs of the killed host ran elsewhere
     assert {n["name"] for n in raw["nodes"]} == {"node1", "node2", "node3"}
-    assert len(raw["samples"]) >= 30 and all(s["metrics"] for s in raw["samples"])
+    assert len(raw["samples"]) >= 22 and all(s["metrics"] for s in raw["samples"])
     for plot in ("ves.png", "latency.png", "nodes.png", "recovery.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    assert summary.startswith("# Campaign ci") and "| create | 30 |" in summary and "![ves.png](ves.png)" in summary
+    assert summary.startswith("# Campaign ci") and "| create | 22 |" in summary and "![ves.png](ves.png)" in summary
     again = subprocess.run([sys.executable, "-m", "discovery", "campaign", "run", str(CI_CAMPAIGN), "--testbed",
                             str(tmp_path / "bed"), "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and again.stderr.strip().endswith("holds an earlier cluster's data; give a new "

@@ -14,11 +14,11 @@ CI = Path(__file__).parents[2] / "examples" / "campaigns" / "ci.yaml"
 
 def test_the_ci_campaign_reads():
     campaign = load_campaign(CI)
-    assert campaign.name == "ci" and campaign.duration == 60 and campaign.sample_every == 1
+    assert campaign.name == "ci" and campaign.duration == 45 and campaign.sample_every == 1
     assert campaign.testbed == TestbedSpec(3, 3, 20, 100, "test")
-    assert campaign.create == CreateSpec(0.5, 30, vms=1, vcpus=1, memory_mb=256, ha="restart", lifetime=30)
-    assert campaign.actions[2] == Action(14, "kill", "node2") and campaign.actions[5] == Action(52, "heal")
-    assert campaign.actions[1] == Action(8, "load", cpu=100, vms=4)
+    assert campaign.create == CreateSpec(0.5, 22, vms=1, vcpus=1, memory_mb=256, ha="restart", lifetime=25)
+    assert campaign.actions[2] == Action(10, "kill", "node2") and campaign.actions[5] == Action(38, "heal")
+    assert campaign.actions[1] == Action(6, "load", cpu=100, vms=3)
     check_targets(campaign, [(f"node{i}", site) for i, site in enumerate(["rennes", "lyon", "nancy"], 1)])
 
 
