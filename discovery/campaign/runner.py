@@ -38,8 +38,9 @@ class Runner:
 
     def __init__(self, campaign: Campaign, target: Target, progress: Callable[[str], None] = log.info) -> None:
         self.campaign, self.target, self.progress = campaign, target, progress
-        self.down: set[str] = set()
-        """Nodes killed or cut off by this campaign (not called until started or healed)."""
+        self.killed: set[str] = set()
+        self.cut: set[str] = set()
+        """Nodes this campaign killed (until started) or cut off (until healed): not called meanwhile."""
         self.turn = 0
         self.operations: list[dict[str, Any]] = []
         self.actions: list[dict[str, Any]] = []
@@ -67,7 +68,7 @@ class Runner:
 
     def via(self) -> Node:
         """The next node to call, in turn among those this campaign did not take down."""
-        live = [n for n in self.target.nodes if n.name not in self.down] or self.target.nodes
+        live = [n for n in self.target.nodes if n.name not in self.killed | self.cut] or self.target.nodes
         self.turn += 1
         return live[self.turn % len(live)]
 
@@ -96,43 +97,29 @@ class Runner:
         entry = {**asdict(action), "started": round(at, 3), "ok": True, "error": None}
         self.progress(f"{at:6.1f} s  {action.kind} {action.target or action.cpu or ''}".rstrip())
         try:
-            if action.kind in ("kill", "partition"):
-                self.down |= self._nodes_of(action.target)
             if action.kind == "kill":
+                self.killed.add(action.target)
                 await trio.to_thread.run_sync(self.target.kill, action.target)
             elif action.kind == "start":
                 await trio.to_thread.run_sync(self.target.start, action.target)
+                self.killed.discard(action.target)
             elif action.kind == "partition":
+                self.cut |= {n.name for n in self.target.nodes if action.target in (n.name, n.site)}
                 await trio.to_thread.run_sync(self.target.partition, action.target)
             elif action.kind == "heal":
                 await trio.to_thread.run_sync(self.target.heal)
-                self.down = {n for n in self.down if not self._was_cut(n)}
+                self.cut.clear()
             elif action.kind == "capacity":
                 await self._each_live("dvms.load", {"cpu_capacity": action.cpu})
             elif action.kind == "load":
                 await self._load(action)
-            if action.kind == "start":
-                self.down.discard(action.target)
         except (TargetError, RpcError, OSError, ValueError) as err:
             entry.update(ok=False, error=str(err).splitlines()[0][:300])
         entry["ended"] = round(self.now(), 3)
         self.actions.append(entry)
 
-    def _nodes_of(self, target: str) -> set[str]:
-        return {n.name for n in self.target.nodes if target in (n.name, n.site)}
-
-    def _was_cut(self, node: str) -> bool:
-        """Whether `node` is down only because a partition cut it off (not killed and not started since)."""
-        killed = started = -1.0
-        for entry in self.actions:
-            if entry["kind"] == "kill" and entry["target"] == node:
-                killed = entry["started"]
-            if entry["kind"] == "start" and entry["target"] == node:
-                started = entry["started"]
-        return killed <= started
-
     async def _each_live(self, method: str, args: dict[str, Any]) -> None:
-        live = [n.addr for n in self.target.nodes if n.name not in self.down]
+        live = [n.addr for n in self.target.nodes if n.name not in self.killed | self.cut]
         answers = await self.transport.call_many(live, method, args, SAMPLE_TIMEOUT)
         failed = [str(a) for a in answers.values() if isinstance(a, BaseException)]
         if failed:
