@@ -17,7 +17,9 @@ and a busybox initramfs whose `/init`
 - configures its first NIC, if it has one, by DHCP (busybox's udhcpc, again and again until a server answers)
   and prints `DISCOVERY-GUEST-NET ip=<address>/<mask> router=<gateway>` once it has an address: what the VE
   networks' tests wait for (the kernel answers pings from then on), and serves `http://<address>/` (busybox's
-  httpd, port 80) saying `DISCOVERY-GUEST-WEB ip=<address>`: what a test of exposed ports reaches.
+  httpd, port 80) saying `DISCOVERY-GUEST-WEB ip=<address>`: what a test of exposed ports reaches, and
+  `/cgi-bin/load?cpu=N`, which keeps its vCPU N % busy until the next such request and answers (and prints)
+  `DISCOVERY-GUEST-LOAD cpu=N`: CPU demand injected from outside (`discovery campaign`'s `load`).
 
 Everything lands in a cache directory (default `$DISCOVERY_HOME/images`) under a name hashed from the
 recipe, so a second call reuses the first build; concurrent builders race on an atomic rename.
@@ -46,6 +48,8 @@ NET = "DISCOVERY-GUEST-NET"
 """The line the guest prints once DHCP gave its first NIC an address: `NET ip=<address>/<mask> router=<gateway>`."""
 READY = "DISCOVERY-GUEST-READY"
 """The line `/init` prints on the serial console once its disk is found and the heartbeat starts."""
+LOAD = "DISCOVERY-GUEST-LOAD"
+"""What `/cgi-bin/load?cpu=N` answers and prints once the guest burns N % of its vCPU: `LOAD cpu=<N>`."""
 POWEROFF = "DISCOVERY-GUEST-POWEROFF"
 """The line `/init` prints when the power button was pressed, just before it syncs and powers off."""
 KERNEL_META = "linux-image-cloud-amd64"
@@ -97,8 +101,33 @@ case "$1" in
 esac
 EOS
   chmod +x /bin/dhcp-event
+  # GET /cgi-bin/load?cpu=N keeps the vCPU N % busy (a busy loop stopped and continued every 100 ms) until the
+  # next request: CPU demand a researcher injects from outside (discovery campaign's `load`).
+  mkdir -p /srv/cgi-bin /run
+  cat > /srv/cgi-bin/load <<'EOS'
+#!/bin/busybox sh
+cpu=${QUERY_STRING#cpu=}
+case "$cpu" in
+  ''|*[!0-9]*) printf 'Status: 400 Bad Request\r\nContent-Type: text/plain\r\n\r\ncpu=N with N in 0..100\n'; exit 0 ;;
+esac
+[ "$cpu" -gt 100 ] && cpu=100
+[ -f /run/burn.pid ] && kill "$(cat /run/burn.pid)" 2>/dev/null
+rm -f /run/burn.pid
+if [ "$cpu" -gt 0 ]; then
+  sh -c '(while :; do :; done) & b=$!
+    trap "kill -9 $b; exit 0" TERM
+    while :; do
+      usleep $(($1 * 1000))
+      [ "$1" -lt 100 ] && { kill -STOP $b; usleep $(((100 - $1) * 1000)); kill -CONT $b; }
+    done' burn "$cpu" </dev/null >/dev/null 2>&1 &
+  echo $! > /run/burn.pid
+fi
+echo "DISCOVERY-GUEST-LOAD cpu=$cpu" > /dev/console
+printf 'Content-Type: text/plain\r\n\r\nDISCOVERY-GUEST-LOAD cpu=%s\n' "$cpu"
+EOS
+  chmod +x /srv/cgi-bin/load
   ifconfig lo 127.0.0.1 up
-  mkdir -p /srv && httpd -p 80 -h /srv
+  httpd -p 80 -h /srv
   udhcpc -i eth0 -s /bin/dhcp-event -t 3 -T 1 -A 1 >/dev/null 2>&1 &
 fi
 # With discovery.load on the command line, also write 1 MiB at a time over the 15 MiB after the first (random

@@ -4,8 +4,12 @@ it), and the timed steps the runner carries out.
 A campaign is a bring-up (a testbed of `nodes` on `sites`, or hosts already running agents), a workload (VEs
 created at a steady `rate`, each destroyed `lifetime` after it was due, if given), actions at given times
 (faults: `kill` a node's agent as a power cut does, `start` it again, `partition` a node or a site off the
-rest, `heal`; DVMS's test hooks: `capacity` shrinks every node's CPU as DVMS counts it, `load` pins the CPU
-demand of the first VMs created), for `duration` seconds, the cluster sampled every `sample_every` seconds.
+rest, `heal`; DVMS: `capacity` shrinks every node's CPU as DVMS counts it (a test hook), `load` gives the first
+VMs created a CPU demand), for `duration` seconds, the cluster sampled every `sample_every` seconds.
+
+A workload of real guests may expose each VM's web server (port 80) on its host at a port of its own
+(`web_port`): a `load` is then burned inside those guests (the tiny guest's `/cgi-bin/load?cpu=N`) and DVMS
+measures it as it would any guest's; without one, the load is pinned through DVMS's `dvms.load` hook.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ class TestbedSpec:
 @dataclass(frozen=True)
 class CreateSpec:
     """The VEs a campaign creates: `count` at `rate` per second, each of `vms` alike VMs and HA mode `ha`,
-    destroyed `lifetime` seconds after it was due (None: kept to the end)."""
+    destroyed `lifetime` seconds after it was due (None: kept to the end), all created and destroyed through
+    node `via` while it is up ('': the live nodes in turn). `web_port`: each VM's port 80 exposed on its host at
+    `web_port` plus its number in the workload (`web_port()`), None for none."""
 
     rate: float
     count: int
@@ -43,6 +49,8 @@ class CreateSpec:
     image: str = "none"
     ha: str = "none"
     lifetime: float | None = None
+    via: str = ""
+    web_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,14 +89,27 @@ def ve_name(campaign: Campaign, index: int) -> str:
     return f"{campaign.name}-{index:03d}"
 
 
+def vm_name(vm: int) -> str:
+    return f"vm{vm + 1}"
+
+
+def web_port(create: CreateSpec, index: int, vm: int) -> int:
+    """The host port of VM number `vm` of VE number `index`'s web server: one per VM of the workload, so no two
+    VMs on one host ask for the same (`create.web_port` must be set)."""
+    assert create.web_port is not None
+    return create.web_port + index * create.vms + vm
+
+
 def ve_spec(campaign: Campaign, index: int) -> dict[str, Any]:
     """The spec (as `VESpec.to_dict` writes one) of VE number `index` of the workload."""
     create = campaign.create
     assert create is not None
-    vms = [{"name": f"vm{i + 1}", "vcpus": create.vcpus, "memory_mb": create.memory_mb, "disk_gb": create.disk_gb,
+    vms = [{"name": vm_name(i), "vcpus": create.vcpus, "memory_mb": create.memory_mb, "disk_gb": create.disk_gb,
             **({"image": create.image} if create.image != "none" else {})} for i in range(create.vms)]
     ha = {"ha": {"mode": create.ha}} if create.ha != "none" else {}
-    return {"name": ve_name(campaign, index), "vms": vms, **ha}
+    expose = {"expose": [{"vm": vm_name(i), "port": 80, "host_port": web_port(create, index, i)}
+                         for i in range(create.vms)]} if create.web_port is not None else {}
+    return {"name": ve_name(campaign, index), "vms": vms, **ha, **expose}
 
 
 def timeline(campaign: Campaign) -> list[Step]:

@@ -1,10 +1,12 @@
-"""A campaign's results folder: `raw.json` (what the runner recorded), `figures.json` (`results.figures`), four
+"""A campaign's results folder: `raw.json` (what the runner recorded), `figures.json` (`results.figures`), five
 plots and `summary.md`, which a reader opens first.
 
-- `ves.png`: VEs by state over time, the actions marked;
+- `ves.png`: VEs by state over time, and the guests whose web server answers when they were probed, the
+  actions marked;
 - `latency.png`: each operation's latency when it started (failures marked at the bottom);
 - `nodes.png`: nodes answering their /metrics, nodes DVMS saw overloaded, DVMS migrations done;
-- `recovery.png`: each VE's recovery time after each fault that hit it.
+- `cpu.png`: each node's CPU demand over the capacity DVMS counts (above 1: overloaded);
+- `recovery.png`: each VE's recovery time after each fault that hit it (and when it served again, if probed).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from discovery.campaign.results import figures
 
-PLOTS = ("ves.png", "latency.png", "nodes.png", "recovery.png")
+PLOTS = ("ves.png", "latency.png", "nodes.png", "cpu.png", "recovery.png")
 
 
 def write(raw: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -45,9 +47,12 @@ def plot(found: dict[str, Any], operations: list[dict[str, Any]], out: Path) -> 
     states = sorted({k for row in found["ves"] for k in row if k != "at"})
     for state in states:
         ax.plot([r["at"] for r in found["ves"]], [r.get(state, 0) for r in found["ves"]], label=state)
+    if found["serving"]:
+        ax.plot([r["at"] for r in found["serving"]], [r["answering"] for r in found["serving"]], "k--",
+                label="guests answering (VMs)")
     marks(ax)
     ax.set(xlabel="time (s)", ylabel="VEs", title="VEs by state")
-    if states:
+    if states or found["serving"]:
         ax.legend(loc="upper left")
     _save(fig, out / "ves.png")
 
@@ -69,10 +74,25 @@ def plot(found: dict[str, Any], operations: list[dict[str, Any]], out: Path) -> 
     _save(fig, out / "nodes.png")
 
     fig, ax = plt.subplots(figsize=(9, 4))
+    for node, points in sorted(found["cpu"].items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=node)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    marks(ax)
+    ax.set(xlabel="time (s)", ylabel="demand / capacity", title="CPU demand per node (DVMS; above 1: overloaded)")
+    if found["cpu"]:
+        ax.legend(loc="upper left")
+    _save(fig, out / "cpu.png")
+
+    fig, ax = plt.subplots(figsize=(9, 4))
     hits = [r for r in found["recoveries"] if not r["gone"]]
     labels = [f"{r['ve']}\n{r['action']} {r['target']}" for r in hits]
     ax.bar(range(len(hits)), [r["seconds"] if r["seconds"] is not None else 0 for r in hits],
-           color=["tab:blue" if r["seconds"] is not None else "tab:red" for r in hits])
+           color=["tab:blue" if r["seconds"] is not None else "tab:red" for r in hits], label="running elsewhere")
+    if any(r["serving_s"] is not None for r in hits):
+        ax.scatter(range(len(hits)), [float("nan") if r["serving_s"] is None else r["serving_s"] for r in hits],
+                   marker="_", s=200, color="k",
+                   label="serving again")
+        ax.legend(loc="upper left")
     ax.set_xticks(range(len(hits)), labels, rotation=90, fontsize=6)
     ax.set(ylabel="seconds", title="Recovery after each fault (red: not within the campaign)")
     _save(fig, out / "recovery.png")
@@ -110,6 +130,9 @@ def summary(raw: dict[str, Any], found: dict[str, Any]) -> str:
     lines += ["", "## Recovery", "",
               f"{rec['count']} VEs recovered after the faults that hit them, p50 {_num(rec['p50_s'])} s, max "
               f"{_num(rec['max_s'])} s (to {c['sample_every']:g} s); {rec['not_recovered']} not within the campaign.",
+              *([f"Their guests served again (every VM's web server answering) p50 {_num(rec['serving_p50_s'])} s, "
+                 f"max {_num(rec['serving_max_s'])} s after the fault ({rec['serving_count']} VEs)."]
+                if found["serving"] else []),
               "", "## Load", "",
               f"At most {found['max_overloaded']} nodes overloaded at once (DVMS's monitor); {found['migrations']:g} "
               "DVMS migrations done.", "", *(f"![{name}]({name})" for name in PLOTS), ""]

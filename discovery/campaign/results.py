@@ -16,6 +16,7 @@ from typing import Any
 
 OVERLOADED = 'discovery_dvms_load_state{state="overload"}'
 MIGRATED = 'discovery_dvms_migrations_total{outcome="done"}'
+CPU_RATIO = "discovery_dvms_cpu_demand_ratio"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -60,6 +61,22 @@ def nodes_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_over_time(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per node, (time, CPU demand over capacity as DVMS counts them) in each sample it answered."""
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for s in samples:
+        for node, m in sorted(s["metrics"].items()):
+            if m is not None and CPU_RATIO in m:
+                rows.setdefault(node, []).append((s["at"], m[CPU_RATIO]))
+    return rows
+
+
+def serving_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each sample that probed the guests' web servers: how many were probed and how many answered."""
+    return [{"at": s["at"], "probed": len(s["web"]), "answering": sum(s["web"].values())}
+            for s in samples if "web" in s]
+
+
 def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
     """For each kill or partition action, each VE it hit and its recovery time (module docstring)."""
     sites = {n["name"]: n["site"] for n in raw["nodes"]}
@@ -79,6 +96,7 @@ def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
         hit = sorted(ve["name"] for ve in before[-1]["ves"]
                      if any(vm["node"] in hit_nodes for vm in ve["vms"].values()))
         for name in hit:
+            serving = _serving_again(raw["samples"], name, action)
             seconds, gone = None, False
             for s in read:
                 if s["at"] <= action["started"]:
@@ -92,20 +110,34 @@ def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
                     seconds = round(s["at"] - action["started"], 3)
                     break
             found.append({"action": action["kind"], "target": action["target"], "at": action["started"],
-                          "ve": name, "seconds": seconds, "gone": gone})
+                          "ve": name, "seconds": seconds, "gone": gone, "serving_s": None if gone else serving})
     return found
+
+
+def _serving_again(samples: list[dict[str, Any]], ve: str, action: dict[str, Any]) -> float | None:
+    """Seconds from `action`'s start to the first sample after it ended in which each of `ve`'s VMs answered
+    (module docstring); None without probes or if it never did."""
+    for s in samples:
+        mine = [ok for vm, ok in s.get("web", {}).items() if vm.split("/")[0] == ve]
+        if s["at"] > action["ended"] and mine and all(mine):
+            return round(s["at"] - action["started"], 3)
+    return None
 
 
 def figures(raw: dict[str, Any]) -> dict[str, Any]:
     """Everything the report shows, from the raw record."""
     found = recoveries(raw)
     recovered = [r["seconds"] for r in found if r["seconds"] is not None]
+    serving = [r["serving_s"] for r in found if r["serving_s"] is not None]
     nodes = nodes_over_time(raw["samples"])
     return {"operations": latencies(raw["operations"]), "ves": ves_over_time(raw["samples"]), "nodes": nodes,
+            "cpu": cpu_over_time(raw["samples"]), "serving": serving_over_time(raw["samples"]),
             "recoveries": found,
             "recovery": {"count": len(recovered), "p50_s": percentile(recovered, 0.5),
                          "max_s": max(recovered) if recovered else None,
-                         "not_recovered": sum(r["seconds"] is None and not r["gone"] for r in found)},
+                         "not_recovered": sum(r["seconds"] is None and not r["gone"] for r in found),
+                         "serving_count": len(serving), "serving_p50_s": percentile(serving, 0.5),
+                         "serving_max_s": max(serving) if serving else None},
             "max_overloaded": max((n["overloaded"] for n in nodes), default=0),
             "migrations": max((n["migrations"] for n in nodes), default=0),
             "actions": [{k: a[k] for k in ("kind", "target", "started", "ok", "error")} for a in raw["actions"]]}

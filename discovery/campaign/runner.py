@@ -2,17 +2,22 @@
 every action, and the cluster sampled every `sample_every` seconds (each VE's placement and state from the
 directory, each node's /metrics). `discovery.campaign.report` turns that record into figures.
 
-Operations go through the live nodes in turn (a user may use any node), never through a node this campaign
-killed or cut off; a failure is recorded as it happened (its one-line error), never retried behind the
-record's back. Each step starts at its time whatever the ones before it are doing (they run concurrently),
-so a slow create does not shift the schedule. Once `duration` has passed, operations still in flight get
-GRACE seconds to end and are then recorded unfinished.
+Operations go through the live nodes in turn (a user may use any node), or through the workload's `via` node
+while it is up, never through a node this campaign killed or cut off; a failure is recorded as it happened
+(its one-line error), never retried behind the record's back. Each step starts at its time whatever the ones
+before it are doing (they run concurrently), so a slow create does not shift the schedule. Once `duration` has
+passed, operations still in flight get GRACE seconds to end and are then recorded unfinished.
+
+With the workload's `web_port`, a `load` is a request to each guest's web server through its host's port (a
+guest still booting is waited for, up to LOAD_WAIT seconds), and each sample also records which guests answer
+there (`web`): the service as its clients see it, beside the directory's view.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,14 +26,16 @@ from typing import Any
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from discovery.campaign.plan import Action, Campaign, Step, timeline, ve_name, ve_spec
+from discovery.campaign.plan import Action, Campaign, Step, timeline, ve_name, ve_spec, vm_name, web_port
 from discovery.campaign.targets import Node, Target, TargetError
-from overlay.wire.rpc import RpcError, Transport
+from overlay.wire.rpc import RpcError, Transport, split_addr
 
 log = logging.getLogger(__name__)
 GRACE = 60.0
 CALL_TIMEOUT = 60.0
 SAMPLE_TIMEOUT = 5.0
+LOAD_WAIT = 30.0
+WEB_TIMEOUT = 2.0
 KEPT_SERIES = ("discovery_vms", "discovery_dvms_", "discovery_members", "discovery_ha_lease")
 """The /metrics series a sample keeps (by name prefix): VMs by state, DVMS's view, membership, HA leases."""
 
@@ -66,9 +73,13 @@ class Runner:
     def now(self) -> float:
         return trio.current_time() - self.start
 
-    def via(self) -> Node:
-        """The next node to call, in turn among those this campaign did not take down."""
+    def via(self, workload: bool = False) -> Node:
+        """The next node to call, in turn among those this campaign did not take down; for the `workload`'s
+        operations, its `via` node while it is up."""
         live = [n for n in self.target.nodes if n.name not in self.killed | self.cut] or self.target.nodes
+        chosen = self.campaign.create.via if workload and self.campaign.create else ""
+        if any(n.name == chosen for n in live):
+            return next(n for n in live if n.name == chosen)
         self.turn += 1
         return live[self.turn % len(live)]
 
@@ -81,7 +92,7 @@ class Runner:
         await self._operation(step.kind, name, f"ve.{step.kind}", args)
 
     async def _operation(self, op: str, ve: str, method: str, args: dict[str, Any]) -> None:
-        node, at = self.via(), self.now()
+        node, at = self.via(workload=True), self.now()
         entry: dict[str, Any] = {"op": op, "ve": ve, "via": node.name, "at": round(at, 3), "seconds": None,
                                  "ok": False, "error": "unfinished"}
         self.operations.append(entry)
@@ -126,15 +137,50 @@ class Runner:
             raise ValueError(f"{len(failed)} of {len(live)} nodes refused: {failed[0]}")
 
     async def _load(self, action: Action) -> None:
-        """Pin the CPU demand of the first `action.vms` VMs of the workload's VEs, where each runs now."""
-        pinned = 0
-        for ve in await self._listing():
-            for vm, slot in sorted(ve["placement"].items()):
-                if pinned == action.vms:
+        """Give the first `action.vms` VMs of the workload a CPU demand of `action.cpu`, where each runs now:
+        burned by the guest (`web_port`), else pinned through `dvms.load`."""
+        chosen = self._workload_vms(await self._listing())[:action.vms]
+        if self.campaign.create is not None and self.campaign.create.web_port is not None:
+            async with trio.open_nursery() as nursery:
+                for _, _, url, _ in chosen:
+                    nursery.start_soon(self._burn, f"{url}cgi-bin/load?cpu={action.cpu}")
+            return
+        for ve, vm, _, agent in chosen:
+            await self.transport.call(agent, "dvms.load", {"vm": f"{ve}:{vm}", "cpu": action.cpu},
+                                      timeout=SAMPLE_TIMEOUT)
+
+    async def _burn(self, url: str) -> None:
+        """Ask a guest to burn (`url`), waiting up to LOAD_WAIT for one still booting; ValueError if it never
+        answers."""
+        with trio.move_on_after(LOAD_WAIT):
+            while True:
+                try:
+                    await trio.to_thread.run_sync(_fetch, url, WEB_TIMEOUT, abandon_on_cancel=True)
                     return
-                await self.transport.call(slot["addr"], "dvms.load", {"vm": f"{ve['name']}:{vm}",
-                                                                        "cpu": action.cpu}, timeout=SAMPLE_TIMEOUT)
-                pinned += 1
+                except urllib.error.HTTPError as err:  # a guest that answers, but not as the tiny guest does
+                    raise ValueError(f"{url}: {err.code} {err.reason}") from None
+                except OSError:
+                    await trio.sleep(1)
+        raise ValueError(f"{url}: no answer within {LOAD_WAIT:g} s")
+
+    def _workload_vms(self, listing: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+        """The workload's VMs placed in `listing` (`_listing`), in workload order: (VE, VM, its web server's URL
+        on its host or '', its host's RPC address)."""
+        create = self.campaign.create
+        if create is None:
+            return []
+        indexes = {ve_name(self.campaign, i): i for i in range(create.count)}
+        found = []
+        for ve in sorted((ve for ve in listing if ve["name"] in indexes),
+                         key=lambda ve: indexes[ve["name"]]):
+            for vm in range(create.vms):
+                slot = ve["placement"].get(vm_name(vm))
+                if slot is None:
+                    continue
+                url = (f"http://{split_addr(slot['addr'])[0]}:{web_port(create, indexes[ve['name']], vm)}/"
+                       if create.web_port is not None else "")
+                found.append((ve["name"], vm_name(vm), url, slot["addr"]))
+        return found
 
     async def _listing(self) -> list[dict[str, Any]]:
         """Every VE of the directory (as `ve list` shows them), read through a live node."""
@@ -158,18 +204,36 @@ class Runner:
     async def _sample(self) -> None:
         at = self.now()
         sample: dict[str, Any] = {"at": round(at, 3), "ves": None, "error": None, "metrics": {}}
+        listing: list[dict[str, Any]] = []
         try:
+            listing = await self._listing()
+        except (RpcError, OSError) as err:
+            sample["error"] = str(err).splitlines()[0][:300]
+        else:
             sample["ves"] = [{"name": ve["name"], "state": ve["state"],
                               "vms": {vm: {"node": slot["node"], "busy": any(slot.get(k) for k in (
                                   "moving_to", "failing_over", "rebuilding"))} for vm, slot in ve["placement"].items()}}
-                             for ve in await self._listing()]
-        except (RpcError, OSError) as err:
-            sample["error"] = str(err).splitlines()[0][:300]
+                             for ve in listing]
+        web = {f"{ve}/{vm}": url for ve, vm, url, _ in self._workload_vms(listing) if url}
+        if web:
+            sample["web"] = {}
         async with trio.open_nursery() as nursery:
             for node in self.target.nodes:
                 if node.metrics:
                     nursery.start_soon(self._scrape, node, sample["metrics"])
+            for vm, url in web.items():
+                nursery.start_soon(self._probe, vm, url, sample["web"])
         self.samples.append(sample)
+
+    @staticmethod
+    async def _probe(vm: str, url: str, into: dict[str, bool]) -> None:
+        """Whether the guest's web server answers on its host's port within WEB_TIMEOUT."""
+        try:
+            await trio.to_thread.run_sync(_fetch, url, WEB_TIMEOUT, abandon_on_cancel=True)
+        except OSError:
+            into[vm] = False
+        else:
+            into[vm] = True
 
     async def _scrape(self, node: Node, into: dict[str, Any]) -> None:
         """The node's kept series (KEPT_SERIES) as {series{labels}: value}; None if it did not answer."""
@@ -183,8 +247,8 @@ class Runner:
                            if sample.name.startswith(KEPT_SERIES)}
 
 
-def _fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=SAMPLE_TIMEOUT) as answer:
+def _fetch(url: str, timeout: float = SAMPLE_TIMEOUT) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
         return answer.read().decode()
 
 

@@ -5,16 +5,17 @@ spec's one-line errors that name the file, the line and the field (`discovery.ya
     testbed: {nodes: 6, sites: 3, site_rtt: 20, bandwidth: 100, hypervisor: test}
     duration: 120s
     sample_every: 1s
-    create: {rate: 0.5, count: 60, vms: 2, ha: restart, lifetime: 60s}
+    create: {rate: 0.5, count: 60, vms: 2, ha: restart, lifetime: 60s}  # also: via, image, web_port, ...
     actions:
       - {at: 35s, kill: node2}
       - {at: 65s, partition: nancy}
       - {at: 85s, heal: true}
 
 Each action is `at` and one of: `kill: NODE`, `start: NODE`, `partition: NODE-or-SITE`, `heal: true`,
-`capacity: CPU` (every node's CPU as DVMS counts it, percent of one vCPU), `load: CPU` with `vms: N` (the
-demand pinned on the first N VMs of the workload). Whether the nodes and sites named exist is the target's
-to say (`check_targets`), once it is known.
+`capacity: CPU` (every node's CPU as DVMS counts it, percent of one vCPU), `load: CPU` with `vms: N` (the CPU
+demand of the first N VMs of the workload: burned inside them when the workload has a `web_port`, else pinned;
+see `discovery.campaign.plan`). Whether the nodes and sites named exist (actions, `create.via`) is the
+target's to say (`check_targets`), once it is known.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ _TARGET_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TARGET_RULE = "a node or site name (1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-')"
 _TOP = ("name", "testbed", "duration", "sample_every", "create", "actions")
 _TESTBED = ("nodes", "sites", "site_rtt", "bandwidth", "hypervisor")
-_CREATE = ("rate", "count", "vms", "vcpus", "memory_mb", "disk_gb", "image", "ha", "lifetime")
+_CREATE = ("rate", "count", "vms", "vcpus", "memory_mb", "disk_gb", "image", "ha", "lifetime", "via", "web_port")
+WEB_PORT_RANGE = (1024, 65535)
 _ACTION = ("at", *ACTIONS, "vms")
 _IMAGE_RE = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
@@ -56,12 +58,14 @@ def load_campaign(path: Path) -> Campaign:
 
 
 def check_targets(campaign: Campaign, nodes: Iterable[tuple[str, str]]) -> None:
-    """FieldError naming the first action whose node (or site, for a partition) is not among `nodes`
-    ((name, site) pairs): caught before the run, not halfway through it."""
+    """FieldError naming `create.via` or the first action whose node (or site, for a partition) is not among
+    `nodes` ((name, site) pairs): caught before the run, not halfway through it."""
     names, sites = set(), set()
     for name, site in nodes:
         names.add(name)
         sites.add(site)
+    if campaign.create is not None and campaign.create.via and campaign.create.via not in names:
+        raise FieldError(f"create.via: no node {campaign.create.via!r} here (nodes: {', '.join(sorted(names))})")
     for index, action in enumerate(campaign.actions):
         known = names | sites if action.kind == "partition" else names
         if action.kind in ("kill", "start", "partition") and action.target not in known:
@@ -74,14 +78,16 @@ class _Reader(Fields):
     def campaign(self, root: object) -> Campaign:
         fields = self.mapping(root, "", _TOP, required=("name", "duration"))
         duration = self.duration(fields["duration"], "duration", DURATION_RANGE)
+        create = self.create(fields["create"]) if "create" in fields else None
+        in_guests = create is not None and create.web_port is not None
         return Campaign(
             name=self.text(fields["name"], "name", _NAME_RE, _NAME_RULE),
             duration=float(duration),
             sample_every=float(self.duration(fields["sample_every"], "sample_every", SAMPLE_RANGE)
                                if "sample_every" in fields else 2),
             testbed=self.testbed(fields["testbed"]) if "testbed" in fields else TestbedSpec(),
-            create=self.create(fields["create"]) if "create" in fields else None,
-            actions=self.actions(fields["actions"], duration) if "actions" in fields else (),
+            create=create,
+            actions=self.actions(fields["actions"], duration, in_guests) if "actions" in fields else (),
         )
 
     def testbed(self, obj: object) -> TestbedSpec:
@@ -106,10 +112,20 @@ class _Reader(Fields):
         def whole(key: str, bounds: tuple[int, int], default: int) -> int:
             return self.integer(fields[key], f"create.{key}", bounds) if key in fields else default
 
+        count, vms = self.integer(fields["count"], "create.count", (1, 100_000)), whole("vms", (1, MAX_VMS), 1)
+        port = None
+        if "web_port" in fields:
+            port = self.integer(fields["web_port"], "create.web_port", WEB_PORT_RANGE)
+            if "image" not in fields:
+                raise self.error(fields["web_port"], "create.web_port", "needs an image whose guests serve port 80 "
+                                 "(the testbed's image: tiny)")
+            if port + count * vms - 1 > WEB_PORT_RANGE[1]:
+                raise self.error(fields["web_port"], "create.web_port", f"{count * vms} VMs need ports {port} to "
+                                 f"{port + count * vms - 1}, past {WEB_PORT_RANGE[1]}")
         return CreateSpec(
             rate=self.number(fields["rate"], "create.rate", (0.001, 50.0)),
-            count=self.integer(fields["count"], "create.count", (1, 100_000)),
-            vms=whole("vms", (1, MAX_VMS), 1),
+            count=count,
+            vms=vms,
             vcpus=whole("vcpus", VCPUS_RANGE, 1),
             memory_mb=whole("memory_mb", MEMORY_MB_RANGE, 256),
             disk_gb=whole("disk_gb", DISK_GB_RANGE, 1),
@@ -118,15 +134,18 @@ class _Reader(Fields):
             ha=self.choice(fields["ha"], "create.ha", HA_MODES) if "ha" in fields else "none",
             lifetime=float(self.duration(fields["lifetime"], "create.lifetime", DURATION_RANGE))
             if "lifetime" in fields else None,
+            via=self.text(fields["via"], "create.via", _TARGET_RE, _TARGET_RULE) if "via" in fields else "",
+            web_port=port,
         )
 
-    def actions(self, obj: object, duration: int) -> tuple[Action, ...]:
+    def actions(self, obj: object, duration: int, in_guests: bool) -> tuple[Action, ...]:
         items = self.items(obj, "actions", "a list of actions")
         if len(items) > MAX_ACTIONS:
             raise self.error(obj, "actions", f"must list at most {MAX_ACTIONS} actions, got {len(items)}")
-        return tuple(self.action(item, f"actions[{index}]", duration) for index, item in enumerate(items))
+        return tuple(self.action(item, f"actions[{index}]", duration, in_guests) for index, item in enumerate(items))
 
-    def action(self, obj: object, path: str, duration: int) -> Action:
+    def action(self, obj: object, path: str, duration: int, in_guests: bool) -> Action:
+        """One action; a load burned in guests (`in_guests`) is at most 100 (the tiny guest burns one vCPU)."""
         fields = self.mapping(obj, path, _ACTION, required=("at",))
         at = self.duration(fields["at"], f"{path}.at", (0, duration))
         kinds = [kind for kind in ACTIONS if kind in fields]
@@ -136,16 +155,17 @@ class _Reader(Fields):
         kind = kinds[0]
         value = fields[kind]
         if "vms" in fields and kind != "load":
-            raise self.error(fields["vms"], f"{path}.vms", f"only a load is pinned on VMs, not a {kind}")
+            raise self.error(fields["vms"], f"{path}.vms", f"only a load is given to VMs, not a {kind}")
         if kind in ("kill", "start", "partition"):
             return Action(float(at), kind, target=self.text(value, f"{path}.{kind}", _TARGET_RE, _TARGET_RULE))
         if kind == "heal":
             if not self.boolean(value, f"{path}.heal"):
                 raise self.error(value, f"{path}.heal", "must be true (heal every partition)")
             return Action(float(at), kind)
-        cpu = self.integer(value, f"{path}.{kind}", (1, 100_000) if kind == "capacity" else (0, 100_000))
+        cpu = self.integer(value, f"{path}.{kind}", (1, 100_000) if kind == "capacity" else (
+            0, 100 if in_guests else 100_000))
         if kind == "capacity":
             return Action(float(at), kind, cpu=cpu)
         if "vms" not in fields:
-            raise self.error(obj, path, "a load needs vms: how many of the workload's first VMs it is pinned on")
+            raise self.error(obj, path, "a load needs vms: how many of the workload's first VMs it is given to")
         return Action(float(at), kind, cpu=cpu, vms=self.integer(fields["vms"], f"{path}.vms", (1, 100_000)))

@@ -60,5 +60,7 @@ def campaign_run(
          make_table(["operation", "count", "ok", "failed", "p50 (s)", "max (s)"], rows))
     if not as_json:
         rec = found["recovery"]
-        print(f"recovered: {rec['count']} VEs, p50 {rec['p50_s']} s, max {rec['max_s']} s; "
+        serving = (f"; serving again p50 {rec['serving_p50_s']} s, max {rec['serving_max_s']} s"
+                   if found["serving"] else "")
+        print(f"recovered: {rec['count']} VEs, p50 {rec['p50_s']} s, max {rec['max_s']} s{serving}; "
               f"not within the campaign: {rec['not_recovered']}; results in {out}/summary.md")

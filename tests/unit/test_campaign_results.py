@@ -50,8 +50,9 @@ def _sample(at, *ves):
 def test_a_ve_is_recovered_once_off_the_failed_node_idle_and_running():
     raw = {"nodes": [{"name": "n1", "site": "a"}, {"name": "n2", "site": "b"}, {"name": "n3", "site": "b"}],
            "operations": [{"op": "destroy", "ve": "z", "at": 13.0, "seconds": 0.2, "ok": True, "error": None}],
-           "actions": [{"kind": "kill", "target": "n2", "started": 10.0, "ok": True, "error": None},
-                       {"kind": "partition", "target": "a", "started": 30.0, "ok": True, "error": None}],
+           "actions": [{"kind": "kill", "target": "n2", "started": 10.0, "ended": 10.2, "ok": True, "error": None},
+                       {"kind": "partition", "target": "a", "started": 30.0, "ended": 30.1, "ok": True,
+                        "error": None}],
            "samples": [_sample(9.0, ("x", "running", "n2", False), ("y", "running", "n1", False),
                                ("z", "running", "n2", False)),
                        _sample(12.0, ("x", "running", "n2", True), ("y", "running", "n1", False),
@@ -60,9 +61,34 @@ def test_a_ve_is_recovered_once_off_the_failed_node_idle_and_running():
                        _sample(14.0, ("x", "running", "n3", False), ("y", "running", "n1", False)),
                        _sample(31.0, ("x", "running", "n3", False), ("y", "running", "n1", False))]}
     assert recoveries(raw) == [
-        {"action": "kill", "target": "n2", "at": 10.0, "ve": "x", "seconds": 4.0, "gone": False},
-        {"action": "kill", "target": "n2", "at": 10.0, "ve": "z", "seconds": None, "gone": True},
-        {"action": "partition", "target": "a", "at": 30.0, "ve": "y", "seconds": None, "gone": False}]
+        {"action": "kill", "target": "n2", "at": 10.0, "ve": "x", "seconds": 4.0, "gone": False, "serving_s": None},
+        {"action": "kill", "target": "n2", "at": 10.0, "ve": "z", "seconds": None, "gone": True, "serving_s": None},
+        {"action": "partition", "target": "a", "at": 30.0, "ve": "y", "seconds": None, "gone": False,
+         "serving_s": None}]
     found = figures(raw)
-    assert found["recovery"] == {"count": 1, "p50_s": 4.0, "max_s": 4.0, "not_recovered": 1}
+    assert found["recovery"] == {"count": 1, "p50_s": 4.0, "max_s": 4.0, "not_recovered": 1, "serving_count": 0,
+                                 "serving_p50_s": None, "serving_max_s": None}
     assert found["max_overloaded"] == 1 and found["ves"][0] == {"at": 9.0, "running": 3}
+    assert found["serving"] == [] and found["cpu"] == {}
+
+
+def test_a_ve_serves_again_once_every_vm_answers_after_the_fault_ended():
+    """Probes from before the kill ended do not count (a guest may answer until its host is down), nor a sample
+    where one VM of two answers."""
+    def sample(at, web, cpu):
+        return {"at": at, "error": None, "web": web,
+                "metrics": {"n1": {"discovery_dvms_cpu_demand_ratio": cpu}, "n2": None},
+                "ves": [{"name": "x", "state": "running", "vms": {"vm1": {"node": "n2", "busy": False},
+                                                                  "vm2": {"node": "n1", "busy": False}}}]}
+
+    raw = {"nodes": [{"name": "n1", "site": "a"}, {"name": "n2", "site": "b"}], "operations": [],
+           "actions": [{"kind": "kill", "target": "n2", "started": 10.0, "ended": 10.5, "ok": True, "error": None}],
+           "samples": [sample(9.0, {"x/vm1": True, "x/vm2": True}, 0.1),
+                       sample(10.2, {"x/vm1": True, "x/vm2": True}, 0.2),
+                       sample(12.0, {"x/vm1": False, "x/vm2": True}, 1.3),
+                       sample(17.0, {"x/vm1": True, "x/vm2": True}, 0.6)]}
+    found = figures(raw)
+    assert [r["serving_s"] for r in found["recoveries"]] == [7.0]
+    assert found["recovery"]["serving_p50_s"] == 7.0 and found["recovery"]["serving_max_s"] == 7.0
+    assert found["serving"][2] == {"at": 12.0, "probed": 2, "answering": 1}
+    assert found["cpu"] == {"n1": [(9.0, 0.1), (10.2, 0.2), (12.0, 1.3), (17.0, 0.6)]}
