@@ -13,6 +13,11 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -170,3 +175,55 @@ def test_acpi_shutdown_ends_the_domain(guest: Guest) -> None:
     wait_until(lambda: not guest.dom.isActive(), STEP_DEADLINE, "domain off after ACPI shutdown", guest.console)
     assert tinyguest.POWEROFF in guest.console.read_text(errors="replace")
     assert tinyguest.read_heartbeat(guest.disk) >= 1
+
+
+def test_its_web_server_burns_the_cpu_it_is_asked_for(image: tinyguest.TinyGuest, kind: str, tmp_path: Path) -> None:
+    """`/cgi-bin/load?cpu=N` (what a campaign's `load` asks each guest): QEMU's CPU time then grows at about N %
+    of a core, and falls back to idle at `cpu=0`; a bad N is a 400. The guest has one NIC on QEMU's user-mode
+    network, its port 80 forwarded from a loopback port. Rates are taken over 2 s windows until one shows the
+    expected side of the threshold, so a loaded machine only makes it wait."""
+    with socket.socket() as probe:  # a free loopback port for QEMU's forward
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    console, errors = tmp_path / "console.log", tmp_path / "qemu.err"
+    argv = [*accel._qemu_argv(accel.QEMU, image, "kvm" if kind == "kvm" else "tcg", console), "-netdev",
+            f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80", "-device", "virtio-net-pci,netdev=n0"]
+    with errors.open("wb") as err:
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+
+    def ask(cpu: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/cgi-bin/load?cpu={cpu}", timeout=10) as answer:
+            return answer.read().decode().strip()
+
+    def rate() -> float:
+        """QEMU's CPU seconds per second over the next 2 s."""
+        def used() -> float:
+            fields = Path(f"/proc/{qemu.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        before, start = used(), time.monotonic()
+        time.sleep(2)
+        return (used() - before) / (time.monotonic() - start)
+
+    try:
+        wait_until(lambda: qemu.poll() is not None or tinyguest.NET in (
+            console.read_text(errors="replace") if console.exists() else ""), BOOT_DEADLINE,
+                   "the guest's address by DHCP", console)
+        assert qemu.poll() is None, f"qemu exited ({qemu.returncode}): {errors.read_text()[-300:]}"
+        assert wait_until(lambda: _answer(ask, "70"), STEP_DEADLINE, "the web server") == f"{tinyguest.LOAD} cpu=70"
+        wait_until(lambda: rate() > 0.5, STEP_DEADLINE, "QEMU burning over half a core", console)
+        assert ask("0") == f"{tinyguest.LOAD} cpu=0"
+        wait_until(lambda: rate() < 0.25, STEP_DEADLINE, "QEMU back to idle", console)
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            ask("lots")
+        assert f"{tinyguest.LOAD} cpu=70" in console.read_text(errors="replace")
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def _answer(ask: Callable[[str], str], cpu: str) -> str:
+    """`ask(cpu)`, or '' while the web server does not answer yet."""
+    try:
+        return ask(cpu)
+    except OSError:
+        return ""
