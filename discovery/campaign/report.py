@@ -75,7 +75,7 @@ def plot(found: dict[str, Any], operations: list[dict[str, Any]], out: Path) -> 
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for node, points in sorted(found["cpu"].items()):
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=node)
+        ax.plot([p[0] for p in points], [float("nan") if p[1] is None else p[1] for p in points], label=node)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     marks(ax)
     ax.set(xlabel="time (s)", ylabel="demand / capacity", title="CPU demand per node (DVMS; above 1: overloaded)")

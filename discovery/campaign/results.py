@@ -61,14 +61,11 @@ def nodes_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def cpu_over_time(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Per node, (time, CPU demand over capacity as DVMS counts them) in each sample it answered."""
-    rows: dict[str, list[tuple[float, float]]] = {}
-    for s in samples:
-        for node, m in sorted(s["metrics"].items()):
-            if m is not None and CPU_RATIO in m:
-                rows.setdefault(node, []).append((s["at"], m[CPU_RATIO]))
-    return rows
+def cpu_over_time(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float | None]]]:
+    """Per node that ever reported it, (time, CPU demand over capacity as DVMS counts them) in each sample; None
+    where the node did not answer (a gap in the plot, not a line across its downtime)."""
+    nodes = sorted({node for s in samples for node, m in s["metrics"].items() if m is not None and CPU_RATIO in m})
+    return {node: [(s["at"], (s["metrics"].get(node) or {}).get(CPU_RATIO)) for s in samples] for node in nodes}
 
 
 def serving_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -87,8 +87,9 @@ def test_a_ve_serves_again_once_every_vm_answers_after_the_fault_ended():
                        sample(10.2, {"x/vm1": True, "x/vm2": True}, 0.2),
                        sample(12.0, {"x/vm1": False, "x/vm2": True}, 1.3),
                        sample(17.0, {"x/vm1": True, "x/vm2": True}, 0.6)]}
+    raw["samples"][1]["metrics"]["n1"] = None  # did not answer: a gap, not a point
     found = figures(raw)
     assert [r["serving_s"] for r in found["recoveries"]] == [7.0]
     assert found["recovery"]["serving_p50_s"] == 7.0 and found["recovery"]["serving_max_s"] == 7.0
     assert found["serving"][2] == {"at": 12.0, "probed": 2, "answering": 1}
-    assert found["cpu"] == {"n1": [(9.0, 0.1), (10.2, 0.2), (12.0, 1.3), (17.0, 0.6)]}
+    assert found["cpu"] == {"n1": [(9.0, 0.1), (10.2, None), (12.0, 1.3), (17.0, 0.6)]}
