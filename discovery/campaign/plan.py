@@ -31,6 +31,7 @@ class TestbedSpec:
     site_rtt: float = 20.0
     bandwidth: float = 100.0
     hypervisor: str = "test"
+    image_copies: int = 3
 
 
 @dataclass(frozen=True)

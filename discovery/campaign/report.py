@@ -133,10 +133,21 @@ def summary(raw: dict[str, Any], found: dict[str, Any]) -> str:
               *([f"Their guests served again (every VM's web server answering) p50 {_num(rec['serving_p50_s'])} s, "
                  f"max {_num(rec['serving_max_s'])} s after the fault ({rec['serving_count']} VEs)."]
                 if found["serving"] else []),
+              "", "## Images", "", _pulled(found["image_pulled_bytes"]),
               "", "## Load", "",
               f"At most {found['max_overloaded']} nodes overloaded at once (DVMS's monitor); {found['migrations']:g} "
               "DVMS migrations done.", "", *(f"![{name}]({name})" for name in PLOTS), ""]
     return "\n".join(lines)
+
+
+def _pulled(pulled: dict[str, float]) -> str:
+    if not pulled:
+        return "No node reported image pulls."
+    moved = {node: value for node, value in pulled.items() if value}
+    if not moved:
+        return f"No image chunk was pulled ({len(pulled)} nodes reporting): every VM found its image at its host."
+    return (f"{sum(moved.values()) / 2**20:.1f} MiB of image chunks pulled from holders, by "
+            + ", ".join(f"{node} ({value / 2**20:.1f} MiB)" for node, value in moved.items()) + ".")
 
 
 def _num(value: float | None) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 OVERLOADED = 'discovery_dvms_load_state{state="overload"}'
 MIGRATED = 'discovery_dvms_migrations_total{outcome="done"}'
 CPU_RATIO = "discovery_dvms_cpu_demand_ratio"
+PULLED = "discovery_image_pulled_bytes_total"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -66,6 +67,24 @@ def cpu_over_time(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, 
     where the node did not answer (a gap in the plot, not a line across its downtime)."""
     nodes = sorted({node for s in samples for node, m in s["metrics"].items() if m is not None and CPU_RATIO in m})
     return {node: [(s["at"], (s["metrics"].get(node) or {}).get(CPU_RATIO)) for s in samples] for node in nodes}
+
+
+def pulled_bytes(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Per node, the image bytes it pulled from holders during the campaign: the increase of its counter from
+    its first sample, a drop counting as a restart from 0 (a killed agent starts its counters again)."""
+    pulled: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for s in samples:
+        for node, m in s["metrics"].items():
+            if m is None or PULLED not in m:
+                continue
+            value = m[PULLED]
+            if node in last:
+                pulled[node] = pulled.get(node, 0.0) + (value - last[node] if value >= last[node] else value)
+            else:
+                pulled.setdefault(node, 0.0)
+            last[node] = value
+    return dict(sorted(pulled.items()))
 
 
 def serving_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -129,6 +148,7 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
     nodes = nodes_over_time(raw["samples"])
     return {"operations": latencies(raw["operations"]), "ves": ves_over_time(raw["samples"]), "nodes": nodes,
             "cpu": cpu_over_time(raw["samples"]), "serving": serving_over_time(raw["samples"]),
+            "image_pulled_bytes": pulled_bytes(raw["samples"]),
             "recoveries": found,
             "recovery": {"count": len(recovered), "p50_s": percentile(recovered, 0.5),
                          "max_s": max(recovered) if recovered else None,

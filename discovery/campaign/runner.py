@@ -36,8 +36,10 @@ CALL_TIMEOUT = 60.0
 SAMPLE_TIMEOUT = 5.0
 LOAD_WAIT = 30.0
 WEB_TIMEOUT = 2.0
-KEPT_SERIES = ("discovery_vms", "discovery_dvms_", "discovery_members", "discovery_ha_lease")
-"""The /metrics series a sample keeps (by name prefix): VMs by state, DVMS's view, membership, HA leases."""
+KEPT_SERIES = ("discovery_vms", "discovery_dvms_", "discovery_members", "discovery_ha_lease",
+               "discovery_image_pulled")
+"""The /metrics series a sample keeps (by name prefix): VMs by state, DVMS's view, membership, HA leases, image
+bytes pulled."""
 
 
 class Runner:

@@ -38,7 +38,7 @@ _NAME_RULE = "1-40 characters of a-z, 0-9 or '-', starting and ending with a let
 _TARGET_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TARGET_RULE = "a node or site name (1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-')"
 _TOP = ("name", "testbed", "duration", "sample_every", "create", "actions")
-_TESTBED = ("nodes", "sites", "site_rtt", "bandwidth", "hypervisor")
+_TESTBED = ("nodes", "sites", "site_rtt", "bandwidth", "hypervisor", "image_copies")
 _CREATE = ("rate", "count", "vms", "vcpus", "memory_mb", "disk_gb", "image", "ha", "lifetime", "via", "web_port")
 WEB_PORT_RANGE = (1024, 65535)
 _ACTION = ("at", *ACTIONS, "vms")
@@ -104,6 +104,8 @@ class _Reader(Fields):
                        if "bandwidth" in fields else default.bandwidth),
             hypervisor=(self.choice(fields["hypervisor"], "testbed.hypervisor", ("test", "qemu"))
                         if "hypervisor" in fields else default.hypervisor),
+            image_copies=(self.integer(fields["image_copies"], "testbed.image_copies", (1, nodes))
+                          if "image_copies" in fields else default.image_copies),
         )
 
     def create(self, obj: object) -> CreateSpec:

@@ -68,7 +68,7 @@ class Testbed:
             try:
                 plan = make_plan(spec.nodes, site_names(spec.sites), uniform_rtt(spec.sites, spec.site_rtt),
                                  spec.bandwidth)
-                bed.up(self.directory, plan, hypervisor=spec.hypervisor)
+                bed.up(self.directory, plan, hypervisor=spec.hypervisor, image_copies=spec.image_copies)
             except (SpecError, bed.TestbedError, NetError, local_cluster.ClusterError) as err:
                 raise TargetError(f"testbed up: {err}") from None
             self.brought_up = not keep

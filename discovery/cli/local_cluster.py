@@ -105,11 +105,12 @@ def dvms_table(pairs: list[str]) -> dict[str, Any]:
 def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int = 32768, disk_gb: int = 500,
        wait: float = 60.0, local_rtt_ms: float = 0.0, hypervisor: str = "test",
        dvms: dict[str, Any] | None = None, netns: Sequence[tuple[str, str]] = (),
-       site_names: Sequence[str] | None = None, emulate_wan: bool = True) -> dict[str, Any]:
+       site_names: Sequence[str] | None = None, emulate_wan: bool = True, image_copies: int = 3) -> dict[str, Any]:
     """Start the agents; with `hypervisor` "qemu", each runs real guests on a libvirtd of its own (the tiny
     guest is built and the accelerator chosen here first, once for all of them, and the tiny guest is then
-    imported as image TINY_IMAGE). `dvms` is the `[dvms]` table of every agent.toml
-    (discovery.scheduler.settings); each file is checked before its agent starts.
+    imported as image TINY_IMAGE, held by `image_copies` nodes: the others pull it when they need it).
+    `dvms` is the `[dvms]` table of every agent.toml (discovery.scheduler.settings); each file is checked before
+    its agent starts.
     With `netns`, node i runs inside network namespace `netns[i][0]` (`ip netns exec`, as root) and listens on its
     address `netns[i][1]`, port NETNS_PORT (its metrics on NETNS_PORT + 1); the caller must reach those addresses
     (it waits for the agents to converge), e.g. from a namespace on their bridge (`benchmarks/netns.py`) or
@@ -126,6 +127,8 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
         raise ClusterError(f"--sites must be between 1 and {min(nodes, len(SITES))}")
     if netns and (len(netns) != nodes or hypervisor not in ("test", "qemu-system")):
         raise ClusterError("network namespaces: one per node, with hypervisor test or qemu-system")
+    if not 1 <= image_copies <= 16:
+        raise ClusterError("--image-copies must be between 1 and 16")
     if hypervisor == "qemu-system" and not netns:
         raise ClusterError("--hypervisor qemu-system needs a host per node: the testbed ('discovery testbed up')")
     directory = directory.resolve()
@@ -197,7 +200,7 @@ def up(directory: Path, nodes: int, sites: int, vcpus: int = 16, memory_mb: int 
     if not ready:
         raise ClusterError(f"agents did not agree on {nodes} members within {wait:g}s; see {directory}/node*/agent.log")
     if tiny is not None:
-        trio.run(_import, _client(directory), addrs, tiny, TINY_IMAGE, min(3, nodes), wait)
+        trio.run(_import, _client(directory), addrs, tiny, TINY_IMAGE, min(image_copies, nodes), wait)
         state["images"] = [TINY_IMAGE]
     return state
 

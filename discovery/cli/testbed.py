@@ -28,6 +28,8 @@ def testbed_up(
     hypervisor: Annotated[str, typer.Option(
         help="test (libvirt's test driver) or qemu (real guests: each node a host, its agent on the host's "
              "system libvirtd, qemu:///system, listening on its address).")] = "test",
+    image_copies: Annotated[int, typer.Option(help="With qemu: how many nodes hold the tiny guest's image (`tiny`) "
+                                                   "at first; the others pull it when they need it.")] = 3,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the agents to converge.")] = 60.0,
     bare: Annotated[bool, typer.Option(help="No agents: each node a host with its own sshd and /etc/discovery, "
                                             "/var/lib/discovery..., listed in DIR/hosts.yml (an Ansible inventory) "
@@ -55,7 +57,7 @@ def testbed_up(
         else:
             matrix = plan.default_rtt(names)
         state = bed.up(directory, plan.make_plan(nodes, names, matrix, bandwidth), hypervisor=hypervisor, wait=wait,
-                       bare=bare)
+                       bare=bare, image_copies=image_copies)
     except (plan.SpecError, bed.TestbedError, net.NetError, local_cluster.ClusterError, hosts.HostsError) as err:
         raise fail(str(err)) from None
     emit(state["nodes"], as_json, make_table(["node", "site", "address", "pid"],

@@ -120,9 +120,11 @@ def _start_relay(directory: Path) -> int:
     raise TestbedError("the delay relay did not attach to its TUN within 10 s")
 
 
-def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0, bare: bool = False) -> dict[str, Any]:
+def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0, bare: bool = False,
+       image_copies: int = 3) -> dict[str, Any]:
     """Build the testbed, start its relay and one agent per node; returns the state written to testbed.json.
-    `bare`: no agents, but each node a host with an sshd of its own, for a deployment tool (`hosts`)."""
+    `bare`: no agents, but each node a host with an sshd of its own, for a deployment tool (`hosts`).
+    `image_copies`: with real guests, how many nodes hold the tiny guest's image at first."""
     if hypervisor not in ("test", "qemu"):
         raise TestbedError(f"--hypervisor must be test or qemu, not {hypervisor!r}")
     directory = directory.resolve()
@@ -145,7 +147,7 @@ def up(directory: Path, plan: Plan, hypervisor: str = "test", wait: float = 60.0
         kind = "qemu-system" if hypervisor == "qemu" else hypervisor  # a node is a host: its own system libvirtd
         cluster = local_cluster.up(directory, len(plan.nodes), len(plan.sites), wait=wait, hypervisor=kind,
                                    netns=[(n.namespace, n.address) for n in plan.nodes], site_names=list(plan.sites),
-                                   emulate_wan=False)
+                                   emulate_wan=False, image_copies=image_copies)
     except BaseException:
         with contextlib.suppress(Exception):
             teardown(directory)

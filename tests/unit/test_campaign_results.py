@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from discovery.campaign.plan import Action, Campaign, CreateSpec, timeline, ve_spec
-from discovery.campaign.results import figures, latencies, percentile, recoveries
+from discovery.campaign.results import figures, latencies, percentile, pulled_bytes, recoveries
 from discovery.ve.spec import VESpec
 
 
@@ -93,3 +93,14 @@ def test_a_ve_serves_again_once_every_vm_answers_after_the_fault_ended():
     assert found["recovery"]["serving_p50_s"] == 7.0 and found["recovery"]["serving_max_s"] == 7.0
     assert found["serving"][2] == {"at": 12.0, "probed": 2, "answering": 1}
     assert found["cpu"] == {"n1": [(9.0, 0.1), (10.2, None), (12.0, 1.3), (17.0, 0.6)]}
+
+
+def test_image_bytes_pulled_count_a_restarted_agent_s_counter_from_zero():
+    def sample(at, n1, n2):
+        return {"at": at, "metrics": {"n1": n1 if n1 is None else {"discovery_image_pulled_bytes_total": n1},
+                                      "n2": {"discovery_image_pulled_bytes_total": n2}}}
+
+    samples = [sample(0, 100.0, 0.0), sample(1, 300.0, 0.0), sample(2, None, 50.0), sample(3, 40.0, 50.0),
+               sample(4, 90.0, 50.0)]
+    assert pulled_bytes(samples) == {"n1": 200.0 + 40.0 + 50.0, "n2": 50.0}  # n1 restarted between 1 and 3
+    assert pulled_bytes([sample(0, 5.0, 0.0)]) == {"n1": 0.0, "n2": 0.0}  # pulled before the campaign: not counted
