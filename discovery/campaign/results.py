@@ -136,7 +136,7 @@ def _serving_again(samples: list[dict[str, Any]], ve: str, action: dict[str, Any
     for s in samples:
         mine = [ok for vm, ok in s.get("web", {}).items() if vm.split("/")[0] == ve]
         if s["at"] > action["ended"] and mine and all(mine):
-            return round(s["at"] - action["started"], 3)
+            return round(float(s["at"]) - float(action["started"]), 3)
     return None
 
 
