@@ -50,15 +50,30 @@ def ves_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def nodes_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each sample: how many nodes answered their /metrics, how many were overloaded (DVMS's monitor), and
-    DVMS migrations done so far (each node's counter as it last answered: one cut off still counts its own)."""
+    DVMS migrations done since the campaign began (`increases`: a node cut off still counts its own)."""
+    migrated = increases(samples, MIGRATED)
+    return [{"at": s["at"], "answering": sum(m is not None for m in s["metrics"].values()),
+             "overloaded": sum(m is not None and m.get(OVERLOADED, 0) == 1 for m in s["metrics"].values()),
+             "migrations": sum(grown.values())} for s, grown in zip(samples, migrated, strict=True)]
+
+
+def increases(samples: list[dict[str, Any]], series: str) -> list[dict[str, float]]:
+    """For each sample, per node, how much counter `series` grew since the node's first answer, as far as its
+    last answer: a drop counts as a restart from 0 (a killed agent starts its counters again)."""
+    grown: dict[str, float] = {}
+    last: dict[str, float] = {}
     rows = []
-    migrated: dict[str, float] = {}
     for s in samples:
-        answered = {node: m for node, m in s["metrics"].items() if m is not None}
-        migrated |= {node: m.get(MIGRATED, 0) for node, m in answered.items()}
-        rows.append({"at": s["at"], "answering": len(answered),
-                     "overloaded": sum(m.get(OVERLOADED, 0) == 1 for m in answered.values()),
-                     "migrations": sum(migrated.values())})
+        for node, m in s["metrics"].items():
+            if m is None or series not in m:
+                continue
+            value = m[series]
+            if node in last:
+                grown[node] = grown[node] + (value - last[node] if value >= last[node] else value)
+            else:
+                grown[node] = 0.0
+            last[node] = value
+        rows.append(dict(grown))
     return rows
 
 
@@ -70,21 +85,8 @@ def cpu_over_time(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, 
 
 
 def pulled_bytes(samples: list[dict[str, Any]]) -> dict[str, float]:
-    """Per node, the image bytes it pulled from holders during the campaign: the increase of its counter from
-    its first sample, a drop counting as a restart from 0 (a killed agent starts its counters again)."""
-    pulled: dict[str, float] = {}
-    last: dict[str, float] = {}
-    for s in samples:
-        for node, m in s["metrics"].items():
-            if m is None or PULLED not in m:
-                continue
-            value = m[PULLED]
-            if node in last:
-                pulled[node] = pulled.get(node, 0.0) + (value - last[node] if value >= last[node] else value)
-            else:
-                pulled.setdefault(node, 0.0)
-            last[node] = value
-    return dict(sorted(pulled.items()))
+    """Per node, the image bytes it pulled from holders during the campaign (`increases`)."""
+    return dict(sorted(increases(samples, PULLED)[-1].items())) if samples else {}
 
 
 def serving_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
