@@ -15,7 +15,8 @@ Each action is `at` and one of: `kill: NODE`, `start: NODE`, `partition: NODE-or
 `capacity: CPU` (every node's CPU as DVMS counts it, percent of one vCPU), `load: CPU` with `vms: N` (the CPU
 demand of the first N VMs of the workload: burned inside them when the workload has a `web_port`, else pinned;
 see `discovery.campaign.plan`). Whether the nodes and sites named exist (actions, `create.via`) is the
-target's to say (`check_targets`), once it is known.
+target's to say (`check_targets`), once it is known. `create.image` names an image of the cluster's catalogue:
+a testbed of real guests imports the tiny guest as `tiny`; on other hosts, `discovery image import` it first.
 """
 
 from __future__ import annotations
