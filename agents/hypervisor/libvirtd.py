@@ -108,15 +108,17 @@ class Libvirtd:
 
     def as_system(self, then: list[str], extra_mounts: dict[Path, str] | None = None) -> list[str]:
         """The command that makes this daemon the system libvirtd of a host that is a mount namespace: it
-        starts the daemon there in the background, then execs `then` (the host's agent, with
-        `libvirt_uri = "qemu:///system"`) in the same namespace, so that it reaches the daemon the way an
+        starts the daemon there in the background (unless it still runs), then execs `then` (the host's agent,
+        with `libvirt_uri = "qemu:///system"`) in the same namespace, so that it reaches the daemon the way an
         agent on a real host does, through /run/libvirt's socket. `extra_mounts` (source → path) give the
         host more of its own paths (its agent's data directory where every host keeps it)."""
         self.root = self.root.absolute()
         for target in (extra_mounts or {}).values():
             Path(target).mkdir(parents=True, exist_ok=True)
         binds = "".join(f" && mount --bind {source} {target}" for source, target in (extra_mounts or {}).items())
-        daemon = f"libvirtd --daemon --listen --pid-file {self.pid_file}"
+        # A daemon that outlived its agent (a crash; the guests live on) is kept: the agent adopts its guests.
+        daemon = (f'{{ kill -0 "$(cat {self.pid_file} 2>/dev/null)" 2>/dev/null || '
+                  f"libvirtd --daemon --listen --pid-file {self.pid_file}; }}")
         return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 f'{self.configure()}{binds} && {daemon} && exec "$@"', "host", *then]
 

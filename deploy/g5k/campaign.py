@@ -3,8 +3,8 @@ up: EnOSlib's Static provider), deploy the agents with the `discovery_agent` Ans
 with `discovery campaign run --hosts`, and bring back its results folder and every agent's log.
 
     python deploy/g5k/campaign.py g5k --site rennes:paravance:2 --site lyon:nova:2 --site nancy:gros:2 \\
-        --walltime 01:30:00 --campaign examples/campaigns/g5k.yaml --out results/
-    python deploy/g5k/campaign.py static --machines machines.yaml --campaign examples/campaigns/g5k.yaml \\
+        --walltime 01:30:00 --campaign examples/campaigns/ci.yaml --out results/
+    python deploy/g5k/campaign.py static --machines machines.yaml --campaign examples/campaigns/ci.yaml \\
         --out results/
 
 `machines.yaml` (static) lists `{alias, address, site, user, keyfile, port}` per machine. EnOSlib is optional
@@ -63,14 +63,7 @@ def provision(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Any]:
     import enoslib as en
 
     if args.provider == "g5k":
-        conf = en.G5kConf.from_settings(job_name=args.job_name, walltime=args.walltime, job_type=["deploy"],
-                                        env_name="debian12-nfs")
-        for entry in args.site:
-            site, cluster, nodes = entry.split(":")
-            network = en.G5kNetworkConf(type="prod", roles=[f"net-{site}"], site=site)
-            conf.add_network_conf(network).add_machine(roles=[GROUP, site], cluster=cluster, nodes=int(nodes),
-                                                       primary_network=network)
-        provider = en.G5k(conf.finalize())
+        provider = en.G5k(g5k_conf(args.site, args.job_name, args.walltime))
         sites = [entry.split(":")[0] for entry in args.site]
     else:
         machines = yaml.safe_load(args.machines.read_text())
@@ -88,6 +81,22 @@ def provision(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Any]:
         hosts.append({"alias": host.alias, "address": host.address, "site": site, "user": host.user or "root",
                       "port": host.port or 22, "keyfile": host.keyfile})
     return hosts, provider
+
+
+def g5k_conf(entries: list[str], job_name: str, walltime: str) -> Any:
+    """EnOSlib's finalized G5k configuration for `entries` (SITE:CLUSTER:NODES): a deploy job on debian12-nfs,
+    one `prod` network per site, each site's nodes tagged GROUP and the site. Each machine is given its site,
+    which EnOSlib would otherwise ask Grid'5000's API for (it still asks whether each cluster is exotic)."""
+    import enoslib as en
+
+    conf = en.G5kConf.from_settings(job_name=job_name, walltime=walltime, job_type=["deploy"],
+                                    env_name="debian12-nfs")
+    for entry in entries:
+        site, cluster, nodes = entry.split(":")
+        network = en.G5kNetworkConf(type="prod", roles=[f"net-{site}"], site=site)
+        conf.add_network_conf(network).add_machine(roles=[GROUP, site], cluster=cluster, site=site,
+                                                   nodes=int(nodes), primary_network=network)
+    return conf.finalize()
 
 
 def inventory(hosts: list[dict[str, Any]], extra: dict[str, str]) -> dict[str, Any]:

@@ -3,9 +3,10 @@ it), and the timed steps the runner carries out.
 
 A campaign is a bring-up (a testbed of `nodes` on `sites`, or hosts already running agents), a workload (VEs
 created at a steady `rate`, each destroyed `lifetime` after it was due, if given), actions at given times
-(faults: `kill` a node's agent as a power cut does, `start` it again, `partition` a node or a site off the
-rest, `heal`; DVMS: `capacity` shrinks every node's CPU as DVMS counts it (a test hook), `load` gives the first
-VMs created a CPU demand), for `duration` seconds, the cluster sampled every `sample_every` seconds.
+(faults: `kill -9` a node's agent (`kill`: its guests live on) or power its host off (`poweroff`: the agent,
+hypervisor and guests), `start` it again, `partition` a node or a site off the rest, `heal`; DVMS: `capacity`
+shrinks every node's CPU as DVMS counts it (a test hook), `load` gives the first VMs created a CPU demand),
+for `duration` seconds, the cluster sampled every `sample_every` seconds.
 
 A workload of real guests may expose each VM's web server (port 80) on its host at a port of its own
 (`web_port`): a `load` is then burned inside those guests (the tiny guest's `/cgi-bin/load?cpu=N`) and DVMS
@@ -17,8 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ActionKind = Literal["kill", "start", "partition", "heal", "capacity", "load"]
-ACTIONS: tuple[ActionKind, ...] = ("kill", "start", "partition", "heal", "capacity", "load")
+ActionKind = Literal["kill", "poweroff", "start", "partition", "heal", "capacity", "load"]
+ACTIONS: tuple[ActionKind, ...] = ("kill", "poweroff", "start", "partition", "heal", "capacity", "load")
+ON_NODES: tuple[ActionKind, ...] = ("kill", "poweroff", "start")
+"""The actions whose target is a node (a partition's is a node or a site)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class CreateSpec:
 
 @dataclass(frozen=True)
 class Action:
-    """One timed action: `kind` at `at` seconds; `target` a node (kill, start) or a node or site (partition);
+    """One timed action: `kind` at `at` seconds; `target` a node (ON_NODES) or a node or site (partition);
     `cpu` the percent of one vCPU (capacity, load), `vms` how many VMs a load is pinned on."""
 
     at: float

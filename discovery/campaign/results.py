@@ -1,7 +1,7 @@
 """The figures of a campaign, from its raw record (`discovery.campaign.runner`), sans-IO: operation latencies,
 VEs by state over time, overloaded nodes over time, DVMS migrations, and recovery times after each fault.
 
-A *recovery*, for a `kill` or `partition` action: the VEs that had a VM on a node it took down (in the last
+A *recovery*, for a `kill`, `poweroff` or `partition` action: the VEs that had a VM on a node it took down (in the last
 sample before it) are recovered at the first sample where each of their VMs is placed on a node outside it,
 no operation is under way on it, and the VE is running. Its time is that sample's less the action's start,
 so it is known to `sample_every` seconds; a VE never seen so is reported with None (not within the campaign),
@@ -96,7 +96,7 @@ def serving_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """For each kill or partition action, each VE it hit and its recovery time (module docstring)."""
+    """For each kill, poweroff or partition action, each VE it hit and its recovery time (module docstring)."""
     sites = {n["name"]: n["site"] for n in raw["nodes"]}
     read = [s for s in raw["samples"] if s["ves"] is not None]
     destroyed = {}  # VE -> when the workload began destroying it (a destroy that failed left it there)
@@ -105,7 +105,7 @@ def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
             destroyed[op["ve"]] = op["at"]
     found = []
     for action in raw["actions"]:
-        if action["kind"] not in ("kill", "partition") or not action["ok"]:
+        if action["kind"] not in ("kill", "poweroff", "partition") or not action["ok"]:
             continue
         hit_nodes = {n for n, site in sites.items() if action["target"] in (n, site)}
         before = [s for s in read if s["at"] <= action["started"]]

@@ -110,9 +110,10 @@ class Runner:
         entry = {**asdict(action), "started": round(at, 3), "ok": True, "error": None}
         self.progress(f"{at:6.1f} s  {action.kind} {action.target or action.cpu or ''}".rstrip())
         try:
-            if action.kind == "kill":
+            if action.kind in ("kill", "poweroff"):
                 self.killed.add(action.target)
-                await trio.to_thread.run_sync(self.target.kill, action.target)
+                fault = self.target.kill if action.kind == "kill" else self.target.poweroff
+                await trio.to_thread.run_sync(fault, action.target)
             elif action.kind == "start":
                 await trio.to_thread.run_sync(self.target.start, action.target)
                 self.killed.discard(action.target)

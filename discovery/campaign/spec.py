@@ -11,7 +11,9 @@ spec's one-line errors that name the file, the line and the field (`discovery.ya
       - {at: 65s, partition: nancy}
       - {at: 85s, heal: true}
 
-Each action is `at` and one of: `kill: NODE`, `start: NODE`, `partition: NODE-or-SITE`, `heal: true`,
+Each action is `at` and one of: `kill: NODE` (its agent, kill -9: with real guests they live on, and with
+HA a watcher may start them again elsewhere: see the HA limits in docs/architecture.md), `poweroff: NODE` (its
+host: agent, hypervisor and guests), `start: NODE`, `partition: NODE-or-SITE`, `heal: true`,
 `capacity: CPU` (every node's CPU as DVMS counts it, percent of one vCPU), `load: CPU` with `vms: N` (the CPU
 demand of the first N VMs of the workload: burned inside them when the workload has a `web_port`, else pinned;
 see `discovery.campaign.plan`). Whether the nodes and sites named exist (actions, `create.via`) is the
@@ -25,7 +27,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from discovery.campaign.plan import ACTIONS, Action, Campaign, CreateSpec, TestbedSpec
+from discovery.campaign.plan import ACTIONS, ON_NODES, Action, Campaign, CreateSpec, TestbedSpec
 from discovery.ve.spec import DISK_GB_RANGE, HA_MODES, MAX_VMS, MEMORY_MB_RANGE, VCPUS_RANGE
 from discovery.yamlfields import FieldError, Fields, check_text, compose, read
 
@@ -69,7 +71,7 @@ def check_targets(campaign: Campaign, nodes: Iterable[tuple[str, str]]) -> None:
         raise FieldError(f"create.via: no node {campaign.create.via!r} here (nodes: {', '.join(sorted(names))})")
     for index, action in enumerate(campaign.actions):
         known = names | sites if action.kind == "partition" else names
-        if action.kind in ("kill", "start", "partition") and action.target not in known:
+        if action.kind in (*ON_NODES, "partition") and action.target not in known:
             what = "node or site" if action.kind == "partition" else "node"
             raise FieldError(f"actions[{index}].{action.kind}: no {what} {action.target!r} here (nodes: "
                              f"{', '.join(sorted(names))}; sites: {', '.join(sorted(sites))})")
@@ -159,7 +161,7 @@ class _Reader(Fields):
         value = fields[kind]
         if "vms" in fields and kind != "load":
             raise self.error(fields["vms"], f"{path}.vms", f"only a load is given to VMs, not a {kind}")
-        if kind in ("kill", "start", "partition"):
+        if kind in (*ON_NODES, "partition"):
             return Action(float(at), kind, target=self.text(value, f"{path}.{kind}", _TARGET_RE, _TARGET_RULE))
         if kind == "heal":
             if not self.boolean(value, f"{path}.heal"):

@@ -2,8 +2,9 @@
 when it is not), or hosts already running agents (`Hosts`, listed by an Ansible inventory, reached over SSH).
 
 Both give the runner the nodes (name, site, RPC address, `/metrics` address), an identity to call agents
-with, and the faults: `kill` (a power cut: the agent SIGKILLed, with real guests its daemon and guests too),
-`start`, `partition` of a node or a site (both ways, from every other node), `heal`. Their calls block (they
+with, and the faults: `kill` (the agent SIGKILLed; real guests live on), `poweroff` (a power cut: the agent,
+with real guests its daemon and guests too), `start`, `partition` of a node or a site (both ways, from every
+other node), `heal`. Their calls block (they
 run commands): the runner runs them in threads.
 """
 
@@ -49,6 +50,7 @@ class Target(Protocol):
     identity: tls.Identity
 
     def kill(self, node: str) -> None: ...
+    def poweroff(self, node: str) -> None: ...
     def start(self, node: str) -> None: ...
     def partition(self, target: str) -> None: ...
     def heal(self) -> None: ...
@@ -78,6 +80,9 @@ class Testbed:
                                      ca=self.directory / "ca" / "ca.pem")
 
     def kill(self, node: str) -> None:
+        local_cluster.crash(self.directory, node)
+
+    def poweroff(self, node: str) -> None:
         local_cluster.kill(self.directory, node)
 
     def start(self, node: str) -> None:
@@ -100,8 +105,10 @@ class Hosts:
     name), `discovery_agent_port` (7000), `discovery_agent_site`, `discovery_agent_metrics` (host:port; one on
     a loopback address cannot be scraped from here, and is not); reached over SSH as `ansible_user` (root).
     The operator's identity comes from the client config (`discovery ca issue`). A fault is a command run on
-    a host: `systemctl` for kill and start (`discovery_campaign_kill`, `discovery_campaign_start` override
-    them), an nftables table dropping the other side's addresses for a partition, removed by heal."""
+    a host: `systemctl` for kill, poweroff and start (`discovery_campaign_kill`, `discovery_campaign_poweroff`,
+    `discovery_campaign_start` override them; a poweroff SIGKILLs the agent, libvirtd and every guest's QEMU,
+    not the machine, so that `start` can bring it back), an nftables table dropping the other side's addresses
+    for a partition, removed by heal."""
 
     def __init__(self, inventory: Path, client_config: str | None) -> None:
         try:
@@ -125,8 +132,11 @@ class Hosts:
         self._ssh(node, str(self.vars[node].get("discovery_campaign_kill",
                                                 "systemctl kill --signal=SIGKILL discovery-agent")))
 
+    def poweroff(self, node: str) -> None:
+        self._ssh(node, str(self.vars[node].get("discovery_campaign_poweroff", POWEROFF)))
+
     def start(self, node: str) -> None:
-        self._ssh(node, str(self.vars[node].get("discovery_campaign_start", "systemctl start discovery-agent")))
+        self._ssh(node, str(self.vars[node].get("discovery_campaign_start", START)))
 
     def partition(self, target: str) -> None:
         """Cut `target` (a node, or every node of a site) off the others: each side drops the other's packets."""
@@ -168,6 +178,8 @@ class Hosts:
 
 
 PARTITION_TABLE = "discovery_campaign"
+POWEROFF = "systemctl kill --signal=SIGKILL discovery-agent.service libvirtd.service 'machine-qemu*.scope'"
+START = "systemctl start libvirtd.service discovery-agent.service"
 
 
 def _drop_table(addresses: str) -> str:

@@ -75,19 +75,32 @@ def cluster_kill(node: Annotated[str, typer.Argument(help="The node to power off
                  directory: Annotated[Path, typer.Option("--dir")]) -> None:
     """Power NODE off: kill -9 its agent and, with real guests, its libvirtd and guests (its disk stays). What
     its VEs' HA policies do about it shows in `ve show` and `discovery ha status`; `cluster start` brings it back."""
+    _fault("kill", node, directory)
+
+
+@cluster_app.command("crash")
+def cluster_crash(node: Annotated[str, typer.Argument(help="The node whose agent to kill, e.g. node3.")],
+                  directory: Annotated[Path, typer.Option("--dir")]) -> None:
+    """kill -9 NODE's agent alone: with real guests, its libvirtd and guests live on, and `cluster start` gives
+    them back to a new agent. Protected VEs' watchers may also start them elsewhere meanwhile: an agent is its
+    host's only watchdog (docs/architecture.md, the HA limits)."""
+    _fault("crash", node, directory)
+
+
+def _fault(kind: str, node: str, directory: Path) -> None:
     from discovery.cli import local_cluster
 
     try:
-        killed = local_cluster.kill(directory, node)
+        done = local_cluster.kill(directory, node) if kind == "kill" else local_cluster.crash(directory, node)
     except local_cluster.ClusterError as err:
         raise fail(str(err)) from None
-    print(f"killed {node} (pid {killed['pid']})")
+    print(f"{'killed' if kind == 'kill' else 'crashed'} {node} (pid {done['pid']})")
 
 
 @cluster_app.command("start")
 def cluster_start(node: Annotated[str, typer.Argument(help="The node whose agent to start again.")],
                   directory: Annotated[Path, typer.Option("--dir")]) -> None:
-    """Start NODE's agent again after `cluster kill` (or a crash), with its config and data."""
+    """Start NODE's agent again after `cluster kill` or `cluster crash`, with its config and data."""
     from discovery.cli import local_cluster
 
     try:

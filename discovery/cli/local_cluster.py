@@ -228,6 +228,15 @@ def kill(directory: Path, name: str) -> dict[str, Any]:
     that loses power loses; its disk stays). ClusterError if there is no such node or it is not running."""
     from agents.hypervisor.qemu import end_leftovers
 
+    node = crash(directory, name)
+    end_leftovers(Path(node["config"]).parent / "data")
+    return node
+
+
+def crash(directory: Path, name: str) -> dict[str, Any]:
+    """SIGKILL node `name`'s agent alone, with its process group (what `systemctl kill` of its unit reaches: its
+    DHCP servers too); with real guests, its libvirtd and guests live on, as on a host whose agent crashed.
+    With the test driver the guests live in the agent: `kill` and `crash` end the same things."""
     state, node = _node(directory, name)
     if not _running(node["pid"], node["config"]):
         raise ClusterError(f"{name} is not running")
@@ -237,12 +246,12 @@ def kill(directory: Path, name: str) -> dict[str, Any]:
     while _running(node["pid"], node["config"]) and time.monotonic() < deadline:
         _reap([node])
         time.sleep(0.05)
-    end_leftovers(Path(node["config"]).parent / "data")
     return node
 
 
 def start(directory: Path, name: str) -> dict[str, Any]:
-    """Start node `name`'s agent again, as `up` started it (its config and data kept); ClusterError if it runs."""
+    """Start node `name`'s agent again, as `up` started it (its config and data kept; a host's libvirtd that
+    outlived a `crash` is kept too); ClusterError if it runs."""
     state, node = _node(directory, name)
     if _running(node["pid"], node["config"]):
         raise ClusterError(f"{name} is running (pid {node['pid']})")

@@ -44,10 +44,10 @@ def test_the_guests_campaign_burns_cpu_in_real_guests_that_dvms_relieves_and_rec
     printed = json.loads(done.stdout)
     raw = json.loads((out / "raw.json").read_text())
     assert [(a["kind"], a["ok"], a["error"]) for a in raw["actions"]] == [
-        ("capacity", True, None), ("load", True, None), ("kill", True, None), ("start", True, None)]
+        ("capacity", True, None), ("load", True, None), ("poweroff", True, None), ("start", True, None)]
     assert printed["operations"]["create"]["ok"] == 3  # each booted from the image `tiny`
-    load, kill = raw["actions"][1], raw["actions"][2]
-    burning = [s for s in raw["samples"] if load["ended"] < s["at"] < kill["started"]]
+    load, poweroff = raw["actions"][1], raw["actions"][2]
+    burning = [s for s in raw["samples"] if load["ended"] < s["at"] < poweroff["started"]]
     first_two = {"guests-000", "guests-001"}
     assert any(s["metrics"]["node1"]["discovery_dvms_cpu_demand_ratio"] > 1 for s in burning)  # measured, not pinned
     assert any(ve["name"] in first_two and ve["vms"]["vm1"]["node"] != "node1" and ve["state"] == "running"
@@ -55,7 +55,7 @@ def test_the_guests_campaign_burns_cpu_in_real_guests_that_dvms_relieves_and_rec
     assert printed["migrations"] >= 1
     found = json.loads((out / "figures.json").read_text())
     assert sum(found["image_pulled_bytes"].values()) > 0  # one holder at first: node1 or DVMS's target pulled it
-    hit = [r for r in found["recoveries"] if r["action"] == "kill"]
+    hit = [r for r in found["recoveries"] if r["action"] == "poweroff"]
     assert hit and all(r["serving_s"] is not None for r in hit)  # their web servers answer from their new hosts
     assert all(all(s["web"].values()) for s in raw["samples"][-3:])
     for plot in ("ves.png", "latency.png", "nodes.png", "cpu.png", "recovery.png"):

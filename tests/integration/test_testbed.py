@@ -180,7 +180,8 @@ def test_a_real_guest_migrates_live_between_namespaces_across_sites(tmp_path: Pa
     """Real guests on the testbed: each node is a host whose agent uses the host's system libvirtd
     (qemu:///system, listening on the namespace's address), the tiny image is pulled over the router, and a
     live relocation to another site carries memory and disk between two namespaces' addresses (delayed and
-    shaped by the router), the guest counting on without a reboot."""
+    shaped by the router), the guest counting on without a reboot. Then its new host's agent alone is killed
+    (`cluster crash`): the guest counts on without it, and the agent started again takes it back as it runs."""
     with guests_testbed(tmp_path) as bed_cluster:
         spec = tmp_path / "mover.yaml"
         spec.write_text("name: mover\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}\n")
@@ -193,9 +194,20 @@ def test_a_real_guest_migrates_live_between_namespaces_across_sites(tmp_path: Pa
         moved = bed_cluster.json("--agent", target, "ve", "relocate", "mover", "--vm", "a", "--to", target)
         assert moved["placement"]["a"]["transfer"]["how"] == "live"
         assert moved["placement"]["a"]["addr"].startswith("10.213.")
-        assert vm.wait_beat_above(before, target) > before
+        moved_at = vm.wait_beat_above(before, target)
+        assert moved_at > before
         assert tinyguest.READY not in vm.file(".log", target).read_text(errors="replace")  # no reboot
         assert [ve["name"] for ve in bed_cluster.json("--agent", "node3", "ve", "list")["ves"]] == ["mover"]
+        directory = tmp_path / "bed"
+        bed_cluster.cli("cluster", "crash", target, "--dir", str(directory))
+        assert bed_cluster.try_json("--agent", target, "ve", "show", "mover") is None  # no agent there now
+        alone = vm.wait_beat_above(moved_at + 2, target)  # the guest and its libvirtd live on
+        bed_cluster.cli("cluster", "start", target, "--dir", str(directory))
+        wait_for(lambda: (bed_cluster.try_json("--agent", target, "ve", "show", "mover") or {}).get("state")
+                 == "running", timeout=120, what=f"{target}'s new agent answering for mover")
+        assert vm.wait_beat_above(alone, target) > alone
+        assert tinyguest.READY not in vm.file(".log", target).read_text(errors="replace")  # the same guest
+        assert bed_cluster.json("--agent", source, "ve", "show", "mover")["placement"]["a"]["node"] == target
         bed_cluster.cli("ve", "destroy", "mover")
 
 

@@ -40,7 +40,8 @@ def test_the_guests_campaign_reads_and_exposes_one_port_per_vm():
     ("name: x\nduration: 60s\nactions:\n  - {at: 90s, kill: node1}\n",
      "c.yaml:4: actions[0].at: must be a duration from 0s to 1m"),
     ("name: x\nduration: 60s\nactions:\n  - {at: 9s, kill: node1, start: node1}\n",
-     "c.yaml:4: actions[0]: must say one action of kill, start, partition, heal, capacity, load, got kill, start"),
+     "c.yaml:4: actions[0]: must say one action of kill, poweroff, start, partition, heal, capacity, load, got "
+     "kill, start"),
     ("name: x\nduration: 60s\nactions:\n  - {at: 9s, load: 200}\n", "c.yaml:4: actions[0]: a load needs vms"),
     ("name: x\nduration: 60s\nactions:\n  - {at: 9s, heal: false}\n", "c.yaml:4: actions[0].heal: must be true"),
     ("name: x\nduration: 60s\nactions:\n  - {at: 9s, kill: node1, vms: 2}\n",
