@@ -141,8 +141,10 @@ class Runner:
 
     async def _load(self, action: Action) -> None:
         """Give the first `action.vms` VMs of the workload a CPU demand of `action.cpu`, where each runs now:
-        burned by the guest (`web_port`), else pinned through `dvms.load`."""
+        burned by the guest (`web_port`), else pinned through `dvms.load`; none if fewer are placed yet."""
         chosen = self._workload_vms(await self._listing())[:action.vms]
+        if len(chosen) < action.vms:
+            raise ValueError(f"only {len(chosen)} of the workload's VMs are placed, not {action.vms}: no load given")
         if self.campaign.create is not None and self.campaign.create.web_port is not None:
             async with trio.open_nursery() as nursery:
                 for _, _, url, _ in chosen:
