@@ -91,8 +91,8 @@ def pulled_bytes(samples: list[dict[str, Any]]) -> dict[str, float]:
 
 def serving_over_time(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each sample that probed the guests' web servers: how many were probed and how many answered."""
-    return [{"at": s["at"], "probed": len(s["web"]), "answering": sum(s["web"].values())}
-            for s in samples if "web" in s]
+    return [{"at": s["at"], "probed": len(s["web"]),
+             "answering": sum(page is not None for page in s["web"].values())} for s in samples if "web" in s]
 
 
 def recoveries(raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,7 +136,7 @@ def _serving_again(samples: list[dict[str, Any]], ve: str, action: dict[str, Any
     """Seconds from `action`'s start to the first sample after it ended in which each of `ve`'s VMs answered
     (module docstring); None without probes or if it never did."""
     for s in samples:
-        mine = [ok for vm, ok in s.get("web", {}).items() if vm.split("/")[0] == ve]
+        mine = [page is not None for vm, page in s.get("web", {}).items() if vm.split("/")[0] == ve]
         if s["at"] > action["ended"] and mine and all(mine):
             return round(float(s["at"]) - float(action["started"]), 3)
     return None

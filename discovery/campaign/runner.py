@@ -9,8 +9,9 @@ before it are doing (they run concurrently), so a slow create does not shift the
 passed, operations still in flight get GRACE seconds to end and are then recorded unfinished.
 
 With the workload's `web_port`, a `load` is a request to each guest's web server through its host's port (a
-guest still booting is waited for, up to LOAD_WAIT seconds), and each sample also records which guests answer
-there (`web`): the service as its clients see it, beside the directory's view.
+guest still booting is waited for, up to LOAD_WAIT seconds), and each sample also records what each guest
+answers there (`web`: the first line of its page, None if nothing): the service as its clients see it, beside
+the directory's view (and which guest it is: the tiny guest's page names its address).
 """
 
 from __future__ import annotations
@@ -231,14 +232,15 @@ class Runner:
         self.samples.append(sample)
 
     @staticmethod
-    async def _probe(vm: str, url: str, into: dict[str, bool]) -> None:
-        """Whether the guest's web server answers on its host's port within WEB_TIMEOUT."""
+    async def _probe(vm: str, url: str, into: dict[str, str | None]) -> None:
+        """The first line of what the guest's web server answers on its host's port (at most 200 characters),
+        or None if it does not within WEB_TIMEOUT."""
         try:
-            await trio.to_thread.run_sync(_fetch, url, WEB_TIMEOUT, abandon_on_cancel=True)
-        except OSError:
-            into[vm] = False
+            page = await trio.to_thread.run_sync(_fetch, url, WEB_TIMEOUT, abandon_on_cancel=True)
+        except (OSError, UnicodeDecodeError):
+            into[vm] = None
         else:
-            into[vm] = True
+            into[vm] = (page.splitlines() or [""])[0][:200]
 
     async def _scrape(self, node: Node, into: dict[str, Any]) -> None:
         """The node's kept series (KEPT_SERIES) as {series{labels}: value}; None if it did not answer."""

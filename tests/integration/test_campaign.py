@@ -27,7 +27,7 @@ def test_the_guests_campaign_burns_cpu_in_real_guests_that_dvms_relieves_and_rec
     """Three tiny guests booted on node1 from the cluster's image store (one holder at first, so some node pulls
     it); two burn half a vCPU each when asked through their exposed ports, which DVMS measures as an overload of
     node1 and relieves by a live migration; then node1 loses power, and the guests it held serve again from
-    elsewhere."""
+    elsewhere, each with the address it had."""
     if any(bed.leftovers().values()):
         pytest.skip(f"another testbed is up on this machine: {bed.leftovers()}")
     try:
@@ -57,7 +57,11 @@ def test_the_guests_campaign_burns_cpu_in_real_guests_that_dvms_relieves_and_rec
     assert sum(found["image_pulled_bytes"].values()) > 0  # one holder at first: node1 or DVMS's target pulled it
     hit = [r for r in found["recoveries"] if r["action"] == "poweroff"]
     assert hit and all(r["serving_s"] is not None for r in hit)  # their web servers answer from their new hosts
-    assert all(all(s["web"].values()) for s in raw["samples"][-3:])
+    before = [s for s in raw["samples"] if s["at"] < poweroff["started"]][-1]["web"]
+    after = raw["samples"][-1]["web"]
+    for ve in {r["ve"] for r in hit}:  # rebuilt elsewhere, each got its address back by DHCP
+        assert after[f"{ve}/vm1"] == before[f"{ve}/vm1"] and before[f"{ve}/vm1"].startswith(f"{tinyguest.WEB} ip=")
+    assert all(page is not None for s in raw["samples"][-3:] for page in s["web"].values())
     for plot in ("ves.png", "latency.png", "nodes.png", "cpu.png", "recovery.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()

@@ -18,7 +18,7 @@ import pytest
 
 from agents.hypervisor.qemu import BackendError, prepare_guest
 from agents.network.plan import FLOOD, bridge_name, vxlan_name
-from discovery.testbed import bed, net
+from discovery.testbed import bed
 from discovery.testbed.net import join_segment
 from images import tinyguest
 
@@ -30,14 +30,16 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="the testbed needs root (ip netns add)")]
 
 
-@contextlib.contextmanager
-def guests_testbed(tmp_path: Path) -> Iterator[Cluster]:
-    """`running_testbed` whose agents run real tiny guests; skipped, with the reason, where QEMU cannot run."""
+@pytest.fixture(scope="module")
+def bed_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """`running_testbed` whose agents run real tiny guests, one for this module's tests of real guests (each
+    destroys its VEs: bringing three libvirtds and agents up and down costs ~20 s); skipped, with the reason,
+    where QEMU cannot run."""
     try:
         prepare_guest()
     except BackendError as err:
         pytest.skip(str(err))
-    with running_testbed(tmp_path, "qemu", tinyguest.default_cache().parent) as bed_cluster:
+    with running_testbed(tmp_path_factory.mktemp("guests"), "qemu", tinyguest.default_cache().parent) as bed_cluster:
         yield bed_cluster
 
 
@@ -176,39 +178,38 @@ def test_down_without_dir_removes_what_a_crashed_testbed_left(testbed: Cluster) 
 
 
 @pytest.mark.qemu
-def test_a_real_guest_migrates_live_between_namespaces_across_sites(tmp_path: Path) -> None:
+def test_a_real_guest_migrates_live_between_namespaces_across_sites(bed_cluster: Cluster, tmp_path: Path) -> None:
     """Real guests on the testbed: each node is a host whose agent uses the host's system libvirtd
     (qemu:///system, listening on the namespace's address), the tiny image is pulled over the router, and a
     live relocation to another site carries memory and disk between two namespaces' addresses (delayed and
     shaped by the router), the guest counting on without a reboot. Then its new host's agent alone is killed
     (`cluster crash`): the guest counts on without it, and the agent started again takes it back as it runs."""
-    with guests_testbed(tmp_path) as bed_cluster:
-        spec = tmp_path / "mover.yaml"
-        spec.write_text("name: mover\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}\n")
-        assert bed_cluster.json("--agent", "node1", "ve", "create", str(spec))["state"] == "running"
-        vm = VM(bed_cluster, "mover", "a")
-        vm.wait_ready()
-        source = vm.node
-        target = next(n for n in ("node1", "node2", "node3") if n != source)
-        before = vm.wait_beat_above(0, source)
-        moved = bed_cluster.json("--agent", target, "ve", "relocate", "mover", "--vm", "a", "--to", target)
-        assert moved["placement"]["a"]["transfer"]["how"] == "live"
-        assert moved["placement"]["a"]["addr"].startswith("10.213.")
-        moved_at = vm.wait_beat_above(before, target)
-        assert moved_at > before
-        assert tinyguest.READY not in vm.file(".log", target).read_text(errors="replace")  # no reboot
-        assert [ve["name"] for ve in bed_cluster.json("--agent", "node3", "ve", "list")["ves"]] == ["mover"]
-        directory = tmp_path / "bed"
-        bed_cluster.cli("cluster", "crash", target, "--dir", str(directory))
-        assert bed_cluster.try_json("--agent", target, "ve", "show", "mover") is None  # no agent there now
-        alone = vm.wait_beat_above(moved_at + 2, target)  # the guest and its libvirtd live on
-        bed_cluster.cli("cluster", "start", target, "--dir", str(directory))
-        wait_for(lambda: (bed_cluster.try_json("--agent", target, "ve", "show", "mover") or {}).get("state")
-                 == "running", timeout=120, what=f"{target}'s new agent answering for mover")
-        assert vm.wait_beat_above(alone, target) > alone
-        assert tinyguest.READY not in vm.file(".log", target).read_text(errors="replace")  # the same guest
-        assert bed_cluster.json("--agent", source, "ve", "show", "mover")["placement"]["a"]["node"] == target
-        bed_cluster.cli("ve", "destroy", "mover")
+    spec = tmp_path / "mover.yaml"
+    spec.write_text("name: mover\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}\n")
+    assert bed_cluster.json("--agent", "node1", "ve", "create", str(spec))["state"] == "running"
+    vm = VM(bed_cluster, "mover", "a")
+    vm.wait_ready()
+    source = vm.node
+    target = next(n for n in ("node1", "node2", "node3") if n != source)
+    before = vm.wait_beat_above(0, source)
+    moved = bed_cluster.json("--agent", target, "ve", "relocate", "mover", "--vm", "a", "--to", target)
+    assert moved["placement"]["a"]["transfer"]["how"] == "live"
+    assert moved["placement"]["a"]["addr"].startswith("10.213.")
+    moved_at = vm.wait_beat_above(before, target)
+    assert moved_at > before
+    assert tinyguest.READY not in vm.file(".log", target).read_text(errors="replace")  # no reboot
+    assert [ve["name"] for ve in bed_cluster.json("--agent", "node3", "ve", "list")["ves"]] == ["mover"]
+    directory = bed_cluster.dir
+    bed_cluster.cli("cluster", "crash", target, "--dir", str(directory))
+    assert bed_cluster.try_json("--agent", target, "ve", "show", "mover") is None  # no agent there now
+    alone = vm.wait_beat_above(moved_at + 2, target)  # the guest and its libvirtd live on
+    bed_cluster.cli("cluster", "start", target, "--dir", str(directory))
+    wait_for(lambda: (bed_cluster.try_json("--agent", target, "ve", "show", "mover") or {}).get("state")
+             == "running", timeout=120, what=f"{target}'s new agent answering for mover")
+    assert vm.wait_beat_above(alone, target) > alone
+    assert tinyguest.READY not in vm.file(".log", target).read_text(errors="replace")  # the same guest
+    assert bed_cluster.json("--agent", source, "ve", "show", "mover")["placement"]["a"]["node"] == target
+    bed_cluster.cli("ve", "destroy", "mover")
 
 
 def _probe(tag: str, node: str, vni: int, address: str) -> str:
@@ -237,102 +238,57 @@ def _underlay(node: str) -> str:
     return f"10.213.{node.removeprefix('node')}.1"
 
 
-def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reach_each_other(tmp_path: Path) -> None:
+@pytest.mark.qemu
+def test_real_guests_of_one_ve_network_on_two_sites_get_their_addresses_and_reach_each_other(bed_cluster: Cluster,
+                                                                                             tmp_path: Path) -> None:
     """Two tiny guests of one VE, on two nodes of two sites, get the addresses their record gave them by DHCP from
     their own hosts, and a VM of the network beside the first reaches both, the second across VXLAN and the
     router; another VE's guest, with the same subnet and address, on the same host, is on another network.
     The second's web server is exposed on its host's port 8080, reached from another node and, through the
     network's NAT'd uplink, from the VM beside the first; it follows the guest's live relocation."""
-    with guests_testbed(tmp_path) as bed_cluster:
-        tiny = "vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny"
-        pair, other = tmp_path / "pair.yaml", tmp_path / "other.yaml"
-        pair.write_text(f"name: pair\nvms:\n  - {{name: a, {tiny}}}\n  - {{name: b, {tiny}}}\n"
-                        "constraints: {anti_affinity: [[a, b]]}\nnetworks: [{name: default, nat: true}]\n"
-                        "expose: [{vm: b, port: 80, host_port: 8080}]\n")
-        created = bed_cluster.json("--agent", "node1", "ve", "create", str(pair))
-        host_a = created["placement"]["a"]["node"]
-        other.write_text(f"name: other\nvms:\n  - {{name: c, {tiny}}}\n")
-        bed_cluster.json("--agent", host_a, "ve", "create", str(other))
-        nics = {("pair", vm): created["nics"][vm][0] for vm in ("a", "b")}
-        nics["other", "c"] = bed_cluster.json("ve", "show", "other")["nics"]["c"][0]
-        for (ve, vm), nic in nics.items():
-            console = VM(bed_cluster, ve, vm).file(".log")
-            wait_for(lambda c=console, a=nic["address"]: f"{tinyguest.NET} ip={a}/255.255.255.0 router=10.0.0.1"
-                     in (c.read_text(errors="replace") if c.exists() else ""), timeout=240,
-                     what=f"{ve}/{vm} configured by DHCP")
-        assert nics["other", "c"]["address"] == nics["pair", "a"]["address"]  # one subnet, two networks
-        probe = _probe(uuid.uuid4().hex[:4], host_a, created["networks"]["default"]["vni"], "10.0.0.250")
-        try:
-            for vm in ("a", "b"):
-                wait_for(lambda v=vm: _pings(probe, nics["pair", v]["address"]), what=f"pair/{vm} answering")
-            neighbours = subprocess.run(["ip", "-n", probe, "neigh", "show", nics["pair", "a"]["address"]],
-                                        capture_output=True, text=True).stdout
-            assert nics["pair", "a"]["mac"] in neighbours and nics["other", "c"]["mac"] not in neighbours
-            host_b = created["placement"]["b"]["node"]
-            web = f"{tinyguest.WEB} ip={nics['pair', 'b']['address']}"
-            wait_for(lambda: _fetch(f"dtb-{host_a}", f"http://{_underlay(host_b)}:8080/") == web,
-                     what="pair/b's web server on its host's port 8080")
-            subprocess.run(["ip", "-n", probe, "route", "add", "default", "via", "10.0.0.1"], check=True)
-            assert _fetch(probe, f"http://{_underlay(host_b)}:8080/") == web  # out by host_a's NAT, in by host_b's
-            # b moves live to the third node, keeping its MAC and address: reached there, its port with it
-            third = next(n for n in ("node1", "node2", "node3") if n not in {host_a, host_b})
-            moved = bed_cluster.json("--agent", third, "ve", "relocate", "pair", "--vm", "b", "--to", third)
-            assert moved["placement"]["b"]["transfer"]["how"] == "live" and moved["nics"] == created["nics"]
-            wait_for(lambda: _pings(probe, nics["pair", "b"]["address"]), what="pair/b answering from its new host")
-            wait_for(lambda: _fetch(f"dtb-{host_a}", f"http://{_underlay(third)}:8080/") == web,
-                     what="pair/b's web server on its new host's port 8080")
-            assert _fetch(f"dtb-{host_a}", f"http://{_underlay(host_b)}:8080/") == ""
-        finally:
-            subprocess.run(["ip", "netns", "del", probe], check=False)
-        bed_cluster.cli("ve", "destroy", "pair")
-        bed_cluster.cli("ve", "destroy", "other")
-        wait_for(lambda: _network_leftovers() == [], what="no bridge, VXLAN device or DHCP server left")
-
-
-def test_a_real_guest_whose_host_loses_power_comes_back_elsewhere_with_its_address_and_port(tmp_path: Path) -> None:
-    """A protected tiny guest (`ha: restart`) with its web server exposed on its host's port 8080; its host loses
-    power (every process of its namespaces killed). With no command, the agents rebuild it on another node, where
-    it gets the same address by DHCP and its port is forwarded from its new host."""
-    with guests_testbed(tmp_path) as bed_cluster:
-        spec = tmp_path / "solo.yaml"
-        spec.write_text("name: solo\nvms:\n  - {name: a, vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny}\n"
-                        "ha: {mode: restart}\nexpose: [{vm: a, port: 80, host_port: 8080}]\n")
-        created = bed_cluster.json("--agent", "node1", "ve", "create", str(spec))
-        host, address = created["placement"]["a"]["node"], created["nics"]["a"][0]["address"]
-        web = f"{tinyguest.WEB} ip={address}"
-        others = [n for n in ("node1", "node2", "node3") if n != host]
-        wait_for(lambda: _fetch(f"dtb-{others[0]}", f"http://{_underlay(host)}:8080/") == web, timeout=240,
-                 what="solo/a's web server on its host's port 8080")
-        wait_for(lambda: set(bed_cluster.json("image", "show", "tiny")["holders"]) - {host}, timeout=240,
-                 what="the image held beyond the VM's host (else nothing can rebuild it)")
-        _power_off(host)
-
-        def moved() -> str | None:
-            ve = bed_cluster.try_json("--agent", others[0], "ve", "show", "solo")
-            slot = ve["placement"]["a"] if ve else {"node": host}
-            busy = any(slot.get(intent) for intent in ("moving_to", "failing_over", "rebuilding"))
-            return slot["node"] if slot["node"] != host and not busy else None
-
-        target = wait_for(moved, timeout=240, what="solo/a rebuilt on another node with no command")
-        console = VM(bed_cluster, "solo", "a").file(".log", target)
-        wait_for(lambda: f"{tinyguest.NET} ip={address}/" in (console.read_text(errors="replace")
-                                                              if console.exists() else ""),
-                 timeout=240, what="solo/a given its address again by its new host")
-        outside = next(n for n in others if n != target)
-        wait_for(lambda: _fetch(f"dtb-{outside}", f"http://{_underlay(target)}:8080/") == web,
-                 what="solo/a's web server on its new host's port 8080")
-        assert bed_cluster.json("--agent", outside, "ve", "show", "solo")["nics"] == created["nics"]
-
-
-def _power_off(node: str) -> None:
-    """Node `node` loses power: every process in its namespace is killed (its agent, libvirt daemon and guests),
-    with their children elsewhere (the DHCP servers in its VE networks' gateway namespaces, which the agent
-    made in its own mount namespace: `ip netns pids` cannot see them from here)."""
-    inside = {int(pid) for pid in subprocess.run(["ip", "netns", "pids", f"dtb-{node}"], capture_output=True,
-                                                 text=True).stdout.split()}
-    for pid in net.family(inside):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
+    tiny = "vcpus: 1, memory_mb: 128, disk_gb: 1, image: tiny"
+    pair, other = tmp_path / "pair.yaml", tmp_path / "other.yaml"
+    pair.write_text(f"name: pair\nvms:\n  - {{name: a, {tiny}}}\n  - {{name: b, {tiny}}}\n"
+                    "constraints: {anti_affinity: [[a, b]]}\nnetworks: [{name: default, nat: true}]\n"
+                    "expose: [{vm: b, port: 80, host_port: 8080}]\n")
+    created = bed_cluster.json("--agent", "node1", "ve", "create", str(pair))
+    host_a = created["placement"]["a"]["node"]
+    other.write_text(f"name: other\nvms:\n  - {{name: c, {tiny}}}\n")
+    bed_cluster.json("--agent", host_a, "ve", "create", str(other))
+    nics = {("pair", vm): created["nics"][vm][0] for vm in ("a", "b")}
+    nics["other", "c"] = bed_cluster.json("ve", "show", "other")["nics"]["c"][0]
+    for (ve, vm), nic in nics.items():
+        console = VM(bed_cluster, ve, vm).file(".log")
+        wait_for(lambda c=console, a=nic["address"]: f"{tinyguest.NET} ip={a}/255.255.255.0 router=10.0.0.1"
+                 in (c.read_text(errors="replace") if c.exists() else ""), timeout=240,
+                 what=f"{ve}/{vm} configured by DHCP")
+    assert nics["other", "c"]["address"] == nics["pair", "a"]["address"]  # one subnet, two networks
+    probe = _probe(uuid.uuid4().hex[:4], host_a, created["networks"]["default"]["vni"], "10.0.0.250")
+    try:
+        for vm in ("a", "b"):
+            wait_for(lambda v=vm: _pings(probe, nics["pair", v]["address"]), what=f"pair/{vm} answering")
+        neighbours = subprocess.run(["ip", "-n", probe, "neigh", "show", nics["pair", "a"]["address"]],
+                                    capture_output=True, text=True).stdout
+        assert nics["pair", "a"]["mac"] in neighbours and nics["other", "c"]["mac"] not in neighbours
+        host_b = created["placement"]["b"]["node"]
+        web = f"{tinyguest.WEB} ip={nics['pair', 'b']['address']}"
+        wait_for(lambda: _fetch(f"dtb-{host_a}", f"http://{_underlay(host_b)}:8080/") == web,
+                 what="pair/b's web server on its host's port 8080")
+        subprocess.run(["ip", "-n", probe, "route", "add", "default", "via", "10.0.0.1"], check=True)
+        assert _fetch(probe, f"http://{_underlay(host_b)}:8080/") == web  # out by host_a's NAT, in by host_b's
+        # b moves live to the third node, keeping its MAC and address: reached there, its port with it
+        third = next(n for n in ("node1", "node2", "node3") if n not in {host_a, host_b})
+        moved = bed_cluster.json("--agent", third, "ve", "relocate", "pair", "--vm", "b", "--to", third)
+        assert moved["placement"]["b"]["transfer"]["how"] == "live" and moved["nics"] == created["nics"]
+        wait_for(lambda: _pings(probe, nics["pair", "b"]["address"]), what="pair/b answering from its new host")
+        wait_for(lambda: _fetch(f"dtb-{host_a}", f"http://{_underlay(third)}:8080/") == web,
+                 what="pair/b's web server on its new host's port 8080")
+        assert _fetch(f"dtb-{host_a}", f"http://{_underlay(host_b)}:8080/") == ""
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], check=False)
+    bed_cluster.cli("ve", "destroy", "pair")
+    bed_cluster.cli("ve", "destroy", "other")
+    wait_for(lambda: _network_leftovers() == [], what="no bridge, VXLAN device or DHCP server left")
 
 
 def _network_leftovers() -> list[str]:

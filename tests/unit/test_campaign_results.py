@@ -83,10 +83,10 @@ def test_a_ve_serves_again_once_every_vm_answers_after_the_fault_ended():
 
     raw = {"nodes": [{"name": "n1", "site": "a"}, {"name": "n2", "site": "b"}], "operations": [],
            "actions": [{"kind": "kill", "target": "n2", "started": 10.0, "ended": 10.5, "ok": True, "error": None}],
-           "samples": [sample(9.0, {"x/vm1": True, "x/vm2": True}, 0.1),
-                       sample(10.2, {"x/vm1": True, "x/vm2": True}, 0.2),
-                       sample(12.0, {"x/vm1": False, "x/vm2": True}, 1.3),
-                       sample(17.0, {"x/vm1": True, "x/vm2": True}, 0.6)]}
+           "samples": [sample(9.0, {"x/vm1": "up", "x/vm2": "up"}, 0.1),
+                       sample(10.2, {"x/vm1": "up", "x/vm2": "up"}, 0.2),
+                       sample(12.0, {"x/vm1": None, "x/vm2": ""}, 1.3),  # an empty page is an answer
+                       sample(17.0, {"x/vm1": "up", "x/vm2": "up"}, 0.6)]}
     raw["samples"][1]["metrics"]["n1"] = None  # did not answer: a gap, not a point
     found = figures(raw)
     assert [r["serving_s"] for r in found["recoveries"]] == [7.0]
