@@ -56,6 +56,9 @@ class Runner:
         self.actions: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
         self.start = 0.0
+        count = campaign.create.count if campaign.create else 0
+        self.indexes = {ve_name(campaign, i): i for i in range(count)}
+        """The workload's VE names and their numbers."""
 
     async def run(self) -> dict[str, Any]:
         self.start = trio.current_time()
@@ -147,27 +150,32 @@ class Runner:
         if len(chosen) < action.vms:
             raise ValueError(f"only {len(chosen)} of the workload's VMs are placed, not {action.vms}: no load given")
         if self.campaign.create is not None and self.campaign.create.web_port is not None:
+            refused: list[str] = []
             async with trio.open_nursery() as nursery:
                 for _, _, url, _ in chosen:
-                    nursery.start_soon(self._burn, f"{url}cgi-bin/load?cpu={action.cpu}")
+                    nursery.start_soon(self._burn, f"{url}cgi-bin/load?cpu={action.cpu}", refused)
+            if refused:
+                raise ValueError(f"{len(refused)} of {len(chosen)} guests refused: {refused[0]}")
             return
         for ve, vm, _, agent in chosen:
             await self.transport.call(agent, "dvms.load", {"vm": f"{ve}:{vm}", "cpu": action.cpu},
                                       timeout=SAMPLE_TIMEOUT)
 
-    async def _burn(self, url: str) -> None:
-        """Ask a guest to burn (`url`), waiting up to LOAD_WAIT for one still booting; ValueError if it never
-        answers."""
+    @staticmethod
+    async def _burn(url: str, refused: list[str]) -> None:
+        """Ask a guest to burn (`url`), waiting up to LOAD_WAIT for one still booting; why not, added to
+        `refused` (not raised: a sibling's error must not cancel the others)."""
         with trio.move_on_after(LOAD_WAIT):
             while True:
                 try:
                     await trio.to_thread.run_sync(_fetch, url, WEB_TIMEOUT, abandon_on_cancel=True)
                     return
                 except urllib.error.HTTPError as err:  # a guest that answers, but not as the tiny guest does
-                    raise ValueError(f"{url}: {err.code} {err.reason}") from None
+                    refused.append(f"{url}: {err.code} {err.reason}")
+                    return
                 except OSError:
                     await trio.sleep(1)
-        raise ValueError(f"{url}: no answer within {LOAD_WAIT:g} s")
+        refused.append(f"{url}: no answer within {LOAD_WAIT:g} s")
 
     def _workload_vms(self, listing: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
         """The workload's VMs placed in `listing` (`_listing`), in workload order: (VE, VM, its web server's URL
@@ -175,7 +183,7 @@ class Runner:
         create = self.campaign.create
         if create is None:
             return []
-        indexes = {ve_name(self.campaign, i): i for i in range(create.count)}
+        indexes = self.indexes
         found = []
         for ve in sorted((ve for ve in listing if ve["name"] in indexes),
                          key=lambda ve: indexes[ve["name"]]):
