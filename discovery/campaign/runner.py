@@ -79,13 +79,18 @@ class Runner:
     def now(self) -> float:
         return trio.current_time() - self.start
 
+    def live(self) -> list[Node]:
+        """The nodes this campaign did not take down (killed and not started, or cut off and not healed)."""
+        return [n for n in self.target.nodes if n.name not in self.killed | self.cut]
+
     def via(self, workload: bool = False) -> Node:
         """The next node to call, in turn among those this campaign did not take down; for the `workload`'s
         operations, its `via` node while it is up."""
-        live = [n for n in self.target.nodes if n.name not in self.killed | self.cut] or self.target.nodes
+        live = self.live() or self.target.nodes
         chosen = self.campaign.create.via if workload and self.campaign.create else ""
-        if any(n.name == chosen for n in live):
-            return next(n for n in live if n.name == chosen)
+        for node in live:
+            if node.name == chosen:
+                return node
         self.turn += 1
         return live[self.turn % len(live)]
 
@@ -137,7 +142,7 @@ class Runner:
         self.actions.append(entry)
 
     async def _each_live(self, method: str, args: dict[str, Any]) -> None:
-        live = [n.addr for n in self.target.nodes if n.name not in self.killed | self.cut]
+        live = [n.addr for n in self.live()]
         answers = await self.transport.call_many(live, method, args, SAMPLE_TIMEOUT)
         failed = [str(a) for a in answers.values() if isinstance(a, BaseException)]
         if failed:
@@ -245,7 +250,7 @@ class Runner:
         or None if it does not within WEB_TIMEOUT."""
         try:
             page = await trio.to_thread.run_sync(_fetch, url, WEB_TIMEOUT, abandon_on_cancel=True)
-        except (OSError, UnicodeDecodeError):
+        except OSError:
             into[vm] = None
         else:
             into[vm] = (page.splitlines() or [""])[0][:200]
@@ -263,8 +268,10 @@ class Runner:
 
 
 def _fetch(url: str, timeout: float = SAMPLE_TIMEOUT) -> str:
+    """The body `url` answers with; bytes that are not UTF-8 replaced (a guest's page is whatever it serves, and
+    a decoding error raised in a nursery's task would end the run)."""
     with urllib.request.urlopen(url, timeout=timeout) as answer:
-        return answer.read().decode()
+        return answer.read().decode(errors="replace")
 
 
 def _series(name: str, labels: dict[str, str]) -> str:
